@@ -1,0 +1,209 @@
+"""Dumping a frozen process: threads, process-wide state, files, layout and pages.
+
+What /proc and ptrace show directly is read from there; what only the process itself can
+tell (signal handlers, timers, tid addresses, alternate signal stacks, brk, dumpable) is
+asked by injected system calls, answering into a scratch mapping that is removed again.
+A process left running afterwards sees no difference.
+
+Everything here runs on the tracer thread, with the process frozen (``agent.freeze``).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import struct
+import time
+from dataclasses import dataclass, replace
+
+from agent import ptrace
+from agent.freeze import Held
+from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
+from agent.procfs import classify_fd, list_fds, read_stat, read_status, read_text, thread_comm
+from precopy.kernel import get_robust_list, prlimit, xsave_supported_mask
+from precopy.layout import PageFinder, read_smaps, to_vma
+from transport.errors import UnsupportedResource
+from transport.schema import (
+    FORMAT_VERSION,
+    PAGE_SIZE,
+    Creds,
+    FileDesc,
+    Files,
+    GpRegs,
+    ImageHeader,
+    ITimer,
+    Mappings,
+    MmFields,
+    ProcessState,
+    Rlimit,
+    SigAction,
+    ThreadState,
+)
+
+TOOL_VERSION = "0.1.0"
+SIGKILL, SIGSTOP = 9, 19
+PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
+RLIMIT_NLIMITS = 16
+ERESTART_CODES = (-512, -513, -514, -516)
+
+
+def image_header(pid: int, kind: str, xstate: bytes) -> ImageHeader:
+    return ImageHeader(
+        format_version=FORMAT_VERSION, tool_version=TOOL_VERSION, kernel_release=platform.release(),
+        arch=platform.machine(), page_size=PAGE_SIZE, xsave_mask=xsave_supported_mask(),
+        xsave_size=len(xstate), hostname=socket.gethostname(), created_unix=time.time(), pid=pid, kind=kind)
+
+
+def _u64(data: bytes, off: int) -> int:
+    return int.from_bytes(data[off: off + 8], "little")
+
+
+def _rseq_fixup(mem: RemoteMemory, regs: GpRegs, rseq_addr: int) -> GpRegs:
+    """A thread inside an rseq critical section resumes at its abort handler (as the kernel would)."""
+    if not rseq_addr:
+        return regs
+    try:
+        cs_ptr = _u64(mem.read(rseq_addr + 8, 8), 0)
+        if not cs_ptr:
+            return regs
+        cs = mem.read(cs_ptr, 32)
+    except OSError:
+        return regs
+    start_ip, post_commit_offset, abort_ip = _u64(cs, 8), _u64(cs, 16), _u64(cs, 24)
+    if start_ip <= regs.rip < start_ip + post_commit_offset:
+        return replace(regs, rip=abort_ip)
+    return regs
+
+
+@dataclass
+class Collected:
+    process: ProcessState
+    threads: list[ThreadState]
+    files: Files
+    xstate_size: int
+
+
+def collect(held: Held, mem: RemoteMemory) -> Collected:
+    """Everything but memory, from a frozen process. Leaves the process exactly as it was."""
+    pid = held.pid
+    gadget = vdso_gadget(pid, mem)
+    tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
+    injectors = {tid: Injector(tid, gadget) for tid in tids}
+    leader = injectors[pid]
+    scratch: Scratch | None = None
+    try:
+        scratch = Scratch(leader, mem)
+        threads = [_collect_thread(held, tid, injectors[tid], scratch) for tid in tids]
+        process = _collect_process(held, leader, scratch)
+        files = collect_files(pid)
+    finally:
+        try:
+            if scratch is not None:
+                scratch.release()
+        finally:
+            for inj in injectors.values():
+                inj.close()
+    return Collected(process, threads, files, len(threads[0].xstate))
+
+
+def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch) -> ThreadState:
+    mem = scratch.mem
+    regs = inj.saved_regs
+    rseq_addr, rseq_len, rseq_sig = ptrace.get_rseq(tid)
+    regs = _rseq_fixup(mem, regs, rseq_addr)
+    inj.call("prctl", PR_GET_TID_ADDRESS, scratch.addr)
+    tid_address = _u64(scratch.get(0, 8), 0)
+    inj.call("sigaltstack", 0, scratch.addr)
+    ss = scratch.get(0, 24)
+    head, head_len = get_robust_list(tid)
+    pending = ptrace.peek_siginfo(tid, shared=False)
+    if tid in held.inflight:
+        pending.insert(0, held.inflight[tid])
+    return ThreadState(
+        tid=tid, leader=tid == held.pid, comm=thread_comm(held.pid, tid), regs=regs,
+        xstate=ptrace.get_xstate(tid), sigmask=inj.saved_mask, pending=tuple(pending),
+        tid_address=tid_address, robust_list=head, robust_list_len=head_len,
+        rseq_addr=rseq_addr, rseq_len=rseq_len, rseq_sig=rseq_sig,
+        altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16))
+
+
+def _parse_creds(status: dict[str, str], securebits: int) -> Creds:
+    uids = tuple(int(x) for x in status["Uid"].split())
+    gids = tuple(int(x) for x in status["Gid"].split())
+    groups = tuple(int(x) for x in status.get("Groups", "").split())
+    return Creds(
+        uids=uids, gids=gids, groups=groups,  # type: ignore[arg-type]
+        cap_inheritable=int(status["CapInh"], 16), cap_permitted=int(status["CapPrm"], 16),
+        cap_effective=int(status["CapEff"], 16), cap_bounding=int(status["CapBnd"], 16),
+        cap_ambient=int(status.get("CapAmb", "0"), 16), securebits=securebits,
+        no_new_privs=status.get("NoNewPrivs", "0") == "1")
+
+
+def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessState:
+    pid = held.pid
+    status = read_status(pid)
+    caught = int(status["SigCgt"], 16)
+    ignored = int(status["SigIgn"], 16)
+    sigactions: list[SigAction] = []
+    for signo in range(1, 65):
+        if signo in (SIGKILL, SIGSTOP):
+            continue
+        bit = 1 << (signo - 1)
+        if caught & bit:
+            inj.call("rt_sigaction", signo, 0, scratch.addr, 8)
+            raw = scratch.get(0, 32)
+            sigactions.append(SigAction(signo, _u64(raw, 0), _u64(raw, 8), _u64(raw, 16), _u64(raw, 24)))
+        elif ignored & bit:
+            sigactions.append(SigAction(signo, 1, 0, 0, 0))
+    itimers: list[ITimer] = []
+    for which in range(3):
+        inj.call("getitimer", which, scratch.addr)
+        iv = struct.unpack("<4q", scratch.get(0, 32))
+        itimers.append(ITimer(which, iv[0] * 1_000_000 + iv[1], iv[2] * 1_000_000 + iv[3]))
+    brk = inj.call("brk", 0)
+    dumpable = inj.call("prctl", PR_GET_DUMPABLE)
+    securebits = inj.call("prctl", PR_GET_SECUREBITS)
+    inj.call("prctl", PR_GET_CHILD_SUBREAPER, scratch.addr)
+    subreaper = int.from_bytes(scratch.get(0, 4), "little")
+    stat = read_stat(pid)
+    mm = MmFields(
+        start_code=int(stat[26]), end_code=int(stat[27]), start_data=int(stat[45]), end_data=int(stat[46]),
+        start_brk=int(stat[47]), brk=brk, start_stack=int(stat[28]), arg_start=int(stat[48]),
+        arg_end=int(stat[49]), env_start=int(stat[50]), env_end=int(stat[51]))
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        auxv = f.read()
+    rlimits = tuple(Rlimit(r, *prlimit(pid, r)) for r in range(RLIMIT_NLIMITS))
+    exe = os.readlink(f"/proc/{pid}/exe")
+    if exe.endswith(" (deleted)"):
+        raise UnsupportedResource(f"pid {pid} runs a deleted executable ({exe[:-10]}): restore needs it on disk",
+                                  pid=pid)
+    return ProcessState(
+        pid=pid, exe=exe, cwd=os.readlink(f"/proc/{pid}/cwd"), root=os.readlink(f"/proc/{pid}/root"),
+        umask=int(status.get("Umask", "0022"), 8), personality=int(read_text(pid, "personality"), 16),
+        dumpable=dumpable, creds=_parse_creds(status, securebits), rlimits=rlimits, mm=mm, auxv=auxv,
+        sigactions=tuple(sigactions), itimers=tuple(itimers),
+        shared_pending=tuple(ptrace.peek_siginfo(pid, shared=True)), child_subreaper=subreaper)
+
+
+def collect_files(pid: int) -> Files:
+    fds: list[FileDesc] = []
+    for info in list_fds(pid):
+        kind, why = classify_fd(info)
+        if kind is None:
+            raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}", pid=pid)
+        st = info.st
+        fds.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
+                            size=st.st_size if st is not None and kind == "file" else -1,
+                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0))
+    return Files(tuple(fds))
+
+
+def collect_layout(pid: int) -> Mappings:
+    return Mappings(tuple(to_vma(m) for m in read_smaps(pid)))
+
+
+def in_syscall(regs: GpRegs) -> bool:
+    return to_signed(regs.orig_rax) >= 0 and to_signed(regs.rax) in ERESTART_CODES
+
+
+__all__ = ["Collected", "collect", "collect_files", "collect_layout", "image_header", "in_syscall", "PageFinder"]

@@ -1,0 +1,174 @@
+"""Holding a process: seize every thread, freeze it with PTRACE_INTERRUPT, thaw or kill it.
+
+Seizing does not stop anything; it makes us the tracer of each thread (and holds the pid:
+a traced process cannot be reaped and reused under us). ``freeze`` interrupts every thread,
+repeating until no thread exists that we have not stopped (a thread may have been created
+between listing and interrupting). A thread that was about to take a signal when frozen
+shows a signal-delivery stop: that signal is kept and handed back on thaw, or recorded as
+pending in an image.
+
+All functions run on the tracer thread.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from agent import ptrace
+from agent.procfs import thread_ids
+from precopy.kernel import pidfd_open, pidfd_send_signal
+from transport.errors import NoSuchProcess, PermissionDenied, ProcessExited
+
+
+@dataclass
+class Held:
+    """A process whose threads we trace; ``stopped`` is filled while frozen."""
+
+    pid: int
+    pidfd: int
+    seized: set[int] = field(default_factory=set)
+    stopped: dict[int, ptrace.Stop] = field(default_factory=dict)
+    inflight: dict[int, bytes] = field(default_factory=dict)   # tid -> siginfo caught at freeze
+    frozen_at: float = 0.0                                      # time.monotonic() of first interrupt
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.stopped)
+
+
+def _seize_error(pid: int, exc: OSError) -> Exception:
+    if exc.errno == errno.ESRCH:
+        return NoSuchProcess(f"no process with pid {pid} (or it exited)", pid=pid)
+    if exc.errno == errno.EPERM:
+        return PermissionDenied(
+            f"may not trace pid {pid}: run kcr-migrate as the process's owner or as root, and make sure "
+            "no debugger (gdb, strace) is attached to it", pid=pid)
+    return exc
+
+
+def seize(pid: int) -> Held:
+    """Trace every thread of ``pid`` without stopping it."""
+    try:
+        pidfd = pidfd_open(pid)
+    except OSError as exc:
+        raise _seize_error(pid, exc) from None
+    held = Held(pid, pidfd)
+    try:
+        _seize_new_threads(held)
+    except BaseException:
+        release(held)
+        raise
+    return held
+
+
+def _seize_new_threads(held: Held) -> list[int]:
+    new: list[int] = []
+    for tid in thread_ids(held.pid):
+        if tid in held.seized:
+            continue
+        try:
+            ptrace.seize(tid)  # no EXITKILL: if we die, the process runs on
+        except OSError as exc:
+            if exc.errno == errno.ESRCH and tid != held.pid:
+                continue          # the thread exited meanwhile
+            raise _seize_error(held.pid, exc) from None
+        held.seized.add(tid)
+        new.append(tid)
+    return new
+
+
+def freeze(held: Held) -> None:
+    """Stop every thread. Safe to call again: newly found threads are stopped too."""
+    if not held.frozen_at:
+        held.frozen_at = time.monotonic()
+    pending = [t for t in held.seized if t not in held.stopped]
+    while True:
+        for tid in pending:
+            try:
+                ptrace.interrupt(tid)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+        for tid in pending:
+            _wait_frozen(held, tid)
+        pending = _seize_new_threads(held)
+        if not pending:
+            break
+    if held.pid not in held.stopped:
+        raise ProcessExited(f"process {held.pid} exited while being frozen", pid=held.pid)
+
+
+def _wait_frozen(held: Held, tid: int) -> None:
+    try:
+        stop = ptrace.wait_stop(tid)
+    except ptrace.TraceeGone:
+        held.seized.discard(tid)
+        if tid == held.pid:
+            raise ProcessExited(f"process {held.pid} exited while being frozen", pid=held.pid) from None
+        return
+    if stop.event == 0 and stop.sig != 0:
+        # A signal-delivery stop: the signal is dequeued; keep its siginfo and stop for real.
+        held.inflight[tid] = ptrace.get_siginfo(tid)
+    held.stopped[tid] = stop
+
+
+def thaw(held: Held) -> None:
+    """Let every thread run again, exactly as before (in-flight signals handed back)."""
+    for tid in list(held.seized):
+        sig = 0
+        if tid in held.inflight:
+            sig = int.from_bytes(held.inflight[tid][:4], "little", signed=True)
+        try:
+            ptrace.detach(tid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+        held.seized.discard(tid)
+    held.stopped.clear()
+    held.inflight.clear()
+    release(held)
+
+
+def kill(held: Held) -> None:
+    """SIGKILL the held process (through its pidfd: never a recycled pid) and reap our traces."""
+    try:
+        pidfd_send_signal(held.pidfd, signal.SIGKILL)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+    # Non-leader threads first: the leader's exit is reported only after theirs.
+    for tid in sorted(held.seized, key=lambda t: t == held.pid):
+        while True:
+            try:
+                _, status = os.waitpid(tid, ptrace.__WALL)
+            except ChildProcessError:
+                break
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                break
+    held.seized.clear()
+    held.stopped.clear()
+    release(held)
+
+
+def release(held: Held) -> None:
+    if held.pidfd >= 0:
+        os.close(held.pidfd)
+        held.pidfd = -1
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until /proc/PID is gone or a zombie (PID 1 reaps orphans lazily)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False

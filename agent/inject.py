@@ -1,0 +1,177 @@
+"""Running system calls inside a stopped tracee: the one injector every part uses.
+
+A thread that is ptrace-stopped gets its registers replaced by a system call's arguments,
+its instruction pointer pointed at a ``syscall`` instruction (a *gadget*: any ``0f 05`` in
+its vDSO, or the stub's own page during restore), and is single-stepped once: the stop after
+the step is right after the system call returned. Its signals are blocked meanwhile so no
+signal is dequeued under us, and ``orig_rax = -1`` keeps the kernel from treating the
+injected call as one to restart. ``close`` puts registers and mask back exactly.
+
+Must be used on the tracer thread (``agent.tracer``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import signal
+
+from agent import ptrace
+from precopy.layout import read_maps
+from transport.schema import PAGE_SIZE, GpRegs
+
+SYSCALL_INSN = b"\x0f\x05"
+U64 = (1 << 64) - 1
+ALL_SIGNALS = U64
+
+# x86_64 system call numbers used by injection.
+NR = dict(
+    read=0, write=1, open=2, close=3, lseek=8, mmap=9, mprotect=10, munmap=11, brk=12,
+    rt_sigaction=13, rt_sigprocmask=14, madvise=28, dup2=33, pause=34, getitimer=36, alarm=37,
+    setitimer=38, getpid=39, fcntl=72, chdir=80, umask=95, prctl=157, arch_prctl=158,
+    setrlimit=160, chroot=161, gettid=186, set_tid_address=218, restart_syscall=219,
+    exit_group=231, rt_sigqueueinfo=129, sigaltstack=131, personality=135,
+    setresuid=117, setresgid=119, setgroups=116, setfsuid=122, setfsgid=123, capget=125,
+    capset=126, mremap=25, rt_tgsigqueueinfo=297, set_robust_list=273, dup3=292, openat=257,
+    prlimit64=302, close_range=436, rseq=334, clone=56, userfaultfd=323, ioctl=16, setsid=112,
+    getuid=102,
+)
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+
+
+class InjectionError(OSError):
+    """An injected system call failed inside the tracee."""
+
+
+def to_signed(value: int) -> int:
+    value &= U64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def find_gadget_in(data: bytes, base: int) -> int | None:
+    i = data.find(SYSCALL_INSN)
+    return None if i < 0 else base + i
+
+
+class RemoteMemory:
+    """Reads and writes a process's memory through /proc/PID/mem (ignores page protection)."""
+
+    def __init__(self, pid: int, *, writable: bool = True) -> None:
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/mem", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+
+    def read(self, addr: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, addr)
+        if len(data) != size:
+            raise OSError(errno.EIO, f"short read of {size} bytes at {addr:#x} in pid {self.pid}")
+        return data
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            k = os.pwrite(self.fd, view[done:], addr + done)
+            if k <= 0:
+                raise OSError(errno.EIO, f"short write at {addr + done:#x} in pid {self.pid}")
+            done += k
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def vdso_gadget(pid: int, mem: RemoteMemory) -> int:
+    """A ``syscall`` instruction inside the process's vDSO."""
+    for m in read_maps(pid):
+        if m.name == "[vdso]":
+            addr = find_gadget_in(mem.read(m.start, m.length), m.start)
+            if addr is not None:
+                return addr
+    raise OSError(errno.ENOENT, f"pid {pid} has no vDSO with a syscall instruction to borrow")
+
+
+class Injector:
+    """Inject system calls into one stopped thread; ``close`` restores it exactly."""
+
+    def __init__(self, tid: int, gadget: int) -> None:
+        self.tid = tid
+        self.gadget = gadget
+        self.saved_regs = ptrace.get_regs(tid)
+        self.saved_mask = ptrace.get_sigmask(tid)
+        self.suppressed_stops: list[int] = []
+        self.clones: list[int] = []
+        ptrace.set_sigmask(tid, ALL_SIGNALS)
+        self._closed = False
+
+    def raw(self, nr: int, *args: int) -> int:
+        """Run one system call; returns the kernel's raw (signed) result."""
+        if len(args) > 6:
+            raise ValueError("at most six system call arguments")
+        a = list(args) + [0] * (6 - len(args))
+        regs = dataclasses.replace(
+            self.saved_regs, rax=nr, rdi=a[0] & U64, rsi=a[1] & U64, rdx=a[2] & U64,
+            r10=a[3] & U64, r8=a[4] & U64, r9=a[5] & U64, rip=self.gadget, orig_rax=U64)
+        ptrace.set_regs(self.tid, regs)
+        while True:
+            ptrace.singlestep(self.tid)
+            stop = ptrace.wait_stop(self.tid)
+            if stop.event == ptrace.PTRACE_EVENT_CLONE:
+                self.clones.append(ptrace.event_msg(self.tid))
+                continue          # one more step finishes the clone() itself
+            if stop.event == 0 and stop.sig == signal.SIGTRAP:
+                break
+            if stop.event == 0:
+                # A stop signal got past the blocked mask: hold it back, report it later.
+                self.suppressed_stops.append(stop.sig)
+            # Otherwise a group stop or interrupt: step again.
+        return to_signed(ptrace.get_regs(self.tid).rax)
+
+    def call(self, name: str, *args: int) -> int:
+        """Run a named system call; raise InjectionError on failure."""
+        ret = self.raw(NR[name], *args)
+        if -4096 < ret < 0:
+            raise InjectionError(-ret, f"{name}() in pid {self.tid}: {os.strerror(-ret)}")
+        return ret
+
+    def close(self, regs: GpRegs | None = None, sigmask: int | None = None) -> None:
+        """Put the thread back as it was (or as given)."""
+        if self._closed:
+            return
+        self._closed = True
+        ptrace.set_regs(self.tid, regs if regs is not None else self.saved_regs)
+        ptrace.set_sigmask(self.tid, sigmask if sigmask is not None else self.saved_mask)
+
+    def __enter__(self) -> "Injector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Scratch:
+    """A private anonymous mapping inside the tracee, for system call arguments."""
+
+    def __init__(self, inj: Injector, mem: RemoteMemory, size: int = 4 * PAGE_SIZE) -> None:
+        self.inj = inj
+        self.mem = mem
+        self.size = size
+        self.addr = inj.call("mmap", 0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+
+    def put(self, offset: int, data: bytes) -> int:
+        if offset + len(data) > self.size:
+            raise ValueError("scratch area overflow")
+        self.mem.write(self.addr + offset, data)
+        return self.addr + offset
+
+    def get(self, offset: int, size: int) -> bytes:
+        return self.mem.read(self.addr + offset, size)
+
+    def release(self) -> None:
+        if self.addr:
+            self.inj.call("munmap", self.addr, self.size)
+            self.addr = 0

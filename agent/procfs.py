@@ -1,0 +1,225 @@
+"""Reading a process through /proc: status, stat, threads, file descriptors, namespaces.
+
+Also the preflight check: ``check_supported`` refuses, before anything is frozen, a process
+that holds something kcr-migrate cannot carry yet, with one line that names it.
+"""
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from dataclasses import dataclass
+
+from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
+
+PF_KTHREAD = 0x00200000
+NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
+
+
+def proc_path(pid: int, *parts: str) -> str:
+    return os.path.join(f"/proc/{pid}", *parts)
+
+
+def read_text(pid: int, *parts: str) -> str:
+    try:
+        with open(proc_path(pid, *parts)) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NoSuchProcess(f"no process with pid {pid}: check the pid (ps -p {pid})", pid=pid) from None
+    except ProcessLookupError:
+        raise NoSuchProcess(f"process {pid} exited", pid=pid) from None
+
+
+def read_status(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in read_text(pid, "status").splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def read_stat(pid: int) -> list[str]:
+    """/proc/PID/stat fields, 1-based as in proc(5): fields[1] is pid, fields[2] comm."""
+    text = read_text(pid, "stat")
+    lpar, rpar = text.index("("), text.rindex(")")
+    return ["", text[:lpar].strip(), text[lpar + 1: rpar]] + text[rpar + 2:].split()
+
+
+def thread_ids(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(proc_path(pid, "task")))
+    except FileNotFoundError:
+        raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
+
+
+def thread_comm(pid: int, tid: int) -> str:
+    return read_text(pid, "task", str(tid), "comm").rstrip("\n")
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for tid in thread_ids(pid):
+        try:
+            text = read_text(pid, "task", str(tid), "children")
+        except NoSuchProcess:
+            continue
+        kids.extend(int(c) for c in text.split())
+    return kids
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    fd: int
+    target: str        # readlink of /proc/PID/fd/N
+    pos: int
+    flags: int
+    mnt_id: int
+    st: os.stat_result | None
+
+
+def list_fds(pid: int) -> list[FdInfo]:
+    out: list[FdInfo] = []
+    fd_dir = proc_path(pid, "fd")
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
+    except PermissionError:
+        raise PermissionDenied(f"may not inspect pid {pid}'s files: run as its owner or as root", pid=pid) from None
+    for name in sorted(names, key=int):
+        fd = int(name)
+        try:
+            target = os.readlink(os.path.join(fd_dir, name))
+            info = read_text(pid, "fdinfo", name)
+        except (FileNotFoundError, NoSuchProcess):
+            continue          # closed while we looked
+        fields: dict[str, str] = {}
+        for line in info.splitlines():
+            k, _, v = line.partition(":")
+            fields[k] = v.strip()
+        try:
+            st: os.stat_result | None = os.stat(os.path.join(fd_dir, name))
+        except OSError:
+            st = None
+        out.append(FdInfo(fd, target, int(fields.get("pos", "0")), int(fields.get("flags", "0"), 8),
+                          int(fields.get("mnt_id", "0")), st))
+    return out
+
+
+def namespace_ids(pid: int | str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ns in NAMESPACES:
+        try:
+            out[ns] = os.readlink(f"/proc/{pid}/ns/{ns}")
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def exists(pid: int) -> bool:
+    return os.path.exists(proc_path(pid))
+
+
+def check_target(pid: int) -> None:
+    """A pid we can work on at all: exists, not a kernel thread, not ourselves."""
+    if pid <= 0:
+        raise NoSuchProcess(f"invalid pid {pid}", pid=pid)
+    if pid == os.getpid():
+        raise ProcessError("cannot checkpoint kcr-migrate's own process", pid=pid)
+    stat = read_stat(pid)
+    if int(stat[9]) & PF_KTHREAD:
+        raise ProcessError(f"pid {pid} ({stat[2]}) is a kernel thread: only user processes can be moved", pid=pid)
+    if stat[3] in ("Z", "X"):
+        raise NoSuchProcess(f"pid {pid} is a zombie: it has already exited", pid=pid)
+    tgid = int(read_status(pid).get("Tgid", pid))
+    if tgid != pid:
+        raise ProcessError(f"{pid} is a thread of process {tgid}: give the process id {tgid}", pid=pid)
+
+
+_FD_REFUSALS = (
+    ("pipe:", "a pipe"),
+    ("socket:", "a socket"),
+    ("anon_inode:[eventpoll]", "an epoll instance"),
+    ("anon_inode:[eventfd]", "an eventfd"),
+    ("anon_inode:[timerfd]", "a timerfd"),
+    ("anon_inode:[signalfd]", "a signalfd"),
+    ("anon_inode:inotify", "an inotify instance"),
+    ("anon_inode:[fanotify]", "a fanotify instance"),
+    ("anon_inode:[io_uring]", "an io_uring instance"),
+    ("anon_inode:[userfaultfd]", "a userfaultfd"),
+    ("anon_inode:[pidfd]", "a pidfd"),
+    ("/memfd:", "a memfd"),
+    ("anon_inode:", "an anonymous-inode file"),
+)
+
+
+def classify_fd(info: FdInfo) -> tuple[str | None, str]:
+    """("file" | "dir" | "chr", "") for what we carry, or (None, reason) for what we refuse."""
+    target = info.target
+    for prefix, what in _FD_REFUSALS:
+        if target.startswith(prefix):
+            return None, what
+    if not target.startswith("/"):
+        return None, f"an unsupported file ({target})"
+    if target.endswith(" (deleted)"):
+        return None, f"a deleted file ({target[:-10]})"
+    st = info.st
+    if st is None:
+        return None, f"a file that cannot be inspected ({target})"
+    if stat_mod.S_ISREG(st.st_mode):
+        return "file", ""
+    if stat_mod.S_ISDIR(st.st_mode):
+        return "dir", ""
+    if stat_mod.S_ISCHR(st.st_mode):
+        if target.startswith("/dev/pts/") or target.startswith("/dev/tty") or target == "/dev/ptmx" \
+                or target.startswith("/dev/console"):
+            return None, f"a terminal ({target})"
+        if target in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"):
+            return "chr", ""
+        return None, f"a device ({target})"
+    if stat_mod.S_ISFIFO(st.st_mode):
+        return None, f"a FIFO ({target})"
+    return None, f"an unsupported file ({target})"
+
+
+def check_supported(pid: int, *, maps: list | None = None) -> None:
+    """Refuse what we cannot carry yet; every message names the resource and what to do."""
+    from precopy.layout import read_maps  # precopy is below agent
+
+    fix = "kcr-migrate cannot move it yet (see README, Limits)"
+    for info in list_fds(pid):
+        kind, what = classify_fd(info)
+        if kind is None:
+            raise UnsupportedResource(f"pid {pid} has {what} open as fd {info.fd}: {fix}", pid=pid)
+    for m in (maps if maps is not None else read_maps(pid)):
+        if m.name.startswith("/SYSV"):
+            raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
+        if m.name.startswith("/memfd:"):
+            raise UnsupportedResource(f"pid {pid} maps a memfd ({m.name}) at {m.start:#x}: {fix}", pid=pid)
+        if m.name.startswith("/dev/") and m.name not in ("/dev/zero",) and not m.name.startswith("/dev/zero "):
+            raise UnsupportedResource(f"pid {pid} maps the device {m.name} at {m.start:#x}: {fix}", pid=pid)
+        if m.name.startswith("anon_inode:"):
+            raise UnsupportedResource(f"pid {pid} maps {m.name} at {m.start:#x}: {fix}", pid=pid)
+        if m.kind == "file" and m.deleted:
+            raise UnsupportedResource(
+                f"pid {pid} maps the deleted file {m.name[:-10]}: {fix}", pid=pid)
+    try:
+        timers = read_text(pid, "timers")
+    except (NoSuchProcess, PermissionError):
+        timers = ""
+    if timers.strip():
+        raise UnsupportedResource(f"pid {pid} has POSIX timers (timer_create): {fix}", pid=pid)
+    kids = children(pid)
+    if kids:
+        raise UnsupportedResource(
+            f"pid {pid} has child processes ({', '.join(map(str, kids[:5]))}): process trees are not supported yet",
+            pid=pid)
+    status = read_status(pid)
+    if status.get("Seccomp", "0") != "0":
+        raise UnsupportedResource(f"pid {pid} runs under a seccomp filter: {fix}", pid=pid)
+    ours = namespace_ids("self")
+    theirs = namespace_ids(pid)
+    for ns, ident in theirs.items():
+        if ns in ours and ours[ns] != ident:
+            raise UnsupportedResource(
+                f"pid {pid} lives in another {ns} namespace than kcr-migrate: run kcr-migrate inside the "
+                f"process's namespaces (e.g. with nsenter)", pid=pid)

@@ -1,0 +1,504 @@
+"""Rebuilding a process from records and pages, ptrace-only, inside a fresh stub.
+
+The restorer spawns the stub (``agent.stub``), seizes it, and from then on drives it by
+injected system calls:
+
+1. ``begin``: maps a gadget page (``syscall`` + scratch) at an address free in both
+   layouts, closes the stub's files, unmaps the stub, moves the vDSO cluster to where the
+   process had it.
+2. ``apply_layout``: maps every mapping at its address with its protection (files mapped
+   again from the file); can be called again with a newer layout (live pre-copy).
+3. ``write_pages``: page contents go in through /proc/PID/mem.
+4. ``finish``: mm fields, files, cwd, signals, timers, limits, credentials, then the other
+   threads (injected clone), their TLS, rseq, robust lists, masks, registers; the gadget
+   page goes last. The process is left stopped under ptrace; ``resume`` lets it run and
+   ``abort`` kills it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+import time
+from dataclasses import dataclass, field, replace
+
+from agent import ptrace, stub
+from agent.inject import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    InjectionError,
+    Injector,
+    RemoteMemory,
+    to_signed,
+)
+from precopy.kernel import prlimit, xsave_supported_mask
+from precopy.layout import MapEntry, is_special, read_maps
+from transport.errors import RestoreError
+from transport.image import check_machine
+from transport.pages import PageBatch
+from transport.schema import (
+    ADV_DONTDUMP,
+    ADV_DONTFORK,
+    ADV_HUGEPAGE,
+    ADV_MERGEABLE,
+    ADV_NOHUGEPAGE,
+    ADV_WIPEONFORK,
+    PAGE_SIZE,
+    TASK_SIZE,
+    Files,
+    GpRegs,
+    ImageHeader,
+    Mappings,
+    ProcessState,
+    ThreadState,
+    Vma,
+)
+
+GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
+U64 = (1 << 64) - 1
+O_ACCMODE, O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_CLOEXEC, O_DIRECTORY = 3, 0o100, 0o200, 0o400, 0o1000, 0o2000000, 0o200000
+AT_FDCWD = -100
+PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
+PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
+SECBIT_KEEP_CAPS = 1 << 4
+CAP_LAST = 40
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
+CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
+MADV = {ADV_DONTDUMP: 16, ADV_DONTFORK: 10, ADV_WIPEONFORK: 18, ADV_HUGEPAGE: 14, ADV_NOHUGEPAGE: 15,
+        ADV_MERGEABLE: 12}
+CLUSTER = ("vvar", "vvar_vclock", "vdso")
+
+
+@dataclass
+class RestoreReport:
+    pid: int = 0
+    warnings: list[str] = field(default_factory=list)
+    pages_written: int = 0
+    syscalls: int = 0
+
+
+def _holes_conflict(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(s < end and start < e for s, e in ranges)
+
+
+def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000,
+              high: int = 0x7F00_0000_0000) -> int:
+    """An address where ``size`` bytes overlap nothing in ``taken``."""
+    addr = low
+    for s, e in sorted(taken) + [(TASK_SIZE, TASK_SIZE)]:
+        if e <= addr:
+            continue
+        if s >= addr + size and addr + size <= high:
+            return addr
+        addr = max(addr, (e + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    raise RestoreError("no free address range for the restore gadget")
+
+
+class Restorer:
+    """Drives one stub into the process described by the records it is given."""
+
+    def __init__(self, header: ImageHeader) -> None:
+        check_machine(header, xsave_supported_mask())
+        self.header = header
+        self.report = RestoreReport()
+        self.pid = 0
+        self.mem: RemoteMemory | None = None
+        self.inj: Injector | None = None
+        self.gadget = 0
+        self.layout: list[Vma] = []
+        self.threads: dict[int, int] = {}     # image tid -> new tid
+        self._stopped = False
+
+    # -- 1. the stub ------------------------------------------------------------------------
+
+    def begin(self, target: Mappings) -> None:
+        self.pid = stub.spawn()
+        self.report.pid = self.pid
+        try:
+            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE)
+            ptrace.interrupt(self.pid)
+            ptrace.wait_stop(self.pid)
+            self._stopped = True
+            self.threads = {}
+            self.mem = RemoteMemory(self.pid)
+            self.inj = Injector(self.pid, stub.STUB_SYSCALL)
+            self._setup_gadget(target)
+        except (OSError, ptrace.TraceeGone) as exc:
+            raise RestoreError(f"could not prepare the process to restore into: {exc}") from None
+
+    def _call(self, name: str, *args: int) -> int:
+        assert self.inj is not None
+        self.report.syscalls += 1
+        return self.inj.call(name, *args)
+
+    def _setup_gadget(self, target: Mappings) -> None:
+        assert self.mem is not None and self.inj is not None
+        own = read_maps(self.pid)
+        taken = [(m.start, m.end) for m in own if m.kind != "vsyscall"]
+        taken += [(v.start, v.end) for v in target.vmas if v.kind != "vsyscall"]
+        size = GADGET_PAGES * PAGE_SIZE
+        self.gadget = find_free(size, taken)
+        self._call("mmap", self.gadget, size, PROT_READ | PROT_WRITE | PROT_EXEC,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        self.mem.write(self.gadget, b"\x0f\x05\xcc")
+        self.inj.gadget = self.gadget
+        self._call("close_range", 0, 0xFFFF_FFFF, 0)
+        # Unmap the stub itself: everything but the gadget and the vDSO cluster.
+        for m in own:
+            if m.kind in CLUSTER or m.kind == "vsyscall":
+                continue
+            self._call("munmap", m.start, m.length)
+        self._move_cluster(own, target)
+
+    def _move_cluster(self, own: list[MapEntry], target: Mappings) -> None:
+        mine = {m.kind: m for m in own if m.kind in CLUSTER}
+        theirs = {v.kind: v for v in target.vmas if v.kind in CLUSTER}
+        for kind, m in mine.items():
+            if kind not in theirs:
+                self._call("munmap", m.start, m.length)
+            elif theirs[kind].length != m.length:
+                raise RestoreError(
+                    f"the [{kind}] mapping is {theirs[kind].length} bytes in the image but {m.length} here: "
+                    "restore on a host running the same kernel")
+        moving = {k: m for k, m in mine.items() if k in theirs}
+        if not moving or all(m.start == theirs[k].start for k, m in moving.items()):
+            return
+        # Via a free spot first, so no part lands on another part that has not moved yet.
+        lo = min(m.start for m in moving.values())
+        hi = max(m.end for m in moving.values())
+        taken = [(v.start, v.end) for v in target.vmas] + [(lo, hi), (self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]
+        spot = find_free(hi - lo, taken)
+        for m in moving.values():
+            self._call("mremap", m.start, m.length, m.length, MREMAP_MAYMOVE | MREMAP_FIXED, spot + m.start - lo)
+        for k, m in moving.items():
+            self._call("mremap", spot + m.start - lo, m.length, m.length, MREMAP_MAYMOVE | MREMAP_FIXED,
+                       theirs[k].start)
+
+    # -- 2. the layout ----------------------------------------------------------------------
+
+    def _scratch(self, offset: int = 0) -> int:
+        return self.gadget + PAGE_SIZE + offset
+
+    def _put(self, data: bytes, offset: int = 0) -> int:
+        assert self.mem is not None
+        if PAGE_SIZE + offset + len(data) > GADGET_PAGES * PAGE_SIZE:
+            raise RestoreError("restore scratch area overflow (a path or list is too long)")
+        addr = self._scratch(offset)
+        self.mem.write(addr, data)
+        return addr
+
+    def _open(self, path: str, flags: int, mode: int = 0) -> int:
+        addr = self._put(os.fsencode(path) + b"\0")
+        return self._call("openat", AT_FDCWD, addr, flags, mode)
+
+    def apply_layout(self, target: Mappings) -> None:
+        """Make the address space match ``target`` (first call: from empty)."""
+        old = {(v.start, v.end): v for v in self.layout}
+        new = [v for v in target.vmas if not is_special(v)]
+        keep = {(v.start, v.end) for v in new if old.get((v.start, v.end)) == v}
+        for v in self.layout:
+            if (v.start, v.end) not in keep:
+                self._call("munmap", v.start, v.length)
+        for v in new:
+            if (v.start, v.end) in keep:
+                continue
+            self._map(v)
+        self.layout = new
+
+    def _map(self, v: Vma) -> None:
+        if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+            raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+        flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
+        if v.growsdown:
+            flags |= MAP_GROWSDOWN
+        try:
+            if v.kind == "file":
+                self._check_file(v)
+                mode = os.O_RDWR if v.shared and v.prot & PROT_WRITE else os.O_RDONLY
+                fd = self._open(v.path, mode | O_CLOEXEC)
+                try:
+                    self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
+                finally:
+                    self._call("close", fd)
+            else:
+                self._call("mmap", v.start, v.length, v.prot, flags | MAP_ANONYMOUS, -1, 0)
+            for bit, advice in MADV.items():
+                if v.advice & bit:
+                    self._call("madvise", v.start, v.length, advice)
+        except InjectionError as exc:
+            what = v.path or v.kind
+            raise RestoreError(f"cannot map {what} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None
+
+    def _check_file(self, v: Vma) -> None:
+        try:
+            st = os.stat(v.path)
+        except OSError:
+            raise RestoreError(f"{v.path} is mapped by the process but missing here: copy it to this host first") from None
+        if v.file_size >= 0 and (st.st_size != v.file_size or (v.file_mtime_ns and st.st_mtime_ns != v.file_mtime_ns)):
+            raise RestoreError(
+                f"{v.path} changed since the checkpoint (size or modification time differs): the process "
+                "would see different code or data; restore with the same file")
+
+    # -- 3. pages ---------------------------------------------------------------------------
+
+    def write_pages(self, batch: PageBatch) -> None:
+        assert self.mem is not None
+        for addr, data in batch.pages():
+            if not self._covered(addr, len(data)):
+                raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings: corrupt image")
+            self.mem.write(addr, data)
+        self.report.pages_written += batch.npages
+
+    def _covered(self, addr: int, size: int) -> bool:
+        end = addr + size
+        # Mappings are sorted: binary search for the one containing addr, then walk.
+        lo, hi = 0, len(self.layout)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.layout[mid].end <= addr:
+                lo = mid + 1
+            else:
+                hi = mid
+        pos = addr
+        for v in self.layout[lo:]:
+            if v.start > pos:
+                return False
+            pos = v.end
+            if pos >= end:
+                return True
+        return False
+
+    # -- 4. everything else -----------------------------------------------------------------
+
+    def finish(self, proc: ProcessState, files: Files, threads: list[ThreadState]) -> None:
+        """Restore the rest; the process is left stopped. Call ``resume`` to let it run."""
+        leader = next((t for t in threads if t.leader), None)
+        if leader is None or not threads:
+            raise RestoreError("the image has no main thread: corrupt image")
+        try:
+            self._mm(proc)
+            self._files(files)
+            self._signals(proc)
+            self._limits(proc)
+            self._creds(proc)
+            new_tids = self._threads(proc, threads)
+            self._pending(proc, threads, new_tids)
+            self._drop_gadget()
+            self._final_registers(threads, new_tids)
+        except InjectionError as exc:
+            raise RestoreError(f"restore failed: {exc.strerror}") from None
+        except ptrace.TraceeGone as exc:
+            raise RestoreError(f"the process being restored died: {exc}") from None
+
+    def _mm(self, proc: ProcessState) -> None:
+        mm = proc.mm
+        auxv = self._put(proc.auxv, 2048)
+        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC)
+        try:
+            mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
+                                 mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
+                                 mm.env_start, mm.env_end, auxv, len(proc.auxv), exe_fd)
+            addr = self._put(mm_map, 1024)
+            self._call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(mm_map), 0)
+        finally:
+            self._call("close", exe_fd)
+
+    def _files(self, files: Files) -> None:
+        for f in files.fds:
+            flags = f.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY)
+            if f.kind == "dir":
+                flags |= O_DIRECTORY
+            try:
+                fd = self._open(f.path, flags)
+            except InjectionError as exc:
+                raise RestoreError(f"cannot reopen fd {f.fd} ({f.path}): {exc.strerror}; the file must exist "
+                                   "here at the same path") from None
+            if fd != f.fd:
+                self._call("dup3", fd, f.fd, flags & O_CLOEXEC)
+                self._call("close", fd)
+            if f.kind in ("file", "dir") and f.pos:
+                self._call("lseek", f.fd, f.pos, 0)
+
+    def _signals(self, proc: ProcessState) -> None:
+        actions = {sa.signo: sa for sa in proc.sigactions}
+        for signo in range(1, 65):
+            if signo in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            sa = actions.get(signo)
+            raw = struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask) if sa else bytes(32)
+            self._call("rt_sigaction", signo, self._put(raw), 0, 8)
+        for it in proc.itimers:
+            val = struct.pack("<4q", it.interval_us // 1_000_000, it.interval_us % 1_000_000,
+                              it.value_us // 1_000_000, it.value_us % 1_000_000)
+            self._call("setitimer", it.which, self._put(val), 0)
+
+    def _limits(self, proc: ProcessState) -> None:
+        for rl in proc.rlimits:
+            try:
+                prlimit(self.pid, rl.resource, (rl.soft, rl.hard))
+            except OSError as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+                cur = prlimit(self.pid, rl.resource)
+                soft = min(rl.soft, cur[1])
+                prlimit(self.pid, rl.resource, (soft, cur[1]))
+                self.report.warnings.append(
+                    f"resource limit {rl.resource}: hard limit {rl.hard} could not be raised from {cur[1]} "
+                    "(needs CAP_SYS_RESOURCE)")
+
+    def _creds(self, proc: ProcessState) -> None:
+        c = proc.creds
+        self._call("umask", proc.umask)
+        self._call("personality", proc.personality)
+        if proc.cwd:
+            self._call("chdir", self._put(os.fsencode(proc.cwd) + b"\0"))
+        if proc.root and proc.root != "/":
+            self._call("chroot", self._put(os.fsencode(proc.root) + b"\0"))
+        if proc.child_subreaper:
+            self._call("prctl", PR_SET_CHILD_SUBREAPER, 1)
+        for cap in range(CAP_LAST + 1):
+            if not c.cap_bounding >> cap & 1:
+                try:
+                    self._call("prctl", PR_CAPBSET_DROP, cap)
+                except InjectionError as exc:
+                    if exc.errno != errno.EINVAL:    # a capability this kernel does not know
+                        raise
+        groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
+        self._call("setgroups", len(c.groups), self._put(groups) if groups else 0)
+        self._call("setresgid", *c.gids[:3])
+        self._call("setfsgid", c.gids[3])
+        self._call("prctl", PR_SET_SECUREBITS, c.securebits | SECBIT_KEEP_CAPS)
+        self._call("setresuid", *c.uids[:3])
+        self._call("setfsuid", c.uids[3])
+        header = struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0)
+        data = struct.pack("<6I", c.cap_effective & 0xFFFFFFFF, c.cap_permitted & 0xFFFFFFFF,
+                           c.cap_inheritable & 0xFFFFFFFF, c.cap_effective >> 32, c.cap_permitted >> 32,
+                           c.cap_inheritable >> 32)
+        self._call("capset", self._put(header), self._put(data, 64))
+        for cap in range(CAP_LAST + 1):
+            if c.cap_ambient >> cap & 1:
+                self._call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+        if not c.securebits & SECBIT_KEEP_CAPS:
+            self._call("prctl", PR_SET_KEEPCAPS, 0)
+        if c.no_new_privs:
+            self._call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        self._call("prctl", PR_SET_DUMPABLE, proc.dumpable)
+
+    def _thread_setup(self, inj: Injector, t: ThreadState) -> None:
+        """What each thread must do for itself."""
+        def call(name: str, *args: int) -> int:
+            self.report.syscalls += 1
+            return inj.call(name, *args)
+        if t.robust_list:
+            call("set_robust_list", t.robust_list, t.robust_list_len)
+        ss = struct.pack("<QiiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
+        if not t.altstack_flags & 2:     # SS_DISABLE: nothing to set
+            call("sigaltstack", self._put(ss, 512), 0)
+        if t.rseq_addr:
+            call("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
+        call("prctl", PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))
+
+    def _threads(self, proc: ProcessState, threads: list[ThreadState]) -> dict[int, int]:
+        assert self.inj is not None and self.mem is not None
+        leader = next(t for t in threads if t.leader)
+        new_tids = {leader.tid: self.pid}
+        if leader.tid_address:
+            self._call("set_tid_address", leader.tid_address)
+            self.mem.write(leader.tid_address, struct.pack("<i", self.pid))
+        self._thread_setup(self.inj, leader)
+        for t in threads:
+            if t.leader:
+                continue
+            flags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM | CLONE_SETTLS
+            if t.tid_address:
+                flags |= CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID
+            new = self._call("clone", flags, t.regs.rsp, 0, t.tid_address, t.regs.fs_base)
+            self._wait_clone_child(new)
+            new_tids[t.tid] = new
+            child = Injector(new, self.gadget)
+            try:
+                self._thread_setup(child, t)
+            finally:
+                child.close()
+        return new_tids
+
+    def _wait_clone_child(self, tid: int) -> None:
+        stop = ptrace.wait_stop(tid)
+        if stop.event not in (ptrace.PTRACE_EVENT_STOP, 0):
+            raise RestoreError(f"new thread {tid} stopped unexpectedly ({stop})")
+
+    def _pending(self, proc: ProcessState, threads: list[ThreadState], new_tids: dict[int, int]) -> None:
+        for info in proc.shared_pending:
+            signo = int.from_bytes(info[:4], "little")
+            self._call("rt_sigqueueinfo", self.pid, signo, self._put(info))
+        for t in threads:
+            for info in t.pending:
+                signo = int.from_bytes(info[:4], "little")
+                self._call("rt_tgsigqueueinfo", self.pid, new_tids[t.tid], signo, self._put(info))
+
+    def _drop_gadget(self) -> None:
+        # The munmap runs from the gadget page itself: the single step stops right after it.
+        self._call("munmap", self.gadget, GADGET_PAGES * PAGE_SIZE)
+
+    def _final_registers(self, threads: list[ThreadState], new_tids: dict[int, int]) -> None:
+        for t in threads:
+            tid = new_tids[t.tid]
+            ptrace.set_xstate(tid, t.xstate)
+            ptrace.set_regs(tid, resume_regs(t.regs))
+            ptrace.set_sigmask(tid, t.sigmask)
+        assert self.inj is not None
+        self.inj._closed = True    # registers and mask are final; do not put the stub's back
+        self.new_tids = new_tids
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Let every thread run (the point of no return for the restored process)."""
+        for tid in sorted(self.new_tids.values(), key=lambda t: t == self.pid):
+            ptrace.detach(tid)
+        self._stopped = False
+        self.close()
+        return self.pid
+
+    def abort(self) -> None:
+        """Destroy the half-built process; nothing of it survives."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for tid in sorted(getattr(self, "new_tids", {self.pid: self.pid}).values(), key=lambda t: t == self.pid):
+                try:
+                    while True:
+                        _, status = os.waitpid(tid, ptrace.__WALL)
+                        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                            break
+                except ChildProcessError:
+                    pass
+        self.close()
+
+    def close(self) -> None:
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+
+
+def resume_regs(regs: GpRegs) -> GpRegs:
+    """Registers for a fresh thread: a system call that was interrupted is issued again."""
+    rax = to_signed(regs.rax)
+    if to_signed(regs.orig_rax) >= 0 and rax in (-512, -513, -514, -516):
+        return replace(regs, rip=regs.rip - 2, rax=regs.orig_rax, orig_rax=U64)
+    return replace(regs, orig_rax=U64)

@@ -1,0 +1,144 @@
+"""The restore stub: a tiny static ELF (no libc, no rseq, no TLS) that waits to be rebuilt.
+
+kcr-migrate writes it itself, byte by byte, into a memfd and spawns it. The stub forks once
+so that the process to be restored is not our child (its parent becomes the nearest child
+subreaper or init), reports the grandchild's pid on stdout, and the grandchild sleeps in
+``pause()`` until the restorer seizes it. An ``alarm(60)`` ends a stub nobody took over.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+BASE = 0x10000            # where the stub's single segment is loaded (mmap_min_addr)
+_ENTRY_OFFSET = 0x78      # ELF header (64) + one program header (56)
+
+
+class _Asm:
+    """Just enough x86_64 for the stub: 32-bit immediates, short jumps."""
+
+    def __init__(self) -> None:
+        self.code = bytearray()
+        self.labels: dict[str, int] = {}
+        self.fixups: list[tuple[int, str]] = []
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def mov_eax(self, imm: int) -> None:
+        self.code += b"\xb8" + struct.pack("<I", imm)
+
+    def mov_edi(self, imm: int) -> None:
+        self.code += b"\xbf" + struct.pack("<I", imm)
+
+    def mov_edx(self, imm: int) -> None:
+        self.code += b"\xba" + struct.pack("<I", imm)
+
+    def mov_rsi_rsp(self) -> None:
+        self.code += b"\x48\x89\xe6"
+
+    def push_rax(self) -> None:
+        self.code += b"\x50"
+
+    def test_eax(self) -> None:
+        self.code += b"\x85\xc0"
+
+    def syscall(self) -> int:
+        at = len(self.code)
+        self.code += b"\x0f\x05"
+        return at
+
+    def _jump(self, opcode: int, target: str) -> None:
+        self.code += bytes([opcode, 0])
+        self.fixups.append((len(self.code) - 1, target))
+
+    def jz(self, target: str) -> None:
+        self._jump(0x74, target)
+
+    def jmp(self, target: str) -> None:
+        self._jump(0xEB, target)
+
+    def link(self) -> bytes:
+        for at, target in self.fixups:
+            rel = self.labels[target] - (at + 1)
+            assert -128 <= rel < 128
+            self.code[at] = rel & 0xFF
+        return bytes(self.code)
+
+
+def _program() -> tuple[bytes, int]:
+    a = _Asm()
+    a.mov_eax(57)          # fork()
+    a.syscall()
+    a.test_eax()
+    a.jz("child")
+    a.push_rax()           # parent: write(1, &child_pid, 4); exit(0)
+    a.mov_edi(1)
+    a.mov_rsi_rsp()
+    a.mov_edx(4)
+    a.mov_eax(1)
+    a.syscall()
+    a.mov_edi(0)
+    a.mov_eax(60)
+    a.syscall()
+    a.label("child")
+    a.mov_eax(112)         # setsid()
+    a.syscall()
+    a.mov_edi(60)          # alarm(60): an orphaned stub ends by itself
+    a.mov_eax(37)
+    a.syscall()
+    a.label("loop")
+    a.mov_eax(34)          # pause()
+    pause_at = a.syscall()
+    a.jmp("loop")
+    return a.link(), pause_at
+
+
+def build() -> tuple[bytes, int]:
+    """The ELF image and the address of a ``syscall`` instruction in it."""
+    code, syscall_at = _program()
+    size = _ENTRY_OFFSET + len(code)
+    entry = BASE + _ENTRY_OFFSET
+    ehdr = struct.pack(
+        "<4sBBBBB7sHHIQQQIHHHHHH",
+        b"\x7fELF", 2, 1, 1, 0, 0, b"\0" * 7,   # 64-bit, little-endian, SysV
+        2, 0x3E, 1, entry, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, BASE, BASE, size, size, 0x1000)   # PT_LOAD, R+X
+    return ehdr + phdr + code, entry + syscall_at
+
+
+STUB_ELF, STUB_SYSCALL = build()
+
+
+def spawn() -> int:
+    """Start a stub; returns the pid of the process to restore into (not our child)."""
+    memfd = os.memfd_create("kcr-stub", os.MFD_CLOEXEC)
+    try:
+        os.write(memfd, STUB_ELF)
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            child = os.posix_spawn(
+                f"/proc/self/fd/{memfd}", ["kcr-stub"], {},
+                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                              (os.POSIX_SPAWN_DUP2, wfd, 1),
+                              (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)],
+                setsigdef=[s for s in range(1, 65) if s not in (9, 19, 32, 33)],
+                setsigmask=[])
+            os.close(wfd)
+            wfd = -1
+            data = b""
+            while len(data) < 4:
+                chunk = os.read(rfd, 4 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            os.waitpid(child, 0)
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+    finally:
+        os.close(memfd)
+    if len(data) != 4:
+        raise OSError("the restore stub did not start")
+    return struct.unpack("<i", data)[0]

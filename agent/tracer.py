@@ -1,0 +1,72 @@
+"""The tracer thread: every ptrace request for a tracee runs on the one thread that seized it.
+
+Linux ties a tracee to the thread that attached, so a ``Tracer`` owns one dedicated thread
+and runs submitted functions there in order. Blocking callers use ``call``; trio code awaits
+``acall``. Memory moves in bulk elsewhere (process_vm_readv, /proc/PID/mem): only
+ptrace requests and injected system calls need this thread.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class Tracer:
+    def __init__(self, name: str = "kcr-tracer") -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            fut, fn, args, kwargs = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # delivered to the caller
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("tracer is closed")
+        fut: Future[T] = Future()
+        self._queue.put((fut, fn, args, kwargs))
+        return fut
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    async def acall(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        import trio
+
+        fut = self.submit(fn, *args, **kwargs)
+        # The request itself cannot be interrupted halfway (a tracee mid-injection must be
+        # put back), so waiting is shielded; cancellation takes effect once it returns.
+        with trio.CancelScope(shield=True):
+            return await trio.to_thread.run_sync(fut.result)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,210 @@
+"""A process's address space: /proc/PID/maps (and smaps VmFlags) as schema ``Vma`` records,
+and which of its pages hold data worth sending.
+
+Pages worth sending are populated (present or swapped) and private to the process: pages of
+the shared zero page are holes, and pages of a private file mapping that were never written
+still come from the file. Shared anonymous memory has no reliable page-table view (shmem
+pages may exist while unmapped), so all of it is read and all-zero pages are dropped.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from precopy.pagemap import (
+    PAGE_IS_FILE,
+    PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
+    PM_FILE,
+    PM_PRESENT,
+    PM_SWAP,
+    PagemapScanner,
+    read_pagemap,
+)
+from transport.schema import (
+    ADV_DONTDUMP,
+    ADV_DONTFORK,
+    ADV_HUGEPAGE,
+    ADV_MERGEABLE,
+    ADV_NOHUGEPAGE,
+    ADV_WIPEONFORK,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    Vma,
+)
+
+_MAPS_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) ([r-])([w-])([x-])([ps]) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$")
+
+SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]": "vvar",
+                 "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
+_ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
+                 "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE}
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One mapping as the kernel lists it."""
+
+    start: int
+    end: int
+    prot: int
+    shared: bool
+    offset: int
+    dev: tuple[int, int]
+    inode: int
+    name: str                      # path, [heap]/[stack]/..., or "" for anonymous
+    vmflags: frozenset[str] = field(default=frozenset())
+
+    @property
+    def deleted(self) -> bool:
+        return self.inode != 0 and self.name.endswith(" (deleted)")
+
+    @property
+    def kind(self) -> str:
+        if self.name in SPECIAL_KINDS:
+            return SPECIAL_KINDS[self.name]
+        if self.inode == 0:
+            return "anon"   # includes "[anon:...]" names and shared anonymous memory
+        return "file"
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def parse_maps(text: str) -> list[MapEntry]:
+    out: list[MapEntry] = []
+    for line in text.splitlines():
+        m = _MAPS_LINE.match(line)
+        if not m:
+            continue
+        start, end, r, w, x, ps, off, dmaj, dmin, ino, name = m.groups()
+        prot = (PROT_READ if r == "r" else 0) | (PROT_WRITE if w == "w" else 0) | (PROT_EXEC if x == "x" else 0)
+        out.append(MapEntry(int(start, 16), int(end, 16), prot, ps == "s", int(off, 16),
+                            (int(dmaj, 16), int(dmin, 16)), int(ino), name))
+    return out
+
+
+def read_maps(pid: int) -> list[MapEntry]:
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_maps(f.read())
+
+
+def read_smaps(pid: int) -> list[MapEntry]:
+    """Mappings with their VmFlags (slower than maps: the kernel walks page tables)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        text = f.read()
+    entries: list[MapEntry] = []
+    for line in text.splitlines():
+        m = _MAPS_LINE.match(line)
+        if m:
+            entries.extend(parse_maps(line))
+        elif line.startswith("VmFlags:") and entries:
+            last = entries[-1]
+            entries[-1] = MapEntry(last.start, last.end, last.prot, last.shared, last.offset, last.dev,
+                                   last.inode, last.name, frozenset(line.split()[1:]))
+    return entries
+
+
+def to_vma(entry: MapEntry) -> Vma:
+    kind = entry.kind
+    advice = 0
+    for flag, bit in _ADVICE_FLAGS.items():
+        if flag in entry.vmflags:
+            advice |= bit
+    path = ""
+    size, mtime = -1, 0
+    if kind == "file":
+        path = entry.name
+        try:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            pass
+    return Vma(
+        start=entry.start, end=entry.end, prot=entry.prot, shared=entry.shared, kind=kind, path=path,
+        pgoff=entry.offset if kind == "file" else 0, growsdown="gd" in entry.vmflags or kind == "stack",
+        advice=advice, file_size=size, file_mtime_ns=mtime)
+
+
+def is_special(vma: Vma) -> bool:
+    return vma.kind in ("vdso", "vvar", "vvar_vclock", "vsyscall")
+
+
+def holds_private_data(vma: Vma) -> bool:
+    """Can this mapping hold pages that exist only in the process's memory?"""
+    if is_special(vma):
+        return False
+    if vma.kind == "file" and vma.shared:
+        return False     # the file itself holds them
+    return True
+
+
+Run = tuple[int, int]   # (address, number of pages)
+
+
+class PageFinder:
+    """Finds the pages of each mapping that must be copied."""
+
+    def __init__(self, pid: int, *, use_scan: bool = True) -> None:
+        self.pid = pid
+        self._scanner: PagemapScanner | None = PagemapScanner(pid) if use_scan else None
+        self._pagemap_fd = -1 if use_scan else os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self._scanner is not None:
+            self._scanner.close()
+        if self._pagemap_fd >= 0:
+            os.close(self._pagemap_fd)
+            self._pagemap_fd = -1
+
+    def __enter__(self) -> "PageFinder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def populated(self, vma: Vma) -> list[Run]:
+        """Runs of pages that hold the process's own data in this mapping."""
+        if not holds_private_data(vma):
+            return []
+        if vma.shared:     # shared anonymous: read it all, zero pages are dropped later
+            return [(vma.start, vma.length // PAGE_SIZE)]
+        exclude = PAGE_IS_PFNZERO | (PAGE_IS_FILE if vma.kind == "file" else 0)
+        if self._scanner is not None:
+            regions = self._scanner.scan(vma.start, vma.end, required=exclude, inverted=exclude,
+                                         anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED, returned=PAGE_IS_PRESENT)
+            return _merge((r.start, (r.end - r.start) // PAGE_SIZE) for r in regions)
+        return self._populated_legacy(vma)
+
+    def _populated_legacy(self, vma: Vma) -> list[Run]:
+        entries = read_pagemap(self._pagemap_fd, vma.start, vma.end)
+        runs: list[Run] = []
+        for i, e in enumerate(entries):
+            if not e & (PM_PRESENT | PM_SWAP):
+                continue
+            if vma.kind == "file" and e & PM_FILE:
+                continue    # still the file's page
+            addr = vma.start + i * PAGE_SIZE
+            if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((addr, 1))
+        return runs
+
+
+def _merge(runs: Iterable[Run]) -> list[Run]:
+    out: list[Run] = []
+    for addr, n in runs:
+        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == addr:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((addr, n))
+    return out
+

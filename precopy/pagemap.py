@@ -1,0 +1,128 @@
+"""Which pages of a process exist: the PAGEMAP_SCAN ioctl, and /proc/PID/pagemap where it is missing.
+
+PAGEMAP_SCAN (Linux >= 6.7) walks a range once and returns runs of pages sharing
+categories (present, swapped, file-backed, zero-page, written since write-protect, ...). It
+can also write-protect what it reports (``PM_SCAN_WP_MATCHING``), which is how the uffd-wp
+tracker reads and re-arms dirty tracking in one call.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from precopy.kernel import ioctl
+from transport.schema import PAGE_SIZE
+
+PAGEMAP_SCAN = 0xC0606610
+
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
+PAGE_IS_SOFT_DIRTY = 1 << 7
+
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+
+# /proc/PID/pagemap entry bits.
+PM_PFN_MASK = (1 << 55) - 1
+PM_SOFT_DIRTY = 1 << 55
+PM_MMAP_EXCLUSIVE = 1 << 56
+PM_UFFD_WP = 1 << 57
+PM_FILE = 1 << 61
+PM_SWAP = 1 << 62
+PM_PRESENT = 1 << 63
+
+
+class pm_scan_arg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class page_region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class Region:
+    start: int
+    end: int
+    categories: int
+
+
+class PagemapScanner:
+    """PAGEMAP_SCAN over one process's /proc/PID/pagemap."""
+
+    VEC_LEN = 4096
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._vec = (page_region * self.VEC_LEN)()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PagemapScanner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def scan(self, start: int, end: int, *, required: int = 0, inverted: int = 0, anyof: int = 0,
+             returned: int = 0, flags: int = 0, max_pages: int = 0) -> list[Region]:
+        """Regions of [start, end) whose pages match; walks the whole range, in slices if needed."""
+        out: list[Region] = []
+        pos = start
+        pages_left = max_pages
+        while pos < end:
+            arg = pm_scan_arg(
+                size=ctypes.sizeof(pm_scan_arg), flags=flags, start=pos, end=end, walk_end=0,
+                vec=ctypes.addressof(self._vec), vec_len=self.VEC_LEN, max_pages=pages_left,
+                category_inverted=inverted, category_mask=required, category_anyof_mask=anyof,
+                return_mask=returned)
+            n = ioctl(self.fd, PAGEMAP_SCAN, arg)
+            for i in range(n):
+                r = self._vec[i]
+                if out and out[-1].end == r.start and out[-1].categories == r.categories:
+                    out[-1] = Region(out[-1].start, r.end, r.categories)
+                else:
+                    out.append(Region(r.start, r.end, r.categories))
+            if max_pages:
+                pages_left -= sum((self._vec[i].end - self._vec[i].start) // PAGE_SIZE for i in range(n))
+                if pages_left <= 0:
+                    break
+            if arg.walk_end <= pos:
+                break
+            pos = arg.walk_end
+        return out
+
+
+def pagemap_scan_works() -> bool:
+    """Probe: does this kernel answer PAGEMAP_SCAN on our own pagemap?"""
+    try:
+        with PagemapScanner(os.getpid()) as s:
+            buf = ctypes.create_string_buffer(PAGE_SIZE * 2)
+            addr = (ctypes.addressof(buf) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+            s.scan(addr, addr + PAGE_SIZE, anyof=PAGE_IS_PRESENT, returned=PAGE_IS_PRESENT)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+
+
+def read_pagemap(fd: int, start: int, end: int) -> list[int]:
+    """Legacy interface: one 64-bit entry per page of [start, end)."""
+    n = (end - start) // PAGE_SIZE
+    data = os.pread(fd, n * 8, (start // PAGE_SIZE) * 8)
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))

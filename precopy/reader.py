@@ -1,0 +1,136 @@
+"""Bulk reads of a process's pages into page batches.
+
+``process_vm_readv`` moves up to IOV_MAX runs per call into one buffer; where it stops short
+(a mapping without PROT_READ, or one the process just unmapped), ``/proc/PID/mem`` reads
+what it can (it ignores protection), and runs that no longer exist are dropped: the next
+layout scan accounts for them. Safe to run in worker threads: neither call needs the tracer.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Iterable, Iterator
+
+from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv
+from transport.pages import DEFAULT_BATCH_BYTES, PageBatch
+from transport.schema import PAGE_SIZE
+
+Run = tuple[int, int]
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def split_runs(runs: Iterable[Run], batch_pages: int) -> Iterator[list[Run]]:
+    """Group runs into batches of at most ``batch_pages`` pages (splitting long runs)."""
+    batch: list[Run] = []
+    count = 0
+    for addr, n in runs:
+        while n > 0:
+            take = min(n, batch_pages - count)
+            batch.append((addr, take))
+            count += take
+            addr += take * PAGE_SIZE
+            n -= take
+            if count == batch_pages:
+                yield batch
+                batch, count = [], 0
+    if batch:
+        yield batch
+
+
+class PageReader:
+    def __init__(self, pid: int, *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:
+        self.pid = pid
+        self.batch_pages = max(1, batch_bytes // PAGE_SIZE)
+        self._mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        if self._mem_fd >= 0:
+            os.close(self._mem_fd)
+            self._mem_fd = -1
+
+    def __enter__(self) -> "PageReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def batches(self, runs: Iterable[Run], *, drop_zero: bool = False) -> Iterator[PageBatch]:
+        for group in split_runs(runs, self.batch_pages):
+            batch = self.read(group)
+            if drop_zero:
+                batch = _without_zero_pages(batch)
+            if batch.runs:
+                yield batch
+
+    def read(self, runs: list[Run]) -> PageBatch:
+        """Read the runs; runs that vanished are left out of the batch."""
+        total = sum(n for _, n in runs) * PAGE_SIZE
+        buf = bytearray(total)
+        base = buffer_address(buf)
+        done = 0            # bytes filled so far, runs in order
+        i = 0
+        while i < len(runs):
+            chunk = runs[i: i + IOV_MAX]
+            want = sum(n for _, n in chunk) * PAGE_SIZE
+            try:
+                got = process_vm_readv(self.pid, [(base + done, want)],
+                                       [(a, n * PAGE_SIZE) for a, n in chunk])
+            except OSError as exc:
+                if exc.errno not in (errno.EFAULT, errno.EPERM, errno.ENOMEM):
+                    raise
+                got = 0
+            if got == want:
+                done += want
+                i += len(chunk)
+                continue
+            # Short read: finish the runs one by one through /proc/PID/mem.
+            break
+        kept: list[Run] = list(runs[:i])
+        out = memoryview(buf)
+        for addr, n in runs[i:]:
+            length = n * PAGE_SIZE
+            got = self._pread_into(out[done: done + length], addr)
+            whole = got // PAGE_SIZE
+            if whole:
+                kept.append((addr, whole))
+                done += whole * PAGE_SIZE
+        self.bytes_read += done
+        if done != total:
+            del out
+            del buf[done:]
+        return PageBatch(tuple(kept), buf)
+
+    def _pread_into(self, view: memoryview, addr: int) -> int:
+        got = 0
+        while got < len(view):
+            try:
+                k = os.preadv(self._mem_fd, [view[got:]], addr + got)
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EFAULT, errno.ENOMEM):
+                    break
+                raise
+            if k <= 0:
+                break
+            got += k
+        return got
+
+
+def _without_zero_pages(batch: PageBatch) -> PageBatch:
+    data = memoryview(batch.data)
+    runs: list[Run] = []
+    keep = bytearray()
+    off = 0
+    for addr, n in batch.runs:
+        for i in range(n):
+            page = data[off: off + PAGE_SIZE]
+            off += PAGE_SIZE
+            if page == ZERO_PAGE:
+                continue
+            a = addr + i * PAGE_SIZE
+            if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == a:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((a, 1))
+            keep += page
+    return PageBatch(tuple(runs), keep)

@@ -1,0 +1,171 @@
+"""Length-prefixed frames: the byte layer under images and live streams.
+
+A stream starts with ``STREAM_MAGIC`` and is a sequence of frames. Each frame is a 12-byte
+header and a payload::
+
+    magic  b"KF"   2 bytes
+    kind   u8      RECORD (a msgpack record) or PAGES (a page batch)
+    flags  u8      kind-specific (PAGES: bit 0 = zstd-compressed)
+    length u32     payload bytes, capped before anything is allocated
+    crc32  u32     of the payload
+
+The decoder is sans-IO (``FrameDecoder``) so channels, files and fuzz tests share it; a
+blocking ``read_frame`` serves files and pipes.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable
+
+from transport.errors import ChecksumError, ProtocolError, TruncatedStream
+
+STREAM_MAGIC = b"\x89KCR\r\n\x1a\n"
+FRAME_MAGIC = b"KF"
+HEADER = struct.Struct("<2sBBII")
+HEADER_SIZE = HEADER.size
+
+KIND_RECORD = 1
+KIND_PAGES = 2
+KINDS = (KIND_RECORD, KIND_PAGES)
+
+MAX_RECORD_LEN = 16 << 20
+MAX_PAGES_LEN = 64 << 20
+
+
+def max_len_for(kind: int) -> int:
+    return MAX_RECORD_LEN if kind == KIND_RECORD else MAX_PAGES_LEN
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    flags: int
+    payload: bytes | bytearray | memoryview
+
+
+def crc32_of(parts: Iterable[bytes | bytearray | memoryview]) -> int:
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def frame_header(kind: int, flags: int, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
+    """The header for a payload given as one or more buffers (they are not copied)."""
+    parts = list(parts)
+    length = sum(len(p) for p in parts)
+    if length > max_len_for(kind):
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_len_for(kind)}-byte cap")
+    return HEADER.pack(FRAME_MAGIC, kind, flags, length, crc32_of(parts))
+
+
+def encode_frame(kind: int, flags: int, payload: bytes) -> bytes:
+    return frame_header(kind, flags, [payload]) + payload
+
+
+def parse_header(header: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
+    """Check a frame header and return (kind, flags, length, crc)."""
+    magic, kind, flags, length, crc = HEADER.unpack(header)
+    if magic != FRAME_MAGIC:
+        raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not a kcr-migrate stream, or corrupt")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if length > max_len_for(kind):
+        raise ProtocolError(f"frame length {length} exceeds the cap of {max_len_for(kind)} bytes")
+    return kind, flags, length, crc
+
+
+def check_payload(payload: bytes | bytearray | memoryview, crc: int) -> None:
+    if zlib.crc32(payload) != crc:
+        raise ChecksumError("frame checksum mismatch: the stream is corrupt")
+
+
+def check_stream_magic(magic: bytes | bytearray) -> None:
+    if len(magic) < len(STREAM_MAGIC):
+        raise TruncatedStream("the stream ended before its first bytes: empty or truncated image")
+    if bytes(magic) != STREAM_MAGIC:
+        raise ProtocolError("not a kcr-migrate image or stream (bad magic)")
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes, take whole frames with ``next_frame``."""
+
+    def __init__(self, *, expect_stream_magic: bool = True) -> None:
+        self._buf = bytearray()
+        self._need_magic = expect_stream_magic
+        self._header: tuple[int, int, int, int] | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        if self._need_magic:
+            if len(self._buf) < len(STREAM_MAGIC):
+                # Reject garbage as soon as the first bytes disagree.
+                if not STREAM_MAGIC.startswith(bytes(self._buf)):
+                    raise ProtocolError("not a kcr-migrate image or stream (bad magic)")
+                return None
+            check_stream_magic(self._buf[: len(STREAM_MAGIC)])
+            del self._buf[: len(STREAM_MAGIC)]
+            self._need_magic = False
+        if self._header is None:
+            if len(self._buf) < HEADER_SIZE:
+                if len(self._buf) >= 2 and self._buf[:2] != FRAME_MAGIC:
+                    raise ProtocolError("bad frame magic: corrupt stream")
+                return None
+            self._header = parse_header(self._buf[:HEADER_SIZE])
+            del self._buf[:HEADER_SIZE]
+        kind, flags, length, crc = self._header
+        if len(self._buf) < length:
+            return None
+        payload = bytes(self._buf[:length])
+        del self._buf[:length]
+        self._header = None
+        check_payload(payload, crc)
+        return Frame(kind, flags, payload)
+
+    def wanted(self) -> int:
+        """How many more bytes the frame in progress needs (a hint for readers)."""
+        if self._header is not None:
+            return max(0, self._header[2] - len(self._buf))
+        return max(1, HEADER_SIZE - len(self._buf))
+
+    def close(self) -> None:
+        """The peer ended the stream: anything half-received is a truncation."""
+        if self._header is not None or self._buf:
+            raise TruncatedStream("the stream ended in the middle of a frame: truncated")
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            raise TruncatedStream(f"the stream ended in the middle of {what}: truncated image")
+        got += k
+    return buf
+
+
+def read_stream_magic(f: BinaryIO) -> None:
+    data = f.read(len(STREAM_MAGIC))
+    check_stream_magic(data or b"")
+
+
+def read_frame(f: BinaryIO) -> Frame | None:
+    """Read one frame from a blocking binary file; None at a clean end of stream."""
+    first = f.read(1)
+    if not first:
+        return None
+    header = first + _read_exact(f, HEADER_SIZE - 1, "a frame header")
+    kind, flags, length, crc = parse_header(header)
+    payload = _read_exact(f, length, "a frame")
+    check_payload(payload, crc)
+    return Frame(kind, flags, payload)

@@ -1,0 +1,380 @@
+"""The one record schema: checkpoint images and the live wire protocol share it.
+
+Every record has a type id in ``RECORD_TYPES``; ids are never reused, new fields are optional
+and go last. ``FORMAT_VERSION`` sits in the image header (and, for live streams, in the
+handshake). Page contents never travel inside records: they go in page frames
+(``transport.pages``) beside them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from transport.errors import ProtocolError
+from transport.records import Record
+
+FORMAT_VERSION = 1
+PAGE_SIZE = 4096
+# x86_64 user space ends below this address (47-bit, 4-level paging).
+TASK_SIZE = 0x7FFF_FFFF_F000
+MAX_VMAS = 1 << 18          # well above vm.max_map_count's default of 65530
+MAX_FDS = 1 << 20
+MAX_THREADS = 1 << 15
+MAX_XSTATE = 1 << 16
+SIGINFO_SIZE = 128
+NSIG = 64
+
+# The x86_64 user_regs_struct, in kernel order.
+GP_REG_NAMES: tuple[str, ...] = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+    "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp",
+    "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
+)
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(f"invalid record: {what}")
+
+
+def _user_addr(addr: int) -> bool:
+    return 0 <= addr <= TASK_SIZE
+
+
+# --- the image header ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageHeader(Record):
+    """First record of every image and live stream: who wrote it, for what machine."""
+
+    TYPE = 1
+    format_version: int
+    tool_version: str
+    kernel_release: str
+    arch: str
+    page_size: int
+    xsave_mask: int          # XCR0 features present in the dumped xstate
+    xsave_size: int          # bytes of the XSAVE area as dumped
+    hostname: str
+    created_unix: float
+    pid: int
+    kind: str                # "checkpoint" or "live"
+
+
+# --- process-wide state -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Creds:
+    uids: tuple[int, int, int, int]      # real, effective, saved, filesystem
+    gids: tuple[int, int, int, int]
+    groups: tuple[int, ...]
+    cap_inheritable: int
+    cap_permitted: int
+    cap_effective: int
+    cap_bounding: int
+    cap_ambient: int
+    securebits: int
+    no_new_privs: bool
+
+
+@dataclass(frozen=True)
+class SigAction:
+    signo: int
+    handler: int             # 0 = SIG_DFL, 1 = SIG_IGN, else an address
+    flags: int
+    restorer: int
+    mask: int
+
+
+@dataclass(frozen=True)
+class ITimer:
+    which: int               # ITIMER_REAL / VIRTUAL / PROF
+    interval_us: int
+    value_us: int
+
+
+@dataclass(frozen=True)
+class Rlimit:
+    resource: int
+    soft: int
+    hard: int
+
+
+@dataclass(frozen=True)
+class MmFields:
+    start_code: int
+    end_code: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    brk: int
+    start_stack: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+
+
+@dataclass(frozen=True)
+class ProcessState(Record):
+    """Everything the process owns as a whole (threads, memory and files are separate)."""
+
+    TYPE = 2
+    pid: int
+    exe: str
+    cwd: str
+    root: str
+    umask: int
+    personality: int
+    dumpable: int
+    creds: Creds
+    rlimits: tuple[Rlimit, ...]
+    mm: MmFields
+    auxv: bytes
+    sigactions: tuple[SigAction, ...]
+    itimers: tuple[ITimer, ...]
+    shared_pending: tuple[bytes, ...]   # siginfo_t, SIGINFO_SIZE bytes each
+    child_subreaper: int = 0
+
+    def validate(self) -> None:
+        _check(len(self.sigactions) <= NSIG, "too many sigactions")
+        for sa in self.sigactions:
+            _check(1 <= sa.signo <= NSIG, f"signal number {sa.signo}")
+        for info in self.shared_pending:
+            _check(len(info) == SIGINFO_SIZE, "siginfo size")
+        _check(len(self.shared_pending) <= 4096, "too many pending signals")
+        _check(len(self.auxv) % 16 == 0 and len(self.auxv) <= 4096, "auxv size")
+        _check(0 <= self.umask <= 0o777, "umask")
+        for rl in self.rlimits:
+            _check(0 <= rl.resource < 16, f"rlimit resource {rl.resource}")
+        for name in ("start_brk", "brk", "arg_start", "arg_end", "env_start", "env_end", "start_stack"):
+            _check(_user_addr(getattr(self.mm, name)), f"mm.{name} out of user space")
+        _check(self.exe.startswith("/") and self.cwd.startswith("/"), "exe and cwd must be absolute")
+
+
+# --- memory layout ------------------------------------------------------------------------
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+
+VMA_KINDS = ("anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall")
+
+# Advice recorded from smaps VmFlags and replayed with madvise().
+ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_MERGEABLE = (
+    1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    prot: int
+    shared: bool
+    kind: str
+    path: str = ""           # file-backed mappings only
+    pgoff: int = 0           # offset into the file, bytes
+    growsdown: bool = False
+    advice: int = 0
+    file_size: int = -1      # size of the file when dumped, to detect a changed file
+    file_mtime_ns: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Mappings(Record):
+    """The whole address space layout, sorted by address."""
+
+    TYPE = 3
+    vmas: tuple[Vma, ...]
+
+    def validate(self) -> None:
+        _check(len(self.vmas) <= MAX_VMAS, "too many mappings")
+        prev_end = 0
+        for v in self.vmas:
+            _check(v.kind in VMA_KINDS, f"mapping kind {v.kind!r}")
+            if v.kind == "vsyscall":
+                continue  # fixed kernel address above user space, never restored
+            _check(v.start % PAGE_SIZE == 0 and v.end % PAGE_SIZE == 0, f"unaligned mapping {v.start:#x}")
+            _check(v.start < v.end and _user_addr(v.end), f"mapping {v.start:#x}-{v.end:#x} out of user space")
+            _check(v.start >= prev_end, f"overlapping mapping at {v.start:#x}")
+            _check(0 <= v.prot <= 7, "mapping protection")
+            _check(v.pgoff >= 0 and v.pgoff % PAGE_SIZE == 0, "mapping file offset")
+            _check(v.kind != "file" or v.path.startswith("/"), "file mapping without an absolute path")
+            prev_end = v.end
+
+
+# --- files --------------------------------------------------------------------------------
+
+FD_KINDS = ("file", "dir", "chr")
+
+
+@dataclass(frozen=True)
+class FileDesc:
+    fd: int
+    kind: str
+    path: str
+    flags: int               # open flags as /proc/PID/fdinfo shows them (octal there)
+    pos: int
+    size: int = -1
+    mtime_ns: int = 0
+
+
+@dataclass(frozen=True)
+class Files(Record):
+    TYPE = 4
+    fds: tuple[FileDesc, ...]
+
+    def validate(self) -> None:
+        _check(len(self.fds) <= MAX_FDS, "too many file descriptors")
+        seen: set[int] = set()
+        for f in self.fds:
+            _check(0 <= f.fd < MAX_FDS and f.fd not in seen, f"file descriptor number {f.fd}")
+            _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
+            _check(f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
+            _check(f.pos >= 0, f"fd {f.fd}: offset")
+            seen.add(f.fd)
+
+
+# --- threads ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GpRegs:
+    r15: int
+    r14: int
+    r13: int
+    r12: int
+    rbp: int
+    rbx: int
+    r11: int
+    r10: int
+    r9: int
+    r8: int
+    rax: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    orig_rax: int
+    rip: int
+    cs: int
+    eflags: int
+    rsp: int
+    ss: int
+    fs_base: int
+    gs_base: int
+    ds: int
+    es: int
+    fs: int
+    gs: int
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return tuple(getattr(self, n) for n in GP_REG_NAMES)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[int, ...]) -> "GpRegs":
+        return cls(**dict(zip(GP_REG_NAMES, values)))
+
+
+@dataclass(frozen=True)
+class ThreadState(Record):
+    TYPE = 5
+    tid: int
+    leader: bool
+    comm: str
+    regs: GpRegs
+    xstate: bytes            # the NT_X86_XSTATE regset as PTRACE_GETREGSET returned it
+    sigmask: int
+    pending: tuple[bytes, ...]   # thread-private siginfo_t records
+    tid_address: int         # set_tid_address / CLONE_CHILD_CLEARTID
+    robust_list: int
+    robust_list_len: int
+    rseq_addr: int = 0
+    rseq_len: int = 0
+    rseq_sig: int = 0
+    altstack_sp: int = 0
+    altstack_flags: int = 2  # SS_DISABLE
+    altstack_size: int = 0
+
+    def validate(self) -> None:
+        _check(len(self.xstate) <= MAX_XSTATE and len(self.xstate) >= 576 or not self.xstate, "xstate size")
+        for info in self.pending:
+            _check(len(info) == SIGINFO_SIZE, "siginfo size")
+        _check(len(self.pending) <= 4096, "too many pending signals")
+        _check(_user_addr(self.tid_address) and _user_addr(self.rseq_addr), "thread addresses")
+        _check(_user_addr(self.robust_list), "robust list address")
+        _check(0 <= self.rseq_len <= 1024, "rseq area size")
+        _check(len(self.comm) < 64, "thread name")
+
+
+# --- end of an image ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EndOfImage(Record):
+    """Last record: its counts let the reader prove nothing was lost."""
+
+    TYPE = 7
+    page_batches: int
+    pages: int
+    records: int
+
+
+# --- live protocol (agents) ---------------------------------------------------------------
+# Types 32 and up are reserved for the live wire protocol (handshake, rounds, control).
+
+RECORD_TYPES: dict[int, type[Record]] = {
+    cls.TYPE: cls
+    for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage)
+}
+
+
+def register(cls: type[Record]) -> type[Record]:
+    """Add a record type to the table (used by modules that define live-protocol records)."""
+    if cls.TYPE in RECORD_TYPES and RECORD_TYPES[cls.TYPE] is not cls:
+        raise ValueError(f"record type id {cls.TYPE} is taken by {RECORD_TYPES[cls.TYPE].__name__}")
+    RECORD_TYPES[cls.TYPE] = cls
+    return cls
+
+
+def decode_record(payload: bytes | memoryview) -> Record:
+    """Decode one record frame's payload, checking everything before building it."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise ProtocolError(f"invalid record: not valid msgpack ({exc})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("invalid record: not a map")
+    type_id = body.get("t")
+    cls = RECORD_TYPES.get(type_id) if isinstance(type_id, int) else None
+    if cls is None:
+        raise ProtocolError(f"invalid record: unknown record type {type_id!r}")
+    version = body.get("v")
+    if not isinstance(version, int) or version < 1:
+        raise ProtocolError(f"invalid record: {cls.__name__} without a version")
+    if version > cls.VERSION:
+        raise ProtocolError(
+            f"{cls.__name__} record version {version} is newer than this kcr-migrate reads "
+            f"({cls.VERSION}); upgrade kcr-migrate on this host")
+    return cls.from_wire(body)
+
+
+def record_to_json(rec: Record) -> dict[str, Any]:
+    """A JSON-friendly view for `kcr-migrate show`: bytes become hex, ints stay ints."""
+    wire = rec.to_wire()
+    out: dict[str, Any] = {"type": type(rec).__name__}
+    out.update({k: _jsonable(v) for k, v in wire.items() if k not in ("t", "v")})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
