@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
@@ -51,7 +51,10 @@ class CheckpointStats:
         return asdict(self)
 
 
-def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions) -> CheckpointStats:
+def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
+               on_complete: Callable[[], None] | None = None) -> CheckpointStats:
+    """Dump ``pid`` to ``out``. ``on_complete`` runs once the image is whole, before the kill
+    (to fsync and rename a file into place: a process is never killed for a lost image)."""
     t0 = time.monotonic()
     check_target(pid)
     check_supported(pid)
@@ -81,6 +84,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions) -> CheckpointSt
             wstats = writer.finish()
         finally:
             writer.close()
+        if on_complete is not None:
+            on_complete()
         complete = True
         stats.threads = len(state.threads)
         stats.vmas = len(layout.vmas)

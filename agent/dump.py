@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from agent import ptrace
 from agent.freeze import Held
 from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
-from agent.procfs import classify_fd, list_fds, read_stat, read_status, read_text, thread_comm
-from precopy.kernel import get_robust_list, prlimit, xsave_supported_mask
+from agent.procfs import classify_fd, list_fds, read_limits, read_stat, read_status, read_text, thread_comm
+from precopy.kernel import get_robust_list, xsave_supported_mask
 from precopy.layout import PageFinder, read_smaps, to_vma
 from transport.errors import UnsupportedResource
 from transport.schema import (
@@ -41,9 +41,8 @@ from transport.schema import (
 )
 
 TOOL_VERSION = "0.1.0"
-SIGKILL, SIGSTOP = 9, 19
+SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
-RLIMIT_NLIMITS = 16
 ERESTART_CODES = (-512, -513, -514, -516)
 
 
@@ -160,6 +159,8 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         inj.call("getitimer", which, scratch.addr)
         iv = struct.unpack("<4q", scratch.get(0, 32))
         itimers.append(ITimer(which, iv[0] * 1_000_000 + iv[1], iv[2] * 1_000_000 + iv[3]))
+    shared_pending = ptrace.peek_siginfo(pid, shared=True)
+    itimers = [_rearm_fired_real_timer(it, shared_pending) for it in itimers]
     brk = inj.call("brk", 0)
     dumpable = inj.call("prctl", PR_GET_DUMPABLE)
     securebits = inj.call("prctl", PR_GET_SECUREBITS)
@@ -172,7 +173,7 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         arg_end=int(stat[49]), env_start=int(stat[50]), env_end=int(stat[51]))
     with open(f"/proc/{pid}/auxv", "rb") as f:
         auxv = f.read()
-    rlimits = tuple(Rlimit(r, *prlimit(pid, r)) for r in range(RLIMIT_NLIMITS))
+    rlimits = tuple(Rlimit(r, soft, hard) for r, soft, hard in read_limits(pid))
     exe = os.readlink(f"/proc/{pid}/exe")
     if exe.endswith(" (deleted)"):
         raise UnsupportedResource(f"pid {pid} runs a deleted executable ({exe[:-10]}): restore needs it on disk",
@@ -182,7 +183,17 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         umask=int(status.get("Umask", "0022"), 8), personality=int(read_text(pid, "personality"), 16),
         dumpable=dumpable, creds=_parse_creds(status, securebits), rlimits=rlimits, mm=mm, auxv=auxv,
         sigactions=tuple(sigactions), itimers=tuple(itimers),
-        shared_pending=tuple(ptrace.peek_siginfo(pid, shared=True)), child_subreaper=subreaper)
+        shared_pending=tuple(shared_pending), child_subreaper=subreaper)
+
+
+def _rearm_fired_real_timer(it: ITimer, shared_pending: list[bytes]) -> ITimer:
+    """A periodic ITIMER_REAL that fired while the process was frozen is disarmed until its
+    SIGALRM is dequeued (the kernel re-arms it then, but not for a SIGALRM we queue again at
+    restore). Record it as due one interval from now, which is what the kernel would do."""
+    alarm_pending = any(int.from_bytes(info[:4], "little") == SIGALRM for info in shared_pending)
+    if it.which == 0 and it.value_us == 0 and it.interval_us > 0 and alarm_pending:
+        return ITimer(it.which, it.interval_us, it.interval_us)
+    return it
 
 
 def collect_files(pid: int) -> Files:

@@ -143,7 +143,7 @@ def kill(held: Held) -> None:
     for tid in sorted(held.seized, key=lambda t: t == held.pid):
         while True:
             try:
-                _, status = os.waitpid(tid, ptrace.__WALL)
+                _, status = os.waitpid(tid, ptrace.WALL)
             except ChildProcessError:
                 break
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):

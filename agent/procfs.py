@@ -105,6 +105,23 @@ def list_fds(pid: int) -> list[FdInfo]:
     return out
 
 
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def read_limits(pid: int) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) from /proc/PID/limits: prlimit() on another user's process
+    needs CAP_SYS_RESOURCE, reading this file does not. Rows are in resource-number order."""
+    out: list[tuple[int, int, int]] = []
+    for resource, line in enumerate(read_text(pid, "limits").splitlines()[1:]):
+        # "Max open files            1024                 524288               files"
+        fields = line[26:].split()
+        if len(fields) < 2:
+            continue
+        soft, hard = (RLIM_INFINITY if f == "unlimited" else int(f) for f in fields[:2])
+        out.append((resource, soft, hard))
+    return out
+
+
 def namespace_ids(pid: int | str) -> dict[str, str]:
     out: dict[str, str] = {}
     for ns in NAMESPACES:
@@ -195,7 +212,7 @@ def check_supported(pid: int, *, maps: list | None = None) -> None:
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("/memfd:"):
             raise UnsupportedResource(f"pid {pid} maps a memfd ({m.name}) at {m.start:#x}: {fix}", pid=pid)
-        if m.name.startswith("/dev/") and m.name not in ("/dev/zero",) and not m.name.startswith("/dev/zero "):
+        if m.name.startswith("/dev/") and not m.shared_anon and m.name != "/dev/zero":
             raise UnsupportedResource(f"pid {pid} maps the device {m.name} at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("anon_inode:"):
             raise UnsupportedResource(f"pid {pid} maps {m.name} at {m.start:#x}: {fix}", pid=pid)

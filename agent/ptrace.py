@@ -45,7 +45,7 @@ PTRACE_PEEKSIGINFO_SHARED = 1
 
 NT_X86_XSTATE = 0x202
 XSTATE_BUF = 1 << 14      # larger than any XSAVE area without AMX tiles
-__WALL = 0x40000000
+WALL = 0x40000000
 
 # sw_reserved bytes of the FXSAVE area: struct _fpx_sw_bytes.
 FX_SW_OFFSET = 464
@@ -206,7 +206,7 @@ def wait_stop(tid: int) -> Stop:
     """Wait for ``tid``'s next ptrace stop; raise TraceeGone if it exits instead."""
     while True:
         try:
-            _, status = os.waitpid(tid, __WALL)
+            _, status = os.waitpid(tid, WALL)
         except ChildProcessError:
             raise TraceeGone(tid, "is no longer traced") from None
         except InterruptedError:

@@ -483,7 +483,7 @@ class Restorer:
             for tid in sorted(getattr(self, "new_tids", {self.pid: self.pid}).values(), key=lambda t: t == self.pid):
                 try:
                     while True:
-                        _, status = os.waitpid(tid, ptrace.__WALL)
+                        _, status = os.waitpid(tid, ptrace.WALL)
                         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                             break
                 except ChildProcessError:

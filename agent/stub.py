@@ -34,6 +34,9 @@ class _Asm:
     def mov_edx(self, imm: int) -> None:
         self.code += b"\xba" + struct.pack("<I", imm)
 
+    def mov_esi(self, imm: int) -> None:
+        self.code += b"\xbe" + struct.pack("<I", imm)
+
     def mov_rsi_rsp(self) -> None:
         self.code += b"\x48\x89\xe6"
 
@@ -84,6 +87,11 @@ def _program() -> tuple[bytes, int]:
     a.label("child")
     a.mov_eax(112)         # setsid()
     a.syscall()
+    a.mov_edi(15)          # prctl(PR_SET_NAME, "kcr-stub"): recognisable in ps
+    name_at = len(a.code) + 1
+    a.mov_esi(0)           # patched below with the name's address
+    a.mov_eax(157)
+    a.syscall()
     a.mov_edi(60)          # alarm(60): an orphaned stub ends by itself
     a.mov_eax(37)
     a.syscall()
@@ -91,7 +99,10 @@ def _program() -> tuple[bytes, int]:
     a.mov_eax(34)          # pause()
     pause_at = a.syscall()
     a.jmp("loop")
-    return a.link(), pause_at
+    code = bytearray(a.link())
+    name_addr = BASE + _ENTRY_OFFSET + len(code)
+    code[name_at: name_at + 4] = struct.pack("<I", name_addr)
+    return bytes(code) + b"kcr-stub\0", pause_at
 
 
 def build() -> tuple[bytes, int]:

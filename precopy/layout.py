@@ -62,14 +62,19 @@ class MapEntry:
     vmflags: frozenset[str] = field(default=frozenset())
 
     @property
+    def shared_anon(self) -> bool:
+        """MAP_SHARED|MAP_ANONYMOUS memory: the kernel names its shmem file /dev/zero."""
+        return self.shared and self.name == "/dev/zero (deleted)"
+
+    @property
     def deleted(self) -> bool:
-        return self.inode != 0 and self.name.endswith(" (deleted)")
+        return self.inode != 0 and self.name.endswith(" (deleted)") and not self.shared_anon
 
     @property
     def kind(self) -> str:
         if self.name in SPECIAL_KINDS:
             return SPECIAL_KINDS[self.name]
-        if self.inode == 0:
+        if self.inode == 0 or self.shared_anon:
             return "anon"   # includes "[anon:...]" names and shared anonymous memory
         return "file"
 

@@ -32,13 +32,7 @@ class MigrationError(Exception):
         self.errno = errno
 
     def __str__(self) -> str:
-        where = []
-        if self.host:
-            where.append(self.host)
-        if self.pid is not None:
-            where.append(f"pid {self.pid}")
-        prefix = f"{' '.join(where)}: " if where else ""
-        return prefix + self.message
+        return f"{self.host}: {self.message}" if self.host else self.message
 
     def to_wire(self) -> dict[str, object]:
         return {

@@ -14,6 +14,7 @@ blocking ``read_frame`` serves files and pipes.
 """
 from __future__ import annotations
 
+import collections
 import struct
 import zlib
 from dataclasses import dataclass
@@ -90,55 +91,109 @@ def check_stream_magic(magic: bytes | bytearray) -> None:
 
 
 class FrameDecoder:
-    """Incremental decoder: ``feed`` bytes, take whole frames with ``next_frame``."""
+    """Incremental decoder: ``feed`` bytes, take whole frames with ``next_frame``.
 
-    def __init__(self, *, expect_stream_magic: bool = True) -> None:
-        self._buf = bytearray()
+    Fed chunks are kept as they arrive (no growing buffer, no prefix deletions): a payload
+    that lies within one chunk is returned as a view of it, one that spans chunks is joined
+    once. Every length is checked against the cap (``max_payload`` if smaller than the
+    kind's cap) as soon as its header is complete, before a byte of payload is buffered for
+    it, so a reader that feeds at most ``wanted()`` bytes never holds more than one frame.
+    """
+
+    def __init__(self, *, expect_stream_magic: bool = True, max_payload: int | None = None) -> None:
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._size = 0
         self._need_magic = expect_stream_magic
         self._header: tuple[int, int, int, int] | None = None
+        self._max_payload = max_payload
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._size
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame (or of the stream magic) has been received."""
+        return self._header is not None or self._size > 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        if not len(data):
+            return
+        # Keep our own immutable copy of mutable buffers; bytes are kept as they are.
+        view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
+        self._chunks.append(view)
+        self._size += len(view)
+
+    def _peek(self, n: int) -> bytes:
+        out = bytearray()
+        for chunk in self._chunks:
+            out += chunk[: n - len(out)]
+            if len(out) >= n:
+                break
+        return bytes(out)
+
+    def _take(self, n: int) -> bytes | memoryview:
+        """Remove and return the first ``n`` buffered bytes (n <= buffered)."""
+        first = self._chunks[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = first[n:]
+            self._size -= n
+            return first[:n]
+        parts: list[memoryview] = []
+        need = n
+        while need:
+            chunk = self._chunks[0]
+            if len(chunk) <= need:
+                parts.append(self._chunks.popleft())
+                need -= len(chunk)
+            else:
+                parts.append(chunk[:need])
+                self._chunks[0] = chunk[need:]
+                need = 0
+        self._size -= n
+        return b"".join(parts)
 
     def next_frame(self) -> Frame | None:
         if self._need_magic:
-            if len(self._buf) < len(STREAM_MAGIC):
+            if self._size < len(STREAM_MAGIC):
                 # Reject garbage as soon as the first bytes disagree.
-                if not STREAM_MAGIC.startswith(bytes(self._buf)):
+                if not STREAM_MAGIC.startswith(self._peek(self._size)):
                     raise ProtocolError("not a kcr-migrate image or stream (bad magic)")
                 return None
-            check_stream_magic(self._buf[: len(STREAM_MAGIC)])
-            del self._buf[: len(STREAM_MAGIC)]
+            check_stream_magic(bytes(self._take(len(STREAM_MAGIC))))
             self._need_magic = False
         if self._header is None:
-            if len(self._buf) < HEADER_SIZE:
-                if len(self._buf) >= 2 and self._buf[:2] != FRAME_MAGIC:
+            if self._size < HEADER_SIZE:
+                if self._size >= 2 and self._peek(2) != FRAME_MAGIC:
                     raise ProtocolError("bad frame magic: corrupt stream")
                 return None
-            self._header = parse_header(self._buf[:HEADER_SIZE])
-            del self._buf[:HEADER_SIZE]
+            header = parse_header(self._take(HEADER_SIZE))
+            if self._max_payload is not None and header[2] > self._max_payload:
+                raise ProtocolError(f"frame length {header[2]} exceeds this stream's cap of "
+                                    f"{self._max_payload} bytes")
+            self._header = header
         kind, flags, length, crc = self._header
-        if len(self._buf) < length:
+        if self._size < length:
             return None
-        payload = bytes(self._buf[:length])
-        del self._buf[:length]
+        payload = self._take(length) if length else b""
         self._header = None
         check_payload(payload, crc)
         return Frame(kind, flags, payload)
 
     def wanted(self) -> int:
         """How many more bytes the frame in progress needs (a hint for readers)."""
+        if self._need_magic:
+            return len(STREAM_MAGIC) + HEADER_SIZE - self._size
         if self._header is not None:
-            return max(0, self._header[2] - len(self._buf))
-        return max(1, HEADER_SIZE - len(self._buf))
+            return max(0, self._header[2] - self._size)
+        return max(1, HEADER_SIZE - self._size)
 
     def close(self) -> None:
         """The peer ended the stream: anything half-received is a truncation."""
-        if self._header is not None or self._buf:
+        if self._header is not None or self._size:
             raise TruncatedStream("the stream ended in the middle of a frame: truncated")
 
 

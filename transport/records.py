@@ -3,7 +3,8 @@
 A record on the wire is a map ``{"t": type id, "v": record version, <field>: <value>, ...}``.
 Decoding is driven by the dataclass's type hints and checks every value's type and size
 before anything is built from it; fields a newer writer added are ignored, fields with
-defaults may be absent. The concrete records and their type-id table live in
+defaults may be absent. A ``dict[str, Any]`` field holds plain values only (None, bool, int,
+float, str, bytes, lists and string-keyed maps of them), bounded like everything else. The concrete records and their type-id table live in
 ``transport.schema``.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transport.errors import ProtocolError
 MAX_STR = 1 << 16          # paths, names: far above PATH_MAX
 MAX_BYTES = 1 << 20        # xstate, auxv, siginfo, small blobs
 MAX_ITEMS = 1 << 20        # list lengths (vmas, fds, ...)
+MAX_DEPTH = 16          # nesting of plain maps (``dict[str, Any]`` fields)
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 64) - 1
 
@@ -127,11 +129,49 @@ def _decode_value(tp: Any, value: Any, where: str) -> Any:
         if len(value) != len(args):
             raise _fail(where, f"expected {len(args)} items, got {len(value)}")
         return tuple(_decode_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(where, f"expected a map, got {type(value).__name__}")
+        return _decode_plain(value, where, 0)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _fail(where, f"expected a map, got {type(value).__name__}")
         return _decode_dataclass(tp, value, where)
     raise _fail(where, f"unsupported field type {tp!r}")  # a bug in the schema, not the input
+
+
+def _decode_plain(value: Any, where: str, depth: int) -> Any:
+    """A ``dict[str, Any]`` field: plain msgpack values only, bounded in depth and size."""
+    if depth > MAX_DEPTH:
+        raise _fail(where, "values nested too deeply")
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise _fail(where, "integer out of range")
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_STR:
+            raise _fail(where, "string too long")
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) > MAX_BYTES:
+            raise _fail(where, "byte string too long")
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_ITEMS:
+            raise _fail(where, "list too long")
+        return [_decode_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if len(value) > MAX_ITEMS:
+            raise _fail(where, "map too long")
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or len(k) > MAX_STR:
+                raise _fail(where, "map keys must be short strings")
+            out[k] = _decode_plain(v, f"{where}.{k}", depth + 1)
+        return out
+    raise _fail(where, f"unsupported value of type {type(value).__name__}")
 
 
 def _decode_dataclass(cls: type, body: dict[str, Any], where: str) -> Any:

@@ -1,0 +1,105 @@
+"""`kcr-migrate`: the command line. It parses, calls the library, and renders results;
+errors become one line on stderr and a non-zero exit, never a traceback.
+
+Subcommands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from transport.errors import MigrationError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
+
+
+def command(name: str, help: str, add_arguments: AddArgs) -> Callable[[Run], Run]:
+    """Register ``run`` as the subcommand ``name``; ``add_arguments`` fills its parser."""
+    def wrap(run: Run) -> Run:
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+    return wrap
+
+
+def error(message: str) -> None:
+    print(f"kcr-migrate: error: {message}", file=sys.stderr)
+
+
+def write_json(path: str, data: Any) -> None:
+    if path == "-":
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def parse_pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return pid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kcr-migrate",
+        description="Live-migrate, checkpoint and restore Linux processes.",
+        epilog="Live migration: kcr-migrate PID@HOST_A HOST_B [options] (see `kcr-migrate migrate --help`).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def _load_commands() -> None:
+    # Importing a module registers its subcommands.
+    from migrate import commands  # noqa: F401
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    _load_commands()
+    # `kcr-migrate PID@hostA hostB ...` is shorthand for `kcr-migrate migrate PID@hostA hostB ...`.
+    if args_list and "@" in args_list[0] and not args_list[0].startswith("-") and "migrate" in COMMANDS:
+        args_list.insert(0, "migrate")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or 0)
+    except MigrationError as exc:
+        error(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        error("the output pipe was closed")
+        return EXIT_ERROR
+    except OSError as exc:
+        error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""The subcommands of `kcr-migrate`; importing this package registers them all."""
+from migrate.commands import checkpoint, restore, show  # noqa: F401

@@ -1,0 +1,33 @@
+"""`kcr-migrate checkpoint PID -o FILE`: write a process's image, then kill it (or not)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from migrate import images
+from migrate.cli import command, parse_pid, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=parse_pid, help="process to checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="image file, or - for stdout")
+    p.add_argument("--leave-running", action="store_true", help="let the process continue after the dump")
+    p.add_argument("--stats-json", metavar="FILE", help="write the dump statistics as JSON")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--compress-level", type=int, default=1, metavar="N", help="zstd level for pages (default 1)")
+    level.add_argument("--no-compress", action="store_true", help="store pages uncompressed")
+
+
+@command("checkpoint", "write a running process to an image (one stream: file, pipe or stdout)", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    opts = images.CheckpointOptions(leave_running=args.leave_running,
+                                    compress_level=None if args.no_compress else args.compress_level)
+    stats = images.checkpoint_to_path(args.pid, args.output, opts)
+    fate = "left running" if stats.left_running else "killed"
+    print(f"checkpointed pid {stats.pid}: {stats.threads} threads, {stats.pages_written} pages, "
+          f"{stats.bytes_raw / 2**20:.1f} MiB raw, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
+          f"frozen {stats.frozen_time_ms:.1f} ms; process {fate}", file=sys.stderr)
+    if args.stats_json:
+        write_json(args.stats_json, stats.as_dict())
+    return 0
+

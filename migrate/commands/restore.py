@@ -1,0 +1,29 @@
+"""`kcr-migrate restore -i FILE`: bring an image back to life; prints the new pid."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from migrate import images
+from migrate.cli import command
+from transport.image import open_input
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--input", required=True, metavar="FILE", help="image file, or - for stdin")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+@command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    with open_input(args.input) as src:
+        result = images.restore(src)
+    for w in result.warnings:
+        print(f"kcr-migrate: warning: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(result.pid)
+    return 0
+

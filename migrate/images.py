@@ -1,0 +1,55 @@
+"""Checkpoint to and restore from image streams: the library side of `checkpoint`/`restore`.
+
+The engine (``agent.checkpoint``) runs on a dedicated tracer thread of this process, which
+must be a process of its own (the CLI is): a ptrace tracer's wait queue belongs to its whole
+process, so callers that reap children themselves must not host it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import BinaryIO, Callable
+
+from agent.checkpoint import CheckpointOptions, CheckpointStats, RestoreResult
+from agent.checkpoint import checkpoint as _checkpoint
+from agent.checkpoint import restore as _restore
+from agent.tracer import Tracer
+from transport.image import open_output
+
+
+def checkpoint(pid: int, out: BinaryIO, options: CheckpointOptions | None = None,
+               on_complete: Callable[[], None] | None = None) -> CheckpointStats:
+    """Write an image of ``pid`` to ``out``; kill it afterwards unless ``leave_running``.
+
+    ``on_complete`` runs when the image is whole and before the process is killed."""
+    with Tracer() as tracer:
+        return tracer.call(_checkpoint, pid, out, options or CheckpointOptions(), on_complete)
+
+
+def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = None) -> CheckpointStats:
+    """Checkpoint into a file (or "-" for stdout). A file appears only once complete and synced."""
+    if path == "-":
+        with open_output("-") as out:
+            return checkpoint(pid, out, options, on_complete=out.flush)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".kcr-image-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+            def commit() -> None:
+                out.flush()
+                os.fsync(out.fileno())
+                os.replace(tmp, path)
+            return checkpoint(pid, out, options, on_complete=commit)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def restore(src: BinaryIO) -> RestoreResult:
+    """Restore the process an image describes and let it run; returns its new pid."""
+    with Tracer() as tracer:
+        result, _ = tracer.call(_restore, src)
+        return result
+
+
+__all__ = ["CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path", "restore"]

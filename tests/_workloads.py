@@ -1,0 +1,140 @@
+"""Workload programs the tests compile (C, from tests/workloads/*.c) and helpers to run them.
+
+``build("name")`` compiles tests/workloads/name.c once per source change into tests/_build/.
+Workloads follow CRIU's zdtm pattern: they signal readiness, get checkpointed or migrated,
+then check themselves and write their verdict to a file the test reads.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import weakref
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+SOURCES = HERE / "workloads"
+BUILD = HERE / "_build"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def build(name: str, *extra_flags: str) -> Path:
+    """Compile tests/workloads/<name>.c (cached); skip the test where no C compiler exists."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    src = SOURCES / f"{name}.c"
+    BUILD.mkdir(exist_ok=True)
+    out = BUILD / name
+    with open(BUILD / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            tmp = BUILD / f".{name}.tmp"
+            subprocess.run([cc, "-O2", "-g", "-pthread", "-o", str(tmp), str(src), *extra_flags],
+                           check=True, capture_output=True, text=True)
+            os.replace(tmp, out)
+    return out
+
+
+def become_subreaper() -> None:
+    """Make this process adopt orphans, so restored processes (not our children) are reaped here."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+KCR_MIGRATE = [sys.executable, "-m", "migrate"]
+
+
+class Workload:
+    """One run of a workload program in its own directory (zdtm style: ready, output, verdict)."""
+
+    def __init__(self, name: str, base: Path, *args: str, user: int | None = None,
+                 groups: list[int] | None = None, argv: list[str] | None = None) -> None:
+        self.name = name
+        if user is None:
+            self.dir = base / name
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            # pytest's tmp dirs are private to root: an unprivileged workload gets its own.
+            self.dir = Path(tempfile.mkdtemp(prefix=f"kcr-{name}-"))
+            os.chmod(self.dir, 0o755)
+            os.chown(self.dir, user, user)
+            weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        self.argv = argv if argv is not None else [str(build(name)), str(self.dir), *args]
+        self.user = user
+        self.groups = groups
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+
+    def start(self) -> int:
+        with open(self.dir / "stdout", "wb") as out, open(self.dir / "stderr", "wb") as err:
+            kwargs: dict[str, object] = {}
+            if self.user is not None:
+                kwargs.update(user=self.user, group=self.user, extra_groups=self.groups or [])
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         start_new_session=True, close_fds=True, cwd=self.dir, **kwargs)
+        self.pid = self.proc.pid
+        return self.pid
+
+    def wait_file(self, name: str, timeout: float) -> str:
+        path = self.dir / name
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                return path.read_text()
+            if self.proc is not None and self.proc.poll() is not None and not path.exists():
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) without {name}: "
+                                     f"{(self.dir / 'stderr').read_text()}")
+            time.sleep(0.01)
+        raise AssertionError(f"{self.name}: no {name} after {timeout} s")
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        self.wait_file("ready", timeout)
+
+    def verdict(self, timeout: float = 60) -> str:
+        return self.wait_file("verdict", timeout).strip()
+
+    def output(self) -> str:
+        path = self.dir / "output"
+        return path.read_text() if path.exists() else ""
+
+    def reap_original(self) -> int | None:
+        """Wait for the original process (killed by a checkpoint or finished)."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=30)
+        self.proc = None     # whatever runs now (a restored copy) is not this Popen
+        return code
+
+
+def reap(pid: int, timeout: float = 60) -> int:
+    """Wait for a process we adopted as subreaper; returns its wait status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"process {pid} did not finish within {timeout} s")
+
+
+def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
+    """An uninterrupted run, for comparison."""
+    w = Workload(name, base / "reference", *args, **kw)  # type: ignore[arg-type]
+    w.start()
+    assert w.verdict() == "PASS"
+    w.reap_original()
+    return w
+
+
+def kcr(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*KCR_MIGRATE, *args], input=input, capture_output=True, timeout=timeout)

@@ -1,0 +1,304 @@
+"""Checkpoint a running process and restore it: real programs, real ptrace, real images.
+
+Each workload checks itself after restore and writes a verdict; its output must equal an
+uninterrupted run's. The test process is a child subreaper, so restored processes (which
+are not the tool's children) are reaped here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._workloads import KCR_MIGRATE, Workload, become_subreaper, kcr, reap, run_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def checkpoint_and_restore(w: Workload, tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
+    """Checkpoint ``w`` (started, ready) to a file with the CLI, restore it; return (new pid, stats)."""
+    image = tmp_path / f"{w.name}.img"
+    stats_file = tmp_path / f"{w.name}.stats.json"
+    res = kcr("checkpoint", str(w.pid), "-o", str(image), "--stats-json", str(stats_file), *extra)
+    assert res.returncode == 0, res.stderr.decode()
+    w.reap_original()
+    stats = json.loads(stats_file.read_text())
+    res = kcr("restore", "-i", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    new_pid = int(res.stdout.decode().strip())
+    assert new_pid != w.pid
+    return new_pid, stats
+
+
+def migrate_once(name: str, tmp_path: Path, *args: str, **kw: object) -> tuple[Workload, Workload, dict[str, object]]:
+    ref = run_reference(name, tmp_path, *args, **kw)
+    w = Workload(name, tmp_path / "restored", *args, **kw)  # type: ignore[arg-type]
+    w.start()
+    w.wait_ready()
+    new_pid, stats = checkpoint_and_restore(w, tmp_path)
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    status = reap(new_pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"restored process ended with {status:#x}"
+    return ref, w, stats
+
+
+def test_single_threaded_64mib(tmp_path: Path) -> None:
+    ref, w, stats = migrate_once("ckpt_array", tmp_path)
+    assert w.output() == ref.output()
+    assert w.output().count("iter ") == 40
+    assert stats["pages_written"] >= (64 << 20) // 4096       # the whole array was populated
+    assert stats["frozen_time_ms"] > 0
+
+
+def test_threads_mutex_condvar_tls(tmp_path: Path) -> None:
+    ref, w, stats = migrate_once("ckpt_threads", tmp_path)
+    assert stats["threads"] == 5
+    assert w.output() == ref.output()
+
+
+def test_blocked_in_nanosleep_and_futex(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_blocked", tmp_path)
+    assert w.output() == ref.output() == "nanosleep rc 0 errno 0\ncond_wait rc 0\n"
+
+
+def test_signals_handlers_pending_itimer_altstack(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_signals", tmp_path)
+    assert w.output() == ref.output()
+
+
+def test_files_and_mapping_kinds(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_files", tmp_path)
+    assert w.output() == ref.output() == "files checked: all good\n"
+    assert (w.dir / "log.txt").read_text() == "before\nafter\n"
+
+
+def test_unprivileged_user_keeps_credentials(tmp_path: Path) -> None:
+    nobody = 65534
+    ref, w, _ = migrate_once("ckpt_creds", tmp_path, user=nobody, groups=[nobody, 100])
+    assert w.output() == ref.output()
+    assert w.output().startswith(f"uid {nobody}/{nobody}/{nobody} gid {nobody}/{nobody}/{nobody} groups 2 caps 0")
+
+
+PY_WORKLOAD = r"""
+import hashlib, os, sys, time
+out_dir = sys.argv[1]
+buf = bytearray(16 << 20)
+h = b"seed"
+with open(os.path.join(out_dir, "output"), "w") as out:
+    for i in range(50):
+        for j in range(0, len(buf), 4096 * 8):
+            h = hashlib.sha256(h + bytes(buf[j:j + 64])).digest()
+            buf[j:j + 32] = h
+        out.write(f"{i} {h.hex()}\n")
+        out.flush()
+        if i == 5:
+            open(os.path.join(out_dir, "ready"), "w").close()
+        time.sleep(0.02)
+with open(os.path.join(out_dir, "verdict"), "w") as v:
+    v.write("PASS\n")
+"""
+
+
+def test_cpython_script(tmp_path: Path) -> None:
+    script = tmp_path / "hashchain.py"
+    script.write_text(PY_WORKLOAD)
+    ref = Workload("py", tmp_path / "reference", argv=[sys.executable, "-S", str(script), str(tmp_path / "reference" / "py")])
+    ref.start()
+    assert ref.verdict() == "PASS"
+    ref.reap_original()
+    w = Workload("py", tmp_path / "restored", argv=[sys.executable, "-S", str(script), str(tmp_path / "restored" / "py")])
+    w.start()
+    w.wait_ready()
+    new_pid, _ = checkpoint_and_restore(w, tmp_path)
+    assert w.verdict() == "PASS"
+    assert os.WEXITSTATUS(reap(new_pid)) == 0
+    assert w.output() == ref.output()
+    assert w.output().count("\n") == 50
+
+
+def test_pipe_round_trip(tmp_path: Path) -> None:
+    ref = run_reference("ckpt_threads", tmp_path)
+    w = Workload("ckpt_threads", tmp_path / "piped")
+    w.start()
+    w.wait_ready()
+    cmd = " ".join(KCR_MIGRATE) + f" checkpoint {w.pid} -o - | " + " ".join(KCR_MIGRATE) + " restore -i -"
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    w.reap_original()
+    new_pid = int(res.stdout.decode().split()[-1])
+    assert w.verdict() == "PASS"
+    assert os.WEXITSTATUS(reap(new_pid)) == 0
+    assert w.output() == ref.output()
+
+
+def test_leave_running_then_restore_a_copy(tmp_path: Path) -> None:
+    w = Workload("ckpt_array", tmp_path / "orig", "30")
+    w.start()
+    w.wait_ready()
+    image = tmp_path / "img"
+    res = kcr("checkpoint", str(w.pid), "-o", str(image), "--leave-running")
+    assert res.returncode == 0, res.stderr.decode()
+    assert w.verdict() == "PASS"                      # the original ran on, undisturbed
+    assert w.reap_original() == 0
+    assert w.output().count("iter ") == 30
+    show = kcr("show", str(image))
+    assert show.returncode == 0, show.stderr.decode()
+    doc = json.loads(show.stdout)
+    assert doc["header"]["pid"] == w.pid and doc["header"]["arch"] == os.uname().machine
+    assert {"process", "files", "mappings", "threads", "page_index", "end"} <= doc.keys()
+    assert sum(r["pages"] for r in doc["page_index"]) == doc["end"]["pages"]
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def one_error_line(res: subprocess.CompletedProcess[bytes]) -> str:
+    err = res.stderr.decode()
+    assert res.returncode != 0
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kcr-migrate: error: ")
+    return lines[0]
+
+
+def test_missing_pid(tmp_path: Path) -> None:
+    line = one_error_line(kcr("checkpoint", "4194303", "-o", str(tmp_path / "x")))
+    assert "no process" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_kernel_thread_and_own_pid(tmp_path: Path) -> None:
+    assert "kernel thread" in one_error_line(kcr("checkpoint", "2", "-o", str(tmp_path / "x")))
+    res = subprocess.run(["bash", "-c", " ".join(KCR_MIGRATE) + f" checkpoint $$ -o {tmp_path / 'y'}"],
+                         capture_output=True, timeout=60)
+    # bash execs the tool as the last command, so $$ is the tool's own pid
+    assert "own process" in one_error_line(res)
+
+
+def test_refuses_unsupported_and_leaves_process_running(tmp_path: Path) -> None:
+    """A process with a pipe open is refused before anything is frozen; it runs on."""
+    w = Workload("ckpt_array", tmp_path / "piped", "20")
+    r, wfd = os.pipe()
+    w.argv = ["bash", "-c", f"exec 5</dev/null; exec {' '.join(w.argv)} 7<&{r}"]
+    w.proc = subprocess.Popen(w.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, pass_fds=(r,), start_new_session=True)
+    os.close(r)
+    os.close(wfd)
+    w.pid = w.proc.pid
+    w.wait_ready()
+    line = one_error_line(kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img")))
+    assert "a pipe open as fd 7" in line
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0
+
+
+@pytest.fixture(scope="module")
+def good_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    base = tmp_path_factory.mktemp("img")
+    w = Workload("ckpt_blocked", base)
+    w.start()
+    w.wait_ready()
+    res = kcr("checkpoint", str(w.pid), "-o", "-", "--leave-running")
+    assert res.returncode == 0, res.stderr.decode()
+    w.verdict()
+    w.reap_original()
+    return res.stdout
+
+
+def test_truncated_image(good_image: bytes) -> None:
+    for cut in (0, 5, 100, len(good_image) // 2, len(good_image) - 1):
+        line = one_error_line(kcr("restore", "-i", "-", input=good_image[:cut]))
+        assert "truncated" in line or "empty" in line
+
+
+def test_bit_flipped_image(good_image: bytes) -> None:
+    for pos in (20, len(good_image) // 3, len(good_image) - 40):
+        bad = bytearray(good_image)
+        bad[pos] ^= 0x10
+        line = one_error_line(kcr("restore", "-i", "-", input=bytes(bad)))
+        assert "corrupt" in line or "checksum" in line or "magic" in line
+
+
+def _rewrite_header(image: bytes, **changes: object) -> bytes:
+    import msgpack
+
+    from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
+    off = len(STREAM_MAGIC)
+    _, kind, flags, length, _ = HEADER.unpack_from(image, off)
+    body = msgpack.unpackb(image[off + HEADER_SIZE: off + HEADER_SIZE + length])
+    body.update(changes)
+    frame = encode_frame(KIND_RECORD, flags, msgpack.packb(body))
+    return image[:off] + frame + image[off + HEADER_SIZE + length:]
+
+
+def test_foreign_architecture(good_image: bytes) -> None:
+    line = one_error_line(kcr("restore", "-i", "-", input=_rewrite_header(good_image, arch="aarch64")))
+    assert "aarch64" in line
+
+
+def test_future_format_version(good_image: bytes) -> None:
+    line = one_error_line(kcr("restore", "-i", "-", input=_rewrite_header(good_image, format_version=99)))
+    assert "version 99" in line and "upgrade" in line
+
+
+def test_missing_xsave_features(good_image: bytes) -> None:
+    line = one_error_line(kcr("restore", "-i", "-", input=_rewrite_header(good_image, xsave_mask=1 << 62)))
+    assert "CPU" in line
+
+
+def test_not_an_image(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"hello world, not an image" * 10)
+    assert "not a kcr-migrate image" in one_error_line(kcr("restore", "-i", str(junk)))
+    assert "not a kcr-migrate image" in one_error_line(kcr("show", str(junk)))
+
+
+def test_restore_failure_leaves_nothing_behind(tmp_path: Path, good_image: bytes) -> None:
+    """A file the process had open is gone: restore fails cleanly and kills its half-built process."""
+    w = Workload("ckpt_files", tmp_path)
+    w.start()
+    w.wait_ready()
+    res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    w.reap_original()
+    os.unlink(w.dir / "log.txt")
+    before = set(os.listdir("/proc"))
+    line = one_error_line(kcr("restore", "-i", str(tmp_path / "img")))
+    assert "log.txt" in line
+    # The half-built process was killed: as subreaper we adopted it, so reap it, then look.
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+    alive = []
+    for pid in set(os.listdir("/proc")) - before:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm, state = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if comm in ("kcr-stub", "ckpt_files") and state != "Z":
+            alive.append(pid)
+    assert not alive
+
+
+def test_checkpoint_sigint_leaves_process_running(tmp_path: Path) -> None:
+    """Interrupting the tool never leaves the process frozen or dead."""
+    w = Workload("ckpt_array", tmp_path, "40")
+    w.start()
+    w.wait_ready()
+    proc = subprocess.Popen([*KCR_MIGRATE, "checkpoint", str(w.pid), "-o", str(tmp_path / "img")],
+                            stderr=subprocess.PIPE)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0

@@ -1,0 +1,58 @@
+/* Shared by the checkpoint/restore workloads: readiness and verdict files (zdtm style).
+ * Usage: prog OUTDIR [args]. The workload writes OUTDIR/ready when it may be frozen,
+ * its deterministic output to OUTDIR/output, and OUTDIR/verdict ("PASS" or "FAIL: why"). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *outdir;
+
+static void write_file(const char *name, const char *text) {
+    char path[4096], tmp[4096];
+    snprintf(path, sizeof path, "%s/%s", outdir, name);
+    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", outdir, name);
+    FILE *f = fopen(tmp, "w");
+    if (!f) { perror(tmp); exit(3); }
+    fputs(text, f);
+    fclose(f);
+    rename(tmp, path);
+}
+
+static void ready(void) { write_file("ready", "ready\n"); }
+
+static void verdict(int ok, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = snprintf(buf, sizeof buf, "%s", ok ? "PASS" : "FAIL: ");
+    if (!ok) vsnprintf(buf + n, sizeof buf - n, fmt, ap);
+    va_end(ap);
+    strcat(buf, "\n");
+    write_file("verdict", buf);
+}
+
+static FILE *open_output(void) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/output", outdir);
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) { perror(path); exit(3); }
+    FILE *f = fdopen(fd, "a");
+    setvbuf(f, NULL, _IOLBF, 0);
+    return f;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+}
+
+static void init(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: %s OUTDIR\n", argv[0]); exit(2); }
+    outdir = argv[1];
+}

@@ -1,0 +1,237 @@
+"""The live wire protocol between kcr-migrate and its agents: records 32 and up, and the handshake.
+
+A live stream is an image stream (``transport.framing``): the stream magic, then frames. Each
+side's first record is a ``Hello``; after both are exchanged and checked, the sides speak the
+request/response protocol of ``transport.rpc``::
+
+    32 Hello       protocol version, tool version, role, features, machine, page window
+    33 Request     id, method, args (a map of plain values)
+    34 Response    id, ok, result map, or error (code, errno, message, ...)
+    35 Cancel      id: the caller gave up on a request
+    36 Progress    id, fields: an event from a long-running request
+    37 PagesBegin  id: page batches that follow (PAGES frames) belong to request id
+    38 PagesEnd    id, counts: the page stream of id is complete (the receiver checks the counts)
+    39 Credit      bytes: the receiver consumed that many raw page bytes (flow control)
+    40 Bye         reason: the sender closes the stream on purpose
+
+``Hello`` is frozen forever at record version 1 (new fields optional, at the end), as are the
+stream magic and the frame header: whatever a future version changes, two versions can always
+read each other's Hello and refuse each other with a message naming both versions.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from transport.errors import IncompatibleImage, MigrationError, PeerGone, ProtocolError, TransportTimeout
+from transport.records import Record
+from transport.schema import FORMAT_VERSION, register
+
+if TYPE_CHECKING:
+    from transport.stream import FramedStream
+
+PROTOCOL_VERSION = 1
+
+ROLE_ORCHESTRATOR = "orchestrator"   # kcr-migrate itself, driving agents
+ROLE_AGENT = "agent"                 # kcr-agent serving requests
+ROLE_DATA = "data"                   # an agent's end of a direct data channel (TCP)
+ROLES = (ROLE_ORCHESTRATOR, ROLE_AGENT, ROLE_DATA)
+
+FEATURE_ZSTD = "zstd"                # page batches may be zstd-compressed
+FEATURE_CREDIT = "credit"            # page streams are flow-controlled with Credit records
+FEATURES: tuple[str, ...] = (FEATURE_ZSTD, FEATURE_CREDIT)
+
+DEFAULT_WINDOW = 16 << 20            # raw page bytes a receiver buffers before crediting
+MIN_WINDOW = 1 << 20
+MAX_WINDOW = 1 << 30
+
+
+@functools.cache
+def tool_version() -> str:
+    try:
+        return importlib.metadata.version("kcr-migrate")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _netns_inode() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(f"invalid record: {what}")
+
+
+@dataclass(frozen=True)
+class Hello(Record):
+    """Each side's first record on a live stream."""
+
+    TYPE = 32
+    protocol_version: int
+    tool_version: str
+    role: str
+    features: tuple[str, ...]
+    hostname: str
+    kernel_release: str
+    arch: str
+    format_version: int = FORMAT_VERSION
+    xsave_mask: int = 0
+    netns_inode: int = 0
+    pid: int = 0
+    window: int = DEFAULT_WINDOW     # raw page bytes this side accepts before it credits them
+
+    def validate(self) -> None:
+        _check(len(self.features) <= 64, "too many features")
+        _check(self.window == 0 or MIN_WINDOW <= self.window <= MAX_WINDOW, f"page window {self.window}")
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error as it crosses the wire: ``MigrationError.to_wire()`` as a record field."""
+
+    code: str
+    errno: int
+    message: str
+    phase: str = ""
+    pid: int = -1
+    host: str = ""
+
+    @classmethod
+    def of(cls, exc: MigrationError) -> ErrorInfo:
+        return cls(code=exc.code, errno=exc.errno or 0, message=exc.message, phase=exc.phase or "",
+                   pid=exc.pid if exc.pid is not None else -1, host=exc.host or "")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"code": self.code, "errno": self.errno, "message": self.message,
+                "phase": self.phase, "pid": self.pid, "host": self.host}
+
+
+@dataclass(frozen=True)
+class Request(Record):
+    TYPE = 33
+    id: int
+    method: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(0 < self.id < 1 << 63, f"request id {self.id}")
+        _check(0 < len(self.method) <= 64, "method name")
+
+
+@dataclass(frozen=True)
+class Response(Record):
+    TYPE = 34
+    id: int
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+    def validate(self) -> None:
+        _check(self.ok == (self.error is None), "a response is either ok or carries an error")
+
+
+@dataclass(frozen=True)
+class Cancel(Record):
+    TYPE = 35
+    id: int
+
+
+@dataclass(frozen=True)
+class Progress(Record):
+    TYPE = 36
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PagesBegin(Record):
+    TYPE = 37
+    id: int
+
+
+@dataclass(frozen=True)
+class PagesEnd(Record):
+    TYPE = 38
+    id: int
+    batches: int
+    pages: int
+    bytes_raw: int
+
+
+@dataclass(frozen=True)
+class Credit(Record):
+    TYPE = 39
+    bytes: int
+
+    def validate(self) -> None:
+        _check(0 < self.bytes <= 1 << 48, f"credit of {self.bytes} bytes")
+
+
+@dataclass(frozen=True)
+class Bye(Record):
+    TYPE = 40
+    reason: str = ""
+
+
+LIVE_RECORDS: tuple[type[Record], ...] = (Hello, Request, Response, Cancel, Progress, PagesBegin,
+                                          PagesEnd, Credit, Bye)
+for _cls in LIVE_RECORDS:
+    register(_cls)
+
+
+# --- the handshake ------------------------------------------------------------------------
+
+def local_hello(role: str, *, window: int = DEFAULT_WINDOW, xsave_mask: int = 0,
+                features: tuple[str, ...] = FEATURES) -> Hello:
+    """This side's Hello. ``xsave_mask`` comes from the caller (transport does not probe CPUs)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    uname = os.uname()
+    return Hello(protocol_version=PROTOCOL_VERSION, tool_version=tool_version(), role=role,
+                 features=features, hostname=socket.gethostname(), kernel_release=uname.release,
+                 arch=platform.machine(), xsave_mask=xsave_mask, netns_inode=_netns_inode(),
+                 pid=os.getpid(), window=window)
+
+
+def check_hello(ours: Hello, theirs: Hello, *, peer: str, accept_roles: tuple[str, ...]) -> None:
+    """Refuse a peer this side cannot talk to; the message names both versions."""
+    if theirs.protocol_version != ours.protocol_version:
+        newer = "this side" if ours.protocol_version > theirs.protocol_version else peer
+        raise IncompatibleImage(
+            f"{peer} speaks kcr-migrate protocol version {theirs.protocol_version} "
+            f"(kcr-migrate {theirs.tool_version}) but this side speaks version {ours.protocol_version} "
+            f"(kcr-migrate {ours.tool_version}); {newer} is newer: install the same kcr-migrate "
+            f"version on both hosts (pip install kcr-migrate=={ours.tool_version})")
+    if theirs.role not in accept_roles:
+        raise ProtocolError(f"{peer} introduced itself as {theirs.role!r} but this side expects "
+                            f"{' or '.join(repr(r) for r in accept_roles)}: wrong program at the other end")
+    if FEATURE_CREDIT not in theirs.features:
+        raise IncompatibleImage(f"{peer} (kcr-migrate {theirs.tool_version}) lacks page flow control: "
+                                "install the same kcr-migrate version on both hosts")
+
+
+async def handshake(fs: FramedStream, ours: Hello, *, accept_roles: tuple[str, ...],
+                    timeout: float | None = 30.0) -> Hello:
+    """Send our Hello, read the peer's and check it. Both sides send first, so neither waits."""
+    await fs.send_record(ours)
+    try:
+        item = await fs.receive_item(timeout=timeout)
+    except TransportTimeout:
+        raise TransportTimeout(f"{fs.peer} did not answer the handshake within {timeout:g} s: "
+                               "is the agent at the other end stuck?") from None
+    if item is None:
+        raise PeerGone(f"{fs.peer} closed the connection before the handshake")
+    if not isinstance(item, Hello):
+        what = type(item).__name__ if isinstance(item, Record) else "page data"
+        raise ProtocolError(f"{fs.peer} sent {what} before its Hello: not a kcr-migrate live stream")
+    check_hello(ours, item, peer=fs.peer, accept_roles=accept_roles)
+    return item
