@@ -1,0 +1,768 @@
+"""Test hosts for kcr-migrate: network + mount namespaces on this machine, each with its own sshd.
+
+    python3 examples/testbed.py up [--hosts hostA hostB ...] [--srv-fs dir|btrfs]
+    python3 examples/testbed.py status [--ssh-config]
+    python3 examples/testbed.py exec hostA -- ip addr
+    ssh -F "$(python3 examples/testbed.py status --ssh-config)" hostA true
+    python3 examples/testbed.py down
+
+Each host is a network namespace (``ip netns``) whose ``eth0`` is one end of a veth pair; the other
+end sits in a bridge on this machine.  All addresses come from one private /24 used only on those
+links (bridge ``.1``, hosts ``.11``, ``.12``, ...).  Nothing is routed or NATed anywhere else: the
+hosts have no default route.  Each host also has its own mount namespace (kept alive by a bind mount
+of its namespace file in the state directory) with its own ``/srv``: a per-host directory, or a
+btrfs filesystem on a loop device (``--srv-fs btrfs``).  Each host runs an OpenSSH sshd inside both
+namespaces with generated keys; ``up`` writes an ssh config so ``ssh -F FILE hostA`` works.
+
+Everything lives under a state directory (default ``/run/kcr-testbed``, or ``$KCR_TESTBED_DIR``);
+``down`` removes all of it and is safe to run at any time.  The same logic is importable:
+``from examples.testbed import Testbed``.  Needs root.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_STATE_DIR = Path("/run/kcr-testbed")
+STATE_DIR_ENV = "KCR_TESTBED_DIR"
+DEFAULT_HOSTS = ("hostA", "hostB")
+DEFAULT_PREFIX = "kcr-"
+DEFAULT_SUBNET = "10.77.213.0/24"
+SRV_FS_CHOICES = ("dir", "btrfs")
+DEFAULT_SRV_SIZE = 1 << 30
+FIRST_HOST_OFFSET = 11
+SSH_PORT = 22
+STATE_VERSION = 1
+IFNAMSIZ = 15
+SSHD_START_TIMEOUT = 15.0
+KILL_TIMEOUT = 10.0
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+
+# Tool -> Debian package that provides it.
+BASE_TOOLS = {
+    "ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount",
+    "umount": "mount", "losetup": "mount", "sshd": "openssh-server", "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+}
+BTRFS_TOOLS = {"mkfs.btrfs": "btrfs-progs"}
+
+# Files a testbed creates; ``down`` removes these and nothing else.
+TOP_FILES = ("ssh_config", "known_hosts", "authorized_keys", "id_ed25519", "id_ed25519.pub",
+             "testbed.json")
+HOST_FILES = ("sshd_config", "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd.pid",
+              "sshd.log", "mnt", "srv.img")
+
+
+class TestbedError(Exception):
+    """A testbed operation failed; the message says what went wrong and what to do."""
+
+    __test__ = False
+
+
+class TestbedUnavailable(TestbedError):
+    """This machine cannot host a testbed (not root, a tool missing, no namespaces)."""
+
+    __test__ = False
+
+
+@dataclasses.dataclass(frozen=True)
+class HostStatus:
+    """Health of one host, as ``status`` reports it."""
+
+    host: str
+    address: str
+    netns: bool
+    mntns: bool
+    sshd_pid: int | None
+    listening: bool
+
+    @property
+    def healthy(self) -> bool:
+        return self.netns and self.mntns and self.sshd_pid is not None and self.listening
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+def tool(name: str) -> str:
+    """Absolute path of a required program, or TestbedUnavailable naming its Debian package."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_PATH])
+    found = shutil.which(name, path=search)
+    if found is None:
+        package = {**BASE_TOOLS, **BTRFS_TOOLS}.get(name, name)
+        raise TestbedUnavailable(f"`{name}` not found: apt-get install {package}")
+    return os.path.abspath(found)
+
+
+def run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
+        timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a command and capture its output; on failure raise TestbedError with its stderr."""
+    argv = [tool(argv[0]), *argv[1:]] if "/" not in argv[0] else list(argv)
+    stdin = None if input is not None else subprocess.DEVNULL
+    try:
+        proc = subprocess.run(argv, input=input, stdin=stdin, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise TestbedError(f"`{shlex.join(argv)}` did not finish in {timeout:g} s") from exc
+    if check and proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise TestbedError(f"`{shlex.join(argv)}` failed: {detail}")
+    return proc
+
+
+def mount_points() -> set[str]:
+    """Mount points of this process's mount namespace."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        fields = [line.split()[4] for line in f if line.strip()]
+    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), p) for p in fields}
+
+
+def ns_id(path: str | Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a namespace file or /proc/PID/ns link; None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def pids_in_namespaces(ids: set[tuple[int, int]]) -> list[int]:
+    """Live processes whose network or mount namespace is one of ``ids``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        if any(ns_id(f"/proc/{entry.name}/ns/{kind}") in ids for kind in ("net", "mnt")):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_namespace_members(ids: set[tuple[int, int]]) -> None:
+    """SIGKILL every process inside these namespaces and wait until none is left."""
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while pids := pids_in_namespaces(ids):
+        if time.monotonic() > deadline:
+            raise TestbedError(f"processes {pids} survived SIGKILL for {KILL_TIMEOUT:g} s")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def tcp_open(address: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def session_path() -> str:
+    """PATH for ssh sessions: this Python's script dirs first, so `kcr-agent` is found."""
+    dirs = [sysconfig.get_path("scripts"), os.path.dirname(sys.executable), *SYSTEM_PATH]
+    return ":".join(dict.fromkeys(d for d in dirs if d))
+
+
+def check_available(srv_fs: str = "dir") -> None:
+    """Raise TestbedUnavailable unless this machine can host a testbed."""
+    if os.geteuid() != 0:
+        raise TestbedUnavailable("must run as root (namespaces, mounts and sshd need it)")
+    for name in {**BASE_TOOLS, **(BTRFS_TOOLS if srv_fs == "btrfs" else {})}:
+        tool(name)
+    probe = run(["unshare", "--net", "--mount", "true"], check=False)
+    if probe.returncode != 0:
+        detail = probe.stderr.strip().splitlines()[-1:] or ["unknown error"]
+        raise TestbedUnavailable(f"cannot create namespaces: {detail[0]}")
+
+
+# --- the testbed ---------------------------------------------------------------------------------
+
+class Testbed:
+    """A set of hosts (namespaces with sshd) on this machine; ``up()``, use, ``down()``."""
+
+    __test__ = False
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
+                 hosts: Sequence[str] = DEFAULT_HOSTS, prefix: str = DEFAULT_PREFIX,
+                 bridge: str | None = None, subnet: str = DEFAULT_SUBNET, srv_fs: str = "dir",
+                 srv_size: int = DEFAULT_SRV_SIZE) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.hosts: tuple[str, ...] = tuple(hosts)
+        self.prefix = prefix
+        self.bridge = bridge if bridge is not None else f"{prefix}br0"
+        self.subnet = subnet
+        self.srv_fs = srv_fs
+        self.srv_size = srv_size
+        self._network = self._validate()
+
+    def _validate(self) -> ipaddress.IPv4Network:
+        if not self.state_dir.is_absolute() or len(self.state_dir.parts) < 3:
+            raise TestbedError(f"state dir must be an absolute path below /x/: {self.state_dir}")
+        try:
+            network = ipaddress.ip_network(self.subnet)
+        except ValueError as exc:
+            raise TestbedError(f"bad subnet {self.subnet!r}: {exc}") from None
+        if not isinstance(network, ipaddress.IPv4Network) or not network.is_private:
+            raise TestbedError(f"subnet {self.subnet} must be a private IPv4 network")
+        if FIRST_HOST_OFFSET + len(self.hosts) >= network.num_addresses - 1:
+            raise TestbedError(f"subnet {self.subnet} is too small for {len(self.hosts)} hosts")
+        if self.srv_fs not in SRV_FS_CHOICES:
+            raise TestbedError(f"srv_fs must be one of {', '.join(SRV_FS_CHOICES)}")
+        if not self.hosts or len(set(self.hosts)) != len(self.hosts):
+            raise TestbedError("hosts must be a non-empty list of distinct names")
+        for name in (*self.hosts, self.prefix + "x", self.bridge):
+            if not NAME_RE.match(name):
+                raise TestbedError(f"bad name {name!r}: use letters, digits, - and _")
+        for name in (*(self.veth_name(h) for h in self.hosts), self.bridge):
+            if len(name) > IFNAMSIZ:
+                raise TestbedError(f"interface name {name!r} (prefix + host) is longer than "
+                                   f"{IFNAMSIZ} characters")
+        return network
+
+    @classmethod
+    def from_state(cls, state_dir: str | os.PathLike[str] | None = None) -> Testbed:
+        """The testbed recorded in a state dir by ``up``; TestbedError if there is none."""
+        state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        try:
+            state = json.loads((state_dir / "testbed.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TestbedError(f"testbed is not up (no {state_dir}/testbed.json); "
+                               "run: examples/testbed.py up") from None
+        except (OSError, ValueError) as exc:
+            raise TestbedError(f"unreadable testbed state in {state_dir}: {exc}") from None
+        if state.get("version") != STATE_VERSION:
+            raise TestbedError(f"testbed state in {state_dir} has an unknown version; run down")
+        return cls(state_dir, hosts=state["hosts"], prefix=state["prefix"],
+                   bridge=state["bridge"], subnet=state["subnet"], srv_fs=state["srv_fs"],
+                   srv_size=state["srv_size"])
+
+    def _state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "hosts": list(self.hosts), "prefix": self.prefix,
+                "bridge": self.bridge, "subnet": self.subnet, "srv_fs": self.srv_fs,
+                "srv_size": self.srv_size}
+
+    # --- names and paths ---
+
+    def _check_host(self, host: str) -> None:
+        if host not in self.hosts:
+            raise TestbedError(f"no host {host!r} in this testbed (hosts: {', '.join(self.hosts)})")
+
+    def address(self, host: str) -> str:
+        self._check_host(host)
+        return str(self._network.network_address + FIRST_HOST_OFFSET + self.hosts.index(host))
+
+    @property
+    def bridge_address(self) -> str:
+        return str(self._network.network_address + 1)
+
+    def netns_name(self, host: str) -> str:
+        return f"{self.prefix}{host}"
+
+    def veth_name(self, host: str) -> str:
+        return f"{self.prefix}{host}"
+
+    def netns_path(self, host: str) -> Path:
+        return Path("/run/netns") / self.netns_name(host)
+
+    def host_dir(self, host: str) -> Path:
+        return self.state_dir / host
+
+    def mntns_path(self, host: str) -> Path:
+        return self.host_dir(host) / "mnt"
+
+    def srv_path(self, host: str) -> Path | None:
+        """Where this host's /srv content lives as seen from this machine (None for btrfs)."""
+        self._check_host(host)
+        return self.host_dir(host) / "srv" if self.srv_fs == "dir" else None
+
+    def srv_image(self, host: str) -> Path:
+        return self.host_dir(host) / "srv.img"
+
+    @property
+    def ssh_config_path(self) -> Path:
+        return self.state_dir / "ssh_config"
+
+    @property
+    def identity_path(self) -> Path:
+        return self.state_dir / "id_ed25519"
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return self.state_dir / "known_hosts"
+
+    def _pid_file(self, host: str) -> Path:
+        return self.host_dir(host) / "sshd.pid"
+
+    # --- running things in hosts ---
+
+    def nsenter_argv(self, host: str, argv: Sequence[str], cwd: str | None = None) -> list[str]:
+        """argv that runs ``argv`` inside the host's network and mount namespaces."""
+        self._check_host(host)
+        wd = [f"--wdns={cwd}"] if cwd is not None else []
+        return [tool("nsenter"), f"--net={self.netns_path(host)}",
+                f"--mount={self.mntns_path(host)}", *wd, "--", *argv]
+
+    def exec(self, host: str, argv: Sequence[str],
+             **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run ``argv`` inside the host (``cwd`` is a path inside the host)."""
+        cwd = kwargs.pop("cwd", None)
+        return subprocess.run(self.nsenter_argv(host, argv, cwd), **kwargs)
+
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """subprocess.Popen ``argv`` inside the host; the caller waits for it.
+
+        The child is nsenter until it has entered the namespaces and exec'd ``argv``.
+        """
+        cwd = kwargs.pop("cwd", None)
+        return subprocess.Popen(self.nsenter_argv(host, argv, cwd), **kwargs)
+
+    def ssh_argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        """argv that runs ``argv`` on the host over ssh (each word quoted for the remote shell)."""
+        self._check_host(host)
+        return [tool("ssh"), "-F", str(self.ssh_config_path), host, "--", shlex.join(argv)]
+
+    def ssh(self, host: str, argv: Sequence[str],
+            **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run ``argv`` on the host over ssh."""
+        return subprocess.run(self.ssh_argv(host, argv), **kwargs)
+
+    # --- status ---
+
+    def sshd_pid(self, host: str) -> int | None:
+        try:
+            pid = int(self._pid_file(host).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+        in_host = ns_id(f"/proc/{pid}/ns/mnt") == ns_id(self.mntns_path(host))
+        return pid if in_host and pid_alive(pid) else None
+
+    def status(self) -> list[HostStatus]:
+        mounts = mount_points()
+        return [HostStatus(host=h, address=self.address(h),
+                           netns=str(self.netns_path(h)) in mounts,
+                           mntns=str(self.mntns_path(h)) in mounts, sshd_pid=self.sshd_pid(h),
+                           listening=tcp_open(self.address(h), SSH_PORT))
+                for h in self.hosts]
+
+    def is_up(self) -> bool:
+        """True if this exact testbed is recorded in the state dir and every host is healthy."""
+        try:
+            recorded = Testbed.from_state(self.state_dir)
+        except TestbedError:
+            return False
+        return recorded._state() == self._state() and all(s.healthy for s in self.status())
+
+    # --- up ---
+
+    def up(self) -> bool:
+        """Build the testbed; False (and no change) if it is already up and healthy.
+
+        A different or broken testbed recorded in the state dir is torn down first.  If building
+        fails, whatever was built is torn down again before the error propagates.
+        """
+        check_available(self.srv_fs)
+        if self.is_up():
+            return False
+        self._down_recorded()
+        self.down()
+        try:
+            self._build()
+        except BaseException:
+            self._down_after_failure()
+            raise
+        return True
+
+    def _down_recorded(self) -> None:
+        try:
+            recorded = Testbed.from_state(self.state_dir)
+        except TestbedError:
+            return
+        recorded.down()
+
+    def _down_after_failure(self) -> None:
+        try:
+            self.down()
+        except TestbedError as exc:
+            print(f"testbed: cleanup after failed up: {exc}", file=sys.stderr)
+
+    def _build(self) -> None:
+        self._check_free()
+        self._make_state_dir()
+        self._write_keys_and_configs()
+        self._make_bridge()
+        for host in self.hosts:
+            self._make_host_network(host)
+            self._make_host_mounts(host)
+            self._start_sshd(host)
+        self._wait_for_sshd()
+
+    def _check_free(self) -> None:
+        links = run(["ip", "-o", "link", "show"]).stdout
+        names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+        for name in (self.bridge, *(self.veth_name(h) for h in self.hosts)):
+            if name in names:
+                raise TestbedError(f"network interface {name} already exists; pick another prefix")
+        for host in self.hosts:
+            if self.netns_path(host).exists():
+                raise TestbedError(f"network namespace {self.netns_name(host)} already exists")
+        for line in run(["ip", "-o", "-4", "addr", "show"]).stdout.splitlines():
+            words = line.split()
+            address = ipaddress.ip_interface(words[3])
+            if address.ip in self._network:
+                raise TestbedError(f"subnet {self.subnet} is already used by {words[1]} "
+                                   f"({words[3]}); pick another subnet")
+        if self.state_dir.exists() and any(self.state_dir.iterdir()):
+            raise TestbedError(f"state dir {self.state_dir} is not empty and holds no testbed")
+
+    def _make_state_dir(self) -> None:
+        self.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if str(self.state_dir) not in mount_points():
+            run(["mount", "--bind", str(self.state_dir), str(self.state_dir)])
+        run(["mount", "--make-private", str(self.state_dir)])
+        tmp = self.state_dir / "testbed.json.tmp"
+        tmp.write_text(json.dumps(self._state(), indent=2) + "\n", encoding="utf-8")
+        tmp.rename(self.state_dir / "testbed.json")
+        for host in self.hosts:
+            self.host_dir(host).mkdir(mode=0o755, exist_ok=True)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+
+    def _write_keys_and_configs(self) -> None:
+        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
+        run([*keygen, "-C", "kcr-testbed-client", "-f", str(self.identity_path)])
+        self.state_dir.joinpath("authorized_keys").write_text(
+            self.identity_path.with_suffix(".pub").read_text(encoding="ascii"), encoding="ascii")
+        known = []
+        for host in self.hosts:
+            key = self.host_dir(host) / "ssh_host_ed25519_key"
+            run([*keygen, "-C", f"kcr-testbed-{host}", "-f", str(key)])
+            kind, blob = key.with_suffix(".pub").read_text(encoding="ascii").split()[:2]
+            known.append(f"{host},{self.address(host)} {kind} {blob}\n")
+            self.host_dir(host).joinpath("sshd_config").write_text(self._sshd_config(host),
+                                                                   encoding="utf-8")
+        self.known_hosts_path.write_text("".join(known), encoding="ascii")
+        self.ssh_config_path.write_text(self._ssh_config(), encoding="utf-8")
+
+    def _sshd_config(self, host: str) -> str:
+        hd = self.host_dir(host)
+        return "\n".join([
+            f"# sshd for testbed host {host}; written by examples/testbed.py",
+            f"ListenAddress {self.address(host)}:{SSH_PORT}",
+            "AddressFamily inet",
+            f"HostKey {hd / 'ssh_host_ed25519_key'}",
+            f"PidFile {hd / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.state_dir / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "X11Forwarding no",
+            "MaxStartups 100:30:200",
+            "MaxSessions 100",
+            # SHLVL=1 makes bash treat `ssh host cmd` as a nested shell, so it skips ~/.bashrc:
+            # sessions get exactly this PATH, and no rc-file side effects (root's bashrc here runs
+            # `pyenv rehash`, whose global lock, left stale by one killed session, stalls every
+            # later session for 60 s).
+            f"SetEnv PATH={session_path()} SHLVL=1",
+            "Subsystem sftp internal-sftp",
+            "",
+        ])
+
+    def _ssh_config(self) -> str:
+        blocks = [f"# ssh -F {self.ssh_config_path} HOST; written by examples/testbed.py\n"]
+        for host in self.hosts:
+            blocks.append("\n".join([
+                f"Host {host}",
+                f"    HostName {self.address(host)}",
+                f"    Port {SSH_PORT}",
+                "    User root",
+                f"    IdentityFile {self.identity_path}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {self.known_hosts_path}",
+                "    GlobalKnownHostsFile /dev/null",
+                "    StrictHostKeyChecking yes",
+                "    BatchMode yes",
+                "    ConnectTimeout 10",
+                "    LogLevel ERROR",
+                "",
+            ]))
+        return "\n".join(blocks)
+
+    def _make_bridge(self) -> None:
+        run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        run(["ip", "addr", "add", f"{self.bridge_address}/{self._network.prefixlen}",
+             "dev", self.bridge])
+        run(["ip", "link", "set", self.bridge, "up"])
+
+    def _make_host_network(self, host: str) -> None:
+        ns, veth = self.netns_name(host), self.veth_name(host)
+        run(["ip", "netns", "add", ns])
+        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        run(["ip", "link", "set", veth, "master", self.bridge, "up"])
+        run(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/{self._network.prefixlen}",
+             "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def _make_host_mounts(self, host: str) -> None:
+        mnt = self.mntns_path(host)
+        mnt.touch()
+        run(["unshare", f"--mount={mnt}", "--propagation", "private", "true"])
+        in_ns = ["nsenter", f"--mount={mnt}", "--"]
+        # Do not pin other hosts' network namespaces through this namespace's copy of /run/netns;
+        # an empty tmpfs there keeps `ip` inside the host from tripping over stale entries.
+        if "/run/netns" in mount_points():
+            run([*in_ns, tool("umount"), "--recursive", "--lazy", "/run/netns"])
+            run([*in_ns, tool("mount"), "-t", "tmpfs", "-o", "size=64k,mode=755", "kcr-netns",
+                 "/run/netns"])
+        Path("/srv").mkdir(mode=0o755, exist_ok=True)
+        if self.srv_fs == "dir":
+            srv = self.host_dir(host) / "srv"
+            srv.mkdir(mode=0o755, exist_ok=True)
+            run([*in_ns, tool("mount"), "--bind", str(srv), "/srv"])
+        else:
+            image = self.srv_image(host)
+            with open(image, "wb") as f:
+                f.truncate(self.srv_size)
+            device = run(["losetup", "--find", "--show", str(image)]).stdout.strip()
+            run(["mkfs.btrfs", "-q", device])
+            run([*in_ns, tool("mount"), "-t", "btrfs", device, "/srv"])
+
+    def _start_sshd(self, host: str) -> None:
+        hd = self.host_dir(host)
+        argv = self.nsenter_argv(host, [tool("sshd"), "-f", str(hd / "sshd_config"),
+                                        "-E", str(hd / "sshd.log")])
+        run(argv, timeout=SSHD_START_TIMEOUT)  # sshd daemonizes once it has parsed its config
+
+    def _wait_for_sshd(self) -> None:
+        deadline = time.monotonic() + SSHD_START_TIMEOUT
+        for host in self.hosts:
+            while not (self.sshd_pid(host) and tcp_open(self.address(host), SSH_PORT)):
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"sshd of {host} is not accepting connections on "
+                                       f"{self.address(host)}:{SSH_PORT}"
+                                       f"{self._sshd_log_tail(host)}")
+                time.sleep(0.05)
+        for host in self.hosts:
+            proc = run(self.ssh_argv(host, ["true"]), check=False, timeout=SSHD_START_TIMEOUT)
+            if proc.returncode != 0:
+                detail = proc.stderr.strip().replace("\n", "; ") or f"exit {proc.returncode}"
+                raise TestbedError(f"`ssh -F {self.ssh_config_path} {host} true` failed: "
+                                   f"{detail}{self._sshd_log_tail(host)}")
+
+    def _sshd_log_tail(self, host: str) -> str:
+        try:
+            lines = (self.host_dir(host) / "sshd.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return f" (sshd.log: {lines[-1]})" if lines else ""
+
+    # --- down ---
+
+    def down(self) -> None:
+        """Remove everything this testbed made; safe after a partial up and when already down."""
+        errors: list[str] = []
+        for host in self.hosts:
+            for step in (self._stop_host_processes, self._remove_host_mounts,
+                         self._remove_host_network, self._remove_host_files):
+                _collect(errors, step, host)
+        _collect(errors, self._remove_bridge)
+        _collect(errors, self._remove_state_dir)
+        if errors:
+            raise TestbedError("down incomplete: " + "; ".join(errors))
+
+    def _stop_host_processes(self, host: str) -> None:
+        ids = {i for i in (ns_id(self.netns_path(host)), ns_id(self.mntns_path(host))) if i}
+        if ids:
+            kill_namespace_members(ids)
+
+    def _remove_host_mounts(self, host: str) -> None:
+        mnt = str(self.mntns_path(host))
+        if mnt in mount_points():
+            run(["nsenter", f"--mount={mnt}", "--", tool("umount"), "/srv"], check=False)
+            run(["umount", mnt])
+        image = self.srv_image(host)
+        if image.exists():
+            for line in run(["losetup", "--associated", str(image)]).stdout.splitlines():
+                run(["losetup", "--detach", line.split(":")[0]])
+
+    def _remove_host_network(self, host: str) -> None:
+        veth = self.veth_name(host)
+        if Path("/sys/class/net", veth).exists():
+            run(["ip", "link", "del", veth], check=False)
+        if self.netns_path(host).exists():
+            run(["ip", "netns", "del", self.netns_name(host)])
+
+    def _remove_host_files(self, host: str) -> None:
+        hd = self.host_dir(host)
+        for name in HOST_FILES:
+            hd.joinpath(name).unlink(missing_ok=True)
+        if hd.joinpath("srv").is_dir():
+            shutil.rmtree(hd / "srv")
+        if hd.is_dir():
+            hd.rmdir()
+
+    def _remove_bridge(self) -> None:
+        if Path("/sys/class/net", self.bridge).exists():
+            run(["ip", "link", "del", self.bridge])
+
+    def _remove_state_dir(self) -> None:
+        for name in TOP_FILES:
+            self.state_dir.joinpath(name).unlink(missing_ok=True)
+        self.state_dir.joinpath("testbed.json.tmp").unlink(missing_ok=True)
+        while str(self.state_dir) in mount_points():
+            run(["umount", str(self.state_dir)])
+        if self.state_dir.is_dir():
+            try:
+                self.state_dir.rmdir()
+            except OSError:
+                leftovers = ", ".join(sorted(p.name for p in self.state_dir.iterdir()))
+                raise TestbedError(f"left {self.state_dir}: it holds files the testbed did not "
+                                   f"create ({leftovers})") from None
+
+    def __enter__(self) -> Testbed:
+        self.up()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+
+def _collect(errors: list[str], step: Any, *args: Any) -> None:
+    """Run one teardown step; record its error instead of stopping the teardown."""
+    try:
+        step(*args)
+    except (TestbedError, OSError) as exc:
+        errors.append(str(exc))
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="testbed.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help=f"state directory (default ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="create the hosts (no-op if already up; rebuilt if different)")
+    up.add_argument("--hosts", nargs="+", default=list(DEFAULT_HOSTS), metavar="HOST")
+    up.add_argument("--srv-fs", choices=SRV_FS_CHOICES, default="dir",
+                    help="what /srv is on each host: a directory, or btrfs on a loop device")
+    up.add_argument("--srv-size", type=int, default=DEFAULT_SRV_SIZE, metavar="BYTES",
+                    help="size of each sparse btrfs image")
+    up.add_argument("--prefix", default=DEFAULT_PREFIX, help="netns and interface name prefix")
+    up.add_argument("--bridge", default=None, help="bridge name (default PREFIXbr0)")
+    up.add_argument("--subnet", default=DEFAULT_SUBNET, help="private /24 for the links")
+    sub.add_parser("down", help="remove everything the testbed made")
+    status = sub.add_parser("status", help="show hosts, addresses, sshd pids and health")
+    status.add_argument("--ssh-config", action="store_true",
+                        help="print only the path of the ssh config file")
+    exe = sub.add_parser("exec", help="run a command inside a host: exec HOST -- CMD...")
+    exe.add_argument("host")
+    exe.add_argument("cmd", nargs=argparse.REMAINDER)
+    return parser.parse_args(argv)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    bed = Testbed(args.state_dir, hosts=args.hosts, prefix=args.prefix, bridge=args.bridge,
+                  subnet=args.subnet, srv_fs=args.srv_fs, srv_size=args.srv_size)
+    if not bed.up():
+        print(f"testbed already up in {bed.state_dir}")
+    print_status(bed)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        bed = Testbed.from_state(args.state_dir)
+    except TestbedError:
+        bed = Testbed(args.state_dir)
+    bed.down()
+    print(f"testbed down ({bed.state_dir} removed)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    bed = Testbed.from_state(args.state_dir)
+    if args.ssh_config:
+        print(bed.ssh_config_path)
+        return 0
+    return 0 if print_status(bed) else 1
+
+
+def print_status(bed: Testbed) -> bool:
+    print(f"state {bed.state_dir}  bridge {bed.bridge} {bed.bridge_address} on {bed.subnet}  "
+          f"/srv: {bed.srv_fs}")
+    healthy = True
+    for st in bed.status():
+        problems = [what for ok, what in ((st.netns, "no netns"), (st.mntns, "no mount ns"),
+                                          (st.sshd_pid is not None, "sshd not running"),
+                                          (st.listening, "port 22 closed")) if not ok]
+        healthy = healthy and not problems
+        print(f"{st.host:<10} {st.address:<15} netns {bed.netns_name(st.host):<15} "
+              f"sshd {st.sshd_pid or '-':<8} {'ok' if not problems else ', '.join(problems)}")
+    print(f"ssh -F {bed.ssh_config_path} {bed.hosts[0]}")
+    return healthy
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise TestbedError("exec needs a command: exec HOST -- CMD...")
+    bed = Testbed.from_state(args.state_dir)
+    returncode = bed.exec(args.host, cmd).returncode
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "exec": cmd_exec}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        needs_root = not (args.command == "status" and args.ssh_config)
+        if needs_root and os.geteuid() != 0:
+            raise TestbedUnavailable("must run as root (namespaces, mounts and sshd need it)")
+        return COMMANDS[args.command](args)
+    except TestbedError as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
