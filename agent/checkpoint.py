@@ -7,6 +7,7 @@ complete image (end record written and flushed) lets ``--leave-running`` off kil
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable
@@ -16,10 +17,10 @@ from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.procfs import check_supported, check_target
 from agent.restore import Restorer
-from precopy.layout import PageFinder, read_maps
+from precopy.layout import PageFinder
 from precopy.pagemap import pagemap_scan_works
 from precopy.reader import PageReader
-from transport.errors import MigrationError, ProtocolError, RestoreError
+from transport.errors import Cancelled, MigrationError, ProtocolError, RestoreError
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
 from transport.schema import EndOfImage, Files, ImageHeader, Mappings, ProcessState, ThreadState
@@ -30,6 +31,12 @@ class CheckpointOptions:
     leave_running: bool = False
     compress_level: int | None = 1      # None: store pages raw
     workers: int = 2
+    cancel: threading.Event | None = None   # set it to roll back at the next safe point
+
+
+def _check_cancel(opts: CheckpointOptions, pid: int) -> None:
+    if opts.cancel is not None and opts.cancel.is_set():
+        raise Cancelled("interrupted: nothing was written and the process was left running", pid=pid)
 
 
 @dataclass
@@ -62,8 +69,10 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     stats = CheckpointStats(pid=pid)
     complete = False
     try:
+        _check_cancel(opts, pid)
         freezer.freeze(held)
         check_supported(pid)              # again, now that nothing can change under us
+        _check_cancel(opts, pid)
         mem = RemoteMemory(pid, writable=False)
         try:
             state = collect(held, mem)
@@ -79,8 +88,9 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             for t in state.threads:
                 writer.record(t)
             t_mem = time.monotonic()
-            write_memory(pid, layout, writer)
+            write_memory(pid, layout, writer, lambda: _check_cancel(opts, pid))
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
+            _check_cancel(opts, pid)
             wstats = writer.finish()
         finally:
             writer.close()
@@ -104,12 +114,14 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     return stats
 
 
-def write_memory(pid: int, layout: Mappings, writer: ImageWriter) -> None:
+def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
+                 check: Callable[[], None] = lambda: None) -> None:
     with PageFinder(pid, use_scan=pagemap_scan_works()) as finder, PageReader(pid) as reader:
         for vma in layout.vmas:
             runs = finder.populated(vma)
             if runs:
                 for batch in reader.batches(runs, drop_zero=vma.shared):
+                    check()
                     writer.pages(batch)
 
 
@@ -125,8 +137,10 @@ class RestoreResult:
         return asdict(self)
 
 
-def restore(src: BinaryIO, *, resume: bool = True) -> tuple[RestoreResult, Restorer]:
-    """Rebuild the process an image describes; it runs on return unless ``resume`` is False."""
+def restore(src: BinaryIO, *, resume: bool = True,
+            cancel: threading.Event | None = None) -> tuple[RestoreResult, Restorer]:
+    """Rebuild the process an image describes; it runs on return unless ``resume`` is False.
+    Setting ``cancel`` aborts at the next record or page batch: nothing of it is left."""
     t0 = time.monotonic()
     reader = ImageReader(src)
     restorer: Restorer | None = None
@@ -136,6 +150,8 @@ def restore(src: BinaryIO, *, resume: bool = True) -> tuple[RestoreResult, Resto
     done = False
     try:
         for item in reader:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("interrupted: the half-restored process was removed")
             if isinstance(item, ImageHeader):
                 restorer = Restorer(item)
             elif isinstance(item, PageBatch):
@@ -172,5 +188,3 @@ def restore(src: BinaryIO, *, resume: bool = True) -> tuple[RestoreResult, Resto
                            restore_time_ms=(time.monotonic() - t0) * 1000, warnings=restorer.report.warnings)
     return result, restorer
 
-
-__all__ = ["CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "restore", "read_maps"]

@@ -87,12 +87,13 @@ def collect(held: Held, mem: RemoteMemory) -> Collected:
     pid = held.pid
     gadget = vdso_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
+    rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}
     injectors = {tid: Injector(tid, gadget) for tid in tids}
     leader = injectors[pid]
     scratch: Scratch | None = None
     try:
         scratch = Scratch(leader, mem)
-        threads = [_collect_thread(held, tid, injectors[tid], scratch) for tid in tids]
+        threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
         process = _collect_process(held, leader, scratch)
         files = collect_files(pid)
     finally:
@@ -105,11 +106,23 @@ def collect(held: Held, mem: RemoteMemory) -> Collected:
     return Collected(process, threads, files, len(threads[0].xstate))
 
 
-def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch) -> ThreadState:
-    mem = scratch.mem
-    regs = inj.saved_regs
+def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:
+    """Move a thread frozen inside an rseq critical section to its abort handler, as the
+    kernel does when it resumes a preempted thread (our injections would otherwise let the
+    kernel clear ``rseq_cs`` with the thread still mid-section). Returns its rseq config.
+    Must run before anything is injected into the thread."""
     rseq_addr, rseq_len, rseq_sig = ptrace.get_rseq(tid)
-    regs = _rseq_fixup(mem, regs, rseq_addr)
+    regs = ptrace.get_regs(tid)
+    fixed = _rseq_fixup(mem, regs, rseq_addr)
+    if fixed != regs:
+        ptrace.set_regs(tid, fixed)
+    return rseq_addr, rseq_len, rseq_sig
+
+
+def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
+                    rseq: tuple[int, int, int]) -> ThreadState:
+    regs = inj.saved_regs
+    rseq_addr, rseq_len, rseq_sig = rseq
     inj.call("prctl", PR_GET_TID_ADDRESS, scratch.addr)
     tid_address = _u64(scratch.get(0, 8), 0)
     inj.call("sigaltstack", 0, scratch.addr)

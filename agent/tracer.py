@@ -44,10 +44,22 @@ class Tracer:
         self._queue.put((fut, fn, args, kwargs))
         return fut
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, on_interrupt: threading.Event | None = None,
+             **kwargs: Any) -> T:
+        """Run ``fn`` on the tracer thread and wait for it.
+
+        A KeyboardInterrupt while waiting does not abandon the tracee (a tracer that exits
+        mid-injection would leave it with borrowed registers): it sets ``on_interrupt``, which the
+        operation checks at safe points to roll back, and keeps waiting for it to finish."""
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        return self.submit(fn, *args, **kwargs).result()
+        fut = self.submit(fn, *args, **kwargs)
+        while True:
+            try:
+                return fut.result()
+            except KeyboardInterrupt:
+                if on_interrupt is not None:
+                    on_interrupt.set()
 
     async def acall(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         import trio

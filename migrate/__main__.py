@@ -1,6 +1,9 @@
 """`python -m migrate` is `kcr-migrate`."""
 import sys
 
-from migrate.cli import main
+try:
+    from migrate.cli import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 sys.exit(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -74,14 +75,32 @@ def _load_commands() -> None:
     from migrate import commands  # noqa: F401
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP roll back like Ctrl-C instead of killing the tool mid-operation."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _main(args_list: list[str]) -> int:
     _load_commands()
     # `kcr-migrate PID@hostA hostB ...` is shorthand for `kcr-migrate migrate PID@hostA hostB ...`.
     if args_list and "@" in args_list[0] and not args_list[0].startswith("-") and "migrate" in COMMANDS:
         args_list.insert(0, "migrate")
     parser = build_parser()
     args = parser.parse_args(args_list)
+    _interrupt_on_termination()
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -90,16 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationError as exc:
         error(str(exc))
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        error("interrupted")
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         error("the output pipe was closed")
         return EXIT_ERROR
     except OSError as exc:
         error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         return EXIT_ERROR
-
 
 if __name__ == "__main__":
     sys.exit(main())

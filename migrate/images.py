@@ -6,7 +6,9 @@ process, so callers that reap children themselves must not host it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -22,8 +24,11 @@ def checkpoint(pid: int, out: BinaryIO, options: CheckpointOptions | None = None
     """Write an image of ``pid`` to ``out``; kill it afterwards unless ``leave_running``.
 
     ``on_complete`` runs when the image is whole and before the process is killed."""
+    opts = options or CheckpointOptions()
+    if opts.cancel is None:
+        opts = dataclasses.replace(opts, cancel=threading.Event())
     with Tracer() as tracer:
-        return tracer.call(_checkpoint, pid, out, options or CheckpointOptions(), on_complete)
+        return tracer.call(_checkpoint, pid, out, opts, on_complete, on_interrupt=opts.cancel)
 
 
 def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = None) -> CheckpointStats:
@@ -47,8 +52,9 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
 
 def restore(src: BinaryIO) -> RestoreResult:
     """Restore the process an image describes and let it run; returns its new pid."""
+    cancel = threading.Event()
     with Tracer() as tracer:
-        result, _ = tracer.call(_restore, src)
+        result, _ = tracer.call(_restore, src, cancel=cancel, on_interrupt=cancel)
         return result
 
 

@@ -83,6 +83,12 @@ class RestoreError(MigrationError):
     code = "restore"
 
 
+class Cancelled(MigrationError):
+    """The user (or the caller) asked to stop; everything was rolled back."""
+
+    code = "cancelled"
+
+
 # --- images and streams -------------------------------------------------------------------
 
 class TransportError(MigrationError):
@@ -142,6 +148,7 @@ ERROR_CODES: dict[str, type[MigrationError]] = {
         ProcessExited,
         KernelFeatureMissing,
         RestoreError,
+        Cancelled,
         TransportError,
         ProtocolError,
         TruncatedStream,

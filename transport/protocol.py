@@ -10,7 +10,8 @@ request/response protocol of ``transport.rpc``::
     35 Cancel      id: the caller gave up on a request
     36 Progress    id, fields: an event from a long-running request
     37 PagesBegin  id: page batches that follow (PAGES frames) belong to request id
-    38 PagesEnd    id, counts: the page stream of id is complete (the receiver checks the counts)
+    38 PagesEnd    id, counts: the page stream of id is complete (the receiver checks the counts);
+                   an empty upload is a lone PagesEnd(id, 0, 0, 0), valid anywhere
     39 Credit      bytes: the receiver consumed that many raw page bytes (flow control)
     40 Bye         reason: the sender closes the stream on purpose
 
@@ -121,6 +122,7 @@ class Request(Record):
     id: int
     method: str
     args: dict[str, Any] = field(default_factory=dict)
+    upload: bool = False     # the caller sends a page stream with this request
 
     def validate(self) -> None:
         _check(0 < self.id < 1 << 63, f"request id {self.id}")

@@ -47,7 +47,7 @@ static FILE *open_output(void) {
     return f;
 }
 
-static void sleep_ms(long ms) {
+__attribute__((unused)) static void sleep_ms(long ms) {
     struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
 }

@@ -1,0 +1,129 @@
+"""The local channel: an agent on this host, over a socketpair (no SSH server needed).
+
+``open_local_agent`` starts ``kcr-agent serve --stdio`` (by default with this Python, so the
+agent is exactly this kcr-migrate) with one end of a socketpair as its stdin and stdout, and
+speaks the protocol over the other end. ``stdio_stream`` is the agent's side: the protocol
+on file descriptors 0 and 1, whatever they are (a socketpair here, pipes or sockets under
+sshd), with fd 1 pointed at stderr so that a stray print cannot corrupt the stream.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+import trio
+
+from transport._nursery import service_nursery
+from transport.errors import MigrationError, TransportError
+from transport.protocol import ROLE_AGENT, ROLE_ORCHESTRATOR
+from transport.rpc import Methods, RpcPeer, open_rpc
+
+AGENT_ARGV: tuple[str, ...] = (sys.executable, "-m", "agent.cli", "serve", "--stdio")
+STDERR_TAIL = 4096
+EXIT_TIMEOUT = 5.0
+
+
+def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two connected trio streams within this process."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+def stdio_stream() -> trio.abc.Stream:
+    """This process's fds 0 and 1 as one trio stream; fd 0 becomes /dev/null, fd 1 stderr."""
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    st_in, st_out = os.fstat(in_fd), os.fstat(out_fd)
+    if stat.S_ISSOCK(st_in.st_mode) and (st_in.st_dev, st_in.st_ino) == (st_out.st_dev, st_out.st_ino):
+        os.close(out_fd)
+        sock = socket.socket(fileno=in_fd)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return trio.StapledStream(trio.lowlevel.FdStream(out_fd), trio.lowlevel.FdStream(in_fd))
+
+
+class StderrTail:
+    """Keeps the last bytes a child wrote to stderr (for error messages), optionally echoing them."""
+
+    def __init__(self, *, echo: bool) -> None:
+        self.data = bytearray()
+        self._echo = echo
+
+    def add(self, chunk: bytes) -> None:
+        if self._echo:
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+        self.data += chunk
+        del self.data[:-STDERR_TAIL]
+
+    def text(self) -> str:
+        return " / ".join(line.strip() for line in self.data.decode(errors="replace").splitlines() if line.strip())
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        async with stream:
+            while chunk := await stream.receive_some():
+                self.add(chunk)
+
+
+async def _reap(proc: trio.Process) -> None:
+    """Wait for the agent to leave (it does once its stream is closed); kill it if it lingers."""
+    with trio.move_on_after(EXIT_TIMEOUT) as scope:
+        scope.shield = True
+        await proc.wait()
+    if proc.returncode is None:
+        proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+
+
+@asynccontextmanager
+async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods | None = None,
+                           echo_stderr: bool = True, **rpc_options: Any) -> AsyncIterator[RpcPeer]:
+    """Start a local agent and yield the RPC peer talking to it; stop it on the way out.
+
+    ``rpc_options`` go to ``open_rpc`` (level, window, timeouts, stream caps).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = await trio.lowlevel.open_process(list(argv), stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        ours.close()
+        raise TransportError(f"cannot start the local agent {argv[0]}: {exc.strerror or exc}") from None
+    finally:
+        theirs.close()
+    tail = StderrTail(echo=echo_stderr)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    started = False
+    try:
+        async with service_nursery() as nursery:
+            assert proc.stderr is not None
+            nursery.start_soon(tail.pump, proc.stderr)
+            try:
+                async with open_rpc(stream, role=ROLE_ORCHESTRATOR, accept_roles=(ROLE_AGENT,),
+                                    methods=methods, peer="the local kcr-agent", host="localhost",
+                                    **rpc_options) as rpc:
+                    started = True
+                    yield rpc
+            except MigrationError as exc:
+                if started:
+                    raise
+                await _reap(proc)
+                detail = f": {tail.text()}" if tail.text() else ""
+                raise type(exc)(f"{exc.message} (the local kcr-agent exited with status "
+                                f"{proc.returncode}{detail})") from None
+            finally:
+                await _reap(proc)
+                nursery.cancel_scope.deadline = trio.current_time() + 1.0  # last words on stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
