@@ -128,7 +128,8 @@ class Restorer:
         self.pid = stub.spawn()
         self.report.pid = self.pid
         try:
-            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE)
+            # EXITKILL: if the restorer dies before resume, the half-built process dies with it.
+            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL)
             ptrace.interrupt(self.pid)
             ptrace.wait_stop(self.pid)
             self._stopped = True
@@ -466,11 +467,26 @@ class Restorer:
     # -- the end ----------------------------------------------------------------------------
 
     def resume(self) -> int:
-        """Let every thread run (the point of no return for the restored process)."""
+        """Let every thread run (the point of no return for the restored process).
+
+        Returns the CLOCK_MONOTONIC time (ns) by which every thread has run: each thread's
+        on-CPU time has grown since it was let go. That instant, not the detach, ends the
+        downtime a program inside observes."""
+        before = {tid: _cpu_ns(self.pid, tid) for tid in self.new_tids.values()}
         for tid in sorted(self.new_tids.values(), key=lambda t: t == self.pid):
             ptrace.detach(tid)
         self._stopped = False
         self.close()
+        waiting = dict(before)
+        deadline = time.monotonic() + 1.0
+        while waiting and time.monotonic() < deadline:
+            for tid, ns in list(waiting.items()):
+                now = _cpu_ns(self.pid, tid)
+                if now is None or ns is None or now > ns:
+                    del waiting[tid]
+            if waiting:
+                time.sleep(0.0001)
+        self.running_ns = time.monotonic_ns()
         return self.pid
 
     def abort(self) -> None:
@@ -494,6 +510,15 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _cpu_ns(pid: int, tid: int) -> int | None:
+    """Time the thread has spent on a CPU (ns), from /proc/PID/task/TID/schedstat."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def resume_regs(regs: GpRegs) -> GpRegs:

@@ -1,0 +1,260 @@
+"""The holder: a process of its own that traces the source process for its agent.
+
+A tracee lives and dies with its tracer, so the tracer of a migrating process must not be
+the agent that talks to the network: if that agent is killed, the holder sees its socket
+close and settles the process by the rule in force — before the point of no return it
+thaws it (the process runs on as if nothing happened); after it, it stops the process with
+SIGSTOP and lets go, so the source never runs beside a destination copy.
+
+Requests and answers are length-prefixed msgpack maps on a socketpair; ptrace requests all
+run on the holder's main thread. ``HolderClient`` is the agent's side.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import msgpack
+
+from agent import freeze as freezer
+from agent import ptrace
+from agent.dump import collect
+from agent.inject import Injector, RemoteMemory, vdso_gadget
+from agent.procfs import check_supported, check_target
+from transport.errors import MigrationError, ProcessError, ProtocolError, error_from_wire
+
+LEN = struct.Struct("<I")
+MAX_MESSAGE = 64 << 20
+ON_EOF_THAW = "thaw"
+ON_EOF_HOLD = "hold"
+
+
+def send_message(sock: socket.socket, obj: Any) -> None:
+    data = msgpack.packb(obj, use_bin_type=True)
+    sock.sendall(LEN.pack(len(data)) + data)
+
+
+def recv_message(sock: socket.socket) -> Any | None:
+    head = _recv_exact(sock, LEN.size)
+    if head is None:
+        return None
+    (n,) = LEN.unpack(head)
+    if n > MAX_MESSAGE:
+        raise ProtocolError(f"holder message of {n} bytes exceeds the cap")
+    body = _recv_exact(sock, n)
+    if body is None:
+        raise ProtocolError("the holder's peer closed mid-message")
+    return msgpack.unpackb(body, raw=False)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            if buf:
+                raise ProtocolError("the holder's peer closed mid-message")
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class Holder:
+    """The state of the held process and the operations on it (main thread only)."""
+
+    def __init__(self) -> None:
+        self.held: freezer.Held | None = None
+        self.on_eof = ON_EOF_THAW
+        self.first_interrupt_ns = 0
+
+    def _need(self) -> freezer.Held:
+        if self.held is None:
+            raise ProcessError("no process is held")
+        return self.held
+
+    def op_seize(self, pid: int) -> dict[str, Any]:
+        check_target(pid)
+        check_supported(pid)
+        self.held = freezer.seize(pid)
+        return {"pid": pid, "threads": len(self.held.seized)}
+
+    def op_freeze(self) -> dict[str, Any]:
+        held = self._need()
+        if not held.frozen:
+            self.first_interrupt_ns = time.monotonic_ns()
+            freezer.freeze(held)
+        return {"first_interrupt_ns": self.first_interrupt_ns, "threads": sorted(held.stopped)}
+
+    def op_thaw(self) -> dict[str, Any]:
+        held = self._need()
+        if held.frozen:
+            # thaw() releases everything; keep holding the threads (seized, running).
+            for tid in list(held.seized):
+                sig = 0
+                if tid in held.inflight:
+                    sig = int.from_bytes(held.inflight[tid][:4], "little", signed=True)
+                try:
+                    ptrace.detach(tid, sig)
+                    ptrace.seize(tid)
+                except OSError:
+                    held.seized.discard(tid)
+            held.stopped.clear()
+            held.inflight.clear()
+        return {}
+
+    def op_collect(self) -> dict[str, Any]:
+        held = self._need()
+        if not held.frozen:
+            raise ProcessError("the process must be frozen to collect its state")
+        mem = RemoteMemory(held.pid, writable=False)
+        try:
+            state = collect(held, mem)
+        finally:
+            mem.close()
+        return {"process": state.process.to_wire(), "files": state.files.to_wire(),
+                "threads": [t.to_wire() for t in state.threads]}
+
+    def op_inject(self, calls: list[list[Any]]) -> list[int]:
+        """Run system calls in the frozen process's main thread; returns raw results."""
+        held = self._need()
+        if not held.frozen:
+            raise ProcessError("the process must be frozen to inject system calls")
+        mem = RemoteMemory(held.pid, writable=False)
+        try:
+            gadget = vdso_gadget(held.pid, mem)
+        finally:
+            mem.close()
+        with Injector(held.pid, gadget) as inj:
+            return [inj.call(name, *args) for name, args in calls]
+
+    def op_commit_pending(self) -> dict[str, Any]:
+        """From now on a lost agent stops the process instead of thawing it."""
+        self.on_eof = ON_EOF_HOLD
+        return {}
+
+    def op_kill(self) -> dict[str, Any]:
+        held = self._need()
+        freezer.kill(held)
+        self.held = None
+        return {}
+
+    def op_hold(self) -> dict[str, Any]:
+        """Leave the process stopped (SIGSTOP) and untraced: one command settles it later."""
+        held = self._need()
+        os.kill(held.pid, signal.SIGSTOP)
+        freezer.thaw(held)
+        self.held = None
+        return {}
+
+    def op_release(self) -> dict[str, Any]:
+        """Let the process go, running (rollback)."""
+        if self.held is not None:
+            freezer.thaw(self.held)
+            self.held = None
+        return {}
+
+    def settle_on_eof(self) -> None:
+        if self.held is None:
+            return
+        if self.on_eof == ON_EOF_HOLD:
+            self.op_hold()
+        else:
+            self.op_release()
+
+
+def serve(sock: socket.socket) -> None:
+    holder = Holder()
+    ops: dict[str, Callable[..., Any]] = {name[3:]: getattr(holder, name) for name in dir(holder)
+                                         if name.startswith("op_")}
+    try:
+        while True:
+            try:
+                req = recv_message(sock)
+            except (OSError, ProtocolError):
+                req = None
+            if req is None:
+                break
+            op = ops.get(str(req.get("op")))
+            try:
+                if op is None:
+                    raise ProtocolError(f"unknown holder operation {req.get('op')!r}")
+                result = op(**req.get("args", {}))
+                reply: dict[str, Any] = {"ok": True, "result": result}
+            except MigrationError as exc:
+                reply = {"ok": False, "error": exc.to_wire()}
+            except OSError as exc:
+                reply = {"ok": False, "error": {"code": "process", "errno": exc.errno or 0,
+                                                "message": f"{exc.strerror or exc}"}}
+            except ptrace.TraceeGone as exc:
+                reply = {"ok": False, "error": {"code": "process-exited", "errno": 0, "message": str(exc)}}
+            try:
+                send_message(sock, reply)
+            except OSError:
+                break
+    finally:
+        holder.settle_on_eof()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="kcr-holder")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args()
+    # Only the agent's death (our socket closing) ends us: a signal arriving mid-injection
+    # must not leave the process with borrowed registers. Ctrl-C aimed at the terminal's whole
+    # process group, SIGTERM and SIGHUP are the agent's to handle.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    try:
+        serve(sock)
+    finally:
+        sock.close()
+
+
+class HolderClient:
+    """The agent's handle on its holder process. Thread-safe; blocking calls."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = ours
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.holder", "--fd", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        theirs.close()
+
+    def call(self, op: str, **args: Any) -> Any:
+        with self._lock:
+            try:
+                send_message(self._sock, {"op": op, "args": args})
+                reply = recv_message(self._sock)
+            except OSError as exc:
+                raise ProcessError(f"the holder process failed: {exc}") from None
+        if reply is None:
+            raise ProcessError("the holder process exited")
+        if not reply.get("ok"):
+            raise error_from_wire(reply.get("error", {}))
+        return reply.get("result")
+
+    def close(self, timeout: float = 30) -> None:
+        """Close the link; the holder settles the process by the rule in force and exits."""
+        try:
+            self._sock.close()
+        finally:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+if __name__ == "__main__":
+    main()
