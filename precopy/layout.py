@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -151,6 +152,98 @@ def holds_private_data(vma: Vma) -> bool:
     return True
 
 
+def trackable(entry: MapEntry) -> bool:
+    """``holds_private_data`` for a maps line (no stat of the file): pages a tracker must follow."""
+    kind = entry.kind
+    if kind in ("vdso", "vvar", "vvar_vclock", "vsyscall"):
+        return False
+    return not (kind == "file" and entry.shared)
+
+
+def same_backing(a: MapEntry, b: MapEntry) -> bool:
+    """Could ``b`` be (part of) the same memory as ``a``, seen at another time?"""
+    if a.shared != b.shared:
+        return False
+    if a.inode == 0 and b.inode == 0:
+        return True
+    return a.inode == b.inode and a.dev == b.dev and a.offset - a.start == b.offset - b.start
+
+
+@dataclass(frozen=True)
+class LayoutChange:
+    """How an address space changed between two reads of its maps.
+
+    ``added``, ``grown`` and ``reprotected`` hold current entries; ``removed`` and ``shrunk``
+    hold entries of the earlier read. ``new_spans`` are the address ranges whose contents are
+    new (added mappings and the grown parts): every populated page there counts as dirty.
+    """
+
+    added: tuple[MapEntry, ...] = ()
+    removed: tuple[MapEntry, ...] = ()
+    grown: tuple[MapEntry, ...] = ()
+    shrunk: tuple[MapEntry, ...] = ()
+    reprotected: tuple[MapEntry, ...] = ()
+    new_spans: tuple[Span, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.grown or self.shrunk or self.reprotected)
+
+    def counts(self) -> dict[str, int]:
+        return {"added": len(self.added), "removed": len(self.removed), "grown": len(self.grown),
+                "shrunk": len(self.shrunk), "reprotected": len(self.reprotected)}
+
+
+def _overlaps(a: list[MapEntry], b: list[MapEntry]) -> list[list[MapEntry]]:
+    """For each entry of ``a`` (sorted), the entries of ``b`` (sorted) with the same backing that overlap it."""
+    out: list[list[MapEntry]] = []
+    j = 0
+    for x in a:
+        while j < len(b) and b[j].end <= x.start:
+            j += 1
+        hits: list[MapEntry] = []
+        k = j
+        while k < len(b) and b[k].start < x.end:
+            if same_backing(x, b[k]):
+                hits.append(b[k])
+            k += 1
+        out.append(hits)
+    return out
+
+
+def _covered(x: MapEntry, hits: list[MapEntry]) -> list[Span]:
+    return intersect_spans([(x.start, x.end)], merge_spans((h.start, h.end) for h in hits))
+
+
+def diff_layout(old: list[MapEntry], new: list[MapEntry]) -> LayoutChange:
+    """Classify the differences between two sorted maps reads (linear in their length)."""
+    added: list[MapEntry] = []
+    grown: list[MapEntry] = []
+    reprotected: list[MapEntry] = []
+    new_spans: list[Span] = []
+    for n, hits in zip(new, _overlaps(new, old)):
+        covered = _covered(n, hits)
+        if not covered:
+            added.append(n)
+            new_spans.append((n.start, n.end))
+            continue
+        fresh = subtract_spans([(n.start, n.end)], covered)
+        if fresh:
+            grown.append(n)
+            new_spans.extend(fresh)
+        elif any(h.prot != n.prot for h in hits):
+            reprotected.append(n)
+    removed: list[MapEntry] = []
+    shrunk: list[MapEntry] = []
+    for o, hits in zip(old, _overlaps(old, new)):
+        covered = _covered(o, hits)
+        if not covered:
+            removed.append(o)
+        elif covered != [(o.start, o.end)]:
+            shrunk.append(o)
+    return LayoutChange(tuple(added), tuple(removed), tuple(grown), tuple(shrunk), tuple(reprotected),
+                        tuple(merge_spans(new_spans)))
+
+
 Run = tuple[int, int]   # (address, number of pages)
 
 
@@ -161,6 +254,16 @@ class PageFinder:
         self.pid = pid
         self._scanner: PagemapScanner | None = PagemapScanner(pid) if use_scan else None
         self._pagemap_fd = -1 if use_scan else os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def scanner(self) -> PagemapScanner | None:
+        """The PAGEMAP_SCAN handle (None where the kernel lacks it)."""
+        return self._scanner
+
+    @property
+    def pagemap_fd(self) -> int:
+        """The legacy /proc/PID/pagemap descriptor (only where PAGEMAP_SCAN is missing)."""
+        return self._pagemap_fd
 
     def close(self) -> None:
         if self._scanner is not None:
@@ -179,24 +282,38 @@ class PageFinder:
         """Runs of pages that hold the process's own data in this mapping."""
         if not holds_private_data(vma):
             return []
-        if vma.shared:     # shared anonymous: read it all, zero pages are dropped later
-            return [(vma.start, vma.length // PAGE_SIZE)]
-        exclude = PAGE_IS_PFNZERO | (PAGE_IS_FILE if vma.kind == "file" else 0)
+        return self.populated_span(vma.start, vma.end, file_backed=vma.kind == "file", shared=vma.shared)
+
+    def populated_entry(self, entry: MapEntry) -> list[Run]:
+        """``populated`` for a maps line."""
+        if not trackable(entry):
+            return []
+        return self.populated_span(entry.start, entry.end, file_backed=entry.kind == "file",
+                                   shared=entry.shared)
+
+    def populated_span(self, start: int, end: int, *, file_backed: bool, shared: bool = False) -> list[Run]:
+        """Populated private pages of [start, end), which lies in one mapping of that kind.
+
+        Only valid where no uffd-wp markers exist: the kernel reports a marker as a swapped page.
+        """
+        if shared:     # shared anonymous: read it all, zero pages are dropped later
+            return [(start, (end - start) // PAGE_SIZE)]
+        exclude = PAGE_IS_PFNZERO | (PAGE_IS_FILE if file_backed else 0)
         if self._scanner is not None:
-            regions = self._scanner.scan(vma.start, vma.end, required=exclude, inverted=exclude,
+            regions = self._scanner.scan(start, end, required=exclude, inverted=exclude,
                                          anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED, returned=PAGE_IS_PRESENT)
             return _merge((r.start, (r.end - r.start) // PAGE_SIZE) for r in regions)
-        return self._populated_legacy(vma)
+        return self._populated_legacy(start, end, file_backed)
 
-    def _populated_legacy(self, vma: Vma) -> list[Run]:
-        entries = read_pagemap(self._pagemap_fd, vma.start, vma.end)
+    def _populated_legacy(self, start: int, end: int, file_backed: bool) -> list[Run]:
+        entries = read_pagemap(self._pagemap_fd, start, end)
         runs: list[Run] = []
         for i, e in enumerate(entries):
             if not e & (PM_PRESENT | PM_SWAP):
                 continue
-            if vma.kind == "file" and e & PM_FILE:
+            if file_backed and e & PM_FILE:
                 continue    # still the file's page
-            addr = vma.start + i * PAGE_SIZE
+            addr = start + i * PAGE_SIZE
             if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:

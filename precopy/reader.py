@@ -43,6 +43,7 @@ class PageReader:
         self.batch_pages = max(1, batch_bytes // PAGE_SIZE)
         self._mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.bytes_read = 0
+        self.pages_skipped_zero = 0     # all-zero pages ``batches(drop_zero=True)`` left out
 
     def close(self) -> None:
         if self._mem_fd >= 0:
@@ -59,7 +60,9 @@ class PageReader:
         for group in split_runs(runs, self.batch_pages):
             batch = self.read(group)
             if drop_zero:
-                batch = _without_zero_pages(batch)
+                kept = _without_zero_pages(batch)
+                self.pages_skipped_zero += batch.npages - kept.npages
+                batch = kept
             if batch.runs:
                 yield batch
 
@@ -89,12 +92,17 @@ class PageReader:
         kept: list[Run] = list(runs[:i])
         out = memoryview(buf)
         for addr, n in runs[i:]:
-            length = n * PAGE_SIZE
-            got = self._pread_into(out[done: done + length], addr)
-            whole = got // PAGE_SIZE
-            if whole:
-                kept.append((addr, whole))
-                done += whole * PAGE_SIZE
+            # A run may span several mappings: a page that cannot be read (its mapping just went
+            # away) is skipped alone, and reading goes on after it.
+            page = 0
+            while page < n:
+                length = (n - page) * PAGE_SIZE
+                got = self._pread_into(out[done: done + length], addr + page * PAGE_SIZE)
+                whole = got // PAGE_SIZE
+                if whole:
+                    kept.append((addr + page * PAGE_SIZE, whole))
+                    done += whole * PAGE_SIZE
+                page += whole + 1
         self.bytes_read += done
         if done != total:
             del out
@@ -114,6 +122,12 @@ class PageReader:
                 break
             got += k
         return got
+
+
+def zero_batches(runs: Iterable[Run], batch_pages: int) -> Iterator[PageBatch]:
+    """Batches of zero pages for runs known to be empty now (nothing is read)."""
+    for group in split_runs(runs, batch_pages):
+        yield PageBatch(tuple(group), bytes(sum(n for _, n in group) * PAGE_SIZE))
 
 
 def _without_zero_pages(batch: PageBatch) -> PageBatch:

@@ -1,0 +1,88 @@
+"""`kcr-migrate wss PID`: how much memory a process writes per interval, and what a migration would cost."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from migrate.cli import command, parse_pid
+from migrate.wss import GIGABIT, WssMeter, WssOptions
+from precopy.policy import PrecopyPolicy
+from precopy.tracker import CHOICES
+
+MiB = 1 << 20
+_UNITS = {"": MiB, "b": 1, "k": 1000, "kb": 1000, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 1 << 10, "mib": MiB, "gib": 1 << 30,
+          "kbit": 125, "mbit": 125_000, "gbit": 125_000_000}
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)(?:/s|ps)?\s*$", re.IGNORECASE)
+
+
+def parse_rate(text: str) -> float:
+    """A bandwidth: ``117`` (MiB/s), ``1gbit``, ``10Gbit``, ``500MB``, ``1GiB`` (per second). Bytes per second."""
+    m = _RATE.match(text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bandwidth (examples: 117, 1gbit, 500MB, 2GiB)")
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=parse_pid, help="process to measure (it keeps running, undisturbed)")
+    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                   help="seconds per measurement interval (default 1)")
+    p.add_argument("--count", type=_count, default=0, metavar="N",
+                   help="number of intervals (default 0: until Ctrl-C)")
+    p.add_argument("--tracker", choices=CHOICES, default="auto",
+                   help="dirty-page tracker (default auto: the best one this kernel supports)")
+    p.add_argument("--bandwidth", type=parse_rate, default=GIGABIT, metavar="RATE",
+                   help="link bandwidth for the downtime estimate: MiB/s, or with a unit "
+                        "(1gbit, 500MB, 2GiB; default 1gbit)")
+    p.add_argument("--downtime-ms", type=_positive_float, default=PrecopyPolicy().downtime_target_ms, metavar="MS",
+                   help="downtime target of the modelled migration (default 300)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per interval, one per line")
+
+
+@command("wss", "measure a process's writable working set and dirty rate, and estimate migration downtime",
+         add_arguments)
+def run(args: argparse.Namespace) -> int:
+    options = WssOptions(interval_s=args.interval, count=args.count, tracker=args.tracker,
+                         bandwidth_bytes_s=args.bandwidth,
+                         policy=PrecopyPolicy(downtime_target_ms=args.downtime_ms))
+    meter = WssMeter(args.pid, options)
+    print(f"kcr-migrate: tracking pid {args.pid} with {meter.choice.name}: {meter.choice.reason}", file=sys.stderr)
+    bw = args.bandwidth / MiB
+    with meter:
+        if not args.json:
+            print(f"{'interval':>8} {'seconds':>8} {'dirty pages':>11} {'dirty MiB/s':>11} {'wss MiB':>9} "
+                  f"{'est. downtime @' + format(bw, '.0f') + ' MiB/s':>26} {'rounds':>6}  stop", flush=True)
+        for s in meter.samples():
+            if args.json:
+                row = s.as_dict()
+                row["bandwidth_mib_s"] = round(bw, 3)
+                print(json.dumps(row), flush=True)
+                continue
+            print(f"{s.interval:>8} {s.interval_s:>8.2f} {s.pages_dirty:>11} {s.dirty_rate_mib_s:>11.2f} "
+                  f"{s.wss_pages * 4096 / MiB:>9.1f} {s.estimate.downtime_ms:>23.1f} ms {s.estimate.rounds:>6}  "
+                  f"{s.estimate.stop_reason}", flush=True)
+    return 0

@@ -1,0 +1,115 @@
+"""Page digests: which pages changed, found by content instead of page tables.
+
+The checksum tracker keeps a digest of every populated page and compares each round; the
+uffd-wp tracker does the same for the few mappings it cannot write-protect. A digest is
+replaced by the digest of the bytes actually *sent* (``note_sent``), so a page is reported
+whenever it differs from what the other side holds, even if it changed while being read.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from precopy.intervals import Run, Span, merge_spans, runs_of, subtract
+from precopy.layout import MapEntry, PageFinder
+from precopy.reader import PageReader, split_runs
+from transport.pages import PageBatch
+from transport.schema import PAGE_SIZE
+
+
+def digest(page: bytes | memoryview) -> bytes:
+    return hashlib.sha256(page).digest()
+
+
+@dataclass(frozen=True)
+class DigestScan:
+    changed: list[Run]      # populated pages whose contents differ from the last digest (or are unknown)
+    gone: list[Run]         # pages that had contents and are empty now
+    populated: list[Run]    # every populated page found
+    pages_hashed: int
+    bytes_read: int
+
+
+class PageDigests:
+    """Digests of the pages of a set of mappings, keyed by page address."""
+
+    def __init__(self) -> None:
+        self._digests: dict[int, bytes] = {}
+        self._spans: list[Span] = []        # the mappings tracked by content this round
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def _inside(self, addr: int) -> bool:
+        i = bisect.bisect_right(self._spans, (addr, 1 << 64)) - 1
+        return i >= 0 and self._spans[i][0] <= addr < self._spans[i][1]
+
+    def scan(self, entries: Iterable[MapEntry], finder: PageFinder, reader: PageReader,
+             new_spans: Sequence[Span] = ()) -> DigestScan:
+        """Read and hash the populated pages of ``entries``; report what changed since the last scan.
+
+        Digests of pages outside ``entries`` are forgotten (those mappings went away, or another
+        mechanism tracks them now). Pages that vanished inside ``new_spans`` are not reported.
+        """
+        entries = list(entries)
+        self._spans = merge_spans((e.start, e.end) for e in entries)
+        changed: list[Run] = []
+        populated: list[Run] = []
+        seen: set[int] = set()
+        hashed = 0
+        before = reader.bytes_read
+        for e in entries:
+            runs = finder.populated_entry(e)
+            populated += runs
+            for group in split_runs(runs, reader.batch_pages):
+                batch = reader.read(group)
+                hashed += batch.npages
+                for addr, data in _pages(batch):
+                    seen.add(addr)
+                    d = digest(data)
+                    if self._digests.get(addr) != d:
+                        self._digests[addr] = d
+                        _append(changed, addr)
+        gone: list[int] = []
+        for addr in list(self._digests):
+            if addr in seen:
+                continue
+            if self._inside(addr):
+                gone.append(addr)
+            del self._digests[addr]
+        return DigestScan(changed, subtract(runs_of(gone), _as_runs(new_spans)), populated, hashed,
+                          reader.bytes_read - before)
+
+    def note_sent(self, batch: PageBatch) -> None:
+        """Remember the digests of pages as sent (only for mappings tracked by content)."""
+        if not self._spans:
+            return
+        for addr, data in _pages(batch):
+            if self._inside(addr):
+                self._digests[addr] = digest(data)
+
+    def clear(self) -> None:
+        self._digests.clear()
+        self._spans = []
+
+
+def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:
+    view = memoryview(batch.data)
+    off = 0
+    for addr, n in batch.runs:
+        for i in range(n):
+            yield addr + i * PAGE_SIZE, view[off: off + PAGE_SIZE]
+            off += PAGE_SIZE
+
+
+def _append(runs: list[Run], addr: int) -> None:
+    if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
+        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+    else:
+        runs.append((addr, 1))
+
+
+def _as_runs(spans: Iterable[Span]) -> list[Run]:
+    return [(s, (e - s) // PAGE_SIZE) for s, e in spans]

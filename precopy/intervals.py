@@ -1,0 +1,110 @@
+"""Arithmetic on page runs: union, difference and intersection of sorted address ranges.
+
+A *run* is ``(address, number of pages)``, as page batches carry them; a *span* is
+``(start, end)`` in bytes. Every function takes and returns sorted, non-overlapping,
+merged lists, so a round's bookkeeping is linear in the number of runs, not of pages.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from transport.schema import PAGE_SIZE
+
+Run = tuple[int, int]      # (address, pages)
+Span = tuple[int, int]     # (start, end), bytes
+
+
+def to_spans(runs: Iterable[Run]) -> list[Span]:
+    return [(a, a + n * PAGE_SIZE) for a, n in runs]
+
+
+def to_runs(spans: Iterable[Span]) -> list[Run]:
+    return [(s, (e - s) // PAGE_SIZE) for s, e in spans if e > s]
+
+
+def merge_spans(spans: Iterable[Span]) -> list[Span]:
+    """Sort and coalesce overlapping or touching spans."""
+    out: list[Span] = []
+    for s, e in sorted(spans):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def normalize(runs: Iterable[Run]) -> list[Run]:
+    return to_runs(merge_spans(to_spans(runs)))
+
+
+def npages(runs: Iterable[Run]) -> int:
+    return sum(n for _, n in runs)
+
+
+def union(a: Iterable[Run], b: Iterable[Run]) -> list[Run]:
+    return to_runs(merge_spans(to_spans(a) + to_spans(b)))
+
+
+def intersect_spans(a: list[Span], b: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        s = max(a[i][0], b[j][0])
+        e = min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract_spans(a: list[Span], b: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    j = 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k = j
+        cur = s
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def intersect(a: Iterable[Run], b: Iterable[Run]) -> list[Run]:
+    return to_runs(intersect_spans(to_spans(a), to_spans(b)))
+
+
+def subtract(a: Iterable[Run], b: Iterable[Run]) -> list[Run]:
+    return to_runs(subtract_spans(to_spans(a), to_spans(b)))
+
+
+def clip(runs: Iterable[Run], spans: list[Span]) -> list[Run]:
+    """The parts of ``runs`` inside ``spans`` (sorted, merged)."""
+    return to_runs(intersect_spans(to_spans(runs), spans))
+
+
+def pages_of(runs: Iterable[Run]) -> set[int]:
+    """Every page address of the runs (for tests and small sets only)."""
+    return {a + i * PAGE_SIZE for a, n in runs for i in range(n)}
+
+
+def runs_of(pages: Iterable[int]) -> list[Run]:
+    """Runs covering a set of page addresses."""
+    out: list[Run] = []
+    for a in sorted(pages):
+        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == a:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((a, 1))
+    return out

@@ -1,0 +1,202 @@
+"""The pre-copy round loop: scan, read the dirty pages in worker threads, hand them to a sink.
+
+Transport-agnostic: a ``PageSink`` receives the layout and page batches (a channel to the
+destination agent, an image writer, or an in-memory dict in tests). Round 0 sends every
+populated page; then each round collects the pages written meanwhile, asks the policy whether
+to stop, and sends them if not. The loop ends with a ``StopReason`` and the dirty set it found
+last but did not send (``pending``): the caller freezes the process and calls
+``final_round``, which scans once more and sends both.
+
+Tracker calls and page reads block, so they run in worker threads (``trio.to_thread``); reading
+the next batch overlaps sending the previous one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Protocol, TypeVar
+
+import trio
+
+from precopy.intervals import Run, clip, merge_spans, npages, subtract, union
+from precopy.layout import MapEntry, read_smaps, to_vma
+from precopy.policy import PrecopyPolicy, RoundStats, StopReason, decide
+from precopy.reader import split_runs, zero_batches
+from precopy.tracker import DirtyTracker, Scan, superseded
+from transport.errors import MigrationError
+from transport.pages import PageBatch
+from transport.schema import PAGE_SIZE, Mappings
+
+MiB = 1 << 20
+T = TypeVar("T")
+
+
+class PageSink(Protocol):
+    """Where pages go. The destination applies each layout as a restorer does: what is no longer
+    mapped is dropped, and a range mapped with another backing than before (``diff_layout``'s
+    ``new_spans``: added mappings, the new parts of grown ones) starts out empty; memory whose
+    mapping stayed keeps its contents. Trackers rely on that: they never send the holes of a
+    new range, nor zeros for pages that went away with their mapping."""
+
+    async def layout(self, mappings: Mappings) -> None:
+        """The address space as it is now; the pages that follow belong to it."""
+        ...
+
+    async def send_batch(self, batch: PageBatch) -> int:
+        """Send one batch; return the bytes it took on the wire (after compression)."""
+        ...
+
+
+class SyncPageSink(Protocol):
+    def layout(self, mappings: Mappings) -> None: ...
+
+    def send_batch(self, batch: PageBatch) -> int: ...
+
+
+class ThreadedSink:
+    """A blocking sink (a file, an image writer) driven from worker threads."""
+
+    def __init__(self, sink: SyncPageSink) -> None:
+        self.sink = sink
+
+    async def layout(self, mappings: Mappings) -> None:
+        await trio.to_thread.run_sync(self.sink.layout, mappings)
+
+    async def send_batch(self, batch: PageBatch) -> int:
+        return await trio.to_thread.run_sync(self.sink.send_batch, batch)
+
+
+@dataclass(frozen=True)
+class PrecopyResult:
+    stop_reason: StopReason
+    rounds: tuple[RoundStats, ...]
+    pending: Scan              # found dirty but not sent: ``final_round`` sends it
+    memory_bytes: int          # populated bytes at round 0
+
+    @property
+    def bytes_raw(self) -> int:
+        return sum(r.bytes_raw for r in self.rounds)
+
+    @property
+    def bytes_on_wire(self) -> int:
+        return sum(r.bytes_on_wire for r in self.rounds)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"stop_reason": str(self.stop_reason), "rounds": [r.as_dict() for r in self.rounds],
+                "pages_pending": self.pending.pages_dirty, "memory_bytes": self.memory_bytes,
+                "bytes_raw": self.bytes_raw, "bytes_on_wire": self.bytes_on_wire}
+
+
+def mappings_for(entries: Iterable[MapEntry], smaps: Iterable[MapEntry]) -> Mappings:
+    """A ``Mappings`` record for a maps read, with advice flags taken from a smaps read."""
+    flags = {(e.start, e.end): e.vmflags for e in smaps}
+    vmas = []
+    for e in entries:
+        vmflags = flags.get((e.start, e.end), e.vmflags)
+        vmas.append(to_vma(MapEntry(e.start, e.end, e.prot, e.shared, e.offset, e.dev, e.inode, e.name, vmflags)))
+    return Mappings(tuple(vmas))
+
+
+async def _blocking(tracker: DirtyTracker, fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking tracker or reader call in a worker thread; OSErrors become our errors."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    except MigrationError:
+        raise
+    except OSError as exc:
+        raise tracker.explain(exc) from None
+
+
+async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previous: Scan | None,
+                    first: bool = False, layout: bool | None = None, clock: Callable[[], float] = time.monotonic
+                    ) -> RoundStats:
+    """Send one scan's pages (and, if it changed or ``layout`` says so, its layout) to the sink."""
+    t0 = clock()
+    if layout if layout is not None else (first or bool(scan.change)):
+        smaps = await _blocking(tracker, read_smaps, tracker.pid)
+        await sink.layout(mappings_for(scan.layout, smaps))
+    reader = tracker.reader
+    shared = merge_spans((e.start, e.end) for e in scan.layout if e.shared)
+    plain: list[Run] = list(scan.data)
+    zero_dropping: list[Run] = []
+    if first and shared:       # the destination starts with zero-filled shared memory
+        zero_dropping = clip(plain, shared)
+        plain = subtract(plain, zero_dropping)
+    skipped_before = reader.pages_skipped_zero
+    pages = wire = 0
+
+    def read(group: list[Run], drop_zero: bool) -> PageBatch | None:
+        batch = next(iter(reader.batches(group, drop_zero=drop_zero)), None)
+        if batch is not None:
+            tracker.note_sent(batch)
+        return batch
+
+    send_channel, receive_channel = trio.open_memory_channel[PageBatch](2)
+
+    async def produce() -> None:
+        async with send_channel:
+            for runs, drop in ((plain, False), (zero_dropping, True)):
+                for group in split_runs(runs, reader.batch_pages):
+                    batch = await _blocking(tracker, read, group, drop)
+                    if batch is not None:
+                        await send_channel.send(batch)
+            for batch in zero_batches(scan.zero, reader.batch_pages):
+                await send_channel.send(batch)     # empty pages: nothing for a digest to remember
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        async with receive_channel:
+            async for batch in receive_channel:
+                wire += await sink.send_batch(batch)
+                pages += batch.npages
+    t1 = clock()
+    interval = scan.started - previous.started if previous is not None else 0.0
+    rate = scan.pages_dirty * PAGE_SIZE / MiB / interval if interval > 0 and not first else 0.0
+    return RoundStats(
+        round=scan.round, pages_scanned=scan.pages_scanned, pages_dirty=scan.pages_dirty, pages_written=pages,
+        pages_skipped_zero=reader.pages_skipped_zero - skipped_before, bytes_raw=pages * PAGE_SIZE,
+        bytes_on_wire=wire, round_ms=scan.scan_ms + (t1 - t0) * 1000, scan_ms=scan.scan_ms,
+        send_ms=(t1 - t0) * 1000, dirty_rate_mib_s=rate, bytes_read=scan.bytes_read,
+        layout_changes=sum(scan.change.counts().values()) if not first else 0)
+
+
+async def precopy(tracker: DirtyTracker, sink: PageSink, policy: PrecopyPolicy = PrecopyPolicy(), *,
+                  on_round: Callable[[RoundStats], None] | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> PrecopyResult:
+    """Start ``tracker`` and iterate rounds until the policy says stop; the process keeps running."""
+    scan = await _blocking(tracker, tracker.start)
+    memory = npages(scan.data) * PAGE_SIZE
+    stats = await send_scan(tracker, sink, scan, previous=None, first=True, clock=clock)
+    rounds = [stats]
+    if on_round is not None:
+        on_round(stats)
+    previous = scan
+    while True:
+        scan = await _blocking(tracker, tracker.collect)
+        reason = decide(policy, rounds, scan.pages_dirty, memory_bytes=memory)
+        if reason is not None:
+            return PrecopyResult(reason, tuple(rounds), scan, memory)
+        stats = await send_scan(tracker, sink, scan, previous=previous, clock=clock)
+        rounds.append(stats)
+        if on_round is not None:
+            on_round(stats)
+        previous = scan
+
+
+async def final_round(tracker: DirtyTracker, sink: PageSink, result: PrecopyResult | None = None, *,
+                      clock: Callable[[], float] = time.monotonic) -> RoundStats:
+    """The last round, with the process frozen by the caller: one more scan, sent after what the
+    loop left pending (that scan's layout first, then its pages the last scan does not repeat)."""
+    t0 = clock()
+    scan = await _blocking(tracker, tracker.collect)
+    if result is None:
+        return await send_scan(tracker, sink, scan, previous=None, layout=True, clock=clock)
+    pending = superseded(result.pending, scan)
+    first = await send_scan(tracker, sink, pending, previous=None, clock=clock)
+    last = await send_scan(tracker, sink, scan, previous=result.pending, clock=clock)
+    pages = npages(union(union(result.pending.data, result.pending.zero), union(scan.data, scan.zero)))
+    return replace(last, pages_dirty=pages, pages_written=first.pages_written + last.pages_written,
+                   pages_skipped_zero=first.pages_skipped_zero + last.pages_skipped_zero,
+                   bytes_raw=first.bytes_raw + last.bytes_raw, bytes_on_wire=first.bytes_on_wire + last.bytes_on_wire,
+                   round_ms=(clock() - t0) * 1000, send_ms=first.send_ms + last.send_ms,
+                   layout_changes=first.layout_changes + last.layout_changes)

@@ -1,0 +1,521 @@
+"""Dirty-page trackers: which pages of a running process were written since the last look.
+
+One interface, three backends, chosen at run time by real probes (``probe_backends``):
+
+- ``uffd-wp``: a userfaultfd created inside the target write-protects its writable private
+  mappings asynchronously; one PAGEMAP_SCAN per mapping reports written pages and protects
+  them again. Mappings it cannot register are tracked by content. Needs Linux >= 6.7.
+- ``soft-dirty``: ``clear_refs`` and the pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY). The
+  scan and the clear happen with the target paused for that instant, or a write between them
+  would be lost.
+- ``checksum``: a digest per populated page, compared each round. Works wherever reading the
+  process's memory works; costs a full read per round.
+
+Every scan (``Scan``) carries the current layout and how it changed, the pages to read and
+send (``data``: populated, private, written since the last scan, or in new address ranges) and
+the pages that became empty (``zero``: written but no longer populated, e.g. MADV_DONTNEED):
+they are sent as zeros. Pages never populated, and private file pages never written, are never
+sent.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from precopy import uffd as uffd_mod
+from precopy.control import ProcessControl
+from precopy.digests import PageDigests
+from precopy.intervals import (
+    Run,
+    Span,
+    clip,
+    intersect,
+    intersect_spans,
+    merge_spans,
+    normalize,
+    npages,
+    subtract,
+    subtract_spans,
+    to_runs,
+    to_spans,
+    union,
+)
+from precopy.kernel import pidfd_open
+from precopy.layout import LayoutChange, MapEntry, PageFinder, diff_layout, read_maps, trackable
+from precopy.pagemap import (
+    PAGE_IS_FILE,
+    PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGE_IS_SOFT_DIRTY,
+    PAGE_IS_SWAPPED,
+    PAGE_IS_WRITTEN,
+    PM_FILE,
+    PM_PRESENT,
+    PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING,
+    PM_SOFT_DIRTY,
+    PM_SWAP,
+    Region,
+    pagemap_scan_works,
+    read_pagemap,
+)
+from precopy.probe import (
+    BACKENDS,
+    CHOICES,
+    Probe,
+    TrackerChoice,
+    check_target,
+    check_trackable,
+    choose_tracker,
+    probe_backends,
+)
+from precopy.reader import PageReader
+from transport.errors import (
+    MigrationError,
+    PermissionDenied,
+    ProcessExited,
+    UnsupportedResource,
+)
+from transport.pages import PageBatch
+from transport.schema import PAGE_SIZE, PROT_WRITE
+
+__all__ = ["BACKENDS", "CHOICES", "ChecksumTracker", "DirtyTracker", "Probe", "Scan", "SoftDirtyTracker",
+           "TrackerChoice", "UffdWpTracker", "check_target", "check_trackable", "choose_tracker", "make_tracker",
+           "probe_backends", "superseded"]
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One look at the process: its layout and the pages to send."""
+
+    round: int
+    layout: tuple[MapEntry, ...]        # every mapping, as /proc/PID/maps lists them
+    change: LayoutChange
+    data: tuple[Run, ...]               # read these pages and send them
+    zero: tuple[Run, ...]               # these pages are empty now: send zeros
+    pages_scanned: int                  # pages the tracker examined (page tables or contents)
+    bytes_read: int                     # bytes of page contents the tracker itself read
+    scan_ms: float
+    started: float                      # time.monotonic() when the scan began
+
+    @property
+    def pages_dirty(self) -> int:
+        return npages(self.data) + npages(self.zero)
+
+
+def superseded(older: Scan, newer: Scan) -> Scan:
+    """``older`` (collected, not sent yet) without the pages ``newer`` reports again.
+
+    Sending ``older`` and then ``newer`` keeps the destination's layout in step with the
+    tracker's (each scan's layout changes are relative to the one before), while every page
+    travels once, with its newest contents."""
+    again = normalize(list(newer.data) + list(newer.zero))
+    return replace(older, data=tuple(subtract(older.data, again)), zero=tuple(subtract(older.zero, again)))
+
+
+# --- the interface -------------------------------------------------------------------------
+
+class DirtyTracker(ABC):
+    """Follows one process's writes: ``start`` once, ``collect`` each round, ``stop`` at the end.
+
+    ``start`` arms tracking and returns round 0: every populated page. ``collect`` returns the
+    pages written since the previous scan. ``note_sent`` lets a content-based tracker remember
+    what the other side now holds. ``stop`` leaves the process exactly as it was. Methods
+    block (page-table walks, reads): call them from a worker thread in async code.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
+        self.pid = pid
+        self.control = control
+        self._round = -1
+        self._layout: list[MapEntry] = []
+        self._pidfd = -1
+        self._finder: PageFinder | None = None
+        self._reader: PageReader | None = None
+        try:
+            self._pidfd = pidfd_open(pid)
+            self._finder = PageFinder(pid, use_scan=pagemap_scan_works())
+            self._reader = PageReader(pid)
+        except OSError as exc:
+            self.stop()
+            raise self.explain(exc) from None
+
+    # Subclasses fill these in.
+    @abstractmethod
+    def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:
+        """Begin tracking; return (every populated page, pages scanned, bytes read)."""
+
+    @abstractmethod
+    def _scan(self, entries: list[MapEntry], change: LayoutChange) -> tuple[list[Run], list[Run], int, int]:
+        """Return (data, zero, pages scanned, bytes read) since the last scan."""
+
+    def _release(self) -> None:
+        """Undo whatever ``_arm`` did to the process."""
+
+    # The interface.
+    def start(self) -> Scan:
+        if self._round >= 0:
+            raise RuntimeError("tracker already started")
+        return self._look(first=True)
+
+    def collect(self) -> Scan:
+        if self._round < 0:
+            raise RuntimeError("tracker not started")
+        return self._look(first=False)
+
+    def note_sent(self, batch: PageBatch) -> None:
+        """The pages of ``batch`` were sent as they are (content-based trackers remember them)."""
+
+    def stop(self) -> None:
+        try:
+            self._release()
+        finally:
+            for obj in (self._finder, self._reader):
+                if obj is not None:
+                    obj.close()
+            self._finder = self._reader = None
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def __enter__(self) -> "DirtyTracker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Helpers.
+    @property
+    def finder(self) -> PageFinder:
+        if self._finder is None:
+            raise RuntimeError("tracker is stopped")
+        return self._finder
+
+    @property
+    def reader(self) -> PageReader:
+        if self._reader is None:
+            raise RuntimeError("tracker is stopped")
+        return self._reader
+
+    def exited(self) -> bool:
+        if self._pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def explain(self, exc: OSError) -> Exception:
+        """The error to raise for an OSError met while tracking (the process exited, permission...)."""
+        if exc.errno == errno.ESRCH or (exc.errno == errno.ENOENT and not os.path.exists(f"/proc/{self.pid}")) \
+                or (self._pidfd >= 0 and self.exited()):
+            return ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return PermissionDenied(f"may not read pid {self.pid}'s memory: run kcr-migrate as the process's owner "
+                                    f"or as root", pid=self.pid)
+        return exc
+
+    def _read_layout(self) -> list[MapEntry]:
+        entries = read_maps(self.pid)
+        if not entries:
+            raise ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
+        return entries
+
+    def _look(self, *, first: bool) -> Scan:
+        t0 = time.monotonic()
+        if self.exited():
+            raise ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
+        try:
+            entries = self._read_layout()
+            tracked = [e for e in entries if trackable(e)]
+            if first:
+                change = diff_layout([], entries)
+                data, scanned, read = self._arm(tracked)
+                zero: list[Run] = []
+            else:
+                change = diff_layout(self._layout, entries)
+                data, zero, scanned, read = self._scan(tracked, change)
+        except MigrationError:
+            raise
+        except OSError as exc:
+            raise self.explain(exc) from None
+        self._layout = entries
+        self._round += 1
+        data = normalize(data)
+        zero = subtract(normalize(zero), data)
+        if zero:
+            # An emptied page of a file mapping shows the file again, one of a shared mapping
+            # lives on in the shared object: read those instead of sending zeros.
+            backed = merge_spans((e.start, e.end) for e in entries if trackable(e) and (e.kind == "file" or e.shared))
+            reread = clip(zero, backed)
+            if reread:
+                data = normalize(data + reread)
+                zero = subtract(zero, reread)
+        return Scan(self._round, tuple(entries), change, tuple(data), tuple(zero), scanned, read,
+                    (time.monotonic() - t0) * 1000, t0)
+
+
+_POPULATED = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+_CATEGORIES = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_FILE
+
+
+def _split_regions(entry: MapEntry, regions: list[Region], fresh: list[Span]) -> tuple[list[Span], list[Span]]:
+    """Written regions of one mapping -> (pages to read, pages now empty).
+
+    A page is read when populated and private (not the zero page; in a file mapping, not still
+    the file's page). Written but unpopulated pages are empty now (zapped), except inside
+    ``fresh`` spans (new address ranges: they simply were never populated).
+    """
+    file_backed = entry.kind == "file"
+    data: list[Span] = []
+    empty: list[Span] = []
+    for r in regions:
+        cats = r.categories
+        populated = bool(cats & _POPULATED) and not cats & PAGE_IS_PFNZERO
+        if file_backed and cats & PAGE_IS_FILE:
+            continue            # still the file's own page
+        if populated:
+            data.append((r.start, r.end))
+        else:
+            empty.append((r.start, r.end))
+    if empty and fresh:
+        empty = subtract_spans(merge_spans(empty), fresh)
+    return data, empty
+
+
+def _fresh_in(entry: MapEntry, new_spans: tuple[Span, ...]) -> list[Span]:
+    return [(max(s, entry.start), min(e, entry.end)) for s, e in new_spans if s < entry.end and e > entry.start]
+
+
+class UffdWpTracker(DirtyTracker):
+    name = "uffd-wp"
+
+    def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
+        if control is None:
+            raise ValueError("the uffd-wp tracker needs a ProcessControl to create its userfaultfd in the target")
+        super().__init__(pid, control)
+        self._uffd: uffd_mod.Userfaultfd | None = None
+        self._digests = PageDigests()      # mappings that are not write-protected
+        self._known: list[Run] = []        # pages populated as far as the scans showed
+
+    def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:
+        assert self.control is not None
+        with self.control.injected() as remote:
+            self._uffd = uffd_mod.open_in_target(remote, self._pidfd)
+        self._uffd.api()
+        data, _, scanned, read = self._track(entries, (), first=True)
+        return data, scanned, read
+
+    def _scan(self, entries: list[MapEntry], change: LayoutChange) -> tuple[list[Run], list[Run], int, int]:
+        return self._track(entries, change.new_spans, first=False)
+
+    def _wp_scan(self, entry: MapEntry) -> list[Region] | None:
+        """Report and re-protect the written pages of one mapping; None if it is not registered."""
+        scanner = self.finder.scanner
+        assert scanner is not None, "uffd-wp needs PAGEMAP_SCAN"
+        try:
+            return scanner.scan(entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=_CATEGORIES,
+                                            flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                return None
+            raise
+
+    def _register(self, entry: MapEntry) -> bool:
+        assert self._uffd is not None
+        try:
+            self._uffd.register_wp(entry.start, entry.end)
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise UnsupportedResource(
+                    f"pid {self.pid} write-protects its own memory with userfaultfd (mapping at {entry.start:#x}): "
+                    f"use --tracker checksum", pid=self.pid) from None
+            if exc.errno in (errno.EINVAL, errno.EPERM, errno.ENOMEM, errno.ENOENT):
+                return False     # not registrable (or gone meanwhile): tracked by content instead
+            raise
+
+    def _reverted(self, entry: MapEntry) -> list[Span]:
+        """Copied-on-write pages of a private file mapping that went back to the file's page.
+
+        Zapping (MADV_DONTNEED) a write-protected page of a file mapping leaves a uffd-wp marker
+        instead of an empty entry, so the page is not reported as written, yet it reads as the
+        file's page again. Pages we knew as private that are not private now are read again
+        (a swapped-out private page looks like a marker: it is read again too, harmlessly)."""
+        known = intersect_spans(to_spans(self._known), [(entry.start, entry.end)])
+        if not known:
+            return []
+        scanner = self.finder.scanner
+        assert scanner is not None
+        private = [(r.start, r.end) for r in scanner.scan(
+            entry.start, entry.end, required=PAGE_IS_PRESENT | PAGE_IS_FILE, inverted=PAGE_IS_FILE,
+            returned=PAGE_IS_PRESENT)]
+        return subtract_spans(known, merge_spans(private))
+
+    def _track(self, entries: list[MapEntry], new_spans: tuple[Span, ...], *, first: bool
+               ) -> tuple[list[Run], list[Run], int, int]:
+        data: list[Span] = []
+        empty: list[Span] = []
+        reverted: list[Span] = []
+        by_content: list[MapEntry] = []
+        scanned = 0
+        for e in entries:
+            regions = self._wp_scan(e)
+            fresh = _fresh_in(e, new_spans)
+            replaced = False
+            if regions is None:
+                # Not registered: a new mapping, a moved one, or one we never write-protect (read-only
+                # mappings: arming their holes would allocate page tables for nothing).
+                if not e.prot & PROT_WRITE or not self._register(e):
+                    by_content.append(e)
+                    continue
+                regions = self._wp_scan(e)      # arms it; reports every populated page
+                if regions is None:
+                    by_content.append(e)
+                    continue
+                replaced = not first            # whatever was here before is gone
+                fresh = [(e.start, e.end)]
+            scanned += e.length // PAGE_SIZE
+            d, z = _split_regions(e, regions, fresh)
+            if e.kind == "file" and not first:
+                back = self._reverted(e)
+                reverted += back
+                d += back
+            if replaced:
+                # A new mapping where an old one was (munmap + mmap, MAP_FIXED): pages the old one
+                # had and the new one lacks are empty now.
+                z += subtract_spans(intersect_spans(to_spans(self._known), [(e.start, e.end)]), merge_spans(d))
+            data += d
+            empty += z
+        found = self._digests.scan(by_content, self.finder, self.reader, new_spans)
+        # Mappings tracked by content may have replaced write-protected ones: pages we knew there
+        # that are not populated any more are empty now.
+        content_spans = merge_spans((e.start, e.end) for e in by_content)
+        emptied = subtract_spans(subtract_spans(intersect_spans(to_spans(self._known), content_spans),
+                                                to_spans(found.populated)), list(new_spans))
+        runs = normalize(to_runs(data) + found.changed)
+        zero = [] if first else subtract(normalize(to_runs(empty + emptied) + found.gone), runs)
+        spans = merge_spans((e.start, e.end) for e in entries)
+        self._known = clip(subtract(union(self._known, runs), zero), spans)
+        return runs, zero, scanned + found.pages_hashed, found.bytes_read
+
+    def note_sent(self, batch: PageBatch) -> None:
+        self._digests.note_sent(batch)
+
+    def _release(self) -> None:
+        # Closing our (only) descriptor unregisters every mapping and clears every protection.
+        if self._uffd is not None:
+            self._uffd.close()
+            self._uffd = None
+        self._digests.clear()
+
+
+class SoftDirtyTracker(DirtyTracker):
+    """clear_refs + soft-dirty bits; the scan and the clear run with the process paused."""
+
+    name = "soft-dirty"
+
+    def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
+        if control is None:
+            raise ValueError("the soft-dirty tracker needs a ProcessControl to pause the target while it clears")
+        super().__init__(pid, control)
+        self._populated: list[Run] = []
+
+    def _clear(self) -> None:
+        with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+            f.write("4")
+
+    def _bits(self, e: MapEntry) -> tuple[list[Run], list[Run]]:
+        """(populated private pages, of which soft-dirty) of one mapping."""
+        file_backed = e.kind == "file"
+        if e.shared:
+            whole = [(e.start, e.length // PAGE_SIZE)]
+            return whole, whole
+        populated: list[Run] = []
+        dirty: list[Run] = []
+        scanner = self.finder.scanner
+        if scanner is not None:
+            for r in scanner.scan(e.start, e.end, anyof=_POPULATED, returned=PAGE_IS_SOFT_DIRTY | PAGE_IS_PFNZERO
+                                  | PAGE_IS_FILE | _POPULATED):
+                if r.categories & PAGE_IS_PFNZERO or (file_backed and r.categories & PAGE_IS_FILE):
+                    continue
+                run = (r.start, (r.end - r.start) // PAGE_SIZE)
+                populated.append(run)
+                if r.categories & PAGE_IS_SOFT_DIRTY:
+                    dirty.append(run)
+            return populated, dirty
+        for i, bits in enumerate(read_pagemap(self.finder.pagemap_fd, e.start, e.end)):
+            if not bits & (PM_PRESENT | PM_SWAP) or (file_backed and bits & PM_FILE):
+                continue
+            run = (e.start + i * PAGE_SIZE, 1)
+            populated.append(run)
+            if bits & PM_SOFT_DIRTY:
+                dirty.append(run)
+        return populated, dirty
+
+    def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:
+        assert self.control is not None
+        with self.control.paused():
+            self._clear()
+        populated: list[Run] = []
+        for e in entries:
+            populated += self.finder.populated_entry(e)
+        self._populated = normalize(populated)
+        return self._populated, sum(e.length for e in entries) // PAGE_SIZE, 0
+
+    def _scan(self, entries: list[MapEntry], change: LayoutChange) -> tuple[list[Run], list[Run], int, int]:
+        assert self.control is not None
+        populated: list[Run] = []
+        dirty: list[Run] = []
+        with self.control.paused():      # a write between scan and clear would be lost
+            for e in entries:
+                p, d = self._bits(e)
+                populated += p
+                dirty += d
+            self._clear()
+        populated = normalize(populated)
+        new_runs = to_runs(change.new_spans)
+        dirty = normalize(dirty + intersect(populated, new_runs))
+        spans = merge_spans((e.start, e.end) for e in entries)
+        gone = subtract(clip(subtract(self._populated, populated), spans), new_runs)
+        self._populated = populated
+        return dirty, gone, sum(e.length for e in entries) // PAGE_SIZE, 0
+
+
+class ChecksumTracker(DirtyTracker):
+    name = "checksum"
+
+    def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
+        super().__init__(pid, control)
+        self._digests = PageDigests()
+
+    def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:
+        found = self._digests.scan(entries, self.finder, self.reader)
+        return found.changed, found.pages_hashed, found.bytes_read
+
+    def _scan(self, entries: list[MapEntry], change: LayoutChange) -> tuple[list[Run], list[Run], int, int]:
+        found = self._digests.scan(entries, self.finder, self.reader, change.new_spans)
+        return found.changed, found.gone, found.pages_hashed, found.bytes_read
+
+    def note_sent(self, batch: PageBatch) -> None:
+        self._digests.note_sent(batch)
+
+    def _release(self) -> None:
+        self._digests.clear()
+
+
+def make_tracker(name: str, pid: int, control: ProcessControl | None = None) -> DirtyTracker:
+    """A tracker of backend ``name`` (one of ``BACKENDS``) for ``pid``; not started yet."""
+    if name == "uffd-wp":
+        return UffdWpTracker(pid, control)
+    if name == "soft-dirty":
+        return SoftDirtyTracker(pid, control)
+    if name == "checksum":
+        return ChecksumTracker(pid, control)
+    raise ValueError(f"unknown tracker {name!r} (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,185 @@
+"""The pre-copy round loop with real processes and an in-memory destination.
+
+After the last round (the process stopped, as the final phase freezes it) the destination must
+hold exactly the process's memory, whatever the process did to its layout meanwhile. The loop
+stops for the reason the policy gives: it converges on a slow writer, gives up on one that
+writes faster than the link, and respects the caps on rounds and bytes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import trio
+
+from agent.tracer import Tracer
+from precopy.policy import PrecopyPolicy, RoundStats, StopReason
+from precopy.rounds import ThreadedSink, final_round, precopy
+from precopy.tracker import make_tracker
+from tests._tracking import (
+    MemorySink,
+    backend_params,
+    compare_with_process,
+    control_for,
+    kill_workload,
+    stop_process,
+    uffd_traces,
+    workload,
+)
+from transport.errors import ProcessExited
+from transport.pages import PageBatch
+from transport.schema import PAGE_SIZE, Mappings
+
+
+@pytest.fixture
+def tracer() -> Iterator[Tracer]:
+    with Tracer(name="test-tracer") as t:
+        yield t
+
+
+def never_converge(**kw: Any) -> PrecopyPolicy:
+    """A policy that stops only at a cap (or when nothing at all is left)."""
+    return PrecopyPolicy(downtime_target_ms=0.0, min_pages=0, growth_limit=1e9, **kw)
+
+
+@pytest.mark.parametrize("seed", ["5", "6"])
+@pytest.mark.parametrize("backend", backend_params())
+async def test_destination_matches_after_layout_churn(backend: str, seed: str, tmp_path: Path,
+                                                      tracer: Tracer) -> None:
+    w = workload("layout_churn", tmp_path, seed, "1500")
+    sink = MemorySink(delay_s=0.015)
+    try:
+        tracker = make_tracker(backend, w.pid, control_for(w.pid, tracer))
+        try:
+            result = await precopy(tracker, sink, never_converge(max_rounds=15, max_bytes_factor=1e6))
+            # (a round that found nothing to send converges early: fine, as long as there were rounds)
+            assert result.stop_reason is StopReason.MAX_ROUNDS or result.pending.pages_dirty == 0
+            assert len(result.rounds) >= 4
+            assert sum(r.layout_changes for r in result.rounds) > 0, "the workload did not churn"
+            stop_process(w.pid)                 # what the final phase's freeze does
+            last = await final_round(tracker, sink, result)
+            assert last.pages_written >= 0
+        finally:
+            tracker.stop()
+        problems = compare_with_process(sink, w.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+        assert uffd_traces(w.pid) == (0, [])
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
+
+
+async def test_converges_on_a_slow_writer(tmp_path: Path, tracer: Tracer) -> None:
+    w = workload("dirty_writer", tmp_path, "2048", "100", "1")
+    sink = MemorySink()
+    seen: list[RoundStats] = []
+    try:
+        tracker = make_tracker("uffd-wp" if _uffd() else "checksum", w.pid, control_for(w.pid, tracer))
+        try:
+            result = await precopy(tracker, sink, PrecopyPolicy(min_pages=0), on_round=seen.append)
+            stop_process(w.pid)
+            last = await final_round(tracker, sink, result)
+        finally:
+            tracker.stop()
+        assert result.stop_reason is StopReason.CONVERGED
+        assert list(result.rounds) == seen
+        r0 = result.rounds[0]
+        assert r0.round == 0 and r0.pages_written >= 2048 and r0.bytes_raw == r0.pages_written * PAGE_SIZE
+        assert r0.bytes_on_wire == r0.bytes_raw and r0.round_ms > 0 and r0.scan_ms > 0
+        assert result.memory_bytes >= 2048 * PAGE_SIZE
+        assert last.pages_written >= result.pending.pages_dirty - 1
+        assert not compare_with_process(sink, w.pid)
+        assert result.as_dict()["stop_reason"] == "converged"
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
+
+
+async def test_gives_up_on_a_writer_faster_than_the_link(tmp_path: Path, tracer: Tracer) -> None:
+    # 32 MiB; 8000 page writes/s; after round 0 the link carries 2000 pages/s: each round finds
+    # more dirty pages than the one before.
+    w = workload("dirty_writer", tmp_path, "8192", "8000", "2")
+    sink = MemorySink()
+
+    def slow_link(stats: RoundStats) -> None:
+        sink.bandwidth_bytes_s = 2000 * PAGE_SIZE
+
+    try:
+        with make_tracker("uffd-wp" if _uffd() else "checksum", w.pid, control_for(w.pid, tracer)) as tracker:
+            policy = PrecopyPolicy(downtime_target_ms=10, min_pages=0, max_rounds=8, bandwidth_bytes_s=2000 * PAGE_SIZE)
+            result = await precopy(tracker, sink, policy, on_round=slow_link)
+        assert result.stop_reason is StopReason.DIRTY_GROWING, [r.pages_dirty for r in result.rounds]
+        assert result.pending.pages_dirty > result.rounds[-1].pages_dirty * 1.1
+        assert all(r.dirty_rate_mib_s > 0 for r in result.rounds[1:])
+    finally:
+        kill_workload(w)
+
+
+@pytest.mark.parametrize("cap", ["rounds", "bytes"])
+async def test_respects_the_caps(cap: str, tmp_path: Path, tracer: Tracer) -> None:
+    w = workload("dirty_writer", tmp_path, "1024", "3000", "3")
+    sink = MemorySink(delay_s=0.005)
+    policy = (never_converge(max_rounds=3) if cap == "rounds"
+              else never_converge(max_rounds=50, max_bytes_factor=1.2))
+    try:
+        with make_tracker("checksum", w.pid) as tracker:
+            result = await precopy(tracker, sink, policy)
+        if cap == "rounds":
+            assert result.stop_reason is StopReason.MAX_ROUNDS and len(result.rounds) == 3
+        else:
+            assert result.stop_reason is StopReason.MAX_BYTES
+            assert result.bytes_raw <= policy.byte_cap(result.memory_bytes)
+            assert result.bytes_raw + result.pending.pages_dirty * PAGE_SIZE > policy.byte_cap(result.memory_bytes)
+    finally:
+        kill_workload(w)
+
+
+class _SyncSink:
+    def __init__(self) -> None:
+        self.pages = 0
+        self.layouts = 0
+
+    def layout(self, mappings: Mappings) -> None:
+        self.layouts += 1
+
+    def send_batch(self, batch: PageBatch) -> int:
+        self.pages += batch.npages
+        return len(batch.data) // 2
+
+
+async def test_a_blocking_sink_works_through_threads(tmp_path: Path) -> None:
+    w = workload("dirty_writer", tmp_path, "512", "200", "4")
+    sink = _SyncSink()
+    try:
+        with make_tracker("checksum", w.pid) as tracker:
+            result = await precopy(tracker, ThreadedSink(sink), never_converge(max_rounds=2))
+        assert sink.layouts >= 1 and sink.pages == sum(r.pages_written for r in result.rounds)
+        assert result.bytes_on_wire * 2 == result.bytes_raw
+    finally:
+        kill_workload(w)
+
+
+async def test_the_process_exiting_mid_precopy_is_a_clean_error(tmp_path: Path, tracer: Tracer) -> None:
+    w = workload("dirty_writer", tmp_path, "1024", "1000", "6")
+    sink = MemorySink(delay_s=0.02)
+
+    async def killer() -> None:
+        await trio.sleep(0.15)
+        kill_workload(w)
+
+    try:
+        with make_tracker("uffd-wp" if _uffd() else "checksum", w.pid, control_for(w.pid, tracer)) as tracker:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(killer)
+                with pytest.raises(ProcessExited, match="exited"):
+                    await precopy(tracker, sink, never_converge(max_rounds=1000))
+    finally:
+        kill_workload(w)
+
+
+def _uffd() -> bool:
+    from precopy.tracker import probe_backends
+    return probe_backends()["uffd-wp"].available

@@ -1,0 +1,76 @@
+/* Ground truth for the dirty trackers: writes a pseudo-random, logged set of pages at a set rate.
+ * Usage: dirty_writer OUTDIR NPAGES RATE SEED [THP_MIB]
+ *   NPAGES  pages of a private anonymous region (no huge pages), all populated first
+ *   RATE    page writes per second (0: none)
+ *   THP_MIB a second region of that many MiB backed by transparent huge pages (MADV_HUGEPAGE)
+ * Every write stores a new 64-bit sequence number at a pseudo-random offset of the page, so
+ * the page's bytes always change. After each burst of stores (one per millisecond) the page
+ * numbers are appended to OUTDIR/log as little-endian u32 (region pages 0..NPAGES-1, then the
+ * THP region's): a record is in the log only once its store is done. OUTDIR/layout says where
+ * the regions are. Runs until killed. */
+#include "ckpt_common.h"
+#include <stdint.h>
+#include <sys/mman.h>
+
+#define PAGE 4096UL
+#define HUGE (2UL << 20)
+
+static uint64_t rng_state;
+static uint64_t rng(void) {           /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717ULL;
+}
+
+int main(int argc, char **argv) {
+    init(argc, argv);
+    if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR NPAGES RATE SEED [THP_MIB]\n", argv[0]); return 2; }
+    unsigned long npages = strtoul(argv[2], NULL, 0);
+    double rate = atof(argv[3]);
+    rng_state = strtoull(argv[4], NULL, 0) | 1;
+    unsigned long thp_pages = argc > 5 ? strtoul(argv[5], NULL, 0) * (1UL << 20) / PAGE : 0;
+
+    char *region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (region == MAP_FAILED) { perror("mmap"); return 3; }
+    madvise(region, npages * PAGE, MADV_NOHUGEPAGE);
+    for (unsigned long i = 0; i < npages; i++) memset(region + i * PAGE, (int)(i & 0xff) | 1, PAGE);
+
+    char *thp = NULL;
+    if (thp_pages) {
+        char *raw = mmap(NULL, thp_pages * PAGE + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (raw == MAP_FAILED) { perror("mmap thp"); return 3; }
+        thp = (char *)(((uintptr_t)raw + HUGE - 1) & ~(HUGE - 1));
+        madvise(thp, thp_pages * PAGE, MADV_HUGEPAGE);
+        for (unsigned long i = 0; i < thp_pages; i++) memset(thp + i * PAGE, 7, PAGE);
+    }
+
+    char text[256];
+    snprintf(text, sizeof text, "region %#lx %lu\nthp %#lx %lu\n", (unsigned long)region, npages,
+             (unsigned long)thp, thp_pages);
+    write_file("layout", text);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/log", outdir);
+    int log = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+    if (log < 0) { perror(path); return 3; }
+    ready();
+
+    unsigned long total = npages + thp_pages;
+    uint64_t seq = 0;
+    double owed = 0;
+    uint32_t burst[4096];
+    for (;;) {
+        sleep_ms(1);
+        owed += rate / 1000.0;
+        int n = 0;
+        while (owed >= 1.0 && n < 4096) {
+            unsigned long idx = rng() % total;
+            char *page = idx < npages ? region + idx * PAGE : thp + (idx - npages) * PAGE;
+            uint64_t slot = rng() % (PAGE / 8);
+            ((volatile uint64_t *)page)[slot] = ++seq;
+            burst[n++] = (uint32_t)idx;
+            owed -= 1.0;
+        }
+        if (n && write(log, burst, n * sizeof burst[0]) != (ssize_t)(n * sizeof burst[0])) { perror("log"); return 3; }
+    }
+}
