@@ -9,6 +9,7 @@ sshd), with fd 1 pointed at stderr so that a stray print cannot corrupt the stre
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import stat
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any, AsyncIterator, Sequence
 import trio
 
 from transport._nursery import service_nursery
-from transport.errors import MigrationError, TransportError
+from transport.errors import IncompatibleImage, MigrationError, PeerGone, TransportError, TransportTimeout
 from transport.protocol import ROLE_AGENT, ROLE_ORCHESTRATOR
 from transport.rpc import Methods, RpcPeer, open_rpc
 
@@ -50,14 +51,16 @@ def stdio_stream() -> trio.abc.Stream:
 
 
 class StderrTail:
-    """Keeps the last bytes a child wrote to stderr (for error messages), optionally echoing them."""
+    """Keeps the last bytes an agent wrote to stderr, for error messages; once ``echo`` is set
+    (after the handshake: before it, whatever the agent says goes into the error) it also
+    copies them to our stderr."""
 
-    def __init__(self, *, echo: bool) -> None:
+    def __init__(self) -> None:
         self.data = bytearray()
-        self._echo = echo
+        self.echo = False
 
-    def add(self, chunk: bytes) -> None:
-        if self._echo:
+    def add(self, chunk: bytes | bytearray) -> None:
+        if self.echo:
             sys.stderr.write(chunk.decode(errors="replace"))
             sys.stderr.flush()
         self.data += chunk
@@ -99,7 +102,7 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
         raise TransportError(f"cannot start the local agent {argv[0]}: {exc.strerror or exc}") from None
     finally:
         theirs.close()
-    tail = StderrTail(echo=echo_stderr)
+    tail = StderrTail()
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     started = False
     try:
@@ -111,14 +114,16 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
                                     methods=methods, peer="the local kcr-agent", host="localhost",
                                     **rpc_options) as rpc:
                     started = True
+                    tail.echo = echo_stderr
                     yield rpc
             except MigrationError as exc:
-                if started:
+                if started or isinstance(exc, (IncompatibleImage, TransportTimeout)):
                     raise
                 await _reap(proc)
-                detail = f": {tail.text()}" if tail.text() else ""
-                raise type(exc)(f"{exc.message} (the local kcr-agent exited with status "
-                                f"{proc.returncode}{detail})") from None
+                said = f": {tail.text()}" if tail.text() else ""
+                why = "" if isinstance(exc, PeerGone) else f" ({exc.message})"
+                raise PeerGone(f"the local kcr-agent exited with status {proc.returncode} before the "
+                               f"handshake{said}{why}; run `{shlex.join(argv)}` to see why") from None
             finally:
                 await _reap(proc)
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0  # last words on stderr

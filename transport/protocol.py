@@ -9,9 +9,10 @@ request/response protocol of ``transport.rpc``::
     34 Response    id, ok, result map, or error (code, errno, message, ...)
     35 Cancel      id: the caller gave up on a request
     36 Progress    id, fields: an event from a long-running request
-    37 PagesBegin  id: page batches that follow (PAGES frames) belong to request id
-    38 PagesEnd    id, counts: the page stream of id is complete (the receiver checks the counts);
-                   an empty upload is a lone PagesEnd(id, 0, 0, 0), valid anywhere
+    37 PagesBegin  id, reply: page batches that follow (PAGES frames) belong to request id
+                   (reply: a request the receiver made, else one the sender made)
+    38 PagesEnd    id, counts, reply: the page stream of id is complete (the receiver checks the
+                   counts); an empty upload is a lone PagesEnd(id, 0, 0, 0), valid anywhere
     39 Credit      bytes: the receiver consumed that many raw page bytes (flow control)
     40 Bye         reason: the sender closes the stream on purpose
 
@@ -158,6 +159,7 @@ class Progress(Record):
 class PagesBegin(Record):
     TYPE = 37
     id: int
+    reply: bool = False      # pages answering a request of the receiver (else: an upload)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class PagesEnd(Record):
     batches: int
     pages: int
     bytes_raw: int
+    reply: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,11 @@ def check_hello(ours: Hello, theirs: Hello, *, peer: str, accept_roles: tuple[st
             f"(kcr-migrate {theirs.tool_version}) but this side speaks version {ours.protocol_version} "
             f"(kcr-migrate {ours.tool_version}); {newer} is newer: install the same kcr-migrate "
             f"version on both hosts (pip install kcr-migrate=={ours.tool_version})")
+    if theirs.format_version != ours.format_version:
+        raise IncompatibleImage(
+            f"{peer} writes image format version {theirs.format_version} (kcr-migrate {theirs.tool_version}), "
+            f"this side version {ours.format_version} (kcr-migrate {ours.tool_version}): install the same "
+            f"kcr-migrate version on both hosts (pip install kcr-migrate=={ours.tool_version})")
     if theirs.role not in accept_roles:
         raise ProtocolError(f"{peer} introduced itself as {theirs.role!r} but this side expects "
                             f"{' or '.join(repr(r) for r in accept_roles)}: wrong program at the other end")
@@ -224,7 +232,10 @@ def check_hello(ours: Hello, theirs: Hello, *, peer: str, accept_roles: tuple[st
 async def handshake(fs: FramedStream, ours: Hello, *, accept_roles: tuple[str, ...],
                     timeout: float | None = 30.0) -> Hello:
     """Send our Hello, read the peer's and check it. Both sides send first, so neither waits."""
-    await fs.send_record(ours)
+    try:
+        await fs.send_record(ours)
+    except PeerGone:
+        raise PeerGone(f"{fs.peer} closed the connection before the handshake") from None
     try:
         item = await fs.receive_item(timeout=timeout)
     except TransportTimeout:

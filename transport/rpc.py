@@ -5,17 +5,10 @@ and the agent serves). A call is a ``Request`` answered by one ``Response``; err
 as ``(code, errno, message, ...)`` and are raised again through ``error_from_wire``, so a
 ``NoSuchProcess`` on the agent is a ``NoSuchProcess`` here.
 
-Page batches travel beside requests, in either direction. A page stream belongs to one
-request: ``PagesBegin(id)``, PAGES frames, ``PagesEnd(id, counts)`` (the receiver checks the
-counts). One page stream at a time goes each way; records of other calls keep flowing
-between its frames, so control never waits behind bulk data.
-
-Flow control is credit-based, per direction, in raw (uncompressed) page bytes. Each side's
-``Hello.window`` says how many bytes it buffers; the sender never has more than that
-outstanding (one batch may exceed it when nothing is outstanding), and the receiver returns
-``Credit`` as its consumer takes batches: every quarter window, and whenever it has caught
-up. The reader task therefore never blocks on a slow consumer, and what a receiver holds is
-bounded by its window; what a sender holds is bounded by its ``FramedStream`` caps.
+Page batches travel beside requests, in either direction, as page streams that belong to
+one request each, under credit-based flow control (``transport.flow``): the reader task
+never blocks on a slow consumer, so control records never wait behind bulk data, and what
+either side holds stays bounded.
 
     async with open_rpc(stream, role=ROLE_ORCHESTRATOR, accept_roles=(ROLE_AGENT,)) as rpc:
         info = await rpc.call("info")
@@ -28,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 import sys
 import traceback
 from contextlib import asynccontextmanager
@@ -38,6 +30,7 @@ import trio
 
 from transport._nursery import service_nursery
 from transport.errors import (
+    Cancelled,
     ChannelClosed,
     MigrationError,
     PeerGone,
@@ -46,6 +39,7 @@ from transport.errors import (
     TransportTimeout,
     error_from_wire,
 )
+from transport.flow import Flow, PageStreamIn, PageStreamOut
 from transport.levels import Level
 from transport.pages import PageBatch
 from transport.protocol import (
@@ -68,6 +62,7 @@ from transport.stream import FramedStream, RawBatch
 Handler = Callable[..., Awaitable[dict[str, Any] | None]]
 ProgressCallback = Callable[[dict[str, Any]], None]
 BYE_TIMEOUT = 5.0
+SERVED, CALLED = True, False    # whose request an inbound page stream belongs to
 
 
 class Methods:
@@ -93,134 +88,6 @@ class Methods:
         return sorted(self._handlers)
 
 
-# --- page streams -------------------------------------------------------------------------
-
-class PageStreamIn:
-    """Page batches arriving for one request; iterate it, or ``receive()`` until None."""
-
-    def __init__(self, rpc: RpcPeer, id: int, *, expected: bool) -> None:
-        self._rpc = rpc
-        self.id = id
-        self._tx, self._rx = trio.open_memory_channel[RawBatch | PagesEnd | None](math.inf)
-        self.batches = self.pages = self.bytes_raw = 0   # received from the peer
-        self.begun = False
-        self.ended = not expected
-        self.abandoned = False
-        self._done = not expected
-
-    # reader side
-    def begin(self) -> None:
-        if self.begun:
-            raise ProtocolError(f"{self._rpc.peer} began the page stream of request {self.id} twice")
-        self.begun = True
-        self.ended = False
-        self._done = False
-
-    def deliver(self, item: RawBatch | PagesEnd | None) -> None:
-        if isinstance(item, RawBatch):
-            self.batches += 1
-            self.pages += item.npages
-            self.bytes_raw += item.raw_len
-            if self.abandoned:
-                self._rpc._credit(item.raw_len, flush=True)
-                return
-        else:
-            self.ended = True
-        self._tx.send_nowait(item)
-
-    # consumer side
-    async def receive_raw(self) -> RawBatch | None:
-        """The next batch as received (to forward it undecoded); None at the end."""
-        if self._done:
-            return None
-        item = await self._rx.receive()
-        if isinstance(item, RawBatch):
-            self._rpc._credit(item.raw_len, flush=self._rx.statistics().current_buffer_used == 0)
-            return item
-        self._done = True
-        if isinstance(item, PagesEnd):
-            if (item.batches, item.pages, item.bytes_raw) != (self.batches, self.pages, self.bytes_raw):
-                raise ProtocolError(
-                    f"{self._rpc.peer} ended the page stream of request {self.id} with {item.batches} batches, "
-                    f"{item.pages} pages, {item.bytes_raw} bytes but {self.batches}, {self.pages}, "
-                    f"{self.bytes_raw} arrived: data was lost")
-        elif self._rpc.error is not None:
-            raise self._rpc.error
-        return None
-
-    async def receive(self) -> PageBatch | None:
-        """The next batch, decompressed and checked; None at the end of the stream."""
-        raw = await self.receive_raw()
-        return None if raw is None else await self._rpc.fs.decode(raw)
-
-    def __aiter__(self) -> PageStreamIn:
-        return self
-
-    async def __anext__(self) -> PageBatch:
-        batch = await self.receive()
-        if batch is None:
-            raise StopAsyncIteration
-        return batch
-
-    def abandon(self) -> None:
-        """The consumer is done: credit what is buffered, drop (and credit) whatever still comes."""
-        self.abandoned = True
-        while True:
-            try:
-                item = self._rx.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if isinstance(item, RawBatch):
-                self._rpc._credit(item.raw_len, flush=True)
-
-
-class PageStreamOut:
-    """The page stream this side sends for one request."""
-
-    def __init__(self, rpc: RpcPeer, id: int) -> None:
-        self._rpc = rpc
-        self.id = id
-        self.batches = self.pages = self.bytes_raw = 0
-        self._state = "idle"    # idle -> open -> ended
-
-    async def send(self, batch: PageBatch | RawBatch) -> None:
-        rpc = self._rpc
-        if self._state == "ended":
-            raise ChannelClosed(f"the page stream of request {self.id} is already ended")
-        if self._state == "idle":
-            await rpc._out_pages.acquire()
-            self._state = "open"
-            try:
-                rpc.fs.post_record(PagesBegin(self.id))
-            except TransportError:
-                self._release()
-                raise
-        raw, npages = (batch.raw_len, batch.npages) if isinstance(batch, RawBatch) else (len(batch.data), batch.npages)
-        await rpc._acquire_credit(raw)
-        try:
-            await rpc.fs.send_batch(batch)
-        except BaseException:
-            rpc._out_outstanding -= raw   # not sent after all
-            raise
-        self.batches += 1
-        self.pages += npages
-        self.bytes_raw += raw
-
-    def end(self) -> None:
-        """Close the stream (queued; never waits). An unopened stream is opened empty."""
-        if self._state == "open":
-            try:
-                self._rpc.fs.post_record(PagesEnd(self.id, self.batches, self.pages, self.bytes_raw))
-            except TransportError:
-                pass
-            self._release()
-        self._state = "ended"
-
-    def _release(self) -> None:
-        self._state = "ended"
-        self._rpc._out_pages.release()
-
-
 # --- the two ends of a call ---------------------------------------------------------------
 
 class CallContext:
@@ -230,8 +97,8 @@ class CallContext:
         self.rpc = rpc
         self.id = req.id
         self.method = req.method
-        self.pages = rpc._open_inbound(req.id, expected=req.upload)
-        self._out = PageStreamOut(rpc, req.id)
+        self.pages = rpc._open_inbound(SERVED, req.id, ended=not req.upload)
+        self._out = PageStreamOut(rpc.flow, req.id, reply=True)
 
     @property
     def remote(self) -> Hello:
@@ -266,11 +133,11 @@ class Call:
         self.rpc = rpc
         self.id = id
         self.method = method
-        self.pages = rpc._inbound[id]           # pages the peer sends back
+        self.pages = rpc._inbound[(CALLED, id)]   # pages the peer sends back
         self._pending = pending
         self._timeout = timeout
         self._upload = upload
-        self._out = PageStreamOut(rpc, id)
+        self._out = PageStreamOut(rpc.flow, id, reply=False, upload=upload)
 
     async def send_batch(self, batch: PageBatch | RawBatch) -> None:
         """Upload a batch with this call (open it with ``upload=True``)."""
@@ -279,14 +146,15 @@ class Call:
         await self._out.send(batch)
 
     def end_pages(self) -> None:
-        if self._upload and self._out._state == "idle":
-            self._out._state = "ended"
-            self.rpc.fs.post_record(PagesEnd(self.id, 0, 0, 0))
+        """End the upload (``result`` does it too)."""
         self._out.end()
 
     async def result(self) -> dict[str, Any]:
-        """End the upload, wait for the response; raise the remote error if it failed."""
+        """End the upload, wait for the response; raise the remote error if it failed.
+
+        Pages the peer sends back that were not read before this are dropped."""
         self.end_pages()
+        self.pages.abandon()
         pending = self._pending
         if self._timeout is None:
             await pending.done.wait()
@@ -326,17 +194,13 @@ class RpcPeer:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._running: dict[int, trio.CancelScope] = {}
-        self._inbound: dict[int, PageStreamIn] = {}
+        # Inbound page streams by (SERVED, id) for requests we serve, (CALLED, id) for our calls:
+        # each side numbers its own requests.
+        self._inbound: dict[tuple[bool, int], PageStreamIn] = {}
         self._current_in: PageStreamIn | None = None
-        self._out_pages = trio.Semaphore(1)
-        self._out_window = remote.window or DEFAULT_WINDOW
-        self._out_outstanding = 0
-        self._credit_lot = trio.lowlevel.ParkingLot()
-        self._in_window = local.window or DEFAULT_WINDOW
-        self._in_uncredited = 0
-        self._in_consumed = 0
+        self._current_key = (SERVED, 0)
+        self.flow = Flow(fs, send_window=remote.window, receive_window=local.window)
         self._nursery: trio.Nursery | None = None
-        self.peak_in_uncredited = 0
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -364,7 +228,7 @@ class RpcPeer:
         id = next(self._ids)
         pending = _Pending(method, on_progress)
         self._pending[id] = pending
-        self._open_inbound(id, expected=False)
+        self._open_inbound(CALLED, id, ended=False)
         call = Call(self, id, method, pending, timeout if timeout is not None else self.call_timeout, upload)
         try:
             await self.fs.send_record(Request(id, method, args, upload))
@@ -372,48 +236,24 @@ class RpcPeer:
             if not pending.done.is_set():
                 await call.result()
         finally:
+            call.end_pages()
             if not pending.done.is_set() and not self.closed.is_set():
-                call.end_pages()
                 try:
                     self.fs.post_record(Cancel(id))
                 except TransportError:
-                    pass
-            else:
-                call._out.end()
+                    pass  # the connection is gone; its reader reports why
             self._pending.pop(id, None)
-            self._close_inbound(id)
-
-    # --- flow control ---
-
-    async def _acquire_credit(self, raw: int) -> None:
-        while self._out_outstanding and self._out_outstanding + raw > self._out_window:
-            if self.error is not None:
-                raise self.error
-            if self.closed.is_set():
-                raise ChannelClosed(f"the connection to {self.peer} is closed")
-            await self._credit_lot.park()
-        self._out_outstanding += raw
-
-    def _credit(self, raw: int, *, flush: bool) -> None:
-        """The consumer took ``raw`` bytes: return credit in quarter windows, or now if ``flush``."""
-        self._in_consumed += raw
-        if self._in_consumed and (flush or self._in_consumed >= self._in_window // 4):
-            n, self._in_consumed = self._in_consumed, 0
-            self._in_uncredited -= n
-            try:
-                self.fs.post_record(Credit(n))
-            except TransportError:
-                pass
+            self._close_inbound(CALLED, id)
 
     # --- inbound page streams ---
 
-    def _open_inbound(self, id: int, *, expected: bool) -> PageStreamIn:
-        inb = PageStreamIn(self, id, expected=expected)
-        self._inbound[id] = inb
+    def _open_inbound(self, served: bool, id: int, *, ended: bool) -> PageStreamIn:
+        inb = PageStreamIn(self.flow, id, ended=ended)
+        self._inbound[(served, id)] = inb
         return inb
 
-    def _close_inbound(self, id: int) -> None:
-        inb = self._inbound.pop(id, None)
+    def _close_inbound(self, served: bool, id: int) -> None:
+        inb = self._inbound.pop((served, id), None)
         if inb is not None:
             inb.abandon()
 
@@ -447,29 +287,28 @@ class RpcPeer:
             if isinstance(item, RawBatch):
                 self._on_batch(item)
             elif isinstance(item, Request):
-                self.nursery.start_soon(self._serve_call, item)
+                if (SERVED, item.id) in self._inbound:
+                    raise ProtocolError(f"{self.peer} reused request id {item.id} while it was running")
+                # The context (and its inbound page stream) exists before the next frame is read.
+                self.nursery.start_soon(self._serve_call, item, CallContext(self, item))
             elif isinstance(item, Response):
                 self._on_response(item)
             elif isinstance(item, Credit):
-                if item.bytes > self._out_outstanding:
-                    raise ProtocolError(f"{self.peer} returned credit for more page bytes than were sent")
-                self._out_outstanding -= item.bytes
-                self._credit_lot.unpark_all()
+                self.flow.on_credit(item.bytes)
             elif isinstance(item, PagesBegin):
                 if self._current_in is not None:
                     raise ProtocolError(f"{self.peer} began a page stream inside another one")
-                inb = self._inbound.get(item.id)
+                key = (not item.reply, item.id)
+                inb = self._inbound.get(key)
                 if inb is None:  # a call that is over: drop its pages
-                    inb = PageStreamIn(self, item.id, expected=False)
+                    inb = PageStreamIn(self.flow, item.id, ended=True)
                     inb.abandoned = True
                 inb.begin()
-                self._current_in = inb
+                self._current_in, self._current_key = inb, key
             elif isinstance(item, PagesEnd):
                 self._on_pages_end(item)
             elif isinstance(item, Progress):
-                pending = self._pending.get(item.id)
-                if pending is not None and pending.on_progress is not None:
-                    pending.on_progress(item.fields)
+                self._on_progress(item)
             elif isinstance(item, Cancel):
                 scope = self._running.get(item.id)
                 if scope is not None:
@@ -484,32 +323,35 @@ class RpcPeer:
         inb = self._current_in
         if inb is None:
             raise ProtocolError(f"{self.peer} sent page data outside a page stream")
-        n = raw.raw_len
-        if self._in_uncredited > 0 and self._in_uncredited + n > self._in_window:
-            raise ProtocolError(f"{self.peer} sent more page data than the flow-control window of "
-                                f"{self._in_window} bytes allows")
-        self._in_uncredited += n
-        self.peak_in_uncredited = max(self.peak_in_uncredited, self._in_uncredited)
+        self.flow.on_batch(raw.raw_len)
         inb.deliver(raw)
 
     def _on_pages_end(self, end: PagesEnd) -> None:
         current = self._current_in
-        if current is not None and current.id == end.id:
+        if current is not None and self._current_key == (not end.reply, end.id):
             current.deliver(end)
             self._current_in = None
             return
         if (end.batches, end.pages, end.bytes_raw) != (0, 0, 0):
             raise ProtocolError(f"{self.peer} ended page stream {end.id} that it had not begun")
-        inb = self._inbound.get(end.id)   # an empty upload: no PagesBegin needed
+        inb = self._inbound.get((SERVED, end.id))   # an empty upload: no PagesBegin needed
         if inb is not None and not inb.begun and not inb.ended:
             inb.begin()
             inb.deliver(end)
+
+    def _on_progress(self, progress: Progress) -> None:
+        pending = self._pending.get(progress.id)
+        if pending is not None and pending.on_progress is not None:
+            try:
+                pending.on_progress(progress.fields)
+            except Exception:  # a bug in the callback must not cut the connection
+                traceback.print_exc(file=sys.stderr)
 
     def _on_response(self, resp: Response) -> None:
         pending = self._pending.get(resp.id)
         if pending is None:
             return  # a call we gave up on
-        inb = self._inbound.get(resp.id)
+        inb = self._inbound.get((CALLED, resp.id))
         if inb is not None and not inb.begun:
             inb.deliver(None)
         elif inb is not None and not inb.ended:
@@ -533,14 +375,13 @@ class RpcPeer:
                 pending.done.set()
         for inb in self._inbound.values():
             if not inb.ended:
-                inb.deliver(None)
+                inb.deliver(err)
         self.closed.set()
-        self._credit_lot.unpark_all()
+        self.flow.close(err)
 
     # --- serving ---
 
-    async def _serve_call(self, req: Request) -> None:
-        ctx = CallContext(self, req)
+    async def _serve_call(self, req: Request, ctx: CallContext) -> None:
         handler = self.methods.lookup(req.method) if self.methods is not None else None
         resp: Response
         with trio.CancelScope() as scope:
@@ -565,11 +406,15 @@ class RpcPeer:
             finally:
                 self._running.pop(req.id, None)
                 ctx._out.end()
-                self._close_inbound(req.id)
+                self._close_inbound(SERVED, req.id)
         if scope.cancelled_caught:
-            resp = Response(req.id, False, error=ErrorInfo.of(ChannelClosed(f"{req.method} was cancelled by the caller")))
+            resp = Response(req.id, False, error=ErrorInfo.of(Cancelled(f"{req.method} was cancelled by the caller")))
         try:
-            await self.fs.send_record(resp)
+            try:
+                await self.fs.send_record(resp)
+            except (TypeError, ValueError, OverflowError) as exc:  # msgpack: not plain data
+                await self.fs.send_record(Response(req.id, False, error=ErrorInfo.of(MigrationError(
+                    f"internal error in {req.method}: its result is not plain data ({exc}) (a bug: please report it)"))))
         except TransportError:
             pass  # the connection is gone; the reader reports why
 

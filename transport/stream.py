@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator
@@ -116,7 +117,8 @@ Item = Record | RawBatch
 class _Out:
     """One frame waiting in the send queue."""
 
-    __slots__ = ("kind", "parts", "ready", "sent", "error", "batch_raw", "batch_pages", "held", "level")
+    __slots__ = ("kind", "parts", "ready", "sent", "error", "batch_raw", "batch_pages", "held", "level",
+                 "compress_s")
 
     def __init__(self, kind: str, parts: tuple[bytes | bytearray | memoryview, ...] = (), *,
                  ready: bool = True) -> None:
@@ -131,13 +133,17 @@ class _Out:
         self.batch_pages = 0
         self.held = 0
         self.level: str = "raw"
+        self.compress_s = 0.0
 
 
-def _encode_frame(batch: PageBatch, level: int | None) -> tuple[bytes, EncodedBatch]:
-    """Compress a batch and make its frame header (worker thread: both release the GIL)."""
+def _encode_frame(batch: PageBatch, level: int | None) -> tuple[bytes, EncodedBatch, float]:
+    """Compress a batch and make its frame header (worker thread: both release the GIL);
+    also the thread time compression took."""
+    t0 = time.perf_counter()
     enc = encode_batch(batch, level)
+    took = time.perf_counter() - t0
     header = frame_header(KIND_PAGES, enc.flags, enc.parts)
-    return header + enc.parts[0], enc
+    return header + enc.parts[0], enc, took
 
 
 class FramedStream:
@@ -151,18 +157,20 @@ class FramedStream:
             raise ValueError("max_in_flight must be at least 1")
         self.peer = peer
         self.stats = StreamStats()
-        self.levels = LevelController(level)
         self.max_in_flight = max_in_flight
         self.max_bytes_held = max_bytes_held
         self.frame_timeout = frame_timeout
         self._stream = stream
         self._decoder = FrameDecoder(max_payload=max_payload)
         self._limiter = trio.CapacityLimiter(workers or min(max_in_flight, os.cpu_count() or 1))
+        self.levels: LevelController
+        self.set_level(level)
         self._queue_tx, self._queue_rx = trio.open_memory_channel[_Out](math.inf)
         self._space = trio.lowlevel.ParkingLot()
         self._held_batches = 0
         self._last: _Out | None = None
         self._send_error: TransportError | None = None
+        self._send_error_raised = False    # the caller has seen it (then closing does not repeat it)
         self._receive_error: MigrationError | None = None
         self._eof = False
         self._nursery: trio.Nursery | None = None
@@ -186,12 +194,25 @@ class FramedStream:
                 self._enqueue(_Out("magic", (STREAM_MAGIC,)))
                 try:
                     yield self
-                    await self.flush()
+                    await self._flush_before_close()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._fail_sends(ChannelClosed(f"the stream to {self.peer} was closed on this side"))
             await self.aclose_transport()
+
+    async def _flush_before_close(self) -> None:
+        if self._send_error_raised:
+            return
+        with trio.move_on_after(self.frame_timeout if self.frame_timeout is not None else math.inf) as scope:
+            await self.flush()
+        if scope.cancelled_caught:
+            raise TransportTimeout(f"{self.peer} read nothing of what was left to send for "
+                                   f"{self.frame_timeout:g} s: closing")
+
+    def set_level(self, level: Level) -> None:
+        """Compression for batches queued from now on: None, a zstd level, or "auto"."""
+        self.levels = LevelController(level, settle=self.max_in_flight)
 
     async def aclose_transport(self) -> None:
         """Close the underlying stream (bounded, shielded): the peer sees the end of the stream."""
@@ -203,6 +224,7 @@ class FramedStream:
 
     def _check_send(self) -> None:
         if self._send_error is not None:
+            self._send_error_raised = True
             raise self._send_error
         if self._nursery is None:
             raise ChannelClosed("the stream is not open: use `async with FramedStream(...)`")
@@ -222,6 +244,7 @@ class FramedStream:
         self._enqueue(out)
         await out.sent.wait()
         if out.error is not None:
+            self._send_error_raised = True
             raise out.error
 
     def post_record(self, rec: Record) -> None:
@@ -272,14 +295,15 @@ class FramedStream:
 
     async def _encode(self, out: _Out, batch: PageBatch, level: int | None) -> None:
         try:
-            head, enc = await trio.to_thread.run_sync(_encode_frame, batch, level, limiter=self._limiter)
+            head, enc, out.compress_s = await trio.to_thread.run_sync(_encode_frame, batch, level,
+                                                                      limiter=self._limiter)
         except (ValueError, ProtocolError) as exc:
             out.error = TransportError(f"cannot send a page batch: {exc}")
         else:
             out.parts = (head, *enc.parts[1:])
             out.batch_pages = enc.npages
             out.level = str(level) if enc.flags else "raw"
-            actual = len(head) + (enc.bytes_on_wire - len(enc.parts[0]) if enc.flags else 0)
+            actual = sum(len(p) for p in out.parts)   # what the queue holds until it is written
             if out.held >= 0:  # not yet released by a failure
                 self._hold(actual - out.held)
                 out.held = actual
@@ -299,6 +323,7 @@ class FramedStream:
         if last is not None:
             await last.sent.wait()
             if last.error is not None:
+                self._send_error_raised = True
                 raise last.error
         self._check_send()
 
@@ -334,7 +359,7 @@ class FramedStream:
                     self.stats.compress_wait_s += wait
                     self.stats.write_s += write
                     self.stats.batches_by_level[out.level] = self.stats.batches_by_level.get(out.level, 0) + 1
-                    self.levels.observe(wait, write)
+                    self.levels.observe(raw=out.batch_raw, now=trio.current_time())
                     self._release(out)
                 elif out.kind == "record":
                     sent.records += 1
@@ -406,7 +431,7 @@ class FramedStream:
         got = self.stats.received
         if frame.kind == KIND_RECORD:
             got.records += 1
-            return decode_record(frame.payload)
+            return decode_record(memoryview(frame.payload))
         raw = RawBatch.from_frame(frame)
         got.batches += 1
         got.pages += raw.npages

@@ -1,0 +1,129 @@
+"""Helpers for the transport tests: an example of every record type, RPC peers on a socketpair."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import trio
+
+from transport.local import socket_pair
+from transport.pages import PageBatch
+from transport.protocol import (
+    ROLE_AGENT,
+    ROLE_ORCHESTRATOR,
+    Bye,
+    Cancel,
+    Credit,
+    ErrorInfo,
+    Hello,
+    PagesBegin,
+    PagesEnd,
+    Progress,
+    Request,
+    Response,
+    local_hello,
+)
+from transport.records import Record
+from transport.rpc import Methods, RpcPeer, open_rpc
+from transport.schema import (
+    PAGE_SIZE,
+    Creds,
+    EndOfImage,
+    FileDesc,
+    Files,
+    GpRegs,
+    ImageHeader,
+    ITimer,
+    Mappings,
+    MmFields,
+    ProcessState,
+    Rlimit,
+    SigAction,
+    ThreadState,
+    Vma,
+)
+
+
+def example_records() -> dict[type[Record], Record]:
+    """One valid, non-trivial instance of every record type (add one for each new type)."""
+    regs = GpRegs.from_tuple(tuple(range(1, 28)))
+    mm = MmFields(0x400000, 0x401000, 0x600000, 0x601000, 0x602000, 0x603000, 0x7FFC0000_0000,
+                  0x7FFC0000_1000, 0x7FFC0000_1100, 0x7FFC0000_1100, 0x7FFC0000_1200)
+    records: list[Record] = [
+        ImageHeader(format_version=1, tool_version="0.1.0", kernel_release="6.18.0", arch="x86_64",
+                    page_size=PAGE_SIZE, xsave_mask=0xE7, xsave_size=2696, hostname="hostA",
+                    created_unix=1.5, pid=1234, kind="checkpoint"),
+        ProcessState(pid=1234, exe="/usr/bin/python3", cwd="/srv", root="/", umask=0o22, personality=0,
+                     dumpable=1, creds=Creds((0, 0, 0, 0), (0, 0, 0, 0), (0, 4, 24), 0, 0x1FF, 0x1FF,
+                                             (1 << 41) - 1, 0, 0, False),
+                     rlimits=(Rlimit(7, 1024, 4096),), mm=mm, auxv=bytes(32),
+                     sigactions=(SigAction(2, 0x401234, 0x4000000, 0x401000, 0),),
+                     itimers=(ITimer(0, 0, 1000),), shared_pending=(bytes(128),), child_subreaper=1),
+        Mappings(vmas=(Vma(0x400000, 0x401000, 5, False, "file", "/usr/bin/python3", 0, file_size=4096),
+                       Vma(0x7FFC0000_0000, 0x7FFC0002_0000, 3, False, "stack", growsdown=True))),
+        Files(fds=(FileDesc(0, "chr", "/dev/null", 0o2, 0), FileDesc(3, "file", "/srv/log", 0o2001, 77, 77, 5))),
+        ThreadState(tid=1234, leader=True, comm="python3", regs=regs, xstate=bytes(range(256)) * 4,
+                    sigmask=1 << 9, pending=(), tid_address=0x7F00_0000_0000, robust_list=0x7F00_0000_1000,
+                    robust_list_len=24, rseq_addr=0x7F00_0000_2000, rseq_len=32, rseq_sig=0x53053053),
+        EndOfImage(page_batches=3, pages=77, records=6),
+        local_hello(ROLE_AGENT, xsave_mask=0xE7),
+        Request(7, "sink", {"n": 1, "nested": {"list": [1, "two", b"\x03", None, 1.5, True]}}, upload=True),
+        Response(7, True, {"batches": 3, "host": "hostB"}),
+        Response(8, False, error=ErrorInfo("no-such-process", 3, "no process 99", "preflight", 99, "hostA")),
+        Cancel(7),
+        Progress(7, {"round": 2, "pages_dirty": 1000}),
+        PagesBegin(7),
+        PagesEnd(7, 3, 1536, 1536 * PAGE_SIZE),
+        Credit(4 << 20),
+        Bye("done"),
+    ]
+    return {type(r): r for r in records}
+
+
+def page_batch(npages: int, *, seed: int = 0, addr: int = 0x7F00_0000_0000, fill: str = "mixed") -> PageBatch:
+    """A batch whose content says where it came from (so a mix-up shows)."""
+    if fill == "random":
+        data = os.urandom(npages * PAGE_SIZE)
+    else:
+        page = bytearray(PAGE_SIZE)
+        out = bytearray()
+        for i in range(npages):
+            page[:16] = (seed.to_bytes(8, "little") + i.to_bytes(8, "little"))
+            out += page if fill == "mixed" and i % 3 else bytes(page[:16]) + os.urandom(PAGE_SIZE - 16)
+        data = bytes(out)
+    return PageBatch(((addr, npages),), data)
+
+
+@asynccontextmanager
+async def rpc_pair(methods: Methods | None = None, *, client_methods: Methods | None = None,
+                   client_options: dict[str, Any] | None = None,
+                   server_options: dict[str, Any] | None = None) -> AsyncIterator[tuple[RpcPeer, RpcPeer]]:
+    """(client, server) RPC peers connected by a socketpair, in this process."""
+    a, b = socket_pair()
+    server_ready: trio.Event = trio.Event()
+    holder: list[RpcPeer] = []
+    stop = trio.Event()
+
+    async def serve() -> None:
+        async with open_rpc(b, role=ROLE_AGENT, accept_roles=(ROLE_ORCHESTRATOR,), methods=methods,
+                            peer="the test client", **(server_options or {})) as server:
+            holder.append(server)
+            server_ready.set()
+            with trio.move_on_after(60):
+                await stop.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        async with open_rpc(a, role=ROLE_ORCHESTRATOR, accept_roles=(ROLE_AGENT,), methods=client_methods,
+                            peer="the test agent", host="testhost", **(client_options or {})) as client:
+            await server_ready.wait()
+            try:
+                yield client, holder[0]
+            finally:
+                stop.set()
+
+
+def hello_with(**changes: Any) -> Hello:
+    return dataclasses.replace(local_hello(ROLE_AGENT), **changes)

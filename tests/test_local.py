@@ -1,0 +1,77 @@
+"""The local channel: a real `kcr-agent serve --stdio` subprocess on a socketpair, and its CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests._transport import page_batch
+from transport.errors import PeerGone, TransportError
+from transport.local import AGENT_ARGV, open_local_agent
+from transport.protocol import PROTOCOL_VERSION
+
+
+async def test_local_agent_serves_info_and_pages() -> None:
+    batches = [page_batch(256, seed=i) for i in range(8)]
+    async with open_local_agent() as rpc:
+        info = await rpc.call("info")
+        assert info["pid"] != os.getpid() and info["protocol_version"] == PROTOCOL_VERSION
+        assert info["netns_inode"] == os.stat("/proc/self/ns/net").st_ino
+        assert {"sink", "source_synthetic", "ping", "info", "hello", "data_listen"} <= set(info["methods"])
+        async with rpc.open_call("sink", upload=True) as call:
+            for b in batches:
+                await call.send_batch(b)
+            assert (await call.result())["bytes_raw"] == sum(len(b.data) for b in batches)
+        got = 0
+        async with rpc.open_call("source_synthetic", total_bytes=8 << 20, level=1) as call:
+            async for batch in call.pages:
+                got += len(batch.data)
+            assert (await call.result())["bytes_raw"] == 8 << 20
+        assert got == 8 << 20
+
+
+SHOUTING_AGENT = """
+import sys, trio
+from agent import serve
+@serve.method("shout")
+async def shout(ctx, *, text):
+    print(text)                      # stdout: must not reach the protocol stream
+    sys.stdout.flush()
+    return {"said": text}
+sys.exit(trio.run(serve.serve_stdio))
+"""
+
+
+async def test_stray_prints_in_the_agent_do_not_corrupt_the_stream() -> None:
+    async with open_local_agent(argv=[sys.executable, "-c", SHOUTING_AGENT]) as rpc:
+        assert await rpc.call("shout", text="hello there") == {"said": "hello there"}
+        assert await rpc.call("ping") == {"echo": {}}
+
+
+async def test_a_missing_agent_program() -> None:
+    with pytest.raises(TransportError, match="cannot start the local agent /nonexistent/kcr-agent"):
+        async with open_local_agent(argv=["/nonexistent/kcr-agent", "serve", "--stdio"]):
+            pass
+
+
+async def test_an_agent_that_dies_at_once_says_why() -> None:
+    argv = [sys.executable, "-c", "import sys; sys.stderr.write('agent: cannot start\\n'); sys.exit(3)"]
+    with pytest.raises(PeerGone, match="exited with status 3 before the handshake: agent: cannot start"):
+        async with open_local_agent(argv=argv):
+            pass
+
+
+def kcr_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENT_ARGV[:3], *args], capture_output=True, text=True, timeout=60)
+
+
+def test_agent_cli() -> None:
+    version = kcr_agent("--version")
+    assert version.returncode == 0 and f"protocol {PROTOCOL_VERSION}" in version.stdout
+    info = kcr_agent("info")
+    assert info.returncode == 0 and json.loads(info.stdout)["protocol_version"] == PROTOCOL_VERSION
+    usage = kcr_agent("serve")
+    assert usage.returncode == 2 and "--stdio" in usage.stderr

@@ -1,0 +1,207 @@
+"""The one schema, file and live: every record type round-trips; the handshake refuses mismatches."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from tests._transport import example_records, hello_with, page_batch
+from transport.errors import (
+    IncompatibleImage,
+    NoSuchProcess,
+    PeerGone,
+    ProtocolError,
+    RemoteError,
+    TransportTimeout,
+    error_from_wire,
+)
+from transport.framing import KIND_RECORD, STREAM_MAGIC, encode_frame
+from transport.image import ImageReader, ImageWriter
+from transport.local import socket_pair
+from transport.protocol import (
+    PROTOCOL_VERSION,
+    ROLE_AGENT,
+    ROLE_DATA,
+    ROLE_ORCHESTRATOR,
+    ErrorInfo,
+    Hello,
+    Request,
+    Response,
+    handshake,
+    local_hello,
+)
+from transport.records import Record
+from transport.schema import RECORD_TYPES, EndOfImage, ImageHeader, decode_record
+from transport.stream import FramedStream
+
+
+def test_every_record_type_has_an_example() -> None:
+    missing = set(RECORD_TYPES.values()) - set(example_records())
+    assert not missing, f"add an example of {sorted(c.__name__ for c in missing)} to tests/_transport.py"
+
+
+def test_live_records_take_ids_from_32_up_and_never_collide() -> None:
+    ids = [cls.TYPE for cls in RECORD_TYPES.values()]
+    assert len(ids) == len(set(ids))
+    live = {cls for cls in example_records() if cls.__module__ == "transport.protocol"}
+    assert live and all(cls.TYPE >= 32 for cls in live)
+
+
+@pytest.mark.parametrize("rec", list(example_records().values()), ids=lambda r: type(r).__name__)
+def test_record_round_trip_bytes(rec: Record) -> None:
+    assert decode_record(rec.pack()) == rec
+
+
+def test_every_record_round_trips_through_a_file() -> None:
+    recs = example_records()
+    header = recs.pop(ImageHeader)
+    recs.pop(EndOfImage)
+    buf = io.BytesIO()
+    writer = ImageWriter(buf, level=1)
+    writer.record(header)
+    for rec in recs.values():
+        writer.record(rec)
+    writer.pages(page_batch(8))
+    writer.finish()
+    got = [item for item in ImageReader(io.BytesIO(buf.getvalue())) if isinstance(item, Record)]
+    assert got[0] == header and got[1:-1] == list(recs.values()) and isinstance(got[-1], EndOfImage)
+
+
+async def test_every_record_round_trips_over_a_live_stream() -> None:
+    a, b = socket_pair()
+    recs = list(example_records().values())
+    async with FramedStream(a) as fa, FramedStream(b) as fb:
+        for rec in recs:
+            await fa.send_record(rec)
+        got = [await fb.receive() for _ in recs]
+    assert got == recs
+
+
+def test_a_newer_record_version_is_refused_with_advice() -> None:
+    body = Request(1, "ping").to_wire() | {"v": 9}
+    with pytest.raises(ProtocolError, match="upgrade kcr-migrate"):
+        decode_record(msgpack.packb(body))
+
+
+def test_unknown_fields_are_ignored_and_optional_ones_may_be_missing() -> None:
+    body = Request(1, "ping").to_wire() | {"added_later": [1, 2]}
+    del body["args"]
+    assert decode_record(msgpack.packb(body)) == Request(1, "ping")
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("args,match", [
+    ({1: "x"}, "key"),
+    ({"x": {"y": {"z": _nested(20)}}}, "nested"),
+    ({"x": "s" * 70000}, "too long"),
+    ({"x": b"b" * ((1 << 20) + 1)}, "too long"),
+])
+def test_request_args_must_be_plain_and_bounded(args: dict[Any, Any], match: str) -> None:
+    body = {"t": Request.TYPE, "v": 1, "id": 1, "method": "m", "args": args}
+    with pytest.raises(ProtocolError, match=match):
+        decode_record(msgpack.packb(body, strict_types=False))
+
+
+def test_a_response_is_either_ok_or_an_error() -> None:
+    body = Response(1, True).to_wire() | {"error": ErrorInfo("x", 0, "m").as_dict()}
+    with pytest.raises(ProtocolError, match="either ok"):
+        decode_record(msgpack.packb(body))
+
+
+def test_errors_cross_the_wire_as_their_class() -> None:
+    info = ErrorInfo.of(NoSuchProcess("no process 42", pid=42, errno=3, phase="preflight"))
+    exc = error_from_wire(info.as_dict())
+    assert type(exc) is NoSuchProcess and exc.pid == 42 and exc.errno == 3 and exc.phase == "preflight"
+    assert type(error_from_wire({"code": "from-the-future", "message": "?"})) is RemoteError
+
+
+# --- the handshake ------------------------------------------------------------------------
+
+async def _handshake_against(theirs: bytes | None, *, accept: tuple[str, ...] = (ROLE_AGENT,),
+                             timeout: float = 5.0) -> Hello:
+    """Our side of a handshake against a peer that sends ``theirs`` raw (None: nothing, then EOF)."""
+    a, b = socket_pair()
+    async with b, FramedStream(a, peer="the fake agent") as fa:
+        if theirs is not None:
+            await b.send_all(theirs)
+        else:
+            await b.aclose()
+        return await handshake(fa, local_hello(ROLE_ORCHESTRATOR), accept_roles=accept, timeout=timeout)
+
+
+def _hello_bytes(hello: Record) -> bytes:
+    return STREAM_MAGIC + encode_frame(KIND_RECORD, 0, hello.pack())
+
+
+async def test_handshake_accepts_a_matching_peer() -> None:
+    theirs = await _handshake_against(_hello_bytes(local_hello(ROLE_AGENT)))
+    assert theirs.protocol_version == PROTOCOL_VERSION and theirs.role == ROLE_AGENT
+
+
+async def test_handshake_refuses_another_protocol_version_naming_both() -> None:
+    with pytest.raises(IncompatibleImage) as info:
+        await _handshake_against(_hello_bytes(hello_with(protocol_version=PROTOCOL_VERSION + 1,
+                                                         tool_version="9.9.9")))
+    msg = str(info.value)
+    assert f"version {PROTOCOL_VERSION + 1}" in msg and f"version {PROTOCOL_VERSION}" in msg
+    assert "9.9.9" in msg and "pip install kcr-migrate" in msg
+
+
+async def test_handshake_refuses_another_image_format() -> None:
+    with pytest.raises(IncompatibleImage, match="image format version 7"):
+        await _handshake_against(_hello_bytes(hello_with(format_version=7)))
+
+
+async def test_handshake_refuses_the_wrong_role() -> None:
+    with pytest.raises(ProtocolError, match="'data'"):
+        await _handshake_against(_hello_bytes(hello_with(role=ROLE_DATA)))
+
+
+async def test_handshake_refuses_another_record_first() -> None:
+    with pytest.raises(ProtocolError, match="sent Request before its Hello"):
+        await _handshake_against(_hello_bytes(Request(1, "ping")))
+
+
+async def test_handshake_with_a_peer_that_leaves() -> None:
+    with pytest.raises(PeerGone, match="before the handshake"):
+        await _handshake_against(None)
+
+
+async def test_handshake_with_a_peer_that_never_answers() -> None:
+    with pytest.raises(TransportTimeout, match="did not answer the handshake"):
+        await _handshake_against(b"", timeout=0.2)
+
+
+async def test_handshake_with_something_else_at_the_other_end() -> None:
+    with pytest.raises(ProtocolError, match="bad magic"):
+        await _handshake_against(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+
+def test_local_hello_describes_this_machine() -> None:
+    hello = local_hello(ROLE_AGENT, xsave_mask=0x7)
+    assert hello.arch and hello.kernel_release and hello.netns_inode > 0 and hello.xsave_mask == 7
+    with pytest.raises(ValueError):
+        local_hello("spy")
+
+
+async def test_handshake_is_symmetric_over_one_connection() -> None:
+    a, b = socket_pair()
+    async with FramedStream(a) as fa, FramedStream(b) as fb:
+        got: dict[str, Hello] = {}
+
+        async def side(fs: FramedStream, role: str, accept: str) -> None:
+            got[role] = await handshake(fs, local_hello(role), accept_roles=(accept,), timeout=5)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side, fa, ROLE_ORCHESTRATOR, ROLE_AGENT)
+            nursery.start_soon(side, fb, ROLE_AGENT, ROLE_ORCHESTRATOR)
+    assert got[ROLE_ORCHESTRATOR].role == ROLE_AGENT and got[ROLE_AGENT].role == ROLE_ORCHESTRATOR
