@@ -31,6 +31,8 @@ from transport.protocol import (
     local_hello,
 )
 from transport.rpc import CallContext, Methods, serve_rpc
+from transport.records import Record
+from transport.schema import EndOfImage, Mappings, Vma
 from transport.stream import FramedStream
 
 methods = Methods()
@@ -181,6 +183,54 @@ async def test_both_sides_call_each_other_with_pages() -> None:
             nursery.start_soon(download)
             nursery.start_soon(upload)
     assert got["down"] == 8 << 20 and got["up"]["batches"] == 6
+
+
+@methods.method("echo_stream")
+async def echo_stream(ctx: CallContext) -> dict[str, Any]:
+    """Send back every uploaded item (records and batches) in the order it came."""
+    kinds = []
+    while (item := await ctx.pages.receive_item()) is not None:
+        if isinstance(item, Record):
+            kinds.append(type(item).__name__)
+            await ctx.send_record(item)
+        else:
+            kinds.append("pages")
+            await ctx.send_batch(item)
+    return {"kinds": kinds}
+
+
+async def test_image_records_travel_inside_page_streams_in_order() -> None:
+    """A live migration's stream interleaves layouts and pages: order is kept both ways."""
+    layout = Mappings((Vma(0x10000, 0x20000, 3, False, "anon"),))
+    sent: list[Any] = [layout, page_batch(16, seed=1), page_batch(16, seed=2),
+                       EndOfImage(page_batches=2, pages=32, records=2), page_batch(8, seed=3)]
+    async with rpc_pair(methods) as (client, _):
+        back: list[Any] = []
+        async with client.open_call("echo_stream", upload=True) as call:
+            async def upload() -> None:
+                for item in sent:
+                    if isinstance(item, Record):
+                        await call.send_record(item)
+                    else:
+                        await call.send_batch(item)
+                call.end_pages()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                while (item := await call.pages.receive_item()) is not None:
+                    back.append(item)
+            result = await call.result()
+    assert result["kinds"] == ["Mappings", "pages", "pages", "EndOfImage", "pages"]
+    assert back[0] == layout and back[3] == sent[3]
+    assert [bytes(b.data) for b in back if not isinstance(b, Record)] == \
+        [bytes(b.data) for b in sent if not isinstance(b, Record)]
+
+
+async def test_an_image_record_in_a_pages_only_stream_is_refused() -> None:
+    async with rpc_pair(methods) as (client, _):
+        with pytest.raises(ProtocolError):
+            async with client.open_call("sink", upload=True) as call:
+                await call.send_record(Mappings(()))
+                await call.result()
 
 
 async def test_an_empty_upload() -> None:

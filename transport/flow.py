@@ -2,7 +2,10 @@
 
 A page stream belongs to one request: ``PagesBegin(id)``, PAGES frames, ``PagesEnd(id,
 counts)``; the receiver checks the counts. One page stream at a time goes each way (records
-of other calls keep flowing between its frames).
+of other calls keep flowing between its frames). Image records (the schema's types below
+``FIRST_PROTOCOL_TYPE``: a layout, process state, threads) may travel inside a page stream,
+in order with its batches: a live migration's stream is the same sequence a checkpoint file
+holds.
 
 Flow control is credit-based, per direction, in raw (uncompressed) page bytes. Each side's
 ``Hello.window`` says how many bytes it buffers; the sender never has more than that
@@ -21,7 +24,15 @@ import trio
 from transport.errors import ChannelClosed, MigrationError, ProtocolError, TransportError
 from transport.pages import PageBatch
 from transport.protocol import DEFAULT_WINDOW, Credit, PagesBegin, PagesEnd
+from transport.records import Record
 from transport.stream import FramedStream, RawBatch
+
+FIRST_PROTOCOL_TYPE = 32
+
+
+def is_image_record(item: object) -> bool:
+    """A record of the image schema (as opposed to the RPC protocol's own)."""
+    return isinstance(item, Record) and item.TYPE < FIRST_PROTOCOL_TYPE
 
 
 class Flow:
@@ -96,8 +107,10 @@ class PageStreamIn:
     def __init__(self, flow: Flow, id: int, *, ended: bool) -> None:
         self._flow = flow
         self.id = id
-        # A batch, the end of the stream, None (no pages came) or why the connection ended.
-        self._tx, self._rx = trio.open_memory_channel[RawBatch | PagesEnd | MigrationError | None](math.inf)
+        # A batch, an image record, the end of the stream, None (no pages came) or why the
+        # connection ended.
+        self._tx, self._rx = trio.open_memory_channel[RawBatch | Record | PagesEnd | MigrationError | None](math.inf)
+        self.records = 0
         self.batches = self.pages = self.bytes_raw = 0   # received from the peer
         self.begun = False
         self.ended = ended
@@ -112,7 +125,12 @@ class PageStreamIn:
         self.ended = False
         self._done = False
 
-    def deliver(self, item: RawBatch | PagesEnd | MigrationError | None) -> None:
+    def deliver(self, item: RawBatch | Record | PagesEnd | MigrationError | None) -> None:
+        if is_image_record(item):
+            self.records += 1
+            if not self.abandoned:
+                self._tx.send_nowait(item)
+            return
         if isinstance(item, RawBatch):
             self.batches += 1
             self.pages += item.npages
@@ -125,11 +143,14 @@ class PageStreamIn:
         self._tx.send_nowait(item)
 
     # consumer side
-    async def receive_raw(self) -> RawBatch | None:
-        """The next batch as received (to forward it undecoded); None at the end."""
+    async def receive_raw(self) -> RawBatch | Record | None:
+        """The next batch as received (to forward it undecoded) or image record; None at the end."""
         if self._done:
             return None
         item = await self._rx.receive()
+        if is_image_record(item):
+            assert isinstance(item, Record)
+            return item
         if isinstance(item, RawBatch):
             self._flow.consumed(item.raw_len, flush=self._rx.statistics().current_buffer_used == 0)
             return item
@@ -146,9 +167,19 @@ class PageStreamIn:
         return None
 
     async def receive(self) -> PageBatch | None:
-        """The next batch, decompressed and checked; None at the end of the stream."""
+        """The next batch, decompressed and checked; None at the end of the stream. Image
+        records in the stream are an error here: use ``receive_item`` for mixed streams."""
+        item = await self.receive_item()
+        if isinstance(item, Record):
+            raise ProtocolError(f"{self._flow.peer} sent a {type(item).__name__} record inside a pages-only stream")
+        return item
+
+    async def receive_item(self) -> PageBatch | Record | None:
+        """The next batch (decompressed and checked) or image record; None at the end."""
         raw = await self.receive_raw()
-        return None if raw is None else await self._flow.fs.decode(raw)
+        if raw is None or isinstance(raw, Record):
+            return raw
+        return await self._flow.fs.decode(raw)
 
     def __aiter__(self) -> PageStreamIn:
         return self
@@ -182,7 +213,7 @@ class PageStreamOut:
         self._state = "idle"    # idle -> open -> ended
         self._must_end = upload  # an upload announced in its request is ended even if empty
 
-    async def send(self, batch: PageBatch | RawBatch) -> None:
+    async def _open(self) -> None:
         flow = self._flow
         if self._state == "ended":
             raise ChannelClosed(f"the page stream of request {self.id} is already ended")
@@ -194,6 +225,17 @@ class PageStreamOut:
             except TransportError:
                 self._release()
                 raise
+
+    async def send_record(self, rec: Record) -> None:
+        """An image record, in order with the batches around it."""
+        if not is_image_record(rec):
+            raise ValueError(f"{type(rec).__name__} is not an image record")
+        await self._open()
+        await self._flow.fs.send_record(rec)
+
+    async def send(self, batch: PageBatch | RawBatch) -> None:
+        flow = self._flow
+        await self._open()
         raw, npages = (batch.raw_len, batch.npages) if isinstance(batch, RawBatch) else (len(batch.data), batch.npages)
         await flow.acquire(raw)
         try:

@@ -39,7 +39,7 @@ from transport.errors import (
     TransportTimeout,
     error_from_wire,
 )
-from transport.flow import Flow, PageStreamIn, PageStreamOut
+from transport.flow import Flow, PageStreamIn, PageStreamOut, is_image_record
 from transport.levels import Level
 from transport.pages import PageBatch
 from transport.protocol import (
@@ -57,6 +57,7 @@ from transport.protocol import (
     handshake,
     local_hello,
 )
+from transport.records import Record
 from transport.stream import FramedStream, RawBatch
 
 Handler = Callable[..., Awaitable[dict[str, Any] | None]]
@@ -112,6 +113,10 @@ class CallContext:
     async def send_batch(self, batch: PageBatch | RawBatch) -> None:
         await self._out.send(batch)
 
+    async def send_record(self, rec: Record) -> None:
+        """An image record in this call's reply stream, in order with its batches."""
+        await self._out.send_record(rec)
+
     def progress(self, **fields: Any) -> None:
         self.rpc.fs.post_record(Progress(self.id, fields))
 
@@ -144,6 +149,12 @@ class Call:
         if not self._upload:
             raise ChannelClosed(f"call {self.method} was opened without upload=True")
         await self._out.send(batch)
+
+    async def send_record(self, rec: Record) -> None:
+        """Upload an image record with this call, in order with its batches."""
+        if not self._upload:
+            raise ChannelClosed(f"call {self.method} was opened without upload=True")
+        await self._out.send_record(rec)
 
     def end_pages(self) -> None:
         """End the upload (``result`` does it too)."""
@@ -316,6 +327,10 @@ class RpcPeer:
             elif isinstance(item, Bye):
                 self.bye = item
                 return
+            elif is_image_record(item):
+                if self._current_in is None:
+                    raise ProtocolError(f"{self.peer} sent a {type(item).__name__} record outside a page stream")
+                self._current_in.deliver(item)
             else:
                 raise ProtocolError(f"{self.peer} sent an unexpected {type(item).__name__} record")
 
