@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 
 from agent import ptrace
-from agent.freeze import Held
+from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import classify_fd, list_fds, read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
@@ -122,6 +122,10 @@ def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:
 def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
                     rseq: tuple[int, int, int]) -> ThreadState:
     regs = inj.saved_regs
+    if to_signed(regs.rax) == -516 and regs.orig_rax == NR_RESTART_SYSCALL and tid in held.restart_nr:
+        # Thawed by us earlier mid-call: the call to issue again is the one we saw then (its
+        # arguments are still in the registers; only rax was replaced by restart_syscall).
+        regs = replace(regs, orig_rax=held.restart_nr[tid])
     rseq_addr, rseq_len, rseq_sig = rseq
     inj.call("prctl", PR_GET_TID_ADDRESS, scratch.addr)
     tid_address = _u64(scratch.get(0, 8), 0)

@@ -23,6 +23,10 @@ from precopy.kernel import pidfd_open, pidfd_send_signal
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessExited
 
 
+ERESTART_RESTARTBLOCK = (1 << 64) - 516
+NR_RESTART_SYSCALL = 219
+
+
 @dataclass
 class Held:
     """A process whose threads we trace; ``stopped`` is filled while frozen."""
@@ -32,6 +36,10 @@ class Held:
     seized: set[int] = field(default_factory=set)
     stopped: dict[int, ptrace.Stop] = field(default_factory=dict)
     inflight: dict[int, bytes] = field(default_factory=dict)   # tid -> siginfo caught at freeze
+    # tid -> the system call a thread was in when we first froze it, if the kernel can only
+    # restart it through restart_syscall (-ERESTART_RESTARTBLOCK): after a thaw the thread
+    # sits in restart_syscall, whose original call lives only in the kernel.
+    restart_nr: dict[int, int] = field(default_factory=dict)
     frozen_at: float = 0.0                                      # time.monotonic() of first interrupt
 
     @property
@@ -113,6 +121,12 @@ def _wait_frozen(held: Held, tid: int) -> None:
         # A signal-delivery stop: the signal is dequeued; keep its siginfo and stop for real.
         held.inflight[tid] = ptrace.get_siginfo(tid)
     held.stopped[tid] = stop
+    regs = ptrace.get_regs(tid)
+    nr = regs.orig_rax if regs.orig_rax < (1 << 63) else -1
+    if regs.rax != ERESTART_RESTARTBLOCK:
+        held.restart_nr.pop(tid, None)      # no longer in the call we saw
+    elif nr not in (-1, NR_RESTART_SYSCALL):
+        held.restart_nr[tid] = nr
 
 
 def thaw(held: Held) -> None:

@@ -12,6 +12,7 @@ run on the holder's main thread. ``HolderClient`` is the agent's side.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -150,6 +151,7 @@ class Holder:
         """Leave the process stopped (SIGSTOP) and untraced: one command settles it later."""
         held = self._need()
         os.kill(held.pid, signal.SIGSTOP)
+        record_held(held.pid)
         freezer.thaw(held)
         self.held = None
         return {}
@@ -168,6 +170,25 @@ class Holder:
             self.op_hold()
         else:
             self.op_release()
+
+
+HELD_DIR = "/run/kcr-migrate/held"
+
+
+def start_time(pid: int) -> int:
+    """The process's start time (clock ticks after boot): with the pid, it names one process."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def record_held(pid: int) -> None:
+    """Note that ``pid`` was left stopped by a migration, for ``kcr-migrate resolve``."""
+    try:
+        os.makedirs(HELD_DIR, exist_ok=True)
+        with open(os.path.join(HELD_DIR, f"{pid}.json"), "w") as f:
+            json.dump({"pid": pid, "start_time": start_time(pid), "since": time.time()}, f)
+    except OSError:
+        pass
 
 
 def serve(sock: socket.socket) -> None:

@@ -32,7 +32,7 @@ from transport.local import open_local_agent, stdio_stream
 from transport.pages import DEFAULT_BATCH_BYTES
 from transport.protocol import PROTOCOL_VERSION, ROLE_AGENT, ROLE_DATA, ROLE_ORCHESTRATOR, tool_version
 from transport.records import Record
-from transport.rpc import CallContext, Methods, RpcPeer, serve_rpc
+from transport.rpc import CallContext, Methods, RpcPeer, open_rpc, serve_rpc
 from transport.ssh import open_ssh_agent
 from transport.synthetic import SyntheticPages
 from transport.tcp import KEY_SIZE, DataListener, SealedStream, open_data_channel, open_data_listener
@@ -55,6 +55,14 @@ def _hello_map(rec: Record) -> dict[str, Any]:
     return {k: v for k, v in rec.to_wire().items() if k not in ("t", "v")}
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 @method("ping")
 async def ping(ctx: CallContext, **echo: Any) -> dict[str, Any]:
     return {"echo": echo}
@@ -74,6 +82,7 @@ async def info(ctx: CallContext) -> dict[str, Any]:
         "netns_inode": os.stat("/proc/self/ns/net").st_ino,
         "mntns_inode": os.stat("/proc/self/ns/mnt").st_ino,
         "kernel_release": platform.release(),
+        "boot_id": _boot_id(),
         "arch": platform.machine(),
         "xsave_mask": _xsave_mask(),
         "protocol_version": PROTOCOL_VERSION,
@@ -207,11 +216,68 @@ async def _serve_one_data_channel(stream: SealedStream, address: str) -> None:
         print(f"kcr-agent: data channel from {address}: {rpc.error}", file=sys.stderr)
 
 
+# --- the migration roles -------------------------------------------------------------------
+
+from agent import destination, source  # noqa: E402  (they register below)
+
+for _name, _handler in {**source.METHODS, **destination.METHODS}.items():
+    METHODS.register(_name, _handler)
+
+# Per connection: how long kcr-migrate may stay silent before the agent settles on its own.
+_LINKS: dict[int, dict[str, float]] = {}
+
+
+@method("keepalive")
+async def keepalive(ctx: CallContext, *, timeout: float) -> dict[str, Any]:
+    """kcr-migrate is alive. If it then stays silent for ``timeout`` seconds (a cut link that
+    never closes), this agent settles what it holds: a half-built process is destroyed, a
+    source process runs on (or, past the point of no return, stays stopped)."""
+    _LINKS[id(ctx.rpc)] = {"timeout": float(timeout), "last": time.monotonic()}
+    return {"monotonic_ns": time.monotonic_ns()}
+
+
+@method("clock")
+async def clock(ctx: CallContext) -> dict[str, Any]:
+    """This host's CLOCK_MONOTONIC, for kcr-migrate to relate the agents' timestamps."""
+    return {"monotonic_ns": time.monotonic_ns()}
+
+
+async def _watchdog(rpc: RpcPeer) -> None:
+    while not rpc.closed.is_set():
+        await trio.sleep(0.25)
+        link = _LINKS.get(id(rpc))
+        if link and time.monotonic() - link["last"] > link["timeout"]:
+            print(f"kcr-agent: no word from kcr-migrate for {link['timeout']:g} s: settling and exiting",
+                  file=sys.stderr)
+            await rpc.aclose("kcr-migrate went silent")
+            return
+
+
+def _settle(rpc: object) -> None:
+    """The connection is over: settle whatever it left (blocking)."""
+    _LINKS.pop(id(rpc), None)
+    destination.close_sessions(rpc)
+    source.close_sessions(rpc)
+
+
 async def serve_stdio() -> int:
     """Serve METHODS on stdin/stdout until the caller leaves; the exit status."""
     stream = stdio_stream()
-    rpc = await serve_rpc(stream, METHODS, role=ROLE_AGENT, accept_roles=SERVE_ROLES,
-                          peer="kcr-migrate (stdin/stdout)", xsave_mask=_xsave_mask())
+    rpc: RpcPeer | None = None
+    try:
+        async with open_rpc(stream, role=ROLE_AGENT, accept_roles=SERVE_ROLES, methods=METHODS,
+                            peer="kcr-migrate (stdin/stdout)", xsave_mask=_xsave_mask()) as rpc:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watchdog, rpc)
+                await rpc.closed.wait()
+                nursery.cancel_scope.cancel()
+    except MigrationError as exc:
+        print(f"kcr-agent: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if rpc is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_settle, rpc)
     if rpc.error is not None:
         print(f"kcr-agent: {rpc.error}", file=sys.stderr)
         return 1

@@ -1,0 +1,61 @@
+"""kcr-migrate: live migration, checkpoint and restore of Linux processes.
+
+What a cluster manager calls::
+
+    from migrate import migrate, Migration, MigrationOptions
+
+    report = await migrate(pid, "hostA", "hostB", MigrationOptions(downtime_target_ms=20))
+    report = migrate_blocking(pid, "hostA", "hostB")          # without trio
+
+Progress comes as events (``on_event=`` callback, or ``async for ev in m.events()`` on a
+``Migration``); ``Migration.cancel()`` rolls back before the point of no return. Every error
+is a ``MigrationError`` with the phase, pid and host and a message that says what to do.
+
+Names are loaded on first use, so the command line does not pay for what it does not run.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "migrate.api": ("Event", "Finished", "MigrationOptions", "MigrationReport", "PhaseChanged", "PreflightDone",
+                    "RoundDone", "WarningRaised"),
+    "migrate.images": ("CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path",
+                       "restore"),
+    "migrate.orchestrator": ("Migration", "MigrationUnsettled", "migrate", "migrate_blocking"),
+    "migrate.phases": ("Phase",),
+    "transport.errors": ("Cancelled", "ChannelClosed", "IncompatibleImage", "KernelFeatureMissing", "MigrationError",
+                         "NoSuchProcess", "PeerGone", "PermissionDenied", "ProcessError", "ProcessExited",
+                         "ProtocolError", "RestoreError", "TransportError", "TransportTimeout",
+                         "UnsupportedResource"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'migrate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from migrate.api import (Event, Finished, MigrationOptions, MigrationReport, PhaseChanged,  # noqa: F401
+                             PreflightDone, RoundDone, WarningRaised)
+    from migrate.images import (CheckpointOptions, CheckpointStats, RestoreResult, checkpoint,  # noqa: F401
+                                checkpoint_to_path, restore)
+    from migrate.orchestrator import Migration, MigrationUnsettled, migrate, migrate_blocking  # noqa: F401
+    from migrate.phases import Phase  # noqa: F401
+    from transport.errors import (Cancelled, ChannelClosed, IncompatibleImage, KernelFeatureMissing,  # noqa: F401
+                                  MigrationError, NoSuchProcess, PeerGone, PermissionDenied, ProcessError,
+                                  ProcessExited, ProtocolError, RestoreError, TransportError, TransportTimeout,
+                                  UnsupportedResource)

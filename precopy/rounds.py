@@ -43,8 +43,17 @@ class PageSink(Protocol):
         ...
 
     async def send_batch(self, batch: PageBatch) -> int:
-        """Send one batch; return the bytes it took on the wire (after compression)."""
+        """Send one batch; return the bytes it took on the wire (after compression), or 0
+        if that is known only once the sink drains."""
         ...
+
+
+class DrainingSink(PageSink, Protocol):
+    """A sink that queues: ``drain`` returns once everything sent so far has left, with the
+    bytes it took on the wire that ``send_batch`` did not report. A round's send time ends
+    after the drain, so bandwidth is not overestimated by a deep queue."""
+
+    async def drain(self) -> int: ...
 
 
 class SyncPageSink(Protocol):
@@ -149,6 +158,9 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
             async for batch in receive_channel:
                 wire += await sink.send_batch(batch)
                 pages += batch.npages
+    drain = getattr(sink, "drain", None)
+    if drain is not None:
+        wire += await drain()
     t1 = clock()
     interval = scan.started - previous.started if previous is not None else 0.0
     rate = scan.pages_dirty * PAGE_SIZE / MiB / interval if interval > 0 and not first else 0.0

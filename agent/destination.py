@@ -1,0 +1,171 @@
+"""The destination role of the agent: build the process as its memory arrives, restore the
+rest, hold it stopped until told to go.
+
+The restorer (``agent.restore``) runs on one tracer thread of this agent and seizes its stub
+with EXITKILL: if this agent dies before GO, the half-built process dies with it. Page writes
+go through /proc/PID/mem in worker threads.
+
+Methods: ``dest_check`` (preflight), ``dest_receive`` (the ordered stream from the source:
+header, layouts, pages, state), ``dest_restore`` (everything else; the process is READY,
+stopped), ``dest_go`` (let it run; reports when every thread ran), ``dest_abort``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from agent.files import check_files, check_machine
+from agent.restore import Restorer
+from agent.tracer import Tracer
+from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
+from transport.pages import PageBatch
+from transport.rpc import CallContext
+from transport.schema import EndOfImage, Files, ImageHeader, Mappings, ProcessState, ThreadState
+
+MEMORY_MARGIN = 1.1
+
+
+@dataclass
+class DestSession:
+    tracer: Tracer = field(default_factory=lambda: Tracer(name="kcr-restorer"))
+    restorer: Restorer | None = None
+    process: ProcessState | None = None
+    files: Files | None = None
+    threads: list[ThreadState] = field(default_factory=list)
+    pages: int = 0
+    ready: bool = False
+    running: bool = False
+
+    def abort(self) -> None:
+        """Destroy whatever was built (blocking; from any thread)."""
+        if self.restorer is not None and not self.running:
+            self.tracer.call(self.restorer.abort)
+        self.restorer = None
+        self.tracer.close()
+
+
+SESSIONS: dict[int, DestSession] = {}
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _session(ctx: CallContext, create: bool = False) -> DestSession:
+    s = SESSIONS.get(id(ctx.rpc))
+    if s is None:
+        if not create:
+            raise RestoreError("no migration is in progress on this connection")
+        s = SESSIONS[id(ctx.rpc)] = DestSession()
+    return s
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def dest_check(ctx: CallContext, *, summary: dict[str, Any]) -> dict[str, Any]:
+    """Preflight: can this host run the process the source described?"""
+    host = ctx.rpc.local.hostname or _host()
+    if os.geteuid() != 0:
+        raise PermissionDenied(f"kcr-agent on {host} runs as uid {os.geteuid()}: restoring a process "
+                               "(its memory map and credentials) needs root", host=host)
+    await trio.to_thread.run_sync(check_machine, summary, host)
+    await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    need = int(summary.get("memory_bytes", 0) * MEMORY_MARGIN)
+    avail = _mem_available()
+    if need > avail:
+        raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
+                           host=host)
+    return {"mem_available": avail, "hostname": _host()}
+
+
+async def dest_receive(ctx: CallContext) -> dict[str, Any]:
+    """Apply the source's stream as it arrives: layouts on the tracer thread, pages in workers."""
+    s = _session(ctx, create=True)
+    records = batches = 0
+    while (item := await ctx.pages.receive_item()) is not None:
+        if isinstance(item, PageBatch):
+            if s.restorer is None or not s.restorer.layout:
+                raise ProtocolError("page data before the memory layout")
+            await trio.to_thread.run_sync(s.restorer.write_pages, item)
+            s.pages += item.npages
+            batches += 1
+            continue
+        records += 1
+        if isinstance(item, ImageHeader):
+            if s.restorer is None:
+                s.restorer = await s.tracer.acall(Restorer, item)
+        elif isinstance(item, Mappings):
+            if s.restorer is None:
+                raise ProtocolError("a memory layout before the stream's header")
+            restorer = s.restorer
+            if not restorer.pid:
+                await s.tracer.acall(restorer.begin, item)
+            await s.tracer.acall(restorer.apply_layout, item)
+        elif isinstance(item, ProcessState):
+            s.process = item
+        elif isinstance(item, Files):
+            s.files = item
+        elif isinstance(item, ThreadState):
+            s.threads.append(item)
+        elif isinstance(item, EndOfImage):
+            pass
+        else:
+            raise ProtocolError(f"unexpected {type(item).__name__} record in a migration stream")
+    return {"records": records, "batches": batches, "pages": s.pages}
+
+
+async def dest_restore(ctx: CallContext) -> dict[str, Any]:
+    """Restore everything but memory; the process stays stopped (READY)."""
+    s = _session(ctx)
+    if s.restorer is None or s.process is None or s.files is None or not s.threads:
+        raise ProtocolError("the stream ended before the process's state arrived")
+    await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads)
+    s.ready = True
+    return {"pid": s.restorer.pid, "threads": len(s.threads), "warnings": list(s.restorer.report.warnings)}
+
+
+async def dest_go(ctx: CallContext) -> dict[str, Any]:
+    """Let the process run: the point of no return. Reports the time every thread had run."""
+    s = _session(ctx)
+    if s.restorer is None or not s.ready:
+        raise RestoreError("the process is not ready to run")
+    restorer = s.restorer
+    fault = os.environ.get("KCR_FAULT", "")
+    s.running = True
+    pid = await s.tracer.acall(restorer.resume)
+    if fault == "dest-silent-after-go":      # test hook: the link dies right after GO
+        os._exit(0)
+    SESSIONS.pop(id(ctx.rpc), None)
+    s.tracer.close()
+    return {"pid": pid, "running_ns": restorer.running_ns}
+
+
+async def dest_abort(ctx: CallContext) -> dict[str, Any]:
+    s = SESSIONS.pop(id(ctx.rpc), None)
+    if s is not None:
+        await trio.to_thread.run_sync(s.abort)
+    return {}
+
+
+def close_sessions(rpc: object) -> None:
+    """The connection ended: a process not yet running is destroyed."""
+    s = SESSIONS.pop(id(rpc), None)
+    if s is not None:
+        try:
+            s.abort()
+        except MigrationError:
+            pass
+
+
+METHODS = {"dest_check": dest_check, "dest_receive": dest_receive, "dest_restore": dest_restore,
+           "dest_go": dest_go, "dest_abort": dest_abort}

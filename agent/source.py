@@ -1,0 +1,316 @@
+"""The source role of the agent: hold the process, pre-copy its memory, freeze it, send the rest.
+
+The process is traced by a holder (``agent.holder``), a process of its own: if this agent
+dies, the holder thaws the process (before the point of no return) or stops it (after). Dirty
+tracking and page reads happen here, off the event loop; everything this side sends to the
+destination goes out as one ordered stream (the reply stream of ``source_precopy`` and
+``source_freeze``): the image header, layouts and their pages, then the process's state.
+
+Methods: ``source_open`` (preflight: hold the process, choose a tracker, describe what the
+destination must have), ``source_precopy`` (rounds while it runs), ``source_freeze`` (freeze,
+last delta, state), ``source_commit_pending``, ``source_kill``, ``source_hold``,
+``source_release``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import trio
+
+from agent.dump import TOOL_VERSION, image_header
+from agent.files import FileFacts, describe_files, vdso_digest
+from agent.holder import HELD_DIR, HolderClient, start_time
+from agent.procfs import read_status
+from precopy.kernel import xsave_supported_mask
+from precopy.policy import PrecopyPolicy, RoundStats
+from precopy.probe import choose_tracker
+from precopy.rounds import PrecopyResult, final_round, precopy, send_scan
+from precopy.tracker import DirtyTracker, make_tracker
+from transport.errors import MigrationError, ProcessError
+from transport.levels import Level, check_level
+from transport.pages import PageBatch
+from transport.rpc import CallContext
+from transport.schema import FORMAT_VERSION, Files, ProcessState, ThreadState
+
+
+class HolderControl:
+    """``precopy.control.ProcessControl`` through the holder process.
+
+    While the migration itself holds the process frozen (the final round), pausing is a no-op
+    and leaving a pause does not thaw it."""
+
+    def __init__(self, holder: HolderClient) -> None:
+        self.holder = holder
+        self.frozen = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        if self.frozen:
+            yield
+            return
+        self.holder.call("freeze")
+        try:
+            yield
+        finally:
+            self.holder.call("thaw")
+
+    @contextmanager
+    def injected(self) -> Iterator["HolderSyscalls"]:
+        with self.paused():
+            yield HolderSyscalls(self.holder)
+
+
+class HolderSyscalls:
+    def __init__(self, holder: HolderClient) -> None:
+        self.holder = holder
+
+    def call(self, name: str, *args: int) -> int:
+        return int(self.holder.call("inject", calls=[[name, list(args)]])[0])
+
+
+class StreamSink:
+    """A ``precopy.rounds.PageSink`` over this call's reply stream: layouts as records, pages
+    as batches, in order. ``drain`` tells the bytes that went on the wire."""
+
+    def __init__(self, ctx: CallContext, limit: float | None = None) -> None:
+        self.ctx = ctx
+        self.fs = ctx.rpc.fs
+        self._mark = self.fs.stats.sent.bytes_on_wire
+        self.limit = limit            # bytes/s of page data, None for no limit
+        self._t0 = trio.current_time()
+        self._sent = 0
+
+    async def layout(self, mappings: Any) -> None:
+        await self.ctx.send_record(mappings)
+
+    async def send_batch(self, batch: PageBatch) -> int:
+        if self.limit:
+            # Pace to the limit: the batch may leave once the time for those before it is up.
+            await trio.sleep_until(self._t0 + self._sent / self.limit)
+            self._sent += len(batch.data)
+        await self.ctx.send_batch(batch)
+        return 0
+
+    async def drain(self) -> int:
+        await self.fs.flush()
+        now = self.fs.stats.sent.bytes_on_wire
+        sent, self._mark = now - self._mark, now
+        return sent
+
+
+@dataclass
+class SourceSession:
+    pid: int
+    holder: HolderClient
+    control: HolderControl
+    tracker_name: str
+    tracker: DirtyTracker | None = None
+    result: PrecopyResult | None = None
+    rounds: list[RoundStats] = field(default_factory=list)
+    header_sent: bool = False
+    settled: bool = False
+    bandwidth_limit: float | None = None
+
+    def close(self, how: str = "release") -> None:
+        """Settle the process (``release``: let it run; ``hold``: stop it) and end tracking."""
+        if self.tracker is not None:
+            try:
+                self.tracker.stop()
+            except OSError:
+                pass
+            self.tracker = None
+        if not self.settled:
+            self.settled = True
+            try:
+                self.holder.call(how)
+            except MigrationError:
+                pass
+        self.holder.close()
+
+
+SESSIONS: dict[int, SourceSession] = {}
+
+
+def _session(ctx: CallContext) -> SourceSession:
+    s = SESSIONS.get(id(ctx.rpc))
+    if s is None:
+        raise ProcessError("no source process is open on this connection: call source_open first")
+    return s
+
+
+async def _blocking(fn: Any, *args: Any, **kw: Any) -> Any:
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
+
+
+async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exempt: list[str] | None = None,
+                      level: Level = "auto", bandwidth_limit: float | None = None) -> dict[str, Any]:
+    """Preflight on the source: hold ``pid`` (seized, still running), pick a tracker, and
+    describe what the destination must match. Refusals leave the process untouched."""
+    if id(ctx.rpc) in SESSIONS:
+        raise ProcessError("a source process is already open on this connection")
+    try:
+        check_level(level)
+    except ValueError as exc:
+        raise ProcessError(str(exc)) from None
+    ctx.rpc.fs.set_level(level)
+    if pid == os.getpid() or pid == os.getppid():
+        raise ProcessError(f"pid {pid} is kcr-migrate's own agent", pid=pid)
+    holder = HolderClient()
+    try:
+        await _blocking(holder.call, "seize", pid=pid)
+        choice = await _blocking(choose_tracker, tracker, pid)
+        facts: FileFacts = await _blocking(describe_files, pid, exempt or [])
+        status = await _blocking(read_status, pid)
+        vdso = await _blocking(vdso_digest, pid)
+    except BaseException:
+        await _blocking(holder.close)
+        raise
+    control = HolderControl(holder)
+    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, control, choice.name, bandwidth_limit=bandwidth_limit)
+    rss_kb = int(status.get("VmRSS", "0 kB").split()[0])
+    return {
+        "pid": pid, "comm": status.get("Name", ""), "uid": int(status["Uid"].split()[1]),
+        "threads": int(status.get("Threads", "1")), "memory_bytes": rss_kb * 1024,
+        "arch": platform.machine(), "kernel_release": platform.release(),
+        "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": facts.as_wire(),
+        "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+async def _send_header(ctx: CallContext, s: SourceSession) -> None:
+    if not s.header_sent:
+        await ctx.send_record(image_header(s.pid, "live", b""))
+        s.header_sent = True
+
+
+def _policy(args: dict[str, Any] | None) -> PrecopyPolicy:
+    try:
+        return PrecopyPolicy(**(args or {}))
+    except (TypeError, ValueError) as exc:
+        raise ProcessError(f"invalid pre-copy policy: {exc}") from None
+
+
+async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pre-copy rounds while the process runs, streamed back; ends when the policy says stop."""
+    s = _session(ctx)
+    s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
+    await _send_header(ctx, s)
+    sink = StreamSink(ctx, s.bandwidth_limit)
+
+    def on_round(stats: RoundStats) -> None:
+        s.rounds.append(stats)
+        ctx.progress(event="round", **stats.as_dict())
+
+    s.result = await precopy(s.tracker, sink, _policy(policy), on_round=on_round)
+    return {"stop_reason": str(s.result.stop_reason), "rounds": [r.as_dict() for r in s.result.rounds],
+            "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
+
+
+async def source_freeze(ctx: CallContext) -> dict[str, Any]:
+    """Freeze every thread, send the last delta and the process's state (the downtime starts)."""
+    s = _session(ctx)
+    frozen = await _blocking(s.holder.call, "freeze")
+    s.control.frozen = True
+    await _send_header(ctx, s)
+    sink = StreamSink(ctx, s.bandwidth_limit)
+    if s.tracker is None or s.result is None:     # stop-and-copy: everything, now
+        s.tracker = s.tracker or make_tracker(s.tracker_name, s.pid, s.control)
+        scan = await _blocking(s.tracker.start)
+        final = await send_scan(s.tracker, sink, scan, previous=None, first=True)
+    else:
+        final = await final_round(s.tracker, sink, s.result)
+    state = await _blocking(s.holder.call, "collect")
+    await ctx.send_record(ProcessState.from_wire(state["process"]))
+    await ctx.send_record(Files.from_wire(state["files"]))
+    for t in state["threads"]:
+        await ctx.send_record(ThreadState.from_wire(t))
+    state_bytes = await sink.drain()
+    final = replace(final, bytes_on_wire=final.bytes_on_wire + state_bytes)
+    await _blocking(s.tracker.stop)
+    s.tracker = None
+    return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": final.as_dict(),
+            "threads": len(state["threads"])}
+
+
+async def source_commit_pending(ctx: CallContext) -> dict[str, Any]:
+    """The destination is about to run the process: from now on, losing us stops the source."""
+    s = _session(ctx)
+    await _blocking(s.holder.call, "commit_pending")
+    return {}
+
+
+async def source_kill(ctx: CallContext) -> dict[str, Any]:
+    """The destination runs the process: end the source (via its pidfd)."""
+    s = SESSIONS.pop(id(ctx.rpc), None)
+    if s is None:
+        raise ProcessError("no source process is open on this connection")
+    await _blocking(s.holder.call, "kill")
+    s.settled = True
+    await _blocking(s.close)
+    return {}
+
+
+async def source_hold(ctx: CallContext) -> dict[str, Any]:
+    """The destination's fate is unknown: leave the source stopped (SIGSTOP), untraced."""
+    s = SESSIONS.pop(id(ctx.rpc), None)
+    if s is None:
+        raise ProcessError("no source process is open on this connection")
+    await _blocking(s.close, "hold")
+    return {"pid": s.pid}
+
+
+async def source_release(ctx: CallContext) -> dict[str, Any]:
+    """Roll back: the process runs on as if nothing happened."""
+    s = SESSIONS.pop(id(ctx.rpc), None)
+    if s is not None:
+        await _blocking(s.close, "release")
+    return {}
+
+
+async def resolve(ctx: CallContext, *, pid: int, action: str) -> dict[str, Any]:
+    """Settle a source a migration left stopped: ``kill`` it or ``resume`` it."""
+    if action not in ("kill", "resume"):
+        raise ProcessError(f"unknown action {action!r}: use kill or resume")
+    status = await _blocking(read_status, pid)
+    if not status.get("State", "").startswith("T"):
+        raise ProcessError(f"pid {pid} is not stopped (state {status.get('State')}): there is nothing to settle",
+                           pid=pid)
+    record = os.path.join(HELD_DIR, f"{pid}.json")
+    try:
+        with open(record) as f:
+            noted = json.load(f)
+    except (OSError, ValueError):
+        noted = None
+    if noted is None or noted.get("start_time") != start_time(pid):
+        raise ProcessError(f"pid {pid} was not left stopped by a migration on this host: settle it by hand "
+                           "(kill -CONT or kill -KILL) if you are sure", pid=pid)
+    os.kill(pid, signal.SIGKILL if action == "kill" else signal.SIGCONT)
+    os.unlink(record)
+    return {"pid": pid, "action": action}
+
+
+def close_sessions(rpc: object) -> None:
+    """The connection ended: settle whatever it left open (the holder applies its rule)."""
+    s = SESSIONS.pop(id(rpc), None)
+    if s is not None:
+        if s.tracker is not None:
+            try:
+                s.tracker.stop()
+            except OSError:
+                pass
+            s.tracker = None
+        s.holder.close()      # the holder thaws, or stops the process after commit_pending
+
+
+METHODS = {
+    "source_open": source_open, "source_precopy": source_precopy, "source_freeze": source_freeze,
+    "source_commit_pending": source_commit_pending, "source_kill": source_kill,
+    "source_hold": source_hold, "source_release": source_release, "resolve": resolve,
+}

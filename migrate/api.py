@@ -1,0 +1,125 @@
+"""What a caller of the library hands in and gets back: options, events, the report.
+
+Field names follow CRIU's stats where they mean the same (``pages_written``, ``frozen_time``
+as ``downtime_ms``) and DESIGN.md's vocabulary elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Union
+
+from precopy.policy import PrecopyPolicy
+from transport.levels import Level, check_level
+from transport.ssh import AGENT_COMMAND
+
+Compression = Union[int, None, Literal["auto"]]
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """How to migrate. Every field has a default that suits a LAN between two hosts."""
+
+    downtime_target_ms: float = 30.0      # stop pre-copying when the rest fits in this at the measured bandwidth
+    bandwidth_limit: float | None = None  # bytes/s the page stream may use; None: as fast as the link goes
+    max_rounds: int = 10                  # pre-copy rounds, round 0 included
+    max_bytes_factor: float = 3.0         # stop pre-copying after sending this many times the memory
+    tracker: str = "auto"                 # auto, uffd-wp, soft-dirty, checksum
+    compress_level: Level = "auto"        # "auto", None (raw) or a zstd level
+    data_channel: Literal["ssh", "tcp"] = "ssh"
+    ssh_config: str | None = None         # like ssh -F FILE
+    agent_command: str = AGENT_COMMAND    # what runs on remote hosts
+    precopy: bool = True                  # False: stop-and-copy (freeze, send everything)
+    dry_run: bool = False                 # preflight only
+    link_timeout_s: float = 30.0          # silence after which an agent settles on its own
+    call_timeout_s: float = 600.0         # longest any one step may take
+
+    def __post_init__(self) -> None:
+        check_level(self.compress_level)
+        if self.data_channel not in ("ssh", "tcp"):
+            raise ValueError("data_channel must be 'ssh' or 'tcp'")
+        if self.bandwidth_limit is not None and self.bandwidth_limit <= 0:
+            raise ValueError("bandwidth_limit must be > 0")
+        if self.link_timeout_s <= 0:
+            raise ValueError("link_timeout_s must be > 0")
+        self.policy()     # validates the pre-copy thresholds
+
+    def policy(self) -> PrecopyPolicy:
+        return PrecopyPolicy(downtime_target_ms=self.downtime_target_ms, max_rounds=self.max_rounds,
+                             max_bytes_factor=self.max_bytes_factor)
+
+    def policy_args(self) -> dict[str, Any]:
+        return {"downtime_target_ms": self.downtime_target_ms, "max_rounds": self.max_rounds,
+                "max_bytes_factor": self.max_bytes_factor}
+
+
+# --- events ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PhaseChanged:
+    phase: str
+
+
+@dataclass(frozen=True)
+class PreflightDone:
+    pid: int
+    comm: str
+    memory_bytes: int
+    threads: int
+    tracker: str
+    tracker_reason: str
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    """One pre-copy round sent (``stats`` as in ``precopy.policy.RoundStats``)."""
+
+    round: int
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WarningRaised:
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    report: "MigrationReport"
+
+
+Event = Union[PhaseChanged, PreflightDone, RoundDone, WarningRaised, Finished]
+
+
+@dataclass
+class MigrationReport:
+    """The outcome. ``state``: done (the process runs on the destination), rolled-back (it runs
+    on the source, untouched), dry-run, or unsettled (see ``message``)."""
+
+    pid: int
+    source_host: str
+    dest_host: str
+    state: str = "preflight"
+    new_pid: int = 0
+    rounds: int = 0
+    stop_reason: str = ""
+    downtime_ms: float = 0.0
+    downtime_uncertainty_ms: float = 0.0
+    total_ms: float = 0.0
+    bytes_raw: int = 0
+    bytes_on_wire: int = 0
+    frozen_bytes_raw: int = 0          # sent while the process was frozen
+    frozen_bytes_on_wire: int = 0
+    memory_bytes: int = 0
+    tracker: str = ""
+    tracker_reason: str = ""
+    data_channel: str = "ssh"
+    per_round: list[dict[str, Any]] = field(default_factory=list)
+    final_round: dict[str, Any] = field(default_factory=dict)
+    phase_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dest_host"] = self.dest_host
+        return d

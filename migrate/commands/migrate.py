@@ -1,0 +1,166 @@
+"""`kcr-migrate PID@HOST_A HOST_B`: move a running process (same as `kcr-migrate migrate ...`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from migrate.api import Event, MigrationOptions, PhaseChanged, PreflightDone, RoundDone, WarningRaised
+from migrate.cli import command
+from migrate.orchestrator import Migration
+from transport.errors import MigrationError
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB]?)(/s)?\s*$")
+_BITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_rate(text: str) -> float:
+    """A bandwidth: bytes/s with an optional k/M/G suffix (binary with "iB": 100MiB = 100 * 2**20)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 100MiB, 1.5GB)")
+    value, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
+    scale = (1 << (10 * "kmgt".index(unit) + 10)) if unit and binary else _BITS[unit]
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a rate must be above zero")
+    return value * scale
+
+
+def parse_source(text: str) -> tuple[int, str]:
+    pid, sep, host = text.partition("@")
+    if not sep or not pid.isdigit() or int(pid) <= 0 or not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: write the source as PID@HOST (e.g. 1234@localhost)")
+    return int(pid), host
+
+
+def parse_level(text: str) -> int | str | None:
+    if text == "auto":
+        return "auto"
+    if text in ("none", "off", "raw"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, none or a zstd level (-7..19)") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=parse_source, metavar="PID@HOST", help="the process and the host it runs on")
+    p.add_argument("dest", metavar="HOST", help="where it should run (localhost needs no SSH server)")
+    p.add_argument("--downtime", type=float, default=30.0, metavar="MS",
+                   help="stop pre-copying when the rest can be sent in this many ms (default 30)")
+    p.add_argument("--bandwidth", type=parse_rate, metavar="RATE", help="limit the page stream, e.g. 100MiB")
+    p.add_argument("--max-rounds", type=int, default=10, metavar="N", help="pre-copy rounds at most (default 10)")
+    p.add_argument("--no-precopy", action="store_true", help="stop-and-copy: freeze first, then send everything")
+    p.add_argument("--tracker", default="auto", choices=("auto", "uffd-wp", "soft-dirty", "checksum"),
+                   help="dirty-page tracking (default: the best this kernel has)")
+    p.add_argument("--compress", type=parse_level, default="auto", metavar="LEVEL",
+                   help="zstd level for pages: auto (default), none, or -7..19")
+    p.add_argument("--data-channel", choices=("ssh", "tcp"), default="ssh",
+                   help="how pages travel between hosts (default ssh)")
+    p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
+    p.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds of silence after which an agent settles on its own (default 30)")
+    p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+
+
+class Progress:
+    """A status line on a terminal (stderr); nothing when stderr is not one."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.line = ""
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+            self.line = text
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+        print(text, file=sys.stderr)
+        if self.enabled and self.line:
+            sys.stderr.write(self.line)
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.line:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, PreflightDone):
+            self.say(f"pid {ev.pid} ({ev.comm}): {ev.threads} threads, {ev.memory_bytes / 2**20:.0f} MiB; "
+                     f"tracker {ev.tracker} ({ev.tracker_reason})")
+        elif isinstance(ev, PhaseChanged):
+            self.show(f"{ev.phase} ...")
+        elif isinstance(ev, RoundDone):
+            s = ev.stats
+            bw = s["bytes_raw"] / (s["send_ms"] / 1000) / 2**20 if s.get("send_ms") else 0.0
+            self.show(f"round {ev.round}: {s['pages_written']} pages, {s['bytes_raw'] / 2**20:.1f} MiB "
+                      f"({s['bytes_on_wire'] / 2**20:.1f} on the wire), dirty {s['dirty_rate_mib_s']:.1f} MiB/s, "
+                      f"{bw:.0f} MiB/s")
+        elif isinstance(ev, WarningRaised):
+            self.say(f"kcr-migrate: warning: {ev.message}")
+
+
+def summary_line(report: Any) -> str:
+    return (f"pid {report.pid}@{report.source_host} now runs as pid {report.new_pid}@{report.dest_host}: "
+            f"{report.rounds} pre-copy rounds ({report.stop_reason}), downtime {report.downtime_ms:.1f} ms, "
+            f"total {report.total_ms / 1000:.2f} s, {report.bytes_raw / 2**20:.1f} MiB raw, "
+            f"{report.bytes_on_wire / 2**20:.1f} MiB on the wire")
+
+
+async def run_cancellable(migration: Migration) -> Any:
+    """Run the migration; Ctrl-C, SIGTERM or SIGHUP cancel it (rolled back before the point of
+    no return, finished cleanly after it) instead of killing the orchestrator mid-step."""
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    migration.cancel()
+        nursery.start_soon(watch)
+        try:
+            return await migration.run()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@command("migrate", "live-migrate a process: kcr-migrate PID@HOST_A HOST_B", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    pid, source = args.source
+    try:
+        options = MigrationOptions(
+            downtime_target_ms=args.downtime, bandwidth_limit=args.bandwidth, max_rounds=args.max_rounds,
+            tracker=args.tracker, compress_level=args.compress, data_channel=args.data_channel,
+            ssh_config=args.ssh_config, precopy=not args.no_precopy, dry_run=args.dry_run,
+            link_timeout_s=args.link_timeout)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    migration = Migration(pid, source, args.dest, options, on_event=progress)
+    try:
+        report = trio.run(run_cancellable, migration)
+    except MigrationError:
+        progress.done()
+        if args.json:
+            print(json.dumps(migration.report.as_dict()))
+        raise
+    progress.done()
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    elif report.state == "dry-run":
+        print(f"preflight passed: pid {pid}@{source} can move to {args.dest} (tracker {report.tracker})",
+              file=sys.stderr)
+    else:
+        print(summary_line(report), file=sys.stderr)
+    return 0
+

@@ -1,0 +1,38 @@
+"""`kcr-migrate resolve PID@HOST --kill|--resume`: settle a source left stopped by a migration
+whose destination did not confirm it runs the process."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+
+from migrate.cli import command
+from migrate.commands.migrate import parse_source
+from migrate.orchestrator import is_local
+from transport.local import open_local_agent
+from transport.ssh import open_ssh_agent
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=parse_source, metavar="PID@HOST", help="the stopped source process")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--kill", action="store_true", help="the destination runs it: end the source")
+    what.add_argument("--resume", action="store_true", help="the destination does not run it: let the source go on")
+    p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
+
+
+async def _resolve(pid: int, host: str, action: str, ssh_config: str | None) -> dict[str, object]:
+    ctx = open_local_agent() if is_local(host) else open_ssh_agent(host, ssh_config=ssh_config)
+    async with ctx as rpc:
+        return await rpc.call("resolve", pid=pid, action=action)
+
+
+@command("resolve", "settle a source process a migration left stopped (--kill or --resume)", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    pid, host = args.source
+    action = "kill" if args.kill else "resume"
+    trio.run(_resolve, pid, host, action, args.ssh_config)
+    done = "ended" if action == "kill" else "running again"
+    print(f"pid {pid}@{host} is {done}", file=sys.stderr)
+    return 0

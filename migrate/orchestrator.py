@@ -1,0 +1,348 @@
+"""A live migration: the orchestrator that drives both agents through the phases.
+
+    PREFLIGHT  source_open (hold the pid, choose a tracker, describe files/CPU/vDSO),
+               dest_check (refuse what cannot work), clock comparison
+    PRECOPY    source_precopy's stream relayed into dest_receive while the process runs
+    FREEZE     source_freeze: every thread stopped, the last delta and the state relayed
+    RESTORE    dest_restore: the process rebuilt, held stopped (READY)
+    --------   the point of no return: source_commit_pending, then dest_go
+    GO         dest_go: the process runs on the destination (RUNNING)
+    COMMIT     source_kill
+    ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
+
+After GO, a lost answer never resumes the source: it is left stopped and the report says how
+to settle it (``kcr-migrate resolve``). Agents that stop hearing from us settle on their own
+(``keepalive``). The ``Migration`` owns its nursery; cleanup runs shielded with deadlines.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import trio
+
+from migrate.api import (
+    Event,
+    Finished,
+    MigrationOptions,
+    MigrationReport,
+    PhaseChanged,
+    PreflightDone,
+    RoundDone,
+    WarningRaised,
+)
+from migrate.phases import Event as PhaseEvent
+from migrate.phases import Phase, PhaseMachine
+from transport.errors import Cancelled, MigrationError
+from transport.local import open_local_agent
+from transport.records import Record
+from transport.rpc import Call, RpcPeer
+from transport.ssh import open_ssh_agent
+from transport.stream import RawBatch
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "")
+CLEANUP_DEADLINE = 30.0
+
+
+class MigrationUnsettled(MigrationError):
+    """Past the point of no return, the destination did not confirm it runs the process."""
+
+    code = "unsettled"
+
+
+def is_local(host: str) -> bool:
+    return host in LOCAL_HOSTS
+
+
+class Migration:
+    """One migration of ``pid`` from ``source`` to ``dest`` (host names; "localhost" needs no SSH)."""
+
+    def __init__(self, pid: int, source: str, dest: str, options: MigrationOptions | None = None, *,
+                 on_event: Callable[[Event], None] | None = None) -> None:
+        self.pid = pid
+        self.source = source
+        self.dest = dest
+        self.options = options or MigrationOptions()
+        self.machine = PhaseMachine()
+        self.report = MigrationReport(pid, source, dest, data_channel=self.options.data_channel)
+        self.agents: dict[str, dict[str, Any]] = {}     # "source"/"dest" -> the agent's info
+        self._on_event = on_event
+        self._send, self._receive = trio.open_memory_channel[Event](math.inf)
+        self._scope: trio.CancelScope | None = None
+        self._cancel_requested = False
+        self._phase_t = time.monotonic()
+
+    # --- the caller's side -------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event, in order, ending with ``Finished``."""
+        async with self._receive:
+            async for ev in self._receive:
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+
+    def cancel(self) -> None:
+        """Stop: before GO this rolls back (the source runs on); after, it finishes cleanly."""
+        self._cancel_requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self) -> MigrationReport:
+        t0 = time.monotonic()
+        try:
+            with trio.CancelScope() as self._scope:
+                if self._cancel_requested:
+                    self._scope.cancel()
+                await self._run()
+            if self._scope.cancelled_caught:
+                raise Cancelled("interrupted: the migration was rolled back and the process runs on the source",
+                                pid=self.pid, phase=self.machine.phase.value)
+        finally:
+            self.report.total_ms = (time.monotonic() - t0) * 1000
+            self._emit(Finished(self.report))
+            self._send.close()
+        return self.report
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _emit(self, ev: Event) -> None:
+        try:
+            self._send.send_nowait(ev)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        if self._on_event is not None:
+            self._on_event(ev)
+
+    def _advance(self, event: PhaseEvent) -> None:
+        before = self.machine.phase
+        now = time.monotonic()
+        self.report.phase_ms[before.value] = self.report.phase_ms.get(before.value, 0.0) + (now - self._phase_t) * 1000
+        self._phase_t = now
+        after = self.machine.handle(event)
+        if after is not before:
+            self._emit(PhaseChanged(after.value))
+
+    def _warn(self, message: str) -> None:
+        self.report.warnings.append(message)
+        self._emit(WarningRaised(message))
+
+    @asynccontextmanager
+    async def _connect(self, host: str, role: str) -> AsyncIterator[RpcPeer]:
+        o = self.options
+        rpc_options = dict(level=o.compress_level, call_timeout=o.call_timeout_s)
+        try:
+            if is_local(host):
+                ctx = open_local_agent(echo_stderr=True, **rpc_options)
+            else:
+                ctx = open_ssh_agent(host, ssh_config=o.ssh_config, command=o.agent_command, **rpc_options)
+            async with ctx as rpc:
+                self.agents[role] = await rpc.call("info")
+                yield rpc
+        except MigrationError as exc:
+            exc.host = exc.host or host
+            exc.phase = exc.phase or self.machine.phase.value
+            raise
+
+    async def _keepalive(self, peers: list[RpcPeer]) -> None:
+        timeout = self.options.link_timeout_s
+        while True:
+            for peer in peers:
+                try:
+                    await peer.call("keepalive", timeout=timeout)
+                except MigrationError:
+                    pass     # the migration's own calls report a broken link
+            await trio.sleep(max(0.2, timeout / 4))
+
+    async def _relay(self, call: Call, upload: Call) -> None:
+        """Forward the source's stream to the destination: records and compressed batches as
+        they are (pages are decompressed only where they are written)."""
+        while (item := await call.pages.receive_raw()) is not None:
+            if isinstance(item, RawBatch):
+                await upload.send_batch(item)
+            else:
+                assert isinstance(item, Record)
+                await upload.send_record(item)
+
+    async def _clocks(self, src: RpcPeer, dst: RpcPeer) -> tuple[int, int, float]:
+        """(source offset, destination offset, uncertainty ms): remote minus our clock, in ns.
+        Hosts booted from the same kernel instance share CLOCK_MONOTONIC exactly."""
+        if self.agents["source"].get("boot_id") and \
+                self.agents["source"].get("boot_id") == self.agents["dest"].get("boot_id"):
+            return 0, 0, 0.0
+        offsets, rtts = [], []
+        for peer in (src, dst):
+            best: tuple[int, int] | None = None
+            for _ in range(5):
+                t1 = time.monotonic_ns()
+                remote = (await peer.call("clock"))["monotonic_ns"]
+                t2 = time.monotonic_ns()
+                if best is None or t2 - t1 < best[1]:
+                    best = (remote - (t1 + t2) // 2, t2 - t1)
+            assert best is not None
+            offsets.append(best[0])
+            rtts.append(best[1])
+        return offsets[0], offsets[1], (rtts[0] + rtts[1]) / 2 / 1e6
+
+    # --- the migration -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        async with AsyncExitStack() as stack:
+            src = await stack.enter_async_context(self._connect(self.source, "source"))
+            dst = await stack.enter_async_context(self._connect(self.dest, "dest"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive, [src, dst])
+                try:
+                    await self._migrate(src, dst)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _migrate(self, src: RpcPeer, dst: RpcPeer) -> None:
+        o = self.options
+        r = self.report
+        summary = await src.call("source_open", pid=self.pid, tracker=o.tracker,
+                                 level=o.compress_level, bandwidth_limit=o.bandwidth_limit)
+        r.memory_bytes = int(summary["memory_bytes"])
+        r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
+        self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
+                                 r.tracker, r.tracker_reason))
+        try:
+            await dst.call("dest_check", summary=summary)
+            src_off, dst_off, uncertainty = await self._clocks(src, dst)
+            if o.dry_run:
+                await src.call("source_release")
+                r.state = "dry-run"
+                r.message = "preflight passed; nothing was moved"
+                return
+            self._advance(PhaseEvent.PREFLIGHT_OK)
+            freeze = await self._copy(src, dst)
+            restored = await dst.call("dest_restore")
+            for w in restored.get("warnings", []):
+                self._warn(str(w))
+            self._advance(PhaseEvent.READY)
+            await src.call("source_commit_pending")
+        except BaseException as exc:
+            await self._rollback(src, dst, exc)
+            raise
+        # ---- the point of no return: from here the source is never resumed by us alone ----
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(max(o.link_timeout_s, 5.0)):
+                    go = await dst.call("dest_go")
+            except (MigrationError, trio.TooSlowError) as exc:
+                await self._unsettled(src, exc)
+                raise AssertionError("unreachable") from None
+            r.new_pid = int(go["pid"])
+            first_ns = int(freeze["first_interrupt_ns"]) - src_off
+            running_ns = int(go["running_ns"]) - dst_off
+            r.downtime_ms = (running_ns - first_ns) / 1e6 + uncertainty
+            r.downtime_uncertainty_ms = uncertainty
+            self._advance(PhaseEvent.RUNNING)
+            try:
+                with trio.fail_after(CLEANUP_DEADLINE):
+                    await src.call("source_kill")
+            except (MigrationError, trio.TooSlowError) as exc:
+                self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
+                           f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
+                           f"{self.pid}@{self.source} --kill`")
+                self._advance(PhaseEvent.FAILED)
+            else:
+                self._advance(PhaseEvent.SOURCE_KILLED)
+            r.state = "done"
+
+    async def _copy(self, src: RpcPeer, dst: RpcPeer) -> dict[str, Any]:
+        """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination."""
+        o = self.options
+        r = self.report
+
+        def on_round(fields: dict[str, Any]) -> None:
+            if fields.get("event") == "round":
+                stats = {k: v for k, v in fields.items() if k != "event"}
+                r.per_round.append(stats)
+                r.rounds = len(r.per_round)
+                self._emit(RoundDone(int(stats["round"]), stats))
+
+        async with dst.open_call("dest_receive", upload=True) as upload:
+            if o.precopy:
+                async with src.open_call("source_precopy", policy=o.policy_args(), on_progress=on_round) as call:
+                    await self._relay(call, upload)
+                    pre = await call.result()
+                r.stop_reason = str(pre["stop_reason"])
+            else:
+                r.stop_reason = "stop-and-copy"
+            self._advance(PhaseEvent.PRECOPY_DONE)
+            async with src.open_call("source_freeze") as call:
+                self._advance(PhaseEvent.FROZEN)
+                await self._relay(call, upload)
+                freeze = await call.result()
+            self._advance(PhaseEvent.STATE_SENT)
+            await upload.result()
+        final = dict(freeze["final"])
+        r.final_round = final
+        r.frozen_bytes_raw = int(final["bytes_raw"])
+        r.frozen_bytes_on_wire = int(final["bytes_on_wire"])
+        r.bytes_raw = sum(int(x["bytes_raw"]) for x in r.per_round) + r.frozen_bytes_raw
+        r.bytes_on_wire = sum(int(x["bytes_on_wire"]) for x in r.per_round) + r.frozen_bytes_on_wire
+        return freeze
+
+    async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException) -> None:
+        """Before GO: destroy the destination's copy, let the source run on."""
+        cancelled = isinstance(exc, (trio.Cancelled, KeyboardInterrupt, Cancelled))
+        if self.machine.phase in (Phase.PREFLIGHT, Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.GO):
+            if self.machine.phase is Phase.GO:
+                self.machine.phase = Phase.RESTORE    # commit_pending failed: GO was never sent
+            self._advance(PhaseEvent.CANCELLED if cancelled else PhaseEvent.FAILED)
+        unreached = []
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLEANUP_DEADLINE):
+                for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
+                    try:
+                        await peer.call(method)
+                    except MigrationError:
+                        unreached.append(who)
+        if unreached:
+            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
+                       f"within {self.options.link_timeout_s:g} s (the source process runs on)")
+        self.report.state = "rolled-back"
+        if isinstance(exc, MigrationError):
+            failed_in = self.machine.history[-1][0].value if self.machine.history else Phase.PREFLIGHT.value
+            exc.phase = exc.phase or failed_in
+            exc.pid = exc.pid if exc.pid is not None else self.pid
+        if self.machine.phase is Phase.ROLLBACK:
+            self._advance(PhaseEvent.ROLLED_BACK)
+
+    async def _unsettled(self, src: RpcPeer, exc: BaseException) -> None:
+        """GO was sent but not confirmed: keep the source stopped; say how to settle it."""
+        self._advance(PhaseEvent.FAILED)
+        held = True
+        try:
+            with trio.fail_after(CLEANUP_DEADLINE):
+                await src.call("source_hold")
+        except (MigrationError, trio.TooSlowError):
+            held = False    # its agent stops it on its own once it notices
+        r = self.report
+        r.state = "unsettled"
+        where = f"{self.pid}@{self.source}"
+        r.message = (
+            f"the destination {self.dest} did not confirm it runs the process ({exc}); the source pid "
+            f"{self.pid} on {self.source} is {'stopped' if held else 'being stopped by its agent'}. Check "
+            f"{self.dest}: if the process runs there, `kcr-migrate resolve {where} --kill`; if not, "
+            f"`kcr-migrate resolve {where} --resume`")
+        raise MigrationUnsettled(r.message, phase="go", pid=self.pid, host=None)
+
+
+async def migrate(pid: int, source: str, dest: str, options: MigrationOptions | None = None, *,
+                  on_event: Callable[[Event], None] | None = None) -> MigrationReport:
+    """Migrate ``pid`` from ``source`` to ``dest`` (under trio); raises a MigrationError on failure."""
+    return await Migration(pid, source, dest, options, on_event=on_event).run()
+
+
+def migrate_blocking(pid: int, source: str, dest: str, options: MigrationOptions | None = None, *,
+                     on_event: Callable[[Event], None] | None = None) -> MigrationReport:
+    """``migrate`` for callers that do not run trio: runs its own event loop in this thread."""
+    return trio.run(lambda: migrate(pid, source, dest, options, on_event=on_event))
+
+
+__all__ = ["Migration", "MigrationUnsettled", "migrate", "migrate_blocking", "is_local"]
