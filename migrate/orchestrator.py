@@ -35,6 +35,7 @@ from migrate.api import (
 )
 from migrate.phases import Event as PhaseEvent
 from migrate.phases import Phase, PhaseMachine
+from transport._nursery import service_nursery
 from transport.errors import Cancelled, MigrationError
 from transport.local import open_local_agent
 from transport.records import Record
@@ -192,7 +193,7 @@ class Migration:
         async with AsyncExitStack() as stack:
             src = await stack.enter_async_context(self._connect(self.source, "source"))
             dst = await stack.enter_async_context(self._connect(self.dest, "dest"))
-            async with trio.open_nursery() as nursery:
+            async with service_nursery() as nursery:
                 nursery.start_soon(self._keepalive, [src, dst])
                 try:
                     await self._migrate(src, dst)

@@ -57,7 +57,7 @@ class Workload:
     """One run of a workload program in its own directory (zdtm style: ready, output, verdict)."""
 
     def __init__(self, name: str, base: Path, *args: str, user: int | None = None,
-                 groups: list[int] | None = None, argv: list[str] | None = None) -> None:
+                 groups: list[int] | None = None, argv: list[str] | None = None, scale: int = 1) -> None:
         self.name = name
         if user is None:
             self.dir = base / name
@@ -71,6 +71,7 @@ class Workload:
         self.argv = argv if argv is not None else [str(build(name)), str(self.dir), *args]
         self.user = user
         self.groups = groups
+        self.env = {**os.environ, "WORKLOAD_SCALE": str(scale)}
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
@@ -80,7 +81,8 @@ class Workload:
             if self.user is not None:
                 kwargs.update(user=self.user, group=self.user, extra_groups=self.groups or [])
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         start_new_session=True, close_fds=True, cwd=self.dir, **kwargs)
+                                         start_new_session=True, close_fds=True, cwd=self.dir, env=self.env,
+                                         **kwargs)
         self.pid = self.proc.pid
         return self.pid
 

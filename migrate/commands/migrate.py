@@ -13,6 +13,7 @@ import trio
 from migrate.api import Event, MigrationOptions, PhaseChanged, PreflightDone, RoundDone, WarningRaised
 from migrate.cli import command
 from migrate.orchestrator import Migration
+from transport._nursery import service_nursery
 from transport.errors import MigrationError
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB]?)(/s)?\s*$")
@@ -122,7 +123,7 @@ def summary_line(report: Any) -> str:
 async def run_cancellable(migration: Migration) -> Any:
     """Run the migration; Ctrl-C, SIGTERM or SIGHUP cancel it (rolled back before the point of
     no return, finished cleanly after it) instead of killing the orchestrator mid-step."""
-    async with trio.open_nursery() as nursery:
+    async with service_nursery() as nursery:
         async def watch() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async for _ in signals:

@@ -25,7 +25,8 @@ int main(int argc, char **argv) {
     pthread_create(&t, NULL, waiter, NULL);
     while (!__atomic_load_n(&waiting, __ATOMIC_SEQ_CST)) sleep_ms(1);
     ready();
-    struct timespec ts = { 1, 500000000 };   /* one raw nanosleep: EINTR would show */
+    long long ns = 1500000000LL * scale;
+    struct timespec ts = { ns / 1000000000LL, ns % 1000000000LL };   /* one raw nanosleep: EINTR would show */
     int rc = nanosleep(&ts, NULL);
     int err = rc ? errno : 0;
     fprintf(out, "nanosleep rc %d errno %d\n", rc, err);

@@ -12,6 +12,8 @@
 #include <unistd.h>
 
 static const char *outdir;
+/* WORKLOAD_SCALE=N stretches the waiting phases N times (live migration needs longer). */
+static int scale = 1;
 
 static void write_file(const char *name, const char *text) {
     char path[4096], tmp[4096];
@@ -55,4 +57,6 @@ __attribute__((unused)) static void sleep_ms(long ms) {
 static void init(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s OUTDIR\n", argv[0]); exit(2); }
     outdir = argv[1];
+    const char *sc = getenv("WORKLOAD_SCALE");
+    if (sc && atoi(sc) > 0) scale = atoi(sc);
 }

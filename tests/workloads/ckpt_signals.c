@@ -27,7 +27,7 @@ int main(int argc, char **argv) {
     struct itimerval it = { {0, 50000}, {0, 50000} };
     setitimer(ITIMER_REAL, &it, NULL);
     ready();
-    for (int i = 0; i < 60; i++) sleep_ms(10);        /* the checkpoint lands in here */
+    for (int i = 0; i < 60 * scale; i++) sleep_ms(10);        /* the checkpoint lands in here */
     int fails = 0;
     char why[512] = "";
     sigset_t pend; sigpending(&pend);

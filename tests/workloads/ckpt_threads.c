@@ -7,7 +7,7 @@
 #include <sys/syscall.h>
 
 #define THREADS 4
-#define ROUNDS 150
+static int ROUNDS = 150;
 static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t c = PTHREAD_COND_INITIALIZER;
 static __thread long tls_counter;
@@ -43,6 +43,7 @@ static void *worker(void *arg) {
 
 int main(int argc, char **argv) {
     init(argc, argv);
+    ROUNDS *= scale;
     signal(SIGUSR1, on_usr1);
     out = open_output();
     pthread_t th[THREADS];

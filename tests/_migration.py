@@ -1,0 +1,63 @@
+"""Helpers for live-migration tests: run the CLI, read its report, watch migrated workloads."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests._workloads import KCR_MIGRATE
+
+
+def migrate_cli(source: str, dest: str, *args: str, timeout: float = 180) -> tuple[int, dict[str, Any], str]:
+    """Run `kcr-migrate SOURCE DEST --json ...`; (exit status, report, stderr)."""
+    res = subprocess.run([*KCR_MIGRATE, source, dest, "--json", *args], capture_output=True, timeout=timeout)
+    out = res.stdout.decode().strip()
+    report = json.loads(out.splitlines()[-1]) if out else {}
+    return res.returncode, report, res.stderr.decode()
+
+
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait until ``pid`` has exited (reaping it if it is ours, e.g. adopted as subreaper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got, _ = os.waitpid(pid, os.WNOHANG)
+            if got == pid:
+                return
+        except ChildProcessError:
+            pass
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} is still there after {timeout} s")
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def running_copies(name: str) -> list[int]:
+    """Pids of live (not zombie, not stopped) processes whose command name is ``name``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1: stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2]
+        if comm == name[:15] and state not in ("Z", "X", "T", "t"):
+            pids.append(int(entry))
+    return pids

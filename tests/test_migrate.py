@@ -1,0 +1,176 @@
+"""Live migration on one host (localhost to localhost: two agents, the full protocol, no SSH).
+
+The migrated workload must finish with the same output as an uninterrupted run, and the
+report must tell the truth about rounds, bytes and downtime.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._migration import migrate_cli, running_copies, wait_gone
+from tests._workloads import Workload, become_subreaper, kcr, reap, run_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str, ...] = (),
+                     **kw: object) -> tuple[Workload, Workload, dict]:
+    kw.setdefault("scale", 5)         # long enough to be caught mid-run
+    ref = run_reference(name, tmp_path, *args, **kw)
+    w = Workload(name, tmp_path / "migrated", *args, **kw)  # type: ignore[arg-type]
+    w.start()
+    w.wait_ready()
+    code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", *cli_args)
+    assert code == 0, err
+    assert w.reap_original() == -9           # the source was ended only after the copy ran
+    assert report["state"] == "done" and report["new_pid"] not in (0, w.pid)
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
+    return ref, w, report
+
+
+@pytest.mark.parametrize("name", ["ckpt_threads", "ckpt_blocked", "ckpt_signals", "ckpt_files"])
+def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None:
+    ref, w, report = migrate_workload(name, tmp_path)
+    assert w.output() == ref.output()
+    assert report["rounds"] >= 1 and report["downtime_ms"] > 0
+    for key in ("new_pid", "dest_host", "rounds", "downtime_ms", "total_ms", "bytes_raw", "bytes_on_wire",
+                "stop_reason", "per_round"):
+        assert key in report
+
+
+PY_JOB = r"""
+import hashlib, os, sys, time
+out_dir = sys.argv[1]
+buf = bytearray(24 << 20)
+h = b"seed"
+with open(os.path.join(out_dir, "output"), "w") as out:
+    for i in range(60):
+        for j in range(0, len(buf), 4096 * 8):
+            h = hashlib.sha256(h + bytes(buf[j:j + 64])).digest()
+            buf[j:j + 32] = h
+        out.write(f"{i} {h.hex()}\n")
+        out.flush()
+        if i == 5:
+            open(os.path.join(out_dir, "ready"), "w").close()
+        time.sleep(0.02)
+with open(os.path.join(out_dir, "verdict"), "w") as v:
+    v.write("PASS\n")
+"""
+
+
+def test_cpython_job(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(PY_JOB)
+
+    def job(base: Path) -> Workload:
+        return Workload("py", base, argv=[sys.executable, "-S", str(script), str(base / "py")])
+    ref = job(tmp_path / "reference")
+    ref.start()
+    assert ref.verdict() == "PASS"
+    ref.reap_original()
+    w = job(tmp_path / "migrated")
+    w.start()
+    w.wait_ready()
+    code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+    assert code == 0, err
+    w.reap_original()
+    assert w.verdict() == "PASS"
+    assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
+    assert w.output() == ref.output()
+
+
+def test_precopy_really_happens_and_downtime_is_honest(tmp_path: Path) -> None:
+    """256 MiB dirtying 10 MiB/s: at least two rounds, under 10% of the bytes sent while frozen,
+    and a downtime no shorter than what a ticker thread inside the job saw."""
+    ref, w, report = migrate_workload("mig_dirty", tmp_path, "256", "10", "300", "1",
+                                      cli_args=("--downtime", "5"))
+    assert w.output() == ref.output()
+    assert report["rounds"] >= 2, report["per_round"]
+    assert report["frozen_bytes_raw"] < 0.10 * report["bytes_raw"]
+    assert report["bytes_raw"] >= 256 << 20
+    gap_ms = int((w.dir / "gap").read_text()) / 1e6
+    assert gap_ms > 0, "the ticker never saw the pid change"
+    assert report["downtime_ms"] >= gap_ms, (report["downtime_ms"], gap_ms)
+
+
+def test_a_writer_faster_than_the_link_still_migrates(tmp_path: Path) -> None:
+    """Dirtying 400 MiB/s over a link limited to 40 MiB/s: pre-copy cannot converge, stops
+    for the right reason, and the job still finishes correctly."""
+    ref, w, report = migrate_workload("mig_dirty", tmp_path, "32", "400", "500",
+                                      cli_args=("--bandwidth", "40MiB", "--max-rounds", "6"))
+    assert w.output() == ref.output()
+    assert report["stop_reason"] in ("dirty-growing", "max-rounds", "max-bytes"), report["stop_reason"]
+
+
+def test_stop_and_copy(tmp_path: Path) -> None:
+    ref, w, report = migrate_workload("ckpt_threads", tmp_path, cli_args=("--no-precopy",))
+    assert w.output() == ref.output()
+    assert report["rounds"] == 0 and report["stop_reason"] == "stop-and-copy"
+    assert report["frozen_bytes_raw"] == report["bytes_raw"] > 0
+
+
+def test_dry_run_moves_nothing(tmp_path: Path) -> None:
+    w = Workload("ckpt_array", tmp_path, "60")
+    w.start()
+    w.wait_ready()
+    code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", "--dry-run")
+    assert code == 0, err
+    assert report["state"] == "dry-run" and report["new_pid"] == 0
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kcr-migrate: error: ")
+    return lines[0]
+
+
+def test_bad_input_gets_one_line(tmp_path: Path) -> None:
+    code, _, err = migrate_cli("4194303@localhost", "localhost")
+    assert code != 0 and "no process" in one_error_line(err)
+    res = kcr("12@", "localhost")
+    assert res.returncode != 0 and b"PID@HOST" in res.stderr
+
+
+def test_unreachable_destination_leaves_the_process_alone(tmp_path: Path) -> None:
+    w = Workload("ckpt_array", tmp_path, "60")
+    w.start()
+    w.wait_ready()
+    code, _, err = migrate_cli(f"{w.pid}@localhost", "no-such-host.invalid")
+    assert code != 0 and "no-such-host.invalid" in one_error_line(err)
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0
+
+
+def test_a_process_someone_else_traces_is_refused(tmp_path: Path) -> None:
+    from agent import ptrace
+    from agent.tracer import Tracer
+
+    w = Workload("ckpt_array", tmp_path, "60")
+    w.start()
+    w.wait_ready()
+    with Tracer() as tracer:
+        tracer.call(ptrace.seize, w.pid)       # like a debugger attached to it
+        code, _, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+
+        def let_go() -> None:
+            ptrace.interrupt(w.pid)
+            ptrace.wait_stop(w.pid)
+            ptrace.detach(w.pid)
+        tracer.call(let_go)
+    assert code != 0 and "may not trace" in one_error_line(err)
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0
+    assert not running_copies("ckpt_array")
+    wait_gone(w.pid)

@@ -1,0 +1,77 @@
+/* A job that keeps dirtying its memory at a set rate, for live migration tests (P.Haul's
+ * mem-touch, made deterministic): MEM MiB, RATE MiB/s of page writes in 10 ms steps, ITERS
+ * steps, then a checksum of everything as its output. With TICKER=1 a thread reads the clock
+ * and getpid() in a loop and writes to OUTDIR/gap the longest time it saw between a tick with
+ * the old pid and the first with the new one: the downtime as the program itself lives it.
+ * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER] */
+#include "ckpt_common.h"
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+
+static volatile int done;
+static long long gap_ns = -1;
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void *ticker(void *arg) {
+    (void)arg;
+    pid_t last_pid = (pid_t)syscall(SYS_getpid);
+    long long last = now_ns();
+    while (!done) {
+        long long t = now_ns();
+        pid_t p = (pid_t)syscall(SYS_getpid);
+        if (p != last_pid) {                 /* the first tick in the new process */
+            if (t - last > gap_ns) gap_ns = t - last;
+            last_pid = p;
+        }
+        last = t;
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    init(argc, argv);
+    if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER]\n", argv[0]); return 2; }
+    size_t mem = (size_t)atol(argv[2]) << 20;
+    double rate = atof(argv[3]);
+    long iters = atol(argv[4]);
+    int with_ticker = argc > 5 && atoi(argv[5]);
+    size_t pages = mem / 4096;
+    uint64_t *m = malloc(mem);
+    if (!m) return 3;
+    for (size_t i = 0; i < mem / 8; i++) m[i] = i * 0x9E3779B97F4A7C15ull;
+    long per_step = (long)(rate * 256 / 100);      /* pages per 10 ms step */
+    if (per_step < 1 && rate > 0) per_step = 1;
+    pthread_t t;
+    if (with_ticker) pthread_create(&t, NULL, ticker, NULL);
+    FILE *out = open_output();
+    uint64_t lcg = 12345;
+    for (long it = 0; it < iters; it++) {
+        for (long k = 0; k < per_step; k++) {
+            lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+            size_t page = (lcg >> 17) % pages;
+            uint64_t *p = m + page * 512;
+            p[(lcg >> 7) & 511] += lcg ^ (uint64_t)it;
+            p[0] ^= (uint64_t)it;
+        }
+        if (it == 5) ready();
+        sleep_ms(10);
+    }
+    done = 1;
+    if (with_ticker) pthread_join(t, NULL);
+    uint64_t sum = 0;
+    for (size_t i = 0; i < mem / 8; i++) sum = sum * 31 + m[i];
+    fprintf(out, "checksum %016llx after %ld steps\n", (unsigned long long)sum, iters);
+    if (with_ticker) {
+        char g[64];
+        snprintf(g, sizeof g, "%lld\n", gap_ns);
+        write_file("gap", g);
+    }
+    verdict(1, "");
+    return 0;
+}
