@@ -36,7 +36,7 @@ from migrate.api import (
 from migrate.phases import Event as PhaseEvent
 from migrate.phases import Phase, PhaseMachine
 from transport._nursery import service_nursery
-from transport.errors import Cancelled, MigrationError
+from transport.errors import Cancelled, MigrationError, PeerGone
 from transport.local import open_local_agent
 from transport.records import Record
 from transport.rpc import Call, RpcPeer
@@ -147,14 +147,22 @@ class Migration:
             exc.phase = exc.phase or self.machine.phase.value
             raise
 
-    async def _keepalive(self, peers: list[RpcPeer]) -> None:
+    async def _keepalive(self, peers: list[RpcPeer], hosts: list[str]) -> None:
+        """Tell the agents we are alive, and notice a link that stops answering without closing
+        (a cut cable keeps TCP silent): that fails the migration, which then rolls back."""
         timeout = self.options.link_timeout_s
         while True:
-            for peer in peers:
+            for peer, host in zip(peers, hosts):
                 try:
-                    await peer.call("keepalive", timeout=timeout)
+                    with trio.fail_after(timeout):
+                        await peer.call("keepalive", timeout=timeout)
+                except trio.TooSlowError:
+                    exc = PeerGone(f"{host} stopped answering for {timeout:g} s: the link is down or the "
+                                   "agent is stuck", host=host)
+                    peer.abandon(exc)
+                    raise exc from None
                 except MigrationError:
-                    pass     # the migration's own calls report a broken link
+                    pass     # a closed connection: the migration's own calls report it
             await trio.sleep(max(0.2, timeout / 4))
 
     async def _relay(self, call: Call, upload: Call) -> None:
@@ -194,7 +202,7 @@ class Migration:
             src = await stack.enter_async_context(self._connect(self.source, "source"))
             dst = await stack.enter_async_context(self._connect(self.dest, "dest"))
             async with service_nursery() as nursery:
-                nursery.start_soon(self._keepalive, [src, dst])
+                nursery.start_soon(self._keepalive, [src, dst], [self.source, self.dest])
                 try:
                     await self._migrate(src, dst)
                 finally:
@@ -297,12 +305,12 @@ class Migration:
             self._advance(PhaseEvent.CANCELLED if cancelled else PhaseEvent.FAILED)
         unreached = []
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(CLEANUP_DEADLINE):
-                for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
-                    try:
+            for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
+                try:
+                    with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s)):
                         await peer.call(method)
-                    except MigrationError:
-                        unreached.append(who)
+                except (MigrationError, trio.TooSlowError):
+                    unreached.append(who)
         if unreached:
             self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
                        f"within {self.options.link_timeout_s:g} s (the source process runs on)")

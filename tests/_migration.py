@@ -46,18 +46,19 @@ def proc_state(pid: int) -> str | None:
         return None
 
 
-def running_copies(name: str) -> list[int]:
-    """Pids of live (not zombie, not stopped) processes whose command name is ``name``."""
+def running_copies(marker: str) -> list[int]:
+    """Pids of live (not zombie, not stopped) processes whose command line contains ``marker``
+    (a workload's own directory: a restored copy keeps its command line)."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        comm = stat[stat.index("(") + 1: stat.rindex(")")]
         state = stat[stat.rindex(")") + 2]
-        if comm == name[:15] and state not in ("Z", "X", "T", "t"):
+        if marker in cmdline and state not in ("Z", "X", "T", "t"):
             pids.append(int(entry))
-    return pids
+    return sorted(pids)

@@ -172,5 +172,5 @@ def test_a_process_someone_else_traces_is_refused(tmp_path: Path) -> None:
     assert code != 0 and "may not trace" in one_error_line(err)
     assert w.verdict() == "PASS"
     assert w.reap_original() == 0
-    assert not running_copies("ckpt_array")
+    assert not running_copies(str(w.dir))
     wait_gone(w.pid)

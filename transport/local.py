@@ -75,9 +75,9 @@ class StderrTail:
                 self.add(chunk)
 
 
-async def _reap(proc: trio.Process) -> None:
+async def _reap(proc: trio.Process, timeout: float = EXIT_TIMEOUT) -> None:
     """Wait for the agent to leave (it does once its stream is closed); kill it if it lingers."""
-    with trio.move_on_after(EXIT_TIMEOUT) as scope:
+    with trio.move_on_after(timeout) as scope:
         scope.shield = True
         await proc.wait()
     if proc.returncode is None:
@@ -105,6 +105,7 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
     tail = StderrTail()
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     started = False
+    peer: RpcPeer | None = None
     try:
         async with service_nursery() as nursery:
             assert proc.stderr is not None
@@ -114,6 +115,7 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
                                     methods=methods, peer="the local kcr-agent", host="localhost",
                                     **rpc_options) as rpc:
                     started = True
+                    peer = rpc
                     tail.echo = echo_stderr
                     yield rpc
             except MigrationError as exc:
@@ -125,7 +127,8 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
                 raise PeerGone(f"the local kcr-agent exited with status {proc.returncode} before the "
                                f"handshake{said}{why}; run `{shlex.join(argv)}` to see why") from None
             finally:
-                await _reap(proc)
+                # An agent that stopped answering will not leave by itself either.
+                await _reap(proc, 0.5 if peer is not None and peer.abandoned else EXIT_TIMEOUT)
                 nursery.cancel_scope.deadline = trio.current_time() + 1.0  # last words on stderr
     finally:
         if proc.returncode is None:

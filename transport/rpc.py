@@ -212,6 +212,7 @@ class RpcPeer:
         self._current_key = (SERVED, 0)
         self.flow = Flow(fs, send_window=remote.window, receive_window=local.window)
         self._nursery: trio.Nursery | None = None
+        self.abandoned = False
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -435,9 +436,17 @@ class RpcPeer:
 
     # --- closing ---
 
+    def abandon(self, error: MigrationError) -> None:
+        """The peer stopped answering: close without waiting for it (no Bye, no flush)."""
+        self.abandoned = True
+        if self.error is None:
+            self.error = error
+        self.fs.abandon()
+        self.flow.close(error)
+
     async def aclose(self, reason: str = "") -> None:
         """Say Bye and flush (bounded); the stream itself is closed by its owner."""
-        if self.closed.is_set() and self.error is not None:
+        if (self.closed.is_set() and self.error is not None) or self.abandoned:
             return
         with trio.move_on_after(BYE_TIMEOUT) as scope:
             scope.shield = True

@@ -210,6 +210,10 @@ class FramedStream:
             raise TransportTimeout(f"{self.peer} read nothing of what was left to send for "
                                    f"{self.frame_timeout:g} s: closing")
 
+    def abandon(self) -> None:
+        """Closing will not wait for the peer to read what is left (it stopped reading)."""
+        self._send_error_raised = True
+
     def set_level(self, level: Level) -> None:
         """Compression for batches queued from now on: None, a zstd level, or "auto"."""
         self.levels = LevelController(level, settle=self.max_in_flight)
