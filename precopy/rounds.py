@@ -23,6 +23,7 @@ from precopy.layout import MapEntry, read_smaps, to_vma
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason, decide
 from precopy.reader import split_runs, zero_batches
 from precopy.tracker import DirtyTracker, Scan, superseded
+from transport._nursery import service_nursery
 from transport.errors import MigrationError
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE, Mappings
@@ -152,7 +153,7 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
             for batch in zero_batches(scan.zero, reader.batch_pages):
                 await send_channel.send(batch)     # empty pages: nothing for a digest to remember
 
-    async with trio.open_nursery() as nursery:
+    async with service_nursery() as nursery:
         nursery.start_soon(produce)
         async with receive_channel:
             async for batch in receive_channel:

@@ -49,10 +49,11 @@ def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None
 PY_JOB = r"""
 import hashlib, os, sys, time
 out_dir = sys.argv[1]
+steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60
 buf = bytearray(24 << 20)
 h = b"seed"
 with open(os.path.join(out_dir, "output"), "w") as out:
-    for i in range(60):
+    for i in range(steps):
         for j in range(0, len(buf), 4096 * 8):
             h = hashlib.sha256(h + bytes(buf[j:j + 64])).digest()
             buf[j:j + 32] = h
@@ -90,15 +91,17 @@ def test_cpython_job(tmp_path: Path) -> None:
 def test_precopy_really_happens_and_downtime_is_honest(tmp_path: Path) -> None:
     """256 MiB dirtying 10 MiB/s: at least two rounds, under 10% of the bytes sent while frozen,
     and a downtime no shorter than what a ticker thread inside the job saw."""
-    ref, w, report = migrate_workload("mig_dirty", tmp_path, "256", "10", "300", "1",
+    ref, w, report = migrate_workload("mig_dirty", tmp_path, "256", "10", "600", "1",
                                       cli_args=("--downtime", "5"))
     assert w.output() == ref.output()
     assert report["rounds"] >= 2, report["per_round"]
     assert report["frozen_bytes_raw"] < 0.10 * report["bytes_raw"]
     assert report["bytes_raw"] >= 256 << 20
-    gap_ms = int((w.dir / "gap").read_text()) / 1e6
+    gap_ms, jitter_ms = (int(x) / 1e6 for x in (w.dir / "gap").read_text().split())
     assert gap_ms > 0, "the ticker never saw the pid change"
-    assert report["downtime_ms"] >= gap_ms, (report["downtime_ms"], gap_ms)
+    # The ticker's gap also holds however long it waited for a CPU around the freeze; its own
+    # longest wait at any other time bounds that.
+    assert report["downtime_ms"] >= gap_ms - jitter_ms, (report["downtime_ms"], gap_ms, jitter_ms)
 
 
 def test_a_writer_faster_than_the_link_still_migrates(tmp_path: Path) -> None:

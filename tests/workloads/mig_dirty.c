@@ -10,7 +10,7 @@
 #include <sys/syscall.h>
 
 static volatile int done;
-static long long gap_ns = -1;
+static long long gap_ns = -1, jitter_ns = 0;
 
 static long long now_ns(void) {
     struct timespec ts;
@@ -28,8 +28,14 @@ static void *ticker(void *arg) {
         if (p != last_pid) {                 /* the first tick in the new process */
             if (t - last > gap_ns) gap_ns = t - last;
             last_pid = p;
+        } else if (t - last > jitter_ns) {
+            jitter_ns = t - last;
         }
         last = t;
+        /* A sleeper wakes promptly when it is due (a busy loop would be preempted for whole
+         * time slices on a busy machine, and its gaps would say more about the scheduler). */
+        struct timespec nap = { 0, 100000 };
+        nanosleep(&nap, NULL);
     }
     return NULL;
 }
@@ -69,7 +75,7 @@ int main(int argc, char **argv) {
     fprintf(out, "checksum %016llx after %ld steps\n", (unsigned long long)sum, iters);
     if (with_ticker) {
         char g[64];
-        snprintf(g, sizeof g, "%lld\n", gap_ns);
+        snprintf(g, sizeof g, "%lld %lld\n", gap_ns, jitter_ns);
         write_file("gap", g);
     }
     verdict(1, "");

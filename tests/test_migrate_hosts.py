@@ -1,0 +1,189 @@
+"""Live migration between two test hosts: separate network and mount namespaces, each with its
+own sshd; the orchestrator reaches both agents over SSH (asyncssh)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from examples.testbed import Testbed
+from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
+from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
+from tests._workloads import build
+
+
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_started() -> Any:
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def start_in(testbed: Testbed, host: str, argv: list[str], outdir: Path, **env: str) -> int:
+    """Start a workload inside ``host``; its pid once it is ready (reaped after the test)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    with open(outdir / "stderr", "wb") as err:
+        proc = testbed.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True, env={**os.environ, **env})
+    STARTED.append(proc)
+    deadline = time.monotonic() + 20
+    while not (outdir / "ready").exists():
+        assert proc.poll() is None, (outdir / "stderr").read_text()
+        assert time.monotonic() < deadline, "the workload never became ready"
+        time.sleep(0.02)
+    return proc.pid
+
+
+def wait_file(path: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def netns_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
+    outdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(argv, check=True, timeout=120, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   env={**os.environ, **env})
+    return (outdir / "output").read_text()
+
+
+@pytest.mark.parametrize("workload", ["ckpt_threads", "mig_dirty"])
+def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path, workload: str) -> None:
+    exe = str(build(workload))
+    args = ["64", "20", "800", "1"] if workload == "mig_dirty" else []
+    ref = reference_output([exe, str(tmp_path / "ref"), *args], tmp_path / "ref", WORKLOAD_SCALE="5")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out), *args], out, WORKLOAD_SCALE="5")
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code == 0, err
+    new = report["new_pid"]
+    assert netns_of(new) == os.stat(testbed.netns_path("hostB")).st_ino, "it must run inside hostB"
+    assert wait_file(out / "verdict").strip() == "PASS"
+    assert (out / "output").read_text() == ref
+    wait_gone(new)
+    if workload == "mig_dirty":
+        gap_ms, jitter_ms = (int(x) / 1e6 for x in (out / "gap").read_text().split())
+        assert report["downtime_ms"] >= gap_ms - jitter_ms, (report["downtime_ms"], gap_ms, jitter_ms)
+
+
+def test_cpython_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
+    from tests.test_migrate import PY_JOB
+    script = tmp_path / "job.py"
+    script.write_text(PY_JOB)
+    ref = reference_output([sys.executable, "-S", str(script), str(tmp_path / "ref"), "200"], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "200"], out)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code == 0, err
+    assert wait_file(out / "verdict").strip() == "PASS"
+    assert (out / "output").read_text() == ref
+    wait_gone(report["new_pid"])
+
+
+PY_READER = r"""
+import os, sys, time
+out_dir, data = sys.argv[1], sys.argv[2]
+f = open(data)
+with open(os.path.join(out_dir, "output"), "w") as out:
+    for i in range(600):
+        line = f.readline() or "eof\n"
+        out.write(f"{i} {line}")
+        out.flush()
+        if i == 5:
+            open(os.path.join(out_dir, "ready"), "w").close()
+        time.sleep(0.02)
+open(os.path.join(out_dir, "verdict"), "w").write("PASS\n")
+"""
+
+
+async def _migrate_with(testbed: Testbed, pid: int, on_phase: dict[str, Any], **options: Any) -> Migration:
+    opts = MigrationOptions(ssh_config=str(testbed.ssh_config_path), link_timeout_s=3.0, **options)
+    m: Migration
+
+    def on_event(ev: Any) -> None:
+        if isinstance(ev, PhaseChanged) and ev.phase in on_phase:
+            on_phase[ev.phase](m)
+    m = Migration(pid, "hostA", "hostB", opts, on_event=on_event)
+    with pytest.raises(MigrationError) as info:
+        await m.run()
+    m.error = info.value  # type: ignore[attr-defined]
+    return m
+
+
+def _data_on_both(testbed: Testbed, name: str) -> str:
+    path = f"/srv/{name}"
+    text = "".join(f"line {i}\n" for i in range(1000))
+    for host in ("hostA", "hostB"):
+        testbed.exec(host, ["sh", "-c", f"cat > {path}"], input=text.encode(), check=True)
+    return path
+
+
+async def test_restore_failing_on_the_destination_rolls_back(testbed: Testbed, tmp_path: Path) -> None:
+    """A file the process has open disappears from the destination after preflight: restore
+    fails there, the half-built copy is destroyed, and the source runs on."""
+    data = _data_on_both(testbed, "kcr-reader.txt")
+    script = tmp_path / "reader.py"
+    script.write_text(PY_READER)
+    out = tmp_path / "run"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), data], out)
+
+    def remove(m: Migration) -> None:
+        testbed.exec("hostB", ["rm", "-f", data], check=True)
+    m = await _migrate_with(testbed, pid, {"precopy": remove})
+    assert m.report.state == "rolled-back"
+    assert data in str(m.error) and "hostB" in str(m.error)       # type: ignore[attr-defined]
+    assert proc_state(pid) not in (None, "T", "t")
+    assert running_copies(str(out)) == [pid]
+    assert wait_file(out / "verdict").strip() == "PASS"
+    assert "599 line 599" in (out / "output").read_text()
+
+
+async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path: Path) -> None:
+    """The destination's link goes down while the process is frozen: the orchestrator notices,
+    the source runs on, and the destination agent destroys its copy on its own."""
+    exe = str(build("mig_dirty"))
+    out = tmp_path / "run"
+    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "1500"], out)
+    veth = testbed.veth_name("hostB")
+
+    def cut(m: Migration) -> None:
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+    try:
+        m = await _migrate_with(testbed, pid, {"final": cut}, bandwidth_limit=24 << 20, max_rounds=1)
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    assert m.report.state == "rolled-back"
+    assert proc_state(pid) not in (None, "T", "t"), "the source must run on"
+    time.sleep(4)          # the destination agent's own link timeout (3 s)
+    assert running_copies(str(out)) == [pid], "exactly one running copy"
+    assert wait_file(out / "verdict", timeout=90).strip() == "PASS"
+
+
+def test_preflight_refuses_a_missing_file_on_the_destination(testbed: Testbed, tmp_path: Path) -> None:
+    testbed.exec("hostA", ["sh", "-c", "seq 1000 > /srv/kcr-only-here.txt"], check=True)
+    testbed.exec("hostB", ["rm", "-f", "/srv/kcr-only-here.txt"], check=True)
+    script = tmp_path / "reader.py"
+    script.write_text(PY_READER)
+    out = tmp_path / "run"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "/srv/kcr-only-here.txt"], out)
+    code, _, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code != 0 and "kcr-only-here.txt is missing on" in err and "Traceback" not in err
+    assert running_copies(str(out)) == [pid]
+    assert wait_file(out / "verdict").strip() == "PASS"
