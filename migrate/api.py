@@ -32,6 +32,8 @@ class MigrationOptions:
     dry_run: bool = False                 # preflight only
     link_timeout_s: float = 30.0          # silence after which an agent settles on its own
     call_timeout_s: float = 600.0         # longest any one step may take
+    fs: tuple[Any, ...] = ()              # filesystem hooks: FsHook objects or "KIND:/path" specs
+    fs_replace: bool = False              # let hooks replace data already at the destination path
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
@@ -118,6 +120,7 @@ class MigrationReport:
     phase_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     message: str = ""
+    fs: list[dict[str, Any]] = field(default_factory=list)   # per hook: its passes and final pass
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -33,6 +33,7 @@ from migrate.api import (
     RoundDone,
     WarningRaised,
 )
+from migrate.fshooks import HookContext, parse_hook
 from migrate.phases import Event as PhaseEvent
 from migrate.phases import Phase, PhaseMachine
 from transport._nursery import service_nursery
@@ -211,7 +212,10 @@ class Migration:
     async def _migrate(self, src: RpcPeer, dst: RpcPeer) -> None:
         o = self.options
         r = self.report
-        summary = await src.call("source_open", pid=self.pid, tracker=o.tracker,
+        self.hooks = [parse_hook(h) if isinstance(h, str) else h for h in o.fs]
+        self.hook_ctx = HookContext(src, dst, self.source, self.dest, o.ssh_config, o.fs_replace)
+        exempt = [p for h in self.hooks for p in h.paths()]
+        summary = await src.call("source_open", pid=self.pid, tracker=o.tracker, exempt=exempt,
                                  level=o.compress_level, bandwidth_limit=o.bandwidth_limit)
         r.memory_bytes = int(summary["memory_bytes"])
         r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
@@ -219,6 +223,8 @@ class Migration:
                                  r.tracker, r.tracker_reason))
         try:
             await dst.call("dest_check", summary=summary)
+            for hook in self.hooks:
+                await hook.preflight(self.hook_ctx)
             src_off, dst_off, uncertainty = await self._clocks(src, dst)
             if o.dry_run:
                 await src.call("source_release")
@@ -227,6 +233,10 @@ class Migration:
                 return
             self._advance(PhaseEvent.PREFLIGHT_OK)
             freeze = await self._copy(src, dst)
+            for hook, stats in zip(self.hooks, r.fs):
+                stats["final"] = await hook.final_pass(self.hook_ctx)   # the process is frozen
+            for hook in self.hooks:
+                await hook.before_resume(self.hook_ctx)
             restored = await dst.call("dest_restore")
             for w in restored.get("warnings", []):
                 self._warn(str(w))
@@ -260,6 +270,12 @@ class Migration:
             else:
                 self._advance(PhaseEvent.SOURCE_KILLED)
             r.state = "done"
+            for hook in self.hooks:
+                try:
+                    with trio.fail_after(CLEANUP_DEADLINE):
+                        await hook.commit(self.hook_ctx)
+                except (MigrationError, trio.TooSlowError) as exc:
+                    self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
 
     async def _copy(self, src: RpcPeer, dst: RpcPeer) -> dict[str, Any]:
         """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination."""
@@ -273,11 +289,18 @@ class Migration:
                 r.rounds = len(r.per_round)
                 self._emit(RoundDone(int(stats["round"]), stats))
 
+        r.fs = [{"hook": h.name, "paths": h.paths(), "passes": []} for h in self.hooks]
         async with dst.open_call("dest_receive", upload=True) as upload:
             if o.precopy:
-                async with src.open_call("source_precopy", policy=o.policy_args(), on_progress=on_round) as call:
-                    await self._relay(call, upload)
-                    pre = await call.result()
+                async with service_nursery() as nursery:
+                    memory_done = trio.Event()
+                    if self.hooks:
+                        nursery.start_soon(self._fs_passes, memory_done)
+                    async with src.open_call("source_precopy", policy=o.policy_args(),
+                                             on_progress=on_round) as call:
+                        await self._relay(call, upload)
+                        pre = await call.result()
+                    memory_done.set()
                 r.stop_reason = str(pre["stop_reason"])
             else:
                 r.stop_reason = "stop-and-copy"
@@ -296,6 +319,20 @@ class Migration:
         r.bytes_on_wire = sum(int(x["bytes_on_wire"]) for x in r.per_round) + r.frozen_bytes_on_wire
         return freeze
 
+    async def _fs_passes(self, memory_done: trio.Event) -> None:
+        """Filesystem passes while the process runs, until the memory pre-copy is done, and
+        one more after it so the final pass (inside the downtime) has little left."""
+        round = 0
+        while True:
+            last = memory_done.is_set()
+            for hook, stats in zip(self.hooks, self.report.fs):
+                stats["passes"].append(await hook.precopy_pass(self.hook_ctx, round))
+            round += 1
+            if last:
+                return
+            with trio.move_on_after(0.5):
+                await memory_done.wait()
+
     async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException) -> None:
         """Before GO: destroy the destination's copy, let the source run on."""
         cancelled = isinstance(exc, (trio.Cancelled, KeyboardInterrupt, Cancelled))
@@ -305,6 +342,13 @@ class Migration:
             self._advance(PhaseEvent.CANCELLED if cancelled else PhaseEvent.FAILED)
         unreached = []
         with trio.CancelScope(shield=True):
+            for hook in getattr(self, "hooks", []):
+                try:
+                    with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s * 2)):
+                        await hook.rollback(self.hook_ctx)
+                except (MigrationError, trio.TooSlowError) as hook_exc:
+                    self._warn(f"filesystem hook {hook.name}: discarding the destination's copy failed: "
+                               f"{hook_exc}")
             for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
                 try:
                     with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s)):

@@ -12,6 +12,7 @@ import trio
 
 from migrate.api import Event, MigrationOptions, PhaseChanged, PreflightDone, RoundDone, WarningRaised
 from migrate.cli import command
+from migrate.fshooks import parse_hook
 from migrate.orchestrator import Migration
 from transport._nursery import service_nursery
 from transport.errors import MigrationError
@@ -67,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
     p.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
                    help="seconds of silence after which an agent settles on its own (default 30)")
+    p.add_argument("--fs", action="append", default=[], metavar="KIND:PATH",
+                   help="move the files under PATH too: rsync:PATH, btrfs:PATH (a subvolume), or none:PATH "
+                        "(shared storage); repeatable")
+    p.add_argument("--fs-replace", action="store_true",
+                   help="let --fs replace data already at the destination path (refused otherwise)")
     p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
@@ -143,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             downtime_target_ms=args.downtime, bandwidth_limit=args.bandwidth, max_rounds=args.max_rounds,
             tracker=args.tracker, compress_level=args.compress, data_channel=args.data_channel,
             ssh_config=args.ssh_config, precopy=not args.no_precopy, dry_run=args.dry_run,
-            link_timeout_s=args.link_timeout)
+            link_timeout_s=args.link_timeout, fs=tuple(parse_hook(spec) for spec in args.fs),
+            fs_replace=args.fs_replace)
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     progress = Progress(sys.stderr.isatty() and not args.json)
