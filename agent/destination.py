@@ -12,6 +12,7 @@ stopped), ``dest_go`` (let it run; reports when every thread ran), ``dest_abort`
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ MEMORY_MARGIN = 1.1
 
 @dataclass
 class DestSession:
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
     tracer: Tracer = field(default_factory=lambda: Tracer(name="kcr-restorer"))
     restorer: Restorer | None = None
     process: ProcessState | None = None
@@ -49,6 +51,8 @@ class DestSession:
 
 
 SESSIONS: dict[int, DestSession] = {}
+# The same sessions by token: a direct data channel names the migration it carries.
+BY_TOKEN: dict[str, DestSession] = {}
 
 
 def _host() -> str:
@@ -61,7 +65,12 @@ def _session(ctx: CallContext, create: bool = False) -> DestSession:
         if not create:
             raise RestoreError("no migration is in progress on this connection")
         s = SESSIONS[id(ctx.rpc)] = DestSession()
+        BY_TOKEN[s.token] = s
     return s
+
+
+def _forget(s: DestSession) -> None:
+    BY_TOKEN.pop(s.token, None)
 
 
 def _mem_available() -> int:
@@ -85,12 +94,20 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any]) -> dict[str, 
     if need > avail:
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
-    return {"mem_available": avail, "hostname": _host()}
-
-
-async def dest_receive(ctx: CallContext) -> dict[str, Any]:
-    """Apply the source's stream as it arrives: layouts on the tracer thread, pages in workers."""
     s = _session(ctx, create=True)
+    return {"mem_available": avail, "hostname": _host(), "session": s.token}
+
+
+async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[str, Any]:
+    """Apply the source's stream as it arrives: layouts on the tracer thread, pages in workers.
+    On a direct data channel, ``session`` names the migration (dest_check's token)."""
+    if session is None:
+        s = _session(ctx)
+    else:
+        found = BY_TOKEN.get(session)
+        if found is None:
+            raise ProtocolError("the data channel names no migration in progress here")
+        s = found
     records = batches = 0
     while (item := await ctx.pages.receive_item()) is not None:
         if isinstance(item, PageBatch):
@@ -146,6 +163,7 @@ async def dest_go(ctx: CallContext) -> dict[str, Any]:
     if fault == "dest-silent-after-go":      # test hook: the link dies right after GO
         os._exit(0)
     SESSIONS.pop(id(ctx.rpc), None)
+    _forget(s)
     s.tracer.close()
     return {"pid": pid, "running_ns": restorer.running_ns}
 
@@ -153,6 +171,7 @@ async def dest_go(ctx: CallContext) -> dict[str, Any]:
 async def dest_abort(ctx: CallContext) -> dict[str, Any]:
     s = SESSIONS.pop(id(ctx.rpc), None)
     if s is not None:
+        _forget(s)
         await trio.to_thread.run_sync(s.abort)
     return {}
 
@@ -161,6 +180,7 @@ def close_sessions(rpc: object) -> None:
     """The connection ended: a process not yet running is destroyed."""
     s = SESSIONS.pop(id(rpc), None)
     if s is not None:
+        _forget(s)
         try:
             s.abort()
         except MigrationError:

@@ -55,6 +55,12 @@ def _hello_map(rec: Record) -> dict[str, Any]:
     return {k: v for k, v in rec.to_wire().items() if k not in ("t", "v")}
 
 
+def _ssh_server_address() -> str:
+    """The address kcr-migrate reached this host on over SSH: where a data channel can connect."""
+    fields = os.environ.get("SSH_CONNECTION", "").split()
+    return fields[2] if len(fields) >= 3 else ""
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -83,6 +89,7 @@ async def info(ctx: CallContext) -> dict[str, Any]:
         "mntns_inode": os.stat("/proc/self/ns/mnt").st_ino,
         "kernel_release": platform.release(),
         "boot_id": _boot_id(),
+        "ssh_server_address": _ssh_server_address(),
         "arch": platform.machine(),
         "xsave_mask": _xsave_mask(),
         "protocol_version": PROTOCOL_VERSION,
@@ -222,6 +229,8 @@ from agent import destination, source  # noqa: E402  (they register below)
 
 for _name, _handler in {**source.METHODS, **destination.METHODS}.items():
     METHODS.register(_name, _handler)
+# A data channel may deliver a migration's stream to the session its token names.
+DATA_METHODS.register("dest_receive", destination.dest_receive)
 
 # Per connection: how long kcr-migrate may stay silent before the agent settles on its own.
 _LINKS: dict[int, dict[str, float]] = {}

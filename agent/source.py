@@ -37,6 +37,7 @@ from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
 from transport.schema import FORMAT_VERSION, Files, ProcessState, ThreadState
+from transport.tcp import open_data_channel
 
 
 class HolderControl:
@@ -104,6 +105,92 @@ class StreamSink:
         return sent
 
 
+class DataChannelSink:
+    """A PageSink over a direct TCP data channel to the destination agent (``--data-channel
+    tcp``): one upload call, ``dest_receive`` on the destination's data listener, carries every
+    layout, page and state record of the migration in order. A pump task on this connection's
+    nursery owns the channel, so it outlives the calls that feed it."""
+
+    def __init__(self, nursery: trio.Nursery, to: dict[str, Any], level: Level, limit: float | None) -> None:
+        self._tx, self._rx = trio.open_memory_channel[Any](16)
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.result: dict[str, Any] = {}
+        self.limit = limit
+        self._t0 = trio.current_time()
+        self._sent = 0
+        self._wire = 0
+        self._mark = 0
+        nursery.start_soon(self._pump, to, level)
+
+    async def _pump(self, to: dict[str, Any], level: Level) -> None:
+        try:
+            async with open_data_channel(str(to["address"]), int(to["port"]), key=to["key"], level=level) as peer:
+                async with peer.open_call("dest_receive", upload=True, session=str(to["session"])) as call:
+                    async for item in self._rx:
+                        if isinstance(item, trio.Event):
+                            await peer.fs.flush()
+                            self._wire = peer.fs.stats.sent.bytes_on_wire
+                            item.set()
+                        elif isinstance(item, PageBatch):
+                            await call.send_batch(item)
+                        else:
+                            await call.send_record(item)
+                    self.result = await call.result()
+        except BaseException as exc:   # handed to whoever feeds or closes the sink
+            self.error = exc
+            if not isinstance(exc, (MigrationError, trio.Cancelled)):
+                raise
+        finally:
+            self.done.set()
+
+    async def _put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            await self._tx.send(item)
+        except trio.BrokenResourceError:
+            await self.done.wait()
+            raise self.error or ProcessError("the data channel closed") from None
+
+    async def layout(self, mappings: Any) -> None:
+        await self._put(mappings)
+
+    async def send_record(self, rec: Any) -> None:
+        await self._put(rec)
+
+    async def send_batch(self, batch: PageBatch) -> int:
+        if self.limit:
+            await trio.sleep_until(self._t0 + self._sent / self.limit)
+            self._sent += len(batch.data)
+        await self._put(batch)
+        return 0
+
+    async def drain(self) -> int:
+        """Wait until everything sent so far has left; the bytes it took on the wire."""
+        ev = trio.Event()
+        await self._put(ev)
+        async with trio.open_nursery() as nursery:
+            async def pump_ended() -> None:
+                await self.done.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(pump_ended)
+            await ev.wait()
+            nursery.cancel_scope.cancel()
+        if self.error is not None:
+            raise self.error
+        sent, self._mark = self._wire - self._mark, self._wire
+        return sent
+
+    async def close(self) -> dict[str, Any]:
+        """End the upload and wait for the destination to have applied all of it."""
+        await self._tx.aclose()
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 @dataclass
 class SourceSession:
     pid: int
@@ -116,6 +203,16 @@ class SourceSession:
     header_sent: bool = False
     settled: bool = False
     bandwidth_limit: float | None = None
+    level: Level = "auto"
+    data_sink: DataChannelSink | None = None
+
+    def sink(self, ctx: CallContext, to: dict[str, Any] | None) -> "StreamSink | DataChannelSink":
+        """Where this session's stream goes: the call's reply stream, or the data channel."""
+        if to is None:
+            return StreamSink(ctx, self.bandwidth_limit)
+        if self.data_sink is None:
+            self.data_sink = DataChannelSink(ctx.rpc.nursery, to, self.level, self.bandwidth_limit)
+        return self.data_sink
 
     def close(self, how: str = "release") -> None:
         """Settle the process (``release``: let it run; ``hold``: stop it) and end tracking."""
@@ -172,7 +269,8 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         await _blocking(holder.close)
         raise
     control = HolderControl(holder)
-    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, control, choice.name, bandwidth_limit=bandwidth_limit)
+    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, control, choice.name, bandwidth_limit=bandwidth_limit,
+                                          level=level)
     rss_kb = int(status.get("VmRSS", "0 kB").split()[0])
     return {
         "pid": pid, "comm": status.get("Name", ""), "uid": int(status["Uid"].split()[1]),
@@ -184,9 +282,10 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     }
 
 
-async def _send_header(ctx: CallContext, s: SourceSession) -> None:
+async def _send_header(sink: Any, s: SourceSession) -> None:
     if not s.header_sent:
-        await ctx.send_record(image_header(s.pid, "live", b""))
+        await (sink.send_record if isinstance(sink, DataChannelSink) else sink.ctx.send_record)(
+            image_header(s.pid, "live", b""))
         s.header_sent = True
 
 
@@ -197,12 +296,14 @@ def _policy(args: dict[str, Any] | None) -> PrecopyPolicy:
         raise ProcessError(f"invalid pre-copy policy: {exc}") from None
 
 
-async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pre-copy rounds while the process runs, streamed back; ends when the policy says stop."""
+async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = None,
+                         to: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pre-copy rounds while the process runs, streamed back (or over the data channel ``to``);
+    ends when the policy says stop."""
     s = _session(ctx)
     s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
-    await _send_header(ctx, s)
-    sink = StreamSink(ctx, s.bandwidth_limit)
+    sink = s.sink(ctx, to)
+    await _send_header(sink, s)
 
     def on_round(stats: RoundStats) -> None:
         s.rounds.append(stats)
@@ -213,13 +314,13 @@ async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = No
             "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
 
 
-async def source_freeze(ctx: CallContext) -> dict[str, Any]:
+async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -> dict[str, Any]:
     """Freeze every thread, send the last delta and the process's state (the downtime starts)."""
     s = _session(ctx)
     frozen = await _blocking(s.holder.call, "freeze")
     s.control.frozen = True
-    await _send_header(ctx, s)
-    sink = StreamSink(ctx, s.bandwidth_limit)
+    sink = s.sink(ctx, to)
+    await _send_header(sink, s)
     if s.tracker is None or s.result is None:     # stop-and-copy: everything, now
         s.tracker = s.tracker or make_tracker(s.tracker_name, s.pid, s.control)
         scan = await _blocking(s.tracker.start)
@@ -227,11 +328,14 @@ async def source_freeze(ctx: CallContext) -> dict[str, Any]:
     else:
         final = await final_round(s.tracker, sink, s.result)
     state = await _blocking(s.holder.call, "collect")
-    await ctx.send_record(ProcessState.from_wire(state["process"]))
-    await ctx.send_record(Files.from_wire(state["files"]))
+    send = sink.send_record if isinstance(sink, DataChannelSink) else ctx.send_record
+    await send(ProcessState.from_wire(state["process"]))
+    await send(Files.from_wire(state["files"]))
     for t in state["threads"]:
-        await ctx.send_record(ThreadState.from_wire(t))
+        await send(ThreadState.from_wire(t))
     state_bytes = await sink.drain()
+    if isinstance(sink, DataChannelSink):
+        await sink.close()          # the destination has applied everything
     final = replace(final, bytes_on_wire=final.bytes_on_wire + state_bytes)
     await _blocking(s.tracker.stop)
     s.tracker = None

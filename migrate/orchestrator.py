@@ -37,12 +37,13 @@ from migrate.fshooks import HookContext, parse_hook
 from migrate.phases import Event as PhaseEvent
 from migrate.phases import Phase, PhaseMachine
 from transport._nursery import service_nursery
-from transport.errors import Cancelled, MigrationError, PeerGone
+from transport.errors import Cancelled, MigrationError, PeerGone, ProtocolError, TransportError
 from transport.local import open_local_agent
 from transport.records import Record
 from transport.rpc import Call, RpcPeer
 from transport.ssh import open_ssh_agent
 from transport.stream import RawBatch
+from transport.tcp import new_key
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "")
 CLEANUP_DEADLINE = 30.0
@@ -166,10 +167,12 @@ class Migration:
                     pass     # a closed connection: the migration's own calls report it
             await trio.sleep(max(0.2, timeout / 4))
 
-    async def _relay(self, call: Call, upload: Call) -> None:
+    async def _relay(self, call: Call, upload: Call | None) -> None:
         """Forward the source's stream to the destination: records and compressed batches as
         they are (pages are decompressed only where they are written)."""
         while (item := await call.pages.receive_raw()) is not None:
+            if upload is None:
+                raise ProtocolError("the source sent pages back although they go over the data channel")
             if isinstance(item, RawBatch):
                 await upload.send_batch(item)
             else:
@@ -222,7 +225,8 @@ class Migration:
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
-            await dst.call("dest_check", summary=summary)
+            checked = await dst.call("dest_check", summary=summary)
+            self.data_to = await self._data_channel(dst, str(checked["session"]))
             for hook in self.hooks:
                 await hook.preflight(self.hook_ctx)
             src_off, dst_off, uncertainty = await self._clocks(src, dst)
@@ -277,6 +281,19 @@ class Migration:
                 except (MigrationError, trio.TooSlowError) as exc:
                     self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
 
+    async def _data_channel(self, dst: RpcPeer, session: str) -> dict[str, Any] | None:
+        """With ``--data-channel tcp``: the destination listens (frames sealed with a fresh key,
+        sent only over SSH) and the source connects to it directly."""
+        if self.options.data_channel != "tcp":
+            return None
+        key = new_key()
+        listening = await dst.call("data_listen", key=key, address="0.0.0.0", port=0)
+        address = "127.0.0.1" if is_local(self.dest) else str(self.agents["dest"].get("ssh_server_address") or "")
+        if not address:
+            raise TransportError(f"cannot tell which address of {self.dest} the source can connect to for "
+                                 "--data-channel tcp: use --data-channel ssh", host=self.dest)
+        return {"kind": "tcp", "address": address, "port": int(listening["port"]), "key": key, "session": session}
+
     async def _copy(self, src: RpcPeer, dst: RpcPeer) -> dict[str, Any]:
         """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination."""
         o = self.options
@@ -290,13 +307,17 @@ class Migration:
                 self._emit(RoundDone(int(stats["round"]), stats))
 
         r.fs = [{"hook": h.name, "paths": h.paths(), "passes": []} for h in self.hooks]
-        async with dst.open_call("dest_receive", upload=True) as upload:
+        to = self.data_to
+        async with AsyncExitStack() as stack:
+            # Through us (ssh, local): relayed into the destination's upload. Over tcp the
+            # source sends straight to the destination and nothing passes here.
+            upload = None if to else await stack.enter_async_context(dst.open_call("dest_receive", upload=True))
             if o.precopy:
                 async with service_nursery() as nursery:
                     memory_done = trio.Event()
                     if self.hooks:
                         nursery.start_soon(self._fs_passes, memory_done)
-                    async with src.open_call("source_precopy", policy=o.policy_args(),
+                    async with src.open_call("source_precopy", policy=o.policy_args(), to=to,
                                              on_progress=on_round) as call:
                         await self._relay(call, upload)
                         pre = await call.result()
@@ -305,12 +326,13 @@ class Migration:
             else:
                 r.stop_reason = "stop-and-copy"
             self._advance(PhaseEvent.PRECOPY_DONE)
-            async with src.open_call("source_freeze") as call:
+            async with src.open_call("source_freeze", to=to) as call:
                 self._advance(PhaseEvent.FROZEN)
                 await self._relay(call, upload)
                 freeze = await call.result()
             self._advance(PhaseEvent.STATE_SENT)
-            await upload.result()
+            if upload is not None:
+                await upload.result()
         final = dict(freeze["final"])
         r.final_round = final
         r.frozen_bytes_raw = int(final["bytes_raw"])

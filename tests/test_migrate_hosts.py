@@ -64,15 +64,19 @@ def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
     return (outdir / "output").read_text()
 
 
-@pytest.mark.parametrize("workload", ["ckpt_threads", "mig_dirty"])
-def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path, workload: str) -> None:
+@pytest.mark.parametrize("workload,channel", [("ckpt_threads", "ssh"), ("mig_dirty", "ssh"), ("mig_dirty", "tcp")])
+def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path, workload: str,
+                                                channel: str) -> None:
+    """Over SSH (pages relayed through kcr-migrate) and over the direct, sealed TCP data channel."""
     exe = str(build(workload))
     args = ["64", "20", "800", "1"] if workload == "mig_dirty" else []
     ref = reference_output([exe, str(tmp_path / "ref"), *args], tmp_path / "ref", WORKLOAD_SCALE="5")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out), *args], out, WORKLOAD_SCALE="5")
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
+                                    "--data-channel", channel)
     assert code == 0, err
+    assert report["data_channel"] == channel
     new = report["new_pid"]
     assert netns_of(new) == os.stat(testbed.netns_path("hostB")).st_ino, "it must run inside hostB"
     assert wait_file(out / "verdict").strip() == "PASS"
