@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """kcr-migrate demo: start a real job, move it, and show it finishes as if nothing happened.
 
-    sudo python3 examples/demo.py                 checkpoint to an image, restore from it
+    sudo python3 examples/demo.py                 live-migrate it, localhost to localhost
+    sudo python3 examples/demo.py --testbed       live-migrate it from hostA to hostB (test hosts:
+                                                  network + mount namespaces with their own sshd)
+    sudo python3 examples/demo.py --checkpoint    checkpoint it to an image, restore from it
 
 The job is CPython running a hash chain over 32 MiB, logging progress to a file. The demo
-runs it once undisturbed for reference, then again, freezing it halfway into an image and
-restoring it as a new process; the two logs must be identical.
+runs it once undisturbed for reference, then again, moving it halfway; the two logs must be
+identical (but for the pid each line was written by).
 """
 from __future__ import annotations
 
@@ -79,11 +82,57 @@ def checkpoint_restore(workdir: Path) -> None:
     wait_for(log, "done")
     _reap(new_pid)
     same = strip_pids(log.read_text()) == strip_pids(ref_log.read_text())
-    for line in log.read_text().splitlines()[13:19]:
-        print(f"   {line}")
+    show_switch(log.read_text())
     print(f"4. final result identical to the undisturbed run: {'yes' if same else 'NO'}")
     if not same:
         sys.exit(1)
+
+
+def show_switch(log: str) -> None:
+    """The log lines around the move: the pid changes, the hash chain does not skip a beat."""
+    lines = log.splitlines()
+    pids = [line.split()[3] if len(line.split()) > 3 else "" for line in lines]
+    at = next((i for i in range(1, len(pids)) if pids[i] and pids[i] != pids[0]), len(lines) // 2)
+    for line in lines[max(0, at - 3): at + 3]:
+        print(f"   {line}")
+
+
+def live(workdir: Path, testbed: bool) -> None:
+    hosts, extra, bed = ("localhost", "localhost"), [], None
+    if testbed:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from examples.testbed import Testbed
+        bed = Testbed("/run/kcr-testbed-demo", prefix="kcrd-", subnet="10.77.217.0/24")
+        print("0. bringing up the test hosts hostA and hostB ...")
+        bed.up()
+        hosts, extra = ("hostA", "hostB"), ["--ssh-config", str(bed.ssh_config_path)]
+    try:
+        print("1. reference run, undisturbed ...")
+        ref, ref_log = start_job(workdir, "reference")
+        ref.wait()
+        where = f" inside {hosts[0]}" if testbed else ""
+        print(f"2. the same job again{where}; at step 15 it moves to {hosts[1]} while it runs ...")
+        if bed is not None:
+            script = workdir / "job.py"
+            script.write_text(JOB)
+            log = workdir / "moved.log"
+            job = bed.popen(hosts[0], [sys.executable, "-S", str(script), str(log)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        else:
+            job, log = start_job(workdir, "moved")
+        wait_for(log, "step 15")
+        print("   " + kcr(f"{job.pid}@{hosts[0]}", hosts[1], *extra).splitlines()[-1])
+        job.wait()
+        wait_for(log, "done")
+        time.sleep(0.2)
+        same = strip_pids(log.read_text()) == strip_pids(ref_log.read_text())
+        show_switch(log.read_text())
+        print(f"3. final result identical to the undisturbed run: {'yes' if same else 'NO'}")
+        if not same:
+            sys.exit(1)
+    finally:
+        if bed is not None:
+            bed.down()
 
 
 def _reap(pid: int) -> None:
@@ -96,13 +145,19 @@ def _reap(pid: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args()
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--testbed", action="store_true", help="migrate between the test hosts hostA and hostB")
+    how.add_argument("--checkpoint", action="store_true", help="checkpoint to an image and restore instead")
+    args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("demo: run as root (ptrace of the job and restoring its credentials need it)")
     # Adopt the restored process (it is not our child) so its exit is reaped here.
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
     with tempfile.TemporaryDirectory(prefix="kcr-demo-") as tmp:
-        checkpoint_restore(Path(tmp))
+        if args.checkpoint:
+            checkpoint_restore(Path(tmp))
+        else:
+            live(Path(tmp), args.testbed)
 
 
 if __name__ == "__main__":
