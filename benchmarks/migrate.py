@@ -1,0 +1,871 @@
+#!/usr/bin/env python3
+"""Live migration between two test hosts: kcr-migrate against stop-and-copy and, where it works, CRIU.
+
+    python3 benchmarks/migrate.py [--quick] [--json FILE] [--mib N] [--reps N] [--rates R,R,...]
+                                  [--downtime MS]
+
+One job (tests/workloads/mig_dirty.c, compiled here with gcc -O2 -pthread into a temporary
+directory) holds N MiB (1024; 256 with --quick) and writes R MiB/s of random pages in 10 ms
+steps (R = 0, 50 and 200; 0 and 50 with --quick); a ticker thread spins on the clock and
+getpid() to see the pid change, so the job writes down its own downtime ("gap"; it keeps one
+of the CPUs busy, as a busy job would). The job starts inside hostA and is moved to hostB by:
+
+  kcr pre-copy      `kcr-migrate PID@hostA hostB --json` (the CLI, as a user runs it)
+  stop-and-copy     the same with --no-precopy: freeze first, then send everything
+  criu              `criu page-server` on hostB, `criu dump --page-server` on hostA, then
+                    `criu restore -d` on hostB, where `criu check` passes on this machine
+                    (same pid after the move, so the job sees no gap; downtime and total
+                    run from the dump's start to the restore's return)
+
+Each row is the median of --reps runs (3; 1 with --quick), the cases interleaved run by run.
+Downtime is the report's (first thread stopped on hostA to the process running on hostB);
+gap is the job's own view of it. A run counts only if the moved job finishes with the same
+output as an unmigrated reference run of the same parameters: the same source built with its
+10 ms sleeps compiled out (its output is a function of size, rate and steps alone; that the
+two builds agree is checked at the start of every run).
+
+The link is measured in the same run, the job's size each time, untimed once first:
+raw TCP from hostA to hostB (the link itself), SSH from hostA's kcr-agent to hostB's (the
+transport's direct channel) and SSH relayed through this machine (the path a migration's
+pages take: source agent -> orchestrator -> destination agent), all with compression off,
+as the job's pages do not compress. The target "total within 1.5x of memory over link
+throughput" is checked against each; "downtime under 20 ms" at 50 MiB/s.
+
+Memory on the VMs this runs on is several times slower on first touch than afterwards and
+freed memory goes back to the host within seconds. So an untimed warm-up migration (kcr
+pre-copy at the highest rate) runs first, and every timed migration starts right after a
+/dev/shm buffer of twice the job's size was filled and freed; the output says so.
+
+The test hosts are brought up under /run/kcr-testbed-bench (prefix kcrm-, 10.77.216.0/24)
+and torn down at the end, also on Ctrl-C or SIGTERM, with every process the run started.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))      # this checkout's engine, whatever else is installed
+
+import trio  # noqa: E402
+
+from benchmarks.checkpoint import fill_and_free, machine_info, probe_criu, reported_kib  # noqa: E402
+from benchmarks.transport import raw_tcp  # noqa: E402
+from examples.testbed import Testbed, TestbedError, tcp_open  # noqa: E402
+from transport.errors import MigrationError  # noqa: E402
+from transport.ssh import open_ssh_agent  # noqa: E402
+from transport.stream import RawBatch  # noqa: E402
+
+MIB = 1 << 20
+KCR = [sys.executable, "-m", "migrate"]
+WORKLOAD_SRC = REPO / "tests" / "workloads" / "mig_dirty.c"
+STATE_DIR = Path("/run/kcr-testbed-bench")
+PREFIX = "kcrm-"
+SUBNET = "10.77.216.0/24"
+STEP_S = 0.010                     # the job's step: sleep 10 ms, then write
+READY_TIMEOUT = 300.0
+CLI_TIMEOUT = 900.0
+CALL_TIMEOUT = 900.0
+CRIU_PORT = 27027
+DOWNTIME_TARGET_MS = 20.0
+DOWNTIME_TARGET_RATE = 50
+TOTAL_TARGET_FACTOR = 1.5
+
+# The reference build: nanosleep() returns at once, everything else is the job's own code.
+NO_SLEEP_HEADER = "#include <time.h>\n#define nanosleep(req, rem) 0\n"
+
+KCR_PRECOPY = "kcr pre-copy"
+STOP_AND_COPY = "stop-and-copy"
+CRIU = "criu"
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says what failed."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- what the run owns ----------------------------------------------------------------------
+
+class Session:
+    """The temporary directory, the test hosts and every process started in them; ``close``
+    ends the processes (the moved ones run under hostB's agent, not as our children) and
+    takes the hosts down."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="kcr-bench-migrate-", dir="/tmp"))   # not /srv: every host sees it
+        self.shm = Path(tempfile.mkdtemp(prefix="kcr-bench-migrate-", dir="/dev/shm"))
+        self.bed: Testbed | None = None
+        self.children: list[subprocess.Popen[Any]] = []
+        self.pids: set[int] = set()          # processes that are not our children (moved jobs)
+
+    def up(self) -> Testbed:
+        bed = Testbed(STATE_DIR, prefix=PREFIX, subnet=SUBNET)
+        self.bed = bed
+        bed.down()        # whatever an interrupted run left
+        bed.up()
+        return bed
+
+    def spawn(self, host: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        assert self.bed is not None
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        p = self.bed.popen(host, argv, start_new_session=True, close_fds=True, **kwargs)
+        self.children.append(p)
+        return p
+
+    def end_child(self, p: subprocess.Popen[Any]) -> None:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if p in self.children:
+            self.children.remove(p)
+
+    def end_pid(self, pid: int, timeout: float = 30.0) -> None:
+        """SIGKILL a process that is not our child and wait until /proc/PID is gone (its new
+        parent, init here, reaps it; a zombie that lingers past ``timeout`` holds no memory)."""
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{pid}"):
+            if time.monotonic() > deadline:
+                if _alive(pid):
+                    raise BenchError(f"process {pid} is still there {timeout:.0f} s after SIGKILL")
+                break
+            time.sleep(0.01)
+        self.pids.discard(pid)
+
+    def close(self) -> None:
+        for p in list(self.children):
+            try:
+                self.end_child(p)
+            except OSError:
+                pass
+        for pid in list(self.pids):
+            try:
+                self.end_pid(pid, timeout=10)
+            except BenchError as exc:
+                print(f"benchmarks/migrate.py: {exc}", file=sys.stderr)
+        if self.bed is not None:
+            try:
+                self.bed.down()         # also kills whatever still runs inside the hosts
+            except TestbedError as exc:
+                print(f"benchmarks/migrate.py: taking the test hosts down: {exc}", file=sys.stderr)
+        shutil.rmtree(self.shm, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """True while /proc/PID exists and is not a zombie (the job we reap ourselves waits as one)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def run_tool(argv: list[str], timeout: float = CLI_TIMEOUT) -> tuple[float, int, str, str]:
+    """Run a command; (wall seconds, exit status, stdout, stderr). Ctrl-C reaches it as SIGINT,
+    so kcr-migrate rolls back, and it is killed if it does not finish soon after."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True, close_fds=True, cwd=REPO)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except KeyboardInterrupt:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        raise
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise BenchError(f"`{' '.join(argv)}` took more than {timeout:.0f} s") from None
+    return time.perf_counter() - t0, p.returncode, out, err
+
+
+# -- the job and its reference --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Binaries:
+    job: Path
+    reference: Path
+
+
+def build(session: Session) -> Binaries:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise BenchError("no C compiler: apt-get install gcc")
+    header = session.tmp / "no_sleep.h"
+    header.write_text(NO_SLEEP_HEADER)
+    out = Binaries(session.tmp / "mig_dirty", session.tmp / "mig_dirty_ref")
+    for target, extra in ((out.job, []), (out.reference, ["-include", str(header)])):
+        res = subprocess.run([cc, "-O2", "-pthread", *extra, "-o", str(target), str(WORKLOAD_SRC)],
+                             check=False, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BenchError(f"compiling {WORKLOAD_SRC} failed: {res.stderr.strip()}")
+    return out
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+class References:
+    """Outputs of unmigrated runs of the reference build, by (MiB, rate, steps)."""
+
+    def __init__(self, session: Session, binaries: Binaries) -> None:
+        self.session = session
+        self.binaries = binaries
+        self.outputs: dict[tuple[int, int, int], str] = {}
+        self.count = 0
+
+    def output(self, mib: int, rate: int, iters: int) -> str:
+        key = (mib, rate, iters)
+        if key not in self.outputs:
+            self.outputs[key] = self._run(self.binaries.reference, mib, rate, iters, ticker=False)
+        return self.outputs[key]
+
+    def _run(self, binary: Path, mib: int, rate: int, iters: int, *, ticker: bool) -> str:
+        self.count += 1
+        d = self.session.tmp / f"reference{self.count}"
+        d.mkdir()
+        argv = [str(binary), str(d), str(mib), str(rate), str(iters), *(["1"] if ticker else [])]
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT,
+                             check=False)
+        verdict = (_read(d / "verdict") or "").strip()
+        output = _read(d / "output")
+        shutil.rmtree(d, ignore_errors=True)
+        if res.returncode != 0 or verdict != "PASS" or not output:
+            raise BenchError(f"reference run {' '.join(argv[2:])} failed (exit {res.returncode}, verdict "
+                             f"{verdict!r}): {res.stderr.strip()}")
+        return output
+
+    def check_builds_agree(self) -> dict[str, Any]:
+        """The reference build must compute what the job computes: one small case run by both."""
+        mib, rate, iters = 16, 200, 60
+        real = self._run(self.binaries.job, mib, rate, iters, ticker=True)
+        fast = self._run(self.binaries.reference, mib, rate, iters, ticker=False)
+        if real != fast:
+            raise BenchError(f"the reference build disagrees with the job ({fast.strip()!r} vs {real.strip()!r}): "
+                             "mig_dirty.c's output no longer depends on size, rate and steps alone")
+        return {"mib": mib, "rate": rate, "iters": iters, "output": real.strip(), "agree": True}
+
+
+@dataclass
+class Job:
+    dir: Path
+    proc: subprocess.Popen[Any]
+    mib: int
+    rate: int
+    iters: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def start_job(session: Session, binaries: Binaries, name: str, mib: int, rate: int, iters: int) -> Job:
+    jdir = session.tmp / name
+    jdir.mkdir()
+    with open(jdir / "stdout", "wb") as out, open(jdir / "stderr", "wb") as err:
+        proc = session.spawn("hostA", [str(binaries.job), str(jdir), str(mib), str(rate), str(iters), "1"],
+                             stdout=out, stderr=err, cwd=str(jdir))
+    job = Job(jdir, proc, mib, rate, iters)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not (jdir / "ready").exists():
+        if proc.poll() is not None:
+            raise BenchError(f"job {name} exited ({proc.returncode}): {(jdir / 'stderr').read_text().strip()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"job {name} not ready after {READY_TIMEOUT:.0f} s")
+        time.sleep(0.01)
+    return job
+
+
+def wait_verdict(job: Job, pid: int, timeout: float) -> str:
+    """Wait for the moved job (``pid`` on hostB) to finish and write its verdict."""
+    deadline = time.monotonic() + timeout
+    while True:
+        verdict = _read(job.dir / "verdict")
+        if verdict is not None:
+            return verdict.strip()
+        if not _alive(pid):
+            time.sleep(0.05)       # it may have written the verdict just before exiting
+            verdict = _read(job.dir / "verdict")
+            return verdict.strip() if verdict is not None else f"died without a verdict (pid {pid})"
+        if time.monotonic() > deadline:
+            return f"no verdict within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+# -- the link -------------------------------------------------------------------------------
+
+async def _ssh_anchors(bed: Testbed, size: int, reps: int) -> dict[str, Any]:
+    """hostA's agent -> hostB's agent over SSH, directly and relayed through this process (as
+    the orchestrator relays a migration's pages). Raw pages: the job's do not compress."""
+    config = str(bed.ssh_config_path)
+    out: dict[str, Any] = {}
+    async with open_ssh_agent("hostA", ssh_config=config, level=None, call_timeout=CALL_TIMEOUT) as a, \
+            open_ssh_agent("hostB", ssh_config=config, level=None, call_timeout=CALL_TIMEOUT) as b:
+        target = {"kind": "ssh", "host": "hostB", "ssh_config": config}
+
+        async def direct(total: int) -> float:
+            r = await a.call("source_synthetic", total_bytes=total, level=None, to=target, timeout=CALL_TIMEOUT)
+            if r["sink"]["bytes_raw"] != total:
+                raise BenchError(f"ssh direct: the sink counted {r['sink']['bytes_raw']} of {total} bytes")
+            return float(r["seconds"])
+
+        async def relayed(total: int) -> float:
+            t0 = time.perf_counter()
+            async with b.open_call("sink", upload=True) as upload, \
+                    a.open_call("source_synthetic", total_bytes=total, level=None) as call:
+                while (item := await call.pages.receive_raw()) is not None:
+                    if isinstance(item, RawBatch):
+                        await upload.send_batch(item)
+                    else:
+                        await upload.send_record(item)
+                await call.result()
+                sunk = await upload.result()
+            if sunk["bytes_raw"] != total:
+                raise BenchError(f"ssh relayed: the sink counted {sunk['bytes_raw']} of {total} bytes")
+            return time.perf_counter() - t0
+
+        for key, fn in (("ssh_direct", direct), ("ssh_relayed", relayed)):
+            await fn(max(size // 4, 16 * MIB))          # warm-up, untimed
+            secs = [await fn(size) for _ in range(reps)]
+            out[key] = {"seconds": secs, "bytes": size, "bytes_per_s": size / statistics.median(secs)}
+    return out
+
+
+def measure_link(bed: Testbed, size: int, reps: int) -> dict[str, Any]:
+    raw_tcp(max(size // 4, 16 * MIB), bed=bed, src="hostA", dst="hostB")      # warm-up, untimed
+    secs = [raw_tcp(size, bed=bed, src="hostA", dst="hostB") for _ in range(reps)]
+    link: dict[str, Any] = {"raw_tcp": {"seconds": secs, "bytes": size, "bytes_per_s": size / statistics.median(secs)}}
+    try:
+        link.update(trio.run(_ssh_anchors, bed, size, reps))
+    except MigrationError as exc:
+        raise BenchError(f"measuring the ssh channel: {exc}") from None
+    return link
+
+
+ANCHORS = (("raw_tcp", "raw TCP hostA->hostB (the link)"),
+           ("ssh_direct", "SSH agent->agent (kcr transport, direct)"),
+           ("ssh_relayed", "SSH relayed via the orchestrator (a migration's page path)"))
+
+
+# -- one migration --------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    case: str
+    rate: int
+    rep: int
+    iters: int
+    ok: bool = False                  # migrated, and the job finished with the reference output
+    error: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+    cli_wall_s: float = 0.0
+    gap_ms: float | None = None
+    verdict: str = ""
+    output: str = ""
+    reference: str = ""
+    retried: bool = False
+
+    @property
+    def output_ok(self) -> bool:
+        return self.verdict == "PASS" and bool(self.output) and self.output == self.reference
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"case": self.case, "rate_mib_s": self.rate, "rep": self.rep, "iters": self.iters, "ok": self.ok,
+                "error": self.error, "cli_wall_s": self.cli_wall_s, "gap_ms": self.gap_ms, "verdict": self.verdict,
+                "output": self.output.strip(), "reference_output": self.reference.strip(),
+                "output_ok": self.output_ok, "retried_with_more_steps": self.retried, "report": self.report}
+
+
+class TooShort(Exception):
+    """The job finished its steps before the migration was done: it needs more steps."""
+
+
+def kcr_migrate(session: Session, job: Job, args: argparse.Namespace, stop_and_copy: bool, wait: bool) -> Run:
+    assert session.bed is not None
+    run = Run(STOP_AND_COPY if stop_and_copy else KCR_PRECOPY, job.rate, 0, job.iters)
+    argv = [*KCR, f"{job.pid}@hostA", "hostB", "--ssh-config", str(session.bed.ssh_config_path), "--json"]
+    if stop_and_copy:
+        argv.append("--no-precopy")
+    if args.downtime is not None:
+        argv += ["--downtime", f"{args.downtime:g}"]
+    wall, status, out, err = run_tool(argv)
+    run.cli_wall_s = wall
+    lines = out.strip().splitlines()
+    try:
+        run.report = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        run.report = {}
+    if status != 0 or run.report.get("state") != "done":
+        if job.proc.poll() == 0:
+            raise TooShort
+        tail = err.strip().splitlines()[-1:] or ["no message"]
+        run.error = (f"kcr-migrate exit {status}, state {run.report.get('state', '?')}: "
+                     f"{run.report.get('message') or tail[0]}")[:600]
+        return run
+    job.proc.wait(30)                 # the source, ended by the migration's commit
+    new_pid = int(run.report["new_pid"])
+    session.pids.add(new_pid)
+    finish(session, job, run, new_pid, wait)
+    return run
+
+
+def finish(session: Session, job: Job, run: Run, pid: int, wait: bool = True) -> None:
+    """Wait for the moved job's verdict, read its output and gap, then end it (at once, unwaited,
+    if not ``wait``)."""
+    if not wait:
+        session.end_pid(pid)
+        return
+    left = job.iters * STEP_S * 2 + 60
+    run.verdict = wait_verdict(job, pid, left)
+    run.output = _read(job.dir / "output") or ""
+    gap = _read(job.dir / "gap")
+    if gap is not None and gap.strip().lstrip("-").isdigit() and int(gap) >= 0:
+        run.gap_ms = int(gap) / 1e6
+    session.end_pid(pid)
+
+
+def criu_migrate(session: Session, job: Job, criu: str, wait: bool) -> Run:
+    """CRIU's stop-and-copy: page server on hostB, dump on hostA, restore on hostB. Images other
+    than pages land in a directory of /tmp, which both hosts see."""
+    bed = session.bed
+    assert bed is not None
+    run = Run(CRIU, job.rate, 0, job.iters)
+    images = job.dir / "criu"
+    images.mkdir()
+    address = bed.address("hostB")
+    server = session.spawn("hostB", [criu, "page-server", "-D", str(images), "--address", address,
+                                     "--port", str(CRIU_PORT), "-o", "page-server.log"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not tcp_open(address, CRIU_PORT, timeout=0.2):
+            if server.poll() is not None or time.monotonic() > deadline:
+                run.error = f"criu page-server did not listen: {_criu_log(images, 'page-server.log')}"
+                return run
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        dump = bed.exec("hostA", [criu, "dump", "-t", str(job.pid), "-D", str(images), "--page-server",
+                                  "--address", address, "--port", str(CRIU_PORT), "-o", "dump.log"],
+                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        t_dump = time.perf_counter()
+        if dump.returncode != 0:
+            run.error = f"criu dump failed: {_criu_log(images, 'dump.log')}"
+            return run
+        job.proc.wait(30)             # dumped and killed: reap it, so CRIU can have the pid back
+        server.wait(30)
+        pidfile = images / "restored.pid"
+        restore = bed.exec("hostB", [criu, "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
+                                     "-o", "restore.log"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        t1 = time.perf_counter()
+        if restore.returncode != 0:
+            run.error = f"criu restore failed: {_criu_log(images, 'restore.log')}"
+            return run
+    finally:
+        session.end_child(server)
+    pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+    everything = sum(p.stat().st_size for p in images.glob("*.img"))
+    ms = (t1 - t0) * 1000
+    run.cli_wall_s = t1 - t0
+    run.report = {"state": "done", "downtime_ms": ms, "total_ms": ms, "rounds": 0, "stop_reason": "criu dump",
+                  "bytes_raw": pages, "bytes_on_wire": everything, "frozen_bytes_raw": pages,
+                  "dump_ms": (t_dump - t0) * 1000, "restore_ms": (t1 - t_dump) * 1000,
+                  "note": "downtime and total: from `criu dump` starting to `criu restore -d` returning"}
+    pid = int(pidfile.read_text().strip())
+    session.pids.add(pid)
+    finish(session, job, run, pid, wait)    # same pid: the ticker cannot see the move, gap stays unknown
+    return run
+
+
+def _criu_log(directory: Path, name: str) -> str:
+    text = _read(directory / name)
+    return " | ".join(text.strip().splitlines()[-3:]) if text else "no log"
+
+
+# -- how many steps a job needs -------------------------------------------------------------
+
+class Planner:
+    """Steps for a job: enough to outlast its migration with a margin, no more (after the move
+    the run waits for the job to finish). The first guess models the transfer at the relayed
+    SSH throughput; later runs of a case go by what its earlier runs took."""
+
+    def __init__(self, mib: int, bandwidth: float) -> None:
+        self.mib = mib
+        self.bandwidth = bandwidth
+        self.seen: dict[tuple[str, int], float] = {}
+
+    def guess_s(self, case: str, rate: int) -> float:
+        if (case, rate) in self.seen:
+            return self.seen[(case, rate)]
+        bw = 0.75 * self.bandwidth / MIB      # migrations move pages slower than synthetic ones
+        if case == KCR_PRECOPY and rate > 0:
+            factor = 3.2 if rate >= 0.8 * bw else min(3.2, 1 / (1 - rate / bw) + 0.3)
+        else:
+            factor = 1.2
+        return 1.2 + self.mib * factor / bw      # + connecting, preflight and commit
+
+    def iters(self, case: str, rate: int) -> int:
+        seconds = self.guess_s(case, rate) * 1.25 + 1.0     # + the CLI's start
+        return int(-(-seconds / STEP_S // 100) * 100)     # rounded up to 100 steps: references repeat
+
+    def saw(self, case: str, rate: int, total_s: float) -> None:
+        self.seen[(case, rate)] = max(total_s, self.seen.get((case, rate), 0.0))
+
+    def more(self, case: str, rate: int) -> None:
+        self.seen[(case, rate)] = self.guess_s(case, rate) * 3
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+def _med(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[Run]) -> dict[tuple[str, int], dict[str, Any]]:
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in runs:
+        out.setdefault((run.case, run.rate), {"runs": []})["runs"].append(run)
+    for s in out.values():
+        good = [r for r in s["runs"] if r.ok]
+        rep = [r.report for r in good]
+        s.update(
+            n=len(s["runs"]), ok=len(good),
+            downtime_ms=_med([x["downtime_ms"] for x in rep]),
+            gap_ms=_med([r.gap_ms for r in good if r.gap_ms is not None]),
+            total_s=_med([x["total_ms"] / 1000 for x in rep]),
+            rounds=_med([x["rounds"] for x in rep]),
+            stop_reason="/".join(k for k, _ in Counter(x["stop_reason"] for x in rep).most_common()) or "-",
+            wire_mib=_med([x["bytes_on_wire"] / MIB for x in rep]),
+            raw_mib=_med([x["bytes_raw"] / MIB for x in rep]),
+            frozen_mib=_med([x["frozen_bytes_raw"] / MIB for x in rep]),
+            memory_mib=_med([x["memory_bytes"] / MIB for x in rep if "memory_bytes" in x]),
+            cli_wall_s=_med([r.cli_wall_s for r in good]))
+    return out
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(r))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render(summary: dict[tuple[str, int], dict[str, Any]], cases: list[str], rates: list[int]) -> str:
+    rows: list[tuple[str, ...]] = [("case", "rate MiB/s", "downtime ms", "gap ms", "total s", "rounds", "stop reason", "MiB on wire",
+             "MiB frozen", "output ok")]
+    for rate in rates:
+        for case in cases:
+            s = summary.get((case, rate))
+            if s is None:
+                continue
+            rows.append((case, str(rate), fmt(s["downtime_ms"], ".1f"), fmt(s["gap_ms"], ".1f"),
+                         fmt(s["total_s"], ".2f"), fmt(s["rounds"], ".0f"), s["stop_reason"],
+                         fmt(s["wire_mib"], ".0f"), fmt(s["frozen_mib"], ".1f"),
+                         "yes" if s["ok"] == s["n"] else f"NO ({s['ok']}/{s['n']})"))
+    return table(rows, left=1)
+
+
+def render_downtime(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int]) -> str:
+    """Where kcr-migrate's downtime goes: the report's phases and its final round, medians."""
+    rows: list[tuple[str, ...]] = [("downtime, medians (ms)", "rate MiB/s", "downtime", "final MiB", "final scan", "final send",
+             "phase final", "phase restore", "phase go", "preflight", "precopy")]
+    for rate in rates:
+        for case in (KCR_PRECOPY, STOP_AND_COPY):
+            s = summary.get((case, rate))
+            good = [r.report for r in s["runs"] if r.ok] if s else []
+            if not good:
+                continue
+
+            def med(get: Any, good: list[dict[str, Any]] = good) -> str:
+                return fmt(_med([get(x) for x in good]), ".1f")
+            rows.append((case, str(rate), med(lambda x: x["downtime_ms"]),
+                         med(lambda x: x["final_round"]["bytes_raw"] / MIB), med(lambda x: x["final_round"]["scan_ms"]),
+                         med(lambda x: x["final_round"]["send_ms"]),
+                         *(med(lambda x, k=k: x["phase_ms"].get(k, 0.0))
+                           for k in ("final", "restore", "go", "preflight", "precopy"))))
+    return table(rows, left=1)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}x"
+
+
+def render_ratios(summary: dict[tuple[str, int], dict[str, Any]], cases: list[str], rates: list[int]) -> str:
+    rows: list[tuple[str, ...]] = [("vs stop-and-copy, same rate", "rate MiB/s", "downtime", "gap", "total", "MiB on wire", "MiB frozen")]
+    for rate in rates:
+        anchor = summary.get((STOP_AND_COPY, rate))
+        for case in cases:
+            s = summary.get((case, rate))
+            if s is None or anchor is None or case == STOP_AND_COPY:
+                continue
+            rows.append((case, str(rate), *(fmt_ratio(ratio(s[k], anchor[k]))
+                                            for k in ("downtime_ms", "gap_ms", "total_s", "wire_mib", "frozen_mib"))))
+    return table(rows, left=1) if len(rows) > 1 else "(no stop-and-copy anchor)"
+
+
+def targets(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int], link: dict[str, Any],
+            mib: int) -> tuple[list[str], dict[str, Any]]:
+    lines: list[str] = []
+    data: dict[str, Any] = {}
+    s = summary.get((KCR_PRECOPY, DOWNTIME_TARGET_RATE))
+    if s is None or s["downtime_ms"] is None:
+        lines.append(f"target downtime < {DOWNTIME_TARGET_MS:g} ms at {DOWNTIME_TARGET_RATE} MiB/s: not measured")
+    else:
+        met = s["downtime_ms"] < DOWNTIME_TARGET_MS
+        gap_met = s["gap_ms"] is not None and s["gap_ms"] < DOWNTIME_TARGET_MS
+        lines.append(f"target downtime < {DOWNTIME_TARGET_MS:g} ms at {DOWNTIME_TARGET_RATE} MiB/s: "
+                     f"{'met' if met else 'NOT met'} (kcr pre-copy median {s['downtime_ms']:.1f} ms by its report, "
+                     f"{fmt(s['gap_ms'], '.1f')} ms as the job saw it{'' if gap_met == met else ', which ' + ('meets' if gap_met else 'misses') + ' it'})")
+        data["downtime"] = {"limit_ms": DOWNTIME_TARGET_MS, "rate_mib_s": DOWNTIME_TARGET_RATE,
+                            "downtime_ms": s["downtime_ms"], "gap_ms": s["gap_ms"], "met": met}
+    memory = _med([x["memory_mib"] for k, x in summary.items() if x["memory_mib"] is not None]) or float(mib)
+    data["total"] = {"memory_mib": memory, "factor": TOTAL_TARGET_FACTOR, "by_anchor": {}}
+    for key, label in ANCHORS:
+        bw = link[key]["bytes_per_s"] / MIB
+        limit = TOTAL_TARGET_FACTOR * memory / bw
+        verdicts = []
+        per_rate = {}
+        for rate in rates:
+            k = summary.get((KCR_PRECOPY, rate))
+            if k is None or k["total_s"] is None:
+                continue
+            met = k["total_s"] <= limit
+            per_rate[rate] = {"total_s": k["total_s"], "times_limit": k["total_s"] / limit, "met": met}
+            verdicts.append(f"{rate} MiB/s {k['total_s']:.2f} s {'met' if met else 'NOT met'} "
+                            f"({k['total_s'] / (memory / bw):.1f}x memory/link)")
+        lines.append(f"target total <= {TOTAL_TARGET_FACTOR:g} x {memory:.0f} MiB / {label} {bw:.0f} MiB/s "
+                     f"= {limit:.2f} s: kcr pre-copy " + ("; ".join(verdicts) or "not measured"))
+        data["total"]["by_anchor"][key] = {"link_mib_s": bw, "limit_s": limit, "by_rate": per_rate}
+    return lines, data
+
+
+# -- the run --------------------------------------------------------------------------------
+
+def bench(args: argparse.Namespace, session: Session) -> int:
+    t_start = time.monotonic()
+    mib = args.mib or (256 if args.quick else 1024)
+    reps = args.reps or (1 if args.quick else 3)
+    rates = [int(r) for r in args.rates.split(",")] if args.rates else ([0, 50] if args.quick else [0, 50, 200])
+    machine = machine_info()
+    log(f"machine: Linux {machine['kernel']}, {machine['cpu_model']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB, THP {machine['thp']}; Python {machine['python']}; "
+        f"kcr-migrate {machine['kcr_revision']}")
+    criu_path, criu_note = probe_criu()
+    log(f"criu: {criu_note}" if criu_path else f"criu: not available ({criu_note})")
+    cases = [KCR_PRECOPY, STOP_AND_COPY] + ([CRIU] if criu_path else [])
+
+    binaries = build(session)
+    refs = References(session, binaries)
+    agree = refs.check_builds_agree()
+    log(f"reference: the job's source built without its sleeps gives the job's own output "
+        f"({agree['mib']} MiB, {agree['rate']} MiB/s, {agree['iters']} steps: {agree['output']})")
+
+    log(f"bringing up the test hosts ({STATE_DIR}, {PREFIX}, {SUBNET}) ...")
+    bed = session.up()
+
+    size = mib * MIB
+    link_reps = 1 if args.quick else 3
+    log(f"measuring the link: {mib} MiB, median of {link_reps}, each once untimed first ...")
+    link = measure_link(bed, size, link_reps)
+    for key, label in ANCHORS:
+        log(f"  {label}: {link[key]['bytes_per_s'] / MIB:.0f} MiB/s")
+    planner = Planner(mib, link["ssh_relayed"]["bytes_per_s"])
+
+    reported_start = reported_kib()
+    prewarm_mib = 2 * mib + 64
+    warm: dict[str, Any] = {"prewarm_mib": prewarm_mib, "prewarm_s": []}
+
+    def prewarm() -> None:
+        warm["prewarm_s"].append(fill_and_free(session.shm / "prewarm", prewarm_mib))
+
+    counter = [0]
+
+    def one(case: str, rate: int, rep: int, check: bool = True) -> Run:
+        """One migration; unless not ``check``, waits for the job to finish and compares outputs."""
+        for attempt in range(2):
+            iters = planner.iters(case, rate)
+            reference = refs.output(mib, rate, iters) if check else ""     # untimed, before the job starts
+            prewarm()
+            counter[0] += 1
+            job = start_job(session, binaries, f"job{counter[0]}", mib, rate, iters)
+            try:
+                if case == CRIU:
+                    assert criu_path is not None
+                    run = criu_migrate(session, job, criu_path, wait=check)
+                else:
+                    run = kcr_migrate(session, job, args, stop_and_copy=case == STOP_AND_COPY, wait=check)
+            except TooShort:
+                planner.more(case, rate)
+                log(f"  {case} at {rate} MiB/s: the job finished its {iters} steps before the migration; "
+                    f"again with more")
+                continue
+            finally:
+                session.end_child(job.proc)
+            run.rep, run.reference, run.retried = rep, reference, attempt > 0
+            migrated = not run.error and run.report.get("state") == "done"
+            run.ok = migrated and (run.output_ok or not check)
+            if migrated and not run.ok:
+                run.error = (f"the moved job's verdict is {run.verdict!r}, its output {run.output.strip()!r}, "
+                             f"the reference's {reference.strip()!r}")
+            if run.report.get("total_ms"):
+                planner.saw(case, rate, run.report["total_ms"] / 1000)
+            return run
+        return Run(case, rate, rep, planner.iters(case, rate), error="the job kept finishing before the migration")
+
+    top = max(rates)
+    log(f"warm-up: one untimed kcr pre-copy migration at {top} MiB/s (memory here is slow on first touch), "
+        f"then before each timed migration {prewarm_mib} MiB of /dev/shm filled and freed (this VM hands "
+        f"freed memory back to its host within seconds)")
+    w = one(KCR_PRECOPY, top, 0, check=False)
+    warm["migration"] = w.as_dict()
+    if w.ok:
+        log(f"  warm-up: downtime {w.report['downtime_ms']:.1f} ms, total {w.report['total_ms'] / 1000:.2f} s "
+            f"(job ended right after, unchecked)")
+    else:
+        log(f"  warm-up FAILED: {w.error}")
+
+    runs: list[Run] = []
+    for rep in range(1, reps + 1):
+        for rate in rates:
+            for case in cases:
+                run = one(case, rate, rep)
+                runs.append(run)
+                r = run.report
+                if run.ok:
+                    log(f"  run {rep}/{reps} {case:13} {rate:3} MiB/s: downtime {r['downtime_ms']:7.1f} ms, gap "
+                        f"{fmt(run.gap_ms, '7.1f')} ms, total {r['total_ms'] / 1000:6.2f} s, "
+                        f"{r['rounds']} rounds ({r['stop_reason']}), output ok")
+                else:
+                    log(f"  run {rep}/{reps} {case:13} {rate:3} MiB/s: FAILED: {run.error}")
+    reported_end = reported_kib()
+    if reported_start is not None and reported_end is not None:
+        warm["reported_to_host_during_run_mib"] = (reported_end - reported_start) // 1024
+
+    summary = summarize(runs)
+    print()
+    print(f"{mib} MiB job, hostA -> hostB over the testbed's veth link, median of {reps} run(s) per row, cases "
+          f"interleaved; after an untimed warm-up migration, each run after {prewarm_mib} MiB were filled and freed")
+    print("downtime: the report's (first thread stopped to running on hostB); gap: the longest pause the job's "
+          "ticker thread saw across the pid change; output ok: the moved job's output equals an unmigrated "
+          "reference run's")
+    print(f"kcr-migrate options: defaults{'' if args.downtime is None else f', --downtime {args.downtime:g}'} "
+          f"(data over ssh, compression auto); the job's ticker thread spins on one of the {machine['cores']} CPUs")
+    print(render(summary, cases, rates))
+    print()
+    print(render_ratios(summary, cases, rates))
+    print()
+    print(render_downtime(summary, rates))
+    print("(phase final: from the freeze call to the source's state relayed; restore: the destination applying "
+          "the rest and rebuilding; go: commit-pending on the source, then GO on the destination)")
+    print()
+    print("link, same run: " + "; ".join(f"{label} {link[k]['bytes_per_s'] / MIB:.0f} MiB/s" for k, label in ANCHORS))
+    target_lines, target_data = targets(summary, rates, link, mib)
+    for line in target_lines:
+        print(line)
+    if not criu_path:
+        print(f"criu: not available ({criu_note})")
+    failed = [r for r in runs if not r.ok]
+    if failed:
+        for bad in failed:
+            print(f"FAILED: {bad.case} at {bad.rate} MiB/s, run {bad.rep}: {bad.error}")
+    else:
+        print(f"verified: all {len(runs)} moved jobs finished with the reference output "
+              f"({len(refs.outputs)} reference runs)")
+    print(f"(total {time.monotonic() - t_start:.0f} s)")
+
+    if args.json:
+        doc = {"benchmark": "migrate", "version": 1, "machine": machine,
+               "config": {"mib": mib, "rates_mib_s": rates, "reps": reps, "quick": args.quick, "cases": cases,
+                          "downtime_option_ms": args.downtime, "step_s": STEP_S, "testbed": {
+                              "state_dir": str(STATE_DIR), "prefix": PREFIX, "subnet": SUBNET}},
+               "criu": {"available": criu_path is not None, ("version" if criu_path else "reason"): criu_note},
+               "reference_build_check": agree, "warmup": warm, "link": link,
+               "summary": [{"case": c, "rate_mib_s": r, **{k: v for k, v in s.items() if k != "runs"}}
+                           for (c, r), s in summary.items()],
+               "ratios_vs_stop_and_copy": {f"{c}@{r}": {k: ratio(s[k], summary[(STOP_AND_COPY, r)][k])
+                                                         for k in ("downtime_ms", "gap_ms", "total_s", "wire_mib",
+                                                                   "frozen_mib")}
+                                           for (c, r), s in summary.items()
+                                           if c != STOP_AND_COPY and (STOP_AND_COPY, r) in summary},
+               "targets": target_data, "runs": [r.as_dict() for r in runs], "verified": not failed,
+               "elapsed_s": time.monotonic() - t_start}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="256 MiB, rates 0 and 50, one run each: about a minute")
+    p.add_argument("--json", metavar="FILE", help="write every number and the machine's description as JSON")
+    p.add_argument("--mib", type=int, help="job size (default 1024, 256 with --quick)")
+    p.add_argument("--reps", type=int, help="runs per case (default 3, 1 with --quick)")
+    p.add_argument("--rates", metavar="R,R,...", help="dirty rates in MiB/s (default 0,50,200; 0,50 with --quick)")
+    p.add_argument("--downtime", type=float, metavar="MS", help="pass --downtime MS to kcr-migrate (default: "
+                   "its own default)")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("benchmarks/migrate.py: run as root (the test hosts need namespaces and sshd)", file=sys.stderr)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    session = Session()
+    try:
+        return bench(args, session)
+    except (BenchError, TestbedError) as exc:
+        print(f"benchmarks/migrate.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("benchmarks/migrate.py: interrupted; processes ended and test hosts taken down", file=sys.stderr)
+        return 130
+    finally:
+        session.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
