@@ -70,7 +70,6 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     complete = False
     try:
         _check_cancel(opts, pid)
-        freezer.freeze(held)
         check_supported(pid)              # again, now that nothing can change under us
         _check_cancel(opts, pid)
         mem = RemoteMemory(pid, writable=False)
@@ -107,7 +106,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             freezer.kill(held)
             freezer.wait_gone(pid)
         else:
-            freezer.thaw(held)
+            freezer.let_go(held)
         stats.frozen_time_ms = (time.monotonic() - held.frozen_at) * 1000 if held.frozen_at else 0.0
         stats.left_running = not complete or opts.leave_running
     stats.total_time_ms = (time.monotonic() - t0) * 1000

@@ -1,11 +1,14 @@
-"""Holding a process: seize every thread, freeze it with PTRACE_INTERRUPT, thaw or kill it.
+"""Holding a process: a pidfd while it runs; seize and PTRACE_INTERRUPT every thread to
+freeze it; thaw or kill it.
 
-Seizing does not stop anything; it makes us the tracer of each thread (and holds the pid:
-a traced process cannot be reaped and reused under us). ``freeze`` interrupts every thread,
-repeating until no thread exists that we have not stopped (a thread may have been created
-between listing and interrupting). A thread that was about to take a signal when frozen
-shows a signal-delivery stop: that signal is kept and handed back on thaw, or recorded as
-pending in an image.
+While it runs the process is held by a pidfd only: a traced process stops for every signal
+it receives until its tracer lets it go, so staying seized between freezes would stall a
+process that takes signals. ``freeze`` seizes and interrupts every thread, repeating until no
+thread exists that we have not stopped (one may be created between listing and
+interrupting), then checks through the pidfd that the process it stopped is still the one
+held (a pid is not reused while its process lives). A thread that was about to take a signal
+when frozen shows a signal-delivery stop: that signal is kept and handed back on thaw, or
+recorded as pending in an image.
 
 All functions run on the tracer thread.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -57,19 +61,42 @@ def _seize_error(pid: int, exc: OSError) -> Exception:
     return exc
 
 
-def seize(pid: int) -> Held:
-    """Trace every thread of ``pid`` without stopping it."""
+def hold(pid: int) -> Held:
+    """Hold ``pid`` by a pidfd, having checked that we may trace it (it is stopped for an instant)."""
     try:
         pidfd = pidfd_open(pid)
     except OSError as exc:
         raise _seize_error(pid, exc) from None
     held = Held(pid, pidfd)
     try:
-        _seize_new_threads(held)
+        freeze(held)
+        thaw(held)
     except BaseException:
-        release(held)
+        let_go(held)
         raise
     return held
+
+
+def seize(pid: int) -> Held:
+    """Hold ``pid`` and freeze it at once (a checkpoint)."""
+    try:
+        pidfd = pidfd_open(pid)
+    except OSError as exc:
+        raise _seize_error(pid, exc) from None
+    held = Held(pid, pidfd)
+    try:
+        freeze(held)
+    except BaseException:
+        let_go(held)
+        raise
+    return held
+
+
+def alive(held: Held) -> bool:
+    """Is the held process still there (its pidfd is readable once it has exited)?"""
+    poller = select.poll()
+    poller.register(held.pidfd, select.POLLIN)
+    return not poller.poll(0)
 
 
 def _seize_new_threads(held: Held) -> list[int]:
@@ -89,9 +116,14 @@ def _seize_new_threads(held: Held) -> list[int]:
 
 
 def freeze(held: Held) -> None:
-    """Stop every thread. Safe to call again: newly found threads are stopped too."""
+    """Seize and stop every thread. Safe to call again: newly found threads are stopped too."""
     if not held.frozen_at:
         held.frozen_at = time.monotonic()
+    if not held.seized:
+        _seize_new_threads(held)
+        if not alive(held):     # the pid we seized may already belong to another process
+            thaw(held)
+            raise ProcessExited(f"process {held.pid} exited", pid=held.pid)
     pending = [t for t in held.seized if t not in held.stopped]
     while True:
         for tid in pending:
@@ -130,7 +162,8 @@ def _wait_frozen(held: Held, tid: int) -> None:
 
 
 def thaw(held: Held) -> None:
-    """Let every thread run again, exactly as before (in-flight signals handed back)."""
+    """Let every thread run again, exactly as before (in-flight signals handed back), and stop
+    tracing it; the pidfd still holds it."""
     for tid in list(held.seized):
         sig = 0
         if tid in held.inflight:
@@ -143,7 +176,15 @@ def thaw(held: Held) -> None:
         held.seized.discard(tid)
     held.stopped.clear()
     held.inflight.clear()
-    release(held)
+
+
+def let_go(held: Held) -> None:
+    """Thaw if frozen, and drop the pidfd: the process is no longer ours in any way."""
+    try:
+        if held.seized:
+            thaw(held)
+    finally:
+        release(held)
 
 
 def kill(held: Held) -> None:

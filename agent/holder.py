@@ -84,8 +84,8 @@ class Holder:
     def op_seize(self, pid: int) -> dict[str, Any]:
         check_target(pid)
         check_supported(pid)
-        self.held = freezer.seize(pid)
-        return {"pid": pid, "threads": len(self.held.seized)}
+        self.held = freezer.hold(pid)
+        return {"pid": pid}
 
     def op_freeze(self) -> dict[str, Any]:
         held = self._need()
@@ -95,20 +95,10 @@ class Holder:
         return {"first_interrupt_ns": self.first_interrupt_ns, "threads": sorted(held.stopped)}
 
     def op_thaw(self) -> dict[str, Any]:
+        """Let it run again, untraced (a traced process would stop at every signal it gets)."""
         held = self._need()
         if held.frozen:
-            # thaw() releases everything; keep holding the threads (seized, running).
-            for tid in list(held.seized):
-                sig = 0
-                if tid in held.inflight:
-                    sig = int.from_bytes(held.inflight[tid][:4], "little", signed=True)
-                try:
-                    ptrace.detach(tid, sig)
-                    ptrace.seize(tid)
-                except OSError:
-                    held.seized.discard(tid)
-            held.stopped.clear()
-            held.inflight.clear()
+            freezer.thaw(held)
         return {}
 
     def op_collect(self) -> dict[str, Any]:
@@ -152,14 +142,14 @@ class Holder:
         held = self._need()
         os.kill(held.pid, signal.SIGSTOP)
         record_held(held.pid)
-        freezer.thaw(held)
+        freezer.let_go(held)
         self.held = None
         return {}
 
     def op_release(self) -> dict[str, Any]:
         """Let the process go, running (rollback)."""
         if self.held is not None:
-            freezer.thaw(self.held)
+            freezer.let_go(self.held)
             self.held = None
         return {}
 

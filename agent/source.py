@@ -117,6 +117,7 @@ class DataChannelSink:
         self.error: BaseException | None = None
         self.result: dict[str, Any] = {}
         self.limit = limit
+        self.peer: Any = None
         self._t0 = trio.current_time()
         self._sent = 0
         self._wire = 0
@@ -126,11 +127,13 @@ class DataChannelSink:
     async def _pump(self, to: dict[str, Any], level: Level) -> None:
         try:
             async with open_data_channel(str(to["address"]), int(to["port"]), key=to["key"], level=level) as peer:
+                self.peer = peer
                 async with peer.open_call("dest_receive", upload=True, session=str(to["session"])) as call:
                     async for item in self._rx:
                         if isinstance(item, trio.Event):
                             await peer.fs.flush()
                             self._wire = peer.fs.stats.sent.bytes_on_wire
+                            await peer.flow.wait_drained()     # applied by the destination
                             item.set()
                         elif isinstance(item, PageBatch):
                             await call.send_batch(item)
@@ -337,8 +340,8 @@ async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -
     if isinstance(sink, DataChannelSink):
         await sink.close()          # the destination has applied everything
     final = replace(final, bytes_on_wire=final.bytes_on_wire + state_bytes)
-    await _blocking(s.tracker.stop)
-    s.tracker = None
+    # Tracking ends when the session does (kill, hold or release): unregistering a large
+    # address space takes tens of milliseconds that do not belong in the downtime.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": final.as_dict(),
             "threads": len(state["threads"])}
 

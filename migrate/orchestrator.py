@@ -323,6 +323,11 @@ class Migration:
                         pre = await call.result()
                     memory_done.set()
                 r.stop_reason = str(pre["stop_reason"])
+                if upload is not None:
+                    # Freeze only once the destination has applied every pre-copy page: pages
+                    # still queued between the hosts would otherwise land inside the downtime.
+                    await dst.fs.flush()
+                    await dst.flow.wait_drained()
             else:
                 r.stop_reason = "stop-and-copy"
             self._advance(PhaseEvent.PRECOPY_DONE)

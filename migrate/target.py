@@ -30,13 +30,7 @@ class _Syscalls:
 
 
 def _hold(pid: int) -> freezer.Held:
-    held = freezer.seize(pid)
-    try:
-        freezer.freeze(held)
-    except BaseException:
-        freezer.thaw(held)
-        raise
-    return held
+    return freezer.seize(pid)
 
 
 def _inject_begin(pid: int) -> tuple[freezer.Held, Injector]:
@@ -50,7 +44,7 @@ def _inject_begin(pid: int) -> tuple[freezer.Held, Injector]:
             mem.close()
         return held, Injector(pid, gadget)
     except BaseException:
-        freezer.thaw(held)
+        freezer.let_go(held)
         raise
 
 
@@ -58,7 +52,7 @@ def _inject_end(held: freezer.Held, injector: Injector) -> None:
     try:
         injector.close()
     finally:
-        freezer.thaw(held)
+        freezer.let_go(held)
 
 
 class TracedTarget:
@@ -74,7 +68,7 @@ class TracedTarget:
         try:
             yield
         finally:
-            self.tracer.call(freezer.thaw, held)
+            self.tracer.call(freezer.let_go, held)
 
     @contextmanager
     def injected(self) -> Iterator[RemoteSyscalls]:

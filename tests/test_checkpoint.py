@@ -40,6 +40,7 @@ def checkpoint_and_restore(w: Workload, tmp_path: Path, *extra: str) -> tuple[in
 
 
 def migrate_once(name: str, tmp_path: Path, *args: str, **kw: object) -> tuple[Workload, Workload, dict[str, object]]:
+    kw.setdefault("scale", 3)         # room for the CLI to start on a loaded machine
     ref = run_reference(name, tmp_path, *args, **kw)
     w = Workload(name, tmp_path / "restored", *args, **kw)  # type: ignore[arg-type]
     w.start()
@@ -126,8 +127,8 @@ def test_cpython_script(tmp_path: Path) -> None:
 
 
 def test_pipe_round_trip(tmp_path: Path) -> None:
-    ref = run_reference("ckpt_threads", tmp_path)
-    w = Workload("ckpt_threads", tmp_path / "piped")
+    ref = run_reference("ckpt_threads", tmp_path, scale=3)
+    w = Workload("ckpt_threads", tmp_path / "piped", scale=3)
     w.start()
     w.wait_ready()
     cmd = " ".join(KCR_MIGRATE) + f" checkpoint {w.pid} -o - | " + " ".join(KCR_MIGRATE) + " restore -i -"
@@ -204,7 +205,7 @@ def test_refuses_unsupported_and_leaves_process_running(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def good_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     base = tmp_path_factory.mktemp("img")
-    w = Workload("ckpt_blocked", base)
+    w = Workload("ckpt_blocked", base, scale=3)
     w.start()
     w.wait_ready()
     res = kcr("checkpoint", str(w.pid), "-o", "-", "--leave-running")
@@ -264,7 +265,7 @@ def test_not_an_image(tmp_path: Path) -> None:
 
 def test_restore_failure_leaves_nothing_behind(tmp_path: Path, good_image: bytes) -> None:
     """A file the process had open is gone: restore fails cleanly and kills its half-built process."""
-    w = Workload("ckpt_files", tmp_path)
+    w = Workload("ckpt_files", tmp_path, scale=5)
     w.start()
     w.wait_ready()
     res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img"))

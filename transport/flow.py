@@ -60,6 +60,13 @@ class Flow:
             await self._lot.park()
         self.outstanding += raw
 
+    async def wait_drained(self) -> None:
+        """Until the peer has consumed every page byte sent (all credit returned)."""
+        while self.outstanding:
+            if self.error is not None:
+                raise self.error
+            await self._lot.park()
+
     def unsend(self, raw: int) -> None:
         """A batch that acquired credit was not sent after all."""
         self.outstanding -= raw

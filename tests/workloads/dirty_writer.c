@@ -53,6 +53,7 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/log", outdir);
     int log = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
     if (log < 0) { perror(path); return 3; }
+    sleep_ms(1);      /* bind nanosleep now: a lazy PLT binding later would write a page */
     ready();
 
     unsigned long total = npages + thp_pages;
