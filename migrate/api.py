@@ -13,6 +13,9 @@ from transport.levels import Level, check_level
 from transport.ssh import AGENT_COMMAND
 
 Compression = Union[int, None, Literal["auto"]]
+# Measured on the test hosts: stopping the threads, collecting and restoring the state and
+# letting the process run take about this long whatever the memory size.
+FREEZE_OVERHEAD_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,11 @@ class MigrationOptions:
         self.policy()     # validates the pre-copy thresholds
 
     def policy(self) -> PrecopyPolicy:
-        return PrecopyPolicy(downtime_target_ms=self.downtime_target_ms, max_rounds=self.max_rounds,
-                             max_bytes_factor=self.max_bytes_factor)
+        return PrecopyPolicy(**self.policy_args())
 
     def policy_args(self) -> dict[str, Any]:
         return {"downtime_target_ms": self.downtime_target_ms, "max_rounds": self.max_rounds,
-                "max_bytes_factor": self.max_bytes_factor}
+                "max_bytes_factor": self.max_bytes_factor, "freeze_overhead_ms": FREEZE_OVERHEAD_MS}
 
 
 # --- events ---------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ class PrecopyPolicy:
     max_bytes_factor: float = 3.0           # cap on bytes sent, times the process's memory
     max_bytes: int | None = None            # absolute cap, overrides the factor
     bandwidth_bytes_s: float | None = None  # fixed bandwidth; None: measured by the loop
+    # What a freeze costs besides sending the last pages (stopping threads, collecting and
+    # restoring the state, letting it run): it comes out of the downtime budget, and so does
+    # the last scan, which is repeated while frozen.
+    freeze_overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.downtime_target_ms < 0:
@@ -61,6 +65,8 @@ class PrecopyPolicy:
             raise ValueError("max_bytes must be >= 0")
         if self.bandwidth_bytes_s is not None and self.bandwidth_bytes_s <= 0:
             raise ValueError("bandwidth_bytes_s must be > 0")
+        if self.freeze_overhead_ms < 0:
+            raise ValueError("freeze_overhead_ms must be >= 0")
 
     def byte_cap(self, memory_bytes: int) -> int:
         if self.max_bytes is not None:
@@ -112,7 +118,10 @@ def decide(policy: PrecopyPolicy, rounds: Sequence[RoundStats], pending_pages: i
         return None                       # round 0 always runs
     bandwidth = bandwidth_bytes_s or policy.bandwidth_bytes_s or measured_bandwidth(rounds)
     pending_bytes = pending_pages * PAGE_SIZE
-    if bandwidth > 0 and pending_bytes <= bandwidth * policy.downtime_target_ms / 1000:
+    budget_ms = policy.downtime_target_ms
+    if policy.freeze_overhead_ms:
+        budget_ms = max(0.0, budget_ms - policy.freeze_overhead_ms - rounds[-1].scan_ms)
+    if bandwidth > 0 and pending_bytes <= bandwidth * budget_ms / 1000:
         return StopReason.CONVERGED
     if pending_pages < policy.min_pages:
         return StopReason.FEW_PAGES

@@ -131,3 +131,14 @@ def test_estimate_gives_up_on_a_writer_faster_than_the_link() -> None:
     with pytest.raises(ValueError):
         estimate(PrecopyPolicy(), memory_bytes=MEM, dirty_rate_bytes_s=1.0, bandwidth_bytes_s=0)
     assert est.as_dict()["stop_reason"] == str(est.stop_reason)
+
+
+def test_the_freeze_overhead_and_last_scan_come_out_of_the_downtime_budget() -> None:
+    rounds = [rnd(0, 25600)]          # scan_ms = 1.0
+    budget_pages = int(BW * 0.030 / PAGE_SIZE)     # what fits in 30 ms at BW
+    plain = PrecopyPolicy(downtime_target_ms=30)
+    costly = PrecopyPolicy(downtime_target_ms=30, freeze_overhead_ms=20, min_pages=0)
+    assert decide(plain, rounds, budget_pages, memory_bytes=MEM, bandwidth_bytes_s=BW) is StopReason.CONVERGED
+    assert decide(costly, rounds, budget_pages, memory_bytes=MEM, bandwidth_bytes_s=BW) is None
+    fits = int(BW * 0.009 / PAGE_SIZE)             # 30 - 20 - 1 ms left for pages
+    assert decide(costly, rounds, fits, memory_bytes=MEM, bandwidth_bytes_s=BW) is StopReason.CONVERGED
