@@ -140,3 +140,13 @@ def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
 
 def kcr(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*KCR_MIGRATE, *args], input=input, capture_output=True, timeout=timeout)
+
+
+def one_error_line(stderr: str | bytes) -> str:
+    """The CLI's failure output: exactly one line, no traceback; returns it."""
+    err = stderr.decode() if isinstance(stderr, bytes) else stderr
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kcr-migrate: error: ")
+    return lines[0]

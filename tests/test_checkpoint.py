@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests._workloads import KCR_MIGRATE, Workload, become_subreaper, kcr, reap, run_reference
+from tests._workloads import one_error_line as _one_error_line
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,13 +163,8 @@ def test_leave_running_then_restore_a_copy(tmp_path: Path) -> None:
 # --- bad input -------------------------------------------------------------------------------
 
 def one_error_line(res: subprocess.CompletedProcess[bytes]) -> str:
-    err = res.stderr.decode()
     assert res.returncode != 0
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kcr-migrate: error: ")
-    return lines[0]
+    return _one_error_line(res.stderr)
 
 
 def test_missing_pid(tmp_path: Path) -> None:

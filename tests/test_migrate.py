@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli, running_copies, wait_gone
-from tests._workloads import Workload, become_subreaper, kcr, reap, run_reference
+from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap, run_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,14 +129,6 @@ def test_dry_run_moves_nothing(tmp_path: Path) -> None:
     assert report["state"] == "dry-run" and report["new_pid"] == 0
     assert w.verdict() == "PASS"
     assert w.reap_original() == 0
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("kcr-migrate: error: ")
-    return lines[0]
 
 
 def test_bad_input_gets_one_line(tmp_path: Path) -> None:
