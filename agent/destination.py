@@ -41,6 +41,7 @@ class DestSession:
     pages: int = 0
     ready: bool = False
     running: bool = False
+    deferred: list[str] = field(default_factory=list)   # paths filesystem hooks bring: mapped at restore
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
@@ -95,6 +96,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any]) -> dict[str, 
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
     s = _session(ctx, create=True)
+    s.deferred = [str(p) for p in summary.get("exempt", [])]
     return {"mem_available": avail, "hostname": _host(), "session": s.token}
 
 
@@ -120,7 +122,7 @@ async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[
         records += 1
         if isinstance(item, ImageHeader):
             if s.restorer is None:
-                s.restorer = await s.tracer.acall(Restorer, item)
+                s.restorer = await s.tracer.acall(Restorer, item, s.deferred)
         elif isinstance(item, Mappings):
             if s.restorer is None:
                 raise ProtocolError("a memory layout before the stream's header")

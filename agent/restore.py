@@ -7,7 +7,10 @@ injected system calls:
    layouts, closes the stub's files, unmaps the stub, moves the vDSO cluster to where the
    process had it.
 2. ``apply_layout``: maps every mapping at its address with its protection (files mapped
-   again from the file); can be called again with a newer layout (live pre-copy).
+   again from the file); can be called again with a newer layout (live pre-copy). Files
+   under ``deferred`` paths (a filesystem hook brings them, after the last pre-copy round)
+   get an anonymous placeholder that takes their written pages; ``finish`` maps the file
+   there and puts those pages back.
 3. ``write_pages``: page contents go in through /proc/PID/mem.
 4. ``finish``: mm fields, files, cwd, signals, timers, limits, credentials, then the other
    threads (injected clone), their TLS, rseq, robust lists, masks, registers; the gadget
@@ -23,6 +26,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 from agent import ptrace, stub
 from agent.inject import (
@@ -111,9 +115,12 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
 class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
-    def __init__(self, header: ImageHeader) -> None:
+    def __init__(self, header: ImageHeader, deferred: Sequence[str] = ()) -> None:
         check_machine(header, xsave_supported_mask())
         self.header = header
+        self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
+        self._placeholders: dict[tuple[int, int], Vma] = {}
+        self._placeholder_pages: set[int] = set()      # pages written into placeholders
         self.report = RestoreReport()
         self.pid = 0
         self.mem: RemoteMemory | None = None
@@ -210,15 +217,42 @@ class Restorer:
         """Make the address space match ``target`` (first call: from empty)."""
         old = {(v.start, v.end): v for v in self.layout}
         new = [v for v in target.vmas if not is_special(v)]
-        keep = {(v.start, v.end) for v in new if old.get((v.start, v.end)) == v}
+        keep = {(v.start, v.end) for v in new if self._same(old.get((v.start, v.end)), v)}
         for v in self.layout:
             if (v.start, v.end) not in keep:
                 self._call("munmap", v.start, v.length)
+                if self._placeholders.pop((v.start, v.end), None) is not None:
+                    self._placeholder_pages -= {p for p in self._placeholder_pages if v.start <= p < v.end}
         for v in new:
             if (v.start, v.end) in keep:
+                if (v.start, v.end) in self._placeholders:
+                    self._placeholders[(v.start, v.end)] = v      # the file's latest size and time
                 continue
             self._map(v)
         self.layout = new
+
+    def _same(self, old: Vma | None, v: Vma) -> bool:
+        """Can ``old`` stay mapped as ``v``? A placeholder does not depend on its file's size or time."""
+        if old is None or old == v:
+            return old is not None
+        return (v.start, v.end) in self._placeholders and \
+            replace(old, file_size=v.file_size, file_mtime_ns=v.file_mtime_ns) == v
+
+    def _is_deferred(self, v: Vma) -> bool:
+        return v.kind == "file" and any(v.path == d or v.path.startswith(d.rstrip("/") + "/") for d in self.deferred)
+
+    def _map_deferred(self) -> None:
+        """Map the deferred files over their placeholders; put the pages written there back."""
+        assert self.mem is not None
+        self.deferred = []
+        for (start, end), v in sorted(self._placeholders.items()):
+            pages = sorted(p for p in self._placeholder_pages if start <= p < end) if not v.shared else []
+            saved = [(p, self.mem.read(p, PAGE_SIZE)) for p in pages]
+            self._map(v)
+            for p, data in saved:
+                self.mem.write(p, data)
+        self._placeholders.clear()
+        self._placeholder_pages.clear()
 
     def _map(self, v: Vma) -> None:
         if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
@@ -227,7 +261,10 @@ class Restorer:
         if v.growsdown:
             flags |= MAP_GROWSDOWN
         try:
-            if v.kind == "file":
+            if self._is_deferred(v):
+                self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                self._placeholders[(v.start, v.end)] = v
+            elif v.kind == "file":
                 self._check_file(v)
                 mode = os.O_RDWR if v.shared and v.prot & PROT_WRITE else os.O_RDONLY
                 fd = self._open(v.path, mode | O_CLOEXEC)
@@ -266,6 +303,11 @@ class Restorer:
             if not self._covered(addr, len(data)):
                 raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings: corrupt image")
             self.mem.write(addr, data)
+            if self._placeholders:
+                for (start, end) in self._placeholders:
+                    if start < addr + len(data) and addr < end:
+                        first, last = max(start, addr), min(end, addr + len(data))
+                        self._placeholder_pages.update(range(first, last, PAGE_SIZE))
         self.report.pages_written += batch.npages
 
     def _covered(self, addr: int, size: int) -> bool:
@@ -295,6 +337,7 @@ class Restorer:
         if leader is None or not threads:
             raise RestoreError("the image has no main thread: corrupt image")
         try:
+            self._map_deferred()
             self._mm(proc)
             self._files(files)
             self._signals(proc)

@@ -229,6 +229,12 @@ from agent import destination, source  # noqa: E402  (they register below)
 
 for _name, _handler in {**source.METHODS, **destination.METHODS}.items():
     METHODS.register(_name, _handler)
+
+from agent import fs_btrfs, fs_rsync, fsync  # noqa: E402  (the filesystem hooks' methods)
+
+for _name, _handler in {**fsync.METHODS, **fs_rsync.METHODS, **fs_btrfs.METHODS}.items():
+    METHODS.register(_name, _handler)
+
 # A data channel may deliver a migration's stream to the session its token names.
 DATA_METHODS.register("dest_receive", destination.dest_receive)
 

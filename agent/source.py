@@ -280,6 +280,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "threads": int(status.get("Threads", "1")), "memory_bytes": rss_kb * 1024,
         "arch": platform.machine(), "kernel_release": platform.release(),
         "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": facts.as_wire(),
+        "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }

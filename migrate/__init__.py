@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 _WHERE = {
     "migrate.api": ("Event", "Finished", "MigrationOptions", "MigrationReport", "PhaseChanged", "PreflightDone",
                     "RoundDone", "WarningRaised"),
+    "migrate.fshooks": ("FsHook", "HookContext"),
     "migrate.images": ("CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path",
                        "restore"),
     "migrate.orchestrator": ("Migration", "MigrationUnsettled", "migrate", "migrate_blocking"),
     "migrate.phases": ("Phase",),
-    "transport.errors": ("Cancelled", "ChannelClosed", "IncompatibleImage", "KernelFeatureMissing", "MigrationError",
+    "transport.errors": ("Cancelled", "ChannelClosed", "FsHookError", "IncompatibleImage", "KernelFeatureMissing",
+                         "MigrationError",
                          "NoSuchProcess", "PeerGone", "PermissionDenied", "ProcessError", "ProcessExited",
                          "ProtocolError", "RestoreError", "TransportError", "TransportTimeout",
                          "UnsupportedResource"),
@@ -51,11 +53,13 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from migrate.api import (Event, Finished, MigrationOptions, MigrationReport, PhaseChanged,  # noqa: F401
                              PreflightDone, RoundDone, WarningRaised)
+    from migrate.fshooks import FsHook, HookContext  # noqa: F401
     from migrate.images import (CheckpointOptions, CheckpointStats, RestoreResult, checkpoint,  # noqa: F401
                                 checkpoint_to_path, restore)
     from migrate.orchestrator import Migration, MigrationUnsettled, migrate, migrate_blocking  # noqa: F401
     from migrate.phases import Phase  # noqa: F401
-    from transport.errors import (Cancelled, ChannelClosed, IncompatibleImage, KernelFeatureMissing,  # noqa: F401
+    from transport.errors import (Cancelled, ChannelClosed, FsHookError, IncompatibleImage,  # noqa: F401
+                                  KernelFeatureMissing,
                                   MigrationError, NoSuchProcess, PeerGone, PermissionDenied, ProcessError,
                                   ProcessExited, ProtocolError, RestoreError, TransportError, TransportTimeout,
                                   UnsupportedResource)

@@ -13,13 +13,17 @@ A hook takes part in every phase of a migration:
 
 Files under a hooked path are opened and mapped in the restored process only after the final
 pass: the restore happens after it. Cluster managers pass their own ``FsHook`` objects in
-``MigrationOptions.fs``; the command line builds the built-in ones from ``--fs KIND:PATH``.
+``MigrationOptions.fs`` (or add a class taking the path to ``HOOK_KINDS``); the command line
+builds hooks from ``--fs KIND:PATH``. Built in: ``none`` (shared storage), ``rsync``
+(``migrate.fs_rsync``) and ``btrfs`` (``migrate.fs_btrfs``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from migrate.fs_btrfs import BtrfsHook
+from migrate.fs_rsync import RsyncHook
 from transport.errors import MigrationError
 from transport.rpc import RpcPeer
 
@@ -87,7 +91,7 @@ class NoneHook:
         pass
 
 
-HOOK_KINDS: dict[str, Any] = {"none": NoneHook}
+HOOK_KINDS: dict[str, Any] = {"none": NoneHook, "rsync": RsyncHook, "btrfs": BtrfsHook}
 
 
 def parse_hook(spec: str) -> FsHook:

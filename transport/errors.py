@@ -83,6 +83,12 @@ class RestoreError(MigrationError):
     code = "restore"
 
 
+class FsHookError(MigrationError):
+    """A filesystem hook (rsync, btrfs, ...) refused in preflight or failed to move the files."""
+
+    code = "fs-hook"
+
+
 class Cancelled(MigrationError):
     """The user (or the caller) asked to stop; everything was rolled back."""
 
@@ -148,6 +154,7 @@ ERROR_CODES: dict[str, type[MigrationError]] = {
         ProcessExited,
         KernelFeatureMissing,
         RestoreError,
+        FsHookError,
         Cancelled,
         TransportError,
         ProtocolError,

@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="move the files under PATH too: rsync:PATH, btrfs:PATH (a subvolume), or none:PATH "
                         "(shared storage); repeatable")
     p.add_argument("--fs-replace", action="store_true",
-                   help="let --fs replace data already at the destination path (refused otherwise)")
+                   help="let --fs replace data already at the destination path (refused otherwise): it is "
+                        "moved aside, put back on a rollback and deleted once the process runs there")
     p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
