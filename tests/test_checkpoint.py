@@ -303,36 +303,13 @@ def test_checkpoint_interrupted_never_loses_the_process(tmp_path: Path, delay: f
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err, err.decode()
-    if proc.returncode == 0:
-        assert image.exists()
+    # The invariant, whatever the exit status (Ctrl-C may land after the image is complete):
+    # an image exists exactly when the process was killed for it.
+    if image.exists():
         assert w.reap_original() == -signal.SIGKILL
         assert kcr("show", str(image)).returncode == 0
     else:
-        assert not image.exists()
+        assert proc.returncode != 0
         assert w.verdict() == "PASS"
         assert w.reap_original() == 0
         assert w.output().count("iter ") == 30
-
-
-def test_rseq_critical_section_resumes_at_abort_handler(tmp_path: Path) -> None:
-    """A thread frozen inside an rseq critical section is recorded at the section's abort
-    handler (never in the middle of it), and the restored program still counts right."""
-    ref = run_reference("ckpt_rseq", tmp_path)
-    for attempt in range(6):
-        w = Workload("ckpt_rseq", tmp_path / f"try{attempt}")
-        w.start()
-        w.wait_ready()
-        start, end, abort_ip = (int(x) for x in (w.dir / "rseq").read_text().split())
-        image = tmp_path / f"rseq{attempt}.img"
-        res = kcr("checkpoint", str(w.pid), "-o", str(image))
-        assert res.returncode == 0, res.stderr.decode()
-        w.reap_original()
-        rip = json.loads(kcr("show", str(image)).stdout)["threads"][0]["regs"]["rip"]
-        assert not start < rip < end, "frozen mid-section and recorded there"
-        new_pid = int(kcr("restore", "-i", str(image)).stdout)
-        assert w.verdict() == "PASS"
-        assert os.WEXITSTATUS(reap(new_pid)) == 0
-        assert w.output() == ref.output()
-        if rip == abort_ip:
-            return          # caught inside the section: resumed at its abort handler
-    pytest.fail("the thread was never frozen inside its critical section in 6 tries")
