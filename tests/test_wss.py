@@ -65,7 +65,9 @@ def test_table_with_the_checksum_tracker(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr.decode()
         out = res.stdout.decode().splitlines()
         assert "dirty pages" in out[0] and "est. downtime" in out[0] and len(out) == 3
-        assert out[1].split()[:3] == ["1", out[1].split()[1], "0"]      # interval 1: no page written
+        # Interval 1: the program writes nothing, but the kernel may: each time the thread moves
+        # to another CPU it updates the cpu id in the thread's rseq area (one page of the TCB).
+        assert out[1].split()[0] == "1" and int(out[1].split()[2]) <= 1, out[1]
         assert "with checksum: requested" in res.stderr.decode()
     finally:
         kill_workload(w)
