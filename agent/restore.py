@@ -382,13 +382,13 @@ class Restorer:
                 self._call("lseek", f.fd, f.pos, 0)
 
     def _signals(self, proc: ProcessState) -> None:
-        actions = {sa.signo: sa for sa in proc.sigactions}
-        for signo in range(1, 65):
-            if signo in (signal.SIGKILL, signal.SIGSTOP):
+        # The stub starts with every disposition at SIG_DFL (spawned with all of them reset):
+        # only the process's handled and ignored signals need a call.
+        for sa in proc.sigactions:
+            if sa.signo in (signal.SIGKILL, signal.SIGSTOP):
                 continue
-            sa = actions.get(signo)
-            raw = struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask) if sa else bytes(32)
-            self._call("rt_sigaction", signo, self._put(raw), 0, 8)
+            raw = struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask)
+            self._call("rt_sigaction", sa.signo, self._put(raw), 0, 8)
         for it in proc.itimers:
             val = struct.pack("<4q", it.interval_us // 1_000_000, it.interval_us % 1_000_000,
                               it.value_us // 1_000_000, it.value_us % 1_000_000)
