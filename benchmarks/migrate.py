@@ -419,6 +419,7 @@ def kcr_migrate(session: Session, job: Job, args: argparse.Namespace, stop_and_c
         argv.append("--no-precopy")
     if args.downtime is not None:
         argv += ["--downtime", f"{args.downtime:g}"]
+    argv += ["--data-channel", args.data_channel]
     wall, status, out, err = run_tool(argv)
     run.cli_wall_s = wall
     lines = out.strip().splitlines()
@@ -789,8 +790,9 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     print("downtime: the report's (first thread stopped to running on hostB); gap: the longest pause the job's "
           "ticker thread saw across the pid change; output ok: the moved job's output equals an unmigrated "
           "reference run's")
-    print(f"kcr-migrate options: defaults{'' if args.downtime is None else f', --downtime {args.downtime:g}'} "
-          f"(data over ssh, compression auto); the job's ticker thread reads the clock every 100 us")
+    print(f"kcr-migrate options: --data-channel {args.data_channel}"
+          f"{'' if args.downtime is None else f', --downtime {args.downtime:g}'} "
+          f"(compression auto); the job's ticker thread reads the clock every 100 us")
     print(render(summary, cases, rates))
     print()
     print(render_ratios(summary, cases, rates))
@@ -817,7 +819,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     if args.json:
         doc = {"benchmark": "migrate", "version": 1, "machine": machine,
                "config": {"mib": mib, "rates_mib_s": rates, "reps": reps, "quick": args.quick, "cases": cases,
-                          "downtime_option_ms": args.downtime, "step_s": STEP_S, "testbed": {
+                          "downtime_option_ms": args.downtime, "data_channel": args.data_channel, "step_s": STEP_S, "testbed": {
                               "state_dir": str(STATE_DIR), "prefix": PREFIX, "subnet": SUBNET}},
                "criu": {"available": criu_path is not None, ("version" if criu_path else "reason"): criu_note},
                "reference_build_check": agree, "warmup": warm, "link": link,
@@ -846,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, help="job size (default 1024, 256 with --quick)")
     p.add_argument("--reps", type=int, help="runs per case (default 3, 1 with --quick)")
     p.add_argument("--rates", metavar="R,R,...", help="dirty rates in MiB/s (default 0,50,200; 0,50 with --quick)")
+    p.add_argument("--data-channel", choices=("ssh", "tcp"), default="ssh",
+                   help="how kcr-migrate sends pages (default ssh, as the CLI does)")
     p.add_argument("--downtime", type=float, metavar="MS", help="pass --downtime MS to kcr-migrate (default: "
                    "its own default)")
     args = p.parse_args(argv)
