@@ -227,12 +227,14 @@ async def _serve_one_data_channel(stream: SealedStream, address: str) -> None:
 
 from agent import destination, source  # noqa: E402  (they register below)
 
-for _name, _handler in {**source.METHODS, **destination.METHODS}.items():
+_ROLES: dict[str, Any] = {**source.METHODS, **destination.METHODS}
+for _name, _handler in _ROLES.items():
     METHODS.register(_name, _handler)
 
 from agent import fs_btrfs, fs_rsync, fsync  # noqa: E402  (the filesystem hooks' methods)
 
-for _name, _handler in {**fsync.METHODS, **fs_rsync.METHODS, **fs_btrfs.METHODS}.items():
+_FS_ROLES: dict[str, Any] = {**fsync.METHODS, **fs_rsync.METHODS, **fs_btrfs.METHODS}
+for _name, _handler in _FS_ROLES.items():
     METHODS.register(_name, _handler)
 
 # A data channel may deliver a migration's stream to the session its token names.

@@ -56,10 +56,12 @@ class Tracer:
         fut = self.submit(fn, *args, **kwargs)
         while True:
             try:
-                return fut.result()
+                result = fut.result()
+                break
             except KeyboardInterrupt:
                 if on_interrupt is not None:
                     on_interrupt.set()
+        return result
 
     async def acall(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         import trio

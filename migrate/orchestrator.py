@@ -135,7 +135,7 @@ class Migration:
     @asynccontextmanager
     async def _connect(self, host: str, role: str) -> AsyncIterator[RpcPeer]:
         o = self.options
-        rpc_options = dict(level=o.compress_level, call_timeout=o.call_timeout_s)
+        rpc_options: dict[str, Any] = {"level": o.compress_level, "call_timeout": o.call_timeout_s}
         try:
             if is_local(host):
                 ctx = open_local_agent(echo_stderr=True, **rpc_options)

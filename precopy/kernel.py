@@ -54,7 +54,7 @@ def syscall(nr: int, *args: object) -> int:
         elif a is None:
             conv.append(None)
         else:  # a ctypes object: pass its address
-            conv.append(ctypes.byref(a))
+            conv.append(ctypes.byref(a))  # type: ignore[arg-type]
     return _check(_syscall(c_long(nr), *conv))
 
 

@@ -127,7 +127,7 @@ class ImageReader:
                         self.stats.page_batches += 1
                         pending.append(pool.submit(decode_batch, frame.flags, frame.payload))
                     else:
-                        rec = decode_record(frame.payload)
+                        rec = decode_record(bytes(frame.payload))
                         self.stats.records += 1
                         if self.header is None:
                             if not isinstance(rec, ImageHeader):
