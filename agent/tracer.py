@@ -70,7 +70,8 @@ class Tracer:
         # The request itself cannot be interrupted halfway (a tracee mid-injection must be
         # put back), so waiting is shielded; cancellation takes effect once it returns.
         with trio.CancelScope(shield=True):
-            return await trio.to_thread.run_sync(fut.result)
+            result = await trio.to_thread.run_sync(fut.result)
+        return result
 
     def close(self) -> None:
         if not self._closed:
