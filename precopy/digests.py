@@ -43,18 +43,24 @@ class PageDigests:
         return len(self._digests)
 
     def _inside(self, addr: int) -> bool:
-        i = bisect.bisect_right(self._spans, (addr, 1 << 64)) - 1
-        return i >= 0 and self._spans[i][0] <= addr < self._spans[i][1]
+        return _within(self._spans, addr)
 
     def scan(self, entries: Iterable[MapEntry], finder: PageFinder, reader: PageReader,
              new_spans: Sequence[Span] = ()) -> DigestScan:
         """Read and hash the populated pages of ``entries``; report what changed since the last scan.
 
         Digests of pages outside ``entries`` are forgotten (those mappings went away, or another
-        mechanism tracks them now). Pages that vanished inside ``new_spans`` are not reported.
+        mechanism tracks them now). ``new_spans`` start out empty at the destination: every page
+        found there counts as changed, whatever its digest was (a mapping of another backing may
+        hold the same bytes, or the last scan may have read them under an older layout), and
+        pages that vanished there are not reported.
         """
         entries = list(entries)
         self._spans = merge_spans((e.start, e.end) for e in entries)
+        if new_spans:
+            fresh = merge_spans(new_spans)
+            for addr in [a for a in self._digests if _within(fresh, a)]:
+                del self._digests[addr]
         changed: list[Run] = []
         populated: list[Run] = []
         seen: set[int] = set()
@@ -93,6 +99,11 @@ class PageDigests:
     def clear(self) -> None:
         self._digests.clear()
         self._spans = []
+
+
+def _within(spans: list[Span], addr: int) -> bool:
+    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
+    return i >= 0 and spans[i][0] <= addr < spans[i][1]
 
 
 def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:

@@ -53,13 +53,14 @@ from precopy.pagemap import (
     PAGE_IS_PRESENT,
     PAGE_IS_SOFT_DIRTY,
     PAGE_IS_SWAPPED,
+    PAGE_IS_WPALLOWED,
     PAGE_IS_WRITTEN,
     PM_FILE,
     PM_PRESENT,
-    PM_SCAN_CHECK_WPASYNC,
     PM_SCAN_WP_MATCHING,
     PM_SOFT_DIRTY,
     PM_SWAP,
+    PagemapScanner,
     Region,
     pagemap_scan_works,
     read_pagemap,
@@ -315,17 +316,79 @@ class UffdWpTracker(DirtyTracker):
     def _scan(self, entries: list[MapEntry], change: LayoutChange) -> tuple[list[Run], list[Run], int, int]:
         return self._track(entries, change.new_spans, first=False)
 
-    def _wp_scan(self, entry: MapEntry) -> list[Region] | None:
-        """Report and re-protect the written pages of one mapping; None if it is not registered."""
+    @property
+    def _scanner(self) -> PagemapScanner:
         scanner = self.finder.scanner
         assert scanner is not None, "uffd-wp needs PAGEMAP_SCAN"
-        try:
-            return scanner.scan(entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=_CATEGORIES,
-                                            flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
-        except OSError as exc:
-            if exc.errno == errno.EPERM:
-                return None
-            raise
+        return scanner
+
+    def _wp_scan(self, entry: MapEntry) -> list[Region]:
+        """Report and re-protect the written pages of the registered mappings in ``entry``'s range.
+
+        Without ``PM_SCAN_CHECK_WPASYNC`` the kernel skips the mappings we have not registered
+        and leaves them untouched (``_unregistered`` finds those). With it, the scan would fail
+        with EPERM at the first one, *after* re-protecting the pages of the registered mappings
+        before it, whose written state it then throws away with the rest of its answer: the maps
+        read a moment earlier may be stale (a MAP_FIXED mmap has split the mapping since), so
+        that would lose writes."""
+        return self._scanner.scan(entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=_CATEGORIES,
+                                  flags=PM_SCAN_WP_MATCHING)
+
+    def _unregistered(self, spans: list[Span]) -> list[Span]:
+        """The parts of ``spans`` whose mappings are not write-protected by our userfaultfd, as
+        the kernel has them now: new mappings, moved ones (mremap drops the registration and the
+        pages' protection), and those we track by content."""
+        found: list[Span] = []
+        for start, end in spans:
+            found += [(r.start, r.end) for r in self._scanner.scan(
+                start, end, required=PAGE_IS_WPALLOWED, inverted=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
+        return merge_spans(found)
+
+    def _registered(self, spans: list[Span]) -> list[Span]:
+        found: list[Span] = []
+        for start, end in spans:
+            found += [(r.start, r.end) for r in self._scanner.scan(
+                start, end, required=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
+        return merge_spans(found)
+
+    def _arm_part(self, part: MapEntry) -> bool:
+        """Register ``part`` and clear any write-protection its page tables still carry, so that
+        the next scan reports every populated page of it; False if it cannot be registered.
+
+        A mapping can lose its registration without moving: mremap() of a registered mapping
+        next to a registered neighbour of the same flags (another piece of one original mapping)
+        merges the moved range into the neighbour, and then, as we do not ask for
+        UFFD_FEATURE_EVENT_REMAP, drops the userfaultfd context of the whole merged mapping. The
+        neighbour's page-table entries keep their uffd-wp bits and markers, and a write there
+        meanwhile makes its entry writable without clearing the bit: registered again as it is,
+        such a page would never read as written."""
+        if not self._register(part):
+            return False
+        assert self._uffd is not None
+        for _ in range(8):
+            try:
+                for start, end in self._registered([(part.start, part.end)]):
+                    self._uffd.writeprotect(start, end, protect=False)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EAGAIN):
+                    raise
+                # A mapping there changed between the two calls (ENOENT: no longer registered);
+                # what is unregistered now waits for the next round.
+        raise UnsupportedResource(
+            f"pid {self.pid} changes its memory layout at {part.start:#x} faster than write-protection can follow: "
+            f"use --tracker checksum", pid=self.pid)
+
+    def _populated_registered(self, entry: MapEntry, spans: list[Span]) -> list[Span]:
+        """Populated private pages of ``spans`` (parts of ``entry``) in registered mappings,
+        written since the last scan or not (a uffd-wp marker counts as populated: it reads as zeros)."""
+        exclude = PAGE_IS_PFNZERO | (PAGE_IS_FILE if entry.kind == "file" else 0)
+        out: list[Span] = []
+        for start, end in spans:
+            out += [(r.start, r.end) for r in self._scanner.scan(
+                start, end, required=PAGE_IS_WPALLOWED | exclude, inverted=exclude, anyof=_POPULATED,
+                returned=PAGE_IS_PRESENT)]
+        return out
 
     def _register(self, entry: MapEntry) -> bool:
         assert self._uffd is not None
@@ -360,49 +423,58 @@ class UffdWpTracker(DirtyTracker):
 
     def _track(self, entries: list[MapEntry], new_spans: tuple[Span, ...], *, first: bool
                ) -> tuple[list[Run], list[Run], int, int]:
+        """One round. ``entries`` come from a maps read that may already be stale: the process
+        runs on, so nothing here trusts an entry to be one mapping, or to be the mapping it was.
+        What is registered is found from the page tables' own answer (``_unregistered``)."""
         data: list[Span] = []
         empty: list[Span] = []
-        reverted: list[Span] = []
         by_content: list[MapEntry] = []
+        known = to_spans(self._known)
         scanned = 0
+        # 1. The registered mappings: their written pages, re-protected in the same walk.
         for e in entries:
-            regions = self._wp_scan(e)
             fresh = _fresh_in(e, new_spans)
-            replaced = False
-            if regions is None:
-                # Not registered: a new mapping, a moved one, or one we never write-protect (read-only
-                # mappings: arming their holes would allocate page tables for nothing).
-                if not e.prot & PROT_WRITE or not self._register(e):
-                    by_content.append(e)
-                    continue
-                regions = self._wp_scan(e)      # arms it; reports every populated page
-                if regions is None:
-                    by_content.append(e)
-                    continue
-                replaced = not first            # whatever was here before is gone
-                fresh = [(e.start, e.end)]
-            scanned += e.length // PAGE_SIZE
-            d, z = _split_regions(e, regions, fresh)
+            if fresh:
+                # New address ranges start out empty at the destination: all their pages travel,
+                # also those a scan reported already under an older layout (a mapping replaced
+                # by one of another backing between a maps read and its scan). Read before the
+                # scan below protects holes with markers.
+                data += self._populated_registered(e, fresh)
+            d, z = _split_regions(e, self._wp_scan(e), fresh)
             if e.kind == "file" and not first:
-                back = self._reverted(e)
-                reverted += back
-                d += back
-            if replaced:
-                # A new mapping where an old one was (munmap + mmap, MAP_FIXED): pages the old one
-                # had and the new one lacks are empty now.
-                z += subtract_spans(intersect_spans(to_spans(self._known), [(e.start, e.end)]), merge_spans(d))
+                d += self._reverted(e)
             data += d
             empty += z
+            scanned += e.length // PAGE_SIZE
+        # 2. What is not registered now (after the scans above, so nothing the process unmapped
+        # and mapped anew in between escapes): a new mapping, a moved one, or one we never
+        # write-protect (read-only mappings: arming their holes would allocate page tables for
+        # nothing). Exactly those ranges are new to the tracker; the rest of an entry is not.
+        tracked = merge_spans((e.start, e.end) for e in entries)
+        pieces = intersect_spans(self._unregistered(tracked), tracked)
+        for e in entries:
+            for start, end in intersect_spans(pieces, [(e.start, e.end)]):
+                part = replace(e, start=start, end=end)
+                if not e.prot & PROT_WRITE or not self._arm_part(part):
+                    by_content.append(part)
+                    continue
+                # Just registered and un-protected: this reports every populated page (and
+                # protects them all).
+                d, _ = _split_regions(part, self._wp_scan(part), [(start, end)])
+                data += d
+                if not first:
+                    # Whatever was here before is gone (munmap + mmap, MAP_FIXED, mremap onto it):
+                    # pages known here that the new mapping lacks are empty now.
+                    empty += subtract_spans(intersect_spans(known, [(start, end)]), merge_spans(d))
         found = self._digests.scan(by_content, self.finder, self.reader, new_spans)
         # Mappings tracked by content may have replaced write-protected ones: pages we knew there
         # that are not populated any more are empty now.
         content_spans = merge_spans((e.start, e.end) for e in by_content)
-        emptied = subtract_spans(subtract_spans(intersect_spans(to_spans(self._known), content_spans),
+        emptied = subtract_spans(subtract_spans(intersect_spans(known, content_spans),
                                                 to_spans(found.populated)), list(new_spans))
         runs = normalize(to_runs(data) + found.changed)
         zero = [] if first else subtract(normalize(to_runs(empty + emptied) + found.gone), runs)
-        spans = merge_spans((e.start, e.end) for e in entries)
-        self._known = clip(subtract(union(self._known, runs), zero), spans)
+        self._known = clip(subtract(union(self._known, runs), zero), tracked)
         return runs, zero, scanned + found.pages_hashed, found.bytes_read
 
     def note_sent(self, batch: PageBatch) -> None:

@@ -11,12 +11,12 @@ import pytest
 
 from agent.tracer import Tracer
 from migrate.target import TracedTarget
-from precopy.intervals import pages_of
+from precopy.intervals import merge_spans, pages_of, subtract_spans
 from precopy.layout import PageFinder, holds_private_data, read_maps, trackable
 from precopy.tracker import BACKENDS, probe_backends
 from tests._workloads import Workload
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings
+from transport.schema import PAGE_SIZE, Mappings, Vma
 
 HUGE = 2 << 20
 
@@ -99,8 +99,19 @@ def uffd_traces(pid: int) -> tuple[int, list[str]]:
     return uw, fds
 
 
+def _same_backing(a: Vma, b: Vma) -> bool:
+    """``precopy.layout.same_backing`` for layout records."""
+    if a.shared != b.shared:
+        return False
+    if a.kind != "file" and b.kind != "file":
+        return True
+    return a.kind == b.kind == "file" and a.path == b.path and a.pgoff - a.start == b.pgoff - b.start
+
+
 class MemorySink:
-    """A destination in a dict: page address -> bytes, pruned to each layout it is sent."""
+    """A destination in a dict: page address -> bytes, applying each layout as ``PageSink`` says:
+    pages no longer in a private mapping are dropped, and a range mapped with another backing
+    than before starts out empty."""
 
     def __init__(self, delay_s: float = 0.0, bandwidth_bytes_s: float | None = None) -> None:
         self.pages: dict[int, bytes] = {}
@@ -110,9 +121,16 @@ class MemorySink:
         self.bandwidth_bytes_s = bandwidth_bytes_s  # a simulated link (None: instant)
 
     async def layout(self, mappings: Mappings) -> None:
+        before = self.layouts[-1].vmas if self.layouts else ()
         self.layouts.append(mappings)
         keep = [(v.start, v.end) for v in mappings.vmas if holds_private_data(v)]
-        self.pages = {a: d for a, d in self.pages.items() if any(s <= a < e for s, e in keep)}
+        fresh: list[tuple[int, int]] = []
+        for v in mappings.vmas:
+            same = merge_spans((max(o.start, v.start), min(o.end, v.end)) for o in before
+                               if o.start < v.end and o.end > v.start and _same_backing(o, v))
+            fresh += subtract_spans([(v.start, v.end)], same)
+        self.pages = {a: d for a, d in self.pages.items()
+                      if any(s <= a < e for s, e in keep) and not any(s <= a < e for s, e in fresh)}
 
     async def send_batch(self, batch: PageBatch) -> int:
         import trio

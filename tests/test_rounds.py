@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import trio
 
 from agent.tracer import Tracer
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason
-from precopy.rounds import ThreadedSink, final_round, precopy
-from precopy.tracker import make_tracker
+from precopy.layout import MapEntry
+from precopy.rounds import ThreadedSink, final_round, precopy, send_scan
+from precopy.tracker import DirtyTracker, make_tracker
 from tests._tracking import (
     MemorySink,
     backend_params,
@@ -29,6 +30,7 @@ from tests._tracking import (
     uffd_traces,
     workload,
 )
+from tests._workloads import Workload
 from transport.errors import ProcessExited
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE, Mappings
@@ -64,6 +66,100 @@ async def test_destination_matches_after_layout_churn(backend: str, seed: str, t
             assert last.pages_written >= 0
         finally:
             tracker.stop()
+        problems = compare_with_process(sink, w.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+        assert uffd_traces(w.pid) == (0, [])
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
+
+
+class RacingMaps:
+    """``read_maps`` for the tracker that lets the process change its layout right after one
+    read of its maps and before the scan that follows it: the race a running process wins now
+    and then, made certain. ``layout_race`` runs one step per command byte."""
+
+    def __init__(self, w: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+        import precopy.tracker
+
+        self.w = w
+        self.steps: list[str] = []       # to run after the next maps read
+        self.done = 0
+        self._read = precopy.tracker.read_maps
+        monkeypatch.setattr(precopy.tracker, "read_maps", self)
+
+    def run(self, step: str) -> None:
+        fd = os.open(self.w.dir / "cmd", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, step.encode())
+        finally:
+            os.close(fd)
+        self.done += 1
+        self.w.wait_file(f"ack{self.done}", 10)
+
+    def __call__(self, pid: int) -> list[MapEntry]:
+        entries = self._read(pid)
+        while self.steps:
+            self.run(self.steps.pop(0))
+        return entries
+
+
+async def _rounds(tracker: DirtyTracker, sink: MemorySink, w: Workload, between: list[Callable[[], None]]) -> None:
+    """Round 0, then one round after each of ``between``, then the final round with ``w`` stopped."""
+    scan = tracker.start()
+    await send_scan(tracker, sink, scan, previous=None, first=True)
+    for action in between:
+        action()
+        scan = tracker.collect()
+        await send_scan(tracker, sink, scan, previous=None)
+    stop_process(w.pid)
+    await final_round(tracker, sink)
+
+
+@pytest.mark.parametrize("step", ["s", "f"], ids=["split", "rebacked"])
+@pytest.mark.parametrize("backend", backend_params())
+async def test_a_layout_change_between_maps_and_scan_loses_nothing(backend: str, step: str, tmp_path: Path,
+                                                                   tracer: Tracer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # "split": after the maps read, pages 1 and 6 of an 8-page mapping are written and a new page is
+    # mapped over page 4; the scan then meets three mappings, the middle one unregistered (uffd-wp:
+    # a PM_SCAN_CHECK_WPASYNC scan failed there, after it had re-protected pages 0-3 and lost the
+    # write to page 1; the retry took the whole range for a new mapping and sent pages 0-3, 5 and 7
+    # as zeros). "rebacked": a file is mapped over anonymous memory and one page of it written; the
+    # next layout shows a new backing there, which the destination starts empty: every populated
+    # page of it must travel again.
+    w = workload("layout_race", tmp_path)
+    race = RacingMaps(w, monkeypatch)
+    sink = MemorySink()
+    try:
+        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
+            def racing() -> None:
+                race.steps = [step]
+
+            await _rounds(tracker, sink, w, [racing, lambda: race.run("w")])
+        assert race.done == 2
+        problems = compare_with_process(sink, w.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+        assert uffd_traces(w.pid) == (0, [])
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+async def test_a_mapping_unregistered_by_its_neighbours_mremap_is_sent_whole(backend: str, tmp_path: Path,
+                                                                            tracer: Tracer,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Page 0 of a 4-page mapping moves away (a round registers it there) and back: mremap merges it
+    # into pages 1-3 and drops the merged mapping's registration, while pages 1-3 keep their uffd-wp
+    # state; page 2 is written then. Registered again, pages 1-3 would not read as written: page 2's
+    # write was lost (and every later one: its entry is writable now), pages 1 and 3 went as zeros.
+    w = workload("layout_race", tmp_path)
+    race = RacingMaps(w, monkeypatch)
+    sink = MemorySink()
+    try:
+        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
+            await _rounds(tracker, sink, w, [lambda: race.run("m"), lambda: race.run("b"), lambda: race.run("w")])
         problems = compare_with_process(sink, w.pid)
         assert not problems, f"{len(problems)} problems: {problems[:8]}"
         assert uffd_traces(w.pid) == (0, [])
