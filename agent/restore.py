@@ -19,6 +19,7 @@ injected system calls:
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import signal
@@ -47,6 +48,7 @@ from agent.inject import (
     to_signed,
 )
 from precopy.kernel import prlimit, xsave_supported_mask
+from precopy.intervals import Span, merge_spans, subtract_spans
 from precopy.layout import MapEntry, is_special, read_maps
 from transport.errors import RestoreError
 from transport.image import check_machine
@@ -82,8 +84,9 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
 CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
-MADV = {ADV_DONTDUMP: 16, ADV_DONTFORK: 10, ADV_WIPEONFORK: 18, ADV_HUGEPAGE: 14, ADV_NOHUGEPAGE: 15,
-        ADV_MERGEABLE: 12}
+# advice bit -> (madvise to set it, madvise to clear it; 0: none, THP's two exclude each other)
+MADV = {ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, 0),
+        ADV_NOHUGEPAGE: (15, 0), ADV_MERGEABLE: (12, 13)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
 
 
@@ -93,6 +96,26 @@ class RestoreReport:
     warnings: list[str] = field(default_factory=list)
     pages_written: int = 0
     syscalls: int = 0
+
+
+def _same_backing(a: Vma, b: Vma) -> bool:
+    """Is ``b`` (part of) the memory ``a`` maps, seen at a later time? Anonymous private
+    memory is, wherever the two overlap (the heap that grew, a mapping that split); file and
+    shared memory when it is the same object at the same offset."""
+    if a.shared != b.shared or a.growsdown != b.growsdown or (a.kind == "file") != (b.kind == "file"):
+        return False
+    if a.kind != "file" and not a.shared:
+        return True
+    return a.path == b.path and a.pgoff - a.start == b.pgoff - b.start
+
+
+def _piece(v: Vma, start: int, end: int) -> Vma:
+    return replace(v, start=start, end=end, pgoff=v.pgoff + (start - v.start) if v.kind == "file" or v.shared else v.pgoff)
+
+
+def _within(spans: list[Span], addr: int) -> bool:
+    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
+    return i >= 0 and spans[i][0] <= addr < spans[i][1]
 
 
 def _holes_conflict(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
@@ -214,29 +237,48 @@ class Restorer:
         return self._call("openat", AT_FDCWD, addr, flags, mode)
 
     def apply_layout(self, target: Mappings) -> None:
-        """Make the address space match ``target`` (first call: from empty)."""
-        old = {(v.start, v.end): v for v in self.layout}
-        new = [v for v in target.vmas if not is_special(v)]
-        keep = {(v.start, v.end) for v in new if self._same(old.get((v.start, v.end)), v)}
-        for v in self.layout:
-            if (v.start, v.end) not in keep:
-                self._call("munmap", v.start, v.length)
-                if self._placeholders.pop((v.start, v.end), None) is not None:
-                    self._placeholder_pages -= {p for p in self._placeholder_pages if v.start <= p < v.end}
-        for v in new:
-            if (v.start, v.end) in keep:
-                if (v.start, v.end) in self._placeholders:
-                    self._placeholders[(v.start, v.end)] = v      # the file's latest size and time
-                continue
-            self._map(v)
-        self.layout = new
+        """Make the address space match ``target`` (first call: from empty).
 
-    def _same(self, old: Vma | None, v: Vma) -> bool:
-        """Can ``old`` stay mapped as ``v``? A placeholder does not depend on its file's size or time."""
-        if old is None or old == v:
-            return old is not None
-        return (v.start, v.end) in self._placeholders and \
-            replace(old, file_size=v.file_size, file_mtime_ns=v.file_mtime_ns) == v
+        A later layout (live pre-copy) changes only what changed, as ``precopy.rounds.PageSink``
+        promises the trackers: a range still mapped with the same backing keeps its contents
+        (its protection and advice are updated in place: a mapping that grew, split or merged,
+        as brk, mremap and mprotect make them, is not mapped anew), a range mapped with another
+        backing starts out empty, and what is no longer mapped is unmapped."""
+        new = [v for v in target.vmas if not is_special(v)]
+        plans = [(v, *self._kept_and_fresh(v)) for v in new]
+        for start, end in subtract_spans(merge_spans((v.start, v.end) for v in self.layout),
+                                         merge_spans((v.start, v.end) for v in new)):
+            self._call("munmap", start, end - start)
+        for v, kept, fresh in plans:
+            for start, end in fresh:
+                self._map(_piece(v, start, end))
+            for o, start, end in kept:
+                if o.prot != v.prot:
+                    self._call("mprotect", start, end - start, v.prot)
+                self._advise(start, end, v.advice, o.advice)
+        self.layout = new
+        kept_spans = merge_spans((start, end) for _, kept, _ in plans for _, start, end in kept)
+        self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
+        self._placeholder_pages = {p for p in self._placeholder_pages if _within(kept_spans, p)}
+
+    def _kept_and_fresh(self, v: Vma) -> tuple[list[tuple[Vma, int, int]], list[Span]]:
+        """The parts of ``v`` mapped now with the same backing (with the mapping there now),
+        and the parts that must be mapped anew."""
+        i = bisect.bisect_right([o.end for o in self.layout], v.start)
+        kept: list[tuple[Vma, int, int]] = []
+        for o in self.layout[i:]:
+            if o.start >= v.end:
+                break
+            if _same_backing(o, v):
+                kept.append((o, max(o.start, v.start), min(o.end, v.end)))
+        return kept, subtract_spans([(v.start, v.end)], [(s, e) for _, s, e in kept])
+
+    def _advise(self, start: int, end: int, advice: int, before: int = 0) -> None:
+        for bit, (on, off) in MADV.items():
+            if advice & bit and not before & bit:
+                self._call("madvise", start, end - start, on)
+            elif before & bit and not advice & bit and off:
+                self._call("madvise", start, end - start, off)
 
     def _is_deferred(self, v: Vma) -> bool:
         return v.kind == "file" and any(v.path == d or v.path.startswith(d.rstrip("/") + "/") for d in self.deferred)
@@ -274,9 +316,7 @@ class Restorer:
                     self._call("close", fd)
             else:
                 self._call("mmap", v.start, v.length, v.prot, flags | MAP_ANONYMOUS, -1, 0)
-            for bit, advice in MADV.items():
-                if v.advice & bit:
-                    self._call("madvise", v.start, v.length, advice)
+            self._advise(v.start, v.end, v.advice)
         except InjectionError as exc:
             what = v.path or v.kind
             raise RestoreError(f"cannot map {what} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None

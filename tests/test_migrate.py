@@ -169,3 +169,14 @@ def test_a_process_someone_else_traces_is_refused(tmp_path: Path) -> None:
     assert w.reap_original() == 0
     assert not running_copies(str(w.dir))
     wait_gone(w.pid)
+
+
+@pytest.mark.parametrize("tracker", ["uffd-wp", "checksum"])
+def test_a_layout_that_changes_during_precopy_keeps_its_contents(tmp_path: Path, tracker: str) -> None:
+    """The heap grows by brk, an arena by mprotect, a mapping by mremap in place, and a mapping
+    splits and merges again, between rounds: the destination keeps every page the mapping had
+    (the job checks every word it wrote, at each step and at the end)."""
+    ref, w, report = migrate_workload("mig_layout", tmp_path, "60",
+                                      cli_args=("--bandwidth", "20MiB", "--downtime", "1", "--tracker", tracker))
+    assert w.output() == ref.output()
+    assert report["rounds"] >= 2, report["per_round"]
