@@ -334,6 +334,18 @@ class UffdWpTracker(DirtyTracker):
         return self._scanner.scan(entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=_CATEGORIES,
                                   flags=PM_SCAN_WP_MATCHING)
 
+    def _written(self, entry: MapEntry) -> list[Span]:
+        """The written pages of the registered anonymous mappings in ``entry``'s range, re-protected.
+
+        Asking for the written bit alone, with nothing else returned, takes the kernel's fast
+        path (a test of each entry's uffd-wp bit; 0.3 ms per GiB here, against 9 ms for a walk
+        that also classifies pages). Every hole of a mapping armed once holds a uffd-wp marker,
+        so the only unprotected empty entries it can meet are pages zapped since (MADV_DONTNEED):
+        those are read like the rest, as the zeros they now hold. File mappings, and new ranges
+        (whose holes are not marked yet), take ``_wp_scan``, which tells such pages apart."""
+        return [(r.start, r.end) for r in self._scanner.scan(
+            entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)]
+
     def _unregistered(self, spans: list[Span]) -> list[Span]:
         """The parts of ``spans`` whose mappings are not write-protected by our userfaultfd, as
         the kernel has them now: new mappings, moved ones (mremap drops the registration and the
@@ -440,7 +452,10 @@ class UffdWpTracker(DirtyTracker):
                 # by one of another backing between a maps read and its scan). Read before the
                 # scan below protects holes with markers.
                 data += self._populated_registered(e, fresh)
-            d, z = _split_regions(e, self._wp_scan(e), fresh)
+            if fresh or e.kind == "file":
+                d, z = _split_regions(e, self._wp_scan(e), fresh)
+            else:
+                d, z = self._written(e), []
             if e.kind == "file" and not first:
                 d += self._reverted(e)
             data += d

@@ -168,6 +168,27 @@ async def test_a_mapping_unregistered_by_its_neighbours_mremap_is_sent_whole(bac
         kill_workload(w)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+async def test_a_zapped_page_arrives_as_zeros(backend: str, tmp_path: Path, tracer: Tracer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # MADV_DONTNEED of a page sent already: the destination must not keep its old contents.
+    # (uffd-wp: the zapped entry is the one unprotected empty entry an armed mapping can hold.)
+    w = workload("layout_race", tmp_path)
+    race = RacingMaps(w, monkeypatch)
+    sink = MemorySink()
+    try:
+        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
+            await _rounds(tracker, sink, w, [lambda: race.run("z"), lambda: race.run("w")])
+        split = int(next(line.split()[1] for line in (w.dir / "layout").read_text().splitlines()
+                         if line.startswith("split ")), 16)
+        assert sink.pages.get(split + 3 * PAGE_SIZE, bytes(PAGE_SIZE)) == bytes(PAGE_SIZE)
+        problems = compare_with_process(sink, w.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
+
+
 async def test_converges_on_a_slow_writer(tmp_path: Path, tracer: Tracer) -> None:
     w = workload("dirty_writer", tmp_path, "2048", "100", "1")
     sink = MemorySink()

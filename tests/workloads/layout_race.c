@@ -10,6 +10,7 @@
  *        neighbour, and (without UFFD_FEATURE_EVENT_REMAP) unregisters the whole merged mapping
  *        from userfaultfd, pages 1-3 included, whose page tables still carry uffd-wp state.
  *   'w'  writes page 2 of "split".
+ *   'z'  zaps page 3 of "split" (MADV_DONTNEED): it reads as zeros from then on.
  * Usage: layout_race OUTDIR. OUTDIR/layout lists "NAME ADDR PAGES" per mapping. */
 #include "ckpt_common.h"
 #include <stdint.h>
@@ -87,6 +88,9 @@ int main(int argc, char **argv) {
             break;
         case 'w':
             fill(split + 2 * PAGE);
+            break;
+        case 'z':
+            if (madvise(split + 3 * PAGE, PAGE, MADV_DONTNEED)) return 3;
             break;
         default:
             return 3;
