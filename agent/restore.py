@@ -245,7 +245,8 @@ class Restorer:
         as brk, mremap and mprotect make them, is not mapped anew), a range mapped with another
         backing starts out empty, and what is no longer mapped is unmapped."""
         new = [v for v in target.vmas if not is_special(v)]
-        plans = [(v, *self._kept_and_fresh(v)) for v in new]
+        ends = [o.end for o in self.layout]
+        plans = [(v, *self._kept_and_fresh(v, ends)) for v in new]
         for start, end in subtract_spans(merge_spans((v.start, v.end) for v in self.layout),
                                          merge_spans((v.start, v.end) for v in new)):
             self._call("munmap", start, end - start)
@@ -261,10 +262,10 @@ class Restorer:
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
         self._placeholder_pages = {p for p in self._placeholder_pages if _within(kept_spans, p)}
 
-    def _kept_and_fresh(self, v: Vma) -> tuple[list[tuple[Vma, int, int]], list[Span]]:
+    def _kept_and_fresh(self, v: Vma, ends: list[int]) -> tuple[list[tuple[Vma, int, int]], list[Span]]:
         """The parts of ``v`` mapped now with the same backing (with the mapping there now),
-        and the parts that must be mapped anew."""
-        i = bisect.bisect_right([o.end for o in self.layout], v.start)
+        and the parts that must be mapped anew. ``ends``: the current mappings' ends."""
+        i = bisect.bisect_right(ends, v.start)
         kept: list[tuple[Vma, int, int]] = []
         for o in self.layout[i:]:
             if o.start >= v.end:

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -32,6 +33,7 @@ from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
 from precopy.rounds import PrecopyResult, final_round, precopy, send_scan
 from precopy.tracker import DirtyTracker, make_tracker
+from transport._nursery import service_nursery
 from transport.errors import MigrationError, ProcessError
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
@@ -321,17 +323,34 @@ async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = No
 async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -> dict[str, Any]:
     """Freeze every thread, send the last delta and the process's state (the downtime starts)."""
     s = _session(ctx)
+    t0 = time.perf_counter()
     frozen = await _blocking(s.holder.call, "freeze")
+    t_frozen = time.perf_counter()
     s.control.frozen = True
     sink = s.sink(ctx, to)
     await _send_header(sink, s)
-    if s.tracker is None or s.result is None:     # stop-and-copy: everything, now
-        s.tracker = s.tracker or make_tracker(s.tracker_name, s.pid, s.control)
-        scan = await _blocking(s.tracker.start)
-        final = await send_scan(s.tracker, sink, scan, previous=None, first=True)
-    else:
-        final = await final_round(s.tracker, sink, s.result)
-    state = await _blocking(s.holder.call, "collect")
+    state: dict[str, Any] = {}
+    t_state = t_frozen
+    async with service_nursery() as nursery:
+        async def collect_state() -> None:
+            nonlocal t_state
+            state.update(await _blocking(s.holder.call, "collect"))
+            t_state = time.perf_counter()
+
+        def scanned() -> None:
+            # The rest of the state is read while the last pages go out. Not before the scan:
+            # reading it maps a scratch page into the process for a moment, which the scan's
+            # layout must not hold.
+            nursery.start_soon(collect_state)
+
+        if s.tracker is None or s.result is None:     # stop-and-copy: everything, now
+            s.tracker = s.tracker or make_tracker(s.tracker_name, s.pid, s.control)
+            scan = await _blocking(s.tracker.start)
+            scanned()
+            final = await send_scan(s.tracker, sink, scan, previous=None, first=True)
+        else:
+            final = await final_round(s.tracker, sink, s.result, scanned=scanned)
+        t_pages = time.perf_counter()
     send = sink.send_record if isinstance(sink, DataChannelSink) else ctx.send_record
     await send(ProcessState.from_wire(state["process"]))
     await send(Files.from_wire(state["files"]))
@@ -340,10 +359,17 @@ async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -
     state_bytes = await sink.drain()
     if isinstance(sink, DataChannelSink):
         await sink.close()          # the destination has applied everything
+    t_end = time.perf_counter()
     final = replace(final, bytes_on_wire=final.bytes_on_wire + state_bytes)
+    # Where the frozen time on this side went: stopping the threads, the last pages (scan and
+    # send), waiting for the rest of the state (read meanwhile), and sending it until the
+    # destination had it all.
+    t_state = max(t_state, t_pages)
+    times = {"freeze_ms": (t_frozen - t0) * 1000, "pages_ms": (t_pages - t_frozen) * 1000,
+             "state_wait_ms": (t_state - t_pages) * 1000, "state_send_ms": (t_end - t_state) * 1000}
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
-    return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": final.as_dict(),
+    return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},
             "threads": len(state["threads"])}
 
 

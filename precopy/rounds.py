@@ -197,11 +197,16 @@ async def precopy(tracker: DirtyTracker, sink: PageSink, policy: PrecopyPolicy =
 
 
 async def final_round(tracker: DirtyTracker, sink: PageSink, result: PrecopyResult | None = None, *,
-                      clock: Callable[[], float] = time.monotonic) -> RoundStats:
+                      clock: Callable[[], float] = time.monotonic,
+                      scanned: Callable[[], object] | None = None) -> RoundStats:
     """The last round, with the process frozen by the caller: one more scan, sent after what the
-    loop left pending (that scan's layout first, then its pages the last scan does not repeat)."""
+    loop left pending (that scan's layout first, then its pages the last scan does not repeat).
+    ``scanned`` is called once the scan has read the layout: from then on the caller may work
+    on the frozen process while its pages are read and sent."""
     t0 = clock()
     scan = await _blocking(tracker, tracker.collect)
+    if scanned is not None:
+        scanned()
     if result is None:
         return await send_scan(tracker, sink, scan, previous=None, layout=True, clock=clock)
     pending = superseded(result.pending, scan)
