@@ -49,6 +49,10 @@ class PrecopyPolicy:
     # restoring the state, letting it run): it comes out of the downtime budget, and so does
     # the last scan, which is repeated while frozen.
     freeze_overhead_ms: float = 0.0
+    # Once converged, send that last dirty set while the process still runs, and freeze after
+    # one more scan: the process dirties only about rate/bandwidth of it meanwhile, so the
+    # frozen round has that much less to send (one more round, for a shorter downtime).
+    closing_round: bool = True
 
     def __post_init__(self) -> None:
         if self.downtime_target_ms < 0:
@@ -134,6 +138,12 @@ def decide(policy: PrecopyPolicy, rounds: Sequence[RoundStats], pending_pages: i
     return None
 
 
+def closes(policy: PrecopyPolicy, reason: StopReason, rounds: Sequence[RoundStats], pending_pages: int) -> bool:
+    """Does pre-copy, stopping for ``reason``, send the pending set once more before freezing?"""
+    return (policy.closing_round and reason is StopReason.CONVERGED and pending_pages >= policy.min_pages
+            and len(rounds) < policy.max_rounds)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """What a migration would do, modelled from a measured dirty rate."""
@@ -164,6 +174,11 @@ def estimate(policy: PrecopyPolicy, *, memory_bytes: int, dirty_rate_bytes_s: fl
         if rounds:
             reason = decide(policy, rounds, pages, memory_bytes=memory_bytes, bandwidth_bytes_s=bandwidth_bytes_s)
             if reason is not None:
+                if closes(policy, reason, rounds, pages):
+                    secs = pending / bandwidth_bytes_s
+                    rounds.append(RoundStats(i, pages, pages, pages, 0, pending, pending, secs * 1000, 0.0,
+                                             secs * 1000, dirty_rate_bytes_s / MiB))
+                    pending = int(min(dirty_rate_bytes_s * secs, cap, pending))
                 return Estimate(len(rounds), reason, pending / bandwidth_bytes_s * 1000,
                                 sum(r.bytes_raw for r in rounds), pending)
         secs = pending / bandwidth_bytes_s

@@ -20,7 +20,7 @@ import trio
 
 from precopy.intervals import Run, clip, merge_spans, npages, subtract, union
 from precopy.layout import MapEntry, read_smaps, to_vma
-from precopy.policy import PrecopyPolicy, RoundStats, StopReason, decide
+from precopy.policy import PrecopyPolicy, RoundStats, StopReason, closes, decide
 from precopy.reader import split_runs, zero_batches
 from precopy.tracker import DirtyTracker, Scan, superseded
 from transport._nursery import service_nursery
@@ -188,6 +188,12 @@ async def precopy(tracker: DirtyTracker, sink: PageSink, policy: PrecopyPolicy =
         scan = await _blocking(tracker, tracker.collect)
         reason = decide(policy, rounds, scan.pages_dirty, memory_bytes=memory)
         if reason is not None:
+            if closes(policy, reason, rounds, scan.pages_dirty):
+                stats = await send_scan(tracker, sink, scan, previous=previous, clock=clock)
+                rounds.append(stats)
+                if on_round is not None:
+                    on_round(stats)
+                scan = await _blocking(tracker, tracker.collect)
             return PrecopyResult(reason, tuple(rounds), scan, memory)
         stats = await send_scan(tracker, sink, scan, previous=previous, clock=clock)
         rounds.append(stats)

@@ -114,12 +114,18 @@ def test_estimate_of_an_idle_process_is_one_round() -> None:
 
 def test_estimate_converges_geometrically_on_a_slow_writer() -> None:
     # Writes 10 MiB/s over a 100 MiB/s link: each round carries a tenth of the one before.
-    est = estimate(PrecopyPolicy(min_pages=0), memory_bytes=MEM, dirty_rate_bytes_s=10 * MiB, bandwidth_bytes_s=BW)
+    plain = PrecopyPolicy(min_pages=0, closing_round=False)
+    est = estimate(plain, memory_bytes=MEM, dirty_rate_bytes_s=10 * MiB, bandwidth_bytes_s=BW)
     assert est.stop_reason is StopReason.CONVERGED
     assert est.rounds == 1 and est.downtime_ms == pytest.approx(100.0)     # 100 MiB in 1 s, then 10 MiB
-    tight = PrecopyPolicy(min_pages=0, downtime_target_ms=50)
+    tight = PrecopyPolicy(min_pages=0, downtime_target_ms=50, closing_round=False)
     est = estimate(tight, memory_bytes=MEM, dirty_rate_bytes_s=10 * MiB, bandwidth_bytes_s=BW)
     assert est.rounds == 2 and est.downtime_ms == pytest.approx(10.0, rel=0.01)   # ... then 1 MiB
+    # The closing round: the 10 MiB found converged go while the process runs, and the frozen
+    # round sends only what it dirtied meanwhile.
+    est = estimate(PrecopyPolicy(min_pages=0), memory_bytes=MEM, dirty_rate_bytes_s=10 * MiB, bandwidth_bytes_s=BW)
+    assert est.stop_reason is StopReason.CONVERGED
+    assert est.rounds == 2 and est.downtime_ms == pytest.approx(10.0, rel=0.01)
 
 
 def test_estimate_gives_up_on_a_writer_faster_than_the_link() -> None:
