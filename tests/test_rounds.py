@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import trio
@@ -19,7 +19,7 @@ from agent.tracer import Tracer
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason
 from precopy.layout import MapEntry
 from precopy.rounds import ThreadedSink, final_round, precopy, send_scan
-from precopy.tracker import DirtyTracker, make_tracker
+from precopy.tracker import make_tracker
 from tests._tracking import (
     MemorySink,
     backend_params,
@@ -104,16 +104,36 @@ class RacingMaps:
         return entries
 
 
-async def _rounds(tracker: DirtyTracker, sink: MemorySink, w: Workload, between: list[Callable[[], None]]) -> None:
-    """Round 0, then one round after each of ``between``, then the final round with ``w`` stopped."""
-    scan = tracker.start()
-    await send_scan(tracker, sink, scan, previous=None, first=True)
-    for action in between:
-        action()
-        scan = tracker.collect()
-        await send_scan(tracker, sink, scan, previous=None)
-    stop_process(w.pid)
-    await final_round(tracker, sink)
+async def _race(backend: str, tmp_path: Path, tracer: Tracer, monkeypatch: pytest.MonkeyPatch,
+                steps: list[str], *, racing: str = "") -> tuple[MemorySink, dict[str, int]]:
+    """Track ``layout_race``: round 0, then one round after each of ``steps`` (``racing``, if
+    given, runs right after the first round's maps read instead), then the final round with
+    the process stopped. The destination must then match the process page for page, and
+    tracking must have left no trace; returns the sink and the workload's mapping addresses."""
+    w = workload("layout_race", tmp_path)
+    race = RacingMaps(w, monkeypatch)
+    sink = MemorySink()
+    try:
+        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
+            scan = tracker.start()
+            await send_scan(tracker, sink, scan, previous=None, first=True)
+            for i, step in enumerate(([""] if racing else []) + steps):
+                if step:
+                    race.run(step)
+                elif i == 0:
+                    race.steps = [racing]
+                scan = tracker.collect()
+                await send_scan(tracker, sink, scan, previous=None)
+            stop_process(w.pid)
+            await final_round(tracker, sink)
+        assert race.done == len(steps) + bool(racing)
+        problems = compare_with_process(sink, w.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+        assert uffd_traces(w.pid) == (0, [])
+        return sink, {line.split()[0]: int(line.split()[1], 16) for line in (w.dir / "layout").read_text().splitlines()}
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
 
 
 @pytest.mark.parametrize("step", ["s", "f"], ids=["split", "rebacked"])
@@ -128,22 +148,7 @@ async def test_a_layout_change_between_maps_and_scan_loses_nothing(backend: str,
     # as zeros). "rebacked": a file is mapped over anonymous memory and one page of it written; the
     # next layout shows a new backing there, which the destination starts empty: every populated
     # page of it must travel again.
-    w = workload("layout_race", tmp_path)
-    race = RacingMaps(w, monkeypatch)
-    sink = MemorySink()
-    try:
-        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
-            def racing() -> None:
-                race.steps = [step]
-
-            await _rounds(tracker, sink, w, [racing, lambda: race.run("w")])
-        assert race.done == 2
-        problems = compare_with_process(sink, w.pid)
-        assert not problems, f"{len(problems)} problems: {problems[:8]}"
-        assert uffd_traces(w.pid) == (0, [])
-    finally:
-        os.kill(w.pid, signal.SIGCONT)
-        kill_workload(w)
+    await _race(backend, tmp_path, tracer, monkeypatch, ["w"], racing=step)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -154,18 +159,7 @@ async def test_a_mapping_unregistered_by_its_neighbours_mremap_is_sent_whole(bac
     # into pages 1-3 and drops the merged mapping's registration, while pages 1-3 keep their uffd-wp
     # state; page 2 is written then. Registered again, pages 1-3 would not read as written: page 2's
     # write was lost (and every later one: its entry is writable now), pages 1 and 3 went as zeros.
-    w = workload("layout_race", tmp_path)
-    race = RacingMaps(w, monkeypatch)
-    sink = MemorySink()
-    try:
-        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
-            await _rounds(tracker, sink, w, [lambda: race.run("m"), lambda: race.run("b"), lambda: race.run("w")])
-        problems = compare_with_process(sink, w.pid)
-        assert not problems, f"{len(problems)} problems: {problems[:8]}"
-        assert uffd_traces(w.pid) == (0, [])
-    finally:
-        os.kill(w.pid, signal.SIGCONT)
-        kill_workload(w)
+    await _race(backend, tmp_path, tracer, monkeypatch, ["m", "b", "w"])
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -173,20 +167,8 @@ async def test_a_zapped_page_arrives_as_zeros(backend: str, tmp_path: Path, trac
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # MADV_DONTNEED of a page sent already: the destination must not keep its old contents.
     # (uffd-wp: the zapped entry is the one unprotected empty entry an armed mapping can hold.)
-    w = workload("layout_race", tmp_path)
-    race = RacingMaps(w, monkeypatch)
-    sink = MemorySink()
-    try:
-        with make_tracker(backend, w.pid, control_for(w.pid, tracer)) as tracker:
-            await _rounds(tracker, sink, w, [lambda: race.run("z"), lambda: race.run("w")])
-        split = int(next(line.split()[1] for line in (w.dir / "layout").read_text().splitlines()
-                         if line.startswith("split ")), 16)
-        assert sink.pages.get(split + 3 * PAGE_SIZE, bytes(PAGE_SIZE)) == bytes(PAGE_SIZE)
-        problems = compare_with_process(sink, w.pid)
-        assert not problems, f"{len(problems)} problems: {problems[:8]}"
-    finally:
-        os.kill(w.pid, signal.SIGCONT)
-        kill_workload(w)
+    sink, layout = await _race(backend, tmp_path, tracer, monkeypatch, ["z", "w"])
+    assert sink.pages.get(layout["split"] + 3 * PAGE_SIZE, bytes(PAGE_SIZE)) == bytes(PAGE_SIZE)
 
 
 async def test_converges_on_a_slow_writer(tmp_path: Path, tracer: Tracer) -> None:
