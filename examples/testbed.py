@@ -17,6 +17,11 @@ namespaces with generated keys; ``up`` writes an ssh config so ``ssh -F FILE hos
 Everything lives under a state directory (default ``/run/kcr-testbed``, or ``$KCR_TESTBED_DIR``);
 ``down`` removes all of it and is safe to run at any time.  The same logic is importable:
 ``from examples.testbed import Testbed``.  Needs root.
+
+This module holds the testbed's layout (names, addresses, files, state), where its keys and
+config files go, the order of ``up`` and ``down``, and the CLI.  The commands that make and
+remove the parts are in ``examples/_namespaces.py`` (namespaces, links, mounts) and
+``examples/_openssh.py`` (keys, sshd and ssh config text, sshd).
 """
 from __future__ import annotations
 
@@ -28,14 +33,60 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+if not __package__:  # run as a script: make ``examples`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples._namespaces import (  # noqa: E402
+    NETNS_DIR,
+    TestbedError,
+    TestbedUnavailable,
+    check_available,
+    ipv4_interfaces,
+    kill_namespace_members,
+    link_names,
+    make_bridge,
+    make_mntns,
+    make_netns,
+    mount_points,
+    mount_srv_btrfs,
+    mount_srv_dir,
+    ns_id,
+    nsenter_argv,
+    remove_link,
+    remove_mntns,
+    remove_netns,
+    run,
+    tcp_open,
+    tool,
+)
+from examples._openssh import (  # noqa: E402
+    SSH_PORT,
+    SSHD_START_TIMEOUT,
+    keygen,
+    ssh_config,
+    sshd_config,
+    sshd_log_tail,
+    sshd_pid,
+    start_sshd,
+)
+
+__all__ = [
+    "HostStatus",
+    "Testbed",
+    "TestbedError",
+    "TestbedUnavailable",
+    "check_available",
+    "default_state_dir",
+    "main",
+    "tcp_open",
+]
 
 DEFAULT_STATE_DIR = Path("/run/kcr-testbed")
 STATE_DIR_ENV = "KCR_TESTBED_DIR"
@@ -45,39 +96,15 @@ DEFAULT_SUBNET = "10.77.213.0/24"
 SRV_FS_CHOICES = ("dir", "btrfs")
 DEFAULT_SRV_SIZE = 1 << 30
 FIRST_HOST_OFFSET = 11
-SSH_PORT = 22
 STATE_VERSION = 1
 IFNAMSIZ = 15
-SSHD_START_TIMEOUT = 15.0
-KILL_TIMEOUT = 10.0
-SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
-
-# Tool -> Debian package that provides it.
-BASE_TOOLS = {
-    "ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount",
-    "umount": "mount", "losetup": "mount", "sshd": "openssh-server", "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client",
-}
-BTRFS_TOOLS = {"mkfs.btrfs": "btrfs-progs"}
 
 # Files a testbed creates; ``down`` removes these and nothing else.
 TOP_FILES = ("ssh_config", "known_hosts", "authorized_keys", "id_ed25519", "id_ed25519.pub",
              "testbed.json")
 HOST_FILES = ("sshd_config", "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd.pid",
               "sshd.log", "mnt", "srv.img")
-
-
-class TestbedError(Exception):
-    """A testbed operation failed; the message says what went wrong and what to do."""
-
-    __test__ = False
-
-
-class TestbedUnavailable(TestbedError):
-    """This machine cannot host a testbed (not root, a tool missing, no namespaces)."""
-
-    __test__ = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,110 +121,6 @@ class HostStatus:
     @property
     def healthy(self) -> bool:
         return self.netns and self.mntns and self.sshd_pid is not None and self.listening
-
-
-# --- small helpers -------------------------------------------------------------------------------
-
-def tool(name: str) -> str:
-    """Absolute path of a required program, or TestbedUnavailable naming its Debian package."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_PATH])
-    found = shutil.which(name, path=search)
-    if found is None:
-        package = {**BASE_TOOLS, **BTRFS_TOOLS}.get(name, name)
-        raise TestbedUnavailable(f"`{name}` not found: apt-get install {package}")
-    return os.path.abspath(found)
-
-
-def run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
-        timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a command and capture its output; on failure raise TestbedError with its stderr."""
-    argv = [tool(argv[0]), *argv[1:]] if "/" not in argv[0] else list(argv)
-    stdin = None if input is not None else subprocess.DEVNULL
-    try:
-        proc = subprocess.run(argv, input=input, stdin=stdin, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise TestbedError(f"`{shlex.join(argv)}` did not finish in {timeout:g} s") from exc
-    if check and proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise TestbedError(f"`{shlex.join(argv)}` failed: {detail}")
-    return proc
-
-
-def mount_points() -> set[str]:
-    """Mount points of this process's mount namespace."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        fields = [line.split()[4] for line in f if line.strip()]
-    return {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), p) for p in fields}
-
-
-def ns_id(path: str | Path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of a namespace file or /proc/PID/ns link; None if unreadable."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def pids_in_namespaces(ids: set[tuple[int, int]]) -> list[int]:
-    """Live processes whose network or mount namespace is one of ``ids``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        if any(ns_id(f"/proc/{entry.name}/ns/{kind}") in ids for kind in ("net", "mnt")):
-            found.append(int(entry.name))
-    return found
-
-
-def kill_namespace_members(ids: set[tuple[int, int]]) -> None:
-    """SIGKILL every process inside these namespaces and wait until none is left."""
-    deadline = time.monotonic() + KILL_TIMEOUT
-    while pids := pids_in_namespaces(ids):
-        if time.monotonic() > deadline:
-            raise TestbedError(f"processes {pids} survived SIGKILL for {KILL_TIMEOUT:g} s")
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def tcp_open(address: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def session_path() -> str:
-    """PATH for ssh sessions: this Python's script dirs first, so `kcr-agent` is found."""
-    dirs = [sysconfig.get_path("scripts"), os.path.dirname(sys.executable), *SYSTEM_PATH]
-    return ":".join(dict.fromkeys(d for d in dirs if d))
-
-
-def check_available(srv_fs: str = "dir") -> None:
-    """Raise TestbedUnavailable unless this machine can host a testbed."""
-    if os.geteuid() != 0:
-        raise TestbedUnavailable("must run as root (namespaces, mounts and sshd need it)")
-    for name in {**BASE_TOOLS, **(BTRFS_TOOLS if srv_fs == "btrfs" else {})}:
-        tool(name)
-    probe = run(["unshare", "--net", "--mount", "true"], check=False)
-    if probe.returncode != 0:
-        detail = probe.stderr.strip().splitlines()[-1:] or ["unknown error"]
-        raise TestbedUnavailable(f"cannot create namespaces: {detail[0]}")
 
 
 # --- the testbed ---------------------------------------------------------------------------------
@@ -287,7 +210,7 @@ class Testbed:
         return f"{self.prefix}{host}"
 
     def netns_path(self, host: str) -> Path:
-        return Path("/run/netns") / self.netns_name(host)
+        return NETNS_DIR / self.netns_name(host)
 
     def host_dir(self, host: str) -> Path:
         return self.state_dir / host
@@ -323,9 +246,7 @@ class Testbed:
     def nsenter_argv(self, host: str, argv: Sequence[str], cwd: str | None = None) -> list[str]:
         """argv that runs ``argv`` inside the host's network and mount namespaces."""
         self._check_host(host)
-        wd = [f"--wdns={cwd}"] if cwd is not None else []
-        return [tool("nsenter"), f"--net={self.netns_path(host)}",
-                f"--mount={self.mntns_path(host)}", *wd, "--", *argv]
+        return nsenter_argv(self.netns_path(host), self.mntns_path(host), argv, cwd)
 
     def exec(self, host: str, argv: Sequence[str],
              **kwargs: Any) -> subprocess.CompletedProcess[Any]:
@@ -354,12 +275,7 @@ class Testbed:
     # --- status ---
 
     def sshd_pid(self, host: str) -> int | None:
-        try:
-            pid = int(self._pid_file(host).read_text(encoding="ascii").strip())
-        except (OSError, ValueError):
-            return None
-        in_host = ns_id(f"/proc/{pid}/ns/mnt") == ns_id(self.mntns_path(host))
-        return pid if in_host and pid_alive(pid) else None
+        return sshd_pid(self._pid_file(host), self.mntns_path(host))
 
     def status(self) -> list[HostStatus]:
         mounts = mount_points()
@@ -416,26 +332,22 @@ class Testbed:
         self._write_keys_and_configs()
         self._make_bridge()
         for host in self.hosts:
-            self._make_host_network(host)
-            self._make_host_mounts(host)
+            self._make_host(host)
             self._start_sshd(host)
         self._wait_for_sshd()
 
     def _check_free(self) -> None:
-        links = run(["ip", "-o", "link", "show"]).stdout
-        names = {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()}
+        names = link_names()
         for name in (self.bridge, *(self.veth_name(h) for h in self.hosts)):
             if name in names:
                 raise TestbedError(f"network interface {name} already exists; pick another prefix")
         for host in self.hosts:
             if self.netns_path(host).exists():
                 raise TestbedError(f"network namespace {self.netns_name(host)} already exists")
-        for line in run(["ip", "-o", "-4", "addr", "show"]).stdout.splitlines():
-            words = line.split()
-            address = ipaddress.ip_interface(words[3])
-            if address.ip in self._network:
-                raise TestbedError(f"subnet {self.subnet} is already used by {words[1]} "
-                                   f"({words[3]}); pick another subnet")
+        for name, interface in ipv4_interfaces():
+            if ipaddress.ip_interface(interface).ip in self._network:
+                raise TestbedError(f"subnet {self.subnet} is already used by {name} "
+                                   f"({interface}); pick another subnet")
         if self.state_dir.exists() and any(self.state_dir.iterdir()):
             raise TestbedError(f"state dir {self.state_dir} is not empty and holds no testbed")
 
@@ -452,116 +364,38 @@ class Testbed:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
 
     def _write_keys_and_configs(self) -> None:
-        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
-        run([*keygen, "-C", "kcr-testbed-client", "-f", str(self.identity_path)])
-        self.state_dir.joinpath("authorized_keys").write_text(
-            self.identity_path.with_suffix(".pub").read_text(encoding="ascii"), encoding="ascii")
+        client_key = keygen(self.identity_path, "kcr-testbed-client")
+        self.state_dir.joinpath("authorized_keys").write_text(client_key, encoding="ascii")
         known = []
         for host in self.hosts:
-            key = self.host_dir(host) / "ssh_host_ed25519_key"
-            run([*keygen, "-C", f"kcr-testbed-{host}", "-f", str(key)])
-            kind, blob = key.with_suffix(".pub").read_text(encoding="ascii").split()[:2]
+            hd = self.host_dir(host)
+            kind, blob = keygen(hd / "ssh_host_ed25519_key", f"kcr-testbed-{host}").split()[:2]
             known.append(f"{host},{self.address(host)} {kind} {blob}\n")
-            self.host_dir(host).joinpath("sshd_config").write_text(self._sshd_config(host),
-                                                                   encoding="utf-8")
+            config = sshd_config(host, self.address(host), host_key=hd / "ssh_host_ed25519_key",
+                                 pid_file=self._pid_file(host),
+                                 authorized_keys=self.state_dir / "authorized_keys")
+            hd.joinpath("sshd_config").write_text(config, encoding="utf-8")
         self.known_hosts_path.write_text("".join(known), encoding="ascii")
-        self.ssh_config_path.write_text(self._ssh_config(), encoding="utf-8")
-
-    def _sshd_config(self, host: str) -> str:
-        hd = self.host_dir(host)
-        return "\n".join([
-            f"# sshd for testbed host {host}; written by examples/testbed.py",
-            f"ListenAddress {self.address(host)}:{SSH_PORT}",
-            "AddressFamily inet",
-            f"HostKey {hd / 'ssh_host_ed25519_key'}",
-            f"PidFile {hd / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.state_dir / 'authorized_keys'}",
-            "PermitRootLogin prohibit-password",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "UsePAM no",
-            "StrictModes no",
-            "UseDNS no",
-            "PrintMotd no",
-            "PrintLastLog no",
-            "X11Forwarding no",
-            "MaxStartups 100:30:200",
-            "MaxSessions 100",
-            # SHLVL=1 makes bash treat `ssh host cmd` as a nested shell, so it skips ~/.bashrc:
-            # sessions get exactly this PATH, and no rc-file side effects (root's bashrc here runs
-            # `pyenv rehash`, whose global lock, left stale by one killed session, stalls every
-            # later session for 60 s).
-            f"SetEnv PATH={session_path()} SHLVL=1",
-            "Subsystem sftp internal-sftp",
-            "",
-        ])
-
-    def _ssh_config(self) -> str:
-        blocks = [f"# ssh -F {self.ssh_config_path} HOST; written by examples/testbed.py\n"]
-        for host in self.hosts:
-            blocks.append("\n".join([
-                f"Host {host}",
-                f"    HostName {self.address(host)}",
-                f"    Port {SSH_PORT}",
-                "    User root",
-                f"    IdentityFile {self.identity_path}",
-                "    IdentitiesOnly yes",
-                f"    UserKnownHostsFile {self.known_hosts_path}",
-                "    GlobalKnownHostsFile /dev/null",
-                "    StrictHostKeyChecking yes",
-                "    BatchMode yes",
-                "    ConnectTimeout 10",
-                "    LogLevel ERROR",
-                "",
-            ]))
-        return "\n".join(blocks)
+        config = ssh_config(self.ssh_config_path, [(h, self.address(h)) for h in self.hosts],
+                            identity=self.identity_path, known_hosts=self.known_hosts_path)
+        self.ssh_config_path.write_text(config, encoding="utf-8")
 
     def _make_bridge(self) -> None:
-        run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        run(["ip", "addr", "add", f"{self.bridge_address}/{self._network.prefixlen}",
-             "dev", self.bridge])
-        run(["ip", "link", "set", self.bridge, "up"])
+        make_bridge(self.bridge, f"{self.bridge_address}/{self._network.prefixlen}")
 
-    def _make_host_network(self, host: str) -> None:
-        ns, veth = self.netns_name(host), self.veth_name(host)
-        run(["ip", "netns", "add", ns])
-        run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        run(["ip", "link", "set", veth, "master", self.bridge, "up"])
-        run(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/{self._network.prefixlen}",
-             "dev", "eth0"])
-        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        run(["ip", "-n", ns, "link", "set", "lo", "up"])
-
-    def _make_host_mounts(self, host: str) -> None:
-        mnt = self.mntns_path(host)
-        mnt.touch()
-        run(["unshare", f"--mount={mnt}", "--propagation", "private", "true"])
-        in_ns = ["nsenter", f"--mount={mnt}", "--"]
-        # Do not pin other hosts' network namespaces through this namespace's copy of /run/netns;
-        # an empty tmpfs there keeps `ip` inside the host from tripping over stale entries.
-        if "/run/netns" in mount_points():
-            run([*in_ns, tool("umount"), "--recursive", "--lazy", "/run/netns"])
-            run([*in_ns, tool("mount"), "-t", "tmpfs", "-o", "size=64k,mode=755", "kcr-netns",
-                 "/run/netns"])
-        Path("/srv").mkdir(mode=0o755, exist_ok=True)
+    def _make_host(self, host: str) -> None:
+        make_netns(self.netns_name(host), self.veth_name(host), self.bridge,
+                   f"{self.address(host)}/{self._network.prefixlen}")
+        make_mntns(self.mntns_path(host))
         if self.srv_fs == "dir":
-            srv = self.host_dir(host) / "srv"
-            srv.mkdir(mode=0o755, exist_ok=True)
-            run([*in_ns, tool("mount"), "--bind", str(srv), "/srv"])
+            mount_srv_dir(self.mntns_path(host), self.host_dir(host) / "srv")
         else:
-            image = self.srv_image(host)
-            with open(image, "wb") as f:
-                f.truncate(self.srv_size)
-            device = run(["losetup", "--find", "--show", str(image)]).stdout.strip()
-            run(["mkfs.btrfs", "-q", device])
-            run([*in_ns, tool("mount"), "-t", "btrfs", device, "/srv"])
+            mount_srv_btrfs(self.mntns_path(host), self.srv_image(host), self.srv_size)
 
     def _start_sshd(self, host: str) -> None:
         hd = self.host_dir(host)
-        argv = self.nsenter_argv(host, [tool("sshd"), "-f", str(hd / "sshd_config"),
-                                        "-E", str(hd / "sshd.log")])
-        run(argv, timeout=SSHD_START_TIMEOUT)  # sshd daemonizes once it has parsed its config
+        start_sshd(self.netns_path(host), self.mntns_path(host), hd / "sshd_config",
+                   hd / "sshd.log")
 
     def _wait_for_sshd(self) -> None:
         deadline = time.monotonic() + SSHD_START_TIMEOUT
@@ -580,11 +414,7 @@ class Testbed:
                                    f"{detail}{self._sshd_log_tail(host)}")
 
     def _sshd_log_tail(self, host: str) -> str:
-        try:
-            lines = (self.host_dir(host) / "sshd.log").read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return f" (sshd.log: {lines[-1]})" if lines else ""
+        return sshd_log_tail(self.host_dir(host) / "sshd.log")
 
     # --- down ---
 
@@ -606,21 +436,10 @@ class Testbed:
             kill_namespace_members(ids)
 
     def _remove_host_mounts(self, host: str) -> None:
-        mnt = str(self.mntns_path(host))
-        if mnt in mount_points():
-            run(["nsenter", f"--mount={mnt}", "--", tool("umount"), "/srv"], check=False)
-            run(["umount", mnt])
-        image = self.srv_image(host)
-        if image.exists():
-            for line in run(["losetup", "--associated", str(image)]).stdout.splitlines():
-                run(["losetup", "--detach", line.split(":")[0]])
+        remove_mntns(self.mntns_path(host), self.srv_image(host))
 
     def _remove_host_network(self, host: str) -> None:
-        veth = self.veth_name(host)
-        if Path("/sys/class/net", veth).exists():
-            run(["ip", "link", "del", veth], check=False)
-        if self.netns_path(host).exists():
-            run(["ip", "netns", "del", self.netns_name(host)])
+        remove_netns(self.netns_name(host), self.veth_name(host))
 
     def _remove_host_files(self, host: str) -> None:
         hd = self.host_dir(host)
@@ -632,8 +451,7 @@ class Testbed:
             hd.rmdir()
 
     def _remove_bridge(self) -> None:
-        if Path("/sys/class/net", self.bridge).exists():
-            run(["ip", "link", "del", self.bridge])
+        remove_link(self.bridge)
 
     def _remove_state_dir(self) -> None:
         for name in TOP_FILES:
