@@ -12,7 +12,7 @@ from examples.testbed import Testbed
 from tests._transport import page_batch
 from transport.errors import IncompatibleImage, ProtocolError, TransportError
 from transport.protocol import PROTOCOL_VERSION
-from transport.ssh import open_ssh_agent
+from transport.ssh import AsyncioThread, _connect, cpu_has_aes, open_ssh_agent
 from transport.tcp import new_key
 
 
@@ -113,3 +113,25 @@ async def test_an_unknown_host(testbed: Testbed) -> None:
         async with open_ssh_agent("no-such-host.invalid", ssh_config=str(testbed.ssh_config_path),
                                   connect_timeout=10):
             pass
+
+
+@pytest.mark.skipif(not cpu_has_aes(), reason="this CPU has no AES instructions: asyncssh's own order is kept")
+@pytest.mark.parametrize("ciphers, expected", [(None, "aes128-gcm@openssh.com"),
+                                               ("chacha20-poly1305@openssh.com", "chacha20-poly1305@openssh.com")])
+async def test_aes_gcm_comes_first_unless_the_ssh_config_names_ciphers(
+        testbed: Testbed, tmp_path: Path, ciphers: str | None, expected: str) -> None:
+    config = testbed.ssh_config_path
+    if ciphers is not None:
+        config = tmp_path / "ssh_config"
+        config.write_text(f"Host *\n    Ciphers {ciphers}\n\n" + testbed.ssh_config_path.read_text())
+    aio = AsyncioThread()
+    aio.start()
+    try:
+        conn = await aio.run(_connect("hostA", str(config), 30.0))
+        try:
+            assert conn.get_extra_info("send_cipher") == conn.get_extra_info("recv_cipher") == expected
+        finally:
+            conn.close()
+            await aio.run(conn.wait_closed())
+    finally:
+        await aio.stop()

@@ -39,6 +39,11 @@ EXIT_WAIT = 5.0
 SSH_WINDOW = 8 << 20           # our receive window on the exec channel
 SSH_PACKET = 128 << 10         # largest data packet we accept
 RECEIVE_SIZE = 1 << 20
+# Ciphers we put first when this CPU has AES instructions and the ssh config names none:
+# AES-GCM is then several times cheaper per byte than chacha20-poly1305 (asyncssh's first
+# choice), here and in the remote sshd. The rest of asyncssh's defaults follow, so a server
+# without them still agrees on one.
+AES_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 COMMAND_NOT_FOUND = 127
 
 
@@ -119,15 +124,16 @@ class SshStream(trio.abc.Stream):
         self._pending_read: concurrent.futures.Future[bytes] | None = None
         self._closed = False
 
-    async def _write(self, data: bytes) -> None:
-        self._process.stdin.write(data)
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
+        # asyncssh copies ``data`` into its send buffer here, before the trio caller resumes.
+        self._process.stdin.write(data)  # type: ignore[arg-type]
         await self._process.stdin.drain()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the ssh stream is closed")
         try:
-            await self._aio.run(self._write(data if isinstance(data, bytes) else bytes(data)))
+            await self._aio.run(self._write(data))
         except _BROKEN as exc:
             raise trio.BrokenResourceError(f"the SSH channel to {self._host} broke: {exc}") from exc
 
@@ -192,11 +198,37 @@ def _connect_error(host: str, exc: BaseException, config: str | None) -> Transpo
     return TransportError(f"SSH to {host} failed: {exc}")
 
 
+def cpu_has_aes() -> bool:
+    """Whether this CPU has AES instructions (x86 ``aes`` flag, arm64 ``aes`` feature)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
+async def _cipher_options(host: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``AES_GCM_FIRST`` if this CPU has AES and the ssh config sets no Ciphers for ``host``."""
+    if not cpu_has_aes():
+        return {}
+    parsed = await asyncssh.SSHClientConnectionOptions.construct(host=host, **options)
+    if parsed.config.get("Ciphers") is not None:
+        return {}
+    return {"encryption_algs": AES_GCM_FIRST}
+
+
 async def _connect(host: str, config: str | None, timeout: float) -> asyncssh.SSHClientConnection:
     options: dict[str, Any] = {}
     if config is not None:
         options["config"] = [config]
-    return await asyncio.wait_for(asyncssh.connect(host, **options), timeout)
+
+    async def connect() -> asyncssh.SSHClientConnection:
+        return await asyncssh.connect(host, **options, **await _cipher_options(host, options))
+    return await asyncio.wait_for(connect(), timeout)
 
 
 async def _pump_stderr(process: asyncssh.SSHClientProcess[bytes], tail: StderrTail) -> None:
