@@ -10,7 +10,7 @@ import pytest
 
 from tests._transport import page_batch
 from transport.errors import PeerGone, TransportError
-from transport.local import AGENT_ARGV, open_local_agent
+from transport.local import AGENT_ARGV, PIPE_SIZE, open_local_agent
 from transport.protocol import PROTOCOL_VERSION
 
 
@@ -75,3 +75,15 @@ def test_agent_cli() -> None:
     assert info.returncode == 0 and json.loads(info.stdout)["protocol_version"] == PROTOCOL_VERSION
     usage = kcr_agent("serve")
     assert usage.returncode == 2 and "--stdio" in usage.stderr
+
+
+def test_the_agent_enlarges_its_stdio_pipes() -> None:
+    """Under sshd the agent's stdin and stdout are pipes: it asks for PIPE_SIZE on each."""
+    script = ("import fcntl, sys; from transport.local import stdio_stream; s = stdio_stream(); "
+              "print(fcntl.fcntl(s.send_stream.fileno(), fcntl.F_GETPIPE_SZ), "
+              "fcntl.fcntl(s.receive_stream.fileno(), fcntl.F_GETPIPE_SZ), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.split() == [str(PIPE_SIZE), str(PIPE_SIZE)]

@@ -8,6 +8,7 @@ sshd), with fd 1 pointed at stderr so that a stray print cannot corrupt the stre
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import socket
@@ -26,6 +27,7 @@ from transport.rpc import Methods, RpcPeer, open_rpc
 
 AGENT_ARGV: tuple[str, ...] = (sys.executable, "-m", "agent.cli", "serve", "--stdio")
 STDERR_TAIL = 4096
+PIPE_SIZE = 1 << 20     # asked of stdio pipes (sshd's): fewer, larger reads and writes on both ends
 EXIT_TIMEOUT = 5.0
 
 
@@ -47,6 +49,12 @@ def stdio_stream() -> trio.abc.Stream:
         os.close(out_fd)
         sock = socket.socket(fileno=in_fd)
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    for fd, st in ((in_fd, st_in), (out_fd, st_out)):
+        if stat.S_ISFIFO(st.st_mode):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # above /proc/sys/fs/pipe-max-size for this user: the pipe keeps its size
     return trio.StapledStream(trio.lowlevel.FdStream(out_fd), trio.lowlevel.FdStream(in_fd))
 
 
