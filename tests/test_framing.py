@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 
 import pytest
 
@@ -19,6 +20,7 @@ from transport.framing import (
     STREAM_MAGIC,
     FrameDecoder,
     encode_frame,
+    frame_header,
     read_frame,
     read_stream_magic,
 )
@@ -155,3 +157,13 @@ def test_header_layout_is_stable() -> None:
     assert HEADER_SIZE == 12
     assert HEADER.format == "<2sBBII"
     assert struct.unpack("<2sBBII", encode_frame(KIND_RECORD, 0, b"")[:12])[0] == b"KF"
+
+
+def test_a_decoded_frame_carries_its_checked_crc_and_a_known_crc_is_not_recomputed() -> None:
+    payload = os.urandom(5000)
+    dec = FrameDecoder()
+    dec.feed(stream_of(payload, kind=KIND_PAGES))
+    frame = dec.next_frame()
+    assert frame is not None and frame.crc == zlib.crc32(payload)
+    assert frame_header(KIND_PAGES, 0, [payload], crc=frame.crc) == frame_header(KIND_PAGES, 0, [payload])
+    assert HEADER.unpack(frame_header(KIND_PAGES, 0, [payload], crc=7))[4] == 7

@@ -82,6 +82,20 @@ async def test_received_batches_can_be_forwarded_undecoded() -> None:
     assert isinstance(got, PageBatch) and same(got, batch)
 
 
+async def test_a_forwarded_batch_keeps_its_checked_crc_and_the_next_receiver_checks_it() -> None:
+    batch = page_batch(64, seed=4)
+    a, b = socket_pair()
+    c, d = socket_pair()
+    async with FramedStream(a) as fa, FramedStream(b) as fb, FramedStream(c) as fc, FramedStream(d) as fd:
+        await fa.send_batch(batch)
+        raw = await fb.receive_item()
+        assert isinstance(raw, RawBatch) and raw.crc is not None
+        # The crc travels on unchanged (it is not computed again); a wrong one is caught downstream.
+        await fc.send_batch(RawBatch(raw.flags, raw.payload, raw.crc ^ 1))
+        with pytest.raises(ProtocolError, match="checksum"):
+            await fd.receive()
+
+
 # --- backpressure -------------------------------------------------------------------------
 
 async def _until_quiet(fs: FramedStream) -> None:

@@ -44,6 +44,7 @@ class Frame:
     kind: int
     flags: int
     payload: bytes | bytearray | memoryview
+    crc: int | None = None     # the payload's checksum, as checked on receipt
 
 
 def crc32_of(parts: Iterable[bytes | bytearray | memoryview]) -> int:
@@ -53,13 +54,15 @@ def crc32_of(parts: Iterable[bytes | bytearray | memoryview]) -> int:
     return crc
 
 
-def frame_header(kind: int, flags: int, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
-    """The header for a payload given as one or more buffers (they are not copied)."""
+def frame_header(kind: int, flags: int, parts: Iterable[bytes | bytearray | memoryview], *,
+                 crc: int | None = None) -> bytes:
+    """The header for a payload given as one or more buffers (they are not copied). ``crc``:
+    the payload's checksum if already known (a frame forwarded as it was received and checked)."""
     parts = list(parts)
     length = sum(len(p) for p in parts)
     if length > max_len_for(kind):
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_len_for(kind)}-byte cap")
-    return HEADER.pack(FRAME_MAGIC, kind, flags, length, crc32_of(parts))
+    return HEADER.pack(FRAME_MAGIC, kind, flags, length, crc32_of(parts) if crc is None else crc)
 
 
 def encode_frame(kind: int, flags: int, payload: bytes) -> bytes:
@@ -181,7 +184,7 @@ class FrameDecoder:
         payload = self._take(length) if length else b""
         self._header = None
         check_payload(payload, crc)
-        return Frame(kind, flags, payload)
+        return Frame(kind, flags, payload, crc)
 
     def wanted(self) -> int:
         """How many more bytes the frame in progress needs (a hint for readers)."""
@@ -223,4 +226,4 @@ def read_frame(f: BinaryIO) -> Frame | None:
     kind, flags, length, crc = parse_header(header)
     payload = _read_exact(f, length, "a frame")
     check_payload(payload, crc)
-    return Frame(kind, flags, payload)
+    return Frame(kind, flags, payload, crc)

@@ -92,6 +92,7 @@ class RawBatch:
 
     flags: int
     payload: bytes | bytearray | memoryview
+    crc: int | None = None     # the frame's checksum, checked on receipt: forwarding reuses it
 
     @property
     def raw_len(self) -> int:
@@ -108,7 +109,7 @@ class RawBatch:
         raw_len = BATCH_HEAD.unpack_from(frame.payload)[1]
         if raw_len == 0 or raw_len > MAX_BATCH_RAW or raw_len % PAGE_SIZE:
             raise ProtocolError(f"page batch of {raw_len} bytes")
-        return cls(frame.flags, frame.payload)
+        return cls(frame.flags, frame.payload, frame.crc)
 
 
 Item = Record | RawBatch
@@ -277,7 +278,7 @@ class FramedStream:
         if isinstance(batch, RawBatch):
             payload = batch.payload
             await self._reserve(len(payload))
-            out = _Out("batch", (frame_header(KIND_PAGES, batch.flags, [payload]), payload))
+            out = _Out("batch", (frame_header(KIND_PAGES, batch.flags, [payload], crc=batch.crc), payload))
             out.batch_raw, out.batch_pages, out.held = batch.raw_len, batch.npages, len(payload)
             out.level = "forwarded"
             self._enqueue(out)
