@@ -38,11 +38,9 @@ files in /dev/shm and the temporary directory are removed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -60,24 +58,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))      # this checkout's engine, whatever else is installed
 
 from agent.dump import collect_layout
+from benchmarks._common import (
+    KCR, MIB, BenchError, become_subreaper, compile_c, fill_and_free, guarded, machine_info, machine_summary,
+    probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
 from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv, process_vm_writev
 from precopy.layout import PageFinder
 from precopy.pagemap import pagemap_scan_works
 
 PAGE = 4096
-MIB = 1 << 20
-KCR = [sys.executable, "-m", "migrate"]
 WORKLOAD_SRC = REPO / "benchmarks" / "workloads" / "bench_mem.c"
-PR_SET_CHILD_SUBREAPER = 36
 COPY_BUFFER = 8 * MIB             # the raw floors' reused buffer
 READY_TIMEOUT = 300.0
-CLI_TIMEOUT = 900.0
 
 Run = tuple[int, int]             # (address, length in bytes)
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says what failed."""
 
 
 # -- processes and files the run owns -------------------------------------------------------
@@ -139,52 +132,19 @@ def _children() -> Iterator[int]:
             yield int(entry)
 
 
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def run_tool(argv: list[str], timeout: float = CLI_TIMEOUT) -> tuple[float, str]:
-    """Run a command to completion; returns (wall seconds, stdout). Ctrl-C reaches it as SIGINT,
-    so kcr-migrate rolls back, and it is killed if it does not finish soon after."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, close_fds=True, cwd=REPO)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except KeyboardInterrupt:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        raise
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        raise BenchError(f"`{' '.join(argv)}` took more than {timeout:.0f} s") from None
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise BenchError(f"`{' '.join(argv)}` failed (exit {p.returncode}): {err.strip()[-2000:]}")
+def run_checked(argv: list[str]) -> tuple[float, str]:
+    """``run_tool``, failing unless the command succeeds; returns (wall seconds, stdout)."""
+    wall, status, out, err = run_tool(argv)
+    if status != 0:
+        raise BenchError(f"`{' '.join(argv)}` failed (exit {status}): {err.strip()[-2000:]}")
     return wall, out
 
 
 # -- the workload ---------------------------------------------------------------------------
 
 def build_workload(session: Session) -> Path:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise BenchError("no C compiler: apt-get install gcc")
     out = session.tmp / "bench_mem"
-    res = subprocess.run([cc, "-O2", "-o", str(out), str(WORKLOAD_SRC)], check=False, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BenchError(f"compiling {WORKLOAD_SRC} failed: {res.stderr.strip()}")
+    compile_c(WORKLOAD_SRC, out)
     return out
 
 
@@ -286,11 +246,6 @@ def _chunks(runs: list[Run], cap: int) -> Iterator[list[Run]]:
         yield group
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
-
-
 def raw_dump(pid: int, runs: list[Run], path: Path, buf: bytearray) -> int:
     """The checkpoint floor: process_vm_readv every run, write it to ``path``; returns bytes."""
     view = memoryview(buf)
@@ -314,7 +269,7 @@ def raw_dump(pid: int, runs: list[Run], path: Path, buf: bytearray) -> int:
                         skip = max(0, got - off)
                         os.preadv(mem, [view[off + skip: off + n]], addr + skip)
                     off += n
-            _write_all(fd, view[:want])
+            write_all(fd, view[:want])
             total += want
     finally:
         os.close(fd)
@@ -347,13 +302,13 @@ def kcr_checkpoint(session: Session, pid: int, image: Path, compress: bool) -> d
     argv = [*KCR, "checkpoint", str(pid), "-o", str(image), "--leave-running", "--stats-json", str(stats_file)]
     if not compress:
         argv.append("--no-compress")
-    wall, _ = run_tool(argv)
+    wall, _ = run_checked(argv)
     stats = json.loads(stats_file.read_text())
     return {"wall_s": wall, "image_bytes": image.stat().st_size, **stats}
 
 
 def kcr_restore(session: Session, image: Path, w: Workload, what: str) -> dict[str, Any]:
-    wall, out = run_tool([*KCR, "restore", "-i", str(image), "--json"])
+    wall, out = run_checked([*KCR, "restore", "-i", str(image), "--json"])
     result = json.loads(out.strip().splitlines()[-1])
     pid = int(result["pid"])
     session.adopt(pid)
@@ -362,26 +317,6 @@ def kcr_restore(session: Session, image: Path, w: Workload, what: str) -> dict[s
     finally:
         session.end(pid)
     return {"wall_s": wall, **result, "verification": check}
-
-
-def probe_criu() -> tuple[str | None, str]:
-    """(path, version) where `criu check` passes on this machine, else (None, why not)."""
-    path = shutil.which("criu")
-    if path is None:
-        return None, "no criu binary on PATH"
-    try:
-        ver = subprocess.run([path, "--version"], check=False, capture_output=True, text=True, timeout=30, close_fds=True)
-        version = "criu " + (ver.stdout.split("\n")[0].replace("Version:", "").strip() or "(version unknown)")
-        res = subprocess.run([path, "check"], check=False, capture_output=True, text=True, timeout=120, close_fds=True)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{path} could not run: {exc}"
-    if res.returncode != 0:
-        # "Error (criu/vdso.c:381): vdso: Unexpected ..." -> the messages, first (the cause) and last
-        msgs = [ln.split("): ", 1)[-1].strip() for ln in (res.stdout + res.stderr).splitlines()]
-        msgs = [m for m in msgs if m and not m.startswith("exited, status")]
-        why = "no output" if not msgs else msgs[0] if len(msgs) == 1 else f"{msgs[0]} ... {msgs[-1]}"
-        return None, f"{version} at {path}: `criu check` fails (exit {res.returncode}): {why}"
-    return path, f"{version} at {path}"
 
 
 def _criu_log_tail(directory: Path, log: str) -> str:
@@ -395,7 +330,7 @@ def criu_dump(criu: str, pid: int, directory: Path) -> dict[str, Any]:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
     try:
-        wall, _ = run_tool([criu, "dump", "-t", str(pid), "-D", str(directory), "--shell-job", "--leave-running",
+        wall, _ = run_checked([criu, "dump", "-t", str(pid), "-D", str(directory), "--shell-job", "--leave-running",
                             "-o", "dump.log"])
     except BenchError as exc:
         raise BenchError(f"{exc}; dump.log: {_criu_log_tail(directory, 'dump.log')}") from None
@@ -407,7 +342,7 @@ def criu_restore(session: Session, criu: str, directory: Path, w: Workload) -> d
     pidfile = session.tmp / "criu-restored.pid"
     pidfile.unlink(missing_ok=True)
     try:
-        wall, _ = run_tool([criu, "restore", "-D", str(directory), "-d", "--shell-job", "--pidfile", str(pidfile),
+        wall, _ = run_checked([criu, "restore", "-D", str(directory), "-d", "--shell-job", "--pidfile", str(pidfile),
                             "-o", "restore.log"])
     except BenchError as exc:
         raise BenchError(f"{exc}; restore.log: {_criu_log_tail(directory, 'restore.log')}") from None
@@ -445,25 +380,6 @@ class Op:
         return statistics.median(values) if values else None
 
 
-WARM_CHUNK = bytes(8 * MIB)
-REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
-
-
-def fill_and_free(path: Path, mib: int) -> float:
-    """Write ``mib`` MiB to a new file, then delete it: the freed pages are backed by the host
-    for a while. Returns the seconds the writes took."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    t0 = time.perf_counter()
-    try:
-        for _ in range(-(-mib // 8)):
-            _write_all(fd, memoryview(WARM_CHUNK))
-        took = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-        path.unlink()
-    return took
-
-
 @dataclass(frozen=True)
 class CpuSample:
     busy_s: float          # every CPU's non-idle time, all processes
@@ -492,42 +408,6 @@ def cpu_sample(extra: list[int]) -> CpuSample:
     return CpuSample((user + nice + system + irq + softirq) / tick, steal / tick, ours, time.monotonic())
 
 
-def reported_kib() -> int | None:
-    """Memory this VM has handed back to its host so far (free page reporting), where it says."""
-    try:
-        return int(REPORTED_KIB.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    mem_kib = 0
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    try:
-        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        thp = "unknown"
-    rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], check=False,
-                         capture_output=True, text=True)
-    try:
-        import zstandard
-        zstd = zstandard.__version__
-    except ImportError:
-        zstd = "missing"
-    return {"kernel": platform.release(), "cpu_model": cpu, "cores": os.cpu_count(),
-            "memory_gib": round(mem_kib / 2**20, 1), "thp": thp, "python": platform.python_version(),
-            "zstandard": zstd, "kcr_revision": rev.stdout.strip() or "unknown"}
-
-
 def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -550,13 +430,7 @@ def render(ops: list[Op], baseline: Op) -> tuple[str, dict[str, dict[str, Any]]]
                         "ratio_vs_criu": vs_criu,
                         **{f"{k}_median": statistics.median(v) for k, v in op.extra.items()},
                         **{f"{k}_samples": v for k, v in op.extra.items()}}
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines), data
+    return table(rows), data
 
 
 def render_details(ops: list[Op]) -> str:
@@ -570,9 +444,7 @@ def render_details(ops: list[Op]) -> str:
         rows.append((op.label, "-" if image is None else f"{image:.1f}", "-" if frozen is None else f"{frozen:.0f}",
                      "-" if engine is None else f"{engine:.3f}",
                      "-" if engine is None else f"{op.median - engine:.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-                     for r in rows)
+    return table(rows, rule=False)
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -581,9 +453,8 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     mib = args.mib or (256 if args.quick else 1024)
     reps = args.reps or (3 if args.quick else 7)
     warm = not args.no_warmup
-    machine = machine_info()
-    print(f"machine: Linux {machine['kernel']}, {machine['cpu_model']}, {machine['cores']} cores, "
-          f"{machine['memory_gib']} GiB, THP {machine['thp']}; Python {machine['python']}, "
+    machine = machine_info(memory=True, modules=["zstandard"])
+    print(f"machine: {machine_summary(machine)}; Python {machine['python']}, "
           f"zstandard {machine['zstandard']}; kcr-migrate {machine['kcr_revision']}", flush=True)
     criu_path, criu_note = probe_criu()
     criu_state: dict[str, Any] = {"path": criu_path, "note": criu_note}
@@ -720,11 +591,11 @@ def bench(args: argparse.Namespace, session: Session) -> int:
         warm_info["reported_to_host_during_run_mib"] = (reported_at_end - reported_at_start) // 1024
     criu_note = criu_state["note"]
 
-    table, results = render(list(ops.values()), ops["baseline"])
+    text, results = render(list(ops.values()), ops["baseline"])
     print()
     print(f"{mib} MiB workload, {reps} timed rounds{' after an untimed warm-up round' if warm else ''}; "
           f"files in /dev/shm; ratios are of medians (above 1x: slower)")
-    print(table)
+    print(text)
     print()
     print(render_details(list(ops.values())))
     floor = ops["writeback"].median
@@ -768,11 +639,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
                         "restores_timed": len(ops["criu_restore"].samples)},
                "results": results,
                "verification": [c.__dict__ for c in checks], "verified": not bad}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, doc)
         print(f"wrote {args.json}")
     return 1 if bad else 0
 
@@ -796,18 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/checkpoint.py: run as root (CRIU and tracing other users' processes need it)",
               file=sys.stderr)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    stop_on_signals(signal.SIGTERM, signal.SIGHUP)
     become_subreaper()
     session = Session()
     try:
-        return bench(args, session)
-    except BenchError as exc:
-        print(f"benchmarks/checkpoint.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("benchmarks/checkpoint.py: interrupted; processes ended and files removed", file=sys.stderr)
-        return 130
+        return guarded("benchmarks/checkpoint.py", lambda: bench(args, session),
+                       interrupted="interrupted; processes ended and files removed")
     finally:
         session.close()
 

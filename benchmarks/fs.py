@@ -28,10 +28,8 @@ SIGTERM, with every process the run started.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -44,6 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))      # this checkout's tool, whatever else is installed
 
+from benchmarks._common import (  # noqa: E402
+    CLI_TIMEOUT, MIB, BenchError, become_subreaper, guarded, machine_info, machine_summary, stop_on_signals,
+    write_json)
 from examples.testbed import Testbed, TestbedError  # noqa: E402
 
 STATE_DIR = Path("/run/kcr-testbed-fsbench")
@@ -52,10 +53,7 @@ SUBNET = "10.77.222.0/24"
 DATA = "/srv/data"
 FILE_MIB = 16
 CHUNK = 1 << 20
-MIB = 1 << 20
 HOOKS = ("rsync", "btrfs")
-PR_SET_CHILD_SUBREAPER = 36
-CLI_TIMEOUT = 900.0
 
 WRITER = r"""
 import os, random, sys, time
@@ -101,21 +99,6 @@ for name in sorted(os.listdir(sys.argv[1])):
     out[name] = h.hexdigest()
 print(json.dumps(out))
 """
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says what failed."""
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def become_subreaper() -> None:
-    """Restored jobs (not our children) are adopted, so they can be reaped here."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def sh(bed: Testbed, host: str, script: str, timeout: float = 600) -> str:
@@ -250,35 +233,14 @@ def render(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, dic
     return "\n".join(lines), table
 
 
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for tool in (["rsync", "--version"], ["btrfs", "--version"], ["ssh", "-V"]):
-        try:
-            res = subprocess.run(tool, capture_output=True, text=True, timeout=10)
-            versions[tool[0]] = (res.stdout or res.stderr).splitlines()[0].strip()
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            versions[tool[0]] = "?"
-    return {"kernel": platform.release(), "cpu_model": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            **versions}
-
-
 # --- the run -------------------------------------------------------------------------------
 
 def bench(args: argparse.Namespace, bed: Testbed, work: Path) -> int:
     mib = args.mib or (256 if args.quick else 1024)
     mib -= mib % FILE_MIB
     reps = args.reps or (1 if args.quick else 3)
-    m = machine_info()
-    print(f"machine: Linux {m['kernel']}, {m['cpu_model']}, {m['cores']} cores; Python {m['python']}; "
-          f"{m['rsync']}; {m['btrfs']}; {m['ssh']}", flush=True)
+    m = machine_info(tools=[["rsync", "--version"], ["btrfs", "--version"], ["ssh", "-V"]], revision=False)
+    print(f"machine: {machine_summary(m)}; Python {m['python']}; {m['rsync']}; {m['btrfs']}; {m['ssh']}", flush=True)
     print(f"hosts: {bed.state_dir} (btrfs /srv on loop devices, ssh between them)", flush=True)
     sh(bed, "hostA", f"btrfs subvolume create {DATA} >/dev/null")
     t0 = time.monotonic()
@@ -309,9 +271,9 @@ def bench(args: argparse.Namespace, bed: Testbed, work: Path) -> int:
           f"median of {reps}")
     print(text, flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_json(args.json, {
             "benchmark": "fs", "machine": m, "data_mib": mib, "file_mib": FILE_MIB, "rate_mib_s": args.rate,
-            "reps": reps, "warmup": not args.no_warmup, "median": table, "runs": results}, indent=2) + "\n")
+            "reps": reps, "warmup": not args.no_warmup, "median": table, "runs": results})
         print(f"wrote {args.json}")
     return 0
 
@@ -332,23 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("fs.py: must run as root (test hosts, ptrace)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals(signal.SIGTERM)
     become_subreaper()
     mib = args.mib or (256 if args.quick else 1024)
     bed = Testbed(STATE_DIR, prefix=PREFIX, subnet=SUBNET, srv_fs="btrfs", srv_size=max(2 << 30, mib * MIB * 5))
-    try:
+
+    def run() -> int:
         with tempfile.TemporaryDirectory(prefix="kcr-fsbench-") as work:
             try:
                 bed.up()
                 return bench(args, bed, Path(work))
             finally:
                 bed.down()
-    except (BenchError, TestbedError) as exc:
-        print(f"fs.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fs.py: interrupted; hosts torn down", file=sys.stderr)
-        return 130
+    return guarded("fs.py", run, interrupted="interrupted; hosts torn down", errors=(BenchError, TestbedError))
 
 
 if __name__ == "__main__":

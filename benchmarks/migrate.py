@@ -51,7 +51,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,22 +60,20 @@ sys.path.insert(0, str(REPO))      # this checkout's engine, whatever else is in
 
 import trio  # noqa: E402
 
-from benchmarks.checkpoint import fill_and_free, machine_info, probe_criu, reported_kib  # noqa: E402
-from benchmarks.transport import raw_tcp  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    CLI_TIMEOUT, KCR, MIB, BenchError, compile_c, fill_and_free, guarded, machine_info, machine_summary, probe_criu,
+    raw_tcp, reported_kib, run_tool, stop_on_signals, table, write_json)
 from examples.testbed import Testbed, TestbedError, tcp_open  # noqa: E402
 from transport.errors import MigrationError  # noqa: E402
 from transport.ssh import open_ssh_agent  # noqa: E402
 from transport.stream import RawBatch  # noqa: E402
 
-MIB = 1 << 20
-KCR = [sys.executable, "-m", "migrate"]
 WORKLOAD_SRC = REPO / "tests" / "workloads" / "mig_dirty.c"
 STATE_DIR = Path("/run/kcr-testbed-bench")
 PREFIX = "kcrm-"
 SUBNET = "10.77.216.0/24"
 STEP_S = 0.010                     # the job's step: sleep 10 ms, then write
 READY_TIMEOUT = 300.0
-CLI_TIMEOUT = 900.0
 CALL_TIMEOUT = 900.0
 CRIU_PORT = 27027
 DOWNTIME_TARGET_MS = 20.0
@@ -89,14 +86,6 @@ NO_SLEEP_HEADER = "#include <time.h>\n#define nanosleep(req, rem) 0\n"
 KCR_PRECOPY = "kcr pre-copy"
 STOP_AND_COPY = "stop-and-copy"
 CRIU = "criu"
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says what failed."""
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def log(msg: str) -> None:
@@ -183,29 +172,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def run_tool(argv: list[str], timeout: float = CLI_TIMEOUT) -> tuple[float, int, str, str]:
-    """Run a command; (wall seconds, exit status, stdout, stderr). Ctrl-C reaches it as SIGINT,
-    so kcr-migrate rolls back, and it is killed if it does not finish soon after."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, close_fds=True, cwd=REPO)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except KeyboardInterrupt:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        raise
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        raise BenchError(f"`{' '.join(argv)}` took more than {timeout:.0f} s") from None
-    return time.perf_counter() - t0, p.returncode, out, err
-
-
 # -- the job and its reference --------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -215,17 +181,11 @@ class Binaries:
 
 
 def build(session: Session) -> Binaries:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise BenchError("no C compiler: apt-get install gcc")
     header = session.tmp / "no_sleep.h"
     header.write_text(NO_SLEEP_HEADER)
     out = Binaries(session.tmp / "mig_dirty", session.tmp / "mig_dirty_ref")
     for target, extra in ((out.job, []), (out.reference, ["-include", str(header)])):
-        res = subprocess.run([cc, "-O2", "-pthread", *extra, "-o", str(target), str(WORKLOAD_SRC)],
-                             check=False, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BenchError(f"compiling {WORKLOAD_SRC} failed: {res.stderr.strip()}")
+        compile_c(WORKLOAD_SRC, target, ["-pthread", *extra])
     return out
 
 
@@ -580,14 +540,6 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(r))
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def render(summary: dict[tuple[str, int], dict[str, Any]], cases: list[str], rates: list[int]) -> str:
     rows: list[tuple[str, ...]] = [("case", "rate MiB/s", "downtime ms", "gap ms", "total s", "rounds", "stop reason", "MiB on wire",
              "MiB frozen", "output ok")]
@@ -600,7 +552,7 @@ def render(summary: dict[tuple[str, int], dict[str, Any]], cases: list[str], rat
                          fmt(s["total_s"], ".2f"), fmt(s["rounds"], ".0f"), s["stop_reason"],
                          fmt(s["wire_mib"], ".0f"), fmt(s["frozen_mib"], ".1f"),
                          "yes" if s["ok"] == s["n"] else f"NO ({s['ok']}/{s['n']})"))
-    return table(rows, left=1)
+    return table(rows)
 
 
 def render_downtime(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int]) -> str:
@@ -621,7 +573,7 @@ def render_downtime(summary: dict[tuple[str, int], dict[str, Any]], rates: list[
                          med(lambda x: x["final_round"]["send_ms"]),
                          *(med(lambda x, k=k: x["phase_ms"].get(k, 0.0))
                            for k in ("final", "restore", "go", "preflight", "precopy"))))
-    return table(rows, left=1)
+    return table(rows)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -642,7 +594,7 @@ def render_ratios(summary: dict[tuple[str, int], dict[str, Any]], cases: list[st
                 continue
             rows.append((case, str(rate), *(fmt_ratio(ratio(s[k], anchor[k]))
                                             for k in ("downtime_ms", "gap_ms", "total_s", "wire_mib", "frozen_mib"))))
-    return table(rows, left=1) if len(rows) > 1 else "(no stop-and-copy anchor)"
+    return table(rows) if len(rows) > 1 else "(no stop-and-copy anchor)"
 
 
 def targets(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int], link: dict[str, Any],
@@ -688,10 +640,8 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     mib = args.mib or (256 if args.quick else 1024)
     reps = args.reps or (1 if args.quick else 3)
     rates = [int(r) for r in args.rates.split(",")] if args.rates else ([0, 50] if args.quick else [0, 50, 200])
-    machine = machine_info()
-    log(f"machine: Linux {machine['kernel']}, {machine['cpu_model']}, {machine['cores']} cores, "
-        f"{machine['memory_gib']} GiB, THP {machine['thp']}; Python {machine['python']}; "
-        f"kcr-migrate {machine['kcr_revision']}")
+    machine = machine_info(memory=True, modules=["zstandard"])
+    log(f"machine: {machine_summary(machine)}; Python {machine['python']}; kcr-migrate {machine['kcr_revision']}")
     criu_path, criu_note = probe_criu()
     log(f"criu: {criu_note}" if criu_path else f"criu: not available ({criu_note})")
     cases = [KCR_PRECOPY, STOP_AND_COPY] + ([CRIU] if criu_path else [])
@@ -832,11 +782,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
                                            if c != STOP_AND_COPY and (STOP_AND_COPY, r) in summary},
                "targets": target_data, "runs": [r.as_dict() for r in runs], "verified": not failed,
                "elapsed_s": time.monotonic() - t_start}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_json(args.json, doc)
         print(f"wrote {args.json}")
     return 1 if failed else 0
 
@@ -856,17 +802,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/migrate.py: run as root (the test hosts need namespaces and sshd)", file=sys.stderr)
         return 1
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    stop_on_signals(signal.SIGTERM, signal.SIGHUP)
     session = Session()
     try:
-        return bench(args, session)
-    except (BenchError, TestbedError) as exc:
-        print(f"benchmarks/migrate.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("benchmarks/migrate.py: interrupted; processes ended and test hosts taken down", file=sys.stderr)
-        return 130
+        return guarded("benchmarks/migrate.py", lambda: bench(args, session),
+                       interrupted="interrupted; processes ended and test hosts taken down",
+                       errors=(BenchError, TestbedError))
     finally:
         session.close()
 

@@ -26,7 +26,6 @@ runs in well under a minute.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))      # this checkout's engine, whatever else is installed
 
 from agent.tracer import Tracer  # noqa: E402
+from benchmarks._common import write_json  # noqa: E402
 from migrate.target import TracedTarget  # noqa: E402
 from precopy.intervals import npages  # noqa: E402
 from precopy.layout import PageFinder, read_maps, trackable  # noqa: E402
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
     print(table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     bad = [r["backend"] for r in result["backends"] if r.get("missed")]
     if bad:
         print(f"error: {', '.join(bad)} found fewer pages than were written", file=sys.stderr)

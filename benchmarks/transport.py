@@ -29,11 +29,8 @@ The test hosts are brought up under /run/kcr-testbed-bench-transport (prefix kcr
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,100 +41,17 @@ sys.path.insert(0, str(REPO))      # this checkout, whatever else is installed
 
 import trio  # noqa: E402
 
+from benchmarks._common import (  # noqa: E402
+    MIB, BenchError, guarded, machine_info, raw_tcp, table, write_json)
 from examples.testbed import Testbed, TestbedError  # noqa: E402
 from transport.errors import MigrationError  # noqa: E402
 from transport.ssh import open_ssh_agent  # noqa: E402
 from transport.tcp import new_key  # noqa: E402
 
-MIB = 1 << 20
 STATE_DIR = Path("/run/kcr-testbed-bench-transport")
 PREFIX = "kcrtb-"
 SUBNET = "10.77.218.0/24"
 CALL_TIMEOUT = 900.0
-
-RAW_SINK = """
-import socket, sys
-s = socket.socket()
-s.bind((sys.argv[1], 0))
-s.listen(1)
-print(s.getsockname()[1], flush=True)
-c, _ = s.accept()
-buf = bytearray(1 << 20)
-n = 0
-while k := c.recv_into(buf):
-    n += k
-c.close()
-print(n, flush=True)
-"""
-
-RAW_SOURCE = """
-import socket, sys, time
-host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-buf = bytearray(1 << 20)
-for i in range(0, len(buf), 4096):
-    buf[i] = 1
-view = memoryview(buf)
-s = socket.create_connection((host, port))
-t0 = time.perf_counter()
-sent = 0
-while sent < total:
-    n = min(len(buf), total - sent)
-    s.sendall(view[:n])
-    sent += n
-s.shutdown(socket.SHUT_WR)
-s.recv(1)                      # the sink closes once it has read everything
-print(time.perf_counter() - t0, flush=True)
-"""
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says what failed."""
-
-
-def raw_tcp(total: int, *, bed: Testbed | None = None, src: str = "", dst: str = "") -> float:
-    """Seconds to move ``total`` bytes over plain TCP (loopback here, or src -> dst hosts)."""
-    def argv(script: str, *args: str) -> list[str]:
-        return [sys.executable, "-c", script, *args]
-
-    address = bed.address(dst) if bed is not None else "127.0.0.1"
-    sink_argv = argv(RAW_SINK, address)
-    sink = (bed.popen(dst, sink_argv, stdout=subprocess.PIPE, text=True) if bed is not None
-            else subprocess.Popen(sink_argv, stdout=subprocess.PIPE, text=True))
-    try:
-        assert sink.stdout is not None
-        port = sink.stdout.readline().strip()
-        source_argv = argv(RAW_SOURCE, address, port, str(total))
-        run = bed.exec(src, source_argv, capture_output=True, text=True, timeout=CALL_TIMEOUT) if bed \
-            else subprocess.run(source_argv, capture_output=True, text=True, timeout=CALL_TIMEOUT)
-        if run.returncode != 0:
-            raise BenchError(f"raw tcp source failed: {run.stderr.strip()}")
-        received = int(sink.stdout.readline().strip() or 0)
-        if received != total:
-            raise BenchError(f"raw tcp sink got {received} of {total} bytes")
-        return float(run.stdout.strip())
-    finally:
-        sink.kill()
-        sink.wait()
-        if sink.stdout is not None:
-            sink.stdout.close()
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import asyncssh
-    import cryptography
-    import zstandard
-    rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], check=False,
-                         capture_output=True, text=True)
-    return {"kernel": platform.release(), "cpu_model": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "trio": trio.__version__, "asyncssh": asyncssh.__version__,
-            "cryptography": cryptography.__version__, "zstandard": zstandard.__version__,
-            "kcr_revision": rev.stdout.strip() or "unknown"}
 
 
 def bring_up(args: argparse.Namespace) -> tuple[Testbed, bool]:
@@ -198,11 +112,7 @@ def render(cases: list[dict[str, Any]], raw: dict[str, float], size: int) -> str
         rows.append((c["channel"], c["compression"], f"{rate / MIB:.0f}",
                      f"{c['bytes_on_wire'] / c['seconds'] / MIB:.0f}",
                      f"{c['bytes_on_wire'] / c['bytes_raw']:.2f}", f"{rate / floor:.2f}", levels))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i in (0, 1, 6) else cell.rjust(w) for i, (cell, w) in
-                       enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table(rows, left=(0, 1, 6))
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -232,9 +142,10 @@ def bench(args: argparse.Namespace) -> int:
     print(f"(total {time.monotonic() - t_start:.0f} s)")
     if args.json:
         data = {"size_bytes": size, "reps": reps, "warmup": "each case once untimed at a quarter size; "
-                "page pool and raw buffers touched before timing", "machine": machine_info(),
+                "page pool and raw buffers touched before timing",
+                "machine": machine_info(modules=["trio", "asyncssh", "cryptography", "zstandard"]),
                 "raw_tcp_seconds": raw, "cases": cases}
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        write_json(args.json, data)
     return 0
 
 
@@ -249,14 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/transport.py: run as root (the test hosts need namespaces and sshd)", file=sys.stderr)
         return 1
-    try:
-        return bench(args)
-    except (BenchError, TestbedError) as exc:
-        print(f"benchmarks/transport.py: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("benchmarks/transport.py: interrupted", file=sys.stderr)
-        return 130
+    return guarded("benchmarks/transport.py", lambda: bench(args), errors=(BenchError, TestbedError))
 
 
 if __name__ == "__main__":
