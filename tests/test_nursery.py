@@ -1,0 +1,36 @@
+"""service_nursery: callers see the error a task raised, not a group of one."""
+from __future__ import annotations
+
+import pytest
+import trio
+
+from transport._nursery import service_nursery
+from transport.errors import PeerGone, TransportError
+
+
+async def test_one_error_raised_by_two_tasks_arrives_alone() -> None:
+    # As when a peer is declared gone: every call waiting on it fails with that same object.
+    gone = PeerGone("hostB stopped answering")
+
+    async def fail() -> None:
+        await trio.sleep(0)
+        raise gone
+
+    with pytest.raises(PeerGone) as info:
+        async with service_nursery() as nursery:
+            nursery.start_soon(fail)
+            await trio.sleep(0)
+            raise gone
+    assert info.value is gone
+
+
+async def test_different_errors_stay_grouped() -> None:
+    async def fail() -> None:
+        raise TransportError("one")
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with service_nursery() as nursery:
+            nursery.start_soon(fail)
+            await trio.sleep(0)
+            raise PeerGone("two")
+    assert {type(e) for e in info.value.exceptions} == {TransportError, PeerGone}
