@@ -526,7 +526,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     try:
         bed = Testbed.from_state(args.state_dir)
     except TestbedError:
-        bed = Testbed(args.state_dir)
+        # `up` writes its state before it makes anything else: without it, nothing here is ours
+        # but the state dir (a testbed of the default names may belong to another state dir).
+        Testbed(args.state_dir)._remove_state_dir()
+        print(f"no testbed in {args.state_dir}: nothing to remove")
+        return 0
     bed.down()
     print(f"testbed down ({bed.state_dir} removed)")
     return 0
