@@ -171,6 +171,16 @@ async def test_a_zapped_page_arrives_as_zeros(backend: str, tmp_path: Path, trac
     assert sink.pages.get(layout["split"] + 3 * PAGE_SIZE, bytes(PAGE_SIZE)) == bytes(PAGE_SIZE)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+async def test_a_file_mapped_again_reads_as_the_file(backend: str, tmp_path: Path, tracer: Tracer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A private file mapping whose page 0 was written (copied) is mapped again from the same file
+    # at the same place: the same backing, so the destination keeps the mapping, and page 0 must
+    # come back as the file's contents, not as zeros.
+    sink, layout = await _race(backend, tmp_path, tracer, monkeypatch, ["f", "r", "w"])
+    assert sink.pages.get(layout["swap"], b"a" * PAGE_SIZE) == b"a" * PAGE_SIZE
+
+
 async def test_converges_on_a_slow_writer(tmp_path: Path, tracer: Tracer) -> None:
     w = workload("dirty_writer", tmp_path, "2048", "100", "1")
     sink = MemorySink()

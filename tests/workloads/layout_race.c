@@ -10,6 +10,7 @@
  *        neighbour, and (without UFFD_FEATURE_EVENT_REMAP) unregisters the whole merged mapping
  *        from userfaultfd, pages 1-3 included, whose page tables still carry uffd-wp state.
  *   'w'  writes page 2 of "split".
+ *   'r'  maps OUTDIR/datafile over "swap" again, as 'f' did: the page 'f' wrote is the file's again.
  *   'z'  zaps page 3 of "split" (MADV_DONTNEED): it reads as zeros from then on.
  * Usage: layout_race OUTDIR. OUTDIR/layout lists "NAME ADDR PAGES" per mapping. */
 #include "ckpt_common.h"
@@ -88,6 +89,9 @@ int main(int argc, char **argv) {
             break;
         case 'w':
             fill(split + 2 * PAGE);
+            break;
+        case 'r':
+            if (mmap(swap, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, 0) == MAP_FAILED) return 3;
             break;
         case 'z':
             if (madvise(split + 3 * PAGE, PAGE, MADV_DONTNEED)) return 3;
