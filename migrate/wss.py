@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from agent.tracer import Tracer
+from migrate.api import MigrationOptions
 from migrate.target import TracedTarget
 from precopy.intervals import Run, clip, merge_spans, npages, union
 from precopy.layout import trackable
@@ -34,7 +35,8 @@ class WssOptions:
     count: int = 0                          # intervals to measure; 0: until interrupted
     tracker: str = "auto"
     bandwidth_bytes_s: float = GIGABIT      # for the downtime estimate
-    policy: PrecopyPolicy = field(default_factory=PrecopyPolicy)
+    # the policy `kcr-migrate PID@A B` runs with by default (30 ms target, its freeze overhead)
+    policy: PrecopyPolicy = field(default_factory=lambda: MigrationOptions().policy())
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:

@@ -150,7 +150,7 @@ class Estimate:
 
     rounds: int
     stop_reason: StopReason
-    downtime_ms: float          # sending the last dirty set at the given bandwidth
+    downtime_ms: float          # the freeze's fixed cost + sending the last dirty set at the given bandwidth
     bytes_sent: int             # before the final round
     final_bytes: int
 
@@ -179,7 +179,7 @@ def estimate(policy: PrecopyPolicy, *, memory_bytes: int, dirty_rate_bytes_s: fl
                     rounds.append(RoundStats(i, pages, pages, pages, 0, pending, pending, secs * 1000, 0.0,
                                              secs * 1000, dirty_rate_bytes_s / MiB))
                     pending = int(min(dirty_rate_bytes_s * secs, cap, pending))
-                return Estimate(len(rounds), reason, pending / bandwidth_bytes_s * 1000,
+                return Estimate(len(rounds), reason, policy.freeze_overhead_ms + pending / bandwidth_bytes_s * 1000,
                                 sum(r.bytes_raw for r in rounds), pending)
         secs = pending / bandwidth_bytes_s
         rounds.append(RoundStats(i, pages, pages if i else prev_dirty, pages, 0, pending, pending, secs * 1000, 0.0,

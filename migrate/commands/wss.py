@@ -6,9 +6,9 @@ import json
 import re
 import sys
 
+from migrate.api import MigrationOptions
 from migrate.cli import command, parse_pid
 from migrate.wss import GIGABIT, WssMeter, WssOptions
-from precopy.policy import PrecopyPolicy
 from precopy.tracker import CHOICES
 
 MiB = 1 << 20
@@ -58,8 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=parse_rate, default=GIGABIT, metavar="RATE",
                    help="link bandwidth for the downtime estimate: MiB/s, or with a unit "
                         "(1gbit, 500MB, 2GiB; default 1gbit)")
-    p.add_argument("--downtime-ms", type=_positive_float, default=PrecopyPolicy().downtime_target_ms, metavar="MS",
-                   help="downtime target of the modelled migration (default 300)")
+    p.add_argument("--downtime-ms", type=_positive_float, default=MigrationOptions().downtime_target_ms, metavar="MS",
+                   help="downtime target of the modelled migration (default %(default)g, as for a migration)")
     p.add_argument("--json", action="store_true", help="print one JSON object per interval, one per line")
 
 
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     options = WssOptions(interval_s=args.interval, count=args.count, tracker=args.tracker,
                          bandwidth_bytes_s=args.bandwidth,
-                         policy=PrecopyPolicy(downtime_target_ms=args.downtime_ms))
+                         policy=MigrationOptions(downtime_target_ms=args.downtime_ms).policy())
     meter = WssMeter(args.pid, options)
     print(f"kcr-migrate: tracking pid {args.pid} with {meter.choice.name}: {meter.choice.reason}", file=sys.stderr)
     bw = args.bandwidth / MiB
