@@ -19,7 +19,6 @@ injected system calls:
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 import signal
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from agent import ptrace, stub
+from agent.layout_plan import plan_layout, within
 from agent.inject import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -48,7 +48,6 @@ from agent.inject import (
     to_signed,
 )
 from precopy.kernel import prlimit, xsave_supported_mask
-from precopy.intervals import Span, merge_spans, subtract_spans
 from precopy.layout import MapEntry, is_special, read_maps
 from transport.errors import RestoreError
 from transport.image import check_machine
@@ -96,26 +95,6 @@ class RestoreReport:
     warnings: list[str] = field(default_factory=list)
     pages_written: int = 0
     syscalls: int = 0
-
-
-def _same_backing(a: Vma, b: Vma) -> bool:
-    """Is ``b`` (part of) the memory ``a`` maps, seen at a later time? Anonymous private
-    memory is, wherever the two overlap (the heap that grew, a mapping that split); file and
-    shared memory when it is the same object at the same offset."""
-    if a.shared != b.shared or a.growsdown != b.growsdown or (a.kind == "file") != (b.kind == "file"):
-        return False
-    if a.kind != "file" and not a.shared:
-        return True
-    return a.path == b.path and a.pgoff - a.start == b.pgoff - b.start
-
-
-def _piece(v: Vma, start: int, end: int) -> Vma:
-    return replace(v, start=start, end=end, pgoff=v.pgoff + (start - v.start) if v.kind == "file" or v.shared else v.pgoff)
-
-
-def _within(spans: list[Span], addr: int) -> bool:
-    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
-    return i >= 0 and spans[i][0] <= addr < spans[i][1]
 
 
 def _holes_conflict(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
@@ -237,42 +216,21 @@ class Restorer:
         return self._call("openat", AT_FDCWD, addr, flags, mode)
 
     def apply_layout(self, target: Mappings) -> None:
-        """Make the address space match ``target`` (first call: from empty).
-
-        A later layout (live pre-copy) changes only what changed, as ``precopy.rounds.PageSink``
-        promises the trackers: a range still mapped with the same backing keeps its contents
-        (its protection and advice are updated in place: a mapping that grew, split or merged,
-        as brk, mremap and mprotect make them, is not mapped anew), a range mapped with another
-        backing starts out empty, and what is no longer mapped is unmapped."""
+        """Make the address space match ``target`` (first call: from empty). A later layout
+        keeps the contents of what is still mapped with the same backing (``agent.layout_plan``)."""
         new = [v for v in target.vmas if not is_special(v)]
-        ends = [o.end for o in self.layout]
-        plans = [(v, *self._kept_and_fresh(v, ends)) for v in new]
-        for start, end in subtract_spans(merge_spans((v.start, v.end) for v in self.layout),
-                                         merge_spans((v.start, v.end) for v in new)):
+        plan = plan_layout(self.layout, new)
+        for start, end in plan.unmap:
             self._call("munmap", start, end - start)
-        for v, kept, fresh in plans:
-            for start, end in fresh:
-                self._map(_piece(v, start, end))
-            for o, start, end in kept:
-                if o.prot != v.prot:
-                    self._call("mprotect", start, end - start, v.prot)
-                self._advise(start, end, v.advice, o.advice)
+        for v in plan.map:
+            self._map(v)
+        for r in plan.reprotect:
+            self._call("mprotect", r.start, r.end - r.start, r.prot)
+        for a in plan.readvise:
+            self._advise(a.start, a.end, a.advice, a.before)
         self.layout = new
-        kept_spans = merge_spans((start, end) for _, kept, _ in plans for _, start, end in kept)
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
-        self._placeholder_pages = {p for p in self._placeholder_pages if _within(kept_spans, p)}
-
-    def _kept_and_fresh(self, v: Vma, ends: list[int]) -> tuple[list[tuple[Vma, int, int]], list[Span]]:
-        """The parts of ``v`` mapped now with the same backing (with the mapping there now),
-        and the parts that must be mapped anew. ``ends``: the current mappings' ends."""
-        i = bisect.bisect_right(ends, v.start)
-        kept: list[tuple[Vma, int, int]] = []
-        for o in self.layout[i:]:
-            if o.start >= v.end:
-                break
-            if _same_backing(o, v):
-                kept.append((o, max(o.start, v.start), min(o.end, v.end)))
-        return kept, subtract_spans([(v.start, v.end)], [(s, e) for _, s, e in kept])
+        self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
 
     def _advise(self, start: int, end: int, advice: int, before: int = 0) -> None:
         for bit, (on, off) in MADV.items():

@@ -1,0 +1,90 @@
+"""What a restorer must do to turn one memory layout into the next, as data (no I/O).
+
+A live migration applies a new layout after every pre-copy round. The trackers send only what
+changed (``precopy.rounds.PageSink``), so the destination must keep the contents of every range
+still mapped with the same backing, even where the mapping grew (brk, mremap in place), split
+or merged (mprotect): only ranges of another backing start out empty, and what is no longer
+mapped goes. ``plan_layout`` says which ranges to unmap, which pieces to map anew, and which
+kept ranges need their protection or advice changed.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from precopy.intervals import Span, merge_spans, subtract_spans
+from transport.schema import Vma
+
+
+@dataclass(frozen=True)
+class Reprotect:
+    start: int
+    end: int
+    prot: int
+
+
+@dataclass(frozen=True)
+class Readvise:
+    start: int
+    end: int
+    advice: int          # the ADV_* bits wanted
+    before: int          # the ADV_* bits the range has now
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    unmap: tuple[Span, ...]            # mapped now, not in the new layout
+    map: tuple[Vma, ...]               # pieces to map anew (they start out empty)
+    reprotect: tuple[Reprotect, ...]   # kept ranges whose protection changes
+    readvise: tuple[Readvise, ...]     # kept ranges whose advice changes
+    kept: tuple[Span, ...]             # ranges that keep their contents (merged, sorted)
+
+
+def same_backing(a: Vma, b: Vma) -> bool:
+    """Is ``b`` (part of) the memory ``a`` maps, seen at a later time? Anonymous private
+    memory is, wherever the two overlap (the heap that grew, a mapping that split); file and
+    shared memory when it is the same object at the same offset."""
+    if a.shared != b.shared or a.growsdown != b.growsdown or (a.kind == "file") != (b.kind == "file"):
+        return False
+    if a.kind != "file" and not a.shared:
+        return True
+    return a.path == b.path and a.pgoff - a.start == b.pgoff - b.start
+
+
+def piece(v: Vma, start: int, end: int) -> Vma:
+    """The part [start, end) of ``v``, with its file offset moved along."""
+    offset = start - v.start if v.kind == "file" or v.shared else 0
+    return replace(v, start=start, end=end, pgoff=v.pgoff + offset)
+
+
+def plan_layout(old: Sequence[Vma], new: Sequence[Vma]) -> LayoutPlan:
+    """From ``old`` (sorted, what is mapped now) to ``new`` (sorted)."""
+    ends = [o.end for o in old]
+    mapped: list[Vma] = []
+    reprotect: list[Reprotect] = []
+    readvise: list[Readvise] = []
+    kept: list[Span] = []
+    for v in new:
+        here: list[Span] = []
+        for o in old[bisect.bisect_right(ends, v.start):]:
+            if o.start >= v.end:
+                break
+            if not same_backing(o, v):
+                continue
+            start, end = max(o.start, v.start), min(o.end, v.end)
+            here.append((start, end))
+            if o.prot != v.prot:
+                reprotect.append(Reprotect(start, end, v.prot))
+            if o.advice != v.advice:
+                readvise.append(Readvise(start, end, v.advice, o.advice))
+        kept += here
+        mapped += [piece(v, start, end) for start, end in subtract_spans([(v.start, v.end)], merge_spans(here))]
+    unmap = subtract_spans(merge_spans((o.start, o.end) for o in old), merge_spans((v.start, v.end) for v in new))
+    return LayoutPlan(tuple(unmap), tuple(mapped), tuple(reprotect), tuple(readvise), tuple(merge_spans(kept)))
+
+
+def within(spans: Sequence[Span], addr: int) -> bool:
+    """Is ``addr`` inside one of ``spans`` (sorted, disjoint)?"""
+    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
+    return i >= 0 and spans[i][0] <= addr < spans[i][1]
