@@ -69,31 +69,29 @@ async def test_a_batch_over_the_limit_is_refused_at_once() -> None:
                                           bytes(MAX_BATCH_RAW + PAGE_SIZE)))
 
 
-async def test_received_batches_can_be_forwarded_undecoded() -> None:
-    batch = page_batch(300, seed=3)
+async def forward(batch: PageBatch, crc_flip: int = 0) -> PageBatch:
+    """Send ``batch`` over one stream, forward what arrives undecoded over a second (its crc
+    xored with ``crc_flip``), and decode it at the end of that one."""
     a, b = socket_pair()
     c, d = socket_pair()
     async with FramedStream(a) as fa, FramedStream(b) as fb, FramedStream(c) as fc, FramedStream(d) as fd:
         await fa.send_batch(batch)
         raw = await fb.receive_item()
-        assert isinstance(raw, RawBatch) and raw.npages == 300
-        await fc.send_batch(raw)
-        got = await fd.receive()
+        assert isinstance(raw, RawBatch) and raw.npages == batch.npages and raw.crc is not None
+        await fc.send_batch(RawBatch(raw.flags, raw.payload, raw.crc ^ crc_flip))
+        return await fd.receive()   # type: ignore[return-value]
+
+
+async def test_received_batches_can_be_forwarded_undecoded() -> None:
+    batch = page_batch(300, seed=3)
+    got = await forward(batch)
     assert isinstance(got, PageBatch) and same(got, batch)
 
 
 async def test_a_forwarded_batch_keeps_its_checked_crc_and_the_next_receiver_checks_it() -> None:
-    batch = page_batch(64, seed=4)
-    a, b = socket_pair()
-    c, d = socket_pair()
-    async with FramedStream(a) as fa, FramedStream(b) as fb, FramedStream(c) as fc, FramedStream(d) as fd:
-        await fa.send_batch(batch)
-        raw = await fb.receive_item()
-        assert isinstance(raw, RawBatch) and raw.crc is not None
-        # The crc travels on unchanged (it is not computed again); a wrong one is caught downstream.
-        await fc.send_batch(RawBatch(raw.flags, raw.payload, raw.crc ^ 1))
-        with pytest.raises(ProtocolError, match="checksum"):
-            await fd.receive()
+    # The crc travels on unchanged (it is not computed again); a wrong one is caught downstream.
+    with pytest.raises(ProtocolError, match="checksum"):
+        await forward(page_batch(64, seed=4), crc_flip=1)
 
 
 # --- backpressure -------------------------------------------------------------------------
