@@ -42,6 +42,8 @@ class DestSession:
     ready: bool = False
     running: bool = False
     deferred: list[str] = field(default_factory=list)   # paths filesystem hooks bring: mapped at restore
+    received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
+    receive_error: BaseException | None = None
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
@@ -110,42 +112,56 @@ async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[
         if found is None:
             raise ProtocolError("the data channel names no migration in progress here")
         s = found
-    records = batches = 0
-    while (item := await ctx.pages.receive_item()) is not None:
-        if isinstance(item, PageBatch):
-            if s.restorer is None or not s.restorer.layout:
-                raise ProtocolError("page data before the memory layout")
-            await trio.to_thread.run_sync(s.restorer.write_pages, item)
-            s.pages += item.npages
-            batches += 1
-            continue
-        records += 1
-        if isinstance(item, ImageHeader):
-            if s.restorer is None:
-                s.restorer = await s.tracer.acall(Restorer, item, s.deferred)
-        elif isinstance(item, Mappings):
-            if s.restorer is None:
-                raise ProtocolError("a memory layout before the stream's header")
-            restorer = s.restorer
-            if not restorer.pid:
-                await s.tracer.acall(restorer.begin, item)
-            await s.tracer.acall(restorer.apply_layout, item)
-        elif isinstance(item, ProcessState):
-            s.process = item
-        elif isinstance(item, Files):
-            s.files = item
-        elif isinstance(item, ThreadState):
-            s.threads.append(item)
-        elif isinstance(item, EndOfImage):
-            pass
-        else:
-            raise ProtocolError(f"unexpected {type(item).__name__} record in a migration stream")
+    received = s.received = trio.Event()
+    try:
+        records = batches = 0
+        while (item := await ctx.pages.receive_item()) is not None:
+            if isinstance(item, PageBatch):
+                if s.restorer is None or not s.restorer.layout:
+                    raise ProtocolError("page data before the memory layout")
+                await trio.to_thread.run_sync(s.restorer.write_pages, item)
+                s.pages += item.npages
+                batches += 1
+                continue
+            records += 1
+            if isinstance(item, ImageHeader):
+                if s.restorer is None:
+                    s.restorer = await s.tracer.acall(Restorer, item, s.deferred)
+            elif isinstance(item, Mappings):
+                if s.restorer is None:
+                    raise ProtocolError("a memory layout before the stream's header")
+                restorer = s.restorer
+                if not restorer.pid:
+                    await s.tracer.acall(restorer.begin, item)
+                await s.tracer.acall(restorer.apply_layout, item)
+            elif isinstance(item, ProcessState):
+                s.process = item
+            elif isinstance(item, Files):
+                s.files = item
+            elif isinstance(item, ThreadState):
+                s.threads.append(item)
+            elif isinstance(item, EndOfImage):
+                pass
+            else:
+                raise ProtocolError(f"unexpected {type(item).__name__} record in a migration stream")
+    except BaseException as exc:
+        s.receive_error = exc
+        raise
+    finally:
+        received.set()
     return {"records": records, "batches": batches, "pages": s.pages}
 
 
 async def dest_restore(ctx: CallContext) -> dict[str, Any]:
-    """Restore everything but memory; the process stays stopped (READY)."""
+    """Restore everything but memory; the process stays stopped (READY). Called while the
+    page stream may still be ending: waits for it first."""
     s = _session(ctx)
+    if s.received is not None:
+        await s.received.wait()
+        if isinstance(s.receive_error, MigrationError):
+            raise s.receive_error
+        if s.receive_error is not None:
+            raise ProtocolError("the page stream ended before the process's state arrived")
     if s.restorer is None or s.process is None or s.files is None or not s.threads:
         raise ProtocolError("the stream ended before the process's state arrived")
     await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads)

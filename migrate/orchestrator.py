@@ -236,12 +236,19 @@ class Migration:
                 r.message = "preflight passed; nothing was moved"
                 return
             self._advance(PhaseEvent.PREFLIGHT_OK)
-            freeze = await self._copy(src, dst)
-            for hook, stats in zip(self.hooks, r.fs):
-                stats["final"] = await hook.final_pass(self.hook_ctx)   # the process is frozen
-            for hook in self.hooks:
-                await hook.before_resume(self.hook_ctx)
-            restored = await dst.call("dest_restore")
+            async with AsyncExitStack() as stack:
+                # Through us (ssh, local): relayed into the destination's upload. Over tcp the
+                # source sends straight to the destination and nothing passes here.
+                upload = None if self.data_to else await stack.enter_async_context(
+                    dst.open_call("dest_receive", upload=True))
+                freeze = await self._copy(src, dst, upload)
+                for hook, stats in zip(self.hooks, r.fs):
+                    stats["final"] = await hook.final_pass(self.hook_ctx)   # the process is frozen
+                for hook in self.hooks:
+                    await hook.before_resume(self.hook_ctx)
+                restored = await dst.call("dest_restore")
+                if upload is not None:
+                    await upload.result()     # done: dest_restore waited for it
             for w in restored.get("warnings", []):
                 self._warn(str(w))
             self._advance(PhaseEvent.READY)
@@ -294,8 +301,11 @@ class Migration:
                                  "--data-channel tcp: use --data-channel ssh", host=self.dest)
         return {"kind": "tcp", "address": address, "port": int(listening["port"]), "key": key, "session": session}
 
-    async def _copy(self, src: RpcPeer, dst: RpcPeer) -> dict[str, Any]:
-        """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination."""
+    async def _copy(self, src: RpcPeer, dst: RpcPeer, upload: Call | None) -> dict[str, Any]:
+        """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination's ``upload``
+        (ssh, local; None when the source sends over the tcp data channel). The upload is ended
+        here; the destination's answer to it is awaited after ``dest_restore``, which waits for it
+        there: one round trip less inside the downtime."""
         o = self.options
         r = self.report
 
@@ -308,36 +318,32 @@ class Migration:
 
         r.fs = [{"hook": h.name, "paths": h.paths(), "passes": []} for h in self.hooks]
         to = self.data_to
-        async with AsyncExitStack() as stack:
-            # Through us (ssh, local): relayed into the destination's upload. Over tcp the
-            # source sends straight to the destination and nothing passes here.
-            upload = None if to else await stack.enter_async_context(dst.open_call("dest_receive", upload=True))
-            if o.precopy:
-                async with service_nursery() as nursery:
-                    memory_done = trio.Event()
-                    if self.hooks:
-                        nursery.start_soon(self._fs_passes, memory_done)
-                    async with src.open_call("source_precopy", policy=o.policy_args(), to=to,
-                                             on_progress=on_round) as call:
-                        await self._relay(call, upload)
-                        pre = await call.result()
-                    memory_done.set()
-                r.stop_reason = str(pre["stop_reason"])
-                if upload is not None:
-                    # Freeze only once the destination has applied every pre-copy page: pages
-                    # still queued between the hosts would otherwise land inside the downtime.
-                    await dst.fs.flush()
-                    await dst.flow.wait_drained()
-            else:
-                r.stop_reason = "stop-and-copy"
-            self._advance(PhaseEvent.PRECOPY_DONE)
-            async with src.open_call("source_freeze", to=to) as call:
-                self._advance(PhaseEvent.FROZEN)
-                await self._relay(call, upload)
-                freeze = await call.result()
-            self._advance(PhaseEvent.STATE_SENT)
+        if o.precopy:
+            async with service_nursery() as nursery:
+                memory_done = trio.Event()
+                if self.hooks:
+                    nursery.start_soon(self._fs_passes, memory_done)
+                async with src.open_call("source_precopy", policy=o.policy_args(), to=to,
+                                         on_progress=on_round) as call:
+                    await self._relay(call, upload)
+                    pre = await call.result()
+                memory_done.set()
+            r.stop_reason = str(pre["stop_reason"])
             if upload is not None:
-                await upload.result()
+                # Freeze only once the destination has applied every pre-copy page: pages
+                # still queued between the hosts would otherwise land inside the downtime.
+                await dst.fs.flush()
+                await dst.flow.wait_drained()
+        else:
+            r.stop_reason = "stop-and-copy"
+        self._advance(PhaseEvent.PRECOPY_DONE)
+        async with src.open_call("source_freeze", to=to) as call:
+            self._advance(PhaseEvent.FROZEN)
+            await self._relay(call, upload)
+            freeze = await call.result()
+        self._advance(PhaseEvent.STATE_SENT)
+        if upload is not None:
+            upload.end_pages()
         final = dict(freeze["final"])
         r.final_round = final
         r.frozen_bytes_raw = int(final["bytes_raw"])
