@@ -135,8 +135,9 @@ def to_vma(entry: MapEntry) -> Vma:
             pass
     return Vma(
         start=entry.start, end=entry.end, prot=entry.prot, shared=entry.shared, kind=kind, path=path,
-        pgoff=entry.offset if kind == "file" else 0, growsdown="gd" in entry.vmflags or kind == "stack",
-        advice=advice, file_size=size, file_mtime_ns=mtime)
+        pgoff=entry.offset if kind == "file" or entry.shared else 0,
+        growsdown="gd" in entry.vmflags or kind == "stack", advice=advice, file_size=size, file_mtime_ns=mtime,
+        ino=entry.inode if kind == "file" or entry.shared else 0)
 
 
 def is_special(vma: Vma) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.layout_plan import same_backing
 from agent.tracer import Tracer
 from migrate.target import TracedTarget
 from precopy.intervals import merge_spans, pages_of, subtract_spans
@@ -16,7 +17,7 @@ from precopy.layout import PageFinder, holds_private_data, read_maps, trackable
 from precopy.tracker import BACKENDS, probe_backends
 from tests._workloads import Workload
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings, Vma
+from transport.schema import PAGE_SIZE, Mappings
 
 HUGE = 2 << 20
 
@@ -99,15 +100,6 @@ def uffd_traces(pid: int) -> tuple[int, list[str]]:
     return uw, fds
 
 
-def _same_backing(a: Vma, b: Vma) -> bool:
-    """``precopy.layout.same_backing`` for layout records."""
-    if a.shared != b.shared:
-        return False
-    if a.kind != "file" and b.kind != "file":
-        return True
-    return a.kind == b.kind == "file" and a.path == b.path and a.pgoff - a.start == b.pgoff - b.start
-
-
 class MemorySink:
     """A destination in a dict: page address -> bytes, applying each layout as ``PageSink`` says:
     pages no longer in a private mapping are dropped, and a range mapped with another backing
@@ -127,7 +119,7 @@ class MemorySink:
         fresh: list[tuple[int, int]] = []
         for v in mappings.vmas:
             same = merge_spans((max(o.start, v.start), min(o.end, v.end)) for o in before
-                               if o.start < v.end and o.end > v.start and _same_backing(o, v))
+                               if o.start < v.end and o.end > v.start and same_backing(o, v))
             fresh += subtract_spans([(v.start, v.end)], same)
         self.pages = {a: d for a, d in self.pages.items()
                       if any(s <= a < e for s, e in keep) and not any(s <= a < e for s, e in fresh)}

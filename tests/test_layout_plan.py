@@ -83,3 +83,20 @@ def test_within() -> None:
     kept = spans((10, 14), (30, 32))
     assert within(kept, 10 * P) and within(kept, 31 * P + 5)
     assert not within(kept, 14 * P) and not within(kept, 0) and not within(kept, 40 * P)
+
+
+def shm(start: int, pages: int, pgoff_pages: int = 0, ino: int = 7, prot: int = RW) -> Vma:
+    return Vma(start * P, (start + pages) * P, prot, True, "anon", pgoff=pgoff_pages * P, ino=ino)
+
+
+def test_shared_memory_split_by_mprotect_keeps_both_pieces() -> None:
+    plan = plan_layout([shm(10, 8)], [shm(10, 4), shm(14, 4, pgoff_pages=4, prot=RO)])
+    assert plan.map == () and plan.kept == spans((10, 18))
+    assert plan.reprotect == (Reprotect(14 * P, 18 * P, RO),)
+
+
+def test_new_shared_memory_or_a_replaced_file_at_the_same_place_starts_out_empty() -> None:
+    assert plan_layout([shm(10, 4, ino=7)], [shm(10, 4, ino=8)]).map == (shm(10, 4, ino=8),)
+    old = Vma(10 * P, 14 * P, RW, False, "file", path="/srv/data", ino=100)
+    new = Vma(10 * P, 14 * P, RW, False, "file", path="/srv/data", ino=101)   # rewritten by rename
+    assert plan_layout([old], [new]).map == (new,)

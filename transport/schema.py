@@ -173,11 +173,13 @@ class Vma:
     shared: bool
     kind: str
     path: str = ""           # file-backed mappings only
-    pgoff: int = 0           # offset into the file, bytes
+    pgoff: int = 0           # offset into the file (or shared memory object), bytes
     growsdown: bool = False
     advice: int = 0
     file_size: int = -1      # size of the file when dumped, to detect a changed file
     file_mtime_ns: int = 0
+    ino: int = 0             # the file's or shared memory object's inode on the source host (0: none):
+                             # tells a new object mapped at the same place from the one before
 
     @property
     def length(self) -> int:
