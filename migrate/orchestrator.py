@@ -41,12 +41,14 @@ from transport.errors import Cancelled, MigrationError, PeerGone, ProtocolError,
 from transport.local import open_local_agent
 from transport.records import Record
 from transport.rpc import Call, RpcPeer
+from transport.schema import PAGE_SIZE
 from transport.ssh import open_ssh_agent
 from transport.stream import RawBatch
 from transport.tcp import new_key
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "")
 CLEANUP_DEADLINE = 30.0
+MiB = 1 << 20
 
 
 class MigrationUnsettled(MigrationError):
@@ -329,6 +331,7 @@ class Migration:
                     pre = await call.result()
                 memory_done.set()
             r.stop_reason = str(pre["stop_reason"])
+            self._warn_if_not_converged(int(pre.get("pages_pending", 0)))
             if upload is not None:
                 # Freeze only once the destination has applied every pre-copy page: pages
                 # still queued between the hosts would otherwise land inside the downtime.
@@ -351,6 +354,22 @@ class Migration:
         r.bytes_raw = sum(int(x["bytes_raw"]) for x in r.per_round) + r.frozen_bytes_raw
         r.bytes_on_wire = sum(int(x["bytes_on_wire"]) for x in r.per_round) + r.frozen_bytes_on_wire
         return freeze
+
+    def _warn_if_not_converged(self, pending_pages: int) -> None:
+        """Pre-copy gave up: say why the freeze will be long, and what would help."""
+        r = self.report
+        if r.stop_reason not in ("dirty-growing", "max-rounds", "max-bytes") or not r.per_round:
+            return
+        last = r.per_round[-1]
+        sent_mib = sum(float(x["bytes_raw"]) for x in r.per_round) / MiB
+        secs = sum(float(x["send_ms"]) for x in r.per_round) / 1000
+        rate = f", about {sent_mib / secs:.0f} MiB/s" if secs > 0 else ""
+        helps = ("a higher --bandwidth" if self.options.bandwidth_limit else
+                 "a faster data channel (--data-channel tcp)" if self.options.data_channel == "ssh" else "a faster link")
+        self._warn(f"pre-copy did not converge ({r.stop_reason}): the process dirties "
+                   f"{float(last['dirty_rate_mib_s']):.0f} MiB/s, close to what the link carries{rate}; "
+                   f"{pending_pages * PAGE_SIZE / MiB:.0f} MiB remain to send while it is frozen. {helps.capitalize()} "
+                   "or a quieter moment shortens the freeze")
 
     async def _fs_passes(self, memory_done: trio.Event) -> None:
         """Filesystem passes while the process runs, until the memory pre-copy is done, and

@@ -111,6 +111,8 @@ def test_a_writer_faster_than_the_link_still_migrates(tmp_path: Path) -> None:
                                       cli_args=("--bandwidth", "40MiB", "--max-rounds", "6"))
     assert w.output() == ref.output()
     assert report["stop_reason"] in ("dirty-growing", "max-rounds", "max-bytes"), report["stop_reason"]
+    assert any("pre-copy did not converge" in w and "--bandwidth" in w for w in report["warnings"]), \
+        report["warnings"]
 
 
 def test_stop_and_copy(tmp_path: Path) -> None:
