@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -109,3 +110,43 @@ def testbed() -> Iterator[Testbed]:
         bed.down()  # whatever an interrupted session left behind
         bed.up()
         yield bed
+
+
+# --- workloads inside the test hosts ------------------------------------------------------
+
+STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_started``)
+
+
+@pytest.fixture(autouse=True)
+def reap_started() -> Iterator[None]:
+    """Every process ``start_in`` started ends with its test, pass or fail."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, **env: str) -> int:
+    """Start a workload inside ``host``; its pid once it is ready (ended after the test)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    with open(outdir / "stderr", "wb") as err:
+        proc = bed.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                         start_new_session=True, env={**os.environ, **env})
+    STARTED.append(proc)
+    deadline = time.monotonic() + 20
+    while not (outdir / "ready").exists():
+        assert proc.poll() is None, (outdir / "stderr").read_text()
+        assert time.monotonic() < deadline, f"{' '.join(argv[:3])} never became ready"
+        time.sleep(0.02)
+    return proc.pid
+
+
+def wait_file(path: Path, timeout: float = 60) -> str:
+    """The contents of ``path`` once it exists."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.05)
+    return path.read_text()

@@ -32,6 +32,7 @@ from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from migrate.fs_btrfs import BtrfsHook
 from migrate.fs_rsync import RsyncHook
 from migrate.fshooks import HOOK_KINDS, parse_hook
+from tests._hosts import STARTED, start_in, wait_file
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
 
 CHURN = Path(__file__).parent / "workloads" / "fs_churn.py"
@@ -39,7 +40,6 @@ STEPS = "600"
 BTRFS_STATE_DIR = Path("/run/kcr-testbed-test-fshooks")
 BTRFS_PREFIX = "kcrh-"
 BTRFS_SUBNET = "10.77.219.0/24"
-STARTED: list[subprocess.Popen[bytes]] = []
 QUIET: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
                          "start_new_session": True}
 
@@ -56,16 +56,6 @@ for d, _, files in os.walk(root):
                                              st.st_nlink]
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(autouse=True)
-def reap_started() -> Iterator[None]:
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +97,7 @@ def leftovers(bed: Testbed, host: str) -> list[str]:
 
 def start_churn(bed: Testbed, host: str, out: Path, data: str) -> int:
     """fs_churn inside ``host``, working in ``data``; its pid once it is ready."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "stderr", "wb") as err:
-        proc = bed.popen(host, [sys.executable, "-S", str(CHURN), str(out), data, STEPS, "10"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    STARTED.append(proc)
-    deadline = time.monotonic() + 20
-    while not (out / "ready").exists():
-        assert proc.poll() is None, (out / "stderr").read_text()
-        assert time.monotonic() < deadline, "fs_churn never became ready"
-        time.sleep(0.02)
-    return proc.pid
+    return start_in(bed, host, [sys.executable, "-S", str(CHURN), str(out), data, STEPS, "10"], out)
 
 
 def start_reference(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -129,14 +109,6 @@ def start_reference(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     STARTED.append(proc)
     return proc, out, data
-
-
-def wait_file(path: Path, timeout: float = 90) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 def finished_reference(ref: tuple[subprocess.Popen[bytes], Path, Path]) -> tuple[str, dict[str, list[Any]]]:
@@ -240,7 +212,7 @@ def test_rsync_moves_a_job_that_keeps_changing_its_files(testbed: Testbed, tmp_p
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
                                     "--fs", f"rsync:{data}")
     assert code == 0, err
-    assert wait_file(out / "verdict") == "PASS\n", (out / "stderr").read_text()
+    assert wait_file(out / "verdict", timeout=90) == "PASS\n", (out / "stderr").read_text()
     wait_gone(report["new_pid"])
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output
@@ -276,7 +248,7 @@ async def test_rsync_failing_in_the_final_pass_rolls_back(testbed: Testbed, tmp_
     assert proc_state(pid) not in (None, "T", "t") and running_copies(str(out)) == [pid]
     assert sh(testbed, "hostB", f"ls -d {data} 2>/dev/null || true") == ""
     assert leftovers(testbed, "hostA") == leftovers(testbed, "hostB") == []
-    assert wait_file(out / "verdict") == "PASS\n"
+    assert wait_file(out / "verdict", timeout=90) == "PASS\n"
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output and tree(testbed, "hostA", data) == files
     assert no_ssh_masters(testbed)
@@ -329,7 +301,7 @@ def test_btrfs_moves_a_job_replacing_old_data(btrfs_bed: Testbed, tmp_path: Path
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(bed.ssh_config_path),
                                     "--fs", f"btrfs:{data}", "--fs-replace")
     assert code == 0, err
-    assert wait_file(out / "verdict") == "PASS\n", (out / "stderr").read_text()
+    assert wait_file(out / "verdict", timeout=90) == "PASS\n", (out / "stderr").read_text()
     wait_gone(report["new_pid"])
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output
@@ -371,7 +343,7 @@ async def test_btrfs_failing_in_the_final_pass_rolls_back(btrfs_bed: Testbed, tm
     assert "No space left on device" in str(m.error)  # type: ignore[attr-defined]
     assert proc_state(pid) not in (None, "T", "t") and running_copies(str(out)) == [pid]
     assert sh(bed, "hostB", f"ls -d {data} 2>/dev/null || true") == ""
-    assert wait_file(out / "verdict") == "PASS\n"
+    assert wait_file(out / "verdict", timeout=90) == "PASS\n"
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output and tree(bed, "hostA", data) == files
 

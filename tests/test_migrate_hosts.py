@@ -13,44 +13,9 @@ import pytest
 
 from examples.testbed import Testbed
 from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
+from tests._hosts import start_in, wait_file
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
 from tests._workloads import build
-
-
-STARTED: list[subprocess.Popen[bytes]] = []
-
-
-@pytest.fixture(autouse=True)
-def reap_started() -> Any:
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def start_in(testbed: Testbed, host: str, argv: list[str], outdir: Path, **env: str) -> int:
-    """Start a workload inside ``host``; its pid once it is ready (reaped after the test)."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    with open(outdir / "stderr", "wb") as err:
-        proc = testbed.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                             start_new_session=True, env={**os.environ, **env})
-    STARTED.append(proc)
-    deadline = time.monotonic() + 20
-    while not (outdir / "ready").exists():
-        assert proc.poll() is None, (outdir / "stderr").read_text()
-        assert time.monotonic() < deadline, "the workload never became ready"
-        time.sleep(0.02)
-    return proc.pid
-
-
-def wait_file(path: Path, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 def netns_of(pid: int) -> int:
