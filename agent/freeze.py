@@ -63,13 +63,8 @@ def _seize_error(pid: int, exc: OSError) -> Exception:
 
 def hold(pid: int) -> Held:
     """Hold ``pid`` by a pidfd, having checked that we may trace it (it is stopped for an instant)."""
+    held = seize(pid)
     try:
-        pidfd = pidfd_open(pid)
-    except OSError as exc:
-        raise _seize_error(pid, exc) from None
-    held = Held(pid, pidfd)
-    try:
-        freeze(held)
         thaw(held)
     except BaseException:
         let_go(held)
