@@ -84,9 +84,3 @@ def plan_layout(old: Sequence[Vma], new: Sequence[Vma]) -> LayoutPlan:
         mapped += [piece(v, start, end) for start, end in subtract_spans([(v.start, v.end)], merge_spans(here))]
     unmap = subtract_spans(merge_spans((o.start, o.end) for o in old), merge_spans((v.start, v.end) for v in new))
     return LayoutPlan(tuple(unmap), tuple(mapped), tuple(reprotect), tuple(readvise), tuple(merge_spans(kept)))
-
-
-def within(spans: Sequence[Span], addr: int) -> bool:
-    """Is ``addr`` inside one of ``spans`` (sorted, disjoint)?"""
-    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
-    return i >= 0 and spans[i][0] <= addr < spans[i][1]

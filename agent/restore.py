@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from agent import ptrace, stub
-from agent.layout_plan import plan_layout, within
+from agent.layout_plan import plan_layout
 from agent.inject import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -47,6 +47,7 @@ from agent.inject import (
     RemoteMemory,
     to_signed,
 )
+from precopy.intervals import within
 from precopy.kernel import prlimit, xsave_supported_mask
 from precopy.layout import MapEntry, is_special, read_maps
 from transport.errors import RestoreError

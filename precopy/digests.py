@@ -7,12 +7,11 @@ whenever it differs from what the other side holds, even if it changed while bei
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from precopy.intervals import Run, Span, merge_spans, runs_of, subtract
+from precopy.intervals import Run, Span, merge_spans, runs_of, subtract, within
 from precopy.layout import MapEntry, PageFinder
 from precopy.reader import PageReader, split_runs
 from transport.pages import PageBatch
@@ -43,7 +42,7 @@ class PageDigests:
         return len(self._digests)
 
     def _inside(self, addr: int) -> bool:
-        return _within(self._spans, addr)
+        return within(self._spans, addr)
 
     def scan(self, entries: Iterable[MapEntry], finder: PageFinder, reader: PageReader,
              new_spans: Sequence[Span] = ()) -> DigestScan:
@@ -59,7 +58,7 @@ class PageDigests:
         self._spans = merge_spans((e.start, e.end) for e in entries)
         if new_spans:
             fresh = merge_spans(new_spans)
-            for addr in [a for a in self._digests if _within(fresh, a)]:
+            for addr in [a for a in self._digests if within(fresh, a)]:
                 del self._digests[addr]
         changed: list[Run] = []
         populated: list[Run] = []
@@ -99,11 +98,6 @@ class PageDigests:
     def clear(self) -> None:
         self._digests.clear()
         self._spans = []
-
-
-def _within(spans: list[Span], addr: int) -> bool:
-    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
-    return i >= 0 and spans[i][0] <= addr < spans[i][1]
 
 
 def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:

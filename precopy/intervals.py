@@ -6,7 +6,8 @@ merged lists, so a round's bookkeeping is linear in the number of runs, not of p
 """
 from __future__ import annotations
 
-from typing import Iterable
+import bisect
+from typing import Iterable, Sequence
 
 from transport.schema import PAGE_SIZE
 
@@ -46,6 +47,12 @@ def npages(runs: Iterable[Run]) -> int:
 
 def union(a: Iterable[Run], b: Iterable[Run]) -> list[Run]:
     return to_runs(merge_spans(to_spans(a) + to_spans(b)))
+
+
+def within(spans: Sequence[Span], addr: int) -> bool:
+    """Is ``addr`` inside one of ``spans`` (sorted, disjoint)?"""
+    i = bisect.bisect_right(spans, (addr, 1 << 64)) - 1
+    return i >= 0 and spans[i][0] <= addr < spans[i][1]
 
 
 def intersect_spans(a: list[Span], b: list[Span]) -> list[Span]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from precopy.intervals import clip, intersect, normalize, npages, pages_of, runs_of, subtract, union
+from precopy.intervals import clip, intersect, normalize, npages, pages_of, runs_of, subtract, union, within
 from transport.schema import PAGE_SIZE
 
 P = PAGE_SIZE
@@ -27,3 +27,9 @@ def test_operations_match_sets_of_pages(a: list[tuple[int, int]], b: list[tuple[
 def test_adjacent_runs_merge() -> None:
     assert normalize([(0x3000, 1), (0x1000, 2)]) == [(0x1000, 3)]
     assert subtract([(0x1000, 4)], [(0x2000, 1)]) == [(0x1000, 1), (0x3000, 2)]
+
+
+def test_within_finds_the_span_holding_an_address() -> None:
+    kept = [(10 * PAGE_SIZE, 14 * PAGE_SIZE), (30 * PAGE_SIZE, 32 * PAGE_SIZE)]
+    assert within(kept, 10 * PAGE_SIZE) and within(kept, 31 * PAGE_SIZE + 5)
+    assert not within(kept, 14 * PAGE_SIZE) and not within(kept, 0) and not within(kept, 40 * PAGE_SIZE)

@@ -1,7 +1,7 @@
 """plan_layout: what a destination unmaps, maps anew and keeps between two pre-copy layouts."""
 from __future__ import annotations
 
-from agent.layout_plan import LayoutPlan, Readvise, Reprotect, plan_layout, within
+from agent.layout_plan import LayoutPlan, Readvise, Reprotect, plan_layout
 from transport.schema import ADV_DONTDUMP, PAGE_SIZE, Vma
 
 P = PAGE_SIZE
@@ -77,12 +77,6 @@ def test_advice_follows_the_layout() -> None:
 def test_a_stack_is_never_merged_with_plain_memory() -> None:
     stack = Vma(10 * P, 14 * P, RW, False, "stack", growsdown=True)
     assert plan_layout([anon(10, 4)], [stack]).map == (stack,)
-
-
-def test_within() -> None:
-    kept = spans((10, 14), (30, 32))
-    assert within(kept, 10 * P) and within(kept, 31 * P + 5)
-    assert not within(kept, 14 * P) and not within(kept, 0) and not within(kept, 40 * P)
 
 
 def shm(start: int, pages: int, pgoff_pages: int = 0, ino: int = 7, prot: int = RW) -> Vma:
