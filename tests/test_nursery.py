@@ -37,3 +37,25 @@ async def test_different_errors_stay_grouped() -> None:
             await trio.sleep(0)
             raise PeerGone("two")
     assert {type(e) for e in info.value.exceptions} == {TransportError, PeerGone}
+
+
+async def test_an_error_next_to_an_outer_cancellation_arrives_alone() -> None:
+    # The caller's scope is cancelled while a task that was already running fails: as when a
+    # sender trips over the connection the cancellation is closing.
+    async def fail() -> None:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.01)
+        raise TransportError("closed on this side")
+
+    async def serve() -> None:      # its Cancelled comes in a group of its own nursery
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trio.sleep_forever)
+
+    with trio.CancelScope() as outer:
+        with pytest.raises(TransportError):
+            async with service_nursery() as nursery:
+                nursery.start_soon(fail)
+                nursery.start_soon(serve)
+                await trio.sleep(0)
+                outer.cancel()
+                await trio.sleep(1)

@@ -4,14 +4,23 @@ trio groups every error that leaves a nursery; a context manager that runs helpe
 would turn a caller's plain ``MigrationError`` into an ``ExceptionGroup``. This one hands a
 lone error back as it was raised, so callers catch what they expect. One error raised by
 several tasks counts once: a peer declared gone (``RpcPeer.abandon``) fails every call
-waiting on it with the same exception object.
+waiting on it with the same exception object. And an error raised next to the ``Cancelled``
+of a scope outside the nursery arrives alone too (it passes that scope either way).
 """
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import trio
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e
 
 
 @asynccontextmanager
@@ -20,8 +29,10 @@ async def service_nursery() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
-        distinct = list({id(e): e for e in group.exceptions}.values())
-        if len(distinct) == 1:
-            exc = distinct[0]
-            raise exc from exc.__cause__
+        distinct = list({id(e): e for e in _leaves(group)}.values())
+        errors = [e for e in distinct if not isinstance(e, trio.Cancelled)]
+        # A lone error next to Cancelled of an outer scope passes that scope either way.
+        lone = errors if errors else distinct
+        if len(lone) == 1:
+            raise lone[0] from lone[0].__cause__
         raise
