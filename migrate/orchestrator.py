@@ -98,18 +98,24 @@ class Migration:
     async def run(self) -> MigrationReport:
         t0 = time.monotonic()
         try:
-            with trio.CancelScope() as self._scope:
-                if self._cancel_requested:
-                    self._scope.cancel()
+            with trio.CancelScope() as connecting:
+                self._cancel_within(connecting)
                 await self._run()
-            if self._scope.cancelled_caught:
+            if self._cancel_requested and self.report.state in ("preflight", "rolled-back"):
                 raise Cancelled("interrupted: the migration was rolled back and the process runs on the source",
                                 pid=self.pid, phase=self.machine.phase.value)
         finally:
+            self._scope = None
             self.report.total_ms = (time.monotonic() - t0) * 1000
             self._emit(Finished(self.report))
             self._send.close()
         return self.report
+
+    def _cancel_within(self, scope: trio.CancelScope) -> None:
+        """``cancel()`` cancels ``scope`` from now on (at once if it was asked for already)."""
+        self._scope = scope
+        if self._cancel_requested:
+            scope.cancel()
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -210,7 +216,11 @@ class Migration:
             async with service_nursery() as nursery:
                 nursery.start_soon(self._keepalive, [src, dst], [self.source, self.dest])
                 try:
-                    await self._migrate(src, dst)
+                    # Once connected, cancel() stops the migration only: the connections stay
+                    # up, so the rollback reaches both agents, and then close with a goodbye.
+                    with trio.CancelScope() as migrating:
+                        self._cancel_within(migrating)
+                        await self._migrate(src, dst)
                 finally:
                     nursery.cancel_scope.cancel()
 

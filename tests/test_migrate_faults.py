@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged, RoundDone
+from migrate import Cancelled, Migration, MigrationError, MigrationOptions, PhaseChanged, RoundDone
 from tests._migration import proc_state, running_copies
 from tests._workloads import KCR_MIGRATE, Workload, become_subreaper, kcr, reap, run_reference
 
@@ -58,8 +58,9 @@ async def run_migration(pid: int, on_event: Callable[[Migration, Any], None], **
     def handler(ev: Any) -> None:
         on_event(m, ev)
     m = Migration(pid, "localhost", "localhost", opts, on_event=handler)
-    with pytest.raises(MigrationError):
+    with pytest.raises(MigrationError) as info:
         await m.run()
+    m.error = info.value  # type: ignore[attr-defined]
     return m
 
 
@@ -190,3 +191,6 @@ async def test_cancel_from_the_library_rolls_back(tmp_path: Path, reference: str
             m.cancel()
     m = await run_migration(w.pid, on_event)
     assert_rolled_back(m, w, reference)
+    assert isinstance(m.error, Cancelled), m.error  # type: ignore[attr-defined]
+    # The connections outlive the cancellation: the rollback reached both agents.
+    assert not [x for x in m.report.warnings if "could not reach" in x], m.report.warnings
