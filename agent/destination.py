@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from agent.files import check_files, check_machine
+from agent.inflight import InFlight
 from agent.restore import Restorer
 from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
@@ -44,6 +45,7 @@ class DestSession:
     deferred: list[str] = field(default_factory=list)   # paths filesystem hooks bring: mapped at restore
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
+    inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
@@ -112,6 +114,11 @@ async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[
         if found is None:
             raise ProtocolError("the data channel names no migration in progress here")
         s = found
+    with s.inflight.run("dest_receive"):
+        return await _receive(ctx, s)
+
+
+async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
     received = s.received = trio.Event()
     try:
         records = batches = 0
@@ -190,6 +197,7 @@ async def dest_abort(ctx: CallContext) -> dict[str, Any]:
     s = SESSIONS.pop(id(ctx.rpc), None)
     if s is not None:
         _forget(s)
+        await s.inflight.stop()
         await trio.to_thread.run_sync(s.abort)
     return {}
 

@@ -27,6 +27,7 @@ import trio
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFacts, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
+from agent.inflight import InFlight
 from agent.procfs import read_status
 from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
@@ -210,6 +211,7 @@ class SourceSession:
     bandwidth_limit: float | None = None
     level: Level = "auto"
     data_sink: DataChannelSink | None = None
+    inflight: InFlight = field(default_factory=InFlight)   # precopy or freeze, while it runs
 
     def sink(self, ctx: CallContext, to: dict[str, Any] | None) -> "StreamSink | DataChannelSink":
         """Where this session's stream goes: the call's reply stream, or the data channel."""
@@ -307,22 +309,28 @@ async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = No
     """Pre-copy rounds while the process runs, streamed back (or over the data channel ``to``);
     ends when the policy says stop."""
     s = _session(ctx)
-    s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
-    sink = s.sink(ctx, to)
-    await _send_header(sink, s)
+    with s.inflight.run("source_precopy"):
+        s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
+        sink = s.sink(ctx, to)
+        await _send_header(sink, s)
 
-    def on_round(stats: RoundStats) -> None:
-        s.rounds.append(stats)
-        ctx.progress(event="round", **stats.as_dict())
+        def on_round(stats: RoundStats) -> None:
+            s.rounds.append(stats)
+            ctx.progress(event="round", **stats.as_dict())
 
-    s.result = await precopy(s.tracker, sink, _policy(policy), on_round=on_round)
-    return {"stop_reason": str(s.result.stop_reason), "rounds": [r.as_dict() for r in s.result.rounds],
-            "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
+        s.result = await precopy(s.tracker, sink, _policy(policy), on_round=on_round)
+        return {"stop_reason": str(s.result.stop_reason), "rounds": [r.as_dict() for r in s.result.rounds],
+                "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
 
 
 async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -> dict[str, Any]:
     """Freeze every thread, send the last delta and the process's state (the downtime starts)."""
     s = _session(ctx)
+    with s.inflight.run("source_freeze"):
+        return await _freeze(ctx, s, to)
+
+
+async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     frozen = await _blocking(s.holder.call, "freeze")
     t_frozen = time.perf_counter()
@@ -385,6 +393,7 @@ async def source_kill(ctx: CallContext) -> dict[str, Any]:
     s = SESSIONS.pop(id(ctx.rpc), None)
     if s is None:
         raise ProcessError("no source process is open on this connection")
+    await s.inflight.stop()
     await _blocking(s.holder.call, "kill")
     s.settled = True
     await _blocking(s.close)
@@ -396,6 +405,7 @@ async def source_hold(ctx: CallContext) -> dict[str, Any]:
     s = SESSIONS.pop(id(ctx.rpc), None)
     if s is None:
         raise ProcessError("no source process is open on this connection")
+    await s.inflight.stop()
     await _blocking(s.close, "hold")
     return {"pid": s.pid}
 
@@ -404,6 +414,7 @@ async def source_release(ctx: CallContext) -> dict[str, Any]:
     """Roll back: the process runs on as if nothing happened."""
     s = SESSIONS.pop(id(ctx.rpc), None)
     if s is not None:
+        await s.inflight.stop()
         await _blocking(s.close, "release")
     return {}
 
