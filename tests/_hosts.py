@@ -24,6 +24,7 @@ from typing import Iterator
 import pytest
 
 from examples.testbed import Testbed, TestbedError, TestbedUnavailable, check_available
+from tests._workloads import STARTED
 
 TEST_STATE_DIR = Path(os.environ.get("KCR_TESTBED_TEST_DIR", "/run/kcr-testbed-test"))
 TEST_PREFIX = "kcrt-"
@@ -113,20 +114,6 @@ def testbed() -> Iterator[Testbed]:
 
 
 # --- workloads inside the test hosts ------------------------------------------------------
-
-STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_started``)
-
-
-@pytest.fixture(autouse=True)
-def reap_started() -> Iterator[None]:
-    """Every process ``start_in`` started ends with its test, pass or fail."""
-    yield
-    while STARTED:
-        proc = STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
 
 def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, **env: str) -> int:
     """Start a workload inside ``host``; its pid once it is ready (ended after the test)."""

@@ -16,6 +16,7 @@ import tempfile
 import weakref
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -52,6 +53,20 @@ def become_subreaper() -> None:
 
 KCR_MIGRATE = [sys.executable, "-m", "migrate"]
 
+STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_started``)
+
+
+@pytest.fixture(autouse=True)
+def reap_started() -> Iterator[None]:
+    """Every process a test started (``Workload.start``, ``start_in``, or appended here) ends
+    with its test, pass or fail: none outlives it, none is left for the garbage collector."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
 
 class Workload:
     """One run of a workload program in its own directory (zdtm style: ready, output, verdict)."""
@@ -83,6 +98,7 @@ class Workload:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                          start_new_session=True, close_fds=True, cwd=self.dir, env=self.env,
                                          **kwargs)
+        STARTED.append(self.proc)
         self.pid = self.proc.pid
         return self.pid
 

@@ -32,8 +32,9 @@ from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from migrate.fs_btrfs import BtrfsHook
 from migrate.fs_rsync import RsyncHook
 from migrate.fshooks import HOOK_KINDS, parse_hook
-from tests._hosts import STARTED, start_in, wait_file
+from tests._hosts import start_in, wait_file
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
+from tests._workloads import STARTED
 
 CHURN = Path(__file__).parent / "workloads" / "fs_churn.py"
 STEPS = "600"
