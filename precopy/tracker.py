@@ -19,6 +19,7 @@ sent.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import select
@@ -294,6 +295,18 @@ def _fresh_in(entry: MapEntry, new_spans: tuple[Span, ...]) -> list[Span]:
     return [(max(s, entry.start), min(e, entry.end)) for s, e in new_spans if s < entry.end and e > entry.start]
 
 
+def _stretched(part: MapEntry, now: list[MapEntry]) -> MapEntry:
+    """``part`` widened to the whole of the writable mappings of ``now`` that hold its first
+    and its last page (``now`` sorted by address, as the kernel lists it)."""
+    starts = [e.start for e in now]
+    start, end = part.start, part.end
+    for addr in (part.start, part.end - PAGE_SIZE):
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0 and now[i].end > addr and now[i].prot & PROT_WRITE and not now[i].shared:
+            start, end = min(start, now[i].start), max(end, now[i].end)
+    return replace(part, start=start, end=end)
+
+
 class UffdWpTracker(DirtyTracker):
     name = "uffd-wp"
 
@@ -363,9 +376,16 @@ class UffdWpTracker(DirtyTracker):
                 start, end, required=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
         return merge_spans(found)
 
-    def _arm_part(self, part: MapEntry) -> bool:
+    def _arm_part(self, part: MapEntry, now: list[MapEntry]) -> bool:
         """Register ``part`` and clear any write-protection its page tables still carry, so that
         the next scan reports every populated page of it; False if it cannot be registered.
+
+        ``part`` comes from a maps read the process may have outgrown since (brk, mremap in
+        place, mprotect joining a neighbour). A registration that ends inside a mapping splits
+        it there, and until the next round registers the rest the process's own mremap() of the
+        mapping fails (EFAULT: a range across two mappings). So the mappings at either end, as
+        ``now`` (a fresher maps read) has them, are registered whole; what lies beyond ``part``
+        is new to this round's layout and reported by the next round as such.
 
         A mapping can lose its registration without moving: mremap() of a registered mapping
         next to a registered neighbour of the same flags (another piece of one original mapping)
@@ -374,12 +394,15 @@ class UffdWpTracker(DirtyTracker):
         neighbour's page-table entries keep their uffd-wp bits and markers, and a write there
         meanwhile makes its entry writable without clearing the bit: registered again as it is,
         such a page would never read as written."""
-        if not self._register(part):
-            return False
+        armed = _stretched(part, now)
+        if armed == part or not self._register(armed):
+            armed = part
+            if not self._register(part):
+                return False
         assert self._uffd is not None
         for _ in range(8):
             try:
-                for start, end in self._registered([(part.start, part.end)]):
+                for start, end in self._registered([(armed.start, armed.end)]):
                     self._uffd.writeprotect(start, end, protect=False)
                 return True
             except OSError as exc:
@@ -467,10 +490,11 @@ class UffdWpTracker(DirtyTracker):
         # nothing). Exactly those ranges are new to the tracker; the rest of an entry is not.
         tracked = merge_spans((e.start, e.end) for e in entries)
         pieces = intersect_spans(self._unregistered(tracked), tracked)
+        now = read_maps(self.pid) if pieces else []
         for e in entries:
             for start, end in intersect_spans(pieces, [(e.start, e.end)]):
                 part = replace(e, start=start, end=end)
-                if not e.prot & PROT_WRITE or not self._arm_part(part):
+                if not e.prot & PROT_WRITE or not self._arm_part(part, now):
                     by_content.append(part)
                     continue
                 # Just registered and un-protected: this reports every populated page (and

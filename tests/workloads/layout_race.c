@@ -12,6 +12,9 @@
  *   'w'  writes page 2 of "split".
  *   'r'  maps OUTDIR/datafile over "swap" again, as 'f' did: the page 'f' wrote is the file's again.
  *   'z'  zaps page 3 of "split" (MADV_DONTNEED): it reads as zeros from then on.
+ *   'n'  maps the 4-page "grow" mapping (where 12 pages are free) and writes it;
+ *   'g'  grows it in place to 8 pages (mremap without MREMAP_MAYMOVE) and writes the new ones;
+ *   'G'  grows it in place to 12 pages the same way: it fails if "grow" is not one mapping.
  * Usage: layout_race OUTDIR. OUTDIR/layout lists "NAME ADDR PAGES" per mapping. */
 #include "ckpt_common.h"
 #include <stdint.h>
@@ -51,6 +54,11 @@ int main(int argc, char **argv) {
     char *away = mmap(NULL, 3 * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (split == MAP_FAILED || swap == MAP_FAILED || pair == MAP_FAILED || away == MAP_FAILED) { perror("mmap"); return 3; }
     away += PAGE;                      /* the middle page: mapped apart from anything else */
+    /* Room for "grow": 12 free pages between two guard pages, so that nothing merges into it. */
+    char *room = mmap(NULL, 14 * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (room == MAP_FAILED || munmap(room + PAGE, 12 * PAGE)) { perror("mmap room"); return 3; }
+    char *grow = room + PAGE;
+    unsigned long grow_pages = 0;
     for (int i = 0; i < 8; i++) fill(split + i * PAGE);
     for (int i = 0; i < 4; i++) fill(swap + i * PAGE);
     for (int i = 0; i < 4; i++) fill(pair + i * PAGE);
@@ -95,6 +103,19 @@ int main(int argc, char **argv) {
             break;
         case 'z':
             if (madvise(split + 3 * PAGE, PAGE, MADV_DONTNEED)) return 3;
+            break;
+        case 'n':
+            if (mmap(grow, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+                != grow) return 3;
+            for (grow_pages = 0; grow_pages < 4; grow_pages++) fill(grow + grow_pages * PAGE);
+            break;
+        case 'g':
+        case 'G':
+            if (mremap(grow, grow_pages * PAGE, (grow_pages + 4) * PAGE, 0) != grow) {
+                fprintf(stderr, "growing \"grow\" in place from %lu pages: %s\n", grow_pages, strerror(errno));
+                return 3;
+            }
+            for (unsigned long end = grow_pages + 4; grow_pages < end; grow_pages++) fill(grow + grow_pages * PAGE);
             break;
         default:
             return 3;

@@ -54,10 +54,13 @@ int main(int argc, char **argv) {
         if (mprotect(arena + arena_pages * PAGE, GROW_PAGES * PAGE, PROT_READ | PROT_WRITE)) { verdict(0, "mprotect"); return 1; }
         fill(arena + arena_pages * PAGE, GROW_PAGES, 2);
         arena_pages += GROW_PAGES;
-        if (grow_pages + GROW_PAGES <= ARENA_PAGES &&
-            mremap(grow, grow_pages * PAGE, (grow_pages + GROW_PAGES) * PAGE, 0) == grow) {
-            fill(grow + grow_pages * PAGE, GROW_PAGES, 3);
-            grow_pages += GROW_PAGES;
+        if (grow_pages + GROW_PAGES <= ARENA_PAGES) {
+            if (mremap(grow, grow_pages * PAGE, (grow_pages + GROW_PAGES) * PAGE, 0) == grow) {
+                fill(grow + grow_pages * PAGE, GROW_PAGES, 3);
+                grow_pages += GROW_PAGES;
+            } else {
+                fprintf(stderr, "step %ld: mremap in place from %lu pages: %s\n", s, grow_pages, strerror(errno));
+            }
         }
         int ro = s % 2 == 0;
         mprotect(flip + 20 * PAGE, 4 * PAGE, ro ? PROT_READ : PROT_READ | PROT_WRITE);
