@@ -376,6 +376,17 @@ class UffdWpTracker(DirtyTracker):
                 start, end, required=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
         return merge_spans(found)
 
+    def _arm_parts(self, parts: list[MapEntry]) -> set[Span]:
+        """Register ``parts`` (see ``_arm_part``) with the process held still, against a maps
+        read taken then: a mapping cannot grow past what is registered meanwhile. The spans
+        of the parts that are registered now."""
+        if not parts:
+            return set()
+        assert self.control is not None
+        with self.control.paused():
+            now = read_maps(self.pid)
+            return {(p.start, p.end) for p in parts if self._arm_part(p, now)}
+
     def _arm_part(self, part: MapEntry, now: list[MapEntry]) -> bool:
         """Register ``part`` and clear any write-protection its page tables still carry, so that
         the next scan reports every populated page of it; False if it cannot be registered.
@@ -384,8 +395,8 @@ class UffdWpTracker(DirtyTracker):
         place, mprotect joining a neighbour). A registration that ends inside a mapping splits
         it there, and until the next round registers the rest the process's own mremap() of the
         mapping fails (EFAULT: a range across two mappings). So the mappings at either end, as
-        ``now`` (a fresher maps read) has them, are registered whole; what lies beyond ``part``
-        is new to this round's layout and reported by the next round as such.
+        ``now`` (read while the process is held) has them, are registered whole; what lies
+        beyond ``part`` is new to this round's layout and reported by the next round as such.
 
         A mapping can lose its registration without moving: mremap() of a registered mapping
         next to a registered neighbour of the same flags (another piece of one original mapping)
@@ -490,21 +501,22 @@ class UffdWpTracker(DirtyTracker):
         # nothing). Exactly those ranges are new to the tracker; the rest of an entry is not.
         tracked = merge_spans((e.start, e.end) for e in entries)
         pieces = intersect_spans(self._unregistered(tracked), tracked)
-        now = read_maps(self.pid) if pieces else []
-        for e in entries:
-            for start, end in intersect_spans(pieces, [(e.start, e.end)]):
-                part = replace(e, start=start, end=end)
-                if not e.prot & PROT_WRITE or not self._arm_part(part, now):
-                    by_content.append(part)
-                    continue
-                # Just registered and un-protected: this reports every populated page (and
-                # protects them all).
-                d, _ = _split_regions(part, self._wp_scan(part), [(start, end)])
-                data += d
-                if not first:
-                    # Whatever was here before is gone (munmap + mmap, MAP_FIXED, mremap onto it):
-                    # pages known here that the new mapping lacks are empty now.
-                    empty += subtract_spans(intersect_spans(known, [(start, end)]), merge_spans(d))
+        parts = [replace(e, start=start, end=end) for e in entries
+                 for start, end in intersect_spans(pieces, [(e.start, e.end)])]
+        armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE])
+        for part in parts:
+            start, end = part.start, part.end
+            if (start, end) not in armed:
+                by_content.append(part)
+                continue
+            # Just registered and un-protected: this reports every populated page (and protects
+            # them all).
+            d, _ = _split_regions(part, self._wp_scan(part), [(start, end)])
+            data += d
+            if not first:
+                # Whatever was here before is gone (munmap + mmap, MAP_FIXED, mremap onto it):
+                # pages known here that the new mapping lacks are empty now.
+                empty += subtract_spans(intersect_spans(known, [(start, end)]), merge_spans(d))
         found = self._digests.scan(by_content, self.finder, self.reader, new_spans)
         # Mappings tracked by content may have replaced write-protected ones: pages we knew there
         # that are not populated any more are empty now.
