@@ -151,14 +151,7 @@ class UffdWpTracker(DirtyTracker):
                 start, end, required=PAGE_IS_WPALLOWED, inverted=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
         return merge_spans(found)
 
-    def _registered(self, spans: list[Span]) -> list[Span]:
-        found: list[Span] = []
-        for start, end in spans:
-            found += [(r.start, r.end) for r in self._scanner.scan(
-                start, end, required=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
-        return merge_spans(found)
-
-    def _arm_parts(self, parts: list[MapEntry]) -> set[Span]:
+    def _arm_parts(self, parts: list[MapEntry], *, first: bool) -> set[Span]:
         """Register ``parts`` (see ``_arm_part``) with the process held still, against a maps
         read taken then: a mapping cannot grow past what is registered meanwhile. The spans
         of the parts that are registered now."""
@@ -167,11 +160,13 @@ class UffdWpTracker(DirtyTracker):
         assert self.control is not None
         with self.control.paused():
             now = read_maps(self.pid)
-            return {(p.start, p.end) for p in parts if self._arm_part(p, now)}
+            return {(p.start, p.end) for p in parts if self._arm_part(p, now, first=first)}
 
-    def _arm_part(self, part: MapEntry, now: list[MapEntry]) -> bool:
-        """Register ``part`` and clear any write-protection its page tables still carry, so that
-        the next scan reports every populated page of it; False if it cannot be registered.
+    def _arm_part(self, part: MapEntry, now: list[MapEntry], *, first: bool) -> bool:
+        """Register ``part`` and clear any write-protection the page tables of what was not
+        registered still carry, so that the next scan reports every populated page of it; False
+        if it cannot be registered. (On the first round nothing was ever registered by us: no
+        such protection exists, and clearing it would walk every page with the process held.)
 
         ``part`` comes from a maps read the process may have outgrown since (brk, mremap in
         place, mprotect joining a neighbour). A registration that ends inside a mapping splits
@@ -188,24 +183,18 @@ class UffdWpTracker(DirtyTracker):
         meanwhile makes its entry writable without clearing the bit: registered again as it is,
         such a page would never read as written."""
         armed = _stretched(part, now)
+        # Only what was not registered: unprotecting registered pages would lose their writes'
+        # record (they would all read as written).
+        fresh = [] if first else self._unregistered([(armed.start, armed.end)])
         if armed == part or not self._register(armed):
             armed = part
+            fresh = [] if first else self._unregistered([(part.start, part.end)])
             if not self._register(part):
                 return False
         assert self._uffd is not None
-        for _ in range(8):
-            try:
-                for start, end in self._registered([(armed.start, armed.end)]):
-                    self._uffd.writeprotect(start, end, protect=False)
-                return True
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EAGAIN):
-                    raise
-                # A mapping there changed between the two calls (ENOENT: no longer registered);
-                # what is unregistered now waits for the next round.
-        raise UnsupportedResource(
-            f"pid {self.pid} changes its memory layout at {part.start:#x} faster than write-protection can follow: "
-            f"use --tracker checksum", pid=self.pid)
+        for start, end in fresh:
+            self._uffd.writeprotect(start, end, protect=False)
+        return True
 
     def _populated_registered(self, entry: MapEntry, spans: list[Span]) -> list[Span]:
         """Populated private pages of ``spans`` (parts of ``entry``) in registered mappings,
@@ -285,7 +274,7 @@ class UffdWpTracker(DirtyTracker):
         pieces = intersect_spans(self._unregistered(tracked), tracked)
         parts = [replace(e, start=start, end=end) for e in entries
                  for start, end in intersect_spans(pieces, [(e.start, e.end)])]
-        armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE])
+        armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE], first=first)
         for part in parts:
             start, end = part.start, part.end
             if (start, end) not in armed:
