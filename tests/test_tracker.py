@@ -143,7 +143,11 @@ def test_every_written_page_is_reported_and_no_other(backend: str, tmp_path: Pat
         blocks = {a & ~(HUGE - 1) for a in written if log.in_thp(a)}
         for a in reported[k] - written:
             if not (backend == "soft-dirty" and log.in_thp(a) and a & ~(HUGE - 1) in blocks):
-                false.append((k, hex(a)))
+                # what the page is and when it was written last, for whoever reads a failure
+                last = max((j for j in range(1, k) if a in
+                            {log.addr(i) for i in entries[marks[j - 1]: after[j]]}), default=0)
+                false.append((k, hex(a), "thp" if log.in_thp(a) else "small",
+                              "zero" if a in pages_of(scans[k].zero) else "data", f"last written by round {last}"))
     assert not false, f"{backend} reported {len(false)} pages that were not written: {false[:10]}"
     assert not {a for a in pages_of(idle.data) | pages_of(idle.zero) if log.watched(a)}
     assert all(s.pages_scanned > 0 for s in scans)
