@@ -36,7 +36,7 @@ from migrate.api import (
 from migrate.fshooks import HookContext, parse_hook
 from migrate.phases import Event as PhaseEvent
 from migrate.phases import Phase, PhaseMachine
-from transport._nursery import service_nursery
+from transport._nursery import leaves, service_nursery
 from transport.errors import Cancelled, MigrationError, PeerGone, ProtocolError, TransportError
 from transport.local import open_local_agent
 from transport.records import Record
@@ -210,19 +210,53 @@ class Migration:
     # --- the migration -----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        async with AsyncExitStack() as stack:
-            src = await stack.enter_async_context(self._connect(self.source, "source"))
-            dst = await stack.enter_async_context(self._connect(self.dest, "dest"))
-            async with service_nursery() as nursery:
-                nursery.start_soon(self._keepalive, [src, dst], [self.source, self.dest])
+        """Connect to both agents at once (each an SSH handshake and an agent start), migrate,
+        and close both. Failing to reach both reports one of them; once connected, an error
+        in closing a connection does not replace the migration's own."""
+        peers: dict[str, RpcPeer] = {}
+        connected, leave = trio.Event(), trio.Event()
+        failed = False
+
+        async def hold(host: str, role: str) -> None:
+            try:
+                async with self._connect(host, role) as rpc:
+                    peers[role] = rpc
+                    if len(peers) == 2:
+                        connected.set()
+                    await leave.wait()
+            except MigrationError:
+                if not failed:
+                    raise
+
+        try:
+            async with service_nursery() as connections:
+                connections.start_soon(hold, self.source, "source")
+                connections.start_soon(hold, self.dest, "dest")
                 try:
-                    # Once connected, cancel() stops the migration only: the connections stay
-                    # up, so the rollback reaches both agents, and then close with a goodbye.
-                    with trio.CancelScope() as migrating:
-                        self._cancel_within(migrating)
-                        await self._migrate(src, dst)
+                    await connected.wait()
+                    await self._connected(peers["source"], peers["dest"])
+                except BaseException:
+                    failed = True
+                    raise
                 finally:
-                    nursery.cancel_scope.cancel()
+                    leave.set()
+        except BaseExceptionGroup as group:
+            first = next((e for e in leaves(group) if isinstance(e, MigrationError)), None)
+            if first is None:
+                raise
+            raise first from None
+
+    async def _connected(self, src: RpcPeer, dst: RpcPeer) -> None:
+        async with service_nursery() as nursery:
+            nursery.start_soon(self._keepalive, [src, dst], [self.source, self.dest])
+            try:
+                # Once connected, cancel() stops the migration only: the connections stay up,
+                # so the rollback reaches both agents, and then close with a goodbye.
+                with trio.CancelScope() as migrating:
+                    self._cancel_within(migrating)
+                    await self._migrate(src, dst)
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def _migrate(self, src: RpcPeer, dst: RpcPeer) -> None:
         o = self.options

@@ -150,6 +150,12 @@ def test_unreachable_destination_leaves_the_process_alone(tmp_path: Path) -> Non
     assert w.reap_original() == 0
 
 
+def test_two_unreachable_hosts_make_one_error_line() -> None:
+    # Both agents are reached at once: both failing is still one clear error, not two.
+    code, _, err = migrate_cli("1@no-such-source.invalid", "no-such-dest.invalid")
+    assert code != 0 and ".invalid" in one_error_line(err)
+
+
 def test_a_process_someone_else_traces_is_refused(tmp_path: Path) -> None:
     from agent import ptrace
     from agent.tracer import Tracer

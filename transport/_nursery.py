@@ -15,10 +15,10 @@ from typing import AsyncIterator, Iterator
 import trio
 
 
-def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+def leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
     for e in group.exceptions:
         if isinstance(e, BaseExceptionGroup):
-            yield from _leaves(e)
+            yield from leaves(e)
         else:
             yield e
 
@@ -29,7 +29,7 @@ async def service_nursery() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
-        distinct = list({id(e): e for e in _leaves(group)}.values())
+        distinct = list({id(e): e for e in leaves(group)}.values())
         errors = [e for e in distinct if not isinstance(e, trio.Cancelled)]
         # A lone error next to Cancelled of an outer scope passes that scope either way.
         lone = errors if errors else distinct
