@@ -310,17 +310,22 @@ async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = No
     ends when the policy says stop."""
     s = _session(ctx)
     with s.inflight.run("source_precopy"):
-        s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
-        sink = s.sink(ctx, to)
-        await _send_header(sink, s)
+        return await _precopy(ctx, s, policy, to)
 
-        def on_round(stats: RoundStats) -> None:
-            s.rounds.append(stats)
-            ctx.progress(event="round", **stats.as_dict())
 
-        s.result = await precopy(s.tracker, sink, _policy(policy), on_round=on_round)
-        return {"stop_reason": str(s.result.stop_reason), "rounds": [r.as_dict() for r in s.result.rounds],
-                "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
+async def _precopy(ctx: CallContext, s: SourceSession, policy: dict[str, Any] | None,
+                   to: dict[str, Any] | None) -> dict[str, Any]:
+    s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
+    sink = s.sink(ctx, to)
+    await _send_header(sink, s)
+
+    def on_round(stats: RoundStats) -> None:
+        s.rounds.append(stats)
+        ctx.progress(event="round", **stats.as_dict())
+
+    s.result = await precopy(s.tracker, sink, _policy(policy), on_round=on_round)
+    return {"stop_reason": str(s.result.stop_reason), "rounds": [r.as_dict() for r in s.result.rounds],
+            "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
 
 
 async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -> dict[str, Any]:

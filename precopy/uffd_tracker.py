@@ -151,29 +151,28 @@ class UffdWpTracker(DirtyTracker):
                 start, end, required=PAGE_IS_WPALLOWED, inverted=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
         return merge_spans(found)
 
+    def _registered(self, spans: list[Span]) -> list[Span]:
+        found: list[Span] = []
+        for start, end in spans:
+            found += [(r.start, r.end) for r in self._scanner.scan(
+                start, end, required=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
+        return merge_spans(found)
+
     def _arm_parts(self, parts: list[MapEntry], *, first: bool) -> set[Span]:
-        """Register ``parts`` (see ``_arm_part``) with the process held still, against a maps
-        read taken then: a mapping cannot grow past what is registered meanwhile. The spans
-        of the parts that are registered now."""
-        if not parts:
-            return set()
-        assert self.control is not None
-        with self.control.paused():
-            now = read_maps(self.pid)
-            return {(p.start, p.end) for p in parts if self._arm_part(p, now, first=first)}
+        """Register ``parts`` and clear any write-protection the page tables of what was not
+        registered still carry, so that the next scans report every populated page of them;
+        the spans of the parts that are registered now (the others cannot be: tracked by
+        content).
 
-    def _arm_part(self, part: MapEntry, now: list[MapEntry], *, first: bool) -> bool:
-        """Register ``part`` and clear any write-protection the page tables of what was not
-        registered still carry, so that the next scan reports every populated page of it; False
-        if it cannot be registered. (On the first round nothing was ever registered by us: no
-        such protection exists, and clearing it would walk every page with the process held.)
-
-        ``part`` comes from a maps read the process may have outgrown since (brk, mremap in
+        A part comes from a maps read the process may have outgrown since (brk, mremap in
         place, mprotect joining a neighbour). A registration that ends inside a mapping splits
         it there, and until the next round registers the rest the process's own mremap() of the
-        mapping fails (EFAULT: a range across two mappings). So the mappings at either end, as
-        ``now`` (read while the process is held) has them, are registered whole; what lies
-        beyond ``part`` is new to this round's layout and reported by the next round as such.
+        mapping fails (EFAULT: a range across two mappings). So the registrations are made with
+        the process held still, against a maps read taken then, and cover the mappings at
+        either end of a part whole; what lies beyond a part is new to this round's layout and
+        reported by the next round as such. The hold covers the registrations only (ioctls on
+        mappings); clearing protection walks page tables, so it comes after, which is safe: a
+        write meanwhile clears a page's protection itself.
 
         A mapping can lose its registration without moving: mremap() of a registered mapping
         next to a registered neighbour of the same flags (another piece of one original mapping)
@@ -181,20 +180,45 @@ class UffdWpTracker(DirtyTracker):
         UFFD_FEATURE_EVENT_REMAP, drops the userfaultfd context of the whole merged mapping. The
         neighbour's page-table entries keep their uffd-wp bits and markers, and a write there
         meanwhile makes its entry writable without clearing the bit: registered again as it is,
-        such a page would never read as written."""
-        armed = _stretched(part, now)
-        # Only what was not registered: unprotecting registered pages would lose their writes'
-        # record (they would all read as written).
-        fresh = [] if first else self._unregistered([(armed.start, armed.end)])
-        if armed == part or not self._register(armed):
-            armed = part
-            fresh = [] if first else self._unregistered([(part.start, part.end)])
-            if not self._register(part):
-                return False
+        such a page would never read as written. Only what was not registered is cleared:
+        clearing registered pages would lose the record of their writes."""
+        if not parts:
+            return set()
+        assert self.control is not None and self._uffd is not None
+        armed: set[Span] = set()
+        clear: list[Span] = []
+        with self.control.paused():
+            now = read_maps(self.pid)
+            for part in parts:
+                whole = _stretched(part, now)
+                # (the first round: nothing of ours was registered)
+                before = [(whole.start, whole.end)] if first else self._unregistered([(whole.start, whole.end)])
+                if whole != part and self._register(whole):
+                    done = whole
+                elif self._register(part):
+                    done = part
+                else:
+                    continue
+                armed.add((part.start, part.end))
+                clear += intersect_spans(before, [(done.start, done.end)])
+        self._clear_protection(merge_spans(clear))
+        return armed
+
+    def _clear_protection(self, spans: list[Span]) -> None:
         assert self._uffd is not None
-        for start, end in fresh:
-            self._uffd.writeprotect(start, end, protect=False)
-        return True
+        for _ in range(8):
+            try:
+                for start, end in self._registered(spans):
+                    self._uffd.writeprotect(start, end, protect=False)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EAGAIN):
+                    raise
+                # A mapping there changed between the two calls (ENOENT: no longer registered);
+                # what is unregistered now waits for the next round.
+        raise UnsupportedResource(
+            f"pid {self.pid} changes its memory layout faster than write-protection can follow: "
+            f"use --tracker checksum", pid=self.pid)
 
     def _populated_registered(self, entry: MapEntry, spans: list[Span]) -> list[Span]:
         """Populated private pages of ``spans`` (parts of ``entry``) in registered mappings,
