@@ -253,6 +253,7 @@ class DirtyTracker(ABC):
 
 _POPULATED = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
 
+
 class SoftDirtyTracker(DirtyTracker):
     """clear_refs + soft-dirty bits; the scan and the clear run with the process paused."""
 

@@ -121,7 +121,7 @@ class UffdWpTracker(DirtyTracker):
         """Report and re-protect the written pages of the registered mappings in ``entry``'s range.
 
         Without ``PM_SCAN_CHECK_WPASYNC`` the kernel skips the mappings we have not registered
-        and leaves them untouched (``_unregistered`` finds those). With it, the scan would fail
+        and leaves them untouched (``_registration`` finds those). With it, the scan would fail
         with EPERM at the first one, *after* re-protecting the pages of the registered mappings
         before it, whose written state it then throws away with the rest of its answer: the maps
         read a moment earlier may be stale (a MAP_FIXED mmap has split the mapping since), so
@@ -141,21 +141,15 @@ class UffdWpTracker(DirtyTracker):
         return [(r.start, r.end) for r in self._scanner.scan(
             entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)]
 
-    def _unregistered(self, spans: list[Span]) -> list[Span]:
-        """The parts of ``spans`` whose mappings are not write-protected by our userfaultfd, as
-        the kernel has them now: new mappings, moved ones (mremap drops the registration and the
-        pages' protection), and those we track by content."""
+    def _registration(self, spans: list[Span], *, registered: bool) -> list[Span]:
+        """The parts of ``spans`` whose mappings are (``registered``) or are not write-protected
+        by our userfaultfd, as the kernel has them now. Not: new mappings, moved ones (mremap
+        drops the registration and the pages' protection), and those we track by content."""
+        inverted = 0 if registered else PAGE_IS_WPALLOWED
         found: list[Span] = []
         for start, end in spans:
             found += [(r.start, r.end) for r in self._scanner.scan(
-                start, end, required=PAGE_IS_WPALLOWED, inverted=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
-        return merge_spans(found)
-
-    def _registered(self, spans: list[Span]) -> list[Span]:
-        found: list[Span] = []
-        for start, end in spans:
-            found += [(r.start, r.end) for r in self._scanner.scan(
-                start, end, required=PAGE_IS_WPALLOWED, returned=PAGE_IS_WPALLOWED)]
+                start, end, required=PAGE_IS_WPALLOWED, inverted=inverted, returned=PAGE_IS_WPALLOWED)]
         return merge_spans(found)
 
     def _arm_parts(self, parts: list[MapEntry], *, first: bool) -> set[Span]:
@@ -191,8 +185,9 @@ class UffdWpTracker(DirtyTracker):
             now = read_maps(self.pid)
             for part in parts:
                 whole = _stretched(part, now)
+                span = [(whole.start, whole.end)]
                 # (the first round: nothing of ours was registered)
-                before = [(whole.start, whole.end)] if first else self._unregistered([(whole.start, whole.end)])
+                before = span if first else self._registration(span, registered=False)
                 if whole != part and self._register(whole):
                     done = whole
                 elif self._register(part):
@@ -208,7 +203,7 @@ class UffdWpTracker(DirtyTracker):
         assert self._uffd is not None
         for _ in range(8):
             try:
-                for start, end in self._registered(spans):
+                for start, end in self._registration(spans, registered=True):
                     self._uffd.writeprotect(start, end, protect=False)
                 return
             except OSError as exc:
@@ -266,7 +261,7 @@ class UffdWpTracker(DirtyTracker):
                ) -> tuple[list[Run], list[Run], int, int]:
         """One round. ``entries`` come from a maps read that may already be stale: the process
         runs on, so nothing here trusts an entry to be one mapping, or to be the mapping it was.
-        What is registered is found from the page tables' own answer (``_unregistered``)."""
+        What is registered is found from the page tables' own answer (``_registration``)."""
         data: list[Span] = []
         empty: list[Span] = []
         by_content: list[MapEntry] = []
@@ -295,7 +290,7 @@ class UffdWpTracker(DirtyTracker):
         # write-protect (read-only mappings: arming their holes would allocate page tables for
         # nothing). Exactly those ranges are new to the tracker; the rest of an entry is not.
         tracked = merge_spans((e.start, e.end) for e in entries)
-        pieces = intersect_spans(self._unregistered(tracked), tracked)
+        pieces = intersect_spans(self._registration(tracked, registered=False), tracked)
         parts = [replace(e, start=start, end=end) for e in entries
                  for start, end in intersect_spans(pieces, [(e.start, e.end)])]
         armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE], first=first)
