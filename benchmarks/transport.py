@@ -8,7 +8,7 @@ mixing runs of zero (30%), text-like (40%) and random (30%) pages, from a kcr-ag
 hostA to the ``sink`` method of a kcr-agent, which decompresses and checks every batch:
 
   local   hostA's agent starts a second agent on hostA (socketpair, no SSH)
-  tcp     to hostB's agent over the direct data channel (ChaCha20-Poly1305, per-run key)
+  tcp     to hostB's agent over the direct data channel (AES-256-GCM or ChaCha20-Poly1305, per-run key)
   ssh     to hostB's agent over SSH (asyncssh on hostA -> sshd on hostB -> kcr-agent)
 
 each with compression off and on ("auto": the zstd level follows the link). Times run

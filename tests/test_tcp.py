@@ -10,12 +10,16 @@ import trio
 from agent import serve
 from tests._transport import page_batch
 from transport.errors import MigrationError, PeerGone, ProtocolError, TransportError, TruncatedStream
+from transport.cpu import cpu_has_aes
 from transport.protocol import ROLE_AGENT, ROLE_DATA
-from transport.rpc import serve_rpc
+from transport.rpc import open_rpc, serve_rpc
 from transport.tcp import (
     DATA_MAGIC,
     LEN,
     MAX_PLAIN,
+    OFFER_AES_GCM,
+    OFFER_CHACHA,
+    RANDOM_SIZE,
     TAG_SIZE,
     DataListener,
     SealedStream,
@@ -67,6 +71,25 @@ async def test_the_right_key_carries_pages(level: int | None) -> None:
         await trio.testing.wait_all_tasks_blocked()
     assert result["bytes_raw"] == sum(len(b.data) for b in batches)
     assert server.served == [None] and server.listener.rejected == 0
+
+
+@pytest.mark.parametrize("offer", [OFFER_CHACHA, OFFER_CHACHA | OFFER_AES_GCM], ids=["chacha-only", "both"])
+async def test_pages_go_under_the_cipher_both_ends_offer(offer: int) -> None:
+    key = new_key()
+    batches = [page_batch(256, seed=i, fill="random") for i in range(4)]
+    expected = "AES-256-GCM" if offer & OFFER_AES_GCM and cpu_has_aes() else "ChaCha20-Poly1305"
+    async with data_server(key) as server:
+        raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+        sealed = await _client_handshake(raw, key, "test", offer=offer)
+        assert sealed.cipher == expected
+        async with open_rpc(sealed, role=ROLE_DATA, accept_roles=(ROLE_AGENT,), level=None) as rpc:
+            async with rpc.open_call("sink", upload=True, expect_batches=len(batches)) as call:
+                for b in batches:
+                    await call.send_batch(b)
+                result = await call.result()
+        await trio.testing.wait_all_tasks_blocked()
+    assert result["bytes_raw"] == sum(len(b.data) for b in batches)
+    assert server.served == [None]
 
 
 async def test_a_data_channel_serves_page_sinks_only() -> None:
@@ -163,6 +186,17 @@ async def test_a_tampered_opening_is_refused() -> None:
     assert server.listener.rejected == 1
 
 
+async def test_a_tampered_cipher_offer_is_refused() -> None:
+    key = new_key()
+    async with data_server(key) as server, trio.open_nursery() as nursery:
+        proxy = TamperingProxy(server.port, offset=len(DATA_MAGIC) + RANDOM_SIZE)  # the client's offer
+        await nursery.start(proxy.run)
+        with pytest.raises(ProtocolError):
+            await connect_data_channel("127.0.0.1", proxy.port, key=key)
+        await trio.testing.wait_all_tasks_blocked()
+    assert server.listener.rejected == 1
+
+
 async def test_an_oversized_record_length_is_dropped_unread() -> None:
     key = new_key()
     async with data_server(key) as server:
@@ -204,5 +238,8 @@ def test_every_connection_gets_its_own_keys() -> None:
     a = derive_keys(key, b"c" * 32, b"s" * 32)
     b = derive_keys(key, b"c" * 32, b"t" * 32)
     assert a[0] != a[1] and a[0] != b[0] and a[1] != b[1]
+    offered = derive_keys(key, b"c" * 32, b"s" * 32, bytes([3, 3]))
+    downgraded = derive_keys(key, b"c" * 32, b"s" * 32, bytes([1, 3]))
+    assert offered[0] != downgraded[0] and offered[1] != downgraded[1]
     with pytest.raises(ValueError):
         derive_keys(b"short", b"c" * 32, b"s" * 32)

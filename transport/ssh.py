@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Coroutine, TypeVar
 import asyncssh
 import trio
 
+from transport.cpu import cpu_has_aes
 from transport.errors import IncompatibleImage, MigrationError, ProtocolError, TransportError, TransportTimeout
 from transport.local import StderrTail
 from transport.protocol import ROLE_AGENT, ROLE_ORCHESTRATOR
@@ -196,19 +197,6 @@ def _connect_error(host: str, exc: BaseException, config: str | None) -> Transpo
         return TransportError(f"cannot reach {host} over SSH: {exc.strerror or exc}: check the host name "
                               "and that sshd runs there")
     return TransportError(f"SSH to {host} failed: {exc}")
-
-
-def cpu_has_aes() -> bool:
-    """Whether this CPU has AES instructions (x86 ``aes`` flag, arm64 ``aes`` feature)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return "aes" in value.split()
-    except OSError:
-        pass
-    return False
 
 
 async def _cipher_options(host: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -4,14 +4,17 @@ Memory pages are secrets and a restored process may run as root, so nothing on t
 is trusted or readable without the per-migration key (32 random bytes that kcr-migrate sends
 to both agents over their SSH control channels).
 
-Opening, in the clear: each side sends ``DATA_MAGIC`` and 32 random bytes (the client first).
-Both derive two keys, one per direction, with HKDF-SHA256 from the migration key and both
-random strings, so every connection has fresh keys and a key used for many connections never
-repeats a nonce. Then each direction is a sequence of sealed records::
+Opening, in the clear: each side sends ``DATA_MAGIC``, 32 random bytes and one byte naming
+the AEADs it offers (the client first). AES-256-GCM is used when both offer it (both CPUs
+have AES instructions: it is then about three times cheaper per byte), ChaCha20-Poly1305
+otherwise. Both derive two keys, one per direction, with HKDF-SHA256 from the migration key,
+both random strings and both offers, so every connection has fresh keys, a key used for many
+connections never repeats a nonce, and an offer changed on the way makes the keys differ.
+Then each direction is a sequence of sealed records::
 
     length  u32 LE    bytes of ciphertext, tag included (capped before anything is read)
-    sealed  bytes     ChaCha20-Poly1305(plaintext), nonce = 4 zero bytes + u64 LE record
-                      counter, associated data = the length field
+    sealed  bytes     AEAD(plaintext), nonce = 4 zero bytes + u64 LE record counter,
+                      associated data = the length field
 
 The first record each way is a fixed confirmation string: the listener drops a client that
 does not prove the key before anything else is read, and the client refuses a listener that
@@ -29,20 +32,23 @@ from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from transport.cpu import cpu_has_aes
 from transport.errors import MigrationError, PeerGone, ProtocolError, TransportError, TransportTimeout, TruncatedStream
 from transport.protocol import ROLE_AGENT, ROLE_DATA
 from transport.rpc import Methods, RpcPeer, open_rpc
 
 KEY_SIZE = 32
-DATA_MAGIC = b"KCRDATA1"
+DATA_MAGIC = b"KCRDATA2"
 RANDOM_SIZE = 32
+OFFER_CHACHA = 1                     # the opening's last byte: the AEADs a side offers
+OFFER_AES_GCM = 2
 TAG_SIZE = 16
 MAX_PLAIN = 1 << 20                  # plaintext bytes per sealed record
 LEN = struct.Struct("<I")
-HKDF_INFO = b"kcr-migrate data channel v1"
+HKDF_INFO = b"kcr-migrate data channel v2"
 CLIENT_CONFIRM = b"kcr-migrate data channel: client holds the key"
 SERVER_CONFIRM = b"kcr-migrate data channel: server holds the key"
 HANDSHAKE_TIMEOUT = 10.0
@@ -58,13 +64,31 @@ def _nonce(counter: int) -> bytes:
     return b"\0\0\0\0" + counter.to_bytes(8, "little")
 
 
-def derive_keys(key: bytes, client_random: bytes, server_random: bytes) -> tuple[bytes, bytes]:
-    """(client-to-server key, server-to-client key) for one connection."""
+def our_offer() -> int:
+    """The AEADs this side offers: AES-GCM only where the CPU has AES instructions."""
+    return OFFER_CHACHA | (OFFER_AES_GCM if cpu_has_aes() else 0)
+
+
+def derive_keys(key: bytes, client_random: bytes, server_random: bytes, offers: bytes = b""
+                ) -> tuple[bytes, bytes]:
+    """(client-to-server key, server-to-client key) for one connection; ``offers`` is both
+    sides' offer bytes, client's first."""
     if len(key) != KEY_SIZE:
         raise ValueError(f"the data channel key must be {KEY_SIZE} bytes")
     okm = HKDF(algorithm=hashes.SHA256(), length=2 * KEY_SIZE, salt=client_random + server_random,
-               info=HKDF_INFO).derive(key)
+               info=HKDF_INFO + offers).derive(key)
     return okm[:KEY_SIZE], okm[KEY_SIZE:]
+
+
+Aead = AESGCM | ChaCha20Poly1305
+
+
+def _aead(client_offer: int, server_offer: int) -> type[AESGCM] | type[ChaCha20Poly1305]:
+    if client_offer & server_offer & OFFER_AES_GCM:
+        return AESGCM
+    if client_offer & server_offer & OFFER_CHACHA:
+        return ChaCha20Poly1305
+    raise ProtocolError("the data channel's two ends share no cipher")
 
 
 class _Reader:
@@ -111,11 +135,12 @@ class SealedStream(trio.abc.Stream):
     """A trio stream whose bytes travel in authenticated, encrypted records."""
 
     def __init__(self, stream: trio.abc.Stream, reader: _Reader, *, send_key: bytes, receive_key: bytes,
-                 peer: str) -> None:
+                 peer: str, aead: type[AESGCM] | type[ChaCha20Poly1305] = ChaCha20Poly1305) -> None:
         self._stream = stream
         self._reader = reader
-        self._send = ChaCha20Poly1305(send_key)
-        self._receive = ChaCha20Poly1305(receive_key)
+        self.cipher = "AES-256-GCM" if aead is AESGCM else "ChaCha20-Poly1305"
+        self._send: Aead = aead(send_key)
+        self._receive: Aead = aead(receive_key)
         self._send_n = 0
         self._receive_n = 0
         self._plain = b""
@@ -130,7 +155,7 @@ class SealedStream(trio.abc.Stream):
 
     async def send_record(self, plain: bytes | bytearray | memoryview) -> None:
         length = LEN.pack(len(plain) + TAG_SIZE)
-        sealed = self._send.encrypt(_nonce(self._send_n), plain, length)   # ~4 GB/s: inline
+        sealed = self._send.encrypt(_nonce(self._send_n), plain, length)   # 4-13 GB/s: inline
         self._send_n += 1
         await self._stream.send_all(length)
         await self._stream.send_all(sealed)
@@ -181,13 +206,14 @@ class SealedStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
-async def _opening(stream: trio.abc.Stream, reader: _Reader, peer: str) -> bytes:
-    got = await reader.read_exact(len(DATA_MAGIC) + RANDOM_SIZE)
+async def _opening(stream: trio.abc.Stream, reader: _Reader, peer: str) -> tuple[bytes, int]:
+    """The peer's random string and offer."""
+    got = await reader.read_exact(len(DATA_MAGIC) + RANDOM_SIZE + 1)
     if got is None:
         raise PeerGone(f"{peer} closed the data channel during its opening")
     if bytes(got[: len(DATA_MAGIC)]) != DATA_MAGIC:
-        raise ProtocolError(f"{peer} is not a kcr-migrate data channel (bad opening)")
-    return bytes(got[len(DATA_MAGIC):])
+        raise ProtocolError(f"{peer} is not a kcr-migrate data channel of this version (bad opening)")
+    return bytes(got[len(DATA_MAGIC): -1]), got[-1]
 
 
 async def _confirm(sealed: SealedStream, expected: bytes) -> None:
@@ -203,25 +229,31 @@ async def _confirm(sealed: SealedStream, expected: bytes) -> None:
         raise ProtocolError(f"{sealed.peer} did not confirm the data channel key; connection dropped")
 
 
-async def _client_handshake(stream: trio.abc.Stream, key: bytes, peer: str) -> SealedStream:
+async def _client_handshake(stream: trio.abc.Stream, key: bytes, peer: str, offer: int | None = None
+                            ) -> SealedStream:
     reader = _Reader(stream)
     mine = os.urandom(RANDOM_SIZE)
-    await stream.send_all(DATA_MAGIC + mine)
-    theirs = await _opening(stream, reader, peer)
-    c2s, s2c = derive_keys(key, mine, theirs)
-    sealed = SealedStream(stream, reader, send_key=c2s, receive_key=s2c, peer=peer)
+    offer = our_offer() if offer is None else offer
+    await stream.send_all(DATA_MAGIC + mine + bytes([offer]))
+    theirs, their_offer = await _opening(stream, reader, peer)
+    c2s, s2c = derive_keys(key, mine, theirs, bytes([offer, their_offer]))
+    sealed = SealedStream(stream, reader, send_key=c2s, receive_key=s2c, peer=peer,
+                          aead=_aead(offer, their_offer))
     await sealed.send_record(CLIENT_CONFIRM)
     await _confirm(sealed, SERVER_CONFIRM)
     return sealed
 
 
-async def _server_handshake(stream: trio.abc.Stream, key: bytes, peer: str) -> SealedStream:
+async def _server_handshake(stream: trio.abc.Stream, key: bytes, peer: str, offer: int | None = None
+                            ) -> SealedStream:
     reader = _Reader(stream)
-    theirs = await _opening(stream, reader, peer)
+    theirs, their_offer = await _opening(stream, reader, peer)
     mine = os.urandom(RANDOM_SIZE)
-    await stream.send_all(DATA_MAGIC + mine)
-    c2s, s2c = derive_keys(key, theirs, mine)
-    sealed = SealedStream(stream, reader, send_key=s2c, receive_key=c2s, peer=peer)
+    offer = our_offer() if offer is None else offer
+    await stream.send_all(DATA_MAGIC + mine + bytes([offer]))
+    c2s, s2c = derive_keys(key, theirs, mine, bytes([their_offer, offer]))
+    sealed = SealedStream(stream, reader, send_key=s2c, receive_key=c2s, peer=peer,
+                          aead=_aead(their_offer, offer))
     await _confirm(sealed, CLIENT_CONFIRM)
     await sealed.send_record(SERVER_CONFIRM)
     return sealed
