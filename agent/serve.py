@@ -55,10 +55,11 @@ def _hello_map(rec: Record) -> dict[str, Any]:
     return {k: v for k, v in rec.to_wire().items() if k not in ("t", "v")}
 
 
-def _ssh_server_address() -> str:
-    """The address kcr-migrate reached this host on over SSH: where a data channel can connect."""
+def _ssh_address(field: int) -> str:
+    """From SSH_CONNECTION: the address kcr-migrate's host connected from (0), or the one it
+    reached this host on (2): where a data channel can connect to either."""
     fields = os.environ.get("SSH_CONNECTION", "").split()
-    return fields[2] if len(fields) >= 3 else ""
+    return fields[field] if len(fields) >= 4 else ""
 
 
 def _boot_id() -> str:
@@ -89,7 +90,8 @@ async def info(ctx: CallContext) -> dict[str, Any]:
         "mntns_inode": os.stat("/proc/self/ns/mnt").st_ino,
         "kernel_release": platform.release(),
         "boot_id": _boot_id(),
-        "ssh_server_address": _ssh_server_address(),
+        "ssh_server_address": _ssh_address(2),
+        "ssh_client_address": _ssh_address(0),
         "arch": platform.machine(),
         "xsave_mask": _xsave_mask(),
         "protocol_version": PROTOCOL_VERSION,

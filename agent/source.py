@@ -35,12 +35,12 @@ from precopy.probe import choose_tracker
 from precopy.rounds import PrecopyResult, final_round, precopy, send_scan
 from precopy.tracker import DirtyTracker, make_tracker
 from transport._nursery import service_nursery
-from transport.errors import MigrationError, ProcessError
+from transport.errors import MigrationError, ProcessError, ProtocolError
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
 from transport.schema import FORMAT_VERSION, Files, ProcessState, ThreadState
-from transport.tcp import open_data_channel
+from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
 
 
 class HolderControl:
@@ -114,8 +114,10 @@ class DataChannelSink:
     layout, page and state record of the migration in order. A pump task on this connection's
     nursery owns the channel, so it outlives the calls that feed it."""
 
-    def __init__(self, nursery: trio.Nursery, to: dict[str, Any], level: Level, limit: float | None) -> None:
+    def __init__(self, nursery: trio.Nursery, to: dict[str, Any], level: Level, limit: float | None,
+                 connect_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self._tx, self._rx = trio.open_memory_channel[Any](16)
+        self.connected = trio.Event()
         self.done = trio.Event()
         self.error: BaseException | None = None
         self.result: dict[str, Any] = {}
@@ -125,12 +127,14 @@ class DataChannelSink:
         self._sent = 0
         self._wire = 0
         self._mark = 0
-        nursery.start_soon(self._pump, to, level)
+        nursery.start_soon(self._pump, to, level, connect_timeout)
 
-    async def _pump(self, to: dict[str, Any], level: Level) -> None:
+    async def _pump(self, to: dict[str, Any], level: Level, connect_timeout: float) -> None:
         try:
-            async with open_data_channel(str(to["address"]), int(to["port"]), key=to["key"], level=level) as peer:
+            async with open_data_channel(str(to["address"]), int(to["port"]), key=to["key"], level=level,
+                                         connect_timeout=connect_timeout) as peer:
                 self.peer = peer
+                self.connected.set()
                 async with peer.open_call("dest_receive", upload=True, session=str(to["session"])) as call:
                     async for item in self._rx:
                         if isinstance(item, trio.Event):
@@ -149,6 +153,22 @@ class DataChannelSink:
                 raise
         finally:
             self.done.set()
+
+    @property
+    def cipher(self) -> str:
+        return str(getattr(self.peer.fs.transport, "cipher", "")) if self.peer is not None else ""
+
+    async def wait_connected(self) -> None:
+        """Return once the channel is open (the key proved both ways); raise why it is not."""
+        async with trio.open_nursery() as nursery:
+            async def pump_ended() -> None:
+                await self.done.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(pump_ended)
+            await self.connected.wait()
+            nursery.cancel_scope.cancel()
+        if not self.connected.is_set():
+            raise self.error or ProcessError("the data channel closed while opening")
 
     async def _put(self, item: Any) -> None:
         if self.error is not None:
@@ -213,12 +233,14 @@ class SourceSession:
     data_sink: DataChannelSink | None = None
     inflight: InFlight = field(default_factory=InFlight)   # precopy or freeze, while it runs
 
-    def sink(self, ctx: CallContext, to: dict[str, Any] | None) -> "StreamSink | DataChannelSink":
+    def sink(self, ctx: CallContext, to: dict[str, Any] | None,
+             connect_timeout: float = HANDSHAKE_TIMEOUT) -> "StreamSink | DataChannelSink":
         """Where this session's stream goes: the call's reply stream, or the data channel."""
         if to is None:
             return StreamSink(ctx, self.bandwidth_limit)
         if self.data_sink is None:
-            self.data_sink = DataChannelSink(ctx.rpc.nursery, to, self.level, self.bandwidth_limit)
+            self.data_sink = DataChannelSink(ctx.rpc.nursery, to, self.level, self.bandwidth_limit,
+                                             connect_timeout)
         return self.data_sink
 
     def close(self, how: str = "release") -> None:
@@ -288,6 +310,24 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }
+
+
+async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT
+                         ) -> dict[str, Any]:
+    """Open the data channel ``to`` now, in preflight, and keep it for the migration.
+    ``connected`` False (with the reason) when it cannot be opened within ``timeout``."""
+    s = _session(ctx)
+    if not 0 < timeout <= HANDSHAKE_TIMEOUT:
+        raise ProtocolError(f"source_connect: a timeout of {timeout} s")
+    sink = s.sink(ctx, to, timeout)
+    if not isinstance(sink, DataChannelSink):
+        raise ProtocolError("source_connect needs a data channel address")
+    try:
+        await sink.wait_connected()
+    except MigrationError as exc:
+        s.data_sink = None
+        return {"connected": False, "error": str(exc)}
+    return {"connected": True, "cipher": sink.cipher}
 
 
 async def _send_header(sink: Any, s: SourceSession) -> None:
@@ -460,7 +500,8 @@ def close_sessions(rpc: object) -> None:
 
 
 METHODS = {
-    "source_open": source_open, "source_precopy": source_precopy, "source_freeze": source_freeze,
+    "source_open": source_open, "source_connect": source_connect, "source_precopy": source_precopy,
+    "source_freeze": source_freeze,
     "source_commit_pending": source_commit_pending, "source_kill": source_kill,
     "source_hold": source_hold, "source_release": source_release, "resolve": resolve,
 }

@@ -2,7 +2,7 @@
 """Live migration between two test hosts: kcr-migrate against stop-and-copy and, where it works, CRIU.
 
     python3 benchmarks/migrate.py [--quick] [--json FILE] [--mib N] [--reps N] [--rates R,R,...]
-                                  [--downtime MS]
+                                  [--downtime MS] [--data-channel auto|ssh|tcp]
 
 One job (tests/workloads/mig_dirty.c, compiled here with gcc -O2 -pthread into a temporary
 directory) holds N MiB (1024; 256 with --quick) and writes R MiB/s of random pages in 10 ms
@@ -24,10 +24,10 @@ output as an unmigrated reference run of the same parameters: the same source bu
 two builds agree is checked at the start of every run).
 
 The link is measured in the same run, the job's size each time, untimed once first:
-raw TCP from hostA to hostB (the link itself), SSH from hostA's kcr-agent to hostB's (the
-transport's direct channel) and SSH relayed through this machine (the path a migration's
-pages take: source agent -> orchestrator -> destination agent), all with compression off,
-as the job's pages do not compress. The target "total within 1.5x of memory over link
+raw TCP from hostA to hostB (the link itself), the sealed TCP data channel from hostA's
+kcr-agent to hostB's (the path a migration's pages take by default) and SSH relayed through
+this machine (their path with --data-channel ssh: source agent -> orchestrator -> destination
+agent), all with compression off, as the job's pages do not compress. The target "total within 1.5x of memory over link
 throughput" is checked against each; "downtime under 20 ms" at 50 MiB/s.
 
 Memory on the VMs this runs on is several times slower on first touch than afterwards and
@@ -67,6 +67,7 @@ from examples.testbed import Testbed, TestbedError, tcp_open  # noqa: E402
 from transport.errors import MigrationError  # noqa: E402
 from transport.ssh import open_ssh_agent  # noqa: E402
 from transport.stream import RawBatch  # noqa: E402
+from transport.tcp import new_key  # noqa: E402
 
 WORKLOAD_SRC = REPO / "tests" / "workloads" / "mig_dirty.c"
 STATE_DIR = Path("/run/kcr-testbed-bench")
@@ -285,19 +286,22 @@ def wait_verdict(job: Job, pid: int, timeout: float) -> str:
 
 # -- the link -------------------------------------------------------------------------------
 
-async def _ssh_anchors(bed: Testbed, size: int, reps: int) -> dict[str, Any]:
-    """hostA's agent -> hostB's agent over SSH, directly and relayed through this process (as
-    the orchestrator relays a migration's pages). Raw pages: the job's do not compress."""
+async def _agent_anchors(bed: Testbed, size: int, reps: int) -> dict[str, Any]:
+    """hostA's agent -> hostB's agent over the sealed TCP data channel (a migration's page path
+    by default) and over SSH relayed through this process (the path with --data-channel ssh).
+    Raw pages: the job's do not compress."""
     config = str(bed.ssh_config_path)
     out: dict[str, Any] = {}
     async with open_ssh_agent("hostA", ssh_config=config, level=None, call_timeout=CALL_TIMEOUT) as a, \
             open_ssh_agent("hostB", ssh_config=config, level=None, call_timeout=CALL_TIMEOUT) as b:
-        target = {"kind": "ssh", "host": "hostB", "ssh_config": config}
+        key = new_key()
+        port = (await b.call("data_listen", key=key, address=bed.address("hostB")))["port"]
+        target = {"kind": "tcp", "address": bed.address("hostB"), "port": port, "key": key}
 
         async def direct(total: int) -> float:
             r = await a.call("source_synthetic", total_bytes=total, level=None, to=target, timeout=CALL_TIMEOUT)
             if r["sink"]["bytes_raw"] != total:
-                raise BenchError(f"ssh direct: the sink counted {r['sink']['bytes_raw']} of {total} bytes")
+                raise BenchError(f"tcp data channel: the sink counted {r['sink']['bytes_raw']} of {total} bytes")
             return float(r["seconds"])
 
         async def relayed(total: int) -> float:
@@ -315,10 +319,10 @@ async def _ssh_anchors(bed: Testbed, size: int, reps: int) -> dict[str, Any]:
                 raise BenchError(f"ssh relayed: the sink counted {sunk['bytes_raw']} of {total} bytes")
             return time.perf_counter() - t0
 
-        for key, fn in (("ssh_direct", direct), ("ssh_relayed", relayed)):
+        for name, fn in (("tcp_data", direct), ("ssh_relayed", relayed)):
             await fn(max(size // 4, 16 * MIB))          # warm-up, untimed
             secs = [await fn(size) for _ in range(reps)]
-            out[key] = {"seconds": secs, "bytes": size, "bytes_per_s": size / statistics.median(secs)}
+            out[name] = {"seconds": secs, "bytes": size, "bytes_per_s": size / statistics.median(secs)}
     return out
 
 
@@ -327,15 +331,15 @@ def measure_link(bed: Testbed, size: int, reps: int) -> dict[str, Any]:
     secs = [raw_tcp(size, bed=bed, src="hostA", dst="hostB") for _ in range(reps)]
     link: dict[str, Any] = {"raw_tcp": {"seconds": secs, "bytes": size, "bytes_per_s": size / statistics.median(secs)}}
     try:
-        link.update(trio.run(_ssh_anchors, bed, size, reps))
+        link.update(trio.run(_agent_anchors, bed, size, reps))
     except MigrationError as exc:
-        raise BenchError(f"measuring the ssh channel: {exc}") from None
+        raise BenchError(f"measuring the agents' channels: {exc}") from None
     return link
 
 
 ANCHORS = (("raw_tcp", "raw TCP hostA->hostB (the link)"),
-           ("ssh_direct", "SSH agent->agent (kcr transport, direct)"),
-           ("ssh_relayed", "SSH relayed via the orchestrator (a migration's page path)"))
+           ("tcp_data", "sealed TCP agent->agent (the page path by default)"),
+           ("ssh_relayed", "SSH relayed via the orchestrator (the page path with --data-channel ssh)"))
 
 
 # -- one migration --------------------------------------------------------------------------
@@ -661,7 +665,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     link = measure_link(bed, size, link_reps)
     for key, label in ANCHORS:
         log(f"  {label}: {link[key]['bytes_per_s'] / MIB:.0f} MiB/s")
-    planner = Planner(mib, link["ssh_relayed"]["bytes_per_s"])
+    planner = Planner(mib, link["ssh_relayed" if args.data_channel == "ssh" else "tcp_data"]["bytes_per_s"])
 
     reported_start = reported_kib()
     prewarm_mib = 2 * mib + 64
@@ -794,8 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, help="job size (default 1024, 256 with --quick)")
     p.add_argument("--reps", type=int, help="runs per case (default 3, 1 with --quick)")
     p.add_argument("--rates", metavar="R,R,...", help="dirty rates in MiB/s (default 0,50,200; 0,50 with --quick)")
-    p.add_argument("--data-channel", choices=("ssh", "tcp"), default="ssh",
-                   help="how kcr-migrate sends pages (default ssh, as the CLI does)")
+    p.add_argument("--data-channel", choices=("auto", "ssh", "tcp"), default="auto",
+                   help="how kcr-migrate sends pages (default auto, as the CLI does)")
     p.add_argument("--downtime", type=float, metavar="MS", help="pass --downtime MS to kcr-migrate (default: "
                    "its own default)")
     args = p.parse_args(argv)

@@ -19,8 +19,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
-    "migrate.api": ("Event", "Finished", "MigrationOptions", "MigrationReport", "PhaseChanged", "PreflightDone",
-                    "RoundDone", "WarningRaised"),
+    "migrate.api": ("DataChannelChosen", "Event", "Finished", "MigrationOptions", "MigrationReport", "PhaseChanged",
+                    "PreflightDone", "RoundDone", "WarningRaised"),
     "migrate.fshooks": ("FsHook", "HookContext"),
     "migrate.images": ("CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path",
                        "restore"),
@@ -51,7 +51,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from migrate.api import (Event, Finished, MigrationOptions, MigrationReport, PhaseChanged,  # noqa: F401
+    from migrate.api import (DataChannelChosen, Event, Finished, MigrationOptions, MigrationReport, PhaseChanged,  # noqa: F401
                              PreflightDone, RoundDone, WarningRaised)
     from migrate.fshooks import FsHook, HookContext  # noqa: F401
     from migrate.images import (CheckpointOptions, CheckpointStats, RestoreResult, checkpoint,  # noqa: F401

@@ -28,7 +28,7 @@ class MigrationOptions:
     max_bytes_factor: float = 3.0         # stop pre-copying after sending this many times the memory
     tracker: str = "auto"                 # auto, uffd-wp, soft-dirty, checksum
     compress_level: Level = "auto"        # "auto", None (raw) or a zstd level
-    data_channel: Literal["ssh", "tcp"] = "ssh"
+    data_channel: Literal["auto", "ssh", "tcp"] = "auto"   # auto: tcp where the source can connect, else ssh
     ssh_config: str | None = None         # like ssh -F FILE
     agent_command: str = AGENT_COMMAND    # what runs on remote hosts
     precopy: bool = True                  # False: stop-and-copy (freeze, send everything)
@@ -40,8 +40,8 @@ class MigrationOptions:
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
-        if self.data_channel not in ("ssh", "tcp"):
-            raise ValueError("data_channel must be 'ssh' or 'tcp'")
+        if self.data_channel not in ("auto", "ssh", "tcp"):
+            raise ValueError("data_channel must be 'auto', 'ssh' or 'tcp'")
         if self.bandwidth_limit is not None and self.bandwidth_limit <= 0:
             raise ValueError("bandwidth_limit must be > 0")
         if self.link_timeout_s <= 0:
@@ -74,6 +74,15 @@ class PreflightDone:
 
 
 @dataclass(frozen=True)
+class DataChannelChosen:
+    """How the pages will go: ``channel`` "tcp" (straight to the destination) or "ssh"
+    (relayed through kcr-migrate), and ``detail`` (where to and how, or why not direct)."""
+
+    channel: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class RoundDone:
     """One pre-copy round sent (``stats`` as in ``precopy.policy.RoundStats``)."""
 
@@ -91,7 +100,7 @@ class Finished:
     report: "MigrationReport"
 
 
-Event = Union[PhaseChanged, PreflightDone, RoundDone, WarningRaised, Finished]
+Event = Union[PhaseChanged, PreflightDone, DataChannelChosen, RoundDone, WarningRaised, Finished]
 
 
 @dataclass
@@ -116,7 +125,8 @@ class MigrationReport:
     memory_bytes: int = 0
     tracker: str = ""
     tracker_reason: str = ""
-    data_channel: str = "ssh"
+    data_channel: str = ""             # what the pages went over: "tcp" (direct) or "ssh" (relayed by us)
+    data_channel_note: str = ""        # and why: the address and cipher, or why not direct
     per_round: list[dict[str, Any]] = field(default_factory=list)
     final_round: dict[str, Any] = field(default_factory=dict)
     phase_ms: dict[str, float] = field(default_factory=dict)

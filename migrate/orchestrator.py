@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable
 import trio
 
 from migrate.api import (
+    DataChannelChosen,
     Event,
     Finished,
     MigrationOptions,
@@ -37,7 +38,15 @@ from migrate.fshooks import HookContext, parse_hook
 from migrate.phases import Event as PhaseEvent
 from migrate.phases import Phase, PhaseMachine
 from transport._nursery import leaves, service_nursery
-from transport.errors import Cancelled, MigrationError, PeerGone, ProtocolError, TransportError
+from transport.errors import (
+    Cancelled,
+    ChannelClosed,
+    MigrationError,
+    PeerGone,
+    ProtocolError,
+    TransportError,
+    TransportTimeout,
+)
 from transport.local import open_local_agent
 from transport.records import Record
 from transport.rpc import Call, RpcPeer
@@ -48,6 +57,8 @@ from transport.tcp import new_key
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "")
 CLEANUP_DEADLINE = 30.0
+AUTO_CONNECT_TIMEOUT_S = 3.0     # --data-channel auto: longer than a LAN's connect, then relay
+TCP_CONNECT_TIMEOUT_S = 10.0
 MiB = 1 << 20
 
 
@@ -71,7 +82,7 @@ class Migration:
         self.dest = dest
         self.options = options or MigrationOptions()
         self.machine = PhaseMachine()
-        self.report = MigrationReport(pid, source, dest, data_channel=self.options.data_channel)
+        self.report = MigrationReport(pid, source, dest)
         self.agents: dict[str, dict[str, Any]] = {}     # "source"/"dest" -> the agent's info
         self._on_event = on_event
         self._send, self._receive = trio.open_memory_channel[Event](math.inf)
@@ -272,7 +283,7 @@ class Migration:
                                  r.tracker, r.tracker_reason))
         try:
             checked = await dst.call("dest_check", summary=summary)
-            self.data_to = await self._data_channel(dst, str(checked["session"]))
+            self.data_to = await self._data_channel(src, dst, str(checked["session"]))
             for hook in self.hooks:
                 await hook.preflight(self.hook_ctx)
             src_off, dst_off, uncertainty = await self._clocks(src, dst)
@@ -334,18 +345,51 @@ class Migration:
                 except (MigrationError, trio.TooSlowError) as exc:
                     self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
 
-    async def _data_channel(self, dst: RpcPeer, session: str) -> dict[str, Any] | None:
-        """With ``--data-channel tcp``: the destination listens (frames sealed with a fresh key,
-        sent only over SSH) and the source connects to it directly."""
-        if self.options.data_channel != "tcp":
+    def _data_address(self) -> str:
+        """The destination's address as the source host can reach it; "" if unknown."""
+        if is_local(self.dest):
+            if is_local(self.source):
+                return "127.0.0.1"
+            return str(self.agents["source"].get("ssh_client_address") or "")    # this host, seen from there
+        return str(self.agents["dest"].get("ssh_server_address") or "")
+
+    async def _data_channel(self, src: RpcPeer, dst: RpcPeer, session: str) -> dict[str, Any] | None:
+        """Open the direct data channel (``tcp``, or ``auto`` where it works): the destination
+        listens on the address the source can reach it by, under a fresh key sent only over
+        SSH, and the source connects now, in preflight. None: pages are relayed through us."""
+        o = self.options
+        r = self.report
+        if o.data_channel == "ssh":
+            r.data_channel, r.data_channel_note = "ssh", "relayed through kcr-migrate (--data-channel ssh)"
+            self._emit(DataChannelChosen("ssh", r.data_channel_note))
             return None
-        key = new_key()
-        listening = await dst.call("data_listen", key=key, address="0.0.0.0", port=0)
-        address = "127.0.0.1" if is_local(self.dest) else str(self.agents["dest"].get("ssh_server_address") or "")
-        if not address:
-            raise TransportError(f"cannot tell which address of {self.dest} the source can connect to for "
-                                 "--data-channel tcp: use --data-channel ssh", host=self.dest)
-        return {"kind": "tcp", "address": address, "port": int(listening["port"]), "key": key, "session": session}
+        address = self._data_address()
+        try:
+            if not address:
+                raise TransportError(f"cannot tell which address of {self.dest} {self.source} can "
+                                     "connect to for the data channel")
+            key = new_key()
+            listening = await dst.call("data_listen", key=key, address=address, port=0)
+            to = {"kind": "tcp", "address": address, "port": int(listening["port"]), "key": key, "session": session}
+            timeout = AUTO_CONNECT_TIMEOUT_S if o.data_channel == "auto" else TCP_CONNECT_TIMEOUT_S
+            opened = await src.call("source_connect", to=to, timeout=timeout)
+            if not opened["connected"]:
+                raise TransportError(f"{self.source} cannot open the data channel to {self.dest}: "
+                                     f"{opened['error']}")
+        except (PeerGone, ChannelClosed, TransportTimeout):
+            raise                        # an agent's control connection failed: no channel helps
+        except TransportError as exc:    # no address, no listener, or no connection to it
+            if o.data_channel == "tcp":
+                exc.message = f"{exc.message}; or use --data-channel ssh to relay the pages over SSH"
+                raise
+            r.data_channel = "ssh"
+            r.data_channel_note = f"relayed over ssh: {exc.message}"
+            self._emit(DataChannelChosen("ssh", r.data_channel_note))
+            return None
+        r.data_channel = "tcp"
+        r.data_channel_note = f"straight from the source to {address}:{to['port']} ({opened['cipher']})"
+        self._emit(DataChannelChosen("tcp", r.data_channel_note))
+        return to
 
     async def _copy(self, src: RpcPeer, dst: RpcPeer, upload: Call | None) -> dict[str, Any]:
         """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination's ``upload``
@@ -409,7 +453,7 @@ class Migration:
         secs = sum(float(x["send_ms"]) for x in r.per_round) / 1000
         rate = f", about {sent_mib / secs:.0f} MiB/s" if secs > 0 else ""
         helps = ("a higher --bandwidth" if self.options.bandwidth_limit else
-                 "a faster data channel (--data-channel tcp)" if self.options.data_channel == "ssh" else "a faster link")
+                 "a faster data channel (--data-channel tcp)" if self.report.data_channel == "ssh" else "a faster link")
         self._warn(f"pre-copy did not converge ({r.stop_reason}): the process dirties "
                    f"{float(last['dirty_rate_mib_s']):.0f} MiB/s, close to what the link carries{rate}; "
                    f"{pending_pages * PAGE_SIZE / MiB:.0f} MiB remain to send while it is frozen. {helps.capitalize()} "

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -15,7 +16,7 @@ from examples.testbed import Testbed
 from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from tests._hosts import start_in, wait_file
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
-from tests._workloads import build
+from tests._workloads import build, one_error_line
 
 
 def netns_of(pid: int) -> int:
@@ -61,9 +62,55 @@ def test_cpython_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "200"], out)
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
     assert code == 0, err
+    assert report["data_channel"] == "tcp", "by default pages go straight to hostB when hostA can reach it"
+    assert testbed.address("hostB") in report["data_channel_note"]
     assert wait_file(out / "verdict").strip() == "PASS"
     assert (out / "output").read_text() == ref
     wait_gone(report["new_pid"])
+
+
+@contextmanager
+def unreachable(testbed: Testbed, host: str, target: str) -> Iterator[None]:
+    """``host`` cannot connect to ``target`` (an unreachable route) while kcr-migrate reaches both."""
+    route = ["ip", "route", "add", "unreachable", f"{testbed.address(target)}/32"]
+    testbed.exec(host, route, check=True)
+    try:
+        yield
+    finally:
+        testbed.exec(host, ["ip", "route", "del", "unreachable", f"{testbed.address(target)}/32"], check=True)
+
+
+def test_pages_are_relayed_when_the_source_cannot_reach_the_destination(testbed: Testbed, tmp_path: Path) -> None:
+    exe = str(build("mig_dirty"))
+    args = ["32", "10", "300", "0"]
+    ref = reference_output([exe, str(tmp_path / "ref"), *args], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out), *args], out)
+    with unreachable(testbed, "hostA", "hostB"):
+        code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code == 0, err
+    assert report["data_channel"] == "ssh"
+    assert report["data_channel_note"].startswith("relayed over ssh") and testbed.address("hostB") in \
+        report["data_channel_note"], report["data_channel_note"]
+    assert "pages: relayed over ssh" in err
+    assert wait_file(out / "verdict").strip() == "PASS"
+    assert (out / "output").read_text() == ref
+    wait_gone(report["new_pid"])
+
+
+def test_data_channel_tcp_that_cannot_connect_fails_in_preflight(testbed: Testbed, tmp_path: Path) -> None:
+    exe = str(build("mig_dirty"))
+    out = tmp_path / "job"
+    pid = start_in(testbed, "hostA", [exe, str(out), "16", "0", "100000", "0"], out)
+    with unreachable(testbed, "hostA", "hostB"):
+        code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
+                                        "--data-channel", "tcp")
+    assert code != 0
+    progress = [line for line in err.splitlines() if not line.startswith(f"pid {pid} ")]   # the preflight line
+    line = one_error_line("\n".join(progress))
+    assert "data channel" in line and testbed.address("hostB") in line and "--data-channel ssh" in line, line
+    assert report["state"] != "done" and not report.get("new_pid")
+    assert proc_state(pid) in ("S", "R"), "the process runs on, untouched, on hostA"
 
 
 PY_READER = r"""

@@ -211,6 +211,11 @@ class FramedStream:
             raise TransportTimeout(f"{self.peer} read nothing of what was left to send for "
                                    f"{self.frame_timeout:g} s: closing")
 
+    @property
+    def transport(self) -> trio.abc.Stream:
+        """The byte stream underneath."""
+        return self._stream
+
     def abandon(self) -> None:
         """Closing will not wait for the peer to read what is left (it stopped reading)."""
         self._send_error_raised = True

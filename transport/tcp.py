@@ -263,7 +263,7 @@ def _transport_error(exc: BaseException, peer: str) -> MigrationError:
     if isinstance(exc, MigrationError):
         return exc
     if isinstance(exc, trio.TooSlowError):
-        return TransportTimeout(f"{peer} did not complete the data channel opening within {HANDSHAKE_TIMEOUT:g} s")
+        return TransportTimeout(f"{peer} did not complete the data channel opening in time")
     return PeerGone(f"{peer} broke the data channel during its opening ({exc})")
 
 
@@ -275,8 +275,8 @@ async def connect_data_channel(address: str, port: int, *, key: bytes,
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(address, port)
     except (OSError, trio.TooSlowError) as exc:
-        raise TransportError(f"cannot connect the data channel to {address}:{port} ({exc or 'timed out'}): "
-                             "is the destination agent listening, and the port open in its firewall?") from None
+        raise TransportError(f"cannot connect to {address}:{port} ({exc or 'timed out'}): is the agent "
+                             "listening there, and the port open in its firewall?") from None
     try:
         with trio.fail_after(timeout):
             return await _client_handshake(stream, key, peer)
@@ -359,9 +359,9 @@ async def open_data_listener(address: str = "0.0.0.0", port: int = 0, *, key: by
 
 @asynccontextmanager
 async def open_data_channel(address: str, port: int, *, key: bytes, methods: Methods | None = None,
-                            **rpc_options: Any) -> AsyncIterator[RpcPeer]:
+                            connect_timeout: float = HANDSHAKE_TIMEOUT, **rpc_options: Any) -> AsyncIterator[RpcPeer]:
     """Connect to an agent's data listener and speak the RPC protocol over it."""
-    stream = await connect_data_channel(address, port, key=key)
+    stream = await connect_data_channel(address, port, key=key, timeout=connect_timeout)
     async with open_rpc(stream, role=ROLE_DATA, accept_roles=(ROLE_AGENT,), methods=methods,
                         peer=f"the data channel to {address}:{port}", host=address, **rpc_options) as rpc:
         yield rpc

@@ -10,7 +10,15 @@ from typing import Any
 
 import trio
 
-from migrate.api import Event, MigrationOptions, PhaseChanged, PreflightDone, RoundDone, WarningRaised
+from migrate.api import (
+    DataChannelChosen,
+    Event,
+    MigrationOptions,
+    PhaseChanged,
+    PreflightDone,
+    RoundDone,
+    WarningRaised,
+)
 from migrate.cli import command
 from migrate.fshooks import parse_hook
 from migrate.orchestrator import Migration
@@ -63,8 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dirty-page tracking (default: the best this kernel has)")
     p.add_argument("--compress", type=parse_level, default="auto", metavar="LEVEL",
                    help="zstd level for pages: auto (default), none, or -7..19")
-    p.add_argument("--data-channel", choices=("ssh", "tcp"), default="ssh",
-                   help="how pages travel between hosts (default ssh)")
+    p.add_argument("--data-channel", choices=("auto", "ssh", "tcp"), default="auto",
+                   help="how pages travel: tcp straight from the source's agent to the destination's "
+                        "(encrypted), ssh relayed through kcr-migrate, or auto (default): tcp when the "
+                        "source can connect to the destination, else ssh")
     p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
     p.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
                    help="seconds of silence after which an agent settles on its own (default 30)")
@@ -108,6 +118,8 @@ class Progress:
         if isinstance(ev, PreflightDone):
             self.say(f"pid {ev.pid} ({ev.comm}): {ev.threads} threads, {ev.memory_bytes / 2**20:.0f} MiB; "
                      f"tracker {ev.tracker} ({ev.tracker_reason})")
+        elif isinstance(ev, DataChannelChosen):
+            self.say(f"pages: {ev.detail}")
         elif isinstance(ev, PhaseChanged):
             self.show(f"{ev.phase} ...")
         elif isinstance(ev, RoundDone):
