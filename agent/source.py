@@ -120,7 +120,6 @@ class DataChannelSink:
         self.connected = trio.Event()
         self.done = trio.Event()
         self.error: BaseException | None = None
-        self.result: dict[str, Any] = {}
         self.limit = limit
         self.peer: Any = None
         self._t0 = trio.current_time()
@@ -137,16 +136,21 @@ class DataChannelSink:
                 self.connected.set()
                 async with peer.open_call("dest_receive", upload=True, session=str(to["session"])) as call:
                     async for item in self._rx:
-                        if isinstance(item, trio.Event):
+                        if isinstance(item, _Drain):
                             await peer.fs.flush()
                             self._wire = peer.fs.stats.sent.bytes_on_wire
-                            await peer.flow.wait_drained()     # applied by the destination
-                            item.set()
+                            if item.applied:
+                                await peer.flow.wait_drained()     # applied by the destination
+                            else:
+                                call.end_pages()
+                                await peer.fs.flush()
+                                self._wire = peer.fs.stats.sent.bytes_on_wire
+                            item.done.set()
                         elif isinstance(item, PageBatch):
                             await call.send_batch(item)
                         else:
                             await call.send_record(item)
-                    self.result = await call.result()
+                    await call.result()      # the destination applied it all (or the error)
         except BaseException as exc:   # handed to whoever feeds or closes the sink
             self.error = exc
             if not isinstance(exc, (MigrationError, trio.Cancelled)):
@@ -193,28 +197,43 @@ class DataChannelSink:
         return 0
 
     async def drain(self) -> int:
-        """Wait until everything sent so far has left; the bytes it took on the wire."""
-        ev = trio.Event()
-        await self._put(ev)
+        """Wait until the destination has applied everything sent so far; the bytes it took on
+        the wire."""
+        return await self._drain(_Drain(applied=True))
+
+    async def finish(self) -> int:
+        """End the stream: return once all of it is written out (the bytes it took on the
+        wire), not once the destination has it. Its ``dest_restore`` waits for the stream and
+        fails if it broke; the destination's answer to the upload is awaited here in the
+        background (``close``)."""
+        wire = await self._drain(_Drain(applied=False))
+        await self._tx.aclose()
+        return wire
+
+    async def _drain(self, mark: "_Drain") -> int:
+        await self._put(mark)
         async with trio.open_nursery() as nursery:
             async def pump_ended() -> None:
                 await self.done.wait()
                 nursery.cancel_scope.cancel()
             nursery.start_soon(pump_ended)
-            await ev.wait()
+            await mark.done.wait()
             nursery.cancel_scope.cancel()
         if self.error is not None:
             raise self.error
+        if not mark.done.is_set():
+            raise ProcessError("the data channel closed")
         sent, self._mark = self._wire - self._mark, self._wire
         return sent
 
-    async def close(self) -> dict[str, Any]:
-        """End the upload and wait for the destination to have applied all of it."""
-        await self._tx.aclose()
-        await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
+
+class _Drain:
+    """A mark in a data channel's queue: everything before it written (``applied``: and
+    applied by the destination; else the upload ends there)."""
+
+    def __init__(self, applied: bool) -> None:
+        self.applied = applied
+        self.done = trio.Event()
 
 
 @dataclass
@@ -400,7 +419,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             s.tracker = s.tracker or make_tracker(s.tracker_name, s.pid, s.control)
             scan = await _blocking(s.tracker.start)
             scanned()
-            final = await send_scan(s.tracker, sink, scan, previous=None, first=True)
+            final = await send_scan(s.tracker, sink, scan, previous=None, first=True, drain=False)
         else:
             final = await final_round(s.tracker, sink, s.result, scanned=scanned)
         t_pages = time.perf_counter()
@@ -409,14 +428,13 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     await send(Files.from_wire(state["files"]))
     for t in state["threads"]:
         await send(ThreadState.from_wire(t))
-    state_bytes = await sink.drain()
-    if isinstance(sink, DataChannelSink):
-        await sink.close()          # the destination has applied everything
+    # Written out, not yet applied: dest_restore waits for the stream on the destination.
+    state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())
     t_end = time.perf_counter()
     final = replace(final, bytes_on_wire=final.bytes_on_wire + state_bytes)
-    # Where the frozen time on this side went: stopping the threads, the last pages (scan and
-    # send), waiting for the rest of the state (read meanwhile), and sending it until the
-    # destination had it all.
+    # Where the frozen time on this side went: stopping the threads, the last pages (scanned,
+    # read and queued), waiting for the rest of the state (read meanwhile), and sending it
+    # until the destination had everything, the last pages included.
     t_state = max(t_state, t_pages)
     times = {"freeze_ms": (t_frozen - t0) * 1000, "pages_ms": (t_pages - t_frozen) * 1000,
              "state_wait_ms": (t_state - t_pages) * 1000, "state_send_ms": (t_end - t_state) * 1000}

@@ -118,9 +118,11 @@ async def _blocking(tracker: DirtyTracker, fn: Callable[..., T], *args: object) 
 
 
 async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previous: Scan | None,
-                    first: bool = False, layout: bool | None = None, clock: Callable[[], float] = time.monotonic
-                    ) -> RoundStats:
-    """Send one scan's pages (and, if it changed or ``layout`` says so, its layout) to the sink."""
+                    first: bool = False, layout: bool | None = None, drain: bool = True,
+                    clock: Callable[[], float] = time.monotonic) -> RoundStats:
+    """Send one scan's pages (and, if it changed or ``layout`` says so, its layout) to the sink.
+    ``drain`` False: return once they are queued, not once the destination has them (the
+    caller drains later; the round's ``bytes_on_wire`` then counts only what the sink reported)."""
     t0 = clock()
     if layout if layout is not None else (first or bool(scan.change)):
         smaps = await _blocking(tracker, read_smaps, tracker.pid)
@@ -159,9 +161,9 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
             async for batch in receive_channel:
                 wire += await sink.send_batch(batch)
                 pages += batch.npages
-    drain = getattr(sink, "drain", None)
-    if drain is not None:
-        wire += await drain()
+    drained = getattr(sink, "drain", None) if drain else None
+    if drained is not None:
+        wire += await drained()
     t1 = clock()
     interval = scan.started - previous.started if previous is not None else 0.0
     rate = scan.pages_dirty * PAGE_SIZE / MiB / interval if interval > 0 and not first else 0.0
@@ -208,16 +210,18 @@ async def final_round(tracker: DirtyTracker, sink: PageSink, result: PrecopyResu
     """The last round, with the process frozen by the caller: one more scan, sent after what the
     loop left pending (that scan's layout first, then its pages the last scan does not repeat).
     ``scanned`` is called once the scan has read the layout: from then on the caller may work
-    on the frozen process while its pages are read and sent."""
+    on the frozen process while its pages are read and sent. The pages are queued, not drained:
+    the caller sends the rest of the state after them and drains once (every wait for the
+    destination here would be frozen time)."""
     t0 = clock()
     scan = await _blocking(tracker, tracker.collect)
     if scanned is not None:
         scanned()
     if result is None:
-        return await send_scan(tracker, sink, scan, previous=None, layout=True, clock=clock)
+        return await send_scan(tracker, sink, scan, previous=None, layout=True, drain=False, clock=clock)
     pending = superseded(result.pending, scan)
-    first = await send_scan(tracker, sink, pending, previous=None, clock=clock)
-    last = await send_scan(tracker, sink, scan, previous=result.pending, clock=clock)
+    first = await send_scan(tracker, sink, pending, previous=None, drain=False, clock=clock)
+    last = await send_scan(tracker, sink, scan, previous=result.pending, drain=False, clock=clock)
     pages = npages(union(union(result.pending.data, result.pending.zero), union(scan.data, scan.zero)))
     return replace(last, pages_dirty=pages, pages_written=first.pages_written + last.pages_written,
                    pages_skipped_zero=first.pages_skipped_zero + last.pages_skipped_zero,
