@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import collections
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
+
+from zlib_ng import zlib_ng     # zlib's crc32, several times faster (it uses the CPU's carry-less multiply)
 
 from transport.errors import ChecksumError, ProtocolError, TruncatedStream
 
@@ -50,7 +51,7 @@ class Frame:
 def crc32_of(parts: Iterable[bytes | bytearray | memoryview]) -> int:
     crc = 0
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = zlib_ng.crc32(part, crc)
     return crc
 
 
@@ -82,7 +83,7 @@ def parse_header(header: bytes | bytearray | memoryview) -> tuple[int, int, int,
 
 
 def check_payload(payload: bytes | bytearray | memoryview, crc: int) -> None:
-    if zlib.crc32(payload) != crc:
+    if zlib_ng.crc32(payload) != crc:
         raise ChecksumError("frame checksum mismatch: the stream is corrupt")
 
 

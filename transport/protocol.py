@@ -48,7 +48,7 @@ FEATURE_ZSTD = "zstd"                # page batches may be zstd-compressed
 FEATURE_CREDIT = "credit"            # page streams are flow-controlled with Credit records
 FEATURES: tuple[str, ...] = (FEATURE_ZSTD, FEATURE_CREDIT)
 
-DEFAULT_WINDOW = 4 << 20            # raw page bytes a receiver buffers before crediting
+DEFAULT_WINDOW = 16 << 20           # raw page bytes a receiver buffers before crediting
 MIN_WINDOW = 1 << 20
 MAX_WINDOW = 1 << 30
 
