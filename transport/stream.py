@@ -56,7 +56,7 @@ from transport.records import Record
 from transport.schema import PAGE_SIZE, decode_record
 
 RECEIVE_SIZE = 256 << 10      # bytes asked of the transport per read, at least
-MAX_RECEIVE = 1 << 20         # and at most: the decoder holds at most one frame plus this
+MAX_RECEIVE = 1 << 20         # and at most: the decoder holds at most one frame plus this (or one record)
 DEFAULT_MAX_IN_FLIGHT = 4
 DEFAULT_MAX_BYTES_HELD = 32 << 20
 DEFAULT_FRAME_TIMEOUT = 60.0
@@ -162,6 +162,10 @@ class FramedStream:
         self.max_bytes_held = max_bytes_held
         self.frame_timeout = frame_timeout
         self._stream = stream
+        # A stream of records (the sealed data channel) takes a frame's parts in one call and
+        # hands back whole records: asked for a frame's length, it returns the frame uncopied.
+        self._send_parts = getattr(stream, "send_parts", None)
+        self._max_record = int(getattr(stream, "max_record", 0))
         self._decoder = FrameDecoder(max_payload=max_payload)
         self._limiter = trio.CapacityLimiter(workers or min(max_in_flight, os.cpu_count() or 1))
         self.levels: LevelController
@@ -345,6 +349,16 @@ class FramedStream:
         except trio.ClosedResourceError:
             raise ChannelClosed(f"the stream to {self.peer} was closed on this side") from None
 
+    async def _send_frame(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        """A frame's parts in one call, for streams that send them as one unit (``send_parts``)."""
+        assert self._send_parts is not None
+        try:
+            await self._send_parts(parts)
+        except trio.BrokenResourceError as exc:
+            raise PeerGone(f"{self.peer} broke the connection ({exc.__cause__ or exc or 'connection lost'})") from None
+        except trio.ClosedResourceError:
+            raise ChannelClosed(f"the stream to {self.peer} was closed on this side") from None
+
     async def _sender(self) -> None:
         try:
             async for out in self._queue_rx:
@@ -356,8 +370,11 @@ class FramedStream:
                 if out.error is not None:
                     raise out.error
                 t0 = trio.current_time()
-                for part in out.parts:
-                    await self._send_all(part)
+                if self._send_parts is not None:
+                    await self._send_frame(out.parts)
+                else:
+                    for part in out.parts:
+                        await self._send_all(part)
                 write = trio.current_time() - t0
                 nbytes = sum(len(p) for p in out.parts)
                 sent = self.stats.sent
@@ -450,7 +467,7 @@ class FramedStream:
 
     async def _fill(self) -> None:
         decoder = self._decoder
-        size = min(max(decoder.wanted(), RECEIVE_SIZE), MAX_RECEIVE)
+        size = self._max_record or min(max(decoder.wanted(), RECEIVE_SIZE), MAX_RECEIVE)
         timeout = self.frame_timeout if decoder.in_frame else None
         try:
             if timeout is None:

@@ -27,11 +27,12 @@ import collections
 import os
 import struct
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Sequence
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -46,13 +47,14 @@ RANDOM_SIZE = 32
 OFFER_CHACHA = 1                     # the opening's last byte: the AEADs a side offers
 OFFER_AES_GCM = 2
 TAG_SIZE = 16
-MAX_PLAIN = 1 << 20                  # plaintext bytes per sealed record
+MAX_PLAIN = (4 << 20) + (64 << 10)   # plaintext bytes per sealed record: a 4 MiB page batch's whole frame
 LEN = struct.Struct("<I")
 HKDF_INFO = b"kcr-migrate data channel v2"
 CLIENT_CONFIRM = b"kcr-migrate data channel: client holds the key"
 SERVER_CONFIRM = b"kcr-migrate data channel: server holds the key"
 HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 1 << 20
+DIRECT_READ = 256 << 10              # reads this large go straight from the socket into their buffer
 
 
 def new_key() -> bytes:
@@ -93,15 +95,19 @@ def _aead(client_offer: int, server_offer: int) -> type[AESGCM] | type[ChaCha20P
 
 class _Reader:
     """Exact-size reads over a trio stream, keeping what was read ahead (no copy when a read
-    lies within one received chunk, one join when it spans several)."""
+    lies within one received chunk). A large read spanning chunks lands in one buffer: what was
+    read ahead is copied in, the rest received straight into it from a socket."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._chunks: collections.deque[memoryview] = collections.deque()
         self.buffered = 0
 
-    async def read_exact(self, n: int) -> bytes | memoryview | None:
+    async def read_exact(self, n: int) -> bytes | bytearray | memoryview | None:
         """``n`` bytes, or None at an end of stream before the first of them."""
+        if self.buffered < n and n >= DIRECT_READ and self._socket is not None:
+            return await self._read_into(n)
         while self.buffered < n:
             chunk = await self._stream.receive_some(max(READ_SIZE, n - self.buffered))
             if not chunk:
@@ -130,6 +136,28 @@ class _Reader:
                 n = 0
         return b"".join(parts)
 
+    async def _read_into(self, n: int) -> bytearray | None:
+        assert self._socket is not None
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            view[got: got + len(chunk)] = chunk
+            got += len(chunk)
+        self.buffered = 0
+        while got < n:
+            try:
+                k = await self._socket.recv_into(view[got:])
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if not k:
+                if got == 0:
+                    return None
+                raise TruncatedStream("the data channel ended in the middle of a record: truncated")
+            got += k
+        return buf
+
 
 class SealedStream(trio.abc.Stream):
     """A trio stream whose bytes travel in authenticated, encrypted records."""
@@ -141,6 +169,11 @@ class SealedStream(trio.abc.Stream):
         self.cipher = "AES-256-GCM" if aead is AESGCM else "ChaCha20-Poly1305"
         self._send: Aead = aead(send_key)
         self._receive: Aead = aead(receive_key)
+        # AES-GCM seals a frame's parts one after the other into this buffer (no joining,
+        # no fresh memory per record); ChaCha20-Poly1305 here has no incremental form.
+        self._send_key = send_key if aead is AESGCM else None
+        self._out = bytearray(LEN.size + MAX_PLAIN + TAG_SIZE + 16) if aead is AESGCM else bytearray()
+        self.max_record = MAX_PLAIN
         self._send_n = 0
         self._receive_n = 0
         self._plain = b""
@@ -152,6 +185,29 @@ class SealedStream(trio.abc.Stream):
         view = memoryview(data).cast("B")
         for off in range(0, len(view), MAX_PLAIN):
             await self.send_record(view[off: off + MAX_PLAIN])
+
+    async def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send the buffers as one record if they fit (a frame and its header: the peer then
+        receives the frame whole), else one after the other."""
+        total = sum(len(p) for p in parts)
+        if total > MAX_PLAIN or not total:
+            for part in parts:
+                await self.send_all(part)
+        elif self._send_key is None:
+            await self.send_record(parts[0] if len(parts) == 1 else b"".join(parts))
+        else:
+            length = LEN.pack(total + TAG_SIZE)
+            sealer = Cipher(algorithms.AES(self._send_key), modes.GCM(_nonce(self._send_n))).encryptor()
+            sealer.authenticate_additional_data(length)
+            out = memoryview(self._out)
+            out[:LEN.size] = length
+            end = LEN.size
+            for part in parts:
+                end += sealer.update_into(part, out[end:])
+            sealer.finalize()
+            out[end: end + TAG_SIZE] = sealer.tag
+            self._send_n += 1
+            await self._stream.send_all(out[: end + TAG_SIZE])
 
     async def send_record(self, plain: bytes | bytearray | memoryview) -> None:
         length = LEN.pack(len(plain) + TAG_SIZE)
