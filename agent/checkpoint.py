@@ -130,6 +130,7 @@ class RestoreResult:
     threads: int
     pages: int
     restore_time_ms: float
+    pages_filled: int = 0      # of ``pages``, put in place by UFFDIO_COPY (the rest via /proc/PID/mem)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -184,6 +185,7 @@ def restore(src: BinaryIO, *, resume: bool = True,
         if not done and restorer is not None:
             restorer.abort()
     result = RestoreResult(pid=restorer.pid, threads=len(threads), pages=restorer.report.pages_written,
-                           restore_time_ms=(time.monotonic() - t0) * 1000, warnings=restorer.report.warnings)
+                           restore_time_ms=(time.monotonic() - t0) * 1000, pages_filled=restorer.report.pages_filled,
+                           warnings=restorer.report.warnings)
     return result, restorer
 

@@ -2,8 +2,9 @@
 rest, hold it stopped until told to go.
 
 The restorer (``agent.restore``) runs on one tracer thread of this agent and seizes its stub
-with EXITKILL: if this agent dies before GO, the half-built process dies with it. Page writes
-go through /proc/PID/mem in worker threads.
+with EXITKILL: if this agent dies before GO, the half-built process dies with it. Pages are
+written in worker threads: by UFFDIO_COPY where the process has none yet (``agent.fill``),
+through /proc/PID/mem where a later round rewrites them.
 
 Methods: ``dest_check`` (preflight), ``dest_receive`` (the ordered stream from the source:
 header, layouts, pages, state), ``dest_restore`` (everything else; the process is READY,

@@ -5,17 +5,18 @@ injected system calls:
 
 1. ``begin``: maps a gadget page (``syscall`` + scratch) at an address free in both
    layouts, closes the stub's files, unmaps the stub, moves the vDSO cluster to where the
-   process had it.
+   process had it; makes the stub a userfaultfd for ``write_pages`` (``agent.fill``).
 2. ``apply_layout``: maps every mapping at its address with its protection (files mapped
    again from the file); can be called again with a newer layout (live pre-copy). Files
    under ``deferred`` paths (a filesystem hook brings them, after the last pre-copy round)
    get an anonymous placeholder that takes their written pages; ``finish`` maps the file
    there and puts those pages back.
-3. ``write_pages``: page contents go in through /proc/PID/mem.
-4. ``finish``: mm fields, files, cwd, signals, timers, limits, credentials, then the other
-   threads (injected clone), their TLS, rseq, robust lists, masks, registers; the gadget
-   page goes last. The process is left stopped under ptrace; ``resume`` lets it run and
-   ``abort`` kills it.
+3. ``write_pages``: page contents go in by UFFDIO_COPY where the stub has no page yet,
+   through /proc/PID/mem where it has (a later round's).
+4. ``finish``: drops the userfaultfd first; then mm fields, files, cwd, signals, timers,
+   limits, credentials, then the other threads (injected clone), their TLS, rseq, robust
+   lists, masks, registers; the gadget page goes last. The process is left stopped under
+   ptrace; ``resume`` lets it run and ``abort`` kills it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from agent import ptrace, stub
-from agent.layout_plan import plan_layout
+from agent.fill import MissingFiller
 from agent.inject import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -47,6 +48,7 @@ from agent.inject import (
     RemoteMemory,
     to_signed,
 )
+from agent.layout_plan import plan_layout
 from precopy.intervals import within
 from precopy.kernel import prlimit, xsave_supported_mask
 from precopy.layout import MapEntry, is_special, read_maps
@@ -95,6 +97,7 @@ class RestoreReport:
     pid: int = 0
     warnings: list[str] = field(default_factory=list)
     pages_written: int = 0
+    pages_filled: int = 0          # of them, put in place by UFFDIO_COPY (agent.fill)
     syscalls: int = 0
 
 
@@ -130,6 +133,7 @@ class Restorer:
         self.inj: Injector | None = None
         self.gadget = 0
         self.layout: list[Vma] = []
+        self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
 
@@ -150,6 +154,10 @@ class Restorer:
             self._setup_gadget(target)
         except (OSError, ptrace.TraceeGone) as exc:
             raise RestoreError(f"could not prepare the process to restore into: {exc}") from None
+        try:
+            self.filler = MissingFiller(self.pid, self.inj, self.mem)
+        except OSError:
+            self.filler = None      # no userfaultfd here: every page goes through /proc/PID/mem
 
     def _call(self, name: str, *args: int) -> int:
         assert self.inj is not None
@@ -225,6 +233,9 @@ class Restorer:
             self._call("munmap", start, end - start)
         for v in plan.map:
             self._map(v)
+        if self.filler is not None:
+            self.filler.keep([(v.start, v.end) for v in new])
+            self.filler.register(list(plan.map))
         for r in plan.reprotect:
             self._call("mprotect", r.start, r.end - r.start, r.prot)
         for a in plan.readvise:
@@ -302,7 +313,10 @@ class Restorer:
         for addr, data in batch.pages():
             if not self._covered(addr, len(data)):
                 raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings: corrupt image")
-            self.mem.write(addr, data)
+            if self.filler is not None:
+                self.filler.write(addr, data)
+            else:
+                self.mem.write(addr, data)
             if self._placeholders:
                 for (start, end) in self._placeholders:
                     if start < addr + len(data) and addr < end:
@@ -336,6 +350,7 @@ class Restorer:
         leader = next((t for t in threads if t.leader), None)
         if leader is None or not threads:
             raise RestoreError("the image has no main thread: corrupt image")
+        self._stop_filling()        # every page is in: the stub may touch its memory again
         try:
             self._map_deferred()
             self._mm(proc)
@@ -554,7 +569,14 @@ class Restorer:
                     pass
         self.close()
 
+    def _stop_filling(self) -> None:
+        if self.filler is not None:
+            self.report.pages_filled = self.filler.pages_copied
+            self.filler.close()
+            self.filler = None
+
     def close(self) -> None:
+        self._stop_filling()
         if self.mem is not None:
             self.mem.close()
             self.mem = None

@@ -1,4 +1,5 @@
-"""userfaultfd write-protection, as the uffd-wp dirty tracker uses it.
+"""userfaultfd write-protection, as the uffd-wp dirty tracker uses it (and missing-page
+filling, as the destination uses it: ``agent.fill``).
 
 The userfaultfd is created *inside the target* (its context belongs to the mm of the process
 that calls ``userfaultfd()``), then taken over with ``pidfd_getfd`` and closed there, so the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from ctypes import c_uint64
+from ctypes import c_int64, c_uint64
 
 from precopy.control import RemoteSyscalls
 from precopy.kernel import SYS_pidfd_getfd, ioctl, syscall
@@ -39,6 +40,7 @@ UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 WANTED_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
 
+UFFDIO_REGISTER_MODE_MISSING = 1 << 0
 UFFDIO_REGISTER_MODE_WP = 1 << 1
 UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 
@@ -47,6 +49,7 @@ UFFDIO_API = 0xC018AA3F
 UFFDIO_REGISTER = 0xC020AA00
 UFFDIO_UNREGISTER = 0x8010AA01
 UFFDIO_WRITEPROTECT = 0xC018AA06
+UFFDIO_COPY = 0xC028AA03
 
 # How the target opens it: close-on-exec, never blocks, and allowed without privilege when
 # vm.unprivileged_userfaultfd is 0 (only faults from user mode would be reported; with
@@ -70,6 +73,10 @@ class uffdio_writeprotect(ctypes.Structure):
     _fields_ = [("range", uffdio_range), ("mode", c_uint64)]
 
 
+class uffdio_copy(ctypes.Structure):
+    _fields_ = [("dst", c_uint64), ("src", c_uint64), ("len", c_uint64), ("mode", c_uint64), ("copy", c_int64)]
+
+
 class Userfaultfd:
     """Our descriptor for a userfaultfd context (ours or another process's mm)."""
 
@@ -89,6 +96,24 @@ class Userfaultfd:
 
     def register_wp(self, start: int, end: int) -> None:
         ioctl(self.fd, UFFDIO_REGISTER, uffdio_register(uffdio_range(start, end - start), UFFDIO_REGISTER_MODE_WP, 0))
+
+    def register_missing(self, start: int, end: int) -> None:
+        ioctl(self.fd, UFFDIO_REGISTER,
+              uffdio_register(uffdio_range(start, end - start), UFFDIO_REGISTER_MODE_MISSING, 0))
+
+    def copy(self, dst: int, src: int, length: int) -> int:
+        """Fill the missing pages from ``dst`` with ``length`` bytes at our ``src``; the bytes
+        filled, up to the first page already there (0: ``dst`` itself is there)."""
+        arg = uffdio_copy(dst, src, length, 0, 0)
+        try:
+            ioctl(self.fd, UFFDIO_COPY, arg)
+        except OSError as exc:
+            if arg.copy > 0:
+                return int(arg.copy)
+            if exc.errno == errno.EEXIST:
+                return 0
+            raise
+        return length
 
     def unregister(self, start: int, end: int) -> None:
         ioctl(self.fd, UFFDIO_UNREGISTER, uffdio_range(start, end - start))

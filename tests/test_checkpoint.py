@@ -26,16 +26,18 @@ def subreaper() -> None:
 
 
 def checkpoint_and_restore(w: Workload, tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    """Checkpoint ``w`` (started, ready) to a file with the CLI, restore it; return (new pid, stats)."""
+    """Checkpoint ``w`` (started, ready) to a file with the CLI, restore it; return (new pid,
+    the checkpoint's statistics with the restore's result under "restore")."""
     image = tmp_path / f"{w.name}.img"
     stats_file = tmp_path / f"{w.name}.stats.json"
     res = kcr("checkpoint", str(w.pid), "-o", str(image), "--stats-json", str(stats_file), *extra)
     assert res.returncode == 0, res.stderr.decode()
     w.reap_original()
     stats = json.loads(stats_file.read_text())
-    res = kcr("restore", "-i", str(image))
+    res = kcr("restore", "-i", str(image), "--json")
     assert res.returncode == 0, res.stderr.decode()
-    new_pid = int(res.stdout.decode().strip())
+    stats["restore"] = json.loads(res.stdout.decode())
+    new_pid = int(stats["restore"]["pid"])
     assert new_pid != w.pid
     return new_pid, stats
 
@@ -59,6 +61,9 @@ def test_single_threaded_64mib(tmp_path: Path) -> None:
     assert w.output().count("iter ") == 40
     assert stats["pages_written"] >= (64 << 20) // 4096       # the whole array was populated
     assert stats["frozen_time_ms"] > 0
+    if os.path.exists("/proc/sys/vm/unprivileged_userfaultfd"):  # the kernel has userfaultfd
+        # The array went into memory the restored process had none of: filled by UFFDIO_COPY.
+        assert stats["restore"]["pages_filled"] >= (64 << 20) // 4096, stats["restore"]
 
 
 def test_threads_mutex_condvar_tls(tmp_path: Path) -> None:
