@@ -33,7 +33,6 @@ from transport.pages import DEFAULT_BATCH_BYTES
 from transport.protocol import PROTOCOL_VERSION, ROLE_AGENT, ROLE_DATA, ROLE_ORCHESTRATOR, tool_version
 from transport.records import Record
 from transport.rpc import CallContext, Methods, RpcPeer, open_rpc, serve_rpc
-from transport.ssh import open_ssh_agent
 from transport.synthetic import SyntheticPages
 from transport.tcp import KEY_SIZE, DataListener, SealedStream, open_data_channel, open_data_listener
 
@@ -146,6 +145,7 @@ async def _open_target(stack: AsyncExitStack, to: dict[str, Any], level: Level) 
         return await stack.enter_async_context(open_data_channel(str(to["address"]), int(to["port"]), key=key,
                                                                  level=level))
     if kind == "ssh":
+        from transport.ssh import open_ssh_agent     # asyncssh: a fifth of an agent's start-up, only here
         return await stack.enter_async_context(open_ssh_agent(
             str(to["host"]), ssh_config=to.get("ssh_config"), level=level))
     raise ProtocolError(f"source_synthetic: unknown target kind {kind!r} (use local, tcp or ssh)")
