@@ -13,6 +13,7 @@ single byte is allocated for the data.
 """
 from __future__ import annotations
 
+import random
 import struct
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ MAX_RUNS = MAX_BATCH_RAW // PAGE_SIZE
 DEFAULT_BATCH_BYTES = 2 << 20
 # A batch that does not shrink below this share of its size is sent raw.
 RAW_THRESHOLD = 0.92
+# Pages spread over a batch that are compressed first: the batch only if they shrank.
+SAMPLE_PAGES = 16
 
 Run = tuple[int, int]   # (address, number of pages)
 
@@ -106,11 +109,26 @@ def encode_batch(batch: PageBatch, level: int | None) -> EncodedBatch:
     if raw_len > MAX_BATCH_RAW:
         raise ValueError(f"page batch of {raw_len} bytes exceeds {MAX_BATCH_RAW}")
     table = run_table(batch.runs, raw_len)
-    if level is not None:
+    if level is not None and not _looks_incompressible(batch.data, level):
         packed = _compressor(level).compress(batch.data)
         if len(packed) < raw_len * RAW_THRESHOLD:
             return EncodedBatch(FLAG_ZSTD, (table, packed), npages, raw_len)
     return EncodedBatch(0, (table, batch.data), npages, raw_len)
+
+
+def _looks_incompressible(data: bytes | bytearray | memoryview, level: int) -> bool:
+    """Pages of random-looking data (encrypted, compressed, the benchmark's) do not shrink, and
+    compressing a batch of them only to send it raw costs as much CPU as sealing it. A sample
+    of pages spread over the batch tells: if even they do not shrink, neither will the rest."""
+    npages = len(data) // PAGE_SIZE
+    if npages < 4 * SAMPLE_PAGES:
+        return False
+    view = memoryview(data)
+    # Pages at fixed pseudo-random places: evenly spaced ones could all fall on the same kind
+    # of page in memory laid out with a period (every 4th page a random one, ...).
+    picks = sorted(random.Random(npages).sample(range(npages), SAMPLE_PAGES))
+    sample = b"".join(view[i * PAGE_SIZE: (i + 1) * PAGE_SIZE] for i in picks)
+    return len(_compressor(level).compress(sample)) >= len(sample) * RAW_THRESHOLD
 
 
 def decode_batch(flags: int, payload: bytes | bytearray | memoryview) -> PageBatch:
