@@ -20,6 +20,7 @@ injected system calls:
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import signal
@@ -49,8 +50,8 @@ from agent.inject import (
     to_signed,
 )
 from agent.layout_plan import plan_layout
-from precopy.intervals import within
-from precopy.kernel import prlimit, xsave_supported_mask
+from precopy.intervals import Span, merge_spans, within
+from precopy.kernel import IOV_MAX, data_address, process_vm_writev, prlimit, xsave_supported_mask
 from precopy.layout import MapEntry, is_special, read_maps
 from transport.errors import RestoreError
 from transport.image import check_machine
@@ -133,6 +134,8 @@ class Restorer:
         self.inj: Injector | None = None
         self.gadget = 0
         self.layout: list[Vma] = []
+        self._mapped: list[Span] = []          # the layout's ranges, merged, for bounds checks
+        self._mapped_starts: list[int] = []
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
@@ -241,6 +244,8 @@ class Restorer:
         for a in plan.readvise:
             self._advise(a.start, a.end, a.advice, a.before)
         self.layout = new
+        self._mapped = merge_spans((v.start, v.end) for v in new)
+        self._mapped_starts = [start for start, _ in self._mapped]
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
         self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
 
@@ -310,38 +315,55 @@ class Restorer:
 
     def write_pages(self, batch: PageBatch) -> None:
         assert self.mem is not None
-        for addr, data in batch.pages():
-            if not self._covered(addr, len(data)):
+        for addr, n in batch.runs:
+            if not self._covered(addr, n * PAGE_SIZE):
                 raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings: corrupt image")
-            if self.filler is not None:
-                self.filler.write(addr, data)
-            else:
-                self.mem.write(addr, data)
-            if self._placeholders:
+        if self._placeholders:
+            for addr, n in batch.runs:
                 for (start, end) in self._placeholders:
-                    if start < addr + len(data) and addr < end:
-                        first, last = max(start, addr), min(end, addr + len(data))
+                    if start < addr + n * PAGE_SIZE and addr < end:
+                        first, last = max(start, addr), min(end, addr + n * PAGE_SIZE)
                         self._placeholder_pages.update(range(first, last, PAGE_SIZE))
+        self._write_runs(batch.runs, memoryview(batch.data).cast("B"))
         self.report.pages_written += batch.npages
 
+    def _write_runs(self, runs: tuple[tuple[int, int], ...], view: memoryview) -> None:
+        """Runs of pages already there (a later round's, often single scattered pages) go in
+        with one process_vm_writev per IOV_MAX runs; from where that stops (a page the process
+        has none of yet), one run goes the way of ``_write_run``, and so on."""
+        base = data_address(view)
+        i = off = 0
+        while i < len(runs):
+            chunk = runs[i: i + IOV_MAX]
+            end = i + len(chunk)
+            want = sum(n for _, n in chunk) * PAGE_SIZE
+            try:
+                done = process_vm_writev(self.pid, [(base + off, want)], [(a, n * PAGE_SIZE) for a, n in chunk])
+            except OSError:
+                done = 0
+            while i < end and done >= runs[i][1] * PAGE_SIZE:    # whole runs written
+                size = runs[i][1] * PAGE_SIZE
+                done -= size
+                off += size
+                i += 1
+            if i == end:
+                continue
+            addr, n = runs[i]           # stopped in this run, ``done`` bytes into it
+            self._write_run(addr + done, view[off + done: off + n * PAGE_SIZE])
+            off += n * PAGE_SIZE
+            i += 1
+
+    def _write_run(self, addr: int, data: memoryview) -> None:
+        assert self.mem is not None
+        if self.filler is not None:
+            self.filler.write(addr, data)
+        else:
+            self.mem.write(addr, data)
+
     def _covered(self, addr: int, size: int) -> bool:
-        end = addr + size
-        # Mappings are sorted: binary search for the one containing addr, then walk.
-        lo, hi = 0, len(self.layout)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.layout[mid].end <= addr:
-                lo = mid + 1
-            else:
-                hi = mid
-        pos = addr
-        for v in self.layout[lo:]:
-            if v.start > pos:
-                return False
-            pos = v.end
-            if pos >= end:
-                return True
-        return False
+        """Is [addr, addr + size) mapped (by one mapping or adjacent ones)?"""
+        i = bisect.bisect_right(self._mapped_starts, addr) - 1
+        return i >= 0 and addr + size <= self._mapped[i][1]
 
     # -- 4. everything else -----------------------------------------------------------------
 
