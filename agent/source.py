@@ -137,14 +137,12 @@ class DataChannelSink:
                 async with peer.open_call("dest_receive", upload=True, session=str(to["session"])) as call:
                     async for item in self._rx:
                         if isinstance(item, _Drain):
+                            if not item.applied:
+                                call.end_pages()
                             await peer.fs.flush()
                             self._wire = peer.fs.stats.sent.bytes_on_wire
                             if item.applied:
                                 await peer.flow.wait_drained()     # applied by the destination
-                            else:
-                                call.end_pages()
-                                await peer.fs.flush()
-                                self._wire = peer.fs.stats.sent.bytes_on_wire
                             item.done.set()
                         elif isinstance(item, PageBatch):
                             await call.send_batch(item)
@@ -162,15 +160,19 @@ class DataChannelSink:
     def cipher(self) -> str:
         return str(getattr(self.peer.fs.transport, "cipher", "")) if self.peer is not None else ""
 
-    async def wait_connected(self) -> None:
-        """Return once the channel is open (the key proved both ways); raise why it is not."""
+    async def _until(self, event: trio.Event) -> None:
+        """Wait for ``event``, or for the pump to end (the channel is gone) if sooner."""
         async with trio.open_nursery() as nursery:
             async def pump_ended() -> None:
                 await self.done.wait()
                 nursery.cancel_scope.cancel()
             nursery.start_soon(pump_ended)
-            await self.connected.wait()
+            await event.wait()
             nursery.cancel_scope.cancel()
+
+    async def wait_connected(self) -> None:
+        """Return once the channel is open (the key proved both ways); raise why it is not."""
+        await self._until(self.connected)
         if not self.connected.is_set():
             raise self.error or ProcessError("the data channel closed while opening")
 
@@ -204,21 +206,14 @@ class DataChannelSink:
     async def finish(self) -> int:
         """End the stream: return once all of it is written out (the bytes it took on the
         wire), not once the destination has it. Its ``dest_restore`` waits for the stream and
-        fails if it broke; the destination's answer to the upload is awaited here in the
-        background (``close``)."""
+        fails if it broke; the pump awaits the destination's answer to the upload meanwhile."""
         wire = await self._drain(_Drain(applied=False))
         await self._tx.aclose()
         return wire
 
     async def _drain(self, mark: "_Drain") -> int:
         await self._put(mark)
-        async with trio.open_nursery() as nursery:
-            async def pump_ended() -> None:
-                await self.done.wait()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(pump_ended)
-            await mark.done.wait()
-            nursery.cancel_scope.cancel()
+        await self._until(mark.done)
         if self.error is not None:
             raise self.error
         if not mark.done.is_set():

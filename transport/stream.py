@@ -341,19 +341,15 @@ class FramedStream:
                 raise last.error
         self._check_send()
 
-    async def _send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self._stream.send_all(data)
-        except trio.BrokenResourceError as exc:
-            raise PeerGone(f"{self.peer} broke the connection ({exc.__cause__ or exc or 'connection lost'})") from None
-        except trio.ClosedResourceError:
-            raise ChannelClosed(f"the stream to {self.peer} was closed on this side") from None
-
     async def _send_frame(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
-        """A frame's parts in one call, for streams that send them as one unit (``send_parts``)."""
-        assert self._send_parts is not None
+        """Write one frame's parts: in one call to streams that send them as one unit
+        (``send_parts``), else one after the other."""
         try:
-            await self._send_parts(parts)
+            if self._send_parts is not None:
+                await self._send_parts(parts)
+            else:
+                for part in parts:
+                    await self._stream.send_all(part)
         except trio.BrokenResourceError as exc:
             raise PeerGone(f"{self.peer} broke the connection ({exc.__cause__ or exc or 'connection lost'})") from None
         except trio.ClosedResourceError:
@@ -370,11 +366,7 @@ class FramedStream:
                 if out.error is not None:
                     raise out.error
                 t0 = trio.current_time()
-                if self._send_parts is not None:
-                    await self._send_frame(out.parts)
-                else:
-                    for part in out.parts:
-                        await self._send_all(part)
+                await self._send_frame(out.parts)
                 write = trio.current_time() - t0
                 nbytes = sum(len(p) for p in out.parts)
                 sent = self.stats.sent
