@@ -85,7 +85,6 @@ class MissingFiller:
         view = memoryview(data).cast("B")
         base = data_address(view)
         done = 0
-        stuck = -1              # where both ways last failed: a page neither can write
         while done < len(view):
             here = addr + done
             end = self._registered_end(here)
@@ -98,11 +97,8 @@ class MissingFiller:
                 self.pages_copied += filled // PAGE_SIZE
             if not filled:
                 filled = self._pwrite(view[done:], here)
-            if not filled:
-                if stuck == here:
-                    raise OSError(errno.EIO, f"cannot write the page at {here:#x} in pid {self.mem.pid}")
-                stuck = here
-                continue
+            if not filled:          # neither way can write this page
+                raise OSError(errno.EIO, f"cannot write the page at {here:#x} in pid {self.mem.pid}")
             done += filled
 
     def _pwrite(self, view: memoryview, addr: int) -> int:
