@@ -10,7 +10,7 @@ from typing import Any, Literal, Union
 
 from precopy.policy import PrecopyPolicy
 from transport.levels import Level, check_level
-from transport.ssh import AGENT_COMMAND
+from transport.protocol import AGENT_COMMAND
 
 Compression = Union[int, None, Literal["auto"]]
 # Measured on the test hosts: stopping the threads, collecting and restoring the state and

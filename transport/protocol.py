@@ -43,6 +43,8 @@ ROLE_ORCHESTRATOR = "orchestrator"   # kcr-migrate itself, driving agents
 ROLE_AGENT = "agent"                 # kcr-agent serving requests
 ROLE_DATA = "data"                   # an agent's end of a direct data channel (TCP)
 ROLES = (ROLE_ORCHESTRATOR, ROLE_AGENT, ROLE_DATA)
+# What starts an agent speaking this protocol on its stdin and stdout (run on other hosts over ssh).
+AGENT_COMMAND = "kcr-agent serve --stdio"
 
 FEATURE_ZSTD = "zstd"                # page batches may be zstd-compressed
 FEATURE_CREDIT = "credit"            # page streams are flow-controlled with Credit records

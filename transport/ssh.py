@@ -28,12 +28,11 @@ import trio
 from transport.cpu import cpu_has_aes
 from transport.errors import IncompatibleImage, MigrationError, ProtocolError, TransportError, TransportTimeout
 from transport.local import StderrTail
-from transport.protocol import ROLE_AGENT, ROLE_ORCHESTRATOR
+from transport.protocol import AGENT_COMMAND, ROLE_AGENT, ROLE_ORCHESTRATOR
 from transport.rpc import Methods, RpcPeer, open_rpc
 
 T = TypeVar("T")
 
-AGENT_COMMAND = "kcr-agent serve --stdio"
 CONNECT_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0
 EXIT_WAIT = 5.0
