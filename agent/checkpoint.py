@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping
 
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
@@ -23,7 +23,7 @@ from precopy.reader import PageReader
 from transport.errors import Cancelled, MigrationError, ProtocolError, RestoreError
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
-from transport.schema import EndOfImage, Files, ImageHeader, Mappings, ProcessState, ThreadState
+from transport.schema import EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState
 
 
 @dataclass
@@ -32,6 +32,7 @@ class CheckpointOptions:
     compress_level: int | None = 1      # None: store pages raw
     workers: int = 2
     cancel: threading.Event | None = None   # set it to roll back at the next safe point
+    redirect: Mapping[int, str] = field(default_factory=dict)   # fd -> the file it becomes at restore
 
 
 def _check_cancel(opts: CheckpointOptions, pid: int) -> None:
@@ -64,17 +65,17 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     (to fsync and rename a file into place: a process is never killed for a lost image)."""
     t0 = time.monotonic()
     check_target(pid)
-    check_supported(pid)
+    check_supported(pid, redirect=opts.redirect)
     held = freezer.seize(pid)
     stats = CheckpointStats(pid=pid)
     complete = False
     try:
         _check_cancel(opts, pid)
-        check_supported(pid)              # again, now that nothing can change under us
+        check_supported(pid, redirect=opts.redirect)      # again, now that nothing can change under us
         _check_cancel(opts, pid)
         mem = RemoteMemory(pid, writable=False)
         try:
-            state = collect(held, mem)
+            state = collect(held, mem, opts.redirect)
         finally:
             mem.close()
         layout = collect_layout(pid)
@@ -83,6 +84,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             writer.record(image_header(pid, "checkpoint", state.threads[0].xstate))
             writer.record(state.process)
             writer.record(state.files)
+            writer.record(state.pipes)
             writer.record(layout)
             for t in state.threads:
                 writer.record(t)
@@ -146,6 +148,7 @@ def restore(src: BinaryIO, *, resume: bool = True,
     restorer: Restorer | None = None
     proc: ProcessState | None = None
     files: Files | None = None
+    pipes = Pipes(())
     threads: list[ThreadState] = []
     done = False
     try:
@@ -162,6 +165,8 @@ def restore(src: BinaryIO, *, resume: bool = True,
                 proc = item
             elif isinstance(item, Files):
                 files = item
+            elif isinstance(item, Pipes):
+                pipes = item
             elif isinstance(item, Mappings):
                 assert restorer is not None
                 if not restorer.pid:
@@ -173,7 +178,7 @@ def restore(src: BinaryIO, *, resume: bool = True,
                 pass
         if restorer is None or proc is None or files is None or not threads:
             raise ProtocolError("the image lacks process, file or thread records: corrupt image")
-        restorer.finish(proc, files, threads)
+        restorer.finish(proc, files, threads, pipes)
         if resume:
             restorer.resume()
         done = True

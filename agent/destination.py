@@ -27,7 +27,7 @@ from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import EndOfImage, Files, ImageHeader, Mappings, ProcessState, ThreadState
+from transport.schema import EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState
 
 MEMORY_MARGIN = 1.1
 
@@ -39,6 +39,7 @@ class DestSession:
     restorer: Restorer | None = None
     process: ProcessState | None = None
     files: Files | None = None
+    pipes: Pipes = Pipes(())
     threads: list[ThreadState] = field(default_factory=list)
     pages: int = 0
     ready: bool = False
@@ -146,6 +147,8 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 s.process = item
             elif isinstance(item, Files):
                 s.files = item
+            elif isinstance(item, Pipes):
+                s.pipes = item
             elif isinstance(item, ThreadState):
                 s.threads.append(item)
             elif isinstance(item, EndOfImage):
@@ -172,7 +175,7 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise ProtocolError("the page stream ended before the process's state arrived")
     if s.restorer is None or s.process is None or s.files is None or not s.threads:
         raise ProtocolError("the stream ended before the process's state arrived")
-    await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads)
+    await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads, s.pipes)
     s.ready = True
     return {"pid": s.restorer.pid, "threads": len(s.threads), "warnings": list(s.restorer.report.warnings)}
 

@@ -15,11 +15,12 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, replace
+from typing import Mapping
 
-from agent import ptrace
+from agent import fdtable, ptrace
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
-from agent.procfs import classify_fd, list_fds, read_limits, read_stat, read_status, read_text, thread_comm
+from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
 from precopy.layout import PageFinder, read_smaps, to_vma
 from transport.errors import UnsupportedResource
@@ -27,13 +28,13 @@ from transport.schema import (
     FORMAT_VERSION,
     PAGE_SIZE,
     Creds,
-    FileDesc,
     Files,
     GpRegs,
     ImageHeader,
     ITimer,
     Mappings,
     MmFields,
+    Pipes,
     ProcessState,
     Rlimit,
     SigAction,
@@ -79,11 +80,13 @@ class Collected:
     process: ProcessState
     threads: list[ThreadState]
     files: Files
+    pipes: Pipes
     xstate_size: int
 
 
-def collect(held: Held, mem: RemoteMemory) -> Collected:
-    """Everything but memory, from a frozen process. Leaves the process exactly as it was."""
+def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None) -> Collected:
+    """Everything but memory, from a frozen process. Leaves the process exactly as it was.
+    ``redirect`` (fd -> path) says what fds to the outside become on the destination."""
     pid = held.pid
     gadget = vdso_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
@@ -95,7 +98,7 @@ def collect(held: Held, mem: RemoteMemory) -> Collected:
         scratch = Scratch(leader, mem)
         threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
         process = _collect_process(held, leader, scratch)
-        files = collect_files(pid)
+        files, pipes = fdtable.collect(pid, redirect)
     finally:
         try:
             if scratch is not None:
@@ -103,7 +106,7 @@ def collect(held: Held, mem: RemoteMemory) -> Collected:
         finally:
             for inj in injectors.values():
                 inj.close()
-    return Collected(process, threads, files, len(threads[0].xstate))
+    return Collected(process, threads, files, pipes, len(threads[0].xstate))
 
 
 def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:
@@ -213,19 +216,6 @@ def _rearm_fired_real_timer(it: ITimer, shared_pending: list[bytes]) -> ITimer:
     return it
 
 
-def collect_files(pid: int) -> Files:
-    fds: list[FileDesc] = []
-    for info in list_fds(pid):
-        kind, why = classify_fd(info)
-        if kind is None:
-            raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}", pid=pid)
-        st = info.st
-        fds.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
-                            size=st.st_size if st is not None and kind == "file" else -1,
-                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0))
-    return Files(tuple(fds))
-
-
 def collect_layout(pid: int) -> Mappings:
     return Mappings(tuple(to_vma(m) for m in read_smaps(pid)))
 
@@ -234,4 +224,4 @@ def in_syscall(regs: GpRegs) -> bool:
     return to_signed(regs.orig_rax) >= 0 and to_signed(regs.rax) in ERESTART_CODES
 
 
-__all__ = ["Collected", "collect", "collect_files", "collect_layout", "image_header", "in_syscall", "PageFinder"]
+__all__ = ["Collected", "collect", "collect_layout", "image_header", "in_syscall", "PageFinder"]

@@ -99,7 +99,9 @@ class DigestCache:
             pass      # a cache, nothing more
 
 
-def describe_files(pid: int, exempt: list[str]) -> FileFacts:
+def describe_files(pid: int, exempt: list[str], redirected: set[int] = frozenset()) -> FileFacts:
+    """What the destination must have: files the process maps or has open, but those under
+    ``exempt`` (a hook brings them) and the fds in ``redirected`` (files of the user's choice)."""
     cache = DigestCache()
     facts: dict[str, FileFact] = {}
     for m in read_maps(pid):
@@ -108,7 +110,7 @@ def describe_files(pid: int, exempt: list[str]) -> FileFacts:
             facts[m.name] = FileFact(m.name, size, digest, False)
     for info in list_fds(pid):
         st = info.st
-        if st is None or not info.target.startswith("/") or under(info.target, exempt):
+        if st is None or not info.target.startswith("/") or under(info.target, exempt) or info.fd in redirected:
             continue
         if not stat_mod.S_ISREG(st.st_mode) or info.target in facts:
             continue

@@ -75,15 +75,19 @@ class Holder:
         self.held: freezer.Held | None = None
         self.on_eof = ON_EOF_THAW
         self.first_interrupt_ns = 0
+        self.redirect: dict[int, str] = {}
 
     def _need(self) -> freezer.Held:
         if self.held is None:
             raise ProcessError("no process is held")
         return self.held
 
-    def op_seize(self, pid: int) -> dict[str, Any]:
+    def op_seize(self, pid: int, redirect: list[list[Any]] | None = None) -> dict[str, Any]:
+        """Hold ``pid``; ``redirect`` ([fd, path] pairs) names fds to the outside that become
+        files on the destination."""
+        self.redirect = {int(fd): str(path) for fd, path in redirect or []}
         check_target(pid)
-        check_supported(pid)
+        check_supported(pid, redirect=self.redirect)
         self.held = freezer.hold(pid)
         return {"pid": pid}
 
@@ -107,10 +111,10 @@ class Holder:
             raise ProcessError("the process must be frozen to collect its state")
         mem = RemoteMemory(held.pid, writable=False)
         try:
-            state = collect(held, mem)
+            state = collect(held, mem, self.redirect)
         finally:
             mem.close()
-        return {"process": state.process.to_wire(), "files": state.files.to_wire(),
+        return {"process": state.process.to_wire(), "files": state.files.to_wire(), "pipes": state.pipes.to_wire(),
                 "threads": [t.to_wire() for t in state.threads]}
 
     def op_inject(self, calls: list[list[Any]]) -> list[int]:

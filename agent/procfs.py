@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat as stat_mod
 from dataclasses import dataclass
+from typing import Mapping
 
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
 
@@ -153,7 +154,7 @@ def check_target(pid: int) -> None:
 
 
 _FD_REFUSALS = (
-    ("pipe:", "a pipe"),
+    ("pipe:", "a pipe"),         # agent.fdtable carries those it can before asking here
     ("socket:", "a socket"),
     ("anon_inode:[eventpoll]", "an epoll instance"),
     ("anon_inode:[eventfd]", "an eventfd"),
@@ -198,15 +199,14 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     return None, f"an unsupported file ({target})"
 
 
-def check_supported(pid: int, *, maps: list | None = None) -> None:
-    """Refuse what we cannot carry yet; every message names the resource and what to do."""
+def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int, str] | None = None) -> None:
+    """Refuse what we cannot carry yet; every message names the resource and what to do.
+    ``redirect`` (fd -> path) names fds to the outside that become files on the destination."""
+    from agent.fdtable import describe  # it reads fds through this module
     from precopy.layout import read_maps  # precopy is below agent
 
     fix = "kcr-migrate cannot move it yet (see README, Limits)"
-    for info in list_fds(pid):
-        kind, what = classify_fd(info)
-        if kind is None:
-            raise UnsupportedResource(f"pid {pid} has {what} open as fd {info.fd}: {fix}", pid=pid)
+    describe(pid, redirect)
     for m in (maps if maps is not None else read_maps(pid)):
         if m.name.startswith("/SYSV"):
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)

@@ -51,7 +51,15 @@ from agent.inject import (
 )
 from agent.layout_plan import plan_layout
 from precopy.intervals import Span, merge_spans, within
-from precopy.kernel import IOV_MAX, data_address, process_vm_writev, prlimit, xsave_supported_mask
+from precopy.kernel import (
+    IOV_MAX,
+    data_address,
+    pidfd_getfd,
+    pidfd_open,
+    process_vm_writev,
+    prlimit,
+    xsave_supported_mask,
+)
 from precopy.layout import MapEntry, is_special, read_maps
 from transport.errors import RestoreError
 from transport.image import check_machine
@@ -65,19 +73,27 @@ from transport.schema import (
     ADV_WIPEONFORK,
     PAGE_SIZE,
     TASK_SIZE,
+    FileDesc,
     Files,
     GpRegs,
     ImageHeader,
     Mappings,
+    Pipes,
     ProcessState,
     ThreadState,
     Vma,
+    check_pipes_referenced,
 )
 
 GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
 U64 = (1 << 64) - 1
 O_ACCMODE, O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_CLOEXEC, O_DIRECTORY = 3, 0o100, 0o200, 0o400, 0o1000, 0o2000000, 0o200000
 AT_FDCWD = -100
+O_ACCMODE = 3
+F_DUPFD_CLOEXEC, F_SETFL, F_SETPIPE_SZ, F_GETPIPE_SZ = 1030, 4, 1031, 1032
+# Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
+SETFL_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | 0o4000
+RLIMIT_NOFILE = 7
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
 PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
@@ -138,6 +154,7 @@ class Restorer:
         self._mapped_starts: list[int] = []
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
+        self._pipe_ends_taken: set[int] = set()
         self._stopped = False
 
     # -- 1. the stub ------------------------------------------------------------------------
@@ -367,8 +384,11 @@ class Restorer:
 
     # -- 4. everything else -----------------------------------------------------------------
 
-    def finish(self, proc: ProcessState, files: Files, threads: list[ThreadState]) -> None:
+    def finish(self, proc: ProcessState, files: Files, threads: list[ThreadState],
+               pipes: Pipes | None = None) -> None:
         """Restore the rest; the process is left stopped. Call ``resume`` to let it run."""
+        pipes = pipes or Pipes(())
+        check_pipes_referenced(files, pipes)
         leader = next((t for t in threads if t.leader), None)
         if leader is None or not threads:
             raise RestoreError("the image has no main thread: corrupt image")
@@ -376,7 +396,7 @@ class Restorer:
         try:
             self._map_deferred()
             self._mm(proc)
-            self._files(files)
+            self._files(files, pipes)
             self._signals(proc)
             self._limits(proc)
             self._creds(proc)
@@ -402,21 +422,112 @@ class Restorer:
         finally:
             self._call("close", exe_fd)
 
-    def _files(self, files: Files) -> None:
-        for f in files.fds:
-            flags = f.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY)
-            if f.kind == "dir":
-                flags |= O_DIRECTORY
-            try:
-                fd = self._open(f.path, flags)
-            except InjectionError as exc:
-                raise RestoreError(f"cannot reopen fd {f.fd} ({f.path}): {exc.strerror}; the file must exist "
-                                   "here at the same path") from None
-            if fd != f.fd:
-                self._call("dup3", fd, f.fd, flags & O_CLOEXEC)
+    def _files(self, files: Files, pipes: Pipes) -> None:
+        """Each open file description once, at a spare fd above the process's highest, then
+        dup'd to every fd that shares it (``agent.fdtable``); pipes are made whole first."""
+        if not files.fds:
+            return
+        spare = max(f.fd for f in files.fds) + 1
+        self._make_room_for_fds(spare + len(files.fds) + 2)
+        groups: dict[tuple[str, int], list[FileDesc]] = {}
+        for f in sorted(files.fds, key=lambda f: f.fd):
+            groups.setdefault(("desc", f.desc) if f.desc else ("fd", f.fd), []).append(f)
+        made: list[int] = []
+        try:
+            ends = self._make_pipes(files, pipes, spare, made)
+            for members in groups.values():
+                first = members[0]
+                fd = self._open_description(first, ends, spare)
+                made.append(fd)
+                for f in members:
+                    self._call("dup3", fd, f.fd, f.flags & O_CLOEXEC)
+        finally:
+            for fd in made:
                 self._call("close", fd)
-            if f.kind in ("file", "dir") and f.pos:
-                self._call("lseek", f.fd, f.pos, 0)
+
+    def _make_room_for_fds(self, highest: int) -> None:
+        soft, hard = prlimit(self.pid, RLIMIT_NOFILE)
+        if highest > soft:
+            if highest > hard:
+                raise RestoreError(f"the process has fds up to {highest}, above this host's open-files limit "
+                                   f"({hard}): raise it (ulimit -n) where kcr-migrate's agent runs")
+            prlimit(self.pid, RLIMIT_NOFILE, (hard, hard))     # the process's own limits come later
+
+    def _above(self, fd: int, spare: int) -> int:
+        """Move a fresh fd out of the way of the process's own numbers."""
+        moved = self._call("fcntl", fd, F_DUPFD_CLOEXEC, spare)
+        self._call("close", fd)
+        return moved
+
+    def _make_pipes(self, files: Files, pipes: Pipes, spare: int, made: list[int]) -> dict[int, tuple[int, int]]:
+        """Every pipe the fds refer to, holding its bytes again: pipe id -> (read end, write end)."""
+        used = {f.pipe for f in files.fds if f.kind == "pipe"}
+        ends: dict[int, tuple[int, int]] = {}
+        pidfd = -1
+        try:
+            for p in pipes.pipes:
+                if p.id not in used:
+                    continue
+                pair = self._put(b"\0" * 8)
+                self._call("pipe2", pair, O_CLOEXEC | os.O_NONBLOCK)
+                assert self.mem is not None
+                r, w = struct.unpack("<ii", self.mem.read(pair, 8))
+                r, w = self._above(r, spare), self._above(w, spare)
+                made += [r, w]
+                ends[p.id] = (r, w)
+                if p.size != self._call("fcntl", r, F_GETPIPE_SZ):
+                    self._call("fcntl", r, F_SETPIPE_SZ, p.size)
+                if p.data:
+                    if pidfd < 0:
+                        pidfd = pidfd_open(self.pid)
+                    self._fill_pipe(pidfd, w, p.data)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        return ends
+
+    def _fill_pipe(self, pidfd: int, w: int, data: bytes) -> None:
+        dup = pidfd_getfd(pidfd, w)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dup, view):]
+        except BlockingIOError:
+            raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
+        finally:
+            os.close(dup)
+
+    def _open_description(self, f: FileDesc, ends: dict[int, tuple[int, int]], spare: int) -> int:
+        """One open file description as ``f`` describes it, at a spare fd; returns that fd."""
+        flags = f.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY) | O_CLOEXEC
+        if f.kind == "pipe":
+            r, w = ends[f.pipe]
+            end = r if f.flags & O_ACCMODE == os.O_RDONLY else w
+            if f.flags & O_ACCMODE == os.O_RDWR or end in self._pipe_ends_taken:
+                # A second description of the same end (or a read-write one, opened through
+                # /proc as a FIFO would be): a new open of the pipe, as the process made it.
+                fd = self._above(self._open(f"/proc/self/fd/{end}", flags), spare)
+            else:
+                fd = self._call("fcntl", end, F_DUPFD_CLOEXEC, spare)
+                self._pipe_ends_taken.add(end)
+            self._call("fcntl", fd, F_SETFL, f.flags & SETFL_FLAGS)
+            return fd
+        if f.kind == "redirect":
+            # A read end reads PATH; anything that wrote appends to it (created if need be).
+            mode = f.flags & O_ACCMODE
+            flags = mode | (f.flags & SETFL_FLAGS) | O_CLOEXEC
+            if mode != os.O_RDONLY:
+                flags |= os.O_APPEND | O_CREAT
+        elif f.kind == "dir":
+            flags |= O_DIRECTORY
+        try:
+            fd = self._above(self._open(f.path, flags, 0o666), spare)
+        except InjectionError as exc:
+            raise RestoreError(f"cannot reopen fd {f.fd} ({f.path}): {exc.strerror}; the file must exist "
+                               "here at the same path") from None
+        if f.kind in ("file", "dir") and f.pos:
+            self._call("lseek", fd, f.pos, 0)
+        return fd
 
     def _signals(self, proc: ProcessState) -> None:
         # The stub starts with every disposition at SIG_DFL (spawned with all of them reset):

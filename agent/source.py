@@ -39,7 +39,7 @@ from transport.errors import MigrationError, ProcessError, ProtocolError
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import FORMAT_VERSION, Files, ProcessState, ThreadState
+from transport.schema import FORMAT_VERSION, Files, Pipes, ProcessState, ThreadState
 from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
 
 
@@ -289,9 +289,11 @@ async def _blocking(fn: Any, *args: Any, **kw: Any) -> Any:
 
 
 async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exempt: list[str] | None = None,
-                      level: Level = "auto", bandwidth_limit: float | None = None) -> dict[str, Any]:
+                      level: Level = "auto", bandwidth_limit: float | None = None,
+                      redirect: list[list[Any]] | None = None) -> dict[str, Any]:
     """Preflight on the source: hold ``pid`` (seized, still running), pick a tracker, and
-    describe what the destination must match. Refusals leave the process untouched."""
+    describe what the destination must match. Refusals leave the process untouched.
+    ``redirect`` ([fd, path] pairs): fds to the outside that become files on the destination."""
     if id(ctx.rpc) in SESSIONS:
         raise ProcessError("a source process is already open on this connection")
     try:
@@ -303,9 +305,10 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         raise ProcessError(f"pid {pid} is kcr-migrate's own agent", pid=pid)
     holder = HolderClient()
     try:
-        await _blocking(holder.call, "seize", pid=pid)
+        await _blocking(holder.call, "seize", pid=pid, redirect=redirect or [])
         choice = await _blocking(choose_tracker, tracker, pid)
-        facts: FileFacts = await _blocking(describe_files, pid, exempt or [])
+        facts: FileFacts = await _blocking(describe_files, pid, exempt or [],
+                                           {int(fd) for fd, _ in redirect or []})
         status = await _blocking(read_status, pid)
         vdso = await _blocking(vdso_digest, pid)
     except BaseException:
@@ -421,6 +424,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     send = sink.send_record if isinstance(sink, DataChannelSink) else ctx.send_record
     await send(ProcessState.from_wire(state["process"]))
     await send(Files.from_wire(state["files"]))
+    await send(Pipes.from_wire(state["pipes"]))
     for t in state["threads"]:
         await send(ThreadState.from_wire(t))
     # Written out, not yet applied: dest_restore waits for the stream on the destination.

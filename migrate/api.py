@@ -6,7 +6,7 @@ as ``downtime_ms``) and DESIGN.md's vocabulary elsewhere.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, Mapping, Union
 
 from precopy.policy import PrecopyPolicy
 from transport.levels import Level, check_level
@@ -16,6 +16,15 @@ Compression = Union[int, None, Literal["auto"]]
 # Measured on the test hosts: stopping the threads, collecting and restoring the state and
 # letting the process run take about this long whatever the memory size.
 FREEZE_OVERHEAD_MS = 10.0
+
+
+def check_redirect(redirect: Mapping[int, str]) -> None:
+    """fd -> path pairs as ``--redirect FD=PATH`` gives them: fds >= 0, absolute paths."""
+    for fd, path in redirect.items():
+        if not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"redirect: {fd!r} is not a file descriptor number")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"redirect: fd {fd} -> {path!r}: the path must be absolute")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class MigrationOptions:
     call_timeout_s: float = 600.0         # longest any one step may take
     fs: tuple[Any, ...] = ()              # filesystem hooks: FsHook objects or "KIND:/path" specs
     fs_replace: bool = False              # let hooks replace data already at the destination path
+    redirect: Mapping[int, str] = field(default_factory=dict)   # fd -> absolute path on the destination
+                                          # that takes the place of a pipe, socket or terminal to the outside
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
@@ -46,6 +57,7 @@ class MigrationOptions:
             raise ValueError("bandwidth_limit must be > 0")
         if self.link_timeout_s <= 0:
             raise ValueError("link_timeout_s must be > 0")
+        check_redirect(self.redirect)
         self.policy()     # validates the pre-copy thresholds
 
     def policy(self) -> PrecopyPolicy:

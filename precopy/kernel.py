@@ -1,6 +1,6 @@
 """Linux system calls the standard library lacks, through ctypes.
 
-process_vm_readv/writev, pidfd_open/getfd/send_signal, get_robust_list, prlimit,
+process_vm_readv/writev, pidfd_open/getfd/send_signal, get_robust_list, prlimit, kcmp, tee,
 arch_prctl(ARCH_GET_XCOMP_SUPP) and ioctl with a struct argument. Every wrapper raises
 OSError with the real errno, so callers handle failures as they would for ``os`` calls.
 """
@@ -25,6 +25,11 @@ SYS_prlimit64 = 302
 SYS_arch_prctl = 158
 SYS_gettid = 186
 SYS_tgkill = 234
+SYS_kcmp = 312
+SYS_tee = 276
+
+KCMP_FILE = 0
+SPLICE_F_NONBLOCK = 2
 
 ARCH_GET_XCOMP_SUPP = 0x1021
 IOV_MAX = 1024
@@ -125,6 +130,16 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
 
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     syscall(SYS_tgkill, tgid, tid, sig)
+
+
+def kcmp(pid1: int, pid2: int, kind: int, idx1: int, idx2: int) -> int:
+    """0 where the two are the same kernel object; 1 or 2 orders them otherwise."""
+    return syscall(SYS_kcmp, pid1, pid2, kind, idx1, idx2)
+
+
+def tee(fd_in: int, fd_out: int, length: int, flags: int = SPLICE_F_NONBLOCK) -> int:
+    """Copy up to ``length`` bytes from one pipe into another without consuming them."""
+    return syscall(SYS_tee, fd_in, fd_out, length, flags)
 
 
 def get_robust_list(tid: int) -> tuple[int, int]:

@@ -88,6 +88,14 @@ def test_files_and_mapping_kinds(tmp_path: Path) -> None:
     assert (w.dir / "log.txt").read_text() == "before\nafter\n"
 
 
+def test_pipes_and_shared_descriptions(tmp_path: Path) -> None:
+    """A self-pipe with bytes in it, a pipe whose writer is gone, one whose reader is gone, a
+    resized pipe with 200 KiB in flight, flags per description, and dup'd fds sharing an offset."""
+    ref, w, _ = migrate_once("ckpt_pipes", tmp_path)
+    assert w.output() == ref.output() == "pipes and descriptions checked: all good\n"
+    assert (w.dir / "shared.log").read_text() == "one\ntwo\nthree\nfour\n"
+
+
 def test_unprivileged_user_keeps_credentials(tmp_path: Path) -> None:
     nobody = 65534
     ref, w, _ = migrate_once("ckpt_creds", tmp_path, user=nobody, groups=[nobody, 100])
@@ -186,21 +194,26 @@ def test_kernel_thread_and_own_pid(tmp_path: Path) -> None:
     assert "own process" in one_error_line(res)
 
 
-def test_refuses_unsupported_and_leaves_process_running(tmp_path: Path) -> None:
-    """A process with a pipe open is refused before anything is frozen; it runs on."""
+def test_refuses_a_pipe_to_the_outside_and_leaves_process_running(tmp_path: Path) -> None:
+    """A process with a pipe whose other end stays outside (here, with the test) is refused
+    before anything is frozen, naming the process at the other end; it runs on."""
     w = Workload("ckpt_array", tmp_path / "piped", "20")
     r, wfd = os.pipe()
     w.argv = ["bash", "-c", f"exec 5</dev/null; exec {' '.join(w.argv)} 7<&{r}"]
     w.proc = subprocess.Popen(w.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, pass_fds=(r,), start_new_session=True)
     os.close(r)
-    os.close(wfd)
-    w.pid = w.proc.pid
-    w.wait_ready()
-    line = one_error_line(kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img")))
-    assert "a pipe open as fd 7" in line
-    assert w.verdict() == "PASS"
-    assert w.reap_original() == 0
+    try:
+        w.pid = w.proc.pid
+        w.wait_ready()
+        line = one_error_line(kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img")))
+        assert f"fd 7 is a pipe shared with pid {os.getpid()} (" in line
+        assert "--redirect 7=PATH" in line
+        assert not (tmp_path / "img").exists()
+        assert w.verdict() == "PASS"
+        assert w.reap_original() == 0
+    finally:
+        os.close(wfd)
 
 
 @pytest.fixture(scope="module")

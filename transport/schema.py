@@ -211,11 +211,17 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-FD_KINDS = ("file", "dir", "chr")
+FD_KINDS = ("file", "dir", "chr", "pipe", "redirect")
+MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
+O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
 
 @dataclass(frozen=True)
 class FileDesc:
+    """One fd. ``kind`` says what it refers to: a path ("file", "dir", "chr"), an end of a pipe
+    in ``Pipes`` ("pipe"; ``flags`` tell which end), or a file the user named to take the
+    place of what the fd referred to ("redirect", with ``--redirect FD=PATH``)."""
+
     fd: int
     kind: str
     path: str
@@ -223,6 +229,9 @@ class FileDesc:
     pos: int
     size: int = -1
     mtime_ns: int = 0
+    desc: int = 0            # fds with the same non-zero ``desc`` share one open file description
+                             # (dup, fork): one offset, one set of status flags
+    pipe: int = 0            # kind "pipe": the ``PipeBuffer.id`` of its pipe
 
 
 @dataclass(frozen=True)
@@ -233,12 +242,51 @@ class Files(Record):
     def validate(self) -> None:
         _check(len(self.fds) <= MAX_FDS, "too many file descriptors")
         seen: set[int] = set()
+        shared: dict[int, FileDesc] = {}
         for f in self.fds:
             _check(0 <= f.fd < MAX_FDS and f.fd not in seen, f"file descriptor number {f.fd}")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
-            _check(f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
+            _check(f.kind == "pipe" or f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
             _check(f.pos >= 0, f"fd {f.fd}: offset")
+            _check(f.desc >= 0 and f.pipe >= 0, f"fd {f.fd}: description or pipe id")
+            _check((f.kind == "pipe") == (f.pipe > 0), f"fd {f.fd}: a pipe without a pipe id, or the reverse")
+            if f.desc:
+                first = shared.setdefault(f.desc, f)
+                _check((first.kind, first.path, first.pipe, first.flags & ~O_CLOEXEC_FLAG, first.pos)
+                       == (f.kind, f.path, f.pipe, f.flags & ~O_CLOEXEC_FLAG, f.pos),
+                       f"fd {f.fd} shares a description with fd {first.fd} but differs from it")
             seen.add(f.fd)
+
+
+@dataclass(frozen=True)
+class PipeBuffer:
+    id: int                  # the pipe's inode on the source host
+    size: int                # its capacity (F_GETPIPE_SZ)
+    data: bytes              # the bytes in it, unread, in order
+
+
+@dataclass(frozen=True)
+class Pipes(Record):
+    """The pipes the process's fds refer to, with their bytes in flight."""
+
+    TYPE = 8
+    pipes: tuple[PipeBuffer, ...]
+
+    def validate(self) -> None:
+        _check(len(self.pipes) <= MAX_FDS, "too many pipes")
+        seen: set[int] = set()
+        for p in self.pipes:
+            _check(p.id > 0 and p.id not in seen, f"pipe id {p.id}")
+            _check(4096 <= p.size <= MAX_PIPE_SIZE, f"pipe {p.id}: capacity {p.size}")
+            _check(len(p.data) <= p.size, f"pipe {p.id}: more bytes than it holds")
+            seen.add(p.id)
+
+
+def check_pipes_referenced(files: Files, pipes: Pipes) -> None:
+    """Every pipe fd refers to a pipe the stream carries."""
+    ids = {p.id for p in pipes.pipes}
+    for f in files.fds:
+        _check(f.kind != "pipe" or f.pipe in ids, f"fd {f.fd} refers to pipe {f.pipe}, which the stream lacks")
 
 
 # --- threads ------------------------------------------------------------------------------
@@ -329,7 +377,7 @@ class EndOfImage(Record):
 
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
-    for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage)
+    for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes)
 }
 
 

@@ -1,0 +1,87 @@
+"""Real programs, not written for these tests, moved mid-run: checkpoint/restore and live
+migration (localhost to localhost). Each must finish with the output of an unmoved run.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._migration import migrate_cli
+from tests._workloads import STARTED, become_subreaper, kcr, reap
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~4 MB of words: xz -6 takes a few seconds on it, writing output as it goes."""
+    r = random.Random(7)
+    words = ["".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(2, 9))) for _ in range(5000)]
+    path = tmp_path_factory.mktemp("xz") / "words"
+    path.write_bytes(" ".join(r.choice(words) for _ in range(600_000)).encode())
+    return path
+
+
+def xz(text: Path, where: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start xz compressing a copy of ``text`` in ``where``; returns it and its output path."""
+    where.mkdir()
+    shutil.copy(text, where / "words")
+    proc = subprocess.Popen(["xz", "-6", "-T1", "-k", str(where / "words")], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, cwd=where)
+    STARTED.append(proc)
+    return proc, where / "words.xz"
+
+
+def started_writing(proc: subprocess.Popen[bytes], out: Path) -> None:
+    """Wait until xz is mid-run: its output has begun."""
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.stat().st_size > 0):
+        assert proc.poll() is None, "xz finished before it could be moved: give it more text"
+        assert time.monotonic() < deadline, "xz wrote nothing in 60 s"
+        time.sleep(0.005)
+
+
+def reference(text: Path, where: Path) -> bytes:
+    proc, out = xz(text, where)
+    assert proc.wait(timeout=300) == 0
+    return out.read_bytes()
+
+
+pytestmark = pytest.mark.skipif(shutil.which("xz") is None, reason="no xz on this machine (apt-get install xz-utils)")
+
+
+def test_xz_checkpoint_and_restore(tmp_path: Path, text: Path) -> None:
+    """xz keeps a self-pipe for its signal handlers: carried, with the file being written."""
+    want = reference(text, tmp_path / "reference")
+    proc, out = xz(text, tmp_path / "moved")
+    started_writing(proc, out)
+    image = tmp_path / "xz.img"
+    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    res = kcr("restore", "-i", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    status = reap(int(res.stdout.split()[-1]), timeout=300)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"restored xz ended with {status:#x}"
+    assert out.read_bytes() == want
+
+
+def test_xz_live_migration(tmp_path: Path, text: Path) -> None:
+    want = reference(text, tmp_path / "reference")
+    proc, out = xz(text, tmp_path / "moved")
+    started_writing(proc, out)
+    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert code == 0, err
+    assert proc.wait(timeout=30) == -9
+    status = reap(report["new_pid"], timeout=300)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"migrated xz ended with {status:#x}"
+    assert out.read_bytes() == want
