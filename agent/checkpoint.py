@@ -23,7 +23,8 @@ from precopy.reader import PageReader
 from transport.errors import Cancelled, MigrationError, ProtocolError, RestoreError
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
-from transport.schema import EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState
+from transport.schema import (EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState,
+                              UnixSockets)
 
 
 @dataclass
@@ -85,6 +86,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             writer.record(state.process)
             writer.record(state.files)
             writer.record(state.pipes)
+            writer.record(state.sockets)
             writer.record(layout)
             for t in state.threads:
                 writer.record(t)
@@ -149,6 +151,7 @@ def restore(src: BinaryIO, *, resume: bool = True,
     proc: ProcessState | None = None
     files: Files | None = None
     pipes = Pipes(())
+    sockets = UnixSockets(())
     threads: list[ThreadState] = []
     done = False
     try:
@@ -167,6 +170,8 @@ def restore(src: BinaryIO, *, resume: bool = True,
                 files = item
             elif isinstance(item, Pipes):
                 pipes = item
+            elif isinstance(item, UnixSockets):
+                sockets = item
             elif isinstance(item, Mappings):
                 assert restorer is not None
                 if not restorer.pid:
@@ -178,7 +183,7 @@ def restore(src: BinaryIO, *, resume: bool = True,
                 pass
         if restorer is None or proc is None or files is None or not threads:
             raise ProtocolError("the image lacks process, file or thread records: corrupt image")
-        restorer.finish(proc, files, threads, pipes)
+        restorer.finish(proc, files, threads, pipes, sockets)
         if resume:
             restorer.resume()
         done = True

@@ -27,7 +27,8 @@ from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState
+from transport.schema import (EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState,
+                              UnixSockets)
 
 MEMORY_MARGIN = 1.1
 
@@ -40,6 +41,7 @@ class DestSession:
     process: ProcessState | None = None
     files: Files | None = None
     pipes: Pipes = Pipes(())
+    sockets: UnixSockets = UnixSockets(())
     threads: list[ThreadState] = field(default_factory=list)
     pages: int = 0
     ready: bool = False
@@ -149,6 +151,8 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 s.files = item
             elif isinstance(item, Pipes):
                 s.pipes = item
+            elif isinstance(item, UnixSockets):
+                s.sockets = item
             elif isinstance(item, ThreadState):
                 s.threads.append(item)
             elif isinstance(item, EndOfImage):
@@ -175,7 +179,7 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise ProtocolError("the page stream ended before the process's state arrived")
     if s.restorer is None or s.process is None or s.files is None or not s.threads:
         raise ProtocolError("the stream ended before the process's state arrived")
-    await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads, s.pipes)
+    await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads, s.pipes, s.sockets)
     s.ready = True
     return {"pid": s.restorer.pid, "threads": len(s.threads), "warnings": list(s.restorer.report.warnings)}
 

@@ -39,6 +39,7 @@ from transport.schema import (
     Rlimit,
     SigAction,
     ThreadState,
+    UnixSockets,
 )
 
 TOOL_VERSION = "0.1.0"
@@ -81,6 +82,7 @@ class Collected:
     threads: list[ThreadState]
     files: Files
     pipes: Pipes
+    sockets: UnixSockets
     xstate_size: int
 
 
@@ -98,7 +100,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         scratch = Scratch(leader, mem)
         threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
         process = _collect_process(held, leader, scratch)
-        files, pipes = fdtable.collect(pid, redirect)
+        files, pipes, sockets = fdtable.collect(pid, redirect)
     finally:
         try:
             if scratch is not None:
@@ -106,7 +108,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         finally:
             for inj in injectors.values():
                 inj.close()
-    return Collected(process, threads, files, pipes, len(threads[0].xstate))
+    return Collected(process, threads, files, pipes, sockets, len(threads[0].xstate))
 
 
 def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:

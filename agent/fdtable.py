@@ -7,9 +7,13 @@
   a pipe whose writer has exited): its capacity and the bytes in it travel, read without
   consuming them (``tee(2)`` from a dup taken with ``pidfd_getfd``), so a process that runs on
   (a rollback, ``--leave-running``) loses nothing;
-- an fd whose other end is outside (a pipe to the launcher, a terminal) is refused with the
-  process at the other end named, unless the user said what it becomes on the destination:
-  ``redirect`` maps fd -> PATH, opened there for appending (or reading, for a read end).
+- an unbound unix socket likewise (a socketpair, as asyncio's self-pipe and
+  multiprocessing's duplex pipes are; a socket whose peer has closed; one never connected):
+  type, options, shutdown state and every queued message travel (``agent.unix_sockets``);
+- an fd whose other end is outside (a pipe to the launcher, a terminal, a socket connected
+  to a server) is refused with the process at the other end named, unless the user said what
+  it becomes on the destination: ``redirect`` maps fd -> PATH, opened there for appending (or
+  reading, for a read end). Bound and listening unix sockets, and other families, are refused.
 
 ``describe`` is the one place that decides, for preflight and dump alike.
 """
@@ -22,10 +26,21 @@ import termios
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from agent import unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds
 from precopy.kernel import KCMP_FILE, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
-from transport.schema import O_CLOEXEC_FLAG, FileDesc, Files, PipeBuffer, Pipes
+from transport.schema import (
+    O_CLOEXEC_FLAG,
+    SOCK_DGRAM,
+    FileDesc,
+    Files,
+    PipeBuffer,
+    Pipes,
+    SocketOptions,
+    UnixSocket,
+    UnixSockets,
+)
 
 O_ACCMODE = 3
 READ_MODES = (os.O_RDONLY, os.O_RDWR)
@@ -45,16 +60,17 @@ class Peer:
         return f"pid {self.pid} ({self.comm})"
 
 
-def pipe_inode(target: str) -> int | None:
-    """The inode of an fd's pipe, from its /proc link ("pipe:[1234]"), or None."""
-    if target.startswith("pipe:[") and target.endswith("]"):
-        return int(target[6:-1])
+def object_of(target: str) -> tuple[str, int] | None:
+    """("pipe" | "socket", inode) from an fd's /proc link ("pipe:[1234]"), or None."""
+    for kind in ("pipe", "socket"):
+        if target.startswith(f"{kind}:[") and target.endswith("]"):
+            return kind, int(target[len(kind) + 2:-1])
     return None
 
 
-def outside_holders(inodes: set[int], inside: set[int]) -> dict[int, list[Peer]]:
-    """Processes other than ``inside`` (and this one) holding any of these pipes."""
-    found: dict[int, list[Peer]] = {}
+def outside_holders(objects: set[tuple[str, int]], inside: set[int]) -> dict[tuple[str, int], list[Peer]]:
+    """Processes other than ``inside`` (and this one) holding any of these pipes or sockets."""
+    found: dict[tuple[str, int], list[Peer]] = {}
     skip = inside | {os.getpid()}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) in skip:
@@ -67,11 +83,11 @@ def outside_holders(inodes: set[int], inside: set[int]) -> dict[int, list[Peer]]
         with fds:
             for fd in fds:
                 try:
-                    ino = pipe_inode(os.readlink(fd.path))
+                    obj = object_of(os.readlink(fd.path))
                 except OSError:
                     continue
-                if ino in inodes:
-                    found.setdefault(ino, []).append(Peer(pid, _comm(pid), int(fd.name)))
+                if obj in objects:
+                    found.setdefault(obj, []).append(Peer(pid, _comm(pid), int(fd.name)))
     return found
 
 
@@ -96,34 +112,81 @@ def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDe
             f"--redirect names fd {missing[0]}, which pid {pid} does not have open: check `ls -l /proc/{pid}/fd`",
             pid=pid)
     out: list[FileDesc] = []
-    pipes: dict[int, list[FdInfo]] = {}
+    objects: dict[tuple[str, int], list[FdInfo]] = {}
     for info in infos:
         if info.fd in redirect:
             out.append(FileDesc(fd=info.fd, kind="redirect", path=redirect[info.fd], flags=info.flags, pos=0))
             continue
-        ino = pipe_inode(info.target)
-        if ino is not None:
-            pipes.setdefault(ino, []).append(info)
-            out.append(FileDesc(fd=info.fd, kind="pipe", path="", flags=info.flags, pos=0, pipe=ino))
+        obj = object_of(info.target)
+        if obj is not None:
+            objects.setdefault(obj, []).append(info)
+            kind = "pipe" if obj[0] == "pipe" else "unix"
+            out.append(FileDesc(fd=info.fd, kind=kind, path="", flags=info.flags, pos=0, obj=obj[1]))
             continue
         kind, why = classify_fd(info)
         if kind is None:
-            hint = f", or give --redirect {info.fd}=PATH to open PATH in its place on the destination" \
-                if why.startswith(_REDIRECTABLE) else ""
-            raise UnsupportedResource(
-                f"pid {pid} has {why} open as fd {info.fd}: kcr-migrate cannot move it yet (see README, Limits)"
-                f"{hint}", pid=pid)
+            raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
+                                      f"{_redirect_hint(info.fd, why)}", pid=pid)
         st = info.st
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
                             mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0))
-    if pipes:
-        for ino, peers in outside_holders(set(pipes), {pid}).items():
-            fd = pipes[ino][0].fd
+    sockets = {ino: fds for (kind, ino), fds in objects.items() if kind == "socket"}
+    if sockets:
+        _check_sockets(pid, sockets)
+    if objects:
+        for obj, peers in outside_holders(set(objects), {pid}).items():
+            fd = objects[obj][0].fd
+            what = "a pipe" if obj[0] == "pipe" else "a socket"
             raise UnsupportedResource(
-                f"pid {pid}'s fd {fd} is a pipe shared with {peers[0]}, which does not move with it: give "
+                f"pid {pid}'s fd {fd} is {what} shared with {peers[0]}, which does not move with it: give "
                 f"--redirect {fd}=PATH to open PATH in its place on the destination", pid=pid)
     return _share_descriptions(pid, out)
+
+
+_CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
+
+
+def _redirect_hint(fd: int, why: str) -> str:
+    if why.startswith(_REDIRECTABLE):
+        return f", or give --redirect {fd}=PATH to open PATH in its place on the destination"
+    return ""
+
+
+def _check_sockets(pid: int, sockets: dict[int, list[FdInfo]]) -> None:
+    """Refuse the sockets we cannot carry: other families, bound or listening unix sockets,
+    connections to a peer that does not move, connections not yet accepted."""
+    known = unix_sockets.query(sockets)
+    for ino, fds in sockets.items():
+        fd = fds[0].fd
+        info = known.get(ino)
+        if info is None:
+            raise UnsupportedResource(
+                f"pid {pid} has a socket other than a unix one (TCP, UDP, netlink, ...) open as fd {fd}: "
+                f"{_CANNOT}{_redirect_hint(fd, 'a socket')}", pid=pid)
+        if info.name or info.state == unix_sockets.TCP_LISTEN:
+            name = info.name.replace(b"\0", b"@").decode(errors="replace")
+            raise UnsupportedResource(
+                f"pid {pid} has a unix socket bound to {name} open as fd {fd}: bound and listening sockets "
+                f"cannot be moved yet", pid=pid)
+        if info.peer and info.peer not in sockets:
+            holders = outside_holders({("socket", info.peer)}, {pid})
+            peer = next(iter(holders.values()))[0] if holders else None
+            where = f"{peer}, which does not move with it" if peer else "a socket outside the process"
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {fd} is a unix socket connected to {where}: {_CANNOT}"
+                f"{_redirect_hint(fd, 'a socket')}", pid=pid)
+        if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and not _peer_closed(info):
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {fd} is a unix socket whose connection was not accepted yet: {_CANNOT}", pid=pid)
+
+
+def _peer_closed(info: unix_sockets.UnixSocketInfo) -> bool:
+    """A connected socket whose peer has gone: a stream or seqpacket one is shut both ways by
+    the kernel; a datagram one stays connected to nothing."""
+    if info.peer or info.state != unix_sockets.TCP_ESTABLISHED:
+        return False
+    return info.type == SOCK_DGRAM or info.shutdown == 3
 
 
 def _share_descriptions(pid: int, fds: list[FileDesc]) -> list[FileDesc]:
@@ -131,7 +194,7 @@ def _share_descriptions(pid: int, fds: list[FileDesc]) -> list[FileDesc]:
     by_look: dict[tuple[object, ...], list[FileDesc]] = {}
     for f in fds:
         if f.kind != "redirect":
-            by_look.setdefault((f.kind, f.path, f.pipe, f.flags & ~O_CLOEXEC_FLAG, f.pos), []).append(f)
+            by_look.setdefault((f.kind, f.path, f.obj, f.flags & ~O_CLOEXEC_FLAG, f.pos), []).append(f)
     desc: dict[int, int] = {}
     for group in by_look.values():
         heads: list[FileDesc] = []
@@ -155,26 +218,53 @@ def _same_description(pid: int, fd1: int, fd2: int) -> bool:
             "this kernel lacks kcmp(2) (CONFIG_KCMP)", pid=pid) from None
 
 
-def collect(pid: int, redirect: Mapping[int, str] | None = None) -> tuple[Files, Pipes]:
-    """The fd table and its pipes' contents, from a frozen process (it is left as it was)."""
+def collect(pid: int, redirect: Mapping[int, str] | None = None) -> tuple[Files, Pipes, UnixSockets]:
+    """The fd table and what its pipes and sockets hold, from a frozen process (it is left as
+    it was)."""
     fds = describe(pid, redirect)
     readers: dict[int, int] = {}
     ends: dict[int, int] = {}
+    socks: dict[int, int] = {}
     for f in fds:
         if f.kind == "pipe":
-            ends.setdefault(f.pipe, f.fd)
+            ends.setdefault(f.obj, f.fd)
             if f.flags & O_ACCMODE in READ_MODES:
-                readers.setdefault(f.pipe, f.fd)
-    buffers = []
-    if ends:
+                readers.setdefault(f.obj, f.fd)
+        elif f.kind == "unix":
+            socks.setdefault(f.obj, f.fd)
+    buffers: list[PipeBuffer] = []
+    sockets: list[UnixSocket] = []
+    if ends or socks:
         pidfd = pidfd_open(pid)
         try:
             for ino, fd in ends.items():
                 size, data = _pipe_contents(pidfd, readers.get(ino, fd), ino in readers)
                 buffers.append(PipeBuffer(id=ino, size=size, data=data))
+            known = unix_sockets.query(socks) if socks else {}
+            for ino, fd in socks.items():
+                sockets.append(_socket(pidfd, fd, known[ino]))
         finally:
             os.close(pidfd)
-    return Files(tuple(fds)), Pipes(tuple(buffers))
+    return Files(tuple(fds)), Pipes(tuple(buffers)), UnixSockets(tuple(sockets))
+
+
+def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocket:
+    dup = pidfd_getfd(pidfd, fd)
+    try:
+        queue = unix_sockets.queued_data(dup, info.type)
+        o = unix_sockets.socket_options(dup)
+    finally:
+        os.close(dup)
+    options = SocketOptions(
+        rcvbuf=o["SO_RCVBUF"], sndbuf=o["SO_SNDBUF"], passcred=o.get("SO_PASSCRED", 0),
+        passsec=o.get("SO_PASSSEC", 0), peek_off=o.get("SO_PEEK_OFF", -1), rcvlowat=o.get("SO_RCVLOWAT", 1),
+        oobinline=o.get("SO_OOBINLINE", 0), rcvtimeo_us=o.get("SO_RCVTIMEO", 0), sndtimeo_us=o.get("SO_SNDTIMEO", 0),
+        passpidfd=o.get("SO_PASSPIDFD", 0), passrights=o.get("SO_PASSRIGHTS", 1))
+    closed = _peer_closed(info)
+    if queue and not info.peer and not closed:
+        raise UnsupportedResource(f"fd {fd} is an unconnected unix socket with messages queued: {_CANNOT}")
+    return UnixSocket(id=info.inode, type=info.type, peer=info.peer, peer_closed=closed,
+                      shutdown=0 if closed else info.shutdown, options=options, queue=tuple(queue))
 
 
 def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes]:

@@ -115,6 +115,7 @@ class Holder:
         finally:
             mem.close()
         return {"process": state.process.to_wire(), "files": state.files.to_wire(), "pipes": state.pipes.to_wire(),
+                "sockets": state.sockets.to_wire(),
                 "threads": [t.to_wire() for t in state.threads]}
 
     def op_inject(self, calls: list[list[Any]]) -> list[int]:

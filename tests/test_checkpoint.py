@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._workloads import KCR_MIGRATE, Workload, become_subreaper, kcr, reap, run_reference
+from tests._migration import proc_state
+from tests._workloads import KCR_MIGRATE, STARTED, Workload, become_subreaper, kcr, reap, run_reference
 from tests._workloads import one_error_line as _one_error_line
 
 
@@ -94,6 +96,13 @@ def test_pipes_and_shared_descriptions(tmp_path: Path) -> None:
     ref, w, _ = migrate_once("ckpt_pipes", tmp_path)
     assert w.output() == ref.output() == "pipes and descriptions checked: all good\n"
     assert (w.dir / "shared.log").read_text() == "one\ntwo\nthree\nfour\n"
+
+
+def test_unix_sockets_inside_the_process(tmp_path: Path) -> None:
+    """Socketpairs of each type with messages queued, shutdown state, a closed peer, an
+    unconnected socket, options and flags per end."""
+    ref, w, _ = migrate_once("ckpt_sockets", tmp_path)
+    assert w.output() == ref.output() == "sockets checked: all good\n"
 
 
 def test_unprivileged_user_keeps_credentials(tmp_path: Path) -> None:
@@ -194,26 +203,53 @@ def test_kernel_thread_and_own_pid(tmp_path: Path) -> None:
     assert "own process" in one_error_line(res)
 
 
-def test_refuses_a_pipe_to_the_outside_and_leaves_process_running(tmp_path: Path) -> None:
-    """A process with a pipe whose other end stays outside (here, with the test) is refused
-    before anything is frozen, naming the process at the other end; it runs on."""
-    w = Workload("ckpt_array", tmp_path / "piped", "20")
-    r, wfd = os.pipe()
-    w.argv = ["bash", "-c", f"exec 5</dev/null; exec {' '.join(w.argv)} 7<&{r}"]
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path, kind: str) -> None:
+    """A process with a pipe or unix socket whose other end stays outside (here, with the
+    test) is refused before anything is frozen, naming the process at the other end; it runs on."""
+    w = Workload("ckpt_array", tmp_path / "linked", "20")
+    if kind == "pipe":
+        theirs, ours = os.pipe()
+    else:
+        a, b = socket.socketpair()
+        theirs, ours = a.detach(), b.detach()
+    w.argv = ["bash", "-c", f"exec 5</dev/null; exec {' '.join(w.argv)} 7<&{theirs}"]
     w.proc = subprocess.Popen(w.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, pass_fds=(r,), start_new_session=True)
-    os.close(r)
+                              stderr=subprocess.DEVNULL, pass_fds=(theirs,), start_new_session=True)
+    STARTED.append(w.proc)
+    os.close(theirs)
     try:
         w.pid = w.proc.pid
         w.wait_ready()
         line = one_error_line(kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img")))
-        assert f"fd 7 is a pipe shared with pid {os.getpid()} (" in line
+        shared = "a pipe shared with" if kind == "pipe" else "a unix socket connected to"
+        assert f"fd 7 is {shared} pid {os.getpid()} (" in line
         assert "--redirect 7=PATH" in line
         assert not (tmp_path / "img").exists()
         assert w.verdict() == "PASS"
         assert w.reap_original() == 0
     finally:
-        os.close(wfd)
+        os.close(ours)
+
+
+@pytest.mark.parametrize("holding, expected", [
+    ("socket.create_server(('127.0.0.1', 0))", "a socket other than a unix one"),
+    ("socket.socket(socket.AF_UNIX); keep.bind(sys.argv[2])", "a unix socket bound to"),
+])
+def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected: str) -> None:
+    """A TCP socket, a bound unix socket: one line, before anything is frozen; it runs on."""
+    script = f"import socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ready), str(tmp_path / "sock")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert expected in line, line
+    assert proc_state(proc.pid) in ("S", "R")
 
 
 @pytest.fixture(scope="module")

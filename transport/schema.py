@@ -211,7 +211,8 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-FD_KINDS = ("file", "dir", "chr", "pipe", "redirect")
+FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect")
+OBJECT_KINDS = ("pipe", "unix")   # fds of these kinds refer to an object the stream carries
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
@@ -219,8 +220,9 @@ O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 @dataclass(frozen=True)
 class FileDesc:
     """One fd. ``kind`` says what it refers to: a path ("file", "dir", "chr"), an end of a pipe
-    in ``Pipes`` ("pipe"; ``flags`` tell which end), or a file the user named to take the
-    place of what the fd referred to ("redirect", with ``--redirect FD=PATH``)."""
+    in ``Pipes`` ("pipe"; ``flags`` tell which end), a socket in ``UnixSockets`` ("unix"), or a
+    file the user named to take the place of what the fd referred to ("redirect", with
+    ``--redirect FD=PATH``)."""
 
     fd: int
     kind: str
@@ -231,7 +233,8 @@ class FileDesc:
     mtime_ns: int = 0
     desc: int = 0            # fds with the same non-zero ``desc`` share one open file description
                              # (dup, fork): one offset, one set of status flags
-    pipe: int = 0            # kind "pipe": the ``PipeBuffer.id`` of its pipe
+    obj: int = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
+                             # ``UnixSocket.id`` of its socket
 
 
 @dataclass(frozen=True)
@@ -246,14 +249,15 @@ class Files(Record):
         for f in self.fds:
             _check(0 <= f.fd < MAX_FDS and f.fd not in seen, f"file descriptor number {f.fd}")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
-            _check(f.kind == "pipe" or f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
+            _check(f.kind in OBJECT_KINDS or f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
             _check(f.pos >= 0, f"fd {f.fd}: offset")
-            _check(f.desc >= 0 and f.pipe >= 0, f"fd {f.fd}: description or pipe id")
-            _check((f.kind == "pipe") == (f.pipe > 0), f"fd {f.fd}: a pipe without a pipe id, or the reverse")
+            _check(f.desc >= 0 and f.obj >= 0, f"fd {f.fd}: description or object id")
+            _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
+                   "or none where one does")
             if f.desc:
                 first = shared.setdefault(f.desc, f)
-                _check((first.kind, first.path, first.pipe, first.flags & ~O_CLOEXEC_FLAG, first.pos)
-                       == (f.kind, f.path, f.pipe, f.flags & ~O_CLOEXEC_FLAG, f.pos),
+                _check((first.kind, first.path, first.obj, first.flags & ~O_CLOEXEC_FLAG, first.pos)
+                       == (f.kind, f.path, f.obj, f.flags & ~O_CLOEXEC_FLAG, f.pos),
                        f"fd {f.fd} shares a description with fd {first.fd} but differs from it")
             seen.add(f.fd)
 
@@ -282,11 +286,72 @@ class Pipes(Record):
             seen.add(p.id)
 
 
-def check_pipes_referenced(files: Files, pipes: Pipes) -> None:
-    """Every pipe fd refers to a pipe the stream carries."""
-    ids = {p.id for p in pipes.pipes}
+SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
+MAX_SOCKET_QUEUE = 1 << 28
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """SOL_SOCKET options a unix socket gets again (buffer sizes as getsockopt shows them)."""
+
+    rcvbuf: int
+    sndbuf: int
+    passcred: int = 0
+    passsec: int = 0
+    peek_off: int = -1
+    rcvlowat: int = 1
+    oobinline: int = 0
+    rcvtimeo_us: int = 0
+    sndtimeo_us: int = 0
+    passpidfd: int = 0
+    passrights: int = 1
+
+
+@dataclass(frozen=True)
+class UnixSocket:
+    """An unbound unix socket: one end of a socketpair or connection whose other end moves
+    too (``peer``), one whose peer has closed, or one never connected."""
+
+    id: int                  # its inode on the source host
+    type: int                # SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET
+    peer: int                # the ``id`` of its peer here; 0 if it has none
+    peer_closed: bool        # it was connected, and its peer has gone since
+    shutdown: int            # sk_shutdown: 1 receive side, 2 send side
+    options: SocketOptions
+    queue: tuple[bytes, ...]   # its receive queue: one item for a stream, one per message otherwise
+
+
+@dataclass(frozen=True)
+class UnixSockets(Record):
+    """The unix sockets the process's fds refer to, with what is queued in them."""
+
+    TYPE = 9
+    sockets: tuple[UnixSocket, ...]
+
+    def validate(self) -> None:
+        _check(len(self.sockets) <= MAX_FDS, "too many sockets")
+        by_id = {s.id: s for s in self.sockets}
+        _check(len(by_id) == len(self.sockets), "socket ids repeat")
+        for s in self.sockets:
+            _check(s.id > 0, f"socket id {s.id}")
+            _check(s.type in (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET), f"socket {s.id}: type {s.type}")
+            _check(s.peer == 0 or (s.peer in by_id and by_id[s.peer].peer == s.id and s.peer != s.id),
+                   f"socket {s.id}: its peer {s.peer} is not a socket here that names it back")
+            _check(not (s.peer and s.peer_closed), f"socket {s.id}: a peer that is both there and gone")
+            _check(0 <= s.shutdown <= 3, f"socket {s.id}: shutdown {s.shutdown}")
+            _check(sum(len(m) for m in s.queue) <= MAX_SOCKET_QUEUE, f"socket {s.id}: queue too large")
+            _check(s.type != SOCK_STREAM or len(s.queue) <= 1, f"socket {s.id}: a stream queues one run of bytes")
+            o = s.options
+            _check(0 < o.rcvbuf <= 1 << 31 and 0 < o.sndbuf <= 1 << 31, f"socket {s.id}: buffer sizes")
+            _check(o.rcvtimeo_us >= 0 and o.sndtimeo_us >= 0 and o.peek_off >= -1, f"socket {s.id}: options")
+
+
+def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets) -> None:
+    """Every pipe or socket fd refers to an object the stream carries."""
+    ids = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets}}
     for f in files.fds:
-        _check(f.kind != "pipe" or f.pipe in ids, f"fd {f.fd} refers to pipe {f.pipe}, which the stream lacks")
+        _check(f.kind not in ids or f.obj in ids[f.kind],
+               f"fd {f.fd} refers to {f.kind} {f.obj}, which the stream lacks")
 
 
 # --- threads ------------------------------------------------------------------------------
@@ -377,7 +442,8 @@ class EndOfImage(Record):
 
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
-    for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes)
+    for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
+                UnixSockets)
 }
 
 
