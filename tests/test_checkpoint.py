@@ -353,6 +353,12 @@ def test_checkpoint_interrupted_never_loses_the_process(tmp_path: Path, delay: f
     image = tmp_path / "img"
     proc = subprocess.Popen([*KCR_MIGRATE, "checkpoint", str(w.pid), "-o", str(image)],
                             stderr=subprocess.PIPE)
+    # Counted from the moment the tool takes hold of the process: before that, a busy machine
+    # may still be starting the interpreter, whose own Ctrl-C handling is not ours to test.
+    deadline = time.monotonic() + 60
+    while "TracerPid:\t0\n" in Path(f"/proc/{w.pid}/status").read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the checkpoint never took hold of the process"
+        time.sleep(0.001)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
