@@ -1,7 +1,9 @@
 """`kcr-migrate`: the command line. It parses, calls the library, and renders results;
 errors become one line on stderr and a non-zero exit, never a traceback.
 
-Subcommands register themselves in ``COMMANDS`` (name -> (add_arguments, run)).
+Subcommands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)). A flag
+means the same in every subcommand (``tests/test_cli.py`` checks), and every rate is read by
+``transport.units.parse_rate``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from transport.errors import MigrationError
+from transport.units import parse_rate
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -57,6 +60,24 @@ def parse_pid(text: str) -> int:
     return pid
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def rate(text: str) -> float:
+    """A ``--bandwidth``: bytes per second, units as in ``transport.units``."""
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kcr-migrate",
@@ -68,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p)
         p.set_defaults(run=run)
     return parser
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands' parsers, by name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _load_commands() -> None:

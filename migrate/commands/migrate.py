@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import sys
 from typing import Any
@@ -19,27 +18,12 @@ from migrate.api import (
     RoundDone,
     WarningRaised,
 )
-from migrate.cli import command
+from migrate.cli import command, positive_float, rate
 from migrate.fshooks import parse_hook
 from migrate.orchestrator import Migration
+from precopy.probe import CHOICES
 from transport._nursery import service_nursery
 from transport.errors import MigrationError
-
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB]?)(/s)?\s*$")
-_BITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-
-
-def parse_rate(text: str) -> float:
-    """A bandwidth: bytes/s with an optional k/M/G suffix (binary with "iB": 100MiB = 100 * 2**20)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 100MiB, 1.5GB)")
-    value, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
-    scale = (1 << (10 * "kmgt".index(unit) + 10)) if unit and binary else _BITS[unit]
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a rate must be above zero")
-    return value * scale
-
 
 def parse_source(text: str) -> tuple[int, str]:
     pid, sep, host = text.partition("@")
@@ -62,12 +46,13 @@ def parse_level(text: str) -> int | str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=parse_source, metavar="PID@HOST", help="the process and the host it runs on")
     p.add_argument("dest", metavar="HOST", help="where it should run (localhost needs no SSH server)")
-    p.add_argument("--downtime", type=float, default=30.0, metavar="MS",
+    p.add_argument("--downtime", type=positive_float, default=30.0, metavar="MS",
                    help="stop pre-copying when the rest can be sent in this many ms (default 30)")
-    p.add_argument("--bandwidth", type=parse_rate, metavar="RATE", help="limit the page stream, e.g. 100MiB")
+    p.add_argument("--bandwidth", type=rate, metavar="RATE",
+                   help="limit the page stream: bytes/s, or 100M (MiB/s), 500MB, 1gbit ...")
     p.add_argument("--max-rounds", type=int, default=10, metavar="N", help="pre-copy rounds at most (default 10)")
     p.add_argument("--no-precopy", action="store_true", help="stop-and-copy: freeze first, then send everything")
-    p.add_argument("--tracker", default="auto", choices=("auto", "uffd-wp", "soft-dirty", "checksum"),
+    p.add_argument("--tracker", default="auto", choices=CHOICES,
                    help="dirty-page tracking (default: the best this kernel has)")
     p.add_argument("--compress", type=parse_level, default="auto", metavar="LEVEL",
                    help="zstd level for pages: auto (default), none, or -7..19")

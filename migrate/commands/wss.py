@@ -3,38 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 from migrate.api import MigrationOptions
-from migrate.cli import command, parse_pid
-from migrate.wss import GIGABIT, WssMeter, WssOptions
-from precopy.tracker import CHOICES
+from migrate.cli import command, parse_pid, positive_float, rate
+from migrate.wss import WssMeter, WssOptions
+from precopy.probe import CHOICES
 
 MiB = 1 << 20
-_UNITS = {"": MiB, "b": 1, "k": 1000, "kb": 1000, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 1 << 10, "mib": MiB, "gib": 1 << 30,
-          "kbit": 125, "mbit": 125_000, "gbit": 125_000_000}
-_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)(?:/s|ps)?\s*$", re.IGNORECASE)
-
-
-def parse_rate(text: str) -> float:
-    """A bandwidth: ``117`` (MiB/s), ``1gbit``, ``10Gbit``, ``500MB``, ``1GiB`` (per second). Bytes per second."""
-    m = _RATE.match(text)
-    unit = m.group(2).lower() if m else ""
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bandwidth (examples: 117, 1gbit, 500MB, 2GiB)")
-    return float(m.group(1)) * _UNITS[unit]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
 
 
 def _count(text: str) -> int:
@@ -49,29 +25,30 @@ def _count(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pid", type=parse_pid, help="process to measure (it keeps running, undisturbed)")
-    p.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+    p.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
                    help="seconds per measurement interval (default 1)")
     p.add_argument("--count", type=_count, default=0, metavar="N",
                    help="number of intervals (default 0: until Ctrl-C)")
     p.add_argument("--tracker", choices=CHOICES, default="auto",
                    help="dirty-page tracker (default auto: the best one this kernel supports)")
-    p.add_argument("--bandwidth", type=parse_rate, default=GIGABIT, metavar="RATE",
-                   help="link bandwidth for the downtime estimate: MiB/s, or with a unit "
-                        "(1gbit, 500MB, 2GiB; default 1gbit)")
-    p.add_argument("--downtime-ms", type=_positive_float, default=MigrationOptions().downtime_target_ms, metavar="MS",
-                   help="downtime target of the modelled migration (default %(default)g, as for a migration)")
+    p.add_argument("--bandwidth", type=rate, metavar="RATE",
+                   help="link bandwidth for the downtime estimate: bytes/s, or 100M (MiB/s), 500MB, "
+                        "1gbit ... (default 1gbit)")
+    p.add_argument("--downtime", "--downtime-ms", dest="downtime_ms", type=positive_float, metavar="MS",
+                   help="downtime target of the modelled migration (default: a migration's, 30)")
     p.add_argument("--json", action="store_true", help="print one JSON object per interval, one per line")
 
 
 @command("wss", "measure a process's writable working set and dirty rate, and estimate migration downtime",
          add_arguments)
 def run(args: argparse.Namespace) -> int:
+    migration = MigrationOptions() if args.downtime_ms is None else MigrationOptions(downtime_target_ms=args.downtime_ms)
     options = WssOptions(interval_s=args.interval, count=args.count, tracker=args.tracker,
-                         bandwidth_bytes_s=args.bandwidth,
-                         policy=MigrationOptions(downtime_target_ms=args.downtime_ms).policy())
+                         policy=migration.policy(),
+                         **({} if args.bandwidth is None else {"bandwidth_bytes_s": args.bandwidth}))
     meter = WssMeter(args.pid, options)
     print(f"kcr-migrate: tracking pid {args.pid} with {meter.choice.name}: {meter.choice.reason}", file=sys.stderr)
-    bw = args.bandwidth / MiB
+    bw = options.bandwidth_bytes_s / MiB
     with meter:
         if not args.json:
             print(f"{'interval':>8} {'seconds':>8} {'dirty pages':>11} {'dirty MiB/s':>11} {'wss MiB':>9} "

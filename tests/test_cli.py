@@ -1,0 +1,71 @@
+"""The command line as users type it: one meaning per flag, one rate parser.
+
+Every CLI run here is the real `python -m migrate` in a subprocess; every process a test
+starts is in ``STARTED`` and ends with its test.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from migrate.cli import _load_commands, build_parser, subparsers
+from transport.units import parse_rate
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+# --- rates ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, bytes_s", [
+    ("12500000", 12_500_000),          # a bare number is bytes per second
+    ("1.5", 1.5),
+    ("500B", 500), ("500 B/s", 500),
+    ("64K", 64 * KiB), ("64k", 64 * KiB), ("64KiB", 64 * KiB),
+    ("100M", 100 * MiB), ("100MiB", 100 * MiB), ("100MiB/s", 100 * MiB), ("100m", 100 * MiB),
+    ("2G", 2 * GiB), ("2GiB", 2 * GiB), ("1.5G", 1.5 * GiB), (".5G", GiB / 2),
+    ("1T", TiB), ("1TiB", TiB),
+    ("500kB", 500_000), ("500MB", 500_000_000), ("500MB/s", 500_000_000), ("2GB", 2e9), ("1TB", 1e12),
+    ("8bit", 1),
+    ("100kbit", 12_500), ("100Mbit", 12_500_000), ("100mbit/s", 12_500_000),
+    ("1gbit", 125_000_000), ("10Gbit/s", 1_250_000_000), ("1GBIT", 125_000_000),
+    (" 1gbit ", 125_000_000),
+])
+def test_rate_units(text: str, bytes_s: float) -> None:
+    assert parse_rate(text) == pytest.approx(bytes_s)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "is not a rate"), ("fast", "is not a rate"), ("-1", "is not a rate"), ("1e9", "is not a rate"),
+    ("0", "above zero"), ("0M", "above zero"), ("0.0", "above zero"),
+    ("1parsec", "unknown unit"), ("10Mbps", "unknown unit"), ("5X", "unknown unit"), ("1KiBs", "unknown unit"),
+    ("1..5M", "is not a rate"), ("M", "is not a rate"),
+    ("10Mb", "ambiguous"), ("10kb", "ambiguous"), ("1gb", "ambiguous"),
+])
+def test_rate_errors(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_rate(text)
+
+
+def test_one_meaning_per_flag() -> None:
+    """A flag two subcommands share takes the same values, read the same way, in both."""
+    _load_commands()
+    seen: dict[str, tuple[str, argparse.Action]] = {}
+    for name, parser in subparsers(build_parser()).items():
+        for action in parser._actions:
+            for opt in action.option_strings:
+                if opt in seen:
+                    other_name, other = seen[opt]
+                    where = f"{opt} in {other_name} and {name}"
+                    assert type(action) is type(other), where
+                    assert (action.nargs, action.type, action.choices) == (other.nargs, other.type, other.choices), where
+                seen[opt] = (name, action)
+    assert {"--bandwidth", "--tracker", "--json", "--downtime", "--ssh-config"} <= set(seen)
+
+
+def test_bandwidth_reads_the_same_in_migrate_and_wss() -> None:
+    _load_commands()
+    parsers = subparsers(build_parser())
+    for value, expected in (("100", 100.0), ("100M", 100 * MiB), ("1gbit", 125e6)):
+        assert parsers["migrate"].parse_args(["1@a", "b", "--bandwidth", value]).bandwidth == expected
+        assert parsers["wss"].parse_args(["1", "--bandwidth", value]).bandwidth == expected
