@@ -1,7 +1,9 @@
 """`kcr-migrate`: the command line. It parses, calls the library, and renders results;
 errors become one line on stderr and a non-zero exit, never a traceback.
 
-Subcommands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)). A flag
+Subcommands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)). Their
+modules import the library inside ``run``, so that a command loads only what it uses (``show``
+and ``checkpoint`` never load asyncssh or trio) and ``--help`` loads almost nothing. A flag
 means the same in every subcommand (``tests/test_cli.py`` checks), and every rate is read by
 ``transport.units.parse_rate``.
 """

@@ -1,4 +1,5 @@
-"""The command line as users type it: one meaning per flag, one rate parser.
+"""The command line as users type it: one meaning per flag, one rate parser, and start-up that
+loads only what it uses.
 
 Every CLI run here is the real `python -m migrate` in a subprocess; every process a test
 starts is in ``STARTED`` and ends with its test.
@@ -6,13 +7,26 @@ starts is in ``STARTED`` and ends with its test.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from migrate.cli import _load_commands, build_parser, subparsers
+from tests._workloads import STARTED
 from transport.units import parse_rate
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    """A process to point the CLI at: sleeping, with nothing open that would not move."""
+    proc = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    STARTED.append(proc)
+    return proc
 
 
 # --- rates ------------------------------------------------------------------------------------
@@ -69,3 +83,34 @@ def test_bandwidth_reads_the_same_in_migrate_and_wss() -> None:
     for value, expected in (("100", 100.0), ("100M", 100 * MiB), ("1gbit", 125e6)):
         assert parsers["migrate"].parse_args(["1@a", "b", "--bandwidth", value]).bandwidth == expected
         assert parsers["wss"].parse_args(["1", "--bandwidth", value]).bandwidth == expected
+
+
+# --- start-up ----------------------------------------------------------------------------------
+
+LOADED = """
+import sys
+from migrate.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(code, "asyncssh" in sys.modules, "trio" in sys.modules, file=sys.stderr)
+"""
+
+
+def loaded(*args: str) -> tuple[str, bool, bool]:
+    """Run the CLI in a fresh Python; (exit code, asyncssh loaded, trio loaded)."""
+    res = subprocess.run([sys.executable, "-c", LOADED, *args], capture_output=True, timeout=120, cwd=REPO)
+    code, ssh, trio = res.stderr.decode().splitlines()[-1].split()
+    return code, ssh == "True", trio == "True"
+
+
+def test_local_commands_load_neither_asyncssh_nor_trio(tmp_path: Path) -> None:
+    proc = sleeper()
+    image = tmp_path / "img"
+    assert loaded("checkpoint", str(proc.pid), "-o", str(image), "--leave-running") == ("0", False, False)
+    assert loaded("show", str(image)) == ("0", False, False)
+    assert loaded("wss", str(proc.pid), "--count", "1", "--interval", "0.05") == ("0", False, False)
+    for command in ("restore", "checkpoint", "show", "wss", "migrate", "resolve"):
+        assert loaded(command, "--help") == ("0", False, False), command
+    assert proc.poll() is None

@@ -67,4 +67,3 @@ def parse_rate(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{text!r}: a rate must be above zero")
     return value
-

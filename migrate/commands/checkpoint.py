@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from migrate import images
 from migrate.cli import command, parse_pid, write_json
 
 
@@ -20,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("checkpoint", "write a running process to an image (one stream: file, pipe or stdout)", add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from migrate import images
+
     opts = images.CheckpointOptions(leave_running=args.leave_running,
                                     compress_level=None if args.no_compress else args.compress_level)
     stats = images.checkpoint_to_path(args.pid, args.output, opts)

@@ -3,27 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
-
-from migrate.api import (
-    DataChannelChosen,
-    Event,
-    MigrationOptions,
-    PhaseChanged,
-    PreflightDone,
-    RoundDone,
-    WarningRaised,
-)
 from migrate.cli import command, positive_float, rate
-from migrate.fshooks import parse_hook
-from migrate.orchestrator import Migration
 from precopy.probe import CHOICES
-from transport._nursery import service_nursery
 from transport.errors import MigrationError
+
+if TYPE_CHECKING:
+    from migrate.api import Event
+    from migrate.orchestrator import Migration
 
 def parse_source(text: str) -> tuple[int, str]:
     pid, sep, host = text.partition("@")
@@ -99,7 +88,8 @@ class Progress:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
 
-    def __call__(self, ev: Event) -> None:
+    def __call__(self, ev: "Event") -> None:
+        from migrate.api import DataChannelChosen, PhaseChanged, PreflightDone, RoundDone, WarningRaised
         if isinstance(ev, PreflightDone):
             self.say(f"pid {ev.pid} ({ev.comm}): {ev.threads} threads, {ev.memory_bytes / 2**20:.0f} MiB; "
                      f"tracker {ev.tracker} ({ev.tracker_reason})")
@@ -124,9 +114,14 @@ def summary_line(report: Any) -> str:
             f"{report.bytes_on_wire / 2**20:.1f} MiB on the wire")
 
 
-async def run_cancellable(migration: Migration) -> Any:
+async def run_cancellable(migration: "Migration") -> Any:
     """Run the migration; Ctrl-C, SIGTERM or SIGHUP cancel it (rolled back before the point of
     no return, finished cleanly after it) instead of killing the orchestrator mid-step."""
+    import signal
+
+    import trio
+
+    from transport._nursery import service_nursery
     async with service_nursery() as nursery:
         async def watch() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -141,6 +136,12 @@ async def run_cancellable(migration: Migration) -> Any:
 
 @command("migrate", "live-migrate a process: kcr-migrate PID@HOST_A HOST_B", add_arguments)
 def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from migrate.api import MigrationOptions
+    from migrate.fshooks import parse_hook
+    from migrate.orchestrator import Migration
+
     pid, source = args.source
     try:
         options = MigrationOptions(

@@ -5,13 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
-
 from migrate.cli import command
 from migrate.commands.migrate import parse_source
-from migrate.orchestrator import is_local
-from transport.local import open_local_agent
-from transport.ssh import open_ssh_agent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _resolve(pid: int, host: str, action: str, ssh_config: str | None) -> dict[str, object]:
+    from migrate.orchestrator import is_local
+    from transport.local import open_local_agent
+    from transport.ssh import open_ssh_agent
+
     ctx = open_local_agent() if is_local(host) else open_ssh_agent(host, ssh_config=ssh_config)
     async with ctx as rpc:
         return await rpc.call("resolve", pid=pid, action=action)
@@ -30,6 +29,8 @@ async def _resolve(pid: int, host: str, action: str, ssh_config: str | None) -> 
 
 @command("resolve", "settle a source process a migration left stopped (--kill or --resume)", add_arguments)
 def run(args: argparse.Namespace) -> int:
+    import trio
+
     pid, host = args.source
     action = "kill" if args.kill else "resume"
     trio.run(_resolve, pid, host, action, args.ssh_config)

@@ -5,9 +5,7 @@ import argparse
 import json
 import sys
 
-from migrate import images
 from migrate.cli import command
-from transport.image import open_input
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from migrate import images
+    from transport.image import open_input
+
     with open_input(args.input) as src:
         result = images.restore(src)
     for w in result.warnings:

@@ -4,28 +4,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrate.cli import command
-from transport.image import ImageReader, open_input
-from transport.pages import PageBatch
-from transport.schema import (
-    PAGE_SIZE,
-    EndOfImage,
-    Files,
-    ImageHeader,
-    Mappings,
-    ProcessState,
-    ThreadState,
-    record_to_json,
-)
+
+if TYPE_CHECKING:
+    from transport.image import ImageReader
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="FILE", help="image file, or - for stdin")
 
 
-def image_to_json(reader: ImageReader) -> dict[str, Any]:
+def image_to_json(reader: "ImageReader") -> dict[str, Any]:
+    from transport.pages import PageBatch
+    from transport.schema import (PAGE_SIZE, EndOfImage, Files, ImageHeader, Mappings, ProcessState, ThreadState,
+                                  record_to_json)
+
     out: dict[str, Any] = {"threads": [], "page_index": []}
     index: list[list[Any]] = out["page_index"]
     names = {ImageHeader: "header", ProcessState: "process", Files: "files", Mappings: "mappings",
@@ -49,6 +44,8 @@ def image_to_json(reader: ImageReader) -> dict[str, Any]:
 
 @command("show", "decode an image to JSON, for humans and debugging", add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from transport.image import ImageReader, open_input
+
     with open_input(args.image) as src:
         data = image_to_json(ImageReader(src))
     json.dump(data, sys.stdout, indent=2)

@@ -5,9 +5,7 @@ import argparse
 import json
 import sys
 
-from migrate.api import MigrationOptions
 from migrate.cli import command, parse_pid, positive_float, rate
-from migrate.wss import WssMeter, WssOptions
 from precopy.probe import CHOICES
 
 MiB = 1 << 20
@@ -42,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @command("wss", "measure a process's writable working set and dirty rate, and estimate migration downtime",
          add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from migrate.api import MigrationOptions
+    from migrate.wss import WssMeter, WssOptions
+
     migration = MigrationOptions() if args.downtime_ms is None else MigrationOptions(downtime_target_ms=args.downtime_ms)
     options = WssOptions(interval_s=args.interval, count=args.count, tracker=args.tracker,
                          policy=migration.policy(),
