@@ -141,10 +141,11 @@ class RestoreResult:
         return asdict(self)
 
 
-def restore(src: BinaryIO, *, resume: bool = True,
-            cancel: threading.Event | None = None) -> tuple[RestoreResult, Restorer]:
+def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
+            new_pid: bool = False) -> tuple[RestoreResult, Restorer]:
     """Rebuild the process an image describes; it runs on return unless ``resume`` is False.
-    Setting ``cancel`` aborts at the next record or page batch: nothing of it is left."""
+    It keeps its pid and thread ids unless ``new_pid``. Setting ``cancel`` aborts at the next
+    record or page batch: nothing of it is left."""
     t0 = time.monotonic()
     reader = ImageReader(src)
     restorer: Restorer | None = None
@@ -159,7 +160,7 @@ def restore(src: BinaryIO, *, resume: bool = True,
             if cancel is not None and cancel.is_set():
                 raise Cancelled("interrupted: the half-restored process was removed")
             if isinstance(item, ImageHeader):
-                restorer = Restorer(item)
+                restorer = Restorer(item, keep_ids=not new_pid)
             elif isinstance(item, PageBatch):
                 if restorer is None or not restorer.layout:
                     raise ProtocolError("page data before the memory layout: corrupt image")

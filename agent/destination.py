@@ -47,6 +47,7 @@ class DestSession:
     ready: bool = False
     running: bool = False
     deferred: list[str] = field(default_factory=list)   # paths filesystem hooks bring: mapped at restore
+    keep_ids: bool = True                  # the process keeps its pid and thread ids
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
@@ -82,6 +83,19 @@ def _forget(s: DestSession) -> None:
     BY_TOKEN.pop(s.token, None)
 
 
+def check_ids_free(ids: list[int], host: str) -> None:
+    """The pid and thread ids the process keeps are not in use here."""
+    taken = [i for i in ids if os.path.exists(f"/proc/{i}")]
+    if taken:
+        pid = ids[0]
+        same = " (source and destination are one host: the process itself holds them)" \
+            if os.path.exists(f"/proc/{pid}") and pid in taken else ""
+        raise RestoreError(
+            f"{'pid' if len(taken) == 1 else 'pids'} {', '.join(map(str, taken))} taken on {host}{same}: the "
+            "process keeps its pid and thread ids; end what holds them, or migrate under a new pid "
+            "with --new-pid", host=host, pid=pid)
+
+
 def _mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -90,14 +104,18 @@ def _mem_available() -> int:
     return 0
 
 
-async def dest_check(ctx: CallContext, *, summary: dict[str, Any]) -> dict[str, Any]:
-    """Preflight: can this host run the process the source described?"""
+async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool = False) -> dict[str, Any]:
+    """Preflight: can this host run the process the source described? Unless ``new_pid``,
+    its pid and thread ids must be free here."""
     host = ctx.rpc.local.hostname or _host()
     if os.geteuid() != 0:
         raise PermissionDenied(f"kcr-agent on {host} runs as uid {os.geteuid()}: restoring a process "
                                "(its memory map and credentials) needs root", host=host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    if not new_pid:
+        pid = int(summary["pid"])
+        check_ids_free([pid] + [int(t) for t in summary.get("tids", []) if int(t) != pid], host)
     need = int(summary.get("memory_bytes", 0) * MEMORY_MARGIN)
     avail = _mem_available()
     if need > avail:
@@ -105,6 +123,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any]) -> dict[str, 
                            host=host)
     s = _session(ctx, create=True)
     s.deferred = [str(p) for p in summary.get("exempt", [])]
+    s.keep_ids = not new_pid
     return {"mem_available": avail, "hostname": _host(), "session": s.token}
 
 
@@ -137,7 +156,7 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
             records += 1
             if isinstance(item, ImageHeader):
                 if s.restorer is None:
-                    s.restorer = await s.tracer.acall(Restorer, item, s.deferred)
+                    s.restorer = await s.tracer.acall(Restorer, item, s.deferred, keep_ids=s.keep_ids)
             elif isinstance(item, Mappings):
                 if s.restorer is None:
                     raise ProtocolError("a memory layout before the stream's header")

@@ -74,6 +74,7 @@ from transport.schema import (
     ADV_WIPEONFORK,
     PAGE_SIZE,
     TASK_SIZE,
+    Creds,
     FileDesc,
     Files,
     GpRegs,
@@ -108,6 +109,7 @@ PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
 SECBIT_KEEP_CAPS = 1 << 4
 CAP_LAST = 40
+CAP_CHECKPOINT_RESTORE = 40
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -147,9 +149,12 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
 class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
-    def __init__(self, header: ImageHeader, deferred: Sequence[str] = ()) -> None:
+    def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True) -> None:
+        """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
+        back, as a parent's waitpid() and pidfiles expect; off, it gets new ones."""
         check_machine(header, xsave_supported_mask())
         self.header = header
+        self.keep_ids = keep_ids
         self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
         self._placeholders: dict[tuple[int, int], Vma] = {}
         self._placeholder_pages: set[int] = set()      # pages written into placeholders
@@ -169,7 +174,14 @@ class Restorer:
     # -- 1. the stub ------------------------------------------------------------------------
 
     def begin(self, target: Mappings) -> None:
-        self.pid = stub.spawn()
+        try:
+            self.pid = stub.spawn(self.header.pid if self.keep_ids else None)
+        except stub.PidTaken as exc:
+            raise RestoreError(f"pid {exc.pid} is taken on {socket.gethostname()} ({_holder(exc.pid)}): the "
+                               "process keeps its pid; end that process first, or restore under a new pid "
+                               "with --new-pid", pid=exc.pid) from None
+        except OSError as exc:
+            raise RestoreError(f"could not create the process to restore into: {exc.strerror}") from None
         self.report.pid = self.pid
         try:
             # EXITKILL: if the restorer dies before resume, the half-built process dies with it.
@@ -409,8 +421,12 @@ class Restorer:
             self._files(files, pipes, sockets)
             self._signals(proc)
             self._limits(proc)
-            self._creds(proc)
-            new_tids = self._threads(proc, threads)
+            # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
+            # and take their credentials from it: the leader keeps that one capability over
+            # its dropped credentials until the threads exist, then each thread drops it.
+            lend = self.keep_ids and len(threads) > 1
+            self._creds(proc, lend_cap=lend)
+            new_tids = self._threads(proc, threads, lent_cap=lend)
             self._pending(proc, threads, new_tids)
             self._drop_gadget()
             self._final_registers(threads, new_tids)
@@ -611,7 +627,16 @@ class Restorer:
                     f"resource limit {rl.resource}: hard limit {rl.hard} could not be raised from {cur[1]} "
                     "(needs CAP_SYS_RESOURCE)")
 
-    def _creds(self, proc: ProcessState) -> None:
+    def _capset(self, inj: Injector, c: Creds, extra: int = 0) -> None:
+        """The calling thread's capability sets (``extra``: bits added to effective and permitted)."""
+        eff, prm = c.cap_effective | extra, c.cap_permitted | extra
+        header = struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0)
+        data = struct.pack("<6I", eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, c.cap_inheritable & 0xFFFFFFFF,
+                           eff >> 32, prm >> 32, c.cap_inheritable >> 32)
+        self.report.syscalls += 1
+        inj.call("capset", self._put(header), self._put(data, 64))
+
+    def _creds(self, proc: ProcessState, lend_cap: bool = False) -> None:
         c = proc.creds
         self._call("umask", proc.umask)
         self._call("personality", proc.personality)
@@ -635,11 +660,8 @@ class Restorer:
         self._call("prctl", PR_SET_SECUREBITS, c.securebits | SECBIT_KEEP_CAPS)
         self._call("setresuid", *c.uids[:3])
         self._call("setfsuid", c.uids[3])
-        header = struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0)
-        data = struct.pack("<6I", c.cap_effective & 0xFFFFFFFF, c.cap_permitted & 0xFFFFFFFF,
-                           c.cap_inheritable & 0xFFFFFFFF, c.cap_effective >> 32, c.cap_permitted >> 32,
-                           c.cap_inheritable >> 32)
-        self._call("capset", self._put(header), self._put(data, 64))
+        assert self.inj is not None
+        self._capset(self.inj, c, 1 << CAP_CHECKPOINT_RESTORE if lend_cap else 0)
         for cap in range(CAP_LAST + 1):
             if c.cap_ambient >> cap & 1:
                 self._call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
@@ -663,7 +685,10 @@ class Restorer:
             call("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
         call("prctl", PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))
 
-    def _threads(self, proc: ProcessState, threads: list[ThreadState]) -> dict[int, int]:
+    def _threads(self, proc: ProcessState, threads: list[ThreadState], lent_cap: bool = False) -> dict[int, int]:
+        """The other threads, cloned from the leader (with their old tids if ids are kept);
+        ``lent_cap``: the leader holds CAP_CHECKPOINT_RESTORE for that, and every thread gives
+        it up once they all exist."""
         assert self.inj is not None and self.mem is not None
         leader = next(t for t in threads if t.leader)
         new_tids = {leader.tid: self.pid}
@@ -677,15 +702,34 @@ class Restorer:
             flags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM | CLONE_SETTLS
             if t.tid_address:
                 flags |= CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID
-            new = self._call("clone", flags, t.regs.rsp, 0, t.tid_address, t.regs.fs_base)
+            new = self._clone_thread(flags, t)
             self._wait_clone_child(new)
             new_tids[t.tid] = new
             child = Injector(new, self.gadget)
             try:
                 self._thread_setup(child, t)
+                if lent_cap:
+                    self._capset(child, proc.creds)
             finally:
                 child.close()
+        if lent_cap:
+            self._capset(self.inj, proc.creds)
         return new_tids
+
+    def _clone_thread(self, flags: int, t: ThreadState) -> int:
+        """A new thread, with its old tid if ids are kept (clone3 with set_tid)."""
+        if not self.keep_ids:
+            return self._call("clone", flags, t.regs.rsp, 0, t.tid_address, t.regs.fs_base)
+        tid = self._put(struct.pack("<i", t.tid), 1024)
+        args = stub.clone_args(flags, 0, tid, 1, tls=t.regs.fs_base, child_tid=t.tid_address)
+        try:
+            return self._call("clone3", self._put(args, 1024 + 8), len(args))
+        except InjectionError as exc:
+            if exc.errno == errno.EEXIST:
+                raise RestoreError(f"thread id {t.tid} is taken on {socket.gethostname()} ({_holder(t.tid)}): "
+                                   "the process keeps its thread ids; end that process first, or restore "
+                                   "under a new pid with --new-pid", pid=t.tid) from None
+            raise
 
     def _wait_clone_child(self, tid: int) -> None:
         stop = ptrace.wait_stop(tid)
@@ -768,6 +812,17 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _holder(tid: int) -> str:
+    """Who has a pid or tid here, for an error message."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    except OSError:
+        return "a process that has exited since"
+    name, tgid = fields.get("Name", "?").strip(), fields.get("Tgid", str(tid)).strip()
+    return f"{name}, pid {tgid}" if tgid != str(tid) else name
 
 
 @contextmanager

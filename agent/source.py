@@ -28,7 +28,7 @@ from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFacts, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
-from agent.procfs import read_status
+from agent.procfs import read_status, thread_ids
 from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
@@ -320,7 +320,8 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     rss_kb = int(status.get("VmRSS", "0 kB").split()[0])
     return {
         "pid": pid, "comm": status.get("Name", ""), "uid": int(status["Uid"].split()[1]),
-        "threads": int(status.get("Threads", "1")), "memory_bytes": rss_kb * 1024,
+        "threads": int(status.get("Threads", "1")), "tids": await _blocking(thread_ids, pid),
+        "memory_bytes": rss_kb * 1024,
         "arch": platform.machine(), "kernel_release": platform.release(),
         "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": facts.as_wire(),
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore

@@ -308,7 +308,7 @@ def kcr_checkpoint(session: Session, pid: int, image: Path, compress: bool) -> d
 
 
 def kcr_restore(session: Session, image: Path, w: Workload, what: str) -> dict[str, Any]:
-    wall, out = run_checked([*KCR, "restore", "-i", str(image), "--json"])
+    wall, out = run_checked([*KCR, "restore", "-i", str(image), "--json", "--new-pid"])
     result = json.loads(out.strip().splitlines()[-1])
     pid = int(result["pid"])
     session.adopt(pid)

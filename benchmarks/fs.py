@@ -159,7 +159,7 @@ class Run:
             time.sleep(1.0)             # writing at its rate
             t0 = time.monotonic()
             res = subprocess.run([sys.executable, "-m", "migrate", f"{writer.pid}@hostA", "hostB", "--json",
-                                  "--ssh-config", str(bed.ssh_config_path), "--fs", f"{self.hook}:{DATA}"],
+                                  "--new-pid", "--ssh-config", str(bed.ssh_config_path), "--fs", f"{self.hook}:{DATA}"],
                                  capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO)
             wall = time.monotonic() - t0
             lines = res.stdout.strip().splitlines()

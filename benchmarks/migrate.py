@@ -378,7 +378,8 @@ class TooShort(Exception):
 def kcr_migrate(session: Session, job: Job, args: argparse.Namespace, stop_and_copy: bool, wait: bool) -> Run:
     assert session.bed is not None
     run = Run(STOP_AND_COPY if stop_and_copy else KCR_PRECOPY, job.rate, 0, job.iters)
-    argv = [*KCR, f"{job.pid}@hostA", "hostB", "--ssh-config", str(session.bed.ssh_config_path), "--json"]
+    argv = [*KCR, f"{job.pid}@hostA", "hostB", "--ssh-config", str(session.bed.ssh_config_path), "--json",
+            "--new-pid"]      # the test hosts share one pid namespace
     if stop_and_copy:
         argv.append("--no-precopy")
     if args.downtime is not None:

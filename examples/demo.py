@@ -121,7 +121,9 @@ def live(workdir: Path, testbed: bool) -> None:
         else:
             job, log = start_job(workdir, "moved")
         wait_for(log, "step 15")
-        print("   " + kcr(f"{job.pid}@{hosts[0]}", hosts[1], *extra).splitlines()[-1])
+        # --new-pid: from localhost to localhost, and between the test hosts (which share this
+        # machine's pid namespace), the source holds its pid until the copy runs.
+        print("   " + kcr(f"{job.pid}@{hosts[0]}", hosts[1], "--new-pid", *extra).splitlines()[-1])
         job.wait()
         wait_for(log, "done")
         time.sleep(0.2)

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Move a running job with the library API, as a cluster manager would.
 
-    sudo python3 examples/migrate_job.py PID [SOURCE] [DEST] [--ssh-config FILE]
+    sudo python3 examples/migrate_job.py PID [SOURCE] [DEST] [--ssh-config FILE] [--new-pid]
 
-SOURCE and DEST default to localhost. Shows the events as they come, then the report; on
-failure the job runs on at the source and the error says what to do.
+SOURCE and DEST default to localhost. The job keeps its pid unless --new-pid (which moving
+from a host to itself needs: the source holds the pid until the copy runs). Shows the events
+as they come, then the report; on failure the job runs on at the source and the error says
+what to do.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import trio
 from migrate import Finished, Migration, MigrationError, MigrationOptions, PhaseChanged, RoundDone
 
 
-async def main(pid: int, source: str, dest: str, ssh_config: str | None) -> int:
-    migration = Migration(pid, source, dest, MigrationOptions(downtime_target_ms=20, ssh_config=ssh_config))
+async def main(pid: int, source: str, dest: str, ssh_config: str | None, new_pid: bool) -> int:
+    options = MigrationOptions(downtime_target_ms=20, ssh_config=ssh_config, new_pid=new_pid)
+    migration = Migration(pid, source, dest, options)
     async with trio.open_nursery() as nursery:
         outcome: dict[str, object] = {}
 
@@ -51,5 +54,6 @@ if __name__ == "__main__":
     parser.add_argument("source", nargs="?", default="localhost")
     parser.add_argument("dest", nargs="?", default="localhost")
     parser.add_argument("--ssh-config")
+    parser.add_argument("--new-pid", action="store_true")
     args = parser.parse_args()
-    sys.exit(trio.run(main, args.pid, args.source, args.dest, args.ssh_config))
+    sys.exit(trio.run(main, args.pid, args.source, args.dest, args.ssh_config, args.new_pid))

@@ -48,6 +48,7 @@ class MigrationOptions:
     fs_replace: bool = False              # let hooks replace data already at the destination path
     redirect: Mapping[int, str] = field(default_factory=dict)   # fd -> absolute path on the destination
                                           # that takes the place of a pipe, socket or terminal to the outside
+    new_pid: bool = False                 # run under a new pid; by default it keeps its pid and thread ids
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)

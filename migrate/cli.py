@@ -62,6 +62,19 @@ def parse_pid(text: str) -> int:
     return pid
 
 
+def parse_redirect(text: str) -> tuple[int, str]:
+    """``--redirect FD=PATH``: an fd number and an absolute path."""
+    fd, sep, path = text.partition("=")
+    if not sep or not fd.isdigit() or not path.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write FD=PATH with an absolute PATH (e.g. 1=/srv/job/out.log)")
+    return int(fd), path
+
+
+REDIRECT_HELP = ("open PATH in place of fd FD where it is a pipe, socket or terminal whose other end "
+                 "stays behind (a launcher, a terminal): from then on the process reads or appends to "
+                 "PATH; repeatable")
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -50,11 +50,12 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
             os.unlink(tmp)
 
 
-def restore(src: BinaryIO) -> RestoreResult:
-    """Restore the process an image describes and let it run; returns its new pid."""
+def restore(src: BinaryIO, new_pid: bool = False) -> RestoreResult:
+    """Restore the process an image describes and let it run, under its own pid and thread
+    ids (refused where they are taken), or under new ones with ``new_pid``."""
     cancel = threading.Event()
     with Tracer() as tracer:
-        result, _ = tracer.call(_restore, src, cancel=cancel, on_interrupt=cancel)
+        result, _ = tracer.call(_restore, src, cancel=cancel, new_pid=new_pid, on_interrupt=cancel)
         return result
 
 

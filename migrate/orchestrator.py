@@ -283,7 +283,7 @@ class Migration:
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
-            checked = await dst.call("dest_check", summary=summary)
+            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid)
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
             for hook in self.hooks:
                 await hook.preflight(self.hook_ctx)

@@ -11,9 +11,17 @@ from typing import Any
 from tests._workloads import KCR_MIGRATE
 
 
-def migrate_cli(source: str, dest: str, *args: str, timeout: float = 180) -> tuple[int, dict[str, Any], str]:
-    """Run `kcr-migrate SOURCE DEST --json ...`; (exit status, report, stderr)."""
-    res = subprocess.run([*KCR_MIGRATE, source, dest, "--json", *args], capture_output=True, timeout=timeout)
+# The test hosts share this machine's pid namespace (and localhost is one host): the source
+# holds its pid until the end, so migrations here run under a new pid unless a test says not.
+NEW_PID = ("--new-pid",)
+
+
+def migrate_cli(source: str, dest: str, *args: str, timeout: float = 180,
+                keep_pid: bool = False) -> tuple[int, dict[str, Any], str]:
+    """Run `kcr-migrate SOURCE DEST --json [--new-pid] ...`; (exit status, report, stderr)."""
+    extra = () if keep_pid else NEW_PID
+    res = subprocess.run([*KCR_MIGRATE, source, dest, "--json", *extra, *args], capture_output=True,
+                         timeout=timeout)
     out = res.stdout.decode().strip()
     report = json.loads(out.splitlines()[-1]) if out else {}
     return res.returncode, report, res.stderr.decode()

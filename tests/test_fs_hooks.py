@@ -131,7 +131,7 @@ def no_ssh_masters(bed: Testbed) -> bool:
 
 async def migrate_failing(bed: Testbed, pid: int, spec: str, on_phase: dict[str, Callable[[], None]]) -> Migration:
     """Migrate with the library; callbacks at phase changes; the migration must fail."""
-    opts = MigrationOptions(ssh_config=str(bed.ssh_config_path), link_timeout_s=10.0, fs=(spec,))
+    opts = MigrationOptions(ssh_config=str(bed.ssh_config_path), link_timeout_s=10.0, fs=(spec,), new_pid=True)
 
     def on_event(ev: Any) -> None:
         if isinstance(ev, PhaseChanged) and ev.phase in on_phase:

@@ -63,6 +63,10 @@ with open(os.path.join(out_dir, "output"), "w") as out:
         if i == 5:
             open(os.path.join(out_dir, "ready"), "w").close()
         time.sleep(0.02)
+# A job to be moved does not end before it was: on a busy machine the steps may all be done
+# before the migration starts. It waits (running) until the test says it has moved.
+while len(sys.argv) > 3 and not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
 with open(os.path.join(out_dir, "verdict"), "w") as v:
     v.write("PASS\n")
 """
@@ -72,17 +76,19 @@ def test_cpython_job(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text(PY_JOB)
 
-    def job(base: Path) -> Workload:
-        return Workload("py", base, argv=[sys.executable, "-S", str(script), str(base / "py")])
+    def job(base: Path, *moved: str) -> Workload:
+        return Workload("py", base, argv=[sys.executable, "-S", str(script), str(base / "py"), "60", *moved])
     ref = job(tmp_path / "reference")
     ref.start()
     assert ref.verdict() == "PASS"
     ref.reap_original()
-    w = job(tmp_path / "migrated")
+    moved = tmp_path / "moved"
+    w = job(tmp_path / "migrated", str(moved))
     w.start()
     w.wait_ready()
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
     assert code == 0, err
+    moved.touch()
     w.reap_original()
     assert w.verdict() == "PASS"
     assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
@@ -132,6 +138,21 @@ def test_dry_run_moves_nothing(tmp_path: Path) -> None:
     assert report["state"] == "dry-run" and report["new_pid"] == 0
     assert w.verdict() == "PASS"
     assert w.reap_original() == 0
+
+
+def test_a_taken_pid_is_refused_in_preflight(tmp_path: Path) -> None:
+    """It keeps its pid by default; from a host to itself the source holds it: refused before
+    anything is frozen, saying so, and the process runs on."""
+    w = Workload("ckpt_array", tmp_path, "100000")
+    w.start()
+    w.wait_ready()
+    code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", keep_pid=True)
+    assert code != 0 and "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert f"pid {w.pid} taken on " in line and "one host" in line and "--new-pid" in line
+    assert report["state"] != "done"
+    status = Path(f"/proc/{w.pid}/status").read_text()
+    assert "TracerPid:\t0\n" in status and "State:\tS" in status or "State:\tR" in status, status
 
 
 def test_bad_input_gets_one_line(tmp_path: Path) -> None:

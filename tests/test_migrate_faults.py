@@ -52,7 +52,7 @@ def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 async def run_migration(pid: int, on_event: Callable[[Migration, Any], None], **options: Any) -> Migration:
-    opts = MigrationOptions(**{"bandwidth_limit": 24 << 20, "link_timeout_s": 3.0, **options})
+    opts = MigrationOptions(**{"bandwidth_limit": 24 << 20, "link_timeout_s": 3.0, "new_pid": True, **options})
     m: Migration
 
     def handler(ev: Any) -> None:
@@ -128,7 +128,7 @@ async def test_destination_goes_silent_during_final(tmp_path: Path, reference: s
 
 def test_sigint_during_precopy_rolls_back(tmp_path: Path, reference: str) -> None:
     w = start_job(tmp_path)
-    cli = subprocess.Popen([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--bandwidth", "16MiB"],
+    cli = subprocess.Popen([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--bandwidth", "16MiB"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while "TracerPid:\t0" in Path(f"/proc/{w.pid}/status").read_text() and time.monotonic() < deadline:
@@ -150,7 +150,7 @@ def test_lost_answer_after_go_leaves_the_source_stopped_until_resolved(tmp_path:
     left stopped (never resumed by itself), and `kcr-migrate resolve --kill` settles it."""
     w = start_job(tmp_path)
     env = {**os.environ, "KCR_FAULT": "dest-silent-after-go"}
-    res = subprocess.run([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--link-timeout", "3"],
+    res = subprocess.run([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--link-timeout", "3"],
                          env=env, capture_output=True, timeout=120)
     err = res.stderr.decode()
     assert res.returncode != 0 and "resolve" in err, err
@@ -170,7 +170,7 @@ def test_lost_answer_after_go_leaves_the_source_stopped_until_resolved(tmp_path:
 def test_resolve_resume(tmp_path: Path, reference: str) -> None:
     w = start_job(tmp_path)
     env = {**os.environ, "KCR_FAULT": "dest-silent-after-go"}
-    res = subprocess.run([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--link-timeout", "3"],
+    res = subprocess.run([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--link-timeout", "3"],
                          env=env, capture_output=True, timeout=120)
     assert res.returncode != 0
     copies = [p for p in running_copies(str(w.dir)) if p != w.pid]

@@ -130,7 +130,8 @@ open(os.path.join(out_dir, "verdict"), "w").write("PASS\n")
 
 
 async def _migrate_with(testbed: Testbed, pid: int, on_phase: dict[str, Any], **options: Any) -> Migration:
-    opts = MigrationOptions(ssh_config=str(testbed.ssh_config_path), link_timeout_s=3.0, **options)
+    opts = MigrationOptions(ssh_config=str(testbed.ssh_config_path), link_timeout_s=3.0, new_pid=True,
+                            **options)
     m: Migration
 
     def on_event(ev: Any) -> None:

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import command, positive_float, rate
+from migrate.cli import REDIRECT_HELP, command, parse_redirect, positive_float, rate
 from precopy.probe import CHOICES
 from transport.errors import MigrationError
 
@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fs-replace", action="store_true",
                    help="let --fs replace data already at the destination path (refused otherwise): it is "
                         "moved aside, put back on a rollback and deleted once the process runs there")
+    p.add_argument("--redirect", type=parse_redirect, action="append", default=[], metavar="FD=PATH",
+                   help=REDIRECT_HELP + " (PATH is on the destination)")
+    p.add_argument("--new-pid", action="store_true",
+                   help="run under a new pid (and thread ids) on the destination instead of the process's own: "
+                        "needed where they are taken there, as from localhost to localhost")
     p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
@@ -149,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             tracker=args.tracker, compress_level=args.compress, data_channel=args.data_channel,
             ssh_config=args.ssh_config, precopy=not args.no_precopy, dry_run=args.dry_run,
             link_timeout_s=args.link_timeout, fs=tuple(parse_hook(spec) for spec in args.fs),
-            fs_replace=args.fs_replace)
+            fs_replace=args.fs_replace, redirect=dict(args.redirect), new_pid=args.new_pid)
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     progress = Progress(sys.stderr.isatty() and not args.json)

@@ -11,6 +11,8 @@ from migrate.cli import command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="image file, or - for stdin")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--new-pid", action="store_true",
+                   help="restore under a new pid (and thread ids) instead of the process's own")
 
 
 @command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments)
@@ -19,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from transport.image import open_input
 
     with open_input(args.input) as src:
-        result = images.restore(src)
+        result = images.restore(src, new_pid=args.new_pid)
     for w in result.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.json:

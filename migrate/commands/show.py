@@ -18,13 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def image_to_json(reader: "ImageReader") -> dict[str, Any]:
     from transport.pages import PageBatch
-    from transport.schema import (PAGE_SIZE, EndOfImage, Files, ImageHeader, Mappings, ProcessState, ThreadState,
-                                  record_to_json)
+    from transport.schema import (PAGE_SIZE, EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState,
+                                  ThreadState, UnixSockets, record_to_json)
 
     out: dict[str, Any] = {"threads": [], "page_index": []}
     index: list[list[Any]] = out["page_index"]
-    names = {ImageHeader: "header", ProcessState: "process", Files: "files", Mappings: "mappings",
-             EndOfImage: "end"}
+    names = {ImageHeader: "header", ProcessState: "process", Files: "files", Pipes: "pipes", UnixSockets: "sockets",
+             Mappings: "mappings", EndOfImage: "end"}
     for item in reader:
         if isinstance(item, PageBatch):
             for addr, n in item.runs:
