@@ -3,9 +3,12 @@ errors become one line on stderr and a non-zero exit, never a traceback.
 
 Subcommands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)). Their
 modules import the library inside ``run``, so that a command loads only what it uses (``show``
-and ``checkpoint`` never load asyncssh or trio) and ``--help`` loads almost nothing. A flag
-means the same in every subcommand (``tests/test_cli.py`` checks), and every rate is read by
-``transport.units.parse_rate``.
+and ``checkpoint`` never load asyncssh or trio) and ``--help`` loads almost nothing.
+
+Options go anywhere, as with ssh: before, between or after the positionals, and before the
+subcommand's name; ``kcr-migrate --ssh-config F 1234@hostA hostB`` is the migrate form
+(``command_first``). A flag means the same in every subcommand (``tests/test_cli.py``
+checks), and every rate is read by ``transport.units.parse_rate``.
 """
 from __future__ import annotations
 
@@ -114,6 +117,56 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
     return {}
 
 
+def _options(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Every option string of the parser and its subcommands -> whether it takes a value."""
+    takes_value: dict[str, bool] = {}
+    for p in (parser, *subparsers(parser).values()):
+        for action in p._actions:
+            for opt in action.option_strings:
+                takes_value[opt] = action.nargs != 0
+    return takes_value
+
+
+def command_first(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``args`` with the subcommand's name first, as argparse wants it.
+
+    The first positional (skipping options and their values) decides: a subcommand's name is
+    moved to the front (``kcr-migrate --json restore -i F``), an argument with "@" means the
+    migrate form (``kcr-migrate --ssh-config F 1234@hostA hostB``), anything else is a usage
+    error. An option only the top level has (``--version``) leaves ``args`` to the top-level
+    parser."""
+    takes_value = _options(parser)
+    top_only = {opt for action in parser._actions for opt in action.option_strings}
+    top_only -= {opt for p in subparsers(parser).values() for action in p._actions for opt in action.option_strings}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            if i < len(args) and "@" in args[i]:
+                return ["migrate", *args]
+            return args
+        if not arg.startswith("-") or arg == "-":
+            break
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        # argparse takes unique prefixes of long options (--ssh for --ssh-config)
+        known = [name] if name in takes_value else [opt for opt in takes_value if opt.startswith(name)]
+        if any(opt in top_only for opt in known):
+            return args
+        attached = "=" in arg if arg.startswith("--") else len(arg) > 2
+        valued = {takes_value[opt] for opt in known} == {True}
+        i += 2 if valued and not attached else 1
+    if i >= len(args):
+        return args
+    first = args[i]
+    if first in COMMANDS:
+        return [first, *args[:i], *args[i + 1:]]
+    if "@" in first and "migrate" in COMMANDS:
+        return ["migrate", *args]
+    parser.error(f"{first!r} is not a command ({', '.join(COMMANDS)}); to move a process: "
+                 f"kcr-migrate PID@HOST_A HOST_B")
+
+
 def _load_commands() -> None:
     # Importing a module registers its subcommands.
     from migrate import commands  # noqa: F401
@@ -139,11 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args_list: list[str]) -> int:
     _load_commands()
-    # `kcr-migrate PID@hostA hostB ...` is shorthand for `kcr-migrate migrate PID@hostA hostB ...`.
-    if args_list and "@" in args_list[0] and not args_list[0].startswith("-") and "migrate" in COMMANDS:
-        args_list.insert(0, "migrate")
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    # `kcr-migrate PID@hostA hostB ...` is shorthand for `kcr-migrate migrate PID@hostA hostB ...`.
+    args = parser.parse_args(command_first(args_list, parser))
     _interrupt_on_termination()
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)

@@ -1,5 +1,5 @@
-"""The command line as users type it: one meaning per flag, one rate parser, and start-up that
-loads only what it uses.
+"""The command line as users type it: options anywhere, one meaning per flag, one rate parser,
+and start-up that loads only what it uses.
 
 Every CLI run here is the real `python -m migrate` in a subprocess; every process a test
 starts is in ``STARTED`` and ends with its test.
@@ -7,14 +7,16 @@ starts is in ``STARTED`` and ends with its test.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from migrate.cli import _load_commands, build_parser, subparsers
-from tests._workloads import STARTED
+from migrate.cli import _load_commands, build_parser, command_first, subparsers
+from tests._migration import NEW_PID
+from tests._workloads import STARTED, kcr
 from transport.units import parse_rate
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -27,6 +29,11 @@ def sleeper() -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     STARTED.append(proc)
     return proc
+
+
+def state(pid: int) -> str:
+    """The process's state letter from /proc (S sleeping, T stopped, t traced, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 # --- rates ------------------------------------------------------------------------------------
@@ -83,6 +90,58 @@ def test_bandwidth_reads_the_same_in_migrate_and_wss() -> None:
     for value, expected in (("100", 100.0), ("100M", 100 * MiB), ("1gbit", 125e6)):
         assert parsers["migrate"].parse_args(["1@a", "b", "--bandwidth", value]).bandwidth == expected
         assert parsers["wss"].parse_args(["1", "--bandwidth", value]).bandwidth == expected
+
+
+# --- options anywhere ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["migrate", "SRC", "localhost", "--dry-run", "--json"],
+    ["SRC", "localhost", "--dry-run", "--json"],
+    ["--dry-run", "--json", "SRC", "localhost"],
+    ["--ssh-config", "CONFIG", "--json", "SRC", "--dry-run", "localhost"],
+    ["--ssh-config=CONFIG", "--bandwidth", "1gbit", "--dry-run", "--json", "SRC", "localhost"],
+    ["--json", "migrate", "--dry-run", "SRC", "localhost"],
+], ids=["explicit", "after", "before", "between", "values", "before-the-name"])
+def test_migrate_form_takes_options_anywhere(tmp_path: Path, args: list[str]) -> None:
+    """`--dry-run` runs the preflight and moves nothing; localhost needs no SSH."""
+    proc = sleeper()
+    config = tmp_path / "ssh_config"
+    config.write_text("")
+    args = [str(config) if a == "CONFIG" else f"{proc.pid}@localhost" if a == "SRC" else a for a in args]
+    res = kcr(*args, *NEW_PID)
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout.decode().strip().splitlines()[-1])
+    assert report["state"] == "dry-run" and report["pid"] == proc.pid and report["new_pid"] == 0
+    assert proc.poll() is None and state(proc.pid) == "S"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["checkpoint", "-o", "F", "42"], {"command": "checkpoint", "output": "F", "pid": 42}),
+    (["checkpoint", "42", "-o", "F"], {"command": "checkpoint", "output": "F", "pid": 42}),
+    (["-o", "F", "checkpoint", "42"], {"command": "checkpoint", "output": "F", "pid": 42}),
+    (["restore", "-i", "F", "--json"], {"command": "restore", "input": "F", "json": True}),
+    (["restore", "--json", "-i", "F"], {"command": "restore", "input": "F", "json": True}),
+    (["wss", "--count", "2", "42"], {"command": "wss", "count": 2, "pid": 42}),
+    (["wss", "42", "--count", "2"], {"command": "wss", "count": 2, "pid": 42}),
+    (["show", "--", "-"], {"command": "show", "image": "-"}),
+    (["resolve", "--kill", "7@h"], {"command": "resolve", "kill": True, "source": (7, "h")}),
+    (["--kill", "resolve", "7@h"], {"command": "resolve", "kill": True, "source": (7, "h")}),
+    (["--compress", "-7", "7@h", "b"], {"command": "migrate", "compress": -7, "source": (7, "h"), "dest": "b"}),
+    (["--ssh", "F", "7@h", "b"], {"command": "migrate", "ssh_config": "F", "source": (7, "h")}),
+    (["--", "7@h", "b"], {"command": "migrate", "source": (7, "h"), "dest": "b"}),
+])
+def test_subcommands_take_options_before_or_after_positionals(args: list[str], expected: dict[str, object]) -> None:
+    _load_commands()
+    parser = build_parser()
+    ns = vars(parser.parse_args(command_first(list(args), parser)))
+    assert {k: ns[k] for k in expected} == expected
+
+
+def test_a_bad_first_argument_is_a_usage_error() -> None:
+    res = kcr("--ssh-config", "/dev/null", "1234", "hostB")
+    assert res.returncode == 2
+    assert "error: '1234' is not a command (checkpoint, migrate" in res.stderr.decode()
+    assert "kcr-migrate PID@HOST_A HOST_B" in res.stderr.decode()
 
 
 # --- start-up ----------------------------------------------------------------------------------
