@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -85,3 +86,54 @@ def test_xz_live_migration(tmp_path: Path, text: Path) -> None:
     status = reap(report["new_pid"], timeout=300)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"migrated xz ended with {status:#x}"
     assert out.read_bytes() == want
+
+
+COUNTER = r"""
+import sys, time
+for i in range(int(sys.argv[1])):
+    print(f"line {i}", flush=True)
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_output_to_a_launcher_pipe_redirected_to_a_file(tmp_path: Path, how: str) -> None:
+    """A job printing to a pipe its launcher reads (here, the test): refused as it is; with
+    --redirect 1=PATH its output goes on in PATH after the move, nothing lost or repeated."""
+    script = tmp_path / "counter.py"
+    script.write_text(COUNTER)
+    proc = subprocess.Popen([sys.executable, "-u", "-S", str(script), "600"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+    STARTED.append(proc)
+    assert proc.stdout is not None
+    with proc.stdout:
+        _move_counter(proc, tmp_path, how)
+
+
+def _move_counter(proc: subprocess.Popen[bytes], tmp_path: Path, how: str) -> None:
+    assert proc.stdout is not None
+    before = [proc.stdout.readline() for _ in range(20)]
+    assert before[-1] == b"line 19\n"
+    out = tmp_path / "out.log"
+    if how == "checkpoint":
+        refused = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "refused.img"))
+        assert f"fd 1 is a pipe shared with pid {os.getpid()}" in refused.stderr.decode()
+        image = tmp_path / "job.img"
+        res = kcr("checkpoint", str(proc.pid), "-o", str(image), "--redirect", f"1={out}")
+        assert res.returncode == 0, res.stderr.decode()
+        rest = proc.stdout.read()       # what it wrote to the pipe before the move: to its end
+        assert proc.wait(timeout=30) == -9
+        res = kcr("restore", "-i", str(image))
+        assert res.returncode == 0, res.stderr.decode()
+        pid = int(res.stdout.split()[-1])
+        assert pid == proc.pid
+    else:
+        code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost", "--redirect", f"1={out}")
+        assert code == 0, err
+        pid = report["new_pid"]
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=30) == -9
+    status = reap(pid, timeout=120)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    got = b"".join(before) + rest + out.read_bytes()
+    assert got == b"".join(b"line %d\n" % i for i in range(600))
