@@ -7,6 +7,13 @@ the step is right after the system call returned. Its signals are blocked meanwh
 signal is dequeued under us, and ``orig_rax = -1`` keeps the kernel from treating the
 injected call as one to restart. ``close`` puts registers and mask back exactly.
 
+All but SIGTRAP: the step's trap is a forced SIGTRAP, and the kernel resets the handler of a
+forced signal that is blocked (or ignored) to SIG_DFL, which lost the process's own SIGTRAP
+handler (Go's runtime, debuggers' agents) at the first injected call. Unblocked, the trap
+still only stops the thread for us (we discard it); a SIGTRAP someone sent the process and
+that arrives meanwhile is told apart by its siginfo and sent again at ``close``. An ignored
+SIGTRAP cannot be kept so: ``agent.procfs.check_supported`` refuses it.
+
 Must be used on the tracer thread (``agent.tracer``).
 """
 from __future__ import annotations
@@ -17,12 +24,15 @@ import os
 import signal
 
 from agent import ptrace
+from precopy.kernel import tgkill
 from precopy.layout import read_maps
 from transport.schema import PAGE_SIZE, GpRegs
 
 SYSCALL_INSN = b"\x0f\x05"
 U64 = (1 << 64) - 1
-ALL_SIGNALS = U64
+SIGTRAP_BIT = 1 << (signal.SIGTRAP - 1)
+ALL_SIGNALS = U64 & ~SIGTRAP_BIT      # see the module docstring
+SI_CODE_OFFSET = 8                    # siginfo_t: si_signo, si_errno, si_code (int each)
 
 # x86_64 system call numbers used by injection.
 NR = dict(
@@ -104,6 +114,7 @@ class Injector:
         self.saved_regs = ptrace.get_regs(tid)
         self.saved_mask = ptrace.get_sigmask(tid)
         self.suppressed_stops: list[int] = []
+        self.sent_traps = 0             # SIGTRAPs sent to the thread that arrived while we stepped
         self.clones: list[int] = []
         ptrace.set_sigmask(tid, ALL_SIGNALS)
         self._closed = False
@@ -124,7 +135,12 @@ class Injector:
                 self.clones.append(ptrace.event_msg(self.tid))
                 continue          # one more step finishes the clone() itself
             if stop.event == 0 and stop.sig == signal.SIGTRAP:
-                break
+                si_code = int.from_bytes(ptrace.get_siginfo(self.tid)[SI_CODE_OFFSET:SI_CODE_OFFSET + 4],
+                                         "little", signed=True)
+                if si_code > 0:
+                    break           # the kernel's trap after our step
+                self.sent_traps += 1     # sent by someone (kill, tgkill): not our step; send it again later
+                continue
             if stop.event == 0:
                 # A stop signal got past the blocked mask: hold it back, report it later.
                 self.suppressed_stops.append(stop.sig)
@@ -145,12 +161,20 @@ class Injector:
         self._closed = True
         ptrace.set_regs(self.tid, regs if regs is not None else self.saved_regs)
         ptrace.set_sigmask(self.tid, sigmask if sigmask is not None else self.saved_mask)
+        for _ in range(self.sent_traps):
+            tgkill(_tgid(self.tid), self.tid, signal.SIGTRAP)
+        self.sent_traps = 0
 
     def __enter__(self) -> "Injector":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tgid(tid: int) -> int:
+    with open(f"/proc/{tid}/status") as f:
+        return int(next(line for line in f if line.startswith("Tgid:")).split()[1])
 
 
 class Scratch:

@@ -231,6 +231,10 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
             f"pid {pid} has child processes ({', '.join(map(str, kids[:5]))}): process trees are not supported yet",
             pid=pid)
     status = read_status(pid)
+    if int(status.get("SigIgn", "0"), 16) & 1 << 4:          # SIGTRAP
+        raise UnsupportedResource(
+            f"pid {pid} ignores SIGTRAP: kcr-migrate's injected system calls would reset that to the "
+            "default (agent/inject.py); kcr-migrate cannot move it yet", pid=pid)
     if status.get("Seccomp", "0") != "0":
         raise UnsupportedResource(f"pid {pid} runs under a seccomp filter: {fix}", pid=pid)
     ours = namespace_ids("self")

@@ -100,6 +100,7 @@ F_DUPFD_CLOEXEC, F_SETFL, F_SETPIPE_SZ, F_GETPIPE_SZ = 1030, 4, 1031, 1032
 # Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
 SETFL_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | 0o4000
 RLIMIT_NOFILE = 7
+ZOMBIE_GRACE_S = 5.0
 AF_UNIX, SOCK_NONBLOCK, SOCK_CLOEXEC = 1, 0o4000, 0o2000000
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SO_PASSSEC, SO_PEEK_OFF, SO_PASSPIDFD, SO_PASSRIGHTS = 34, 42, 76, 83
@@ -175,7 +176,7 @@ class Restorer:
 
     def begin(self, target: Mappings) -> None:
         try:
-            self.pid = stub.spawn(self.header.pid if self.keep_ids else None)
+            self.pid = self._spawn()
         except stub.PidTaken as exc:
             raise RestoreError(f"pid {exc.pid} is taken on {socket.gethostname()} ({_holder(exc.pid)}): the "
                                "process keeps its pid; end that process first, or restore under a new pid "
@@ -199,6 +200,21 @@ class Restorer:
             self.filler = MissingFiller(self.pid, self.inj, self.mem)
         except OSError:
             self.filler = None      # no userfaultfd here: every page goes through /proc/PID/mem
+
+    def _spawn(self) -> int:
+        """The stub, under the image's pid if ids are kept. A zombie holding that pid (the
+        checkpointed process itself, killed a moment ago and not yet reaped by its parent, or
+        by init for an orphan) is given a few seconds to go."""
+        if not self.keep_ids:
+            return stub.spawn()
+        deadline = time.monotonic() + ZOMBIE_GRACE_S
+        while True:
+            try:
+                return stub.spawn(self.header.pid)
+            except stub.PidTaken:
+                if _state(self.header.pid) != "Z" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _call(self, name: str, *args: int) -> int:
         assert self.inj is not None
@@ -601,8 +617,15 @@ class Restorer:
         return fd
 
     def _signals(self, proc: ProcessState) -> None:
-        # The stub starts with every disposition at SIG_DFL (spawned with all of them reset):
-        # only the process's handled and ignored signals need a call.
+        # The stub handles no signal (exec reset them), but inherits the ignored ones that
+        # posix_spawn cannot reset (glibc's own 32 and 33, ignored in the agent): those the
+        # process did not ignore go back to SIG_DFL; then the process's own dispositions.
+        ours = {sa.signo for sa in proc.sigactions}
+        with open(f"/proc/{self.pid}/status") as f:
+            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        for signo in range(1, 65):
+            if ignored >> (signo - 1) & 1 and signo not in ours:
+                self._call("rt_sigaction", signo, self._put(struct.pack("<4Q", 0, 0, 0, 0)), 0, 8)
         for sa in proc.sigactions:
             if sa.signo in (signal.SIGKILL, signal.SIGSTOP):
                 continue
@@ -812,6 +835,14 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _holder(tid: int) -> str:

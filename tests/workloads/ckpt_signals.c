@@ -1,5 +1,7 @@
 /* Signal state: a SIGUSR1 handler, SIGPIPE ignored, SIGUSR2 blocked and left pending, an
- * interval timer, an alternate signal stack. All must behave the same after restore. */
+ * interval timer, an alternate signal stack, and every disposition as the kernel reports it
+ * (/proc/self/status SigIgn, SigCgt: no signal ignored or handled that was not, 32 and 33
+ * included). All must behave the same after restore. */
 #include "ckpt_common.h"
 #include <signal.h>
 #include <sys/time.h>
@@ -11,6 +13,15 @@ static void on_usr1(int s) { (void)s; usr1++; int x; on_alt = (char *)&x >= alts
 static void on_usr2(int s) { (void)s; usr2++; }
 static void on_alrm(int s) { (void)s; alarms++; }
 
+static void dispositions(char *buf, size_t size) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    buf[0] = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "SigIgn:", 7) || !strncmp(line, "SigCgt:", 7)) strncat(buf, line, size - strlen(buf) - 1);
+    if (f) fclose(f);
+}
+
 int main(int argc, char **argv) {
     init(argc, argv);
     FILE *out = open_output();
@@ -20,7 +31,12 @@ int main(int argc, char **argv) {
     sa.sa_handler = on_usr1; sa.sa_flags = SA_ONSTACK | SA_RESTART; sigaction(SIGUSR1, &sa, NULL);
     sa.sa_handler = on_usr2; sa.sa_flags = 0; sigaction(SIGUSR2, &sa, NULL);
     sa.sa_handler = on_alrm; sa.sa_flags = SA_RESTART; sigaction(SIGALRM, &sa, NULL);
+    sa.sa_handler = on_usr2; sa.sa_flags = SA_RESTART; sigaction(SIGRTMIN + 5, &sa, NULL);
+    sa.sa_handler = on_usr2; sa.sa_flags = SA_NODEFER; sigaction(SIGTRAP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGTTOU, SIG_IGN);
+    char disp_before[128], disp_after[128];
+    dispositions(disp_before, sizeof disp_before);
     sigset_t block; sigemptyset(&block); sigaddset(&block, SIGUSR2);
     sigprocmask(SIG_BLOCK, &block, NULL);
     raise(SIGUSR2);                                   /* stays pending while blocked */
@@ -30,6 +46,8 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 60 * scale; i++) sleep_ms(10);        /* the checkpoint lands in here */
     int fails = 0;
     char why[512] = "";
+    dispositions(disp_after, sizeof disp_after);
+    if (strcmp(disp_before, disp_after)) { fails++; fprintf(stderr, "before:\n%safter:\n%s", disp_before, disp_after); strcat(why, "dispositions differ (see stderr); "); }
     sigset_t pend; sigpending(&pend);
     if (!sigismember(&pend, SIGUSR2)) { fails++; strcat(why, "SIGUSR2 not pending; "); }
     if (usr2) { fails++; strcat(why, "SIGUSR2 delivered while blocked; "); }
