@@ -127,8 +127,9 @@ with open(os.path.join(out_dir, "output"), "w") as out:
         if i == 5:
             open(os.path.join(out_dir, "ready"), "w").close()
         time.sleep(0.02)
-with open(os.path.join(out_dir, "verdict"), "w") as v:
+with open(os.path.join(out_dir, ".verdict"), "w") as v:      # whole, or not there: the test polls
     v.write("PASS\n")
+os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
 """
 
 

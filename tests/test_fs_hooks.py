@@ -370,8 +370,9 @@ def test_btrfs_agents_clean_up_when_kcr_migrate_dies(btrfs_bed: Testbed) -> None
     sh(bed, "hostA", f"btrfs subvolume create {data} >/dev/null && head -c 16M /dev/urandom > {data}/big")
     proc = bed.popen("hostA", ["sleep", "60"], **QUIET)
     STARTED.append(proc)
-    cli = subprocess.Popen([sys.executable, "-m", "migrate", f"{proc.pid}@hostA", "hostB", "--ssh-config",
-                            str(bed.ssh_config_path), "--fs", f"btrfs:{data}", "--bandwidth", "64KiB"],
+    cli = subprocess.Popen([sys.executable, "-m", "migrate", f"{proc.pid}@hostA", "hostB", "--new-pid",
+                            "--ssh-config", str(bed.ssh_config_path), "--fs", f"btrfs:{data}", "--bandwidth",
+                            "64KiB"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     STARTED.append(cli)
     deadline = time.monotonic() + 30

@@ -67,8 +67,9 @@ with open(os.path.join(out_dir, "output"), "w") as out:
 # before the migration starts. It waits (running) until the test says it has moved.
 while len(sys.argv) > 3 and not os.path.exists(sys.argv[3]):
     time.sleep(0.01)
-with open(os.path.join(out_dir, "verdict"), "w") as v:
+with open(os.path.join(out_dir, ".verdict"), "w") as v:      # whole, or not there: the test polls
     v.write("PASS\n")
+os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
 """
 
 

@@ -1,6 +1,7 @@
 """The one schema, file and live: every record type round-trips; the handshake refuses mismatches."""
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
@@ -34,7 +35,18 @@ from transport.protocol import (
     local_hello,
 )
 from transport.records import Record
-from transport.schema import RECORD_TYPES, EndOfImage, ImageHeader, decode_record
+from transport.schema import (
+    RECORD_TYPES,
+    EndOfImage,
+    FileDesc,
+    Files,
+    ImageHeader,
+    PipeBuffer,
+    Pipes,
+    UnixSockets,
+    check_objects_referenced,
+    decode_record,
+)
 from transport.stream import FramedStream
 
 
@@ -205,3 +217,29 @@ async def test_handshake_is_symmetric_over_one_connection() -> None:
             nursery.start_soon(side, fa, ROLE_ORCHESTRATOR, ROLE_AGENT)
             nursery.start_soon(side, fb, ROLE_AGENT, ROLE_ORCHESTRATOR)
     assert got[ROLE_ORCHESTRATOR].role == ROLE_AGENT and got[ROLE_AGENT].role == ROLE_ORCHESTRATOR
+
+
+def _objects_example() -> tuple[Files, Pipes, UnixSockets]:
+    records = example_records()
+    return records[Files], records[Pipes], records[UnixSockets]  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda f, p, s: (dataclasses.replace(f, fds=f.fds + (FileDesc(9, "pipe", "", 0, 0),)), p, s), "object id"),
+    (lambda f, p, s: (dataclasses.replace(f, fds=(dataclasses.replace(f.fds[1], pos=1), f.fds[2])), p, s),
+     "shares a description"),
+    (lambda f, p, s: (f, Pipes((PipeBuffer(1, 4096, bytes(4097)),)), s), "more bytes than it holds"),
+    (lambda f, p, s: (f, p, UnixSockets((dataclasses.replace(s.sockets[0], peer=77), s.sockets[1]))),
+     "names it back"),
+    (lambda f, p, s: (f, p, UnixSockets((dataclasses.replace(s.sockets[0], queue=(b"a", b"b")), s.sockets[1]))),
+     "one run of bytes"),
+    (lambda f, p, s: (dataclasses.replace(f, fds=f.fds + (FileDesc(9, "unix", "", 0, 0, obj=12345),)), p, s),
+     "lacks"),
+])
+def test_fd_objects_are_checked_before_use(change: Any, match: str) -> None:
+    """A forged fd table, pipe or socket record is refused, naming what is wrong."""
+    files, pipes, sockets = change(*_objects_example())
+    with pytest.raises(ProtocolError, match=match):
+        for rec in (files, pipes, sockets):
+            decode_record(rec.pack())
+        check_objects_referenced(files, pipes, sockets)
