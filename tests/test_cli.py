@@ -1,5 +1,5 @@
 """The command line as users type it: options anywhere, one meaning per flag, one rate parser,
-and start-up that loads only what it uses.
+refusals before anything is frozen, and start-up that loads only what it uses.
 
 Every CLI run here is the real `python -m migrate` in a subprocess; every process a test
 starts is in ``STARTED`` and ends with its test.
@@ -16,7 +16,7 @@ import pytest
 
 from migrate.cli import _load_commands, build_parser, command_first, subparsers
 from tests._migration import NEW_PID
-from tests._workloads import STARTED, kcr
+from tests._workloads import KCR_MIGRATE, STARTED, kcr, one_error_line
 from transport.units import parse_rate
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -142,6 +142,45 @@ def test_a_bad_first_argument_is_a_usage_error() -> None:
     assert res.returncode == 2
     assert "error: '1234' is not a command (checkpoint, migrate" in res.stderr.decode()
     assert "kcr-migrate PID@HOST_A HOST_B" in res.stderr.decode()
+
+
+# --- checkpoint -o ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["directory", "missing folder", "existing file"])
+def test_checkpoint_refuses_an_output_it_cannot_write(tmp_path: Path, case: str) -> None:
+    proc = sleeper()
+    out = {"directory": tmp_path, "missing folder": tmp_path / "nowhere" / "img",
+           "existing file": tmp_path / "img"}[case]
+    if case == "existing file":
+        out.write_bytes(b"keep me")
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(out)).stderr)
+    assert str(out) in line
+    assert {"directory": "is a directory", "missing folder": f"folder {out.parent} does not exist",
+            "existing file": "exists: remove it, or add --force"}[case] in line
+    assert proc.poll() is None and state(proc.pid) == "S"         # never frozen, never killed
+    if case == "existing file":
+        assert out.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["img"] if case == "existing file" else [])
+
+
+def test_checkpoint_force_replaces_a_file(tmp_path: Path) -> None:
+    proc = sleeper()
+    out = tmp_path / "img"
+    out.write_bytes(b"old")
+    res = kcr("checkpoint", "--force", "-o", str(out), str(proc.pid), "--leave-running")
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.poll() is None
+    shown = kcr("show", str(out))
+    assert shown.returncode == 0, shown.stderr.decode()
+    assert json.loads(shown.stdout)["process"]
+
+
+def test_checkpoint_relative_output_in_the_current_folder(tmp_path: Path) -> None:
+    proc = sleeper()
+    res = subprocess.run([*KCR_MIGRATE, "checkpoint", str(proc.pid), "-o", "img", "--leave-running"],
+                         cwd=tmp_path, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    assert (tmp_path / "img").stat().st_size > 0
 
 
 # --- start-up ----------------------------------------------------------------------------------

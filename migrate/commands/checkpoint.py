@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from migrate.cli import command, parse_pid, write_json
+from transport.errors import MigrationError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pid", type=parse_pid, help="process to checkpoint")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="image file, or - for stdout")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists (once the new image is complete)")
     p.add_argument("--leave-running", action="store_true", help="let the process continue after the dump")
     p.add_argument("--stats-json", metavar="FILE", help="write the dump statistics as JSON")
     level = p.add_mutually_exclusive_group()
@@ -17,10 +20,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     level.add_argument("--no-compress", action="store_true", help="store pages uncompressed")
 
 
+def check_output(path: str, force: bool) -> None:
+    """Refuse, before anything is frozen, an image path that cannot be written as asked."""
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise MigrationError(f"{path} is a directory: name a file in it (e.g. {os.path.join(path, 'image')})")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise MigrationError(f"{path}: folder {folder} does not exist (create it first)")
+    if os.path.lexists(path) and not force:
+        raise MigrationError(f"{path} exists: remove it, or add --force to replace it")
+
+
 @command("checkpoint", "write a running process to an image (one stream: file, pipe or stdout)", add_arguments)
 def run(args: argparse.Namespace) -> int:
     from migrate import images
 
+    check_output(args.output, args.force)
     opts = images.CheckpointOptions(leave_running=args.leave_running,
                                     compress_level=None if args.no_compress else args.compress_level)
     stats = images.checkpoint_to_path(args.pid, args.output, opts)
