@@ -96,11 +96,26 @@ def rate(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Version(argparse.Action):
+    """``--version``: looks the version up only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print kcr-migrate's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from transport.protocol import PROTOCOL_VERSION, tool_version
+        print(f"kcr-migrate {tool_version()} (protocol {PROTOCOL_VERSION})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kcr-migrate",
         description="Live-migrate, checkpoint and restore Linux processes.",
         epilog="Live migration: kcr-migrate PID@HOST_A HOST_B [options] (see `kcr-migrate migrate --help`).")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)

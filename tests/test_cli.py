@@ -1,5 +1,5 @@
 """The command line as users type it: options anywhere, one meaning per flag, one rate parser,
-refusals before anything is frozen, and start-up that loads only what it uses.
+refusals before anything is frozen, --version, and start-up that loads only what it uses.
 
 Every CLI run here is the real `python -m migrate` in a subprocess; every process a test
 starts is in ``STARTED`` and ends with its test.
@@ -183,7 +183,14 @@ def test_checkpoint_relative_output_in_the_current_folder(tmp_path: Path) -> Non
     assert (tmp_path / "img").stat().st_size > 0
 
 
-# --- start-up ----------------------------------------------------------------------------------
+# --- version and start-up ------------------------------------------------------------------------
+
+def test_version() -> None:
+    import importlib.metadata
+    res = kcr("--version")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.decode().startswith(f"kcr-migrate {importlib.metadata.version('kcr-migrate')} (protocol ")
+    assert kcr("--json", "--version").stdout == res.stdout
 
 LOADED = """
 import sys
@@ -211,4 +218,5 @@ def test_local_commands_load_neither_asyncssh_nor_trio(tmp_path: Path) -> None:
     assert loaded("wss", str(proc.pid), "--count", "1", "--interval", "0.05") == ("0", False, False)
     for command in ("restore", "checkpoint", "show", "wss", "migrate", "resolve"):
         assert loaded(command, "--help") == ("0", False, False), command
+    assert loaded("--version") == ("0", False, False)
     assert proc.poll() is None
