@@ -27,11 +27,11 @@ import signal
 import socket
 import struct
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 from agent import ptrace, stub
+from agent.descriptions import Descriptions
 from agent.fill import MissingFiller
 from agent.inject import (
     MAP_ANONYMOUS,
@@ -55,8 +55,6 @@ from precopy.intervals import Span, merge_spans, within
 from precopy.kernel import (
     IOV_MAX,
     data_address,
-    pidfd_getfd,
-    pidfd_open,
     process_vm_writev,
     prlimit,
     xsave_supported_mask,
@@ -80,12 +78,9 @@ from transport.schema import (
     GpRegs,
     ImageHeader,
     Mappings,
-    PipeBuffer,
     Pipes,
     ProcessState,
-    SocketOptions,
     ThreadState,
-    UnixSocket,
     UnixSockets,
     Vma,
     check_objects_referenced,
@@ -93,18 +88,11 @@ from transport.schema import (
 
 GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
 U64 = (1 << 64) - 1
-O_ACCMODE, O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_CLOEXEC, O_DIRECTORY = 3, 0o100, 0o200, 0o400, 0o1000, 0o2000000, 0o200000
+O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
-O_ACCMODE = 3
-F_DUPFD_CLOEXEC, F_SETFL, F_SETPIPE_SZ, F_GETPIPE_SZ = 1030, 4, 1031, 1032
-# Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
-SETFL_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | 0o4000
+F_DUPFD_CLOEXEC = 1030
 RLIMIT_NOFILE = 7
 ZOMBIE_GRACE_S = 5.0
-AF_UNIX, SOCK_NONBLOCK, SOCK_CLOEXEC = 1, 0o4000, 0o2000000
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-SO_PASSSEC, SO_PEEK_OFF, SO_PASSPIDFD, SO_PASSRIGHTS = 34, 42, 76, 83
-SO_RCVTIMEO_OLD, SO_SNDTIMEO_OLD = 20, 21
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
 PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
@@ -169,7 +157,6 @@ class Restorer:
         self._mapped_starts: list[int] = []
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
-        self._ends_taken: set[int] = set()       # pipe ends and sockets a description already uses
         self._stopped = False
 
     # -- 1. the stub ------------------------------------------------------------------------
@@ -422,11 +409,28 @@ class Restorer:
     # -- 4. everything else -----------------------------------------------------------------
 
     def finish(self, proc: ProcessState, files: Files, threads: list[ThreadState],
-               pipes: Pipes | None = None, sockets: UnixSockets | None = None) -> None:
-        """Restore the rest; the process is left stopped. Call ``resume`` to let it run."""
-        pipes = pipes or Pipes(())
-        sockets = sockets or UnixSockets(())
-        check_objects_referenced(files, pipes, sockets)
+               pipes: Pipes | None = None, sockets: UnixSockets | None = None,
+               descriptions: Descriptions | None = None) -> None:
+        """Restore the rest; the process is left stopped. Call ``resume`` to let it run.
+        ``descriptions``: shared with the other processes of a tree (their pipes and sockets
+        are in it already); without it, this process's own are made and dropped here."""
+        own = descriptions is None
+        if descriptions is None:
+            pipes = pipes or Pipes(())
+            sockets = sockets or UnixSockets(())
+            check_objects_referenced(files, pipes, sockets)
+            descriptions = Descriptions()
+        try:
+            if own:
+                descriptions.add_pipes(pipes)        # type: ignore[arg-type]
+                descriptions.add_sockets(sockets)    # type: ignore[arg-type]
+            self._finish(proc, files, threads, descriptions)
+        finally:
+            if own:
+                descriptions.close()
+
+    def _finish(self, proc: ProcessState, files: Files, threads: list[ThreadState],
+                descriptions: Descriptions) -> None:
         leader = next((t for t in threads if t.leader), None)
         if leader is None or not threads:
             raise RestoreError("the image has no main thread: corrupt image")
@@ -434,7 +438,7 @@ class Restorer:
         try:
             self._map_deferred()
             self._mm(proc)
-            self._files(files, pipes, sockets)
+            self._files(files, descriptions, proc.pid)
             self._signals(proc)
             self._limits(proc)
             # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
@@ -464,33 +468,31 @@ class Restorer:
         finally:
             self._call("close", exe_fd)
 
-    def _files(self, files: Files, pipes: Pipes, sockets: UnixSockets) -> None:
-        """Each open file description once, at a spare fd above the process's highest, then
-        dup'd to every fd that shares it (``agent.fdtable``); pipes and sockets are made whole
-        first. Filling them, and socket options, go through dups taken with pidfd_getfd."""
+    def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
+        """Each open file description, made by the restorer (``agent.descriptions``), taken
+        with pidfd_getfd to a spare fd above the process's highest and dup'd to every fd that
+        shares it."""
         if not files.fds:
             return
         spare = max(f.fd for f in files.fds) + 1
-        self._make_room_for_fds(spare + len(files.fds) + 2 * (len(pipes.pipes) + len(sockets.sockets)))
+        self._make_room_for_fds(spare + 3)
         groups: dict[tuple[str, int], list[FileDesc]] = {}
         for f in sorted(files.fds, key=lambda f: f.fd):
             groups.setdefault(("desc", f.desc) if f.desc else ("fd", f.fd), []).append(f)
-        made: list[int] = []
-        pidfd = pidfd_open(self.pid)
+        pidfd = self._above(self._call("pidfd_open", os.getpid(), 0), spare)   # clear of the dup3s
         try:
-            used = {(f.kind, f.obj) for f in files.fds}
-            ends = self._make_pipes([p for p in pipes.pipes if ("pipe", p.id) in used], spare, made, pidfd)
-            socks = self._make_sockets([s for s in sockets.sockets if ("unix", s.id) in used], spare, made, pidfd)
             for members in groups.values():
-                first = members[0]
-                fd = self._open_description(first, ends, socks, spare)
-                made.append(fd)
-                for f in members:
-                    self._call("dup3", fd, f.fd, f.flags & O_CLOEXEC)
+                ours = descriptions.fd_for(image_pid, members[0])
+                fd = self._call("pidfd_getfd", pidfd, ours, 0)
+                if fd < spare:
+                    fd = self._above(fd, spare)
+                try:
+                    for f in members:
+                        self._call("dup3", fd, f.fd, f.flags & O_CLOEXEC)
+                finally:
+                    self._call("close", fd)
         finally:
-            os.close(pidfd)
-            for fd in made:
-                self._call("close", fd)
+            self._call("close", pidfd)
 
     def _make_room_for_fds(self, highest: int) -> None:
         soft, hard = prlimit(self.pid, RLIMIT_NOFILE)
@@ -505,116 +507,6 @@ class Restorer:
         moved = self._call("fcntl", fd, F_DUPFD_CLOEXEC, spare)
         self._call("close", fd)
         return moved
-
-    def _pair(self, call: str, *args: int) -> tuple[int, int]:
-        """pipe2 or socketpair in the process; the two fds it made."""
-        assert self.mem is not None
-        addr = self._put(b"\0" * 8)
-        if call == "pipe2":
-            self._call(call, addr, *args)           # pipe2(fds, flags)
-        else:
-            self._call(call, *args, addr)           # socketpair(domain, type, protocol, fds)
-        r, w = struct.unpack("<ii", self.mem.read(addr, 8))
-        return r, w
-
-    def _make_pipes(self, pipes: list[PipeBuffer], spare: int, made: list[int],
-                    pidfd: int) -> dict[int, tuple[int, int]]:
-        """Each pipe, holding its bytes again: pipe id -> (read end, write end)."""
-        ends: dict[int, tuple[int, int]] = {}
-        for p in pipes:
-            r, w = self._pair("pipe2", O_CLOEXEC | os.O_NONBLOCK)
-            r, w = self._above(r, spare), self._above(w, spare)
-            made += [r, w]
-            ends[p.id] = (r, w)
-            if p.size != self._call("fcntl", r, F_GETPIPE_SZ):
-                self._call("fcntl", r, F_SETPIPE_SZ, p.size)
-            if p.data:
-                with _borrowed(pidfd, w) as dup:
-                    try:
-                        os.write(dup.fileno(), p.data)       # fits: the pipe holds ``size`` bytes
-                    except BlockingIOError:
-                        raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
-        return ends
-
-    def _make_sockets(self, sockets: list[UnixSocket], spare: int, made: list[int], pidfd: int) -> dict[int, int]:
-        """Each socket, connected as it was and holding its messages: socket id -> fd.
-
-        A socket and its peer are one socketpair; a socket whose peer has closed is one end of
-        a socketpair whose other end is closed once it has sent the queued messages; one never
-        connected is a plain socket."""
-        fds: dict[int, int] = {}
-        senders: dict[int, int] = {}       # socket id -> the fd that sends into its queue
-        doomed: list[int] = []
-        by_id = {s.id: s for s in sockets}
-        for s in sockets:
-            if s.id in fds:
-                continue
-            flags = s.type | SOCK_CLOEXEC | SOCK_NONBLOCK
-            if s.peer or s.peer_closed:
-                a, b = self._pair("socketpair", AF_UNIX, flags, 0)
-                a, b = self._above(a, spare), self._above(b, spare)
-                made += [a, b]
-                fds[s.id], senders[s.id] = a, b
-                if s.peer:
-                    if s.peer not in by_id:
-                        raise RestoreError(f"socket {s.id}'s peer {s.peer} is missing: corrupt image")
-                    fds[s.peer], senders[s.peer] = b, a
-                else:
-                    doomed.append(b)
-            else:
-                fds[s.id] = self._above(self._call("socket", AF_UNIX, flags, 0), spare)
-                made.append(fds[s.id])
-        for s in sockets:
-            if s.queue:
-                with _borrowed(pidfd, senders[s.id], socket_type=s.type) as sender:
-                    _send_queue(sender, s)
-        for s in sockets:
-            with _borrowed(pidfd, fds[s.id], socket_type=s.type) as sock:
-                _set_options(sock, s.options)
-                if s.shutdown:
-                    sock.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[s.shutdown])
-        for fd in doomed:
-            made.remove(fd)
-            self._call("close", fd)
-        return fds
-
-    def _open_description(self, f: FileDesc, ends: dict[int, tuple[int, int]], socks: dict[int, int],
-                          spare: int) -> int:
-        """One open file description as ``f`` describes it, at a spare fd; returns that fd."""
-        flags = f.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY) | O_CLOEXEC
-        if f.kind in ("pipe", "unix"):
-            if f.kind == "unix":
-                end = socks[f.obj]
-            else:
-                r, w = ends[f.obj]
-                end = r if f.flags & O_ACCMODE == os.O_RDONLY else w
-            if end not in self._ends_taken and not (f.kind == "pipe" and f.flags & O_ACCMODE == os.O_RDWR):
-                fd = self._call("fcntl", end, F_DUPFD_CLOEXEC, spare)
-                self._ends_taken.add(end)
-            elif f.kind == "pipe":
-                # A second description of the same end (or a read-write one, as a FIFO would
-                # be): a new open of the pipe, as the process made it.
-                fd = self._above(self._open(f"/proc/self/fd/{end}", flags), spare)
-            else:
-                raise RestoreError(f"fd {f.fd}: a second open file of one socket: corrupt image")
-            self._call("fcntl", fd, F_SETFL, f.flags & SETFL_FLAGS)
-            return fd
-        if f.kind == "redirect":
-            # A read end reads PATH; anything that wrote appends to it (created if need be).
-            mode = f.flags & O_ACCMODE
-            flags = mode | (f.flags & SETFL_FLAGS) | O_CLOEXEC
-            if mode != os.O_RDONLY:
-                flags |= os.O_APPEND | O_CREAT
-        elif f.kind == "dir":
-            flags |= O_DIRECTORY
-        try:
-            fd = self._above(self._open(f.path, flags, 0o666), spare)
-        except InjectionError as exc:
-            raise RestoreError(f"cannot reopen fd {f.fd} ({f.path}): {exc.strerror}; the file must exist "
-                               "here at the same path") from None
-        if f.kind in ("file", "dir") and f.pos:
-            self._call("lseek", fd, f.pos, 0)
-        return fd
 
     def _signals(self, proc: ProcessState) -> None:
         # The stub handles no signal (exec reset them), but inherits the ignored ones that
@@ -854,66 +746,6 @@ def _holder(tid: int) -> str:
         return "a process that has exited since"
     name, tgid = fields.get("Name", "?").strip(), fields.get("Tgid", str(tid)).strip()
     return f"{name}, pid {tgid}" if tgid != str(tid) else name
-
-
-@contextmanager
-def _borrowed(pidfd: int, fd: int, socket_type: int = 0) -> Iterator[Any]:
-    """The restored process's ``fd``, here (pidfd_getfd): a socket object for a socket type,
-    else an object with ``fileno()``. Closing ours leaves theirs."""
-    dup = pidfd_getfd(pidfd, fd)
-    if socket_type:
-        sock = socket.socket(AF_UNIX, socket_type, 0, fileno=dup)
-        try:
-            yield sock
-        finally:
-            sock.close()
-        return
-    try:
-        yield _Fd(dup)
-    finally:
-        os.close(dup)
-
-
-@dataclass(frozen=True)
-class _Fd:
-    fd: int
-
-    def fileno(self) -> int:
-        return self.fd
-
-
-def _send_queue(sender: socket.socket, s: UnixSocket) -> None:
-    """Put ``s``'s queued messages back by sending them from its peer's end, in order."""
-    total = sum(len(m) for m in s.queue)
-    # Unix sockets charge queued bytes to the sender: room for all of them, for now
-    # (``_set_options`` sets the real size afterwards).
-    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(total * 2 + (64 << 10) * len(s.queue), 1 << 16))
-    try:
-        for m in s.queue:
-            view = memoryview(m)
-            while view or not m:
-                sent = sender.send(view)
-                view = view[sent:]
-                if not m:
-                    break
-    except BlockingIOError:
-        raise RestoreError(f"the messages queued on a unix socket do not fit in it here: check "
-                           "net.unix.max_dgram_qlen and net.core.wmem_max") from None
-
-
-def _set_options(sock: socket.socket, o: SocketOptions) -> None:
-    sol = socket.SOL_SOCKET
-    sock.setsockopt(sol, SO_RCVBUFFORCE, o.rcvbuf // 2)      # getsockopt showed them doubled
-    sock.setsockopt(sol, SO_SNDBUFFORCE, o.sndbuf // 2)
-    for opt, value, default in ((socket.SO_PASSCRED, o.passcred, 0), (SO_PASSSEC, o.passsec, 0),
-                                (SO_PEEK_OFF, o.peek_off, -1), (socket.SO_RCVLOWAT, o.rcvlowat, 1),
-                                (socket.SO_OOBINLINE, o.oobinline, 0), (SO_PASSPIDFD, o.passpidfd, 0),
-                                (SO_PASSRIGHTS, o.passrights, 1)):
-        if value != default:
-            sock.setsockopt(sol, opt, value)
-    for opt, us in ((SO_RCVTIMEO_OLD, o.rcvtimeo_us), (SO_SNDTIMEO_OLD, o.sndtimeo_us)):
-        if us:
-            sock.setsockopt(sol, opt, struct.pack("<qq", us // 1_000_000, us % 1_000_000))
 
 
 def _cpu_ns(pid: int, tid: int) -> int | None:

@@ -1,0 +1,203 @@
+"""The open file descriptions a restore hands to the processes it rebuilds.
+
+The restorer makes every description itself, in its own process: files opened with their
+flags and offsets, pipes holding their bytes again, unix socketpairs holding their messages,
+with their options and shutdown state. A restored process then takes the descriptions its
+fds refer to with injected ``pidfd_open`` + ``pidfd_getfd`` and ``dup3``s each into place
+(``agent.restore``). One description serves every fd that shared it, in one process or in
+several: one offset, one set of status flags, as before. Pipes and sockets whose ends are
+in different processes are whole here before any process takes its end.
+
+Made here rather than inside the restored process, the descriptions need no injected call
+to create or fill, and no end has to be kept open in one process until another takes it.
+The cost: a socketpair's SO_PEERCRED names the restorer (as it named the stub before).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+from transport.errors import RestoreError
+from transport.schema import FileDesc, Pipes, SocketOptions, UnixSocket, UnixSockets
+
+O_ACCMODE = 3
+# Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
+SETFL_FLAGS = os.O_APPEND | 0o20000 | os.O_DIRECT | os.O_NOATIME | os.O_NONBLOCK
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_PASSSEC, SO_PEEK_OFF, SO_PASSPIDFD, SO_PASSRIGHTS = 34, 42, 76, 83
+SO_RCVTIMEO_OLD, SO_SNDTIMEO_OLD = 20, 21
+SHUTDOWN_HOW = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}
+
+Key = tuple[object, ...]
+
+
+class Descriptions:
+    """Every open file description of an image, made on first use; ``close`` drops ours."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Key, int] = {}
+        self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
+        self._sockets: dict[int, socket.socket] = {}          # socket id -> its socket
+        self._taken: set[int] = set()                         # object fds a description already is
+        self._mine: list[int] = []                            # fds to close
+
+    # -- the objects: pipes and sockets, whole ---------------------------------------------
+
+    def add_pipes(self, pipes: Pipes) -> None:
+        for p in pipes.pipes:
+            if p.id in self._pipes:
+                raise RestoreError(f"pipe {p.id} appears twice in the image: corrupt image")
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._mine += [r, w]
+            self._pipes[p.id] = (r, w)
+            try:
+                if fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) != p.size:
+                    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, p.size)
+                if p.data and os.write(w, p.data) != len(p.data):
+                    raise BlockingIOError
+            except BlockingIOError:
+                raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
+            except OSError as exc:
+                raise RestoreError(f"cannot make a pipe of {p.size} bytes here: {exc.strerror}") from None
+
+    def add_sockets(self, sockets: UnixSockets) -> None:
+        """A socket and its peer are one socketpair; a socket whose peer has closed, one end of
+        a socketpair whose other end is closed once it has sent the queued messages; one never
+        connected, a plain socket. Then the queues, the options, the shutdown state."""
+        by_id = {s.id: s for s in sockets.sockets}
+        senders: dict[int, socket.socket] = {}
+        doomed: list[socket.socket] = []
+        for s in sockets.sockets:
+            if s.id in self._sockets:
+                continue
+            if s.peer or s.peer_closed:
+                a, b = socket.socketpair(socket.AF_UNIX, s.type)
+                self._sockets[s.id], senders[s.id] = a, b
+                if s.peer:
+                    if s.peer not in by_id:
+                        raise RestoreError(f"socket {s.id}'s peer {s.peer} is missing: corrupt image")
+                    self._sockets[s.peer], senders[s.peer] = b, a
+                else:
+                    doomed.append(b)
+            else:
+                self._sockets[s.id] = socket.socket(socket.AF_UNIX, s.type)
+        for s in sockets.sockets:
+            if s.queue:
+                _send_queue(senders[s.id], s)
+        for s in sockets.sockets:
+            sock = self._sockets[s.id]
+            _set_options(sock, s.options)
+            if s.shutdown:
+                sock.shutdown(SHUTDOWN_HOW[s.shutdown])
+        for b in doomed:
+            b.close()
+
+    # -- descriptions ------------------------------------------------------------------------
+
+    def fd_for(self, pid: int, f: FileDesc) -> int:
+        """Our fd of the description ``f`` (of process ``pid``, as the image names it) refers to."""
+        key: Key = ("desc", f.desc) if f.desc else ("fd", pid, f.fd)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = self._fds[key] = self._make(f)
+        return fd
+
+    def _make(self, f: FileDesc) -> int:
+        if f.kind in ("pipe", "unix"):
+            if f.kind == "unix":
+                sock = self._sockets.get(f.obj)
+                if sock is None:
+                    raise RestoreError(f"fd {f.fd} refers to socket {f.obj}, which the image lacks: corrupt image")
+                end = sock.fileno()
+            else:
+                if f.obj not in self._pipes:
+                    raise RestoreError(f"fd {f.fd} refers to pipe {f.obj}, which the image lacks: corrupt image")
+                r, w = self._pipes[f.obj]
+                end = r if f.flags & O_ACCMODE == os.O_RDONLY else w
+            if end not in self._taken and not (f.kind == "pipe" and f.flags & O_ACCMODE == os.O_RDWR):
+                self._taken.add(end)
+                fd = end
+            elif f.kind == "pipe":
+                # Another description of the same end (or a read-write one, as a FIFO would be
+                # opened): a new open of the pipe, as the process made it.
+                fd = self._open(f, f"/proc/self/fd/{end}", f.flags & (O_ACCMODE | SETFL_FLAGS))
+            else:
+                raise RestoreError(f"fd {f.fd}: a second open file of one socket: corrupt image")
+            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+            return fd
+        flags = f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC)
+        if f.kind == "redirect":
+            # A read end reads PATH; anything that wrote appends to it (created if need be).
+            mode = f.flags & O_ACCMODE
+            flags = mode | (f.flags & SETFL_FLAGS)
+            if mode != os.O_RDONLY:
+                flags |= os.O_APPEND | os.O_CREAT
+        elif f.kind == "dir":
+            flags |= os.O_DIRECTORY
+        fd = self._open(f, f.path, flags)
+        if f.kind in ("file", "dir") and f.pos:
+            os.lseek(fd, f.pos, os.SEEK_SET)
+        return fd
+
+    def _open(self, f: FileDesc, path: str, flags: int) -> int:
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            what = f.path or f.kind
+            raise RestoreError(f"cannot reopen fd {f.fd} ({what}): {exc.strerror}; the file must exist here "
+                               "at the same path") from None
+        self._mine.append(fd)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._mine:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+        self._mine.clear()
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        self._fds.clear()
+        self._pipes.clear()
+        self._taken.clear()
+
+
+def _send_queue(sender: socket.socket, s: UnixSocket) -> None:
+    """Put ``s``'s queued messages back by sending them from its peer's end, in order."""
+    total = sum(len(m) for m in s.queue)
+    # Unix sockets charge queued bytes to the sender: room for all of them, for now
+    # (``_set_options`` sets the real size afterwards).
+    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(total * 2 + (64 << 10) * len(s.queue), 1 << 16))
+    sender.setblocking(False)
+    try:
+        for m in s.queue:
+            if not m:
+                sender.send(m)
+                continue
+            view = memoryview(m)
+            while view:
+                view = view[sender.send(view):]
+    except BlockingIOError:
+        raise RestoreError("the messages queued on a unix socket do not fit in it here: check "
+                           "net.unix.max_dgram_qlen and net.core.wmem_max") from None
+
+
+def _set_options(sock: socket.socket, o: SocketOptions) -> None:
+    sol = socket.SOL_SOCKET
+    sock.setsockopt(sol, SO_RCVBUFFORCE, o.rcvbuf // 2)      # getsockopt showed them doubled
+    sock.setsockopt(sol, SO_SNDBUFFORCE, o.sndbuf // 2)
+    for opt, value, default in ((socket.SO_PASSCRED, o.passcred, 0), (SO_PASSSEC, o.passsec, 0),
+                                (SO_PEEK_OFF, o.peek_off, -1), (socket.SO_RCVLOWAT, o.rcvlowat, 1),
+                                (socket.SO_OOBINLINE, o.oobinline, 0), (SO_PASSPIDFD, o.passpidfd, 0),
+                                (SO_PASSRIGHTS, o.passrights, 1)):
+        if value != default:
+            sock.setsockopt(sol, opt, value)
+    for opt, us in ((SO_RCVTIMEO_OLD, o.rcvtimeo_us), (SO_SNDTIMEO_OLD, o.sndtimeo_us)):
+        if us:
+            sock.setsockopt(sol, opt, struct.pack("<qq", us // 1_000_000, us % 1_000_000))
