@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from migrate.cli import command, parse_pid, write_json
+from migrate.cli import REDIRECT_HELP, command, parse_pid, parse_redirect, write_json
 from transport.errors import MigrationError
 
 
@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="image file, or - for stdout")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists (once the new image is complete)")
     p.add_argument("--leave-running", action="store_true", help="let the process continue after the dump")
+    p.add_argument("--redirect", type=parse_redirect, action="append", default=[], metavar="FD=PATH",
+                   help=REDIRECT_HELP)
     p.add_argument("--stats-json", metavar="FILE", help="write the dump statistics as JSON")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--compress-level", type=int, default=1, metavar="N", help="zstd level for pages (default 1)")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from migrate import images
 
     check_output(args.output, args.force)
-    opts = images.CheckpointOptions(leave_running=args.leave_running,
+    opts = images.CheckpointOptions(leave_running=args.leave_running, redirect=dict(args.redirect),
                                     compress_level=None if args.no_compress else args.compress_level)
     stats = images.checkpoint_to_path(args.pid, args.output, opts)
     fate = "left running" if stats.left_running else "killed"
@@ -48,4 +50,3 @@ def run(args: argparse.Namespace) -> int:
     if args.stats_json:
         write_json(args.stats_json, stats.as_dict())
     return 0
-
