@@ -12,19 +12,33 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable, Mapping
 
+from agent import fdtable
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
-from agent.procfs import check_supported, check_target
+from agent.procfs import check_supported, check_target, process_tree, read_stat, shared_anonymous_memory
+from agent.descriptions import Descriptions
 from agent.restore import Restorer
 from precopy.layout import PageFinder
 from precopy.pagemap import pagemap_scan_works
 from precopy.reader import PageReader
-from transport.errors import Cancelled, MigrationError, ProtocolError, RestoreError
+from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProtocolError, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
-from transport.schema import (EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState,
-                              UnixSockets)
+from transport.schema import (
+    EndOfImage,
+    Files,
+    ImageHeader,
+    Mappings,
+    Pipes,
+    ProcessBegin,
+    ProcessState,
+    ProcessTree,
+    ThreadState,
+    TreeMember,
+    UnixSockets,
+    check_objects_referenced,
+)
 
 
 @dataclass
@@ -46,6 +60,7 @@ class CheckpointStats:
     """Names as in CRIU's stats-dump where they mean the same."""
 
     pid: int = 0
+    processes: int = 1
     threads: int = 0
     vmas: int = 0
     pages_written: int = 0
@@ -62,36 +77,45 @@ class CheckpointStats:
 
 def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                on_complete: Callable[[], None] | None = None) -> CheckpointStats:
-    """Dump ``pid`` to ``out``. ``on_complete`` runs once the image is whole, before the kill
-    (to fsync and rename a file into place: a process is never killed for a lost image)."""
+    """Dump ``pid`` and its descendants to ``out``. ``on_complete`` runs once the image is
+    whole, before the kill (to fsync and rename a file into place: a process is never killed
+    for a lost image). Every process is stopped before any state is read."""
     t0 = time.monotonic()
-    check_target(pid)
-    check_supported(pid, redirect=opts.redirect)
-    held = freezer.seize(pid)
+    pids = _check_tree(pid, opts)
+    helds: list[freezer.Held] = []
     stats = CheckpointStats(pid=pid)
     complete = False
     try:
+        for p in pids:
+            helds.append(freezer.seize(p))
         _check_cancel(opts, pid)
-        check_supported(pid, redirect=opts.redirect)      # again, now that nothing can change under us
+        if process_tree(pid) != pids:
+            raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork or an "
+                                      "exit): nothing was written; try again", pid=pid)
+        _check_tree(pid, opts, pids)          # again, now that nothing can change under us
         _check_cancel(opts, pid)
-        mem = RemoteMemory(pid, writable=False)
-        try:
-            state = collect(held, mem, opts.redirect)
-        finally:
-            mem.close()
-        layout = collect_layout(pid)
+        fds = fdtable.collect_tree(pids, {pid: opts.redirect})
+        states = {}
+        for held in helds:
+            mem = RemoteMemory(held.pid, writable=False)
+            try:
+                states[held.pid] = collect(held, mem, fds=fds[held.pid])
+            finally:
+                mem.close()
+        layouts = {p: collect_layout(p) for p in pids}
         writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers)
         try:
-            writer.record(image_header(pid, "checkpoint", state.threads[0].xstate))
-            writer.record(state.process)
-            writer.record(state.files)
-            writer.record(state.pipes)
-            writer.record(state.sockets)
-            writer.record(layout)
-            for t in state.threads:
-                writer.record(t)
+            writer.record(image_header(pid, "checkpoint", states[pid].threads[0].xstate))
+            if len(pids) > 1:
+                writer.record(ProcessTree(tuple(_member(p) for p in pids)))
             t_mem = time.monotonic()
-            write_memory(pid, layout, writer, lambda: _check_cancel(opts, pid))
+            for p in pids:
+                if len(pids) > 1:
+                    writer.record(ProcessBegin(p))
+                state = states[p]
+                for rec in (state.process, state.files, state.pipes, state.sockets, layouts[p], *state.threads):
+                    writer.record(rec)
+                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid))
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
             wstats = writer.finish()
@@ -100,21 +124,50 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         if on_complete is not None:
             on_complete()
         complete = True
-        stats.threads = len(state.threads)
-        stats.vmas = len(layout.vmas)
+        stats.processes = len(pids)
+        stats.threads = sum(len(s.threads) for s in states.values())
+        stats.vmas = sum(len(layout.vmas) for layout in layouts.values())
         stats.pages_written = wstats.pages
         stats.bytes_raw = wstats.bytes_raw
         stats.bytes_on_wire = wstats.bytes_on_wire
     finally:
+        frozen_at = min((h.frozen_at for h in helds if h.frozen_at), default=0.0)
+        for held in reversed(helds):              # children first
+            if complete and not opts.leave_running:
+                freezer.kill(held)
+            else:
+                freezer.let_go(held)
         if complete and not opts.leave_running:
-            freezer.kill(held)
-            freezer.wait_gone(pid)
-        else:
-            freezer.let_go(held)
-        stats.frozen_time_ms = (time.monotonic() - held.frozen_at) * 1000 if held.frozen_at else 0.0
+            for p in pids:
+                freezer.wait_gone(p)
+        stats.frozen_time_ms = (time.monotonic() - frozen_at) * 1000 if frozen_at else 0.0
         stats.left_running = not complete or opts.leave_running
     stats.total_time_ms = (time.monotonic() - t0) * 1000
     return stats
+
+
+def _check_tree(pid: int, opts: CheckpointOptions, pids: list[int] | None = None) -> list[int]:
+    """``pid`` and its descendants, each checked (and their fd tables together); refusals
+    name what cannot be carried."""
+    check_target(pid)
+    pids = pids or process_tree(pid)
+    for p in pids[1:]:
+        try:
+            check_target(p)
+        except NoSuchProcess:
+            raise UnsupportedResource(
+                f"pid {p}, a child in pid {pid}'s tree, has exited and was not reaped yet: kcr-migrate cannot "
+                "carry a zombie yet; try again once its parent has waited for it", pid=p) from None
+    for p in pids:
+        check_supported(p, redirect=opts.redirect if p == pid else None, tree=pids)
+    fdtable.describe_tree(pids, {pid: opts.redirect})
+    shared_anonymous_memory(pids)
+    return pids
+
+
+def _member(pid: int) -> TreeMember:
+    stat = read_stat(pid)
+    return TreeMember(pid=pid, ppid=int(stat[4]), pgid=int(stat[5]), sid=int(stat[6]), comm=stat[2])
 
 
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
@@ -136,67 +189,132 @@ class RestoreResult:
     restore_time_ms: float
     pages_filled: int = 0      # of ``pages``, put in place by UFFDIO_COPY (the rest via /proc/PID/mem)
     warnings: list[str] = field(default_factory=list)
+    processes: int = 1
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
+@dataclass
+class _Process:
+    """One process of an image, as its records arrive."""
+
+    restorer: Restorer
+    state: ProcessState | None = None
+    files: Files | None = None
+    pipes: Pipes = field(default_factory=lambda: Pipes(()))
+    sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
+    threads: list[ThreadState] = field(default_factory=list)
+
+
 def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
             new_pid: bool = False) -> tuple[RestoreResult, Restorer]:
-    """Rebuild the process an image describes; it runs on return unless ``resume`` is False.
-    It keeps its pid and thread ids unless ``new_pid``. Setting ``cancel`` aborts at the next
-    record or page batch: nothing of it is left."""
+    """Rebuild the process an image describes (with its descendants, for a tree); it runs on
+    return unless ``resume`` is False. It keeps its pid and thread ids unless ``new_pid``
+    (refused for a tree). Setting ``cancel`` aborts at the next record or page batch:
+    nothing of it is left."""
     t0 = time.monotonic()
     reader = ImageReader(src)
-    restorer: Restorer | None = None
-    proc: ProcessState | None = None
-    files: Files | None = None
-    pipes = Pipes(())
-    sockets = UnixSockets(())
-    threads: list[ThreadState] = []
+    procs: dict[int, _Process] = {}
+    current: _Process | None = None
     done = False
     try:
         for item in reader:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("interrupted: the half-restored process was removed")
             if isinstance(item, ImageHeader):
-                restorer = Restorer(item, keep_ids=not new_pid)
+                current = procs[item.pid] = _Process(Restorer(item, keep_ids=not new_pid))
+                continue
+            if current is None:
+                raise ProtocolError("the image does not start with its header: corrupt image")
+            if isinstance(item, ProcessTree):
+                if new_pid:
+                    raise RestoreError("this image holds a process tree, which keeps its pids (parents wait for "
+                                       "their children by pid): restore it without --new-pid")
+                _build_tree(item, procs, current.restorer.header)
+            elif isinstance(item, ProcessBegin):
+                if item.pid not in procs or len(procs) == 1:
+                    raise ProtocolError(f"records of process {item.pid}, which the image's tree lacks: corrupt image")
+                current = procs[item.pid]
             elif isinstance(item, PageBatch):
-                if restorer is None or not restorer.layout:
+                if not current.restorer.layout:
                     raise ProtocolError("page data before the memory layout: corrupt image")
-                restorer.write_pages(item)
+                current.restorer.write_pages(item)
             elif isinstance(item, ProcessState):
-                proc = item
+                current.state = item
             elif isinstance(item, Files):
-                files = item
+                current.files = item
             elif isinstance(item, Pipes):
-                pipes = item
+                current.pipes = item
             elif isinstance(item, UnixSockets):
-                sockets = item
+                current.sockets = item
             elif isinstance(item, Mappings):
-                assert restorer is not None
-                if not restorer.pid:
-                    restorer.begin(item)
-                restorer.apply_layout(item)
+                if not current.restorer.begun:
+                    current.restorer.begin(item)
+                current.restorer.apply_layout(item)
             elif isinstance(item, ThreadState):
-                threads.append(item)
-            elif isinstance(item, EndOfImage):
-                pass
-        if restorer is None or proc is None or files is None or not threads:
-            raise ProtocolError("the image lacks process, file or thread records: corrupt image")
-        restorer.finish(proc, files, threads, pipes, sockets)
+                current.threads.append(item)
+        _finish(list(procs.values()))
         if resume:
-            restorer.resume()
+            for p in reversed(procs.values()):           # children first: nothing runs before its parent is whole
+                p.restorer.resume()
         done = True
     except MigrationError:
         raise
     except OSError as exc:
         raise RestoreError(f"restore failed: {exc}") from None
     finally:
-        if not done and restorer is not None:
-            restorer.abort()
-    result = RestoreResult(pid=restorer.pid, threads=len(threads), pages=restorer.report.pages_written,
-                           restore_time_ms=(time.monotonic() - t0) * 1000, pages_filled=restorer.report.pages_filled,
-                           warnings=restorer.report.warnings)
-    return result, restorer
+        if not done:
+            for p in reversed(procs.values()):
+                p.restorer.abort()
+    root = next(iter(procs.values())).restorer
+    result = RestoreResult(
+        pid=root.pid, threads=sum(len(p.threads) for p in procs.values()),
+        pages=sum(p.restorer.report.pages_written for p in procs.values()),
+        restore_time_ms=(time.monotonic() - t0) * 1000,
+        pages_filled=sum(p.restorer.report.pages_filled for p in procs.values()),
+        warnings=[w for p in procs.values() for w in p.restorer.report.warnings], processes=len(procs))
+    return result, root
 
+
+def _build_tree(tree: ProcessTree, procs: dict[int, _Process], header: ImageHeader) -> None:
+    """Every process of the tree as a stub with its own pid, each made by its parent's, then
+    put in its session and process group (session leaders, group leaders, then the rest)."""
+    root = tree.members[0]
+    if len(procs) != 1 or root.pid not in procs:
+        raise ProtocolError("the image's process tree does not start with its header's process: corrupt image")
+    procs[root.pid].restorer.spawn_stub()
+    for m in tree.members[1:]:
+        parent = procs[m.ppid].restorer
+        procs[m.pid] = _Process(Restorer(header, stub_pid=parent.fork(m.pid)))
+    members = {m.pid: m for m in tree.members}
+    for m in tree.members[1:]:
+        if m.sid == m.pid:
+            procs[m.pid].restorer.stub_call("setsid")
+    for m in tree.members[1:]:
+        if m.pgid == m.pid and m.sid != m.pid:
+            procs[m.pid].restorer.stub_call("setpgid", 0, 0)
+    for m in tree.members[1:]:
+        leader = members.get(m.pgid)
+        if m.pgid != m.pid and leader is not None and leader.pgid == leader.pid and leader is not root:
+            procs[m.pid].restorer.stub_call("setpgid", 0, m.pgid)
+
+
+def _finish(procs: list[_Process]) -> None:
+    """Everything but memory, for every process; the pipes and sockets they share are made
+    once (``agent.descriptions``) and each takes its ends."""
+    for p in procs:
+        if p.state is None or p.files is None or not p.threads:
+            raise ProtocolError("the image lacks process, file or thread records: corrupt image")
+    files = Files(tuple(f for p in procs for f in p.files.fds))     # type: ignore[union-attr]
+    pipes = Pipes(tuple(x for p in procs for x in p.pipes.pipes))
+    sockets = UnixSockets(tuple(x for p in procs for x in p.sockets.sockets))
+    check_objects_referenced(files, pipes, sockets)
+    descriptions = Descriptions()
+    try:
+        descriptions.add_pipes(pipes)
+        descriptions.add_sockets(sockets)
+        for p in procs:
+            p.restorer.finish(p.state, p.files, p.threads, descriptions=descriptions)  # type: ignore[arg-type]
+    finally:
+        descriptions.close()

@@ -86,9 +86,11 @@ class Collected:
     xstate_size: int
 
 
-def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None) -> Collected:
+def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None,
+            fds: fdtable.FdRecords | None = None) -> Collected:
     """Everything but memory, from a frozen process. Leaves the process exactly as it was.
-    ``redirect`` (fd -> path) says what fds to the outside become on the destination."""
+    ``redirect`` (fd -> path) says what fds to the outside become on the destination;
+    ``fds``: its fd table, if the caller read it already (with the rest of a tree's)."""
     pid = held.pid
     gadget = vdso_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
@@ -100,7 +102,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         scratch = Scratch(leader, mem)
         threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
         process = _collect_process(held, leader, scratch)
-        files, pipes, sockets = fdtable.collect(pid, redirect)
+        files, pipes, sockets = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:
             if scratch is not None:

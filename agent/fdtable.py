@@ -24,7 +24,7 @@ import fcntl
 import os
 import termios
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from agent import unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds
@@ -99,9 +99,40 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+Held = tuple[int, FdInfo]       # (pid, one of its fds)
+
+
 def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDesc]:
-    """The fd table as records, or UnsupportedResource naming the first fd we cannot carry."""
-    redirect = dict(redirect or {})
+    """One process's fd table as records, or UnsupportedResource naming the first fd we
+    cannot carry."""
+    return describe_tree([pid], {pid: redirect or {}})[pid]
+
+
+def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
+                  ) -> dict[int, list[FileDesc]]:
+    """The fd tables of processes that move together (a process and its descendants): what
+    they share among themselves (descriptions, pipes, sockets) is carried; what they share
+    with a process outside is refused, naming it. ``redirect``: per pid, fd -> path."""
+    redirect = redirect or {}
+    inside = set(pids)
+    tables: dict[int, list[FileDesc]] = {}
+    objects: dict[tuple[str, int], list[Held]] = {}
+    for pid in pids:
+        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects)
+    sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
+    if sockets:
+        _check_sockets(sockets, inside)
+    if objects:
+        for obj, peers in outside_holders(set(objects), inside).items():
+            pid, info = objects[obj][0]
+            what = "a pipe" if obj[0] == "pipe" else "a socket"
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it: give "
+                f"--redirect {info.fd}=PATH to open PATH in its place on the destination", pid=pid)
+    return _share_descriptions(tables)
+
+
+def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]]) -> list[FileDesc]:
     for fd, path in redirect.items():
         if not path.startswith("/"):
             raise UnsupportedResource(f"--redirect {fd}={path}: give an absolute path", pid=pid)
@@ -112,16 +143,15 @@ def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDe
             f"--redirect names fd {missing[0]}, which pid {pid} does not have open: check `ls -l /proc/{pid}/fd`",
             pid=pid)
     out: list[FileDesc] = []
-    objects: dict[tuple[str, int], list[FdInfo]] = {}
     for info in infos:
         if info.fd in redirect:
             out.append(FileDesc(fd=info.fd, kind="redirect", path=redirect[info.fd], flags=info.flags, pos=0))
             continue
         obj = object_of(info.target)
         if obj is not None:
-            objects.setdefault(obj, []).append(info)
-            kind = "pipe" if obj[0] == "pipe" else "unix"
-            out.append(FileDesc(fd=info.fd, kind=kind, path="", flags=info.flags, pos=0, obj=obj[1]))
+            objects.setdefault(obj, []).append((pid, info))
+            out.append(FileDesc(fd=info.fd, kind="pipe" if obj[0] == "pipe" else "unix", path="",
+                                flags=info.flags, pos=0, obj=obj[1]))
             continue
         kind, why = classify_fd(info)
         if kind is None:
@@ -131,17 +161,7 @@ def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDe
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
                             mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0))
-    sockets = {ino: fds for (kind, ino), fds in objects.items() if kind == "socket"}
-    if sockets:
-        _check_sockets(pid, sockets)
-    if objects:
-        for obj, peers in outside_holders(set(objects), {pid}).items():
-            fd = objects[obj][0].fd
-            what = "a pipe" if obj[0] == "pipe" else "a socket"
-            raise UnsupportedResource(
-                f"pid {pid}'s fd {fd} is {what} shared with {peers[0]}, which does not move with it: give "
-                f"--redirect {fd}=PATH to open PATH in its place on the destination", pid=pid)
-    return _share_descriptions(pid, out)
+    return out
 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
@@ -153,12 +173,12 @@ def _redirect_hint(fd: int, why: str) -> str:
     return ""
 
 
-def _check_sockets(pid: int, sockets: dict[int, list[FdInfo]]) -> None:
+def _check_sockets(sockets: dict[int, list[Held]], inside: set[int]) -> None:
     """Refuse the sockets we cannot carry: other families, bound or listening unix sockets,
     connections to a peer that does not move, connections not yet accepted."""
     known = unix_sockets.query(sockets)
-    for ino, fds in sockets.items():
-        fd = fds[0].fd
+    for ino, held in sockets.items():
+        pid, fd = held[0][0], held[0][1].fd
         info = known.get(ino)
         if info is None:
             raise UnsupportedResource(
@@ -170,9 +190,9 @@ def _check_sockets(pid: int, sockets: dict[int, list[FdInfo]]) -> None:
                 f"pid {pid} has a unix socket bound to {name} open as fd {fd}: bound and listening sockets "
                 f"cannot be moved yet", pid=pid)
         if info.peer and info.peer not in sockets:
-            holders = outside_holders({("socket", info.peer)}, {pid})
+            holders = outside_holders({("socket", info.peer)}, inside)
             peer = next(iter(holders.values()))[0] if holders else None
-            where = f"{peer}, which does not move with it" if peer else "a socket outside the process"
+            where = f"{peer}, which does not move with it" if peer else "a socket outside what moves"
             raise UnsupportedResource(
                 f"pid {pid}'s fd {fd} is a unix socket connected to {where}: {_CANNOT}"
                 f"{_redirect_hint(fd, 'a socket')}", pid=pid)
@@ -189,63 +209,92 @@ def _peer_closed(info: unix_sockets.UnixSocketInfo) -> bool:
     return info.type == SOCK_DGRAM or info.shutdown == 3
 
 
-def _share_descriptions(pid: int, fds: list[FileDesc]) -> list[FileDesc]:
-    """Give fds that are one open file description the same ``desc`` (the lowest fd + 1)."""
-    by_look: dict[tuple[object, ...], list[FileDesc]] = {}
-    for f in fds:
-        if f.kind != "redirect":
-            by_look.setdefault((f.kind, f.path, f.obj, f.flags & ~O_CLOEXEC_FLAG, f.pos), []).append(f)
-    desc: dict[int, int] = {}
+def _share_descriptions(tables: dict[int, list[FileDesc]]) -> dict[int, list[FileDesc]]:
+    """Give fds that are one open file description (dup, fork) the same ``desc``, numbered
+    from 1 across all the processes."""
+    by_look: dict[tuple[object, ...], list[tuple[int, FileDesc]]] = {}
+    for pid, fds in tables.items():
+        for f in fds:
+            if f.kind != "redirect":
+                by_look.setdefault((f.kind, f.path, f.obj, f.flags & ~O_CLOEXEC_FLAG, f.pos), []).append((pid, f))
+    desc: dict[tuple[int, int], int] = {}
+    ids = 0
     for group in by_look.values():
-        heads: list[FileDesc] = []
-        for f in group:
-            head = next((h for h in heads if _same_description(pid, h.fd, f.fd)), None)
+        heads: list[tuple[int, FileDesc, list[tuple[int, int]]]] = []
+        for pid, f in group:
+            head = next((h for h in heads if _same_description(h[0], h[1].fd, pid, f.fd)), None)
             if head is None:
-                heads.append(f)
+                heads.append((pid, f, [(pid, f.fd)]))
             else:
-                desc[head.fd] = desc[f.fd] = head.fd + 1
-    return [replace(f, desc=desc.get(f.fd, 0)) for f in fds]
+                head[2].append((pid, f.fd))
+        for _, _, members in heads:
+            if len(members) > 1:
+                ids += 1
+                desc.update((m, ids) for m in members)
+    return {pid: [replace(f, desc=desc.get((pid, f.fd), 0)) for f in fds] for pid, fds in tables.items()}
 
 
-def _same_description(pid: int, fd1: int, fd2: int) -> bool:
+def _same_description(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     try:
-        return kcmp(pid, pid, KCMP_FILE, fd1, fd2) == 0
+        return kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0
     except OSError as exc:
         if exc.errno == errno.EBADF:
             return False          # closed while we looked: the dump, frozen, looks again
         raise UnsupportedResource(
-            f"cannot tell whether pid {pid}'s fds {fd1} and {fd2} share one open file ({exc.strerror}): "
-            "this kernel lacks kcmp(2) (CONFIG_KCMP)", pid=pid) from None
+            f"cannot tell whether fd {fd1} of pid {pid1} and fd {fd2} of pid {pid2} are one open file "
+            f"({exc.strerror}): this kernel lacks kcmp(2) (CONFIG_KCMP)", pid=pid1) from None
 
 
-def collect(pid: int, redirect: Mapping[int, str] | None = None) -> tuple[Files, Pipes, UnixSockets]:
-    """The fd table and what its pipes and sockets hold, from a frozen process (it is left as
-    it was)."""
-    fds = describe(pid, redirect)
-    readers: dict[int, int] = {}
-    ends: dict[int, int] = {}
-    socks: dict[int, int] = {}
-    for f in fds:
-        if f.kind == "pipe":
-            ends.setdefault(f.obj, f.fd)
-            if f.flags & O_ACCMODE in READ_MODES:
-                readers.setdefault(f.obj, f.fd)
-        elif f.kind == "unix":
-            socks.setdefault(f.obj, f.fd)
-    buffers: list[PipeBuffer] = []
-    sockets: list[UnixSocket] = []
-    if ends or socks:
-        pidfd = pidfd_open(pid)
-        try:
-            for ino, fd in ends.items():
-                size, data = _pipe_contents(pidfd, readers.get(ino, fd), ino in readers)
-                buffers.append(PipeBuffer(id=ino, size=size, data=data))
-            known = unix_sockets.query(socks) if socks else {}
-            for ino, fd in socks.items():
-                sockets.append(_socket(pidfd, fd, known[ino]))
-        finally:
-            os.close(pidfd)
-    return Files(tuple(fds)), Pipes(tuple(buffers)), UnixSockets(tuple(sockets))
+FdRecords = tuple[Files, Pipes, UnixSockets]
+
+
+def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdRecords:
+    """One process's fd table and what its pipes and sockets hold, from the frozen process
+    (it is left as it was)."""
+    return collect_tree([pid], {pid: redirect or {}})[pid]
+
+
+def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
+                 ) -> dict[int, FdRecords]:
+    """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
+    pipe or socket goes in the records of the first process (in ``pids`` order) that has it."""
+    tables = describe_tree(pids, redirect)
+    readers: dict[int, tuple[int, int]] = {}
+    ends: dict[int, tuple[int, int]] = {}
+    socks: dict[int, tuple[int, int]] = {}
+    for pid, fds in tables.items():
+        for f in fds:
+            if f.kind == "pipe":
+                ends.setdefault(f.obj, (pid, f.fd))
+                if f.flags & O_ACCMODE in READ_MODES:
+                    readers.setdefault(f.obj, (pid, f.fd))
+            elif f.kind == "unix":
+                socks.setdefault(f.obj, (pid, f.fd))
+    buffers: dict[int, list[PipeBuffer]] = {pid: [] for pid in pids}
+    sockets: dict[int, list[UnixSocket]] = {pid: [] for pid in pids}
+    pidfds: dict[int, int] = {}
+
+    def pidfd(pid: int) -> int:
+        if pid not in pidfds:
+            pidfds[pid] = pidfd_open(pid)
+        return pidfds[pid]
+    try:
+        for ino, (owner, fd) in ends.items():
+            src_pid, src_fd = readers.get(ino, (owner, fd))
+            size, data = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
+            buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
+        known = unix_sockets.query(socks) if socks else {}
+        order = {pid: i for i, pid in enumerate(pids)}
+        for ino, (holder, fd) in socks.items():
+            # A socket and its peer go in one record: the first process's that holds either.
+            peer = socks.get(known[ino].peer, (holder, fd))[0]
+            owner = min(holder, peer, key=order.__getitem__)
+            sockets[owner].append(_socket(pidfd(holder), fd, known[ino]))
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+    return {pid: (Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])))
+            for pid in pids}
 
 
 def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocket:

@@ -15,7 +15,7 @@ import os
 import platform
 import stat as stat_mod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 from agent.procfs import list_fds
 from precopy.kernel import xsave_supported_mask
@@ -99,7 +99,7 @@ class DigestCache:
             pass      # a cache, nothing more
 
 
-def describe_files(pid: int, exempt: list[str], redirected: set[int] = frozenset()) -> FileFacts:
+def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()) -> FileFacts:
     """What the destination must have: files the process maps or has open, but those under
     ``exempt`` (a hook brings them) and the fds in ``redirected`` (files of the user's choice)."""
     cache = DigestCache()

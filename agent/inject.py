@@ -44,7 +44,7 @@ NR = dict(
     setresuid=117, setresgid=119, setgroups=116, setfsuid=122, setfsgid=123, capget=125,
     capset=126, mremap=25, rt_tgsigqueueinfo=297, set_robust_list=273, dup3=292, openat=257,
     prlimit64=302, close_range=436, rseq=334, clone=56, userfaultfd=323, ioctl=16, setsid=112,
-    getuid=102, pipe2=293, clone3=435, pidfd_open=434, pidfd_getfd=438,
+    getuid=102, setpgid=109, pipe2=293, clone3=435, pidfd_open=434, pidfd_getfd=438,
 )
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -131,7 +131,7 @@ class Injector:
         while True:
             ptrace.singlestep(self.tid)
             stop = ptrace.wait_stop(self.tid)
-            if stop.event == ptrace.PTRACE_EVENT_CLONE:
+            if stop.event in (ptrace.PTRACE_EVENT_CLONE, ptrace.PTRACE_EVENT_FORK):
                 self.clones.append(ptrace.event_msg(self.tid))
                 continue          # one more step finishes the clone() itself
             if stop.event == 0 and stop.sig == signal.SIGTRAP:

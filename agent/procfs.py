@@ -67,6 +67,32 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents before children."""
+    out = [pid]
+    i = 0
+    while i < len(out):
+        out.extend(k for k in children(out[i]) if k not in out)
+        i += 1
+    return out
+
+
+def shared_anonymous_memory(pids: list[int]) -> None:
+    """Refuse anonymous memory shared between processes (MAP_SHARED|MAP_ANONYMOUS inherited
+    across fork): it would come back as one copy per process."""
+    from precopy.layout import read_maps  # precopy is below agent
+
+    seen: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        for m in read_maps(pid):
+            if m.shared_anon:
+                other = seen.setdefault(m.inode, (pid, m.start))
+                if other[0] != pid:
+                    raise UnsupportedResource(
+                        f"pids {other[0]} and {pid} share anonymous memory (MAP_SHARED|MAP_ANONYMOUS at "
+                        f"{m.start:#x}): kcr-migrate cannot keep memory shared between processes yet", pid=pid)
+
+
 @dataclass(frozen=True)
 class FdInfo:
     fd: int
@@ -199,14 +225,24 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     return None, f"an unsupported file ({target})"
 
 
-def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int, str] | None = None) -> None:
+def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int, str] | None = None,
+                    tree: list[int] | None = None) -> None:
     """Refuse what we cannot carry yet; every message names the resource and what to do.
-    ``redirect`` (fd -> path) names fds to the outside that become files on the destination."""
+    ``redirect`` (fd -> path) names fds to the outside that become files on the destination.
+    ``tree``: the processes that move with ``pid`` (its descendants among them); their fd
+    tables are checked together by the caller (``agent.fdtable.describe_tree``)."""
     from agent.fdtable import describe  # it reads fds through this module
     from precopy.layout import read_maps  # precopy is below agent
 
     fix = "kcr-migrate cannot move it yet (see README, Limits)"
-    describe(pid, redirect)
+    kids = [k for k in children(pid) if tree is None or k not in tree]
+    if kids:
+        raise UnsupportedResource(
+            f"pid {pid} has child processes ({', '.join(map(str, kids[:5]))}): live migration of process trees is "
+            "not supported yet; `kcr-migrate checkpoint` and `restore` move a process with its descendants",
+            pid=pid)
+    if tree is None:
+        describe(pid, redirect)
     for m in (maps if maps is not None else read_maps(pid)):
         if m.name.startswith("/SYSV"):
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
@@ -225,11 +261,6 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         timers = ""
     if timers.strip():
         raise UnsupportedResource(f"pid {pid} has POSIX timers (timer_create): {fix}", pid=pid)
-    kids = children(pid)
-    if kids:
-        raise UnsupportedResource(
-            f"pid {pid} has child processes ({', '.join(map(str, kids[:5]))}): process trees are not supported yet",
-            pid=pid)
     status = read_status(pid)
     if int(status.get("SigIgn", "0"), 16) & 1 << 4:          # SIGTRAP
         raise UnsupportedResource(

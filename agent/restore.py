@@ -45,6 +45,7 @@ from agent.inject import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    NR,
     InjectionError,
     Injector,
     RemoteMemory,
@@ -138,9 +139,11 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
 class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
-    def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True) -> None:
+    def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
+                 stub_pid: int = 0) -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
-        back, as a parent's waitpid() and pidfiles expect; off, it gets new ones."""
+        back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
+        ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped."""
         check_machine(header, xsave_supported_mask())
         self.header = header
         self.keep_ids = keep_ids
@@ -158,10 +161,18 @@ class Restorer:
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
+        if stub_pid:
+            self.pid = self.report.pid = stub_pid
+            self._stopped = True
 
     # -- 1. the stub ------------------------------------------------------------------------
 
-    def begin(self, target: Mappings) -> None:
+    @property
+    def begun(self) -> bool:
+        return self.mem is not None
+
+    def spawn_stub(self) -> None:
+        """The stub this process is rebuilt in: made, seized and stopped."""
         try:
             self.pid = self._spawn()
         except stub.PidTaken as exc:
@@ -172,11 +183,49 @@ class Restorer:
             raise RestoreError(f"could not create the process to restore into: {exc.strerror}") from None
         self.report.pid = self.pid
         try:
-            # EXITKILL: if the restorer dies before resume, the half-built process dies with it.
-            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_EXITKILL)
+            # EXITKILL: if the restorer dies before resume, the half-built process dies with it
+            # (and its children made by ``fork``, which inherit these options).
+            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_EXITKILL)
             ptrace.interrupt(self.pid)
             ptrace.wait_stop(self.pid)
             self._stopped = True
+        except (OSError, ptrace.TraceeGone) as exc:
+            raise RestoreError(f"could not prepare the process to restore into: {exc}") from None
+
+    def fork(self, pid: int) -> int:
+        """A child of this stub (not begun yet) with ``pid``, seized and stopped: the stub of
+        a child in a process tree. Its parent is this process, as in the tree."""
+        deadline = time.monotonic() + ZOMBIE_GRACE_S
+        while True:
+            with Injector(self.pid, stub.STUB_SYSCALL) as inj:
+                mem = RemoteMemory(self.pid)
+                try:
+                    at = (inj.saved_regs.rsp - 1024) & ~15       # the stub's stack, below what it uses
+                    args = stub.clone_args(0, signal.SIGCHLD, at, 1)
+                    mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
+                    child = inj.raw(NR["clone3"], at + 16, len(args))
+                finally:
+                    mem.close()
+            if child != -errno.EEXIST or _state(pid) != "Z" or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if child == -errno.EEXIST:
+            raise RestoreError(f"pid {pid} is taken on {socket.gethostname()} ({_holder(pid)}): a process tree "
+                               "keeps its pids; end that process first", pid=pid)
+        if child < 0:
+            raise RestoreError(f"could not create process {pid}: {os.strerror(-child)}", pid=pid)
+        self._wait_clone_child(child)
+        return child
+
+    def stub_call(self, name: str, *args: int) -> int:
+        """One system call in the stub, before ``begin`` (sessions and groups of a tree)."""
+        with Injector(self.pid, stub.STUB_SYSCALL) as inj:
+            return inj.call(name, *args)
+
+    def begin(self, target: Mappings) -> None:
+        if not self.pid:
+            self.spawn_stub()
+        try:
             self.threads = {}
             self.mem = RemoteMemory(self.pid)
             self.inj = Injector(self.pid, stub.STUB_SYSCALL)

@@ -43,6 +43,8 @@ from transport.schema import (
     ImageHeader,
     PipeBuffer,
     Pipes,
+    ProcessTree,
+    TreeMember,
     UnixSockets,
     check_objects_referenced,
     decode_record,
@@ -243,3 +245,14 @@ def test_fd_objects_are_checked_before_use(change: Any, match: str) -> None:
         for rec in (files, pipes, sockets):
             decode_record(rec.pack())
         check_objects_referenced(files, pipes, sockets)
+
+
+@pytest.mark.parametrize("members, match", [
+    ((TreeMember(10, 1, 10, 10, "a"), TreeMember(12, 11, 10, 10, "b"), TreeMember(11, 10, 10, 10, "c")),
+     "before its parent"),
+    ((TreeMember(10, 1, 10, 10, "a"), TreeMember(10, 10, 10, 10, "b")), "process id 10"),
+    ((TreeMember(0, 1, 10, 10, "a"),), "process id 0"),
+])
+def test_a_forged_process_tree_is_refused(members: tuple[TreeMember, ...], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_record(ProcessTree(members).pack())

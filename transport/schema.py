@@ -425,6 +425,46 @@ class ThreadState(Record):
         _check(len(self.comm) < 64, "thread name")
 
 
+# --- process trees -----------------------------------------------------------------------
+
+MAX_PROCESSES = 1 << 12
+
+
+@dataclass(frozen=True)
+class TreeMember:
+    pid: int
+    ppid: int                # the parent's pid (outside the tree for its root)
+    pgid: int
+    sid: int
+    comm: str
+
+
+@dataclass(frozen=True)
+class ProcessTree(Record):
+    """The processes of an image of a process and its descendants, parents before children.
+    Each one's records and pages follow a ``ProcessBegin`` naming it."""
+
+    TYPE = 10
+    members: tuple[TreeMember, ...]
+
+    def validate(self) -> None:
+        _check(1 <= len(self.members) <= MAX_PROCESSES, "process count")
+        seen: set[int] = set()
+        for i, m in enumerate(self.members):
+            _check(0 < m.pid < 1 << 22 and m.pid not in seen, f"process id {m.pid}")
+            _check(i == 0 or m.ppid in seen, f"process {m.pid} comes before its parent {m.ppid}")
+            _check(m.pgid > 0 and m.sid > 0 and len(m.comm) < 64, f"process {m.pid}: group, session or name")
+            seen.add(m.pid)
+
+
+@dataclass(frozen=True)
+class ProcessBegin(Record):
+    """The records and pages that follow, up to the next ``ProcessBegin``, are this process's."""
+
+    TYPE = 11
+    pid: int
+
+
 # --- end of an image ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -443,7 +483,7 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets)
+                UnixSockets, ProcessTree, ProcessBegin)
 }
 
 

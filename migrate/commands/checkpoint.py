@@ -44,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
                                     compress_level=None if args.no_compress else args.compress_level)
     stats = images.checkpoint_to_path(args.pid, args.output, opts)
     fate = "left running" if stats.left_running else "killed"
-    print(f"checkpointed pid {stats.pid}: {stats.threads} threads, {stats.pages_written} pages, "
+    if stats.processes > 1:
+        what, fate = f"{stats.processes} processes, ", f"processes {fate}"
+    else:
+        what, fate = "", f"process {fate}"
+    print(f"checkpointed pid {stats.pid}: {what}{stats.threads} threads, {stats.pages_written} pages, "
           f"{stats.bytes_raw / 2**20:.1f} MiB raw, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
-          f"frozen {stats.frozen_time_ms:.1f} ms; process {fate}", file=sys.stderr)
+          f"frozen {stats.frozen_time_ms:.1f} ms; {fate}", file=sys.stderr)
     if args.stats_json:
         write_json(args.stats_json, stats.as_dict())
     return 0

@@ -1,4 +1,5 @@
-"""`kcr-migrate show FILE`: an image as JSON (header, process, files, mappings, threads, page index)."""
+"""`kcr-migrate show FILE`: an image as JSON (header, process, files, mappings, threads, page index;
+the tree and the other processes of a process tree)."""
 from __future__ import annotations
 
 import argparse
@@ -17,26 +18,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def image_to_json(reader: "ImageReader") -> dict[str, Any]:
+    """The image's records by name. A process tree's root is at the top, as a single process
+    is; the tree is under "tree" and every other process's records under "processes" by pid."""
     from transport.pages import PageBatch
-    from transport.schema import (PAGE_SIZE, EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState,
-                                  ThreadState, UnixSockets, record_to_json)
+    from transport.schema import (PAGE_SIZE, EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessBegin,
+                                  ProcessState, ProcessTree, ThreadState, UnixSockets, record_to_json)
 
     out: dict[str, Any] = {"threads": [], "page_index": []}
-    index: list[list[Any]] = out["page_index"]
+    current = out
+    indexes: list[tuple[dict[str, Any], list[list[Any]]]] = [(out, [])]
     names = {ImageHeader: "header", ProcessState: "process", Files: "files", Pipes: "pipes", UnixSockets: "sockets",
-             Mappings: "mappings", EndOfImage: "end"}
+             Mappings: "mappings", EndOfImage: "end", ProcessTree: "tree"}
     for item in reader:
         if isinstance(item, PageBatch):
+            index = indexes[-1][1]
             for addr, n in item.runs:
                 if index and index[-1][2] + index[-1][1] * PAGE_SIZE == addr:
                     index[-1][1] += n
                 else:
                     index.append([hex(addr), n, addr])
         elif isinstance(item, ThreadState):
-            out["threads"].append(record_to_json(item))
+            current["threads"].append(record_to_json(item))
+        elif isinstance(item, ProcessBegin):
+            if item.pid != out.get("header", {}).get("pid"):
+                current = out.setdefault("processes", {}).setdefault(str(item.pid), {"threads": []})
+                indexes.append((current, []))
+        elif isinstance(item, EndOfImage):
+            out["end"] = record_to_json(item)
         else:
-            out[names.get(type(item), type(item).__name__)] = record_to_json(item)
-    out["page_index"] = [{"addr": a, "pages": n} for a, n, _ in index]
+            current[names.get(type(item), type(item).__name__)] = record_to_json(item)
+    for where, index in indexes:
+        where["page_index"] = [{"addr": a, "pages": n} for a, n, _ in index]
     out["stats"] = {"page_batches": reader.stats.page_batches, "pages": reader.stats.pages,
                     "bytes_raw": reader.stats.bytes_raw}
     return out

@@ -1,0 +1,184 @@
+"""Process trees through checkpoint and restore: a process with all its descendants, their pids,
+parent links, sessions and groups, and the pipes, sockets and open files they share.
+
+Each job is checkpointed mid-run and restored; it must finish with the output of an unmoved
+run, every process under its own pid again. The test process is a child subreaper: restored
+processes are adopted (and reaped) here, and so are the checkpointed tree's killed children.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._migration import migrate_cli
+from tests._workloads import STARTED, Workload, become_subreaper, kcr, one_error_line, reap, run_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def tree(pid: int) -> dict[int, int]:
+    """pid -> parent pid, for ``pid`` and all its descendants."""
+    out = {pid: 0}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for tid in os.listdir(f"/proc/{p}/task"):
+            for child in Path(f"/proc/{p}/task/{tid}/children").read_text().split():
+                out[int(child)] = p
+                todo.append(int(child))
+    return out
+
+
+def reap_orphans() -> None:
+    """The checkpointed tree's children, killed, were adopted here: reap them, so their pids
+    are free for the restore (init does this for a user)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            if time.monotonic() > deadline:
+                raise AssertionError("a killed child was not reaped")
+            time.sleep(0.01)
+
+
+def checkpoint(root: int, image: Path, processes: int) -> None:
+    res = kcr("checkpoint", str(root), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    assert f"{processes} processes" in res.stderr.decode()
+
+
+def image_restored(image: Path, before: dict[int, int]) -> int:
+    reap_orphans()
+    res = kcr("restore", "-i", str(image), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    root = next(iter(before))
+    assert int(res.stdout.split(b'"pid": ')[1].split(b",")[0]) == root
+    # The same processes, under the same pids, with the same parents (the root's is now us).
+    after = tree(root)
+    assert {p: pp for p, pp in after.items() if p != root} == {p: pp for p, pp in before.items() if p != root}
+    return root
+
+
+def test_shell_pipeline(tmp_path: Path) -> None:
+    """sh -c 'gen | tr | sort > out': three children with two pipes holding data, sort's
+    input not read to its end yet; sh waits for them by pid."""
+    gen = tmp_path / "gen.py"
+    gen.write_text("import sys, time\nfor i in range(int(sys.argv[1])):\n"
+                   "    print(f'line {i} of the pipeline', flush=True)\n    time.sleep(0.003)\n")
+    script = f"{sys.executable} -S {gen} 1500 | tr a-z A-Z | sort > out; echo $? > status"
+
+    def run(where: Path) -> subprocess.Popen[bytes]:
+        where.mkdir()
+        proc = subprocess.Popen(["sh", "-c", script], cwd=where, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        STARTED.append(proc)
+        return proc
+    ref = run(tmp_path / "reference")
+    assert ref.wait(timeout=120) == 0
+    proc = run(tmp_path / "moved")
+    deadline = time.monotonic() + 60
+    while len(tree(proc.pid)) < 4:           # sh and its three children
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.005)
+    time.sleep(0.3)                          # the pipes fill
+    before = tree(proc.pid)
+    checkpoint(proc.pid, tmp_path / "tree.img", 4)
+    assert proc.wait(timeout=30) == -9
+    root = image_restored(tmp_path / "tree.img", before)
+    status = reap(root, timeout=120)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert (tmp_path / "moved" / "status").read_text() == "0\n"
+    assert (tmp_path / "moved" / "out").read_bytes() == (tmp_path / "reference" / "out").read_bytes()
+
+
+def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
+    """A parent, three workers on socketpairs of their own, one progress pipe they share, one
+    log file description they share; the parent reaps each worker with waitpid(pid)."""
+    ref = run_reference("tree_workers", tmp_path, scale=3)
+    w = Workload("tree_workers", tmp_path / "moved", scale=3)
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    assert len(before) == 4
+    checkpoint(w.pid, tmp_path / "tree.img", 4)
+    assert w.reap_original() == -9
+    doc = json.loads(kcr("show", str(tmp_path / "tree.img")).stdout)
+    assert [m["pid"] for m in doc["tree"]["members"]] == list(before)
+    assert doc["header"]["pid"] == w.pid and sorted(doc["processes"]) == sorted(str(p) for p in before if p != w.pid)
+    root = image_restored(tmp_path / "tree.img", before)
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert w.output() == ref.output()
+    # The workers' lines interleave as they happen to run; none is lost or overwritten.
+    assert sorted((w.dir / "log").read_text().splitlines()) == sorted((ref.dir / "log").read_text().splitlines())
+
+
+def stubs() -> set[int]:
+    out = set()
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and Path(f"/proc/{p}/comm").read_text().strip() == "kcr-stub":
+                out.add(int(p))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_tree_whose_pids_are_taken_is_refused(tmp_path: Path) -> None:
+    """The tree still runs (--leave-running): restore refuses, naming a pid, leaves nothing
+    behind; --new-pid is refused for a tree; the original runs on."""
+    w = Workload("tree_workers", tmp_path, scale=20)
+    w.start()
+    w.wait_ready()
+    image = tmp_path / "tree.img"
+    res = kcr("checkpoint", str(w.pid), "-o", str(image), "--leave-running")
+    assert res.returncode == 0, res.stderr.decode()
+    before = stubs()
+    line = one_error_line(kcr("restore", "-i", str(image)).stderr)
+    assert f"pid {w.pid} is taken" in line
+    line = one_error_line(kcr("restore", "-i", str(image), "--new-pid").stderr)
+    assert "keeps its pids" in line and "without --new-pid" in line
+    assert stubs() <= before              # nothing half-built is left
+    assert len(tree(w.pid)) == 4 and w.proc is not None and w.proc.poll() is None
+
+
+def test_live_migration_of_a_tree_is_refused(tmp_path: Path) -> None:
+    w = Workload("tree_workers", tmp_path, scale=20)
+    w.start()
+    w.wait_ready()
+    code, _, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+    assert code != 0 and "Traceback" not in err
+    assert "live migration of process trees is not supported yet" in err.splitlines()[-1]
+    assert len(tree(w.pid)) == 4 and w.proc is not None and w.proc.poll() is None
+    assert "TracerPid:\t0\n" in Path(f"/proc/{w.pid}/status").read_text()
+
+
+def test_memory_shared_between_processes_is_refused(tmp_path: Path) -> None:
+    script = ("import mmap, os, sys, time\nm = mmap.mmap(-1, 4096)\nif os.fork() == 0:\n    time.sleep(60)\n"
+              "    os._exit(0)\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ready)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
+    assert "share anonymous memory" in line
+    assert not (tmp_path / "img").exists() and proc.poll() is None
+    for child in tree(proc.pid):
+        if child != proc.pid:
+            os.kill(child, 9)
