@@ -144,6 +144,13 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             pid=pid)
     out: list[FileDesc] = []
     for info in infos:
+        if info.locks:
+            # "1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"
+            how = (info.locks[0].split() + ["", "", ""])[1:4]
+            raise UnsupportedResource(
+                f"pid {pid} holds a {how[0]} {how[2].lower()} lock (or lease) on {info.target} (fd {info.fd}): "
+                "kcr-migrate cannot carry file locks yet, and a lock lost on the way is how data gets "
+                "corrupted; release it before moving the process", pid=pid)
         if info.fd in redirect:
             out.append(FileDesc(fd=info.fd, kind="redirect", path=redirect[info.fd], flags=info.flags, pos=0))
             continue

@@ -101,6 +101,7 @@ class FdInfo:
     flags: int
     mnt_id: int
     st: os.stat_result | None
+    locks: tuple[str, ...] = ()     # fdinfo's "lock:" lines: POSIX, OFD and flock locks, leases
 
 
 def list_fds(pid: int) -> list[FdInfo]:
@@ -120,15 +121,19 @@ def list_fds(pid: int) -> list[FdInfo]:
         except (FileNotFoundError, NoSuchProcess):
             continue          # closed while we looked
         fields: dict[str, str] = {}
+        locks: list[str] = []
         for line in info.splitlines():
             k, _, v = line.partition(":")
-            fields[k] = v.strip()
+            if k == "lock":
+                locks.append(v.strip())
+            else:
+                fields[k] = v.strip()
         try:
             st: os.stat_result | None = os.stat(os.path.join(fd_dir, name))
         except OSError:
             st = None
         out.append(FdInfo(fd, target, int(fields.get("pos", "0")), int(fields.get("flags", "0"), 8),
-                          int(fields.get("mnt_id", "0")), st))
+                          int(fields.get("mnt_id", "0")), st, tuple(locks)))
     return out
 
 

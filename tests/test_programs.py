@@ -137,3 +137,52 @@ def _move_counter(proc: subprocess.Popen[bytes], tmp_path: Path, how: str) -> No
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     got = b"".join(before) + rest + out.read_bytes()
     assert got == b"".join(b"line %d\n" % i for i in range(600))
+
+
+LOCKER = r"""
+import fcntl, os, struct, sys, time
+path, how, ready = sys.argv[1], sys.argv[2], sys.argv[3]
+if how == "lease":
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+else:
+    fd = os.open(path, os.O_RDWR)
+    if how == "posix":
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    elif how == "flock":
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    else:                                   # an OFD lock: F_OFD_SETLK
+        fcntl.fcntl(fd, 37, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+open(ready, "w").close()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how, kind", [("posix", "POSIX"), ("flock", "FLOCK"), ("ofd", "OFDLCK"),
+                                       ("lease", "LEASE")])
+@pytest.mark.parametrize("move", ["checkpoint", "live"])
+def test_a_process_holding_a_lock_is_refused_and_keeps_it(tmp_path: Path, how: str, kind: str, move: str) -> None:
+    """A lock lost on the way corrupts data: refused before anything is frozen (before the
+    preflight opens any file, which would break a lease), naming the lock; it stays held."""
+    data = tmp_path / "db"
+    data.write_bytes(b"x" * 4096)
+    script = tmp_path / "locker.py"
+    script.write_text(LOCKER)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-S", str(script), str(data), how, str(ready)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    if move == "checkpoint":
+        res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+        err = res.stderr.decode()
+    else:
+        _, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert "Traceback" not in err
+    assert f"holds a {kind} " in err.splitlines()[-1] and str(data) in err.splitlines()[-1]
+    assert proc.poll() is None
+    fdinfo = "".join(Path(f"/proc/{proc.pid}/fdinfo/{fd}").read_text() for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+    assert f" {kind} " in fdinfo              # still held
