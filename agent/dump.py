@@ -45,6 +45,7 @@ from transport.schema import (
 TOOL_VERSION = "0.1.0"
 SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
+PR_GET_THP_DISABLE = 42
 ERESTART_CODES = (-512, -513, -514, -516)
 
 
@@ -207,7 +208,8 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         umask=int(status.get("Umask", "0022"), 8), personality=int(read_text(pid, "personality"), 16),
         dumpable=dumpable, creds=_parse_creds(status, securebits), rlimits=rlimits, mm=mm, auxv=auxv,
         sigactions=tuple(sigactions), itimers=tuple(itimers),
-        shared_pending=tuple(shared_pending), child_subreaper=subreaper)
+        shared_pending=tuple(shared_pending), child_subreaper=subreaper,
+        oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE))
 
 
 def _rearm_fired_real_timer(it: ITimer, shared_pending: list[bytes]) -> ITimer:

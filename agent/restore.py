@@ -83,6 +83,8 @@ from transport.schema import (
     ProcessState,
     ThreadState,
     UnixSockets,
+    VMA_LOCKED,
+    VMA_LOCKONFAULT,
     Vma,
     check_objects_referenced,
 )
@@ -100,6 +102,8 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
 SECBIT_KEEP_CAPS = 1 << 4
 CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
+PR_SET_THP_DISABLE = 41
+MLOCK_ONFAULT = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -486,7 +490,9 @@ class Restorer:
         self._stop_filling()        # every page is in: the stub may touch its memory again
         try:
             self._map_deferred()
+            self._lock_memory()
             self._mm(proc)
+            self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
             self._signals(proc)
             self._limits(proc)
@@ -516,6 +522,24 @@ class Restorer:
             self._call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(mm_map), 0)
         finally:
             self._call("close", exe_fd)
+
+    def _lock_memory(self) -> None:
+        """mlock() what was locked, now that every page is in (locking faults pages in)."""
+        for v in self.layout:
+            if v.advice & VMA_LOCKED:
+                self._call("mlock2", v.start, v.length, MLOCK_ONFAULT if v.advice & VMA_LOCKONFAULT else 0)
+
+    def _memory_attributes(self, proc: ProcessState) -> None:
+        if proc.thp_disable:
+            self._call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        if proc.oom_score_adj:
+            try:
+                with open(f"/proc/{self.pid}/oom_score_adj", "w") as f:
+                    f.write(str(proc.oom_score_adj))
+            except OSError as exc:
+                # Lowering it needs CAP_SYS_RESOURCE, which root can lack (as the rlimits).
+                self.report.warnings.append(f"oom_score_adj {proc.oom_score_adj} could not be set ({exc.strerror}): "
+                                            "the process runs with 0")
 
     def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
         """Each open file description, made by the restorer (``agent.descriptions``), taken

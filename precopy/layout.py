@@ -36,6 +36,8 @@ from transport.schema import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    VMA_LOCKED,
+    VMA_LOCKONFAULT,
     Vma,
 )
 
@@ -45,7 +47,7 @@ _MAPS_LINE = re.compile(
 SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]": "vvar",
                  "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
 _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
-                 "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE}
+                 "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE, "lo": VMA_LOCKED, "lf": VMA_LOCKONFAULT}
 
 
 @dataclass(frozen=True)

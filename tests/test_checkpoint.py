@@ -105,6 +105,11 @@ def test_unix_sockets_inside_the_process(tmp_path: Path) -> None:
     assert w.output() == ref.output() == "sockets checked: all good\n"
 
 
+def test_locked_memory_thp_flag_and_oom_score_adj(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_attrs", tmp_path)
+    assert w.output() == ref.output() == "attributes checked: all good\n"
+
+
 def test_unprivileged_user_keeps_credentials(tmp_path: Path) -> None:
     nobody = 65534
     ref, w, _ = migrate_once("ckpt_creds", tmp_path, user=nobody, groups=[nobody, 100])

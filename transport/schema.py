@@ -137,6 +137,8 @@ class ProcessState(Record):
     itimers: tuple[ITimer, ...]
     shared_pending: tuple[bytes, ...]   # siginfo_t, SIGINFO_SIZE bytes each
     child_subreaper: int = 0
+    oom_score_adj: int = 0
+    thp_disable: int = 0     # prctl(PR_SET_THP_DISABLE)
 
     def validate(self) -> None:
         _check(len(self.sigactions) <= NSIG, "too many sigactions")
@@ -152,6 +154,7 @@ class ProcessState(Record):
         for name in ("start_brk", "brk", "arg_start", "arg_end", "env_start", "env_end", "start_stack"):
             _check(_user_addr(getattr(self.mm, name)), f"mm.{name} out of user space")
         _check(self.exe.startswith("/") and self.cwd.startswith("/"), "exe and cwd must be absolute")
+        _check(-1000 <= self.oom_score_adj <= 1000 and self.thp_disable in (0, 1), "oom_score_adj or THP flag")
 
 
 # --- memory layout ------------------------------------------------------------------------
@@ -163,6 +166,8 @@ VMA_KINDS = ("anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vs
 # Advice recorded from smaps VmFlags and replayed with madvise().
 ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_MERGEABLE = (
     1, 2, 4, 8, 16, 32)
+# Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT).
+VMA_LOCKED, VMA_LOCKONFAULT = 64, 128
 
 
 @dataclass(frozen=True)

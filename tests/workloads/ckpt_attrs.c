@@ -1,0 +1,50 @@
+/* Memory and process attributes that came back lost: mlock()ed memory (and mlock2's lock on
+ * fault), the THP-disable flag, oom_score_adj. */
+#include "ckpt_common.h"
+#include <sys/mman.h>
+#include <sys/prctl.h>
+
+static int locked(void *addr) {
+    /* VmFlags of the mapping that holds addr: "lo" when locked. */
+    char line[512];
+    unsigned long a = (unsigned long)addr, lo, hi;
+    int in = 0, found = 0;
+    FILE *f = fopen("/proc/self/smaps", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && strchr(line, ' ')) in = lo <= a && a < hi;
+        if (in && !strncmp(line, "VmFlags:", 8)) found = strstr(line, " lo") != NULL;
+    }
+    if (f) fclose(f);
+    return found;
+}
+
+static int oom_adj(void) {
+    int v = -9999;
+    FILE *f = fopen("/proc/self/oom_score_adj", "r");
+    if (f) { if (fscanf(f, "%d", &v) != 1) v = -9999; fclose(f); }
+    return v;
+}
+
+int main(int argc, char **argv) {
+    init(argc, argv);
+    FILE *out = open_output();
+    char *a = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *b = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(a, 'a', 8 * 4096);
+    if (mlock(a, 8 * 4096)) { perror("mlock"); return 3; }
+    if (mlock2(b, 8 * 4096, MLOCK_ONFAULT)) { perror("mlock2"); return 3; }
+    b[0] = 'b';
+    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) return 3;
+    FILE *f = fopen("/proc/self/oom_score_adj", "w");
+    if (!f || fprintf(f, "300\n") < 0 || fclose(f)) return 3;
+    ready();
+    for (int i = 0; i < 50 * scale; i++) sleep_ms(10);
+    char why[256] = "";
+    if (!locked(a) || a[4096 * 7] != 'a') strcat(why, "mlock; ");
+    if (!locked(b) || b[0] != 'b') strcat(why, "mlock2 on fault; ");
+    if (prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 1) strcat(why, "THP disable; ");
+    if (oom_adj() != 300) strcat(why, "oom_score_adj; ");
+    fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
+    verdict(!why[0], "%s", why);
+    return 0;
+}
