@@ -100,9 +100,12 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     leader = injectors[pid]
     scratch: Scratch | None = None
     try:
+        locked_before = _locked_kb(pid)
         scratch = Scratch(leader, mem)
+        # mlockall(MCL_FUTURE) shows nowhere in /proc, but a new mapping is locked under it.
+        lock_future = _locked_kb(pid) > locked_before
         threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
-        process = _collect_process(held, leader, scratch)
+        process = replace(_collect_process(held, leader, scratch), lock_future=int(lock_future))
         files, pipes, sockets = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:
@@ -161,6 +164,10 @@ def _parse_creds(status: dict[str, str], securebits: int) -> Creds:
         cap_effective=int(status["CapEff"], 16), cap_bounding=int(status["CapBnd"], 16),
         cap_ambient=int(status.get("CapAmb", "0"), 16), securebits=securebits,
         no_new_privs=status.get("NoNewPrivs", "0") == "1")
+
+
+def _locked_kb(pid: int) -> int:
+    return int(read_status(pid).get("VmLck", "0 kB").split()[0])
 
 
 def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessState:

@@ -104,6 +104,7 @@ CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
 MLOCK_ONFAULT = 1
+MCL_FUTURE = 2
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -490,7 +491,7 @@ class Restorer:
         self._stop_filling()        # every page is in: the stub may touch its memory again
         try:
             self._map_deferred()
-            self._lock_memory()
+            self._lock_memory(proc)
             self._mm(proc)
             self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
@@ -523,8 +524,10 @@ class Restorer:
         finally:
             self._call("close", exe_fd)
 
-    def _lock_memory(self) -> None:
+    def _lock_memory(self, proc: ProcessState) -> None:
         """mlock() what was locked, now that every page is in (locking faults pages in)."""
+        if proc.lock_future:
+            self._call("mlockall", MCL_FUTURE)
         for v in self.layout:
             if v.advice & VMA_LOCKED:
                 self._call("mlock2", v.start, v.length, MLOCK_ONFAULT if v.advice & VMA_LOCKONFAULT else 0)

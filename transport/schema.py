@@ -139,6 +139,7 @@ class ProcessState(Record):
     child_subreaper: int = 0
     oom_score_adj: int = 0
     thp_disable: int = 0     # prctl(PR_SET_THP_DISABLE)
+    lock_future: int = 0     # mlockall(MCL_FUTURE): mappings to come are locked
 
     def validate(self) -> None:
         _check(len(self.sigactions) <= NSIG, "too many sigactions")

@@ -1,5 +1,5 @@
 /* Memory and process attributes that came back lost: mlock()ed memory (and mlock2's lock on
- * fault), the THP-disable flag, oom_score_adj. */
+ * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj. */
 #include "ckpt_common.h"
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -34,6 +34,7 @@ int main(int argc, char **argv) {
     if (mlock(a, 8 * 4096)) { perror("mlock"); return 3; }
     if (mlock2(b, 8 * 4096, MLOCK_ONFAULT)) { perror("mlock2"); return 3; }
     b[0] = 'b';
+    if (mlockall(MCL_FUTURE)) { perror("mlockall"); return 3; }
     if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) return 3;
     FILE *f = fopen("/proc/self/oom_score_adj", "w");
     if (!f || fprintf(f, "300\n") < 0 || fclose(f)) return 3;
@@ -42,6 +43,8 @@ int main(int argc, char **argv) {
     char why[256] = "";
     if (!locked(a) || a[4096 * 7] != 'a') strcat(why, "mlock; ");
     if (!locked(b) || b[0] != 'b') strcat(why, "mlock2 on fault; ");
+    char *c = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!locked(c)) strcat(why, "mlockall(MCL_FUTURE); ");
     if (prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 1) strcat(why, "THP disable; ");
     if (oom_adj() != 300) strcat(why, "oom_score_adj; ");
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
