@@ -38,18 +38,19 @@ def tree(pid: int) -> dict[int, int]:
     return out
 
 
-def reap_orphans() -> None:
+def reap_orphans(pids: list[int]) -> None:
     """The checkpointed tree's children, killed, were adopted here: reap them, so their pids
     are free for the restore (init does this for a user)."""
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            if time.monotonic() > deadline:
-                raise AssertionError("a killed child was not reaped")
+    for pid in pids:
+        while True:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:
+                if not Path(f"/proc/{pid}").exists():
+                    break          # reaped by whoever was its parent
+            assert time.monotonic() < deadline, f"killed child {pid} was not reaped"
             time.sleep(0.01)
 
 
@@ -60,7 +61,7 @@ def checkpoint(root: int, image: Path, processes: int) -> None:
 
 
 def image_restored(image: Path, before: dict[int, int]) -> int:
-    reap_orphans()
+    reap_orphans([p for p in before if before[p]])
     res = kcr("restore", "-i", str(image), "--json")
     assert res.returncode == 0, res.stderr.decode()
     root = next(iter(before))
