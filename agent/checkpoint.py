@@ -18,6 +18,7 @@ from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.procfs import check_supported, check_target, process_tree, read_stat, shared_anonymous_memory
 from agent.descriptions import Descriptions
+from agent.fdtable import FdState
 from agent.restore import Restorer
 from precopy.layout import PageFinder
 from precopy.pagemap import pagemap_scan_works
@@ -27,6 +28,7 @@ from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
 from transport.schema import (
     EndOfImage,
+    EventFiles,
     Files,
     ImageHeader,
     Mappings,
@@ -113,7 +115,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 if len(pids) > 1:
                     writer.record(ProcessBegin(p))
                 state = states[p]
-                for rec in (state.process, state.files, state.pipes, state.sockets, layouts[p], *state.threads):
+                for rec in (state.process, *state.fds.records(), layouts[p], *state.threads):
                     writer.record(rec)
                 write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid))
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
@@ -204,6 +206,7 @@ class _Process:
     files: Files | None = None
     pipes: Pipes = field(default_factory=lambda: Pipes(()))
     sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
+    events: EventFiles = field(default_factory=lambda: EventFiles(()))
     threads: list[ThreadState] = field(default_factory=list)
 
 
@@ -248,6 +251,8 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
                 current.pipes = item
             elif isinstance(item, UnixSockets):
                 current.sockets = item
+            elif isinstance(item, EventFiles):
+                current.events = item
             elif isinstance(item, Mappings):
                 if not current.restorer.begun:
                     current.restorer.begin(item)
@@ -309,12 +314,13 @@ def _finish(procs: list[_Process]) -> None:
     files = Files(tuple(f for p in procs for f in p.files.fds))     # type: ignore[union-attr]
     pipes = Pipes(tuple(x for p in procs for x in p.pipes.pipes))
     sockets = UnixSockets(tuple(x for p in procs for x in p.sockets.sockets))
-    check_objects_referenced(files, pipes, sockets)
+    events = EventFiles(tuple(x for p in procs for x in p.events.files))
+    check_objects_referenced(files, pipes, sockets, events)
     descriptions = Descriptions()
     try:
-        descriptions.add_pipes(pipes)
-        descriptions.add_sockets(sockets)
+        descriptions.add(FdState(files, pipes, sockets, events))
         for p in procs:
-            p.restorer.finish(p.state, p.files, p.threads, descriptions=descriptions)  # type: ignore[arg-type]
+            fds = FdState(p.files, p.pipes, p.sockets, p.events)   # type: ignore[arg-type]
+            p.restorer.finish(p.state, fds, p.threads, descriptions=descriptions)  # type: ignore[arg-type]
     finally:
         descriptions.close()

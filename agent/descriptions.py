@@ -8,20 +8,39 @@ fds refer to with injected ``pidfd_open`` + ``pidfd_getfd`` and ``dup3``s each i
 several: one offset, one set of status flags, as before. Pipes and sockets whose ends are
 in different processes are whole here before any process takes its end.
 
+An epoll instance is made here empty: its watches name fds of the process, so the process
+registers them itself once its fds are in place (``take_watches``).
+
 Made here rather than inside the restored process, the descriptions need no injected call
 to create or fill, and no end has to be kept open in one process until another takes it.
 The cost: a socketpair's SO_PEERCRED names the restorer (as it named the stub before).
 """
 from __future__ import annotations
 
+
+import ctypes
 import errno
 import fcntl
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
 
 from transport.errors import RestoreError
-from transport.schema import FileDesc, Pipes, SocketOptions, UnixSocket, UnixSockets
+from transport.schema import (
+    EVENT_KINDS,
+    EpollWatch,
+    EventFile,
+    EventFiles,
+    FileDesc,
+    Pipes,
+    SocketOptions,
+    UnixSocket,
+    UnixSockets,
+)
+
+if TYPE_CHECKING:
+    from agent.fdtable import FdState
 
 O_ACCMODE = 3
 # Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
@@ -30,6 +49,17 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SO_PASSSEC, SO_PEEK_OFF, SO_PASSPIDFD, SO_PASSRIGHTS = 34, 42, 76, 83
 SO_RCVTIMEO_OLD, SO_SNDTIMEO_OLD = 20, 21
 SHUTDOWN_HOW = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}
+TFD_IOC_SET_TICKS = 0x40085400           # _IOW('T', 0, u64)
+EFD_SEMAPHORE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _timespec), ("it_value", _timespec)]
 
 Key = tuple[object, ...]
 
@@ -41,10 +71,31 @@ class Descriptions:
         self._fds: dict[Key, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
         self._sockets: dict[int, socket.socket] = {}          # socket id -> its socket
+        self._events: dict[int, int] = {}                     # event file id -> its fd
+        self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
         self._taken: set[int] = set()                         # object fds a description already is
         self._mine: list[int] = []                            # fds to close
 
-    # -- the objects: pipes and sockets, whole ---------------------------------------------
+    # -- the objects: pipes, sockets, event files, whole -------------------------------------
+
+    def add(self, fds: FdState) -> None:
+        self.add_pipes(fds.pipes)
+        self.add_sockets(fds.sockets)
+        self.add_events(fds.events)
+
+    def add_events(self, events: EventFiles) -> None:
+        for e in events.files:
+            if e.id in self._events:
+                raise RestoreError(f"event file {e.id} appears twice in the image: corrupt image")
+            fd = self._events[e.id] = _make_event_file(e)
+            self._mine.append(fd)
+            if e.watches:
+                self._watches[e.id] = e.watches
+
+    def take_watches(self, f: FileDesc) -> tuple[EpollWatch, ...]:
+        """The watches of the epoll instance ``f`` refers to, once: the first process that
+        takes it registers them."""
+        return self._watches.pop(f.obj, ()) if f.kind == "epoll" else ()
 
     def add_pipes(self, pipes: Pipes) -> None:
         for p in pipes.pipes:
@@ -106,6 +157,14 @@ class Descriptions:
         return fd
 
     def _make(self, f: FileDesc) -> int:
+        if f.kind in EVENT_KINDS:
+            fd = self._events.get(f.obj, -1)
+            if fd < 0 or fd in self._taken:
+                raise RestoreError(f"fd {f.fd} refers to {f.kind} {f.obj}, which the image lacks or "
+                                   "another description has: corrupt image")
+            self._taken.add(fd)
+            fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+            return fd
         if f.kind in ("pipe", "unix"):
             if f.kind == "unix":
                 sock = self._sockets.get(f.obj)
@@ -165,7 +224,46 @@ class Descriptions:
         self._sockets.clear()
         self._fds.clear()
         self._pipes.clear()
+        self._events.clear()
+        self._watches.clear()
         self._taken.clear()
+
+
+def _make_event_file(e: EventFile) -> int:
+    """An eventfd, timerfd, signalfd or (empty) epoll instance in the state ``e`` records."""
+    if e.kind == "eventfd":
+        fd = os.eventfd(0, os.EFD_CLOEXEC | (EFD_SEMAPHORE if e.semaphore else 0))
+        if e.count:
+            os.eventfd_write(fd, e.count)
+        return fd
+    if e.kind == "timerfd":
+        fd = _check(_libc.timerfd_create(e.clockid, os.O_CLOEXEC), f"a timerfd on clock {e.clockid}")
+        # A periodic timer that expired and was not read yet shows no time left: the kernel
+        # re-arms it when it is read. Here it runs on, one period from now.
+        value = e.value_ns or (e.interval_ns if e.ticks else 0)
+        spec = _itimerspec(_timespec(*divmod(e.interval_ns, 1_000_000_000)),
+                           _timespec(*divmod(value, 1_000_000_000)))
+        try:
+            if value:
+                _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "arming a timerfd")
+            if e.ticks:
+                # Expirations not read yet: only a kernel with CONFIG_CHECKPOINT_RESTORE takes them.
+                fcntl.ioctl(fd, TFD_IOC_SET_TICKS, struct.pack("<Q", e.ticks))
+        except OSError as exc:
+            os.close(fd)
+            raise RestoreError(f"cannot make a timerfd as it was ({exc.strerror})") from None
+        return fd
+    if e.kind == "signalfd":
+        mask = ctypes.c_uint64(e.sigmask)
+        return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC), "a signalfd")
+    return _check(_libc.epoll_create1(os.O_CLOEXEC), "an epoll instance")
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise RestoreError(f"cannot make {what} here: {os.strerror(err)}")
+    return ret
 
 
 def _send_queue(sender: socket.socket, s: UnixSocket) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from agent.fdtable import FdState
 from agent.files import check_files, check_machine
 from agent.inflight import InFlight
 from agent.restore import Restorer
@@ -27,8 +28,8 @@ from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import (EndOfImage, Files, ImageHeader, Mappings, Pipes, ProcessState, ThreadState,
-                              UnixSockets)
+from transport.schema import (EndOfImage, EventFiles, Files, ImageHeader, Mappings, Pipes, ProcessState,
+                              ThreadState, UnixSockets)
 
 MEMORY_MARGIN = 1.1
 
@@ -42,6 +43,7 @@ class DestSession:
     files: Files | None = None
     pipes: Pipes = Pipes(())
     sockets: UnixSockets = UnixSockets(())
+    events: EventFiles = EventFiles(())
     threads: list[ThreadState] = field(default_factory=list)
     pages: int = 0
     ready: bool = False
@@ -172,6 +174,8 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 s.pipes = item
             elif isinstance(item, UnixSockets):
                 s.sockets = item
+            elif isinstance(item, EventFiles):
+                s.events = item
             elif isinstance(item, ThreadState):
                 s.threads.append(item)
             elif isinstance(item, EndOfImage):
@@ -198,7 +202,8 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise ProtocolError("the page stream ended before the process's state arrived")
     if s.restorer is None or s.process is None or s.files is None or not s.threads:
         raise ProtocolError("the stream ended before the process's state arrived")
-    await s.tracer.acall(s.restorer.finish, s.process, s.files, s.threads, s.pipes, s.sockets)
+    fds = FdState(s.files, s.pipes, s.sockets, s.events)
+    await s.tracer.acall(s.restorer.finish, s.process, fds, s.threads)
     s.ready = True
     return {"pid": s.restorer.pid, "threads": len(s.threads), "warnings": list(s.restorer.report.warnings)}
 

@@ -81,14 +81,12 @@ def _rseq_fixup(mem: RemoteMemory, regs: GpRegs, rseq_addr: int) -> GpRegs:
 class Collected:
     process: ProcessState
     threads: list[ThreadState]
-    files: Files
-    pipes: Pipes
-    sockets: UnixSockets
+    fds: fdtable.FdState
     xstate_size: int
 
 
 def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None,
-            fds: fdtable.FdRecords | None = None) -> Collected:
+            fds: fdtable.FdState | None = None) -> Collected:
     """Everything but memory, from a frozen process. Leaves the process exactly as it was.
     ``redirect`` (fd -> path) says what fds to the outside become on the destination;
     ``fds``: its fd table, if the caller read it already (with the rest of a tree's)."""
@@ -106,7 +104,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         lock_future = _locked_kb(pid) > locked_before
         threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
         process = replace(_collect_process(held, leader, scratch), lock_future=int(lock_future))
-        files, pipes, sockets = fds if fds is not None else fdtable.collect(pid, redirect)
+        fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:
             if scratch is not None:
@@ -114,7 +112,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         finally:
             for inj in injectors.values():
                 inj.close()
-    return Collected(process, threads, files, pipes, sockets, len(threads[0].xstate))
+    return Collected(process, threads, fds, len(threads[0].xstate))
 
 
 def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:

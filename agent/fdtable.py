@@ -7,6 +7,11 @@
   a pipe whose writer has exited): its capacity and the bytes in it travel, read without
   consuming them (``tee(2)`` from a dup taken with ``pidfd_getfd``), so a process that runs on
   (a rollback, ``--leave-running``) loses nothing;
+- eventfds (counter, semaphore mode), timerfds (clock, time left, period, expirations not
+  read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
+  EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
+  replaced since it was registered is refused (the kernel still reports it, restore could not
+  make it again);
 - an unbound unix socket likewise (a socketpair, as asyncio's self-pipe and
   multiprocessing's duplex pipes are; a socket whose peer has closed; one never connected):
   type, options, shutdown state and every queued message travel (``agent.unix_sockets``);
@@ -27,12 +32,16 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from agent import unix_sockets
-from agent.procfs import FdInfo, classify_fd, list_fds
-from precopy.kernel import KCMP_FILE, kcmp, pidfd_getfd, pidfd_open, tee
+from agent.procfs import FdInfo, classify_fd, list_fds, read_text
+from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.schema import (
+    EVENT_KINDS,
     O_CLOEXEC_FLAG,
     SOCK_DGRAM,
+    EpollWatch,
+    EventFile,
+    EventFiles,
     FileDesc,
     Files,
     PipeBuffer,
@@ -58,6 +67,10 @@ class Peer:
 
     def __str__(self) -> str:
         return f"pid {self.pid} ({self.comm})"
+
+
+EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
+                 "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -122,6 +135,7 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
         _check_sockets(sockets, inside)
+    _check_event_files_not_shared(tables, inside)
     if objects:
         for obj, peers in outside_holders(set(objects), inside).items():
             pid, info = objects[obj][0]
@@ -130,6 +144,34 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
                 f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it: give "
                 f"--redirect {info.fd}=PATH to open PATH in its place on the destination", pid=pid)
     return _share_descriptions(tables)
+
+
+def _check_event_files_not_shared(tables: dict[int, list[FileDesc]], inside: set[int]) -> None:
+    """An eventfd, timerfd, signalfd or epoll instance is one object however many processes
+    hold it: one that a process outside also holds would be split in two. Refused, naming it
+    (kcmp against that process's fds of the same kind)."""
+    ours = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
+    if not ours:
+        return
+    kinds = {f.kind for _, f in ours}
+    skip = inside | {os.getpid()}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        other = int(entry.name)
+        try:
+            fds = [(int(fd.name), EVENT_TARGETS.get(os.readlink(fd.path)))
+                   for fd in os.scandir(f"/proc/{other}/fd")]
+        except OSError:
+            continue
+        for ofd, kind in fds:
+            if kind not in kinds:
+                continue
+            for pid, f in ours:
+                if f.kind == kind and _same_description(pid, f.fd, other, ofd):
+                    raise UnsupportedResource(
+                        f"pid {pid}'s fd {f.fd} is {'an' if kind[0] in 'e' else 'a'} {kind} shared with "
+                        f"{Peer(other, _comm(other), ofd)}, which does not move with it: {_CANNOT}", pid=pid)
 
 
 def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]]) -> list[FileDesc]:
@@ -159,6 +201,9 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             objects.setdefault(obj, []).append((pid, info))
             out.append(FileDesc(fd=info.fd, kind="pipe" if obj[0] == "pipe" else "unix", path="",
                                 flags=info.flags, pos=0, obj=obj[1]))
+            continue
+        if info.target in EVENT_TARGETS:
+            out.append(FileDesc(fd=info.fd, kind=EVENT_TARGETS[info.target], path="", flags=info.flags, pos=0))
             continue
         kind, why = classify_fd(info)
         if kind is None:
@@ -238,39 +283,63 @@ def _share_descriptions(tables: dict[int, list[FileDesc]]) -> dict[int, list[Fil
             if len(members) > 1:
                 ids += 1
                 desc.update((m, ids) for m in members)
-    return {pid: [replace(f, desc=desc.get((pid, f.fd), 0)) for f in fds] for pid, fds in tables.items()}
+    # An eventfd, timerfd, signalfd or epoll instance is its description: one id each.
+    events: dict[object, int] = {}
+    out: dict[int, list[FileDesc]] = {}
+    for pid, fds in tables.items():
+        out[pid] = []
+        for f in fds:
+            d = desc.get((pid, f.fd), 0)
+            obj = f.obj
+            if f.kind in EVENT_KINDS:
+                obj = events.setdefault(("desc", d) if d else (pid, f.fd), len(events) + 1)
+            out[pid].append(replace(f, desc=d, obj=obj))
+    return out
 
 
 def _same_description(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
     try:
         return kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0
     except OSError as exc:
-        if exc.errno == errno.EBADF:
-            return False          # closed while we looked: the dump, frozen, looks again
+        if exc.errno in (errno.EBADF, errno.ESRCH):
+            return False          # closed or gone while we looked: the dump, frozen, looks again
         raise UnsupportedResource(
             f"cannot tell whether fd {fd1} of pid {pid1} and fd {fd2} of pid {pid2} are one open file "
             f"({exc.strerror}): this kernel lacks kcmp(2) (CONFIG_KCMP)", pid=pid1) from None
 
 
-FdRecords = tuple[Files, Pipes, UnixSockets]
+@dataclass(frozen=True)
+class FdState:
+    """A process's fd table and the objects its fds refer to that the image carries."""
+
+    files: Files
+    pipes: Pipes
+    sockets: UnixSockets
+    events: EventFiles
+
+    def records(self) -> tuple[Files, Pipes, UnixSockets, EventFiles]:
+        return self.files, self.pipes, self.sockets, self.events
 
 
-def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdRecords:
+def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
     """One process's fd table and what its pipes and sockets hold, from the frozen process
     (it is left as it was)."""
     return collect_tree([pid], {pid: redirect or {}})[pid]
 
 
 def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
-                 ) -> dict[int, FdRecords]:
+                 ) -> dict[int, FdState]:
     """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
     pipe or socket goes in the records of the first process (in ``pids`` order) that has it."""
     tables = describe_tree(pids, redirect)
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
+    events: dict[int, tuple[int, FileDesc]] = {}
     for pid, fds in tables.items():
         for f in fds:
+            if f.kind in EVENT_KINDS:
+                events.setdefault(f.obj, (pid, f))
             if f.kind == "pipe":
                 ends.setdefault(f.obj, (pid, f.fd))
                 if f.flags & O_ACCMODE in READ_MODES:
@@ -300,8 +369,44 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     finally:
         for fd in pidfds.values():
             os.close(fd)
-    return {pid: (Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])))
+    event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
+    for obj, (pid, f) in events.items():
+        event_files[pid].append(_event_file(pid, f, obj))
+    return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
+                         EventFiles(tuple(event_files[pid])))
             for pid in pids}
+
+
+def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
+    """An eventfd's, timerfd's, signalfd's or epoll instance's state, from its fdinfo."""
+    text = read_text(pid, "fdinfo", str(f.fd))
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+    if f.kind == "eventfd":
+        return EventFile(obj, "eventfd", count=int(fields["eventfd-count"], 16),
+                         semaphore=fields.get("eventfd-semaphore", "0") == "1")
+    if f.kind == "timerfd":
+        return EventFile(obj, "timerfd", clockid=int(fields["clockid"]), ticks=int(fields["ticks"]),
+                         value_ns=_timespec_ns(fields["it_value"]), interval_ns=_timespec_ns(fields["it_interval"]))
+    if f.kind == "signalfd":
+        return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
+    watches = []
+    for line in text.splitlines():
+        if line.startswith("tfd:"):
+            # "tfd:        5 events:       19 data:                5  pos:0 ino:12 sdev:10"
+            parts = line.split()
+            tfd = int(parts[1])
+            if not epoll_watches_fd(pid, f.fd, tfd):
+                raise UnsupportedResource(
+                    f"pid {pid}'s epoll instance (fd {f.fd}) still watches fd {tfd}, which was closed or replaced "
+                    f"since: restore could not register that file again; {_CANNOT}", pid=pid)
+            watches.append(EpollWatch(fd=tfd, events=int(parts[3], 16), data=int(parts[5], 16)))
+    return EventFile(obj, "epoll", watches=tuple(watches))
+
+
+def _timespec_ns(text: str) -> int:
+    """fdinfo's "(seconds, nanoseconds)"."""
+    sec, nsec = text.strip("()").split(",")
+    return int(sec) * 1_000_000_000 + int(nsec)
 
 
 def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocket:

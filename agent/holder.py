@@ -114,8 +114,7 @@ class Holder:
             state = collect(held, mem, self.redirect)
         finally:
             mem.close()
-        return {"process": state.process.to_wire(), "files": state.files.to_wire(), "pipes": state.pipes.to_wire(),
-                "sockets": state.sockets.to_wire(),
+        return {"process": state.process.to_wire(), "fds": [rec.to_wire() for rec in state.fds.records()],
                 "threads": [t.to_wire() for t in state.threads]}
 
     def op_inject(self, calls: list[list[Any]]) -> list[int]:

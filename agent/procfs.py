@@ -102,6 +102,7 @@ class FdInfo:
     mnt_id: int
     st: os.stat_result | None
     locks: tuple[str, ...] = ()     # fdinfo's "lock:" lines: POSIX, OFD and flock locks, leases
+    fdinfo: str = ""                # all of /proc/PID/fdinfo/N (what each kind adds: counters, timers, ...)
 
 
 def list_fds(pid: int) -> list[FdInfo]:
@@ -133,7 +134,7 @@ def list_fds(pid: int) -> list[FdInfo]:
         except OSError:
             st = None
         out.append(FdInfo(fd, target, int(fields.get("pos", "0")), int(fields.get("flags", "0"), 8),
-                          int(fields.get("mnt_id", "0")), st, tuple(locks)))
+                          int(fields.get("mnt_id", "0")), st, tuple(locks), info))
     return out
 
 
@@ -186,11 +187,7 @@ def check_target(pid: int) -> None:
 
 _FD_REFUSALS = (
     ("pipe:", "a pipe"),         # agent.fdtable carries those it can before asking here
-    ("socket:", "a socket"),
-    ("anon_inode:[eventpoll]", "an epoll instance"),
-    ("anon_inode:[eventfd]", "an eventfd"),
-    ("anon_inode:[timerfd]", "a timerfd"),
-    ("anon_inode:[signalfd]", "a signalfd"),
+    ("socket:", "a socket"),     # (and eventfds, timerfds, signalfds, epoll instances)
     ("anon_inode:inotify", "an inotify instance"),
     ("anon_inode:[fanotify]", "a fanotify instance"),
     ("anon_inode:[io_uring]", "an io_uring instance"),

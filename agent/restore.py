@@ -32,6 +32,7 @@ from typing import Sequence
 
 from agent import ptrace, stub
 from agent.descriptions import Descriptions
+from agent.fdtable import FdState
 from agent.fill import MissingFiller
 from agent.inject import (
     MAP_ANONYMOUS,
@@ -105,6 +106,7 @@ CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
 MLOCK_ONFAULT = 1
 MCL_FUTURE = 2
+EPOLL_CTL_ADD = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -462,23 +464,20 @@ class Restorer:
 
     # -- 4. everything else -----------------------------------------------------------------
 
-    def finish(self, proc: ProcessState, files: Files, threads: list[ThreadState],
-               pipes: Pipes | None = None, sockets: UnixSockets | None = None,
+    def finish(self, proc: ProcessState, fds: FdState, threads: list[ThreadState],
                descriptions: Descriptions | None = None) -> None:
         """Restore the rest; the process is left stopped. Call ``resume`` to let it run.
-        ``descriptions``: shared with the other processes of a tree (their pipes and sockets
-        are in it already); without it, this process's own are made and dropped here."""
+        ``descriptions``: shared with the other processes of a tree (their pipes, sockets and
+        event files are in it already); without it, this process's own are made and dropped
+        here."""
         own = descriptions is None
         if descriptions is None:
-            pipes = pipes or Pipes(())
-            sockets = sockets or UnixSockets(())
-            check_objects_referenced(files, pipes, sockets)
+            check_objects_referenced(*fds.records())
             descriptions = Descriptions()
         try:
             if own:
-                descriptions.add_pipes(pipes)        # type: ignore[arg-type]
-                descriptions.add_sockets(sockets)    # type: ignore[arg-type]
-            self._finish(proc, files, threads, descriptions)
+                descriptions.add(fds)
+            self._finish(proc, fds.files, threads, descriptions)
         finally:
             if own:
                 descriptions.close()
@@ -569,6 +568,15 @@ class Restorer:
                     self._call("close", fd)
         finally:
             self._call("close", pidfd)
+        for members in groups.values():
+            for w in descriptions.take_watches(members[0]):
+                # Registered by the process, whose fd numbers are in place now.
+                event = self._put(struct.pack("<IQ", w.events, w.data))
+                try:
+                    self._call("epoll_ctl", members[0].fd, EPOLL_CTL_ADD, w.fd, event)
+                except InjectionError as exc:
+                    raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {members[0].fd} "
+                                       f"again: {exc.strerror}") from None
 
     def _make_room_for_fds(self, highest: int) -> None:
         soft, hard = prlimit(self.pid, RLIMIT_NOFILE)

@@ -39,7 +39,7 @@ from transport.errors import MigrationError, ProcessError, ProtocolError
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import FORMAT_VERSION, Files, Pipes, ProcessState, ThreadState, UnixSockets
+from transport.schema import FORMAT_VERSION, RECORD_TYPES, ProcessState, ThreadState
 from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
 
 
@@ -424,9 +424,8 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
         t_pages = time.perf_counter()
     send = sink.send_record if isinstance(sink, DataChannelSink) else ctx.send_record
     await send(ProcessState.from_wire(state["process"]))
-    await send(Files.from_wire(state["files"]))
-    await send(Pipes.from_wire(state["pipes"]))
-    await send(UnixSockets.from_wire(state["sockets"]))
+    for wire in state["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
+        await send(RECORD_TYPES[wire["t"]].from_wire(wire))
     for t in state["threads"]:
         await send(ThreadState.from_wire(t))
     # Written out, not yet applied: dest_restore waits for the stream on the destination.

@@ -29,6 +29,7 @@ SYS_kcmp = 312
 SYS_tee = 276
 
 KCMP_FILE = 0
+KCMP_EPOLL_TFD = 7
 SPLICE_F_NONBLOCK = 2
 
 ARCH_GET_XCOMP_SUPP = 0x1021
@@ -135,6 +136,19 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int, idx2: int) -> int:
     """0 where the two are the same kernel object; 1 or 2 orders them otherwise."""
     return syscall(SYS_kcmp, pid1, pid2, kind, idx1, idx2)
+
+
+class kcmp_epoll_slot(ctypes.Structure):
+    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
+
+
+def epoll_watches_fd(pid: int, epfd: int, tfd: int) -> bool:
+    """Is the file epoll ``epfd`` watches as ``tfd`` the one at fd ``tfd`` now (not one closed
+    since, or replaced)?"""
+    try:
+        return syscall(SYS_kcmp, pid, pid, KCMP_EPOLL_TFD, tfd, kcmp_epoll_slot(epfd, tfd, 0)) == 0
+    except OSError:
+        return False
 
 
 def tee(fd_in: int, fd_out: int, length: int, flags: int = SPLICE_F_NONBLOCK) -> int:

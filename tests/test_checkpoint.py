@@ -105,6 +105,11 @@ def test_unix_sockets_inside_the_process(tmp_path: Path) -> None:
     assert w.output() == ref.output() == "sockets checked: all good\n"
 
 
+def test_epoll_eventfd_timerfd_signalfd(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_events", tmp_path)
+    assert w.output() == ref.output() == "events checked: all good\n"
+
+
 def test_locked_memory_thp_flag_and_oom_score_adj(tmp_path: Path) -> None:
     ref, w, _ = migrate_once("ckpt_attrs", tmp_path)
     assert w.output() == ref.output() == "attributes checked: all good\n"

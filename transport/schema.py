@@ -217,8 +217,9 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect")
-OBJECT_KINDS = ("pipe", "unix")   # fds of these kinds refer to an object the stream carries
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll")
+FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
+OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
@@ -240,7 +241,7 @@ class FileDesc:
     desc: int = 0            # fds with the same non-zero ``desc`` share one open file description
                              # (dup, fork): one offset, one set of status flags
     obj: int = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
-                             # ``UnixSocket.id`` of its socket
+                             # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
 
 
 @dataclass(frozen=True)
@@ -352,9 +353,61 @@ class UnixSockets(Record):
             _check(o.rcvtimeo_us >= 0 and o.sndtimeo_us >= 0 and o.peek_off >= -1, f"socket {s.id}: options")
 
 
-def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets) -> None:
-    """Every pipe or socket fd refers to an object the stream carries."""
-    ids = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets}}
+@dataclass(frozen=True)
+class EpollWatch:
+    fd: int                  # the watched fd's number in the process
+    events: int              # the event mask as registered (EPOLLET, EPOLLONESHOT, ... included)
+    data: int
+
+
+@dataclass(frozen=True)
+class EventFile:
+    """An eventfd, timerfd, signalfd or epoll instance, with its state."""
+
+    id: int
+    kind: str                # one of EVENT_KINDS
+    count: int = 0           # eventfd: the counter
+    semaphore: bool = False  # eventfd: EFD_SEMAPHORE
+    clockid: int = 0         # timerfd: its clock
+    value_ns: int = 0        # timerfd: time left to the next expiry (0: disarmed)
+    interval_ns: int = 0     # timerfd: period
+    ticks: int = 0           # timerfd: expirations not read yet
+    sigmask: int = 0         # signalfd: the signals it reads
+    watches: tuple[EpollWatch, ...] = ()     # epoll: its interest list
+
+
+MAX_WATCHES = 1 << 20
+
+
+@dataclass(frozen=True)
+class EventFiles(Record):
+    """The eventfds, timerfds, signalfds and epoll instances the process's fds refer to."""
+
+    TYPE = 12
+    files: tuple[EventFile, ...]
+
+    def validate(self) -> None:
+        _check(len(self.files) <= MAX_FDS, "too many event files")
+        seen: set[int] = set()
+        for e in self.files:
+            _check(e.id > 0 and e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
+            _check(0 <= e.count < (1 << 64) - 1 and e.value_ns >= 0 and e.interval_ns >= 0 and e.ticks >= 0
+                   and 0 <= e.sigmask < 1 << 64 and 0 <= e.clockid < 16, f"event file {e.id}: its state")
+            _check(len(e.watches) <= MAX_WATCHES, f"epoll {e.id}: too many watches")
+            for w in e.watches:
+                _check(0 <= w.fd < MAX_FDS and 0 <= w.events < 1 << 32 and 0 <= w.data < 1 << 64,
+                       f"epoll {e.id}: a watch")
+            seen.add(e.id)
+
+
+def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
+                             events: EventFiles = EventFiles(())) -> None:
+    """Every pipe, socket or event fd refers to an object the stream carries, of its kind."""
+    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets}}
+    for e in events.files:
+        ids.setdefault(e.kind, set()).add(e.id)
+    for kind in EVENT_KINDS:
+        ids.setdefault(kind, set())
     for f in files.fds:
         _check(f.kind not in ids or f.obj in ids[f.kind],
                f"fd {f.fd} refers to {f.kind} {f.obj}, which the stream lacks")
@@ -489,7 +542,7 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets, ProcessTree, ProcessBegin)
+                UnixSockets, ProcessTree, ProcessBegin, EventFiles)
 }
 
 
