@@ -76,7 +76,7 @@ def checkpoint_restore(workdir: Path) -> None:
     print("   " + kcr("checkpoint", str(job.pid), "-o", str(image)))
     job.wait()
     print(f"   image: {image.stat().st_size / 2**20:.1f} MiB; `kcr-migrate show` decodes it to JSON")
-    print("3. restore it: a new process continues where the old one stopped ...")
+    print("3. restore it: the process continues where it stopped, under its own pid ...")
     new_pid = int(kcr("restore", "-i", str(image)).split()[-1])
     print(f"   restored as pid {new_pid} (was {job.pid})")
     wait_for(log, "done")
@@ -89,7 +89,8 @@ def checkpoint_restore(workdir: Path) -> None:
 
 
 def show_switch(log: str) -> None:
-    """The log lines around the move: the pid changes, the hash chain does not skip a beat."""
+    """The log lines around the move (where the pid changes, if it moved under a new one): the hash
+    chain does not skip a beat."""
     lines = log.splitlines()
     pids = [line.split()[3] if len(line.split()) > 3 else "" for line in lines]
     at = next((i for i in range(1, len(pids)) if pids[i] and pids[i] != pids[0]), len(lines) // 2)
