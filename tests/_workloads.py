@@ -16,7 +16,7 @@ import tempfile
 import weakref
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -130,6 +130,23 @@ class Workload:
         code = self.proc.wait(timeout=30)
         self.proc = None     # whatever runs now (a restored copy) is not this Popen
         return code
+
+
+def start_until_ready(argv: list[str], ready: Path, timeout: float = 60, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (ended with its test, as every process a test starts) and wait until it
+    has made the file ``ready``: the moment it may be moved."""
+    options: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                               "stderr": subprocess.DEVNULL, "close_fds": True, **popen}
+    proc = subprocess.Popen(argv, **options)
+    STARTED.append(proc)
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"{argv[0]} exited ({proc.returncode}) before it was ready")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{argv[0]}: no {ready} after {timeout} s")
+        time.sleep(0.01)
+    return proc
 
 
 def reap(pid: int, timeout: float = 60) -> int:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests._migration import proc_state
-from tests._workloads import KCR_MIGRATE, STARTED, Workload, become_subreaper, kcr, reap, run_reference
+from tests._workloads import (KCR_MIGRATE, STARTED, Workload, become_subreaper, kcr, reap, run_reference,
+                              start_until_ready)
 from tests._workloads import one_error_line as _one_error_line
 
 
@@ -294,13 +295,7 @@ def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected:
     """A TCP socket, a bound unix socket: one line, before anything is frozen; it runs on."""
     script = f"import socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ready), str(tmp_path / "sock")],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    STARTED.append(proc)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_until_ready([sys.executable, "-c", script, str(ready), str(tmp_path / "sock")], ready)
     line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
     assert expected in line, line
     assert proc_state(proc.pid) in ("S", "R")

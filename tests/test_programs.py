@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli
-from tests._workloads import STARTED, become_subreaper, kcr, reap
+from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,13 +169,7 @@ def test_a_process_holding_a_lock_is_refused_and_keeps_it(tmp_path: Path, how: s
     script = tmp_path / "locker.py"
     script.write_text(LOCKER)
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-S", str(script), str(data), how, str(ready)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    STARTED.append(proc)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(data), how, str(ready)], ready)
     if move == "checkpoint":
         res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
         err = res.stderr.decode()
@@ -219,20 +213,12 @@ def test_asyncio_program(tmp_path: Path, move: str) -> None:
     script = tmp_path / "job.py"
     script.write_text(ASYNC_JOB)
 
-    def start(name: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    def start(name: str) -> tuple[subprocess.Popen[bytes], Path]:
         out, ready = tmp_path / f"{name}.out", tmp_path / f"{name}.ready"
-        proc = subprocess.Popen([sys.executable, "-S", str(script), str(out), str(ready), "300"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                close_fds=True)
-        STARTED.append(proc)
-        return proc, out, ready
-    ref, ref_out, _ = start("reference")
+        return start_until_ready([sys.executable, "-S", str(script), str(out), str(ready), "300"], ready), out
+    ref, ref_out = start("reference")
     assert ref.wait(timeout=120) == 0
-    proc, out, ready = start("moved")
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    proc, out = start("moved")
     if move == "checkpoint":
         image = tmp_path / "job.img"
         res = kcr("checkpoint", str(proc.pid), "-o", str(image))
@@ -254,16 +240,10 @@ def test_asyncio_program(tmp_path: Path, move: str) -> None:
 def test_an_eventfd_shared_with_a_process_that_stays_is_refused(tmp_path: Path) -> None:
     """A parent and its child share one eventfd; moving the child alone would split it."""
     script = ("import os, sys, time\nefd = os.eventfd(0)\nchild = os.fork()\nif child == 0:\n"
-              "    open(sys.argv[1], 'w').close()\n    time.sleep(60)\n    os._exit(0)\n"
-              "open(sys.argv[2], 'w').write(str(child))\ntime.sleep(60)\n")
+              "    time.sleep(60)\n    os._exit(0)\n"
+              "open(sys.argv[2], 'w').write(str(child))\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
     ready, child_file = tmp_path / "ready", tmp_path / "child"
-    proc = subprocess.Popen([sys.executable, "-S", "-c", script, str(ready), str(child_file)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    STARTED.append(proc)
-    deadline = time.monotonic() + 30
-    while not (ready.exists() and child_file.exists() and child_file.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_until_ready([sys.executable, "-S", "-c", script, str(ready), str(child_file)], ready)
     child = int(child_file.read_text())
     try:
         res = kcr("checkpoint", str(child), "-o", str(tmp_path / "img"))

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli
-from tests._workloads import STARTED, Workload, become_subreaper, kcr, one_error_line, reap, run_reference
+from tests._workloads import (STARTED, Workload, become_subreaper, kcr, one_error_line, reap, run_reference,
+                              start_until_ready)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,13 +171,7 @@ def test_memory_shared_between_processes_is_refused(tmp_path: Path) -> None:
     script = ("import mmap, os, sys, time\nm = mmap.mmap(-1, 4096)\nif os.fork() == 0:\n    time.sleep(60)\n"
               "    os._exit(0)\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ready)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    STARTED.append(proc)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_until_ready([sys.executable, "-c", script, str(ready)], ready, start_new_session=True)
     line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
     assert "share anonymous memory" in line
     assert not (tmp_path / "img").exists() and proc.poll() is None
