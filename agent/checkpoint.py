@@ -19,7 +19,7 @@ from agent.inject import RemoteMemory
 from agent.procfs import check_supported, check_target, process_tree, read_stat, shared_anonymous_memory
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
-from agent.restore import Restorer
+from agent.restore import ProcessRecords, Restorer
 from precopy.layout import PageFinder
 from precopy.pagemap import pagemap_scan_works
 from precopy.reader import PageReader
@@ -27,16 +27,13 @@ from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProtocolE
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
 from transport.schema import (
-    EndOfImage,
     EventFiles,
     Files,
     ImageHeader,
     Mappings,
     Pipes,
     ProcessBegin,
-    ProcessState,
     ProcessTree,
-    ThreadState,
     TreeMember,
     UnixSockets,
     check_objects_referenced,
@@ -199,15 +196,10 @@ class RestoreResult:
 
 @dataclass
 class _Process:
-    """One process of an image, as its records arrive."""
+    """One process of an image: its restorer and its records as they arrive."""
 
     restorer: Restorer
-    state: ProcessState | None = None
-    files: Files | None = None
-    pipes: Pipes = field(default_factory=lambda: Pipes(()))
-    sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
-    events: EventFiles = field(default_factory=lambda: EventFiles(()))
-    threads: list[ThreadState] = field(default_factory=list)
+    records: ProcessRecords = field(default_factory=ProcessRecords)
 
 
 def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
@@ -243,22 +235,12 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
                 if not current.restorer.layout:
                     raise ProtocolError("page data before the memory layout: corrupt image")
                 current.restorer.write_pages(item)
-            elif isinstance(item, ProcessState):
-                current.state = item
-            elif isinstance(item, Files):
-                current.files = item
-            elif isinstance(item, Pipes):
-                current.pipes = item
-            elif isinstance(item, UnixSockets):
-                current.sockets = item
-            elif isinstance(item, EventFiles):
-                current.events = item
             elif isinstance(item, Mappings):
                 if not current.restorer.begun:
                     current.restorer.begin(item)
                 current.restorer.apply_layout(item)
-            elif isinstance(item, ThreadState):
-                current.threads.append(item)
+            else:
+                current.records.take(item)
         _finish(list(procs.values()))
         if resume:
             for p in reversed(procs.values()):           # children first: nothing runs before its parent is whole
@@ -274,7 +256,7 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
                 p.restorer.abort()
     root = next(iter(procs.values())).restorer
     result = RestoreResult(
-        pid=root.pid, threads=sum(len(p.threads) for p in procs.values()),
+        pid=root.pid, threads=sum(len(p.records.threads) for p in procs.values()),
         pages=sum(p.restorer.report.pages_written for p in procs.values()),
         restore_time_ms=(time.monotonic() - t0) * 1000,
         pages_filled=sum(p.restorer.report.pages_filled for p in procs.values()),
@@ -308,19 +290,17 @@ def _build_tree(tree: ProcessTree, procs: dict[int, _Process], header: ImageHead
 def _finish(procs: list[_Process]) -> None:
     """Everything but memory, for every process; the pipes and sockets they share are made
     once (``agent.descriptions``) and each takes its ends."""
-    for p in procs:
-        if p.state is None or p.files is None or not p.threads:
-            raise ProtocolError("the image lacks process, file or thread records: corrupt image")
-    files = Files(tuple(f for p in procs for f in p.files.fds))     # type: ignore[union-attr]
-    pipes = Pipes(tuple(x for p in procs for x in p.pipes.pipes))
-    sockets = UnixSockets(tuple(x for p in procs for x in p.sockets.sockets))
-    events = EventFiles(tuple(x for p in procs for x in p.events.files))
-    check_objects_referenced(files, pipes, sockets, events)
+    if not all(p.records.complete for p in procs):
+        raise ProtocolError("the image lacks process, file or thread records: corrupt image")
+    each = [p.records.fds() for p in procs]
+    union = FdState(Files(tuple(f for s in each for f in s.files.fds)), Pipes(tuple(x for s in each for x in s.pipes.pipes)),
+                    UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
+                    EventFiles(tuple(x for s in each for x in s.events.files)))
+    check_objects_referenced(*union.records())
     descriptions = Descriptions()
     try:
-        descriptions.add(FdState(files, pipes, sockets, events))
-        for p in procs:
-            fds = FdState(p.files, p.pipes, p.sockets, p.events)   # type: ignore[arg-type]
-            p.restorer.finish(p.state, fds, p.threads, descriptions=descriptions)  # type: ignore[arg-type]
+        descriptions.add(union)
+        for p, fds in zip(procs, each):
+            p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)  # type: ignore[arg-type]
     finally:
         descriptions.close()

@@ -20,16 +20,14 @@ from typing import Any
 
 import trio
 
-from agent.fdtable import FdState
 from agent.files import check_files, check_machine
 from agent.inflight import InFlight
-from agent.restore import Restorer
+from agent.restore import ProcessRecords, Restorer
 from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import (EndOfImage, EventFiles, Files, ImageHeader, Mappings, Pipes, ProcessState,
-                              ThreadState, UnixSockets)
+from transport.schema import EndOfImage, ImageHeader, Mappings
 
 MEMORY_MARGIN = 1.1
 
@@ -39,12 +37,7 @@ class DestSession:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     tracer: Tracer = field(default_factory=lambda: Tracer(name="kcr-restorer"))
     restorer: Restorer | None = None
-    process: ProcessState | None = None
-    files: Files | None = None
-    pipes: Pipes = Pipes(())
-    sockets: UnixSockets = UnixSockets(())
-    events: EventFiles = EventFiles(())
-    threads: list[ThreadState] = field(default_factory=list)
+    records: ProcessRecords = field(default_factory=ProcessRecords)
     pages: int = 0
     ready: bool = False
     running: bool = False
@@ -166,21 +159,9 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 if not restorer.pid:
                     await s.tracer.acall(restorer.begin, item)
                 await s.tracer.acall(restorer.apply_layout, item)
-            elif isinstance(item, ProcessState):
-                s.process = item
-            elif isinstance(item, Files):
-                s.files = item
-            elif isinstance(item, Pipes):
-                s.pipes = item
-            elif isinstance(item, UnixSockets):
-                s.sockets = item
-            elif isinstance(item, EventFiles):
-                s.events = item
-            elif isinstance(item, ThreadState):
-                s.threads.append(item)
             elif isinstance(item, EndOfImage):
                 pass
-            else:
+            elif not s.records.take(item):
                 raise ProtocolError(f"unexpected {type(item).__name__} record in a migration stream")
     except BaseException as exc:
         s.receive_error = exc
@@ -200,12 +181,12 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise s.receive_error
         if s.receive_error is not None:
             raise ProtocolError("the page stream ended before the process's state arrived")
-    if s.restorer is None or s.process is None or s.files is None or not s.threads:
+    r = s.records
+    if s.restorer is None or not r.complete:
         raise ProtocolError("the stream ended before the process's state arrived")
-    fds = FdState(s.files, s.pipes, s.sockets, s.events)
-    await s.tracer.acall(s.restorer.finish, s.process, fds, s.threads)
+    await s.tracer.acall(s.restorer.finish, r.state, r.fds(), r.threads)
     s.ready = True
-    return {"pid": s.restorer.pid, "threads": len(s.threads), "warnings": list(s.restorer.report.warnings)}
+    return {"pid": s.restorer.pid, "threads": len(r.threads), "warnings": list(s.restorer.report.warnings)}
 
 
 async def dest_go(ctx: CallContext) -> dict[str, Any]:

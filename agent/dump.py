@@ -28,18 +28,15 @@ from transport.schema import (
     FORMAT_VERSION,
     PAGE_SIZE,
     Creds,
-    Files,
     GpRegs,
     ImageHeader,
     ITimer,
     Mappings,
     MmFields,
-    Pipes,
     ProcessState,
     Rlimit,
     SigAction,
     ThreadState,
-    UnixSockets,
 )
 
 TOOL_VERSION = "0.1.0"

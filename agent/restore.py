@@ -75,6 +75,7 @@ from transport.schema import (
     PAGE_SIZE,
     TASK_SIZE,
     Creds,
+    EventFiles,
     FileDesc,
     Files,
     GpRegs,
@@ -115,6 +116,44 @@ CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x2000
 MADV = {ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, 0),
         ADV_NOHUGEPAGE: (15, 0), ADV_MERGEABLE: (12, 13)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
+
+
+@dataclass
+class ProcessRecords:
+    """One process's records as they arrive, from an image or a live stream, for ``finish``."""
+
+    state: ProcessState | None = None
+    files: Files | None = None
+    pipes: Pipes = field(default_factory=lambda: Pipes(()))
+    sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
+    events: EventFiles = field(default_factory=lambda: EventFiles(()))
+    threads: list[ThreadState] = field(default_factory=list)
+
+    def take(self, item: object) -> bool:
+        """Keep ``item`` if it is one of these records (False: it is not)."""
+        if isinstance(item, ProcessState):
+            self.state = item
+        elif isinstance(item, Files):
+            self.files = item
+        elif isinstance(item, Pipes):
+            self.pipes = item
+        elif isinstance(item, UnixSockets):
+            self.sockets = item
+        elif isinstance(item, EventFiles):
+            self.events = item
+        elif isinstance(item, ThreadState):
+            self.threads.append(item)
+        else:
+            return False
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return self.state is not None and self.files is not None and bool(self.threads)
+
+    def fds(self) -> FdState:
+        assert self.files is not None
+        return FdState(self.files, self.pipes, self.sockets, self.events)
 
 
 @dataclass
