@@ -87,6 +87,7 @@ from transport.schema import (
     UnixSockets,
     VMA_LOCKED,
     VMA_LOCKONFAULT,
+    VMA_MAYWRITE,
     Vma,
     check_objects_referenced,
 )
@@ -420,7 +421,8 @@ class Restorer:
                 self._placeholders[(v.start, v.end)] = v
             elif v.kind == "file":
                 self._check_file(v)
-                mode = os.O_RDWR if v.shared and v.prot & PROT_WRITE else os.O_RDONLY
+                # A shared mapping the process may mprotect writable needs a file opened for writing.
+                mode = os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
                 fd = self._open(v.path, mode | O_CLOEXEC)
                 try:
                     self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)

@@ -38,6 +38,7 @@ from transport.schema import (
     PROT_WRITE,
     VMA_LOCKED,
     VMA_LOCKONFAULT,
+    VMA_MAYWRITE,
     Vma,
 )
 
@@ -47,7 +48,8 @@ _MAPS_LINE = re.compile(
 SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]": "vvar",
                  "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
 _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
-                 "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE, "lo": VMA_LOCKED, "lf": VMA_LOCKONFAULT}
+                 "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE, "lo": VMA_LOCKED, "lf": VMA_LOCKONFAULT,
+                 "mw": VMA_MAYWRITE}
 
 
 @dataclass(frozen=True)

@@ -167,8 +167,9 @@ VMA_KINDS = ("anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vs
 # Advice recorded from smaps VmFlags and replayed with madvise().
 ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_MERGEABLE = (
     1, 2, 4, 8, 16, 32)
-# Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT).
-VMA_LOCKED, VMA_LOCKONFAULT = 64, 128
+# Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT);
+# may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now).
+VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE = 64, 128, 256
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 /* Memory and process attributes that came back lost: mlock()ed memory (and mlock2's lock on
- * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj. */
+ * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj, and a read-only
+ * MAP_SHARED mapping of a file opened read-write, which may be made writable. */
 #include "ckpt_common.h"
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -31,6 +32,13 @@ int main(int argc, char **argv) {
     char *a = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     char *b = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     memset(a, 'a', 8 * 4096);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/shared.bin", outdir);
+    int sfd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (sfd < 0 || ftruncate(sfd, 4096)) return 3;
+    char *ro = mmap(NULL, 4096, PROT_READ, MAP_SHARED, sfd, 0);
+    close(sfd);
+    if (ro == MAP_FAILED) return 3;
     if (mlock(a, 8 * 4096)) { perror("mlock"); return 3; }
     if (mlock2(b, 8 * 4096, MLOCK_ONFAULT)) { perror("mlock2"); return 3; }
     b[0] = 'b';
@@ -47,6 +55,8 @@ int main(int argc, char **argv) {
     if (!locked(c)) strcat(why, "mlockall(MCL_FUTURE); ");
     if (prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 1) strcat(why, "THP disable; ");
     if (oom_adj() != 300) strcat(why, "oom_score_adj; ");
+    if (mprotect(ro, 4096, PROT_READ | PROT_WRITE)) strcat(why, "shared mapping may not be made writable; ");
+    else ro[0] = 'w';
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
     verdict(!why[0], "%s", why);
     return 0;
