@@ -253,7 +253,7 @@ class Restorer:
                     child = inj.raw(NR["clone3"], at + 16, len(args))
                 finally:
                     mem.close()
-            if child != -errno.EEXIST or _state(pid) != "Z" or time.monotonic() > deadline:
+            if child != -errno.EEXIST or not _going(pid) or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         if child == -errno.EEXIST:
@@ -295,7 +295,7 @@ class Restorer:
             try:
                 return stub.spawn(self.header.pid)
             except stub.PidTaken:
-                if _state(self.header.pid) != "Z" or time.monotonic() > deadline:
+                if not _going(self.header.pid) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
 
@@ -852,6 +852,11 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _going(pid: int) -> bool:
+    """Is ``pid`` held by a zombie, or free already (reaped since we found it taken)?"""
+    return _state(pid) in ("Z", None)
 
 
 def _state(pid: int) -> str | None:
