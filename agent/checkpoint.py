@@ -93,7 +93,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                                       "exit): nothing was written; try again", pid=pid)
         _check_tree(pid, opts, pids)          # again, now that nothing can change under us
         _check_cancel(opts, pid)
-        fds = fdtable.collect_tree(pids, {pid: opts.redirect})
+        fds = fdtable.collect_tree(pids, {pid: opts.redirect})      # checks the fd tables again too
         states = {}
         for held in helds:
             mem = RemoteMemory(held.pid, writable=False)
@@ -131,11 +131,17 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         stats.bytes_on_wire = wstats.bytes_on_wire
     finally:
         frozen_at = min((h.frozen_at for h in helds if h.frozen_at), default=0.0)
-        for held in reversed(helds):              # children first
-            if complete and not opts.leave_running:
-                freezer.kill(held)
-            else:
-                freezer.let_go(held)
+        failed: BaseException | None = None
+        for held in reversed(helds):              # children first; every one, whatever fails
+            try:
+                if complete and not opts.leave_running:
+                    freezer.kill(held)
+                else:
+                    freezer.let_go(held)
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         if complete and not opts.leave_running:
             for p in pids:
                 freezer.wait_gone(p)
@@ -145,11 +151,12 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     return stats
 
 
-def _check_tree(pid: int, opts: CheckpointOptions, pids: list[int] | None = None) -> list[int]:
-    """``pid`` and its descendants, each checked (and their fd tables together); refusals
-    name what cannot be carried."""
+def _check_tree(pid: int, opts: CheckpointOptions, frozen: list[int] | None = None) -> list[int]:
+    """``pid`` and its descendants, each checked (and, before they are frozen, their fd tables
+    together: frozen, ``collect_tree`` checks those as it reads them); refusals name what
+    cannot be carried."""
     check_target(pid)
-    pids = pids or process_tree(pid)
+    pids = frozen or process_tree(pid)
     for p in pids[1:]:
         try:
             check_target(p)
@@ -159,7 +166,8 @@ def _check_tree(pid: int, opts: CheckpointOptions, pids: list[int] | None = None
                 "carry a zombie yet; try again once its parent has waited for it", pid=p) from None
     for p in pids:
         check_supported(p, redirect=opts.redirect if p == pid else None, tree=pids)
-    fdtable.describe_tree(pids, {pid: opts.redirect})
+    if frozen is None:
+        fdtable.describe_tree(pids, {pid: opts.redirect})
     shared_anonymous_memory(pids)
     return pids
 
