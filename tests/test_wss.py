@@ -140,8 +140,9 @@ def test_a_process_that_exits_while_measured_is_one_error_line(tmp_path: Path) -
     w = workload("dirty_writer", tmp_path, "256", "100", "2")
     try:
         cli = subprocess.Popen([sys.executable, "-m", "migrate", "wss", str(w.pid), "--interval", "0.1",
-                                "--count", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.0)
+                                "--count", "50", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert cli.stdout is not None
+        assert cli.stdout.readline().startswith(b"{")     # an interval measured: tracking is on
         kill_workload(w)
         out, err = cli.communicate(timeout=30)
         assert cli.returncode == 1, err.decode()
