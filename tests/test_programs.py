@@ -57,34 +57,38 @@ def reference(text: Path, where: Path) -> bytes:
     return out.read_bytes()
 
 
-pytestmark = pytest.mark.skipif(shutil.which("xz") is None, reason="no xz on this machine (apt-get install xz-utils)")
+def moved(proc: subprocess.Popen[bytes], how: str, tmp_path: Path, *options: str) -> int:
+    """Move ``proc`` by checkpoint and restore, or live (localhost to localhost), with
+    ``options``; its original is killed and reaped. Returns the pid it runs under now."""
+    if how == "checkpoint":
+        image = tmp_path / "moved.img"
+        res = kcr("checkpoint", str(proc.pid), "-o", str(image), *options)
+        assert res.returncode == 0, res.stderr.decode()
+        assert proc.wait(timeout=30) == -9
+        res = kcr("restore", "-i", str(image))
+        assert res.returncode == 0, res.stderr.decode()
+        pid = int(res.stdout.split()[-1])
+        assert pid == proc.pid                 # its own pid
+        return pid
+    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost", *options)
+    assert code == 0, err
+    assert proc.wait(timeout=30) == -9
+    return int(report["new_pid"])
 
 
-def test_xz_checkpoint_and_restore(tmp_path: Path, text: Path) -> None:
+def finished(pid: int, timeout: float = 300) -> None:
+    status = reap(pid, timeout=timeout)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the moved process ended with {status:#x}"
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="no xz on this machine (apt-get install xz-utils)")
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_xz(tmp_path: Path, text: Path, how: str) -> None:
     """xz keeps a self-pipe for its signal handlers: carried, with the file being written."""
     want = reference(text, tmp_path / "reference")
     proc, out = xz(text, tmp_path / "moved")
     started_writing(proc, out)
-    image = tmp_path / "xz.img"
-    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
-    assert res.returncode == 0, res.stderr.decode()
-    assert proc.wait(timeout=30) == -9
-    res = kcr("restore", "-i", str(image))
-    assert res.returncode == 0, res.stderr.decode()
-    status = reap(int(res.stdout.split()[-1]), timeout=300)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"restored xz ended with {status:#x}"
-    assert out.read_bytes() == want
-
-
-def test_xz_live_migration(tmp_path: Path, text: Path) -> None:
-    want = reference(text, tmp_path / "reference")
-    proc, out = xz(text, tmp_path / "moved")
-    started_writing(proc, out)
-    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
-    assert code == 0, err
-    assert proc.wait(timeout=30) == -9
-    status = reap(report["new_pid"], timeout=300)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"migrated xz ended with {status:#x}"
+    finished(moved(proc, how, tmp_path))
     assert out.read_bytes() == want
 
 
@@ -115,26 +119,11 @@ def _move_counter(proc: subprocess.Popen[bytes], tmp_path: Path, how: str) -> No
     before = [proc.stdout.readline() for _ in range(20)]
     assert before[-1] == b"line 19\n"
     out = tmp_path / "out.log"
-    if how == "checkpoint":
-        refused = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "refused.img"))
-        assert f"fd 1 is a pipe shared with pid {os.getpid()}" in refused.stderr.decode()
-        image = tmp_path / "job.img"
-        res = kcr("checkpoint", str(proc.pid), "-o", str(image), "--redirect", f"1={out}")
-        assert res.returncode == 0, res.stderr.decode()
-        rest = proc.stdout.read()       # what it wrote to the pipe before the move: to its end
-        assert proc.wait(timeout=30) == -9
-        res = kcr("restore", "-i", str(image))
-        assert res.returncode == 0, res.stderr.decode()
-        pid = int(res.stdout.split()[-1])
-        assert pid == proc.pid
-    else:
-        code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost", "--redirect", f"1={out}")
-        assert code == 0, err
-        pid = report["new_pid"]
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=30) == -9
-    status = reap(pid, timeout=120)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    refused = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "refused.img"))
+    assert f"fd 1 is a pipe shared with pid {os.getpid()}" in refused.stderr.decode()
+    pid = moved(proc, how, tmp_path, "--redirect", f"1={out}")
+    rest = proc.stdout.read()       # what it wrote to the pipe before the move: to its end
+    finished(pid, timeout=120)
     got = b"".join(before) + rest + out.read_bytes()
     assert got == b"".join(b"line %d\n" % i for i in range(600))
 
@@ -219,21 +208,7 @@ def test_asyncio_program(tmp_path: Path, move: str) -> None:
     ref, ref_out = start("reference")
     assert ref.wait(timeout=120) == 0
     proc, out = start("moved")
-    if move == "checkpoint":
-        image = tmp_path / "job.img"
-        res = kcr("checkpoint", str(proc.pid), "-o", str(image))
-        assert res.returncode == 0, res.stderr.decode()
-        assert proc.wait(timeout=30) == -9
-        res = kcr("restore", "-i", str(image))
-        assert res.returncode == 0, res.stderr.decode()
-        pid = int(res.stdout.split()[-1])
-    else:
-        code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
-        assert code == 0, err
-        assert proc.wait(timeout=30) == -9
-        pid = report["new_pid"]
-    status = reap(pid, timeout=120)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"{status:#x}"
+    finished(moved(proc, move, tmp_path), timeout=120)
     assert out.read_text() == ref_out.read_text()
 
 
