@@ -6,6 +6,7 @@ that holds something kcr-migrate cannot carry yet, with one line that names it.
 from __future__ import annotations
 
 import os
+import re
 import stat as stat_mod
 from dataclasses import dataclass
 from typing import Mapping
@@ -185,6 +186,8 @@ def check_target(pid: int) -> None:
         raise ProcessError(f"{pid} is a thread of process {tgid}: give the process id {tgid}", pid=pid)
 
 
+_PROC_PID = re.compile(r"^/proc/\d+(/|$)")
+
 _FD_REFUSALS = (
     ("pipe:", "a pipe"),         # agent.fdtable carries those it can before asking here
     ("socket:", "a socket"),     # (and eventfds, timerfds, signalfds, epoll instances)
@@ -208,6 +211,10 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
         return None, f"an unsupported file ({target})"
     if target.endswith(" (deleted)"):
         return None, f"a deleted file ({target[:-10]})"
+    if _PROC_PID.match(target):
+        # It names one process's file by pid: on the destination (or after a restore) that
+        # pid is another process, or none.
+        return None, f"a file of a process under /proc ({target}), which restore could not open again"
     st = info.st
     if st is None:
         return None, f"a file that cannot be inspected ({target})"
@@ -263,6 +270,15 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         timers = ""
     if timers.strip():
         raise UnsupportedResource(f"pid {pid} has POSIX timers (timer_create): {fix}", pid=pid)
+    for what in ("cwd", "root"):
+        try:
+            place = os.readlink(proc_path(pid, what))
+        except OSError:
+            continue
+        if place.endswith(" (deleted)") or _PROC_PID.match(place):
+            raise UnsupportedResource(
+                f"pid {pid}'s {'working directory' if what == 'cwd' else 'root directory'} is {place}, which "
+                f"restore could not enter again: {fix}", pid=pid)
     status = read_status(pid)
     if int(status.get("SigIgn", "0"), 16) & 1 << 4:          # SIGTRAP
         raise UnsupportedResource(

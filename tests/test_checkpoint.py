@@ -303,6 +303,23 @@ def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected:
 
 # The bad-image tests restore with --new-pid: the image's pid is long gone and may be anyone's
 # by now (pids wrap quickly on a busy machine); what they test comes before or after it.
+@pytest.mark.parametrize("holding, expected", [
+    ("os.mkdir(sys.argv[2]); os.chdir(sys.argv[2]); os.rmdir(sys.argv[2])", "working directory is"),
+    ("keep = open(f'/proc/{os.getpid()}/status')", "a file of a process under /proc"),
+    ("keep = open('/proc/self/stat')", "a file of a process under /proc"),
+])
+def test_refuses_what_restore_could_not_rebuild(tmp_path: Path, holding: str, expected: str) -> None:
+    """A deleted working directory, an fd on a /proc/PID file: checkpoint used to write the
+    image, kill the process, and the image could not be restored. Refused before freezing."""
+    script = f"import os, sys, time\n{holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
+    ready = tmp_path / "ready"
+    proc = start_until_ready([sys.executable, "-c", script, str(ready), str(tmp_path / "gone")], ready)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert expected in line, line
+    assert not (tmp_path / "img").exists()
+    assert proc_state(proc.pid) in ("S", "R")
+
+
 @pytest.fixture(scope="module")
 def good_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     base = tmp_path_factory.mktemp("img")
