@@ -81,9 +81,13 @@ def object_of(target: str) -> tuple[str, int] | None:
     return None
 
 
-def outside_holders(objects: set[tuple[str, int]], inside: set[int]) -> dict[tuple[str, int], list[Peer]]:
-    """Processes other than ``inside`` (and this one) holding any of these pipes or sockets."""
-    found: dict[tuple[str, int], list[Peer]] = {}
+OutsideFd = tuple[int, int, str]      # (pid, fd, what /proc/PID/fd/FD links to)
+
+
+def outside_fds(inside: set[int]) -> list[OutsideFd]:
+    """Every fd of every process but ``inside`` (and this one): one pass over /proc that the
+    checks for pipes, sockets and event files shared with the outside all read."""
+    out: list[OutsideFd] = []
     skip = inside | {os.getpid()}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) in skip:
@@ -96,11 +100,19 @@ def outside_holders(objects: set[tuple[str, int]], inside: set[int]) -> dict[tup
         with fds:
             for fd in fds:
                 try:
-                    obj = object_of(os.readlink(fd.path))
+                    out.append((pid, int(fd.name), os.readlink(fd.path)))
                 except OSError:
                     continue
-                if obj in objects:
-                    found.setdefault(obj, []).append(Peer(pid, _comm(pid), int(fd.name)))
+    return out
+
+
+def outside_holders(objects: set[tuple[str, int]], outside: list[OutsideFd]) -> dict[tuple[str, int], list[Peer]]:
+    """The processes among ``outside`` holding any of these pipes or sockets."""
+    found: dict[tuple[str, int], list[Peer]] = {}
+    for pid, fd, target in outside:
+        obj = object_of(target)
+        if obj in objects:
+            found.setdefault(obj, []).append(Peer(pid, _comm(pid), fd))
     return found
 
 
@@ -132,12 +144,15 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     objects: dict[tuple[str, int], list[Held]] = {}
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects)
+    events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
+    outside = outside_fds(inside) if objects or events else []
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
-        _check_sockets(sockets, inside)
-    _check_event_files_not_shared(tables, inside)
+        _check_sockets(sockets, outside)
+    if events:
+        _check_event_files_not_shared(events, outside)
     if objects:
-        for obj, peers in outside_holders(set(objects), inside).items():
+        for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
             what = "a pipe" if obj[0] == "pipe" else "a socket"
             raise UnsupportedResource(
@@ -146,32 +161,17 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     return _share_descriptions(tables)
 
 
-def _check_event_files_not_shared(tables: dict[int, list[FileDesc]], inside: set[int]) -> None:
+def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: list[OutsideFd]) -> None:
     """An eventfd, timerfd, signalfd or epoll instance is one object however many processes
     hold it: one that a process outside also holds would be split in two. Refused, naming it
     (kcmp against that process's fds of the same kind)."""
-    ours = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
-    if not ours:
-        return
-    kinds = {f.kind for _, f in ours}
-    skip = inside | {os.getpid()}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        other = int(entry.name)
-        try:
-            fds = [(int(fd.name), EVENT_TARGETS.get(os.readlink(fd.path)))
-                   for fd in os.scandir(f"/proc/{other}/fd")]
-        except OSError:
-            continue
-        for ofd, kind in fds:
-            if kind not in kinds:
-                continue
-            for pid, f in ours:
-                if f.kind == kind and _same_description(pid, f.fd, other, ofd):
-                    raise UnsupportedResource(
-                        f"pid {pid}'s fd {f.fd} is {'an' if kind[0] in 'e' else 'a'} {kind} shared with "
-                        f"{Peer(other, _comm(other), ofd)}, which does not move with it: {_CANNOT}", pid=pid)
+    for other, ofd, target in outside:
+        kind = EVENT_TARGETS.get(target)
+        for pid, f in ours:
+            if f.kind == kind and _same_description(pid, f.fd, other, ofd):
+                raise UnsupportedResource(
+                    f"pid {pid}'s fd {f.fd} is {'an' if kind[0] in 'e' else 'a'} {kind} shared with "
+                    f"{Peer(other, _comm(other), ofd)}, which does not move with it: {_CANNOT}", pid=pid)
 
 
 def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]]) -> list[FileDesc]:
@@ -225,7 +225,7 @@ def _redirect_hint(fd: int, why: str) -> str:
     return ""
 
 
-def _check_sockets(sockets: dict[int, list[Held]], inside: set[int]) -> None:
+def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd]) -> None:
     """Refuse the sockets we cannot carry: other families, bound or listening unix sockets,
     connections to a peer that does not move, connections not yet accepted."""
     known = unix_sockets.query(sockets)
@@ -242,7 +242,7 @@ def _check_sockets(sockets: dict[int, list[Held]], inside: set[int]) -> None:
                 f"pid {pid} has a unix socket bound to {name} open as fd {fd}: bound and listening sockets "
                 f"cannot be moved yet", pid=pid)
         if info.peer and info.peer not in sockets:
-            holders = outside_holders({("socket", info.peer)}, inside)
+            holders = outside_holders({("socket", info.peer)}, outside)
             peer = next(iter(holders.values()))[0] if holders else None
             where = f"{peer}, which does not move with it" if peer else "a socket outside what moves"
             raise UnsupportedResource(
