@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from agent import ptrace, stub
 from agent.descriptions import Descriptions
@@ -242,26 +242,28 @@ class Restorer:
     def fork(self, pid: int) -> int:
         """A child of this stub (not begun yet) with ``pid``, seized and stopped: the stub of
         a child in a process tree. Its parent is this process, as in the tree."""
-        deadline = time.monotonic() + ZOMBIE_GRACE_S
-        while True:
-            with Injector(self.pid, stub.STUB_SYSCALL) as inj:
-                mem = RemoteMemory(self.pid)
-                try:
-                    at = (inj.saved_regs.rsp - 1024) & ~15       # the stub's stack, below what it uses
-                    args = stub.clone_args(0, signal.SIGCHLD, at, 1)
-                    mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
-                    child = inj.raw(NR["clone3"], at + 16, len(args))
-                finally:
-                    mem.close()
-            if child != -errno.EEXIST or not _going(pid) or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
-        if child == -errno.EEXIST:
+        try:
+            child = _while_going(pid, lambda: self._clone_child(pid))
+        except stub.PidTaken:
             raise RestoreError(f"pid {pid} is taken on {socket.gethostname()} ({_holder(pid)}): a process tree "
-                               "keeps its pids; end that process first", pid=pid)
+                               "keeps its pids; end that process first", pid=pid) from None
+        self._wait_clone_child(child)
+        return child
+
+    def _clone_child(self, pid: int) -> int:
+        with Injector(self.pid, stub.STUB_SYSCALL) as inj:
+            mem = RemoteMemory(self.pid)
+            try:
+                at = (inj.saved_regs.rsp - 1024) & ~15       # the stub's stack, below what it uses
+                args = stub.clone_args(0, signal.SIGCHLD, at, 1)
+                mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
+                child = inj.raw(NR["clone3"], at + 16, len(args))
+            finally:
+                mem.close()
+        if child == -errno.EEXIST:
+            raise stub.PidTaken(pid)
         if child < 0:
             raise RestoreError(f"could not create process {pid}: {os.strerror(-child)}", pid=pid)
-        self._wait_clone_child(child)
         return child
 
     def stub_call(self, name: str, *args: int) -> int:
@@ -285,19 +287,11 @@ class Restorer:
             self.filler = None      # no userfaultfd here: every page goes through /proc/PID/mem
 
     def _spawn(self) -> int:
-        """The stub, under the image's pid if ids are kept. A zombie holding that pid (the
-        checkpointed process itself, killed a moment ago and not yet reaped by its parent, or
-        by init for an orphan) is given a few seconds to go."""
+        """The stub, under the image's pid if ids are kept."""
         if not self.keep_ids:
             return stub.spawn()
-        deadline = time.monotonic() + ZOMBIE_GRACE_S
-        while True:
-            try:
-                return stub.spawn(self.header.pid)
-            except stub.PidTaken:
-                if not _going(self.header.pid) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        pid = self.header.pid
+        return _while_going(pid, lambda: stub.spawn(pid))
 
     def _call(self, name: str, *args: int) -> int:
         assert self.inj is not None
@@ -511,17 +505,16 @@ class Restorer:
         ``descriptions``: shared with the other processes of a tree (their pipes, sockets and
         event files are in it already); without it, this process's own are made and dropped
         here."""
-        own = descriptions is None
-        if descriptions is None:
-            check_objects_referenced(*fds.records())
-            descriptions = Descriptions()
-        try:
-            if own:
-                descriptions.add(fds)
+        if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
+            return
+        check_objects_referenced(*fds.records())
+        own = Descriptions()
+        try:
+            own.add(fds)
+            self._finish(proc, fds.files, threads, own)
         finally:
-            if own:
-                descriptions.close()
+            own.close()
 
     def _finish(self, proc: ProcessState, files: Files, threads: list[ThreadState],
                 descriptions: Descriptions) -> None:
@@ -852,6 +845,20 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _while_going(pid: int, attempt: Callable[[], int]) -> int:
+    """``attempt()``, tried again while it finds ``pid`` taken by a zombie (the checkpointed
+    process itself, killed a moment ago and not yet reaped by its parent, or by init for an
+    orphan) or by nothing any more (reaped since), for a few seconds."""
+    deadline = time.monotonic() + ZOMBIE_GRACE_S
+    while True:
+        try:
+            return attempt()
+        except stub.PidTaken:
+            if not _going(pid) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _going(pid: int) -> bool:
