@@ -16,27 +16,17 @@ from agent import fdtable
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
-from agent.procfs import check_supported, check_target, process_tree, read_stat, shared_anonymous_memory
-from agent.descriptions import Descriptions
-from agent.fdtable import FdState
-from agent.restore import ProcessRecords, Restorer
+from agent.procfs import process_tree
+from agent.restore_session import RestoreSession
+from agent.tree import check_tree, tree_record
 from precopy.layout import PageFinder
 from precopy.pagemap import pagemap_scan_works
 from precopy.reader import PageReader
-from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProtocolError, RestoreError, UnsupportedResource
+from transport.errors import Cancelled, MigrationError, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
-from transport.pages import PageBatch
 from transport.schema import (
-    EventFiles,
-    Files,
-    ImageHeader,
     Mappings,
-    Pipes,
     ProcessBegin,
-    ProcessTree,
-    TreeMember,
-    UnixSockets,
-    check_objects_referenced,
 )
 
 
@@ -80,7 +70,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     whole, before the kill (to fsync and rename a file into place: a process is never killed
     for a lost image). Every process is stopped before any state is read."""
     t0 = time.monotonic()
-    pids = _check_tree(pid, opts)
+    pids = check_tree(pid, opts.redirect)
     helds: list[freezer.Held] = []
     stats = CheckpointStats(pid=pid)
     complete = False
@@ -91,7 +81,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         if process_tree(pid) != pids:
             raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork or an "
                                       "exit): nothing was written; try again", pid=pid)
-        _check_tree(pid, opts, pids)          # again, now that nothing can change under us
+        check_tree(pid, opts.redirect, pids)   # again, now that nothing can change under us
         _check_cancel(opts, pid)
         fds = fdtable.collect_tree(pids, {pid: opts.redirect})      # checks the fd tables again too
         states = {}
@@ -106,7 +96,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         try:
             writer.record(image_header(pid, "checkpoint", states[pid].threads[0].xstate))
             if len(pids) > 1:
-                writer.record(ProcessTree(tuple(_member(p) for p in pids)))
+                writer.record(tree_record(pids))
             t_mem = time.monotonic()
             for p in pids:
                 if len(pids) > 1:
@@ -151,32 +141,6 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     return stats
 
 
-def _check_tree(pid: int, opts: CheckpointOptions, frozen: list[int] | None = None) -> list[int]:
-    """``pid`` and its descendants, each checked (and, before they are frozen, their fd tables
-    together: frozen, ``collect_tree`` checks those as it reads them); refusals name what
-    cannot be carried."""
-    check_target(pid)
-    pids = frozen or process_tree(pid)
-    for p in pids[1:]:
-        try:
-            check_target(p)
-        except NoSuchProcess:
-            raise UnsupportedResource(
-                f"pid {p}, a child in pid {pid}'s tree, has exited and was not reaped yet: kcr-migrate cannot "
-                "carry a zombie yet; try again once its parent has waited for it", pid=p) from None
-    for p in pids:
-        check_supported(p, redirect=opts.redirect if p == pid else None, tree=pids)
-    if frozen is None:
-        fdtable.describe_tree(pids, {pid: opts.redirect})
-    shared_anonymous_memory(pids)
-    return pids
-
-
-def _member(pid: int) -> TreeMember:
-    stat = read_stat(pid)
-    return TreeMember(pid=pid, ppid=int(stat[4]), pgid=int(stat[5]), sid=int(stat[6]), comm=stat[2])
-
-
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
                  check: Callable[[], None] = lambda: None) -> None:
     with PageFinder(pid, use_scan=pagemap_scan_works()) as finder, PageReader(pid) as reader:
@@ -202,57 +166,23 @@ class RestoreResult:
         return asdict(self)
 
 
-@dataclass
-class _Process:
-    """One process of an image: its restorer and its records as they arrive."""
-
-    restorer: Restorer
-    records: ProcessRecords = field(default_factory=ProcessRecords)
-
-
 def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
-            new_pid: bool = False) -> tuple[RestoreResult, Restorer]:
+            new_pid: bool = False) -> tuple[RestoreResult, RestoreSession]:
     """Rebuild the process an image describes (with its descendants, for a tree); it runs on
     return unless ``resume`` is False. It keeps its pid and thread ids unless ``new_pid``
     (refused for a tree). Setting ``cancel`` aborts at the next record or page batch:
     nothing of it is left."""
     t0 = time.monotonic()
-    reader = ImageReader(src)
-    procs: dict[int, _Process] = {}
-    current: _Process | None = None
+    session = RestoreSession(keep_ids=not new_pid)
     done = False
     try:
-        for item in reader:
+        for item in ImageReader(src):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("interrupted: the half-restored process was removed")
-            if isinstance(item, ImageHeader):
-                current = procs[item.pid] = _Process(Restorer(item, keep_ids=not new_pid))
-                continue
-            if current is None:
-                raise ProtocolError("the image does not start with its header: corrupt image")
-            if isinstance(item, ProcessTree):
-                if new_pid:
-                    raise RestoreError("this image holds a process tree, which keeps its pids (parents wait for "
-                                       "their children by pid): restore it without --new-pid")
-                _build_tree(item, procs, current.restorer.header)
-            elif isinstance(item, ProcessBegin):
-                if item.pid not in procs or len(procs) == 1:
-                    raise ProtocolError(f"records of process {item.pid}, which the image's tree lacks: corrupt image")
-                current = procs[item.pid]
-            elif isinstance(item, PageBatch):
-                if not current.restorer.layout:
-                    raise ProtocolError("page data before the memory layout: corrupt image")
-                current.restorer.write_pages(item)
-            elif isinstance(item, Mappings):
-                if not current.restorer.begun:
-                    current.restorer.begin(item)
-                current.restorer.apply_layout(item)
-            else:
-                current.records.take(item)
-        _finish(list(procs.values()))
+            session.take(item)
+        session.finish()
         if resume:
-            for p in reversed(procs.values()):           # children first: nothing runs before its parent is whole
-                p.restorer.resume()
+            session.resume()
         done = True
     except MigrationError:
         raise
@@ -260,55 +190,12 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
         raise RestoreError(f"restore failed: {exc}") from None
     finally:
         if not done:
-            for p in reversed(procs.values()):
-                p.restorer.abort()
-    root = next(iter(procs.values())).restorer
+            session.abort()
+    procs = session.procs.values()
     result = RestoreResult(
-        pid=root.pid, threads=sum(len(p.records.threads) for p in procs.values()),
-        pages=sum(p.restorer.report.pages_written for p in procs.values()),
+        pid=session.root.pid, threads=session.threads,
+        pages=sum(p.restorer.report.pages_written for p in procs),
         restore_time_ms=(time.monotonic() - t0) * 1000,
-        pages_filled=sum(p.restorer.report.pages_filled for p in procs.values()),
-        warnings=[w for p in procs.values() for w in p.restorer.report.warnings], processes=len(procs))
-    return result, root
-
-
-def _build_tree(tree: ProcessTree, procs: dict[int, _Process], header: ImageHeader) -> None:
-    """Every process of the tree as a stub with its own pid, each made by its parent's, then
-    put in its session and process group (session leaders, group leaders, then the rest)."""
-    root = tree.members[0]
-    if len(procs) != 1 or root.pid not in procs:
-        raise ProtocolError("the image's process tree does not start with its header's process: corrupt image")
-    procs[root.pid].restorer.spawn_stub()
-    for m in tree.members[1:]:
-        parent = procs[m.ppid].restorer
-        procs[m.pid] = _Process(Restorer(header, stub_pid=parent.fork(m.pid)))
-    members = {m.pid: m for m in tree.members}
-    for m in tree.members[1:]:
-        if m.sid == m.pid:
-            procs[m.pid].restorer.stub_call("setsid")
-    for m in tree.members[1:]:
-        if m.pgid == m.pid and m.sid != m.pid:
-            procs[m.pid].restorer.stub_call("setpgid", 0, 0)
-    for m in tree.members[1:]:
-        leader = members.get(m.pgid)
-        if m.pgid != m.pid and leader is not None and leader.pgid == leader.pid and leader is not root:
-            procs[m.pid].restorer.stub_call("setpgid", 0, m.pgid)
-
-
-def _finish(procs: list[_Process]) -> None:
-    """Everything but memory, for every process; the pipes and sockets they share are made
-    once (``agent.descriptions``) and each takes its ends."""
-    if not all(p.records.complete for p in procs):
-        raise ProtocolError("the image lacks process, file or thread records: corrupt image")
-    each = [p.records.fds() for p in procs]
-    union = FdState(Files(tuple(f for s in each for f in s.files.fds)), Pipes(tuple(x for s in each for x in s.pipes.pipes)),
-                    UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
-                    EventFiles(tuple(x for s in each for x in s.events.files)))
-    check_objects_referenced(*union.records())
-    descriptions = Descriptions()
-    try:
-        descriptions.add(union)
-        for p, fds in zip(procs, each):
-            p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)  # type: ignore[arg-type]
-    finally:
-        descriptions.close()
+        pages_filled=sum(p.restorer.report.pages_filled for p in procs),
+        warnings=session.warnings, processes=len(procs))
+    return result, session

@@ -22,12 +22,11 @@ import trio
 
 from agent.files import check_files, check_machine
 from agent.inflight import InFlight
-from agent.restore import ProcessRecords, Restorer
+from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import EndOfImage, ImageHeader, Mappings
 
 MEMORY_MARGIN = 1.1
 
@@ -36,22 +35,18 @@ MEMORY_MARGIN = 1.1
 class DestSession:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     tracer: Tracer = field(default_factory=lambda: Tracer(name="kcr-restorer"))
-    restorer: Restorer | None = None
-    records: ProcessRecords = field(default_factory=ProcessRecords)
+    restore: RestoreSession = field(default_factory=RestoreSession)
     pages: int = 0
     ready: bool = False
     running: bool = False
-    deferred: list[str] = field(default_factory=list)   # paths filesystem hooks bring: mapped at restore
-    keep_ids: bool = True                  # the process keeps its pid and thread ids
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
-        if self.restorer is not None and not self.running:
-            self.tracer.call(self.restorer.abort)
-        self.restorer = None
+        if not self.running:
+            self.tracer.call(self.restore.abort)
         self.tracer.close()
 
 
@@ -108,17 +103,21 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
                                "(its memory map and credentials) needs root", host=host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    processes = summary.get("processes") or [{"pid": summary["pid"], "tids": summary.get("tids", [])}]
+    if new_pid and len(processes) > 1:
+        raise RestoreError(f"pid {summary['pid']} has {len(processes) - 1} descendants: a process tree keeps its "
+                           "pids (parents wait for their children by pid); migrate it without --new-pid", host=host)
     if not new_pid:
-        pid = int(summary["pid"])
-        check_ids_free([pid] + [int(t) for t in summary.get("tids", []) if int(t) != pid], host)
+        for proc in processes:
+            pid = int(proc["pid"])
+            check_ids_free([pid] + [int(t) for t in proc.get("tids", []) if int(t) != pid], host)
     need = int(summary.get("memory_bytes", 0) * MEMORY_MARGIN)
     avail = _mem_available()
     if need > avail:
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
     s = _session(ctx, create=True)
-    s.deferred = [str(p) for p in summary.get("exempt", [])]
-    s.keep_ids = not new_pid
+    s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid)
     return {"mem_available": avail, "hostname": _host(), "session": s.token}
 
 
@@ -142,27 +141,12 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
         records = batches = 0
         while (item := await ctx.pages.receive_item()) is not None:
             if isinstance(item, PageBatch):
-                if s.restorer is None or not s.restorer.layout:
-                    raise ProtocolError("page data before the memory layout")
-                await trio.to_thread.run_sync(s.restorer.write_pages, item)
+                await trio.to_thread.run_sync(s.restore.write_pages, item)
                 s.pages += item.npages
                 batches += 1
-                continue
-            records += 1
-            if isinstance(item, ImageHeader):
-                if s.restorer is None:
-                    s.restorer = await s.tracer.acall(Restorer, item, s.deferred, keep_ids=s.keep_ids)
-            elif isinstance(item, Mappings):
-                if s.restorer is None:
-                    raise ProtocolError("a memory layout before the stream's header")
-                restorer = s.restorer
-                if not restorer.pid:
-                    await s.tracer.acall(restorer.begin, item)
-                await s.tracer.acall(restorer.apply_layout, item)
-            elif isinstance(item, EndOfImage):
-                pass
-            elif not s.records.take(item):
-                raise ProtocolError(f"unexpected {type(item).__name__} record in a migration stream")
+            else:
+                records += 1
+                await s.tracer.acall(s.restore.take, item)
     except BaseException as exc:
         s.receive_error = exc
         raise
@@ -181,29 +165,28 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise s.receive_error
         if s.receive_error is not None:
             raise ProtocolError("the page stream ended before the process's state arrived")
-    r = s.records
-    if s.restorer is None or not r.complete:
+    if not s.restore.procs:
         raise ProtocolError("the stream ended before the process's state arrived")
-    await s.tracer.acall(s.restorer.finish, r.state, r.fds(), r.threads)
+    await s.tracer.acall(s.restore.finish)
     s.ready = True
-    return {"pid": s.restorer.pid, "threads": len(r.threads), "warnings": list(s.restorer.report.warnings)}
+    return {"pid": s.restore.root.pid, "threads": s.restore.threads, "warnings": s.restore.warnings,
+            "processes": s.restore.processes(), "left": s.restore.removed}
 
 
 async def dest_go(ctx: CallContext) -> dict[str, Any]:
     """Let the process run: the point of no return. Reports the time every thread had run."""
     s = _session(ctx)
-    if s.restorer is None or not s.ready:
+    if not s.ready:
         raise RestoreError("the process is not ready to run")
-    restorer = s.restorer
     fault = os.environ.get("KCR_FAULT", "")
     s.running = True
-    pid = await s.tracer.acall(restorer.resume)
+    pid = await s.tracer.acall(s.restore.resume)
     if fault == "dest-silent-after-go":      # test hook: the link dies right after GO
         os._exit(0)
     SESSIONS.pop(id(ctx.rpc), None)
     _forget(s)
     s.tracer.close()
-    return {"pid": pid, "running_ns": restorer.running_ns}
+    return {"pid": pid, "running_ns": s.restore.running_ns}
 
 
 async def dest_abort(ctx: CallContext) -> dict[str, Any]:

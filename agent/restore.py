@@ -97,6 +97,8 @@ U64 = (1 << 64) - 1
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
+CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
+WALL = 0x40000000
 RLIMIT_NOFILE = 7
 ZOMBIE_GRACE_S = 5.0
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
@@ -187,10 +189,12 @@ class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
-                 stub_pid: int = 0) -> None:
+                 stub_pid: int = 0, forked_from: "Restorer | None" = None) -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
-        ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped."""
+        ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
+        ``forked_from``: the restorer of the stub it was forked from, if that one had begun
+        (a process that joined a tree during a live migration)."""
         check_machine(header, xsave_supported_mask())
         self.header = header
         self.keep_ids = keep_ids
@@ -208,6 +212,8 @@ class Restorer:
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
+        self._clone_gadget = forked_from.gadget if forked_from is not None else 0
+        self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
             self._stopped = True
@@ -251,15 +257,21 @@ class Restorer:
         return child
 
     def _clone_child(self, pid: int) -> int:
-        with Injector(self.pid, stub.STUB_SYSCALL) as inj:
-            mem = RemoteMemory(self.pid)
-            try:
-                at = (inj.saved_regs.rsp - 1024) & ~15       # the stub's stack, below what it uses
-                args = stub.clone_args(0, signal.SIGCHLD, at, 1)
-                mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
-                child = inj.raw(NR["clone3"], at + 16, len(args))
-            finally:
-                mem.close()
+        if self.begun:     # rebuilding already: through the gadget, arguments in its scratch
+            assert self.inj is not None
+            at = self._scratch(CLONE_SCRATCH)
+            self._put(struct.pack("<i", pid) + bytes(12) + stub.clone_args(0, signal.SIGCHLD, at, 1), CLONE_SCRATCH)
+            child = self.inj.raw(NR["clone3"], at + 16, stub.CLONE_ARGS_SIZE_VER2)
+        else:
+            with Injector(self.pid, stub.STUB_SYSCALL) as inj:
+                mem = RemoteMemory(self.pid)
+                try:
+                    at = (inj.saved_regs.rsp - 1024) & ~15       # the stub's stack, below what it uses
+                    args = stub.clone_args(0, signal.SIGCHLD, at, 1)
+                    mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
+                    child = inj.raw(NR["clone3"], at + 16, len(args))
+                finally:
+                    mem.close()
         if child == -errno.EEXIST:
             raise stub.PidTaken(pid)
         if child < 0:
@@ -267,9 +279,19 @@ class Restorer:
         return child
 
     def stub_call(self, name: str, *args: int) -> int:
-        """One system call in the stub, before ``begin`` (sessions and groups of a tree)."""
+        """One system call in the stub (sessions and groups of a tree)."""
+        if self.begun:
+            return self._call(name, *args)
         with Injector(self.pid, stub.STUB_SYSCALL) as inj:
             return inj.call(name, *args)
+
+    def remove(self, parent: "Restorer | None") -> None:
+        """Destroy this stub of a process that left its tree during a live migration, and
+        have ``parent`` (its parent's stub, if that stays) reap it: no zombie is left for the
+        restored parent's wait() to find."""
+        self.abort()
+        if parent is not None:
+            parent.stub_call("wait4", self.pid, 0, WALL, 0)
 
     def begin(self, target: Mappings) -> None:
         if not self.pid:
@@ -277,7 +299,9 @@ class Restorer:
         try:
             self.threads = {}
             self.mem = RemoteMemory(self.pid)
-            self.inj = Injector(self.pid, stub.STUB_SYSCALL)
+            # A stub forked from one being rebuilt runs its first calls through that one's
+            # gadget (it holds a copy of its memory): then it is cleared like a fresh stub.
+            self.inj = Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL)
             self._setup_gadget(target)
         except (OSError, ptrace.TraceeGone) as exc:
             raise RestoreError(f"could not prepare the process to restore into: {exc}") from None

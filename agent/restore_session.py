@@ -1,0 +1,226 @@
+"""One restore session for images and live streams: records in, processes out.
+
+An image (``kcr-migrate restore``) and a live migration's stream (the destination agent) are
+the same sequence of records: a header; for a tree, a ``ProcessTree`` and, before each
+process's records and pages, a ``ProcessBegin``; layouts, page batches, and each process's
+state. A live stream interleaves the processes round by round (``ProcessBegin`` again for
+each), and may send a later ``ProcessTree`` when the tree changed while it ran: processes
+forked meanwhile join (their stubs forked from their parents' stubs), processes gone leave
+(their stubs removed). ``take`` applies one item; ``finish`` restores everything but memory,
+for every process, with what they share made once; ``resume`` lets them run, children
+first; ``abort`` removes everything made.
+
+Every method runs on the restorer's tracer thread, except ``write_pages``, which may run in
+a worker thread between two ``take`` calls (pages are written while the tracer idles).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from agent.descriptions import Descriptions
+from agent.fdtable import FdState
+from agent.restore import ProcessRecords, Restorer
+from transport.errors import ProtocolError, RestoreError
+from transport.pages import PageBatch
+from transport.schema import (
+    EndOfImage,
+    EventFiles,
+    Files,
+    ImageHeader,
+    Mappings,
+    Pipes,
+    ProcessBegin,
+    ProcessTree,
+    TreeMember,
+    UnixSockets,
+    check_objects_referenced,
+)
+
+
+@dataclass
+class RestoredProcess:
+    """One process of the stream: its restorer and its records as they arrive."""
+
+    restorer: Restorer
+    records: ProcessRecords = field(default_factory=ProcessRecords)
+    member: TreeMember | None = None
+
+
+class RestoreSession:
+    def __init__(self, deferred: Sequence[str] = (), *, keep_ids: bool = True) -> None:
+        """``deferred``: paths filesystem hooks bring (mapped at ``finish``); ``keep_ids``:
+        every process keeps its pid and thread ids (refused off for a tree)."""
+        self.deferred = list(deferred)
+        self.keep_ids = keep_ids
+        self.header: ImageHeader | None = None
+        self.procs: dict[int, RestoredProcess] = {}      # the root first, parents before children
+        self.current: RestoredProcess | None = None
+        self.tree: ProcessTree | None = None
+        self.removed: list[int] = []      # processes that left the tree while it was migrated
+        self.resumed = False
+
+    # -- records in -------------------------------------------------------------------------
+
+    def take(self, item: object) -> None:
+        """Apply one item of the stream (on the tracer thread)."""
+        if isinstance(item, ImageHeader):
+            if self.header is not None:
+                raise ProtocolError("a second stream header: corrupt image")
+            self.header = item
+            self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids))
+            return
+        current = self.current
+        if current is None:
+            raise ProtocolError("the stream does not start with its header: corrupt image")
+        if isinstance(item, ProcessTree):
+            if not self.keep_ids:
+                raise RestoreError("this is a process tree, which keeps its pids (parents wait for their children "
+                                   "by pid): restore or migrate it without --new-pid")
+            if self.tree is None:
+                self._build_tree(item)
+            else:
+                self._change_tree(item)
+            self.tree = item
+        elif isinstance(item, ProcessBegin):
+            found = self.procs.get(item.pid)
+            if found is None or self.tree is None:
+                raise ProtocolError(f"records of process {item.pid}, which the stream's tree lacks: corrupt image")
+            self.current = found
+        elif isinstance(item, PageBatch):
+            self.write_pages(item)
+        elif isinstance(item, Mappings):
+            if not current.restorer.begun:
+                current.restorer.begin(item)
+            current.restorer.apply_layout(item)
+        elif isinstance(item, EndOfImage):
+            pass
+        elif not current.records.take(item):
+            raise ProtocolError(f"unexpected {type(item).__name__} record in the stream: corrupt image")
+
+    def write_pages(self, batch: PageBatch) -> None:
+        """Pages of the current process (from a worker thread, between two ``take`` calls)."""
+        current = self.current
+        if current is None or not current.restorer.layout:
+            raise ProtocolError("page data before the memory layout: corrupt image")
+        current.restorer.write_pages(batch)
+
+    # -- the tree ---------------------------------------------------------------------------
+
+    def _build_tree(self, tree: ProcessTree) -> None:
+        """Every process of the tree as a stub with its own pid, each made by its parent's, then
+        put in its session and process group (session leaders, group leaders, then the rest)."""
+        root = tree.members[0]
+        if len(self.procs) != 1 or root.pid not in self.procs or self.procs[root.pid].restorer.begun:
+            raise ProtocolError("the process tree does not start with the stream header's process: corrupt image")
+        self.procs[root.pid].member = root
+        self.procs[root.pid].restorer.spawn_stub()
+        self._add(tree, tree.members[1:])
+
+    def _add(self, tree: ProcessTree, new: Sequence[TreeMember]) -> None:
+        assert self.header is not None
+        for m in new:
+            parent = self.procs[m.ppid].restorer
+            made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
+                            forked_from=parent if parent.begun else None)
+            self.procs[m.pid] = RestoredProcess(made, member=m)
+        members = {m.pid: m for m in tree.members}
+        root = tree.members[0]
+        for m in new:
+            if m.sid == m.pid:
+                self.procs[m.pid].restorer.stub_call("setsid")
+        for m in new:
+            if m.pgid == m.pid and m.sid != m.pid:
+                self.procs[m.pid].restorer.stub_call("setpgid", 0, 0)
+        for m in new:
+            leader = members.get(m.pgid)
+            if m.pgid != m.pid and leader is not None and leader.pgid == leader.pid and leader is not root:
+                self.procs[m.pid].restorer.stub_call("setpgid", 0, m.pgid)
+
+    def _change_tree(self, tree: ProcessTree) -> None:
+        """The tree as it is now, in a live migration: new processes join, gone ones leave."""
+        assert self.tree is not None
+        before = {m.pid: m for m in self.tree.members}
+        now = {m.pid: m for m in tree.members}
+        if tree.members[0].pid != self.tree.members[0].pid:
+            raise ProtocolError("the process tree changed its root: corrupt stream")
+        for pid, m in now.items():
+            old = before.get(pid)
+            if old is not None and (old.ppid, old.sid, old.pgid) != (m.ppid, m.sid, m.pgid) and pid != tree.members[0].pid:
+                raise RestoreError(f"process {pid} changed its parent, session or group during the migration "
+                                   "(its parent exited, or it called setsid or setpgid): try again", pid=pid)
+        gone = [pid for pid in reversed(list(self.procs)) if pid not in now]   # children first
+        for pid in gone:
+            proc = self.procs.pop(pid)
+            parent = self.procs.get(proc.member.ppid) if proc.member is not None else None
+            proc.restorer.remove(parent.restorer if parent is not None else None)
+            self.removed.append(pid)
+            if self.current is proc:
+                self.current = None
+        self._add(tree, [m for m in tree.members if m.pid not in before])
+        self.procs = {m.pid: self.procs[m.pid] for m in tree.members}
+
+    # -- the rest, and the end ---------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Everything but memory, for every process; the pipes and sockets they share are made
+        once (``agent.descriptions``) and each takes its ends. Every process stays stopped."""
+        procs = list(self.procs.values())
+        if not procs or not all(p.records.complete and p.restorer.begun for p in procs):
+            raise ProtocolError("the stream lacks a layout, or process, file or thread records: corrupt image")
+        each = [p.records.fds() for p in procs]
+        union = FdState(Files(tuple(f for s in each for f in s.files.fds)),
+                        Pipes(tuple(x for s in each for x in s.pipes.pipes)),
+                        UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
+                        EventFiles(tuple(x for s in each for x in s.events.files)))
+        check_objects_referenced(*union.records())
+        descriptions = Descriptions()
+        try:
+            descriptions.add(union)
+            for p, fds in zip(procs, each):
+                assert p.records.state is not None
+                p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)
+        finally:
+            descriptions.close()
+
+    def resume(self) -> int:
+        """Let every process run, children first (nothing runs before its parent is whole);
+        the root's pid."""
+        for p in reversed(list(self.procs.values())):
+            p.restorer.resume()
+        self.resumed = True
+        return self.root.pid
+
+    def abort(self) -> None:
+        """Remove every process made (children first); nothing of them survives."""
+        if self.resumed:
+            return
+        for p in reversed(list(self.procs.values())):
+            p.restorer.abort()
+
+    # -- what was made ----------------------------------------------------------------------
+
+    @property
+    def root(self) -> Restorer:
+        if not self.procs:
+            raise ProtocolError("the stream has no header: corrupt image")
+        return next(iter(self.procs.values())).restorer
+
+    @property
+    def running_ns(self) -> int:
+        """When every thread of every process had run (``Restorer.resume``)."""
+        return max(p.restorer.running_ns for p in self.procs.values())
+
+    @property
+    def threads(self) -> int:
+        return sum(len(p.records.threads) for p in self.procs.values())
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for p in self.procs.values() for w in p.restorer.report.warnings]
+
+    def processes(self) -> list[dict[str, object]]:
+        """pid, parent and threads of each process, for reports."""
+        return [{"pid": p.restorer.pid, "ppid": p.member.ppid if p.member else 0,
+                 "comm": p.member.comm if p.member else "", "threads": len(p.records.threads)}
+                for p in self.procs.values()]
