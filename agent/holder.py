@@ -25,12 +25,21 @@ from typing import Any, Callable
 
 import msgpack
 
+from agent import fdtable
 from agent import freeze as freezer
 from agent import ptrace
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
-from agent.procfs import check_supported, check_target
-from transport.errors import MigrationError, ProcessError, ProtocolError, error_from_wire
+from agent.procfs import check_target, process_tree
+from agent.tree import check_tree
+from transport.errors import (
+    MigrationError,
+    NoSuchProcess,
+    ProcessError,
+    ProcessExited,
+    ProtocolError,
+    error_from_wire,
+)
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
@@ -69,57 +78,139 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class Holder:
-    """The state of the held process and the operations on it (main thread only)."""
+    """The held processes (a process and its descendants: the job) and the operations on
+    them (main thread only). The root is first, parents before children."""
 
     def __init__(self) -> None:
-        self.held: freezer.Held | None = None
+        self.helds: dict[int, freezer.Held] = {}
+        self.root = 0
         self.on_eof = ON_EOF_THAW
         self.first_interrupt_ns = 0
         self.redirect: dict[int, str] = {}
 
-    def _need(self) -> freezer.Held:
-        if self.held is None:
-            raise ProcessError("no process is held")
-        return self.held
+    def _need(self, pid: int | None = None) -> freezer.Held:
+        held = self.helds.get(pid or self.root)
+        if held is None:
+            raise ProcessError("no process is held" if pid is None else f"process {pid} is not held")
+        return held
+
+    @property
+    def frozen(self) -> bool:
+        return any(h.frozen for h in self.helds.values())
 
     def op_seize(self, pid: int, redirect: list[list[Any]] | None = None) -> dict[str, Any]:
-        """Hold ``pid``; ``redirect`` ([fd, path] pairs) names fds to the outside that become
-        files on the destination."""
+        """Hold ``pid`` and its descendants; ``redirect`` ([fd, path] pairs) names the root's
+        fds to the outside that become files on the destination."""
         self.redirect = {int(fd): str(path) for fd, path in redirect or []}
-        check_target(pid)
-        check_supported(pid, redirect=self.redirect)
-        self.held = freezer.hold(pid)
-        return {"pid": pid}
+        self.root = pid
+        try:
+            for p in check_tree(pid, self.redirect):
+                self._hold(p)
+        except BaseException:
+            self.op_release()
+            raise
+        return {"pids": list(self.helds)}
 
-    def op_freeze(self) -> dict[str, Any]:
-        held = self._need()
-        if not held.frozen:
+    def _hold(self, pid: int) -> None:
+        try:
+            self.helds[pid] = freezer.hold(pid)
+        except NoSuchProcess:
+            if pid == self.root:
+                raise          # a descendant that exited meanwhile: ``members`` sees it gone
+
+    def op_members(self) -> dict[str, Any]:
+        """The job as it is now, while it runs: processes forked since join (held, checked
+        with the rest), processes gone leave. The root must still be there."""
+        if not freezer.alive(self._need()):
+            raise ProcessExited(f"process {self.root} exited", pid=self.root)
+        now = process_tree(self.root)
+        left = [p for p in self.helds if p not in now or not freezer.alive(self.helds[p])]
+        for p in left:
+            freezer.let_go(self.helds.pop(p))
+        joined = [p for p in now if p not in self.helds]
+        if joined:
+            check_tree(self.root, self.redirect)      # a newcomer may hold what cannot move
+            for p in joined:
+                self._hold(p)
+        return {"pids": list(self.helds), "joined": [p for p in joined if p in self.helds], "left": left}
+
+    def op_freeze(self, pid: int = 0) -> dict[str, Any]:
+        """Freeze one process (``pid``: a tracker's pause) or the whole job: every process
+        stopped, then the tree read again until no process in it is left running (one
+        forked meanwhile joins, frozen; one gone leaves), then checked as it is."""
+        if pid:
+            held = self._need(pid)
+            if not held.frozen:
+                freezer.freeze(held)
+            return {}
+        if not self.frozen:
             self.first_interrupt_ns = time.monotonic_ns()
-            freezer.freeze(held)
-        return {"first_interrupt_ns": self.first_interrupt_ns, "threads": sorted(held.stopped)}
+        joined: list[int] = []
+        left: list[int] = []
+        while True:
+            for p, held in list(self.helds.items()):
+                try:
+                    if not held.frozen:
+                        freezer.freeze(held)
+                except ProcessExited:
+                    if p == self.root:
+                        raise
+                    freezer.let_go(self.helds.pop(p))
+                    left.append(p)
+            seized = 0
+            for p in process_tree(self.root):
+                if p in self.helds:
+                    continue
+                try:
+                    check_target(p)          # not a zombie: ``check_tree`` refuses those below
+                    self.helds[p] = freezer.seize(p)
+                except NoSuchProcess:
+                    continue
+                joined.append(p)
+                seized += 1
+            if not seized:
+                break
+        gone = [p for p in self.helds if p not in process_tree(self.root)]
+        for p in gone:
+            freezer.let_go(self.helds.pop(p))
+            left.append(p)
+        pids = check_tree(self.root, self.redirect, list(self.helds))
+        if pids != list(self.helds):
+            self.helds = {p: self.helds[p] for p in pids}
+        return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined,
+                "left": [p for p in left if p not in joined],
+                "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()]}
 
-    def op_thaw(self) -> dict[str, Any]:
-        """Let it run again, untraced (a traced process would stop at every signal it gets)."""
-        held = self._need()
-        if held.frozen:
-            freezer.thaw(held)
+    def op_thaw(self, pid: int = 0) -> dict[str, Any]:
+        """Let one process (``pid``) or all run again, untraced (a traced process would stop
+        at every signal it gets)."""
+        for held in [self._need(pid)] if pid else list(self.helds.values()):
+            if held.frozen:
+                freezer.thaw(held)
         return {}
 
     def op_collect(self) -> dict[str, Any]:
-        held = self._need()
-        if not held.frozen:
-            raise ProcessError("the process must be frozen to collect its state")
-        mem = RemoteMemory(held.pid, writable=False)
-        try:
-            state = collect(held, mem, self.redirect)
-        finally:
-            mem.close()
-        return {"process": state.process.to_wire(), "fds": [rec.to_wire() for rec in state.fds.records()],
-                "threads": [t.to_wire() for t in state.threads]}
+        """Everything but memory, of every process of the frozen job."""
+        if not self.helds or not all(h.frozen for h in self.helds.values()):
+            raise ProcessError("the processes must be frozen to collect their state")
+        pids = list(self.helds)
+        fds = fdtable.collect_tree(pids, {self.root: self.redirect})
+        out = []
+        for p, held in self.helds.items():
+            mem = RemoteMemory(p, writable=False)
+            try:
+                state = collect(held, mem, fds=fds[p])
+            finally:
+                mem.close()
+            out.append({"pid": p, "process": state.process.to_wire(),
+                        "fds": [rec.to_wire() for rec in state.fds.records()],
+                        "threads": [t.to_wire() for t in state.threads]})
+        return {"processes": out}
 
-    def op_inject(self, calls: list[list[Any]]) -> list[int]:
-        """Run system calls in the frozen process's main thread; returns raw results."""
-        held = self._need()
+    def op_inject(self, calls: list[list[Any]], pid: int = 0) -> list[int]:
+        """Run system calls in a frozen process's main thread (the root's unless ``pid``);
+        returns raw results."""
+        held = self._need(pid)
         if not held.frozen:
             raise ProcessError("the process must be frozen to inject system calls")
         mem = RemoteMemory(held.pid, writable=False)
@@ -131,34 +222,41 @@ class Holder:
             return [inj.call(name, *args) for name, args in calls]
 
     def op_commit_pending(self) -> dict[str, Any]:
-        """From now on a lost agent stops the process instead of thawing it."""
+        """From now on a lost agent stops the processes instead of thawing them."""
         self.on_eof = ON_EOF_HOLD
         return {}
 
     def op_kill(self) -> dict[str, Any]:
-        held = self._need()
-        freezer.kill(held)
-        self.held = None
+        """End every process (children first: a parent killed first could reap nothing)."""
+        self._need()
+        for p in reversed(list(self.helds)):
+            freezer.kill(self.helds.pop(p))
         return {}
 
     def op_hold(self) -> dict[str, Any]:
-        """Leave the process stopped (SIGSTOP) and untraced: one command settles it later."""
-        held = self._need()
-        os.kill(held.pid, signal.SIGSTOP)
-        record_held(held.pid)
-        freezer.let_go(held)
-        self.held = None
+        """Leave the processes stopped (SIGSTOP) and untraced: one command settles each later."""
+        self._need()
+        for p in list(self.helds):
+            held = self.helds.pop(p)
+            os.kill(held.pid, signal.SIGSTOP)
+            record_held(held.pid)
+            freezer.let_go(held)
         return {}
 
     def op_release(self) -> dict[str, Any]:
-        """Let the process go, running (rollback)."""
-        if self.held is not None:
-            freezer.let_go(self.held)
-            self.held = None
+        """Let the processes go, running (rollback)."""
+        failed: BaseException | None = None
+        for p in list(self.helds):
+            try:
+                freezer.let_go(self.helds.pop(p))
+            except BaseException as exc:     # every one, whatever fails
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return {}
 
     def settle_on_eof(self) -> None:
-        if self.held is None:
+        if not self.helds:
             return
         if self.on_eof == ON_EOF_HOLD:
             self.op_hold()

@@ -244,12 +244,6 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     from precopy.layout import read_maps  # precopy is below agent
 
     fix = "kcr-migrate cannot move it yet (see README, Limits)"
-    kids = [k for k in children(pid) if tree is None or k not in tree]
-    if kids:
-        raise UnsupportedResource(
-            f"pid {pid} has child processes ({', '.join(map(str, kids[:5]))}): live migration of process trees is "
-            "not supported yet; `kcr-migrate checkpoint` and `restore` move a process with its descendants",
-            pid=pid)
     if tree is None:
         describe(pid, redirect)
     for m in (maps if maps is not None else read_maps(pid)):

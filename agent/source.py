@@ -20,37 +20,39 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import trio
 
 from agent.dump import TOOL_VERSION, image_header
-from agent.files import FileFacts, describe_files, vdso_digest
+from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
 from agent.procfs import read_status, thread_ids
 from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
-from precopy.rounds import PrecopyResult, final_round, precopy, send_scan
+from agent.tree import tree_record
+from precopy.rounds import GroupResult, StreamCursor, final_group, precopy_group
 from precopy.tracker import DirtyTracker, make_tracker
 from transport._nursery import service_nursery
-from transport.errors import MigrationError, ProcessError, ProtocolError
+from transport.errors import MigrationError, ProcessError, ProtocolError, UnsupportedResource
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import FORMAT_VERSION, RECORD_TYPES, ProcessState, ThreadState
+from transport.schema import FORMAT_VERSION, RECORD_TYPES, ProcessBegin, ProcessState, ThreadState
 from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
 
 
 class HolderControl:
-    """``precopy.control.ProcessControl`` through the holder process.
+    """``precopy.control.ProcessControl`` for one process of the job, through the holder.
 
-    While the migration itself holds the process frozen (the final round), pausing is a no-op
+    While the migration itself holds the job frozen (the final round), pausing is a no-op
     and leaving a pause does not thaw it."""
 
-    def __init__(self, holder: HolderClient) -> None:
+    def __init__(self, holder: HolderClient, pid: int) -> None:
         self.holder = holder
+        self.pid = pid
         self.frozen = False
 
     @contextmanager
@@ -58,24 +60,25 @@ class HolderControl:
         if self.frozen:
             yield
             return
-        self.holder.call("freeze")
+        self.holder.call("freeze", pid=self.pid)
         try:
             yield
         finally:
-            self.holder.call("thaw")
+            self.holder.call("thaw", pid=self.pid)
 
     @contextmanager
     def injected(self) -> Iterator["HolderSyscalls"]:
         with self.paused():
-            yield HolderSyscalls(self.holder)
+            yield HolderSyscalls(self.holder, self.pid)
 
 
 class HolderSyscalls:
-    def __init__(self, holder: HolderClient) -> None:
+    def __init__(self, holder: HolderClient, pid: int) -> None:
         self.holder = holder
+        self.pid = pid
 
     def call(self, name: str, *args: int) -> int:
-        return int(self.holder.call("inject", calls=[[name, list(args)]])[0])
+        return int(self.holder.call("inject", calls=[[name, list(args)]], pid=self.pid)[0])
 
 
 class StreamSink:
@@ -92,6 +95,9 @@ class StreamSink:
 
     async def layout(self, mappings: Any) -> None:
         await self.ctx.send_record(mappings)
+
+    async def record(self, rec: Any) -> None:
+        await self.ctx.send_record(rec)
 
     async def send_batch(self, batch: PageBatch) -> int:
         if self.limit:
@@ -188,7 +194,7 @@ class DataChannelSink:
     async def layout(self, mappings: Any) -> None:
         await self._put(mappings)
 
-    async def send_record(self, rec: Any) -> None:
+    async def record(self, rec: Any) -> None:
         await self._put(rec)
 
     async def send_batch(self, batch: PageBatch) -> int:
@@ -233,13 +239,21 @@ class _Drain:
 
 @dataclass
 class SourceSession:
+    """One migration on the source: the job (a process and its descendants), held by the
+    holder, a tracker per process, and what the destination has been told of the tree."""
+
     pid: int
     holder: HolderClient
-    control: HolderControl
     tracker_name: str
-    tracker: DirtyTracker | None = None
-    result: PrecopyResult | None = None
+    pids: list[int]
+    carry_tree: bool = True      # the stream names each process (ids kept); off: one process, new pid
+    trackers: dict[int, DirtyTracker] = field(default_factory=dict)
+    controls: dict[int, HolderControl] = field(default_factory=dict)
+    result: GroupResult | None = None
     rounds: list[RoundStats] = field(default_factory=list)
+    cursor: StreamCursor = field(default_factory=StreamCursor)
+    told: list[int] = field(default_factory=list)     # the tree as the destination knows it
+    frozen: bool = False          # the migration holds the job frozen (the final round)
     header_sent: bool = False
     settled: bool = False
     bandwidth_limit: float | None = None
@@ -257,14 +271,45 @@ class SourceSession:
                                              connect_timeout)
         return self.data_sink
 
-    def close(self, how: str = "release") -> None:
-        """Settle the process (``release``: let it run; ``hold``: stop it) and end tracking."""
-        if self.tracker is not None:
+    def tracked(self, pids: list[int], left: Sequence[int] = ()) -> dict[int, DirtyTracker]:
+        """Trackers for ``pids`` (made for processes that joined; not started), those of
+        ``left`` stopped."""
+        for p in left:
+            self._untrack(p)
+        for p in pids:
+            if p not in self.trackers:
+                control = self.controls[p] = HolderControl(self.holder, p)
+                control.frozen = self.frozen
+                self.trackers[p] = make_tracker(self.tracker_name, p, control)
+        return {p: self.trackers[p] for p in pids}
+
+    def _untrack(self, pid: int) -> None:
+        tracker = self.trackers.pop(pid, None)
+        self.controls.pop(pid, None)
+        if tracker is not None:
             try:
-                self.tracker.stop()
+                tracker.stop()
             except OSError:
                 pass
-            self.tracker = None
+
+    async def tell_tree(self, sink: Any, pids: list[int]) -> None:
+        """Send the tree if the destination does not know it as it is."""
+        if pids == self.told:
+            return
+        if not self.carry_tree:
+            if len(pids) > 1:
+                raise UnsupportedResource(
+                    f"pid {self.pid} forked during the migration ({', '.join(map(str, pids[1:5]))}): a process tree "
+                    "keeps its pids; migrate it without --new-pid", pid=self.pid)
+            return
+        await sink.record(await _blocking(tree_record, pids))
+        self.cursor.reset()
+        self.told = list(pids)
+
+    def close(self, how: str = "release") -> None:
+        """Settle the processes (``release``: let them run; ``hold``: stop them) and end tracking."""
+        for p in list(self.trackers):
+            self._untrack(p)
         if not self.settled:
             self.settled = True
             try:
@@ -290,10 +335,12 @@ async def _blocking(fn: Any, *args: Any, **kw: Any) -> Any:
 
 async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exempt: list[str] | None = None,
                       level: Level = "auto", bandwidth_limit: float | None = None,
-                      redirect: list[list[Any]] | None = None) -> dict[str, Any]:
-    """Preflight on the source: hold ``pid`` (seized, still running), pick a tracker, and
-    describe what the destination must match. Refusals leave the process untouched.
-    ``redirect`` ([fd, path] pairs): fds to the outside that become files on the destination."""
+                      redirect: list[list[Any]] | None = None, new_pid: bool = False) -> dict[str, Any]:
+    """Preflight on the source: hold ``pid`` and its descendants (still running), pick a
+    tracker, and describe what the destination must match. Refusals leave every process
+    untouched. ``redirect`` ([fd, path] pairs): the root's fds to the outside that become
+    files on the destination. ``new_pid``: the destination gives the process a new pid, so
+    the stream does not carry a tree (a process that forks meanwhile is refused)."""
     if id(ctx.rpc) in SESSIONS:
         raise ProcessError("a source process is already open on this connection")
     try:
@@ -304,30 +351,40 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     if pid == os.getpid() or pid == os.getppid():
         raise ProcessError(f"pid {pid} is kcr-migrate's own agent", pid=pid)
     holder = HolderClient()
+    redirected = {int(fd) for fd, _ in redirect or []}
     try:
-        await _blocking(holder.call, "seize", pid=pid, redirect=redirect or [])
+        seized = await _blocking(holder.call, "seize", pid=pid, redirect=redirect or [])
+        pids = [int(p) for p in seized["pids"]]
         choice = await _blocking(choose_tracker, tracker, pid)
-        facts: FileFacts = await _blocking(describe_files, pid, exempt or [],
-                                           {int(fd) for fd, _ in redirect or []})
-        status = await _blocking(read_status, pid)
+        facts: dict[str, FileFact] = {}
+        for p in pids:
+            described = await _blocking(describe_files, p, exempt or [], redirected if p == pid else set())
+            facts.update((f.path, f) for f in described.files if f.path not in facts)
+        processes = [await _blocking(_process_summary, p) for p in pids]
         vdso = await _blocking(vdso_digest, pid)
     except BaseException:
         await _blocking(holder.close)
         raise
-    control = HolderControl(holder)
-    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, control, choice.name, bandwidth_limit=bandwidth_limit,
-                                          level=level)
-    rss_kb = int(status.get("VmRSS", "0 kB").split()[0])
+    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, choice.name, pids, carry_tree=not new_pid,
+                                          bandwidth_limit=bandwidth_limit, level=level)
+    root = processes[0]
     return {
-        "pid": pid, "comm": status.get("Name", ""), "uid": int(status["Uid"].split()[1]),
-        "threads": int(status.get("Threads", "1")), "tids": await _blocking(thread_ids, pid),
-        "memory_bytes": rss_kb * 1024,
+        "pid": pid, "comm": root["comm"], "uid": root["uid"], "threads": sum(p["threads"] for p in processes),
+        "tids": root["tids"], "memory_bytes": sum(p["memory_bytes"] for p in processes), "processes": processes,
         "arch": platform.machine(), "kernel_release": platform.release(),
-        "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": facts.as_wire(),
+        "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": [f.as_wire() for f in facts.values()],
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }
+
+
+def _process_summary(pid: int) -> dict[str, Any]:
+    """pid, parent, command, threads and memory of one process of the job, for preflight and reports."""
+    status = read_status(pid)
+    return {"pid": pid, "ppid": int(status.get("PPid", "0")), "comm": status.get("Name", ""),
+            "uid": int(status["Uid"].split()[1]), "threads": int(status.get("Threads", "1")),
+            "tids": thread_ids(pid), "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024}
 
 
 async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT
@@ -350,9 +407,11 @@ async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float
 
 async def _send_header(sink: Any, s: SourceSession) -> None:
     if not s.header_sent:
-        await (sink.send_record if isinstance(sink, DataChannelSink) else sink.ctx.send_record)(
-            image_header(s.pid, "live", b""))
+        await sink.record(image_header(s.pid, "live", b""))
         s.header_sent = True
+        if s.carry_tree:
+            s.cursor.named = True
+            await s.tell_tree(sink, s.pids)
 
 
 def _policy(args: dict[str, Any] | None) -> PrecopyPolicy:
@@ -373,17 +432,22 @@ async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = No
 
 async def _precopy(ctx: CallContext, s: SourceSession, policy: dict[str, Any] | None,
                    to: dict[str, Any] | None) -> dict[str, Any]:
-    s.tracker = make_tracker(s.tracker_name, s.pid, s.control)
     sink = s.sink(ctx, to)
     await _send_header(sink, s)
+
+    async def members() -> dict[int, DirtyTracker]:
+        now = await _blocking(s.holder.call, "members")
+        pids = [int(p) for p in now["pids"]]
+        await s.tell_tree(sink, pids)
+        return await _blocking(s.tracked, pids, [int(p) for p in now["left"]])
 
     def on_round(stats: RoundStats) -> None:
         s.rounds.append(stats)
         ctx.progress(event="round", **stats.as_dict())
 
-    s.result = await precopy(s.tracker, sink, _policy(policy), on_round=on_round)
-    return {"stop_reason": str(s.result.stop_reason), "rounds": [r.as_dict() for r in s.result.rounds],
-            "pages_pending": s.result.pending.pages_dirty, "memory_bytes": s.result.memory_bytes}
+    s.result = await precopy_group(members, sink, s.cursor, _policy(policy), on_round=on_round)
+    out = s.result.as_dict()
+    return {k: out[k] for k in ("stop_reason", "rounds", "pages_pending", "memory_bytes")}
 
 
 async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -397,9 +461,14 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     t0 = time.perf_counter()
     frozen = await _blocking(s.holder.call, "freeze")
     t_frozen = time.perf_counter()
-    s.control.frozen = True
+    s.frozen = True
+    for control in s.controls.values():
+        control.frozen = True
     sink = s.sink(ctx, to)
     await _send_header(sink, s)
+    pids = [int(p) for p in frozen["pids"]]
+    await s.tell_tree(sink, pids)           # processes forked or gone since the last round
+    trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
     state: dict[str, Any] = {}
     t_state = t_frozen
     async with service_nursery() as nursery:
@@ -409,25 +478,24 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             t_state = time.perf_counter()
 
         def scanned() -> None:
-            # The rest of the state is read while the last pages go out. Not before the scan:
-            # reading it maps a scratch page into the process for a moment, which the scan's
+            # The rest of the state is read while the last pages go out. Not before the scans:
+            # reading it maps a scratch page into each process for a moment, which a scan's
             # layout must not hold.
             nursery.start_soon(collect_state)
 
-        if s.tracker is None or s.result is None:     # stop-and-copy: everything, now
-            s.tracker = s.tracker or make_tracker(s.tracker_name, s.pid, s.control)
-            scan = await _blocking(s.tracker.start)
-            scanned()
-            final = await send_scan(s.tracker, sink, scan, previous=None, first=True, drain=False)
-        else:
-            final = await final_round(s.tracker, sink, s.result, scanned=scanned)
+        # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
+        # or for a process that joined as the job froze: every page, now.
+        final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned)
         t_pages = time.perf_counter()
-    send = sink.send_record if isinstance(sink, DataChannelSink) else ctx.send_record
-    await send(ProcessState.from_wire(state["process"]))
-    for wire in state["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
-        await send(RECORD_TYPES[wire["t"]].from_wire(wire))
-    for t in state["threads"]:
-        await send(ThreadState.from_wire(t))
+    for proc in state["processes"]:
+        if s.carry_tree:
+            await sink.record(ProcessBegin(int(proc["pid"])))
+        await sink.record(ProcessState.from_wire(proc["process"]))
+        for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
+            await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
+        for t in proc["threads"]:
+            await sink.record(ThreadState.from_wire(t))
+    s.cursor.reset()
     # Written out, not yet applied: dest_restore waits for the stream on the destination.
     state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())
     t_end = time.perf_counter()
@@ -441,7 +509,8 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},
-            "threads": len(state["threads"])}
+            "threads": sum(len(p["threads"]) for p in state["processes"]), "processes": pids,
+            "joined": frozen["joined"], "left": frozen["left"]}
 
 
 async def source_commit_pending(ctx: CallContext) -> dict[str, Any]:
@@ -508,13 +577,9 @@ def close_sessions(rpc: object) -> None:
     """The connection ended: settle whatever it left open (the holder applies its rule)."""
     s = SESSIONS.pop(id(rpc), None)
     if s is not None:
-        if s.tracker is not None:
-            try:
-                s.tracker.stop()
-            except OSError:
-                pass
-            s.tracker = None
-        s.holder.close()      # the holder thaws, or stops the process after commit_pending
+        for p in list(s.trackers):
+            s._untrack(p)
+        s.holder.close()      # the holder thaws, or stops the processes after commit_pending
 
 
 METHODS = {

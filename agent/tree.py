@@ -23,13 +23,16 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
     carried and what to do."""
     check_target(pid)
     pids = frozen or process_tree(pid)
-    for p in pids[1:]:
+    for p in process_tree(pid)[1:] if frozen else pids[1:]:
         try:
             check_target(p)
         except NoSuchProcess:
             raise UnsupportedResource(
                 f"pid {p}, a child in pid {pid}'s tree, has exited and was not reaped yet: kcr-migrate cannot "
                 "carry a zombie yet; try again once its parent has waited for it", pid=p) from None
+        if p not in pids:
+            raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork): "
+                                      "nothing was moved; try again", pid=p)
     for p in pids:
         check_supported(p, redirect=redirect if p == pid else None, tree=pids)
     if frozen is None:

@@ -277,7 +277,8 @@ class Migration:
         exempt = [p for h in self.hooks for p in h.paths()]
         summary = await src.call("source_open", pid=self.pid, tracker=o.tracker, exempt=exempt,
                                  level=o.compress_level, bandwidth_limit=o.bandwidth_limit,
-                                 redirect=[[fd, path] for fd, path in sorted(o.redirect.items())])
+                                 redirect=[[fd, path] for fd, path in sorted(o.redirect.items())],
+                                 new_pid=o.new_pid)
         r.memory_bytes = int(summary["memory_bytes"])
         r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),

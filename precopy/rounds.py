@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Protocol, TypeVar
+from typing import Awaitable, Callable, Iterable, Protocol, Sequence, TypeVar
 
 import trio
 
@@ -24,9 +24,9 @@ from precopy.policy import PrecopyPolicy, RoundStats, StopReason, closes, decide
 from precopy.reader import split_runs, zero_batches
 from precopy.tracker import DirtyTracker, Scan, superseded
 from transport._nursery import service_nursery
-from transport.errors import MigrationError
+from transport.errors import MigrationError, ProcessExited
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings
+from transport.schema import PAGE_SIZE, Mappings, ProcessBegin, Record
 
 MiB = 1 << 20
 T = TypeVar("T")
@@ -228,3 +228,182 @@ async def final_round(tracker: DirtyTracker, sink: PageSink, result: PrecopyResu
                    bytes_raw=first.bytes_raw + last.bytes_raw, bytes_on_wire=first.bytes_on_wire + last.bytes_on_wire,
                    round_ms=(clock() - t0) * 1000, send_ms=first.send_ms + last.send_ms,
                    layout_changes=first.layout_changes + last.layout_changes)
+
+
+# --- several processes: a job's tree ----------------------------------------------------
+
+class RecordSink(PageSink, Protocol):
+    async def record(self, rec: Record) -> None:
+        """Any other record, in order with the layouts and pages."""
+        ...
+
+
+class StreamCursor:
+    """Which process the stream's layouts and pages belong to now (``ProcessBegin``).
+    ``named`` off: the stream is one process's and names none."""
+
+    def __init__(self, named: bool = False) -> None:
+        self.pid = 0
+        self.named = named
+
+    def reset(self) -> None:
+        """The next layout or page names its process again (after a ``ProcessTree`` record)."""
+        self.pid = 0
+
+
+class ProcessSink:
+    """One process's view of a sink the processes of a job share: its layouts and pages
+    follow a ``ProcessBegin`` naming it, sent whenever the stream turns to it."""
+
+    def __init__(self, sink: RecordSink, pid: int, cursor: StreamCursor) -> None:
+        self.sink = sink
+        self.pid = pid
+        self.cursor = cursor
+
+    async def _turn(self) -> None:
+        if self.cursor.named and self.cursor.pid != self.pid:
+            await self.sink.record(ProcessBegin(self.pid))
+            self.cursor.pid = self.pid
+
+    async def layout(self, mappings: Mappings) -> None:
+        await self._turn()
+        await self.sink.layout(mappings)
+
+    async def send_batch(self, batch: PageBatch) -> int:
+        await self._turn()
+        return await self.sink.send_batch(batch)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """``PrecopyResult`` for the processes of a job: what each one's last scan found."""
+
+    stop_reason: StopReason
+    rounds: tuple[RoundStats, ...]
+    pending: dict[int, Scan]
+    memory_bytes: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"stop_reason": str(self.stop_reason), "rounds": [r.as_dict() for r in self.rounds],
+                "pages_pending": sum(s.pages_dirty for s in self.pending.values()), "memory_bytes": self.memory_bytes,
+                "bytes_raw": sum(r.bytes_raw for r in self.rounds),
+                "bytes_on_wire": sum(r.bytes_on_wire for r in self.rounds)}
+
+
+Members = Callable[[], Awaitable[dict[int, DirtyTracker]]]
+
+
+class _Group:
+    """The trackers of a job's processes, each started on the round it joined."""
+
+    def __init__(self, sink: RecordSink, cursor: StreamCursor, clock: Callable[[], float]) -> None:
+        self.sink = sink
+        self.cursor = cursor
+        self.clock = clock
+        self.started: set[int] = set()
+        self.previous: dict[int, Scan] = {}
+
+    async def look(self, trackers: dict[int, DirtyTracker]) -> dict[int, tuple[Scan, bool]]:
+        """Each process's scan (its first: every populated page), skipping any that exited:
+        the caller's ``members`` drops it next time."""
+        scans: dict[int, tuple[Scan, bool]] = {}
+        for pid, tracker in trackers.items():
+            first = pid not in self.started
+            try:
+                scan = await _blocking(tracker, tracker.start if first else tracker.collect)
+            except ProcessExited:
+                continue
+            self.started.add(pid)
+            scans[pid] = (scan, first)
+        return scans
+
+    async def send(self, number: int, trackers: dict[int, DirtyTracker], scans: dict[int, tuple[Scan, bool]],
+                   *, drain: bool = True) -> RoundStats:
+        t0 = self.clock()
+        parts = []
+        for pid, (scan, first) in scans.items():
+            sink = ProcessSink(self.sink, pid, self.cursor)
+            parts.append(await send_scan(trackers[pid], sink, scan, previous=self.previous.get(pid), first=first,
+                                         drain=False, clock=self.clock))
+            self.previous[pid] = scan
+        drained = getattr(self.sink, "drain", None) if drain else None
+        wire = await drained() if drained is not None else 0
+        return combine(number, parts, wire, (self.clock() - t0) * 1000)
+
+
+def combine(number: int, parts: Sequence[RoundStats], wire: int = 0, send_ms: float | None = None) -> RoundStats:
+    """One round's figures over the processes of a job (sent one after another)."""
+    scan_ms = sum(p.scan_ms for p in parts)
+    send = send_ms if send_ms is not None else sum(p.send_ms for p in parts)
+    return RoundStats(
+        round=number, pages_scanned=sum(p.pages_scanned for p in parts), pages_dirty=sum(p.pages_dirty for p in parts),
+        pages_written=sum(p.pages_written for p in parts),
+        pages_skipped_zero=sum(p.pages_skipped_zero for p in parts), bytes_raw=sum(p.bytes_raw for p in parts),
+        bytes_on_wire=sum(p.bytes_on_wire for p in parts) + wire, round_ms=scan_ms + send, scan_ms=scan_ms,
+        send_ms=send, dirty_rate_mib_s=sum(p.dirty_rate_mib_s for p in parts),
+        bytes_read=sum(p.bytes_read for p in parts), layout_changes=sum(p.layout_changes for p in parts))
+
+
+async def precopy_group(members: Members, sink: RecordSink, cursor: StreamCursor,
+                        policy: PrecopyPolicy = PrecopyPolicy(), *,
+                        on_round: Callable[[RoundStats], None] | None = None,
+                        clock: Callable[[], float] = time.monotonic) -> GroupResult:
+    """``precopy`` for the processes of a job, all running. ``members`` is awaited before each
+    round: the trackers of the processes in the job now (one that joined is started in that
+    round: all its pages go; one that left is no longer listed). The policy decides on the
+    job's total dirty set."""
+    group = _Group(sink, cursor, clock)
+    trackers = await members()
+    scans = await group.look(trackers)
+    memory = sum(npages(s.data) * PAGE_SIZE for s, _ in scans.values())
+    rounds = [await group.send(0, trackers, scans)]
+    if on_round is not None:
+        on_round(rounds[-1])
+    while True:
+        trackers = await members()
+        scans = await group.look(trackers)
+        memory += sum(npages(s.data) * PAGE_SIZE for s, first in scans.values() if first)
+        dirty = sum(s.pages_dirty for s, _ in scans.values())
+        reason = decide(policy, rounds, dirty, memory_bytes=memory)
+        if reason is not None:
+            if closes(policy, reason, rounds, dirty):
+                rounds.append(await group.send(len(rounds), trackers, scans))
+                if on_round is not None:
+                    on_round(rounds[-1])
+                scans = await group.look(trackers)
+            return GroupResult(reason, tuple(rounds), {pid: s for pid, (s, first) in scans.items()
+                                                       if not first}, memory)
+        rounds.append(await group.send(len(rounds), trackers, scans))
+        if on_round is not None:
+            on_round(rounds[-1])
+
+
+async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, cursor: StreamCursor,
+                      result: GroupResult | None, *, scanned: Callable[[], object] | None = None,
+                      clock: Callable[[], float] = time.monotonic) -> RoundStats:
+    """``final_round`` for the processes of a job, all frozen: every process is scanned
+    first (then ``scanned`` is called), then each one's pages go: what pre-copy left pending
+    and the last scan, or every page of a process pre-copy did not track (it joined the job
+    as it froze, or there was no pre-copy). Queued, not drained."""
+    t0 = clock()
+    pending = result.pending if result is not None else {}
+    scans: dict[int, tuple[Scan, bool]] = {}
+    for pid, tracker in trackers.items():
+        first = pid not in pending
+        scans[pid] = (await _blocking(tracker, tracker.start if first else tracker.collect), first)
+    if scanned is not None:
+        scanned()
+    parts = []
+    for pid, (scan, first) in scans.items():
+        tracker = trackers[pid]
+        psink = ProcessSink(sink, pid, cursor)
+        if first:
+            parts.append(await send_scan(tracker, psink, scan, previous=None, first=True, drain=False, clock=clock))
+            continue
+        older = superseded(pending[pid], scan)
+        parts.append(await send_scan(tracker, psink, older, previous=None, drain=False, clock=clock))
+        last = await send_scan(tracker, psink, scan, previous=pending[pid], drain=False, clock=clock)
+        pages = npages(union(union(pending[pid].data, pending[pid].zero), union(scan.data, scan.zero)))
+        parts.append(replace(last, pages_dirty=pages - parts[-1].pages_dirty))
+    number = (len(result.rounds) if result is not None else 0)
+    return replace(combine(number, parts), round_ms=(clock() - t0) * 1000)

@@ -156,13 +156,13 @@ def test_a_tree_whose_pids_are_taken_is_refused(tmp_path: Path) -> None:
     assert len(tree(w.pid)) == 4 and w.proc is not None and w.proc.poll() is None
 
 
-def test_live_migration_of_a_tree_is_refused(tmp_path: Path) -> None:
+def test_a_tree_is_never_migrated_under_new_pids(tmp_path: Path) -> None:
     w = Workload("tree_workers", tmp_path, scale=20)
     w.start()
     w.wait_ready()
-    code, _, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+    code, _, err = migrate_cli(f"{w.pid}@localhost", "localhost")      # with --new-pid
     assert code != 0 and "Traceback" not in err
-    assert "live migration of process trees is not supported yet" in err.splitlines()[-1]
+    assert "has 3 descendants" in err.splitlines()[-1] and "without --new-pid" in err.splitlines()[-1]
     assert len(tree(w.pid)) == 4 and w.proc is not None and w.proc.poll() is None
     assert "TracerPid:\t0\n" in Path(f"/proc/{w.pid}/status").read_text()
 
