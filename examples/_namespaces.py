@@ -1,13 +1,15 @@
 """The Linux plumbing under the testbed: root commands, namespaces, links and mounts.
 
 Each function does one thing to this machine with the system tools (``ip``, ``nsenter``,
-``unshare``, ``mount``, ``losetup``, ``mkfs.btrfs``) and knows nothing of a testbed's layout: the
-caller passes every name and path.  ``examples/testbed.py`` decides what a host is made of and
-where its files live; this module makes and removes the parts:
+``unshare``, ``setpriv``, ``mount``, ``losetup``, ``mkfs.btrfs``) and knows nothing of a testbed's
+layout: the caller passes every name and path.  ``examples/testbed.py`` decides what a host is
+made of and where its files live; this module makes and removes the parts:
 
 * a bridge, and per host a network namespace whose ``eth0`` is one end of a veth on that bridge;
 * a mount namespace kept alive by a bind mount of its namespace file, with a private ``/srv``
   (a bind-mounted directory, or btrfs on a loop device);
+* optionally a pid namespace, kept alive the same way, whose pid 1 is ``_pidns_init.py`` and whose
+  ``/proc`` is mounted in the host's mount namespace; pids mapped in and out of it;
 * emptying namespaces of processes, and the probes ``status`` needs (mount table, namespace ids,
   live pids, open TCP ports).
 
@@ -22,11 +24,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
+PIDNS_INIT = Path(__file__).resolve().with_name("_pidns_init.py")
 KILL_TIMEOUT = 10.0
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -34,7 +38,7 @@ SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/s
 BASE_TOOLS = {
     "ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount",
     "umount": "mount", "losetup": "mount", "sshd": "openssh-server", "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client",
+    "ssh-keygen": "openssh-client", "setpriv": "util-linux",
 }
 BTRFS_TOOLS = {"mkfs.btrfs": "btrfs-progs"}
 
@@ -92,11 +96,20 @@ def check_available(srv_fs: str = "dir") -> None:
         raise TestbedUnavailable(f"cannot create namespaces: {detail[0]}")
 
 
-def nsenter_argv(netns: Path, mntns: Path, argv: Sequence[str],
-                 cwd: str | None = None) -> list[str]:
-    """argv that runs ``argv`` inside these network and mount namespaces (``cwd`` inside)."""
+def nsenter_argv(netns: Path, mntns: Path, argv: Sequence[str], cwd: str | None = None,
+                 pidns: Path | None = None) -> list[str]:
+    """argv that runs ``argv`` inside these network and mount namespaces (``cwd`` inside), and
+    inside pid namespace ``pidns`` if given.
+
+    To enter a pid namespace nsenter forks: ``argv`` runs in its child while nsenter, outside,
+    waits for it and exits as it did.  ``argv`` gets SIGKILL should nsenter die first, so killing
+    the process this argv starts ends ``argv`` as it does without a pid namespace.
+    """
     wd = [f"--wdns={cwd}"] if cwd is not None else []
-    return [tool("nsenter"), f"--net={netns}", f"--mount={mntns}", *wd, "--", *argv]
+    if pidns is None:
+        return [tool("nsenter"), f"--net={netns}", f"--mount={mntns}", *wd, "--", *argv]
+    return [tool("nsenter"), f"--net={netns}", f"--mount={mntns}", f"--pid={pidns}", *wd, "--",
+            tool("setpriv"), "--pdeathsig", "KILL", "--", *argv]
 
 
 # --- probes --------------------------------------------------------------------------------------
@@ -148,12 +161,16 @@ def ipv4_interfaces() -> list[tuple[str, str]]:
 # --- processes in namespaces ---------------------------------------------------------------------
 
 def pids_in_namespaces(ids: set[tuple[int, int]]) -> list[int]:
-    """Live processes whose network or mount namespace is one of ``ids``."""
+    """Live processes whose network, mount or pid namespace is one of ``ids``.
+
+    A zombie's pid namespace can still be read; it does not count: only its parent can reap it.
+    """
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        if any(ns_id(f"/proc/{entry.name}/ns/{kind}") in ids for kind in ("net", "mnt")):
+        if any(ns_id(f"/proc/{entry.name}/ns/{kind}") in ids for kind in ("net", "mnt", "pid")) \
+                and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -250,3 +267,62 @@ def remove_mntns(mnt: Path, image: Path) -> None:
     if image.exists():
         for line in run(["losetup", "--associated", str(image)]).stdout.splitlines():
             run(["losetup", "--detach", line.split(":")[0]])
+
+
+# --- pids: a pid namespace per host --------------------------------------------------------------
+
+def make_pidns(netns: Path, mntns: Path, pin: Path, label: str) -> None:
+    """A pid namespace kept alive by a bind mount on file ``pin``, whose pid 1 reaps orphans and
+    runs in these network and mount namespaces; ``/proc`` in ``mntns`` shows its processes.
+
+    ``label`` goes on pid 1's command line, to tell whose it is in ``ps``.
+    """
+    argv = nsenter_argv(netns, mntns, [sys.executable, "-I", str(PIDNS_INIT), label])
+    init = int(run(argv).stdout)
+    pin.touch()
+    run(["mount", "--bind", f"/proc/{init}/ns/pid", str(pin)])
+    # proc shows the pid namespace of the process that mounts it: mount from inside.
+    run(nsenter_argv(netns, mntns, [tool("mount"), "-t", "proc", "proc", "/proc"], pidns=pin))
+
+
+def remove_pidns(pin: Path) -> None:
+    """Unpin the pid namespace bound on ``pin`` (empty it first: kill its pid 1)."""
+    if str(pin) in mount_points():
+        run(["umount", str(pin)])
+
+
+def _nspids(pid: int) -> list[int] | None:
+    """Process ``pid``'s pids, from this process's pid namespace inward (``NSpid``)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(word) for word in line.split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def ns_pid(pidns: Path, pid: int) -> int | None:
+    """The pid inside the pid namespace bound on ``pidns`` of process ``pid`` of this process's
+    pid namespace; None unless that process (a zombie too) is a member of that namespace."""
+    ids = ns_id(pidns)
+    if ids is None or ns_id(f"/proc/{pid}/ns/pid") != ids:
+        return None
+    pids = _nspids(pid)
+    return pids[-1] if pids else None
+
+
+def root_pid(pidns: Path, pid: int) -> int | None:
+    """The pid in this process's pid namespace of process ``pid`` of the pid namespace bound on
+    ``pidns``; None if it has no such member (a zombie counts)."""
+    ids = ns_id(pidns)
+    if ids is None:
+        return None
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit() and ns_id(f"/proc/{entry.name}/ns/pid") == ids:
+                pids = _nspids(int(entry.name))
+                if pids and pids[-1] == pid:
+                    return int(entry.name)
+    return None

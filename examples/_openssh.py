@@ -11,7 +11,7 @@ import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples._namespaces import SYSTEM_PATH, ns_id, nsenter_argv, pid_alive, run, tool
+from examples._namespaces import SYSTEM_PATH, ns_id, nsenter_argv, pid_alive, root_pid, run, tool
 
 SSH_PORT = 22
 SSHD_START_TIMEOUT = 15.0
@@ -84,17 +84,26 @@ def ssh_config(path: Path, hosts: Sequence[tuple[str, str]], *, identity: Path,
     return "\n".join(blocks)
 
 
-def start_sshd(netns: Path, mntns: Path, config: Path, log: Path) -> None:
+def start_sshd(netns: Path, mntns: Path, config: Path, log: Path,
+               pidns: Path | None = None) -> None:
     """Start sshd with ``config`` inside these namespaces, logging to ``log``."""
-    argv = nsenter_argv(netns, mntns, [tool("sshd"), "-f", str(config), "-E", str(log)])
+    argv = nsenter_argv(netns, mntns, [tool("sshd"), "-f", str(config), "-E", str(log)],
+                        pidns=pidns)
     run(argv, timeout=SSHD_START_TIMEOUT)  # sshd daemonizes once it has parsed its config
 
 
-def sshd_pid(pid_file: Path, mntns: Path) -> int | None:
-    """The pid in ``pid_file`` if that process lives, inside mount namespace ``mntns``."""
+def sshd_pid(pid_file: Path, mntns: Path, pidns: Path | None = None) -> int | None:
+    """The pid in ``pid_file`` if that process lives, inside mount namespace ``mntns``.
+
+    With ``pidns``, sshd runs in that pid namespace and wrote its pid there: the pid returned is
+    the same process's pid in this process's pid namespace.
+    """
     try:
-        pid = int(pid_file.read_text(encoding="ascii").strip())
+        written = int(pid_file.read_text(encoding="ascii").strip())
     except (OSError, ValueError):
+        return None
+    pid = written if pidns is None else root_pid(pidns, written)
+    if pid is None:
         return None
     in_host = ns_id(f"/proc/{pid}/ns/mnt") == ns_id(mntns)
     return pid if in_host and pid_alive(pid) else None

@@ -1,6 +1,7 @@
 """Test hosts for kcr-migrate: network + mount namespaces on this machine, each with its own sshd.
 
-    python3 examples/testbed.py up [--hosts hostA hostB ...] [--srv-fs dir|btrfs]
+    python3 examples/testbed.py up [--hosts hostA hostB ...] [--own-pids HOST ...]
+                                   [--srv-fs dir|btrfs]
     python3 examples/testbed.py status [--ssh-config]
     python3 examples/testbed.py exec hostA -- ip addr
     ssh -F "$(python3 examples/testbed.py status --ssh-config)" hostA true
@@ -13,6 +14,11 @@ hosts have no default route.  Each host also has its own mount namespace (kept a
 of its namespace file in the state directory) with its own ``/srv``: a per-host directory, or a
 btrfs filesystem on a loop device (``--srv-fs btrfs``).  Each host runs an OpenSSH sshd inside both
 namespaces with generated keys; ``up`` writes an ssh config so ``ssh -F FILE hostA`` works.
+
+The hosts share this machine's pids, unless named in ``--own-pids``: such a host also has a pid
+namespace of its own (pinned like its mount namespace), whose pid 1 is a small init that reaps
+orphans; its sshd, and so every ssh session, runs in it, and its ``/proc`` shows that namespace.
+As on a separate machine, a process can get the same pid there as on another host.
 
 Everything lives under a state directory (default ``/run/kcr-testbed``, or ``$KCR_TESTBED_DIR``);
 ``down`` removes all of it and is safe to run at any time.  The same logic is importable:
@@ -54,14 +60,18 @@ from examples._namespaces import (  # noqa: E402
     make_bridge,
     make_mntns,
     make_netns,
+    make_pidns,
     mount_points,
     mount_srv_btrfs,
     mount_srv_dir,
     ns_id,
+    ns_pid,
     nsenter_argv,
     remove_link,
     remove_mntns,
     remove_netns,
+    remove_pidns,
+    root_pid,
     run,
     tcp_open,
     tool,
@@ -104,7 +114,7 @@ NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
 TOP_FILES = ("ssh_config", "known_hosts", "authorized_keys", "id_ed25519", "id_ed25519.pub",
              "testbed.json")
 HOST_FILES = ("sshd_config", "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "sshd.pid",
-              "sshd.log", "mnt", "srv.img")
+              "sshd.log", "mnt", "srv.img", "pid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +143,10 @@ class Testbed:
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
                  hosts: Sequence[str] = DEFAULT_HOSTS, prefix: str = DEFAULT_PREFIX,
                  bridge: str | None = None, subnet: str = DEFAULT_SUBNET, srv_fs: str = "dir",
-                 srv_size: int = DEFAULT_SRV_SIZE) -> None:
+                 srv_size: int = DEFAULT_SRV_SIZE, own_pids: Sequence[str] = ()) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.hosts: tuple[str, ...] = tuple(hosts)
+        self.own_pids: tuple[str, ...] = tuple(own_pids)  # hosts with a pid namespace of their own
         self.prefix = prefix
         self.bridge = bridge if bridge is not None else f"{prefix}br0"
         self.subnet = subnet
@@ -158,6 +169,10 @@ class Testbed:
             raise TestbedError(f"srv_fs must be one of {', '.join(SRV_FS_CHOICES)}")
         if not self.hosts or len(set(self.hosts)) != len(self.hosts):
             raise TestbedError("hosts must be a non-empty list of distinct names")
+        for host in self.own_pids:
+            if host not in self.hosts:
+                raise TestbedError(f"own_pids names {host!r}, which is not one of the hosts "
+                                   f"({', '.join(self.hosts)})")
         for name in (*self.hosts, self.prefix + "x", self.bridge):
             if not NAME_RE.match(name):
                 raise TestbedError(f"bad name {name!r}: use letters, digits, - and _")
@@ -182,12 +197,12 @@ class Testbed:
             raise TestbedError(f"testbed state in {state_dir} has an unknown version; run down")
         return cls(state_dir, hosts=state["hosts"], prefix=state["prefix"],
                    bridge=state["bridge"], subnet=state["subnet"], srv_fs=state["srv_fs"],
-                   srv_size=state["srv_size"])
+                   srv_size=state["srv_size"], own_pids=state.get("own_pids", ()))
 
     def _state(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "hosts": list(self.hosts), "prefix": self.prefix,
                 "bridge": self.bridge, "subnet": self.subnet, "srv_fs": self.srv_fs,
-                "srv_size": self.srv_size}
+                "srv_size": self.srv_size, "own_pids": list(self.own_pids)}
 
     # --- names and paths ---
 
@@ -218,6 +233,14 @@ class Testbed:
     def mntns_path(self, host: str) -> Path:
         return self.host_dir(host) / "mnt"
 
+    def pidns_path(self, host: str) -> Path | None:
+        """Where the host's own pid namespace is pinned; None if it shares this machine's pids."""
+        self._check_host(host)
+        return self._pidns_pin(host) if host in self.own_pids else None
+
+    def _pidns_pin(self, host: str) -> Path:
+        return self.host_dir(host) / "pid"
+
     def srv_path(self, host: str) -> Path | None:
         """Where this host's /srv content lives as seen from this machine (None for btrfs)."""
         self._check_host(host)
@@ -244,9 +267,11 @@ class Testbed:
     # --- running things in hosts ---
 
     def nsenter_argv(self, host: str, argv: Sequence[str], cwd: str | None = None) -> list[str]:
-        """argv that runs ``argv`` inside the host's network and mount namespaces."""
+        """argv that runs ``argv`` inside the host's network and mount namespaces, and its pid
+        namespace if it has its own (then nsenter forks: see ``popen``)."""
         self._check_host(host)
-        return nsenter_argv(self.netns_path(host), self.mntns_path(host), argv, cwd)
+        return nsenter_argv(self.netns_path(host), self.mntns_path(host), argv, cwd,
+                            pidns=self.pidns_path(host))
 
     def exec(self, host: str, argv: Sequence[str],
              **kwargs: Any) -> subprocess.CompletedProcess[Any]:
@@ -257,7 +282,10 @@ class Testbed:
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """subprocess.Popen ``argv`` inside the host; the caller waits for it.
 
-        The child is nsenter until it has entered the namespaces and exec'd ``argv``.
+        The child is nsenter until it has entered the namespaces and exec'd ``argv``.  On a host
+        with its own pids it stays nsenter, outside the host's pid namespace: ``argv`` runs as
+        its only child, which ``popen(...).pid`` is not; nsenter exits as ``argv`` does, and
+        killing nsenter kills ``argv`` (not what ``argv`` started).
         """
         cwd = kwargs.pop("cwd", None)
         return subprocess.Popen(self.nsenter_argv(host, argv, cwd), **kwargs)
@@ -275,7 +303,32 @@ class Testbed:
     # --- status ---
 
     def sshd_pid(self, host: str) -> int | None:
-        return sshd_pid(self._pid_file(host), self.mntns_path(host))
+        """The host's sshd's pid, in this machine's pid namespace; None if it is not running."""
+        return sshd_pid(self._pid_file(host), self.mntns_path(host), self.pidns_path(host))
+
+    # --- pids inside hosts ---
+
+    def root_pid(self, host: str, pid: int) -> int | None:
+        """This machine's pid (that of this process's pid namespace) of the process whose pid in
+        ``host`` is ``pid``; None if the host has no such process (a zombie counts).
+
+        For a host without pids of its own, that is ``pid`` if it exists.
+        """
+        pidns = self.pidns_path(host)
+        if pidns is None:
+            return pid if os.path.exists(f"/proc/{pid}") else None
+        return root_pid(pidns, pid)
+
+    def host_pid(self, host: str, root_pid: int) -> int | None:
+        """The pid in ``host`` of the process whose pid on this machine is ``root_pid``; None if
+        that process is not one of the host's own pid namespace (a zombie counts).
+
+        For a host without pids of its own, that is ``root_pid`` if it exists.
+        """
+        pidns = self.pidns_path(host)
+        if pidns is None:
+            return root_pid if os.path.exists(f"/proc/{root_pid}") else None
+        return ns_pid(pidns, root_pid)
 
     def status(self) -> list[HostStatus]:
         mounts = mount_points()
@@ -391,11 +444,14 @@ class Testbed:
             mount_srv_dir(self.mntns_path(host), self.host_dir(host) / "srv")
         else:
             mount_srv_btrfs(self.mntns_path(host), self.srv_image(host), self.srv_size)
+        pidns = self.pidns_path(host)
+        if pidns is not None:
+            make_pidns(self.netns_path(host), self.mntns_path(host), pidns, str(pidns))
 
     def _start_sshd(self, host: str) -> None:
         hd = self.host_dir(host)
         start_sshd(self.netns_path(host), self.mntns_path(host), hd / "sshd_config",
-                   hd / "sshd.log")
+                   hd / "sshd.log", self.pidns_path(host))
 
     def _wait_for_sshd(self) -> None:
         deadline = time.monotonic() + SSHD_START_TIMEOUT
@@ -430,12 +486,17 @@ class Testbed:
         if errors:
             raise TestbedError("down incomplete: " + "; ".join(errors))
 
+    # A pid namespace pin goes whether or not this testbed gives the host its own pids: an
+    # interrupted testbed of another configuration may have left one.
+
     def _stop_host_processes(self, host: str) -> None:
-        ids = {i for i in (ns_id(self.netns_path(host)), ns_id(self.mntns_path(host))) if i}
+        pins = (self.netns_path(host), self.mntns_path(host), self._pidns_pin(host))
+        ids = {i for i in map(ns_id, pins) if i}
         if ids:
             kill_namespace_members(ids)
 
     def _remove_host_mounts(self, host: str) -> None:
+        remove_pidns(self._pidns_pin(host))
         remove_mntns(self.mntns_path(host), self.srv_image(host))
 
     def _remove_host_network(self, host: str) -> None:
@@ -496,6 +557,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create the hosts (no-op if already up; rebuilt if different)")
     up.add_argument("--hosts", nargs="+", default=list(DEFAULT_HOSTS), metavar="HOST")
+    up.add_argument("--own-pids", nargs="+", default=[], metavar="HOST",
+                    help="these hosts get a pid namespace of their own (default: none)")
     up.add_argument("--srv-fs", choices=SRV_FS_CHOICES, default="dir",
                     help="what /srv is on each host: a directory, or btrfs on a loop device")
     up.add_argument("--srv-size", type=int, default=DEFAULT_SRV_SIZE, metavar="BYTES",
@@ -515,7 +578,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def cmd_up(args: argparse.Namespace) -> int:
     bed = Testbed(args.state_dir, hosts=args.hosts, prefix=args.prefix, bridge=args.bridge,
-                  subnet=args.subnet, srv_fs=args.srv_fs, srv_size=args.srv_size)
+                  subnet=args.subnet, srv_fs=args.srv_fs, srv_size=args.srv_size,
+                  own_pids=args.own_pids)
     if not bed.up():
         print(f"testbed already up in {bed.state_dir}")
     print_status(bed)
@@ -553,8 +617,10 @@ def print_status(bed: Testbed) -> bool:
                                           (st.sshd_pid is not None, "sshd not running"),
                                           (st.listening, "port 22 closed")) if not ok]
         healthy = healthy and not problems
+        pids = "; own pids" if bed.pidns_path(st.host) else ""
         print(f"{st.host:<10} {st.address:<15} netns {bed.netns_name(st.host):<15} "
-              f"sshd {st.sshd_pid or '-':<8} {'ok' if not problems else ', '.join(problems)}")
+              f"sshd {st.sshd_pid or '-':<8} {'ok' if not problems else ', '.join(problems)}"
+              f"{pids}")
     print(f"ssh -F {bed.ssh_config_path} {bed.hosts[0]}")
     return healthy
 

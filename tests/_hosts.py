@@ -1,4 +1,7 @@
-"""The ``testbed`` fixture: test hosts hostA and hostB (namespaces with sshd) for the whole session.
+"""The ``testbed`` fixture: test hosts hostA, hostB, hostC (namespaces with sshd) for the session.
+
+hostA and hostB share this machine's pids; hostC has a pid namespace of its own, as a separate
+machine would (a process can keep its pid when it moves there).
 
 It uses its own state dir, name prefix, bridge and subnet, so it never collides with a testbed a
 human brought up with ``examples/testbed.py up`` (``/run/kcr-testbed``, ``kcr-``, 10.77.213.0/24).
@@ -30,7 +33,8 @@ TEST_STATE_DIR = Path(os.environ.get("KCR_TESTBED_TEST_DIR", "/run/kcr-testbed-t
 TEST_PREFIX = "kcrt-"
 TEST_BRIDGE = "kcrt-br0"
 TEST_SUBNET = "10.77.214.0/24"
-TEST_HOSTS = ("hostA", "hostB")
+TEST_HOSTS = ("hostA", "hostB", "hostC")
+TEST_OWN_PIDS = ("hostC",)
 LOCK_PATH = Path("/run/lock/kcr-testbed-test.lock")
 LOCK_WAIT = 600.0
 
@@ -38,7 +42,7 @@ LOCK_WAIT = 600.0
 def make_test_testbed() -> Testbed:
     """The session's testbed (not yet up)."""
     return Testbed(TEST_STATE_DIR, hosts=TEST_HOSTS, prefix=TEST_PREFIX, bridge=TEST_BRIDGE,
-                   subnet=TEST_SUBNET)
+                   subnet=TEST_SUBNET, own_pids=TEST_OWN_PIDS)
 
 
 @contextlib.contextmanager
@@ -101,7 +105,8 @@ def torn_down_at_exit(bed: Testbed) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[Testbed]:
-    """hostA and hostB, up for the whole session; skipped where this machine cannot host them."""
+    """hostA, hostB and hostC, up for the whole session; skipped where this machine cannot host
+    them."""
     try:
         check_available()
     except TestbedUnavailable as exc:
@@ -116,7 +121,10 @@ def testbed() -> Iterator[Testbed]:
 # --- workloads inside the test hosts ------------------------------------------------------
 
 def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, **env: str) -> int:
-    """Start a workload inside ``host``; its pid once it is ready (ended after the test)."""
+    """Start a workload inside ``host``; its pid once it is ready (ended after the test).
+
+    On a host with its own pids that is nsenter's pid, outside the host: see ``Testbed.popen``.
+    """
     outdir.mkdir(parents=True, exist_ok=True)
     with open(outdir / "stderr", "wb") as err:
         proc = bed.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,

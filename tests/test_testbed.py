@@ -14,13 +14,16 @@ from typing import Iterator
 import pytest
 
 from examples.testbed import Testbed, TestbedUnavailable, check_available
-from tests._hosts import TEST_SUBNET
+from tests._hosts import TEST_OWN_PIDS, TEST_SUBNET
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "examples" / "testbed.py"
 BTRFS_STATE_DIR = Path("/run/kcr-testbed-test-btrfs")
 BTRFS_PREFIX = "kcrb-"
 BTRFS_SUBNET = "10.77.215.0/24"
+PIDS_STATE_DIR = Path("/run/kcr-testbed-test-pids")
+PIDS_PREFIX = "kcrp-"
+PIDS_SUBNET = "10.77.220.0/24"
 
 
 def ns_inode(link_text: str) -> int:
@@ -34,41 +37,170 @@ def run_cli(state_dir: Path, *args: str,
                           input=stdin, capture_output=True, text=True, timeout=60)
 
 
-def host_namespaces(bed: Testbed, host: str, via_ssh: bool) -> tuple[int, int]:
-    argv = ["readlink", "/proc/self/ns/net", "/proc/self/ns/mnt"]
+def host_namespaces(bed: Testbed, host: str, via_ssh: bool) -> tuple[int, int, int]:
+    argv = ["readlink", "/proc/self/ns/net", "/proc/self/ns/mnt", "/proc/self/ns/pid"]
     run = bed.ssh if via_ssh else bed.exec
     proc = run(host, argv, capture_output=True, text=True, check=True, timeout=30)
-    net, mnt = proc.stdout.split()
-    return ns_inode(net), ns_inode(mnt)
+    net, mnt, pid = proc.stdout.split()
+    return ns_inode(net), ns_inode(mnt), ns_inode(pid)
 
 
-def wait_for_exec(proc: subprocess.Popen[bytes], comm: str) -> None:
-    """Wait until popen's nsenter has entered the host and exec'd ``comm``."""
+def wait_for_exec(pid: int, comm: str) -> None:
+    """Wait until process ``pid`` (popen's nsenter, say) has exec'd ``comm``."""
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{proc.pid}/comm").read_text() != f"{comm}\n":
+    while Path(f"/proc/{pid}/comm").read_text() != f"{comm}\n":
         assert time.monotonic() < deadline, f"{comm} did not start"
         time.sleep(0.01)
 
 
 @pytest.mark.parametrize("via_ssh", [True, False], ids=["ssh", "exec"])
 def test_commands_run_inside_the_hosts_namespaces(testbed: Testbed, via_ssh: bool) -> None:
-    ours = os.stat("/proc/self/ns/net").st_ino, os.stat("/proc/self/ns/mnt").st_ino
+    ours = tuple(os.stat(f"/proc/self/ns/{kind}").st_ino for kind in ("net", "mnt", "pid"))
+    assert testbed.own_pids == TEST_OWN_PIDS == ("hostC",)
     for host in testbed.hosts:
+        pidns = testbed.pidns_path(host)
         expected = (os.stat(testbed.netns_path(host)).st_ino,
-                    os.stat(testbed.mntns_path(host)).st_ino)
+                    os.stat(testbed.mntns_path(host)).st_ino,
+                    os.stat(pidns).st_ino if pidns is not None else ours[2])
         assert host_namespaces(testbed, host, via_ssh) == expected
         assert expected[0] != ours[0] and expected[1] != ours[1]
+        assert (expected[2] != ours[2]) == (host in testbed.own_pids)
 
 
 def test_popen_starts_a_long_running_process_inside_the_host(testbed: Testbed) -> None:
     with testbed.popen("hostB", ["sleep", "30"]) as proc:
         try:
-            wait_for_exec(proc, "sleep")
+            wait_for_exec(proc.pid, "sleep")
             for kind, path in (("net", testbed.netns_path("hostB")),
-                               ("mnt", testbed.mntns_path("hostB"))):
+                               ("mnt", testbed.mntns_path("hostB")),
+                               ("pid", Path("/proc/self/ns/pid"))):
                 assert os.stat(f"/proc/{proc.pid}/ns/{kind}").st_ino == os.stat(path).st_ino
+            assert testbed.root_pid("hostB", proc.pid) == proc.pid
+            assert testbed.host_pid("hostB", proc.pid) == proc.pid
         finally:
             proc.kill()
+
+
+# --- a host with pids of its own (hostC) ---
+
+SHOW_PID = ["sh", "-c", "echo $$; exec sleep 60"]  # prints its pid, then runs as sleep
+# Leaves a sleep behind that outlives the ssh session, and prints its pid.
+ORPHAN = ["sh", "-c", "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!"]
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs after {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("via_ssh", [True, False], ids=["ssh", "popen"])
+def test_a_process_in_hostC_has_a_pid_of_hostC(testbed: Testbed, via_ssh: bool) -> None:
+    pidns = testbed.pidns_path("hostC")
+    assert pidns is not None
+    if via_ssh:
+        proc = subprocess.Popen(testbed.ssh_argv("hostC", SHOW_PID), stdout=subprocess.PIPE,
+                                text=True)
+    else:
+        proc = testbed.popen("hostC", SHOW_PID, stdout=subprocess.PIPE, text=True)
+    root = None
+    with proc:
+        try:
+            assert proc.stdout is not None
+            pid = int(proc.stdout.readline())
+            root = testbed.root_pid("hostC", pid)
+            assert root is not None and root != pid and root != proc.pid
+            assert testbed.host_pid("hostC", root) == pid
+            wait_for_exec(root, "sleep")
+            assert os.stat(f"/proc/{root}/ns/pid").st_ino == os.stat(pidns).st_ino
+            assert os.stat(pidns).st_ino != os.stat("/proc/self/ns/pid").st_ino
+            # hostC's /proc names it by that pid
+            seen = testbed.exec("hostC", ["cat", f"/proc/{pid}/cmdline"], capture_output=True,
+                                check=True, timeout=30).stdout
+            assert seen == b"sleep\x0060\x00"
+            # the other hosts share this machine's pids: not a pid of hostC
+            assert testbed.host_pid("hostC", proc.pid) is None
+            assert testbed.host_pid("hostA", root) == root
+        finally:
+            if root is not None:
+                os.kill(root, signal.SIGKILL)
+            proc.kill()
+
+
+@pytest.mark.parametrize("via_ssh", [True, False], ids=["ssh", "exec"])
+def test_hostC_sees_itself_in_its_proc(testbed: Testbed, via_ssh: bool) -> None:
+    argv = ["sh", "-c", "echo $$; exec cat /proc/self/stat /proc/1/cmdline"]
+    run = testbed.ssh if via_ssh else testbed.exec
+    out = run("hostC", argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    shell, stat, init = out.split("\n", 2)
+    assert stat.split()[0] == shell  # /proc/self is the process's own pid in hostC
+    assert "_pidns_init.py" in init  # and pid 1 there is the host's reaping init
+    assert testbed.root_pid("hostC", 1) not in (None, 1)
+
+
+def test_hostC_init_adopts_and_reaps_orphans(testbed: Testbed) -> None:
+    daemon = testbed.ssh("hostC", ORPHAN, capture_output=True, text=True, check=True, timeout=30)
+    orphan = testbed.root_pid("hostC", int(daemon.stdout))
+    assert orphan is not None
+    try:
+        init = testbed.root_pid("hostC", 1)
+        assert f"PPid:\t{init}\n" in Path(f"/proc/{orphan}/status").read_text()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{orphan}"):  # a zombie until its parent reaps it
+        assert time.monotonic() < deadline, f"orphan {orphan} not reaped"
+        time.sleep(0.01)
+
+
+def test_killing_popen_of_hostC_ends_its_process(testbed: Testbed) -> None:
+    with testbed.popen("hostC", SHOW_PID, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        root = testbed.root_pid("hostC", int(proc.stdout.readline()))
+        assert root is not None
+        assert Path(f"/proc/{root}/status").read_text().count(f"PPid:\t{proc.pid}\n") == 1
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        wait_gone(root)
+
+
+# clone3(2) with set_tid: the call that gives a restored process the pid it had.  The parent
+# prints the pid clone3 returned, the child its getpid().
+CLONE3_SET_TID = """
+import ctypes, os, signal, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+want = (ctypes.c_int32 * 1)(int(sys.argv[1]))
+# struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+# set_tid, set_tid_size, cgroup
+args = ctypes.create_string_buffer(struct.pack(
+    "11Q", 0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, ctypes.addressof(want), 1, 0), 88)
+pid = libc.syscall(435, args, 88)
+if pid == 0:
+    os.write(1, b"%d\\n" % os.getpid())
+    os._exit(0)
+if pid < 0:
+    sys.exit("clone3: " + os.strerror(ctypes.get_errno()))
+os.waitpid(pid, 0)
+print(pid)
+"""
+
+
+def test_clone3_set_tid_in_hostC_gives_a_pid_this_machine_uses(testbed: Testbed) -> None:
+    want = os.getpid()  # in use here, so hostC gets it only because its pids are its own
+    proc = testbed.ssh("hostC", [sys.executable, "-c", CLONE3_SET_TID, str(want)],
+                       capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(want), str(want)]
 
 
 def test_exec_cwd_is_a_path_inside_the_host(testbed: Testbed) -> None:
@@ -114,6 +246,7 @@ def test_ssh_sessions_find_this_pythons_scripts(testbed: Testbed) -> None:
 
 def test_up_when_up_is_a_noop(testbed: Testbed) -> None:
     pids = [testbed.sshd_pid(h) for h in testbed.hosts]
+    assert None not in pids
     assert testbed.up() is False
     assert [testbed.sshd_pid(h) for h in testbed.hosts] == pids
 
@@ -129,6 +262,8 @@ def test_cli_status_and_exec(testbed: Testbed) -> None:
     status = run_cli(testbed.state_dir, "status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert testbed.address("hostB") in status.stdout and "ok" in status.stdout
+    assert [line.endswith("ok; own pids") for line in status.stdout.splitlines()[1:4]] == \
+        [False, False, True]
     assert run_cli(testbed.state_dir, "exec", "hostB", "--", "sh", "-c", "exit 7").returncode == 7
     echoed = run_cli(testbed.state_dir, "exec", "hostA", "--", "cat", stdin="hello\n")
     assert (echoed.returncode, echoed.stdout) == (0, "hello\n")
@@ -145,6 +280,7 @@ def test_cli_errors_are_one_line(testbed: Testbed, tmp_path: Path) -> None:
     assert_one_line_error(run_cli(state, "status"), "not up")
     assert_one_line_error(run_cli(testbed.state_dir, "exec", "hostZ", "--", "true"), "hostZ")
     assert_one_line_error(run_cli(state, "up", "--subnet", "8.8.8.0/24"), "private")
+    assert_one_line_error(run_cli(state, "up", "--own-pids", "hostZ"), "hostZ")
     assert_one_line_error(run_cli(state, "up", "--subnet", TEST_SUBNET, "--prefix", "kcrx-"),
                           "already used")
     assert not state.exists()
@@ -172,11 +308,11 @@ def leftovers(bed: Testbed) -> list[str]:
 
 
 def processes_in(namespaces: set[int]) -> list[int]:
-    """Pids of live processes whose network or mount namespace inode is in ``namespaces``."""
+    """Pids of live processes whose network, mount or pid namespace inode is in ``namespaces``."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            inodes = {os.stat(f"/proc/{pid}/ns/{kind}").st_ino for kind in ("net", "mnt")}
+            inodes = {os.stat(f"/proc/{pid}/ns/{kind}").st_ino for kind in ("net", "mnt", "pid")}
         except OSError:
             continue
         if inodes & namespaces:
@@ -211,12 +347,48 @@ def test_btrfs_srv_then_down_after_damage(btrfs_testbed: Testbed) -> None:
     namespaces = {os.stat(p).st_ino for h in bed.hosts
                   for p in (bed.netns_path(h), bed.mntns_path(h))}
     with bed.popen("hostB", ["sleep", "60"]) as sleeper:
-        wait_for_exec(sleeper, "sleep")
+        wait_for_exec(sleeper.pid, "sleep")
         # Damage it the way a crash would: hostA's sshd gone, hostB's netns file removed by hand.
         pid = bed.sshd_pid("hostA")
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", bed.netns_name("hostB")], check=True)
+        down = run_cli(bed.state_dir, "down")
+        assert down.returncode == 0, down.stderr
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+    assert leftovers(bed) == []
+    assert processes_in(namespaces) == []
+    bed.down()  # idempotent
+    assert run_cli(bed.state_dir, "down").returncode == 0
+    assert leftovers(bed) == []
+
+
+@pytest.fixture
+def pids_testbed(testbed: Testbed) -> Iterator[Testbed]:
+    """A one-host testbed whose host has its own pids (``testbed`` is requested for its lock)."""
+    bed = Testbed(PIDS_STATE_DIR, hosts=("hostC",), prefix=PIDS_PREFIX, subnet=PIDS_SUBNET,
+                  own_pids=("hostC",))
+    try:
+        bed.up()
+        yield bed
+    finally:
+        bed.down()
+
+
+def test_down_ends_everything_of_a_host_with_own_pids(pids_testbed: Testbed) -> None:
+    bed = pids_testbed
+    pidns = bed.pidns_path("hostC")
+    assert pidns is not None
+    namespaces = {os.stat(p).st_ino for p in (bed.netns_path("hostC"), bed.mntns_path("hostC"),
+                                              pidns)}
+    # An orphan left by an ssh session (hostC's init is its parent now), and a process of popen.
+    daemon = bed.ssh("hostC", ORPHAN, capture_output=True, text=True, check=True, timeout=30)
+    orphan = bed.root_pid("hostC", int(daemon.stdout))
+    assert orphan is not None
+    with bed.popen("hostC", SHOW_PID, stdout=subprocess.PIPE, text=True) as sleeper:
+        assert sleeper.stdout is not None
+        inner = bed.root_pid("hostC", int(sleeper.stdout.readline()))
+        assert inner is not None
         down = run_cli(bed.state_dir, "down")
         assert down.returncode == 0, down.stderr
         assert sleeper.wait(timeout=10) == -signal.SIGKILL
