@@ -16,7 +16,6 @@ from agent import fdtable
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
-from agent.procfs import process_tree
 from agent.restore_session import RestoreSession
 from agent.tree import check_tree, tree_record
 from precopy.layout import PageFinder
@@ -78,7 +77,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         for p in pids:
             helds.append(freezer.seize(p))
         _check_cancel(opts, pid)
-        if process_tree(pid) != pids:
+        tree = tree_record(pid)          # zombies among them: carried as they are
+        if [m.pid for m in tree.members if not m.zombie] != pids:
             raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork or an "
                                       "exit): nothing was written; try again", pid=pid)
         check_tree(pid, opts.redirect, pids)   # again, now that nothing can change under us
@@ -95,11 +95,11 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers)
         try:
             writer.record(image_header(pid, "checkpoint", states[pid].threads[0].xstate))
-            if len(pids) > 1:
-                writer.record(tree_record(pids))
+            if len(tree.members) > 1:
+                writer.record(tree)
             t_mem = time.monotonic()
             for p in pids:
-                if len(pids) > 1:
+                if len(tree.members) > 1:
                     writer.record(ProcessBegin(p))
                 state = states[p]
                 for rec in (state.process, *state.fds.records(), layouts[p], *state.threads):
@@ -113,7 +113,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         if on_complete is not None:
             on_complete()
         complete = True
-        stats.processes = len(pids)
+        stats.processes = len(tree.members)
         stats.threads = sum(len(s.threads) for s in states.values())
         stats.vmas = sum(len(layout.vmas) for layout in layouts.values())
         stats.pages_written = wstats.pages

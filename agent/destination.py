@@ -73,17 +73,19 @@ def _forget(s: DestSession) -> None:
     BY_TOKEN.pop(s.token, None)
 
 
-def check_ids_free(ids: list[int], host: str) -> None:
-    """The pid and thread ids the process keeps are not in use here."""
+def check_ids_free(ids: list[int], host: str, tree: bool = False) -> None:
+    """The pid and thread ids the process (``tree``: the processes of a tree) keeps are not
+    in use here; ``ids[0]`` is the (root) process's pid."""
     taken = [i for i in ids if os.path.exists(f"/proc/{i}")]
     if taken:
         pid = ids[0]
         same = " (source and destination are one host: the process itself holds them)" \
             if os.path.exists(f"/proc/{pid}") and pid in taken else ""
-        raise RestoreError(
-            f"{'pid' if len(taken) == 1 else 'pids'} {', '.join(map(str, taken))} taken on {host}{same}: the "
-            "process keeps its pid and thread ids; end what holds them, or migrate under a new pid "
-            "with --new-pid", host=host, pid=pid)
+        fix = ("a process tree keeps its pids; end what holds them" if tree else
+               "the process keeps its pid and thread ids; end what holds them, or migrate under a new pid "
+               "with --new-pid")
+        raise RestoreError(f"{'pid' if len(taken) == 1 else 'pids'} {', '.join(map(str, taken[:10]))} taken on "
+                           f"{host}{same}: {fix}", host=host, pid=pid)
 
 
 def _mem_available() -> int:
@@ -108,9 +110,9 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
         raise RestoreError(f"pid {summary['pid']} has {len(processes) - 1} descendants: a process tree keeps its "
                            "pids (parents wait for their children by pid); migrate it without --new-pid", host=host)
     if not new_pid:
-        for proc in processes:
-            pid = int(proc["pid"])
-            check_ids_free([pid] + [int(t) for t in proc.get("tids", []) if int(t) != pid], host)
+        ids = [int(p["pid"]) for p in processes]
+        ids += [int(t) for p in processes for t in p.get("tids", []) if int(t) != int(p["pid"])]
+        check_ids_free(ids, host, tree=len(processes) > 1)
     need = int(summary.get("memory_bytes", 0) * MEMORY_MARGIN)
     avail = _mem_available()
     if need > avail:

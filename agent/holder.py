@@ -31,7 +31,7 @@ from agent import ptrace
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
 from agent.procfs import check_target, process_tree
-from agent.tree import check_tree
+from agent.tree import check_tree, zombie
 from transport.errors import (
     MigrationError,
     NoSuchProcess,
@@ -119,15 +119,16 @@ class Holder:
                 raise          # a descendant that exited meanwhile: ``members`` sees it gone
 
     def op_members(self) -> dict[str, Any]:
-        """The job as it is now, while it runs: processes forked since join (held, checked
-        with the rest), processes gone leave. The root must still be there."""
+        """The job's running processes as they are now: processes forked since join (held,
+        checked with the rest), processes gone or exited (zombies) leave. The root must
+        still run."""
         if not freezer.alive(self._need()):
             raise ProcessExited(f"process {self.root} exited", pid=self.root)
-        now = process_tree(self.root)
+        now = [p for p in process_tree(self.root) if not zombie(p)]
         left = [p for p in self.helds if p not in now or not freezer.alive(self.helds[p])]
         for p in left:
             freezer.let_go(self.helds.pop(p))
-        joined = [p for p in now if p not in self.helds]
+        joined = [p for p in now if p not in self.helds and p not in left]
         if joined:
             check_tree(self.root, self.redirect)      # a newcomer may hold what cannot move
             for p in joined:
@@ -137,7 +138,7 @@ class Holder:
     def op_freeze(self, pid: int = 0) -> dict[str, Any]:
         """Freeze one process (``pid``: a tracker's pause) or the whole job: every process
         stopped, then the tree read again until no process in it is left running (one
-        forked meanwhile joins, frozen; one gone leaves), then checked as it is."""
+        forked meanwhile joins, frozen; one gone or exited leaves), then checked as it is."""
         if pid:
             held = self._need(pid)
             if not held.frozen:
@@ -149,9 +150,12 @@ class Holder:
         left: list[int] = []
         while True:
             for p, held in list(self.helds.items()):
+                if held.frozen:
+                    continue
                 try:
-                    if not held.frozen:
-                        freezer.freeze(held)
+                    if not freezer.alive(held):
+                        raise ProcessExited(f"process {p} exited", pid=p)
+                    freezer.freeze(held)
                 except ProcessExited:
                     if p == self.root:
                         raise
@@ -159,24 +163,22 @@ class Holder:
                     left.append(p)
             seized = 0
             for p in process_tree(self.root):
-                if p in self.helds:
+                if p in self.helds or zombie(p):
                     continue
                 try:
-                    check_target(p)          # not a zombie: ``check_tree`` refuses those below
+                    check_target(p)
                     self.helds[p] = freezer.seize(p)
-                except NoSuchProcess:
+                except (NoSuchProcess, ProcessExited):
                     continue
                 joined.append(p)
                 seized += 1
             if not seized:
                 break
-        gone = [p for p in self.helds if p not in process_tree(self.root)]
-        for p in gone:
+        pids = [p for p in process_tree(self.root) if p in self.helds]
+        for p in [p for p in self.helds if p not in pids]:
             freezer.let_go(self.helds.pop(p))
             left.append(p)
-        pids = check_tree(self.root, self.redirect, list(self.helds))
-        if pids != list(self.helds):
-            self.helds = {p: self.helds[p] for p in pids}
+        self.helds = {p: self.helds[p] for p in check_tree(self.root, self.redirect, pids)}
         return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined,
                 "left": [p for p in left if p not in joined],
                 "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()]}

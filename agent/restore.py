@@ -100,6 +100,7 @@ F_DUPFD_CLOEXEC = 1030
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
 WALL = 0x40000000
 RLIMIT_NOFILE = 7
+RLIMIT_CORE = 4
 ZOMBIE_GRACE_S = 5.0
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
 PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
@@ -213,6 +214,7 @@ class Restorer:
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
         self._clone_gadget = forked_from.gadget if forked_from is not None else 0
+        self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
@@ -284,6 +286,27 @@ class Restorer:
             return self._call(name, *args)
         with Injector(self.pid, stub.STUB_SYSCALL) as inj:
             return inj.call(name, *args)
+
+    def exit_as(self, status: int) -> None:
+        """End this stub as the process it stands for ended (a zombie in a tree): its
+        parent's wait() collects ``status``. Killed by a signal: without a core dump."""
+        try:
+            if os.WIFSIGNALED(status):
+                prlimit(self.pid, RLIMIT_CORE, (0, 0))
+                ptrace.detach(self.pid, os.WTERMSIG(status))       # the signal, delivered as it goes
+            else:
+                inj = self.inj or Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL)
+                try:
+                    inj.raw(NR["exit_group"], os.WEXITSTATUS(status))
+                except ptrace.TraceeGone:
+                    pass
+                else:
+                    raise RestoreError(f"process {self.pid} did not exit as its image says it had")
+        except OSError as exc:
+            raise RestoreError(f"could not end process {self.pid} as it had ended: {exc}") from None
+        self._stopped = False
+        self.exited = True
+        self.close()
 
     def remove(self, parent: "Restorer | None") -> None:
         """Destroy this stub of a process that left its tree during a live migration, and

@@ -124,6 +124,10 @@ class RestoreSession:
             made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
                             forked_from=parent if parent.begun else None)
             self.procs[m.pid] = RestoredProcess(made, member=m)
+        for m in new:
+            if m.zombie:
+                self.procs[m.pid].restorer.exit_as(m.exit_status)
+        new = [m for m in new if not m.zombie]
         members = {m.pid: m for m in tree.members}
         root = tree.members[0]
         for m in new:
@@ -149,6 +153,11 @@ class RestoreSession:
             if old is not None and (old.ppid, old.sid, old.pgid) != (m.ppid, m.sid, m.pgid) and pid != tree.members[0].pid:
                 raise RestoreError(f"process {pid} changed its parent, session or group during the migration "
                                    "(its parent exited, or it called setsid or setpgid): try again", pid=pid)
+        for pid, m in now.items():
+            old = before.get(pid)
+            if old is not None and m.zombie and not old.zombie:       # it exited meanwhile
+                self.procs[pid].restorer.exit_as(m.exit_status)
+                self.procs[pid].member = m
         gone = [pid for pid in reversed(list(self.procs)) if pid not in now]   # children first
         for pid in gone:
             proc = self.procs.pop(pid)
@@ -165,7 +174,7 @@ class RestoreSession:
     def finish(self) -> None:
         """Everything but memory, for every process; the pipes and sockets they share are made
         once (``agent.descriptions``) and each takes its ends. Every process stays stopped."""
-        procs = list(self.procs.values())
+        procs = [p for p in self.procs.values() if not p.restorer.exited]
         if not procs or not all(p.records.complete and p.restorer.begun for p in procs):
             raise ProtocolError("the stream lacks a layout, or process, file or thread records: corrupt image")
         each = [p.records.fds() for p in procs]
@@ -187,7 +196,8 @@ class RestoreSession:
         """Let every process run, children first (nothing runs before its parent is whole);
         the root's pid."""
         for p in reversed(list(self.procs.values())):
-            p.restorer.resume()
+            if not p.restorer.exited:
+                p.restorer.resume()
         self.resumed = True
         return self.root.pid
 
@@ -209,7 +219,7 @@ class RestoreSession:
     @property
     def running_ns(self) -> int:
         """When every thread of every process had run (``Restorer.resume``)."""
-        return max(p.restorer.running_ns for p in self.procs.values())
+        return max(p.restorer.running_ns for p in self.procs.values() if not p.restorer.exited)
 
     @property
     def threads(self) -> int:
@@ -222,5 +232,6 @@ class RestoreSession:
     def processes(self) -> list[dict[str, object]]:
         """pid, parent and threads of each process, for reports."""
         return [{"pid": p.restorer.pid, "ppid": p.member.ppid if p.member else 0,
-                 "comm": p.member.comm if p.member else "", "threads": len(p.records.threads)}
+                 "comm": p.member.comm if p.member else "", "threads": len(p.records.threads),
+                 "exit_status": p.member.exit_status if p.member else -1}
                 for p in self.procs.values()]

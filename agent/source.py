@@ -252,7 +252,7 @@ class SourceSession:
     result: GroupResult | None = None
     rounds: list[RoundStats] = field(default_factory=list)
     cursor: StreamCursor = field(default_factory=StreamCursor)
-    told: list[int] = field(default_factory=list)     # the tree as the destination knows it
+    told: list[tuple[int, int]] = field(default_factory=list)   # the tree as the destination knows it
     frozen: bool = False          # the migration holds the job frozen (the final round)
     header_sent: bool = False
     settled: bool = False
@@ -292,19 +292,22 @@ class SourceSession:
             except OSError:
                 pass
 
-    async def tell_tree(self, sink: Any, pids: list[int]) -> None:
-        """Send the tree if the destination does not know it as it is."""
-        if pids == self.told:
+    async def tell_tree(self, sink: Any) -> None:
+        """Send the tree as it is now (processes, zombies among them) if the destination
+        does not know it so."""
+        record = await _blocking(tree_record, self.pid)
+        now = [(m.pid, m.exit_status) for m in record.members]
+        if now == self.told:
             return
         if not self.carry_tree:
-            if len(pids) > 1:
+            if len(now) > 1:
                 raise UnsupportedResource(
-                    f"pid {self.pid} forked during the migration ({', '.join(map(str, pids[1:5]))}): a process tree "
-                    "keeps its pids; migrate it without --new-pid", pid=self.pid)
+                    f"pid {self.pid} forked during the migration ({', '.join(str(p) for p, _ in now[1:5])}): a "
+                    "process tree keeps its pids; migrate it without --new-pid", pid=self.pid)
             return
-        await sink.record(await _blocking(tree_record, pids))
+        await sink.record(record)
         self.cursor.reset()
-        self.told = list(pids)
+        self.told = now
 
     def close(self, how: str = "release") -> None:
         """Settle the processes (``release``: let them run; ``hold``: stop them) and end tracking."""
@@ -411,7 +414,7 @@ async def _send_header(sink: Any, s: SourceSession) -> None:
         s.header_sent = True
         if s.carry_tree:
             s.cursor.named = True
-            await s.tell_tree(sink, s.pids)
+            await s.tell_tree(sink)
 
 
 def _policy(args: dict[str, Any] | None) -> PrecopyPolicy:
@@ -438,7 +441,7 @@ async def _precopy(ctx: CallContext, s: SourceSession, policy: dict[str, Any] | 
     async def members() -> dict[int, DirtyTracker]:
         now = await _blocking(s.holder.call, "members")
         pids = [int(p) for p in now["pids"]]
-        await s.tell_tree(sink, pids)
+        await s.tell_tree(sink)
         return await _blocking(s.tracked, pids, [int(p) for p in now["left"]])
 
     def on_round(stats: RoundStats) -> None:
@@ -467,7 +470,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     sink = s.sink(ctx, to)
     await _send_header(sink, s)
     pids = [int(p) for p in frozen["pids"]]
-    await s.tell_tree(sink, pids)           # processes forked or gone since the last round
+    await s.tell_tree(sink)           # processes forked, exited or gone since the last round
     trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
     state: dict[str, Any] = {}
     t_state = t_frozen

@@ -17,22 +17,25 @@ from transport.schema import ProcessTree, TreeMember
 
 
 def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None) -> list[int]:
-    """``pid`` and its descendants (parents first), each checked. ``frozen``: the processes,
-    stopped already; their fd tables are then checked as they are read (``fdtable.collect_tree``)
-    rather than here. ``redirect`` (fd -> path) is the root's. Refusals name what cannot be
-    carried and what to do."""
+    """The processes of ``pid``'s tree that run (parents first; zombies, its children that
+    exited and were not waited for yet, are carried by ``tree_record`` alone), each checked.
+    ``frozen``: those processes, stopped already; their fd tables are then checked as they
+    are read (``fdtable.collect_tree``) rather than here, and the tree must not have grown.
+    ``redirect`` (fd -> path) is the root's. Refusals name what cannot be carried and what
+    to do."""
     check_target(pid)
-    pids = frozen or process_tree(pid)
-    for p in process_tree(pid)[1:] if frozen else pids[1:]:
+    every = process_tree(pid)
+    pids = frozen or [p for p in every if not zombie(p)]
+    for p in every[1:]:
+        if p not in pids and not zombie(p):
+            raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork): "
+                                      "nothing was moved; try again", pid=p)
+    for p in pids[1:]:
         try:
             check_target(p)
         except NoSuchProcess:
-            raise UnsupportedResource(
-                f"pid {p}, a child in pid {pid}'s tree, has exited and was not reaped yet: kcr-migrate cannot "
-                "carry a zombie yet; try again once its parent has waited for it", pid=p) from None
-        if p not in pids:
-            raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork): "
-                                      "nothing was moved; try again", pid=p)
+            raise UnsupportedResource(f"pid {p} of pid {pid}'s tree exited while it was being checked: nothing "
+                                      "was moved; try again", pid=p) from None
     for p in pids:
         check_supported(p, redirect=redirect if p == pid else None, tree=pids)
     if frozen is None:
@@ -41,11 +44,22 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
     return pids
 
 
+def zombie(pid: int) -> bool:
+    """Has ``pid`` exited, its parent not yet waited for it?"""
+    try:
+        return read_stat(pid)[3] == "Z"
+    except NoSuchProcess:
+        return False
+
+
 def member(pid: int) -> TreeMember:
     stat = read_stat(pid)
-    return TreeMember(pid=pid, ppid=int(stat[4]), pgid=int(stat[5]), sid=int(stat[6]), comm=stat[2])
+    status = int(stat[52]) if stat[3] == "Z" and len(stat) > 52 else -1
+    return TreeMember(pid=pid, ppid=int(stat[4]), pgid=int(stat[5]), sid=int(stat[6]), comm=stat[2],
+                      exit_status=status)
 
 
-def tree_record(pids: list[int]) -> ProcessTree:
-    """The ``ProcessTree`` record of these processes (the root first, parents before children)."""
-    return ProcessTree(tuple(member(p) for p in pids))
+def tree_record(pid: int) -> ProcessTree:
+    """The ``ProcessTree`` record of ``pid``'s tree as it is now, zombies included (the root
+    first, parents before children)."""
+    return ProcessTree(tuple(member(p) for p in process_tree(pid)))

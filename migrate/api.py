@@ -146,6 +146,7 @@ class MigrationReport:
     warnings: list[str] = field(default_factory=list)
     message: str = ""
     fs: list[dict[str, Any]] = field(default_factory=list)   # per hook: its passes and final pass
+    processes: list[dict[str, Any]] = field(default_factory=list)   # the job as restored: pid, ppid, comm, threads
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

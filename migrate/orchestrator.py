@@ -308,6 +308,7 @@ class Migration:
                 restored = await dst.call("dest_restore")
                 if upload is not None:
                     await upload.result()     # done: dest_restore waited for it
+            r.processes = list(restored.get("processes", []))
             for w in restored.get("warnings", []):
                 self._warn(str(w))
             self._advance(PhaseEvent.READY)

@@ -497,12 +497,18 @@ class TreeMember:
     pgid: int
     sid: int
     comm: str
+    exit_status: int = -1    # a zombie: the wait status its parent has yet to collect; -1: it runs
+
+    @property
+    def zombie(self) -> bool:
+        return self.exit_status >= 0
 
 
 @dataclass(frozen=True)
 class ProcessTree(Record):
     """The processes of an image of a process and its descendants, parents before children.
-    Each one's records and pages follow a ``ProcessBegin`` naming it."""
+    Each one's records and pages follow a ``ProcessBegin`` naming it; a zombie (exited, not
+    yet waited for) has none: it is made again and ends with its status."""
 
     TYPE = 10
     members: tuple[TreeMember, ...]
@@ -514,6 +520,7 @@ class ProcessTree(Record):
             _check(0 < m.pid < 1 << 22 and m.pid not in seen, f"process id {m.pid}")
             _check(i == 0 or m.ppid in seen, f"process {m.pid} comes before its parent {m.ppid}")
             _check(m.pgid > 0 and m.sid > 0 and len(m.comm) < 64, f"process {m.pid}: group, session or name")
+            _check(-1 <= m.exit_status <= 0xFFFF and (i > 0 or not m.zombie), f"process {m.pid}: exit status")
             seen.add(m.pid)
 
 

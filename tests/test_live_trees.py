@@ -1,0 +1,174 @@
+"""Live migration of process trees: from hostA to hostC, a test host with pids of its own (as
+a second machine has), every process keeping its pid. Each job is moved mid-run and must
+finish as an unmoved run does, with every process on hostC under its original pid, with its
+parent, and none left on hostA."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from examples.testbed import Testbed
+from tests._hosts import start_in, wait_file
+from tests._migration import migrate_cli, proc_state
+from tests._workloads import KCR_MIGRATE, STARTED, build
+
+
+def tree(pid: int) -> dict[int, int]:
+    """pid -> parent pid for ``pid`` and its descendants, as this machine sees them."""
+    out = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for tid in Path(f"/proc/{p}/task").iterdir():
+            for child in (tid / "children").read_text().split():
+                out[int(child)] = p
+                todo.append(int(child))
+    return out
+
+
+def in_host(testbed: Testbed, host: str, pid: int) -> dict[str, str]:
+    """/proc/PID/status of ``pid`` as ``host`` numbers it, read inside that host."""
+    res = testbed.exec(host, ["cat", f"/proc/{pid}/status"], capture_output=True, text=True)
+    assert res.returncode == 0, f"no process {pid} on {host}: {res.stderr}"
+    return dict(line.split(":\t", 1) for line in res.stdout.splitlines() if ":\t" in line)
+
+
+def moved_tree(testbed: Testbed, before: dict[int, int], report: dict) -> None:
+    """Every process of ``before`` runs on hostC under its pid, with its parent (the root's
+    parent is hostC's, not hostA's), and none is left on hostA."""
+    root = next(iter(before))
+    assert sorted(p["pid"] for p in report["processes"]) == sorted(before)
+    for pid, ppid in before.items():
+        status = in_host(testbed, "hostC", pid)
+        assert status["Pid"].strip() == str(pid)
+        if pid != root:
+            assert status["PPid"].strip() == str(ppid), (pid, status["PPid"], ppid)
+        assert proc_state(pid) in (None, "Z", "X"), f"pid {pid} still runs on hostA"
+
+
+def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
+    import os
+    outdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(argv, check=True, timeout=120, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   env={**os.environ, **env})
+    return (outdir / "output").read_text()
+
+
+def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_path: Path) -> None:
+    """A parent, three workers on socketpairs, a progress pipe and a log description they
+    share; the parent reaps each worker with waitpid(pid) and checks getppid() there."""
+    exe = str(build("tree_workers"))
+    ref = reference_output([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, WORKLOAD_SCALE="30")
+    deadline = time.monotonic() + 30
+    while len(before := tree(pid)) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == ref
+    assert sorted((out / "log").read_text().splitlines()) == sorted((tmp_path / "ref" / "log").read_text().splitlines())
+
+
+def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_path: Path) -> None:
+    """sh -c 'gen | tr | sort > out': sh waits for its three children by pid; the pipes hold
+    data when the job freezes."""
+    gen = tmp_path / "gen.py"
+    gen.write_text("import sys, time\nfor i in range(int(sys.argv[1])):\n"
+                   "    print(f'line {i} of the pipeline', flush=True)\n    time.sleep(0.002)\n")
+    script = f"touch ready; {sys.executable} -S {gen} 2000 | tr a-z A-Z | sort > out; echo $? > status"
+    (tmp_path / "ref").mkdir()
+    subprocess.run(["sh", "-c", script], cwd=tmp_path / "ref", check=True, timeout=120)
+    out = tmp_path / "moved"
+    out.mkdir()
+    pid = start_in(testbed, "hostA", ["sh", "-c", f"cd {out} && {script}"], out)
+    deadline = time.monotonic() + 30
+    while len(before := tree(pid)) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    assert wait_file(out / "status") == "0\n"
+    assert (out / "out").read_bytes() == (tmp_path / "ref" / "out").read_bytes()
+
+
+FORKS_ON_GO = """
+import os, sys, time
+d = sys.argv[1]
+junk = bytearray(os.urandom(4 << 20))          # memory for pre-copy to send
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.005)
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(r)
+    open(f"{d}/child", "w").write(str(os.getpid()))
+    for i in range(400):
+        os.write(w, b"%d\\n" % i)
+        time.sleep(0.01)
+    os._exit(7)
+os.close(w)
+data = b""
+while chunk := os.read(r, 4096):
+    data += chunk
+got, status = os.waitpid(child, 0)
+open(f"{d}/output", "w").write(f"{len(data.splitlines())} {got == child} {os.WEXITSTATUS(status)}\\n")
+"""
+
+
+def test_a_process_forked_during_precopy_moves_with_the_job(testbed: Testbed, tmp_path: Path) -> None:
+    """The job forks a child while its memory is being copied (the copy is slowed down so it
+    lasts): the child joins the migration, nothing of the job is left running on hostA."""
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS_ON_GO)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
+    assert list(tree(pid)) == [pid]
+    cli = subprocess.Popen([*KCR_MIGRATE, f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                            "--bandwidth", "4M", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    STARTED.append(cli)
+    assert cli.stderr is not None
+    for line in cli.stderr:                # pre-copy has begun: round 0 is going out slowly
+        if line.startswith("pages:"):
+            break
+    else:
+        raise AssertionError(f"the migration ended before pre-copy: {cli.wait()}")
+    (out / "go").touch()
+    child = int(wait_file(out / "child"))
+    stdout, err = cli.communicate(timeout=180)
+    assert cli.returncode == 0, err
+    import json
+    report = json.loads(stdout.strip().splitlines()[-1])
+    moved_tree(testbed, {pid: 0, child: pid}, report)
+    assert wait_file(out / "output") == "400 True 7\n"
+
+
+def test_a_tree_whose_pids_are_taken_is_refused_before_anything_freezes(testbed: Testbed, tmp_path: Path) -> None:
+    """hostA and hostB share this machine's pids: the tree's own pids are taken there (by
+    the tree itself). Refused in preflight, naming them; the tree runs on, untraced."""
+    exe = str(build("tree_workers"))
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, WORKLOAD_SCALE="30")
+    deadline = time.monotonic() + 30
+    while len(before := tree(pid)) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code != 0 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert f"pids {pid}, " in line and "taken on" in line and "a process tree keeps its pids" in line, line
+    for p in before:
+        assert proc_state(p) not in (None, "Z", "X", "T", "t")
+        assert "TracerPid:\t0\n" in Path(f"/proc/{p}/status").read_text()
+    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
