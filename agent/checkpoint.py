@@ -98,13 +98,14 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             if len(tree.members) > 1:
                 writer.record(tree)
             t_mem = time.monotonic()
+            shared: set[tuple[int, int, int]] = set()
             for p in pids:
                 if len(tree.members) > 1:
                     writer.record(ProcessBegin(p))
                 state = states[p]
                 for rec in (state.process, *state.fds.records(), layouts[p], *state.threads):
                     writer.record(rec)
-                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid))
+                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
             wstats = writer.finish()
@@ -142,9 +143,17 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
 
 
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
-                 check: Callable[[], None] = lambda: None) -> None:
+                 check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None) -> None:
+    """The pages of ``pid``'s layout. ``shared``: shared anonymous memory (inode, offset,
+    length) written already by another process of the tree, which maps the same object:
+    sent once; new ones are added."""
     with PageFinder(pid, use_scan=pagemap_scan_works()) as finder, PageReader(pid) as reader:
         for vma in layout.vmas:
+            if shared is not None and vma.shared and vma.kind == "anon" and vma.ino:
+                key = (vma.ino, vma.pgoff, vma.length)
+                if key in shared:
+                    continue
+                shared.add(key)
             runs = finder.populated(vma)
             if runs:
                 for batch in reader.batches(runs, drop_zero=vma.shared):

@@ -78,22 +78,6 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def shared_anonymous_memory(pids: list[int]) -> None:
-    """Refuse anonymous memory shared between processes (MAP_SHARED|MAP_ANONYMOUS inherited
-    across fork): it would come back as one copy per process."""
-    from precopy.layout import read_maps  # precopy is below agent
-
-    seen: dict[int, tuple[int, int]] = {}
-    for pid in pids:
-        for m in read_maps(pid):
-            if m.shared_anon:
-                other = seen.setdefault(m.inode, (pid, m.start))
-                if other[0] != pid:
-                    raise UnsupportedResource(
-                        f"pids {other[0]} and {pid} share anonymous memory (MAP_SHARED|MAP_ANONYMOUS at "
-                        f"{m.start:#x}): kcr-migrate cannot keep memory shared between processes yet", pid=pid)
-
-
 @dataclass(frozen=True)
 class FdInfo:
     fd: int

@@ -53,6 +53,7 @@ from agent.inject import (
     to_signed,
 )
 from agent.layout_plan import plan_layout
+from agent.shared_memory import SharedObjects
 from precopy.intervals import Span, merge_spans, within
 from precopy.kernel import (
     IOV_MAX,
@@ -190,12 +191,14 @@ class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
-                 stub_pid: int = 0, forked_from: "Restorer | None" = None) -> None:
+                 stub_pid: int = 0, forked_from: "Restorer | None" = None,
+                 shared: SharedObjects | None = None) -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
         ``forked_from``: the restorer of the stub it was forked from, if that one had begun
-        (a process that joined a tree during a live migration)."""
+        (a process that joined a tree during a live migration). ``shared``: the shared memory
+        objects of the processes restored together (each maps its own otherwise)."""
         check_machine(header, xsave_supported_mask())
         self.header = header
         self.keep_ids = keep_ids
@@ -215,6 +218,7 @@ class Restorer:
         self._stopped = False
         self._clone_gadget = forked_from.gadget if forked_from is not None else 0
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
+        self.shared = shared
         self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
@@ -460,6 +464,8 @@ class Restorer:
             if self._is_deferred(v):
                 self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
                 self._placeholders[(v.start, v.end)] = v
+            elif v.shared and v.kind == "anon" and v.ino and self.shared is not None:
+                self._map_shared_object(v, flags)
             elif v.kind == "file":
                 self._check_file(v)
                 # A shared mapping the process may mprotect writable needs a file opened for writing.
@@ -475,6 +481,24 @@ class Restorer:
         except InjectionError as exc:
             what = v.path or v.kind
             raise RestoreError(f"cannot map {what} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None
+
+    def _map_shared_object(self, v: Vma, flags: int) -> None:
+        """Shared anonymous memory: the tree's one object for it (``agent.shared_memory``),
+        taken from the restorer with pidfd_getfd and mapped at its offset."""
+        assert self.shared is not None
+        try:
+            ours = self.shared.fd_for(v.ino, v.pgoff + v.length)
+        except OSError as exc:
+            raise RestoreError(f"cannot make the shared memory at {v.start:#x}: {exc.strerror}") from None
+        pidfd = self._call("pidfd_open", os.getpid(), 0)
+        try:
+            fd = self._call("pidfd_getfd", pidfd, ours, 0)
+        finally:
+            self._call("close", pidfd)
+        try:
+            self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
+        finally:
+            self._call("close", fd)
 
     def _check_file(self, v: Vma) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import Sequence
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer
+from agent.shared_memory import SharedObjects
 from transport.errors import ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.schema import (
@@ -59,6 +60,7 @@ class RestoreSession:
         self.tree: ProcessTree | None = None
         self.removed: list[int] = []      # processes that left the tree while it was migrated
         self.resumed = False
+        self.shared = SharedObjects()      # memory the processes share, made once
 
     # -- records in -------------------------------------------------------------------------
 
@@ -68,7 +70,8 @@ class RestoreSession:
             if self.header is not None:
                 raise ProtocolError("a second stream header: corrupt image")
             self.header = item
-            self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids))
+            self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids,
+                                                                           shared=self.shared))
             return
         current = self.current
         if current is None:
@@ -122,7 +125,7 @@ class RestoreSession:
         for m in new:
             parent = self.procs[m.ppid].restorer
             made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
-                            forked_from=parent if parent.begun else None)
+                            forked_from=parent if parent.begun else None, shared=self.shared)
             self.procs[m.pid] = RestoredProcess(made, member=m)
         for m in new:
             if m.zombie:
@@ -191,6 +194,7 @@ class RestoreSession:
                 p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)
         finally:
             descriptions.close()
+            self.shared.close()       # every process maps what it shares by now
 
     def resume(self) -> int:
         """Let every process run, children first (nothing runs before its parent is whole);
@@ -203,6 +207,7 @@ class RestoreSession:
 
     def abort(self) -> None:
         """Remove every process made (children first); nothing of them survives."""
+        self.shared.close()
         if self.resumed:
             return
         for p in reversed(list(self.procs.values())):

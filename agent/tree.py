@@ -3,15 +3,15 @@ destination must know of each (pid, parent, session, group).
 
 One set of checks for ``checkpoint`` and for live migration: the root and every descendant
 is checked alone (``procfs.check_supported``), their fd tables together (what they share
-with each other is carried, what they share with the outside is refused), and memory
-shared between them is refused.
+with each other is carried, what they share with the outside is refused). Anonymous memory
+they share stays shared (``agent.shared_memory``).
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 from agent import fdtable
-from agent.procfs import check_supported, check_target, process_tree, read_stat, shared_anonymous_memory
+from agent.procfs import check_supported, check_target, process_tree, read_stat
 from transport.errors import NoSuchProcess, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
@@ -40,7 +40,6 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
         check_supported(p, redirect=redirect if p == pid else None, tree=pids)
     if frozen is None:
         fdtable.describe_tree(pids, {pid: redirect})
-    shared_anonymous_memory(pids)
     return pids
 
 

@@ -172,3 +172,20 @@ def test_a_tree_whose_pids_are_taken_is_refused_before_anything_freezes(testbed:
         assert proc_state(p) not in (None, "Z", "X", "T", "t")
         assert "TracerPid:\t0\n" in Path(f"/proc/{p}/status").read_text()
     assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+
+
+def test_memory_shared_between_processes_stays_shared_live(testbed: Testbed, tmp_path: Path) -> None:
+    """Parent and child increment counters in MAP_SHARED|MAP_ANONYMOUS memory inherited
+    across fork (tests/test_trees.py's SHARED_COUNTERS): one object on hostC too."""
+    from tests.test_trees import SHARED_COUNTERS
+    script = tmp_path / "counters.py"
+    script.write_text(SHARED_COUNTERS)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "1500"], out)
+    before = tree(pid)
+    assert len(before) == 2
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    assert wait_file(out / "output") == "1500 1500 b'hello' 0\n"

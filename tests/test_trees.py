@@ -167,14 +167,45 @@ def test_a_tree_is_never_migrated_under_new_pids(tmp_path: Path) -> None:
     assert "TracerPid:\t0\n" in Path(f"/proc/{w.pid}/status").read_text()
 
 
-def test_memory_shared_between_processes_is_refused(tmp_path: Path) -> None:
-    script = ("import mmap, os, sys, time\nm = mmap.mmap(-1, 4096)\nif os.fork() == 0:\n    time.sleep(60)\n"
-              "    os._exit(0)\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
-    ready = tmp_path / "ready"
-    proc = start_until_ready([sys.executable, "-c", script, str(ready)], ready, start_new_session=True)
-    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
-    assert "share anonymous memory" in line
-    assert not (tmp_path / "img").exists() and proc.poll() is None
-    for child in tree(proc.pid):
-        if child != proc.pid:
-            os.kill(child, 9)
+# A parent and a child increment counters in MAP_SHARED|MAP_ANONYMOUS memory inherited across
+# fork, each watching the other's grow; at the end the parent reports both as it sees them.
+# Restored as two copies, the parent would see the child's counter stop (and the child wait).
+SHARED_COUNTERS = """
+import mmap, os, struct, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+m = mmap.mmap(-1, 1 << 20)
+m[409600:409605] = b"hello"
+child = os.fork()
+mine, theirs = (8, 0) if child == 0 else (0, 8)
+seen = 0
+for i in range(n):
+    struct.pack_into("q", m, mine, i + 1)
+    other = struct.unpack_from("q", m, theirs)[0]
+    assert other >= seen, (other, seen)
+    seen = other
+    if i == 20 and child:
+        open(f"{d}/ready", "w").close()
+    time.sleep(0.003)
+if child == 0:
+    deadline = time.monotonic() + 60
+    while struct.unpack_from("q", m, 0)[0] < n and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os._exit(0 if struct.unpack_from("q", m, 0)[0] == n else 3)
+_, status = os.waitpid(child, 0)
+a, b = struct.unpack_from("qq", m, 0)
+open(f"{d}/output", "w").write(f"{a} {b} {bytes(m[409600:409605])} {status}\\n")
+"""
+
+
+def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
+    script = tmp_path / "counters.py"
+    script.write_text(SHARED_COUNTERS)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), "600"], tmp_path / "ready",
+                             start_new_session=True)
+    before = tree(proc.pid)
+    assert len(before) == 2
+    checkpoint(proc.pid, tmp_path / "tree.img", 2)
+    assert proc.wait(timeout=30) == -9
+    root = image_restored(tmp_path / "tree.img", before)
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
