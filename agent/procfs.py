@@ -9,9 +9,12 @@ import os
 import re
 import stat as stat_mod
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
+
+if TYPE_CHECKING:
+    from precopy.layout import MapEntry
 
 PF_KTHREAD = 0x00200000
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
@@ -218,6 +221,26 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     return None, f"an unsupported file ({target})"
 
 
+def _check_deleted_shared(pid: int, maps: list[MapEntry]) -> None:
+    """A deleted file mapped MAP_SHARED is carried as the memory the process maps of it: refuse
+    one that holds more than that (the rest would be lost)."""
+    extent: dict[int, tuple[int, MapEntry]] = {}
+    for m in maps:
+        if m.shared_anon and m.name != "/dev/zero (deleted)":
+            end = m.offset + m.end - m.start
+            if end > extent.get(m.inode, (0, m))[0]:
+                extent[m.inode] = (end, m)
+    for end, m in extent.values():
+        try:
+            size = os.stat(proc_path(pid, "map_files", f"{m.start:x}-{m.end:x}")).st_size
+        except OSError:
+            continue
+        if size > end:
+            raise UnsupportedResource(
+                f"pid {pid} maps part of the deleted file {m.name[:-10]} ({end} of its {size} bytes): "
+                "kcr-migrate carries only the part a process maps; it cannot move it yet", pid=pid)
+
+
 def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int, str] | None = None,
                     tree: list[int] | None = None) -> None:
     """Refuse what we cannot carry yet; every message names the resource and what to do.
@@ -230,7 +253,9 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     fix = "kcr-migrate cannot move it yet (see README, Limits)"
     if tree is None:
         describe(pid, redirect)
-    for m in (maps if maps is not None else read_maps(pid)):
+    every = maps if maps is not None else read_maps(pid)
+    _check_deleted_shared(pid, every)
+    for m in every:
         if m.name.startswith("/SYSV"):
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("/memfd:"):

@@ -68,8 +68,11 @@ class MapEntry:
 
     @property
     def shared_anon(self) -> bool:
-        """MAP_SHARED|MAP_ANONYMOUS memory: the kernel names its shmem file /dev/zero."""
-        return self.shared and self.name == "/dev/zero (deleted)"
+        """Memory shared through an object nothing names any more: MAP_SHARED|MAP_ANONYMOUS
+        (the kernel names its shmem file /dev/zero), or a MAP_SHARED mapping of a deleted file
+        (a POSIX semaphore or shm_open object unlinked once mapped, as Python's
+        multiprocessing does). Carried as the memory it maps, like anonymous memory."""
+        return self.shared and self.inode != 0 and self.name.endswith(" (deleted)")
 
     @property
     def deleted(self) -> bool:

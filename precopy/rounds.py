@@ -119,10 +119,12 @@ async def _blocking(tracker: DirtyTracker, fn: Callable[..., T], *args: object) 
 
 async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previous: Scan | None,
                     first: bool = False, layout: bool | None = None, drain: bool = True,
-                    clock: Callable[[], float] = time.monotonic) -> RoundStats:
+                    shared_zeros: bool = False, clock: Callable[[], float] = time.monotonic) -> RoundStats:
     """Send one scan's pages (and, if it changed or ``layout`` says so, its layout) to the sink.
     ``drain`` False: return once they are queued, not once the destination has them (the
-    caller drains later; the round's ``bytes_on_wire`` then counts only what the sink reported)."""
+    caller drains later; the round's ``bytes_on_wire`` then counts only what the sink reported).
+    ``shared_zeros``: a first scan sends the empty pages of shared memory too, for memory other
+    processes share: another may have sent a page since emptied (the object is not empty there)."""
     t0 = clock()
     if layout if layout is not None else (first or bool(scan.change)):
         smaps = await _blocking(tracker, read_smaps, tracker.pid)
@@ -131,7 +133,7 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
     shared = merge_spans((e.start, e.end) for e in scan.layout if e.shared)
     plain: list[Run] = list(scan.data)
     zero_dropping: list[Run] = []
-    if first and shared:       # the destination starts with zero-filled shared memory
+    if first and shared and not shared_zeros:       # the destination starts with zero-filled shared memory
         zero_dropping = clip(plain, shared)
         plain = subtract(plain, zero_dropping)
     skipped_before = reader.pages_skipped_zero
@@ -324,7 +326,7 @@ class _Group:
         for pid, (scan, first) in scans.items():
             sink = ProcessSink(self.sink, pid, self.cursor)
             parts.append(await send_scan(trackers[pid], sink, scan, previous=self.previous.get(pid), first=first,
-                                         drain=False, clock=self.clock))
+                                         drain=False, shared_zeros=len(trackers) > 1, clock=self.clock))
             self.previous[pid] = scan
         drained = getattr(self.sink, "drain", None) if drain else None
         wire = await drained() if drained is not None else 0
@@ -398,7 +400,8 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
         tracker = trackers[pid]
         psink = ProcessSink(sink, pid, cursor)
         if first:
-            parts.append(await send_scan(tracker, psink, scan, previous=None, first=True, drain=False, clock=clock))
+            parts.append(await send_scan(tracker, psink, scan, previous=None, first=True, drain=False,
+                                         shared_zeros=len(trackers) > 1, clock=clock))
             continue
         older = superseded(pending[pid], scan)
         parts.append(await send_scan(tracker, psink, older, previous=None, drain=False, clock=clock))

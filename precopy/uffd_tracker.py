@@ -293,7 +293,9 @@ class UffdWpTracker(DirtyTracker):
         pieces = intersect_spans(self._registration(tracked, registered=False), tracked)
         parts = [replace(e, start=start, end=end) for e in entries
                  for start, end in intersect_spans(pieces, [(e.start, e.end)])]
-        armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE], first=first)
+        # Shared memory goes by content: its pages live in the object (another process's
+        # writes, pages no page table of this one maps), not in this process's page tables.
+        armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE and not p.shared], first=first)
         for part in parts:
             start, end = part.start, part.end
             if (start, end) not in armed:

@@ -189,3 +189,20 @@ def test_memory_shared_between_processes_stays_shared_live(testbed: Testbed, tmp
     assert code == 0, err
     moved_tree(testbed, before, report)
     assert wait_file(out / "output") == "1500 1500 b'hello' 0\n"
+
+
+def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> None:
+    """Python's multiprocessing.Pool (tests/test_trees.py's POOL): threads, forked workers,
+    pipes, and semaphores in deleted /dev/shm files, from hostA to hostC."""
+    from tests.test_trees import POOL
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, str(script), str(out), "3000"], out)
+    before = tree(pid)
+    assert len(before) == 3
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    assert wait_file(out / "output") == f"{sum(x * x for x in range(3000))}\n"

@@ -209,3 +209,37 @@ def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     root = image_restored(tmp_path / "tree.img", before)
     assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
     assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
+
+
+# Python's multiprocessing.Pool: a parent with three threads, two forked workers, pipes
+# between them and POSIX semaphores (files in /dev/shm, unlinked once mapped).
+POOL = """
+import multiprocessing as mp, sys, time
+def work(x):
+    time.sleep(0.004)
+    return x * x
+if __name__ == "__main__":
+    d, n = sys.argv[1], int(sys.argv[2])
+    mp.set_start_method("fork")
+    with mp.Pool(2) as pool:
+        total = 0
+        for i, r in enumerate(pool.imap(work, range(n))):
+            total += r
+            if i == 50:
+                open(f"{d}/ready", "w").close()
+    open(f"{d}/output", "w").write(f"{total}\\n")
+"""
+
+
+def test_multiprocessing_pool(tmp_path: Path) -> None:
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    proc = start_until_ready([sys.executable, str(script), str(tmp_path), "1500"], tmp_path / "ready",
+                             start_new_session=True)
+    before = tree(proc.pid)
+    assert len(before) == 3
+    checkpoint(proc.pid, tmp_path / "tree.img", 3)
+    assert proc.wait(timeout=30) == -9
+    root = image_restored(tmp_path / "tree.img", before)
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert (tmp_path / "output").read_text() == f"{sum(x * x for x in range(1500))}\n"
