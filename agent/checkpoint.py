@@ -27,6 +27,7 @@ from transport.schema import (
     Mappings,
     ProcessBegin,
 )
+from transport.signing import ImageVerifier, signing_key
 
 
 @dataclass
@@ -36,6 +37,8 @@ class CheckpointOptions:
     workers: int = 2
     cancel: threading.Event | None = None   # set it to roll back at the next safe point
     redirect: Mapping[int, str] = field(default_factory=dict)   # fd -> the file it becomes at restore
+    image_key: str | None = None        # key file that signs the image (None: $KCR_IMAGE_KEY, else
+                                        # /etc/kcr-migrate/image.key; see transport.signing)
 
 
 def _check_cancel(opts: CheckpointOptions, pid: int) -> None:
@@ -58,6 +61,8 @@ class CheckpointStats:
     memdump_time_ms: float = 0.0
     total_time_ms: float = 0.0
     left_running: bool = False
+    signed_with: str = ""           # the key file that signed the image ("": not signed, see warnings)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -72,6 +77,9 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     pids = check_tree(pid, opts.redirect)
     helds: list[freezer.Held] = []
     stats = CheckpointStats(pid=pid)
+    key, unsigned = signing_key(opts.image_key)     # before anything is frozen: a bad key file stops here
+    stats.signed_with = key.path if key is not None else ""
+    stats.warnings.extend([unsigned] if unsigned else [])
     complete = False
     try:
         for p in pids:
@@ -92,7 +100,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             finally:
                 mem.close()
         layouts = {p: collect_layout(p) for p in pids}
-        writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers)
+        writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers, key=key)
         try:
             writer.record(image_header(pid, "checkpoint", states[pid].threads[0].xstate))
             if len(tree.members) > 1:
@@ -170,22 +178,24 @@ class RestoreResult:
     pages_filled: int = 0      # of ``pages``, put in place by UFFDIO_COPY (the rest via /proc/PID/mem)
     warnings: list[str] = field(default_factory=list)
     processes: int = 1
+    image_verified: bool = False     # its signature verified with this host's key (else --trust-image let it in)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
-            new_pid: bool = False) -> tuple[RestoreResult, RestoreSession]:
+            new_pid: bool = False, verifier: ImageVerifier | None = None) -> tuple[RestoreResult, RestoreSession]:
     """Rebuild the process an image describes (with its descendants, for a tree); it runs on
     return unless ``resume`` is False. It keeps its pid and thread ids unless ``new_pid``
     (refused for a tree). Setting ``cancel`` aborts at the next record or page batch:
-    nothing of it is left."""
+    nothing of it is left. ``verifier`` checks the image's signature (without one, no key:
+    every image is refused)."""
     t0 = time.monotonic()
     session = RestoreSession(keep_ids=not new_pid)
     done = False
     try:
-        for item in ImageReader(src):
+        for item in ImageReader(src, verifier=verifier):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("interrupted: the half-restored process was removed")
             session.take(item)

@@ -26,11 +26,11 @@ _WHERE = {
                        "restore"),
     "migrate.orchestrator": ("Migration", "MigrationUnsettled", "migrate", "migrate_blocking"),
     "migrate.phases": ("Phase",),
-    "transport.errors": ("Cancelled", "ChannelClosed", "FsHookError", "IncompatibleImage", "KernelFeatureMissing",
-                         "MigrationError",
+    "transport.errors": ("Cancelled", "ChannelClosed", "FsHookError", "ImageKeyError", "IncompatibleImage",
+                         "KernelFeatureMissing", "MigrationError",
                          "NoSuchProcess", "PeerGone", "PermissionDenied", "ProcessError", "ProcessExited",
                          "ProtocolError", "RestoreError", "TransportError", "TransportTimeout",
-                         "UnsupportedResource"),
+                         "UnsupportedResource", "UntrustedImage"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
@@ -58,8 +58,8 @@ if TYPE_CHECKING:
                                 checkpoint_to_path, restore)
     from migrate.orchestrator import Migration, MigrationUnsettled, migrate, migrate_blocking  # noqa: F401
     from migrate.phases import Phase  # noqa: F401
-    from transport.errors import (Cancelled, ChannelClosed, FsHookError, IncompatibleImage,  # noqa: F401
-                                  KernelFeatureMissing,
+    from transport.errors import (Cancelled, ChannelClosed, FsHookError, ImageKeyError,  # noqa: F401
+                                  IncompatibleImage, KernelFeatureMissing,
                                   MigrationError, NoSuchProcess, PeerGone, PermissionDenied, ProcessError,
                                   ProcessExited, ProtocolError, RestoreError, TransportError, TransportTimeout,
-                                  UnsupportedResource)
+                                  UnsupportedResource, UntrustedImage)

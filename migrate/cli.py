@@ -73,6 +73,13 @@ def parse_redirect(text: str) -> tuple[int, str]:
     return int(fd), path
 
 
+def add_image_key(p: argparse.ArgumentParser) -> None:
+    """``--image-key FILE``: the same option, read the same way, wherever images are signed or checked."""
+    p.add_argument("--image-key", metavar="FILE",
+                   help="the key file that signs and verifies images (default: $KCR_IMAGE_KEY, else "
+                        "/etc/kcr-migrate/image.key, made on first use; hosts of a cluster share one)")
+
+
 REDIRECT_HELP = ("open PATH in place of fd FD where it is a pipe, socket or terminal whose other end "
                  "stays behind (a launcher, a terminal): from then on the process reads or appends to "
                  "PATH; repeatable")

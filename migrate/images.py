@@ -17,6 +17,7 @@ from agent.checkpoint import checkpoint as _checkpoint
 from agent.checkpoint import restore as _restore
 from agent.tracer import Tracer
 from transport.image import open_output
+from transport.signing import ImageVerifier
 
 
 def checkpoint(pid: int, out: BinaryIO, options: CheckpointOptions | None = None,
@@ -50,13 +51,26 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
             os.unlink(tmp)
 
 
-def restore(src: BinaryIO, new_pid: bool = False) -> RestoreResult:
+def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
+            image_key: str | None = None) -> RestoreResult:
     """Restore the process an image describes and let it run, under its own pid and thread
-    ids (refused where they are taken), or under new ones with ``new_pid``."""
+    ids (refused where they are taken), or under new ones with ``new_pid``.
+
+    The image must be signed with this host's key (``image_key``: a key file; None:
+    ``$KCR_IMAGE_KEY``, else /etc/kcr-migrate/image.key): anything else raises
+    ``UntrustedImage`` before the frame concerned is used, and nothing is left of the
+    process. ``trust_image`` restores unsigned images and images that do not verify,
+    with a warning in the result."""
     cancel = threading.Event()
+    verifier = ImageVerifier.for_host(image_key, trust_image=trust_image)
     with Tracer() as tracer:
-        result, _ = tracer.call(_restore, src, cancel=cancel, new_pid=new_pid, on_interrupt=cancel)
-        return result
+        result, _ = tracer.call(_restore, src, cancel=cancel, new_pid=new_pid, verifier=verifier,
+                                on_interrupt=cancel)
+    result.image_verified = verifier.verified
+    if not verifier.verified:
+        result.warnings.insert(0, f"restored an image whose signature was not verified, as trusted: "
+                                  f"{verifier.message}")
+    return result
 
 
 __all__ = ["CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path", "restore"]

@@ -1,4 +1,5 @@
-"""Helpers for the transport tests: an example of every record type, RPC peers on a socketpair."""
+"""Helpers for the transport tests: an example of every record type, RPC peers on a socketpair,
+images taken apart into frames and put back together (as anyone could: valid crc32s, no key)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
+from transport.framing import HEADER, HEADER_SIZE, KIND_TAG, STREAM_MAGIC, encode_frame
 from transport.local import socket_pair
 from transport.pages import PageBatch
 from transport.protocol import (
@@ -28,6 +30,7 @@ from transport.protocol import (
 from transport.records import Record
 from transport.rpc import Methods, RpcPeer, open_rpc
 from transport.schema import (
+    FORMAT_VERSION,
     PAGE_SIZE,
     Creds,
     EndOfImage,
@@ -63,7 +66,7 @@ def example_records() -> dict[type[Record], Record]:
     mm = MmFields(0x400000, 0x401000, 0x600000, 0x601000, 0x602000, 0x603000, 0x7FFC0000_0000,
                   0x7FFC0000_1000, 0x7FFC0000_1100, 0x7FFC0000_1100, 0x7FFC0000_1200)
     records: list[Record] = [
-        ImageHeader(format_version=1, tool_version="0.1.0", kernel_release="6.18.0", arch="x86_64",
+        ImageHeader(format_version=FORMAT_VERSION, tool_version="0.1.0", kernel_release="6.18.0", arch="x86_64",
                     page_size=PAGE_SIZE, xsave_mask=0xE7, xsave_size=2696, hostname="hostA",
                     created_unix=1.5, pid=1234, kind="checkpoint"),
         ProcessState(pid=1234, exe="/usr/bin/python3", cwd="/srv", root="/", umask=0o22, personality=0,
@@ -151,3 +154,37 @@ async def rpc_pair(methods: Methods | None = None, *, client_methods: Methods | 
 
 def hello_with(**changes: Any) -> Hello:
     return dataclasses.replace(local_hello(ROLE_AGENT), **changes)
+
+
+@dataclasses.dataclass
+class ImageFrame:
+    kind: int
+    flags: int
+    payload: bytes
+    tag: bytes | None          # the signature frame's payload that followed it, if any
+
+
+def image_frames(image: bytes) -> list[ImageFrame]:
+    """An image's frames, each with the tag that follows it."""
+    assert image.startswith(STREAM_MAGIC)
+    frames: list[ImageFrame] = []
+    off = len(STREAM_MAGIC)
+    while off < len(image):
+        _, kind, flags, length, _ = HEADER.unpack_from(image, off)
+        payload = image[off + HEADER_SIZE: off + HEADER_SIZE + length]
+        off += HEADER_SIZE + length
+        if kind == KIND_TAG:
+            frames[-1].tag = payload
+        else:
+            frames.append(ImageFrame(kind, flags, payload, None))
+    return frames
+
+
+def image_of(frames: list[ImageFrame], *, tags: bool = True) -> bytes:
+    """Frames back into an image with valid crc32s; their tags as they are, or none."""
+    out = bytearray(STREAM_MAGIC)
+    for f in frames:
+        out += encode_frame(f.kind, f.flags, f.payload)
+        if tags and f.tag is not None:
+            out += encode_frame(KIND_TAG, 0, f.tag)
+    return bytes(out)

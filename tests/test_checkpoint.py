@@ -348,6 +348,8 @@ def test_bit_flipped_image(good_image: bytes) -> None:
 
 
 def _rewrite_header(image: bytes, **changes: object) -> bytes:
+    """The image with its header changed: its signature no longer verifies, so the tests below
+    restore it with --trust-image to reach the checks that come after the signature's."""
     import msgpack
 
     from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
@@ -360,17 +362,20 @@ def _rewrite_header(image: bytes, **changes: object) -> bytes:
 
 
 def test_foreign_architecture(good_image: bytes) -> None:
-    line = one_error_line(kcr("restore", "--new-pid", "-i", "-", input=_rewrite_header(good_image, arch="aarch64")))
+    line = one_error_line(kcr("restore", "--new-pid", "--trust-image", "-i", "-",
+                              input=_rewrite_header(good_image, arch="aarch64")))
     assert "aarch64" in line
 
 
 def test_future_format_version(good_image: bytes) -> None:
-    line = one_error_line(kcr("restore", "--new-pid", "-i", "-", input=_rewrite_header(good_image, format_version=99)))
+    line = one_error_line(kcr("restore", "--new-pid", "--trust-image", "-i", "-",
+                              input=_rewrite_header(good_image, format_version=99)))
     assert "version 99" in line and "upgrade" in line
 
 
 def test_missing_xsave_features(good_image: bytes) -> None:
-    line = one_error_line(kcr("restore", "--new-pid", "-i", "-", input=_rewrite_header(good_image, xsave_mask=1 << 62)))
+    line = one_error_line(kcr("restore", "--new-pid", "--trust-image", "-i", "-",
+                              input=_rewrite_header(good_image, xsave_mask=1 << 62)))
     assert "CPU" in line
 
 

@@ -163,6 +163,25 @@ def test_checkpoint_refuses_an_output_it_cannot_write(tmp_path: Path, case: str)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["img"] if case == "existing file" else [])
 
 
+@pytest.mark.parametrize("case", ["readable by others", "not in a folder that exists"])
+def test_checkpoint_refuses_an_image_key_it_cannot_use(tmp_path: Path, case: str) -> None:
+    """A key file others may read (anyone could sign with it), or one named where none can be
+    made: one line, before anything is frozen; no image."""
+    proc = sleeper()
+    key = tmp_path / "image.key"
+    if case == "readable by others":
+        key.write_bytes(bytes(32))
+        key.chmod(0o644)
+    else:
+        (tmp_path / "file").write_text("")
+        key = tmp_path / "file" / "image.key"
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"), "--image-key", str(key)).stderr)
+    assert f"image key {key}" in line
+    assert ("chmod 600" if case == "readable by others" else "cannot read or create") in line
+    assert proc.poll() is None and state(proc.pid) == "S"
+    assert not (tmp_path / "img").exists()
+
+
 def test_checkpoint_force_replaces_a_file(tmp_path: Path) -> None:
     proc = sleeper()
     out = tmp_path / "img"

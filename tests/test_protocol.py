@@ -49,6 +49,7 @@ from transport.schema import (
     check_objects_referenced,
     decode_record,
 )
+from transport.signing import ImageKey, ImageVerifier
 from transport.stream import FramedStream
 
 
@@ -72,16 +73,21 @@ def test_record_round_trip_bytes(rec: Record) -> None:
 def test_every_record_round_trips_through_a_file() -> None:
     recs = example_records()
     header = recs.pop(ImageHeader)
+    assert isinstance(header, ImageHeader)
     recs.pop(EndOfImage)
     buf = io.BytesIO()
-    writer = ImageWriter(buf, level=1)
+    key = ImageKey("test key", bytes(range(32)))
+    writer = ImageWriter(buf, level=1, key=key)
     writer.record(header)
     for rec in recs.values():
         writer.record(rec)
     writer.pages(page_batch(8))
     writer.finish()
-    got = [item for item in ImageReader(io.BytesIO(buf.getvalue())) if isinstance(item, Record)]
-    assert got[0] == header and got[1:-1] == list(recs.values()) and isinstance(got[-1], EndOfImage)
+    reader = ImageReader(io.BytesIO(buf.getvalue()), verifier=ImageVerifier(key))
+    got = [item for item in reader if isinstance(item, Record)]
+    assert got[0] == dataclasses.replace(header, key_id=key.key_id)      # the header names the key
+    assert got[1:-1] == list(recs.values()) and isinstance(got[-1], EndOfImage)
+    assert reader.verifier.verified
 
 
 async def test_every_record_round_trips_over_a_live_stream() -> None:

@@ -121,6 +121,19 @@ class IncompatibleImage(ProtocolError):
     code = "incompatible"
 
 
+class UntrustedImage(ProtocolError):
+    """An image whose signature does not verify with this host's key, or that is not signed:
+    refused unless the caller trusts it (``--trust-image``)."""
+
+    code = "untrusted-image"
+
+
+class ImageKeyError(MigrationError):
+    """The key that signs and verifies images cannot be used (unsafe mode, wrong size, ...)."""
+
+    code = "image-key"
+
+
 class ChannelClosed(TransportError):
     """We closed the channel ourselves (the operation was cancelled or finished)."""
 
@@ -161,6 +174,8 @@ ERROR_CODES: dict[str, type[MigrationError]] = {
         TruncatedStream,
         ChecksumError,
         IncompatibleImage,
+        UntrustedImage,
+        ImageKeyError,
         ChannelClosed,
         PeerGone,
         TransportTimeout,

@@ -4,10 +4,15 @@ A stream starts with ``STREAM_MAGIC`` and is a sequence of frames. Each frame is
 header and a payload::
 
     magic  b"KF"   2 bytes
-    kind   u8      RECORD (a msgpack record) or PAGES (a page batch)
+    kind   u8      RECORD (a msgpack record), PAGES (a page batch) or TAG (a signature)
     flags  u8      kind-specific (PAGES: bit 0 = zstd-compressed)
     length u32     payload bytes, capped before anything is allocated
     crc32  u32     of the payload
+
+A signed image (format version 2, ``transport.signing``) follows every RECORD and PAGES
+frame with a TAG frame: 32 bytes of HMAC-SHA256 chained over the frames so far. crc32s
+catch accidents; tags catch edits. Live streams carry no TAG frames (their channels are
+authenticated instead).
 
 The decoder is sans-IO (``FrameDecoder``) so channels, files and fuzz tests share it; a
 blocking ``read_frame`` serves files and pipes.
@@ -30,14 +35,16 @@ HEADER_SIZE = HEADER.size
 
 KIND_RECORD = 1
 KIND_PAGES = 2
-KINDS = (KIND_RECORD, KIND_PAGES)
+KIND_TAG = 3            # format version 2: an image's signature of the frame before it
+KINDS = (KIND_RECORD, KIND_PAGES, KIND_TAG)
 
 MAX_RECORD_LEN = 16 << 20
 MAX_PAGES_LEN = 64 << 20
+TAG_LEN = 32            # HMAC-SHA256
 
 
 def max_len_for(kind: int) -> int:
-    return MAX_RECORD_LEN if kind == KIND_RECORD else MAX_PAGES_LEN
+    return MAX_RECORD_LEN if kind == KIND_RECORD else TAG_LEN if kind == KIND_TAG else MAX_PAGES_LEN
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,17 @@ def parse_header(header: bytes | bytearray | memoryview) -> tuple[int, int, int,
         raise ProtocolError(f"bad frame magic {bytes(magic)!r}: not a kcr-migrate stream, or corrupt")
     if kind not in KINDS:
         raise ProtocolError(f"unknown frame kind {kind}")
+    if kind == KIND_TAG and length != TAG_LEN:
+        raise ProtocolError(f"a signature frame of {length} bytes, not {TAG_LEN}: corrupt stream")
     if length > max_len_for(kind):
         raise ProtocolError(f"frame length {length} exceeds the cap of {max_len_for(kind)} bytes")
     return kind, flags, length, crc
+
+
+def header_of(frame: Frame) -> bytes:
+    """The 12 header bytes a frame was read with (it passed ``parse_header``)."""
+    assert frame.crc is not None
+    return HEADER.pack(FRAME_MAGIC, frame.kind, frame.flags, len(frame.payload), frame.crc)
 
 
 def check_payload(payload: bytes | bytearray | memoryview, crc: int) -> None:

@@ -2,30 +2,38 @@
 
 The stream can be a file, a pipe or stdout; the same records and page frames make up a live
 stream between agents. ``ImageWriter`` compresses page batches in worker threads (zstd
-releases the GIL) while keeping frame order; ``ImageReader`` checks every frame and ends
-only at an ``EndOfImage`` record whose counts match what was read.
+releases the GIL) while keeping frame order, and signs every frame with the host's key
+(``transport.signing``); ``ImageReader`` checks every frame's crc32 and signature before
+decoding it (``ImageVerifier`` decides what an unsigned or foreign image gets) and ends only
+at an ``EndOfImage`` record whose counts match what was read.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream
+from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import (
     KIND_PAGES,
     KIND_RECORD,
+    KIND_TAG,
     STREAM_MAGIC,
+    Frame,
+    encode_frame,
     frame_header,
+    header_of,
     read_frame,
     read_stream_magic,
 )
 from transport.pages import EncodedBatch, PageBatch, decode_batch, encode_batch
 from transport.records import Record
-from transport.schema import FORMAT_VERSION, PAGE_SIZE, EndOfImage, ImageHeader, decode_record
+from transport.schema import FORMAT_VERSION, OLDEST_FORMAT_VERSION, PAGE_SIZE, EndOfImage, ImageHeader, decode_record
+from transport.signing import ImageKey, ImageSigner, ImageVerifier, frame_digest
 
 
 @dataclass
@@ -37,14 +45,26 @@ class StreamStats:
     bytes_on_wire: int = 0    # every byte written: headers, records, pages
 
 
-class ImageWriter:
-    """Write records and page batches as one stream; ``finish`` seals it."""
+def _encode(batch: PageBatch, level: int | None, sign: bool) -> tuple[EncodedBatch, bytes, bytes]:
+    """A batch's payload parts, frame header and (to sign it) digest: in a worker thread."""
+    enc = encode_batch(batch, level)
+    header = frame_header(KIND_PAGES, enc.flags, enc.parts)
+    return enc, header, frame_digest(header, enc.parts) if sign else b""
 
-    def __init__(self, out: BinaryIO, *, level: int | None = 1, workers: int = 2, max_pending: int = 8) -> None:
+
+class ImageWriter:
+    """Write records and page batches as one stream; ``finish`` seals it. With ``key``, every
+    frame is followed by its tag and the header names the key (``ImageHeader.key_id``)."""
+
+    def __init__(self, out: BinaryIO, *, level: int | None = 1, workers: int = 2, max_pending: int = 8,
+                 key: ImageKey | None = None) -> None:
         self._out = out
         self._level = level
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kcr-zstd") if level is not None else None
-        self._pending: collections.deque[Future[EncodedBatch]] = collections.deque()
+        self._signer = ImageSigner(key) if key is not None else None
+        # Worker threads compress page batches and hash them for their tags (both release the GIL).
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kcr-zstd") \
+            if level is not None or key is not None else None
+        self._pending: collections.deque[Future[tuple[EncodedBatch, bytes, bytes]]] = collections.deque()
         self._max_pending = max_pending
         self.stats = StreamStats()
         self._write(STREAM_MAGIC)
@@ -53,10 +73,16 @@ class ImageWriter:
         self._out.write(data)
         self.stats.bytes_on_wire += len(data)
 
-    def _emit(self, enc: EncodedBatch) -> None:
-        self._write(frame_header(KIND_PAGES, enc.flags, enc.parts))
+    def _sign(self, digest: bytes) -> None:
+        if self._signer is not None:
+            self._write(encode_frame(KIND_TAG, 0, self._signer.sign(digest)))
+
+    def _emit(self, encoded: tuple[EncodedBatch, bytes, bytes]) -> None:
+        enc, header, digest = encoded
+        self._write(header)
         for part in enc.parts:
             self._write(part)
+        self._sign(digest)
         self.stats.page_batches += 1
         self.stats.pages += enc.npages
         self.stats.bytes_raw += enc.bytes_raw
@@ -67,17 +93,22 @@ class ImageWriter:
 
     def record(self, rec: Record) -> None:
         self._drain(0)
+        if isinstance(rec, ImageHeader) and self._signer is not None:
+            rec = dataclasses.replace(rec, key_id=self._signer.key.key_id)
         payload = rec.pack()
-        self._write(frame_header(KIND_RECORD, 0, [payload]))
+        header = frame_header(KIND_RECORD, 0, [payload])
+        self._write(header)
         self._write(payload)
+        if self._signer is not None:
+            self._sign(frame_digest(header, [payload]))
         self.stats.records += 1
 
     def pages(self, batch: PageBatch) -> None:
         """Queue a batch; its buffer must stay untouched until the batch is written."""
         if self._pool is None:
-            self._emit(encode_batch(batch, None))
+            self._emit(_encode(batch, None, self._signer is not None))
             return
-        self._pending.append(self._pool.submit(encode_batch, batch, self._level))
+        self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer is not None))
         self._drain(self._max_pending)
 
     def finish(self) -> StreamStats:
@@ -101,32 +132,93 @@ class ImageWriter:
 Item = Record | PageBatch
 
 
-class ImageReader:
-    """Iterate an image's records and page batches, verifying as it goes."""
+def _check_and_decode(verifier: ImageVerifier, index: int, prev: bytes | None, tag: bytes | None,
+                      frame: Frame) -> PageBatch:
+    """A page frame's signature, then its pages: in a worker thread."""
+    verifier.check(index, prev, tag, frame_digest(header_of(frame), [frame.payload]))
+    return decode_batch(frame.flags, frame.payload)
 
-    def __init__(self, src: BinaryIO, *, workers: int = 2, max_pending: int = 8) -> None:
+
+class ImageReader:
+    """Iterate an image's records and page batches, verifying as it goes.
+
+    ``verifier`` (``transport.signing``) holds the key to check signatures with and whether
+    an image that does not verify is refused (the default: every unverified image is) or
+    read anyway. Each frame is checked before it is decoded; an item is handed on only once
+    it and everything before it verified."""
+
+    def __init__(self, src: BinaryIO, *, workers: int = 2, max_pending: int = 8,
+                 verifier: ImageVerifier | None = None) -> None:
         self._src = src
         self._workers = workers
         self._max_pending = max_pending
+        self.verifier = verifier if verifier is not None else ImageVerifier()
         self.stats = StreamStats()
         self.header: ImageHeader | None = None
         self.end: EndOfImage | None = None
+        self._signed = False           # the image has signatures (TAG frames)
+        self._checking = False         # and they are checked (there is a key)
+        self._peeked: Frame | None = None
+
+    def _first(self) -> tuple[Frame, bytes | None]:
+        """The header's frame, and its tag where the image is signed (which this tells)."""
+        read_stream_magic(self._src)
+        first = read_frame(self._src)
+        if first is None:
+            raise TruncatedStream("the image ends before its header: truncated")
+        if first.kind != KIND_RECORD:
+            raise ProtocolError("the stream does not start with an image header")
+        second = read_frame(self._src)
+        if second is None:
+            raise TruncatedStream("the image ends after its header: truncated")
+        self._signed = second.kind == KIND_TAG
+        self._checking = self.verifier.begin(self._signed)
+        if not self._signed:
+            self._peeked = second
+            return first, None
+        return first, bytes(second.payload)
+
+    def _next(self) -> tuple[Frame, bytes | None] | None:
+        """The next frame and its tag (None: unsigned, or the tag is missing); None at the end."""
+        frame, self._peeked = self._peeked or read_frame(self._src), None
+        if frame is None:
+            return None
+        if frame.kind == KIND_TAG:
+            raise ProtocolError("a signature where a record or page batch belongs: corrupt image")
+        if not self._signed:
+            return frame, None
+        tag = read_frame(self._src)
+        if tag is None:
+            raise TruncatedStream("the image ends after a frame without its signature: truncated")
+        if tag.kind != KIND_TAG:
+            self._peeked = tag          # an unsigned frame: the verifier says what it makes of that
+            return frame, None
+        return frame, bytes(tag.payload)
 
     def __iter__(self) -> Iterator[Item]:
-        read_stream_magic(self._src)
+        verifier = self.verifier
+        frame, tag = self._first()
+        prev: bytes | None = None
+        index = 0
         pending: collections.deque[Future[PageBatch] | Record] = collections.deque()
         with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="kcr-unzstd") as pool:
             try:
                 while True:
-                    frame = read_frame(self._src)
-                    if frame is None:
-                        raise TruncatedStream("the image ends before its end record: truncated")
                     if frame.kind == KIND_PAGES:
                         if self.header is None:
                             raise ProtocolError("page data before the image header")
                         self.stats.page_batches += 1
-                        pending.append(pool.submit(decode_batch, frame.flags, frame.payload))
+                        pending.append(pool.submit(_check_and_decode, verifier, index, prev, tag, frame)
+                                       if self._checking else pool.submit(decode_batch, frame.flags, frame.payload))
                     else:
+                        try:
+                            if self._checking:
+                                verifier.check(index, prev, tag, frame_digest(header_of(frame), [frame.payload]))
+                        except UntrustedImage:
+                            for item in pending:        # an earlier frame's failure is the one to tell
+                                if isinstance(item, Future):
+                                    item.result()
+                            raise
                         rec = decode_record(bytes(frame.payload))
                         self.stats.records += 1
                         if self.header is None:
@@ -139,6 +231,11 @@ class ImageReader:
                             break
                     while len(pending) > self._max_pending or (pending and not isinstance(pending[0], Future)):
                         yield self._resolve(pending.popleft())
+                    following = self._next()
+                    if following is None:
+                        raise TruncatedStream("the image ends before its end record: truncated")
+                    prev, index = tag, index + 1
+                    frame, tag = following
                 while pending:
                     yield self._resolve(pending.popleft())
             finally:
@@ -146,8 +243,9 @@ class ImageReader:
                     if isinstance(item, Future):
                         item.cancel()
         assert self.end is not None
-        if self._src.read(1):
+        if self._peeked is not None or self._src.read(1):
             raise ProtocolError("data after the end of the image")
+        verifier.finish()
 
     def _resolve(self, item: Future[PageBatch] | Record) -> Item:
         if isinstance(item, Future):
@@ -168,11 +266,11 @@ class ImageReader:
 
 def check_format(header: ImageHeader) -> None:
     """Refuse images this reader cannot interpret at all (whatever the machine)."""
-    if header.format_version != FORMAT_VERSION:
+    if not OLDEST_FORMAT_VERSION <= header.format_version <= FORMAT_VERSION:
         newer = header.format_version > FORMAT_VERSION
         raise IncompatibleImage(
             f"image format version {header.format_version} was written by kcr-migrate "
-            f"{header.tool_version}; this kcr-migrate reads version {FORMAT_VERSION} only: "
+            f"{header.tool_version}; this kcr-migrate reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}: "
             + ("upgrade kcr-migrate here" if newer else "convert it with the kcr-migrate that wrote it"))
     if header.page_size != PAGE_SIZE:
         raise IncompatibleImage(f"image page size {header.page_size} differs from this machine's {PAGE_SIZE}")

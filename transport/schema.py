@@ -15,7 +15,10 @@ import msgpack
 from transport.errors import ProtocolError
 from transport.records import Record
 
-FORMAT_VERSION = 1
+# 1: the first format. 2: images may be signed (TAG frames, ``transport.signing``) and the
+# header names the signing key (``ImageHeader.key_id``); a version 1 image reads as unsigned.
+FORMAT_VERSION = 2
+OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
 TASK_SIZE = 0x7FFF_FFFF_F000
@@ -61,6 +64,7 @@ class ImageHeader(Record):
     created_unix: float
     pid: int
     kind: str                # "checkpoint" or "live"
+    key_id: str = ""         # format 2: the id of the key that signed the image ("": unsigned)
 
 
 # --- process-wide state -------------------------------------------------------------------

@@ -41,7 +41,7 @@ from transport.errors import (
     TransportError,
     TransportTimeout,
 )
-from transport.framing import KIND_PAGES, KIND_RECORD, STREAM_MAGIC, Frame, FrameDecoder, frame_header
+from transport.framing import KIND_PAGES, KIND_RECORD, KIND_TAG, STREAM_MAGIC, Frame, FrameDecoder, frame_header
 from transport.levels import Level, LevelController
 from transport.pages import (
     BATCH_HEAD,
@@ -451,6 +451,8 @@ class FramedStream:
         if frame.kind == KIND_RECORD:
             got.records += 1
             return decode_record(memoryview(frame.payload))
+        if frame.kind == KIND_TAG:      # images are signed; live streams are authenticated by their channel
+            raise ProtocolError(f"{self.peer} sent an image signature in a live stream")
         raw = RawBatch.from_frame(frame)
         got.batches += 1
         got.pages += raw.npages

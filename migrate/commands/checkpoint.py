@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from migrate.cli import REDIRECT_HELP, command, parse_pid, parse_redirect, write_json
+from migrate.cli import REDIRECT_HELP, add_image_key, command, parse_pid, parse_redirect, write_json
 from transport.errors import MigrationError
 
 
@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redirect", type=parse_redirect, action="append", default=[], metavar="FD=PATH",
                    help=REDIRECT_HELP)
     p.add_argument("--stats-json", metavar="FILE", help="write the dump statistics as JSON")
+    add_image_key(p)
     level = p.add_mutually_exclusive_group()
     level.add_argument("--compress-level", type=int, default=1, metavar="N", help="zstd level for pages (default 1)")
     level.add_argument("--no-compress", action="store_true", help="store pages uncompressed")
@@ -41,16 +42,20 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.output, args.force)
     opts = images.CheckpointOptions(leave_running=args.leave_running, redirect=dict(args.redirect),
-                                    compress_level=None if args.no_compress else args.compress_level)
+                                    compress_level=None if args.no_compress else args.compress_level,
+                                    image_key=args.image_key)
     stats = images.checkpoint_to_path(args.pid, args.output, opts)
     fate = "left running" if stats.left_running else "killed"
     if stats.processes > 1:
         what, fate = f"{stats.processes} processes, ", f"processes {fate}"
     else:
         what, fate = "", f"process {fate}"
+    signed = f"; signed with {stats.signed_with}" if stats.signed_with else "; not signed"
     print(f"checkpointed pid {stats.pid}: {what}{stats.threads} threads, {stats.pages_written} pages, "
           f"{stats.bytes_raw / 2**20:.1f} MiB raw, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
-          f"frozen {stats.frozen_time_ms:.1f} ms; {fate}", file=sys.stderr)
+          f"frozen {stats.frozen_time_ms:.1f} ms; {fate}{signed}", file=sys.stderr)
+    for w in stats.warnings:
+        print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.stats_json:
         write_json(args.stats_json, stats.as_dict())
     return 0

@@ -1,5 +1,6 @@
 """`kcr-migrate show FILE`: an image as JSON (header, process, files, mappings, threads, page index;
-the tree and the other processes of a process tree)."""
+the tree and the other processes of a process tree; whether its signature verified with this
+host's key, under "signature" and in one line on stderr). It shows any image, signed or not."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import command
+from migrate.cli import add_image_key, command
 
 if TYPE_CHECKING:
     from transport.image import ImageReader
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="FILE", help="image file, or - for stdin")
+    add_image_key(p)
 
 
 def image_to_json(reader: "ImageReader") -> dict[str, Any]:
@@ -51,16 +53,27 @@ def image_to_json(reader: "ImageReader") -> dict[str, Any]:
         where["page_index"] = [{"addr": a, "pages": n} for a, n, _ in index]
     out["stats"] = {"page_batches": reader.stats.page_batches, "pages": reader.stats.pages,
                     "bytes_raw": reader.stats.bytes_raw}
+    signature: dict[str, Any] = reader.verifier.as_dict()
+    out["signature"] = signature
+    # The key the image's header names: the truth only where the signature verified.
+    signature["image_key_id"] = out.get("header", {}).get("key_id") or None
+    if not signature["verified"] and signature["image_key_id"] and signature["key_id"] \
+            and signature["image_key_id"] != signature["key_id"]:
+        signature["message"] += (f" (the image names key id {signature['image_key_id']}, this host's key is "
+                                 f"{signature['key_id']})")
     return out
 
 
 @command("show", "decode an image to JSON, for humans and debugging", add_arguments)
 def run(args: argparse.Namespace) -> int:
     from transport.image import ImageReader, open_input
+    from transport.signing import ImageVerifier
 
+    verifier = ImageVerifier.for_host(args.image_key, trust_image=True)
     with open_input(args.image) as src:
-        data = image_to_json(ImageReader(src))
+        data = image_to_json(ImageReader(src, verifier=verifier))
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    print(f"kcr-migrate: {data['signature']['message']}", file=sys.stderr)
     return 0
 
