@@ -206,3 +206,35 @@ def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> No
     assert code == 0, err
     moved_tree(testbed, before, report)
     assert wait_file(out / "output") == f"{sum(x * x for x in range(3000))}\n"
+
+
+def small_project(where: Path, files: int = 12) -> None:
+    """A C project whose build takes a few seconds with make -j2 (each compile pauses too)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (where / f"f{i}.c").write_text(f"int f{i}(int x) {{ return x * {i + 1} + {i}; }}\n")
+    calls = " + ".join(f"f{i}(1)" for i in range(files))
+    decls = "".join(f"int f{i}(int);\n" for i in range(files))
+    (where / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{ printf("%d\\n", {calls}); return 0; }}\n')
+    objs = " ".join(f"f{i}.o" for i in range(files)) + " main.o"
+    (where / "Makefile").write_text(f"prog: {objs}\n\tgcc -o $@ {objs}\n%.o: %.c\n\t@touch ready\n"
+                                    "\tgcc -O1 -c $< -o $@\n\t@sleep 0.4\n")
+
+
+def test_make_j2_moves_live_mid_build(testbed: Testbed, tmp_path: Path) -> None:
+    """make -j2 building a small C project: make, its shells, compilers forking and exec'ing
+    all the while (they join and leave the migration); the build finishes on hostC."""
+    out = tmp_path / "moved"
+    small_project(out)
+    pid = start_in(testbed, "hostA", ["make", "-s", "-j2", "-C", str(out)], out)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    assert report["processes"][0]["pid"] == pid and len(report["processes"]) > 1, report["processes"]
+    assert proc_state(pid) in (None, "Z", "X"), "make still runs on hostA"
+    deadline = time.monotonic() + 120
+    while not (out / "prog").exists() or proc_state(testbed.root_pid("hostC", pid) or 0) not in (None, "Z", "X"):
+        assert time.monotonic() < deadline, "the build did not finish on hostC"
+        time.sleep(0.05)
+    res = subprocess.run([str(out / "prog")], capture_output=True, text=True)
+    assert res.stdout == f"{sum(i + 1 + i for i in range(12))}\n"

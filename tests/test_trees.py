@@ -243,3 +243,26 @@ def test_multiprocessing_pool(tmp_path: Path) -> None:
     root = image_restored(tmp_path / "tree.img", before)
     assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
     assert (tmp_path / "output").read_text() == f"{sum(x * x for x in range(1500))}\n"
+
+
+def test_make_j2_mid_build(tmp_path: Path) -> None:
+    """make -j2: make, its shells and compilers, forking and exec'ing all the while (a fork or
+    exit while the tree freezes is refused: try again, as a user would)."""
+    from tests.test_live_trees import small_project
+    project = tmp_path / "project"
+    small_project(project)
+    proc = start_until_ready(["make", "-s", "-j2", "-C", str(project)], project / "ready", start_new_session=True)
+    image = tmp_path / "tree.img"
+    for _ in range(10):
+        res = kcr("checkpoint", str(proc.pid), "-o", str(image))
+        if res.returncode == 0 or b"try again" not in res.stderr:
+            break
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    members = json.loads(kcr("show", str(image)).stdout).get("tree", {}).get("members", [])
+    reap_orphans([m["pid"] for m in members[1:]])
+    res = kcr("restore", "-i", str(image), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    assert os.WEXITSTATUS(reap(proc.pid, timeout=120)) == 0
+    built = subprocess.run([str(project / "prog")], capture_output=True, text=True)
+    assert built.stdout == f"{sum(i + 1 + i for i in range(12))}\n"
