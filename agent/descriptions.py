@@ -256,6 +256,11 @@ def _make_event_file(e: EventFile) -> int:
     if e.kind == "signalfd":
         mask = ctypes.c_uint64(e.sigmask)
         return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC), "a signalfd")
+    if e.kind == "pidfd":
+        try:       # the process exists here by now, under its pid (a tree's processes come first)
+            return os.pidfd_open(e.pid)
+        except OSError as exc:
+            raise RestoreError(f"cannot make a pidfd of process {e.pid} here: {exc.strerror}") from None
     return _check(_libc.epoll_create1(os.O_CLOEXEC), "an epoll instance")
 
 

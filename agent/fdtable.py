@@ -70,7 +70,8 @@ class Peer:
 
 
 EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
-                 "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll"}
+                 "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll",
+                 "anon_inode:[pidfd]": "pidfd"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -151,6 +152,7 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
         _check_sockets(sockets, outside)
     if events:
         _check_event_files_not_shared(events, outside)
+        _check_pidfds(events, inside)
     if objects:
         for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
@@ -159,6 +161,25 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
                 f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it: give "
                 f"--redirect {info.fd}=PATH to open PATH in its place on the destination", pid=pid)
     return _share_descriptions(tables)
+
+
+def _check_pidfds(ours: list[tuple[int, FileDesc]], inside: set[int]) -> None:
+    """A pidfd is made again on the destination for the process it refers to: one that moves
+    too (a child the process waits for through it, as asyncio does)."""
+    for pid, f in ours:
+        if f.kind == "pidfd":
+            target = _pidfd_pid(pid, f.fd)
+            if target not in inside:
+                whom = "a process that has exited and was reaped" if target < 0 else f"pid {target}"
+                raise UnsupportedResource(
+                    f"pid {pid}'s fd {f.fd} is a pidfd of {whom}, which does not move with it: {_CANNOT}", pid=pid)
+
+
+def _pidfd_pid(pid: int, fd: int) -> int:
+    for line in read_text(pid, "fdinfo", str(fd)).splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    return -1
 
 
 def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: list[OutsideFd]) -> None:
@@ -389,6 +410,8 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
                          value_ns=_timespec_ns(fields["it_value"]), interval_ns=_timespec_ns(fields["it_interval"]))
     if f.kind == "signalfd":
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
+    if f.kind == "pidfd":
+        return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
     watches = []
     for line in text.splitlines():
         if line.startswith("tfd:"):

@@ -182,7 +182,6 @@ _FD_REFUSALS = (
     ("anon_inode:[fanotify]", "a fanotify instance"),
     ("anon_inode:[io_uring]", "an io_uring instance"),
     ("anon_inode:[userfaultfd]", "a userfaultfd"),
-    ("anon_inode:[pidfd]", "a pidfd"),
     ("/memfd:", "a memfd"),
     ("anon_inode:", "an anonymous-inode file"),
 )

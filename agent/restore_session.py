@@ -186,6 +186,9 @@ class RestoreSession:
                         UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
                         EventFiles(tuple(x for s in each for x in s.events.files)))
         check_objects_referenced(*union.records())
+        if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
+            raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
+                               "without --new-pid")
         descriptions = Descriptions()
         try:
             descriptions.add(union)

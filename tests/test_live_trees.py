@@ -238,3 +238,19 @@ def test_make_j2_moves_live_mid_build(testbed: Testbed, tmp_path: Path) -> None:
         time.sleep(0.05)
     res = subprocess.run([str(out / "prog")], capture_output=True, text=True)
     assert res.stdout == f"{sum(i + 1 + i for i in range(12))}\n"
+
+
+def test_a_pidfd_to_a_child_moves_live(testbed: Testbed, tmp_path: Path) -> None:
+    """A parent polls a pidfd of its child and collects it with waitid(P_PIDFD) on hostC."""
+    from tests.test_trees import PIDFD_WAIT
+    script = tmp_path / "pidfd.py"
+    script.write_text(PIDFD_WAIT)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
+    before = tree(pid)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    (out / "go").touch()
+    assert wait_file(out / "output") == "True 5\n"

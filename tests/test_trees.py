@@ -266,3 +266,47 @@ def test_make_j2_mid_build(tmp_path: Path) -> None:
     assert os.WEXITSTATUS(reap(proc.pid, timeout=120)) == 0
     built = subprocess.run([str(project / "prog")], capture_output=True, text=True)
     assert built.stdout == f"{sum(i + 1 + i for i in range(12))}\n"
+
+
+# A parent waits for its child through a pidfd (poll, then waitid(P_PIDFD)), as asyncio's
+# pidfd child watcher does; the child exits with 5 once told to.
+PIDFD_WAIT = """
+import os, select, sys, time
+d = sys.argv[1]
+child = os.fork()
+if child == 0:
+    while not os.path.exists(f"{d}/go"):
+        time.sleep(0.01)
+    os._exit(5)
+fd = os.pidfd_open(child)
+open(f"{d}/ready", "w").close()
+p = select.poll()
+p.register(fd, select.POLLIN)
+while not p.poll(50):
+    pass
+info = os.waitid(os.P_PIDFD, fd, os.WEXITED)
+open(f"{d}/output", "w").write(f"{info.si_pid == child} {info.si_status}\\n")
+"""
+
+
+def test_a_pidfd_to_a_child_that_moves_too(tmp_path: Path) -> None:
+    script = tmp_path / "pidfd.py"
+    script.write_text(PIDFD_WAIT)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True)
+    before = tree(proc.pid)
+    checkpoint(proc.pid, tmp_path / "tree.img", 2)
+    assert proc.wait(timeout=30) == -9
+    root = image_restored(tmp_path / "tree.img", before)
+    (tmp_path / "go").touch()
+    assert os.WEXITSTATUS(reap(root, timeout=60)) == 0
+    assert (tmp_path / "output").read_text() == "True 5\n"
+
+
+def test_a_pidfd_to_a_process_that_stays_is_refused(tmp_path: Path) -> None:
+    script = ("import os, sys, time\nfd = os.pidfd_open(os.getppid())\nopen(sys.argv[1], 'w').close()\n"
+              "time.sleep(60)\n")
+    proc = start_until_ready([sys.executable, "-c", script, str(tmp_path / "ready")], tmp_path / "ready")
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
+    assert f"is a pidfd of pid {os.getpid()}, which does not move with it" in line
+    assert not (tmp_path / "img").exists() and proc.poll() is None

@@ -222,7 +222,7 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll")
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
 OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
@@ -367,7 +367,7 @@ class EpollWatch:
 
 @dataclass(frozen=True)
 class EventFile:
-    """An eventfd, timerfd, signalfd or epoll instance, with its state."""
+    """An eventfd, timerfd, signalfd, epoll instance or pidfd, with its state."""
 
     id: int
     kind: str                # one of EVENT_KINDS
@@ -379,6 +379,7 @@ class EventFile:
     ticks: int = 0           # timerfd: expirations not read yet
     sigmask: int = 0         # signalfd: the signals it reads
     watches: tuple[EpollWatch, ...] = ()     # epoll: its interest list
+    pid: int = 0             # pidfd: the process it refers to (one that moves too)
 
 
 MAX_WATCHES = 1 << 20
@@ -399,6 +400,7 @@ class EventFiles(Record):
             _check(0 <= e.count < (1 << 64) - 1 and e.value_ns >= 0 and e.interval_ns >= 0 and e.ticks >= 0
                    and 0 <= e.sigmask < 1 << 64 and 0 <= e.clockid < 16, f"event file {e.id}: its state")
             _check(len(e.watches) <= MAX_WATCHES, f"epoll {e.id}: too many watches")
+            _check((0 < e.pid < 1 << 22) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
             for w in e.watches:
                 _check(0 <= w.fd < MAX_FDS and 0 <= w.events < 1 << 32 and 0 <= w.data < 1 << 64,
                        f"epoll {e.id}: a watch")
