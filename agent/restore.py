@@ -741,10 +741,15 @@ class Restorer:
         inj.call("capset", self._put(header), self._put(data, 64))
 
     def _creds(self, proc: ProcessState, lend_cap: bool = False) -> None:
+        """Identity last: what the stub has already (it runs as the restorer does, often as
+        the process did) is not set again, each call being an injection."""
         c = proc.creds
-        self._call("umask", proc.umask)
-        self._call("personality", proc.personality)
-        if proc.cwd:
+        now = _stub_identity(self.pid)
+        if now.get("Umask") != proc.umask:
+            self._call("umask", proc.umask)
+        if now.get("personality") != proc.personality:
+            self._call("personality", proc.personality)
+        if proc.cwd and now.get("cwd") != proc.cwd:
             self._call("chdir", self._put(os.fsencode(proc.cwd) + b"\0"))
         if proc.root and proc.root != "/":
             self._call("chroot", self._put(os.fsencode(proc.root) + b"\0"))
@@ -757,19 +762,24 @@ class Restorer:
                 except InjectionError as exc:
                     if exc.errno != errno.EINVAL:    # a capability this kernel does not know
                         raise
-        groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-        self._call("setgroups", len(c.groups), self._put(groups) if groups else 0)
-        self._call("setresgid", *c.gids[:3])
-        self._call("setfsgid", c.gids[3])
-        self._call("prctl", PR_SET_SECUREBITS, c.securebits | SECBIT_KEEP_CAPS)
-        self._call("setresuid", *c.uids[:3])
-        self._call("setfsuid", c.uids[3])
+        if now.get("Groups") != tuple(sorted(c.groups)):
+            groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
+            self._call("setgroups", len(c.groups), self._put(groups) if groups else 0)
+        if now.get("Gid") != c.gids:
+            self._call("setresgid", *c.gids[:3])
+            self._call("setfsgid", c.gids[3])
+        if now.get("Uid") != c.uids or c.securebits:
+            self._call("prctl", PR_SET_SECUREBITS, c.securebits | SECBIT_KEEP_CAPS)
+            self._call("setresuid", *c.uids[:3])
+            self._call("setfsuid", c.uids[3])
         assert self.inj is not None
-        self._capset(self.inj, c, 1 << CAP_CHECKPOINT_RESTORE if lend_cap else 0)
+        caps = (c.cap_inheritable, c.cap_permitted, c.cap_effective)
+        if lend_cap or now.get("caps") != caps or now.get("Uid") != c.uids:   # setresuid changed them
+            self._capset(self.inj, c, 1 << CAP_CHECKPOINT_RESTORE if lend_cap else 0)
         for cap in range(CAP_LAST + 1):
             if c.cap_ambient >> cap & 1:
                 self._call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
-        if not c.securebits & SECBIT_KEEP_CAPS:
+        if not c.securebits & SECBIT_KEEP_CAPS and (now.get("Uid") != c.uids or c.securebits):
             self._call("prctl", PR_SET_KEEPCAPS, 0)
         if c.no_new_privs:
             self._call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -916,6 +926,26 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _stub_identity(pid: int) -> dict[str, object]:
+    """A stub's umask, personality, cwd, ids, groups and capability sets, as restore sets them
+    (keys absent where they could not be read: then they are set)."""
+    out: dict[str, object] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        out["Umask"] = int(fields["Umask"], 8)
+        out["Uid"] = tuple(int(x) for x in fields["Uid"].split())
+        out["Gid"] = tuple(int(x) for x in fields["Gid"].split())
+        out["Groups"] = tuple(sorted(int(x) for x in fields["Groups"].split()))
+        out["caps"] = tuple(int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff"))
+        with open(f"/proc/{pid}/personality") as f:
+            out["personality"] = int(f.read(), 16)
+        out["cwd"] = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
 
 
 def _while_going(pid: int, attempt: Callable[[], int]) -> int:

@@ -126,7 +126,12 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
     ``shared_zeros``: a first scan sends the empty pages of shared memory too, for memory other
     processes share: another may have sent a page since emptied (the object is not empty there)."""
     t0 = clock()
-    if layout if layout is not None else (first or bool(scan.change)):
+    send_layout = layout if layout is not None else (first or bool(scan.change))
+    if not (send_layout or scan.data or scan.zero):       # nothing to send (a quiet process of a tree)
+        return RoundStats(round=scan.round, pages_scanned=scan.pages_scanned, pages_dirty=0, pages_written=0,
+                          pages_skipped_zero=0, bytes_raw=0, bytes_on_wire=0, round_ms=scan.scan_ms,
+                          scan_ms=scan.scan_ms, send_ms=0.0, dirty_rate_mib_s=0.0, bytes_read=scan.bytes_read)
+    if send_layout:
         smaps = await _blocking(tracker, read_smaps, tracker.pid)
         await sink.layout(mappings_for(scan.layout, smaps))
     reader = tracker.reader
