@@ -164,16 +164,16 @@ def pids_in_namespaces(ids: set[tuple[int, int]]) -> list[int]:
     """Live processes whose network, mount or pid namespace is one of ``ids``.
 
     A zombie's pid namespace can still be read; it does not count: only its parent can reap it.
-    Nor does a process exiting already (PF_EXITING): a pid namespace's init killed stays so
-    until every process of its namespace is reaped, some by parents outside it (nsenter's
-    children: the machine's init, which may reap lazily).
+    Nor does a pid namespace's init exiting already (PF_EXITING): killed, it stays so until
+    every process of its namespace is reaped, some by parents outside it (nsenter's children:
+    the machine's init, which may reap lazily).
     """
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         if any(ns_id(f"/proc/{entry.name}/ns/{kind}") in ids for kind in ("net", "mnt", "pid")) \
-                and pid_alive(int(entry.name)) and not _exiting(int(entry.name)):
+                and pid_alive(int(entry.name)) and not _init_exiting(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -181,12 +181,13 @@ def pids_in_namespaces(ids: set[tuple[int, int]]) -> list[int]:
 PF_EXITING = 0x4
 
 
-def _exiting(pid: int) -> bool:
+def _init_exiting(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return bool(int(f.read().rsplit(")", 1)[1].split()[6]) & PF_EXITING)
+            exiting = bool(int(f.read().rsplit(")", 1)[1].split()[6]) & PF_EXITING)
     except (OSError, IndexError, ValueError):
         return True
+    return exiting and (_nspids(pid) or [0])[-1] == 1
 
 
 def kill_namespace_members(ids: set[tuple[int, int]]) -> None:
