@@ -33,6 +33,7 @@ from transport.schema import (
     ITimer,
     Mappings,
     MmFields,
+    PosixTimer,
     ProcessState,
     Rlimit,
     SigAction,
@@ -211,7 +212,36 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         dumpable=dumpable, creds=_parse_creds(status, securebits), rlimits=rlimits, mm=mm, auxv=auxv,
         sigactions=tuple(sigactions), itimers=tuple(itimers),
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
-        oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE))
+        oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE),
+        posix_timers=_posix_timers(pid, inj, scratch))
+
+
+_NOTIFY = {"signal": 0, "none": 1, "thread": 2}
+
+
+def _posix_timers(pid: int, inj: Injector, scratch: Scratch) -> tuple[PosixTimer, ...]:
+    """The process's timer_create() timers: what /proc/PID/timers says of each, and the time
+    left and period (timer_gettime, in the process)."""
+    blocks: list[dict[str, str]] = []
+    for line in read_text(pid, "timers").splitlines():
+        key, _, value = line.partition(":")
+        if key == "ID":
+            blocks.append({})
+        if blocks:
+            blocks[-1][key.strip()] = value.strip()
+    timers = []
+    for fields in blocks:
+        tid = int(fields["ID"])
+        signo, _, sigval = fields["signal"].partition("/")
+        how, _, target = fields["notify"].partition("/")       # "signal/pid.123", "signal/tid.124", "none/pid.1"
+        kind, _, who = target.partition(".")
+        notify = _NOTIFY[how] | (4 if kind == "tid" else 0)
+        inj.call("timer_gettime", tid, scratch.addr)
+        isec, insec, vsec, vnsec = struct.unpack("<4q", scratch.get(0, 32))
+        timers.append(PosixTimer(id=tid, clockid=int(fields["ClockID"]), signo=int(signo), sigval=int(sigval, 16),
+                                 notify=notify, tid=int(who) if notify & 4 else 0,
+                                 value_ns=vsec * 1_000_000_000 + vnsec, interval_ns=isec * 1_000_000_000 + insec))
+    return tuple(timers)
 
 
 def _rearm_fired_real_timer(it: ITimer, shared_pending: list[bytes]) -> ITimer:

@@ -266,12 +266,6 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         if m.kind == "file" and m.deleted:
             raise UnsupportedResource(
                 f"pid {pid} maps the deleted file {m.name[:-10]}: {fix}", pid=pid)
-    try:
-        timers = read_text(pid, "timers")
-    except (NoSuchProcess, PermissionError):
-        timers = ""
-    if timers.strip():
-        raise UnsupportedResource(f"pid {pid} has POSIX timers (timer_create): {fix}", pid=pid)
     for what in ("cwd", "root"):
         try:
             place = os.readlink(proc_path(pid, what))

@@ -110,6 +110,7 @@ SECBIT_KEEP_CAPS = 1 << 4
 CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
+PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
 MCL_FUTURE = 2
 EPOLL_CTL_ADD = 1
@@ -604,7 +605,7 @@ class Restorer:
             # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
             # and take their credentials from it: the leader keeps that one capability over
             # its dropped credentials until the threads exist, then each thread drops it.
-            lend = self.keep_ids and len(threads) > 1
+            lend = (self.keep_ids and len(threads) > 1) or bool(proc.posix_timers)
             self._creds(proc, lend_cap=lend)
             new_tids = self._threads(proc, threads, lent_cap=lend)
             self._pending(proc, threads, new_tids)
@@ -826,9 +827,35 @@ class Restorer:
                     self._capset(child, proc.creds)
             finally:
                 child.close()
+        self._posix_timers(proc, new_tids)
         if lent_cap:
             self._capset(self.inj, proc.creds)
         return new_tids
+
+    def _posix_timers(self, proc: ProcessState, new_tids: dict[int, int]) -> None:
+        """Each timer_create() timer under its id (PR_TIMER_CREATE_RESTORE_IDS, which needs
+        the capability lent for it), once the threads it may signal exist, armed with the
+        time it had left."""
+        if not proc.posix_timers:
+            return
+        try:
+            self._call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0)
+        except InjectionError as exc:
+            raise RestoreError(f"the process has POSIX timers, which this kernel cannot restore under their ids "
+                               f"(PR_TIMER_CREATE_RESTORE_IDS: {exc.strerror}); Linux 6.17 or later can") from None
+        for t in proc.posix_timers:
+            tid = new_tids.get(t.tid, t.tid) if t.notify & 4 else 0
+            event = struct.pack("<Qiii", t.sigval, t.signo, t.notify, tid) + bytes(44)
+            wanted = self._put(struct.pack("<i", t.id), 3072)
+            self._call("timer_create", t.clockid, self._put(event, 3136), wanted)
+            assert self.mem is not None
+            got = struct.unpack("<i", self.mem.read(wanted, 4))[0]
+            if got != t.id:
+                raise RestoreError(f"POSIX timer {t.id} came back as {got}")
+            if t.value_ns:
+                spec = struct.pack("<4q", *divmod(t.interval_ns, 1_000_000_000), *divmod(t.value_ns, 1_000_000_000))
+                self._call("timer_settime", t.id, 0, self._put(spec, 3200), 0)
+        self._call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
     def _clone_thread(self, flags: int, t: ThreadState) -> int:
         """A new thread, with its old tid if ids are kept (clone3 with set_tid)."""

@@ -227,3 +227,51 @@ def test_an_eventfd_shared_with_a_process_that_stays_is_refused(tmp_path: Path) 
         assert Path(f"/proc/{child}").exists() and not (tmp_path / "img").exists()
     finally:
         os.kill(child, 9)
+
+
+# Two timer_create() timers (raw system calls): one firing SIGUSR1 every 5 ms with a value
+# the handler's siginfo carries, one disarmed; after the move both are there under their ids
+# (timer_gettime on each), the first still periodic, the second still disarmed.
+POSIX_TIMERS = """
+import ctypes, os, signal, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+ticks = 0
+def on(sig, frame):
+    global ticks
+    ticks += 1
+signal.signal(signal.SIGUSR1, on)
+class sigevent(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                ("tid", ctypes.c_int), ("pad", ctypes.c_int * 11)]
+ids = []
+for clock in (1, 0):
+    ev = sigevent(0xABC, signal.SIGUSR1, 0, 0)
+    tid = ctypes.c_int(0)
+    assert libc.syscall(222, clock, ctypes.byref(ev), ctypes.byref(tid)) == 0
+    ids.append(tid.value)
+spec = (ctypes.c_long * 4)(0, 5_000_000, 0, 5_000_000)
+assert libc.syscall(223, ids[0], 0, spec, None) == 0
+while ticks < 20:
+    time.sleep(0.001)
+open(f"{d}/ready", "w").close()
+while ticks < n:
+    time.sleep(0.001)
+cur = (ctypes.c_long * 4)()
+ok = libc.syscall(224, ids[0], cur) == 0 and tuple(cur[:2]) == (0, 5_000_000)
+ok = ok and libc.syscall(224, ids[1], cur) == 0 and tuple(cur) == (0, 0, 0, 0)
+timers = open("/proc/self/timers").read()
+ok = ok and sum(line.startswith("ID:") for line in timers.splitlines()) == 2
+ok = ok and "signal: 10/0000000000000abc" in timers
+open(f"{d}/output", "w").write(f"{ok}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_posix_timers(tmp_path: Path, how: str) -> None:
+    script = tmp_path / "timers.py"
+    script.write_text(POSIX_TIMERS)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), "400"], tmp_path / "ready",
+                             start_new_session=True)
+    finished(moved(proc, how, tmp_path))
+    assert (tmp_path / "output").read_text() == "True\n"

@@ -100,6 +100,24 @@ class ITimer:
 
 
 @dataclass(frozen=True)
+class PosixTimer:
+    """A timer_create() timer: restored under its id, with the time left to its next expiry
+    (the clock stops while the process is frozen, as for every timer it has)."""
+
+    id: int
+    clockid: int
+    signo: int               # the signal it sends (notify "signal")
+    sigval: int              # sigev_value, as the process gave it
+    notify: int              # SIGEV_SIGNAL 0, SIGEV_NONE 1, | SIGEV_THREAD_ID 4
+    tid: int                 # SIGEV_THREAD_ID: the thread it signals
+    value_ns: int            # time left (0: disarmed)
+    interval_ns: int
+
+
+SIGEV_NOTIFY = (0, 1, 4)     # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's SIGEV_THREAD is one)
+
+
+@dataclass(frozen=True)
 class Rlimit:
     resource: int
     soft: int
@@ -144,6 +162,7 @@ class ProcessState(Record):
     oom_score_adj: int = 0
     thp_disable: int = 0     # prctl(PR_SET_THP_DISABLE)
     lock_future: int = 0     # mlockall(MCL_FUTURE): mappings to come are locked
+    posix_timers: tuple[PosixTimer, ...] = ()
 
     def validate(self) -> None:
         _check(len(self.sigactions) <= NSIG, "too many sigactions")
@@ -160,6 +179,14 @@ class ProcessState(Record):
             _check(_user_addr(getattr(self.mm, name)), f"mm.{name} out of user space")
         _check(self.exe.startswith("/") and self.cwd.startswith("/"), "exe and cwd must be absolute")
         _check(-1000 <= self.oom_score_adj <= 1000 and self.thp_disable in (0, 1), "oom_score_adj or THP flag")
+        _check(len(self.posix_timers) <= 1 << 16, "too many POSIX timers")
+        ids: set[int] = set()
+        for t in self.posix_timers:
+            _check(0 <= t.id < 1 << 31 and t.id not in ids and 0 <= t.clockid < 16 and t.notify in SIGEV_NOTIFY
+                   and (t.notify == 1 or 1 <= t.signo <= NSIG) and 0 <= t.sigval < 1 << 64
+                   and (t.notify != 4 or 0 < t.tid < 1 << 22) and t.value_ns >= 0 and t.interval_ns >= 0,
+                   f"POSIX timer {t.id}")
+            ids.add(t.id)
 
 
 # --- memory layout ------------------------------------------------------------------------
