@@ -254,3 +254,53 @@ def test_a_pidfd_to_a_child_moves_live(testbed: Testbed, tmp_path: Path) -> None
     moved_tree(testbed, before, report)
     (out / "go").touch()
     assert wait_file(out / "output") == "True 5\n"
+
+
+REAPS_ON_GO = """
+import os, sys, time
+d = sys.argv[1]
+junk = bytearray(os.urandom(4 << 20))          # memory for pre-copy to send
+child = os.fork()
+if child == 0:
+    while not os.path.exists(f"{d}/go"):
+        time.sleep(0.005)
+    os._exit(3)
+open(f"{d}/child", "w").write(str(child))
+open(f"{d}/ready", "w").close()
+got, status = os.waitpid(child, 0)
+open(f"{d}/reaped", "w").close()
+while not os.path.exists(f"{d}/done"):
+    time.sleep(0.005)
+open(f"{d}/output", "w").write(f"{got == child} {os.WEXITSTATUS(status)}\\n")
+"""
+
+
+def test_a_child_that_exits_during_precopy_leaves_the_job(testbed: Testbed, tmp_path: Path) -> None:
+    """The job's child exits and is reaped while its memory is being copied: it leaves the
+    migration (its half-built copy on hostC is removed and reaped there), the parent moves."""
+    script = tmp_path / "reaps.py"
+    script.write_text(REAPS_ON_GO)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
+    assert len(tree(pid)) == 2
+    cli = subprocess.Popen([*KCR_MIGRATE, f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                            "--bandwidth", "4M", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    STARTED.append(cli)
+    assert cli.stderr is not None
+    for line in cli.stderr:                # pre-copy has begun: round 0 is going out slowly
+        if line.startswith("pages:"):
+            break
+    else:
+        raise AssertionError(f"the migration ended before pre-copy: {cli.wait()}")
+    (out / "go").touch()
+    wait_file(out / "reaped")
+    stdout, err = cli.communicate(timeout=180)
+    assert cli.returncode == 0, err
+    import json
+    report = json.loads(stdout.strip().splitlines()[-1])
+    moved_tree(testbed, {pid: 0}, report)
+    child = int((out / "child").read_text())
+    assert testbed.exec("hostC", ["test", "-e", f"/proc/{child}"]).returncode != 0, "a zombie was left on hostC"
+    (out / "done").touch()
+    assert wait_file(out / "output") == "True 3\n"
