@@ -103,6 +103,7 @@ WALL = 0x40000000
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
 ZOMBIE_GRACE_S = 5.0
+ABORT_WAIT_S = 5.0           # for the threads of a killed half-built process to be reaped
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
 PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
@@ -926,20 +927,32 @@ class Restorer:
         return self.pid
 
     def abort(self) -> None:
-        """Destroy the half-built process; nothing of it survives."""
+        """Destroy the half-built process; nothing of it survives.
+
+        Every thread we trace must be reaped, the leader last (its exit is reported only after
+        the others'), and the threads are whatever exists, not what the image said: a failure
+        halfway through cloning them leaves threads no table holds. So the tids come from
+        /proc as well, every round, and the waiting is bounded (``ABORT_WAIT_S``): if a thread
+        is still not reaped then, the kernel kills it with the tracer anyway (EXITKILL)."""
         if self.pid:
+            tids = _task_ids(self.pid) | set(getattr(self, "new_tids", {}).values()) | {self.pid}
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            for tid in sorted(getattr(self, "new_tids", {self.pid: self.pid}).values(), key=lambda t: t == self.pid):
-                try:
-                    while True:
-                        _, status = os.waitpid(tid, ptrace.WALL)
-                        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                            break
-                except ChildProcessError:
-                    pass
+            deadline = time.monotonic() + ABORT_WAIT_S
+            while tids and time.monotonic() < deadline:
+                tids |= _task_ids(self.pid)
+                for tid in sorted(tids, key=lambda t: t == self.pid):
+                    try:
+                        got, status = os.waitpid(tid, ptrace.WALL | os.WNOHANG)
+                    except ChildProcessError:
+                        tids.discard(tid)
+                        continue
+                    if got and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                        tids.discard(tid)
+                if tids:
+                    time.sleep(0.001)
         self.close()
 
     def _stop_filling(self) -> None:
@@ -1000,6 +1013,14 @@ def _state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def _task_ids(pid: int) -> set[int]:
+    """The threads of ``pid`` that are still there."""
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except OSError:
+        return set()
 
 
 def _holder(tid: int) -> str:
