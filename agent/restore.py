@@ -25,6 +25,7 @@ import errno
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field, replace
@@ -472,7 +473,7 @@ class Restorer:
                 self._check_file(v)
                 # A shared mapping the process may mprotect writable needs a file opened for writing.
                 mode = os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
-                fd = self._open(v.path, mode | O_CLOEXEC)
+                fd = self._open(v.path, mode | O_CLOEXEC | os.O_NONBLOCK)
                 try:
                     self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
                 finally:
@@ -507,6 +508,9 @@ class Restorer:
             st = os.stat(v.path)
         except OSError:
             raise RestoreError(f"{v.path} is mapped by the process but missing here: copy it to this host first") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RestoreError(f"{v.path} is mapped by the process but is not a regular file here: copy the "
+                               "file to this host at the same path")
         # A live migration compared contents in preflight; an image restored where it was made
         # also has the modification time to go by.
         same_host = self.header.kind == "checkpoint" and self.header.hostname == socket.gethostname()
@@ -620,7 +624,7 @@ class Restorer:
     def _mm(self, proc: ProcessState) -> None:
         mm = proc.mm
         auxv = self._put(proc.auxv, 2048)
-        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC)
+        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
         try:
             mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                                  mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,

@@ -252,6 +252,9 @@ class Mappings(Record):
 EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
 OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
+# The character devices an fd may be carried on (agent.procfs refuses the others): opening a
+# device can have effects of its own, so an image that names another one is refused too.
+CHAR_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
@@ -289,6 +292,7 @@ class Files(Record):
             _check(0 <= f.fd < MAX_FDS and f.fd not in seen, f"file descriptor number {f.fd}")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
             _check(f.kind in OBJECT_KINDS or f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
+            _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check(f.pos >= 0, f"fd {f.fd}: offset")
             _check(f.desc >= 0 and f.obj >= 0, f"fd {f.fd}: description or object id")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
