@@ -92,6 +92,7 @@ from transport.schema import (
     VMA_MAYWRITE,
     Vma,
     check_objects_referenced,
+    check_threads,
 )
 
 GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
@@ -582,6 +583,7 @@ class Restorer:
         ``descriptions``: shared with the other processes of a tree (their pipes, sockets and
         event files are in it already); without it, this process's own are made and dropped
         here."""
+        check_threads(proc, threads, self.header)
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
             return
