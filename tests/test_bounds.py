@@ -1,10 +1,12 @@
 """Every value an image or a peer sends is range-checked while it is decoded: each field's type
 bounds it (``transport.records``), a value just outside is refused with a ProtocolError naming
-the record and the field."""
+the record and the field, and msgpack refuses a claimed size before allocating for it."""
 from __future__ import annotations
 
 import dataclasses
 import re
+import struct
+import tracemalloc
 import types
 import typing
 from typing import Annotated, Any, Iterator, get_args, get_origin
@@ -160,3 +162,29 @@ def test_thread_records_that_disagree_are_refused(change: Any, match: str) -> No
     check_threads(proc, [thread], header)
     with pytest.raises(ProtocolError, match=f"ThreadState records of process {proc.pid}: .*{match}"):
         check_threads(proc, change(thread), header)
+
+
+@pytest.mark.parametrize("claim", [
+    b"\xdd\x7f\xff\xff\xff",                           # an array of 2**31 - 1 items
+    b"\xdf\x7f\xff\xff\xff",                           # a map of as many pairs
+    b"\xdb" + struct.pack(">I", 70000) + bytes(70000),     # a string longer than any field's
+    b"\xc6" + struct.pack(">I", (1 << 20) + 1) + bytes((1 << 20) + 1),     # bytes, as long
+    b"\xd4\x01\x00",                                     # an extension type: none is used
+])
+def test_a_claimed_size_is_refused_from_its_header(claim: bytes) -> None:
+    with pytest.raises(ProtocolError, match="too long"):
+        decode_record(b"\x82\xa1t\x05\xa1x" + claim)
+
+
+def test_nested_claims_allocate_nothing() -> None:
+    """A few kilobytes of nested list headers each claiming a million items: msgpack would set
+    room aside for every claim before finding the input short."""
+    payload = b"\x82\xa1t\x05\xa1x" + b"".join(b"\xdd" + struct.pack(">I", 1 << 20) for _ in range(1000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError):
+            decode_record(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

@@ -24,6 +24,7 @@ from transport.records import (
     I64,
     MAX_BYTES,
     MAX_ITEMS,
+    MAX_STR,
     U16,
     U32,
     U64,
@@ -664,12 +665,25 @@ def register(cls: type[Record]) -> type[Record]:
     return cls
 
 
+# Sizes msgpack may allocate for while unpacking a record: a string, byte string, list or map
+# that claims more is refused from its header, before anything is allocated for it. (A list
+# allocates room for the items it claims, so a few bytes that claim millions cost memory.)
+UNPACK_LIMITS = {"max_str_len": MAX_STR, "max_bin_len": MAX_BYTES, "max_array_len": MAX_ITEMS,
+                 "max_map_len": 1 << 16, "max_ext_len": 0}
+
+
 def decode_record(payload: bytes | memoryview) -> Record:
     """Decode one record frame's payload, checking everything before building it."""
     try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+        # No item can take less than a byte: nothing may claim more than the payload holds.
+        limits = {k: min(v, len(payload)) for k, v in UNPACK_LIMITS.items()}
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True, **limits)
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        if "exceeds max_" in str(exc):     # "70000 exceeds max_str_len(65536)"
+            raise ProtocolError(f"invalid record: an item too long ({exc})") from None
         raise ProtocolError(f"invalid record: not valid msgpack ({exc})") from None
+    except MemoryError:
+        raise ProtocolError("invalid record: it claims more memory than this host can give") from None
     if not isinstance(body, dict):
         raise ProtocolError("invalid record: not a map")
     type_id = body.get("t")
