@@ -215,7 +215,7 @@ class Restorer:
         self.inj: Injector | None = None
         self.gadget = 0
         self.layout: list[Vma] = []
-        self._mapped: list[Span] = []          # the layout's ranges, merged, for bounds checks
+        self._mapped: list[Span] = []          # the layout's ranges that take pages, merged, for bounds checks
         self._mapped_starts: list[int] = []
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
@@ -430,7 +430,8 @@ class Restorer:
         for a in plan.readvise:
             self._advise(a.start, a.end, a.advice, a.before)
         self.layout = new
-        self._mapped = merge_spans((v.start, v.end) for v in new)
+        # A file mapped shared takes no pages: they would be written into the file.
+        self._mapped = merge_spans((v.start, v.end) for v in new if not (v.shared and v.kind == "file"))
         self._mapped_starts = [start for start, _ in self._mapped]
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
         self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
@@ -527,7 +528,8 @@ class Restorer:
         assert self.mem is not None
         for addr, n in batch.runs:
             if not self._covered(addr, n * PAGE_SIZE):
-                raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings: corrupt image")
+                raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings, or in a file "
+                                   "mapped shared (whose pages are the file's): corrupt image")
         if self._placeholders:
             for addr, n in batch.runs:
                 for (start, end) in self._placeholders:
@@ -800,7 +802,8 @@ class Restorer:
             return inj.call(name, *args)
         if t.robust_list:
             call("set_robust_list", t.robust_list, t.robust_list_len)
-        ss = struct.pack("<QiiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
+        # stack_t: ss_sp, int ss_flags (SS_AUTODISARM is its top bit: packed unsigned), padding, ss_size
+        ss = struct.pack("<QIiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
         if not t.altstack_flags & 2:     # SS_DISABLE: nothing to set
             call("sigaltstack", self._put(ss, 512), 0)
         if t.rseq_addr:
