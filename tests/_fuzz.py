@@ -286,17 +286,19 @@ def _env(engine: Path, workdir: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(engine), "KCR_IMAGE_KEY": key}
 
 
-def make_image(workdir: Path, timeout: float = 60) -> bytes:
-    """Checkpoint a fresh run of the fuzz target (its binary copied into ``workdir``): the
-    image, signed with the key ``_env`` names."""
+def make_image(workdir: Path, timeout: float = 60, *, mib: int = 0) -> bytes:
+    """Checkpoint a fresh run of the fuzz target (its binary copied into ``workdir``, with
+    ``mib`` MiB more memory): the image, signed with the key ``_env`` names."""
     from tests._workloads import build
 
     workdir.mkdir(parents=True, exist_ok=True)
     binary = workdir / "fuzz_target"
-    shutil.copy2(build("fuzz_target"), binary)
-    run = workdir / "run"
+    if not binary.exists():        # once: images made before name it, with its size and time
+        shutil.copy2(build("fuzz_target"), binary)
+    run = workdir / f"run-{mib}"
     run.mkdir(exist_ok=True)
-    proc = subprocess.Popen([str(binary), str(run)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    (run / "ready").unlink(missing_ok=True)
+    proc = subprocess.Popen([str(binary), str(run), str(mib)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True, cwd=run, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -304,7 +306,7 @@ def make_image(workdir: Path, timeout: float = 60) -> bytes:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the fuzz target did not get ready (exit {proc.poll()})")
             time.sleep(0.01)
-        image = workdir / "base.img"
+        image = workdir / f"base-{mib}.img"
         image.unlink(missing_ok=True)
         res = subprocess.run([*KCR_MIGRATE, "checkpoint", str(proc.pid), "-o", str(image)], capture_output=True,
                              timeout=timeout, cwd=REPO, env=_env(REPO, workdir))
@@ -478,17 +480,23 @@ def _knows_trust(engine: Path) -> bool:
     return "--trust-image" in (engine / "migrate" / "commands" / "restore.py").read_text()
 
 
-def run_restore(image: Path, *, new_pid: bool = True, trust: bool = True, timeout: float = CASE_TIMEOUT,
-                engine: Path = REPO) -> tuple[str, str, int]:
-    """`kcr-migrate restore` of ``image`` in a process of its own: (outcome, detail, restored pid).
-    Ours must be a subreaper, so a restored process (not the tool's child) is adopted here.
+def start_restore(image: Path, *, new_pid: bool = True, trust: bool = True,
+                  engine: Path = REPO) -> subprocess.Popen[bytes]:
+    """`kcr-migrate restore --json` of ``image``, sandboxed, started (its pid is the tool's).
     ``trust``: restore the image unsigned (``TRUST``); ``engine``: the checkout whose
     kcr-migrate restores (another one, to compare)."""
     argv = [*KCR_MIGRATE, "restore", "-i", str(image), "--json"] + (["--new-pid"] if new_pid else [])
     argv += TRUST if trust and _knows_trust(engine) else []
-    proc = subprocess.Popen(sandboxed(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    return subprocess.Popen(sandboxed(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, close_fds=True, cwd=engine, env=_env(engine, image.parent),
                             start_new_session=True)
+
+
+def run_restore(image: Path, *, new_pid: bool = True, trust: bool = True, timeout: float = CASE_TIMEOUT,
+                engine: Path = REPO) -> tuple[str, str, int]:
+    """`kcr-migrate restore` of ``image`` in a process of its own: (outcome, detail, restored pid).
+    Ours must be a subreaper, so a restored process (not the tool's child) is adopted here."""
+    proc = start_restore(image, new_pid=new_pid, trust=trust, engine=engine)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -502,22 +510,28 @@ def run_restore(image: Path, *, new_pid: bool = True, trust: bool = True, timeou
             out, err = proc.communicate()
             how = "hung; SIGINT ignored"
         return "hung", f"{how}: {err.decode(errors='replace').strip()[-300:]}", 0
+    return outcome_of(proc.returncode, out, err)
+
+
+def outcome_of(returncode: int, out: bytes, err: bytes) -> tuple[str, str, int]:
+    """What a restore that ended with ``returncode``, ``out`` and ``err`` came to: (outcome,
+    detail, restored pid)."""
     stderr = err.decode(errors="replace")
-    if proc.returncode == SANDBOX_FAILED and not stderr.startswith("kcr-migrate"):
+    if returncode == SANDBOX_FAILED and not stderr.startswith("kcr-migrate"):
         raise RuntimeError(f"could not make {READ_ONLY} read-only for the restore: {stderr.strip()}")
     if "Traceback" in stderr or "Exception in thread" in stderr:
         return "traceback", stderr.strip()[-2000:], 0
-    if proc.returncode == 0:
+    if returncode == 0:
         try:
             pid = int(json.loads(out.decode())["pid"])
         except (ValueError, KeyError, TypeError):
             return "crashed", f"exit 0 without a result: {out[:200]!r} {stderr[-300:]}", 0
         return "restored", "", pid
-    if proc.returncode > 0 and is_one_error_line(stderr):
+    if returncode > 0 and is_one_error_line(stderr):
         return "refused", stderr.strip(), 0
-    if proc.returncode > 0:
-        return "traceback", f"exit {proc.returncode}, not one error line: {stderr.strip()[-1000:]}", 0
-    return "crashed", f"killed by signal {-proc.returncode}: {stderr.strip()[-300:]}", 0
+    if returncode > 0:
+        return "traceback", f"exit {returncode}, not one error line: {stderr.strip()[-1000:]}", 0
+    return "crashed", f"killed by signal {-returncode}: {stderr.strip()[-300:]}", 0
 
 
 def new_pid_for(seed: int) -> bool:

@@ -1,8 +1,9 @@
 /* A small process that holds one of most things an image carries, for the restore fuzz test
  * (tests/_fuzz.py): two threads (one in a futex wait, on an SS_AUTODISARM alternate signal
  * stack), a signal handler and a blocked signal, an interval timer, a pipe with bytes in it,
- * an eventfd, an open file, heap, a private file mapping and shared anonymous memory. After
- * ready it sleeps until killed: the fuzz harness kills whatever restores. */
+ * an eventfd, an open file, heap, a private file mapping and shared anonymous memory; with a
+ * second argument, that many MiB more of heap. After ready it sleeps until killed: the fuzz
+ * harness kills whatever restores. */
 #include "ckpt_common.h"
 #include <pthread.h>
 #include <signal.h>
@@ -51,6 +52,9 @@ int main(int argc, char **argv) {
     if (efd < 0) { perror("eventfd"); return 3; }
     char *heap = malloc(1 << 16);
     memset(heap, 0x5a, 1 << 16);
+    long extra = argc > 2 ? atol(argv[2]) << 20 : 0;      /* MiB more, for a restore that takes a while */
+    char *more = extra ? malloc(extra) : NULL;
+    for (long i = 0; i < extra; i++) more[i] = (char)(i * 7 + i / 4096);
     void *lib = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, open(argv[0], O_RDONLY | O_CLOEXEC), 0);
     char *shared = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (lib == MAP_FAILED || shared == MAP_FAILED) { perror("mmap"); return 3; }
