@@ -193,9 +193,12 @@ def mutate_field(rng: random.Random, frames: list[Frame]) -> str:
 def mutate_record(rng: random.Random, frames: list[Frame]) -> str:
     """Drop, repeat or move one record (never the header: that is the reader's first check)."""
     idx = [i for i in records_of(frames) if i > 0]
+    if not idx:
+        return "record: none left to change"
     i = rng.choice(idx)
     what = rng.choice(("drop", "repeat", "move"))
-    t = frames[i].body.get("t") if frames[i].body else None
+    body = frames[i].body
+    t = body.get("t") if body is not None else None
     if what == "drop":
         del frames[i]
     elif what == "repeat":
@@ -234,6 +237,8 @@ def mutate_threads(rng: random.Random, frames: list[Frame]) -> str:
 
 def mutate_bytes(rng: random.Random, frames: list[Frame]) -> str:
     """Flip bytes inside one frame's payload (checksums are made right again by ``seal``)."""
+    if len(frames) < 2:
+        return "bytes: no frame but the header"
     i = rng.randrange(1, len(frames))
     f = frames[i]
     raw = bytearray(f.raw())
@@ -354,7 +359,7 @@ def _share_private_file_pages(frames: list[Frame]) -> None:
             v.update(shared=True)
 
 
-Directed = Callable[[list[Frame], Path], None]
+Directed = Callable[[list[Frame], Path], object]
 DIRECTED: dict[str, tuple[Directed, str]] = {
     # name: (mutation, what the one error line must say)
     "two leaders": (lambda fr, d: [t.update(leader=True) for t in _bodies(fr, 5)], "2 main threads"),
