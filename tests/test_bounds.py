@@ -22,6 +22,7 @@ from transport.schema import (
     TASK_SIZE,
     ImageHeader,
     Mappings,
+    PosixTimer,
     ProcessState,
     ThreadState,
     Vma,
@@ -162,6 +163,15 @@ def test_thread_records_that_disagree_are_refused(change: Any, match: str) -> No
     check_threads(proc, [thread], header)
     with pytest.raises(ProtocolError, match=f"ThreadState records of process {proc.pid}: .*{match}"):
         check_threads(proc, change(thread), header)
+
+
+def test_a_timer_signals_a_thread_of_its_process() -> None:
+    proc, thread, header = _threads()
+    timer = PosixTimer(id=0, clockid=1, signo=14, sigval=0, notify=4, tid=thread.tid, value_ns=0, interval_ns=0)
+    check_threads(dataclasses.replace(proc, posix_timers=(timer,)), [thread], header)
+    stray = dataclasses.replace(proc, posix_timers=(dataclasses.replace(timer, tid=thread.tid + 1),))
+    with pytest.raises(ProtocolError, match=f"POSIX timer 0 signals thread {thread.tid + 1}"):
+        check_threads(stray, [thread], header)
 
 
 @pytest.mark.parametrize("claim", [

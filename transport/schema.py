@@ -573,13 +573,18 @@ class ThreadState(Record):
 def check_threads(proc: ProcessState, threads: list[ThreadState], header: ImageHeader) -> None:
     """A process's thread records together: one leader, whose tid is the process's pid; no tid
     twice; every xstate of the one size the header declares (or, in a live stream, whose header
-    comes before the threads, of one size) and holding no CPU state component it does not."""
+    comes before the threads, of one size) and holding no CPU state component it does not; the
+    thread a POSIX timer signals among them."""
     where = f"ThreadState records of process {proc.pid}"
     _check(1 <= len(threads) <= MAX_THREADS, f"{where}: {len(threads)} of them")
     leaders = [t for t in threads if t.leader]
     _check(len(leaders) == 1, f"{where}: {len(leaders)} main threads; a process has one")
     _check(leaders[0].tid == proc.pid, f"{where}: its main thread has tid {leaders[0].tid}")
     _check(len({t.tid for t in threads}) == len(threads), f"{where}: a thread id twice")
+    tids = {t.tid for t in threads}
+    for timer in proc.posix_timers:
+        _check(not timer.notify & 4 or timer.tid in tids, f"{where}: POSIX timer {timer.id} signals thread "
+               f"{timer.tid}, which the process lacks")
     size = header.xsave_size or len(threads[0].xstate)
     for t in threads:
         _check(len(t.xstate) == size, f"{where}: thread {t.tid} has an xstate of {len(t.xstate)} bytes, not {size}")
