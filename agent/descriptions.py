@@ -23,6 +23,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 from typing import TYPE_CHECKING
 
@@ -197,18 +198,26 @@ class Descriptions:
         elif f.kind == "dir":
             flags |= os.O_DIRECTORY
         fd = self._open(f, f.path, flags)
+        mode = os.fstat(fd).st_mode
+        if not _FILE_TYPES[f.kind](mode):
+            raise RestoreError(f"fd {f.fd}: {f.path} is {_file_type(mode)} here, not what the image says it "
+                               f"was ({f.kind}): copy the file to this host at the same path")
         if f.kind in ("file", "dir") and f.pos:
             os.lseek(fd, f.pos, os.SEEK_SET)
         return fd
 
     def _open(self, f: FileDesc, path: str, flags: int) -> int:
+        """Open without blocking (a FIFO at the path would wait for its other end), then with
+        the status flags the description had."""
         try:
-            fd = os.open(path, flags | os.O_CLOEXEC, 0o666)
+            fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
         except OSError as exc:
             what = f.path or f.kind
             raise RestoreError(f"cannot reopen fd {f.fd} ({what}): {exc.strerror}; the file must exist here "
                                "at the same path") from None
         self._mine.append(fd)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & SETFL_FLAGS)
         return fd
 
     def close(self) -> None:
@@ -227,6 +236,21 @@ class Descriptions:
         self._events.clear()
         self._watches.clear()
         self._taken.clear()
+
+
+# What an fd of each kind that names a path must find there. A redirect is a file the user
+# named (created if need be) or a character device (/dev/null).
+_FILE_TYPES = {"file": stat.S_ISREG, "dir": stat.S_ISDIR, "chr": stat.S_ISCHR,
+               "redirect": lambda mode: stat.S_ISREG(mode) or stat.S_ISCHR(mode)}
+
+
+def _file_type(mode: int) -> str:
+    for test, what in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "an unknown kind of file"
 
 
 def _make_event_file(e: EventFile) -> int:

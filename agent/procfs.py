@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
+from transport.schema import CHAR_DEVICES
 
 if TYPE_CHECKING:
     from precopy.layout import MapEntry
@@ -212,7 +213,7 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
         if target.startswith("/dev/pts/") or target.startswith("/dev/tty") or target == "/dev/ptmx" \
                 or target.startswith("/dev/console"):
             return None, f"a terminal ({target})"
-        if target in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"):
+        if target in CHAR_DEVICES:
             return "chr", ""
         return None, f"a device ({target})"
     if stat_mod.S_ISFIFO(st.st_mode):

@@ -25,6 +25,7 @@ import errno
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass, field, replace
@@ -91,6 +92,7 @@ from transport.schema import (
     VMA_MAYWRITE,
     Vma,
     check_objects_referenced,
+    check_threads,
 )
 
 GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
@@ -103,6 +105,7 @@ WALL = 0x40000000
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
 ZOMBIE_GRACE_S = 5.0
+ABORT_WAIT_S = 5.0           # for the threads of a killed half-built process to be reaped
 PR_SET_NAME, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_SECUREBITS = 15, 4, 8, 28
 PR_SET_MM, PR_SET_MM_MAP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 35, 14, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_SET_CHILD_SUBREAPER = 47, 2, 36
@@ -212,7 +215,7 @@ class Restorer:
         self.inj: Injector | None = None
         self.gadget = 0
         self.layout: list[Vma] = []
-        self._mapped: list[Span] = []          # the layout's ranges, merged, for bounds checks
+        self._mapped: list[Span] = []          # the layout's ranges that take pages, merged, for bounds checks
         self._mapped_starts: list[int] = []
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
@@ -427,7 +430,8 @@ class Restorer:
         for a in plan.readvise:
             self._advise(a.start, a.end, a.advice, a.before)
         self.layout = new
-        self._mapped = merge_spans((v.start, v.end) for v in new)
+        # A file mapped shared takes no pages: they would be written into the file.
+        self._mapped = merge_spans((v.start, v.end) for v in new if not (v.shared and v.kind == "file"))
         self._mapped_starts = [start for start, _ in self._mapped]
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
         self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
@@ -471,7 +475,7 @@ class Restorer:
                 self._check_file(v)
                 # A shared mapping the process may mprotect writable needs a file opened for writing.
                 mode = os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
-                fd = self._open(v.path, mode | O_CLOEXEC)
+                fd = self._open(v.path, mode | O_CLOEXEC | os.O_NONBLOCK)
                 try:
                     self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
                 finally:
@@ -506,6 +510,9 @@ class Restorer:
             st = os.stat(v.path)
         except OSError:
             raise RestoreError(f"{v.path} is mapped by the process but missing here: copy it to this host first") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RestoreError(f"{v.path} is mapped by the process but is not a regular file here: copy the "
+                               "file to this host at the same path")
         # A live migration compared contents in preflight; an image restored where it was made
         # also has the modification time to go by.
         same_host = self.header.kind == "checkpoint" and self.header.hostname == socket.gethostname()
@@ -521,7 +528,8 @@ class Restorer:
         assert self.mem is not None
         for addr, n in batch.runs:
             if not self._covered(addr, n * PAGE_SIZE):
-                raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings: corrupt image")
+                raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings, or in a file "
+                                   "mapped shared (whose pages are the file's): corrupt image")
         if self._placeholders:
             for addr, n in batch.runs:
                 for (start, end) in self._placeholders:
@@ -577,6 +585,7 @@ class Restorer:
         ``descriptions``: shared with the other processes of a tree (their pipes, sockets and
         event files are in it already); without it, this process's own are made and dropped
         here."""
+        check_threads(proc, threads, self.header)
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
             return
@@ -619,7 +628,7 @@ class Restorer:
     def _mm(self, proc: ProcessState) -> None:
         mm = proc.mm
         auxv = self._put(proc.auxv, 2048)
-        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC)
+        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
         try:
             mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                                  mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
@@ -793,7 +802,8 @@ class Restorer:
             return inj.call(name, *args)
         if t.robust_list:
             call("set_robust_list", t.robust_list, t.robust_list_len)
-        ss = struct.pack("<QiiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
+        # stack_t: ss_sp, int ss_flags (SS_AUTODISARM is its top bit: packed unsigned), padding, ss_size
+        ss = struct.pack("<QIiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
         if not t.altstack_flags & 2:     # SS_DISABLE: nothing to set
             call("sigaltstack", self._put(ss, 512), 0)
         if t.rseq_addr:
@@ -926,20 +936,32 @@ class Restorer:
         return self.pid
 
     def abort(self) -> None:
-        """Destroy the half-built process; nothing of it survives."""
+        """Destroy the half-built process; nothing of it survives.
+
+        Every thread we trace must be reaped, the leader last (its exit is reported only after
+        the others'), and the threads are whatever exists, not what the image said: a failure
+        halfway through cloning them leaves threads no table holds. So the tids come from
+        /proc as well, every round, and the waiting is bounded (``ABORT_WAIT_S``): if a thread
+        is still not reaped then, the kernel kills it with the tracer anyway (EXITKILL)."""
         if self.pid:
+            tids = _task_ids(self.pid) | set(getattr(self, "new_tids", {}).values()) | {self.pid}
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            for tid in sorted(getattr(self, "new_tids", {self.pid: self.pid}).values(), key=lambda t: t == self.pid):
-                try:
-                    while True:
-                        _, status = os.waitpid(tid, ptrace.WALL)
-                        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                            break
-                except ChildProcessError:
-                    pass
+            deadline = time.monotonic() + ABORT_WAIT_S
+            while tids and time.monotonic() < deadline:
+                tids |= _task_ids(self.pid)
+                for tid in sorted(tids, key=lambda t: t == self.pid):
+                    try:
+                        got, status = os.waitpid(tid, ptrace.WALL | os.WNOHANG)
+                    except ChildProcessError:
+                        tids.discard(tid)
+                        continue
+                    if got and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                        tids.discard(tid)
+                if tids:
+                    time.sleep(0.001)
         self.close()
 
     def _stop_filling(self) -> None:
@@ -1000,6 +1022,14 @@ def _state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def _task_ids(pid: int) -> set[int]:
+    """The threads of ``pid`` that are still there."""
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except OSError:
+        return set()
 
 
 def _holder(tid: int) -> str:

@@ -62,7 +62,7 @@ from transport.schema import (
 
 def example_records() -> dict[type[Record], Record]:
     """One valid, non-trivial instance of every record type (add one for each new type)."""
-    regs = GpRegs.from_tuple(tuple(range(1, 28)))
+    regs = dataclasses.replace(GpRegs.from_tuple(tuple(range(1, 28))), cs=0x33, ss=0x2B, ds=0, es=0, fs=0, gs=0)
     mm = MmFields(0x400000, 0x401000, 0x600000, 0x601000, 0x602000, 0x603000, 0x7FFC0000_0000,
                   0x7FFC0000_1000, 0x7FFC0000_1100, 0x7FFC0000_1100, 0x7FFC0000_1200)
     records: list[Record] = [
@@ -74,7 +74,7 @@ def example_records() -> dict[type[Record], Record]:
                                              (1 << 41) - 1, 0, 0, False),
                      rlimits=(Rlimit(7, 1024, 4096),), mm=mm, auxv=bytes(32),
                      sigactions=(SigAction(2, 0x401234, 0x4000000, 0x401000, 0),),
-                     itimers=(ITimer(0, 0, 1000),), shared_pending=(bytes(128),), child_subreaper=1),
+                     itimers=(ITimer(0, 0, 1000),), shared_pending=((10).to_bytes(4, "little") + bytes(124),), child_subreaper=1),
         Mappings(vmas=(Vma(0x400000, 0x401000, 5, False, "file", "/usr/bin/python3", 0, file_size=4096),
                        Vma(0x7FFC0000_0000, 0x7FFC0002_0000, 3, False, "stack", growsdown=True))),
         Files(fds=(FileDesc(0, "chr", "/dev/null", 0o2, 0), FileDesc(3, "file", "/srv/log", 0o2001, 77, 77, 5, desc=4),

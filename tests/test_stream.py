@@ -29,7 +29,7 @@ async def test_records_and_batches_arrive_in_order(level: Any) -> None:
     for i in range(40):
         sent.append(page_batch(64 + i, seed=i, fill="mixed" if i % 2 else "random"))
         if i % 5 == 0:
-            sent.append(Progress(i, {"i": i}))
+            sent.append(Progress(i + 1, {"i": i}))   # request ids start at 1
     async with FramedStream(a, level=level) as fa, FramedStream(b) as fb:
         async def send() -> None:
             for item in sent:

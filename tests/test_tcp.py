@@ -16,12 +16,14 @@ from transport.rpc import open_rpc, serve_rpc
 from transport.tcp import (
     DATA_MAGIC,
     LEN,
+    MAX_OPENINGS,
     MAX_PLAIN,
     OFFER_AES_GCM,
     OFFER_CHACHA,
     RANDOM_SIZE,
     TAG_SIZE,
     DataListener,
+    our_offer,
     SealedStream,
     _client_handshake,
     connect_data_channel,
@@ -209,6 +211,52 @@ async def test_an_oversized_record_length_is_dropped_unread() -> None:
                     pass
             await trio.testing.wait_all_tasks_blocked()
     assert len(server.served) == 1 and "record length" in str(server.served[0])
+
+
+async def _closed_by_peer(stream: trio.SocketStream, within: float = 5) -> None:
+    with trio.fail_after(within):
+        try:
+            while await stream.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+
+
+async def test_before_the_key_is_proved_a_long_record_is_dropped_unread() -> None:
+    """A stranger's first record may be no longer than the confirmation it must hold: a claim of
+    a megabyte closes the connection at once, before the listener reads (or allocates) it."""
+    async with data_server(new_key()) as server:
+        raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with raw:
+            await raw.send_all(DATA_MAGIC + bytes(RANDOM_SIZE) + bytes([our_offer()]))
+            await raw.send_all(LEN.pack(1 << 20) + bytes(100))
+            await _closed_by_peer(raw)
+        await trio.testing.wait_all_tasks_blocked()
+    assert server.served == [] and server.listener.rejected == 1
+    assert "does not hold this migration's key" in server.listener.last_rejection
+
+
+async def test_openings_beyond_the_limit_are_closed_and_the_rest_still_served() -> None:
+    key = new_key()
+    async with data_server(key) as server:
+        stalled = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(MAX_OPENINGS)]
+        try:
+            with trio.fail_after(5):
+                while server.listener.opening < MAX_OPENINGS:
+                    await trio.sleep(0.01)
+            extra = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with extra:
+                await _closed_by_peer(extra, within=2)      # well before HANDSHAKE_TIMEOUT
+            assert "opening already" in server.listener.last_rejection
+        finally:
+            for stream in stalled:
+                await stream.aclose()
+        with trio.fail_after(5):
+            while server.listener.opening:
+                await trio.sleep(0.01)
+        async with open_data_channel("127.0.0.1", server.port, key=key) as rpc:
+            assert await rpc.call("ping") is not None
+    assert server.listener.rejected == MAX_OPENINGS + 1
 
 
 async def test_a_record_cut_short_is_truncation() -> None:

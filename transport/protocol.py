@@ -28,11 +28,11 @@ import os
 import platform
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from transport.errors import IncompatibleImage, MigrationError, PeerGone, ProtocolError, TransportTimeout
-from transport.records import Record
-from transport.schema import FORMAT_VERSION, register
+from transport.records import MAX_STR, U32, U64, Count, Int, NonNegI64, Record, Text, check
+from transport.schema import FORMAT_VERSION, PID_MAX_LIMIT, Name, register
 
 if TYPE_CHECKING:
     from transport.stream import FramedStream
@@ -70,9 +70,10 @@ def _netns_inode() -> int:
         return 0
 
 
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise ProtocolError(f"invalid record: {what}")
+_check = check
+
+RequestId = Annotated[int, Int(1, (1 << 63) - 1, "a request id")]
+Word = Annotated[str, Text(64)]        # roles, features, method names, error codes, phases
 
 
 @dataclass(frozen=True)
@@ -80,34 +81,34 @@ class Hello(Record):
     """Each side's first record on a live stream."""
 
     TYPE = 32
-    protocol_version: int
-    tool_version: str
-    role: str
-    features: tuple[str, ...]
-    hostname: str
-    kernel_release: str
-    arch: str
-    format_version: int = FORMAT_VERSION
-    xsave_mask: int = 0
-    netns_inode: int = 0
-    pid: int = 0
-    window: int = DEFAULT_WINDOW     # raw page bytes this side accepts before it credits them
+    protocol_version: U32
+    tool_version: Name
+    role: Word
+    features: Annotated[tuple[Word, ...], Count(64)]
+    hostname: Name
+    kernel_release: Name
+    arch: Word
+    format_version: U32 = FORMAT_VERSION
+    xsave_mask: U64 = 0
+    netns_inode: U64 = 0
+    pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid")] = 0
+    window: Annotated[int, Int(0, MAX_WINDOW, "a page window")] = DEFAULT_WINDOW   # raw page bytes this
+                                     # side accepts before it credits them
 
     def validate(self) -> None:
-        _check(len(self.features) <= 64, "too many features")
-        _check(self.window == 0 or MIN_WINDOW <= self.window <= MAX_WINDOW, f"page window {self.window}")
+        _check(self.window == 0 or MIN_WINDOW <= self.window, f"page window {self.window}")
 
 
 @dataclass(frozen=True)
 class ErrorInfo:
     """An error as it crosses the wire: ``MigrationError.to_wire()`` as a record field."""
 
-    code: str
-    errno: int
-    message: str
-    phase: str = ""
-    pid: int = -1
-    host: str = ""
+    code: Word
+    errno: Annotated[int, Int(0, 4095, "an errno")]
+    message: Annotated[str, Text(MAX_STR)]
+    phase: Word = ""
+    pid: Annotated[int, Int(-1, PID_MAX_LIMIT - 1, "a pid or -1")] = -1
+    host: Name = ""
 
     @classmethod
     def of(cls, exc: MigrationError) -> ErrorInfo:
@@ -122,20 +123,19 @@ class ErrorInfo:
 @dataclass(frozen=True)
 class Request(Record):
     TYPE = 33
-    id: int
-    method: str
+    id: RequestId
+    method: Word
     args: dict[str, Any] = field(default_factory=dict)
     upload: bool = False     # the caller sends a page stream with this request
 
     def validate(self) -> None:
-        _check(0 < self.id < 1 << 63, f"request id {self.id}")
-        _check(0 < len(self.method) <= 64, "method name")
+        _check(bool(self.method), "no method name")
 
 
 @dataclass(frozen=True)
 class Response(Record):
     TYPE = 34
-    id: int
+    id: RequestId
     ok: bool
     result: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
@@ -147,46 +147,43 @@ class Response(Record):
 @dataclass(frozen=True)
 class Cancel(Record):
     TYPE = 35
-    id: int
+    id: RequestId
 
 
 @dataclass(frozen=True)
 class Progress(Record):
     TYPE = 36
-    id: int
+    id: RequestId
     fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PagesBegin(Record):
     TYPE = 37
-    id: int
+    id: RequestId
     reply: bool = False      # pages answering a request of the receiver (else: an upload)
 
 
 @dataclass(frozen=True)
 class PagesEnd(Record):
     TYPE = 38
-    id: int
-    batches: int
-    pages: int
-    bytes_raw: int
+    id: RequestId
+    batches: NonNegI64
+    pages: NonNegI64
+    bytes_raw: NonNegI64
     reply: bool = False
 
 
 @dataclass(frozen=True)
 class Credit(Record):
     TYPE = 39
-    bytes: int
-
-    def validate(self) -> None:
-        _check(0 < self.bytes <= 1 << 48, f"credit of {self.bytes} bytes")
+    bytes: Annotated[int, Int(1, 1 << 48, "a credit")]
 
 
 @dataclass(frozen=True)
 class Bye(Record):
     TYPE = 40
-    reason: str = ""
+    reason: Annotated[str, Text(4096)] = ""
 
 
 LIVE_RECORDS: tuple[type[Record], ...] = (Hello, Request, Response, Cancel, Progress, PagesBegin,

@@ -4,15 +4,27 @@ A record on the wire is a map ``{"t": type id, "v": record version, <field>: <va
 Decoding is driven by the dataclass's type hints and checks every value's type and size
 before anything is built from it; fields a newer writer added are ignored, fields with
 defaults may be absent. A ``dict[str, Any]`` field holds plain values only (None, bool, int,
-float, str, bytes, lists and string-keyed maps of them), bounded like everything else. The concrete records and their type-id table live in
-``transport.schema``.
+float, str, bytes, lists and string-keyed maps of them), bounded like everything else. The
+concrete records and their type-id table live in ``transport.schema``.
+
+Every field says what it may hold, in its type: an integer is ``Annotated[int, Int(lo, hi)]``
+(the aliases ``U8`` ... ``I64`` are the C types; the schema adds pids, user addresses, ...), a
+string ``Annotated[str, Text(n)]`` (``AbsPath()`` where it becomes a path: absolute, no NUL,
+at most PATH_MAX bytes),
+bytes ``Annotated[bytes, Blob(n)]``, a list ``Annotated[tuple[X, ...], Count(n)]``.
+Decoding checks each before the value is used (a list's length before its items), and a
+dataclass's ``validate`` (checks across fields) once its fields are in; every failure is a
+``ProtocolError`` naming the record and the field (``ThreadState.regs.gs_base: ...``).
+``tests/test_protocol.py`` checks that every field of every record type is bounded this way.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
+from collections.abc import Sized
+from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 import msgpack
 
@@ -25,7 +37,113 @@ MAX_DEPTH = 16          # nesting of plain maps (``dict[str, Any]`` fields)
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 64) - 1
 
+PATH_MAX = 4096            # bytes of a path the kernel takes, its NUL included
+
 R = TypeVar("R", bound="Record")
+
+
+class Invalid(ProtocolError):
+    """A ``validate`` check failed; decoding adds the record and field it concerns."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"invalid record: {what}")
+        self.what = what
+
+
+def check(cond: bool, what: str) -> None:
+    """For ``validate`` methods: ``what`` names the value and what is wrong with it."""
+    if not cond:
+        raise Invalid(what)
+
+
+# --- bounds: what a field may hold ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+    """An integer field's range, both ends included; ``what`` names it in errors."""
+
+    lo: int
+    hi: int
+    what: str = ""
+
+    def check(self, value: int, where: str) -> None:
+        if not self.lo <= value <= self.hi:
+            raise _fail(where, f"{_num(value)} is out of range for {self.what or 'this field'} "
+                               f"({_num(self.lo)}..{_num(self.hi)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """A string of at most ``max_len`` characters."""
+
+    max_len: int
+
+    def check(self, value: Sized, where: str) -> None:
+        if len(value) > self.max_len:
+            raise _fail(where, f"string of {len(value)} characters, more than {self.max_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsPath:
+    """A string that becomes a path: absolute, no NUL, encodable, at most PATH_MAX bytes;
+    empty only where ``optional``."""
+
+    optional: bool = False
+
+    def check(self, value: str, where: str) -> None:
+        if not value and self.optional:
+            return
+        try:
+            size = len(value.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            raise _fail(where, "a path that is not a file name") from None
+        if size >= PATH_MAX:
+            raise _fail(where, f"a path of {size} bytes, at least PATH_MAX ({PATH_MAX})")
+        if not value.startswith("/") or "\0" in value:
+            raise _fail(where, f"{value[:64]!r} is not an absolute path")
+
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    """Bytes, between ``min_len`` and ``max_len`` long (0 allowed also where ``empty``)."""
+
+    max_len: int
+    min_len: int = 0
+    empty: bool = False
+
+    def check(self, value: Sized, where: str) -> None:
+        if not (self.min_len <= len(value) <= self.max_len or (self.empty and not value)):
+            raise _fail(where, f"{len(value)} bytes; must be {self.min_len}..{self.max_len}"
+                               + (" or none" if self.empty else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """A list of at most ``max_items`` items (checked before any item is decoded)."""
+
+    max_items: int
+    min_items: int = 0
+
+    def check(self, value: Sized, where: str) -> None:
+        if not self.min_items <= len(value) <= self.max_items:
+            raise _fail(where, f"{len(value)} items; must be {self.min_items}..{self.max_items}")
+
+
+Bound = Int | Text | AbsPath | Blob | Count
+
+# The C types. Wider values do not fit where the kernel takes them (a struct, a register).
+U8 = Annotated[int, Int(0, (1 << 8) - 1, "a u8")]
+U16 = Annotated[int, Int(0, (1 << 16) - 1, "a u16")]
+U32 = Annotated[int, Int(0, (1 << 32) - 1, "a u32")]
+U64 = Annotated[int, Int(0, (1 << 64) - 1, "a u64")]
+I32 = Annotated[int, Int(-(1 << 31), (1 << 31) - 1, "an i32")]
+I64 = Annotated[int, Int(-(1 << 63), (1 << 63) - 1, "an i64")]
+NonNegI64 = Annotated[int, Int(0, (1 << 63) - 1, "a non-negative i64")]
+Flag = Annotated[int, Int(0, 1, "a 0/1 flag")]
+
+
+def _num(value: int) -> str:
+    return f"{value:#x}" if abs(value) >= 1 << 16 else str(value)
 
 
 class Record:
@@ -43,12 +161,11 @@ class Record:
 
     @classmethod
     def from_wire(cls: type[R], body: dict[str, Any]) -> R:
-        rec = _decode_dataclass(cls, body, cls.__name__)
-        rec.validate()
+        rec: R = _decode_dataclass(cls, body, cls.__name__)
         return rec
 
     def validate(self) -> None:
-        """Semantic checks beyond types (bounds, alignment). Raise ProtocolError."""
+        """Checks across fields (alignment, order, references); fail with ``check``."""
 
 
 def _encode_value(value: Any) -> Any:
@@ -73,7 +190,7 @@ _HINTS: dict[type, dict[str, Any]] = {}
 def _hints(cls: type) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = get_type_hints(cls)
+        hints = get_type_hints(cls, include_extras=True)
         _HINTS[cls] = hints
     return hints
 
@@ -84,6 +201,17 @@ def _fail(where: str, what: str) -> ProtocolError:
 
 def _decode_value(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, *bounds = get_args(tp)
+        for bound in bounds:
+            # A list's or string's length before its items are decoded (a wrong type fails below).
+            if isinstance(bound, (Count, Blob, Text)) and isinstance(value, (list, tuple, bytes, str)):
+                bound.check(value, where)
+        decoded = _decode_value(base, value, where)
+        for bound in bounds:
+            if isinstance(bound, (Int, AbsPath)):
+                bound.check(decoded, where)
+        return decoded
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -105,6 +233,8 @@ def _decode_value(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(where, f"expected a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise _fail(where, "a number that is not finite")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -182,4 +312,42 @@ def _decode_dataclass(cls: type, body: dict[str, Any], where: str) -> Any:
             kwargs[f.name] = _decode_value(hints[f.name], body[f.name], f"{where}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise _fail(where, f"missing field {f.name!r}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except Invalid as exc:
+            raise _fail(where, exc.what) from None
+    return obj
+
+
+def unbounded_fields(cls: type, where: str = "") -> list[str]:
+    """Fields of ``cls`` (and of the dataclasses in it) whose type does not bound them: every
+    integer, string, bytes and list of a record must say what it may hold."""
+    out: list[str] = []
+    for name, tp in _hints(cls).items():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            out += _unbounded(tp, f"{where or cls.__name__}.{name}")
+    return out
+
+
+def _unbounded(tp: Any, where: str, bounds: tuple[Any, ...] = ()) -> list[str]:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *more = get_args(tp)
+        return _unbounded(base, where, bounds + tuple(more))
+    if origin in (typing.Union, types.UnionType):
+        return [w for arg in get_args(tp) if arg is not type(None) for w in _unbounded(arg, where, bounds)]
+    need = {int: (Int,), str: (Text, AbsPath), bytes: (Blob,)}.get(tp)
+    if need is not None:
+        return [] if any(isinstance(b, need) for b in bounds) else [where]
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            own = [] if any(isinstance(b, Count) for b in bounds) else [f"{where} (its length)"]
+            return own + _unbounded(args[0], f"{where}[]")
+        return [w for i, a in enumerate(args) for w in _unbounded(a, f"{where}[{i}]")]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return unbounded_fields(tp, where)
+    return []      # bool, float, plain maps (bounded as they are decoded)

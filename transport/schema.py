@@ -4,16 +4,40 @@ Every record has a type id in ``RECORD_TYPES``; ids are never reused, new fields
 and go last. ``FORMAT_VERSION`` sits in the image header (and, for live streams, in the
 handshake). Page contents never travel inside records: they go in page frames
 (``transport.pages``) beside them.
+
+Images and live streams are untrusted: every field's type bounds it (``transport.records``:
+integers to their C type or tighter, pids below PID_MAX_LIMIT, addresses below TASK_SIZE,
+strings and lists bounded, paths absolute), and ``validate`` checks what spans fields. Checks
+across records (one leader per process, xstate sizes against the header) are
+``check_threads`` and ``check_objects_referenced``, run where the records come together.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgpack
 
 from transport.errors import ProtocolError
-from transport.records import Record
+from transport.records import (
+    I32,
+    I64,
+    MAX_BYTES,
+    MAX_ITEMS,
+    MAX_STR,
+    U16,
+    U32,
+    U64,
+    AbsPath,
+    Blob,
+    Count,
+    Flag,
+    Int,
+    NonNegI64,
+    Record,
+    Text,
+    check,
+)
 
 # 1: the first format. 2: images may be signed (TAG frames, ``transport.signing``) and the
 # header names the signing key (``ImageHeader.key_id``); a version 1 image reads as unsigned.
@@ -26,8 +50,30 @@ MAX_VMAS = 1 << 18          # well above vm.max_map_count's default of 65530
 MAX_FDS = 1 << 20
 MAX_THREADS = 1 << 15
 MAX_XSTATE = 1 << 16
+XSAVE_MIN = 576             # the legacy area and the XSAVE header: the least an xstate holds
 SIGINFO_SIZE = 128
 NSIG = 64
+PID_MAX_LIMIT = 1 << 22     # no pid or tid reaches it, whatever kernel.pid_max says
+CAP_LAST_CAP = 40           # CAP_CHECKPOINT_RESTORE, the highest capability Linux knows
+NGROUPS_MAX = 1 << 16
+MAX_PENDING = 4096          # queued siginfos per thread or process (RLIMIT_SIGPENDING is lower)
+VSYSCALL_START = 0xFFFF_FFFF_FF60_0000
+ROBUST_LIST_HEAD_SIZE = 24  # sizeof(struct robust_list_head): set_robust_list takes nothing else
+
+# What the fields of the records below may hold (``transport.records`` checks while decoding).
+Pid = Annotated[int, Int(1, PID_MAX_LIMIT - 1, "a pid")]
+UserAddr = Annotated[int, Int(0, TASK_SIZE, "a user-space address")]
+TlsBase = Annotated[int, Int(0, TASK_SIZE - 1, "an fs or gs base (a user-space address)")]
+SigNo = Annotated[int, Int(1, NSIG, "a signal number")]
+Fd = Annotated[int, Int(0, MAX_FDS - 1, "an fd number")]
+# set*id() take -1 (0xffffffff) for "leave it as it is": a process never has that id.
+Id = Annotated[int, Int(0, (1 << 32) - 2, "a uid or gid")]
+CapSet = Annotated[int, Int(0, (1 << (CAP_LAST_CAP + 1)) - 1, "a capability set")]
+Siginfo = Annotated[bytes, Blob(SIGINFO_SIZE, SIGINFO_SIZE)]
+ObjectId = Annotated[int, Int(1, (1 << 64) - 1, "an object id")]
+Comm = Annotated[str, Text(63)]
+Name = Annotated[str, Text(255)]
+Offset = NonNegI64          # file offsets and sizes (off_t)
 
 # The x86_64 user_regs_struct, in kernel order.
 GP_REG_NAMES: tuple[str, ...] = (
@@ -37,13 +83,15 @@ GP_REG_NAMES: tuple[str, ...] = (
 )
 
 
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise ProtocolError(f"invalid record: {what}")
+_check = check
 
 
 def _user_addr(addr: int) -> bool:
     return 0 <= addr <= TASK_SIZE
+
+
+def _signo(info: bytes) -> int:
+    return int.from_bytes(info[:4], "little", signed=True)
 
 
 # --- the image header ---------------------------------------------------------------------
@@ -53,50 +101,55 @@ class ImageHeader(Record):
     """First record of every image and live stream: who wrote it, for what machine."""
 
     TYPE = 1
-    format_version: int
-    tool_version: str
-    kernel_release: str
-    arch: str
-    page_size: int
-    xsave_mask: int          # XCR0 features present in the dumped xstate
-    xsave_size: int          # bytes of the XSAVE area as dumped
-    hostname: str
+    format_version: U32
+    tool_version: Name
+    kernel_release: Name
+    arch: Annotated[str, Text(32)]
+    page_size: U32
+    xsave_mask: U64          # XCR0 features present in the dumped xstate
+    xsave_size: Annotated[int, Int(0, MAX_XSTATE, "an XSAVE area size")]   # bytes of the XSAVE
+                             # area as dumped; 0 in a live stream (its threads come later)
+    hostname: Name
     created_unix: float
-    pid: int
-    kind: str                # "checkpoint" or "live"
-    key_id: str = ""         # format 2: the id of the key that signed the image ("": unsigned)
+    pid: Pid
+    kind: Annotated[str, Text(16)]        # "checkpoint" or "live"
+    key_id: Annotated[str, Text(64)] = ""   # format 2: the id of the key that signed the image ("": unsigned)
+
+    def validate(self) -> None:
+        _check(self.kind in ("checkpoint", "live"), f"kind {self.kind!r}")
+        _check(self.xsave_size == 0 or self.xsave_size >= XSAVE_MIN, f"xsave_size {self.xsave_size}")
 
 
 # --- process-wide state -------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Creds:
-    uids: tuple[int, int, int, int]      # real, effective, saved, filesystem
-    gids: tuple[int, int, int, int]
-    groups: tuple[int, ...]
-    cap_inheritable: int
-    cap_permitted: int
-    cap_effective: int
-    cap_bounding: int
-    cap_ambient: int
-    securebits: int
+    uids: tuple[Id, Id, Id, Id]      # real, effective, saved, filesystem
+    gids: tuple[Id, Id, Id, Id]
+    groups: Annotated[tuple[Id, ...], Count(NGROUPS_MAX)]
+    cap_inheritable: CapSet
+    cap_permitted: CapSet
+    cap_effective: CapSet
+    cap_bounding: CapSet
+    cap_ambient: CapSet
+    securebits: Annotated[int, Int(0, 0xFFFF, "securebits")]
     no_new_privs: bool
 
 
 @dataclass(frozen=True)
 class SigAction:
-    signo: int
-    handler: int             # 0 = SIG_DFL, 1 = SIG_IGN, else an address
-    flags: int
-    restorer: int
-    mask: int
+    signo: SigNo
+    handler: UserAddr        # 0 = SIG_DFL, 1 = SIG_IGN, else an address
+    flags: U64
+    restorer: UserAddr
+    mask: U64
 
 
 @dataclass(frozen=True)
 class ITimer:
-    which: int               # ITIMER_REAL / VIRTUAL / PROF
-    interval_us: int
-    value_us: int
+    which: Annotated[int, Int(0, 2, "an interval timer")]     # ITIMER_REAL / VIRTUAL / PROF
+    interval_us: NonNegI64
+    value_us: NonNegI64
 
 
 @dataclass(frozen=True)
@@ -104,14 +157,20 @@ class PosixTimer:
     """A timer_create() timer: restored under its id, with the time left to its next expiry
     (the clock stops while the process is frozen, as for every timer it has)."""
 
-    id: int
-    clockid: int
-    signo: int               # the signal it sends (notify "signal")
-    sigval: int              # sigev_value, as the process gave it
-    notify: int              # SIGEV_SIGNAL 0, SIGEV_NONE 1, | SIGEV_THREAD_ID 4
-    tid: int                 # SIGEV_THREAD_ID: the thread it signals
-    value_ns: int            # time left (0: disarmed)
-    interval_ns: int
+    id: Annotated[int, Int(0, (1 << 31) - 1, "a timer id")]
+    clockid: Annotated[int, Int(0, 15, "a clock id")]
+    signo: I32               # the signal it sends (notify "signal"; SIGEV_NONE keeps what it was given)
+    sigval: U64              # sigev_value, as the process gave it
+    notify: Annotated[int, Int(0, 4, "a timer notification")]   # SIGEV_SIGNAL 0, SIGEV_NONE 1,
+                             # | SIGEV_THREAD_ID 4
+    tid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a tid or 0")]   # SIGEV_THREAD_ID: the thread it signals
+    value_ns: NonNegI64      # time left (0: disarmed)
+    interval_ns: NonNegI64
+
+    def validate(self) -> None:
+        _check(self.notify in SIGEV_NOTIFY, f"POSIX timer {self.id}: notification {self.notify}")
+        _check(self.notify == 1 or 1 <= self.signo <= NSIG, f"POSIX timer {self.id}: signal {self.signo}")
+        _check(self.notify != 4 or self.tid > 0, f"POSIX timer {self.id}: no thread to signal")
 
 
 SIGEV_NOTIFY = (0, 1, 4)     # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's SIGEV_THREAD is one)
@@ -119,24 +178,32 @@ SIGEV_NOTIFY = (0, 1, 4)     # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc'
 
 @dataclass(frozen=True)
 class Rlimit:
-    resource: int
-    soft: int
-    hard: int
+    resource: Annotated[int, Int(0, 15, "a resource limit")]
+    soft: U64
+    hard: U64
+
+    def validate(self) -> None:
+        _check(self.soft <= self.hard, f"resource limit {self.resource}: soft limit above the hard one")
 
 
 @dataclass(frozen=True)
 class MmFields:
-    start_code: int
-    end_code: int
-    start_data: int
-    end_data: int
-    start_brk: int
-    brk: int
-    start_stack: int
-    arg_start: int
-    arg_end: int
-    env_start: int
-    env_end: int
+    start_code: UserAddr
+    end_code: UserAddr
+    start_data: UserAddr
+    end_data: UserAddr
+    start_brk: UserAddr
+    brk: UserAddr
+    start_stack: UserAddr
+    arg_start: UserAddr
+    arg_end: UserAddr
+    env_start: UserAddr
+    env_end: UserAddr
+
+    def validate(self) -> None:
+        for start, end in (("start_code", "end_code"), ("start_data", "end_data"), ("start_brk", "brk"),
+                           ("arg_start", "arg_end"), ("env_start", "env_end")):
+            _check(getattr(self, start) <= getattr(self, end), f"{start} above {end}")
 
 
 @dataclass(frozen=True)
@@ -144,49 +211,35 @@ class ProcessState(Record):
     """Everything the process owns as a whole (threads, memory and files are separate)."""
 
     TYPE = 2
-    pid: int
-    exe: str
-    cwd: str
-    root: str
-    umask: int
-    personality: int
-    dumpable: int
+    pid: Pid
+    exe: Annotated[str, AbsPath()]
+    cwd: Annotated[str, AbsPath()]
+    root: Annotated[str, AbsPath(optional=True)]
+    umask: Annotated[int, Int(0, 0o777, "a umask")]
+    # personality(0xffffffff) only asks for the current one
+    personality: Annotated[int, Int(0, (1 << 32) - 2, "a personality")]
+    dumpable: Annotated[int, Int(0, 2, "a dumpable mode")]
     creds: Creds
-    rlimits: tuple[Rlimit, ...]
+    rlimits: Annotated[tuple[Rlimit, ...], Count(16)]
     mm: MmFields
-    auxv: bytes
-    sigactions: tuple[SigAction, ...]
-    itimers: tuple[ITimer, ...]
-    shared_pending: tuple[bytes, ...]   # siginfo_t, SIGINFO_SIZE bytes each
-    child_subreaper: int = 0
-    oom_score_adj: int = 0
-    thp_disable: int = 0     # prctl(PR_SET_THP_DISABLE)
-    lock_future: int = 0     # mlockall(MCL_FUTURE): mappings to come are locked
-    posix_timers: tuple[PosixTimer, ...] = ()
+    auxv: Annotated[bytes, Blob(4096)]
+    sigactions: Annotated[tuple[SigAction, ...], Count(NSIG)]
+    itimers: Annotated[tuple[ITimer, ...], Count(3)]
+    shared_pending: Annotated[tuple[Siginfo, ...], Count(MAX_PENDING)]   # siginfo_t each
+    child_subreaper: Flag = 0
+    oom_score_adj: Annotated[int, Int(-1000, 1000, "an oom_score_adj")] = 0
+    thp_disable: Flag = 0    # prctl(PR_SET_THP_DISABLE)
+    lock_future: Flag = 0    # mlockall(MCL_FUTURE): mappings to come are locked
+    posix_timers: Annotated[tuple[PosixTimer, ...], Count(1 << 16)] = ()
 
     def validate(self) -> None:
-        _check(len(self.sigactions) <= NSIG, "too many sigactions")
-        for sa in self.sigactions:
-            _check(1 <= sa.signo <= NSIG, f"signal number {sa.signo}")
+        _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
+        _check(len({it.which for it in self.itimers}) == len(self.itimers), "an interval timer twice")
+        _check(len({rl.resource for rl in self.rlimits}) == len(self.rlimits), "a resource limit twice")
         for info in self.shared_pending:
-            _check(len(info) == SIGINFO_SIZE, "siginfo size")
-        _check(len(self.shared_pending) <= 4096, "too many pending signals")
-        _check(len(self.auxv) % 16 == 0 and len(self.auxv) <= 4096, "auxv size")
-        _check(0 <= self.umask <= 0o777, "umask")
-        for rl in self.rlimits:
-            _check(0 <= rl.resource < 16, f"rlimit resource {rl.resource}")
-        for name in ("start_brk", "brk", "arg_start", "arg_end", "env_start", "env_end", "start_stack"):
-            _check(_user_addr(getattr(self.mm, name)), f"mm.{name} out of user space")
-        _check(self.exe.startswith("/") and self.cwd.startswith("/"), "exe and cwd must be absolute")
-        _check(-1000 <= self.oom_score_adj <= 1000 and self.thp_disable in (0, 1), "oom_score_adj or THP flag")
-        _check(len(self.posix_timers) <= 1 << 16, "too many POSIX timers")
-        ids: set[int] = set()
-        for t in self.posix_timers:
-            _check(0 <= t.id < 1 << 31 and t.id not in ids and 0 <= t.clockid < 16 and t.notify in SIGEV_NOTIFY
-                   and (t.notify == 1 or 1 <= t.signo <= NSIG) and 0 <= t.sigval < 1 << 64
-                   and (t.notify != 4 or 0 < t.tid < 1 << 22) and t.value_ns >= 0 and t.interval_ns >= 0,
-                   f"POSIX timer {t.id}")
-            ids.add(t.id)
+            _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
+        _check(len(self.auxv) % 16 == 0, f"auxv of {len(self.auxv)} bytes (pairs of 8-byte words)")
+        _check(len({t.id for t in self.posix_timers}) == len(self.posix_timers), "a POSIX timer id twice")
 
 
 # --- memory layout ------------------------------------------------------------------------
@@ -205,18 +258,19 @@ VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE = 64, 128, 256
 
 @dataclass(frozen=True)
 class Vma:
-    start: int
-    end: int
-    prot: int
+    start: U64               # below TASK_SIZE (``Mappings.validate``) but for the vsyscall page
+    end: U64
+    prot: Annotated[int, Int(0, 7, "a mapping protection")]
     shared: bool
-    kind: str
-    path: str = ""           # file-backed mappings only
-    pgoff: int = 0           # offset into the file (or shared memory object), bytes
+    kind: Annotated[str, Text(16)]
+    path: Annotated[str, AbsPath(optional=True)] = ""     # file-backed mappings only
+    pgoff: Offset = 0        # offset into the file (or shared memory object), bytes
     growsdown: bool = False
-    advice: int = 0
-    file_size: int = -1      # size of the file when dumped, to detect a changed file
-    file_mtime_ns: int = 0
-    ino: int = 0             # the file's or shared memory object's inode on the source host (0: none):
+    advice: Annotated[int, Int(0, 511, "mapping advice")] = 0
+    file_size: Annotated[int, Int(-1, (1 << 63) - 1, "a file size or -1")] = -1  # size of the file when
+                             # dumped, to detect a changed file
+    file_mtime_ns: I64 = 0
+    ino: U64 = 0             # the file's or shared memory object's inode on the source host (0: none):
                              # tells a new object mapped at the same place from the one before
 
     @property
@@ -229,21 +283,27 @@ class Mappings(Record):
     """The whole address space layout, sorted by address."""
 
     TYPE = 3
-    vmas: tuple[Vma, ...]
+    vmas: Annotated[tuple[Vma, ...], Count(MAX_VMAS)]
 
     def validate(self) -> None:
-        _check(len(self.vmas) <= MAX_VMAS, "too many mappings")
         prev_end = 0
+        special: set[str] = set()
         for v in self.vmas:
             _check(v.kind in VMA_KINDS, f"mapping kind {v.kind!r}")
+            if v.kind in ("vdso", "vvar", "vvar_vclock", "vsyscall"):
+                _check(v.kind not in special, f"a second [{v.kind}] mapping")
+                special.add(v.kind)
             if v.kind == "vsyscall":
-                continue  # fixed kernel address above user space, never restored
+                # The kernel's fixed page above user space, never restored.
+                _check(v.start == VSYSCALL_START and v.end == VSYSCALL_START + PAGE_SIZE,
+                       f"a [vsyscall] mapping at {v.start:#x}")
+                continue
             _check(v.start % PAGE_SIZE == 0 and v.end % PAGE_SIZE == 0, f"unaligned mapping {v.start:#x}")
             _check(v.start < v.end and _user_addr(v.end), f"mapping {v.start:#x}-{v.end:#x} out of user space")
             _check(v.start >= prev_end, f"overlapping mapping at {v.start:#x}")
-            _check(0 <= v.prot <= 7, "mapping protection")
-            _check(v.pgoff >= 0 and v.pgoff % PAGE_SIZE == 0, "mapping file offset")
-            _check(v.kind != "file" or v.path.startswith("/"), "file mapping without an absolute path")
+            _check(v.pgoff % PAGE_SIZE == 0, f"mapping at {v.start:#x}: file offset {v.pgoff:#x} not page-aligned")
+            _check(v.pgoff + (v.end - v.start) < 1 << 63, f"mapping at {v.start:#x}: file offset {v.pgoff:#x}")
+            _check(v.kind != "file" or bool(v.path), f"file mapping at {v.start:#x} without a path")
             prev_end = v.end
 
 
@@ -252,6 +312,9 @@ class Mappings(Record):
 EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
 OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
+# The character devices an fd may be carried on (agent.procfs refuses the others): opening a
+# device can have effects of its own, so an image that names another one is refused too.
+CHAR_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
@@ -263,34 +326,33 @@ class FileDesc:
     file the user named to take the place of what the fd referred to ("redirect", with
     ``--redirect FD=PATH``)."""
 
-    fd: int
-    kind: str
-    path: str
-    flags: int               # open flags as /proc/PID/fdinfo shows them (octal there)
-    pos: int
-    size: int = -1
-    mtime_ns: int = 0
-    desc: int = 0            # fds with the same non-zero ``desc`` share one open file description
+    fd: Fd
+    kind: Annotated[str, Text(16)]
+    path: Annotated[str, AbsPath(optional=True)]
+    flags: Annotated[int, Int(0, (1 << 31) - 1, "open flags")]   # as /proc/PID/fdinfo shows them
+                             # (octal there)
+    pos: Offset
+    size: Annotated[int, Int(-1, (1 << 63) - 1, "a file size or -1")] = -1
+    mtime_ns: I64 = 0
+    desc: U64 = 0            # fds with the same non-zero ``desc`` share one open file description
                              # (dup, fork): one offset, one set of status flags
-    obj: int = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
+    obj: U64 = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
                              # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
 
 
 @dataclass(frozen=True)
 class Files(Record):
     TYPE = 4
-    fds: tuple[FileDesc, ...]
+    fds: Annotated[tuple[FileDesc, ...], Count(MAX_FDS)]
 
     def validate(self) -> None:
-        _check(len(self.fds) <= MAX_FDS, "too many file descriptors")
         seen: set[int] = set()
         shared: dict[int, FileDesc] = {}
         for f in self.fds:
-            _check(0 <= f.fd < MAX_FDS and f.fd not in seen, f"file descriptor number {f.fd}")
+            _check(f.fd not in seen, f"file descriptor number {f.fd} twice")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
-            _check(f.kind in OBJECT_KINDS or f.path.startswith("/"), f"fd {f.fd}: path must be absolute")
-            _check(f.pos >= 0, f"fd {f.fd}: offset")
-            _check(f.desc >= 0 and f.obj >= 0, f"fd {f.fd}: description or object id")
+            _check(f.kind in OBJECT_KINDS or bool(f.path), f"fd {f.fd}: no path")
+            _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
                    "or none where one does")
             if f.desc:
@@ -303,9 +365,9 @@ class Files(Record):
 
 @dataclass(frozen=True)
 class PipeBuffer:
-    id: int                  # the pipe's inode on the source host
-    size: int                # its capacity (F_GETPIPE_SZ)
-    data: bytes              # the bytes in it, unread, in order
+    id: ObjectId             # the pipe's inode on the source host
+    size: Annotated[int, Int(PAGE_SIZE, MAX_PIPE_SIZE, "a pipe capacity")]   # F_GETPIPE_SZ
+    data: Annotated[bytes, Blob(MAX_BYTES)]    # the bytes in it, unread, in order
 
 
 @dataclass(frozen=True)
@@ -313,37 +375,36 @@ class Pipes(Record):
     """The pipes the process's fds refer to, with their bytes in flight."""
 
     TYPE = 8
-    pipes: tuple[PipeBuffer, ...]
+    pipes: Annotated[tuple[PipeBuffer, ...], Count(MAX_FDS)]
 
     def validate(self) -> None:
-        _check(len(self.pipes) <= MAX_FDS, "too many pipes")
         seen: set[int] = set()
         for p in self.pipes:
-            _check(p.id > 0 and p.id not in seen, f"pipe id {p.id}")
-            _check(4096 <= p.size <= MAX_PIPE_SIZE, f"pipe {p.id}: capacity {p.size}")
+            _check(p.id not in seen, f"pipe id {p.id} twice")
             _check(len(p.data) <= p.size, f"pipe {p.id}: more bytes than it holds")
             seen.add(p.id)
 
 
 SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
 MAX_SOCKET_QUEUE = 1 << 28
+MAX_WATCHES = 1 << 20
 
 
 @dataclass(frozen=True)
 class SocketOptions:
     """SOL_SOCKET options a unix socket gets again (buffer sizes as getsockopt shows them)."""
 
-    rcvbuf: int
-    sndbuf: int
-    passcred: int = 0
-    passsec: int = 0
-    peek_off: int = -1
-    rcvlowat: int = 1
-    oobinline: int = 0
-    rcvtimeo_us: int = 0
-    sndtimeo_us: int = 0
-    passpidfd: int = 0
-    passrights: int = 1
+    rcvbuf: Annotated[int, Int(1, 1 << 31, "a socket buffer size")]
+    sndbuf: Annotated[int, Int(1, 1 << 31, "a socket buffer size")]
+    passcred: Flag = 0
+    passsec: Flag = 0
+    peek_off: Annotated[int, Int(-1, (1 << 31) - 1, "a peek offset")] = -1
+    rcvlowat: Annotated[int, Int(0, (1 << 31) - 1, "SO_RCVLOWAT")] = 1
+    oobinline: Flag = 0
+    rcvtimeo_us: NonNegI64 = 0
+    sndtimeo_us: NonNegI64 = 0
+    passpidfd: Flag = 0
+    passrights: Flag = 1
 
 
 @dataclass(frozen=True)
@@ -351,13 +412,14 @@ class UnixSocket:
     """An unbound unix socket: one end of a socketpair or connection whose other end moves
     too (``peer``), one whose peer has closed, or one never connected."""
 
-    id: int                  # its inode on the source host
-    type: int                # SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET
-    peer: int                # the ``id`` of its peer here; 0 if it has none
+    id: ObjectId             # its inode on the source host
+    type: Annotated[int, Int(1, 5, "a socket type")]   # SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET
+    peer: U64                # the ``id`` of its peer here; 0 if it has none
     peer_closed: bool        # it was connected, and its peer has gone since
-    shutdown: int            # sk_shutdown: 1 receive side, 2 send side
+    shutdown: Annotated[int, Int(0, 3, "a shutdown state")]   # sk_shutdown: 1 receive side, 2 send side
     options: SocketOptions
-    queue: tuple[bytes, ...]   # its receive queue: one item for a stream, one per message otherwise
+    queue: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_ITEMS)]   # its receive
+                             # queue: one item for a stream, one per message otherwise
 
 
 @dataclass(frozen=True)
@@ -365,51 +427,43 @@ class UnixSockets(Record):
     """The unix sockets the process's fds refer to, with what is queued in them."""
 
     TYPE = 9
-    sockets: tuple[UnixSocket, ...]
+    sockets: Annotated[tuple[UnixSocket, ...], Count(MAX_FDS)]
 
     def validate(self) -> None:
-        _check(len(self.sockets) <= MAX_FDS, "too many sockets")
         by_id = {s.id: s for s in self.sockets}
         _check(len(by_id) == len(self.sockets), "socket ids repeat")
         for s in self.sockets:
-            _check(s.id > 0, f"socket id {s.id}")
             _check(s.type in (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET), f"socket {s.id}: type {s.type}")
             _check(s.peer == 0 or (s.peer in by_id and by_id[s.peer].peer == s.id and s.peer != s.id),
                    f"socket {s.id}: its peer {s.peer} is not a socket here that names it back")
             _check(not (s.peer and s.peer_closed), f"socket {s.id}: a peer that is both there and gone")
-            _check(0 <= s.shutdown <= 3, f"socket {s.id}: shutdown {s.shutdown}")
             _check(sum(len(m) for m in s.queue) <= MAX_SOCKET_QUEUE, f"socket {s.id}: queue too large")
             _check(s.type != SOCK_STREAM or len(s.queue) <= 1, f"socket {s.id}: a stream queues one run of bytes")
-            o = s.options
-            _check(0 < o.rcvbuf <= 1 << 31 and 0 < o.sndbuf <= 1 << 31, f"socket {s.id}: buffer sizes")
-            _check(o.rcvtimeo_us >= 0 and o.sndtimeo_us >= 0 and o.peek_off >= -1, f"socket {s.id}: options")
 
 
 @dataclass(frozen=True)
 class EpollWatch:
-    fd: int                  # the watched fd's number in the process
-    events: int              # the event mask as registered (EPOLLET, EPOLLONESHOT, ... included)
-    data: int
+    fd: Fd                   # the watched fd's number in the process
+    events: U32              # the event mask as registered (EPOLLET, EPOLLONESHOT, ... included)
+    data: U64
 
 
 @dataclass(frozen=True)
 class EventFile:
     """An eventfd, timerfd, signalfd, epoll instance or pidfd, with its state."""
 
-    id: int
-    kind: str                # one of EVENT_KINDS
-    count: int = 0           # eventfd: the counter
+    id: ObjectId
+    kind: Annotated[str, Text(16)]   # one of EVENT_KINDS
+    count: Annotated[int, Int(0, (1 << 64) - 2, "an eventfd counter")] = 0   # eventfd: the counter
     semaphore: bool = False  # eventfd: EFD_SEMAPHORE
-    clockid: int = 0         # timerfd: its clock
-    value_ns: int = 0        # timerfd: time left to the next expiry (0: disarmed)
-    interval_ns: int = 0     # timerfd: period
-    ticks: int = 0           # timerfd: expirations not read yet
-    sigmask: int = 0         # signalfd: the signals it reads
-    watches: tuple[EpollWatch, ...] = ()     # epoll: its interest list
-    pid: int = 0             # pidfd: the process it refers to (one that moves too)
-
-
-MAX_WATCHES = 1 << 20
+    clockid: Annotated[int, Int(0, 15, "a clock id")] = 0   # timerfd: its clock
+    value_ns: NonNegI64 = 0  # timerfd: time left to the next expiry (0: disarmed)
+    interval_ns: NonNegI64 = 0   # timerfd: period
+    ticks: U64 = 0           # timerfd: expirations not read yet
+    sigmask: U64 = 0         # signalfd: the signals it reads
+    watches: Annotated[tuple[EpollWatch, ...], Count(MAX_WATCHES)] = ()    # epoll: its interest list
+    pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0   # pidfd: the process it refers to
+                             # (one that moves too)
 
 
 @dataclass(frozen=True)
@@ -417,20 +471,14 @@ class EventFiles(Record):
     """The eventfds, timerfds, signalfds and epoll instances the process's fds refer to."""
 
     TYPE = 12
-    files: tuple[EventFile, ...]
+    files: Annotated[tuple[EventFile, ...], Count(MAX_FDS)]
 
     def validate(self) -> None:
-        _check(len(self.files) <= MAX_FDS, "too many event files")
         seen: set[int] = set()
         for e in self.files:
-            _check(e.id > 0 and e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
-            _check(0 <= e.count < (1 << 64) - 1 and e.value_ns >= 0 and e.interval_ns >= 0 and e.ticks >= 0
-                   and 0 <= e.sigmask < 1 << 64 and 0 <= e.clockid < 16, f"event file {e.id}: its state")
-            _check(len(e.watches) <= MAX_WATCHES, f"epoll {e.id}: too many watches")
-            _check((0 < e.pid < 1 << 22) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
-            for w in e.watches:
-                _check(0 <= w.fd < MAX_FDS and 0 <= w.events < 1 << 32 and 0 <= w.data < 1 << 64,
-                       f"epoll {e.id}: a watch")
+            _check(e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
+            _check(e.kind == "epoll" or not e.watches, f"event file {e.id}: watches on a {e.kind}")
+            _check((e.pid > 0) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
             seen.add(e.id)
 
 
@@ -451,33 +499,40 @@ def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
 
 @dataclass(frozen=True)
 class GpRegs:
-    r15: int
-    r14: int
-    r13: int
-    r12: int
-    rbp: int
-    rbx: int
-    r11: int
-    r10: int
-    r9: int
-    r8: int
-    rax: int
-    rcx: int
-    rdx: int
-    rsi: int
-    rdi: int
-    orig_rax: int
-    rip: int
-    cs: int
-    eflags: int
-    rsp: int
-    ss: int
-    fs_base: int
-    gs_base: int
-    ds: int
-    es: int
-    fs: int
-    gs: int
+    r15: U64
+    r14: U64
+    r13: U64
+    r12: U64
+    rbp: U64
+    rbx: U64
+    r11: U64
+    r10: U64
+    r9: U64
+    r8: U64
+    rax: U64
+    rcx: U64
+    rdx: U64
+    rsi: U64
+    rdi: U64
+    orig_rax: U64
+    rip: U64
+    cs: U16
+    eflags: U64
+    rsp: U64
+    ss: U16
+    fs_base: TlsBase
+    gs_base: TlsBase
+    ds: U16
+    es: U16
+    fs: U16
+    gs: U16
+
+    def validate(self) -> None:
+        # As the kernel's putreg() has it: a selector is null or of privilege level 3, and the
+        # code and stack selectors are not null.
+        for name in ("cs", "ss", "ds", "es", "fs", "gs"):
+            value = getattr(self, name)
+            _check((value == 0 and name not in ("cs", "ss")) or value & 3 == 3, f"{name} selector {value:#x}")
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, n) for n in GP_REG_NAMES)
@@ -490,32 +545,52 @@ class GpRegs:
 @dataclass(frozen=True)
 class ThreadState(Record):
     TYPE = 5
-    tid: int
+    tid: Pid
     leader: bool
-    comm: str
+    comm: Comm
     regs: GpRegs
-    xstate: bytes            # the NT_X86_XSTATE regset as PTRACE_GETREGSET returned it
-    sigmask: int
-    pending: tuple[bytes, ...]   # thread-private siginfo_t records
-    tid_address: int         # set_tid_address / CLONE_CHILD_CLEARTID
-    robust_list: int
-    robust_list_len: int
-    rseq_addr: int = 0
-    rseq_len: int = 0
-    rseq_sig: int = 0
-    altstack_sp: int = 0
-    altstack_flags: int = 2  # SS_DISABLE
-    altstack_size: int = 0
+    xstate: Annotated[bytes, Blob(MAX_XSTATE, XSAVE_MIN)]   # the NT_X86_XSTATE regset as
+                             # PTRACE_GETREGSET returned it
+    sigmask: U64
+    pending: Annotated[tuple[Siginfo, ...], Count(MAX_PENDING)]   # thread-private siginfo_t records
+    tid_address: UserAddr    # set_tid_address / CLONE_CHILD_CLEARTID
+    robust_list: UserAddr
+    robust_list_len: Annotated[int, Int(0, ROBUST_LIST_HEAD_SIZE, "a robust list head size")]
+    rseq_addr: UserAddr = 0
+    rseq_len: Annotated[int, Int(0, 1024, "an rseq area size")] = 0
+    rseq_sig: U32 = 0
+    altstack_sp: UserAddr = 0
+    altstack_flags: U32 = 2  # SS_DISABLE
+    altstack_size: UserAddr = 0
 
     def validate(self) -> None:
-        _check(len(self.xstate) <= MAX_XSTATE and len(self.xstate) >= 576 or not self.xstate, "xstate size")
         for info in self.pending:
-            _check(len(info) == SIGINFO_SIZE, "siginfo size")
-        _check(len(self.pending) <= 4096, "too many pending signals")
-        _check(_user_addr(self.tid_address) and _user_addr(self.rseq_addr), "thread addresses")
-        _check(_user_addr(self.robust_list), "robust list address")
-        _check(0 <= self.rseq_len <= 1024, "rseq area size")
-        _check(len(self.comm) < 64, "thread name")
+            _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
+        _check(self.robust_list_len in (0, ROBUST_LIST_HEAD_SIZE), f"robust list head of {self.robust_list_len} bytes")
+        _check(self.rseq_addr % 32 == 0, f"rseq area at {self.rseq_addr:#x} (rseq areas are 32-byte aligned)")
+
+
+def check_threads(proc: ProcessState, threads: list[ThreadState], header: ImageHeader) -> None:
+    """A process's thread records together: one leader, whose tid is the process's pid; no tid
+    twice; every xstate of the one size the header declares (or, in a live stream, whose header
+    comes before the threads, of one size) and holding no CPU state component it does not; the
+    thread a POSIX timer signals among them."""
+    where = f"ThreadState records of process {proc.pid}"
+    _check(1 <= len(threads) <= MAX_THREADS, f"{where}: {len(threads)} of them")
+    leaders = [t for t in threads if t.leader]
+    _check(len(leaders) == 1, f"{where}: {len(leaders)} main threads; a process has one")
+    _check(leaders[0].tid == proc.pid, f"{where}: its main thread has tid {leaders[0].tid}")
+    _check(len({t.tid for t in threads}) == len(threads), f"{where}: a thread id twice")
+    tids = {t.tid for t in threads}
+    for timer in proc.posix_timers:
+        _check(not timer.notify & 4 or timer.tid in tids, f"{where}: POSIX timer {timer.id} signals thread "
+               f"{timer.tid}, which the process lacks")
+    size = header.xsave_size or len(threads[0].xstate)
+    for t in threads:
+        _check(len(t.xstate) == size, f"{where}: thread {t.tid} has an xstate of {len(t.xstate)} bytes, not {size}")
+        features = int.from_bytes(t.xstate[512:520], "little")
+        _check(not features & ~header.xsave_mask, f"{where}: thread {t.tid} holds CPU state components {features:#x} "
+               f"beyond the image's {header.xsave_mask:#x}")
 
 
 # --- process trees -----------------------------------------------------------------------
@@ -525,12 +600,14 @@ MAX_PROCESSES = 1 << 12
 
 @dataclass(frozen=True)
 class TreeMember:
-    pid: int
-    ppid: int                # the parent's pid (outside the tree for its root)
-    pgid: int
-    sid: int
-    comm: str
-    exit_status: int = -1    # a zombie: the wait status its parent has yet to collect; -1: it runs
+    pid: Pid
+    ppid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a parent pid")]   # the parent's pid (outside the
+                             # tree for its root; 0 where that is the kernel)
+    pgid: Pid
+    sid: Pid
+    comm: Comm
+    exit_status: Annotated[int, Int(-1, 0xFFFF, "a wait status or -1")] = -1   # a zombie: the wait status
+                             # its parent has yet to collect; -1: it runs
 
     @property
     def zombie(self) -> bool:
@@ -544,16 +621,14 @@ class ProcessTree(Record):
     yet waited for) has none: it is made again and ends with its status."""
 
     TYPE = 10
-    members: tuple[TreeMember, ...]
+    members: Annotated[tuple[TreeMember, ...], Count(MAX_PROCESSES, 1)]
 
     def validate(self) -> None:
-        _check(1 <= len(self.members) <= MAX_PROCESSES, "process count")
         seen: set[int] = set()
         for i, m in enumerate(self.members):
-            _check(0 < m.pid < 1 << 22 and m.pid not in seen, f"process id {m.pid}")
+            _check(m.pid not in seen, f"process id {m.pid} twice")
             _check(i == 0 or m.ppid in seen, f"process {m.pid} comes before its parent {m.ppid}")
-            _check(m.pgid > 0 and m.sid > 0 and len(m.comm) < 64, f"process {m.pid}: group, session or name")
-            _check(-1 <= m.exit_status <= 0xFFFF and (i > 0 or not m.zombie), f"process {m.pid}: exit status")
+            _check(i > 0 or not m.zombie, f"process {m.pid}: the tree's root is a zombie")
             seen.add(m.pid)
 
 
@@ -562,7 +637,7 @@ class ProcessBegin(Record):
     """The records and pages that follow, up to the next ``ProcessBegin``, are this process's."""
 
     TYPE = 11
-    pid: int
+    pid: Pid
 
 
 # --- end of an image ----------------------------------------------------------------------
@@ -572,9 +647,9 @@ class EndOfImage(Record):
     """Last record: its counts let the reader prove nothing was lost."""
 
     TYPE = 7
-    page_batches: int
-    pages: int
-    records: int
+    page_batches: NonNegI64
+    pages: NonNegI64
+    records: NonNegI64
 
 
 # --- live protocol (agents) ---------------------------------------------------------------
@@ -595,12 +670,25 @@ def register(cls: type[Record]) -> type[Record]:
     return cls
 
 
+# Sizes msgpack may allocate for while unpacking a record: a string, byte string, list or map
+# that claims more is refused from its header, before anything is allocated for it. (A list
+# allocates room for the items it claims, so a few bytes that claim millions cost memory.)
+UNPACK_LIMITS = {"max_str_len": MAX_STR, "max_bin_len": MAX_BYTES, "max_array_len": MAX_ITEMS,
+                 "max_map_len": 1 << 16, "max_ext_len": 0}
+
+
 def decode_record(payload: bytes | memoryview) -> Record:
     """Decode one record frame's payload, checking everything before building it."""
     try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+        # No item can take less than a byte: nothing may claim more than the payload holds.
+        limits = {k: min(v, len(payload)) for k, v in UNPACK_LIMITS.items()}
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True, **limits)
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        if "exceeds max_" in str(exc):     # "70000 exceeds max_str_len(65536)"
+            raise ProtocolError(f"invalid record: an item too long ({exc})") from None
         raise ProtocolError(f"invalid record: not valid msgpack ({exc})") from None
+    except MemoryError:
+        raise ProtocolError("invalid record: it claims more memory than this host can give") from None
     if not isinstance(body, dict):
         raise ProtocolError("invalid record: not a map")
     type_id = body.get("t")

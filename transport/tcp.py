@@ -20,6 +20,12 @@ The first record each way is a fixed confirmation string: the listener drops a c
 does not prove the key before anything else is read, and the client refuses a listener that
 does not. Any record that fails authentication closes the connection at once, nothing more is
 read, and the reader gets a ``ProtocolError``.
+
+Until the peer has proved the key, it is a stranger: what it may cost is bounded. The opening
+and the confirmation are read in small pieces, the confirmation record may be no longer than
+the string it must hold (a claimed length beyond that drops the connection before a byte of it
+is read), the whole opening must end within ``HANDSHAKE_TIMEOUT``, and a listener opens at most
+``MAX_OPENINGS`` connections at once: those beyond are closed at once, unread.
 """
 from __future__ import annotations
 
@@ -53,7 +59,9 @@ HKDF_INFO = b"kcr-migrate data channel v2"
 CLIENT_CONFIRM = b"kcr-migrate data channel: client holds the key"
 SERVER_CONFIRM = b"kcr-migrate data channel: server holds the key"
 HANDSHAKE_TIMEOUT = 10.0
+MAX_OPENINGS = 8                     # connections a listener authenticates at once; more are closed
 READ_SIZE = 1 << 20
+OPENING_READ_SIZE = 512              # reads before the peer proved the key
 DIRECT_READ = 256 << 10              # reads this large go straight from the socket into their buffer
 
 
@@ -98,18 +106,19 @@ class _Reader:
     lies within one received chunk). A large read spanning chunks lands in one buffer: what was
     read ahead is copied in, the rest received straight into it from a socket."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, read_size: int = READ_SIZE) -> None:
         self._stream = stream
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._chunks: collections.deque[memoryview] = collections.deque()
         self.buffered = 0
+        self.read_size = read_size     # what one receive may take (and allocate)
 
     async def read_exact(self, n: int) -> bytes | bytearray | memoryview | None:
         """``n`` bytes, or None at an end of stream before the first of them."""
         if self.buffered < n and n >= DIRECT_READ and self._socket is not None:
             return await self._read_into(n)
         while self.buffered < n:
-            chunk = await self._stream.receive_some(max(READ_SIZE, n - self.buffered))
+            chunk = await self._stream.receive_some(max(self.read_size, n - self.buffered))
             if not chunk:
                 if self.buffered == 0:
                     return None
@@ -219,15 +228,15 @@ class SealedStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
-    async def receive_record(self) -> bytes | None:
-        """One record's plaintext; None at a clean end of stream."""
+    async def receive_record(self, max_plain: int = MAX_PLAIN) -> bytes | None:
+        """One record's plaintext (at most ``max_plain`` bytes); None at a clean end of stream."""
         if self._broken is not None:
             raise self._broken
         head = await self._reader.read_exact(LEN.size)
         if head is None:
             return None
         (length,) = LEN.unpack(head)
-        if not TAG_SIZE <= length <= MAX_PLAIN + TAG_SIZE:
+        if not TAG_SIZE <= length <= max_plain + TAG_SIZE:
             await self._drop(f"a record length of {length} bytes")
         sealed = await self._reader.read_exact(length)
         if sealed is None:
@@ -274,7 +283,7 @@ async def _opening(stream: trio.abc.Stream, reader: _Reader, peer: str) -> tuple
 
 async def _confirm(sealed: SealedStream, expected: bytes) -> None:
     try:
-        got = await sealed.receive_record()
+        got = await sealed.receive_record(max_plain=len(expected))
     except ProtocolError:
         raise ProtocolError(f"{sealed.peer} does not hold this migration's key (its first record failed "
                             "authentication): connection dropped") from None
@@ -283,11 +292,12 @@ async def _confirm(sealed: SealedStream, expected: bytes) -> None:
                             "it holds another key, or is not this migration's agent")
     if got != expected:
         raise ProtocolError(f"{sealed.peer} did not confirm the data channel key; connection dropped")
+    sealed._reader.read_size = READ_SIZE      # the peer holds the key: full-size reads from now on
 
 
 async def _client_handshake(stream: trio.abc.Stream, key: bytes, peer: str, offer: int | None = None
                             ) -> SealedStream:
-    reader = _Reader(stream)
+    reader = _Reader(stream, OPENING_READ_SIZE)
     mine = os.urandom(RANDOM_SIZE)
     offer = our_offer() if offer is None else offer
     await stream.send_all(DATA_MAGIC + mine + bytes([offer]))
@@ -302,7 +312,7 @@ async def _client_handshake(stream: trio.abc.Stream, key: bytes, peer: str, offe
 
 async def _server_handshake(stream: trio.abc.Stream, key: bytes, peer: str, offer: int | None = None
                             ) -> SealedStream:
-    reader = _Reader(stream)
+    reader = _Reader(stream, OPENING_READ_SIZE)
     theirs, their_offer = await _opening(stream, reader, peer)
     mine = os.urandom(RANDOM_SIZE)
     offer = our_offer() if offer is None else offer
@@ -352,23 +362,38 @@ class DataListener:
         self._key = key
         self.rejected = 0
         self.last_rejection = ""
+        self.opening = 0          # connections being authenticated now
 
     @property
     def port(self) -> int:
         return int(self._listener.socket.getsockname()[1])
 
     async def _authenticate(self, stream: trio.SocketStream) -> tuple[SealedStream, str] | None:
-        host, port = stream.socket.getpeername()[:2]
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except OSError:          # gone already
+            host, port = "?", 0
         address = f"{host}:{port}"
+        if self.opening >= MAX_OPENINGS:
+            self._reject(f"{address}: {MAX_OPENINGS} connections were opening already; closed unread")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return None
+        self.opening += 1
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 return await _server_handshake(stream, self._key, f"the data channel from {address}"), address
         except (MigrationError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-            self.rejected += 1
-            self.last_rejection = str(_transport_error(exc, address))
+            self._reject(str(_transport_error(exc, address)))
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             return None
+        finally:
+            self.opening -= 1
+
+    def _reject(self, why: str) -> None:
+        self.rejected += 1
+        self.last_rejection = why
 
     async def accept(self) -> tuple[SealedStream, str]:
         """The next authenticated connection and its address (one opening at a time)."""
