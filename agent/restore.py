@@ -101,7 +101,7 @@ O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
-WALL = 0x40000000
+WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
 ZOMBIE_GRACE_S = 5.0
@@ -302,6 +302,9 @@ class Restorer:
             if os.WIFSIGNALED(status):
                 prlimit(self.pid, RLIMIT_CORE, (0, 0))
                 ptrace.detach(self.pid, os.WTERMSIG(status))       # the signal, delivered as it goes
+                deadline = time.monotonic() + ZOMBIE_GRACE_S
+                while _state(self.pid) not in ("Z", None) and time.monotonic() < deadline:
+                    time.sleep(0.001)          # dead before anything else is built
             else:
                 inj = self.inj or Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL)
                 try:
@@ -322,7 +325,7 @@ class Restorer:
         restored parent's wait() to find."""
         self.abort()
         if parent is not None:
-            parent.stub_call("wait4", self.pid, 0, WALL, 0)
+            parent.stub_call("wait4", self.pid, 0, WALL | WNOHANG, 0)   # never blocks: reaped as tracer above
 
     def begin(self, target: Mappings) -> None:
         if not self.pid:
