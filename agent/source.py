@@ -36,7 +36,7 @@ from agent.tree import tree_record
 from precopy.rounds import GroupResult, StreamCursor, final_group, precopy_group
 from precopy.tracker import DirtyTracker, make_tracker
 from transport._nursery import service_nursery
-from transport.errors import MigrationError, ProcessError, ProtocolError, UnsupportedResource
+from transport.errors import MigrationError, ProcessError, ProcessExited, ProtocolError, UnsupportedResource
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
@@ -278,10 +278,16 @@ class SourceSession:
             self._untrack(p)
         for p in pids:
             if p not in self.trackers:
-                control = self.controls[p] = HolderControl(self.holder, p)
+                control = HolderControl(self.holder, p)
                 control.frozen = self.frozen
-                self.trackers[p] = make_tracker(self.tracker_name, p, control)
-        return {p: self.trackers[p] for p in pids}
+                try:
+                    self.trackers[p] = make_tracker(self.tracker_name, p, control)
+                except ProcessExited:
+                    if p == self.pid or self.frozen:
+                        raise
+                    continue      # gone since the holder listed it: it leaves next round
+                self.controls[p] = control
+        return {p: self.trackers[p] for p in pids if p in self.trackers}
 
     def _untrack(self, pid: int) -> None:
         tracker = self.trackers.pop(pid, None)

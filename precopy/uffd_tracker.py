@@ -95,9 +95,9 @@ class UffdWpTracker(DirtyTracker):
     def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
         if control is None:
             raise ValueError("the uffd-wp tracker needs a ProcessControl to create its userfaultfd in the target")
-        super().__init__(pid, control)
-        self._uffd: uffd_mod.Userfaultfd | None = None
+        self._uffd: uffd_mod.Userfaultfd | None = None     # set before the base class's cleanup may look
         self._digests = PageDigests()      # mappings that are not write-protected
+        super().__init__(pid, control)
         self._known: list[Run] = []        # pages populated as far as the scans showed
 
     def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:
