@@ -245,7 +245,6 @@ class SourceSession:
     pid: int
     holder: HolderClient
     tracker_name: str
-    pids: list[int]
     carry_tree: bool = True      # the stream names each process (ids kept); off: one process, new pid
     trackers: dict[int, DirtyTracker] = field(default_factory=dict)
     controls: dict[int, HolderControl] = field(default_factory=dict)
@@ -374,7 +373,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     except BaseException:
         await _blocking(holder.close)
         raise
-    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, choice.name, pids, carry_tree=not new_pid,
+    SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, choice.name, carry_tree=not new_pid,
                                           bandwidth_limit=bandwidth_limit, level=level)
     root = processes[0]
     return {
