@@ -310,6 +310,10 @@ def serve(sock: socket.socket) -> None:
                                                 "message": f"{exc.strerror or exc}"}}
             except ptrace.TraceeGone as exc:
                 reply = {"ok": False, "error": {"code": "process-exited", "errno": 0, "message": str(exc)}}
+            except Exception as exc:     # a bug: said as one, and the holder stays to settle the job
+                reply = {"ok": False, "error": {"code": "remote", "errno": 0, "message":
+                                                f"internal error in the holder's {req.get('op')}: "
+                                                f"{type(exc).__name__}: {exc} (a bug: please report it)"}}
             try:
                 send_message(sock, reply)
             except OSError:
