@@ -4,10 +4,12 @@ finish as an unmoved run does, with every process on hostC under its original pi
 parent, and none left on hostA."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from examples.testbed import Testbed
 from tests._hosts import start_in, wait_file
@@ -100,6 +102,26 @@ def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_
     assert (out / "out").read_bytes() == (tmp_path / "ref" / "out").read_bytes()
 
 
+def slow_migration(testbed: Testbed, pid: int, meanwhile: Callable[[], object]) -> dict:
+    """Migrate ``pid`` from hostA to hostC with the page stream slowed down, call
+    ``meanwhile`` once pre-copy has begun (round 0 is going out), and return the report of
+    the migration, which must succeed."""
+    cli = subprocess.Popen([*KCR_MIGRATE, f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                            "--bandwidth", "4M", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    STARTED.append(cli)
+    assert cli.stderr is not None
+    for line in cli.stderr:
+        if line.startswith("pages:"):
+            break
+    else:
+        raise AssertionError(f"the migration ended before pre-copy: {cli.wait()}")
+    meanwhile()
+    stdout, err = cli.communicate(timeout=180)
+    assert cli.returncode == 0, err
+    return dict(json.loads(stdout.strip().splitlines()[-1]))
+
+
 FORKS_ON_GO = """
 import os, sys, time
 d = sys.argv[1]
@@ -133,22 +155,8 @@ def test_a_process_forked_during_precopy_moves_with_the_job(testbed: Testbed, tm
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
     assert list(tree(pid)) == [pid]
-    cli = subprocess.Popen([*KCR_MIGRATE, f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                            "--bandwidth", "4M", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-    STARTED.append(cli)
-    assert cli.stderr is not None
-    for line in cli.stderr:                # pre-copy has begun: round 0 is going out slowly
-        if line.startswith("pages:"):
-            break
-    else:
-        raise AssertionError(f"the migration ended before pre-copy: {cli.wait()}")
-    (out / "go").touch()
+    report = slow_migration(testbed, pid, lambda: (out / "go").touch())
     child = int(wait_file(out / "child"))
-    stdout, err = cli.communicate(timeout=180)
-    assert cli.returncode == 0, err
-    import json
-    report = json.loads(stdout.strip().splitlines()[-1])
     moved_tree(testbed, {pid: 0, child: pid}, report)
     assert wait_file(out / "output") == "400 True 7\n"
 
@@ -283,22 +291,7 @@ def test_a_child_that_exits_during_precopy_leaves_the_job(testbed: Testbed, tmp_
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
     assert len(tree(pid)) == 2
-    cli = subprocess.Popen([*KCR_MIGRATE, f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                            "--bandwidth", "4M", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
-    STARTED.append(cli)
-    assert cli.stderr is not None
-    for line in cli.stderr:                # pre-copy has begun: round 0 is going out slowly
-        if line.startswith("pages:"):
-            break
-    else:
-        raise AssertionError(f"the migration ended before pre-copy: {cli.wait()}")
-    (out / "go").touch()
-    wait_file(out / "reaped")
-    stdout, err = cli.communicate(timeout=180)
-    assert cli.returncode == 0, err
-    import json
-    report = json.loads(stdout.strip().splitlines()[-1])
+    report = slow_migration(testbed, pid, lambda: ((out / "go").touch(), wait_file(out / "reaped")))
     moved_tree(testbed, {pid: 0}, report)
     child = int((out / "child").read_text())
     assert testbed.exec("hostC", ["test", "-e", f"/proc/{child}"]).returncode != 0, "a zombie was left on hostC"

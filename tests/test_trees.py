@@ -197,17 +197,24 @@ open(f"{d}/output", "w").write(f"{a} {b} {bytes(m[409600:409605])} {status}\\n")
 """
 
 
+def checkpointed_and_restored(proc: subprocess.Popen[bytes], tmp_path: Path, processes: int) -> int:
+    """Checkpoint ``proc``'s tree of ``processes`` (killed), restore it, wait until its root
+    has exited with status 0; its root's pid."""
+    before = tree(proc.pid)
+    assert len(before) == processes
+    checkpoint(proc.pid, tmp_path / "tree.img", processes)
+    assert proc.wait(timeout=30) == -9
+    root = image_restored(tmp_path / "tree.img", before)
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    return root
+
+
 def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     script = tmp_path / "counters.py"
     script.write_text(SHARED_COUNTERS)
     proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), "600"], tmp_path / "ready",
                              start_new_session=True)
-    before = tree(proc.pid)
-    assert len(before) == 2
-    checkpoint(proc.pid, tmp_path / "tree.img", 2)
-    assert proc.wait(timeout=30) == -9
-    root = image_restored(tmp_path / "tree.img", before)
-    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    checkpointed_and_restored(proc, tmp_path, 2)
     assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
 
 
@@ -236,12 +243,7 @@ def test_multiprocessing_pool(tmp_path: Path) -> None:
     script.write_text(POOL)
     proc = start_until_ready([sys.executable, str(script), str(tmp_path), "1500"], tmp_path / "ready",
                              start_new_session=True)
-    before = tree(proc.pid)
-    assert len(before) == 3
-    checkpoint(proc.pid, tmp_path / "tree.img", 3)
-    assert proc.wait(timeout=30) == -9
-    root = image_restored(tmp_path / "tree.img", before)
-    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    checkpointed_and_restored(proc, tmp_path, 3)
     assert (tmp_path / "output").read_text() == f"{sum(x * x for x in range(1500))}\n"
 
 
