@@ -23,6 +23,15 @@ def session_path() -> str:
     return ":".join(dict.fromkeys(d for d in dirs if d))
 
 
+def session_pythonpath() -> str:
+    """` PYTHONPATH=...` when whoever makes the hosts has one (a development tree), else "".
+
+    The hosts then run the same kcr-agent code as the one who made them.
+    """
+    value = os.environ.get("PYTHONPATH", "")
+    return f" PYTHONPATH={value}" if value and " " not in value else ""
+
+
 def keygen(key: Path, comment: str) -> str:
     """Make an ed25519 key pair without passphrase at ``key`` and ``key.pub``; the public key."""
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)])
@@ -55,7 +64,7 @@ def sshd_config(host: str, address: str, *, host_key: Path, pid_file: Path,
         # sessions get exactly this PATH, and no rc-file side effects (root's bashrc here runs
         # `pyenv rehash`, whose global lock, left stale by one killed session, stalls every
         # later session for 60 s).
-        f"SetEnv PATH={session_path()} SHLVL=1",
+        f"SetEnv PATH={session_path()} SHLVL=1{session_pythonpath()}",
         "Subsystem sftp internal-sftp",
         "",
     ])
