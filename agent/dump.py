@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import fdtable, ptrace
+from agent import fdtable, ptrace, sched
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
@@ -140,6 +140,8 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
     ss = scratch.get(0, 24)
     head, head_len = get_robust_list(tid)
     pending = ptrace.peek_siginfo(tid, shared=False)
+    timer_slack = inj.call("prctl", sched.PR_GET_TIMERSLACK)
+    sch = sched.read_thread(tid)
     if tid in held.inflight:
         pending.insert(0, held.inflight[tid])
     return ThreadState(
@@ -147,7 +149,9 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
         xstate=ptrace.get_xstate(tid), sigmask=inj.saved_mask, pending=tuple(pending),
         tid_address=tid_address, robust_list=head, robust_list_len=head_len,
         rseq_addr=rseq_addr, rseq_len=rseq_len, rseq_sig=rseq_sig,
-        altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16))
+        altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16),
+        timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
+        sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus)
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:

@@ -11,6 +11,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
+from agent import sched
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
 from transport.schema import CHAR_DEVICES
 
@@ -276,6 +277,7 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
             raise UnsupportedResource(
                 f"pid {pid}'s {'working directory' if what == 'cwd' else 'root directory'} is {place}, which "
                 f"restore could not enter again: {fix}", pid=pid)
+    sched.check_process(pid, thread_ids(pid))
     status = read_status(pid)
     if int(status.get("SigIgn", "0"), 16) & 1 << 4:          # SIGTRAP
         raise UnsupportedResource(

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import ptrace, stub
+from agent import ptrace, sched, stub
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -623,6 +623,7 @@ class Restorer:
             self._pending(proc, threads, new_tids)
             self._drop_gadget()
             self._final_registers(threads, new_tids)
+            self._scheduling(proc, threads, new_tids)
         except InjectionError as exc:
             raise RestoreError(f"restore failed: {exc.strerror}") from None
         except ptrace.TraceeGone as exc:
@@ -812,6 +813,8 @@ class Restorer:
         if t.rseq_addr:
             call("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
         call("prctl", PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))
+        if t.timer_slack_ns:
+            call("prctl", sched.PR_SET_TIMERSLACK, t.timer_slack_ns)
 
     def _threads(self, proc: ProcessState, threads: list[ThreadState], lent_cap: bool = False) -> dict[int, int]:
         """The other threads, cloned from the leader (with their old tids if ids are kept);
@@ -912,6 +915,12 @@ class Restorer:
         assert self.inj is not None
         self.inj._closed = True    # registers and mask are final; do not put the stub's back
         self.new_tids = new_tids
+
+    def _scheduling(self, proc: ProcessState, threads: list[ThreadState], new_tids: dict[int, int]) -> None:
+        """Nice, policy, priority and CPUs, set from outside once nothing more is injected: a
+        real-time thread would otherwise run our calls at its priority, a pinned one on its CPU."""
+        for t in threads:
+            sched.apply_thread(new_tids[t.tid], t, pid=proc.pid, host=socket.gethostname())
 
     # -- the end ----------------------------------------------------------------------------
 

@@ -58,7 +58,8 @@ CAP_LAST_CAP = 40           # CAP_CHECKPOINT_RESTORE, the highest capability Lin
 NGROUPS_MAX = 1 << 16
 MAX_PENDING = 4096          # queued siginfos per thread or process (RLIMIT_SIGPENDING is lower)
 VSYSCALL_START = 0xFFFF_FFFF_FF60_0000
-ROBUST_LIST_HEAD_SIZE = 24  # sizeof(struct robust_list_head): set_robust_list takes nothing else
+ROBUST_LIST_HEAD_SIZE = 24
+MAX_CPUS = 8192             # CONFIG_NR_CPUS tops out here  # sizeof(struct robust_list_head): set_robust_list takes nothing else
 
 # What the fields of the records below may hold (``transport.records`` checks while decoding).
 Pid = Annotated[int, Int(1, PID_MAX_LIMIT - 1, "a pid")]
@@ -562,8 +563,20 @@ class ThreadState(Record):
     altstack_sp: UserAddr = 0
     altstack_flags: U32 = 2  # SS_DISABLE
     altstack_size: UserAddr = 0
+    # Scheduling, per thread: nice, policy and real-time priority, the CPUs it may run on (a
+    # bitmask, CPU 0 in the low bit of the first byte; empty: every CPU), timer slack (0: the
+    # default). SCHED_DEADLINE (6) is refused before freezing, so it never appears here.
+    nice: Annotated[int, Int(-20, 19, "a nice value")] = 0
+    sched_policy: Annotated[int, Int(0, 5, "a scheduling policy")] = 0
+    sched_priority: Annotated[int, Int(0, 99, "a real-time priority")] = 0
+    sched_reset_on_fork: Flag = 0
+    cpus: Annotated[bytes, Blob(MAX_CPUS // 8)] = b""
+    timer_slack_ns: U64 = 0
 
     def validate(self) -> None:
+        _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
+        _check((self.sched_priority > 0) == (self.sched_policy in (1, 2)),
+               f"real-time priority {self.sched_priority} under scheduling policy {self.sched_policy}")
         for info in self.pending:
             _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
         _check(self.robust_list_len in (0, ROBUST_LIST_HEAD_SIZE), f"robust list head of {self.robust_list_len} bytes")
