@@ -74,6 +74,8 @@ from transport.schema import (
     ADV_MERGEABLE,
     ADV_NOHUGEPAGE,
     ADV_WIPEONFORK,
+    AUDIT_UID_UNSET,
+    MEMBARRIER_REGISTER_COMMANDS,
     PAGE_SIZE,
     TASK_SIZE,
     Creds,
@@ -653,6 +655,10 @@ class Restorer:
     def _memory_attributes(self, proc: ProcessState) -> None:
         if proc.thp_disable:
             self._call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        for command in MEMBARRIER_REGISTER_COMMANDS:
+            if proc.membarrier & command:
+                self._call("membarrier", command, 0, 0)
+        self._loginuid(proc)
         if proc.oom_score_adj:
             try:
                 with open(f"/proc/{self.pid}/oom_score_adj", "w") as f:
@@ -661,6 +667,28 @@ class Restorer:
                 # Lowering it needs CAP_SYS_RESOURCE, which root can lack (as the rlimits).
                 self.report.warnings.append(f"oom_score_adj {proc.oom_score_adj} could not be set ({exc.strerror}): "
                                             "the process runs with 0")
+
+    def _loginuid(self, proc: ProcessState) -> None:
+        """Audit's login uid, which only the process itself may write (with CAP_AUDIT_CONTROL,
+        which it still has here, before its credentials are dropped)."""
+        try:
+            with open(f"/proc/{self.pid}/loginuid") as f:
+                now = int(f.read())
+        except (OSError, ValueError):
+            now = AUDIT_UID_UNSET
+        if now == proc.loginuid:
+            return
+        text = str(proc.loginuid).encode()
+        fd = -1
+        try:
+            fd = self._open("/proc/self/loginuid", os.O_WRONLY | O_CLOEXEC)
+            self._call("write", fd, self._put(text), len(text))
+        except InjectionError as exc:
+            self.report.warnings.append(f"loginuid {proc.loginuid} could not be set ({exc.strerror}): the process "
+                                        f"runs with {now} (audit records name that login)")
+        finally:
+            if fd >= 0:
+                self._call("close", fd)
 
     def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
         """Each open file description, made by the restorer (``agent.descriptions``), taken

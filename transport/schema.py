@@ -59,7 +59,12 @@ NGROUPS_MAX = 1 << 16
 MAX_PENDING = 4096          # queued siginfos per thread or process (RLIMIT_SIGPENDING is lower)
 VSYSCALL_START = 0xFFFF_FFFF_FF60_0000
 ROBUST_LIST_HEAD_SIZE = 24
-MAX_CPUS = 8192             # CONFIG_NR_CPUS tops out here  # sizeof(struct robust_list_head): set_robust_list takes nothing else
+MAX_CPUS = 8192             # CONFIG_NR_CPUS tops out here
+AUDIT_UID_UNSET = (1 << 32) - 1
+# MEMBARRIER_CMD_REGISTER_{GLOBAL_EXPEDITED, PRIVATE_EXPEDITED, PRIVATE_EXPEDITED_SYNC_CORE,
+# PRIVATE_EXPEDITED_RSEQ}
+MEMBARRIER_REGISTER_COMMANDS = (1 << 2, 1 << 4, 1 << 6, 1 << 8)
+MEMBARRIER_REGISTRATIONS = sum(MEMBARRIER_REGISTER_COMMANDS)  # sizeof(struct robust_list_head): set_robust_list takes nothing else
 
 # What the fields of the records below may hold (``transport.records`` checks while decoding).
 Pid = Annotated[int, Int(1, PID_MAX_LIMIT - 1, "a pid")]
@@ -232,6 +237,9 @@ class ProcessState(Record):
     thp_disable: Flag = 0    # prctl(PR_SET_THP_DISABLE)
     lock_future: Flag = 0    # mlockall(MCL_FUTURE): mappings to come are locked
     posix_timers: Annotated[tuple[PosixTimer, ...], Count(1 << 16)] = ()
+    loginuid: U32 = AUDIT_UID_UNSET     # /proc/PID/loginuid (audit's login uid)
+    # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* commands the process issued
+    membarrier: Annotated[int, Int(0, MEMBARRIER_REGISTRATIONS, "membarrier registrations")] = 0
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
