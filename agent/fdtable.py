@@ -11,7 +11,7 @@
   read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
   EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
   replaced since it was registered is refused (the kernel still reports it, restore could not
-  make it again);
+  make it again); inotify instances (every watch by path, mask and number; ``agent.inotify``);
 - an unbound unix socket likewise (a socketpair, as asyncio's self-pipe and
   multiprocessing's duplex pipes are; a socket whose peer has closed; one never connected):
   type, options, shutdown state and every queued message travel (``agent.unix_sockets``);
@@ -31,7 +31,7 @@ import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from agent import unix_sockets
+from agent import inotify, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
@@ -71,7 +71,7 @@ class Peer:
 
 EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
                  "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll",
-                 "anon_inode:[pidfd]": "pidfd"}
+                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -153,6 +153,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     if events:
         _check_event_files_not_shared(events, outside)
         _check_pidfds(events, inside)
+        for pid, f in events:          # every watch still reachable by a path (or refused now)
+            if f.kind == "inotify":
+                inotify.watches(pid, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
         for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
@@ -412,6 +415,17 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
     if f.kind == "pidfd":
         return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
+    if f.kind == "inotify":
+        pidfd = pidfd_open(pid)
+        try:
+            dup = pidfd_getfd(pidfd, f.fd)
+        finally:
+            os.close(pidfd)
+        try:
+            queued = inotify.queued_bytes(dup)
+        finally:
+            os.close(dup)
+        return EventFile(obj, "inotify", inotify=inotify.watches(pid, text), queued=queued)
     watches = []
     for line in text.splitlines():
         if line.startswith("tfd:"):

@@ -591,6 +591,10 @@ class Restorer:
         event files are in it already); without it, this process's own are made and dropped
         here."""
         check_threads(proc, threads, self.header)
+        for e in fds.events.files:
+            if e.queued:
+                self.report.warnings.append(f"an inotify instance of pid {proc.pid} had {e.queued} bytes of events "
+                                            "queued when it was frozen: those events are not carried")
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
             return

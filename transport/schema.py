@@ -318,7 +318,7 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd")
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
 OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
@@ -458,8 +458,15 @@ class EpollWatch:
 
 
 @dataclass(frozen=True)
+class InotifyWatch:
+    wd: Annotated[int, Int(1, (1 << 31) - 1, "an inotify watch descriptor")]
+    mask: U32                # as the kernel keeps it (IN_ONESHOT, IN_EXCL_UNLINK, ... included)
+    path: Annotated[str, AbsPath()]   # the watched file or directory, as the source host names it
+
+
+@dataclass(frozen=True)
 class EventFile:
-    """An eventfd, timerfd, signalfd, epoll instance or pidfd, with its state."""
+    """An eventfd, timerfd, signalfd, epoll instance, pidfd or inotify instance, with its state."""
 
     id: ObjectId
     kind: Annotated[str, Text(16)]   # one of EVENT_KINDS
@@ -473,6 +480,8 @@ class EventFile:
     watches: Annotated[tuple[EpollWatch, ...], Count(MAX_WATCHES)] = ()    # epoll: its interest list
     pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0   # pidfd: the process it refers to
                              # (one that moves too)
+    inotify: Annotated[tuple[InotifyWatch, ...], Count(MAX_WATCHES)] = ()   # inotify: its watches
+    queued: U32 = 0          # inotify: bytes of events queued at the freeze (not carried)
 
 
 @dataclass(frozen=True)
@@ -488,6 +497,9 @@ class EventFiles(Record):
             _check(e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
             _check(e.kind == "epoll" or not e.watches, f"event file {e.id}: watches on a {e.kind}")
             _check((e.pid > 0) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
+            _check(e.kind == "inotify" or not (e.inotify or e.queued), f"event file {e.id}: inotify watches on a "
+                   f"{e.kind}")
+            _check(len({w.wd for w in e.inotify}) == len(e.inotify), f"event file {e.id}: an inotify watch twice")
             seen.add(e.id)
 
 
