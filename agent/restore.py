@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import ptrace, sched, stub
+from agent import locks, ptrace, sched, stub
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -618,6 +618,7 @@ class Restorer:
             self._mm(proc)
             self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
+            self._locks(files)
             self._signals(proc)
             self._limits(proc)
             # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
@@ -671,6 +672,22 @@ class Restorer:
                 # Lowering it needs CAP_SYS_RESOURCE, which root can lack (as the rlimits).
                 self.report.warnings.append(f"oom_score_adj {proc.oom_score_adj} could not be set ({exc.strerror}): "
                                             "the process runs with 0")
+
+    def _locks(self, files: Files) -> None:
+        """Each file lock, taken by the process through its fd once its fd table is final (a
+        close of any fd of the file would drop its POSIX locks). Never waits: a lock held here
+        by another process fails the restore, and a live migration rolls back."""
+        for f in files.fds:
+            for lock in f.locks:
+                name, args, arg = locks.take_calls(f.fd, lock, self._scratch(0))
+                if arg is not None:
+                    self._put(arg)
+                try:
+                    self._call(name, *args)
+                except InjectionError as exc:
+                    raise RestoreError(f"cannot take {locks.describe(lock)} on {f.path} (fd {f.fd}) again: "
+                                       f"{exc.strerror} (held here by {locks.holders(f.path)}); move the process "
+                                       "when it does not hold it, or when they let go") from None
 
     def _loginuid(self, proc: ProcessState) -> None:
         """Audit's login uid, which only the process itself may write (with CAP_AUDIT_CONTROL,

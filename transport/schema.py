@@ -328,6 +328,20 @@ MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
 
+LOCK_KINDS = ("posix", "ofd", "flock")
+
+
+@dataclass(frozen=True)
+class FileLock:
+    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock or a flock
+    (the open file description's). ``length`` 0: to the end of the file, however long."""
+
+    kind: Annotated[str, Text(8)]     # one of LOCK_KINDS
+    write: Flag
+    start: Offset = 0
+    length: Offset = 0
+
+
 @dataclass(frozen=True)
 class FileDesc:
     """One fd. ``kind`` says what it refers to: a path ("file", "dir", "chr"), an end of a pipe
@@ -347,6 +361,7 @@ class FileDesc:
                              # (dup, fork): one offset, one set of status flags
     obj: U64 = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
                              # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
+    locks: Annotated[tuple[FileLock, ...], Count(1 << 16)] = ()   # kind "file": locks held through it
 
 
 @dataclass(frozen=True)
@@ -360,6 +375,10 @@ class Files(Record):
         for f in self.fds:
             _check(f.fd not in seen, f"file descriptor number {f.fd} twice")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
+            _check(f.kind == "file" or not f.locks, f"fd {f.fd}: locks on a {f.kind}")
+            for lock in f.locks:
+                _check(lock.kind in LOCK_KINDS, f"fd {f.fd}: lock kind {lock.kind!r}")
+                _check(lock.kind != "flock" or (lock.start, lock.length) == (0, 0), f"fd {f.fd}: a flock on a range")
             _check(f.kind in OBJECT_KINDS or bool(f.path), f"fd {f.fd}: no path")
             _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
