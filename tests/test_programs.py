@@ -176,6 +176,41 @@ def test_a_lock_that_cannot_be_carried_is_refused_and_kept(tmp_path: Path, how: 
     assert f" {kind} " in fdinfo              # still held
 
 
+# A file rewritten in place while the process moves (a database's pages): from a host to
+# itself both copies see the one file, so preflight must not take it for a different copy
+# (its contents change between the source's look and the destination's).
+REWRITER = r"""
+import hashlib, os, sys, time
+path, ready, out, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+fd = os.open(path, os.O_RDWR)
+size = os.fstat(fd).st_size
+for i in range(n):
+    os.pwrite(fd, i.to_bytes(8, "little"), (i * 4099) % (size - 8))
+    if i == 20:
+        open(ready, "w").close()
+    time.sleep(0.005)
+os.lseek(fd, 0, os.SEEK_SET)
+open(out, "w").write(hashlib.sha256(os.read(fd, size)).hexdigest() + "\n")
+"""
+
+
+def test_a_file_rewritten_in_place_moves_from_a_host_to_itself(tmp_path: Path) -> None:
+    script = tmp_path / "rewriter.py"
+    script.write_text(REWRITER)
+    outputs = []
+    for name, move in (("reference", False), ("moved", True)):
+        data, ready, out = tmp_path / f"{name}.db", tmp_path / f"{name}.ready", tmp_path / f"{name}.out"
+        data.write_bytes(bytes(1 << 20))
+        proc = start_until_ready([sys.executable, "-S", str(script), str(data), str(ready), str(out), "800"], ready,
+                                 start_new_session=True)
+        if move:
+            finished(moved(proc, "live", tmp_path))
+        else:
+            assert proc.wait(timeout=120) == 0
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+
+
 ASYNC_JOB = r"""
 import asyncio, hashlib, sys
 async def producer(q, n):
