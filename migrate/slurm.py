@@ -27,8 +27,10 @@ Facts about Slurm 22.05 (Debian bookworm) this relies on: ``sinfo --json`` and
 memory, finished ones for ``MinJobAge``); ``cpu_load`` is the load average times 100; memory
 is in MiB; a job's ``exit_code`` is a wait status (``0:0`` is 0, exit 1 is 256, SIGKILL 9);
 ``scontrol listpids JOBID NODE`` must run on the node, and needs the node name there unless
-the host name is the node's.  Client commands give up after about 9 s when slurmctld is down,
-and retry for a minute when the config file is missing, so that is checked first.
+the host name is the node's.  With slurmctld down, ``sinfo --json`` and ``squeue --json`` wait
+about 9 s, then exit 0 with an empty list and an "Unspecified error", while ``scontrol ping``
+answers DOWN at once: every query pings first.  With the config file missing, every command
+retries for a minute: that is checked before any runs.
 """
 from __future__ import annotations
 
@@ -260,6 +262,7 @@ class Slurm:
     # --- running commands ---
 
     async def _json(self, argv: list[str], key: str) -> dict[str, Any]:
+        await self.ping()
         out = await self._local(argv)
         try:
             doc = json.loads(out)
@@ -271,6 +274,17 @@ class Slurm:
         if isinstance(errors, list) and errors:
             raise SlurmError(f"`{' '.join(argv)}` reported: {_error_text(errors[0])}")
         return doc
+
+    async def ping(self) -> None:
+        """SlurmUnreachable unless slurmctld answers (``scontrol ping``: at once, where sinfo and
+        squeue wait 9 s and then print an empty list with an unspecified error)."""
+        try:
+            await self._local(["scontrol", "ping"])
+        except SlurmError as exc:
+            if isinstance(exc, SlurmUnreachable):
+                raise
+            raise SlurmUnreachable("slurmctld does not answer (scontrol ping: DOWN): start it, or point "
+                                   "SLURM_CONF at the cluster's slurm.conf") from None
 
     def _check_conf(self) -> None:
         if not os.path.isfile(self.conf):
