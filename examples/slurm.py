@@ -300,7 +300,7 @@ class SlurmCluster:
             time.sleep(0.1)
 
     def node_states(self) -> dict[str, str]:
-        """Node name -> sinfo's state (``idle``, ``mixed``, ``drained``, ``down*``, ...)."""
+        """Node name -> sinfo's compact state (``idle``, ``mix``, ``drain``, ``down*``, ...)."""
         out = self.command(["sinfo", "--noheader", "--Node", "-o", "%N %t"], check=False)
         return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
 

@@ -7,6 +7,7 @@ job's workload is moved from hostA to hostB with kcr-migrate while Slurm watches
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Callable, Iterator
 import pytest
 import trio
 
-from examples.slurm import SlurmCluster
-from examples.testbed import Testbed
+from examples.slurm import SlurmCluster, SlurmUnavailable, check_slurm_available
+from examples.testbed import Testbed, check_available
 from migrate.slurm import (JobProcesses, NodeUnusable, NoSuchJob, Slurm, SlurmError, SlurmJob,
                            SlurmUnreachable, UnknownNode)
 from tests._migration import migrate_cli, proc_state, wait_gone
@@ -287,3 +288,66 @@ async def test_scancel_after_a_move_ends_the_moved_workload(
             os.kill(moved, 9)
             wait_gone(moved)
 
+
+
+# --- examples/slurm.py as a human uses it ----------------------------------------------------------
+
+CLI_TESTBED_DIR = Path("/run/kcr-testbed-test-slurm")
+CLI_STATE_DIR = Path("/run/kcr-slurm-test-cli")
+CLI_PORT = 6847
+SLURM_CLI = Path(__file__).resolve().parent.parent / "examples" / "slurm.py"
+
+
+def slurm_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SLURM_CLI), "--state-dir", str(CLI_STATE_DIR), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def daemons_of(state_dir: Path) -> list[int]:
+    """Pids of processes started with a path in ``state_dir`` (slurmctld, slurmd, munged)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and proc_state(int(p)) not in (None, "Z")
+            and f"{state_dir}/".encode() in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")]
+
+
+def test_the_cli_brings_slurm_up_over_leftovers_and_down_with_its_jobs() -> None:
+    check_available()
+    try:
+        check_slurm_available()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"Slurm unavailable: {exc}")
+    bed = Testbed(CLI_TESTBED_DIR, hosts=("hostA", "hostB"), prefix="kcrs-", subnet="10.77.221.0/24")
+    try:
+        bed.up()
+        up = slurm_cli("up", "--testbed-dir", str(CLI_TESTBED_DIR), "--port", str(CLI_PORT))
+        assert up.returncode == 0, up.stderr
+        assert f"export SLURM_CONF={CLI_STATE_DIR}/slurm.conf" in up.stdout
+        first = daemons_of(CLI_STATE_DIR)
+        assert len(first) == 4, first                     # munged, slurmctld, 2 slurmd
+
+        # `up` again, as after an interrupted session: the old cluster goes, a new one comes.
+        again = slurm_cli("up", "--testbed-dir", str(CLI_TESTBED_DIR), "--port", str(CLI_PORT))
+        assert again.returncode == 0, again.stderr
+        assert not set(first) & set(daemons_of(CLI_STATE_DIR)) and len(daemons_of(CLI_STATE_DIR)) == 4
+
+        env = {**os.environ, "SLURM_CONF": str(CLI_STATE_DIR / "slurm.conf")}
+        job = subprocess.run(["sbatch", "--parsable", "-w", "hostB", "-o", "/dev/null", "--wrap", "sleep 300"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+        deadline = time.monotonic() + WAIT
+        while not (pids := subprocess.run(["scontrol", "listpids", job, "hostB"], env=env, capture_output=True,
+                                          text=True).stdout.split("\n")[1:]) or not pids[0]:
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.1)
+        job_pids = [int(line.split()[0]) for line in pids if line.strip()]
+        status = slurm_cli("status")
+        assert status.returncode == 0, status.stdout
+        assert [line.split()[:2] for line in status.stdout.splitlines()[:2]] == [["hostA", "idle"],
+                                                                                  ["hostB", "mix"]]
+
+        down = slurm_cli("down")
+        assert down.returncode == 0, down.stderr
+        assert daemons_of(CLI_STATE_DIR) == [] and not CLI_STATE_DIR.exists()
+        assert all(proc_state(pid) in (None, "Z") for pid in job_pids), "down left the job running"
+        assert slurm_cli("down").stdout == "no Slurm cluster recorded: nothing to remove\n"
+    finally:
+        slurm_cli("down")
+        bed.down()
