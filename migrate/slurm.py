@@ -249,7 +249,8 @@ class Slurm:
             raise SlurmError(f"Slurm job {job_id} is {job.state}, not running: it has no processes to move")
         node = node or job.batch_host
         if node not in job.nodes:
-            raise UnknownNode(f"node {node!r} is not one of Slurm job {job_id}'s nodes ({', '.join(job.nodes)})")
+            raise UnknownNode(f"node {node!r} is not one of Slurm job {job_id}'s nodes ({', '.join(job.nodes)}): "
+                              "pick one of them")
         command = (f"SLURM_CONF={shlex.quote(self.conf)} scontrol listpids {job_id} {shlex.quote(node)} "
                    f"&& echo {shlex.quote(LISTPIDS_MARK)} && ps -eo pid=,ppid=,comm=")
         status, out, err = await self._on_node(node, command)

@@ -135,6 +135,7 @@ async def test_a_batch_job_runs_on_the_chosen_node_and_its_processes_are_found(
     job_id, out, procs = await running_job(inventory, submit, "hostA")
     job = await inventory.job(job_id)
     assert (job.nodes, job.batch_host, job.state) == (("hostA",), "hostA", "RUNNING")
+    assert [n.name for n in await inventory.job_nodes(job_id)] == ["hostA"]
     shell = procs.batch_shell
     assert shell is not None and shell.comm == "slurm_script"
     assert procs.roots == (shell,)
@@ -151,6 +152,8 @@ async def test_a_batch_job_runs_on_the_chosen_node_and_its_processes_are_found(
     assert (job.state, job.exit_code) == ("COMPLETED", "0:0")
     assert (out / "result").read_text() == f"PASS job {job_id}\n"
     assert sacct_line(slurm, job_id) == ["COMPLETED", "0:0"]
+    with pytest.raises(SlurmError, match=f"Slurm job {job_id} is COMPLETED, not running"):
+        await inventory.job_processes(job_id)
 
 
 async def test_processes_on_a_host_with_its_own_pids_are_that_hosts(
@@ -161,6 +164,9 @@ async def test_processes_on_a_host_with_its_own_pids_are_that_hosts(
     root = testbed.root_pid("hostC", workload[0].pid)
     assert root is not None and testbed.host_pid("hostC", root) == workload[0].pid
     assert Path(f"/proc/{root}/cmdline").read_bytes().split(b"\0")[-2] == str(out).encode()
+    with pytest.raises(UnknownNode) as err:
+        await inventory.job_processes(job_id, "hostA")
+    assert str(err.value) == f"node 'hostA' is not one of Slurm job {job_id}'s nodes (hostC): pick one of them"
 
 
 async def test_a_drained_or_down_node_is_never_usable(inventory: Slurm, slurm: SlurmCluster) -> None:
