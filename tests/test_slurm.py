@@ -19,7 +19,7 @@ import trio
 from examples.slurm import SlurmCluster, SlurmUnavailable, check_slurm_available
 from examples.testbed import Testbed, check_available
 from migrate.slurm import (JobProcesses, NodeUnusable, NoSuchJob, Slurm, SlurmError, SlurmJob,
-                           SlurmUnreachable, UnknownNode)
+                           SlurmUnreachable, UnknownNode, _job_processes, _node)
 from tests._migration import migrate_cli, proc_state, wait_gone
 
 STANDIN_XFAIL = "needs the home stand-in (issue 14)"
@@ -114,6 +114,40 @@ def sacct_line(slurm: SlurmCluster, job_id: int) -> list[str]:
     """State and exit code of a finished job from the accounting Slurm keeps (jobcomp file)."""
     out = slurm.command(["sacct", "-c", "-n", "-P", "-j", str(job_id), "-o", "jobid,state,exitcode"])
     return [line.split("|")[1:] for line in out.splitlines() if line.split("|")[0] == str(job_id)][0]
+
+
+# --- what Slurm says is checked before use (no cluster needed) ------------------------------------
+
+NODE = {"name": "node7", "address": "10.0.0.7", "state": "mixed", "state_flags": ["DRAIN"], "cpus": 64,
+        "alloc_cpus": 8, "cpu_load": 1250, "real_memory": 257000, "free_memory": 200000,
+        "partitions": ["batch"], "reason": "disk"}
+
+
+def test_a_node_record_is_decoded_with_units_and_state() -> None:
+    node = _node(NODE)
+    assert (node.load, node.memory_bytes, node.free_memory_bytes) == (12.5, 257000 << 20, 200000 << 20)
+    assert (node.host_state, node.describe) == ("drained", "mixed+DRAIN")
+    assert _node({**NODE, "state_flags": [], "state": "down"}).host_state == "down"
+    assert _node({**NODE, "state_flags": ["NOT_RESPONDING"], "state": "idle"}).host_state == "down"
+    assert _node({**NODE, "state_flags": []}).host_state == "up"
+    assert _node({**NODE, "free_memory": (1 << 64) - 2}).free_memory_bytes is None   # NO_VAL: not reported
+
+
+@pytest.mark.parametrize("bad", [{"name": "node7; rm -rf /"}, {"name": 7}, {"cpus": -1}, {"cpus": True},
+                                 {"real_memory": 1 << 50}, {"partitions": "batch"}, {"state": None}])
+def test_a_node_record_out_of_shape_is_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(SlurmError, match="^Slurm"):
+        _node({**NODE, **bad})
+
+
+def test_a_listing_that_is_not_the_jobs_pids_is_refused() -> None:
+    listing = "PID JOBID STEPID LOCALID GLOBALID\n11 5 batch 0 0\n12 5 batch - -\n"
+    ps = " 11  10 slurm_script\n 12  11 python3\n 13  12 sleep\n 99 1 init\n"
+    procs = _job_processes(5, listing, ps)
+    assert [(p.pid, p.ppid, p.comm, p.local_id) for p in procs] == [(11, 10, "slurm_script", 0),
+                                                                    (12, 11, "python3", None)]
+    with pytest.raises(SlurmError, match="printed a line that is not a pid of the job"):
+        _job_processes(5, listing + "13 6 batch - -\n", ps)
 
 
 # --- the cluster and the inventory -----------------------------------------------------------------
