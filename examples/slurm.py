@@ -49,8 +49,15 @@ Facts about Debian bookworm's Slurm (``slurm-wlm`` 22.05.8) established here:
   node's slurmstepd socket in the spool dir; without the node name it needs the machine's
   hostname to be a node name and fails ("Couldn't find nodename").  On a host with its own pid
   namespace the pids are that namespace's.
-* with slurmctld down, client commands give up after about 9 s; with ``SLURM_CONF`` naming a
-  missing file they retry for 60 s before failing: check the file first.
+* with slurmctld down, ``sinfo --json``/``squeue --json`` wait about 9 s and then exit 0 with an
+  empty list and "Unspecified error"; ``scontrol ping`` says DOWN at once.  With ``SLURM_CONF``
+  naming a missing file every command retries for 60 s before failing: check the file first.
+* up takes 0.3-1 s here (munged, slurmctld listening, every slurmd registered and idle); a
+  trivial job then takes 0.5-3 s from sbatch to COMPLETED (scheduling passes, not the hosts).
+* a job whose workload kcr-migrate moves away (without a home stand-in) ends at once: the batch
+  shell's ``wait`` returns 137 and Slurm records ``FAILED 137:0``; moving the batch shell with
+  its workload lets the job run to its end on the other host, but slurmstepd saw its shell die
+  of SIGKILL and records ``FAILED 0:9``.
 
 The same logic is importable: ``SlurmCluster(testbed).up()``.  Needs root.
 """
