@@ -17,14 +17,17 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import fdtable, ptrace
+from agent import fdtable, ptrace, sched
 from agent.freeze import NR_RESTART_SYSCALL, Held
-from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
+from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
 from precopy.layout import PageFinder, read_smaps, to_vma
 from transport.errors import UnsupportedResource
 from transport.schema import (
+    AUDIT_UID_UNSET,
+    MEMBARRIER_REGISTER_COMMANDS,
+    MEMBARRIER_REGISTRATIONS,
     FORMAT_VERSION,
     PAGE_SIZE,
     Creds,
@@ -44,6 +47,7 @@ TOOL_VERSION = "0.1.0"
 SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
 PR_GET_THP_DISABLE = 42
+MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 ERESTART_CODES = (-512, -513, -514, -516)
 
 
@@ -140,6 +144,8 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
     ss = scratch.get(0, 24)
     head, head_len = get_robust_list(tid)
     pending = ptrace.peek_siginfo(tid, shared=False)
+    timer_slack = inj.call("prctl", sched.PR_GET_TIMERSLACK)
+    sch = sched.read_thread(tid)
     if tid in held.inflight:
         pending.insert(0, held.inflight[tid])
     return ThreadState(
@@ -147,7 +153,9 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
         xstate=ptrace.get_xstate(tid), sigmask=inj.saved_mask, pending=tuple(pending),
         tid_address=tid_address, robust_list=head, robust_list_len=head_len,
         rseq_addr=rseq_addr, rseq_len=rseq_len, rseq_sig=rseq_sig,
-        altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16))
+        altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16),
+        timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
+        sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus)
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:
@@ -213,7 +221,34 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         sigactions=tuple(sigactions), itimers=tuple(itimers),
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE),
-        posix_timers=_posix_timers(pid, inj, scratch))
+        posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
+        membarrier=_membarrier_registrations(inj))
+
+
+def _loginuid(pid: int) -> int:
+    try:
+        return int(read_text(pid, "loginuid"))
+    except (OSError, ValueError):       # a kernel without audit has no loginuid
+        return AUDIT_UID_UNSET
+
+
+def _membarrier_registrations(inj: Injector) -> int:
+    """The membarrier commands the process registered for: MEMBARRIER_CMD_GET_REGISTRATIONS
+    (Linux 6.3), or before it each private expedited barrier issued once, which only a
+    registered process may (EPERM otherwise). Before 6.3 a global expedited registration
+    cannot be seen, and is not carried."""
+    try:
+        return inj.call("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0) & MEMBARRIER_REGISTRATIONS
+    except InjectionError:
+        pass
+    found = 0
+    for register in MEMBARRIER_REGISTER_COMMANDS[1:]:     # the barrier's command is the bit below
+        try:
+            inj.call("membarrier", register >> 1, 0, 0)
+            found |= register
+        except InjectionError:
+            continue
+    return found
 
 
 _NOTIFY = {"signal": 0, "none": 1, "thread": 2}
