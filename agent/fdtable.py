@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
@@ -37,20 +38,25 @@ from agent import inotify, locks, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
+from transport.records import MAX_BYTES
 from transport.schema import (
     EVENT_KINDS,
+    MAX_DELETED_FILE,
     O_CLOEXEC_FLAG,
     SOCK_DGRAM,
     EpollWatch,
     EventFile,
     EventFiles,
+    FileContents,
     FileDesc,
+    FileLock,
     Files,
     PipeBuffer,
     Pipes,
     SocketOptions,
     UnixSocket,
     UnixSockets,
+    check_objects_referenced,
 )
 
 O_ACCMODE = 3
@@ -147,6 +153,12 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     objects: dict[tuple[str, int], list[Held]] = {}
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects)
+    deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
+    if sum(deleted.values()) > MAX_DELETED_TOTAL:
+        raise UnsupportedResource(
+            f"pid {pids[0]}'s job holds {len(deleted)} deleted files of {sum(deleted.values()) >> 20} MiB in all: "
+            f"kcr-migrate carries up to {MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is "
+            "frozen); close some, or keep the data in files that have names", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
     outside = outside_fds(inside) if objects or events else []
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
@@ -229,6 +241,9 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if info.target in EVENT_TARGETS:
             out.append(FileDesc(fd=info.fd, kind=EVENT_TARGETS[info.target], path="", flags=info.flags, pos=0))
             continue
+        if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode):
+            out.append(_deleted(pid, info, held))
+            continue
         kind, why = classify_fd(info)
         if kind is None:
             raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
@@ -244,6 +259,49 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
+MAX_DELETED_TOTAL = 48 << 20   # of deleted files' contents per job (they travel in one holder message)
+
+
+def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
+    """A deleted regular file open as an fd (a temporary file, O_TMPFILE): its contents are
+    carried and it is made again, unlinked. One still linked under another name is refused
+    (a copy would no longer be that file), as is one too big to carry at the freeze."""
+    st = info.st
+    assert st is not None
+    name = info.target[:-len(" (deleted)")]
+    if st.st_nlink:
+        raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is {name}, deleted under that name but still linked "
+                                  f"under another (inode {st.st_ino}): {_CANNOT}", pid=pid)
+    if st.st_size > MAX_DELETED_FILE:
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {info.fd} is the deleted file {name} of {st.st_size >> 20} MiB: kcr-migrate carries "
+            f"deleted files up to {MAX_DELETED_FILE >> 20} MiB (their contents go while the process is frozen); "
+            "close it, or keep the data in a file that has a name", pid=pid)
+    if held:
+        raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the deleted file {name} (fd "
+                                  f"{info.fd}): kcr-migrate carries locks on files with a name only", pid=pid)
+    return FileDesc(fd=info.fd, kind="deleted", path=name if name.startswith("/") else "/", flags=info.flags,
+                    pos=info.pos, size=st.st_size, obj=st.st_ino)
+
+
+def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
+    """A deleted file's contents in slices, read through the process's fd (it has no name)."""
+    own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(own)
+        if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
+            raise UnsupportedResource(f"pid {pid}'s deleted file on fd {fd} changed while it was being read: "
+                                      "try again", pid=pid)
+        slices, offset = [], 0
+        while True:
+            data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
+            slices.append(FileContents(id=ino, size=st.st_size, offset=offset, data=data,
+                                       mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
+            offset += len(data)
+            if not data or offset >= st.st_size:
+                return slices
+    finally:
+        os.close(own)
 
 
 def _redirect_hint(fd: int, why: str) -> str:
@@ -343,9 +401,14 @@ class FdState:
     pipes: Pipes
     sockets: UnixSockets
     events: EventFiles
+    contents: tuple[FileContents, ...] = ()    # deleted files' contents, in slices
 
-    def records(self) -> tuple[Files, Pipes, UnixSockets, EventFiles]:
-        return self.files, self.pipes, self.sockets, self.events
+    def records(self) -> tuple[Files | Pipes | UnixSockets | EventFiles | FileContents, ...]:
+        return (self.files, self.pipes, self.sockets, self.events, *self.contents)
+
+    def check_referenced(self) -> None:
+        """Every fd that refers to an object refers to one these records carry."""
+        check_objects_referenced(self.files, self.pipes, self.sockets, self.events, *self.contents)
 
 
 def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
@@ -363,8 +426,11 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
     events: dict[int, tuple[int, FileDesc]] = {}
+    deleted: dict[int, tuple[int, int]] = {}
     for pid, fds in tables.items():
         for f in fds:
+            if f.kind == "deleted":
+                deleted.setdefault(f.obj, (pid, f.fd))
             if f.kind in EVENT_KINDS:
                 events.setdefault(f.obj, (pid, f))
             if f.kind == "pipe":
@@ -399,8 +465,11 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
     for obj, (pid, f) in events.items():
         event_files[pid].append(_event_file(pid, f, obj))
+    contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
+    for ino, (pid, fd) in deleted.items():
+        contents[pid] += _deleted_contents(pid, fd, ino)
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
-                         EventFiles(tuple(event_files[pid])))
+                         EventFiles(tuple(event_files[pid])), tuple(contents[pid]))
             for pid in pids}
 
 

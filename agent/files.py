@@ -167,7 +167,8 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
             facts[m.name] = FileFact(m.name, size, digest, False, identity(m.name, os.stat(m.name)))
     for info in list_fds(pid):
         st = info.st
-        if st is None or not info.target.startswith("/") or under(info.target, exempt) or info.fd in redirected:
+        if st is None or not info.target.startswith("/") or under(info.target, exempt) or info.fd in redirected \
+                or info.target.endswith(" (deleted)"):        # carried whole (agent.fdtable)
             continue
         if not stat_mod.S_ISREG(st.st_mode) or info.target in facts:
             continue

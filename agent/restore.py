@@ -80,6 +80,7 @@ from transport.schema import (
     TASK_SIZE,
     Creds,
     EventFiles,
+    FileContents,
     FileDesc,
     Files,
     GpRegs,
@@ -93,7 +94,6 @@ from transport.schema import (
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
     Vma,
-    check_objects_referenced,
     check_threads,
 )
 
@@ -138,6 +138,7 @@ class ProcessRecords:
     pipes: Pipes = field(default_factory=lambda: Pipes(()))
     sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
     events: EventFiles = field(default_factory=lambda: EventFiles(()))
+    contents: list[FileContents] = field(default_factory=list)
     threads: list[ThreadState] = field(default_factory=list)
 
     def take(self, item: object) -> bool:
@@ -154,6 +155,8 @@ class ProcessRecords:
             self.events = item
         elif isinstance(item, ThreadState):
             self.threads.append(item)
+        elif isinstance(item, FileContents):
+            self.contents.append(item)
         else:
             return False
         return True
@@ -164,7 +167,7 @@ class ProcessRecords:
 
     def fds(self) -> FdState:
         assert self.files is not None
-        return FdState(self.files, self.pipes, self.sockets, self.events)
+        return FdState(self.files, self.pipes, self.sockets, self.events, tuple(self.contents))
 
 
 @dataclass
@@ -598,7 +601,7 @@ class Restorer:
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
             return
-        check_objects_referenced(*fds.records())
+        fds.check_referenced()
         own = Descriptions()
         try:
             own.add(fds)

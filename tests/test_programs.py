@@ -211,6 +211,57 @@ def test_a_file_rewritten_in_place_moves_from_a_host_to_itself(tmp_path: Path) -
     assert outputs[0] == outputs[1]
 
 
+# Deleted files held open: Python's TemporaryFile (O_TMPFILE), and a file unlinked after it was
+# opened twice (two descriptions of one inode, one of them dup'd) holding more than one slice.
+DELETED = r"""
+import hashlib, os, sys, tempfile, time
+d = sys.argv[1]
+t = tempfile.TemporaryFile(dir=d)
+t.write(b"temporary " * 1000)
+t.flush()
+path = os.path.join(d, "gone.dat")
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+os.write(fd, bytes(range(256)) * 12000)
+fd2 = os.open(path, os.O_RDONLY)
+os.lseek(fd2, 1000, os.SEEK_SET)
+fd3 = os.dup(fd)
+os.unlink(path)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.01)
+t.seek(0)
+first = hashlib.sha256(t.read()).hexdigest()[:16]
+os.write(fd3, b"tail")
+st, st2 = os.fstat(fd), os.fstat(fd2)
+seen = os.read(fd2, 8).hex()
+os.lseek(fd2, -4, os.SEEK_END)
+last = os.read(fd2, 4)
+with open(os.path.join(d, "output"), "w") as out:
+    out.write(f"{first} {st.st_size} {st.st_nlink} {oct(st.st_mode & 0o777)} {st.st_ino == st2.st_ino} "
+              f"{os.lseek(fd, 0, os.SEEK_CUR)} {seen} {last} {os.listdir(d)}\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_deleted_files_held_open(tmp_path: Path, how: str) -> None:
+    script = tmp_path / "deleted.py"
+    script.write_text(DELETED)
+    outputs = []
+    for name, move in (("reference", False), ("moved", True)):
+        d = tmp_path / name
+        d.mkdir()
+        proc = start_until_ready([sys.executable, "-S", str(script), str(d)], d / "ready", start_new_session=True)
+        pid = moved(proc, how, tmp_path) if move else proc.pid
+        (d / "go").touch()
+        if move:
+            finished(pid)
+        else:
+            assert proc.wait(timeout=60) == 0
+        outputs.append((d / "output").read_text())
+    assert outputs[0] == outputs[1]
+    assert " 3072004 0 0o640 True 3072004 e8e9eaebecedeeef b'tail' " in outputs[1], outputs[1]
+
+
 ASYNC_JOB = r"""
 import asyncio, hashlib, sys
 async def producer(q, n):

@@ -319,8 +319,10 @@ class Mappings(Record):
 # --- files --------------------------------------------------------------------------------
 
 EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
-FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
-OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
+FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted") + EVENT_KINDS
+# fds of these kinds refer to an object the stream carries
+OBJECT_KINDS = ("pipe", "unix", "deleted") + EVENT_KINDS
+MAX_DELETED_FILE = 16 << 20    # bytes of a deleted file carried (bigger ones are refused)
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
 # device can have effects of its own, so an image that names another one is refused too.
 CHAR_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -522,10 +524,30 @@ class EventFiles(Record):
             seen.add(e.id)
 
 
+@dataclass(frozen=True)
+class FileContents(Record):
+    """A slice of the contents of a deleted file the process holds open (fds of kind
+    "deleted" name it by ``id``); the file is made again, unlinked, from its slices."""
+
+    TYPE = 13
+    id: ObjectId             # the file's inode on the source host
+    size: Annotated[int, Int(0, MAX_DELETED_FILE, "a deleted file's size")]
+    offset: Offset
+    data: Annotated[bytes, Blob(MAX_BYTES)]
+    mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0o600
+    uid: Id = 0
+    gid: Id = 0
+
+    def validate(self) -> None:
+        _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
+
+
 def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
-                             events: EventFiles = EventFiles(())) -> None:
-    """Every pipe, socket or event fd refers to an object the stream carries, of its kind."""
-    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets}}
+                             events: EventFiles = EventFiles(()), *contents: FileContents) -> None:
+    """Every pipe, socket, event or deleted-file fd refers to an object the stream carries,
+    of its kind."""
+    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets},
+                                "deleted": {c.id for c in contents}}
     for e in events.files:
         ids.setdefault(e.kind, set()).add(e.id)
     for kind in EVENT_KINDS:
@@ -710,7 +732,7 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets, ProcessTree, ProcessBegin, EventFiles)
+                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents)
 }
 
 
