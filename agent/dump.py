@@ -155,7 +155,8 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
         rseq_addr=rseq_addr, rseq_len=rseq_len, rseq_sig=rseq_sig,
         altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16),
         timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
-        sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus)
+        sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus,
+        ioprio=sch.ioprio)
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:

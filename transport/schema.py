@@ -633,6 +633,7 @@ class ThreadState(Record):
     sched_reset_on_fork: Flag = 0
     cpus: Annotated[bytes, Blob(MAX_CPUS // 8)] = b""
     timer_slack_ns: U64 = 0
+    ioprio: Annotated[int, Int(0, (3 << 13) | 7, "an I/O priority")] = 0   # ionice: class << 13 | level
 
     def validate(self) -> None:
         _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
