@@ -11,7 +11,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from agent import sched
+from agent import inventory, sched
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
 from transport.schema import CHAR_DEVICES
 
@@ -190,15 +190,7 @@ def mounts(pid: int | str = "self") -> list[tuple[int, int, str]]:
 
 _PROC_PID = re.compile(r"^/proc/\d+(/|$)")
 
-_FD_REFUSALS = (
-    ("pipe:", "a pipe"),         # agent.fdtable carries those it can before asking here
-    ("socket:", "a socket"),     # (and eventfds, timerfds, signalfds, epoll instances)
-    ("anon_inode:[fanotify]", "a fanotify instance"),
-    ("anon_inode:[io_uring]", "an io_uring instance"),
-    ("anon_inode:[userfaultfd]", "a userfaultfd"),
-    ("/memfd:", "a memfd"),
-    ("anon_inode:", "an anonymous-inode file"),
-)
+_FD_REFUSALS = inventory.fd_refusals()     # pipes, sockets and event files agent.fdtable carries come first
 
 
 def classify_fd(info: FdInfo) -> tuple[str | None, str]:
