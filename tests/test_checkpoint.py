@@ -215,7 +215,7 @@ def test_threads_keep_their_ids(tmp_path: Path) -> None:
 def test_restore_where_the_pid_is_taken(tmp_path: Path) -> None:
     """The original still runs: restore refuses, naming the pid, and leaves nothing behind;
     with --new-pid it restores a copy under a new pid."""
-    w = Workload("ckpt_array", tmp_path / "orig", "30")
+    w = Workload("ckpt_array", tmp_path / "orig", "120")
     w.start()
     w.wait_ready()
     image = tmp_path / "img"
