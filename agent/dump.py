@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import fdtable, ptrace, sched
+from agent import cgroups, fdtable, ptrace, sched
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
@@ -223,7 +223,7 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE),
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
-        membarrier=_membarrier_registrations(inj))
+        membarrier=_membarrier_registrations(inj), cgroups=cgroups.read(pid))
 
 
 def _loginuid(pid: int) -> int:

@@ -99,7 +99,7 @@ ROWS: tuple[Row, ...] = (
     Row("process", "seccomp filters", REFUSED, readme="seccomp"),
     Row("process", "namespaces of its own", REFUSED, readme="namespaces"),
     Row("process", "its parent", LOST, readme="its parent"),
-    Row("process", "its cgroup", LOST, readme="cgroup"),
+    Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
     Row("process", "monotonic clock continuity", LOST, readme="monotonic clock"),
     # --- threads ----------------------------------------------------------------------------
     Row("thread", "its tid, name and registers", CARRIED, _f("ThreadState", "tid", "leader", "comm", "regs",

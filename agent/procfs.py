@@ -184,8 +184,25 @@ def mounts(pid: int | str = "self") -> list[tuple[int, int, str]]:
             fields = line.split()
             if len(fields) > 4:
                 major, _, minor = fields[2].partition(":")
-                out.append((int(major), int(minor), re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])))
+                out.append((int(major), int(minor), _unescape(fields[4])))
     return out
+
+
+def mount_table(pid: int | str = "self") -> list[tuple[str, str, str, str]]:
+    """(filesystem type, mount point, super options, the filesystem's directory mounted there)
+    of each mount in ``pid``'s namespace."""
+    out: list[tuple[str, str, str, str]] = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if len(fields) > 4 and len(rest) >= 3:
+                out.append((rest[0], _unescape(fields[4]), rest[2], _unescape(fields[3])))
+    return out
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 _PROC_PID = re.compile(r"^/proc/\d+(/|$)")

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import locks, ptrace, sched, stub
+from agent import cgroups, locks, ptrace, sched, stub
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -633,6 +633,8 @@ class Restorer:
             self._pending(proc, threads, new_tids)
             self._drop_gadget()
             self._final_registers(threads, new_tids)
+            # Cgroups first: joining a cpuset resets the threads' CPU affinity.
+            self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname())
             self._scheduling(proc, threads, new_tids)
         except InjectionError as exc:
             raise RestoreError(f"restore failed: {exc.strerror}") from None

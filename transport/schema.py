@@ -13,6 +13,7 @@ across records (one leader per process, xstate sizes against the header) are
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -240,6 +241,7 @@ class ProcessState(Record):
     loginuid: U32 = AUDIT_UID_UNSET     # /proc/PID/loginuid (audit's login uid)
     # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* commands the process issued
     membarrier: Annotated[int, Int(0, MEMBARRIER_REGISTRATIONS, "membarrier registrations")] = 0
+    cgroups: Annotated[tuple[Annotated[str, Text(4200)], ...], Count(64)] = ()   # /proc/PID/cgroup lines
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
@@ -249,6 +251,9 @@ class ProcessState(Record):
             _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
         _check(len(self.auxv) % 16 == 0, f"auxv of {len(self.auxv)} bytes (pairs of 8-byte words)")
         _check(len({t.id for t in self.posix_timers}) == len(self.posix_timers), "a POSIX timer id twice")
+        for line in self.cgroups:
+            _check(re.fullmatch(r"\d+:[\w=,.-]*:/[^\0]*", line) is not None and ".." not in line.split("/"),
+                   f"cgroup line {line[:80]!r}")
 
 
 # --- memory layout ------------------------------------------------------------------------
