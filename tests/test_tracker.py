@@ -92,7 +92,9 @@ def test_pinned_memory_is_refused_by_write_protection_trackers(tmp_path: Path) -
         check_trackable(w.pid, "checksum")
         choice = choose_tracker("auto", w.pid)
         assert choice.name == "checksum"
-        assert "pinned" in choice.reason or "io_uring" in choice.reason
+        probes = probe_backends()
+        if probes["uffd-wp"].available or probes["soft-dirty"].available:   # else none but checksum works
+            assert "pinned" in choice.reason or "io_uring" in choice.reason
     finally:
         kill_workload(w)
 
