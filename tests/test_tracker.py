@@ -2,7 +2,8 @@
 
 Each backend must report every written page (no misses, ever); none may report a page of a
 stable mapping that was not written (a transparent huge page counts as all of its small pages
-for soft-dirty, which tracks it as one). Backends the kernel lacks are skipped with the probe's
+for soft-dirty, which tracks it as one: these scans send nothing, and narrowing a huge page to
+its changed pages needs what was sent; tests/test_hugepages.py covers that). Backends the kernel lacks are skipped with the probe's
 reason (soft-dirty here: no CONFIG_MEM_SOFT_DIRTY).
 """
 from __future__ import annotations
