@@ -10,6 +10,7 @@ reason (soft-dirty here: a kernel without CONFIG_MEM_SOFT_DIRTY; the soft-dirty 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -20,10 +21,23 @@ from precopy.hugepages import HUGE, HugePageNarrowing, anon_huge_bytes, huge_spa
 from precopy.intervals import clip, npages, pages_of
 from precopy.layout import PageFinder, read_maps, trackable
 from precopy.pagemap import pagemap_scan_works
+from precopy.policy import PrecopyPolicy
 from precopy.reader import PageReader
+from precopy.rounds import final_round, precopy
 from precopy.tracker import DirtyTracker, Scan, make_tracker
 from tests._migration import migrate_cli
-from tests._tracking import DirtyBench, backend_params, control_for, require_huge_pages
+from tests._tracking import (
+    DirtyBench,
+    MemorySink,
+    WriterLog,
+    backend_params,
+    compare_with_process,
+    control_for,
+    kill_workload,
+    require_huge_pages,
+    stop_process,
+    workload,
+)
 from tests._workloads import Workload, become_subreaper, reap, run_reference
 from transport.schema import PAGE_SIZE
 
@@ -89,6 +103,38 @@ def test_huge_pages_cost_what_small_pages_cost(backend: str, tmp_path: Path, tra
     finally:
         huge.close()
         small.close()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+async def test_the_round_loop_on_huge_pages_sends_little_and_exactly(backend: str, tmp_path: Path,
+                                                                     tracer: Tracer) -> None:
+    """Pre-copy rounds over a writer of scattered pages in 16 MiB of huge pages (8 of them, all
+    written to between two rounds): each round after the first sends far less than the huge
+    pages it touched, and after the final round (process stopped) the destination holds
+    exactly the process's memory."""
+    w = workload("dirty_writer", tmp_path, "256", "300", "9", "16")
+    log = WriterLog(w)
+    try:
+        backed = sum(n for (s, e), n in anon_huge_bytes(w.pid).items() if s < log.thp + (16 << 20) and e > log.thp)
+        if backed < 8 << 20:
+            pytest.skip(f"transparent huge pages unavailable (THP setting '{thp_setting()}', "
+                        f"{backed >> 10} kB huge-page backed after MADV_HUGEPAGE)")
+        sink = MemorySink(delay_s=0.005)
+        tracker = make_tracker(backend, w.pid, control_for(w.pid, tracer))
+        try:
+            result = await precopy(tracker, sink, PrecopyPolicy(downtime_target_ms=0.0, min_pages=0, growth_limit=1e9,
+                                                                max_rounds=6, max_bytes_factor=1e6))
+            stop_process(w.pid)
+            await final_round(tracker, sink, result)
+        finally:
+            tracker.stop()
+        problems = compare_with_process(sink, w.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+        later = [r.pages_written for r in result.rounds[1:]]
+        assert later and max(later) < log.thp_pages // 4, (backend, later)
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+        kill_workload(w)
 
 
 # --- narrowing a whole huge page to its changed pages --------------------------------------
