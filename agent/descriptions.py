@@ -27,6 +27,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
+from agent import inotify
 from transport.errors import RestoreError
 from transport.schema import (
     EVENT_KINDS,
@@ -280,6 +281,8 @@ def _make_event_file(e: EventFile) -> int:
     if e.kind == "signalfd":
         mask = ctypes.c_uint64(e.sigmask)
         return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC), "a signalfd")
+    if e.kind == "inotify":
+        return inotify.make(e.inotify)
     if e.kind == "pidfd":
         try:       # the process exists here by now, under its pid (a tree's processes come first)
             return os.pidfd_open(e.pid)

@@ -19,12 +19,15 @@ from typing import Mapping
 
 from agent import fdtable, ptrace, sched
 from agent.freeze import NR_RESTART_SYSCALL, Held
-from agent.inject import Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
+from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
 from precopy.layout import PageFinder, read_smaps, to_vma
 from transport.errors import UnsupportedResource
 from transport.schema import (
+    AUDIT_UID_UNSET,
+    MEMBARRIER_REGISTER_COMMANDS,
+    MEMBARRIER_REGISTRATIONS,
     FORMAT_VERSION,
     PAGE_SIZE,
     Creds,
@@ -44,6 +47,7 @@ TOOL_VERSION = "0.1.0"
 SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
 PR_GET_THP_DISABLE = 42
+MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 ERESTART_CODES = (-512, -513, -514, -516)
 
 
@@ -217,7 +221,34 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         sigactions=tuple(sigactions), itimers=tuple(itimers),
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE),
-        posix_timers=_posix_timers(pid, inj, scratch))
+        posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
+        membarrier=_membarrier_registrations(inj))
+
+
+def _loginuid(pid: int) -> int:
+    try:
+        return int(read_text(pid, "loginuid"))
+    except (OSError, ValueError):       # a kernel without audit has no loginuid
+        return AUDIT_UID_UNSET
+
+
+def _membarrier_registrations(inj: Injector) -> int:
+    """The membarrier commands the process registered for: MEMBARRIER_CMD_GET_REGISTRATIONS
+    (Linux 6.3), or before it each private expedited barrier issued once, which only a
+    registered process may (EPERM otherwise). Before 6.3 a global expedited registration
+    cannot be seen, and is not carried."""
+    try:
+        return inj.call("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0) & MEMBARRIER_REGISTRATIONS
+    except InjectionError:
+        pass
+    found = 0
+    for register in MEMBARRIER_REGISTER_COMMANDS[1:]:     # the barrier's command is the bit below
+        try:
+            inj.call("membarrier", register >> 1, 0, 0)
+            found |= register
+        except InjectionError:
+            continue
+    return found
 
 
 _NOTIFY = {"signal": 0, "none": 1, "thread": 2}

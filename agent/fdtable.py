@@ -11,7 +11,9 @@
   read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
   EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
   replaced since it was registered is refused (the kernel still reports it, restore could not
-  make it again);
+  make it again); inotify instances (every watch by path, mask and number; ``agent.inotify``);
+- file locks held through an fd (POSIX record locks that are the process's own, OFD locks,
+  flocks) go with its record (``agent.locks``); leases are refused;
 - an unbound unix socket likewise (a socketpair, as asyncio's self-pipe and
   multiprocessing's duplex pipes are; a socket whose peer has closed; one never connected):
   type, options, shutdown state and every queued message travel (``agent.unix_sockets``);
@@ -31,7 +33,7 @@ import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from agent import unix_sockets
+from agent import inotify, locks, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
@@ -71,7 +73,7 @@ class Peer:
 
 EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
                  "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll",
-                 "anon_inode:[pidfd]": "pidfd"}
+                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -153,6 +155,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     if events:
         _check_event_files_not_shared(events, outside)
         _check_pidfds(events, inside)
+        for pid, f in events:          # every watch still reachable by a path (or refused now)
+            if f.kind == "inotify":
+                inotify.watches(pid, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
         for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
@@ -207,13 +212,11 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             pid=pid)
     out: list[FileDesc] = []
     for info in infos:
-        if info.locks:
-            # "1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"
-            how = (info.locks[0].split() + ["", "", ""])[1:4]
-            raise UnsupportedResource(
-                f"pid {pid} holds a {how[0]} {how[2].lower()} lock (or lease) on {info.target} (fd {info.fd}): "
-                "kcr-migrate cannot carry file locks yet, and a lock lost on the way is how data gets "
-                "corrupted; release it before moving the process", pid=pid)
+        # Before anything opens the file (preflight hashes it): a lease would break.
+        held = locks.parse(pid, info.fd, info.target, info.locks)
+        if held and info.fd in redirect:
+            raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} through fd "
+                                      f"{info.fd}, which --redirect replaces: the lock would be lost", pid=pid)
         if info.fd in redirect:
             out.append(FileDesc(fd=info.fd, kind="redirect", path=redirect[info.fd], flags=info.flags, pos=0))
             continue
@@ -230,10 +233,13 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if kind is None:
             raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
                                       f"{_redirect_hint(info.fd, why)}", pid=pid)
+        if held and kind != "file":
+            raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} (fd {info.fd}), "
+                                      "which is not a regular file: kcr-migrate carries locks on regular files only", pid=pid)
         st = info.st
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
-                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0))
+                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held))
     return out
 
 
@@ -412,6 +418,17 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
     if f.kind == "pidfd":
         return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
+    if f.kind == "inotify":
+        pidfd = pidfd_open(pid)
+        try:
+            dup = pidfd_getfd(pidfd, f.fd)
+        finally:
+            os.close(pidfd)
+        try:
+            queued = inotify.queued_bytes(dup)
+        finally:
+            os.close(dup)
+        return EventFile(obj, "inotify", inotify=inotify.watches(pid, text), queued=queued)
     watches = []
     for line in text.splitlines():
         if line.startswith("tfd:"):

@@ -175,12 +175,24 @@ def check_target(pid: int) -> None:
         raise ProcessError(f"{pid} is a thread of process {tgid}: give the process id {tgid}", pid=pid)
 
 
+def mounts(pid: int | str = "self") -> list[tuple[int, int, str]]:
+    """(major, minor, mount point) of each mount in ``pid``'s mount namespace, as mountinfo
+    lists them (octal escapes such as ``\\040`` for a space undone)."""
+    out: list[tuple[int, int, str]] = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4:
+                major, _, minor = fields[2].partition(":")
+                out.append((int(major), int(minor), re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])))
+    return out
+
+
 _PROC_PID = re.compile(r"^/proc/\d+(/|$)")
 
 _FD_REFUSALS = (
     ("pipe:", "a pipe"),         # agent.fdtable carries those it can before asking here
     ("socket:", "a socket"),     # (and eventfds, timerfds, signalfds, epoll instances)
-    ("anon_inode:inotify", "an inotify instance"),
     ("anon_inode:[fanotify]", "a fanotify instance"),
     ("anon_inode:[io_uring]", "an io_uring instance"),
     ("anon_inode:[userfaultfd]", "a userfaultfd"),

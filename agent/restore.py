@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import ptrace, sched, stub
+from agent import locks, ptrace, sched, stub
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -74,6 +74,8 @@ from transport.schema import (
     ADV_MERGEABLE,
     ADV_NOHUGEPAGE,
     ADV_WIPEONFORK,
+    AUDIT_UID_UNSET,
+    MEMBARRIER_REGISTER_COMMANDS,
     PAGE_SIZE,
     TASK_SIZE,
     Creds,
@@ -589,6 +591,10 @@ class Restorer:
         event files are in it already); without it, this process's own are made and dropped
         here."""
         check_threads(proc, threads, self.header)
+        for e in fds.events.files:
+            if e.queued:
+                self.report.warnings.append(f"an inotify instance of pid {proc.pid} had {e.queued} bytes of events "
+                                            "queued when it was frozen: those events are not carried")
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
             return
@@ -612,6 +618,7 @@ class Restorer:
             self._mm(proc)
             self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
+            self._locks(files)
             self._signals(proc)
             self._limits(proc)
             # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
@@ -653,6 +660,10 @@ class Restorer:
     def _memory_attributes(self, proc: ProcessState) -> None:
         if proc.thp_disable:
             self._call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        for command in MEMBARRIER_REGISTER_COMMANDS:
+            if proc.membarrier & command:
+                self._call("membarrier", command, 0, 0)
+        self._loginuid(proc)
         if proc.oom_score_adj:
             try:
                 with open(f"/proc/{self.pid}/oom_score_adj", "w") as f:
@@ -661,6 +672,44 @@ class Restorer:
                 # Lowering it needs CAP_SYS_RESOURCE, which root can lack (as the rlimits).
                 self.report.warnings.append(f"oom_score_adj {proc.oom_score_adj} could not be set ({exc.strerror}): "
                                             "the process runs with 0")
+
+    def _locks(self, files: Files) -> None:
+        """Each file lock, taken by the process through its fd once its fd table is final (a
+        close of any fd of the file would drop its POSIX locks). Never waits: a lock held here
+        by another process fails the restore, and a live migration rolls back."""
+        for f in files.fds:
+            for lock in f.locks:
+                name, args, arg = locks.take_calls(f.fd, lock, self._scratch(0))
+                if arg is not None:
+                    self._put(arg)
+                try:
+                    self._call(name, *args)
+                except InjectionError as exc:
+                    raise RestoreError(f"cannot take {locks.describe(lock)} on {f.path} (fd {f.fd}) again: "
+                                       f"{exc.strerror} (held here by {locks.holders(f.path)}); move the process "
+                                       "when it does not hold it, or when they let go") from None
+
+    def _loginuid(self, proc: ProcessState) -> None:
+        """Audit's login uid, which only the process itself may write (with CAP_AUDIT_CONTROL,
+        which it still has here, before its credentials are dropped)."""
+        try:
+            with open(f"/proc/{self.pid}/loginuid") as f:
+                now = int(f.read())
+        except (OSError, ValueError):
+            now = AUDIT_UID_UNSET
+        if now == proc.loginuid:
+            return
+        text = str(proc.loginuid).encode()
+        fd = -1
+        try:
+            fd = self._open("/proc/self/loginuid", os.O_WRONLY | O_CLOEXEC)
+            self._call("write", fd, self._put(text), len(text))
+        except InjectionError as exc:
+            self.report.warnings.append(f"loginuid {proc.loginuid} could not be set ({exc.strerror}): the process "
+                                        f"runs with {now} (audit records name that login)")
+        finally:
+            if fd >= 0:
+                self._call("close", fd)
 
     def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
         """Each open file description, made by the restorer (``agent.descriptions``), taken

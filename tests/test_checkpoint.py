@@ -122,6 +122,12 @@ def test_scheduling_per_thread(tmp_path: Path) -> None:
     assert w.output() == ref.output() == "scheduling checked: all good\n"
 
 
+def test_file_locks(tmp_path: Path) -> None:
+    """POSIX record locks (a range, and to EOF), an OFD lock, a flock: held again, excluding others."""
+    ref, w, _ = migrate_once("ckpt_locks", tmp_path)
+    assert w.output() == ref.output() == "locks checked: all held (0)\n"
+
+
 def test_unprivileged_user_keeps_credentials(tmp_path: Path) -> None:
     nobody = 65534
     ref, w, _ = migrate_once("ckpt_creds", tmp_path, user=nobody, groups=[nobody, 100])

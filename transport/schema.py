@@ -59,7 +59,12 @@ NGROUPS_MAX = 1 << 16
 MAX_PENDING = 4096          # queued siginfos per thread or process (RLIMIT_SIGPENDING is lower)
 VSYSCALL_START = 0xFFFF_FFFF_FF60_0000
 ROBUST_LIST_HEAD_SIZE = 24
-MAX_CPUS = 8192             # CONFIG_NR_CPUS tops out here  # sizeof(struct robust_list_head): set_robust_list takes nothing else
+MAX_CPUS = 8192             # CONFIG_NR_CPUS tops out here
+AUDIT_UID_UNSET = (1 << 32) - 1
+# MEMBARRIER_CMD_REGISTER_{GLOBAL_EXPEDITED, PRIVATE_EXPEDITED, PRIVATE_EXPEDITED_SYNC_CORE,
+# PRIVATE_EXPEDITED_RSEQ}
+MEMBARRIER_REGISTER_COMMANDS = (1 << 2, 1 << 4, 1 << 6, 1 << 8)
+MEMBARRIER_REGISTRATIONS = sum(MEMBARRIER_REGISTER_COMMANDS)  # sizeof(struct robust_list_head): set_robust_list takes nothing else
 
 # What the fields of the records below may hold (``transport.records`` checks while decoding).
 Pid = Annotated[int, Int(1, PID_MAX_LIMIT - 1, "a pid")]
@@ -232,6 +237,9 @@ class ProcessState(Record):
     thp_disable: Flag = 0    # prctl(PR_SET_THP_DISABLE)
     lock_future: Flag = 0    # mlockall(MCL_FUTURE): mappings to come are locked
     posix_timers: Annotated[tuple[PosixTimer, ...], Count(1 << 16)] = ()
+    loginuid: U32 = AUDIT_UID_UNSET     # /proc/PID/loginuid (audit's login uid)
+    # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* commands the process issued
+    membarrier: Annotated[int, Int(0, MEMBARRIER_REGISTRATIONS, "membarrier registrations")] = 0
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
@@ -310,7 +318,7 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd")
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
 OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
@@ -318,6 +326,20 @@ OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to a
 CHAR_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
+
+
+LOCK_KINDS = ("posix", "ofd", "flock")
+
+
+@dataclass(frozen=True)
+class FileLock:
+    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock or a flock
+    (the open file description's). ``length`` 0: to the end of the file, however long."""
+
+    kind: Annotated[str, Text(8)]     # one of LOCK_KINDS
+    write: Flag
+    start: Offset = 0
+    length: Offset = 0
 
 
 @dataclass(frozen=True)
@@ -339,6 +361,7 @@ class FileDesc:
                              # (dup, fork): one offset, one set of status flags
     obj: U64 = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
                              # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
+    locks: Annotated[tuple[FileLock, ...], Count(1 << 16)] = ()   # kind "file": locks held through it
 
 
 @dataclass(frozen=True)
@@ -352,6 +375,10 @@ class Files(Record):
         for f in self.fds:
             _check(f.fd not in seen, f"file descriptor number {f.fd} twice")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
+            _check(f.kind == "file" or not f.locks, f"fd {f.fd}: locks on a {f.kind}")
+            for lock in f.locks:
+                _check(lock.kind in LOCK_KINDS, f"fd {f.fd}: lock kind {lock.kind!r}")
+                _check(lock.kind != "flock" or (lock.start, lock.length) == (0, 0), f"fd {f.fd}: a flock on a range")
             _check(f.kind in OBJECT_KINDS or bool(f.path), f"fd {f.fd}: no path")
             _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
@@ -450,8 +477,15 @@ class EpollWatch:
 
 
 @dataclass(frozen=True)
+class InotifyWatch:
+    wd: Annotated[int, Int(1, (1 << 31) - 1, "an inotify watch descriptor")]
+    mask: U32                # as the kernel keeps it (IN_ONESHOT, IN_EXCL_UNLINK, ... included)
+    path: Annotated[str, AbsPath()]   # the watched file or directory, as the source host names it
+
+
+@dataclass(frozen=True)
 class EventFile:
-    """An eventfd, timerfd, signalfd, epoll instance or pidfd, with its state."""
+    """An eventfd, timerfd, signalfd, epoll instance, pidfd or inotify instance, with its state."""
 
     id: ObjectId
     kind: Annotated[str, Text(16)]   # one of EVENT_KINDS
@@ -465,6 +499,8 @@ class EventFile:
     watches: Annotated[tuple[EpollWatch, ...], Count(MAX_WATCHES)] = ()    # epoll: its interest list
     pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0   # pidfd: the process it refers to
                              # (one that moves too)
+    inotify: Annotated[tuple[InotifyWatch, ...], Count(MAX_WATCHES)] = ()   # inotify: its watches
+    queued: U32 = 0          # inotify: bytes of events queued at the freeze (not carried)
 
 
 @dataclass(frozen=True)
@@ -480,6 +516,9 @@ class EventFiles(Record):
             _check(e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
             _check(e.kind == "epoll" or not e.watches, f"event file {e.id}: watches on a {e.kind}")
             _check((e.pid > 0) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
+            _check(e.kind == "inotify" or not (e.inotify or e.queued), f"event file {e.id}: inotify watches on a "
+                   f"{e.kind}")
+            _check(len({w.wd for w in e.inotify}) == len(e.inotify), f"event file {e.id}: an inotify watch twice")
             seen.add(e.id)
 
 

@@ -1,9 +1,21 @@
 /* Memory and process attributes that came back lost: mlock()ed memory (and mlock2's lock on
- * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj, and a read-only
- * MAP_SHARED mapping of a file opened read-write, which may be made writable. */
+ * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj, a read-only MAP_SHARED
+ * mapping of a file opened read-write, which may be made writable, a membarrier registration
+ * (a private expedited barrier fails with EPERM without it), and audit's loginuid. */
 #include "ckpt_common.h"
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+
+#define MEMBARRIER_CMD_PRIVATE_EXPEDITED (1 << 3)
+#define MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED (1 << 4)
+
+static long loginuid(void) {
+    long v = -1;
+    FILE *f = fopen("/proc/self/loginuid", "r");
+    if (f) { if (fscanf(f, "%ld", &v) != 1) v = -1; fclose(f); }
+    return v;
+}
 
 static int locked(void *addr) {
     /* VmFlags of the mapping that holds addr: "lo" when locked. */
@@ -46,6 +58,11 @@ int main(int argc, char **argv) {
     if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) return 3;
     FILE *f = fopen("/proc/self/oom_score_adj", "w");
     if (!f || fprintf(f, "300\n") < 0 || fclose(f)) return 3;
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0)) { perror("membarrier"); return 3; }
+    /* Audit's login uid: only where the kernel has audit, and we may set it (root). */
+    int audit = 0;
+    f = fopen("/proc/self/loginuid", "w");
+    if (f) audit = fprintf(f, "4242") > 0 && fclose(f) == 0 && loginuid() == 4242;
     ready();
     for (int i = 0; i < 50 * scale; i++) sleep_ms(10);
     char why[256] = "";
@@ -55,6 +72,8 @@ int main(int argc, char **argv) {
     if (!locked(c)) strcat(why, "mlockall(MCL_FUTURE); ");
     if (prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 1) strcat(why, "THP disable; ");
     if (oom_adj() != 300) strcat(why, "oom_score_adj; ");
+    if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)) strcat(why, "membarrier registration; ");
+    if (audit && loginuid() != 4242) strcat(why, "loginuid; ");
     if (mprotect(ro, 4096, PROT_READ | PROT_WRITE)) strcat(why, "shared mapping may not be made writable; ");
     else ro[0] = 'w';
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
