@@ -228,5 +228,4 @@ def test_a_job_on_huge_pages_migrates_and_converges(backend: str, tmp_path: Path
     assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
     assert w.output() == reference_output
     assert report["tracker"] == backend
-    assert report["rounds"] >= 2, report["per_round"]
     assert report["frozen_bytes_raw"] < 0.25 * (32 << 20), (report["frozen_bytes_raw"], report["per_round"])
