@@ -37,6 +37,7 @@ from precopy.digests import PageDigests
 from precopy.hugepages import HugePageNarrowing, huge_spans
 from precopy.intervals import (
     Run,
+    Span,
     clip,
     intersect,
     merge_spans,
@@ -173,6 +174,12 @@ class DirtyTracker(ABC):
         and so does the narrowing of whole huge pages)."""
         if self._huge is not None:
             self._huge.note_sent(batch)
+
+    def huge_backed(self) -> list[Span]:
+        """Memory huge pages backed at the last scan, where this backend's answers are narrowed
+        by content (``reports_whole_huge_pages``); else nothing. ``note_sent`` of pages there is
+        what lets the next scans tell which of them changed."""
+        return list(self._huge.huge) if self._huge is not None else []
 
     def stop(self) -> None:
         try:

@@ -25,6 +25,7 @@ from precopy.policy import PrecopyPolicy
 from precopy.reader import PageReader
 from precopy.rounds import final_round, precopy
 from precopy.tracker import DirtyTracker, Scan, make_tracker
+from migrate.wss import WssOptions, measure_wss
 from tests._migration import migrate_cli
 from tests._tracking import (
     DirtyBench,
@@ -135,6 +136,25 @@ async def test_the_round_loop_on_huge_pages_sends_little_and_exactly(backend: st
     finally:
         os.kill(w.pid, signal.SIGCONT)
         kill_workload(w)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_the_working_set_of_a_job_on_huge_pages_counts_small_pages(backend: str, tmp_path: Path) -> None:
+    """`kcr-migrate wss` on a job writing scattered pages into huge pages: each interval's
+    dirty pages are the pages written (and the few the job's own bookkeeping writes), not the
+    huge pages around them."""
+    bench = DirtyBench(tmp_path, 64, thp=True)
+    require_huge_pages(bench)
+    try:
+        samples = measure_wss(bench.pid, WssOptions(interval_s=0.05, count=4, tracker=backend))
+        next(samples)                            # interval 1: (nothing written on purpose)
+        for _ in range(3):
+            written = bench.dirty(2)
+            sample = next(samples)
+            assert written <= sample.pages_dirty <= written + 32, (backend, written, sample)
+        samples.close()
+    finally:
+        bench.close()
 
 
 # --- narrowing a whole huge page to its changed pages --------------------------------------
