@@ -2,7 +2,7 @@
 
 precopy never imports agent: a tracker that must run a system call inside the target
 (uffd-wp creates its userfaultfd there) or hold the target still for an instant (soft-dirty
-scans and clears in one step) asks a ``ProcessControl`` for it. ``migrate.target`` provides
+scans and clears in one step) asks a ``ProcessControl`` for it. ``agent.target`` provides
 one over the agent's freezer and injector; tests may provide their own.
 """
 from __future__ import annotations

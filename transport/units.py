@@ -67,3 +67,20 @@ def parse_rate(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{text!r}: a rate must be above zero")
     return value
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+SIZE_EXAMPLES = "e.g. 64G, 64GiB, 500MB, 1073741824"
+
+
+def parse_size(text: str) -> int:
+    """An amount of memory as people write it, by the rate's units without ``/s`` or bits
+    (``64G`` = 64 GiB, ``500MB`` = 500,000,000 bytes); ``ValueError`` if it is not above zero."""
+    m = _SIZE.match(text)
+    scale = _unit_scale(m.group(2)) if m else None
+    if not m or scale is None or m.group(2).lower().endswith("bit"):
+        raise ValueError(f"{text!r} is not a size ({SIZE_EXAMPLES})")
+    value = float(m.group(1)) * scale
+    if not value >= 1 or not math.isfinite(value):
+        raise ValueError(f"{text!r}: a size must be at least one byte")
+    return int(value)
