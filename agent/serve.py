@@ -8,7 +8,8 @@ Adding a method is one registration::
     @method("name")
     async def name(ctx: CallContext, *, arg: int) -> dict[str, Any]: ...
 
-Generic methods: ``hello``, ``info``, ``ping``, ``sink`` (receive page batches and count
+Generic methods: ``hello``, ``info``, ``ping``, ``measure`` (``agent.measure``: the host and its
+candidate processes, for the rebalancer), ``sink`` (receive page batches and count
 them), ``source_synthetic`` (send realistic page batches: back to the caller, or to another
 agent over a local, tcp or ssh channel), ``data_listen`` (accept direct TCP data channels).
 The migration roles (source, destination) add their methods the same way.
@@ -233,9 +234,9 @@ _ROLES: dict[str, Any] = {**source.METHODS, **destination.METHODS}
 for _name, _handler in _ROLES.items():
     METHODS.register(_name, _handler)
 
-from agent import fs_btrfs, fs_rsync, fsync  # noqa: E402  (the filesystem hooks' methods)
+from agent import fs_btrfs, fs_rsync, fsync, measure  # noqa: E402  (the filesystem hooks' methods, measure)
 
-_FS_ROLES: dict[str, Any] = {**fsync.METHODS, **fs_rsync.METHODS, **fs_btrfs.METHODS}
+_FS_ROLES: dict[str, Any] = {**fsync.METHODS, **fs_rsync.METHODS, **fs_btrfs.METHODS, **measure.METHODS}
 for _name, _handler in _FS_ROLES.items():
     METHODS.register(_name, _handler)
 

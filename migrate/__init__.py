@@ -7,6 +7,9 @@ What a cluster manager calls::
     report = await migrate(pid, "hostA", "hostB", MigrationOptions(downtime_target_ms=20))
     report = migrate_blocking(pid, "hostA", "hostB")          # without trio
 
+Rebalancing a cluster: ``Inventory`` (``read_hosts_file``, ``measure``), ``plan(inventory,
+Policy(...)) -> Plan``, ``execute(plan)`` (or a ``Rebalance``) with its events and report.
+
 Progress comes as events (``on_event=`` callback, or ``async for ev in m.events()`` on a
 ``Migration``); ``Migration.cancel()`` rolls back before the point of no return. Every error
 is a ``MigrationError`` with the phase, pid and host and a message that says what to do.
@@ -22,6 +25,11 @@ _WHERE = {
     "migrate.api": ("DataChannelChosen", "Event", "Finished", "MigrationOptions", "MigrationReport", "PhaseChanged",
                     "PreflightDone", "RoundDone", "WarningRaised"),
     "migrate.fshooks": ("FsHook", "HookContext"),
+    "migrate.inventory": ("Candidate", "Host", "HostLoad", "Inventory", "InventoryError", "MeasureOptions",
+                          "measure", "read_hosts_file"),
+    "migrate.planner": ("Move", "Plan", "Policy", "Rejected", "Rule", "plan"),
+    "migrate.rebalance": ("MoveDone", "MoveStarted", "Rebalance", "RebalanceEvent", "RebalanceFinished",
+                          "RebalanceOptions", "RebalanceReport", "execute"),
     "migrate.images": ("CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path",
                        "restore"),
     "migrate.orchestrator": ("Migration", "MigrationUnsettled", "migrate", "migrate_blocking"),
@@ -54,6 +62,11 @@ if TYPE_CHECKING:
     from migrate.api import (DataChannelChosen, Event, Finished, MigrationOptions, MigrationReport, PhaseChanged,  # noqa: F401
                              PreflightDone, RoundDone, WarningRaised)
     from migrate.fshooks import FsHook, HookContext  # noqa: F401
+    from migrate.inventory import (Candidate, Host, HostLoad, Inventory, InventoryError,  # noqa: F401
+                                   MeasureOptions, measure, read_hosts_file)
+    from migrate.planner import Move, Plan, Policy, Rejected, Rule, plan  # noqa: F401
+    from migrate.rebalance import (MoveDone, MoveStarted, Rebalance, RebalanceEvent,  # noqa: F401
+                                   RebalanceFinished, RebalanceOptions, RebalanceReport, execute)
     from migrate.images import (CheckpointOptions, CheckpointStats, RestoreResult, checkpoint,  # noqa: F401
                                 checkpoint_to_path, restore)
     from migrate.orchestrator import Migration, MigrationUnsettled, migrate, migrate_blocking  # noqa: F401

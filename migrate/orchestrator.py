@@ -48,6 +48,7 @@ from transport.errors import (
     TransportTimeout,
 )
 from transport.local import open_local_agent
+from transport.protocol import AGENT_COMMAND
 from transport.records import Record
 from transport.rpc import Call, RpcPeer
 from transport.schema import PAGE_SIZE
@@ -70,6 +71,16 @@ class MigrationUnsettled(MigrationError):
 
 def is_local(host: str) -> bool:
     return host in LOCAL_HOSTS
+
+
+def open_agent(host: str, *, ssh_config: str | None = None, command: str | None = None,
+               **rpc_options: Any) -> Any:
+    """The one way to reach a host's agent: started locally for localhost, else over SSH
+    (``command`` on the host, ``ssh_config`` as ssh -F). An async context manager yielding the
+    ``RpcPeer``."""
+    if is_local(host):
+        return open_local_agent(echo_stderr=True, **rpc_options)
+    return open_ssh_agent(host, ssh_config=ssh_config, command=command or AGENT_COMMAND, **rpc_options)
 
 
 class Migration:
@@ -156,11 +167,7 @@ class Migration:
         o = self.options
         rpc_options: dict[str, Any] = {"level": o.compress_level, "call_timeout": o.call_timeout_s}
         try:
-            if is_local(host):
-                ctx = open_local_agent(echo_stderr=True, **rpc_options)
-            else:
-                ctx = open_ssh_agent(host, ssh_config=o.ssh_config, command=o.agent_command, **rpc_options)
-            async with ctx as rpc:
+            async with open_agent(host, ssh_config=o.ssh_config, command=o.agent_command, **rpc_options) as rpc:
                 self.agents[role] = await rpc.call("info")
                 yield rpc
         except MigrationError as exc:
@@ -541,4 +548,4 @@ def migrate_blocking(pid: int, source: str, dest: str, options: MigrationOptions
     return trio.run(lambda: migrate(pid, source, dest, options, on_event=on_event))
 
 
-__all__ = ["Migration", "MigrationUnsettled", "migrate", "migrate_blocking", "is_local"]
+__all__ = ["Migration", "MigrationUnsettled", "migrate", "migrate_blocking", "is_local", "open_agent"]

@@ -11,7 +11,9 @@ def test_every_exported_name_resolves() -> None:
 
 def test_the_documented_api_is_exported() -> None:
     for name in ("migrate", "migrate_blocking", "Migration", "MigrationOptions", "MigrationReport", "MigrationError",
-                 "PhaseChanged", "RoundDone", "Finished", "checkpoint", "restore", "MigrationUnsettled"):
+                 "PhaseChanged", "RoundDone", "Finished", "checkpoint", "restore", "MigrationUnsettled",
+                 "Inventory", "Host", "measure", "plan", "Plan", "Policy", "execute", "Rebalance", "RebalanceReport",
+                 "MoveStarted", "MoveDone", "RebalanceFinished"):
         assert name in migrate.__all__, name
 
 

@@ -1,0 +1,198 @@
+"""`kcr-migrate rebalance --hosts FILE`: measure the hosts, plan moves, carry them out."""
+from __future__ import annotations
+
+import argparse
+import json
+import pwd
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+
+from migrate.cli import EXIT_ERROR, command, error, positive_float, rate
+from precopy.probe import CHOICES
+from transport.errors import MigrationError
+
+if TYPE_CHECKING:
+    from migrate.inventory import Inventory
+    from migrate.planner import Plan, Rule
+    from migrate.rebalance import RebalanceEvent
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*(s|m|h|d)?\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def duration(text: str) -> float:
+    """``--every``: 90, 90s, 10m, 2h, 1d."""
+    m = _DURATION.match(text)
+    if not m or not float(m.group(1)) > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 30s, 10m, 2h)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (e.g. 0.9 or 90%)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be within (0, 1] (or 1%..100%)")
+    return value
+
+
+def count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count >= 1")
+    return int(text)
+
+
+def rule(text: str) -> "Rule":
+    """``--include``/``--exclude KIND=PATTERN``; a user name becomes its uid here."""
+    from migrate.planner import Rule
+    try:
+        r = Rule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if r.kind == "user" and not r.pattern.isdigit() and not any(ch in r.pattern for ch in "*?["):
+        try:
+            r = Rule("user", str(pwd.getpwnam(r.pattern).pw_uid))
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"{text!r}: no user {r.pattern!r} here (give a uid)") from None
+    return r
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hosts", required=True, metavar="FILE",
+                   help="the hosts: one a line, NAME [cpus=N] [mem=SIZE] [state=up|drained|down] [label=A,B]")
+    p.add_argument("--dry-run", action="store_true", help="measure and print the plan; move nothing")
+    p.add_argument("--json", action="store_true", help="print the inventory, plan and report as one JSON object")
+    p.add_argument("--max-load", type=positive_float, default=0.9, metavar="X",
+                   help="load per CPU above which a host sheds processes (default 0.9)")
+    p.add_argument("--max-mem", type=fraction, default=0.9, metavar="F",
+                   help="fraction of memory in use above which a host sheds processes (default 0.9)")
+    p.add_argument("--max-per-host", type=count, default=2, metavar="N",
+                   help="migrations at a time on any host, as source or destination (default 2)")
+    p.add_argument("--max-moves", type=count, metavar="N", help="moves per run at most")
+    p.add_argument("--include", type=rule, action="append", default=[], metavar="KIND=PATTERN",
+                   help="only processes matching: user=NAME|UID, job=ID, cgroup=PATH, command=NAME, pid=PID "
+                        "(shell patterns); repeatable")
+    p.add_argument("--exclude", type=rule, action="append", default=[], metavar="KIND=PATTERN",
+                   help="never processes matching (as --include); repeatable")
+    p.add_argument("--every", type=duration, metavar="DURATION",
+                   help="run again every DURATION (30s, 10m, 2h), re-measuring, until interrupted")
+    p.add_argument("--on-failure", choices=("continue", "stop"), default="continue",
+                   help="after a failed move (rolled back): go on with the plan (default) or start no more")
+    p.add_argument("--bandwidth", type=rate, metavar="RATE",
+                   help="link bandwidth for cost estimates (default: measured between the hosts)")
+    p.add_argument("--budget", type=rate, metavar="RATE",
+                   help="bandwidth the plan may use on any one link (moves are limited to their share)")
+    p.add_argument("--downtime", type=positive_float, default=30.0, metavar="MS",
+                   help="the moves' downtime target (default 30)")
+    p.add_argument("--max-downtime", type=positive_float, default=2000.0, metavar="MS",
+                   help="do not move a process estimated to freeze longer (default 2000)")
+    p.add_argument("--sample", type=positive_float, default=2.0, metavar="S",
+                   help="seconds over which CPU shares are measured (default 2)")
+    p.add_argument("--min-cpu", type=positive_float, default=0.05, metavar="CPUS",
+                   help="processes using less CPU are not candidates (default 0.05)")
+    p.add_argument("--tracker", default="auto", choices=CHOICES, help="dirty-page tracking (default: the best)")
+    p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
+    p.add_argument("--new-pid", action="store_true",
+                   help="moved processes run under new pids (needed where hosts share pids)")
+
+
+def _print_event(ev: "RebalanceEvent") -> None:
+    from migrate.rebalance import MoveDone, MoveStarted
+    if isinstance(ev, MoveStarted):
+        print(f"moving {ev.move.pid} ({ev.move.comm}) from {ev.move.source} to {ev.move.dest} ...", file=sys.stderr)
+    elif isinstance(ev, MoveDone):
+        r = ev.result
+        if r["state"] == "done":
+            print(f"moved {r['pid']}@{r['source']} to {r['dest']} (now pid {r['new_pid']}): downtime "
+                  f"{r['downtime_ms']:.1f} ms, {r['total_ms'] / 1000:.2f} s, {r['bytes_on_wire'] / 2**20:.1f} MiB "
+                  "on the wire", file=sys.stderr)
+        else:
+            print(f"kcr-migrate: warning: {r['pid']}@{r['source']} -> {r['dest']}: {r['state']}: {r['message']}",
+                  file=sys.stderr)
+
+
+async def _once(args: argparse.Namespace, hosts: list[Any]) -> tuple["Inventory", "Plan", Any]:
+    from migrate.api import MigrationOptions
+    from migrate.inventory import MeasureOptions, measure
+    from migrate.planner import Policy, plan
+    from migrate.rebalance import Rebalance, RebalanceOptions
+    try:
+        mo = MeasureOptions(sample_s=args.sample, min_cpu=args.min_cpu, tracker=args.tracker,
+                            bandwidth=args.bandwidth, ssh_config=args.ssh_config)
+        policy = Policy(max_load=args.max_load, max_memory=args.max_mem, max_per_host=args.max_per_host,
+                        max_moves=args.max_moves, bandwidth_budget=args.budget, downtime_target_ms=args.downtime,
+                        max_downtime_ms=args.max_downtime, include=tuple(args.include), exclude=tuple(args.exclude))
+        migration = MigrationOptions(downtime_target_ms=args.downtime, tracker=args.tracker,
+                                     ssh_config=args.ssh_config, new_pid=args.new_pid)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
+    inventory = await measure(hosts, mo)
+    the_plan = plan(inventory, policy)
+    if args.dry_run or not the_plan.moves:
+        return inventory, the_plan, None
+    if not args.json:
+        print(the_plan.table(), flush=True)
+    run = Rebalance(the_plan, RebalanceOptions(migration, args.on_failure), on_event=_print_event)
+    return inventory, the_plan, await _cancellable(run)
+
+
+async def _cancellable(run: Any) -> Any:
+    """Ctrl-C, SIGTERM or SIGHUP roll back the moves under way and start no more."""
+    import signal
+
+    import trio
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    run.cancel()
+        nursery.start_soon(watch)
+        try:
+            return await run.run()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def _show(args: argparse.Namespace, inventory: "Inventory", the_plan: "Plan", report: Any) -> int:
+    if args.json:
+        print(json.dumps({"inventory": inventory.as_dict(), "plan": the_plan.as_dict(),
+                          "report": report.as_dict() if report is not None else None}), flush=True)
+    elif report is None:
+        print(the_plan.table(), flush=True)
+    if report is None:
+        return 0
+    if report.stopped == "interrupted":
+        raise KeyboardInterrupt
+    failed = report.failed
+    print(f"rebalance: {len(report.moved)} of {len(report.moves)} move(s) done in {report.total_s:.1f} s"
+          + (f"; {report.stopped}" if report.stopped else ""), file=sys.stderr)
+    if failed:
+        error(f"{len(failed)} move(s) failed and were rolled back: "
+              + "; ".join(f"{m['pid']}@{m['source']}: {m['message']}" for m in failed))
+        return EXIT_ERROR
+    return 0
+
+
+@command("rebalance", "measure hosts and move processes off those over a load or memory threshold", add_arguments)
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import trio
+
+    from migrate.inventory import read_hosts_file
+
+    hosts = read_hosts_file(args.hosts)
+    if args.every is None:
+        return _show(args, *trio.run(_once, args, hosts))
+    while True:
+        started = time.monotonic()
+        try:
+            status = _show(args, *trio.run(_once, args, hosts))
+        except MigrationError as exc:
+            error(str(exc))
+            status = EXIT_ERROR
+        print(f"rebalance: next run in {args.every:g} s (exit status of this one: {status})", file=sys.stderr)
+        time.sleep(max(0.0, started + args.every - time.monotonic()))
