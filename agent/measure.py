@@ -18,11 +18,12 @@ The result is versioned (``v``, ``MEASURE_VERSION``): fields are only ever added
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
@@ -153,6 +154,60 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+RULE_KINDS = ("user", "job", "cgroup", "command", "pid")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``KIND=PATTERN`` of ``--include``/``--exclude``: user (a uid), job, cgroup, command (the
+    command name, the command line or its program's name), pid; PATTERN a shell pattern. One
+    matcher for the agent (what it examines) and the planner (what may move)."""
+
+    kind: str
+    pattern: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULE_KINDS:
+            raise ValueError(f"{self.kind}={self.pattern}: the kind must be one of {', '.join(RULE_KINDS)}")
+        if not self.pattern:
+            raise ValueError(f"{self.kind}=: give a pattern")
+
+    @classmethod
+    def parse(cls, text: str) -> "Rule":
+        kind, sep, pattern = text.partition("=")
+        if not sep:
+            raise ValueError(f"{text!r}: write KIND=PATTERN, KIND one of {', '.join(RULE_KINDS)} "
+                             "(e.g. user=1000, command=python*, job=42, cgroup=/slurm/*)")
+        return cls(kind, pattern)
+
+    def matches(self, *, uid: int, job_id: str, cgroup: str, pid: int, comm: str, cmdline: str) -> bool:
+        values = {"user": [str(uid)], "job": [job_id], "cgroup": [cgroup], "pid": [str(pid)],
+                  "command": [comm, cmdline, cmdline.split(" ", 1)[0].rsplit("/", 1)[-1]]}[self.kind]
+        return any(v and fnmatch.fnmatchcase(v, self.pattern) for v in values)
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.pattern}"
+
+
+def selection(include: Sequence[Rule], exclude: Sequence[Rule], **facts: Any) -> str:
+    """"" if the rules let a process with these ``facts`` (as ``Rule.matches`` takes) move, else why not."""
+    for rule in exclude:
+        if rule.matches(**facts):
+            return f"excluded by {rule}"
+    if include and not any(rule.matches(**facts) for rule in include):
+        return "matches no --include rule"
+    return ""
+
+
+def _rules(raw: Any) -> list[Rule]:
+    if not isinstance(raw, list) or len(raw) > 256:
+        raise ProcessError("measure: rules must be a list of [kind, pattern] pairs")
+    try:
+        return [Rule(str(kind), str(pattern)[:4096]) for kind, pattern in raw]
+    except (TypeError, ValueError) as exc:
+        raise ProcessError(f"measure: a bad rule: {exc}") from None
+
+
 def _movable(pid: int, tracker: str) -> tuple[bool, str, str]:
     """(can move, why not, tracker): ``kcr-migrate --dry-run``'s source checks, read-only."""
     try:
@@ -185,10 +240,13 @@ def _check_args(sample_s: float, dirty_s: float, min_cpu: float, pids: list[int]
 
 
 async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0.5, min_cpu: float = 0.05,
-                  pids: list[int] | None = None, tracker: str = "auto") -> dict[str, Any]:
+                  pids: list[int] | None = None, tracker: str = "auto", include: list[Any] | None = None,
+                  exclude: list[Any] | None = None) -> dict[str, Any]:
     """This host and its candidate processes, measured over ``sample_s`` seconds (see the
-    module's docstring); ``dirty_s`` 0 skips the dirty-rate samples."""
+    module's docstring); ``dirty_s`` 0 skips the dirty-rate samples. ``include``/``exclude``
+    ([kind, pattern] pairs, ``Rule``): processes they rule out are reported, not examined."""
     named = [int(p) for p in pids or []]
+    included, excluded = _rules(include or []), _rules(exclude or [])
     _check_args(sample_s, dirty_s, min_cpu, named, tracker)
     skip = _ancestors(os.getpid()) | set(process_tree(os.getpid()))
     busy0, total0 = _cpu_busy_ticks()
@@ -211,12 +269,17 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
     for pid in roots:
         tree = [p for p in process_tree(pid) if p in after] if pid in after else [pid]
         p = after[pid]
-        ok, why, chosen = await trio.to_thread.run_sync(_movable, pid, tracker)
-        cgroup = _cgroup(pid)
+        cgroup, cmdline = _cgroup(pid), _cmdline(pid)
         job = _JOB.search(cgroup)
+        job_id = job.group(1) if job else ""
+        why = selection(included, excluded, uid=p.uid, job_id=job_id, cgroup=cgroup, pid=pid, comm=p.comm,
+                        cmdline=cmdline)
+        ok, chosen = False, ""
+        if not why:
+            ok, why, chosen = await trio.to_thread.run_sync(_movable, pid, tracker)
         candidates.append({
-            "pid": pid, "ppid": p.ppid, "comm": p.comm, "cmdline": _cmdline(pid), "uid": p.uid,
-            "cgroup": cgroup, "job_id": job.group(1) if job else "", "tree": tree,
+            "pid": pid, "ppid": p.ppid, "comm": p.comm, "cmdline": cmdline, "uid": p.uid,
+            "cgroup": cgroup, "job_id": job_id, "tree": tree,
             "cpu": round(sum(share.get(q, 0.0) for q in tree), 4), "rss_bytes": sum(after[q].rss for q in tree),
             "dirty_rate": -1.0, "movable": ok, "reason": why, "tracker": chosen})
     limiter = trio.CapacityLimiter(DIRTY_SAMPLES_AT_ONCE)

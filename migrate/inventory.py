@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import trio
 
+from agent.measure import Rule
 from transport._nursery import leaves, service_nursery
 from transport.errors import MigrationError
 from transport.units import parse_size
@@ -237,6 +238,8 @@ class MeasureOptions:
     ssh_config: str | None = None
     agent_command: str | None = None
     connect_timeout_s: float = 30.0
+    include: tuple[Rule, ...] = ()      # processes the agents examine (``agent.measure.Rule``); the
+    exclude: tuple[Rule, ...] = ()      # others are reported as not selected, untouched
 
     def __post_init__(self) -> None:
         if not 0 < self.sample_s <= 60 or not 0 <= self.dirty_s <= 60:
@@ -336,7 +339,9 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
                             "install the same kcr-migrate version on every host", host=host.name)
                     infos[host.name] = info
                     results[host.name] = await rpc.call(
-                        "measure", sample_s=o.sample_s, dirty_s=o.dirty_s, min_cpu=o.min_cpu, tracker=o.tracker)
+                        "measure", sample_s=o.sample_s, dirty_s=o.dirty_s, min_cpu=o.min_cpu, tracker=o.tracker,
+                        include=[[r.kind, r.pattern] for r in o.include],
+                        exclude=[[r.kind, r.pattern] for r in o.exclude])
                     peers[host.name] = rpc
                     if len(results) == len(live):
                         measured.set()

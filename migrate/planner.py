@@ -4,7 +4,8 @@
 whose load per CPU is above ``policy.max_load``, or whose memory in use is above
 ``policy.max_memory`` of its memory, sheds processes until it is under both, to usable hosts
 (state ``up``) that stay under both after taking them. Moves are chosen greedily by benefit per
-cost, the most overloaded host first:
+cost, the most overloaded host first (one move that alone clears the excess is preferred when
+it costs less than clearing it at the best ratio would):
 
 * benefit: how much of the source's excess (load per CPU and memory fraction above the
   thresholds) the move removes (a process bigger than the excess helps no more than the excess);
@@ -25,50 +26,18 @@ on any host (as source or destination); moves sharing a source's link share its 
 """
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent.measure import Rule, selection
 from migrate.api import FREEZE_OVERHEAD_MS, MigrationOptions
 from migrate.inventory import Candidate, HostLoad, Inventory
 from precopy.policy import PrecopyPolicy, estimate
 
 MiB = 1 << 20
-RULE_KINDS = ("user", "job", "cgroup", "command", "pid")
 DEST_TRIES = 16       # least loaded hosts looked at for each move
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``KIND=PATTERN``: user (a uid or a name the caller resolved to one), job, cgroup,
-    command (the command name or line), pid; PATTERN a shell pattern (``fnmatch``)."""
-
-    kind: str
-    pattern: str
-
-    def __post_init__(self) -> None:
-        if self.kind not in RULE_KINDS:
-            raise ValueError(f"{self.kind}={self.pattern}: the kind must be one of {', '.join(RULE_KINDS)}")
-        if not self.pattern:
-            raise ValueError(f"{self.kind}=: give a pattern")
-
-    @classmethod
-    def parse(cls, text: str) -> "Rule":
-        kind, sep, pattern = text.partition("=")
-        if not sep:
-            raise ValueError(f"{text!r}: write KIND=PATTERN, KIND one of {', '.join(RULE_KINDS)} "
-                             "(e.g. user=1000, command=python*, job=42, cgroup=/slurm/*)")
-        return cls(kind, pattern)
-
-    def matches(self, c: Candidate) -> bool:
-        values = {"user": [str(c.uid)], "job": [c.job_id], "cgroup": [c.cgroup], "pid": [str(c.pid)],
-                  "command": [c.comm, c.cmdline, c.cmdline.split(" ", 1)[0].rsplit("/", 1)[-1]]}[self.kind]
-        return any(v and fnmatch.fnmatchcase(v, self.pattern) for v in values)
-
-    def __str__(self) -> str:
-        return f"{self.kind}={self.pattern}"
 
 
 @dataclass(frozen=True)
@@ -80,7 +49,7 @@ class Policy:
     bandwidth_budget: float | None = None   # bytes/s the plan may use on any one link
     downtime_target_ms: float = MigrationOptions().downtime_target_ms
     max_downtime_ms: float = 2000.0     # a move estimated to freeze longer is not made
-    include: tuple[Rule, ...] = ()      # if any: only processes matching one of them move
+    include: tuple[Rule, ...] = ()      # if any: only processes matching one of them move (``agent.measure.Rule``)
     exclude: tuple[Rule, ...] = ()      # processes matching any of them never move
 
     def __post_init__(self) -> None:
@@ -101,12 +70,8 @@ class Policy:
 
     def selected(self, c: Candidate) -> str:
         """"" if the rules let ``c`` move, else why not."""
-        for rule in self.exclude:
-            if rule.matches(c):
-                return f"excluded by {rule}"
-        if self.include and not any(rule.matches(c) for rule in self.include):
-            return "matches no --include rule"
-        return ""
+        return selection(self.include, self.exclude, uid=c.uid, job_id=c.job_id, cgroup=c.cgroup, pid=c.pid,
+                         comm=c.comm, cmdline=c.cmdline)
 
 
 @dataclass(frozen=True)
@@ -265,6 +230,18 @@ def _fits(d: _HostState, c: Candidate, policy: Policy) -> bool:
         (not total or 1.0 - (d.free_now - c.memory_bytes) / total <= policy.max_memory)
 
 
+def _path_price(helps: list[tuple[float, float, float]], excess: float) -> float:
+    """What clearing ``excess`` costs taking moves by gain per price, best first (their gains
+    taken as adding up); infinite if they cannot clear it."""
+    gained = price = 0.0
+    for _, gain, cost in sorted(helps, reverse=True):
+        gained += gain
+        price += cost
+        if gained >= excess - 1e-12:
+            return price
+    return float("inf")
+
+
 def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
     """The moves that bring every host under the policy's thresholds (see the module's docstring)."""
     p = policy or Policy()
@@ -333,19 +310,29 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
                              f"{p.max_moves} move(s)")
                 break
             dests = least_loaded(src.load.name)
+            excess = _excess(src, p)
             best: tuple[float, Candidate, Cost, _HostState] | None = None
+            clears: tuple[float, Candidate, Cost, _HostState] | None = None    # the cheapest that alone suffices
+            helps: list[tuple[float, float, float]] = []     # (gain per price, gain, price)
             for c, cost in pool:
                 if c.key in rejected or any(q in src.taken for q in c.pids):
                     continue
-                gain = _excess(src, p) - _excess(src, p, c.cpu, c.memory_bytes)
+                gain = excess - _excess(src, p, c.cpu, c.memory_bytes)
                 if gain <= 0:
                     continue
                 dest = next((d for d in dests if _fits(d, c, p)), None)
                 if dest is None:
                     continue
-                score = gain / (cost.total_s + cost.downtime_ms / 1000)
-                if best is None or score > best[0]:
-                    best = (score, c, cost, dest)
+                price = cost.total_s + cost.downtime_ms / 1000
+                helps.append((gain / price, gain, price))
+                if best is None or gain / price > best[0]:
+                    best = (gain / price, c, cost, dest)
+                if gain >= excess - 1e-12 and (clears is None or price < clears[0]):
+                    clears = (price, c, cost, dest)
+            # One move that clears the excess beats the best ratio if going by ratio (the best
+            # first, and so on) would cost more to clear it, or could not.
+            if best is not None and clears is not None and clears[0] <= _path_price(helps, excess):
+                best = clears
             if best is None:
                 notes.append(f"{src.load.name} is still over its thresholds (load per CPU {src.per_cpu:.2f}, "
                              f"memory {src.mem_fraction:.0%}): no process that may move fits on a usable host "

@@ -14,7 +14,8 @@ from transport.errors import MigrationError
 
 if TYPE_CHECKING:
     from migrate.inventory import Inventory
-    from migrate.planner import Plan, Rule
+    from agent.measure import Rule
+    from migrate.planner import Plan
     from migrate.rebalance import RebalanceEvent
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*(s|m|h|d)?\s*$")
@@ -47,7 +48,7 @@ def count(text: str) -> int:
 
 def rule(text: str) -> "Rule":
     """``--include``/``--exclude KIND=PATTERN``; a user name becomes its uid here."""
-    from migrate.planner import Rule
+    from agent.measure import Rule
     try:
         r = Rule.parse(text)
     except ValueError as exc:
@@ -121,7 +122,8 @@ async def _once(args: argparse.Namespace, hosts: list[Any]) -> tuple["Inventory"
     from migrate.rebalance import Rebalance, RebalanceOptions
     try:
         mo = MeasureOptions(sample_s=args.sample, min_cpu=args.min_cpu, tracker=args.tracker,
-                            bandwidth=args.bandwidth, ssh_config=args.ssh_config)
+                            bandwidth=args.bandwidth, ssh_config=args.ssh_config, include=tuple(args.include),
+                            exclude=tuple(args.exclude))
         policy = Policy(max_load=args.max_load, max_memory=args.max_mem, max_per_host=args.max_per_host,
                         max_moves=args.max_moves, bandwidth_budget=args.budget, downtime_target_ms=args.downtime,
                         max_downtime_ms=args.max_downtime, include=tuple(args.include), exclude=tuple(args.exclude))
