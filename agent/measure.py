@@ -31,7 +31,7 @@ from agent.procfs import namespace_ids, process_tree, read_stat, read_status
 from agent.tree import check_tree
 from agent.wss import WssMeter, WssOptions
 from precopy.probe import CHOICES, choose_tracker
-from transport.errors import MigrationError, NoSuchProcess, ProcessError
+from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited
 from transport.rpc import CallContext
 
 MEASURE_VERSION = 1
@@ -213,6 +213,8 @@ def _movable(pid: int, tracker: str) -> tuple[bool, str, str]:
     try:
         check_tree(pid, {})
         choice = choose_tracker(tracker, pid)
+    except (NoSuchProcess, ProcessExited):
+        raise                         # gone: not a candidate
     except MigrationError as exc:
         return False, exc.message, ""
     except OSError as exc:
@@ -276,7 +278,10 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
                         cmdline=cmdline)
         ok, chosen = False, ""
         if not why:
-            ok, why, chosen = await trio.to_thread.run_sync(_movable, pid, tracker)
+            try:
+                ok, why, chosen = await trio.to_thread.run_sync(_movable, pid, tracker)
+            except (NoSuchProcess, ProcessExited):
+                continue
         candidates.append({
             "pid": pid, "ppid": p.ppid, "comm": p.comm, "cmdline": cmdline, "uid": p.uid,
             "cgroup": cgroup, "job_id": job_id, "tree": tree,
@@ -288,14 +293,19 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
         try:
             c["dirty_rate"] = round(await trio.to_thread.run_sync(_dirty_rate, c["pid"], c["tracker"], dirty_s,
                                                                   limiter=limiter), 1)
+        except (ProcessExited, NoSuchProcess):
+            gone.add(c["pid"])         # it ended meanwhile: nothing to move
         except MigrationError as exc:
             c["movable"], c["reason"] = False, f"its dirty rate could not be sampled: {exc.message}"
+
+    gone: set[int] = set()
 
     if dirty_s > 0:
         async with trio.open_nursery() as nursery:
             for c in candidates:
                 if c["movable"]:
                     nursery.start_soon(sample, c)
+    candidates = [c for c in candidates if c["pid"] not in gone]
     return {
         "v": MEASURE_VERSION, "boot_id": _boot_id(), "cpus": cpus, "seconds": round(seconds, 4),
         "mem_total": mem.get("MemTotal", 0), "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),

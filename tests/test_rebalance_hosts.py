@@ -1,0 +1,91 @@
+"""`kcr-migrate rebalance` between test hosts: hostA runs busy jobs, hostB is idle; the plan
+moves what brings hostA under its threshold, and every job ends as an unmoved run does."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from examples.testbed import Testbed
+from tests._hosts import start_in, wait_file
+from tests._migration import wait_gone
+from tests._workloads import KCR_MIGRATE, build, kcr, one_error_line
+
+ARGS = ["45", "2500", "16"]      # duty percent, steps, MiB
+
+
+def netns_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def rebalance(testbed: Testbed, hosts: Path, *args: str) -> tuple[int, dict, str]:
+    res = subprocess.run([*KCR_MIGRATE, "rebalance", "--hosts", str(hosts), "--ssh-config",
+                          str(testbed.ssh_config_path), "--json", "--new-pid", "--sample", "1",
+                          "--max-mem", "1", "--include", "command=busy_worker", *args],
+                         capture_output=True, timeout=300)
+    out = res.stdout.decode().strip()
+    return res.returncode, json.loads(out.splitlines()[-1]) if out else {}, res.stderr.decode()
+
+
+def test_rebalance_moves_a_busy_job_to_the_idle_host(testbed: Testbed, tmp_path: Path) -> None:
+    exe = str(build("busy_worker"))
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    reference = subprocess.Popen([exe, str(ref_dir), *ARGS], stdin=subprocess.DEVNULL)
+    jobs = {}
+    for i in range(3):
+        out = tmp_path / f"job{i}"
+        jobs[start_in(testbed, "hostA", [exe, str(out), *ARGS], out)] = out
+    hosts = tmp_path / "hosts"
+    hosts.write_text("hostA cpus=1\nhostB cpus=1\n")
+    host_a = os.stat(testbed.netns_path("hostA")).st_ino
+
+    # --dry-run: the plan, and nothing moves
+    code, dry, err = rebalance(testbed, hosts, "--max-load", "0.5", "--dry-run")
+    assert code == 0, err
+    assert dry["report"] is None
+    assert dry["plan"]["moves"], dry["plan"]
+    assert all(m["source"] == "hostA" and m["dest"] == "hostB" for m in dry["plan"]["moves"])
+    assert all(netns_of(pid) == host_a for pid in jobs), "a dry run moves nothing"
+
+    code, result, err = rebalance(testbed, hosts, "--max-load", "0.5")
+    assert code == 0, err
+    moves = result["report"]["moves"]
+    done = [m for m in moves if m["state"] == "done"]
+    assert done, moves
+    host_b = os.stat(testbed.netns_path("hostB")).st_ino
+    for m in done:
+        assert m["pid"] in jobs and m["dest"] == "hostB"
+        assert netns_of(m["new_pid"]) == host_b, "it runs inside hostB"
+        assert m["downtime_ms"] > 0 and m["bytes_on_wire"] > 0
+    assert reference.wait(timeout=300) == 0
+    expected = (ref_dir / "output").read_text()
+    for pid, out in jobs.items():
+        assert wait_file(out / "verdict", timeout=300).strip() == "PASS"
+        assert (out / "output").read_text() == expected, f"job {pid}"
+    for m in done:
+        wait_gone(m["new_pid"])
+
+
+def test_a_drained_host_receives_nothing(testbed: Testbed, tmp_path: Path) -> None:
+    exe = str(build("busy_worker"))
+    out = tmp_path / "job"
+    pid = start_in(testbed, "hostA", [exe, str(out), "60", "100000", "8"], out)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("hostA cpus=1\nhostB cpus=1 state=drained\n")
+    code, result, err = rebalance(testbed, hosts, "--max-load", "0.2")
+    assert code == 0, err
+    assert result["plan"]["moves"] == [] and result["report"] is None
+    (r,) = [r for r in result["plan"]["rejected"] if r["pid"] == pid]
+    assert "no usable host" in r["reason"]
+    assert netns_of(pid) == os.stat(testbed.netns_path("hostA")).st_ino
+
+
+def test_an_unknown_host_is_one_line(testbed: Testbed, tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("hostA\nhostZ\n")
+    res = kcr("rebalance", "--hosts", str(hosts), "--ssh-config", str(testbed.ssh_config_path), "--dry-run",
+              "--sample", "0.5")
+    assert res.returncode == 1
+    assert "hostZ" in one_error_line(res.stderr)
