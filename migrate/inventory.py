@@ -15,6 +15,9 @@ move), and the link bandwidth for cost estimates: the user's ``--bandwidth``, or
 from each host to the next one in the list with a short transfer over the direct data channel
 (on a switched network a host's own link is what limits what it sends).
 
+A scheduler adapter also fills ``Inventory.allocations`` (job id -> its nodes): a process whose
+cgroup names a job (``/job_N/``) then moves only within that job's allocation.
+
 Hosts that share one kernel (network namespaces or containers on one machine: the agents
 report one ``boot_id``) share its CPU and memory counters, so there a host's load is the sum
 of its own processes' CPU shares and its used memory the sum of their resident memory.
@@ -129,6 +132,8 @@ class Inventory:
     default_bandwidth: float = GIGABIT
     bandwidth_source: str = "default"                              # user, measured or default
     measured_at: float = 0.0                                       # time.time()
+    # job id -> the hosts of its allocation (a scheduler's): its processes move only among them
+    allocations: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [h.name for h in self.hosts]
@@ -153,6 +158,7 @@ class Inventory:
         return {
             "measured_at": self.measured_at, "bandwidth_source": self.bandwidth_source,
             "default_bandwidth": self.default_bandwidth, "bandwidth": dict(self.bandwidth),
+            "allocations": {job: sorted(hosts) for job, hosts in self.allocations.items()},
             "hosts": [{**asdict(h.host), "cpus_measured": h.cpus, "load": h.load, "load_per_cpu": h.load_per_cpu,
                        "memory_bytes_measured": h.memory_bytes, "memory_free": h.memory_free,
                        "shared_kernel": h.shared_kernel, "candidates": [asdict(c) for c in h.candidates]}

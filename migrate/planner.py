@@ -16,7 +16,9 @@ it costs less than clearing it at the best ratio would):
 
 A process that writes memory as fast as the link carries it, or faster, would never converge:
 it is not a candidate, nor is one whose estimated downtime is over ``policy.max_downtime_ms``.
-Each process moves at most once (with its tree: a candidate whose pids overlap a moving one is
+A process of a job with an allocation (``Inventory.allocations``, from a scheduler) moves only
+to a host of that allocation unless ``policy.any_host_for_jobs``. Each process moves at most
+once (with its tree: a candidate whose pids overlap a moving one is
 left), and include/exclude rules (user, job, cgroup, command; shell patterns) select what may
 move. Every candidate that does not move keeps its reason.
 
@@ -49,6 +51,7 @@ class Policy:
     bandwidth_budget: float | None = None   # bytes/s the plan may use on any one link
     downtime_target_ms: float = MigrationOptions().downtime_target_ms
     max_downtime_ms: float = 2000.0     # a move estimated to freeze longer is not made
+    any_host_for_jobs: bool = False     # let a job's processes leave its allocation (``Inventory.allocations``)
     include: tuple[Rule, ...] = ()      # if any: only processes matching one of them move (``agent.measure.Rule``)
     exclude: tuple[Rule, ...] = ()      # processes matching any of them never move
 
@@ -258,8 +261,10 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
         rejected.setdefault(c.key, Rejected(c.pid, c.host, c.comm, reason))
 
     def least_loaded(source: str) -> list[_HostState]:
-        """Up to DEST_TRIES usable hosts, least loaded per CPU first (not ``source``)."""
-        out: list[_HostState] = []
+        """Up to DEST_TRIES usable hosts, least loaded per CPU first (not ``source``), and the
+        usable hosts of the source's job allocations (few: a job's nodes)."""
+        out: list[_HostState] = [states[h] for hosts in jobs_on.get(source, ()) for h in sorted(hosts)
+                                 if h != source and h in states and states[h].load.host.usable]
         popped = []
         while heap and len(out) < DEST_TRIES:
             per_cpu, name = heapq.heappop(heap)
@@ -267,11 +272,17 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
             if abs(per_cpu - s.per_cpu) > 1e-12:
                 continue          # stale: pushed again when it changed
             popped.append((per_cpu, name))
-            if name != source:
+            if name != source and all(o is not s for o in out):
                 out.append(s)
         for item in popped:
             heapq.heappush(heap, item)
-        return out
+        return sorted(out, key=lambda s: s.per_cpu)
+
+    jobs_on: dict[str, list[frozenset[str]]] = {}       # host -> allocations of the jobs it runs
+    if not p.any_host_for_jobs:
+        for c in inventory.candidates():
+            if c.job_id in inventory.allocations:
+                jobs_on.setdefault(c.host, []).append(inventory.allocations[c.job_id])
 
     # Candidates that may move at all, whatever the host.
     eligible: dict[str, list[tuple[Candidate, Cost]]] = {}
@@ -320,7 +331,9 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
                 gain = excess - _excess(src, p, c.cpu, c.memory_bytes)
                 if gain <= 0:
                     continue
-                dest = next((d for d in dests if _fits(d, c, p)), None)
+                allowed = None if p.any_host_for_jobs else inventory.allocations.get(c.job_id)
+                dest = next((d for d in dests if _fits(d, c, p) and (allowed is None or d.load.name in allowed)),
+                            None)
                 if dest is None:
                     continue
                 price = cost.total_s + cost.downtime_ms / 1000

@@ -169,3 +169,16 @@ def test_the_plan_renders_as_a_table_and_as_json() -> None:
     assert d["moves"][0]["est_downtime_ms"] > 0 and d["moves"][0]["est_time_s"] > 0
     assert d["bytes_to_move"] == 100 * MiB
     assert d["imbalance_after"] < d["imbalance_before"]
+
+
+def test_a_job_moves_only_within_its_allocation() -> None:
+    job = proc("a", 1, 2.0, job_id="42", cgroup="/slurm/uid_1000/job_42/step_0")
+    hosts = (host("a", 4.0, procs=(job,)), host("b", 0.0), host("c", 1.0))
+    inventory = Inventory(hosts, default_bandwidth=100 * MiB, allocations={"42": frozenset({"a", "c"})})
+    p = plan(inventory, Policy(max_load=0.8))
+    assert [(m.pid, m.dest) for m in p.moves] == [(1, "c")], p.table()     # b is less loaded, but not its node
+    p = plan(inventory, Policy(max_load=0.8, any_host_for_jobs=True))
+    assert [(m.pid, m.dest) for m in p.moves] == [(1, "b")]
+    inventory = Inventory(hosts, default_bandwidth=100 * MiB, allocations={"42": frozenset({"a"})})
+    p = plan(inventory, Policy(max_load=0.8))
+    assert p.moves == () and "no usable host" in p.rejected[0].reason
