@@ -269,7 +269,10 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
             raise NoSuchProcess(f"no process {pid} shares this agent's namespaces here: check the pid", pid=pid)
     candidates: list[dict[str, Any]] = []
     for pid in roots:
-        tree = [p for p in process_tree(pid) if p in after] if pid in after else [pid]
+        try:
+            tree = [q for q in process_tree(pid) if q in after] or [pid]
+        except MigrationError:
+            continue                  # it ended meanwhile
         p = after[pid]
         cgroup, cmdline = _cgroup(pid), _cmdline(pid)
         job = _JOB.search(cgroup)

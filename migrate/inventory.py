@@ -13,7 +13,8 @@ and returns an ``Inventory``: per host a ``HostLoad`` (CPUs busy, memory free, i
 ``Candidate`` processes with their CPU share, resident memory, dirty rate and whether they can
 move), and the link bandwidth for cost estimates: the user's ``--bandwidth``, or measured
 from each host to the next one in the list with a short transfer over the direct data channel
-(on a switched network a host's own link is what limits what it sends).
+(on a switched network a host's own link is what limits what it sends; a host whose link
+cannot be measured counts as the slowest measured).
 
 A scheduler adapter also fills ``Inventory.allocations`` (job id -> its nodes): a process whose
 cgroup names a job (``/job_N/``) then moves only within that job's allocation.
@@ -33,12 +34,13 @@ import trio
 
 from agent.measure import Rule
 from transport._nursery import leaves, service_nursery
-from transport.errors import MigrationError
+from transport.errors import MigrationError, TransportError
 from transport.units import parse_size
 
 HOST_STATES = ("up", "drained", "down")
 GIGABIT = 125_000_000.0
 LINK_SAMPLE_BYTES = 32 << 20
+LINK_TIMEOUT_S = 60.0
 MAX_HOSTS_FILE_BYTES = 4 << 20
 
 
@@ -243,7 +245,6 @@ class MeasureOptions:
     link_sample_bytes: int = LINK_SAMPLE_BYTES
     ssh_config: str | None = None
     agent_command: str | None = None
-    connect_timeout_s: float = 30.0
     include: tuple[Rule, ...] = ()      # processes the agents examine (``agent.measure.Rule``); the
     exclude: tuple[Rule, ...] = ()      # others are reported as not selected, untouched
 
@@ -336,8 +337,8 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
 
     async def one(host: Host) -> None:
         try:
-            with trio.fail_after(o.connect_timeout_s + o.sample_s + 30 * max(1.0, o.dirty_s) + 60):
-                async with open_agent(host.name, ssh_config=o.ssh_config, command=o.agent_command) as rpc:
+            async with open_agent(host.name, ssh_config=o.ssh_config, command=o.agent_command) as rpc:
+                with trio.fail_after(o.sample_s + 30 * max(1.0, o.dirty_s) + 60):
                     info = await rpc.call("info")
                     if "measure" not in info.get("methods", []):
                         raise InventoryError(
@@ -348,10 +349,10 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
                         "measure", sample_s=o.sample_s, dirty_s=o.dirty_s, min_cpu=o.min_cpu, tracker=o.tracker,
                         include=[[r.kind, r.pattern] for r in o.include],
                         exclude=[[r.kind, r.pattern] for r in o.exclude])
-                    peers[host.name] = rpc
-                    if len(results) == len(live):
-                        measured.set()
-                    await leave.wait()
+                peers[host.name] = rpc
+                if len(results) == len(live):
+                    measured.set()
+                await leave.wait()       # the links are measured over these connections
         except trio.TooSlowError:
             raise InventoryError(f"{host.name} did not answer the measurement in time", host=host.name) from None
         except MigrationError as exc:
@@ -370,8 +371,12 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
                     # one after another: they would share links and CPUs
                     for i, h in enumerate(live):
                         nxt = live[(i + 1) % len(live)]
-                        bandwidth[h.name] = await _link(peers[h.name], peers[nxt.name], infos[nxt.name],
-                                                        o.link_sample_bytes)
+                        try:
+                            with trio.fail_after(LINK_TIMEOUT_S):
+                                bandwidth[h.name] = await _link(peers[h.name], peers[nxt.name], infos[nxt.name],
+                                                                o.link_sample_bytes)
+                        except (trio.TooSlowError, TransportError):
+                            pass       # no direct channel between them: this host's link counts as the slowest
             finally:
                 leave.set()
     except BaseExceptionGroup as group:

@@ -172,7 +172,7 @@ def _show(args: argparse.Namespace, inventory: "Inventory", the_plan: "Plan", re
     print(f"rebalance: {len(report.moved)} of {len(report.moves)} move(s) done in {report.total_s:.1f} s"
           + (f"; {report.stopped}" if report.stopped else ""), file=sys.stderr)
     if failed:
-        error(f"{len(failed)} move(s) failed and were rolled back: "
+        error(f"{len(failed)} move(s) failed (each process runs on where it was, but for any said unsettled): "
               + "; ".join(f"{m['pid']}@{m['source']}: {m['message']}" for m in failed))
         return EXIT_ERROR
     return 0
