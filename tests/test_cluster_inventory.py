@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,12 +69,28 @@ def _busy(testbed: Testbed, tmp_path: Path, name: str, duty: int = 40, steps: in
     return start_in(testbed, "hostA", [exe, str(out), str(duty), str(steps), "16"], out)
 
 
+HOLDS_A_SOCKET = """
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+x = 0
+while True:
+    x += 1
+"""
+
+
 def test_measure_between_test_hosts(testbed: Testbed, tmp_path: Path) -> None:
     pid = _busy(testbed, tmp_path, "busy")
+    script = tmp_path / "holds_a_socket.py"
+    script.write_text(HOLDS_A_SOCKET)
+    stuck = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(tmp_path / "stuck")],
+                     tmp_path / "stuck")
     hosts = [Host("hostA", cpus=1), Host("hostB", cpus=1), Host("hostC", cpus=1, state="drained"),
              Host("nowhere", state="down")]
     opts = MeasureOptions(sample_s=1.0, dirty_s=0.3, ssh_config=str(testbed.ssh_config_path),
-                          include=(Rule("command", "busy_worker"),), link_sample_bytes=8 << 20)
+                          include=(Rule("command", "busy_worker"), Rule("pid", str(stuck))),
+                          link_sample_bytes=8 << 20)
     inv = trio.run(measure, hosts, opts)
     a, b, c, down = inv.hosts
     assert [h.name for h in inv.hosts] == ["hostA", "hostB", "hostC", "nowhere"]
@@ -84,6 +101,9 @@ def test_measure_between_test_hosts(testbed: Testbed, tmp_path: Path) -> None:
     assert cand.pid == pid and cand.movable and cand.reason == "", cand
     assert cand.cpu > 0.1 and cand.memory_bytes >= 16 << 20
     assert cand.dirty_rate > 0, "it writes all the time"
+    (held,) = [x for x in a.candidates if x.pid == stuck]
+    assert not held.movable and "socket" in held.reason and held.cpu > 0.1, held
+    assert held.dirty_rate == -1.0, "what cannot move is not sampled"
     assert not b.candidates and not c.candidates
     assert not down.host.usable and down.load == 0.0
     assert inv.bandwidth_source == "measured"
