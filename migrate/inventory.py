@@ -6,7 +6,7 @@ could move.
 its state (``up``; ``drained`` and ``down`` hosts are never a destination, a drained one may
 still be a source) and labels. A host file lists them (``read_hosts_file``); a scheduler's
 nodes become ``Host`` records the same way (``Host(name=..., cpus=..., memory_bytes=...,
-state=...)``: Slurm's DRAIN and DOWN map to ``drained`` and ``down``).
+state=scheduler_state(node.state))``: Slurm's DRAIN and DOWN become ``drained`` and ``down``).
 
 ``measure`` asks every host's agent at once (``agent.measure``: one sample interval on each)
 and returns an ``Inventory``: per host a ``HostLoad`` (CPUs busy, memory free, its
@@ -72,6 +72,22 @@ class Host:
     def usable(self) -> bool:
         """May processes move here?"""
         return self.state == "up"
+
+
+_DOWN_WORDS = ("DOWN", "FAIL", "NOT_RESPONDING", "POWER", "UNKNOWN", "NO_RESPOND")
+_DRAINED_WORDS = ("DRAIN", "MAINT", "REBOOT", "RESERVED")
+
+
+def scheduler_state(state: str) -> str:
+    """A scheduler's node state (Slurm's ``IDLE``, ``MIXED+DRAIN``, ``DOWN*``, ``drained``...)
+    as a ``Host.state``: down if it cannot run anything (down, failed, not responding: a ``*``
+    suffix, powered off), drained if it takes no new work, else up."""
+    words = state.upper().replace("+", " ").replace("*", " *").split()
+    if "*" in words or any(w.startswith(_DOWN_WORDS) for w in words):
+        return "down"
+    if any(w.startswith(_DRAINED_WORDS) for w in words):
+        return "drained"
+    return "up"
 
 
 @dataclass(frozen=True)
