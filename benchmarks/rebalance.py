@@ -23,6 +23,15 @@ execute: on two test hosts (under /run/kcr-testbed-bench-rebalance, prefix kcrrb
 4 with --quick, else 8) start on hostA and one plan moves them all to hostB, once with
 ``max_per_host`` N (all at once) and once with 1 (one by one); the table gives the total time
 of each and the ratio. Skipped with a message when the test hosts cannot be made.
+
+Measured (seed 1, 2 cores shared with other work): the planner planned 10,000 hosts (77,203
+processes, 1,968 over a threshold) in 2.1 to 4.6 s against the baseline's 0.2 s, leaving 29
+hosts over against 26, with 0.58x the bytes to move, 0.56x the estimated migration time, and no
+move that could not converge where the baseline made 26 (its estimated downtime, counting only
+the moves that converge, 33x the planner's); 1,000 hosts: 0.2 to 0.5 s, 0.59x the bytes. The
+executor moved 8 jobs of 64 MiB at once in 13.5 s against 24.9 s one by one (0.54x), each frozen
+a median 1.7 s against 0.36 s (the moves share the cores and the link while the jobs write); 4
+jobs: 0.48x in one run, 1.12x in another.
 """
 from __future__ import annotations
 
