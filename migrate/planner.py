@@ -311,6 +311,7 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
             continue
         eligible.setdefault(c.host, []).append((c, cost))
 
+    no_help: set[str] = set()        # candidates whose move would not bring their host closer
     over_before = {name for name, s in states.items() if _excess(s, p) > 0}
     order = sorted((states[n] for n in over_before), key=lambda s: -_excess(s, p))
     for src in order:
@@ -330,7 +331,9 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
                     continue
                 gain = excess - _excess(src, p, c.cpu, c.memory_bytes)
                 if gain <= 0:
+                    no_help.add(c.key)
                     continue
+                no_help.discard(c.key)
                 allowed = None if p.any_host_for_jobs else inventory.allocations.get(c.job_id)
                 dest = next((d for d in dests if _fits(d, c, p) and (allowed is None or d.load.name in allowed)),
                             None)
@@ -375,6 +378,8 @@ def plan(inventory: Inventory, policy: Policy | None = None) -> Plan:
             reject(c, f"not needed: {c.host} is under its thresholds with the moves above")
         elif src is not None and c.host not in over_before:
             reject(c, f"{c.host} is under its thresholds")
+        elif c.key in no_help:
+            reject(c, f"moving it would not bring {c.host} closer to its thresholds")
         else:
             reject(c, "no usable host has room for it under the thresholds")
     scheduled, total = _schedule(moves, inventory, p, pre)

@@ -182,3 +182,10 @@ def test_a_job_moves_only_within_its_allocation() -> None:
     inventory = Inventory(hosts, default_bandwidth=100 * MiB, allocations={"42": frozenset({"a"})})
     p = plan(inventory, Policy(max_load=0.8))
     assert p.moves == () and "no usable host" in p.rejected[0].reason
+
+
+def test_a_process_that_would_not_help_is_left_with_that_reason() -> None:
+    idle = proc("a", 1, 0.0, mem_mib=10)
+    p = plan(inv(host("a", 4.0, procs=(idle,)), host("b", 0.0)), Policy(max_load=0.8))
+    assert p.moves == ()
+    assert p.rejected[0].reason == "moving it would not bring a closer to its thresholds"
