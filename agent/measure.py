@@ -8,7 +8,9 @@ become candidates: each with its tree (it moves with its descendants), whether i
 (the checks ``kcr-migrate --dry-run`` runs on the source, ``agent.tree.check_tree`` and the
 tracker's, all read-only: nothing is frozen), and its dirty rate from a short sample of the
 tracker ``kcr-migrate wss`` uses (``agent.wss``: the process is held for two injected system
-calls, and is otherwise undisturbed).
+calls, and is otherwise undisturbed), summed over the tree's first ``TREE_SAMPLES`` processes.
+``pids`` names processes that are candidates whatever CPU they use (a scheduler's job pids;
+one that is gone, or not in this agent's namespaces, is left out).
 
 Hosts that are namespaces of one kernel (test hosts, containers) share /proc/stat and
 /proc/meminfo: the result carries both the system's figures and the sums over this host's own
@@ -39,6 +41,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_SAMPLE_S = 60.0
 MAX_CANDIDATES = 256            # the busiest first; a host with more reports these
 DIRTY_SAMPLES_AT_ONCE = 4
+TREE_SAMPLES = 16               # processes of a tree whose dirty rates are sampled (and summed)
 _JOB = re.compile(r"/job_(\d+)(?:/|$)")
 
 
@@ -264,9 +267,6 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
     mem = _meminfo()
     roots = sorted((pid for pid in after if share.get(pid, 0.0) >= min_cpu or pid in named),
                    key=lambda pid: -share.get(pid, 0.0))[:MAX_CANDIDATES]
-    for pid in named:
-        if pid not in after:
-            raise NoSuchProcess(f"no process {pid} shares this agent's namespaces here: check the pid", pid=pid)
     candidates: list[dict[str, Any]] = []
     for pid in roots:
         try:
@@ -293,13 +293,26 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
     limiter = trio.CapacityLimiter(DIRTY_SAMPLES_AT_ONCE)
 
     async def sample(c: dict[str, Any]) -> None:
-        try:
-            c["dirty_rate"] = round(await trio.to_thread.run_sync(_dirty_rate, c["pid"], c["tracker"], dirty_s,
-                                                                  limiter=limiter), 1)
-        except (ProcessExited, NoSuchProcess):
-            gone.add(c["pid"])         # it ended meanwhile: nothing to move
-        except MigrationError as exc:
-            c["movable"], c["reason"] = False, f"its dirty rate could not be sampled: {exc.message}"
+        """The dirty rate of the tree: its first TREE_SAMPLES processes, sampled at once."""
+        rates: dict[int, float] = {}
+        errors: list[str] = []
+
+        async def one(pid: int) -> None:
+            try:
+                rates[pid] = await trio.to_thread.run_sync(_dirty_rate, pid, c["tracker"], dirty_s, limiter=limiter)
+            except (ProcessExited, NoSuchProcess):
+                if pid == c["pid"]:
+                    gone.add(pid)      # it ended meanwhile: nothing to move
+            except MigrationError as exc:
+                errors.append(exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for pid in c["tree"][:TREE_SAMPLES]:
+                nursery.start_soon(one, pid)
+        if errors:
+            c["movable"], c["reason"] = False, f"its dirty rate could not be sampled: {errors[0]}"
+        else:
+            c["dirty_rate"] = round(sum(rates.values()), 1)
 
     gone: set[int] = set()
 

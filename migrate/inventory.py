@@ -261,6 +261,8 @@ class MeasureOptions:
     link_sample_bytes: int = LINK_SAMPLE_BYTES
     ssh_config: str | None = None
     agent_command: str | None = None
+    pids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)   # host -> processes that are
+                                        # candidates whatever CPU they use (a scheduler's job pids)
     include: tuple[Rule, ...] = ()      # processes the agents examine (``agent.measure.Rule``); the
     exclude: tuple[Rule, ...] = ()      # others are reported as not selected, untouched
 
@@ -363,6 +365,7 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
                     infos[host.name] = info
                     results[host.name] = await rpc.call(
                         "measure", sample_s=o.sample_s, dirty_s=o.dirty_s, min_cpu=o.min_cpu, tracker=o.tracker,
+                        pids=list(o.pids.get(host.name, ())),
                         include=[[r.kind, r.pattern] for r in o.include],
                         exclude=[[r.kind, r.pattern] for r in o.exclude])
                 peers[host.name] = rpc

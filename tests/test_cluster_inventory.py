@@ -131,3 +131,19 @@ def test_measure_an_unreachable_host_is_one_line(testbed: Testbed, tmp_path: Pat
     assert res.returncode == 1
     line = one_error_line(res.stderr)
     assert "no-such-host.invalid" in line, line
+
+
+def test_a_named_process_is_measured_with_its_tree(testbed: Testbed, tmp_path: Path) -> None:
+    """A job's shell names the job (a scheduler gives its pids): it uses no CPU itself, its
+    worker does; the candidate is the tree, with the worker's CPU and dirty rate."""
+    exe = str(build("busy_worker"))
+    out = tmp_path / "job"
+    shell = start_in(testbed, "hostA", ["sh", "-c", f"{exe} {out} 40 100000 16 & wait"], out)
+    opts = MeasureOptions(sample_s=1.0, dirty_s=0.3, ssh_config=str(testbed.ssh_config_path), bandwidth=1e9,
+                          pids={"hostA": (shell, 1 << 21)}, include=(Rule("pid", str(shell)),))
+    (a,) = trio.run(measure, [Host("hostA")], opts).hosts
+    (job,) = [c for c in a.candidates if c.pid == shell]
+    assert job.comm == "sh" and len(job.tree) == 2 and job.tree[0] == shell, job
+    assert job.movable, job.reason
+    assert job.cpu > 0.1 and job.dirty_rate > 0, job
+    assert all(c.pid != 1 << 21 for c in a.candidates), "a named pid that is not there is left out"
