@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -139,6 +140,13 @@ def test_a_named_process_is_measured_with_its_tree(testbed: Testbed, tmp_path: P
     exe = str(build("busy_worker"))
     out = tmp_path / "job"
     shell = start_in(testbed, "hostA", ["sh", "-c", f"{exe} {out} 40 100000 16 & wait"], out)
+    try:
+        _measure_tree(testbed, shell)
+    finally:
+        os.killpg(shell, signal.SIGKILL)     # the worker too (the shell is its session's leader)
+
+
+def _measure_tree(testbed: Testbed, shell: int) -> None:
     opts = MeasureOptions(sample_s=1.0, dirty_s=0.3, ssh_config=str(testbed.ssh_config_path), bandwidth=1e9,
                           pids={"hostA": (shell, 1 << 21)}, include=(Rule("pid", str(shell)),))
     (a,) = trio.run(measure, [Host("hostA")], opts).hosts

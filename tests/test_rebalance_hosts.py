@@ -19,10 +19,12 @@ def netns_of(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
-def rebalance(testbed: Testbed, hosts: Path, *args: str) -> tuple[int, dict, str]:
+def rebalance(testbed: Testbed, hosts: Path, pids: list[int], *args: str) -> tuple[int, dict, str]:
+    """`kcr-migrate rebalance --json` that may move ``pids`` only."""
+    only = [arg for pid in pids for arg in ("--include", f"pid={pid}")]
     res = subprocess.run([*KCR_MIGRATE, "rebalance", "--hosts", str(hosts), "--ssh-config",
                           str(testbed.ssh_config_path), "--json", "--new-pid", "--sample", "1",
-                          "--max-mem", "1", "--include", "command=busy_worker", *args],
+                          "--max-mem", "1", *only, *args],
                          capture_output=True, timeout=300)
     out = res.stdout.decode().strip()
     return res.returncode, json.loads(out.splitlines()[-1]) if out else {}, res.stderr.decode()
@@ -42,14 +44,14 @@ def test_rebalance_moves_a_busy_job_to_the_idle_host(testbed: Testbed, tmp_path:
     host_a = os.stat(testbed.netns_path("hostA")).st_ino
 
     # --dry-run: the plan, and nothing moves
-    code, dry, err = rebalance(testbed, hosts, "--max-load", "0.5", "--dry-run")
+    code, dry, err = rebalance(testbed, hosts, list(jobs), "--max-load", "0.5", "--dry-run")
     assert code == 0, err
     assert dry["report"] is None
     assert dry["plan"]["moves"], dry["plan"]
     assert all(m["source"] == "hostA" and m["dest"] == "hostB" for m in dry["plan"]["moves"])
     assert all(netns_of(pid) == host_a for pid in jobs), "a dry run moves nothing"
 
-    code, result, err = rebalance(testbed, hosts, "--max-load", "0.5")
+    code, result, err = rebalance(testbed, hosts, list(jobs), "--max-load", "0.5")
     assert code == 0, err
     moves = result["report"]["moves"]
     done = [m for m in moves if m["state"] == "done"]
@@ -74,7 +76,7 @@ def test_a_drained_host_receives_nothing(testbed: Testbed, tmp_path: Path) -> No
     pid = start_in(testbed, "hostA", [exe, str(out), "60", "100000", "8"], out)
     hosts = tmp_path / "hosts"
     hosts.write_text("hostA cpus=1\nhostB cpus=1 state=drained\n")
-    code, result, err = rebalance(testbed, hosts, "--max-load", "0.2")
+    code, result, err = rebalance(testbed, hosts, [pid], "--max-load", "0.2")
     assert code == 0, err
     assert result["plan"]["moves"] == [] and result["report"] is None
     (r,) = [r for r in result["plan"]["rejected"] if r["pid"] == pid]
