@@ -10,7 +10,8 @@ tracker's, all read-only: nothing is frozen), and its dirty rate from a short sa
 tracker ``kcr-migrate wss`` uses (``agent.wss``: the process is held for two injected system
 calls, and is otherwise undisturbed), summed over the tree's first ``TREE_SAMPLES`` processes.
 ``pids`` names processes that are candidates whatever CPU they use (a scheduler's job pids;
-one that is gone, or not in this agent's namespaces, is left out).
+one that is gone, or not in this agent's namespaces, is left out); with ``only_named`` they
+are the only candidates.
 
 Hosts that are namespaces of one kernel (test hosts, containers) share /proc/stat and
 /proc/meminfo: the result carries both the system's figures and the sums over this host's own
@@ -246,7 +247,7 @@ def _check_args(sample_s: float, dirty_s: float, min_cpu: float, pids: list[int]
 
 async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0.5, min_cpu: float = 0.05,
                   pids: list[int] | None = None, tracker: str = "auto", include: list[Any] | None = None,
-                  exclude: list[Any] | None = None) -> dict[str, Any]:
+                  exclude: list[Any] | None = None, only_named: bool = False) -> dict[str, Any]:
     """This host and its candidate processes, measured over ``sample_s`` seconds (see the
     module's docstring); ``dirty_s`` 0 skips the dirty-rate samples. ``include``/``exclude``
     ([kind, pattern] pairs, ``Rule``): processes they rule out are reported, not examined."""
@@ -265,7 +266,7 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
     share = {pid: max(0, p.ticks - before[pid].ticks) / CLK_TCK / seconds
              for pid, p in after.items() if pid in before}
     mem = _meminfo()
-    roots = sorted((pid for pid in after if share.get(pid, 0.0) >= min_cpu or pid in named),
+    roots = sorted((pid for pid in after if pid in named or (not only_named and share.get(pid, 0.0) >= min_cpu)),
                    key=lambda pid: -share.get(pid, 0.0))[:MAX_CANDIDATES]
     candidates: list[dict[str, Any]] = []
     for pid in roots:

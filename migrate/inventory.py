@@ -6,7 +6,7 @@ could move.
 its state (``up``; ``drained`` and ``down`` hosts are never a destination, a drained one may
 still be a source) and labels. A host file lists them (``read_hosts_file``); a scheduler's
 nodes become ``Host`` records the same way (``Host(name=..., cpus=..., memory_bytes=...,
-state=scheduler_state(node.state))``: Slurm's DRAIN and DOWN become ``drained`` and ``down``).
+state=...)``; ``slurm_hosts`` does it for Slurm's nodes with ``SlurmNode.host_state``).
 
 ``measure`` asks every host's agent at once (``agent.measure``: one sample interval on each)
 and returns an ``Inventory``: per host a ``HostLoad`` (CPUs busy, memory free, its
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import trio
@@ -72,22 +72,6 @@ class Host:
     def usable(self) -> bool:
         """May processes move here?"""
         return self.state == "up"
-
-
-_DOWN_WORDS = ("DOWN", "FAIL", "NOT_RESPONDING", "POWER", "UNKNOWN", "NO_RESPOND")
-_DRAINED_WORDS = ("DRAIN", "MAINT", "REBOOT", "RESERVED")
-
-
-def scheduler_state(state: str) -> str:
-    """A scheduler's node state (Slurm's ``IDLE``, ``MIXED+DRAIN``, ``DOWN*``, ``drained``...)
-    as a ``Host.state``: down if it cannot run anything (down, failed, not responding: a ``*``
-    suffix, powered off), drained if it takes no new work, else up."""
-    words = state.upper().replace("+", " ").replace("*", " *").split()
-    if "*" in words or any(w.startswith(_DOWN_WORDS) for w in words):
-        return "down"
-    if any(w.startswith(_DRAINED_WORDS) for w in words):
-        return "drained"
-    return "up"
 
 
 @dataclass(frozen=True)
@@ -263,6 +247,7 @@ class MeasureOptions:
     agent_command: str | None = None
     pids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)   # host -> processes that are
                                         # candidates whatever CPU they use (a scheduler's job pids)
+    only_named: bool = False            # the processes in ``pids`` are the only candidates
     include: tuple[Rule, ...] = ()      # processes the agents examine (``agent.measure.Rule``); the
     exclude: tuple[Rule, ...] = ()      # others are reported as not selected, untouched
 
@@ -365,7 +350,7 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
                     infos[host.name] = info
                     results[host.name] = await rpc.call(
                         "measure", sample_s=o.sample_s, dirty_s=o.dirty_s, min_cpu=o.min_cpu, tracker=o.tracker,
-                        pids=list(o.pids.get(host.name, ())),
+                        pids=list(o.pids.get(host.name, ())), only_named=o.only_named,
                         include=[[r.kind, r.pattern] for r in o.include],
                         exclude=[[r.kind, r.pattern] for r in o.exclude])
                 peers[host.name] = rpc
@@ -414,3 +399,63 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
     default = min(bandwidth.values()) if bandwidth else GIGABIT
     return Inventory(tuple(by_name[n] for n in names), bandwidth, default,
                      "measured" if bandwidth else "default", time.time())
+
+
+# --- Slurm as the inventory ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SlurmInventory:
+    """What Slurm says, as ``measure`` and ``plan`` take it: the hosts, the candidates (job
+    pids per node) and the allocations (job id -> its nodes)."""
+
+    hosts: tuple[Host, ...]
+    pids: Mapping[str, tuple[int, ...]]
+    jobs: Mapping[tuple[str, int], str]          # (node, pid) -> job id
+    allocations: Mapping[str, frozenset[str]]
+
+
+def host_of_node(node: Any) -> Host:
+    """A ``migrate.slurm.SlurmNode`` as a ``Host`` (its name is how ssh reaches it)."""
+    return Host(node.name, cpus=node.cpus or None, memory_bytes=node.memory_bytes or None, state=node.host_state,
+                labels=tuple(node.partitions))
+
+
+async def slurm_inventory(slurm: Any, *, partition: str | None = None, job_id: int | None = None,
+                          any_node: bool = False) -> SlurmInventory:
+    """The nodes of ``partition`` (with the workloads of its running jobs as candidates), or of
+    job ``job_id``'s allocation (its workload the only candidate; with ``any_node``, every node of
+    its partition may take it). A job's workload is what its batch shell started (on other nodes,
+    the job's processes there): the shell stays, with its parent slurmstepd."""
+    if (partition is None) == (job_id is None):
+        raise ValueError("give a partition or a job id")
+    if job_id is not None:
+        job = await slurm.job(job_id)
+        if not job.running:
+            raise InventoryError(f"Slurm job {job_id} is {job.state}, not running: it has no processes to move")
+        nodes = await (slurm.nodes(job.partition) if any_node else slurm.job_nodes(job_id))
+        jobs = [job]
+    else:
+        nodes = await slurm.nodes(partition)
+        names = {n.name for n in nodes}
+        jobs = [j for j in await slurm.jobs() if j.running and names.intersection(j.nodes)]
+    names = {n.name for n in nodes}
+    pids: dict[str, list[int]] = {}
+    owner: dict[tuple[str, int], str] = {}
+    for job in jobs:
+        for node in job.nodes:
+            if node not in names:
+                continue
+            procs = await slurm.job_processes(job.job_id, node)
+            for p in procs.workload:
+                pids.setdefault(node, []).append(p.pid)
+                owner[(node, p.pid)] = str(job.job_id)
+    return SlurmInventory(tuple(host_of_node(n) for n in nodes), {k: tuple(v) for k, v in pids.items()}, owner,
+                          {str(j.job_id): frozenset(j.nodes) for j in jobs})
+
+
+def with_jobs(inventory: Inventory, jobs: Mapping[tuple[str, int], str],
+              allocations: Mapping[str, frozenset[str]]) -> Inventory:
+    """``inventory`` with the scheduler's job ids on its candidates and its allocations."""
+    hosts = tuple(replace(h, candidates=tuple(replace(c, job_id=jobs.get((c.host, c.pid), c.job_id))
+                                              for c in h.candidates)) for h in inventory.hosts)
+    return replace(inventory, hosts=hosts, allocations=dict(allocations))

@@ -11,7 +11,7 @@ import trio
 
 from examples.testbed import Testbed
 from migrate import Host, InventoryError, MeasureOptions, Rule, measure, read_hosts_file
-from migrate.inventory import parse_hosts, scheduler_state
+from migrate.inventory import parse_hosts
 from tests._hosts import start_in
 from tests._workloads import build, kcr, one_error_line
 
@@ -26,17 +26,6 @@ def test_host_file_format(tmp_path: Path) -> None:
     assert hosts == [Host("node1", 32, 128 * GiB, "up", ("gpu", "fast")), Host("node2"),
                      Host("node3", state="drained"), Host("node4", memory_bytes=500_000_000, state="down")]
     assert [h.usable for h in hosts] == [True, True, False, False]
-
-
-@pytest.mark.parametrize("state,expected", [
-    ("IDLE", "up"), ("MIXED", "up"), ("ALLOCATED", "up"), ("COMPLETING", "up"), ("idle", "up"),
-    ("DRAIN", "drained"), ("DRAINING", "drained"), ("DRAINED", "drained"), ("MIXED+DRAIN", "drained"),
-    ("IDLE+MAINT", "drained"), ("DOWN", "down"), ("DOWN*", "down"), ("IDLE*", "down"), ("FAIL", "down"),
-    ("DOWN+DRAIN", "down"), ("IDLE+POWERED_DOWN", "down"), ("IDLE+NOT_RESPONDING", "down"),
-])
-def test_scheduler_node_states(state: str, expected: str) -> None:
-    assert scheduler_state(state) == expected
-    assert Host("n1", state=scheduler_state(state)).usable == (expected == "up")
 
 
 @pytest.mark.parametrize("text,says", [

@@ -1,4 +1,5 @@
-"""`kcr-migrate rebalance --hosts FILE`: measure the hosts, plan moves, carry them out."""
+"""`kcr-migrate rebalance --hosts FILE | --slurm PARTITION | --slurm-job JOBID`: measure the
+hosts, plan moves, carry them out."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import json
 import pwd
 import re
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from migrate.cli import EXIT_ERROR, command, error, positive_float, rate
@@ -61,9 +63,23 @@ def rule(text: str) -> "Rule":
     return r
 
 
+def job_id(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Slurm job id (the number sbatch printed)")
+    return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hosts", required=True, metavar="FILE",
-                   help="the hosts: one a line, NAME [cpus=N] [mem=SIZE] [state=up|drained|down] [label=A,B]")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--hosts", metavar="FILE",
+                       help="the hosts: one a line, NAME [cpus=N] [mem=SIZE] [state=up|drained|down] [label=A,B]")
+    where.add_argument("--slurm", metavar="PARTITION",
+                       help="the nodes of a Slurm partition; candidates: its running jobs' workloads "
+                            "(Slurm's config: $SLURM_CONF, else /etc/slurm/slurm.conf)")
+    where.add_argument("--slurm-job", type=job_id, metavar="JOBID",
+                       help="the nodes of a running Slurm job; candidates: its workload")
+    p.add_argument("--any-node", action="store_true",
+                   help="with Slurm: a job's processes may go to any node of its partition, not only its own")
     p.add_argument("--dry-run", action="store_true", help="measure and print the plan; move nothing")
     p.add_argument("--json", action="store_true", help="print the inventory, plan and report as one JSON object")
     p.add_argument("--max-load", type=positive_float, default=0.9, metavar="X",
@@ -115,23 +131,33 @@ def _print_event(ev: "RebalanceEvent") -> None:
                   file=sys.stderr)
 
 
-async def _once(args: argparse.Namespace, hosts: list[Any]) -> tuple["Inventory", "Plan", Any]:
+async def _once(args: argparse.Namespace, hosts: list[Any] | None) -> tuple["Inventory", "Plan", Any]:
     from migrate.api import MigrationOptions
-    from migrate.inventory import MeasureOptions, measure
+    from migrate.inventory import MeasureOptions, measure, slurm_inventory, with_jobs
     from migrate.planner import Policy, plan
     from migrate.rebalance import Rebalance, RebalanceOptions
     try:
         mo = MeasureOptions(sample_s=args.sample, min_cpu=args.min_cpu, tracker=args.tracker,
                             bandwidth=args.bandwidth, ssh_config=args.ssh_config, include=tuple(args.include),
                             exclude=tuple(args.exclude))
+        slurm = None
+        if hosts is None:
+            from migrate.slurm import Slurm
+            slurm = await slurm_inventory(Slurm(ssh_config=args.ssh_config), partition=args.slurm,
+                                          job_id=args.slurm_job, any_node=args.any_node)
+            hosts = list(slurm.hosts)
+            mo = replace(mo, pids=slurm.pids, only_named=True)
         policy = Policy(max_load=args.max_load, max_memory=args.max_mem, max_per_host=args.max_per_host,
                         max_moves=args.max_moves, bandwidth_budget=args.budget, downtime_target_ms=args.downtime,
-                        max_downtime_ms=args.max_downtime, include=tuple(args.include), exclude=tuple(args.exclude))
+                        max_downtime_ms=args.max_downtime, include=tuple(args.include), exclude=tuple(args.exclude),
+                        any_host_for_jobs=args.any_node)
         migration = MigrationOptions(downtime_target_ms=args.downtime, tracker=args.tracker,
                                      ssh_config=args.ssh_config, new_pid=args.new_pid)
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     inventory = await measure(hosts, mo)
+    if slurm is not None:
+        inventory = with_jobs(inventory, slurm.jobs, slurm.allocations)
     the_plan = plan(inventory, policy)
     if args.dry_run or not the_plan.moves:
         return inventory, the_plan, None
@@ -186,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
     from migrate.inventory import read_hosts_file
 
-    hosts = read_hosts_file(args.hosts)
+    hosts = read_hosts_file(args.hosts) if args.hosts else None     # Slurm is asked on every run
     if args.every is None:
         return _show(args, *trio.run(_once, args, hosts))
     while True:

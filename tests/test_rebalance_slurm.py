@@ -1,0 +1,108 @@
+"""`kcr-migrate rebalance --slurm-job / --slurm` on a real Slurm on the test hosts (tests/_slurm.py):
+the nodes, their states and a running job's workload come from Slurm, the load from the agents."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import trio
+
+from examples.slurm import SlurmCluster
+from examples.testbed import Testbed
+from migrate.slurm import Slurm
+from tests._workloads import KCR_MIGRATE, build, one_error_line
+
+WORKERS = 3
+# Three busy workers under the batch shell, each about 45 % of a CPU: the job's workload.
+BATCH = '''#!/bin/sh
+for i in {workers}; do {exe} {out}/w$i 45 1000000 16 & done
+wait
+'''
+
+
+@pytest.fixture
+def busy_job(slurm: SlurmCluster, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    out = tmp_path / "job"
+    for i in range(1, WORKERS + 1):
+        (out / f"w{i}").mkdir(parents=True)
+    script = out / "job.sh"
+    script.write_text(BATCH.format(workers=" ".join(str(i) for i in range(1, WORKERS + 1)),
+                                   exe=build("busy_worker"), out=out))
+    answer = slurm.command(["sbatch", "--parsable", "-w", "hostA", "-J", "kcr-busy", "-o", str(out / "slurm.out"),
+                            str(script)])
+    job_id = int(answer.strip().split(";")[0])
+    try:
+        yield job_id, out
+    finally:
+        slurm.command(["scancel", str(job_id)], check=False)
+
+
+def rebalance(slurm: SlurmCluster, testbed: Testbed, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*KCR_MIGRATE, "rebalance", "--ssh-config", str(testbed.ssh_config_path), "--sample", "1",
+                           "--max-mem", "1", "--new-pid", *args],
+                          capture_output=True, timeout=300, env={**os.environ, "SLURM_CONF": str(slurm.conf_path)})
+
+
+async def _ready(inventory: Slurm, job_id: int, out: Path) -> Any:
+    with trio.fail_after(60):
+        while (await inventory.job(job_id)).state != "RUNNING" or \
+                not all((out / f"w{i}" / "ready").exists() for i in range(1, WORKERS + 1)):
+            await trio.sleep(0.1)
+    return await inventory.job_processes(job_id, "hostA")
+
+
+def test_a_slurm_jobs_workload_is_planned_within_its_allocation_or_beyond(
+        slurm: SlurmCluster, testbed: Testbed, busy_job: tuple[int, Path]) -> None:
+    job_id, out = busy_job
+    inventory = Slurm(str(slurm.conf_path), ssh_config=str(testbed.ssh_config_path))
+    procs = trio.run(_ready, inventory, job_id, out)
+    workers = {p.pid for p in procs.workload}
+    assert len(workers) == WORKERS
+    cpus = trio.run(inventory.node, "hostA").cpus
+    max_load = f"{0.5 / cpus:.4f}"        # one worker fits under it, three do not
+
+    # Its allocation is hostA alone: nowhere to go.
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", max_load, "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    doc = json.loads(res.stdout)
+    assert [h["name"] for h in doc["inventory"]["hosts"]] == ["hostA"]
+    assert doc["inventory"]["allocations"] == {str(job_id): ["hostA"]}
+    (a,) = doc["inventory"]["hosts"]
+    assert {c["pid"] for c in a["candidates"]} == workers, "the candidates are the job's workload, nothing else"
+    assert all(c["job_id"] == str(job_id) and c["movable"] for c in a["candidates"])
+    assert doc["plan"]["moves"] == []
+    assert {r["pid"] for r in doc["plan"]["rejected"]} == workers
+
+    # With --any-node every node of its partition may take its processes.
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", max_load, "--dry-run", "--json",
+                    "--any-node")
+    assert res.returncode == 0, res.stderr.decode()
+    doc = json.loads(res.stdout)
+    assert {h["name"] for h in doc["inventory"]["hosts"]} >= {"hostA", "hostB"}
+    moves = doc["plan"]["moves"]
+    assert moves and all(m["pid"] in workers and m["source"] == "hostA" and m["dest"] != "hostA" for m in moves)
+    assert all(os.path.exists(f"/proc/{pid}") for pid in workers), "a dry run moves nothing"
+
+    # The partition: the same workload, found through the running jobs.
+    partition = trio.run(inventory.job, job_id).partition
+    res = rebalance(slurm, testbed, "--slurm", partition, "--max-load", max_load, "--dry-run", "--json",
+                    "--any-node")
+    assert res.returncode == 0, res.stderr.decode()
+    doc = json.loads(res.stdout)
+    found = {c["pid"] for h in doc["inventory"]["hosts"] for c in h["candidates"]}
+    assert workers <= found
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--slurm-job", "999999"], "Slurm has no job 999999"),
+    (["--slurm", "nosuchpartition"], "no partition 'nosuchpartition'"),
+])
+def test_slurm_bad_input_is_one_line(slurm: SlurmCluster, testbed: Testbed,
+                                     args: list[str], says: str) -> None:
+    res = rebalance(slurm, testbed, *args, "--dry-run")
+    assert res.returncode == 1
+    assert says in one_error_line(res.stderr)
