@@ -10,9 +10,9 @@ from pathlib import Path
 from examples.testbed import Testbed
 from tests._hosts import start_in, wait_file
 from tests._migration import wait_gone
-from tests._workloads import KCR_MIGRATE, build, kcr, one_error_line
+from tests._workloads import KCR_MIGRATE, STARTED, build, kcr, one_error_line
 
-ARGS = ["45", "2500", "16"]      # duty percent, steps, MiB
+ARGS = ["30", "4000", "16"]      # duty percent, steps, MiB: long enough for three measurements and a move
 
 
 def netns_of(pid: int) -> int:
@@ -30,28 +30,42 @@ def rebalance(testbed: Testbed, hosts: Path, pids: list[int], *args: str) -> tup
     return res.returncode, json.loads(out.splitlines()[-1]) if out else {}, res.stderr.decode()
 
 
+def between(doc: dict, host: str = "hostA") -> str:
+    """A --max-load that ``host``, as just measured (``doc``: a --json output), is over, but that
+    its busiest candidate alone stays under: halfway between that candidate and the host's load
+    (measured again by the next run: the shares of a loaded machine's CPUs vary)."""
+    (h,) = [h for h in doc["inventory"]["hosts"] if h["name"] == host]
+    biggest = max(c["cpu"] for c in h["candidates"])
+    assert h["load"] > biggest * 1.2, h
+    return f"{(h['load'] + biggest) / 2 / h['cpus_measured']:.4f}"
+
+
 def test_rebalance_moves_a_busy_job_to_the_idle_host(testbed: Testbed, tmp_path: Path) -> None:
     exe = str(build("busy_worker"))
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     reference = subprocess.Popen([exe, str(ref_dir), *ARGS], stdin=subprocess.DEVNULL)
+    STARTED.append(reference)       # ended with the test, whatever happens
     jobs = {}
-    for i in range(3):
+    for i in range(4):                # 4 x 30 % of a CPU: what a move takes is well apart from the rest
         out = tmp_path / f"job{i}"
         jobs[start_in(testbed, "hostA", [exe, str(out), *ARGS], out)] = out
     hosts = tmp_path / "hosts"
     hosts.write_text("hostA cpus=1\nhostB cpus=1\n")
     host_a = os.stat(testbed.netns_path("hostA")).st_ino
 
+    code, first, err = rebalance(testbed, hosts, list(jobs), "--max-load", "100", "--dry-run")
+    assert code == 0, err
+    max_load = between(first)
     # --dry-run: the plan, and nothing moves
-    code, dry, err = rebalance(testbed, hosts, list(jobs), "--max-load", "0.5", "--dry-run")
+    code, dry, err = rebalance(testbed, hosts, list(jobs), "--max-load", max_load, "--dry-run")
     assert code == 0, err
     assert dry["report"] is None
     assert dry["plan"]["moves"], dry["plan"]
     assert all(m["source"] == "hostA" and m["dest"] == "hostB" for m in dry["plan"]["moves"])
     assert all(netns_of(pid) == host_a for pid in jobs), "a dry run moves nothing"
 
-    code, result, err = rebalance(testbed, hosts, list(jobs), "--max-load", "0.5")
+    code, result, err = rebalance(testbed, hosts, list(jobs), "--max-load", max_load)
     assert code == 0, err
     moves = result["report"]["moves"]
     done = [m for m in moves if m["state"] == "done"]

@@ -15,11 +15,12 @@ from examples.slurm import SlurmCluster
 from examples.testbed import Testbed
 from migrate.slurm import Slurm
 from tests._workloads import KCR_MIGRATE, build, one_error_line
+from tests.test_rebalance_hosts import between
 
-WORKERS = 3
-# Three busy workers under the batch shell, each about 45 % of a CPU: the job's workload.
+WORKERS = 4
+# Four busy workers under the batch shell, each about 30 % of a CPU: the job's workload.
 BATCH = '''#!/bin/sh
-for i in {workers}; do {exe} {out}/w$i 45 1000000 16 & done
+for i in {workers}; do {exe} {out}/w$i 30 1000000 16 & done
 wait
 '''
 
@@ -62,8 +63,9 @@ def test_a_slurm_jobs_workload_is_planned_within_its_allocation_or_beyond(
     procs = trio.run(_ready, inventory, job_id, out)
     workers = {p.pid for p in procs.workload}
     assert len(workers) == WORKERS
-    cpus = trio.run(inventory.node, "hostA").cpus
-    max_load = f"{0.5 / cpus:.4f}"        # one worker fits under it, three do not
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    max_load = between(json.loads(res.stdout))      # one worker fits under it, three do not
 
     # Its allocation is hostA alone: nowhere to go.
     res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", max_load, "--dry-run", "--json")
@@ -84,7 +86,8 @@ def test_a_slurm_jobs_workload_is_planned_within_its_allocation_or_beyond(
     doc = json.loads(res.stdout)
     assert {h["name"] for h in doc["inventory"]["hosts"]} >= {"hostA", "hostB"}
     moves = doc["plan"]["moves"]
-    assert moves and all(m["pid"] in workers and m["source"] == "hostA" and m["dest"] != "hostA" for m in moves)
+    assert moves, (doc["plan"]["rejected"], doc["plan"]["hosts"], doc["plan"]["notes"])
+    assert all(m["pid"] in workers and m["source"] == "hostA" and m["dest"] != "hostA" for m in moves)
     assert all(os.path.exists(f"/proc/{pid}") for pid in workers), "a dry run moves nothing"
 
     # The partition: the same workload, found through the running jobs.
