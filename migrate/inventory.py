@@ -21,7 +21,8 @@ cgroup names a job (``/job_N/``) then moves only within that job's allocation.
 
 Hosts that share one kernel (network namespaces or containers on one machine: the agents
 report one ``boot_id``) share its CPU and memory counters, so there a host's load is the sum
-of its own processes' CPU shares and its used memory the sum of their resident memory.
+of its own processes' CPU shares and its used memory the sum of their resident memory (told
+from the hosts measured together: a host measured alone counts as the whole machine).
 """
 from __future__ import annotations
 

@@ -63,9 +63,11 @@ def test_a_slurm_jobs_workload_is_planned_within_its_allocation_or_beyond(
     procs = trio.run(_ready, inventory, job_id, out)
     workers = {p.pid for p in procs.workload}
     assert len(workers) == WORKERS
-    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json")
+    # measured with the nodes that share this machine's kernel, as the runs below that plan moves
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json",
+                    "--any-node")
     assert res.returncode == 0, res.stderr.decode()
-    max_load = between(json.loads(res.stdout))      # one worker fits under it, three do not
+    max_load = between(json.loads(res.stdout))      # one worker fits under it, all of them do not
 
     # Its allocation is hostA alone: nowhere to go.
     res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", max_load, "--dry-run", "--json")
