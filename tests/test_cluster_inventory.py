@@ -1,4 +1,5 @@
-"""The rebalancer's inventory: the host file, and real hosts measured by their agents."""
+"""migrate/inventory.py, the rebalancer's inventory of a cluster: the host file, and real hosts measured by
+their agents (tests/test_inventory.py checks agent/inventory.py, what a process holds)."""
 from __future__ import annotations
 
 import os
