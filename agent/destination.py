@@ -8,13 +8,16 @@ through /proc/PID/mem where a later round rewrites them.
 
 Methods: ``dest_check`` (preflight), ``dest_receive`` (the ordered stream from the source:
 header, layouts, pages, state), ``dest_restore`` (everything else; the process is READY,
-stopped), ``dest_go`` (let it run; reports when every thread ran), ``dest_abort``.
+stopped), ``dest_deputy`` (with ``--stand-in``: start the deputy, ``agent.deputy``),
+``dest_go`` (let it run; reports when every thread ran), ``dest_abort``.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,7 @@ import trio
 
 from agent import sched
 from agent.files import check_files, check_machine
+from agent.homelink import parse_lost
 from agent.inflight import InFlight
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
@@ -44,12 +48,20 @@ class DestSession:
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
+    deputy: subprocess.Popen[bytes] | None = None            # the stand-in's deputy (dest_deputy)
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
+        self.end_deputy()
         if not self.running:
             self.tracer.call(self.restore.abort)
         self.tracer.close()
+
+    def end_deputy(self) -> None:
+        if self.deputy is not None:
+            self.deputy.kill()
+            self.deputy.wait()
+            self.deputy = None
 
 
 SESSIONS: dict[int, DestSession] = {}
@@ -194,7 +206,72 @@ async def dest_go(ctx: CallContext) -> dict[str, Any]:
     SESSIONS.pop(id(ctx.rpc), None)
     _forget(s)
     s.tracer.close()
+    if s.deputy is not None:
+        DEPUTIES.append(s.deputy)      # lives on with the process, never waited for here
+        s.deputy = None
     return {"pid": pid, "running_ns": s.restore.running_ns}
+
+
+DEPUTY_LOG_DIR = "/run/kcr-migrate/deputy"
+DEPUTIES: list[subprocess.Popen[bytes]] = []
+
+
+def _start_deputy(pid: int, key: bytes, address: str, lost: str, timeout: float, connect_timeout: float
+                  ) -> tuple[subprocess.Popen[bytes], int]:
+    """The deputy (``agent.deputy``) for the restored ``pid``, in a session of its own, holding a
+    pidfd opened now (the process is stopped: it is the one we restored); its port."""
+    pidfd = os.pidfd_open(pid)
+    os.makedirs(DEPUTY_LOG_DIR, exist_ok=True)
+    log = os.open(os.path.join(DEPUTY_LOG_DIR, f"{pid}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                  0o600)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.deputy", "--pidfd", str(pidfd), "--pid", str(pid), "--address", address,
+             "--report-fd", str(w), "--lost", lost, "--timeout", repr(timeout),
+             "--connect-timeout", repr(connect_timeout)],
+            stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(pidfd, w), start_new_session=True,
+            close_fds=True)
+        os.close(w)
+        w = -1
+        assert proc.stdin is not None
+        proc.stdin.write(key)
+        proc.stdin.close()
+        with os.fdopen(r, "rb") as report:
+            r = -1
+            line = report.readline()
+    finally:
+        for fd in (pidfd, log, r, w):
+            if fd >= 0:
+                os.close(fd)
+    if not line.strip().isdigit():
+        proc.kill()
+        proc.wait()
+        raise RestoreError(f"the stand-in's deputy did not start (see {DEPUTY_LOG_DIR}/{pid}.log)")
+    return proc, int(line)
+
+
+async def dest_deputy(ctx: CallContext, *, key: bytes, address: str, lost: str = "exit",
+                      timeout: float = 30.0) -> dict[str, Any]:
+    """Before GO: start the deputy of the restored process (``agent.deputy``), listening on
+    ``address`` for the stand-in's keeper under ``key``. Ended with the session on a rollback;
+    after GO it outlives this agent. Returns its port and pid."""
+    s = _session(ctx)
+    if not s.ready or s.running:
+        raise RestoreError("the deputy is started once the process is restored, before it runs")
+    if s.deputy is not None:
+        raise ProtocolError("this migration has a deputy already")
+    if not isinstance(key, bytes) or len(key) != 32 or not 0 < timeout <= 3600:
+        raise ProtocolError("dest_deputy: a 32-byte key and a timeout in (0, 3600] s")
+    try:
+        lost = str(parse_lost(lost))
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    pid = s.restore.root.pid
+    proc, port = await trio.to_thread.run_sync(
+        lambda: _start_deputy(pid, key, address, lost, timeout, max(120.0, 4 * timeout)))
+    s.deputy = proc
+    return {"port": port, "deputy_pid": proc.pid, "log": f"{DEPUTY_LOG_DIR}/{pid}.log"}
 
 
 async def dest_abort(ctx: CallContext) -> dict[str, Any]:
@@ -218,4 +295,4 @@ def close_sessions(rpc: object) -> None:
 
 
 METHODS = {"dest_check": dest_check, "dest_receive": dest_receive, "dest_restore": dest_restore,
-           "dest_go": dest_go, "dest_abort": dest_abort}
+           "dest_deputy": dest_deputy, "dest_go": dest_go, "dest_abort": dest_abort}

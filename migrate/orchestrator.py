@@ -7,7 +7,8 @@
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
     --------   the point of no return: source_commit_pending, then dest_go
     GO         dest_go: the process runs on the destination (RUNNING)
-    COMMIT     source_kill
+    COMMIT     source_kill, or with --stand-in source_stand_in (the deputy, dest_deputy, was
+               started before GO)
     ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
 
 After GO, a lost answer never resumes the source: it is left stopped and the report says how
@@ -280,6 +281,8 @@ class Migration:
                                  redirect=[[fd, path] for fd, path in sorted(o.redirect.items())],
                                  new_pid=o.new_pid)
         r.memory_bytes = int(summary["memory_bytes"])
+        self.deputy_to: dict[str, Any] | None = None
+        stand_in_address = self._stand_in_address(summary)
         r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
@@ -312,6 +315,15 @@ class Migration:
             for w in restored.get("warnings", []):
                 self._warn(str(w))
             self._advance(PhaseEvent.READY)
+            if stand_in_address:
+                key = new_key()
+                deputy = await dst.call("dest_deputy", key=key, address=stand_in_address, lost=o.stand_in_lost,
+                                        timeout=o.link_timeout_s)
+                self.deputy_to = {"address": stand_in_address, "port": int(deputy["port"]), "key": key,
+                                  "lost": o.stand_in_lost, "timeout": o.link_timeout_s,
+                                  "where": f"pid {restored['pid']} on {self.dest}"}
+                r.stand_in = {"deputy_pid": int(deputy["deputy_pid"]), "deputy_log": str(deputy["log"]),
+                              "deputy_address": f"{stand_in_address}:{deputy['port']}"}
             await src.call("source_commit_pending")
         except BaseException as exc:
             await self._rollback(src, dst, exc)
@@ -330,16 +342,10 @@ class Migration:
             r.downtime_ms = (running_ns - first_ns) / 1e6 + uncertainty
             r.downtime_uncertainty_ms = uncertainty
             self._advance(PhaseEvent.RUNNING)
-            try:
-                with trio.fail_after(CLEANUP_DEADLINE):
-                    await src.call("source_kill")
-            except (MigrationError, trio.TooSlowError) as exc:
-                self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
-                           f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
-                           f"{self.pid}@{self.source} --kill`")
-                self._advance(PhaseEvent.FAILED)
+            if self.deputy_to is not None:
+                await self._stand_in(src)
             else:
-                self._advance(PhaseEvent.SOURCE_KILLED)
+                await self._kill_source(src)
             r.state = "done"
             for hook in self.hooks:
                 try:
@@ -347,6 +353,56 @@ class Migration:
                         await hook.commit(self.hook_ctx)
                 except (MigrationError, trio.TooSlowError) as exc:
                     self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
+
+    async def _kill_source(self, src: RpcPeer) -> None:
+        r = self.report
+        try:
+            with trio.fail_after(CLEANUP_DEADLINE):
+                await src.call("source_kill")
+        except (MigrationError, trio.TooSlowError) as exc:
+            self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
+                       f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
+                       f"{self.pid}@{self.source} --kill`")
+            self._advance(PhaseEvent.FAILED)
+        else:
+            self._advance(PhaseEvent.SOURCE_KILLED)
+
+    async def _stand_in(self, src: RpcPeer) -> None:
+        """In place of ending the source: its root becomes the stand-in (``agent.standin``),
+        linked to the deputy started before GO. If that fails the source was ended instead."""
+        r = self.report
+        try:
+            with trio.fail_after(CLEANUP_DEADLINE):
+                got = await src.call("source_stand_in", to=self.deputy_to)
+        except (MigrationError, trio.TooSlowError) as exc:
+            self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but no stand-in was left on "
+                       f"{self.source}: {exc}")
+            self._advance(PhaseEvent.FAILED)
+            return
+        r.stand_in.update({"pid": int(got["pid"]), "keeper_pid": int(got["keeper_pid"]),
+                           "vm_rss_kb": int(got["vm_rss_kb"]), "keeper_log": str(got["log"])})
+        self._advance(PhaseEvent.STOOD_IN)
+
+    def _stand_in_address(self, summary: dict[str, Any]) -> str:
+        """With ``stand_in``: the destination's address as the source reaches it, for the
+        stand-in's link; "" for no stand-in (off, or ``auto`` and the parent is its pid
+        namespace's init or outside it)."""
+        o = self.options
+        if not o.stand_in:
+            return ""
+        processes = summary.get("processes") or [{}]
+        ppid = int(processes[0].get("ppid", 0))
+        if o.stand_in == "auto" and ppid in (0, 1):
+            return ""
+        address = self._data_address()
+        if not address:
+            message = (f"cannot tell which address of {self.dest} {self.source} can connect to for the stand-in's "
+                       "link")
+            if o.stand_in == "auto":
+                self._warn(f"{message}: no stand-in will be left")
+                return ""
+            raise TransportError(f"{message}; migrate without --stand-in", pid=self.pid)
+        return address
 
     def _data_address(self) -> str:
         """The destination's address as the source host can reach it; "" if unknown."""

@@ -1,0 +1,222 @@
+"""The deputy: on the destination, the moved process's link to its stand-in at home.
+
+A process of its own (``python3 -m agent.deputy``), started by the destination agent once
+the process is restored and before it runs, in a session of its own so that it outlives the
+agent and its SSH session. It holds a pidfd of the moved process, listens for the stand-in's
+keeper on a sealed TCP channel (``agent.homelink``), and then:
+
+- sends the process every signal the stand-in received (``Forward``), through the pidfd, so
+  never to a recycled pid;
+- when the process has ended, tells the keeper how (``Exited``), so the stand-in ends the
+  same way;
+- when the stand-in was killed by SIGKILL (``HomeEnded``), kills the process with SIGKILL;
+- when the link is lost, follows the user's rule (``--stand-in-lost``): ``kill`` kills the
+  process; ``exit:N`` (the default) lets it run on.
+
+How the deputy learns the exit status, and why not as a parent. The restored process is not
+its child (the restore stub forks so that it is not the agent's either), so ``waitpid`` is
+not available; a subreaper ancestor would be, but the stub is spawned by the agent, which
+exits after the migration. A pidfd turns readable the moment the process exits; then its
+status is read, in this order: ``/proc/PID/stat``'s ``exit_code`` field while it is a zombie
+(any kernel since 3.5), then ``PIDFD_GET_INFO`` with ``PIDFD_INFO_EXIT`` (Linux >= 6.15),
+which holds it once the parent reaped it. The ioctl comes second: if it says the process was
+not reaped yet, it was not when its stat was read either, so that stat was this process's,
+not a recycled pid's. Only where the parent reaped it at once on a kernel without
+PIDFD_INFO_EXIT is the status unknown (``Exited(-1)``): the stand-in then follows the
+lost-link rule and says why.
+
+Its log is ``/run/kcr-migrate/deputy/PID.log``.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import struct
+import sys
+import time
+
+import trio
+
+from agent.homelink import (
+    Bye,
+    Exited,
+    Forward,
+    Hello,
+    HomeEnded,
+    Link,
+    LinkLost,
+    LostRule,
+    describe_status,
+    parse_lost,
+)
+from precopy.kernel import pidfd_send_signal
+from transport.errors import MigrationError
+from transport.tcp import KEY_SIZE, DataListener, open_data_listener
+
+LOG_DIR = "/run/kcr-migrate/deputy"
+PIDFS_IOCTL_MAGIC = 0xFF
+PIDFD_INFO_SIZE_VER0 = 64
+PIDFD_GET_INFO = (3 << 30) | (PIDFD_INFO_SIZE_VER0 << 16) | (PIDFS_IOCTL_MAGIC << 8) | 11
+PIDFD_INFO_EXIT = 1 << 3
+EXIT_CODE_OFFSET = 60           # struct pidfd_info: mask, cgroupid (u64), 11 u32 ids, exit_code
+STAT_EXIT_CODE = 52             # /proc/PID/stat field (1-based) holding the zombie's wait status
+
+
+def log(text: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} kcr-deputy[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
+
+
+def _stat_exit(pid: int) -> int | None:
+    """The zombie's wait status from /proc/PID/stat; None unless ``pid`` is a zombie now."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (state)
+    if not fields or fields[0] != "Z" or len(fields) < STAT_EXIT_CODE - 2:
+        return None
+    return int(fields[STAT_EXIT_CODE - 3])
+
+
+def pidfd_exit_info(pidfd: int) -> int | None:
+    """The exit status PIDFD_INFO_EXIT holds (once reaped); None if not (yet) known, or on a
+    kernel without it."""
+    buf = bytearray(PIDFD_INFO_SIZE_VER0)
+    struct.pack_into("<Q", buf, 0, PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf)
+    except OSError:
+        return None
+    (mask,) = struct.unpack_from("<Q", buf, 0)
+    if not mask & PIDFD_INFO_EXIT:
+        return None
+    (code,) = struct.unpack_from("<i", buf, EXIT_CODE_OFFSET)
+    return code & 0xFFFF
+
+
+def exit_status(pidfd: int, pid: int) -> int:
+    """How the process behind ``pidfd`` (which has exited) ended; -1 if that cannot be known."""
+    from_stat = _stat_exit(pid)
+    from_pidfd = pidfd_exit_info(pidfd)
+    if from_pidfd is not None:
+        return from_pidfd
+    if from_stat is not None:
+        return from_stat
+    return -1
+
+
+class Deputy:
+    def __init__(self, pidfd: int, pid: int, lost: LostRule, timeout: float) -> None:
+        self.pidfd = pidfd
+        self.pid = pid
+        self.lost = lost
+        self.timeout = timeout
+        self.status: int | None = None
+        self.ended = trio.Event()
+
+    def signal(self, sig: int) -> None:
+        try:
+            pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass           # ended meanwhile: its status is on its way
+
+    async def watch(self) -> None:
+        await trio.lowlevel.wait_readable(self.pidfd)
+        self.status = exit_status(self.pidfd, self.pid)
+        log(f"pid {self.pid} ended: {describe_status(self.status)}")
+        self.ended.set()
+
+    async def serve(self, listener: DataListener, connect_timeout: float) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.watch)
+            accepted = None
+            with trio.move_on_after(connect_timeout):
+                accepted = await listener.accept()
+            await listener.aclose()
+            if accepted is None:
+                log(f"no stand-in connected within {connect_timeout:g} s: pid {self.pid} runs on without one")
+                nursery.cancel_scope.cancel()
+                return
+            stream, address = accepted
+            link = Link(stream, self.timeout)
+            log(f"the stand-in's keeper connected from {address}")
+            try:
+                await self._talk(link, nursery)
+            except LinkLost as exc:
+                self._lost(str(exc))
+            finally:
+                await link.close()
+                nursery.cancel_scope.cancel()
+
+    async def _talk(self, link: Link, nursery: trio.Nursery) -> None:
+        hello = await link.receive()
+        if not isinstance(hello, Hello):
+            raise LinkLost(f"the keeper began with {type(hello).__name__}, not Hello")
+        log(f"standing in at home: pid {hello.pid}")
+        nursery.start_soon(link.beats)
+
+        async def report() -> None:
+            await self.ended.wait()
+            assert self.status is not None
+            await link.send(Exited(self.status))
+
+        nursery.start_soon(report)
+        while True:
+            msg = await link.receive()
+            if isinstance(msg, Forward):
+                self.signal(msg.sig)
+            elif isinstance(msg, HomeEnded):
+                log(f"the stand-in ended of {describe_status(msg.status)}, which it could not pass on: "
+                    f"killing pid {self.pid}")
+                self.signal(signal.SIGKILL)
+                return
+            elif isinstance(msg, Bye):
+                log("the stand-in is done")
+                return
+
+    def _lost(self, why: str) -> None:
+        if self.ended.is_set():
+            log(f"lost the stand-in ({why}) after pid {self.pid} ended")
+        elif self.lost.kill:
+            log(f"lost the stand-in ({why}): killing pid {self.pid} (--stand-in-lost kill)")
+            self.signal(signal.SIGKILL)
+        else:
+            log(f"lost the stand-in ({why}): pid {self.pid} runs on (--stand-in-lost {self.lost})")
+
+
+async def _main(args: argparse.Namespace, key: bytes) -> None:
+    listener = await open_data_listener(args.address, 0, key=key)
+    os.write(args.report_fd, f"{listener.port}\n".encode())
+    os.close(args.report_fd)
+    deputy = Deputy(args.pidfd, args.pid, parse_lost(args.lost), args.timeout)
+    await deputy.serve(listener, args.connect_timeout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="kcr-deputy")
+    parser.add_argument("--pidfd", type=int, required=True)
+    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--report-fd", type=int, required=True)
+    parser.add_argument("--lost", default="exit")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--connect-timeout", type=float, default=120.0)
+    args = parser.parse_args()
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    key = sys.stdin.buffer.read(KEY_SIZE)      # never on the command line
+    if len(key) != KEY_SIZE:
+        log("no key on stdin")
+        sys.exit(2)
+    try:
+        trio.run(_main, args, key)
+    except MigrationError as exc:
+        log(f"error: {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
