@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -245,3 +246,37 @@ def test_stand_in_on_host_a_for_a_child_moved_to_host_c(testbed: Testbed, tmp_pa
         assert text(out / "output").endswith("bye\n")
     finally:
         testbed.exec("hostC", ["kill", "-9", str(child)])
+
+
+THREADED = '''
+import os, sys, threading, time
+d = sys.argv[1]
+stop = threading.Event()
+def work(i):
+    x = bytearray(4 << 20)
+    while not stop.wait(0.01):
+        x[i] = (x[i] + 1) % 256
+ts = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+for t in ts: t.start()
+open(os.path.join(d, "output"), "a").write("start\\n")
+open(os.path.join(d, "ready"), "w").close()
+f = os.path.join(d, "finish")
+while not os.path.exists(f): time.sleep(0.01)
+stop.set()
+for t in ts: t.join()
+open(os.path.join(d, "output"), "a").write("bye\\n")
+sys.exit(int(open(f).read()))
+'''
+
+
+def test_a_threaded_cpython_child_leaves_a_one_thread_stand_in(home: Home, tmp_path: Path) -> None:
+    script = tmp_path / "threaded.py"
+    script.write_text(THREADED)
+    home.argv = [str(build("standin_parent")), str(home.out), sys.executable, "-S", str(script), str(home.out)]
+    home.start()
+    assert len(os.listdir(f"/proc/{home.child}/task")) == 4
+    home.migrate()
+    assert os.listdir(f"/proc/{home.child}/task") == [str(home.child)]
+    home.finish(5)
+    assert home.done() == "exited 5"
+    assert home.output() == "start\nbye\n"
