@@ -198,7 +198,7 @@ def test_auto_leaves_no_stand_in_for_an_orphan_of_init(tmp_path: Path) -> None:
     pid = int(wait_file(out / "pid"))
     wait_file(out / "ready")
     ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    code, report, err = migrate_cli(f"{pid}@localhost", "localhost", "--stand-in", "auto")
+    code, report, err = migrate_cli(f"{pid}@localhost", "localhost", "--stand-in-auto")
     try:
         assert code == 0, err
         if ppid == 1:
