@@ -280,3 +280,27 @@ def test_a_threaded_cpython_child_leaves_a_one_thread_stand_in(home: Home, tmp_p
     home.finish(5)
     assert home.done() == "exited 5"
     assert home.output() == "start\nbye\n"
+
+
+def test_a_tree_moved_to_host_c_leaves_one_stand_in(testbed: Testbed, tmp_path: Path) -> None:
+    """The child is a shell with a workload of its own: both move, the workload's source copy is
+    killed, the shell's pid stays as the stand-in and exits as the moved shell does."""
+    out = tmp_path / "job"
+    shell = f'{build("standin_child")} {out} 8 & wait $!; exit $?'
+    argv = [str(build("standin_parent")), str(out), "/bin/sh", "-c", shell]
+    start_in(testbed, "hostA", argv, out)
+    child = int(wait_file(out / "child_pid"))
+    workload = int(Path(f"/proc/{child}/task/{child}/children").read_text().split()[0])
+    code, report, err = migrate_cli(f"{child}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    "--stand-in", keep_pid=True)
+    try:
+        assert code == 0, err
+        assert sorted(p["pid"] for p in report["processes"]) == sorted([child, workload])
+        assert report["stand_in"]["pid"] == child
+        until("the workload's source copy gone", lambda: not alive(workload))
+        assert Path(f"/proc/{child}/task/{child}/children").read_text().split() == []
+        assert in_host_state(testbed, "hostC", workload) in ("S", "R")
+        (out / "finish").write_text("7\n")
+        assert wait_file(out / "parent_done", WAIT_S).strip() == "exited 7"
+    finally:
+        testbed.exec("hostC", ["kill", "-9", str(child), str(workload)])
