@@ -39,14 +39,13 @@ import time
 
 import trio
 
+from agent.homechannel import Link, LinkLost
 from agent.homelink import (
     Bye,
     Exited,
     Forward,
     Hello,
     HomeEnded,
-    Link,
-    LinkLost,
     LostRule,
     describe_status,
     parse_lost,

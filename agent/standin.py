@@ -46,14 +46,13 @@ import trio
 
 from agent import freeze as freezer
 from agent import ptrace
+from agent.homechannel import Link, LinkLost
 from agent.homelink import (
     Bye,
     Exited,
     Forward,
     Hello,
     HomeEnded,
-    Link,
-    LinkLost,
     LostRule,
     describe_status,
     parse_lost,
