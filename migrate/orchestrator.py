@@ -282,13 +282,13 @@ class Migration:
                                  new_pid=o.new_pid)
         r.memory_bytes = int(summary["memory_bytes"])
         self.deputy_to: dict[str, Any] | None = None
-        stand_in_address = self._stand_in_address(summary)
         r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
             checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid)
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
+            stand_in_address = self._stand_in_address(summary)
             for hook in self.hooks:
                 await hook.preflight(self.hook_ctx)
             src_off, dst_off, uncertainty = await self._clocks(src, dst)
@@ -396,13 +396,17 @@ class Migration:
             return ""
         address = self._data_address()
         if not address:
-            message = (f"cannot tell which address of {self.dest} {self.source} can connect to for the stand-in's "
-                       "link")
-            if o.stand_in == "auto":
-                self._warn(f"{message}: no stand-in will be left")
-                return ""
-            raise TransportError(f"{message}; migrate without --stand-in", pid=self.pid)
-        return address
+            problem = f"cannot tell which address of {self.dest} {self.source} can connect to, as the stand-in's link must"
+        elif self.data_to is None and o.data_channel == "auto":
+            # The source could not open the data channel to that address: nor could the keeper.
+            problem = (f"{self.source} cannot connect to {self.dest} (so the data channel is relayed over ssh), "
+                       "as the stand-in's link must")
+        else:
+            return address
+        if o.stand_in == "auto":
+            self._warn(f"{problem}: no stand-in will be left")
+            return ""
+        raise TransportError(f"{problem}: open the way, or migrate without --stand-in", pid=self.pid)
 
     def _data_address(self) -> str:
         """The destination's address as the source host can reach it; "" if unknown."""

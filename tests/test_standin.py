@@ -304,3 +304,25 @@ def test_a_tree_moved_to_host_c_leaves_one_stand_in(testbed: Testbed, tmp_path: 
         assert wait_file(out / "parent_done", WAIT_S).strip() == "exited 7"
     finally:
         testbed.exec("hostC", ["kill", "-9", str(child), str(workload)])
+
+
+def test_a_source_that_cannot_reach_the_destination_is_refused_a_stand_in(testbed: Testbed, tmp_path: Path) -> None:
+    """The keeper connects to the destination as the data channel does: where the source cannot,
+    --stand-in fails in preflight (nothing moves) rather than after the move."""
+    out = tmp_path / "job"
+    argv = [str(build("standin_parent")), str(out), str(build("standin_child")), str(out), "4"]
+    start_in(testbed, "hostA", argv, out)
+    child = int(wait_file(out / "child_pid"))
+    route = ["ip", "route", "add", "unreachable", f"{testbed.address('hostB')}/32"]
+    testbed.exec("hostA", route, check=True)
+    try:
+        code, report, err = migrate_cli(f"{child}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
+                                        "--stand-in")
+    finally:
+        testbed.exec("hostA", ["ip", "route", "del", *route[3:]], check=True)
+    assert code != 0
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("kcr-migrate: error: "), err
+    assert "stand-in" in line and "hostA cannot connect to hostB" in line, line
+    assert report["state"] == "rolled-back" and alive(child)
+    assert not (out / "parent_log").exists()
