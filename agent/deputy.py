@@ -1,9 +1,11 @@
 """The deputy: on the destination, the moved process's link to its stand-in at home.
 
-A process of its own (``python3 -m agent.deputy``), started by the destination agent once
-the process is restored and before it runs, in a session of its own so that it outlives the
-agent and its SSH session. It holds a pidfd of the moved process, listens for the stand-in's
-keeper on a sealed TCP channel (``agent.homelink``), and then:
+A process of its own (``python3 -m agent.deputy``), started by the destination agent in
+preflight (a Python start-up is a quarter of a second: not inside the downtime), in a session
+of its own so that it outlives the agent and its SSH session. It listens for the stand-in's
+keeper on a sealed TCP channel (``agent.homelink``, ``agent.homechannel``) at once; once the
+process is restored, still stopped, the agent hands it the process's pid and a pidfd over a
+unix socket (``SCM_RIGHTS``), and then:
 
 - sends the process every signal the stand-in received (``Forward``), through the pidfd, so
   never to a recycled pid;
@@ -25,7 +27,8 @@ not a recycled pid's. Only where the parent reaped it at once on a kernel withou
 PIDFD_INFO_EXIT is the status unknown (``Exited(-1)``): the stand-in then follows the
 lost-link rule and says why.
 
-Its log is ``/run/kcr-migrate/deputy/PID.log``.
+If the agent's socket closes before the pidfd came (a rollback), the deputy exits. Its log is
+``/run/kcr-migrate/deputy/SESSION.log`` (the report names it).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import argparse
 import fcntl
 import os
 import signal
+import socket
 import struct
 import sys
 import time
@@ -108,9 +112,10 @@ def exit_status(pidfd: int, pid: int) -> int:
 
 
 class Deputy:
-    def __init__(self, pidfd: int, pid: int, lost: LostRule, timeout: float) -> None:
-        self.pidfd = pidfd
-        self.pid = pid
+    def __init__(self, control: socket.socket, lost: LostRule, timeout: float) -> None:
+        self.control = control
+        self.pidfd = -1
+        self.pid = 0
         self.lost = lost
         self.timeout = timeout
         self.status: int | None = None
@@ -122,6 +127,23 @@ class Deputy:
         except ProcessLookupError:
             pass           # ended meanwhile: its status is on its way
 
+    async def receive_process(self) -> bool:
+        """The restored process (its pid, and a pidfd opened while it was stopped) from the
+        agent, once it is restored; False if the agent gave up first (a rollback)."""
+        await trio.lowlevel.wait_readable(self.control)
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, 16, 1)
+        except OSError:
+            return False
+        if len(data) != 4 or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return False
+        (self.pid,) = struct.unpack("<i", data)
+        self.pidfd = fds[0]
+        log(f"deputy of pid {self.pid}")
+        return True
+
     async def watch(self) -> None:
         await trio.lowlevel.wait_readable(self.pidfd)
         self.status = exit_status(self.pidfd, self.pid)
@@ -129,6 +151,10 @@ class Deputy:
         self.ended.set()
 
     async def serve(self, listener: DataListener, connect_timeout: float) -> None:
+        if not await self.receive_process():
+            log("the migration ended before its process was restored: nothing to stand in for")
+            await listener.aclose()
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.watch)
             accepted = None
@@ -188,18 +214,16 @@ class Deputy:
 
 async def _main(args: argparse.Namespace, key: bytes) -> None:
     listener = await open_data_listener(args.address, 0, key=key)
-    os.write(args.report_fd, f"{listener.port}\n".encode())
-    os.close(args.report_fd)
-    deputy = Deputy(args.pidfd, args.pid, parse_lost(args.lost), args.timeout)
+    control = socket.socket(fileno=args.control_fd)
+    control.sendall(f"{listener.port}\n".encode())
+    deputy = Deputy(control, parse_lost(args.lost), args.timeout)
     await deputy.serve(listener, args.connect_timeout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="kcr-deputy")
-    parser.add_argument("--pidfd", type=int, required=True)
-    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--address", required=True)
-    parser.add_argument("--report-fd", type=int, required=True)
     parser.add_argument("--lost", default="exit")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--connect-timeout", type=float, default=120.0)

@@ -424,5 +424,5 @@ async def _run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any
                                   "host": socket.gethostname(),
                                   "log": os.path.join(LOG_DIR, f"{root.pid}.log")}})
     _detach(root.pid)
-    log(f"standing in for {where} as pid {root.pid}; link lost: {lost}")
+    log(f"standing in for {where} as pid {root.pid}; if the link is lost: {lost}")
     await Keeper(standin, link, lost, where).run()

@@ -8,7 +8,7 @@
     --------   the point of no return: source_commit_pending, then dest_go
     GO         dest_go: the process runs on the destination (RUNNING)
     COMMIT     source_kill, or with --stand-in source_stand_in (the deputy, dest_deputy, was
-               started before GO)
+               started in preflight and given the process by dest_restore)
     ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
 
 After GO, a lost answer never resumes the source: it is left stopped and the report says how
@@ -289,6 +289,14 @@ class Migration:
             checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid)
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
             stand_in_address = self._stand_in_address(summary)
+            if stand_in_address and not o.dry_run:
+                key = new_key()
+                deputy = await dst.call("dest_deputy", key=key, address=stand_in_address, lost=o.stand_in_lost,
+                                        timeout=o.link_timeout_s)
+                self.deputy_to = {"address": stand_in_address, "port": int(deputy["port"]), "key": key,
+                                  "lost": o.stand_in_lost, "timeout": o.link_timeout_s, "where": ""}
+                r.stand_in = {"deputy_pid": int(deputy["deputy_pid"]), "deputy_log": str(deputy["log"]),
+                              "deputy_address": f"{stand_in_address}:{deputy['port']}"}
             for hook in self.hooks:
                 await hook.preflight(self.hook_ctx)
             src_off, dst_off, uncertainty = await self._clocks(src, dst)
@@ -315,15 +323,8 @@ class Migration:
             for w in restored.get("warnings", []):
                 self._warn(str(w))
             self._advance(PhaseEvent.READY)
-            if stand_in_address:
-                key = new_key()
-                deputy = await dst.call("dest_deputy", key=key, address=stand_in_address, lost=o.stand_in_lost,
-                                        timeout=o.link_timeout_s)
-                self.deputy_to = {"address": stand_in_address, "port": int(deputy["port"]), "key": key,
-                                  "lost": o.stand_in_lost, "timeout": o.link_timeout_s,
-                                  "where": f"pid {restored['pid']} on {self.dest}"}
-                r.stand_in = {"deputy_pid": int(deputy["deputy_pid"]), "deputy_log": str(deputy["log"]),
-                              "deputy_address": f"{stand_in_address}:{deputy['port']}"}
+            if self.deputy_to is not None:
+                self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
             await src.call("source_commit_pending")
         except BaseException as exc:
             await self._rollback(src, dst, exc)

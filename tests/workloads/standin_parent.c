@@ -46,7 +46,10 @@ int main(int argc, char **argv) {
         else snprintf(line, sizeof line, "signaled %d%s\n", WTERMSIG(st), WCOREDUMP(st) ? " core" : "");
         put(dir, "parent_log", line, "a");
         if (WIFEXITED(st) || WIFSIGNALED(st)) {
-            put(dir, "parent_done", line, "w");
+            put(dir, "parent_done.tmp", line, "w");       /* whole when it appears */
+            snprintf(from, sizeof from, "%s/parent_done.tmp", dir);
+            snprintf(to, sizeof to, "%s/parent_done", dir);
+            rename(from, to);
             return 0;
         }
     }
