@@ -9,8 +9,10 @@ unix socket (``SCM_RIGHTS``), and then:
 
 - sends the process every signal the stand-in received (``Forward``), through the pidfd, so
   never to a recycled pid;
-- when the process has ended, tells the keeper how (``Exited``), so the stand-in ends the
-  same way;
+- sends what the process writes to its relayed fds (``--relay``: on the destination they are
+  FIFOs the deputy made and reads) as ``Output``, for the keeper to write to the pipes at home;
+- when the process has ended, sends what it left in those FIFOs, then tells the keeper how
+  (``Exited``), so the stand-in ends the same way;
 - when the stand-in was killed by SIGKILL (``HomeEnded``), kills the process with SIGKILL;
 - when the link is lost, follows the user's rule (``--stand-in-lost``): ``kill`` kills the
   process; ``exit:N`` (the default) lets it run on.
@@ -50,6 +52,8 @@ from agent.homelink import (
     Forward,
     Hello,
     HomeEnded,
+    MAX_OUTPUT,
+    Output,
     LostRule,
     describe_status,
     parse_lost,
@@ -111,9 +115,72 @@ def exit_status(pidfd: int, pid: int) -> int:
     return -1
 
 
+class Relay:
+    """One relayed fd: the FIFO the moved process writes into (``--relay``), read here."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.mkfifo(path, 0o600)
+        self.rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Our own writer until the process holds its end: a FIFO without writers reads as ended.
+        self.guard = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.lock = trio.Lock()
+        self.done = False
+
+    def process_holds_it(self) -> None:
+        if self.guard >= 0:
+            os.close(self.guard)
+            self.guard = -1
+        try:
+            os.unlink(self.path)
+            os.rmdir(os.path.dirname(self.path))
+        except OSError:
+            pass
+
+    def read(self) -> bytes | None:
+        """What is there (b"" at the end); None if nothing is, yet."""
+        try:
+            return os.read(self.rfd, MAX_OUTPUT)
+        except BlockingIOError:
+            return None
+
+    async def pump(self, link: Link) -> None:
+        """Send what the process writes, as it comes, until the end."""
+        while not self.done:
+            await trio.lowlevel.wait_readable(self.rfd)
+            async with self.lock:
+                if self.done:
+                    return
+                data = self.read()
+                if data is None:
+                    continue
+                await link.send(Output(self.fd, data))
+                self.done = not data
+
+    async def drain(self, link: Link) -> None:
+        """The process has ended: send what it left in the FIFO (and the end, if every writer
+        is gone); no more after that."""
+        async with self.lock:
+            while not self.done:
+                data = self.read()
+                if data is None:
+                    break
+                await link.send(Output(self.fd, data))
+                self.done = not data
+            self.done = True
+
+    def close(self) -> None:
+        self.process_holds_it()
+        os.close(self.rfd)
+
+
 class Deputy:
-    def __init__(self, control: socket.socket, lost: LostRule, timeout: float) -> None:
+    def __init__(self, control: socket.socket, lost: LostRule, timeout: float,
+                 relays: list[Relay] | None = None) -> None:
         self.control = control
+        self.relays = relays or []
         self.pidfd = -1
         self.pid = 0
         self.lost = lost
@@ -141,6 +208,8 @@ class Deputy:
             return False
         (self.pid,) = struct.unpack("<i", data)
         self.pidfd = fds[0]
+        for relay in self.relays:
+            relay.process_holds_it()
         log(f"deputy of pid {self.pid}")
         return True
 
@@ -186,8 +255,12 @@ class Deputy:
         async def report() -> None:
             await self.ended.wait()
             assert self.status is not None
+            for relay in self.relays:
+                await relay.drain(link)        # its output before its end, as at home
             await link.send(Exited(self.status))
 
+        for relay in self.relays:
+            nursery.start_soon(relay.pump, link)
         nursery.start_soon(report)
         while True:
             msg = await link.receive()
@@ -215,9 +288,17 @@ class Deputy:
 async def _main(args: argparse.Namespace, key: bytes) -> None:
     listener = await open_data_listener(args.address, 0, key=key)
     control = socket.socket(fileno=args.control_fd)
-    control.sendall(f"{listener.port}\n".encode())
-    deputy = Deputy(control, parse_lost(args.lost), args.timeout)
-    await deputy.serve(listener, args.connect_timeout)
+    relays: list[Relay] = []
+    try:
+        for spec in args.relay:
+            fd, _, path = spec.partition("=")
+            relays.append(Relay(int(fd), path))
+        control.sendall(f"{listener.port}\n".encode())
+        deputy = Deputy(control, parse_lost(args.lost), args.timeout, relays)
+        await deputy.serve(listener, args.connect_timeout)
+    finally:
+        for relay in relays:
+            relay.close()
 
 
 def main() -> None:
@@ -225,6 +306,7 @@ def main() -> None:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--address", required=True)
     parser.add_argument("--lost", default="exit")
+    parser.add_argument("--relay", action="append", default=[], metavar="FD=PATH")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--connect-timeout", type=float, default=120.0)
     args = parser.parse_args()

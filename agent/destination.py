@@ -26,7 +26,7 @@ import trio
 
 from agent import sched
 from agent.files import check_files, check_machine
-from agent.homelink import parse_lost
+from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
@@ -226,8 +226,8 @@ DEPUTY_LOG_DIR = "/run/kcr-migrate/deputy"
 DEPUTIES: list[subprocess.Popen[bytes]] = []
 
 
-def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float, connect_timeout: float
-                  ) -> tuple[subprocess.Popen[bytes], socket.socket, int]:
+def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float, connect_timeout: float,
+                  relay: list[tuple[int, str]]) -> tuple[subprocess.Popen[bytes], socket.socket, int]:
     """The deputy (``agent.deputy``), in a session of its own, listening; its process, our end
     of its control socket (the restored process's pidfd goes there), and its port."""
     os.makedirs(DEPUTY_LOG_DIR, exist_ok=True)
@@ -237,7 +237,8 @@ def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent.deputy", "--control-fd", str(theirs.fileno()), "--address", address,
-             "--lost", lost, "--timeout", repr(timeout), "--connect-timeout", repr(connect_timeout)],
+             "--lost", lost, "--timeout", repr(timeout), "--connect-timeout", repr(connect_timeout),
+             *[f"--relay={fd}={path}" for fd, path in relay]],
             stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
             close_fds=True)
     finally:
@@ -261,11 +262,12 @@ def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float
 
 
 async def dest_deputy(ctx: CallContext, *, key: bytes, address: str, lost: str = "exit",
-                      timeout: float = 30.0) -> dict[str, Any]:
+                      timeout: float = 30.0, relay: list[list[Any]] | None = None) -> dict[str, Any]:
     """In preflight: start the deputy (``agent.deputy``) of the process about to be restored,
     listening on ``address`` for the stand-in's keeper under ``key``; ``dest_restore`` hands
     it the process. Ended with the session on a rollback; after GO it outlives this agent.
-    Returns its port, pid and log."""
+    ``relay`` ([fd, path] pairs): FIFOs the deputy makes and reads, which the process's relayed
+    fds (redirected there) write into. Returns its port, pid and log."""
     s = _session(ctx)
     if s.ready or s.running:
         raise RestoreError("the deputy is started in preflight, before the process is restored")
@@ -277,9 +279,15 @@ async def dest_deputy(ctx: CallContext, *, key: bytes, address: str, lost: str =
         lost = str(parse_lost(lost))
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
+    pairs: list[tuple[int, str]] = []
+    for fd, path in relay or []:
+        if type(fd) is not int or not 0 <= fd <= MAX_FD or not isinstance(path, str) or \
+                os.path.dirname(os.path.dirname(path)) != RELAY_DIR or "\0" in path:
+            raise ProtocolError(f"dest_deputy: a relayed fd {fd!r} to {path!r}")
+        pairs.append((fd, path))
     name = s.token[:16]
     proc, control, port = await trio.to_thread.run_sync(
-        lambda: _start_deputy(name, key, address, lost, timeout, max(120.0, 4 * timeout)))
+        lambda: _start_deputy(name, key, address, lost, timeout, max(120.0, 4 * timeout), pairs))
     s.deputy, s.deputy_control = proc, control
     return {"port": port, "deputy_pid": proc.pid, "log": f"{DEPUTY_LOG_DIR}/{name}.log"}
 

@@ -23,7 +23,10 @@ import msgpack
 from transport.errors import ProtocolError
 
 LINK_VERSION = 1
-MAX_MESSAGE = 256
+MAX_OUTPUT = 64 << 10            # bytes of relayed output in one message
+MAX_MESSAGE = MAX_OUTPUT + 64
+MAX_FD = (1 << 20) - 1
+RELAY_DIR = "/run/kcr-migrate/relay"     # on the destination: the FIFOs relayed fds write into
 # The stand-in's exit status when it loses its process (``--stand-in-lost`` not given):
 # distinctive, outside the usual 0-2 and 126-165 (shell and signal) ranges.
 LINK_LOST_STATUS = 240
@@ -72,8 +75,17 @@ class Bye:
     """A clean end: the sender is done and closes the link."""
 
 
-Message = Union[Hello, Beat, Forward, Exited, HomeEnded, Bye]
-TYPES: dict[int, type] = {1: Hello, 2: Beat, 3: Forward, 4: Exited, 5: HomeEnded, 6: Bye}
+@dataclass(frozen=True)
+class Output:
+    """Bytes the moved process wrote to its relayed fd ``fd`` (``--relay``), for the keeper to
+    write to that fd's pipe at home; empty: every writer closed it (the parent gets EOF)."""
+
+    fd: int
+    data: bytes
+
+
+Message = Union[Hello, Beat, Forward, Exited, HomeEnded, Bye, Output]
+TYPES: dict[int, type] = {1: Hello, 2: Beat, 3: Forward, 4: Exited, 5: HomeEnded, 6: Bye, 7: Output}
 IDS: dict[type, int] = {cls: t for t, cls in TYPES.items()}
 
 
@@ -93,7 +105,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"home link: a message of {len(data)} bytes")
     try:
-        fields = msgpack.unpackb(bytes(data), raw=False, max_map_len=8, max_str_len=32, max_bin_len=0,
+        fields = msgpack.unpackb(bytes(data), raw=False, max_map_len=8, max_str_len=32, max_bin_len=MAX_OUTPUT,
                                  max_array_len=0)
     except (ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"home link: an undecodable message ({exc})") from None
@@ -110,6 +122,11 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         return Exited(_int(fields, "status", -1, 0xFFFF))
     if cls is HomeEnded:
         return HomeEnded(_int(fields, "status", 0, 0xFFFF))
+    if cls is Output:
+        out = fields.get("data")
+        if not isinstance(out, bytes):
+            raise ProtocolError("home link: field data is not bytes")
+        return Output(_int(fields, "fd", 0, MAX_FD), out)
     return cls()     # type: ignore[no-any-return]
 
 

@@ -21,6 +21,8 @@ signal sent to it stops it first, and the keeper:
   sent on too;
 - sees the stand-in die of what it cannot intercept (SIGKILL) and tells the deputy, which
   kills the moved process with SIGKILL;
+- writes what the moved process wrote to its relayed fds (``--relay``: pipes to the parent,
+  whose write ends the keeper took before closing the stand-in's fds) to those pipes;
 - when the deputy reports the moved process's end, ends the stand-in the same way: an
   injected ``exit_group(N)``, or the same signal delivered with its default action (no core
   dump: the stand-in is not dumpable). Its parent's wait() sees exactly that;
@@ -40,7 +42,7 @@ import signal
 import socket
 import struct
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -53,6 +55,7 @@ from agent.homelink import (
     Forward,
     Hello,
     HomeEnded,
+    Output,
     LostRule,
     describe_status,
     parse_lost,
@@ -85,6 +88,7 @@ class StandIn:
     gadget: int                       # the vDSO's syscall instruction: pause(), exit_group()
     default_stops: frozenset[int]     # stop signals whose action the job left at default
     stderr: int                       # the keeper's copy of the job's fd 2, or -1
+    relays: dict[int, int] = dataclasses.field(default_factory=dict)   # relayed fd -> the keeper's copy
 
     @property
     def pid(self) -> int:
@@ -119,7 +123,7 @@ def _posix_timer_ids(pid: int) -> list[int]:
         return []
 
 
-def convert(held: freezer.Held) -> StandIn:
+def convert(held: freezer.Held, relay: Sequence[int] = ()) -> StandIn:
     """Make the frozen ``held`` a stand-in (see the module docstring). Leaves it stopped."""
     pid = held.pid
     mem = RemoteMemory(pid)
@@ -138,6 +142,7 @@ def convert(held: freezer.Held) -> StandIn:
             stderr = pidfd_getfd(held.pidfd, 2)
         except OSError:
             stderr = -1
+        relays = {fd: pidfd_getfd(held.pidfd, fd) for fd in relay}    # the pipes home, kept open
         rseq = ptrace.get_rseq(pid)
         with Injector(pid, gadget) as inj:
             while inj.raw(NR["wait4"], -1, 0, WNOHANG | ptrace.WALL, 0) > 0:
@@ -184,7 +189,7 @@ def convert(held: freezer.Held) -> StandIn:
     finally:
         mem.close()
     held.inflight.clear()             # carried to the destination with the rest
-    return StandIn(held, gadget, default_stops, stderr)
+    return StandIn(held, gadget, default_stops, stderr, relays)
 
 
 def vm_rss_kb(pid: int) -> int:
@@ -223,6 +228,7 @@ class Keeper:
                 nursery.start_soon(self.link.beats)
                 await self.gone.wait()
                 nursery.cancel_scope.cancel()
+        self._close_relays()
         try:
             await self.link.send(Bye())
         except LinkLost:
@@ -326,7 +332,11 @@ class Keeper:
         try:
             while True:
                 msg = await self.link.receive()
+                if isinstance(msg, Output):
+                    await self._output(msg)
+                    continue
                 if isinstance(msg, Exited):
+                    self._close_relays()
                     if msg.status == UNKNOWN:
                         self._lost("the deputy could not learn how it ended")
                     else:
@@ -339,7 +349,39 @@ class Keeper:
             if not self.gone.is_set():
                 self._lost(str(exc))
 
+    async def _output(self, msg: Output) -> None:
+        """Write relayed output to its pipe at home (blocking while the parent does not read,
+        as the job would; the link then waits too). A reader gone: SIGPIPE for the process."""
+        fd = self.s.relays.get(msg.fd, -1)
+        if fd < 0:
+            return
+        if not msg.data:
+            self._close_relay(msg.fd)
+            return
+        view = memoryview(msg.data)
+        try:
+            while view:
+                n = await trio.to_thread.run_sync(os.write, fd, view)
+                view = view[n:]
+        except BrokenPipeError:
+            self._close_relay(msg.fd)
+            await self.link.send(Forward(signal.SIGPIPE))
+        except OSError as exc:
+            log(f"writing relayed fd {msg.fd} failed: {exc.strerror}; its output is dropped from now on")
+            self._close_relay(msg.fd)
+
+    def _close_relay(self, fd: int) -> None:
+        copy = self.s.relays.pop(fd, -1)
+        if copy >= 0:
+            os.close(copy)
+
+    def _close_relays(self) -> None:
+        """The parent's pipes end with the stand-in (they would have with the job)."""
+        for fd in list(self.s.relays):
+            self._close_relay(fd)
+
     def _lost(self, why: str) -> None:
+        self._close_relays()
         how = "ending with SIGKILL" if self.lost.kill else f"exiting with status {self.lost.status}"
         line = (f"kcr-migrate: stand-in for pid {self.s.pid}: lost {self.where} ({why}); {how} "
                 f"(--stand-in-lost {self.lost})\n")
@@ -412,7 +454,7 @@ async def _run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any
     try:
         for held in reversed(others):
             freezer.kill(held)
-        standin = convert(root)
+        standin = convert(root, [int(fd) for fd in to.get("relay", [])])
         await link.send(Hello(root.pid))
     except (OSError, ptrace.TraceeGone, MigrationError) as exc:
         _kill_all(root, [])

@@ -53,6 +53,8 @@ class MigrationOptions:
     stand_in: bool | Literal["auto"] = False   # leave a stand-in at home for the parent (agent.standin);
                                           # auto: when the parent is not its pid namespace's init
     stand_in_lost: str = "exit"           # the stand-in's link lost: "kill", or "exit:N" (exit: 240)
+    relay: tuple[int, ...] = ()           # with a stand-in: fds (pipes to the outside) whose output
+                                          # the moved process writes goes back through it
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
@@ -66,6 +68,13 @@ class MigrationOptions:
         if self.stand_in not in (True, False, "auto"):
             raise ValueError("stand_in must be True, False or 'auto'")
         parse_lost(self.stand_in_lost)
+        for fd in self.relay:
+            if not isinstance(fd, int) or fd < 0:
+                raise ValueError(f"relay: {fd!r} is not a file descriptor number")
+            if fd in self.redirect:
+                raise ValueError(f"fd {fd} is both redirected and relayed: choose one")
+        if self.relay and not self.stand_in:
+            raise ValueError("--relay sends output back through the stand-in: give --stand-in too")
         self.policy()     # validates the pre-copy thresholds
 
     def policy(self) -> PrecopyPolicy:

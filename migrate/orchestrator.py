@@ -18,12 +18,14 @@ to settle it (``kcr-migrate resolve``). Agents that stop hearing from us settle 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 import trio
 
+from agent.homelink import RELAY_DIR
 from migrate.api import (
     DataChannelChosen,
     Event,
@@ -276,9 +278,12 @@ class Migration:
         self.hooks = [parse_hook(h) if isinstance(h, str) else h for h in o.fs]
         self.hook_ctx = HookContext(src, dst, self.source, self.dest, o.ssh_config, o.fs_replace)
         exempt = [p for h in self.hooks for p in h.paths()]
+        # --relay: the fd becomes, on the destination, the FIFO the deputy reads (a redirect there)
+        relay_dir = f"{RELAY_DIR}/{secrets.token_hex(8)}"
+        self.relay = {fd: f"{relay_dir}/fd{fd}" for fd in o.relay}
         summary = await src.call("source_open", pid=self.pid, tracker=o.tracker, exempt=exempt,
                                  level=o.compress_level, bandwidth_limit=o.bandwidth_limit,
-                                 redirect=[[fd, path] for fd, path in sorted(o.redirect.items())],
+                                 redirect=[[fd, path] for fd, path in sorted({**o.redirect, **self.relay}.items())],
                                  new_pid=o.new_pid)
         r.memory_bytes = int(summary["memory_bytes"])
         self.deputy_to: dict[str, Any] | None = None
@@ -289,12 +294,17 @@ class Migration:
             checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid)
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
             stand_in_address = self._stand_in_address(summary)
+            if self.relay and not stand_in_address:
+                raise TransportError("--relay sends output back through a stand-in, and none will be left "
+                                     f"(pid {self.pid}'s parent is init): migrate without --relay", pid=self.pid)
             if stand_in_address and not o.dry_run:
                 key = new_key()
                 deputy = await dst.call("dest_deputy", key=key, address=stand_in_address, lost=o.stand_in_lost,
-                                        timeout=o.link_timeout_s)
+                                        timeout=o.link_timeout_s,
+                                        relay=[[fd, path] for fd, path in sorted(self.relay.items())])
                 self.deputy_to = {"address": stand_in_address, "port": int(deputy["port"]), "key": key,
-                                  "lost": o.stand_in_lost, "timeout": o.link_timeout_s, "where": ""}
+                                  "lost": o.stand_in_lost, "timeout": o.link_timeout_s, "where": "",
+                                  "relay": sorted(self.relay)}
                 r.stand_in = {"deputy_pid": int(deputy["deputy_pid"]), "deputy_log": str(deputy["log"]),
                               "deputy_address": f"{stand_in_address}:{deputy['port']}"}
             for hook in self.hooks:

@@ -21,6 +21,8 @@ from agent.homelink import (
     Hello,
     HomeEnded,
     LostRule,
+    MAX_OUTPUT,
+    Output,
     decode,
     encode,
     parse_lost,
@@ -28,7 +30,8 @@ from agent.homelink import (
 from transport.errors import ProtocolError
 
 
-@pytest.mark.parametrize("msg", [Hello(1234), Beat(), Forward(15), Exited(7 << 8), Exited(-1), HomeEnded(9), Bye()])
+@pytest.mark.parametrize("msg", [Hello(1234), Beat(), Forward(15), Exited(7 << 8), Exited(-1), HomeEnded(9), Bye(),
+                                 Output(1, b"hello\n"), Output(2, b""), Output(7, bytes(MAX_OUTPUT))])
 def test_messages_round_trip(msg: object) -> None:
     assert decode(encode(msg)) == msg     # type: ignore[arg-type]
 
@@ -40,6 +43,7 @@ def test_type_ids_are_unique() -> None:
 @pytest.mark.parametrize("raw", [
     {"t": 3, "sig": 0}, {"t": 3, "sig": 65}, {"t": 3, "sig": "15"}, {"t": 3},
     {"t": 4, "status": 1 << 20}, {"t": 1, "pid": -5, "version": 1}, {"t": 99}, {"t": 3, "sig": True},
+    {"t": 7, "fd": 1, "data": "text"}, {"t": 7, "fd": -1, "data": b""}, {"t": 7, "fd": 1},
 ])
 def test_bad_fields_are_refused(raw: dict[str, object]) -> None:
     with pytest.raises(ProtocolError):
@@ -49,6 +53,8 @@ def test_bad_fields_are_refused(raw: dict[str, object]) -> None:
 def test_oversized_and_undecodable_messages_are_refused() -> None:
     with pytest.raises(ProtocolError):
         decode(b"\x81" + b"x" * MAX_MESSAGE)
+    with pytest.raises(ProtocolError):
+        decode(msgpack.packb({"t": 7, "fd": 1, "data": bytes(MAX_OUTPUT + 1)}))
     with pytest.raises(ProtocolError):
         decode(b"\xc1")
     with pytest.raises(ProtocolError):

@@ -210,6 +210,28 @@ def test_auto_leaves_no_stand_in_for_an_orphan_of_init(tmp_path: Path) -> None:
             os.kill(int(report["new_pid"]), signal.SIGKILL)
 
 
+def test_relayed_stdout_reaches_the_parent_through_the_stand_in(home: Home, tmp_path: Path) -> None:
+    """The child's stdout is a pipe its parent reads (as a launcher's or `$(...)`): with
+    --relay 1 what the moved child writes comes back through it, and the parent reads to the
+    end before it waits."""
+    home.argv.insert(1, "-p")
+    home.start()
+    home.migrate("--relay", "1")
+    os.kill(home.child, signal.SIGUSR1)
+    until("relayed output", lambda: "usr1 1\n" in text(home.out / "relayed"))
+    assert not (home.out / "relay_eof").exists(), "the pipe stays open while the child runs"
+    home.finish(9)
+    assert home.done() == "exited 9"
+    assert text(home.out / "relayed") == home.output()
+    assert home.output().startswith("start\nusr1 1\nsum ") and home.output().endswith("bye\n")
+
+
+def test_relay_without_a_stand_in_is_one_line() -> None:
+    res = kcr("1@localhost", "localhost", "--relay", "1")
+    assert res.returncode != 0
+    assert "give --stand-in too" in one_error_line(res.stderr)
+
+
 def test_a_bad_stand_in_lost_rule_is_one_line() -> None:
     res = kcr("1@localhost", "localhost", "--stand-in", "--stand-in-lost", "sometimes")
     assert res.returncode != 0

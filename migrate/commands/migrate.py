@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(a batch shell, slurmstepd) sees the real exit status")
     p.add_argument("--stand-in-auto", action="store_true",
                    help="--stand-in only when the process's parent is not the init of its pid namespace")
+    p.add_argument("--relay", type=int, action="append", default=[], metavar="FD",
+                   help="with --stand-in: fd FD of the process (a pipe to its parent, say its stdout) stays "
+                        "connected: what the moved process writes to it comes back through the stand-in; "
+                        "repeatable")
     p.add_argument("--stand-in-lost", default="exit", metavar="kill|exit:N",
                    help="when the stand-in and the moved process lose each other: kill (both end), or exit:N "
                         "(the stand-in exits with N, the moved process runs on); default exit:240")
@@ -165,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             link_timeout_s=args.link_timeout, fs=tuple(parse_hook(spec) for spec in args.fs),
             fs_replace=args.fs_replace, redirect=dict(args.redirect), new_pid=args.new_pid,
             stand_in=True if args.stand_in else "auto" if args.stand_in_auto else False,
-            stand_in_lost=args.stand_in_lost)
+            stand_in_lost=args.stand_in_lost, relay=tuple(args.relay))
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     progress = Progress(sys.stderr.isatty() and not args.json)

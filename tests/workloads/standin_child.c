@@ -20,7 +20,11 @@ static void on_term(int sig) { (void)sig; term = 1; }
 static void on_usr1(int sig) { (void)sig; usr1++; }
 static void on_hup(int sig) { (void)sig; hup++; }
 
-static void say(const char *text) { if (write(out, text, strlen(text)) < 0) _exit(100); }
+/* Each line goes to OUTDIR/output and to stdout (a pipe to the parent, for --relay). */
+static void say(const char *text) {
+    if (write(out, text, strlen(text)) < 0) _exit(100);
+    if (write(1, text, strlen(text)) < 0) _exit(101);
+}
 
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: standin_child OUTDIR MIB\n"); return 2; }
