@@ -101,6 +101,20 @@ def _int(fields: dict[object, object], name: str, low: int, high: int) -> int:
     return value
 
 
+# Signals no process dies of (their default action stops, continues or ignores).
+NOT_FATAL = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCONT,
+                       signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH})
+
+
+def _end_status(fields: dict[object, object], unknown_ok: bool) -> int:
+    """A wait status a process can end with: exited (0..255), or killed by a fatal signal."""
+    status = _int(fields, "status", -1 if unknown_ok else 0, 0xFFFF)
+    term = status & 0x7F
+    if status == -1 or status & 0xFF == 0 or (status >> 8 == 0 and 1 <= term <= 64 and term not in NOT_FATAL):
+        return status
+    raise ProtocolError(f"home link: {status:#x} is not a status a process ends with")
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"home link: a message of {len(data)} bytes")
@@ -119,9 +133,9 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if cls is Forward:
         return Forward(_int(fields, "sig", 1, 64))
     if cls is Exited:
-        return Exited(_int(fields, "status", -1, 0xFFFF))
+        return Exited(_end_status(fields, True))
     if cls is HomeEnded:
-        return HomeEnded(_int(fields, "status", 0, 0xFFFF))
+        return HomeEnded(_end_status(fields, False))
     if cls is Output:
         out = fields.get("data")
         if not isinstance(out, bytes):

@@ -30,7 +30,8 @@ from agent.homelink import (
 from transport.errors import ProtocolError
 
 
-@pytest.mark.parametrize("msg", [Hello(1234), Beat(), Forward(15), Exited(7 << 8), Exited(-1), HomeEnded(9), Bye(),
+@pytest.mark.parametrize("msg", [Hello(1234), Beat(), Forward(15), Exited(7 << 8), Exited(-1), Exited(0), Exited(255 << 8),
+                                 Exited(signal.SIGABRT | 0x80), Exited(signal.SIGRTMAX), HomeEnded(9), Bye(),
                                  Output(1, b"hello\n"), Output(2, b""), Output(7, bytes(MAX_OUTPUT))])
 def test_messages_round_trip(msg: object) -> None:
     assert decode(encode(msg)) == msg     # type: ignore[arg-type]
@@ -43,6 +44,8 @@ def test_type_ids_are_unique() -> None:
 @pytest.mark.parametrize("raw", [
     {"t": 3, "sig": 0}, {"t": 3, "sig": 65}, {"t": 3, "sig": "15"}, {"t": 3},
     {"t": 4, "status": 1 << 20}, {"t": 1, "pid": -5, "version": 1}, {"t": 99}, {"t": 3, "sig": True},
+    {"t": 4, "status": 0x137F}, {"t": 4, "status": signal.SIGSTOP}, {"t": 4, "status": 0x0107},
+    {"t": 5, "status": -1}, {"t": 5, "status": signal.SIGCHLD},
     {"t": 7, "fd": 1, "data": "text"}, {"t": 7, "fd": -1, "data": b""}, {"t": 7, "fd": 1},
 ])
 def test_bad_fields_are_refused(raw: dict[str, object]) -> None:
