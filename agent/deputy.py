@@ -171,6 +171,19 @@ class Relay:
                 self.done = not data
             self.done = True
 
+    async def keep(self, path: str) -> None:
+        """No stand-in to send it to: keep what comes in ``path`` until the end (the process
+        would die of SIGPIPE if nobody read)."""
+        with open(path, "ab") as out:
+            while not self.done:
+                await trio.lowlevel.wait_readable(self.rfd)
+                data = self.read()
+                if data is None:
+                    continue
+                out.write(data)
+                out.flush()
+                self.done = not data
+
     def close(self) -> None:
         self.process_holds_it()
         os.close(self.rfd)
@@ -224,16 +237,16 @@ class Deputy:
             log("the migration ended before its process was restored: nothing to stand in for")
             await listener.aclose()
             return
+        accepted = None
+        with trio.move_on_after(connect_timeout):
+            accepted = await listener.accept()
+        await listener.aclose()
+        if accepted is None:
+            log(f"no stand-in connected within {connect_timeout:g} s: pid {self.pid} runs on without one")
+            await self._keep_output()
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.watch)
-            accepted = None
-            with trio.move_on_after(connect_timeout):
-                accepted = await listener.accept()
-            await listener.aclose()
-            if accepted is None:
-                log(f"no stand-in connected within {connect_timeout:g} s: pid {self.pid} runs on without one")
-                nursery.cancel_scope.cancel()
-                return
             stream, address = accepted
             link = Link(stream, self.timeout)
             log(f"the stand-in's keeper connected from {address}")
@@ -244,6 +257,19 @@ class Deputy:
             finally:
                 await link.close()
                 nursery.cancel_scope.cancel()
+        await self._keep_output()
+
+    async def _keep_output(self) -> None:
+        """Without a stand-in (none came, or the link was lost) a process that runs on keeps
+        writing to its relayed fds: into files beside the log, until it closes them."""
+        live = [r for r in self.relays if not r.done]
+        if not live:
+            return
+        async with trio.open_nursery() as nursery:
+            for relay in live:
+                path = os.path.join(LOG_DIR, f"pid{self.pid}.fd{relay.fd}")
+                log(f"pid {self.pid}'s relayed fd {relay.fd} goes to {path} from now on")
+                nursery.start_soon(relay.keep, path)
 
     async def _talk(self, link: Link, nursery: trio.Nursery) -> None:
         hello = await link.receive()

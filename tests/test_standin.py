@@ -226,6 +226,22 @@ def test_relayed_stdout_reaches_the_parent_through_the_stand_in(home: Home, tmp_
     assert home.output().startswith("start\nusr1 1\nsum ") and home.output().endswith("bye\n")
 
 
+def test_relayed_output_of_a_process_that_lost_its_stand_in_goes_to_a_file(home: Home) -> None:
+    """The keeper dies (and its stand-in with it); under exit:N the moved process runs on, and
+    what it writes to its relayed stdout is kept beside the deputy's log, not met by SIGPIPE."""
+    home.argv.insert(1, "-p")
+    home.start()
+    report = home.migrate("--relay", "1", "--link-timeout", "3")
+    os.kill(report["stand_in"]["keeper_pid"], signal.SIGKILL)
+    assert home.done() == f"signaled {signal.SIGKILL}"
+    kept = Path(f"/run/kcr-migrate/deputy/pid{home.moved}.fd1")
+    until("the deputy keeping the output", lambda: kept.exists())
+    os.kill(home.moved, signal.SIGUSR1)
+    until("output kept after the link was lost", lambda: "usr1 1\n" in text(kept))
+    assert alive(home.moved)
+    kept.unlink()
+
+
 def test_relay_without_a_stand_in_is_one_line() -> None:
     res = kcr("1@localhost", "localhost", "--relay", "1")
     assert res.returncode != 0
