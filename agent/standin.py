@@ -126,6 +126,9 @@ def _posix_timer_ids(pid: int) -> list[int]:
 def convert(held: freezer.Held, relay: Sequence[int] = ()) -> StandIn:
     """Make the frozen ``held`` a stand-in (see the module docstring). Leaves it stopped."""
     pid = held.pid
+    for tid in held.seized:
+        # From now on a keeper that dies takes the process with it: half converted, it must not run.
+        ptrace.set_options(tid, ptrace.PTRACE_O_EXITKILL)
     mem = RemoteMemory(pid)
     try:
         gadget = vdso_gadget(pid, mem)
@@ -219,7 +222,6 @@ class Keeper:
     async def run(self) -> None:
         pid = self.s.pid
         with trio.open_signal_receiver(signal.SIGCHLD) as children:
-            ptrace.set_options(pid, ptrace.PTRACE_O_EXITKILL)
             ptrace.cont(pid, 0)
             self.s.held.stopped.clear()
             async with trio.open_nursery() as nursery:
