@@ -364,3 +364,21 @@ def test_a_source_that_cannot_reach_the_destination_is_refused_a_stand_in(testbe
     assert "stand-in" in line and "hostA cannot connect to hostB" in line, line
     assert report["state"] == "rolled-back" and alive(child)
     assert not (out / "parent_log").exists()
+
+
+def test_relayed_stdout_from_host_c_reaches_the_parent_on_host_a(testbed: Testbed, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    argv = [str(build("standin_parent")), "-p", str(out), str(build("standin_child")), str(out), "8"]
+    start_in(testbed, "hostA", argv, out)
+    child = int(wait_file(out / "child_pid"))
+    code, report, err = migrate_cli(f"{child}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    "--stand-in", "--relay", "1", keep_pid=True)
+    try:
+        assert code == 0, err
+        os.kill(child, signal.SIGUSR1)
+        until("output relayed from hostC", lambda: "usr1 1\n" in text(out / "relayed"))
+        (out / "finish").write_text("7\n")
+        assert wait_file(out / "parent_done", WAIT_S).strip() == "exited 7"
+        assert text(out / "relayed") == text(out / "output") and text(out / "output").endswith("bye\n")
+    finally:
+        testbed.exec("hostC", ["kill", "-9", str(child)])
