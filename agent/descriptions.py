@@ -25,15 +25,19 @@ import os
 import socket
 import stat
 import struct
-from typing import TYPE_CHECKING
+import tempfile
+from typing import TYPE_CHECKING, Sequence
 
+from agent import inotify
 from transport.errors import RestoreError
 from transport.schema import (
     EVENT_KINDS,
     EpollWatch,
     EventFile,
     EventFiles,
+    FileContents,
     FileDesc,
+    Files,
     Pipes,
     SocketOptions,
     UnixSocket,
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from agent.fdtable import FdState
 
 O_ACCMODE = 3
+O_TMPFILE = os.O_TMPFILE      # with O_DIRECTORY in it, as the kernel defines it
 # Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
 SETFL_FLAGS = os.O_APPEND | 0o20000 | os.O_DIRECT | os.O_NOATIME | os.O_NONBLOCK
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -74,6 +79,7 @@ class Descriptions:
         self._sockets: dict[int, socket.socket] = {}          # socket id -> its socket
         self._events: dict[int, int] = {}                     # event file id -> its fd
         self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
+        self._deleted: dict[int, int] = {}                    # deleted file id -> an fd of it made again
         self._taken: set[int] = set()                         # object fds a description already is
         self._mine: list[int] = []                            # fds to close
 
@@ -83,6 +89,21 @@ class Descriptions:
         self.add_pipes(fds.pipes)
         self.add_sockets(fds.sockets)
         self.add_events(fds.events)
+        self.add_deleted(fds.files, fds.contents)
+
+    def add_deleted(self, files: Files, contents: Sequence[FileContents]) -> None:
+        """Each deleted file made again, unlinked, from its slices (O_TMPFILE in the directory
+        it was in where that exists here, else in /tmp), with its owner and permissions."""
+        where = {f.obj: os.path.dirname(f.path) or "/" for f in files.fds if f.kind == "deleted"}
+        made: dict[int, int] = {}
+        for c in sorted(contents, key=lambda c: (c.id, c.offset)):
+            fd = made.get(c.id)
+            if fd is None:
+                if c.id in self._deleted:
+                    raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
+                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp"), c)
+                self._mine.append(fd)
+            os.pwrite(fd, c.data, c.offset)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:
@@ -189,6 +210,14 @@ class Descriptions:
             fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
             return fd
         flags = f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC)
+        if f.kind == "deleted":
+            if f.obj not in self._deleted:
+                raise RestoreError(f"fd {f.fd} refers to deleted file {f.obj}, which the image lacks: corrupt image")
+            # Each description its own open of the one file, as the process had them.
+            fd = self._open(f, f"/proc/self/fd/{self._deleted[f.obj]}", flags & ~(O_TMPFILE | os.O_NOFOLLOW))
+            if f.pos:
+                os.lseek(fd, f.pos, os.SEEK_SET)
+            return fd
         if f.kind == "redirect":
             # A read end reads PATH; anything that wrote appends to it (created if need be).
             mode = f.flags & O_ACCMODE
@@ -235,6 +264,7 @@ class Descriptions:
         self._pipes.clear()
         self._events.clear()
         self._watches.clear()
+        self._deleted.clear()
         self._taken.clear()
 
 
@@ -252,6 +282,29 @@ def _file_type(mode: int) -> str:
         if test(mode):
             return what
     return "an unknown kind of file"
+
+
+def _make_unlinked(directory: str, c: FileContents) -> int:
+    """A new file with no name (O_TMPFILE; where the filesystem lacks it, a name removed at
+    once), sized and owned as ``c`` says."""
+    for place in (directory, "/tmp"):
+        try:
+            fd = os.open(place, os.O_RDWR | O_TMPFILE | os.O_CLOEXEC, 0o600)
+        except OSError:
+            try:
+                fd, name = tempfile.mkstemp(prefix=".kcr-deleted-", dir=place)
+                os.unlink(name)
+            except OSError:
+                continue
+        try:
+            os.ftruncate(fd, c.size)
+            os.fchown(fd, c.uid, c.gid)
+            os.fchmod(fd, c.mode)
+        except OSError as exc:
+            os.close(fd)
+            raise RestoreError(f"cannot make the deleted file {c.id} again in {place}: {exc.strerror}") from None
+        return fd
+    raise RestoreError(f"cannot make a deleted file again: neither {directory} nor /tmp takes a new file here")
 
 
 def _make_event_file(e: EventFile) -> int:
@@ -281,6 +334,8 @@ def _make_event_file(e: EventFile) -> int:
     if e.kind == "signalfd":
         mask = ctypes.c_uint64(e.sigmask)
         return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC), "a signalfd")
+    if e.kind == "inotify":
+        return inotify.make(e.inotify)
     if e.kind == "pidfd":
         try:       # the process exists here by now, under its pid (a tree's processes come first)
             return os.pidfd_open(e.pid)

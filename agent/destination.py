@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from agent import sched
+from agent import locks, sched
 from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
@@ -139,6 +139,9 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     if not isinstance(pinned, list) or not all(isinstance(c, int) and 0 <= c < MAX_CPUS for c in pinned):
         raise ProtocolError("the source's summary names CPUs that cannot exist", host=host)
     await trio.to_thread.run_sync(sched.check_cpus, pinned, host, summary.get("pid"))
+    held = locks.from_wire(summary.get("locks", []))
+    exempt = [str(p) for p in summary.get("exempt", [])]
+    await trio.to_thread.run_sync(locks.check_free, held, host, summary.get("pid"), exempt)
     need = int(summary.get("memory_bytes", 0) * MEMORY_MARGIN)
     avail = _mem_available()
     if need > avail:

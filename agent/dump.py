@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import fdtable, ptrace, sched
+from agent import cgroups, fdtable, ptrace, sched
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
@@ -155,7 +155,8 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
         rseq_addr=rseq_addr, rseq_len=rseq_len, rseq_sig=rseq_sig,
         altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16),
         timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
-        sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus)
+        sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus,
+        ioprio=sch.ioprio)
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:
@@ -222,7 +223,7 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE),
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
-        membarrier=_membarrier_registrations(inj))
+        membarrier=_membarrier_registrations(inj), cgroups=cgroups.read(pid))
 
 
 def _loginuid(pid: int) -> int:

@@ -11,7 +11,9 @@
   read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
   EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
   replaced since it was registered is refused (the kernel still reports it, restore could not
-  make it again);
+  make it again); inotify instances (every watch by path, mask and number; ``agent.inotify``);
+- file locks held through an fd (POSIX record locks that are the process's own, OFD locks,
+  flocks) go with its record (``agent.locks``); leases are refused;
 - an unbound unix socket likewise (a socketpair, as asyncio's self-pipe and
   multiprocessing's duplex pipes are; a socket whose peer has closed; one never connected):
   type, options, shutdown state and every queued message travel (``agent.unix_sockets``);
@@ -27,28 +29,34 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from agent import unix_sockets
+from agent import inotify, locks, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
+from transport.records import MAX_BYTES
 from transport.schema import (
     EVENT_KINDS,
+    MAX_DELETED_FILE,
     O_CLOEXEC_FLAG,
     SOCK_DGRAM,
     EpollWatch,
     EventFile,
     EventFiles,
+    FileContents,
     FileDesc,
+    FileLock,
     Files,
     PipeBuffer,
     Pipes,
     SocketOptions,
     UnixSocket,
     UnixSockets,
+    check_objects_referenced,
 )
 
 O_ACCMODE = 3
@@ -71,7 +79,7 @@ class Peer:
 
 EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
                  "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll",
-                 "anon_inode:[pidfd]": "pidfd"}
+                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -145,6 +153,12 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     objects: dict[tuple[str, int], list[Held]] = {}
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects)
+    deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
+    if sum(deleted.values()) > MAX_DELETED_TOTAL:
+        raise UnsupportedResource(
+            f"pid {pids[0]}'s job holds {len(deleted)} deleted files of {sum(deleted.values()) >> 20} MiB in all: "
+            f"kcr-migrate carries up to {MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is "
+            "frozen); close some, or keep the data in files that have names", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
     outside = outside_fds(inside) if objects or events else []
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
@@ -153,6 +167,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     if events:
         _check_event_files_not_shared(events, outside)
         _check_pidfds(events, inside)
+        for pid, f in events:          # every watch still reachable by a path (or refused now)
+            if f.kind == "inotify":
+                inotify.watches(pid, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
         for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
@@ -207,13 +224,11 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             pid=pid)
     out: list[FileDesc] = []
     for info in infos:
-        if info.locks:
-            # "1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"
-            how = (info.locks[0].split() + ["", "", ""])[1:4]
-            raise UnsupportedResource(
-                f"pid {pid} holds a {how[0]} {how[2].lower()} lock (or lease) on {info.target} (fd {info.fd}): "
-                "kcr-migrate cannot carry file locks yet, and a lock lost on the way is how data gets "
-                "corrupted; release it before moving the process", pid=pid)
+        # Before anything opens the file (preflight hashes it): a lease would break.
+        held = locks.parse(pid, info.fd, info.target, info.locks)
+        if held and info.fd in redirect:
+            raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} through fd "
+                                      f"{info.fd}, which --redirect replaces: the lock would be lost", pid=pid)
         if info.fd in redirect:
             out.append(FileDesc(fd=info.fd, kind="redirect", path=redirect[info.fd], flags=info.flags, pos=0))
             continue
@@ -226,18 +241,67 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if info.target in EVENT_TARGETS:
             out.append(FileDesc(fd=info.fd, kind=EVENT_TARGETS[info.target], path="", flags=info.flags, pos=0))
             continue
+        if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode):
+            out.append(_deleted(pid, info, held))
+            continue
         kind, why = classify_fd(info)
         if kind is None:
             raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
                                       f"{_redirect_hint(info.fd, why)}", pid=pid)
+        if held and kind != "file":
+            raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} (fd {info.fd}), "
+                                      "which is not a regular file: kcr-migrate carries locks on regular files only", pid=pid)
         st = info.st
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
-                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0))
+                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held))
     return out
 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
+MAX_DELETED_TOTAL = 48 << 20   # of deleted files' contents per job (they travel in one holder message)
+
+
+def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
+    """A deleted regular file open as an fd (a temporary file, O_TMPFILE): its contents are
+    carried and it is made again, unlinked. One still linked under another name is refused
+    (a copy would no longer be that file), as is one too big to carry at the freeze."""
+    st = info.st
+    assert st is not None
+    name = info.target[:-len(" (deleted)")]
+    if st.st_nlink:
+        raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is {name}, deleted under that name but still linked "
+                                  f"under another (inode {st.st_ino}): {_CANNOT}", pid=pid)
+    if st.st_size > MAX_DELETED_FILE:
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {info.fd} is the deleted file {name} of {st.st_size >> 20} MiB: kcr-migrate carries "
+            f"deleted files up to {MAX_DELETED_FILE >> 20} MiB (their contents go while the process is frozen); "
+            "close it, or keep the data in a file that has a name", pid=pid)
+    if held:
+        raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the deleted file {name} (fd "
+                                  f"{info.fd}): kcr-migrate carries locks on files with a name only", pid=pid)
+    return FileDesc(fd=info.fd, kind="deleted", path=name if name.startswith("/") else "/", flags=info.flags,
+                    pos=info.pos, size=st.st_size, obj=st.st_ino)
+
+
+def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
+    """A deleted file's contents in slices, read through the process's fd (it has no name)."""
+    own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(own)
+        if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
+            raise UnsupportedResource(f"pid {pid}'s deleted file on fd {fd} changed while it was being read: "
+                                      "try again", pid=pid)
+        slices, offset = [], 0
+        while True:
+            data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
+            slices.append(FileContents(id=ino, size=st.st_size, offset=offset, data=data,
+                                       mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
+            offset += len(data)
+            if not data or offset >= st.st_size:
+                return slices
+    finally:
+        os.close(own)
 
 
 def _redirect_hint(fd: int, why: str) -> str:
@@ -337,9 +401,14 @@ class FdState:
     pipes: Pipes
     sockets: UnixSockets
     events: EventFiles
+    contents: tuple[FileContents, ...] = ()    # deleted files' contents, in slices
 
-    def records(self) -> tuple[Files, Pipes, UnixSockets, EventFiles]:
-        return self.files, self.pipes, self.sockets, self.events
+    def records(self) -> tuple[Files | Pipes | UnixSockets | EventFiles | FileContents, ...]:
+        return (self.files, self.pipes, self.sockets, self.events, *self.contents)
+
+    def check_referenced(self) -> None:
+        """Every fd that refers to an object refers to one these records carry."""
+        check_objects_referenced(self.files, self.pipes, self.sockets, self.events, *self.contents)
 
 
 def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
@@ -357,8 +426,11 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
     events: dict[int, tuple[int, FileDesc]] = {}
+    deleted: dict[int, tuple[int, int]] = {}
     for pid, fds in tables.items():
         for f in fds:
+            if f.kind == "deleted":
+                deleted.setdefault(f.obj, (pid, f.fd))
             if f.kind in EVENT_KINDS:
                 events.setdefault(f.obj, (pid, f))
             if f.kind == "pipe":
@@ -393,8 +465,11 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
     for obj, (pid, f) in events.items():
         event_files[pid].append(_event_file(pid, f, obj))
+    contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
+    for ino, (pid, fd) in deleted.items():
+        contents[pid] += _deleted_contents(pid, fd, ino)
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
-                         EventFiles(tuple(event_files[pid])))
+                         EventFiles(tuple(event_files[pid])), tuple(contents[pid]))
             for pid in pids}
 
 
@@ -412,6 +487,17 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
     if f.kind == "pidfd":
         return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
+    if f.kind == "inotify":
+        pidfd = pidfd_open(pid)
+        try:
+            dup = pidfd_getfd(pidfd, f.fd)
+        finally:
+            os.close(pidfd)
+        try:
+            queued = inotify.queued_bytes(dup)
+        finally:
+            os.close(dup)
+        return EventFile(obj, "inotify", inotify=inotify.watches(pid, text), queued=queued)
     watches = []
     for line in text.splitlines():
         if line.startswith("tfd:"):

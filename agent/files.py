@@ -1,11 +1,16 @@
 """The files a process needs on the destination, and the vDSO it was built against.
 
-Preflight compares, before anything is frozen, every file the process maps or has open with
-the destination's copy: the same size and sha256. A file open for writing may have grown
-since the source looked (a log on shared storage): for those the destination's first
-``size`` bytes must match. Paths under a filesystem hook are exempt (the hook brings them).
-Digests are cached by (path, device, inode, size, mtime), so repeated migrations of
-processes sharing libraries do not hash them again.
+Preflight checks, before anything is frozen, every file the process maps or has open. When
+the destination sees the very same file (from a host to itself: the same boot and the same
+device and inode; across hosts: a network filesystem with the same filesystem id and inode),
+there is nothing to compare, and a file being written (a database, a log) is not read at all.
+Otherwise the destination's copy must have the same size and sha256; a file open for writing
+may have grown since the source looked, so for those the destination's first ``size`` bytes
+must match. Files above ``SAMPLE_ABOVE`` are compared by a sample (their first and last MiB
+and 62 blocks spread between, with the size) so preflight never reads a whole large data file.
+Paths under a filesystem hook are exempt (the hook brings them). Digests are cached by (path,
+device, inode, size, mtime), so repeated migrations of processes sharing libraries do not hash
+them again.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
+from agent.fsync import fs_magic
 from agent.procfs import list_fds
 from precopy.kernel import xsave_supported_mask
 from precopy.layout import read_maps
@@ -26,6 +32,42 @@ CACHE_PATH = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser
                           "kcr-migrate", "sha256.json")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 CHUNK = 1 << 20
+SAMPLE_ABOVE = 64 << 20          # bigger files are compared by a sample of their blocks
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 62, 64 << 10
+# statfs f_type of filesystems that several hosts mount as one: NFS, SMB/CIFS, Ceph, Lustre,
+# GPFS, BeeGFS, GlusterFS/FUSE, 9p, AFS, OCFS2, GFS2.
+SHARED_FS = {0x6969, 0xFE534D42, 0xFF534D42, 0x00C36400, 0x0BD00BD0, 0x47504653, 0x19830326, 0x65735546,
+             0x01021997, 0x5346414F, 0x7461636F, 0x01161970}
+
+
+def boot_id() -> str:
+    """This boot of this kernel: two agents that read the same one share a machine."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def identity(path: str, st: os.stat_result) -> dict[str, Any]:
+    """What names this very file across agents: the boot, device and inode, the filesystem's
+    type and id (a network filesystem's id is the server's, the same on every client)."""
+    try:
+        fsid, fstype = os.statvfs(path).f_fsid, fs_magic(path)
+    except OSError:
+        fsid, fstype = 0, 0
+    return {"boot": boot_id(), "dev": st.st_dev, "ino": st.st_ino, "fsid": fsid, "fstype": fstype}
+
+
+def same_file(fact: dict[str, Any], path: str, st: os.stat_result) -> bool:
+    """Is ``path`` here the file ``fact`` describes on the source (not a copy of it)?"""
+    if "ino" not in fact or fact["ino"] != st.st_ino:
+        return False
+    here = identity(path, st)
+    if fact.get("boot") and fact["boot"] == here["boot"]:
+        return bool(fact.get("dev") == st.st_dev)
+    return here["fstype"] in SHARED_FS and fact.get("fstype") == here["fstype"] and \
+        bool(fact.get("fsid")) and fact.get("fsid") == here["fsid"]
 
 
 @dataclass(frozen=True)
@@ -34,9 +76,10 @@ class FileFact:
     size: int
     sha256: str
     prefix: bool         # compare only the first ``size`` bytes (open for writing)
+    ident: dict[str, Any] = field(default_factory=dict)    # ``identity``: is it the same file there?
 
     def as_wire(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "prefix": self.prefix}
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "prefix": self.prefix, **self.ident}
 
 
 @dataclass
@@ -74,13 +117,17 @@ class DigestCache:
             return size, cached
         h = hashlib.sha256()
         with open(path, "rb") as f:
-            left = size
-            while left > 0:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
+            for offset, length in sample_ranges(size):
+                f.seek(offset)
+                left = length
+                while left > 0:
+                    chunk = f.read(min(CHUNK, left))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    left -= len(chunk)
+        if size > SAMPLE_ABOVE:
+            h.update(f"sampled {size}".encode())
         digest = h.hexdigest()
         self.entries[key] = digest
         self.dirty = True
@@ -99,6 +146,16 @@ class DigestCache:
             pass      # a cache, nothing more
 
 
+def sample_ranges(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of what a digest of a ``size``-byte file reads: all of it up to
+    ``SAMPLE_ABOVE``, else the first and last MiB and blocks spread evenly between."""
+    if size <= SAMPLE_ABOVE:
+        return [(0, size)]
+    step = (size - 2 * CHUNK) // (SAMPLE_BLOCKS + 1)
+    middle = [(CHUNK + step * (i + 1), SAMPLE_BLOCK) for i in range(SAMPLE_BLOCKS)]
+    return [(0, CHUNK), *middle, (size - CHUNK, CHUNK)]
+
+
 def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()) -> FileFacts:
     """What the destination must have: files the process maps or has open, but those under
     ``exempt`` (a hook brings them) and the fds in ``redirected`` (files of the user's choice)."""
@@ -107,16 +164,17 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
     for m in read_maps(pid):
         if m.kind == "file" and not m.deleted and not under(m.name, exempt) and m.name not in facts:
             size, digest = cache.digest(m.name)
-            facts[m.name] = FileFact(m.name, size, digest, False)
+            facts[m.name] = FileFact(m.name, size, digest, False, identity(m.name, os.stat(m.name)))
     for info in list_fds(pid):
         st = info.st
-        if st is None or not info.target.startswith("/") or under(info.target, exempt) or info.fd in redirected:
+        if st is None or not info.target.startswith("/") or under(info.target, exempt) or info.fd in redirected \
+                or info.target.endswith(" (deleted)"):        # carried whole (agent.fdtable)
             continue
         if not stat_mod.S_ISREG(st.st_mode) or info.target in facts:
             continue
         writing = bool(info.flags & WRITE_FLAGS)
         size, digest = cache.digest(info.target)
-        facts[info.target] = FileFact(info.target, size, digest, writing)
+        facts[info.target] = FileFact(info.target, size, digest, writing, identity(info.target, st))
     cache.save()
     return FileFacts(sorted(facts.values(), key=lambda f: f.path))
 
@@ -132,6 +190,8 @@ def check_files(files: list[dict[str, Any]], host: str) -> None:
             except OSError:
                 raise RestoreError(f"{path} is missing on {host}: the process maps or has it open; copy it "
                                    f"there (or put it under a filesystem hook with --fs)", host=host) from None
+            if same_file(f, path, st):
+                continue                # not a copy: the very file the source sees
             if (st.st_size < size) if prefix else (st.st_size != size):
                 raise RestoreError(f"{path} differs on {host} ({st.st_size} bytes, {size} on the source): "
                                    "install the same version on both hosts", host=host)

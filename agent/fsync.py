@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from agent.fs_ssh import SshLink
+from agent.procfs import mounts
 from transport.errors import FsHookError, os_error_message
 from transport.rpc import CallContext, RpcPeer
 
@@ -80,14 +81,9 @@ def is_mount_point(path: str) -> bool:
     btrfs subvolume has a device number of its own.)"""
     real = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == real:
-                    return True
+        return any(point == real for _, _, point in mounts())
     except OSError:
         return os.path.ismount(path)
-    return False
 
 
 def aside_path(path: str, key: str) -> str:

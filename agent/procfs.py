@@ -11,7 +11,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from agent import sched
+from agent import inventory, sched
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
 from transport.schema import CHAR_DEVICES
 
@@ -175,18 +175,39 @@ def check_target(pid: int) -> None:
         raise ProcessError(f"{pid} is a thread of process {tgid}: give the process id {tgid}", pid=pid)
 
 
+def mounts(pid: int | str = "self") -> list[tuple[int, int, str]]:
+    """(major, minor, mount point) of each mount in ``pid``'s mount namespace, as mountinfo
+    lists them (octal escapes such as ``\\040`` for a space undone)."""
+    out: list[tuple[int, int, str]] = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4:
+                major, _, minor = fields[2].partition(":")
+                out.append((int(major), int(minor), _unescape(fields[4])))
+    return out
+
+
+def mount_table(pid: int | str = "self") -> list[tuple[str, str, str, str]]:
+    """(filesystem type, mount point, super options, the filesystem's directory mounted there)
+    of each mount in ``pid``'s namespace."""
+    out: list[tuple[str, str, str, str]] = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if len(fields) > 4 and len(rest) >= 3:
+                out.append((rest[0], _unescape(fields[4]), rest[2], _unescape(fields[3])))
+    return out
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 _PROC_PID = re.compile(r"^/proc/\d+(/|$)")
 
-_FD_REFUSALS = (
-    ("pipe:", "a pipe"),         # agent.fdtable carries those it can before asking here
-    ("socket:", "a socket"),     # (and eventfds, timerfds, signalfds, epoll instances)
-    ("anon_inode:inotify", "an inotify instance"),
-    ("anon_inode:[fanotify]", "a fanotify instance"),
-    ("anon_inode:[io_uring]", "an io_uring instance"),
-    ("anon_inode:[userfaultfd]", "a userfaultfd"),
-    ("/memfd:", "a memfd"),
-    ("anon_inode:", "an anonymous-inode file"),
-)
+_FD_REFUSALS = inventory.fd_refusals()     # pipes, sockets and event files agent.fdtable carries come first
 
 
 def classify_fd(info: FdInfo) -> tuple[str | None, str]:

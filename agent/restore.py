@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import ptrace, sched, stub
+from agent import cgroups, locks, ptrace, sched, stub
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -80,6 +80,7 @@ from transport.schema import (
     TASK_SIZE,
     Creds,
     EventFiles,
+    FileContents,
     FileDesc,
     Files,
     GpRegs,
@@ -93,7 +94,6 @@ from transport.schema import (
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
     Vma,
-    check_objects_referenced,
     check_threads,
 )
 
@@ -138,6 +138,7 @@ class ProcessRecords:
     pipes: Pipes = field(default_factory=lambda: Pipes(()))
     sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
     events: EventFiles = field(default_factory=lambda: EventFiles(()))
+    contents: list[FileContents] = field(default_factory=list)
     threads: list[ThreadState] = field(default_factory=list)
 
     def take(self, item: object) -> bool:
@@ -154,6 +155,8 @@ class ProcessRecords:
             self.events = item
         elif isinstance(item, ThreadState):
             self.threads.append(item)
+        elif isinstance(item, FileContents):
+            self.contents.append(item)
         else:
             return False
         return True
@@ -164,7 +167,7 @@ class ProcessRecords:
 
     def fds(self) -> FdState:
         assert self.files is not None
-        return FdState(self.files, self.pipes, self.sockets, self.events)
+        return FdState(self.files, self.pipes, self.sockets, self.events, tuple(self.contents))
 
 
 @dataclass
@@ -591,10 +594,14 @@ class Restorer:
         event files are in it already); without it, this process's own are made and dropped
         here."""
         check_threads(proc, threads, self.header)
+        for e in fds.events.files:
+            if e.queued:
+                self.report.warnings.append(f"an inotify instance of pid {proc.pid} had {e.queued} bytes of events "
+                                            "queued when it was frozen: those events are not carried")
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
             return
-        check_objects_referenced(*fds.records())
+        fds.check_referenced()
         own = Descriptions()
         try:
             own.add(fds)
@@ -614,6 +621,7 @@ class Restorer:
             self._mm(proc)
             self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
+            self._locks(files)
             self._signals(proc)
             self._limits(proc)
             # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
@@ -625,6 +633,8 @@ class Restorer:
             self._pending(proc, threads, new_tids)
             self._drop_gadget()
             self._final_registers(threads, new_tids)
+            # Cgroups first: joining a cpuset resets the threads' CPU affinity.
+            self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname())
             self._scheduling(proc, threads, new_tids)
         except InjectionError as exc:
             raise RestoreError(f"restore failed: {exc.strerror}") from None
@@ -667,6 +677,22 @@ class Restorer:
                 # Lowering it needs CAP_SYS_RESOURCE, which root can lack (as the rlimits).
                 self.report.warnings.append(f"oom_score_adj {proc.oom_score_adj} could not be set ({exc.strerror}): "
                                             "the process runs with 0")
+
+    def _locks(self, files: Files) -> None:
+        """Each file lock, taken by the process through its fd once its fd table is final (a
+        close of any fd of the file would drop its POSIX locks). Never waits: a lock held here
+        by another process fails the restore, and a live migration rolls back."""
+        for f in files.fds:
+            for lock in f.locks:
+                name, args, arg = locks.take_calls(f.fd, lock, self._scratch(0))
+                if arg is not None:
+                    self._put(arg)
+                try:
+                    self._call(name, *args)
+                except InjectionError as exc:
+                    raise RestoreError(f"cannot take {locks.describe(lock)} on {f.path} (fd {f.fd}) again: "
+                                       f"{exc.strerror} (held here by {locks.holders(f.path)}); move the process "
+                                       "when it does not hold it, or when they let go") from None
 
     def _loginuid(self, proc: ProcessState) -> None:
         """Audit's login uid, which only the process itself may write (with CAP_AUDIT_CONTROL,

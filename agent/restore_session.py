@@ -35,7 +35,6 @@ from transport.schema import (
     ProcessTree,
     TreeMember,
     UnixSockets,
-    check_objects_referenced,
 )
 
 
@@ -184,8 +183,9 @@ class RestoreSession:
         union = FdState(Files(tuple(f for s in each for f in s.files.fds)),
                         Pipes(tuple(x for s in each for x in s.pipes.pipes)),
                         UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
-                        EventFiles(tuple(x for s in each for x in s.events.files)))
-        check_objects_referenced(*union.records())
+                        EventFiles(tuple(x for s in each for x in s.events.files)),
+                        tuple(x for s in each for x in s.contents))
+        union.check_referenced()
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")

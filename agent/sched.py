@@ -1,9 +1,9 @@
-"""A thread's scheduling: nice, policy and real-time priority, CPU affinity, timer slack.
+"""A thread's scheduling: nice, policy and real-time priority, CPU affinity, timer slack, I/O priority.
 
 All but timer slack are read and set from outside, by tid, with the same calls ``renice``,
-``chrt`` and ``taskset`` use; timer slack only the thread itself can read or set, so dump and
+``chrt``, ``taskset`` and ``ionice`` use; timer slack only the thread itself can read or set, so dump and
 restore inject ``prctl(PR_GET/SET_TIMERSLACK)`` into each thread. A job started under
-``nice -n 10``, ``chrt -r 20`` or ``taskset -c 1`` keeps that on the destination.
+``nice -n 10``, ``chrt -r 20``, ``taskset -c 1`` or ``ionice -c 3`` keeps that on the destination.
 
 CPU affinity is carried as the set of CPUs when it restricts the thread (a subset of the
 source's online CPUs) and not at all when it does not: an unrestricted thread runs anywhere
@@ -16,6 +16,7 @@ control may refuse the thread on another host: refused before freezing.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -28,6 +29,8 @@ SCHED_RESET_ON_FORK = 0x40000000
 POLICY_NAMES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE",
                 SCHED_DEADLINE: "SCHED_DEADLINE"}
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
+NR_IOPRIO_SET, NR_IOPRIO_GET, IOPRIO_WHO_PROCESS = 251, 252, 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def online_cpus() -> set[int]:
@@ -81,6 +84,7 @@ class ThreadSched:
     sched_priority: int
     sched_reset_on_fork: int
     cpus: bytes
+    ioprio: int
 
 
 def read_thread(tid: int) -> ThreadSched:
@@ -90,7 +94,13 @@ def read_thread(tid: int) -> ThreadSched:
     return ThreadSched(nice=os.getpriority(os.PRIO_PROCESS, tid), sched_policy=policy & ~SCHED_RESET_ON_FORK,
                        sched_priority=os.sched_getparam(tid).sched_priority,
                        sched_reset_on_fork=int(bool(policy & SCHED_RESET_ON_FORK)),
-                       cpus=b"" if cpus >= online_cpus() else cpu_mask(cpus))
+                       cpus=b"" if cpus >= online_cpus() else cpu_mask(cpus), ioprio=_ioprio_get(tid))
+
+
+def _ioprio_get(tid: int) -> int:
+    """The thread's I/O priority (ionice), 0 where it has none of its own."""
+    ret = _libc.syscall(NR_IOPRIO_GET, IOPRIO_WHO_PROCESS, tid)
+    return max(ret, 0)
 
 
 def check_process(pid: int, tids: Iterable[int]) -> None:
@@ -142,7 +152,10 @@ def apply_thread(tid: int, t: ThreadState, *, pid: int, host: str) -> None:
             os.sched_setscheduler(tid, t.sched_policy | flags, os.sched_param(t.sched_priority))
         if os.getpriority(os.PRIO_PROCESS, tid) != t.nice:
             os.setpriority(os.PRIO_PROCESS, tid, t.nice)
+        if t.ioprio and _libc.syscall(NR_IOPRIO_SET, IOPRIO_WHO_PROCESS, tid, t.ioprio) < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     except OSError as exc:
         policy = POLICY_NAMES.get(t.sched_policy, str(t.sched_policy))
         raise RestoreError(f"could not give thread {tid} its scheduling ({policy}, priority {t.sched_priority}, "
-                           f"nice {t.nice}): {exc.strerror}; restore as root", pid=pid, host=host) from None
+                           f"nice {t.nice}, I/O priority {t.ioprio:#x}): {exc.strerror}; restore as root",
+                           pid=pid, host=host) from None

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import sched
+from agent import locks, sched
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
@@ -384,6 +384,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": [f.as_wire() for f in facts.values()],
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "pinned_cpus": sorted(set().union(*(p["pinned_cpus"] for p in processes))),
+        "locks": [lock for p in processes for lock in p["locks"]],
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }
@@ -395,7 +396,7 @@ def _process_summary(pid: int) -> dict[str, Any]:
     return {"pid": pid, "ppid": int(status.get("PPid", "0")), "comm": status.get("Name", ""),
             "uid": int(status["Uid"].split()[1]), "threads": int(status.get("Threads", "1")),
             "tids": thread_ids(pid), "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
-            "pinned_cpus": sorted(sched.pinned_cpus(thread_ids(pid)))}
+            "pinned_cpus": sorted(sched.pinned_cpus(thread_ids(pid))), "locks": locks.held_by(pid)}
 
 
 async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT

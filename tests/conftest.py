@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 
 from tests._hosts import testbed  # noqa: F401  (pytest fixtures)
+from tests._slurm import slurm  # noqa: F401  (pytest fixture)
 from tests._workloads import reap_started  # noqa: F401  (ends what each test started)
 
 

@@ -122,6 +122,12 @@ def test_scheduling_per_thread(tmp_path: Path) -> None:
     assert w.output() == ref.output() == "scheduling checked: all good\n"
 
 
+def test_file_locks(tmp_path: Path) -> None:
+    """POSIX record locks (a range, and to EOF), an OFD lock, a flock: held again, excluding others."""
+    ref, w, _ = migrate_once("ckpt_locks", tmp_path)
+    assert w.output() == ref.output() == "locks checked: all held (0)\n"
+
+
 def test_unprivileged_user_keeps_credentials(tmp_path: Path) -> None:
     nobody = 65534
     ref, w, _ = migrate_once("ckpt_creds", tmp_path, user=nobody, groups=[nobody, 100])
@@ -209,7 +215,7 @@ def test_threads_keep_their_ids(tmp_path: Path) -> None:
 def test_restore_where_the_pid_is_taken(tmp_path: Path) -> None:
     """The original still runs: restore refuses, naming the pid, and leaves nothing behind;
     with --new-pid it restores a copy under a new pid."""
-    w = Workload("ckpt_array", tmp_path / "orig", "30")
+    w = Workload("ckpt_array", tmp_path / "orig", "120")
     w.start()
     w.wait_ready()
     image = tmp_path / "img"

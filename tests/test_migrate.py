@@ -47,6 +47,26 @@ def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None
         assert key in report
 
 
+def test_read_locks_are_held_by_both_copies_then_the_new_one(tmp_path: Path) -> None:
+    """From a host to itself both copies see one file: shared locks are taken by the new process
+    while the old one still holds them, so no other process gets in between."""
+    ref, w, _ = migrate_workload("ckpt_locks", tmp_path, "read", scale=12)
+    assert w.output() == ref.output() == "locks checked: all held (0)\n"
+
+
+def test_a_write_lock_on_a_file_both_copies_see_is_refused(tmp_path: Path) -> None:
+    """A write lock cannot change hands between two processes without a moment where a third
+    could take it: refused in preflight, naming the lock, and the process runs on holding it."""
+    w = Workload("ckpt_locks", tmp_path, "write", scale=12)
+    w.start()
+    w.wait_ready()
+    code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+    line = err.splitlines()[-1]
+    assert code != 0 and report["state"] == "rolled-back", err
+    assert "holds a write POSIX record lock on bytes 10-19 of" in line and "sees that same file" in line, line
+    assert w.verdict() == "PASS" and w.output() == "locks checked: all held (0)\n"
+
+
 PY_JOB = r"""
 import hashlib, os, sys, time
 out_dir = sys.argv[1]

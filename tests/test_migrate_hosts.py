@@ -53,6 +53,23 @@ def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path
         assert report["downtime_ms"] >= gap_ms - jitter_ms, (report["downtime_ms"], gap_ms, jitter_ms)
 
 
+def test_write_locks_move_with_the_files_they_lock(testbed: Testbed, tmp_path: Path) -> None:
+    """Each host has its own /srv: the locked files go along (--fs rsync) and the locks are held
+    on hostB's copies before the process runs there."""
+    exe = str(build("ckpt_locks"))
+    data = f"/srv/kcr-locks-{os.getpid()}-{time.monotonic_ns()}"
+    testbed.exec("hostA", ["mkdir", data], check=True)
+    ref = reference_output([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="5")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out), "write", data], out, WORKLOAD_SCALE="5")
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
+                                    "--fs", f"rsync:{data}")
+    assert code == 0, err
+    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == ref == "locks checked: all held (0)\n"
+    wait_gone(report["new_pid"])
+
+
 def test_cpython_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
     from tests.test_migrate import PY_JOB
     script = tmp_path / "job.py"

@@ -10,9 +10,9 @@ import pytest
 
 from examples.testbed import Testbed
 from tests._transport import page_batch
-from transport.errors import IncompatibleImage, ProtocolError, TransportError
+from transport.errors import IncompatibleImage, ProtocolError, TransportError, TransportTimeout
 from transport.protocol import PROTOCOL_VERSION
-from transport.ssh import AsyncioThread, _connect, cpu_has_aes, open_ssh_agent
+from transport.ssh import AsyncioThread, _connect, cpu_has_aes, open_ssh_agent, run_ssh_command
 from transport.tcp import new_key
 
 
@@ -135,3 +135,21 @@ async def test_aes_gcm_comes_first_unless_the_ssh_config_names_ciphers(
             await aio.run(conn.wait_closed())
     finally:
         await aio.stop()
+
+
+async def test_one_command_runs_inside_the_host_with_its_status_and_output(testbed: Testbed) -> None:
+    config = str(testbed.ssh_config_path)
+    result = await run_ssh_command("hostB", "readlink /proc/self/ns/net; echo oops >&2; exit 3", ssh_config=config)
+    assert result.status == 3
+    assert result.stdout.decode().strip() == f"net:[{netns(testbed, 'hostB')}]"
+    assert result.stderr == b"oops\n"
+
+
+async def test_one_command_is_bounded_in_output_and_time(testbed: Testbed) -> None:
+    config = str(testbed.ssh_config_path)
+    with pytest.raises(ProtocolError, match="wrote more than 1000 bytes"):
+        await run_ssh_command("hostA", "head -c 5000 /dev/zero", ssh_config=config, max_output=1000)
+    with pytest.raises(TransportTimeout, match="`sleep 5` on hostA did not finish in 0.5 s"):
+        await run_ssh_command("hostA", "sleep 5", ssh_config=config, timeout=0.5)
+    with pytest.raises(TransportError, match="cannot reach nosuchhost.invalid over SSH"):
+        await run_ssh_command("nosuchhost.invalid", "true", ssh_config=config)

@@ -13,6 +13,7 @@ across records (one leader per process, xstate sizes against the header) are
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -240,6 +241,7 @@ class ProcessState(Record):
     loginuid: U32 = AUDIT_UID_UNSET     # /proc/PID/loginuid (audit's login uid)
     # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* commands the process issued
     membarrier: Annotated[int, Int(0, MEMBARRIER_REGISTRATIONS, "membarrier registrations")] = 0
+    cgroups: Annotated[tuple[Annotated[str, Text(4200)], ...], Count(64)] = ()   # /proc/PID/cgroup lines
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
@@ -249,6 +251,9 @@ class ProcessState(Record):
             _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
         _check(len(self.auxv) % 16 == 0, f"auxv of {len(self.auxv)} bytes (pairs of 8-byte words)")
         _check(len({t.id for t in self.posix_timers}) == len(self.posix_timers), "a POSIX timer id twice")
+        for line in self.cgroups:
+            _check(re.fullmatch(r"\d+:[\w=,.-]*:/[^\0]*", line) is not None and ".." not in line.split("/"),
+                   f"cgroup line {line[:80]!r}")
 
 
 # --- memory layout ------------------------------------------------------------------------
@@ -318,14 +323,30 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd")
-FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect") + EVENT_KINDS
-OBJECT_KINDS = ("pipe", "unix") + EVENT_KINDS    # fds of these kinds refer to an object the stream carries
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
+FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted") + EVENT_KINDS
+# fds of these kinds refer to an object the stream carries
+OBJECT_KINDS = ("pipe", "unix", "deleted") + EVENT_KINDS
+MAX_DELETED_FILE = 16 << 20    # bytes of a deleted file carried (bigger ones are refused)
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
 # device can have effects of its own, so an image that names another one is refused too.
 CHAR_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default of 1 MiB
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
+
+
+LOCK_KINDS = ("posix", "ofd", "flock")
+
+
+@dataclass(frozen=True)
+class FileLock:
+    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock or a flock
+    (the open file description's). ``length`` 0: to the end of the file, however long."""
+
+    kind: Annotated[str, Text(8)]     # one of LOCK_KINDS
+    write: Flag
+    start: Offset = 0
+    length: Offset = 0
 
 
 @dataclass(frozen=True)
@@ -347,6 +368,7 @@ class FileDesc:
                              # (dup, fork): one offset, one set of status flags
     obj: U64 = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
                              # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
+    locks: Annotated[tuple[FileLock, ...], Count(1 << 16)] = ()   # kind "file": locks held through it
 
 
 @dataclass(frozen=True)
@@ -360,6 +382,10 @@ class Files(Record):
         for f in self.fds:
             _check(f.fd not in seen, f"file descriptor number {f.fd} twice")
             _check(f.kind in FD_KINDS, f"file kind {f.kind!r}")
+            _check(f.kind == "file" or not f.locks, f"fd {f.fd}: locks on a {f.kind}")
+            for lock in f.locks:
+                _check(lock.kind in LOCK_KINDS, f"fd {f.fd}: lock kind {lock.kind!r}")
+                _check(lock.kind != "flock" or (lock.start, lock.length) == (0, 0), f"fd {f.fd}: a flock on a range")
             _check(f.kind in OBJECT_KINDS or bool(f.path), f"fd {f.fd}: no path")
             _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
@@ -458,8 +484,15 @@ class EpollWatch:
 
 
 @dataclass(frozen=True)
+class InotifyWatch:
+    wd: Annotated[int, Int(1, (1 << 31) - 1, "an inotify watch descriptor")]
+    mask: U32                # as the kernel keeps it (IN_ONESHOT, IN_EXCL_UNLINK, ... included)
+    path: Annotated[str, AbsPath()]   # the watched file or directory, as the source host names it
+
+
+@dataclass(frozen=True)
 class EventFile:
-    """An eventfd, timerfd, signalfd, epoll instance or pidfd, with its state."""
+    """An eventfd, timerfd, signalfd, epoll instance, pidfd or inotify instance, with its state."""
 
     id: ObjectId
     kind: Annotated[str, Text(16)]   # one of EVENT_KINDS
@@ -473,6 +506,8 @@ class EventFile:
     watches: Annotated[tuple[EpollWatch, ...], Count(MAX_WATCHES)] = ()    # epoll: its interest list
     pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0   # pidfd: the process it refers to
                              # (one that moves too)
+    inotify: Annotated[tuple[InotifyWatch, ...], Count(MAX_WATCHES)] = ()   # inotify: its watches
+    queued: U32 = 0          # inotify: bytes of events queued at the freeze (not carried)
 
 
 @dataclass(frozen=True)
@@ -488,13 +523,36 @@ class EventFiles(Record):
             _check(e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
             _check(e.kind == "epoll" or not e.watches, f"event file {e.id}: watches on a {e.kind}")
             _check((e.pid > 0) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
+            _check(e.kind == "inotify" or not (e.inotify or e.queued), f"event file {e.id}: inotify watches on a "
+                   f"{e.kind}")
+            _check(len({w.wd for w in e.inotify}) == len(e.inotify), f"event file {e.id}: an inotify watch twice")
             seen.add(e.id)
 
 
+@dataclass(frozen=True)
+class FileContents(Record):
+    """A slice of the contents of a deleted file the process holds open (fds of kind
+    "deleted" name it by ``id``); the file is made again, unlinked, from its slices."""
+
+    TYPE = 13
+    id: ObjectId             # the file's inode on the source host
+    size: Annotated[int, Int(0, MAX_DELETED_FILE, "a deleted file's size")]
+    offset: Offset
+    data: Annotated[bytes, Blob(MAX_BYTES)]
+    mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0o600
+    uid: Id = 0
+    gid: Id = 0
+
+    def validate(self) -> None:
+        _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
+
+
 def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
-                             events: EventFiles = EventFiles(())) -> None:
-    """Every pipe, socket or event fd refers to an object the stream carries, of its kind."""
-    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets}}
+                             events: EventFiles = EventFiles(()), *contents: FileContents) -> None:
+    """Every pipe, socket, event or deleted-file fd refers to an object the stream carries,
+    of its kind."""
+    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets},
+                                "deleted": {c.id for c in contents}}
     for e in events.files:
         ids.setdefault(e.kind, set()).add(e.id)
     for kind in EVENT_KINDS:
@@ -580,6 +638,7 @@ class ThreadState(Record):
     sched_reset_on_fork: Flag = 0
     cpus: Annotated[bytes, Blob(MAX_CPUS // 8)] = b""
     timer_slack_ns: U64 = 0
+    ioprio: Annotated[int, Int(0, (3 << 13) | 7, "an I/O priority")] = 0   # ionice: class << 13 | level
 
     def validate(self) -> None:
         _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
@@ -679,7 +738,7 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets, ProcessTree, ProcessBegin, EventFiles)
+                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents)
 }
 
 

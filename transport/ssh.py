@@ -13,6 +13,10 @@ an event loop of its own, in a thread owned by the connection (started and joine
 ``open_ssh_agent``), and trio talks to it through ``SshStream``, a trio ``Stream`` whose calls
 cross over with ``run_coroutine_threadsafe``. SSH's own encryption then runs beside trio's
 thread rather than in it.
+
+``run_ssh_command(host, command)`` runs one short command the same way (same config, keys
+and host-key checks) and returns its exit status and output, bounded in size: the inventory
+uses it for a scheduler's node-local commands (``scontrol listpids`` on a Slurm node).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import asyncio
 import concurrent.futures
 import threading
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Coroutine, TypeVar
 
 import asyncssh
@@ -310,3 +315,70 @@ async def _agent_process(aio: AsyncioThread, conn: asyncssh.SSHClientConnection,
 async def _create_process(conn: asyncssh.SSHClientConnection, command: str) -> asyncssh.SSHClientProcess[bytes]:
     return await conn.create_process(command, encoding=None, window=SSH_WINDOW,  # type: ignore[return-value]
                                      max_pktsize=SSH_PACKET)
+
+
+COMMAND_TIMEOUT = 60.0
+COMMAND_OUTPUT_MAX = 4 << 20
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What one command run over SSH left: its exit status (None if it died of a signal) and output."""
+
+    status: int | None
+    stdout: bytes
+    stderr: bytes
+
+
+async def run_ssh_command(host: str, command: str, *, ssh_config: str | None = None,
+                          connect_timeout: float = CONNECT_TIMEOUT, timeout: float = COMMAND_TIMEOUT,
+                          max_output: int = COMMAND_OUTPUT_MAX) -> CommandResult:
+    """Run ``command`` (a shell command line) on ``host`` over SSH and wait for it to end.
+
+    More than ``max_output`` bytes on stdout or stderr, or no end within ``timeout``, is an
+    error: the host is not trusted to bound its own answer.
+    """
+    aio = AsyncioThread()
+    aio.start()
+    try:
+        try:
+            conn = await aio.run(_connect(host, ssh_config, connect_timeout))
+        except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as exc:
+            raise _connect_error(host, exc, ssh_config) from None
+        try:
+            with trio.fail_after(timeout):
+                status, out, err = await aio.run(_run_command(conn, command, max_output))
+        except trio.TooSlowError:
+            raise TransportTimeout(f"`{command}` on {host} did not finish in {timeout:g} s", host=host) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise TransportError(f"cannot run `{command}` on {host}: {exc}", host=host) from None
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await aio.run(_close_connection(conn))
+    finally:
+        await aio.stop()
+    if out is None or err is None:
+        raise ProtocolError(f"`{command}` on {host} wrote more than {max_output} bytes", host=host)
+    return CommandResult(status, out, err)
+
+
+async def _read_bounded(stream: asyncssh.SSHReader[bytes], limit: int) -> bytes | None:
+    data = bytearray()
+    while chunk := await stream.read(RECEIVE_SIZE):
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+async def _run_command(conn: asyncssh.SSHClientConnection, command: str,
+                       limit: int) -> tuple[int | None, bytes | None, bytes | None]:
+    process = await conn.create_process(command, encoding=None, stdin=asyncssh.DEVNULL)
+    out, err = await asyncio.gather(_read_bounded(process.stdout, limit),  # type: ignore[arg-type]
+                                    _read_bounded(process.stderr, limit))  # type: ignore[arg-type]
+    if out is None or err is None:
+        process.close()
+        return None, out, err
+    await process.wait_closed()
+    return process.exit_status, out, err

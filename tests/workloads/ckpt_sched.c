@@ -1,5 +1,5 @@
 /* Scheduling per thread, which came back lost: nice values, SCHED_RR with a priority and
- * SCHED_RESET_ON_FORK, SCHED_BATCH, pinning to one CPU, and timer slack. Each thread sets its
+ * SCHED_RESET_ON_FORK, SCHED_BATCH, pinning to one CPU, timer slack and I/O priority. Each thread sets its
  * own, the process is frozen, and each thread then checks its own (the main thread too). */
 #include "ckpt_common.h"
 #include <pthread.h>
@@ -10,6 +10,7 @@
 
 struct want {
     int nice, policy, priority, reset_on_fork, cpu;   /* cpu -1: not pinned */
+    int ioprio;                                       /* ionice: class << 13 | level; 0: none */
     unsigned long slack;
     char why[128];
 };
@@ -32,6 +33,7 @@ static int apply(struct want *w) {
         if (sched_setaffinity(0, sizeof set, &set)) return -1;
     }
     if (w->slack && prctl(PR_SET_TIMERSLACK, w->slack, 0, 0, 0)) return -1;
+    if (w->ioprio && syscall(SYS_ioprio_set, 1, tid(), w->ioprio)) return -1;
     return 0;
 }
 
@@ -52,6 +54,8 @@ static void verify(struct want *w) {
     if (w->cpu >= 0 ? CPU_COUNT(&set) != 1 || !CPU_ISSET(w->cpu, &set) : CPU_COUNT(&set) < last_cpu + 1)
         strcat(w->why, "affinity ");
     if (w->slack && slack != w->slack) strcat(w->why, "timer slack ");
+    long io = syscall(SYS_ioprio_get, 1, tid());
+    if (w->ioprio && io != w->ioprio) strcat(w->why, "I/O priority ");
 }
 
 static void *thread(void *arg) {
@@ -68,9 +72,9 @@ int main(int argc, char **argv) {
     FILE *out = open_output();
     last_cpu = (int)sysconf(_SC_NPROCESSORS_ONLN) - 1;
     struct want wants[] = {
-        { .nice = 5, .policy = SCHED_OTHER, .cpu = -1, .slack = 123456 },           /* main thread */
+        { .nice = 5, .policy = SCHED_OTHER, .cpu = -1, .slack = 123456, .ioprio = 3 << 13 },  /* main: idle I/O */
         { .nice = 0, .policy = SCHED_RR, .priority = 10, .reset_on_fork = 1, .cpu = -1, .slack = 0 },
-        { .nice = 7, .policy = SCHED_BATCH, .cpu = last_cpu, .slack = 2000000 },
+        { .nice = 7, .policy = SCHED_BATCH, .cpu = last_cpu, .slack = 2000000, .ioprio = (2 << 13) | 6 },
         { .nice = -3, .policy = SCHED_OTHER, .cpu = 0, .slack = 1 },
         { .nice = 19, .policy = SCHED_IDLE, .cpu = -1, .slack = 0 },
     };

@@ -1,0 +1,123 @@
+"""What a process holds, and what kcr-migrate does with each kind of it: one table.
+
+Every kind of fd, mapping, and process or thread attribute has one row:
+
+- ``carried``: restored as it was (the record fields that carry it are named);
+- ``warned``: carried, except where the destination does not allow it (a capability the
+  restorer lacks), and then the report says what the process runs without;
+- ``refused``: preflight says so in one line, naming it, before anything is frozen;
+- ``lost``: not carried, and said so in the README's Limits (what a process cannot take to
+  another host: its parent, cgroup and NUMA placement, ...).
+
+``tests/test_inventory.py`` holds the dump's records, the preflight's refusals and the
+README against this table: a record field without a row, a refusal the table does not know,
+or a refused or lost kind the README does not mention fails the tests. A new kernel object
+therefore cannot be dropped without a row saying so. ``agent.procfs`` takes its fd refusals
+from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CARRIED, WARNED, REFUSED, LOST = "carried", "warned", "refused", "lost"
+
+
+@dataclass(frozen=True)
+class Row:
+    area: str                     # "fd", "memory", "process", "thread"
+    what: str                     # as messages and the README name it
+    status: str                   # CARRIED, WARNED, REFUSED or LOST
+    fields: tuple[str, ...] = ()  # "Record.field" names that carry it
+    target: str = ""              # fd: the /proc/PID/fd link prefix preflight refuses it by
+    readme: str = ""              # refused or lost: words the README's Limits use for it
+
+
+def _f(record: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{record}.{n}" for n in names)
+
+
+ROWS: tuple[Row, ...] = (
+    # --- fds --------------------------------------------------------------------------------
+    Row("fd", "a regular file", CARRIED, _f("FileDesc", "fd", "kind", "path", "flags", "pos", "size",
+                                            "mtime_ns", "desc")),
+    Row("fd", "a directory", CARRIED),
+    Row("fd", "/dev/null and similar", CARRIED),
+    Row("fd", "a deleted file", CARRIED, _f("FileContents", "id", "size", "offset", "data", "mode", "uid", "gid")),
+    Row("fd", "a file lock", CARRIED, _f("FileDesc", "locks")),
+    Row("fd", "a pipe", CARRIED, _f("FileDesc", "obj") + _f("PipeBuffer", "id", "size", "data")),
+    Row("fd", "a unix socket", CARRIED, _f("UnixSocket", "id", "type", "peer", "peer_closed", "shutdown",
+                                           "options", "queue")),
+    Row("fd", "an eventfd", CARRIED, _f("EventFile", "id", "kind", "count", "semaphore")),
+    Row("fd", "a timerfd", CARRIED, _f("EventFile", "clockid", "value_ns", "interval_ns", "ticks")),
+    Row("fd", "a signalfd", CARRIED, _f("EventFile", "sigmask")),
+    Row("fd", "an epoll instance", CARRIED, _f("EventFile", "watches")),
+    Row("fd", "a pidfd", CARRIED, _f("EventFile", "pid")),
+    Row("fd", "an inotify instance", CARRIED, _f("EventFile", "inotify")),
+    Row("fd", "events queued on an inotify instance", WARNED, _f("EventFile", "queued")),
+    Row("fd", "a redirected fd", CARRIED),
+    Row("fd", "a lease", REFUSED, readme="leases"),
+    Row("fd", "a write lock on a file both hosts see", REFUSED, readme="a write lock on a file"),
+    Row("fd", "a socket", REFUSED, target="socket:", readme="sockets of other families"),
+    Row("fd", "a fanotify instance", REFUSED, target="anon_inode:[fanotify]", readme="fanotify"),
+    Row("fd", "an io_uring instance", REFUSED, target="anon_inode:[io_uring]", readme="io_uring"),
+    Row("fd", "a userfaultfd", REFUSED, target="anon_inode:[userfaultfd]", readme="userfaultfd"),
+    Row("fd", "a memfd", REFUSED, target="/memfd:", readme="memfd"),
+    Row("fd", "an anonymous-inode file", REFUSED, target="anon_inode:", readme="anonymous-inode"),
+    Row("fd", "a terminal", REFUSED, readme="terminals"),
+    Row("fd", "a FIFO", REFUSED, readme="FIFOs"),
+    Row("fd", "a device", REFUSED, readme="device files"),
+    Row("fd", "a file of a process under /proc", REFUSED, readme="/proc/PID"),
+    # --- memory -----------------------------------------------------------------------------
+    Row("memory", "a mapping", CARRIED, _f("Vma", "start", "end", "prot", "shared", "kind", "path", "pgoff",
+                                           "growsdown", "file_size", "file_mtime_ns", "ino")),
+    Row("memory", "madvise state and mlock", CARRIED, _f("Vma", "advice")),
+    Row("memory", "SysV shared memory", REFUSED, readme="SysV shared memory"),
+    Row("memory", "a device mapping", REFUSED, readme="device mappings"),
+    Row("memory", "a deleted file mapped privately", REFUSED, readme="deleted files mapped privately"),
+    Row("memory", "NUMA placement", LOST, readme="NUMA"),
+    # --- the process ------------------------------------------------------------------------
+    Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),
+    Row("process", "its executable, working and root directory", CARRIED, _f("ProcessState", "exe", "cwd", "root")),
+    Row("process", "umask, personality, dumpable", CARRIED, _f("ProcessState", "umask", "personality", "dumpable")),
+    Row("process", "credentials", CARRIED, _f("ProcessState", "creds") + _f(
+        "Creds", "uids", "gids", "groups", "cap_inheritable", "cap_permitted", "cap_effective", "cap_bounding",
+        "cap_ambient", "securebits", "no_new_privs")),
+    Row("process", "resource limits", WARNED, _f("ProcessState", "rlimits")),
+    Row("process", "its memory layout fields and auxv", CARRIED, _f("ProcessState", "mm", "auxv") + _f(
+        "MmFields", "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+        "arg_start", "arg_end", "env_start", "env_end")),
+    Row("process", "signal dispositions and pending signals", CARRIED, _f("ProcessState", "sigactions",
+                                                                          "shared_pending")),
+    Row("process", "interval timers", CARRIED, _f("ProcessState", "itimers")),
+    Row("process", "POSIX timers", CARRIED, _f("ProcessState", "posix_timers") + _f(
+        "PosixTimer", "id", "clockid", "signo", "sigval", "notify", "tid", "value_ns", "interval_ns")),
+    Row("process", "child subreaper, THP disable, mlockall(MCL_FUTURE)", CARRIED,
+        _f("ProcessState", "child_subreaper", "thp_disable", "lock_future")),
+    Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),
+    Row("process", "loginuid", WARNED, _f("ProcessState", "loginuid")),
+    Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
+    Row("process", "seccomp filters", REFUSED, readme="seccomp"),
+    Row("process", "namespaces of its own", REFUSED, readme="namespaces"),
+    Row("process", "its parent", LOST, readme="its parent"),
+    Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
+    Row("process", "monotonic clock continuity", LOST, readme="monotonic clock"),
+    # --- threads ----------------------------------------------------------------------------
+    Row("thread", "its tid, name and registers", CARRIED, _f("ThreadState", "tid", "leader", "comm", "regs",
+                                                             "xstate")),
+    Row("thread", "signal mask and pending signals", CARRIED, _f("ThreadState", "sigmask", "pending")),
+    Row("thread", "clear_child_tid, robust futex list, rseq", CARRIED, _f(
+        "ThreadState", "tid_address", "robust_list", "robust_list_len", "rseq_addr", "rseq_len", "rseq_sig")),
+    Row("thread", "alternate signal stack", CARRIED, _f("ThreadState", "altstack_sp", "altstack_flags",
+                                                        "altstack_size")),
+    Row("thread", "scheduling", CARRIED, _f("ThreadState", "nice", "sched_policy", "sched_priority",
+                                            "sched_reset_on_fork", "timer_slack_ns", "ioprio")),
+    Row("thread", "CPU pinning", CARRIED, _f("ThreadState", "cpus")),
+    Row("thread", "SCHED_DEADLINE", REFUSED, readme="SCHED_DEADLINE"),
+)
+
+
+def fd_refusals() -> tuple[tuple[str, str], ...]:
+    """(link prefix, what) of fds preflight refuses by their /proc/PID/fd link, most specific
+    first (``anon_inode:[io_uring]`` before ``anon_inode:``)."""
+    rows = [r for r in ROWS if r.area == "fd" and r.target]
+    return tuple((r.target, r.what) for r in sorted(rows, key=lambda r: -len(r.target)))

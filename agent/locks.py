@@ -1,0 +1,180 @@
+"""File locks a process holds: read on the source, checked on the destination in preflight,
+taken again by the restored process before it runs.
+
+Three kinds are carried, read from the fdinfo of the fd they are held through:
+
+- POSIX record locks (``fcntl(F_SETLK)``) belong to the process: fdinfo shows every POSIX
+  lock taken through that open file description, whoever took it, so only the lines with
+  this process's pid are its own. Restore injects ``fcntl(F_SETLK)`` into the process once
+  its fd table is final (closing any fd of the file, as restore's spare fds are, would drop
+  them again).
+- OFD locks (``F_OFD_SETLK``) and ``flock`` locks belong to the open file description:
+  taken through it again, once per description.
+- Leases and delegations are refused: the file's opener is notified through them, and
+  preflight's own open of the file would break them.
+
+A lock that cannot be taken on the destination fails the restore, so a live migration
+rolls back and the source keeps its locks. Preflight checks first that nobody there holds a
+conflicting lock: the destination's ``/proc/locks`` (locks of that host's processes on the
+same inode) and ``F_OFD_GETLK`` (which also asks a network filesystem's server). When the
+destination sees the same file as the source (the same host, or storage both share), the
+source's own write lock conflicts: a write lock cannot change hands between two processes
+without a moment where a third could take it, so that is refused; read locks are shared
+and simply held by both until the source ends.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from typing import Any, Sequence
+
+from transport.errors import ProtocolError, RestoreError, UnsupportedResource
+from transport.schema import FileLock
+
+F_RDLCK, F_WRLCK = 0, 1
+F_SETLK, F_OFD_GETLK, F_OFD_SETLK = 6, 36, 37
+LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
+_KINDS = {"POSIX": "posix", "OFDLCK": "ofd", "FLOCK": "flock"}
+_NAMES = {"posix": "POSIX record", "ofd": "OFD", "flock": "flock"}
+FLOCK = struct.Struct("<hh4xqqi4x")     # struct flock on x86_64: type, whence, start, len, pid
+
+
+def parse(pid: int, fd: int, target: str, lines: Sequence[str]) -> tuple[FileLock, ...]:
+    """The locks process ``pid`` holds through ``fd`` (fdinfo's ``lock:`` lines)."""
+    out: list[FileLock] = []
+    for line in lines:
+        # "1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF", "2: FLOCK  ADVISORY  READ  1234 fe:00:5678 0 EOF"
+        parts = line.split()
+        if len(parts) < 8 or parts[1] == "->":
+            continue
+        kind = _KINDS.get(parts[1])
+        if kind is None:
+            what = {"LEASE": "a lease", "DELEG": "a delegation"}.get(parts[1], f"a {parts[1]} lock")
+            raise UnsupportedResource(
+                f"pid {pid} holds {what} on {target} (fd {fd}): kcr-migrate cannot carry leases, and a lease "
+                "lost on the way is how data gets corrupted; release it (F_SETLEASE F_UNLCK) before moving the "
+                "process", pid=pid)
+        if kind == "posix" and int(parts[4]) != pid:
+            continue                 # another process's lock, taken through a description we share
+        start = int(parts[6])
+        length = 0 if parts[7] == "EOF" else int(parts[7]) - start + 1
+        out.append(FileLock(kind=kind, write=int(parts[3] == "WRITE"), start=start, length=length))
+    return tuple(dict.fromkeys(out))
+
+
+def describe(lock: FileLock) -> str:
+    span = "" if lock.kind == "flock" else (
+        f" on bytes {lock.start}-{lock.start + lock.length - 1}" if lock.length else f" from byte {lock.start} on")
+    return f"a {'write' if lock.write else 'read'} {_NAMES[lock.kind]} lock{span}"
+
+
+def held_by(pid: int) -> list[dict[str, Any]]:
+    """What preflight tells the destination: each lock ``pid`` holds, with the path it is on."""
+    from agent.procfs import list_fds
+    return [{"path": info.target, "kind": lock.kind, "write": lock.write, "start": lock.start, "length": lock.length}
+            for info in list_fds(pid) for lock in parse(pid, info.fd, info.target, info.locks)]
+
+
+def from_wire(items: object) -> list[tuple[str, FileLock]]:
+    """The source's list, checked (it comes from another host)."""
+    if not isinstance(items, list) or len(items) > 1 << 16:
+        raise ProtocolError("the source's summary lists locks that cannot be")
+    out = []
+    for item in items:
+        try:
+            path, lock = item["path"], FileLock(kind=item["kind"], write=int(bool(item["write"])),
+                                                start=int(item["start"]), length=int(item["length"]))
+        except (TypeError, KeyError, ValueError):
+            raise ProtocolError("the source's summary lists a lock that cannot be") from None
+        if not (isinstance(path, str) and path.startswith("/") and lock.kind in _NAMES
+                and 0 <= lock.start < 1 << 63 and 0 <= lock.length < 1 << 63):
+            raise ProtocolError("the source's summary lists a lock that cannot be")
+        out.append((path, lock))
+    return out
+
+
+def _held_here(path: str) -> list[tuple[str, bool, int, int, int]]:
+    """(kind, write, pid, start, end or -1) of every lock this host's processes hold on the
+    inode ``path`` names (/proc/locks)."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 8 or parts[1] == "->" or parts[5] != dev:
+                continue
+            end = -1 if parts[7] == "EOF" else int(parts[7])
+            out.append((_KINDS.get(parts[1], parts[1].lower()), parts[3] == "WRITE", int(parts[4]),
+                        int(parts[6]), end))
+    return out
+
+
+def _overlaps(lock: FileLock, start: int, end: int) -> bool:
+    if lock.kind == "flock":
+        return True
+    mine_end = lock.start + lock.length - 1 if lock.length else -1
+    return (end < 0 or lock.start <= end) and (mine_end < 0 or start <= mine_end)
+
+
+def conflict(path: str, lock: FileLock) -> str | None:
+    """Who on this host (or, through the filesystem, elsewhere) holds a lock that would keep
+    ``lock`` from being taken on ``path``; None if nobody does. Takes no lock, breaks none."""
+    for kind, write, pid, start, end in _held_here(path):
+        same_family = (kind == "flock") == (lock.kind == "flock")
+        if same_family and (write or lock.write) and _overlaps(lock, start, end):
+            return f"pid {pid} holds a {'write' if write else 'read'} {_NAMES.get(kind, kind)} lock on it here"
+    if lock.kind == "flock":
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        probe = FLOCK.pack(F_WRLCK if lock.write else F_RDLCK, os.SEEK_SET, lock.start, lock.length, 0)
+        kind, _, _, _, pid = FLOCK.unpack(fcntl.fcntl(fd, F_OFD_GETLK, probe))
+    except OSError:
+        return None                  # a filesystem without lock queries: the restore's own try decides
+    finally:
+        os.close(fd)
+    if kind in (F_RDLCK, F_WRLCK):
+        holder = f"pid {pid}" if pid > 0 else "another open file description"
+        return f"{holder} holds a {'write' if kind == F_WRLCK else 'read'} lock on it (seen through the filesystem)"
+    return None
+
+
+def check_free(locks: list[tuple[str, FileLock]], host: str, pid: int | None, exempt: Sequence[str]) -> None:
+    """Preflight on the destination: every lock the process holds can be taken here."""
+    for path, lock in locks:
+        if any(path == e or path.startswith(e.rstrip("/") + "/") for e in exempt):
+            continue                 # a filesystem hook brings it later; restore takes the lock or fails
+        try:
+            who = conflict(path, lock)
+        except OSError:
+            continue                 # missing here: the file checks say so
+        if who is None:
+            continue
+        held = f"pid {pid} holds {describe(lock)} of {path}"
+        if who.startswith(f"pid {pid} "):
+            raise RestoreError(f"{held}, and {host} sees that same file (the same host, or storage both share): a "
+                               "write lock cannot change hands between two processes without a moment where a third "
+                               "could take it; move the process when it does not hold it, or to a host with its own "
+                               "copy of the file", pid=pid, host=host)
+        raise RestoreError(f"{held}, which cannot be taken on {host}: {who}; move the process when that lock is "
+                           "released", pid=pid, host=host)
+
+
+def take_calls(fd: int, lock: FileLock, scratch: int) -> tuple[str, tuple[int, ...], bytes | None]:
+    """The system call the restored process makes to take ``lock`` through ``fd``: (name, args,
+    the struct flock to put at ``scratch`` first, if any)."""
+    if lock.kind == "flock":
+        return "flock", (fd, (LOCK_EX if lock.write else LOCK_SH) | LOCK_NB), None
+    arg = FLOCK.pack(F_WRLCK if lock.write else F_RDLCK, os.SEEK_SET, lock.start, lock.length, 0)
+    return "fcntl", (fd, F_SETLK if lock.kind == "posix" else F_OFD_SETLK, scratch), arg
+
+
+def holders(path: str) -> str:
+    """Who holds locks on ``path`` here, for an error message."""
+    try:
+        held = _held_here(path)
+    except OSError:
+        return "unknown"
+    return ", ".join(sorted({f"pid {pid}" for _, _, pid, _, _ in held})) or "nobody on this host"
