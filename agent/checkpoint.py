@@ -19,7 +19,6 @@ from agent.inject import RemoteMemory
 from agent.restore_session import RestoreSession
 from agent.tree import check_tree, tree_record
 from precopy.layout import PageFinder
-from precopy.pagemap import pagemap_scan_works
 from precopy.reader import PageReader
 from transport.errors import Cancelled, MigrationError, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
@@ -155,7 +154,7 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
     """The pages of ``pid``'s layout. ``shared``: shared anonymous memory (inode, offset,
     length) written already by another process of the tree, which maps the same object:
     sent once; new ones are added."""
-    with PageFinder(pid, use_scan=pagemap_scan_works()) as finder, PageReader(pid) as reader:
+    with PageFinder(pid) as finder, PageReader(pid) as reader:
         for vma in layout.vmas:
             if shared is not None and vma.shared and vma.kind == "anon" and vma.ino:
                 key = (vma.ino, vma.pgoff, vma.length)

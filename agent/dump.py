@@ -276,7 +276,8 @@ def _posix_timers(pid: int, inj: Injector, scratch: Scratch) -> tuple[PosixTimer
         isec, insec, vsec, vnsec = struct.unpack("<4q", scratch.get(0, 32))
         timers.append(PosixTimer(id=tid, clockid=int(fields["ClockID"]), signo=int(signo), sigval=int(sigval, 16),
                                  notify=notify, tid=int(who) if notify & 4 else 0,
-                                 value_ns=vsec * 1_000_000_000 + vnsec, interval_ns=isec * 1_000_000_000 + insec))
+                                 value_ns=vsec * 1_000_000_000 + vnsec, interval_ns=isec * 1_000_000_000 + insec,
+                                 overrun=inj.call("timer_getoverrun", tid)))
     return tuple(timers)
 
 

@@ -91,6 +91,7 @@ ROWS: tuple[Row, ...] = (
     Row("process", "interval timers", CARRIED, _f("ProcessState", "itimers")),
     Row("process", "POSIX timers", CARRIED, _f("ProcessState", "posix_timers") + _f(
         "PosixTimer", "id", "clockid", "signo", "sigval", "notify", "tid", "value_ns", "interval_ns")),
+    Row("process", "a POSIX timer's overrun count", WARNED, _f("PosixTimer", "overrun")),
     Row("process", "child subreaper, THP disable, mlockall(MCL_FUTURE)", CARRIED,
         _f("ProcessState", "child_subreaper", "thp_disable", "lock_future")),
     Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),

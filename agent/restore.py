@@ -925,6 +925,9 @@ class Restorer:
             if t.value_ns:
                 spec = struct.pack("<4q", *divmod(t.interval_ns, 1_000_000_000), *divmod(t.value_ns, 1_000_000_000))
                 self._call("timer_settime", t.id, 0, self._put(spec, 3200), 0)
+            if t.overrun:
+                self.report.warnings.append(f"POSIX timer {t.id} had an overrun count of {t.overrun} at the freeze: "
+                                            "no call sets one again, so timer_getoverrun() says 0 until it next fires")
         self._call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
     def _clone_thread(self, flags: int, t: ThreadState) -> int:

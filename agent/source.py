@@ -37,7 +37,7 @@ from agent.tree import tree_record
 from precopy.rounds import GroupResult, StreamCursor, final_group, precopy_group
 from precopy.tracker import DirtyTracker, make_tracker
 from transport._nursery import service_nursery
-from transport.errors import MigrationError, ProcessError, ProcessExited, ProtocolError, UnsupportedResource
+from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited, ProtocolError, UnsupportedResource
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
@@ -366,10 +366,16 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         pids = [int(p) for p in seized["pids"]]
         choice = await _blocking(choose_tracker, tracker, pid)
         facts: dict[str, FileFact] = {}
+        processes = []
         for p in pids:
-            described = await _blocking(describe_files, p, exempt or [], redirected if p == pid else set())
+            try:
+                described = await _blocking(describe_files, p, exempt or [], redirected if p == pid else set())
+                processes.append(await _blocking(_process_summary, p))
+            except (NoSuchProcess, FileNotFoundError, ProcessLookupError):
+                if p == pid:
+                    raise NoSuchProcess(f"pid {pid} exited while it was being checked", pid=pid) from None
+                continue      # a child that exited since the holder listed it (make's): it leaves the job
             facts.update((f.path, f) for f in described.files if f.path not in facts)
-        processes = [await _blocking(_process_summary, p) for p in pids]
         vdso = await _blocking(vdso_digest, pid)
     except BaseException:
         await _blocking(holder.close)

@@ -63,7 +63,6 @@ from benchmarks._common import (
     probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
 from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv, process_vm_writev
 from precopy.layout import PageFinder
-from precopy.pagemap import pagemap_scan_works
 
 PAGE = 4096
 WORKLOAD_SRC = REPO / "benchmarks" / "workloads" / "bench_mem.c"
@@ -222,7 +221,7 @@ def _has_ended(pid: int) -> bool:
 def populated_runs(pid: int) -> list[Run]:
     """The pages a checkpoint of ``pid`` reads, as the engine finds them."""
     runs: list[Run] = []
-    with PageFinder(pid, use_scan=pagemap_scan_works()) as finder:
+    with PageFinder(pid) as finder:
         for vma in collect_layout(pid).vmas:
             runs.extend((addr, n * PAGE) for addr, n in finder.populated(vma))
     return runs

@@ -13,10 +13,14 @@ populated private memory and, on command, writes one byte into a given share of 
   dirty scan    one collect() after 1% of the pages were written: the tracking scan itself
   read          reading the pages that scan found (PageReader: process_vm_readv), in GiB/s
   bytes read    page bytes the scan read plus the dirty pages read, as a share of memory
+  thp rows      the same, on a process whose memory transparent huge pages back: pages
+                reported against pages written, and the bytes a round would send against
+                the same backend on small pages (soft-dirty marks whole huge pages; its
+                answers are narrowed to the changed pages, which costs reads and hashes)
 
 Anchors, measured in the same run on the same process: a raw read of all its memory with
 process_vm_readv (what one full round costs) and one PAGEMAP_SCAN over it (walking the page
-tables without protecting anything). Ratios divide medians by those anchors.
+tables without protecting anything; a /proc/PID/pagemap read on kernels without it). Ratios divide medians by those anchors.
 
 Memory on the VMs this runs on is several times slower on first touch than afterwards: the
 workload touches every page before anything is timed, and every measurement is run once
@@ -28,7 +32,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,47 +45,17 @@ from agent.tracer import Tracer  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
 from migrate.target import TracedTarget  # noqa: E402
 from precopy.intervals import npages  # noqa: E402
+from precopy.hugepages import thp_setting  # noqa: E402
+from precopy.intervals import clip  # noqa: E402
 from precopy.layout import PageFinder, read_maps, trackable  # noqa: E402
+from precopy.pagemap import pagemap_scan_works  # noqa: E402
 from precopy.reader import PageReader  # noqa: E402
 from precopy.tracker import BACKENDS, Scan, make_tracker, probe_backends  # noqa: E402
-from tests._workloads import build  # noqa: E402
+from tests._tracking import DirtyBench  # noqa: E402
 from transport.schema import PAGE_SIZE  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
-
-
-class Bench:
-    """The dirty_bench process: dirties pages on command."""
-
-    def __init__(self, mib: int, outdir: Path) -> None:
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen([str(build("dirty_bench")), str(outdir), str(mib)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        words = self.proc.stdout.readline().split()
-        if not words or words[0] != "ready":
-            raise SystemExit("dirty_bench did not start")
-        self.pid = self.proc.pid
-        self.addr = int(words[1], 16)
-        self.npages = int(words[2])
-        self.touch_s = time.monotonic() - t0
-        self.seed = 1
-
-    def dirty(self, permille: float) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.seed += 1
-        self.proc.stdin.write(f"dirty {int(permille * 1000)} {self.seed}\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline().split()[1])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
 
 
 def timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
@@ -99,7 +72,7 @@ def timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
 
 def anchors(pid: int, reps: int) -> dict[str, Any]:
     entries = [e for e in read_maps(pid) if trackable(e)]
-    with PageFinder(pid) as finder, PageReader(pid) as reader:
+    with PageFinder(pid) as finder, PageReader(pid) as reader:     # PAGEMAP_SCAN where the kernel has it
         runs = [r for e in entries for r in finder.populated_entry(e)]
 
         def read_all() -> int:
@@ -117,15 +90,20 @@ def anchors(pid: int, reps: int) -> dict[str, Any]:
             "pagemap_scan_ms": scan_s * 1000}
 
 
-def bench_backend(name: str, bench: Bench, reps: int, permille: float, tracer: Tracer) -> dict[str, Any]:
+def bench_backend(name: str, bench: DirtyBench, reps: int, permille: float, tracer: Tracer,
+                  thp: bool = False) -> dict[str, Any]:
     memory = bench.npages * PAGE_SIZE
-    out: dict[str, Any] = {"backend": name}
+    out: dict[str, Any] = {"backend": name, "thp": thp}
     t0 = time.perf_counter()
     tracker = make_tracker(name, bench.pid, TracedTarget(bench.pid, tracer))
     try:
         first = tracker.start()
         out["start_ms"] = (time.perf_counter() - t0) * 1000
         out["round0_pages"] = first.pages_dirty
+        for batch in tracker.reader.batches(first.data):   # round 0 is sent (narrowing keeps digests)
+            tracker.note_sent(batch)
+        if thp:
+            out["huge_mib_before"] = bench.huge_bytes() / MiB
         tracker.collect()                                  # warm-up
         idle = []
         for _ in range(reps):
@@ -159,8 +137,12 @@ def bench_backend(name: str, bench: Bench, reps: int, permille: float, tracer: T
             "dirty_read_bytes": int(pages_read), "dirty_read_ms": read_s * 1000,
             "dirty_read_gib_s": pages_read / GiB / read_s if read_s > 0 else 0.0,
         })
+        out["pages_found_in_memory"] = int(statistics.median(npages(clip(s.data, [bench.span])) for s in scans))
+        out["send_bytes"] = out["pages_found"] * PAGE_SIZE      # what the round would send
         out["bytes_read_share"] = (out["scan_bytes_read"] + out["dirty_read_bytes"]) / memory
-        out["missed"] = max(0, written - out["pages_found"])
+        out["missed"] = max(0, written - out["pages_found_in_memory"])
+        if thp:
+            out["huge_mib_after"] = bench.huge_bytes() / MiB
     finally:
         tracker.stop()
     return out
@@ -168,31 +150,41 @@ def bench_backend(name: str, bench: Bench, reps: int, permille: float, tracer: T
 
 def table(result: dict[str, Any]) -> str:
     a = result["anchors"]
+    walk = "PAGEMAP_SCAN" if result["pagemap_scan"] else "/proc/PID/pagemap read (no PAGEMAP_SCAN here)"
     lines = [
         f"tracker benchmark: {result['mib']} MiB process ({a['populated_pages']} pages populated), "
         f"{result['permille']:g}\u2030 of its pages written before each dirty scan, median of {result['reps']}",
         f"warm-up: the workload touched every page first ({result['touch_s']:.1f} s: memory here is slow on first "
         f"touch), and each measurement ran once untimed before the timed runs",
         f"anchors: process_vm_readv of all memory {a['full_read_ms']:.1f} ms ({a['full_read_gib_s']:.2f} GiB/s); "
-        f"PAGEMAP_SCAN of all memory {a['pagemap_scan_ms']:.2f} ms",
+        f"{walk} of all memory {a['pagemap_scan_ms']:.2f} ms",
+        f"thp rows: the same process with its memory on transparent huge pages (MADV_HUGEPAGE; system setting "
+        f"'{result['thp_setting']}'), {result.get('thp_huge_mib', 0):.0f} MiB huge-page backed before tracking",
         "",
-        f"{'backend':<11} {'start ms':>9} {'idle scan ms':>12} {'dirty scan ms':>13} {'vs full read':>12} "
-        f"{'vs pagemap':>10} {'found/written':>14} {'read MiB':>9} {'% of mem':>8} {'read GiB/s':>10} "
-        f"{'vs readv':>8}",
+        f"{'backend':<15} {'start ms':>9} {'idle scan ms':>12} {'dirty scan ms':>13} {'vs full read':>12} "
+        f"{'vs pagemap':>10} {'found/written':>14} {'send MiB':>8} {'vs 4K':>6} {'read MiB':>9} {'% of mem':>8} "
+        f"{'read GiB/s':>10} {'vs readv':>8}",
     ]
+    small = {r["backend"]: r for r in result["backends"] if not r.get("thp") and "unavailable" not in r}
     for r in result["backends"]:
+        label = r["backend"] + (" thp" if r.get("thp") else "")
         if "unavailable" in r:
-            lines.append(f"{r['backend']:<11} unavailable: {r['unavailable']}")
+            lines.append(f"{label:<15} unavailable: {r['unavailable']}")
             continue
         read_mib = (r["scan_bytes_read"] + r["dirty_read_bytes"]) / MiB
+        base = small.get(r["backend"])
+        vs = f"{r['send_bytes'] / base['send_bytes']:>5.2f}x" if r.get("thp") and base and base["send_bytes"] else ""
         lines.append(
-            f"{r['backend']:<11} {r['start_ms']:>9.1f} {r['idle_scan_ms']:>12.2f} {r['dirty_scan_ms']:>13.2f} "
+            f"{label:<15} {r['start_ms']:>9.1f} {r['idle_scan_ms']:>12.2f} {r['dirty_scan_ms']:>13.2f} "
             f"{r['dirty_scan_ms'] / a['full_read_ms']:>11.3f}x {r['dirty_scan_ms'] / a['pagemap_scan_ms']:>9.2f}x "
-            f"{r['pages_found']:>7}/{r['pages_written']:<6} {read_mib:>9.1f} {100 * r['bytes_read_share']:>7.2f}% "
+            f"{r['pages_found_in_memory']:>7}/{r['pages_written']:<6} {r['send_bytes'] / MiB:>8.2f} {vs:>6} "
+            f"{read_mib:>9.1f} {100 * r['bytes_read_share']:>7.2f}% "
             f"{r['dirty_read_gib_s']:>10.2f} {r['dirty_read_gib_s'] / a['full_read_gib_s']:>7.2f}x")
     lines.append("")
-    lines.append("dirty scan: one collect() after the writes; read: reading the pages it found (random single pages, "
-                 "so slower than one bulk read); % of mem: scan reads + page reads")
+    lines.append("dirty scan: one collect() after the writes; found/written: pages of the workload's memory reported; "
+                 "send MiB: what the round would send; vs 4K: that against the same backend on small pages; read: "
+                 "reading the pages it found (random single pages, so slower than one bulk read); % of mem: scan "
+                 "reads + page reads")
     return "\n".join(lines)
 
 
@@ -205,26 +197,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--permille", type=float, default=10.0, help="share of pages written per round, in \u2030 "
                    "(default 10 = 1%%)")
     args = p.parse_args(argv)
+    if args.mib < 4 or args.mib % 2:
+        print("error: --mib must be an even number of MiB, at least 4", file=sys.stderr)
+        return 2
     reps = args.reps or (2 if args.quick else 5)
     probes = probe_backends()
-    with tempfile.TemporaryDirectory(prefix="kcr-bench-") as tmp:
-        bench = Bench(args.mib, Path(tmp))
+    available = [name for name in BACKENDS if probes[name].available]
+    with tempfile.TemporaryDirectory(prefix="kcr-bench-") as tmp, Tracer(name="bench-tracer") as tracer:
+        bench = DirtyBench(Path(tmp) / "small", args.mib)
         try:
             result: dict[str, Any] = {"mib": args.mib, "reps": reps, "permille": args.permille,
                                       "touch_s": bench.touch_s, "kernel": platform.release(),
+                                      "pagemap_scan": pagemap_scan_works(), "thp_setting": thp_setting(),
                                       "anchors": anchors(bench.pid, reps), "backends": []}
-            with Tracer(name="bench-tracer") as tracer:
-                for name in BACKENDS:
-                    if not probes[name].available:
-                        result["backends"].append({"backend": name, "unavailable": probes[name].reason})
-                        continue
-                    result["backends"].append(bench_backend(name, bench, reps, args.permille, tracer))
+            for name in BACKENDS:
+                if name not in available:
+                    result["backends"].append({"backend": name, "unavailable": probes[name].reason})
+                    continue
+                result["backends"].append(bench_backend(name, bench, reps, args.permille, tracer))
         finally:
             bench.close()
+        # Each backend on a fresh huge-page process: a tracker may split huge pages it tracks.
+        for name in available:
+            huge = DirtyBench(Path(tmp) / f"thp-{name}", args.mib, thp=True)
+            try:
+                backed = huge.huge_bytes()
+                result["thp_huge_mib"] = backed / MiB
+                if backed * 2 < huge.npages * PAGE_SIZE:
+                    result["backends"].append({"backend": name, "thp": True, "unavailable": (
+                        f"no transparent huge pages (THP setting '{thp_setting()}', {backed // MiB} MiB backed)")})
+                    continue
+                result["backends"].append(bench_backend(name, huge, reps, args.permille, tracer, thp=True))
+            finally:
+                huge.close()
     print(table(result))
     if args.json:
         write_json(args.json, result)
-    bad = [r["backend"] for r in result["backends"] if r.get("missed")]
+    bad = [r["backend"] + (" thp" if r.get("thp") else "") for r in result["backends"] if r.get("missed")]
     if bad:
         print(f"error: {', '.join(bad)} found fewer pages than were written", file=sys.stderr)
         return 1

@@ -6,6 +6,10 @@ migration would do at a given bandwidth (``precopy.policy.estimate``: the pre-co
 replayed on a model of the process). The process is left exactly as it was: uffd-wp holds it
 for two injected system calls at the start, soft-dirty for an instant per interval, checksum
 never; ending the measurement (or this process dying) removes every trace of tracking.
+
+Soft-dirty reports a written transparent huge page whole; its answers are narrowed to the
+pages whose contents changed since they were last seen (``precopy.hugepages``), so the meter
+reads the pages it is told of in huge pages, as a migration would send them.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from migrate.target import TracedTarget
 from precopy.intervals import Run, clip, merge_spans, npages, union
 from precopy.layout import trackable
 from precopy.policy import Estimate, PrecopyPolicy, estimate
-from precopy.tracker import DirtyTracker, TrackerChoice, check_target, choose_tracker, make_tracker
+from precopy.tracker import DirtyTracker, Scan, TrackerChoice, check_target, choose_tracker, make_tracker
 from transport.schema import PAGE_SIZE
 
 MiB = 1 << 20
@@ -127,6 +131,19 @@ class WssMeter:
                 self._tracer.close()
                 self._tracer = None
 
+    def _seen(self, scan: Scan) -> None:
+        """Remember the contents of the pages ``scan`` reports in huge pages, as a migration
+        sending them would: the next scan then tells which of them changed."""
+        tracker = self._tracker
+        assert tracker is not None
+        huge = tracker.huge_backed()
+        if huge:
+            try:
+                for batch in tracker.reader.batches(clip(scan.data, huge)):
+                    tracker.note_sent(batch)
+            except OSError as exc:
+                raise tracker.explain(exc) from None
+
     def samples(self) -> Iterator[WssSample]:
         tracker = self._tracker
         if tracker is None:
@@ -134,6 +151,7 @@ class WssMeter:
         opts = self.options
         with deferred_interrupts():
             first = tracker.start()
+        self._seen(first)
         memory = npages(first.data)
         written: list[Run] = []
         previous = first
@@ -143,6 +161,7 @@ class WssMeter:
             self._sleep(max(0.0, first.started + n * opts.interval_s - time.monotonic()))
             with deferred_interrupts():
                 scan = tracker.collect()
+            self._seen(scan)
             spans = merge_spans((e.start, e.end) for e in scan.layout if trackable(e))
             written = clip(union(union(written, scan.data), scan.zero), spans)
             elapsed = scan.started - previous.started

@@ -1,9 +1,11 @@
 """Page digests: which pages changed, found by content instead of page tables.
 
 The checksum tracker keeps a digest of every populated page and compares each round; the
-uffd-wp tracker does the same for the few mappings it cannot write-protect. A digest is
-replaced by the digest of the bytes actually *sent* (``note_sent``), so a page is reported
-whenever it differs from what the other side holds, even if it changed while being read.
+uffd-wp tracker does the same for the few mappings it cannot write-protect; trackers that see
+a transparent huge page only as a whole keep digests of the small pages they sent from huge
+pages, to tell which of them changed (``precopy.hugepages``). A digest is replaced by the
+digest of the bytes actually *sent* (``note_sent``), so a page is reported whenever it differs
+from what the other side holds, even if it changed while being read.
 """
 from __future__ import annotations
 
@@ -86,6 +88,44 @@ class PageDigests:
             del self._digests[addr]
         return DigestScan(changed, subtract(runs_of(gone), _as_runs(new_spans)), populated, hashed,
                           reader.bytes_read - before)
+
+    def follow(self, spans: Sequence[Span], new_spans: Sequence[Span] = ()) -> None:
+        """Remember sent pages of ``spans`` from now on; forget digests outside them, and
+        inside ``new_spans`` (ranges that start out empty at the destination)."""
+        spans = merge_spans(spans)
+        fresh = merge_spans(new_spans)
+        if spans == self._spans and not fresh:
+            return
+        self._spans = spans
+        for addr in [a for a in self._digests if not self._inside(a) or within(fresh, a)]:
+            del self._digests[addr]
+
+    def forget(self, runs: Iterable[Run]) -> None:
+        """The other side holds something else now for these pages (zeros sent for them)."""
+        for addr, n in runs:
+            for i in range(n):
+                self._digests.pop(addr + i * PAGE_SIZE, None)
+
+    def unchanged(self, runs: Iterable[Run], reader: PageReader) -> tuple[list[Run], int, int]:
+        """The pages of ``runs`` whose contents are those last sent (their digests match now);
+        also the pages hashed and bytes read to find out. Pages without a digest, or that
+        cannot be read, are not among them."""
+        known: list[Run] = []
+        for addr, n in runs:
+            for i in range(n):
+                a = addr + i * PAGE_SIZE
+                if a in self._digests:
+                    _append(known, a)
+        same: list[Run] = []
+        hashed = 0
+        before = reader.bytes_read
+        for group in split_runs(known, reader.batch_pages):
+            batch = reader.read(group)
+            hashed += batch.npages
+            for addr, data in _pages(batch):
+                if self._digests.get(addr) == digest(data):
+                    _append(same, addr)
+        return same, hashed, reader.bytes_read - before
 
     def note_sent(self, batch: PageBatch) -> None:
         """Remember the digests of pages as sent (only for mappings tracked by content)."""

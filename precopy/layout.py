@@ -23,6 +23,7 @@ from precopy.pagemap import (
     PM_PRESENT,
     PM_SWAP,
     PagemapScanner,
+    pagemap_scan_works,
     read_pagemap,
 )
 from transport.schema import (
@@ -256,10 +257,14 @@ Run = tuple[int, int]   # (address, number of pages)
 
 
 class PageFinder:
-    """Finds the pages of each mapping that must be copied."""
+    """Finds the pages of each mapping that must be copied: with PAGEMAP_SCAN where the kernel
+    has it (``pagemap_scan_works``, unless ``use_scan`` says otherwise), else with
+    /proc/PID/pagemap."""
 
-    def __init__(self, pid: int, *, use_scan: bool = True) -> None:
+    def __init__(self, pid: int, *, use_scan: bool | None = None) -> None:
         self.pid = pid
+        if use_scan is None:
+            use_scan = pagemap_scan_works()
         self._scanner: PagemapScanner | None = PagemapScanner(pid) if use_scan else None
         self._pagemap_fd = -1 if use_scan else os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from precopy import uffd as uffd_mod
-from precopy.pagemap import PM_SOFT_DIRTY, read_pagemap
+from precopy.pagemap import PM_SOFT_DIRTY, pagemap_scan_works, read_pagemap
 from transport.errors import KernelFeatureMissing, NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
 from transport.schema import PAGE_SIZE
 
@@ -61,6 +61,8 @@ def _probe_soft_dirty() -> Probe:
 
 
 def _probe_uffd_wp() -> Probe:
+    if not pagemap_scan_works():
+        return Probe("uffd-wp", False, "PAGEMAP_SCAN is missing (Linux >= 6.7 needed)")
     ok, why = uffd_mod.probe()
     return Probe("uffd-wp", ok, why)
 

@@ -12,6 +12,10 @@ One interface, three backends, chosen at run time by real probes (``probe_backen
 - ``checksum``: a digest per populated page, compared each round. Works wherever reading the
   process's memory works; costs a full read per round.
 
+A backend that sees a transparent huge page only as a whole (soft-dirty: one bit per huge
+page) says so (``reports_whole_huge_pages``); its answers for huge-page backed memory are then
+narrowed to the 4 KiB pages whose contents differ from those sent (``precopy.hugepages``).
+
 Every scan (``Scan``) carries the current layout and how it changed, the pages to read and
 send (``data``: populated, private, written since the last scan, or in new address ranges) and
 the pages that became empty (``zero``: written but no longer populated, e.g. MADV_DONTNEED):
@@ -30,8 +34,10 @@ from typing import ClassVar
 
 from precopy.control import ProcessControl
 from precopy.digests import PageDigests
+from precopy.hugepages import HugePageNarrowing, huge_spans
 from precopy.intervals import (
     Run,
+    Span,
     clip,
     intersect,
     merge_spans,
@@ -52,7 +58,6 @@ from precopy.pagemap import (
     PM_PRESENT,
     PM_SOFT_DIRTY,
     PM_SWAP,
-    pagemap_scan_works,
     read_pagemap,
 )
 from precopy.probe import (
@@ -120,10 +125,14 @@ class DirtyTracker(ABC):
     """
 
     name: ClassVar[str]
+    # One dirty bit per transparent huge page: a small write reads as 2 MiB written. Such a
+    # backend's answers are narrowed by content (``HugePageNarrowing``).
+    reports_whole_huge_pages: ClassVar[bool] = False
 
     def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
         self.pid = pid
         self.control = control
+        self._huge = HugePageNarrowing() if self.reports_whole_huge_pages else None
         self._round = -1
         self._layout: list[MapEntry] = []
         self._pidfd = -1
@@ -131,7 +140,7 @@ class DirtyTracker(ABC):
         self._reader: PageReader | None = None
         try:
             self._pidfd = pidfd_open(pid)
-            self._finder = PageFinder(pid, use_scan=pagemap_scan_works())
+            self._finder = PageFinder(pid)
             self._reader = PageReader(pid)
         except OSError as exc:
             self.stop()
@@ -161,12 +170,23 @@ class DirtyTracker(ABC):
         return self._look(first=False)
 
     def note_sent(self, batch: PageBatch) -> None:
-        """The pages of ``batch`` were sent as they are (content-based trackers remember them)."""
+        """The pages of ``batch`` were sent as they are (content-based trackers remember them,
+        and so does the narrowing of whole huge pages)."""
+        if self._huge is not None:
+            self._huge.note_sent(batch)
+
+    def huge_backed(self) -> list[Span]:
+        """Memory huge pages backed at the last scan, where this backend's answers are narrowed
+        by content (``reports_whole_huge_pages``); else nothing. ``note_sent`` of pages there is
+        what lets the next scans tell which of them changed."""
+        return list(self._huge.huge) if self._huge is not None else []
 
     def stop(self) -> None:
         try:
             self._release()
         finally:
+            if self._huge is not None:
+                self._huge.clear()
             for obj in (self._finder, self._reader):
                 if obj is not None:
                     obj.close()
@@ -247,6 +267,13 @@ class DirtyTracker(ABC):
             if reread:
                 data = normalize(data + reread)
                 zero = subtract(zero, reread)
+        if self._huge is not None:
+            try:
+                huge = huge_spans(self.pid, (e for e in entries if trackable(e)), self.finder.scanner)
+                data, _, narrowing_read = self._huge.narrow(data, zero, huge, change.new_spans, self.reader)
+            except OSError as exc:
+                raise self.explain(exc) from None
+            read += narrowing_read
         return Scan(self._round, tuple(entries), change, tuple(data), tuple(zero), scanned, read,
                     (time.monotonic() - t0) * 1000, t0)
 
@@ -258,6 +285,7 @@ class SoftDirtyTracker(DirtyTracker):
     """clear_refs + soft-dirty bits; the scan and the clear run with the process paused."""
 
     name = "soft-dirty"
+    reports_whole_huge_pages = True
 
     def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
         if control is None:
@@ -342,6 +370,7 @@ class ChecksumTracker(DirtyTracker):
         return found.changed, found.gone, found.pages_hashed, found.bytes_read
 
     def note_sent(self, batch: PageBatch) -> None:
+        super().note_sent(batch)
         self._digests.note_sent(batch)
 
     def _release(self) -> None:

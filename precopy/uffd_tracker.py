@@ -90,6 +90,9 @@ def _stretched(part: MapEntry, now: list[MapEntry]) -> MapEntry:
 
 
 class UffdWpTracker(DirtyTracker):
+    """Exact for transparent huge pages too: a write to a write-protected huge page splits its
+    mapping and unprotects only the written page (``precopy.hugepages``)."""
+
     name = "uffd-wp"
 
     def __init__(self, pid: int, control: ProcessControl | None = None) -> None:
@@ -321,6 +324,7 @@ class UffdWpTracker(DirtyTracker):
         return runs, zero, scanned + found.pages_hashed, found.bytes_read
 
     def note_sent(self, batch: PageBatch) -> None:
+        super().note_sent(batch)
         self._digests.note_sent(batch)
 
     def _release(self) -> None:

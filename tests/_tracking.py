@@ -4,6 +4,7 @@ from __future__ import annotations
 import array
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from agent.tracer import Tracer
 from migrate.target import TracedTarget
 from precopy.intervals import merge_spans, pages_of, subtract_spans
 from precopy.layout import PageFinder, holds_private_data, read_maps, trackable
+from precopy.hugepages import anon_huge_bytes, thp_setting
 from precopy.tracker import BACKENDS, probe_backends
-from tests._workloads import Workload
+from tests._workloads import STARTED, Workload, build
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE, Mappings
 
@@ -28,6 +30,59 @@ def backend_params() -> list[object]:
     return [pytest.param(name, marks=pytest.mark.skipif(not probes[name].available,
                                                         reason=f"{name}: {probes[name].reason}"))
             for name in BACKENDS]
+
+
+class DirtyBench:
+    """The dirty_bench workload: MIB MiB of populated private memory (huge-page backed with
+    ``thp``, as far as the kernel gives huge pages) that writes pages on command."""
+
+    def __init__(self, outdir: Path, mib: int, *, thp: bool = False) -> None:
+        t0 = time.monotonic()
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([str(build("dirty_bench")), str(outdir), str(mib), *(["thp"] if thp else [])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        STARTED.append(self.proc)       # type: ignore[arg-type]   # ended with the test whatever happens
+        assert self.proc.stdout is not None
+        words = self.proc.stdout.readline().split()
+        if not words or words[0] != "ready":
+            raise RuntimeError("dirty_bench did not start")
+        self.pid = self.proc.pid
+        self.addr = int(words[1], 16)
+        self.npages = int(words[2])
+        self.span = (self.addr, self.addr + self.npages * PAGE_SIZE)
+        self.touch_s = time.monotonic() - t0
+        self.seed = 1
+
+    def dirty(self, permille: float) -> int:
+        """Write one byte into ``permille`` per mille of the pages (distinct, at random); how many."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.seed += 1
+        self.proc.stdin.write(f"dirty {int(permille * 1000)} {self.seed}\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline().split()[1])
+
+    def huge_bytes(self) -> int:
+        """Bytes of its memory that transparent huge pages back now (smaps AnonHugePages)."""
+        start, end = self.span
+        return sum(n for (s, e), n in anon_huge_bytes(self.pid).items() if s < end and e > start)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def require_huge_pages(bench: DirtyBench) -> None:
+    """Skip unless transparent huge pages back (most of) ``bench``'s memory."""
+    setting = thp_setting()
+    backed = bench.huge_bytes()
+    if backed * 2 < bench.npages * PAGE_SIZE:
+        bench.close()
+        pytest.skip(f"transparent huge pages unavailable (THP setting '{setting}', "
+                    f"{backed >> 10} kB of {bench.npages * PAGE_SIZE >> 10} kB huge-page backed after MADV_HUGEPAGE)")
 
 
 def control_for(pid: int, tracer: Tracer) -> TracedTarget:

@@ -151,7 +151,7 @@ def test_stop_and_copy(tmp_path: Path) -> None:
 
 
 def test_dry_run_moves_nothing(tmp_path: Path) -> None:
-    w = Workload("ckpt_array", tmp_path, "60")
+    w = Workload("ckpt_array", tmp_path, "200")
     w.start()
     w.wait_ready()
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", "--dry-run")
@@ -203,7 +203,7 @@ def test_a_process_someone_else_traces_is_refused(tmp_path: Path) -> None:
     from agent import ptrace
     from agent.tracer import Tracer
 
-    w = Workload("ckpt_array", tmp_path, "60")
+    w = Workload("ckpt_array", tmp_path, "200")
     w.start()
     w.wait_ready()
     with Tracer() as tracer:

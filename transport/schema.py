@@ -173,6 +173,8 @@ class PosixTimer:
     tid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a tid or 0")]   # SIGEV_THREAD_ID: the thread it signals
     value_ns: NonNegI64      # time left (0: disarmed)
     interval_ns: NonNegI64
+    overrun: Annotated[int, Int(0, (1 << 31) - 1, "a timer overrun count")] = 0   # timer_getoverrun()
+                             # at the freeze: no call sets it again (restore warns when it is not 0)
 
     def validate(self) -> None:
         _check(self.notify in SIGEV_NOTIFY, f"POSIX timer {self.id}: notification {self.notify}")

@@ -3,10 +3,14 @@
  * steps, then a checksum of everything as its output. With TICKER=1 a thread reads the clock
  * and getpid() in a loop and writes to OUTDIR/gap the longest time it saw between a tick with
  * the old pid and the first with the new one: the downtime as the program itself lives it.
- * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER] */
+ * With THP=1 the memory is 2 MiB aligned and asks for transparent huge pages (MADV_HUGEPAGE).
+ * With HOLD (a path) it waits after its steps, before the checksum, until that file exists: a
+ * job to be moved does not end before it was, however slow the machine.
+ * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP [HOLD]]] */
 #include "ckpt_common.h"
 #include <pthread.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 
 static volatile int done;
@@ -42,14 +46,24 @@ static void *ticker(void *arg) {
 
 int main(int argc, char **argv) {
     init(argc, argv);
-    if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER]\n", argv[0]); return 2; }
+    if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP [HOLD]]]\n", argv[0]); return 2; }
     size_t mem = (size_t)atol(argv[2]) << 20;
     double rate = atof(argv[3]);
     long iters = atol(argv[4]);
     int with_ticker = argc > 5 && atoi(argv[5]);
     size_t pages = mem / 4096;
-    uint64_t *m = malloc(mem);
-    if (!m) return 3;
+    int thp = argc > 6 && atoi(argv[6]);
+    uint64_t *m;
+    if (thp) {
+        const size_t huge = 2UL << 20;
+        char *raw = mmap(NULL, mem + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (raw == MAP_FAILED) return 3;
+        m = (uint64_t *)(((uintptr_t)raw + huge - 1) & ~(huge - 1));
+        madvise(m, mem, MADV_HUGEPAGE);
+    } else {
+        m = malloc(mem);
+        if (!m) return 3;
+    }
     for (size_t i = 0; i < mem / 8; i++) m[i] = i * 0x9E3779B97F4A7C15ull;
     long per_step = (long)(rate * 256 / 100);      /* pages per 10 ms step */
     if (per_step < 1 && rate > 0) per_step = 1;
@@ -68,6 +82,8 @@ int main(int argc, char **argv) {
         if (it == 5) ready();
         sleep_ms(10);
     }
+    if (argc > 7)
+        while (access(argv[7], F_OK) != 0) sleep_ms(10);
     done = 1;
     if (with_ticker) pthread_join(t, NULL);
     uint64_t sum = 0;
