@@ -269,9 +269,10 @@ class Descriptions:
 
 
 # What an fd of each kind that names a path must find there. A redirect is a file the user
-# named (created if need be) or a character device (/dev/null).
+# named (created if need be), a character device (/dev/null), or a FIFO that has a reader
+# (opened without blocking: a FIFO nobody reads fails; ``--relay`` writes into the deputy's).
 _FILE_TYPES = {"file": stat.S_ISREG, "dir": stat.S_ISDIR, "chr": stat.S_ISCHR,
-               "redirect": lambda mode: stat.S_ISREG(mode) or stat.S_ISCHR(mode)}
+               "redirect": lambda mode: stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)}
 
 
 def _file_type(mode: int) -> str:

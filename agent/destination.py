@@ -8,13 +8,17 @@ through /proc/PID/mem where a later round rewrites them.
 
 Methods: ``dest_check`` (preflight), ``dest_receive`` (the ordered stream from the source:
 header, layouts, pages, state), ``dest_restore`` (everything else; the process is READY,
-stopped), ``dest_go`` (let it run; reports when every thread ran), ``dest_abort``.
+stopped), ``dest_deputy`` (with ``--stand-in``, in preflight: start the deputy, ``agent.deputy``),
+``dest_go`` (let it run; reports when every thread ran), ``dest_abort``.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import socket
+import struct
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ import trio
 
 from agent import locks, sched
 from agent.files import check_files, check_machine
+from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
@@ -44,12 +49,27 @@ class DestSession:
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
+    deputy: subprocess.Popen[bytes] | None = None            # the stand-in's deputy (dest_deputy)
+    deputy_control: socket.socket | None = None              # where the restored process goes to it
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
+        self.end_deputy()
         if not self.running:
             self.tracer.call(self.restore.abort)
         self.tracer.close()
+
+    def end_deputy(self) -> None:
+        if self.deputy is not None:
+            self.deputy.kill()
+            self.deputy.wait()
+            self.deputy = None
+        self.let_deputy_go()
+
+    def let_deputy_go(self) -> None:
+        if self.deputy_control is not None:
+            self.deputy_control.close()
+            self.deputy_control = None
 
 
 SESSIONS: dict[int, DestSession] = {}
@@ -179,6 +199,7 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
     if not s.restore.procs:
         raise ProtocolError("the stream ended before the process's state arrived")
     await s.tracer.acall(s.restore.finish)
+    _hand_to_deputy(s)
     s.ready = True
     return {"pid": s.restore.root.pid, "threads": s.restore.threads, "warnings": s.restore.warnings,
             "processes": s.restore.processes(), "left": s.restore.removed}
@@ -197,7 +218,95 @@ async def dest_go(ctx: CallContext) -> dict[str, Any]:
     SESSIONS.pop(id(ctx.rpc), None)
     _forget(s)
     s.tracer.close()
+    if s.deputy is not None:
+        DEPUTIES.append(s.deputy)      # lives on with the process, never waited for here
+        s.deputy = None
+        s.let_deputy_go()
     return {"pid": pid, "running_ns": s.restore.running_ns}
+
+
+DEPUTY_LOG_DIR = "/run/kcr-migrate/deputy"
+DEPUTIES: list[subprocess.Popen[bytes]] = []
+
+
+def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float, connect_timeout: float,
+                  relay: list[tuple[int, str]]) -> tuple[subprocess.Popen[bytes], socket.socket, int]:
+    """The deputy (``agent.deputy``), in a session of its own, listening; its process, our end
+    of its control socket (the restored process's pidfd goes there), and its port."""
+    os.makedirs(DEPUTY_LOG_DIR, exist_ok=True)
+    log = os.open(os.path.join(DEPUTY_LOG_DIR, f"{name}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                  0o600)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.deputy", "--control-fd", str(theirs.fileno()), "--address", address,
+             "--lost", lost, "--timeout", repr(timeout), "--connect-timeout", repr(connect_timeout),
+             *[f"--relay={fd}={path}" for fd, path in relay]],
+            stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
+            close_fds=True)
+    finally:
+        theirs.close()
+        os.close(log)
+    assert proc.stdin is not None
+    proc.stdin.write(key)
+    proc.stdin.close()
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 16:
+        chunk = ours.recv(16 - len(line))
+        if not chunk:
+            break
+        line += chunk
+    if not line.strip().isdigit():
+        proc.kill()
+        proc.wait()
+        ours.close()
+        raise RestoreError(f"the stand-in's deputy did not start (see {DEPUTY_LOG_DIR}/{name}.log)")
+    return proc, ours, int(line)
+
+
+async def dest_deputy(ctx: CallContext, *, key: bytes, address: str, lost: str = "exit",
+                      timeout: float = 30.0, relay: list[list[Any]] | None = None) -> dict[str, Any]:
+    """In preflight: start the deputy (``agent.deputy``) of the process about to be restored,
+    listening on ``address`` for the stand-in's keeper under ``key``; ``dest_restore`` hands
+    it the process. Ended with the session on a rollback; after GO it outlives this agent.
+    ``relay`` ([fd, path] pairs): FIFOs the deputy makes and reads, which the process's relayed
+    fds (redirected there) write into. Returns its port, pid and log."""
+    s = _session(ctx)
+    if s.ready or s.running:
+        raise RestoreError("the deputy is started in preflight, before the process is restored")
+    if s.deputy is not None:
+        raise ProtocolError("this migration has a deputy already")
+    if not isinstance(key, bytes) or len(key) != 32 or not 0 < timeout <= 3600:
+        raise ProtocolError("dest_deputy: a 32-byte key and a timeout in (0, 3600] s")
+    try:
+        lost = str(parse_lost(lost))
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    pairs: list[tuple[int, str]] = []
+    for fd, path in relay or []:
+        if type(fd) is not int or not 0 <= fd <= MAX_FD or not isinstance(path, str) or \
+                os.path.dirname(os.path.dirname(path)) != RELAY_DIR or "\0" in path:
+            raise ProtocolError(f"dest_deputy: a relayed fd {fd!r} to {path!r}")
+        pairs.append((fd, path))
+    name = s.token[:16]
+    proc, control, port = await trio.to_thread.run_sync(
+        lambda: _start_deputy(name, key, address, lost, timeout, max(120.0, 4 * timeout), pairs))
+    s.deputy, s.deputy_control = proc, control
+    return {"port": port, "deputy_pid": proc.pid, "log": f"{DEPUTY_LOG_DIR}/{name}.log"}
+
+
+def _hand_to_deputy(s: DestSession) -> None:
+    """The restored root (stopped: it is the one we made), to the deputy: its pid and a pidfd."""
+    if s.deputy_control is None:
+        return
+    pid = s.restore.root.pid
+    pidfd = os.pidfd_open(pid)
+    try:
+        socket.send_fds(s.deputy_control, [struct.pack("<i", pid)], [pidfd])
+    except OSError as exc:
+        raise RestoreError(f"the stand-in's deputy is gone ({exc.strerror})") from None
+    finally:
+        os.close(pidfd)
 
 
 async def dest_abort(ctx: CallContext) -> dict[str, Any]:
@@ -221,4 +330,4 @@ def close_sessions(rpc: object) -> None:
 
 
 METHODS = {"dest_check": dest_check, "dest_receive": dest_receive, "dest_restore": dest_restore,
-           "dest_go": dest_go, "dest_abort": dest_abort}
+           "dest_deputy": dest_deputy, "dest_go": dest_go, "dest_abort": dest_abort}

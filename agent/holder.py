@@ -257,6 +257,16 @@ class Holder:
             raise failed
         return {}
 
+    def take_for_stand_in(self) -> tuple[freezer.Held, list[freezer.Held]]:
+        """The frozen root and the other processes, no longer the holder's to settle: the
+        stand-in's keeper (``agent.standin``) takes them over."""
+        root = self._need()
+        if not root.frozen:
+            raise ProcessError("the process must be frozen to become a stand-in")
+        others = [h for p, h in self.helds.items() if p != self.root]
+        self.helds.clear()
+        return root, others
+
     def settle_on_eof(self) -> None:
         if not self.helds:
             return
@@ -297,6 +307,10 @@ def serve(sock: socket.socket) -> None:
                 req = None
             if req is None:
                 break
+            if req.get("op") == "stand_in":
+                if _stand_in(holder, sock, req.get("args", {})):
+                    return                # the keeper ran to its end: nothing is left to settle
+                continue
             op = ops.get(str(req.get("op")))
             try:
                 if op is None:
@@ -322,6 +336,28 @@ def serve(sock: socket.socket) -> None:
         holder.settle_on_eof()
 
 
+def _stand_in(holder: Holder, sock: socket.socket, args: dict[str, Any]) -> bool:
+    """The ``stand_in`` operation: this process becomes the stand-in's keeper (``agent.standin``),
+    answers, leaves the agent, and keeps the stand-in until it ends. False if it was refused
+    before anything changed."""
+    from agent import standin
+    try:
+        root, others = holder.take_for_stand_in()
+    except MigrationError as exc:
+        send_message(sock, {"ok": False, "error": exc.to_wire()})
+        return False
+
+    def reply(answer: dict[str, Any]) -> None:
+        try:
+            send_message(sock, answer)
+        except OSError:
+            pass
+        sock.close()
+
+    standin.run(root, others, dict(args.get("to") or {}), reply)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="kcr-holder")
     parser.add_argument("--fd", type=int, required=True)
@@ -336,6 +372,9 @@ def main() -> None:
         serve(sock)
     finally:
         sock.close()
+
+
+KEEPERS: list[subprocess.Popen[bytes]] = []     # holders that became keepers: never waited for
 
 
 class HolderClient:
@@ -362,6 +401,11 @@ class HolderClient:
         if not reply.get("ok"):
             raise error_from_wire(reply.get("error", {}))
         return reply.get("result")
+
+    def let_live(self) -> None:
+        """The holder became a stand-in's keeper and lives on: close the link, do not wait."""
+        self._sock.close()
+        KEEPERS.append(self.proc)
 
     def close(self, timeout: float = 30) -> None:
         """Close the link; the holder settles the process by the rule in force and exits."""

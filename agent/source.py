@@ -9,7 +9,7 @@ destination goes out as one ordered stream (the reply stream of ``source_precopy
 Methods: ``source_open`` (preflight: hold the process, choose a tracker, describe what the
 destination must have), ``source_precopy`` (rounds while it runs), ``source_freeze`` (freeze,
 last delta, state), ``source_commit_pending``, ``source_kill``, ``source_hold``,
-``source_release``.
+``source_release``, ``source_stand_in`` (in place of ``source_kill``: ``agent.standin``).
 """
 from __future__ import annotations
 
@@ -550,6 +550,28 @@ async def source_kill(ctx: CallContext) -> dict[str, Any]:
     return {}
 
 
+async def source_stand_in(ctx: CallContext, *, to: dict[str, Any]) -> dict[str, Any]:
+    """The destination runs the process: instead of ending the source, make its root a stand-in
+    (``agent.standin``) linked to the deputy ``to`` names (address, port, key, lost rule,
+    timeout); its other processes are ended. The holder becomes the stand-in's keeper and
+    outlives this agent. If that fails, the source was ended as by ``source_kill``, and the
+    error says so."""
+    s = SESSIONS.pop(id(ctx.rpc), None)
+    if s is None:
+        raise ProcessError("no source process is open on this connection")
+    await s.inflight.stop()
+    for p in list(s.trackers):
+        s._untrack(p)
+    s.settled = True
+    try:
+        result: dict[str, Any] = await _blocking(s.holder.call, "stand_in", to=to)
+    except MigrationError:
+        await _blocking(s.holder.close)
+        raise
+    s.holder.let_live()
+    return result
+
+
 async def source_hold(ctx: CallContext) -> dict[str, Any]:
     """The destination's fate is unknown: leave the source stopped (SIGSTOP), untraced."""
     s = SESSIONS.pop(id(ctx.rpc), None)
@@ -604,5 +626,6 @@ METHODS = {
     "source_open": source_open, "source_connect": source_connect, "source_precopy": source_precopy,
     "source_freeze": source_freeze,
     "source_commit_pending": source_commit_pending, "source_kill": source_kill,
+    "source_stand_in": source_stand_in,
     "source_hold": source_hold, "source_release": source_release, "resolve": resolve,
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Union
 
+from agent.homelink import parse_lost
 from precopy.policy import PrecopyPolicy
 from transport.levels import Level, check_level
 from transport.protocol import AGENT_COMMAND
@@ -49,6 +50,11 @@ class MigrationOptions:
     redirect: Mapping[int, str] = field(default_factory=dict)   # fd -> absolute path on the destination
                                           # that takes the place of a pipe, socket or terminal to the outside
     new_pid: bool = False                 # run under a new pid; by default it keeps its pid and thread ids
+    stand_in: bool | Literal["auto"] = False   # leave a stand-in at home for the parent (agent.standin);
+                                          # auto: when the parent is not its pid namespace's init
+    stand_in_lost: str = "exit"           # the stand-in's link lost: "kill", or "exit:N" (exit: 240)
+    relay: tuple[int, ...] = ()           # with a stand-in: fds (pipes to the outside) whose output
+                                          # the moved process writes goes back through it
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
@@ -59,6 +65,16 @@ class MigrationOptions:
         if self.link_timeout_s <= 0:
             raise ValueError("link_timeout_s must be > 0")
         check_redirect(self.redirect)
+        if self.stand_in not in (True, False, "auto"):
+            raise ValueError("stand_in must be True, False or 'auto'")
+        parse_lost(self.stand_in_lost)
+        for fd in self.relay:
+            if not isinstance(fd, int) or fd < 0:
+                raise ValueError(f"relay: {fd!r} is not a file descriptor number")
+            if fd in self.redirect:
+                raise ValueError(f"fd {fd} is both redirected and relayed: choose one")
+        if self.relay and not self.stand_in:
+            raise ValueError("--relay sends output back through the stand-in: give --stand-in too")
         self.policy()     # validates the pre-copy thresholds
 
     def policy(self) -> PrecopyPolicy:
@@ -147,6 +163,7 @@ class MigrationReport:
     message: str = ""
     fs: list[dict[str, Any]] = field(default_factory=list)   # per hook: its passes and final pass
     processes: list[dict[str, Any]] = field(default_factory=list)   # the job as restored: pid, ppid, comm, threads
+    stand_in: dict[str, Any] = field(default_factory=dict)   # with --stand-in: the stand-in's pid, keeper, deputy
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -7,7 +7,8 @@
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
     --------   the point of no return: source_commit_pending, then dest_go
     GO         dest_go: the process runs on the destination (RUNNING)
-    COMMIT     source_kill
+    COMMIT     source_kill, or with --stand-in source_stand_in (the deputy, dest_deputy, was
+               started in preflight and given the process by dest_restore)
     ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
 
 After GO, a lost answer never resumes the source: it is left stopped and the report says how
@@ -17,12 +18,14 @@ to settle it (``kcr-migrate resolve``). Agents that stop hearing from us settle 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 import trio
 
+from agent.homelink import RELAY_DIR
 from migrate.api import (
     DataChannelChosen,
     Event,
@@ -282,17 +285,35 @@ class Migration:
         self.hooks = [parse_hook(h) if isinstance(h, str) else h for h in o.fs]
         self.hook_ctx = HookContext(src, dst, self.source, self.dest, o.ssh_config, o.fs_replace)
         exempt = [p for h in self.hooks for p in h.paths()]
+        # --relay: the fd becomes, on the destination, the FIFO the deputy reads (a redirect there)
+        relay_dir = f"{RELAY_DIR}/{secrets.token_hex(8)}"
+        self.relay = {fd: f"{relay_dir}/fd{fd}" for fd in o.relay}
         summary = await src.call("source_open", pid=self.pid, tracker=o.tracker, exempt=exempt,
                                  level=o.compress_level, bandwidth_limit=o.bandwidth_limit,
-                                 redirect=[[fd, path] for fd, path in sorted(o.redirect.items())],
+                                 redirect=[[fd, path] for fd, path in sorted({**o.redirect, **self.relay}.items())],
                                  new_pid=o.new_pid)
         r.memory_bytes = int(summary["memory_bytes"])
+        self.deputy_to: dict[str, Any] | None = None
         r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
             checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid)
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
+            stand_in_address = self._stand_in_address(summary)
+            if self.relay and not stand_in_address:
+                raise TransportError("--relay sends output back through a stand-in, and none will be left "
+                                     f"(pid {self.pid}'s parent is init): migrate without --relay", pid=self.pid)
+            if stand_in_address and not o.dry_run:
+                key = new_key()
+                deputy = await dst.call("dest_deputy", key=key, address=stand_in_address, lost=o.stand_in_lost,
+                                        timeout=o.link_timeout_s,
+                                        relay=[[fd, path] for fd, path in sorted(self.relay.items())])
+                self.deputy_to = {"address": stand_in_address, "port": int(deputy["port"]), "key": key,
+                                  "lost": o.stand_in_lost, "timeout": o.link_timeout_s, "where": "",
+                                  "relay": sorted(self.relay)}
+                r.stand_in = {"deputy_pid": int(deputy["deputy_pid"]), "deputy_log": str(deputy["log"]),
+                              "deputy_address": f"{stand_in_address}:{deputy['port']}"}
             for hook in self.hooks:
                 await hook.preflight(self.hook_ctx)
             src_off, dst_off, uncertainty = await self._clocks(src, dst)
@@ -319,6 +340,8 @@ class Migration:
             for w in restored.get("warnings", []):
                 self._warn(str(w))
             self._advance(PhaseEvent.READY)
+            if self.deputy_to is not None:
+                self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
             await src.call("source_commit_pending")
         except BaseException as exc:
             await self._rollback(src, dst, exc)
@@ -337,16 +360,10 @@ class Migration:
             r.downtime_ms = (running_ns - first_ns) / 1e6 + uncertainty
             r.downtime_uncertainty_ms = uncertainty
             self._advance(PhaseEvent.RUNNING)
-            try:
-                with trio.fail_after(CLEANUP_DEADLINE):
-                    await src.call("source_kill")
-            except (MigrationError, trio.TooSlowError) as exc:
-                self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
-                           f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
-                           f"{self.pid}@{self.source} --kill`")
-                self._advance(PhaseEvent.FAILED)
+            if self.deputy_to is not None:
+                await self._stand_in(src)
             else:
-                self._advance(PhaseEvent.SOURCE_KILLED)
+                await self._kill_source(src)
             r.state = "done"
             for hook in self.hooks:
                 try:
@@ -354,6 +371,60 @@ class Migration:
                         await hook.commit(self.hook_ctx)
                 except (MigrationError, trio.TooSlowError) as exc:
                     self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
+
+    async def _kill_source(self, src: RpcPeer) -> None:
+        r = self.report
+        try:
+            with trio.fail_after(CLEANUP_DEADLINE):
+                await src.call("source_kill")
+        except (MigrationError, trio.TooSlowError) as exc:
+            self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
+                       f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
+                       f"{self.pid}@{self.source} --kill`")
+            self._advance(PhaseEvent.FAILED)
+        else:
+            self._advance(PhaseEvent.SOURCE_KILLED)
+
+    async def _stand_in(self, src: RpcPeer) -> None:
+        """In place of ending the source: its root becomes the stand-in (``agent.standin``),
+        linked to the deputy started before GO. If that fails the source was ended instead."""
+        r = self.report
+        try:
+            with trio.fail_after(CLEANUP_DEADLINE):
+                got = await src.call("source_stand_in", to=self.deputy_to)
+        except (MigrationError, trio.TooSlowError) as exc:
+            self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but no stand-in was left on "
+                       f"{self.source}: {exc}")
+            self._advance(PhaseEvent.FAILED)
+            return
+        r.stand_in.update({"pid": int(got["pid"]), "keeper_pid": int(got["keeper_pid"]),
+                           "vm_rss_kb": int(got["vm_rss_kb"]), "keeper_log": str(got["log"])})
+        self._advance(PhaseEvent.STOOD_IN)
+
+    def _stand_in_address(self, summary: dict[str, Any]) -> str:
+        """With ``stand_in``: the destination's address as the source reaches it, for the
+        stand-in's link; "" for no stand-in (off, or ``auto`` and the parent is its pid
+        namespace's init or outside it)."""
+        o = self.options
+        if not o.stand_in:
+            return ""
+        processes = summary.get("processes") or [{}]
+        ppid = int(processes[0].get("ppid", 0))
+        if o.stand_in == "auto" and ppid in (0, 1):
+            return ""
+        address = self._data_address()
+        if not address:
+            problem = f"cannot tell which address of {self.dest} {self.source} can connect to, as the stand-in's link must"
+        elif self.data_to is None and o.data_channel == "auto":
+            # The source could not open the data channel to that address: nor could the keeper.
+            problem = (f"{self.source} cannot connect to {self.dest} (so the data channel is relayed over ssh), "
+                       "as the stand-in's link must")
+        else:
+            return address
+        if o.stand_in == "auto":
+            self._warn(f"{problem}: no stand-in will be left")
+            return ""
+        raise TransportError(f"{problem}: open the way, or migrate without --stand-in", pid=self.pid)
 
     def _data_address(self) -> str:
         """The destination's address as the source host can reach it; "" if unknown."""

@@ -34,6 +34,7 @@ class Event(enum.Enum):
     READY = "ready"             # the destination restored the process and holds it stopped
     RUNNING = "running"         # the destination confirmed the process runs
     SOURCE_KILLED = "source-killed"
+    STOOD_IN = "stood-in"       # the source became a stand-in (--stand-in) instead of being killed
     FAILED = "failed"
     CANCELLED = "cancelled"
     ROLLED_BACK = "rolled-back"
@@ -51,6 +52,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.GO, Event.FAILED): Phase.UNSETTLED,
     (Phase.GO, Event.CANCELLED): Phase.UNSETTLED,
     (Phase.COMMIT, Event.SOURCE_KILLED): Phase.DONE,
+    (Phase.COMMIT, Event.STOOD_IN): Phase.DONE,
     (Phase.COMMIT, Event.FAILED): Phase.DONE,        # a warning: the process runs on the destination
     (Phase.COMMIT, Event.CANCELLED): Phase.DONE,
     (Phase.ROLLBACK, Event.ROLLED_BACK): Phase.ROLLED_BACK,

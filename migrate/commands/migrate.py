@@ -63,6 +63,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-pid", action="store_true",
                    help="run under a new pid (and thread ids) on the destination instead of the process's own: "
                         "needed where they are taken there, as from localhost to localhost")
+    p.add_argument("--stand-in", action="store_true",
+                   help="leave a stand-in at home: the source pid stays, holding none of the job's memory, "
+                        "forwards the signals it gets to the moved process and exits as it does, so its parent "
+                        "(a batch shell, slurmstepd) sees the real exit status")
+    p.add_argument("--stand-in-auto", action="store_true",
+                   help="--stand-in only when the process's parent is not the init of its pid namespace")
+    p.add_argument("--relay", type=int, action="append", default=[], metavar="FD",
+                   help="with --stand-in: fd FD of the process (a pipe to its parent, say its stdout) stays "
+                        "connected: what the moved process writes to it comes back through the stand-in; "
+                        "repeatable")
+    p.add_argument("--stand-in-lost", default="exit", metavar="kill|exit:N",
+                   help="when the stand-in and the moved process lose each other: kill (both end), or exit:N "
+                        "(the stand-in exits with N, the moved process runs on); default exit:240")
     p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
@@ -154,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
             tracker=args.tracker, compress_level=args.compress, data_channel=args.data_channel,
             ssh_config=args.ssh_config, precopy=not args.no_precopy, dry_run=args.dry_run,
             link_timeout_s=args.link_timeout, fs=tuple(parse_hook(spec) for spec in args.fs),
-            fs_replace=args.fs_replace, redirect=dict(args.redirect), new_pid=args.new_pid)
+            fs_replace=args.fs_replace, redirect=dict(args.redirect), new_pid=args.new_pid,
+            stand_in=True if args.stand_in else "auto" if args.stand_in_auto else False,
+            stand_in_lost=args.stand_in_lost, relay=tuple(args.relay))
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     progress = Progress(sys.stderr.isatty() and not args.json)
