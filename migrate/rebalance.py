@@ -91,7 +91,8 @@ def _result(move: Move, state: str, report: Any = None, message: str = "") -> di
     if report is not None:
         out.update(new_pid=report.new_pid, downtime_ms=report.downtime_ms, total_ms=report.total_ms,
                    bytes_raw=report.bytes_raw, bytes_on_wire=report.bytes_on_wire, memory_bytes=report.memory_bytes,
-                   rounds=report.rounds, stop_reason=report.stop_reason, warnings=list(report.warnings))
+                   rounds=report.rounds, stop_reason=report.stop_reason, warnings=list(report.warnings),
+                   stand_in=dict(report.stand_in))
         out["message"] = message or report.message
     return out
 

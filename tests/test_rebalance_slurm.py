@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,6 +15,7 @@ import trio
 from examples.slurm import SlurmCluster
 from examples.testbed import Testbed
 from migrate.slurm import Slurm
+from tests._migration import proc_state
 from tests._workloads import KCR_MIGRATE, build, one_error_line
 from tests.test_rebalance_hosts import between
 
@@ -100,6 +102,38 @@ def test_a_slurm_jobs_workload_is_planned_within_its_allocation_or_beyond(
     doc = json.loads(res.stdout)
     found = {c["pid"] for h in doc["inventory"]["hosts"] for c in h["candidates"]}
     assert workers <= found
+
+
+def test_a_slurm_jobs_workers_move_and_scancel_still_ends_them_everywhere(
+        slurm: SlurmCluster, testbed: Testbed, busy_job: tuple[int, Path]) -> None:
+    """The planned moves run: workers go to hostB, each leaving a stand-in under the batch shell
+    on hostA (the job keeps running, accounted), and scancel on the job ends the moved workers too."""
+    job_id, out = busy_job
+    inventory = Slurm(str(slurm.conf_path), ssh_config=str(testbed.ssh_config_path))
+    procs = trio.run(_ready, inventory, job_id, out)
+    workers = {p.pid for p in procs.workload}
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json",
+                    "--any-node")
+    assert res.returncode == 0, res.stderr.decode()
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", between(json.loads(res.stdout)),
+                    "--json", "--any-node")
+    assert res.returncode == 0, res.stderr.decode()
+    moved = [m for m in json.loads(res.stdout)["report"]["moves"] if m["state"] == "done"]
+    assert moved, res.stderr.decode()
+    there = {}
+    for m in moved:
+        assert m["pid"] in workers and m["stand_in"], m
+        pid = there[m["pid"]] = testbed.root_pid(m["dest"], m["new_pid"])   # its pid as this machine sees it
+        assert pid is not None and os.stat(f"/proc/{pid}/ns/net").st_ino == \
+            os.stat(testbed.netns_path(m["dest"])).st_ino
+        assert proc_state(m["pid"]) not in (None, "Z"), "the stand-in holds the worker's pid under the batch shell"
+    assert trio.run(inventory.job, job_id).state == "RUNNING"
+    slurm.command(["scancel", str(job_id)])
+    for m in moved:
+        deadline = time.monotonic() + 60
+        while proc_state(there[m["pid"]]) not in (None, "Z") or proc_state(m["pid"]) not in (None, "Z"):
+            assert time.monotonic() < deadline, f"scancel left {m} running"
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("args,says", [

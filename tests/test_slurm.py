@@ -22,7 +22,6 @@ from migrate.slurm import (JobProcesses, NodeUnusable, NoSuchJob, Slurm, SlurmEr
                            SlurmUnreachable, UnknownNode, _job_processes, _node)
 from tests._migration import migrate_cli, proc_state, wait_gone
 
-STANDIN_XFAIL = "needs the home stand-in (issue 14)"
 WAIT = 60.0
 
 # The job's workload: fills memory with a pattern, says it is ready, runs until told to finish,
@@ -272,13 +271,16 @@ async def test_scancel_ends_a_running_job(inventory: Slurm, submit: Callable[[st
 
 async def move_workload(inventory: Slurm, submit: Callable[[str], tuple[int, Path]],
                         testbed: Testbed) -> tuple[int, Path, JobProcesses, int]:
-    """Start a job on hostA and move its workload (not the batch shell) to hostB while it runs;
-    (job id, output dir, processes before the move, the workload's pid on hostB)."""
+    """Start a job on hostA and move its workload (not the batch shell) to hostB while it runs,
+    its pid on hostA staying as its stand-in; (job id, output dir, processes before the move,
+    the workload's pid on hostB)."""
     job_id, out, procs = await running_job(inventory, submit, "hostA")
     (workload,) = procs.workload
     code, report, err = await trio.to_thread.run_sync(
-        lambda: migrate_cli(f"{workload.pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path)))
+        lambda: migrate_cli(f"{workload.pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
+                            "--stand-in"))
     assert code == 0, err
+    assert report["stand_in"], report
     moved = report["new_pid"]
     assert netns_of(moved) == os.stat(testbed.netns_path("hostB")).st_ino
     return job_id, out, procs, moved
@@ -292,15 +294,9 @@ async def test_a_jobs_workload_moves_to_another_node_and_the_job_completes(
     assert (out / "result").read_text() == f"PASS job {job_id}\n"   # it ran on, memory intact, on hostB
     wait_gone(moved)
     job = await wait_job(inventory, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
-    status = (out / "status").read_text()
-    if (job.state, job.exit_code) != ("COMPLETED", "0:0"):
-        # Today the workload's pid on hostA is killed when it moves: the batch shell's `wait` returns
-        # 137 (SIGKILL) at once, the script exits 137, and Slurm records FAILED 137:0.
-        assert (job.state, job.exit_code, status) == ("FAILED", "137:0", "workload exit 137\n")
-        assert sacct_line(slurm, job_id) == ["FAILED", "137:0"]
-        pytest.xfail(f"{STANDIN_XFAIL}: Slurm recorded {job.state} {job.exit_code}: the batch shell "
-                     "saw its workload die of SIGKILL when it moved")
-    assert status == "workload exit 0\n"
+    # The batch shell's `wait` saw the stand-in end as the moved workload did: exit 0.
+    assert (out / "status").read_text() == "workload exit 0\n"
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0")
     assert sacct_line(slurm, job_id) == ["COMPLETED", "0:0"]
 
 
@@ -309,13 +305,7 @@ async def test_scancel_after_a_move_ends_the_moved_workload(
     job_id, out, procs, moved = await move_workload(inventory, submit, testbed)
     try:
         (workload,) = procs.workload
-        if proc_state(workload.pid) in (None, "Z"):
-            # No stand-in holds the workload's pid on hostA: the batch shell saw it die and the
-            # job ends, so scancel has nothing to reach the moved workload through.
-            job = await wait_job(inventory, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
-            assert (job.state, job.exit_code) == ("FAILED", "137:0")
-            pytest.xfail(f"{STANDIN_XFAIL}: the job ended ({job.state} {job.exit_code}) when its "
-                         "workload moved, so scancel cannot reach the moved workload")
+        assert proc_state(workload.pid) not in (None, "Z"), "no stand-in holds the workload's pid on hostA"
         slurm.command(["scancel", str(job_id)])
         await wait_job(inventory, job_id, ("CANCELLED",))
         deadline = time.monotonic() + 30
@@ -337,7 +327,7 @@ async def test_a_jobs_batch_shell_moves_with_its_workload_and_the_job_completes(
     assert shell is not None
     code, report, err = await trio.to_thread.run_sync(
         lambda: migrate_cli(f"{shell.pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                            keep_pid=True))
+                            "--stand-in", keep_pid=True))
     assert code == 0, err
     assert report["new_pid"] == shell.pid
     moved = testbed.root_pid("hostC", shell.pid)
@@ -348,13 +338,8 @@ async def test_a_jobs_batch_shell_moves_with_its_workload_and_the_job_completes(
     await wait_for("the moved batch shell wrote no status", (out / "status").exists)
     assert (out / "status").read_text() == "workload exit 0\n"   # the shell's `wait` works: both moved
     job = await wait_job(inventory, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
-    if (job.state, job.exit_code) != ("COMPLETED", "0:0"):
-        # Today the batch shell's pid on hostA is killed when the tree moves: slurmstepd sees its
-        # only child die of SIGKILL and records FAILED 0:9, while the job runs on to the end on hostC.
-        assert (job.state, job.exit_code) == ("FAILED", "0:9")
-        assert sacct_line(slurm, job_id) == ["FAILED", "0:9"]
-        pytest.xfail(f"{STANDIN_XFAIL}: Slurm recorded {job.state} {job.exit_code}: slurmstepd saw its "
-                     "batch shell die of SIGKILL when it moved")
+    # slurmstepd, which stayed on hostA, saw the batch shell's stand-in end as the shell did.
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0")
     assert sacct_line(slurm, job_id) == ["COMPLETED", "0:0"]
 
 

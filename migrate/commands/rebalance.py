@@ -114,6 +114,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
     p.add_argument("--new-pid", action="store_true",
                    help="moved processes run under new pids (needed where hosts share pids)")
+    p.add_argument("--no-stand-in", action="store_true",
+                   help="end a moved process's pid at home, even where its parent stays there (by default a "
+                        "stand-in keeps it, as kcr-migrate --stand-in-auto does: a batch shell or slurmstepd "
+                        "then sees the moved process's real exit status)")
+    p.add_argument("--stand-in-lost", default="exit", metavar="kill|exit:N",
+                   help="when a stand-in and its moved process lose each other (as for kcr-migrate)")
 
 
 def _print_event(ev: "RebalanceEvent") -> None:
@@ -152,7 +158,9 @@ async def _once(args: argparse.Namespace, hosts: list[Any] | None) -> tuple["Inv
                         max_downtime_ms=args.max_downtime, include=tuple(args.include), exclude=tuple(args.exclude),
                         any_host_for_jobs=args.any_node)
         migration = MigrationOptions(downtime_target_ms=args.downtime, tracker=args.tracker,
-                                     ssh_config=args.ssh_config, new_pid=args.new_pid)
+                                     ssh_config=args.ssh_config, new_pid=args.new_pid,
+                                     stand_in=False if args.no_stand_in else "auto",
+                                     stand_in_lost=args.stand_in_lost)
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     inventory = await measure(hosts, mo)
