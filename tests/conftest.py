@@ -9,6 +9,11 @@ import pytest
 
 from tests._hosts import testbed  # noqa: F401  (pytest fixtures)
 from tests._slurm import slurm  # noqa: F401  (pytest fixture)
+from tests._softdirty_vm import (  # noqa: F401  (hooks: the soft-dirty VM starts early, its tests go last)
+    pytest_collection_finish,
+    pytest_collection_modifyitems,
+    pytest_sessionfinish,
+)
 from tests._workloads import reap_started  # noqa: F401  (ends what each test started)
 
 
