@@ -2,9 +2,10 @@
 may lack) boots under qemu and runs the tracker and round tests and a live migration, localhost
 to localhost, with transparent huge pages ``always`` and then ``never`` (tests/_softdirty_vm.py).
 
-The guest starts when the session has collected these tests and runs while the rest of the
-suite does (these tests go last; ``KCR_VM_EARLY=0`` starts it only when they run). Add a test
-to ``VM_TESTS`` to run it there too. Skipped only where qemu cannot run at all.
+The guest starts when the session has collected these tests and runs, niced (``KCR_VM_NICE``,
+19), while the rest of the suite does; these tests go last (``KCR_VM_EARLY=0`` starts it only
+when they run). Add a test to ``VM_TESTS`` to run it there too. Skipped only where qemu cannot
+run at all (no qemu, no unpacked kernel: scripts/setup installs both).
 """
 from __future__ import annotations
 
