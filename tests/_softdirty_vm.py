@@ -14,6 +14,7 @@ A human can use it too: ``python3 -m tests._softdirty_vm [--thp always,never] [T
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ RESULTS_MOUNT = "/kcr-results"       # where the guest mounts the writable share
 # Modules the initramfs loads (with what they depend on, read from each one's .modinfo).
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 SETUP_HINT = "run scripts/setup"
+PR_SET_PDEATHSIG = 1
 STAGE2_MARK = b"kcr-vm: kernel "     # the guest's pid 1 prints it once it runs
 
 
@@ -266,7 +268,14 @@ class Guest:
             self.proc = subprocess.Popen(
                 qemu_argv(vmlinuz, initrd, self.results, self.console, self.memory_mib, self.cpus),
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-                preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
+                preexec_fn=self._in_child)
+
+    def _in_child(self) -> None:
+        """qemu dies with whoever started it (a killed test session leaves no guest behind)."""
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)
+        if self.nice:
+            os.nice(self.nice)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -368,7 +377,8 @@ def pytest_collection_finish(session: Any) -> None:
     """Start the guest as soon as the session is known to run its tests (deselection is over),
     unless KCR_VM_EARLY=0. A VM that cannot run is left to the tests, which skip saying why."""
     vm = _vm_items(session.items)
-    if vm and os.environ.get("KCR_VM_EARLY", "1") != "0" and unavailable_reason() is None:
+    if (vm and os.environ.get("KCR_VM_EARLY", "1") != "0" and not session.config.option.collectonly
+            and unavailable_reason() is None):
         _start(getattr(vm[0].module, PLAN_ATTRIBUTE))
 
 
@@ -422,6 +432,7 @@ def main() -> int:
         result = guest.wait()
     except (VmUnavailable, AssertionError) as exc:
         print(f"softdirty_vm: {exc}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
         return 2 if isinstance(exc, VmUnavailable) else 1
     finally:
         guest.stop()
