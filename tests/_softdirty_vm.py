@@ -14,6 +14,7 @@ A human can use it too: ``python3 -m tests._softdirty_vm [--thp always,never] [T
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -290,6 +291,15 @@ class Guest:
                 parts.append(f"--- {name} ---\n" + path.read_text(errors="replace"))
         return "\n".join(parts)
 
+    def unnice(self) -> None:
+        """Back to normal priority: whoever waits for the guest now has nothing else to run.
+        (Niceness is per thread on Linux: each of qemu's.)"""
+        if self.nice and self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):          # qemu may end meanwhile
+                for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                    with contextlib.suppress(OSError):
+                        os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+
     def booted(self) -> bool:
         """Has the guest's pid 1 (stage 2) said it runs?"""
         return self.console.exists() and STAGE2_MARK in self.console.read_bytes()
@@ -298,6 +308,7 @@ class Guest:
         """Wait for qemu to end (the guest powers off when done): first for the boot (a guest
         that never reaches its stage 2 fails then, not at the end), then for the runs."""
         assert self.proc is not None, "start() first"
+        self.unnice()
         for deadline, what in ((self.started + self.boot_timeout_s, "boot"),
                                (self.started + self.timeout_s, "finish")):
             try:
