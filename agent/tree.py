@@ -36,11 +36,31 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
         except NoSuchProcess:
             raise UnsupportedResource(f"pid {p} of pid {pid}'s tree exited while it was being checked: nothing "
                                       "was moved; try again", pid=p) from None
+    if frozen is None:
+        # Running: a child may exit while it is being checked (make's compilers do): it leaves
+        # the job, as it would a moment later. The root may not.
+        while True:
+            try:
+                for p in pids:
+                    check_supported(p, redirect=redirect if p == pid else None, tree=pids)
+                fdtable.describe_tree(pids, {pid: redirect})
+                return pids
+            except (NoSuchProcess, FileNotFoundError) as exc:
+                gone = _vanished(exc)
+                if gone not in pids[1:]:
+                    raise
+                pids = [p for p in pids if p != gone]
     for p in pids:
         check_supported(p, redirect=redirect if p == pid else None, tree=pids)
-    if frozen is None:
-        fdtable.describe_tree(pids, {pid: redirect})
     return pids
+
+
+def _vanished(exc: Exception) -> int | None:
+    """The pid whose /proc entry went away, as the error names it."""
+    if isinstance(exc, NoSuchProcess):
+        return exc.pid
+    parts = str(getattr(exc, "filename", "") or "").split("/")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() else None
 
 
 def zombie(pid: int) -> bool:
