@@ -263,6 +263,16 @@ async def open_ssh_agent(host: str, *, ssh_config: str | None = None, command: s
 
     ``rpc_options`` go to ``open_rpc`` (level, window, timeouts, stream caps).
     """
+    async with _ssh_connection(host, ssh_config, connect_timeout) as (aio, conn):
+        async with _agent_process(aio, conn, host, command, methods, echo_stderr, rpc_options) as rpc:
+            yield rpc
+
+
+@asynccontextmanager
+async def _ssh_connection(host: str, ssh_config: str | None, connect_timeout: float
+                          ) -> AsyncIterator[tuple[AsyncioThread, asyncssh.SSHClientConnection]]:
+    """An SSH connection to ``host`` on an asyncio thread of its own; closed (shielded, with a
+    deadline) and the thread stopped on the way out."""
     aio = AsyncioThread()
     aio.start()
     try:
@@ -271,8 +281,7 @@ async def open_ssh_agent(host: str, *, ssh_config: str | None = None, command: s
         except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as exc:
             raise _connect_error(host, exc, ssh_config) from None
         try:
-            async with _agent_process(aio, conn, host, command, methods, echo_stderr, rpc_options) as rpc:
-                yield rpc
+            yield aio, conn
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
@@ -338,13 +347,7 @@ async def run_ssh_command(host: str, command: str, *, ssh_config: str | None = N
     More than ``max_output`` bytes on stdout or stderr, or no end within ``timeout``, is an
     error: the host is not trusted to bound its own answer.
     """
-    aio = AsyncioThread()
-    aio.start()
-    try:
-        try:
-            conn = await aio.run(_connect(host, ssh_config, connect_timeout))
-        except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as exc:
-            raise _connect_error(host, exc, ssh_config) from None
+    async with _ssh_connection(host, ssh_config, connect_timeout) as (aio, conn):
         try:
             with trio.fail_after(timeout):
                 status, out, err = await aio.run(_run_command(conn, command, max_output))
@@ -352,12 +355,6 @@ async def run_ssh_command(host: str, command: str, *, ssh_config: str | None = N
             raise TransportTimeout(f"`{command}` on {host} did not finish in {timeout:g} s", host=host) from None
         except (asyncssh.Error, OSError) as exc:
             raise TransportError(f"cannot run `{command}` on {host}: {exc}", host=host) from None
-        finally:
-            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                await aio.run(_close_connection(conn))
-    finally:
-        await aio.stop()
     if out is None or err is None:
         raise ProtocolError(f"`{command}` on {host} wrote more than {max_output} bytes", host=host)
     return CommandResult(status, out, err)
