@@ -13,6 +13,7 @@ from transport.errors import MigrationError
 if TYPE_CHECKING:
     from migrate.api import Event
     from migrate.orchestrator import Migration
+    from migrate.rebalance import Rebalance
 
 def parse_source(text: str) -> tuple[int, str]:
     pid, sep, host = text.partition("@")
@@ -132,9 +133,10 @@ def summary_line(report: Any) -> str:
             f"{report.bytes_on_wire / 2**20:.1f} MiB on the wire")
 
 
-async def run_cancellable(migration: "Migration") -> Any:
-    """Run the migration; Ctrl-C, SIGTERM or SIGHUP cancel it (rolled back before the point of
-    no return, finished cleanly after it) instead of killing the orchestrator mid-step."""
+async def run_cancellable(migration: "Migration | Rebalance") -> Any:
+    """Run the migration (or a rebalance's moves); Ctrl-C, SIGTERM or SIGHUP cancel it (rolled
+    back before the point of no return, finished cleanly after it) instead of killing the
+    orchestrator mid-step."""
     import signal
 
     import trio

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from migrate.cli import EXIT_ERROR, command, error, positive_float, rate
+from migrate.commands.migrate import run_cancellable
 from precopy.probe import CHOICES
 from transport.errors import MigrationError
 
@@ -172,24 +173,7 @@ async def _once(args: argparse.Namespace, hosts: list[Any] | None) -> tuple["Inv
     if not args.json:
         print(the_plan.table(), flush=True)
     run = Rebalance(the_plan, RebalanceOptions(migration, args.on_failure), on_event=_print_event)
-    return inventory, the_plan, await _cancellable(run)
-
-
-async def _cancellable(run: Any) -> Any:
-    """Ctrl-C, SIGTERM or SIGHUP roll back the moves under way and start no more."""
-    import signal
-
-    import trio
-    async with trio.open_nursery() as nursery:
-        async def watch() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-                async for _ in signals:
-                    run.cancel()
-        nursery.start_soon(watch)
-        try:
-            return await run.run()
-        finally:
-            nursery.cancel_scope.cancel()
+    return inventory, the_plan, await run_cancellable(run)
 
 
 def _show(args: argparse.Namespace, inventory: "Inventory", the_plan: "Plan", report: Any) -> int:
