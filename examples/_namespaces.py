@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
@@ -192,10 +192,16 @@ def _init_exiting(pid: int) -> bool:
 
 def kill_namespace_members(ids: set[tuple[int, int]]) -> None:
     """SIGKILL every process inside these namespaces and wait until none is left."""
+    kill_until_gone(lambda: pids_in_namespaces(ids), "processes")
+
+
+def kill_until_gone(find: Callable[[], Sequence[int]], what: str) -> None:
+    """SIGKILL the processes ``find`` names, again and again, until it names none (it is asked
+    afresh each time: a process may fork while being killed)."""
     deadline = time.monotonic() + KILL_TIMEOUT
-    while pids := pids_in_namespaces(ids):
+    while pids := find():
         if time.monotonic() > deadline:
-            raise TestbedError(f"processes {pids} survived SIGKILL for {KILL_TIMEOUT:g} s")
+            raise TestbedError(f"{what} {list(pids)} survived SIGKILL for {KILL_TIMEOUT:g} s")
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -69,7 +69,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +82,7 @@ if not __package__:  # run as a script: make ``examples`` importable
 from examples._namespaces import (  # noqa: E402
     TestbedError,
     TestbedUnavailable,
+    kill_until_gone,
     ns_id,
     pid_alive,
     run,
@@ -411,9 +411,9 @@ def _children() -> dict[int, list[int]]:
 
 def _kill_trees(roots: Sequence[int]) -> None:
     """SIGKILL these processes and all their descendants; wait until none is alive."""
-    deadline = time.monotonic() + KILL_TIMEOUT
     targets: set[int] = set()
-    while True:
+
+    def alive() -> list[int]:
         tree = _children()
         todo = list(roots) + [p for p in targets if pid_alive(p)]
         while todo:
@@ -421,17 +421,8 @@ def _kill_trees(roots: Sequence[int]) -> None:
             if pid not in targets:
                 targets.add(pid)
                 todo.extend(tree.get(pid, []))
-        alive = sorted(p for p in targets if pid_alive(p))
-        if not alive:
-            return
-        if time.monotonic() > deadline:
-            raise TestbedError(f"Slurm processes {alive} survived SIGKILL for {KILL_TIMEOUT:g} s")
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
+        return sorted(p for p in targets if pid_alive(p))
+    kill_until_gone(alive, "Slurm processes")
 
 
 def _run_env(argv: Sequence[str], env: dict[str, str], *, check: bool = True,
