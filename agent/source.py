@@ -399,10 +399,11 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
 def _process_summary(pid: int) -> dict[str, Any]:
     """pid, parent, command, threads and memory of one process of the job, for preflight and reports."""
     status = read_status(pid)
+    tids = thread_ids(pid)
     return {"pid": pid, "ppid": int(status.get("PPid", "0")), "comm": status.get("Name", ""),
             "uid": int(status["Uid"].split()[1]), "threads": int(status.get("Threads", "1")),
-            "tids": thread_ids(pid), "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
-            "pinned_cpus": sorted(sched.pinned_cpus(thread_ids(pid))), "locks": locks.held_by(pid)}
+            "tids": tids, "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
+            "pinned_cpus": sorted(sched.pinned_cpus(tids)), "locks": locks.held_by(pid)}
 
 
 async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT
