@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import signal
 import subprocess
 import tempfile
 import time
@@ -94,12 +95,23 @@ class Pipeline:
                 proc.kill()
 
     def failure(self) -> str | None:
-        """Why the pipeline failed (the first side that did), or None."""
-        for proc, err, name in ((self.producer, self.errs[0], self.names[0]),
-                                (self.consumer, self.errs[1], self.names[1])):
+        """Why the pipeline failed (the side that failed first), or None.
+
+        A producer killed by SIGPIPE (or failing with EPIPE) only says the consumer went away:
+        the consumer's own failure is the reason then."""
+        sides = [(self.producer, self.errs[0], self.names[0]),
+                 (self.consumer, self.errs[1], self.names[1])]
+        if self.consumer.returncode != 0 and self._producer_lost_its_reader():
+            sides.reverse()
+        for proc, err, name in sides:
             if proc.returncode != 0:
                 return f"{name} exited with {proc.returncode}: {_tail(err) or 'no message'}"
         return None
+
+    def _producer_lost_its_reader(self) -> bool:
+        if self.producer.returncode == -signal.SIGPIPE:
+            return True
+        return "broken pipe" in _tail(self.errs[0]).lower()
 
     def close(self) -> None:
         for f in self.errs:
