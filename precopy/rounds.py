@@ -289,6 +289,9 @@ class GroupResult:
     rounds: tuple[RoundStats, ...]
     pending: dict[int, Scan]
     memory_bytes: int
+    # Processes whose pending scan is their first (they joined in the last round looked at):
+    # none of their pages, nor their layout, went out yet.
+    unsent: frozenset[int] = frozenset()
 
     def as_dict(self) -> dict[str, object]:
         return {"stop_reason": str(self.stop_reason), "rounds": [r.as_dict() for r in self.rounds],
@@ -330,8 +333,15 @@ class _Group:
         parts = []
         for pid, (scan, first) in scans.items():
             sink = ProcessSink(self.sink, pid, self.cursor)
-            parts.append(await send_scan(trackers[pid], sink, scan, previous=self.previous.get(pid), first=first,
-                                         drain=False, shared_zeros=len(trackers) > 1, clock=self.clock))
+            try:
+                parts.append(await send_scan(trackers[pid], sink, scan, previous=self.previous.get(pid),
+                                             first=first, drain=False, shared_zeros=len(trackers) > 1,
+                                             clock=self.clock))
+            except ProcessExited:
+                # Exited while its pages went out: what was sent of it is moot, the caller's
+                # ``members`` drops it (or ends the job, if it was the job's root).
+                self.previous.pop(pid, None)
+                continue
             self.previous[pid] = scan
         drained = getattr(self.sink, "drain", None) if drain else None
         wire = await drained() if drained is not None else 0
@@ -378,8 +388,8 @@ async def precopy_group(members: Members, sink: RecordSink, cursor: StreamCursor
                 if on_round is not None:
                     on_round(rounds[-1])
                 scans = await group.look(trackers)
-            return GroupResult(reason, tuple(rounds), {pid: s for pid, (s, first) in scans.items()
-                                                       if not first}, memory)
+            return GroupResult(reason, tuple(rounds), {pid: s for pid, (s, _) in scans.items()}, memory,
+                               frozenset(pid for pid, (_, first) in scans.items() if first))
         rounds.append(await group.send(len(rounds), trackers, scans))
         if on_round is not None:
             on_round(rounds[-1])
@@ -390,10 +400,12 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
                       clock: Callable[[], float] = time.monotonic) -> RoundStats:
     """``final_round`` for the processes of a job, all frozen: every process is scanned
     first (then ``scanned`` is called), then each one's pages go: what pre-copy left pending
-    and the last scan, or every page of a process pre-copy did not track (it joined the job
-    as it froze, or there was no pre-copy). Queued, not drained."""
+    (for a process that joined in pre-copy's last look: its first scan, layout and all) and
+    the last scan, or every page of a process pre-copy did not track (it joined the job as it
+    froze, or there was no pre-copy). Queued, not drained."""
     t0 = clock()
     pending = result.pending if result is not None else {}
+    unsent = result.unsent if result is not None else frozenset()
     scans: dict[int, tuple[Scan, bool]] = {}
     for pid, tracker in trackers.items():
         first = pid not in pending
@@ -409,7 +421,8 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
                                          shared_zeros=len(trackers) > 1, clock=clock))
             continue
         older = superseded(pending[pid], scan)
-        parts.append(await send_scan(tracker, psink, older, previous=None, drain=False, clock=clock))
+        parts.append(await send_scan(tracker, psink, older, previous=None, first=pid in unsent, drain=False,
+                                     shared_zeros=len(trackers) > 1, clock=clock))
         last = await send_scan(tracker, psink, scan, previous=pending[pid], drain=False, clock=clock)
         pages = npages(union(union(pending[pid].data, pending[pid].zero), union(scan.data, scan.zero)))
         parts.append(replace(last, pages_dirty=pages - parts[-1].pages_dirty))

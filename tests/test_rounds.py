@@ -18,7 +18,7 @@ import trio
 from agent.tracer import Tracer
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason
 from precopy.layout import MapEntry
-from precopy.rounds import ThreadedSink, final_round, precopy, send_scan
+from precopy.rounds import StreamCursor, ThreadedSink, final_group, final_round, precopy, precopy_group, send_scan
 from precopy.tracker import make_tracker
 from tests._tracking import (
     MemorySink,
@@ -33,7 +33,7 @@ from tests._tracking import (
 from tests._workloads import Workload
 from transport.errors import ProcessExited
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings
+from transport.schema import PAGE_SIZE, Mappings, ProcessBegin
 
 
 @pytest.fixture
@@ -300,6 +300,67 @@ async def test_the_process_exiting_mid_precopy_is_a_clean_error(tmp_path: Path, 
                     await precopy(tracker, sink, never_converge(max_rounds=1000))
     finally:
         kill_workload(w)
+
+
+class _JobSink:
+    """A destination for a job's stream: one ``MemorySink`` per process, chosen by ``ProcessBegin``."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[int, MemorySink] = {}
+        self.current: MemorySink | None = None
+
+    async def record(self, rec: Any) -> None:
+        assert isinstance(rec, ProcessBegin)
+        self.current = self.sinks.setdefault(rec.pid, MemorySink())
+
+    async def layout(self, mappings: Mappings) -> None:
+        assert self.current is not None, "a layout before any ProcessBegin"
+        await self.current.layout(mappings)
+
+    async def send_batch(self, batch: PageBatch) -> int:
+        assert self.current is not None, "pages before any ProcessBegin"
+        return await self.current.send_batch(batch)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+async def test_a_process_joining_in_the_last_round_arrives_whole(backend: str, tmp_path: Path,
+                                                                 tracer: Tracer) -> None:
+    """A process that joins the job in the round pre-copy stops at (a child forked just then)
+    has been scanned but none of its pages sent: the final round sends it all, layout first."""
+    first = workload("dirty_writer", tmp_path / "a", "512", "200", "1")
+    late = workload("dirty_writer", tmp_path / "b", "768", "200", "1")
+    sink = _JobSink()
+    cursor = StreamCursor(named=True)
+    trackers = {first.pid: make_tracker(backend, first.pid, control_for(first.pid, tracer))}
+    calls = 0
+
+    async def members() -> dict[int, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:               # joins in round 2, the last the cap allows
+            trackers[late.pid] = make_tracker(backend, late.pid, control_for(late.pid, tracer))
+        return dict(trackers)
+
+    try:
+        try:
+            result = await precopy_group(members, sink, cursor, never_converge(max_rounds=2))
+            assert result.stop_reason is StopReason.MAX_ROUNDS
+            assert late.pid in result.pending and late.pid in result.unsent
+            assert late.pid not in sink.sinks, "pages of the late process went out before the final round"
+            for w in (first, late):
+                stop_process(w.pid)
+            await final_group(dict(trackers), sink, cursor, result)
+        finally:
+            for t in trackers.values():
+                t.stop()
+        for w in (first, late):
+            problems = compare_with_process(sink.sinks[w.pid], w.pid)
+            assert not problems, f"pid {w.pid}: {len(problems)} problems: {problems[:8]}"
+        assert len(sink.sinks[late.pid].pages) >= 768
+    finally:
+        for w in (first, late):
+            os.kill(w.pid, signal.SIGCONT)
+            kill_workload(w)
 
 
 def _uffd() -> bool:
