@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent import ptrace
-from agent.procfs import thread_ids
+from agent.procfs import read_stat, thread_ids
 from precopy.kernel import pidfd_open, pidfd_send_signal
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessExited
 
@@ -51,8 +51,20 @@ class Held:
         return bool(self.stopped)
 
 
+PF_EXITING = 0x4       # include/linux/sched.h: the task is in do_exit
+
+
+def exiting(pid: int) -> bool:
+    """Is ``pid`` gone, a zombie, or on its way out (PTRACE_SEIZE of it then fails with EPERM)?"""
+    try:
+        stat = read_stat(pid)
+    except NoSuchProcess:
+        return True
+    return stat[3] in ("Z", "X") or bool(int(stat[9]) & PF_EXITING)
+
+
 def _seize_error(pid: int, exc: OSError) -> Exception:
-    if exc.errno == errno.ESRCH:
+    if exc.errno == errno.ESRCH or (exc.errno == errno.EPERM and exiting(pid)):
         return NoSuchProcess(f"no process with pid {pid} (or it exited)", pid=pid)
     if exc.errno == errno.EPERM:
         return PermissionDenied(

@@ -114,7 +114,7 @@ class Holder:
     def _hold(self, pid: int) -> None:
         try:
             self.helds[pid] = freezer.hold(pid)
-        except NoSuchProcess:
+        except (NoSuchProcess, ProcessExited):
             if pid == self.root:
                 raise          # a descendant that exited meanwhile: ``members`` sees it gone
 

@@ -16,6 +16,9 @@ from transport.errors import NoSuchProcess, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
+GROWTH_RETRIES = 20        # a tree that forks on every look (make -j) is checked this often
+
+
 def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None) -> list[int]:
     """The processes of ``pid``'s tree that run (parents first; zombies, its children that
     exited and were not waited for yet, are carried by ``tree_record`` alone), each checked.
@@ -38,8 +41,9 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
                                       "was moved; try again", pid=p) from None
     if frozen is None:
         # Running: a child may exit while it is being checked (make's compilers do): it leaves
-        # the job, as it would a moment later. The root may not.
-        while True:
+        # the job, as it would a moment later. The root may not. And one may fork: a pipe
+        # shared with a process that was not listed yet is the tree's own; check it again.
+        for attempt in range(GROWTH_RETRIES + 1):
             try:
                 for p in pids:
                     check_supported(p, redirect=redirect if p == pid else None, tree=pids)
@@ -50,6 +54,12 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
                 if gone not in pids[1:]:
                     raise
                 pids = [p for p in pids if p != gone]
+            except UnsupportedResource:
+                now = [p for p in process_tree(pid) if not zombie(p)]
+                if attempt == GROWTH_RETRIES or not set(now) - set(pids):
+                    raise
+                pids = now
+        raise AssertionError("unreachable")
     for p in pids:
         check_supported(p, redirect=redirect if p == pid else None, tree=pids)
     return pids
@@ -80,5 +90,14 @@ def member(pid: int) -> TreeMember:
 
 def tree_record(pid: int) -> ProcessTree:
     """The ``ProcessTree`` record of ``pid``'s tree as it is now, zombies included (the root
-    first, parents before children)."""
-    return ProcessTree(tuple(member(p) for p in process_tree(pid)))
+    first, parents before children). A process that vanishes as it is read, or whose parent
+    did (it was reparented out of the tree), is not in it: it left the job."""
+    members = [member(pid)]
+    for p in process_tree(pid)[1:]:
+        try:
+            m = member(p)
+        except NoSuchProcess:
+            continue
+        if any(m.ppid == up.pid for up in members):
+            members.append(m)
+    return ProcessTree(tuple(members))
