@@ -205,8 +205,8 @@ class Restorer:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
-        ``forked_from``: the restorer of the stub it was forked from, if that one had begun
-        (a process that joined a tree during a live migration). ``shared``: the shared memory
+        ``forked_from``: the restorer of the stub it was forked from (its memory is a copy of
+        that one's, which may have begun: a process that joined a tree during a live migration). ``shared``: the shared memory
         objects of the processes restored together (each maps its own otherwise)."""
         check_machine(header, xsave_supported_mask())
         self.header = header
@@ -225,7 +225,10 @@ class Restorer:
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
-        self._clone_gadget = forked_from.gadget if forked_from is not None else 0
+        # A stub forked from one that had begun holds a copy of that one's memory, not the
+        # stub program's: its system calls go through that one's gadget, and the stack pointer
+        # it starts with points into that one's scratch (0, 0: a stub program's memory).
+        self._clone_gadget, self._clone_scratch = forked_from.memory_for_clones() if forked_from else (0, 0)
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
         self.running_ns = 0
@@ -238,6 +241,13 @@ class Restorer:
     @property
     def begun(self) -> bool:
         return self.mem is not None
+
+    def memory_for_clones(self) -> tuple[int, int]:
+        """For a stub forked from this one: the syscall gadget and the scratch its copy of this
+        one's memory holds ((0, 0): the stub program's, which hold no gadget or scratch)."""
+        if self.begun:
+            return self.gadget, self._scratch(CLONE_SCRATCH)
+        return self._clone_gadget, self._clone_scratch
 
     def spawn_stub(self) -> None:
         """The stub this process is rebuilt in: made, seized and stopped."""
@@ -278,10 +288,11 @@ class Restorer:
             self._put(struct.pack("<i", pid) + bytes(12) + stub.clone_args(0, signal.SIGCHLD, at, 1), CLONE_SCRATCH)
             child = self.inj.raw(NR["clone3"], at + 16, stub.CLONE_ARGS_SIZE_VER2)
         else:
-            with Injector(self.pid, stub.STUB_SYSCALL) as inj:
+            with Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL) as inj:
                 mem = RemoteMemory(self.pid)
                 try:
-                    at = (inj.saved_regs.rsp - 1024) & ~15       # the stub's stack, below what it uses
+                    # the stub's stack, below what it uses; or its copy of the scratch it was forked from
+                    at = self._clone_scratch or (inj.saved_regs.rsp - 1024) & ~15
                     args = stub.clone_args(0, signal.SIGCHLD, at, 1)
                     mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
                     child = inj.raw(NR["clone3"], at + 16, len(args))
@@ -297,7 +308,7 @@ class Restorer:
         """One system call in the stub (sessions and groups of a tree)."""
         if self.begun:
             return self._call(name, *args)
-        with Injector(self.pid, stub.STUB_SYSCALL) as inj:
+        with Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL) as inj:
             return inj.call(name, *args)
 
     def exit_as(self, status: int) -> None:
@@ -329,7 +340,7 @@ class Restorer:
         have ``parent`` (its parent's stub, if that stays) reap it: no zombie is left for the
         restored parent's wait() to find."""
         self.abort()
-        if parent is not None:
+        if parent is not None and not parent.exited:   # (an exited one's orphans go to init, which reaps)
             parent.stub_call("wait4", self.pid, 0, WALL | WNOHANG, 0)   # never blocks: reaped as tracer above
 
     def begin(self, target: Mappings) -> None:

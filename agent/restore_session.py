@@ -72,8 +72,7 @@ class RestoreSession:
             self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids,
                                                                            shared=self.shared))
             return
-        current = self.current
-        if current is None:
+        if self.header is None:
             raise ProtocolError("the stream does not start with its header: corrupt image")
         if isinstance(item, ProcessTree):
             if not self.keep_ids:
@@ -89,14 +88,18 @@ class RestoreSession:
             if found is None or self.tree is None:
                 raise ProtocolError(f"records of process {item.pid}, which the stream's tree lacks: corrupt image")
             self.current = found
+        elif isinstance(item, EndOfImage):
+            pass
+        elif (current := self.current) is None:
+            # the process the stream was about left the tree: a ProcessBegin comes first
+            raise ProtocolError(f"a {type(item).__name__} record of no process (after its process left the "
+                                "tree, before the next one is named): corrupt stream")
         elif isinstance(item, PageBatch):
             self.write_pages(item)
         elif isinstance(item, Mappings):
             if not current.restorer.begun:
                 current.restorer.begin(item)
             current.restorer.apply_layout(item)
-        elif isinstance(item, EndOfImage):
-            pass
         elif not current.records.take(item):
             raise ProtocolError(f"unexpected {type(item).__name__} record in the stream: corrupt image")
 
@@ -124,7 +127,7 @@ class RestoreSession:
         for m in new:
             parent = self.procs[m.ppid].restorer
             made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
-                            forked_from=parent if parent.begun else None, shared=self.shared)
+                            forked_from=parent, shared=self.shared)
             self.procs[m.pid] = RestoredProcess(made, member=m)
         for m in new:
             if m.zombie:
@@ -155,12 +158,9 @@ class RestoreSession:
             if old is not None and (old.ppid, old.sid, old.pgid) != (m.ppid, m.sid, m.pgid) and pid != tree.members[0].pid:
                 raise RestoreError(f"process {pid} changed its parent, session or group during the migration "
                                    "(its parent exited, or it called setsid or setpgid): try again", pid=pid)
-        for pid, m in now.items():
-            old = before.get(pid)
-            if old is not None and m.zombie and not old.zombie:       # it exited meanwhile
-                self.procs[pid].restorer.exit_as(m.exit_status)
-                self.procs[pid].member = m
-        gone = [pid for pid in reversed(list(self.procs)) if pid not in now]   # children first
+        # Processes gone first (children first), each reaped by its parent's stub while that
+        # still runs; then those that exited become zombies as they are at the source.
+        gone = [pid for pid in reversed(list(self.procs)) if pid not in now]
         for pid in gone:
             proc = self.procs.pop(pid)
             parent = self.procs.get(proc.member.ppid) if proc.member is not None else None
@@ -168,6 +168,11 @@ class RestoreSession:
             self.removed.append(pid)
             if self.current is proc:
                 self.current = None
+        for pid, m in now.items():
+            old = before.get(pid)
+            if old is not None and m.zombie and not old.zombie:       # it exited meanwhile
+                self.procs[pid].restorer.exit_as(m.exit_status)
+                self.procs[pid].member = m
         self._add(tree, [m for m in tree.members if m.pid not in before])
         self.procs = {m.pid: self.procs[m.pid] for m in tree.members}
 

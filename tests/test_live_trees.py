@@ -133,11 +133,23 @@ r, w = os.pipe()
 child = os.fork()
 if child == 0:
     os.close(r)
+    grandchild = os.fork()       # at once: it joins with its parent, or a round later
+    if grandchild == 0:
+        open(f"{d}/grandchild", "w").write(str(os.getpid()))
+        for i in range(200):
+            os.write(w, b"g%d\\n" % i)
+            time.sleep(0.02)
+        while not os.path.exists(f"{d}/done"):      # lasts as long as the migration
+            time.sleep(0.01)
+        os._exit(5)
     open(f"{d}/child", "w").write(str(os.getpid()))
     for i in range(400):
         os.write(w, b"%d\\n" % i)
         time.sleep(0.01)
-    os._exit(7)
+    while not os.path.exists(f"{d}/done"):
+        time.sleep(0.01)
+    got, status = os.waitpid(grandchild, 0)
+    os._exit(7 if got == grandchild and os.WEXITSTATUS(status) == 5 else 1)
 os.close(w)
 data = b""
 while chunk := os.read(r, 4096):
@@ -148,8 +160,10 @@ open(f"{d}/output", "w").write(f"{len(data.splitlines())} {got == child} {os.WEX
 
 
 def test_a_process_forked_during_precopy_moves_with_the_job(testbed: Testbed, tmp_path: Path) -> None:
-    """The job forks a child while its memory is being copied (the copy is slowed down so it
-    lasts): the child joins the migration, nothing of the job is left running on hostA."""
+    """The job forks a child, which forks a grandchild, while its memory is being copied (the
+    copy is slowed down so it lasts): both join the migration (the grandchild's stub on hostC
+    is forked from a stub that holds a copy of a half-built one), nothing of the job is left
+    running on hostA."""
     script = tmp_path / "forks.py"
     script.write_text(FORKS_ON_GO)
     out = tmp_path / "moved"
@@ -157,8 +171,10 @@ def test_a_process_forked_during_precopy_moves_with_the_job(testbed: Testbed, tm
     assert list(tree(pid)) == [pid]
     report = slow_migration(testbed, pid, lambda: (out / "go").touch())
     child = int(wait_file(out / "child"))
-    moved_tree(testbed, {pid: 0, child: pid}, report)
-    assert wait_file(out / "output") == "400 True 7\n"
+    grandchild = int(wait_file(out / "grandchild"))
+    moved_tree(testbed, {pid: 0, child: pid, grandchild: child}, report)
+    (out / "done").touch()
+    assert wait_file(out / "output") == "600 True 7\n"
 
 
 def test_a_tree_whose_pids_are_taken_is_refused_before_anything_freezes(testbed: Testbed, tmp_path: Path) -> None:
