@@ -170,17 +170,20 @@ def test_a_tree_is_never_migrated_under_new_pids(tmp_path: Path) -> None:
 # A parent and a child increment counters in MAP_SHARED|MAP_ANONYMOUS memory inherited across
 # fork, each watching the other's grow; at the end the parent reports both as it sees them.
 # Restored as two copies, the parent would see the child's counter stop (and the child wait).
+# Counters are read and written with one 8-byte access each (ctypes): struct.pack_into
+# zeroes its field before it writes it, so a reader in the other process may see 0.
 SHARED_COUNTERS = """
-import mmap, os, struct, sys, time
+import ctypes, mmap, os, struct, sys, time
 d, n = sys.argv[1], int(sys.argv[2])
 m = mmap.mmap(-1, 1 << 20)
 m[409600:409605] = b"hello"
 child = os.fork()
 mine, theirs = (8, 0) if child == 0 else (0, 8)
+my_counter, their_counter = ctypes.c_int64.from_buffer(m, mine), ctypes.c_int64.from_buffer(m, theirs)
 seen = 0
 for i in range(n):
-    struct.pack_into("q", m, mine, i + 1)
-    other = struct.unpack_from("q", m, theirs)[0]
+    my_counter.value = i + 1
+    other = their_counter.value
     assert other >= seen, (other, seen)
     seen = other
     if i == 20 and child:
@@ -188,9 +191,9 @@ for i in range(n):
     time.sleep(0.003)
 if child == 0:
     deadline = time.monotonic() + 60
-    while struct.unpack_from("q", m, 0)[0] < n and time.monotonic() < deadline:
+    while their_counter.value < n and time.monotonic() < deadline:
         time.sleep(0.001)
-    os._exit(0 if struct.unpack_from("q", m, 0)[0] == n else 3)
+    os._exit(0 if their_counter.value == n else 3)
 _, status = os.waitpid(child, 0)
 a, b = struct.unpack_from("qq", m, 0)
 open(f"{d}/output", "w").write(f"{a} {b} {bytes(m[409600:409605])} {status}\\n")
