@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from agent import locks, sched
+from agent import signals as signals_mod
 from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
@@ -205,16 +206,24 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             "processes": s.restore.processes(), "left": s.restore.removed}
 
 
-async def dest_go(ctx: CallContext) -> dict[str, Any]:
-    """Let the process run: the point of no return. Reports the time every thread had run."""
+async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict[str, Any]:
+    """Let the process run: the point of no return. Reports the time every thread had run.
+    ``signals``: those sent to the job at the source after its state was read
+    (``agent.signals``), delivered once it runs."""
     s = _session(ctx)
     if not s.ready:
         raise RestoreError("the process is not ready to run")
+    late = signals_mod.check(signals or [])
     fault = os.environ.get("KCR_FAULT", "")
     s.running = True
     pid = await s.tracer.acall(s.restore.resume)
     if fault == "dest-silent-after-go":      # test hook: the link dies right after GO
         os._exit(0)
+    delivered = 0
+    for src_pid, src_tid, info in late:
+        where = s.restore.where(src_pid, src_tid)
+        if where is not None:
+            delivered += signals_mod.deliver(*where, info)
     SESSIONS.pop(id(ctx.rpc), None)
     _forget(s)
     s.tracer.close()
@@ -222,7 +231,16 @@ async def dest_go(ctx: CallContext) -> dict[str, Any]:
         DEPUTIES.append(s.deputy)      # lives on with the process, never waited for here
         s.deputy = None
         s.let_deputy_go()
-    return {"pid": pid, "running_ns": s.restore.running_ns}
+    return {"pid": pid, "running_ns": s.restore.running_ns, "signals_delivered": delivered}
+
+
+async def dest_signal(ctx: CallContext, *, signals: list[Any]) -> dict[str, Any]:
+    """Deliver signals sent to a moved job at its source after GO, before the source was
+    ended: ``[pid, tid, siginfo]`` with pids (and tids) as they are here."""
+    delivered = 0
+    for pid, tid, info in signals_mod.check(signals):
+        delivered += await trio.to_thread.run_sync(signals_mod.deliver, pid, tid, info)
+    return {"delivered": delivered}
 
 
 DEPUTY_LOG_DIR = "/run/kcr-migrate/deputy"
@@ -330,4 +348,5 @@ def close_sessions(rpc: object) -> None:
 
 
 METHODS = {"dest_check": dest_check, "dest_receive": dest_receive, "dest_restore": dest_restore,
-           "dest_deputy": dest_deputy, "dest_go": dest_go, "dest_abort": dest_abort}
+           "dest_deputy": dest_deputy, "dest_go": dest_go, "dest_abort": dest_abort,
+           "dest_signal": dest_signal}

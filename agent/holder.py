@@ -28,6 +28,7 @@ import msgpack
 from agent import fdtable
 from agent import freeze as freezer
 from agent import ptrace
+from agent.signals import LateSignals
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
 from agent.procfs import check_target, process_tree
@@ -87,6 +88,7 @@ class Holder:
         self.on_eof = ON_EOF_THAW
         self.first_interrupt_ns = 0
         self.redirect: dict[int, str] = {}
+        self.late = LateSignals()      # the signal queues carried, to find what arrives after
 
     def _need(self, pid: int | None = None) -> freezer.Held:
         held = self.helds.get(pid or self.root)
@@ -204,6 +206,8 @@ class Holder:
                 state = collect(held, mem, fds=fds[p])
             finally:
                 mem.close()
+            self.late.carry(p, state.process.shared_pending,
+                            {t.tid: t.pending[1:] if t.tid in held.inflight else t.pending for t in state.threads})
             out.append({"pid": p, "process": state.process.to_wire(),
                         "fds": [rec.to_wire() for rec in state.fds.records()],
                         "threads": [t.to_wire() for t in state.threads]})
@@ -224,16 +228,30 @@ class Holder:
             return [inj.call(name, *args) for name, args in calls]
 
     def op_commit_pending(self) -> dict[str, Any]:
-        """From now on a lost agent stops the processes instead of thawing them."""
+        """From now on a lost agent stops the processes instead of thawing them. Returns the
+        signals that arrived since the state was collected (``agent.signals``), for the
+        destination to deliver; a process of the job killed meanwhile abandons the move."""
+        signals = self.late_signals()
+        dead = [int(p) for p, _, info in signals if int.from_bytes(info[:4], "little") == signal.SIGKILL
+                and not freezer.alive(self.helds[p])]
+        if dead:
+            raise ProcessExited(f"process {dead[0]} was killed (SIGKILL) while frozen for the move: the move is "
+                                "abandoned, and the rest of the job runs on here", pid=dead[0])
         self.on_eof = ON_EOF_HOLD
-        return {}
+        return {"signals": signals}
+
+    def late_signals(self) -> list[list[Any]]:
+        """Signals sent to the frozen job since its state was collected."""
+        return self.late.take(list(self.helds.values()), freezer.alive)
 
     def op_kill(self) -> dict[str, Any]:
-        """End every process (children first: a parent killed first could reap nothing)."""
+        """End every process (children first: a parent killed first could reap nothing),
+        having read the signals that arrived since ``commit_pending`` (returned)."""
         self._need()
+        signals = self.late_signals()
         for p in reversed(list(self.helds)):
             freezer.kill(self.helds.pop(p))
-        return {}
+        return {"signals": signals}
 
     def op_hold(self) -> dict[str, Any]:
         """Leave the processes stopped (SIGSTOP) and untraced: one command settles each later."""
@@ -354,7 +372,7 @@ def _stand_in(holder: Holder, sock: socket.socket, args: dict[str, Any]) -> bool
             pass
         sock.close()
 
-    standin.run(root, others, dict(args.get("to") or {}), reply)
+    standin.run(root, others, dict(args.get("to") or {}), reply, holder.late)
     return True
 
 

@@ -223,6 +223,15 @@ class RestoreSession:
 
     # -- what was made ----------------------------------------------------------------------
 
+    def where(self, pid: int, tid: int) -> tuple[int, int] | None:
+        """Process ``pid`` and its thread ``tid`` (0: none) of the image, as restored here;
+        None for one not restored (it left the tree, or was never in the stream)."""
+        proc = self.procs.get(pid)
+        if proc is None or proc.restorer.exited:
+            return None
+        r = proc.restorer
+        return r.pid, (getattr(r, "new_tids", {}).get(tid, 0) if tid else 0)
+
     @property
     def root(self) -> Restorer:
         if not self.procs:

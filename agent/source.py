@@ -533,22 +533,24 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
 
 
 async def source_commit_pending(ctx: CallContext) -> dict[str, Any]:
-    """The destination is about to run the process: from now on, losing us stops the source."""
+    """The destination is about to run the process: from now on, losing us stops the source.
+    Returns the signals sent to the job since its state was read (``agent.signals``)."""
     s = _session(ctx)
-    await _blocking(s.holder.call, "commit_pending")
-    return {}
+    got = await _blocking(s.holder.call, "commit_pending")
+    return {"signals": got.get("signals", [])}
 
 
 async def source_kill(ctx: CallContext) -> dict[str, Any]:
-    """The destination runs the process: end the source (via its pidfd)."""
+    """The destination runs the process: end the source (via its pidfd). Returns the signals
+    sent to the job since ``source_commit_pending`` (``agent.signals``)."""
     s = SESSIONS.pop(id(ctx.rpc), None)
     if s is None:
         raise ProcessError("no source process is open on this connection")
     await s.inflight.stop()
-    await _blocking(s.holder.call, "kill")
+    got = await _blocking(s.holder.call, "kill")
     s.settled = True
     await _blocking(s.close)
-    return {}
+    return {"signals": got.get("signals", [])}
 
 
 async def source_stand_in(ctx: CallContext, *, to: dict[str, Any]) -> dict[str, Any]:

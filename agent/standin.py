@@ -7,7 +7,8 @@ traces the source) does not kill the frozen root: it makes it a **stand-in** and
 **keeper**. The stand-in keeps what its parent and the system know it by (its pid, parent,
 session, process group, credentials, cgroup, command name) and nothing of the job: by
 injected system calls, its other threads exit, its fds are closed, its timers are disarmed,
-its pending signals are discarded and every disposition is reset, rseq and the robust futex
+its pending signals are discarded (those that arrived after its state was read go to the
+destination first: ``agent.signals``) and every disposition is reset, rseq and the robust futex
 list are unregistered, it moves to ``/``, becomes non-dumpable, and every mapping but the vDSO
 is unmapped. It then sleeps in ``pause()`` (run from the vDSO's ``syscall`` instruction) and
 never runs a line of its own code again: it stays traced (with ``PTRACE_O_EXITKILL``: a
@@ -62,6 +63,7 @@ from agent.homelink import (
 )
 from agent.inject import NR, U64, Injector, RemoteMemory, Scratch, vdso_gadget
 from agent.procfs import read_status
+from agent.signals import LateSignals
 from precopy.kernel import pidfd_getfd, pidfd_send_signal
 from precopy.layout import read_maps
 from transport.errors import MigrationError, ProcessError, ProtocolError
@@ -123,8 +125,10 @@ def _posix_timer_ids(pid: int) -> list[int]:
         return []
 
 
-def convert(held: freezer.Held, relay: Sequence[int] = ()) -> StandIn:
-    """Make the frozen ``held`` a stand-in (see the module docstring). Leaves it stopped."""
+def convert(held: freezer.Held, relay: Sequence[int] = (),
+            before_discard: Callable[[], object] | None = None) -> StandIn:
+    """Make the frozen ``held`` a stand-in (see the module docstring). Leaves it stopped.
+    ``before_discard`` is called just before its pending signals are discarded."""
     pid = held.pid
     for tid in held.seized:
         # From now on a keeper that dies takes the process with it: half converted, it must not run.
@@ -166,11 +170,14 @@ def convert(held: freezer.Held, relay: Sequence[int] = ()) -> StandIn:
                     inj.raw(NR["setitimer"], which, zero, 0)
                 ign = scratch.put(64, _sigaction(SIG_IGN))
                 dfl = scratch.put(128, _sigaction(SIG_DFL))
+                if before_discard is not None:
+                    before_discard()
                 for sig in range(1, 65):
                     if sig in (signal.SIGKILL, signal.SIGSTOP):
                         continue
                     # Ignoring a signal discards its pending instances: they were carried to
-                    # the destination with the process, and must not be sent on twice.
+                    # the destination with the process, or read just now as late (the
+                    # destination delivers those), and must not be sent on twice.
                     inj.raw(NR["rt_sigaction"], sig, ign, 0, 8)
                     inj.raw(NR["rt_sigaction"], sig, dfl, 0, 8)
                 inj.call("chdir", scratch.put(192, b"/\0"))
@@ -426,12 +433,13 @@ def _check_to(to: dict[str, Any]) -> tuple[str, int, bytes, LostRule, float, str
 
 
 def run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any],
-        reply: Callable[[dict[str, Any]], None]) -> None:
+        reply: Callable[[dict[str, Any]], None], late: LateSignals | None = None) -> None:
     """Kill ``others`` (children first), make ``root`` a stand-in linked to the deputy ``to``
     names, ``reply`` to the agent, and keep it until it has ended. If the deputy cannot be
     reached or the stand-in cannot be made, every process is killed as without a stand-in,
-    and the reply is the error."""
-    trio.run(_run, root, others, to, reply)
+    and the reply is the error. ``late``: the holder's record of the signal queues carried;
+    what arrived since, read before anything is discarded, is in the reply (``signals``)."""
+    trio.run(_run, root, others, to, reply, late or LateSignals())
 
 
 def _kill_all(root: freezer.Held, others: list[freezer.Held]) -> None:
@@ -443,7 +451,7 @@ def _kill_all(root: freezer.Held, others: list[freezer.Held]) -> None:
 
 
 async def _run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any],
-               reply: Callable[[dict[str, Any]], None]) -> None:
+               reply: Callable[[dict[str, Any]], None], late: LateSignals) -> None:
     try:
         address, port, key, lost, timeout, where = _check_to(to)
         stream = await connect_data_channel(address, port, key=key, timeout=min(timeout, HANDSHAKE_TIMEOUT))
@@ -453,10 +461,12 @@ async def _run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any
             f"the stand-in could not reach its deputy ({exc}); the source was ended instead").to_wire()})
         return
     link = Link(stream, timeout)
+    signals = late.take([root, *others], freezer.alive)
     try:
         for held in reversed(others):
             freezer.kill(held)
-        standin = convert(root, [int(fd) for fd in to.get("relay", [])])
+        standin = convert(root, [int(fd) for fd in to.get("relay", [])],
+                          before_discard=lambda: signals.extend(late.take([root], freezer.alive)))
         await link.send(Hello(root.pid))
     except (OSError, ptrace.TraceeGone, MigrationError) as exc:
         _kill_all(root, [])
@@ -465,6 +475,7 @@ async def _run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any
             f"the source could not be made a stand-in ({exc}); it was ended instead").to_wire()})
         return
     reply({"ok": True, "result": {"pid": root.pid, "keeper_pid": os.getpid(), "vm_rss_kb": vm_rss_kb(root.pid),
+                                  "signals": signals,
                                   "host": socket.gethostname(),
                                   "log": os.path.join(LOG_DIR, f"{root.pid}.log")}})
     _detach(root.pid)

@@ -164,6 +164,7 @@ class MigrationReport:
     fs: list[dict[str, Any]] = field(default_factory=list)   # per hook: its passes and final pass
     processes: list[dict[str, Any]] = field(default_factory=list)   # the job as restored: pid, ppid, comm, threads
     stand_in: dict[str, Any] = field(default_factory=dict)   # with --stand-in: the stand-in's pid, keeper, deputy
+    late_signals: list[str] = field(default_factory=list)    # sent at the source while frozen, delivered here
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable
 import trio
 
 from agent.homelink import RELAY_DIR
+from agent.signals import names as late_names
 from migrate.api import (
     DataChannelChosen,
     Event,
@@ -342,7 +343,8 @@ class Migration:
             self._advance(PhaseEvent.READY)
             if self.deputy_to is not None:
                 self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
-            await src.call("source_commit_pending")
+            committed = await src.call("source_commit_pending")
+            late = list(committed.get("signals", []))
         except BaseException as exc:
             await self._rollback(src, dst, exc)
             raise
@@ -350,20 +352,21 @@ class Migration:
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(max(o.link_timeout_s, 5.0)):
-                    go = await dst.call("dest_go")
+                    go = await dst.call("dest_go", signals=late)
             except (MigrationError, trio.TooSlowError) as exc:
                 await self._unsettled(src, exc)
                 raise AssertionError("unreachable") from None
             r.new_pid = int(go["pid"])
+            self._note_late(late, int(go.get("signals_delivered", 0)))
             first_ns = int(freeze["first_interrupt_ns"]) - src_off
             running_ns = int(go["running_ns"]) - dst_off
             r.downtime_ms = (running_ns - first_ns) / 1e6 + uncertainty
             r.downtime_uncertainty_ms = uncertainty
             self._advance(PhaseEvent.RUNNING)
             if self.deputy_to is not None:
-                await self._stand_in(src)
+                await self._stand_in(src, dst)
             else:
-                await self._kill_source(src)
+                await self._kill_source(src, dst)
             r.state = "done"
             for hook in self.hooks:
                 try:
@@ -372,11 +375,37 @@ class Migration:
                 except (MigrationError, trio.TooSlowError) as exc:
                     self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
 
-    async def _kill_source(self, src: RpcPeer) -> None:
+    def _note_late(self, signals: list[Any], delivered: int) -> None:
+        """Signals sent to the job at the source after its state was read, delivered on the
+        destination (``agent.signals``): in the report, and a warning for any not delivered
+        (the process they were for had ended there)."""
+        if not signals:
+            return
+        self.report.late_signals += [f"{late_names([s])} to pid {int(s[0])}" for s in signals]
+        if delivered < len(signals):
+            self._warn(f"{len(signals) - delivered} of the signals sent to the job on {self.source} during the "
+                       f"move ({late_names(signals)}) found no process to deliver them to on {self.dest}")
+
+    async def _forward_late(self, dst: RpcPeer, signals: list[Any]) -> None:
+        """Signals that reached the source between GO and its end: to the moved job."""
+        if not signals:
+            return
+        if self.options.new_pid:      # one process, a new pid; its threads' tids are new too
+            signals = [[self.report.new_pid if int(p) == self.pid else int(p), 0, info] for p, _, info in signals]
+        try:
+            with trio.fail_after(CLEANUP_DEADLINE):
+                got = await dst.call("dest_signal", signals=signals)
+        except (MigrationError, trio.TooSlowError) as exc:
+            self._warn(f"signals sent to the job on {self.source} as the move ended ({late_names(signals)}) "
+                       f"could not be delivered on {self.dest}: {exc}")
+            return
+        self._note_late(signals, int(got.get("delivered", 0)))
+
+    async def _kill_source(self, src: RpcPeer, dst: RpcPeer) -> None:
         r = self.report
         try:
             with trio.fail_after(CLEANUP_DEADLINE):
-                await src.call("source_kill")
+                got = await src.call("source_kill")
         except (MigrationError, trio.TooSlowError) as exc:
             self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
                        f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
@@ -384,8 +413,9 @@ class Migration:
             self._advance(PhaseEvent.FAILED)
         else:
             self._advance(PhaseEvent.SOURCE_KILLED)
+            await self._forward_late(dst, list(got.get("signals", [])))
 
-    async def _stand_in(self, src: RpcPeer) -> None:
+    async def _stand_in(self, src: RpcPeer, dst: RpcPeer) -> None:
         """In place of ending the source: its root becomes the stand-in (``agent.standin``),
         linked to the deputy started before GO. If that fails the source was ended instead."""
         r = self.report
@@ -400,6 +430,7 @@ class Migration:
         r.stand_in.update({"pid": int(got["pid"]), "keeper_pid": int(got["keeper_pid"]),
                            "vm_rss_kb": int(got["vm_rss_kb"]), "keeper_log": str(got["log"])})
         self._advance(PhaseEvent.STOOD_IN)
+        await self._forward_late(dst, list(got.get("signals", [])))
 
     def _stand_in_address(self, summary: dict[str, Any]) -> str:
         """With ``stand_in``: the destination's address as the source reaches it, for the

@@ -20,7 +20,7 @@ from examples.slurm import SlurmCluster, SlurmUnavailable, check_slurm_available
 from examples.testbed import Testbed, check_available
 from migrate.slurm import (JobProcesses, NodeUnusable, NoSuchJob, Slurm, SlurmError, SlurmJob,
                            SlurmUnreachable, UnknownNode, _job_processes, _node)
-from tests._migration import migrate_cli, proc_state, wait_gone
+from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
 
 WAIT = 60.0
 
@@ -317,6 +317,46 @@ async def test_scancel_after_a_move_ends_the_moved_workload(
         if proc_state(moved) not in (None, "Z"):
             os.kill(moved, 9)
             wait_gone(moved)
+
+def sigterm_pending(pid: int) -> bool:
+    """Is SIGTERM queued for ``pid`` (frozen, it cannot take it)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(pending & (1 << (15 - 1)))
+
+
+async def test_scancel_while_the_workload_is_frozen_for_its_move_ends_the_job_everywhere(
+        inventory: Slurm, submit: Callable[[str], tuple[int, Path]], testbed: Testbed, slurm: SlurmCluster) -> None:
+    """scancel lands while the workload is frozen, its state already read and sent: Slurm's
+    SIGTERM waits in the frozen process's queue, goes to hostB with the move, and ends the
+    moved copy there; the job is CANCELLED and no copy of the workload runs anywhere."""
+    from migrate import Migration, MigrationOptions, PhaseChanged
+
+    job_id, out, procs = await running_job(inventory, submit, "hostA")
+    (workload,) = procs.workload
+    seen: dict[str, bool] = {}
+
+    def on_event(ev: object) -> None:
+        if isinstance(ev, PhaseChanged) and ev.phase == "restore":
+            slurm.command(["scancel", str(job_id)])
+            deadline = time.monotonic() + 10          # the move waits: the signal must land now
+            while not sigterm_pending(workload.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["pending"] = sigterm_pending(workload.pid)
+
+    opts = MigrationOptions(ssh_config=str(testbed.ssh_config_path), stand_in=True, new_pid=True)
+    m = Migration(workload.pid, "hostA", "hostB", opts, on_event=on_event)
+    report = await m.run()
+    assert seen == {"pending": True}, "scancel's SIGTERM did not wait in the frozen workload"
+    assert report.state == "done" and any("SIGTERM" in s for s in report.late_signals), report
+    await wait_job(inventory, job_id, ("CANCELLED",))
+    await wait_for("a copy of the workload runs on", lambda: running_copies(str(out)) == [])
+    assert not (out / "result").exists()
+
 
 async def test_a_jobs_batch_shell_moves_with_its_workload_and_the_job_completes(
         inventory: Slurm, submit: Callable[[str], tuple[int, Path]], testbed: Testbed, slurm: SlurmCluster) -> None:

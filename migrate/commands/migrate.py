@@ -130,7 +130,9 @@ def summary_line(report: Any) -> str:
     return (f"pid {report.pid}@{report.source_host} now runs as pid {report.new_pid}@{report.dest_host}: "
             f"{report.rounds} pre-copy rounds ({report.stop_reason}), downtime {report.downtime_ms:.1f} ms, "
             f"total {report.total_ms / 1000:.2f} s, {report.bytes_raw / 2**20:.1f} MiB raw, "
-            f"{report.bytes_on_wire / 2**20:.1f} MiB on the wire")
+            f"{report.bytes_on_wire / 2**20:.1f} MiB on the wire"
+            + (f"; signals sent to it during the move, delivered there: {', '.join(report.late_signals)}"
+               if report.late_signals else ""))
 
 
 async def run_cancellable(migration: "Migration | Rebalance") -> Any:
