@@ -57,6 +57,12 @@ def proc_state(pid: int) -> str | None:
 def running_copies(marker: str) -> list[int]:
     """Pids of live (not zombie, not stopped) processes whose command line contains ``marker``
     (a workload's own directory: a restored copy keeps its command line)."""
+    return copies(marker, ("Z", "X", "T", "t"))
+
+
+def copies(marker: str, not_in: tuple[str, ...] = ("Z", "X")) -> list[int]:
+    """Pids of processes whose command line contains ``marker``, in no state of ``not_in``
+    (by default: every process not yet dead, a stopped half-restored copy included)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -67,6 +73,6 @@ def running_copies(marker: str) -> list[int]:
         except OSError:
             continue
         state = stat[stat.rindex(")") + 2]
-        if marker in cmdline and state not in ("Z", "X", "T", "t"):
+        if marker in cmdline and state not in not_in:
             pids.append(int(entry))
     return sorted(pids)

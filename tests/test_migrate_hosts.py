@@ -15,7 +15,7 @@ import pytest
 from examples.testbed import Testbed
 from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from tests._hosts import start_in, wait_file
-from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
+from tests._migration import copies, migrate_cli, proc_state, running_copies, wait_gone
 from tests._workloads import build, one_error_line
 
 
@@ -205,7 +205,11 @@ async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path
         subprocess.run(["ip", "link", "set", veth, "up"], check=True)
     assert m.report.state == "rolled-back"
     assert proc_state(pid) not in (None, "T", "t"), "the source must run on"
-    time.sleep(4)          # the destination agent's own link timeout (3 s)
+    # The destination agent destroys its stopped copy on its own (its link timeout is 3 s).
+    deadline = time.monotonic() + 60
+    while copies(str(out)) != [pid]:
+        assert time.monotonic() < deadline, f"copies left besides the source: {copies(str(out))}"
+        time.sleep(0.05)
     assert running_copies(str(out)) == [pid], "exactly one running copy"
     assert wait_file(out / "verdict", timeout=90).strip() == "PASS"
 
