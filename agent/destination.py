@@ -216,6 +216,7 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
     late = signals_mod.check(signals or [])
     fault = os.environ.get("KCR_FAULT", "")
     s.running = True
+    before = len(s.restore.warnings)
     pid = await s.tracer.acall(s.restore.resume)
     if fault == "dest-silent-after-go":      # test hook: the link dies right after GO
         os._exit(0)
@@ -231,7 +232,8 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
         DEPUTIES.append(s.deputy)      # lives on with the process, never waited for here
         s.deputy = None
         s.let_deputy_go()
-    return {"pid": pid, "running_ns": s.restore.running_ns, "signals_delivered": delivered}
+    return {"pid": pid, "running_ns": s.restore.running_ns, "signals_delivered": delivered,
+            "warnings": s.restore.warnings[before:]}
 
 
 async def dest_signal(ctx: CallContext, *, signals: list[Any]) -> dict[str, Any]:

@@ -102,6 +102,7 @@ U64 = (1 << 64) - 1
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
+RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
 WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
@@ -1004,7 +1005,7 @@ class Restorer:
         self._stopped = False
         self.close()
         waiting = dict(before)
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + RUN_WAIT_S
         while waiting and time.monotonic() < deadline:
             for tid, ns in list(waiting.items()):
                 now = _cpu_ns(self.pid, tid)
@@ -1012,6 +1013,10 @@ class Restorer:
                     del waiting[tid]
             if waiting:
                 time.sleep(0.0001)
+        if waiting:
+            self.report.warnings.append(
+                f"thread{'s' if len(waiting) > 1 else ''} {', '.join(map(str, sorted(waiting)))} of pid {self.pid} had "
+                f"not run {RUN_WAIT_S:g} s after it was let go (a busy machine, or a stop signal): check that it runs")
         self.running_ns = time.monotonic_ns()
         return self.pid
 

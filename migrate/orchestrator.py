@@ -357,6 +357,8 @@ class Migration:
                 await self._unsettled(src, exc)
                 raise AssertionError("unreachable") from None
             r.new_pid = int(go["pid"])
+            for w in go.get("warnings", []):
+                self._warn(str(w))
             self._note_late(late, int(go.get("signals_delivered", 0)))
             first_ns = int(freeze["first_interrupt_ns"]) - src_off
             running_ns = int(go["running_ns"]) - dst_off
