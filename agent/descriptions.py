@@ -93,17 +93,31 @@ class Descriptions:
 
     def add_deleted(self, files: Files, contents: Sequence[FileContents]) -> None:
         """Each deleted file made again, unlinked, from its slices (O_TMPFILE in the directory
-        it was in where that exists here, else in /tmp), with its owner and permissions."""
-        where = {f.obj: os.path.dirname(f.path) or "/" for f in files.fds if f.kind == "deleted"}
+        it was in where that exists here, else in /tmp; a memfd as a memfd of its name), with
+        its owner and permissions, and a memfd's seals once its contents are in."""
+        where = {f.obj: f.path for f in files.fds if f.kind == "deleted"}
         made: dict[int, int] = {}
+        seals: dict[int, int] = {}
         for c in sorted(contents, key=lambda c: (c.id, c.offset)):
             fd = made.get(c.id)
             if fd is None:
                 if c.id in self._deleted:
                     raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
-                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp"), c)
+                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp/"), c)
                 self._mine.append(fd)
+                seals[c.id] = c.seals if c.memfd else 0
             os.pwrite(fd, c.data, c.offset)
+        for ino, wanted in seals.items():
+            if wanted:
+                try:
+                    fcntl.fcntl(made[ino], F_ADD_SEALS, wanted & ~F_SEAL_SEAL)
+                    fcntl.fcntl(made[ino], F_ADD_SEALS, wanted)
+                except OSError as exc:
+                    raise RestoreError(f"cannot seal the memfd {where.get(ino, ino)} again: {exc.strerror}") from None
+
+    def deleted_file(self, ino: int) -> int | None:
+        """An fd of the deleted file (memfd) ``ino`` made again, if the image carries it."""
+        return self._deleted.get(ino)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:
@@ -284,9 +298,20 @@ def _file_type(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _make_unlinked(directory: str, c: FileContents) -> int:
+def _make_unlinked(path: str, c: FileContents) -> int:
     """A new file with no name (O_TMPFILE; where the filesystem lacks it, a name removed at
-    once), sized and owned as ``c`` says."""
+    once; a memfd of the name ``path`` gives), sized and owned as ``c`` says."""
+    if c.memfd:
+        name = path.removeprefix("/memfd:")
+        try:
+            fd = os.memfd_create(name[:MEMFD_NAME_MAX], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, c.size)
+            os.fchown(fd, c.uid, c.gid)
+            os.fchmod(fd, c.mode)
+        except OSError as exc:
+            raise RestoreError(f"cannot make the memfd {path} again: {exc.strerror}") from None
+        return fd
+    directory = os.path.dirname(path) or "/"
     for place in (directory, "/tmp"):
         try:
             fd = os.open(place, os.O_RDWR | O_TMPFILE | os.O_CLOEXEC, 0o600)
@@ -305,6 +330,10 @@ def _make_unlinked(directory: str, c: FileContents) -> int:
             raise RestoreError(f"cannot make the deleted file {c.id} again in {place}: {exc.strerror}") from None
         return fd
     raise RestoreError(f"cannot make a deleted file again: neither {directory} nor /tmp takes a new file here")
+
+
+F_ADD_SEALS, F_SEAL_SEAL = 1033, 1
+MEMFD_NAME_MAX = 249      # the kernel's limit (NAME_MAX less "memfd:")
 
 
 def _make_event_file(e: EventFile) -> int:

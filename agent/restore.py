@@ -524,6 +524,31 @@ class Restorer:
         finally:
             self._call("close", fd)
 
+    def _map_carried_files(self, descriptions: Descriptions) -> None:
+        """A deleted file (a memfd) the tree holds open and maps shared is one file: each
+        mapping of it, restored as shared memory with its pages, is mapped again from the file
+        made from its carried contents (the same bytes, frozen together), so the fds and the
+        mappings of every process see each other's writes."""
+        for v in self.layout:
+            if not (v.shared and v.kind == "anon" and v.ino):
+                continue
+            ours = descriptions.deleted_file(v.ino)
+            if ours is None:
+                continue
+            pidfd = self._call("pidfd_open", os.getpid(), 0)
+            try:
+                fd = self._call("pidfd_getfd", pidfd, ours, 0)
+            finally:
+                self._call("close", pidfd)
+            try:
+                self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_SHARED, fd, v.pgoff)
+            except InjectionError as exc:
+                raise RestoreError(f"cannot map the deleted file {v.ino} at {v.start:#x}-{v.end:#x}: "
+                                   f"{exc.strerror}") from None
+            finally:
+                self._call("close", fd)
+            self._advise(v.start, v.end, v.advice)
+
     def _check_file(self, v: Vma) -> None:
         try:
             st = os.stat(v.path)
@@ -628,6 +653,7 @@ class Restorer:
         self._stop_filling()        # every page is in: the stub may touch its memory again
         try:
             self._map_deferred()
+            self._map_carried_files(descriptions)
             self._lock_memory(proc)
             self._mm(proc)
             self._memory_attributes(proc)
