@@ -80,6 +80,7 @@ class Descriptions:
         self._events: dict[int, int] = {}                     # event file id -> its fd
         self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
         self._deleted: dict[int, int] = {}                    # deleted file id -> an fd of it made again
+        self._seal_later: dict[int, tuple[int, str]] = {}     # an fd of a memfd -> (seals, its name)
         self._taken: set[int] = set()                         # object fds a description already is
         self._mine: list[int] = []                            # fds to close
 
@@ -108,12 +109,18 @@ class Descriptions:
                 seals[c.id] = c.seals if c.memfd else 0
             os.pwrite(fd, c.data, c.offset)
         for ino, wanted in seals.items():
-            if wanted:
-                try:
-                    fcntl.fcntl(made[ino], F_ADD_SEALS, wanted & ~F_SEAL_SEAL)
-                    fcntl.fcntl(made[ino], F_ADD_SEALS, wanted)
-                except OSError as exc:
-                    raise RestoreError(f"cannot seal the memfd {where.get(ino, ino)} again: {exc.strerror}") from None
+            # F_SEAL_WRITE before the file is mapped (so read-only mappings of it may not be made
+            # writable, as on the source); F_SEAL_FUTURE_WRITE, which leaves writable mappings
+            # made before it, and F_SEAL_SEAL after (``seal``).
+            _add_seals(made[ino], wanted & ~(F_SEAL_FUTURE_WRITE | F_SEAL_SEAL), where.get(ino, str(ino)))
+            if wanted & (F_SEAL_FUTURE_WRITE | F_SEAL_SEAL):
+                self._seal_later[made[ino]] = (wanted, where.get(ino, str(ino)))
+
+    def seal(self) -> None:
+        """The memfds' last seals, once every process maps what it maps of them."""
+        for fd, (wanted, name) in self._seal_later.items():
+            _add_seals(fd, wanted, name)
+        self._seal_later.clear()
 
     def deleted_file(self, ino: int) -> int | None:
         """An fd of the deleted file (memfd) ``ino`` made again, if the image carries it."""
@@ -279,6 +286,7 @@ class Descriptions:
         self._events.clear()
         self._watches.clear()
         self._deleted.clear()
+        self._seal_later.clear()
         self._taken.clear()
 
 
@@ -332,7 +340,16 @@ def _make_unlinked(path: str, c: FileContents) -> int:
     raise RestoreError(f"cannot make a deleted file again: neither {directory} nor /tmp takes a new file here")
 
 
-F_ADD_SEALS, F_SEAL_SEAL = 1033, 1
+F_ADD_SEALS, F_SEAL_SEAL, F_SEAL_FUTURE_WRITE = 1033, 0x1, 0x10
+
+
+def _add_seals(fd: int, seals: int, name: str) -> None:
+    if not seals:
+        return
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    except OSError as exc:
+        raise RestoreError(f"cannot seal the memfd {name} again: {exc.strerror}") from None
 MEMFD_NAME_MAX = 249      # the kernel's limit (NAME_MAX less "memfd:")
 
 

@@ -520,7 +520,9 @@ class Restorer:
         finally:
             self._call("close", pidfd)
         try:
-            self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
+            # Writable until ``_map_carried_files``: its pages are written through /proc/PID/mem,
+            # which may write a private read-only mapping but not a shared one.
+            self._call("mmap", v.start, v.length, v.prot | PROT_WRITE, flags, fd, v.pgoff)
         finally:
             self._call("close", fd)
 
@@ -528,12 +530,15 @@ class Restorer:
         """A deleted file (a memfd) the tree holds open and maps shared is one file: each
         mapping of it, restored as shared memory with its pages, is mapped again from the file
         made from its carried contents (the same bytes, frozen together), so the fds and the
-        mappings of every process see each other's writes."""
+        mappings of every process see each other's writes. The other shared memory objects
+        take their protection (``_map_shared_object``)."""
         for v in self.layout:
             if not (v.shared and v.kind == "anon" and v.ino):
                 continue
             ours = descriptions.deleted_file(v.ino)
             if ours is None:
+                if self.shared is not None and not v.prot & PROT_WRITE and not self._is_deferred(v):
+                    self._call("mprotect", v.start, v.length, v.prot)
                 continue
             pidfd = self._call("pidfd_open", os.getpid(), 0)
             try:
@@ -642,6 +647,7 @@ class Restorer:
         try:
             own.add(fds)
             self._finish(proc, fds.files, threads, own)
+            own.seal()
         finally:
             own.close()
 

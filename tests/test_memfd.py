@@ -39,6 +39,14 @@ pm = mmap.mmap(plain, 8192)
 tmp = os.open(out_dir, os.O_TMPFILE | os.O_RDWR, 0o640)
 os.write(tmp, b"q" * 10000)
 tm = mmap.mmap(tmp, 4096, offset=4096)
+fw = os.memfd_create("future", os.MFD_ALLOW_SEALING)       # written through a mapping made before the seal
+os.write(fw, b"f" * 4096)
+fm = mmap.mmap(fw, 4096)
+fcntl.fcntl(fw, fcntl.F_ADD_SEALS, 0x10 | fcntl.F_SEAL_SEAL)     # F_SEAL_FUTURE_WRITE
+ro = os.memfd_create("ro", os.MFD_ALLOW_SEALING)           # sealed, then mapped read-only
+os.write(ro, b"r" * 4096)
+fcntl.fcntl(ro, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+rm = mmap.mmap(ro, 4096, access=mmap.ACCESS_READ)
 
 def report(who, out):
     lines = []
@@ -70,6 +78,16 @@ def report(who, out):
     tm[10:11] = b"U"
     lines.append((bytes(tm[5000 - 4096:5001 - 4096]), os.pread(tmp, 1, 4106), os.fstat(tmp).st_size,
                   os.pread(tmp, 4, 9996)))
+    fm[0:1] = who[0].encode()
+    lines.append((bytes(fm[0:1]), os.pread(fw, 1, 0), fcntl.fcntl(fw, fcntl.F_GET_SEALS)))
+    for write in (lambda: os.pwrite(fw, b"x", 1), lambda: mmap.mmap(fw, 4096), lambda: os.pwrite(ro, b"x", 1),
+                  lambda: mmap.mmap(ro, 4096), lambda: fcntl.fcntl(fw, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)):
+        try:
+            write()
+            lines.append("not sealed")
+        except OSError as exc:
+            lines.append(exc.errno)
+    lines.append((bytes(rm[0:2]), fcntl.fcntl(ro, fcntl.F_GET_SEALS)))
     lines.append(sorted({line.split(None, 5)[5].strip() for line in open("/proc/self/maps")
                          if "memfd:" in line}))
     out.write("".join(f"{who} {x!r}\n" for x in lines))
@@ -139,7 +157,10 @@ def test_memfd_held_and_mapped_stays_one_file(tmp_path: Path, mode: str) -> None
     assert "parent '/memfd:kcr-test (deleted)'\nparent 1\nparent 1\n" in out      # F_SEAL_SEAL kept
     assert "parent (b'P', b'Z')\n" in out
     assert "parent (b'T', b'U', 10000, b'qqqq')\n" in out
-    assert "parent ['/memfd:kcr-test (deleted)', '/memfd:plain (deleted)']\n" in out
+    assert "parent (b'p', b'p', 17)\nparent 1\nparent 1\nparent 1\nparent 1\nparent 1\n" in out
+    assert "parent (b'rr', 8)\n" in out
+    assert ("parent ['/memfd:future (deleted)', '/memfd:kcr-test (deleted)', '/memfd:plain (deleted)', "
+            "'/memfd:ro (deleted)']\n") in out
     if mode == "fork":
         child = (w.dir / "child").read_text()
         assert child == (ref.dir / "child").read_text()
