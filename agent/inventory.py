@@ -61,7 +61,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a fanotify instance", REFUSED, target="anon_inode:[fanotify]", readme="fanotify"),
     Row("fd", "an io_uring instance", REFUSED, target="anon_inode:[io_uring]", readme="io_uring"),
     Row("fd", "a userfaultfd", REFUSED, target="anon_inode:[userfaultfd]", readme="userfaultfd"),
-    Row("fd", "a memfd", REFUSED, target="/memfd:", readme="memfd"),
+    Row("fd", "a memfd", CARRIED, _f("FileContents", "memfd", "seals")),
     Row("fd", "an anonymous-inode file", REFUSED, target="anon_inode:", readme="anonymous-inode"),
     Row("fd", "a terminal", REFUSED, readme="terminals"),
     Row("fd", "a FIFO", REFUSED, readme="FIFOs"),
@@ -73,6 +73,8 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "madvise state and mlock", CARRIED, _f("Vma", "advice")),
     Row("memory", "SysV shared memory", REFUSED, readme="SysV shared memory"),
     Row("memory", "a device mapping", REFUSED, readme="device mappings"),
+    Row("memory", "a deleted file or memfd mapped shared and held open", CARRIED),
+    Row("memory", "a memfd mapped but not held open", REFUSED, readme="memfds mapped but not held open"),
     Row("memory", "a deleted file mapped privately", REFUSED, readme="deleted files mapped privately"),
     Row("memory", "NUMA placement", LOST, readme="NUMA"),
     # --- the process ------------------------------------------------------------------------
