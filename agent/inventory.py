@@ -73,9 +73,10 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "madvise state and mlock", CARRIED, _f("Vma", "advice")),
     Row("memory", "SysV shared memory", REFUSED, readme="SysV shared memory"),
     Row("memory", "a device mapping", REFUSED, readme="device mappings"),
-    Row("memory", "a deleted file or memfd mapped shared and held open", CARRIED),
+    Row("memory", "a deleted file or memfd mapped (shared or private) and held open", CARRIED),
     Row("memory", "a memfd mapped but not held open", REFUSED, readme="memfds mapped but not held open"),
-    Row("memory", "a deleted file mapped privately", REFUSED, readme="deleted files mapped privately"),
+    Row("memory", "a deleted file mapped privately but not held open", REFUSED,
+        readme="deleted files mapped privately that no fd of the job holds"),
     Row("memory", "NUMA placement", LOST, readme="NUMA"),
     # --- the process ------------------------------------------------------------------------
     Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),

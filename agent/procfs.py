@@ -294,13 +294,13 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     for m in every:
         if m.name.startswith("/SYSV"):
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
-        if m.name.startswith("/memfd:") and not (m.shared_anon and m.inode in held):
+        if m.name.startswith("/memfd:") and m.inode not in held:
             raise UnsupportedResource(f"pid {pid} maps a memfd ({m.name}) at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("/dev/") and not m.shared_anon and m.name != "/dev/zero":
             raise UnsupportedResource(f"pid {pid} maps the device {m.name} at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("anon_inode:"):
             raise UnsupportedResource(f"pid {pid} maps {m.name} at {m.start:#x}: {fix}", pid=pid)
-        if m.kind == "file" and m.deleted:
+        if m.kind == "file" and m.deleted and m.inode not in held:
             raise UnsupportedResource(
                 f"pid {pid} maps the deleted file {m.name[:-10]}: {fix}", pid=pid)
     for what in ("cwd", "root"):

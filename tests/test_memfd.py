@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._migration import migrate_cli
 from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap
 from tests.test_checkpoint import checkpoint_and_restore
 from tests.test_trees import checkpoint, image_restored, tree
@@ -20,8 +21,10 @@ def subreaper() -> None:
 
 
 # Each process makes: a sealable memfd of 4400 bytes (seals: no grow, no shrink) mapped shared
-# in part (its first page); a memfd made without MFD_ALLOW_SEALING (so F_SEAL_SEAL) mapped
-# whole; an O_TMPFILE file mapped shared in part. With "fork", a child made after the mappings
+# in part (its first page) and privately (its tail page, written to); a memfd made without
+# MFD_ALLOW_SEALING (so F_SEAL_SEAL) mapped whole; an O_TMPFILE file mapped shared in part and
+# privately whole (written to); memfds sealed F_SEAL_FUTURE_WRITE under a writable mapping and
+# F_SEAL_WRITE before a read-only one. With "fork", a child made after the mappings
 # shares them and the fds. After the restore (at "go") each writes through the fd and
 # reads through the mapping, and the reverse, and reports what it sees.
 MEMFD_WORKLOAD = r"""
@@ -39,6 +42,10 @@ pm = mmap.mmap(plain, 8192)
 tmp = os.open(out_dir, os.O_TMPFILE | os.O_RDWR, 0o640)
 os.write(tmp, b"q" * 10000)
 tm = mmap.mmap(tmp, 4096, offset=4096)
+cm = mmap.mmap(fd, 304, offset=4096, access=mmap.ACCESS_COPY)    # private: the tail page
+cm[0:3] = b"COW"
+tc = mmap.mmap(tmp, 10000, access=mmap.ACCESS_COPY)              # private, the whole file
+tc[4096:4099] = b"cow"
 fw = os.memfd_create("future", os.MFD_ALLOW_SEALING)       # written through a mapping made before the seal
 os.write(fw, b"f" * 4096)
 fm = mmap.mmap(fw, 4096)
@@ -78,6 +85,8 @@ def report(who, out):
     tm[10:11] = b"U"
     lines.append((bytes(tm[5000 - 4096:5001 - 4096]), os.pread(tmp, 1, 4106), os.fstat(tmp).st_size,
                   os.pread(tmp, 4, 9996)))
+    lines.append((bytes(cm[0:4]), bytes(cm[300:304]), os.pread(fd, 3, 4096)))
+    lines.append((bytes(tc[4095:4100]), hashlib.sha256(tc[:]).hexdigest(), os.pread(tmp, 3, 4096)))
     fm[0:1] = who[0].encode()
     lines.append((bytes(fm[0:1]), os.pread(fw, 1, 0), fcntl.fcntl(fw, fcntl.F_GET_SEALS)))
     for write in (lambda: os.pwrite(fw, b"x", 1), lambda: mmap.mmap(fw, 4096), lambda: os.pwrite(ro, b"x", 1),
@@ -117,7 +126,7 @@ os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
 """
 
 
-def _run(tmp_path: Path, where: str, mode: str, move: bool) -> Workload:
+def _run(tmp_path: Path, where: str, mode: str, move: bool, live: bool = False) -> Workload:
     script = tmp_path / "memfd.py"
     script.write_text(MEMFD_WORKLOAD)
     w = Workload("memfd", tmp_path / where,
@@ -134,6 +143,14 @@ def _run(tmp_path: Path, where: str, mode: str, move: bool) -> Workload:
         (w.dir / "go").touch()
         assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
         assert os.WEXITSTATUS(reap(new_pid)) == 0
+    elif live:
+        w.wait_ready()
+        code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+        assert code == 0, err
+        assert w.reap_original() == -9
+        (w.dir / "go").touch()
+        assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+        assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
     elif move:
         w.wait_ready()
         new_pid, _ = checkpoint_and_restore(w, tmp_path)
@@ -146,10 +163,13 @@ def _run(tmp_path: Path, where: str, mode: str, move: bool) -> Workload:
     return w
 
 
-@pytest.mark.parametrize("mode", ["alone", "fork"])
-def test_memfd_held_and_mapped_stays_one_file(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode,live", [("alone", False), ("fork", False), ("alone", True)],
+                         ids=["checkpoint", "tree-checkpoint", "live"])
+def test_memfd_held_and_mapped_stays_one_file(tmp_path: Path, mode: str, live: bool) -> None:
+    """Through checkpoint and restore (one process; a parent and child sharing the mappings and
+    fds), and live from a host to itself (under a new pid; carried while frozen)."""
     ref = _run(tmp_path, "reference", mode, move=False)
-    w = _run(tmp_path, "restored", mode, move=True)
+    w = _run(tmp_path, "restored", mode, move=True, live=live)
     out = w.output()
     assert out == ref.output()
     assert "parent b'via-fd'\nparent b'via-mm'\n" in out
@@ -159,6 +179,8 @@ def test_memfd_held_and_mapped_stays_one_file(tmp_path: Path, mode: str) -> None
     assert "parent (b'T', b'U', 10000, b'qqqq')\n" in out
     assert "parent (b'p', b'p', 17)\nparent 1\nparent 1\nparent 1\nparent 1\nparent 1\n" in out
     assert "parent (b'rr', 8)\n" in out
+    assert "parent (b'COW\\x03', b'tttt', b'\\x00\\x01\\x02')\n" in out
+    assert "parent (b'qcowq', " in out
     assert ("parent ['/memfd:future (deleted)', '/memfd:kcr-test (deleted)', '/memfd:plain (deleted)', "
             "'/memfd:ro (deleted)']\n") in out
     if mode == "fork":
