@@ -204,19 +204,36 @@ time.sleep(600)
 """
 
 
-def test_memfd_mapped_but_not_held_is_refused(tmp_path: Path) -> None:
-    """Without an fd its rest (past the mapped page) could not be read: refused, the process runs on.
-    (Python's mmap keeps an fd of what it maps, so the workload maps with ctypes.)"""
-    script = tmp_path / "mapped.py"
-    script.write_text(MAPPED_ONLY)
-    w = Workload("mapped", tmp_path, argv=[sys.executable, "-S", str(script), str(tmp_path / "mapped")])
+BIG = r"""
+import mmap, os, sys, time
+fd = os.memfd_create("big", 0)
+os.ftruncate(fd, 17 << 20)
+m = mmap.mmap(fd, 4096)
+m[0:1] = b"x"
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("script,expected", [
+    (MAPPED_ONLY, "maps part of the deleted file /memfd:kcr-test (4096 of its 4400 bytes)"),
+    (BIG, "is the deleted file /memfd:big of 17 MiB: kcr-migrate carries deleted files up to 16 MiB"),
+], ids=["mapped-not-held", "over-the-limit"])
+def test_refused_in_one_line_and_the_process_runs_on(tmp_path: Path, script: str, expected: str) -> None:
+    """A memfd mapped without an fd (its rest, past the mapped page, could not be read; Python's
+    mmap keeps an fd of what it maps, so the workload maps with ctypes), and one over the size
+    carried while frozen."""
+    path = tmp_path / "refused.py"
+    path.write_text(script)
+    w = Workload("refused", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "refused")])
     w.start()
     w.wait_ready()
     try:
         res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "x.img"))
         assert res.returncode != 0
-        assert "maps part of the deleted file /memfd:kcr-test (4096 of its 4400 bytes)" in one_error_line(res.stderr)
+        assert expected in one_error_line(res.stderr)
         os.kill(w.pid, 0)
+        assert not (tmp_path / "x.img").exists()
     finally:
         os.kill(w.pid, signal.SIGKILL)
         w.reap_original()
