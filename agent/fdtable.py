@@ -278,6 +278,10 @@ def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
             f"pid {pid}'s fd {info.fd} is the deleted file {name} of {st.st_size >> 20} MiB: kcr-migrate carries "
             f"deleted files up to {MAX_DELETED_FILE >> 20} MiB (their contents go while the process is frozen); "
             "close it, or keep the data in a file that has a name", pid=pid)
+    if name.startswith("/memfd:") and st.st_blksize > os.sysconf("SC_PAGE_SIZE"):
+        # hugetlbfs gives its page size; made again here it would be a memfd of small pages
+        raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is the memfd {name} of huge pages (MFD_HUGETLB): "
+                                  f"{_CANNOT}", pid=pid)
     if held:
         raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the deleted file {name} (fd "
                                   f"{info.fd}): kcr-migrate carries locks on files with a name only", pid=pid)

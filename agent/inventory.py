@@ -62,6 +62,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "an io_uring instance", REFUSED, target="anon_inode:[io_uring]", readme="io_uring"),
     Row("fd", "a userfaultfd", REFUSED, target="anon_inode:[userfaultfd]", readme="userfaultfd"),
     Row("fd", "a memfd", CARRIED, _f("FileContents", "memfd", "seals")),
+    Row("fd", "a memfd of huge pages", REFUSED, readme="memfds of huge pages"),
     Row("fd", "an anonymous-inode file", REFUSED, target="anon_inode:", readme="anonymous-inode"),
     Row("fd", "a terminal", REFUSED, readme="terminals"),
     Row("fd", "a FIFO", REFUSED, readme="FIFOs"),

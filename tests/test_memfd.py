@@ -215,14 +215,28 @@ time.sleep(600)
 """
 
 
+HUGE = r"""
+import os, sys, time
+fd = os.memfd_create("huge", os.MFD_HUGETLB)
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
 @pytest.mark.parametrize("script,expected", [
     (MAPPED_ONLY, "maps part of the deleted file /memfd:kcr-test (4096 of its 4400 bytes)"),
     (BIG, "is the deleted file /memfd:big of 17 MiB: kcr-migrate carries deleted files up to 16 MiB"),
-], ids=["mapped-not-held", "over-the-limit"])
+    (HUGE, "is the memfd /memfd:huge of huge pages (MFD_HUGETLB)"),
+], ids=["mapped-not-held", "over-the-limit", "huge-pages"])
 def test_refused_in_one_line_and_the_process_runs_on(tmp_path: Path, script: str, expected: str) -> None:
     """A memfd mapped without an fd (its rest, past the mapped page, could not be read; Python's
-    mmap keeps an fd of what it maps, so the workload maps with ctypes), and one over the size
-    carried while frozen."""
+    mmap keeps an fd of what it maps, so the workload maps with ctypes), one over the size
+    carried while frozen, and one of huge pages (made again, it would be of small pages)."""
+    if script is HUGE:
+        try:
+            os.close(os.memfd_create("probe", os.MFD_HUGETLB))
+        except OSError:
+            pytest.skip("this kernel makes no memfds of huge pages (no hugetlbfs)")
     path = tmp_path / "refused.py"
     path.write_text(script)
     w = Workload("refused", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "refused")])
