@@ -289,7 +289,8 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     if tree is None:
         describe(pid, redirect)
     every = maps if maps is not None else read_maps(pid)
-    held = held_deleted({pid, *(tree or ())})
+    deleted = any(m.name.endswith(" (deleted)") and m.inode and m.name != "/dev/zero (deleted)" for m in every)
+    held = held_deleted({pid, *(tree or ())}) if deleted else set()
     _check_deleted_shared(pid, every, held)
     for m in every:
         if m.name.startswith("/SYSV"):
