@@ -350,6 +350,8 @@ def _add_seals(fd: int, seals: int, name: str) -> None:
         fcntl.fcntl(fd, F_ADD_SEALS, seals)
     except OSError as exc:
         raise RestoreError(f"cannot seal the memfd {name} again: {exc.strerror}") from None
+
+
 MEMFD_NAME_MAX = 249      # the kernel's limit (NAME_MAX less "memfd:")
 
 

@@ -526,17 +526,9 @@ class Restorer:
             ours = self.shared.fd_for(v.ino, v.pgoff + v.length)
         except OSError as exc:
             raise RestoreError(f"cannot make the shared memory at {v.start:#x}: {exc.strerror}") from None
-        pidfd = self._call("pidfd_open", os.getpid(), 0)
-        try:
-            fd = self._call("pidfd_getfd", pidfd, ours, 0)
-        finally:
-            self._call("close", pidfd)
-        try:
-            # Writable until ``_map_carried_files``: its pages are written through /proc/PID/mem,
-            # which may write a private read-only mapping but not a shared one.
-            self._call("mmap", v.start, v.length, v.prot | PROT_WRITE, flags, fd, v.pgoff)
-        finally:
-            self._call("close", fd)
+        # Writable until ``_map_carried_files``: its pages are written through /proc/PID/mem,
+        # which may write a private read-only mapping but not a shared one.
+        self._map_from(ours, v, flags, v.prot | PROT_WRITE)
 
     def _map_carried_files(self, descriptions: Descriptions) -> None:
         """A deleted file (a memfd) the tree holds open and maps shared is one file: each
@@ -549,7 +541,7 @@ class Restorer:
                 continue
             ours = descriptions.deleted_file(v.ino)
             if ours is None:
-                if self.shared is not None and not v.prot & PROT_WRITE and not self._is_deferred(v):
+                if self.shared is not None and not v.prot & PROT_WRITE:
                     self._call("mprotect", v.start, v.length, v.prot)
                 continue
             try:
@@ -569,7 +561,7 @@ class Restorer:
                                "lacks its contents: corrupt image")
         self._map_from(ours, v, flags)
 
-    def _map_from(self, ours: int, v: Vma, flags: int) -> None:
+    def _map_from(self, ours: int, v: Vma, flags: int, prot: int | None = None) -> None:
         """Map ``v`` from our fd ``ours``, taken by the process with pidfd_getfd."""
         pidfd = self._call("pidfd_open", os.getpid(), 0)
         try:
@@ -577,7 +569,7 @@ class Restorer:
         finally:
             self._call("close", pidfd)
         try:
-            self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
+            self._call("mmap", v.start, v.length, v.prot if prot is None else prot, flags, fd, v.pgoff)
         finally:
             self._call("close", fd)
 
