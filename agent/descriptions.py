@@ -80,6 +80,7 @@ class Descriptions:
         self._events: dict[int, int] = {}                     # event file id -> its fd
         self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
         self._deleted: dict[int, int] = {}                    # deleted file id -> an fd of it made again
+        self._seal_later: dict[int, tuple[int, str]] = {}     # an fd of a memfd -> (seals, its name)
         self._taken: set[int] = set()                         # object fds a description already is
         self._mine: list[int] = []                            # fds to close
 
@@ -93,17 +94,37 @@ class Descriptions:
 
     def add_deleted(self, files: Files, contents: Sequence[FileContents]) -> None:
         """Each deleted file made again, unlinked, from its slices (O_TMPFILE in the directory
-        it was in where that exists here, else in /tmp), with its owner and permissions."""
-        where = {f.obj: os.path.dirname(f.path) or "/" for f in files.fds if f.kind == "deleted"}
+        it was in where that exists here, else in /tmp; a memfd as a memfd of its name), with
+        its owner and permissions, and a memfd's seals once its contents are in."""
+        where = {f.obj: f.path for f in files.fds if f.kind == "deleted"}
         made: dict[int, int] = {}
+        seals: dict[int, int] = {}
         for c in sorted(contents, key=lambda c: (c.id, c.offset)):
             fd = made.get(c.id)
             if fd is None:
                 if c.id in self._deleted:
                     raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
-                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp"), c)
+                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp/"), c)
                 self._mine.append(fd)
+                seals[c.id] = c.seals if c.memfd else 0
             os.pwrite(fd, c.data, c.offset)
+        for ino, wanted in seals.items():
+            # F_SEAL_WRITE before the file is mapped (so read-only mappings of it may not be made
+            # writable, as on the source); F_SEAL_FUTURE_WRITE, which leaves writable mappings
+            # made before it, and F_SEAL_SEAL after (``seal``).
+            _add_seals(made[ino], wanted & ~(F_SEAL_FUTURE_WRITE | F_SEAL_SEAL), where.get(ino, str(ino)))
+            if wanted & (F_SEAL_FUTURE_WRITE | F_SEAL_SEAL):
+                self._seal_later[made[ino]] = (wanted, where.get(ino, str(ino)))
+
+    def seal(self) -> None:
+        """The memfds' last seals, once every process maps what it maps of them."""
+        for fd, (wanted, name) in self._seal_later.items():
+            _add_seals(fd, wanted, name)
+        self._seal_later.clear()
+
+    def deleted_file(self, ino: int) -> int | None:
+        """An fd of the deleted file (memfd) ``ino`` made again, if the image carries it."""
+        return self._deleted.get(ino)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:
@@ -265,6 +286,7 @@ class Descriptions:
         self._events.clear()
         self._watches.clear()
         self._deleted.clear()
+        self._seal_later.clear()
         self._taken.clear()
 
 
@@ -284,9 +306,20 @@ def _file_type(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _make_unlinked(directory: str, c: FileContents) -> int:
+def _make_unlinked(path: str, c: FileContents) -> int:
     """A new file with no name (O_TMPFILE; where the filesystem lacks it, a name removed at
-    once), sized and owned as ``c`` says."""
+    once; a memfd of the name ``path`` gives), sized and owned as ``c`` says."""
+    if c.memfd:
+        name = path.removeprefix("/memfd:")
+        try:
+            fd = os.memfd_create(name[:MEMFD_NAME_MAX], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, c.size)
+            os.fchown(fd, c.uid, c.gid)
+            os.fchmod(fd, c.mode)
+        except OSError as exc:
+            raise RestoreError(f"cannot make the memfd {path} again: {exc.strerror}") from None
+        return fd
+    directory = os.path.dirname(path) or "/"
     for place in (directory, "/tmp"):
         try:
             fd = os.open(place, os.O_RDWR | O_TMPFILE | os.O_CLOEXEC, 0o600)
@@ -305,6 +338,21 @@ def _make_unlinked(directory: str, c: FileContents) -> int:
             raise RestoreError(f"cannot make the deleted file {c.id} again in {place}: {exc.strerror}") from None
         return fd
     raise RestoreError(f"cannot make a deleted file again: neither {directory} nor /tmp takes a new file here")
+
+
+F_ADD_SEALS, F_SEAL_SEAL, F_SEAL_FUTURE_WRITE = 1033, 0x1, 0x10
+
+
+def _add_seals(fd: int, seals: int, name: str) -> None:
+    if not seals:
+        return
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    except OSError as exc:
+        raise RestoreError(f"cannot seal the memfd {name} again: {exc.strerror}") from None
+
+
+MEMFD_NAME_MAX = 249      # the kernel's limit (NAME_MAX less "memfd:")
 
 
 def _make_event_file(e: EventFile) -> int:

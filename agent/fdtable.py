@@ -42,6 +42,7 @@ from transport.records import MAX_BYTES
 from transport.schema import (
     EVENT_KINDS,
     MAX_DELETED_FILE,
+    MEMFD_SEALS,
     O_CLOEXEC_FLAG,
     SOCK_DGRAM,
     EpollWatch,
@@ -277,6 +278,10 @@ def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
             f"pid {pid}'s fd {info.fd} is the deleted file {name} of {st.st_size >> 20} MiB: kcr-migrate carries "
             f"deleted files up to {MAX_DELETED_FILE >> 20} MiB (their contents go while the process is frozen); "
             "close it, or keep the data in a file that has a name", pid=pid)
+    if name.startswith("/memfd:") and st.st_blksize > os.sysconf("SC_PAGE_SIZE"):
+        # hugetlbfs gives its page size; made again here it would be a memfd of small pages
+        raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is the memfd {name} of huge pages (MFD_HUGETLB): "
+                                  f"{_CANNOT}", pid=pid)
     if held:
         raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the deleted file {name} (fd "
                                   f"{info.fd}): kcr-migrate carries locks on files with a name only", pid=pid)
@@ -292,16 +297,32 @@ def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
         if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
             raise UnsupportedResource(f"pid {pid}'s deleted file on fd {fd} changed while it was being read: "
                                       "try again", pid=pid)
+        memfd, seals = _memfd_seals(pid, fd, own)
         slices, offset = [], 0
         while True:
             data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
             slices.append(FileContents(id=ino, size=st.st_size, offset=offset, data=data,
-                                       mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
+                                       mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                                       memfd=memfd, seals=seals))
             offset += len(data)
             if not data or offset >= st.st_size:
                 return slices
     finally:
         os.close(own)
+
+
+def _memfd_seals(pid: int, fd: int, own: int) -> tuple[bool, int]:
+    """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
+    (a file of /dev/shm takes it too, but is named by its path)."""
+    if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+        return False, 0
+    try:
+        return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS
+    except OSError:
+        return False, 0     # a file of that name on a filesystem without seals
+
+
+F_GET_SEALS = 1034
 
 
 def _redirect_hint(fd: int, why: str) -> str:

@@ -9,7 +9,7 @@ import os
 import re
 import stat as stat_mod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from agent import inventory, sched
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
@@ -243,12 +243,25 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     return None, f"an unsupported file ({target})"
 
 
-def _check_deleted_shared(pid: int, maps: list[MapEntry]) -> None:
-    """A deleted file mapped MAP_SHARED is carried as the memory the process maps of it: refuse
-    one that holds more than that (the rest would be lost)."""
+def held_deleted(pids: Iterable[int]) -> set[int]:
+    """The inodes of the deleted files (memfds among them) these processes hold open as fds:
+    their contents are carried whole (``agent.fdtable``), mapped or not."""
+    out: set[int] = set()
+    for p in pids:
+        for info in list_fds(p):
+            st = info.st
+            if info.target.endswith(" (deleted)") and st is not None and stat_mod.S_ISREG(st.st_mode) \
+                    and not st.st_nlink:
+                out.add(st.st_ino)
+    return out
+
+
+def _check_deleted_shared(pid: int, maps: list[MapEntry], held: set[int]) -> None:
+    """A deleted file mapped MAP_SHARED and not held open is carried as the memory the process
+    maps of it: refuse one that holds more than that (the rest would be lost)."""
     extent: dict[int, tuple[int, MapEntry]] = {}
     for m in maps:
-        if m.shared_anon and m.name != "/dev/zero (deleted)":
+        if m.shared_anon and m.name != "/dev/zero (deleted)" and m.inode not in held:
             end = m.offset + m.end - m.start
             if end > extent.get(m.inode, (0, m))[0]:
                 extent[m.inode] = (end, m)
@@ -276,17 +289,19 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     if tree is None:
         describe(pid, redirect)
     every = maps if maps is not None else read_maps(pid)
-    _check_deleted_shared(pid, every)
+    deleted = any(m.name.endswith(" (deleted)") and m.inode and m.name != "/dev/zero (deleted)" for m in every)
+    held = held_deleted({pid, *(tree or ())}) if deleted else set()
+    _check_deleted_shared(pid, every, held)
     for m in every:
         if m.name.startswith("/SYSV"):
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
-        if m.name.startswith("/memfd:"):
+        if m.name.startswith("/memfd:") and m.inode not in held:
             raise UnsupportedResource(f"pid {pid} maps a memfd ({m.name}) at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("/dev/") and not m.shared_anon and m.name != "/dev/zero":
             raise UnsupportedResource(f"pid {pid} maps the device {m.name} at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("anon_inode:"):
             raise UnsupportedResource(f"pid {pid} maps {m.name} at {m.start:#x}: {fix}", pid=pid)
-        if m.kind == "file" and m.deleted:
+        if m.kind == "file" and m.deleted and m.inode not in held:
             raise UnsupportedResource(
                 f"pid {pid} maps the deleted file {m.name[:-10]}: {fix}", pid=pid)
     for what in ("cwd", "root"):

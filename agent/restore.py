@@ -197,6 +197,11 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
     raise RestoreError("no free address range for the restore gadget")
 
 
+def _deleted_private(v: Vma) -> bool:
+    """A deleted file (a memfd) mapped privately: its maps line names it ``PATH (deleted)``."""
+    return not v.shared and v.path.endswith(" (deleted)")
+
+
 class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
@@ -232,6 +237,7 @@ class Restorer:
         self._clone_gadget, self._clone_scratch = forked_from.memory_for_clones() if forked_from else (0, 0)
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
+        self._carried: Descriptions | None = None     # in finish(): the deleted files made again
         self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
@@ -464,6 +470,10 @@ class Restorer:
                 self._call("madvise", start, end - start, off)
 
     def _is_deferred(self, v: Vma) -> bool:
+        """A file mapped in finish(): one a filesystem hook brings, or a deleted file mapped
+        privately (made again from its carried contents with the fds, ``_map_carried``)."""
+        if v.kind == "file" and _deleted_private(v):
+            return self._carried is None
         return v.kind == "file" and any(v.path == d or v.path.startswith(d.rstrip("/") + "/") for d in self.deferred)
 
     def _map_deferred(self) -> None:
@@ -491,6 +501,8 @@ class Restorer:
                 self._placeholders[(v.start, v.end)] = v
             elif v.shared and v.kind == "anon" and v.ino and self.shared is not None:
                 self._map_shared_object(v, flags)
+            elif v.kind == "file" and _deleted_private(v):
+                self._map_carried(v, flags)
             elif v.kind == "file":
                 self._check_file(v)
                 # A shared mapping the process may mprotect writable needs a file opened for writing.
@@ -515,13 +527,50 @@ class Restorer:
             ours = self.shared.fd_for(v.ino, v.pgoff + v.length)
         except OSError as exc:
             raise RestoreError(f"cannot make the shared memory at {v.start:#x}: {exc.strerror}") from None
+        # Writable until ``_map_carried_files``: its pages are written through /proc/PID/mem,
+        # which may write a private read-only mapping but not a shared one.
+        self._map_from(ours, v, flags, v.prot | PROT_WRITE)
+
+    def _map_carried_files(self, descriptions: Descriptions) -> None:
+        """A deleted file (a memfd) the tree holds open and maps shared is one file: each
+        mapping of it, restored as shared memory with its pages, is mapped again from the file
+        made from its carried contents (the same bytes, frozen together), so the fds and the
+        mappings of every process see each other's writes. The other shared memory objects
+        take their protection (``_map_shared_object``)."""
+        for v in self.layout:
+            if not (v.shared and v.kind == "anon" and v.ino):
+                continue
+            ours = descriptions.deleted_file(v.ino)
+            if ours is None:
+                if self.shared is not None and not v.prot & PROT_WRITE:
+                    self._call("mprotect", v.start, v.length, v.prot)
+                continue
+            try:
+                self._map_from(ours, v, MAP_FIXED | MAP_SHARED)
+            except InjectionError as exc:
+                raise RestoreError(f"cannot map the deleted file {v.ino} at {v.start:#x}-{v.end:#x}: "
+                                   f"{exc.strerror}") from None
+            self._advise(v.start, v.end, v.advice)
+
+    def _map_carried(self, v: Vma, flags: int) -> None:
+        """A deleted file (a memfd) mapped privately, from the file made again of its carried
+        contents (in finish(), over a placeholder whose written pages ``_map_deferred`` puts
+        back)."""
+        ours = self._carried.deleted_file(v.ino) if self._carried is not None else None
+        if ours is None:
+            raise RestoreError(f"{v.path[:-len(' (deleted)')]} is mapped by the process, deleted, but the image "
+                               "lacks its contents: corrupt image")
+        self._map_from(ours, v, flags)
+
+    def _map_from(self, ours: int, v: Vma, flags: int, prot: int | None = None) -> None:
+        """Map ``v`` from our fd ``ours``, taken by the process with pidfd_getfd."""
         pidfd = self._call("pidfd_open", os.getpid(), 0)
         try:
             fd = self._call("pidfd_getfd", pidfd, ours, 0)
         finally:
             self._call("close", pidfd)
         try:
-            self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
+            self._call("mmap", v.start, v.length, v.prot if prot is None else prot, flags, fd, v.pgoff)
         finally:
             self._call("close", fd)
 
@@ -618,6 +667,7 @@ class Restorer:
         try:
             own.add(fds)
             self._finish(proc, fds.files, threads, own)
+            own.seal()
         finally:
             own.close()
 
@@ -628,7 +678,10 @@ class Restorer:
             raise RestoreError("the image has no main thread: corrupt image")
         self._stop_filling()        # every page is in: the stub may touch its memory again
         try:
+            self._carried = descriptions
             self._map_deferred()
+            self._map_carried_files(descriptions)
+            self._carried = None
             self._lock_memory(proc)
             self._mm(proc)
             self._memory_attributes(proc)

@@ -200,6 +200,7 @@ class RestoreSession:
             for p, fds in zip(procs, each):
                 assert p.records.state is not None
                 p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)
+            descriptions.seal()
         finally:
             descriptions.close()
             self.shared.close()       # every process maps what it shares by now

@@ -6,7 +6,9 @@ An image or stream names it by its inode on the source (``Vma.ino``). The restor
 each object once, as a shared anonymous mapping of its own (so the processes' maps read
 ``/dev/zero (deleted)`` as before), opens it through ``/proc/self/map_files`` (root may),
 and every process maps that file at its own address and offset (``Restorer._map``). The
-object grows to the largest offset any process maps.
+object grows to the largest offset any process maps. A deleted file (a memfd) the job also
+holds open is made again whole from its carried contents with the fds, and at finish its
+mappings are mapped again from that file (``Restorer._map_carried_files``): one file again.
 """
 from __future__ import annotations
 

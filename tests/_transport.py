@@ -96,6 +96,7 @@ def example_records() -> dict[type[Record], Record]:
                           EventFile(4, "epoll", watches=(EpollWatch(3, 0x80000001, 101),)),
                           EventFile(5, "inotify", inotify=(InotifyWatch(4, 0x80000100, "/srv"),), queued=32))),
         FileContents(id=77, size=10, offset=0, data=b"0123456789", mode=0o640, uid=1000, gid=1000),
+        FileContents(id=78, size=4400, offset=4096, data=b"tail", mode=0o777, memfd=True, seals=0x17),
         ProcessTree(members=(TreeMember(1234, 1, 1234, 1234, "sh"), TreeMember(1240, 1234, 1234, 1234, "sort"))),
         ProcessBegin(pid=1240),
         EndOfImage(page_batches=3, pages=77, records=6),

@@ -313,3 +313,28 @@ def test_a_child_that_exits_during_precopy_leaves_the_job(testbed: Testbed, tmp_
     assert testbed.exec("hostC", ["test", "-e", f"/proc/{child}"]).returncode != 0, "a zombie was left on hostC"
     (out / "done").touch()
     assert wait_file(out / "output") == "True 3\n"
+
+
+def test_memfd_shared_by_a_tree_stays_one_file_live(testbed: Testbed, tmp_path: Path) -> None:
+    """Parent and child share memfds and a deleted file, as fds and as mappings (tests/test_memfd.py's
+    MEMFD_WORKLOAD): on hostC each is one file again, with its contents, name and seals."""
+    from tests.test_memfd import MEMFD_WORKLOAD
+    script = tmp_path / "memfd.py"
+    script.write_text(MEMFD_WORKLOAD)
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    (ref / "go").touch()
+    expected = reference_output([sys.executable, "-S", str(script), str(ref), "fork"], ref)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "fork"], out)
+    before = tree(pid)
+    assert len(before) == 2
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    (out / "go").touch()
+    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == expected
+    assert (out / "child").read_text() == (ref / "child").read_text()
+    assert "parent '/memfd:kcr-test (deleted)'\n" in expected

@@ -330,6 +330,7 @@ FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted") + EVENT
 # fds of these kinds refer to an object the stream carries
 OBJECT_KINDS = ("pipe", "unix", "deleted") + EVENT_KINDS
 MAX_DELETED_FILE = 16 << 20    # bytes of a deleted file carried (bigger ones are refused)
+MEMFD_SEALS = 0x3f             # F_SEAL_SEAL, _SHRINK, _GROW, _WRITE, _FUTURE_WRITE, _EXEC
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
 # device can have effects of its own, so an image that names another one is refused too.
 CHAR_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -534,7 +535,10 @@ class EventFiles(Record):
 @dataclass(frozen=True)
 class FileContents(Record):
     """A slice of the contents of a deleted file the process holds open (fds of kind
-    "deleted" name it by ``id``); the file is made again, unlinked, from its slices."""
+    "deleted" name it by ``id``); the file is made again, unlinked, from its slices. A memfd
+    is made again as a memfd of its name (the fd's path, ``/memfd:NAME``), with its seals
+    (``F_GET_SEALS``) added once its contents are in. Shared mappings of the file are mapped
+    from the file made again (``Vma.ino`` is ``id``)."""
 
     TYPE = 13
     id: ObjectId             # the file's inode on the source host
@@ -544,9 +548,12 @@ class FileContents(Record):
     mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0o600
     uid: Id = 0
     gid: Id = 0
+    memfd: bool = False
+    seals: Annotated[int, Int(0, MEMFD_SEALS, "memfd seals")] = 0
 
     def validate(self) -> None:
         _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
+        _check(self.memfd or not self.seals, f"deleted file {self.id}: seals on a file that is no memfd")
 
 
 def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,

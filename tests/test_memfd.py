@@ -1,0 +1,253 @@
+"""memfds and deleted files a process holds open and maps: after a checkpoint and restore the fd
+and every shared mapping of it are one file again, with its contents, size, name and seals."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._migration import migrate_cli
+from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap
+from tests.test_checkpoint import checkpoint_and_restore
+from tests.test_trees import checkpoint, image_restored, tree
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+# Each process makes: a sealable memfd of 4400 bytes (seals: no grow, no shrink) mapped shared
+# in part (its first page) and privately (its tail page, written to); a memfd made without
+# MFD_ALLOW_SEALING (so F_SEAL_SEAL) mapped whole; an O_TMPFILE file mapped shared in part and
+# privately whole (written to); memfds sealed F_SEAL_FUTURE_WRITE under a writable mapping and
+# F_SEAL_WRITE before a read-only one. With "fork", a child made after the mappings
+# shares them and the fds. After the restore (at "go") each writes through the fd and
+# reads through the mapping, and the reverse, and reports what it sees.
+MEMFD_WORKLOAD = r"""
+import fcntl, hashlib, mmap, os, sys, time
+out_dir, mode = sys.argv[1], sys.argv[2]
+tail = bytes(range(256)) * 17 + b"t" * 48           # 4400 bytes
+fd = os.memfd_create("kcr-test", os.MFD_ALLOW_SEALING)
+os.write(fd, tail)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+os.lseek(fd, 1234, os.SEEK_SET)
+m = mmap.mmap(fd, 4096)
+plain = os.memfd_create("plain", 0)
+os.write(plain, b"p" * 8192)
+pm = mmap.mmap(plain, 8192)
+tmp = os.open(out_dir, os.O_TMPFILE | os.O_RDWR, 0o640)
+os.write(tmp, b"q" * 10000)
+tm = mmap.mmap(tmp, 4096, offset=4096)
+cm = mmap.mmap(fd, 304, offset=4096, access=mmap.ACCESS_COPY)    # private: the tail page
+cm[0:3] = b"COW"
+tc = mmap.mmap(tmp, 10000, access=mmap.ACCESS_COPY)              # private, the whole file
+tc[4096:4099] = b"cow"
+fw = os.memfd_create("future", os.MFD_ALLOW_SEALING)       # written through a mapping made before the seal
+os.write(fw, b"f" * 4096)
+fm = mmap.mmap(fw, 4096)
+fcntl.fcntl(fw, fcntl.F_ADD_SEALS, 0x10 | fcntl.F_SEAL_SEAL)     # F_SEAL_FUTURE_WRITE
+ro = os.memfd_create("ro", os.MFD_ALLOW_SEALING)           # sealed, then mapped read-only
+os.write(ro, b"r" * 4096)
+fcntl.fcntl(ro, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+rm = mmap.mmap(ro, 4096, access=mmap.ACCESS_READ)
+
+def report(who, out):
+    lines = []
+    os.pwrite(fd, b"via-fd", 100)
+    lines.append(bytes(m[100:106]))
+    m[200:206] = b"via-mm"
+    lines.append(os.pread(fd, 6, 200))
+    lines.append(hashlib.sha256(os.pread(fd, 4400, 0)).hexdigest())
+    lines.append(os.pread(fd, 304, 4096) == tail[4096:])
+    lines.append((os.fstat(fd).st_size, os.lseek(fd, 0, os.SEEK_CUR)))
+    lines.append(fcntl.fcntl(fd, fcntl.F_GET_SEALS))
+    for grow in (lambda: os.ftruncate(fd, 8192), lambda: os.ftruncate(fd, 10), lambda: os.pwrite(fd, b"x", 4400)):
+        try:
+            grow()
+            lines.append("not sealed")
+        except OSError as exc:
+            lines.append(exc.errno)
+    lines.append(os.readlink(f"/proc/self/fd/{fd}"))
+    lines.append(fcntl.fcntl(plain, fcntl.F_GET_SEALS))
+    try:
+        fcntl.fcntl(plain, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        lines.append("sealed anew")
+    except OSError as exc:
+        lines.append(exc.errno)
+    os.pwrite(plain, b"P", 8000)
+    pm[10:11] = b"Z"
+    lines.append((bytes(pm[8000:8001]), os.pread(plain, 1, 10)))
+    os.pwrite(tmp, b"T", 5000)
+    tm[10:11] = b"U"
+    lines.append((bytes(tm[5000 - 4096:5001 - 4096]), os.pread(tmp, 1, 4106), os.fstat(tmp).st_size,
+                  os.pread(tmp, 4, 9996)))
+    lines.append((bytes(cm[0:4]), bytes(cm[300:304]), os.pread(fd, 3, 4096)))
+    lines.append((bytes(tc[4095:4100]), hashlib.sha256(tc[:]).hexdigest(), os.pread(tmp, 3, 4096)))
+    fm[0:1] = who[0].encode()
+    lines.append((bytes(fm[0:1]), os.pread(fw, 1, 0), fcntl.fcntl(fw, fcntl.F_GET_SEALS)))
+    for write in (lambda: os.pwrite(fw, b"x", 1), lambda: mmap.mmap(fw, 4096), lambda: os.pwrite(ro, b"x", 1),
+                  lambda: mmap.mmap(ro, 4096), lambda: fcntl.fcntl(fw, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)):
+        try:
+            write()
+            lines.append("not sealed")
+        except OSError as exc:
+            lines.append(exc.errno)
+    lines.append((bytes(rm[0:2]), fcntl.fcntl(ro, fcntl.F_GET_SEALS)))
+    lines.append(sorted({line.split(None, 5)[5].strip() for line in open("/proc/self/maps")
+                         if "memfd:" in line}))
+    out.write("".join(f"{who} {x!r}\n" for x in lines))
+    out.flush()
+
+child = 0
+if mode == "fork":
+    child = os.fork()
+with open(os.path.join(out_dir, "child" if child == 0 and mode == "fork" else "output"), "w") as out:
+    if child or mode != "fork":
+        open(os.path.join(out_dir, "ready"), "w").close()
+    while not os.path.exists(os.path.join(out_dir, "go")):     # made after the restore
+        time.sleep(0.01)
+    if mode == "fork" and child == 0:
+        report("child", out)
+        os._exit(0)
+    if child:
+        os.waitpid(child, 0)
+        # what the child wrote is in the one file and the one mapping
+        out.write(f"after child {bytes(m[100:106])!r} {os.pread(fd, 6, 200)!r}\n")
+        os.pwrite(fd, b"zzzzzz", 100)
+        os.pwrite(fd, b"zzzzzz", 200)
+    report("parent", out)
+with open(os.path.join(out_dir, ".verdict"), "w") as v:
+    v.write("PASS\n")
+os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
+"""
+
+
+def _run(tmp_path: Path, where: str, mode: str, move: bool, live: bool = False) -> Workload:
+    script = tmp_path / "memfd.py"
+    script.write_text(MEMFD_WORKLOAD)
+    w = Workload("memfd", tmp_path / where,
+                 argv=[sys.executable, "-S", str(script), str(tmp_path / where / "memfd"), mode])
+    if not move:
+        (w.dir / "go").touch()
+    w.start()
+    if move and mode == "fork":
+        w.wait_ready()
+        before = tree(w.pid)
+        checkpoint(w.pid, tmp_path / "tree.img", 2)
+        assert w.reap_original() == -9
+        new_pid = image_restored(tmp_path / "tree.img", before)
+        (w.dir / "go").touch()
+        assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+        assert os.WEXITSTATUS(reap(new_pid)) == 0
+    elif live:
+        w.wait_ready()
+        code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+        assert code == 0, err
+        assert w.reap_original() == -9
+        (w.dir / "go").touch()
+        assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+        assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
+    elif move:
+        w.wait_ready()
+        new_pid, _ = checkpoint_and_restore(w, tmp_path)
+        (w.dir / "go").touch()
+        assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+        assert os.WEXITSTATUS(reap(new_pid)) == 0
+    else:
+        assert w.verdict() == "PASS"
+        w.reap_original()
+    return w
+
+
+@pytest.mark.parametrize("mode,live", [("alone", False), ("fork", False), ("alone", True)],
+                         ids=["checkpoint", "tree-checkpoint", "live"])
+def test_memfd_held_and_mapped_stays_one_file(tmp_path: Path, mode: str, live: bool) -> None:
+    """Through checkpoint and restore (one process; a parent and child sharing the mappings and
+    fds), and live from a host to itself (under a new pid; carried while frozen)."""
+    ref = _run(tmp_path, "reference", mode, move=False)
+    w = _run(tmp_path, "restored", mode, move=True, live=live)
+    out = w.output()
+    assert out == ref.output()
+    assert "parent b'via-fd'\nparent b'via-mm'\n" in out
+    assert "parent True\nparent (4400, 1234)\nparent 6\nparent 1\nparent 1\nparent 1\n" in out
+    assert "parent '/memfd:kcr-test (deleted)'\nparent 1\nparent 1\n" in out      # F_SEAL_SEAL kept
+    assert "parent (b'P', b'Z')\n" in out
+    assert "parent (b'T', b'U', 10000, b'qqqq')\n" in out
+    assert "parent (b'p', b'p', 17)\nparent 1\nparent 1\nparent 1\nparent 1\nparent 1\n" in out
+    assert "parent (b'rr', 8)\n" in out
+    assert "parent (b'COW\\x03', b'tttt', b'\\x00\\x01\\x02')\n" in out
+    assert "parent (b'qcowq', " in out
+    assert ("parent ['/memfd:future (deleted)', '/memfd:kcr-test (deleted)', '/memfd:plain (deleted)', "
+            "'/memfd:ro (deleted)']\n") in out
+    if mode == "fork":
+        child = (w.dir / "child").read_text()
+        assert child == (ref.dir / "child").read_text()
+        assert "child b'via-fd'\nchild b'via-mm'\n" in child
+        assert "after child b'via-fd' b'via-mm'\n" in out
+
+
+MAPPED_ONLY = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+fd = os.memfd_create("kcr-test", 0)
+os.write(fd, b"x" * 4400)
+assert libc.mmap(None, 4096, 3, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)   # MAP_SHARED, no fd kept
+os.close(fd)
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
+BIG = r"""
+import mmap, os, sys, time
+fd = os.memfd_create("big", 0)
+os.ftruncate(fd, 17 << 20)
+m = mmap.mmap(fd, 4096)
+m[0:1] = b"x"
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
+HUGE = r"""
+import os, sys, time
+fd = os.memfd_create("huge", os.MFD_HUGETLB)
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("script,expected", [
+    (MAPPED_ONLY, "maps part of the deleted file /memfd:kcr-test (4096 of its 4400 bytes)"),
+    (BIG, "is the deleted file /memfd:big of 17 MiB: kcr-migrate carries deleted files up to 16 MiB"),
+    (HUGE, "is the memfd /memfd:huge of huge pages (MFD_HUGETLB)"),
+], ids=["mapped-not-held", "over-the-limit", "huge-pages"])
+def test_refused_in_one_line_and_the_process_runs_on(tmp_path: Path, script: str, expected: str) -> None:
+    """A memfd mapped without an fd (its rest, past the mapped page, could not be read; Python's
+    mmap keeps an fd of what it maps, so the workload maps with ctypes), one over the size
+    carried while frozen, and one of huge pages (made again, it would be of small pages)."""
+    if script is HUGE:
+        try:
+            os.close(os.memfd_create("probe", os.MFD_HUGETLB))
+        except OSError:
+            pytest.skip("this kernel makes no memfds of huge pages (no hugetlbfs)")
+    path = tmp_path / "refused.py"
+    path.write_text(script)
+    w = Workload("refused", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "refused")])
+    w.start()
+    w.wait_ready()
+    try:
+        res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "x.img"))
+        assert res.returncode != 0
+        assert expected in one_error_line(res.stderr)
+        os.kill(w.pid, 0)
+        assert not (tmp_path / "x.img").exists()
+    finally:
+        os.kill(w.pid, signal.SIGKILL)
+        w.reap_original()
