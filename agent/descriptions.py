@@ -8,6 +8,11 @@ fds refer to with injected ``pidfd_open`` + ``pidfd_getfd`` and ``dup3``s each i
 several: one offset, one set of status flags, as before. Pipes and sockets whose ends are
 in different processes are whole here before any process takes its end.
 
+A FIFO's pipe is the FIFO at its path here (made if missing, with the source's permissions
+and owner): opened read-write without blocking, which makes its pipe, then filled; each
+description the processes take is a new open of that FIFO with its own flags, so a program
+that opens the path again later reaches the same pipe.
+
 An epoll instance is made here empty: its watches name fds of the process, so the process
 registers them itself once its fds are in place (``take_watches``).
 
@@ -29,6 +34,7 @@ import tempfile
 from typing import TYPE_CHECKING, Sequence
 
 from agent import inotify
+from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
     EVENT_KINDS,
@@ -38,6 +44,7 @@ from transport.schema import (
     FileContents,
     FileDesc,
     Files,
+    PipeBuffer,
     Pipes,
     SocketOptions,
     UnixSocket,
@@ -123,13 +130,25 @@ class Descriptions:
         for p in pipes.pipes:
             if p.id in self._pipes:
                 raise RestoreError(f"pipe {p.id} appears twice in the image: corrupt image")
-            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            self._mine += [r, w]
+            if p.path:
+                r = w = _open_fifo(p)
+                self._mine.append(r)
+            else:
+                r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                self._mine += [r, w]
             self._pipes[p.id] = (r, w)
+            data = p.data
+            if p.path and peek_pipe(r)[0]:
+                # Bytes in it already: on the source's host, the FIFO is the very pipe the
+                # frozen source holds, bytes and all; anything else is another program's.
+                if peek_pipe(r)[1] != p.data:
+                    raise RestoreError(f"the FIFO {p.path} is open here with other bytes in it: a process on this "
+                                       "host uses it; stop it, or restore where that path is free")
+                data = b""
             try:
                 if fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) != p.size:
                     fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, p.size)
-                if p.data and os.write(w, p.data) != len(p.data):
+                if data and os.write(w, data) != len(data):
                     raise BlockingIOError
             except BlockingIOError:
                 raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
@@ -186,6 +205,15 @@ class Descriptions:
                                    "another description has: corrupt image")
             self._taken.add(fd)
             fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+            return fd
+        if f.kind == "fifo":
+            if f.obj not in self._pipes or self._pipes[f.obj][0] != self._pipes[f.obj][1]:
+                raise RestoreError(f"fd {f.fd} refers to FIFO {f.obj}, which the image lacks: corrupt image")
+            # A new open of the FIFO, as the process made it; through our open of it, which
+            # holds the pipe (and counts as a reader and a writer, so neither end waits here).
+            fd = self._open(f, f"/proc/self/fd/{self._pipes[f.obj][0]}", f.flags & (O_ACCMODE | SETFL_FLAGS))
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise RestoreError(f"fd {f.fd}: {f.path} is not a FIFO here: corrupt image")
             return fd
         if f.kind in ("pipe", "unix"):
             if f.kind == "unix":
@@ -282,6 +310,36 @@ def _file_type(mode: int) -> str:
         if test(mode):
             return what
     return "an unknown kind of file"
+
+
+def _open_fifo(p: PipeBuffer) -> int:
+    """The FIFO at ``p.path``, opened read-write without blocking (which makes its pipe): made
+    with the source's permissions and owner if missing, used if it is a FIFO already, refused
+    if something else is there."""
+    try:
+        st = os.lstat(p.path)
+    except FileNotFoundError:
+        try:
+            os.mkfifo(p.path, 0o600)
+            os.chown(p.path, p.uid, p.gid, follow_symlinks=False)
+            os.chmod(p.path, p.mode)
+        except OSError as exc:
+            raise RestoreError(f"cannot make the FIFO {p.path} here: {exc.strerror}; make its directory, or "
+                               "the FIFO itself, on this host") from None
+    except OSError as exc:
+        raise RestoreError(f"cannot look at the FIFO's path {p.path} here: {exc.strerror}") from None
+    else:
+        if not stat.S_ISFIFO(st.st_mode):
+            raise RestoreError(f"{p.path} is {_file_type(st.st_mode)} here, where the process had a FIFO: move it "
+                               "aside, or restore where that path is free")
+    try:
+        fd = os.open(p.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise RestoreError(f"cannot open the FIFO {p.path} here: {exc.strerror}") from None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RestoreError(f"{p.path} changed while restore opened it: try again")
+    return fd
 
 
 def _make_unlinked(directory: str, c: FileContents) -> int:

@@ -7,6 +7,9 @@
   a pipe whose writer has exited): its capacity and the bytes in it travel, read without
   consuming them (``tee(2)`` from a dup taken with ``pidfd_getfd``), so a process that runs on
   (a rollback, ``--leave-running``) loses nothing;
+- a FIFO (named pipe) likewise, when every fd open on it moves: its pipe travels as a pipe
+  does, with its path, permissions and owner, and each fd as an open of that path with its
+  flags (kind "fifo"); a FIFO that a process outside also holds is refused, naming it;
 - eventfds (counter, semaphore mode), timerfds (clock, time left, period, expirations not
   read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
   EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
@@ -151,8 +154,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
     objects: dict[tuple[str, int], list[Held]] = {}
+    fifos: dict[tuple[int, int], list[Held]] = {}
     for pid in pids:
-        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects)
+        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
     if sum(deleted.values()) > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
@@ -160,7 +164,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
             f"kcr-migrate carries up to {MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is "
             "frozen); close some, or keep the data in files that have names", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
-    outside = outside_fds(inside) if objects or events else []
+    outside = outside_fds(inside) if objects or events or fifos else []
+    if fifos:
+        _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
         _check_sockets(sockets, outside)
@@ -212,7 +218,32 @@ def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: lis
                     f"{Peer(other, _comm(other), ofd)}, which does not move with it: {_CANNOT}", pid=pid)
 
 
-def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]]) -> list[FileDesc]:
+def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: list[OutsideFd]) -> None:
+    """A FIFO's pipe is one object however many processes hold it open: one that a process
+    outside also holds would be split in two. Refused, naming it (an outside fd whose link
+    names the same path and that is the same inode)."""
+    paths = {held[0][1].target: key for key, held in fifos.items()}
+    for other, ofd, target in outside:
+        key = paths.get(target)
+        if key is None:
+            continue
+        try:
+            st = os.stat(f"/proc/{other}/fd/{ofd}")
+        except OSError:
+            continue          # closed or gone while we looked
+        if (st.st_dev, st.st_ino) == key:
+            pid, info = fifos[key][0]
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {info.fd} is the FIFO {target} shared with {Peer(other, _comm(other), ofd)}, which "
+                f"does not move with it: move them together, or give --redirect {info.fd}=PATH to open PATH in "
+                "its place on the destination", pid=pid)
+
+
+FIFO_IDS = 1 << 63      # FIFOs' pipes are numbered from here in the image, clear of pipes' inodes
+
+
+def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]],
+             fifos: dict[tuple[int, int], list[Held]]) -> list[FileDesc]:
     for fd, path in redirect.items():
         if not path.startswith("/"):
             raise UnsupportedResource(f"--redirect {fd}={path}: give an absolute path", pid=pid)
@@ -243,6 +274,16 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             continue
         if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode):
             out.append(_deleted(pid, info, held))
+            continue
+        if info.st is not None and stat.S_ISFIFO(info.st.st_mode) and info.target.startswith("/") \
+                and not info.target.endswith(" (deleted)"):
+            if held:
+                raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the FIFO {info.target} (fd "
+                                          f"{info.fd}): kcr-migrate carries locks on regular files only", pid=pid)
+            key = (info.st.st_dev, info.st.st_ino)
+            fifos.setdefault(key, []).append((pid, info))
+            out.append(FileDesc(fd=info.fd, kind="fifo", path=info.target, flags=info.flags, pos=0,
+                                obj=FIFO_IDS + 1 + list(fifos).index(key)))
             continue
         kind, why = classify_fd(info)
         if kind is None:
@@ -433,7 +474,7 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
                 deleted.setdefault(f.obj, (pid, f.fd))
             if f.kind in EVENT_KINDS:
                 events.setdefault(f.obj, (pid, f))
-            if f.kind == "pipe":
+            if f.kind in ("pipe", "fifo"):
                 ends.setdefault(f.obj, (pid, f.fd))
                 if f.flags & O_ACCMODE in READ_MODES:
                     readers.setdefault(f.obj, (pid, f.fd))
@@ -450,8 +491,13 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     try:
         for ino, (owner, fd) in ends.items():
             src_pid, src_fd = readers.get(ino, (owner, fd))
-            size, data = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
-            buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
+            size, data, st = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
+            if ino < FIFO_IDS:
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
+            else:
+                path = next(f.path for f in tables[owner] if f.fd == fd)
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, path=path,
+                                                 mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
         known = unix_sockets.query(socks) if socks else {}
         order = {pid: i for i, pid in enumerate(pids)}
         for ino, (holder, fd) in socks.items():
@@ -537,30 +583,36 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocke
                       shutdown=0 if closed else info.shutdown, options=options, queue=tuple(queue))
 
 
-def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes]:
-    """(capacity, bytes in it). A pipe nobody can read (only write ends left) keeps no bytes:
-    its writers get EPIPE, as before."""
+def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes, os.stat_result]:
+    """(capacity, bytes in it, the stat of the pipe or FIFO). A pipe nobody can read (only
+    write ends left) keeps no bytes: its writers get EPIPE, as before."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         size = fcntl.fcntl(dup, fcntl.F_GETPIPE_SZ)
+        st = os.fstat(dup)
         if not readable:
-            return size, b""
-        queued = int.from_bytes(fcntl.ioctl(dup, termios.FIONREAD, b"\0\0\0\0"), "little")
-        if not queued:
-            return size, b""
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
-            copied = tee(dup, w, queued)
-            data = b"".join(_read_all(r, copied))
-        finally:
-            os.close(r)
-            os.close(w)
+            return size, b"", st
+        queued, data = peek_pipe(dup)
         if len(data) != queued:
             raise UnsupportedResource(f"could read only {len(data)} of the {queued} bytes in a pipe of fd {fd}")
-        return size, data
+        return size, data, st
     finally:
         os.close(dup)
+
+
+def peek_pipe(fd: int) -> tuple[int, bytes]:
+    """(how many bytes the pipe ``fd`` is a read end of holds, those bytes), left in it."""
+    queued = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+    if not queued:
+        return 0, b""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+        copied = tee(fd, w, queued)
+        return queued, b"".join(_read_all(r, copied))
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _read_all(fd: int, n: int) -> list[bytes]:
