@@ -9,7 +9,8 @@
   (a rollback, ``--leave-running``) loses nothing;
 - a FIFO (named pipe) likewise, when every fd open on it moves: its pipe travels as a pipe
   does, with its path, permissions and owner, and each fd as an open of that path with its
-  flags (kind "fifo"); a FIFO that a process outside also holds is refused, naming it;
+  flags (kind "fifo"); one deleted from its directory is a pipe (kind "pipe"); a FIFO that a
+  process outside also holds is refused, naming it;
 - eventfds (counter, semaphore mode), timerfds (clock, time left, period, expirations not
   read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
   EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
@@ -275,15 +276,8 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode):
             out.append(_deleted(pid, info, held))
             continue
-        if info.st is not None and stat.S_ISFIFO(info.st.st_mode) and info.target.startswith("/") \
-                and not info.target.endswith(" (deleted)"):
-            if held:
-                raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the FIFO {info.target} (fd "
-                                          f"{info.fd}): kcr-migrate carries locks on regular files only", pid=pid)
-            key = (info.st.st_dev, info.st.st_ino)
-            fifos.setdefault(key, []).append((pid, info))
-            out.append(FileDesc(fd=info.fd, kind="fifo", path=info.target, flags=info.flags, pos=0,
-                                obj=FIFO_IDS + 1 + list(fifos).index(key)))
+        if info.st is not None and stat.S_ISFIFO(info.st.st_mode) and info.target.startswith("/"):
+            out.append(_fifo(pid, info, held, fifos))
             continue
         kind, why = classify_fd(info)
         if kind is None:
@@ -301,6 +295,27 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
 MAX_DELETED_TOTAL = 48 << 20   # of deleted files' contents per job (they travel in one holder message)
+
+
+def _fifo(pid: int, info: FdInfo, held: tuple[FileLock, ...], fifos: dict[tuple[int, int], list[Held]]) -> FileDesc:
+    """An open of a FIFO: kind "fifo", its pipe numbered from ``FIFO_IDS`` in the order the
+    FIFOs are met. One deleted from its directory (nothing can open it by path any more) is
+    a pipe like any other, kind "pipe"."""
+    if held:
+        raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the FIFO {info.target} (fd "
+                                  f"{info.fd}): kcr-migrate carries locks on regular files only", pid=pid)
+    assert info.st is not None
+    key = (info.st.st_dev, info.st.st_ino)
+    deleted = info.target.endswith(" (deleted)")
+    first = fifos.setdefault(key, [(pid, info)])[0][1]
+    if first is not info:
+        fifos[key].append((pid, info))
+    if first.target.endswith(" (deleted)") != deleted:
+        raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is the FIFO {info.target}, which fd {first.fd} has "
+                                  f"open as {first.target}: a FIFO deleted under one name but linked under "
+                                  f"another; {_CANNOT}", pid=pid)
+    return FileDesc(fd=info.fd, kind="pipe" if deleted else "fifo", path="" if deleted else info.target,
+                    flags=info.flags, pos=0, obj=FIFO_IDS + 1 + list(fifos).index(key))
 
 
 def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
@@ -492,12 +507,12 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         for ino, (owner, fd) in ends.items():
             src_pid, src_fd = readers.get(ino, (owner, fd))
             size, data, st = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
-            if ino < FIFO_IDS:
-                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
-            else:
-                path = next(f.path for f in tables[owner] if f.fd == fd)
+            path = next(f.path for f in tables[owner] if f.fd == fd)     # a FIFO's; "" for a pipe
+            if path:
                 buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, path=path,
                                                  mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
+            else:
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
         known = unix_sockets.query(socks) if socks else {}
         order = {pid: i for i, pid in enumerate(pids)}
         for ino, (holder, fd) in socks.items():

@@ -67,7 +67,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a FIFO", CARRIED, _f("PipeBuffer", "path", "mode", "uid", "gid")),
     Row("fd", "a FIFO held by a process that does not move", REFUSED,
         readme="a FIFO also open in a process that does not move"),
-    Row("fd", "a FIFO deleted from its directory", REFUSED, readme="a FIFO deleted from its directory"),
+    Row("fd", "a FIFO deleted from its directory", CARRIED),
     Row("fd", "a device", REFUSED, readme="device files"),
     Row("fd", "a file of a process under /proc", REFUSED, readme="/proc/PID"),
     # --- memory -----------------------------------------------------------------------------

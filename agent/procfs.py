@@ -239,8 +239,7 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
             return "chr", ""
         return None, f"a device ({target})"
     if stat_mod.S_ISFIFO(st.st_mode):
-        # agent.fdtable carries FIFOs that have a name; this one was deleted from its directory.
-        return None, f"a FIFO deleted from its directory ({target})"
+        return None, f"a FIFO ({target})"      # agent.fdtable carries those it can name
     return None, f"an unsupported file ({target})"
 
 

@@ -117,6 +117,47 @@ def test_a_parent_and_child_talking_over_a_fifo(tmp_path: Path) -> None:
     assert (tmp_path / "moved" / "output").read_bytes() == expected
 
 
+# A FIFO deleted from its directory once opened: a pipe like any other now.
+UNLINKED = r"""
+import os, sys, time
+d = sys.argv[1]
+fifo = os.path.join(d, "fifo")
+os.mkfifo(fifo)
+rw = os.open(fifo, os.O_RDWR)
+rd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+os.write(rw, b"kept across the move")
+os.unlink(fifo)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.01)
+first = os.read(rd, 100)
+os.write(rw, b"+after")
+then = os.read(rw, 100)
+try:
+    os.read(rd, 1)
+    empty = False
+except BlockingIOError:
+    empty = True
+open(os.path.join(d, "output"), "w").write(f"{first!r} {then!r} {empty} {os.path.exists(fifo)}\n")
+"""
+
+
+def test_a_fifo_deleted_from_its_directory_moves_as_a_pipe(tmp_path: Path) -> None:
+    script = tmp_path / "unlinked.py"
+    script.write_text(UNLINKED)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    res = kcr("restore", "-i", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    root = proc.pid
+    (tmp_path / "go").touch()
+    assert os.WEXITSTATUS(reap(root, timeout=60)) == 0
+    assert (tmp_path / "output").read_text() == "b'kept across the move' b'+after' True False\n"
+
+
 def test_a_fifo_a_process_that_stays_holds_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
