@@ -83,6 +83,7 @@ class Descriptions:
     def __init__(self) -> None:
         self._fds: dict[Key, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
+        self._unwritten: set[int] = set()                     # FIFOs held here by a reader only
         self._sockets: dict[int, socket.socket] = {}          # socket id -> its socket
         self._events: dict[int, int] = {}                     # event file id -> its fd
         self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
@@ -93,7 +94,8 @@ class Descriptions:
     # -- the objects: pipes, sockets, event files, whole -------------------------------------
 
     def add(self, fds: FdState) -> None:
-        self.add_pipes(fds.pipes)
+        written = {f.obj for f in fds.files.fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
+        self.add_pipes(fds.pipes, written)
         self.add_sockets(fds.sockets)
         self.add_events(fds.events)
         self.add_deleted(fds.files, fds.contents)
@@ -126,13 +128,19 @@ class Descriptions:
         takes it registers them."""
         return self._watches.pop(f.obj, ()) if f.kind == "epoll" else ()
 
-    def add_pipes(self, pipes: Pipes) -> None:
+    def add_pipes(self, pipes: Pipes, written: set[int] | None = None) -> None:
+        """``written``: the FIFOs some fd of the job writes (None: all). One that none writes
+        is held here by a reader only, so that its readers' POLLHUP is as it was (see
+        ``_make``) and, from a host to itself, the source's pipe sees no writer come and go."""
         for p in pipes.pipes:
             if p.id in self._pipes:
                 raise RestoreError(f"pipe {p.id} appears twice in the image: corrupt image")
             if p.path:
-                r = w = _open_fifo(p)
+                unwritten = written is not None and p.id not in written
+                r = w = _open_fifo(p, os.O_RDONLY if unwritten else os.O_RDWR)
                 self._mine.append(r)
+                if unwritten:
+                    self._unwritten.add(p.id)
             else:
                 r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
                 self._mine += [r, w]
@@ -148,7 +156,14 @@ class Descriptions:
             try:
                 if fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) != p.size:
                     fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, p.size)
-                if data and os.write(w, data) != len(data):
+                if data and p.id in self._unwritten:
+                    w = os.open(f"/proc/self/fd/{r}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        if os.write(w, data) != len(data):
+                            raise BlockingIOError
+                    finally:
+                        os.close(w)
+                elif data and os.write(w, data) != len(data):
                     raise BlockingIOError
             except BlockingIOError:
                 raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
@@ -210,8 +225,20 @@ class Descriptions:
             if f.obj not in self._pipes or self._pipes[f.obj][0] != self._pipes[f.obj][1]:
                 raise RestoreError(f"fd {f.fd} refers to FIFO {f.obj}, which the image lacks: corrupt image")
             # A new open of the FIFO, as the process made it; through our open of it, which
-            # holds the pipe (and counts as a reader and a writer, so neither end waits here).
-            fd = self._open(f, f"/proc/self/fd/{self._pipes[f.obj][0]}", f.flags & (O_ACCMODE | SETFL_FLAGS))
+            # holds the pipe (a reader and a writer, so neither end waits here; a reader only
+            # where no fd of the job writes it).
+            ours = f"/proc/self/fd/{self._pipes[f.obj][0]}"
+            writer = -1
+            if f.obj in self._unwritten and not f.waiting:
+                # Opened while a writer is there, it shows POLLHUP once none is, as on the
+                # source; one ``waiting`` is opened without one, and shows none until a writer
+                # has come and gone.
+                writer = os.open(ours, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fd = self._open(f, ours, f.flags & (O_ACCMODE | SETFL_FLAGS))
+            finally:
+                if writer >= 0:
+                    os.close(writer)
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 raise RestoreError(f"fd {f.fd}: {f.path} is not a FIFO here: corrupt image")
             return fd
@@ -290,6 +317,7 @@ class Descriptions:
         self._sockets.clear()
         self._fds.clear()
         self._pipes.clear()
+        self._unwritten.clear()
         self._events.clear()
         self._watches.clear()
         self._deleted.clear()
@@ -312,8 +340,8 @@ def _file_type(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _open_fifo(p: PipeBuffer) -> int:
-    """The FIFO at ``p.path``, opened read-write without blocking (which makes its pipe): made
+def _open_fifo(p: PipeBuffer, mode: int) -> int:
+    """The FIFO at ``p.path``, opened ``mode`` without blocking (which makes its pipe): made
     with the source's permissions and owner if missing, used if it is a FIFO already, refused
     if something else is there."""
     try:
@@ -333,7 +361,7 @@ def _open_fifo(p: PipeBuffer) -> int:
             raise RestoreError(f"{p.path} is {_file_type(st.st_mode)} here, where the process had a FIFO: move it "
                                "aside, or restore where that path is free")
     try:
-        fd = os.open(p.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(p.path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise RestoreError(f"cannot open the FIFO {p.path} here: {exc.strerror}") from None
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import stat
 import termios
 from dataclasses import dataclass, replace
@@ -495,6 +496,9 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
                     readers.setdefault(f.obj, (pid, f.fd))
             elif f.kind == "unix":
                 socks.setdefault(f.obj, (pid, f.fd))
+    # FIFOs no fd of the job writes: each reader may be waiting for a first writer, or not.
+    unwritten = {f.obj for fds in tables.values() for f in fds if f.kind == "fifo"} - {
+        f.obj for fds in tables.values() for f in fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
     buffers: dict[int, list[PipeBuffer]] = {pid: [] for pid in pids}
     sockets: dict[int, list[UnixSocket]] = {pid: [] for pid in pids}
     pidfds: dict[int, int] = {}
@@ -507,6 +511,9 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         for ino, (owner, fd) in ends.items():
             src_pid, src_fd = readers.get(ino, (owner, fd))
             size, data, st = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
+            if ino in unwritten:
+                for pid, fds in tables.items():
+                    tables[pid] = [_waiting(pidfd(pid), f) if f.obj == ino and f.kind == "fifo" else f for f in fds]
             path = next(f.path for f in tables[owner] if f.fd == fd)     # a FIFO's; "" for a pipe
             if path:
                 buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, path=path,
@@ -596,6 +603,19 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocke
         raise UnsupportedResource(f"fd {fd} is an unconnected unix socket with messages queued: {_CANNOT}")
     return UnixSocket(id=info.inode, type=info.type, peer=info.peer, peer_closed=closed,
                       shutdown=0 if closed else info.shutdown, options=options, queue=tuple(queue))
+
+
+def _waiting(pidfd: int, f: FileDesc) -> FileDesc:
+    """``f`` (a reader of a FIFO with no writer) as restore must open it: poll shows POLLHUP
+    once a writer has come and gone since it was opened; before that, none."""
+    dup = pidfd_getfd(pidfd, f.fd)
+    try:
+        p = select.poll()
+        p.register(dup, select.POLLIN)
+        hup = any(ev & select.POLLHUP for _, ev in p.poll(0))
+    finally:
+        os.close(dup)
+    return replace(f, waiting=0 if hup else 1)
 
 
 def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes, os.stat_result]:

@@ -64,7 +64,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a memfd", REFUSED, target="/memfd:", readme="memfd"),
     Row("fd", "an anonymous-inode file", REFUSED, target="anon_inode:", readme="anonymous-inode"),
     Row("fd", "a terminal", REFUSED, readme="terminals"),
-    Row("fd", "a FIFO", CARRIED, _f("PipeBuffer", "path", "mode", "uid", "gid")),
+    Row("fd", "a FIFO", CARRIED, _f("PipeBuffer", "path", "mode", "uid", "gid") + _f("FileDesc", "waiting")),
     Row("fd", "a FIFO held by a process that does not move", REFUSED,
         readme="a FIFO also open in a process that does not move"),
     Row("fd", "a FIFO deleted from its directory", CARRIED),

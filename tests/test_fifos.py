@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests._migration import migrate_cli
+from tests._workloads import STARTED, Workload, become_subreaper, kcr, one_error_line, reap, start_until_ready
 from tests.test_checkpoint import migrate_once
 from tests.test_migrate import migrate_workload
 from tests.test_trees import checkpointed_and_restored
-from tests._workloads import STARTED, Workload, become_subreaper, kcr, one_error_line, reap, start_until_ready
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -156,6 +157,70 @@ def test_a_fifo_deleted_from_its_directory_moves_as_a_pipe(tmp_path: Path) -> No
     (tmp_path / "go").touch()
     assert os.WEXITSTATUS(reap(root, timeout=60)) == 0
     assert (tmp_path / "output").read_text() == "b'kept across the move' b'+after' True False\n"
+
+
+# Readers of FIFOs that nothing in the process writes: one waiting for its first writer (a
+# server's command FIFO: poll shows nothing), one whose writer came and went (POLLHUP, with
+# the writer's bytes still in it). After the move a client opens the first by path.
+READERS = r"""
+import os, select, sys, time
+d = sys.argv[1]
+os.mkfifo(os.path.join(d, "commands"))
+os.mkfifo(os.path.join(d, "left"))
+waiting = os.open(os.path.join(d, "commands"), os.O_RDONLY | os.O_NONBLOCK)
+hung = os.open(os.path.join(d, "left"), os.O_RDONLY | os.O_NONBLOCK)
+w = os.open(os.path.join(d, "left"), os.O_WRONLY)
+os.write(w, b"bytes left by a writer")
+os.close(w)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.01)
+p = select.poll()
+p.register(waiting, select.POLLIN)
+p.register(hung, select.POLLIN)
+before = dict(p.poll(0))
+client = os.open(os.path.join(d, "commands"), os.O_WRONLY | os.O_NONBLOCK)
+os.write(client, b"a command")
+after = dict(p.poll(0))
+with open(os.path.join(d, "output"), "w") as out:
+    out.write(f"{before.get(waiting, 0)} {before.get(hung, 0)} {after.get(waiting, 0)} "
+              f"{os.read(waiting, 100)!r} {os.read(hung, 100)!r} {os.read(hung, 100)!r}\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["image", "live"])
+def test_readers_waiting_for_a_writer_still_wait(tmp_path: Path, how: str) -> None:
+    """Through an image, and live from this host to itself (where the destination opens the
+    very FIFOs the frozen source holds: no writer may come and go on them)."""
+    script = tmp_path / "readers.py"
+    script.write_text(READERS)
+
+    def start(where: Path) -> subprocess.Popen[bytes]:
+        where.mkdir()
+        return start_until_ready([sys.executable, "-S", str(script), str(where)], where / "ready",
+                                 start_new_session=True)
+    ref = start(tmp_path / "reference")
+    (tmp_path / "reference" / "go").touch()
+    assert ref.wait(timeout=60) == 0
+    proc = start(tmp_path / "moved")
+    if how == "image":
+        res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+        assert res.returncode == 0, res.stderr.decode()
+        assert proc.wait(timeout=30) == -9
+        res = kcr("restore", "-i", str(tmp_path / "img"))
+        assert res.returncode == 0, res.stderr.decode()
+        moved = proc.pid
+    else:
+        code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+        assert code == 0, err
+        assert proc.wait(timeout=30) == -9
+        moved = report["new_pid"]
+    (tmp_path / "moved" / "go").touch()
+    assert os.WEXITSTATUS(reap(moved, timeout=60)) == 0
+    # POLLIN 1, POLLHUP 16: the waiting reader shows nothing until its client writes.
+    expected = "0 17 1 b'a command' b'bytes left by a writer' b''\n"
+    assert (tmp_path / "reference" / "output").read_text() == expected
+    assert (tmp_path / "moved" / "output").read_text() == expected
 
 
 def test_a_fifo_a_process_that_stays_holds_is_refused(tmp_path: Path) -> None:

@@ -372,6 +372,9 @@ class FileDesc:
     obj: U64 = 0             # kind "pipe" or "fifo": the ``PipeBuffer.id`` of its pipe; "unix": the
                              # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
     locks: Annotated[tuple[FileLock, ...], Count(1 << 16)] = ()   # kind "file": locks held through it
+    waiting: Flag = 0        # kind "fifo", a reader of a FIFO no fd of the job writes: no writer came
+                             # and went since it was opened, so poll shows no POLLHUP (a server
+                             # waiting for its first client)
 
 
 @dataclass(frozen=True)
