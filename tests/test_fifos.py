@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli
-from tests._workloads import STARTED, Workload, become_subreaper, kcr, one_error_line, reap, start_until_ready
+from tests._workloads import (
+    STARTED,
+    Workload,
+    become_subreaper,
+    kcr,
+    one_error_line,
+    reap,
+    start_until_ready,
+)
 from tests.test_checkpoint import migrate_once
 from tests.test_migrate import migrate_workload
 from tests.test_trees import checkpointed_and_restored
