@@ -9,9 +9,12 @@ several: one offset, one set of status flags, as before. Pipes and sockets whose
 in different processes are whole here before any process takes its end.
 
 A FIFO's pipe is the FIFO at its path here (made if missing, with the source's permissions
-and owner): opened read-write without blocking, which makes its pipe, then filled; each
-description the processes take is a new open of that FIFO with its own flags, so a program
-that opens the path again later reaches the same pipe.
+and owner): opened without blocking, which makes its pipe, then filled; each description the
+processes take is a new open of that FIFO with its own flags, so a program that opens the
+path again later reaches the same pipe. Ours is read-write, so that no open waits, except
+for a FIFO no fd of the job writes: there a reader only, so that each reader's POLLHUP is as
+it was (a reader waiting for its first writer has none). From a host to itself, the FIFO is
+the very pipe the frozen source holds: its bytes are there already, and are not written again.
 
 An epoll instance is made here empty: its watches name fds of the process, so the process
 registers them itself once its fds are in place (``take_watches``).
