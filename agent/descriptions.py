@@ -8,6 +8,14 @@ fds refer to with injected ``pidfd_open`` + ``pidfd_getfd`` and ``dup3``s each i
 several: one offset, one set of status flags, as before. Pipes and sockets whose ends are
 in different processes are whole here before any process takes its end.
 
+A FIFO's pipe is the FIFO at its path here (made if missing, with the source's permissions
+and owner): opened without blocking, which makes its pipe, then filled; each description the
+processes take is a new open of that FIFO with its own flags, so a program that opens the
+path again later reaches the same pipe. Ours is read-write, so that no open waits, except
+for a FIFO no fd of the job writes: there a reader only, so that each reader's POLLHUP is as
+it was (a reader waiting for its first writer has none). From a host to itself, the FIFO is
+the very pipe the frozen source holds: its bytes are there already, and are not written again.
+
 An epoll instance is made here empty: its watches name fds of the process, so the process
 registers them itself once its fds are in place (``take_watches``).
 
@@ -29,6 +37,7 @@ import tempfile
 from typing import TYPE_CHECKING, Sequence
 
 from agent import inotify
+from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
     EVENT_KINDS,
@@ -38,6 +47,7 @@ from transport.schema import (
     FileContents,
     FileDesc,
     Files,
+    PipeBuffer,
     Pipes,
     SocketOptions,
     UnixSocket,
@@ -76,6 +86,7 @@ class Descriptions:
     def __init__(self) -> None:
         self._fds: dict[Key, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
+        self._unwritten: set[int] = set()                     # FIFOs held here by a reader only
         self._sockets: dict[int, socket.socket] = {}          # socket id -> its socket
         self._events: dict[int, int] = {}                     # event file id -> its fd
         self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
@@ -87,7 +98,8 @@ class Descriptions:
     # -- the objects: pipes, sockets, event files, whole -------------------------------------
 
     def add(self, fds: FdState) -> None:
-        self.add_pipes(fds.pipes)
+        written = {f.obj for f in fds.files.fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
+        self.add_pipes(fds.pipes, written)
         self.add_sockets(fds.sockets)
         self.add_events(fds.events)
         self.add_deleted(fds.files, fds.contents)
@@ -140,17 +152,42 @@ class Descriptions:
         takes it registers them."""
         return self._watches.pop(f.obj, ()) if f.kind == "epoll" else ()
 
-    def add_pipes(self, pipes: Pipes) -> None:
+    def add_pipes(self, pipes: Pipes, written: set[int] | None = None) -> None:
+        """``written``: the FIFOs some fd of the job writes (None: all). One that none writes
+        is held here by a reader only, so that its readers' POLLHUP is as it was (see
+        ``_make``) and, from a host to itself, the source's pipe sees no writer come and go."""
         for p in pipes.pipes:
             if p.id in self._pipes:
                 raise RestoreError(f"pipe {p.id} appears twice in the image: corrupt image")
-            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            self._mine += [r, w]
+            if p.path:
+                unwritten = written is not None and p.id not in written
+                r = w = _open_fifo(p, os.O_RDONLY if unwritten else os.O_RDWR)
+                self._mine.append(r)
+                if unwritten:
+                    self._unwritten.add(p.id)
+            else:
+                r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                self._mine += [r, w]
             self._pipes[p.id] = (r, w)
+            data = p.data
+            if p.path and peek_pipe(r)[0]:
+                # Bytes in it already: on the source's host, the FIFO is the very pipe the
+                # frozen source holds, bytes and all; anything else is another program's.
+                if peek_pipe(r)[1] != p.data:
+                    raise RestoreError(f"the FIFO {p.path} is open here with other bytes in it: a process on this "
+                                       "host uses it; stop it, or restore where that path is free")
+                data = b""
             try:
                 if fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) != p.size:
                     fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, p.size)
-                if p.data and os.write(w, p.data) != len(p.data):
+                if data and p.id in self._unwritten:
+                    w = os.open(f"/proc/self/fd/{r}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        if os.write(w, data) != len(data):
+                            raise BlockingIOError
+                    finally:
+                        os.close(w)
+                elif data and os.write(w, data) != len(data):
                     raise BlockingIOError
             except BlockingIOError:
                 raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
@@ -207,6 +244,27 @@ class Descriptions:
                                    "another description has: corrupt image")
             self._taken.add(fd)
             fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+            return fd
+        if f.kind == "fifo":
+            if f.obj not in self._pipes or self._pipes[f.obj][0] != self._pipes[f.obj][1]:
+                raise RestoreError(f"fd {f.fd} refers to FIFO {f.obj}, which the image lacks: corrupt image")
+            # A new open of the FIFO, as the process made it; through our open of it, which
+            # holds the pipe (a reader and a writer, so neither end waits here; a reader only
+            # where no fd of the job writes it).
+            ours = f"/proc/self/fd/{self._pipes[f.obj][0]}"
+            writer = -1
+            if f.obj in self._unwritten and not f.waiting:
+                # Opened while a writer is there, it shows POLLHUP once none is, as on the
+                # source; one ``waiting`` is opened without one, and shows none until a writer
+                # has come and gone.
+                writer = os.open(ours, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                fd = self._open(f, ours, f.flags & (O_ACCMODE | SETFL_FLAGS))
+            finally:
+                if writer >= 0:
+                    os.close(writer)
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise RestoreError(f"fd {f.fd}: {f.path} is not a FIFO here: corrupt image")
             return fd
         if f.kind in ("pipe", "unix"):
             if f.kind == "unix":
@@ -283,6 +341,7 @@ class Descriptions:
         self._sockets.clear()
         self._fds.clear()
         self._pipes.clear()
+        self._unwritten.clear()
         self._events.clear()
         self._watches.clear()
         self._deleted.clear()
@@ -304,6 +363,36 @@ def _file_type(mode: int) -> str:
         if test(mode):
             return what
     return "an unknown kind of file"
+
+
+def _open_fifo(p: PipeBuffer, mode: int) -> int:
+    """The FIFO at ``p.path``, opened ``mode`` without blocking (which makes its pipe): made
+    with the source's permissions and owner if missing, used if it is a FIFO already, refused
+    if something else is there."""
+    try:
+        st = os.lstat(p.path)
+    except FileNotFoundError:
+        try:
+            os.mkfifo(p.path, 0o600)
+            os.chown(p.path, p.uid, p.gid, follow_symlinks=False)
+            os.chmod(p.path, p.mode)
+        except OSError as exc:
+            raise RestoreError(f"cannot make the FIFO {p.path} here: {exc.strerror}; make its directory, or "
+                               "the FIFO itself, on this host") from None
+    except OSError as exc:
+        raise RestoreError(f"cannot look at the FIFO's path {p.path} here: {exc.strerror}") from None
+    else:
+        if not stat.S_ISFIFO(st.st_mode):
+            raise RestoreError(f"{p.path} is {_file_type(st.st_mode)} here, where the process had a FIFO: move it "
+                               "aside, or restore where that path is free")
+    try:
+        fd = os.open(p.path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise RestoreError(f"cannot open the FIFO {p.path} here: {exc.strerror}") from None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RestoreError(f"{p.path} changed while restore opened it: try again")
+    return fd
 
 
 def _make_unlinked(path: str, c: FileContents) -> int:

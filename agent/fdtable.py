@@ -7,6 +7,10 @@
   a pipe whose writer has exited): its capacity and the bytes in it travel, read without
   consuming them (``tee(2)`` from a dup taken with ``pidfd_getfd``), so a process that runs on
   (a rollback, ``--leave-running``) loses nothing;
+- a FIFO (named pipe) likewise, when every fd open on it moves: its pipe travels as a pipe
+  does, with its path, permissions and owner, and each fd as an open of that path with its
+  flags (kind "fifo"); one deleted from its directory is a pipe (kind "pipe"); a FIFO that a
+  process outside also holds is refused, naming it;
 - eventfds (counter, semaphore mode), timerfds (clock, time left, period, expirations not
   read), signalfds (mask) and epoll instances (every watch: fd, event mask with its
   EPOLLET/EPOLLONESHOT/... flags, data), all read from fdinfo; a watch on an fd closed or
@@ -29,6 +33,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import stat
 import termios
 from dataclasses import dataclass, replace
@@ -152,8 +157,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
     objects: dict[tuple[str, int], list[Held]] = {}
+    fifos: dict[tuple[int, int], list[Held]] = {}
     for pid in pids:
-        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects)
+        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
     if sum(deleted.values()) > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
@@ -161,7 +167,9 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
             f"kcr-migrate carries up to {MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is "
             "frozen); close some, or keep the data in files that have names", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
-    outside = outside_fds(inside) if objects or events else []
+    outside = outside_fds(inside) if objects or events or fifos else []
+    if fifos:
+        _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
         _check_sockets(sockets, outside)
@@ -213,7 +221,32 @@ def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: lis
                     f"{Peer(other, _comm(other), ofd)}, which does not move with it: {_CANNOT}", pid=pid)
 
 
-def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]]) -> list[FileDesc]:
+def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: list[OutsideFd]) -> None:
+    """A FIFO's pipe is one object however many processes hold it open: one that a process
+    outside also holds would be split in two. Refused, naming it (an outside fd whose link
+    names the same path and that is the same inode)."""
+    paths = {held[0][1].target: key for key, held in fifos.items()}
+    for other, ofd, target in outside:
+        key = paths.get(target)
+        if key is None:
+            continue
+        try:
+            st = os.stat(f"/proc/{other}/fd/{ofd}")
+        except OSError:
+            continue          # closed or gone while we looked
+        if (st.st_dev, st.st_ino) == key:
+            pid, info = fifos[key][0]
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {info.fd} is the FIFO {target} shared with {Peer(other, _comm(other), ofd)}, which "
+                f"does not move with it: move them together, or give --redirect {info.fd}=PATH to open PATH in "
+                "its place on the destination", pid=pid)
+
+
+FIFO_IDS = 1 << 63      # FIFOs' pipes are numbered from here in the image, clear of pipes' inodes
+
+
+def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]],
+             fifos: dict[tuple[int, int], list[Held]]) -> list[FileDesc]:
     for fd, path in redirect.items():
         if not path.startswith("/"):
             raise UnsupportedResource(f"--redirect {fd}={path}: give an absolute path", pid=pid)
@@ -245,6 +278,9 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode):
             out.append(_deleted(pid, info, held))
             continue
+        if info.st is not None and stat.S_ISFIFO(info.st.st_mode) and info.target.startswith("/"):
+            out.append(_fifo(pid, info, held, fifos))
+            continue
         kind, why = classify_fd(info)
         if kind is None:
             raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
@@ -261,6 +297,27 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
 MAX_DELETED_TOTAL = 48 << 20   # of deleted files' contents per job (they travel in one holder message)
+
+
+def _fifo(pid: int, info: FdInfo, held: tuple[FileLock, ...], fifos: dict[tuple[int, int], list[Held]]) -> FileDesc:
+    """An open of a FIFO: kind "fifo", its pipe numbered from ``FIFO_IDS`` in the order the
+    FIFOs are met. One deleted from its directory (nothing can open it by path any more) is
+    a pipe like any other, kind "pipe"."""
+    if held:
+        raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on the FIFO {info.target} (fd "
+                                  f"{info.fd}): kcr-migrate carries locks on regular files only", pid=pid)
+    assert info.st is not None
+    key = (info.st.st_dev, info.st.st_ino)
+    deleted = info.target.endswith(" (deleted)")
+    first = fifos.setdefault(key, [(pid, info)])[0][1]
+    if first is not info:
+        fifos[key].append((pid, info))
+    if first.target.endswith(" (deleted)") != deleted:
+        raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is the FIFO {info.target}, which fd {first.fd} has "
+                                  f"open as {first.target}: a FIFO deleted under one name but linked under "
+                                  f"another; {_CANNOT}", pid=pid)
+    return FileDesc(fd=info.fd, kind="pipe" if deleted else "fifo", path="" if deleted else info.target,
+                    flags=info.flags, pos=0, obj=FIFO_IDS + 1 + list(fifos).index(key))
 
 
 def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
@@ -454,12 +511,15 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
                 deleted.setdefault(f.obj, (pid, f.fd))
             if f.kind in EVENT_KINDS:
                 events.setdefault(f.obj, (pid, f))
-            if f.kind == "pipe":
+            if f.kind in ("pipe", "fifo"):
                 ends.setdefault(f.obj, (pid, f.fd))
                 if f.flags & O_ACCMODE in READ_MODES:
                     readers.setdefault(f.obj, (pid, f.fd))
             elif f.kind == "unix":
                 socks.setdefault(f.obj, (pid, f.fd))
+    # FIFOs no fd of the job writes: each reader may be waiting for a first writer, or not.
+    unwritten = {f.obj for fds in tables.values() for f in fds if f.kind == "fifo"} - {
+        f.obj for fds in tables.values() for f in fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
     buffers: dict[int, list[PipeBuffer]] = {pid: [] for pid in pids}
     sockets: dict[int, list[UnixSocket]] = {pid: [] for pid in pids}
     pidfds: dict[int, int] = {}
@@ -471,8 +531,16 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     try:
         for ino, (owner, fd) in ends.items():
             src_pid, src_fd = readers.get(ino, (owner, fd))
-            size, data = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
-            buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
+            size, data, st = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
+            if ino in unwritten:
+                for pid, fds in tables.items():
+                    tables[pid] = [_waiting(pidfd(pid), f) if f.obj == ino and f.kind == "fifo" else f for f in fds]
+            path = next(f.path for f in tables[owner] if f.fd == fd)     # a FIFO's; "" for a pipe
+            if path:
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, path=path,
+                                                 mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
+            else:
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
         known = unix_sockets.query(socks) if socks else {}
         order = {pid: i for i, pid in enumerate(pids)}
         for ino, (holder, fd) in socks.items():
@@ -558,30 +626,49 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocke
                       shutdown=0 if closed else info.shutdown, options=options, queue=tuple(queue))
 
 
-def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes]:
-    """(capacity, bytes in it). A pipe nobody can read (only write ends left) keeps no bytes:
-    its writers get EPIPE, as before."""
+def _waiting(pidfd: int, f: FileDesc) -> FileDesc:
+    """``f`` (a reader of a FIFO with no writer) as restore must open it: poll shows POLLHUP
+    once a writer has come and gone since it was opened; before that, none."""
+    dup = pidfd_getfd(pidfd, f.fd)
+    try:
+        p = select.poll()
+        p.register(dup, select.POLLIN)
+        hup = any(ev & select.POLLHUP for _, ev in p.poll(0))
+    finally:
+        os.close(dup)
+    return replace(f, waiting=0 if hup else 1)
+
+
+def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes, os.stat_result]:
+    """(capacity, bytes in it, the stat of the pipe or FIFO). A pipe nobody can read (only
+    write ends left) keeps no bytes: its writers get EPIPE, as before."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         size = fcntl.fcntl(dup, fcntl.F_GETPIPE_SZ)
+        st = os.fstat(dup)
         if not readable:
-            return size, b""
-        queued = int.from_bytes(fcntl.ioctl(dup, termios.FIONREAD, b"\0\0\0\0"), "little")
-        if not queued:
-            return size, b""
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
-            copied = tee(dup, w, queued)
-            data = b"".join(_read_all(r, copied))
-        finally:
-            os.close(r)
-            os.close(w)
+            return size, b"", st
+        queued, data = peek_pipe(dup)
         if len(data) != queued:
             raise UnsupportedResource(f"could read only {len(data)} of the {queued} bytes in a pipe of fd {fd}")
-        return size, data
+        return size, data, st
     finally:
         os.close(dup)
+
+
+def peek_pipe(fd: int) -> tuple[int, bytes]:
+    """(how many bytes the pipe ``fd`` is a read end of holds, those bytes), left in it."""
+    queued = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
+    if not queued:
+        return 0, b""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+        copied = tee(fd, w, queued)
+        return queued, b"".join(_read_all(r, copied))
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _read_all(fd: int, n: int) -> list[bytes]:

@@ -65,7 +65,10 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a memfd of huge pages", REFUSED, readme="memfds of huge pages"),
     Row("fd", "an anonymous-inode file", REFUSED, target="anon_inode:", readme="anonymous-inode"),
     Row("fd", "a terminal", REFUSED, readme="terminals"),
-    Row("fd", "a FIFO", REFUSED, readme="FIFOs"),
+    Row("fd", "a FIFO", CARRIED, _f("PipeBuffer", "path", "mode", "uid", "gid") + _f("FileDesc", "waiting")),
+    Row("fd", "a FIFO held by a process that does not move", REFUSED,
+        readme="a FIFO also open in a process that does not move"),
+    Row("fd", "a FIFO deleted from its directory", CARRIED),
     Row("fd", "a device", REFUSED, readme="device files"),
     Row("fd", "a file of a process under /proc", REFUSED, readme="/proc/PID"),
     # --- memory -----------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
             return "chr", ""
         return None, f"a device ({target})"
     if stat_mod.S_ISFIFO(st.st_mode):
-        return None, f"a FIFO ({target})"
+        return None, f"a FIFO ({target})"      # agent.fdtable carries those it can name
     return None, f"an unsupported file ({target})"
 
 

@@ -326,9 +326,9 @@ class Mappings(Record):
 # --- files --------------------------------------------------------------------------------
 
 EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
-FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted") + EVENT_KINDS
+FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo") + EVENT_KINDS
 # fds of these kinds refer to an object the stream carries
-OBJECT_KINDS = ("pipe", "unix", "deleted") + EVENT_KINDS
+OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo") + EVENT_KINDS
 MAX_DELETED_FILE = 16 << 20    # bytes of a deleted file carried (bigger ones are refused)
 MEMFD_SEALS = 0x3f             # F_SEAL_SEAL, _SHRINK, _GROW, _WRITE, _FUTURE_WRITE, _EXEC
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
@@ -355,7 +355,8 @@ class FileLock:
 @dataclass(frozen=True)
 class FileDesc:
     """One fd. ``kind`` says what it refers to: a path ("file", "dir", "chr"), an end of a pipe
-    in ``Pipes`` ("pipe"; ``flags`` tell which end), a socket in ``UnixSockets`` ("unix"), or a
+    in ``Pipes`` ("pipe"; ``flags`` tell which end), an open of a FIFO whose pipe is in
+    ``Pipes`` ("fifo": ``path`` names the FIFO, ``flags`` how it was opened), a socket in ``UnixSockets`` ("unix"), or a
     file the user named to take the place of what the fd referred to ("redirect", with
     ``--redirect FD=PATH``)."""
 
@@ -369,9 +370,12 @@ class FileDesc:
     mtime_ns: I64 = 0
     desc: U64 = 0            # fds with the same non-zero ``desc`` share one open file description
                              # (dup, fork): one offset, one set of status flags
-    obj: U64 = 0             # kind "pipe": the ``PipeBuffer.id`` of its pipe; "unix": the
+    obj: U64 = 0             # kind "pipe" or "fifo": the ``PipeBuffer.id`` of its pipe; "unix": the
                              # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
     locks: Annotated[tuple[FileLock, ...], Count(1 << 16)] = ()   # kind "file": locks held through it
+    waiting: Flag = 0        # kind "fifo", a reader of a FIFO no fd of the job writes: no writer came
+                             # and went since it was opened, so poll shows no POLLHUP (a server
+                             # waiting for its first client)
 
 
 @dataclass(frozen=True)
@@ -406,11 +410,18 @@ class PipeBuffer:
     id: ObjectId             # the pipe's inode on the source host
     size: Annotated[int, Int(PAGE_SIZE, MAX_PIPE_SIZE, "a pipe capacity")]   # F_GETPIPE_SZ
     data: Annotated[bytes, Blob(MAX_BYTES)]    # the bytes in it, unread, in order
+    # A FIFO's pipe: the FIFO's path (made again there if missing), permissions and owner.
+    # An anonymous pipe has none.
+    path: Annotated[str, AbsPath(optional=True)] = ""
+    mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0
+    uid: Id = 0
+    gid: Id = 0
 
 
 @dataclass(frozen=True)
 class Pipes(Record):
-    """The pipes the process's fds refer to, with their bytes in flight."""
+    """The pipes the process's fds refer to (anonymous ones and FIFOs' pipes), with their
+    bytes in flight."""
 
     TYPE = 8
     pipes: Annotated[tuple[PipeBuffer, ...], Count(MAX_FDS)]
@@ -560,7 +571,8 @@ def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
                              events: EventFiles = EventFiles(()), *contents: FileContents) -> None:
     """Every pipe, socket, event or deleted-file fd refers to an object the stream carries,
     of its kind."""
-    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes}, "unix": {s.id for s in sockets.sockets},
+    ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes if not p.path},
+                                "fifo": {p.id for p in pipes.pipes if p.path}, "unix": {s.id for s in sockets.sockets},
                                 "deleted": {c.id for c in contents}}
     for e in events.files:
         ids.setdefault(e.kind, set()).add(e.id)
