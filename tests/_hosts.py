@@ -138,10 +138,18 @@ def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, **env: str)
     return proc.pid
 
 
-def wait_file(path: Path, timeout: float = 60) -> str:
-    """The contents of ``path`` once it exists."""
+def wait_file(path: Path, timeout: float = 60, empty_ok: bool = False) -> str:
+    """The contents of ``path`` once it exists and (unless ``empty_ok``: a marker) has any: a
+    workload's ``open(...).write(...)`` or a shell's ``echo > FILE`` makes the file before it
+    writes it, and the write is one system call."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+    while True:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = None
+        if text or (text is not None and empty_ok):
+            return text
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s" if text is None else \
+            f"{path.name} still empty after {timeout} s"
         time.sleep(0.05)
-    return path.read_text()

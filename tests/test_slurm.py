@@ -81,6 +81,11 @@ def submit(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Callable[[str], tupl
         slurm.command(["scancel", *map(str, jobs)], check=False)
 
 
+def written(path: Path) -> bool:
+    """Has ``path`` been written (it is made empty first, then written in one call)?"""
+    return path.exists() and path.stat().st_size > 0
+
+
 async def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT) -> None:
     deadline = trio.current_time() + timeout
     while not check():
@@ -290,7 +295,7 @@ async def test_a_jobs_workload_moves_to_another_node_and_the_job_completes(
         inventory: Slurm, submit: Callable[[str], tuple[int, Path]], testbed: Testbed, slurm: SlurmCluster) -> None:
     job_id, out, procs, moved = await move_workload(inventory, submit, testbed)
     (out / "finish").touch()
-    await wait_for("the moved workload wrote no result", (out / "result").exists)
+    await wait_for("the moved workload wrote no result", lambda: written(out / "result"))
     assert (out / "result").read_text() == f"PASS job {job_id}\n"   # it ran on, memory intact, on hostB
     wait_gone(moved)
     job = await wait_job(inventory, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
@@ -373,9 +378,9 @@ async def test_a_jobs_batch_shell_moves_with_its_workload_and_the_job_completes(
     moved = testbed.root_pid("hostC", shell.pid)
     assert moved is not None and moved != shell.pid
     (out / "finish").touch()
-    await wait_for("the moved workload wrote no result", (out / "result").exists)
+    await wait_for("the moved workload wrote no result", lambda: written(out / "result"))
     assert (out / "result").read_text() == f"PASS job {job_id}\n"
-    await wait_for("the moved batch shell wrote no status", (out / "status").exists)
+    await wait_for("the moved batch shell wrote no status", lambda: written(out / "status"))
     assert (out / "status").read_text() == "workload exit 0\n"   # the shell's `wait` works: both moved
     job = await wait_job(inventory, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
     # slurmstepd, which stayed on hostA, saw the batch shell's stand-in end as the shell did.

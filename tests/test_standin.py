@@ -196,7 +196,7 @@ def test_auto_leaves_no_stand_in_for_an_orphan_of_init(tmp_path: Path) -> None:
                             start_new_session=True)
     proc.wait()
     pid = int(wait_file(out / "pid"))
-    wait_file(out / "ready")
+    wait_file(out / "ready", empty_ok=True)
     ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     code, report, err = migrate_cli(f"{pid}@localhost", "localhost", "--stand-in-auto")
     try:
