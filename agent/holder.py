@@ -232,11 +232,10 @@ class Holder:
         signals that arrived since the state was collected (``agent.signals``), for the
         destination to deliver; a process of the job killed meanwhile abandons the move."""
         signals = self.late_signals()
-        dead = [int(p) for p, _, info in signals if int.from_bytes(info[:4], "little") == signal.SIGKILL
-                and not freezer.alive(self.helds[p])]
-        if dead:
-            raise ProcessExited(f"process {dead[0]} was killed (SIGKILL) while frozen for the move: the move is "
-                                "abandoned, and the rest of the job runs on here", pid=dead[0])
+        if self.late.killed:
+            dead = min(self.late.killed)
+            raise ProcessExited(f"process {dead} was killed (SIGKILL) while frozen for the move: the move is "
+                                "abandoned, and the rest of the job runs on here", pid=dead)
         self.on_eof = ON_EOF_HOLD
         return {"signals": signals}
 

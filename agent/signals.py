@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ SI_USER = 0
 SI_TKILL = -6
 SYS_rt_sigqueueinfo = 129
 SYS_rt_tgsigqueueinfo = 297
-SIGKILL = 9
+SIGKILL = int(signal.SIGKILL)
 
 # One late signal on the wire: [pid, tid (0: sent to the process), siginfo (128 bytes)].
 Late = list[Any]
@@ -136,12 +137,11 @@ def deliver(pid: int, tid: int, info: bytes) -> bool:
 
 def names(signals: Sequence[Late]) -> str:
     """'SIGTERM, SIGUSR1 x2' for a report."""
-    import signal as _signal
     counts: Counter[str] = Counter()
     for _, _, info in signals:
         signo = int.from_bytes(bytes(info[:4]), "little")
         try:
-            counts[_signal.Signals(signo).name] += 1
+            counts[signal.Signals(signo).name] += 1
         except ValueError:
             counts[f"signal {signo}"] += 1
     return ", ".join(f"{n} x{k}" if k > 1 else n for n, k in counts.items())
