@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests._workloads import KCR_MIGRATE
+from tests._workloads import KCR_MIGRATE, kcr
 
 
 # The test hosts share this machine's pid namespace (and localhost is one host): the source
@@ -76,3 +76,22 @@ def copies(marker: str, not_in: tuple[str, ...] = ("Z", "X")) -> list[int]:
         if marker in cmdline and state not in not_in:
             pids.append(int(entry))
     return sorted(pids)
+
+
+def moved(proc: subprocess.Popen[bytes], how: str, tmp_path: Path, *options: str) -> int:
+    """Move ``proc`` by checkpoint and restore, or live (localhost to localhost), with
+    ``options``; its original is killed and reaped. Returns the pid it runs under now."""
+    if how == "checkpoint":
+        image = tmp_path / "moved.img"
+        res = kcr("checkpoint", str(proc.pid), "-o", str(image), *options)
+        assert res.returncode == 0, res.stderr.decode()
+        assert proc.wait(timeout=30) == -9
+        res = kcr("restore", "-i", str(image))
+        assert res.returncode == 0, res.stderr.decode()
+        pid = int(res.stdout.split()[-1])
+        assert pid == proc.pid                 # its own pid
+        return pid
+    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost", *options)
+    assert code == 0, err
+    assert proc.wait(timeout=30) == -9
+    return int(report["new_pid"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import migrate_cli
+from tests._migration import moved
 from tests._workloads import (
     STARTED,
     Workload,
@@ -156,12 +156,7 @@ def test_a_fifo_deleted_from_its_directory_moves_as_a_pipe(tmp_path: Path) -> No
     script.write_text(UNLINKED)
     proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
                              start_new_session=True)
-    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
-    assert res.returncode == 0, res.stderr.decode()
-    assert proc.wait(timeout=30) == -9
-    res = kcr("restore", "-i", str(tmp_path / "img"))
-    assert res.returncode == 0, res.stderr.decode()
-    root = proc.pid
+    root = moved(proc, "checkpoint", tmp_path)
     (tmp_path / "go").touch()
     assert os.WEXITSTATUS(reap(root, timeout=60)) == 0
     assert (tmp_path / "output").read_text() == "b'kept across the move' b'+after' True False\n"
@@ -211,20 +206,9 @@ def test_readers_waiting_for_a_writer_still_wait(tmp_path: Path, how: str) -> No
     (tmp_path / "reference" / "go").touch()
     assert ref.wait(timeout=60) == 0
     proc = start(tmp_path / "moved")
-    if how == "image":
-        res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
-        assert res.returncode == 0, res.stderr.decode()
-        assert proc.wait(timeout=30) == -9
-        res = kcr("restore", "-i", str(tmp_path / "img"))
-        assert res.returncode == 0, res.stderr.decode()
-        moved = proc.pid
-    else:
-        code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
-        assert code == 0, err
-        assert proc.wait(timeout=30) == -9
-        moved = report["new_pid"]
+    now = moved(proc, "checkpoint" if how == "image" else "live", tmp_path)
     (tmp_path / "moved" / "go").touch()
-    assert os.WEXITSTATUS(reap(moved, timeout=60)) == 0
+    assert os.WEXITSTATUS(reap(now, timeout=60)) == 0
     # POLLIN 1, POLLHUP 16: the waiting reader shows nothing until its client writes.
     expected = "0 17 1 b'a command' b'bytes left by a writer' b''\n"
     assert (tmp_path / "reference" / "output").read_text() == expected

@@ -50,6 +50,17 @@ def moved_tree(testbed: Testbed, before: dict[int, int], report: dict) -> None:
         assert proc_state(pid) in (None, "Z", "X"), f"pid {pid} still runs on hostA"
 
 
+def move_tree_to_host_c(testbed: Testbed, before: dict[int, int]) -> dict:
+    """Move the tree ``before`` (pid -> parent, the root first) live from hostA to hostC keeping
+    its pids; the migration must succeed and leave it there as ``moved_tree`` checks. The report."""
+    root = next(iter(before))
+    code, report, err = migrate_cli(f"{root}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    moved_tree(testbed, before, report)
+    return report
+
+
 def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
     import os
     outdir.mkdir(parents=True, exist_ok=True)
@@ -69,10 +80,7 @@ def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                                    keep_pid=True)
-    assert code == 0, err
-    moved_tree(testbed, before, report)
+    move_tree_to_host_c(testbed, before)
     assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
     assert (out / "output").read_text() == ref
     assert sorted((out / "log").read_text().splitlines()) == sorted((tmp_path / "ref" / "log").read_text().splitlines())
@@ -94,10 +102,7 @@ def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                                    keep_pid=True)
-    assert code == 0, err
-    moved_tree(testbed, before, report)
+    move_tree_to_host_c(testbed, before)
     assert wait_file(out / "status") == "0\n"
     assert (out / "out").read_bytes() == (tmp_path / "ref" / "out").read_bytes()
 
@@ -208,10 +213,7 @@ def test_memory_shared_between_processes_stays_shared_live(testbed: Testbed, tmp
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "1500"], out)
     before = tree(pid)
     assert len(before) == 2
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                                    keep_pid=True)
-    assert code == 0, err
-    moved_tree(testbed, before, report)
+    move_tree_to_host_c(testbed, before)
     assert wait_file(out / "output") == "1500 1500 b'hello' 0\n"
 
 
@@ -225,10 +227,7 @@ def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> No
     pid = start_in(testbed, "hostA", [sys.executable, str(script), str(out), "3000"], out)
     before = tree(pid)
     assert len(before) == 3
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                                    keep_pid=True)
-    assert code == 0, err
-    moved_tree(testbed, before, report)
+    move_tree_to_host_c(testbed, before)
     assert wait_file(out / "output") == f"{sum(x * x for x in range(3000))}\n"
 
 
@@ -272,10 +271,7 @@ def test_a_pidfd_to_a_child_moves_live(testbed: Testbed, tmp_path: Path) -> None
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
     before = tree(pid)
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                                    keep_pid=True)
-    assert code == 0, err
-    moved_tree(testbed, before, report)
+    move_tree_to_host_c(testbed, before)
     (out / "go").touch()
     assert wait_file(out / "output") == "True 5\n"
 
@@ -329,10 +325,7 @@ def test_memfd_shared_by_a_tree_stays_one_file_live(testbed: Testbed, tmp_path: 
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "fork"], out)
     before = tree(pid)
     assert len(before) == 2
-    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
-                                    keep_pid=True)
-    assert code == 0, err
-    moved_tree(testbed, before, report)
+    move_tree_to_host_c(testbed, before)
     (out / "go").touch()
     assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
     assert (out / "output").read_text() == expected

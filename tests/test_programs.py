@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import migrate_cli
+from tests._migration import migrate_cli, moved
 from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
 
 
@@ -55,25 +55,6 @@ def reference(text: Path, where: Path) -> bytes:
     proc, out = xz(text, where)
     assert proc.wait(timeout=300) == 0
     return out.read_bytes()
-
-
-def moved(proc: subprocess.Popen[bytes], how: str, tmp_path: Path, *options: str) -> int:
-    """Move ``proc`` by checkpoint and restore, or live (localhost to localhost), with
-    ``options``; its original is killed and reaped. Returns the pid it runs under now."""
-    if how == "checkpoint":
-        image = tmp_path / "moved.img"
-        res = kcr("checkpoint", str(proc.pid), "-o", str(image), *options)
-        assert res.returncode == 0, res.stderr.decode()
-        assert proc.wait(timeout=30) == -9
-        res = kcr("restore", "-i", str(image))
-        assert res.returncode == 0, res.stderr.decode()
-        pid = int(res.stdout.split()[-1])
-        assert pid == proc.pid                 # its own pid
-        return pid
-    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost", *options)
-    assert code == 0, err
-    assert proc.wait(timeout=30) == -9
-    return int(report["new_pid"])
 
 
 def finished(pid: int, timeout: float = 300) -> None:
