@@ -196,18 +196,20 @@ def test_auto_leaves_no_stand_in_for_an_orphan_of_init(tmp_path: Path) -> None:
                             start_new_session=True)
     proc.wait()
     pid = int(wait_file(out / "pid"))
-    wait_file(out / "ready", empty_ok=True)
-    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    code, report, err = migrate_cli(f"{pid}@localhost", "localhost", "--stand-in-auto")
+    report: dict[str, Any] = {}
     try:
+        wait_file(out / "ready", empty_ok=True)
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        code, report, err = migrate_cli(f"{pid}@localhost", "localhost", "--stand-in-auto")
         assert code == 0, err
         if ppid == 1:
             assert report["stand_in"] == {} and not alive(pid)
         else:       # adopted by a subreaper (a test session that made itself one), which may wait
             assert report["stand_in"]["pid"] == pid
-    finally:
-        if report.get("new_pid") and alive(int(report["new_pid"])):
-            os.kill(int(report["new_pid"]), signal.SIGKILL)
+    finally:        # the orphan, unmoved if the test failed early, and its moved copy
+        for left in (pid, int(report.get("new_pid") or 0)):
+            if left and alive(left):
+                os.kill(left, signal.SIGKILL)
 
 
 def test_relayed_stdout_reaches_the_parent_through_the_stand_in(home: Home, tmp_path: Path) -> None:
