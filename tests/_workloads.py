@@ -180,6 +180,22 @@ def reap(pid: int, timeout: float = 60) -> int:
     raise AssertionError(f"process {pid} did not finish within {timeout} s")
 
 
+class Reference:
+    """An unmoved run of ``argv`` writing into ``outdir``, started now to run beside the moved
+    one it is compared with; ``output()`` waits for it."""
+
+    def __init__(self, argv: list[str], outdir: Path, **env: str) -> None:
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.outdir = outdir
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     env={**os.environ, **env})
+        STARTED.append(self.proc)
+
+    def output(self, timeout: float = 120) -> str:
+        assert self.proc.wait(timeout=timeout) == 0, f"the reference run failed ({self.proc.returncode})"
+        return (self.outdir / "output").read_text()
+
+
 def start_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
     """An uninterrupted run, for comparison, started (it runs beside what it is compared with;
     ``finished`` waits for it)."""
