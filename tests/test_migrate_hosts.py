@@ -123,9 +123,12 @@ def test_data_channel_tcp_that_cannot_connect_fails_in_preflight(testbed: Testbe
     assert proc_state(pid) in ("S", "R"), "the process runs on, untouched, on hostA"
 
 
+# Reads a line each 20 ms until the test lets it go (``verdict``), then the rest at once; it
+# ends only once let go: the file stays open through whatever the test does to the migration.
 PY_READER = r"""
 import os, sys, time
 out_dir, data = sys.argv[1], sys.argv[2]
+go_on = os.path.join(out_dir, "go-on")
 f = open(data)
 with open(os.path.join(out_dir, "output"), "w") as out:
     for i in range(600):
@@ -134,7 +137,10 @@ with open(os.path.join(out_dir, "output"), "w") as out:
         out.flush()
         if i == 5:
             open(os.path.join(out_dir, "ready"), "w").close()
-        time.sleep(0.02)
+        if not os.path.exists(go_on):
+            time.sleep(0.02)
+while not os.path.exists(go_on):
+    time.sleep(0.01)
 open(os.path.join(out_dir, "verdict"), "w").write("PASS\n")
 """
 
@@ -178,7 +184,7 @@ async def test_restore_failing_on_the_destination_rolls_back(testbed: Testbed, t
     assert data in str(m.error) and "hostB" in str(m.error)       # type: ignore[attr-defined]
     assert proc_state(pid) not in (None, "T", "t")
     assert running_copies(str(out)) == [pid]
-    assert wait_file(out / "verdict").strip() == "PASS"
+    assert verdict(out) == "PASS"
     assert "599 line 599" in (out / "output").read_text()
 
 
@@ -187,7 +193,7 @@ async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path
     the source runs on, and the destination agent destroys its copy on its own."""
     exe = str(build("mig_dirty"))
     out = tmp_path / "run"
-    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "1500"], out)
+    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "300"], out, hold=True)
     veth = testbed.veth_name("hostB")
 
     def cut(m: Migration) -> None:
@@ -204,7 +210,7 @@ async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path
         assert time.monotonic() < deadline, f"copies left besides the source: {copies(str(out))}"
         time.sleep(0.05)
     assert running_copies(str(out)) == [pid], "exactly one running copy"
-    assert wait_file(out / "verdict", timeout=90).strip() == "PASS"
+    assert verdict(out, timeout=90) == "PASS"
 
 
 def test_preflight_refuses_a_missing_file_on_the_destination(testbed: Testbed, tmp_path: Path) -> None:
@@ -217,4 +223,4 @@ def test_preflight_refuses_a_missing_file_on_the_destination(testbed: Testbed, t
     code, _, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
     assert code != 0 and "kcr-only-here.txt is missing on" in err and "Traceback" not in err
     assert running_copies(str(out)) == [pid]
-    assert wait_file(out / "verdict").strip() == "PASS"
+    assert verdict(out) == "PASS"
