@@ -55,7 +55,7 @@ from agent.inject import (
 )
 from agent.layout_plan import plan_layout
 from agent.shared_memory import SharedObjects
-from precopy.intervals import Span, merge_spans, within
+from precopy.intervals import Span, merge_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
     data_address,
@@ -95,6 +95,7 @@ from transport.schema import (
     VMA_MAYWRITE,
     Vma,
     check_threads,
+    is_shm_path,
 )
 
 GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
@@ -128,6 +129,7 @@ CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x2000
 MADV = {ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, 0),
         ADV_NOHUGEPAGE: (15, 0), ADV_MERGEABLE: (12, 13)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
+SHM_RDONLY, SHM_REMAP, SHM_EXEC = 0o10000, 0o40000, 0o100000
 
 
 @dataclass
@@ -197,6 +199,20 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
     raise RestoreError("no free address range for the restore gadget")
 
 
+def _without(batch: PageBatch, skip: list[Span]) -> PageBatch:
+    """``batch`` less its pages in ``skip`` (sorted, merged)."""
+    runs: list[tuple[int, int]] = []
+    parts: list[bytes] = []
+    view = memoryview(batch.data).cast("B")
+    off = 0
+    for addr, n in batch.runs:
+        for start, end in subtract_spans([(addr, addr + n * PAGE_SIZE)], skip):
+            runs.append((start, (end - start) // PAGE_SIZE))
+            parts.append(bytes(view[off + start - addr: off + end - addr]))
+        off += n * PAGE_SIZE
+    return replace(batch, runs=tuple(runs), data=b"".join(parts))
+
+
 def _deleted_private(v: Vma) -> bool:
     """A deleted file (a memfd) mapped privately: its maps line names it ``PATH (deleted)``."""
     return not v.shared and v.path.endswith(" (deleted)")
@@ -237,6 +253,7 @@ class Restorer:
         self._clone_gadget, self._clone_scratch = forked_from.memory_for_clones() if forked_from else (0, 0)
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
+        self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
         self._carried: Descriptions | None = None     # in finish(): the deleted files made again
         self.running_ns = 0
         if stub_pid:
@@ -472,8 +489,8 @@ class Restorer:
     def _is_deferred(self, v: Vma) -> bool:
         """A file mapped in finish(): one a filesystem hook brings, or a deleted file mapped
         privately (made again from its carried contents with the fds, ``_map_carried``)."""
-        if v.kind == "file" and _deleted_private(v):
-            return self._carried is None
+        if v.kind == "file" and (_deleted_private(v) or is_shm_path(v.path)):
+            return self._carried is None       # /dev/shm files: made with the fds (``SharedObjects.add_files``)
         return v.kind == "file" and any(v.path == d or v.path.startswith(d.rstrip("/") + "/") for d in self.deferred)
 
     def _map_deferred(self) -> None:
@@ -499,6 +516,8 @@ class Restorer:
             if self._is_deferred(v):
                 self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
                 self._placeholders[(v.start, v.end)] = v
+            elif v.shm is not None and self.shared is not None:
+                self._attach(v, readonly=False)
             elif v.shared and v.kind == "anon" and v.ino and self.shared is not None:
                 self._map_shared_object(v, flags)
             elif v.kind == "file" and _deleted_private(v):
@@ -531,6 +550,32 @@ class Restorer:
         # which may write a private read-only mapping but not a shared one.
         self._map_from(ours, v, flags, v.prot | PROT_WRITE)
 
+    def _attach(self, v: Vma, readonly: bool) -> None:
+        """A SysV segment, attached with an injected shmat (so shmdt and the attach count
+        work as before): at ``v.start`` where it maps the whole segment, else at a free
+        address, cut to its part and moved there. Writable until ``_map_carried_files``
+        (pages go in through /proc/PID/mem), unless ``readonly`` (SHM_RDONLY)."""
+        assert self.shared is not None and v.shm is not None
+        seg = self.shared.segment(v.shm)
+        if seg.foreign:
+            self._foreign.append((v.start, v.end))
+        whole = -(-v.shm.size // PAGE_SIZE) * PAGE_SIZE
+        flags = (SHM_RDONLY if readonly else 0) | (SHM_EXEC if v.prot & PROT_EXEC else 0)
+        if v.pgoff == 0 and v.length == whole:
+            self._call("shmat", seg.shmid, v.start, flags | SHM_REMAP)
+        else:
+            taken = [(x.start, x.end) for x in self.layout] + [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]
+            addr = self._call("shmat", seg.shmid, find_free(whole, taken + [(v.start, v.end)]), flags)
+            if v.pgoff:
+                self._call("munmap", addr, v.pgoff)
+            if v.pgoff + v.length < whole:
+                self._call("munmap", addr + v.pgoff + v.length, whole - v.pgoff - v.length)
+            self._call("mremap", addr + v.pgoff, v.length, v.length, MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
+        attached = PROT_READ | (0 if readonly else PROT_WRITE) | (v.prot & PROT_EXEC)
+        want = v.prot if readonly else v.prot | PROT_WRITE
+        if want != attached:
+            self._call("mprotect", v.start, v.length, want)
+
     def _map_carried_files(self, descriptions: Descriptions) -> None:
         """A deleted file (a memfd) the tree holds open and maps shared is one file: each
         mapping of it, restored as shared memory with its pages, is mapped again from the file
@@ -538,6 +583,13 @@ class Restorer:
         mappings of every process see each other's writes. The other shared memory objects
         take their protection (``_map_shared_object``)."""
         for v in self.layout:
+            if v.shm is not None and self.shared is not None:
+                if not v.advice & VMA_MAYWRITE:       # attached SHM_RDONLY: not writable by mprotect
+                    self._attach(v, readonly=True)
+                    self._advise(v.start, v.end, v.advice)
+                elif not v.prot & PROT_WRITE:
+                    self._call("mprotect", v.start, v.length, v.prot)
+                continue
             if not (v.shared and v.kind == "anon" and v.ino):
                 continue
             ours = descriptions.deleted_file(v.ino)
@@ -575,6 +627,8 @@ class Restorer:
             self._call("close", fd)
 
     def _check_file(self, v: Vma) -> None:
+        if self.shared is not None and v.path in self.shared.files:
+            return          # carried: made here from its contents, or this very file
         try:
             st = os.stat(v.path)
         except OSError:
@@ -599,6 +653,8 @@ class Restorer:
             if not self._covered(addr, n * PAGE_SIZE):
                 raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings, or in a file "
                                    "mapped shared (whose pages are the file's): corrupt image")
+        if self._foreign:
+            batch = _without(batch, merge_spans(self._foreign))
         if self._placeholders:
             for addr, n in batch.runs:
                 for (start, end) in self._placeholders:
@@ -665,6 +721,8 @@ class Restorer:
         fds.check_referenced()
         own = Descriptions()
         try:
+            if self.shared is not None:
+                self.shared.add_files(fds.contents)
             own.add(fds)
             self._finish(proc, fds.files, threads, own)
             own.seal()

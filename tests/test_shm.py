@@ -1,0 +1,156 @@
+"""Host-local shared memory a job uses, carried: SysV segments (by id, key, owner, permissions
+and contents, attached again at their addresses with their protection, a removed one removed
+again) and files of /dev/shm (made again at their path with their contents, or used as they
+are where the destination sees the very file). A parent and child count in them before and
+after the move (tests/workloads/shm_counter.c) and must end as an unmoved run does, every
+segment under its id."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from precopy import sysv
+from tests._migration import copies, wait_gone
+from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap
+from tests.test_trees import checkpoint, image_restored, tree
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+IPC_PRIVATE, IPC_CREAT, IPC_RMID, SHM_HUGETLB = 0, 0o1000, 0, 0o4000
+
+OUTPUT = ("child exit 0 ro-attachment 1\n"
+          "segment 0: counter 4000, same through its id 1, stat 0 size 8192 mode 600 uid 0 gid 0 nattch 2 key 0\n"
+          "segment 1: counter 4000, same through its id 1, stat 0 size 5000 mode 640 uid 0 gid 0 nattch 2 key its own\n"
+          "segment 2: counter 4000, same through its id 1, stat 0 size 8192 mode 1600 uid 0 gid 0 nattch 2 key 0\n"
+          "key finds the same id: 1\ndetach: 1\n"
+          "file: counter 4000 through fd 4000 mode 640 size 8192 by name 1\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+@pytest.fixture(autouse=True)
+def no_segments_left(tmp_path: Path) -> Iterator[None]:
+    """A failed test's processes (a child its dead parent left) are killed, and the segments
+    they leave are removed."""
+    before = set(sysv.read_table())
+    yield
+    for pid in copies(str(tmp_path)):
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+    while SHM_FILES:
+        SHM_FILES.pop().unlink(missing_ok=True)
+    for shmid, line in sysv.read_table().items():
+        if shmid not in before and not line.nattch:
+            libc.shmctl(shmid, IPC_RMID, None)
+
+
+SHM_FILES: list[Path] = []        # the workloads' /dev/shm files, removed after each test
+
+
+def workload(tmp_path: Path, where: str) -> Workload:
+    """The workload with a key and a /dev/shm name of its own."""
+    n = len(list(tmp_path.parent.iterdir())) + os.getpid() + len(where)
+    w = Workload("shm_counter", tmp_path / where, hex(0x6B630000 | n & 0xFFFF), f"/kcr-test-{n}-{where}")
+    w.shm_file = Path(f"/dev/shm/kcr-test-{n}-{where}")     # type: ignore[attr-defined]
+    SHM_FILES.append(w.shm_file)                            # type: ignore[attr-defined]
+    return w
+
+
+def attachments(pid: int) -> list[tuple[int, int, str]]:
+    """(start, id, protection) of each SysV attachment of ``pid``."""
+    out = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/SYSV"):
+            out.append((int(fields[0].split("-")[0], 16), int(fields[4]), fields[1]))
+    return out
+
+
+def test_unmoved_run_reports_what_the_moved_ones_must(tmp_path: Path) -> None:
+    w = workload(tmp_path, "reference")
+    (w.dir / "go").touch()
+    w.start()
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    w.reap_original()
+    assert w.output() == OUTPUT
+
+
+def test_checkpoint_and_restore_elsewhere_makes_segments_and_file_again(tmp_path: Path) -> None:
+    """What the killed job leaves on this host (its segments not removed, its /dev/shm file)
+    is removed after the checkpoint, as on another host: restore makes each segment again
+    under its id and key, with its contents, the removed one removed again, and the file at
+    its path with its mode and contents; every attachment at its address with its protection."""
+    w = workload(tmp_path, "moved")
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    child = next(p for p in before if p != w.pid)
+    attached = {p: attachments(p) for p in before}
+    assert len(attached[w.pid]) == 3 and len(attached[child]) == 4
+    assert [p for _, _, p in attached[child]].count("r--s") == 1
+    ids = {i for a in attached.values() for _, i, _ in a}
+    checkpoint(w.pid, tmp_path / "shm.img", 2)
+    assert w.reap_original() == -9
+    for shmid in ids:
+        libc.shmctl(shmid, IPC_RMID, None)
+    w.shm_file.unlink()                                     # type: ignore[attr-defined]
+    image_restored(tmp_path / "shm.img", before)
+    assert {p: attachments(p) for p in before} == attached
+    assert oct(w.shm_file.stat().st_mode & 0o7777) == "0o640"     # type: ignore[attr-defined]
+    (w.dir / "go").touch()
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert os.WEXITSTATUS(reap(w.pid)) == 0
+    assert w.output() == OUTPUT
+
+
+def test_restore_refuses_a_taken_id_and_another_file(tmp_path: Path) -> None:
+    """Another segment under a segment's id, another file at the /dev/shm path: restore
+    refuses in one line naming it, and leaves both alone (nothing of the job is made)."""
+    w = workload(tmp_path, "moved")
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    ids = sorted({i for p in before for _, i, _ in attachments(p)})
+    checkpoint(w.pid, tmp_path / "shm.img", 2)
+    assert w.reap_original() == -9
+    from tests.test_trees import reap_orphans
+    reap_orphans([p for p in before if before[p]])
+    # Another program's file at the path.
+    w.shm_file.unlink()                                     # type: ignore[attr-defined]
+    w.shm_file.write_bytes(b"another program's")            # type: ignore[attr-defined]
+    res = kcr("restore", "-i", str(tmp_path / "shm.img"))
+    assert res.returncode != 0
+    line = one_error_line(res.stderr)
+    assert str(w.shm_file) in line and "does not overwrite" in line, line   # type: ignore[attr-defined]
+    assert w.shm_file.read_bytes() == b"another program's"                  # type: ignore[attr-defined]
+    for p in before:        # the half-restored processes were killed
+        wait_gone(p)
+    w.shm_file.unlink()                                     # type: ignore[attr-defined]
+    # Another segment under the first id.
+    libc.shmctl(ids[0], IPC_RMID, None)
+    with open("/proc/sys/kernel/shm_next_id", "w") as f:
+        f.write(str(ids[0]))
+    other = libc.shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0o600)
+    try:
+        assert other == ids[0]
+        res = kcr("restore", "-i", str(tmp_path / "shm.img"))
+        assert res.returncode != 0
+        line = one_error_line(res.stderr)
+        assert f"SysV shared memory id {ids[0]} is taken" in line, line
+        assert sysv.read_table()[other].segment.size == 4096
+        assert not w.shm_file.exists()                      # type: ignore[attr-defined]
+        for p in before:
+            wait_gone(p)
+    finally:
+        libc.shmctl(other, IPC_RMID, None)
+        for shmid in ids:
+            libc.shmctl(shmid, IPC_RMID, None)
