@@ -165,7 +165,7 @@ def check_segment(seg: SysvSegment, host: str,
         if _same_segment(line, seg):
             return line
         raise RestoreError(f"SysV shared memory id {seg.shmid} is taken on {host} by another segment (key "
-                           f"{line.segment.key:#x}, created by pid {line.segment.cpid}): programs keep their "
+                           f"{line.segment.key:#x}, created by pid {line.cpid}): programs keep their "
                            "segment's id; remove that segment (ipcrm -m) or move the job elsewhere", host=host)
     if seg.key != IPC_PRIVATE and not seg.removed:
         other = next((x for x in table.values() if x.segment.key == seg.key and not x.segment.removed), None)

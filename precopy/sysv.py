@@ -24,7 +24,9 @@ class SegmentLine:
 
     segment: SysvSegment
     nattch: int
-    ctime: int
+    cpid: int
+    cuid: int
+    cgid: int
 
 
 def is_sysv(name: str, shared: bool) -> bool:
@@ -54,11 +56,11 @@ def read_table(path: str = SHM_TABLE) -> dict[int, SegmentLine]:
         fields = line.split()
         if len(fields) < 14:
             continue
-        key, shmid, perms, size, cpid, _lpid, nattch, uid, gid, cuid, cgid = (int(x) for x in fields[:11])
+        key, shmid, _, size, cpid, _lpid, nattch, uid, gid, cuid, cgid = (int(x) for x in fields[:11])
         perms = int(fields[2], 8)
         seg = SysvSegment(shmid=shmid, key=key, size=max(size, 1), mode=perms & SHM_MODE, uid=uid, gid=gid,
-                          cuid=cuid, cgid=cgid, cpid=cpid, removed=bool(perms & SHM_DEST), host=host)
-        out[shmid] = SegmentLine(seg, nattch, int(fields[13]))
+                          removed=bool(perms & SHM_DEST), host=host)
+        out[shmid] = SegmentLine(seg, nattch, cpid, cuid, cgid)
     return out
 
 
@@ -86,8 +88,7 @@ def attached(pids: list[int]) -> list[SysvSegment]:
 
 
 def to_wire(seg: SysvSegment) -> dict[str, object]:
-    return {"shmid": seg.shmid, "key": seg.key, "size": seg.size, "cpid": seg.cpid, "removed": seg.removed,
-            "host": seg.host}
+    return {"shmid": seg.shmid, "key": seg.key, "size": seg.size, "removed": seg.removed, "host": seg.host}
 
 
 def from_wire(d: object) -> SysvSegment:
@@ -95,7 +96,7 @@ def from_wire(d: object) -> SysvSegment:
     if not isinstance(d, dict):
         raise ValueError("not a map")
     seg = SysvSegment(shmid=int(d["shmid"]), key=int(d["key"]), size=int(d["size"]), mode=0, uid=0, gid=0,
-                      cuid=0, cgid=0, cpid=int(d["cpid"]), removed=bool(d["removed"]), host=str(d["host"])[:128])
+                      removed=bool(d["removed"]), host=str(d["host"])[:128])
     if not (0 <= seg.shmid < 1 << 31 and -(1 << 31) <= seg.key < 1 << 31 and 0 < seg.size):
         raise ValueError(f"segment {seg.shmid}")
     return seg

@@ -9,13 +9,14 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from precopy import sysv
-from tests._migration import copies, wait_gone
+from tests._migration import copies, proc_state, wait_gone
 from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap
 from tests.test_trees import checkpoint, image_restored, tree
 
@@ -154,3 +155,58 @@ def test_restore_refuses_a_taken_id_and_another_file(tmp_path: Path) -> None:
         libc.shmctl(other, IPC_RMID, None)
         for shmid in ids:
             libc.shmctl(shmid, IPC_RMID, None)
+
+
+HUGE_SEGMENT = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+out = sys.argv[1]
+shmid = libc.shmget(0, 2 << 20, 0o1000 | 0o4000 | 0o600)      # IPC_CREAT | SHM_HUGETLB
+assert shmid >= 0, os.strerror(ctypes.get_errno())
+addr = libc.shmat(shmid, None, 0)
+libc.shmctl(shmid, 0, None)                                   # removed once it is detached
+counter = ctypes.c_long.from_address(addr)
+counter.value = 41
+open(os.path.join(out, "ready"), "w").close()
+while not os.path.exists(os.path.join(out, "go")):
+    time.sleep(0.01)
+counter.value += 1
+with open(os.path.join(out, "output"), "w") as f:
+    f.write(f"{counter.value}\n")
+os.rename(os.path.join(out, "output"), os.path.join(out, "verdict"))
+"""
+
+
+@pytest.fixture
+def a_huge_page() -> Iterator[None]:
+    """One 2 MiB huge page reserved while the test runs (vm.nr_hugepages as it was after)."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    before = int(knob.read_text())
+    try:
+        knob.write_text(str(before + 1))
+    except OSError as exc:
+        pytest.skip(f"cannot reserve a huge page (vm.nr_hugepages: {exc.strerror})")
+    try:
+        if int(knob.read_text()) <= before:
+            pytest.skip("the kernel gave no huge page (vm.nr_hugepages did not grow): no SHM_HUGETLB segment")
+        yield
+    finally:
+        knob.write_text(str(before))
+
+
+def test_a_segment_of_huge_pages_is_refused_and_the_job_runs_on(tmp_path: Path, a_huge_page: None) -> None:
+    script = tmp_path / "huge.py"
+    script.write_text(HUGE_SEGMENT)
+    w = Workload("huge", tmp_path, argv=[sys.executable, "-S", str(script), str(tmp_path / "huge")])
+    w.start()
+    w.wait_ready()
+    res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "huge.img"))
+    assert res.returncode != 0
+    line = one_error_line(res.stderr)
+    assert "SysV shared memory segment of huge pages (SHM_HUGETLB" in line, line
+    assert proc_state(w.pid) in ("S", "R")
+    (w.dir / "go").touch()
+    assert w.verdict() == "42"
+    assert w.reap_original() == 0

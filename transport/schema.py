@@ -283,7 +283,9 @@ class SysvSegment:
     destination under its id (``shmid``, which programs keep) and key, with its owner and
     permissions, unless the destination sees this very segment (the same ``host``: boot and
     IPC namespace). Its contents are the mapping's pages, sent once per segment. ``removed``:
-    marked IPC_RMID (its key reads 0 then): made, attached, and marked so again."""
+    marked IPC_RMID (its key reads 0 then): made, attached, and marked so again. Its creator
+    (cuid, cgid, cpid) is not carried: on the destination it is the restorer (IPC_SET cannot
+    set it)."""
 
     shmid: Annotated[int, Int(0, (1 << 31) - 1, "a SysV shared memory id")]
     key: I32
@@ -291,9 +293,6 @@ class SysvSegment:
     mode: Annotated[int, Int(0, SHM_MODE, "a SysV segment's permissions")]
     uid: Id
     gid: Id
-    cuid: Id                 # the creator's: on the destination, the restorer's (IPC_SET cannot set them)
-    cgid: Id
-    cpid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a creator's pid")]
     removed: bool = False
     host: Annotated[str, Text(128)] = ""    # boot id and IPC namespace it lives in ("BOOT ipc:[N]")
 
