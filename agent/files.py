@@ -22,6 +22,7 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
+from agent import shm_files
 from agent.fsync import fs_magic
 from agent.procfs import list_fds
 from precopy.kernel import xsave_supported_mask
@@ -164,8 +165,9 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
     facts: dict[str, FileFact] = {}
     for m in read_maps(pid):
         if m.kind == "file" and not m.deleted and not under(m.name, exempt) and m.name not in facts:
-            if is_shm_path(m.name):        # carried whole (agent.shm_files): the destination makes it
-                facts[m.name] = FileFact(m.name, 0, "", False, {**identity(m.name, os.stat(m.name)), "carried": True})
+            if is_shm_path(m.name) and shm_files.carried(m.name, here := os.stat(m.name)):
+                # carried whole (agent.shm_files): the destination makes it again
+                facts[m.name] = FileFact(m.name, 0, "", False, {**identity(m.name, here), "carried": True})
                 continue
             size, digest = cache.digest(m.name)
             facts[m.name] = FileFact(m.name, size, digest, False, identity(m.name, os.stat(m.name)))
@@ -176,7 +178,7 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
             continue
         if not stat_mod.S_ISREG(st.st_mode) or info.target in facts:
             continue
-        if is_shm_path(info.target):
+        if shm_files.carried(info.target, st):
             facts[info.target] = FileFact(info.target, 0, "", False, {**identity(info.target, st), "carried": True})
             continue
         writing = bool(info.flags & WRITE_FLAGS)

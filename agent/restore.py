@@ -199,6 +199,20 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
     raise RestoreError("no free address range for the restore gadget")
 
 
+def _attachments(vmas: Sequence[Vma]) -> list[list[Vma]]:
+    """``vmas`` (sorted) in groups: the pieces of one SysV attachment together (adjacent, the
+    same segment, offsets in a row: what mprotect made of one shmat), every other one alone."""
+    groups: list[list[Vma]] = []
+    for v in vmas:
+        last = groups[-1][-1] if groups else None
+        if v.shm is not None and last is not None and last.shm is not None and last.shm.shmid == v.shm.shmid \
+                and last.end == v.start and last.pgoff + last.length == v.pgoff:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
 def _without(batch: PageBatch, skip: list[Span]) -> PageBatch:
     """``batch`` less its pages in ``skip`` (sorted, merged)."""
     runs: list[tuple[int, int]] = []
@@ -461,10 +475,17 @@ class Restorer:
         keeps the contents of what is still mapped with the same backing (``agent.layout_plan``)."""
         new = [v for v in target.vmas if not is_special(v)]
         plan = plan_layout(self.layout, new)
+        if self.shared is not None:
+            for v in new:
+                if v.shm is not None:
+                    self.shared.note(v.shm)     # marked IPC_RMID since it was attached, maybe
         for start, end in plan.unmap:
             self._call("munmap", start, end - start)
-        for v in plan.map:
-            self._map(v)
+        for group in _attachments(plan.map):
+            if group[0].shm is not None and self.shared is not None:
+                self._map_attachment(group)
+            else:
+                self._map(group[0])
         if self.filler is not None:
             self.filler.keep([(v.start, v.end) for v in new])
             self.filler.register(list(plan.map))
@@ -509,6 +530,9 @@ class Restorer:
     def _map(self, v: Vma) -> None:
         if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
             raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+        if v.shm is not None and self.shared is not None:
+            self._map_attachment([v])
+            return
         flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
         if v.growsdown:
             flags |= MAP_GROWSDOWN
@@ -516,8 +540,6 @@ class Restorer:
             if self._is_deferred(v):
                 self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
                 self._placeholders[(v.start, v.end)] = v
-            elif v.shm is not None and self.shared is not None:
-                self._attach(v, readonly=False)
             elif v.shared and v.kind == "anon" and v.ino and self.shared is not None:
                 self._map_shared_object(v, flags)
             elif v.kind == "file" and _deleted_private(v):
@@ -538,6 +560,15 @@ class Restorer:
             what = v.path or v.kind
             raise RestoreError(f"cannot map {what} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None
 
+    def _map_attachment(self, pieces: Sequence[Vma], readonly: bool = False) -> None:
+        if _holes_conflict(pieces[0].start, pieces[-1].end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+            raise RestoreError(f"mapping {pieces[0].start:#x}-{pieces[-1].end:#x} collides with the restore gadget")
+        try:
+            self._attach(pieces, readonly)
+        except InjectionError as exc:
+            raise RestoreError(f"cannot attach SysV shared memory segment {pieces[0].ino} at {pieces[0].start:#x}-"
+                               f"{pieces[-1].end:#x}: {exc.strerror}") from None
+
     def _map_shared_object(self, v: Vma, flags: int) -> None:
         """Shared anonymous memory: the tree's one object for it (``agent.shared_memory``),
         taken from the restorer with pidfd_getfd and mapped at its offset."""
@@ -550,31 +581,38 @@ class Restorer:
         # which may write a private read-only mapping but not a shared one.
         self._map_from(ours, v, flags, v.prot | PROT_WRITE)
 
-    def _attach(self, v: Vma, readonly: bool) -> None:
-        """A SysV segment, attached with an injected shmat (so shmdt and the attach count
-        work as before): at ``v.start`` where it maps the whole segment, else at a free
-        address, cut to its part and moved there. Writable until ``_map_carried_files``
-        (pages go in through /proc/PID/mem), unless ``readonly`` (SHM_RDONLY)."""
-        assert self.shared is not None and v.shm is not None
-        seg = self.shared.segment(v.shm)
+    def _attach(self, pieces: Sequence[Vma], readonly: bool) -> None:
+        """One attachment of a SysV segment (``pieces``: its mappings, adjacent, with their
+        offsets in a row, as mprotect splits one), made with an injected shmat so shmdt and
+        the attach count work as before: at its address where it maps the whole segment,
+        else at a free address, cut to its part and moved there; then each piece gets its
+        protection. Writable until ``_map_carried_files`` (pages go in through
+        /proc/PID/mem), unless ``readonly`` (SHM_RDONLY)."""
+        first, last = pieces[0], pieces[-1]
+        assert self.shared is not None and first.shm is not None
+        seg = self.shared.segment(first.shm)
+        start, end, pgoff = first.start, last.end, first.pgoff
         if seg.foreign:
-            self._foreign.append((v.start, v.end))
-        whole = -(-v.shm.size // PAGE_SIZE) * PAGE_SIZE
-        flags = (SHM_RDONLY if readonly else 0) | (SHM_EXEC if v.prot & PROT_EXEC else 0)
-        if v.pgoff == 0 and v.length == whole:
-            self._call("shmat", seg.shmid, v.start, flags | SHM_REMAP)
+            self._foreign.append((start, end))
+        whole = -(-first.shm.size // PAGE_SIZE) * PAGE_SIZE
+        exe = any(v.prot & PROT_EXEC for v in pieces)
+        flags = (SHM_RDONLY if readonly else 0) | (SHM_EXEC if exe else 0)
+        if pgoff == 0 and end - start == whole:
+            self._call("shmat", seg.shmid, start, flags | SHM_REMAP)
         else:
-            taken = [(x.start, x.end) for x in self.layout] + [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]
-            addr = self._call("shmat", seg.shmid, find_free(whole, taken + [(v.start, v.end)]), flags)
-            if v.pgoff:
-                self._call("munmap", addr, v.pgoff)
-            if v.pgoff + v.length < whole:
-                self._call("munmap", addr + v.pgoff + v.length, whole - v.pgoff - v.length)
-            self._call("mremap", addr + v.pgoff, v.length, v.length, MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
-        attached = PROT_READ | (0 if readonly else PROT_WRITE) | (v.prot & PROT_EXEC)
-        want = v.prot if readonly else v.prot | PROT_WRITE
-        if want != attached:
-            self._call("mprotect", v.start, v.length, want)
+            taken = [(m.start, m.end) for m in read_maps(self.pid)] + [(start, end)]
+            addr = self._call("shmat", seg.shmid, find_free(whole, taken), flags)
+            if pgoff:
+                self._call("munmap", addr, pgoff)
+            if pgoff + end - start < whole:
+                self._call("munmap", addr + pgoff + end - start, whole - pgoff - (end - start))
+            self._call("mremap", addr + pgoff, end - start, end - start, MREMAP_MAYMOVE | MREMAP_FIXED, start)
+        attached = PROT_READ | (0 if readonly else PROT_WRITE) | (PROT_EXEC if exe else 0)
+        for v in pieces:
+            want = v.prot if readonly else v.prot | PROT_WRITE
+            if want != attached:
+                self._call("mprotect", v.start, v.length, want)
+            self._advise(v.start, v.end, v.advice)
 
     def _map_carried_files(self, descriptions: Descriptions) -> None:
         """A deleted file (a memfd) the tree holds open and maps shared is one file: each
@@ -582,13 +620,16 @@ class Restorer:
         made from its carried contents (the same bytes, frozen together), so the fds and the
         mappings of every process see each other's writes. The other shared memory objects
         take their protection (``_map_shared_object``)."""
+        for group in _attachments(self.layout):
+            if group[0].shm is not None and self.shared is not None:
+                if not any(v.advice & VMA_MAYWRITE for v in group):   # SHM_RDONLY: not writable by mprotect
+                    self._map_attachment(group, readonly=True)
+                else:
+                    for v in group:
+                        if not v.prot & PROT_WRITE:
+                            self._call("mprotect", v.start, v.length, v.prot)
         for v in self.layout:
-            if v.shm is not None and self.shared is not None:
-                if not v.advice & VMA_MAYWRITE:       # attached SHM_RDONLY: not writable by mprotect
-                    self._attach(v, readonly=True)
-                    self._advise(v.start, v.end, v.advice)
-                elif not v.prot & PROT_WRITE:
-                    self._call("mprotect", v.start, v.length, v.prot)
+            if v.shm is not None:
                 continue
             if not (v.shared and v.kind == "anon" and v.ino):
                 continue

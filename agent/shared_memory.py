@@ -35,8 +35,8 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable
 
-from agent.files import boot_id
 from precopy import sysv
+from precopy.sysv import boot_id
 from transport.errors import RestoreError
 from transport.schema import FileContents, SysvSegment
 
@@ -82,9 +82,13 @@ class SharedObjects:
             os.ftruncate(fd, size)
         return fd
 
+    def note(self, seg: SysvSegment) -> None:
+        """``seg`` as the latest layout describes it (removed or not)."""
+        self.removed[seg.shmid] = seg.removed
+
     def segment(self, seg: SysvSegment) -> Segment:
         """The SysV segment ``seg`` here: found (this very one) or made under its id."""
-        self.removed[seg.shmid] = seg.removed
+        self.note(seg)
         found = self.segments.get(seg.shmid)
         if found is not None:
             return found

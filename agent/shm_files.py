@@ -16,15 +16,14 @@ import stat
 from dataclasses import dataclass
 from typing import Sequence
 
-from agent.files import boot_id
-from agent.fsync import fs_magic
-from agent.procfs import list_fds
+from agent.procfs import list_fds, mount_table
 from precopy.layout import read_maps
+from precopy.sysv import boot_id
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
-from transport.schema import MAX_DELETED_FILE, FileContents, is_shm_path
+from transport.schema import MAX_DELETED_FILE, SHM_DIR, FileContents, is_shm_path
 
-TMPFS_MAGIC = 0x01021994
+SHM_MOUNT = SHM_DIR.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -38,24 +37,41 @@ class ShmFile:
 def find(pids: Sequence[int]) -> dict[int, ShmFile]:
     """The /dev/shm files these processes hold open or map, by inode."""
     out: dict[int, ShmFile] = {}
+    tmpfs = _tmpfs_device()
+    if tmpfs is None:
+        return out
     for pid in pids:
         for info in list_fds(pid):
             if is_shm_path(info.target) and info.st is not None and info.st.st_ino not in out:
-                _add(out, pid, info.target, f"/proc/{pid}/fd/{info.fd}")
+                _add(out, pid, info.target, f"/proc/{pid}/fd/{info.fd}", tmpfs)
         for m in read_maps(pid):
             if m.kind == "file" and is_shm_path(m.name) and m.inode not in out:
-                _add(out, pid, m.name, f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+                _add(out, pid, m.name, f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", tmpfs)
     return out
 
 
-def _add(out: dict[int, ShmFile], pid: int, path: str, source: str) -> None:
+def carried(path: str, st: os.stat_result) -> bool:
+    """Is the file ``path`` (``st``) one of /dev/shm this module carries?"""
+    return is_shm_path(path) and st.st_dev == _tmpfs_device()
+
+
+def _tmpfs_device() -> int | None:
+    """The device of /dev/shm where a tmpfs is mounted there (None: not host-local memory)."""
+    if not any(fstype == "tmpfs" and point == SHM_MOUNT for fstype, point, _, _ in mount_table()):
+        return None
+    try:
+        return os.stat(SHM_MOUNT).st_dev
+    except OSError:
+        return None
+
+
+def _add(out: dict[int, ShmFile], pid: int, path: str, source: str, device: int) -> None:
     try:
         st = os.stat(source)
-        if not stat.S_ISREG(st.st_mode) or fs_magic(source) != TMPFS_MAGIC:
-            return
     except OSError:
         return
-    out[st.st_ino] = ShmFile(pid, path, source, st)
+    if stat.S_ISREG(st.st_mode) and st.st_dev == device:
+        out[st.st_ino] = ShmFile(pid, path, source, st)
 
 
 def check_size(files: dict[int, ShmFile], root: int) -> int:

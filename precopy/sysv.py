@@ -33,12 +33,19 @@ def is_sysv(name: str, shared: bool) -> bool:
     return shared and name.startswith("/SYSV")
 
 
+def boot_id() -> str:
+    """This boot of this kernel."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def host_ipc() -> str:
     """This boot and IPC namespace ("BOOT ipc:[N]"): SysV ids are names within it."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot} {os.readlink('/proc/self/ns/ipc')}"
+        return f"{boot_id()} {os.readlink('/proc/self/ns/ipc')}"
     except OSError:
         return ""
 

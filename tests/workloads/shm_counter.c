@@ -1,6 +1,6 @@
 /* A parent and its child count in host-local shared memory: SysV segments (one IPC_PRIVATE,
  * one with a key, one marked IPC_RMID while attached, and the keyed one attached again
- * read-only by the child) and a file in /dev/shm (the parent keeps its fd, the child only
+ * read-only by the child, the first one's attachment split by mprotect) and a file in /dev/shm (the parent keeps its fd, the child only
  * maps it). Each process adds ROUNDS to every counter before "ready" and ROUNDS
  * after "go" (made by the test after the move); then the parent reports what it sees: the
  * counters, that each id still names its segment (a fresh shmat reads the same counter, the
@@ -65,6 +65,8 @@ static int run(FILE *out, key_t key, const char *name) {
         if (c[k] == (void *)-1) { perror("shmat"); return 1; }
     }
     if (shmctl(ids[2], IPC_RMID, NULL) != 0) { perror("IPC_RMID"); return 1; }
+    char *second = (char *)c[0] + 4096;     /* the first segment's attachment, split in two */
+    if (mprotect(second, 4096, PROT_READ) != 0) { perror("mprotect"); return 1; }
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0640);
     if (fd < 0 || ftruncate(fd, SIZE) != 0) { perror("shm_open"); return 1; }
     c[3] = mmap(NULL, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -102,6 +104,10 @@ static int run(FILE *out, key_t key, const char *name) {
         if (again != (void *)-1) shmdt(again);
     }
     fprintf(out, "key finds the same id: %d\n", shmget(key, 0, 0) == ids[1]);
+    int writable = mprotect(second, 4096, PROT_READ | PROT_WRITE) == 0;
+    second[0] = 7;
+    int whole = shmdt(c[0]) == 0 && mprotect(second, 4096, PROT_READ) != 0 && errno == ENOMEM;
+    fprintf(out, "split attachment: writable again %d, detached whole %d\n", writable, whole);
     fprintf(out, "detach: %d\n", shmdt(c[2]) == 0);
     shmctl(ids[0], IPC_RMID, NULL);
     shmctl(ids[1], IPC_RMID, NULL);
