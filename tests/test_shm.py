@@ -210,3 +210,58 @@ def test_a_segment_of_huge_pages_is_refused_and_the_job_runs_on(tmp_path: Path, 
     (w.dir / "go").touch()
     assert w.verdict() == "42"
     assert w.reap_original() == 0
+
+
+def test_pages_of_a_segment_the_source_still_attaches_are_left_out() -> None:
+    """A live migration onto the host of a segment (its source still running on it): the pages
+    sent for it are dropped, the rest of each batch goes in as it was."""
+    from agent.restore import _without
+    from transport.pages import PageBatch
+    page = 4096
+    data = b"".join(bytes([i]) * page for i in range(6))
+    batch = PageBatch(((0x10000, 3), (0x20000, 3)), data)
+    out = _without(batch, [(0x11000, 0x12000), (0x20000, 0x22000)])
+    assert out.runs == ((0x10000, 1), (0x12000, 1), (0x22000, 1))
+    assert out.data == bytes([0]) * page + bytes([2]) * page + bytes([5]) * page
+
+
+def test_the_pieces_of_one_attachment_are_attached_once() -> None:
+    from agent.restore import _attachments
+    from transport.schema import SysvSegment, Vma
+    seg = SysvSegment(shmid=7, key=0, size=3 * 4096, mode=0o600, uid=0, gid=0)
+    a = Vma(0x10000, 0x11000, 3, True, "anon", ino=7, shm=seg)
+    b = Vma(0x11000, 0x13000, 1, True, "anon", pgoff=0x1000, ino=7, shm=seg)
+    again = Vma(0x13000, 0x16000, 1, True, "anon", ino=7, shm=seg)    # a second shmat, right after
+    heap = Vma(0x16000, 0x17000, 3, False, "heap")
+    assert _attachments([a, b, again, heap]) == [[a, b], [again], [heap]]
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(end=0x14000), "past the end of SysV segment 7"),
+    (dict(shared=False), "a SysV segment attached other than shared"),
+    (dict(ino=8), "a SysV segment attached other than shared"),
+])
+def test_an_image_attaching_a_segment_wrongly_is_refused(change: dict, why: str) -> None:
+    """Images are untrusted: an attachment past its segment's end, or not shared, is refused
+    when the layout is decoded."""
+    from dataclasses import replace
+
+    from transport.errors import ProtocolError
+    from transport.schema import Mappings, SysvSegment, Vma
+    seg = SysvSegment(shmid=7, key=0, size=5000, mode=0o600, uid=0, gid=0)
+    good = Vma(0x10000, 0x12000, 3, True, "anon", ino=7, shm=seg)
+    Mappings.from_wire(Mappings((good,)).to_wire())
+    with pytest.raises(ProtocolError, match=why):
+        Mappings.from_wire(Mappings((replace(good, **change),)).to_wire())
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/dev/shm/../etc/passwd", "/dev/shm/dir/file", "/dev/shm/", "/dev/shm/.."])
+def test_an_image_naming_a_file_outside_dev_shm_is_refused(path: str) -> None:
+    """A carried file is made only directly in /dev/shm (restore runs as root)."""
+    from transport.errors import ProtocolError
+    from transport.schema import FileContents
+    ok = FileContents(id=5, size=3, offset=0, data=b"abc", path="/dev/shm/psm_1234")
+    FileContents.from_wire(ok.to_wire())
+    wire = {**ok.to_wire(), "path": path}
+    with pytest.raises(ProtocolError, match="is not a file of /dev/shm/"):
+        FileContents.from_wire(wire)
