@@ -121,6 +121,9 @@ def test_restore_refuses_a_taken_id_and_another_file(tmp_path: Path) -> None:
     w.wait_ready()
     before = tree(w.pid)
     ids = sorted({i for p in before for _, i, _ in attachments(p)})
+    table = sysv.read_table()
+    removed = next(i for i in ids if table[i].segment.removed)
+    kept = [i for i in ids if i != removed]
     checkpoint(w.pid, tmp_path / "shm.img", 2)
     assert w.reap_original() == -9
     from tests.test_trees import reap_orphans
@@ -135,18 +138,21 @@ def test_restore_refuses_a_taken_id_and_another_file(tmp_path: Path) -> None:
     assert w.shm_file.read_bytes() == b"another program's"                  # type: ignore[attr-defined]
     for p in before:        # the half-restored processes were killed
         wait_gone(p)
+    # The removed segment (gone with the killed job) was made again for the restore, and went
+    # with it; the others, left by the killed job, were used as they are and stay.
+    assert removed not in sysv.read_table() and set(kept) <= set(sysv.read_table())
     w.shm_file.unlink()                                     # type: ignore[attr-defined]
-    # Another segment under the first id.
-    libc.shmctl(ids[0], IPC_RMID, None)
+    # Another segment under a segment's id.
+    libc.shmctl(kept[0], IPC_RMID, None)
     with open("/proc/sys/kernel/shm_next_id", "w") as f:
-        f.write(str(ids[0]))
+        f.write(str(kept[0]))
     other = libc.shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0o600)
     try:
-        assert other == ids[0]
+        assert other == kept[0]
         res = kcr("restore", "-i", str(tmp_path / "shm.img"))
         assert res.returncode != 0
         line = one_error_line(res.stderr)
-        assert f"SysV shared memory id {ids[0]} is taken" in line, line
+        assert f"SysV shared memory id {kept[0]} is taken" in line, line
         assert sysv.read_table()[other].segment.size == 4096
         assert not w.shm_file.exists()                      # type: ignore[attr-defined]
         for p in before:
