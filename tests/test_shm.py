@@ -271,3 +271,27 @@ def test_an_image_naming_a_file_outside_dev_shm_is_refused(path: str) -> None:
     wire = {**ok.to_wire(), "path": path}
     with pytest.raises(ProtocolError, match="is not a file of /dev/shm/"):
         FileContents.from_wire(wire)
+
+
+def test_preflight_refuses_an_id_or_key_another_segment_holds_here() -> None:
+    """The destination's preflight (``dest_check``) against segments of another host: one
+    whose id, or key, a segment here holds is refused naming it; the very segment (this
+    host's, a host to itself) passes."""
+    from agent.shared_memory import check_segments
+    from transport.errors import RestoreError
+    from transport.schema import SysvSegment
+    key = 0x6B620000 | os.getpid() & 0xFFFF
+    here = libc.shmget(key, 4096, IPC_CREAT | 0o600)
+    assert here >= 0
+    try:
+        mine = sysv.read_table()[here].segment
+        check_segments([mine], "vm")                                  # this very segment
+        elsewhere = SysvSegment(shmid=here, key=0, size=4096, mode=0o600, uid=0, gid=0, host="other-boot ipc:[1]")
+        with pytest.raises(RestoreError, match=f"SysV shared memory id {here} is taken on vm by another segment"):
+            check_segments([elsewhere], "vm")
+        free = max(sysv.read_table()) + 1
+        same_key = SysvSegment(shmid=free, key=key, size=4096, mode=0o600, uid=0, gid=0, host="other-boot ipc:[1]")
+        with pytest.raises(RestoreError, match=f"SysV shared memory key {key:#x} is taken on vm by segment {here}"):
+            check_segments([same_key], "vm")
+    finally:
+        libc.shmctl(here, IPC_RMID, None)
