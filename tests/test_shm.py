@@ -295,3 +295,38 @@ def test_preflight_refuses_an_id_or_key_another_segment_holds_here() -> None:
             check_segments([same_key], "vm")
     finally:
         libc.shmctl(here, IPC_RMID, None)
+
+
+BIG_FILE = r"""
+import mmap, os, sys, time
+out, path = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+os.ftruncate(fd, 17 << 20)
+m = mmap.mmap(fd, 17 << 20)
+m[0:5] = b"hello"
+open(os.path.join(out, "ready"), "w").close()
+while not os.path.exists(os.path.join(out, "go")):
+    time.sleep(0.01)
+with open(os.path.join(out, "output"), "w") as f:
+    f.write(m[0:5].decode())
+os.unlink(path)
+os.rename(os.path.join(out, "output"), os.path.join(out, "verdict"))
+"""
+
+
+def test_a_dev_shm_file_over_the_limit_is_refused_and_the_job_runs_on(tmp_path: Path) -> None:
+    script = tmp_path / "big.py"
+    script.write_text(BIG_FILE)
+    path = Path(f"/dev/shm/kcr-test-big-{os.getpid()}")
+    SHM_FILES.append(path)
+    w = Workload("big", tmp_path, argv=[sys.executable, "-S", str(script), str(tmp_path / "big"), str(path)])
+    w.start()
+    w.wait_ready()
+    res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "big.img"))
+    assert res.returncode != 0
+    line = one_error_line(res.stderr)
+    assert f"uses {path} (17 MiB): kcr-migrate carries files of /dev/shm up to 16 MiB" in line, line
+    assert proc_state(w.pid) in ("S", "R")
+    (w.dir / "go").touch()
+    assert w.verdict() == "hello"
+    assert w.reap_original() == 0
