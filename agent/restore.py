@@ -7,7 +7,8 @@ injected system calls:
    layouts, closes the stub's files, unmaps the stub, moves the vDSO cluster to where the
    process had it; makes the stub a userfaultfd for ``write_pages`` (``agent.fill``).
 2. ``apply_layout``: maps every mapping at its address with its protection (files mapped
-   again from the file); can be called again with a newer layout (live pre-copy). Files
+   again from the file, SysV segments attached by an injected ``shmat``, one per attachment:
+   ``agent.shared_memory``); can be called again with a newer layout (live pre-copy). Files
    under ``deferred`` paths (a filesystem hook brings them, after the last pre-copy round)
    get an anonymous placeholder that takes their written pages; ``finish`` maps the file
    there and puts those pages back.
