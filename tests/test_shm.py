@@ -25,7 +25,7 @@ libc.shmat.restype = ctypes.c_void_p
 libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
 IPC_PRIVATE, IPC_CREAT, IPC_RMID, SHM_HUGETLB = 0, 0o1000, 0, 0o4000
 
-OUTPUT = ("child exit 0 ro-attachment 1\n"
+OUTPUT = ("child exit 0 ro-attachment 1 writes kept 1\n"
           "segment 0: counter 4000, same through its id 1, stat 0 size 8192 mode 600 uid 0 gid 0 nattch 3 key 0\n"
           "segment 1: counter 4000, same through its id 1, stat 0 size 5000 mode 640 uid 0 gid 0 nattch 2 key its own\n"
           "segment 2: counter 4000, same through its id 1, stat 0 size 8192 mode 1600 uid 0 gid 0 nattch 2 key 0\n"

@@ -80,7 +80,20 @@ static int run(FILE *out, key_t key, const char *name) {
         if (ro == (void *)-1) _exit(3);
     }
     count(c, 4, done);
+    long mine = 0, *running = c[0] + 16;
+    int kept = 1;
     if (child) { wait_done(done, 2); touch("ready"); }
+    if (child) {
+        /* Until "go" the parent writes on, through the move: a live migration onto a host that
+         * sees the very segment must not write older pages over what the source writes. */
+        char go[4200];
+        path(go, "go");
+        while (access(go, F_OK) != 0) {
+            if (*running != mine) kept = 0;
+            *running = ++mine;
+            usleep(2000);
+        }
+    }
     wait_for("go");
     count(c, 4, done);
     if (child == 0) {
@@ -92,7 +105,7 @@ static int run(FILE *out, key_t key, const char *name) {
     }
     int status;
     waitpid(child, &status, 0);
-    fprintf(out, "child exit %d ro-attachment %ld\n", WEXITSTATUS(status), c[1][2]);
+    fprintf(out, "child exit %d ro-attachment %ld writes kept %d\n", WEXITSTATUS(status), c[1][2], kept);
     for (int k = 0; k < 3; k++) {
         struct shmid_ds ds;
         long *again = shmat(ids[k], NULL, SHM_RDONLY);
