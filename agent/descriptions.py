@@ -111,7 +111,7 @@ class Descriptions:
         where = {f.obj: f.path for f in files.fds if f.kind == "deleted"}
         made: dict[int, int] = {}
         seals: dict[int, int] = {}
-        for c in sorted(contents, key=lambda c: (c.id, c.offset)):
+        for c in sorted((c for c in contents if not c.path), key=lambda c: (c.id, c.offset)):
             fd = made.get(c.id)
             if fd is None:
                 if c.id in self._deleted:

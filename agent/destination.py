@@ -25,6 +25,8 @@ from typing import Any
 import trio
 
 from agent import locks, sched
+from agent.shared_memory import check_segments
+from precopy import sysv
 from agent import signals as signals_mod
 from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
@@ -128,6 +130,11 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
                                "(its memory map and credentials) needs root", host=host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    try:
+        segments = [sysv.from_wire(d) for d in summary.get("sysv", [])]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError("the source's summary names a SysV segment that cannot exist", host=host) from None
+    await trio.to_thread.run_sync(check_segments, segments, host)
     processes = summary.get("processes") or [{"pid": summary["pid"], "tids": summary.get("tids", [])}]
     if new_pid and len(processes) > 1:
         raise RestoreError(f"pid {summary['pid']} has {len(processes) - 1} descendants: a process tree keeps its "

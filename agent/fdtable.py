@@ -39,7 +39,7 @@ import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from agent import inotify, locks, unix_sockets
+from agent import inotify, locks, shm_files, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
@@ -161,11 +161,13 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
-    if sum(deleted.values()) > MAX_DELETED_TOTAL:
+    in_shm = shm_files.check_size(shm_files.find(pids), pids[0])
+    if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
-            f"pid {pids[0]}'s job holds {len(deleted)} deleted files of {sum(deleted.values()) >> 20} MiB in all: "
-            f"kcr-migrate carries up to {MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is "
-            "frozen); close some, or keep the data in files that have names", pid=pids[0])
+            f"pid {pids[0]}'s job holds deleted files and files of /dev/shm of "
+            f"{(sum(deleted.values()) + in_shm) >> 20} MiB in all: kcr-migrate carries up to "
+            f"{MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is frozen); close some, or "
+            "keep the data in files on disk", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
     outside = outside_fds(inside) if objects or events or fifos else []
     if fifos:
@@ -557,6 +559,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
         contents[pid] += _deleted_contents(pid, fd, ino)
+    for pid, slices in shm_files.contents(shm_files.find(pids)).items():
+        contents[pid] += slices
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
                          EventFiles(tuple(event_files[pid])), tuple(contents[pid]))
             for pid in pids}

@@ -196,11 +196,13 @@ class RestoreSession:
                                "without --new-pid")
         descriptions = Descriptions()
         try:
+            self.shared.add_files(union.contents)       # /dev/shm files, before the fds that open them
             descriptions.add(union)
             for p, fds in zip(procs, each):
                 assert p.records.state is not None
                 p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)
             descriptions.seal()
+            self.shared.finish()
         finally:
             descriptions.close()
             self.shared.close()       # every process maps what it shares by now
@@ -212,6 +214,7 @@ class RestoreSession:
             if not p.restorer.exited:
                 p.restorer.resume()
         self.resumed = True
+        self.shared.settled()
         return self.root.pid
 
     def abort(self) -> None:
@@ -219,6 +222,7 @@ class RestoreSession:
         self.shared.close()
         if self.resumed:
             return
+        self.shared.discard()
         for p in reversed(list(self.procs.values())):
             p.restorer.abort()
 

@@ -323,3 +323,26 @@ def test_memfd_shared_by_a_tree_stays_one_file_live(testbed: Testbed, tmp_path: 
     assert (out / "output").read_text() == expected
     assert (out / "child").read_text() == (ref / "child").read_text()
     assert "parent '/memfd:kcr-test (deleted)'\n" in expected
+
+
+def test_sysv_segments_and_a_dev_shm_file_move_live(testbed: Testbed, tmp_path: Path) -> None:
+    """Parent and child count in SysV segments (private, keyed, removed while attached, and
+    one attached read-only) and a /dev/shm file (tests/test_shm.py's workload). hostC sees the
+    same segments and /dev/shm (one machine): each is attached again under its id while the
+    source still runs on it, no page of it written over, and the job ends as an unmoved run."""
+    from tests.test_shm import OUTPUT, workload
+    exe = str(build("shm_counter"))
+    ref = workload(tmp_path, "ref")
+    (ref.dir / "go").touch()
+    assert reference_output([exe, *ref.argv[1:]], ref.dir) == OUTPUT
+    w = workload(tmp_path, "moved")
+    pid = start_in(testbed, "hostA", w.argv, w.dir)
+    before = tree(pid)
+    assert len(before) == 2
+    try:
+        move_tree_to_host_c(testbed, before)
+        (w.dir / "go").touch()
+        assert wait_file(w.dir / "verdict").strip() == "PASS", (w.dir / "stderr").read_text()
+        assert (w.dir / "output").read_text() == OUTPUT
+    finally:
+        w.shm_file.unlink(missing_ok=True)          # type: ignore[attr-defined]
