@@ -42,7 +42,10 @@ from transport.records import (
 
 # 1: the first format. 2: images may be signed (TAG frames, ``transport.signing``) and the
 # header names the signing key (``ImageHeader.key_id``); a version 1 image reads as unsigned.
-FORMAT_VERSION = 2
+# 3: state a version 2 reader would skip as unknown fields, and so lose without a word: SysV
+# segments (``SysvSegment``, ``Vma.shm``) and /dev/shm files (``FileContents.path``). A new
+# field that an older reader must not ignore bumps the version; one it may ignore does not.
+FORMAT_VERSION = 3
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
