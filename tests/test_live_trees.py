@@ -334,7 +334,7 @@ def test_sysv_segments_and_a_dev_shm_file_move_live(testbed: Testbed, tmp_path: 
     exe = str(build("shm_counter"))
     ref = workload(tmp_path, "ref")
     (ref.dir / "go").touch()
-    assert reference_output([exe, *ref.argv[1:]], ref.dir) == OUTPUT
+    assert Reference([exe, *ref.argv[1:]], ref.dir).output() == OUTPUT
     w = workload(tmp_path, "moved")
     pid = start_in(testbed, "hostA", w.argv, w.dir)
     before = tree(pid)
