@@ -761,7 +761,7 @@ class Restorer:
             self._finish(proc, fds.files, threads, descriptions)
             return
         fds.check_referenced()
-        own = Descriptions()
+        own = Descriptions(made=self.shared.made_files if self.shared is not None else None)
         try:
             if self.shared is not None:
                 self.shared.add_files(fds.contents)

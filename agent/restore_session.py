@@ -194,7 +194,7 @@ class RestoreSession:
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
-        descriptions = Descriptions()
+        descriptions = Descriptions(made=self.shared.made_files)
         try:
             self.shared.add_files(union.contents)       # /dev/shm files, before the fds that open them
             descriptions.add(union)

@@ -71,7 +71,7 @@ class SharedObjects:
         self.removed: dict[int, bool] = {}          # source id -> marked IPC_RMID (as last seen)
         self.made_segments: list[int] = []
         self.files: set[str] = set()                # /dev/shm paths carried (made, or this very file)
-        self.made_files: list[str] = []
+        self.made_files: list[str] = []             # paths this restore made (/dev/shm files, FIFOs)
 
     def fd_for(self, ino: int, size: int) -> int:
         """The object ``ino``, at least ``size`` bytes long."""

@@ -61,6 +61,24 @@ def test_the_fifo_is_made_again_where_its_path_is_missing(tmp_path: Path) -> Non
     assert w.output() == "fifo checked: all good\n"
 
 
+def test_a_fifo_made_by_a_restore_that_fails_is_removed(tmp_path: Path) -> None:
+    """The FIFO is made again (its path was free), then the restore fails on a file the
+    process had open that is gone: nothing of the restore is left, the FIFO neither."""
+    w = Workload("ckpt_fifo", tmp_path, hold=True)
+    w.start()
+    w.wait_ready()
+    image = tmp_path / "img"
+    assert kcr("checkpoint", str(w.pid), "-o", str(image)).returncode == 0
+    w.reap_original()
+    fifo = w.dir / "fifo"
+    fifo.unlink()
+    (w.dir / "output").unlink()
+    line = one_error_line(kcr("restore", "-i", str(image)).stderr)
+    assert "output" in line and "must exist here" in line, line
+    assert os.WIFSIGNALED(reap(w.pid, timeout=30))
+    assert not fifo.exists() and not fifo.is_symlink(), "the FIFO the failed restore made is left"
+
+
 def test_something_else_at_the_fifos_path_is_refused(tmp_path: Path) -> None:
     w = Workload("ckpt_fifo", tmp_path, scale=3)
     w.start()
