@@ -225,23 +225,23 @@ def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: lis
 
 def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: list[OutsideFd]) -> None:
     """A FIFO's pipe is one object however many processes hold it open: one that a process
-    outside also holds would be split in two. Refused, naming it (an outside fd whose link
-    names the same path and that is the same inode)."""
-    paths = {held[0][1].target: key for key, held in fifos.items()}
+    outside also holds would be split in two. Refused, naming it: an outside fd on the same
+    inode, whatever path it was opened by (a hard link, another mount namespace's view)."""
     for other, ofd, target in outside:
-        key = paths.get(target)
-        if key is None:
-            continue
+        if not target.startswith("/"):
+            continue          # pipes, sockets, anonymous inodes: not a FIFO opened by a path
         try:
             st = os.stat(f"/proc/{other}/fd/{ofd}")
         except OSError:
             continue          # closed or gone while we looked
-        if (st.st_dev, st.st_ino) == key:
-            pid, info = fifos[key][0]
-            raise UnsupportedResource(
-                f"pid {pid}'s fd {info.fd} is the FIFO {target} shared with {Peer(other, _comm(other), ofd)}, which "
-                f"does not move with it: move them together, or give --redirect {info.fd}=PATH to open PATH in "
-                "its place on the destination", pid=pid)
+        if not stat.S_ISFIFO(st.st_mode) or (st.st_dev, st.st_ino) not in fifos:
+            continue
+        pid, info = fifos[(st.st_dev, st.st_ino)][0]
+        also = "" if target == info.target else f" (opened there as {target})"
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {info.fd} is the FIFO {info.target} shared with {Peer(other, _comm(other), ofd)}{also}, "
+            f"which does not move with it: move them together, or give --redirect {info.fd}=PATH to open PATH in "
+            "its place on the destination", pid=pid)
 
 
 FIFO_IDS = 1 << 63      # FIFOs' pipes are numbered from here in the image, clear of pipes' inodes

@@ -233,21 +233,28 @@ def test_readers_waiting_for_a_writer_still_wait(tmp_path: Path, how: str) -> No
     assert (tmp_path / "moved" / "output").read_text() == expected
 
 
-def test_a_fifo_a_process_that_stays_holds_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by", ["its path", "a hard link"])
+def test_a_fifo_a_process_that_stays_holds_is_refused(tmp_path: Path, by: str) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     script = "import os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n"
     proc = start_until_ready([sys.executable, "-S", "-c", script, str(fifo), str(tmp_path / "ready")],
                              tmp_path / "ready")
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    other_path = fifo
+    if by == "a hard link":
+        other_path = tmp_path / "another name"
+        os.link(fifo, other_path)
+    fd = os.open(other_path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         other = subprocess.Popen(["sleep", "60"], pass_fds=[fd])
     finally:
         os.close(fd)
     STARTED.append(other)
     line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
-    assert f"is the FIFO {fifo} shared with pid {other.pid} (sleep), which does not move with it" in line, line
-    assert "--redirect" in line
+    assert f"is the FIFO {fifo} shared with pid {other.pid} (sleep)" in line, line
+    assert "which does not move with it" in line and "--redirect" in line
+    if by == "a hard link":
+        assert f"(opened there as {other_path})" in line, line
     assert not (tmp_path / "img").exists() and proc.poll() is None
 
 
