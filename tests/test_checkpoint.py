@@ -233,7 +233,7 @@ def test_restore_where_the_pid_is_taken(tmp_path: Path) -> None:
 
 
 def test_leave_running_then_restore_a_copy(tmp_path: Path) -> None:
-    w = Workload("ckpt_array", tmp_path / "orig", "30")
+    w = Workload("ckpt_array", tmp_path / "orig", "30", hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"
@@ -275,7 +275,7 @@ def test_kernel_thread_and_own_pid(tmp_path: Path) -> None:
 def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path, kind: str) -> None:
     """A process with a pipe or unix socket whose other end stays outside (here, with the
     test) is refused before anything is frozen, naming the process at the other end; it runs on."""
-    w = Workload("ckpt_array", tmp_path / "linked", "20")
+    w = Workload("ckpt_array", tmp_path / "linked", "20", hold=True)
     if kind == "pipe":
         theirs, ours = os.pipe()
     else:
@@ -283,7 +283,7 @@ def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path
         theirs, ours = a.detach(), b.detach()
     w.argv = ["bash", "-c", f"exec 5</dev/null; exec {' '.join(w.argv)} 7<&{theirs}"]
     w.proc = subprocess.Popen(w.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, pass_fds=(theirs,), start_new_session=True)
+                              stderr=subprocess.DEVNULL, pass_fds=(theirs,), start_new_session=True, env=w.env)
     STARTED.append(w.proc)
     os.close(theirs)
     try:
@@ -433,7 +433,7 @@ def test_restore_failure_leaves_nothing_behind(tmp_path: Path, good_image: bytes
 def test_checkpoint_interrupted_never_loses_the_process(tmp_path: Path, delay: float) -> None:
     """Ctrl-C at any moment: either a whole image and a killed process, or no image and a
     process that runs on undisturbed; never a frozen, dead or damaged one."""
-    w = Workload("ckpt_array", tmp_path, "30")
+    w = Workload("ckpt_array", tmp_path, "30", hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"
