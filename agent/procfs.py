@@ -166,6 +166,9 @@ def check_target(pid: int) -> None:
     if pid == os.getpid():
         raise ProcessError("cannot checkpoint kcr-migrate's own process", pid=pid)
     stat = read_stat(pid)
+    if pid == 1:
+        raise ProcessError(f"pid 1 ({stat[2]}) is the init of its pid namespace, which every other process there "
+                           "depends on: it cannot be moved or checkpointed; give the pid of the job itself", pid=pid)
     if int(stat[9]) & PF_KTHREAD:
         raise ProcessError(f"pid {pid} ({stat[2]}) is a kernel thread: only user processes can be moved", pid=pid)
     if stat[3] in ("Z", "X"):

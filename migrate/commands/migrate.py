@@ -6,7 +6,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import REDIRECT_HELP, command, parse_redirect, positive_float, rate
+from migrate.cli import (REDIRECT_HELP, command, deferred_signals, parse_redirect, positive_float, rate, settle,
+                         watch_signals)
 from precopy.probe import CHOICES
 from transport.errors import MigrationError
 
@@ -136,20 +137,12 @@ def summary_line(report: Any) -> str:
 
 
 async def run_cancellable(migration: "Migration | Rebalance") -> Any:
-    """Run the migration (or a rebalance's moves); Ctrl-C, SIGTERM or SIGHUP cancel it (rolled
-    back before the point of no return, finished cleanly after it) instead of killing the
-    orchestrator mid-step."""
-    import signal
-
-    import trio
-
+    """Run the migration (or a rebalance's moves) under ``deferred_signals``; Ctrl-C, SIGTERM or
+    SIGHUP cancel it (rolled back before the point of no return, finished cleanly after it)
+    instead of killing the orchestrator mid-step."""
     from transport._nursery import service_nursery
     async with service_nursery() as nursery:
-        async def watch() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-                async for _ in signals:
-                    migration.cancel()
-        nursery.start_soon(watch)
+        await nursery.start(watch_signals, migration.cancel)
         try:
             return await migration.run()
         finally:
@@ -179,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     migration = Migration(pid, source, args.dest, options, on_event=progress)
     try:
-        report = trio.run(run_cancellable, migration)
+        with deferred_signals():
+            try:
+                report = trio.run(run_cancellable, migration)
+            finally:
+                if migration.report.state in ("done", "unsettled"):
+                    settle()     # past the point of no return: the status says what became of it
     except MigrationError:
         progress.done()
         if args.json:
