@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +243,165 @@ def test_local_commands_load_neither_asyncssh_nor_trio(tmp_path: Path) -> None:
         assert loaded(command, "--help") == ("0", False, False), command
     assert loaded("--version") == ("0", False, False)
     assert proc.poll() is None
+
+
+# --- exit statuses -------------------------------------------------------------------------------
+# A signal is sent at a known point: the CLI is made to block writing to a pipe the test holds
+# full (its stdout or stderr) at that point, seen in /proc/PID/task/*/syscall.
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose write end is full: the next write to it blocks until the read end is read."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"\n" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    return r, w
+
+
+def wait_writing(pid: int, fd: int, timeout: float = 60) -> None:
+    """Wait until a thread of ``pid`` is blocked in a write to its fd ``fd`` (or a dup of it)."""
+    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                call = (task / "syscall").read_text().split()
+                if call[0] == "1" and os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}") == target:
+                    return
+            except (OSError, IndexError, ValueError):
+                pass
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), f"kcr-migrate (pid {pid}) ended before blocking on fd {fd}"
+        time.sleep(0.01)
+    raise AssertionError(f"kcr-migrate (pid {pid}) did not block writing fd {fd} in {timeout} s")
+
+
+def drain(fd: int) -> bytes:
+    """Everything left in the pipe until its last writer exits."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def holder(mib: int = 4) -> subprocess.Popen[bytes]:
+    """A CPython process holding ``mib`` MiB of random bytes (an image too big for a pipe's
+    buffer, compressed or not), started and ready."""
+    ready = Path(tempfile.mkdtemp()) / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", "import os, sys, time\nb = os.urandom(int(sys.argv[1]) << 20)\n"
+                             "open(sys.argv[2], 'w').close()\ntime.sleep(600)", str(mib), str(ready)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the holder did not start"
+        time.sleep(0.01)
+    return proc
+
+
+def cli(*args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([*KCR_MIGRATE, *args], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    STARTED.append(proc)
+    return proc
+
+
+def test_help_documents_the_exit_statuses() -> None:
+    for args in (["--help"], ["checkpoint", "--help"], ["migrate", "--help"]):
+        res = kcr(*args)
+        assert res.returncode == 0
+        out = res.stdout.decode()
+        for code in ("0", "1", "2", "3", "130"):
+            assert f"\n  {code:<4} " in out.split("exit status:")[1], (args, out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_checkpoint_interrupted_while_frozen_changes_nothing(sig: int) -> None:
+    """Stopped mid-image (its stdout, the image, not read): 130, the process runs on."""
+    proc = holder()
+    ckpt = cli("checkpoint", str(proc.pid), "-o", "-")
+    wait_writing(ckpt.pid, 1)
+    assert state(proc.pid) == "t"                      # frozen, being written
+    ckpt.send_signal(sig)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 130
+    assert "interrupted: nothing was written and the process was left running" in one_error_line(err)
+    assert proc.poll() is None and state(proc.pid) == "S"
+
+
+def test_checkpoint_interrupted_once_the_image_is_whole_succeeds(tmp_path: Path) -> None:
+    """Ctrl-C while it reports (its stderr full): the image is written and the process ended,
+    so the status is 0 all the same."""
+    proc = sleeper()
+    r, w = full_pipe()
+    ckpt = cli("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"), stderr=w)
+    os.close(w)
+    wait_writing(ckpt.pid, 2)
+    ckpt.send_signal(signal.SIGINT)
+    ckpt.send_signal(signal.SIGTERM)
+    err = drain(r).decode().strip()
+    ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 0, err
+    assert err.startswith(f"checkpointed pid {proc.pid}: 1 threads") and "process killed" in err, err
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert (tmp_path / "img").stat().st_size > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_migrate_interrupted_in_preflight_changes_nothing(sig: int) -> None:
+    """Stopped as preflight reports on the process (its stderr full): 130, rolled back, the
+    source runs on and was never moved."""
+    proc = sleeper()
+    r, w = full_pipe()
+    mig = cli(f"{proc.pid}@localhost", "localhost", *NEW_PID, "--json", stderr=w)
+    os.close(w)
+    wait_writing(mig.pid, 2)
+    mig.send_signal(sig)
+    err = drain(r).decode()
+    out, _ = mig.communicate(timeout=60)
+    assert mig.returncode == 130, err
+    assert "Traceback" not in err and "interrupted: the migration was rolled back" in err, err
+    assert json.loads(out.decode().splitlines()[-1])["state"] == "rolled-back"
+    assert proc.poll() is None and state(proc.pid) == "S"
+
+
+def test_migrate_interrupted_once_moved_succeeds() -> None:
+    """Ctrl-C while the report is printed (its stdout full): the process runs at the
+    destination and the source is gone, so the status is 0."""
+    proc = sleeper()
+    r, w = full_pipe()
+    mig = cli(f"{proc.pid}@localhost", "localhost", *NEW_PID, "--json", stdout=w)
+    os.close(w)
+    wait_writing(mig.pid, 1)
+    mig.send_signal(signal.SIGINT)
+    mig.send_signal(signal.SIGTERM)
+    report = json.loads(drain(r).decode().strip().splitlines()[-1])
+    _, err = mig.communicate(timeout=60)
+    try:
+        assert mig.returncode == 0, err.decode()
+        assert report["state"] == "done" and report["new_pid"] not in (0, proc.pid)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert state(report["new_pid"]) == "S"
+    finally:
+        if report.get("new_pid"):
+            os.kill(report["new_pid"], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("count, status", [("0", 0), ("1000", 130)], ids=["until-interrupted", "count"])
+def test_wss_ends_on_a_signal(count: str, status: int) -> None:
+    """Without --count a signal is how `wss` ends (0); with one, it cuts it short (130). The
+    process is let go either way."""
+    proc = sleeper()
+    wss = cli("wss", str(proc.pid), "--count", count, "--interval", "0.05")
+    assert wss.stdout is not None
+    assert wss.stdout.readline().split()[:2] == [b"interval", b"seconds"]     # measuring
+    wss.send_signal(signal.SIGINT)
+    _, err = wss.communicate(timeout=60)
+    assert wss.returncode == status, err.decode()
+    assert "Traceback" not in err.decode()
+    assert proc.poll() is None and state(proc.pid) == "S"
+    assert "TracerPid:\t0\n" in Path(f"/proc/{proc.pid}/status").read_text()
