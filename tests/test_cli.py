@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -405,3 +407,70 @@ def test_wss_ends_on_a_signal(count: str, status: int) -> None:
     assert "Traceback" not in err.decode()
     assert proc.poll() is None and state(proc.pid) == "S"
     assert "TracerPid:\t0\n" in Path(f"/proc/{proc.pid}/status").read_text()
+
+
+# --- shell completion ----------------------------------------------------------------------------
+
+BASH_COMPLETE = """
+source "$1"; shift
+fn=$(complete -p kcr-migrate | sed -n 's/.*-F \\([^ ]*\\).*/\\1/p')
+COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
+"$fn"
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+# A zsh at a terminal (zpty), completing the words it is given with TAB; compadd reports what
+# the completion functions offered, each as ::WORD.
+ZSH_COMPLETE = r"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1=''; fpath=($1 \$fpath); autoload -U compinit; compinit -u -D"
+zpty -w z 'comppostfuncs=(__report); __report() { print -r -- "<<${compstate[nmatches]}>>"; }'
+zpty -w z 'compadd() { local -a h; builtin compadd -O h "$@"; print -rl -- ${h[@]/#/::}; builtin compadd "$@"; }'
+zpty -w z 'bindkey "^I" complete-word; print READY'
+zpty -r z line '*READY*' || exit 3
+zpty -n -w z "$2"$'\t'
+zpty -r z out '*<<*>>*' || exit 4
+print -r -- "$out"
+zpty -d z
+"""
+
+CASES = [                                   # (words typed, one of the completions expected)
+    (["chec"], "checkpoint"),
+    (["checkpoint", "--lea"], "--leave-running"),
+    (["wss", "1", "--tracker", "uff"], "uffd-wp"),
+    (["--ssh-c"], "--ssh-config"),                        # the migrate form, before PID@HOST
+    (["1@localhost", "localhost", "--dry"], "--dry-run"),
+    (["completion", "z"], "zsh"),
+]
+
+
+@pytest.fixture(scope="module")
+def completions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`kcr-migrate completion bash` in kcr-migrate.bash, `... zsh` in _kcr-migrate (as zsh's fpath wants)."""
+    folder = tmp_path_factory.mktemp("completion")
+    for shell, name in (("bash", "kcr-migrate.bash"), ("zsh", "_kcr-migrate")):
+        res = kcr("completion", shell)
+        assert res.returncode == 0, res.stderr.decode()
+        (folder / name).write_bytes(res.stdout)
+    return folder
+
+
+@pytest.mark.parametrize("words, expected", CASES, ids=[" ".join(w) for w, _ in CASES])
+def test_bash_completion(completions: Path, words: list[str], expected: str) -> None:
+    got = subprocess.run(["bash", "-c", BASH_COMPLETE, "bash", str(completions / "kcr-migrate.bash"), "kcr-migrate",
+                          *words],
+                         capture_output=True, timeout=30)
+    assert got.returncode == 0, got.stderr.decode()
+    offered = got.stdout.decode().split()
+    assert expected in offered and all(w.startswith(words[-1]) for w in offered), offered
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (scripts/setup installs it)")
+@pytest.mark.parametrize("words, expected", CASES, ids=[" ".join(w) for w, _ in CASES])
+def test_zsh_completion(completions: Path, words: list[str], expected: str) -> None:
+    got = subprocess.run(["zsh", "-f", "-c", ZSH_COMPLETE, "zsh", str(completions), " ".join(["kcr-migrate", *words])],
+                         capture_output=True, timeout=30)
+    assert got.returncode == 0, got.stderr.decode()
+    offered = re.findall(r"::(\S+)", got.stdout.decode().replace("\r", ""))
+    assert expected in offered, got.stdout.decode()
