@@ -126,6 +126,37 @@ def rate(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class LazyChoices(Sequence[str]):
+    """An option's ``choices`` that live in a module the command may never need: imported the
+    first time argparse checks a value or help lists them, so that building the parser (every
+    run) does not load the module (the trackers' ``precopy.probe`` brings the image schema)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+        self._values: tuple[str, ...] | None = None
+
+    def _load(self) -> tuple[str, ...]:
+        if self._values is None:
+            import importlib
+            self._values = tuple(getattr(importlib.import_module(self._where[0]), self._where[1]))
+        return self._values
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._load()[index]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+
+TRACKERS = LazyChoices("precopy.probe", "CHOICES")      # --tracker, wherever it is
+
+
 class _Version(argparse.Action):
     """``--version``: looks the version up only when asked."""
 
@@ -135,7 +166,7 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        from transport.protocol import PROTOCOL_VERSION, tool_version
+        from transport.version import PROTOCOL_VERSION, tool_version
         print(f"kcr-migrate {tool_version()} (protocol {PROTOCOL_VERSION})")
         parser.exit()
 

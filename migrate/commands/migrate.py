@@ -6,9 +6,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import (REDIRECT_HELP, command, deferred_signals, parse_redirect, positive_float, rate, settle,
-                         watch_signals)
-from precopy.probe import CHOICES
+from migrate.cli import (REDIRECT_HELP, TRACKERS, command, deferred_signals, parse_redirect, positive_float, rate,
+                         settle, watch_signals)
 from transport.errors import MigrationError
 
 if TYPE_CHECKING:
@@ -43,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="limit the page stream: bytes/s, or 100M (MiB/s), 500MB, 1gbit ...")
     p.add_argument("--max-rounds", type=int, default=10, metavar="N", help="pre-copy rounds at most (default 10)")
     p.add_argument("--no-precopy", action="store_true", help="stop-and-copy: freeze first, then send everything")
-    p.add_argument("--tracker", default="auto", choices=CHOICES,
-                   help="dirty-page tracking (default: the best this kernel has)")
+    p.add_argument("--tracker", default="auto", choices=TRACKERS, metavar="TRACKER",
+                   help="dirty-page tracking: %(choices)s (default: the best this kernel has)")
     p.add_argument("--compress", type=parse_level, default="auto", metavar="LEVEL",
                    help="zstd level for pages: auto (default), none, or -7..19")
     p.add_argument("--data-channel", choices=("auto", "ssh", "tcp"), default="auto",

@@ -10,9 +10,8 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_UNSETTLED, command, deferred_signals, error, exit_status,
-                         positive_float, rate, watch_signals)
-from precopy.probe import CHOICES
+from migrate.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_UNSETTLED, TRACKERS, command, deferred_signals, error,
+                         exit_status, positive_float, rate, watch_signals)
 from transport.errors import Cancelled, MigrationError
 
 if TYPE_CHECKING:
@@ -111,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds over which CPU shares are measured (default 2)")
     p.add_argument("--min-cpu", type=positive_float, default=0.05, metavar="CPUS",
                    help="processes using less CPU are not candidates (default 0.05)")
-    p.add_argument("--tracker", default="auto", choices=CHOICES, help="dirty-page tracking (default: the best)")
+    p.add_argument("--tracker", default="auto", choices=TRACKERS, metavar="TRACKER",
+                   help="dirty-page tracking: %(choices)s (default: the best)")
     p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
     p.add_argument("--new-pid", action="store_true",
                    help="moved processes run under new pids (needed where hosts share pids)")

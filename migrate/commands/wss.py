@@ -7,8 +7,7 @@ import sys
 
 from typing import TYPE_CHECKING
 
-from migrate.cli import command, parse_pid, positive_float, rate
-from precopy.probe import CHOICES
+from migrate.cli import TRACKERS, command, parse_pid, positive_float, rate
 
 if TYPE_CHECKING:
     from migrate.wss import WssMeter
@@ -33,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=_count, default=0, metavar="N",
                    help="number of intervals (default 0: until Ctrl-C, SIGTERM or SIGHUP, which then end "
                         "it with status 0)")
-    p.add_argument("--tracker", choices=CHOICES, default="auto",
-                   help="dirty-page tracker (default auto: the best one this kernel supports)")
+    p.add_argument("--tracker", choices=TRACKERS, default="auto", metavar="TRACKER",
+                   help="dirty-page tracker: %(choices)s (default auto: the best one this kernel supports)")
     p.add_argument("--bandwidth", type=rate, metavar="RATE",
                    help="link bandwidth for the downtime estimate: bytes/s, or 100M (MiB/s), 500MB, "
                         "1gbit ... (default 1gbit)")
