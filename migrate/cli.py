@@ -78,6 +78,12 @@ def write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_input(path: str) -> None:
+    """An image to read (``-i FILE``, ``show FILE``) that is a folder: say so, in one line."""
+    if path != "-" and os.path.isdir(path):
+        raise MigrationError(f"{path} is a directory: give an image file (or - for stdin)")
+
+
 def parse_pid(text: str) -> int:
     try:
         pid = int(text)
@@ -359,7 +365,7 @@ def _main(args_list: list[str]) -> int:
         error("the output pipe was closed")
         return EXIT_ERROR
     except OSError as exc:
-        error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        error(f"{f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}")
         return EXIT_ERROR
 
 

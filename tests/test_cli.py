@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -474,3 +475,70 @@ def test_zsh_completion(completions: Path, words: list[str], expected: str) -> N
     assert got.returncode == 0, got.stderr.decode()
     offered = re.findall(r"::(\S+)", got.stdout.decode().replace("\r", ""))
     assert expected in offered, got.stdout.decode()
+
+
+# --- one clear line for bad input ------------------------------------------------------------------
+
+def kernel_thread() -> int | None:
+    """A kernel thread's pid, where this pid namespace shows one."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[6]) & 0x00200000:   # PF_KTHREAD
+                    return int(entry.name)
+            except (OSError, IndexError, ValueError):
+                continue
+    return None
+
+
+BAD_INPUT = {
+    # case: (arguments, what the line must say)
+    "pid 1": (["checkpoint", "1", "-o", "IMG"], "pid 1 ("),
+    "pid 1, live": (["1@localhost", "localhost", "--dry-run"], "localhost: pid 1 ("),
+    "kernel thread": (["checkpoint", "KTHREAD", "-o", "IMG"], "is a kernel thread: only user processes"),
+    "its own pid": (["checkpoint", "SELF", "-o", "IMG"], "cannot checkpoint kcr-migrate's own process"),
+    "an ancestor": (["checkpoint", "ANCESTOR", "-o", "IMG"], "is an ancestor of kcr-migrate itself"),
+    "no such pid": (["checkpoint", "NOPID", "-o", "IMG"], "no process with pid"),
+    "unreachable host": (["--ssh-config", "CONFIG", "1234@unreachable", "localhost"],
+                         "unreachable: cannot reach unreachable over SSH"),
+    "show a folder": (["show", "DIR"], "is a directory: give an image file"),
+    "restore a folder": (["restore", "-i", "DIR"], "is a directory: give an image file"),
+    "restore without root": (["restore", "-i", "IMG"], "restoring a process needs root, or the capability "
+                                                       "CAP_CHECKPOINT_RESTORE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_clear_line(tmp_path: Path, case: str) -> None:
+    args, says = BAD_INPUT[case]
+    kthread = kernel_thread()
+    if case == "kernel thread" and kthread is None:
+        pytest.skip("this pid namespace shows no kernel thread")
+    (tmp_path / "ssh_config").write_text("Host unreachable\n  HostName 127.0.0.1\n  Port 1\n")
+    (tmp_path / "img").write_bytes(b"")
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    words = {"IMG": str(tmp_path / "img" if case.startswith("restore") else tmp_path / "new-img"),
+             "KTHREAD": str(kthread), "ANCESTOR": str(os.getpid()), "NOPID": str(pid_max + 1),
+             "CONFIG": str(tmp_path / "ssh_config"), "DIR": str(tmp_path)}
+    argv = [*KCR_MIGRATE, *(words.get(a, a) for a in args)]
+    if case == "its own pid":              # the shell execs the CLI: $$ is its pid
+        argv = ["sh", "-c", 'exec "$@" "$$" -o "$0"', words["IMG"], *KCR_MIGRATE, "checkpoint"]
+    elif case == "restore without root":   # root, less the capabilities a restore needs
+        argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin,-checkpoint_restore", *argv]
+    res = subprocess.run(argv, capture_output=True, timeout=120)
+    assert res.returncode == 1
+    assert says in one_error_line(res.stderr)
+    assert not (tmp_path / "new-img").exists()
+
+
+def test_errors_call_a_host_what_the_user_called_it() -> None:
+    """From localhost to itself the process's own pid is taken: the line says localhost, as
+    typed, never the machine's host name."""
+    proc = sleeper()
+    res = kcr(f"{proc.pid}@localhost", "localhost", "--dry-run")
+    err = res.stderr.decode()
+    assert res.returncode == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"kcr-migrate: error: localhost: pid {proc.pid} taken on localhost "), line
+    assert socket.gethostname() == "localhost" or socket.gethostname() not in line, line
+    assert proc.poll() is None and state(proc.pid) == "S"
