@@ -246,6 +246,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"rebalance: next run in {args.every:g} s (exit status of this one: {status})", file=sys.stderr)
         try:
             time.sleep(max(0.0, started + args.every - time.monotonic()))
-        except KeyboardInterrupt:      # between runs: nothing under way, the last run's status stands
-            print("rebalance: stopped between runs", file=sys.stderr)
-            return status
+        except KeyboardInterrupt:      # between runs: nothing under way
+            error("interrupted between runs: no move was under way")
+            return EXIT_INTERRUPTED
