@@ -542,3 +542,38 @@ def test_errors_call_a_host_what_the_user_called_it() -> None:
     assert line.startswith(f"kcr-migrate: error: localhost: pid {proc.pid} taken on localhost "), line
     assert socket.gethostname() == "localhost" or socket.gethostname() not in line, line
     assert proc.poll() is None and state(proc.pid) == "S"
+
+
+HUNG = {   # a command reaching a host that accepts the connection and never answers: (args, status, line)
+    "migrate": (["PID@blackhole", "localhost"], 130,
+                "interrupted: the migration was rolled back and the process runs on the source"),
+    "resolve": (["resolve", "PID@blackhole", "--kill"], 3, "interrupted: pid PID@blackhole may still be stopped; "
+                                                            "run `kcr-migrate resolve PID@blackhole --kill` again"),
+    "rebalance": (["rebalance", "--hosts", "HOSTS", "--dry-run"], 130,
+                  "interrupted while measuring the hosts: nothing was moved"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUNG))
+def test_ctrl_c_while_a_host_does_not_answer(tmp_path: Path, case: str) -> None:
+    """Ctrl-C while connecting (the ssh server took the connection, says nothing): the
+    command stops at once with its status, and the process was never touched."""
+    proc = sleeper()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        config = tmp_path / "ssh_config"
+        config.write_text(f"Host blackhole\n  HostName 127.0.0.1\n  Port {listener.getsockname()[1]}\n")
+        (tmp_path / "hosts").write_text("blackhole\n")
+        args, status, says = HUNG[case]
+        words = {"HOSTS": str(tmp_path / "hosts")}
+        run = cli("--ssh-config", str(config), *(words.get(a, a.replace("PID", str(proc.pid))) for a in args))
+        listener.settimeout(60)
+        conn, _ = listener.accept()         # it is connecting
+        with conn:
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=60)
+    assert run.returncode == status, err.decode()
+    assert "Traceback" not in err.decode()
+    assert err.decode().strip().splitlines()[-1] == f"kcr-migrate: error: {says.replace('PID', str(proc.pid))}"
+    assert proc.poll() is None and state(proc.pid) == "S"
