@@ -186,10 +186,12 @@ class Call:
 
 def as_called(exc: MigrationError, host: str | None) -> MigrationError:
     """``exc`` from the agent the caller knows as ``host``, which names itself by its own
-    hostname: in the caller's words (``localhost``, an ssh alias), as the user typed them."""
+    hostname: in the caller's words (``localhost``, an ssh alias), as the user typed them.
+    Only where agents' messages put a host (first, or after "on " or "and "), so a host name
+    that is also a word or part of a path is left alone elsewhere."""
     if host:
         if exc.host and exc.host != host:
-            own = re.compile(rf"(?<![\w./-]){re.escape(exc.host)}(?![\w/-]|\.\w)")
+            own = re.compile(rf"(?:^|(?<=\bon )|(?<=\band )){re.escape(exc.host)}(?![\w/-]|\.\w)")
             exc.message = own.sub(host, exc.message)
             exc.args = (exc.message,)
         exc.host = host
