@@ -15,8 +15,8 @@ from typing import BinaryIO, Callable
 from agent.checkpoint import CheckpointOptions, CheckpointStats, RestoreResult
 from agent.checkpoint import checkpoint as _checkpoint
 from agent.checkpoint import restore as _restore
+from agent.procfs import check_restore_privileges
 from agent.tracer import Tracer
-from transport.errors import PermissionDenied
 from transport.image import open_output
 from transport.signing import ImageVerifier
 
@@ -58,21 +58,6 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 21, 40
-
-
-def check_restore_privileges() -> None:
-    """Refuse, before the image is read, a restore the kernel would stop halfway: giving the
-    process back its executable and memory layout (prctl PR_SET_MM_MAP with its exe) needs
-    CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, and so does keeping its pid."""
-    with open("/proc/self/status") as f:
-        effective = next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), 0)
-    if not effective & (1 << CAP_CHECKPOINT_RESTORE | 1 << CAP_SYS_ADMIN):
-        raise PermissionDenied("restoring a process needs root, or the capability CAP_CHECKPOINT_RESTORE (or "
-                               "CAP_SYS_ADMIN): the kernel lets nothing less set its executable and memory layout "
-                               "(prctl PR_SET_MM_MAP); run kcr-migrate restore as root (sudo)")
 
 
 def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,

@@ -505,6 +505,8 @@ BAD_INPUT = {
     "restore a folder": (["restore", "-i", "DIR"], "is a directory: give an image file"),
     "restore without root": (["restore", "-i", "IMG"], "restoring a process needs root, or the capability "
                                                        "CAP_CHECKPOINT_RESTORE"),
+    "migrate without root": (["SLEEPER@localhost", "localhost", "--dry-run", "--new-pid"],
+                             "localhost: restoring a process needs root, or the capability CAP_CHECKPOINT_RESTORE"),
 }
 
 
@@ -520,14 +522,20 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, case: str) -> None:
     words = {"IMG": str(tmp_path / "img" if case.startswith("restore") else tmp_path / "new-img"),
              "KTHREAD": str(kthread), "ANCESTOR": str(os.getpid()), "NOPID": str(pid_max + 1),
              "CONFIG": str(tmp_path / "ssh_config"), "DIR": str(tmp_path)}
-    argv = [*KCR_MIGRATE, *(words.get(a, a) for a in args)]
+    if case == "migrate without root":
+        words["SLEEPER"] = str(sleeper().pid)
+    argv = [*KCR_MIGRATE, *(words.get(a, a.replace("SLEEPER", words.get("SLEEPER", ""))) for a in args)]
     if case == "its own pid":              # the shell execs the CLI: $$ is its pid
         argv = ["sh", "-c", 'exec "$@" "$$" -o "$0"', words["IMG"], *KCR_MIGRATE, "checkpoint"]
-    elif case == "restore without root":   # root, less the capabilities a restore needs
+    elif case.endswith("without root"):    # root, less the capabilities a restore needs
         argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin,-checkpoint_restore", *argv]
     res = subprocess.run(argv, capture_output=True, timeout=120)
     assert res.returncode == 1
-    assert says in one_error_line(res.stderr)
+    if case == "migrate without root":    # after preflight's line on the process
+        err = res.stderr.decode()
+        assert "Traceback" not in err and says in err.strip().splitlines()[-1], err
+    else:
+        assert says in one_error_line(res.stderr)
     assert not (tmp_path / "new-img").exists()
 
 
