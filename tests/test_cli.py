@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -292,10 +291,10 @@ def drain(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def holder(mib: int = 4) -> subprocess.Popen[bytes]:
+def holder(folder: Path, mib: int = 4) -> subprocess.Popen[bytes]:
     """A CPython process holding ``mib`` MiB of random bytes (an image too big for a pipe's
     buffer, compressed or not), started and ready."""
-    ready = Path(tempfile.mkdtemp()) / "ready"
+    ready = folder / "ready"
     proc = subprocess.Popen([sys.executable, "-c", "import os, sys, time\nb = os.urandom(int(sys.argv[1]) << 20)\n"
                              "open(sys.argv[2], 'w').close()\ntime.sleep(600)", str(mib), str(ready)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -324,9 +323,9 @@ def test_help_documents_the_exit_statuses() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_checkpoint_interrupted_while_frozen_changes_nothing(sig: int) -> None:
+def test_checkpoint_interrupted_while_frozen_changes_nothing(tmp_path: Path, sig: int) -> None:
     """Stopped mid-image (its stdout, the image, not read): 130, the process runs on."""
-    proc = holder()
+    proc = holder(tmp_path)
     ckpt = cli("checkpoint", str(proc.pid), "-o", "-")
     wait_writing(ckpt.pid, 1)
     assert state(proc.pid) == "t"                      # frozen, being written
