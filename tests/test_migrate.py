@@ -25,7 +25,7 @@ def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str,
                      **kw: object) -> tuple[Workload, Workload, dict]:
     kw.setdefault("scale", 5)         # long enough to be caught mid-run
     ref = run_reference(name, tmp_path, *args, **kw)
-    w = Workload(name, tmp_path / "migrated", *args, **kw)  # type: ignore[arg-type]
+    w = Workload(name, tmp_path / "migrated", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", *cli_args)
