@@ -73,6 +73,11 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     process runs, the point after which an interrupt changes nothing."""
     check_restore_privileges()
     cancel = threading.Event()
+    peek = getattr(src, "peek", None)
+    if peek is not None:
+        # The key is read once the image's first bytes are here: a checkpoint piped in
+        # (`checkpoint -o - | restore -i -`) makes the host's key, on its first use, before them.
+        peek(1)
     verifier = ImageVerifier.for_host(image_key, trust_image=trust_image)
 
     def restore_and_tell() -> tuple[RestoreResult, object]:
