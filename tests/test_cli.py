@@ -308,7 +308,10 @@ def holder(folder: Path, mib: int = 4) -> subprocess.Popen[bytes]:
 
 
 def cli(*args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([*KCR_MIGRATE, *args], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    """kcr-migrate in a process group of its own, as a shell runs a job: ``os.killpg`` is a
+    terminal's Ctrl-C."""
+    proc = subprocess.Popen([*KCR_MIGRATE, *args], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True)
     STARTED.append(proc)
     return proc
 
@@ -344,7 +347,7 @@ def test_checkpoint_interrupted_once_the_image_is_whole_succeeds(tmp_path: Path)
     ckpt = cli("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"), stderr=w)
     os.close(w)
     wait_writing(ckpt.pid, 2)
-    ckpt.send_signal(signal.SIGINT)
+    os.killpg(ckpt.pid, signal.SIGINT)                 # Ctrl-C at a terminal
     ckpt.send_signal(signal.SIGTERM)
     err = drain(r).decode().strip()
     ckpt.communicate(timeout=60)
@@ -354,20 +357,26 @@ def test_checkpoint_interrupted_once_the_image_is_whole_succeeds(tmp_path: Path)
     assert (tmp_path / "img").stat().st_size > 0
 
 
-def test_migrate_terminated_in_preflight_changes_nothing() -> None:
-    """SIGTERM as preflight reports on the process (its stderr full): 130, rolled back, the
-    source runs on and was never moved (Ctrl-C in pre-copy: test_migrate_faults.py)."""
+@pytest.mark.parametrize("group", [False, True], ids=["SIGTERM", "Ctrl-C at a terminal"])
+def test_migrate_interrupted_in_preflight_changes_nothing(group: bool) -> None:
+    """SIGTERM, or a terminal's Ctrl-C (SIGINT to the whole process group: the local agents
+    have sessions of their own and are not hit), as preflight reports on the process (its
+    stderr full): 130, rolled back through both agents, the source runs on, never moved."""
     proc = sleeper()
     r, w = full_pipe()
     mig = cli(f"{proc.pid}@localhost", "localhost", *NEW_PID, "--json", stderr=w)
     os.close(w)
     wait_writing(mig.pid, 2)
-    mig.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(mig.pid, signal.SIGINT)
+    else:
+        mig.send_signal(signal.SIGTERM)
     err = drain(r).decode()
     out, _ = mig.communicate(timeout=60)
     assert mig.returncode == 130, err
     assert "Traceback" not in err and "interrupted: the migration was rolled back" in err, err
-    assert json.loads(out.decode().splitlines()[-1])["state"] == "rolled-back"
+    report = json.loads(out.decode().splitlines()[-1])
+    assert report["state"] == "rolled-back" and report["warnings"] == [], report
     assert proc.poll() is None and state(proc.pid) == "S"
 
 
@@ -379,7 +388,7 @@ def test_migrate_interrupted_once_moved_succeeds() -> None:
     mig = cli(f"{proc.pid}@localhost", "localhost", *NEW_PID, "--json", stdout=w)
     os.close(w)
     wait_writing(mig.pid, 1)
-    mig.send_signal(signal.SIGINT)
+    os.killpg(mig.pid, signal.SIGINT)                  # Ctrl-C at a terminal
     mig.send_signal(signal.SIGTERM)
     report = json.loads(drain(r).decode().strip().splitlines()[-1])
     _, err = mig.communicate(timeout=60)
