@@ -14,7 +14,7 @@ from typing import Callable
 from examples.testbed import Testbed
 from tests._hosts import start_in, wait_file
 from tests._migration import migrate_cli, proc_state
-from tests._workloads import KCR_MIGRATE, STARTED, build
+from tests._workloads import KCR_MIGRATE, STARTED, Reference, build
 
 
 def tree(pid: int) -> dict[int, int]:
@@ -61,19 +61,11 @@ def move_tree_to_host_c(testbed: Testbed, before: dict[int, int]) -> dict:
     return report
 
 
-def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
-    import os
-    outdir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(argv, check=True, timeout=120, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   env={**os.environ, **env})
-    return (outdir / "output").read_text()
-
-
 def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_path: Path) -> None:
     """A parent, three workers on socketpairs, a progress pipe and a log description they
     share; the parent reaps each worker with waitpid(pid) and checks getppid() there."""
     exe = str(build("tree_workers"))
-    ref = reference_output([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out)], out, WORKLOAD_SCALE="30")
     deadline = time.monotonic() + 30
@@ -82,7 +74,7 @@ def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_
         time.sleep(0.01)
     move_tree_to_host_c(testbed, before)
     assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
-    assert (out / "output").read_text() == ref
+    assert (out / "output").read_text() == ref.output()
     assert sorted((out / "log").read_text().splitlines()) == sorted((tmp_path / "ref" / "log").read_text().splitlines())
 
 
@@ -320,7 +312,7 @@ def test_memfd_shared_by_a_tree_stays_one_file_live(testbed: Testbed, tmp_path: 
     ref = tmp_path / "reference"
     ref.mkdir()
     (ref / "go").touch()
-    expected = reference_output([sys.executable, "-S", str(script), str(ref), "fork"], ref)
+    expected = Reference([sys.executable, "-S", str(script), str(ref), "fork"], ref).output()
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "fork"], out)
     before = tree(pid)

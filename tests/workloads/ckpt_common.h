@@ -65,6 +65,14 @@ __attribute__((unused)) static void sleep_ms(long ms) {
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
 }
 
+/* The phase a test checkpoints or moves the workload in: TICKS x 10 ms (x WORKLOAD_SCALE), and
+ * then, if the test holds it, until the test lets it go: the checks that follow run after the
+ * move, however slow the machine. */
+__attribute__((unused)) static void linger(int ticks) {
+    for (int i = 0; i < ticks * scale; i++) sleep_ms(10);
+    hold_on();
+}
+
 static void init(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s OUTDIR\n", argv[0]); exit(2); }
     outdir = argv[1];
