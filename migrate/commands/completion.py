@@ -13,6 +13,7 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass
+from typing import Iterable
 
 from migrate.cli import COMMANDS, build_parser, command, subparsers
 
@@ -79,8 +80,8 @@ def spec() -> list[Command]:
 
 # --- bash ---------------------------------------------------------------------------------------
 
-def _words(items: object) -> str:
-    return " ".join(str(i) for i in items)  # type: ignore[attr-defined]
+def _words(items: Iterable[object]) -> str:
+    return " ".join(str(i) for i in items)
 
 
 def _bash_positional(kinds: tuple[str, ...]) -> str:
@@ -101,19 +102,16 @@ def _bash_positional(kinds: tuple[str, ...]) -> str:
 def bash(commands: list[Command]) -> str:
     names = [c.name for c in commands if c.name]
     options = {s: o for c in commands for o in c.options for s in o.strings}
-    values = []
-    for kind in ("choices", "files", "other"):
-        group = [s for s, o in options.items() if o.takes_value and
-                 {"choices": bool(o.choices), "files": o.files and not o.choices,
-                  "other": not o.files and not o.choices}[kind]]
-        if kind == "choices":
-            values += [f'        {s}) COMPREPLY=( $(compgen -W "{_words(options[s].choices)}" -- "$cur") ); return ;;'
-                       for s in group]
-        elif group and kind == "files":
-            values.append(f'        {"|".join(group)}) compopt -o filenames 2>/dev/null; '
-                          'COMPREPLY=( $(compgen -f -- "$cur") ); return ;;')
-        elif group:
-            values.append(f'        {"|".join(group)}) COMPREPLY=(); return ;;')
+    valued = [(s, o) for s, o in options.items() if o.takes_value]
+    files = [s for s, o in valued if o.files and not o.choices]
+    others = [s for s, o in valued if not o.files and not o.choices]
+    values = [f'        {s}) COMPREPLY=( $(compgen -W "{_words(o.choices)}" -- "$cur") ); return ;;'
+              for s, o in valued if o.choices]
+    if files:
+        values.append(f'        {"|".join(files)}) compopt -o filenames 2>/dev/null; '
+                      'COMPREPLY=( $(compgen -f -- "$cur") ); return ;;')
+    if others:                  # a number, a rate, a PATH on another host: nothing to offer
+        values.append(f'        {"|".join(others)}) COMPREPLY=(); return ;;')
     ordered = commands[1:] + commands[:1]           # the top level last: its pattern is *
     option_cases = [f'        {c.name or "*"}) opts="{_words(s for o in c.options for s in o.strings)}" ;;'
                     for c in ordered]
@@ -187,7 +185,7 @@ def zsh(commands: list[Command]) -> str:
     names = [c.name for c in commands if c.name]
     described = "\n".join(f"    '{c.name}:{_zsh_text(c.help)}'" for c in commands if c.name)
     top = commands[0]
-    top_specs = [s for s in _zsh_specs(Command("", "", top.options, ()))]
+    top_specs = _zsh_specs(Command("", "", top.options, ()))
     cases = []
     for c in commands[1:]:
         cases.append(f"    ({c.name})\n      _arguments -s : \\\n        " + " \\\n        ".join(_zsh_specs(c)) + " ;;")
