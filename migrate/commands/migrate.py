@@ -13,7 +13,7 @@ from transport.errors import MigrationError
 if TYPE_CHECKING:
     from migrate.api import Event
     from migrate.orchestrator import Migration
-    from migrate.rebalance import Rebalance
+
 
 def parse_source(text: str) -> tuple[int, str]:
     pid, sep, host = text.partition("@")
@@ -135,10 +135,10 @@ def summary_line(report: Any) -> str:
                if report.late_signals else ""))
 
 
-async def run_cancellable(migration: "Migration | Rebalance") -> Any:
-    """Run the migration (or a rebalance's moves) under ``deferred_signals``; Ctrl-C, SIGTERM or
-    SIGHUP cancel it (rolled back before the point of no return, finished cleanly after it)
-    instead of killing the orchestrator mid-step."""
+async def run_cancellable(migration: "Migration") -> Any:
+    """Run the migration under ``deferred_signals``; Ctrl-C, SIGTERM or SIGHUP cancel it (rolled
+    back before the point of no return, finished cleanly after it) instead of killing the
+    orchestrator mid-step."""
     from transport._nursery import service_nursery
     async with service_nursery() as nursery:
         await nursery.start(watch_signals, migration.cancel)

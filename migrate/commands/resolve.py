@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from migrate.cli import command, deferred_signals, watch_signals
+from migrate.cli import command, deferred_signals, settle, watch_signals
 from migrate.commands.migrate import parse_source
 
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     action = "kill" if args.kill else "resume"
     with deferred_signals():
         trio.run(_resolve, pid, host, action, args.ssh_config)
+        settle()          # done: a signal from now on changes nothing
     done = "ended" if action == "kill" else "running again"
     print(f"pid {pid}@{host} is {done}", file=sys.stderr)
     return 0
