@@ -265,21 +265,22 @@ def full_pipe() -> tuple[int, int]:
     return r, w
 
 
-def wait_writing(pid: int, fd: int, timeout: float = 60) -> None:
-    """Wait until a thread of ``pid`` is blocked in a write to its fd ``fd`` (or a dup of it)."""
+def wait_writing(pid: int, fd: int, timeout: float = 60, syscall: int = 1) -> None:
+    """Wait until a thread of ``pid`` is blocked in a write (``syscall`` 1; 0: a read) on its
+    fd ``fd`` (or a dup of it)."""
     target = os.readlink(f"/proc/{pid}/fd/{fd}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
                 call = (task / "syscall").read_text().split()
-                if call[0] == "1" and os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}") == target:
+                if call[0] == str(syscall) and os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}") == target:
                     return
             except (OSError, IndexError, ValueError):
                 pass
         assert os.waitpid(pid, os.WNOHANG) == (0, 0), f"kcr-migrate (pid {pid}) ended before blocking on fd {fd}"
         time.sleep(0.01)
-    raise AssertionError(f"kcr-migrate (pid {pid}) did not block writing fd {fd} in {timeout} s")
+    raise AssertionError(f"kcr-migrate (pid {pid}) did not block on fd {fd} in {timeout} s")
 
 
 def drain(fd: int) -> bytes:
@@ -307,10 +308,11 @@ def holder(folder: Path, mib: int = 4) -> subprocess.Popen[bytes]:
     return proc
 
 
-def cli(*args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+def cli(*args: str, stdin: int = subprocess.DEVNULL, stdout: int = subprocess.PIPE,
+        stderr: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
     """kcr-migrate in a process group of its own, as a shell runs a job: ``os.killpg`` is a
     terminal's Ctrl-C."""
-    proc = subprocess.Popen([*KCR_MIGRATE, *args], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+    proc = subprocess.Popen([*KCR_MIGRATE, *args], stdin=stdin, stdout=stdout, stderr=stderr,
                             start_new_session=True)
     STARTED.append(proc)
     return proc
@@ -400,6 +402,67 @@ def test_migrate_interrupted_once_moved_succeeds() -> None:
     finally:
         if report.get("new_pid"):
             os.kill(report["new_pid"], signal.SIGKILL)
+
+
+def sleep_image(tmp_path: Path) -> tuple[Path, str]:
+    """The image of a `sleep` (ended once written), and its unique argument."""
+    arg = f"{600 + os.getpid() % 1000}.{time.monotonic_ns() % 1000:03d}"
+    proc = subprocess.Popen(["sleep", arg], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    STARTED.append(proc)
+    image = tmp_path / "img"
+    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    proc.wait()
+    return image, arg
+
+
+def sleeps(arg: str) -> list[int]:
+    """Live processes running `sleep ARG`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == f"sleep\0{arg}\0".encode() \
+                    and state(int(entry.name)) not in ("Z", "X"):
+                out.append(int(entry.name))
+        except OSError:
+            pass
+    return out
+
+
+def test_restore_interrupted_before_it_runs_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C while restore waits for the rest of the image (half of it piped in): 130, and
+    no copy of the process runs."""
+    image, arg = sleep_image(tmp_path)
+    data = image.read_bytes()
+    r, w = os.pipe()
+    res = cli("restore", "-i", "-", "--new-pid", stdin=r)
+    os.close(r)
+    os.write(w, data[:len(data) // 2])
+    wait_writing(res.pid, 0, syscall=0)
+    os.killpg(res.pid, signal.SIGINT)
+    os.close(w)
+    out, err = res.communicate(timeout=60)
+    assert res.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode() and out == b""
+    assert sleeps(arg) == []
+
+
+def test_restore_interrupted_once_it_runs_succeeds(tmp_path: Path) -> None:
+    """Ctrl-C while it prints the new pid (its stdout full): the process runs, status 0."""
+    image, arg = sleep_image(tmp_path)
+    r, w = full_pipe()
+    res = cli("restore", "-i", str(image), "--new-pid", stdout=w)
+    os.close(w)
+    wait_writing(res.pid, 1)
+    os.killpg(res.pid, signal.SIGINT)
+    printed = drain(r).split()
+    _, err = res.communicate(timeout=60)
+    running = sleeps(arg)
+    for pid in running:
+        os.kill(pid, signal.SIGKILL)
+    assert res.returncode == 0, err.decode()
+    assert running == [int(printed[-1])]
 
 
 @pytest.mark.parametrize("count, status", [("0", 0), ("1000", 130)], ids=["until-interrupted", "count"])
