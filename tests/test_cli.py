@@ -462,7 +462,7 @@ def test_restore_interrupted_once_it_runs_succeeds(tmp_path: Path) -> None:
     for pid in running:
         os.kill(pid, signal.SIGKILL)
     assert res.returncode == 0, err.decode()
-    assert running == [int(printed[-1])]
+    assert running == [int(printed[-1])]          # and so it leads a session of its own, out of the Ctrl-C's reach
 
 
 @pytest.mark.parametrize("count, status", [("0", 0), ("1000", 130)], ids=["until-interrupted", "count"])
