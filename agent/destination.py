@@ -32,6 +32,7 @@ from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
 from agent.logs import log_path, open_log
+from agent.procfs import check_restore_privileges
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
@@ -129,6 +130,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     if os.geteuid() != 0:
         raise PermissionDenied(f"kcr-agent on {host} runs as uid {os.geteuid()}: restoring a process "
                                "(its memory map and credentials) needs root", host=host)
+    check_restore_privileges(host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
     try:

@@ -8,11 +8,12 @@ they share stays shared (``agent.shared_memory``).
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 from agent import fdtable
 from agent.procfs import check_supported, check_target, process_tree, read_stat
-from transport.errors import NoSuchProcess, UnsupportedResource
+from transport.errors import NoSuchProcess, ProcessError, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
@@ -28,6 +29,10 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
     to do."""
     check_target(pid)
     every = process_tree(pid)
+    if os.getpid() in every:
+        raise ProcessError(f"pid {pid} is an ancestor of kcr-migrate itself (pid {os.getpid()}), which would have "
+                           "to move with it: run kcr-migrate from outside that process's tree (another terminal, "
+                           "or setsid)", pid=pid)
     pids = frozen or [p for p in every if not zombie(p)]
     for p in every[1:]:
         if p not in pids and not zombie(p):
