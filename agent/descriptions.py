@@ -36,7 +36,7 @@ import struct
 import tempfile
 from typing import TYPE_CHECKING, Sequence
 
-from agent import inotify
+from agent import inotify, unix_names
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
@@ -83,7 +83,8 @@ Key = tuple[object, ...]
 class Descriptions:
     """Every open file description of an image, made on first use; ``close`` drops ours."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: unix_names.Names | None = None) -> None:
+        self.names = names if names is not None else unix_names.Names()   # the socket names bound
         self._fds: dict[Key, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
         self._unwritten: set[int] = set()                     # FIFOs held here by a reader only
@@ -197,12 +198,20 @@ class Descriptions:
     def add_sockets(self, sockets: UnixSockets) -> None:
         """A socket and its peer are one socketpair; a socket whose peer has closed, one end of
         a socketpair whose other end is closed once it has sent the queued messages; one never
-        connected, a plain socket. Then the queues, the options, the shutdown state."""
+        connected, a plain socket. Named ones are bound again (``agent.unix_names``) and
+        listeners listen; a connection accepted from a listener is made by connecting to it
+        and accepting, so that both ends have their names; the clients waiting in an accept
+        queue connect last, in order. Then the queues (a named datagram socket's from each
+        message's sender), the one-way datagram connections, the options, the shutdown state."""
         by_id = {s.id: s for s in sockets.sockets}
         senders: dict[int, socket.socket] = {}
         doomed: list[socket.socket] = []
+        connections: list[UnixSocket] = []
         for s in sockets.sockets:
             if s.id in self._sockets:
+                continue
+            if s.accepted or (s.peer and by_id.get(s.peer, s).accepted):
+                connections.append(s if s.accepted else by_id[s.peer])
                 continue
             if s.peer or s.peer_closed:
                 a, b = socket.socketpair(socket.AF_UNIX, s.type)
@@ -215,9 +224,39 @@ class Descriptions:
                     doomed.append(b)
             else:
                 self._sockets[s.id] = socket.socket(socket.AF_UNIX, s.type)
+        clients = {server.peer for server in connections}
         for s in sockets.sockets:
-            if s.queue:
+            if s.name and not s.accepted and s.id not in clients:
+                self._bind(self._sockets[s.id], s)
+            if s.backlog >= 0:
+                self._sockets[s.id].listen(s.backlog)
+        for server in connections:
+            client = by_id[server.peer]
+            self._sockets[client.id] = sock = socket.socket(socket.AF_UNIX, client.type)
+            if client.name:
+                self._bind(sock, client)
+            listener = self._sockets[server.listener]
+            sock.connect(server.name)
+            self._sockets[server.id], _ = listener.accept()
+            senders[server.id], senders[client.id] = sock, self._sockets[server.id]
+        for s in sockets.sockets:
+            if s.queue and s.senders:
+                _send_from(self._named(sockets), s)
+            elif s.queue:
                 _send_queue(senders[s.id], s)
+        for s in sockets.sockets:
+            if s.target:
+                self._sockets[s.id].connect(by_id[s.target].name)
+        for s in sockets.sockets:
+            for waiting in s.pending:
+                sock = self._sockets[waiting]
+                sock.setblocking(False)
+                try:
+                    sock.connect(s.name)
+                except BlockingIOError:
+                    raise RestoreError(f"the clients waiting in the accept queue of {unix_names.shown(s.name)} do "
+                                       "not fit in its backlog here") from None
+                sock.setblocking(True)
         for s in sockets.sockets:
             sock = self._sockets[s.id]
             _set_options(sock, s.options)
@@ -225,6 +264,14 @@ class Descriptions:
                 sock.shutdown(SHUTDOWN_HOW[s.shutdown])
         for b in doomed:
             b.close()
+
+    def _bind(self, sock: socket.socket, s: UnixSocket) -> None:
+        self.names.bind(sock, unix_names.Bound(s.name, s.type, s.file_dev, s.file_ino),
+                        s.file_mode, s.file_uid, s.file_gid, socket.gethostname())
+
+    def _named(self, sockets: UnixSockets) -> dict[bytes, socket.socket]:
+        return {s.name: self._sockets[s.id] for s in sockets.sockets
+                if s.name and not s.accepted and s.type == socket.SOCK_DGRAM}
 
     # -- descriptions ------------------------------------------------------------------------
 
@@ -506,6 +553,29 @@ def _send_queue(sender: socket.socket, s: UnixSocket) -> None:
     except BlockingIOError:
         raise RestoreError("the messages queued on a unix socket do not fit in it here: check "
                            "net.unix.max_dgram_qlen and net.core.wmem_max") from None
+
+
+def _send_from(named: dict[bytes, socket.socket], s: UnixSocket) -> None:
+    """Put a named datagram socket's queue back: each message sent to its name from the
+    socket of the job named as its sender, or from an unbound one."""
+    anonymous = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        room = max(sum(len(m) for m in s.queue) * 2 + (64 << 10) * len(s.queue), 1 << 16)
+        for sender_name, m in zip(s.senders, s.queue):
+            sender = named.get(sender_name) if sender_name else anonymous
+            if sender is None:
+                raise RestoreError(f"a datagram queued on {unix_names.shown(s.name)} names a sender the image lacks: "
+                                   "corrupt image")
+            # Queued datagrams are charged to their sender: room for all of them, for now
+            # (``_set_options`` sets the real size afterwards).
+            sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, room)
+            try:
+                sender.sendto(m, socket.MSG_DONTWAIT, s.name)
+            except BlockingIOError:
+                raise RestoreError("the datagrams queued on a unix socket do not fit in it here: check "
+                                   "net.unix.max_dgram_qlen and net.core.wmem_max") from None
+    finally:
+        anonymous.close()
 
 
 def _set_options(sock: socket.socket, o: SocketOptions) -> None:

@@ -31,12 +31,15 @@ from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
+from agent.unix_names import Bound
+from agent.unix_names import check as check_name
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
 from transport.schema import MAX_CPUS
 
 MEMORY_MARGIN = 1.1
+MAX_NAMES = 1 << 16          # socket names in a summary
 
 
 @dataclass
@@ -128,6 +131,11 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
                                "(its memory map and credentials) needs root", host=host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    names = summary.get("unix_names", [])
+    if not isinstance(names, list) or len(names) > MAX_NAMES:
+        raise RestoreError("the summary's socket names are malformed: corrupt summary", host=host)
+    for bound in [Bound.from_wire(n) for n in names]:
+        await trio.to_thread.run_sync(check_name, bound, host)
     processes = summary.get("processes") or [{"pid": summary["pid"], "tids": summary.get("tids", [])}]
     if new_pid and len(processes) > 1:
         raise RestoreError(f"pid {summary['pid']} has {len(processes) - 1} descendants: a process tree keeps its "

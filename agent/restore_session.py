@@ -22,6 +22,7 @@ from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer
 from agent.shared_memory import SharedObjects
+from agent.unix_names import Names
 from transport.errors import ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.schema import (
@@ -60,6 +61,7 @@ class RestoreSession:
         self.removed: list[int] = []      # processes that left the tree while it was migrated
         self.resumed = False
         self.shared = SharedObjects()      # memory the processes share, made once
+        self.names = Names()               # the socket names the processes' sockets are bound to
 
     # -- records in -------------------------------------------------------------------------
 
@@ -194,7 +196,7 @@ class RestoreSession:
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
-        descriptions = Descriptions()
+        descriptions = Descriptions(self.names)
         try:
             descriptions.add(union)
             for p, fds in zip(procs, each):
@@ -212,6 +214,7 @@ class RestoreSession:
             if not p.restorer.exited:
                 p.restorer.resume()
         self.resumed = True
+        self.names.commit()
         return self.root.pid
 
     def abort(self) -> None:
@@ -221,6 +224,7 @@ class RestoreSession:
             return
         for p in reversed(list(self.procs.values())):
             p.restorer.abort()
+        self.names.undo()
 
     # -- what was made ----------------------------------------------------------------------
 

@@ -1,0 +1,177 @@
+"""The names unix sockets of a job are bound to, on the destination: checked in preflight,
+taken when the restore binds them, given back if the restore is undone.
+
+A path: on a second host it does not exist, and bind makes its socket file. Where both hosts
+see one filesystem (the source's host itself, test hosts), the job's own socket file is still
+there, the very inode the source recorded (``UnixSocket.file_dev``/``file_ino``), its listener
+frozen and about to end. Rule:
+
+- no file at the path: bound there; a missing directory is refused;
+- the job's own file, or a socket nobody listens on (connect gives ECONNREFUSED): it is
+  renamed aside in its directory and the new socket bound at the path; the file aside is
+  removed once the restored job runs (``commit``), or renamed back if the restore is undone
+  (``undo``: the source, which runs on, is reachable at its path again);
+- a socket something listens on (or is bound to, for datagrams), or a file that is not a
+  socket: refused, naming the path and the process where this host's sockets show it.
+
+The socket file gets the source's permissions and owner. An abstract name lives in the
+network namespace: one taken here is refused, naming its holder.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+import stat
+from dataclasses import dataclass
+
+from agent import unix_sockets
+from transport.errors import RestoreError
+
+SOCK_TYPES = (unix_sockets.SOCK_STREAM, unix_sockets.SOCK_DGRAM, unix_sockets.SOCK_SEQPACKET)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A name the job binds, as preflight checks it on the destination."""
+
+    name: bytes          # a path, or b"\0" + an abstract name
+    type: int
+    dev: int = 0         # the source's socket file (a path's)
+    ino: int = 0
+
+    def as_wire(self) -> dict[str, object]:
+        return {"name": self.name, "type": self.type, "dev": self.dev, "ino": self.ino}
+
+    @classmethod
+    def from_wire(cls, d: object) -> "Bound":
+        """From another host's summary: untrusted, checked."""
+        from transport.schema import _unix_name_ok
+        if not isinstance(d, dict):
+            raise RestoreError("a bound socket name in the summary is not a map: corrupt summary")
+        name, kind, dev, ino = d.get("name"), d.get("type"), d.get("dev", 0), d.get("ino", 0)
+        if not (isinstance(name, bytes) and name and _unix_name_ok(name) and kind in SOCK_TYPES
+                and isinstance(dev, int) and isinstance(ino, int) and 0 <= dev < 1 << 64 and 0 <= ino < 1 << 64):
+            raise RestoreError("a bound socket name in the summary is malformed: corrupt summary")
+        return cls(name, int(kind), dev, ino)
+
+
+def shown(name: bytes) -> str:
+    """A name as messages show it: a path, or @ and an abstract name."""
+    return (b"@" + name[1:] if name[:1] == b"\0" else name).decode(errors="replace")
+
+
+def check(b: Bound, host: str) -> bool:
+    """Whether binding ``b`` here replaces a file at its path (True) or finds the name free
+    (False); RestoreError, in one line, where it cannot be bound."""
+    if b.name[:1] == b"\0":
+        holders = [i for i in unix_sockets.query().values() if i.name == b.name]
+        if holders:
+            raise RestoreError(f"the abstract unix socket name {shown(b.name)} is taken on {host} by "
+                               f"{_who(holders[0].inode)}: end it, or move the job where that name is free",
+                               host=host)
+        return False
+    path = os.fsdecode(b.name)
+    directory = os.path.dirname(path) or "/"
+    if not os.path.isdir(directory):
+        raise RestoreError(f"the directory {directory} of the unix socket {path} is missing on {host}: make it "
+                           "there first", host=host)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RestoreError(f"{path} is not a socket on {host}, where the job's unix socket is bound: move it "
+                           "aside, or move the job where that path is free", host=host)
+    if b.dev and (st.st_dev, st.st_ino) == (b.dev, b.ino):
+        return True              # the job's own socket file: both hosts see one filesystem
+    listener = next((i.inode for i in unix_sockets.query().values() if i.vfs == (st.st_dev, st.st_ino)), 0)
+    if listener or _answers(path, b.type):
+        who = _who(listener) if listener else "a program"
+        raise RestoreError(f"{path} on {host} is a unix socket {who} listens on: the job's socket cannot be "
+                           "bound there; end it, or move the job where that path is free", host=host)
+    return True
+
+
+def _answers(path: str, kind: int) -> bool:
+    """Whether something holds the socket at ``path`` (a connect is not refused)."""
+    with socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EPROTOTYPE):
+                return True       # a full backlog; a socket of another type bound there
+            raise RestoreError(f"cannot tell whether anything listens on {path}: {exc.strerror}") from None
+    return True
+
+
+def _who(inode: int) -> str:
+    from agent.fdtable import outside_fds, outside_holders
+    found = outside_holders({("socket", inode)}, outside_fds(set()))
+    return str(next(iter(found.values()))[0]) if found else "a process"
+
+
+class Names:
+    """The names a restore bound: socket files put aside are removed by ``commit`` or put
+    back by ``undo``; the files it made are removed by ``undo``."""
+
+    def __init__(self) -> None:
+        self._made: list[tuple[str, str, tuple[int, int]]] = []     # (path, aside or "", our file)
+
+    def bind(self, sock: socket.socket, b: Bound, mode: int, uid: int, gid: int, host: str) -> None:
+        replace = check(b, host)
+        if b.name[:1] == b"\0":
+            try:
+                sock.bind(b.name)
+            except OSError as exc:
+                raise RestoreError(f"cannot bind the abstract unix socket name {shown(b.name)} here: "
+                                   f"{exc.strerror}") from None
+            return
+        path = os.fsdecode(b.name)
+        aside = ""
+        if replace:
+            aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
+            os.rename(path, aside)
+        try:
+            sock.bind(path)
+            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chmod(path, mode)
+            st = os.lstat(path)
+        except OSError as exc:
+            if aside:
+                os.rename(aside, path)
+            raise RestoreError(f"cannot bind the unix socket {path} here: {exc.strerror}") from None
+        self._made.append((path, aside, (st.st_dev, st.st_ino)))
+
+    def commit(self) -> None:
+        """The restored job runs: the files put aside go."""
+        for _, aside, _ in self._made:
+            if aside:
+                _unlink(aside)
+        self._made.clear()
+
+    def undo(self) -> None:
+        """The restore is undone: our files go, those put aside come back."""
+        for path, aside, ours in reversed(self._made):
+            try:
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == ours:
+                    os.unlink(path)
+            except OSError:
+                pass
+            if aside:
+                try:
+                    os.rename(aside, path)
+                except OSError:
+                    pass
+        self._made.clear()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,148 @@
+"""Servers on named unix sockets, moved with their clients: listeners bound to a path or an
+abstract name, connections accepted from them, a client waiting in the accept queue, a bound
+datagram socket with datagrams queued from named senders (tests/workloads/unix_server.c).
+
+Each job is moved mid-conversation and must finish with the output of an unmoved run; a
+client that connects after the move reaches the moved server at its name. What cannot move
+is refused in one line, the job running on untouched."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._migration import migrate_cli, proc_state
+from tests._workloads import Workload, become_subreaper, kcr, one_error_line, start_until_ready
+from tests.test_trees import checkpoint, image_restored, tree
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def address(name: str) -> str | bytes:
+    return b"\0" + name[1:].encode() if name.startswith("@") else name
+
+
+def late_client(w: Workload, name: str) -> bytes:
+    """Connect to the server as a client from outside, once it serves one; its answer."""
+    w.wait_file("serving", 60)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(30)
+        c.connect(address(name))
+        c.sendall(b"late")
+        return c.recv(100)
+
+
+def names(tmp_path: Path, kind: str) -> tuple[str, str]:
+    """The server's name for the reference run and for the moved one."""
+    if kind == "abstract":
+        return f"@kcr-ref-{os.getpid()}", f"@kcr-moved-{os.getpid()}"
+    return str(tmp_path / "ref.sock"), str(tmp_path / "srv.sock")
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> None:
+    """The server, two workers mid-conversation, a client waiting in the accept queue; the
+    datagrams the workers sent from their named sockets wait unread. Restored, the workers
+    go on, accept() returns the waiting client, recvfrom names each sender, and a client that
+    connects now reaches the server at its name."""
+    ref_name, name = names(tmp_path, kind)
+    ref = Workload("unix_server", tmp_path / "reference", ref_name)
+    ref.start()
+    assert late_client(ref, ref_name) == b"served 3540"
+    assert ref.verdict() == "PASS"
+    w = Workload("unix_server", tmp_path / "moved", name)
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    assert len(before) == 4
+    mode = 0o640
+    if kind == "path":
+        os.chmod(name, mode)
+    checkpoint(w.pid, tmp_path / "job.img", 4)
+    assert w.reap_original() == -9
+    image_restored(tmp_path / "job.img", before)
+    if kind == "path":
+        assert os.stat(name).st_mode & 0o7777 == mode
+        assert not [p for p in os.listdir(tmp_path) if ".kcr-" in p]      # the old socket file is gone
+    assert late_client(w, name) == b"served 3540"
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert w.output() == ref.output()
+    assert "datagrams" in w.output() and "waiter: waited" in w.output()
+
+
+# Listens at a path; with "wait", accepts nothing until SIGUSR1.
+SERVER = ("import signal, socket, sys\n"
+          "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+          "l = socket.socket(socket.AF_UNIX)\nl.bind(sys.argv[2])\nl.listen(4)\n"
+          "open(sys.argv[1], 'w').close()\n"
+          "if sys.argv[3:] == ['wait']:\n    signal.sigwait({signal.SIGUSR1})\n"
+          "while True:\n    c, _ = l.accept()\n    c.sendall(b'still here')\n    c.close()\n")
+
+
+def server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    path = str(tmp_path / "one.sock")
+    argv = [sys.executable, "-c", SERVER, str(tmp_path / "ready"), path, *args]
+    return start_until_ready(argv, tmp_path / "ready"), path
+
+
+def still_serves(path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(30)
+        c.connect(path)
+        assert c.recv(100) == b"still here"
+
+
+def test_a_listener_moves_live_and_serves_at_its_path(tmp_path: Path) -> None:
+    """One process listening at a path, moved live from this host to itself: its own socket
+    file is replaced, and a client that connects after the move is served by the moved one."""
+    proc, path = server(tmp_path)
+    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert code == 0, err
+    assert proc.wait(timeout=30) == -9
+    new = int(report["new_pid"])
+    try:
+        still_serves(path)
+        assert Path(f"/proc/{new}/cmdline").read_bytes().startswith(sys.executable.encode())
+    finally:
+        os.kill(new, 9)
+    assert not [p for p in os.listdir(tmp_path) if ".kcr-" in p]
+
+
+def test_a_path_another_server_listens_on_is_refused(tmp_path: Path) -> None:
+    """Someone else listens at the job's path now (its own socket file was moved aside): the
+    destination refuses in preflight, naming the path and that listener; the job runs on."""
+    proc, path = server(tmp_path)
+    os.rename(path, path + ".aside")
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(path)
+        other.listen(1)
+        code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+        assert code != 0 and "Traceback" not in err
+        line = err.splitlines()[-1]
+        assert line.startswith("kcr-migrate: error: ") and f"{path} on " in line and f"pid {os.getpid()} (" in line, line
+    os.unlink(path)
+    os.rename(path + ".aside", path)
+    assert proc_state(proc.pid) in ("S", "R")
+    still_serves(path)
+
+
+def test_a_connection_waiting_from_outside_the_job_is_refused(tmp_path: Path) -> None:
+    """A client outside the job waits in the listener's accept queue: refused before anything
+    is frozen, naming that client; the server runs on and accepts it."""
+    proc, path = server(tmp_path, "wait")
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(path)
+        line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
+        assert f"with a connection from pid {os.getpid()} (" in line, line
+        assert not (tmp_path / "img").exists()
+        os.kill(proc.pid, signal.SIGUSR1)
+        c.settimeout(30)
+        assert c.recv(100) == b"still here"
