@@ -7,6 +7,7 @@ client that connects after the move reaches the moved server at its name. What c
 is refused in one line, the job running on untouched."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -40,6 +41,14 @@ def late_client(w: Workload, name: str) -> bytes:
         return c.recv(100)
 
 
+def carried_sockets(image: Path) -> list[dict]:
+    doc = json.loads(kcr("show", str(image)).stdout)
+    socks = list(doc["sockets"]["sockets"])
+    for proc in doc.get("processes", {}).values():
+        socks += proc.get("sockets", {}).get("sockets", [])
+    return socks
+
+
 def names(tmp_path: Path, kind: str) -> tuple[str, str]:
     """The server's name for the reference run and for the moved one."""
     if kind == "abstract":
@@ -68,6 +77,11 @@ def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> No
         os.chmod(name, mode)
     checkpoint(w.pid, tmp_path / "job.img", 4)
     assert w.reap_original() == -9
+    # The job was caught mid-conversation: a client waiting, datagrams queued from named senders.
+    socks = carried_sockets(tmp_path / "job.img")
+    assert [len(s["pending"]) for s in socks if s["backlog"] == 4] == [1]
+    assert len([s for s in socks if s["accepted"]]) == 2
+    assert any(s["senders"] for s in socks)
     image_restored(tmp_path / "job.img", before)
     if kind == "path":
         assert os.stat(name).st_mode & 0o7777 == mode
