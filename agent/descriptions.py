@@ -200,15 +200,20 @@ class Descriptions:
         a socketpair whose other end is closed once it has sent the queued messages; one never
         connected, a plain socket. Named ones are bound again (``agent.unix_names``) and
         listeners listen; a connection accepted from a listener is made by connecting to it
-        and accepting, so that both ends have their names; the clients waiting in an accept
+        and accepting, so that both ends have their names (one whose client has closed, from
+        a client of ours closed once it has sent the queued bytes); the clients waiting in an accept
         queue connect last, in order. Then the queues (a named datagram socket's from each
         message's sender), the one-way datagram connections, the options, the shutdown state."""
         by_id = {s.id: s for s in sockets.sockets}
         senders: dict[int, socket.socket] = {}
         doomed: list[socket.socket] = []
-        connections: list[UnixSocket] = []
+        connections: list[UnixSocket] = []      # accepted ends whose client moves too
+        orphans: list[UnixSocket] = []          # accepted ends whose client has closed
         for s in sockets.sockets:
             if s.id in self._sockets:
+                continue
+            if s.accepted and not s.peer:
+                orphans.append(s)
                 continue
             if s.accepted or (s.peer and by_id.get(s.peer, s).accepted):
                 connections.append(s if s.accepted else by_id[s.peer])
@@ -239,6 +244,13 @@ class Descriptions:
             sock.connect(server.name)
             self._sockets[server.id], _ = listener.accept()
             senders[server.id], senders[client.id] = sock, self._sockets[server.id]
+        for server in orphans:
+            # Accepted from a client of ours that sends what was queued, then closes.
+            gone = socket.socket(socket.AF_UNIX, server.type)
+            doomed.append(gone)
+            gone.connect(server.name)
+            self._sockets[server.id], _ = self._sockets[server.listener].accept()
+            senders[server.id] = gone
         for s in sockets.sockets:
             if s.queue and s.senders:
                 _send_from(self._named(sockets), s)
@@ -256,6 +268,7 @@ class Descriptions:
                 except BlockingIOError:
                     raise RestoreError(f"the clients waiting in the accept queue of {unix_names.shown(s.name)} do "
                                        "not fit in its backlog here") from None
+                _send_messages(sock, by_id[waiting].sent)
                 sock.setblocking(True)
         for s in sockets.sockets:
             sock = self._sockets[s.id]
@@ -537,13 +550,19 @@ def _check(ret: int, what: str) -> int:
 
 def _send_queue(sender: socket.socket, s: UnixSocket) -> None:
     """Put ``s``'s queued messages back by sending them from its peer's end, in order."""
-    total = sum(len(m) for m in s.queue)
+    _send_messages(sender, s.queue)
+
+
+def _send_messages(sender: socket.socket, messages: Sequence[bytes]) -> None:
+    if not messages:
+        return
+    total = sum(len(m) for m in messages)
     # Unix sockets charge queued bytes to the sender: room for all of them, for now
     # (``_set_options`` sets the real size afterwards).
-    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(total * 2 + (64 << 10) * len(s.queue), 1 << 16))
+    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(total * 2 + (64 << 10) * len(messages), 1 << 16))
     sender.setblocking(False)
     try:
-        for m in s.queue:
+        for m in messages:
             if not m:
                 sender.send(m)
                 continue

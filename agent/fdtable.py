@@ -42,7 +42,7 @@ import select
 import stat
 import termios
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from agent import inotify, locks, unix_names, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
@@ -153,11 +153,13 @@ def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDe
     return describe_tree([pid], {pid: redirect or {}})[pid]
 
 
-def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
-                  ) -> dict[int, list[FileDesc]]:
+def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
+                  *, accept_waiting: bool = False) -> dict[int, list[FileDesc]]:
     """The fd tables of processes that move together (a process and its descendants): what
     they share among themselves (descriptions, pipes, sockets) is carried; what they share
-    with a process outside is refused, naming it. ``redirect``: per pid, fd -> path."""
+    with a process outside is refused, naming it. ``redirect``: per pid, fd -> path.
+    ``accept_waiting``: the source ends once dumped, so a connection waiting in an accept
+    queue with bytes sent may be accepted to read them (``collect_tree``)."""
     redirect = redirect or {}
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
@@ -177,7 +179,7 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
         _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
-        _check_sockets(sockets, outside)
+        _check_sockets(sockets, outside, accept_waiting)
     if events:
         _check_event_files_not_shared(events, outside)
         _check_pidfds(events, inside)
@@ -393,7 +395,7 @@ def _redirect_hint(fd: int, why: str) -> str:
     return ""
 
 
-def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd]) -> None:
+def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], accept_waiting: bool = False) -> None:
     """Refuse the sockets we cannot carry: other families, connections to a peer that does
     not move, connections waiting in an accept queue that cannot move with it; named sockets
     whose name restore could not bind again (``roles``)."""
@@ -415,7 +417,7 @@ def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd]) -> 
                     f"pid {pid}'s fd {fd} is a unix socket listening on {_name(info.name)} with a connection from "
                     f"{_holder(client, outside)} waiting in its accept queue: let the server accept it, or "
                     "move them together", pid=pid)
-    roles(known, set(sockets), {ino: (held[0][0], held[0][1].fd) for ino, held in sockets.items()})
+    roles(known, set(sockets), {ino: (held[0][0], held[0][1].fd) for ino, held in sockets.items()}, accept_waiting)
 
 
 def _holder(ino: int, outside: list[OutsideFd]) -> str:
@@ -440,7 +442,7 @@ class Role:
 
 
 def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
-          where: Mapping[int, tuple[int, int]]) -> dict[int, Role]:
+          where: Mapping[int, tuple[int, int]], accept_waiting: bool = False) -> dict[int, Role]:
     """Each socket's ``Role``; UnsupportedResource for a socket restore could not make again
     (``where``: inode -> (pid, fd) for messages)."""
     listeners = {(i.name, i.vfs): i.inode for i in known.values()
@@ -459,10 +461,12 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
             out[ino] = Role(pending=tuple(c for c in info.icons))
             continue
         if ino in waiting:
-            if known[ino].wqueue:
+            if known[ino].wqueue and not accept_waiting:
                 raise UnsupportedResource(
                     f"pid {pid}'s fd {fd} is a unix socket whose connection waits in an accept queue with bytes "
-                    f"already sent: kcr-migrate cannot read them before the server accepts it; {_CANNOT}", pid=pid)
+                    "already sent: they can be read only by accepting it, which the source, running on if the move "
+                    "is rolled back, would miss; let the server accept it first, or move the job by checkpoint "
+                    "and restore", pid=pid)
             out[ino] = Role(listener=waiting[ino])
             continue
         if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and not _peer_closed(info):
@@ -470,6 +474,11 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
                 f"pid {pid}'s fd {fd} is a unix socket whose connection waits in the accept queue of a socket "
                 f"outside what moves: {_CANNOT}", pid=pid)
         peer = known.get(info.peer) if info.peer else None
+        if info.type != SOCK_DGRAM and info.name and (info.name, info.vfs) in listeners:
+            # Named after a listener of the job and not it: accepted from it (its peer may have closed).
+            out[ino] = Role(peer=info.peer if peer is not None else 0, accepted=True,
+                            listener=listeners[(info.name, info.vfs)])
+            continue
         if peer is None:
             out[ino] = Role()
             continue
@@ -479,26 +488,13 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
                                           f"{_CANNOT}", pid=pid)
             out[ino] = Role(target=info.peer)
             continue
-        if info.type != SOCK_DGRAM and info.name and (info.name, info.vfs) != (peer.name, peer.vfs) \
-                and peer.peer == ino and _accepted(info, peer, listeners):
-            listener = listeners.get((info.name, info.vfs), 0)
-            if not listener:
-                raise UnsupportedResource(
-                    f"pid {pid}'s fd {fd} is a unix connection accepted from a listener on {_name(info.name)} that "
-                    f"no process of the job holds any more: {_CANNOT}", pid=pid)
-            out[ino] = Role(peer=info.peer, accepted=True, listener=listener)
-            continue
+        if info.type != SOCK_DGRAM and info.name and not peer.name and peer.peer == ino:
+            # The server's end of a connection (clients rarely bind) whose listener is gone.
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {fd} is a unix connection accepted from a listener on {_name(info.name)} that "
+                f"no process of the job holds any more: {_CANNOT}", pid=pid)
         out[ino] = Role(peer=info.peer)
     return out
-
-
-def _accepted(info: unix_sockets.UnixSocketInfo, peer: unix_sockets.UnixSocketInfo,
-              listeners: Mapping[tuple[bytes, tuple[int, int] | None], int]) -> bool:
-    """Of a connection's two named ends, the server's: named after a listener of the job; or,
-    where no such listener is left, the end whose peer is unnamed (clients rarely bind)."""
-    if (info.name, info.vfs) in listeners:
-        return True
-    return not peer.name
 
 
 def _peer_closed(info: unix_sockets.UnixSocketInfo) -> bool:
@@ -580,11 +576,13 @@ def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
     return collect_tree([pid], {pid: redirect or {}})[pid]
 
 
-def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
-                 ) -> dict[int, FdState]:
+def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
+                 *, accept_waiting: bool = False) -> dict[int, FdState]:
     """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
-    pipe or socket goes in the records of the first process (in ``pids`` order) that has it."""
-    tables = describe_tree(pids, redirect)
+    pipe or socket goes in the records of the first process (in ``pids`` order) that has it.
+    ``accept_waiting`` (the source ends once dumped): the connections waiting in a listener's
+    accept queue whose clients sent bytes are accepted here, the bytes read (``sent``)."""
+    tables = describe_tree(pids, redirect, accept_waiting=accept_waiting)
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
@@ -627,12 +625,14 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             else:
                 buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
         known = unix_sockets.query(socks) if socks else {}
-        role = roles(known, set(socks), socks) if socks else {}
+        role = roles(known, set(socks), socks, accept_waiting) if socks else {}
+        sent = _accept_waiting(known, role, socks, pidfd) if accept_waiting else {}
         order = {pid: i for i, pid in enumerate(pids)}
         # Sockets restore makes together go in one record, the first process's that holds any:
         # a pair, a listener with its connections, a datagram socket with those it hears from.
         group = _socket_groups(known, role, socks, order)
-        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino]) for ino, (holder, fd) in socks.items()}
+        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], sent.get(ino, ()))
+                for ino, (holder, fd) in socks.items()}
         _check_senders(made, socks)
         for ino, sock in made.items():
             sockets[group[ino]].append(sock)
@@ -736,7 +736,35 @@ def _check_senders(made: Mapping[int, UnixSocket], socks: Mapping[int, tuple[int
                     f"socket that does not move with it: {_CANNOT}; migrate once the program has read it", pid=pid)
 
 
-def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role) -> UnixSocket:
+def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapping[int, Role],
+                    socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int]) -> dict[int, tuple[bytes, ...]]:
+    """What the clients waiting in the job's listeners' accept queues sent, by client inode:
+    every connection of a listener where one has sent bytes is accepted here (on a dup of the
+    listener; the source ends once dumped), its bytes read, and closed."""
+    out: dict[int, tuple[bytes, ...]] = {}
+    for ino, r in role.items():
+        if not any(known[c].wqueue for c in r.pending):
+            continue
+        holder, fd = socks[ino]
+        dup = pidfd_getfd(pidfd(holder), fd)
+        try:
+            for _ in r.pending:
+                conn, _ = unix_sockets.accept(dup)
+                try:
+                    client = unix_sockets.query([os.fstat(conn).st_ino]).get(os.fstat(conn).st_ino)
+                    if client is None or client.peer not in r.pending:
+                        raise UnsupportedResource(f"fd {fd}: a connection accepted from its accept queue is not one "
+                                                  "of the job's: try again")
+                    out[client.peer] = tuple(unix_sockets.queued_data(conn, known[ino].type))
+                finally:
+                    os.close(conn)
+        finally:
+            os.close(dup)
+    return out
+
+
+def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
+            sent: tuple[bytes, ...] = ()) -> UnixSocket:
     dup = pidfd_getfd(pidfd, fd)
     try:
         messages = unix_sockets.queued_messages(dup, info.type)
@@ -770,7 +798,7 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role) 
                       name=info.name, accepted=role.accepted, listener=role.listener,
                       backlog=info.wqueue if listening else -1, pending=role.pending, target=role.target,
                       senders=tuple(m.sender for m in messages) if named_dgram else (),
-                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino)
+                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent)
 
 
 def _waiting(pidfd: int, f: FileDesc) -> FileDesc:

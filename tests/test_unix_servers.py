@@ -32,7 +32,9 @@ def address(name: str) -> str | bytes:
 
 
 def late_client(w: Workload, name: str) -> bytes:
-    """Connect to the server as a client from outside, once it serves one; its answer."""
+    """Let the server go on (it waits mid-conversation), then connect to it as a client from
+    outside once it serves one; its answer."""
+    (w.dir / "go").touch()
     w.wait_file("serving", 60)
     with socket.socket(socket.AF_UNIX) as c:
         c.settimeout(30)
@@ -49,12 +51,13 @@ def carried_sockets(image: Path) -> list[dict]:
     return socks
 
 
-def expected_output(scale: int = 1) -> str:
+def expected_output(scale: int = 1, early: bool = False) -> str:
     """What the workload writes, moved or not."""
     rounds = 60 * scale
     total = 2 * sum(range(rounds))
-    return (f"worker 0: {rounds} rounds, 4 datagrams\nworker 1: {rounds} rounds, 4 datagrams\nwaiter: waited\n"
-            f"late client: late\ntotal {total}\n")
+    return (f"worker 0: {rounds} rounds, 4 datagrams\nworker 1: {rounds} rounds, 4 datagrams\n"
+            + ("waiter sent before it was accepted: early\n" if early else "")
+            + f"waiter: waited\nlate client: late\ntotal {total}\n")
 
 
 def names(tmp_path: Path, kind: str) -> tuple[str, str]:
@@ -66,16 +69,17 @@ def names(tmp_path: Path, kind: str) -> tuple[str, str]:
 
 @pytest.mark.parametrize("kind", ["path", "abstract"])
 def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> None:
-    """The server, two workers mid-conversation, a client waiting in the accept queue; the
-    datagrams the workers sent from their named sockets wait unread. Restored, the workers
-    go on, accept() returns the waiting client, recvfrom names each sender, and a client that
-    connects now reaches the server at its name."""
+    """The server, two workers mid-conversation, a client waiting in the accept queue (with
+    bytes sent, for the path); the datagrams the workers sent from their named sockets wait
+    unread. Restored, the workers go on, accept() returns the waiting client with its bytes,
+    recvfrom names each sender, and a client that connects now reaches the server at its name."""
     ref_name, name = names(tmp_path, kind)
-    ref = Workload("unix_server", tmp_path / "reference", ref_name)
+    early = ("early",) if kind == "path" else ()
+    ref = Workload("unix_server", tmp_path / "reference", ref_name, *early)
     ref.start()
     assert late_client(ref, ref_name) == b"served 3540"
     assert ref.verdict() == "PASS"
-    w = Workload("unix_server", tmp_path / "moved", name)
+    w = Workload("unix_server", tmp_path / "moved", name, *early)
     w.start()
     w.wait_ready()
     before = tree(w.pid)
@@ -96,7 +100,7 @@ def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> No
         assert not [p for p in os.listdir(tmp_path) if ".kcr-" in p]      # the old socket file is gone
     assert late_client(w, name) == b"served 3540"
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
-    assert w.output() == ref.output() == expected_output()
+    assert w.output() == ref.output() == expected_output(early=bool(early))
     assert "datagrams" in w.output() and "waiter: waited" in w.output()
 
 
@@ -154,6 +158,22 @@ def test_a_path_another_server_listens_on_is_refused(tmp_path: Path) -> None:
     os.rename(path + ".aside", path)
     assert proc_state(proc.pid) in ("S", "R")
     still_serves(path)
+
+
+def test_a_waiting_connection_with_bytes_sent_is_refused_live(tmp_path: Path) -> None:
+    """Live, the bytes a waiting client sent could be read only by accepting its connection,
+    which the source would miss were the move rolled back: refused before anything is
+    frozen; the job runs on and finishes as an unmoved one."""
+    name = str(tmp_path / "srv.sock")
+    w = Workload("unix_server", tmp_path / "job", name, "early")
+    w.start()
+    w.wait_ready()
+    code, _, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+    assert code != 0 and "Traceback" not in err
+    assert "waits in an accept queue with bytes already sent" in err.splitlines()[-1], err
+    assert not (w.dir / "serving").exists()
+    assert late_client(w, name) == b"served 3540"
+    assert w.verdict() == "PASS" and w.output() == expected_output(early=True)
 
 
 def test_a_connection_waiting_from_outside_the_job_is_refused(tmp_path: Path) -> None:

@@ -498,6 +498,9 @@ class UnixSocket:
     file_gid: Id = 0
     file_dev: U64 = 0        # and the file's device and inode on the source host (the destination
     file_ino: U64 = 0        # replaces that file, the job's own, where both hosts see it)
+    sent: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_ITEMS)] = ()   # a client
+                             # waiting in an accept queue: what it sent, for the server to read once it
+                             # accepts (one item for a stream, one per message otherwise)
 
 
 @dataclass(frozen=True)
@@ -520,10 +523,15 @@ class UnixSockets(Record):
             _check(_unix_name_ok(s.name), f"socket {s.id}: its name is neither an absolute path nor an abstract name")
             _check(not s.senders or len(s.senders) == len(s.queue), f"socket {s.id}: senders do not match its queue")
             _check(all(_unix_name_ok(n) for n in s.senders), f"socket {s.id}: a sender's name")
-            _check(not s.accepted or (bool(s.name) and s.peer != 0 and s.type != SOCK_DGRAM and not by_id[s.peer].accepted),
-                   f"socket {s.id}: accepted, but without a name or a peer")
+            _check(not s.accepted or (bool(s.name) and s.listener != 0 and s.type != SOCK_DGRAM
+                                      and (s.peer_closed if s.peer == 0 else not by_id[s.peer].accepted)),
+                   f"socket {s.id}: accepted, but without a name, a listener or a peer")
             _check(s.backlog < 0 or (bool(s.name) and not s.accepted and s.peer == 0 and s.type != SOCK_DGRAM
                                      and not s.queue), f"socket {s.id}: a listener that is not one")
+            _check(not s.sent or (s.listener != 0 and not s.accepted), f"socket {s.id}: bytes sent by a client "
+                   "that does not wait in an accept queue")
+            _check(sum(len(m) for m in s.sent) <= MAX_SOCKET_QUEUE, f"socket {s.id}: too much sent")
+            _check(s.type != SOCK_STREAM or len(s.sent) <= 1, f"socket {s.id}: a stream sends one run of bytes")
             _check(not s.pending or s.backlog >= 0, f"socket {s.id}: pending connections on a socket not listening")
             for c in s.pending:
                 _check(c in by_id and by_id[c].listener == s.id and by_id[c].peer == 0 and not by_id[c].accepted,

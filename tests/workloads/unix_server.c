@@ -1,12 +1,13 @@
-/* A server on a named unix socket, its clients its own children (usage: unix_server OUTDIR NAME;
- * NAME is a path, or @name for an abstract one).
+/* A server on a named unix socket, its clients its own children (usage: unix_server OUTDIR NAME
+ * [early]; NAME is a path, or @name for an abstract one).
  *
  * The server listens on NAME (non-blocking, backlog 4) and has a datagram socket bound to
  * NAME + "d". Two workers connect and exchange numbered messages with it (the server answers
  * r*r + the worker's id), and in rounds 1 to 4 send a datagram from a socket of their own bound
  * to NAME + "c<id>", which the server leaves queued until the workers are done. Once both are
  * accepted, a third child connects and waits in the accept queue, unaccepted until the workers
- * are done. Then the server accepts one more client from outside (the test, after the move),
+ * are done (with "early", it sends 5 bytes first). At round 30 the server waits for OUTDIR/go
+ * (the test makes it once the job has moved: the move comes mid-conversation). Then the server accepts one more client from outside (the test, after the move),
  * reads a line from it and answers "served <total>". Every socket's getsockname/getpeername,
  * the listener's O_NONBLOCK and the datagrams' sender names are checked; output and verdict
  * as ckpt_common.h says. */
@@ -19,6 +20,7 @@
 #include <sys/wait.h>
 
 static const char *name;
+static int early;            /* the waiting client sends "early" before it is accepted */
 static char why[1024];
 
 static void fail(const char *what) {
@@ -55,6 +57,13 @@ static int name_is(int fd, const char *suffix) {
 
 static int rounds(void) { return 60 * scale; }
 
+/* Mid-conversation, the server waits for OUTDIR/go (the test makes it once the job has moved). */
+static void wait_for_go(void) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/go", outdir);
+    while (access(path, F_OK) != 0) sleep_ms(5);
+}
+
 static int connected(void) {
     struct sockaddr_un a;
     socklen_t len = addr("", &a);
@@ -89,6 +98,7 @@ static int worker(uint32_t id) {
 static int waiter(void) {
     int c = connected();
     char buf[8];
+    if (early && send(c, "early", 5, 0) != 5) return 17;
     if (recv(c, buf, 2, MSG_WAITALL) != 2 || memcmp(buf, "go", 2) != 0) return 17;
     if (!peer_is(c, "")) return 18;
     if (send(c, "waited", 6, 0) != 6) return 19;
@@ -99,6 +109,7 @@ int main(int argc, char **argv) {
     init(argc, argv);
     if (argc < 3) return 2;
     name = argv[2];
+    early = argc > 3 && strcmp(argv[3], "early") == 0;
     FILE *out = open_output();
     struct sockaddr_un a;
     socklen_t len = addr("", &a);
@@ -131,6 +142,7 @@ int main(int argc, char **argv) {
             if (!(p[i].revents & POLLIN)) continue;
             uint32_t r;
             if (recv(conns[i], &r, sizeof r, MSG_WAITALL) != sizeof r) return 6;
+            if (r == 30) wait_for_go();
             uint32_t reply = r * r + ids[i];
             if (send(conns[i], &reply, sizeof reply, 0) != sizeof reply) return 6;
             total += r;
@@ -161,6 +173,10 @@ int main(int argc, char **argv) {
     poll(&p, 1, 10000);
     int w = accept(l, NULL, NULL);
     char buf[64] = "";
+    if (early) {
+        if (w < 0 || recv(w, buf, 5, MSG_WAITALL) != 5 || memcmp(buf, "early", 5) != 0) fail("the waiter's early bytes");
+        else fprintf(out, "waiter sent before it was accepted: %.5s\n", buf);
+    }
     if (w < 0 || send(w, "go", 2, 0) != 2 || recv(w, buf, 6, MSG_WAITALL) != 6) fail("the waiter");
     fprintf(out, "waiter: %.6s\n", buf);
     int status;
