@@ -2,7 +2,9 @@
 
 The restorer makes every description itself, in its own process: files opened with their
 flags and offsets, pipes holding their bytes again, unix socketpairs holding their messages,
-with their options and shutdown state. A restored process then takes the descriptions its
+with their options and shutdown state; named unix sockets bound again at their names
+(``agent.unix_names``), listening, connected to and accepted from, so that each end keeps
+its addresses. A restored process then takes the descriptions its
 fds refer to with injected ``pidfd_open`` + ``pidfd_getfd`` and ``dup3``s each into place
 (``agent.restore``). One description serves every fd that shared it, in one process or in
 several: one offset, one set of status flags, as before. Pipes and sockets whose ends are
@@ -21,7 +23,8 @@ registers them itself once its fds are in place (``take_watches``).
 
 Made here rather than inside the restored process, the descriptions need no injected call
 to create or fill, and no end has to be kept open in one process until another takes it.
-The cost: a socketpair's SO_PEERCRED names the restorer (as it named the stub before).
+The cost: a socketpair's (or a restored connection's) SO_PEERCRED names the restorer (as it
+named the stub before).
 """
 from __future__ import annotations
 
