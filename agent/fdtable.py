@@ -469,7 +469,8 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
                     "and restore", pid=pid)
             out[ino] = Role(listener=waiting[ino])
             continue
-        if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and not _peer_closed(info):
+        if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and info.type != SOCK_DGRAM \
+                and not _peer_closed(info):
             raise UnsupportedResource(
                 f"pid {pid}'s fd {fd} is a unix socket whose connection waits in the accept queue of a socket "
                 f"outside what moves: {_CANNOT}", pid=pid)
@@ -499,10 +500,11 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
 
 def _peer_closed(info: unix_sockets.UnixSocketInfo) -> bool:
     """A connected socket whose peer has gone: a stream or seqpacket one is shut both ways by
-    the kernel; a datagram one stays connected to nothing."""
+    the kernel; a datagram one stays connected to nothing. (A named datagram socket another
+    has connected to shows ESTABLISHED too, peerless: it is taken for one whose peer is there.)"""
     if info.peer or info.state != unix_sockets.TCP_ESTABLISHED:
         return False
-    return info.type == SOCK_DGRAM or info.shutdown == 3
+    return (info.type == SOCK_DGRAM and not info.name) or info.shutdown == 3
 
 
 def _share_descriptions(tables: dict[int, list[FileDesc]]) -> dict[int, list[FileDesc]]:

@@ -93,7 +93,7 @@ def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> No
     socks = carried_sockets(tmp_path / "job.img")
     assert [len(s["pending"]) for s in socks if s["backlog"] == 4] == [1]
     assert len([s for s in socks if s["accepted"]]) == 2
-    assert any(s["senders"] for s in socks)
+    assert any(s["senders"] for s in socks) and any(s["target"] for s in socks)
     image_restored(tmp_path / "job.img", before)
     if kind == "path":
         assert os.stat(name).st_mode & 0o7777 == mode

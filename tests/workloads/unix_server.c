@@ -4,7 +4,7 @@
  * The server listens on NAME (non-blocking, backlog 4) and has a datagram socket bound to
  * NAME + "d". Two workers connect and exchange numbered messages with it (the server answers
  * r*r + the worker's id), and in rounds 1 to 4 send a datagram from a socket of their own bound
- * to NAME + "c<id>", which the server leaves queued until the workers are done. Once both are
+ * to NAME + "c<id>" (worker 1's connected to the server's), which the server leaves queued until the workers are done. Once both are
  * accepted, a third child connects and waits in the accept queue, unaccepted until the workers
  * are done (with "early", it sends 5 bytes first). At round 30 the server waits for OUTDIR/go
  * (the test makes it once the job has moved: the move comes mid-conversation). Then the server accepts one more client from outside (the test, after the move),
@@ -78,6 +78,7 @@ static int worker(uint32_t id) {
     socklen_t olen = addr(id ? "c1" : "c0", &own), slen = addr("d", &server);
     int d = socket(AF_UNIX, SOCK_DGRAM, 0);
     if (d < 0 || bind(d, (struct sockaddr *)&own, olen) != 0) return 10;
+    if (id == 1 && connect(d, (struct sockaddr *)&server, slen) != 0) return 10;   /* one way, to the server */
     if (send(c, &id, sizeof id, 0) != sizeof id) return 11;
     for (uint32_t r = 0; r < (uint32_t)rounds(); r++) {
         uint32_t reply;
@@ -87,11 +88,11 @@ static int worker(uint32_t id) {
         if (r >= 1 && r <= 4) {
             char msg[32];
             int n = snprintf(msg, sizeof msg, "w%u r%u", id, r);
-            if (sendto(d, msg, n, 0, (struct sockaddr *)&server, slen) != n) return 15;
+            if ((id == 1 ? send(d, msg, n, 0) : sendto(d, msg, n, 0, (struct sockaddr *)&server, slen)) != n) return 15;
         }
         sleep_ms(20);
     }
-    if (!peer_is(c, "") || !name_is(d, id ? "c1" : "c0")) return 16;
+    if (!peer_is(c, "") || !name_is(d, id ? "c1" : "c0") || (id == 1 && !peer_is(d, "d"))) return 16;
     return 20 + id;
 }
 
