@@ -131,11 +131,6 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
                                "(its memory map and credentials) needs root", host=host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
-    names = summary.get("unix_names", [])
-    if not isinstance(names, list) or len(names) > MAX_NAMES:
-        raise RestoreError("the summary's socket names are malformed: corrupt summary", host=host)
-    for bound in [Bound.from_wire(n) for n in names]:
-        await trio.to_thread.run_sync(check_name, bound, host)
     processes = summary.get("processes") or [{"pid": summary["pid"], "tids": summary.get("tids", [])}]
     if new_pid and len(processes) > 1:
         raise RestoreError(f"pid {summary['pid']} has {len(processes) - 1} descendants: a process tree keeps its "
@@ -144,6 +139,12 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
         ids = [int(p["pid"]) for p in processes]
         ids += [int(t) for p in processes for t in p.get("tids", []) if int(t) != int(p["pid"])]
         check_ids_free(ids, host, tree=len(processes) > 1)
+    names = summary.get("unix_names", [])
+    if not isinstance(names, list) or len(names) > MAX_NAMES:
+        raise RestoreError("the summary's socket names are malformed: corrupt summary", host=host)
+    job = frozenset(int(p["pid"]) for p in processes)
+    for bound in [Bound.from_wire(n) for n in names]:      # each bound again here: free, or the job's own
+        await trio.to_thread.run_sync(check_name, bound, host, job)
     pinned = summary.get("pinned_cpus", [])
     if not isinstance(pinned, list) or not all(isinstance(c, int) and 0 <= c < MAX_CPUS for c in pinned):
         raise ProtocolError("the source's summary names CPUs that cannot exist", host=host)

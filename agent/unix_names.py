@@ -25,8 +25,11 @@ import secrets
 import socket
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent import unix_sockets
+if TYPE_CHECKING:
+    from agent.fdtable import Peer
 from transport.errors import RestoreError
 
 SOCK_TYPES = (unix_sockets.SOCK_STREAM, unix_sockets.SOCK_DGRAM, unix_sockets.SOCK_SEQPACKET)
@@ -62,15 +65,21 @@ def shown(name: bytes) -> str:
     return (b"@" + name[1:] if name[:1] == b"\0" else name).decode(errors="replace")
 
 
-def check(b: Bound, host: str) -> bool:
+def check(b: Bound, host: str, job: frozenset[int] = frozenset()) -> bool:
     """Whether binding ``b`` here replaces a file at its path (True) or finds the name free
-    (False); RestoreError, in one line, where it cannot be bound."""
+    (False); RestoreError, in one line, where it cannot be bound. ``job``: the moving
+    processes' pids, as the source numbers them (named if they hold the name here)."""
     if b.name[:1] == b"\0":
         holders = [i for i in unix_sockets.query().values() if i.name == b.name]
         if holders:
+            who = _who(holders[0].inode)
+            if who.pid in job:
+                raise RestoreError(f"the abstract unix socket name {shown(b.name)} is held on {host} by the job "
+                                   "itself (source and destination share a network namespace, where the frozen "
+                                   "source keeps it until it ends): move the job by checkpoint and restore, or "
+                                   "to another host", host=host)
             raise RestoreError(f"the abstract unix socket name {shown(b.name)} is taken on {host} by "
-                               f"{_who(holders[0].inode)}: end it, or move the job where that name is free",
-                               host=host)
+                               f"{who}: end it, or move the job where that name is free", host=host)
         return False
     path = os.fsdecode(b.name)
     directory = os.path.dirname(path) or "/"
@@ -88,8 +97,8 @@ def check(b: Bound, host: str) -> bool:
         return True              # the job's own socket file: both hosts see one filesystem
     listener = next((i.inode for i in unix_sockets.query().values() if i.vfs == (st.st_dev, st.st_ino)), 0)
     if listener or _answers(path, b.type):
-        who = _who(listener) if listener else "a program"
-        raise RestoreError(f"{path} on {host} is a unix socket {who} listens on: the job's socket cannot be "
+        holder = str(_who(listener)) if listener else "a program"
+        raise RestoreError(f"{path} on {host} is a unix socket {holder} listens on: the job's socket cannot be "
                            "bound there; end it, or move the job where that path is free", host=host)
     return True
 
@@ -108,10 +117,17 @@ def _answers(path: str, kind: int) -> bool:
     return True
 
 
-def _who(inode: int) -> str:
+class _Nobody:
+    pid = 0
+
+    def __str__(self) -> str:
+        return "a process"
+
+
+def _who(inode: int) -> "Peer | _Nobody":
     from agent.fdtable import outside_fds, outside_holders
     found = outside_holders({("socket", inode)}, outside_fds(set()))
-    return str(next(iter(found.values()))[0]) if found else "a process"
+    return next(iter(found.values()))[0] if found else _Nobody()
 
 
 class Names:

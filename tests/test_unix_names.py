@@ -60,6 +60,9 @@ def test_an_abstract_name_taken_here_is_refused_naming_its_holder(tmp_path: Path
     pid = holding(tmp_path, name)
     with pytest.raises(RestoreError, match=f"{name} is taken on here by pid {pid} \\(python"):
         check(Bound(b"\0" + name[1:].encode(), socket.SOCK_STREAM), "here")
+    # From a host to itself, the frozen source holds it: said so.
+    with pytest.raises(RestoreError, match=f"{name} is held on here by the job itself .*checkpoint and restore"):
+        check(Bound(b"\0" + name[1:].encode(), socket.SOCK_STREAM), "here", frozenset({pid}))
 
 
 def test_a_dead_socket_file_is_replaced_keeping_mode_and_commit_removes_it(tmp_path: Path) -> None:
