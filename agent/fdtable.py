@@ -27,9 +27,11 @@
   reading, for a read end). Sockets of other families are refused.
 - a unix socket bound to an absolute path or an abstract name (``agent.unix_names``): bound
   again there; a listener listens again with its backlog, and the clients of the job waiting
-  in its accept queue wait there again (one that already sent bytes, or one outside the job,
-  is refused); a connection accepted from it keeps the listener's name, its client the
-  peer name; a named datagram socket keeps its queued datagrams with their senders' names.
+  in its accept queue wait there again (one outside the job is refused; one that already sent
+  bytes moves only where the source ends once dumped, which lets the dump accept it to read
+  them: ``accept_waiting``); a connection accepted from it keeps the listener's name, its
+  client the peer name; a named datagram socket keeps its queued datagrams with their
+  senders' names (senders of the job), and one connected to it stays connected.
 
 ``describe`` is the one place that decides, for preflight and dump alike.
 """

@@ -50,11 +50,11 @@ class Bound:
     @classmethod
     def from_wire(cls, d: object) -> "Bound":
         """From another host's summary: untrusted, checked."""
-        from transport.schema import _unix_name_ok
+        from transport.schema import unix_name_ok
         if not isinstance(d, dict):
             raise RestoreError("a bound socket name in the summary is not a map: corrupt summary")
         name, kind, dev, ino = d.get("name"), d.get("type"), d.get("dev", 0), d.get("ino", 0)
-        if not (isinstance(name, bytes) and name and _unix_name_ok(name) and kind in SOCK_TYPES
+        if not (isinstance(name, bytes) and name and unix_name_ok(name) and kind in SOCK_TYPES
                 and isinstance(dev, int) and isinstance(ino, int) and 0 <= dev < 1 << 64 and 0 <= ino < 1 << 64):
             raise RestoreError("a bound socket name in the summary is malformed: corrupt summary")
         return cls(name, int(kind), dev, ino)

@@ -443,7 +443,7 @@ UNIX_PATH_MAX = 108          # sizeof(sockaddr_un.sun_path)
 UnixName = Annotated[bytes, Blob(UNIX_PATH_MAX)]
 
 
-def _unix_name_ok(name: bytes) -> bool:
+def unix_name_ok(name: bytes) -> bool:
     """b"" (unbound), b"\0" + an abstract name, or an absolute path without NULs that bind takes."""
     if not name or name[:1] == b"\0":
         return True
@@ -520,9 +520,9 @@ class UnixSockets(Record):
             _check(not (s.peer and s.peer_closed), f"socket {s.id}: a peer that is both there and gone")
             _check(sum(len(m) for m in s.queue) <= MAX_SOCKET_QUEUE, f"socket {s.id}: queue too large")
             _check(s.type != SOCK_STREAM or len(s.queue) <= 1, f"socket {s.id}: a stream queues one run of bytes")
-            _check(_unix_name_ok(s.name), f"socket {s.id}: its name is neither an absolute path nor an abstract name")
+            _check(unix_name_ok(s.name), f"socket {s.id}: its name is neither an absolute path nor an abstract name")
             _check(not s.senders or len(s.senders) == len(s.queue), f"socket {s.id}: senders do not match its queue")
-            _check(all(_unix_name_ok(n) for n in s.senders), f"socket {s.id}: a sender's name")
+            _check(all(unix_name_ok(n) for n in s.senders), f"socket {s.id}: a sender's name")
             _check(not s.accepted or (bool(s.name) and s.listener != 0 and s.type != SOCK_DGRAM
                                       and (s.peer_closed if s.peer == 0 else not by_id[s.peer].accepted)),
                    f"socket {s.id}: accepted, but without a name, a listener or a peer")
