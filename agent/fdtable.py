@@ -610,6 +610,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     buffers: dict[int, list[PipeBuffer]] = {pid: [] for pid in pids}
     sockets: dict[int, list[UnixSocket]] = {pid: [] for pid in pids}
     pidfds: dict[int, int] = {}
+    accepted: list[int] = []         # connections accepted to read them (closed last: a client whose
+                                     # peer closes with bytes unread reads ECONNRESET)
 
     def pidfd(pid: int) -> int:
         if pid not in pidfds:
@@ -630,7 +632,7 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
                 buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
         known = unix_sockets.query(socks) if socks else {}
         role = roles(known, set(socks), socks, accept_waiting) if socks else {}
-        sent = _accept_waiting(known, role, socks, pidfd) if accept_waiting else {}
+        sent = _accept_waiting(known, role, socks, pidfd, accepted) if accept_waiting else {}
         order = {pid: i for i, pid in enumerate(pids)}
         # Sockets restore makes together go in one record, the first process's that holds any:
         # a pair, a listener with its connections, a datagram socket with those it hears from.
@@ -642,6 +644,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             sockets[group[ino]].append(sock)
     finally:
         for fd in pidfds.values():
+            os.close(fd)
+        for fd in accepted:
             os.close(fd)
     event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
     for obj, (pid, f) in events.items():
@@ -741,10 +745,12 @@ def _check_senders(made: Mapping[int, UnixSocket], socks: Mapping[int, tuple[int
 
 
 def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapping[int, Role],
-                    socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int]) -> dict[int, tuple[bytes, ...]]:
+                    socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int],
+                    accepted: list[int]) -> dict[int, tuple[bytes, ...]]:
     """What the clients waiting in the job's listeners' accept queues sent, by client inode:
     every connection of a listener where one has sent bytes is accepted here (on a dup of the
-    listener; the source ends once dumped), its bytes read, and closed."""
+    listener; the source ends once dumped) and its bytes read; the connections are added to
+    ``accepted``, for the caller to close once it has read the clients."""
     out: dict[int, tuple[bytes, ...]] = {}
     for ino, r in role.items():
         if not any(known[c].wqueue for c in r.pending):
@@ -754,14 +760,12 @@ def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapp
         try:
             for _ in r.pending:
                 conn, _ = unix_sockets.accept(dup)
-                try:
-                    client = unix_sockets.query([os.fstat(conn).st_ino]).get(os.fstat(conn).st_ino)
-                    if client is None or client.peer not in r.pending:
-                        raise UnsupportedResource(f"fd {fd}: a connection accepted from its accept queue is not one "
-                                                  "of the job's: try again")
-                    out[client.peer] = tuple(unix_sockets.queued_data(conn, known[ino].type))
-                finally:
-                    os.close(conn)
+                accepted.append(conn)
+                client = unix_sockets.query([os.fstat(conn).st_ino]).get(os.fstat(conn).st_ino)
+                if client is None or client.peer not in r.pending:
+                    raise UnsupportedResource(f"fd {fd}: a connection accepted from its accept queue is not one "
+                                              "of the job's: try again")
+                out[client.peer] = tuple(unix_sockets.queued_data(conn, known[ino].type))
         finally:
             os.close(dup)
     return out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import migrate_cli, proc_state
-from tests._workloads import Workload, become_subreaper, kcr, one_error_line, start_until_ready
+from tests._migration import migrate_cli, moved, proc_state
+from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap, start_until_ready
 from tests.test_trees import checkpoint, image_restored, tree
 
 
@@ -102,6 +102,45 @@ def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> No
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert w.output() == ref.output() == expected_output(early=bool(early))
     assert "datagrams" in w.output() and "waiter: waited" in w.output()
+
+
+SEQPACKET = r"""
+import os, socket, sys, time
+name = b"\0" + sys.argv[3].encode()
+l = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+l.bind(name)
+l.listen(2)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+c.connect(name)
+s, _ = l.accept()
+c.send(b"one"); c.send(b""); c.send(b"three")
+s.send(b"reply")
+waiting = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+waiting.connect(name)
+waiting.send(b"before"); waiting.send(b"accept")
+open(sys.argv[1], "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+got = [s.recv(100) for _ in range(3)] + [c.recv(100)]
+w, _ = l.accept()
+got += [w.recv(100), w.recv(100)]
+names = [s.getsockname() == name, c.getpeername() == name, w.getsockname() == name, l.getsockname() == name]
+print(got == [b"one", b"", b"three", b"reply", b"before", b"accept"] and all(names), got, names, flush=True)
+"""
+
+
+def test_seqpacket_messages_keep_their_boundaries_through_a_waiting_connection(tmp_path: Path) -> None:
+    """A seqpacket listener on an abstract name in one process: an accepted pair with messages
+    queued both ways (an empty one among them), a client waiting with two messages sent.
+    Checkpointed and restored, each arrives as it was sent, and accept() returns the client."""
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = start_until_ready([sys.executable, "-c", SEQPACKET, str(ready), str(go), f"kcr-seq-{os.getpid()}"],
+                                 ready, stdout=f)
+    pid = moved(proc, "checkpoint", tmp_path)
+    go.touch()
+    reap(pid)
+    assert out.read_text().startswith("True"), out.read_text()
 
 
 # Listens at a path; with "wait", accepts nothing until SIGUSR1.
