@@ -880,3 +880,10 @@ def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
             dev, ino = sock.vfs if sock.vfs is not None else (0, 0)
             out[sock.name] = unix_names.Bound(sock.name, sock.type, dev, ino)
     return list(out.values())
+
+
+def socket_files(pids: Sequence[int]) -> list[tuple[str, int, int, int]]:
+    """(path, type, device, inode) of each socket file the job's unix sockets are bound to
+    (``agent.unix_names.reclaim`` puts them back after a rolled-back move)."""
+    return [(os.fsdecode(b.name), b.type, b.dev, b.ino) for b in bound_names(pids)
+            if b.name[:1] == b"/" and b.dev]

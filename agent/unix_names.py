@@ -14,6 +14,9 @@ frozen and about to end. Rule:
 - a socket something listens on (or is bound to, for datagrams), or a file that is not a
   socket: refused, naming the path and the process where this host's sockets show it.
 
+Where the destination's agent dies before it can put a file back, the source's holder does
+on rollback (``reclaim``): it finds the file aside by its inode.
+
 The socket file gets the source's permissions and owner. An abstract name lives in the
 network namespace: one taken here is refused, naming its holder.
 """
@@ -25,7 +28,7 @@ import secrets
 import socket
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from agent import unix_sockets
 if TYPE_CHECKING:
@@ -191,3 +194,45 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def reclaim(files: Iterable[tuple[str, int, int, int]]) -> list[str]:
+    """On the source, when a move is rolled back: each socket file of the job (path, type,
+    device, inode) that a restore on a host sharing the filesystem moved aside and did not put
+    back (its agent died before it could) is renamed back into place, over the restored
+    socket's file if nothing listens there, so that the job, running on, is reachable at its
+    path again. The paths put back."""
+    back: list[str] = []
+    for path, kind, dev, ino in files:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            continue
+        if st is not None and ((st.st_dev, st.st_ino) == (dev, ino) or not stat.S_ISSOCK(st.st_mode)):
+            continue
+        if st is not None and _answers_quietly(path, kind):
+            continue          # a live socket: not ours to replace
+        prefix = f".{os.path.basename(path)}.kcr-"
+        try:
+            entries = list(os.scandir(os.path.dirname(path) or "/"))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.inode() == ino:
+                try:
+                    if os.lstat(entry.path).st_dev == dev:
+                        os.rename(entry.path, path)
+                        back.append(path)
+                        break
+                except OSError:
+                    continue
+    return back
+
+
+def _answers_quietly(path: str, kind: int) -> bool:
+    try:
+        return _answers(path, kind)
+    except RestoreError:
+        return True           # cannot tell: leave it

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.unix_names import Bound, Names, check
+from agent.unix_names import Bound, Names, check, reclaim
 from tests._workloads import start_until_ready
 from transport.errors import RestoreError
 
@@ -99,3 +99,26 @@ def test_undo_puts_the_sources_own_socket_file_back(tmp_path: Path) -> None:
             c.connect(str(path))
             source.settimeout(5)
             source.accept()[0].close()          # the source's listener has it again
+
+
+def test_reclaim_puts_back_what_a_restore_left_aside(tmp_path: Path) -> None:
+    """The destination's agent died after binding (its restored socket gone, its file left):
+    on rollback the source's holder finds the job's own file aside by its inode and puts it
+    back; a path that already holds the job's file, or a live socket, is left alone."""
+    path = tmp_path / "own.sock"
+    with listener(path) as source:
+        st = os.lstat(path)
+        names = Names()
+        with socket.socket(socket.AF_UNIX) as restored:
+            names.bind(restored, bound(path), 0o755, os.getuid(), os.getgid(), "here")
+        # no undo: the agent that would have done it is gone
+        with socket.socket(socket.AF_UNIX) as c, pytest.raises(ConnectionRefusedError):
+            c.connect(str(path))
+        files = [(str(path), socket.SOCK_STREAM, st.st_dev, st.st_ino)]
+        assert reclaim(files) == [str(path)]
+        assert os.listdir(tmp_path) == ["own.sock"] and os.lstat(path).st_ino == st.st_ino
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(path))
+            source.settimeout(5)
+            source.accept()[0].close()
+        assert reclaim(files) == []
