@@ -65,14 +65,15 @@ def test_an_abstract_name_taken_here_is_refused_naming_its_holder(tmp_path: Path
         check(Bound(b"\0" + name[1:].encode(), socket.SOCK_STREAM), "here", frozenset({pid}))
 
 
-def test_a_dead_socket_file_is_replaced_keeping_mode_and_commit_removes_it(tmp_path: Path) -> None:
+def test_a_dead_socket_file_is_replaced_keeping_mode_and_owner_and_commit_removes_it(tmp_path: Path) -> None:
     path = tmp_path / "dead.sock"
     listener(path).close()                     # its file stays, nobody listens
     names = Names()
     with socket.socket(socket.AF_UNIX) as new:
-        names.bind(new, Bound(os.fsencode(path), socket.SOCK_STREAM), 0o600, os.getuid(), os.getgid(), "here")
+        names.bind(new, Bound(os.fsencode(path), socket.SOCK_STREAM), 0o600, 1234, 5678, "here")
         new.listen(1)
-        assert os.stat(path).st_mode & 0o7777 == 0o600
+        st = os.stat(path)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(str(path))                # reaches the new socket
         names.commit()

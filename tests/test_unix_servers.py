@@ -143,6 +143,24 @@ def test_seqpacket_messages_keep_their_boundaries_through_a_waiting_connection(t
     assert out.read_text().startswith("True"), out.read_text()
 
 
+def test_a_datagram_queued_from_a_named_socket_outside_the_job_is_refused(tmp_path: Path) -> None:
+    """A datagram from a named socket that does not move could not be sent again from its
+    name: refused, naming that name; the process runs on and reads it."""
+    script = ("import signal, socket, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+              "d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nd.bind(sys.argv[2])\n"
+              "open(sys.argv[1], 'w').close()\nsignal.sigwait({signal.SIGUSR1})\n"
+              "assert d.recv(100) == b'from outside'\n")
+    inbox, outside = str(tmp_path / "inbox.sock"), str(tmp_path / "outside.sock")
+    proc = start_until_ready([sys.executable, "-c", script, str(tmp_path / "ready"), inbox], tmp_path / "ready")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as d:
+        d.bind(outside)
+        d.sendto(b"from outside", inbox)
+        line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
+        assert f"message queued from {outside}, a socket that does not move" in line, line
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 0
+
+
 # Listens at a path; with "wait", accepts nothing until SIGUSR1.
 SERVER = ("import signal, socket, sys\n"
           "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
