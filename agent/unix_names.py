@@ -153,7 +153,12 @@ class Names:
         aside = ""
         if replace:
             aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
-            os.rename(path, aside)
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                aside = ""        # gone meanwhile: the path is free
+            except OSError as exc:
+                raise RestoreError(f"cannot move the socket file {path} aside here: {exc.strerror}") from None
         try:
             sock.bind(path)
             os.chown(path, uid, gid, follow_symlinks=False)
