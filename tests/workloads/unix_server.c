@@ -57,6 +57,12 @@ static int name_is(int fd, const char *suffix) {
 
 static int rounds(void) { return 60 * scale; }
 
+/* A child's or the server's failure, said on stderr (the test shows it). */
+static int died(const char *who, int code) {
+    fprintf(stderr, "%s: failure %d (%s)\n", who, code, strerror(errno));
+    return code;
+}
+
 /* Mid-conversation, the server waits for OUTDIR/go (the test makes it once the job has moved). */
 static void wait_for_go(void) {
     char path[4096];
@@ -77,32 +83,32 @@ static int worker(uint32_t id) {
     struct sockaddr_un own, server;
     socklen_t olen = addr(id ? "c1" : "c0", &own), slen = addr("d", &server);
     int d = socket(AF_UNIX, SOCK_DGRAM, 0);
-    if (d < 0 || bind(d, (struct sockaddr *)&own, olen) != 0) return 10;
-    if (id == 1 && connect(d, (struct sockaddr *)&server, slen) != 0) return 10;   /* one way, to the server */
-    if (send(c, &id, sizeof id, 0) != sizeof id) return 11;
+    if (d < 0 || bind(d, (struct sockaddr *)&own, olen) != 0) return died("worker", 10);
+    if (id == 1 && connect(d, (struct sockaddr *)&server, slen) != 0) return died("worker", 10);   /* one way, to the server */
+    if (send(c, &id, sizeof id, 0) != sizeof id) return died("worker", 11);
     for (uint32_t r = 0; r < (uint32_t)rounds(); r++) {
         uint32_t reply;
-        if (send(c, &r, sizeof r, 0) != sizeof r) return 12;
-        if (recv(c, &reply, sizeof reply, MSG_WAITALL) != sizeof reply) return 13;
-        if (reply != r * r + id) return 14;
+        if (send(c, &r, sizeof r, 0) != sizeof r) return died("worker", 12);
+        if (recv(c, &reply, sizeof reply, MSG_WAITALL) != sizeof reply) return died("worker", 13);
+        if (reply != r * r + id) return died("worker", 14);
         if (r >= 1 && r <= 4) {
             char msg[32];
             int n = snprintf(msg, sizeof msg, "w%u r%u", id, r);
-            if ((id == 1 ? send(d, msg, n, 0) : sendto(d, msg, n, 0, (struct sockaddr *)&server, slen)) != n) return 15;
+            if ((id == 1 ? send(d, msg, n, 0) : sendto(d, msg, n, 0, (struct sockaddr *)&server, slen)) != n) return died("worker", 15);
         }
         sleep_ms(20);
     }
-    if (!peer_is(c, "") || !name_is(d, id ? "c1" : "c0") || (id == 1 && !peer_is(d, "d"))) return 16;
+    if (!peer_is(c, "") || !name_is(d, id ? "c1" : "c0") || (id == 1 && !peer_is(d, "d"))) return died("worker", 16);
     return 20 + id;
 }
 
 static int waiter(void) {
     int c = connected();
     char buf[8];
-    if (early && send(c, "early", 5, 0) != 5) return 17;
-    if (recv(c, buf, 2, MSG_WAITALL) != 2 || memcmp(buf, "go", 2) != 0) return 17;
-    if (!peer_is(c, "")) return 18;
-    if (send(c, "waited", 6, 0) != 6) return 19;
+    if (early && send(c, "early", 5, 0) != 5) return died("waiter", 17);
+    if (recv(c, buf, 2, MSG_WAITALL) != 2 || memcmp(buf, "go", 2) != 0) return died("waiter", 17);
+    if (!peer_is(c, "")) return died("waiter", 18);
+    if (send(c, "waited", 6, 0) != 6) return died("waiter", 19);
     return 22;
 }
 
@@ -116,11 +122,11 @@ int main(int argc, char **argv) {
     socklen_t len = addr("", &a);
     if (name[0] != '@') unlink(a.sun_path);
     int l = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    if (l < 0 || bind(l, (struct sockaddr *)&a, len) != 0 || listen(l, 4) != 0) return 3;
+    if (l < 0 || bind(l, (struct sockaddr *)&a, len) != 0 || listen(l, 4) != 0) return died("server", 3);
     len = addr("d", &a);
     if (name[0] != '@') unlink(a.sun_path);
     int d = socket(AF_UNIX, SOCK_DGRAM, 0);
-    if (d < 0 || bind(d, (struct sockaddr *)&a, len) != 0) return 3;
+    if (d < 0 || bind(d, (struct sockaddr *)&a, len) != 0) return died("server", 3);
     for (int i = 0; i < 2 && name[0] != '@'; i++) { addr(i ? "c1" : "c0", &a); unlink(a.sun_path); }
     pid_t pids[3];
     int conns[2];
@@ -129,23 +135,26 @@ int main(int argc, char **argv) {
         if ((pids[i] = fork()) == 0) _exit(worker(i));
         struct pollfd p = { l, POLLIN, 0 };
         poll(&p, 1, 10000);
-        if ((conns[i] = accept(l, NULL, NULL)) < 0) return 4;
-        if (recv(conns[i], &ids[i], sizeof ids[i], MSG_WAITALL) != sizeof ids[i] || ids[i] > 1) return 4;
+        if ((conns[i] = accept(l, NULL, NULL)) < 0) return died("server", 4);
+        if (recv(conns[i], &ids[i], sizeof ids[i], MSG_WAITALL) != sizeof ids[i] || ids[i] > 1) return died("server", 4);
     }
     if ((pids[2] = fork()) == 0) _exit(waiter());
     int is_ready = 0;
     unsigned dgrams[2] = {0, 0};
     while (done[0] < (uint32_t)rounds() || done[1] < (uint32_t)rounds()) {
         uint32_t least = done[0] < done[1] ? done[0] : done[1];
-        struct pollfd p[3] = { { conns[0], POLLIN, 0 }, { conns[1], POLLIN, 0 }, { l, is_ready ? 0 : POLLIN, 0 } };
-        if (poll(p, 3, 10000) <= 0) return 5;
+        /* A worker done has closed its end: its connection is not read any more. */
+        struct pollfd p[3] = { { done[0] < (uint32_t)rounds() ? conns[0] : -1, POLLIN, 0 },
+                               { done[1] < (uint32_t)rounds() ? conns[1] : -1, POLLIN, 0 },
+                               { l, is_ready ? 0 : POLLIN, 0 } };
+        if (poll(p, 3, 10000) <= 0) return died("server", 5);
         for (int i = 0; i < 2; i++) {
             if (!(p[i].revents & POLLIN)) continue;
             uint32_t r;
-            if (recv(conns[i], &r, sizeof r, MSG_WAITALL) != sizeof r) return 6;
+            if (recv(conns[i], &r, sizeof r, MSG_WAITALL) != sizeof r) return died("server", 6);
             if (r == 30) wait_for_go();
             uint32_t reply = r * r + ids[i];
-            if (send(conns[i], &reply, sizeof reply, 0) != sizeof reply) return 6;
+            if (send(conns[i], &reply, sizeof reply, 0) != sizeof reply) return died("server", 6);
             total += r;
             done[i] = r + 1;
         }
