@@ -30,6 +30,7 @@ from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
 from agent.procfs import read_status, thread_ids
+from precopy import sysv
 from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
@@ -378,6 +379,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
             facts.update((f.path, f) for f in described.files if f.path not in facts)
         vdso = await _blocking(vdso_digest, pid)
         names = await _blocking(fdtable.bound_names, [p["pid"] for p in processes])
+        segments = await _blocking(sysv.attached, pids)
     except BaseException:
         await _blocking(holder.close)
         raise
@@ -393,6 +395,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "pinned_cpus": sorted(set().union(*(p["pinned_cpus"] for p in processes))),
         "locks": [lock for p in processes for lock in p["locks"]],
         "unix_names": [b.as_wire() for b in names],     # the destination must be able to bind them
+        "sysv": [sysv.to_wire(s) for s in segments],      # made again under their ids (or this very one)
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }

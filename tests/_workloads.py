@@ -36,7 +36,8 @@ def build(name: str, *extra_flags: str) -> Path:
     out = BUILD / name
     with open(BUILD / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        newest = max(path.stat().st_mtime for path in (src, *SOURCES.glob("*.h")))   # headers too
+        if not out.exists() or out.stat().st_mtime < newest:
             tmp = BUILD / f".{name}.tmp"
             subprocess.run([cc, "-O2", "-g", "-pthread", "-o", str(tmp), str(src), *extra_flags],
                            check=True, capture_output=True, text=True)
@@ -52,6 +53,11 @@ def become_subreaper() -> None:
 
 
 KCR_MIGRATE = [sys.executable, "-m", "migrate"]
+
+# Workloads whose checkpoint/move phase is ckpt_common.h's linger(): held (``hold=True``), they
+# wait there until the test lets them go, so they need no stretching (WORKLOAD_SCALE) to be caught.
+LINGERING = frozenset({"ckpt_signals", "ckpt_files", "ckpt_pipes", "ckpt_sockets", "ckpt_attrs", "ckpt_events",
+                       "ckpt_sched", "ckpt_locks", "ckpt_fifo", "ckpt_creds"})
 
 STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_started``)
 
@@ -72,7 +78,8 @@ class Workload:
     """One run of a workload program in its own directory (zdtm style: ready, output, verdict)."""
 
     def __init__(self, name: str, base: Path, *args: str, user: int | None = None,
-                 groups: list[int] | None = None, argv: list[str] | None = None, scale: int = 1) -> None:
+                 groups: list[int] | None = None, argv: list[str] | None = None, scale: int = 1,
+                 hold: bool = False) -> None:
         self.name = name
         if user is None:
             self.dir = base / name
@@ -87,6 +94,11 @@ class Workload:
         self.user = user
         self.groups = groups
         self.env = {**os.environ, "WORKLOAD_SCALE": str(scale)}
+        # hold: the workload waits before its verdict until ``release()`` (or ``verdict()``):
+        # a job a test moves never ends before it was moved, however busy the machine.
+        self.hold = self.dir / "go-on" if hold else None
+        if self.hold is not None:
+            self.env["WORKLOAD_HOLD"] = str(self.hold)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
@@ -117,7 +129,13 @@ class Workload:
     def wait_ready(self, timeout: float = 20) -> None:
         self.wait_file("ready", timeout)
 
+    def release(self) -> None:
+        """Let a held workload (``hold=True``) go on to its verdict."""
+        if self.hold is not None:
+            self.hold.touch()
+
     def verdict(self, timeout: float = 60) -> str:
+        self.release()
         return self.wait_file("verdict", timeout).strip()
 
     def output(self) -> str:
@@ -162,13 +180,40 @@ def reap(pid: int, timeout: float = 60) -> int:
     raise AssertionError(f"process {pid} did not finish within {timeout} s")
 
 
-def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
-    """An uninterrupted run, for comparison."""
+class Reference:
+    """An unmoved run of ``argv`` writing into ``outdir``, started now to run beside the moved
+    one it is compared with; ``output()`` waits for it."""
+
+    def __init__(self, argv: list[str], outdir: Path, **env: str) -> None:
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.outdir = outdir
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     env={**os.environ, **env})
+        STARTED.append(self.proc)
+
+    def output(self, timeout: float = 120) -> str:
+        assert self.proc.wait(timeout=timeout) == 0, f"the reference run failed ({self.proc.returncode})"
+        return (self.outdir / "output").read_text()
+
+
+def start_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
+    """An uninterrupted run, for comparison, started (it runs beside what it is compared with;
+    ``finished`` waits for it)."""
     w = Workload(name, base / "reference", *args, **kw)  # type: ignore[arg-type]
     w.start()
-    assert w.verdict() == "PASS"
-    w.reap_original()
     return w
+
+
+def finished(reference: Workload) -> Workload:
+    """``reference`` once it has ended well."""
+    assert reference.verdict() == "PASS", (reference.dir / "stderr").read_text()
+    assert reference.reap_original() == 0
+    return reference
+
+
+def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
+    """An uninterrupted run, for comparison."""
+    return finished(start_reference(name, base, *args, **kw))
 
 
 def kcr(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:

@@ -28,7 +28,18 @@ static void write_file(const char *name, const char *text) {
 
 static void ready(void) { write_file("ready", "ready\n"); }
 
+/* WORKLOAD_HOLD=PATH: before its verdict, wait until PATH exists. A job a test moves is
+ * started so: however slow the machine, it does not end before the test has moved it and
+ * asks for the verdict (tests/_workloads.py, ``Workload(hold=True)``). */
+static void hold_on(void) {
+    const char *hold = getenv("WORKLOAD_HOLD");
+    if (!hold || !*hold) return;
+    struct timespec tick = { 0, 10000000L };
+    while (access(hold, F_OK) != 0) nanosleep(&tick, NULL);
+}
+
 static void verdict(int ok, const char *fmt, ...) {
+    hold_on();
     char buf[1024];
     va_list ap;
     va_start(ap, fmt);
@@ -52,6 +63,14 @@ static FILE *open_output(void) {
 __attribute__((unused)) static void sleep_ms(long ms) {
     struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+}
+
+/* The phase a test checkpoints or moves the workload in: TICKS x 10 ms (x WORKLOAD_SCALE), and
+ * then, if the test holds it, until the test lets it go: the checks that follow run after the
+ * move, however slow the machine. */
+__attribute__((unused)) static void linger(int ticks) {
+    for (int i = 0; i < ticks * scale; i++) sleep_ms(10);
+    hold_on();
 }
 
 static void init(int argc, char **argv) {
