@@ -20,13 +20,14 @@ from transport.schema import ProcessTree, TreeMember
 GROWTH_RETRIES = 20        # a tree that forks on every look (make -j) is checked this often
 
 
-def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None) -> list[int]:
+def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None, *,
+               accept_waiting: bool = False) -> list[int]:
     """The processes of ``pid``'s tree that run (parents first; zombies, its children that
     exited and were not waited for yet, are carried by ``tree_record`` alone), each checked.
     ``frozen``: those processes, stopped already; their fd tables are then checked as they
     are read (``fdtable.collect_tree``) rather than here, and the tree must not have grown.
-    ``redirect`` (fd -> path) is the root's. Refusals name what cannot be carried and what
-    to do."""
+    ``redirect`` (fd -> path) is the root's. ``accept_waiting``: the source ends once dumped
+    (``fdtable.describe_tree``). Refusals name what cannot be carried and what to do."""
     check_target(pid)
     every = process_tree(pid)
     if os.getpid() in every:
@@ -52,7 +53,7 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
             try:
                 for p in pids:
                     check_supported(p, redirect=redirect if p == pid else None, tree=pids)
-                fdtable.describe_tree(pids, {pid: redirect})
+                fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
                 return pids
             except (NoSuchProcess, FileNotFoundError) as exc:
                 gone = _vanished(exc)

@@ -302,11 +302,13 @@ def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path
 
 @pytest.mark.parametrize("holding, expected", [
     ("socket.create_server(('127.0.0.1', 0))", "a socket other than a unix one"),
-    ("socket.socket(socket.AF_UNIX); keep.bind(sys.argv[2])", "a unix socket bound to"),
+    ("socket.socket(socket.AF_UNIX); os.chdir(os.path.dirname(sys.argv[2])); keep.bind('sock')",
+     "bound to the relative path sock"),
 ])
 def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected: str) -> None:
-    """A TCP socket, a bound unix socket: one line, before anything is frozen; it runs on."""
-    script = f"import socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
+    """A TCP socket, a unix socket bound to a relative path: one line, before anything is
+    frozen; it runs on."""
+    script = f"import os, socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
     ready = tmp_path / "ready"
     proc = start_until_ready([sys.executable, "-c", script, str(ready), str(tmp_path / "sock")], ready)
     line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
