@@ -50,6 +50,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a unix socket bound to a path or an abstract name", CARRIED,
         _f("UnixSocket", "name", "accepted", "listener", "backlog", "pending", "target", "senders", "file_mode",
            "file_uid", "file_gid", "file_dev", "file_ino", "sent")),
+    Row("fd", "a unix connection's peer credentials (SO_PEERCRED)", LOST, readme="peer credentials"),
     Row("fd", "a unix socket bound to a relative path", REFUSED, readme="unix sockets bound to a relative path"),
     Row("fd", "a unix connection waiting in an accept queue with bytes sent, or from outside the job", REFUSED,
         readme="a connection waiting in a listener's accept queue"),
