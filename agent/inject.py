@@ -22,10 +22,11 @@ import dataclasses
 import errno
 import os
 import signal
+import struct
 
 from agent import ptrace
 from precopy.kernel import tgkill
-from precopy.layout import read_maps
+from precopy.layout import MapEntry, query_maps, read_maps_naming
 from transport.schema import PAGE_SIZE, GpRegs
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -97,9 +98,28 @@ class RemoteMemory:
             self.fd = -1
 
 
+AT_SYSINFO_EHDR = 33
+
+
+def _vdso(pid: int) -> list[MapEntry]:
+    """The process's [vdso] mapping: asked of the kernel where the auxiliary vector says it
+    was mapped (PROCMAP_QUERY: no listing of every mapping), else found in its maps."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            raw = f.read()
+        auxv = dict(struct.iter_unpack("<QQ", raw[: len(raw) // 16 * 16]))
+        at = auxv.get(AT_SYSINFO_EHDR, 0)
+        found = query_maps(pid, start=at, end=at + 1) if at else None
+    except OSError:
+        found = None
+    if found and found[0].name == "[vdso]" and found[0].start <= at:
+        return found
+    return read_maps_naming(pid, "[vdso]")
+
+
 def vdso_gadget(pid: int, mem: RemoteMemory) -> int:
     """A ``syscall`` instruction inside the process's vDSO."""
-    for m in read_maps(pid):
+    for m in _vdso(pid):
         if m.name == "[vdso]":
             addr = find_gadget_in(mem.read(m.start, m.length), m.start)
             if addr is not None:

@@ -8,12 +8,15 @@ pages may exist while unmapped), so all of it is read and all-zero pages are dro
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
+from precopy.kernel import ioctl
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -105,9 +108,102 @@ def parse_maps(text: str) -> list[MapEntry]:
     return out
 
 
-def read_maps(pid: int) -> list[MapEntry]:
+def read_maps(pid: int, cache: "MapsCache | None" = None) -> list[MapEntry]:
+    """/proc/PID/maps as entries. ``cache``: reads of one process again and again (a
+    tracker's rounds): a line the last read with this cache had is the very ``MapEntry`` it
+    was then, not parsed again, so a read costs the lines that changed, and ``diff_layout``
+    skips the entries both reads share."""
     with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
+        text = f.read()
+    if cache is None:
+        return parse_maps(text)
+    return cache.parse(text)
+
+
+class MapsCache:
+    """The entries of the last maps read, by line (see ``read_maps``)."""
+
+    def __init__(self) -> None:
+        self._by_line: dict[str, MapEntry] = {}
+
+    def parse(self, text: str) -> list[MapEntry]:
+        known = self._by_line
+        now: dict[str, MapEntry] = {}
+        out: list[MapEntry] = []
+        for line in text.splitlines():
+            entry = known.get(line)
+            if entry is None:
+                parsed = parse_maps(line)
+                if not parsed:
+                    continue
+                entry = parsed[0]
+            now[line] = entry
+            out.append(entry)
+        self._by_line = now
+        return out
+
+
+PROCMAP_QUERY = 0xC0686611        # _IOWR('f', 17, struct procmap_query), Linux >= 6.11
+_PMQ_READABLE, _PMQ_WRITABLE, _PMQ_EXECUTABLE, _PMQ_SHARED = 0x01, 0x02, 0x04, 0x08
+_PMQ_COVERING_OR_NEXT_VMA, _PMQ_FILE_BACKED_VMA = 0x10, 0x20
+_NAME_MAX = 4096 + 16
+
+
+class procmap_query(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "query_flags", "query_addr", "vma_start", "vma_end", "vma_flags", "vma_page_size",
+        "vma_offset", "inode")] + [(name, ctypes.c_uint32) for name in (
+            "dev_major", "dev_minor", "vma_name_size", "build_id_size")] + [
+        ("vma_name_addr", ctypes.c_uint64), ("build_id_addr", ctypes.c_uint64)]
+
+
+def query_maps(pid: int, *, file_backed: bool = False, start: int = 0, end: int = 1 << 64) -> list[MapEntry] | None:
+    """The mappings in [start, end) (``file_backed``: only those of a file, shared anonymous
+    memory and kernel objects among them), asked one by one with PROCMAP_QUERY, which skips
+    the others in the kernel: a look for a process's files costs its file mappings, however
+    many anonymous ones it has. None where the kernel lacks PROCMAP_QUERY (before 6.11)."""
+    try:
+        fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
+    name = ctypes.create_string_buffer(_NAME_MAX)
+    out: list[MapEntry] = []
+    try:
+        addr = start
+        while addr < end:
+            q = procmap_query(size=ctypes.sizeof(procmap_query), query_addr=addr, vma_name_size=_NAME_MAX,
+                              vma_name_addr=ctypes.addressof(name),
+                              query_flags=_PMQ_COVERING_OR_NEXT_VMA | (_PMQ_FILE_BACKED_VMA if file_backed else 0))
+            try:
+                ioctl(fd, PROCMAP_QUERY, q)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    break           # nothing at or after addr
+                if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    return None
+                raise
+            if q.vma_start >= end:
+                break
+            flags = q.vma_flags
+            prot = (PROT_READ if flags & _PMQ_READABLE else 0) | (PROT_WRITE if flags & _PMQ_WRITABLE else 0) | \
+                (PROT_EXEC if flags & _PMQ_EXECUTABLE else 0)
+            label = name.value.decode(errors="surrogateescape") if q.vma_name_size else ""
+            out.append(MapEntry(q.vma_start, q.vma_end, prot, bool(flags & _PMQ_SHARED), q.vma_offset,
+                                (q.dev_major, q.dev_minor), q.inode, label))
+            addr = q.vma_end
+    finally:
+        os.close(fd)
+    return out
+
+
+def read_maps_naming(pid: int, *needles: str) -> list[MapEntry]:
+    """The mappings whose maps line holds one of ``needles`` (a path's "/", "[vdso]"), the
+    others skipped unparsed: on a process with tens of thousands of anonymous mappings, a
+    look for its files or its vDSO costs the kernel's listing, not a parse of every line."""
+    with open(f"/proc/{pid}/maps") as f:
+        text = f.read()
+    lines = re.findall("^.*(?:" + "|".join(map(re.escape, needles)) + ").*$", text, re.MULTILINE)
+    return parse_maps("\n".join(lines))
 
 
 def read_smaps(pid: int) -> list[MapEntry]:
@@ -224,7 +320,18 @@ def _covered(x: MapEntry, hits: list[MapEntry]) -> list[Span]:
 
 
 def diff_layout(old: list[MapEntry], new: list[MapEntry]) -> LayoutChange:
-    """Classify the differences between two sorted maps reads (linear in their length)."""
+    """Classify the differences between two sorted maps reads (linear in their length, and in
+    what differs only where the reads share their unchanged entries, as ``read_maps`` with a cache gives).
+
+    An entry both reads hold (the same object) takes no part: the other entries of either
+    read cannot overlap it, so it is covered by itself alone, unchanged."""
+    if old and new:
+        both = {id(e) for e in old}.intersection(map(id, new))
+        if both:
+            if len(both) == len(old) == len(new):
+                return LayoutChange()
+            old = [e for e in old if id(e) not in both]
+            new = [e for e in new if id(e) not in both]
     added: list[MapEntry] = []
     grown: list[MapEntry] = []
     reprotected: list[MapEntry] = []
