@@ -53,9 +53,9 @@ from agent.inject import (
     RemoteMemory,
     to_signed,
 )
-from agent.layout_plan import plan_layout
+from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
 from agent.shared_memory import SharedObjects
-from precopy.intervals import Span, merge_spans, within
+from precopy.intervals import Span, merge_spans, splice_spans, within
 from precopy.kernel import (
     IOV_MAX,
     data_address,
@@ -64,7 +64,7 @@ from precopy.kernel import (
     xsave_supported_mask,
 )
 from precopy.layout import MapEntry, is_special, read_maps
-from transport.errors import RestoreError
+from transport.errors import ProtocolError, RestoreError
 from transport.image import check_machine
 from transport.pages import PageBatch
 from transport.schema import (
@@ -86,6 +86,7 @@ from transport.schema import (
     GpRegs,
     ImageHeader,
     Mappings,
+    MappingsDelta,
     Pipes,
     ProcessState,
     ThreadState,
@@ -195,6 +196,12 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
             return addr
         addr = max(addr, (e + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
     raise RestoreError("no free address range for the restore gadget")
+
+
+def _takes_pages(v: Vma) -> bool:
+    """Pages may be written into it (a file mapped shared takes none: they would be written
+    into the file)."""
+    return not (v.shared and v.kind == "file")
 
 
 def _deleted_private(v: Vma) -> bool:
@@ -439,28 +446,55 @@ class Restorer:
         addr = self._put(os.fsencode(path) + b"\0")
         return self._call("openat", AT_FDCWD, addr, flags, mode)
 
-    def apply_layout(self, target: Mappings) -> None:
+    def apply_layout(self, target: Mappings | MappingsDelta) -> None:
         """Make the address space match ``target`` (first call: from empty). A later layout
-        keeps the contents of what is still mapped with the same backing (``agent.layout_plan``)."""
+        keeps the contents of what is still mapped with the same backing (``agent.layout_plan``).
+        A ``MappingsDelta`` changes only its ranges: its cost is the mappings it names."""
+        if isinstance(target, MappingsDelta):
+            self._apply_delta(target)
+            return
         new = [v for v in target.vmas if not is_special(v)]
         plan = plan_layout(self.layout, new)
+        self._carry_out(plan)
+        if self.filler is not None:
+            self.filler.keep([(v.start, v.end) for v in new])
+            self.filler.register(list(plan.map))
+        self.layout = new
+        # A file mapped shared takes no pages: they would be written into the file.
+        self._mapped = merge_spans((v.start, v.end) for v in new if _takes_pages(v))
+        self._mapped_starts = [start for start, _ in self._mapped]
+        self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
+        self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
+
+    def _carry_out(self, plan: LayoutPlan) -> None:
         for start, end in plan.unmap:
             self._call("munmap", start, end - start)
         for v in plan.map:
             self._map(v)
-        if self.filler is not None:
-            self.filler.keep([(v.start, v.end) for v in new])
-            self.filler.register(list(plan.map))
         for r in plan.reprotect:
             self._call("mprotect", r.start, r.end - r.start, r.prot)
         for a in plan.readvise:
             self._advise(a.start, a.end, a.advice, a.before)
-        self.layout = new
-        # A file mapped shared takes no pages: they would be written into the file.
-        self._mapped = merge_spans((v.start, v.end) for v in new if not (v.shared and v.kind == "file"))
+
+    def _apply_delta(self, delta: MappingsDelta) -> None:
+        if not self.layout:
+            raise ProtocolError("a layout change before any layout: corrupt stream")
+        region = [(r.start, r.end) for r in delta.cleared]
+        if _holes_conflict(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE, region):
+            raise RestoreError("a layout change covers the restore gadget: corrupt stream")
+        news = list(delta.vmas)
+        plan = plan_layout(in_ranges(self.layout, region), news)
+        self._carry_out(plan)
+        if self.filler is not None:
+            self.filler.keep([(v.start, v.end) for v in news], within=region)
+            self.filler.register(list(plan.map))
+        self.layout = applied(self.layout, delta)
+        self._mapped = splice_spans(self._mapped, region, merge_spans((v.start, v.end) for v in news if _takes_pages(v)))
         self._mapped_starts = [start for start, _ in self._mapped]
-        self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
-        self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
+        for key in [k for k in self._placeholders if within(region, k[0])]:
+            del self._placeholders[key]
+        self._placeholders.update({(v.start, v.end): v for v in news if self._is_deferred(v)})
+        self._placeholder_pages = {p for p in self._placeholder_pages if not within(region, p) or within(plan.kept, p)}
 
     def _advise(self, start: int, end: int, advice: int, before: int = 0) -> None:
         for bit, (on, off) in MADV.items():

@@ -135,6 +135,28 @@ class SpanIndex:
         return out
 
 
+def _span_end(s: Span) -> int:
+    return s[1]
+
+
+def _span_start(s: Span) -> int:
+    return s[0]
+
+
+def splice_spans(spans: list[Span], region: list[Span], inside: list[Span]) -> list[Span]:
+    """``merge_spans(subtract_spans(spans, region) + inside)`` for ``inside`` within ``region``
+    (all sorted and merged), in time for the spans near ``region``: a bisect and a splice per
+    range of it, but for one copy of the list."""
+    out = list(spans)
+    for a, b in reversed(region):
+        i = bisect.bisect_left(out, a, key=_span_end)        # the first that ends at a or later
+        j = bisect.bisect_right(out, b, key=_span_start)     # past the last that starts at b or before
+        k = bisect.bisect_left(inside, a, key=_span_start)
+        m = bisect.bisect_left(inside, b, key=_span_start)
+        out[i:j] = merge_spans(subtract_spans(out[i:j], [(a, b)]) + inside[k:m])
+    return out
+
+
 def intersect(a: Iterable[Run], b: Iterable[Run]) -> list[Run]:
     return to_runs(intersect_spans(to_spans(a), to_spans(b)))
 

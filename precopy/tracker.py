@@ -47,6 +47,7 @@ from precopy.intervals import (
     to_runs,
 )
 from precopy.kernel import pidfd_open
+from precopy.layout_delta import SentLayout
 from precopy.layout import LayoutChange, MapEntry, MapsCache, PageFinder, diff_layout, read_maps, trackable
 from precopy.pagemap import (
     PAGE_IS_FILE,
@@ -136,6 +137,7 @@ class DirtyTracker(ABC):
         self._round = -1
         self._layout: list[MapEntry] = []
         self._maps = MapsCache()
+        self.sent_layout = SentLayout(pid)     # what the destination holds of the layout
         self._pidfd = -1
         self._finder: PageFinder | None = None
         self._reader: PageReader | None = None
