@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -121,26 +123,62 @@ def read_maps(pid: int, cache: "MapsCache | None" = None) -> list[MapEntry]:
 
 
 class MapsCache:
-    """The entries of the last maps read, by line (see ``read_maps``)."""
+    """The last maps read of one process (see ``read_maps``). A read is compared with the last
+    line by line (in C: list equality, ``map(operator.eq)``); only the lines between the
+    common head and tail are looked up or parsed, and the entries list is spliced. An
+    unchanged layout returns the very list of the last read."""
 
     def __init__(self) -> None:
+        self._text = ""
+        self._lines: list[str] = []
+        self.entries: list[MapEntry] = []
+        self._tracked: list[bool] = []          # ``trackable`` of each entry
         self._by_line: dict[str, MapEntry] = {}
 
     def parse(self, text: str) -> list[MapEntry]:
-        known = self._by_line
-        now: dict[str, MapEntry] = {}
-        out: list[MapEntry] = []
-        for line in text.splitlines():
-            entry = known.get(line)
+        if text == self._text and self._lines:
+            return self.entries
+        self._text = text
+        lines = text.splitlines()
+        old = self._lines
+        if lines == old:
+            return self.entries
+        n, m = len(lines), len(old)
+        shortest = min(n, m)
+        same = list(map(operator.eq, lines, old))
+        head = same.index(False) if False in same else shortest
+        same = list(map(operator.eq, reversed(lines), reversed(old)))
+        tail = min(same.index(False) if False in same else shortest, shortest - head)
+        middle = lines[head: n - tail]
+        parsed: list[MapEntry] = []
+        for line in middle:
+            entry = self._by_line.get(line)
             if entry is None:
-                parsed = parse_maps(line)
-                if not parsed:
-                    continue
-                entry = parsed[0]
-            now[line] = entry
-            out.append(entry)
-        self._by_line = now
-        return out
+                found = parse_maps(line)
+                if len(found) != 1:         # not a maps line (never seen): parse it all
+                    return self._parse_all(lines)
+                entry = found[0]
+            parsed.append(entry)
+        for line in old[head: m - tail]:
+            self._by_line.pop(line, None)
+        self._by_line.update(zip(middle, parsed))
+        self.entries = self.entries[:head] + parsed + self.entries[m - tail:]
+        self._tracked = self._tracked[:head] + [trackable(e) for e in parsed] + self._tracked[m - tail:]
+        self._lines = lines
+        return self.entries
+
+    def _parse_all(self, lines: list[str]) -> list[MapEntry]:
+        self.entries = parse_maps("\n".join(lines))
+        self._tracked = [trackable(e) for e in self.entries]
+        self._by_line = {}
+        self._lines = []          # the next read parses again
+        return self.entries
+
+    def tracked(self, entries: list[MapEntry]) -> list[MapEntry]:
+        """``trackable`` entries of ``entries`` (the last read's list: from flags kept with it)."""
+        if entries is self.entries and len(self._tracked) == len(entries):
+            return list(itertools.compress(entries, self._tracked))
+        return [e for e in entries if trackable(e)]
 
 
 PROCMAP_QUERY = 0xC0686611        # _IOWR('f', 17, struct procmap_query), Linux >= 6.11
@@ -358,6 +396,8 @@ def diff_layout(old: list[MapEntry], new: list[MapEntry]) -> LayoutChange:
 
     An entry both reads hold (the same object) takes no part: the other entries of either
     read cannot overlap it, so it is covered by itself alone, unchanged."""
+    if len(old) == len(new) and all(map(operator.is_, old, new)):
+        return LayoutChange()
     if old and new:
         both = {id(e) for e in old}.intersection(map(id, new))
         if both:

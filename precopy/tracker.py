@@ -246,7 +246,7 @@ class DirtyTracker(ABC):
             raise ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
         try:
             entries = self._read_layout()
-            tracked = [e for e in entries if trackable(e)]
+            tracked = self._maps.tracked(entries)
             if first:
                 change = diff_layout([], entries)
                 data, scanned, read = self._arm(tracked)

@@ -333,10 +333,15 @@ async def test_a_process_joining_in_the_last_round_arrives_whole(backend: str, t
     cursor = StreamCursor(named=True)
     trackers = {first.pid: make_tracker(backend, first.pid, control_for(first.pid, tracer))}
     calls = 0
+    logged = (first.dir / "log").stat().st_size
 
     async def members() -> dict[int, Any]:
         nonlocal calls
         calls += 1
+        if calls == 2:
+            # Round 1 must find writes (else pre-copy converges: nothing left to send), and
+            # round 0 can take less time than the writer takes to write once.
+            await written_since(first, logged)
         if calls == 3:               # joins in round 2, the last the cap allows
             trackers[late.pid] = make_tracker(backend, late.pid, control_for(late.pid, tracer))
         return dict(trackers)
@@ -361,6 +366,15 @@ async def test_a_process_joining_in_the_last_round_arrives_whole(backend: str, t
         for w in (first, late):
             os.kill(w.pid, signal.SIGCONT)
             kill_workload(w)
+
+
+async def written_since(w: Workload, size: int, timeout: float = 30) -> None:
+    """Wait until ``dirty_writer`` ``w`` has logged a write past ``size`` bytes of its log."""
+    import trio
+
+    with trio.fail_after(timeout):
+        while (w.dir / "log").stat().st_size <= size:
+            await trio.sleep(0.001)
 
 
 def _uffd() -> bool:

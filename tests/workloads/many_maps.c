@@ -4,9 +4,10 @@
  * Usage: many_maps OUTDIR N HOT CHURN STEPS
  *   N mappings of PAGES pages each, side by side, alternately read-write and read-only (so the
  *   kernel cannot merge them), every page written before it is protected. Every millisecond
- *   the first HOT read-write mappings get a word written, and CHURN mappings change the layout:
- *   one is unmapped and mapped again with new contents (munmap + mmap at its address), one
- *   flips its protection (mprotect: it merges with its neighbours and splits off again later).
+ *   the first HOT read-write mappings get a word written; every 10 ms CHURN others change:
+ *   unmapped and mapped again with new contents (munmap + mmap at its address), their
+ *   protection flipped (mprotect: merged with their neighbours, split off again later), or,
+ *   read-only, emptied (MADV_DONTNEED: they read as zeros).
  *   After STEPS steps (0: run until killed) the job checks every word of every mapping and
  *   writes OUTDIR/verdict. On SIGUSR1 it checks at once and writes OUTDIR/verify.PID
  *   ("ok N" or "bad ..."), so a restored copy tells whether its memory came back.
@@ -19,7 +20,7 @@
 #define PAGE 4096UL
 #define PAGES 2UL
 
-struct slot { uint64_t salt; uint64_t counter; int prot; };
+struct slot { uint64_t salt; uint64_t counter; int prot; int zeroed; };
 static struct slot *slots;
 static char *base;
 static long n;
@@ -33,6 +34,7 @@ static void fill(long i) {
     uint64_t *p = (uint64_t *)slot_addr(i);
     for (unsigned long k = 0; k < PAGES * PAGE / 8; k++) p[k] = word((uintptr_t)(p + k), slots[i].salt);
     slots[i].counter = 0;
+    slots[i].zeroed = 0;
 }
 
 /* The first bad slot, or -1; ``bad_word`` says where. */
@@ -40,7 +42,8 @@ static long check(long *bad_word) {
     for (long i = 0; i < n; i++) {
         const uint64_t *p = (const uint64_t *)slot_addr(i);
         for (unsigned long k = 0; k < PAGES * PAGE / 8; k++) {
-            uint64_t want = k == 0 && slots[i].counter ? slots[i].counter : word((uintptr_t)(p + k), slots[i].salt);
+            uint64_t want = slots[i].zeroed ? 0 : k == 0 && slots[i].counter ? slots[i].counter
+                                                     : word((uintptr_t)(p + k), slots[i].salt);
             if (p[k] != want) { *bad_word = (long)k; return i; }
         }
     }
@@ -91,10 +94,14 @@ int main(int argc, char **argv) {
             slots[i].counter = ((uint64_t)s << 20) + (uint64_t)h + 1;
             *(uint64_t *)slot_addr(i) = slots[i].counter;
         }
-        for (long c = 0; c < churn; c++) {
+        for (long c = 0; c < (s % 10 == 0 ? churn : 0); c++) {
             /* Leave the hot ones alone: their words are written above, which a read-only one refuses. */
             long i = 2 * hot + (long)(rng() % (uint64_t)(n - 2 * hot));
-            if (rng() % 2) {
+            uint64_t op = rng() % 3;
+            if (op == 2 && !(slots[i].prot & PROT_WRITE)) {
+                if (madvise(slot_addr(i), PAGES * PAGE, MADV_DONTNEED)) { verdict(0, "madvise: %s", strerror(errno)); return 1; }
+                slots[i].zeroed = 1;
+            } else if (op == 1) {
                 char *a = slot_addr(i);
                 if (munmap(a, PAGES * PAGE)) { verdict(0, "munmap: %s", strerror(errno)); return 1; }
                 char *b = mmap(a, PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
