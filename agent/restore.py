@@ -36,6 +36,8 @@ from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
 from agent.inject import (
+    BATCH_CODE,
+    BATCH_ENTRY,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -98,7 +100,10 @@ from transport.schema import (
     check_threads,
 )
 
-GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
+GADGET_PAGES = 20           # page 0: "syscall; int3" and BATCH_CODE; 1-3: scratch for arguments;
+BATCH_PAGES = 16            # 4-19: the table of a batch of system calls (``Injector.batch``)
+BATCH_CODE_OFFSET = 16
+BATCH_MAX = BATCH_PAGES * PAGE_SIZE // BATCH_ENTRY
 U64 = (1 << 64) - 1
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
@@ -196,6 +201,17 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
             return addr
         addr = max(addr, (e + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
     raise RestoreError("no free address range for the restore gadget")
+
+
+def _advice_calls(start: int, end: int, advice: int, before: int = 0) -> list[tuple[str, tuple[int, ...]]]:
+    """The madvise calls that take [start, end) from advice ``before`` to ``advice``."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for bit, (on, off) in MADV.items():
+        if advice & bit and not before & bit:
+            out.append(("madvise", (start, end - start, on)))
+        elif before & bit and not advice & bit and off:
+            out.append(("madvise", (start, end - start, off)))
+    return out
 
 
 def _takes_pages(v: Vma) -> bool:
@@ -396,6 +412,7 @@ class Restorer:
         self._call("mmap", self.gadget, size, PROT_READ | PROT_WRITE | PROT_EXEC,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
         self.mem.write(self.gadget, b"\x0f\x05\xcc")
+        self.mem.write(self.gadget + BATCH_CODE_OFFSET, BATCH_CODE)
         self.inj.gadget = self.gadget
         self._call("close_range", 0, 0xFFFF_FFFF, 0)
         # Unmap the stub itself: everything but the gadget and the vDSO cluster.
@@ -467,14 +484,57 @@ class Restorer:
         self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
 
     def _carry_out(self, plan: LayoutPlan) -> None:
+        """The plan's system calls, in order, in batches (``Injector.batch``): a mapping costs
+        a table entry, not a stop of the process; a mapping that needs more than one call
+        whose result feeds the next (a file: open, mmap, close) goes alone between batches."""
+        calls: list[tuple[str, tuple[int, ...]]] = []
+        whats: list[tuple[str, Vma | None]] = []
         for start, end in plan.unmap:
-            self._call("munmap", start, end - start)
+            calls.append(("munmap", (start, end - start)))
+            whats.append((f"unmap {start:#x}-{end:#x}", None))
         for v in plan.map:
-            self._map(v)
+            if not self._plain(v):
+                self._run_batch(calls, whats)
+                self._map(v)
+                continue
+            if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+                raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | \
+                (MAP_GROWSDOWN if v.growsdown else 0)
+            calls.append(("mmap", (v.start, v.length, v.prot, flags, -1, 0)))
+            whats.append(("map", v))
+            for name, args in _advice_calls(v.start, v.end, v.advice):
+                calls.append((name, args))
+                whats.append(("map", v))
         for r in plan.reprotect:
-            self._call("mprotect", r.start, r.end - r.start, r.prot)
+            calls.append(("mprotect", (r.start, r.end - r.start, r.prot)))
+            whats.append((f"reprotect {r.start:#x}-{r.end:#x}", None))
         for a in plan.readvise:
-            self._advise(a.start, a.end, a.advice, a.before)
+            for name, args in _advice_calls(a.start, a.end, a.advice, a.before):
+                calls.append((name, args))
+                whats.append((f"advise {a.start:#x}-{a.end:#x}", None))
+        self._run_batch(calls, whats)
+
+    def _plain(self, v: Vma) -> bool:
+        """Mapped by one mmap of anonymous memory (``_map``'s last case)."""
+        return not (self._is_deferred(v) or v.kind == "file"
+                    or (v.shared and v.kind == "anon" and v.ino and self.shared is not None))
+
+    def _run_batch(self, calls: list[tuple[str, tuple[int, ...]]], whats: list[tuple[str, Vma | None]]) -> None:
+        """Run ``calls`` (then empty both lists); a failure names what it was for."""
+        assert self.inj is not None and self.mem is not None
+        for i in range(0, len(calls), BATCH_MAX):
+            chunk = calls[i: i + BATCH_MAX]
+            done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, chunk)
+            self.report.syscalls += min(done + 1, len(chunk))
+            if done < len(chunk):
+                what, v = whats[i + done]
+                if v is not None:
+                    raise RestoreError(f"cannot map {v.path or v.kind} at {v.start:#x}-{v.end:#x}: "
+                                       f"{os.strerror(-err)}")
+                raise InjectionError(-err, f"{chunk[done][0]}() to {what} in pid {self.pid}: {os.strerror(-err)}")
+        calls.clear()
+        whats.clear()
 
     def _apply_delta(self, delta: MappingsDelta) -> None:
         if not self.layout:
@@ -497,11 +557,8 @@ class Restorer:
         self._placeholder_pages = {p for p in self._placeholder_pages if not within(region, p) or within(plan.kept, p)}
 
     def _advise(self, start: int, end: int, advice: int, before: int = 0) -> None:
-        for bit, (on, off) in MADV.items():
-            if advice & bit and not before & bit:
-                self._call("madvise", start, end - start, on)
-            elif before & bit and not advice & bit and off:
-                self._call("madvise", start, end - start, off)
+        for name, args in _advice_calls(start, end, advice, before):
+            self._call(name, *args)
 
     def _is_deferred(self, v: Vma) -> bool:
         """A file mapped in finish(): one a filesystem hook brings, or a deleted file mapped

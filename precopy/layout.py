@@ -282,12 +282,17 @@ def smaps_flags(pid: int) -> dict[tuple[int, int], frozenset[str]]:
 
 def read_smaps(pid: int) -> list[MapEntry]:
     """Mappings with their VmFlags (slower than maps: the kernel walks page tables)."""
+    return [MapEntry(e.start, e.end, e.prot, e.shared, e.offset, e.dev, e.inode, e.name, flags)
+            for e, flags in read_smaps_flags(pid)]
+
+
+def read_smaps_flags(pid: int) -> list[tuple[MapEntry, frozenset[str]]]:
+    """Mappings (without their flags) and their VmFlags, for ``to_vma(entry, flags)``."""
     with open(f"/proc/{pid}/smaps") as f:
         text = f.read()
     pairs = _smaps_pairs(text)
     entries = parse_maps("\n".join(head for head, _ in pairs))
-    return [MapEntry(e.start, e.end, e.prot, e.shared, e.offset, e.dev, e.inode, e.name, frozenset(f.split()))
-            for e, (_, f) in zip(entries, pairs)]
+    return [(e, frozenset(f.split())) for e, (_, f) in zip(entries, pairs)]
 
 
 def to_vma(entry: MapEntry, vmflags: frozenset[str] | None = None) -> Vma:
