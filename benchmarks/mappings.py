@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Cost per mapping: checkpoint, restore and live migration of a process with N small mappings.
 
-    python3 benchmarks/mappings.py [--quick] [--json FILE] [--counts N,N,...] [--hot N] [--reps N]
-                                   [--no-warmup]
+    python3 benchmarks/mappings.py [--quick] [--json FILE] [--counts N,N,...] [--hot N] [--churn N]
+                                   [--reps N] [--no-warmup]
 
 One job (tests/workloads/many_maps.c, compiled here with gcc -O2 into a temporary directory)
 makes N mappings of 2 pages each, side by side and alternately read-write and read-only (so
 the kernel cannot merge them), every page written; then, every millisecond, it writes a word
-into the first --hot (8) of them and nothing else. N is 100, 1000, 10000, 30000 and 50000
+into the first --hot (8) of them; with --churn C, every 10 ms C others are unmapped and
+mapped again, reprotected or emptied (the layout changes all the time; 0 by default: only the
+hot ones change). N is 100, 1000, 10000, 30000 and 50000
 (100, 1000 and 10000 with --quick). For each N, one after another on this machine:
 
   checkpoint   `kcr-migrate checkpoint PID -o IMAGE --leave-running` (image in /dev/shm):
@@ -104,11 +106,11 @@ def run_checked(argv: list[str]) -> tuple[float, str]:
     return wall, out
 
 
-def start_job(session: Session, binary: Path, n: int, hot: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_job(session: Session, binary: Path, n: int, hot: int, churn: int) -> tuple[subprocess.Popen[bytes], Path]:
     wdir = session.tmp / f"job-{n}-{len(session.children)}"
     wdir.mkdir()
     with open(wdir / "stderr", "wb") as err:
-        proc = subprocess.Popen([str(binary), str(wdir), str(n), str(hot), "0", "0"], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([str(binary), str(wdir), str(n), str(hot), str(churn), "0"], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, close_fds=True)
     session.children.append(proc)
     deadline = time.monotonic() + READY_TIMEOUT
@@ -146,11 +148,11 @@ def warm(session: Session, mib: int, enabled: bool) -> None:
         fill_and_free(session.shm / "warm", mib)
 
 
-def measure(session: Session, binary: Path, n: int, hot: int, warmup: bool) -> dict[str, Any]:
+def measure(session: Session, binary: Path, n: int, hot: int, churn: int, warmup: bool) -> dict[str, Any]:
     """One run of the three operations for ``n`` mappings."""
     mib = max(1, n * PAGES_PER_MAPPING * PAGE // MIB)
     out: dict[str, Any] = {"n": n}
-    proc, wdir = start_job(session, binary, n, hot)
+    proc, wdir = start_job(session, binary, n, hot, churn)
     try:
         out["maps_lines"] = mappings_of(proc.pid)
         image = session.shm / "image"
@@ -240,6 +242,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--counts", help="mapping counts, comma-separated (default: %s)" % ",".join(map(str, COUNTS)))
     ap.add_argument("--hot", type=int, default=8, help="mappings the job keeps writing (default 8)")
+    ap.add_argument("--churn", type=int, default=0, help="mappings changed every 10 ms (default 0)")
     ap.add_argument("--reps", type=int, default=1, help="runs per count (median; default 1)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the memory warm-up")
     args = ap.parse_args()
@@ -248,8 +251,8 @@ def main() -> int:
                                                                                    else COUNTS)
     except ValueError:
         raise BenchError(f"--counts {args.counts!r}: give numbers like 100,1000") from None
-    if not counts or min(counts) < 2 * args.hot or args.hot < 0 or args.reps < 1:
-        raise BenchError("--counts must each be at least twice --hot, --hot >= 0 and --reps >= 1")
+    if not counts or min(counts) < 2 * args.hot + 2 or args.hot < 0 or args.churn < 0 or args.reps < 1:
+        raise BenchError("--counts must each be more than twice --hot, --hot and --churn >= 0 and --reps >= 1")
     limit = int(Path("/proc/sys/vm/max_map_count").read_text())
     if max(counts) + 200 > limit:
         raise BenchError(f"vm.max_map_count is {limit}: a job of {max(counts)} mappings needs more "
@@ -272,17 +275,19 @@ def main() -> int:
         for rep in range(args.reps):
             for n in counts:
                 t0 = time.perf_counter()
-                run = measure(session, binary, n, args.hot, warmup)
+                run = measure(session, binary, n, args.hot, args.churn, warmup)
                 runs.setdefault(n, []).append(run)
                 log(f"  {n} mappings (run {rep + 1}): checkpoint frozen {run['checkpoint']['frozen_ms']:.1f} ms, "
                     f"restore {run['restore']['restore_ms']:.1f} ms, live downtime {run['live']['downtime_ms']:.1f} "
                     f"ms, total {run['live']['total_ms']:.0f} ms ({time.perf_counter() - t0:.1f} s)")
         summary = summarize(runs)
         log("")
-        log(f"{args.hot} of N mappings ({PAGES_PER_MAPPING} pages each) written every ms; median of {args.reps}:")
+        log(f"{args.hot} of N mappings ({PAGES_PER_MAPPING} pages each) written every ms, {args.churn} changed every "
+            f"10 ms; median of {args.reps}:")
         log(render(summary, runs))
         if args.json:
-            write_json(args.json, {"machine": machine, "hot": args.hot, "pages_per_mapping": PAGES_PER_MAPPING,
+            write_json(args.json, {"machine": machine, "hot": args.hot, "churn": args.churn,
+                                   "pages_per_mapping": PAGES_PER_MAPPING,
                                    "reps": args.reps, "warmup": warmup,
                                    "summary": {str(n): s for n, s in summary.items()},
                                    "runs": {str(n): rs for n, rs in runs.items()}})
