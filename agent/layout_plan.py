@@ -56,6 +56,8 @@ def same_backing(a: Vma, b: Vma) -> bool:
 
 def piece(v: Vma, start: int, end: int) -> Vma:
     """The part [start, end) of ``v``, with its file offset moved along."""
+    if start == v.start and end == v.end:
+        return v
     offset = start - v.start if v.kind == "file" or v.shared else 0
     return replace(v, start=start, end=end, pgoff=v.pgoff + offset)
 
