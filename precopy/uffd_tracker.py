@@ -243,7 +243,7 @@ class UffdWpTracker(DirtyTracker):
         armed: set[Span] = set()
         clear: list[Span] = []
         with self.control.paused():
-            now = read_maps(self.pid)
+            now = read_maps(self.pid, self._maps)     # (what changed since the round's read is parsed)
             starts = [e.start for e in now]
             for part in parts:
                 whole = _stretched(part, now, starts)
