@@ -38,50 +38,66 @@ class SentLayout:
         self.pid = pid
         self.entries: Sequence[MapEntry] = ()
         self._vmas: dict[int, Vma] = {}          # by id() of an entry of ``entries``
+        # Entries smaps did not list (they changed between the maps read and the smaps read,
+        # while the process ran): their flags are a guess until an smaps read lists them, which
+        # the next record makes (the last one, with the process frozen, always can).
+        self._unsure: dict[int, MapEntry] = {}
         self.smaps_reads = 0
 
     def record(self, entries: Sequence[MapEntry]) -> Mappings | MappingsDelta | None:
         """The record that brings the destination to ``entries``: the whole layout the first
         time (or when the vDSO cluster moved), then the change; None when nothing changed."""
         old = self.entries
-        if old and len(old) == len(entries) and all(map(operator.is_, old, entries)):
+        if old and not self._unsure and len(old) == len(entries) and all(map(operator.is_, old, entries)):
             return None
         if old:
             new_ids = {id(e) for e in entries}
             old_ids = {id(e) for e in old}
             gone = [e for e in old if id(e) not in new_ids]
             came = [e for e in entries if id(e) not in old_ids]
-            if not gone and not came:
+            unsure = [e for i, e in self._unsure.items() if i in new_ids and i in old_ids]
+            if not gone and not came and not unsure:
                 self.entries = entries
                 return None
             if not any(e.kind in _SPECIAL for e in (*gone, *came)):
-                return self._delta(entries, gone, came)
+                return self._delta(entries, gone, came, unsure)
         flags = smaps_flags(self.pid)
         self.smaps_reads += 1
+        self._unsure = {id(e): e for e in entries if _line_key(e) not in flags}
         self._vmas = {id(e): to_vma(e, flags.get(_line_key(e), frozenset())) for e in entries}
         self.entries = entries
         return Mappings(tuple(self._vmas[id(e)] for e in entries))
 
-    def _delta(self, entries: Sequence[MapEntry], gone: list[MapEntry], came: list[MapEntry]) -> MappingsDelta:
+    def _delta(self, entries: Sequence[MapEntry], gone: list[MapEntry], came: list[MapEntry],
+               unsure: list[MapEntry]) -> MappingsDelta:
         gone_starts = [e.start for e in gone]
         came_starts = [e.start for e in came]
         found: dict[int, Vma] = {}
-        unexplained: list[MapEntry] = []
+        unexplained: list[MapEntry] = list(unsure)        # sent again, with the flags smaps gives now
         for n in came:
             donors = [g for g in _overlapping(gone, gone_starts, n.start, n.end) if same_backing(g, n)]
-            vma = self._inherited(n, donors, came, came_starts)
+            vma = None if any(id(d) in self._unsure for d in donors) else \
+                self._inherited(n, donors, came, came_starts)
             if vma is None:
                 unexplained.append(n)
             else:
                 found[id(n)] = vma
+        for g in gone:
+            self._unsure.pop(id(g), None)
         if unexplained:
             flags = smaps_flags(self.pid)
             self.smaps_reads += 1
             for n in unexplained:
                 found[id(n)] = to_vma(n, flags.get(_line_key(n), frozenset()))
+                if _line_key(n) in flags:
+                    self._unsure.pop(id(n), None)
+                else:
+                    self._unsure[id(n)] = n
         for g in gone:
             del self._vmas[id(g)]
         self._vmas.update(found)
+        if unsure:
+            came = sorted([*came, *unsure], key=lambda e: e.start)
         self.entries = entries
         cleared = merge_spans([(e.start, e.end) for e in gone] + [(e.start, e.end) for e in came])
         return MappingsDelta(tuple(AddressRange(s, e) for s, e in cleared), tuple(found[id(n)] for n in came))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,8 @@ from precopy import layout_delta
 from precopy.layout import MapsCache, read_maps
 from precopy.layout import smaps_flags as real_flags
 from precopy.layout_delta import SentLayout
+from tests._tracking import stop_process
+from tests._workloads import Workload
 from transport.schema import (
     ADV_DONTDUMP,
     ADV_DONTFORK,
@@ -78,3 +82,37 @@ def test_changes_go_as_deltas_with_flags_inherited_or_read(monkeypatch: pytest.M
         assert mine == [(v.start, v.end, v.prot, v.advice) for v in now.vmas if addr <= v.start < addr + 8 * P]
     finally:
         region.close()
+
+
+def test_deltas_of_a_churning_layout_add_up_to_the_layout(tmp_path: Path) -> None:
+    """A process unmapping, mapping again, reprotecting and emptying its mappings all the time:
+    its layout sent whole and then as forty changes (flags inherited, or read from smaps, also
+    where smaps no longer lists a mapping of the maps read before it), and a last change once
+    it is stopped, is the layout a whole read of the stopped process gives, advice included."""
+    w = Workload("many_maps", tmp_path, "2000", "8", "20", "0")
+    w.start()
+    w.wait_ready()
+    try:
+        cache = MapsCache()
+        sent = SentLayout(w.pid)
+        first = sent.record(read_maps(w.pid, cache))
+        assert isinstance(first, Mappings)
+        vmas = list(first.vmas)
+        changes = 0
+        for _ in range(40):
+            rec = sent.record(read_maps(w.pid, cache))
+            if rec is not None:
+                assert isinstance(rec, MappingsDelta)
+                vmas = applied(vmas, rec)
+                changes += 1
+        stop_process(w.pid)
+        rec = sent.record(read_maps(w.pid, cache))
+        if rec is not None:
+            vmas = applied(vmas, rec)
+        whole = SentLayout(w.pid).record(read_maps(w.pid))
+        assert isinstance(whole, Mappings)
+        assert changes > 0, "the layout never changed"
+        assert vmas == list(whole.vmas)
+    finally:
+        os.kill(w.pid, signal.SIGKILL)
+        w.reap_original()
