@@ -489,6 +489,7 @@ class Restorer:
         whose result feeds the next (a file: open, mmap, close) goes alone between batches."""
         calls: list[tuple[str, tuple[int, ...]]] = []
         whats: list[tuple[str, Vma | None]] = []
+        gadget_end = self.gadget + GADGET_PAGES * PAGE_SIZE
         for start, end in plan.unmap:
             calls.append(("munmap", (start, end - start)))
             whats.append((f"unmap {start:#x}-{end:#x}", None))
@@ -497,7 +498,7 @@ class Restorer:
                 self._run_batch(calls, whats)
                 self._map(v)
                 continue
-            if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+            if v.start < gadget_end and self.gadget < v.end:
                 raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
             flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | \
                 (MAP_GROWSDOWN if v.growsdown else 0)

@@ -186,7 +186,31 @@ def _encode_value(value: Any) -> Any:
 
 
 def _encode_dataclass(obj: Any) -> dict[str, Any]:
-    return {f.name: _encode_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    plain, other = _encoding(type(obj))
+    body = {name: getattr(obj, name) for name in plain}
+    for name in other:
+        body[name] = _encode_value(getattr(obj, name))
+    return body
+
+
+_ENCODING: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+_PLAIN = (int, str, bool, float)
+
+
+def _encoding(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fields whose declared type is an int, str, bool or float: taken as they are; the
+    others: encoded value by value), worked out once per class."""
+    found = _ENCODING.get(cls)
+    if found is None:
+        hints = _hints(cls)
+        plain: list[str] = []
+        other: list[str] = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            base = get_args(tp)[0] if get_origin(tp) is Annotated else tp
+            (plain if base in _PLAIN else other).append(f.name)
+        found = _ENCODING[cls] = (tuple(plain), tuple(other))
+    return found
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
