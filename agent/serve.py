@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import os
 import platform
+import select
 import socket
 import sys
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
 from precopy.kernel import xsave_supported_mask
-from transport.errors import MigrationError, ProtocolError
+from transport.errors import MigrationError, PeerGone, ProtocolError
 from transport.levels import Level, check_level
 from transport.local import open_local_agent, stdio_stream
 from transport.pages import DEFAULT_BATCH_BYTES
@@ -244,6 +245,7 @@ for _name, _handler in _FS_ROLES.items():
 DATA_METHODS.register("dest_receive", destination.dest_receive)
 
 # Per connection: how long kcr-migrate may stay silent before the agent settles on its own.
+INPUT_GRACE_S = 1.0
 _LINKS: dict[int, dict[str, float]] = {}
 
 
@@ -262,14 +264,26 @@ async def clock(ctx: CallContext) -> dict[str, Any]:
     return {"monotonic_ns": time.monotonic_ns()}
 
 
-async def _watchdog(rpc: RpcPeer) -> None:
+async def _watchdog(rpc: RpcPeer, serving: trio.CancelScope, waiting: Callable[[], bool]) -> None:
+    """End the connection once kcr-migrate has been silent longer than it asked: a cut link
+    keeps the connection open (ssh sees no end), so only the silence tells. The calls still
+    running are cancelled and the connection is left at once, without waiting on the peer;
+    then whatever it held is settled (``_settle``).
+
+    Words that arrived but were not read yet (``waiting``: this agent was stopped or starved
+    meanwhile) are not silence: they are read first (for up to a second), so a request that
+    reached us, GO among them, is carried out or refused, never dropped unread."""
     while not rpc.closed.is_set():
         await trio.sleep(0.25)
         link = _LINKS.get(id(rpc))
-        if link and time.monotonic() - link["last"] > link["timeout"]:
+        now = time.monotonic()
+        if link and now - link["last"] > link["timeout"]:
+            if waiting() and now - link.setdefault("waiting_since", now) < INPUT_GRACE_S:
+                continue
             print(f"kcr-agent: no word from kcr-migrate for {link['timeout']:g} s: settling and exiting",
                   file=sys.stderr)
-            await rpc.aclose("kcr-migrate went silent")
+            rpc.abandon(PeerGone(f"kcr-migrate was silent for {link['timeout']:g} s"))
+            serving.cancel()
             return
 
 
@@ -280,6 +294,13 @@ def _settle(rpc: object) -> None:
     source.close_sessions(rpc)
 
 
+def _stdin_waiting() -> bool:
+    """Input (or its end) waits to be read on stdin."""
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 async def serve_stdio() -> int:
     """Serve METHODS on stdin/stdout until the caller leaves; the exit status."""
     stream = stdio_stream()
@@ -288,7 +309,7 @@ async def serve_stdio() -> int:
         async with open_rpc(stream, role=ROLE_AGENT, accept_roles=SERVE_ROLES, methods=METHODS,
                             peer="kcr-migrate (stdin/stdout)", xsave_mask=_xsave_mask()) as rpc:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watchdog, rpc)
+                nursery.start_soon(_watchdog, rpc, nursery.cancel_scope, _stdin_waiting)
                 await rpc.closed.wait()
                 nursery.cancel_scope.cancel()
     except MigrationError as exc:

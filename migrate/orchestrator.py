@@ -263,7 +263,10 @@ class Migration:
                 finally:
                     leave.set()
         except BaseExceptionGroup as group:
-            first = next((e for e in leaves(group) if isinstance(e, MigrationError)), None)
+            # Past the point of no return, what the user must do next (resolve) outranks why
+            # (the keepalive's "stopped answering", raised beside it).
+            errors = [e for e in leaves(group) if isinstance(e, MigrationError)]
+            first = next((e for e in errors if isinstance(e, MigrationUnsettled)), errors[0] if errors else None)
             if first is None:
                 raise
             raise first from None

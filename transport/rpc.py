@@ -397,6 +397,13 @@ class RpcPeer:
             err = PeerGone(f"{self.peer} closed the connection{reason}")
         else:
             err = ChannelClosed(f"the connection to {self.peer} was closed on this side")
+        self._fail_waiters(err)
+        self.closed.set()
+        self.flow.close(err)
+
+    def _fail_waiters(self, err: MigrationError) -> None:
+        """Every call still waiting for an answer, and every page stream still coming in, ends
+        with ``err``: the reader stopped, or the peer was abandoned (it will not answer)."""
         for pending in self._pending.values():
             if not pending.done.is_set():
                 pending.error = err if isinstance(err, ChannelClosed) else type(err)(
@@ -405,8 +412,6 @@ class RpcPeer:
         for inb in self._inbound.values():
             if not inb.ended:
                 inb.deliver(err)
-        self.closed.set()
-        self.flow.close(err)
 
     # --- serving ---
 
@@ -456,6 +461,7 @@ class RpcPeer:
             self.error = error
         self.fs.abandon()
         self.flow.close(error)
+        self._fail_waiters(error)
 
     async def aclose(self, reason: str = "") -> None:
         """Say Bye and flush (bounded); the stream itself is closed by its owner."""

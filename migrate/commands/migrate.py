@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(the stand-in exits with N, the moved process runs on); default exit:240")
     p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+    p.add_argument("--events", action="store_true",
+                   help="print each event (phase changed, round done, warning ...) as it happens, one JSON "
+                        "object a line on stdout, for a program watching the move")
 
 
 class Progress:
@@ -126,6 +129,18 @@ class Progress:
             self.say(f"kcr-migrate: warning: {ev.message}")
 
 
+def event_line(ev: "Event") -> str | None:
+    """``--events``: the event as one JSON line (its kind and its fields); None for ``Finished``,
+    whose report ``--json`` prints."""
+    from dataclasses import asdict
+
+    from migrate.api import Finished
+    if isinstance(ev, Finished):
+        return None
+    kind = "".join("-" + c.lower() if c.isupper() else c for c in type(ev).__name__).lstrip("-")
+    return json.dumps({"event": kind, **asdict(ev)})
+
+
 def summary_line(report: Any) -> str:
     return (f"pid {report.pid}@{report.source_host} now runs as pid {report.new_pid}@{report.dest_host}: "
             f"{report.rounds} pre-copy rounds ({report.stop_reason}), downtime {report.downtime_ms:.1f} ms, "
@@ -168,8 +183,14 @@ def run(args: argparse.Namespace) -> int:
             stand_in_lost=args.stand_in_lost, relay=tuple(args.relay))
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
-    progress = Progress(sys.stderr.isatty() and not args.json)
-    migration = Migration(pid, source, args.dest, options, on_event=progress)
+    progress = Progress(sys.stderr.isatty() and not args.json and not args.events)
+
+    def on_event(ev: "Event") -> None:
+        progress(ev)
+        line = event_line(ev) if args.events else None
+        if line is not None:
+            print(line, flush=True)
+    migration = Migration(pid, source, args.dest, options, on_event=on_event)
     try:
         with deferred_signals():
             try:
