@@ -96,7 +96,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     gadget = vdso_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
     rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}
-    injectors = {tid: Injector(tid, gadget) for tid in tids}
+    injectors = {tid: Injector(tid, gadget, park=tid not in held.inflight) for tid in tids}
     leader = injectors[pid]
     scratch: Scratch | None = None
     try:

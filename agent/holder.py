@@ -224,7 +224,7 @@ class Holder:
             gadget = vdso_gadget(held.pid, mem)
         finally:
             mem.close()
-        with Injector(held.pid, gadget) as inj:
+        with Injector(held.pid, gadget, park=held.pid not in held.inflight) as inj:
             return [inj.call(name, *args) for name, args in calls]
 
     def op_commit_pending(self) -> dict[str, Any]:

@@ -159,11 +159,15 @@ BATCH_ENTRY = 64             # bytes of one entry of a batch's table
 
 
 class Injector:
-    """Inject system calls into one stopped thread; ``close`` restores it exactly."""
+    """Inject system calls into one stopped thread; ``close`` restores it exactly. With
+    ``park``, ``close`` also leaves it in an interrupt stop (``_park``): for a tracer whose
+    death must leave the process as it was (the holder)."""
 
-    def __init__(self, tid: int, gadget: int) -> None:
+    def __init__(self, tid: int, gadget: int, *, park: bool = False) -> None:
         self.tid = tid
         self.gadget = gadget
+        self.park = park
+        self.stepped = False
         self.saved_regs = ptrace.get_regs(tid)
         self.saved_mask = ptrace.get_sigmask(tid)
         self.suppressed_stops: list[int] = []
@@ -181,6 +185,7 @@ class Injector:
             self.saved_regs, rax=nr, rdi=a[0] & U64, rsi=a[1] & U64, rdx=a[2] & U64,
             r10=a[3] & U64, r8=a[4] & U64, r9=a[5] & U64, rip=self.gadget, orig_rax=U64)
         ptrace.set_regs(self.tid, regs)
+        self.stepped = True
         while True:
             ptrace.singlestep(self.tid)
             stop = ptrace.wait_stop(self.tid)
@@ -248,6 +253,29 @@ class Injector:
         for _ in range(self.sent_traps):
             tgkill(_tgid(self.tid), self.tid, signal.SIGTRAP)
         self.sent_traps = 0
+        if self.park and self.stepped:
+            self._park()
+
+    def _park(self) -> None:
+        """Leave the thread in an interrupt stop, not in the signal-delivery stop of our last
+        step's SIGTRAP: a tracer that dies (SIGKILL) lets its tracees go on, and one left in a
+        signal-delivery stop gets that signal, which killed the process (SIGTRAP's default
+        action). Interrupted first, then continued without the signal, the thread stops again
+        before it runs an instruction (the kernel looks at the interrupt before the signals).
+        A signal of the process's own that stops it instead stays with it, to be delivered."""
+        ptrace.interrupt(self.tid)
+        ptrace.cont(self.tid, 0)
+        while True:
+            stop = ptrace.wait_stop(self.tid)
+            if stop.event == 0 and stop.sig == signal.SIGTRAP and self._our_trap():
+                ptrace.cont(self.tid, 0)     # a late trap of our own steps: drop it too
+                continue
+            return
+
+    def _our_trap(self) -> bool:
+        si_code = int.from_bytes(ptrace.get_siginfo(self.tid)[SI_CODE_OFFSET:SI_CODE_OFFSET + 4], "little",
+                                 signed=True)
+        return si_code > 0
 
     def __enter__(self) -> "Injector":
         return self

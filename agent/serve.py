@@ -250,11 +250,13 @@ _LINKS: dict[int, dict[str, float]] = {}
 
 
 @method("keepalive")
-async def keepalive(ctx: CallContext, *, timeout: float) -> dict[str, Any]:
-    """kcr-migrate is alive. If it then stays silent for ``timeout`` seconds (a cut link that
-    never closes), this agent settles what it holds: a half-built process is destroyed, a
+async def keepalive(ctx: CallContext, *, link_timeout: float) -> dict[str, Any]:
+    """kcr-migrate is alive. If it then stays silent for ``link_timeout`` seconds (a cut link
+    that never closes), this agent settles what it holds: a half-built process is destroyed, a
     source process runs on (or, past the point of no return, stays stopped)."""
-    _LINKS[id(ctx.rpc)] = {"timeout": float(timeout), "last": time.monotonic()}
+    if not isinstance(link_timeout, (int, float)) or not 0 < link_timeout <= 24 * 3600:
+        raise ProtocolError(f"keepalive: a link timeout of {link_timeout!r} s")
+    _LINKS[id(ctx.rpc)] = {"timeout": float(link_timeout), "last": time.monotonic()}
     return {"monotonic_ns": time.monotonic_ns()}
 
 
@@ -294,11 +296,20 @@ def _settle(rpc: object) -> None:
     source.close_sessions(rpc)
 
 
-def _stdin_waiting() -> bool:
-    """Input (or its end) waits to be read on stdin."""
-    poller = select.poll()
-    poller.register(0, select.POLLIN)
-    return bool(poller.poll(0))
+def _input_waiting(stream: trio.abc.Stream) -> Callable[[], bool]:
+    """Whether input (or its end) waits to be read on ``stream`` (``stdio_stream``'s)."""
+    if isinstance(stream, trio.StapledStream) and isinstance(stream.receive_stream, trio.lowlevel.FdStream):
+        fd = stream.receive_stream.fileno()
+    elif isinstance(stream, trio.SocketStream):
+        fd = stream.socket.fileno()
+    else:
+        return lambda: False
+
+    def waiting() -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return waiting
 
 
 async def serve_stdio() -> int:
@@ -309,7 +320,7 @@ async def serve_stdio() -> int:
         async with open_rpc(stream, role=ROLE_AGENT, accept_roles=SERVE_ROLES, methods=METHODS,
                             peer="kcr-migrate (stdin/stdout)", xsave_mask=_xsave_mask()) as rpc:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watchdog, rpc, nursery.cancel_scope, _stdin_waiting)
+                nursery.start_soon(_watchdog, rpc, nursery.cancel_scope, _input_waiting(stream))
                 await rpc.closed.wait()
                 nursery.cancel_scope.cancel()
     except MigrationError as exc:

@@ -187,13 +187,14 @@ class Migration:
             for peer, host in zip(peers, hosts):
                 try:
                     with trio.fail_after(timeout):
-                        await peer.call("keepalive", timeout=timeout)
-                except trio.TooSlowError:
+                        # ``timeout`` is the call's own; ``link_timeout`` arms the agent's watchdog
+                        await peer.call("keepalive", link_timeout=timeout, timeout=timeout)
+                except (trio.TooSlowError, TransportTimeout):
                     exc = PeerGone(f"{host} stopped answering for {timeout:g} s: the link is down or the "
                                    "agent is stuck", host=host)
                     peer.abandon(exc)
                     raise exc from None
-                except MigrationError:
+                except (PeerGone, ChannelClosed):
                     pass     # a closed connection: the migration's own calls report it
             await trio.sleep(max(0.2, timeout / 4))
 

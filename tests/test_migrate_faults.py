@@ -119,6 +119,23 @@ async def test_source_agent_killed_while_the_process_is_frozen(tmp_path: Path, r
     assert_rolled_back(m, w, reference)
 
 
+async def test_holder_killed_after_the_state_was_read(tmp_path: Path, reference: str) -> None:
+    """The holder (the source's tracer) is killed once it has read the frozen process's state
+    by injected system calls: the kernel lets the process go, and it runs on unharmed (it died
+    of the last injected step's SIGTRAP when the holder left it in that signal's stop)."""
+    w = start_job(tmp_path)
+    holders: list[int] = []
+
+    def on_event(m: Migration, ev: Any) -> None:
+        if isinstance(ev, PhaseChanged) and ev.phase == "restore":
+            holders.extend(descendants(m.agents["source"]["pid"]))
+            for pid in holders:
+                kill_quietly(pid)
+    m = await run_migration(w.pid, on_event, max_rounds=1)
+    assert len(holders) == 1, holders
+    assert_rolled_back(m, w, reference)
+
+
 async def test_destination_agent_killed_during_precopy(tmp_path: Path, reference: str) -> None:
     w = start_job(tmp_path)
 
@@ -159,6 +176,60 @@ def test_sigint_during_precopy_rolls_back(tmp_path: Path, reference: str) -> Non
     assert "Traceback" not in err.decode() and "interrupted" in err.decode(), err.decode()
     assert proc_state(w.pid) not in (None, "T", "t")
     assert running_copies(str(w.dir)) == [w.pid]
+    let_end(w)
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0
+    assert w.output() == reference
+
+
+def descendants(pid: int) -> list[int]:
+    """Live (not zombie) processes below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[0] not in ("Z", "X"):
+                children.setdefault(int(stat[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_agents_settle_when_kcr_migrate_goes_silent(tmp_path: Path, reference: str) -> None:
+    """kcr-migrate is stopped (SIGSTOP) while the process is frozen: its connections stay open
+    but silent. Within the link timeout the source's agent lets the process run on, the
+    destination's destroys its copy, and both agents and the holder exit."""
+    w = start_job(tmp_path)
+    cli = subprocess.Popen([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--bandwidth", "24MiB",
+                            "--max-rounds", "1", "--link-timeout", "1.5", "--events"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert cli.stdout is not None
+    try:
+        for line in cli.stdout:
+            if b'"phase": "final"' in line:
+                break
+        deadline = time.monotonic() + 10
+        while proc_state(w.pid) != "t":      # asked to freeze: frozen soon
+            assert time.monotonic() < deadline, f"the process is not frozen: state {proc_state(w.pid)}"
+            time.sleep(0.01)
+        tools = descendants(cli.pid)         # the two agents and the holder
+        cli.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while (left := [p for p in tools if proc_state(p) not in (None, "Z", "X")]) or proc_state(w.pid) in ("t", "T"):
+            assert time.monotonic() < deadline, f"still there: {left}, the process in state {proc_state(w.pid)}"
+            time.sleep(0.05)
+    finally:
+        cli.kill()
+        cli.wait()
+        cli.stdout.close()
+    assert len(tools) >= 3, tools
+    assert running_copies(str(w.dir)) == [w.pid], "exactly one running copy"
     let_end(w)
     assert w.verdict() == "PASS"
     assert w.reap_original() == 0
