@@ -25,13 +25,14 @@ from typing import Any, Callable
 
 import msgpack
 
-from agent import fdtable, unix_names
+from agent import fdtable
 from agent import freeze as freezer
 from agent import ptrace
 from agent.signals import LateSignals
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
 from agent.procfs import check_target, process_tree
+from precopy.kernel import pidfd_send_signal
 from agent.tree import check_tree, zombie
 from transport.errors import (
     MigrationError,
@@ -230,13 +231,22 @@ class Holder:
     def op_commit_pending(self) -> dict[str, Any]:
         """From now on a lost agent stops the processes instead of thawing them. Returns the
         signals that arrived since the state was collected (``agent.signals``), for the
-        destination to deliver; a process of the job killed meanwhile abandons the move."""
+        destination to deliver; a process of the job killed meanwhile abandons the move.
+
+        The holder's own death must not let them run either (the kernel lets a dead tracer's
+        tracees go): each gets a SIGSTOP, the guard, pending while it is held, so let go by a
+        dead holder it stops instead of running beside the destination's copy, recorded for
+        ``kcr-migrate resolve``. ``kill`` makes the guard moot, ``hold`` keeps it, ``release``
+        and the stand-in's keeper discard it."""
         signals = self.late_signals()
         if self.late.killed:
             dead = min(self.late.killed)
             raise ProcessExited(f"process {dead} was killed (SIGKILL) while frozen for the move: the move is "
                                 "abandoned, and the rest of the job runs on here", pid=dead)
         self.on_eof = ON_EOF_HOLD
+        for held in self.helds.values():
+            record_held(held.pid)
+            pidfd_send_signal(held.pidfd, signal.SIGSTOP)
         return {"signals": signals}
 
     def late_signals(self) -> list[list[Any]]:
@@ -250,6 +260,7 @@ class Holder:
         signals = self.late_signals()
         for p in reversed(list(self.helds)):
             freezer.kill(self.helds.pop(p))
+            forget_held(p)
         return {"signals": signals}
 
     def op_hold(self) -> dict[str, Any]:
@@ -263,13 +274,15 @@ class Holder:
         return {}
 
     def op_release(self) -> dict[str, Any]:
-        """Let the processes go, running (rollback); their socket files at their paths again
-        should a restore that shared this filesystem have left them aside (``unix_names``)."""
-        try:
-            unix_names.reclaim(fdtable.socket_files(list(self.helds)))
-        except (OSError, MigrationError):
-            pass              # best effort (a process gone meanwhile): the others go on
+        """Let the processes go, running (rollback). After ``commit_pending`` (its answer was
+        lost: GO was never sent) the guard is discarded first: a SIGCONT removes a pending
+        SIGSTOP (the one trace it leaves: a SIGCONT, which a job rarely handles)."""
         failed: BaseException | None = None
+        if self.on_eof == ON_EOF_HOLD:
+            self.on_eof = ON_EOF_THAW
+            for held in self.helds.values():
+                pidfd_send_signal(held.pidfd, signal.SIGCONT)
+                forget_held(held.pid)
         for p in list(self.helds):
             try:
                 freezer.let_go(self.helds.pop(p))
@@ -286,6 +299,8 @@ class Holder:
         if not root.frozen:
             raise ProcessError("the process must be frozen to become a stand-in")
         others = [h for p, h in self.helds.items() if p != self.root]
+        for p in self.helds:
+            forget_held(p)       # the keeper passes the guard over (``agent.signals.is_guard``)
         self.helds.clear()
         return root, others
 
@@ -313,6 +328,14 @@ def record_held(pid: int) -> None:
         os.makedirs(HELD_DIR, exist_ok=True)
         with open(os.path.join(HELD_DIR, f"{pid}.json"), "w") as f:
             json.dump({"pid": pid, "start_time": start_time(pid), "since": time.time()}, f)
+    except OSError:
+        pass
+
+
+def forget_held(pid: int) -> None:
+    """``pid`` is settled: no record for ``kcr-migrate resolve``."""
+    try:
+        os.unlink(os.path.join(HELD_DIR, f"{pid}.json"))
     except OSError:
         pass
 

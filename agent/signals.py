@@ -41,6 +41,14 @@ SIGKILL = int(signal.SIGKILL)
 Late = list[Any]
 
 
+def is_guard(info: bytes, signo: int = 0) -> bool:
+    """The siginfo is of the SIGSTOP this process (the holder, or the keeper it became) sent
+    its job at the point of no return (``agent.holder``'s guard): not a signal of the job's."""
+    sig = signo or int.from_bytes(info[:4], "little", signed=True)
+    return sig == signal.SIGSTOP and int.from_bytes(info[8:12], "little", signed=True) == SI_USER \
+        and int.from_bytes(info[16:20], "little", signed=True) == os.getpid()
+
+
 def killed_info() -> bytes:
     """The siginfo of a SIGKILL we saw only by its effect."""
     return SIGKILL.to_bytes(4, "little") + bytes(4) + SI_USER.to_bytes(4, "little", signed=True) \
@@ -87,7 +95,7 @@ class LateSignals:
                     self.killed.add(pid)
                     out.append([pid, 0, killed_info()])
                 continue
-            new = now - self.carried[pid]
+            new = Counter({k: n for k, n in (now - self.carried[pid]).items() if not is_guard(k[1])})
             for (tid, info), n in sorted(new.items()):
                 out.extend([pid, tid, info] for _ in range(n))
             self.carried[pid] += new

@@ -64,7 +64,7 @@ from agent.homelink import (
 from agent.inject import NR, U64, Injector, RemoteMemory, Scratch, vdso_gadget
 from agent.logs import log_path, open_log
 from agent.procfs import read_status
-from agent.signals import LateSignals
+from agent.signals import LateSignals, is_guard
 from precopy.kernel import pidfd_getfd, pidfd_send_signal
 from precopy.layout import read_maps
 from transport.errors import MigrationError, ProcessError, ProtocolError
@@ -282,6 +282,9 @@ class Keeper:
 
     async def _signal(self, sig: int) -> None:
         pid = self.s.pid
+        if sig == signal.SIGSTOP and is_guard(ptrace.get_siginfo(pid), sig):
+            ptrace.cont(pid, 0)          # the holder's guard (``agent.holder``), not the job's: dropped
+            return
         if sig != signal.SIGCHLD:
             try:
                 await self.link.send(Forward(sig))
