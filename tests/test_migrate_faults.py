@@ -136,6 +136,37 @@ async def test_holder_killed_after_the_state_was_read(tmp_path: Path, reference:
     assert_rolled_back(m, w, reference)
 
 
+async def test_holder_killed_after_go_leaves_the_source_stopped(tmp_path: Path, reference: str) -> None:
+    """The holder is killed once the destination runs the process, before it ended the source:
+    the kernel lets the source go, and it must stop (the guard SIGSTOP queued at the point of
+    no return), never run beside its copy. The report says how to settle it, and that works."""
+    w = start_job(tmp_path)
+    holders: list[int] = []
+
+    def on_event(ev: Any) -> None:
+        if isinstance(ev, PhaseChanged) and ev.phase == "commit":
+            holders.extend(descendants(m.agents["source"]["pid"]))
+            for pid in holders:
+                kill_quietly(pid)
+    m = Migration(w.pid, "localhost", "localhost", MigrationOptions(link_timeout_s=3.0, new_pid=True),
+                  on_event=on_event)
+    report = await m.run()
+    assert len(holders) == 1, holders
+    assert any(f"kcr-migrate resolve {w.pid}@localhost --kill" in x for x in report.warnings), report.warnings
+    deadline = time.monotonic() + 10
+    while proc_state(w.pid) != "T":
+        assert proc_state(w.pid) != "t" and time.monotonic() < deadline, f"the source is {proc_state(w.pid)}"
+        time.sleep(0.02)
+    assert running_copies(str(w.dir)) == [report.new_pid], "only the destination's copy runs"
+    res = kcr("resolve", f"{w.pid}@localhost", "--kill")
+    assert res.returncode == 0, res.stderr.decode()
+    assert w.reap_original() == -signal.SIGKILL
+    let_end(w)
+    assert w.verdict() == "PASS"
+    assert os.WEXITSTATUS(reap(report.new_pid)) == 0
+    assert w.output() == reference
+
+
 async def test_destination_agent_killed_during_precopy(tmp_path: Path, reference: str) -> None:
     w = start_job(tmp_path)
 
