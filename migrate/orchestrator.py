@@ -594,6 +594,7 @@ class Migration:
     async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException) -> None:
         """Before GO: destroy the destination's copy, let the source run on."""
         cancelled = isinstance(exc, (trio.Cancelled, KeyboardInterrupt, Cancelled))
+        asked_commit = self.machine.phase is Phase.GO      # source_commit_pending was sent, its answer lost
         if self.machine.phase in (Phase.PREFLIGHT, Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.GO):
             if self.machine.phase is Phase.GO:
                 self.machine.phase = Phase.RESTORE    # commit_pending failed: GO was never sent
@@ -613,7 +614,12 @@ class Migration:
                         await peer.call(method)
                 except (MigrationError, trio.TooSlowError):
                     unreached.append(who)
-        if unreached:
+        if unreached and asked_commit and self.source in unreached:
+            where = f"{self.pid}@{self.source}"
+            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back, after asking the source's "
+                       f"to commit: if pid {self.pid} on {self.source} is stopped (it never ran on {self.dest}), "
+                       f"settle it with `kcr-migrate resolve {where} --resume`")
+        elif unreached:
             self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
                        f"within {self.options.link_timeout_s:g} s (the source process runs on)")
         self.report.state = "rolled-back"
