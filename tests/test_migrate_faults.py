@@ -187,7 +187,7 @@ async def test_destination_goes_silent_during_final(tmp_path: Path, reference: s
         if isinstance(ev, PhaseChanged) and ev.phase == "final":
             agent["pid"] = m.agents["dest"]["pid"]
             kill_quietly(agent["pid"], signal.SIGSTOP)
-    m = await run_migration(w.pid, on_event, max_rounds=1)
+    m = await run_migration(w.pid, on_event, max_rounds=1, link_timeout_s=1.5)
     kill_quietly(agent["pid"], signal.SIGCONT)
     assert_rolled_back(m, w, reference)
 
