@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from agent import fdtable
+from agent import fdtable, unix_names
 from agent import freeze as freezer
 from agent import ptrace
 from agent.signals import LateSignals
@@ -274,9 +274,15 @@ class Holder:
         return {}
 
     def op_release(self) -> dict[str, Any]:
-        """Let the processes go, running (rollback). After ``commit_pending`` (its answer was
-        lost: GO was never sent) the guard is discarded first: a SIGCONT removes a pending
-        SIGSTOP (the one trace it leaves: a SIGCONT, which a job rarely handles)."""
+        """Let the processes go, running (rollback); their socket files at their paths again
+        should a restore that shared this filesystem have left them aside (``unix_names``).
+        After ``commit_pending`` (its answer was lost: GO was never sent) the guard is discarded
+        first: a SIGCONT removes a pending SIGSTOP (the one trace it leaves: a SIGCONT, which a
+        job rarely handles)."""
+        try:
+            unix_names.reclaim(fdtable.socket_files(list(self.helds)))
+        except (OSError, MigrationError):
+            pass              # best effort (a process gone meanwhile): the others go on
         failed: BaseException | None = None
         if self.on_eof == ON_EOF_HOLD:
             self.on_eof = ON_EOF_THAW

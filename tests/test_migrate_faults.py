@@ -5,8 +5,9 @@ The migrations run through the library API on localhost, so the test can act at 
 phase (events) and reach the agents (their pids are in ``Migration.agents``); every fault comes
 from outside (a signal to an agent, a cancel), none from a switch inside the tool.
 
-The job dirties its memory for about 4 s, then waits for its ``go-on`` file before it prints
-its checksum: a test lets it end once the fault is settled, instead of waiting out a long run.
+The job dirties its memory for about 4 s, then is held (``Workload(hold=True)``) before it
+prints its checksum: a test lets it end once the fault is settled, instead of waiting out a long
+run.
 """
 from __future__ import annotations
 
@@ -29,8 +30,16 @@ from migrate import (
     PhaseChanged,
     RoundDone,
 )
+from migrate.cli import EXIT_UNSETTLED, exit_status
 from tests._migration import copies, proc_state, running_copies
-from tests._workloads import KCR_MIGRATE, Workload, become_subreaper, kcr, reap, run_reference
+from tests._workloads import (
+    KCR_MIGRATE,
+    Workload,
+    become_subreaper,
+    kcr,
+    reap,
+    run_reference,
+)
 
 JOB = ("64", "40", "400")           # 64 MiB, dirtying 40 MiB/s for 400 steps (4 s and more), then it waits
 
@@ -42,11 +51,11 @@ def subreaper() -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return run_reference("mig_dirty", tmp_path_factory.mktemp("ref"), *JOB, "0", "0", "/").output()
+    return run_reference("mig_dirty", tmp_path_factory.mktemp("ref"), *JOB).output()
 
 
 def start_job(tmp_path: Path) -> Workload:
-    w = Workload("mig_dirty", tmp_path, *JOB, "0", "0", str(tmp_path / "mig_dirty" / "go-on"))
+    w = Workload("mig_dirty", tmp_path, *JOB, hold=True)
     w.start()
     w.wait_ready()
     return w
@@ -54,7 +63,7 @@ def start_job(tmp_path: Path) -> Workload:
 
 def let_end(w: Workload) -> None:
     """The fault is settled: the job may print its checksum and end."""
-    (w.dir / "go-on").touch()
+    w.release()
 
 
 def later(seconds: float, fn: Callable[[], None]) -> None:
@@ -203,7 +212,7 @@ def test_sigint_during_precopy_rolls_back(tmp_path: Path, reference: str) -> Non
     time.sleep(0.5)
     cli.send_signal(signal.SIGINT)
     _, err = cli.communicate(timeout=60)
-    assert cli.returncode != 0
+    assert cli.returncode == 130, err.decode()
     assert "Traceback" not in err.decode() and "interrupted" in err.decode(), err.decode()
     assert proc_state(w.pid) not in (None, "T", "t")
     assert running_copies(str(w.dir)) == [w.pid]
@@ -317,7 +326,8 @@ async def test_resolve_resume(tmp_path: Path, reference: str) -> None:
     """The destination agent never wakes (it is ended, and its copy with it): `kcr-migrate
     resolve --resume` lets the stopped source go on."""
     w = start_job(tmp_path)
-    await go_unanswered(w, lambda agent: None)
+    m = await go_unanswered(w, lambda agent: None)
+    assert exit_status(m.error) == EXIT_UNSETTLED  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30
     while copies(str(w.dir)) != [w.pid]:      # the stopped agent was ended, its copy with it
         assert time.monotonic() < deadline, f"copies left besides the source: {copies(str(w.dir))}"
