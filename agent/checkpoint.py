@@ -117,7 +117,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
-            wstats = writer.finish()
+            wstats = writer.finish(before_end=lambda: _check_cancel(opts, pid))
         finally:
             writer.close()
         if on_complete is not None:

@@ -15,7 +15,7 @@ import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import (
@@ -111,8 +111,13 @@ class ImageWriter:
         self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer is not None))
         self._drain(self._max_pending)
 
-    def finish(self) -> StreamStats:
+    def finish(self, before_end: Callable[[], None] | None = None) -> StreamStats:
+        """Write what is pending, then the end record that makes the image whole.
+        ``before_end`` runs between the two: the last moment to give up (it raises) with an
+        image that no reader takes for whole, however long the pending writes blocked."""
         self._drain(0)
+        if before_end is not None:
+            before_end()
         end = EndOfImage(page_batches=self.stats.page_batches, pages=self.stats.pages,
                          records=self.stats.records + 1)
         self.record(end)
