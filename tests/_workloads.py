@@ -63,15 +63,40 @@ STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_
 
 
 @pytest.fixture(autouse=True)
-def reap_started() -> Iterator[None]:
+def reap_started(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every process a test started (``Workload.start``, ``start_in``, or appended here) ends
-    with its test, pass or fail: none outlives it, none is left for the garbage collector."""
+    with its test, pass or fail: none outlives it, none is left for the garbage collector. So
+    does every process working in the test's tmp_path: the copies a failed test's migrations
+    or restores left, which are nobody's child here."""
     yield
     while STARTED:
         proc = STARTED.pop()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+    tmp = request.node.funcargs.get("tmp_path")
+    if isinstance(tmp, Path):
+        end_processes_in(tmp)
+
+
+def end_processes_in(folder: Path) -> list[int]:
+    """SIGKILL every process whose working directory is ``folder`` or under it; their pids."""
+    prefix = str(folder)
+    ended = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == prefix or cwd.startswith(prefix + "/"):
+            try:
+                os.kill(int(entry), 9)
+                ended.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return ended
 
 
 class Workload:
@@ -79,7 +104,7 @@ class Workload:
 
     def __init__(self, name: str, base: Path, *args: str, user: int | None = None,
                  groups: list[int] | None = None, argv: list[str] | None = None, scale: int = 1,
-                 hold: bool = False) -> None:
+                 hold: bool = False, env: dict[str, str] | None = None) -> None:
         self.name = name
         if user is None:
             self.dir = base / name
@@ -93,7 +118,7 @@ class Workload:
         self.argv = argv if argv is not None else [str(build(name)), str(self.dir), *args]
         self.user = user
         self.groups = groups
-        self.env = {**os.environ, "WORKLOAD_SCALE": str(scale)}
+        self.env = {**os.environ, "WORKLOAD_SCALE": str(scale), **(env or {})}
         # hold: the workload waits before its verdict until ``release()`` (or ``verdict()``):
         # a job a test moves never ends before it was moved, however busy the machine.
         self.hold = self.dir / "go-on" if hold else None
