@@ -10,6 +10,10 @@ steps (R = 0, 50 and 200; 0 and 50 with --quick); a ticker thread reads the cloc
 getpid() to see the pid change, so the job writes down its own downtime ("gap"). The job starts inside hostA and is moved to hostB by:
 
   kcr pre-copy      `kcr-migrate PID@hostA hostB --json` (the CLI, as a user runs it)
+  kcr +objects      the same job holding 53 kernel objects as well (tests/workloads/objects.h:
+                    8 each of eventfd, timerfd, pipe and socketpair with bytes in flight, an
+                    epoll set over them, a signalfd, an inotify watch, a flock, a POSIX timer),
+                    checked by the job after the move: what carrying them adds to the downtime
   stop-and-copy     the same with --no-precopy: freeze first, then send everything
   criu              `criu page-server` on hostB, `criu dump --page-server` on hostA, then
                     `criu restore -d` on hostB, where `criu check` passes on this machine
@@ -85,6 +89,8 @@ TOTAL_TARGET_FACTOR = 1.5
 NO_SLEEP_HEADER = "#include <time.h>\n#define nanosleep(req, rem) 0\n"
 
 KCR_PRECOPY = "kcr pre-copy"
+KCR_OBJECTS = "kcr +objects"       # the same job holding a few dozen kernel objects besides
+OBJECTS = 8                        # of each kind in tests/workloads/objects.h: 53 objects
 STOP_AND_COPY = "stop-and-copy"
 CRIU = "criu"
 
@@ -251,12 +257,14 @@ class Job:
         return self.proc.pid
 
 
-def start_job(session: Session, binaries: Binaries, name: str, mib: int, rate: int, iters: int) -> Job:
+def start_job(session: Session, binaries: Binaries, name: str, mib: int, rate: int, iters: int,
+              objects: int = 0) -> Job:
     jdir = session.tmp / name
     jdir.mkdir()
+    env = {**os.environ, "WORKLOAD_OBJECTS": str(objects)}
     with open(jdir / "stdout", "wb") as out, open(jdir / "stderr", "wb") as err:
         proc = session.spawn("hostA", [str(binaries.job), str(jdir), str(mib), str(rate), str(iters), "1"],
-                             stdout=out, stderr=err, cwd=str(jdir))
+                             stdout=out, stderr=err, cwd=str(jdir), env=env)
     job = Job(jdir, proc, mib, rate, iters)
     deadline = time.monotonic() + READY_TIMEOUT
     while not (jdir / "ready").exists():
@@ -375,9 +383,10 @@ class TooShort(Exception):
     """The job finished its steps before the migration was done: it needs more steps."""
 
 
-def kcr_migrate(session: Session, job: Job, args: argparse.Namespace, stop_and_copy: bool, wait: bool) -> Run:
+def kcr_migrate(session: Session, job: Job, args: argparse.Namespace, case: str, wait: bool) -> Run:
     assert session.bed is not None
-    run = Run(STOP_AND_COPY if stop_and_copy else KCR_PRECOPY, job.rate, 0, job.iters)
+    stop_and_copy = case == STOP_AND_COPY
+    run = Run(case, job.rate, 0, job.iters)
     argv = [*KCR, f"{job.pid}@hostA", "hostB", "--ssh-config", str(session.bed.ssh_config_path), "--json",
             "--new-pid"]      # the test hosts share one pid namespace
     if stop_and_copy:
@@ -496,7 +505,7 @@ class Planner:
         if (case, rate) in self.seen:
             return self.seen[(case, rate)]
         bw = 0.75 * self.bandwidth / MIB      # migrations move pages slower than synthetic ones
-        if case == KCR_PRECOPY and rate > 0:
+        if case in (KCR_PRECOPY, KCR_OBJECTS) and rate > 0:
             factor = 3.2 if rate >= 0.8 * bw else min(3.2, 1 / (1 - rate / bw) + 0.3)
         else:
             factor = 1.2
@@ -565,7 +574,7 @@ def render_downtime(summary: dict[tuple[str, int], dict[str, Any]], rates: list[
     rows: list[tuple[str, ...]] = [("downtime, medians (ms)", "rate MiB/s", "downtime", "final MiB", "final scan", "final send",
              "phase final", "phase restore", "phase go", "preflight", "precopy")]
     for rate in rates:
-        for case in (KCR_PRECOPY, STOP_AND_COPY):
+        for case in (KCR_PRECOPY, KCR_OBJECTS, STOP_AND_COPY):
             s = summary.get((case, rate))
             good = [r.report for r in s["runs"] if r.ok] if s else []
             if not good:
@@ -600,6 +609,28 @@ def render_ratios(summary: dict[tuple[str, int], dict[str, Any]], cases: list[st
             rows.append((case, str(rate), *(fmt_ratio(ratio(s[k], anchor[k]))
                                             for k in ("downtime_ms", "gap_ms", "total_s", "wire_mib", "frozen_mib"))))
     return table(rows) if len(rows) > 1 else "(no stop-and-copy anchor)"
+
+
+def objects_cost(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int]) -> dict[int, dict[str, Any]]:
+    """Per rate: the downtime of the job holding the objects against the plain job's, same run."""
+    out: dict[int, dict[str, Any]] = {}
+    for rate in rates:
+        plain, heavy = summary.get((KCR_PRECOPY, rate)), summary.get((KCR_OBJECTS, rate))
+        if plain is None or heavy is None or plain["downtime_ms"] is None or heavy["downtime_ms"] is None:
+            continue
+        out[rate] = {"plain_ms": plain["downtime_ms"], "objects_ms": heavy["downtime_ms"],
+                     "added_ms": heavy["downtime_ms"] - plain["downtime_ms"],
+                     "ratio": ratio(heavy["downtime_ms"], plain["downtime_ms"])}
+    return out
+
+
+def render_objects(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int]) -> str:
+    rows: list[tuple[str, ...]] = [(f"{KCR_OBJECTS} vs {KCR_PRECOPY}", "rate MiB/s", "downtime plain ms",
+                                    "with objects ms", "added ms", "ratio")]
+    for rate, c in objects_cost(summary, rates).items():
+        rows.append(("", str(rate), f"{c['plain_ms']:.1f}", f"{c['objects_ms']:.1f}", f"{c['added_ms']:+.1f}",
+                     fmt_ratio(c["ratio"])))
+    return table(rows) if len(rows) > 1 else "(objects case not measured)"
 
 
 def targets(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int], link: dict[str, Any],
@@ -649,7 +680,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     log(f"machine: {machine_summary(machine)}; Python {machine['python']}; kcr-migrate {machine['kcr_revision']}")
     criu_path, criu_note = probe_criu()
     log(f"criu: {criu_note}" if criu_path else f"criu: not available ({criu_note})")
-    cases = [KCR_PRECOPY, STOP_AND_COPY] + ([CRIU] if criu_path else [])
+    cases = [KCR_PRECOPY, KCR_OBJECTS, STOP_AND_COPY] + ([CRIU] if criu_path else [])
 
     binaries = build(session)
     refs = References(session, binaries)
@@ -684,13 +715,14 @@ def bench(args: argparse.Namespace, session: Session) -> int:
             reference = refs.output(mib, rate, iters) if check else ""     # untimed, before the job starts
             prewarm()
             counter[0] += 1
-            job = start_job(session, binaries, f"job{counter[0]}", mib, rate, iters)
+            job = start_job(session, binaries, f"job{counter[0]}", mib, rate, iters,
+                            objects=OBJECTS if case == KCR_OBJECTS else 0)
             try:
                 if case == CRIU:
                     assert criu_path is not None
                     run = criu_migrate(session, job, criu_path, wait=check)
                 else:
-                    run = kcr_migrate(session, job, args, stop_and_copy=case == STOP_AND_COPY, wait=check)
+                    run = kcr_migrate(session, job, args, case, wait=check)
             except TooShort:
                 planner.more(case, rate)
                 log(f"  {case} at {rate} MiB/s: the job finished its {iters} steps before the migration; "
@@ -752,6 +784,8 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     print()
     print(render_ratios(summary, cases, rates))
     print()
+    print(render_objects(summary, rates))
+    print()
     print(render_downtime(summary, rates))
     print("(phase final: from the freeze call to the source's state relayed; restore: the destination applying "
           "the rest and rebuilding; go: commit-pending on the source, then GO on the destination)")
@@ -785,6 +819,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
                                                                    "frozen_mib")}
                                            for (c, r), s in summary.items()
                                            if c != STOP_AND_COPY and (STOP_AND_COPY, r) in summary},
+               "objects_vs_plain": {str(r): c for r, c in objects_cost(summary, rates).items()},
                "targets": target_data, "runs": [r.as_dict() for r in runs], "verified": not failed,
                "elapsed_s": time.monotonic() - t_start}
         write_json(args.json, doc)

@@ -132,6 +132,14 @@ def test_cpython_job(tmp_path: Path, tracker: str) -> None:
     assert w.output() == ref.output()
 
 
+def test_a_job_holding_a_few_dozen_kernel_objects_moves_with_them(tmp_path: Path) -> None:
+    """An event-loop program's kind of state (tests/workloads/objects.h: eight each of eventfd,
+    timerfd, pipe and socketpair with bytes in flight, an epoll set over them, a signalfd, an
+    inotify watch, a flock, a POSIX timer) beside dirtied memory: each holds what it held."""
+    ref, w, report = migrate_workload("mig_dirty", tmp_path, "32", "20", "150", env={"WORKLOAD_OBJECTS": "8"})
+    assert w.output() == ref.output()      # and its verdict PASSed: every object held what it held
+
+
 def test_precopy_really_happens_and_downtime_is_honest(tmp_path: Path) -> None:
     """256 MiB dirtying 10 MiB/s: at least two rounds, under 10% of the bytes sent while frozen,
     and a downtime no shorter than what a ticker thread inside the job saw."""
