@@ -54,6 +54,7 @@ from agent.inject import (
     to_signed,
 )
 from agent.layout_plan import plan_layout
+from agent.procfs import read_text
 from agent.shared_memory import SharedObjects
 from precopy.intervals import Span, merge_spans, within
 from precopy.kernel import (
@@ -79,6 +80,7 @@ from transport.schema import (
     PAGE_SIZE,
     TASK_SIZE,
     Creds,
+    EpollWatch,
     EventFiles,
     FileContents,
     FileDesc,
@@ -119,7 +121,10 @@ PR_SET_THP_DISABLE = 41
 PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
 MCL_FUTURE = 2
-EPOLL_CTL_ADD = 1
+EPOLL_CTL_ADD, EPOLL_CTL_MOD = 1, 3
+EPOLLONESHOT = 1 << 30
+EP_PRIVATE_BITS = 0xF << 28         # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET
+EPOLL_ANY = 0x2007                  # EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -807,14 +812,38 @@ class Restorer:
         finally:
             self._call("close", pidfd)
         for members in groups.values():
-            for w in descriptions.take_watches(members[0]):
-                # Registered by the process, whose fd numbers are in place now.
-                event = self._put(struct.pack("<IQ", w.events, w.data))
-                try:
-                    self._call("epoll_ctl", members[0].fd, EPOLL_CTL_ADD, w.fd, event)
-                except InjectionError as exc:
-                    raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {members[0].fd} "
-                                       f"again: {exc.strerror}") from None
+            self._watch(members[0].fd, descriptions.take_watches(members[0]))
+
+    def _watch(self, ep: int, watches: tuple[EpollWatch, ...]) -> None:
+        """Register ``watches`` with the epoll instance at ``ep``, in the process (whose fd numbers
+        are in place now). A one-shot watch that has fired is disabled (the kernel keeps only
+        its flags), which no epoll_ctl can ask for (each adds EPOLLERR | EPOLLHUP): such
+        watches go in first, for any readiness, and fire once here, before the other watches
+        are in, so their edges stay unreported. One whose file is not ready now cannot fire:
+        it is armed for errors and hangups only, and the report says so."""
+        fired = [w for w in watches if w.events & EPOLLONESHOT and not w.events & ~EP_PRIVATE_BITS]
+        for w in fired:
+            self._epoll_ctl(ep, EPOLL_CTL_ADD, w, w.events | EPOLL_ANY)
+        if fired:
+            self._call("epoll_wait", ep, self._scratch(), len(fired), 0)
+            armed = {int(line.split()[1]) for line in read_text(self.pid, "fdinfo", str(ep)).splitlines()
+                     if line.startswith("tfd:") and int(line.split()[3], 16) & ~EP_PRIVATE_BITS}
+            for w in fired:
+                if w.fd in armed:
+                    self._epoll_ctl(ep, EPOLL_CTL_MOD, w, w.events)
+                    self.report.warnings.append(
+                        f"the one-shot epoll watch of fd {w.fd} (epoll fd {ep}) had fired and was waiting to be "
+                        "re-armed; its file is not ready here, so it reports errors and hangups until it is")
+        for w in watches:
+            if w not in fired:
+                self._epoll_ctl(ep, EPOLL_CTL_ADD, w, w.events)
+
+    def _epoll_ctl(self, ep: int, op: int, w: EpollWatch, events: int) -> None:
+        try:
+            self._call("epoll_ctl", ep, op, w.fd, self._put(struct.pack("<IQ", events, w.data)))
+        except InjectionError as exc:
+            raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {ep} again: "
+                               f"{exc.strerror}") from None
 
     def _make_room_for_fds(self, highest: int) -> None:
         soft, hard = prlimit(self.pid, RLIMIT_NOFILE)

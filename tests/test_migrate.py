@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli, running_copies, wait_gone
+from tests._state import HOLDING, Watch
 from tests._tracking import backend_params
 from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap, run_reference
 
@@ -26,12 +27,17 @@ def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str,
     kw.setdefault("scale", 5)         # long enough to be caught mid-run
     ref = run_reference(name, tmp_path, *args, **kw)
     w = Workload(name, tmp_path / "migrated", *args, **kw)  # type: ignore[arg-type]
+    if name in HOLDING:
+        w.env["WORKLOAD_GO"] = "1"       # it waits for the test to have compared its state
     w.start()
     w.wait_ready()
+    watch = Watch(name, w.pid, str(w.dir / "go")) if name in HOLDING else None
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", *cli_args)
     assert code == 0, err
     assert w.reap_original() == -9           # the source was ended only after the copy ran
     assert report["state"] == "done" and report["new_pid"] not in (0, w.pid)
+    if watch is not None:
+        watch.check(report["new_pid"])      # the whole state, not only what the workload checks
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
     return ref, w, report

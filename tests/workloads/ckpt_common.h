@@ -54,6 +54,19 @@ __attribute__((unused)) static void sleep_ms(long ms) {
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
 }
 
+/* The workload's quiet phase, where a move lands: ticks x 10 ms (stretched by WORKLOAD_SCALE);
+ * or, under WORKLOAD_GO=1 (a test comparing the state before and after the move), until the
+ * test makes OUTDIR/go (60 s at most), so nothing changes while the test looks. */
+__attribute__((unused)) static void hold(int ticks) {
+    if (getenv("WORKLOAD_GO")) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/go", outdir);
+        for (int i = 0; i < 6000 && access(path, F_OK); i++) sleep_ms(10);
+        return;
+    }
+    for (int i = 0; i < ticks * scale; i++) sleep_ms(10);
+}
+
 static void init(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s OUTDIR\n", argv[0]); exit(2); }
     outdir = argv[1];
