@@ -113,10 +113,20 @@ def _with_dup(p: Proc, fd: int, read: Callable[[int], Any]) -> Any:
         os.close(dup)
 
 
+# Flags that act when a file is opened and that F_GETFL shows after: a description made again
+# another way (a deleted file by O_TMPFILE, ...) need not show them (see the README's Limits).
+OPEN_ONLY = 0o100 | 0o200 | 0o400 | 0o1000 | 0o200000 | 0o400000 | 0o20000000   # O_CREAT ... O_TMPFILE
+
+
 def _common(p: Proc, fd: int) -> tuple[int, str, int]:
-    """fd, its open flags (O_CLOEXEC among them) and offset."""
+    """fd, its status flags (O_CLOEXEC among them) and offset."""
     info = p.fdinfo(fd)
-    return fd, info["flags"], int(info["pos"])
+    return fd, oct(int(info["flags"], 8) & ~OPEN_ONLY), int(info["pos"])
+
+
+def _deleted_name(link: str) -> str:
+    """A deleted file's directory: the name it had is gone with it (made again, it has none)."""
+    return os.path.dirname(link) + "/ (deleted)"
 
 
 def _is_path(link: str) -> bool:
@@ -138,7 +148,8 @@ def _deleted(memfd: bool) -> Callable[[Proc], object]:
             st = p.stat(fd)
             with open(f"/proc/{p.pid}/fd/{fd}", "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
-            row: tuple[object, ...] = (*_common(p, fd), p.link(fd), p.obj(("ino", st.st_ino)), st.st_size, digest,
+            link = p.link(fd) if memfd else _deleted_name(p.link(fd))
+            row: tuple[object, ...] = (*_common(p, fd), link, p.obj(("ino", st.st_ino)), st.st_size, digest,
                                        oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink)
             if memfd:
                 row += (_with_dup(p, fd, lambda d: fcntl.fcntl(d, F_GET_SEALS)),)
@@ -249,8 +260,41 @@ def _smaps(p: Proc) -> list[dict[str, str]]:
     return vmas
 
 
+def _merged(vmas: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Adjacent anonymous mappings alike in all but their range, as one: where the kernel draws
+    the line between them (it merges them only while their pages' bookkeeping allows) is
+    nothing the process asked for, and a copy made again may draw it elsewhere."""
+    out: list[dict[str, str]] = []
+    for v in vmas:
+        last = out[-1] if out else None
+        if last is not None and not v["name"] and not last["name"] and last["range"].split("-")[1] == \
+                v["range"].split("-")[0] and last["perms"] == v["perms"] and \
+                _flags(last) == _flags(v) and last.get("Locked") == v.get("Locked") == "0 kB":
+            last["range"] = last["range"].split("-")[0] + "-" + v["range"].split("-")[1]
+            continue
+        out.append(dict(v))
+    return out
+
+
+def _flags(v: dict[str, str]) -> list[str]:
+    return sorted(set(v.get("VmFlags", "").split()) - TRANSIENT_VMFLAGS)
+
+
+def _merged_vmas(vmas: list[Any]) -> list[Any]:
+    """``_merged`` for the records."""
+    out: list[Any] = []
+    for v in vmas:
+        last = out[-1] if out else None
+        if last is not None and v.kind == last.kind == "anon" and last.end == v.start and \
+                dataclasses.replace(last, start=0, end=0, pgoff=0) == dataclasses.replace(v, start=0, end=0, pgoff=0):
+            out[-1] = dataclasses.replace(last, end=v.end)
+            continue
+        out.append(v)
+    return out
+
+
 def _mappings(p: Proc) -> object:
-    return [(v["range"], v["perms"], v["offset"], v["name"]) for v in _smaps(p)]
+    return [(v["range"], v["perms"], v["offset"], v["name"]) for v in _merged(_smaps(p))]
 
 
 # VmFlags that say how the kernel treats the mapping now rather than what the process asked:
@@ -259,8 +303,7 @@ TRANSIENT_VMFLAGS = {"sd", "ac", "uw", "um", "ui"}
 
 
 def _advice(p: Proc) -> object:
-    out = [(v["range"], sorted(set(v.get("VmFlags", "").split()) - TRANSIENT_VMFLAGS), v.get("Locked"))
-           for v in _smaps(p)]
+    out = [(v["range"], _flags(v), v.get("Locked")) for v in _merged(_smaps(p))]
     return out, p.status()["VmLck"]
 
 
@@ -417,8 +460,10 @@ def _records(p: Proc) -> dict[str, object]:
         "ProcessState": [got.process], "Creds": [got.process.creds], "MmFields": [got.process.mm],
         "PosixTimer": list(got.process.posix_timers),
         "ThreadState": sorted(got.threads, key=lambda t: p.tids.index(t.tid)),
-        "FileDesc": list(fds.files.fds), "EventFile": list(fds.events.files), "PipeBuffer": list(fds.pipes.pipes),
-        "UnixSocket": list(fds.sockets.sockets), "FileContents": list(fds.contents), "Vma": list(layout.vmas)}
+        "FileDesc": [dataclasses.replace(f, flags=f.flags & ~OPEN_ONLY,
+                                         path=_deleted_name(f.path) if f.kind == "deleted" and not
+                                         f.path.startswith("/memfd:") else f.path) for f in fds.files.fds], "EventFile": list(fds.events.files), "PipeBuffer": list(fds.pipes.pipes),
+        "UnixSocket": list(fds.sockets.sockets), "FileContents": list(fds.contents), "Vma": _merged_vmas(list(layout.vmas))}
     # Object ids as the fd table first names them, pids as labels.
     for f in fds.files.fds:
         p.obj(("obj", f.obj))
@@ -461,8 +506,11 @@ def snapshot(pid: int, *, records: bool = True) -> dict[str, object]:
 
 def _changed(a: object, b: object) -> str:
     """``a`` became ``b``: for lists of one length, only the items that differ."""
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return "; ".join(f"{x!r} became {y!r}" for x, y in zip(a, b) if x != y)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) == len(b):
+            return "; ".join(f"{x!r} became {y!r}" for x, y in zip(a, b) if x != y)
+        gone, new = [x for x in a if x not in b], [y for y in b if y not in a]
+        return f"{len(a)} items became {len(b)}: without {gone!r}, with {new!r}"
     return f"{a!r} became {b!r}"
 
 

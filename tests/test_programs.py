@@ -232,7 +232,7 @@ def test_deleted_files_held_open(tmp_path: Path, how: str) -> None:
         d = tmp_path / name
         d.mkdir()
         proc = start_until_ready([sys.executable, "-S", str(script), str(d)], d / "ready", start_new_session=True)
-        pid = moved(proc, how, tmp_path) if move else proc.pid
+        pid = moved(proc, how, tmp_path, state=True) if move else proc.pid
         (d / "go").touch()
         if move:
             finished(pid)
@@ -382,7 +382,7 @@ def test_inotify(tmp_path: Path, how: str) -> None:
     script.write_text(INOTIFY)
     proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
                              start_new_session=True)
-    pid = moved(proc, how, tmp_path)
+    pid = moved(proc, how, tmp_path, state=True)
     (tmp_path / "go").touch()
     finished(pid)
     assert (tmp_path / "output").read_text() == "4 5 4:100:x 5:100:y 5:8000: 4:200:x watches=1\n"
