@@ -291,8 +291,23 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         st = info.st
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
-                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held))
+                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held,
+                            sig=_lease_signal(pid, info.fd) if any(h.kind == "lease" for h in held) else 0))
     return out
+
+
+def _lease_signal(pid: int, fd: int) -> int:
+    """The signal a break of the lease held through ``fd`` sends (F_GETSIG; 0: SIGIO), asked of
+    the description itself (a dup taken with pidfd_getfd: opening the file would break it)."""
+    pidfd = pidfd_open(pid)
+    try:
+        dup = pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+    try:
+        return fcntl.fcntl(dup, locks.F_GETSIG)
+    finally:
+        os.close(dup)
 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"

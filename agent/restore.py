@@ -749,10 +749,13 @@ class Restorer:
                                             "the process runs with 0")
 
     def _locks(self, files: Files) -> None:
-        """Each file lock, taken by the process through its fd once its fd table is final (a
-        close of any fd of the file would drop its POSIX locks). Never waits: a lock held here
-        by another process fails the restore, and a live migration rolls back."""
+        """Each file lock and lease, taken by the process through its fd once its fd table is
+        final (a close of any fd of the file would drop its POSIX locks). Never waits: a lock
+        held here by another process, or a lease the file's other opens here forbid, fails the
+        restore, and a live migration rolls back."""
         for f in files.fds:
+            if f.sig:              # before a lease, whose break sends it
+                self._call("fcntl", f.fd, locks.F_SETSIG, f.sig)
             for lock in f.locks:
                 name, args, arg = locks.take_calls(f.fd, lock, self._scratch(0))
                 if arg is not None:

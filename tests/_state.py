@@ -34,7 +34,7 @@ from agent import dump, freeze, inventory
 from agent.inject import RemoteMemory
 from precopy.kernel import get_robust_list, pidfd_getfd
 
-F_GET_SEALS, F_GETPIPE_SZ, FIONREAD = 1034, 1032, 0x541B
+F_GET_SEALS, F_GETPIPE_SZ, FIONREAD, F_GETLEASE, F_GETSIG = 1034, 1032, 0x541B, 1025, 11
 
 
 class Proc:
@@ -369,6 +369,9 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a deleted file": _deleted(memfd=False),
     "a memfd": _deleted(memfd=True),
     "a file lock": _locks,
+    "a lease": lambda p: [(fd, _with_dup(p, fd, lambda d: (fcntl.fcntl(d, F_GETLEASE), fcntl.fcntl(d, F_GETSIG))))
+                          for fd in p.kind_fds(lambda link, st: stat_mod.S_ISREG(st.st_mode))
+                          if any(" LEASE " in line for line in p.fdinfo_lines(fd, "lock:"))],
     "a pipe": _pipes,
     "a unix socket": _unix_sockets,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),

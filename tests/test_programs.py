@@ -112,9 +112,9 @@ def _move_counter(proc: subprocess.Popen[bytes], tmp_path: Path, how: str) -> No
 LOCKER = r"""
 import fcntl, os, struct, sys, time
 path, how, ready = sys.argv[1], sys.argv[2], sys.argv[3]
-if how == "lease":
+if how == "wlease":
     fd = os.open(path, os.O_RDONLY)
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
 else:
     fd = os.open(path, os.O_RDWR)
     if how == "posix":
@@ -129,15 +129,16 @@ time.sleep(120)
 
 
 @pytest.mark.parametrize("how, move, said", [
-    ("lease", "checkpoint", "holds a lease on"), ("lease", "live", "holds a lease on"),
+    ("wlease", "live", "holds a write lease of"),
     ("posix", "live", "holds a write POSIX record lock from byte 0 on of"),
     ("ofd", "live", "holds a write OFD lock from byte 0 on of"),
 ])
 def test_a_lock_that_cannot_be_carried_is_refused_and_kept(tmp_path: Path, how: str, move: str, said: str) -> None:
-    """A lease is refused before the preflight opens any file (which would break it); a write
-    lock on a file both copies see (a host to itself) cannot change hands without a window.
-    Refused before anything is frozen, naming the lock; it stays held. (Locks that can be
-    carried are: tests/test_checkpoint.py, test_migrate.py and test_migrate_hosts.py.)"""
+    """A write lease on a file both copies see (a host to itself) would be broken by the
+    destination's open; a write lock there cannot change hands without a window. Refused
+    before anything is frozen, and before anything opens the file, naming the lock; it stays
+    held, unbroken. (Locks and leases that can be carried are: tests/test_checkpoint.py,
+    test_migrate.py, test_migrate_hosts.py and test_leases below.)"""
     data = tmp_path / "db"
     data.write_bytes(b"x" * 4096)
     script = tmp_path / "locker.py"
@@ -152,9 +153,62 @@ def test_a_lock_that_cannot_be_carried_is_refused_and_kept(tmp_path: Path, how: 
     assert "Traceback" not in err
     assert said in err.splitlines()[-1] and str(data) in err.splitlines()[-1], err
     assert proc.poll() is None
-    kind = {"lease": "LEASE", "posix": "POSIX", "ofd": "OFDLCK"}[how]
+    kind = {"wlease": "LEASE  ACTIVE", "posix": "POSIX", "ofd": "OFDLCK"}[how]
     fdinfo = "".join(Path(f"/proc/{proc.pid}/fdinfo/{fd}").read_text() for fd in os.listdir(f"/proc/{proc.pid}/fd"))
-    assert f" {kind} " in fdinfo              # still held
+    assert f" {kind} " in fdinfo              # still held (a lease: not being broken)
+
+
+# A read lease (break signalled by SIGIO) and, for an image, a write lease whose break sends
+# SIGUSR1 (F_SETSIG). After the move each is held again and breaks as before: another process's
+# conflicting open fails at once (O_NONBLOCK) and the holder gets its signal.
+LEASES = r"""
+import fcntl, os, signal, sys, time
+d, write = sys.argv[1], sys.argv[2] == "write"
+got = []
+for s in (signal.SIGIO, signal.SIGUSR1):
+    signal.signal(s, lambda n, f: got.append(n))
+a = os.open(os.path.join(d, "a"), os.O_RDONLY)
+fcntl.fcntl(a, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+if write:
+    b = os.open(os.path.join(d, "b"), os.O_RDONLY)
+    fcntl.fcntl(b, 10, signal.SIGUSR1)                  # F_SETSIG
+    fcntl.fcntl(b, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.01)
+def breaks(path, flags, sig):
+    if os.fork() == 0:
+        try:
+            os.open(path, flags | os.O_NONBLOCK)
+            os._exit(1)
+        except BlockingIOError:
+            os._exit(0)
+    _, status = os.wait()
+    deadline = time.monotonic() + 10
+    while sig not in got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(status) == 0 and sig in got
+out = [fcntl.fcntl(a, fcntl.F_GETLEASE) == fcntl.F_RDLCK, breaks(os.path.join(d, "a"), os.O_WRONLY, signal.SIGIO)]
+if write:
+    out += [fcntl.fcntl(b, fcntl.F_GETLEASE) == fcntl.F_WRLCK, breaks(os.path.join(d, "b"), os.O_RDONLY, signal.SIGUSR1)]
+open(os.path.join(d, "output"), "w").write(f"{out}\n")
+"""
+
+
+@pytest.mark.parametrize("how, write", [("checkpoint", True), ("live", False)])
+def test_leases(tmp_path: Path, how: str, write: bool) -> None:
+    """Held again before the process runs (live from a host to itself: a read lease, held by
+    both copies until the source ends; a write lease there is refused, above)."""
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    script = tmp_path / "leases.py"
+    script.write_text(LEASES)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), "write" if write else "read"],
+                             tmp_path / "ready", start_new_session=True)
+    pid = moved(proc, how, tmp_path, state=True)
+    (tmp_path / "go").touch()
+    finished(pid)
+    assert (tmp_path / "output").read_text() == ("[True, True, True, True]\n" if write else "[True, True]\n")
 
 
 # A file rewritten in place while the process moves (a database's pages): from a host to

@@ -338,13 +338,14 @@ MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
 
-LOCK_KINDS = ("posix", "ofd", "flock")
+LOCK_KINDS = ("posix", "ofd", "flock", "lease")
 
 
 @dataclass(frozen=True)
 class FileLock:
-    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock or a flock
-    (the open file description's). ``length`` 0: to the end of the file, however long."""
+    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock, a flock or
+    a lease (``F_SETLEASE``; the open file description's). ``length`` 0: to the end of the
+    file, however long (a flock or a lease: the whole file, 0 and 0)."""
 
     kind: Annotated[str, Text(8)]     # one of LOCK_KINDS
     write: Flag
@@ -376,6 +377,8 @@ class FileDesc:
     waiting: Flag = 0        # kind "fifo", a reader of a FIFO no fd of the job writes: no writer came
                              # and went since it was opened, so poll shows no POLLHUP (a server
                              # waiting for its first client)
+    sig: Annotated[int, Int(0, NSIG, "a signal number or 0")] = 0   # F_SETSIG of a description with a
+                             # lease: the signal a lease break sends (0: SIGIO)
 
 
 @dataclass(frozen=True)
@@ -392,7 +395,8 @@ class Files(Record):
             _check(f.kind == "file" or not f.locks, f"fd {f.fd}: locks on a {f.kind}")
             for lock in f.locks:
                 _check(lock.kind in LOCK_KINDS, f"fd {f.fd}: lock kind {lock.kind!r}")
-                _check(lock.kind != "flock" or (lock.start, lock.length) == (0, 0), f"fd {f.fd}: a flock on a range")
+                _check(lock.kind not in ("flock", "lease") or (lock.start, lock.length) == (0, 0),
+                       f"fd {f.fd}: a {lock.kind} on a range")
             _check(f.kind in OBJECT_KINDS or bool(f.path), f"fd {f.fd}: no path")
             _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
