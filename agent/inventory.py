@@ -124,6 +124,8 @@ ROWS: tuple[Row, ...] = (
     Row("thread", "scheduling", CARRIED, _f("ThreadState", "nice", "sched_policy", "sched_priority",
                                             "sched_reset_on_fork", "timer_slack_ns", "ioprio")),
     Row("thread", "CPU pinning", CARRIED, _f("ThreadState", "cpus")),
+    # refused in preflight unless the user chose --affinity warn: then pinned to the CPUs it has
+    Row("thread", "CPU pinning to CPUs the destination lacks", WARNED),
     Row("thread", "SCHED_DEADLINE", REFUSED, readme="SCHED_DEADLINE"),
 )
 

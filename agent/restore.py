@@ -212,14 +212,18 @@ class Restorer:
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
                  stub_pid: int = 0, forked_from: "Restorer | None" = None,
-                 shared: SharedObjects | None = None) -> None:
+                 shared: SharedObjects | None = None, affinity: str = "refuse") -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
         ``forked_from``: the restorer of the stub it was forked from (its memory is a copy of
         that one's, which may have begun: a process that joined a tree during a live migration). ``shared``: the shared memory
-        objects of the processes restored together (each maps its own otherwise)."""
+        objects of the processes restored together (each maps its own otherwise). ``affinity``:
+        a thread pinned to CPUs this host lacks fails the restore ("refuse"), or is pinned to
+        those it has and the report warns ("warn", ``agent.sched``)."""
         check_machine(header, xsave_supported_mask())
+        sched.check_affinity(affinity)
+        self.affinity = affinity
         self.header = header
         self.keep_ids = keep_ids
         self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
@@ -1074,7 +1078,10 @@ class Restorer:
         """Nice, policy, priority and CPUs, set from outside once nothing more is injected: a
         real-time thread would otherwise run our calls at its priority, a pinned one on its CPU."""
         for t in threads:
-            sched.apply_thread(new_tids[t.tid], t, pid=proc.pid, host=socket.gethostname())
+            warning = sched.apply_thread(new_tids[t.tid], t, pid=proc.pid, host=socket.gethostname(),
+                                         affinity=self.affinity)
+            if warning:
+                self.report.warnings.append(warning)
 
     # -- the end ----------------------------------------------------------------------------
 

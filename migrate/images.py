@@ -52,7 +52,7 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
 
 
 def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
-            image_key: str | None = None) -> RestoreResult:
+            image_key: str | None = None, affinity: str = "refuse") -> RestoreResult:
     """Restore the process an image describes and let it run, under its own pid and thread
     ids (refused where they are taken), or under new ones with ``new_pid``.
 
@@ -60,11 +60,12 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     ``$KCR_IMAGE_KEY``, else /etc/kcr-migrate/image.key): anything else raises
     ``UntrustedImage`` before the frame concerned is used, and nothing is left of the
     process. ``trust_image`` restores unsigned images and images that do not verify,
-    with a warning in the result."""
+    with a warning in the result. ``affinity`` "warn": a thread pinned to CPUs this host
+    lacks is pinned to those it has (or none) and the result warns; "refuse" fails instead."""
     cancel = threading.Event()
     verifier = ImageVerifier.for_host(image_key, trust_image=trust_image)
     with Tracer() as tracer:
-        result, _ = tracer.call(_restore, src, cancel=cancel, new_pid=new_pid, verifier=verifier,
+        result, _ = tracer.call(_restore, src, cancel=cancel, new_pid=new_pid, verifier=verifier, affinity=affinity,
                                 on_interrupt=cancel)
     result.image_verified = verifier.verified
     if not verifier.verified:

@@ -412,6 +412,8 @@ UNOBSERVED: dict[str, str] = {
         "'an epoll instance' compares the watches' event masks (the report warns where they differ)",
     "a deleted file or memfd mapped (shared or private) and held open":
         "'a mapping' and 'a deleted file'/'a memfd' compare it",
+    "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "
+                                                 "an image naming others",
     "interval timers": "only the process reads them (getitimer): the records compare them",
     "a POSIX timer's overrun count": "counts expirations while frozen: the workloads check it",
     "membarrier registrations": "only the process reads them: the records compare them",
