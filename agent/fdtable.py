@@ -39,7 +39,7 @@ import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from agent import inotify, locks, unix_sockets
+from agent import fanotify, inotify, locks, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
@@ -85,7 +85,8 @@ class Peer:
 
 EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
                  "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll",
-                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify"}
+                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify",
+                 "anon_inode:[fanotify]": "fanotify"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -179,6 +180,8 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
         for pid, f in events:          # every watch still reachable by a path (or refused now)
             if f.kind == "inotify":
                 inotify.watches(pid, read_text(pid, "fdinfo", str(f.fd)))
+            elif f.kind == "fanotify":        # and a notification group's (or refused now)
+                fanotify.read(pid, f.fd, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
         for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
@@ -591,7 +594,7 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
     if f.kind == "pidfd":
         return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
-    if f.kind == "inotify":
+    if f.kind in ("inotify", "fanotify"):
         pidfd = pidfd_open(pid)
         try:
             dup = pidfd_getfd(pidfd, f.fd)
@@ -601,6 +604,10 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
             queued = inotify.queued_bytes(dup)
         finally:
             os.close(dup)
+        if f.kind == "fanotify":
+            init_flags, event_flags, marks = fanotify.read(pid, f.fd, text)
+            return EventFile(obj, "fanotify", queued=queued, init_flags=init_flags, event_flags=event_flags,
+                             marks=marks)
         return EventFile(obj, "inotify", inotify=inotify.watches(pid, text), queued=queued)
     watches = []
     for line in text.splitlines():

@@ -666,7 +666,7 @@ class Restorer:
         check_threads(proc, threads, self.header)
         for e in fds.events.files:
             if e.queued:
-                self.report.warnings.append(f"an inotify instance of pid {proc.pid} had {e.queued} bytes of events "
+                self.report.warnings.append(f"an {e.kind} instance of pid {proc.pid} had {e.queued} bytes of events "
                                             "queued when it was frozen: those events are not carried")
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)

@@ -380,6 +380,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "an epoll instance": _anon("eventpoll", (), lines="tfd:"),
     "a pidfd": _pidfds,
     "an inotify instance": _anon("inotify", (), lines="inotify"),
+    "a fanotify instance": lambda p: [(*_common(p, fd)[:2], sorted(p.fdinfo_lines(fd, "fanotify")))
+                                      for fd in p.kind_fds(lambda link, st: link == "anon_inode:[fanotify]")],
     "a mapping": _mappings,
     "madvise state and mlock": _advice,
     "its pid": lambda p: p.label(int(p.status()["Tgid"])),
@@ -405,7 +407,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
 
 # Carried or warned rows no outside reading shows, and where they are checked instead.
 UNOBSERVED: dict[str, str] = {
-    "events queued on an inotify instance": "not carried (the report warns): the queue starts empty",
+    "events queued on an inotify or fanotify instance": "not carried (the report warns): the queue starts empty",
     "a redirected fd": "becomes another file by design: tests/test_programs.py checks what it writes",
     "a FIFO deleted from its directory": "moves as a pipe: 'a pipe' compares it",
     "a one-shot epoll watch that fired, its file not ready at restore":
@@ -442,6 +444,7 @@ VOLATILE: dict[str, Callable[[Any], object] | None] = {
     "ThreadState.pending": _not_itimer,
     "FileContents.data": lambda d: hashlib.sha256(d).hexdigest(),
     "Vma.file_mtime_ns": None,
+    "EventFile.queued": None,            # not carried (warned): the new queue fills with what happens since
     "Vma.ino": None,                     # a deleted file or memfd made again is another inode
 }
 # Fields that hold pids (written as labels) and ids (written as first-seen order).

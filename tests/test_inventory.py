@@ -46,7 +46,7 @@ def test_every_fd_kind_and_event_kind_is_a_row() -> None:
     names = {"file": "a regular file", "dir": "a directory", "chr": "/dev/null and similar", "pipe": "a pipe",
              "unix": "a unix socket", "redirect": "a redirected fd", "deleted": "a deleted file",
              "eventfd": "an eventfd", "timerfd": "a timerfd", "signalfd": "a signalfd", "epoll": "an epoll instance",
-             "pidfd": "a pidfd", "inotify": "an inotify instance", "fifo": "a FIFO"}
+             "pidfd": "a pidfd", "inotify": "an inotify instance", "fifo": "a FIFO", "fanotify": "a fanotify instance"}
     assert set(names) == set(schema.FD_KINDS), "a new fd kind needs a row (and a name here)"
     assert set(names.values()) <= whats
 

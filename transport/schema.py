@@ -325,7 +325,7 @@ class Mappings(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify", "fanotify")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo") + EVENT_KINDS
 # fds of these kinds refer to an object the stream carries
 OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo") + EVENT_KINDS
@@ -508,9 +508,22 @@ class InotifyWatch:
     path: Annotated[str, AbsPath()]   # the watched file or directory, as the source host names it
 
 
+FANOTIFY_MARKS = ("inode", "mount", "filesystem")
+
+
+@dataclass(frozen=True)
+class FanotifyMark:
+    kind: Annotated[str, Text(16)]    # one of FANOTIFY_MARKS
+    path: Annotated[str, AbsPath()]   # the marked file or directory (inode), or a path on the mount
+                                      # or filesystem, as the source host names it
+    mask: U64
+    ignored_mask: U64 = 0
+    mflags: Annotated[int, Int(0, 0xFFFF, "fanotify mark flags")] = 0   # FAN_MARK_IGNORED_SURV_MODIFY, ...
+
+
 @dataclass(frozen=True)
 class EventFile:
-    """An eventfd, timerfd, signalfd, epoll instance, pidfd or inotify instance, with its state."""
+    """An eventfd, timerfd, signalfd, epoll instance, pidfd, inotify or fanotify instance, with its state."""
 
     id: ObjectId
     kind: Annotated[str, Text(16)]   # one of EVENT_KINDS
@@ -525,7 +538,10 @@ class EventFile:
     pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0   # pidfd: the process it refers to
                              # (one that moves too)
     inotify: Annotated[tuple[InotifyWatch, ...], Count(MAX_WATCHES)] = ()   # inotify: its watches
-    queued: U32 = 0          # inotify: bytes of events queued at the freeze (not carried)
+    queued: U32 = 0          # inotify, fanotify: bytes of events queued at the freeze (not carried)
+    init_flags: Annotated[int, Int(0, (1 << 31) - 1, "fanotify_init flags")] = 0   # fanotify: its class, ...
+    event_flags: Annotated[int, Int(0, (1 << 31) - 1, "open flags")] = 0   # fanotify: how events' fds are opened
+    marks: Annotated[tuple[FanotifyMark, ...], Count(MAX_WATCHES)] = ()   # fanotify: its marks
 
 
 @dataclass(frozen=True)
@@ -541,8 +557,12 @@ class EventFiles(Record):
             _check(e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
             _check(e.kind == "epoll" or not e.watches, f"event file {e.id}: watches on a {e.kind}")
             _check((e.pid > 0) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
-            _check(e.kind == "inotify" or not (e.inotify or e.queued), f"event file {e.id}: inotify watches on a "
+            _check(e.kind == "inotify" or not e.inotify, f"event file {e.id}: inotify watches on a {e.kind}")
+            _check(e.kind in ("inotify", "fanotify") or not e.queued, f"event file {e.id}: events queued on a "
                    f"{e.kind}")
+            _check(e.kind == "fanotify" or not (e.marks or e.init_flags or e.event_flags),
+                   f"event file {e.id}: fanotify marks on a {e.kind}")
+            _check(all(m.kind in FANOTIFY_MARKS for m in e.marks), f"event file {e.id}: a fanotify mark's kind")
             _check(len({w.wd for w in e.inotify}) == len(e.inotify), f"event file {e.id}: an inotify watch twice")
             seen.add(e.id)
 
