@@ -9,9 +9,11 @@ Every kind of fd, mapping, and process or thread attribute has one row:
 - ``lost``: not carried, and said so in the README's Limits (what a process cannot take to
   another host: its parent, cgroup and NUMA placement, ...).
 
-``tests/test_inventory.py`` holds the dump's records, the preflight's refusals and the
-README against this table: a record field without a row, a refusal the table does not know,
-or a refused or lost kind the README does not mention fails the tests. A new kernel object
+``tests/test_inventory.py`` holds the dump's records, the preflight's refusals, the README
+and the tests' state checker (``tests/_state.py``, which compares a moved process's state with
+the source's, row by row) against this table: a record field without a row, a refusal the
+table does not know, a refused or lost kind the README does not mention, or a carried row
+the checker cannot see fails the tests. A new kernel object
 therefore cannot be dropped without a row saying so. ``agent.procfs`` takes its fd refusals
 from here.
 """
