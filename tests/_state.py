@@ -544,7 +544,8 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any], *, ignore: 
     assert not diff, "the moved process's state differs:\n" + "\n".join(diff)
 
 
-HOLDING = {"ckpt_attrs", "ckpt_events", "ckpt_files", "ckpt_locks", "ckpt_pipes", "ckpt_sched", "ckpt_signals",
+HOLDING = {"ckpt_attrs", "ckpt_creds", "ckpt_events", "ckpt_fifo", "ckpt_files", "ckpt_locks", "ckpt_pipes", "ckpt_sched",
+           "ckpt_signals",
            "ckpt_sockets"}   # the workloads whose quiet phase waits for the test (``hold()``)
 # Workloads whose records are not read: reading a unix socket's queue marks a zero-length
 # datagram as peeked, and the kernel hides a peeked one from every later peek (the dump's
