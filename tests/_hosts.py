@@ -120,12 +120,16 @@ def testbed() -> Iterator[Testbed]:
 
 # --- workloads inside the test hosts ------------------------------------------------------
 
-def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, **env: str) -> int:
+def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, hold: bool = False, **env: str) -> int:
     """Start a workload inside ``host``; its pid once it is ready (ended after the test).
 
     On a host with its own pids that is nsenter's pid, outside the host: see ``Testbed.popen``.
+    ``hold``: the workload waits before its verdict until ``verdict(outdir)`` asks for it (a job
+    a test moves must not end before it was moved, however busy the machine).
     """
     outdir.mkdir(parents=True, exist_ok=True)
+    if hold:
+        env["WORKLOAD_HOLD"] = str(outdir / "go-on")
     with open(outdir / "stderr", "wb") as err:
         proc = bed.popen(host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                          start_new_session=True, env={**os.environ, **env})
@@ -136,6 +140,12 @@ def start_in(bed: Testbed, host: str, argv: list[str], outdir: Path, **env: str)
         assert time.monotonic() < deadline, f"{' '.join(argv[:3])} never became ready"
         time.sleep(0.02)
     return proc.pid
+
+
+def verdict(outdir: Path, timeout: float = 60) -> str:
+    """A workload's verdict, letting it go on first if it was started with ``hold``."""
+    (outdir / "go-on").touch()
+    return wait_file(outdir / "verdict", timeout).strip()
 
 
 def wait_file(path: Path, timeout: float = 60, empty_ok: bool = False) -> str:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from agent import dump, freeze, inventory
 from agent.inject import RemoteMemory
 from precopy.kernel import get_robust_list, pidfd_getfd
+from tests._workloads import Workload
 
 F_GET_SEALS, F_GETPIPE_SZ, FIONREAD, F_GETLEASE, F_GETSIG = 1034, 1032, 0x541B, 1025, 11
 
@@ -544,9 +545,11 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any], *, ignore: 
     assert not diff, "the moved process's state differs:\n" + "\n".join(diff)
 
 
+# The workloads whose quiet phase (ckpt_common.h's ``quiet()``) waits for the test under
+# ``Workload(hold=True)``.
 HOLDING = {"ckpt_attrs", "ckpt_creds", "ckpt_events", "ckpt_fifo", "ckpt_files", "ckpt_locks", "ckpt_pipes", "ckpt_sched",
            "ckpt_signals",
-           "ckpt_sockets"}   # the workloads whose quiet phase waits for the test (``hold()``)
+           "ckpt_sockets"}
 # Workloads whose records are not read: reading a unix socket's queue marks a zero-length
 # datagram as peeked, and the kernel hides a peeked one from every later peek (the dump's
 # too): see the inventory's row for it. Their observed state is compared all the same.
@@ -554,16 +557,16 @@ NO_RECORDS = {"ckpt_sockets"}
 
 
 class Watch:
-    """The state of a workload (started with ``WORKLOAD_GO=1``, ready, held in its quiet
-    phase) before a move, compared with its moved copy's; then the workload goes on."""
+    """The state of a workload (started with ``hold=True``, ready: held in its quiet phase)
+    before a move, compared with its moved copy's; then the workload goes on."""
 
-    def __init__(self, name: str, pid: int, go: str) -> None:
-        self.records = name not in NO_RECORDS
-        self.before = snapshot(pid, records=self.records)
-        self.go = go
+    def __init__(self, w: Workload) -> None:
+        self.w = w
+        self.records = w.name not in NO_RECORDS
+        self.before = snapshot(w.pid, records=self.records)
 
     def check(self, new_pid: int) -> None:
         try:
             assert_same_state(self.before, snapshot(new_pid, records=self.records))
         finally:
-            open(self.go, "w").close()
+            self.w.release()

@@ -36,7 +36,8 @@ def build(name: str, *extra_flags: str) -> Path:
     out = BUILD / name
     with open(BUILD / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        newest = max(path.stat().st_mtime for path in (src, *SOURCES.glob("*.h")))   # headers too
+        if not out.exists() or out.stat().st_mtime < newest:
             tmp = BUILD / f".{name}.tmp"
             subprocess.run([cc, "-O2", "-g", "-pthread", "-o", str(tmp), str(src), *extra_flags],
                            check=True, capture_output=True, text=True)
@@ -72,7 +73,8 @@ class Workload:
     """One run of a workload program in its own directory (zdtm style: ready, output, verdict)."""
 
     def __init__(self, name: str, base: Path, *args: str, user: int | None = None,
-                 groups: list[int] | None = None, argv: list[str] | None = None, scale: int = 1) -> None:
+                 groups: list[int] | None = None, argv: list[str] | None = None, scale: int = 1,
+                 hold: bool = False) -> None:
         self.name = name
         if user is None:
             self.dir = base / name
@@ -87,6 +89,11 @@ class Workload:
         self.user = user
         self.groups = groups
         self.env = {**os.environ, "WORKLOAD_SCALE": str(scale)}
+        # hold: the workload waits before its verdict until ``release()`` (or ``verdict()``):
+        # a job a test moves never ends before it was moved, however busy the machine.
+        self.hold = self.dir / "go-on" if hold else None
+        if self.hold is not None:
+            self.env["WORKLOAD_HOLD"] = str(self.hold)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
@@ -117,7 +124,13 @@ class Workload:
     def wait_ready(self, timeout: float = 20) -> None:
         self.wait_file("ready", timeout)
 
+    def release(self) -> None:
+        """Let a held workload (``hold=True``) go on to its verdict."""
+        if self.hold is not None:
+            self.hold.touch()
+
     def verdict(self, timeout: float = 60) -> str:
+        self.release()
         return self.wait_file("verdict", timeout).strip()
 
     def output(self) -> str:
@@ -164,10 +177,9 @@ def reap(pid: int, timeout: float = 60) -> int:
 
 def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
     """An uninterrupted run, for comparison. A workload whose quiet phase can wait for the
-    test (``hold()`` in ckpt_common.h) skips it: nothing moves it, nothing needs the time."""
-    w = Workload(name, base / "reference", *args, **kw)  # type: ignore[arg-type]
-    w.env["WORKLOAD_GO"] = "1"
-    (w.dir / "go").touch()
+    test (``quiet()`` in ckpt_common.h) skips it: nothing moves it, nothing needs the time."""
+    w = Workload(name, base / "reference", *args, hold=True, **kw)  # type: ignore[arg-type]
+    w.release()
     w.start()
     assert w.verdict() == "PASS"
     w.reap_original()

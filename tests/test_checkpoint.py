@@ -49,12 +49,10 @@ def checkpoint_and_restore(w: Workload, tmp_path: Path, *extra: str) -> tuple[in
 def migrate_once(name: str, tmp_path: Path, *args: str, **kw: object) -> tuple[Workload, Workload, dict[str, object]]:
     kw.setdefault("scale", 3)         # room for the CLI to start on a loaded machine
     ref = run_reference(name, tmp_path, *args, **kw)
-    w = Workload(name, tmp_path / "restored", *args, **kw)  # type: ignore[arg-type]
-    if name in HOLDING:
-        w.env["WORKLOAD_GO"] = "1"       # it waits for the test to have compared its state
+    w = Workload(name, tmp_path / "restored", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
-    watch = Watch(name, w.pid, str(w.dir / "go")) if name in HOLDING else None
+    watch = Watch(w) if name in HOLDING else None
     new_pid, stats = checkpoint_and_restore(w, tmp_path)
     if watch is not None:
         watch.check(new_pid)            # the whole state, not only what the workload checks

@@ -41,8 +41,7 @@ def test_a_fifo_the_process_holds_both_ends_of(tmp_path: Path) -> None:
 
 
 def test_the_fifo_is_made_again_where_its_path_is_missing(tmp_path: Path) -> None:
-    w = Workload("ckpt_fifo", tmp_path, scale=3)
-    w.env["WORKLOAD_GO"] = "1"         # it waits for the test, however slowly the CLI starts
+    w = Workload("ckpt_fifo", tmp_path, scale=3, hold=True)   # it waits for the test, however slow
     w.start()
     w.wait_ready()
     fifo = w.dir / "fifo"
@@ -57,15 +56,13 @@ def test_the_fifo_is_made_again_where_its_path_is_missing(tmp_path: Path) -> Non
     st = fifo.lstat()
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
     assert (st.st_uid, st.st_gid) == (4242, 4343)
-    (w.dir / "go").touch()
     assert w.verdict() == "PASS", w.verdict()
     assert os.WEXITSTATUS(reap(w.pid)) == 0
     assert w.output() == "fifo checked: all good\n"
 
 
 def test_something_else_at_the_fifos_path_is_refused(tmp_path: Path) -> None:
-    w = Workload("ckpt_fifo", tmp_path, scale=3)
-    w.env["WORKLOAD_GO"] = "1"         # it waits for the test, however slowly the CLI starts
+    w = Workload("ckpt_fifo", tmp_path, scale=3, hold=True)   # it waits for the test, however slow
     w.start()
     w.wait_ready()
     image = tmp_path / "img"

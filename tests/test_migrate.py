@@ -26,12 +26,10 @@ def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str,
                      **kw: object) -> tuple[Workload, Workload, dict]:
     kw.setdefault("scale", 5)         # long enough to be caught mid-run
     ref = run_reference(name, tmp_path, *args, **kw)
-    w = Workload(name, tmp_path / "migrated", *args, **kw)  # type: ignore[arg-type]
-    if name in HOLDING:
-        w.env["WORKLOAD_GO"] = "1"       # it waits for the test to have compared its state
+    w = Workload(name, tmp_path / "migrated", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
-    watch = Watch(name, w.pid, str(w.dir / "go")) if name in HOLDING else None
+    watch = Watch(w) if name in HOLDING else None
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", *cli_args)
     assert code == 0, err
     assert w.reap_original() == -9           # the source was ended only after the copy ran

@@ -34,7 +34,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def start_job(tmp_path: Path) -> Workload:
-    w = Workload("mig_dirty", tmp_path, *JOB)
+    w = Workload("mig_dirty", tmp_path, *JOB, hold=True)
     w.start()
     w.wait_ready()
     return w

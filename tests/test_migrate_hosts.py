@@ -14,7 +14,7 @@ import pytest
 
 from examples.testbed import Testbed
 from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
-from tests._hosts import start_in, wait_file
+from tests._hosts import start_in, verdict, wait_file
 from tests._migration import copies, migrate_cli, proc_state, running_copies, wait_gone
 from tests._workloads import build, one_error_line
 
@@ -38,14 +38,14 @@ def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path
     args = ["64", "20", "800", "1"] if workload == "mig_dirty" else []
     ref = reference_output([exe, str(tmp_path / "ref"), *args], tmp_path / "ref", WORKLOAD_SCALE="5")
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out), *args], out, WORKLOAD_SCALE="5")
+    pid = start_in(testbed, "hostA", [exe, str(out), *args], out, hold=True, WORKLOAD_SCALE="5")
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
                                     "--data-channel", channel)
     assert code == 0, err
     assert report["data_channel"] == channel
     new = report["new_pid"]
     assert netns_of(new) == os.stat(testbed.netns_path("hostB")).st_ino, "it must run inside hostB"
-    assert wait_file(out / "verdict").strip() == "PASS"
+    assert verdict(out) == "PASS"
     assert (out / "output").read_text() == ref
     wait_gone(new)
     if workload == "mig_dirty":
@@ -61,11 +61,11 @@ def test_write_locks_move_with_the_files_they_lock(testbed: Testbed, tmp_path: P
     testbed.exec("hostA", ["mkdir", data], check=True)
     ref = reference_output([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="5")
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out), "write", data], out, WORKLOAD_SCALE="5")
+    pid = start_in(testbed, "hostA", [exe, str(out), "write", data], out, hold=True, WORKLOAD_SCALE="5")
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
                                     "--fs", f"rsync:{data}")
     assert code == 0, err
-    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert verdict(out) == "PASS", (out / "stderr").read_text()
     assert (out / "output").read_text() == ref == "locks checked: all held (0)\n"
     wait_gone(report["new_pid"])
 

@@ -28,7 +28,18 @@ static void write_file(const char *name, const char *text) {
 
 static void ready(void) { write_file("ready", "ready\n"); }
 
+/* WORKLOAD_HOLD=PATH: before its verdict, wait until PATH exists. A job a test moves is
+ * started so: however slow the machine, it does not end before the test has moved it and
+ * asks for the verdict (tests/_workloads.py, ``Workload(hold=True)``). */
+static void hold_on(void) {
+    const char *hold = getenv("WORKLOAD_HOLD");
+    if (!hold || !*hold) return;
+    struct timespec tick = { 0, 10000000L };
+    while (access(hold, F_OK) != 0) nanosleep(&tick, NULL);
+}
+
 static void verdict(int ok, const char *fmt, ...) {
+    hold_on();
     char buf[1024];
     va_list ap;
     va_start(ap, fmt);
@@ -55,13 +66,12 @@ __attribute__((unused)) static void sleep_ms(long ms) {
 }
 
 /* The workload's quiet phase, where a move lands: ticks x 10 ms (stretched by WORKLOAD_SCALE);
- * or, under WORKLOAD_GO=1 (a test comparing the state before and after the move), until the
- * test makes OUTDIR/go (60 s at most), so nothing changes while the test looks. */
-__attribute__((unused)) static void hold(int ticks) {
-    if (getenv("WORKLOAD_GO")) {
-        char path[4096];
-        snprintf(path, sizeof path, "%s/go", outdir);
-        for (int i = 0; i < 6000 && access(path, F_OK); i++) sleep_ms(10);
+ * under WORKLOAD_HOLD, until the test lets it go on (``hold_on``): the test compares the
+ * process's state before and after the move (tests/_state.py), and nothing changes meanwhile. */
+__attribute__((unused)) static void quiet(int ticks) {
+    const char *hold = getenv("WORKLOAD_HOLD");
+    if (hold && *hold) {
+        hold_on();
         return;
     }
     for (int i = 0; i < ticks * scale; i++) sleep_ms(10);
