@@ -565,7 +565,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             # A socket and its peer go in one record: the first process's that holds either.
             peer = socks.get(known[ino].peer, (holder, fd))[0]
             owner = min(holder, peer, key=order.__getitem__)
-            sockets[owner].append(_socket(pidfd(holder), fd, known[ino]))
+            peer_info = known.get(known[ino].peer)
+            sockets[owner].append(_socket(pidfd(holder), fd, known[ino], peer_info.wqueue if peer_info else 0))
     finally:
         for fd in pidfds.values():
             os.close(fd)
@@ -629,10 +630,12 @@ def _timespec_ns(text: str) -> int:
     return int(sec) * 1_000_000_000 + int(nsec)
 
 
-def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo) -> UnixSocket:
+def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, peer_wqueue: int = 0) -> UnixSocket:
+    """``peer_wqueue``: the memory its peer (one that moves too) is charged for what it sent."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         queue = unix_sockets.queued_data(dup, info.type)
+        unix_sockets.check_hidden_messages(fd, info.type, queue, peer_wqueue)
         o = unix_sockets.socket_options(dup)
     finally:
         os.close(dup)

@@ -49,7 +49,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a pipe", CARRIED, _f("FileDesc", "obj") + _f("PipeBuffer", "id", "size", "data")),
     Row("fd", "a unix socket", CARRIED, _f("UnixSocket", "id", "type", "peer", "peer_closed", "shutdown",
                                            "options", "queue")),
-    Row("fd", "a zero-length datagram a peek has seen already", LOST, readme="a zero-length datagram"),
+    Row("fd", "a zero-length datagram a peek has seen already", REFUSED, readme="a zero-length datagram"),
     Row("fd", "an eventfd", CARRIED, _f("EventFile", "id", "kind", "count", "semaphore")),
     Row("fd", "a timerfd", CARRIED, _f("EventFile", "clockid", "value_ns", "interval_ns", "ticks")),
     Row("fd", "a signalfd", CARRIED, _f("EventFile", "sigmask")),

@@ -551,8 +551,8 @@ HOLDING = {"ckpt_attrs", "ckpt_creds", "ckpt_events", "ckpt_fifo", "ckpt_files",
            "ckpt_signals",
            "ckpt_sockets"}
 # Workloads whose records are not read: reading a unix socket's queue marks a zero-length
-# datagram as peeked, and the kernel hides a peeked one from every later peek (the dump's
-# too): see the inventory's row for it. Their observed state is compared all the same.
+# datagram as peeked, and the kernel hides a peeked one from every later peek, so the dump
+# would refuse it (the inventory's row for it). Their observed state is compared all the same.
 NO_RECORDS = {"ckpt_sockets"}
 
 

@@ -501,3 +501,25 @@ def test_a_fired_one_shot_watch_whose_file_is_not_ready_is_warned(tmp_path: Path
     go.touch()
     status = reap(int(result["pid"]))
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+HIDDEN_DATAGRAM = r"""
+import socket, sys, time
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for m in (b"first", b"", b"third"):
+    a.send(m)
+b.setsockopt(socket.SOL_SOCKET, 42, 0)                 # SO_PEEK_OFF: peek along the queue
+assert b.recv(64, socket.MSG_PEEK) == b"first" and b.recv(64, socket.MSG_PEEK) == b""
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+
+
+def test_a_datagram_no_peek_shows_is_refused_not_lost(tmp_path: Path) -> None:
+    """An empty datagram the program has peeked at is hidden from every later peek: the dump
+    sees its sender charged for more than the queue shows, and refuses; the process runs on."""
+    ready = tmp_path / "ready"
+    proc = start_until_ready([sys.executable, "-S", "-c", HIDDEN_DATAGRAM, str(ready)], ready)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert "a message queued that no peek shows" in line, line
+    assert not (tmp_path / "img").exists() and proc_state(proc.pid) in ("S", "R")
