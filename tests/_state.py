@@ -115,7 +115,8 @@ def _with_dup(p: Proc, fd: int, read: Callable[[int], Any]) -> Any:
 
 
 # Flags that act when a file is opened and that F_GETFL shows after: a description made again
-# another way (a deleted file by O_TMPFILE, ...) need not show them (see the README's Limits).
+# another way (a deleted file by O_TMPFILE, ...) need not show them (the inventory's lost row
+# "a deleted file's name and open-only flags").
 OPEN_ONLY = 0o100 | 0o200 | 0o400 | 0o1000 | 0o200000 | 0o400000 | 0o20000000   # O_CREAT ... O_TMPFILE
 
 
