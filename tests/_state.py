@@ -120,10 +120,11 @@ def _with_dup(p: Proc, fd: int, read: Callable[[int], Any]) -> Any:
 OPEN_ONLY = 0o100 | 0o200 | 0o400 | 0o1000 | 0o200000 | 0o400000 | 0o20000000   # O_CREAT ... O_TMPFILE
 
 
-def _common(p: Proc, fd: int) -> tuple[int, str, int]:
-    """fd, its status flags (O_CLOEXEC among them) and offset."""
+def _common(p: Proc, fd: int, remade: bool = False) -> tuple[int, str, int]:
+    """fd, its flags (O_CLOEXEC among them; ``remade``: a description made again another way,
+    without its open-only flags) and offset."""
     info = p.fdinfo(fd)
-    return fd, oct(int(info["flags"], 8) & ~OPEN_ONLY), int(info["pos"])
+    return fd, oct(int(info["flags"], 8) & ~(OPEN_ONLY if remade else 0)), int(info["pos"])
 
 
 def _deleted_name(link: str) -> str:
@@ -151,7 +152,7 @@ def _deleted(memfd: bool) -> Callable[[Proc], object]:
             with open(f"/proc/{p.pid}/fd/{fd}", "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
             link = p.link(fd) if memfd else _deleted_name(p.link(fd))
-            row: tuple[object, ...] = (*_common(p, fd), link, p.obj(("ino", st.st_ino)), st.st_size, digest,
+            row: tuple[object, ...] = (*_common(p, fd, remade=True), link, p.obj(("ino", st.st_ino)), st.st_size, digest,
                                        oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink)
             if memfd:
                 row += (_with_dup(p, fd, lambda d: fcntl.fcntl(d, F_GET_SEALS)),)
@@ -470,9 +471,9 @@ def _records(p: Proc) -> dict[str, object]:
         "ProcessState": [got.process], "Creds": [got.process.creds], "MmFields": [got.process.mm],
         "PosixTimer": list(got.process.posix_timers),
         "ThreadState": sorted(got.threads, key=lambda t: p.tids.index(t.tid)),
-        "FileDesc": [dataclasses.replace(f, flags=f.flags & ~OPEN_ONLY,
-                                         path=_deleted_name(f.path) if f.kind == "deleted" and not
-                                         f.path.startswith("/memfd:") else f.path) for f in fds.files.fds], "EventFile": list(fds.events.files), "PipeBuffer": list(fds.pipes.pipes),
+        "FileDesc": [dataclasses.replace(f, flags=f.flags & ~OPEN_ONLY, path=_deleted_name(f.path) if not
+                                         f.path.startswith("/memfd:") else f.path) if f.kind == "deleted" else f
+                     for f in fds.files.fds], "EventFile": list(fds.events.files), "PipeBuffer": list(fds.pipes.pipes),
         "UnixSocket": list(fds.sockets.sockets), "FileContents": list(fds.contents), "Vma": _merged_vmas(list(layout.vmas))}
     # Object ids as the fd table first names them, pids as labels.
     for f in fds.files.fds:
