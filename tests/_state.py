@@ -132,6 +132,13 @@ def _deleted_name(link: str) -> str:
     return os.path.dirname(link) + "/ (deleted)"
 
 
+def _mapped_name(name: str) -> str:
+    """A mapping's name, a deleted file's without the name it had (a memfd keeps its own)."""
+    if name.endswith(" (deleted)") and name.startswith("/") and not name.startswith(("/memfd:", "/dev/zero")):
+        return _deleted_name(name)
+    return name
+
+
 def _is_path(link: str) -> bool:
     return link.startswith("/") and not link.endswith(" (deleted)")
 
@@ -297,7 +304,7 @@ def _merged_vmas(vmas: list[Any]) -> list[Any]:
 
 
 def _mappings(p: Proc) -> object:
-    return [(v["range"], v["perms"], v["offset"], v["name"]) for v in _merged(_smaps(p))]
+    return [(v["range"], v["perms"], v["offset"], _mapped_name(v["name"])) for v in _merged(_smaps(p))]
 
 
 # VmFlags that say how the kernel treats the mapping now rather than what the process asked:
@@ -474,7 +481,7 @@ def _records(p: Proc) -> dict[str, object]:
         "FileDesc": [dataclasses.replace(f, flags=f.flags & ~OPEN_ONLY, path=_deleted_name(f.path) if not
                                          f.path.startswith("/memfd:") else f.path) if f.kind == "deleted" else f
                      for f in fds.files.fds], "EventFile": list(fds.events.files), "PipeBuffer": list(fds.pipes.pipes),
-        "UnixSocket": list(fds.sockets.sockets), "FileContents": list(fds.contents), "Vma": _merged_vmas(list(layout.vmas))}
+        "UnixSocket": list(fds.sockets.sockets), "FileContents": list(fds.contents), "Vma": _merged_vmas([dataclasses.replace(v, path=_mapped_name(v.path)) for v in layout.vmas])}
     # Object ids as the fd table first names them, pids as labels.
     for f in fds.files.fds:
         p.obj(("obj", f.obj))
