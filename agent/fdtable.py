@@ -35,12 +35,13 @@ import fcntl
 import os
 import select
 import stat
+import struct
 import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from agent import fanotify, inotify, locks, unix_sockets
-from agent.procfs import FdInfo, classify_fd, list_fds, read_text
+from agent.procfs import FdInfo, classify_fd, list_fds, read_text, thread_ids
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -296,7 +297,34 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
                             size=st.st_size if st is not None and kind == "file" else -1,
                             mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held,
                             sig=_lease_signal(pid, info.fd) if any(h.kind == "lease" for h in held) else 0))
-    return out
+    return [_async_owner(pid, f) if f.flags & os.O_ASYNC and f.kind != "redirect" else f for f in out]
+
+
+F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
+F_GETOWN_EX = 16
+
+
+def _async_owner(pid: int, f: FileDesc) -> FileDesc:
+    """An O_ASYNC description's owner (F_GETOWN_EX: whom its I/O signals) and signal
+    (F_GETSIG), asked of the description itself. One that signals a process that does not
+    move is refused: on the destination that pid is another process, or none."""
+    pidfd = pidfd_open(pid)
+    try:
+        dup = pidfd_getfd(pidfd, f.fd)
+    finally:
+        os.close(pidfd)
+    try:
+        sig = fcntl.fcntl(dup, locks.F_GETSIG)
+        kind, who = struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))
+    finally:
+        os.close(dup)
+    if who and not ((kind == F_OWNER_PID and who == pid) or (kind == F_OWNER_TID and who in thread_ids(pid))
+                    or (kind == F_OWNER_PGRP and who == os.getpgid(pid))):
+        what = {F_OWNER_TID: "thread", F_OWNER_PID: "process", F_OWNER_PGRP: "process group"}.get(kind, "owner")
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {f.fd} sends its I/O signals (O_ASYNC, F_SETOWN) to {what} {who}, which does not move "
+            f"with it: point them at the process itself (F_SETOWN), or {_CANNOT}", pid=pid)
+    return replace(f, sig=sig, owner=who, owner_kind=kind if who else 0)
 
 
 def _lease_signal(pid: int, fd: int) -> int:

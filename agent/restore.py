@@ -122,6 +122,7 @@ PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
 MCL_FUTURE = 2
 EPOLL_CTL_ADD, EPOLL_CTL_MOD = 1, 3
+F_SETOWN_EX, F_OWNER_TID, F_OWNER_PID = 15, 0, 1
 EPOLLONESHOT = 1 << 30
 EP_PRIVATE_BITS = 0xF << 28         # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET
 EPOLL_ANY = 0x2007                  # EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP
@@ -704,6 +705,7 @@ class Restorer:
             lend = (self.keep_ids and len(threads) > 1) or bool(proc.posix_timers)
             self._creds(proc, lend_cap=lend)
             new_tids = self._threads(proc, threads, lent_cap=lend)
+            self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
             self._drop_gadget()
             self._final_registers(threads, new_tids)
@@ -770,6 +772,21 @@ class Restorer:
                     raise RestoreError(f"cannot take {locks.describe(lock)} on {f.path} (fd {f.fd}) again: "
                                        f"{exc.strerror} (held here by {locks.holders(f.path)}); move the process "
                                        "when it does not hold it, or when they let go") from None
+
+    def _owners(self, files: Files, new_tids: dict[int, int]) -> None:
+        """Whom each O_ASYNC description signals (F_SETOWN_EX): the process, one of its
+        threads (under its tid here) or its process group, once the threads exist. Its signal
+        (F_SETSIG) was set with the locks."""
+        for f in files.fds:
+            if not f.owner:
+                continue
+            if f.owner_kind == F_OWNER_TID:
+                if f.owner not in new_tids:
+                    raise RestoreError(f"fd {f.fd} signals thread {f.owner}, which the image does not have: corrupt image")
+                who = new_tids[f.owner]
+            else:                  # asked of the process: its pid is final only now
+                who = self._call("getpid" if f.owner_kind == F_OWNER_PID else "getpgid", 0)
+            self._call("fcntl", f.fd, F_SETOWN_EX, self._put(struct.pack("<ii", f.owner_kind, who)))
 
     def _loginuid(self, proc: ProcessState) -> None:
         """Audit's login uid, which only the process itself may write (with CAP_AUDIT_CONTROL,

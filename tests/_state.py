@@ -168,6 +168,13 @@ def _deleted(memfd: bool) -> Callable[[Proc], object]:
     return observe
 
 
+def _owner(p: Proc, d: int) -> tuple[object, ...]:
+    kind, who = struct.unpack("<ii", fcntl.fcntl(d, 16, bytes(8)))        # F_GETOWN_EX
+    if kind == 2:                  # a process group: the process's own, whatever its number
+        who = "own group" if who == os.getpgid(p.pid) else who
+    return kind, p.label(who) if isinstance(who, int) else who, fcntl.fcntl(d, F_GETSIG)
+
+
 def _locks(p: Proc) -> object:
     # "lock:\t1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF": kind, mode, access, pid, range
     out = []
@@ -379,6 +386,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a deleted file": _deleted(memfd=False),
     "a memfd": _deleted(memfd=True),
     "a file lock": _locks,
+    "whom an O_ASYNC fd signals, and with what": lambda p: [
+        (fd, _with_dup(p, fd, lambda d: _owner(p, d))) for fd in p.fds if int(p.fdinfo(fd)["flags"], 8) & os.O_ASYNC],
     "a lease": lambda p: [(fd, _with_dup(p, fd, lambda d: (fcntl.fcntl(d, F_GETLEASE), fcntl.fcntl(d, F_GETSIG))))
                           for fd in p.kind_fds(lambda link, st: stat_mod.S_ISREG(st.st_mode))
                           if any(" LEASE " in line for line in p.fdinfo_lines(fd, "lock:"))],
@@ -458,7 +467,7 @@ VOLATILE: dict[str, Callable[[Any], object] | None] = {
     "Vma.ino": None,                     # a deleted file or memfd made again is another inode
 }
 # Fields that hold pids (written as labels) and ids (written as first-seen order).
-PIDS = {"ProcessState.pid", "ThreadState.tid", "PosixTimer.tid", "EventFile.pid"}
+PIDS = {"ProcessState.pid", "ThreadState.tid", "PosixTimer.tid", "EventFile.pid", "FileDesc.owner"}
 IDS = {"FileDesc.desc", "FileDesc.obj", "EventFile.id", "PipeBuffer.id", "UnixSocket.id", "UnixSocket.peer",
        "FileContents.id"}
 

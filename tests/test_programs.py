@@ -553,3 +553,36 @@ def test_a_fanotify_permission_group_is_refused(tmp_path: Path) -> None:
     res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
     assert res.returncode != 0 and "a fanotify instance of a permission class" in res.stderr.decode(), res.stderr
     assert not (tmp_path / "img").exists() and proc.poll() is None
+
+
+# Signal-driven I/O: a pipe whose reads are announced by SIGUSR1 (O_ASYNC, F_SETOWN, F_SETSIG).
+ASYNC_IO = r"""
+import fcntl, os, signal, sys, time
+d = sys.argv[1]
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+r, w = os.pipe()
+fcntl.fcntl(r, fcntl.F_SETOWN, os.getpid())
+fcntl.fcntl(r, 10, signal.SIGUSR1)                                   # F_SETSIG
+fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.01)
+os.write(w, b"x")
+deadline = time.monotonic() + 10
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+ok = fcntl.fcntl(r, fcntl.F_GETOWN) == os.getpid() and fcntl.fcntl(r, 11) == signal.SIGUSR1
+open(os.path.join(d, "output"), "w").write(f"{ok} {got}\n")
+"""
+
+
+def test_signal_driven_io(tmp_path: Path) -> None:
+    script = tmp_path / "async.py"
+    script.write_text(ASYNC_IO)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True)
+    pid = moved(proc, "checkpoint", tmp_path, state=True)
+    (tmp_path / "go").touch()
+    finished(pid)
+    assert (tmp_path / "output").read_text() == "True [10]\n"

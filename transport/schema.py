@@ -378,7 +378,10 @@ class FileDesc:
                              # and went since it was opened, so poll shows no POLLHUP (a server
                              # waiting for its first client)
     sig: Annotated[int, Int(0, NSIG, "a signal number or 0")] = 0   # F_SETSIG of a description with a
-                             # lease: the signal a lease break sends (0: SIGIO)
+                             # lease or O_ASYNC: the signal a lease break or I/O sends (0: SIGIO)
+    owner: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "an fd's owner")] = 0   # F_GETOWN_EX of an O_ASYNC
+                             # description: the thread, process or process group it signals (0: none)
+    owner_kind: Annotated[int, Int(0, 2, "an fd owner's kind")] = 0   # F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
 
 
 @dataclass(frozen=True)
