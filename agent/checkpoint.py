@@ -151,13 +151,13 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
 
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
                  check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None) -> None:
-    """The pages of ``pid``'s layout. ``shared``: shared anonymous memory (inode, offset,
+    """The pages of ``pid``'s layout. ``shared``: shared anonymous memory and SysV segments (inode, offset,
     length) written already by another process of the tree, which maps the same object:
     sent once; new ones are added."""
     with PageFinder(pid) as finder, PageReader(pid) as reader:
         for vma in layout.vmas:
-            if shared is not None and vma.shared and vma.kind == "anon" and vma.ino:
-                key = (vma.ino, vma.pgoff, vma.length)
+            if shared is not None and vma.shared and vma.kind == "anon" and (vma.ino or vma.shm):
+                key = (vma.ino if vma.shm is None else -1 - vma.ino, vma.pgoff, vma.length)    # SysV ids apart
                 if key in shared:
                     continue
                 shared.add(key)

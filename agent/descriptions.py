@@ -81,9 +81,12 @@ Key = tuple[object, ...]
 
 
 class Descriptions:
-    """Every open file description of an image, made on first use; ``close`` drops ours."""
+    """Every open file description of an image, made on first use; ``close`` drops ours.
+    ``made``: where the paths of files made here (FIFOs) are listed, for a restore that is
+    abandoned to remove (``SharedObjects.made_files``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, made: list[str] | None = None) -> None:
+        self.made = made if made is not None else []
         self._fds: dict[Key, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
         self._unwritten: set[int] = set()                     # FIFOs held here by a reader only
@@ -111,7 +114,7 @@ class Descriptions:
         where = {f.obj: f.path for f in files.fds if f.kind == "deleted"}
         made: dict[int, int] = {}
         seals: dict[int, int] = {}
-        for c in sorted(contents, key=lambda c: (c.id, c.offset)):
+        for c in sorted((c for c in contents if not c.path), key=lambda c: (c.id, c.offset)):
             fd = made.get(c.id)
             if fd is None:
                 if c.id in self._deleted:
@@ -161,7 +164,7 @@ class Descriptions:
                 raise RestoreError(f"pipe {p.id} appears twice in the image: corrupt image")
             if p.path:
                 unwritten = written is not None and p.id not in written
-                r = w = _open_fifo(p, os.O_RDONLY if unwritten else os.O_RDWR)
+                r = w = _open_fifo(p, os.O_RDONLY if unwritten else os.O_RDWR, self.made)
                 self._mine.append(r)
                 if unwritten:
                     self._unwritten.add(p.id)
@@ -365,15 +368,16 @@ def _file_type(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _open_fifo(p: PipeBuffer, mode: int) -> int:
+def _open_fifo(p: PipeBuffer, mode: int, made: list[str]) -> int:
     """The FIFO at ``p.path``, opened ``mode`` without blocking (which makes its pipe): made
-    with the source's permissions and owner if missing, used if it is a FIFO already, refused
-    if something else is there."""
+    with the source's permissions and owner if missing (and listed in ``made``), used if it is
+    a FIFO already, refused if something else is there."""
     try:
         st = os.lstat(p.path)
     except FileNotFoundError:
         try:
             os.mkfifo(p.path, 0o600)
+            made.append(p.path)
             os.chown(p.path, p.uid, p.gid, follow_symlinks=False)
             os.chmod(p.path, p.mode)
         except OSError as exc:

@@ -25,10 +25,13 @@ from typing import Any
 import trio
 
 from agent import locks, sched
+from agent.shared_memory import check_segments
+from precopy import sysv
 from agent import signals as signals_mod
 from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
+from agent.logs import log_path, open_log
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
@@ -130,6 +133,11 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
                                "(its memory map and credentials) needs root", host=host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    try:
+        segments = [sysv.from_wire(d) for d in summary.get("sysv", [])]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError("the source's summary names a SysV segment that cannot exist", host=host) from None
+    await trio.to_thread.run_sync(check_segments, segments, host)
     processes = summary.get("processes") or [{"pid": summary["pid"], "tids": summary.get("tids", [])}]
     if new_pid and len(processes) > 1:
         raise RestoreError(f"pid {summary['pid']} has {len(processes) - 1} descendants: a process tree keeps its "
@@ -250,7 +258,6 @@ async def dest_signal(ctx: CallContext, *, signals: list[Any]) -> dict[str, Any]
     return {"delivered": delivered}
 
 
-DEPUTY_LOG_DIR = "/run/kcr-migrate/deputy"
 DEPUTIES: list[subprocess.Popen[bytes]] = []
 
 
@@ -258,9 +265,7 @@ def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float
                   relay: list[tuple[int, str]]) -> tuple[subprocess.Popen[bytes], socket.socket, int]:
     """The deputy (``agent.deputy``), in a session of its own, listening; its process, our end
     of its control socket (the restored process's pidfd goes there), and its port."""
-    os.makedirs(DEPUTY_LOG_DIR, exist_ok=True)
-    log = os.open(os.path.join(DEPUTY_LOG_DIR, f"{name}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                  0o600)
+    log = open_log("deputy", name)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(
@@ -285,7 +290,7 @@ def _start_deputy(name: str, key: bytes, address: str, lost: str, timeout: float
         proc.kill()
         proc.wait()
         ours.close()
-        raise RestoreError(f"the stand-in's deputy did not start (see {DEPUTY_LOG_DIR}/{name}.log)")
+        raise RestoreError(f"the stand-in's deputy did not start (see {log_path('deputy', name)})")
     return proc, ours, int(line)
 
 
@@ -317,7 +322,7 @@ async def dest_deputy(ctx: CallContext, *, key: bytes, address: str, lost: str =
     proc, control, port = await trio.to_thread.run_sync(
         lambda: _start_deputy(name, key, address, lost, timeout, max(120.0, 4 * timeout), pairs))
     s.deputy, s.deputy_control = proc, control
-    return {"port": port, "deputy_pid": proc.pid, "log": f"{DEPUTY_LOG_DIR}/{name}.log"}
+    return {"port": port, "deputy_pid": proc.pid, "log": log_path("deputy", name)}
 
 
 def _hand_to_deputy(s: DestSession) -> None:

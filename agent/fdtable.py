@@ -40,7 +40,7 @@ import termios
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from agent import fanotify, inotify, locks, unix_sockets
+from agent import fanotify, inotify, locks, shm_files, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text, thread_ids
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
@@ -163,11 +163,13 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
-    if sum(deleted.values()) > MAX_DELETED_TOTAL:
+    in_shm = shm_files.check_size(shm_files.find(pids), pids[0])
+    if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
-            f"pid {pids[0]}'s job holds {len(deleted)} deleted files of {sum(deleted.values()) >> 20} MiB in all: "
-            f"kcr-migrate carries up to {MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is "
-            "frozen); close some, or keep the data in files that have names", pid=pids[0])
+            f"pid {pids[0]}'s job holds deleted files and files of /dev/shm of "
+            f"{(sum(deleted.values()) + in_shm) >> 20} MiB in all: kcr-migrate carries up to "
+            f"{MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is frozen); close some, or "
+            "keep the data in files on disk", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
     outside = outside_fds(inside) if objects or events or fifos else []
     if fifos:
@@ -227,23 +229,23 @@ def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: lis
 
 def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: list[OutsideFd]) -> None:
     """A FIFO's pipe is one object however many processes hold it open: one that a process
-    outside also holds would be split in two. Refused, naming it (an outside fd whose link
-    names the same path and that is the same inode)."""
-    paths = {held[0][1].target: key for key, held in fifos.items()}
+    outside also holds would be split in two. Refused, naming it: an outside fd on the same
+    inode, whatever path it was opened by (a hard link, another mount namespace's view)."""
     for other, ofd, target in outside:
-        key = paths.get(target)
-        if key is None:
-            continue
+        if not target.startswith("/"):
+            continue          # pipes, sockets, anonymous inodes: not a FIFO opened by a path
         try:
             st = os.stat(f"/proc/{other}/fd/{ofd}")
         except OSError:
             continue          # closed or gone while we looked
-        if (st.st_dev, st.st_ino) == key:
-            pid, info = fifos[key][0]
-            raise UnsupportedResource(
-                f"pid {pid}'s fd {info.fd} is the FIFO {target} shared with {Peer(other, _comm(other), ofd)}, which "
-                f"does not move with it: move them together, or give --redirect {info.fd}=PATH to open PATH in "
-                "its place on the destination", pid=pid)
+        if not stat.S_ISFIFO(st.st_mode) or (st.st_dev, st.st_ino) not in fifos:
+            continue
+        pid, info = fifos[(st.st_dev, st.st_ino)][0]
+        also = "" if target == info.target else f" (opened there as {target})"
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {info.fd} is the FIFO {info.target} shared with {Peer(other, _comm(other), ofd)}{also}, "
+            f"which does not move with it: move them together, or give --redirect {info.fd}=PATH to open PATH in "
+            "its place on the destination", pid=pid)
 
 
 FIFO_IDS = 1 << 63      # FIFOs' pipes are numbered from here in the image, clear of pipes' inodes
@@ -604,6 +606,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
         contents[pid] += _deleted_contents(pid, fd, ino)
+    for pid, slices in shm_files.contents(shm_files.find(pids)).items():
+        contents[pid] += slices
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
                          EventFiles(tuple(event_files[pid])), tuple(contents[pid]))
             for pid in pids}

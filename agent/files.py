@@ -22,12 +22,13 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
-from agent import locks
+from agent import locks, shm_files
 from agent.fsync import fs_magic
 from agent.procfs import list_fds
 from precopy.kernel import xsave_supported_mask
 from precopy.layout import read_maps
 from transport.errors import IncompatibleImage, RestoreError, UnsupportedResource
+from transport.schema import is_shm_path
 
 CACHE_PATH = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                           "kcr-migrate", "sha256.json")
@@ -164,6 +165,10 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
     facts: dict[str, FileFact] = {}
     for m in read_maps(pid):
         if m.kind == "file" and not m.deleted and not under(m.name, exempt) and m.name not in facts:
+            if is_shm_path(m.name) and shm_files.carried(m.name, here := os.stat(m.name)):
+                # carried whole (agent.shm_files): the destination makes it again
+                facts[m.name] = FileFact(m.name, 0, "", False, {**identity(m.name, here), "carried": True})
+                continue
             size, digest = cache.digest(m.name)
             facts[m.name] = FileFact(m.name, size, digest, False, identity(m.name, os.stat(m.name)))
     infos = list_fds(pid)
@@ -188,6 +193,9 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
             continue
         if info.target in facts:
             continue
+        if shm_files.carried(info.target, st):
+            facts[info.target] = FileFact(info.target, 0, "", False, {**identity(info.target, st), "carried": True})
+            continue
         writing = bool(info.flags & WRITE_FLAGS)
         size, digest = cache.digest(info.target)
         facts[info.target] = FileFact(info.target, size, digest, writing, identity(info.target, st))
@@ -201,6 +209,9 @@ def check_files(files: list[dict[str, Any]], host: str) -> None:
     try:
         for f in files:
             path, size, digest, prefix = str(f["path"]), int(f["size"]), str(f["sha256"]), bool(f["prefix"])
+            if f.get("carried"):
+                _check_carried(f, path, host)
+                continue
             try:
                 st = os.stat(path)
             except OSError:
@@ -225,6 +236,21 @@ def check_files(files: list[dict[str, Any]], host: str) -> None:
                                    "on both hosts", host=host)
     finally:
         cache.save()
+
+
+def _check_carried(fact: dict[str, Any], path: str, host: str) -> None:
+    """A file of /dev/shm the job's contents make again here: the path must be free, or this
+    very file (a host to itself)."""
+    if not is_shm_path(path):
+        raise RestoreError(f"the source names {path[:80]!r} as a file of /dev/shm: corrupt summary", host=host)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not same_file(fact, path, st):
+        raise RestoreError(f"{path} on {host} is another file than the job's: kcr-migrate carries the job's file "
+                           "of /dev/shm but does not overwrite another program's; remove it, or move the job "
+                           "where that path is free", host=host)
 
 
 def vdso_digest(pid: int | str = "self") -> str:

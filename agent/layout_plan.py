@@ -49,6 +49,8 @@ def same_backing(a: Vma, b: Vma) -> bool:
         return False
     if a.kind != "file" and not a.shared:
         return True
+    if (a.shm.shmid if a.shm else -1) != (b.shm.shmid if b.shm else -1):
+        return False        # another SysV segment (or none) at the same place
     if a.ino and b.ino and a.ino != b.ino:
         return False        # another object at the same place: a file replaced, new shared memory
     return a.path == b.path and a.pgoff - a.start == b.pgoff - b.start

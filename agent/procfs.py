@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from agent import inventory, sched
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
-from transport.schema import CHAR_DEVICES
+from transport.schema import CHAR_DEVICES, SHM_DIR, is_shm_path
 
 if TYPE_CHECKING:
     from precopy.layout import MapEntry
@@ -261,7 +261,7 @@ def _check_deleted_shared(pid: int, maps: list[MapEntry], held: set[int]) -> Non
     maps of it: refuse one that holds more than that (the rest would be lost)."""
     extent: dict[int, tuple[int, MapEntry]] = {}
     for m in maps:
-        if m.shared_anon and m.name != "/dev/zero (deleted)" and m.inode not in held:
+        if m.shared_anon and m.name != "/dev/zero (deleted)" and m.inode not in held and not m.name.startswith("/SYSV"):
             end = m.offset + m.end - m.start
             if end > extent.get(m.inode, (0, m))[0]:
                 extent[m.inode] = (end, m)
@@ -274,6 +274,17 @@ def _check_deleted_shared(pid: int, maps: list[MapEntry], held: set[int]) -> Non
             raise UnsupportedResource(
                 f"pid {pid} maps part of the deleted file {m.name[:-10]} ({end} of its {size} bytes): "
                 "kcr-migrate carries only the part a process maps; it cannot move it yet", pid=pid)
+
+
+def _check_sysv(pid: int) -> None:
+    """SysV segments are carried (``precopy.sysv``), but for those of huge pages."""
+    from precopy.layout import read_smaps
+
+    for m in read_smaps(pid):
+        if m.name.startswith("/SYSV") and "ht" in m.vmflags:
+            raise UnsupportedResource(
+                f"pid {pid} attaches a SysV shared memory segment of huge pages (SHM_HUGETLB, id {m.inode}) at "
+                f"{m.start:#x}: kcr-migrate cannot move it yet (see README, Limits)", pid=pid)
 
 
 def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int, str] | None = None,
@@ -293,17 +304,22 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     held = held_deleted({pid, *(tree or ())}) if deleted else set()
     _check_deleted_shared(pid, every, held)
     for m in every:
-        if m.name.startswith("/SYSV"):
-            raise UnsupportedResource(f"pid {pid} maps SysV shared memory at {m.start:#x}: {fix}", pid=pid)
+        if m.name.startswith("/SYSV") and not m.shared:
+            raise UnsupportedResource(f"pid {pid} maps SysV shared memory privately at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("/memfd:") and m.inode not in held:
             raise UnsupportedResource(f"pid {pid} maps a memfd ({m.name}) at {m.start:#x}: {fix}", pid=pid)
-        if m.name.startswith("/dev/") and not m.shared_anon and m.name != "/dev/zero":
+        if m.name.startswith(SHM_DIR) and not m.shared_anon and not is_shm_path(m.name):
+            raise UnsupportedResource(f"pid {pid} maps {m.name}, in a directory of {SHM_DIR}, at {m.start:#x}: "
+                                      f"kcr-migrate carries the files directly in {SHM_DIR} only", pid=pid)
+        if m.name.startswith("/dev/") and not m.shared_anon and m.name != "/dev/zero" and not is_shm_path(m.name):
             raise UnsupportedResource(f"pid {pid} maps the device {m.name} at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("anon_inode:"):
             raise UnsupportedResource(f"pid {pid} maps {m.name} at {m.start:#x}: {fix}", pid=pid)
         if m.kind == "file" and m.deleted and m.inode not in held:
             raise UnsupportedResource(
                 f"pid {pid} maps the deleted file {m.name[:-10]}: {fix}", pid=pid)
+    if any(m.name.startswith("/SYSV") for m in every):
+        _check_sysv(pid)
     for what in ("cwd", "root"):
         try:
             place = os.readlink(proc_path(pid, what))

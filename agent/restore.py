@@ -7,7 +7,8 @@ injected system calls:
    layouts, closes the stub's files, unmaps the stub, moves the vDSO cluster to where the
    process had it; makes the stub a userfaultfd for ``write_pages`` (``agent.fill``).
 2. ``apply_layout``: maps every mapping at its address with its protection (files mapped
-   again from the file); can be called again with a newer layout (live pre-copy). Files
+   again from the file, SysV segments attached by an injected ``shmat``, one per attachment:
+   ``agent.shared_memory``); can be called again with a newer layout (live pre-copy). Files
    under ``deferred`` paths (a filesystem hook brings them, after the last pre-copy round)
    get an anonymous placeholder that takes their written pages; ``finish`` maps the file
    there and puts those pages back.
@@ -56,7 +57,7 @@ from agent.inject import (
 from agent.layout_plan import plan_layout
 from agent.procfs import read_text
 from agent.shared_memory import SharedObjects
-from precopy.intervals import Span, merge_spans, within
+from precopy.intervals import Span, merge_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
     data_address,
@@ -97,6 +98,7 @@ from transport.schema import (
     VMA_MAYWRITE,
     Vma,
     check_threads,
+    is_shm_path,
 )
 
 GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
@@ -134,6 +136,7 @@ CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x2000
 MADV = {ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, 0),
         ADV_NOHUGEPAGE: (15, 0), ADV_MERGEABLE: (12, 13)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
+SHM_RDONLY, SHM_REMAP, SHM_EXEC = 0o10000, 0o40000, 0o100000
 
 
 @dataclass
@@ -203,6 +206,34 @@ def find_free(size: int, taken: list[tuple[int, int]], *, low: int = 0x1000_0000
     raise RestoreError("no free address range for the restore gadget")
 
 
+def _attachments(vmas: Sequence[Vma]) -> list[list[Vma]]:
+    """``vmas`` (sorted) in groups: the pieces of one SysV attachment together (adjacent, the
+    same segment, offsets in a row: what mprotect made of one shmat), every other one alone."""
+    groups: list[list[Vma]] = []
+    for v in vmas:
+        last = groups[-1][-1] if groups else None
+        if v.shm is not None and last is not None and last.shm is not None and last.shm.shmid == v.shm.shmid \
+                and last.end == v.start and last.pgoff + last.length == v.pgoff:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
+def _without(batch: PageBatch, skip: list[Span]) -> PageBatch:
+    """``batch`` less its pages in ``skip`` (sorted, merged)."""
+    runs: list[tuple[int, int]] = []
+    parts: list[bytes] = []
+    view = memoryview(batch.data).cast("B")
+    off = 0
+    for addr, n in batch.runs:
+        for start, end in subtract_spans([(addr, addr + n * PAGE_SIZE)], skip):
+            runs.append((start, (end - start) // PAGE_SIZE))
+            parts.append(bytes(view[off + start - addr: off + end - addr]))
+        off += n * PAGE_SIZE
+    return replace(batch, runs=tuple(runs), data=b"".join(parts))
+
+
 def _deleted_private(v: Vma) -> bool:
     """A deleted file (a memfd) mapped privately: its maps line names it ``PATH (deleted)``."""
     return not v.shared and v.path.endswith(" (deleted)")
@@ -247,6 +278,7 @@ class Restorer:
         self._clone_gadget, self._clone_scratch = forked_from.memory_for_clones() if forked_from else (0, 0)
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
+        self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
         self._carried: Descriptions | None = None     # in finish(): the deleted files made again
         self.running_ns = 0
         if stub_pid:
@@ -454,10 +486,17 @@ class Restorer:
         keeps the contents of what is still mapped with the same backing (``agent.layout_plan``)."""
         new = [v for v in target.vmas if not is_special(v)]
         plan = plan_layout(self.layout, new)
+        if self.shared is not None:
+            for v in new:
+                if v.shm is not None:
+                    self.shared.note(v.shm)     # marked IPC_RMID since it was attached, maybe
         for start, end in plan.unmap:
             self._call("munmap", start, end - start)
-        for v in plan.map:
-            self._map(v)
+        for group in _attachments(plan.map):
+            if group[0].shm is not None and self.shared is not None:
+                self._map_attachment(group)
+            else:
+                self._map(group[0])
         if self.filler is not None:
             self.filler.keep([(v.start, v.end) for v in new])
             self.filler.register(list(plan.map))
@@ -482,8 +521,8 @@ class Restorer:
     def _is_deferred(self, v: Vma) -> bool:
         """A file mapped in finish(): one a filesystem hook brings, or a deleted file mapped
         privately (made again from its carried contents with the fds, ``_map_carried``)."""
-        if v.kind == "file" and _deleted_private(v):
-            return self._carried is None
+        if v.kind == "file" and (_deleted_private(v) or is_shm_path(v.path)):
+            return self._carried is None       # /dev/shm files: made with the fds (``SharedObjects.add_files``)
         return v.kind == "file" and any(v.path == d or v.path.startswith(d.rstrip("/") + "/") for d in self.deferred)
 
     def _map_deferred(self) -> None:
@@ -502,6 +541,9 @@ class Restorer:
     def _map(self, v: Vma) -> None:
         if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
             raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+        if v.shm is not None and self.shared is not None:
+            self._map_attachment([v])
+            return
         flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
         if v.growsdown:
             flags |= MAP_GROWSDOWN
@@ -529,6 +571,15 @@ class Restorer:
             what = v.path or v.kind
             raise RestoreError(f"cannot map {what} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None
 
+    def _map_attachment(self, pieces: Sequence[Vma], readonly: bool = False) -> None:
+        if _holes_conflict(pieces[0].start, pieces[-1].end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+            raise RestoreError(f"mapping {pieces[0].start:#x}-{pieces[-1].end:#x} collides with the restore gadget")
+        try:
+            self._attach(pieces, readonly)
+        except InjectionError as exc:
+            raise RestoreError(f"cannot attach SysV shared memory segment {pieces[0].ino} at {pieces[0].start:#x}-"
+                               f"{pieces[-1].end:#x}: {exc.strerror}") from None
+
     def _map_shared_object(self, v: Vma, flags: int) -> None:
         """Shared anonymous memory: the tree's one object for it (``agent.shared_memory``),
         taken from the restorer with pidfd_getfd and mapped at its offset."""
@@ -541,13 +592,56 @@ class Restorer:
         # which may write a private read-only mapping but not a shared one.
         self._map_from(ours, v, flags, v.prot | PROT_WRITE)
 
+    def _attach(self, pieces: Sequence[Vma], readonly: bool) -> None:
+        """One attachment of a SysV segment (``pieces``: its mappings, adjacent, with their
+        offsets in a row, as mprotect splits one), made with an injected shmat so shmdt and
+        the attach count work as before: at its address where it maps the whole segment,
+        else at a free address, cut to its part and moved there; then each piece gets its
+        protection. Writable until ``_map_carried_files`` (pages go in through
+        /proc/PID/mem), unless ``readonly`` (SHM_RDONLY)."""
+        first, last = pieces[0], pieces[-1]
+        assert self.shared is not None and first.shm is not None
+        seg = self.shared.segment(first.shm)
+        start, end, pgoff = first.start, last.end, first.pgoff
+        if seg.foreign:
+            self._foreign.append((start, end))
+        whole = -(-first.shm.size // PAGE_SIZE) * PAGE_SIZE
+        exe = any(v.prot & PROT_EXEC for v in pieces)
+        flags = (SHM_RDONLY if readonly else 0) | (SHM_EXEC if exe else 0)
+        if pgoff == 0 and end - start == whole:
+            self._call("shmat", seg.shmid, start, flags | SHM_REMAP)
+        else:
+            taken = [(m.start, m.end) for m in read_maps(self.pid)] + [(start, end)]
+            addr = self._call("shmat", seg.shmid, find_free(whole, taken), flags)
+            if pgoff:
+                self._call("munmap", addr, pgoff)
+            if pgoff + end - start < whole:
+                self._call("munmap", addr + pgoff + end - start, whole - pgoff - (end - start))
+            self._call("mremap", addr + pgoff, end - start, end - start, MREMAP_MAYMOVE | MREMAP_FIXED, start)
+        attached = PROT_READ | (0 if readonly else PROT_WRITE) | (PROT_EXEC if exe else 0)
+        for v in pieces:
+            want = v.prot if readonly else v.prot | PROT_WRITE
+            if want != attached:
+                self._call("mprotect", v.start, v.length, want)
+            self._advise(v.start, v.end, v.advice)
+
     def _map_carried_files(self, descriptions: Descriptions) -> None:
         """A deleted file (a memfd) the tree holds open and maps shared is one file: each
         mapping of it, restored as shared memory with its pages, is mapped again from the file
         made from its carried contents (the same bytes, frozen together), so the fds and the
         mappings of every process see each other's writes. The other shared memory objects
         take their protection (``_map_shared_object``)."""
+        for group in _attachments(self.layout):
+            if group[0].shm is not None and self.shared is not None:
+                if not any(v.advice & VMA_MAYWRITE for v in group):   # SHM_RDONLY: not writable by mprotect
+                    self._map_attachment(group, readonly=True)
+                else:
+                    for v in group:
+                        if not v.prot & PROT_WRITE:
+                            self._call("mprotect", v.start, v.length, v.prot)
         for v in self.layout:
+            if v.shm is not None:
+                continue
             if not (v.shared and v.kind == "anon" and v.ino):
                 continue
             ours = descriptions.deleted_file(v.ino)
@@ -585,6 +679,8 @@ class Restorer:
             self._call("close", fd)
 
     def _check_file(self, v: Vma) -> None:
+        if self.shared is not None and v.path in self.shared.files:
+            return          # carried: made here from its contents, or this very file
         try:
             st = os.stat(v.path)
         except OSError:
@@ -609,6 +705,8 @@ class Restorer:
             if not self._covered(addr, n * PAGE_SIZE):
                 raise RestoreError(f"page data at {addr:#x} lies outside the image's mappings, or in a file "
                                    "mapped shared (whose pages are the file's): corrupt image")
+        if self._foreign:
+            batch = _without(batch, merge_spans(self._foreign))
         if self._placeholders:
             for addr, n in batch.runs:
                 for (start, end) in self._placeholders:
@@ -673,8 +771,10 @@ class Restorer:
             self._finish(proc, fds.files, threads, descriptions)
             return
         fds.check_referenced()
-        own = Descriptions()
+        own = Descriptions(made=self.shared.made_files if self.shared is not None else None)
         try:
+            if self.shared is not None:
+                self.shared.add_files(fds.contents)
             own.add(fds)
             self._finish(proc, fds.files, threads, own)
             own.seal()

@@ -196,13 +196,15 @@ class RestoreSession:
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
-        descriptions = Descriptions()
+        descriptions = Descriptions(made=self.shared.made_files)
         try:
+            self.shared.add_files(union.contents)       # /dev/shm files, before the fds that open them
             descriptions.add(union)
             for p, fds in zip(procs, each):
                 assert p.records.state is not None
                 p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)
             descriptions.seal()
+            self.shared.finish()
         finally:
             descriptions.close()
             self.shared.close()       # every process maps what it shares by now
@@ -214,6 +216,7 @@ class RestoreSession:
             if not p.restorer.exited:
                 p.restorer.resume()
         self.resumed = True
+        self.shared.settled()
         return self.root.pid
 
     def abort(self) -> None:
@@ -221,6 +224,7 @@ class RestoreSession:
         self.shared.close()
         if self.resumed:
             return
+        self.shared.discard()
         for p in reversed(list(self.procs.values())):
             p.restorer.abort()
 

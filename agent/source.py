@@ -30,6 +30,7 @@ from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
 from agent.procfs import read_status, thread_ids
+from precopy import sysv
 from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
@@ -377,6 +378,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
                 continue      # a child that exited since the holder listed it (make's): it leaves the job
             facts.update((f.path, f) for f in described.files if f.path not in facts)
         vdso = await _blocking(vdso_digest, pid)
+        segments = await _blocking(sysv.attached, pids)
     except BaseException:
         await _blocking(holder.close)
         raise
@@ -391,6 +393,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "pinned_cpus": sorted(set().union(*(p["pinned_cpus"] for p in processes))),
         "locks": [lock for p in processes for lock in p["locks"]],
+        "sysv": [sysv.to_wire(s) for s in segments],      # made again under their ids (or this very one)
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }

@@ -62,6 +62,7 @@ from agent.homelink import (
     parse_lost,
 )
 from agent.inject import NR, U64, Injector, RemoteMemory, Scratch, vdso_gadget
+from agent.logs import log_path, open_log
 from agent.procfs import read_status
 from agent.signals import LateSignals
 from precopy.kernel import pidfd_getfd, pidfd_send_signal
@@ -69,7 +70,6 @@ from precopy.layout import read_maps
 from transport.errors import MigrationError, ProcessError, ProtocolError
 from transport.tcp import HANDSHAKE_TIMEOUT, KEY_SIZE, connect_data_channel
 
-LOG_DIR = "/run/kcr-migrate/standin"
 VDSO_CLUSTER = ("[vvar]", "[vvar_vclock]", "[vdso]")
 STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 SIG_DFL, SIG_IGN = 0, 1
@@ -409,8 +409,7 @@ def _detach(pid: int) -> None:
         os.setsid()
     except OSError:
         pass
-    os.makedirs(LOG_DIR, exist_ok=True)
-    out = os.open(os.path.join(LOG_DIR, f"{pid}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    out = open_log("standin", str(pid))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out, 1)
@@ -477,7 +476,7 @@ async def _run(root: freezer.Held, others: list[freezer.Held], to: dict[str, Any
     reply({"ok": True, "result": {"pid": root.pid, "keeper_pid": os.getpid(), "vm_rss_kb": vm_rss_kb(root.pid),
                                   "signals": signals,
                                   "host": socket.gethostname(),
-                                  "log": os.path.join(LOG_DIR, f"{root.pid}.log")}})
+                                  "log": log_path("standin", str(root.pid))}})
     _detach(root.pid)
     log(f"standing in for {where} as pid {root.pid}; if the link is lost: {lost}")
     await Keeper(standin, link, lost, where).run()

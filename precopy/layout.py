@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from precopy import sysv
 from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
 from precopy.pagemap import (
     PAGE_IS_FILE,
@@ -141,11 +142,14 @@ def to_vma(entry: MapEntry) -> Vma:
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             pass
+    # A SysV segment's inode is its id (its line in /proc/sysvipc/shm); one removed since the
+    # maps were read is described by the mapping alone.
+    shm = sysv.segment(entry.inode) if sysv.is_sysv(entry.name, entry.shared) else None
     return Vma(
         start=entry.start, end=entry.end, prot=entry.prot, shared=entry.shared, kind=kind, path=path,
         pgoff=entry.offset if kind == "file" or entry.shared else 0,
         growsdown="gd" in entry.vmflags or kind == "stack", advice=advice, file_size=size, file_mtime_ns=mtime,
-        ino=entry.inode if kind == "file" or entry.shared else 0)
+        ino=entry.inode if kind == "file" or entry.shared else 0, shm=shm)
 
 
 def is_special(vma: Vma) -> bool:

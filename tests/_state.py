@@ -134,7 +134,7 @@ def _deleted_name(link: str) -> str:
 
 def _mapped_name(name: str) -> str:
     """A mapping's name, a deleted file's without the name it had (a memfd keeps its own)."""
-    if name.endswith(" (deleted)") and name.startswith("/") and not name.startswith(("/memfd:", "/dev/zero")):
+    if name.endswith(" (deleted)") and name.startswith("/") and not name.startswith(("/memfd:", "/dev/zero", "/SYSV")):
         return _deleted_name(name)
     return name
 
@@ -269,7 +269,7 @@ def _smaps(p: Proc) -> list[dict[str, str]]:
     for line in p.text("smaps").splitlines():
         head = line.split(maxsplit=5)
         if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:
-            vmas.append({"range": head[0], "perms": head[1], "offset": head[2],
+            vmas.append({"range": head[0], "perms": head[1], "offset": head[2], "inode": head[4],
                          "name": head[5] if len(head) > 5 else ""})
         elif vmas:
             k, _, v = line.partition(":")
@@ -307,6 +307,33 @@ def _merged_vmas(vmas: list[Any]) -> list[Any]:
             out[-1] = dataclasses.replace(last, end=v.end)
             continue
         out.append(v)
+    return out
+
+
+def _sysv(p: Proc) -> object:
+    """The SysV segments the process attaches (its mappings named /SYSV..., whose inode is the
+    segment's id): key, id, permissions, size and owner, as /proc/sysvipc/shm shows them."""
+    ids = {v["inode"] for v in _smaps(p) if v["name"].startswith("/SYSV")}
+    with open("/proc/sysvipc/shm") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    # key shmid perms size cpid lpid nattch uid gid ...
+    return sorted((r[0], r[1], r[2], r[3], r[7], r[8]) for r in rows if r[1] in ids)
+
+
+def _shm_files(p: Proc) -> object:
+    """Files of /dev/shm the process holds open or maps: path, size, contents, owner, mode."""
+    paths = {p.link(fd) for fd in p.fds if p.link(fd).startswith("/dev/shm/")}
+    paths |= {v["name"] for v in _smaps(p) if v["name"].startswith("/dev/shm/")}
+    out = []
+    for path in sorted(paths):
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except OSError as exc:
+            out.append((path, exc.strerror))
+            continue
+        out.append((path, st.st_size, digest, oct(st.st_mode), st.st_uid, st.st_gid))
     return out
 
 
@@ -402,6 +429,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a fanotify instance": lambda p: [(*_common(p, fd)[:2], sorted(p.fdinfo_lines(fd, "fanotify")))
                                       for fd in p.kind_fds(lambda link, st: link == "anon_inode:[fanotify]")],
     "a mapping": _mappings,
+    "SysV shared memory": _sysv,
+    "a file of /dev/shm, held open or mapped": _shm_files,
     "madvise state and mlock": _advice,
     "its pid": lambda p: p.label(int(p.status()["Tgid"])),
     "its executable, working and root directory": lambda p: tuple(
@@ -563,11 +592,6 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any], *, ignore: 
     assert not diff, "the moved process's state differs:\n" + "\n".join(diff)
 
 
-# The workloads whose quiet phase (ckpt_common.h's ``quiet()``) waits for the test under
-# ``Workload(hold=True)``.
-HOLDING = {"ckpt_attrs", "ckpt_creds", "ckpt_events", "ckpt_fifo", "ckpt_files", "ckpt_locks", "ckpt_pipes", "ckpt_sched",
-           "ckpt_signals",
-           "ckpt_sockets"}
 # Workloads whose records are not read: reading a unix socket's queue marks a zero-length
 # datagram as peeked, and the kernel hides a peeked one from every later peek, so the dump
 # would refuse it (the inventory's row for it). Their observed state is compared all the same.
@@ -575,8 +599,9 @@ NO_RECORDS = {"ckpt_sockets"}
 
 
 class Watch:
-    """The state of a workload (started with ``hold=True``, ready: held in its quiet phase)
-    before a move, compared with its moved copy's; then the workload goes on."""
+    """The state of a lingering workload (``LINGERING``, started with ``hold=True``, ready: it
+    lingers, quiet, until let go) before a move, compared with its moved copy's; then the
+    workload goes on."""
 
     def __init__(self, w: Workload) -> None:
         self.w = w

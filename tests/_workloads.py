@@ -54,6 +54,11 @@ def become_subreaper() -> None:
 
 KCR_MIGRATE = [sys.executable, "-m", "migrate"]
 
+# Workloads whose checkpoint/move phase is ckpt_common.h's linger(): held (``hold=True``), they
+# wait there until the test lets them go, so they need no stretching (WORKLOAD_SCALE) to be caught.
+LINGERING = frozenset({"ckpt_signals", "ckpt_files", "ckpt_pipes", "ckpt_sockets", "ckpt_attrs", "ckpt_events",
+                       "ckpt_sched", "ckpt_locks", "ckpt_fifo", "ckpt_creds"})
+
 STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_started``)
 
 
@@ -175,15 +180,40 @@ def reap(pid: int, timeout: float = 60) -> int:
     raise AssertionError(f"process {pid} did not finish within {timeout} s")
 
 
-def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
-    """An uninterrupted run, for comparison. A workload whose quiet phase can wait for the
-    test (``quiet()`` in ckpt_common.h) skips it: nothing moves it, nothing needs the time."""
-    w = Workload(name, base / "reference", *args, hold=True, **kw)  # type: ignore[arg-type]
-    w.release()
+class Reference:
+    """An unmoved run of ``argv`` writing into ``outdir``, started now to run beside the moved
+    one it is compared with; ``output()`` waits for it."""
+
+    def __init__(self, argv: list[str], outdir: Path, **env: str) -> None:
+        outdir.mkdir(parents=True, exist_ok=True)
+        self.outdir = outdir
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     env={**os.environ, **env})
+        STARTED.append(self.proc)
+
+    def output(self, timeout: float = 120) -> str:
+        assert self.proc.wait(timeout=timeout) == 0, f"the reference run failed ({self.proc.returncode})"
+        return (self.outdir / "output").read_text()
+
+
+def start_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
+    """An uninterrupted run, for comparison, started (it runs beside what it is compared with;
+    ``finished`` waits for it)."""
+    w = Workload(name, base / "reference", *args, **kw)  # type: ignore[arg-type]
     w.start()
-    assert w.verdict() == "PASS"
-    w.reap_original()
     return w
+
+
+def finished(reference: Workload) -> Workload:
+    """``reference`` once it has ended well."""
+    assert reference.verdict() == "PASS", (reference.dir / "stderr").read_text()
+    assert reference.reap_original() == 0
+    return reference
+
+
+def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
+    """An uninterrupted run, for comparison."""
+    return finished(start_reference(name, base, *args, **kw))
 
 
 def kcr(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests._migration import proc_state
-from tests._state import HOLDING, Watch
-from tests._workloads import (KCR_MIGRATE, STARTED, Workload, become_subreaper, kcr, reap, run_reference,
-                              start_until_ready)
+from tests._state import Watch
+from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, finished, kcr, reap,
+                              run_reference, start_reference, start_until_ready)
 from tests._workloads import one_error_line as _one_error_line
 
 
@@ -47,19 +47,20 @@ def checkpoint_and_restore(w: Workload, tmp_path: Path, *extra: str) -> tuple[in
 
 
 def migrate_once(name: str, tmp_path: Path, *args: str, **kw: object) -> tuple[Workload, Workload, dict[str, object]]:
-    kw.setdefault("scale", 3)         # room for the CLI to start on a loaded machine
-    ref = run_reference(name, tmp_path, *args, **kw)
+    # Held, a lingering workload waits until restored; another has room for a loaded machine's CLI.
+    kw.setdefault("scale", 1 if name in LINGERING else 3)
+    ref = start_reference(name, tmp_path, *args, **kw)
     w = Workload(name, tmp_path / "restored", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
-    watch = Watch(w) if name in HOLDING else None
+    watch = Watch(w) if name in LINGERING else None
     new_pid, stats = checkpoint_and_restore(w, tmp_path)
     if watch is not None:
         watch.check(new_pid)            # the whole state, not only what the workload checks
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     status = reap(new_pid)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"restored process ended with {status:#x}"
-    return ref, w, stats
+    return finished(ref), w, stats
 
 
 def test_single_threaded_64mib(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 from examples.testbed import Testbed
 from tests._hosts import start_in, wait_file
 from tests._migration import migrate_cli, proc_state
-from tests._workloads import KCR_MIGRATE, STARTED, build
+from tests._workloads import KCR_MIGRATE, STARTED, Reference, build
 
 
 def tree(pid: int) -> dict[int, int]:
@@ -61,19 +61,11 @@ def move_tree_to_host_c(testbed: Testbed, before: dict[int, int]) -> dict:
     return report
 
 
-def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
-    import os
-    outdir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(argv, check=True, timeout=120, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   env={**os.environ, **env})
-    return (outdir / "output").read_text()
-
-
 def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_path: Path) -> None:
     """A parent, three workers on socketpairs, a progress pipe and a log description they
     share; the parent reaps each worker with waitpid(pid) and checks getppid() there."""
     exe = str(build("tree_workers"))
-    ref = reference_output([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out)], out, WORKLOAD_SCALE="30")
     deadline = time.monotonic() + 30
@@ -82,7 +74,7 @@ def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_
         time.sleep(0.01)
     move_tree_to_host_c(testbed, before)
     assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
-    assert (out / "output").read_text() == ref
+    assert (out / "output").read_text() == ref.output()
     assert sorted((out / "log").read_text().splitlines()) == sorted((tmp_path / "ref" / "log").read_text().splitlines())
 
 
@@ -320,7 +312,7 @@ def test_memfd_shared_by_a_tree_stays_one_file_live(testbed: Testbed, tmp_path: 
     ref = tmp_path / "reference"
     ref.mkdir()
     (ref / "go").touch()
-    expected = reference_output([sys.executable, "-S", str(script), str(ref), "fork"], ref)
+    expected = Reference([sys.executable, "-S", str(script), str(ref), "fork"], ref).output()
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "fork"], out)
     before = tree(pid)
@@ -331,3 +323,26 @@ def test_memfd_shared_by_a_tree_stays_one_file_live(testbed: Testbed, tmp_path: 
     assert (out / "output").read_text() == expected
     assert (out / "child").read_text() == (ref / "child").read_text()
     assert "parent '/memfd:kcr-test (deleted)'\n" in expected
+
+
+def test_sysv_segments_and_a_dev_shm_file_move_live(testbed: Testbed, tmp_path: Path) -> None:
+    """Parent and child count in SysV segments (private, keyed, removed while attached, and
+    one attached read-only) and a /dev/shm file (tests/test_shm.py's workload). hostC sees the
+    same segments and /dev/shm (one machine): each is attached again under its id while the
+    source still runs on it, no page of it written over, and the job ends as an unmoved run."""
+    from tests.test_shm import OUTPUT, workload
+    exe = str(build("shm_counter"))
+    ref = workload(tmp_path, "ref")
+    (ref.dir / "go").touch()
+    assert Reference([exe, *ref.argv[1:]], ref.dir).output() == OUTPUT
+    w = workload(tmp_path, "moved")
+    pid = start_in(testbed, "hostA", w.argv, w.dir)
+    before = tree(pid)
+    assert len(before) == 2
+    try:
+        move_tree_to_host_c(testbed, before)
+        (w.dir / "go").touch()
+        assert wait_file(w.dir / "verdict").strip() == "PASS", (w.dir / "stderr").read_text()
+        assert (w.dir / "output").read_text() == OUTPUT
+    finally:
+        w.shm_file.unlink(missing_ok=True)          # type: ignore[attr-defined]

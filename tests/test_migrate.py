@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli, running_copies, wait_gone
-from tests._state import HOLDING, Watch
+from tests._state import Watch
 from tests._tracking import backend_params
-from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap, run_reference
+from tests._workloads import (LINGERING, Workload, become_subreaper, finished, kcr, one_error_line, reap,
+                              start_reference)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,12 +25,14 @@ def subreaper() -> None:
 
 def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str, ...] = (),
                      **kw: object) -> tuple[Workload, Workload, dict]:
-    kw.setdefault("scale", 5)         # long enough to be caught mid-run
-    ref = run_reference(name, tmp_path, *args, **kw)
+    # The job is held (``hold``): one that lingers (ckpt_common.h's linger) waits there until it
+    # has moved, however slow the machine; one that does not is stretched to be caught mid-run.
+    kw.setdefault("scale", 1 if name in LINGERING else 5)
+    ref = start_reference(name, tmp_path, *args, **kw)
     w = Workload(name, tmp_path / "migrated", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
-    watch = Watch(w) if name in HOLDING else None
+    watch = Watch(w) if name in LINGERING else None
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", *cli_args)
     assert code == 0, err
     assert w.reap_original() == -9           # the source was ended only after the copy ran
@@ -38,7 +41,7 @@ def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str,
         watch.check(report["new_pid"])      # the whole state, not only what the workload checks
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
-    return ref, w, report
+    return finished(ref), w, report
 
 
 @pytest.mark.parametrize("name", ["ckpt_threads", "ckpt_blocked", "ckpt_signals", "ckpt_files", "ckpt_pipes",
@@ -55,14 +58,14 @@ def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None
 def test_read_locks_are_held_by_both_copies_then_the_new_one(tmp_path: Path) -> None:
     """From a host to itself both copies see one file: shared locks are taken by the new process
     while the old one still holds them, so no other process gets in between."""
-    ref, w, _ = migrate_workload("ckpt_locks", tmp_path, "read", scale=12)
+    ref, w, _ = migrate_workload("ckpt_locks", tmp_path, "read")
     assert w.output() == ref.output() == "locks checked: all held (0)\n"
 
 
 def test_a_write_lock_on_a_file_both_copies_see_is_refused(tmp_path: Path) -> None:
     """A write lock cannot change hands between two processes without a moment where a third
     could take it: refused in preflight, naming the lock, and the process runs on holding it."""
-    w = Workload("ckpt_locks", tmp_path, "write", scale=12)
+    w = Workload("ckpt_locks", tmp_path, "write", hold=True)
     w.start()
     w.wait_ready()
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")

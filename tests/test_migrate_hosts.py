@@ -16,18 +16,11 @@ from examples.testbed import Testbed
 from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from tests._hosts import start_in, verdict, wait_file
 from tests._migration import copies, migrate_cli, proc_state, running_copies, wait_gone
-from tests._workloads import build, one_error_line
+from tests._workloads import Reference, build, one_error_line
 
 
 def netns_of(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
-
-
-def reference_output(argv: list[str], outdir: Path, **env: str) -> str:
-    outdir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(argv, check=True, timeout=120, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   env={**os.environ, **env})
-    return (outdir / "output").read_text()
 
 
 @pytest.mark.parametrize("workload,channel", [("ckpt_threads", "ssh"), ("mig_dirty", "ssh"), ("mig_dirty", "tcp")])
@@ -36,7 +29,7 @@ def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path
     """Over SSH (pages relayed through kcr-migrate) and over the direct, sealed TCP data channel."""
     exe = str(build(workload))
     args = ["64", "20", "800", "1"] if workload == "mig_dirty" else []
-    ref = reference_output([exe, str(tmp_path / "ref"), *args], tmp_path / "ref", WORKLOAD_SCALE="5")
+    ref = Reference([exe, str(tmp_path / "ref"), *args], tmp_path / "ref", WORKLOAD_SCALE="5")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out), *args], out, hold=True, WORKLOAD_SCALE="5")
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
@@ -46,7 +39,7 @@ def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path
     new = report["new_pid"]
     assert netns_of(new) == os.stat(testbed.netns_path("hostB")).st_ino, "it must run inside hostB"
     assert verdict(out) == "PASS"
-    assert (out / "output").read_text() == ref
+    assert (out / "output").read_text() == ref.output()
     wait_gone(new)
     if workload == "mig_dirty":
         gap_ms, jitter_ms = (int(x) / 1e6 for x in (out / "gap").read_text().split())
@@ -59,14 +52,14 @@ def test_write_locks_move_with_the_files_they_lock(testbed: Testbed, tmp_path: P
     exe = str(build("ckpt_locks"))
     data = f"/srv/kcr-locks-{os.getpid()}-{time.monotonic_ns()}"
     testbed.exec("hostA", ["mkdir", data], check=True)
-    ref = reference_output([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="5")
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="5")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out), "write", data], out, hold=True, WORKLOAD_SCALE="5")
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
                                     "--fs", f"rsync:{data}")
     assert code == 0, err
     assert verdict(out) == "PASS", (out / "stderr").read_text()
-    assert (out / "output").read_text() == ref == "locks checked: all held (0)\n"
+    assert (out / "output").read_text() == ref.output() == "locks checked: all held (0)\n"
     wait_gone(report["new_pid"])
 
 
@@ -74,7 +67,7 @@ def test_cpython_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
     from tests.test_migrate import PY_JOB
     script = tmp_path / "job.py"
     script.write_text(PY_JOB)
-    ref = reference_output([sys.executable, "-S", str(script), str(tmp_path / "ref"), "200"], tmp_path / "ref")
+    ref = Reference([sys.executable, "-S", str(script), str(tmp_path / "ref"), "200"], tmp_path / "ref")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "200"], out)
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
@@ -82,7 +75,7 @@ def test_cpython_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
     assert report["data_channel"] == "tcp", "by default pages go straight to hostB when hostA can reach it"
     assert testbed.address("hostB") in report["data_channel_note"]
     assert wait_file(out / "verdict").strip() == "PASS"
-    assert (out / "output").read_text() == ref
+    assert (out / "output").read_text() == ref.output()
     wait_gone(report["new_pid"])
 
 
@@ -100,7 +93,7 @@ def unreachable(testbed: Testbed, host: str, target: str) -> Iterator[None]:
 def test_pages_are_relayed_when_the_source_cannot_reach_the_destination(testbed: Testbed, tmp_path: Path) -> None:
     exe = str(build("mig_dirty"))
     args = ["32", "10", "300", "0"]
-    ref = reference_output([exe, str(tmp_path / "ref"), *args], tmp_path / "ref")
+    ref = Reference([exe, str(tmp_path / "ref"), *args], tmp_path / "ref")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out), *args], out)
     with unreachable(testbed, "hostA", "hostB"):
@@ -111,7 +104,7 @@ def test_pages_are_relayed_when_the_source_cannot_reach_the_destination(testbed:
         report["data_channel_note"], report["data_channel_note"]
     assert "pages: relayed over ssh" in err
     assert wait_file(out / "verdict").strip() == "PASS"
-    assert (out / "output").read_text() == ref
+    assert (out / "output").read_text() == ref.output()
     wait_gone(report["new_pid"])
 
 
@@ -130,9 +123,12 @@ def test_data_channel_tcp_that_cannot_connect_fails_in_preflight(testbed: Testbe
     assert proc_state(pid) in ("S", "R"), "the process runs on, untouched, on hostA"
 
 
+# Reads a line each 20 ms until the test lets it go (``verdict``), then the rest at once; it
+# ends only once let go: the file stays open through whatever the test does to the migration.
 PY_READER = r"""
 import os, sys, time
 out_dir, data = sys.argv[1], sys.argv[2]
+go_on = os.path.join(out_dir, "go-on")
 f = open(data)
 with open(os.path.join(out_dir, "output"), "w") as out:
     for i in range(600):
@@ -141,7 +137,10 @@ with open(os.path.join(out_dir, "output"), "w") as out:
         out.flush()
         if i == 5:
             open(os.path.join(out_dir, "ready"), "w").close()
-        time.sleep(0.02)
+        if not os.path.exists(go_on):
+            time.sleep(0.02)
+while not os.path.exists(go_on):
+    time.sleep(0.01)
 open(os.path.join(out_dir, "verdict"), "w").write("PASS\n")
 """
 
@@ -185,7 +184,7 @@ async def test_restore_failing_on_the_destination_rolls_back(testbed: Testbed, t
     assert data in str(m.error) and "hostB" in str(m.error)       # type: ignore[attr-defined]
     assert proc_state(pid) not in (None, "T", "t")
     assert running_copies(str(out)) == [pid]
-    assert wait_file(out / "verdict").strip() == "PASS"
+    assert verdict(out) == "PASS"
     assert "599 line 599" in (out / "output").read_text()
 
 
@@ -194,7 +193,7 @@ async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path
     the source runs on, and the destination agent destroys its copy on its own."""
     exe = str(build("mig_dirty"))
     out = tmp_path / "run"
-    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "1500"], out)
+    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "300"], out, hold=True)
     veth = testbed.veth_name("hostB")
 
     def cut(m: Migration) -> None:
@@ -211,7 +210,7 @@ async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path
         assert time.monotonic() < deadline, f"copies left besides the source: {copies(str(out))}"
         time.sleep(0.05)
     assert running_copies(str(out)) == [pid], "exactly one running copy"
-    assert wait_file(out / "verdict", timeout=90).strip() == "PASS"
+    assert verdict(out, timeout=90) == "PASS"
 
 
 def test_preflight_refuses_a_missing_file_on_the_destination(testbed: Testbed, tmp_path: Path) -> None:
@@ -224,4 +223,4 @@ def test_preflight_refuses_a_missing_file_on_the_destination(testbed: Testbed, t
     code, _, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
     assert code != 0 and "kcr-only-here.txt is missing on" in err and "Traceback" not in err
     assert running_copies(str(out)) == [pid]
-    assert wait_file(out / "verdict").strip() == "PASS"
+    assert verdict(out) == "PASS"

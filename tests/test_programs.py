@@ -51,8 +51,10 @@ def started_writing(proc: subprocess.Popen[bytes], out: Path) -> None:
         time.sleep(0.005)
 
 
-def reference(text: Path, where: Path) -> bytes:
-    proc, out = xz(text, where)
+@pytest.fixture(scope="module")
+def compressed(text: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """What an unmoved xz makes of ``text`` (one run for the module's tests)."""
+    proc, out = xz(text, tmp_path_factory.mktemp("xz-reference") / "run")
     assert proc.wait(timeout=300) == 0
     return out.read_bytes()
 
@@ -64,13 +66,12 @@ def finished(pid: int, timeout: float = 300) -> None:
 
 @pytest.mark.skipif(shutil.which("xz") is None, reason="no xz on this machine (apt-get install xz-utils)")
 @pytest.mark.parametrize("how", ["checkpoint", "live"])
-def test_xz(tmp_path: Path, text: Path, how: str) -> None:
+def test_xz(tmp_path: Path, text: Path, compressed: bytes, how: str) -> None:
     """xz keeps a self-pipe for its signal handlers: carried, with the file being written."""
-    want = reference(text, tmp_path / "reference")
     proc, out = xz(text, tmp_path / "moved")
     started_writing(proc, out)
     finished(moved(proc, how, tmp_path))
-    assert out.read_bytes() == want
+    assert out.read_bytes() == compressed
 
 
 COUNTER = r"""

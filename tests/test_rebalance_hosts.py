@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 from examples.testbed import Testbed
-from tests._hosts import start_in, wait_file
+from tests._hosts import start_in, verdict
 from tests._migration import wait_gone
-from tests._workloads import KCR_MIGRATE, STARTED, build, kcr, one_error_line
+from tests._workloads import KCR_MIGRATE, build, kcr, one_error_line
 
-ARGS = ["30", "4000", "16"]      # duty percent, steps, MiB: long enough for three measurements and a move
+ARGS = ["30", "1000000", "16"]   # duty percent, steps, MiB: as long as the test holds it (``verdict``)
 
 
 def netns_of(pid: int) -> int:
@@ -42,14 +42,10 @@ def between(doc: dict, host: str = "hostA") -> str:
 
 def test_rebalance_moves_a_busy_job_to_the_idle_host(testbed: Testbed, tmp_path: Path) -> None:
     exe = str(build("busy_worker"))
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    reference = subprocess.Popen([exe, str(ref_dir), *ARGS], stdin=subprocess.DEVNULL)
-    STARTED.append(reference)       # ended with the test, whatever happens
     jobs = {}
     for i in range(4):                # 4 x 30 % of a CPU: what a move takes is well apart from the rest
         out = tmp_path / f"job{i}"
-        jobs[start_in(testbed, "hostA", [exe, str(out), *ARGS], out)] = out
+        jobs[start_in(testbed, "hostA", [exe, str(out), *ARGS], out, hold=True)] = out
     hosts = tmp_path / "hosts"
     hosts.write_text("hostA cpus=1\nhostB cpus=1\n")
     host_a = os.stat(testbed.netns_path("hostA")).st_ino
@@ -75,11 +71,21 @@ def test_rebalance_moves_a_busy_job_to_the_idle_host(testbed: Testbed, tmp_path:
         assert m["pid"] in jobs and m["dest"] == "hostB"
         assert netns_of(m["new_pid"]) == host_b, "it runs inside hostB"
         assert m["downtime_ms"] > 0 and m["bytes_on_wire"] > 0
-    assert reference.wait(timeout=300) == 0
-    expected = (ref_dir / "output").read_text()
+    # Each job, moved or not, stops at its next hundred steps: its output must be the first
+    # lines of an unmoved run's (made after, at full speed: the duty changes no result).
+    outputs = {}
     for pid, out in jobs.items():
-        assert wait_file(out / "verdict", timeout=300).strip() == "PASS"
-        assert (out / "output").read_text() == expected, f"job {pid}"
+        assert verdict(out, timeout=120) == "PASS", f"job {pid}"
+        outputs[pid] = (out / "output").read_text()
+    steps = max(len(text.splitlines()) for text in outputs.values()) * 100
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    subprocess.run([exe, str(ref_dir), "100", str(steps), ARGS[2]], stdin=subprocess.DEVNULL, check=True, timeout=120)
+    expected = (ref_dir / "output").read_text().splitlines(keepends=True)
+    assert (ref_dir / "verdict").read_text() == "PASS\n"
+    for pid, text in outputs.items():
+        lines = text.splitlines(keepends=True)
+        assert lines and lines == expected[:len(lines)], f"job {pid}"
     for m in done:
         wait_gone(m["new_pid"])
 

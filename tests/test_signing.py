@@ -27,7 +27,7 @@ from tests._workloads import Workload, become_subreaper, kcr, one_error_line, re
 from transport.errors import ImageKeyError, MigrationError, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import KIND_PAGES, KIND_RECORD
 from transport.image import ImageReader, ImageWriter, Item
-from transport.schema import PAGE_SIZE, EndOfImage, ImageHeader, Mappings, ProcessState, ThreadState
+from transport.schema import FORMAT_VERSION, PAGE_SIZE, EndOfImage, ImageHeader, Mappings, ProcessState, ThreadState
 from transport.signing import (
     DEFAULT_KEY_PATH,
     KEY_ENV,
@@ -79,7 +79,7 @@ def test_a_signed_stream_verifies_frame_by_frame() -> None:
     assert error is None and verifier.verified and verifier.status == VERIFIED
     assert [type(i).__name__ for i in items] == ["ImageHeader", "ProcessState", "Mappings", *["PageBatch"] * 4,
                                                  "ThreadState", "EndOfImage"]
-    assert isinstance(items[0], ImageHeader) and items[0].key_id == KEY.key_id and items[0].format_version == 2
+    assert isinstance(items[0], ImageHeader) and items[0].key_id == KEY.key_id and items[0].format_version == FORMAT_VERSION
 
 
 def _flip(frame: ImageFrame) -> None:
@@ -337,7 +337,7 @@ def test_a_signed_image_restores_and_show_says_verified(tmp_path: Path, session_
     assert doc["signature"] | {"message": ""} == {
         "verified": True, "status": "verified", "key_file": session_image_key, "key_id": host_key_id,
         "image_key_id": host_key_id, "message": ""}
-    assert doc["header"]["key_id"] == host_key_id and doc["header"]["format_version"] == 2
+    assert doc["header"]["key_id"] == host_key_id and doc["header"]["format_version"] == FORMAT_VERSION
     assert line == f"kcr-migrate: signature verified with this host's key {session_image_key} (key id {host_key_id})"
     res = kcr("restore", "-i", str(image), "--json")
     assert res.stderr == b""                                       # no warning

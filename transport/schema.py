@@ -42,7 +42,10 @@ from transport.records import (
 
 # 1: the first format. 2: images may be signed (TAG frames, ``transport.signing``) and the
 # header names the signing key (``ImageHeader.key_id``); a version 1 image reads as unsigned.
-FORMAT_VERSION = 2
+# 3: state a version 2 reader would skip as unknown fields, and so lose without a word: SysV
+# segments (``SysvSegment``, ``Vma.shm``) and /dev/shm files (``FileContents.path``). A new
+# field that an older reader must not ignore bumps the version; one it may ignore does not.
+FORMAT_VERSION = 3
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -272,6 +275,31 @@ ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_ME
 VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE = 64, 128, 256
 
 
+MAX_SHM_SEGMENT = 1 << 40       # bytes of one SysV segment (shmmax's default is far above: the
+                                # address space bounds what a process can attach)
+SHM_MODE = 0o777                # a segment's permissions (SHM_DEST and SHM_LOCKED are kept apart)
+
+
+@dataclass(frozen=True)
+class SysvSegment:
+    """The SysV shared memory segment a mapping attaches (``Vma.shm``): made again on the
+    destination under its id (``shmid``, which programs keep) and key, with its owner and
+    permissions, unless the destination sees this very segment (the same ``host``: boot and
+    IPC namespace). Its contents are the mapping's pages, sent once per segment. ``removed``:
+    marked IPC_RMID (its key reads 0 then): made, attached, and marked so again. Its creator
+    (cuid, cgid, cpid) is not carried: on the destination it is the restorer (IPC_SET cannot
+    set it)."""
+
+    shmid: Annotated[int, Int(0, (1 << 31) - 1, "a SysV shared memory id")]
+    key: I32
+    size: Annotated[int, Int(1, MAX_SHM_SEGMENT, "a SysV segment's size")]
+    mode: Annotated[int, Int(0, SHM_MODE, "a SysV segment's permissions")]
+    uid: Id
+    gid: Id
+    removed: bool = False
+    host: Annotated[str, Text(128)] = ""    # boot id and IPC namespace it lives in ("BOOT ipc:[N]")
+
+
 @dataclass(frozen=True)
 class Vma:
     start: U64               # below TASK_SIZE (``Mappings.validate``) but for the vsyscall page
@@ -288,6 +316,7 @@ class Vma:
     file_mtime_ns: I64 = 0
     ino: U64 = 0             # the file's or shared memory object's inode on the source host (0: none):
                              # tells a new object mapped at the same place from the one before
+    shm: SysvSegment | None = None    # a SysV segment attached here (``ino`` is its id)
 
     @property
     def length(self) -> int:
@@ -320,6 +349,11 @@ class Mappings(Record):
             _check(v.pgoff % PAGE_SIZE == 0, f"mapping at {v.start:#x}: file offset {v.pgoff:#x} not page-aligned")
             _check(v.pgoff + (v.end - v.start) < 1 << 63, f"mapping at {v.start:#x}: file offset {v.pgoff:#x}")
             _check(v.kind != "file" or bool(v.path), f"file mapping at {v.start:#x} without a path")
+            if v.shm is not None:
+                _check(v.shared and v.kind == "anon" and v.ino == v.shm.shmid,
+                       f"mapping at {v.start:#x}: a SysV segment attached other than shared")
+                _check(v.pgoff + (v.end - v.start) <= -(-v.shm.size // PAGE_SIZE) * PAGE_SIZE,
+                       f"mapping at {v.start:#x}: past the end of SysV segment {v.shm.shmid}")
             prev_end = v.end
 
 
@@ -330,6 +364,7 @@ FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo")
 # fds of these kinds refer to an object the stream carries
 OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo") + EVENT_KINDS
 MAX_DELETED_FILE = 16 << 20    # bytes of a deleted file carried (bigger ones are refused)
+SHM_DIR = "/dev/shm/"          # files here (tmpfs) are host-local: their contents are carried
 MEMFD_SEALS = 0x3f             # F_SEAL_SEAL, _SHRINK, _GROW, _WRITE, _FUTURE_WRITE, _EXEC
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
 # device can have effects of its own, so an image that names another one is refused too.
@@ -588,10 +623,25 @@ class FileContents(Record):
     gid: Id = 0
     memfd: bool = False
     seals: Annotated[int, Int(0, MEMFD_SEALS, "memfd seals")] = 0
+    # A file under /dev/shm (tmpfs: host-local) that still has its name: made again at ``path``
+    # where the destination has no file there, used as it is where the destination sees this
+    # very file (``boot`` and ``dev`` the source's, ``id`` its inode); fds and mappings name it
+    # by its path.
+    path: Annotated[str, AbsPath(optional=True)] = ""
+    dev: U64 = 0
+    boot: Annotated[str, Text(64)] = ""
 
     def validate(self) -> None:
         _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
         _check(self.memfd or not self.seals, f"deleted file {self.id}: seals on a file that is no memfd")
+        _check(not (self.path and self.memfd), f"file {self.id}: a memfd with a path")
+        _check(not self.path or is_shm_path(self.path), f"file {self.id}: {self.path[:80]!r} is not a file of {SHM_DIR}")
+
+
+def is_shm_path(path: str) -> bool:
+    """A file directly in /dev/shm (no subdirectory, no ``..``), as shm_open() makes them."""
+    name = path[len(SHM_DIR):]
+    return path.startswith(SHM_DIR) and bool(name) and "/" not in name and name not in (".", "..")
 
 
 def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,

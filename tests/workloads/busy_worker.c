@@ -2,6 +2,8 @@
  * MiB (a fixed amount of work each, so the output never depends on timing), each followed by
  * a sleep that keeps it busy about DUTY percent of the time: a process with a known CPU share
  * whose result a move must not change.
+ * With WORKLOAD_HOLD=PATH it stops after the first hundred steps that end with PATH there: its
+ * output is then the first lines of a longer run's (a test lets it go once it has moved).
  * Usage: busy_worker OUTDIR DUTY_PERCENT STEPS MEM_MIB */
 #include "ckpt_common.h"
 #include <stdint.h>
@@ -41,6 +43,8 @@ int main(int argc, char **argv) {
             uint64_t sum = 0;
             for (size_t i = 0; i < words; i += 61) sum = sum * 31 + m[i];
             fprintf(out, "step %ld checksum %016llx\n", s + 1, (unsigned long long)sum);
+            const char *hold = getenv("WORKLOAD_HOLD");
+            if (hold && *hold && access(hold, F_OK) == 0) break;
         }
     }
     verdict(1, "");

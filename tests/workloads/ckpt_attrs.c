@@ -64,7 +64,7 @@ int main(int argc, char **argv) {
     f = fopen("/proc/self/loginuid", "w");
     if (f) audit = fprintf(f, "4242") > 0 && fclose(f) == 0 && loginuid() == 4242;
     ready();
-    quiet(50);
+    linger(50);
     char why[256] = "";
     if (!locked(a) || a[4096 * 7] != 'a') strcat(why, "mlock; ");
     if (!locked(b) || b[0] != 'b') strcat(why, "mlock2 on fault; ");

@@ -65,16 +65,12 @@ __attribute__((unused)) static void sleep_ms(long ms) {
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
 }
 
-/* The workload's quiet phase, where a move lands: ticks x 10 ms (stretched by WORKLOAD_SCALE);
- * under WORKLOAD_HOLD, until the test lets it go on (``hold_on``): the test compares the
- * process's state before and after the move (tests/_state.py), and nothing changes meanwhile. */
-__attribute__((unused)) static void quiet(int ticks) {
-    const char *hold = getenv("WORKLOAD_HOLD");
-    if (hold && *hold) {
-        hold_on();
-        return;
-    }
+/* The phase a test checkpoints or moves the workload in: TICKS x 10 ms (x WORKLOAD_SCALE), and
+ * then, if the test holds it, until the test lets it go: the checks that follow run after the
+ * move, however slow the machine. */
+__attribute__((unused)) static void linger(int ticks) {
     for (int i = 0; i < ticks * scale; i++) sleep_ms(10);
+    hold_on();
 }
 
 static void init(int argc, char **argv) {

@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
     struct ident before, after;
     snapshot(&before);
     ready();
-    quiet(80);
+    linger(80);
     snapshot(&after);
     fprintf(out, "uid %d/%d/%d gid %d/%d/%d groups %d caps %x umask %o name %s nnp %d\n",
             after.r, after.e, after.s, after.gr, after.ge, after.gs, after.ngroups,

@@ -44,7 +44,7 @@ int main(int argc, char **argv) {
     ready_set(ep, &seen);                           /* fires the one-shot watch: now disabled */
     if (!(seen & (1 << 4))) return 3;
     ready();
-    quiet(50);
+    linger(50);
 
     char why[512] = "";
     sleep_ms(50);

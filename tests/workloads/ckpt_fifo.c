@@ -25,7 +25,7 @@ int main(int argc, char **argv) {
     if (write(rw, "+rw", 3) != 3) return 3;
 
     ready();
-    quiet(50);
+    linger(50);
 
     char why[1024] = "";
     char buf[256];

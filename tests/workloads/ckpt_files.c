@@ -29,7 +29,7 @@ int main(int argc, char **argv) {
     int logfd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
     dprintf(logfd, "before\n");
     ready();
-    quiet(50);
+    linger(50);
     char why[512] = "";
     char c;
     if (read(rd, &c, 1) != 1 || c != 'd') strcat(why, "read offset; ");

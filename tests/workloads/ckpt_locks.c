@@ -49,7 +49,7 @@ int main(int argc, char **argv) {
     if (posix_lock(b, F_OFD_SETLK, write ? F_WRLCK : F_RDLCK, 0, 0)) { perror("F_OFD_SETLK"); return 3; }
     if (flock(c, write ? LOCK_EX : LOCK_SH)) { perror("flock"); return 3; }
     ready();
-    quiet(50);
+    linger(50);
     pid_t me = getpid(), child = fork();
     if (child == 0) _exit(check_from_child(dir, me, write));
     int status = 0;

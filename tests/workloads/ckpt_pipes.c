@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
     if (write(log, "one\n", 4) != 4) return 3;
 
     ready();
-    quiet(50);
+    linger(50);
 
     char why[1024] = "";
     char buf[sizeof inflight];

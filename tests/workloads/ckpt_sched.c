@@ -86,7 +86,7 @@ int main(int argc, char **argv) {
     if (apply(&wants[0])) { perror("set-up"); return 3; }
     pthread_barrier_wait(&set_up);
     ready();
-    quiet(50);
+    linger(50);
     pthread_barrier_wait(&check);
     verify(&wants[0]);
     for (int i = 1; i < n; i++) pthread_join(threads[i], NULL);

@@ -43,7 +43,7 @@ int main(int argc, char **argv) {
     struct itimerval it = { {0, 50000}, {0, 50000} };
     setitimer(ITIMER_REAL, &it, NULL);
     ready();
-    quiet(60);                                         /* the checkpoint lands in here */
+    linger(60);        /* the checkpoint lands in here */
     int fails = 0;
     char why[512] = "";
     dispositions(disp_after, sizeof disp_after);

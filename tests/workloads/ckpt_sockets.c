@@ -40,7 +40,7 @@ int main(int argc, char **argv) {
     setsockopt(st[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 
     ready();
-    quiet(50);
+    linger(50);
 
     char why[1024] = "";
     char buf[64];

@@ -84,6 +84,7 @@ int main(int argc, char **argv) {
     }
     if (argc > 7)
         while (access(argv[7], F_OK) != 0) sleep_ms(10);
+    hold_on();                      /* WORKLOAD_HOLD: the same, with the ticker still ticking */
     done = 1;
     if (with_ticker) pthread_join(t, NULL);
     uint64_t sum = 0;

@@ -73,6 +73,12 @@ int main(int argc, char **argv) {
         if (s == 5) close(open(ready_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
         sleep_ms(20);
     }
+    hold_on();                      /* WORKLOAD_HOLD: until the test lets it go, then check once more */
+    long bad;
+    if ((bad = check(brk0, brk_pages, 1)) >= 0) { verdict(0, "heap word %ld changed at the end", bad); return 1; }
+    if ((bad = check(arena, arena_pages, 2)) >= 0) { verdict(0, "arena word %ld changed at the end", bad); return 1; }
+    if ((bad = check(grow, grow_pages, 3)) >= 0) { verdict(0, "grown mapping word %ld changed at the end", bad); return 1; }
+    if ((bad = check(flip, 64, 4)) >= 0) { verdict(0, "split mapping word %ld changed at the end", bad); return 1; }
     verdict(1, "");
     return 0;
 }
