@@ -45,7 +45,9 @@ from transport.records import (
 # 3: state a version 2 reader would skip as unknown fields, and so lose without a word: SysV
 # segments (``SysvSegment``, ``Vma.shm``) and /dev/shm files (``FileContents.path``). A new
 # field that an older reader must not ignore bumps the version; one it may ignore does not.
-FORMAT_VERSION = 3
+# 4: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
+# which a version 3 reader would drop (leases and fanotify it refuses by their kind anyway).
+FORMAT_VERSION = 4
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
