@@ -73,7 +73,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     whole, before the kill (to fsync and rename a file into place: a process is never killed
     for a lost image). Every process is stopped before any state is read."""
     t0 = time.monotonic()
-    pids = check_tree(pid, opts.redirect)
+    ends = not opts.leave_running        # a connection waiting to be accepted may be accepted to read it
+    pids = check_tree(pid, opts.redirect, accept_waiting=ends)
     helds: list[freezer.Held] = []
     stats = CheckpointStats(pid=pid)
     key, unsigned = signing_key(opts.image_key)     # before anything is frozen: a bad key file stops here
@@ -90,7 +91,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                                       "exit): nothing was written; try again", pid=pid)
         check_tree(pid, opts.redirect, pids)   # again, now that nothing can change under us
         _check_cancel(opts, pid)
-        fds = fdtable.collect_tree(pids, {pid: opts.redirect})      # checks the fd tables again too
+        fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends)   # checks the fd tables again too
         states = {}
         for held in helds:
             mem = RemoteMemory(held.pid, writable=False)

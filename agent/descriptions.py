@@ -2,7 +2,9 @@
 
 The restorer makes every description itself, in its own process: files opened with their
 flags and offsets, pipes holding their bytes again, unix socketpairs holding their messages,
-with their options and shutdown state. A restored process then takes the descriptions its
+with their options and shutdown state; named unix sockets bound again at their names
+(``agent.unix_names``), listening, connected to and accepted from, so that each end keeps
+its addresses. A restored process then takes the descriptions its
 fds refer to with injected ``pidfd_open`` + ``pidfd_getfd`` and ``dup3``s each into place
 (``agent.restore``). One description serves every fd that shared it, in one process or in
 several: one offset, one set of status flags, as before. Pipes and sockets whose ends are
@@ -21,7 +23,8 @@ registers them itself once its fds are in place (``take_watches``).
 
 Made here rather than inside the restored process, the descriptions need no injected call
 to create or fill, and no end has to be kept open in one process until another takes it.
-The cost: a socketpair's SO_PEERCRED names the restorer (as it named the stub before).
+The cost: a socketpair's (or a restored connection's) SO_PEERCRED names the restorer (as it
+named the stub before).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import struct
 import tempfile
 from typing import TYPE_CHECKING, Sequence
 
-from agent import fanotify, inotify
+from agent import fanotify, inotify, unix_names
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
@@ -85,7 +88,8 @@ class Descriptions:
     ``made``: where the paths of files made here (FIFOs) are listed, for a restore that is
     abandoned to remove (``SharedObjects.made_files``)."""
 
-    def __init__(self, made: list[str] | None = None) -> None:
+    def __init__(self, names: unix_names.Names | None = None, made: list[str] | None = None) -> None:
+        self.names = names if names is not None else unix_names.Names()   # the socket names bound
         self.made = made if made is not None else []
         self._fds: dict[Key, int] = {}
         self._pipes: dict[int, tuple[int, int]] = {}          # pipe id -> (read end, write end)
@@ -200,12 +204,25 @@ class Descriptions:
     def add_sockets(self, sockets: UnixSockets) -> None:
         """A socket and its peer are one socketpair; a socket whose peer has closed, one end of
         a socketpair whose other end is closed once it has sent the queued messages; one never
-        connected, a plain socket. Then the queues, the options, the shutdown state."""
+        connected, a plain socket. Named ones are bound again (``agent.unix_names``) and
+        listeners listen; a connection accepted from a listener is made by connecting to it
+        and accepting, so that both ends have their names (one whose client has closed, from
+        a client of ours closed once it has sent the queued bytes); the clients waiting in an accept
+        queue connect last, in order. Then the queues (a named datagram socket's from each
+        message's sender), the one-way datagram connections, the options, the shutdown state."""
         by_id = {s.id: s for s in sockets.sockets}
         senders: dict[int, socket.socket] = {}
         doomed: list[socket.socket] = []
+        connections: list[UnixSocket] = []      # accepted ends whose client moves too
+        orphans: list[UnixSocket] = []          # accepted ends whose client has closed
         for s in sockets.sockets:
             if s.id in self._sockets:
+                continue
+            if s.accepted and not s.peer:
+                orphans.append(s)
+                continue
+            if s.accepted or (s.peer and by_id.get(s.peer, s).accepted):
+                connections.append(s if s.accepted else by_id[s.peer])
                 continue
             if s.peer or s.peer_closed:
                 a, b = socket.socketpair(socket.AF_UNIX, s.type)
@@ -218,9 +235,47 @@ class Descriptions:
                     doomed.append(b)
             else:
                 self._sockets[s.id] = socket.socket(socket.AF_UNIX, s.type)
+        clients = {server.peer for server in connections}
         for s in sockets.sockets:
-            if s.queue:
+            if s.name and not s.accepted and s.id not in clients:
+                self._bind(self._sockets[s.id], s)
+            if s.backlog >= 0:
+                self._sockets[s.id].listen(s.backlog)
+        for server in connections:
+            client = by_id[server.peer]
+            self._sockets[client.id] = sock = socket.socket(socket.AF_UNIX, client.type)
+            if client.name:
+                self._bind(sock, client)
+            listener = self._sockets[server.listener]
+            sock.connect(server.name)
+            self._sockets[server.id], _ = listener.accept()
+            senders[server.id], senders[client.id] = sock, self._sockets[server.id]
+        for server in orphans:
+            # Accepted from a client of ours that sends what was queued, then closes.
+            gone = socket.socket(socket.AF_UNIX, server.type)
+            doomed.append(gone)
+            gone.connect(server.name)
+            self._sockets[server.id], _ = self._sockets[server.listener].accept()
+            senders[server.id] = gone
+        for s in sockets.sockets:
+            if s.queue and s.senders:
+                _send_from(self._named(sockets), s)
+            elif s.queue:
                 _send_queue(senders[s.id], s)
+        for s in sockets.sockets:
+            if s.target:
+                self._sockets[s.id].connect(by_id[s.target].name)
+        for s in sockets.sockets:
+            for waiting in s.pending:
+                sock = self._sockets[waiting]
+                sock.setblocking(False)
+                try:
+                    sock.connect(s.name)
+                except BlockingIOError:
+                    raise RestoreError(f"the clients waiting in the accept queue of {unix_names.shown(s.name)} do "
+                                       "not fit in its backlog here") from None
+                _send_messages(sock, by_id[waiting].sent)
+                sock.setblocking(True)
         for s in sockets.sockets:
             sock = self._sockets[s.id]
             _set_options(sock, s.options)
@@ -228,6 +283,14 @@ class Descriptions:
                 sock.shutdown(SHUTDOWN_HOW[s.shutdown])
         for b in doomed:
             b.close()
+
+    def _bind(self, sock: socket.socket, s: UnixSocket) -> None:
+        self.names.bind(sock, unix_names.Bound(s.name, s.type, s.file_dev, s.file_ino),
+                        s.file_mode, s.file_uid, s.file_gid, socket.gethostname())
+
+    def _named(self, sockets: UnixSockets) -> dict[bytes, socket.socket]:
+        return {s.name: self._sockets[s.id] for s in sockets.sockets
+                if s.name and not s.accepted and s.type == socket.SOCK_DGRAM}
 
     # -- descriptions ------------------------------------------------------------------------
 
@@ -496,13 +559,19 @@ def _check(ret: int, what: str) -> int:
 
 def _send_queue(sender: socket.socket, s: UnixSocket) -> None:
     """Put ``s``'s queued messages back by sending them from its peer's end, in order."""
-    total = sum(len(m) for m in s.queue)
+    _send_messages(sender, s.queue)
+
+
+def _send_messages(sender: socket.socket, messages: Sequence[bytes]) -> None:
+    if not messages:
+        return
+    total = sum(len(m) for m in messages)
     # Unix sockets charge queued bytes to the sender: room for all of them, for now
     # (``_set_options`` sets the real size afterwards).
-    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(total * 2 + (64 << 10) * len(s.queue), 1 << 16))
+    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(total * 2 + (64 << 10) * len(messages), 1 << 16))
     sender.setblocking(False)
     try:
-        for m in s.queue:
+        for m in messages:
             if not m:
                 sender.send(m)
                 continue
@@ -512,6 +581,29 @@ def _send_queue(sender: socket.socket, s: UnixSocket) -> None:
     except BlockingIOError:
         raise RestoreError("the messages queued on a unix socket do not fit in it here: check "
                            "net.unix.max_dgram_qlen and net.core.wmem_max") from None
+
+
+def _send_from(named: dict[bytes, socket.socket], s: UnixSocket) -> None:
+    """Put a named datagram socket's queue back: each message sent to its name from the
+    socket of the job named as its sender, or from an unbound one."""
+    anonymous = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        room = max(sum(len(m) for m in s.queue) * 2 + (64 << 10) * len(s.queue), 1 << 16)
+        for sender_name, m in zip(s.senders, s.queue):
+            sender = named.get(sender_name) if sender_name else anonymous
+            if sender is None:
+                raise RestoreError(f"a datagram queued on {unix_names.shown(s.name)} names a sender the image lacks: "
+                                   "corrupt image")
+            # Queued datagrams are charged to their sender: room for all of them, for now
+            # (``_set_options`` sets the real size afterwards).
+            sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, room)
+            try:
+                sender.sendto(m, socket.MSG_DONTWAIT, s.name)
+            except BlockingIOError:
+                raise RestoreError("the datagrams queued on a unix socket do not fit in it here: check "
+                                   "net.unix.max_dgram_qlen and net.core.wmem_max") from None
+    finally:
+        anonymous.close()
 
 
 def _set_options(sock: socket.socket, o: SocketOptions) -> None:

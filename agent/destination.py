@@ -32,14 +32,18 @@ from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
 from agent.inflight import InFlight
 from agent.logs import log_path, open_log
+from agent.procfs import check_restore_privileges
 from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
+from agent.unix_names import Bound
+from agent.unix_names import check as check_name
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
 from transport.schema import MAX_CPUS
 
 MEMORY_MARGIN = 1.1
+MAX_NAMES = 1 << 16          # socket names in a summary
 
 
 @dataclass
@@ -131,6 +135,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     if os.geteuid() != 0:
         raise PermissionDenied(f"kcr-agent on {host} runs as uid {os.geteuid()}: restoring a process "
                                "(its memory map and credentials) needs root", host=host)
+    check_restore_privileges(host)
     await trio.to_thread.run_sync(check_machine, summary, host)
     await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
     try:
@@ -146,6 +151,12 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
         ids = [int(p["pid"]) for p in processes]
         ids += [int(t) for p in processes for t in p.get("tids", []) if int(t) != int(p["pid"])]
         check_ids_free(ids, host, tree=len(processes) > 1)
+    names = summary.get("unix_names", [])
+    if not isinstance(names, list) or len(names) > MAX_NAMES:
+        raise RestoreError("the summary's socket names are malformed: corrupt summary", host=host)
+    job = frozenset(int(p["pid"]) for p in processes)
+    for bound in [Bound.from_wire(n) for n in names]:      # each bound again here: free, or the job's own
+        await trio.to_thread.run_sync(check_name, bound, host, job)
     pinned = summary.get("pinned_cpus", [])
     if not isinstance(pinned, list) or not all(isinstance(c, int) and 0 <= c < MAX_CPUS for c in pinned):
         raise ProtocolError("the source's summary names CPUs that cannot exist", host=host)

@@ -24,7 +24,14 @@
 - an fd whose other end is outside (a pipe to the launcher, a terminal, a socket connected
   to a server) is refused with the process at the other end named, unless the user said what
   it becomes on the destination: ``redirect`` maps fd -> PATH, opened there for appending (or
-  reading, for a read end). Bound and listening unix sockets, and other families, are refused.
+  reading, for a read end). Sockets of other families are refused.
+- a unix socket bound to an absolute path or an abstract name (``agent.unix_names``): bound
+  again there; a listener listens again with its backlog, and the clients of the job waiting
+  in its accept queue wait there again (one outside the job is refused; one that already sent
+  bytes moves only where the source ends once dumped, which lets the dump accept it to read
+  them: ``accept_waiting``); a connection accepted from it keeps the listener's name, its
+  client the peer name; a named datagram socket keeps its queued datagrams with their
+  senders' names (senders of the job), and one connected to it stays connected.
 
 ``describe`` is the one place that decides, for preflight and dump alike.
 """
@@ -38,9 +45,9 @@ import stat
 import struct
 import termios
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from agent import fanotify, inotify, locks, shm_files, unix_sockets
+from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.procfs import FdInfo, classify_fd, list_fds, read_text, thread_ids
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
@@ -150,11 +157,13 @@ def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDe
     return describe_tree([pid], {pid: redirect or {}})[pid]
 
 
-def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
-                  ) -> dict[int, list[FileDesc]]:
+def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
+                  *, accept_waiting: bool = False) -> dict[int, list[FileDesc]]:
     """The fd tables of processes that move together (a process and its descendants): what
     they share among themselves (descriptions, pipes, sockets) is carried; what they share
-    with a process outside is refused, naming it. ``redirect``: per pid, fd -> path."""
+    with a process outside is refused, naming it. ``redirect``: per pid, fd -> path.
+    ``accept_waiting``: the source ends once dumped, so a connection waiting in an accept
+    queue with bytes sent may be accepted to read them (``collect_tree``)."""
     redirect = redirect or {}
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
@@ -176,7 +185,7 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
         _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
-        _check_sockets(sockets, outside)
+        _check_sockets(sockets, outside, accept_waiting)
     if events:
         _check_event_files_not_shared(events, outside)
         _check_pidfds(events, inside)
@@ -436,9 +445,10 @@ def _redirect_hint(fd: int, why: str) -> str:
     return ""
 
 
-def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd]) -> None:
-    """Refuse the sockets we cannot carry: other families, bound or listening unix sockets,
-    connections to a peer that does not move, connections not yet accepted."""
+def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], accept_waiting: bool = False) -> None:
+    """Refuse the sockets we cannot carry: other families, connections to a peer that does
+    not move, connections waiting in an accept queue that cannot move with it; named sockets
+    whose name restore could not bind again (``roles``)."""
     known = unix_sockets.query(sockets)
     for ino, held in sockets.items():
         pid, fd = held[0][0], held[0][1].fd
@@ -447,29 +457,104 @@ def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd]) -> 
             raise UnsupportedResource(
                 f"pid {pid} has a socket other than a unix one (TCP, UDP, netlink, ...) open as fd {fd}: "
                 f"{_CANNOT}{_redirect_hint(fd, 'a socket')}", pid=pid)
-        if info.name or info.state == unix_sockets.TCP_LISTEN:
-            name = info.name.replace(b"\0", b"@").decode(errors="replace")
-            raise UnsupportedResource(
-                f"pid {pid} has a unix socket bound to {name} open as fd {fd}: bound and listening sockets "
-                f"cannot be moved yet", pid=pid)
         if info.peer and info.peer not in sockets:
-            holders = outside_holders({("socket", info.peer)}, outside)
-            peer = next(iter(holders.values()))[0] if holders else None
-            where = f"{peer}, which does not move with it" if peer else "a socket outside what moves"
             raise UnsupportedResource(
-                f"pid {pid}'s fd {fd} is a unix socket connected to {where}: {_CANNOT}"
+                f"pid {pid}'s fd {fd} is a unix socket connected to {_holder(info.peer, outside)}: {_CANNOT}"
                 f"{_redirect_hint(fd, 'a socket')}", pid=pid)
-        if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and not _peer_closed(info):
+        for client in info.icons:
+            if client not in sockets:
+                raise UnsupportedResource(
+                    f"pid {pid}'s fd {fd} is a unix socket listening on {_name(info.name)} with a connection from "
+                    f"{_holder(client, outside)} waiting in its accept queue: let the server accept it, or "
+                    "move them together", pid=pid)
+    roles(known, set(sockets), {ino: (held[0][0], held[0][1].fd) for ino, held in sockets.items()}, accept_waiting)
+
+
+def _holder(ino: int, outside: list[OutsideFd]) -> str:
+    holders = outside_holders({("socket", ino)}, outside)
+    peer = next(iter(holders.values()))[0] if holders else None
+    return f"{peer}, which does not move with it" if peer else "a socket outside what moves"
+
+
+def _name(name: bytes) -> str:
+    return (b"@" + name[1:] if name[:1] == b"\0" else name).decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a unix socket is to the others of the job, as restore makes it again."""
+
+    peer: int = 0           # a socketpair's or connection's other end
+    accepted: bool = False  # the server's end of a connection: named after its listener
+    listener: int = 0       # an accepted socket's listener, or a waiting client's
+    target: int = 0         # a datagram socket connected one way to a bound one
+    pending: tuple[int, ...] = ()   # a listener's waiting clients, in accept order
+
+
+def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
+          where: Mapping[int, tuple[int, int]], accept_waiting: bool = False) -> dict[int, Role]:
+    """Each socket's ``Role``; UnsupportedResource for a socket restore could not make again
+    (``where``: inode -> (pid, fd) for messages)."""
+    listeners = {(i.name, i.vfs): i.inode for i in known.values()
+                 if i.inode in inside and i.state == unix_sockets.TCP_LISTEN}
+    waiting = {c: i.inode for i in known.values() if i.inode in inside and i.state == unix_sockets.TCP_LISTEN
+               for c in i.icons}
+    out: dict[int, Role] = {}
+    for ino in inside:
+        info = known[ino]
+        pid, fd = where[ino]
+        if info.name[:1] not in (b"", b"\0", b"/"):
             raise UnsupportedResource(
-                f"pid {pid}'s fd {fd} is a unix socket whose connection was not accepted yet: {_CANNOT}", pid=pid)
+                f"pid {pid}'s fd {fd} is a unix socket bound to the relative path {_name(info.name)}: kcr-migrate "
+                "moves sockets bound to absolute paths or abstract names only", pid=pid)
+        if info.state == unix_sockets.TCP_LISTEN:
+            out[ino] = Role(pending=tuple(c for c in info.icons))
+            continue
+        if ino in waiting:
+            if known[ino].wqueue and not accept_waiting:
+                raise UnsupportedResource(
+                    f"pid {pid}'s fd {fd} is a unix socket whose connection waits in an accept queue with bytes "
+                    "already sent: they can be read only by accepting it, which the source, running on if the move "
+                    "is rolled back, would miss; let the server accept it first, or move the job by checkpoint "
+                    "and restore", pid=pid)
+            out[ino] = Role(listener=waiting[ino])
+            continue
+        if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and info.type != SOCK_DGRAM \
+                and not _peer_closed(info):
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {fd} is a unix socket whose connection waits in the accept queue of a socket "
+                f"outside what moves: {_CANNOT}", pid=pid)
+        peer = known.get(info.peer) if info.peer else None
+        if info.type != SOCK_DGRAM and info.name and (info.name, info.vfs) in listeners:
+            # Named after a listener of the job and not it: accepted from it (its peer may have closed).
+            out[ino] = Role(peer=info.peer if peer is not None else 0, accepted=True,
+                            listener=listeners[(info.name, info.vfs)])
+            continue
+        if peer is None:
+            out[ino] = Role()
+            continue
+        if info.type == SOCK_DGRAM and peer.peer != ino:
+            if not peer.name:
+                raise UnsupportedResource(f"pid {pid}'s fd {fd} is a datagram socket connected to an unbound one: "
+                                          f"{_CANNOT}", pid=pid)
+            out[ino] = Role(target=info.peer)
+            continue
+        if info.type != SOCK_DGRAM and info.name and not peer.name and peer.peer == ino:
+            # The server's end of a connection (clients rarely bind) whose listener is gone.
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {fd} is a unix connection accepted from a listener on {_name(info.name)} that "
+                f"no process of the job holds any more: {_CANNOT}", pid=pid)
+        out[ino] = Role(peer=info.peer)
+    return out
 
 
 def _peer_closed(info: unix_sockets.UnixSocketInfo) -> bool:
     """A connected socket whose peer has gone: a stream or seqpacket one is shut both ways by
-    the kernel; a datagram one stays connected to nothing."""
+    the kernel; a datagram one stays connected to nothing. (A named datagram socket another
+    has connected to shows ESTABLISHED too, peerless: it is taken for one whose peer is there.)"""
     if info.peer or info.state != unix_sockets.TCP_ESTABLISHED:
         return False
-    return info.type == SOCK_DGRAM or info.shutdown == 3
+    return (info.type == SOCK_DGRAM and not info.name) or info.shutdown == 3
 
 
 def _share_descriptions(tables: dict[int, list[FileDesc]]) -> dict[int, list[FileDesc]]:
@@ -543,11 +628,13 @@ def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
     return collect_tree([pid], {pid: redirect or {}})[pid]
 
 
-def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None
-                 ) -> dict[int, FdState]:
+def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
+                 *, accept_waiting: bool = False) -> dict[int, FdState]:
     """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
-    pipe or socket goes in the records of the first process (in ``pids`` order) that has it."""
-    tables = describe_tree(pids, redirect)
+    pipe or socket goes in the records of the first process (in ``pids`` order) that has it.
+    ``accept_waiting`` (the source ends once dumped): the connections waiting in a listener's
+    accept queue whose clients sent bytes are accepted here, the bytes read (``sent``)."""
+    tables = describe_tree(pids, redirect, accept_waiting=accept_waiting)
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
@@ -571,6 +658,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     buffers: dict[int, list[PipeBuffer]] = {pid: [] for pid in pids}
     sockets: dict[int, list[UnixSocket]] = {pid: [] for pid in pids}
     pidfds: dict[int, int] = {}
+    accepted: list[int] = []         # connections accepted to read them (closed last: a client whose
+                                     # peer closes with bytes unread reads ECONNRESET)
 
     def pidfd(pid: int) -> int:
         if pid not in pidfds:
@@ -590,15 +679,21 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             else:
                 buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
         known = unix_sockets.query(socks) if socks else {}
+        role = roles(known, set(socks), socks, accept_waiting) if socks else {}
+        sent = _accept_waiting(known, role, socks, pidfd, accepted) if accept_waiting else {}
         order = {pid: i for i, pid in enumerate(pids)}
-        for ino, (holder, fd) in socks.items():
-            # A socket and its peer go in one record: the first process's that holds either.
-            peer = socks.get(known[ino].peer, (holder, fd))[0]
-            owner = min(holder, peer, key=order.__getitem__)
-            peer_info = known.get(known[ino].peer)
-            sockets[owner].append(_socket(pidfd(holder), fd, known[ino], peer_info.wqueue if peer_info else 0))
+        # Sockets restore makes together go in one record, the first process's that holds any:
+        # a pair, a listener with its connections, a datagram socket with those it hears from.
+        group = _socket_groups(known, role, socks, order)
+        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], sent.get(ino, ()), _peer_wqueue(known, ino, role))
+                for ino, (holder, fd) in socks.items()}
+        _check_senders(made, socks)
+        for ino, sock in made.items():
+            sockets[group[ino]].append(sock)
     finally:
         for fd in pidfds.values():
+            os.close(fd)
+        for fd in accepted:
             os.close(fd)
     event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
     for obj, (pid, f) in events.items():
@@ -662,25 +757,119 @@ def _timespec_ns(text: str) -> int:
     return int(sec) * 1_000_000_000 + int(nsec)
 
 
-def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, peer_wqueue: int = 0) -> UnixSocket:
-    """``peer_wqueue``: the memory its peer (one that moves too) is charged for what it sent."""
+def _socket_groups(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapping[int, Role],
+                   socks: Mapping[int, tuple[int, int]], order: Mapping[int, int]) -> dict[int, int]:
+    """inode -> the pid whose record carries it: sockets linked by a connection, a listener or
+    a name go in the record of the first process that holds any of them."""
+    parent = {ino: ino for ino in socks}
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    named = {known[ino].name: ino for ino in socks if known[ino].name and not role[ino].accepted}
+    for ino, r in role.items():
+        for other in (r.peer, r.listener, r.target, *r.pending):
+            if other in parent:
+                parent[find(ino)] = find(other)
+        if known[ino].type == SOCK_DGRAM and known[ino].name:
+            for other_ino in named.values():       # it may have heard from any named socket of the job
+                if known[other_ino].type == SOCK_DGRAM:
+                    parent[find(ino)] = find(other_ino)
+    first: dict[int, int] = {}
+    for ino, (pid, _) in socks.items():
+        root = find(ino)
+        if root not in first or order[pid] < order[first[root]]:
+            first[root] = pid
+    return {ino: first[find(ino)] for ino in socks}
+
+
+def _check_senders(made: Mapping[int, UnixSocket], socks: Mapping[int, tuple[int, int]]) -> None:
+    """A queued datagram from a named socket is sent again from that socket: one of the job's."""
+    names = {s.name for s in made.values() if s.name and not s.accepted}
+    for ino, s in made.items():
+        for sender in s.senders:
+            if sender and sender not in names:
+                pid, fd = socks[ino]
+                raise UnsupportedResource(
+                    f"pid {pid}'s fd {fd} is a unix datagram socket with a message queued from {_name(sender)}, a "
+                    f"socket that does not move with it: {_CANNOT}; migrate once the program has read it", pid=pid)
+
+
+def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapping[int, Role],
+                    socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int],
+                    accepted: list[int]) -> dict[int, tuple[bytes, ...]]:
+    """What the clients waiting in the job's listeners' accept queues sent, by client inode:
+    every connection of a listener where one has sent bytes is accepted here (on a dup of the
+    listener; the source ends once dumped) and its bytes read; the connections are added to
+    ``accepted``, for the caller to close once it has read the clients."""
+    out: dict[int, tuple[bytes, ...]] = {}
+    for ino, r in role.items():
+        if not any(known[c].wqueue for c in r.pending):
+            continue
+        holder, fd = socks[ino]
+        dup = pidfd_getfd(pidfd(holder), fd)
+        try:
+            for _ in r.pending:
+                conn, _ = unix_sockets.accept(dup)
+                accepted.append(conn)
+                client = unix_sockets.query([os.fstat(conn).st_ino]).get(os.fstat(conn).st_ino)
+                if client is None or client.peer not in r.pending:
+                    raise UnsupportedResource(f"fd {fd}: a connection accepted from its accept queue is not one "
+                                              "of the job's: try again")
+                out[client.peer] = tuple(unix_sockets.queued_data(conn, known[ino].type))
+        finally:
+            os.close(dup)
+    return out
+
+
+def _peer_wqueue(known: Mapping[int, unix_sockets.UnixSocketInfo], ino: int, role: Mapping[int, Role]) -> int:
+    """What the peer of an unnamed connected socket (one that moves too) is charged for what it
+    sent and was not read (it sends to this socket alone); 0 where that is not known."""
+    peer = known.get(role[ino].peer)
+    return peer.wqueue if peer is not None and not peer.name and not known[ino].name else 0
+
+
+def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
+            sent: tuple[bytes, ...] = (), peer_wqueue: int = 0) -> UnixSocket:
+    """``peer_wqueue``: see ``_peer_wqueue`` (a message no peek shows is refused by it)."""
     dup = pidfd_getfd(pidfd, fd)
     try:
-        queue = unix_sockets.queued_data(dup, info.type)
-        unix_sockets.check_hidden_messages(fd, info.type, queue, peer_wqueue)
+        messages = unix_sockets.queued_messages(dup, info.type)
+        unix_sockets.check_hidden_messages(fd, info.type, [m.data for m in messages], peer_wqueue)
         o = unix_sockets.socket_options(dup)
     finally:
         os.close(dup)
+    queue = [m.data for m in messages]
     options = SocketOptions(
         rcvbuf=o["SO_RCVBUF"], sndbuf=o["SO_SNDBUF"], passcred=o.get("SO_PASSCRED", 0),
         passsec=o.get("SO_PASSSEC", 0), peek_off=o.get("SO_PEEK_OFF", -1), rcvlowat=o.get("SO_RCVLOWAT", 1),
         oobinline=o.get("SO_OOBINLINE", 0), rcvtimeo_us=o.get("SO_RCVTIMEO", 0), sndtimeo_us=o.get("SO_SNDTIMEO", 0),
         passpidfd=o.get("SO_PASSPIDFD", 0), passrights=o.get("SO_PASSRIGHTS", 1))
     closed = _peer_closed(info)
-    if queue and not info.peer and not closed:
+    if queue and not role.peer and not closed and not info.name:
         raise UnsupportedResource(f"fd {fd} is an unconnected unix socket with messages queued: {_CANNOT}")
-    return UnixSocket(id=info.inode, type=info.type, peer=info.peer, peer_closed=closed,
-                      shutdown=0 if closed else info.shutdown, options=options, queue=tuple(queue))
+    named_dgram = info.type == SOCK_DGRAM and bool(info.name) and not role.peer
+    listening = info.state == unix_sockets.TCP_LISTEN
+    mode = uid = gid = dev = ino = 0
+    if info.name[:1] == b"/" and not role.accepted and info.vfs is not None:
+        dev, ino = info.vfs
+        try:
+            st = os.lstat(info.name)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == info.vfs:
+            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        else:
+            mode = 0o755                      # its file was removed since: one as bind makes it
+    return UnixSocket(id=info.inode, type=info.type, peer=role.peer, peer_closed=closed,
+                      shutdown=0 if closed else info.shutdown, options=options, queue=tuple(queue),
+                      name=info.name, accepted=role.accepted, listener=role.listener,
+                      backlog=info.wqueue if listening else -1, pending=role.pending, target=role.target,
+                      senders=tuple(m.sender for m in messages) if named_dgram else (),
+                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent)
 
 
 def _waiting(pidfd: int, f: FileDesc) -> FileDesc:
@@ -737,3 +926,27 @@ def _read_all(fd: int, n: int) -> list[bytes]:
         parts.append(chunk)
         n -= len(chunk)
     return parts
+
+
+def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
+    """The names the job's unix sockets are bound to (each once; an accepted socket's is its
+    listener's), for the destination's preflight to check (``agent.unix_names.check``)."""
+    inodes: set[int] = set()
+    for pid in pids:
+        for info in list_fds(pid):
+            obj = object_of(info.target)
+            if obj is not None and obj[0] == "socket":
+                inodes.add(obj[1])
+    out: dict[bytes, unix_names.Bound] = {}
+    for sock in unix_sockets.query(inodes).values():
+        if sock.name and (sock.name not in out or sock.state == unix_sockets.TCP_LISTEN):
+            dev, ino = sock.vfs if sock.vfs is not None else (0, 0)
+            out[sock.name] = unix_names.Bound(sock.name, sock.type, dev, ino)
+    return list(out.values())
+
+
+def socket_files(pids: Sequence[int]) -> list[tuple[str, int, int, int]]:
+    """(path, type, device, inode) of each socket file the job's unix sockets are bound to
+    (``agent.unix_names.reclaim`` puts them back after a rolled-back move)."""
+    return [(os.fsdecode(b.name), b.type, b.dev, b.ino) for b in bound_names(pids)
+            if b.name[:1] == b"/" and b.dev]

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from agent import fdtable
+from agent import fdtable, unix_names
 from agent import freeze as freezer
 from agent import ptrace
 from agent.signals import LateSignals
@@ -263,7 +263,12 @@ class Holder:
         return {}
 
     def op_release(self) -> dict[str, Any]:
-        """Let the processes go, running (rollback)."""
+        """Let the processes go, running (rollback); their socket files at their paths again
+        should a restore that shared this filesystem have left them aside (``unix_names``)."""
+        try:
+            unix_names.reclaim(fdtable.socket_files(list(self.helds)))
+        except (OSError, MigrationError):
+            pass              # best effort (a process gone meanwhile): the others go on
         failed: BaseException | None = None
         for p in list(self.helds):
             try:

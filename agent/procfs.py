@@ -159,6 +159,21 @@ def exists(pid: int) -> bool:
     return os.path.exists(proc_path(pid))
 
 
+CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 21, 40
+
+
+def check_restore_privileges(host: str | None = None) -> None:
+    """Refuse, before anything is built, a restore the kernel would stop halfway: giving the
+    process back its executable and memory layout (prctl PR_SET_MM_MAP with its exe) needs
+    CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN in this process, and so does keeping its pid."""
+    effective = int(read_status(os.getpid()).get("CapEff", "0"), 16)
+    if not effective & (1 << CAP_CHECKPOINT_RESTORE | 1 << CAP_SYS_ADMIN):
+        where = f"kcr-agent on {host}" if host else "kcr-migrate restore"
+        raise PermissionDenied(f"restoring a process needs root, or the capability CAP_CHECKPOINT_RESTORE (or "
+                               "CAP_SYS_ADMIN): the kernel lets nothing less set its executable and memory layout "
+                               f"(prctl PR_SET_MM_MAP); run {where} as root", host=host)
+
+
 def check_target(pid: int) -> None:
     """A pid we can work on at all: exists, not a kernel thread, not ourselves."""
     if pid <= 0:
@@ -166,6 +181,9 @@ def check_target(pid: int) -> None:
     if pid == os.getpid():
         raise ProcessError("cannot checkpoint kcr-migrate's own process", pid=pid)
     stat = read_stat(pid)
+    if pid == 1:
+        raise ProcessError(f"pid 1 ({stat[2]}) is the init of its pid namespace, which every other process there "
+                           "depends on: it cannot be moved or checkpointed; give the pid of the job itself", pid=pid)
     if int(stat[9]) & PF_KTHREAD:
         raise ProcessError(f"pid {pid} ({stat[2]}) is a kernel thread: only user processes can be moved", pid=pid)
     if stat[3] in ("Z", "X"):

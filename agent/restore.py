@@ -316,6 +316,11 @@ class Restorer:
             ptrace.interrupt(self.pid)
             ptrace.wait_stop(self.pid)
             self._stopped = True
+            # The stub makes itself a session leader as it starts; stopped before it got there,
+            # it is made one here. Else the restored process would stay in the restorer's
+            # session and group, where a terminal's Ctrl-C or hang-up would end it.
+            if os.getsid(self.pid) != self.pid:
+                self.stub_call("setsid")
         except (OSError, ptrace.TraceeGone) as exc:
             raise RestoreError(f"could not prepare the process to restore into: {exc}") from None
 

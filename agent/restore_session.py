@@ -22,6 +22,7 @@ from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer
 from agent.shared_memory import SharedObjects
+from agent.unix_names import Names
 from transport.errors import ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.schema import (
@@ -62,6 +63,7 @@ class RestoreSession:
         self.removed: list[int] = []      # processes that left the tree while it was migrated
         self.resumed = False
         self.shared = SharedObjects()      # memory the processes share, made once
+        self.names = Names()               # the socket names the processes' sockets are bound to
 
     # -- records in -------------------------------------------------------------------------
 
@@ -196,7 +198,7 @@ class RestoreSession:
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
-        descriptions = Descriptions(made=self.shared.made_files)
+        descriptions = Descriptions(self.names, made=self.shared.made_files)
         try:
             self.shared.add_files(union.contents)       # /dev/shm files, before the fds that open them
             descriptions.add(union)
@@ -216,6 +218,7 @@ class RestoreSession:
             if not p.restorer.exited:
                 p.restorer.resume()
         self.resumed = True
+        self.names.commit()
         self.shared.settled()
         return self.root.pid
 
@@ -227,6 +230,7 @@ class RestoreSession:
         self.shared.discard()
         for p in reversed(list(self.procs.values())):
             p.restorer.abort()
+        self.names.undo()
 
     # -- what was made ----------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import locks, sched
+from agent import fdtable, locks, sched
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
@@ -378,6 +378,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
                 continue      # a child that exited since the holder listed it (make's): it leaves the job
             facts.update((f.path, f) for f in described.files if f.path not in facts)
         vdso = await _blocking(vdso_digest, pid)
+        names = await _blocking(fdtable.bound_names, [p["pid"] for p in processes])
         segments = await _blocking(sysv.attached, pids)
     except BaseException:
         await _blocking(holder.close)
@@ -393,6 +394,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "pinned_cpus": sorted(set().union(*(p["pinned_cpus"] for p in processes))),
         "locks": [lock for p in processes for lock in p["locks"]],
+        "unix_names": [b.as_wire() for b in names],     # the destination must be able to bind them
         "sysv": [sysv.to_wire(s) for s in segments],      # made again under their ids (or this very one)
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,

@@ -8,26 +8,32 @@ they share stays shared (``agent.shared_memory``).
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 from agent import fdtable
 from agent.procfs import check_supported, check_target, process_tree, read_stat
-from transport.errors import NoSuchProcess, UnsupportedResource
+from transport.errors import NoSuchProcess, ProcessError, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
 GROWTH_RETRIES = 20        # a tree that forks on every look (make -j) is checked this often
 
 
-def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None) -> list[int]:
+def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None, *,
+               accept_waiting: bool = False) -> list[int]:
     """The processes of ``pid``'s tree that run (parents first; zombies, its children that
     exited and were not waited for yet, are carried by ``tree_record`` alone), each checked.
     ``frozen``: those processes, stopped already; their fd tables are then checked as they
     are read (``fdtable.collect_tree``) rather than here, and the tree must not have grown.
-    ``redirect`` (fd -> path) is the root's. Refusals name what cannot be carried and what
-    to do."""
+    ``redirect`` (fd -> path) is the root's. ``accept_waiting``: the source ends once dumped
+    (``fdtable.describe_tree``). Refusals name what cannot be carried and what to do."""
     check_target(pid)
     every = process_tree(pid)
+    if os.getpid() in every:
+        raise ProcessError(f"pid {pid} is an ancestor of kcr-migrate itself (pid {os.getpid()}), which would have "
+                           "to move with it: run kcr-migrate from outside that process's tree (another terminal, "
+                           "or setsid)", pid=pid)
     pids = frozen or [p for p in every if not zombie(p)]
     for p in every[1:]:
         if p not in pids and not zombie(p):
@@ -47,7 +53,7 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
             try:
                 for p in pids:
                     check_supported(p, redirect=redirect if p == pid else None, tree=pids)
-                fdtable.describe_tree(pids, {pid: redirect})
+                fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
                 return pids
             except (NoSuchProcess, FileNotFoundError) as exc:
                 gone = _vanished(exc)

@@ -435,6 +435,16 @@ def _borrowed(fd: int) -> Iterator[socket.socket]:
             fcntl.fcntl(fd, fcntl.F_SETFL, fl)
 
 
+def accept(fd: int) -> tuple[int, bytes]:
+    """(an fd of the next connection waiting on the listener ``fd``, close-on-exec, its
+    client's name), without changing the listener's file status flags. BlockingIOError when
+    none waits."""
+    with _borrowed(fd) as sock:
+        conn, addr = sock._accept()      # type: ignore[attr-defined]   # the fd, not a socket object
+    fcntl.fcntl(conn, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    return conn, _address(addr)
+
+
 # --- socket_options -------------------------------------------------------------------------
 
 _INT_OPTIONS = {

@@ -80,18 +80,21 @@ class WssSample:
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C back while the process is held or injected into; re-raise it afterwards."""
+    """Hold SIGINT, SIGTERM and SIGHUP back while the process is held or injected into; deliver
+    the first afterwards, to whatever handled it before (Ctrl-C: KeyboardInterrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
+    previous = {sig: signal.signal(sig, lambda sig, frame: caught.append(sig))
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
-        raise KeyboardInterrupt
+        signal.raise_signal(caught[0])
 
 
 class WssMeter:

@@ -9,6 +9,14 @@ Options go anywhere, as with ssh: before, between or after the positionals, and 
 subcommand's name; ``kcr-migrate --ssh-config F 1234@hostA hostB`` is the migrate form
 (``command_first``). A flag means the same in every subcommand (``tests/test_cli.py``
 checks), and every rate is read by ``transport.units.parse_rate``.
+
+Exit statuses (``EXIT_STATUSES``, printed by ``--help`` and tabled in the README) say what
+became of the job, whichever signal arrived when: a command calls ``settle()`` at its point of
+no return (the image is whole, the process runs at the destination or from the image), after
+which SIGINT, SIGTERM and SIGHUP change neither the outcome nor the status. Before it they
+roll back: a synchronous command sees KeyboardInterrupt (the tracer turns it into a cancel),
+a trio one runs under ``deferred_signals`` and ``watch_signals``, which hand each signal to
+the operation's ``cancel``.
 """
 from __future__ import annotations
 
@@ -17,14 +25,29 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+import textwrap
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from transport.errors import MigrationError
 from transport.units import parse_rate
 
+EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_UNSETTLED = 3
 EXIT_INTERRUPTED = 130
+
+EXIT_STATUSES = (
+    (EXIT_OK, "done: the process moved or was restored, the image was written (also when a signal came "
+              "after that point); any other command did what was asked"),
+    (EXIT_ERROR, "refused or failed: nothing changed (the process runs on where it was)"),
+    (EXIT_USAGE, "usage error: a bad option or argument"),
+    (EXIT_UNSETTLED, "unsettled: the destination did not confirm the process runs and the source is "
+                     "stopped; settle it with `kcr-migrate resolve PID@HOST --kill|--resume`"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C, SIGTERM, SIGHUP) before that point: rolled back, nothing "
+                       "changed"),
+)
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
@@ -53,6 +76,12 @@ def write_json(path: str, data: Any) -> None:
         json.dump(data, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def check_input(path: str) -> None:
+    """An image to read (``-i FILE``, ``show FILE``) that is a folder: say so, in one line."""
+    if path != "-" and os.path.isdir(path):
+        raise MigrationError(f"{path} is a directory: give an image file (or - for stdin)")
 
 
 def parse_pid(text: str) -> int:
@@ -110,6 +139,37 @@ def rate(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class LazyChoices(Sequence[str]):
+    """An option's ``choices`` that live in a module the command may never need: imported the
+    first time argparse checks a value or help lists them, so that building the parser (every
+    run) does not load the module (the trackers' ``precopy.probe`` brings the image schema)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+        self._values: tuple[str, ...] | None = None
+
+    def _load(self) -> tuple[str, ...]:
+        if self._values is None:
+            import importlib
+            self._values = tuple(getattr(importlib.import_module(self._where[0]), self._where[1]))
+        return self._values
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._load()[index]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+
+TRACKERS = LazyChoices("precopy.probe", "CHOICES")      # --tracker, wherever it is
+
+
 class _Version(argparse.Action):
     """``--version``: looks the version up only when asked."""
 
@@ -119,20 +179,30 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: str | None = None) -> None:
-        from transport.protocol import PROTOCOL_VERSION, tool_version
+        from transport.version import PROTOCOL_VERSION, tool_version
         print(f"kcr-migrate {tool_version()} (protocol {PROTOCOL_VERSION})")
         parser.exit()
 
 
+def exit_epilog() -> str:
+    """The exit statuses, as ``--help`` ends with them."""
+    rows = [textwrap.fill(text, 78, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
+            for code, text in EXIT_STATUSES]
+    return "exit status:\n" + "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kcr-migrate",
+        prog="kcr-migrate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Live-migrate, checkpoint and restore Linux processes.",
-        epilog="Live migration: kcr-migrate PID@HOST_A HOST_B [options] (see `kcr-migrate migrate --help`).")
+        epilog="Live migration: kcr-migrate PID@HOST_A HOST_B [options] (see `kcr-migrate migrate --help`).\n"
+               "Shell completion: kcr-migrate completion bash|zsh (see `kcr-migrate completion --help`).\n\n"
+               + exit_epilog())
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, epilog=exit_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_args(p)
         p.set_defaults(run=run)
     return parser
@@ -201,21 +271,87 @@ def _load_commands() -> None:
     from migrate import commands  # noqa: F401
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
+class _Signals:
+    """What SIGINT, SIGTERM and SIGHUP do now (``_on_signal``)."""
+    settled = False       # past the command's point of no return: they change nothing
+    deferred = False      # inside a trio run: noted in ``pending``, for ``watch_signals``
+    pending = 0           # a signal no operation's ``cancel`` has been given yet
+    received = False      # a signal came before the command settled
+
+
+TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _Signals.settled:
+        return
+    _Signals.received = True
+    if _Signals.deferred:
+        _Signals.pending = signum
+        return
     raise KeyboardInterrupt
 
 
-def _interrupt_on_termination() -> None:
-    """SIGTERM and SIGHUP roll back like Ctrl-C instead of killing the tool mid-operation."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
+def _handle_signals() -> None:
+    """SIGTERM and SIGHUP roll back like Ctrl-C instead of killing the tool mid-operation, and
+    none of the three does anything once the command has settled."""
+    for sig in TERMINATING:
+        signal.signal(sig, _on_signal)
+
+
+def settle() -> None:
+    """The command's point of no return is behind it (the image is whole, the process runs
+    where it was sent): from now on a signal changes neither the outcome nor the exit status.
+    Safe to call from any thread."""
+    _Signals.settled = True
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Around ``trio.run``: a signal that arrives while no ``watch_signals`` listens is kept for
+    the next one to pass on, or raised as KeyboardInterrupt at the end if none did and the
+    command did not settle."""
+    _Signals.deferred, _Signals.pending = True, 0
+    try:
+        yield
+    finally:
+        _Signals.deferred = False
+    if _Signals.pending and not _Signals.settled:
+        raise KeyboardInterrupt
+
+
+async def watch_signals(cancel: Callable[[], None], *, task_status: Any) -> None:
+    """Under ``deferred_signals``: call ``cancel`` for every SIGINT, SIGTERM or SIGHUP, and at
+    once for one that came before this started. Start it with ``nursery.start``."""
+    import trio
+
+    with trio.open_signal_receiver(*TERMINATING) as signals:
+        task_status.started()
+        if _Signals.pending:
+            _Signals.pending = 0
+            cancel()
+        async for _ in signals:
+            if not _Signals.settled:
+                _Signals.received = True
+                cancel()
+
+
+def exit_status(exc: MigrationError) -> int:
+    """The status of a command that failed with ``exc``: a failure that followed a signal
+    (a rollback the signal asked for) is an interruption."""
+    if exc.code == "unsettled":
+        return EXIT_UNSETTLED
+    if exc.code == "cancelled" or (_Signals.received and not _Signals.settled):
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _handle_signals()
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
-        error("interrupted")
+        error("interrupted: nothing was changed")
         return EXIT_INTERRUPTED
 
 
@@ -224,7 +360,6 @@ def _main(args_list: list[str]) -> int:
     parser = build_parser()
     # `kcr-migrate PID@hostA hostB ...` is shorthand for `kcr-migrate migrate PID@hostA hostB ...`.
     args = parser.parse_args(command_first(args_list, parser))
-    _interrupt_on_termination()
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -232,13 +367,14 @@ def _main(args_list: list[str]) -> int:
         return int(args.run(args) or 0)
     except MigrationError as exc:
         error(str(exc))
-        return EXIT_ERROR
+        return exit_status(exc)
     except BrokenPipeError:
         error("the output pipe was closed")
         return EXIT_ERROR
     except OSError as exc:
-        error(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        error(f"{f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}")
         return EXIT_ERROR
+
 
 if __name__ == "__main__":
     sys.exit(main())

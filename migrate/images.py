@@ -15,6 +15,7 @@ from typing import BinaryIO, Callable
 from agent.checkpoint import CheckpointOptions, CheckpointStats, RestoreResult
 from agent.checkpoint import checkpoint as _checkpoint
 from agent.checkpoint import restore as _restore
+from agent.procfs import check_restore_privileges
 from agent.tracer import Tracer
 from transport.image import open_output
 from transport.signing import ImageVerifier
@@ -32,11 +33,17 @@ def checkpoint(pid: int, out: BinaryIO, options: CheckpointOptions | None = None
         return tracer.call(_checkpoint, pid, out, opts, on_complete, on_interrupt=opts.cancel)
 
 
-def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = None) -> CheckpointStats:
-    """Checkpoint into a file (or "-" for stdout). A file appears only once complete and synced."""
+def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = None,
+                       on_complete: Callable[[], None] | None = None) -> CheckpointStats:
+    """Checkpoint into a file (or "-" for stdout). A file appears only once complete and synced;
+    ``on_complete`` runs right after (on the tracer's thread), before the process is killed."""
     if path == "-":
         with open_output("-") as out:
-            return checkpoint(pid, out, options, on_complete=out.flush)
+            def flush() -> None:
+                out.flush()
+                if on_complete is not None:
+                    on_complete()
+            return checkpoint(pid, out, options, on_complete=flush)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".kcr-image-", dir=directory)
     try:
@@ -45,6 +52,8 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
                 out.flush()
                 os.fsync(out.fileno())
                 os.replace(tmp, path)
+                if on_complete is not None:
+                    on_complete()
             return checkpoint(pid, out, options, on_complete=commit)
     finally:
         if os.path.exists(tmp):
@@ -52,7 +61,8 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
 
 
 def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
-            image_key: str | None = None, affinity: str = "refuse") -> RestoreResult:
+            image_key: str | None = None, on_running: Callable[[], None] | None = None,
+            affinity: str = "refuse") -> RestoreResult:
     """Restore the process an image describes and let it run, under its own pid and thread
     ids (refused where they are taken), or under new ones with ``new_pid``.
 
@@ -60,13 +70,27 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     ``$KCR_IMAGE_KEY``, else /etc/kcr-migrate/image.key): anything else raises
     ``UntrustedImage`` before the frame concerned is used, and nothing is left of the
     process. ``trust_image`` restores unsigned images and images that do not verify,
-    with a warning in the result. ``affinity`` "warn": a thread pinned to CPUs this host
-    lacks is pinned to those it has (or none) and the result warns; "refuse" fails instead."""
+    with a warning in the result. ``on_running`` runs (on the tracer's thread) as soon as the
+    process runs, the point after which an interrupt changes nothing. ``affinity`` "warn": a
+    thread pinned to CPUs this host lacks is pinned to those it has (or none) and the result
+    warns; "refuse" fails instead."""
+    check_restore_privileges()
     cancel = threading.Event()
+    peek = getattr(src, "peek", None)
+    if peek is not None:
+        # The key is read once the image's first bytes are here: a checkpoint piped in
+        # (`checkpoint -o - | restore -i -`) makes the host's key, on its first use, before them.
+        peek(1)
     verifier = ImageVerifier.for_host(image_key, trust_image=trust_image)
+
+    def restore_and_tell() -> tuple[RestoreResult, object]:
+        done = _restore(src, cancel=cancel, new_pid=new_pid, verifier=verifier, affinity=affinity)
+        if on_running is not None:
+            on_running()
+        return done
+
     with Tracer() as tracer:
-        result, _ = tracer.call(_restore, src, cancel=cancel, new_pid=new_pid, verifier=verifier, affinity=affinity,
-                                on_interrupt=cancel)
+        result, _ = tracer.call(restore_and_tell, on_interrupt=cancel)
     result.image_verified = verifier.verified
     if not verifier.verified:
         result.warnings.insert(0, f"restored an image whose signature was not verified, as trusted: "

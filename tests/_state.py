@@ -224,6 +224,20 @@ def _unix_sockets(p: Proc) -> object:
     return [(*_common(p, fd), *_with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
 
 
+def _bound_sockets(p: Proc) -> object:
+    """Unix sockets with a name: the name, and whether they listen."""
+    def read(d: int) -> tuple[object, ...]:
+        s = socket.socket(fileno=os.dup(d))
+        try:
+            if s.family != socket.AF_UNIX:
+                return ()
+            return s.getsockname(), s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        finally:
+            s.close()
+    found = [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
+    return [(fd, got) for fd, got in found if got and got[0]]
+
+
 def _anon(name: str, keys: tuple[str, ...], lines: str = "") -> Callable[[Proc], object]:
     """fdinfo fields ``keys`` (and lines starting ``lines``: watches) of each fd of one anon-inode kind."""
     def observe(p: Proc) -> object:
@@ -420,6 +434,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
                           if any(" LEASE " in line for line in p.fdinfo_lines(fd, "lock:"))],
     "a pipe": _pipes,
     "a unix socket": _unix_sockets,
+    "a unix socket bound to a path or an abstract name": _bound_sockets,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),
     "a timerfd": _timerfds,
     "a signalfd": _anon("signalfd", ("sigmask",)),

@@ -120,9 +120,10 @@ class WriterLog:
         return self.thp_pages > 0 and self.thp <= addr < self.thp + self.thp_pages * PAGE_SIZE
 
 
-def stop_process(pid: int, timeout: float = 5.0) -> None:
-    """SIGSTOP and wait until the kernel shows it stopped."""
-    os.kill(pid, signal.SIGSTOP)
+def stop_process(pid: int, timeout: float = 5.0, *, signal_to_stop: int = signal.SIGSTOP) -> None:
+    """SIGSTOP (or ``signal_to_stop``, which a dirty_writer answers with a SIGSTOP of its own
+    once its log is whole) and wait until the kernel shows it stopped."""
+    os.kill(pid, signal_to_stop)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(f"/proc/{pid}/stat") as f:

@@ -237,7 +237,7 @@ def test_restore_where_the_pid_is_taken(tmp_path: Path) -> None:
 
 
 def test_leave_running_then_restore_a_copy(tmp_path: Path) -> None:
-    w = Workload("ckpt_array", tmp_path / "orig", "30")
+    w = Workload("ckpt_array", tmp_path / "orig", "30", hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"
@@ -279,7 +279,7 @@ def test_kernel_thread_and_own_pid(tmp_path: Path) -> None:
 def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path, kind: str) -> None:
     """A process with a pipe or unix socket whose other end stays outside (here, with the
     test) is refused before anything is frozen, naming the process at the other end; it runs on."""
-    w = Workload("ckpt_array", tmp_path / "linked", "20")
+    w = Workload("ckpt_array", tmp_path / "linked", "20", hold=True)
     if kind == "pipe":
         theirs, ours = os.pipe()
     else:
@@ -287,7 +287,7 @@ def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path
         theirs, ours = a.detach(), b.detach()
     w.argv = ["bash", "-c", f"exec 5</dev/null; exec {' '.join(w.argv)} 7<&{theirs}"]
     w.proc = subprocess.Popen(w.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, pass_fds=(theirs,), start_new_session=True)
+                              stderr=subprocess.DEVNULL, pass_fds=(theirs,), start_new_session=True, env=w.env)
     STARTED.append(w.proc)
     os.close(theirs)
     try:
@@ -306,11 +306,13 @@ def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path
 
 @pytest.mark.parametrize("holding, expected", [
     ("socket.create_server(('127.0.0.1', 0))", "a socket other than a unix one"),
-    ("socket.socket(socket.AF_UNIX); keep.bind(sys.argv[2])", "a unix socket bound to"),
+    ("socket.socket(socket.AF_UNIX); os.chdir(os.path.dirname(sys.argv[2])); keep.bind('sock')",
+     "bound to the relative path sock"),
 ])
 def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected: str) -> None:
-    """A TCP socket, a bound unix socket: one line, before anything is frozen; it runs on."""
-    script = f"import socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
+    """A TCP socket, a unix socket bound to a relative path: one line, before anything is
+    frozen; it runs on."""
+    script = f"import os, socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
     ready = tmp_path / "ready"
     proc = start_until_ready([sys.executable, "-c", script, str(ready), str(tmp_path / "sock")], ready)
     line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
@@ -437,7 +439,7 @@ def test_restore_failure_leaves_nothing_behind(tmp_path: Path, good_image: bytes
 def test_checkpoint_interrupted_never_loses_the_process(tmp_path: Path, delay: float) -> None:
     """Ctrl-C at any moment: either a whole image and a killed process, or no image and a
     process that runs on undisturbed; never a frozen, dead or damaged one."""
-    w = Workload("ckpt_array", tmp_path, "30")
+    w = Workload("ckpt_array", tmp_path, "30", hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"

@@ -346,3 +346,31 @@ def test_sysv_segments_and_a_dev_shm_file_move_live(testbed: Testbed, tmp_path: 
         assert (w.dir / "output").read_text() == OUTPUT
     finally:
         w.shm_file.unlink(missing_ok=True)          # type: ignore[attr-defined]
+
+
+def test_a_unix_server_and_its_clients_move_live_at_their_path(testbed: Testbed, tmp_path: Path) -> None:
+    """tests/workloads/unix_server.c: a server listening at a path, two workers
+    mid-conversation on connections it accepted, a third child waiting in its accept queue,
+    datagrams queued from the workers' named sockets. On hostC the conversation goes on, the
+    waiting client is accepted, and a client connecting after the move reaches the server at
+    its path (the job's own socket file, which both hosts see, is replaced)."""
+    import socket
+
+    from tests.test_unix_servers import expected_output
+    exe = str(build("unix_server"))
+    out = tmp_path / "moved"
+    path = str(tmp_path / "srv.sock")
+    pid = start_in(testbed, "hostA", [exe, str(out), path], out)
+    before = tree(pid)
+    assert len(before) == 4
+    move_tree_to_host_c(testbed, before)
+    (out / "go").touch()            # the server waits mid-conversation until the job has moved
+    wait_file(out / "serving", empty_ok=True)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(30)
+        c.connect(path)
+        c.sendall(b"late")
+        assert c.recv(100) == b"served 3540"
+    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == expected_output()
+    assert not [p for p in tmp_path.iterdir() if ".kcr-" in p.name]

@@ -130,13 +130,14 @@ def test_sigint_during_precopy_rolls_back(tmp_path: Path, reference: str) -> Non
     w = start_job(tmp_path)
     cli = subprocess.Popen([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--bandwidth", "16MiB"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while "TracerPid:\t0" in Path(f"/proc/{w.pid}/status").read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)            # held: pre-copy has begun
-    time.sleep(0.5)
+    assert cli.stderr is not None
+    seen = b""
+    while not seen.startswith(b"pages: "):      # the data channel is chosen: pre-copy begins
+        seen = cli.stderr.readline()
+        assert seen, "kcr-migrate ended before pre-copy"
     cli.send_signal(signal.SIGINT)
     _, err = cli.communicate(timeout=60)
-    assert cli.returncode != 0
+    assert cli.returncode == 130, err.decode()
     assert "Traceback" not in err.decode() and "interrupted" in err.decode(), err.decode()
     assert proc_state(w.pid) not in (None, "T", "t")
     assert running_copies(str(w.dir)) == [w.pid]
@@ -153,7 +154,7 @@ def test_lost_answer_after_go_leaves_the_source_stopped_until_resolved(tmp_path:
     res = subprocess.run([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--link-timeout", "3"],
                          env=env, capture_output=True, timeout=120)
     err = res.stderr.decode()
-    assert res.returncode != 0 and "resolve" in err, err
+    assert res.returncode == 3 and "resolve" in err, err          # 3: unsettled
     assert proc_state(w.pid) == "T", "the source must stay stopped"
     copies = running_copies(str(w.dir))
     assert len(copies) == 1 and copies[0] != w.pid, "the destination copy runs"
@@ -172,7 +173,7 @@ def test_resolve_resume(tmp_path: Path, reference: str) -> None:
     env = {**os.environ, "KCR_FAULT": "dest-silent-after-go"}
     res = subprocess.run([*KCR_MIGRATE, f"{w.pid}@localhost", "localhost", "--new-pid", "--link-timeout", "3"],
                          env=env, capture_output=True, timeout=120)
-    assert res.returncode != 0
+    assert res.returncode == 3, res.stderr.decode()
     copies = [p for p in running_copies(str(w.dir)) if p != w.pid]
     for pid in copies:           # say the destination did not really run it after all
         kill_quietly(pid)

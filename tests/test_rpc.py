@@ -30,7 +30,7 @@ from transport.protocol import (
     Response,
     local_hello,
 )
-from transport.rpc import CallContext, Methods, serve_rpc
+from transport.rpc import CallContext, Methods, as_called, serve_rpc
 from transport.records import Record
 from transport.schema import EndOfImage, Mappings, Vma
 from transport.stream import FramedStream
@@ -365,3 +365,18 @@ async def test_page_counts_that_do_not_add_up_fail_the_call() -> None:
             while not isinstance(item := await fa.receive(timeout=5), Response):
                 pass
     assert item.error is not None and "data was lost" in item.error.message
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("pid 5 taken on vm (sleep): end it", "pid 5 taken on localhost (sleep): end it"),
+    ("vm has 5 MiB available", "localhost has 5 MiB available"),
+    ("/srv/vm/data is missing on vm: copy it", "/srv/vm/data is missing on localhost: copy it"),
+    ("a lock, and vm sees that same file", "a lock, and localhost sees that same file"),
+    ("the vm image at vm.example names vm", "the vm image at vm.example names vm"),
+])
+def test_an_agents_error_names_its_host_as_the_caller_does(message: str, expected: str) -> None:
+    """An agent names itself by its hostname; the caller, who reached it as "localhost" (or
+    an ssh alias), sees that name where the agent put its own."""
+    exc = as_called(MigrationError(message, host="vm"), "localhost")
+    assert (exc.host, exc.message, str(exc)) == ("localhost", expected, f"localhost: {expected}")
+    assert as_called(MigrationError(message), "hostB").host == "hostB"

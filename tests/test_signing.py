@@ -282,7 +282,7 @@ def checkpointed(tmp_path: Path, name: str = "ckpt_array", *args: str, key: Path
                  **kw: Any) -> tuple[Workload, Path]:
     """Start ``name``, checkpoint it to a file (killing it), return it and the image."""
     kw.setdefault("scale", 3)
-    w = Workload(name, tmp_path / "run", *args, **kw)
+    w = Workload(name, tmp_path / "run", *args, hold=True, **kw)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"

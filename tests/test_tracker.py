@@ -121,7 +121,8 @@ def test_every_written_page_is_reported_and_no_other(backend: str, tmp_path: Pat
                 scans.append(tracker.collect())
                 time.sleep(0.01)
                 after.append(log.length())
-            stop_process(w.pid)                  # quiesce: the last scan must catch up exactly
+            # quiesce (with every store logged): the last scan must catch up exactly
+            stop_process(w.pid, signal_to_stop=signal.SIGUSR1)
             marks.append(log.length())
             scans.append(tracker.collect())
             after.append(log.length())

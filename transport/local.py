@@ -103,8 +103,10 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        # A session of its own: Ctrl-C at a terminal (SIGINT to the whole foreground group) reaches
+        # only kcr-migrate, which rolls back or finishes through its agents; losing us, they settle.
         proc = await trio.lowlevel.open_process(list(argv), stdin=theirs.fileno(), stdout=theirs.fileno(),
-                                                stderr=subprocess.PIPE)
+                                                stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         ours.close()
         raise TransportError(f"cannot start the local agent {argv[0]}: {exc.strerror or exc}") from None

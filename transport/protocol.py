@@ -22,8 +22,6 @@ read each other's Hello and refuse each other with a message naming both version
 """
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import os
 import platform
 import socket
@@ -33,11 +31,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 from transport.errors import IncompatibleImage, MigrationError, PeerGone, ProtocolError, TransportTimeout
 from transport.records import MAX_STR, U32, U64, Count, Int, NonNegI64, Record, Text, check
 from transport.schema import FORMAT_VERSION, PID_MAX_LIMIT, Name, register
+from transport.version import PROTOCOL_VERSION, tool_version  # noqa: F401  (defined there, used here and by callers)
 
 if TYPE_CHECKING:
     from transport.stream import FramedStream
-
-PROTOCOL_VERSION = 1
 
 ROLE_ORCHESTRATOR = "orchestrator"   # kcr-migrate itself, driving agents
 ROLE_AGENT = "agent"                 # kcr-agent serving requests
@@ -53,14 +50,6 @@ FEATURES: tuple[str, ...] = (FEATURE_ZSTD, FEATURE_CREDIT)
 DEFAULT_WINDOW = 16 << 20           # raw page bytes a receiver buffers before crediting
 MIN_WINDOW = 1 << 20
 MAX_WINDOW = 1 << 30
-
-
-@functools.cache
-def tool_version() -> str:
-    try:
-        return importlib.metadata.version("kcr-migrate")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _netns_inode() -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
 import sys
 import traceback
 from contextlib import asynccontextmanager
@@ -179,10 +180,22 @@ class Call:
         resp = pending.response
         assert resp is not None
         if resp.error is not None:
-            exc = error_from_wire(resp.error.as_dict())
-            exc.host = exc.host or self.rpc.host
-            raise exc
+            raise as_called(error_from_wire(resp.error.as_dict()), self.rpc.host)
         return resp.result
+
+
+def as_called(exc: MigrationError, host: str | None) -> MigrationError:
+    """``exc`` from the agent the caller knows as ``host``, which names itself by its own
+    hostname: in the caller's words (``localhost``, an ssh alias), as the user typed them.
+    Only where agents' messages put a host (first, or after "on " or "and "), so a host name
+    that is also a word or part of a path is left alone elsewhere."""
+    if host:
+        if exc.host and exc.host != host:
+            own = re.compile(rf"(?:^|(?<=\bon )|(?<=\band )){re.escape(exc.host)}(?![\w/-]|\.\w)")
+            exc.message = own.sub(host, exc.message)
+            exc.args = (exc.message,)
+        exc.host = host
+    return exc
 
 
 # --- the peer -----------------------------------------------------------------------------

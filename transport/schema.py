@@ -483,6 +483,17 @@ MAX_SOCKET_QUEUE = 1 << 28
 MAX_WATCHES = 1 << 20
 
 
+UNIX_PATH_MAX = 108          # sizeof(sockaddr_un.sun_path)
+UnixName = Annotated[bytes, Blob(UNIX_PATH_MAX)]
+
+
+def unix_name_ok(name: bytes) -> bool:
+    """b"" (unbound), b"\0" + an abstract name, or an absolute path without NULs that bind takes."""
+    if not name or name[:1] == b"\0":
+        return True
+    return name[:1] == b"/" and b"\0" not in name and len(name) < UNIX_PATH_MAX
+
+
 @dataclass(frozen=True)
 class SocketOptions:
     """SOL_SOCKET options a unix socket gets again (buffer sizes as getsockopt shows them)."""
@@ -502,8 +513,9 @@ class SocketOptions:
 
 @dataclass(frozen=True)
 class UnixSocket:
-    """An unbound unix socket: one end of a socketpair or connection whose other end moves
-    too (``peer``), one whose peer has closed, or one never connected."""
+    """A unix socket: one end of a socketpair or connection whose other end moves too
+    (``peer``), one whose peer has closed, one never connected; bound to a name, listening
+    (with the clients of the job waiting in its accept queue), accepted from a listener."""
 
     id: ObjectId             # its inode on the source host
     type: Annotated[int, Int(1, 5, "a socket type")]   # SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET
@@ -513,6 +525,26 @@ class UnixSocket:
     options: SocketOptions
     queue: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_ITEMS)]   # its receive
                              # queue: one item for a stream, one per message otherwise
+    # A named socket (``agent.unix_names``): its address as getsockname gives it, an absolute
+    # path or b"\0" + an abstract name; b"": unbound.
+    name: UnixName = b""
+    accepted: bool = False   # stream/seqpacket: ``name`` is that of the listener it was accepted from
+    listener: U64 = 0        # accepted: that listener (it moves too); a client waiting in an accept
+                             # queue (``peer`` 0): the listener it waits on
+    backlog: Annotated[int, Int(-1, (1 << 31) - 1, "a listen backlog")] = -1   # a listener's; -1: not listening
+    pending: Annotated[tuple[ObjectId, ...], Count(MAX_ITEMS)] = ()   # a listener: the clients waiting
+                             # in its accept queue, in the order accept returns them
+    target: U64 = 0          # a datagram socket connected (one way) to the bound socket ``target``
+    senders: Annotated[tuple[UnixName, ...], Count(MAX_ITEMS)] = ()   # a named datagram socket: the
+                             # sender's name of each queued message (b"": unbound), as recvfrom gives it
+    file_mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0   # a path's socket file: its
+    file_uid: Id = 0         # permissions and owner
+    file_gid: Id = 0
+    file_dev: U64 = 0        # and the file's device and inode on the source host (the destination
+    file_ino: U64 = 0        # replaces that file, the job's own, where both hosts see it)
+    sent: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_ITEMS)] = ()   # a client
+                             # waiting in an accept queue: what it sent, for the server to read once it
+                             # accepts (one item for a stream, one per message otherwise)
 
 
 @dataclass(frozen=True)
@@ -532,6 +564,32 @@ class UnixSockets(Record):
             _check(not (s.peer and s.peer_closed), f"socket {s.id}: a peer that is both there and gone")
             _check(sum(len(m) for m in s.queue) <= MAX_SOCKET_QUEUE, f"socket {s.id}: queue too large")
             _check(s.type != SOCK_STREAM or len(s.queue) <= 1, f"socket {s.id}: a stream queues one run of bytes")
+            _check(unix_name_ok(s.name), f"socket {s.id}: its name is neither an absolute path nor an abstract name")
+            _check(not s.senders or len(s.senders) == len(s.queue), f"socket {s.id}: senders do not match its queue")
+            _check(all(unix_name_ok(n) for n in s.senders), f"socket {s.id}: a sender's name")
+            _check(not s.accepted or (bool(s.name) and s.listener != 0 and s.type != SOCK_DGRAM
+                                      and (s.peer_closed if s.peer == 0 else not by_id[s.peer].accepted)),
+                   f"socket {s.id}: accepted, but without a name, a listener or a peer")
+            _check(s.backlog < 0 or (bool(s.name) and not s.accepted and s.peer == 0 and s.type != SOCK_DGRAM
+                                     and not s.queue), f"socket {s.id}: a listener that is not one")
+            _check(not s.sent or (s.listener != 0 and not s.accepted), f"socket {s.id}: bytes sent by a client "
+                   "that does not wait in an accept queue")
+            _check(sum(len(m) for m in s.sent) <= MAX_SOCKET_QUEUE, f"socket {s.id}: too much sent")
+            _check(s.type != SOCK_STREAM or len(s.sent) <= 1, f"socket {s.id}: a stream sends one run of bytes")
+            _check(not s.pending or s.backlog >= 0, f"socket {s.id}: pending connections on a socket not listening")
+            for c in s.pending:
+                _check(c in by_id and by_id[c].listener == s.id and by_id[c].peer == 0 and not by_id[c].accepted,
+                       f"socket {s.id}: pending connection {c} is not a client waiting on it")
+            if s.listener:
+                other = by_id.get(s.listener)
+                _check(other is not None and other.backlog >= 0 and (s.accepted or s.id in other.pending),
+                       f"socket {s.id}: its listener {s.listener} is not a listener here that has it")
+                _check(not s.accepted or (other is not None and other.name == s.name),
+                       f"socket {s.id}: accepted from a listener of another name")
+            if s.target:
+                other = by_id.get(s.target)
+                _check(s.type == SOCK_DGRAM and s.peer == 0 and other is not None and bool(other.name)
+                       and other.type == SOCK_DGRAM, f"socket {s.id}: connected to {s.target}, not a bound datagram socket here")
 
 
 @dataclass(frozen=True)

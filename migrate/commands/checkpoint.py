@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from migrate.cli import REDIRECT_HELP, add_image_key, command, parse_pid, parse_redirect, write_json
+from migrate.cli import REDIRECT_HELP, add_image_key, command, parse_pid, parse_redirect, settle, write_json
 from transport.errors import MigrationError
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     opts = images.CheckpointOptions(leave_running=args.leave_running, redirect=dict(args.redirect),
                                     compress_level=None if args.no_compress else args.compress_level,
                                     image_key=args.image_key)
-    stats = images.checkpoint_to_path(args.pid, args.output, opts)
+    stats = images.checkpoint_to_path(args.pid, args.output, opts, on_complete=settle)   # the image is whole
     fate = "left running" if stats.left_running else "killed"
     if stats.processes > 1:
         what, fate = f"{stats.processes} processes, ", f"processes {fate}"
@@ -57,5 +57,9 @@ def run(args: argparse.Namespace) -> int:
     for w in stats.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.stats_json:
-        write_json(args.stats_json, stats.as_dict())
+        try:
+            write_json(args.stats_json, stats.as_dict())
+        except OSError as exc:     # the image is written all the same: still a success
+            print(f"kcr-migrate: warning: could not write the statistics to {args.stats_json}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
     return 0

@@ -6,14 +6,14 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import REDIRECT_HELP, add_affinity, command, parse_redirect, positive_float, rate
-from precopy.probe import CHOICES
+from migrate.cli import (REDIRECT_HELP, TRACKERS, add_affinity, command, deferred_signals, parse_redirect,
+                         positive_float, rate, settle, watch_signals)
 from transport.errors import MigrationError
 
 if TYPE_CHECKING:
     from migrate.api import Event
     from migrate.orchestrator import Migration
-    from migrate.rebalance import Rebalance
+
 
 def parse_source(text: str) -> tuple[int, str]:
     pid, sep, host = text.partition("@")
@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="limit the page stream: bytes/s, or 100M (MiB/s), 500MB, 1gbit ...")
     p.add_argument("--max-rounds", type=int, default=10, metavar="N", help="pre-copy rounds at most (default 10)")
     p.add_argument("--no-precopy", action="store_true", help="stop-and-copy: freeze first, then send everything")
-    p.add_argument("--tracker", default="auto", choices=CHOICES,
-                   help="dirty-page tracking (default: the best this kernel has)")
+    p.add_argument("--tracker", default="auto", choices=TRACKERS, metavar="TRACKER",
+                   help="dirty-page tracking: %(choices)s (default: the best this kernel has)")
     p.add_argument("--compress", type=parse_level, default="auto", metavar="LEVEL",
                    help="zstd level for pages: auto (default), none, or -7..19")
     p.add_argument("--data-channel", choices=("auto", "ssh", "tcp"), default="auto",
@@ -136,21 +136,13 @@ def summary_line(report: Any) -> str:
                if report.late_signals else ""))
 
 
-async def run_cancellable(migration: "Migration | Rebalance") -> Any:
-    """Run the migration (or a rebalance's moves); Ctrl-C, SIGTERM or SIGHUP cancel it (rolled
+async def run_cancellable(migration: "Migration") -> Any:
+    """Run the migration under ``deferred_signals``; Ctrl-C, SIGTERM or SIGHUP cancel it (rolled
     back before the point of no return, finished cleanly after it) instead of killing the
     orchestrator mid-step."""
-    import signal
-
-    import trio
-
     from transport._nursery import service_nursery
     async with service_nursery() as nursery:
-        async def watch() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-                async for _ in signals:
-                    migration.cancel()
-        nursery.start_soon(watch)
+        await nursery.start(watch_signals, migration.cancel)
         try:
             return await migration.run()
         finally:
@@ -180,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     migration = Migration(pid, source, args.dest, options, on_event=progress)
     try:
-        report = trio.run(run_cancellable, migration)
+        with deferred_signals():
+            try:
+                report = trio.run(run_cancellable, migration)
+            finally:
+                if migration.report.state in ("done", "unsettled"):
+                    settle()     # past the point of no return: the status says what became of it
     except MigrationError:
         progress.done()
         if args.json:

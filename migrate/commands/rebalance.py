@@ -10,10 +10,9 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import EXIT_ERROR, command, error, positive_float, rate
-from migrate.commands.migrate import run_cancellable
-from precopy.probe import CHOICES
-from transport.errors import MigrationError
+from migrate.cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_UNSETTLED, TRACKERS, command, deferred_signals, error,
+                         exit_status, positive_float, rate, watch_signals)
+from transport.errors import Cancelled, MigrationError
 
 if TYPE_CHECKING:
     from migrate.inventory import Inventory
@@ -111,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds over which CPU shares are measured (default 2)")
     p.add_argument("--min-cpu", type=positive_float, default=0.05, metavar="CPUS",
                    help="processes using less CPU are not candidates (default 0.05)")
-    p.add_argument("--tracker", default="auto", choices=CHOICES, help="dirty-page tracking (default: the best)")
+    p.add_argument("--tracker", default="auto", choices=TRACKERS, metavar="TRACKER",
+                   help="dirty-page tracking: %(choices)s (default: the best)")
     p.add_argument("--ssh-config", metavar="FILE", help="ssh config to use (as ssh -F FILE)")
     p.add_argument("--new-pid", action="store_true",
                    help="moved processes run under new pids (needed where hosts share pids)")
@@ -139,6 +139,25 @@ def _print_event(ev: "RebalanceEvent") -> None:
 
 
 async def _once(args: argparse.Namespace, hosts: list[Any] | None) -> tuple["Inventory", "Plan", Any]:
+    """Measure, plan, move. A signal while measuring or planning stops it (nothing moved); one
+    during the moves cancels them (``Rebalance.cancel``: each rolled back, or finished if past
+    its point of no return)."""
+    import trio
+
+    from transport._nursery import service_nursery
+    moves: list[Any] = []
+    with trio.CancelScope() as measuring:
+        async with service_nursery() as nursery:
+            await nursery.start(watch_signals, lambda: moves[0].cancel() if moves else measuring.cancel())
+            try:
+                return await _measure_and_move(args, hosts, moves)
+            finally:
+                nursery.cancel_scope.cancel()
+    raise Cancelled("interrupted while measuring the hosts: nothing was moved")
+
+
+async def _measure_and_move(args: argparse.Namespace, hosts: list[Any] | None,
+                            moves: list[Any]) -> tuple["Inventory", "Plan", Any]:
     from migrate.api import MigrationOptions
     from migrate.inventory import MeasureOptions, measure, slurm_inventory, with_jobs
     from migrate.planner import Policy, plan
@@ -173,7 +192,8 @@ async def _once(args: argparse.Namespace, hosts: list[Any] | None) -> tuple["Inv
     if not args.json:
         print(the_plan.table(), flush=True)
     run = Rebalance(the_plan, RebalanceOptions(migration, args.on_failure), on_event=_print_event)
-    return inventory, the_plan, await run_cancellable(run)
+    moves.append(run)
+    return inventory, the_plan, await run.run()
 
 
 def _show(args: argparse.Namespace, inventory: "Inventory", the_plan: "Plan", report: Any) -> int:
@@ -184,16 +204,19 @@ def _show(args: argparse.Namespace, inventory: "Inventory", the_plan: "Plan", re
         print(the_plan.table(), flush=True)
     if report is None:
         return 0
-    if report.stopped == "interrupted":
-        raise KeyboardInterrupt
     failed = report.failed
     print(f"rebalance: {len(report.moved)} of {len(report.moves)} move(s) done in {report.total_s:.1f} s"
           + (f"; {report.stopped}" if report.stopped else ""), file=sys.stderr)
     if failed:
         error(f"{len(failed)} move(s) failed (each process runs on where it was, but for any said unsettled): "
               + "; ".join(f"{m['pid']}@{m['source']}: {m['message']}" for m in failed))
-        return EXIT_ERROR
-    return 0
+    if any(m["state"] == "unsettled" for m in failed):
+        return EXIT_UNSETTLED
+    if report.stopped == "interrupted":
+        error("interrupted: the moves under way were rolled back" + (", those done before stay done"
+                                                                     if report.moved else ""))
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR if failed else 0
 
 
 @command("rebalance", "measure hosts and move processes off those over a load or memory threshold", add_arguments)
@@ -206,13 +229,23 @@ def run(args: argparse.Namespace) -> int:
 
     hosts = read_hosts_file(args.hosts) if args.hosts else None     # Slurm is asked on every run
     if args.every is None:
-        return _show(args, *trio.run(_once, args, hosts))
+        with deferred_signals():
+            outcome = trio.run(_once, args, hosts)
+        return _show(args, *outcome)
     while True:
         started = time.monotonic()
         try:
-            status = _show(args, *trio.run(_once, args, hosts))
+            with deferred_signals():
+                outcome = trio.run(_once, args, hosts)
+            status = _show(args, *outcome)
         except MigrationError as exc:
             error(str(exc))
-            status = EXIT_ERROR
+            status = exit_status(exc)
+        if status == EXIT_INTERRUPTED:
+            return status
         print(f"rebalance: next run in {args.every:g} s (exit status of this one: {status})", file=sys.stderr)
-        time.sleep(max(0.0, started + args.every - time.monotonic()))
+        try:
+            time.sleep(max(0.0, started + args.every - time.monotonic()))
+        except KeyboardInterrupt:      # between runs: nothing under way
+            error("interrupted between runs: no move was under way")
+            return EXIT_INTERRUPTED

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from migrate.cli import add_affinity, add_image_key, command
+from migrate.cli import add_affinity, add_image_key, check_input, command, settle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from migrate import images
     from transport.image import open_input
 
+    check_input(args.input)
     with open_input(args.input) as src:
         result = images.restore(src, new_pid=args.new_pid, trust_image=args.trust_image, image_key=args.image_key,
-                                affinity=args.affinity)
+                                on_running=settle, affinity=args.affinity)
     for w in result.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.json:

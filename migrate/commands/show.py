@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import add_image_key, command
+from migrate.cli import add_image_key, check_input, command
 
 if TYPE_CHECKING:
     from transport.image import ImageReader
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from transport.image import ImageReader, open_input
     from transport.signing import ImageVerifier
 
+    check_input(args.image)
     verifier = ImageVerifier.for_host(args.image_key, trust_image=True)
     with open_input(args.image) as src:
         data = image_to_json(ImageReader(src, verifier=verifier))

@@ -5,8 +5,12 @@ import argparse
 import json
 import sys
 
-from migrate.cli import command, parse_pid, positive_float, rate
-from precopy.probe import CHOICES
+from typing import TYPE_CHECKING
+
+from migrate.cli import TRACKERS, command, parse_pid, positive_float, rate
+
+if TYPE_CHECKING:
+    from migrate.wss import WssMeter
 
 MiB = 1 << 20
 
@@ -26,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
                    help="seconds per measurement interval (default 1)")
     p.add_argument("--count", type=_count, default=0, metavar="N",
-                   help="number of intervals (default 0: until Ctrl-C)")
-    p.add_argument("--tracker", choices=CHOICES, default="auto",
-                   help="dirty-page tracker (default auto: the best one this kernel supports)")
+                   help="number of intervals (default 0: until Ctrl-C, SIGTERM or SIGHUP, which then end "
+                        "it with status 0)")
+    p.add_argument("--tracker", choices=TRACKERS, default="auto", metavar="TRACKER",
+                   help="dirty-page tracker: %(choices)s (default auto: the best one this kernel supports)")
     p.add_argument("--bandwidth", type=rate, metavar="RATE",
                    help="link bandwidth for the downtime estimate: bytes/s, or 100M (MiB/s), 500MB, "
                         "1gbit ... (default 1gbit)")
@@ -50,6 +55,16 @@ def run(args: argparse.Namespace) -> int:
     meter = WssMeter(args.pid, options)
     print(f"kcr-migrate: tracking pid {args.pid} with {meter.choice.name}: {meter.choice.reason}", file=sys.stderr)
     bw = options.bandwidth_bytes_s / MiB
+    try:
+        _measure(args, meter, bw)
+    except KeyboardInterrupt:
+        if args.count:
+            raise
+        # without --count a signal is how the measurement ends: the meter has let the process go
+    return 0
+
+
+def _measure(args: argparse.Namespace, meter: "WssMeter", bw: float) -> None:
     with meter:
         if not args.json:
             print(f"{'interval':>8} {'seconds':>8} {'dirty pages':>11} {'dirty MiB/s':>11} {'wss MiB':>9} "
@@ -63,4 +78,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"{s.interval:>8} {s.interval_s:>8.2f} {s.pages_dirty:>11} {s.dirty_rate_mib_s:>11.2f} "
                   f"{s.wss_pages * 4096 / MiB:>9.1f} {s.estimate.downtime_ms:>23.1f} ms {s.estimate.rounds:>6}  "
                   f"{s.estimate.stop_reason}", flush=True)
-    return 0

@@ -21,6 +21,7 @@ int main(int argc, char **argv) {
         if (it == 3) ready();
         sleep_ms(25);
     }
+    hold_on();                      /* WORKLOAD_HOLD: until the test lets it go, then the final sum */
     uint64_t check = 0;
     for (size_t i = 0; i < N; i++) check += a[i] ^ (check << 1);
     fprintf(out, "final %016llx\n", (unsigned long long)check);

@@ -7,8 +7,11 @@
  * the page's bytes always change. After each burst of stores (one per millisecond) the page
  * numbers are appended to OUTDIR/log as little-endian u32 (region pages 0..NPAGES-1, then the
  * THP region's): a record is in the log only once its store is done. OUTDIR/layout says where
- * the regions are. Runs until killed. */
+ * the regions are. Runs until killed. SIGUSR1 stops it (SIGSTOP to itself) once its current
+ * burst is logged: stopped so, every store it made is in the log (a SIGSTOP from outside can
+ * land between a burst's stores and their log record). */
 #include "ckpt_common.h"
+#include <signal.h>
 #include <stdint.h>
 #include <sys/mman.h>
 
@@ -23,8 +26,14 @@ static uint64_t rng(void) {           /* xorshift64* */
     return rng_state * 2685821657736338717ULL;
 }
 
+static volatile sig_atomic_t stop_asked;
+static void on_usr1(int sig) { (void)sig; stop_asked = 1; }
+
 int main(int argc, char **argv) {
     init(argc, argv);
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
     if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR NPAGES RATE SEED [THP_MIB]\n", argv[0]); return 2; }
     unsigned long npages = strtoul(argv[2], NULL, 0);
     double rate = atof(argv[3]);
@@ -73,5 +82,9 @@ int main(int argc, char **argv) {
             owed -= 1.0;
         }
         if (n && write(log, burst, n * sizeof burst[0]) != (ssize_t)(n * sizeof burst[0])) { perror("log"); return 3; }
+        if (stop_asked) {
+            stop_asked = 0;
+            raise(SIGSTOP);
+        }
     }
 }
