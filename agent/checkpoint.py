@@ -18,7 +18,8 @@ from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.restore_session import RestoreSession
 from agent.tree import check_tree, tree_record
-from precopy.layout import PageFinder
+from precopy.intervals import Run, Span, merge_spans, normalize
+from precopy.layout import PageFinder, holds_private_data
 from precopy.reader import PageReader
 from transport.errors import Cancelled, MigrationError, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
@@ -156,17 +157,32 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
     length) written already by another process of the tree, which maps the same object:
     sent once; new ones are added."""
     with PageFinder(pid) as finder, PageReader(pid) as reader:
+        private: list[Run] = []
+        anonymous: list[Span] = []
+        shared_runs: list[Run] = []
         for vma in layout.vmas:
             if shared is not None and vma.shared and vma.kind == "anon" and (vma.ino or vma.shm):
                 key = (vma.ino if vma.shm is None else -1 - vma.ino, vma.pgoff, vma.length)    # SysV ids apart
                 if key in shared:
                     continue
                 shared.add(key)
-            runs = finder.populated(vma)
-            if runs:
-                for batch in reader.batches(runs, drop_zero=vma.shared):
-                    check()
-                    writer.pages(batch)
+            if not holds_private_data(vma):
+                continue
+            if vma.shared:
+                shared_runs += finder.populated(vma)
+            elif vma.kind == "file":
+                private += finder.populated(vma)
+            else:
+                anonymous.append((vma.start, vma.end))
+        # Private anonymous neighbours are scanned as one range, and every page goes in full
+        # batches whatever mapping it is in: a process of many small mappings costs its pages,
+        # not a scan and a batch per mapping.
+        for start, end in merge_spans(anonymous):
+            private += finder.populated_span(start, end, file_backed=False)
+        for runs, drop_zero in ((normalize(private), False), (normalize(shared_runs), True)):
+            for batch in reader.batches(runs, drop_zero=drop_zero):
+                check()
+                writer.pages(batch)
 
 
 @dataclass

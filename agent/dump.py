@@ -22,7 +22,7 @@ from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
-from precopy.layout import PageFinder, read_smaps, to_vma
+from precopy.layout import PageFinder, read_smaps_flags, to_vma
 from transport.errors import UnsupportedResource
 from transport.schema import (
     AUDIT_UID_UNSET,
@@ -292,7 +292,7 @@ def _rearm_fired_real_timer(it: ITimer, shared_pending: list[bytes]) -> ITimer:
 
 
 def collect_layout(pid: int) -> Mappings:
-    return Mappings(tuple(to_vma(m) for m in read_smaps(pid)))
+    return Mappings(tuple(to_vma(m, flags) for m, flags in read_smaps_flags(pid)))
 
 
 def in_syscall(regs: GpRegs) -> bool:

@@ -21,7 +21,7 @@ import os
 
 from agent.inject import RemoteMemory
 from precopy.control import RemoteSyscalls
-from precopy.intervals import Span, intersect_spans
+from precopy.intervals import Span, intersect_spans, subtract_spans
 from precopy.kernel import data_address, pidfd_open
 from precopy.uffd import Userfaultfd, open_in_target
 from transport.schema import PAGE_SIZE, Vma
@@ -65,10 +65,23 @@ class MissingFiller:
             added.append((v.start, v.end))
         self._set(sorted([*self.spans, *added]))
 
-    def keep(self, mapped: list[Span]) -> None:
+    def keep(self, mapped: list[Span], within: list[Span] | None = None) -> None:
         """The address space changed to the mappings ``mapped`` (sorted): registration went
-        away with what is no longer mapped, and what is left is cut at the mappings' bounds."""
-        self._set(intersect_spans(self.spans, mapped))
+        away with what is no longer mapped, and what is left is cut at the mappings' bounds.
+        ``within``: only these ranges (sorted, disjoint) changed, ``mapped`` lies in them and
+        the rest stays as it is (the time of the change, not of every mapping)."""
+        if within is None:
+            self._set(intersect_spans(self.spans, mapped))
+            return
+        spans = list(self.spans)
+        for a, b in reversed(within):
+            i = bisect.bisect_right(self._starts, a) - 1
+            i = i if i >= 0 and spans[i][1] > a else i + 1
+            j = bisect.bisect_left(self._starts, b)
+            here = spans[i:j]
+            outside = [(s, e) for x, y in here for s, e in subtract_spans([(x, y)], [(a, b)])]
+            spans[i:j] = sorted(outside + intersect_spans(intersect_spans(here, [(a, b)]), mapped))
+        self._set(spans)
 
     def _set(self, spans: list[Span]) -> None:
         self.spans = spans

@@ -22,10 +22,11 @@ import dataclasses
 import errno
 import os
 import signal
+import struct
 
 from agent import ptrace
 from precopy.kernel import tgkill
-from precopy.layout import read_maps
+from precopy.layout import MapEntry, query_maps, read_maps_naming
 from transport.schema import PAGE_SIZE, GpRegs
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -97,14 +98,64 @@ class RemoteMemory:
             self.fd = -1
 
 
+AT_SYSINFO_EHDR = 33
+
+
+def _vdso(pid: int) -> list[MapEntry]:
+    """The process's [vdso] mapping: asked of the kernel where the auxiliary vector says it
+    was mapped (PROCMAP_QUERY: no listing of every mapping), else found in its maps."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            raw = f.read()
+        auxv = dict(struct.iter_unpack("<QQ", raw[: len(raw) // 16 * 16]))
+        at = auxv.get(AT_SYSINFO_EHDR, 0)
+        found = query_maps(pid, start=at, end=at + 1) if at else None
+    except OSError:
+        found = None
+    if found and found[0].name == "[vdso]" and found[0].start <= at:
+        return found
+    return read_maps_naming(pid, "[vdso]")
+
+
 def vdso_gadget(pid: int, mem: RemoteMemory) -> int:
     """A ``syscall`` instruction inside the process's vDSO."""
-    for m in read_maps(pid):
+    for m in _vdso(pid):
         if m.name == "[vdso]":
             addr = find_gadget_in(mem.read(m.start, m.length), m.start)
             if addr is not None:
                 return addr
     raise OSError(errno.ENOENT, f"pid {pid} has no vDSO with a syscall instruction to borrow")
+
+
+def _batch_code() -> bytes:
+    """x86-64 code that runs a table of system calls: rbx points at entries of eight u64
+    (number, six arguments, result), r12 holds their count. Each result is stored in its
+    entry; the loop stops at the first error (rbx then points at that entry, r12 counts it
+    and those after) or at the end, on an int3."""
+    top = bytes.fromhex("4d85e4")                       # test r12, r12
+    body = bytes.fromhex(
+        "488b03"          # mov rax, [rbx]
+        "488b7b08"        # mov rdi, [rbx+8]
+        "488b7310"        # mov rsi, [rbx+16]
+        "488b5318"        # mov rdx, [rbx+24]
+        "4c8b5320"        # mov r10, [rbx+32]
+        "4c8b4328"        # mov r8, [rbx+40]
+        "4c8b4b30"        # mov r9, [rbx+48]
+        "0f05"            # syscall
+        "48894338"        # mov [rbx+56], rax
+        "483d01f0ffff")   # cmp rax, -4095
+    step = bytes.fromhex("4883c340" "49ffcc")          # add rbx, 64; dec r12
+    # top, jz done, body, jae done, step, jmp top, done: int3
+    jz_at = len(top)
+    jae_at = jz_at + 2 + len(body)
+    jmp_at = jae_at + 2 + len(step)
+    done = jmp_at + 2
+    return (top + bytes([0x74, done - (jz_at + 2)]) + body + bytes([0x73, done - (jae_at + 2)]) + step
+            + bytes([0xEB, (-(jmp_at + 2)) & 0xFF]) + b"\xcc")
+
+
+BATCH_CODE = _batch_code()
+BATCH_ENTRY = 64             # bytes of one entry of a batch's table
 
 
 class Injector:
@@ -148,6 +199,37 @@ class Injector:
                 self.suppressed_stops.append(stop.sig)
             # Otherwise a group stop or interrupt: step again.
         return to_signed(ptrace.get_regs(self.tid).rax)
+
+    def batch(self, code: int, table: int, mem: RemoteMemory, calls: list[tuple[str, tuple[int, ...]]]
+              ) -> tuple[int, int]:
+        """Run ``calls`` in one go through ``BATCH_CODE`` (copied to ``code``), their table
+        written at ``table``: one stop for all of them instead of one each. Returns (how many
+        succeeded, the result of the one that failed, or 0)."""
+        if not calls:
+            return 0, 0
+        entries = b"".join(struct.pack("<8Q", NR[name], *[a & U64 for a in args], *[0] * (6 - len(args)), 0)
+                           for name, args in calls)
+        mem.write(table, entries)
+        regs = dataclasses.replace(self.saved_regs, rbx=table, r12=len(calls), rip=code, orig_rax=U64)
+        ptrace.set_regs(self.tid, regs)
+        while True:
+            ptrace.cont(self.tid)
+            stop = ptrace.wait_stop(self.tid)
+            if stop.event == 0 and stop.sig == signal.SIGTRAP:
+                si_code = int.from_bytes(ptrace.get_siginfo(self.tid)[SI_CODE_OFFSET:SI_CODE_OFFSET + 4],
+                                         "little", signed=True)
+                if si_code > 0:
+                    break           # our int3
+                self.sent_traps += 1
+                continue
+            if stop.event == 0:
+                self.suppressed_stops.append(stop.sig)
+            # A group stop or an interrupt: go on.
+        now = ptrace.get_regs(self.tid)
+        done = len(calls) - now.r12
+        if done == len(calls):
+            return done, 0
+        return done, to_signed(struct.unpack("<Q", mem.read(now.rbx + 56, 8))[0])
 
     def call(self, name: str, *args: int) -> int:
         """Run a named system call; raise InjectionError on failure."""

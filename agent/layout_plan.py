@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from precopy.intervals import Span, merge_spans, subtract_spans
-from transport.schema import Vma
+from transport.schema import MappingsDelta, Vma
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ def same_backing(a: Vma, b: Vma) -> bool:
 
 def piece(v: Vma, start: int, end: int) -> Vma:
     """The part [start, end) of ``v``, with its file offset moved along."""
+    if start == v.start and end == v.end:
+        return v
     offset = start - v.start if v.kind == "file" or v.shared else 0
     return replace(v, start=start, end=end, pgoff=v.pgoff + offset)
 
@@ -86,3 +88,41 @@ def plan_layout(old: Sequence[Vma], new: Sequence[Vma]) -> LayoutPlan:
         mapped += [piece(v, start, end) for start, end in subtract_spans([(v.start, v.end)], merge_spans(here))]
     unmap = subtract_spans(merge_spans((o.start, o.end) for o in old), merge_spans((v.start, v.end) for v in new))
     return LayoutPlan(tuple(unmap), tuple(mapped), tuple(reprotect), tuple(readvise), tuple(merge_spans(kept)))
+
+
+def _end(v: Vma) -> int:
+    return v.end
+
+
+def _start(v: Vma) -> int:
+    return v.start
+
+
+def in_ranges(vmas: Sequence[Vma], ranges: Sequence[Span]) -> list[Vma]:
+    """The parts of ``vmas`` (sorted, disjoint) inside ``ranges`` (sorted, disjoint): a bisect
+    per range, then the mappings there."""
+    out: list[Vma] = []
+    for a, b in ranges:
+        i = bisect.bisect_right(vmas, a, key=_end)
+        while i < len(vmas) and vmas[i].start < b:
+            v = vmas[i]
+            s, e = max(v.start, a), min(v.end, b)
+            out.append(v if (s, e) == (v.start, v.end) else piece(v, s, e))
+            i += 1
+    return out
+
+
+def applied(vmas: Sequence[Vma], delta: MappingsDelta) -> list[Vma]:
+    """``vmas`` (sorted) changed by ``delta``: what lies in its cleared ranges goes (the parts
+    of a mapping outside them stay), its mappings come. Bisects and splices: the time of the
+    change, not of the layout, but for one copy of the list."""
+    out = list(vmas)
+    news = list(delta.vmas)
+    for r in reversed(delta.cleared):
+        i = bisect.bisect_right(out, r.start, key=_end)
+        j = bisect.bisect_left(out, r.end, key=_start)
+        kept = [piece(v, s, e) for v in out[i:j] for s, e in subtract_spans([(v.start, v.end)], [(r.start, r.end)])]
+        k = bisect.bisect_left(news, r.start, key=_start)
+        m = bisect.bisect_left(news, r.end, key=_start)
+        out[i:j] = sorted(kept + news[k:m], key=_start)
+    return out

@@ -37,6 +37,8 @@ from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
 from agent.inject import (
+    BATCH_CODE,
+    BATCH_ENTRY,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
@@ -54,10 +56,10 @@ from agent.inject import (
     RemoteMemory,
     to_signed,
 )
-from agent.layout_plan import plan_layout
+from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
 from agent.procfs import read_text
 from agent.shared_memory import SharedObjects
-from precopy.intervals import Span, merge_spans, subtract_spans, within
+from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
     data_address,
@@ -66,7 +68,7 @@ from precopy.kernel import (
     xsave_supported_mask,
 )
 from precopy.layout import MapEntry, is_special, read_maps
-from transport.errors import RestoreError
+from transport.errors import ProtocolError, RestoreError
 from transport.image import check_machine
 from transport.pages import PageBatch
 from transport.schema import (
@@ -89,6 +91,7 @@ from transport.schema import (
     GpRegs,
     ImageHeader,
     Mappings,
+    MappingsDelta,
     Pipes,
     ProcessState,
     ThreadState,
@@ -101,7 +104,10 @@ from transport.schema import (
     is_shm_path,
 )
 
-GADGET_PAGES = 4            # page 0: "syscall; int3"; the rest: scratch for arguments
+GADGET_PAGES = 20           # page 0: "syscall; int3" and BATCH_CODE; 1-3: scratch for arguments;
+BATCH_PAGES = 16            # 4-19: the table of a batch of system calls (``Injector.batch``)
+BATCH_CODE_OFFSET = 16
+BATCH_MAX = BATCH_PAGES * PAGE_SIZE // BATCH_ENTRY
 U64 = (1 << 64) - 1
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
@@ -232,6 +238,23 @@ def _without(batch: PageBatch, skip: list[Span]) -> PageBatch:
             parts.append(bytes(view[off + start - addr: off + end - addr]))
         off += n * PAGE_SIZE
     return replace(batch, runs=tuple(runs), data=b"".join(parts))
+
+
+def _advice_calls(start: int, end: int, advice: int, before: int = 0) -> list[tuple[str, tuple[int, ...]]]:
+    """The madvise calls that take [start, end) from advice ``before`` to ``advice``."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for bit, (on, off) in MADV.items():
+        if advice & bit and not before & bit:
+            out.append(("madvise", (start, end - start, on)))
+        elif before & bit and not advice & bit and off:
+            out.append(("madvise", (start, end - start, off)))
+    return out
+
+
+def _takes_pages(v: Vma) -> bool:
+    """Pages may be written into it (a file mapped shared takes none: they would be written
+    into the file)."""
+    return not (v.shared and v.kind == "file")
 
 
 def _deleted_private(v: Vma) -> bool:
@@ -436,6 +459,7 @@ class Restorer:
         self._call("mmap", self.gadget, size, PROT_READ | PROT_WRITE | PROT_EXEC,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
         self.mem.write(self.gadget, b"\x0f\x05\xcc")
+        self.mem.write(self.gadget + BATCH_CODE_OFFSET, BATCH_CODE)
         self.inj.gadget = self.gadget
         self._call("close_range", 0, 0xFFFF_FFFF, 0)
         # Unmap the stub itself: everything but the gadget and the vDSO cluster.
@@ -486,42 +510,116 @@ class Restorer:
         addr = self._put(os.fsencode(path) + b"\0")
         return self._call("openat", AT_FDCWD, addr, flags, mode)
 
-    def apply_layout(self, target: Mappings) -> None:
+    def apply_layout(self, target: Mappings | MappingsDelta) -> None:
         """Make the address space match ``target`` (first call: from empty). A later layout
-        keeps the contents of what is still mapped with the same backing (``agent.layout_plan``)."""
+        keeps the contents of what is still mapped with the same backing (``agent.layout_plan``).
+        A ``MappingsDelta`` changes only its ranges: its cost is the mappings it names."""
+        if isinstance(target, MappingsDelta):
+            self._apply_delta(target)
+            return
         new = [v for v in target.vmas if not is_special(v)]
         plan = plan_layout(self.layout, new)
         if self.shared is not None:
             for v in new:
                 if v.shm is not None:
                     self.shared.note(v.shm)     # marked IPC_RMID since it was attached, maybe
-        for start, end in plan.unmap:
-            self._call("munmap", start, end - start)
-        for group in _attachments(plan.map):
-            if group[0].shm is not None and self.shared is not None:
-                self._map_attachment(group)
-            else:
-                self._map(group[0])
+        self._carry_out(plan)
         if self.filler is not None:
             self.filler.keep([(v.start, v.end) for v in new])
             self.filler.register(list(plan.map))
-        for r in plan.reprotect:
-            self._call("mprotect", r.start, r.end - r.start, r.prot)
-        for a in plan.readvise:
-            self._advise(a.start, a.end, a.advice, a.before)
         self.layout = new
         # A file mapped shared takes no pages: they would be written into the file.
-        self._mapped = merge_spans((v.start, v.end) for v in new if not (v.shared and v.kind == "file"))
+        self._mapped = merge_spans((v.start, v.end) for v in new if _takes_pages(v))
         self._mapped_starts = [start for start, _ in self._mapped]
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
         self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
 
+    def _carry_out(self, plan: LayoutPlan) -> None:
+        """The plan's system calls, in order, in batches (``Injector.batch``): a mapping costs
+        a table entry, not a stop of the process; a mapping that needs more than one call
+        whose result feeds the next (a file: open, mmap, close) goes alone between batches."""
+        calls: list[tuple[str, tuple[int, ...]]] = []
+        whats: list[tuple[str, Vma | None]] = []
+        gadget_end = self.gadget + GADGET_PAGES * PAGE_SIZE
+        for start, end in plan.unmap:
+            calls.append(("munmap", (start, end - start)))
+            whats.append((f"unmap {start:#x}-{end:#x}", None))
+        for group in _attachments(plan.map):
+            v = group[0]
+            if v.shm is not None and self.shared is not None:
+                self._run_batch(calls, whats)
+                self._map_attachment(group)     # one shmat for the pieces mprotect made of it
+                continue
+            if not self._plain(v):
+                self._run_batch(calls, whats)
+                self._map(v)
+                continue
+            if v.start < gadget_end and self.gadget < v.end:
+                raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | \
+                (MAP_GROWSDOWN if v.growsdown else 0)
+            calls.append(("mmap", (v.start, v.length, v.prot, flags, -1, 0)))
+            whats.append(("map", v))
+            for name, args in _advice_calls(v.start, v.end, v.advice):
+                calls.append((name, args))
+                whats.append(("map", v))
+        for r in plan.reprotect:
+            calls.append(("mprotect", (r.start, r.end - r.start, r.prot)))
+            whats.append((f"reprotect {r.start:#x}-{r.end:#x}", None))
+        for a in plan.readvise:
+            for name, args in _advice_calls(a.start, a.end, a.advice, a.before):
+                calls.append((name, args))
+                whats.append((f"advise {a.start:#x}-{a.end:#x}", None))
+        self._run_batch(calls, whats)
+
+    def _plain(self, v: Vma) -> bool:
+        """Mapped by one mmap of anonymous memory (``_map``'s last case)."""
+        return not (self._is_deferred(v) or v.kind == "file"
+                    or (v.shared and v.kind == "anon" and v.ino and self.shared is not None))
+
+    def _run_batch(self, calls: list[tuple[str, tuple[int, ...]]], whats: list[tuple[str, Vma | None]]) -> None:
+        """Run ``calls`` (then empty both lists); a failure names what it was for."""
+        assert self.inj is not None and self.mem is not None
+        for i in range(0, len(calls), BATCH_MAX):
+            chunk = calls[i: i + BATCH_MAX]
+            done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, chunk)
+            self.report.syscalls += min(done + 1, len(chunk))
+            if done < len(chunk):
+                what, v = whats[i + done]
+                if v is not None:
+                    raise RestoreError(f"cannot map {v.path or v.kind} at {v.start:#x}-{v.end:#x}: "
+                                       f"{os.strerror(-err)}")
+                raise InjectionError(-err, f"{chunk[done][0]}() to {what} in pid {self.pid}: {os.strerror(-err)}")
+        calls.clear()
+        whats.clear()
+
+    def _apply_delta(self, delta: MappingsDelta) -> None:
+        if not self.layout:
+            raise ProtocolError("a layout change before any layout: corrupt stream")
+        region = [(r.start, r.end) for r in delta.cleared]
+        if _holes_conflict(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE, region):
+            raise RestoreError("a layout change covers the restore gadget: corrupt stream")
+        news = list(delta.vmas)
+        plan = plan_layout(in_ranges(self.layout, region), news)
+        if self.shared is not None:
+            for v in news:
+                if v.shm is not None:
+                    self.shared.note(v.shm)
+        self._carry_out(plan)
+        if self.filler is not None:
+            self.filler.keep([(v.start, v.end) for v in news], within=region)
+            self.filler.register(list(plan.map))
+        self.layout = applied(self.layout, delta)
+        self._mapped = splice_spans(self._mapped, region, merge_spans((v.start, v.end) for v in news if _takes_pages(v)))
+        self._mapped_starts = [start for start, _ in self._mapped]
+        for key in [k for k in self._placeholders if within(region, k[0])]:
+            del self._placeholders[key]
+        self._placeholders.update({(v.start, v.end): v for v in news if self._is_deferred(v)})
+        self._placeholder_pages = {p for p in self._placeholder_pages if not within(region, p) or within(plan.kept, p)}
+
     def _advise(self, start: int, end: int, advice: int, before: int = 0) -> None:
-        for bit, (on, off) in MADV.items():
-            if advice & bit and not before & bit:
-                self._call("madvise", start, end - start, on)
-            elif before & bit and not advice & bit and off:
-                self._call("madvise", start, end - start, off)
+        for name, args in _advice_calls(start, end, advice, before):
+            self._call(name, *args)
 
     def _is_deferred(self, v: Vma) -> bool:
         """A file mapped in finish(): one a filesystem hook brings, or a deleted file mapped

@@ -31,6 +31,7 @@ from transport.schema import (
     Files,
     ImageHeader,
     Mappings,
+    MappingsDelta,
     Pipes,
     ProcessBegin,
     ProcessTree,
@@ -103,6 +104,10 @@ class RestoreSession:
         elif isinstance(item, Mappings):
             if not current.restorer.begun:
                 current.restorer.begin(item)
+            current.restorer.apply_layout(item)
+        elif isinstance(item, MappingsDelta):
+            if not current.restorer.begun:
+                raise ProtocolError("a layout change before the process's layout: corrupt stream")
             current.restorer.apply_layout(item)
         elif not current.records.take(item):
             raise ProtocolError(f"unexpected {type(item).__name__} record in the stream: corrupt image")

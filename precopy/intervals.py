@@ -37,6 +37,29 @@ def merge_spans(spans: Iterable[Span]) -> list[Span]:
     return out
 
 
+def add_runs(base: list[Run], extra: Sequence[Run]) -> list[Run]:
+    """``union(base, extra)`` (both normalized), in time for ``extra`` (a bisect and a splice
+    each) where it is small next to ``base``: a round's few written pages against every page
+    a process has."""
+    if not extra:
+        return base
+    if len(extra) * 16 > len(base):
+        return union(base, extra)
+    out = list(base)
+    for a, n in extra:
+        e = a + n * PAGE_SIZE
+        i = bisect.bisect_left(out, (a,))
+        if i > 0 and out[i - 1][0] + out[i - 1][1] * PAGE_SIZE >= a:
+            i -= 1
+            a = out[i][0]
+        j = i
+        while j < len(out) and out[j][0] <= e:
+            e = max(e, out[j][0] + out[j][1] * PAGE_SIZE)
+            j += 1
+        out[i:j] = [(a, (e - a) // PAGE_SIZE)]
+    return out
+
+
 def normalize(runs: Iterable[Run]) -> list[Run]:
     return to_runs(merge_spans(to_spans(runs)))
 
@@ -85,6 +108,52 @@ def subtract_spans(a: list[Span], b: list[Span]) -> list[Span]:
             k += 1
         if cur < e:
             out.append((cur, e))
+    return out
+
+
+class SpanIndex:
+    """Sorted, disjoint spans asked many times which of them lie in a range: a bisect each,
+    so asking once per mapping costs the spans found, not all of them (``intersect_spans``
+    of the whole list for every mapping grows with the square of the mappings)."""
+
+    def __init__(self, spans: Iterable[Span]) -> None:
+        self.spans = list(spans)
+        self._ends = [e for _, e in self.spans]
+
+    def __bool__(self) -> bool:
+        return bool(self.spans)
+
+    def clip(self, start: int, end: int) -> list[Span]:
+        """The parts of the spans inside [start, end)."""
+        out: list[Span] = []
+        spans = self.spans
+        i = bisect.bisect_right(self._ends, start)
+        while i < len(spans) and spans[i][0] < end:
+            s, e = spans[i]
+            out.append((s if s > start else start, e if e < end else end))
+            i += 1
+        return out
+
+
+def _span_end(s: Span) -> int:
+    return s[1]
+
+
+def _span_start(s: Span) -> int:
+    return s[0]
+
+
+def splice_spans(spans: list[Span], region: list[Span], inside: list[Span]) -> list[Span]:
+    """``merge_spans(subtract_spans(spans, region) + inside)`` for ``inside`` within ``region``
+    (all sorted and merged), in time for the spans near ``region``: a bisect and a splice per
+    range of it, but for one copy of the list."""
+    out = list(spans)
+    for a, b in reversed(region):
+        i = bisect.bisect_left(out, a, key=_span_end)        # the first that ends at a or later
+        j = bisect.bisect_right(out, b, key=_span_start)     # past the last that starts at b or before
+        k = bisect.bisect_left(inside, a, key=_span_start)
+        m = bisect.bisect_left(inside, b, key=_span_start)
+        out[i:j] = merge_spans(subtract_spans(out[i:j], [(a, b)]) + inside[k:m])
     return out
 
 

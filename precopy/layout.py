@@ -8,6 +8,10 @@ pages may exist while unmapped), so all of it is read and all-zero pages are dro
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import itertools
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +19,7 @@ from typing import Iterable
 
 from precopy import sysv
 from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
+from precopy.kernel import ioctl
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -106,32 +111,199 @@ def parse_maps(text: str) -> list[MapEntry]:
     return out
 
 
-def read_maps(pid: int) -> list[MapEntry]:
+def read_maps(pid: int, cache: "MapsCache | None" = None) -> list[MapEntry]:
+    """/proc/PID/maps as entries. ``cache``: reads of one process again and again (a
+    tracker's rounds): a line the last read with this cache had is the very ``MapEntry`` it
+    was then, not parsed again, so a read costs the lines that changed, and ``diff_layout``
+    skips the entries both reads share."""
     with open(f"/proc/{pid}/maps") as f:
-        return parse_maps(f.read())
+        text = f.read()
+    if cache is None:
+        return parse_maps(text)
+    return cache.parse(text)
+
+
+class MapsCache:
+    """The last maps read of one process (see ``read_maps``). A read is compared with the last
+    line by line (in C: list equality, ``map(operator.eq)``); only the lines between the
+    common head and tail are looked up or parsed, and the entries list is spliced. An
+    unchanged layout returns the very list of the last read."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._lines: list[str] = []
+        self.entries: list[MapEntry] = []
+        self._tracked: list[bool] = []          # ``trackable`` of each entry
+        self._by_line: dict[str, MapEntry] = {}
+
+    def parse(self, text: str) -> list[MapEntry]:
+        if text == self._text and self._lines:
+            return self.entries
+        self._text = text
+        lines = text.splitlines()
+        old = self._lines
+        if lines == old:
+            return self.entries
+        n, m = len(lines), len(old)
+        shortest = min(n, m)
+        same = list(map(operator.eq, lines, old))
+        head = same.index(False) if False in same else shortest
+        same = list(map(operator.eq, reversed(lines), reversed(old)))
+        tail = min(same.index(False) if False in same else shortest, shortest - head)
+        middle = lines[head: n - tail]
+        parsed: list[MapEntry] = []
+        for line in middle:
+            entry = self._by_line.get(line)
+            if entry is None:
+                found = parse_maps(line)
+                if len(found) != 1:         # not a maps line (never seen): parse it all
+                    return self._parse_all(lines)
+                entry = found[0]
+            parsed.append(entry)
+        for line in old[head: m - tail]:
+            self._by_line.pop(line, None)
+        self._by_line.update(zip(middle, parsed))
+        self.entries = self.entries[:head] + parsed + self.entries[m - tail:]
+        self._tracked = self._tracked[:head] + [trackable(e) for e in parsed] + self._tracked[m - tail:]
+        self._lines = lines
+        return self.entries
+
+    def _parse_all(self, lines: list[str]) -> list[MapEntry]:
+        self.entries = parse_maps("\n".join(lines))
+        self._tracked = [trackable(e) for e in self.entries]
+        self._by_line = {}
+        self._lines = []          # the next read parses again
+        return self.entries
+
+    def tracked(self, entries: list[MapEntry]) -> list[MapEntry]:
+        """``trackable`` entries of ``entries`` (the last read's list: from flags kept with it)."""
+        if entries is self.entries and len(self._tracked) == len(entries):
+            return list(itertools.compress(entries, self._tracked))
+        return [e for e in entries if trackable(e)]
+
+
+PROCMAP_QUERY = 0xC0686611        # _IOWR('f', 17, struct procmap_query), Linux >= 6.11
+_PMQ_READABLE, _PMQ_WRITABLE, _PMQ_EXECUTABLE, _PMQ_SHARED = 0x01, 0x02, 0x04, 0x08
+_PMQ_COVERING_OR_NEXT_VMA, _PMQ_FILE_BACKED_VMA = 0x10, 0x20
+_NAME_MAX = 4096 + 16
+
+
+class procmap_query(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "query_flags", "query_addr", "vma_start", "vma_end", "vma_flags", "vma_page_size",
+        "vma_offset", "inode")] + [(name, ctypes.c_uint32) for name in (
+            "dev_major", "dev_minor", "vma_name_size", "build_id_size")] + [
+        ("vma_name_addr", ctypes.c_uint64), ("build_id_addr", ctypes.c_uint64)]
+
+
+def query_maps(pid: int, *, file_backed: bool = False, start: int = 0, end: int = 1 << 64) -> list[MapEntry] | None:
+    """The mappings in [start, end) (``file_backed``: only those of a file, shared anonymous
+    memory and kernel objects among them), asked one by one with PROCMAP_QUERY, which skips
+    the others in the kernel: a look for a process's files costs its file mappings, however
+    many anonymous ones it has. None where the kernel lacks PROCMAP_QUERY (before 6.11)."""
+    try:
+        fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
+    name = ctypes.create_string_buffer(_NAME_MAX)
+    out: list[MapEntry] = []
+    try:
+        addr = start
+        while addr < end:
+            q = procmap_query(size=ctypes.sizeof(procmap_query), query_addr=addr, vma_name_size=_NAME_MAX,
+                              vma_name_addr=ctypes.addressof(name),
+                              query_flags=_PMQ_COVERING_OR_NEXT_VMA | (_PMQ_FILE_BACKED_VMA if file_backed else 0))
+            try:
+                ioctl(fd, PROCMAP_QUERY, q)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    break           # nothing at or after addr
+                if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    return None
+                raise
+            if q.vma_start >= end:
+                break
+            flags = q.vma_flags
+            prot = (PROT_READ if flags & _PMQ_READABLE else 0) | (PROT_WRITE if flags & _PMQ_WRITABLE else 0) | \
+                (PROT_EXEC if flags & _PMQ_EXECUTABLE else 0)
+            label = name.value.decode(errors="surrogateescape") if q.vma_name_size else ""
+            out.append(MapEntry(q.vma_start, q.vma_end, prot, bool(flags & _PMQ_SHARED), q.vma_offset,
+                                (q.dev_major, q.dev_minor), q.inode, label))
+            addr = q.vma_end
+    finally:
+        os.close(fd)
+    return out
+
+
+def read_maps_naming(pid: int, *needles: str) -> list[MapEntry]:
+    """The mappings whose maps line holds one of ``needles`` (a path's "/", "[vdso]"), the
+    others skipped unparsed: on a process with tens of thousands of anonymous mappings, a
+    look for its files or its vDSO costs the kernel's listing, not a parse of every line."""
+    with open(f"/proc/{pid}/maps") as f:
+        text = f.read()
+    lines = re.findall("^.*(?:" + "|".join(map(re.escape, needles)) + ").*$", text, re.MULTILINE)
+    return parse_maps("\n".join(lines))
+
+
+# A mapping's VmFlags line and the next mapping's first line: one pass of the regex engine
+# over the text finds them all, skipping the lines in between (a parse of every line in
+# Python took seconds for 50,000 mappings).
+_SMAPS_FLAGS_NEXT = re.compile(r"VmFlags:([^\n]*)\n?([^\n]*)")
+
+
+def _smaps_pairs(text: str) -> list[tuple[str, str]]:
+    """(mapping line, VmFlags) of every mapping of an smaps text."""
+    found = _SMAPS_FLAGS_NEXT.findall(text)
+    if found and not found[-1][1]:
+        heads = [text.split("\n", 1)[0]] + [head for _, head in found[:-1]]
+        if all(_MAPS_LINE.match(h) for h in (heads[0], heads[-1])):
+            return list(zip(heads, (flags for flags, _ in found)))
+    # Not shaped as expected (never seen): line by line.
+    pairs: list[tuple[str, str]] = []
+    head = ""
+    for line in text.splitlines():
+        if _MAPS_LINE.match(line):
+            head = line
+        elif line.startswith("VmFlags:") and head:
+            pairs.append((head, line[len("VmFlags:"):]))
+            head = ""
+    return pairs
+
+
+def smaps_flags(pid: int) -> dict[tuple[int, int], frozenset[str]]:
+    """Each mapping's VmFlags, by its (start, end)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        text = f.read()
+    out: dict[tuple[int, int], frozenset[str]] = {}
+    for head, flags in _smaps_pairs(text):
+        lo, _, hi = head[:head.index(" ")].partition("-")
+        out[int(lo, 16), int(hi, 16)] = frozenset(flags.split())
+    return out
 
 
 def read_smaps(pid: int) -> list[MapEntry]:
     """Mappings with their VmFlags (slower than maps: the kernel walks page tables)."""
+    return [MapEntry(e.start, e.end, e.prot, e.shared, e.offset, e.dev, e.inode, e.name, flags)
+            for e, flags in read_smaps_flags(pid)]
+
+
+def read_smaps_flags(pid: int) -> list[tuple[MapEntry, frozenset[str]]]:
+    """Mappings (without their flags) and their VmFlags, for ``to_vma(entry, flags)``."""
     with open(f"/proc/{pid}/smaps") as f:
         text = f.read()
-    entries: list[MapEntry] = []
-    for line in text.splitlines():
-        m = _MAPS_LINE.match(line)
-        if m:
-            entries.extend(parse_maps(line))
-        elif line.startswith("VmFlags:") and entries:
-            last = entries[-1]
-            entries[-1] = MapEntry(last.start, last.end, last.prot, last.shared, last.offset, last.dev,
-                                   last.inode, last.name, frozenset(line.split()[1:]))
-    return entries
+    pairs = _smaps_pairs(text)
+    entries = parse_maps("\n".join(head for head, _ in pairs))
+    return [(e, frozenset(f.split())) for e, (_, f) in zip(entries, pairs)]
 
 
-def to_vma(entry: MapEntry) -> Vma:
+def to_vma(entry: MapEntry, vmflags: frozenset[str] | None = None) -> Vma:
+    """The record of a mapping, with its VmFlags (``vmflags``, else the entry's own)."""
+    if vmflags is None:
+        vmflags = entry.vmflags
     kind = entry.kind
     advice = 0
     for flag, bit in _ADVICE_FLAGS.items():
-        if flag in entry.vmflags:
+        if flag in vmflags:
             advice |= bit
     path = ""
     size, mtime = -1, 0
@@ -148,7 +320,7 @@ def to_vma(entry: MapEntry) -> Vma:
     return Vma(
         start=entry.start, end=entry.end, prot=entry.prot, shared=entry.shared, kind=kind, path=path,
         pgoff=entry.offset if kind == "file" or entry.shared else 0,
-        growsdown="gd" in entry.vmflags or kind == "stack", advice=advice, file_size=size, file_mtime_ns=mtime,
+        growsdown="gd" in vmflags or kind == "stack", advice=advice, file_size=size, file_mtime_ns=mtime,
         ino=entry.inode if kind == "file" or entry.shared else 0, shm=shm)
 
 
@@ -228,7 +400,20 @@ def _covered(x: MapEntry, hits: list[MapEntry]) -> list[Span]:
 
 
 def diff_layout(old: list[MapEntry], new: list[MapEntry]) -> LayoutChange:
-    """Classify the differences between two sorted maps reads (linear in their length)."""
+    """Classify the differences between two sorted maps reads (linear in their length, and in
+    what differs only where the reads share their unchanged entries, as ``read_maps`` with a cache gives).
+
+    An entry both reads hold (the same object) takes no part: the other entries of either
+    read cannot overlap it, so it is covered by itself alone, unchanged."""
+    if len(old) == len(new) and all(map(operator.is_, old, new)):
+        return LayoutChange()
+    if old and new:
+        both = {id(e) for e in old}.intersection(map(id, new))
+        if both:
+            if len(both) == len(old) == len(new):
+                return LayoutChange()
+            old = [e for e in old if id(e) not in both]
+            new = [e for e in new if id(e) not in both]
     added: list[MapEntry] = []
     grown: list[MapEntry] = []
     reprotected: list[MapEntry] = []

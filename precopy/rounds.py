@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Iterable, Protocol, Sequence, TypeVar
+from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import trio
 
 from precopy.intervals import Run, clip, merge_spans, npages, subtract, union
-from precopy.layout import MapEntry, read_smaps, to_vma
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason, closes, decide
 from precopy.reader import split_runs, zero_batches
 from precopy.tracker import DirtyTracker, Scan, superseded
 from transport._nursery import service_nursery
 from transport.errors import MigrationError, ProcessExited
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings, ProcessBegin, Record
+from transport.schema import PAGE_SIZE, Mappings, MappingsDelta, ProcessBegin, Record
 
 MiB = 1 << 20
 T = TypeVar("T")
@@ -39,8 +38,9 @@ class PageSink(Protocol):
     mapping stayed keeps its contents. Trackers rely on that: they never send the holes of a
     new range, nor zeros for pages that went away with their mapping."""
 
-    async def layout(self, mappings: Mappings) -> None:
-        """The address space as it is now; the pages that follow belong to it."""
+    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
+        """The address space as it is now (or its change since the last layout: a
+        ``MappingsDelta``); the pages that follow belong to it."""
         ...
 
     async def send_batch(self, batch: PageBatch) -> int:
@@ -58,7 +58,7 @@ class DrainingSink(PageSink, Protocol):
 
 
 class SyncPageSink(Protocol):
-    def layout(self, mappings: Mappings) -> None: ...
+    def layout(self, mappings: Mappings | MappingsDelta) -> None: ...
 
     def send_batch(self, batch: PageBatch) -> int: ...
 
@@ -69,7 +69,7 @@ class ThreadedSink:
     def __init__(self, sink: SyncPageSink) -> None:
         self.sink = sink
 
-    async def layout(self, mappings: Mappings) -> None:
+    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
         await trio.to_thread.run_sync(self.sink.layout, mappings)
 
     async def send_batch(self, batch: PageBatch) -> int:
@@ -97,16 +97,6 @@ class PrecopyResult:
                 "bytes_raw": self.bytes_raw, "bytes_on_wire": self.bytes_on_wire}
 
 
-def mappings_for(entries: Iterable[MapEntry], smaps: Iterable[MapEntry]) -> Mappings:
-    """A ``Mappings`` record for a maps read, with advice flags taken from a smaps read."""
-    flags = {(e.start, e.end): e.vmflags for e in smaps}
-    vmas = []
-    for e in entries:
-        vmflags = flags.get((e.start, e.end), e.vmflags)
-        vmas.append(to_vma(MapEntry(e.start, e.end, e.prot, e.shared, e.offset, e.dev, e.inode, e.name, vmflags)))
-    return Mappings(tuple(vmas))
-
-
 async def _blocking(tracker: DirtyTracker, fn: Callable[..., T], *args: object) -> T:
     """Run a blocking tracker or reader call in a worker thread; OSErrors become our errors."""
     try:
@@ -132,8 +122,10 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
                           pages_skipped_zero=0, bytes_raw=0, bytes_on_wire=0, round_ms=scan.scan_ms,
                           scan_ms=scan.scan_ms, send_ms=0.0, dirty_rate_mib_s=0.0, bytes_read=scan.bytes_read)
     if send_layout:
-        smaps = await _blocking(tracker, read_smaps, tracker.pid)
-        await sink.layout(mappings_for(scan.layout, smaps))
+        # The whole layout the first time, then what changed since the one sent (``SentLayout``).
+        rec = await _blocking(tracker, tracker.sent_layout.record, scan.layout)
+        if rec is not None:
+            await sink.layout(rec)
     reader = tracker.reader
     shared = merge_spans((e.start, e.end) for e in scan.layout if e.shared)
     plain: list[Run] = list(scan.data)
@@ -272,7 +264,7 @@ class ProcessSink:
             await self.sink.record(ProcessBegin(self.pid))
             self.cursor.pid = self.pid
 
-    async def layout(self, mappings: Mappings) -> None:
+    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
         await self._turn()
         await self.sink.layout(mappings)
 

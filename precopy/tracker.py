@@ -47,7 +47,8 @@ from precopy.intervals import (
     to_runs,
 )
 from precopy.kernel import pidfd_open
-from precopy.layout import LayoutChange, MapEntry, PageFinder, diff_layout, read_maps, trackable
+from precopy.layout_delta import SentLayout
+from precopy.layout import LayoutChange, MapEntry, MapsCache, PageFinder, diff_layout, read_maps, trackable
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -135,6 +136,8 @@ class DirtyTracker(ABC):
         self._huge = HugePageNarrowing() if self.reports_whole_huge_pages else None
         self._round = -1
         self._layout: list[MapEntry] = []
+        self._maps = MapsCache()
+        self.sent_layout = SentLayout(pid)     # what the destination holds of the layout
         self._pidfd = -1
         self._finder: PageFinder | None = None
         self._reader: PageReader | None = None
@@ -232,7 +235,7 @@ class DirtyTracker(ABC):
         return exc
 
     def _read_layout(self) -> list[MapEntry]:
-        entries = read_maps(self.pid)
+        entries = read_maps(self.pid, self._maps)
         if not entries:
             raise ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
         return entries
@@ -243,7 +246,7 @@ class DirtyTracker(ABC):
             raise ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
         try:
             entries = self._read_layout()
-            tracked = [e for e in entries if trackable(e)]
+            tracked = self._maps.tracked(entries)
             if first:
                 change = diff_layout([], entries)
                 data, scanned, read = self._arm(tracked)

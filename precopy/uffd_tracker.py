@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import bisect
 import errno
-from dataclasses import replace
+import operator
+from dataclasses import dataclass, replace
 
 from precopy import uffd as uffd_mod
 from precopy.control import ProcessControl
@@ -19,6 +20,8 @@ from precopy.digests import PageDigests
 from precopy.intervals import (
     Run,
     Span,
+    SpanIndex,
+    add_runs,
     clip,
     intersect_spans,
     merge_spans,
@@ -27,7 +30,6 @@ from precopy.intervals import (
     subtract_spans,
     to_runs,
     to_spans,
-    union,
 )
 from precopy.layout import LayoutChange, MapEntry, read_maps
 from precopy.pagemap import (
@@ -44,7 +46,7 @@ from precopy.pagemap import (
 from precopy.tracker import _POPULATED, DirtyTracker
 from transport.errors import UnsupportedResource
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, PROT_WRITE
+from transport.schema import PAGE_SIZE, PROT_READ, PROT_WRITE
 
 _CATEGORIES = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_FILE
 
@@ -73,20 +75,75 @@ def _split_regions(entry: MapEntry, regions: list[Region], fresh: list[Span]) ->
     return data, empty
 
 
-def _fresh_in(entry: MapEntry, new_spans: tuple[Span, ...]) -> list[Span]:
-    return [(max(s, entry.start), min(e, entry.end)) for s, e in new_spans if s < entry.end and e > entry.start]
-
-
-def _stretched(part: MapEntry, now: list[MapEntry]) -> MapEntry:
+def _stretched(part: MapEntry, now: list[MapEntry], starts: list[int]) -> MapEntry:
     """``part`` widened to the whole of the writable mappings of ``now`` that hold its first
-    and its last page (``now`` sorted by address, as the kernel lists it)."""
-    starts = [e.start for e in now]
+    and its last page (``now`` sorted by address, as the kernel lists it; ``starts``: their
+    start addresses)."""
     start, end = part.start, part.end
     for addr in (part.start, part.end - PAGE_SIZE):
         i = bisect.bisect_right(starts, addr) - 1
         if i >= 0 and now[i].end > addr and now[i].prot & PROT_WRITE and not now[i].shared:
             start, end = min(start, now[i].start), max(end, now[i].end)
-    return replace(part, start=start, end=end)
+    return part if (start, end) == (part.start, part.end) else replace(part, start=start, end=end)
+
+
+def _protectable(entry: MapEntry) -> bool:
+    """Tracked by write-protection (else by content): private mappings that are writable, and
+    anonymous ones that are readable. A read-only anonymous mapping (written, then protected:
+    data made read-only, JIT code) changes only through the layout (mprotect), by MADV_DONTNEED
+    or by a debugger's forced write; write-protected, a round costs it nothing, where by
+    content every round reads and hashes all of it, frozen time included. Mappings that are
+    not accessible at all (PROT_NONE: guard pages, address space reserved for later) hold no
+    pages to speak of, and arming the holes of a large reservation would fill page tables."""
+    if entry.shared:
+        return False
+    return bool(entry.prot & PROT_WRITE) or (entry.kind != "file" and bool(entry.prot & PROT_READ))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a round needs of one maps read, worked out once for as long as the layout stays
+    (the rule from one round to the next): the address ranges it covers, the anonymous ones
+    (walked together) and the file mappings (walked one by one: their pages may be the file's)."""
+
+    entries: list[MapEntry]
+    starts: list[int]
+    tracked: list[Span]
+    plain: list[Span]
+    files: list[MapEntry]
+    pages: int
+
+    @staticmethod
+    def of(entries: list[MapEntry]) -> "_Shape":
+        plain: list[Span] = []
+        files: list[MapEntry] = []
+        for e in entries:
+            if e.kind == "file":
+                files.append(e)
+            else:
+                plain.append((e.start, e.end))
+        return _Shape(entries, [e.start for e in entries], merge_spans((e.start, e.end) for e in entries),
+                      merge_spans(plain), files, sum(e.length for e in entries) // PAGE_SIZE)
+
+    def overlapping(self, start: int, end: int) -> list[MapEntry]:
+        """The entries that overlap [start, end) (a bisect, then those)."""
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        out: list[MapEntry] = []
+        while i < len(self.entries) and self.entries[i].start < end:
+            if self.entries[i].end > start:
+                out.append(self.entries[i])
+            i += 1
+        return out
+
+    def pieces(self, spans: list[Span]) -> list[MapEntry]:
+        """The parts of the entries inside ``spans`` (sorted, disjoint): an entry wholly inside
+        is itself."""
+        out: list[MapEntry] = []
+        for start, end in spans:
+            for e in self.overlapping(start, end):
+                s, t = max(start, e.start), min(end, e.end)
+                out.append(e if (s, t) == (e.start, e.end) else replace(e, start=s, end=t))
+        return out
 
 
 class UffdWpTracker(DirtyTracker):
@@ -102,6 +159,7 @@ class UffdWpTracker(DirtyTracker):
         self._digests = PageDigests()      # mappings that are not write-protected
         super().__init__(pid, control)
         self._known: list[Run] = []        # pages populated as far as the scans showed
+        self._shape: _Shape | None = None   # of the last round's layout
 
     def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:
         assert self.control is not None
@@ -132,8 +190,8 @@ class UffdWpTracker(DirtyTracker):
         return self._scanner.scan(entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=_CATEGORIES,
                                   flags=PM_SCAN_WP_MATCHING)
 
-    def _written(self, entry: MapEntry) -> list[Span]:
-        """The written pages of the registered anonymous mappings in ``entry``'s range, re-protected.
+    def _written(self, start: int, end: int) -> list[Span]:
+        """The written pages of the registered anonymous mappings in [start, end), re-protected.
 
         Asking for the written bit alone, with nothing else returned, takes the kernel's fast
         path (a test of each entry's uffd-wp bit; 0.3 ms per GiB here, against 9 ms for a walk
@@ -142,7 +200,7 @@ class UffdWpTracker(DirtyTracker):
         those are read like the rest, as the zeros they now hold. File mappings, and new ranges
         (whose holes are not marked yet), take ``_wp_scan``, which tells such pages apart."""
         return [(r.start, r.end) for r in self._scanner.scan(
-            entry.start, entry.end, required=PAGE_IS_WRITTEN, returned=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)]
+            start, end, required=PAGE_IS_WRITTEN, returned=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING)]
 
     def _registration(self, spans: list[Span], *, registered: bool) -> list[Span]:
         """The parts of ``spans`` whose mappings are (``registered``) or are not write-protected
@@ -185,9 +243,10 @@ class UffdWpTracker(DirtyTracker):
         armed: set[Span] = set()
         clear: list[Span] = []
         with self.control.paused():
-            now = read_maps(self.pid)
+            now = read_maps(self.pid, self._maps)     # (what changed since the round's read is parsed)
+            starts = [e.start for e in now]
             for part in parts:
-                whole = _stretched(part, now)
+                whole = _stretched(part, now, starts)
                 span = [(whole.start, whole.end)]
                 # (the first round: nothing of ours was registered)
                 before = span if first else self._registration(span, registered=False)
@@ -243,14 +302,14 @@ class UffdWpTracker(DirtyTracker):
                 return False     # not registrable (or gone meanwhile): tracked by content instead
             raise
 
-    def _reverted(self, entry: MapEntry) -> list[Span]:
+    def _reverted(self, entry: MapEntry, known_index: SpanIndex) -> list[Span]:
         """Copied-on-write pages of a private file mapping that went back to the file's page.
 
         Zapping (MADV_DONTNEED) a write-protected page of a file mapping leaves a uffd-wp marker
         instead of an empty entry, so the page is not reported as written, yet it reads as the
         file's page again. Pages we knew as private that are not private now are read again
         (a swapped-out private page looks like a marker: it is read again too, harmlessly)."""
-        known = intersect_spans(to_spans(self._known), [(entry.start, entry.end)])
+        known = known_index.clip(entry.start, entry.end)
         if not known:
             return []
         scanner = self.finder.scanner
@@ -260,45 +319,79 @@ class UffdWpTracker(DirtyTracker):
             returned=PAGE_IS_PRESENT)]
         return subtract_spans(known, merge_spans(private))
 
+    def _shape_of(self, entries: list[MapEntry]) -> "_Shape":
+        """The shape of this round's layout: the last round's while its maps read is the same
+        (entry for entry, as ``read_maps`` with a cache gives it)."""
+        last = self._shape
+        if last is not None and len(last.entries) == len(entries) and all(map(operator.is_, last.entries, entries)):
+            return last
+        self._shape = _Shape.of(entries)
+        return self._shape
+
     def _track(self, entries: list[MapEntry], new_spans: tuple[Span, ...], *, first: bool
                ) -> tuple[list[Run], list[Run], int, int]:
         """One round. ``entries`` come from a maps read that may already be stale: the process
         runs on, so nothing here trusts an entry to be one mapping, or to be the mapping it was.
-        What is registered is found from the page tables' own answer (``_registration``)."""
+        What is registered is found from the page tables' own answer (``_registration``).
+
+        A round costs the mappings that changed, not all of them: the anonymous mappings are
+        walked together (one call for a run of neighbours; the kernel skips what is not
+        registered), what the layout implies is worked out once per layout (``_Shape``), and
+        the pages known so far are updated in place."""
+        last = self._shape
+        shape = self._shape_of(entries)
         data: list[Span] = []
         empty: list[Span] = []
         by_content: list[MapEntry] = []
-        known = to_spans(self._known)
-        scanned = 0
+        known_spans: list[Span] | None = None
+        known_at: SpanIndex | None = None
+
+        def known() -> list[Span]:
+            nonlocal known_spans
+            if known_spans is None:
+                known_spans = to_spans(self._known)
+            return known_spans
+
+        def known_index() -> SpanIndex:
+            nonlocal known_at
+            if known_at is None:
+                known_at = SpanIndex(known())
+            return known_at
+
+        fresh_spans = merge_spans(new_spans)
+        fresh_index = SpanIndex(fresh_spans)
+        fresh_entries = {id(e): e for s, t in fresh_spans for e in shape.overlapping(s, t)}
+        plain = shape.plain
+        fresh_anon = merge_spans((e.start, e.end) for e in fresh_entries.values() if e.kind != "file")
+        if fresh_anon:
+            plain = subtract_spans(plain, fresh_anon)
         # 1. The registered mappings: their written pages, re-protected in the same walk.
-        for e in entries:
-            fresh = _fresh_in(e, new_spans)
+        for e in sorted([*fresh_entries.values(), *(f for f in shape.files if id(f) not in fresh_entries)],
+                        key=lambda e: e.start):
+            fresh = fresh_index.clip(e.start, e.end) if fresh_index else []
             if fresh:
                 # New address ranges start out empty at the destination: all their pages travel,
                 # also those a scan reported already under an older layout (a mapping replaced
                 # by one of another backing between a maps read and its scan). Read before the
                 # scan below protects holes with markers.
                 data += self._populated_registered(e, fresh)
-            if fresh or e.kind == "file":
-                d, z = _split_regions(e, self._wp_scan(e), fresh)
-            else:
-                d, z = self._written(e), []
+            d, z = _split_regions(e, self._wp_scan(e), fresh)
             if e.kind == "file" and not first:
-                d += self._reverted(e)
+                d += self._reverted(e, known_index())
             data += d
             empty += z
-            scanned += e.length // PAGE_SIZE
+        for start, end in plain:
+            data += self._written(start, end)
         # 2. What is not registered now (after the scans above, so nothing the process unmapped
         # and mapped anew in between escapes): a new mapping, a moved one, or one we never
-        # write-protect (read-only mappings: arming their holes would allocate page tables for
-        # nothing). Exactly those ranges are new to the tracker; the rest of an entry is not.
-        tracked = merge_spans((e.start, e.end) for e in entries)
-        pieces = intersect_spans(self._registration(tracked, registered=False), tracked)
-        parts = [replace(e, start=start, end=end) for e in entries
-                 for start, end in intersect_spans(pieces, [(e.start, e.end)])]
+        # write-protect (inaccessible and read-only file mappings: arming their holes would
+        # allocate page tables for nothing). Exactly those ranges are new to the tracker; the
+        # rest of an entry is not.
+        tracked = shape.tracked
+        parts = shape.pieces(intersect_spans(self._registration(tracked, registered=False), tracked))
         # Shared memory goes by content: its pages live in the object (another process's
         # writes, pages no page table of this one maps), not in this process's page tables.
-        armed = self._arm_parts([p for p in parts if p.prot & PROT_WRITE and not p.shared], first=first)
+        armed = self._arm_parts([p for p in parts if _protectable(p)], first=first)
         for part in parts:
             start, end = part.start, part.end
             if (start, end) not in armed:
@@ -311,17 +404,24 @@ class UffdWpTracker(DirtyTracker):
             if not first:
                 # Whatever was here before is gone (munmap + mmap, MAP_FIXED, mremap onto it):
                 # pages known here that the new mapping lacks are empty now.
-                empty += subtract_spans(intersect_spans(known, [(start, end)]), merge_spans(d))
+                empty += subtract_spans(known_index().clip(start, end), merge_spans(d))
         found = self._digests.scan(by_content, self.finder, self.reader, new_spans)
-        # Mappings tracked by content may have replaced write-protected ones: pages we knew there
-        # that are not populated any more are empty now.
-        content_spans = merge_spans((e.start, e.end) for e in by_content)
-        emptied = subtract_spans(subtract_spans(intersect_spans(known, content_spans),
-                                                to_spans(found.populated)), list(new_spans))
+        emptied: list[Span] = []
+        if by_content:
+            # Mappings tracked by content may have replaced write-protected ones: pages we knew
+            # there that are not populated any more are empty now.
+            content_spans = merge_spans((e.start, e.end) for e in by_content)
+            emptied = subtract_spans(subtract_spans(intersect_spans(known(), content_spans),
+                                                    to_spans(found.populated)), fresh_spans)
         runs = normalize(to_runs(data) + found.changed)
         zero = [] if first else subtract(normalize(to_runs(empty + emptied) + found.gone), runs)
-        self._known = clip(subtract(union(self._known, runs), zero), tracked)
-        return runs, zero, scanned + found.pages_hashed, found.bytes_read
+        known_now = add_runs(self._known, runs)
+        if zero:
+            known_now = subtract(known_now, zero)
+        if shape is not last:        # mappings went away: so did what was known of them
+            known_now = clip(known_now, tracked)
+        self._known = known_now
+        return runs, zero, shape.pages + found.pages_hashed, found.bytes_read
 
     def note_sent(self, batch: PageBatch) -> None:
         super().note_sent(batch)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.layout_plan import same_backing
+from agent.layout_plan import applied, same_backing
 from agent.tracer import Tracer
 from migrate.target import TracedTarget
 from precopy.intervals import merge_spans, pages_of, subtract_spans
@@ -19,7 +19,7 @@ from precopy.hugepages import anon_huge_bytes, thp_setting
 from precopy.tracker import BACKENDS, probe_backends
 from tests._workloads import STARTED, Workload, build
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings
+from transport.schema import PAGE_SIZE, Mappings, MappingsDelta
 
 HUGE = 2 << 20
 
@@ -168,8 +168,11 @@ class MemorySink:
         self.delay_s = delay_s                      # per batch
         self.bandwidth_bytes_s = bandwidth_bytes_s  # a simulated link (None: instant)
 
-    async def layout(self, mappings: Mappings) -> None:
+    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
         before = self.layouts[-1].vmas if self.layouts else ()
+        if isinstance(mappings, MappingsDelta):
+            assert self.layouts, "a layout change before any layout"
+            mappings = Mappings(tuple(applied(before, mappings)))
         self.layouts.append(mappings)
         keep = [(v.start, v.end) for v in mappings.vmas if holds_private_data(v)]
         fresh: list[tuple[int, int]] = []

@@ -135,10 +135,10 @@ def test_a_parent_and_child_talking_over_a_fifo(tmp_path: Path) -> None:
         where.mkdir()
         return start_until_ready([sys.executable, "-S", str(script), str(where), "2000"], where / "ready",
                                  start_new_session=True)
-    ref = start(tmp_path / "reference")
-    assert ref.wait(timeout=120) == 0
+    ref = start(tmp_path / "reference")          # unmoved, beside the moved one
     proc = start(tmp_path / "moved")
     checkpointed_and_restored(proc, tmp_path, 2)
+    assert ref.wait(timeout=120) == 0
     expected = b"".join(b"line %d of the stream\n" % i for i in range(2000)) + b"again, by path\nchild status 7\n"
     assert (tmp_path / "reference" / "output").read_bytes() == expected
     assert (tmp_path / "moved" / "output").read_bytes() == expected

@@ -4,7 +4,23 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from precopy.intervals import clip, intersect, normalize, npages, pages_of, runs_of, subtract, union, within
+from precopy.intervals import (
+    SpanIndex,
+    add_runs,
+    clip,
+    intersect,
+    intersect_spans,
+    merge_spans,
+    normalize,
+    npages,
+    pages_of,
+    runs_of,
+    splice_spans,
+    subtract,
+    subtract_spans,
+    union,
+    within,
+)
 from transport.schema import PAGE_SIZE
 
 P = PAGE_SIZE
@@ -33,3 +49,16 @@ def test_within_finds_the_span_holding_an_address() -> None:
     kept = [(10 * PAGE_SIZE, 14 * PAGE_SIZE), (30 * PAGE_SIZE, 32 * PAGE_SIZE)]
     assert within(kept, 10 * PAGE_SIZE) and within(kept, 31 * PAGE_SIZE + 5)
     assert not within(kept, 14 * PAGE_SIZE) and not within(kept, 0) and not within(kept, 40 * PAGE_SIZE)
+
+
+@given(runs_st, runs_st)
+def test_the_incremental_forms_match_the_whole_list_ones(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> None:
+    na, nb = normalize(a), normalize(b)
+    assert add_runs(na, nb) == union(na, nb)
+    spans_a = [(s, s + n * P) for s, n in na]
+    region = [(s, s + n * P) for s, n in nb]
+    inside = intersect_spans(spans_a[::2], region)      # some spans within the region
+    assert splice_spans(spans_a, region, inside) == merge_spans(subtract_spans(spans_a, region) + inside)
+    index = SpanIndex(spans_a)
+    for s, e in region:
+        assert index.clip(s, e) == intersect_spans(spans_a, [(s, e)])

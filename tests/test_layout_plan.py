@@ -1,8 +1,8 @@
 """plan_layout: what a destination unmaps, maps anew and keeps between two pre-copy layouts."""
 from __future__ import annotations
 
-from agent.layout_plan import LayoutPlan, Readvise, Reprotect, plan_layout
-from transport.schema import ADV_DONTDUMP, PAGE_SIZE, Vma
+from agent.layout_plan import LayoutPlan, Readvise, Reprotect, applied, in_ranges, plan_layout
+from transport.schema import ADV_DONTDUMP, PAGE_SIZE, AddressRange, MappingsDelta, Vma
 
 P = PAGE_SIZE
 RW, RO, NONE = 3, 1, 0
@@ -94,3 +94,14 @@ def test_new_shared_memory_or_a_replaced_file_at_the_same_place_starts_out_empty
     old = Vma(10 * P, 14 * P, RW, False, "file", path="/srv/data", ino=100)
     new = Vma(10 * P, 14 * P, RW, False, "file", path="/srv/data", ino=101)   # rewritten by rename
     assert plan_layout([old], [new]).map == (new,)
+
+
+def test_a_layout_change_applies_to_its_ranges_only() -> None:
+    """``applied`` (what the destination does with a MappingsDelta) agrees with replacing the
+    ranges in the whole list, mappings cut at a range's edge included."""
+    before = [anon(0, 4), anon(4, 2, RO), data_file(8, 4, 2), anon(20, 10), anon(40, 2)]
+    delta = MappingsDelta((AddressRange(2 * P, 6 * P), AddressRange(24 * P, 26 * P), AddressRange(50 * P, 52 * P)),
+                          (anon(2, 4, RO), anon(24, 2, RO), anon(50, 2)))
+    assert applied(before, delta) == [anon(0, 2), anon(2, 4, RO), data_file(8, 4, 2), anon(20, 4), anon(24, 2, RO),
+                                      anon(26, 4), anon(40, 2), anon(50, 2)]
+    assert in_ranges(before, [(2 * P, 6 * P), (9 * P, 10 * P)]) == [anon(2, 2), anon(4, 2, RO), data_file(9, 1, 3)]

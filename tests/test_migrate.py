@@ -6,6 +6,7 @@ report must tell the truth about rounds, bytes and downtime.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -252,3 +253,26 @@ def test_a_layout_that_changes_during_precopy_keeps_its_contents(tmp_path: Path,
     assert w.output() == ref.output()
     assert report["tracker"] == tracker
     assert report["rounds"] >= 2, report["per_round"]
+
+
+def test_thousands_of_mappings_changing_while_tracked_arrive_intact(tmp_path: Path) -> None:
+    """3,000 small mappings, alternately writable and read-only, eight of them written every
+    millisecond; every 10 ms ten others are unmapped and mapped again with new contents, flip
+    their protection (merging with their neighbours and splitting off again) or, read-only,
+    are emptied (MADV_DONTNEED), all while pre-copy tracks them and sends each round's layout
+    as what changed. The moved copy then checks every word of every mapping."""
+    w = Workload("many_maps", tmp_path, "3000", "8", "10", "0")
+    w.start()
+    w.wait_ready()
+    code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", "--bandwidth", "40MiB", "--downtime", "1")
+    assert code == 0, err
+    assert w.reap_original() == -9
+    assert report["rounds"] >= 2, report["per_round"]
+    assert sum(r["layout_changes"] for r in report["per_round"][1:]) > 0, "the layout did not change while tracked"
+    copy = report["new_pid"]
+    try:
+        os.kill(copy, signal.SIGUSR1)
+        assert w.wait_file(f"verify.{copy}", 60).strip() == "ok 3000"
+    finally:
+        os.kill(copy, signal.SIGKILL)
+        reap(copy)

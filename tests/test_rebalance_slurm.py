@@ -18,11 +18,14 @@ from migrate.slurm import Slurm
 from tests._migration import proc_state
 from tests._workloads import KCR_MIGRATE, build, one_error_line
 from tests.test_rebalance_hosts import between
+from tests.test_slurm import sacct_line, wait_job
 
 WORKERS = 4
-# Four busy workers under the batch shell, each about 30 % of a CPU: the job's workload.
+# Four busy workers under the batch shell, each about 30 % of a CPU: the job's workload. They
+# run until scancel, or until let go (their go-on file), when they stop at their next hundred
+# steps and the batch script ends with them.
 BATCH = '''#!/bin/sh
-for i in {workers}; do {exe} {out}/w$i 30 1000000 16 & done
+for i in {workers}; do WORKLOAD_HOLD={out}/w$i/go-on {exe} {out}/w$i 30 1000000 16 & done
 wait
 '''
 
@@ -134,6 +137,39 @@ def test_a_slurm_jobs_workers_move_and_scancel_still_ends_them_everywhere(
         while proc_state(there[m["pid"]]) not in (None, "Z") or proc_state(m["pid"]) not in (None, "Z"):
             assert time.monotonic() < deadline, f"scancel left {m} running"
             time.sleep(0.05)
+
+
+def test_a_slurm_job_rebalanced_while_it_runs_completes(
+        slurm: SlurmCluster, testbed: Testbed, busy_job: tuple[int, Path]) -> None:
+    """Rebalanced from its loaded node to an idle one while it runs, the job finishes as if
+    never moved: every worker's output is the first lines of an unmoved sibling's (the same
+    computation), the batch shell's wait sees them end well, and Slurm records the job
+    COMPLETED with exit code 0:0; no worker runs on anywhere."""
+    job_id, out = busy_job
+    inventory = Slurm(str(slurm.conf_path), ssh_config=str(testbed.ssh_config_path))
+    procs = trio.run(_ready, inventory, job_id, out)
+    workers = {p.pid for p in procs.workload}
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json",
+                    "--any-node")
+    assert res.returncode == 0, res.stderr.decode()
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", between(json.loads(res.stdout)),
+                    "--json", "--any-node")
+    assert res.returncode == 0, res.stderr.decode()
+    moved = [m for m in json.loads(res.stdout)["report"]["moves"] if m["state"] == "done"]
+    assert moved and len(moved) < WORKERS, moved      # some moved, some stayed to compare with
+    there = [testbed.root_pid(m["dest"], m["new_pid"]) for m in moved]
+    assert all(pid is not None for pid in there)
+    for i in range(1, WORKERS + 1):
+        (out / f"w{i}" / "go-on").touch()
+    job = trio.run(wait_job, inventory, job_id, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0")
+    assert sacct_line(slurm, job_id) == ["COMPLETED", "0:0"]
+    outputs = [(out / f"w{i}" / "output").read_text().splitlines() for i in range(1, WORKERS + 1)]
+    assert all((out / f"w{i}" / "verdict").read_text() == "PASS\n" for i in range(1, WORKERS + 1))
+    longest = max(outputs, key=len)
+    assert all(lines and lines == longest[:len(lines)] for lines in outputs), "a worker's results differ"
+    for pid in [*workers, *there]:
+        assert proc_state(pid) in (None, "Z"), f"pid {pid} runs on after its job completed"
 
 
 @pytest.mark.parametrize("args,says", [

@@ -97,8 +97,8 @@ class RacingMaps:
         self.done += 1
         self.w.wait_file(f"ack{self.done}", 10)
 
-    def __call__(self, pid: int) -> list[MapEntry]:
-        entries = self._read(pid)
+    def __call__(self, pid: int, *cache: object) -> list[MapEntry]:
+        entries = self._read(pid, *cache)
         while self.steps:
             self.run(self.steps.pop(0))
         return entries

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli
-from tests._workloads import (STARTED, Workload, become_subreaper, kcr, one_error_line, reap, run_reference,
-                              start_until_ready)
+from tests._workloads import (STARTED, Workload, become_subreaper, finished, kcr, one_error_line, reap,
+                              start_reference, start_until_ready)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,8 +87,7 @@ def test_shell_pipeline(tmp_path: Path) -> None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         STARTED.append(proc)
         return proc
-    ref = run(tmp_path / "reference")
-    assert ref.wait(timeout=120) == 0
+    ref = run(tmp_path / "reference")        # unmoved, beside the moved one
     proc = run(tmp_path / "moved")
     deadline = time.monotonic() + 60
     while len(tree(proc.pid)) < 4:           # sh and its three children
@@ -102,13 +101,14 @@ def test_shell_pipeline(tmp_path: Path) -> None:
     status = reap(root, timeout=120)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert (tmp_path / "moved" / "status").read_text() == "0\n"
+    assert ref.wait(timeout=120) == 0
     assert (tmp_path / "moved" / "out").read_bytes() == (tmp_path / "reference" / "out").read_bytes()
 
 
 def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
     """A parent, three workers on socketpairs of their own, one progress pipe they share, one
     log file description they share; the parent reaps each worker with waitpid(pid)."""
-    ref = run_reference("tree_workers", tmp_path, scale=3)
+    ref = start_reference("tree_workers", tmp_path, scale=3)
     w = Workload("tree_workers", tmp_path / "moved", scale=3)
     w.start()
     w.wait_ready()
@@ -122,7 +122,7 @@ def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
     root = image_restored(tmp_path / "tree.img", before)
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
-    assert w.output() == ref.output()
+    assert w.output() == finished(ref).output()
     # The workers' lines interleave as they happen to run; none is lost or overwritten.
     assert sorted((w.dir / "log").read_text().splitlines()) == sorted((ref.dir / "log").read_text().splitlines())
 

@@ -161,6 +161,11 @@ class Record:
 
     @classmethod
     def from_wire(cls: type[R], body: dict[str, Any]) -> R:
+        try:
+            fast: R = _fast(cls)(body)
+            return fast
+        except Exception:    # whatever the fast path refuses, the checked path says why (or takes)
+            pass
         rec: R = _decode_dataclass(cls, body, cls.__name__)
         return rec
 
@@ -181,7 +186,31 @@ def _encode_value(value: Any) -> Any:
 
 
 def _encode_dataclass(obj: Any) -> dict[str, Any]:
-    return {f.name: _encode_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    plain, other = _encoding(type(obj))
+    body = {name: getattr(obj, name) for name in plain}
+    for name in other:
+        body[name] = _encode_value(getattr(obj, name))
+    return body
+
+
+_ENCODING: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+_PLAIN = (int, str, bool, float)
+
+
+def _encoding(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fields whose declared type is an int, str, bool or float: taken as they are; the
+    others: encoded value by value), worked out once per class."""
+    found = _ENCODING.get(cls)
+    if found is None:
+        hints = _hints(cls)
+        plain: list[str] = []
+        other: list[str] = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            base = get_args(tp)[0] if get_origin(tp) is Annotated else tp
+            (plain if base in _PLAIN else other).append(f.name)
+        found = _ENCODING[cls] = (tuple(plain), tuple(other))
+    return found
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -320,6 +349,128 @@ def _decode_dataclass(cls: type, body: dict[str, Any], where: str) -> Any:
         except Invalid as exc:
             raise _fail(where, exc.what) from None
     return obj
+
+
+# --- the fast path: the same checks, compiled once per type ------------------------------
+# ``_decode_value`` works out each field's type and builds the path of every value it looks
+# at, for the error it may have to name: 25 us per mapping of a layout, 1.7 s for 65,530.
+# ``_fast`` builds, once per type, a decoder that makes the same checks and the same objects
+# without naming anything; when it refuses a value, ``Record.from_wire`` decodes again with
+# ``_decode_value``, which says what is wrong and where.
+
+class _Reject(Exception):
+    pass
+
+
+_FAST: dict[Any, Any] = {}
+
+
+def _fast(tp: Any) -> Any:
+    dec = _FAST.get(tp)
+    if dec is None:
+        dec = _FAST[tp] = _compile(tp)
+    return dec
+
+
+def _compile(tp: Any) -> Any:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *bounds = get_args(tp)
+        pre = [b for b in bounds if isinstance(b, (Count, Blob, Text))]
+        post = [b for b in bounds if isinstance(b, (Int, AbsPath))]
+        if base is int and not pre and len(post) == 1 and isinstance(post[0], Int):
+            lo, hi = max(post[0].lo, INT_MIN), min(post[0].hi, INT_MAX)
+
+            def ranged(v: Any) -> Any:
+                if type(v) is not int or not lo <= v <= hi:
+                    raise _Reject
+                return v
+            return ranged
+        inner = _fast(base)
+
+        def bounded(v: Any) -> Any:
+            if pre and isinstance(v, (list, tuple, bytes, str)):
+                for sized in pre:
+                    sized.check(v, "")
+            d = inner(v)
+            for bound in post:
+                bound.check(d, "")
+            return d
+        return bounded
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        none_ok = type(None) in args
+        first = _fast(next(a for a in args if a is not type(None)))
+
+        def union(v: Any) -> Any:
+            return None if v is None and none_ok else first(v)
+        return union
+    if tp is int:
+        def integer(v: Any) -> Any:
+            if type(v) is not int or not INT_MIN <= v <= INT_MAX:
+                raise _Reject
+            return v
+        return integer
+    if tp is bool:
+        def boolean(v: Any) -> Any:
+            if type(v) is not bool:
+                raise _Reject
+            return v
+        return boolean
+    if tp is str:
+        def text(v: Any) -> Any:
+            if type(v) is not str or len(v) > MAX_STR:
+                raise _Reject
+            return v
+        return text
+    if tp is bytes:
+        def blob(v: Any) -> Any:
+            if not isinstance(v, (bytes, bytearray)) or len(v) > MAX_BYTES:
+                raise _Reject
+            return bytes(v)
+        return blob
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            item = _fast(args[0])
+
+            def items(v: Any) -> Any:
+                if not isinstance(v, (list, tuple)) or len(v) > MAX_ITEMS:
+                    raise _Reject
+                return tuple(map(item, v))
+            return items
+        parts = [_fast(a) for a in args]
+
+        def fixed(v: Any) -> Any:
+            if not isinstance(v, (list, tuple)) or len(v) != len(parts):
+                raise _Reject
+            return tuple(f(x) for f, x in zip(parts, v))
+        return fixed
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = _hints(tp)
+        spec = [(f.name, _fast(hints[f.name]),
+                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                for f in dataclasses.fields(tp)]
+        cls = tp
+        checks = getattr(cls, "validate", None) is not None
+
+        def record(v: Any) -> Any:
+            if type(v) is not dict:
+                raise _Reject
+            kwargs = {}
+            for name, dec, required in spec:
+                if name in v:
+                    kwargs[name] = dec(v[name])
+                elif required:
+                    raise _Reject
+            obj: Any = cls(**kwargs)
+            if checks:
+                obj.validate()
+            return obj
+        return record
+    # float, dict and anything else: the checked path, for every value.
+    where = "a value"
+    return lambda v: _decode_value(tp, v, where)
 
 
 def unbounded_fields(cls: type, where: str = "") -> list[str]:

@@ -13,6 +13,7 @@ across records (one leader per process, xstate sizes against the header) are
 """
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -45,9 +46,11 @@ from transport.records import (
 # 3: state a version 2 reader would skip as unknown fields, and so lose without a word: SysV
 # segments (``SysvSegment``, ``Vma.shm``) and /dev/shm files (``FileContents.path``). A new
 # field that an older reader must not ignore bumps the version; one it may ignore does not.
-# 4: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
-# which a version 3 reader would drop (leases and fanotify it refuses by their kind anyway).
-FORMAT_VERSION = 4
+# 4: a live stream may change the layout by ``MappingsDelta`` (a record type 3 does not know):
+# agents of version 3 are refused at the handshake instead of failing mid-stream.
+# 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
+# which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
+FORMAT_VERSION = 5
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -356,6 +359,46 @@ class Mappings(Record):
                        f"mapping at {v.start:#x}: a SysV segment attached other than shared")
                 _check(v.pgoff + (v.end - v.start) <= -(-v.shm.size // PAGE_SIZE) * PAGE_SIZE,
                        f"mapping at {v.start:#x}: past the end of SysV segment {v.shm.shmid}")
+            prev_end = v.end
+
+
+@dataclass(frozen=True)
+class AddressRange:
+    start: U64
+    end: U64
+
+
+@dataclass(frozen=True)
+class MappingsDelta(Record):
+    """A layout as a change to the one before it in the stream (live streams, after a
+    ``Mappings``): the mappings in the ``cleared`` ranges go, ``vmas`` (inside them) come;
+    the rest stays as it was. A round then costs the mappings that changed, not all of them.
+    The vDSO cluster never changes this way."""
+
+    TYPE = 14
+    cleared: Annotated[tuple[AddressRange, ...], Count(MAX_VMAS)]
+    vmas: Annotated[tuple[Vma, ...], Count(MAX_VMAS)]
+
+    def validate(self) -> None:
+        prev_end = 0
+        for r in self.cleared:
+            _check(r.start % PAGE_SIZE == 0 and r.end % PAGE_SIZE == 0, f"unaligned range {r.start:#x}")
+            _check(r.start < r.end and _user_addr(r.end), f"range {r.start:#x}-{r.end:#x} out of user space")
+            _check(r.start > prev_end or prev_end == 0, f"ranges out of order or touching at {r.start:#x}")
+            prev_end = r.end
+        starts = [r.start for r in self.cleared]
+        prev_end = 0
+        for v in self.vmas:
+            _check(v.kind in VMA_KINDS and v.kind not in ("vdso", "vvar", "vvar_vclock", "vsyscall"),
+                   f"mapping kind {v.kind!r} in a layout change")
+            _check(v.start % PAGE_SIZE == 0 and v.end % PAGE_SIZE == 0, f"unaligned mapping {v.start:#x}")
+            _check(v.start < v.end and _user_addr(v.end), f"mapping {v.start:#x}-{v.end:#x} out of user space")
+            _check(v.start >= prev_end, f"overlapping mapping at {v.start:#x}")
+            i = bisect.bisect_right(starts, v.start) - 1
+            _check(i >= 0 and v.end <= self.cleared[i].end, f"mapping at {v.start:#x} outside the ranges it changes")
+            _check(v.pgoff % PAGE_SIZE == 0, f"mapping at {v.start:#x}: file offset {v.pgoff:#x} not page-aligned")
+            _check(v.pgoff + (v.end - v.start) < 1 << 63, f"mapping at {v.start:#x}: file offset {v.pgoff:#x}")
+            _check(v.kind != "file" or bool(v.path), f"file mapping at {v.start:#x} without a path")
             prev_end = v.end
 
 
@@ -896,7 +939,7 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents)
+                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents, MappingsDelta)
 }
 
 
