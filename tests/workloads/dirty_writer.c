@@ -62,16 +62,24 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/log", outdir);
     int log = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
     if (log < 0) { perror(path); return 3; }
-    sleep_ms(1);      /* bind nanosleep now: a lazy PLT binding later would write a page */
+    sleep_ms(1);      /* bind nanosleep and clock_gettime now: a lazy PLT binding later would write a page */
+    struct timespec last;
+    clock_gettime(CLOCK_MONOTONIC, &last);
     ready();
 
     unsigned long total = npages + thp_pages;
     uint64_t seq = 0;
     double owed = 0;
     uint32_t burst[4096];
+    /* The rate is kept by the clock: a wake-up a busy machine delays writes what it owes (up to
+     * 20 ms of it, so a process stopped for a while does not come back with a flood). */
     for (;;) {
         sleep_ms(1);
-        owed += rate / 1000.0;
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double elapsed = (now.tv_sec - last.tv_sec) + (now.tv_nsec - last.tv_nsec) / 1e9;
+        last = now;
+        owed += rate * (elapsed < 0.020 ? elapsed : 0.020);
         int n = 0;
         while (owed >= 1.0 && n < 4096) {
             unsigned long idx = rng() % total;
