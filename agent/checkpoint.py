@@ -201,14 +201,16 @@ class RestoreResult:
 
 
 def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
-            new_pid: bool = False, verifier: ImageVerifier | None = None) -> tuple[RestoreResult, RestoreSession]:
+            new_pid: bool = False, verifier: ImageVerifier | None = None,
+            affinity: str = "refuse") -> tuple[RestoreResult, RestoreSession]:
     """Rebuild the process an image describes (with its descendants, for a tree); it runs on
     return unless ``resume`` is False. It keeps its pid and thread ids unless ``new_pid``
     (refused for a tree). Setting ``cancel`` aborts at the next record or page batch:
     nothing of it is left. ``verifier`` checks the image's signature (without one, no key:
-    every image is refused)."""
+    every image is refused). ``affinity``: "refuse" or "warn" for a thread pinned to CPUs
+    this host lacks (``agent.sched``)."""
     t0 = time.monotonic()
-    session = RestoreSession(keep_ids=not new_pid)
+    session = RestoreSession(keep_ids=not new_pid, affinity=affinity)
     done = False
     try:
         for item in ImageReader(src, verifier=verifier):

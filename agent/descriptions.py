@@ -39,7 +39,7 @@ import struct
 import tempfile
 from typing import TYPE_CHECKING, Sequence
 
-from agent import inotify, unix_names
+from agent import fanotify, inotify, unix_names
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
@@ -540,6 +540,8 @@ def _make_event_file(e: EventFile) -> int:
         return _check(_libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC), "a signalfd")
     if e.kind == "inotify":
         return inotify.make(e.inotify)
+    if e.kind == "fanotify":
+        return fanotify.make(e.init_flags, e.event_flags, e.marks)
     if e.kind == "pidfd":
         try:       # the process exists here by now, under its pid (a tree's processes come first)
             return os.pidfd_open(e.pid)

@@ -126,9 +126,11 @@ def _mem_available() -> int:
     return 0
 
 
-async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool = False) -> dict[str, Any]:
+async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool = False,
+                     affinity: str = "refuse") -> dict[str, Any]:
     """Preflight: can this host run the process the source described? Unless ``new_pid``,
-    its pid and thread ids must be free here."""
+    its pid and thread ids must be free here. ``affinity`` "warn": threads pinned to CPUs
+    this host lacks are no refusal, but a warning (``agent.sched``)."""
     host = ctx.rpc.local.hostname or _host()
     if os.geteuid() != 0:
         raise PermissionDenied(f"kcr-agent on {host} runs as uid {os.geteuid()}: restoring a process "
@@ -158,7 +160,9 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     pinned = summary.get("pinned_cpus", [])
     if not isinstance(pinned, list) or not all(isinstance(c, int) and 0 <= c < MAX_CPUS for c in pinned):
         raise ProtocolError("the source's summary names CPUs that cannot exist", host=host)
-    await trio.to_thread.run_sync(sched.check_cpus, pinned, host, summary.get("pid"))
+    if affinity not in sched.AFFINITY:
+        raise ProtocolError(f"dest_check: affinity {affinity!r}", host=host)
+    cpus_warning = await trio.to_thread.run_sync(sched.missing_cpus, pinned, host, summary.get("pid"), affinity)
     held = locks.from_wire(summary.get("locks", []))
     exempt = [str(p) for p in summary.get("exempt", [])]
     await trio.to_thread.run_sync(locks.check_free, held, host, summary.get("pid"), exempt)
@@ -168,8 +172,9 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
     s = _session(ctx, create=True)
-    s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid)
-    return {"mem_available": avail, "hostname": _host(), "session": s.token}
+    s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity)
+    return {"mem_available": avail, "hostname": _host(), "session": s.token,
+            "warnings": [cpus_warning] if cpus_warning else []}
 
 
 async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[str, Any]:

@@ -42,12 +42,13 @@ import fcntl
 import os
 import select
 import stat
+import struct
 import termios
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
-from agent import inotify, locks, shm_files, unix_names, unix_sockets
-from agent.procfs import FdInfo, classify_fd, list_fds, read_text
+from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
+from agent.procfs import FdInfo, classify_fd, list_fds, read_text, thread_ids
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -92,7 +93,8 @@ class Peer:
 
 EVENT_TARGETS = {"anon_inode:[eventfd]": "eventfd", "anon_inode:[timerfd]": "timerfd",
                  "anon_inode:[signalfd]": "signalfd", "anon_inode:[eventpoll]": "epoll",
-                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify"}
+                 "anon_inode:[pidfd]": "pidfd", "anon_inode:inotify": "inotify",
+                 "anon_inode:[fanotify]": "fanotify"}
 
 
 def object_of(target: str) -> tuple[str, int] | None:
@@ -190,6 +192,8 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
         for pid, f in events:          # every watch still reachable by a path (or refused now)
             if f.kind == "inotify":
                 inotify.watches(pid, read_text(pid, "fdinfo", str(f.fd)))
+            elif f.kind == "fanotify":        # and a notification group's (or refused now)
+                fanotify.read(pid, f.fd, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
         for obj, peers in outside_holders(set(objects), outside).items():
             pid, info = objects[obj][0]
@@ -302,8 +306,50 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         st = info.st
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
-                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held))
-    return out
+                            mtime_ns=st.st_mtime_ns if st is not None and kind == "file" else 0, locks=held,
+                            sig=_lease_signal(pid, info.fd) if any(h.kind == "lease" for h in held) else 0))
+    return [_async_owner(pid, f) if f.flags & os.O_ASYNC and f.kind != "redirect" else f for f in out]
+
+
+F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
+F_GETOWN_EX = 16
+
+
+def _async_owner(pid: int, f: FileDesc) -> FileDesc:
+    """An O_ASYNC description's owner (F_GETOWN_EX: whom its I/O signals) and signal
+    (F_GETSIG), asked of the description itself. One that signals a process that does not
+    move is refused: on the destination that pid is another process, or none."""
+    pidfd = pidfd_open(pid)
+    try:
+        dup = pidfd_getfd(pidfd, f.fd)
+    finally:
+        os.close(pidfd)
+    try:
+        sig = fcntl.fcntl(dup, locks.F_GETSIG)
+        kind, who = struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))
+    finally:
+        os.close(dup)
+    if who and not ((kind == F_OWNER_PID and who == pid) or (kind == F_OWNER_TID and who in thread_ids(pid))
+                    or (kind == F_OWNER_PGRP and who == os.getpgid(pid))):
+        what = {F_OWNER_TID: "thread", F_OWNER_PID: "process", F_OWNER_PGRP: "process group"}.get(kind, "owner")
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {f.fd} sends its I/O signals (O_ASYNC, F_SETOWN) to {what} {who}, which does not move "
+            f"with it: point them at the process itself (F_SETOWN), or {_CANNOT}", pid=pid)
+    return replace(f, sig=sig, owner=who, owner_kind=kind if who else 0)
+
+
+def _lease_signal(pid: int, fd: int) -> int:
+    """The signal a break of the lease held through ``fd`` sends (F_GETSIG; 0: SIGIO), asked of
+    the description itself (a dup taken with pidfd_getfd: opening the file would break it)."""
+    pidfd = pidfd_open(pid)
+    try:
+        dup = pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+    try:
+        return fcntl.fcntl(dup, locks.F_GETSIG)
+    finally:
+        os.close(dup)
 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
@@ -639,7 +685,7 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         # Sockets restore makes together go in one record, the first process's that holds any:
         # a pair, a listener with its connections, a datagram socket with those it hears from.
         group = _socket_groups(known, role, socks, order)
-        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], sent.get(ino, ()))
+        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], sent.get(ino, ()), _peer_wqueue(known, ino, role))
                 for ino, (holder, fd) in socks.items()}
         _check_senders(made, socks)
         for ino, sock in made.items():
@@ -676,7 +722,7 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
     if f.kind == "pidfd":
         return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
-    if f.kind == "inotify":
+    if f.kind in ("inotify", "fanotify"):
         pidfd = pidfd_open(pid)
         try:
             dup = pidfd_getfd(pidfd, f.fd)
@@ -686,6 +732,10 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
             queued = inotify.queued_bytes(dup)
         finally:
             os.close(dup)
+        if f.kind == "fanotify":
+            init_flags, event_flags, marks = fanotify.read(pid, f.fd, text)
+            return EventFile(obj, "fanotify", queued=queued, init_flags=init_flags, event_flags=event_flags,
+                             marks=marks)
         return EventFile(obj, "inotify", inotify=inotify.watches(pid, text), queued=queued)
     watches = []
     for line in text.splitlines():
@@ -775,11 +825,20 @@ def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapp
     return out
 
 
+def _peer_wqueue(known: Mapping[int, unix_sockets.UnixSocketInfo], ino: int, role: Mapping[int, Role]) -> int:
+    """What the peer of an unnamed connected socket (one that moves too) is charged for what it
+    sent and was not read (it sends to this socket alone); 0 where that is not known."""
+    peer = known.get(role[ino].peer)
+    return peer.wqueue if peer is not None and not peer.name and not known[ino].name else 0
+
+
 def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
-            sent: tuple[bytes, ...] = ()) -> UnixSocket:
+            sent: tuple[bytes, ...] = (), peer_wqueue: int = 0) -> UnixSocket:
+    """``peer_wqueue``: see ``_peer_wqueue`` (a message no peek shows is refused by it)."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         messages = unix_sockets.queued_messages(dup, info.type)
+        unix_sockets.check_hidden_messages(fd, info.type, [m.data for m in messages], peer_wqueue)
         o = unix_sockets.socket_options(dup)
     finally:
         os.close(dup)

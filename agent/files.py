@@ -22,12 +22,12 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
-from agent import shm_files
+from agent import locks, shm_files
 from agent.fsync import fs_magic
 from agent.procfs import list_fds
 from precopy.kernel import xsave_supported_mask
 from precopy.layout import read_maps
-from transport.errors import IncompatibleImage, RestoreError
+from transport.errors import IncompatibleImage, RestoreError, UnsupportedResource
 from transport.schema import is_shm_path
 
 CACHE_PATH = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
@@ -171,12 +171,27 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
                 continue
             size, digest = cache.digest(m.name)
             facts[m.name] = FileFact(m.name, size, digest, False, identity(m.name, os.stat(m.name)))
-    for info in list_fds(pid):
+    infos = list_fds(pid)
+    leased = {info.target: locks.parse(pid, info.fd, info.target, info.locks) for info in infos
+              if any(" LEASE " in line for line in info.locks)}
+    for info in infos:
         st = info.st
+        lease = next((lk for lk in leased.get(info.target, ()) if lk.kind == "lease"), None)
+        if lease is not None and lease.write and under(info.target, exempt):
+            raise UnsupportedResource(
+                f"pid {pid} holds a write lease on {info.target}, which a filesystem hook (--fs) copies: reading "
+                "it would break the lease; move the process when it does not hold it, or keep the file on storage "
+                "both hosts share", pid=pid)
         if st is None or not info.target.startswith("/") or under(info.target, exempt) or info.fd in redirected \
                 or info.target.endswith(" (deleted)"):        # carried whole (agent.fdtable)
             continue
-        if not stat_mod.S_ISREG(st.st_mode) or info.target in facts:
+        if not stat_mod.S_ISREG(st.st_mode):
+            continue
+        if info.target in leased:
+            # Not opened (that would start breaking the lease): the destination must see this very file.
+            facts[info.target] = FileFact(info.target, st.st_size, "", False, identity(info.target, st))
+            continue
+        if info.target in facts:
             continue
         if shm_files.carried(info.target, st):
             facts[info.target] = FileFact(info.target, 0, "", False, {**identity(info.target, st), "carried": True})
@@ -204,6 +219,14 @@ def check_files(files: list[dict[str, Any]], host: str) -> None:
                                    f"there (or put it under a filesystem hook with --fs)", host=host) from None
             if same_file(f, path, st):
                 continue                # not a copy: the very file the source sees
+            if not digest:
+                raise RestoreError(f"the process holds a lease on {path}, which {host} has a copy of, not that very "
+                                   "file: keep it on storage both hosts share, or bring it with --fs", host=host)
+            holder = locks.write_lease_holder(path)
+            if holder is not None:
+                raise RestoreError(f"pid {holder} holds a write lease on {path} on {host}: reading it there (or "
+                                   "opening it for the process) would break that lease; move the process when "
+                                   "it is released", host=host)
             if (st.st_size < size) if prefix else (st.st_size != size):
                 raise RestoreError(f"{path} differs on {host} ({st.st_size} bytes, {size} on the source): "
                                    "install the same version on both hosts", host=host)

@@ -48,8 +48,9 @@ def _mount_dirs(pid: int) -> dict[int, list[str]]:
     return out
 
 
-def _path_of(pid: int, wd: int, ino: int, sdev: int, handle_type: int, handle: bytes,
-             mounts: dict[int, list[str]]) -> str:
+def path_of(pid: int, ino: int, sdev: int, handle_type: int, handle: bytes, mounts: dict[int, list[str]],
+            what: str) -> str:
+    """The path of the inode a watch or mark (``what``) shows by its file handle."""
     buf = struct.pack("<Ii", len(handle), handle_type) + handle
     raw = ctypes.create_string_buffer(buf, len(buf))
     for point in mounts.get(sdev, []):
@@ -73,9 +74,9 @@ def _path_of(pid: int, wd: int, ino: int, sdev: int, handle_type: int, handle: b
             break
         return path
     raise UnsupportedResource(
-        f"pid {pid}'s inotify watch {wd} is on inode {ino}, which no path reaches any more (deleted, or on a "
-        "filesystem this host cannot open by handle): restore could not watch it again; remove the watch "
-        "(inotify_rm_watch) or move the process when it watches only files that exist", pid=pid)
+        f"pid {pid}'s {what} is on inode {ino}, which no path reaches any more (deleted, or on a "
+        "filesystem this host cannot open by handle): restore could not watch it again; remove it "
+        "or move the process when it watches only files that exist", pid=pid)
 
 
 def watches(pid: int, fdinfo: str) -> tuple[InotifyWatch, ...]:
@@ -88,8 +89,8 @@ def watches(pid: int, fdinfo: str) -> tuple[InotifyWatch, ...]:
         fields = dict(part.split(":", 1) for part in line.split()[1:] if ":" in part)
         mounts = mounts if mounts is not None else _mount_dirs(pid)
         wd = int(fields["wd"])
-        path = _path_of(pid, wd, int(fields["ino"], 16), int(fields["sdev"], 16), int(fields["fhandle-type"], 16),
-                        bytes.fromhex(fields["f_handle"]), mounts)
+        path = path_of(pid, int(fields["ino"], 16), int(fields["sdev"], 16), int(fields["fhandle-type"], 16),
+                       bytes.fromhex(fields["f_handle"]), mounts, f"inotify watch {wd}")
         out.append(InotifyWatch(wd=wd, mask=int(fields["mask"], 16), path=path))
     return tuple(sorted(out, key=lambda w: w.wd))
 

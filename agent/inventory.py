@@ -9,9 +9,11 @@ Every kind of fd, mapping, and process or thread attribute has one row:
 - ``lost``: not carried, and said so in the README's Limits (what a process cannot take to
   another host: its parent, cgroup and NUMA placement, ...).
 
-``tests/test_inventory.py`` holds the dump's records, the preflight's refusals and the
-README against this table: a record field without a row, a refusal the table does not know,
-or a refused or lost kind the README does not mention fails the tests. A new kernel object
+``tests/test_inventory.py`` holds the dump's records, the preflight's refusals, the README
+and the tests' state checker (``tests/_state.py``, which compares a moved process's state with
+the source's, row by row) against this table: a record field without a row, a refusal the
+table does not know, a refused or lost kind the README does not mention, or a carried row
+the checker cannot see fails the tests. A new kernel object
 therefore cannot be dropped without a row saying so. ``agent.procfs`` takes its fd refusals
 from here.
 """
@@ -43,10 +45,12 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a directory", CARRIED),
     Row("fd", "/dev/null and similar", CARRIED),
     Row("fd", "a deleted file", CARRIED, _f("FileContents", "id", "size", "offset", "data", "mode", "uid", "gid")),
+    Row("fd", "a deleted file's name and open-only flags", LOST, readme="the name a deleted file had"),
     Row("fd", "a file lock", CARRIED, _f("FileDesc", "locks")),
     Row("fd", "a pipe", CARRIED, _f("FileDesc", "obj") + _f("PipeBuffer", "id", "size", "data")),
     Row("fd", "a unix socket", CARRIED, _f("UnixSocket", "id", "type", "peer", "peer_closed", "shutdown",
                                            "options", "queue")),
+    Row("fd", "a zero-length datagram a peek has seen already", REFUSED, readme="a zero-length datagram"),
     Row("fd", "a unix socket bound to a path or an abstract name", CARRIED,
         _f("UnixSocket", "name", "accepted", "listener", "backlog", "pending", "target", "senders", "file_mode",
            "file_uid", "file_gid", "file_dev", "file_ino", "sent")),
@@ -60,14 +64,21 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a timerfd", CARRIED, _f("EventFile", "clockid", "value_ns", "interval_ns", "ticks")),
     Row("fd", "a signalfd", CARRIED, _f("EventFile", "sigmask")),
     Row("fd", "an epoll instance", CARRIED, _f("EventFile", "watches")),
+    Row("fd", "a one-shot epoll watch that fired, its file not ready at restore", WARNED),
     Row("fd", "a pidfd", CARRIED, _f("EventFile", "pid")),
     Row("fd", "an inotify instance", CARRIED, _f("EventFile", "inotify")),
-    Row("fd", "events queued on an inotify instance", WARNED, _f("EventFile", "queued")),
+    Row("fd", "events queued on an inotify or fanotify instance", WARNED, _f("EventFile", "queued")),
+    Row("fd", "a fanotify instance", CARRIED, _f("EventFile", "init_flags", "event_flags", "marks")),
+    Row("fd", "a fanotify instance of a permission class", REFUSED, readme="fanotify instances of a permission class"),
     Row("fd", "a redirected fd", CARRIED),
-    Row("fd", "a lease", REFUSED, readme="leases"),
+    Row("fd", "a lease", CARRIED),
+    Row("fd", "whom an O_ASYNC fd signals, and with what", CARRIED, _f("FileDesc", "owner", "owner_kind", "sig")),
+    Row("fd", "an O_ASYNC fd that signals a process that does not move", REFUSED,
+        readme="an fd whose I/O signals go to a process that does not move"),
+    Row("fd", "a write lease on a file both hosts see", REFUSED, readme="a write lease on a file both hosts see"),
+    Row("fd", "a lease being broken, a delegation", REFUSED, readme="a lease being broken"),
     Row("fd", "a write lock on a file both hosts see", REFUSED, readme="a write lock on a file"),
     Row("fd", "a socket", REFUSED, target="socket:", readme="sockets of other families"),
-    Row("fd", "a fanotify instance", REFUSED, target="anon_inode:[fanotify]", readme="fanotify"),
     Row("fd", "an io_uring instance", REFUSED, target="anon_inode:[io_uring]", readme="io_uring"),
     Row("fd", "a userfaultfd", REFUSED, target="anon_inode:[userfaultfd]", readme="userfaultfd"),
     Row("fd", "a memfd", CARRIED, _f("FileContents", "memfd", "seals")),
@@ -139,6 +150,8 @@ ROWS: tuple[Row, ...] = (
     Row("thread", "scheduling", CARRIED, _f("ThreadState", "nice", "sched_policy", "sched_priority",
                                             "sched_reset_on_fork", "timer_slack_ns", "ioprio")),
     Row("thread", "CPU pinning", CARRIED, _f("ThreadState", "cpus")),
+    # refused in preflight unless the user chose --affinity warn: then pinned to the CPUs it has
+    Row("thread", "CPU pinning to CPUs the destination lacks", WARNED),
     Row("thread", "SCHED_DEADLINE", REFUSED, readme="SCHED_DEADLINE"),
 )
 

@@ -10,8 +10,15 @@ Three kinds are carried, read from the fdinfo of the fd they are held through:
   them again).
 - OFD locks (``F_OFD_SETLK``) and ``flock`` locks belong to the open file description:
   taken through it again, once per description.
-- Leases and delegations are refused: the file's opener is notified through them, and
-  preflight's own open of the file would break them.
+- Leases (``F_SETLEASE``, read or write) belong to the open file description too: taken
+  again through it, after the signal a break sends (``F_SETSIG``). Nothing of kcr-migrate
+  may open a leased file while the lease is held, or the kernel starts breaking it (a
+  non-blocking open too: the holder gets its signal): preflight does not hash a file the
+  process holds a lease on (the destination must see that very file, or a filesystem hook
+  bring it; a write lease's file no hook may read), and opens no file a process of the
+  destination holds a write lease on. A write lease on a file both hosts see is refused, as a
+  write lock is: the destination's open of it would break the source's. A lease being broken
+  at the time, and delegations (NFS server's), are refused.
 
 A lock that cannot be taken on the destination fails the restore, so a live migration
 rolls back and the source keeps its locks. Preflight checks first that nobody there holds a
@@ -33,10 +40,11 @@ from transport.errors import ProtocolError, RestoreError, UnsupportedResource
 from transport.schema import FileLock
 
 F_RDLCK, F_WRLCK = 0, 1
-F_SETLK, F_OFD_GETLK, F_OFD_SETLK = 6, 36, 37
+F_SETLK, F_SETSIG, F_GETSIG, F_OFD_GETLK, F_OFD_SETLK = 6, 10, 11, 36, 37
+F_SETLEASE = 1024
 LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
-_KINDS = {"POSIX": "posix", "OFDLCK": "ofd", "FLOCK": "flock"}
-_NAMES = {"posix": "POSIX record", "ofd": "OFD", "flock": "flock"}
+_KINDS = {"POSIX": "posix", "OFDLCK": "ofd", "FLOCK": "flock", "LEASE": "lease"}
+_NAMES = {"posix": "POSIX record", "ofd": "OFD", "flock": "flock", "lease": "lease"}
 FLOCK = struct.Struct("<hh4xqqi4x")     # struct flock on x86_64: type, whence, start, len, pid
 
 
@@ -50,13 +58,19 @@ def parse(pid: int, fd: int, target: str, lines: Sequence[str]) -> tuple[FileLoc
             continue
         kind = _KINDS.get(parts[1])
         if kind is None:
-            what = {"LEASE": "a lease", "DELEG": "a delegation"}.get(parts[1], f"a {parts[1]} lock")
+            what = {"DELEG": "a delegation"}.get(parts[1], f"a {parts[1]} lock")
             raise UnsupportedResource(
-                f"pid {pid} holds {what} on {target} (fd {fd}): kcr-migrate cannot carry leases, and a lease "
-                "lost on the way is how data gets corrupted; release it (F_SETLEASE F_UNLCK) before moving the "
-                "process", pid=pid)
+                f"pid {pid} holds {what} on {target} (fd {fd}): kcr-migrate cannot carry it, and one lost on the "
+                "way is how data gets corrupted; move the process when it does not hold it", pid=pid)
+        if kind == "lease" and parts[2] != "ACTIVE":
+            raise UnsupportedResource(
+                f"pid {pid}'s lease on {target} (fd {fd}) is being broken (another process opened the file): "
+                "move the process once it has let the lease go (F_SETLEASE F_UNLCK)", pid=pid)
         if kind == "posix" and int(parts[4]) != pid:
             continue                 # another process's lock, taken through a description we share
+        if kind == "lease":
+            out.append(FileLock(kind="lease", write=int(parts[3] == "WRITE")))
+            continue
         start = int(parts[6])
         length = 0 if parts[7] == "EOF" else int(parts[7]) - start + 1
         out.append(FileLock(kind=kind, write=int(parts[3] == "WRITE"), start=start, length=length))
@@ -64,6 +78,8 @@ def parse(pid: int, fd: int, target: str, lines: Sequence[str]) -> tuple[FileLoc
 
 
 def describe(lock: FileLock) -> str:
+    if lock.kind == "lease":
+        return f"a {'write' if lock.write else 'read'} lease"
     span = "" if lock.kind == "flock" else (
         f" on bytes {lock.start}-{lock.start + lock.length - 1}" if lock.length else f" from byte {lock.start} on")
     return f"a {'write' if lock.write else 'read'} {_NAMES[lock.kind]} lock{span}"
@@ -111,8 +127,23 @@ def _held_here(path: str) -> list[tuple[str, bool, int, int, int]]:
     return out
 
 
+def _family(kind: str) -> str:
+    """Locks of one family exclude each other; of two, never (a flock and a POSIX lock)."""
+    return {"ofd": "posix", "deleg": "lease"}.get(kind, kind)
+
+
+def write_lease_holder(path: str) -> int | None:
+    """The pid of a process of this host that holds a write lease on ``path``: opening the file
+    (for anything) would start breaking it. None if none does."""
+    try:
+        held = _held_here(path)
+    except OSError:
+        return None
+    return next((pid for kind, write, pid, _, _ in held if _family(kind) == "lease" and write), None)
+
+
 def _overlaps(lock: FileLock, start: int, end: int) -> bool:
-    if lock.kind == "flock":
+    if lock.kind in ("flock", "lease"):
         return True
     mine_end = lock.start + lock.length - 1 if lock.length else -1
     return (end < 0 or lock.start <= end) and (mine_end < 0 or start <= mine_end)
@@ -122,12 +153,20 @@ def conflict(path: str, lock: FileLock) -> str | None:
     """Who on this host (or, through the filesystem, elsewhere) holds a lock that would keep
     ``lock`` from being taken on ``path``; None if nobody does. Takes no lock, breaks none."""
     for kind, write, pid, start, end in _held_here(path):
-        same_family = (kind == "flock") == (lock.kind == "flock")
-        if same_family and (write or lock.write) and _overlaps(lock, start, end):
-            return f"pid {pid} holds a {'write' if write else 'read'} {_NAMES.get(kind, kind)} lock on it here"
-    if lock.kind == "flock":
-        return None
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if _family(kind) == _family(lock.kind) and (write or lock.write) and _overlaps(lock, start, end):
+            what = "lease" if _family(kind) == "lease" else f"{_NAMES.get(kind, kind)} lock"
+            return f"pid {pid} holds a {'write' if write else 'read'} {what} on it here"
+    if lock.kind in ("flock", "lease"):
+        return None                  # a lease is this host's alone; restore's F_SETLEASE decides the rest
+    leaser = write_lease_holder(path)
+    if leaser is not None:
+        return f"pid {leaser} holds a write lease on it here, which opening the file to ask would break"
+    # Read-only is enough to ask (F_OFD_GETLK takes no lock, whatever the probe's type), breaks
+    # no read lease, and leaves the access time alone where we may (O_NOATIME: the owner or root).
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         probe = FLOCK.pack(F_WRLCK if lock.write else F_RDLCK, os.SEEK_SET, lock.start, lock.length, 0)
         kind, _, _, _, pid = FLOCK.unpack(fcntl.fcntl(fd, F_OFD_GETLK, probe))
@@ -153,6 +192,10 @@ def check_free(locks: list[tuple[str, FileLock]], host: str, pid: int | None, ex
         if who is None:
             continue
         held = f"pid {pid} holds {describe(lock)} of {path}"
+        if who.startswith(f"pid {pid} ") and lock.kind == "lease":
+            raise RestoreError(f"{held}, and {host} sees that same file (the same host): opening it there would "
+                               "break the lease before the move; move the process when it does not hold it, or to "
+                               "another host", pid=pid, host=host)
         if who.startswith(f"pid {pid} "):
             raise RestoreError(f"{held}, and {host} sees that same file (the same host, or storage both share): a "
                                "write lock cannot change hands between two processes without a moment where a third "
@@ -167,6 +210,8 @@ def take_calls(fd: int, lock: FileLock, scratch: int) -> tuple[str, tuple[int, .
     the struct flock to put at ``scratch`` first, if any)."""
     if lock.kind == "flock":
         return "flock", (fd, (LOCK_EX if lock.write else LOCK_SH) | LOCK_NB), None
+    if lock.kind == "lease":
+        return "fcntl", (fd, F_SETLEASE, F_WRLCK if lock.write else F_RDLCK), None
     arg = FLOCK.pack(F_WRLCK if lock.write else F_RDLCK, os.SEEK_SET, lock.start, lock.length, 0)
     return "fcntl", (fd, F_SETLK if lock.kind == "posix" else F_OFD_SETLK, scratch), arg
 

@@ -57,6 +57,7 @@ from agent.inject import (
     to_signed,
 )
 from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
+from agent.procfs import read_text
 from agent.shared_memory import SharedObjects
 from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
@@ -82,6 +83,7 @@ from transport.schema import (
     PAGE_SIZE,
     TASK_SIZE,
     Creds,
+    EpollWatch,
     EventFiles,
     FileContents,
     FileDesc,
@@ -127,7 +129,11 @@ PR_SET_THP_DISABLE = 41
 PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
 MCL_FUTURE = 2
-EPOLL_CTL_ADD = 1
+EPOLL_CTL_ADD, EPOLL_CTL_MOD = 1, 3
+F_SETOWN_EX, F_OWNER_TID, F_OWNER_PID = 15, 0, 1
+EPOLLONESHOT = 1 << 30
+EP_PRIVATE_BITS = 0xF << 28         # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET
+EPOLL_ANY = 0x2007                  # EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -261,14 +267,18 @@ class Restorer:
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
                  stub_pid: int = 0, forked_from: "Restorer | None" = None,
-                 shared: SharedObjects | None = None) -> None:
+                 shared: SharedObjects | None = None, affinity: str = "refuse") -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
         ``forked_from``: the restorer of the stub it was forked from (its memory is a copy of
         that one's, which may have begun: a process that joined a tree during a live migration). ``shared``: the shared memory
-        objects of the processes restored together (each maps its own otherwise)."""
+        objects of the processes restored together (each maps its own otherwise). ``affinity``:
+        a thread pinned to CPUs this host lacks fails the restore ("refuse"), or is pinned to
+        those it has and the report warns ("warn", ``agent.sched``)."""
         check_machine(header, xsave_supported_mask())
+        sched.check_affinity(affinity)
+        self.affinity = affinity
         self.header = header
         self.keep_ids = keep_ids
         self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
@@ -858,7 +868,7 @@ class Restorer:
         check_threads(proc, threads, self.header)
         for e in fds.events.files:
             if e.queued:
-                self.report.warnings.append(f"an inotify instance of pid {proc.pid} had {e.queued} bytes of events "
+                self.report.warnings.append(f"an {e.kind} instance of pid {proc.pid} had {e.queued} bytes of events "
                                             "queued when it was frozen: those events are not carried")
         if descriptions is not None:
             self._finish(proc, fds.files, threads, descriptions)
@@ -898,6 +908,7 @@ class Restorer:
             lend = (self.keep_ids and len(threads) > 1) or bool(proc.posix_timers)
             self._creds(proc, lend_cap=lend)
             new_tids = self._threads(proc, threads, lent_cap=lend)
+            self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
             self._drop_gadget()
             self._final_registers(threads, new_tids)
@@ -947,10 +958,13 @@ class Restorer:
                                             "the process runs with 0")
 
     def _locks(self, files: Files) -> None:
-        """Each file lock, taken by the process through its fd once its fd table is final (a
-        close of any fd of the file would drop its POSIX locks). Never waits: a lock held here
-        by another process fails the restore, and a live migration rolls back."""
+        """Each file lock and lease, taken by the process through its fd once its fd table is
+        final (a close of any fd of the file would drop its POSIX locks). Never waits: a lock
+        held here by another process, or a lease the file's other opens here forbid, fails the
+        restore, and a live migration rolls back."""
         for f in files.fds:
+            if f.sig:              # before a lease, whose break sends it
+                self._call("fcntl", f.fd, locks.F_SETSIG, f.sig)
             for lock in f.locks:
                 name, args, arg = locks.take_calls(f.fd, lock, self._scratch(0))
                 if arg is not None:
@@ -961,6 +975,21 @@ class Restorer:
                     raise RestoreError(f"cannot take {locks.describe(lock)} on {f.path} (fd {f.fd}) again: "
                                        f"{exc.strerror} (held here by {locks.holders(f.path)}); move the process "
                                        "when it does not hold it, or when they let go") from None
+
+    def _owners(self, files: Files, new_tids: dict[int, int]) -> None:
+        """Whom each O_ASYNC description signals (F_SETOWN_EX): the process, one of its
+        threads (under its tid here) or its process group, once the threads exist. Its signal
+        (F_SETSIG) was set with the locks."""
+        for f in files.fds:
+            if not f.owner:
+                continue
+            if f.owner_kind == F_OWNER_TID:
+                if f.owner not in new_tids:
+                    raise RestoreError(f"fd {f.fd} signals thread {f.owner}, which the image does not have: corrupt image")
+                who = new_tids[f.owner]
+            else:                  # asked of the process: its pid is final only now
+                who = self._call("getpid" if f.owner_kind == F_OWNER_PID else "getpgid", 0)
+            self._call("fcntl", f.fd, F_SETOWN_EX, self._put(struct.pack("<ii", f.owner_kind, who)))
 
     def _loginuid(self, proc: ProcessState) -> None:
         """Audit's login uid, which only the process itself may write (with CAP_AUDIT_CONTROL,
@@ -1010,14 +1039,38 @@ class Restorer:
         finally:
             self._call("close", pidfd)
         for members in groups.values():
-            for w in descriptions.take_watches(members[0]):
-                # Registered by the process, whose fd numbers are in place now.
-                event = self._put(struct.pack("<IQ", w.events, w.data))
-                try:
-                    self._call("epoll_ctl", members[0].fd, EPOLL_CTL_ADD, w.fd, event)
-                except InjectionError as exc:
-                    raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {members[0].fd} "
-                                       f"again: {exc.strerror}") from None
+            self._watch(members[0].fd, descriptions.take_watches(members[0]))
+
+    def _watch(self, ep: int, watches: tuple[EpollWatch, ...]) -> None:
+        """Register ``watches`` with the epoll instance at ``ep``, in the process (whose fd numbers
+        are in place now). A one-shot watch that has fired is disabled (the kernel keeps only
+        its flags), which no epoll_ctl can ask for (each adds EPOLLERR | EPOLLHUP): such
+        watches go in first, for any readiness, and fire once here, before the other watches
+        are in, so their edges stay unreported. One whose file is not ready now cannot fire:
+        it is armed for errors and hangups only, and the report says so."""
+        fired = [w for w in watches if w.events & EPOLLONESHOT and not w.events & ~EP_PRIVATE_BITS]
+        for w in fired:
+            self._epoll_ctl(ep, EPOLL_CTL_ADD, w, w.events | EPOLL_ANY)
+        if fired:
+            self._call("epoll_wait", ep, self._scratch(), len(fired), 0)
+            armed = {int(line.split()[1]) for line in read_text(self.pid, "fdinfo", str(ep)).splitlines()
+                     if line.startswith("tfd:") and int(line.split()[3], 16) & ~EP_PRIVATE_BITS}
+            for w in fired:
+                if w.fd in armed:
+                    self._epoll_ctl(ep, EPOLL_CTL_MOD, w, w.events)
+                    self.report.warnings.append(
+                        f"the one-shot epoll watch of fd {w.fd} (epoll fd {ep}) had fired and was waiting to be "
+                        "re-armed; its file is not ready here, so it reports errors and hangups until it is")
+        for w in watches:
+            if w not in fired:
+                self._epoll_ctl(ep, EPOLL_CTL_ADD, w, w.events)
+
+    def _epoll_ctl(self, ep: int, op: int, w: EpollWatch, events: int) -> None:
+        try:
+            self._call("epoll_ctl", ep, op, w.fd, self._put(struct.pack("<IQ", events, w.data)))
+        except InjectionError as exc:
+            raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {ep} again: "
+                               f"{exc.strerror}") from None
 
     def _make_room_for_fds(self, highest: int) -> None:
         soft, hard = prlimit(self.pid, RLIMIT_NOFILE)
@@ -1245,7 +1298,10 @@ class Restorer:
         """Nice, policy, priority and CPUs, set from outside once nothing more is injected: a
         real-time thread would otherwise run our calls at its priority, a pinned one on its CPU."""
         for t in threads:
-            sched.apply_thread(new_tids[t.tid], t, pid=proc.pid, host=socket.gethostname())
+            warning = sched.apply_thread(new_tids[t.tid], t, pid=proc.pid, host=socket.gethostname(),
+                                         affinity=self.affinity)
+            if warning:
+                self.report.warnings.append(warning)
 
     # -- the end ----------------------------------------------------------------------------
 

@@ -50,11 +50,13 @@ class RestoredProcess:
 
 
 class RestoreSession:
-    def __init__(self, deferred: Sequence[str] = (), *, keep_ids: bool = True) -> None:
+    def __init__(self, deferred: Sequence[str] = (), *, keep_ids: bool = True, affinity: str = "refuse") -> None:
         """``deferred``: paths filesystem hooks bring (mapped at ``finish``); ``keep_ids``:
-        every process keeps its pid and thread ids (refused off for a tree)."""
+        every process keeps its pid and thread ids (refused off for a tree); ``affinity``:
+        ``agent.sched``'s choice for threads pinned to CPUs this host lacks."""
         self.deferred = list(deferred)
         self.keep_ids = keep_ids
+        self.affinity = affinity
         self.header: ImageHeader | None = None
         self.procs: dict[int, RestoredProcess] = {}      # the root first, parents before children
         self.current: RestoredProcess | None = None
@@ -73,7 +75,7 @@ class RestoreSession:
                 raise ProtocolError("a second stream header: corrupt image")
             self.header = item
             self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids,
-                                                                           shared=self.shared))
+                                                                           shared=self.shared, affinity=self.affinity))
             return
         if self.header is None:
             raise ProtocolError("the stream does not start with its header: corrupt image")
@@ -134,7 +136,7 @@ class RestoreSession:
         for m in new:
             parent = self.procs[m.ppid].restorer
             made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
-                            forked_from=parent, shared=self.shared)
+                            forked_from=parent, shared=self.shared, affinity=self.affinity)
             self.procs[m.pid] = RestoredProcess(made, member=m)
         for m in new:
             if m.zombie:

@@ -9,7 +9,10 @@ CPU affinity is carried as the set of CPUs when it restricts the thread (a subse
 source's online CPUs) and not at all when it does not: an unrestricted thread runs anywhere
 on the destination too. A restricted thread needs every one of its CPUs online at the
 destination; when one is missing, preflight refuses (the pinning would be lost, or the
-thread could not run at all), and so does restore if the pinning changed since.
+thread could not run at all), and so does restore if the pinning changed since; unless the
+user chose ``affinity="warn"`` (``--affinity warn``): then the thread is pinned to those of
+its CPUs the destination has (to none, if it has none of them: it runs anywhere) and the
+report says what it runs without.
 
 SCHED_DEADLINE's runtime, deadline and period need ``sched_getattr``, and its admission
 control may refuse the thread on another host: refused before freezing.
@@ -140,13 +143,43 @@ def check_cpus(cpus: Iterable[int], host: str, pid: int | None = None) -> None:
             f"(taskset -a -c LIST -p {pid}) before moving it", pid=pid, host=host)
 
 
-def apply_thread(tid: int, t: ThreadState, *, pid: int, host: str) -> None:
-    """Give restored thread ``tid`` the scheduling ``t`` had (it has the restorer's until then)."""
+AFFINITY = ("refuse", "warn")      # what to do with a thread pinned to CPUs the destination lacks
+
+
+def check_affinity(affinity: str) -> None:
+    if affinity not in AFFINITY:
+        raise ValueError(f"affinity must be one of {', '.join(AFFINITY)}, not {affinity!r}")
+
+
+def missing_cpus(cpus: Iterable[int], host: str, pid: int | None, affinity: str) -> str | None:
+    """Preflight: under "refuse", ``check_cpus``; under "warn", what the job will run without
+    (None: nothing)."""
+    if affinity == "refuse":
+        check_cpus(cpus, host, pid)
+        return None
+    missing = set(cpus) - online_cpus()
+    if not missing:
+        return None
+    return (f"pid {pid} has threads pinned to CPUs {cpu_list(missing)}, which {host} does not have online: they "
+            f"run pinned to the rest of their CPUs there, or anywhere if none is left (--affinity warn)")
+
+
+def apply_thread(tid: int, t: ThreadState, *, pid: int, host: str, affinity: str = "refuse") -> str | None:
+    """Give restored thread ``tid`` the scheduling ``t`` had (it has the restorer's until then).
+    Under ``affinity`` "warn" a pinning to CPUs this host lacks is kept to those it has (to
+    none if none is left), and what it runs without is returned, for the report."""
+    warning = None
     try:
         if t.cpus:
             wanted = mask_cpus(t.cpus)
-            check_cpus(wanted, host, pid)
-            os.sched_setaffinity(tid, wanted)
+            if affinity == "refuse":
+                check_cpus(wanted, host, pid)
+            usable = wanted & online_cpus()
+            if usable != wanted:
+                warning = (f"thread {tid} of pid {pid} was pinned to CPUs {cpu_list(wanted)}; {host} lacks "
+                           f"{cpu_list(wanted - usable)}, so it runs on "
+                           + (f"CPUs {cpu_list(usable)}" if usable else "any of its CPUs"))
+            os.sched_setaffinity(tid, usable or online_cpus())
         if t.sched_policy or t.sched_reset_on_fork:
             flags = SCHED_RESET_ON_FORK if t.sched_reset_on_fork else 0
             os.sched_setscheduler(tid, t.sched_policy | flags, os.sched_param(t.sched_priority))
@@ -159,3 +192,4 @@ def apply_thread(tid: int, t: ThreadState, *, pid: int, host: str) -> None:
         raise RestoreError(f"could not give thread {tid} its scheduling ({policy}, priority {t.sched_priority}, "
                            f"nice {t.nice}, I/O priority {t.ioprio:#x}): {exc.strerror}; restore as root",
                            pid=pid, host=host) from None
+    return warning

@@ -104,6 +104,7 @@ SCM_PIDFD = 4
 SCM_MAX_FD = 253
 MSG_CMSG_CLOEXEC = 0x40000000
 FIONREAD = 0x541B               # SIOCINQ
+SIOCOUTQ = 0x5411
 
 _NLMSGHDR = struct.Struct("=IHHII")          # len, type, flags, seq, pid
 _UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")  # family, protocol, pad, states, ino, show, cookie
@@ -376,6 +377,36 @@ def _address(addr: object) -> bytes:
     if isinstance(addr, bytes):
         return addr
     return b""
+
+
+_TRUESIZE: dict[tuple[int, int], int] = {}
+
+
+def truesize(kind: int, length: int) -> int:
+    """The memory a ``length``-byte message of socket type ``kind`` is charged to its sender
+    (its skb's truesize, as SIOCOUTQ counts it), measured here once per (type, length)."""
+    key = (kind, length)
+    if key not in _TRUESIZE:
+        a, b = socket.socketpair(socket.AF_UNIX, kind)
+        with a, b:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1 << 16, 2 * length + 4096))
+            a.send(bytes(length))
+            _TRUESIZE[key] = int(struct.unpack("i", fcntl.ioctl(a.fileno(), SIOCOUTQ, b"\0" * 4))[0])
+    return _TRUESIZE[key]
+
+
+def check_hidden_messages(fd: int, kind: int, queue: list[bytes], peer_wqueue: int) -> None:
+    """Refuse a datagram or seqpacket queue that holds more than a peek shows: a zero-length
+    message that a peek has seen already (the program's MSG_PEEK, or an earlier move that rolled
+    back) is skipped by every later peek. Its sender (the peer, which moves too) is still
+    charged for it: more memory charged than the visible messages take means one is hidden."""
+    if kind == socket.SOCK_STREAM or not peer_wqueue:
+        return
+    if peer_wqueue > sum(truesize(kind, len(m)) for m in queue):
+        raise UnreadableQueue(
+            f"fd {fd} is a unix {'datagram' if kind == socket.SOCK_DGRAM else 'seqpacket'} socket with a message "
+            "queued that no peek shows (an empty one, seen by a peek before): kcr-migrate cannot carry it; move "
+            "the process when it has read its queue")
 
 
 def _inq(sock: socket.socket) -> int:

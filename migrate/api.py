@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Union
 
 from agent.homelink import parse_lost
+from agent.sched import check_affinity
 from precopy.policy import PrecopyPolicy
 from transport.levels import Level, check_level
 from transport.protocol import AGENT_COMMAND
@@ -55,6 +56,8 @@ class MigrationOptions:
     stand_in_lost: str = "exit"           # the stand-in's link lost: "kill", or "exit:N" (exit: 240)
     relay: tuple[int, ...] = ()           # with a stand-in: fds (pipes to the outside) whose output
                                           # the moved process writes goes back through it
+    affinity: str = "refuse"              # a thread pinned to CPUs the destination lacks: "refuse" the
+                                          # move, or "warn" (pinned to those it has, or none) and move it
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
@@ -68,6 +71,7 @@ class MigrationOptions:
         if self.stand_in not in (True, False, "auto"):
             raise ValueError("stand_in must be True, False or 'auto'")
         parse_lost(self.stand_in_lost)
+        check_affinity(self.affinity)
         for fd in self.relay:
             if not isinstance(fd, int) or fd < 0:
                 raise ValueError(f"relay: {fd!r} is not a file descriptor number")

@@ -109,6 +109,13 @@ def add_image_key(p: argparse.ArgumentParser) -> None:
                         "/etc/kcr-migrate/image.key, made on first use; hosts of a cluster share one)")
 
 
+def add_affinity(p: argparse.ArgumentParser) -> None:
+    """``--affinity refuse|warn``: one option wherever a process is restored."""
+    p.add_argument("--affinity", choices=("refuse", "warn"), default="refuse",
+                   help="a thread pinned (taskset) to CPUs the destination lacks: refuse the move (default), or "
+                        "warn and pin it to those of its CPUs the destination has (to none if it has none)")
+
+
 REDIRECT_HELP = ("open PATH in place of fd FD where it is a pipe, socket or terminal whose other end "
                  "stays behind (a launcher, a terminal): from then on the process reads or appends to "
                  "PATH; repeatable")

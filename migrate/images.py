@@ -61,7 +61,8 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
 
 
 def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
-            image_key: str | None = None, on_running: Callable[[], None] | None = None) -> RestoreResult:
+            image_key: str | None = None, on_running: Callable[[], None] | None = None,
+            affinity: str = "refuse") -> RestoreResult:
     """Restore the process an image describes and let it run, under its own pid and thread
     ids (refused where they are taken), or under new ones with ``new_pid``.
 
@@ -70,7 +71,9 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     ``UntrustedImage`` before the frame concerned is used, and nothing is left of the
     process. ``trust_image`` restores unsigned images and images that do not verify,
     with a warning in the result. ``on_running`` runs (on the tracer's thread) as soon as the
-    process runs, the point after which an interrupt changes nothing."""
+    process runs, the point after which an interrupt changes nothing. ``affinity`` "warn": a
+    thread pinned to CPUs this host lacks is pinned to those it has (or none) and the result
+    warns; "refuse" fails instead."""
     check_restore_privileges()
     cancel = threading.Event()
     peek = getattr(src, "peek", None)
@@ -81,7 +84,7 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     verifier = ImageVerifier.for_host(image_key, trust_image=trust_image)
 
     def restore_and_tell() -> tuple[RestoreResult, object]:
-        done = _restore(src, cancel=cancel, new_pid=new_pid, verifier=verifier)
+        done = _restore(src, cancel=cancel, new_pid=new_pid, verifier=verifier, affinity=affinity)
         if on_running is not None:
             on_running()
         return done

@@ -303,7 +303,10 @@ class Migration:
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
-            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid)
+            affinity: dict[str, Any] = {"affinity": o.affinity} if o.affinity != "refuse" else {}   # the default
+            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **affinity)
+            for warning in checked.get("warnings", []):
+                self._warn(str(warning))
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
             stand_in_address = self._stand_in_address(summary)
             if self.relay and not stand_in_address:

@@ -78,9 +78,20 @@ def copies(marker: str, not_in: tuple[str, ...] = ("Z", "X")) -> list[int]:
     return sorted(pids)
 
 
-def moved(proc: subprocess.Popen[bytes], how: str, tmp_path: Path, *options: str) -> int:
+def moved(proc: subprocess.Popen[bytes], how: str, tmp_path: Path, *options: str, state: bool = False) -> int:
     """Move ``proc`` by checkpoint and restore, or live (localhost to localhost), with
-    ``options``; its original is killed and reaped. Returns the pid it runs under now."""
+    ``options``; its original is killed and reaped. Returns the pid it runs under now.
+    ``state``: ``proc`` waits (for the test) until it has been moved, and its whole state
+    after the move must be what it was before (``tests._state``)."""
+    from tests._state import assert_same_state, snapshot
+    before = snapshot(proc.pid) if state else None
+    pid = _moved(proc, how, tmp_path, *options)
+    if before is not None:
+        assert_same_state(before, snapshot(pid))
+    return pid
+
+
+def _moved(proc: subprocess.Popen[bytes], how: str, tmp_path: Path, *options: str) -> int:
     if how == "checkpoint":
         image = tmp_path / "moved.img"
         res = kcr("checkpoint", str(proc.pid), "-o", str(image), *options)

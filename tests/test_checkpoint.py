@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests._migration import proc_state
+from tests._state import Watch
 from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, finished, kcr, reap,
                               run_reference, start_reference, start_until_ready)
 from tests._workloads import one_error_line as _one_error_line
@@ -52,7 +53,10 @@ def migrate_once(name: str, tmp_path: Path, *args: str, **kw: object) -> tuple[W
     w = Workload(name, tmp_path / "restored", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
+    watch = Watch(w) if name in LINGERING else None
     new_pid, stats = checkpoint_and_restore(w, tmp_path)
+    if watch is not None:
+        watch.check(new_pid)            # the whole state, not only what the workload checks
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     status = reap(new_pid)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"restored process ended with {status:#x}"
@@ -461,3 +465,64 @@ def test_checkpoint_interrupted_never_loses_the_process(tmp_path: Path, delay: f
         assert w.verdict() == "PASS"
         assert w.reap_original() == 0
         assert w.output().count("iter ") == 30
+
+
+ONE_SHOT = r"""
+import os, select, sys, time
+r, w = os.pipe()
+ep = select.epoll()
+ep.register(r, select.EPOLLIN | select.EPOLLONESHOT)
+os.write(w, b"x")
+assert ep.poll(0) == [(r, select.EPOLLIN)]       # fired: disabled until re-armed
+os.read(r, 1)                                    # and its pipe is not ready any more
+open(sys.argv[1], "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+quiet = ep.poll(0) == []
+os.write(w, b"y")
+still = ep.poll(0) == []                         # ready now, but the watch waits to be re-armed
+ep.modify(r, select.EPOLLIN | select.EPOLLONESHOT)
+again = ep.poll(0) == [(r, select.EPOLLIN)]
+sys.exit(0 if quiet and still and again else 1)
+"""
+
+
+def test_a_fired_one_shot_watch_whose_file_is_not_ready_is_warned(tmp_path: Path) -> None:
+    """A one-shot epoll watch that fired is disabled, which no epoll_ctl can set: restore makes
+    it fire again, which needs its file ready; here it is not, so the report says what the
+    watch does instead (reports hangups and errors only) and it stays quiet for input."""
+    script, ready, go = tmp_path / "oneshot.py", tmp_path / "ready", tmp_path / "go"
+    script.write_text(ONE_SHOT)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(ready), str(go)], ready)
+    image = tmp_path / "img"
+    assert kcr("checkpoint", str(proc.pid), "-o", str(image)).returncode == 0
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    res = kcr("restore", "-i", str(image), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    result = json.loads(res.stdout)
+    assert any("one-shot epoll watch of fd" in w for w in result["warnings"]), result
+    go.touch()
+    status = reap(int(result["pid"]))
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+HIDDEN_DATAGRAM = r"""
+import socket, sys, time
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for m in (b"first", b"", b"third"):
+    a.send(m)
+b.setsockopt(socket.SOL_SOCKET, 42, 0)                 # SO_PEEK_OFF: peek along the queue
+assert b.recv(64, socket.MSG_PEEK) == b"first" and b.recv(64, socket.MSG_PEEK) == b""
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+
+
+def test_a_datagram_no_peek_shows_is_refused_not_lost(tmp_path: Path) -> None:
+    """An empty datagram the program has peeked at is hidden from every later peek: the dump
+    sees its sender charged for more than the queue shows, and refuses; the process runs on."""
+    ready = tmp_path / "ready"
+    proc = start_until_ready([sys.executable, "-S", "-c", HIDDEN_DATAGRAM, str(ready)], ready)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert "a message queued that no peek shows" in line, line
+    assert not (tmp_path / "img").exists() and proc_state(proc.pid) in ("S", "R")

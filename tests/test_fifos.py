@@ -41,7 +41,7 @@ def test_a_fifo_the_process_holds_both_ends_of(tmp_path: Path) -> None:
 
 
 def test_the_fifo_is_made_again_where_its_path_is_missing(tmp_path: Path) -> None:
-    w = Workload("ckpt_fifo", tmp_path, scale=3)
+    w = Workload("ckpt_fifo", tmp_path, scale=3, hold=True)   # it waits for the test, however slow
     w.start()
     w.wait_ready()
     fifo = w.dir / "fifo"
@@ -80,7 +80,7 @@ def test_a_fifo_made_by_a_restore_that_fails_is_removed(tmp_path: Path) -> None:
 
 
 def test_something_else_at_the_fifos_path_is_refused(tmp_path: Path) -> None:
-    w = Workload("ckpt_fifo", tmp_path, scale=3)
+    w = Workload("ckpt_fifo", tmp_path, scale=3, hold=True)   # it waits for the test, however slow
     w.start()
     w.wait_ready()
     image = tmp_path / "img"

@@ -45,3 +45,31 @@ def test_a_large_file_is_compared_by_a_sample_that_covers_its_ends(tmp_path: Pat
     source = {**fact(big), "path": str(other)}
     with pytest.raises(RestoreError, match="sha256 mismatch"):
         files.check_files([source], "hostB")
+
+
+LEASER = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+          "fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n")
+
+
+def test_a_leased_file_is_never_opened_to_be_compared(tmp_path: Path) -> None:
+    """The source does not hash a file its process holds a lease on (its open would start
+    breaking the lease): the destination must see that very file, a copy is refused. Nor does
+    the destination open a file one of its processes holds a write lease on."""
+    import sys
+
+    from tests._workloads import start_until_ready
+    data, ready = tmp_path / "db", tmp_path / "ready"
+    data.write_bytes(b"x" * 4096)
+    copy = tmp_path / "copy"
+    shutil.copy(data, copy)                        # before the lease: this open would break it
+    proc = start_until_ready([sys.executable, "-S", "-c", LEASER, str(data), str(ready)], ready)
+    described = files.describe_files(proc.pid, [])
+    seen = next(f for f in described.files if f.path == str(data))
+    assert seen.sha256 == ""                       # not read
+    files.check_files([seen.as_wire()], "hostB")   # the very file: nothing to compare, nothing opened
+    with pytest.raises(RestoreError, match="holds a lease on .*copy.*, which hostB has a copy of"):
+        files.check_files([{**seen.as_wire(), "path": str(copy)}], "hostB")
+    with pytest.raises(RestoreError, match=f"pid {proc.pid} holds a write lease on .*db on hostB"):
+        files.check_files([{**fact(copy), "path": str(data)}], "hostB")
+    fdinfo = "".join(Path(f"/proc/{proc.pid}/fdinfo/{fd}").read_text() for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+    assert " LEASE  ACTIVE    WRITE " in fdinfo    # never broken (SIGIO would have ended it)

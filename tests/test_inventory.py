@@ -46,7 +46,7 @@ def test_every_fd_kind_and_event_kind_is_a_row() -> None:
     names = {"file": "a regular file", "dir": "a directory", "chr": "/dev/null and similar", "pipe": "a pipe",
              "unix": "a unix socket", "redirect": "a redirected fd", "deleted": "a deleted file",
              "eventfd": "an eventfd", "timerfd": "a timerfd", "signalfd": "a signalfd", "epoll": "an epoll instance",
-             "pidfd": "a pidfd", "inotify": "an inotify instance", "fifo": "a FIFO"}
+             "pidfd": "a pidfd", "inotify": "an inotify instance", "fifo": "a FIFO", "fanotify": "a fanotify instance"}
     assert set(names) == set(schema.FD_KINDS), "a new fd kind needs a row (and a name here)"
     assert set(names.values()) <= whats
 
@@ -63,3 +63,16 @@ def test_the_readme_names_everything_refused_or_lost() -> None:
     for row in inventory.ROWS:
         if row.status in (inventory.REFUSED, inventory.LOST):
             assert row.readme and row.readme in limits, f"README's Limits do not mention {row.what!r} ({row.readme!r})"
+
+
+def test_the_state_checker_knows_every_row_carried() -> None:
+    """tests/_state.py compares a moved process's state row by row: a carried or warned row
+    needs a way to see it from outside, or a reason it cannot be (and where it is checked)."""
+    from tests import _state
+    kept = {row.what for row in inventory.ROWS if row.status in (inventory.CARRIED, inventory.WARNED)}
+    missing = sorted(kept - set(_state.OBSERVE) - set(_state.UNOBSERVED))
+    assert not missing, f"tests/_state.py cannot see {missing}: add an OBSERVE entry (or an UNOBSERVED reason)"
+    assert not set(_state.OBSERVE) & set(_state.UNOBSERVED)
+    assert set(_state.OBSERVE) | set(_state.UNOBSERVED) <= kept, "the checker names rows the table does not carry"
+    fields = {f"{cls.__name__}.{f.name}" for cls in STATE_RECORDS for f in dataclasses.fields(cls)}
+    assert set(_state.VOLATILE) | _state.PIDS | _state.IDS <= fields

@@ -11,6 +11,7 @@ import pytest
 
 from tests._migration import migrate_cli
 from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap
+from tests._state import assert_same_state, snapshot
 from tests.test_checkpoint import checkpoint_and_restore
 from tests.test_trees import checkpoint, image_restored, tree
 
@@ -145,15 +146,19 @@ def _run(tmp_path: Path, where: str, mode: str, move: bool, live: bool = False) 
         assert os.WEXITSTATUS(reap(new_pid)) == 0
     elif live:
         w.wait_ready()
+        before = snapshot(w.pid)
         code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
         assert code == 0, err
         assert w.reap_original() == -9
+        assert_same_state(before, snapshot(report["new_pid"]))      # the whole state, the memfds' too
         (w.dir / "go").touch()
         assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
         assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
     elif move:
         w.wait_ready()
+        before = snapshot(w.pid)
         new_pid, _ = checkpoint_and_restore(w, tmp_path)
+        assert_same_state(before, snapshot(new_pid))
         (w.dir / "go").touch()
         assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
         assert os.WEXITSTATUS(reap(new_pid)) == 0

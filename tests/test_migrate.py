@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli, running_copies, wait_gone
+from tests._state import Watch
 from tests._tracking import backend_params
 from tests._workloads import (LINGERING, Workload, become_subreaper, finished, kcr, one_error_line, reap,
                               start_reference)
@@ -32,10 +33,13 @@ def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str,
     w = Workload(name, tmp_path / "migrated", *args, hold=True, **kw)  # type: ignore[arg-type]
     w.start()
     w.wait_ready()
+    watch = Watch(w) if name in LINGERING else None
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", *cli_args)
     assert code == 0, err
     assert w.reap_original() == -9           # the source was ended only after the copy ran
     assert report["state"] == "done" and report["new_pid"] not in (0, w.pid)
+    if watch is not None:
+        watch.check(report["new_pid"])      # the whole state, not only what the workload checks
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert os.WEXITSTATUS(reap(report["new_pid"])) == 0
     return finished(ref), w, report

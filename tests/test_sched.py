@@ -52,3 +52,70 @@ def test_sched_deadline_is_refused_before_freezing(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_affinity_warn_says_what_it_runs_without() -> None:
+    missing = max(sched.online_cpus()) + 1
+    said = sched.missing_cpus({0, missing}, "hostB", 4242, "warn")
+    assert said is not None and f"pinned to CPUs {missing}, which hostB does not have online" in said
+    assert sched.missing_cpus({0}, "hostB", 4242, "warn") is None
+    with pytest.raises(RestoreError, match="does not have online"):
+        sched.missing_cpus({0, missing}, "hostB", 4242, "refuse")
+    with pytest.raises(ValueError, match="refuse, warn"):
+        sched.check_affinity("ignore")
+
+
+def _pin_threads_to(image: bytes, cpus: set[int]) -> bytes:
+    """The image with every thread's CPU set replaced (its signature no longer verifies)."""
+    import msgpack
+
+    from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
+    from transport.schema import ThreadState
+    out, off = [image[:len(STREAM_MAGIC)]], len(STREAM_MAGIC)
+    while off < len(image):
+        _, kind, flags, length, _ = HEADER.unpack_from(image, off)
+        frame = image[off: off + HEADER_SIZE + length]
+        if kind == KIND_RECORD:
+            body = msgpack.unpackb(frame[HEADER_SIZE:])
+            if body.get("t") == ThreadState.TYPE:
+                body["cpus"] = sched.cpu_mask(cpus)
+                frame = encode_frame(KIND_RECORD, flags, msgpack.packb(body))
+        out.append(frame)
+        off += HEADER_SIZE + length
+    return b"".join(out)
+
+
+PINNED = ("import os, sys, time\nos.sched_setaffinity(0, {0})\nopen(sys.argv[1], 'w').close()\n"
+          "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
+          "sys.exit(0 if os.sched_getaffinity(0) == {0} else 1)\n")
+
+
+def test_a_restore_where_pinned_cpus_are_missing_refuses_or_warns(tmp_path: Path) -> None:
+    """An image of a thread pinned to CPU 0 and to one this host lacks (as another host's
+    image would be): refused by default; under --affinity warn it runs pinned to CPU 0, and
+    the report says which CPU it runs without."""
+    import json
+    import os
+
+    from tests._workloads import become_subreaper, reap
+    become_subreaper()
+    if len(sched.online_cpus()) < 2:
+        pytest.skip("one CPU online: a pinned thread would not be pinned to a subset")
+    ready, go, image = tmp_path / "ready", tmp_path / "go", tmp_path / "img"
+    proc = start_until_ready([sys.executable, "-S", "-c", PINNED, str(ready), str(go)], ready)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    missing = max(sched.online_cpus()) + 1
+    image.write_bytes(_pin_threads_to(image.read_bytes(), {0, missing}))
+    # (Under new pids: the copy the refusal killed may linger as a zombie of ours for a while.)
+    line = one_error_line(kcr("restore", "-i", str(image), "--trust-image", "--new-pid").stderr)
+    assert f"pinned to CPUs {missing}, which" in line and "does not have online" in line, line
+    res = kcr("restore", "-i", str(image), "--trust-image", "--new-pid", "--affinity", "warn", "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    result = json.loads(res.stdout)
+    assert any(f"pinned to CPUs 0,{missing};" in w and f"lacks {missing}, so it runs on CPUs 0" in w
+               for w in result["warnings"]), result["warnings"]
+    go.touch()
+    status = reap(int(result["pid"]))
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -48,7 +48,9 @@ from transport.records import (
 # field that an older reader must not ignore bumps the version; one it may ignore does not.
 # 4: a live stream may change the layout by ``MappingsDelta`` (a record type 3 does not know):
 # agents of version 3 are refused at the handshake instead of failing mid-stream.
-FORMAT_VERSION = 4
+# 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
+# which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
+FORMAT_VERSION = 5
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -402,7 +404,7 @@ class MappingsDelta(Record):
 
 # --- files --------------------------------------------------------------------------------
 
-EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify")
+EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify", "fanotify")
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo") + EVENT_KINDS
 # fds of these kinds refer to an object the stream carries
 OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo") + EVENT_KINDS
@@ -416,13 +418,14 @@ MAX_PIPE_SIZE = 1 << 28        # well above /proc/sys/fs/pipe-max-size's default
 O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 
 
-LOCK_KINDS = ("posix", "ofd", "flock")
+LOCK_KINDS = ("posix", "ofd", "flock", "lease")
 
 
 @dataclass(frozen=True)
 class FileLock:
-    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock or a flock
-    (the open file description's). ``length`` 0: to the end of the file, however long."""
+    """A lock held through an fd: a POSIX record lock (the process's), an OFD lock, a flock or
+    a lease (``F_SETLEASE``; the open file description's). ``length`` 0: to the end of the
+    file, however long (a flock or a lease: the whole file, 0 and 0)."""
 
     kind: Annotated[str, Text(8)]     # one of LOCK_KINDS
     write: Flag
@@ -454,6 +457,11 @@ class FileDesc:
     waiting: Flag = 0        # kind "fifo", a reader of a FIFO no fd of the job writes: no writer came
                              # and went since it was opened, so poll shows no POLLHUP (a server
                              # waiting for its first client)
+    sig: Annotated[int, Int(0, NSIG, "a signal number or 0")] = 0   # F_SETSIG of a description with a
+                             # lease or O_ASYNC: the signal a lease break or I/O sends (0: SIGIO)
+    owner: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "an fd's owner")] = 0   # F_GETOWN_EX of an O_ASYNC
+                             # description: the thread, process or process group it signals (0: none)
+    owner_kind: Annotated[int, Int(0, 2, "an fd owner's kind")] = 0   # F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
 
 
 @dataclass(frozen=True)
@@ -470,7 +478,8 @@ class Files(Record):
             _check(f.kind == "file" or not f.locks, f"fd {f.fd}: locks on a {f.kind}")
             for lock in f.locks:
                 _check(lock.kind in LOCK_KINDS, f"fd {f.fd}: lock kind {lock.kind!r}")
-                _check(lock.kind != "flock" or (lock.start, lock.length) == (0, 0), f"fd {f.fd}: a flock on a range")
+                _check(lock.kind not in ("flock", "lease") or (lock.start, lock.length) == (0, 0),
+                       f"fd {f.fd}: a {lock.kind} on a range")
             _check(f.kind in OBJECT_KINDS or bool(f.path), f"fd {f.fd}: no path")
             _check(f.kind != "chr" or f.path in CHAR_DEVICES, f"fd {f.fd}: device {f.path[:64]!r}")
             _check((f.kind in OBJECT_KINDS) == (f.obj > 0), f"fd {f.fd}: an object id where none belongs, "
@@ -640,9 +649,22 @@ class InotifyWatch:
     path: Annotated[str, AbsPath()]   # the watched file or directory, as the source host names it
 
 
+FANOTIFY_MARKS = ("inode", "mount", "filesystem")
+
+
+@dataclass(frozen=True)
+class FanotifyMark:
+    kind: Annotated[str, Text(16)]    # one of FANOTIFY_MARKS
+    path: Annotated[str, AbsPath()]   # the marked file or directory (inode), or a path on the mount
+                                      # or filesystem, as the source host names it
+    mask: U64
+    ignored_mask: U64 = 0
+    mflags: Annotated[int, Int(0, 0xFFFF, "fanotify mark flags")] = 0   # FAN_MARK_IGNORED_SURV_MODIFY, ...
+
+
 @dataclass(frozen=True)
 class EventFile:
-    """An eventfd, timerfd, signalfd, epoll instance, pidfd or inotify instance, with its state."""
+    """An eventfd, timerfd, signalfd, epoll instance, pidfd, inotify or fanotify instance, with its state."""
 
     id: ObjectId
     kind: Annotated[str, Text(16)]   # one of EVENT_KINDS
@@ -657,7 +679,10 @@ class EventFile:
     pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0   # pidfd: the process it refers to
                              # (one that moves too)
     inotify: Annotated[tuple[InotifyWatch, ...], Count(MAX_WATCHES)] = ()   # inotify: its watches
-    queued: U32 = 0          # inotify: bytes of events queued at the freeze (not carried)
+    queued: U32 = 0          # inotify, fanotify: bytes of events queued at the freeze (not carried)
+    init_flags: Annotated[int, Int(0, (1 << 31) - 1, "fanotify_init flags")] = 0   # fanotify: its class, ...
+    event_flags: Annotated[int, Int(0, (1 << 31) - 1, "open flags")] = 0   # fanotify: how events' fds are opened
+    marks: Annotated[tuple[FanotifyMark, ...], Count(MAX_WATCHES)] = ()   # fanotify: its marks
 
 
 @dataclass(frozen=True)
@@ -673,8 +698,12 @@ class EventFiles(Record):
             _check(e.id not in seen and e.kind in EVENT_KINDS, f"event file {e.id}")
             _check(e.kind == "epoll" or not e.watches, f"event file {e.id}: watches on a {e.kind}")
             _check((e.pid > 0) if e.kind == "pidfd" else e.pid == 0, f"event file {e.id}: its process")
-            _check(e.kind == "inotify" or not (e.inotify or e.queued), f"event file {e.id}: inotify watches on a "
+            _check(e.kind == "inotify" or not e.inotify, f"event file {e.id}: inotify watches on a {e.kind}")
+            _check(e.kind in ("inotify", "fanotify") or not e.queued, f"event file {e.id}: events queued on a "
                    f"{e.kind}")
+            _check(e.kind == "fanotify" or not (e.marks or e.init_flags or e.event_flags),
+                   f"event file {e.id}: fanotify marks on a {e.kind}")
+            _check(all(m.kind in FANOTIFY_MARKS for m in e.marks), f"event file {e.id}: a fanotify mark's kind")
             _check(len({w.wd for w in e.inotify}) == len(e.inotify), f"event file {e.id}: an inotify watch twice")
             seen.add(e.id)
 
