@@ -937,6 +937,8 @@ def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
             obj = object_of(info.target)
             if obj is not None and obj[0] == "socket":
                 inodes.add(obj[1])
+    if not inodes:
+        return []           # no socket: nothing to ask sock_diag (a kernel may lack unix_diag)
     out: dict[bytes, unix_names.Bound] = {}
     for sock in unix_sockets.query(inodes).values():
         if sock.name and (sock.name not in out or sock.state == unix_sockets.TCP_LISTEN):
