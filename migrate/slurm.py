@@ -27,7 +27,8 @@ Facts about Slurm 22.05 (Debian bookworm) this relies on: ``sinfo --json`` and
 memory, finished ones for ``MinJobAge``); ``cpu_load`` is the load average times 100; memory
 is in MiB; a job's ``exit_code`` is a wait status (``0:0`` is 0, exit 1 is 256, SIGKILL 9);
 ``scontrol listpids JOBID NODE`` must run on the node, and needs the node name there unless
-the host name is the node's.  With slurmctld down, ``sinfo --json`` and ``squeue --json`` wait
+the host name is the node's; on a node of the job's allocation where it has no step yet it
+fails with "JobId=N does not exist on node NODE" (no processes there).  With slurmctld down, ``sinfo --json`` and ``squeue --json`` wait
 about 9 s, then exit 0 with an empty list and an "Unspecified error", while ``scontrol ping``
 answers DOWN at once: every query pings first.  With the config file missing, every command
 retries for a minute: that is checked before any runs.
@@ -55,6 +56,9 @@ DOWN_STATES = frozenset({"down", "error", "future", "unknown"})
 DOWN_FLAGS = frozenset({"NOT_RESPONDING", "POWERED_DOWN", "POWERING_DOWN", "POWER_DOWN", "REBOOT_ISSUED"})
 DRAIN_FLAGS = frozenset({"DRAIN", "FAIL", "MAINTENANCE", "RESERVED"})
 LISTPIDS_MARK = "--- kcr: ps ---"
+# What slurmd answers `scontrol listpids` for a job with no step on that node (a node of a
+# multi-node allocation that the batch script has not used): no processes there, not an error.
+NO_STEP_THERE = "does not exist on node"
 
 
 class SlurmError(MigrationError):
@@ -254,6 +258,8 @@ class Slurm:
         command = (f"SLURM_CONF={shlex.quote(self.conf)} scontrol listpids {job_id} {shlex.quote(node)} "
                    f"&& echo {shlex.quote(LISTPIDS_MARK)} && ps -eo pid=,ppid=,comm=")
         status, out, err = await self._on_node(node, command)
+        if status != 0 and NO_STEP_THERE in err:
+            return JobProcesses(job_id, node, ())   # a node of its allocation it runs nothing on (yet)
         if status != 0 or LISTPIDS_MARK not in out:
             said = err.strip().splitlines()[-1:] or [f"exit status {status}"]
             raise SlurmError(f"`scontrol listpids {job_id} {node}` failed on {node}: {said[0]}", host=node)

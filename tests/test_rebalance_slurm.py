@@ -30,21 +30,32 @@ wait
 '''
 
 
-@pytest.fixture
-def busy_job(slurm: SlurmCluster, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+def _busy(slurm: SlurmCluster, tmp_path: Path, nodes: str) -> Iterator[tuple[int, Path]]:
+    """The busy job on ``nodes`` (its batch shell and workers on the first of them)."""
     out = tmp_path / "job"
     for i in range(1, WORKERS + 1):
         (out / f"w{i}").mkdir(parents=True)
     script = out / "job.sh"
     script.write_text(BATCH.format(workers=" ".join(str(i) for i in range(1, WORKERS + 1)),
                                    exe=build("busy_worker"), out=out))
-    answer = slurm.command(["sbatch", "--parsable", "-w", "hostA", "-J", "kcr-busy", "-o", str(out / "slurm.out"),
-                            str(script)])
+    answer = slurm.command(["sbatch", "--parsable", "-N", str(len(nodes.split(","))), "-w", nodes, "-J", "kcr-busy",
+                            "-o", str(out / "slurm.out"), str(script)])
     job_id = int(answer.strip().split(";")[0])
     try:
         yield job_id, out
     finally:
         slurm.command(["scancel", str(job_id)], check=False)
+
+
+@pytest.fixture
+def busy_job(slurm: SlurmCluster, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    yield from _busy(slurm, tmp_path, "hostA")
+
+
+@pytest.fixture
+def busy_job_on_two_nodes(slurm: SlurmCluster, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """Allocated hostA and hostB; its workers all start on hostA."""
+    yield from _busy(slurm, tmp_path, "hostA,hostB")
 
 
 def rebalance(slurm: SlurmCluster, testbed: Testbed, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -139,24 +150,26 @@ def test_a_slurm_jobs_workers_move_and_scancel_still_ends_them_everywhere(
             time.sleep(0.05)
 
 
-def test_a_slurm_job_rebalanced_while_it_runs_completes(
-        slurm: SlurmCluster, testbed: Testbed, busy_job: tuple[int, Path]) -> None:
-    """Rebalanced from its loaded node to an idle one while it runs, the job finishes as if
-    never moved: every worker's output is the first lines of an unmoved sibling's (the same
-    computation), the batch shell's wait sees them end well, and Slurm records the job
-    COMPLETED with exit code 0:0; no worker runs on anywhere."""
-    job_id, out = busy_job
+def test_a_slurm_job_rebalanced_within_its_allocation_while_it_runs_completes(
+        slurm: SlurmCluster, testbed: Testbed, busy_job_on_two_nodes: tuple[int, Path]) -> None:
+    """A job allocated two nodes whose workers all run on the first: rebalanced while it runs,
+    workers move to its other node (no --any-node: its allocation is where they may go), and
+    the job finishes as if never moved: every worker's output is the first lines of an
+    unmoved sibling's (the same computation), the batch shell's wait sees them end well, and
+    Slurm records it COMPLETED with exit code 0:0; no worker runs on anywhere."""
+    job_id, out = busy_job_on_two_nodes
     inventory = Slurm(str(slurm.conf_path), ssh_config=str(testbed.ssh_config_path))
     procs = trio.run(_ready, inventory, job_id, out)
     workers = {p.pid for p in procs.workload}
-    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json",
-                    "--any-node")
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", "100", "--dry-run", "--json")
     assert res.returncode == 0, res.stderr.decode()
-    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", between(json.loads(res.stdout)),
-                    "--json", "--any-node")
+    doc = json.loads(res.stdout)
+    assert doc["inventory"]["allocations"] == {str(job_id): ["hostA", "hostB"]}
+    res = rebalance(slurm, testbed, "--slurm-job", str(job_id), "--max-load", between(doc), "--json")
     assert res.returncode == 0, res.stderr.decode()
     moved = [m for m in json.loads(res.stdout)["report"]["moves"] if m["state"] == "done"]
     assert moved and len(moved) < WORKERS, moved      # some moved, some stayed to compare with
+    assert all(m["pid"] in workers and m["dest"] == "hostB" for m in moved), moved
     there = [testbed.root_pid(m["dest"], m["new_pid"]) for m in moved]
     assert all(pid is not None for pid in there)
     for i in range(1, WORKERS + 1):
