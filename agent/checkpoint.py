@@ -26,6 +26,7 @@ from transport.image import ImageReader, ImageWriter
 from transport.schema import (
     Mappings,
     ProcessBegin,
+    prepare_codecs,
 )
 from transport.signing import ImageVerifier, signing_key
 
@@ -74,6 +75,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     whole, before the kill (to fsync and rename a file into place: a process is never killed
     for a lost image). Every process is stopped before any state is read."""
     t0 = time.monotonic()
+    prepare_codecs()                     # before the freeze: a record type's first use is slow
     ends = not opts.leave_running        # a connection waiting to be accepted may be accepted to read it
     pids = check_tree(pid, opts.redirect, accept_waiting=ends)
     helds: list[freezer.Held] = []
@@ -210,6 +212,7 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
     every image is refused). ``affinity``: "refuse" or "warn" for a thread pinned to CPUs
     this host lacks (``agent.sched``)."""
     t0 = time.monotonic()
+    prepare_codecs()
     session = RestoreSession(keep_ids=not new_pid, affinity=affinity)
     done = False
     try:

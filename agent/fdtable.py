@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
-from agent.procfs import FdInfo, classify_fd, list_fds, read_text, thread_ids
+from agent.procfs import FdInfo, classify_fd, fd_links, list_fds, read_text, thread_ids
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -933,8 +933,8 @@ def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
     listener's), for the destination's preflight to check (``agent.unix_names.check``)."""
     inodes: set[int] = set()
     for pid in pids:
-        for info in list_fds(pid):
-            obj = object_of(info.target)
+        for _, target in fd_links(pid):
+            obj = object_of(target)
             if obj is not None and obj[0] == "socket":
                 inodes.add(obj[1])
     if not inodes:

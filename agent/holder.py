@@ -42,6 +42,7 @@ from transport.errors import (
     ProtocolError,
     error_from_wire,
 )
+from transport.schema import prepare_codecs
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
@@ -418,6 +419,7 @@ def main() -> None:
     # process group, SIGTERM and SIGHUP are the agent's to handle.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    prepare_codecs()          # the state records it encodes while the job is frozen
     sock = socket.socket(fileno=args.fd)
     try:
         serve(sock)

@@ -35,6 +35,7 @@ from transport.pages import DEFAULT_BATCH_BYTES
 from transport.protocol import PROTOCOL_VERSION, ROLE_AGENT, ROLE_DATA, ROLE_ORCHESTRATOR, tool_version
 from transport.records import Record
 from transport.rpc import CallContext, Methods, RpcPeer, open_rpc, serve_rpc
+from transport.schema import prepare_codecs
 from transport.synthetic import SyntheticPages
 from transport.tcp import KEY_SIZE, DataListener, SealedStream, open_data_channel, open_data_listener
 
@@ -316,6 +317,7 @@ async def serve_stdio() -> int:
     """Serve METHODS on stdin/stdout until the caller leaves; the exit status."""
     stream = stdio_stream()
     rpc: RpcPeer | None = None
+    prepare_codecs()          # every record type's encoder and decoder, long before any freeze
     try:
         async with open_rpc(stream, role=ROLE_AGENT, accept_roles=SERVE_ROLES, methods=METHODS,
                             peer="kcr-migrate (stdin/stdout)", xsave_mask=_xsave_mask()) as rpc:

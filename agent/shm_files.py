@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from typing import Sequence
 
-from agent.procfs import list_fds, mount_table
+from agent.procfs import fd_links, mount_table
 from precopy.layout import read_maps
 from precopy.sysv import boot_id
 from transport.errors import UnsupportedResource
@@ -41,9 +41,9 @@ def find(pids: Sequence[int]) -> dict[int, ShmFile]:
     if tmpfs is None:
         return out
     for pid in pids:
-        for info in list_fds(pid):
-            if is_shm_path(info.target) and info.st is not None and info.st.st_ino not in out:
-                _add(out, pid, info.target, f"/proc/{pid}/fd/{info.fd}", tmpfs)
+        for fd, target in fd_links(pid):
+            if is_shm_path(target):
+                _add(out, pid, target, f"/proc/{pid}/fd/{fd}", tmpfs)
         for m in read_maps(pid):
             if m.kind == "file" and is_shm_path(m.name) and m.inode not in out:
                 _add(out, pid, m.name, f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", tmpfs)
@@ -70,7 +70,7 @@ def _add(out: dict[int, ShmFile], pid: int, path: str, source: str, device: int)
         st = os.stat(source)
     except OSError:
         return
-    if stat.S_ISREG(st.st_mode) and st.st_dev == device:
+    if stat.S_ISREG(st.st_mode) and st.st_dev == device and st.st_ino not in out:   # the first holder's
         out[st.st_ino] = ShmFile(pid, path, source, st)
 
 

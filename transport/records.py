@@ -216,6 +216,29 @@ def _encoding(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
+def prepare(classes: Any) -> None:
+    """Work out now, once, how each record class (and every dataclass inside one) is encoded
+    and decoded: the first use costs milliseconds a type (``get_type_hints`` evaluates every
+    annotation), which would otherwise fall in a migration's frozen window."""
+    seen: set[type] = set()
+
+    def walk(tp: Any) -> None:
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            if tp in seen:
+                return
+            seen.add(tp)
+            _encoding(tp)
+            for t in _hints(tp).values():
+                walk(t)
+            return
+        for arg in get_args(tp):
+            walk(arg)
+
+    for cls in classes:
+        walk(cls)
+        _fast(cls)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:

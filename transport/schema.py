@@ -39,6 +39,7 @@ from transport.records import (
     Record,
     Text,
     check,
+    prepare,
 )
 
 # 1: the first format. 2: images may be signed (TAG frames, ``transport.signing``) and the
@@ -941,6 +942,12 @@ RECORD_TYPES: dict[int, type[Record]] = {
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
                 UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents, MappingsDelta)
 }
+
+
+def prepare_codecs() -> None:
+    """Encoders and decoders of every record type worked out now (``records.prepare``): an
+    agent or a checkpoint does it before it freezes anything."""
+    prepare(list(RECORD_TYPES.values()))
 
 
 def register(cls: type[Record]) -> type[Record]:
