@@ -117,17 +117,9 @@ def fd_links(pid: int) -> list[tuple[int, str]]:
 def list_fds(pid: int) -> list[FdInfo]:
     out: list[FdInfo] = []
     fd_dir = proc_path(pid, "fd")
-    try:
-        names = os.listdir(fd_dir)
-    except FileNotFoundError:
-        raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
-    except PermissionError:
-        raise PermissionDenied(f"may not inspect pid {pid}'s files: run as its owner or as root", pid=pid) from None
-    for name in sorted(names, key=int):
-        fd = int(name)
+    for fd, target in fd_links(pid):
         try:
-            target = os.readlink(os.path.join(fd_dir, name))
-            info = read_text(pid, "fdinfo", name)
+            info = read_text(pid, "fdinfo", str(fd))
         except (FileNotFoundError, NoSuchProcess):
             continue          # closed while we looked
         fields: dict[str, str] = {}
@@ -139,7 +131,7 @@ def list_fds(pid: int) -> list[FdInfo]:
             else:
                 fields[k] = v.strip()
         try:
-            st: os.stat_result | None = os.stat(os.path.join(fd_dir, name))
+            st: os.stat_result | None = os.stat(os.path.join(fd_dir, str(fd)))
         except OSError:
             st = None
         out.append(FdInfo(fd, target, int(fields.get("pos", "0")), int(fields.get("flags", "0"), 8),
