@@ -25,7 +25,7 @@ from typing import Any, Collection
 from agent import locks, shm_files
 from agent.fsync import fs_magic
 from agent.procfs import list_fds
-from precopy.kernel import xsave_supported_mask
+from precopy.kernel import boot_id, xsave_supported_mask
 from precopy.layout import read_maps
 from transport.errors import IncompatibleImage, RestoreError, UnsupportedResource
 from transport.schema import is_shm_path
@@ -41,14 +41,6 @@ SAMPLE_BLOCKS, SAMPLE_BLOCK = 62, 64 << 10
 SHARED_FS = {0x6969, 0xFE534D42, 0xFF534D42, 0x00C36400, 0x0BD00BD0, 0x47504653, 0x19830326, 0x65735546,
              0x01021997, 0x5346414F, 0x7461636F, 0x01161970}
 
-
-def boot_id() -> str:
-    """This boot of this kernel: two agents that read the same one share a machine."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def identity(path: str, st: os.stat_result) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import trio
 from agent.procfs import namespace_ids, process_tree, read_stat, read_status
 from agent.tree import check_tree
 from agent.wss import WssMeter, WssOptions
+from precopy.kernel import boot_id
 from precopy.probe import CHOICES, choose_tracker
 from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited
 from transport.rpc import CallContext
@@ -70,13 +71,6 @@ def _loadavg() -> float:
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
 
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -324,7 +318,7 @@ async def measure(ctx: CallContext, *, sample_s: float = 1.0, dirty_s: float = 0
                     nursery.start_soon(sample, c)
     candidates = [c for c in candidates if c["pid"] not in gone]
     return {
-        "v": MEASURE_VERSION, "boot_id": _boot_id(), "cpus": cpus, "seconds": round(seconds, 4),
+        "v": MEASURE_VERSION, "boot_id": boot_id(), "cpus": cpus, "seconds": round(seconds, 4),
         "mem_total": mem.get("MemTotal", 0), "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
         "cpu_busy": round(max(0, busy1 - busy0) / max(1, total1 - total0) * cpus, 4),
         "cpu_own": round(sum(share.values()), 4), "rss_own": sum(p.rss for p in after.values()),

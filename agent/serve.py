@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import trio
 
-from precopy.kernel import xsave_supported_mask
+from precopy.kernel import boot_id, xsave_supported_mask
 from transport.errors import MigrationError, PeerGone, ProtocolError
 from transport.levels import Level, check_level
 from transport.local import open_local_agent, stdio_stream
@@ -64,13 +64,6 @@ def _ssh_address(field: int) -> str:
     return fields[field] if len(fields) >= 4 else ""
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
 
 @method("ping")
 async def ping(ctx: CallContext, **echo: Any) -> dict[str, Any]:
@@ -91,7 +84,7 @@ async def info(ctx: CallContext) -> dict[str, Any]:
         "netns_inode": os.stat("/proc/self/ns/net").st_ino,
         "mntns_inode": os.stat("/proc/self/ns/mnt").st_ino,
         "kernel_release": platform.release(),
-        "boot_id": _boot_id(),
+        "boot_id": boot_id(),
         "ssh_server_address": _ssh_address(2),
         "ssh_client_address": _ssh_address(0),
         "arch": platform.machine(),

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from precopy import sysv
-from precopy.sysv import boot_id
+from precopy.kernel import boot_id
 from transport.errors import RestoreError
 from transport.schema import FileContents, SysvSegment
 

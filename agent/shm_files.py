@@ -18,7 +18,7 @@ from typing import Sequence
 
 from agent.procfs import fd_links, mount_table
 from precopy.layout import read_maps
-from precopy.sysv import boot_id
+from precopy.kernel import boot_id
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
 from transport.schema import MAX_DELETED_FILE, SHM_DIR, FileContents, is_shm_path

@@ -1,7 +1,7 @@
 """Linux system calls the standard library lacks, through ctypes.
 
 process_vm_readv/writev, pidfd_open/getfd/send_signal, get_robust_list, prlimit, kcmp, tee,
-arch_prctl(ARCH_GET_XCOMP_SUPP) and ioctl with a struct argument. Every wrapper raises
+arch_prctl(ARCH_GET_XCOMP_SUPP) and ioctl with a struct argument, and the boot id. Every wrapper raises
 OSError with the real errno, so callers handle failures as they would for ``os`` calls.
 """
 from __future__ import annotations
@@ -43,6 +43,15 @@ class iovec(ctypes.Structure):
 class rlimit64(ctypes.Structure):
     _fields_ = [("rlim_cur", ctypes.c_uint64), ("rlim_max", ctypes.c_uint64)]
 
+
+def boot_id() -> str:
+    """This boot of this kernel: two agents (or an image and a host) that read the same one
+    share a machine. "" where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 def _check(ret: int) -> int:
     if ret < 0:

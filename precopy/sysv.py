@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from precopy.kernel import boot_id
 from transport.schema import SHM_MODE, SysvSegment
 
 SHM_DEST = 0o1000
@@ -32,14 +33,6 @@ class SegmentLine:
 def is_sysv(name: str, shared: bool) -> bool:
     return shared and name.startswith("/SYSV")
 
-
-def boot_id() -> str:
-    """This boot of this kernel."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def host_ipc() -> str:
