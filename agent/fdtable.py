@@ -315,15 +315,20 @@ F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
 F_GETOWN_EX = 16
 
 
+def _dup(pid: int, fd: int) -> int:
+    """A dup, here, of ``pid``'s ``fd`` (pidfd_getfd): its open file description itself, not a
+    new open of the file; the caller closes it."""
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
 def _async_owner(pid: int, f: FileDesc) -> FileDesc:
     """An O_ASYNC description's owner (F_GETOWN_EX: whom its I/O signals) and signal
     (F_GETSIG), asked of the description itself. One that signals a process that does not
     move is refused: on the destination that pid is another process, or none."""
-    pidfd = pidfd_open(pid)
-    try:
-        dup = pidfd_getfd(pidfd, f.fd)
-    finally:
-        os.close(pidfd)
+    dup = _dup(pid, f.fd)
     try:
         sig = fcntl.fcntl(dup, locks.F_GETSIG)
         kind, who = struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))
@@ -341,11 +346,7 @@ def _async_owner(pid: int, f: FileDesc) -> FileDesc:
 def _lease_signal(pid: int, fd: int) -> int:
     """The signal a break of the lease held through ``fd`` sends (F_GETSIG; 0: SIGIO), asked of
     the description itself (a dup taken with pidfd_getfd: opening the file would break it)."""
-    pidfd = pidfd_open(pid)
-    try:
-        dup = pidfd_getfd(pidfd, fd)
-    finally:
-        os.close(pidfd)
+    dup = _dup(pid, fd)
     try:
         return fcntl.fcntl(dup, locks.F_GETSIG)
     finally:
@@ -723,11 +724,7 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
     if f.kind == "pidfd":
         return EventFile(obj, "pidfd", pid=int(fields["Pid"]))
     if f.kind in ("inotify", "fanotify"):
-        pidfd = pidfd_open(pid)
-        try:
-            dup = pidfd_getfd(pidfd, f.fd)
-        finally:
-            os.close(pidfd)
+        dup = _dup(pid, f.fd)
         try:
             queued = inotify.queued_bytes(dup)
         finally:
