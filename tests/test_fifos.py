@@ -40,16 +40,21 @@ def test_a_fifo_the_process_holds_both_ends_of(tmp_path: Path) -> None:
     assert w.output() == ref.output() == "fifo checked: all good\n"
 
 
+def checkpointed(w: Workload, tmp_path: Path) -> Path:
+    """Checkpoint ``w`` (killing it) to an image in ``tmp_path``; the image."""
+    image = tmp_path / "img"
+    res = kcr("checkpoint", str(w.pid), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    w.reap_original()
+    return image
+
 def test_the_fifo_is_made_again_where_its_path_is_missing(tmp_path: Path) -> None:
     w = Workload("ckpt_fifo", tmp_path, scale=3, hold=True)   # it waits for the test, however slow
     w.start()
     w.wait_ready()
     fifo = w.dir / "fifo"
     os.chown(fifo, 4242, 4343)
-    image = tmp_path / "img"
-    res = kcr("checkpoint", str(w.pid), "-o", str(image))
-    assert res.returncode == 0, res.stderr.decode()
-    w.reap_original()
+    image = checkpointed(w, tmp_path)
     fifo.unlink()
     res = kcr("restore", "-i", str(image), "--json")
     assert res.returncode == 0, res.stderr.decode()
@@ -67,9 +72,7 @@ def test_a_fifo_made_by_a_restore_that_fails_is_removed(tmp_path: Path) -> None:
     w = Workload("ckpt_fifo", tmp_path, hold=True)
     w.start()
     w.wait_ready()
-    image = tmp_path / "img"
-    assert kcr("checkpoint", str(w.pid), "-o", str(image)).returncode == 0
-    w.reap_original()
+    image = checkpointed(w, tmp_path)
     fifo = w.dir / "fifo"
     fifo.unlink()
     (w.dir / "output").unlink()
@@ -83,9 +86,7 @@ def test_something_else_at_the_fifos_path_is_refused(tmp_path: Path) -> None:
     w = Workload("ckpt_fifo", tmp_path, scale=3, hold=True)   # it waits for the test, however slow
     w.start()
     w.wait_ready()
-    image = tmp_path / "img"
-    assert kcr("checkpoint", str(w.pid), "-o", str(image)).returncode == 0
-    w.reap_original()
+    image = checkpointed(w, tmp_path)
     fifo = w.dir / "fifo"
     fifo.unlink()
     fifo.write_text("a regular file now\n")
