@@ -5,10 +5,7 @@
  * the old pid and the first with the new one: the downtime as the program itself lives it.
  * With THP=1 the memory is 2 MiB aligned and asks for transparent huge pages (MADV_HUGEPAGE).
  * With HOLD (a path) it waits after its steps, before the checksum, until that file exists: a
- * job to be moved does not end before it was, however slow the machine. ITERS 0 (with
- * WORKLOAD_HOLD) dirties on until the test lets it go, and says how many steps it made: an
- * unmoved run of that many (WORKLOAD_FAST=1 skips the 10 ms naps, which change no result)
- * gives the output to compare with.
+ * job to be moved does not end before it was, however slow the machine.
  * WORKLOAD_OBJECTS=N makes it hold a few dozen kernel objects as well (objects.h), checked at
  * the end: its output does not change.
  * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP [HOLD]]] */
@@ -56,10 +53,6 @@ int main(int argc, char **argv) {
     size_t mem = (size_t)atol(argv[2]) << 20;
     double rate = atof(argv[3]);
     long iters = atol(argv[4]);
-    const char *until = getenv("WORKLOAD_HOLD");
-    if (iters == 0 && !(until && *until)) { fprintf(stderr, "ITERS 0 needs WORKLOAD_HOLD\n"); return 2; }
-    const char *fast = getenv("WORKLOAD_FAST");
-    int nap = !(fast && *fast == '1');
     int with_ticker = argc > 5 && atoi(argv[5]);
     size_t pages = mem / 4096;
     int thp = argc > 6 && atoi(argv[6]);
@@ -83,8 +76,7 @@ int main(int argc, char **argv) {
     if (with_ticker) pthread_create(&t, NULL, ticker, NULL);
     FILE *out = open_output();
     uint64_t lcg = 12345;
-    long it;
-    for (it = 0; iters ? it < iters : it <= 5 || access(until, F_OK) != 0; it++) {
+    for (long it = 0; it < iters; it++) {
         for (long k = 0; k < per_step; k++) {
             lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
             size_t page = (lcg >> 17) % pages;
@@ -93,7 +85,7 @@ int main(int argc, char **argv) {
             p[0] ^= (uint64_t)it;
         }
         if (it == 5) ready();
-        if (nap) sleep_ms(10);
+        sleep_ms(10);
     }
     if (argc > 7)
         while (access(argv[7], F_OK) != 0) sleep_ms(10);
@@ -102,7 +94,7 @@ int main(int argc, char **argv) {
     if (with_ticker) pthread_join(t, NULL);
     uint64_t sum = 0;
     for (size_t i = 0; i < mem / 8; i++) sum = sum * 31 + m[i];
-    fprintf(out, "checksum %016llx after %ld steps\n", (unsigned long long)sum, it);
+    fprintf(out, "checksum %016llx after %ld steps\n", (unsigned long long)sum, iters);
     if (with_ticker) {
         char g[64];
         snprintf(g, sizeof g, "%lld %lld\n", gap_ns, jitter_ns);
