@@ -198,9 +198,9 @@ class Run:
         out = self.tmp / f"t{self.count}-{fault}-{phase}"
         out.mkdir()
         go_on = out / "go-on"
-        job = self.bed.popen("hostA", [str(self.exe), str(out), *JOB, "0", "0", str(go_on)],
+        job = self.bed.popen("hostA", [str(self.exe), str(out), *JOB],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(go_on)})
         try:
             self._run(t, job, out, go_on)
         finally:
@@ -316,8 +316,7 @@ class Run:
 def reference(tmp: Path, exe: Path) -> str:
     out = tmp / "reference"
     out.mkdir()
-    (out / "go-on").touch()
-    subprocess.run([str(exe), str(out), *JOB, "0", "0", str(out / "go-on")], check=True, timeout=300,
+    subprocess.run([str(exe), str(out), *JOB], check=True, timeout=300,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     return (out / "output").read_text()
 

@@ -4,11 +4,11 @@
  * and getpid() in a loop and writes to OUTDIR/gap the longest time it saw between a tick with
  * the old pid and the first with the new one: the downtime as the program itself lives it.
  * With THP=1 the memory is 2 MiB aligned and asks for transparent huge pages (MADV_HUGEPAGE).
- * With HOLD (a path) it waits after its steps, before the checksum, until that file exists: a
- * job to be moved does not end before it was, however slow the machine.
+ * With WORKLOAD_HOLD (a path) it waits after its steps, before the checksum, until that file
+ * exists: a job to be moved does not end before it was, however slow the machine.
  * WORKLOAD_OBJECTS=N makes it hold a few dozen kernel objects as well (objects.h), checked at
  * the end: its output does not change.
- * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP [HOLD]]] */
+ * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP]] */
 #include "ckpt_common.h"
 #include "objects.h"
 #include <pthread.h>
@@ -49,7 +49,7 @@ static void *ticker(void *arg) {
 
 int main(int argc, char **argv) {
     init(argc, argv);
-    if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP [HOLD]]]\n", argv[0]); return 2; }
+    if (argc < 5) { fprintf(stderr, "usage: %s OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP]]\n", argv[0]); return 2; }
     size_t mem = (size_t)atol(argv[2]) << 20;
     double rate = atof(argv[3]);
     long iters = atol(argv[4]);
@@ -87,9 +87,7 @@ int main(int argc, char **argv) {
         if (it == 5) ready();
         sleep_ms(10);
     }
-    if (argc > 7)
-        while (access(argv[7], F_OK) != 0) sleep_ms(10);
-    hold_on();                      /* WORKLOAD_HOLD: the same, with the ticker still ticking */
+    hold_on();                      /* WORKLOAD_HOLD, with the ticker still ticking */
     done = 1;
     if (with_ticker) pthread_join(t, NULL);
     uint64_t sum = 0;
