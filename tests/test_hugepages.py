@@ -219,9 +219,7 @@ JOB = ("32", "4", "500", "0", "1")        # 32 MiB on huge pages, 4 MiB/s of pag
 
 @pytest.fixture(scope="module")
 def reference_output(tmp_path_factory: pytest.TempPathFactory) -> str:
-    base = tmp_path_factory.mktemp("ref")
-    (base / "go").touch()
-    return run_reference("mig_dirty", base, *JOB, str(base / "go")).output()
+    return run_reference("mig_dirty", tmp_path_factory.mktemp("ref"), *JOB).output()
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -232,8 +230,7 @@ def test_a_job_on_huge_pages_migrates_and_converges(backend: str, tmp_path: Path
     while frozen: with whole huge pages reported it would be most of its memory)."""
     if thp_setting() == "never":
         pytest.skip("transparent huge pages are off (THP setting 'never')")
-    moved = tmp_path / "moved"         # the job ends only once it was moved
-    w = Workload("mig_dirty", tmp_path / "migrated", *JOB, str(moved))
+    w = Workload("mig_dirty", tmp_path / "migrated", *JOB, hold=True)    # ends once moved
     w.start()
     w.wait_ready()
     backed = sum(anon_huge_bytes(w.pid).values())
@@ -241,7 +238,7 @@ def test_a_job_on_huge_pages_migrates_and_converges(backend: str, tmp_path: Path
         pytest.skip(f"transparent huge pages unavailable (THP setting '{thp_setting()}', "
                     f"{backed >> 10} kB huge-page backed after MADV_HUGEPAGE)")
     code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost", "--tracker", backend, "--downtime", "20")
-    moved.touch()
+    w.release()
     assert code == 0, err
     assert w.reap_original() == -9
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
