@@ -206,7 +206,7 @@ def test_threads_keep_their_ids(tmp_path: Path) -> None:
     w.reap_original()
     tids = sorted(t["tid"] for t in json.loads(kcr("show", str(image)).stdout)["threads"])
     assert len(tids) == 5
-    res = kcr("restore", "-i", str(image), "--json")
+    res = kcr("restore", str(image), "--json")          # the image as a positional, like show's
     assert res.returncode == 0, res.stderr.decode()
     pid = json.loads(res.stdout)["pid"]
     assert pid == w.pid
