@@ -267,7 +267,7 @@ class Restorer:
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
                  stub_pid: int = 0, forked_from: "Restorer | None" = None,
-                 shared: SharedObjects | None = None, affinity: str = "refuse") -> None:
+                 shared: SharedObjects | None = None, affinity: str = "refuse", cgroup: str | None = None) -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
@@ -275,10 +275,12 @@ class Restorer:
         that one's, which may have begun: a process that joined a tree during a live migration). ``shared``: the shared memory
         objects of the processes restored together (each maps its own otherwise). ``affinity``:
         a thread pinned to CPUs this host lacks fails the restore ("refuse"), or is pinned to
-        those it has and the report warns ("warn", ``agent.sched``)."""
+        those it has and the report warns ("warn", ``agent.sched``). ``cgroup``: the unified
+        cgroup to put it in instead of its own (``--cgroup``)."""
         check_machine(header, xsave_supported_mask())
         sched.check_affinity(affinity)
         self.affinity = affinity
+        self.cgroup = cgroup
         self.header = header
         self.keep_ids = keep_ids
         self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
@@ -913,7 +915,7 @@ class Restorer:
             self._drop_gadget()
             self._final_registers(threads, new_tids)
             # Cgroups first: joining a cpuset resets the threads' CPU affinity.
-            self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname())
+            self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname(), self.cgroup)
             self._scheduling(proc, threads, new_tids)
         except InjectionError as exc:
             raise RestoreError(f"restore failed: {exc.strerror}") from None

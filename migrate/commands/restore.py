@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from migrate.cli import EXIT_USAGE, add_affinity, add_image_key, check_input, command, error, settle
+from migrate.cli import EXIT_USAGE, add_image_key, add_placement, check_input, command, error, settle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--new-pid", action="store_true",
                    help="restore under a new pid (and thread ids) instead of the process's own")
-    add_affinity(p)
+    add_placement(p)
     add_image_key(p)
     p.add_argument("--trust-image", action="store_true",
                    help="restore an image that is not signed, or whose signature does not verify with the "
@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     check_input(path)
     with open_input(path) as src:
         result = images.restore(src, new_pid=args.new_pid, trust_image=args.trust_image, image_key=args.image_key,
-                                on_running=settle, affinity=args.affinity)
+                                on_running=settle, affinity=args.affinity,
+                                cgroup=args.cgroup)
     for w in result.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.json:
