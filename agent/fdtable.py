@@ -195,12 +195,18 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
             elif f.kind == "fanotify":        # and a notification group's (or refused now)
                 fanotify.read(pid, f.fd, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
-        for obj, peers in outside_holders(set(objects), outside).items():
+        shared = outside_holders(set(objects), outside)
+        for obj, peers in shared.items():
             pid, info = objects[obj][0]
             what = "a pipe" if obj[0] == "pipe" else "a socket"
+            # Every fd of that process to the outside in one line (a job started over ssh has
+            # three), so one more try with them all redirected is the last.
+            fds = sorted({i.fd for o in shared for p, i in objects[o] if p == pid})
+            others = [fd for fd in fds if fd != info.fd]
+            also = f" (as are its fd{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
             raise UnsupportedResource(
-                f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it: give "
-                f"--redirect {info.fd}=PATH to open PATH in its place on the destination", pid=pid)
+                f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it{also}: "
+                f"give {_redirect_options(fds)} to open PATH in its place on the destination", pid=pid)
     return _share_descriptions(tables)
 
 
@@ -298,8 +304,10 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             continue
         kind, why = classify_fd(info)
         if kind is None:
-            raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
-                                      f"{_redirect_hint(info.fd, why)}", pid=pid)
+            same = [i.fd for i in infos if i.target == info.target and i.fd not in redirect]
+            fds = f"fd {info.fd}" if len(same) == 1 else f"fds {', '.join(map(str, same))}"
+            raise UnsupportedResource(f"pid {pid} has {why} open as {fds}: {_CANNOT}"
+                                      f"{_redirect_hint(same, why)}", pid=pid)
         if held and kind != "file":
             raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} (fd {info.fd}), "
                                       "which is not a regular file: kcr-migrate carries locks on regular files only", pid=pid)
@@ -440,10 +448,14 @@ def _memfd_seals(pid: int, fd: int, own: int) -> tuple[bool, int]:
 F_GET_SEALS = 1034
 
 
-def _redirect_hint(fd: int, why: str) -> str:
+def _redirect_hint(fds: Sequence[int], why: str) -> str:
     if why.startswith(_REDIRECTABLE):
-        return f", or give --redirect {fd}=PATH to open PATH in its place on the destination"
+        return f", or give {_redirect_options(fds)} to open PATH in its place on the destination"
     return ""
+
+
+def _redirect_options(fds: Sequence[int]) -> str:
+    return " ".join(f"--redirect {fd}=PATH" for fd in fds)
 
 
 def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], accept_waiting: bool = False) -> None:
@@ -457,11 +469,11 @@ def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], acc
         if info is None:
             raise UnsupportedResource(
                 f"pid {pid} has a socket other than a unix one (TCP, UDP, netlink, ...) open as fd {fd}: "
-                f"{_CANNOT}{_redirect_hint(fd, 'a socket')}", pid=pid)
+                f"{_CANNOT}{_redirect_hint([fd], 'a socket')}", pid=pid)
         if info.peer and info.peer not in sockets:
             raise UnsupportedResource(
                 f"pid {pid}'s fd {fd} is a unix socket connected to {_holder(info.peer, outside)}: {_CANNOT}"
-                f"{_redirect_hint(fd, 'a socket')}", pid=pid)
+                f"{_redirect_hint([fd], 'a socket')}", pid=pid)
         for client in info.icons:
             if client not in sockets:
                 raise UnsupportedResource(
