@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import cgroups, fdtable, ptrace, sched
+from agent import cgroups, fdtable, ptrace, sched, timens
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
@@ -52,10 +52,12 @@ ERESTART_CODES = (-512, -513, -514, -516)
 
 
 def image_header(pid: int, kind: str, xstate: bytes) -> ImageHeader:
+    clocks = timens.view(pid)
     return ImageHeader(
         format_version=FORMAT_VERSION, tool_version=TOOL_VERSION, kernel_release=platform.release(),
         arch=platform.machine(), page_size=PAGE_SIZE, xsave_mask=xsave_supported_mask(),
-        xsave_size=len(xstate), hostname=socket.gethostname(), created_unix=time.time(), pid=pid, kind=kind)
+        xsave_size=len(xstate), hostname=socket.gethostname(), created_unix=time.time(), pid=pid, kind=kind,
+        monotonic_ns=clocks.monotonic_ns, boottime_ns=clocks.boottime_ns, realtime_ns=clocks.realtime_ns)
 
 
 def _u64(data: bytes, off: int) -> int:

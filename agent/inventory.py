@@ -138,7 +138,7 @@ ROWS: tuple[Row, ...] = (
     Row("process", "namespaces of its own", REFUSED, readme="namespaces"),
     Row("process", "its parent", LOST, readme="its parent"),
     Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
-    Row("process", "monotonic clock continuity", LOST, readme="monotonic clock"),
+    Row("process", "its monotonic and boot-time clocks (and time namespace)", CARRIED),  # ImageHeader's
     # --- threads ----------------------------------------------------------------------------
     Row("thread", "its tid, name and registers", CARRIED, _f("ThreadState", "tid", "leader", "comm", "regs",
                                                              "xstate")),

@@ -11,7 +11,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from agent import inventory, sched
+from agent import inventory, sched, timens
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
 from transport.schema import CHAR_DEVICES, SHM_DIR, is_shm_path
 
@@ -376,8 +376,9 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         raise UnsupportedResource(f"pid {pid} runs under a seccomp filter: {fix}", pid=pid)
     ours = namespace_ids("self")
     theirs = namespace_ids(pid)
+    timens.check(pid, tree or ())        # its own time namespace moves with it
     for ns, ident in theirs.items():
-        if ns in ours and ours[ns] != ident:
+        if ns != "time" and ns in ours and ours[ns] != ident:
             raise UnsupportedResource(
                 f"pid {pid} lives in another {ns} namespace than kcr-migrate: run kcr-migrate inside the "
                 f"process's namespaces (e.g. with nsenter)", pid=pid)

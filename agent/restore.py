@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import cgroups, locks, ptrace, sched, stub
+from agent import cgroups, locks, ptrace, sched, stub, timens
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -440,11 +440,16 @@ class Restorer:
             self.filler = None      # no userfaultfd here: every page goes through /proc/PID/mem
 
     def _spawn(self) -> int:
-        """The stub, under the image's pid if ids are kept."""
+        """The stub, under the image's pid if ids are kept, in a time namespace of its own
+        where its clocks need one to go on as it saw them (``agent.timens``)."""
+        h = self.header
+        offsets = timens.needed(timens.Clocks(h.monotonic_ns, h.boottime_ns, h.realtime_ns))
+
+        def spawn(pid: int | None = None) -> int:
+            return stub.spawn(pid) if offsets is None else timens.spawn_in(offsets, lambda: stub.spawn(pid))
         if not self.keep_ids:
-            return stub.spawn()
-        pid = self.header.pid
-        return _while_going(pid, lambda: stub.spawn(pid))
+            return spawn()
+        return _while_going(h.pid, lambda: spawn(h.pid))
 
     def _call(self, name: str, *args: int) -> int:
         assert self.inj is not None

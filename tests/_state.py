@@ -480,6 +480,8 @@ UNOBSERVED: dict[str, str] = {
     "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "
                                                  "an image naming others",
     "interval timers": "only the process reads them (getitimer): the records compare them",
+    "its monotonic and boot-time clocks (and time namespace)":
+        "only the process reads them: tests/test_timens.py's job checks they never step",
     "a POSIX timer's overrun count": "counts expirations while frozen: the workloads check it",
     "membarrier registrations": "only the process reads them: the records compare them",
     "clear_child_tid, robust futex list, rseq": "only ptrace or the process reads them: the records compare them",

@@ -51,7 +51,9 @@ from transport.records import (
 # agents of version 3 are refused at the handshake instead of failing mid-stream.
 # 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
 # which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
-FORMAT_VERSION = 5
+# 6: the process's view of its monotonic and boot-time clocks (``ImageHeader.monotonic_ns``,
+# ...), which a version 5 reader would drop: the process would see them jump (``agent.timens``).
+FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -130,6 +132,11 @@ class ImageHeader(Record):
     pid: Pid
     kind: Annotated[str, Text(16)]        # "checkpoint" or "live"
     key_id: Annotated[str, Text(64)] = ""   # format 2: the id of the key that signed the image ("": unsigned)
+    # format 6: the process's clocks as it read them (its time namespace's offsets included) at
+    # ``realtime_ns``, the writer's real time then; 0: not known (``agent.timens``)
+    monotonic_ns: NonNegI64 = 0
+    boottime_ns: NonNegI64 = 0
+    realtime_ns: NonNegI64 = 0
 
     def validate(self) -> None:
         _check(self.kind in ("checkpoint", "live"), f"kind {self.kind!r}")
