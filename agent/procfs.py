@@ -372,8 +372,12 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         raise UnsupportedResource(
             f"pid {pid} ignores SIGTRAP: kcr-migrate's injected system calls would reset that to the "
             "default (agent/inject.py); kcr-migrate cannot move it yet", pid=pid)
-    if status.get("Seccomp", "0") != "0":
-        raise UnsupportedResource(f"pid {pid} runs under a seccomp filter: {fix}", pid=pid)
+    from agent import seccomp    # it reads /proc through this module
+    tids = thread_ids(pid)
+    if status.get("TracerPid", "0") == "0":
+        seccomp.check_running(pid, tids)      # not frozen by us: the filters are read here
+    else:
+        seccomp.check_rights(pid, [seccomp.mode(t) for t in tids])   # frozen: the dump reads them
     ours = namespace_ids("self")
     theirs = namespace_ids(pid)
     for ns, ident in theirs.items():

@@ -465,6 +465,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "signal mask and pending signals": _per_thread(lambda p, t: (p.status(t)["SigBlk"],
                                                                  _pending_mask(p.status(t)["SigPnd"]))),
     "scheduling": _per_thread(_sched),
+    "seccomp: strict mode, filters and their log flag": _per_thread(
+        lambda p, t: (p.status(t)["Seccomp"], p.status(t)["Seccomp_filters"], p.status(t)["NoNewPrivs"])),
     "CPU pinning": _per_thread(lambda p, t: (sorted(os.sched_getaffinity(t)), p.status(t)["Cpus_allowed_list"])),
 }
 

@@ -1,0 +1,91 @@
+"""Seccomp filters: a process under filters is checkpointed and restored, or moved, and its
+filters still act in each thread as they did (and /proc shows the same chains); a filter that
+hands calls to a supervisor is refused in one line and the process runs on."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._migration import migrate_cli
+from tests._state import Watch
+from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap, start_reference
+from tests.test_checkpoint import checkpoint_and_restore
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def _ends_killed_by_its_filter(status: int) -> bool:
+    # The workload's last call is one a filter answers with SECCOMP_RET_KILL_PROCESS.
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+
+
+@pytest.mark.parametrize("mode,live", [("shared", False), ("own", False), ("shared", True)],
+                         ids=["one-chain-checkpoint", "chain-per-thread-checkpoint", "one-chain-live"])
+def test_filters_act_as_before_after_the_move(tmp_path: Path, mode: str, live: bool) -> None:
+    """Two threads under three filters (one failing getppid with errno 42, one killing the
+    process at acct, logged, one failing prctl with EPERM, which the dump's and the restore's
+    own prctls must pass): shared by both threads (TSYNC), or the last two in one thread only."""
+    ref = start_reference("ckpt_seccomp", tmp_path, mode)
+    w = Workload("ckpt_seccomp", tmp_path / "restored", mode, hold=True)
+    w.start()
+    w.wait_ready()
+    watch = Watch(w)            # the state, the seccomp row among it: mode, filters, no_new_privs per thread
+    if live:
+        code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+        assert code == 0, err
+        assert w.reap_original() == -signal.SIGKILL
+        new_pid = int(report["new_pid"])
+    else:
+        new_pid, _ = checkpoint_and_restore(w, tmp_path)
+    watch.check(new_pid)
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert _ends_killed_by_its_filter(reap(new_pid))
+    assert ref.verdict() == "PASS", (ref.dir / "stderr").read_text()
+    assert ref.reap_original() == -signal.SIGSYS
+    assert w.output() == ref.output()
+    other = "prctl -1 errno 1, mode 2, filters 3" if mode == "shared" else "prctl 0 errno 0, mode 2, filters 1"
+    assert w.output() == ("main: getppid -1 errno 42, prctl -1 errno 1, mode 2, filters 3\n"
+                          f"other: getppid -1 errno 42, {other}\n")
+
+
+# A filter answering getppid with SECCOMP_RET_USER_NOTIF (its listener closed at once: calls
+# then fail with ENOSYS, but a supervisor holding it would have answered them).
+USER_NOTIF = r"""
+import ctypes, os, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(38, 1, 0, 0, 0)                                          # PR_SET_NO_NEW_PRIVS
+insns = [(0x20, 0, 0, 0), (0x15, 0, 1, 110), (0x06, 0, 0, 0x7fc00000), (0x06, 0, 0, 0x7fff0000)]
+prog = ctypes.create_string_buffer(b"".join(struct.pack("<HBBI", *i) for i in insns))
+fprog = struct.pack("<HxxxxxxQ", len(insns), ctypes.addressof(prog))
+fd = libc.syscall(317, 1, 8, ctypes.c_char_p(fprog))                # SECCOMP_FILTER_FLAG_NEW_LISTENER
+assert fd >= 0, ctypes.get_errno()
+os.close(fd)
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
+def test_a_filter_with_a_supervisor_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "notif.py"
+    path.write_text(USER_NOTIF)
+    w = Workload("notif", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "notif")])
+    w.start()
+    w.wait_ready()
+    try:
+        res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "x.img"))
+        assert res.returncode != 0
+        assert "hands calls to a supervisor (SECCOMP_RET_USER_NOTIF)" in one_error_line(res.stderr)
+        assert not (tmp_path / "x.img").exists()
+        with open(f"/proc/{w.pid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+        os.kill(w.pid, 0)                   # it runs on
+    finally:
+        os.kill(w.pid, signal.SIGKILL)
+        w.reap_original()
