@@ -89,3 +89,22 @@ def test_a_filter_with_a_supervisor_is_refused_in_one_line(tmp_path: Path) -> No
     finally:
         os.kill(w.pid, signal.SIGKILL)
         w.reap_original()
+
+
+def test_strict_mode_holds_after_checkpoint_and_restore(tmp_path: Path) -> None:
+    """A thread in strict mode, waiting in read(): restored, its signal handler still runs and
+    wakes it (read, write and sigreturn pass), and the first other call kills it."""
+    w = Workload("ckpt_seccomp", tmp_path, "strict")
+    w.start()
+    w.wait_ready()
+    with open(f"/proc/{w.pid}/status") as f:
+        while "Seccomp:\t1\n" not in f.read():     # it enters strict mode just after it is ready
+            f.seek(0)
+            os.sched_yield()
+    watch = Watch(w)
+    new_pid, _ = checkpoint_and_restore(w, tmp_path)
+    watch.check(new_pid)
+    os.kill(new_pid, signal.SIGUSR1)
+    status = reap(new_pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert w.output() == "strict mode holds\n"

@@ -5,12 +5,16 @@
  *   filter 2 (SECCOMP_FILTER_FLAG_LOG): acct() kills the process (SIGSYS), the last call made;
  *   filter 3: prctl() fails with EPERM (the dump's and restore's injected prctls must pass it).
  * "shared": all three with TSYNC, so both threads share the chain of three; "own": filter 1
- * with TSYNC, then 2 and 3 in the main thread only (its chain of three, the other's of one). */
+ * with TSYNC, then 2 and 3 in the main thread only (its chain of three, the other's of one).
+ * "strict": one thread in strict mode (read, write, exit, sigreturn only), waiting in read()
+ * on a pipe that its SIGUSR1 handler writes to; then it writes "strict mode holds" and makes
+ * a call strict mode forbids: killed (SIGKILL). */
 #include "ckpt_common.h"
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -70,8 +74,39 @@ static void *other(void *arg) {
     return NULL;
 }
 
+static int wake[2];
+
+static void on_usr1(int sig) {
+    (void)sig;
+    char c = 1;
+    if (write(wake[1], &c, 1) != 1) _exit(3);
+}
+
+static int strict(void) {
+    FILE *out = open_output();
+    struct rlimit nocore = { 0, 0 };
+    setrlimit(RLIMIT_CORE, &nocore);
+    if (pipe(wake) != 0) return 3;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGUSR1, &sa, NULL);
+    int fd = fileno(out);
+    static const char line[] = "strict mode holds\n";
+    ready();
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT) != 0) return 4;
+    char c;
+    if (read(wake[0], &c, 1) == 1)            /* woken by SIGUSR1, after the move */
+        if (write(fd, line, sizeof line - 1) < 0) _exit(5);
+    syscall(SYS_getpid);                      /* strict mode kills it here */
+    syscall(SYS_exit, 6);                     /* not reached */
+    return 6;
+}
+
 int main(int argc, char **argv) {
     init(argc, argv);
+    if (argc > 2 && strcmp(argv[2], "strict") == 0) return strict();
     int own = argc > 2 && strcmp(argv[2], "own") == 0;
     struct rlimit nocore = { 0, 0 };
     setrlimit(RLIMIT_CORE, &nocore);          /* the SIGSYS at the end dumps no core */
