@@ -108,9 +108,8 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "a file in a directory of /dev/shm, mapped", REFUSED, readme="files in a directory of /dev/shm"),
     Row("memory", "a device mapping", REFUSED, readme="device mappings"),
     Row("memory", "a deleted file or memfd mapped (shared or private) and held open", CARRIED),
-    Row("memory", "a memfd mapped but not held open", REFUSED, readme="memfds mapped but not held open"),
-    Row("memory", "a deleted file mapped privately but not held open", REFUSED,
-        readme="deleted files mapped privately that no fd of the job holds"),
+    Row("memory", "a memfd mapped but not held open, or a deleted file mapped privately", CARRIED,
+        _f("FileContents", "name")),
     Row("memory", "NUMA placement", LOST, readme="NUMA"),
     # --- the process ------------------------------------------------------------------------
     Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),

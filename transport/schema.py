@@ -52,7 +52,8 @@ from transport.records import (
 # 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
 # which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
 # 6: a thread's seccomp mode and filters (``ThreadState.seccomp``, ``seccomp_filters``), which a
-# version 5 reader would drop: the process would run unfiltered.
+# version 5 reader would drop: the process would run unfiltered. Deleted files and memfds the
+# job maps but holds no fd of (``FileContents.name``), which a version 5 reader would make nameless.
 FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -717,7 +718,8 @@ class FileContents(Record):
     "deleted" name it by ``id``); the file is made again, unlinked, from its slices. A memfd
     is made again as a memfd of its name (the fd's path, ``/memfd:NAME``), with its seals
     (``F_GET_SEALS``) added once its contents are in. Shared mappings of the file are mapped
-    from the file made again (``Vma.ino`` is ``id``)."""
+    from the file made again (``Vma.ino`` is ``id``). One no fd of the job holds, only its
+    mappings (a memfd mapped and closed), is carried the same way, and made again by ``name``."""
 
     TYPE = 13
     id: ObjectId             # the file's inode on the source host
@@ -736,9 +738,13 @@ class FileContents(Record):
     path: Annotated[str, AbsPath(optional=True)] = ""
     dev: U64 = 0
     boot: Annotated[str, Text(64)] = ""
+    # format 6: a deleted file or memfd that no fd of the job holds, only mappings: the name
+    # they show (``/memfd:NAME``, or the path the file had), to make it again by (no fd names it)
+    name: Annotated[str, AbsPath(optional=True)] = ""
 
     def validate(self) -> None:
         _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
+        _check(not (self.path and self.name), f"file {self.id}: a /dev/shm file with the name of a deleted one")
         _check(self.memfd or not self.seals, f"deleted file {self.id}: seals on a file that is no memfd")
         _check(not (self.path and self.memfd), f"file {self.id}: a memfd with a path")
         _check(not self.path or is_shm_path(self.path), f"file {self.id}: {self.path[:80]!r} is not a file of {SHM_DIR}")
