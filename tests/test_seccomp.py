@@ -55,6 +55,47 @@ def test_filters_act_as_before_after_the_move(tmp_path: Path, mode: str, live: b
                           f"other: getppid -1 errno 42, {other}\n")
 
 
+# CPython under a filter (logged) that fails uname() with EPERM, as a sandbox's would.
+PYTHON_FILTERED = r"""
+import ctypes, os, struct, sys, time
+out_dir = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(38, 1, 0, 0, 0)                                          # PR_SET_NO_NEW_PRIVS
+insns = [(0x20, 0, 0, 0), (0x15, 0, 1, 63), (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7fff0000)]
+prog = ctypes.create_string_buffer(b"".join(struct.pack("<HBBI", *i) for i in insns))
+fprog = struct.pack("<HxxxxxxQ", len(insns), ctypes.addressof(prog))
+assert libc.syscall(317, 1, 2, ctypes.c_char_p(fprog)) == 0, ctypes.get_errno()   # SECCOMP_FILTER_FLAG_LOG
+open(os.path.join(out_dir, "ready"), "w").close()
+while not os.path.exists(os.path.join(out_dir, "go")):
+    time.sleep(0.01)
+try:
+    os.uname()
+    result = "uname works"
+except PermissionError:
+    result = "uname EPERM"
+with open(os.path.join(out_dir, "output"), "w") as f:
+    f.write(result + "\n")
+os.replace(os.path.join(out_dir, "output"), os.path.join(out_dir, "verdict"))
+"""
+
+
+def test_cpython_under_a_filter(tmp_path: Path) -> None:
+    path = tmp_path / "filtered.py"
+    path.write_text(PYTHON_FILTERED)
+    w = Workload("filtered", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "filtered")])
+    w.start()
+    w.wait_ready()
+    with open(f"/proc/{w.pid}/status") as f:
+        assert "Seccomp_filters:\t1\n" in f.read()
+    new_pid, _ = checkpoint_and_restore(w, tmp_path)
+    with open(f"/proc/{new_pid}/status") as f:
+        status = f.read()
+    assert "Seccomp:\t2\n" in status and "Seccomp_filters:\t1\n" in status and "NoNewPrivs:\t1\n" in status
+    (w.dir / "go").touch()
+    assert w.verdict() == "uname EPERM"
+    assert os.WEXITSTATUS(reap(new_pid)) == 0
+
+
 # A filter answering getppid with SECCOMP_RET_USER_NOTIF (its listener closed at once: calls
 # then fail with ENOSYS, but a supervisor holding it would have answered them).
 USER_NOTIF = r"""
