@@ -513,6 +513,8 @@ VOLATILE: dict[str, Callable[[Any], object] | None] = {
     "Vma.file_mtime_ns": None,
     "EventFile.queued": None,            # not carried (warned): the new queue fills with what happens since
     "Vma.ino": None,                     # a deleted file or memfd made again is another inode
+    # a deleted file only mapped, made again: named by its directory (its name is gone with it)
+    "FileContents.name": lambda n: n if not n or n.startswith("/memfd:") else _deleted_name(n),
 }
 # Fields that hold pids (written as labels) and ids (written as first-seen order).
 PIDS = {"ProcessState.pid", "ThreadState.tid", "PosixTimer.tid", "EventFile.pid", "FileDesc.owner"}
