@@ -35,6 +35,7 @@ from transport.errors import UnsupportedResource
 from transport.schema import (
     BPF_INSN_SIZE,
     BPF_MAXINSNS,
+    SECCOMP_FILTER_FLAG_LOG,
     SECCOMP_MODE_DISABLED,
     SECCOMP_MODE_FILTER,
     SECCOMP_MODE_STRICT,
@@ -94,7 +95,7 @@ def read_filters(tid: int) -> tuple[SeccompFilter, ...]:
             raise UnsupportedResource(f"thread {tid}'s seccomp filter {index} has {n} instructions", pid=tid)
         struct.pack_into("<QQ", meta, 0, index, 0)
         ptrace._request(PTRACE_SECCOMP_GET_METADATA, tid, 16, ctypes.addressof(meta))
-        flags = struct.unpack_from("<QQ", meta.raw)[1]
+        flags = struct.unpack_from("<QQ", meta.raw)[1] & SECCOMP_FILTER_FLAG_LOG    # the one it reports
         out.append(SeccompFilter(flags=flags, program=buf.raw[: n * BPF_INSN_SIZE]))
 
 

@@ -113,16 +113,39 @@ time.sleep(600)
 """
 
 
-def test_a_filter_with_a_supervisor_is_refused_in_one_line(tmp_path: Path) -> None:
-    path = tmp_path / "notif.py"
-    path.write_text(USER_NOTIF)
-    w = Workload("notif", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "notif")])
+# A filter installed by root without no_new_privs, CAP_SYS_ADMIN dropped since (capset).
+CAP_DROPPED = r"""
+import ctypes, os, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+insns = [(0x20, 0, 0, 0), (0x15, 0, 1, 63), (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7fff0000)]
+prog = ctypes.create_string_buffer(b"".join(struct.pack("<HBBI", *i) for i in insns))
+fprog = struct.pack("<HxxxxxxQ", len(insns), ctypes.addressof(prog))
+assert libc.syscall(317, 1, 0, ctypes.c_char_p(fprog)) == 0, ctypes.get_errno()
+header = ctypes.create_string_buffer(struct.pack("<Ii", 0x20080522, 0))
+data = ctypes.create_string_buffer(24)
+assert libc.syscall(125, header, data) == 0                          # capget
+eff, prm, inh, eff1, prm1, inh1 = struct.unpack("<6I", data.raw)
+data = ctypes.create_string_buffer(struct.pack("<6I", eff & ~(1 << 21), prm & ~(1 << 21), inh, eff1, prm1, inh1))
+assert libc.syscall(126, header, data) == 0, ctypes.get_errno()     # capset: CAP_SYS_ADMIN gone
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("script,expected", [
+    (USER_NOTIF, "hands calls to a supervisor (SECCOMP_RET_USER_NOTIF)"),
+    (CAP_DROPPED, "installed while it had a capability it has dropped since (CAP_SYS_ADMIN, without no_new_privs)"),
+], ids=["user-notif", "cap-dropped"])
+def test_filters_that_cannot_be_carried_are_refused_in_one_line(tmp_path: Path, script: str, expected: str) -> None:
+    path = tmp_path / "refused.py"
+    path.write_text(script)
+    w = Workload("refused", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "refused")])
     w.start()
     w.wait_ready()
     try:
         res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "x.img"))
         assert res.returncode != 0
-        assert "hands calls to a supervisor (SECCOMP_RET_USER_NOTIF)" in one_error_line(res.stderr)
+        assert expected in one_error_line(res.stderr)
         assert not (tmp_path / "x.img").exists()
         with open(f"/proc/{w.pid}/status") as f:
             assert "TracerPid:\t0\n" in f.read()
