@@ -1313,12 +1313,16 @@ class Restorer:
             self.report.syscalls += 1
             inj.call("seccomp", seccomp.SECCOMP_SET_MODE_STRICT, 0, 0)
             return
-        for f in t.seccomp_filters:
+        for i, f in enumerate(t.seccomp_filters):
             program = self._put(f.program, SECCOMP_PROGRAM)
             self.report.syscalls += 1
-            got = inj.call("seccomp", seccomp.SECCOMP_SET_MODE_FILTER,
-                           f.flags | (seccomp.SECCOMP_FILTER_FLAG_TSYNC if tsync else 0),
-                           self._put(seccomp.fprog(program, f.program), SECCOMP_FPROG))
+            try:
+                got = inj.call("seccomp", seccomp.SECCOMP_SET_MODE_FILTER,
+                               f.flags | (seccomp.SECCOMP_FILTER_FLAG_TSYNC if tsync else 0),
+                               self._put(seccomp.fprog(program, f.program), SECCOMP_FPROG))
+            except InjectionError as exc:
+                raise RestoreError(f"thread {t.tid}'s seccomp filter {i + 1} of {len(t.seccomp_filters)} could not be "
+                                   f"installed again: {os.strerror(exc.errno)}") from None
             if got:       # TSYNC: the thread that could not take the filter
                 raise RestoreError(f"thread {got} could not take the process's seccomp filters")
 
