@@ -1322,7 +1322,7 @@ class Restorer:
                                self._put(seccomp.fprog(program, f.program), SECCOMP_FPROG))
             except InjectionError as exc:
                 raise RestoreError(f"thread {t.tid}'s seccomp filter {i + 1} of {len(t.seccomp_filters)} could not be "
-                                   f"installed again: {os.strerror(exc.errno)}") from None
+                                   f"installed again: {os.strerror(exc.errno or 0)}") from None
             if got:       # TSYNC: the thread that could not take the filter
                 raise RestoreError(f"thread {got} could not take the process's seccomp filters")
 
