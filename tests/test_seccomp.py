@@ -14,6 +14,7 @@ from tests._migration import migrate_cli
 from tests._state import Watch
 from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap, start_reference
 from tests.test_checkpoint import checkpoint_and_restore
+from tests.test_trees import checkpoint, image_restored, tree
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,17 +56,20 @@ def test_filters_act_as_before_after_the_move(tmp_path: Path, mode: str, live: b
                           f"other: getppid -1 errno 42, {other}\n")
 
 
-# CPython under a filter (logged) that fails uname() with EPERM, as a sandbox's would.
+# CPython under a filter (logged) that fails uname() with EPERM, as a sandbox's would; with
+# "fork", a child made after the filter inherits it.
 PYTHON_FILTERED = r"""
 import ctypes, os, struct, sys, time
-out_dir = sys.argv[1]
+out_dir, mode = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(38, 1, 0, 0, 0)                                          # PR_SET_NO_NEW_PRIVS
 insns = [(0x20, 0, 0, 0), (0x15, 0, 1, 63), (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x7fff0000)]
 prog = ctypes.create_string_buffer(b"".join(struct.pack("<HBBI", *i) for i in insns))
 fprog = struct.pack("<HxxxxxxQ", len(insns), ctypes.addressof(prog))
 assert libc.syscall(317, 1, 2, ctypes.c_char_p(fprog)) == 0, ctypes.get_errno()   # SECCOMP_FILTER_FLAG_LOG
-open(os.path.join(out_dir, "ready"), "w").close()
+child = os.fork() if mode == "fork" else -1
+if child:
+    open(os.path.join(out_dir, "ready"), "w").close()
 while not os.path.exists(os.path.join(out_dir, "go")):
     time.sleep(0.01)
 try:
@@ -73,26 +77,43 @@ try:
     result = "uname works"
 except PermissionError:
     result = "uname EPERM"
+if child == 0:
+    os._exit(0 if result == "uname EPERM" else 1)
+if child > 0:
+    _, status = os.waitpid(child, 0)
+    result += ", child " + ("EPERM" if status == 0 else "unfiltered")
 with open(os.path.join(out_dir, "output"), "w") as f:
     f.write(result + "\n")
 os.replace(os.path.join(out_dir, "output"), os.path.join(out_dir, "verdict"))
 """
 
 
-def test_cpython_under_a_filter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["alone", "fork"], ids=["process", "tree"])
+def test_cpython_under_a_filter(tmp_path: Path, mode: str) -> None:
+    """CPython under a filter, alone, or with a child that inherited it (each process of the
+    restored tree gets its own chain again)."""
     path = tmp_path / "filtered.py"
     path.write_text(PYTHON_FILTERED)
-    w = Workload("filtered", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "filtered")])
+    w = Workload("filtered", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "filtered"), mode])
     w.start()
     w.wait_ready()
-    with open(f"/proc/{w.pid}/status") as f:
-        assert "Seccomp_filters:\t1\n" in f.read()
-    new_pid, _ = checkpoint_and_restore(w, tmp_path)
-    with open(f"/proc/{new_pid}/status") as f:
-        status = f.read()
-    assert "Seccomp:\t2\n" in status and "Seccomp_filters:\t1\n" in status and "NoNewPrivs:\t1\n" in status
+    before = tree(w.pid)
+    assert len(before) == (2 if mode == "fork" else 1)
+    for pid in before:
+        with open(f"/proc/{pid}/status") as f:
+            assert "Seccomp_filters:\t1\n" in f.read()
+    if mode == "fork":
+        checkpoint(w.pid, tmp_path / "tree.img", 2)
+        assert w.reap_original() == -signal.SIGKILL
+        new_pid = image_restored(tmp_path / "tree.img", before)
+    else:
+        new_pid, _ = checkpoint_and_restore(w, tmp_path)
+    for pid in before:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        assert "Seccomp:\t2\n" in status and "Seccomp_filters:\t1\n" in status and "NoNewPrivs:\t1\n" in status
     (w.dir / "go").touch()
-    assert w.verdict() == "uname EPERM"
+    assert w.verdict() == ("uname EPERM, child EPERM" if mode == "fork" else "uname EPERM")
     assert os.WEXITSTATUS(reap(new_pid)) == 0
 
 
