@@ -48,7 +48,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
-from agent.procfs import FdInfo, classify_fd, fd_links, list_fds, read_text, thread_ids
+from agent.procfs import FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only, read_text, thread_ids
+from precopy.layout import read_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -172,6 +173,8 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
+    for ino, m in job_mapped_only(pids, set(deleted)).items():
+        deleted[ino] = check_mapped_only(m, MAX_DELETED_FILE).st_size
     in_shm = shm_files.check_size(shm_files.find(pids), pids[0])
     if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
@@ -412,15 +415,26 @@ def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
                     pos=info.pos, size=st.st_size, obj=st.st_ino)
 
 
-def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
-    """A deleted file's contents in slices, read through the process's fd (it has no name)."""
-    own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+def job_mapped_only(pids: Sequence[int], held: set[int]) -> dict[int, MappedOnly]:
+    """The deleted files and memfds the job maps but holds no fd of (``held``: the inodes it
+    holds), by inode: carried whole like held ones, made again by the name their mappings show."""
+    out: dict[int, MappedOnly] = {}
+    for pid in pids:
+        for ino, m in mapped_only(pid, read_maps(pid), held).items():
+            out.setdefault(ino, m)
+    return out
+
+
+def _deleted_contents(pid: int, source: str, ino: int) -> list[FileContents]:
+    """A deleted file's contents in slices, read through ``source``, the process's fd or
+    mapping of it under /proc (it has no name)."""
+    own = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(own)
         if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
-            raise UnsupportedResource(f"pid {pid}'s deleted file on fd {fd} changed while it was being read: "
+            raise UnsupportedResource(f"pid {pid}'s deleted file {source} changed while it was being read: "
                                       "try again", pid=pid)
-        memfd, seals = _memfd_seals(pid, fd, own)
+        memfd, seals = _memfd_seals(source, own)
         slices, offset = [], 0
         while True:
             data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
@@ -434,10 +448,10 @@ def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
         os.close(own)
 
 
-def _memfd_seals(pid: int, fd: int, own: int) -> tuple[bool, int]:
+def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
     """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
     (a file of /dev/shm takes it too, but is named by its path)."""
-    if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+    if not os.readlink(source).startswith("/memfd:"):
         return False, 0
     try:
         return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS
@@ -713,7 +727,9 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         event_files[pid].append(_event_file(pid, f, obj))
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
-        contents[pid] += _deleted_contents(pid, fd, ino)
+        contents[pid] += _deleted_contents(pid, f"/proc/{pid}/fd/{fd}", ino)
+    for ino, m in job_mapped_only(pids, set(deleted)).items():
+        contents[m.pid] += [replace(c, name=m.name) for c in _deleted_contents(m.pid, m.source, ino)]
     for pid, slices in shm_files.contents(shm_files.find(pids)).items():
         contents[pid] += slices
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),

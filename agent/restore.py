@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import cgroups, locks, ptrace, sched, stub, timens
+from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -81,6 +81,7 @@ from transport.schema import (
     AUDIT_UID_UNSET,
     MEMBARRIER_REGISTER_COMMANDS,
     PAGE_SIZE,
+    SECCOMP_MODE_STRICT,
     TASK_SIZE,
     Creds,
     EpollWatch,
@@ -104,6 +105,8 @@ from transport.schema import (
     is_shm_path,
 )
 
+STUB_OPTIONS = ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_EXITKILL
+SECCOMP_FPROG, SECCOMP_PROGRAM = 4096, 8192   # where ``_seccomp`` puts its arguments in the scratch
 GADGET_PAGES = 20           # page 0: "syscall; int3" and BATCH_CODE; 1-3: scratch for arguments;
 BATCH_PAGES = 16            # 4-19: the table of a batch of system calls (``Injector.batch``)
 BATCH_CODE_OFFSET = 16
@@ -337,7 +340,7 @@ class Restorer:
         try:
             # EXITKILL: if the restorer dies before resume, the half-built process dies with it
             # (and its children made by ``fork``, which inherit these options).
-            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_EXITKILL)
+            ptrace.seize(self.pid, STUB_OPTIONS)
             ptrace.interrupt(self.pid)
             ptrace.wait_stop(self.pid)
             self._stopped = True
@@ -917,6 +920,7 @@ class Restorer:
             new_tids = self._threads(proc, threads, lent_cap=lend)
             self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
+            self._seccomp(threads, new_tids)     # the last calls injected: the filters could forbid ours
             self._drop_gadget()
             self._final_registers(threads, new_tids)
             # Cgroups first: joining a cpuset resets the threads' CPU affinity.
@@ -1286,6 +1290,48 @@ class Restorer:
             for info in t.pending:
                 signo = int.from_bytes(info[:4], "little")
                 self._call("rt_tgsigqueueinfo", self.pid, new_tids[t.tid], signo, self._put(info))
+
+    def _seccomp(self, threads: list[ThreadState], new_tids: dict[int, int]) -> None:
+        """Each thread's seccomp mode and filters (oldest first), the last calls injected into
+        it: once in, the filters could forbid any of ours. Threads that share one chain get it
+        from the leader in one call per filter (TSYNC); others each install their own. The one
+        call left, the leader's munmap of the gadget, runs with its filters suspended
+        (PTRACE_O_SUSPEND_SECCOMP; the detach at ``resume`` ends that)."""
+        if not any(t.seccomp for t in threads):
+            return
+        assert self.inj is not None
+        if not seccomp.suspend(self.pid, STUB_OPTIONS):
+            raise RestoreError("the process runs under seccomp, which only root can restore: run kcr-migrate "
+                               "restore as root")
+        leader = next(t for t in threads if t.leader)
+        together = len(threads) > 1 and seccomp.shared_chain(threads)
+        for t in threads if not together else ():
+            if t.leader or not t.seccomp:
+                continue
+            child = Injector(new_tids[t.tid], self.gadget)
+            try:
+                self._seccomp_thread(child, t, tsync=False)
+            finally:
+                child.close()
+        self._seccomp_thread(self.inj, leader, tsync=together)
+
+    def _seccomp_thread(self, inj: Injector, t: ThreadState, tsync: bool) -> None:
+        if t.seccomp == SECCOMP_MODE_STRICT:
+            self.report.syscalls += 1
+            inj.call("seccomp", seccomp.SECCOMP_SET_MODE_STRICT, 0, 0)
+            return
+        for i, f in enumerate(t.seccomp_filters):
+            program = self._put(f.program, SECCOMP_PROGRAM)
+            self.report.syscalls += 1
+            try:
+                got = inj.call("seccomp", seccomp.SECCOMP_SET_MODE_FILTER,
+                               f.flags | (seccomp.SECCOMP_FILTER_FLAG_TSYNC if tsync else 0),
+                               self._put(seccomp.fprog(program, f.program), SECCOMP_FPROG))
+            except InjectionError as exc:
+                raise RestoreError(f"thread {t.tid}'s seccomp filter {i + 1} of {len(t.seccomp_filters)} could not be "
+                                   f"installed again: {os.strerror(exc.errno or 0)}") from None
+            if got:       # TSYNC: the thread that could not take the filter
+                raise RestoreError(f"thread {got} could not take the process's seccomp filters")
 
     def _drop_gadget(self) -> None:
         # The munmap runs from the gadget page itself: the single step stops right after it.

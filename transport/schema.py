@@ -51,8 +51,11 @@ from transport.records import (
 # agents of version 3 are refused at the handshake instead of failing mid-stream.
 # 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
 # which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
-# 6: the process's view of its monotonic and boot-time clocks (``ImageHeader.monotonic_ns``,
-# ...), which a version 5 reader would drop: the process would see them jump (``agent.timens``).
+# 6: a thread's seccomp mode and filters (``ThreadState.seccomp``, ``seccomp_filters``), which a
+# version 5 reader would drop: the process would run unfiltered. Deleted files and memfds the
+# job maps but holds no fd of (``FileContents.name``), which a version 5 reader would make nameless.
+# The process's view of its monotonic and boot-time clocks (``ImageHeader.monotonic_ns``, ...),
+# which a version 5 reader would drop: the process would see them jump (``agent.timens``).
 FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -722,7 +725,8 @@ class FileContents(Record):
     "deleted" name it by ``id``); the file is made again, unlinked, from its slices. A memfd
     is made again as a memfd of its name (the fd's path, ``/memfd:NAME``), with its seals
     (``F_GET_SEALS``) added once its contents are in. Shared mappings of the file are mapped
-    from the file made again (``Vma.ino`` is ``id``)."""
+    from the file made again (``Vma.ino`` is ``id``). One no fd of the job holds, only its
+    mappings (a memfd mapped and closed), is carried the same way, and made again by ``name``."""
 
     TYPE = 13
     id: ObjectId             # the file's inode on the source host
@@ -741,9 +745,13 @@ class FileContents(Record):
     path: Annotated[str, AbsPath(optional=True)] = ""
     dev: U64 = 0
     boot: Annotated[str, Text(64)] = ""
+    # format 6: a deleted file or memfd that no fd of the job holds, only mappings: the name
+    # they show (``/memfd:NAME``, or the path the file had), to make it again by (no fd names it)
+    name: Annotated[str, AbsPath(optional=True)] = ""
 
     def validate(self) -> None:
         _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
+        _check(not (self.path and self.name), f"file {self.id}: a /dev/shm file with the name of a deleted one")
         _check(self.memfd or not self.seals, f"deleted file {self.id}: seals on a file that is no memfd")
         _check(not (self.path and self.memfd), f"file {self.id}: a memfd with a path")
         _check(not self.path or is_shm_path(self.path), f"file {self.id}: {self.path[:80]!r} is not a file of {SHM_DIR}")
@@ -818,6 +826,27 @@ class GpRegs:
         return cls(**dict(zip(GP_REG_NAMES, values)))
 
 
+# Seccomp (linux/seccomp.h, linux/filter.h): a thread's mode, and in filter mode its chain of
+# classic BPF programs, oldest first, each with the flags the kernel reports for it.
+SECCOMP_MODE_DISABLED, SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 0, 1, 2
+SECCOMP_FILTER_FLAG_LOG = 2
+BPF_MAXINSNS = 4096           # instructions of one program
+BPF_INSN_SIZE = 8             # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+MAX_INSNS_PER_PATH = 1 << 15  # the kernel's bound on a chain: each program's length plus 4
+MAX_SECCOMP_FILTERS = MAX_INSNS_PER_PATH // 5
+
+
+@dataclass(frozen=True)
+class SeccompFilter:
+    flags: Annotated[int, Int(0, SECCOMP_FILTER_FLAG_LOG, "seccomp filter flags")]  # SECCOMP_FILTER_FLAG_LOG
+    program: Annotated[bytes, Blob(BPF_MAXINSNS * BPF_INSN_SIZE, BPF_INSN_SIZE)]     # struct sock_filter[]
+
+    def validate(self) -> None:
+        _check(self.flags in (0, SECCOMP_FILTER_FLAG_LOG), f"seccomp filter flags {self.flags:#x}")
+        _check(len(self.program) % BPF_INSN_SIZE == 0,
+               f"a seccomp program of {len(self.program)} bytes (8-byte instructions)")
+
+
 @dataclass(frozen=True)
 class ThreadState(Record):
     TYPE = 5
@@ -848,9 +877,17 @@ class ThreadState(Record):
     cpus: Annotated[bytes, Blob(MAX_CPUS // 8)] = b""
     timer_slack_ns: U64 = 0
     ioprio: Annotated[int, Int(0, (3 << 13) | 7, "an I/O priority")] = 0   # ionice: class << 13 | level
+    # format 6: SECCOMP_MODE_*, and in filter mode the thread's filters, oldest first
+    seccomp: Annotated[int, Int(0, SECCOMP_MODE_FILTER, "a seccomp mode")] = 0
+    seccomp_filters: Annotated[tuple[SeccompFilter, ...], Count(MAX_SECCOMP_FILTERS)] = ()
 
     def validate(self) -> None:
         _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
+        _check((self.seccomp == SECCOMP_MODE_FILTER) == bool(self.seccomp_filters),
+               f"seccomp mode {self.seccomp} with {len(self.seccomp_filters)} filters")
+        insns = sum(len(f.program) // BPF_INSN_SIZE + 4 for f in self.seccomp_filters)
+        _check(insns <= MAX_INSNS_PER_PATH, f"seccomp filters of {insns} instructions in all (the kernel "
+                                            f"takes {MAX_INSNS_PER_PATH})")
         _check((self.sched_priority > 0) == (self.sched_policy in (1, 2)),
                f"real-time priority {self.sched_priority} under scheduling policy {self.sched_policy}")
         for info in self.pending:
