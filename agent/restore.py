@@ -43,6 +43,7 @@ from agent.inject import (
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
     MAP_GROWSDOWN,
+    MAP_NORESERVE,
     MAP_PRIVATE,
     MAP_SHARED,
     MREMAP_FIXED,
@@ -100,6 +101,7 @@ from transport.schema import (
     VMA_LOCKED,
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
+    VMA_NORESERVE,
     Vma,
     check_threads,
     is_shm_path,
@@ -196,6 +198,11 @@ class RestoreReport:
     pages_written: int = 0
     pages_filled: int = 0          # of them, put in place by UFFDIO_COPY (agent.fill)
     syscalls: int = 0
+
+
+def _extra_flags(v: Vma) -> int:
+    """mmap flags a mapping had beside its kind: a stack's MAP_GROWSDOWN, MAP_NORESERVE."""
+    return (MAP_GROWSDOWN if v.growsdown else 0) | (MAP_NORESERVE if v.advice & VMA_NORESERVE else 0)
 
 
 def _holes_conflict(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
@@ -566,8 +573,7 @@ class Restorer:
                 continue
             if v.start < gadget_end and self.gadget < v.end:
                 raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
-            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | \
-                (MAP_GROWSDOWN if v.growsdown else 0)
+            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | _extra_flags(v)
             calls.append(("mmap", (v.start, v.length, v.prot, flags, -1, 0)))
             whats.append(("map", v))
             for name, args in _advice_calls(v.start, v.end, v.advice):
@@ -657,9 +663,7 @@ class Restorer:
         if v.shm is not None and self.shared is not None:
             self._map_attachment([v])
             return
-        flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
-        if v.growsdown:
-            flags |= MAP_GROWSDOWN
+        flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE) | _extra_flags(v)
         try:
             if self._is_deferred(v):
                 self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)

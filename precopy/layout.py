@@ -46,6 +46,7 @@ from transport.schema import (
     VMA_LOCKED,
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
+    VMA_NORESERVE,
     Vma,
 )
 
@@ -56,7 +57,7 @@ SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]
                  "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
 _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
                  "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE, "lo": VMA_LOCKED, "lf": VMA_LOCKONFAULT,
-                 "mw": VMA_MAYWRITE}
+                 "mw": VMA_MAYWRITE, "nr": VMA_NORESERVE}
 
 
 @dataclass(frozen=True)

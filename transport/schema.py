@@ -56,6 +56,7 @@ from transport.records import (
 # job maps but holds no fd of (``FileContents.name``), which a version 5 reader would make nameless.
 # The process's view of its monotonic and boot-time clocks (``ImageHeader.monotonic_ns``, ...),
 # which a version 5 reader would drop: the process would see them jump (``agent.timens``).
+# ``VMA_NORESERVE`` in ``Vma.advice`` (above a version 5 reader's bound for it: refused there).
 FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -287,8 +288,9 @@ VMA_KINDS = ("anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vs
 ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_MERGEABLE = (
     1, 2, 4, 8, 16, 32)
 # Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT);
-# may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now).
-VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE = 64, 128, 256
+# may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now);
+# mapped MAP_NORESERVE (nr: no swap space reserved for it; glibc's thread arenas are).
+VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE, VMA_NORESERVE = 64, 128, 256, 512
 
 
 MAX_SHM_SEGMENT = 1 << 40       # bytes of one SysV segment (shmmax's default is far above: the
@@ -326,7 +328,7 @@ class Vma:
     path: Annotated[str, AbsPath(optional=True)] = ""     # file-backed mappings only
     pgoff: Offset = 0        # offset into the file (or shared memory object), bytes
     growsdown: bool = False
-    advice: Annotated[int, Int(0, 511, "mapping advice")] = 0
+    advice: Annotated[int, Int(0, 1023, "mapping advice")] = 0
     file_size: Annotated[int, Int(-1, (1 << 63) - 1, "a file size or -1")] = -1  # size of the file when
                              # dumped, to detect a changed file
     file_mtime_ns: I64 = 0
