@@ -77,6 +77,8 @@ from transport.schema import (
     ADV_DONTFORK,
     ADV_HUGEPAGE,
     ADV_MERGEABLE,
+    ADV_RANDOM,
+    ADV_SEQUENTIAL,
     ADV_NOHUGEPAGE,
     ADV_WIPEONFORK,
     AUDIT_UID_UNSET,
@@ -102,6 +104,7 @@ from transport.schema import (
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
     VMA_NORESERVE,
+    VMA_SEALED,
     Vma,
     check_threads,
     is_shm_path,
@@ -143,9 +146,11 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
 CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
-# advice bit -> (madvise to set it, madvise to clear it; 0: none, THP's two exclude each other)
-MADV = {ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, 0),
-        ADV_NOHUGEPAGE: (15, 0), ADV_MERGEABLE: (12, 13)}
+# advice bit -> (madvise to set it, madvise to clear it; None: none, THP's two exclude each
+# other; MADV_NORMAL, 0, clears the readahead advice)
+MADV: dict[int, tuple[int, int | None]] = {
+    ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, None),
+    ADV_NOHUGEPAGE: (15, None), ADV_MERGEABLE: (12, 13), ADV_RANDOM: (1, 0), ADV_SEQUENTIAL: (2, 0)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
 SHM_RDONLY, SHM_REMAP, SHM_EXEC = 0o10000, 0o40000, 0o100000
 
@@ -256,7 +261,7 @@ def _advice_calls(start: int, end: int, advice: int, before: int = 0) -> list[tu
     for bit, (on, off) in MADV.items():
         if advice & bit and not before & bit:
             out.append(("madvise", (start, end - start, on)))
-        elif before & bit and not advice & bit and off:
+        elif before & bit and not advice & bit and off is not None:
             out.append(("madvise", (start, end - start, off)))
     return out
 
@@ -911,6 +916,7 @@ class Restorer:
             self._carried = None
             self._lock_memory(proc)
             self._mm(proc)
+            self._seal_memory()
             self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
             self._locks(files)
@@ -955,6 +961,12 @@ class Restorer:
         for v in self.layout:
             if v.advice & VMA_LOCKED:
                 self._call("mlock2", v.start, v.length, MLOCK_ONFAULT if v.advice & VMA_LOCKONFAULT else 0)
+
+    def _seal_memory(self) -> None:
+        """mseal() what was sealed, once nothing more is done to those mappings."""
+        for v in self.layout:
+            if v.advice & VMA_SEALED:
+                self._call("mseal", v.start, v.length, 0)
 
     def _memory_attributes(self, proc: ProcessState) -> None:
         if proc.thp_disable:

@@ -56,7 +56,8 @@ from transport.records import (
 # job maps but holds no fd of (``FileContents.name``), which a version 5 reader would make nameless.
 # The process's view of its monotonic and boot-time clocks (``ImageHeader.monotonic_ns``, ...),
 # which a version 5 reader would drop: the process would see them jump (``agent.timens``).
-# ``VMA_NORESERVE`` in ``Vma.advice`` (above a version 5 reader's bound for it: refused there).
+# ``VMA_NORESERVE``, ``ADV_SEQUENTIAL``, ``ADV_RANDOM`` and ``VMA_SEALED`` in ``Vma.advice``
+# (above a version 5 reader's bound for it: refused there).
 FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -287,10 +288,12 @@ VMA_KINDS = ("anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vs
 # Advice recorded from smaps VmFlags and replayed with madvise().
 ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_MERGEABLE = (
     1, 2, 4, 8, 16, 32)
+ADV_SEQUENTIAL, ADV_RANDOM = 1024, 2048      # readahead advice (sr, rr)
 # Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT);
 # may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now);
-# mapped MAP_NORESERVE (nr: no swap space reserved for it; glibc's thread arenas are).
-VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE, VMA_NORESERVE = 64, 128, 256, 512
+# mapped MAP_NORESERVE (nr: no swap space reserved for it; glibc's thread arenas are); sealed
+# (sl: mseal(), Linux 6.10: never to be unmapped, moved or mprotected again).
+VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE, VMA_NORESERVE, VMA_SEALED = 64, 128, 256, 512, 4096
 
 
 MAX_SHM_SEGMENT = 1 << 40       # bytes of one SysV segment (shmmax's default is far above: the
@@ -328,7 +331,7 @@ class Vma:
     path: Annotated[str, AbsPath(optional=True)] = ""     # file-backed mappings only
     pgoff: Offset = 0        # offset into the file (or shared memory object), bytes
     growsdown: bool = False
-    advice: Annotated[int, Int(0, 1023, "mapping advice")] = 0
+    advice: Annotated[int, Int(0, 8191, "mapping advice")] = 0
     file_size: Annotated[int, Int(-1, (1 << 63) - 1, "a file size or -1")] = -1  # size of the file when
                              # dumped, to detect a changed file
     file_mtime_ns: I64 = 0

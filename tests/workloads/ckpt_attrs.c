@@ -1,8 +1,9 @@
 /* Memory and process attributes that came back lost: mlock()ed memory (and mlock2's lock on
  * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj, a read-only MAP_SHARED
  * mapping of a file opened read-write, which may be made writable, a membarrier registration
- * (a private expedited barrier fails with EPERM without it), audit's loginuid, and a mapping's
- * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them). */
+ * (a private expedited barrier fails with EPERM without it), audit's loginuid, a mapping's
+ * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them), MADV_RANDOM
+ * readahead advice, and a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM). */
 #include "ckpt_common.h"
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -69,6 +70,11 @@ int main(int argc, char **argv) {
     memset(a, 'a', 8 * 4096);
     nr[4096] = 'n';
     int noreserve = vmflag(nr, "nr");      /* not under vm.overcommit_memory=2, which ignores it */
+    char *rnd = mmap(NULL, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (rnd == MAP_FAILED || madvise(rnd, 4 * 4096, MADV_RANDOM)) return 3;
+    rnd[0] = 'r';
+    char *sealed = mmap(NULL, 2 * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int seals = sealed != MAP_FAILED && syscall(462, sealed, 2 * 4096, 0) == 0;    /* mseal */
     char path[4096];
     snprintf(path, sizeof path, "%s/shared.bin", outdir);
     int sfd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
@@ -100,6 +106,8 @@ int main(int argc, char **argv) {
     if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)) strcat(why, "membarrier registration; ");
     if (audit && loginuid() != 4242) strcat(why, "loginuid; ");
     if ((noreserve && !vmflag(nr, "nr")) || nr[4096] != 'n') strcat(why, "MAP_NORESERVE; ");
+    if (!vmflag(rnd, "rr") || rnd[0] != 'r') strcat(why, "MADV_RANDOM; ");
+    if (seals && (!vmflag(sealed, "sl") || munmap(sealed, 4096) == 0 || errno != EPERM)) strcat(why, "mseal; ");
     if (mprotect(ro, 4096, PROT_READ | PROT_WRITE)) strcat(why, "shared mapping may not be made writable; ");
     else ro[0] = 'w';
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
