@@ -14,8 +14,8 @@
 
 What a failure does in each phase is the protocol core's (``migrate.phases``): before GO is
 sent, roll back; once it is, a lost answer never resumes the source: it is left stopped and
-the report says how to settle it (``kcr-migrate resolve``); once the copy runs, a warning. Agents that stop hearing from us settle on their own
-(``keepalive``). The ``Migration`` owns its nursery; cleanup runs shielded with deadlines.
+the report says how to settle it (``kcr-migrate resolve``); once the copy runs, a warning.
+Agents that stop hearing from us settle on their own (``keepalive``). The ``Migration`` owns its nursery; cleanup runs shielded with deadlines.
 """
 from __future__ import annotations
 
@@ -305,8 +305,11 @@ class Migration:
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
-            affinity: dict[str, Any] = {"affinity": o.affinity} if o.affinity != "refuse" else {}   # the default
-            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **affinity)
+            # Sent only where not the default, which an agent of an earlier version knows without it.
+            placement: dict[str, Any] = {"affinity": o.affinity} if o.affinity != "refuse" else {}
+            if o.cgroup is not None:
+                placement["cgroup"] = o.cgroup
+            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **placement)
             for warning in checked.get("warnings", []):
                 self._warn(str(warning))
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
