@@ -15,7 +15,8 @@
 What a failure does in each phase is the protocol core's (``migrate.phases``): before GO is
 sent, roll back; once it is, a lost answer never resumes the source: it is left stopped and
 the report says how to settle it (``kcr-migrate resolve``); once the copy runs, a warning.
-Agents that stop hearing from us settle on their own (``keepalive``). The ``Migration`` owns its nursery; cleanup runs shielded with deadlines.
+Agents that stop hearing from us settle on their own (``keepalive``). The ``Migration`` owns
+its nursery; cleanup runs shielded with deadlines.
 """
 from __future__ import annotations
 
