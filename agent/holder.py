@@ -251,7 +251,8 @@ class Holder:
             dead = min(self.late.killed)
             raise ProcessExited(f"process {dead} was killed (SIGKILL) while frozen for the move: the move is "
                                 "abandoned, and the rest of the job runs on here", pid=dead)
-        if guarded(HOLDER.transitions[(self.machine.state, HolderEvent.COMMIT_PENDING)]):
+        entering = HOLDER.transitions[(self.machine.state, HolderEvent.COMMIT_PENDING)]
+        if guarded(entering):         # so that even our own death stops them
             for held in self.helds.values():
                 record_held(held.pid)
                 pidfd_send_signal(held.pidfd, signal.SIGSTOP)
