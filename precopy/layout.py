@@ -182,6 +182,8 @@ class MapsCache:
         if lines == old:
             self.changed = (0, 0)
             return self.entries
+        if not old:                 # parsed whole: nothing of the last entries is kept but by line
+            self.entries, self._tracked = [], []
         n, m = len(lines), len(old)
         shortest = min(n, m)
         same = list(map(operator.eq, lines, old))
