@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Checkpoint and restore speed: kcr-migrate against a raw floor and, where it works, CRIU.
 
-    python3 benchmarks/checkpoint.py [--quick] [--json FILE] [--mib N] [--reps N] [--no-warmup]
+    python3 benchmarks/checkpoint.py [--quick] [--json FILE] [--mib N] [--reps N] [--threads N] [--no-warmup]
 
 One workload (benchmarks/workloads/bench_mem.c, compiled here with gcc into a temporary
 directory) holds N MiB (1024; 256 with --quick) of realistic data, page by page 30% zero
-(written, so populated), 40% text-like and 30% random. Every operation reads or writes
-that process and keeps its files in /dev/shm:
+(written, so populated), 40% text-like and 30% random; with --threads N it runs N threads
+(N - 1 idle ones beside the main one). Every operation reads or writes that process and
+keeps its files in /dev/shm:
 
   baseline         process_vm_readv of every populated page (the runs a checkpoint reads,
                    found once beforehand) into one reused buffer, written to a /dev/shm file
@@ -143,7 +144,7 @@ def run_checked(argv: list[str]) -> tuple[float, str]:
 
 def build_workload(session: Session) -> Path:
     out = session.tmp / "bench_mem"
-    compile_c(WORKLOAD_SRC, out)
+    compile_c(WORKLOAD_SRC, out, ["-pthread"])
     return out
 
 
@@ -162,12 +163,14 @@ class Workload:
         return self.info["checksum"]
 
 
-def start_workload(session: Session, binary: Path, name: str, mib: int, mode: str = "1") -> Workload:
+def start_workload(session: Session, binary: Path, name: str, mib: int, mode: str = "1",
+                   threads: int = 1) -> Workload:
     wdir = session.tmp / name
     wdir.mkdir()
+    env = {**os.environ, "BENCH_THREADS": str(threads)}
     with open(wdir / "stdout", "wb") as out, open(wdir / "stderr", "wb") as err:
         proc = subprocess.Popen([str(binary), str(wdir), str(mib), mode], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, start_new_session=True, close_fds=True, cwd=wdir)
+                                stderr=err, start_new_session=True, close_fds=True, cwd=wdir, env=env)
     session.adopt(proc.pid)
     deadline = time.monotonic() + READY_TIMEOUT
     while not (wdir / "ready").exists():
@@ -298,7 +301,8 @@ def raw_writeback(path: Path, pid: int, addr: int, nbytes: int, buf: bytearray) 
 
 def kcr_checkpoint(session: Session, pid: int, image: Path, compress: bool) -> dict[str, Any]:
     stats_file = session.tmp / "stats.json"
-    argv = [*KCR, "checkpoint", str(pid), "-o", str(image), "--leave-running", "--stats-json", str(stats_file)]
+    argv = [*KCR, "checkpoint", str(pid), "-o", str(image), "--force", "--leave-running",
+            "--stats-json", str(stats_file)]
     if not compress:
         argv.append("--no-compress")
     wall, _ = run_checked(argv)
@@ -483,10 +487,11 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     else:
         print("warm-up: NOT done (--no-warmup): first-touch costs of this VM's memory are in the times", flush=True)
 
-    w = start_workload(session, binary, "workload", mib)
+    w = start_workload(session, binary, "workload", mib, threads=args.threads)
     zero, text, rnd = (int(w.info[k]) for k in ("zero_pages", "text_pages", "random_pages"))
     total = zero + text + rnd
-    print(f"workload: pid {w.pid}, {mib} MiB: {100 * zero / total:.0f}% zero pages (written), "
+    print(f"workload: pid {w.pid}, {args.threads} thread{'s' if args.threads > 1 else ''}, "
+          f"{mib} MiB: {100 * zero / total:.0f}% zero pages (written), "
           f"{100 * text / total:.0f}% text-like, {100 * rnd / total:.0f}% random; checksum {w.checksum}", flush=True)
     checks = [verify(w, w.pid, "original, before")]
 
@@ -592,7 +597,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
 
     text, results = render(list(ops.values()), ops["baseline"])
     print()
-    print(f"{mib} MiB workload, {reps} timed rounds{' after an untimed warm-up round' if warm else ''}; "
+    print(f"{mib} MiB workload, {args.threads} thread{'s' if args.threads > 1 else ''}, {reps} timed rounds{' after an untimed warm-up round' if warm else ''}; "
           f"files in /dev/shm; ratios are of medians (above 1x: slower)")
     print(text)
     print()
@@ -628,7 +633,8 @@ def bench(args: argparse.Namespace, session: Session) -> int:
 
     if args.json:
         doc = {"benchmark": "checkpoint", "version": 1, "machine": machine,
-               "config": {"mib": mib, "rounds": reps, "quick": args.quick, "storage": "/dev/shm",
+               "config": {"mib": mib, "threads": args.threads, "rounds": reps, "quick": args.quick,
+                          "storage": "/dev/shm",
                           "compress_level": 1},
                "warmup": warm_info, "load": load,
                "workload": {"pid": w.pid, **{k: (int(v) if v.isdigit() else v) for k, v in w.info.items()},
@@ -657,8 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every number and the machine's description as JSON")
     p.add_argument("--mib", type=int, help="workload size (default 1024, 256 with --quick)")
     p.add_argument("--reps", type=int, help="timed rounds (default 7, 3 with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="threads in the workload (default 1)")
     p.add_argument("--no-warmup", action="store_true", help="time cold memory too (not representative here)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error("--threads must be at least 1")
     if os.geteuid() != 0:
         print("benchmarks/checkpoint.py: run as root (CRIU and tracing other users' processes need it)",
               file=sys.stderr)

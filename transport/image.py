@@ -15,7 +15,7 @@ import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, cast
 
 from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import (
@@ -23,6 +23,7 @@ from transport.framing import (
     KIND_RECORD,
     KIND_TAG,
     STREAM_MAGIC,
+    MappedFile,
     Frame,
     encode_frame,
     frame_header,
@@ -66,6 +67,7 @@ class ImageWriter:
             if level is not None or key is not None else None
         self._pending: collections.deque[Future[tuple[EncodedBatch, bytes, bytes]]] = collections.deque()
         self._max_pending = max_pending
+        self._held: list[Record | PageBatch] | None = None
         self.stats = StreamStats()
         self._write(STREAM_MAGIC)
 
@@ -91,7 +93,26 @@ class ImageWriter:
         while len(self._pending) > keep:
             self._emit(self._pending.popleft().result())
 
+    def hold(self) -> None:
+        """Keep what comes next (records and page batches, their buffers untouched) in order,
+        unencoded and unwritten, until ``release``: a checkpoint reads a frozen process at
+        memory speed and compresses and writes only once it runs again."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Encode and write what ``hold`` kept, in order, and stop holding."""
+        held, self._held = self._held, None
+        for item in held or ():
+            if isinstance(item, PageBatch):
+                self.pages(item)
+            else:
+                self.record(item)
+
     def record(self, rec: Record) -> None:
+        if self._held is not None:
+            self._held.append(rec)
+            return
         self._drain(0)
         if isinstance(rec, ImageHeader) and self._signer is not None:
             rec = dataclasses.replace(rec, key_id=self._signer.key.key_id)
@@ -105,6 +126,9 @@ class ImageWriter:
 
     def pages(self, batch: PageBatch) -> None:
         """Queue a batch; its buffer must stay untouched until the batch is written."""
+        if self._held is not None:
+            self._held.append(batch)
+            return
         if self._pool is None:
             self._emit(_encode(batch, None, self._signer is not None))
             return
@@ -115,6 +139,7 @@ class ImageWriter:
         """Write what is pending, then the end record that makes the image whole.
         ``before_end`` runs between the two: the last moment to give up (it raises) with an
         image that no reader takes for whole, however long the pending writes blocked."""
+        self.release()
         self._drain(0)
         if before_end is not None:
             before_end()
@@ -126,6 +151,7 @@ class ImageWriter:
         return self.stats
 
     def close(self) -> None:
+        self._held = None
         if self._pool is not None:
             for fut in self._pending:
                 fut.cancel()
@@ -300,6 +326,16 @@ def open_output(path: str) -> BinaryIO:
 
 
 def open_input(path: str) -> BinaryIO:
+    """The image at ``path`` ("-": stdin) to read; a file only this user can write is mapped
+    (``MappedFile``): its page data goes on without a copy."""
     if path == "-":
         return os.fdopen(os.dup(0), "rb", buffering=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+    f = open(path, "rb", buffering=1 << 20)
+    try:
+        if MappedFile.suits(f.fileno()):
+            mapped = MappedFile(f.fileno())      # holds a descriptor of its own
+            f.close()
+            return cast(BinaryIO, mapped)
+    except (OSError, ValueError):               # a file system that cannot map it: read it
+        pass
+    return f
