@@ -49,7 +49,7 @@ class Arena:
     def __init__(self, size: int) -> None:
         self.size = max(PAGE_SIZE, -(-size // PAGE_SIZE) * PAGE_SIZE)
         self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-        self._view = memoryview(self._map)
+        self._view: memoryview | None = memoryview(self._map)
         self._used = 0
 
     def take(self, n: int) -> memoryview | None:
