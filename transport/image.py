@@ -34,7 +34,7 @@ from transport.framing import (
 from transport.pages import EncodedBatch, PageBatch, decode_batch, encode_batch
 from transport.records import Record
 from transport.schema import FORMAT_VERSION, OLDEST_FORMAT_VERSION, PAGE_SIZE, EndOfImage, ImageHeader, decode_record
-from transport.signing import ImageKey, ImageSigner, ImageVerifier, frame_digest
+from transport.signing import ImageKey, ImageSigner, ImageVerifier
 
 
 @dataclass
@@ -46,11 +46,12 @@ class StreamStats:
     bytes_on_wire: int = 0    # every byte written: headers, records, pages
 
 
-def _encode(batch: PageBatch, level: int | None, sign: bool) -> tuple[EncodedBatch, bytes, bytes]:
+def _encode(batch: PageBatch, level: int | None, signer: ImageSigner | None,
+            index: int) -> tuple[EncodedBatch, bytes, bytes]:
     """A batch's payload parts, frame header and (to sign it) digest: in a worker thread."""
     enc = encode_batch(batch, level)
     header = frame_header(KIND_PAGES, enc.flags, enc.parts)
-    return enc, header, frame_digest(header, enc.parts) if sign else b""
+    return enc, header, signer.digest(index, header, enc.parts) if signer is not None else b""
 
 
 class ImageWriter:
@@ -68,6 +69,7 @@ class ImageWriter:
         self._pending: collections.deque[Future[tuple[EncodedBatch, bytes, bytes]]] = collections.deque()
         self._max_pending = max_pending
         self._held: list[Record | PageBatch] | None = None
+        self._index = 0                 # frames so far, tags aside: the next frame's place
         self.stats = StreamStats()
         self._write(STREAM_MAGIC)
 
@@ -115,13 +117,14 @@ class ImageWriter:
             return
         self._drain(0)
         if isinstance(rec, ImageHeader) and self._signer is not None:
-            rec = dataclasses.replace(rec, key_id=self._signer.key.key_id)
+            rec = dataclasses.replace(rec, key_id=self._signer.key.key_id, sign_nonce=self._signer.nonce)
         payload = rec.pack()
         header = frame_header(KIND_RECORD, 0, [payload])
         self._write(header)
         self._write(payload)
         if self._signer is not None:
-            self._sign(frame_digest(header, [payload]))
+            self._sign(self._signer.digest(self._index, header, [payload]))
+        self._index += 1
         self.stats.records += 1
 
     def pages(self, batch: PageBatch) -> None:
@@ -129,10 +132,11 @@ class ImageWriter:
         if self._held is not None:
             self._held.append(batch)
             return
+        index, self._index = self._index, self._index + 1
         if self._pool is None:
-            self._emit(_encode(batch, None, self._signer is not None))
+            self._emit(_encode(batch, None, self._signer, index))
             return
-        self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer is not None))
+        self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer, index))
         self._drain(self._max_pending)
 
     def finish(self, before_end: Callable[[], None] | None = None) -> StreamStats:
@@ -166,7 +170,7 @@ Item = Record | PageBatch
 def _check_and_decode(verifier: ImageVerifier, index: int, prev: bytes | None, tag: bytes | None,
                       frame: Frame) -> PageBatch:
     """A page frame's signature, then its pages: in a worker thread."""
-    verifier.check(index, prev, tag, frame_digest(header_of(frame), [frame.payload]))
+    verifier.check(index, prev, tag, verifier.digest(index, header_of(frame), [frame.payload]))
     return decode_batch(frame.flags, frame.payload)
 
 
@@ -244,7 +248,8 @@ class ImageReader:
                     else:
                         try:
                             if self._checking:
-                                verifier.check(index, prev, tag, frame_digest(header_of(frame), [frame.payload]))
+                                verifier.check(index, prev, tag,
+                                               verifier.digest(index, header_of(frame), [frame.payload]))
                         except UntrustedImage:
                             for item in pending:        # an earlier frame's failure is the one to tell
                                 if isinstance(item, Future):
@@ -257,6 +262,7 @@ class ImageReader:
                                 raise ProtocolError("the stream does not start with an image header")
                             check_format(rec)
                             self.header = rec
+                            verifier.set_nonce(rec.sign_nonce)     # checked above, with the header's frame
                         pending.append(rec)
                         if isinstance(rec, EndOfImage):
                             break

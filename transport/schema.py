@@ -51,7 +51,10 @@ from transport.records import (
 # agents of version 3 are refused at the handshake instead of failing mid-stream.
 # 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
 # which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
-FORMAT_VERSION = 5
+# 6: a signed image's frames after the header are hashed with Poly1305 under a key per frame
+# drawn from the image's ``ImageHeader.sign_nonce`` (``transport.signing``), not SHA-256: a
+# version 5 reader would call every such image edited.
+FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -130,6 +133,7 @@ class ImageHeader(Record):
     pid: Pid
     kind: Annotated[str, Text(16)]        # "checkpoint" or "live"
     key_id: Annotated[str, Text(64)] = ""   # format 2: the id of the key that signed the image ("": unsigned)
+    sign_nonce: Annotated[bytes, Blob(64)] = b""   # format 6: the signed image's own random nonce
 
     def validate(self) -> None:
         _check(self.kind in ("checkpoint", "live"), f"kind {self.kind!r}")
