@@ -655,8 +655,9 @@ def bench(args: argparse.Namespace, session: Session) -> int:
 
     text, results = render(list(ops.values()), ops["baseline"])
     print()
-    print(f"{mib} MiB workload, {args.threads} thread{'s' if args.threads > 1 else ''}, {reps} timed rounds{' after an untimed warm-up round' if warm else ''}; "
-          f"files in /dev/shm; ratios are of medians (above 1x: slower)")
+    print(f"{mib} MiB workload, {args.threads} thread{'s' if args.threads > 1 else ''}, {reps} timed rounds"
+          f"{' after an untimed warm-up round' if warm else ''}; files in /dev/shm; ratios are of medians "
+          "(above 1x: slower)")
     print(text)
     print()
     print(render_details(list(ops.values())))
