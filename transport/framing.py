@@ -227,7 +227,10 @@ class MappedFile:
 
     def __init__(self, fd: int) -> None:
         size = os.fstat(fd).st_size
-        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        # Not MAP_POPULATE: mapping a 1 GiB image up front cost 200-400 ms here; faulted in as it
+        # is read (many pages a fault), the same pages cost about as much as one pass of crc32.
+        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        self._map.madvise(mmap.MADV_SEQUENTIAL)
         self._view = memoryview(self._map)
         self._pos = 0
 
