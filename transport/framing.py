@@ -283,8 +283,10 @@ def read_stream_magic(f: BinaryIO) -> None:
     check_stream_magic(data or b"")
 
 
-def read_frame(f: BinaryIO) -> Frame | None:
-    """Read one frame from a blocking binary file; None at a clean end of stream."""
+def read_frame(f: BinaryIO, *, check_pages: bool = True) -> Frame | None:
+    """Read one frame from a blocking binary file; None at a clean end of stream.
+    ``check_pages=False``: a PAGES frame's crc32 is left for the caller to check
+    (``check_payload``), in a worker thread beside the frame's other checks."""
     first = f.read(1)
     if not first:
         return None
@@ -296,5 +298,6 @@ def read_frame(f: BinaryIO) -> Frame | None:
             raise TruncatedStream("the stream ended in the middle of a frame: truncated image")
     else:
         payload = _read_exact(f, length, "a frame")
-    check_payload(payload, crc)
+    if check_pages or kind != KIND_PAGES:
+        check_payload(payload, crc)
     return Frame(kind, flags, payload, crc)

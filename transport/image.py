@@ -24,6 +24,7 @@ from transport.framing import (
     KIND_TAG,
     STREAM_MAGIC,
     MappedFile,
+    check_payload,
     Frame,
     encode_frame,
     frame_header,
@@ -167,10 +168,14 @@ class ImageWriter:
 Item = Record | PageBatch
 
 
-def _check_and_decode(verifier: ImageVerifier, index: int, prev: bytes | None, tag: bytes | None,
+def _check_and_decode(verifier: ImageVerifier | None, index: int, prev: bytes | None, tag: bytes | None,
                       frame: Frame) -> PageBatch:
-    """A page frame's signature, then its pages: in a worker thread."""
-    verifier.check(index, prev, tag, verifier.digest(index, header_of(frame), [frame.payload]))
+    """A page frame's crc32 and (``verifier``) signature, then its pages: in a worker thread.
+    The first read of a mapped image's pages is here too, beside the restore's writes."""
+    assert frame.crc is not None
+    check_payload(frame.payload, frame.crc)
+    if verifier is not None:
+        verifier.check(index, prev, tag, verifier.digest(index, header_of(frame), [frame.payload]))
     return decode_batch(frame.flags, frame.payload)
 
 
@@ -198,12 +203,12 @@ class ImageReader:
     def _first(self) -> tuple[Frame, bytes | None]:
         """The header's frame, and its tag where the image is signed (which this tells)."""
         read_stream_magic(self._src)
-        first = read_frame(self._src)
+        first = read_frame(self._src, check_pages=False)
         if first is None:
             raise TruncatedStream("the image ends before its header: truncated")
         if first.kind != KIND_RECORD:
             raise ProtocolError("the stream does not start with an image header")
-        second = read_frame(self._src)
+        second = read_frame(self._src, check_pages=False)
         if second is None:
             raise TruncatedStream("the image ends after its header: truncated")
         self._signed = second.kind == KIND_TAG
@@ -215,14 +220,14 @@ class ImageReader:
 
     def _next(self) -> tuple[Frame, bytes | None] | None:
         """The next frame and its tag (None: unsigned, or the tag is missing); None at the end."""
-        frame, self._peeked = self._peeked or read_frame(self._src), None
+        frame, self._peeked = self._peeked or read_frame(self._src, check_pages=False), None
         if frame is None:
             return None
         if frame.kind == KIND_TAG:
             raise ProtocolError("a signature where a record or page batch belongs: corrupt image")
         if not self._signed:
             return frame, None
-        tag = read_frame(self._src)
+        tag = read_frame(self._src, check_pages=False)
         if tag is None:
             raise TruncatedStream("the image ends after a frame without its signature: truncated")
         if tag.kind != KIND_TAG:
@@ -243,8 +248,8 @@ class ImageReader:
                         if self.header is None:
                             raise ProtocolError("page data before the image header")
                         self.stats.page_batches += 1
-                        pending.append(pool.submit(_check_and_decode, verifier, index, prev, tag, frame)
-                                       if self._checking else pool.submit(decode_batch, frame.flags, frame.payload))
+                        pending.append(pool.submit(_check_and_decode, verifier if self._checking else None,
+                                                   index, prev, tag, frame))
                     else:
                         try:
                             if self._checking:
