@@ -4,6 +4,10 @@ checkpoint` and `kcr-migrate restore`.
 Both run on a tracer thread (``agent.tracer``). A checkpoint checks the process before
 freezing it; any failure before the image is complete thaws the process untouched. Only a
 complete image (end record written and flushed) lets ``--leave-running`` off kill it.
+
+With ``--leave-running`` the process is frozen only while it is read: its pages are copied
+into memory mapped and populated before the freeze (an ``Arena``, when the machine has the
+room), the process runs again, and only then are they compressed, signed and written.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from agent.restore_session import RestoreSession
 from agent.tree import check_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import PageFinder, holds_private_data
-from precopy.reader import PageReader
+from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, MigrationError, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
 from transport.schema import (
@@ -40,6 +44,36 @@ class CheckpointOptions:
     redirect: Mapping[int, str] = field(default_factory=dict)   # fd -> the file it becomes at restore
     image_key: str | None = None        # key file that signs the image (None: $KCR_IMAGE_KEY, else
                                         # /etc/kcr-migrate/image.key; see transport.signing)
+
+
+# A snapshot of a process left running is held in memory while it is compressed and written
+# only where it takes at most this share of the memory available.
+ARENA_SHARE = 0.5
+ARENA_SLACK = 4 << 20       # per process: what it may add between the estimate and the freeze
+
+
+def _meminfo_kib(pid: int | None, *keys: str) -> int:
+    """The sum of ``keys`` (in kB) in /proc/PID/status, or /proc/meminfo for None."""
+    path = "/proc/meminfo" if pid is None else f"/proc/{pid}/status"
+    total = 0
+    with open(path) as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in keys:
+                total += int(value.split()[0])
+    return total
+
+
+def snapshot_arena(pids: list[int]) -> Arena | None:
+    """Memory for the pages of ``pids`` (their anonymous and shared memory resident now),
+    populated before the freeze; None where the machine has too little available."""
+    try:
+        need = sum(_meminfo_kib(p, "RssAnon", "RssShmem") * 1024 + ARENA_SLACK for p in pids)
+        if need > _meminfo_kib(None, "MemAvailable") * 1024 * ARENA_SHARE:
+            return None
+        return Arena(need)
+    except (OSError, ValueError):
+        return None
 
 
 def _check_cancel(opts: CheckpointOptions, pid: int) -> None:
@@ -84,6 +118,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     stats.signed_with = key.path if key is not None else ""
     stats.warnings.extend([unsigned] if unsigned else [])
     complete = False
+    thawed = False
+    arena = snapshot_arena(pids) if opts.leave_running else None
     try:
         for p in pids:
             helds.append(freezer.seize(p))
@@ -105,6 +141,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         layouts = {p: collect_layout(p) for p in pids}
         writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers, key=key)
         try:
+            if arena is not None:
+                writer.hold()           # written once the process runs again
             writer.record(image_header(pid, "checkpoint", states[pid].threads[0].xstate))
             if len(tree.members) > 1:
                 writer.record(tree)
@@ -116,9 +154,12 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 state = states[p]
                 for rec in (state.process, *state.fds.records(), layouts[p], *state.threads):
                     writer.record(rec)
-                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared)
+                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
+            if arena is not None:       # everything is read: it runs on while the image is written
+                thawed = True
+                stats.frozen_time_ms = _let_go_all(helds, kill=False)
             wstats = writer.finish(before_end=lambda: _check_cancel(opts, pid))
         finally:
             writer.close()
@@ -132,33 +173,44 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         stats.bytes_raw = wstats.bytes_raw
         stats.bytes_on_wire = wstats.bytes_on_wire
     finally:
-        frozen_at = min((h.frozen_at for h in helds if h.frozen_at), default=0.0)
-        failed: BaseException | None = None
-        for held in reversed(helds):              # children first; every one, whatever fails
-            try:
-                if complete and not opts.leave_running:
-                    freezer.kill(held)
-                else:
-                    freezer.let_go(held)
-            except BaseException as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-        if complete and not opts.leave_running:
-            for p in pids:
-                freezer.wait_gone(p)
-        stats.frozen_time_ms = (time.monotonic() - frozen_at) * 1000 if frozen_at else 0.0
+        if arena is not None:
+            arena.close()
+        if not thawed:
+            kill = complete and not opts.leave_running
+            stats.frozen_time_ms = _let_go_all(helds, kill)
+            if kill:
+                for p in pids:
+                    freezer.wait_gone(p)
         stats.left_running = not complete or opts.leave_running
     stats.total_time_ms = (time.monotonic() - t0) * 1000
     return stats
 
 
+def _let_go_all(helds: list[freezer.Held], kill: bool) -> float:
+    """Let every held process go on (or kill it), children first, every one whatever fails;
+    returns how long they were frozen, in ms."""
+    frozen_at = min((h.frozen_at for h in helds if h.frozen_at), default=0.0)
+    failed: BaseException | None = None
+    for held in reversed(helds):
+        try:
+            if kill:
+                freezer.kill(held)
+            else:
+                freezer.let_go(held)
+        except BaseException as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+    return (time.monotonic() - frozen_at) * 1000 if frozen_at else 0.0
+
+
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
-                 check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None) -> None:
+                 check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None,
+                 arena: Arena | None = None) -> None:
     """The pages of ``pid``'s layout. ``shared``: shared anonymous memory and SysV segments (inode, offset,
     length) written already by another process of the tree, which maps the same object:
-    sent once; new ones are added."""
-    with PageFinder(pid) as finder, PageReader(pid) as reader:
+    sent once; new ones are added. ``arena``: where to read them into while it has room."""
+    with PageFinder(pid) as finder, PageReader(pid, arena=arena) as reader:
         private: list[Run] = []
         anonymous: list[Span] = []
         shared_runs: list[Run] = []

@@ -67,7 +67,7 @@ import trio  # noqa: E402
 from benchmarks._common import (  # noqa: E402
     CLI_TIMEOUT, KCR, MIB, BenchError, compile_c, fill_and_free, guarded, machine_info, machine_summary, probe_criu,
     raw_tcp, reported_kib, run_tool, stop_on_signals, table, write_json)
-from examples.testbed import Testbed, TestbedError, tcp_open  # noqa: E402
+from examples.testbed import Testbed, TestbedError  # noqa: E402
 from transport.errors import MigrationError  # noqa: E402
 from transport.ssh import open_ssh_agent  # noqa: E402
 from transport.stream import RawBatch  # noqa: E402
@@ -262,9 +262,13 @@ def start_job(session: Session, binaries: Binaries, name: str, mib: int, rate: i
     jdir = session.tmp / name
     jdir.mkdir()
     env = {**os.environ, "WORKLOAD_OBJECTS": str(objects)}
-    with open(jdir / "stdout", "wb") as out, open(jdir / "stderr", "wb") as err:
-        proc = session.spawn("hostA", [str(binaries.job), str(jdir), str(mib), str(rate), str(iters), "1"],
-                             stdout=out, stderr=err, cwd=str(jdir), env=env)
+    # Its stdin, stdout and stderr are opened inside hostA (by the shell it replaces), as a job
+    # started there has them: files opened out here lie on mounts hostA's mount table lacks,
+    # which CRIU cannot dump ("Can't lookup mount=N for fd=0").
+    argv = [str(binaries.job), str(jdir), str(mib), str(rate), str(iters), "1"]
+    proc = session.spawn("hostA", ["sh", "-c", 'exec "$@" </dev/null >stdout 2>stderr', "job", *argv],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=str(jdir), env=env)
     job = Job(jdir, proc, mib, rate, iters)
     deadline = time.monotonic() + READY_TIMEOUT
     while not (jdir / "ready").exists():
@@ -445,14 +449,17 @@ def criu_migrate(session: Session, job: Job, criu: str, wait: bool) -> Run:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while not tcp_open(address, CRIU_PORT, timeout=0.2):
+        # Not a test connection: the page server serves one connection and exits when it closes.
+        while not _listening(bed, "hostB", CRIU_PORT):
             if server.poll() is not None or time.monotonic() > deadline:
                 run.error = f"criu page-server did not listen: {_criu_log(images, 'page-server.log')}"
                 return run
             time.sleep(0.01)
         t0 = time.perf_counter()
+        # --shell-job: CRIU refuses a job whose session leader is not dumped with it (as when a
+        # shell, or nsenter on a host with pids of its own, started it) unless told it is a shell job.
         dump = bed.exec("hostA", [criu, "dump", "-t", str(job.pid), "-D", str(images), "--page-server",
-                                  "--address", address, "--port", str(CRIU_PORT), "-o", "dump.log"],
+                                  "--address", address, "--port", str(CRIU_PORT), "--shell-job", "-o", "dump.log"],
                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT)
         t_dump = time.perf_counter()
         if dump.returncode != 0:
@@ -461,8 +468,8 @@ def criu_migrate(session: Session, job: Job, criu: str, wait: bool) -> Run:
         job.proc.wait(30)             # dumped and killed: reap it, so CRIU can have the pid back
         server.wait(30)
         pidfile = images / "restored.pid"
-        restore = bed.exec("hostB", [criu, "restore", "-D", str(images), "-d", "--pidfile", str(pidfile),
-                                     "-o", "restore.log"],
+        restore = bed.exec("hostB", [criu, "restore", "-D", str(images), "-d", "--shell-job", "--pidfile",
+                                     str(pidfile), "-o", "restore.log"],
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CLI_TIMEOUT)
         t1 = time.perf_counter()
         if restore.returncode != 0:
@@ -484,9 +491,22 @@ def criu_migrate(session: Session, job: Job, criu: str, wait: bool) -> Run:
     return run
 
 
+def _listening(bed: Testbed, host: str, port: int) -> bool:
+    """Does a TCP socket listen on ``port`` in ``host`` (asked of ``ss``, without connecting)?"""
+    res = bed.exec(host, ["ss", "-Hltn", f"sport = :{port}"], stdin=subprocess.DEVNULL, capture_output=True,
+                   text=True, timeout=CLI_TIMEOUT)
+    return res.returncode == 0 and bool(res.stdout.strip())
+
+
 def _criu_log(directory: Path, name: str) -> str:
+    """The log's first errors (the cause; not its harmless failure to raise its own fd limit,
+    which root without CAP_SYS_RESOURCE gets on every run) and its last line."""
     text = _read(directory / name)
-    return " | ".join(text.strip().splitlines()[-3:]) if text else "no log"
+    if not text:
+        return "no log"
+    lines = text.strip().splitlines()
+    errors = [ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE for self" not in ln][:3]
+    return " | ".join(dict.fromkeys(errors + lines[-1:]))
 
 
 # -- how many steps a job needs -------------------------------------------------------------

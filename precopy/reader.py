@@ -4,10 +4,15 @@
 (a mapping without PROT_READ, or one the process just unmapped), ``/proc/PID/mem`` reads
 what it can (it ignores protection), and runs that no longer exist are dropped: the next
 layout scan accounts for them. Safe to run in worker threads: neither call needs the tracer.
+
+Batches are read into fresh buffers, or into an ``Arena``: memory mapped and populated
+beforehand, so that a read while the process is frozen copies at memory speed instead of
+faulting in new pages of our own (several times slower on first touch here).
 """
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from typing import Iterable, Iterator
 
@@ -37,9 +42,36 @@ def split_runs(runs: Iterable[Run], batch_pages: int) -> Iterator[list[Run]]:
         yield batch
 
 
+class Arena:
+    """One anonymous mapping of ``size`` bytes, populated now, handed out in slices that stay
+    valid while anything views them (the mapping goes with its last view)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(PAGE_SIZE, -(-size // PAGE_SIZE) * PAGE_SIZE)
+        self._map = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        self._view: memoryview | None = memoryview(self._map)
+        self._used = 0
+
+    def take(self, n: int) -> memoryview | None:
+        """``n`` bytes of it, or None once it has no room left."""
+        if self._view is None or self._used + n > self.size:
+            return None
+        out = self._view[self._used: self._used + n]
+        self._used += n
+        return out
+
+    def close(self) -> None:
+        """Hand out nothing more; the memory is returned once the last slice is dropped."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+            self._map = None     # type: ignore[assignment]
+
+
 class PageReader:
-    def __init__(self, pid: int, *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:
+    def __init__(self, pid: int, *, batch_bytes: int = DEFAULT_BATCH_BYTES, arena: Arena | None = None) -> None:
         self.pid = pid
+        self.arena = arena          # where batches are read into while it has room
         self.batch_pages = max(1, batch_bytes // PAGE_SIZE)
         self._mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.bytes_read = 0
@@ -69,7 +101,9 @@ class PageReader:
     def read(self, runs: list[Run]) -> PageBatch:
         """Read the runs; runs that vanished are left out of the batch."""
         total = sum(n for _, n in runs) * PAGE_SIZE
-        buf = bytearray(total)
+        buf: bytearray | memoryview | None = self.arena.take(total) if self.arena is not None else None
+        if buf is None:
+            buf = bytearray(total)
         base = buffer_address(buf)
         done = 0            # bytes filled so far, runs in order
         i = 0
@@ -105,8 +139,11 @@ class PageReader:
                 page += whole + 1
         self.bytes_read += done
         if done != total:
-            del out
-            del buf[done:]
+            if isinstance(buf, bytearray):
+                del out
+                del buf[done:]
+            else:
+                buf = buf[:done]
         return PageBatch(tuple(kept), buf)
 
     def _pread_into(self, view: memoryview, addr: int) -> int:

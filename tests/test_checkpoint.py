@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -252,6 +253,44 @@ def test_leave_running_then_restore_a_copy(tmp_path: Path) -> None:
     assert doc["header"]["pid"] == w.pid and doc["header"]["arch"] == os.uname().machine
     assert {"process", "files", "mappings", "threads", "page_index", "end"} <= doc.keys()
     assert sum(r["pages"] for r in doc["page_index"]) == doc["end"]["pages"]
+
+
+def test_leave_running_runs_on_while_its_image_is_written(tmp_path: Path) -> None:
+    """--leave-running freezes the process only while it is read: it runs on while its image
+    is still being written (here into a pipe that nobody reads yet, so the writing waits),
+    and the image is whole once read."""
+    w = Workload("ckpt_array", tmp_path / "orig", "300", hold=True)
+    w.start()
+    w.wait_ready()
+    r, wr = os.pipe()
+    ckpt = subprocess.Popen([*KCR_MIGRATE, "checkpoint", str(w.pid), "-o", "-", "--leave-running"],
+                            stdout=wr, stderr=subprocess.PIPE)
+    os.close(wr)
+    try:
+        assert select.select([r], [], [], 120)[0], "the checkpoint wrote nothing"
+        ran = w.output().count("iter ")
+        deadline = time.monotonic() + 60
+        while w.output().count("iter ") < ran + 2:          # two more steps: it runs
+            assert time.monotonic() < deadline, "the process stayed frozen while its image was written"
+            time.sleep(0.05)
+        assert ckpt.poll() is None                          # while the image waits to be read
+        image = tmp_path / "img"
+        with open(image, "wb") as f:
+            while chunk := os.read(r, 1 << 20):
+                f.write(chunk)
+        assert ckpt.wait(120) == 0, ckpt.stderr.read().decode() if ckpt.stderr else ""
+    finally:
+        os.close(r)
+        if ckpt.poll() is None:
+            ckpt.kill()
+            ckpt.wait()
+        if ckpt.stderr:
+            ckpt.stderr.close()
+    show = kcr("show", str(image))
+    assert show.returncode == 0, show.stderr.decode()
+    assert json.loads(show.stdout)["end"]["pages"] >= (64 << 20) // 4096
+    assert w.verdict() == "PASS"
+    assert w.reap_original() == 0
 
 
 # --- bad input -------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ import io
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 
 from transport.errors import ChecksumError, ProtocolError, TruncatedStream
+from transport.image import open_input
 from transport.framing import (
     FRAME_MAGIC,
     HEADER,
@@ -19,6 +21,7 @@ from transport.framing import (
     MAX_RECORD_LEN,
     STREAM_MAGIC,
     FrameDecoder,
+    MappedFile,
     encode_frame,
     frame_header,
     read_frame,
@@ -150,6 +153,32 @@ def test_file_reader_shares_the_checks() -> None:
     read_stream_magic(bad)
     with pytest.raises(TruncatedStream):
         read_frame(bad)
+
+
+def test_an_image_file_only_we_can_write_is_mapped_and_read_without_copies(tmp_path: Path) -> None:
+    """Frames of a mapped file are the same frames, their payloads views of the mapping; a
+    file cut short is truncation; a file others may write is read, not mapped (what was
+    checked must not change under the views afterwards)."""
+    payloads = [b"abc", os.urandom(70000), b""]
+    path = tmp_path / "img"
+    path.write_bytes(stream_of(*payloads))
+    os.chmod(path, 0o644)
+    with open_input(str(path)) as f:
+        assert isinstance(f, MappedFile)
+        read_stream_magic(f)
+        frames = list(iter(lambda: read_frame(f), None))
+        assert [bytes(fr.payload) for fr in frames] == payloads
+        assert isinstance(frames[1].payload, memoryview)
+    assert bytes(frames[1].payload) == payloads[1]          # still readable once the file is closed
+    path.write_bytes(stream_of(*payloads)[:-100])
+    with open_input(str(path)) as f:
+        read_stream_magic(f)
+        assert read_frame(f) is not None
+        with pytest.raises(TruncatedStream):
+            read_frame(f)
+    os.chmod(path, 0o666)
+    with open_input(str(path)) as f:
+        assert not isinstance(f, MappedFile)
 
 
 def test_header_layout_is_stable() -> None:

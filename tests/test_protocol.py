@@ -50,7 +50,7 @@ from transport.schema import (
     check_objects_referenced,
     decode_record,
 )
-from transport.signing import ImageKey, ImageVerifier
+from transport.signing import NONCE_LEN, ImageKey, ImageVerifier
 from transport.stream import FramedStream
 
 
@@ -86,7 +86,9 @@ def test_every_record_round_trips_through_a_file() -> None:
     writer.finish()
     reader = ImageReader(io.BytesIO(buf.getvalue()), verifier=ImageVerifier(key))
     got = [item for item in reader if isinstance(item, Record)]
-    assert got[0] == dataclasses.replace(header, key_id=key.key_id)      # the header names the key
+    # the header names the key, and holds the image's own nonce for its frames' keys (format 6)
+    assert got[0] == dataclasses.replace(header, key_id=key.key_id, sign_nonce=got[0].sign_nonce)
+    assert isinstance(got[0], ImageHeader) and len(got[0].sign_nonce) == NONCE_LEN
     assert got[1:-1] == list(recs.values()) and isinstance(got[-1], EndOfImage)
     assert reader.verifier.verified
 

@@ -8,6 +8,7 @@ restore real processes with the CLI, as users do. The session's key is ``KCR_IMA
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -80,6 +81,23 @@ def test_a_signed_stream_verifies_frame_by_frame() -> None:
     assert [type(i).__name__ for i in items] == ["ImageHeader", "ProcessState", "Mappings", *["PageBatch"] * 4,
                                                  "ThreadState", "EndOfImage"]
     assert isinstance(items[0], ImageHeader) and items[0].key_id == KEY.key_id and items[0].format_version == FORMAT_VERSION
+
+
+def test_a_format_5_image_still_verifies() -> None:
+    """Format 5 hashed every frame with SHA-256 and its header had no nonce: such images,
+    signed before the change to Poly1305, verify as they are."""
+    recs = example_records()
+    buf = io.BytesIO()
+    writer = ImageWriter(buf, level=1, key=KEY)
+    assert writer._signer is not None
+    writer._signer.nonce = b""          # what a format 5 signer wrote: no nonce, SHA-256 throughout
+    writer.record(dataclasses.replace(recs[ImageHeader], format_version=5))
+    writer.pages(page_batch(8))
+    writer.finish()
+    items, error = read(buf.getvalue(), verifier := ImageVerifier(KEY))
+    assert error is None and verifier.verified
+    assert isinstance(items[0], ImageHeader) and items[0].sign_nonce == b"" and items[0].format_version == 5
+    assert [type(i).__name__ for i in items] == ["ImageHeader", "PageBatch", "EndOfImage"]
 
 
 def _flip(frame: ImageFrame) -> None:

@@ -15,7 +15,7 @@ import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, cast
 
 from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import (
@@ -23,6 +23,8 @@ from transport.framing import (
     KIND_RECORD,
     KIND_TAG,
     STREAM_MAGIC,
+    MappedFile,
+    check_payload,
     Frame,
     encode_frame,
     frame_header,
@@ -33,7 +35,7 @@ from transport.framing import (
 from transport.pages import EncodedBatch, PageBatch, decode_batch, encode_batch
 from transport.records import Record
 from transport.schema import FORMAT_VERSION, OLDEST_FORMAT_VERSION, PAGE_SIZE, EndOfImage, ImageHeader, decode_record
-from transport.signing import ImageKey, ImageSigner, ImageVerifier, frame_digest
+from transport.signing import ImageKey, ImageSigner, ImageVerifier
 
 
 @dataclass
@@ -45,11 +47,12 @@ class StreamStats:
     bytes_on_wire: int = 0    # every byte written: headers, records, pages
 
 
-def _encode(batch: PageBatch, level: int | None, sign: bool) -> tuple[EncodedBatch, bytes, bytes]:
+def _encode(batch: PageBatch, level: int | None, signer: ImageSigner | None,
+            index: int) -> tuple[EncodedBatch, bytes, bytes]:
     """A batch's payload parts, frame header and (to sign it) digest: in a worker thread."""
     enc = encode_batch(batch, level)
     header = frame_header(KIND_PAGES, enc.flags, enc.parts)
-    return enc, header, frame_digest(header, enc.parts) if sign else b""
+    return enc, header, signer.digest(index, header, enc.parts) if signer is not None else b""
 
 
 class ImageWriter:
@@ -66,6 +69,8 @@ class ImageWriter:
             if level is not None or key is not None else None
         self._pending: collections.deque[Future[tuple[EncodedBatch, bytes, bytes]]] = collections.deque()
         self._max_pending = max_pending
+        self._held: list[Record | PageBatch] | None = None
+        self._index = 0                 # frames so far, tags aside: the next frame's place
         self.stats = StreamStats()
         self._write(STREAM_MAGIC)
 
@@ -91,30 +96,55 @@ class ImageWriter:
         while len(self._pending) > keep:
             self._emit(self._pending.popleft().result())
 
+    def hold(self) -> None:
+        """Keep what comes next (records and page batches, their buffers untouched) in order,
+        unencoded and unwritten, until ``release``: a checkpoint reads a frozen process at
+        memory speed and compresses and writes only once it runs again."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Encode and write what ``hold`` kept, in order, and stop holding."""
+        held, self._held = self._held, None
+        for item in held or ():
+            if isinstance(item, PageBatch):
+                self.pages(item)
+            else:
+                self.record(item)
+
     def record(self, rec: Record) -> None:
+        if self._held is not None:
+            self._held.append(rec)
+            return
         self._drain(0)
         if isinstance(rec, ImageHeader) and self._signer is not None:
-            rec = dataclasses.replace(rec, key_id=self._signer.key.key_id)
+            rec = dataclasses.replace(rec, key_id=self._signer.key.key_id, sign_nonce=self._signer.nonce)
         payload = rec.pack()
         header = frame_header(KIND_RECORD, 0, [payload])
         self._write(header)
         self._write(payload)
         if self._signer is not None:
-            self._sign(frame_digest(header, [payload]))
+            self._sign(self._signer.digest(self._index, header, [payload]))
+        self._index += 1
         self.stats.records += 1
 
     def pages(self, batch: PageBatch) -> None:
         """Queue a batch; its buffer must stay untouched until the batch is written."""
-        if self._pool is None:
-            self._emit(_encode(batch, None, self._signer is not None))
+        if self._held is not None:
+            self._held.append(batch)
             return
-        self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer is not None))
+        index, self._index = self._index, self._index + 1
+        if self._pool is None:
+            self._emit(_encode(batch, None, self._signer, index))
+            return
+        self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer, index))
         self._drain(self._max_pending)
 
     def finish(self, before_end: Callable[[], None] | None = None) -> StreamStats:
         """Write what is pending, then the end record that makes the image whole.
         ``before_end`` runs between the two: the last moment to give up (it raises) with an
         image that no reader takes for whole, however long the pending writes blocked."""
+        self.release()
         self._drain(0)
         if before_end is not None:
             before_end()
@@ -126,6 +156,7 @@ class ImageWriter:
         return self.stats
 
     def close(self) -> None:
+        self._held = None
         if self._pool is not None:
             for fut in self._pending:
                 fut.cancel()
@@ -137,10 +168,14 @@ class ImageWriter:
 Item = Record | PageBatch
 
 
-def _check_and_decode(verifier: ImageVerifier, index: int, prev: bytes | None, tag: bytes | None,
+def _check_and_decode(verifier: ImageVerifier | None, index: int, prev: bytes | None, tag: bytes | None,
                       frame: Frame) -> PageBatch:
-    """A page frame's signature, then its pages: in a worker thread."""
-    verifier.check(index, prev, tag, frame_digest(header_of(frame), [frame.payload]))
+    """A page frame's crc32 and (``verifier``) signature, then its pages: in a worker thread.
+    The first read of a mapped image's pages is here too, beside the restore's writes."""
+    assert frame.crc is not None
+    check_payload(frame.payload, frame.crc)
+    if verifier is not None:
+        verifier.check(index, prev, tag, verifier.digest(index, header_of(frame), [frame.payload]))
     return decode_batch(frame.flags, frame.payload)
 
 
@@ -168,12 +203,12 @@ class ImageReader:
     def _first(self) -> tuple[Frame, bytes | None]:
         """The header's frame, and its tag where the image is signed (which this tells)."""
         read_stream_magic(self._src)
-        first = read_frame(self._src)
+        first = read_frame(self._src, check_pages=False)
         if first is None:
             raise TruncatedStream("the image ends before its header: truncated")
         if first.kind != KIND_RECORD:
             raise ProtocolError("the stream does not start with an image header")
-        second = read_frame(self._src)
+        second = read_frame(self._src, check_pages=False)
         if second is None:
             raise TruncatedStream("the image ends after its header: truncated")
         self._signed = second.kind == KIND_TAG
@@ -185,14 +220,14 @@ class ImageReader:
 
     def _next(self) -> tuple[Frame, bytes | None] | None:
         """The next frame and its tag (None: unsigned, or the tag is missing); None at the end."""
-        frame, self._peeked = self._peeked or read_frame(self._src), None
+        frame, self._peeked = self._peeked or read_frame(self._src, check_pages=False), None
         if frame is None:
             return None
         if frame.kind == KIND_TAG:
             raise ProtocolError("a signature where a record or page batch belongs: corrupt image")
         if not self._signed:
             return frame, None
-        tag = read_frame(self._src)
+        tag = read_frame(self._src, check_pages=False)
         if tag is None:
             raise TruncatedStream("the image ends after a frame without its signature: truncated")
         if tag.kind != KIND_TAG:
@@ -213,12 +248,13 @@ class ImageReader:
                         if self.header is None:
                             raise ProtocolError("page data before the image header")
                         self.stats.page_batches += 1
-                        pending.append(pool.submit(_check_and_decode, verifier, index, prev, tag, frame)
-                                       if self._checking else pool.submit(decode_batch, frame.flags, frame.payload))
+                        pending.append(pool.submit(_check_and_decode, verifier if self._checking else None,
+                                                   index, prev, tag, frame))
                     else:
                         try:
                             if self._checking:
-                                verifier.check(index, prev, tag, frame_digest(header_of(frame), [frame.payload]))
+                                verifier.check(index, prev, tag,
+                                               verifier.digest(index, header_of(frame), [frame.payload]))
                         except UntrustedImage:
                             for item in pending:        # an earlier frame's failure is the one to tell
                                 if isinstance(item, Future):
@@ -231,6 +267,7 @@ class ImageReader:
                                 raise ProtocolError("the stream does not start with an image header")
                             check_format(rec)
                             self.header = rec
+                            verifier.set_nonce(rec.sign_nonce)     # checked above, with the header's frame
                         pending.append(rec)
                         if isinstance(rec, EndOfImage):
                             break
@@ -300,6 +337,16 @@ def open_output(path: str) -> BinaryIO:
 
 
 def open_input(path: str) -> BinaryIO:
+    """The image at ``path`` ("-": stdin) to read; a file only this user can write is mapped
+    (``MappedFile``): its page data goes on without a copy."""
     if path == "-":
         return os.fdopen(os.dup(0), "rb", buffering=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+    f = open(path, "rb", buffering=1 << 20)
+    try:
+        if MappedFile.suits(f.fileno()):
+            mapped = MappedFile(f.fileno())      # holds a descriptor of its own
+            f.close()
+            return cast(BinaryIO, mapped)
+    except (OSError, ValueError):               # a file system that cannot map it: read it
+        pass
+    return f

@@ -58,6 +58,9 @@ from transport.records import (
 # which a version 5 reader would drop: the process would see them jump (``agent.timens``).
 # ``VMA_NORESERVE``, ``ADV_SEQUENTIAL``, ``ADV_RANDOM`` and ``VMA_SEALED`` in ``Vma.advice``
 # (above a version 5 reader's bound for it: refused there).
+# And a signed image's frames after the header are hashed with Poly1305 under a key per frame
+# drawn from the image's ``ImageHeader.sign_nonce`` (``transport.signing``), not SHA-256: a
+# version 5 reader would call every such image edited.
 FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -142,6 +145,7 @@ class ImageHeader(Record):
     monotonic_ns: NonNegI64 = 0
     boottime_ns: NonNegI64 = 0
     realtime_ns: NonNegI64 = 0
+    sign_nonce: Annotated[bytes, Blob(64)] = b""   # format 6: the signed image's own random nonce
 
     def validate(self) -> None:
         _check(self.kind in ("checkpoint", "live"), f"kind {self.kind!r}")

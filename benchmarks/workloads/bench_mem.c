@@ -12,8 +12,13 @@
  * (they are part of its memory too) and writes OUTDIR/verify.PID:
  *     checksum HEX bad_pages N first_bad ADDR
  * so a restored copy (a new pid) reports whether its memory came back bit for bit.
+ *
+ * With BENCH_THREADS=N in the environment (N > 1), N - 1 more threads wait beside the main
+ * one (each blocked in pause() with SIGUSR1 blocked, on a stack of its own): a multi-threaded
+ * process to checkpoint. Build with -pthread.
  */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -97,6 +102,22 @@ static void fill_text(char *p) {
 
 static void on_usr1(int sig) { (void)sig; verify_requested = 1; }
 
+static void *idle_thread(void *arg) {
+    (void)arg;
+    for (;;) pause();
+    return NULL;
+}
+
+/* BENCH_THREADS - 1 idle threads; they inherit the caller's mask (SIGUSR1 blocked). */
+static void start_threads(void) {
+    const char *env = getenv("BENCH_THREADS");
+    long n = env ? strtol(env, NULL, 10) : 1;
+    for (long i = 1; i < n; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, idle_thread, NULL) != 0) { perror("pthread_create"); exit(3); }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: %s OUTDIR MIB [SEED|blank]\n", argv[0]); return 2; }
     outdir = argv[1];
@@ -144,6 +165,7 @@ int main(int argc, char **argv) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
+    start_threads();
 
     snprintf(info, sizeof info, "addr %#llx\nbytes %zu\nzero_pages %zu\ntext_pages %zu\nrandom_pages %zu\n"
              "checksum %016llx\n", (unsigned long long)(uintptr_t)mem, bytes, kinds[0], kinds[1], kinds[2],
