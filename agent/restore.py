@@ -1186,22 +1186,26 @@ class Restorer:
             self._call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         self._call("prctl", PR_SET_DUMPABLE, proc.dumpable)
 
-    def _thread_setup(self, inj: Injector, t: ThreadState) -> None:
-        """What each thread must do for itself."""
-        def call(name: str, *args: int) -> int:
-            self.report.syscalls += 1
-            return inj.call(name, *args)
+    def _thread_setup(self, inj: Injector, t: ThreadState, first: list[tuple[str, tuple[int, ...]]] | None = None
+                      ) -> None:
+        """What each thread must do for itself (after ``first``), in one batch of system calls."""
+        calls: list[tuple[str, tuple[int, ...]]] = list(first or [])
         if t.robust_list:
-            call("set_robust_list", t.robust_list, t.robust_list_len)
+            calls.append(("set_robust_list", (t.robust_list, t.robust_list_len)))
         # stack_t: ss_sp, int ss_flags (SS_AUTODISARM is its top bit: packed unsigned), padding, ss_size
         ss = struct.pack("<QIiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
         if not t.altstack_flags & 2:     # SS_DISABLE: nothing to set
-            call("sigaltstack", self._put(ss, 512), 0)
+            calls.append(("sigaltstack", (self._put(ss, 512), 0)))
         if t.rseq_addr:
-            call("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
-        call("prctl", PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))
+            calls.append(("rseq", (t.rseq_addr, t.rseq_len, 0, t.rseq_sig)))
+        calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
-            call("prctl", sched.PR_SET_TIMERSLACK, t.timer_slack_ns)
+            calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
+        assert self.mem is not None
+        done, err = inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
+        self.report.syscalls += min(done + 1, len(calls))
+        if done < len(calls):
+            raise InjectionError(-err, f"{calls[done][0]}() in thread {inj.tid}: {os.strerror(-err)}")
 
     def _threads(self, proc: ProcessState, threads: list[ThreadState], lent_cap: bool = False) -> dict[int, int]:
         """The other threads, cloned from the leader (with their old tids if ids are kept);
@@ -1211,9 +1215,8 @@ class Restorer:
         leader = next(t for t in threads if t.leader)
         new_tids = {leader.tid: self.pid}
         if leader.tid_address:
-            self._call("set_tid_address", leader.tid_address)
             self.mem.write(leader.tid_address, struct.pack("<i", self.pid))
-        self._thread_setup(self.inj, leader)
+        self._thread_setup(self.inj, leader, [("set_tid_address", (leader.tid_address,))] if leader.tid_address else [])
         for t in threads:
             if t.leader:
                 continue
