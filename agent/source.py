@@ -42,7 +42,16 @@ from transport.errors import MigrationError, NoSuchProcess, ProcessError, Proces
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import FORMAT_VERSION, RECORD_TYPES, ProcessBegin, ProcessState, ThreadState
+from transport.schema import (
+    FORMAT_VERSION,
+    RECORD_TYPES,
+    EventFiles,
+    Pipes,
+    ProcessBegin,
+    ProcessState,
+    ThreadState,
+    UnixSockets,
+)
 from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
 
 
@@ -330,6 +339,9 @@ class SourceSession:
 
 
 SESSIONS: dict[int, SourceSession] = {}
+# A process's records that list nothing when absent: an empty one is not sent (a tree sends
+# a process's state inside the downtime, record by record). Type -> its list.
+NONE_IF_ABSENT = {Pipes.TYPE: "pipes", UnixSockets.TYPE: "sockets", EventFiles.TYPE: "files"}
 
 
 def _session(ctx: CallContext) -> SourceSession:
@@ -495,17 +507,35 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
     state: dict[str, Any] = {}
     t_state = t_frozen
+    # A tracker that starts now (a process that joined as the job froze; stop-and-copy) lends
+    # the process a userfaultfd fd for a moment: its fd table is read after that.
+    starting = s.result is None or any(p not in s.result.pending for p in trackers)
     async with service_nursery() as nursery:
+        files_read = trio.Event()
+
+        async def collect_files() -> None:
+            try:
+                await _blocking(s.holder.call, "collect_files")
+            finally:
+                files_read.set()
+
         async def collect_state() -> None:
             nonlocal t_state
+            if starting:
+                await collect_files()
+            await files_read.wait()
             state.update(await _blocking(s.holder.call, "collect"))
             t_state = time.perf_counter()
 
         def scanned() -> None:
             # The rest of the state is read while the last pages go out. Not before the scans:
             # reading it maps a scratch page into each process for a moment, which a scan's
-            # layout must not hold.
+            # layout must not hold. Its fd tables (and the tree's checks) touch no memory:
+            # read during the scans.
             nursery.start_soon(collect_state)
+
+        if not starting:
+            nursery.start_soon(collect_files)
 
         # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
         # or for a process that joined as the job froze: every page, now.
@@ -516,6 +546,9 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             await sink.record(ProcessBegin(int(proc["pid"])))
         await sink.record(ProcessState.from_wire(proc["process"]))
         for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
+            listed = NONE_IF_ABSENT.get(wire["t"])
+            if listed is not None and not wire.get(listed):
+                continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
             await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
         for t in proc["threads"]:
             await sink.record(ThreadState.from_wire(t))
