@@ -398,10 +398,21 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
     t0 = clock()
     pending = result.pending if result is not None else {}
     unsent = result.unsent if result is not None else frozenset()
-    scans: dict[int, tuple[Scan, bool]] = {}
-    for pid, tracker in trackers.items():
-        first = pid not in pending
-        scans[pid] = (await _blocking(tracker, tracker.start if first else tracker.collect), first)
+
+    def scan_all() -> dict[int, tuple[Scan, bool]]:
+        """Every process's scan, in one worker thread (a hop each adds up in a large tree)."""
+        out: dict[int, tuple[Scan, bool]] = {}
+        for pid, tracker in trackers.items():
+            first = pid not in pending
+            try:
+                out[pid] = ((tracker.start if first else tracker.collect)(), first)
+            except MigrationError:
+                raise
+            except OSError as exc:
+                raise tracker.explain(exc) from None
+        return out
+
+    scans = await trio.to_thread.run_sync(scan_all)
     if scanned is not None:
         scanned()
     parts = []
