@@ -186,6 +186,7 @@ class Holder:
             freezer.let_go(self.helds.pop(p))
             left.append(p)
         self.helds = {p: self.helds[p] for p in pids}
+        self.fds = None
         # A process that joined is checked before anything is done to it (a tracker injects
         # into it next); the whole tree as it is frozen is checked by ``collect_files``, which
         # runs while the last dirty pages are scanned, before anything is injected for the state.
@@ -226,15 +227,17 @@ class Holder:
             check_tree(self.root, self.redirect, pids)
             self.checked = True
 
-    def op_collect(self) -> dict[str, Any]:
-        """Everything but memory, of every process of the frozen job (their fd tables as
-        ``collect_files`` read them, if it did for these processes)."""
+    def op_collect(self, pid: int = 0) -> dict[str, Any]:
+        """Everything but memory, of every process of the frozen job, or of ``pid`` alone
+        (a tree's processes are read one by one while the ones read go out); their fd tables
+        as ``collect_files`` read them (else read now)."""
         pids = self._need_frozen()
         self._check_frozen(pids)
-        kept, self.fds = self.fds, None
-        fds = kept[1] if kept is not None and kept[0] == pids else fdtable.collect_tree(pids, {self.root: self.redirect})
+        if self.fds is None or self.fds[0] != pids:
+            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
+        fds = self.fds[1]
         out = []
-        for p, held in self.helds.items():
+        for p, held in [(pid, self._need(pid))] if pid else self.helds.items():
             mem = RemoteMemory(p, writable=False)
             try:
                 state = collect(held, mem, fds=fds[p])

@@ -14,6 +14,7 @@ last delta, state), ``source_commit_pending``, ``source_kill``, ``source_hold``,
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -505,11 +506,12 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     pids = [int(p) for p in frozen["pids"]]
     await s.tell_tree(sink)           # processes forked, exited or gone since the last round
     trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
-    state: dict[str, Any] = {}
     t_state = t_frozen
     # A tracker that starts now (a process that joined as the job froze; stop-and-copy) lends
     # the process a userfaultfd fd for a moment: its fd table is read after that.
     starting = s.result is None or any(p not in s.result.pending for p in trackers)
+    states_in, states_out = trio.open_memory_channel[dict[str, Any]](math.inf)
+    threads = 0
     async with service_nursery() as nursery:
         files_read = trio.Event()
 
@@ -520,12 +522,16 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 files_read.set()
 
         async def collect_state() -> None:
+            # Process by process: each one's state goes out while the next is read.
             nonlocal t_state
-            if starting:
-                await collect_files()
-            await files_read.wait()
-            state.update(await _blocking(s.holder.call, "collect"))
-            t_state = time.perf_counter()
+            async with states_in:
+                if starting:
+                    await collect_files()
+                await files_read.wait()
+                for p in pids:
+                    for proc in (await _blocking(s.holder.call, "collect", pid=p))["processes"]:
+                        states_in.send_nowait(proc)
+                t_state = time.perf_counter()
 
         def scanned() -> None:
             # The rest of the state is read while the last pages go out. Not before the scans:
@@ -541,17 +547,19 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
         # or for a process that joined as the job froze: every page, now.
         final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned)
         t_pages = time.perf_counter()
-    for proc in state["processes"]:
-        if s.carry_tree:
-            await sink.record(ProcessBegin(int(proc["pid"])))
-        await sink.record(ProcessState.from_wire(proc["process"]))
-        for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
-            listed = NONE_IF_ABSENT.get(wire["t"])
-            if listed is not None and not wire.get(listed):
-                continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
-            await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
-        for t in proc["threads"]:
-            await sink.record(ThreadState.from_wire(t))
+        async with states_out:
+            async for proc in states_out:
+                threads += len(proc["threads"])
+                if s.carry_tree:
+                    await sink.record(ProcessBegin(int(proc["pid"])))
+                await sink.record(ProcessState.from_wire(proc["process"]))
+                for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
+                    listed = NONE_IF_ABSENT.get(wire["t"])
+                    if listed is not None and not wire.get(listed):
+                        continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
+                    await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
+                for t in proc["threads"]:
+                    await sink.record(ThreadState.from_wire(t))
     s.cursor.reset()
     # Written out, not yet applied: dest_restore waits for the stream on the destination.
     state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())
@@ -566,7 +574,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},
-            "threads": sum(len(p["threads"]) for p in state["processes"]), "processes": pids,
+            "threads": threads, "processes": pids,
             "joined": frozen["joined"], "left": frozen["left"]}
 
 
