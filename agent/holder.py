@@ -227,17 +227,18 @@ class Holder:
             check_tree(self.root, self.redirect, pids)
             self.checked = True
 
-    def op_collect(self, pid: int = 0) -> dict[str, Any]:
-        """Everything but memory, of every process of the frozen job, or of ``pid`` alone
-        (a tree's processes are read one by one while the ones read go out); their fd tables
+    def op_collect(self, pids: list[int] | None = None) -> dict[str, Any]:
+        """Everything but memory, of every process of the frozen job, or of ``pids`` (a
+        tree's processes are read a few at a time while those read go out); their fd tables
         as ``collect_files`` read them (else read now)."""
+        wanted = [int(p) for p in pids] if pids else []
         pids = self._need_frozen()
         self._check_frozen(pids)
         if self.fds is None or self.fds[0] != pids:
             self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
         fds = self.fds[1]
         out = []
-        for p, held in [(pid, self._need(pid))] if pid else self.helds.items():
+        for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):
             mem = RemoteMemory(p, writable=False)
             try:
                 state = collect(held, mem, fds=fds[p])

@@ -340,6 +340,7 @@ class SourceSession:
 
 
 SESSIONS: dict[int, SourceSession] = {}
+COLLECT_CALLS = 4        # the holder reads a frozen tree's state in this many parts
 # A process's records that list nothing when absent: an empty one is not sent (a tree sends
 # a process's state inside the downtime, record by record). Type -> its list.
 NONE_IF_ABSENT = {Pipes.TYPE: "pipes", UnixSockets.TYPE: "sockets", EventFiles.TYPE: "files"}
@@ -522,14 +523,16 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 files_read.set()
 
         async def collect_state() -> None:
-            # Process by process: each one's state goes out while the next is read.
+            # A few processes at a time (COLLECT_CALLS calls): those read go out while the
+            # next are read, and the holder is not asked once per process.
             nonlocal t_state
             async with states_in:
                 if starting:
                     await collect_files()
                 await files_read.wait()
-                for p in pids:
-                    for proc in (await _blocking(s.holder.call, "collect", pid=p))["processes"]:
+                step = max(1, -(-len(pids) // COLLECT_CALLS))
+                for i in range(0, len(pids), step):
+                    for proc in (await _blocking(s.holder.call, "collect", pids=pids[i:i + step]))["processes"]:
                         states_in.send_nowait(proc)
                 t_state = time.perf_counter()
 
