@@ -33,14 +33,16 @@ within seconds: every process fills its memory before anything is timed, each tr
 runs once untimed first (warm-up), and each timed live migration starts right after a /dev/shm
 buffer of twice its memory was filled and freed; the output says so.
 
-Measured (defaults, median of 3, 2 cores shared with other work): through checkpoint and
-restore, 16 processes frozen 184 ms against 96 ms (1.91x), restored in 1.61x the anchor's time;
-64 processes 1000 against 375 ms (2.67x). Live, 16 processes frozen 114 ms against 19 ms (5.95x:
-the 2x target is not met), moved in 0.89 against 0.62 s; 64 processes 491 against 23 ms (21x,
-pre-copy stopping on dirty-growing), 3.95 against 1.56 s. Every process adds 6 to 7 ms of frozen
-time whatever it writes (with --rate 0, 16 processes were frozen 132 ms against 23):
-stopping it and checking the tree, its final scan and send, reading and sending its state,
-restoring it. The second table shows which.
+Measured (defaults, median of 3, 2 cores shared with other work at a load average of 4 to 12):
+through checkpoint and restore, 16 processes frozen 388 ms against 379 ms (1.02x; 1.91x before
+a process's state was read in batches of injected calls), restored in 2.05x the anchor's time;
+64 processes 1221 against 952 ms (1.28x; 2.67x before). Live, the 2x target is not met: on a
+quiet machine before that work, 16 processes were frozen 213 against 43 ms (4.9x); at a load
+average of 7, alternating runs before and after it froze 16 processes 292-549 ms before and
+269-390 ms after, the anchor 25-119 ms. The second table shows where the time goes: per
+process, the last scan and send (1-2 ms unloaded) and the restore (3-5 ms, half of it its fds
+taken one injected call at a time); stopping the tree, sending its state and GO no longer grow
+much with it.
 """
 from __future__ import annotations
 
