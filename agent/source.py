@@ -522,33 +522,45 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             finally:
                 files_read.set()
 
+        # The rest of the state is read while the last pages are scanned and go out: a few
+        # processes at a time (COLLECT_CALLS calls), each part once its processes were scanned
+        # (reading it maps a scratch page into each process for a moment, which that process's
+        # scan must not see in its layout), sent while the next part is read. The fd tables
+        # (and the tree's checks) touch no memory: read from the start, beside the scans.
+        scans_done: dict[int, trio.Event] = {p: trio.Event() for p in pids}
+
         async def collect_state() -> None:
-            # A few processes at a time (COLLECT_CALLS calls): those read go out while the
-            # next are read, and the holder is not asked once per process.
             nonlocal t_state
             async with states_in:
                 if starting:
+                    for done in scans_done.values():
+                        await done.wait()
                     await collect_files()
                 await files_read.wait()
                 step = max(1, -(-len(pids) // COLLECT_CALLS))
                 for i in range(0, len(pids), step):
-                    for proc in (await _blocking(s.holder.call, "collect", pids=pids[i:i + step]))["processes"]:
+                    part = pids[i:i + step]
+                    for p in part:
+                        await scans_done[p].wait()
+                    for proc in (await _blocking(s.holder.call, "collect", pids=part))["processes"]:
                         states_in.send_nowait(proc)
                 t_state = time.perf_counter()
 
+        def scanned_one(pid: int) -> None:
+            if pid in scans_done:
+                scans_done[pid].set()
+
         def scanned() -> None:
-            # The rest of the state is read while the last pages go out. Not before the scans:
-            # reading it maps a scratch page into each process for a moment, which a scan's
-            # layout must not hold. Its fd tables (and the tree's checks) touch no memory:
-            # read during the scans.
-            nursery.start_soon(collect_state)
+            for done in scans_done.values():     # (a process without a tracker: gone, it fails below)
+                done.set()
 
         if not starting:
             nursery.start_soon(collect_files)
+        nursery.start_soon(collect_state)
 
         # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
         # or for a process that joined as the job froze: every page, now.
-        final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned)
+        final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one)
         t_pages = time.perf_counter()
         async with states_out:
             async for proc in states_out:

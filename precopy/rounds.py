@@ -389,9 +389,10 @@ async def precopy_group(members: Members, sink: RecordSink, cursor: StreamCursor
 
 async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, cursor: StreamCursor,
                       result: GroupResult | None, *, scanned: Callable[[], object] | None = None,
+                      scanned_one: Callable[[int], object] | None = None,
                       clock: Callable[[], float] = time.monotonic) -> RoundStats:
     """``final_round`` for the processes of a job, all frozen: every process is scanned
-    first (then ``scanned`` is called), then each one's pages go: what pre-copy left pending
+    first (``scanned_one(pid)`` after each, then ``scanned``), then each one's pages go: what pre-copy left pending
     (for a process that joined in pre-copy's last look: its first scan, layout and all) and
     the last scan, or every page of a process pre-copy did not track (it joined the job as it
     froze, or there was no pre-copy). Queued, not drained."""
@@ -410,6 +411,8 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
                 raise
             except OSError as exc:
                 raise tracker.explain(exc) from None
+            if scanned_one is not None:
+                trio.from_thread.run_sync(scanned_one, pid)
         return out
 
     scans = await trio.to_thread.run_sync(scan_all)
