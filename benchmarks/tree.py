@@ -33,16 +33,14 @@ within seconds: every process fills its memory before anything is timed, each tr
 runs once untimed first (warm-up), and each timed live migration starts right after a /dev/shm
 buffer of twice its memory was filled and freed; the output says so.
 
-Measured (defaults, median of 3, 2 cores shared with other work at a load average of 4 to 12):
-through checkpoint and restore, 16 processes frozen 388 ms against 379 ms (1.02x; 1.91x before
-a process's state was read in batches of injected calls), restored in 2.05x the anchor's time;
-64 processes 1221 against 952 ms (1.28x; 2.67x before). Live, the 2x target is not met: on a
-quiet machine before that work, 16 processes were frozen 213 against 43 ms (4.9x); at a load
-average of 7, alternating runs before and after it froze 16 processes 292-549 ms before and
-269-390 ms after, the anchor 25-119 ms. The second table shows where the time goes: per
-process, the last scan and send (1-2 ms unloaded) and the restore (3-5 ms, half of it its fds
-taken one injected call at a time); stopping the tree, sending its state and GO no longer grow
-much with it.
+Measured (defaults, median of 3, 2 cores shared with other work): through checkpoint and
+restore, 16 processes frozen 238 ms against 120 ms (1.99x), restored in 1.65x the anchor's time;
+64 processes 929 against 346 ms (2.69x). Live, 16 processes frozen 124 ms against 30 ms (4.2x:
+the 2x target is not met; 7.2x in the same quick run before the freeze's per-process work was
+batched and overlapped), moved in 2.0 against 1.1 s; 64 processes 515 against 30 ms (17x,
+pre-copy stopping on dirty-growing), 5.2 against 2.1 s. Each process still adds its last scan
+and send (about 2 ms) and its restore (about 2.5 ms, half of it its fds taken one injected call
+at a time): the second table shows which.
 """
 from __future__ import annotations
 
