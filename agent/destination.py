@@ -231,14 +231,22 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 s.pages += item.npages
                 batches += 1
             else:
-                records += 1
-                await s.tracer.acall(s.restore.take, item)
+                # The records that arrived with it go in the same visit to the tracer thread:
+                # a process's state is several records, and a tree's is that many per process.
+                group = [item, *ctx.pages.ready_records()]
+                records += len(group)
+                await s.tracer.acall(_take_all, s.restore, group)
     except BaseException as exc:
         s.receive_error = exc
         raise
     finally:
         received.set()
     return {"records": records, "batches": batches, "pages": s.pages}
+
+
+def _take_all(restore: RestoreSession, items: list[Any]) -> None:
+    for item in items:
+        restore.take(item)
 
 
 async def dest_restore(ctx: CallContext) -> dict[str, Any]:

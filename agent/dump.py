@@ -19,7 +19,19 @@ from typing import Mapping
 
 from agent import cgroups, fdtable, ptrace, sched, seccomp, timens
 from agent.freeze import NR_RESTART_SYSCALL, Held
-from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
+from agent.inject import (
+    BATCH_CODE,
+    BATCH_ENTRY,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    InjectionError,
+    Injector,
+    RemoteMemory,
+    Scratch,
+    to_signed,
+    vdso_gadget,
+)
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
 from precopy.layout import PageFinder, read_smaps_flags, to_vma
@@ -89,6 +101,45 @@ class Collected:
     xstate_size: int
 
 
+# The scratch mapping a dump borrows: answers at the start, then the batch code and its table.
+SIGACTIONS_AT, ITIMERS_AT, SUBREAPER_AT, THREAD_AT = 0, 2112, 2240, 2304
+CODE_AT, TABLE_AT = 2 * PAGE_SIZE, 3 * PAGE_SIZE
+TABLE_CALLS = PAGE_SIZE // BATCH_ENTRY
+
+
+class Calls:
+    """System calls in the frozen process's threads, answering into the scratch: all of a
+    list in one stop each (``Injector.batch``, its code in the scratch) where the scratch may
+    hold code, else one stop per call. Results are raw: ``-errno`` for a failure."""
+
+    def __init__(self, leader: Injector, mem: RemoteMemory) -> None:
+        try:
+            self.scratch = Scratch(leader, mem, prot=PROT_READ | PROT_WRITE | PROT_EXEC)
+            self.scratch.put(CODE_AT, BATCH_CODE)
+            self.batched = True
+        except InjectionError:            # no writable code here (memory-deny-write-execute)
+            self.scratch = Scratch(leader, mem)
+            self.batched = False
+
+    def run(self, inj: Injector, calls: list[tuple[str, tuple[int, ...]]]) -> list[int]:
+        if self.batched:
+            return inj.batch_results(self.scratch.addr + CODE_AT, self.scratch.addr + TABLE_AT, self.scratch.mem,
+                                     calls, TABLE_CALLS)
+        out = []
+        for name, args in calls:
+            try:
+                out.append(inj.call(name, *args))
+            except InjectionError as exc:
+                out.append(-(exc.errno or 1))
+        return out
+
+
+def _ok(result: int, name: str, pid: int) -> int:
+    if -4096 < result < 0:
+        raise InjectionError(-result, f"{name}() in pid {pid}: {os.strerror(-result)}")
+    return result
+
+
 def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None,
             fds: fdtable.FdState | None = None) -> Collected:
     """Everything but memory, from a frozen process. Leaves the process exactly as it was.
@@ -100,20 +151,22 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}
     injectors = {tid: Injector(tid, gadget, park=tid not in held.inflight) for tid in tids}
     leader = injectors[pid]
-    scratch: Scratch | None = None
+    calls: Calls | None = None
+    own = RemoteMemory(pid)       # writes the scratch (``mem`` may be read-only)
     try:
         locked_before = _locked_kb(pid)
-        scratch = Scratch(leader, mem)
+        calls = Calls(leader, own)
         # mlockall(MCL_FUTURE) shows nowhere in /proc, but a new mapping is locked under it.
         lock_future = _locked_kb(pid) > locked_before
-        threads = [_collect_thread(held, tid, injectors[tid], scratch, rseq[tid]) for tid in tids]
-        process = replace(_collect_process(held, leader, scratch), lock_future=int(lock_future))
+        threads = [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids]
+        process = replace(_collect_process(held, leader, calls), lock_future=int(lock_future))
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:
-            if scratch is not None:
-                scratch.release()
+            if calls is not None:
+                calls.scratch.release()
         finally:
+            own.close()
             for inj in injectors.values():
                 inj.close()
     return Collected(process, threads, fds, len(threads[0].xstate))
@@ -132,7 +185,7 @@ def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:
     return rseq_addr, rseq_len, rseq_sig
 
 
-def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
+def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
                     rseq: tuple[int, int, int]) -> ThreadState:
     regs = inj.saved_regs
     if to_signed(regs.rax) == -516 and regs.orig_rax == NR_RESTART_SYSCALL and tid in held.restart_nr:
@@ -140,13 +193,17 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
         # arguments are still in the registers; only rax was replaced by restart_syscall).
         regs = replace(regs, orig_rax=held.restart_nr[tid])
     rseq_addr, rseq_len, rseq_sig = rseq
-    inj.call("prctl", PR_GET_TID_ADDRESS, scratch.addr)
-    tid_address = _u64(scratch.get(0, 8), 0)
-    inj.call("sigaltstack", 0, scratch.addr)
-    ss = scratch.get(0, 24)
+    at = calls.scratch.addr + THREAD_AT
+    got = calls.run(inj, [("prctl", (PR_GET_TID_ADDRESS, at)), ("sigaltstack", (0, at + 8)),
+                          ("prctl", (sched.PR_GET_TIMERSLACK,))])
+    for name, result in zip(("prctl", "sigaltstack", "prctl"), got):
+        _ok(result, name, tid)
+    answers = calls.scratch.get(THREAD_AT, 32)
+    tid_address = _u64(answers, 0)
+    ss = answers[8:32]
     head, head_len = get_robust_list(tid)
     pending = ptrace.peek_siginfo(tid, shared=False)
-    timer_slack = inj.call("prctl", sched.PR_GET_TIMERSLACK)
+    timer_slack = got[2]
     sch = sched.read_thread(tid)
     if tid in held.inflight:
         pending.insert(0, held.inflight[tid])
@@ -178,34 +235,40 @@ def _locked_kb(pid: int) -> int:
     return int(read_status(pid).get("VmLck", "0 kB").split()[0])
 
 
-def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessState:
+def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
     pid = held.pid
     status = read_status(pid)
     caught = int(status["SigCgt"], 16)
     ignored = int(status["SigIgn"], 16)
+    scratch = calls.scratch
+    asked = [signo for signo in range(1, 65) if signo not in (SIGKILL, SIGSTOP) and caught >> (signo - 1) & 1]
+    batch: list[tuple[str, tuple[int, ...]]] = [("rt_sigaction", (signo, 0, scratch.addr + SIGACTIONS_AT + 32 * signo, 8)) for signo in asked]
+    batch += [("getitimer", (which, scratch.addr + ITIMERS_AT + 32 * which)) for which in range(3)]
+    batch += [("brk", (0,)), ("prctl", (PR_GET_DUMPABLE,)), ("prctl", (PR_GET_SECUREBITS,)),
+              ("prctl", (PR_GET_CHILD_SUBREAPER, scratch.addr + SUBREAPER_AT)), ("prctl", (PR_GET_THP_DISABLE,)),
+              ("membarrier", (MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))]
+    got = calls.run(inj, batch)
+    for (name, _), result in zip(batch[:-1], got):      # all but membarrier, which may fail (below)
+        _ok(result, name, pid)
+    answers = scratch.get(0, SUBREAPER_AT + 4)
     sigactions: list[SigAction] = []
     for signo in range(1, 65):
         if signo in (SIGKILL, SIGSTOP):
             continue
-        bit = 1 << (signo - 1)
-        if caught & bit:
-            inj.call("rt_sigaction", signo, 0, scratch.addr, 8)
-            raw = scratch.get(0, 32)
-            sigactions.append(SigAction(signo, _u64(raw, 0), _u64(raw, 8), _u64(raw, 16), _u64(raw, 24)))
-        elif ignored & bit:
+        if caught >> (signo - 1) & 1:
+            at = SIGACTIONS_AT + 32 * signo
+            sigactions.append(SigAction(signo, _u64(answers, at), _u64(answers, at + 8), _u64(answers, at + 16),
+                                        _u64(answers, at + 24)))
+        elif ignored >> (signo - 1) & 1:
             sigactions.append(SigAction(signo, 1, 0, 0, 0))
     itimers: list[ITimer] = []
     for which in range(3):
-        inj.call("getitimer", which, scratch.addr)
-        iv = struct.unpack("<4q", scratch.get(0, 32))
+        iv = struct.unpack_from("<4q", answers, ITIMERS_AT + 32 * which)
         itimers.append(ITimer(which, iv[0] * 1_000_000 + iv[1], iv[2] * 1_000_000 + iv[3]))
     shared_pending = ptrace.peek_siginfo(pid, shared=True)
     itimers = [_rearm_fired_real_timer(it, shared_pending) for it in itimers]
-    brk = inj.call("brk", 0)
-    dumpable = inj.call("prctl", PR_GET_DUMPABLE)
-    securebits = inj.call("prctl", PR_GET_SECUREBITS)
-    inj.call("prctl", PR_GET_CHILD_SUBREAPER, scratch.addr)
-    subreaper = int.from_bytes(scratch.get(0, 4), "little")
+    brk, dumpable, securebits, _, thp_disable, membarrier = got[-6:]
+    subreaper = int.from_bytes(answers[SUBREAPER_AT:SUBREAPER_AT + 4], "little")
     stat = read_stat(pid)
     mm = MmFields(
         start_code=int(stat[26]), end_code=int(stat[27]), start_data=int(stat[45]), end_data=int(stat[46]),
@@ -224,9 +287,9 @@ def _collect_process(held: Held, inj: Injector, scratch: Scratch) -> ProcessStat
         dumpable=dumpable, creds=_parse_creds(status, securebits), rlimits=rlimits, mm=mm, auxv=auxv,
         sigactions=tuple(sigactions), itimers=tuple(itimers),
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
-        oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=inj.call("prctl", PR_GET_THP_DISABLE),
+        oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=thp_disable,
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
-        membarrier=_membarrier_registrations(inj), cgroups=cgroups.read(pid))
+        membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid))
 
 
 def _loginuid(pid: int) -> int:
@@ -236,15 +299,13 @@ def _loginuid(pid: int) -> int:
         return AUDIT_UID_UNSET
 
 
-def _membarrier_registrations(inj: Injector) -> int:
-    """The membarrier commands the process registered for: MEMBARRIER_CMD_GET_REGISTRATIONS
-    (Linux 6.3), or before it each private expedited barrier issued once, which only a
-    registered process may (EPERM otherwise). Before 6.3 a global expedited registration
-    cannot be seen, and is not carried."""
-    try:
-        return inj.call("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0) & MEMBARRIER_REGISTRATIONS
-    except InjectionError:
-        pass
+def _membarrier_registrations(inj: Injector, registrations: int) -> int:
+    """The membarrier commands the process registered for: ``registrations``, what
+    MEMBARRIER_CMD_GET_REGISTRATIONS (Linux 6.3) answered, or where it failed, each private
+    expedited barrier issued once, which only a registered process may (EPERM otherwise).
+    Before 6.3 a global expedited registration cannot be seen, and is not carried."""
+    if not -4096 < registrations < 0:
+        return registrations & MEMBARRIER_REGISTRATIONS
     found = 0
     for register in MEMBARRIER_REGISTER_COMMANDS[1:]:     # the barrier's command is the bit below
         try:

@@ -32,7 +32,7 @@ from agent import ptrace
 from agent.signals import LateSignals
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
-from agent.procfs import check_target, process_tree
+from agent.procfs import check_supported, check_target, process_tree
 from precopy.kernel import pidfd_send_signal
 from agent.tree import check_tree, zombie
 from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
@@ -91,6 +91,9 @@ class Holder:
         self.first_interrupt_ns = 0
         self.redirect: dict[int, str] = {}
         self.late = LateSignals()      # the signal queues carried, to find what arrives after
+        self.fds: tuple[list[int], dict[int, fdtable.FdState]] | None = None   # ``collect_files``'
+        self.checked = False           # the frozen tree was checked (``_check_frozen``)
+        self.collected: set[int] = set()   # processes whose state ``collect`` read since the freeze
 
     def _need(self, pid: int | None = None) -> freezer.Held:
         held = self.helds.get(pid or self.root)
@@ -144,7 +147,8 @@ class Holder:
     def op_freeze(self, pid: int = 0) -> dict[str, Any]:
         """Freeze one process (``pid``: a tracker's pause) or the whole job: every process
         stopped, then the tree read again until no process in it is left running (one
-        forked meanwhile joins, frozen; one gone or exited leaves), then checked as it is."""
+        forked meanwhile joins, frozen; one gone or exited leaves). The processes that joined
+        are checked here, the whole tree as frozen before its state is read (``collect_files``)."""
         if pid:
             held = self._need(pid)
             if not held.frozen:
@@ -185,7 +189,16 @@ class Holder:
         for p in [p for p in self.helds if p not in pids]:
             freezer.let_go(self.helds.pop(p))
             left.append(p)
-        self.helds = {p: self.helds[p] for p in check_tree(self.root, self.redirect, pids)}
+        self.helds = {p: self.helds[p] for p in pids}
+        self.fds = None
+        # A process that joined is checked before anything is done to it (a tracker injects
+        # into it next); the whole tree as it is frozen is checked by ``collect_files``, which
+        # runs while the last dirty pages are scanned, before anything is injected for the state.
+        for p in joined:
+            if p in self.helds:
+                check_supported(p, redirect=self.redirect if p == self.root else None, tree=pids)
+        self.checked = False
+        self.collected = set()
         self.machine.handle(HolderEvent.FREEZE)
         return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined,
                 "left": [p for p in left if p not in joined],
@@ -194,20 +207,46 @@ class Holder:
     def op_thaw(self, pid: int = 0) -> dict[str, Any]:
         """Let one process (``pid``) or all run again, untraced (a traced process would stop
         at every signal it gets)."""
+        self.fds = None
         for held in [self._need(pid)] if pid else list(self.helds.values()):
             if held.frozen:
                 freezer.thaw(held)
         return {}
 
-    def op_collect(self) -> dict[str, Any]:
-        """Everything but memory, of every process of the frozen job."""
+    def _need_frozen(self) -> list[int]:
         if not self.helds or not all(h.frozen for h in self.helds.values()):
             raise ProcessError("the processes must be frozen to collect their state")
         self.machine.check(HolderEvent.COLLECT)
-        pids = list(self.helds)
-        fds = fdtable.collect_tree(pids, {self.root: self.redirect})
+        return list(self.helds)
+
+    def op_collect_files(self) -> dict[str, Any]:
+        """The frozen job's fd tables (``fdtable.collect_tree``), kept for ``collect``: they are
+        read through /proc and pidfds, without touching the processes' memory, so this can run
+        while their last dirty pages are scanned; ``collect`` cannot (``agent.source``)."""
+        pids = self._need_frozen()
+        self._check_frozen(pids)
+        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
+        return {}
+
+    def _check_frozen(self, pids: list[int]) -> None:
+        """The frozen tree checked as it is (``agent.tree.check_tree``), once per freeze."""
+        if not self.checked:
+            check_tree(self.root, self.redirect, pids)
+            self.checked = True
+
+    def op_collect(self, pids: list[int] | None = None) -> dict[str, Any]:
+        """Everything but memory, of every process of the frozen job, or of ``pids`` (a
+        tree's processes are read a few at a time while those read go out); their fd tables
+        as ``collect_files`` read them (else read now). The job is COLLECTED once every
+        process's state was read."""
+        wanted = [int(p) for p in pids] if pids else []
+        pids = self._need_frozen()
+        self._check_frozen(pids)
+        if self.fds is None or self.fds[0] != pids:
+            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
+        fds = self.fds[1]
         out = []
-        for p, held in self.helds.items():
+        for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):
             mem = RemoteMemory(p, writable=False)
             try:
                 state = collect(held, mem, fds=fds[p])
@@ -218,7 +257,9 @@ class Holder:
             out.append({"pid": p, "process": state.process.to_wire(),
                         "fds": [rec.to_wire() for rec in state.fds.records()],
                         "threads": [t.to_wire() for t in state.threads]})
-        self.machine.handle(HolderEvent.COLLECT)
+            self.collected.add(p)
+        if self.collected >= set(pids):
+            self.machine.handle(HolderEvent.COLLECT)
         return {"processes": out}
 
     def op_inject(self, calls: list[list[Any]], pid: int = 0) -> list[int]:

@@ -218,6 +218,7 @@ class Injector:
         mem.write(table, entries)
         regs = dataclasses.replace(self.saved_regs, rbx=table, r12=len(calls), rip=code, orig_rax=U64)
         ptrace.set_regs(self.tid, regs)
+        self.stepped = True          # it ends in our trap's stop, as a step does (``_park``)
         while True:
             ptrace.cont(self.tid)
             stop = ptrace.wait_stop(self.tid)
@@ -236,6 +237,21 @@ class Injector:
         if done == len(calls):
             return done, 0
         return done, to_signed(struct.unpack("<Q", mem.read(now.rbx + 56, 8))[0])
+
+    def batch_results(self, code: int, table: int, mem: RemoteMemory, calls: list[tuple[str, tuple[int, ...]]],
+                      max_calls: int) -> list[int]:
+        """Run every one of ``calls`` through ``batch`` (``max_calls`` a table at a time), going
+        on past a failure: each one's raw result (``-errno`` for a failure)."""
+        results: list[int] = []
+        while len(results) < len(calls):
+            chunk = calls[len(results): len(results) + max_calls]
+            done, err = self.batch(code, table, mem, chunk)
+            if done:
+                raw = mem.read(table, done * BATCH_ENTRY)
+                results += [to_signed(struct.unpack_from("<Q", raw, i * BATCH_ENTRY + 56)[0]) for i in range(done)]
+            if done < len(chunk):
+                results.append(err)
+        return results
 
     def call(self, name: str, *args: int) -> int:
         """Run a named system call; raise InjectionError on failure."""
@@ -293,11 +309,12 @@ def _tgid(tid: int) -> int:
 class Scratch:
     """A private anonymous mapping inside the tracee, for system call arguments."""
 
-    def __init__(self, inj: Injector, mem: RemoteMemory, size: int = 4 * PAGE_SIZE) -> None:
+    def __init__(self, inj: Injector, mem: RemoteMemory, size: int = 4 * PAGE_SIZE, *, prot: int = PROT_READ | PROT_WRITE
+                 ) -> None:
         self.inj = inj
         self.mem = mem
         self.size = size
-        self.addr = inj.call("mmap", 0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        self.addr = inj.call("mmap", 0, size, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
 
     def put(self, offset: int, data: bytes) -> int:
         if offset + len(data) > self.size:

@@ -1114,24 +1114,36 @@ class Restorer:
         return moved
 
     def _signals(self, proc: ProcessState) -> None:
-        # The stub handles no signal (exec reset them), but inherits the ignored ones that
-        # posix_spawn cannot reset (glibc's own 32 and 33, ignored in the agent): those the
-        # process did not ignore go back to SIG_DFL; then the process's own dispositions.
+        """Dispositions and interval timers, in one batch of system calls (their arguments
+        side by side in the scratch).
+
+        The stub handles no signal (exec reset them), but inherits the ignored ones that
+        posix_spawn cannot reset (glibc's own 32 and 33, ignored in the agent): those the
+        process did not ignore go back to SIG_DFL; then the process's own dispositions."""
         ours = {sa.signo for sa in proc.sigactions}
         with open(f"/proc/{self.pid}/status") as f:
             ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        args = bytearray()
+        calls: list[tuple[str, tuple[int, ...]]] = []
+
+        def call(name: str, raw: bytes, *args_before: int, after: tuple[int, ...] = ()) -> None:
+            calls.append((name, (*args_before, self._scratch(len(args)), *after)))
+            args.extend(raw)
         for signo in range(1, 65):
             if ignored >> (signo - 1) & 1 and signo not in ours:
-                self._call("rt_sigaction", signo, self._put(struct.pack("<4Q", 0, 0, 0, 0)), 0, 8)
+                call("rt_sigaction", struct.pack("<4Q", 0, 0, 0, 0), signo, after=(0, 8))
         for sa in proc.sigactions:
             if sa.signo in (signal.SIGKILL, signal.SIGSTOP):
                 continue
-            raw = struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask)
-            self._call("rt_sigaction", sa.signo, self._put(raw), 0, 8)
+            call("rt_sigaction", struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask), sa.signo,
+                 after=(0, 8))
         for it in proc.itimers:
             val = struct.pack("<4q", it.interval_us // 1_000_000, it.interval_us % 1_000_000,
                               it.value_us // 1_000_000, it.value_us % 1_000_000)
-            self._call("setitimer", it.which, self._put(val), 0)
+            call("setitimer", val, it.which, after=(0,))
+        if calls:
+            self._put(bytes(args))
+            self._run_batch(calls, [("set a signal's disposition or a timer", None)] * len(calls))
 
     def _limits(self, proc: ProcessState) -> None:
         for rl in proc.rlimits:
@@ -1201,22 +1213,26 @@ class Restorer:
             self._call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         self._call("prctl", PR_SET_DUMPABLE, proc.dumpable)
 
-    def _thread_setup(self, inj: Injector, t: ThreadState) -> None:
-        """What each thread must do for itself."""
-        def call(name: str, *args: int) -> int:
-            self.report.syscalls += 1
-            return inj.call(name, *args)
+    def _thread_setup(self, inj: Injector, t: ThreadState, first: list[tuple[str, tuple[int, ...]]] | None = None
+                      ) -> None:
+        """What each thread must do for itself (after ``first``), in one batch of system calls."""
+        calls: list[tuple[str, tuple[int, ...]]] = list(first or [])
         if t.robust_list:
-            call("set_robust_list", t.robust_list, t.robust_list_len)
+            calls.append(("set_robust_list", (t.robust_list, t.robust_list_len)))
         # stack_t: ss_sp, int ss_flags (SS_AUTODISARM is its top bit: packed unsigned), padding, ss_size
         ss = struct.pack("<QIiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
         if not t.altstack_flags & 2:     # SS_DISABLE: nothing to set
-            call("sigaltstack", self._put(ss, 512), 0)
+            calls.append(("sigaltstack", (self._put(ss, 512), 0)))
         if t.rseq_addr:
-            call("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
-        call("prctl", PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))
+            calls.append(("rseq", (t.rseq_addr, t.rseq_len, 0, t.rseq_sig)))
+        calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
-            call("prctl", sched.PR_SET_TIMERSLACK, t.timer_slack_ns)
+            calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
+        assert self.mem is not None
+        done, err = inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
+        self.report.syscalls += min(done + 1, len(calls))
+        if done < len(calls):
+            raise InjectionError(-err, f"{calls[done][0]}() in thread {inj.tid}: {os.strerror(-err)}")
 
     def _threads(self, proc: ProcessState, threads: list[ThreadState], lent_cap: bool = False) -> dict[int, int]:
         """The other threads, cloned from the leader (with their old tids if ids are kept);
@@ -1226,9 +1242,8 @@ class Restorer:
         leader = next(t for t in threads if t.leader)
         new_tids = {leader.tid: self.pid}
         if leader.tid_address:
-            self._call("set_tid_address", leader.tid_address)
             self.mem.write(leader.tid_address, struct.pack("<i", self.pid))
-        self._thread_setup(self.inj, leader)
+        self._thread_setup(self.inj, leader, [("set_tid_address", (leader.tid_address,))] if leader.tid_address else [])
         for t in threads:
             if t.leader:
                 continue
@@ -1377,29 +1392,21 @@ class Restorer:
     def resume(self) -> int:
         """Let every thread run (the point of no return for the restored process).
 
-        Returns the CLOCK_MONOTONIC time (ns) by which every thread has run: each thread's
-        on-CPU time has grown since it was let go. That instant, not the detach, ends the
-        downtime a program inside observes."""
+        Sets ``running_ns``: the CLOCK_MONOTONIC time (ns) by which every thread has run
+        (``wait_running``). That instant, not the detach, ends the downtime a program inside
+        observes."""
+        wait_running([(self, self.let_go())])
+        return self.pid
+
+    def let_go(self) -> dict[int, int | None]:
+        """Detach every thread, so the process runs; each thread's on-CPU time just before,
+        for ``wait_running`` (a tree lets all its processes go first, then waits once)."""
         before = {tid: _cpu_ns(self.pid, tid) for tid in self.new_tids.values()}
         for tid in sorted(self.new_tids.values(), key=lambda t: t == self.pid):
             ptrace.detach(tid)
         self._stopped = False
         self.close()
-        waiting = dict(before)
-        deadline = time.monotonic() + RUN_WAIT_S
-        while waiting and time.monotonic() < deadline:
-            for tid, ns in list(waiting.items()):
-                now = _cpu_ns(self.pid, tid)
-                if now is None or ns is None or now > ns:
-                    del waiting[tid]
-            if waiting:
-                time.sleep(0.0001)
-        if waiting:
-            self.report.warnings.append(
-                f"thread{'s' if len(waiting) > 1 else ''} {', '.join(map(str, sorted(waiting)))} of pid {self.pid} had "
-                f"not run {RUN_WAIT_S:g} s after it was let go (a busy machine, or a stop signal): check that it runs")
-        self.running_ns = time.monotonic_ns()
-        return self.pid
+        return before
 
     def abort(self) -> None:
         """Destroy the half-built process; nothing of it survives.
@@ -1441,6 +1448,37 @@ class Restorer:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def wait_running(let_go: Sequence[tuple[Restorer, dict[int, int | None]]]) -> None:
+    """Wait until every thread of the processes let go (``Restorer.let_go``: each with its
+    threads' on-CPU times then) has run: its on-CPU time has grown. Sets each one's
+    ``running_ns`` to the time all its threads had; a thread that has not run within
+    ``RUN_WAIT_S`` is a warning in its report."""
+    waiting = {(r, tid): ns for r, before in let_go for tid, ns in before.items()}
+    pending = {r: sum(1 for rr, _ in waiting if rr is r) for r, _ in let_go}
+    for r, count in pending.items():
+        if not count:
+            r.running_ns = time.monotonic_ns()
+    deadline = time.monotonic() + RUN_WAIT_S
+    while True:
+        for (r, tid), ns in list(waiting.items()):
+            now = _cpu_ns(r.pid, tid)
+            if now is None or ns is None or now > ns:
+                del waiting[(r, tid)]
+                pending[r] -= 1
+                if not pending[r]:
+                    r.running_ns = time.monotonic_ns()
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.0001)
+    for r, count in pending.items():
+        if count:
+            late = sorted(tid for rr, tid in waiting if rr is r)
+            r.report.warnings.append(
+                f"thread{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} of pid {r.pid} had not run "
+                f"{RUN_WAIT_S:g} s after it was let go (a busy machine, or a stop signal): check that it runs")
+            r.running_ns = time.monotonic_ns()
 
 
 def _stub_identity(pid: int) -> dict[str, object]:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
-from agent.restore import ProcessRecords, Restorer
+from agent.restore import ProcessRecords, Restorer, wait_running
 from agent.shared_memory import SharedObjects
 from agent.unix_names import Names
 from transport.errors import ProtocolError, RestoreError
@@ -223,9 +223,9 @@ class RestoreSession:
     def resume(self) -> int:
         """Let every process run, children first (nothing runs before its parent is whole);
         the root's pid."""
-        for p in reversed(list(self.procs.values())):
-            if not p.restorer.exited:
-                p.restorer.resume()
+        # Every process let go first, then one wait for all of their threads to have run.
+        wait_running([(p.restorer, p.restorer.let_go()) for p in reversed(list(self.procs.values()))
+                      if not p.restorer.exited])
         self.resumed = True
         self.names.commit()
         self.shared.settled()

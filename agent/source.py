@@ -16,6 +16,7 @@ last delta, state), ``source_commit_pending``, ``source_kill``, ``source_hold``,
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -45,7 +46,16 @@ from transport.errors import MigrationError, NoSuchProcess, ProcessError, Proces
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import FORMAT_VERSION, RECORD_TYPES, ProcessBegin, ProcessState, ThreadState
+from transport.schema import (
+    FORMAT_VERSION,
+    RECORD_TYPES,
+    EventFiles,
+    Pipes,
+    ProcessBegin,
+    ProcessState,
+    ThreadState,
+    UnixSockets,
+)
 from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
 
 
@@ -336,6 +346,10 @@ class SourceSession:
 
 
 SESSIONS: dict[int, SourceSession] = {}
+COLLECT_CALLS = 4        # the holder reads a frozen tree's state in this many parts
+# A process's records that list nothing when absent: an empty one is not sent (a tree sends
+# a process's state inside the downtime, record by record). Type -> its list.
+NONE_IF_ABSENT = {Pipes.TYPE: "pipes", UnixSockets.TYPE: "sockets", EventFiles.TYPE: "files"}
 
 
 def _session(ctx: CallContext) -> SourceSession:
@@ -499,32 +513,74 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     pids = [int(p) for p in frozen["pids"]]
     await s.tell_tree(sink)           # processes forked, exited or gone since the last round
     trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
-    state: dict[str, Any] = {}
     t_state = t_frozen
+    # A tracker that starts now (a process that joined as the job froze; stop-and-copy) lends
+    # the process a userfaultfd fd for a moment: its fd table is read after that.
+    starting = s.result is None or any(p not in s.result.pending for p in trackers)
+    states_in, states_out = trio.open_memory_channel[dict[str, Any]](math.inf)
+    threads = 0
     async with service_nursery() as nursery:
+        files_read = trio.Event()
+
+        async def collect_files() -> None:
+            try:
+                await _blocking(s.holder.call, "collect_files")
+            finally:
+                files_read.set()
+
+        # The rest of the state is read while the last pages are scanned and go out: a few
+        # processes at a time (COLLECT_CALLS calls), each part once its processes were scanned
+        # (reading it maps a scratch page into each process for a moment, which that process's
+        # scan must not see in its layout), sent while the next part is read. The fd tables
+        # (and the tree's checks) touch no memory: read from the start, beside the scans.
+        scans_done: dict[int, trio.Event] = {p: trio.Event() for p in pids}
+
         async def collect_state() -> None:
             nonlocal t_state
-            state.update(await _blocking(s.holder.call, "collect"))
-            t_state = time.perf_counter()
+            async with states_in:
+                if starting:
+                    for done in scans_done.values():
+                        await done.wait()
+                    await collect_files()
+                await files_read.wait()
+                step = max(1, -(-len(pids) // COLLECT_CALLS))
+                for i in range(0, len(pids), step):
+                    part = pids[i:i + step]
+                    for p in part:
+                        await scans_done[p].wait()
+                    for proc in (await _blocking(s.holder.call, "collect", pids=part))["processes"]:
+                        states_in.send_nowait(proc)
+                t_state = time.perf_counter()
+
+        def scanned_one(pid: int) -> None:
+            if pid in scans_done:
+                scans_done[pid].set()
 
         def scanned() -> None:
-            # The rest of the state is read while the last pages go out. Not before the scans:
-            # reading it maps a scratch page into each process for a moment, which a scan's
-            # layout must not hold.
-            nursery.start_soon(collect_state)
+            for done in scans_done.values():     # (a process without a tracker: gone, it fails below)
+                done.set()
+
+        if not starting:
+            nursery.start_soon(collect_files)
+        nursery.start_soon(collect_state)
 
         # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
         # or for a process that joined as the job froze: every page, now.
-        final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned)
+        final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one)
         t_pages = time.perf_counter()
-    for proc in state["processes"]:
-        if s.carry_tree:
-            await sink.record(ProcessBegin(int(proc["pid"])))
-        await sink.record(ProcessState.from_wire(proc["process"]))
-        for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
-            await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
-        for t in proc["threads"]:
-            await sink.record(ThreadState.from_wire(t))
+        async with states_out:
+            async for proc in states_out:
+                threads += len(proc["threads"])
+                if s.carry_tree:
+                    await sink.record(ProcessBegin(int(proc["pid"])))
+                await sink.record(ProcessState.from_wire(proc["process"]))
+                for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
+                    listed = NONE_IF_ABSENT.get(wire["t"])
+                    if listed is not None and not wire.get(listed):
+                        continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
+                    await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
+                for t in proc["threads"]:
+                    await sink.record(ThreadState.from_wire(t))
     s.cursor.reset()
     # Written out, not yet applied: dest_restore waits for the stream on the destination.
     state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())
@@ -539,7 +595,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},
-            "threads": sum(len(p["threads"]) for p in state["processes"]), "processes": pids,
+            "threads": threads, "processes": pids,
             "joined": frozen["joined"], "left": frozen["left"]}
 
 

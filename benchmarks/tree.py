@@ -34,13 +34,13 @@ runs once untimed first (warm-up), and each timed live migration starts right af
 buffer of twice its memory was filled and freed; the output says so.
 
 Measured (defaults, median of 3, 2 cores shared with other work): through checkpoint and
-restore, 16 processes frozen 184 ms against 96 ms (1.91x), restored in 1.61x the anchor's time;
-64 processes 1000 against 375 ms (2.67x). Live, 16 processes frozen 114 ms against 19 ms (5.95x:
-the 2x target is not met), moved in 0.89 against 0.62 s; 64 processes 491 against 23 ms (21x,
-pre-copy stopping on dirty-growing), 3.95 against 1.56 s. Every process adds 6 to 7 ms of frozen
-time whatever it writes (with --rate 0, 16 processes were frozen 132 ms against 23):
-stopping it and checking the tree, its final scan and send, reading and sending its state,
-restoring it. The second table shows which.
+restore, 16 processes frozen 238 ms against 120 ms (1.99x), restored in 1.65x the anchor's time;
+64 processes 929 against 346 ms (2.69x). Live, 16 processes frozen 124 ms against 30 ms (4.2x:
+the 2x target is not met; 7.2x in the same quick run before the freeze's per-process work was
+batched and overlapped), moved in 2.0 against 1.1 s; 64 processes 515 against 30 ms (17x,
+pre-copy stopping on dirty-growing), 5.2 against 2.1 s. Each process still adds its last scan
+and send (about 2 ms) and its restore (about 2.5 ms, half of it its fds taken one injected call
+at a time): the second table shows which.
 """
 from __future__ import annotations
 

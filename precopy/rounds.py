@@ -389,19 +389,33 @@ async def precopy_group(members: Members, sink: RecordSink, cursor: StreamCursor
 
 async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, cursor: StreamCursor,
                       result: GroupResult | None, *, scanned: Callable[[], object] | None = None,
+                      scanned_one: Callable[[int], object] | None = None,
                       clock: Callable[[], float] = time.monotonic) -> RoundStats:
     """``final_round`` for the processes of a job, all frozen: every process is scanned
-    first (then ``scanned`` is called), then each one's pages go: what pre-copy left pending
+    first (``scanned_one(pid)`` after each, then ``scanned``), then each one's pages go: what pre-copy left pending
     (for a process that joined in pre-copy's last look: its first scan, layout and all) and
     the last scan, or every page of a process pre-copy did not track (it joined the job as it
     froze, or there was no pre-copy). Queued, not drained."""
     t0 = clock()
     pending = result.pending if result is not None else {}
     unsent = result.unsent if result is not None else frozenset()
-    scans: dict[int, tuple[Scan, bool]] = {}
-    for pid, tracker in trackers.items():
-        first = pid not in pending
-        scans[pid] = (await _blocking(tracker, tracker.start if first else tracker.collect), first)
+
+    def scan_all() -> dict[int, tuple[Scan, bool]]:
+        """Every process's scan, in one worker thread (a hop each adds up in a large tree)."""
+        out: dict[int, tuple[Scan, bool]] = {}
+        for pid, tracker in trackers.items():
+            first = pid not in pending
+            try:
+                out[pid] = ((tracker.start if first else tracker.collect)(), first)
+            except MigrationError:
+                raise
+            except OSError as exc:
+                raise tracker.explain(exc) from None
+            if scanned_one is not None:
+                trio.from_thread.run_sync(scanned_one, pid)
+        return out
+
+    scans = await trio.to_thread.run_sync(scan_all)
     if scanned is not None:
         scanned()
     parts = []

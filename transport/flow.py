@@ -104,6 +104,13 @@ class Flow:
         self._lot.unpark_all()
 
 
+class _Nothing:
+    """No item held (None is an item: the end of a stream no pages came in)."""
+
+
+_NOTHING = _Nothing()
+
+
 class PageStreamIn:
     """Page batches arriving for one request; iterate it, or ``receive()`` until None.
 
@@ -123,6 +130,8 @@ class PageStreamIn:
         self.ended = ended
         self.abandoned = False
         self._done = ended
+        # Taken by ``ready_records`` and not a record: the next item out.
+        self._held: RawBatch | Record | PagesEnd | MigrationError | None | _Nothing = _NOTHING
 
     # reader side
     def begin(self) -> None:
@@ -154,7 +163,11 @@ class PageStreamIn:
         """The next batch as received (to forward it undecoded) or image record; None at the end."""
         if self._done:
             return None
-        item = await self._rx.receive()
+        item: RawBatch | Record | PagesEnd | MigrationError | None
+        if isinstance(self._held, _Nothing):
+            item = await self._rx.receive()
+        else:
+            item, self._held = self._held, _NOTHING
         if is_image_record(item):
             assert isinstance(item, Record)
             return item
@@ -181,6 +194,21 @@ class PageStreamIn:
             raise ProtocolError(f"{self._flow.peer} sent a {type(item).__name__} record inside a pages-only stream")
         return item
 
+    def ready_records(self) -> list[Record]:
+        """The image records that have arrived already, in order, up to the first item that
+        is not one (the next ``receive_item`` returns that): a consumer applies them together."""
+        out: list[Record] = []
+        while isinstance(self._held, _Nothing) and not self._done:
+            try:
+                item = self._rx.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(item, Record) and is_image_record(item):
+                out.append(item)
+            else:
+                self._held = item
+        return out
+
     async def receive_item(self) -> PageBatch | Record | None:
         """The next batch (decompressed and checked) or image record; None at the end."""
         raw = await self.receive_raw()
@@ -200,6 +228,9 @@ class PageStreamIn:
     def abandon(self) -> None:
         """The consumer is done: credit what is buffered, drop (and credit) whatever still comes."""
         self.abandoned = True
+        held, self._held = self._held, _NOTHING
+        if isinstance(held, RawBatch):
+            self._flow.consumed(held.raw_len, flush=True)
         while True:
             try:
                 item = self._rx.receive_nowait()

@@ -1,9 +1,12 @@
 /* Signal state: a SIGUSR1 handler, SIGPIPE ignored, SIGUSR2 blocked and left pending, an
  * interval timer, an alternate signal stack, and every disposition as the kernel reports it
  * (/proc/self/status SigIgn, SigCgt: no signal ignored or handled that was not, 32 and 33
- * included). All must behave the same after restore. */
+ * included). All must behave the same after restore. With WORKLOAD_MDWE set, the process
+ * first denies itself memory that is writable and executable (PR_SET_MDWE; exit 77 where the
+ * kernel lacks it). */
 #include "ckpt_common.h"
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/time.h>
 
 static volatile sig_atomic_t usr1, usr2, alarms, on_alt;
@@ -24,6 +27,10 @@ static void dispositions(char *buf, size_t size) {
 
 int main(int argc, char **argv) {
     init(argc, argv);
+    if (getenv("WORKLOAD_MDWE") && prctl(65 /* PR_SET_MDWE */, 1 /* PR_MDWE_REFUSE_EXEC_GAIN */, 0, 0, 0)) {
+        fprintf(stderr, "PR_SET_MDWE: %s\n", strerror(errno));
+        return 77;
+    }
     FILE *out = open_output();
     stack_t ss = { .ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0 };
     sigaltstack(&ss, NULL);
