@@ -1195,21 +1195,30 @@ class Restorer:
         # The stub handles no signal (exec reset them), but inherits the ignored ones that
         # posix_spawn cannot reset (glibc's own 32 and 33, ignored in the agent): those the
         # process did not ignore go back to SIG_DFL; then the process's own dispositions.
+        # All in one batch, each call's argument in its own 32 bytes of the scratch pages.
         ours = {sa.signo for sa in proc.sigactions}
         with open(f"/proc/{self.pid}/status") as f:
             ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        calls: list[tuple[str, tuple[int, ...]]] = []
+        args: list[bytes] = []
         for signo in range(1, 65):
             if ignored >> (signo - 1) & 1 and signo not in ours:
-                self._call("rt_sigaction", signo, self._put(struct.pack("<4Q", 0, 0, 0, 0)), 0, 8)
+                calls.append(("rt_sigaction", (signo, self._scratch(32 * len(args)), 0, 8)))
+                args.append(struct.pack("<4Q", 0, 0, 0, 0))
         for sa in proc.sigactions:
             if sa.signo in (signal.SIGKILL, signal.SIGSTOP):
                 continue
-            raw = struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask)
-            self._call("rt_sigaction", sa.signo, self._put(raw), 0, 8)
+            calls.append(("rt_sigaction", (sa.signo, self._scratch(32 * len(args)), 0, 8)))
+            args.append(struct.pack("<4Q", sa.handler, sa.flags, sa.restorer, sa.mask))
         for it in proc.itimers:
-            val = struct.pack("<4q", it.interval_us // 1_000_000, it.interval_us % 1_000_000,
-                              it.value_us // 1_000_000, it.value_us % 1_000_000)
-            self._call("setitimer", it.which, self._put(val), 0)
+            calls.append(("setitimer", (it.which, self._scratch(32 * len(args)), 0)))
+            args.append(struct.pack("<4q", it.interval_us // 1_000_000, it.interval_us % 1_000_000,
+                                    it.value_us // 1_000_000, it.value_us % 1_000_000))
+        if len(args) * 32 > 3 * PAGE_SIZE:
+            raise RestoreError("the image has more signal dispositions and timers than there are signals: "
+                               "corrupt image")
+        self._put(b"".join(args))
+        self._run_batch(calls, [("restore the signal dispositions and timers", None)] * len(calls))
 
     def _limits(self, proc: ProcessState) -> None:
         for rl in proc.rlimits:
@@ -1280,21 +1289,24 @@ class Restorer:
         self._call("prctl", PR_SET_DUMPABLE, proc.dumpable)
 
     def _thread_setup(self, inj: Injector, t: ThreadState) -> None:
-        """What each thread must do for itself."""
-        def call(name: str, *args: int) -> int:
-            self.report.syscalls += 1
-            return inj.call(name, *args)
+        """What each thread must do for itself, in one batch of calls."""
+        assert self.mem is not None
+        calls: list[tuple[str, tuple[int, ...]]] = []
         if t.robust_list:
-            call("set_robust_list", t.robust_list, t.robust_list_len)
+            calls.append(("set_robust_list", (t.robust_list, t.robust_list_len)))
         # stack_t: ss_sp, int ss_flags (SS_AUTODISARM is its top bit: packed unsigned), padding, ss_size
         ss = struct.pack("<QIiQ", t.altstack_sp, t.altstack_flags, 0, t.altstack_size)
         if not t.altstack_flags & 2:     # SS_DISABLE: nothing to set
-            call("sigaltstack", self._put(ss, 512), 0)
+            calls.append(("sigaltstack", (self._put(ss, 512), 0)))
         if t.rseq_addr:
-            call("rseq", t.rseq_addr, t.rseq_len, 0, t.rseq_sig)
-        call("prctl", PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))
+            calls.append(("rseq", (t.rseq_addr, t.rseq_len, 0, t.rseq_sig)))
+        calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
-            call("prctl", sched.PR_SET_TIMERSLACK, t.timer_slack_ns)
+            calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
+        done, err = inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
+        self.report.syscalls += min(done + 1, len(calls))
+        if done < len(calls):
+            raise InjectionError(-err, f"{calls[done][0]}() in pid {inj.tid}: {os.strerror(-err)}")
 
     def _threads(self, proc: ProcessState, threads: list[ThreadState], lent_cap: bool = False) -> dict[int, int]:
         """The other threads, cloned from the leader (with their old tids if ids are kept);
