@@ -61,13 +61,15 @@ def place(pid: int, lines: tuple[str, ...], host: str) -> list[str]:
     if not lines:
         return []
     here = dict(parse(line) for line in read(pid))
-    where = mounts()
+    where: dict[str, tuple[str, str]] | None = None      # read only if it moves (the mount table is long)
     warnings = []
     for line in lines:
         controllers, path = parse(line)
         name = controllers or "unified (v2)"
         if here.get(controllers) == path:
             continue                      # there already (the restorer's own)
+        if where is None:
+            where = mounts()
         point, root = where.get(controllers, ("", ""))
         if not point or not (path + "/").startswith(root.rstrip("/") + "/"):
             warnings.append(f"pid {pid} was in the {name} cgroup {path}, which {host} does not show its agent: "

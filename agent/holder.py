@@ -91,6 +91,7 @@ class Holder:
         self.first_interrupt_ns = 0
         self.redirect: dict[int, str] = {}
         self.late = LateSignals()      # the signal queues carried, to find what arrives after
+        self.fds: tuple[list[int], dict[int, Any]] | None = None    # ``collect_fds``'s, for ``collect``
 
     def _need(self, pid: int | None = None) -> freezer.Held:
         held = self.helds.get(pid or self.root)
@@ -150,6 +151,7 @@ class Holder:
             return {}
         if not self.frozen:
             self.first_interrupt_ns = time.monotonic_ns()
+        self.fds = None
         joined: list[int] = []
         left: list[int] = []
         while True:
@@ -190,17 +192,32 @@ class Holder:
     def op_thaw(self, pid: int = 0) -> dict[str, Any]:
         """Let one process (``pid``) or all run again, untraced (a traced process would stop
         at every signal it gets)."""
+        self.fds = None
         for held in [self._need(pid)] if pid else list(self.helds.values()):
             if held.frozen:
                 freezer.thaw(held)
         return {}
 
-    def op_collect(self) -> dict[str, Any]:
-        """Everything but memory, of every process of the frozen job."""
+    def op_collect_fds(self) -> dict[str, Any]:
+        """The frozen job's fd tables, read ahead of ``collect`` (which then uses them): reading
+        them maps nothing into the processes, so it runs while the agent scans their memory,
+        which the rest of ``collect`` (injected calls into a scratch mapping) must wait for."""
+        self._check_frozen()
+        pids = list(self.helds)
+        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
+        return {}
+
+    def _check_frozen(self) -> None:
         if not self.helds or not all(h.frozen for h in self.helds.values()):
             raise ProcessError("the processes must be frozen to collect their state")
+
+    def op_collect(self) -> dict[str, Any]:
+        """Everything but memory, of every process of the frozen job (the fd tables as
+        ``collect_fds`` read them, if it did in this freeze)."""
+        self._check_frozen()
         pids = list(self.helds)
-        fds = fdtable.collect_tree(pids, {self.root: self.redirect})
+        ahead, self.fds = self.fds, None
+        fds = ahead[1] if ahead is not None and ahead[0] == pids else fdtable.collect_tree(pids, {self.root: self.redirect})
         out = []
         for p, held in self.helds.items():
             mem = RemoteMemory(p, writable=False)

@@ -496,10 +496,19 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     state: dict[str, Any] = {}
     t_state = t_frozen
     async with service_nursery() as nursery:
+        fds_read = trio.Event()
+
+        async def collect_fds() -> None:
+            await _blocking(s.holder.call, "collect_fds")     # the fd tables, while the scan runs
+            fds_read.set()
+
         async def collect_state() -> None:
             nonlocal t_state
+            await fds_read.wait()
             state.update(await _blocking(s.holder.call, "collect"))
             t_state = time.perf_counter()
+
+        nursery.start_soon(collect_fds)
 
         def scanned() -> None:
             # The rest of the state is read while the last pages go out. Not before the scans:
