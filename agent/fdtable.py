@@ -591,10 +591,12 @@ def _share_descriptions(tables: dict[int, list[FileDesc]]) -> dict[int, list[Fil
 def _descriptions(group: list[tuple[int, FileDesc]]) -> list[list[tuple[int, int]]]:
     """``group``'s fds, (pid, fd), gathered by open file description: sorted in the order kcmp
     gives descriptions (0 for one and the same, 1 or 2 for before or after), so that fds of one
-    description come next to each other: n log n comparisons, not one per pair."""
-    if len(group) == 1:
-        return [[(group[0][0], group[0][1].fd)]]
-    fds = sorted(((pid, f.fd) for pid, f in group), key=functools.cmp_to_key(_kcmp_order))
+    description come next to each other: n log n comparisons, not one per pair of descriptions
+    (a process with a thousand opens of one file looked alike)."""
+    fds = [(pid, f.fd) for pid, f in group]
+    if all(_same_description(*fds[0], *other) for other in fds[1:]):
+        return [fds]            # one description (dup'd fds): n - 1 comparisons
+    fds.sort(key=functools.cmp_to_key(_kcmp_order))
     out: list[list[tuple[int, int]]] = []
     for pid, fd in fds:
         if out and _same_description(*out[-1][0], pid, fd):
