@@ -204,16 +204,17 @@ class RestoreResult:
 
 def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
             new_pid: bool = False, verifier: ImageVerifier | None = None,
-            affinity: str = "refuse") -> tuple[RestoreResult, RestoreSession]:
+            affinity: str = "refuse", cgroup: str | None = None) -> tuple[RestoreResult, RestoreSession]:
     """Rebuild the process an image describes (with its descendants, for a tree); it runs on
     return unless ``resume`` is False. It keeps its pid and thread ids unless ``new_pid``
     (refused for a tree). Setting ``cancel`` aborts at the next record or page batch:
     nothing of it is left. ``verifier`` checks the image's signature (without one, no key:
     every image is refused). ``affinity``: "refuse" or "warn" for a thread pinned to CPUs
-    this host lacks (``agent.sched``)."""
+    this host lacks (``agent.sched``). ``cgroup``: the unified cgroup to put it (every
+    process of a tree) in instead of its own."""
     t0 = time.monotonic()
     prepare_codecs()
-    session = RestoreSession(keep_ids=not new_pid, affinity=affinity)
+    session = RestoreSession(keep_ids=not new_pid, affinity=affinity, cgroup=cgroup)
     done = False
     try:
         for item in ImageReader(src, verifier=verifier):

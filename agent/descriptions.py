@@ -116,6 +116,7 @@ class Descriptions:
         it was in where that exists here, else in /tmp; a memfd as a memfd of its name), with
         its owner and permissions, and a memfd's seals once its contents are in."""
         where = {f.obj: f.path for f in files.fds if f.kind == "deleted"}
+        where |= {c.id: c.name for c in contents if c.name and c.id not in where}    # only mapped: no fd names it
         made: dict[int, int] = {}
         seals: dict[int, int] = {}
         for c in sorted((c for c in contents if not c.path), key=lambda c: (c.id, c.offset)):

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from agent import locks, sched
+from agent import cgroups, locks, sched
 from agent.shared_memory import check_segments
 from precopy import sysv
 from agent import signals as signals_mod
@@ -127,10 +127,11 @@ def _mem_available() -> int:
 
 
 async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool = False,
-                     affinity: str = "refuse") -> dict[str, Any]:
+                     affinity: str = "refuse", cgroup: str | None = None) -> dict[str, Any]:
     """Preflight: can this host run the process the source described? Unless ``new_pid``,
     its pid and thread ids must be free here. ``affinity`` "warn": threads pinned to CPUs
-    this host lacks are no refusal, but a warning (``agent.sched``)."""
+    this host lacks are no refusal, but a warning (``agent.sched``). ``cgroup``: the unified
+    cgroup the process joins here instead of its own (it must exist)."""
     host = ctx.rpc.local.hostname or _host()
     if os.geteuid() != 0:
         raise PermissionDenied(f"kcr-agent on {host} runs as uid {os.geteuid()}: restoring a process "
@@ -163,6 +164,13 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     if affinity not in sched.AFFINITY:
         raise ProtocolError(f"dest_check: affinity {affinity!r}", host=host)
     cpus_warning = await trio.to_thread.run_sync(sched.missing_cpus, pinned, host, summary.get("pid"), affinity)
+    if cgroup is not None:
+        if not isinstance(cgroup, str):
+            raise ProtocolError("dest_check: cgroup is not a path", host=host)
+        try:
+            await trio.to_thread.run_sync(cgroups.check_chosen, cgroup, host)
+        except ValueError as exc:
+            raise RestoreError(str(exc), host=host) from None
     held = locks.from_wire(summary.get("locks", []))
     exempt = [str(p) for p in summary.get("exempt", [])]
     await trio.to_thread.run_sync(locks.check_free, held, host, summary.get("pid"), exempt)
@@ -172,7 +180,8 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
     s = _session(ctx, create=True)
-    s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity)
+    s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity,
+                               cgroup=cgroup)
     return {"mem_available": avail, "hostname": _host(), "session": s.token,
             "warnings": [cpus_warning] if cpus_warning else []}
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import cgroups, fdtable, ptrace, sched
+from agent import cgroups, fdtable, ptrace, sched, seccomp, timens
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import InjectionError, Injector, RemoteMemory, Scratch, to_signed, vdso_gadget
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
@@ -52,10 +52,12 @@ ERESTART_CODES = (-512, -513, -514, -516)
 
 
 def image_header(pid: int, kind: str, xstate: bytes) -> ImageHeader:
+    clocks = timens.view(pid)
     return ImageHeader(
         format_version=FORMAT_VERSION, tool_version=TOOL_VERSION, kernel_release=platform.release(),
         arch=platform.machine(), page_size=PAGE_SIZE, xsave_mask=xsave_supported_mask(),
-        xsave_size=len(xstate), hostname=socket.gethostname(), created_unix=time.time(), pid=pid, kind=kind)
+        xsave_size=len(xstate), hostname=socket.gethostname(), created_unix=time.time(), pid=pid, kind=kind,
+        monotonic_ns=clocks.monotonic_ns, boottime_ns=clocks.boottime_ns, realtime_ns=clocks.realtime_ns)
 
 
 def _u64(data: bytes, off: int) -> int:
@@ -148,6 +150,7 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
     sch = sched.read_thread(tid)
     if tid in held.inflight:
         pending.insert(0, held.inflight[tid])
+    seccomp_mode, filters = seccomp.collect(held.pid, tid)
     return ThreadState(
         tid=tid, leader=tid == held.pid, comm=thread_comm(held.pid, tid), regs=regs,
         xstate=ptrace.get_xstate(tid), sigmask=inj.saved_mask, pending=tuple(pending),
@@ -156,7 +159,7 @@ def _collect_thread(held: Held, tid: int, inj: Injector, scratch: Scratch,
         altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16),
         timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
         sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus,
-        ioprio=sch.ioprio)
+        ioprio=sch.ioprio, seccomp=seccomp_mode, seccomp_filters=filters)
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:

@@ -49,7 +49,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
-from agent.procfs import FdInfo, classify_fd, fd_links, list_fds, read_text, thread_ids
+from agent.procfs import FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only, read_text, thread_ids
+from precopy.layout import read_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -173,6 +174,8 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
+    for ino, m in job_mapped_only(pids, set(deleted)).items():
+        deleted[ino] = check_mapped_only(m, MAX_DELETED_FILE).st_size
     in_shm = shm_files.check_size(shm_files.find(pids), pids[0])
     if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
@@ -196,12 +199,18 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
             elif f.kind == "fanotify":        # and a notification group's (or refused now)
                 fanotify.read(pid, f.fd, read_text(pid, "fdinfo", str(f.fd)))
     if objects:
-        for obj, peers in outside_holders(set(objects), outside).items():
+        shared = outside_holders(set(objects), outside)
+        for obj, peers in shared.items():
             pid, info = objects[obj][0]
             what = "a pipe" if obj[0] == "pipe" else "a socket"
+            # Every fd of that process to the outside in one line (a job started over ssh has
+            # three), so one more try with them all redirected is the last.
+            fds = sorted({i.fd for o in shared for p, i in objects[o] if p == pid})
+            others = [fd for fd in fds if fd != info.fd]
+            also = f" (as are its fd{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
             raise UnsupportedResource(
-                f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it: give "
-                f"--redirect {info.fd}=PATH to open PATH in its place on the destination", pid=pid)
+                f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it{also}: "
+                f"give {_redirect_options(fds)} to open PATH in its place on the destination", pid=pid)
     return _share_descriptions(tables)
 
 
@@ -299,8 +308,10 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             continue
         kind, why = classify_fd(info)
         if kind is None:
-            raise UnsupportedResource(f"pid {pid} has {why} open as fd {info.fd}: {_CANNOT}"
-                                      f"{_redirect_hint(info.fd, why)}", pid=pid)
+            same = [i.fd for i in infos if i.target == info.target and i.fd not in redirect]
+            fds = f"fd {info.fd}" if len(same) == 1 else f"fds {', '.join(map(str, same))}"
+            raise UnsupportedResource(f"pid {pid} has {why} open as {fds}: {_CANNOT}"
+                                      f"{_redirect_hint(same, why)}", pid=pid)
         if held and kind != "file":
             raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} (fd {info.fd}), "
                                       "which is not a regular file: kcr-migrate carries locks on regular files only", pid=pid)
@@ -405,15 +416,26 @@ def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
                     pos=info.pos, size=st.st_size, obj=st.st_ino)
 
 
-def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
-    """A deleted file's contents in slices, read through the process's fd (it has no name)."""
-    own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+def job_mapped_only(pids: Sequence[int], held: set[int]) -> dict[int, MappedOnly]:
+    """The deleted files and memfds the job maps but holds no fd of (``held``: the inodes it
+    holds), by inode: carried whole like held ones, made again by the name their mappings show."""
+    out: dict[int, MappedOnly] = {}
+    for pid in pids:
+        for ino, m in mapped_only(pid, read_maps(pid), held).items():
+            out.setdefault(ino, m)
+    return out
+
+
+def _deleted_contents(pid: int, source: str, ino: int) -> list[FileContents]:
+    """A deleted file's contents in slices, read through ``source``, the process's fd or
+    mapping of it under /proc (it has no name)."""
+    own = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(own)
         if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
-            raise UnsupportedResource(f"pid {pid}'s deleted file on fd {fd} changed while it was being read: "
+            raise UnsupportedResource(f"pid {pid}'s deleted file {source} changed while it was being read: "
                                       "try again", pid=pid)
-        memfd, seals = _memfd_seals(pid, fd, own)
+        memfd, seals = _memfd_seals(source, own)
         slices, offset = [], 0
         while True:
             data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
@@ -427,10 +449,10 @@ def _deleted_contents(pid: int, fd: int, ino: int) -> list[FileContents]:
         os.close(own)
 
 
-def _memfd_seals(pid: int, fd: int, own: int) -> tuple[bool, int]:
+def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
     """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
     (a file of /dev/shm takes it too, but is named by its path)."""
-    if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+    if not os.readlink(source).startswith("/memfd:"):
         return False, 0
     try:
         return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS
@@ -441,10 +463,14 @@ def _memfd_seals(pid: int, fd: int, own: int) -> tuple[bool, int]:
 F_GET_SEALS = 1034
 
 
-def _redirect_hint(fd: int, why: str) -> str:
+def _redirect_hint(fds: Sequence[int], why: str) -> str:
     if why.startswith(_REDIRECTABLE):
-        return f", or give --redirect {fd}=PATH to open PATH in its place on the destination"
+        return f", or give {_redirect_options(fds)} to open PATH in its place on the destination"
     return ""
+
+
+def _redirect_options(fds: Sequence[int]) -> str:
+    return " ".join(f"--redirect {fd}=PATH" for fd in fds)
 
 
 def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], accept_waiting: bool = False) -> None:
@@ -458,11 +484,11 @@ def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], acc
         if info is None:
             raise UnsupportedResource(
                 f"pid {pid} has a socket other than a unix one (TCP, UDP, netlink, ...) open as fd {fd}: "
-                f"{_CANNOT}{_redirect_hint(fd, 'a socket')}", pid=pid)
+                f"{_CANNOT}{_redirect_hint([fd], 'a socket')}", pid=pid)
         if info.peer and info.peer not in sockets:
             raise UnsupportedResource(
                 f"pid {pid}'s fd {fd} is a unix socket connected to {_holder(info.peer, outside)}: {_CANNOT}"
-                f"{_redirect_hint(fd, 'a socket')}", pid=pid)
+                f"{_redirect_hint([fd], 'a socket')}", pid=pid)
         for client in info.icons:
             if client not in sockets:
                 raise UnsupportedResource(
@@ -727,7 +753,9 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         event_files[pid].append(_event_file(pid, f, obj))
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
-        contents[pid] += _deleted_contents(pid, fd, ino)
+        contents[pid] += _deleted_contents(pid, f"/proc/{pid}/fd/{fd}", ino)
+    for ino, m in job_mapped_only(pids, set(deleted)).items():
+        contents[m.pid] += [replace(c, name=m.name) for c in _deleted_contents(m.pid, m.source, ino)]
     for pid, slices in shm_files.contents(shm_files.find(pids)).items():
         contents[pid] += slices
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),

@@ -21,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from agent import ptrace
+from agent import ptrace, seccomp
 from agent.procfs import read_stat, thread_ids
 from precopy.kernel import pidfd_open, pidfd_send_signal
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessExited
@@ -45,6 +45,9 @@ class Held:
     # sits in restart_syscall, whose original call lives only in the kernel.
     restart_nr: dict[int, int] = field(default_factory=dict)
     frozen_at: float = 0.0                                      # time.monotonic() of first interrupt
+    # Stopped threads get PTRACE_O_SUSPEND_SECCOMP (``agent.seccomp``): our injected calls pass
+    # their filters. False once the kernel said we may not (not root), and then not asked again.
+    suspend_seccomp: bool = True
 
     @property
     def frozen(self) -> bool:
@@ -160,6 +163,9 @@ def _wait_frozen(held: Held, tid: int) -> None:
         # A signal-delivery stop: the signal is dequeued; keep its siginfo and stop for real.
         held.inflight[tid] = ptrace.get_siginfo(tid)
     held.stopped[tid] = stop
+    if held.suspend_seccomp:
+        # Stopped first: seized with the option, it would run unfiltered until the interrupt.
+        held.suspend_seccomp = seccomp.suspend(tid)
     regs = ptrace.get_regs(tid)
     nr = regs.orig_rax if regs.orig_rax < (1 << 63) else -1
     if regs.rax != ERESTART_RESTARTBLOCK:

@@ -47,7 +47,8 @@ NR = dict(
     prlimit64=302, close_range=436, rseq=334, clone=56, userfaultfd=323, ioctl=16, setsid=112,
     getuid=102, setpgid=109, pipe2=293, clone3=435, pidfd_open=434, pidfd_getfd=438,
     mlock2=325, mlockall=151, epoll_ctl=233, epoll_wait=232, getpgid=121, wait4=61, timer_create=222,
-    timer_settime=223, timer_gettime=224, timer_getoverrun=225, membarrier=324, flock=73, shmat=30,
+    timer_settime=223, timer_gettime=224, timer_getoverrun=225, membarrier=324, flock=73, shmat=30, seccomp=317,
+    mseal=462,
 )
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4

@@ -108,9 +108,8 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "a file in a directory of /dev/shm, mapped", REFUSED, readme="files in a directory of /dev/shm"),
     Row("memory", "a device mapping", REFUSED, readme="device mappings"),
     Row("memory", "a deleted file or memfd mapped (shared or private) and held open", CARRIED),
-    Row("memory", "a memfd mapped but not held open", REFUSED, readme="memfds mapped but not held open"),
-    Row("memory", "a deleted file mapped privately but not held open", REFUSED,
-        readme="deleted files mapped privately that no fd of the job holds"),
+    Row("memory", "a memfd mapped but not held open, or a deleted file mapped privately", CARRIED,
+        _f("FileContents", "name")),
     Row("memory", "NUMA placement", LOST, readme="NUMA"),
     # --- the process ------------------------------------------------------------------------
     Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),
@@ -134,11 +133,10 @@ ROWS: tuple[Row, ...] = (
     Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),
     Row("process", "loginuid", WARNED, _f("ProcessState", "loginuid")),
     Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
-    Row("process", "seccomp filters", REFUSED, readme="seccomp"),
     Row("process", "namespaces of its own", REFUSED, readme="namespaces"),
     Row("process", "its parent", LOST, readme="its parent"),
     Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
-    Row("process", "monotonic clock continuity", LOST, readme="monotonic clock"),
+    Row("process", "its monotonic and boot-time clocks (and time namespace)", CARRIED),  # ImageHeader's
     # --- threads ----------------------------------------------------------------------------
     Row("thread", "its tid, name and registers", CARRIED, _f("ThreadState", "tid", "leader", "comm", "regs",
                                                              "xstate")),
@@ -153,6 +151,13 @@ ROWS: tuple[Row, ...] = (
     # refused in preflight unless the user chose --affinity warn: then pinned to the CPUs it has
     Row("thread", "CPU pinning to CPUs the destination lacks", WARNED),
     Row("thread", "SCHED_DEADLINE", REFUSED, readme="SCHED_DEADLINE"),
+    Row("thread", "seccomp: strict mode, filters and their log flag", CARRIED,
+        _f("ThreadState", "seccomp", "seccomp_filters") + _f("SeccompFilter", "flags", "program")),
+    Row("thread", "a seccomp filter that hands calls to a supervisor (SECCOMP_RET_USER_NOTIF)", REFUSED,
+        readme="seccomp filters that hand calls to a supervisor"),
+    Row("thread", "seccomp filters installed with a capability dropped since, without no_new_privs", REFUSED,
+        readme="seccomp filters installed with CAP_SYS_ADMIN"),
+    Row("thread", "a seccomp filter's SECCOMP_FILTER_FLAG_SPEC_ALLOW", LOST, readme="SECCOMP_FILTER_FLAG_SPEC_ALLOW"),
 )
 
 

@@ -11,9 +11,9 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from agent import inventory, sched
+from agent import inventory, sched, timens
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
-from transport.schema import CHAR_DEVICES, SHM_DIR, is_shm_path
+from transport.schema import CHAR_DEVICES, MAX_DELETED_FILE, SHM_DIR, is_shm_path
 
 if TYPE_CHECKING:
     from precopy.layout import MapEntry
@@ -289,6 +289,54 @@ def held_deleted(pids: Iterable[int]) -> set[int]:
     return out
 
 
+@dataclass(frozen=True)
+class MappedOnly:
+    """A deleted file or memfd a process maps but no fd of the job holds: carried whole, as a
+    held one is (``agent.fdtable``), read through the mapping's /proc/PID/map_files link."""
+
+    pid: int
+    ino: int
+    name: str        # as the mapping shows it, without " (deleted)": /memfd:NAME, or the path it had
+    source: str      # /proc/PID/map_files/START-END
+    start: int
+
+
+def mapped_only(pid: int, maps: Iterable[MapEntry], held: set[int]) -> dict[int, MappedOnly]:
+    """By inode, the memfds (mapped shared or privately) and deleted files mapped privately
+    that ``pid`` maps and no fd of ``held`` (inodes of deleted files the job holds) names. A
+    deleted file mapped shared (not a memfd) is carried as the memory it maps instead."""
+    out: dict[int, MappedOnly] = {}
+    for m in maps:
+        if not m.inode or m.inode in held or m.inode in out or not m.name.endswith(" (deleted)"):
+            continue
+        if m.name.startswith("/memfd:") or (m.kind == "file" and m.deleted):
+            out[m.inode] = MappedOnly(pid, m.inode, m.name[:-len(" (deleted)")],
+                                      proc_path(pid, "map_files", f"{m.start:x}-{m.end:x}"), m.start)
+    return out
+
+
+def check_mapped_only(m: MappedOnly, limit: int) -> os.stat_result:
+    """Refuse one that cannot be made again as it was: linked under another name, of huge
+    pages, or over ``limit`` bytes. Returns its stat."""
+    what = "memfd" if m.name.startswith("/memfd:") else "deleted file"
+    try:
+        st = os.stat(m.source)
+    except FileNotFoundError:
+        raise NoSuchProcess(f"process {m.pid} unmapped {m.name} while it was being checked", pid=m.pid) from None
+    if st.st_nlink:
+        raise UnsupportedResource(f"pid {m.pid} maps {m.name}, deleted under that name but still linked under "
+                                  f"another (inode {st.st_ino}): kcr-migrate cannot move it yet (see README, Limits)",
+                                  pid=m.pid)
+    if what == "memfd" and st.st_blksize > os.sysconf("SC_PAGE_SIZE"):
+        raise UnsupportedResource(f"pid {m.pid} maps the memfd {m.name} of huge pages (MFD_HUGETLB) at "
+                                  f"{m.start:#x}: kcr-migrate cannot move it yet (see README, Limits)", pid=m.pid)
+    if st.st_size > limit:
+        raise UnsupportedResource(
+            f"pid {m.pid} maps the {what} {m.name} of {st.st_size >> 20} MiB: kcr-migrate carries deleted files "
+            f"up to {limit >> 20} MiB (their contents go while the process is frozen)", pid=m.pid)
+    return st
+
+
 def _check_deleted_shared(pid: int, maps: list[MapEntry], held: set[int]) -> None:
     """A deleted file mapped MAP_SHARED and not held open is carried as the memory the process
     maps of it: refuse one that holds more than that (the rest would be lost)."""
@@ -339,12 +387,15 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     every = maps if maps is not None else read_maps_naming(pid, "/", "anon_inode:")
     deleted = any(m.name.endswith(" (deleted)") and m.inode and m.name != "/dev/zero (deleted)" for m in every)
     held = held_deleted({pid, *(tree or ())}) if deleted else set()
-    _check_deleted_shared(pid, every, held)
+    only = mapped_only(pid, every, held) if deleted else {}
+    for o in only.values():
+        check_mapped_only(o, MAX_DELETED_FILE)
+    _check_deleted_shared(pid, every, held | set(only))
     for m in every:
+        if m.inode in only and m.name.endswith(" (deleted)") and not m.name.startswith("/SYSV"):
+            continue        # carried whole, made again by its name
         if m.name.startswith("/SYSV") and not m.shared:
             raise UnsupportedResource(f"pid {pid} maps SysV shared memory privately at {m.start:#x}: {fix}", pid=pid)
-        if m.name.startswith("/memfd:") and m.inode not in held:
-            raise UnsupportedResource(f"pid {pid} maps a memfd ({m.name}) at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith(SHM_DIR) and not m.shared_anon and not is_shm_path(m.name):
             raise UnsupportedResource(f"pid {pid} maps {m.name}, in a directory of {SHM_DIR}, at {m.start:#x}: "
                                       f"kcr-migrate carries the files directly in {SHM_DIR} only", pid=pid)
@@ -352,9 +403,6 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
             raise UnsupportedResource(f"pid {pid} maps the device {m.name} at {m.start:#x}: {fix}", pid=pid)
         if m.name.startswith("anon_inode:"):
             raise UnsupportedResource(f"pid {pid} maps {m.name} at {m.start:#x}: {fix}", pid=pid)
-        if m.kind == "file" and m.deleted and m.inode not in held:
-            raise UnsupportedResource(
-                f"pid {pid} maps the deleted file {m.name[:-10]}: {fix}", pid=pid)
     if any(m.name.startswith("/SYSV") for m in every):
         _check_sysv(pid)
     for what in ("cwd", "root"):
@@ -372,12 +420,17 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         raise UnsupportedResource(
             f"pid {pid} ignores SIGTRAP: kcr-migrate's injected system calls would reset that to the "
             "default (agent/inject.py); kcr-migrate cannot move it yet", pid=pid)
-    if status.get("Seccomp", "0") != "0":
-        raise UnsupportedResource(f"pid {pid} runs under a seccomp filter: {fix}", pid=pid)
+    from agent import seccomp    # it reads /proc through this module
+    tids = thread_ids(pid)
+    if status.get("TracerPid", "0") == "0":
+        seccomp.check_running(pid, tids)      # not frozen by us: the filters are read here
+    else:
+        seccomp.check_rights(pid, [seccomp.mode(t) for t in tids])   # frozen: the dump reads them
     ours = namespace_ids("self")
     theirs = namespace_ids(pid)
+    timens.check(pid, tree or ())        # its own time namespace moves with it
     for ns, ident in theirs.items():
-        if ns in ours and ours[ns] != ident:
+        if ns != "time" and ns in ours and ours[ns] != ident:
             raise UnsupportedResource(
                 f"pid {pid} lives in another {ns} namespace than kcr-migrate: run kcr-migrate inside the "
                 f"process's namespaces (e.g. with nsenter)", pid=pid)

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import cgroups, locks, ptrace, sched, stub
+from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -43,6 +43,7 @@ from agent.inject import (
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
     MAP_GROWSDOWN,
+    MAP_NORESERVE,
     MAP_PRIVATE,
     MAP_SHARED,
     MREMAP_FIXED,
@@ -76,11 +77,14 @@ from transport.schema import (
     ADV_DONTFORK,
     ADV_HUGEPAGE,
     ADV_MERGEABLE,
+    ADV_RANDOM,
+    ADV_SEQUENTIAL,
     ADV_NOHUGEPAGE,
     ADV_WIPEONFORK,
     AUDIT_UID_UNSET,
     MEMBARRIER_REGISTER_COMMANDS,
     PAGE_SIZE,
+    SECCOMP_MODE_STRICT,
     TASK_SIZE,
     Creds,
     EpollWatch,
@@ -99,11 +103,15 @@ from transport.schema import (
     VMA_LOCKED,
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
+    VMA_NORESERVE,
+    VMA_SEALED,
     Vma,
     check_threads,
     is_shm_path,
 )
 
+STUB_OPTIONS = ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_EXITKILL
+SECCOMP_FPROG, SECCOMP_PROGRAM = 4096, 8192   # where ``_seccomp`` puts its arguments in the scratch
 GADGET_PAGES = 20           # page 0: "syscall; int3" and BATCH_CODE; 1-3: scratch for arguments;
 BATCH_PAGES = 16            # 4-19: the table of a batch of system calls (``Injector.batch``)
 BATCH_CODE_OFFSET = 16
@@ -140,9 +148,11 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
 CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
-# advice bit -> (madvise to set it, madvise to clear it; 0: none, THP's two exclude each other)
-MADV = {ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, 0),
-        ADV_NOHUGEPAGE: (15, 0), ADV_MERGEABLE: (12, 13)}
+# advice bit -> (madvise to set it, madvise to clear it; None: none, THP's two exclude each
+# other; MADV_NORMAL, 0, clears the readahead advice)
+MADV: dict[int, tuple[int, int | None]] = {
+    ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, None),
+    ADV_NOHUGEPAGE: (15, None), ADV_MERGEABLE: (12, 13), ADV_RANDOM: (1, 0), ADV_SEQUENTIAL: (2, 0)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
 SHM_RDONLY, SHM_REMAP, SHM_EXEC = 0o10000, 0o40000, 0o100000
 
@@ -202,6 +212,11 @@ def _fired(w: EpollWatch) -> bool:
     return bool(w.events & EPOLLONESHOT) and not w.events & ~EP_PRIVATE_BITS
 
 
+def _extra_flags(v: Vma) -> int:
+    """mmap flags a mapping had beside its kind: a stack's MAP_GROWSDOWN, MAP_NORESERVE."""
+    return (MAP_GROWSDOWN if v.growsdown else 0) | (MAP_NORESERVE if v.advice & VMA_NORESERVE else 0)
+
+
 def _holes_conflict(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
     return any(s < end and start < e for s, e in ranges)
 
@@ -253,7 +268,7 @@ def _advice_calls(start: int, end: int, advice: int, before: int = 0) -> list[tu
     for bit, (on, off) in MADV.items():
         if advice & bit and not before & bit:
             out.append(("madvise", (start, end - start, on)))
-        elif before & bit and not advice & bit and off:
+        elif before & bit and not advice & bit and off is not None:
             out.append(("madvise", (start, end - start, off)))
     return out
 
@@ -274,7 +289,7 @@ class Restorer:
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
                  stub_pid: int = 0, forked_from: "Restorer | None" = None,
-                 shared: SharedObjects | None = None, affinity: str = "refuse") -> None:
+                 shared: SharedObjects | None = None, affinity: str = "refuse", cgroup: str | None = None) -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
@@ -282,10 +297,12 @@ class Restorer:
         that one's, which may have begun: a process that joined a tree during a live migration). ``shared``: the shared memory
         objects of the processes restored together (each maps its own otherwise). ``affinity``:
         a thread pinned to CPUs this host lacks fails the restore ("refuse"), or is pinned to
-        those it has and the report warns ("warn", ``agent.sched``)."""
+        those it has and the report warns ("warn", ``agent.sched``). ``cgroup``: the unified
+        cgroup to put it in instead of its own (``--cgroup``)."""
         check_machine(header, xsave_supported_mask())
         sched.check_affinity(affinity)
         self.affinity = affinity
+        self.cgroup = cgroup
         self.header = header
         self.keep_ids = keep_ids
         self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
@@ -342,7 +359,7 @@ class Restorer:
         try:
             # EXITKILL: if the restorer dies before resume, the half-built process dies with it
             # (and its children made by ``fork``, which inherit these options).
-            ptrace.seize(self.pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK | ptrace.PTRACE_O_EXITKILL)
+            ptrace.seize(self.pid, STUB_OPTIONS)
             ptrace.interrupt(self.pid)
             ptrace.wait_stop(self.pid)
             self._stopped = True
@@ -445,11 +462,16 @@ class Restorer:
             self.filler = None      # no userfaultfd here: every page goes through /proc/PID/mem
 
     def _spawn(self) -> int:
-        """The stub, under the image's pid if ids are kept."""
+        """The stub, under the image's pid if ids are kept, in a time namespace of its own
+        where its clocks need one to go on as it saw them (``agent.timens``)."""
+        h = self.header
+        offsets = timens.needed(timens.Clocks(h.monotonic_ns, h.boottime_ns, h.realtime_ns))
+
+        def spawn(pid: int | None = None) -> int:
+            return stub.spawn(pid) if offsets is None else timens.spawn_in(offsets, lambda: stub.spawn(pid))
         if not self.keep_ids:
-            return stub.spawn()
-        pid = self.header.pid
-        return _while_going(pid, lambda: stub.spawn(pid))
+            return spawn()
+        return _while_going(h.pid, lambda: spawn(h.pid))
 
     def _call(self, name: str, *args: int) -> int:
         assert self.inj is not None
@@ -563,8 +585,7 @@ class Restorer:
                 continue
             if v.start < gadget_end and self.gadget < v.end:
                 raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
-            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | \
-                (MAP_GROWSDOWN if v.growsdown else 0)
+            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | _extra_flags(v)
             calls.append(("mmap", (v.start, v.length, v.prot, flags, -1, 0)))
             whats.append(("map", v))
             for name, args in _advice_calls(v.start, v.end, v.advice):
@@ -654,9 +675,7 @@ class Restorer:
         if v.shm is not None and self.shared is not None:
             self._map_attachment([v])
             return
-        flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
-        if v.growsdown:
-            flags |= MAP_GROWSDOWN
+        flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE) | _extra_flags(v)
         try:
             if self._is_deferred(v):
                 self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
@@ -904,6 +923,7 @@ class Restorer:
             self._carried = None
             self._lock_memory(proc)
             self._mm(proc)
+            self._seal_memory()
             self._memory_attributes(proc)
             self._files(files, descriptions, proc.pid)
             self._locks(files)
@@ -917,10 +937,11 @@ class Restorer:
             new_tids = self._threads(proc, threads, lent_cap=lend)
             self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
+            self._seccomp(threads, new_tids)     # the last calls injected: the filters could forbid ours
             self._drop_gadget()
             self._final_registers(threads, new_tids)
             # Cgroups first: joining a cpuset resets the threads' CPU affinity.
-            self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname())
+            self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname(), self.cgroup)
             self._scheduling(proc, threads, new_tids)
         except InjectionError as exc:
             raise RestoreError(f"restore failed: {exc.strerror}") from None
@@ -947,6 +968,12 @@ class Restorer:
         for v in self.layout:
             if v.advice & VMA_LOCKED:
                 self._call("mlock2", v.start, v.length, MLOCK_ONFAULT if v.advice & VMA_LOCKONFAULT else 0)
+
+    def _seal_memory(self) -> None:
+        """mseal() what was sealed, once nothing more is done to those mappings."""
+        for v in self.layout:
+            if v.advice & VMA_SEALED:
+                self._call("mseal", v.start, v.length, 0)
 
     def _memory_attributes(self, proc: ProcessState) -> None:
         if proc.thp_disable:
@@ -1396,6 +1423,48 @@ class Restorer:
             for info in t.pending:
                 signo = int.from_bytes(info[:4], "little")
                 self._call("rt_tgsigqueueinfo", self.pid, new_tids[t.tid], signo, self._put(info))
+
+    def _seccomp(self, threads: list[ThreadState], new_tids: dict[int, int]) -> None:
+        """Each thread's seccomp mode and filters (oldest first), the last calls injected into
+        it: once in, the filters could forbid any of ours. Threads that share one chain get it
+        from the leader in one call per filter (TSYNC); others each install their own. The one
+        call left, the leader's munmap of the gadget, runs with its filters suspended
+        (PTRACE_O_SUSPEND_SECCOMP; the detach at ``resume`` ends that)."""
+        if not any(t.seccomp for t in threads):
+            return
+        assert self.inj is not None
+        if not seccomp.suspend(self.pid, STUB_OPTIONS):
+            raise RestoreError("the process runs under seccomp, which only root can restore: run kcr-migrate "
+                               "restore as root")
+        leader = next(t for t in threads if t.leader)
+        together = len(threads) > 1 and seccomp.shared_chain(threads)
+        for t in threads if not together else ():
+            if t.leader or not t.seccomp:
+                continue
+            child = Injector(new_tids[t.tid], self.gadget)
+            try:
+                self._seccomp_thread(child, t, tsync=False)
+            finally:
+                child.close()
+        self._seccomp_thread(self.inj, leader, tsync=together)
+
+    def _seccomp_thread(self, inj: Injector, t: ThreadState, tsync: bool) -> None:
+        if t.seccomp == SECCOMP_MODE_STRICT:
+            self.report.syscalls += 1
+            inj.call("seccomp", seccomp.SECCOMP_SET_MODE_STRICT, 0, 0)
+            return
+        for i, f in enumerate(t.seccomp_filters):
+            program = self._put(f.program, SECCOMP_PROGRAM)
+            self.report.syscalls += 1
+            try:
+                got = inj.call("seccomp", seccomp.SECCOMP_SET_MODE_FILTER,
+                               f.flags | (seccomp.SECCOMP_FILTER_FLAG_TSYNC if tsync else 0),
+                               self._put(seccomp.fprog(program, f.program), SECCOMP_FPROG))
+            except InjectionError as exc:
+                raise RestoreError(f"thread {t.tid}'s seccomp filter {i + 1} of {len(t.seccomp_filters)} could not be "
+                                   f"installed again: {os.strerror(exc.errno or 0)}") from None
+            if got:       # TSYNC: the thread that could not take the filter
+                raise RestoreError(f"thread {got} could not take the process's seccomp filters")
 
     def _drop_gadget(self) -> None:
         # The munmap runs from the gadget page itself: the single step stops right after it.

@@ -50,13 +50,16 @@ class RestoredProcess:
 
 
 class RestoreSession:
-    def __init__(self, deferred: Sequence[str] = (), *, keep_ids: bool = True, affinity: str = "refuse") -> None:
+    def __init__(self, deferred: Sequence[str] = (), *, keep_ids: bool = True, affinity: str = "refuse",
+                 cgroup: str | None = None) -> None:
         """``deferred``: paths filesystem hooks bring (mapped at ``finish``); ``keep_ids``:
         every process keeps its pid and thread ids (refused off for a tree); ``affinity``:
-        ``agent.sched``'s choice for threads pinned to CPUs this host lacks."""
+        ``agent.sched``'s choice for threads pinned to CPUs this host lacks; ``cgroup``: the
+        unified cgroup every process goes in instead of its own (``--cgroup``)."""
         self.deferred = list(deferred)
         self.keep_ids = keep_ids
         self.affinity = affinity
+        self.cgroup = cgroup
         self.header: ImageHeader | None = None
         self.procs: dict[int, RestoredProcess] = {}      # the root first, parents before children
         self.current: RestoredProcess | None = None
@@ -75,7 +78,8 @@ class RestoreSession:
                 raise ProtocolError("a second stream header: corrupt image")
             self.header = item
             self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids,
-                                                                           shared=self.shared, affinity=self.affinity))
+                                                                           shared=self.shared, affinity=self.affinity,
+                                                                           cgroup=self.cgroup))
             return
         if self.header is None:
             raise ProtocolError("the stream does not start with its header: corrupt image")
@@ -136,7 +140,7 @@ class RestoreSession:
         for m in new:
             parent = self.procs[m.ppid].restorer
             made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
-                            forked_from=parent, shared=self.shared, affinity=self.affinity)
+                            forked_from=parent, shared=self.shared, affinity=self.affinity, cgroup=self.cgroup)
             self.procs[m.pid] = RestoredProcess(made, member=m)
         for m in new:
             if m.zombie:

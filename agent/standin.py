@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import trio
 
 from agent import freeze as freezer
-from agent import ptrace
+from agent import ptrace, seccomp
 from agent.homechannel import Link, LinkLost
 from agent.homelink import (
     Bye,
@@ -132,7 +132,9 @@ def convert(held: freezer.Held, relay: Sequence[int] = (),
     pid = held.pid
     for tid in held.seized:
         # From now on a keeper that dies takes the process with it: half converted, it must not run.
-        ptrace.set_options(tid, ptrace.PTRACE_O_EXITKILL)
+        # Its seccomp filters stay suspended: it runs only our calls (munmap, pause, exit) now.
+        ptrace.set_options(tid, ptrace.PTRACE_O_EXITKILL | (seccomp.PTRACE_O_SUSPEND_SECCOMP if held.suspend_seccomp
+                                                            else 0))
     mem = RemoteMemory(pid)
     try:
         gadget = vdso_gadget(pid, mem)

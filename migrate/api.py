@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Union
 
 from agent.homelink import parse_lost
+from agent.cgroups import check_path as check_cgroup_path
 from agent.sched import check_affinity
 from precopy.policy import PrecopyPolicy
 from transport.levels import Level, check_level
@@ -58,6 +59,8 @@ class MigrationOptions:
                                           # the moved process writes goes back through it
     affinity: str = "refuse"              # a thread pinned to CPUs the destination lacks: "refuse" the
                                           # move, or "warn" (pinned to those it has, or none) and move it
+    cgroup: str | None = None             # the unified cgroup (as /proc/PID/cgroup names it) the process
+                                          # joins on the destination instead of its own; it must exist there
 
     def __post_init__(self) -> None:
         check_level(self.compress_level)
@@ -72,6 +75,8 @@ class MigrationOptions:
             raise ValueError("stand_in must be True, False or 'auto'")
         parse_lost(self.stand_in_lost)
         check_affinity(self.affinity)
+        if self.cgroup is not None:
+            check_cgroup_path(self.cgroup)
         for fd in self.relay:
             if not isinstance(fd, int) or fd < 0:
                 raise ValueError(f"relay: {fd!r} is not a file descriptor number")

@@ -109,11 +109,24 @@ def add_image_key(p: argparse.ArgumentParser) -> None:
                         "/etc/kcr-migrate/image.key, made on first use; hosts of a cluster share one)")
 
 
-def add_affinity(p: argparse.ArgumentParser) -> None:
-    """``--affinity refuse|warn``: one option wherever a process is restored."""
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """``--affinity refuse|warn`` and ``--cgroup PATH``: where on its host a restored process
+    runs, the same options wherever a process is restored."""
     p.add_argument("--affinity", choices=("refuse", "warn"), default="refuse",
                    help="a thread pinned (taskset) to CPUs the destination lacks: refuse the move (default), or "
                         "warn and pin it to those of its CPUs the destination has (to none if it has none)")
+    p.add_argument("--cgroup", metavar="PATH", type=_cgroup_path,
+                   help="put the process (every process of a tree) in this cgroup v2 on the destination, as "
+                        "/proc/PID/cgroup names it (e.g. /system.slice/job.scope), instead of the one it was in; "
+                        "it must exist there")
+
+
+def _cgroup_path(text: str) -> str:
+    from agent.cgroups import check_path
+    try:
+        return check_path(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 REDIRECT_HELP = ("open PATH in place of fd FD where it is a pipe, socket or terminal whose other end "

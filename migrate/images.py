@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import threading
 import tempfile
 from typing import BinaryIO, Callable
 
+from agent.cgroups import check_chosen
 from agent.checkpoint import CheckpointOptions, CheckpointStats, RestoreResult
 from agent.checkpoint import checkpoint as _checkpoint
 from agent.checkpoint import restore as _restore
@@ -62,7 +64,7 @@ def checkpoint_to_path(pid: int, path: str, options: CheckpointOptions | None = 
 
 def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
             image_key: str | None = None, on_running: Callable[[], None] | None = None,
-            affinity: str = "refuse") -> RestoreResult:
+            affinity: str = "refuse", cgroup: str | None = None) -> RestoreResult:
     """Restore the process an image describes and let it run, under its own pid and thread
     ids (refused where they are taken), or under new ones with ``new_pid``.
 
@@ -73,8 +75,11 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     with a warning in the result. ``on_running`` runs (on the tracer's thread) as soon as the
     process runs, the point after which an interrupt changes nothing. ``affinity`` "warn": a
     thread pinned to CPUs this host lacks is pinned to those it has (or none) and the result
-    warns; "refuse" fails instead."""
+    warns; "refuse" fails instead. ``cgroup``: the unified cgroup (as /proc/PID/cgroup names
+    it) the process, and every process of a tree, joins instead of its own; it must exist."""
     check_restore_privileges()
+    if cgroup is not None:
+        check_chosen(cgroup, socket.gethostname())
     cancel = threading.Event()
     peek = getattr(src, "peek", None)
     if peek is not None:
@@ -84,7 +89,8 @@ def restore(src: BinaryIO, new_pid: bool = False, *, trust_image: bool = False,
     verifier = ImageVerifier.for_host(image_key, trust_image=trust_image)
 
     def restore_and_tell() -> tuple[RestoreResult, object]:
-        done = _restore(src, cancel=cancel, new_pid=new_pid, verifier=verifier, affinity=affinity)
+        done = _restore(src, cancel=cancel, new_pid=new_pid, verifier=verifier, affinity=affinity,
+                        cgroup=cgroup)
         if on_running is not None:
             on_running()
         return done

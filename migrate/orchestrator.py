@@ -303,8 +303,11 @@ class Migration:
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
         try:
-            affinity: dict[str, Any] = {"affinity": o.affinity} if o.affinity != "refuse" else {}   # the default
-            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **affinity)
+            # Sent only where not the default, which an agent of an earlier version knows without it.
+            placement: dict[str, Any] = {"affinity": o.affinity} if o.affinity != "refuse" else {}
+            if o.cgroup is not None:
+                placement["cgroup"] = o.cgroup
+            checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **placement)
             for warning in checked.get("warnings", []):
                 self._warn(str(warning))
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))

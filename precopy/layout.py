@@ -37,6 +37,8 @@ from transport.schema import (
     ADV_DONTFORK,
     ADV_HUGEPAGE,
     ADV_MERGEABLE,
+    ADV_RANDOM,
+    ADV_SEQUENTIAL,
     ADV_NOHUGEPAGE,
     ADV_WIPEONFORK,
     PAGE_SIZE,
@@ -46,6 +48,8 @@ from transport.schema import (
     VMA_LOCKED,
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
+    VMA_NORESERVE,
+    VMA_SEALED,
     Vma,
 )
 
@@ -56,7 +60,8 @@ SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]
                  "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
 _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
                  "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE, "lo": VMA_LOCKED, "lf": VMA_LOCKONFAULT,
-                 "mw": VMA_MAYWRITE}
+                 "mw": VMA_MAYWRITE, "nr": VMA_NORESERVE, "sr": ADV_SEQUENTIAL, "rr": ADV_RANDOM,
+                 "sl": VMA_SEALED}
 
 
 @dataclass(frozen=True)

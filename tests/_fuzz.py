@@ -378,6 +378,12 @@ DIRECTED: dict[str, tuple[Directed, str]] = {
     "a FIFO opened": (lambda fr, d: _fifo(fr, "fd", str(d / "fifo")), "FIFO"),
     "a FIFO as the executable": (lambda fr, d: _fifo(fr, "exe", str(d / "fifo")), "Permission denied"),
     "private file pages into a shared mapping": (lambda fr, d: _share_private_file_pages(fr), "mapped shared"),
+    "seccomp filters in strict mode": (lambda fr, d: _bodies(fr, 5)[0].update(
+        seccomp=1, seccomp_filters=[{"flags": 0, "program": bytes.fromhex("0600000000000000")}]),
+        "seccomp mode 1 with 1 filters"),
+    "a seccomp filter the kernel refuses": (lambda fr, d: _bodies(fr, 5)[0].update(   # an unknown opcode
+        seccomp=2, seccomp_filters=[{"flags": 0, "program": bytes.fromhex("ffff000000000000")}]),
+        "seccomp filter 1 of 1 could not be installed again: Invalid argument"),
 }
 
 

@@ -465,6 +465,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "signal mask and pending signals": _per_thread(lambda p, t: (p.status(t)["SigBlk"],
                                                                  _pending_mask(p.status(t)["SigPnd"]))),
     "scheduling": _per_thread(_sched),
+    "seccomp: strict mode, filters and their log flag": _per_thread(
+        lambda p, t: (p.status(t)["Seccomp"], p.status(t)["Seccomp_filters"], p.status(t)["NoNewPrivs"])),
     "CPU pinning": _per_thread(lambda p, t: (sorted(os.sched_getaffinity(t)), p.status(t)["Cpus_allowed_list"])),
 }
 
@@ -477,9 +479,13 @@ UNOBSERVED: dict[str, str] = {
         "'an epoll instance' compares the watches' event masks (the report warns where they differ)",
     "a deleted file or memfd mapped (shared or private) and held open":
         "'a mapping' and 'a deleted file'/'a memfd' compare it",
+    "a memfd mapped but not held open, or a deleted file mapped privately":
+        "'a mapping' compares its name; tests/test_memfd.py reads it whole, with its seals, through map_files",
     "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "
                                                  "an image naming others",
     "interval timers": "only the process reads them (getitimer): the records compare them",
+    "its monotonic and boot-time clocks (and time namespace)":
+        "only the process reads them: tests/test_timens.py's job checks they never step",
     "a POSIX timer's overrun count": "counts expirations while frozen: the workloads check it",
     "membarrier registrations": "only the process reads them: the records compare them",
     "clear_child_tid, robust futex list, rseq": "only ptrace or the process reads them: the records compare them",
@@ -509,6 +515,8 @@ VOLATILE: dict[str, Callable[[Any], object] | None] = {
     "Vma.file_mtime_ns": None,
     "EventFile.queued": None,            # not carried (warned): the new queue fills with what happens since
     "Vma.ino": None,                     # a deleted file or memfd made again is another inode
+    # a deleted file only mapped, made again: named by its directory (its name is gone with it)
+    "FileContents.name": lambda n: n if not n or n.startswith("/memfd:") else _deleted_name(n),
 }
 # Fields that hold pids (written as labels) and ids (written as first-seen order).
 PIDS = {"ProcessState.pid", "ThreadState.tid", "PosixTimer.tid", "EventFile.pid", "FileDesc.owner"}

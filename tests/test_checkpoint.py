@@ -206,7 +206,7 @@ def test_threads_keep_their_ids(tmp_path: Path) -> None:
     w.reap_original()
     tids = sorted(t["tid"] for t in json.loads(kcr("show", str(image)).stdout)["threads"])
     assert len(tids) == 5
-    res = kcr("restore", "-i", str(image), "--json")
+    res = kcr("restore", str(image), "--json")          # the image as a positional, like show's
     assert res.returncode == 0, res.stderr.decode()
     pid = json.loads(res.stdout)["pid"]
     assert pid == w.pid
@@ -302,6 +302,37 @@ def test_refuses_a_link_to_the_outside_and_leaves_process_running(tmp_path: Path
         assert w.reap_original() == 0
     finally:
         os.close(ours)
+
+
+@pytest.mark.parametrize("stdio", ["pipes", "terminal"])
+def test_every_fd_to_redirect_is_named_at_once(tmp_path: Path, stdio: str) -> None:
+    """A job started over ssh holds three pipes to sshd; one started from a shell, the terminal
+    on two or three fds: the refusal names every one and the --redirect options for all, so
+    the second try is the last."""
+    ready = tmp_path / "ready"
+    argv = [sys.executable, "-S", "-c", "import sys, time\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n",
+            str(ready)]
+    leader = -1
+    if stdio == "pipes":
+        proc = start_until_ready(argv, ready, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        expected = ("fd 0 is a pipe shared with pid", "(as are its fds 1, 2)",
+                    "give --redirect 0=PATH --redirect 1=PATH --redirect 2=PATH to open PATH")
+    else:
+        leader, follower = os.openpty()
+        proc = start_until_ready(argv, ready, stdout=follower, stderr=follower)
+        expected = (f"has a terminal ({os.ttyname(follower)}) open as fds 1, 2:",
+                    "give --redirect 1=PATH --redirect 2=PATH to open PATH")
+        os.close(follower)
+    try:
+        line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+        for part in expected:
+            assert part in line, line
+        assert proc_state(proc.pid) in ("S", "R")
+    finally:
+        proc.kill()
+        proc.communicate()
+        if leader >= 0:
+            os.close(leader)
 
 
 @pytest.mark.parametrize("holding, expected", [

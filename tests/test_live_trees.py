@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from examples.testbed import Testbed
-from tests._hosts import start_in, wait_file
+from tests._hosts import start_in, verdict, wait_file
 from tests._migration import migrate_cli, proc_state
 from tests._workloads import KCR_MIGRATE, STARTED, Reference, build
 
@@ -67,13 +67,13 @@ def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_
     exe = str(build("tree_workers"))
     ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out)], out, WORKLOAD_SCALE="30")
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True, WORKLOAD_SCALE="30")
     deadline = time.monotonic() + 30
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     move_tree_to_host_c(testbed, before)
-    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert verdict(out) == "PASS", (out / "stderr").read_text()
     assert (out / "output").read_text() == ref.output()
     assert sorted((out / "log").read_text().splitlines()) == sorted((tmp_path / "ref" / "log").read_text().splitlines())
 
@@ -179,7 +179,7 @@ def test_a_tree_whose_pids_are_taken_is_refused_before_anything_freezes(testbed:
     the tree itself). Refused in preflight, naming them; the tree runs on, untraced."""
     exe = str(build("tree_workers"))
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out)], out, WORKLOAD_SCALE="30")
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True, WORKLOAD_SCALE="30")
     deadline = time.monotonic() + 30
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
@@ -192,7 +192,7 @@ def test_a_tree_whose_pids_are_taken_is_refused_before_anything_freezes(testbed:
     for p in before:
         assert proc_state(p) not in (None, "Z", "X", "T", "t")
         assert "TracerPid:\t0\n" in Path(f"/proc/{p}/status").read_text()
-    assert wait_file(out / "verdict").strip() == "PASS", (out / "stderr").read_text()
+    assert verdict(out) == "PASS", (out / "stderr").read_text()
 
 
 def test_memory_shared_between_processes_stays_shared_live(testbed: Testbed, tmp_path: Path) -> None:

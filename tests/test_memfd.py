@@ -127,11 +127,12 @@ os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
 """
 
 
-def _run(tmp_path: Path, where: str, mode: str, move: bool, live: bool = False) -> Workload:
-    script = tmp_path / "memfd.py"
-    script.write_text(MEMFD_WORKLOAD)
+def _run(tmp_path: Path, where: str, mode: str, move: bool, live: bool = False, script: str | None = None) -> Workload:
+    text = MEMFD_WORKLOAD if script is None else script
+    script_path = tmp_path / f"memfd-{where}.py"
+    script_path.write_text(text)
     w = Workload("memfd", tmp_path / where,
-                 argv=[sys.executable, "-S", str(script), str(tmp_path / where / "memfd"), mode])
+                 argv=[sys.executable, "-S", str(script_path), str(tmp_path / where / "memfd"), mode])
     if not move:
         (w.dir / "go").touch()
     w.start()
@@ -195,18 +196,107 @@ def test_memfd_held_and_mapped_stays_one_file(tmp_path: Path, mode: str, live: b
         assert "after child b'via-fd' b'via-mm'\n" in out
 
 
+# Mapped with ctypes and the fds closed (Python's mmap would keep an fd): a sealable memfd of
+# 4400 bytes (seals: no grow, no shrink) mapped shared in its first page only; a memfd mapped
+# privately and written to (copy on write); an O_TMPFILE file mapped privately. With "fork", a
+# child made after the mappings shares the shared one. After the move (at "go") each process
+# writes through the shared mapping and reads what the other wrote; the file, opened again
+# through /proc/self/map_files, shows its whole contents (the unmapped tail too), size and seals.
 MAPPED_ONLY = r"""
-import ctypes, os, sys, time
+import ctypes, fcntl, hashlib, os, sys, time
+out_dir, mode = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-fd = os.memfd_create("kcr-test", 0)
-os.write(fd, b"x" * 4400)
-assert libc.mmap(None, 4096, 3, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)   # MAP_SHARED, no fd kept
-os.close(fd)
-open(os.path.join(sys.argv[1], "ready"), "w").close()
-time.sleep(600)
+
+def mapped(fd, size, flags):
+    addr = libc.mmap(None, size, 3, flags, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    os.close(fd)
+    return (ctypes.c_char * size).from_address(addr), addr
+
+fd = os.memfd_create("kcr-mapped", os.MFD_ALLOW_SEALING)
+os.write(fd, bytes(range(256)) * 17 + b"t" * 48)                # 4400 bytes
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+shared, shared_at = mapped(fd, 4096, 1)                         # MAP_SHARED
+fd = os.memfd_create("kcr-private", 0)
+os.write(fd, b"p" * 8192)
+private, _ = mapped(fd, 8192, 2)                                # MAP_PRIVATE
+private[4096:4099] = b"COW"
+fd = os.open(out_dir, os.O_TMPFILE | os.O_RDWR, 0o640)
+os.write(fd, b"q" * 5000)
+tmp, _ = mapped(fd, 5000, 2)
+
+def report(who, out):
+    lines = []
+    at = 100 if who == "parent" else 200
+    shared[at:at + 3] = who[:3].encode()
+    lines.append(bytes(shared[0:4]))
+    for name in sorted(os.listdir("/proc/self/map_files")):
+        link = os.readlink(f"/proc/self/map_files/{name}")
+        if "memfd:kcr" in link or link.startswith(out_dir):
+            f = os.open(f"/proc/self/map_files/{name}", os.O_RDONLY)
+            try:
+                seals = fcntl.fcntl(f, fcntl.F_GET_SEALS) if "memfd:" in link else None
+            except OSError as exc:
+                seals = exc.errno
+            data = os.pread(f, 1 << 16, 0)
+            lines.append((link.replace(out_dir, "DIR").split("/#")[0], os.fstat(f).st_size, seals,
+                          hashlib.sha256(data).hexdigest()[:16] if "kcr-mapped" not in link else data[4096:]))
+            os.close(f)
+    lines.append((bytes(private[4095:4100]), bytes(private[0:2]), bytes(tmp[4998:5000])))
+    held = []
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{n}"))
+        except OSError:
+            pass                # listdir's own fd, closed by now
+    lines.append([link for link in held if "(deleted)" in link])
+    lines.append(sorted({line.split(None, 5)[5].strip().replace(out_dir, "DIR").split("/#")[0]
+                         for line in open("/proc/self/maps") if "kcr-" in line or out_dir in line}))
+    out.write("".join(f"{who} {x!r}\n" for x in lines))
+    out.flush()
+
+child = 0
+if mode == "fork":
+    child = os.fork()
+with open(os.path.join(out_dir, "child" if child == 0 and mode == "fork" else "output"), "w") as out:
+    if child or mode != "fork":
+        open(os.path.join(out_dir, "ready"), "w").close()
+    while not os.path.exists(os.path.join(out_dir, "go")):     # made after the restore
+        time.sleep(0.01)
+    if mode == "fork" and child == 0:
+        report("child", out)
+        os._exit(0)
+    if child:
+        os.waitpid(child, 0)
+        out.write(f"after child {bytes(shared[200:203])!r}\n")  # the child's write, in the one mapping
+    report("parent", out)
+with open(os.path.join(out_dir, ".verdict"), "w") as v:
+    v.write("PASS\n")
+os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
 """
+
+
+@pytest.mark.parametrize("mode,live", [("alone", False), ("fork", False), ("alone", True)],
+                         ids=["checkpoint", "tree-checkpoint", "live"])
+def test_memfd_mapped_but_not_held_is_carried(tmp_path: Path, mode: str, live: bool) -> None:
+    """A memfd and a deleted file no fd holds, only mappings: made again whole (the part no
+    mapping shows too) under their names, with their seals, each mapping mapped from them, and
+    no fd left in the process."""
+    ref = _run(tmp_path, "reference", mode, move=False, script=MAPPED_ONLY)
+    w = _run(tmp_path, "restored", mode, move=True, live=live, script=MAPPED_ONLY)
+    out = w.output()
+    assert out == ref.output()
+    assert "('/memfd:kcr-mapped (deleted)', 4400, 6, " in out            # F_SEAL_SHRINK|F_SEAL_GROW
+    assert "t" * 48 + "')\n" in out                    # the tail no mapping shows
+    assert "(b'pCOWp', b'pp', b'qq')" in out
+    assert "'/memfd:kcr-private (deleted)', 8192, 1, " in out           # no MFD_ALLOW_SEALING: F_SEAL_SEAL
+    assert "parent []\n" in out                        # no fd of them in the process
+    if mode == "fork":
+        child = (w.dir / "child").read_text()
+        assert child == (ref.dir / "child").read_text()
+        assert "after child b'chi'\n" in out
 
 
 BIG = r"""
@@ -229,14 +319,12 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize("script,expected", [
-    (MAPPED_ONLY, "maps part of the deleted file /memfd:kcr-test (4096 of its 4400 bytes)"),
     (BIG, "is the deleted file /memfd:big of 17 MiB: kcr-migrate carries deleted files up to 16 MiB"),
     (HUGE, "is the memfd /memfd:huge of huge pages (MFD_HUGETLB)"),
-], ids=["mapped-not-held", "over-the-limit", "huge-pages"])
+], ids=["over-the-limit", "huge-pages"])
 def test_refused_in_one_line_and_the_process_runs_on(tmp_path: Path, script: str, expected: str) -> None:
-    """A memfd mapped without an fd (its rest, past the mapped page, could not be read; Python's
-    mmap keeps an fd of what it maps, so the workload maps with ctypes), one over the size
-    carried while frozen, and one of huge pages (made again, it would be of small pages)."""
+    """A memfd over the size carried while frozen, and one of huge pages (made again, it would
+    be of small pages)."""
     if script is HUGE:
         try:
             os.close(os.memfd_create("probe", os.MFD_HUGETLB))

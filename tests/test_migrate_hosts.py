@@ -95,7 +95,7 @@ def test_pages_are_relayed_when_the_source_cannot_reach_the_destination(testbed:
     args = ["32", "10", "300", "0"]
     ref = Reference([exe, str(tmp_path / "ref"), *args], tmp_path / "ref")
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out), *args], out)
+    pid = start_in(testbed, "hostA", [exe, str(out), *args], out, hold=True)   # it ends once moved
     with unreachable(testbed, "hostA", "hostB"):
         code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
     assert code == 0, err
@@ -103,7 +103,7 @@ def test_pages_are_relayed_when_the_source_cannot_reach_the_destination(testbed:
     assert report["data_channel_note"].startswith("relayed over ssh") and testbed.address("hostB") in \
         report["data_channel_note"], report["data_channel_note"]
     assert "pages: relayed over ssh" in err
-    assert wait_file(out / "verdict").strip() == "PASS"
+    assert verdict(out) == "PASS"
     assert (out / "output").read_text() == ref.output()
     wait_gone(report["new_pid"])
 

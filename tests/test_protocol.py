@@ -36,6 +36,7 @@ from transport.protocol import (
 )
 from transport.records import Record
 from transport.schema import (
+    FORMAT_VERSION,
     RECORD_TYPES,
     EndOfImage,
     FileDesc,
@@ -177,8 +178,8 @@ async def test_handshake_refuses_another_protocol_version_naming_both() -> None:
 
 
 async def test_handshake_refuses_another_image_format() -> None:
-    with pytest.raises(IncompatibleImage, match="image format version 7"):
-        await _handshake_against(_hello_bytes(hello_with(format_version=7)))
+    with pytest.raises(IncompatibleImage, match=f"image format version {FORMAT_VERSION + 1}"):
+        await _handshake_against(_hello_bytes(hello_with(format_version=FORMAT_VERSION + 1)))
 
 
 async def test_handshake_refuses_the_wrong_role() -> None:

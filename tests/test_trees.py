@@ -109,7 +109,7 @@ def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
     """A parent, three workers on socketpairs of their own, one progress pipe they share, one
     log file description they share; the parent reaps each worker with waitpid(pid)."""
     ref = start_reference("tree_workers", tmp_path, scale=3)
-    w = Workload("tree_workers", tmp_path / "moved", scale=3)
+    w = Workload("tree_workers", tmp_path / "moved", scale=3, hold=True)
     w.start()
     w.wait_ready()
     before = tree(w.pid)
@@ -128,12 +128,15 @@ def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
 
 
 def stubs() -> set[int]:
+    """Restore stubs this test's restores left: adopted by this process, their subreaper (a
+    stub another test session made is not this test's)."""
     out = set()
     for p in os.listdir("/proc"):
         try:
-            if p.isdigit() and Path(f"/proc/{p}/comm").read_text().strip() == "kcr-stub":
+            if p.isdigit() and Path(f"/proc/{p}/comm").read_text().strip() == "kcr-stub" and \
+                    int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
                 out.add(int(p))
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
     return out
 

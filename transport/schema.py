@@ -51,7 +51,14 @@ from transport.records import (
 # agents of version 3 are refused at the handshake instead of failing mid-stream.
 # 5: whom an O_ASYNC fd signals and with what (``FileDesc.owner``, ``owner_kind``, ``sig``),
 # which a version 4 reader would drop (leases and fanotify it refuses by their kind anyway).
-FORMAT_VERSION = 5
+# 6: a thread's seccomp mode and filters (``ThreadState.seccomp``, ``seccomp_filters``), which a
+# version 5 reader would drop: the process would run unfiltered. Deleted files and memfds the
+# job maps but holds no fd of (``FileContents.name``), which a version 5 reader would make nameless.
+# The process's view of its monotonic and boot-time clocks (``ImageHeader.monotonic_ns``, ...),
+# which a version 5 reader would drop: the process would see them jump (``agent.timens``).
+# ``VMA_NORESERVE``, ``ADV_SEQUENTIAL``, ``ADV_RANDOM`` and ``VMA_SEALED`` in ``Vma.advice``
+# (above a version 5 reader's bound for it: refused there).
+FORMAT_VERSION = 6
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -130,6 +137,11 @@ class ImageHeader(Record):
     pid: Pid
     kind: Annotated[str, Text(16)]        # "checkpoint" or "live"
     key_id: Annotated[str, Text(64)] = ""   # format 2: the id of the key that signed the image ("": unsigned)
+    # format 6: the process's clocks as it read them (its time namespace's offsets included) at
+    # ``realtime_ns``, the writer's real time then; 0: not known (``agent.timens``)
+    monotonic_ns: NonNegI64 = 0
+    boottime_ns: NonNegI64 = 0
+    realtime_ns: NonNegI64 = 0
 
     def validate(self) -> None:
         _check(self.kind in ("checkpoint", "live"), f"kind {self.kind!r}")
@@ -276,9 +288,12 @@ VMA_KINDS = ("anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vs
 # Advice recorded from smaps VmFlags and replayed with madvise().
 ADV_DONTDUMP, ADV_DONTFORK, ADV_WIPEONFORK, ADV_HUGEPAGE, ADV_NOHUGEPAGE, ADV_MERGEABLE = (
     1, 2, 4, 8, 16, 32)
+ADV_SEQUENTIAL, ADV_RANDOM = 1024, 2048      # readahead advice (sr, rr)
 # Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT);
-# may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now).
-VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE = 64, 128, 256
+# may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now);
+# mapped MAP_NORESERVE (nr: no swap space reserved for it; glibc's thread arenas are); sealed
+# (sl: mseal(), Linux 6.10: never to be unmapped, moved or mprotected again).
+VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE, VMA_NORESERVE, VMA_SEALED = 64, 128, 256, 512, 4096
 
 
 MAX_SHM_SEGMENT = 1 << 40       # bytes of one SysV segment (shmmax's default is far above: the
@@ -316,7 +331,7 @@ class Vma:
     path: Annotated[str, AbsPath(optional=True)] = ""     # file-backed mappings only
     pgoff: Offset = 0        # offset into the file (or shared memory object), bytes
     growsdown: bool = False
-    advice: Annotated[int, Int(0, 511, "mapping advice")] = 0
+    advice: Annotated[int, Int(0, 8191, "mapping advice")] = 0
     file_size: Annotated[int, Int(-1, (1 << 63) - 1, "a file size or -1")] = -1  # size of the file when
                              # dumped, to detect a changed file
     file_mtime_ns: I64 = 0
@@ -715,7 +730,8 @@ class FileContents(Record):
     "deleted" name it by ``id``); the file is made again, unlinked, from its slices. A memfd
     is made again as a memfd of its name (the fd's path, ``/memfd:NAME``), with its seals
     (``F_GET_SEALS``) added once its contents are in. Shared mappings of the file are mapped
-    from the file made again (``Vma.ino`` is ``id``)."""
+    from the file made again (``Vma.ino`` is ``id``). One no fd of the job holds, only its
+    mappings (a memfd mapped and closed), is carried the same way, and made again by ``name``."""
 
     TYPE = 13
     id: ObjectId             # the file's inode on the source host
@@ -734,9 +750,13 @@ class FileContents(Record):
     path: Annotated[str, AbsPath(optional=True)] = ""
     dev: U64 = 0
     boot: Annotated[str, Text(64)] = ""
+    # format 6: a deleted file or memfd that no fd of the job holds, only mappings: the name
+    # they show (``/memfd:NAME``, or the path the file had), to make it again by (no fd names it)
+    name: Annotated[str, AbsPath(optional=True)] = ""
 
     def validate(self) -> None:
         _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
+        _check(not (self.path and self.name), f"file {self.id}: a /dev/shm file with the name of a deleted one")
         _check(self.memfd or not self.seals, f"deleted file {self.id}: seals on a file that is no memfd")
         _check(not (self.path and self.memfd), f"file {self.id}: a memfd with a path")
         _check(not self.path or is_shm_path(self.path), f"file {self.id}: {self.path[:80]!r} is not a file of {SHM_DIR}")
@@ -811,6 +831,27 @@ class GpRegs:
         return cls(**dict(zip(GP_REG_NAMES, values)))
 
 
+# Seccomp (linux/seccomp.h, linux/filter.h): a thread's mode, and in filter mode its chain of
+# classic BPF programs, oldest first, each with the flags the kernel reports for it.
+SECCOMP_MODE_DISABLED, SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 0, 1, 2
+SECCOMP_FILTER_FLAG_LOG = 2
+BPF_MAXINSNS = 4096           # instructions of one program
+BPF_INSN_SIZE = 8             # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+MAX_INSNS_PER_PATH = 1 << 15  # the kernel's bound on a chain: each program's length plus 4
+MAX_SECCOMP_FILTERS = MAX_INSNS_PER_PATH // 5
+
+
+@dataclass(frozen=True)
+class SeccompFilter:
+    flags: Annotated[int, Int(0, SECCOMP_FILTER_FLAG_LOG, "seccomp filter flags")]  # SECCOMP_FILTER_FLAG_LOG
+    program: Annotated[bytes, Blob(BPF_MAXINSNS * BPF_INSN_SIZE, BPF_INSN_SIZE)]     # struct sock_filter[]
+
+    def validate(self) -> None:
+        _check(self.flags in (0, SECCOMP_FILTER_FLAG_LOG), f"seccomp filter flags {self.flags:#x}")
+        _check(len(self.program) % BPF_INSN_SIZE == 0,
+               f"a seccomp program of {len(self.program)} bytes (8-byte instructions)")
+
+
 @dataclass(frozen=True)
 class ThreadState(Record):
     TYPE = 5
@@ -841,9 +882,17 @@ class ThreadState(Record):
     cpus: Annotated[bytes, Blob(MAX_CPUS // 8)] = b""
     timer_slack_ns: U64 = 0
     ioprio: Annotated[int, Int(0, (3 << 13) | 7, "an I/O priority")] = 0   # ionice: class << 13 | level
+    # format 6: SECCOMP_MODE_*, and in filter mode the thread's filters, oldest first
+    seccomp: Annotated[int, Int(0, SECCOMP_MODE_FILTER, "a seccomp mode")] = 0
+    seccomp_filters: Annotated[tuple[SeccompFilter, ...], Count(MAX_SECCOMP_FILTERS)] = ()
 
     def validate(self) -> None:
         _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
+        _check((self.seccomp == SECCOMP_MODE_FILTER) == bool(self.seccomp_filters),
+               f"seccomp mode {self.seccomp} with {len(self.seccomp_filters)} filters")
+        insns = sum(len(f.program) // BPF_INSN_SIZE + 4 for f in self.seccomp_filters)
+        _check(insns <= MAX_INSNS_PER_PATH, f"seccomp filters of {insns} instructions in all (the kernel "
+                                            f"takes {MAX_INSNS_PER_PATH})")
         _check((self.sched_priority > 0) == (self.sched_policy in (1, 2)),
                f"real-time priority {self.sched_priority} under scheduling policy {self.sched_policy}")
         for info in self.pending:

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import (REDIRECT_HELP, TRACKERS, add_affinity, command, deferred_signals, parse_redirect,
+from migrate.cli import (REDIRECT_HELP, TRACKERS, add_placement, command, deferred_signals, parse_redirect,
                          positive_float, rate, settle, watch_signals)
 from transport.errors import MigrationError
 
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stand-in-lost", default="exit", metavar="kill|exit:N",
                    help="when the stand-in and the moved process lose each other: kill (both end), or exit:N "
                         "(the stand-in exits with N, the moved process runs on); default exit:240")
-    add_affinity(p)
+    add_placement(p)
     p.add_argument("--dry-run", action="store_true", help="preflight only: check everything, move nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.add_argument("--events", action="store_true",
@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             ssh_config=args.ssh_config, precopy=not args.no_precopy, dry_run=args.dry_run,
             link_timeout_s=args.link_timeout, fs=tuple(parse_hook(spec) for spec in args.fs),
             fs_replace=args.fs_replace, redirect=dict(args.redirect), new_pid=args.new_pid, affinity=args.affinity,
+            cgroup=args.cgroup,
             stand_in=True if args.stand_in else "auto" if args.stand_in_auto else False,
             stand_in_lost=args.stand_in_lost, relay=tuple(args.relay))
     except ValueError as exc:

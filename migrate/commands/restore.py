@@ -1,19 +1,20 @@
-"""`kcr-migrate restore -i FILE`: bring an image back to life; prints the new pid."""
+"""`kcr-migrate restore FILE` (or `-i FILE`): bring an image back to life; prints the new pid."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from migrate.cli import add_affinity, add_image_key, check_input, command, settle
+from migrate.cli import EXIT_USAGE, add_image_key, add_placement, check_input, command, error, settle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--input", required=True, metavar="FILE", help="image file, or - for stdin")
+    p.add_argument("image", nargs="?", metavar="FILE", help="image file, or - for stdin")
+    p.add_argument("-i", "--input", metavar="FILE", help="the same, as an option")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--new-pid", action="store_true",
                    help="restore under a new pid (and thread ids) instead of the process's own")
-    add_affinity(p)
+    add_placement(p)
     add_image_key(p)
     p.add_argument("--trust-image", action="store_true",
                    help="restore an image that is not signed, or whose signature does not verify with the "
@@ -25,10 +26,15 @@ def run(args: argparse.Namespace) -> int:
     from migrate import images
     from transport.image import open_input
 
-    check_input(args.input)
-    with open_input(args.input) as src:
+    if (args.image is None) == (args.input is None):
+        error("restore takes one image: kcr-migrate restore FILE (or -i FILE; - for stdin)")
+        return EXIT_USAGE
+    path = args.image if args.input is None else args.input
+    check_input(path)
+    with open_input(path) as src:
         result = images.restore(src, new_pid=args.new_pid, trust_image=args.trust_image, image_key=args.image_key,
-                                on_running=settle, affinity=args.affinity)
+                                on_running=settle, affinity=args.affinity,
+                                cgroup=args.cgroup)
     for w in result.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.json:

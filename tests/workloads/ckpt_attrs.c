@@ -1,7 +1,9 @@
 /* Memory and process attributes that came back lost: mlock()ed memory (and mlock2's lock on
  * fault), mlockall(MCL_FUTURE), the THP-disable flag, oom_score_adj, a read-only MAP_SHARED
  * mapping of a file opened read-write, which may be made writable, a membarrier registration
- * (a private expedited barrier fails with EPERM without it), and audit's loginuid. */
+ * (a private expedited barrier fails with EPERM without it), audit's loginuid, a mapping's
+ * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them), MADV_RANDOM
+ * readahead advice, and a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM). */
 #include "ckpt_common.h"
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -15,6 +17,27 @@ static long loginuid(void) {
     FILE *f = fopen("/proc/self/loginuid", "r");
     if (f) { if (fscanf(f, "%ld", &v) != 1) v = -1; fclose(f); }
     return v;
+}
+
+/* Whether the mapping at addr shows VmFlag flag ("nr") in /proc/self/smaps. */
+static int vmflag(void *addr, const char *flag) {
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return 0;
+    char line[512], want[32];
+    int in = 0, found = 0;
+    snprintf(want, sizeof want, " %s", flag);
+    while (fgets(line, sizeof line, f)) {
+        unsigned long start, end;
+        if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && strchr(line, '-') < strchr(line, ' '))
+            in = start <= (unsigned long)addr && (unsigned long)addr < end;
+        else if (in && !strncmp(line, "VmFlags:", 8)) {
+            line[strcspn(line, "\n")] = ' ';
+            found = strstr(line, want) != NULL && strstr(line, want)[strlen(want)] == ' ';
+            break;
+        }
+    }
+    fclose(f);
+    return found;
 }
 
 static int locked(void *addr) {
@@ -43,7 +66,15 @@ int main(int argc, char **argv) {
     FILE *out = open_output();
     char *a = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     char *b = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *nr = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     memset(a, 'a', 8 * 4096);
+    nr[4096] = 'n';
+    int noreserve = vmflag(nr, "nr");      /* not under vm.overcommit_memory=2, which ignores it */
+    char *rnd = mmap(NULL, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (rnd == MAP_FAILED || madvise(rnd, 4 * 4096, MADV_RANDOM)) return 3;
+    rnd[0] = 'r';
+    char *sealed = mmap(NULL, 2 * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int seals = sealed != MAP_FAILED && syscall(462, sealed, 2 * 4096, 0) == 0;    /* mseal */
     char path[4096];
     snprintf(path, sizeof path, "%s/shared.bin", outdir);
     int sfd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
@@ -74,6 +105,9 @@ int main(int argc, char **argv) {
     if (oom_adj() != 300) strcat(why, "oom_score_adj; ");
     if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)) strcat(why, "membarrier registration; ");
     if (audit && loginuid() != 4242) strcat(why, "loginuid; ");
+    if ((noreserve && !vmflag(nr, "nr")) || nr[4096] != 'n') strcat(why, "MAP_NORESERVE; ");
+    if (!vmflag(rnd, "rr") || rnd[0] != 'r') strcat(why, "MADV_RANDOM; ");
+    if (seals && (!vmflag(sealed, "sl") || munmap(sealed, 4096) == 0 || errno != EPERM)) strcat(why, "mseal; ");
     if (mprotect(ro, 4096, PROT_READ | PROT_WRITE)) strcat(why, "shared mapping may not be made writable; ");
     else ro[0] = 'w';
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");

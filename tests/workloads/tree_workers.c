@@ -1,7 +1,9 @@
 /* A parent and three workers it forks: each worker talks to the parent over a socketpair of
  * its own and reports progress down one pipe they all share; they all write to one log file
  * through the description they inherited (one offset: no line overwrites another). The
- * parent reaps each worker with waitpid(pid) and checks its exit status and getppid(). */
+ * parent reaps each worker with waitpid(pid) and checks its exit status and getppid(). Held
+ * (WORKLOAD_HOLD), the whole tree waits at round 20, every worker alive and waiting for its
+ * next task, until the test lets it go: it is moved whole however busy the machine. */
 #include "ckpt_common.h"
 #include <signal.h>
 #include <sys/socket.h>
@@ -64,6 +66,7 @@ int main(int argc, char **argv) {
             sum ^= acc;
         }
         if (round == 5) ready();
+        if (round == 20) hold_on();
         ssize_t n = read(progress[0], buf, sizeof buf);      /* some lines may wait in the pipe */
         for (ssize_t k = 0; k < n; k++) lines += buf[k] == '\n';
     }

@@ -1,0 +1,127 @@
+"""The monotonic and boot-time clocks go on as the process saw them (agent/timens.py).
+
+Test hosts share this machine's clocks, so the job runs in a time namespace a day ahead of
+them (`unshare --time --monotonic 86400`), as a job seen from a host booted a day earlier
+would: restored here without its clocks, it would see them go back a day; with them, it
+sleeps (Python's time.sleep: an absolute monotonic deadline) and reads its clocks on."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import timens
+from tests._migration import migrate_cli
+from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/timens_offsets") or shutil.which("unshare") is None,
+                                reason="no time namespaces (Linux >= 5.6) or no unshare(1) (util-linux)")
+
+AHEAD_S = 86400
+# Reads both clocks every 20 ms; a step back, or one forward by more than 30 s, is a failure.
+# Ends 10 steps after the file argv[2] exists, printing its verdict and how far ahead of the
+# host's its monotonic clock was at the end.
+JOB = r"""
+import os, sys, time
+ready, done, out = sys.argv[1:4]
+last = None
+bad = []
+after = -1
+open(ready, "w").close()
+while after != 0:
+    now = (time.monotonic_ns(), time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+    if last is not None:
+        for name, a, b in zip(("monotonic", "boottime"), last, now):
+            if b < a or b - a > 30_000_000_000:
+                bad.append(f"{name} {a} -> {b}")
+    last = now
+    if after < 0 and os.path.exists(done):
+        after = 10
+    after -= after > 0
+    time.sleep(0.02)
+with open(out, "w") as f:
+    f.write("PASS\n" if not bad else "FAIL " + "; ".join(bad[:3]) + "\n")
+    f.write(f"{time.monotonic_ns()}\n")
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def start(tmp_path: Path) -> int:
+    argv = ["unshare", "--time", "--monotonic", str(AHEAD_S), "--boottime", str(AHEAD_S),
+            sys.executable, "-S", "-c", JOB, str(tmp_path / "ready"), str(tmp_path / "done"), str(tmp_path / "out")]
+    proc = start_until_ready(argv, tmp_path / "ready", cwd=tmp_path, start_new_session=True)
+    assert timens.offsets(proc.pid) == (AHEAD_S * 10**9, AHEAD_S * 10**9)
+    return proc.pid
+
+
+def finish(tmp_path: Path, pid: int) -> None:
+    (tmp_path / "done").touch()
+    assert os.WEXITSTATUS(reap(pid, timeout=60)) == 0
+    verdict, mono = (tmp_path / "out").read_text().split("\n")[:2]
+    assert verdict == "PASS"
+    ahead = int(mono) - time.monotonic_ns()
+    assert AHEAD_S - 60 < ahead / 1e9 < AHEAD_S + 1, ahead
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_job_keeps_its_clocks(tmp_path: Path, how: str) -> None:
+    pid = start(tmp_path)
+    if how == "checkpoint":
+        res = kcr("checkpoint", str(pid), "-o", str(tmp_path / "img"))
+        assert res.returncode == 0, res.stderr.decode()
+        reap(pid)
+        time.sleep(1.5)        # time passes while it is an image: its clocks count it, as the real time does
+        res = kcr("restore", str(tmp_path / "img"))
+        assert res.returncode == 0, res.stderr.decode()
+        new = int(res.stdout.split()[-1])
+        assert new == pid
+    else:
+        code, report, err = migrate_cli(f"{pid}@localhost", "localhost")
+        assert code == 0, err
+        reap(pid)
+        new = report["new_pid"]
+    mono, boot = timens.offsets(new)
+    assert abs(mono / 1e9 - AHEAD_S) < 60 and abs(boot / 1e9 - AHEAD_S) < 60, (mono, boot)
+    finish(tmp_path, new)
+
+
+def test_a_job_in_the_hosts_clocks_stays_in_them(tmp_path: Path) -> None:
+    """From a host to itself, a job that reads the host's clocks gets no namespace."""
+    argv = [sys.executable, "-S", "-c", JOB, str(tmp_path / "ready"), str(tmp_path / "done"), str(tmp_path / "out")]
+    proc = start_until_ready(argv, tmp_path / "ready", cwd=tmp_path, start_new_session=True)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    reap(proc.pid)
+    res = kcr("restore", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    new = int(res.stdout.split()[-1])
+    assert os.readlink(f"/proc/{new}/ns/time") == os.readlink("/proc/self/ns/time")
+    (tmp_path / "done").touch()
+    assert os.WEXITSTATUS(reap(new, timeout=60)) == 0
+    assert (tmp_path / "out").read_text().startswith("PASS\n")
+
+
+def test_a_tree_over_two_time_namespaces_is_refused(tmp_path: Path) -> None:
+    script = ("import os, subprocess, sys\n"
+              "subprocess.Popen(['unshare', '--time', '--monotonic', '5', 'sleep', '60'])\n"
+              "open(sys.argv[1], 'w').close()\nos.wait()\n")
+    proc = start_until_ready([sys.executable, "-S", "-c", script, str(tmp_path / "ready")], tmp_path / "ready",
+                             cwd=tmp_path, start_new_session=True)
+    for _ in range(200):           # its child has become sleep, in the other namespace
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        if kids and os.readlink(f"/proc/{kids[0]}/exe").endswith("sleep"):
+            break
+        time.sleep(0.05)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 1
+    assert "is in another time namespace than pid" in res.stderr.decode()
+    assert not (tmp_path / "img").exists()
+    assert STARTED and proc.poll() is None
