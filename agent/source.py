@@ -495,20 +495,26 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
     state: dict[str, Any] = {}
     t_state = t_frozen
+    # The fd tables can be read while the last scans run if those start no tracker: starting
+    # one (a process pre-copy did not track) puts its userfaultfd in the fd table a moment.
+    pending = s.result.pending if s.result is not None else {}
+    fds_ahead = all(p in pending for p in trackers)
     async with service_nursery() as nursery:
         fds_read = trio.Event()
 
         async def collect_fds() -> None:
-            await _blocking(s.holder.call, "collect_fds")     # the fd tables, while the scan runs
+            await _blocking(s.holder.call, "collect_fds")
             fds_read.set()
 
         async def collect_state() -> None:
             nonlocal t_state
-            await fds_read.wait()
+            if fds_ahead:
+                await fds_read.wait()
             state.update(await _blocking(s.holder.call, "collect"))
             t_state = time.perf_counter()
 
-        nursery.start_soon(collect_fds)
+        if fds_ahead:
+            nursery.start_soon(collect_fds)
 
         def scanned() -> None:
             # The rest of the state is read while the last pages go out. Not before the scans:
