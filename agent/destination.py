@@ -2,7 +2,9 @@
 rest, hold it stopped until told to go.
 
 The restorer (``agent.restore``) runs on one tracer thread of this agent and seizes its stub
-with EXITKILL: if this agent dies before GO, the half-built process dies with it. Pages are
+with EXITKILL: if this agent dies before GO, the half-built process dies with it. If it loses
+kcr-migrate instead, the protocol core (``migrate.phases``, ``DESTINATION``) says what its
+state does: destroy the copy before GO, let it run on after. Pages are
 written in worker threads: by UFFDIO_COPY where the process has none yet (``agent.fill``),
 through /proc/PID/mem where a later round rewrites them.
 
@@ -37,6 +39,7 @@ from agent.restore_session import RestoreSession
 from agent.tracer import Tracer
 from agent.unix_names import Bound
 from agent.unix_names import check as check_name
+from migrate.phases import DESTINATION, Action, DestEvent, DestState, Failure, Machine
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
@@ -52,8 +55,7 @@ class DestSession:
     tracer: Tracer = field(default_factory=lambda: Tracer(name="kcr-restorer"))
     restore: RestoreSession = field(default_factory=RestoreSession)
     pages: int = 0
-    ready: bool = False
-    running: bool = False
+    machine: Machine[DestState, DestEvent] = field(default_factory=lambda: Machine(DESTINATION))
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
@@ -62,10 +64,27 @@ class DestSession:
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
+        self.machine.handle(DestEvent.ABORT)
         self.end_deputy()
-        if not self.running:
-            self.tracer.call(self.restore.abort)
+        self.tracer.call(self.restore.abort)
         self.tracer.close()
+
+    def settle(self, failure: Failure) -> None:
+        """Kcr-migrate is gone: what the protocol core says for this state (blocking)."""
+        action = self.machine.action(failure)
+        if action is Action.DESTROY_COPY:
+            self.abort()
+        elif action is Action.RUN_ON:
+            self.let_run()
+
+    def let_run(self) -> None:
+        """The process runs (or is being let run): its deputy lives on with it, never waited
+        for here; the tracer lets it go."""
+        self.tracer.close()
+        if self.deputy is not None:
+            DEPUTIES.append(self.deputy)
+            self.deputy = None
+        self.let_deputy_go()
 
     def end_deputy(self) -> None:
         if self.deputy is not None:
@@ -180,6 +199,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
     s = _session(ctx, create=True)
+    s.machine.handle(DestEvent.CHECK)
     s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity,
                                cgroup=cgroup)
     return {"mem_available": avail, "hostname": _host(), "session": s.token,
@@ -196,6 +216,7 @@ async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[
         if found is None:
             raise ProtocolError("the data channel names no migration in progress here")
         s = found
+    s.machine.handle(DestEvent.RECEIVE)
     with s.inflight.run("dest_receive"):
         return await _receive(ctx, s)
 
@@ -232,9 +253,10 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise ProtocolError("the page stream ended before the process's state arrived")
     if not s.restore.procs:
         raise ProtocolError("the stream ended before the process's state arrived")
+    s.machine.check(DestEvent.RESTORED)
     await s.tracer.acall(s.restore.finish)
     _hand_to_deputy(s)
-    s.ready = True
+    s.machine.handle(DestEvent.RESTORED)
     return {"pid": s.restore.root.pid, "threads": s.restore.threads, "warnings": s.restore.warnings,
             "processes": s.restore.processes(), "left": s.restore.removed}
 
@@ -244,12 +266,13 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
     ``signals``: those sent to the job at the source after its state was read
     (``agent.signals``), delivered once it runs."""
     s = _session(ctx)
-    if not s.ready:
-        raise RestoreError("the process is not ready to run")
+    if not s.machine.allows(DestEvent.GO):
+        raise RestoreError(f"the process is not ready to run (it is {s.machine.state.value})")
     late = signals_mod.check(signals or [])
-    s.running = True
+    s.machine.handle(DestEvent.GO)      # from here a lost link lets it run on
     before = len(s.restore.warnings)
     pid = await s.tracer.acall(s.restore.resume)
+    s.machine.handle(DestEvent.RAN)
     delivered = 0
     for src_pid, src_tid, info in late:
         where = s.restore.where(src_pid, src_tid)
@@ -257,11 +280,7 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
             delivered += signals_mod.deliver(*where, info)
     SESSIONS.pop(id(ctx.rpc), None)
     _forget(s)
-    s.tracer.close()
-    if s.deputy is not None:
-        DEPUTIES.append(s.deputy)      # lives on with the process, never waited for here
-        s.deputy = None
-        s.let_deputy_go()
+    s.let_run()
     return {"pid": pid, "running_ns": s.restore.running_ns, "signals_delivered": delivered,
             "warnings": s.restore.warnings[before:]}
 
@@ -319,7 +338,7 @@ async def dest_deputy(ctx: CallContext, *, key: bytes, address: str, lost: str =
     ``relay`` ([fd, path] pairs): FIFOs the deputy makes and reads, which the process's relayed
     fds (redirected there) write into. Returns its port, pid and log."""
     s = _session(ctx)
-    if s.ready or s.running:
+    if s.machine.state not in (DestState.CHECKED, DestState.RECEIVING):
         raise RestoreError("the deputy is started in preflight, before the process is restored")
     if s.deputy is not None:
         raise ProtocolError("this migration has a deputy already")
@@ -357,21 +376,25 @@ def _hand_to_deputy(s: DestSession) -> None:
 
 
 async def dest_abort(ctx: CallContext) -> dict[str, Any]:
-    s = SESSIONS.pop(id(ctx.rpc), None)
+    """The rollback: the copy is destroyed (refused once it was told to go)."""
+    s = SESSIONS.get(id(ctx.rpc))
     if s is not None:
+        s.machine.check(DestEvent.ABORT)
+        SESSIONS.pop(id(ctx.rpc), None)
         _forget(s)
         await s.inflight.stop()
         await trio.to_thread.run_sync(s.abort)
     return {}
 
 
-def close_sessions(rpc: object) -> None:
-    """The connection ended: a process not yet running is destroyed."""
+def close_sessions(rpc: object, failure: Failure = Failure.PEER_DIED) -> None:
+    """The connection ended (``failure``: closed, or silent past its link timeout): a copy not
+    yet told to go is destroyed, one told to go runs on."""
     s = SESSIONS.pop(id(rpc), None)
     if s is not None:
         _forget(s)
         try:
-            s.abort()
+            s.settle(failure)
         except MigrationError:
             pass
 

@@ -2,9 +2,10 @@
 
 A tracee lives and dies with its tracer, so the tracer of a migrating process must not be
 the agent that talks to the network: if that agent is killed, the holder sees its socket
-close and settles the process by the rule in force — before the point of no return it
-thaws it (the process runs on as if nothing happened); after it, it stops the process with
-SIGSTOP and lets go, so the source never runs beside a destination copy.
+close and settles the process as the protocol core (``migrate.phases``, ``HOLDER``) says for
+its state — before the point of no return it thaws it (the process runs on as if nothing
+happened); after it, it stops the process with SIGSTOP and lets go, so the source never runs
+beside a destination copy. Every answer carries the holder's state, which the agent mirrors.
 
 Requests and answers are length-prefixed msgpack maps on a socketpair; ptrace requests all
 run on the holder's main thread. ``HolderClient`` is the agent's side.
@@ -34,6 +35,7 @@ from agent.inject import Injector, RemoteMemory, vdso_gadget
 from agent.procfs import check_target, process_tree
 from precopy.kernel import pidfd_send_signal
 from agent.tree import check_tree, zombie
+from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
 from transport.errors import (
     MigrationError,
     NoSuchProcess,
@@ -46,8 +48,6 @@ from transport.schema import prepare_codecs
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
-ON_EOF_THAW = "thaw"
-ON_EOF_HOLD = "hold"
 
 
 def send_message(sock: socket.socket, obj: Any) -> None:
@@ -87,7 +87,7 @@ class Holder:
     def __init__(self) -> None:
         self.helds: dict[int, freezer.Held] = {}
         self.root = 0
-        self.on_eof = ON_EOF_THAW
+        self.machine = Machine(HOLDER)
         self.first_interrupt_ns = 0
         self.redirect: dict[int, str] = {}
         self.late = LateSignals()      # the signal queues carried, to find what arrives after
@@ -106,14 +106,16 @@ class Holder:
     def op_seize(self, pid: int, redirect: list[list[Any]] | None = None) -> dict[str, Any]:
         """Hold ``pid`` and its descendants; ``redirect`` ([fd, path] pairs) names the root's
         fds to the outside that become files on the destination."""
+        self.machine.check(HolderEvent.SEIZE)
         self.redirect = {int(fd): str(path) for fd, path in redirect or []}
         self.root = pid
         try:
             for p in check_tree(pid, self.redirect):
                 self._hold(p)
         except BaseException:
-            self.op_release()
+            self._let_all_go()
             raise
+        self.machine.handle(HolderEvent.SEIZE)
         return {"pids": list(self.helds)}
 
     def _hold(self, pid: int) -> None:
@@ -149,6 +151,7 @@ class Holder:
             if not held.frozen:
                 freezer.freeze(held)
             return {}
+        self.machine.check(HolderEvent.FREEZE)
         if not self.frozen:
             self.first_interrupt_ns = time.monotonic_ns()
         self.fds = None
@@ -185,6 +188,7 @@ class Holder:
             freezer.let_go(self.helds.pop(p))
             left.append(p)
         self.helds = {p: self.helds[p] for p in check_tree(self.root, self.redirect, pids)}
+        self.machine.handle(HolderEvent.FREEZE)
         return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined,
                 "left": [p for p in left if p not in joined],
                 "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()]}
@@ -210,6 +214,7 @@ class Holder:
     def _check_frozen(self) -> None:
         if not self.helds or not all(h.frozen for h in self.helds.values()):
             raise ProcessError("the processes must be frozen to collect their state")
+        self.machine.check(HolderEvent.COLLECT)       # reading them ahead is part of collecting
 
     def op_collect(self) -> dict[str, Any]:
         """Everything but memory, of every process of the frozen job (the fd tables as
@@ -230,6 +235,7 @@ class Holder:
             out.append({"pid": p, "process": state.process.to_wire(),
                         "fds": [rec.to_wire() for rec in state.fds.records()],
                         "threads": [t.to_wire() for t in state.threads]})
+        self.machine.handle(HolderEvent.COLLECT)
         return {"processes": out}
 
     def op_inject(self, calls: list[list[Any]], pid: int = 0) -> list[int]:
@@ -256,15 +262,18 @@ class Holder:
         dead holder it stops instead of running beside the destination's copy, recorded for
         ``kcr-migrate resolve``. ``kill`` makes the guard moot, ``hold`` keeps it, ``release``
         and the stand-in's keeper discard it."""
+        self.machine.check(HolderEvent.COMMIT_PENDING)
         signals = self.late_signals()
         if self.late.killed:
             dead = min(self.late.killed)
             raise ProcessExited(f"process {dead} was killed (SIGKILL) while frozen for the move: the move is "
                                 "abandoned, and the rest of the job runs on here", pid=dead)
-        self.on_eof = ON_EOF_HOLD
-        for held in self.helds.values():
-            record_held(held.pid)
-            pidfd_send_signal(held.pidfd, signal.SIGSTOP)
+        entering = HOLDER.transitions[(self.machine.state, HolderEvent.COMMIT_PENDING)]
+        if guarded(entering):         # so that even our own death stops them
+            for held in self.helds.values():
+                record_held(held.pid)
+                pidfd_send_signal(held.pidfd, signal.SIGSTOP)
+        self.machine.handle(HolderEvent.COMMIT_PENDING)
         return {"signals": signals}
 
     def late_signals(self) -> list[list[Any]]:
@@ -275,20 +284,24 @@ class Holder:
         """End every process (children first: a parent killed first could reap nothing),
         having read the signals that arrived since ``commit_pending`` (returned)."""
         self._need()
+        self.machine.check(HolderEvent.KILL)
         signals = self.late_signals()
         for p in reversed(list(self.helds)):
             freezer.kill(self.helds.pop(p))
             forget_held(p)
+        self.machine.handle(HolderEvent.KILL)
         return {"signals": signals}
 
     def op_hold(self) -> dict[str, Any]:
         """Leave the processes stopped (SIGSTOP) and untraced: one command settles each later."""
         self._need()
+        self.machine.check(HolderEvent.HOLD)
         for p in list(self.helds):
             held = self.helds.pop(p)
             os.kill(held.pid, signal.SIGSTOP)
             record_held(held.pid)
             freezer.let_go(held)
+        self.machine.handle(HolderEvent.HOLD)
         return {}
 
     def op_release(self) -> dict[str, Any]:
@@ -297,16 +310,22 @@ class Holder:
         After ``commit_pending`` (its answer was lost: GO was never sent) the guard is discarded
         first: a SIGCONT removes a pending SIGSTOP (the one trace it leaves: a SIGCONT, which a
         job rarely handles)."""
+        self.machine.check(HolderEvent.RELEASE)
         try:
             unix_names.reclaim(fdtable.socket_files(list(self.helds)))
         except (OSError, MigrationError):
             pass              # best effort (a process gone meanwhile): the others go on
-        failed: BaseException | None = None
-        if self.on_eof == ON_EOF_HOLD:
-            self.on_eof = ON_EOF_THAW
+        if guarded(self.machine.state):
             for held in self.helds.values():
                 pidfd_send_signal(held.pidfd, signal.SIGCONT)
                 forget_held(held.pid)
+        self.machine.handle(HolderEvent.RELEASE)
+        self._let_all_go()
+        return {}
+
+    def _let_all_go(self) -> None:
+        """Untrace every held process (as it is: running, or thawed if frozen)."""
+        failed: BaseException | None = None
         for p in list(self.helds):
             try:
                 freezer.let_go(self.helds.pop(p))
@@ -314,7 +333,6 @@ class Holder:
                 failed = failed or exc
         if failed is not None:
             raise failed
-        return {}
 
     def take_for_stand_in(self) -> tuple[freezer.Held, list[freezer.Held]]:
         """The frozen root and the other processes, no longer the holder's to settle: the
@@ -322,6 +340,7 @@ class Holder:
         root = self._need()
         if not root.frozen:
             raise ProcessError("the process must be frozen to become a stand-in")
+        self.machine.handle(HolderEvent.STAND_IN)
         others = [h for p, h in self.helds.items() if p != self.root]
         for p in self.helds:
             forget_held(p)       # the keeper passes the guard over (``agent.signals.is_guard``)
@@ -329,12 +348,12 @@ class Holder:
         return root, others
 
     def settle_on_eof(self) -> None:
+        """The agent is gone (or let us go): do what the protocol core says for this state."""
         if not self.helds:
             return
-        if self.on_eof == ON_EOF_HOLD:
-            self.op_hold()
-        else:
-            self.op_release()
+        event = SETTLE.get(self.machine.action(Failure.PEER_DIED))
+        if event is not None:
+            getattr(self, f"op_{event.value}")()
 
 
 HELD_DIR = "/run/kcr-migrate/held"
@@ -385,7 +404,7 @@ def serve(sock: socket.socket) -> None:
                 if op is None:
                     raise ProtocolError(f"unknown holder operation {req.get('op')!r}")
                 result = op(**req.get("args", {}))
-                reply: dict[str, Any] = {"ok": True, "result": result}
+                reply: dict[str, Any] = {"ok": True, "result": result, "state": holder.machine.state.value}
             except MigrationError as exc:
                 reply = {"ok": False, "error": exc.to_wire()}
             except OSError as exc:
@@ -454,6 +473,7 @@ class HolderClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock = ours
         self._lock = threading.Lock()
+        self.state = HolderState.IDLE       # the holder's, as it last answered
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.holder", "--fd", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
@@ -470,7 +490,13 @@ class HolderClient:
             raise ProcessError("the holder process exited")
         if not reply.get("ok"):
             raise error_from_wire(reply.get("error", {}))
+        if "state" in reply:
+            self.state = HolderState(reply["state"])
         return reply.get("result")
+
+    def action(self, failure: Failure) -> Action:
+        """What the protocol core says to do with the source about ``failure``, in the holder's state."""
+        return HOLDER.action(self.state, failure)
 
     def let_live(self) -> None:
         """The holder became a stand-in's keeper and lives on: close the link, do not wait."""

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import trio
 
+from migrate.phases import Failure
 from precopy.kernel import boot_id, xsave_supported_mask
 from transport.errors import MigrationError, PeerGone, ProtocolError
 from transport.levels import Level, check_level
@@ -246,8 +247,9 @@ _LINKS: dict[int, dict[str, float]] = {}
 @method("keepalive")
 async def keepalive(ctx: CallContext, *, link_timeout: float) -> dict[str, Any]:
     """kcr-migrate is alive. If it then stays silent for ``link_timeout`` seconds (a cut link
-    that never closes), this agent settles what it holds: a half-built process is destroyed, a
-    source process runs on (or, past the point of no return, stays stopped)."""
+    that never closes), this agent settles what it holds as the protocol core says for its
+    state (``migrate.phases``): a copy not told to go is destroyed, a source process runs on
+    (or, past the point of no return, stays stopped)."""
     if not isinstance(link_timeout, (int, float)) or not 0 < link_timeout <= 24 * 3600:
         raise ProtocolError(f"keepalive: a link timeout of {link_timeout!r} s")
     _LINKS[id(ctx.rpc)] = {"timeout": float(link_timeout), "last": time.monotonic()}
@@ -268,7 +270,9 @@ async def _watchdog(rpc: RpcPeer, serving: trio.CancelScope, waiting: Callable[[
 
     Words that arrived but were not read yet (``waiting``: this agent was stopped or starved
     meanwhile) are not silence: they are read first (for up to a second), so a request that
-    reached us, GO among them, is carried out or refused, never dropped unread."""
+    reached us, GO among them, is carried out or refused, never dropped unread.
+
+    Returns once it ended the connection: the sessions then settle as for ``Failure.LINK_LOST``."""
     while not rpc.closed.is_set():
         await trio.sleep(0.25)
         link = _LINKS.get(id(rpc))
@@ -279,15 +283,18 @@ async def _watchdog(rpc: RpcPeer, serving: trio.CancelScope, waiting: Callable[[
             print(f"kcr-agent: no word from kcr-migrate for {link['timeout']:g} s: settling and exiting",
                   file=sys.stderr)
             rpc.abandon(PeerGone(f"kcr-migrate was silent for {link['timeout']:g} s"))
+            link["lost"] = True
             serving.cancel()
             return
 
 
 def _settle(rpc: object) -> None:
-    """The connection is over: settle whatever it left (blocking)."""
-    _LINKS.pop(id(rpc), None)
-    destination.close_sessions(rpc)
-    source.close_sessions(rpc)
+    """The connection is over: settle whatever it left (blocking), each role by the protocol
+    core's rule for its state and for how the connection ended (silent, or closed)."""
+    link = _LINKS.pop(id(rpc), None)
+    failure = Failure.LINK_LOST if link and link.get("lost") else Failure.PEER_DIED
+    destination.close_sessions(rpc, failure)
+    source.close_sessions(rpc, failure)
 
 
 def _input_waiting(stream: trio.abc.Stream) -> Callable[[], bool]:

@@ -1,7 +1,9 @@
 """The source role of the agent: hold the process, pre-copy its memory, freeze it, send the rest.
 
 The process is traced by a holder (``agent.holder``), a process of its own: if this agent
-dies, the holder thaws the process (before the point of no return) or stops it (after). Dirty
+dies, the holder thaws the process (before the point of no return) or stops it (after). If
+this agent loses kcr-migrate instead, it does the same, by the same rule: the protocol core's
+(``migrate.phases``) for the holder's state, which every holder answer carries. Dirty
 tracking and page reads happen here, off the event loop; everything this side sends to the
 destination goes out as one ordered stream (the reply stream of ``source_precopy`` and
 ``source_freeze``): the image header, layouts and their pages, then the process's state.
@@ -35,6 +37,7 @@ from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
 from agent.tree import tree_record
+from migrate.phases import SETTLE, Failure
 from precopy.rounds import GroupResult, StreamCursor, final_group, precopy_group
 from precopy.tracker import DirtyTracker, make_tracker
 from transport._nursery import service_nursery
@@ -256,7 +259,6 @@ class SourceSession:
     told: list[tuple[int, int]] = field(default_factory=list)   # the tree as the destination knows it
     frozen: bool = False          # the migration holds the job frozen (the final round)
     header_sent: bool = False
-    settled: bool = False
     bandwidth_limit: float | None = None
     level: Level = "auto"
     data_sink: DataChannelSink | None = None
@@ -316,17 +318,21 @@ class SourceSession:
         self.cursor.reset()
         self.told = now
 
-    def close(self, how: str = "release") -> None:
-        """Settle the processes (``release``: let them run; ``hold``: stop them) and end tracking."""
+    def close(self, how: str | None = None, failure: Failure = Failure.PEER_DIED) -> None:
+        """Settle the processes and end tracking: ``how`` is the holder's ``release`` (let them
+        run) or ``hold`` (stop them); by default, what the protocol core says about ``failure``
+        in the holder's state (nothing once they are settled)."""
         for p in list(self.trackers):
             self._untrack(p)
-        if not self.settled:
-            self.settled = True
+        event = SETTLE.get(self.holder.action(failure))
+        how = how or (event.value if event is not None else None)
+        if how is not None:
             try:
                 self.holder.call(how)
             except MigrationError:
                 pass
         self.holder.close()
+
 
 
 SESSIONS: dict[int, SourceSession] = {}
@@ -568,7 +574,6 @@ async def source_kill(ctx: CallContext) -> dict[str, Any]:
         raise ProcessError("no source process is open on this connection")
     await s.inflight.stop()
     got = await _blocking(s.holder.call, "kill")
-    s.settled = True
     await _blocking(s.close)
     return {"signals": got.get("signals", [])}
 
@@ -585,7 +590,6 @@ async def source_stand_in(ctx: CallContext, *, to: dict[str, Any]) -> dict[str, 
     await s.inflight.stop()
     for p in list(s.trackers):
         s._untrack(p)
-    s.settled = True
     try:
         result: dict[str, Any] = await _blocking(s.holder.call, "stand_in", to=to)
     except MigrationError:
@@ -636,13 +640,13 @@ async def resolve(ctx: CallContext, *, pid: int, action: str) -> dict[str, Any]:
     return {"pid": pid, "action": action}
 
 
-def close_sessions(rpc: object) -> None:
-    """The connection ended: settle whatever it left open (the holder applies its rule)."""
+def close_sessions(rpc: object, failure: Failure = Failure.PEER_DIED) -> None:
+    """The connection ended (``failure``: closed, or silent past its link timeout): settle the
+    process it left as the protocol core says for the holder's state: it runs on, or after
+    commit_pending stays stopped."""
     s = SESSIONS.pop(id(rpc), None)
     if s is not None:
-        for p in list(s.trackers):
-            s._untrack(p)
-        s.holder.close()      # the holder thaws, or stops the processes after commit_pending
+        s.close(failure=failure)
 
 
 METHODS = {

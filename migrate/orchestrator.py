@@ -5,15 +5,18 @@
     PRECOPY    source_precopy's stream relayed into dest_receive while the process runs
     FREEZE     source_freeze: every thread stopped, the last delta and the state relayed
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
-    --------   the point of no return: source_commit_pending, then dest_go
-    GO         dest_go: the process runs on the destination (RUNNING)
+    COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source
+    --------   the point of no return: dest_go
+    GO_SENT    dest_go: the process runs on the destination (RUNNING)
     COMMIT     source_kill, or with --stand-in source_stand_in (the deputy, dest_deputy, was
                started in preflight and given the process by dest_restore)
     ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
 
-After GO, a lost answer never resumes the source: it is left stopped and the report says how
-to settle it (``kcr-migrate resolve``). Agents that stop hearing from us settle on their own
-(``keepalive``). The ``Migration`` owns its nursery; cleanup runs shielded with deadlines.
+What a failure does in each phase is the protocol core's (``migrate.phases``): before GO is
+sent, roll back; once it is, a lost answer never resumes the source: it is left stopped and
+the report says how to settle it (``kcr-migrate resolve``); once the copy runs, a warning.
+Agents that stop hearing from us settle on their own (``keepalive``). The ``Migration`` owns
+its nursery; cleanup runs shielded with deadlines.
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ from migrate.api import (
     WarningRaised,
 )
 from migrate.fshooks import HookContext, parse_hook
+from migrate.phases import Action, Failure, Phase, PhaseMachine
 from migrate.phases import Event as PhaseEvent
-from migrate.phases import Phase, PhaseMachine
 from transport._nursery import leaves, service_nursery
 from transport.errors import (
     Cancelled,
@@ -362,15 +365,16 @@ class Migration:
             committed = await src.call("source_commit_pending")
             late = list(committed.get("signals", []))
         except BaseException as exc:
-            await self._rollback(src, dst, exc)
+            await self._failed(src, dst, exc)
             raise
         # ---- the point of no return: from here the source is never resumed by us alone ----
         with trio.CancelScope(shield=True):
+            self._advance(PhaseEvent.COMMITTED)
             try:
                 with trio.fail_after(max(o.link_timeout_s, 5.0)):
                     go = await dst.call("dest_go", signals=late)
             except (MigrationError, trio.TooSlowError) as exc:
-                await self._unsettled(src, exc)
+                await self._failed(src, dst, exc)
                 raise AssertionError("unreachable") from None
             r.new_pid = int(go["pid"])
             for w in go.get("warnings", []):
@@ -428,7 +432,7 @@ class Migration:
             self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but ending the source "
                        f"failed ({exc}); it is stopped: end it with `kcr-migrate resolve "
                        f"{self.pid}@{self.source} --kill`")
-            self._advance(PhaseEvent.FAILED)
+            await self._failed(src, dst, exc)
         else:
             self._advance(PhaseEvent.SOURCE_KILLED)
             await self._forward_late(dst, list(got.get("signals", [])))
@@ -443,7 +447,7 @@ class Migration:
         except (MigrationError, trio.TooSlowError) as exc:
             self._warn(f"the process runs on {self.dest} as pid {r.new_pid}, but no stand-in was left on "
                        f"{self.source}: {exc}")
-            self._advance(PhaseEvent.FAILED)
+            await self._failed(src, dst, exc)
             return
         r.stand_in.update({"pid": int(got["pid"]), "keeper_pid": int(got["keeper_pid"]),
                            "vm_rss_kb": int(got["vm_rss_kb"]), "keeper_log": str(got["log"])})
@@ -619,14 +623,31 @@ class Migration:
             with trio.move_on_after(0.5):
                 await memory_done.wait()
 
-    async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException) -> None:
+    async def _failed(self, src: RpcPeer, dst: RpcPeer, exc: BaseException) -> None:
+        """Carry out what the protocol core says the current phase does about this failure:
+        roll back, keep the source stopped (unsettled: raises), or run on (a warning, said by
+        the caller)."""
+        if isinstance(exc, (trio.Cancelled, KeyboardInterrupt, Cancelled)):
+            failure = Failure.CANCELLED
+        elif isinstance(exc, (PeerGone, ChannelClosed)):
+            failure = Failure.PEER_DIED
+        elif isinstance(exc, (TransportTimeout, trio.TooSlowError)):
+            failure = Failure.LINK_LOST
+        else:
+            failure = Failure.LOCAL_ERROR
+        failed_in = self.machine.phase
+        action = self.machine.action(failure)
+        event = self.machine.failure_event(failure)
+        if event is not None:
+            self._advance(event)
+        if action is Action.ROLL_BACK:
+            # asked to commit, its answer lost: GO was never sent, but the source may be stopped
+            await self._rollback(src, dst, exc, asked_commit=failed_in is Phase.COMMIT_ASKED)
+        elif action is Action.KEEP_STOPPED:
+            await self._unsettled(src, exc)
+
+    async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException, *, asked_commit: bool) -> None:
         """Before GO: destroy the destination's copy, let the source run on."""
-        cancelled = isinstance(exc, (trio.Cancelled, KeyboardInterrupt, Cancelled))
-        asked_commit = self.machine.phase is Phase.GO      # source_commit_pending was sent, its answer lost
-        if self.machine.phase in (Phase.PREFLIGHT, Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.GO):
-            if self.machine.phase is Phase.GO:
-                self.machine.phase = Phase.RESTORE    # commit_pending failed: GO was never sent
-            self._advance(PhaseEvent.CANCELLED if cancelled else PhaseEvent.FAILED)
         unreached = []
         with trio.CancelScope(shield=True):
             for hook in getattr(self, "hooks", []):
@@ -660,7 +681,6 @@ class Migration:
 
     async def _unsettled(self, src: RpcPeer, exc: BaseException) -> None:
         """GO was sent but not confirmed: keep the source stopped; say how to settle it."""
-        self._advance(PhaseEvent.FAILED)
         held = True
         try:
             with trio.fail_after(CLEANUP_DEADLINE):

@@ -15,7 +15,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from precopy import sysv
 from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
@@ -116,16 +116,41 @@ def parse_maps(text: str) -> list[MapEntry]:
     return out
 
 
+MAPS_READS = 20
+
+
 def read_maps(pid: int, cache: "MapsCache | None" = None) -> list[MapEntry]:
     """/proc/PID/maps as entries. ``cache``: reads of one process again and again (a
     tracker's rounds): a line the last read with this cache had is the very ``MapEntry`` it
     was then, not parsed again, so a read costs the lines that changed, and ``diff_layout``
-    skips the entries both reads share."""
-    with open(f"/proc/{pid}/maps") as f:
-        text = f.read()
-    if cache is None:
-        return parse_maps(text)
-    return cache.parse(text)
+    skips the entries both reads share.
+
+    The kernel lists a running process's mappings a page of text at a time, and the process
+    may change them in between: a mapping can then show twice, before and after an mprotect
+    (overlapping lines). Such a listing is read again (a stopped process's never needs it);
+    one still out of order after ``MAPS_READS`` tries is returned as it is, which the layout's
+    users survive (``precopy.layout_delta`` sends again whatever a stale line overlapped)."""
+    entries: list[MapEntry] = []
+    for _ in range(MAPS_READS):
+        with open(f"/proc/{pid}/maps") as f:
+            text = f.read()
+        if cache is None:
+            entries = parse_maps(text)
+            lo, hi = 0, len(entries)
+        else:
+            entries = cache.parse(text)
+            lo, hi = cache.changed
+        if in_order(entries, lo, hi):
+            return entries
+        if cache is not None:
+            cache.forget()          # the next read is checked whole
+    return entries
+
+
+def in_order(entries: Sequence[MapEntry], lo: int = 0, hi: int | None = None) -> bool:
+    """Whether ``entries[lo:hi]`` and their neighbours follow each other without overlap."""
+    hi = len(entries) if hi is None else hi
+    return all(entries[i - 1].end <= entries[i].start for i in range(max(lo, 1), min(hi + 1, len(entries))))
 
 
 class MapsCache:
@@ -140,14 +165,22 @@ class MapsCache:
         self.entries: list[MapEntry] = []
         self._tracked: list[bool] = []          # ``trackable`` of each entry
         self._by_line: dict[str, MapEntry] = {}
+        self.changed = (0, 0)        # the entries the last parse made: [lo, hi) of ``entries``
+
+    def forget(self) -> None:
+        """Parse the next read whole (the last one was not a consistent listing)."""
+        self._text = ""
+        self._lines = []
 
     def parse(self, text: str) -> list[MapEntry]:
         if text == self._text and self._lines:
+            self.changed = (0, 0)
             return self.entries
         self._text = text
         lines = text.splitlines()
         old = self._lines
         if lines == old:
+            self.changed = (0, 0)
             return self.entries
         n, m = len(lines), len(old)
         shortest = min(n, m)
@@ -165,16 +198,21 @@ class MapsCache:
                     return self._parse_all(lines)
                 entry = found[0]
             parsed.append(entry)
-        for line in old[head: m - tail]:
-            self._by_line.pop(line, None)
-        self._by_line.update(zip(middle, parsed))
+        if old:
+            for line in old[head: m - tail]:
+                self._by_line.pop(line, None)
+            self._by_line.update(zip(middle, parsed))
+        else:                       # parsed whole (first, or after ``forget``): only these lines
+            self._by_line = dict(zip(middle, parsed))
         self.entries = self.entries[:head] + parsed + self.entries[m - tail:]
+        self.changed = (head, head + len(parsed))
         self._tracked = self._tracked[:head] + [trackable(e) for e in parsed] + self._tracked[m - tail:]
         self._lines = lines
         return self.entries
 
     def _parse_all(self, lines: list[str]) -> list[MapEntry]:
         self.entries = parse_maps("\n".join(lines))
+        self.changed = (0, len(self.entries))
         self._tracked = [trackable(e) for e in self.entries]
         self._by_line = {}
         self._lines = []          # the next read parses again

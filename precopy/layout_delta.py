@@ -98,8 +98,18 @@ class SentLayout:
         self._vmas.update(found)
         if unsure:
             came = sorted([*came, *unsure], key=lambda e: e.start)
-        self.entries = entries
         cleared = merge_spans([(e.start, e.end) for e in gone] + [(e.start, e.end) for e in came])
+        # A line of a listing taken while the process changed its mappings can be stale (the
+        # same mapping before and after an mprotect): gone now, it overlaps a mapping that did
+        # not change, which the cleared range would take from the destination. Sent again.
+        came_ids = {id(e) for e in came}
+        again = [e for e in _overlapping_any(entries, cleared) if id(e) not in came_ids]
+        if again:
+            for e in again:
+                found[id(e)] = self._vmas[id(e)]
+            came = sorted([*came, *again], key=lambda e: e.start)
+            cleared = merge_spans([*cleared, *((e.start, e.end) for e in again)])
+        self.entries = entries
         return MappingsDelta(tuple(AddressRange(s, e) for s, e in cleared), tuple(found[id(n)] for n in came))
 
     def _inherited(self, n: MapEntry, donors: list[MapEntry], came: list[MapEntry],
@@ -126,6 +136,19 @@ class SentLayout:
 
 def _line_key(e: MapEntry) -> tuple[int, int]:
     return e.start, e.end
+
+
+def _overlapping_any(entries: Sequence[MapEntry], spans: list[Span]) -> list[MapEntry]:
+    """The entries (sorted by start) that overlap any of ``spans`` (sorted, disjoint)."""
+    out: list[MapEntry] = []
+    for s, e in spans:
+        # a mapping that starts before s may reach into it: look from the one before
+        i = max(bisect.bisect_right(entries, s, key=operator.attrgetter("start")) - 1, 0)
+        while i < len(entries) and entries[i].start < e:
+            if entries[i].end > s and (not out or out[-1] is not entries[i]):
+                out.append(entries[i])
+            i += 1
+    return out
 
 
 def _overlapping(entries: list[MapEntry], starts: list[int], start: int, end: int) -> list[MapEntry]:
