@@ -106,13 +106,15 @@ def place(pid: int, lines: tuple[str, ...], host: str, chosen: str | None = None
     if not lines:
         return []
     here = dict(parse(line) for line in read(pid))
-    where = mounts()
+    where: dict[str, tuple[str, str]] | None = None      # read only if it moves (the mount table is long)
     warnings = []
     for line in lines:
         controllers, path = parse(line)
         name = controllers or "unified (v2)"
         if here.get(controllers) == path:
             continue                      # there already (the restorer's own)
+        if where is None:
+            where = mounts()
         instead = f"it runs in {here.get(controllers, 'the restorer’s')} instead"
         folder = _folder(controllers, path, where)
         if folder is None:

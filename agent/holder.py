@@ -157,6 +157,7 @@ class Holder:
         self.machine.check(HolderEvent.FREEZE)
         if not self.frozen:
             self.first_interrupt_ns = time.monotonic_ns()
+        self.fds = None
         joined: list[int] = []
         left: list[int] = []
         while True:

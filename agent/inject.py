@@ -206,11 +206,12 @@ class Injector:
             # Otherwise a group stop or interrupt: step again.
         return to_signed(ptrace.get_regs(self.tid).rax)
 
-    def batch(self, code: int, table: int, mem: RemoteMemory, calls: list[tuple[str, tuple[int, ...]]]
-              ) -> tuple[int, int]:
+    def batch(self, code: int, table: int, mem: RemoteMemory, calls: list[tuple[str, tuple[int, ...]]],
+              results: list[int] | None = None) -> tuple[int, int]:
         """Run ``calls`` in one go through ``BATCH_CODE`` (copied to ``code``), their table
         written at ``table``: one stop for all of them instead of one each. Returns (how many
-        succeeded, the result of the one that failed, or 0)."""
+        succeeded, the result of the one that failed, or 0); ``results``, if given, gets the
+        result of each call that succeeded appended (one read of the table)."""
         if not calls:
             return 0, 0
         entries = b"".join(struct.pack("<8Q", NR[name], *[a & U64 for a in args], *[0] * (6 - len(args)), 0)
@@ -234,6 +235,9 @@ class Injector:
             # A group stop or an interrupt: go on.
         now = ptrace.get_regs(self.tid)
         done = len(calls) - now.r12
+        if results is not None and done:
+            raw = mem.read(table, done * BATCH_ENTRY)
+            results += [to_signed(r) for r in struct.unpack_from(f"<{done * 8}Q", raw)[7::8]]
         if done == len(calls):
             return done, 0
         return done, to_signed(struct.unpack("<Q", mem.read(now.rbx + 56, 8))[0])

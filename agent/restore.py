@@ -120,6 +120,7 @@ U64 = (1 << 64) - 1
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
+F_SETFD = 2
 RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
 WALL, WNOHANG = 0x40000000, 1
@@ -142,6 +143,7 @@ F_SETOWN_EX, F_OWNER_TID, F_OWNER_PID = 15, 0, 1
 EPOLLONESHOT = 1 << 30
 EP_PRIVATE_BITS = 0xF << 28         # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET
 EPOLL_ANY = 0x2007                  # EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP
+EPOLL_EVENT = struct.Struct("<IQ")  # struct epoll_event, packed on x86-64
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
@@ -203,6 +205,11 @@ class RestoreReport:
     pages_written: int = 0
     pages_filled: int = 0          # of them, put in place by UFFDIO_COPY (agent.fill)
     syscalls: int = 0
+
+
+def _fired(w: EpollWatch) -> bool:
+    """A one-shot epoll watch that has fired (disabled, waiting to be re-armed)."""
+    return bool(w.events & EPOLLONESHOT) and not w.events & ~EP_PRIVATE_BITS
 
 
 def _extra_flags(v: Vma) -> int:
@@ -1042,8 +1049,9 @@ class Restorer:
 
     def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
         """Each open file description, made by the restorer (``agent.descriptions``), taken
-        with pidfd_getfd to a spare fd above the process's highest and dup'd to every fd that
-        shares it."""
+        with pidfd_getfd and dup'd to every fd that shares it: all of them in one batch of
+        injected calls (``_fds_at_once``), or one by one (``_fds_one_by_one``) where that
+        batch did not come out as foreseen. Then the epoll instances' watches."""
         if not files.fds:
             return
         spare = max(f.fd for f in files.fds) + 1
@@ -1051,10 +1059,80 @@ class Restorer:
         groups: dict[tuple[str, int], list[FileDesc]] = {}
         for f in sorted(files.fds, key=lambda f: f.fd):
             groups.setdefault(("desc", f.desc) if f.desc else ("fd", f.fd), []).append(f)
+        takes = [(descriptions.fd_for(image_pid, members[0]), members) for members in groups.values()]
+        if not self._fds_at_once(takes, spare):
+            self._fds_one_by_one(takes, spare)
+        self._watches([(members[0].fd, descriptions.take_watches(members[0])) for members in groups.values()])
+
+    def _fds_at_once(self, takes: list[tuple[int, list[FileDesc]]], spare: int) -> bool:
+        """Every fd in one batch (in chunks of ``BATCH_MAX``): the kernel gives each new fd the
+        lowest number free, and the process is stopped with an fd table read here, so each
+        number is foreseen: a pidfd of ours moved to ``spare``; then, per description in the
+        order of its lowest fd, pidfd_getfd, which lands on that fd or on a hole below it (a
+        temporary, dup3'd to each fd and closed). Every result is checked against what was
+        foreseen; False (nothing left of the batch) if any differs or failed, for the careful
+        path to do it all again."""
+        assert self.inj is not None and self.mem is not None
+        before = self._open_fds()
+        taken = set(before)
+
+        def lowest(start: int = 0) -> int:
+            fd = start
+            while fd in taken:
+                fd += 1
+            taken.add(fd)
+            return fd
+
+        calls: list[tuple[str, tuple[int, ...]]] = []
+        expect: list[int] = []
+
+        def call(name: str, args: tuple[int, ...], result: int) -> None:
+            calls.append((name, args))
+            expect.append(result)
+
+        first = lowest()
+        call("pidfd_open", (os.getpid(), 0), first)
+        pidfd = lowest(spare)
+        call("fcntl", (first, F_DUPFD_CLOEXEC, spare), pidfd)
+        call("close", (first,), 0)
+        taken.discard(first)
+        for ours, members in takes:
+            fd = lowest()      # the description's lowest fd, or a hole below it
+            call("pidfd_getfd", (pidfd, ours, 0), fd)        # always close-on-exec
+            for f in members:
+                if f.fd != fd:
+                    call("dup3", (fd, f.fd, f.flags & O_CLOEXEC), f.fd)
+                    taken.add(f.fd)
+                elif not f.flags & O_CLOEXEC:
+                    call("fcntl", (fd, F_SETFD, 0), 0)
+            if all(f.fd != fd for f in members):
+                call("close", (fd,), 0)
+                taken.discard(fd)
+        call("close", (pidfd,), 0)
+        got: list[int] = []
+        for i in range(0, len(calls), BATCH_MAX):
+            chunk = calls[i: i + BATCH_MAX]
+            done, _ = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem,
+                                     chunk, got)
+            self.report.syscalls += min(done + 1, len(chunk))
+            if done < len(chunk) or got[i:] != expect[i: i + BATCH_MAX]:
+                break
+        if got == expect:
+            return True
+        # Not as foreseen: whatever the batch made goes, and the careful path does it all.
+        for fd in sorted(self._open_fds() - before):
+            self._call("close", fd)
+        return False
+
+    def _open_fds(self) -> set[int]:
+        return {int(n) for n in os.listdir(f"/proc/{self.pid}/fd")}
+
+    def _fds_one_by_one(self, takes: list[tuple[int, list[FileDesc]]], spare: int) -> None:
+        """The careful path: each description taken to a spare fd above the process's highest
+        and dup3'd to each of its fds, one injected call at a time."""
         pidfd = self._above(self._call("pidfd_open", os.getpid(), 0), spare)   # clear of the dup3s
         try:
-            for members in groups.values():
-                ours = descriptions.fd_for(image_pid, members[0])
+            for ours, members in takes:
                 fd = self._call("pidfd_getfd", pidfd, ours, 0)
                 if fd < spare:
                     fd = self._above(fd, spare)
@@ -1065,8 +1143,35 @@ class Restorer:
                     self._call("close", fd)
         finally:
             self._call("close", pidfd)
-        for members in groups.values():
-            self._watch(members[0].fd, descriptions.take_watches(members[0]))
+
+    def _watches(self, instances: list[tuple[int, tuple[EpollWatch, ...]]]) -> None:
+        """Register each epoll instance's watches (``_watch``), the plain ones of all of them
+        in batches of injected calls, in order."""
+        plain: list[tuple[int, EpollWatch]] = []
+        for ep, watches in instances:
+            if any(_fired(w) for w in watches):
+                self._epoll_ctls(plain)           # what came before goes in before, as it did
+                plain = []
+                self._watch(ep, watches)
+            else:
+                plain += [(ep, w) for w in watches]
+        self._epoll_ctls(plain)
+
+    def _epoll_ctls(self, watches: list[tuple[int, EpollWatch]]) -> None:
+        """EPOLL_CTL_ADD each (epoll fd, watch), their events in the scratch pages, in batches."""
+        assert self.inj is not None and self.mem is not None
+        room = min(BATCH_MAX, 3 * PAGE_SIZE // EPOLL_EVENT.size)
+        for i in range(0, len(watches), room):
+            chunk = watches[i: i + room]
+            self._put(b"".join(EPOLL_EVENT.pack(w.events, w.data) for _, w in chunk))
+            calls: list[tuple[str, tuple[int, ...]]] = [("epoll_ctl", (ep, EPOLL_CTL_ADD, w.fd, self._scratch(k * EPOLL_EVENT.size)))
+                     for k, (ep, w) in enumerate(chunk)]
+            done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
+            self.report.syscalls += min(done + 1, len(calls))
+            if done < len(calls):
+                ep, w = chunk[done]
+                raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {ep} again: "
+                                   f"{os.strerror(-err)}")
 
     def _watch(self, ep: int, watches: tuple[EpollWatch, ...]) -> None:
         """Register ``watches`` with the epoll instance at ``ep``, in the process (whose fd numbers
@@ -1075,7 +1180,7 @@ class Restorer:
         watches go in first, for any readiness, and fire once here, before the other watches
         are in, so their edges stay unreported. One whose file is not ready now cannot fire:
         it is armed for errors and hangups only, and the report says so."""
-        fired = [w for w in watches if w.events & EPOLLONESHOT and not w.events & ~EP_PRIVATE_BITS]
+        fired = [w for w in watches if _fired(w)]
         for w in fired:
             self._epoll_ctl(ep, EPOLL_CTL_ADD, w, w.events | EPOLL_ANY)
         if fired:
@@ -1094,7 +1199,7 @@ class Restorer:
 
     def _epoll_ctl(self, ep: int, op: int, w: EpollWatch, events: int) -> None:
         try:
-            self._call("epoll_ctl", ep, op, w.fd, self._put(struct.pack("<IQ", events, w.data)))
+            self._call("epoll_ctl", ep, op, w.fd, self._put(EPOLL_EVENT.pack(events, w.data)))
         except InjectionError as exc:
             raise RestoreError(f"cannot watch fd {w.fd} with the epoll instance at fd {ep} again: "
                                f"{exc.strerror}") from None

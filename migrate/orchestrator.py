@@ -342,12 +342,18 @@ class Migration:
                 # source sends straight to the destination and nothing passes here.
                 upload = None if self.data_to else await stack.enter_async_context(
                     dst.open_call("dest_receive", upload=True))
-                freeze = await self._copy(src, dst, upload)
+                restored: dict[str, Any] = {}
+                async with service_nursery() as restoring:
+                    early = (restoring, restored) if o.precopy and not self.hooks else None
+                    freeze = await self._copy(src, dst, upload, early)
+                if isinstance(restored.get("error"), MigrationError):
+                    raise restored["error"]
                 for hook, stats in zip(self.hooks, r.fs):
                     stats["final"] = await hook.final_pass(self.hook_ctx)   # the process is frozen
                 for hook in self.hooks:
                     await hook.before_resume(self.hook_ctx)
-                restored = await dst.call("dest_restore")
+                if early is None:
+                    restored = await dst.call("dest_restore")
                 if upload is not None:
                     await upload.result()     # done: dest_restore waited for it
             r.processes = list(restored.get("processes", []))
@@ -519,11 +525,16 @@ class Migration:
         self._emit(DataChannelChosen("tcp", r.data_channel_note))
         return to
 
-    async def _copy(self, src: RpcPeer, dst: RpcPeer, upload: Call | None) -> dict[str, Any]:
+    async def _copy(self, src: RpcPeer, dst: RpcPeer, upload: Call | None,
+                    restore: tuple[trio.Nursery, dict[str, Any]] | None = None) -> dict[str, Any]:
         """PRECOPY and FREEZE/FINAL: relay the source's stream into the destination's ``upload``
         (ssh, local; None when the source sends over the tcp data channel). The upload is ended
         here; the destination's answer to it is awaited after ``dest_restore``, which waits for it
-        there: one round trip less inside the downtime."""
+        there: one round trip less inside the downtime. ``restore`` (a nursery, a dict for its
+        answer): ask ``dest_restore`` as the freeze starts, in that nursery, so that the
+        destination restores as soon as the stream has ended there, not once the source's
+        answer has come through us (with pre-copy, so the freeze is short; and no filesystem hook
+        has to run in between)."""
         o = self.options
         r = self.report
 
@@ -556,6 +567,17 @@ class Migration:
         else:
             r.stop_reason = "stop-and-copy"
         self._advance(PhaseEvent.PRECOPY_DONE)
+        if restore is not None:
+            nursery, restored = restore
+
+            async def dest_restore() -> None:
+                try:
+                    restored.update(await dst.call("dest_restore"))
+                except MigrationError as exc:
+                    # Raised once the freeze has answered: a stream that broke fails both,
+                    # and the source's error says why.
+                    restored["error"] = exc
+            nursery.start_soon(dest_restore)
         async with src.open_call("source_freeze", to=to) as call:
             self._advance(PhaseEvent.FROZEN)
             await self._relay(call, upload)

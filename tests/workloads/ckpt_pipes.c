@@ -1,9 +1,12 @@
 /* The fd table as a whole: a self-pipe with bytes in flight (as xz and event loops keep one),
  * a pipe whose writer has gone (bytes, then end of file), a pipe with only its write end left
  * (EPIPE), a resized pipe, status flags per description (O_NONBLOCK on one end only),
- * close-on-exec per fd, and fds sharing one open file description (dup: one offset). */
+ * close-on-exec per fd, and fds sharing one open file description (dup: one offset); an fd
+ * table with holes (stdin closed: the lowest free fd is 0) and fds past 1024, one of them
+ * sharing a description with low fds. */
 #include "ckpt_common.h"
 #include <signal.h>
+#include <sys/resource.h>
 
 static const char inflight[] = "bytes in flight across the freeze";
 
@@ -29,6 +32,20 @@ int main(int argc, char **argv) {
     int twin = dup(log);
     int third = fcntl(log, F_DUPFD_CLOEXEC, 40);
     if (write(log, "one\n", 4) != 4) return 3;
+    /* Past 1024 (the soft limit raised where it is that low): the log's description at 1500
+     * and at 1600-2699, more fds than restore takes in one batch of injected calls. */
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) || nofile.rlim_max < 4096) return 3;
+    if (nofile.rlim_cur < 4096) {
+        nofile.rlim_cur = 4096;
+        if (setrlimit(RLIMIT_NOFILE, &nofile)) return 3;
+    }
+    int high = fcntl(twin, F_DUPFD, 1500);
+    int higher = fcntl(self[0], F_DUPFD_CLOEXEC, 1100);
+    if (high != 1500 || higher != 1100) return 3;
+    for (int fd = 1600; fd < 2700; fd++)
+        if (dup2(log, fd) != fd) return 3;
+    close(0);
 
     ready();
     linger(50);
@@ -59,6 +76,11 @@ int main(int argc, char **argv) {
     if (write(twin, "two\n", 4) != 4 || write(third, "three\n", 6) != 6 || write(log, "four\n", 5) != 5)
         strcat(why, "shared writes; ");
     if (lseek(twin, 0, SEEK_CUR) != 19) strcat(why, "shared offset; ");
+    if (lseek(high, 0, SEEK_CUR) != 19 || (fcntl(high, F_GETFD) & FD_CLOEXEC)) strcat(why, "fd past 1024; ");
+    if (!(fcntl(higher, F_GETFD) & FD_CLOEXEC) || !(fcntl(higher, F_GETFL) & O_NONBLOCK)) strcat(why, "fd 1100; ");
+    if (fcntl(0, F_GETFD) != -1 || fcntl(1499, F_GETFD) != -1) strcat(why, "fd table holes; ");
+    for (int fd = 1600; fd < 2700; fd++)
+        if (lseek(fd, 0, SEEK_CUR) != 19 || (fcntl(fd, F_GETFD) & FD_CLOEXEC)) { strcat(why, "fds 1600-2699; "); break; }
     char text[64] = "";
     int rd = open("shared.log", O_RDONLY);
     ssize_t n = read(rd, text, sizeof text - 1);
