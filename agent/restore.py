@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
+from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -529,8 +530,15 @@ class Restorer:
         return addr
 
     def _open(self, path: str, flags: int, mode: int = 0) -> int:
-        addr = self._put(os.fsencode(path) + b"\0")
-        return self._call("openat", AT_FDCWD, addr, flags, mode)
+        """Open a path the image names, in the stub: no symbolic link in it is followed
+        (openat2 RESOLVE_NO_SYMLINKS). Still with the stub's rights: ``_check_access`` makes
+        sure the process itself may open what it was given, before it runs."""
+        name = os.fsencode(path) + b"\0"
+        if len(name) > PAGE_SIZE:
+            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
+        addr = self._put(name, PAGE_SIZE)          # clear of what the callers put below
+        how = self._put(struct.pack("<QQQ", flags, mode, RESOLVE_NO_SYMLINKS), 2 * PAGE_SIZE)
+        return self._call("openat2", AT_FDCWD, addr, how, 24)
 
     def apply_layout(self, target: Mappings | MappingsDelta) -> None:
         """Make the address space match ``target`` (first call: from empty). A later layout
@@ -893,10 +901,11 @@ class Restorer:
             self._finish(proc, fds.files, threads, descriptions)
             return
         fds.check_referenced()
-        own = Descriptions(made=self.shared.made_files if self.shared is not None else None)
+        identity = Identity.of(proc.creds)
+        own = Descriptions(made=self.shared.made_files if self.shared is not None else None, identity=identity)
         try:
             if self.shared is not None:
-                self.shared.add_files(fds.contents)
+                self.shared.add_files(fds.contents, identity)
             own.add(fds)
             self._finish(proc, fds.files, threads, own)
             own.seal()
@@ -914,11 +923,14 @@ class Restorer:
             self._map_deferred()
             self._map_carried_files(descriptions)
             self._carried = None
+            check_grantable(proc.creds)
+            identity = Identity.of(proc.creds)
+            self._check_access(proc, identity)
             self._lock_memory(proc)
-            self._mm(proc)
+            self._mm(proc, identity)
             self._seal_memory()
             self._memory_attributes(proc)
-            self._files(files, descriptions, proc.pid)
+            self._files(files, descriptions, proc.pid, identity)
             self._locks(files)
             self._signals(proc)
             self._limits(proc)
@@ -941,11 +953,17 @@ class Restorer:
         except ptrace.TraceeGone as exc:
             raise RestoreError(f"the process being restored died: {exc}") from None
 
-    def _mm(self, proc: ProcessState) -> None:
+    def _mm(self, proc: ProcessState, identity: Identity) -> None:
         mm = proc.mm
         auxv = self._put(proc.auxv, 2048)
-        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
         try:
+            # The process must be able to execute it (search its path, run it), as exec checked.
+            st = identity.may_run(proc.exe)
+            exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
+        except OSError as exc:
+            raise identity.refusal("the process's executable", proc.exe, exc) from None
+        try:
+            self._same_file((st.st_dev, st.st_ino), f"/proc/{self.pid}/fd/{exe_fd}", proc.exe)
             mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                                  mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
                                  mm.env_start, mm.env_end, auxv, len(proc.auxv), exe_fd)
@@ -953,6 +971,43 @@ class Restorer:
             self._call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(mm_map), 0)
         finally:
             self._call("close", exe_fd)
+
+    def _check_access(self, proc: ProcessState, identity: Identity) -> None:
+        """Before the process gets anything more, and long before it runs: each file it maps
+        is one the process itself may open as ``_map`` opened it (``identity``: its rights,
+        ``agent.as_target``), reached without symbolic links, and the very file mapped (not
+        one swapped in meanwhile); its working directory and root are directories it may enter."""
+        opened: dict[tuple[str, int], tuple[int, int]] = {}
+        for v in self.layout:
+            if v.kind != "file" or v.shm is not None or _deleted_private(v):
+                continue
+            mode = os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
+            key = (v.path, mode)
+            if key not in opened:
+                try:
+                    fd = identity.open_path(v.path, mode | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+                except OSError as exc:
+                    raise identity.refusal("mapped by the process", v.path, exc) from None
+                st = os.fstat(fd)
+                os.close(fd)
+                opened[key] = (st.st_dev, st.st_ino)
+            self._same_file(opened[key], f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", v.path)
+        for what, path in (("its working directory", proc.cwd), ("its root directory", proc.root)):
+            if path and path != "/":
+                try:
+                    identity.may_enter(path)
+                except OSError as exc:
+                    raise identity.refusal(what, path, exc) from None
+
+    def _same_file(self, ours: tuple[int, int], theirs: str, path: str) -> None:
+        """Refuse unless the file the stub holds at ``theirs`` (a /proc link) is ``ours``."""
+        try:
+            st = os.stat(theirs)
+        except OSError as exc:
+            raise RestoreError(f"cannot look at {path} as the process has it: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != ours:
+            raise RestoreError(f"{path} was replaced while the process was being restored (another file is at its "
+                               "path now): restore again once it stays put")
 
     def _lock_memory(self, proc: ProcessState) -> None:
         """mlock() what was locked, now that every page is in (locking faults pages in)."""
@@ -1031,7 +1086,7 @@ class Restorer:
         text = str(proc.loginuid).encode()
         fd = -1
         try:
-            fd = self._open("/proc/self/loginuid", os.O_WRONLY | O_CLOEXEC)
+            fd = self._call("openat", AT_FDCWD, self._put(b"/proc/self/loginuid\0"), os.O_WRONLY | O_CLOEXEC, 0)
             self._call("write", fd, self._put(text), len(text))
         except InjectionError as exc:
             self.report.warnings.append(f"loginuid {proc.loginuid} could not be set ({exc.strerror}): the process "
@@ -1040,10 +1095,10 @@ class Restorer:
             if fd >= 0:
                 self._call("close", fd)
 
-    def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
-        """Each open file description, made by the restorer (``agent.descriptions``), taken
-        with pidfd_getfd to a spare fd above the process's highest and dup'd to every fd that
-        shares it."""
+    def _files(self, files: Files, descriptions: Descriptions, image_pid: int, identity: Identity) -> None:
+        """Each open file description, made by the restorer (``agent.descriptions``; a file
+        opened as the process, ``identity``), taken with pidfd_getfd to a spare fd above the
+        process's highest and dup'd to every fd that shares it."""
         if not files.fds:
             return
         spare = max(f.fd for f in files.fds) + 1
@@ -1054,7 +1109,7 @@ class Restorer:
         pidfd = self._above(self._call("pidfd_open", os.getpid(), 0), spare)   # clear of the dup3s
         try:
             for members in groups.values():
-                ours = descriptions.fd_for(image_pid, members[0])
+                ours = descriptions.fd_for(image_pid, members[0], identity)
                 fd = self._call("pidfd_getfd", pidfd, ours, 0)
                 if fd < spare:
                     fd = self._above(fd, spare)
@@ -1171,8 +1226,10 @@ class Restorer:
             self._call("chroot", self._put(os.fsencode(proc.root) + b"\0"))
         if proc.child_subreaper:
             self._call("prctl", PR_SET_CHILD_SUBREAPER, 1)
+        bounding = now.get("bounding", (1 << (CAP_LAST + 1)) - 1)
+        assert isinstance(bounding, int)
         for cap in range(CAP_LAST + 1):
-            if not c.cap_bounding >> cap & 1:
+            if not c.cap_bounding >> cap & 1 and bounding >> cap & 1:     # (dropping needs CAP_SETPCAP)
                 try:
                     self._call("prctl", PR_CAPBSET_DROP, cap)
                 except InjectionError as exc:
@@ -1455,6 +1512,7 @@ def _stub_identity(pid: int) -> dict[str, object]:
         out["Gid"] = tuple(int(x) for x in fields["Gid"].split())
         out["Groups"] = tuple(sorted(int(x) for x in fields["Groups"].split()))
         out["caps"] = tuple(int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff"))
+        out["bounding"] = int(fields["CapBnd"], 16)
         with open(f"/proc/{pid}/personality") as f:
             out["personality"] = int(f.read(), 16)
         out["cwd"] = os.readlink(f"/proc/{pid}/cwd")
