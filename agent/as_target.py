@@ -31,6 +31,7 @@ import ctypes
 import errno
 import os
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -43,6 +44,7 @@ RESOLVE_NO_SYMLINKS = 0x04
 AT_FDCWD, AT_EMPTY_PATH, AT_EACCESS = -100, 0x1000, 0x200
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+_thread = threading.local()        # .acting: the identity this thread acts as now (in ``acting``)
 _openat2_missing = False          # probed on first use: ENOSYS once, O_NOFOLLOW from then on
 
 
@@ -70,10 +72,15 @@ class Identity:
     @contextmanager
     def acting(self) -> Iterator[None]:
         """The calling thread checks file access as this identity until the block ends."""
+        outer = getattr(_thread, "acting", None)
+        if outer == self:             # inside a block of ours already: nothing to switch
+            yield
+            return
         before = Identity.mine()
         if before == self:
             yield
             return
+        _thread.acting = self
         try:
             if before.groups != self.groups:
                 _setgroups(self.groups)
@@ -84,6 +91,7 @@ class Identity:
                                    f"{before} and may not act as another user (that needs root)")
             yield
         finally:
+            _thread.acting = outer
             _setfsuid(before.uid)
             _setfsgid(before.gid)
             if before.groups != self.groups:

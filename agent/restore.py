@@ -978,20 +978,20 @@ class Restorer:
         ``agent.as_target``), reached without symbolic links, and the very file mapped (not
         one swapped in meanwhile); its working directory and root are directories it may enter."""
         opened: dict[tuple[str, int], tuple[int, int]] = {}
-        for v in self.layout:
-            if v.kind != "file" or v.shm is not None or _deleted_private(v):
-                continue
-            mode = os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
-            key = (v.path, mode)
-            if key not in opened:
-                try:
-                    fd = identity.open_path(v.path, mode | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-                except OSError as exc:
-                    raise identity.refusal("mapped by the process", v.path, exc) from None
-                st = os.fstat(fd)
-                os.close(fd)
-                opened[key] = (st.st_dev, st.st_ino)
-            self._same_file(opened[key], f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", v.path)
+        files = [(v, os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY)
+                 for v in self.layout if v.kind == "file" and v.shm is None and not _deleted_private(v)]
+        with identity.acting():          # one switch for them all
+            for v, mode in files:
+                if (v.path, mode) not in opened:
+                    try:
+                        fd = identity.open_path(v.path, mode | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+                    except OSError as exc:
+                        raise identity.refusal("mapped by the process", v.path, exc) from None
+                    st = os.fstat(fd)
+                    os.close(fd)
+                    opened[(v.path, mode)] = (st.st_dev, st.st_ino)
+        for v, mode in files:
+            self._same_file(opened[(v.path, mode)], f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", v.path)
         for what, path in (("its working directory", proc.cwd), ("its root directory", proc.root)):
             if path and path != "/":
                 try:
@@ -1106,6 +1106,7 @@ class Restorer:
         groups: dict[tuple[str, int], list[FileDesc]] = {}
         for f in sorted(files.fds, key=lambda f: f.fd):
             groups.setdefault(("desc", f.desc) if f.desc else ("fd", f.fd), []).append(f)
+        descriptions.open_files(image_pid, [members[0] for members in groups.values()], identity)
         pidfd = self._above(self._call("pidfd_open", os.getpid(), 0), spare)   # clear of the dup3s
         try:
             for members in groups.values():
