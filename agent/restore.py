@@ -321,6 +321,7 @@ class Restorer:
         self.shared = shared
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
         self._carried: Descriptions | None = None     # in finish(): the deleted files made again
+        self._dirs: dict[str, tuple[tuple[int, int], str]] = {}   # cwd, root: (dev, ino) the process may enter
         self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
@@ -939,6 +940,7 @@ class Restorer:
             # its dropped credentials until the threads exist, then each thread drops it.
             lend = (self.keep_ids and len(threads) > 1) or bool(proc.posix_timers)
             self._creds(proc, lend_cap=lend)
+            self._check_dirs()
             new_tids = self._threads(proc, threads, lent_cap=lend)
             self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
@@ -992,12 +994,20 @@ class Restorer:
                     opened[(v.path, mode)] = (st.st_dev, st.st_ino)
         for v, mode in files:
             self._same_file(opened[(v.path, mode)], f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", v.path)
-        for what, path in (("its working directory", proc.cwd), ("its root directory", proc.root)):
+        self._dirs = {}
+        for link, what, path in (("cwd", "its working directory", proc.cwd), ("root", "its root directory", proc.root)):
             if path and path != "/":
                 try:
-                    identity.may_enter(path)
+                    st = identity.may_enter(path)
                 except OSError as exc:
                     raise identity.refusal(what, path, exc) from None
+                self._dirs[link] = ((st.st_dev, st.st_ino), path)
+
+    def _check_dirs(self) -> None:
+        """The working and root directories the stub entered (as root, by path) are the ones
+        ``_check_access`` found the process may enter: not a link swapped in since."""
+        for link, (ours, path) in self._dirs.items():
+            self._same_file(ours, f"/proc/{self.pid}/{link}", path)
 
     def _same_file(self, ours: tuple[int, int], theirs: str, path: str) -> None:
         """Refuse unless the file the stub holds at ``theirs`` (a /proc link) is ``ours``."""
