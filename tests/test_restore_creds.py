@@ -35,10 +35,11 @@ def subreaper() -> None:
     become_subreaper()
 
 
-def checkpointed(tmp_path: Path, user: int | None = None) -> tuple[Workload, Path]:
-    """ckpt_array run (as ``user``), checkpointed into a signed image (and killed)."""
-    w = Workload("ckpt_array", tmp_path / "run", "30", hold=True, scale=3, user=user,
-                 groups=[user] if user is not None else None)
+def checkpointed(tmp_path: Path, user: int | None = None, name: str = "ckpt_array",
+                 *args: str) -> tuple[Workload, Path]:
+    """ckpt_array (or ``name``) run as ``user``, checkpointed into a signed image (and killed)."""
+    w = Workload(name, tmp_path / "run", *(args or (("30",) if name == "ckpt_array" else ())), hold=True, scale=3,
+                 user=user, groups=[user] if user is not None else None)
     w.start()
     w.wait_ready()
     image = w.dir / "image"           # where its user may read it
@@ -134,6 +135,24 @@ def test_a_symlink_swapped_in_after_the_checkpoint_is_not_followed(tmp_path: Pat
     out.unlink()
     aside.rename(out)
     restores_and_passes(w, image)
+
+
+def test_a_fifo_restore_makes_is_made_with_the_processs_rights_and_is_its_own(tmp_path: Path) -> None:
+    """nobody's FIFO, gone after the checkpoint, is made again by nobody: not in a directory
+    only root may write (refused in one line, nothing made), and in its own directory owned by
+    nobody with its permissions."""
+    w, image = checkpointed(tmp_path, NOBODY, "ckpt_fifo")
+    fifo = w.dir / "fifo"
+    fifo.unlink()
+    os.chown(w.dir, 0, 0)                        # a directory nobody may not write in
+    line = one_error_line(kcr("restore", "-i", str(image)).stderr)
+    assert f"cannot make the FIFO {fifo} here as the process's uid {NOBODY}" in line and "Permission denied" in line
+    nothing_left(w)
+    assert not fifo.exists()
+    os.chown(w.dir, NOBODY, NOBODY)
+    restores_and_passes(w, image)
+    st = fifo.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (NOBODY, NOBODY, 0o640)
 
 
 # --- a user who is not root --------------------------------------------------------------------
