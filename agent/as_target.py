@@ -216,3 +216,18 @@ def check_grantable(creds: Creds) -> None:
 def _status() -> dict[str, str]:
     with open("/proc/thread-self/status") as f:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
+CAP_IPC_OWNER = 15
+
+
+def may_attach(creds: Creds, mode: int, owner: tuple[int, int], creator: tuple[int, int], want: int) -> bool:
+    """Whether a process with ``creds`` may attach a SysV segment of permissions ``mode``,
+    owner and creator (uid, gid) with access ``want`` (4 read, 2 write, 1 execute), as the
+    kernel's ipcperms decides for shmat: by effective uid, then fsgid and groups."""
+    granted = mode
+    if creds.uids[1] in (owner[0], creator[0]):
+        granted >>= 6
+    elif {owner[1], creator[1]} & {creds.gids[3], *creds.groups}:
+        granted >>= 3
+    return not want & ~granted & 0o7 or bool(creds.cap_effective >> CAP_IPC_OWNER & 1)

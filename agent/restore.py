@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
-from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable
+from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_attach
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -61,6 +61,7 @@ from agent.inject import (
 from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
 from agent.procfs import read_text
 from agent.shared_memory import SharedObjects
+from precopy import sysv
 from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
@@ -994,6 +995,7 @@ class Restorer:
                     opened[(v.path, mode)] = (st.st_dev, st.st_ino)
         for v, mode in files:
             self._same_file(opened[(v.path, mode)], f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", v.path)
+        self._check_segments(proc, identity)
         self._dirs = {}
         for link, what, path in (("cwd", "its working directory", proc.cwd), ("root", "its root directory", proc.root)):
             if path and path != "/":
@@ -1002,6 +1004,28 @@ class Restorer:
                 except OSError as exc:
                     raise identity.refusal(what, path, exc) from None
                 self._dirs[link] = ((st.st_dev, st.st_ino), path)
+
+    def _check_segments(self, proc: ProcessState, identity: Identity) -> None:
+        """Each SysV segment the process attaches (attached by the stub, as root) is one its
+        own shmat could attach as it is attached (``as_target.may_attach``)."""
+        groups = [g for g in _attachments(self.layout) if g[0].shm is not None]
+        if not groups or self.shared is None:
+            return
+        table = sysv.read_table()
+        for group in groups:
+            seg = group[0].shm
+            assert seg is not None
+            here = self.shared.segments.get(seg.shmid)
+            line = table.get(here.shmid) if here is not None else None
+            if line is None:
+                continue
+            want = 4 | (2 if any(v.advice & VMA_MAYWRITE for v in group) else 0) | \
+                (1 if any(v.prot & PROT_EXEC for v in group) else 0)
+            s = line.segment
+            if not may_attach(proc.creds, s.mode, (s.uid, s.gid), (line.cuid, line.cgid), want):
+                raise RestoreError(f"cannot attach SysV shared memory segment {s.shmid} (mode {s.mode:o}, owner "
+                                   f"{s.uid}:{s.gid}) as the process's {identity}: Permission denied: the process "
+                                   "could not attach it itself here, and restore grants it nothing more")
 
     def _check_dirs(self) -> None:
         """The working and root directories the stub entered (as root, by path) are the ones

@@ -8,6 +8,7 @@ signature verifies, and only the rule under test stands between the image and th
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
@@ -23,7 +24,8 @@ import pytest
 from tests._workloads import Workload, become_subreaper, kcr, one_error_line, reap
 from transport.image import ImageReader, ImageWriter, Item
 from transport.pages import PageBatch
-from transport.schema import EndOfImage, FileDesc, Files, ProcessState
+from precopy import sysv
+from transport.schema import VMA_MAYWRITE, EndOfImage, FileDesc, Files, Mappings, ProcessState, SysvSegment, Vma
 from transport.signing import KEY_ENV, ImageVerifier, signing_key
 
 NOBODY = 65534
@@ -117,6 +119,30 @@ def test_a_signed_image_claiming_roots_files_for_nobody_is_refused(tmp_path: Pat
     assert says in line and f"as the process's uid {NOBODY}" in line and "Permission denied" in line, line
     nothing_left(w)
     restores_and_passes(w, image)
+
+
+def test_a_signed_image_attaching_roots_sysv_segment_for_nobody_is_refused(tmp_path: Path) -> None:
+    """nobody's image given an attachment of root's private SysV segment (mode 600) on this
+    host, signed again: the stub attached it as root, but the restore refuses before the
+    process gets anything, and the segment is root's as before."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+    shmid = libc.shmget(0, 4096, 0o1600)             # IPC_PRIVATE, IPC_CREAT | 0600
+    assert shmid >= 0, os.strerror(ctypes.get_errno())
+    try:
+        w, image = checkpointed(tmp_path, user=NOBODY)
+        seg = SysvSegment(shmid=shmid, key=0, size=4096, mode=0o600, uid=0, gid=0, host=sysv.host_ipc())
+        attach = Vma(0x6000_0000_0000, 0x6000_0000_1000, 3, True, "anon", ino=shmid, shm=seg, advice=VMA_MAYWRITE)
+        forged = resigned(image, lambda item: replace(item, vmas=tuple(sorted((*item.vmas, attach), key=lambda v: v.start)))
+                          if isinstance(item, Mappings) else item)
+        line = one_error_line(kcr("restore", "-i", "-", input=forged).stderr)
+        assert f"cannot attach SysV shared memory segment {shmid} (mode 600, owner 0:0) as the process's uid " \
+               f"{NOBODY}" in line and "Permission denied" in line, line
+        nothing_left(w)
+        assert sysv.read_table()[shmid].nattch == 0
+        restores_and_passes(w, image)
+    finally:
+        libc.shmctl(shmid, 0, None)                   # IPC_RMID
 
 
 def test_a_symlink_swapped_in_after_the_checkpoint_is_not_followed(tmp_path: Path) -> None:
