@@ -117,7 +117,8 @@ class Descriptions:
     def add(self, fds: FdState) -> None:
         written = {f.obj for f in fds.files.fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
         self.add_pipes(fds.pipes, written)
-        self.add_sockets(fds.sockets)
+        with self.identity.acting():       # binds and connects to socket paths: the job's rights
+            self.add_sockets(fds.sockets)
         self.add_events(fds.events)
         self.add_deleted(fds.files, fds.contents)
 

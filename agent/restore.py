@@ -895,6 +895,7 @@ class Restorer:
         event files are in it already); without it, this process's own are made and dropped
         here."""
         check_threads(proc, threads, self.header)
+        check_grantable(proc.creds)
         for e in fds.events.files:
             if e.queued:
                 self.report.warnings.append(f"an {e.kind} instance of pid {proc.pid} had {e.queued} bytes of events "
@@ -925,7 +926,6 @@ class Restorer:
             self._map_deferred()
             self._map_carried_files(descriptions)
             self._carried = None
-            check_grantable(proc.creds)
             identity = Identity.of(proc.creds)
             self._check_access(proc, identity)
             self._lock_memory(proc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from agent.as_target import Identity
+from agent.as_target import Identity, check_grantable
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer
@@ -210,6 +210,9 @@ class RestoreSession:
                                "without --new-pid")
         # What the job shares is made as the job: its first process (each fd of a path is
         # opened as its own process, ``Restorer._files``).
+        for p in procs:                 # credentials first: nothing is opened for a claim refused
+            assert p.records.state is not None
+            check_grantable(p.records.state.creds)
         first = procs[0].records.state
         assert first is not None
         identity = Identity.of(first.creds)
