@@ -25,6 +25,12 @@ Made here rather than inside the restored process, the descriptions need no inje
 to create or fill, and no end has to be kept open in one process until another takes it.
 The cost: a socketpair's (or a restored connection's) SO_PEERCRED names the restorer (as it
 named the stub before).
+
+Made here, but never with the restorer's rights (``agent.as_target``): each file an fd
+names is opened as the process the fd belongs to, without following symbolic links; what the
+job shares and this module makes at a path or by a path (FIFOs, socket names, deleted files
+made again, inotify watches) is made as the job (``identity``: its first process), owned by it
+unless the job may give it the owner the image records.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import tempfile
 from typing import TYPE_CHECKING, Sequence
 
 from agent import fanotify, inotify, unix_names
+from agent.as_target import Identity
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
@@ -86,9 +93,12 @@ Key = tuple[object, ...]
 class Descriptions:
     """Every open file description of an image, made on first use; ``close`` drops ours.
     ``made``: where the paths of files made here (FIFOs) are listed, for a restore that is
-    abandoned to remove (``SharedObjects.made_files``)."""
+    abandoned to remove (``SharedObjects.made_files``). ``identity``: whom what the job shares
+    is made and opened as (``agent.as_target``)."""
 
-    def __init__(self, names: unix_names.Names | None = None, made: list[str] | None = None) -> None:
+    def __init__(self, names: unix_names.Names | None = None, made: list[str] | None = None, *,
+                 identity: Identity) -> None:
+        self.identity = identity
         self.names = names if names is not None else unix_names.Names()   # the socket names bound
         self.made = made if made is not None else []
         self._fds: dict[Key, int] = {}
@@ -107,7 +117,8 @@ class Descriptions:
     def add(self, fds: FdState) -> None:
         written = {f.obj for f in fds.files.fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
         self.add_pipes(fds.pipes, written)
-        self.add_sockets(fds.sockets)
+        with self.identity.acting():       # binds and connects to socket paths: the job's rights
+            self.add_sockets(fds.sockets)
         self.add_events(fds.events)
         self.add_deleted(fds.files, fds.contents)
 
@@ -124,7 +135,7 @@ class Descriptions:
             if fd is None:
                 if c.id in self._deleted:
                     raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
-                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp/"), c)
+                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp/"), c, self.identity)
                 self._mine.append(fd)
                 seals[c.id] = c.seals if c.memfd else 0
             os.pwrite(fd, c.data, c.offset)
@@ -150,7 +161,8 @@ class Descriptions:
         for e in events.files:
             if e.id in self._events:
                 raise RestoreError(f"event file {e.id} appears twice in the image: corrupt image")
-            fd = self._events[e.id] = _make_event_file(e)
+            with self.identity.acting():         # inotify watches: paths the job may read
+                fd = self._events[e.id] = _make_event_file(e)
             self._mine.append(fd)
             if e.watches:
                 self._watches[e.id] = e.watches
@@ -169,7 +181,7 @@ class Descriptions:
                 raise RestoreError(f"pipe {p.id} appears twice in the image: corrupt image")
             if p.path:
                 unwritten = written is not None and p.id not in written
-                r = w = _open_fifo(p, os.O_RDONLY if unwritten else os.O_RDWR, self.made)
+                r = w = _open_fifo(p, os.O_RDONLY if unwritten else os.O_RDWR, self.made, self.identity)
                 self._mine.append(r)
                 if unwritten:
                     self._unwritten.add(p.id)
@@ -287,7 +299,7 @@ class Descriptions:
 
     def _bind(self, sock: socket.socket, s: UnixSocket) -> None:
         self.names.bind(sock, unix_names.Bound(s.name, s.type, s.file_dev, s.file_ino),
-                        s.file_mode, s.file_uid, s.file_gid, socket.gethostname())
+                        s.file_mode, s.file_uid, s.file_gid, socket.gethostname(), self.identity)
 
     def _named(self, sockets: UnixSockets) -> dict[bytes, socket.socket]:
         return {s.name: self._sockets[s.id] for s in sockets.sockets
@@ -295,15 +307,24 @@ class Descriptions:
 
     # -- descriptions ------------------------------------------------------------------------
 
-    def fd_for(self, pid: int, f: FileDesc) -> int:
-        """Our fd of the description ``f`` (of process ``pid``, as the image names it) refers to."""
+    def fd_for(self, pid: int, f: FileDesc, identity: Identity) -> int:
+        """Our fd of the description ``f`` (of process ``pid``, as the image names it) refers to;
+        a file at a path opened as ``identity``, the process's."""
         key: Key = ("desc", f.desc) if f.desc else ("fd", pid, f.fd)
         fd = self._fds.get(key)
         if fd is None:
-            fd = self._fds[key] = self._make(f)
+            fd = self._fds[key] = self._make(f, identity)
         return fd
 
-    def _make(self, f: FileDesc) -> int:
+    def open_files(self, pid: int, fds: Sequence[FileDesc], identity: Identity) -> None:
+        """Open every file at a path among ``fds`` (of process ``pid``) at once, as ``identity``:
+        one switch of credentials for all of them, not one each (``fd_for`` finds them made)."""
+        with identity.acting():
+            for f in fds:
+                if f.kind in _FILE_TYPES:
+                    self.fd_for(pid, f, identity)
+
+    def _make(self, f: FileDesc, identity: Identity) -> int:
         if f.kind in EVENT_KINDS:
             fd = self._events.get(f.obj, -1)
             if fd < 0 or fd in self._taken:
@@ -326,7 +347,7 @@ class Descriptions:
                 # has come and gone.
                 writer = os.open(ours, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                fd = self._open(f, ours, f.flags & (O_ACCMODE | SETFL_FLAGS))
+                fd = self._open(f, ours, f.flags & (O_ACCMODE | SETFL_FLAGS), identity, follow=True)
             finally:
                 if writer >= 0:
                     os.close(writer)
@@ -350,7 +371,7 @@ class Descriptions:
             elif f.kind == "pipe":
                 # Another description of the same end (or a read-write one, as a FIFO would be
                 # opened): a new open of the pipe, as the process made it.
-                fd = self._open(f, f"/proc/self/fd/{end}", f.flags & (O_ACCMODE | SETFL_FLAGS))
+                fd = self._open(f, f"/proc/self/fd/{end}", f.flags & (O_ACCMODE | SETFL_FLAGS), None)
             else:
                 raise RestoreError(f"fd {f.fd}: a second open file of one socket: corrupt image")
             fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
@@ -360,7 +381,7 @@ class Descriptions:
             if f.obj not in self._deleted:
                 raise RestoreError(f"fd {f.fd} refers to deleted file {f.obj}, which the image lacks: corrupt image")
             # Each description its own open of the one file, as the process had them.
-            fd = self._open(f, f"/proc/self/fd/{self._deleted[f.obj]}", flags & ~(O_TMPFILE | os.O_NOFOLLOW))
+            fd = self._open(f, f"/proc/self/fd/{self._deleted[f.obj]}", flags & ~(O_TMPFILE | os.O_NOFOLLOW), None)
             if f.pos:
                 os.lseek(fd, f.pos, os.SEEK_SET)
             return fd
@@ -372,7 +393,7 @@ class Descriptions:
                 flags |= os.O_APPEND | os.O_CREAT
         elif f.kind == "dir":
             flags |= os.O_DIRECTORY
-        fd = self._open(f, f.path, flags)
+        fd = self._open(f, f.path, flags, identity)
         mode = os.fstat(fd).st_mode
         if not _FILE_TYPES[f.kind](mode):
             raise RestoreError(f"fd {f.fd}: {f.path} is {_file_type(mode)} here, not what the image says it "
@@ -381,15 +402,21 @@ class Descriptions:
             os.lseek(fd, f.pos, os.SEEK_SET)
         return fd
 
-    def _open(self, f: FileDesc, path: str, flags: int) -> int:
+    def _open(self, f: FileDesc, path: str, flags: int, identity: Identity | None, follow: bool = False) -> int:
         """Open without blocking (a FIFO at the path would wait for its other end), then with
-        the status flags the description had."""
+        the status flags the description had. As ``identity`` (None: a pipe or deleted file
+        this restore made, reopened by the restorer), following no symbolic link unless
+        ``follow`` (our own /proc/self/fd links)."""
+        how = flags | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+            if identity is None:
+                fd = os.open(path, how, 0o666)
+            else:
+                fd = identity.open_path(path, how, 0o666, follow=follow)
         except OSError as exc:
-            what = f.path or f.kind
-            raise RestoreError(f"cannot reopen fd {f.fd} ({what}): {exc.strerror}; the file must exist here "
-                               "at the same path") from None
+            if identity is not None:
+                raise identity.refusal(f"fd {f.fd}", f.path or f.kind, exc) from None
+            raise RestoreError(f"cannot reopen fd {f.fd} ({f.path or f.kind}): {exc.strerror}") from None
         self._mine.append(fd)
         if not flags & os.O_NONBLOCK:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & SETFL_FLAGS)
@@ -432,69 +459,90 @@ def _file_type(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _open_fifo(p: PipeBuffer, mode: int, made: list[str]) -> int:
+def _open_fifo(p: PipeBuffer, mode: int, made: list[str], identity: Identity) -> int:
     """The FIFO at ``p.path``, opened ``mode`` without blocking (which makes its pipe): made
-    with the source's permissions and owner if missing (and listed in ``made``), used if it is
-    a FIFO already, refused if something else is there."""
+    if missing (and listed in ``made``) by ``identity`` in its directory reached without
+    symbolic links, with the source's permissions and owner (where ``identity`` may give it);
+    used if it is a FIFO already, refused if something else is there."""
+    directory, name = os.path.split(p.path)
+    made_now = False
     try:
-        st = os.lstat(p.path)
-    except FileNotFoundError:
-        try:
-            os.mkfifo(p.path, 0o600)
-            made.append(p.path)
-            os.chown(p.path, p.uid, p.gid, follow_symlinks=False)
-            os.chmod(p.path, p.mode)
-        except OSError as exc:
-            raise RestoreError(f"cannot make the FIFO {p.path} here: {exc.strerror}; make its directory, or "
-                               "the FIFO itself, on this host") from None
+        where = identity.open_path(directory or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise RestoreError(f"cannot look at the FIFO's path {p.path} here: {exc.strerror}") from None
-    else:
-        if not stat.S_ISFIFO(st.st_mode):
-            raise RestoreError(f"{p.path} is {_file_type(st.st_mode)} here, where the process had a FIFO: move it "
-                               "aside, or restore where that path is free")
+        raise identity.refusal("the directory of a FIFO", directory or "/", exc) from None
     try:
-        fd = os.open(p.path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise RestoreError(f"cannot open the FIFO {p.path} here: {exc.strerror}") from None
+        with identity.acting():
+            try:
+                st = os.lstat(name, dir_fd=where)
+            except FileNotFoundError:
+                try:
+                    os.mkfifo(name, 0o600, dir_fd=where)
+                    made.append(p.path)
+                    made_now = True
+                except OSError as exc:
+                    raise RestoreError(f"cannot make the FIFO {p.path} here as the process's {identity}: "
+                                       f"{exc.strerror}; make its directory, or the FIFO itself, on this host") from None
+            except OSError as exc:
+                raise RestoreError(f"cannot look at the FIFO's path {p.path} here: {exc.strerror}") from None
+            else:
+                if not stat.S_ISFIFO(st.st_mode):
+                    raise RestoreError(f"{p.path} is {_file_type(st.st_mode)} here, where the process had a FIFO: "
+                                       "move it aside, or restore where that path is free")
+            try:
+                fd = os.open(name, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=where)
+            except OSError as exc:
+                raise identity.refusal("a FIFO", p.path, exc) from None
+    finally:
+        os.close(where)
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         os.close(fd)
         raise RestoreError(f"{p.path} changed while restore opened it: try again")
+    if made_now:          # made just now: the source's owner and permissions
+        identity.give(fd, p.uid, p.gid)
+        with identity.acting():
+            os.fchmod(fd, p.mode)
     return fd
 
 
-def _make_unlinked(path: str, c: FileContents) -> int:
+def _make_unlinked(path: str, c: FileContents, identity: Identity) -> int:
     """A new file with no name (O_TMPFILE; where the filesystem lacks it, a name removed at
-    once; a memfd of the name ``path`` gives), sized and owned as ``c`` says."""
+    once; a memfd of the name ``path`` gives), sized as ``c`` says, made by ``identity`` (in a
+    directory it may write) and owned as ``c`` says where ``identity`` may give it."""
     if c.memfd:
         name = path.removeprefix("/memfd:")
         try:
-            fd = os.memfd_create(name[:MEMFD_NAME_MAX], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            os.ftruncate(fd, c.size)
-            os.fchown(fd, c.uid, c.gid)
-            os.fchmod(fd, c.mode)
+            with identity.acting():
+                fd = os.memfd_create(name[:MEMFD_NAME_MAX], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            _size_and_own(fd, c, identity)
         except OSError as exc:
             raise RestoreError(f"cannot make the memfd {path} again: {exc.strerror}") from None
         return fd
     directory = os.path.dirname(path) or "/"
     for place in (directory, "/tmp"):
         try:
-            fd = os.open(place, os.O_RDWR | O_TMPFILE | os.O_CLOEXEC, 0o600)
+            fd = identity.open_path(place, os.O_RDWR | O_TMPFILE | os.O_CLOEXEC, 0o600)
         except OSError:
             try:
-                fd, name = tempfile.mkstemp(prefix=".kcr-deleted-", dir=place)
-                os.unlink(name)
+                with identity.acting():
+                    fd, name = tempfile.mkstemp(prefix=".kcr-deleted-", dir=place)
+                    os.unlink(name)
             except OSError:
                 continue
         try:
-            os.ftruncate(fd, c.size)
-            os.fchown(fd, c.uid, c.gid)
-            os.fchmod(fd, c.mode)
+            _size_and_own(fd, c, identity)
         except OSError as exc:
             os.close(fd)
             raise RestoreError(f"cannot make the deleted file {c.id} again in {place}: {exc.strerror}") from None
         return fd
-    raise RestoreError(f"cannot make a deleted file again: neither {directory} nor /tmp takes a new file here")
+    raise RestoreError(f"cannot make a deleted file again as the process's {identity}: neither {directory} nor "
+                       "/tmp takes a new file of it here")
+
+
+def _size_and_own(fd: int, c: FileContents, identity: Identity) -> None:
+    os.ftruncate(fd, c.size)
+    identity.give(fd, c.uid, c.gid)
+    with identity.acting():
+        os.fchmod(fd, c.mode)
 
 
 F_ADD_SEALS, F_SEAL_SEAL, F_SEAL_FUTURE_WRITE = 1033, 0x1, 0x10

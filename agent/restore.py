@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
+from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_attach
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
@@ -60,6 +61,7 @@ from agent.inject import (
 from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
 from agent.procfs import read_text
 from agent.shared_memory import SharedObjects
+from precopy import sysv
 from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
@@ -327,6 +329,7 @@ class Restorer:
         self.shared = shared
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
         self._carried: Descriptions | None = None     # in finish(): the deleted files made again
+        self._dirs: dict[str, tuple[tuple[int, int], str]] = {}   # cwd, root: (dev, ino) the process may enter
         self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
@@ -536,8 +539,15 @@ class Restorer:
         return addr
 
     def _open(self, path: str, flags: int, mode: int = 0) -> int:
-        addr = self._put(os.fsencode(path) + b"\0")
-        return self._call("openat", AT_FDCWD, addr, flags, mode)
+        """Open a path the image names, in the stub: no symbolic link in it is followed
+        (openat2 RESOLVE_NO_SYMLINKS). Still with the stub's rights: ``_check_access`` makes
+        sure the process itself may open what it was given, before it runs."""
+        name = os.fsencode(path) + b"\0"
+        if len(name) > PAGE_SIZE:
+            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
+        addr = self._put(name, PAGE_SIZE)          # clear of what the callers put below
+        how = self._put(struct.pack("<QQQ", flags, mode, RESOLVE_NO_SYMLINKS), 2 * PAGE_SIZE)
+        return self._call("openat2", AT_FDCWD, addr, how, 24)
 
     def apply_layout(self, target: Mappings | MappingsDelta) -> None:
         """Make the address space match ``target`` (first call: from empty). A later layout
@@ -892,6 +902,7 @@ class Restorer:
         event files are in it already); without it, this process's own are made and dropped
         here."""
         check_threads(proc, threads, self.header)
+        check_grantable(proc.creds)
         for e in fds.events.files:
             if e.queued:
                 self.report.warnings.append(f"an {e.kind} instance of pid {proc.pid} had {e.queued} bytes of events "
@@ -900,10 +911,11 @@ class Restorer:
             self._finish(proc, fds.files, threads, descriptions)
             return
         fds.check_referenced()
-        own = Descriptions(made=self.shared.made_files if self.shared is not None else None)
+        identity = Identity.of(proc.creds)
+        own = Descriptions(made=self.shared.made_files if self.shared is not None else None, identity=identity)
         try:
             if self.shared is not None:
-                self.shared.add_files(fds.contents)
+                self.shared.add_files(fds.contents, identity)
             own.add(fds)
             self._finish(proc, fds.files, threads, own)
             own.seal()
@@ -921,11 +933,13 @@ class Restorer:
             self._map_deferred()
             self._map_carried_files(descriptions)
             self._carried = None
+            identity = Identity.of(proc.creds)
+            self._check_access(proc, identity)
             self._lock_memory(proc)
-            self._mm(proc)
+            self._mm(proc, identity)
             self._seal_memory()
             self._memory_attributes(proc)
-            self._files(files, descriptions, proc.pid)
+            self._files(files, descriptions, proc.pid, identity)
             self._locks(files)
             self._signals(proc)
             self._limits(proc)
@@ -934,6 +948,7 @@ class Restorer:
             # its dropped credentials until the threads exist, then each thread drops it.
             lend = (self.keep_ids and len(threads) > 1) or bool(proc.posix_timers)
             self._creds(proc, lend_cap=lend)
+            self._check_dirs()
             new_tids = self._threads(proc, threads, lent_cap=lend)
             self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
@@ -948,11 +963,17 @@ class Restorer:
         except ptrace.TraceeGone as exc:
             raise RestoreError(f"the process being restored died: {exc}") from None
 
-    def _mm(self, proc: ProcessState) -> None:
+    def _mm(self, proc: ProcessState, identity: Identity) -> None:
         mm = proc.mm
         auxv = self._put(proc.auxv, 2048)
-        exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
         try:
+            # The process must be able to execute it (search its path, run it), as exec checked.
+            st = identity.may_run(proc.exe)
+            exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
+        except OSError as exc:
+            raise identity.refusal("the process's executable", proc.exe, exc) from None
+        try:
+            self._same_file((st.st_dev, st.st_ino), f"/proc/{self.pid}/fd/{exe_fd}", proc.exe)
             mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                                  mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
                                  mm.env_start, mm.env_end, auxv, len(proc.auxv), exe_fd)
@@ -960,6 +981,74 @@ class Restorer:
             self._call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(mm_map), 0)
         finally:
             self._call("close", exe_fd)
+
+    def _check_access(self, proc: ProcessState, identity: Identity) -> None:
+        """Before the process gets anything more, and long before it runs: each file it maps
+        is one the process itself may open as ``_map`` opened it (``identity``: its rights,
+        ``agent.as_target``), reached without symbolic links, and the very file mapped (not
+        one swapped in meanwhile); its working directory and root are directories it may enter."""
+        opened: dict[tuple[str, int], tuple[int, int]] = {}
+        files = [(v, os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY)
+                 for v in self.layout if v.kind == "file" and v.shm is None and not _deleted_private(v)]
+        with identity.acting():          # one switch for them all
+            for v, mode in files:
+                if (v.path, mode) not in opened:
+                    try:
+                        fd = identity.open_path(v.path, mode | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+                    except OSError as exc:
+                        raise identity.refusal("mapped by the process", v.path, exc) from None
+                    st = os.fstat(fd)
+                    os.close(fd)
+                    opened[(v.path, mode)] = (st.st_dev, st.st_ino)
+        for v, mode in files:
+            self._same_file(opened[(v.path, mode)], f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", v.path)
+        self._check_segments(proc, identity)
+        self._dirs = {}
+        for link, what, path in (("cwd", "its working directory", proc.cwd), ("root", "its root directory", proc.root)):
+            if path and path != "/":
+                try:
+                    st = identity.may_enter(path)
+                except OSError as exc:
+                    raise identity.refusal(what, path, exc) from None
+                self._dirs[link] = ((st.st_dev, st.st_ino), path)
+
+    def _check_segments(self, proc: ProcessState, identity: Identity) -> None:
+        """Each SysV segment the process attaches (attached by the stub, as root) is one its
+        own shmat could attach as it is attached (``as_target.may_attach``)."""
+        groups = [g for g in _attachments(self.layout) if g[0].shm is not None]
+        if not groups or self.shared is None:
+            return
+        table = sysv.read_table()
+        for group in groups:
+            seg = group[0].shm
+            assert seg is not None
+            here = self.shared.segments.get(seg.shmid)
+            line = table.get(here.shmid) if here is not None else None
+            if line is None:
+                continue
+            want = 4 | (2 if any(v.advice & VMA_MAYWRITE for v in group) else 0) | \
+                (1 if any(v.prot & PROT_EXEC for v in group) else 0)
+            s = line.segment
+            if not may_attach(proc.creds, s.mode, (s.uid, s.gid), (line.cuid, line.cgid), want):
+                raise RestoreError(f"cannot attach SysV shared memory segment {s.shmid} (mode {s.mode:o}, owner "
+                                   f"{s.uid}:{s.gid}) as the process's {identity}: Permission denied: the process "
+                                   "could not attach it itself here, and restore grants it nothing more")
+
+    def _check_dirs(self) -> None:
+        """The working and root directories the stub entered (as root, by path) are the ones
+        ``_check_access`` found the process may enter: not a link swapped in since."""
+        for link, (ours, path) in self._dirs.items():
+            self._same_file(ours, f"/proc/{self.pid}/{link}", path)
+
+    def _same_file(self, ours: tuple[int, int], theirs: str, path: str) -> None:
+        """Refuse unless the file the stub holds at ``theirs`` (a /proc link) is ``ours``."""
+        try:
+            st = os.stat(theirs)
+        except OSError as exc:
+            raise RestoreError(f"cannot look at {path} as the process has it: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != ours:
+            raise RestoreError(f"{path} was replaced while the process was being restored (another file is at its "
+                               "path now): restore again once it stays put")
 
     def _lock_memory(self, proc: ProcessState) -> None:
         """mlock() what was locked, now that every page is in (locking faults pages in)."""
@@ -1038,7 +1127,7 @@ class Restorer:
         text = str(proc.loginuid).encode()
         fd = -1
         try:
-            fd = self._open("/proc/self/loginuid", os.O_WRONLY | O_CLOEXEC)
+            fd = self._call("openat", AT_FDCWD, self._put(b"/proc/self/loginuid\0"), os.O_WRONLY | O_CLOEXEC, 0)
             self._call("write", fd, self._put(text), len(text))
         except InjectionError as exc:
             self.report.warnings.append(f"loginuid {proc.loginuid} could not be set ({exc.strerror}): the process "
@@ -1047,11 +1136,12 @@ class Restorer:
             if fd >= 0:
                 self._call("close", fd)
 
-    def _files(self, files: Files, descriptions: Descriptions, image_pid: int) -> None:
-        """Each open file description, made by the restorer (``agent.descriptions``), taken
-        with pidfd_getfd and dup'd to every fd that shares it: all of them in one batch of
-        injected calls (``_fds_at_once``), or one by one (``_fds_one_by_one``) where that
-        batch did not come out as foreseen. Then the epoll instances' watches."""
+    def _files(self, files: Files, descriptions: Descriptions, image_pid: int, identity: Identity) -> None:
+        """Each open file description, made by the restorer (``agent.descriptions``; a file
+        opened as the process, ``identity``), taken with pidfd_getfd and dup'd to every fd
+        that shares it: all of them in one batch of injected calls (``_fds_at_once``), or one
+        by one (``_fds_one_by_one``) where that batch did not come out as foreseen. Then the
+        epoll instances' watches."""
         if not files.fds:
             return
         spare = max(f.fd for f in files.fds) + 1
@@ -1059,7 +1149,8 @@ class Restorer:
         groups: dict[tuple[str, int], list[FileDesc]] = {}
         for f in sorted(files.fds, key=lambda f: f.fd):
             groups.setdefault(("desc", f.desc) if f.desc else ("fd", f.fd), []).append(f)
-        takes = [(descriptions.fd_for(image_pid, members[0]), members) for members in groups.values()]
+        descriptions.open_files(image_pid, [members[0] for members in groups.values()], identity)
+        takes = [(descriptions.fd_for(image_pid, members[0], identity), members) for members in groups.values()]
         if not self._fds_at_once(takes, spare):
             self._fds_one_by_one(takes, spare)
         self._watches([(members[0].fd, descriptions.take_watches(members[0])) for members in groups.values()])
@@ -1288,8 +1379,10 @@ class Restorer:
             self._call("chroot", self._put(os.fsencode(proc.root) + b"\0"))
         if proc.child_subreaper:
             self._call("prctl", PR_SET_CHILD_SUBREAPER, 1)
+        bounding = now.get("bounding", (1 << (CAP_LAST + 1)) - 1)
+        assert isinstance(bounding, int)
         for cap in range(CAP_LAST + 1):
-            if not c.cap_bounding >> cap & 1:
+            if not c.cap_bounding >> cap & 1 and bounding >> cap & 1:     # (dropping needs CAP_SETPCAP)
                 try:
                     self._call("prctl", PR_CAPBSET_DROP, cap)
                 except InjectionError as exc:
@@ -1598,6 +1691,7 @@ def _stub_identity(pid: int) -> dict[str, object]:
         out["Gid"] = tuple(int(x) for x in fields["Gid"].split())
         out["Groups"] = tuple(sorted(int(x) for x in fields["Groups"].split()))
         out["caps"] = tuple(int(fields[k], 16) for k in ("CapInh", "CapPrm", "CapEff"))
+        out["bounding"] = int(fields["CapBnd"], 16)
         with open(f"/proc/{pid}/personality") as f:
             out["personality"] = int(f.read(), 16)
         out["cwd"] = os.readlink(f"/proc/{pid}/cwd")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from agent.as_target import Identity, check_grantable
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer, wait_running
@@ -207,9 +208,17 @@ class RestoreSession:
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
-        descriptions = Descriptions(self.names, made=self.shared.made_files)
+        # What the job shares is made as the job: its first process (each fd of a path is
+        # opened as its own process, ``Restorer._files``).
+        for p in procs:                 # credentials first: nothing is opened for a claim refused
+            assert p.records.state is not None
+            check_grantable(p.records.state.creds)
+        first = procs[0].records.state
+        assert first is not None
+        identity = Identity.of(first.creds)
+        descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity)
         try:
-            self.shared.add_files(union.contents)       # /dev/shm files, before the fds that open them
+            self.shared.add_files(union.contents, identity)       # /dev/shm files, before the fds that open them
             descriptions.add(union)
             for p, fds in zip(procs, each):
                 assert p.records.state is not None

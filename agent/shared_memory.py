@@ -35,6 +35,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable
 
+from agent.as_target import Identity
 from precopy import sysv
 from precopy.kernel import boot_id
 from transport.errors import RestoreError
@@ -101,13 +102,14 @@ class SharedObjects:
         self.segments[seg.shmid] = found
         return found
 
-    def add_files(self, contents: Iterable[FileContents]) -> None:
-        """The /dev/shm files of the image: made at their paths, or found (this very file)."""
+    def add_files(self, contents: Iterable[FileContents], identity: Identity) -> None:
+        """The /dev/shm files of the image: made at their paths by ``identity`` (the job's,
+        ``agent.as_target``), or found (this very file)."""
         made: dict[int, int] = {}
         try:
             for c in sorted((c for c in contents if c.path), key=lambda c: (c.id, c.offset)):
                 if c.id not in made:
-                    fd = _shm_file(c, socket.gethostname())
+                    fd = _shm_file(c, socket.gethostname(), identity)
                     self.files.add(c.path)
                     if fd < 0:
                         continue
@@ -227,9 +229,10 @@ def _reset_next_id() -> None:
         pass
 
 
-def _shm_file(c: FileContents, host: str) -> int:
-    """An fd of the file ``c.path`` made here (to write its contents into), or -1 where this
-    host sees the very file the source had there."""
+def _shm_file(c: FileContents, host: str, identity: Identity) -> int:
+    """An fd of the file ``c.path`` made here by ``identity`` (to write its contents into),
+    owned as the source's where ``identity`` may give it that owner; or -1 where this host
+    sees the very file the source had there."""
     try:
         st = os.lstat(c.path)
     except FileNotFoundError:
@@ -241,12 +244,14 @@ def _shm_file(c: FileContents, host: str) -> int:
         raise RestoreError(f"{c.path} on {host} is {what} than the job's: kcr-migrate does not overwrite it; "
                            "remove it, or move the job where that path is free", host=host)
     try:
-        fd = os.open(c.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = identity.open_path(c.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise RestoreError(f"cannot make {c.path} on {host}: {exc.strerror}", host=host) from None
+        raise RestoreError(f"cannot make {c.path} on {host} as the process's {identity}: {exc.strerror}",
+                           host=host) from None
     try:
-        os.fchown(fd, c.uid, c.gid)
-        os.fchmod(fd, c.mode)
+        identity.give(fd, c.uid, c.gid)
+        with identity.acting():
+            os.fchmod(fd, c.mode)
         os.ftruncate(fd, c.size)
     except OSError as exc:
         os.close(fd)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from agent import unix_sockets
+from agent.as_target import Identity
 if TYPE_CHECKING:
     from agent.fdtable import Peer
 from transport.errors import RestoreError
@@ -140,7 +141,10 @@ class Names:
     def __init__(self) -> None:
         self._made: list[tuple[str, str, tuple[int, int]]] = []     # (path, aside or "", our file)
 
-    def bind(self, sock: socket.socket, b: Bound, mode: int, uid: int, gid: int, host: str) -> None:
+    def bind(self, sock: socket.socket, b: Bound, mode: int, uid: int, gid: int, host: str,
+             identity: Identity) -> None:
+        """Bind ``sock`` to ``b``'s name as ``identity`` (the job's: its rights in the socket's
+        directory, its file), owned ``uid:gid`` where ``identity`` may give it that owner."""
         replace = check(b, host)
         if b.name[:1] == b"\0":
             try:
@@ -151,23 +155,29 @@ class Names:
             return
         path = os.fsdecode(b.name)
         aside = ""
-        if replace:
-            aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
+        with identity.acting():
+            if replace:
+                aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    aside = ""        # gone meanwhile: the path is free
+                except OSError as exc:
+                    raise RestoreError(f"cannot move the socket file {path} aside here as the process's {identity}: "
+                                       f"{exc.strerror}") from None
             try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                aside = ""        # gone meanwhile: the path is free
+                sock.bind(path)
+                try:
+                    os.chown(path, uid, gid, follow_symlinks=False)
+                except PermissionError:
+                    pass            # the job's own, as its own chown would leave it
+                os.chmod(path, mode)
+                st = os.lstat(path)
             except OSError as exc:
-                raise RestoreError(f"cannot move the socket file {path} aside here: {exc.strerror}") from None
-        try:
-            sock.bind(path)
-            os.chown(path, uid, gid, follow_symlinks=False)
-            os.chmod(path, mode)
-            st = os.lstat(path)
-        except OSError as exc:
-            if aside:
-                os.rename(aside, path)
-            raise RestoreError(f"cannot bind the unix socket {path} here: {exc.strerror}") from None
+                if aside:
+                    os.rename(aside, path)
+                raise RestoreError(f"cannot bind the unix socket {path} here as the process's {identity}: "
+                                   f"{exc.strerror}") from None
         self._made.append((path, aside, (st.st_dev, st.st_ino)))
 
     def commit(self) -> None:

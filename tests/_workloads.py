@@ -132,6 +132,8 @@ class Workload:
             kwargs: dict[str, object] = {}
             if self.user is not None:
                 kwargs.update(user=self.user, group=self.user, extra_groups=self.groups or [])
+                for f in (out, err):       # its own output files, as a batch system makes them
+                    os.fchown(f.fileno(), self.user, self.user)
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                          start_new_session=True, close_fds=True, cwd=self.dir, env=self.env,
                                          **kwargs)

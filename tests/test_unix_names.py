@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.as_target import Identity
 from agent.unix_names import Bound, Names, check, reclaim
 from tests._workloads import start_until_ready
 from transport.errors import RestoreError
+
+ROOT = Identity(0, 0, ())         # the restorer, root, restoring root's job
 
 
 def bound(path: Path, kind: int = socket.SOCK_STREAM) -> Bound:
@@ -70,7 +73,7 @@ def test_a_dead_socket_file_is_replaced_keeping_mode_and_owner_and_commit_remove
     listener(path).close()                     # its file stays, nobody listens
     names = Names()
     with socket.socket(socket.AF_UNIX) as new:
-        names.bind(new, Bound(os.fsencode(path), socket.SOCK_STREAM), 0o600, 1234, 5678, "here")
+        names.bind(new, Bound(os.fsencode(path), socket.SOCK_STREAM), 0o600, 1234, 5678, "here", ROOT)
         new.listen(1)
         st = os.stat(path)
         assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
@@ -87,7 +90,7 @@ def test_undo_puts_the_sources_own_socket_file_back(tmp_path: Path) -> None:
     with listener(path) as source:
         names = Names()
         restored = socket.socket(socket.AF_UNIX)
-        names.bind(restored, bound(path), 0o755, os.getuid(), os.getgid(), "here")
+        names.bind(restored, bound(path), 0o755, os.getuid(), os.getgid(), "here", ROOT)
         restored.listen(1)
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(str(path))
@@ -111,7 +114,7 @@ def test_reclaim_puts_back_what_a_restore_left_aside(tmp_path: Path) -> None:
         st = os.lstat(path)
         names = Names()
         with socket.socket(socket.AF_UNIX) as restored:
-            names.bind(restored, bound(path), 0o755, os.getuid(), os.getgid(), "here")
+            names.bind(restored, bound(path), 0o755, os.getuid(), os.getgid(), "here", ROOT)
         # no undo: the agent that would have done it is gone
         with socket.socket(socket.AF_UNIX) as c, pytest.raises(ConnectionRefusedError):
             c.connect(str(path))
