@@ -83,6 +83,9 @@ class StderrTail:
                 self.add(chunk)
 
 
+LOCAL_HANDSHAKE_TIMEOUT = 180.0
+
+
 async def _reap(proc: trio.Process, timeout: float = EXIT_TIMEOUT) -> None:
     """Wait for the agent to leave (it does once its stream is closed); kill it if it lingers."""
     with trio.move_on_after(timeout) as scope:
@@ -99,8 +102,12 @@ async def open_local_agent(*, argv: Sequence[str] = AGENT_ARGV, methods: Methods
                            echo_stderr: bool = True, **rpc_options: Any) -> AsyncIterator[RpcPeer]:
     """Start a local agent and yield the RPC peer talking to it; stop it on the way out.
 
-    ``rpc_options`` go to ``open_rpc`` (level, window, timeouts, stream caps).
+    ``rpc_options`` go to ``open_rpc`` (level, window, timeouts, stream caps). Its handshake
+    may take ``LOCAL_HANDSHAKE_TIMEOUT``: no link can be down to a process just started here,
+    whose start-up (Python's imports) takes tens of seconds on a loaded or emulated machine;
+    one that exits first is seen at once.
     """
+    rpc_options.setdefault("handshake_timeout", LOCAL_HANDSHAKE_TIMEOUT)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # A session of its own: Ctrl-C at a terminal (SIGINT to the whole foreground group) reaches
