@@ -28,6 +28,30 @@ def subreaper() -> None:
 # F_SEAL_WRITE before a read-only one. With "fork", a child made after the mappings
 # shares them and the fds. After the restore (at "go") each writes through the fd and
 # reads through the mapping, and the reverse, and reports what it sees.
+# The end of both jobs: with mode "fork" a child (forked after the state was made, so sharing
+# it) and the parent each report once the restore is done, the parent after what its
+# ``after_child`` checks; then the verdict.
+FORK_AND_REPORT = r"""
+child = 0
+if mode == "fork":
+    child = os.fork()
+with open(os.path.join(out_dir, "child" if child == 0 and mode == "fork" else "output"), "w") as out:
+    if child or mode != "fork":
+        open(os.path.join(out_dir, "ready"), "w").close()
+    while not os.path.exists(os.path.join(out_dir, "go")):     # made after the restore
+        time.sleep(0.01)
+    if mode == "fork" and child == 0:
+        report("child", out)
+        os._exit(0)
+    if child:
+        os.waitpid(child, 0)
+        after_child(out)
+    report("parent", out)
+with open(os.path.join(out_dir, ".verdict"), "w") as v:
+    v.write("PASS\n")
+os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
+"""
+
 MEMFD_WORKLOAD = r"""
 import fcntl, hashlib, mmap, os, sys, time
 out_dir, mode = sys.argv[1], sys.argv[2]
@@ -103,28 +127,13 @@ def report(who, out):
     out.write("".join(f"{who} {x!r}\n" for x in lines))
     out.flush()
 
-child = 0
-if mode == "fork":
-    child = os.fork()
-with open(os.path.join(out_dir, "child" if child == 0 and mode == "fork" else "output"), "w") as out:
-    if child or mode != "fork":
-        open(os.path.join(out_dir, "ready"), "w").close()
-    while not os.path.exists(os.path.join(out_dir, "go")):     # made after the restore
-        time.sleep(0.01)
-    if mode == "fork" and child == 0:
-        report("child", out)
-        os._exit(0)
-    if child:
-        os.waitpid(child, 0)
-        # what the child wrote is in the one file and the one mapping
-        out.write(f"after child {bytes(m[100:106])!r} {os.pread(fd, 6, 200)!r}\n")
-        os.pwrite(fd, b"zzzzzz", 100)
-        os.pwrite(fd, b"zzzzzz", 200)
-    report("parent", out)
-with open(os.path.join(out_dir, ".verdict"), "w") as v:
-    v.write("PASS\n")
-os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
-"""
+
+def after_child(out):
+    # what the child wrote is in the one file and the one mapping
+    out.write(f"after child {bytes(m[100:106])!r} {os.pread(fd, 6, 200)!r}\n")
+    os.pwrite(fd, b"zzzzzz", 100)
+    os.pwrite(fd, b"zzzzzz", 200)
+""" + FORK_AND_REPORT
 
 
 def _run(tmp_path: Path, where: str, mode: str, move: bool, live: bool = False, script: str | None = None) -> Workload:
@@ -257,25 +266,10 @@ def report(who, out):
     out.write("".join(f"{who} {x!r}\n" for x in lines))
     out.flush()
 
-child = 0
-if mode == "fork":
-    child = os.fork()
-with open(os.path.join(out_dir, "child" if child == 0 and mode == "fork" else "output"), "w") as out:
-    if child or mode != "fork":
-        open(os.path.join(out_dir, "ready"), "w").close()
-    while not os.path.exists(os.path.join(out_dir, "go")):     # made after the restore
-        time.sleep(0.01)
-    if mode == "fork" and child == 0:
-        report("child", out)
-        os._exit(0)
-    if child:
-        os.waitpid(child, 0)
-        out.write(f"after child {bytes(shared[200:203])!r}\n")  # the child's write, in the one mapping
-    report("parent", out)
-with open(os.path.join(out_dir, ".verdict"), "w") as v:
-    v.write("PASS\n")
-os.replace(os.path.join(out_dir, ".verdict"), os.path.join(out_dir, "verdict"))
-"""
+
+def after_child(out):
+    out.write(f"after child {bytes(shared[200:203])!r}\n")  # the child's write, in the one mapping
+""" + FORK_AND_REPORT
 
 
 @pytest.mark.parametrize("mode,live", [("alone", False), ("fork", False), ("alone", True)],
