@@ -78,7 +78,8 @@ def _folder(controllers: str, path: str, where: dict[str, tuple[str, str]]) -> s
 def check_chosen(path: str, host: str) -> None:
     """Preflight for ``--cgroup PATH``: that unified cgroup exists here and takes processes;
     RestoreError naming it if not."""
-    folder = _folder("", check_path(path), mounts())
+    where = mounts()
+    folder = _folder("", check_path(path), where)
     if folder is None:
         raise RestoreError(f"--cgroup {path}: {host} has no cgroup v2 hierarchy showing it to its agent", host=host)
     if not os.path.isdir(folder):
@@ -89,7 +90,7 @@ def check_chosen(path: str, host: str) -> None:
             delegated = f.read().split()
     except OSError:
         delegated = []
-    if delegated and os.path.normpath(folder) != os.path.normpath(_folder("", "/", mounts()) or ""):
+    if delegated and os.path.normpath(folder) != os.path.normpath(_folder("", "/", where) or ""):
         raise RestoreError(f"--cgroup {path} on {host} gives controllers to its children ({' '.join(delegated)}), "
                            "so it may hold no process of its own: name a leaf cgroup", host=host)
     if not os.access(os.path.join(folder, "cgroup.procs"), os.W_OK):
