@@ -260,7 +260,9 @@ class SlurmCluster:
             "SchedulerType=sched/builtin",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
-            "ReturnToService=2",
+            # 1, not 2: a node the admin (a test) sets DOWN stays down; with 2 the next
+            # registration slurmctld asks of a DOWN node returns it to service
+            "ReturnToService=1",
             "MinJobAge=3600",
             "SlurmdParameters=config_overrides",
             f"PlugStackConfig={d}/plugstack.conf",
