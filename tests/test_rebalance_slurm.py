@@ -23,9 +23,11 @@ from tests.test_slurm import sacct_line, wait_job
 WORKERS = 4
 # Four busy workers under the batch shell, each about 30 % of a CPU: the job's workload. They
 # run until scancel, or until let go (their go-on file), when they stop at their next hundred
-# steps and the batch script ends with them.
+# steps and the batch script ends with them. At nice -10, ahead of whatever else keeps the
+# machine busy: starved, a worker uses less than its duty, and a second measurement would not
+# see the load the first one set the threshold from.
 BATCH = '''#!/bin/sh
-for i in {workers}; do WORKLOAD_HOLD={out}/w$i/go-on {exe} {out}/w$i 30 1000000 16 & done
+for i in {workers}; do WORKLOAD_HOLD={out}/w$i/go-on nice -n -10 {exe} {out}/w$i 30 1000000 16 & done
 wait
 '''
 
