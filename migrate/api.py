@@ -155,6 +155,8 @@ class MigrationReport:
     stop_reason: str = ""
     downtime_ms: float = 0.0
     downtime_uncertainty_ms: float = 0.0
+    frozen_at: float = 0.0             # when its first thread stopped, and when it ran on the
+    running_at: float = 0.0            # destination: time.monotonic() of the calling process
     total_ms: float = 0.0
     bytes_raw: int = 0
     bytes_on_wire: int = 0

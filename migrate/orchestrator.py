@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 import trio
@@ -91,10 +91,17 @@ def open_agent(host: str, *, ssh_config: str | None = None, command: str | None 
 
 
 class Migration:
-    """One migration of ``pid`` from ``source`` to ``dest`` (host names; "localhost" needs no SSH)."""
+    """One migration of ``pid`` from ``source`` to ``dest`` (host names; "localhost" needs no SSH).
+
+    ``frozen_slot``: entered once pre-copy has ended, before the process is frozen, and left
+    once it runs again (on the destination, or back on the source): a caller running several
+    migrations at once (the rebalance executor) lets one at a time be frozen on a host, so that
+    their final rounds and restores do not share its CPUs and link, which stretches each freeze.
+    """
 
     def __init__(self, pid: int, source: str, dest: str, options: MigrationOptions | None = None, *,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 frozen_slot: Callable[[], AbstractAsyncContextManager[Any]] | None = None) -> None:
         self.pid = pid
         self.source = source
         self.dest = dest
@@ -107,6 +114,8 @@ class Migration:
         self._scope: trio.CancelScope | None = None
         self._cancel_requested = False
         self._phase_t = time.monotonic()
+        self._frozen_slot = frozen_slot
+        self._frozen = AsyncExitStack()      # holds the slot while the process is frozen
 
     # --- the caller's side -------------------------------------------------------------------
 
@@ -283,7 +292,8 @@ class Migration:
                 # so the rollback reaches both agents, and then close with a goodbye.
                 with trio.CancelScope() as migrating:
                     self._cancel_within(migrating)
-                    await self._migrate(src, dst)
+                    async with self._frozen:
+                        await self._migrate(src, dst)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -384,6 +394,8 @@ class Migration:
             running_ns = int(go["running_ns"]) - dst_off
             r.downtime_ms = (running_ns - first_ns) / 1e6 + uncertainty
             r.downtime_uncertainty_ms = uncertainty
+            r.frozen_at, r.running_at = first_ns / 1e9, running_ns / 1e9
+            await self._frozen.aclose()      # it runs: another migration may freeze
             self._advance(PhaseEvent.RUNNING)
             if self.deputy_to is not None:
                 await self._stand_in(src, dst)
@@ -567,6 +579,9 @@ class Migration:
         else:
             r.stop_reason = "stop-and-copy"
         self._advance(PhaseEvent.PRECOPY_DONE)
+        if self._frozen_slot is not None:
+            # Waiting here, the process runs: what it writes meanwhile goes in the final delta.
+            await self._frozen.enter_async_context(self._frozen_slot())
         if restore is not None:
             nursery, restored = restore
 

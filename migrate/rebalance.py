@@ -2,7 +2,9 @@
 
 ``execute(plan, options)`` runs each move with the library's ``Migration``, as many at a time
 as the plan's policy allows on any host (``max_per_host``, as source or destination; moves
-start in the plan's order as their hosts have room). A failed move rolls back as every
+start in the plan's order as their hosts have room). Their pre-copy rounds overlap, but a host
+has one of its moves frozen at a time (``Migration``'s ``frozen_slot``): moves frozen together
+shared its CPUs and link and each froze many times longer. A failed move rolls back as every
 migration does (the process runs on where it was); then the rest of the plan goes on, or
 (``on_failure="stop"``) no further move starts and those running finish. Events say when each
 move starts and how it ended; the ``RebalanceReport`` lists what moved (downtime and bytes per
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Literal, Union
 
@@ -64,7 +67,9 @@ class RebalanceReport:
     """``moves``: one entry per move of the plan, in its order, with ``state`` done, rolled-back
     (it failed and was undone: the process runs on its source), failed (in preflight: nothing
     was touched), unsettled (see ``message``), not-started or
-    dry-run; ``rejected``: the plan's candidates that were not moved, and why."""
+    dry-run (a moved one also says when it was frozen: ``frozen_s``, from its first thread
+    stopped to its running on the destination, in seconds since the run started); ``rejected``:
+    the plan's candidates that were not moved, and why."""
 
     moves: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -84,7 +89,7 @@ class RebalanceReport:
                 "moved": len(self.moved), "failed": len(self.failed)}
 
 
-def _result(move: Move, state: str, report: Any = None, message: str = "") -> dict[str, Any]:
+def _result(move: Move, state: str, report: Any = None, message: str = "", t0: float = 0.0) -> dict[str, Any]:
     out: dict[str, Any] = {"pid": move.pid, "source": move.source, "dest": move.dest, "comm": move.comm,
                            "state": state, "message": message, "est_downtime_ms": move.est_downtime_ms,
                            "est_time_s": move.est_time_s}
@@ -94,6 +99,8 @@ def _result(move: Move, state: str, report: Any = None, message: str = "") -> di
                    rounds=report.rounds, stop_reason=report.stop_reason, warnings=list(report.warnings),
                    stand_in=dict(report.stand_in))
         out["message"] = message or report.message
+        if report.running_at:
+            out["frozen_s"] = [round(report.frozen_at - t0, 6), round(report.running_at - t0, 6)]
     return out
 
 
@@ -109,6 +116,8 @@ class Rebalance:
         self._running: dict[int, Migration] = {}
         self._stop = ""
         self._send, self._receive = trio.open_memory_channel[RebalanceEvent](math.inf)
+        self._frozen: dict[str, trio.Semaphore] = {}     # host -> its one frozen move at a time
+        self._t0 = 0.0
 
     def cancel(self) -> None:
         """Roll back the moves under way and start no more."""
@@ -139,8 +148,24 @@ class Rebalance:
             o = replace(o, bandwidth_limit=limit)
         return o
 
+    @asynccontextmanager
+    async def _frozen_on(self, move: Move) -> AsyncIterator[None]:
+        """While ``move``'s process is frozen: its two hosts' frozen slots (in name order, so
+        two moves never hold one each and wait for the other)."""
+        hosts = sorted({move.source, move.dest})
+        taken: list[trio.Semaphore] = []
+        try:
+            for h in hosts:
+                slot = self._frozen.setdefault(h, trio.Semaphore(1))
+                await slot.acquire()
+                taken.append(slot)
+            yield
+        finally:
+            for slot in taken:
+                slot.release()
+
     async def run(self) -> RebalanceReport:
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         results: list[dict[str, Any] | None] = [None] * len(self.plan.moves)
         limit = self.plan.policy.max_per_host
         slots: dict[str, trio.Semaphore] = {}
@@ -174,11 +199,12 @@ class Rebalance:
                    slots: dict[str, trio.Semaphore]) -> None:
         try:
             self._emit(MoveStarted(move))
-            migration = Migration(move.pid, move.source, move.dest, self._options(move))
+            migration = Migration(move.pid, move.source, move.dest, self._options(move),
+                                  frozen_slot=lambda: self._frozen_on(move))
             self._running[i] = migration
             try:
                 report = await migration.run()
-                results[i] = _result(move, report.state, report)
+                results[i] = _result(move, report.state, report, t0=self._t0)
             except MigrationError as exc:
                 state = migration.report.state
                 results[i] = _result(move, {"preflight": "failed", "done": "rolled-back"}.get(state, state),
