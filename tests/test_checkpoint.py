@@ -166,6 +166,10 @@ with open(os.path.join(out_dir, "output"), "w") as out:
         out.flush()
         if i == 5:
             open(os.path.join(out_dir, "ready"), "w").close()
+        # held (WORKLOAD_HOLD), it waits here for the test's verdict: on a busy machine a
+        # checkpoint that starts late still lands mid-run, never after the end
+        while i == 45 and os.environ.get("WORKLOAD_HOLD") and not os.path.exists(os.environ["WORKLOAD_HOLD"]):
+            time.sleep(0.01)
         time.sleep(0.02)
 with open(os.path.join(out_dir, ".verdict"), "w") as v:      # whole, or not there: the test polls
     v.write("PASS\n")
@@ -180,7 +184,8 @@ def test_cpython_script(tmp_path: Path) -> None:
     ref.start()
     assert ref.verdict() == "PASS"
     ref.reap_original()
-    w = Workload("py", tmp_path / "restored", argv=[sys.executable, "-S", str(script), str(tmp_path / "restored" / "py")])
+    w = Workload("py", tmp_path / "restored", argv=[sys.executable, "-S", str(script), str(tmp_path / "restored" / "py")],
+                 hold=True)
     w.start()
     w.wait_ready()
     new_pid, _ = checkpoint_and_restore(w, tmp_path)
