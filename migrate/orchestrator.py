@@ -6,14 +6,16 @@
     FREEZE     source_freeze: every thread stopped, the last delta and the state relayed
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
     COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source
-    --------   the point of no return: dest_go
+    SOURCE_COMMITTED  it did; GO not yet written: a destination connection that ended
+               meanwhile, or a Ctrl-C, still rolls back (the source is released, and runs on)
+    --------   the point of no return: dest_go handed to the destination's link
     GO_SENT    dest_go: the process runs on the destination (RUNNING)
     COMMIT     source_kill, or with --stand-in source_stand_in (the deputy, dest_deputy, was
                started in preflight and given the process by dest_restore)
     ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
 
 What a failure does in each phase is the protocol core's (``migrate.phases``): before GO is
-sent, roll back; once it is, a lost answer never resumes the source: it is left stopped and
+written, roll back; once it is, a lost answer never resumes the source: it is left stopped and
 the report says how to settle it (``kcr-migrate resolve``); once the copy runs, a warning.
 Agents that stop hearing from us settle on their own (``keepalive``). The ``Migration`` owns
 its nursery; cleanup runs shielded with deadlines.
@@ -42,7 +44,7 @@ from migrate.api import (
     WarningRaised,
 )
 from migrate.fshooks import HookContext, parse_hook
-from migrate.phases import Action, Failure, Phase, PhaseMachine
+from migrate.phases import ASKED_TO_COMMIT, Action, Failure, Phase, PhaseMachine
 from migrate.phases import Event as PhaseEvent
 from transport._nursery import leaves, service_nursery
 from transport.errors import (
@@ -106,6 +108,7 @@ class Migration:
         self._send, self._receive = trio.open_memory_channel[Event](math.inf)
         self._scope: trio.CancelScope | None = None
         self._cancel_requested = False
+        self._maybe_stopped = False     # rolled back, but the source, asked to commit, could not be released
         self._phase_t = time.monotonic()
 
     # --- the caller's side -------------------------------------------------------------------
@@ -131,7 +134,8 @@ class Migration:
                 self._cancel_within(connecting)
                 await self._run()
             if self._cancel_requested and self.report.state in ("preflight", "rolled-back"):
-                raise Cancelled("interrupted: the migration was rolled back and the process runs on the source",
+                raise Cancelled("interrupted: the migration was " + (
+                    self.report.message if self._maybe_stopped else "rolled back and the process runs on the source"),
                                 pid=self.pid, phase=self.machine.phase.value)
         finally:
             self._scope = None
@@ -364,12 +368,23 @@ class Migration:
                 self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
             committed = await src.call("source_commit_pending")
             late = list(committed.get("signals", []))
+            self._advance(PhaseEvent.COMMITTED)
+            # GO is not written yet: a destination connection that ended meanwhile (its agent
+            # died, the keepalive gave up on its link) or a Ctrl-C still rolls back, and the
+            # source runs on. One pass lets the readers report what has come in.
+            await trio.lowlevel.checkpoint()
+            if dst.error is not None:
+                raise dst.error
+            if dst.closed.is_set():
+                raise ChannelClosed(f"the connection to {self.dest} is closed")
         except BaseException as exc:
             await self._failed(src, dst, exc)
             raise
         # ---- the point of no return: from here the source is never resumed by us alone ----
         with trio.CancelScope(shield=True):
-            self._advance(PhaseEvent.COMMITTED)
+            # No wait between that check and handing GO to the link (``dest_go`` queues it
+            # before its first wait): from here GO may arrive, whatever fails.
+            self._advance(PhaseEvent.GO)
             try:
                 with trio.fail_after(max(o.link_timeout_s, 5.0)):
                     go = await dst.call("dest_go", signals=late)
@@ -641,8 +656,8 @@ class Migration:
         if event is not None:
             self._advance(event)
         if action is Action.ROLL_BACK:
-            # asked to commit, its answer lost: GO was never sent, but the source may be stopped
-            await self._rollback(src, dst, exc, asked_commit=failed_in is Phase.COMMIT_ASKED)
+            # asked to commit (or committed): GO was never written, but the source may be stopped
+            await self._rollback(src, dst, exc, asked_commit=failed_in in ASKED_TO_COMMIT)
         elif action is Action.KEEP_STOPPED:
             await self._unsettled(src, exc)
 
@@ -663,19 +678,30 @@ class Migration:
                         await peer.call(method)
                 except (MigrationError, trio.TooSlowError):
                     unreached.append(who)
+        r = self.report
         if unreached and asked_commit and self.source in unreached:
             where = f"{self.pid}@{self.source}"
+            self._maybe_stopped = True
+            r.message = (f"rolled back, but the agent on {self.source} could not be reached after it was asked to "
+                         f"commit: if pid {self.pid} there is stopped (it never ran on {self.dest}), settle it "
+                         f"with `kcr-migrate resolve {where} --resume`")
             self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back, after asking the source's "
                        f"to commit: if pid {self.pid} on {self.source} is stopped (it never ran on {self.dest}), "
                        f"settle it with `kcr-migrate resolve {where} --resume`")
-        elif unreached:
-            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
-                       f"within {self.options.link_timeout_s:g} s (the source process runs on)")
-        self.report.state = "rolled-back"
+        else:
+            r.message = f"rolled back: pid {self.pid} runs on at {self.source}"
+            if unreached:
+                self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
+                           f"within {self.options.link_timeout_s:g} s (the source process runs on)")
+        r.state = "rolled-back"
         if isinstance(exc, MigrationError):
             failed_in = self.machine.history[-1][0].value if self.machine.history else Phase.PREFLIGHT.value
             exc.phase = exc.phase or failed_in
             exc.pid = exc.pid if exc.pid is not None else self.pid
+            if asked_commit:
+                # the source had been marked to stop: say what became of it
+                exc.message = f"{exc.message}; GO was never sent: {r.message}"
+                exc.args = (exc.message,)
         if self.machine.phase is Phase.ROLLBACK:
             self._advance(PhaseEvent.ROLLED_BACK)
 
