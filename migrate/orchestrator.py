@@ -385,12 +385,20 @@ class Migration:
             # No wait between that check and handing GO to the link (``dest_go`` queues it
             # before its first wait): from here GO may arrive, whatever fails.
             self._advance(PhaseEvent.GO)
+            written = False
             try:
                 with trio.fail_after(max(o.link_timeout_s, 5.0)):
-                    go = await dst.call("dest_go", signals=late)
+                    async with dst.open_call("dest_go", signals=late) as call:
+                        written = True
+                        go = await call.result()
             except (MigrationError, trio.TooSlowError) as exc:
-                await self._failed(src, dst, exc)
-                raise AssertionError("unreachable") from None
+                if not written and isinstance(exc, MigrationError):
+                    # The call failed before GO was written, for good (its connection had
+                    # ended, or its writer failed on GO or before it): GO cannot arrive. A
+                    # timeout here is not that: GO stays queued and may still go out.
+                    self._advance(PhaseEvent.GO_REFUSED)
+                await self._failed(src, dst, exc)     # unsettled: raises MigrationUnsettled
+                raise                                 # rolled back: GO never left
             r.new_pid = int(go["pid"])
             for w in go.get("warnings", []):
                 self._warn(str(w))
@@ -672,14 +680,16 @@ class Migration:
                 except (MigrationError, trio.TooSlowError) as hook_exc:
                     self._warn(f"filesystem hook {hook.name}: discarding the destination's copy failed: "
                                f"{hook_exc}")
+            released = True
             for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
                 try:
                     with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s)):
                         await peer.call(method)
                 except (MigrationError, trio.TooSlowError):
                     unreached.append(who)
+                    released = peer is not src     # by role: both hosts may be one
         r = self.report
-        if unreached and asked_commit and self.source in unreached:
+        if asked_commit and not released:
             where = f"{self.pid}@{self.source}"
             self._maybe_stopped = True
             r.message = (f"rolled back, but the agent on {self.source} could not be reached after it was asked to "

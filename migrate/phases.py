@@ -38,8 +38,12 @@ a cancel, its own step failed) is one table per role (``Protocol.failure``):
   only while that connection is not known to be broken. From GO_SENT on, GO may be on its way
   (a link that broke under it may deliver it later, or may have delivered it to an agent that
   ran the copy and died before answering): the source is kept stopped (``KEEP_STOPPED``,
-  "unsettled"), for every failure alike. Once the copy runs (COMMIT), failures are warnings
-  (``RUN_ON``).
+  "unsettled"), for every failure alike, a timeout or a Ctrl-C while GO is being written
+  included (it may still go out). One exception, GO_REFUSED: the link itself refused to write
+  GO (the connection had ended before GO's last byte was taken: a frame cut short is never
+  acted on, and nothing follows it on a broken connection), so it cannot arrive, and the
+  orchestrator is back in SOURCE_COMMITTED. Once the copy runs (COMMIT), failures are
+  warnings (``RUN_ON``).
 
 The orchestrator sends GO only after the source confirmed COMMIT_PENDING, and a destination
 runs its copy only on GO: so at most one copy runs, and the source is never resumed
@@ -160,6 +164,7 @@ class Event(enum.Enum):
     READY = "ready"             # the destination restored the process and holds it stopped
     COMMITTED = "committed"     # the source answered commit_pending: losing it now stops the source
     GO = "go"                   # GO is handed to the destination's link (not known broken): it may arrive
+    GO_REFUSED = "go-refused"   # the link refused GO (its connection had ended): not a byte of it can arrive
     RUNNING = "running"         # the destination confirmed the process runs
     SOURCE_KILLED = "source-killed"
     STOOD_IN = "stood-in"       # the source became a stand-in (--stand-in) instead of being killed
@@ -191,6 +196,9 @@ _ORCHESTRATOR_TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.RESTORE, Event.READY): Phase.COMMIT_ASKED,
     (Phase.COMMIT_ASKED, Event.COMMITTED): Phase.SOURCE_COMMITTED,
     (Phase.SOURCE_COMMITTED, Event.GO): Phase.GO_SENT,
+    # The one way back from the point of no return: the link refused to write GO, so GO never
+    # left and cannot arrive; what fails next is SOURCE_COMMITTED's (roll back).
+    (Phase.GO_SENT, Event.GO_REFUSED): Phase.SOURCE_COMMITTED,
     (Phase.GO_SENT, Event.RUNNING): Phase.COMMIT,
     (Phase.COMMIT, Event.SOURCE_KILLED): Phase.DONE,
     (Phase.COMMIT, Event.STOOD_IN): Phase.DONE,

@@ -72,10 +72,14 @@ def test_failure_after_go_never_rolls_back() -> None:
 
 
 def test_go_only_after_the_source_committed() -> None:
-    """GO is written only from SOURCE_COMMITTED: never before the source answered commit_pending."""
+    """GO is written only from SOURCE_COMMITTED: never before the source answered commit_pending;
+    the one way back from GO_SENT is the link refusing to write GO."""
     assert [s for (s, e) in ORCHESTRATOR.transitions if e is Event.GO] == [Phase.SOURCE_COMMITTED]
-    assert [s for (s, e), n in ORCHESTRATOR.transitions.items() if n is Phase.SOURCE_COMMITTED] == \
-        [Phase.COMMIT_ASKED]
+    assert {(s, e) for (s, e), n in ORCHESTRATOR.transitions.items() if n is Phase.SOURCE_COMMITTED} == \
+        {(Phase.COMMIT_ASKED, Event.COMMITTED), (Phase.GO_SENT, Event.GO_REFUSED)}
+    back = [(s, e) for (s, e), n in ORCHESTRATOR.transitions.items()
+            if s in ORCHESTRATOR.committed and n not in ORCHESTRATOR.committed]
+    assert back == [(Phase.GO_SENT, Event.GO_REFUSED)]
 
 
 def test_failure_after_running_is_only_a_warning() -> None:
@@ -188,9 +192,13 @@ class Refused(Exception):
 
 
 class CallFailed(Exception):
-    def __init__(self, failure: Failure) -> None:
+    """``written``: whether the message may have left (False: the link refused it, or a
+    failure came before it was handed over)."""
+
+    def __init__(self, failure: Failure, written: bool = True) -> None:
         super().__init__(failure.value)
         self.failure = failure
+        self.written = written
 
 
 class OrchestratorDied(Exception):
@@ -199,10 +207,12 @@ class OrchestratorDied(Exception):
 
 # A fault at a message: most strike as it is written or answered (GO among them: then it may
 # arrive); "cancel" and the "-noticed" kinds come first, seen by the orchestrator before it
-# writes the message (a Ctrl-C, an agent whose connection has already closed).
+# writes the message (a Ctrl-C, an agent whose connection has already closed); "refused": its
+# agent died unseen, and writing the message fails (it is not written).
 KINDS = ("lose-request", "lose-reply", "duplicate", "delay", "delay-late", "refuse", "cancel", "cancel-after",
          "kill-orchestrator", "kill-source-agent", "kill-holder", "kill-destination-agent",
-         "kill-target-after", "kill-holder-after", "source-agent-died-noticed", "destination-agent-died-noticed")
+         "kill-target-after", "kill-holder-after", "source-agent-died-noticed", "destination-agent-died-noticed",
+         "refused")
 SOURCE_OPS: dict[str, list[HolderEvent]] = {
     "open": [HolderEvent.SEIZE], "precopy": [], "freeze": [HolderEvent.FREEZE, HolderEvent.COLLECT],
     "commit_pending": [HolderEvent.COMMIT_PENDING], "kill": [HolderEvent.KILL], "stand_in": [HolderEvent.STAND_IN],
@@ -406,15 +416,18 @@ class World:
             raise OrchestratorDied()
         # -- seen before the message is written: it is not --
         if kind == "cancel":
-            raise CallFailed(Failure.CANCELLED)
+            raise CallFailed(Failure.CANCELLED, written=False)
         if kind in ("source-agent-died-noticed", "destination-agent-died-noticed"):
             who = kind.split("-")[0]
             self.kill_agent(who)
             self.gone[who] = True
         if self.gone[role]:
-            raise CallFailed(Failure.LINK_LOST if self.cut[role] else Failure.PEER_DIED)
+            raise CallFailed(Failure.LINK_LOST if self.cut[role] else Failure.PEER_DIED, written=False)
         if on_write is not None:
             on_write()
+        if kind == "refused":
+            self.kill_agent(role)
+            raise CallFailed(Failure.PEER_DIED, written=False)
         # -- written: it may arrive --
         if kind in ("kill-source-agent", "kill-destination-agent"):
             self.kill_agent(kind.split("-")[1])
@@ -484,7 +497,13 @@ class World:
             def written() -> None:
                 m.handle(Event.GO)
                 self.go_written = True
-            self.request("destination", "go", on_write=written)
+            try:
+                self.request("destination", "go", on_write=written)
+            except CallFailed as exc:
+                if self.go_written and not exc.written:     # the link refused it: GO cannot arrive
+                    m.handle(Event.GO_REFUSED)
+                    self.go_written = False
+                raise
             m.handle(Event.RUNNING)
             self.request("source", "stand_in" if self.stand_in else "kill")
             m.handle(Event.STOOD_IN if self.stand_in else Event.SOURCE_KILLED)
@@ -584,7 +603,7 @@ def test_go_never_written_the_source_runs_on_without_resolve() -> None:
     COMMIT_PENDING)."""
     from_commit = 0
     for stand_in in (False, True):
-        for kind in ("destination-agent-died-noticed", "cancel"):
+        for kind in ("destination-agent-died-noticed", "cancel", "refused"):
             at = 0
             while True:
                 w = World({at: kind}, stand_in)
@@ -597,7 +616,7 @@ def test_go_never_written_the_source_runs_on_without_resolve() -> None:
                 at += 1
     # each kind at GO itself, and a destination that died as commit_pending went out; with and
     # without a stand-in
-    assert from_commit == 6
+    assert from_commit == 8
 
 
 def test_go_written_is_never_taken_back() -> None:
