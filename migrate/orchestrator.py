@@ -108,7 +108,6 @@ class Migration:
         self._send, self._receive = trio.open_memory_channel[Event](math.inf)
         self._scope: trio.CancelScope | None = None
         self._cancel_requested = False
-        self._maybe_stopped = False     # rolled back, but the source, asked to commit, could not be released
         self._phase_t = time.monotonic()
 
     # --- the caller's side -------------------------------------------------------------------
@@ -134,8 +133,7 @@ class Migration:
                 self._cancel_within(connecting)
                 await self._run()
             if self._cancel_requested and self.report.state in ("preflight", "rolled-back"):
-                raise Cancelled("interrupted: the migration was " + (
-                    self.report.message if self._maybe_stopped else "rolled back and the process runs on the source"),
+                raise Cancelled("interrupted: the migration was rolled back and the process runs on the source",
                                 pid=self.pid, phase=self.machine.phase.value)
         finally:
             self._scope = None
@@ -670,7 +668,9 @@ class Migration:
             await self._unsettled(src, exc)
 
     async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException, *, asked_commit: bool) -> None:
-        """Before GO: destroy the destination's copy, let the source run on."""
+        """Before GO: destroy the destination's copy, let the source run on. If the source was
+        asked to commit and cannot be told to run on, it is left stopped by its agent: raises
+        MigrationUnsettled (settled by ``resolve --resume``: GO was never written)."""
         unreached = []
         with trio.CancelScope(shield=True):
             for hook in getattr(self, "hooks", []):
@@ -680,40 +680,41 @@ class Migration:
                 except (MigrationError, trio.TooSlowError) as hook_exc:
                     self._warn(f"filesystem hook {hook.name}: discarding the destination's copy failed: "
                                f"{hook_exc}")
-            released = True
+            released = True      # the source: told to run on (or, not marked, its agent lets it)
             for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
                 try:
                     with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s)):
                         await peer.call(method)
                 except (MigrationError, trio.TooSlowError):
                     unreached.append(who)
-                    released = peer is not src     # by role: both hosts may be one
+                    if peer is src:         # by role: both hosts may be one
+                        released = False
         r = self.report
-        if asked_commit and not released:
-            where = f"{self.pid}@{self.source}"
-            self._maybe_stopped = True
-            r.message = (f"rolled back, but the agent on {self.source} could not be reached after it was asked to "
-                         f"commit: if pid {self.pid} there is stopped (it never ran on {self.dest}), settle it "
-                         f"with `kcr-migrate resolve {where} --resume`")
-            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back, after asking the source's "
-                       f"to commit: if pid {self.pid} on {self.source} is stopped (it never ran on {self.dest}), "
-                       f"settle it with `kcr-migrate resolve {where} --resume`")
-        else:
-            r.message = f"rolled back: pid {self.pid} runs on at {self.source}"
-            if unreached:
-                self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
-                           f"within {self.options.link_timeout_s:g} s (the source process runs on)")
-        r.state = "rolled-back"
+        failed_in = self.machine.history[-1][0].value if self.machine.history else Phase.PREFLIGHT.value
         if isinstance(exc, MigrationError):
-            failed_in = self.machine.history[-1][0].value if self.machine.history else Phase.PREFLIGHT.value
             exc.phase = exc.phase or failed_in
             exc.pid = exc.pid if exc.pid is not None else self.pid
-            if asked_commit:
-                # the source had been marked to stop: say what became of it
-                exc.message = f"{exc.message}; GO was never sent: {r.message}"
-                exc.args = (exc.message,)
         if self.machine.phase is Phase.ROLLBACK:
             self._advance(PhaseEvent.ROLLED_BACK)
+        if asked_commit and not released:
+            # Marked to stop and not told otherwise: its agent keeps it stopped. GO was never
+            # written, so it never ran on the destination: unsettled, settled by --resume.
+            where = f"{self.pid}@{self.source}"
+            r.state = "unsettled"
+            r.message = (f"rolled back before GO was sent ({exc}), but the agent on {self.source} could not be "
+                         f"reached after the source was asked to commit: pid {self.pid} there is stopped, or "
+                         f"being stopped by its agent (it never ran on {self.dest}); let it go on with "
+                         f"`kcr-migrate resolve {where} --resume`")
+            raise MigrationUnsettled(r.message, phase=failed_in, pid=self.pid, host=None) from None
+        r.state = "rolled-back"
+        r.message = f"rolled back: pid {self.pid} runs on at {self.source}"
+        if unreached:
+            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
+                       f"within {self.options.link_timeout_s:g} s (the source process runs on)")
+        if asked_commit and isinstance(exc, MigrationError):
+            # the source had been marked to stop: say what became of it
+            exc.message = f"{exc.message}; GO was never sent: {r.message}"
+            exc.args = (exc.message,)
 
     async def _unsettled(self, src: RpcPeer, exc: BaseException) -> None:
         """GO was sent but not confirmed: keep the source stopped; say how to settle it."""
