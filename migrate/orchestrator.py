@@ -5,7 +5,8 @@
     PRECOPY    source_precopy's stream relayed into dest_receive while the process runs
     FREEZE     source_freeze: every thread stopped, the last delta and the state relayed
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
-    COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source
+    COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source;
+               meanwhile the destination must answer (a keepalive), so that its death is seen here
     SOURCE_COMMITTED  it did; GO not yet written: a destination connection that ended
                meanwhile, or a Ctrl-C, still rolls back (the source is released, and runs on)
     --------   the point of no return: dest_go handed to the destination's link
@@ -364,7 +365,21 @@ class Migration:
             self._advance(PhaseEvent.READY)
             if self.deputy_to is not None:
                 self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
-            committed = await src.call("source_commit_pending")
+            committed: dict[str, Any] = {}
+
+            async def commit() -> None:
+                committed.update(await src.call("source_commit_pending"))
+
+            async def destination_answers() -> None:
+                # GO goes only to a destination that answered since the source was asked: one
+                # that dies meanwhile is seen now (roll back), not once GO is on its way
+                # (unsettled). In parallel with the commit: no longer frozen for it.
+                timeout = o.link_timeout_s
+                await dst.call("keepalive", link_timeout=timeout, timeout=timeout)
+
+            async with service_nursery() as asking:
+                asking.start_soon(commit)
+                asking.start_soon(destination_answers)
             late = list(committed.get("signals", []))
             self._advance(PhaseEvent.COMMITTED)
             # GO is not written yet: a destination connection that ended meanwhile (its agent

@@ -219,7 +219,7 @@ SOURCE_OPS: dict[str, list[HolderEvent]] = {
     "hold": [HolderEvent.HOLD], "release": [HolderEvent.RELEASE]}
 DEST_OPS: dict[str, list[DestEvent]] = {
     "check": [DestEvent.CHECK], "receive": [DestEvent.RECEIVE], "restore": [DestEvent.RESTORED],
-    "go": [DestEvent.GO, DestEvent.RAN], "abort": [DestEvent.ABORT]}
+    "go": [DestEvent.GO, DestEvent.RAN], "abort": [DestEvent.ABORT], "keepalive": []}
 
 
 @dataclass
@@ -490,6 +490,7 @@ class World:
             self.request("destination", "restore")
             m.handle(Event.READY)
             self.request("source", "commit_pending")
+            self.request("destination", "keepalive")     # alongside: it still answers
             m.handle(Event.COMMITTED)
             # GO is written only if the destination's connection is not known broken (else
             # the failure is SOURCE_COMMITTED's: roll back); from that moment it may arrive
@@ -614,9 +615,9 @@ def test_go_never_written_the_source_runs_on_without_resolve() -> None:
                 if (HolderState.COMMIT_PENDING, HolderEvent.RELEASE, HolderState.RESUMED) in w.holder.history:
                     from_commit += 1
                 at += 1
-    # each kind at GO itself, and a destination that died as commit_pending went out; with and
-    # without a stand-in
-    assert from_commit == 8
+    # with and without a stand-in, each kind at the keepalive beside the commit and at GO itself,
+    # and a destination that died as commit_pending went out
+    assert from_commit == 2 * (3 * 2 + 1)
 
 
 def test_go_written_is_never_taken_back() -> None:
