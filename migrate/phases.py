@@ -32,7 +32,9 @@ a cancel, its own step failed) is one table per role (``Protocol.failure``):
 * The orchestrator rolls back (``ROLL_BACK``: destroy the copy, release the source) up to
   SOURCE_COMMITTED, whatever the failure: GO was never handed to the destination's link, so
   no copy can run, and the source, committed or asked to, is released (RELEASE discards the
-  guard); only a source agent it cannot reach any more is left to ``resolve --resume``. The
+  guard); only a source agent it cannot reach any more is left to ``resolve --resume`` (the
+  report says unsettled). In COMMIT_ASKED the destination must answer too (beside the
+  commit), so one that died there is seen before GO, not after. The
   line between "GO never written" and "GO written, no answer" is the event GO: the
   orchestrator takes it, with no wait in between, just before it hands GO to the link, and
   only while that connection is not known to be broken. From GO_SENT on, GO may be on its way
