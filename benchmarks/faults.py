@@ -14,6 +14,10 @@ injected from outside:
 * blip-src, blip-dst: that host's link down for 1 s (`ip link set VETH down`, then up);
 * cut-src, cut-dst: that host's link down until the trial has been judged.
 
+The processes a fault kills are looked up as pre-copy begins, so that at its phase it strikes
+within about a millisecond of the CLI's event (looked up then, the kill landed tens of ms late,
+past the few ms the commit-asked window lasts).
+
 Phases (the protocol core's, ``migrate.phases``): precopy (0.3 s into round 0), final (the job
 frozen, the last pages on their way), restore (the destination rebuilding the process),
 commit-asked (the destination holds it ready; the source is asked to commit), go (the source
@@ -45,7 +49,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -178,19 +182,25 @@ class Run:
     def link(self, host: str, up: bool) -> None:
         subprocess.run(["ip", "link", "set", self.bed.veth_name(host), "up" if up else "down"], check=True)
 
-    def inject(self, fault: str, cli: subprocess.Popen[str], marker: str) -> None:
+    def injector(self, fault: str, cli: subprocess.Popen[str]) -> Callable[[], None]:
+        """The fault, ready to strike: the processes it kills are looked up now (a scan of
+        /proc takes tens of ms), so that injecting it at its phase takes about a millisecond
+        and lands inside short windows (commit-asked is a few ms)."""
         what, _, who = fault.partition("-")
         host = "hostB" if who.startswith("dst") else "hostA"
-        if fault == "kill-cli":
-            kill([cli.pid])
-        elif fault == "kill-holder":
-            kill(ours(self.bed, "hostA")["holder"])
-        elif what == "kill":
-            kill(ours(self.bed, host)["agent"])
+        if what == "kill":
+            def lookup() -> list[int]:
+                if fault == "kill-cli":
+                    return [cli.pid]
+                return ours(self.bed, "hostA")["holder"] if fault == "kill-holder" else ours(self.bed, host)["agent"]
+            pids = lookup()
+            return lambda: kill(pids or lookup())
         else:
-            self.link(host, False)
-            if what == "blip":
-                threading.Timer(BLIP_S, self.link, (host, True)).start()
+            def link_down() -> None:
+                self.link(host, False)
+                if what == "blip":
+                    threading.Timer(BLIP_S, self.link, (host, True)).start()
+            return link_down
 
     def trial(self, fault: str, phase: str) -> Trial:
         self.count += 1
@@ -234,6 +244,7 @@ class Run:
 
         def watch() -> None:
             assert cli.stdout is not None
+            ready: Callable[[], None] | None = None
             for line in cli.stdout:
                 try:
                     ev = json.loads(line)
@@ -242,8 +253,10 @@ class Run:
                 if ev.get("event") == "phase-changed" and ev.get("phase") == t.phase and not fault_at:
                     if t.phase == "precopy":
                         time.sleep(0.3)
-                    self.inject(t.fault, cli, str(out))
+                    (ready if ready is not None and t.phase != "precopy" else self.injector(t.fault, cli))()
                     fault_at.append(time.monotonic())
+                elif ev.get("event") == "phase-changed" and ev.get("phase") == "precopy" and not fault_at:
+                    ready = self.injector(t.fault, cli)     # the agents and the holder are up
                 elif "state" in ev and "pid" in ev:
                     report.update(ev)
         reader = threading.Thread(target=watch, daemon=True)
@@ -274,7 +287,7 @@ class Run:
         if t.fault.startswith("cut-"):
             self.link("hostA", True)
             self.link("hostB", True)
-        t.untrue = "source process runs on" in err and t.state_after in (None, "T", "t")
+        t.untrue = ("source process runs on" in err or "runs on at hostA" in err) and t.state_after in (None, "T", "t")
         t.outcome = self._settle(t, pid, marker, go_on)
 
     def _settle(self, t: Trial, pid: int, marker: str, go_on: Path) -> str:

@@ -43,8 +43,9 @@ EXIT_STATUSES = (
               "after that point); any other command did what was asked"),
     (EXIT_ERROR, "refused or failed: nothing changed (the process runs on where it was)"),
     (EXIT_USAGE, "usage error: a bad option or argument"),
-    (EXIT_UNSETTLED, "unsettled: the destination did not confirm the process runs and the source is "
-                     "stopped; settle it with `kcr-migrate resolve PID@HOST --kill|--resume`"),
+    (EXIT_UNSETTLED, "unsettled: the destination did not confirm the process runs (or, before GO, the source "
+                     "was marked and then out of reach) and the source is stopped; settle it with "
+                     "`kcr-migrate resolve PID@HOST --kill|--resume`"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C, SIGTERM, SIGHUP) before that point: rolled back, nothing "
                        "changed"),
 )

@@ -5,15 +5,18 @@
     PRECOPY    source_precopy's stream relayed into dest_receive while the process runs
     FREEZE     source_freeze: every thread stopped, the last delta and the state relayed
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
-    COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source
-    --------   the point of no return: dest_go
+    COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source;
+               meanwhile the destination must answer (a keepalive), so that its death is seen here
+    SOURCE_COMMITTED  it did; GO not yet written: a destination connection that ended
+               meanwhile, or a Ctrl-C, still rolls back (the source is released, and runs on)
+    --------   the point of no return: dest_go handed to the destination's link
     GO_SENT    dest_go: the process runs on the destination (RUNNING)
     COMMIT     source_kill, or with --stand-in source_stand_in (the deputy, dest_deputy, was
                started in preflight and given the process by dest_restore)
     ROLLBACK   any failure before GO: dest_abort, source_release (the source runs on)
 
 What a failure does in each phase is the protocol core's (``migrate.phases``): before GO is
-sent, roll back; once it is, a lost answer never resumes the source: it is left stopped and
+written, roll back; once it is, a lost answer never resumes the source: it is left stopped and
 the report says how to settle it (``kcr-migrate resolve``); once the copy runs, a warning.
 Agents that stop hearing from us settle on their own (``keepalive``). The ``Migration`` owns
 its nursery; cleanup runs shielded with deadlines.
@@ -42,7 +45,7 @@ from migrate.api import (
     WarningRaised,
 )
 from migrate.fshooks import HookContext, parse_hook
-from migrate.phases import Action, Failure, Phase, PhaseMachine
+from migrate.phases import ASKED_TO_COMMIT, Action, Failure, Phase, PhaseMachine
 from migrate.phases import Event as PhaseEvent
 from transport._nursery import leaves, service_nursery
 from transport.errors import (
@@ -372,20 +375,53 @@ class Migration:
             self._advance(PhaseEvent.READY)
             if self.deputy_to is not None:
                 self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
-            committed = await src.call("source_commit_pending")
+            committed: dict[str, Any] = {}
+
+            async def commit() -> None:
+                committed.update(await src.call("source_commit_pending"))
+
+            async def destination_answers() -> None:
+                # GO goes only to a destination that answered since the source was asked: one
+                # that dies meanwhile is seen now (roll back), not once GO is on its way
+                # (unsettled). In parallel with the commit: no longer frozen for it.
+                timeout = o.link_timeout_s
+                await dst.call("keepalive", link_timeout=timeout, timeout=timeout)
+
+            async with service_nursery() as asking:
+                asking.start_soon(commit)
+                asking.start_soon(destination_answers)
             late = list(committed.get("signals", []))
+            self._advance(PhaseEvent.COMMITTED)
+            # GO is not written yet: a destination connection that ended meanwhile (its agent
+            # died, the keepalive gave up on its link) or a Ctrl-C still rolls back, and the
+            # source runs on. One pass lets the readers report what has come in.
+            await trio.lowlevel.checkpoint()
+            if dst.error is not None:
+                raise dst.error
+            if dst.closed.is_set():
+                raise ChannelClosed(f"the connection to {self.dest} is closed")
         except BaseException as exc:
             await self._failed(src, dst, exc)
             raise
         # ---- the point of no return: from here the source is never resumed by us alone ----
         with trio.CancelScope(shield=True):
-            self._advance(PhaseEvent.COMMITTED)
+            # No wait between that check and handing GO to the link (``dest_go`` queues it
+            # before its first wait): from here GO may arrive, whatever fails.
+            self._advance(PhaseEvent.GO)
+            written = False
             try:
                 with trio.fail_after(max(o.link_timeout_s, 5.0)):
-                    go = await dst.call("dest_go", signals=late)
+                    async with dst.open_call("dest_go", signals=late) as call:
+                        written = True
+                        go = await call.result()
             except (MigrationError, trio.TooSlowError) as exc:
-                await self._failed(src, dst, exc)
-                raise AssertionError("unreachable") from None
+                if not written and isinstance(exc, MigrationError):
+                    # The call failed before GO was written, for good (its connection had
+                    # ended, or its writer failed on GO or before it): GO cannot arrive. A
+                    # timeout here is not that: GO stays queued and may still go out.
+                    self._advance(PhaseEvent.GO_REFUSED)
+                await self._failed(src, dst, exc)     # unsettled: raises MigrationUnsettled
+                raise                                 # rolled back: GO never left
             r.new_pid = int(go["pid"])
             for w in go.get("warnings", []):
                 self._warn(str(w))
@@ -656,13 +692,15 @@ class Migration:
         if event is not None:
             self._advance(event)
         if action is Action.ROLL_BACK:
-            # asked to commit, its answer lost: GO was never sent, but the source may be stopped
-            await self._rollback(src, dst, exc, asked_commit=failed_in is Phase.COMMIT_ASKED)
+            # asked to commit (or committed): GO was never written, but the source may be stopped
+            await self._rollback(src, dst, exc, asked_commit=failed_in in ASKED_TO_COMMIT)
         elif action is Action.KEEP_STOPPED:
             await self._unsettled(src, exc)
 
     async def _rollback(self, src: RpcPeer, dst: RpcPeer, exc: BaseException, *, asked_commit: bool) -> None:
-        """Before GO: destroy the destination's copy, let the source run on."""
+        """Before GO: destroy the destination's copy, let the source run on. If the source was
+        asked to commit and cannot be told to run on, it is left stopped by its agent: raises
+        MigrationUnsettled (settled by ``resolve --resume``: GO was never written)."""
         unreached = []
         with trio.CancelScope(shield=True):
             for hook in getattr(self, "hooks", []):
@@ -672,27 +710,41 @@ class Migration:
                 except (MigrationError, trio.TooSlowError) as hook_exc:
                     self._warn(f"filesystem hook {hook.name}: discarding the destination's copy failed: "
                                f"{hook_exc}")
+            released = True      # the source: told to run on (or, not marked, its agent lets it)
             for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
                 try:
                     with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s)):
                         await peer.call(method)
                 except (MigrationError, trio.TooSlowError):
                     unreached.append(who)
-        if unreached and asked_commit and self.source in unreached:
-            where = f"{self.pid}@{self.source}"
-            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back, after asking the source's "
-                       f"to commit: if pid {self.pid} on {self.source} is stopped (it never ran on {self.dest}), "
-                       f"settle it with `kcr-migrate resolve {where} --resume`")
-        elif unreached:
-            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
-                       f"within {self.options.link_timeout_s:g} s (the source process runs on)")
-        self.report.state = "rolled-back"
+                    if peer is src:         # by role: both hosts may be one
+                        released = False
+        r = self.report
+        failed_in = self.machine.history[-1][0].value if self.machine.history else Phase.PREFLIGHT.value
         if isinstance(exc, MigrationError):
-            failed_in = self.machine.history[-1][0].value if self.machine.history else Phase.PREFLIGHT.value
             exc.phase = exc.phase or failed_in
             exc.pid = exc.pid if exc.pid is not None else self.pid
         if self.machine.phase is Phase.ROLLBACK:
             self._advance(PhaseEvent.ROLLED_BACK)
+        if asked_commit and not released:
+            # Marked to stop and not told otherwise: its agent keeps it stopped. GO was never
+            # written, so it never ran on the destination: unsettled, settled by --resume.
+            where = f"{self.pid}@{self.source}"
+            r.state = "unsettled"
+            r.message = (f"rolled back before GO was sent ({exc}), but the agent on {self.source} could not be "
+                         f"reached after the source was asked to commit: pid {self.pid} there is stopped, or "
+                         f"being stopped by its agent (it never ran on {self.dest}); let it go on with "
+                         f"`kcr-migrate resolve {where} --resume`")
+            raise MigrationUnsettled(r.message, phase=failed_in, pid=self.pid, host=None) from None
+        r.state = "rolled-back"
+        r.message = f"rolled back: pid {self.pid} runs on at {self.source}"
+        if unreached:
+            self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
+                       f"within {self.options.link_timeout_s:g} s (the source process runs on)")
+        if asked_commit and isinstance(exc, MigrationError):
+            # the source had been marked to stop: say what became of it
+            exc.message = f"{exc.message}; GO was never sent: {r.message}"
+            exc.args = (exc.message,)
 
     async def _unsettled(self, src: RpcPeer, exc: BaseException) -> None:
         """GO was sent but not confirmed: keep the source stopped; say how to settle it."""

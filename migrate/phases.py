@@ -16,7 +16,7 @@ The point of no return, declared once::
                    (RELEASE from any held state: RESUMED)
     destination    IDLE -check-> CHECKED -receive-> RECEIVING -restored-> READY -go-> GOING -ran-> RUNNING
                    (ABORT before GOING: DESTROYED)
-    orchestrator   PREFLIGHT PRECOPY FREEZE FINAL RESTORE COMMIT_ASKED | GO_SENT COMMIT DONE
+    orchestrator   PREFLIGHT PRECOPY FREEZE FINAL RESTORE COMMIT_ASKED SOURCE_COMMITTED | GO_SENT COMMIT DONE
                    (a failure: ROLLBACK -> ROLLED_BACK before GO_SENT, UNSETTLED in it, DONE after)
 
 What each state does when its party fails (``Failure``: the peer died, the link went silent,
@@ -26,13 +26,26 @@ a cancel, its own step failed) is one table per role (``Protocol.failure``):
   until ``kcr-migrate resolve`` (``KEEP_STOPPED``): the holder queues a SIGSTOP (the guard)
   on entering that state, so even the holder's own death, which lets the process go,
   stops it. The source agent's state is its holder's (the holder says it in every answer).
+  The one way out of COMMIT_PENDING back to running is the orchestrator's RELEASE.
 * Before GOING the destination destroys its copy (``DESTROY_COPY``); from it on the copy
   runs on (``RUN_ON``).
 * The orchestrator rolls back (``ROLL_BACK``: destroy the copy, release the source) up to
-  COMMIT_ASKED: GO was not sent, so no copy can run, and a source left stopped by a lost
-  answer to commit_pending is told to the user to ``resolve --resume``. Once GO is sent
-  (GO_SENT) and unanswered, the source is kept stopped (``KEEP_STOPPED``, "unsettled").
-  Once the copy runs (COMMIT), failures are warnings (``RUN_ON``).
+  SOURCE_COMMITTED, whatever the failure: GO was never handed to the destination's link, so
+  no copy can run, and the source, committed or asked to, is released (RELEASE discards the
+  guard); only a source agent it cannot reach any more is left to ``resolve --resume`` (the
+  report says unsettled). In COMMIT_ASKED the destination must answer too (beside the
+  commit), so one that died there is seen before GO, not after. The
+  line between "GO never written" and "GO written, no answer" is the event GO: the
+  orchestrator takes it, with no wait in between, just before it hands GO to the link, and
+  only while that connection is not known to be broken. From GO_SENT on, GO may be on its way
+  (a link that broke under it may deliver it later, or may have delivered it to an agent that
+  ran the copy and died before answering): the source is kept stopped (``KEEP_STOPPED``,
+  "unsettled"), for every failure alike, a timeout or a Ctrl-C while GO is being written
+  included (it may still go out). One exception, GO_REFUSED: the link itself refused to write
+  GO (the connection had ended before GO's last byte was taken: a frame cut short is never
+  acted on, and nothing follows it on a broken connection), so it cannot arrive, and the
+  orchestrator is back in SOURCE_COMMITTED. Once the copy runs (COMMIT), failures are
+  warnings (``RUN_ON``).
 
 The orchestrator sends GO only after the source confirmed COMMIT_PENDING, and a destination
 runs its copy only on GO: so at most one copy runs, and the source is never resumed
@@ -136,7 +149,8 @@ class Phase(enum.Enum):
     FINAL = "final"
     RESTORE = "restore"
     COMMIT_ASKED = "commit-asked"   # the destination holds the process ready; the source is asked to commit
-    GO_SENT = "go"                  # the source committed; GO is sent to the destination
+    SOURCE_COMMITTED = "source-committed"   # the source committed; GO not yet handed to the destination's link
+    GO_SENT = "go"                  # GO handed to the destination's link: it may arrive
     COMMIT = "commit"               # the destination confirmed the process runs: the source is ended
     DONE = "done"
     ROLLBACK = "rollback"
@@ -151,6 +165,8 @@ class Event(enum.Enum):
     STATE_SENT = "state-sent"
     READY = "ready"             # the destination restored the process and holds it stopped
     COMMITTED = "committed"     # the source answered commit_pending: losing it now stops the source
+    GO = "go"                   # GO is handed to the destination's link (not known broken): it may arrive
+    GO_REFUSED = "go-refused"   # the link refused GO (its connection had ended): not a byte of it can arrive
     RUNNING = "running"         # the destination confirmed the process runs
     SOURCE_KILLED = "source-killed"
     STOOD_IN = "stood-in"       # the source became a stand-in (--stand-in) instead of being killed
@@ -159,8 +175,11 @@ class Event(enum.Enum):
     ROLLED_BACK = "rolled-back"
 
 
+# GO never written: whatever fails, no copy can run, and the source may be released
 BEFORE_POINT_OF_NO_RETURN = frozenset({Phase.PREFLIGHT, Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE,
-                                       Phase.COMMIT_ASKED})
+                                       Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED})
+# The source was asked to commit: a rollback that cannot reach it leaves it stopped for resolve
+ASKED_TO_COMMIT = frozenset({Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED})
 _ORCHESTRATOR_FAILURE = {
     **{p: Action.ROLL_BACK for p in BEFORE_POINT_OF_NO_RETURN},
     Phase.GO_SENT: Action.KEEP_STOPPED,
@@ -177,7 +196,11 @@ _ORCHESTRATOR_TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.FREEZE, Event.FROZEN): Phase.FINAL,
     (Phase.FINAL, Event.STATE_SENT): Phase.RESTORE,
     (Phase.RESTORE, Event.READY): Phase.COMMIT_ASKED,
-    (Phase.COMMIT_ASKED, Event.COMMITTED): Phase.GO_SENT,
+    (Phase.COMMIT_ASKED, Event.COMMITTED): Phase.SOURCE_COMMITTED,
+    (Phase.SOURCE_COMMITTED, Event.GO): Phase.GO_SENT,
+    # The one way back from the point of no return: the link refused to write GO, so GO never
+    # left and cannot arrive; what fails next is SOURCE_COMMITTED's (roll back).
+    (Phase.GO_SENT, Event.GO_REFUSED): Phase.SOURCE_COMMITTED,
     (Phase.GO_SENT, Event.RUNNING): Phase.COMMIT,
     (Phase.COMMIT, Event.SOURCE_KILLED): Phase.DONE,
     (Phase.COMMIT, Event.STOOD_IN): Phase.DONE,
@@ -252,7 +275,7 @@ HOLDER: Protocol[HolderState, HolderEvent] = Protocol(
         (HolderState.COMMIT_PENDING, HolderEvent.KILL): HolderState.KILLED,
         (HolderState.COMMIT_PENDING, HolderEvent.STAND_IN): HolderState.KEEPER,
         (HolderState.COMMIT_PENDING, HolderEvent.HOLD): HolderState.STOPPED,
-        # GO was not sent (a lost answer to commit_pending): the rollback discards the guard
+        # GO was never handed to the destination's link: the rollback discards the guard
         **{(s, HolderEvent.RELEASE): HolderState.RESUMED for s in _HOLDING},
     },
     {

@@ -30,7 +30,7 @@ from migrate import (
     PhaseChanged,
     RoundDone,
 )
-from migrate.cli import EXIT_UNSETTLED, exit_status
+from migrate.cli import EXIT_ERROR, EXIT_UNSETTLED, exit_status
 from tests._migration import copies, proc_state, running_copies
 from tests._workloads import (
     KCR_MIGRATE,
@@ -112,18 +112,31 @@ async def test_source_agent_killed_during_precopy(tmp_path: Path, reference: str
 
 
 async def test_source_agent_killed_while_the_process_is_frozen(tmp_path: Path, reference: str) -> None:
-    """The final round is long (a fast writer, a slow link): the kill lands mid-freeze, and
-    the holder process thaws the source when its agent dies."""
+    """The final round is long (a fast writer, a slow link): the kill lands mid-freeze, once
+    the process is seen frozen, and the holder process thaws the source when its agent dies."""
     w = start_job(tmp_path)
     seen: dict[str, Any] = {}
+    ended = threading.Event()
+
+    def kill_once_frozen(agent: int) -> None:
+        # "final" is announced as the freeze is asked for: wait for the freeze itself
+        while (state := proc_state(w.pid)) != "t" and not ended.is_set():
+            time.sleep(0.005)
+        seen["state"] = state
+        kill_quietly(agent)
 
     def on_event(m: Migration, ev: Any) -> None:
         if isinstance(ev, PhaseChanged) and ev.phase == "final":
-            def kill() -> None:
-                seen["state"] = proc_state(w.pid)
-                kill_quietly(m.agents["source"]["pid"])
-            later(0.4, kill)
-    m = await run_migration(w.pid, on_event, max_rounds=1)
+            seen["killer"] = threading.Thread(target=kill_once_frozen, args=(m.agents["source"]["pid"],))
+            seen["killer"].start()
+    # The kill closes the agent's connection: no link timeout is waited for, and a long one
+    # keeps a loaded machine's slow answers from failing the move before its final round.
+    try:
+        m = await run_migration(w.pid, on_event, max_rounds=1, link_timeout_s=30.0)
+    finally:
+        ended.set()
+    assert "killer" in seen, f"the move ended before its final round: {m.error}"  # type: ignore[attr-defined]
+    seen["killer"].join()
     assert seen["state"] == "t", "the kill should land while the process is frozen"
     assert_rolled_back(m, w, reference)
 
@@ -183,6 +196,36 @@ async def test_destination_agent_killed_during_precopy(tmp_path: Path, reference
         if isinstance(ev, RoundDone) and ev.round == 0:
             kill_quietly(m.agents["dest"]["pid"])
     m = await run_migration(w.pid, on_event)
+    assert_rolled_back(m, w, reference)
+
+
+async def test_destination_agent_killed_as_the_source_commits_rolls_back(tmp_path: Path, reference: str) -> None:
+    """The destination agent dies while the source is asked to commit (its copy, held ready,
+    dies with it): GO is never written, so the orchestrator releases the source itself (its
+    guard SIGSTOP discarded, if it had committed): it runs on, with no copy anywhere else and
+    no `resolve` to run, and the error says so (exit status 1: nothing changed)."""
+    w = start_job(tmp_path)
+    agent: dict[str, int] = {}
+
+    def on_event(m: Migration, ev: Any) -> None:
+        if isinstance(ev, PhaseChanged) and ev.phase == "commit-asked":
+            agent["pid"] = m.agents["dest"]["pid"]
+            kill_quietly(agent["pid"])
+            # dead, and its copy with it (then nothing holds its end of the connection)
+            deadline = time.monotonic() + 30
+            while proc_state(agent["pid"]) not in (None, "Z", "X") or copies(str(w.dir)) != [w.pid]:
+                assert time.monotonic() < deadline, f"the destination agent did not die: {copies(str(w.dir))}"
+                time.sleep(0.005)
+            agent["dead"] = 1
+    m = await run_migration(w.pid, on_event, link_timeout_s=30.0, bandwidth_limit=None)
+    error = m.error  # type: ignore[attr-defined]
+    assert "dead" in agent
+    # seen before GO (by the destination's answer awaited beside the commit, or as GO is refused)
+    assert error.phase in ("commit-asked", "source-committed"), (error.phase, error)
+    assert f"GO was never sent: rolled back: pid {w.pid} runs on at localhost" in str(error), error
+    assert exit_status(error) == EXIT_ERROR
+    assert not [x for x in m.report.warnings if "resolve" in x], m.report.warnings
+    assert copies(str(w.dir)) == [w.pid], "no copy besides the source, not even a stopped one"
     assert_rolled_back(m, w, reference)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pytest
 
@@ -32,43 +33,58 @@ from migrate.phases import (
 )
 
 HAPPY = [Event.PREFLIGHT_OK, Event.PRECOPY_DONE, Event.FROZEN, Event.STATE_SENT, Event.READY, Event.COMMITTED,
-         Event.RUNNING, Event.SOURCE_KILLED]
+         Event.GO, Event.RUNNING, Event.SOURCE_KILLED]
 
 
 def test_the_happy_path() -> None:
     m = PhaseMachine()
     phases = [m.handle(e) for e in HAPPY]
-    assert phases == [Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.COMMIT_ASKED, Phase.GO_SENT,
-                      Phase.COMMIT, Phase.DONE]
+    assert phases == [Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.COMMIT_ASKED,
+                      Phase.SOURCE_COMMITTED, Phase.GO_SENT, Phase.COMMIT, Phase.DONE]
     assert m.finished
 
 
-@pytest.mark.parametrize("steps", range(6))
-def test_failure_before_go_rolls_back(steps: int) -> None:
-    """Up to COMMIT_ASKED (the source asked to commit, its answer lost) GO was never sent."""
+@pytest.mark.parametrize("failure", list(Failure))
+@pytest.mark.parametrize("steps", range(7))
+def test_failure_before_go_rolls_back(steps: int, failure: Failure) -> None:
+    """Up to SOURCE_COMMITTED (the source asked to commit, or committed: GO not yet written),
+    whatever fails, GO was never sent: the copy is destroyed, the source released."""
     m = PhaseMachine()
     for e in HAPPY[:steps]:
         m.handle(e)
     assert m.phase in BEFORE_POINT_OF_NO_RETURN and not m.past_point_of_no_return
-    assert m.action(Failure.LINK_LOST) is Action.ROLL_BACK
-    assert m.handle(Event.FAILED) is Phase.ROLLBACK
+    assert m.action(failure) is Action.ROLL_BACK
+    event = m.failure_event(failure)
+    assert event is not None and m.handle(event) is Phase.ROLLBACK
     assert m.handle(Event.ROLLED_BACK) is Phase.ROLLED_BACK and m.finished
 
 
 def test_failure_after_go_never_rolls_back() -> None:
     m = PhaseMachine()
-    for e in HAPPY[:6]:
+    for e in HAPPY[:7]:
         m.handle(e)
     assert m.phase is Phase.GO_SENT and m.past_point_of_no_return
-    assert m.action(Failure.PEER_DIED) is Action.KEEP_STOPPED
+    for failure in Failure:       # GO may be on its way, whatever broke: never resume alone
+        assert m.action(failure) is Action.KEEP_STOPPED
     assert m.handle(Event.FAILED) is Phase.UNSETTLED
     with pytest.raises(IllegalTransition):
         m.handle(Event.ROLLED_BACK)
 
 
+def test_go_only_after_the_source_committed() -> None:
+    """GO is written only from SOURCE_COMMITTED: never before the source answered commit_pending;
+    the one way back from GO_SENT is the link refusing to write GO."""
+    assert [s for (s, e) in ORCHESTRATOR.transitions if e is Event.GO] == [Phase.SOURCE_COMMITTED]
+    assert {(s, e) for (s, e), n in ORCHESTRATOR.transitions.items() if n is Phase.SOURCE_COMMITTED} == \
+        {(Phase.COMMIT_ASKED, Event.COMMITTED), (Phase.GO_SENT, Event.GO_REFUSED)}
+    back = [(s, e) for (s, e), n in ORCHESTRATOR.transitions.items()
+            if s in ORCHESTRATOR.committed and n not in ORCHESTRATOR.committed]
+    assert back == [(Phase.GO_SENT, Event.GO_REFUSED)]
+
+
 def test_failure_after_running_is_only_a_warning() -> None:
     m = PhaseMachine()
-    for e in HAPPY[:7]:
+    for e in HAPPY[:8]:
         m.handle(e)
     assert m.action(Failure.LOCAL_ERROR) is Action.RUN_ON
     assert m.handle(Event.FAILED) is Phase.DONE
@@ -176,25 +192,34 @@ class Refused(Exception):
 
 
 class CallFailed(Exception):
-    def __init__(self, failure: Failure) -> None:
+    """``written``: whether the message may have left (False: the link refused it, or a
+    failure came before it was handed over)."""
+
+    def __init__(self, failure: Failure, written: bool = True) -> None:
         super().__init__(failure.value)
         self.failure = failure
+        self.written = written
 
 
 class OrchestratorDied(Exception):
     pass
 
 
-KINDS = ("lose-request", "lose-reply", "duplicate", "delay", "delay-late", "refuse", "cancel",
+# A fault at a message: most strike as it is written or answered (GO among them: then it may
+# arrive); "cancel" and the "-noticed" kinds come first, seen by the orchestrator before it
+# writes the message (a Ctrl-C, an agent whose connection has already closed); "refused": its
+# agent died unseen, and writing the message fails (it is not written).
+KINDS = ("lose-request", "lose-reply", "duplicate", "delay", "delay-late", "refuse", "cancel", "cancel-after",
          "kill-orchestrator", "kill-source-agent", "kill-holder", "kill-destination-agent",
-         "kill-target-after", "kill-holder-after")
+         "kill-target-after", "kill-holder-after", "source-agent-died-noticed", "destination-agent-died-noticed",
+         "refused")
 SOURCE_OPS: dict[str, list[HolderEvent]] = {
     "open": [HolderEvent.SEIZE], "precopy": [], "freeze": [HolderEvent.FREEZE, HolderEvent.COLLECT],
     "commit_pending": [HolderEvent.COMMIT_PENDING], "kill": [HolderEvent.KILL], "stand_in": [HolderEvent.STAND_IN],
     "hold": [HolderEvent.HOLD], "release": [HolderEvent.RELEASE]}
 DEST_OPS: dict[str, list[DestEvent]] = {
     "check": [DestEvent.CHECK], "receive": [DestEvent.RECEIVE], "restore": [DestEvent.RESTORED],
-    "go": [DestEvent.GO, DestEvent.RAN], "abort": [DestEvent.ABORT]}
+    "go": [DestEvent.GO, DestEvent.RAN], "abort": [DestEvent.ABORT], "keepalive": []}
 
 
 @dataclass
@@ -211,6 +236,8 @@ class World:
     recorded: bool = False
     copy: str = "none"
     go_delivered: bool = False
+    go_written: bool = False      # the orchestrator handed GO to the destination's link
+    source_trouble: bool = False  # a call to the source failed, or its agent or holder died
     committed: bool = False       # the holder reached COMMIT_PENDING at some point
     holder: Machine = field(default_factory=lambda: Machine(HOLDER))  # type: ignore[type-arg]
     mirror: HolderState = HolderState.IDLE        # the source agent's view: the holder's last answer
@@ -219,9 +246,12 @@ class World:
     sessions: dict[str, bool] = field(default_factory=lambda: {"source": False, "destination": False})
     dest: Machine = field(default_factory=lambda: Machine(DESTINATION))  # type: ignore[type-arg]
     cut: dict[str, bool] = field(default_factory=lambda: {"source": False, "destination": False})
+    # the orchestrator knows this connection is broken (closed, or given up on by its keepalive)
+    gone: dict[str, bool] = field(default_factory=lambda: {"source": False, "destination": False})
     delayed: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {"source": [], "destination": []})
     orchestrator_alive: bool = True
     sent: int = 0
+    resolved: bool = False        # the user had to settle a stopped source
     log: list[str] = field(default_factory=list)
 
     # -- the invariant, after every change --------------------------------------------------
@@ -230,7 +260,7 @@ class World:
         assert (self.src == "running") + (self.copy == "running") <= 1, f"two copies run: {self.log}"
 
     def run_source(self) -> None:
-        assert not self.go_delivered, f"the source resumed automatically after GO: {self.log}"
+        assert not self.go_written, f"the source resumed automatically after GO was written: {self.log}"
         self.src = "running"
         self.check()
 
@@ -271,6 +301,7 @@ class World:
         if not self.holder_alive:
             return
         self.holder_alive = False
+        self.source_trouble = True
         self.log.append("holder killed")
         if self.traced:
             self.traced = False
@@ -335,6 +366,7 @@ class World:
             return
         self.log.append(f"{role} agent killed")
         self.agents[role] = False
+        self.source_trouble = self.source_trouble or role == "source"
         self.sessions[role] = False
         if role == "source":
             self.holder_eof()
@@ -358,8 +390,18 @@ class World:
             for dev in DEST_OPS[op]:
                 self.dest_op(dev)
 
-    def request(self, role: str, op: str) -> None:
-        """The orchestrator's call; raises CallFailed as the orchestrator would see it."""
+    def request(self, role: str, op: str, on_write: Callable[[], None] | None = None) -> None:
+        """The orchestrator's call; raises CallFailed as the orchestrator would see it.
+        ``on_write`` runs as the message is handed to the link (not if a failure came first)."""
+        try:
+            self._request(role, op, on_write)
+        except CallFailed as exc:
+            self.source_trouble = self.source_trouble or role == "source"
+            if exc.failure in (Failure.PEER_DIED, Failure.LINK_LOST) and (self.cut[role] or not self.agents[role]):
+                self.gone[role] = True       # closed, or silent: the keepalive gives up on it
+            raise
+
+    def _request(self, role: str, op: str, on_write: Callable[[], None] | None) -> None:
         if not self.orchestrator_alive:
             raise OrchestratorDied()
         kind = self.faults.get(self.sent)
@@ -372,8 +414,21 @@ class World:
             self.orchestrator_alive = False
             self.log.append("orchestrator killed")
             raise OrchestratorDied()
+        # -- seen before the message is written: it is not --
         if kind == "cancel":
-            raise CallFailed(Failure.CANCELLED)
+            raise CallFailed(Failure.CANCELLED, written=False)
+        if kind in ("source-agent-died-noticed", "destination-agent-died-noticed"):
+            who = kind.split("-")[0]
+            self.kill_agent(who)
+            self.gone[who] = True
+        if self.gone[role]:
+            raise CallFailed(Failure.LINK_LOST if self.cut[role] else Failure.PEER_DIED, written=False)
+        if on_write is not None:
+            on_write()
+        if kind == "refused":
+            self.kill_agent(role)
+            raise CallFailed(Failure.PEER_DIED, written=False)
+        # -- written: it may arrive --
         if kind in ("kill-source-agent", "kill-destination-agent"):
             self.kill_agent(kind.split("-")[1])
         elif kind == "kill-holder":
@@ -400,6 +455,8 @@ class World:
                 if when == "after":
                     self.delayed[role].remove((late, when))
                     self._quietly(role, late)
+        if kind == "cancel-after":
+            raise CallFailed(Failure.CANCELLED)
         if kind == "lose-reply":
             self.cut[role] = True
             raise CallFailed(Failure.LINK_LOST)
@@ -433,8 +490,21 @@ class World:
             self.request("destination", "restore")
             m.handle(Event.READY)
             self.request("source", "commit_pending")
+            self.request("destination", "keepalive")     # alongside: it still answers
             m.handle(Event.COMMITTED)
-            self.request("destination", "go")
+            # GO is written only if the destination's connection is not known broken (else
+            # the failure is SOURCE_COMMITTED's: roll back); from that moment it may arrive
+
+            def written() -> None:
+                m.handle(Event.GO)
+                self.go_written = True
+            try:
+                self.request("destination", "go", on_write=written)
+            except CallFailed as exc:
+                if self.go_written and not exc.written:     # the link refused it: GO cannot arrive
+                    m.handle(Event.GO_REFUSED)
+                    self.go_written = False
+                raise
             m.handle(Event.RUNNING)
             self.request("source", "stand_in" if self.stand_in else "kill")
             m.handle(Event.STOOD_IN if self.stand_in else Event.SOURCE_KILLED)
@@ -480,6 +550,10 @@ class World:
         if self.src == "stopped":
             assert self.recorded or self.guard, f"stopped, but resolve would refuse it: {self.log}"
             assert self.committed, f"stopped before the point of no return: {self.log}"
+            # left for resolve only if GO may be on its way, or the source could not be reached
+            assert self.go_written or self.source_trouble or not self.orchestrator_alive, \
+                f"GO was never written and the source was reachable, yet it is left stopped: {self.log}"
+            self.resolved = True
             self.src = "dead" if self.copy == "running" else "running"
         assert (self.src == "running") + (self.copy == "running") == 1, f"lost: {self.log}"
 
@@ -521,3 +595,39 @@ def test_two_faults_never_lose_or_double() -> None:
                 World({a: first, b: second}).run()
                 runs += 1
     assert runs > 3000
+
+
+def test_go_never_written_the_source_runs_on_without_resolve() -> None:
+    """A destination connection known broken, or a Ctrl-C, at any message up to GO (GO
+    included): GO is never written, the orchestrator rolls back itself, and the source runs on
+    with no `resolve` left to do, also once it has committed (the holder releases it from
+    COMMIT_PENDING)."""
+    from_commit = 0
+    for stand_in in (False, True):
+        for kind in ("destination-agent-died-noticed", "cancel", "refused"):
+            at = 0
+            while True:
+                w = World({at: kind}, stand_in)
+                w.run()
+                if w.go_written:
+                    break
+                assert not w.resolved and (w.src, w.copy) in (("running", "none"), ("running", "destroyed")), w.log
+                if (HolderState.COMMIT_PENDING, HolderEvent.RELEASE, HolderState.RESUMED) in w.holder.history:
+                    from_commit += 1
+                at += 1
+    # with and without a stand-in, each kind at the keepalive beside the commit and at GO itself,
+    # and a destination that died as commit_pending went out
+    assert from_commit == 2 * (3 * 2 + 1)
+
+
+def test_go_written_is_never_taken_back() -> None:
+    """GO handed to a link that then breaks (cut, its agent killed, its answer late): GO may
+    arrive, so the source is kept stopped, and `resolve` settles it by what the destination
+    did."""
+    n = messages({})
+    go_at = n - 2                 # GO, then the source's end
+    for kind in ("lose-request", "lose-reply", "kill-destination-agent", "kill-target-after", "delay", "delay-late",
+                 "refuse"):
+        w = World({go_at: kind})
+        w.run()
+        assert w.go_written and w.resolved, (kind, w.log)
