@@ -197,7 +197,7 @@ def test_cpython_script(tmp_path: Path) -> None:
 
 def test_pipe_round_trip(tmp_path: Path) -> None:
     ref = run_reference("ckpt_threads", tmp_path, scale=3)
-    w = Workload("ckpt_threads", tmp_path / "piped", scale=3)
+    w = Workload("ckpt_threads", tmp_path / "piped", scale=3, hold=True)
     w.start()
     w.wait_ready()
     # Streamed into a restore on the same host, the image is rebuilt while the original still
@@ -215,7 +215,7 @@ def test_pipe_round_trip(tmp_path: Path) -> None:
 
 def test_threads_keep_their_ids(tmp_path: Path) -> None:
     """The restored process has its own pid and every thread its own tid."""
-    w = Workload("ckpt_threads", tmp_path, scale=3)
+    w = Workload("ckpt_threads", tmp_path, scale=3, hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"
@@ -237,7 +237,7 @@ def test_threads_keep_their_ids(tmp_path: Path) -> None:
 def test_restore_where_the_pid_is_taken(tmp_path: Path) -> None:
     """The original still runs: restore refuses, naming the pid, and leaves nothing behind;
     with --new-pid it restores a copy under a new pid."""
-    w = Workload("ckpt_array", tmp_path / "orig", "120")
+    w = Workload("ckpt_array", tmp_path / "orig", "120", hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "img"
@@ -248,6 +248,7 @@ def test_restore_where_the_pid_is_taken(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr.decode()
     copy = int(res.stdout.split()[-1])
     assert copy != w.pid
+    w.release()                   # the original and its copy: both held until now
     assert os.WEXITSTATUS(reap(copy)) == 0
     assert w.verdict() == "PASS"
     assert w.reap_original() == 0
@@ -428,7 +429,7 @@ def test_refuses_what_restore_could_not_rebuild(tmp_path: Path, holding: str, ex
 @pytest.fixture(scope="module")
 def good_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     base = tmp_path_factory.mktemp("img")
-    w = Workload("ckpt_blocked", base, scale=3)
+    w = Workload("ckpt_blocked", base, scale=3, hold=True)
     w.start()
     w.wait_ready()
     res = kcr("checkpoint", str(w.pid), "-o", "-", "--leave-running")

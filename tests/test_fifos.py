@@ -113,6 +113,8 @@ if child == 0:
         os.write(w, b"line %d of the stream\n" % i)
         if i == n // 4:
             open(os.path.join(d, "ready"), "w").close()
+        while i == n * 3 // 4 and not os.path.exists(os.path.join(d, "go-on")):
+            time.sleep(0.01)        # held: a late checkpoint still finds the stream mid-way
         time.sleep(0.001)
     os._exit(7)
 r = os.open(fifo, os.O_RDONLY)
@@ -132,13 +134,15 @@ def test_a_parent_and_child_talking_over_a_fifo(tmp_path: Path) -> None:
     script = tmp_path / "stream.py"
     script.write_text(STREAM)
 
-    def start(where: Path) -> subprocess.Popen[bytes]:
+    def start(where: Path, held: bool) -> subprocess.Popen[bytes]:
         where.mkdir()
+        if not held:
+            (where / "go-on").touch()
         return start_until_ready([sys.executable, "-S", str(script), str(where), "2000"], where / "ready",
                                  start_new_session=True)
-    ref = start(tmp_path / "reference")          # unmoved, beside the moved one
-    proc = start(tmp_path / "moved")
-    checkpointed_and_restored(proc, tmp_path, 2)
+    ref = start(tmp_path / "reference", held=False)          # unmoved, beside the moved one
+    proc = start(tmp_path / "moved", held=True)
+    checkpointed_and_restored(proc, tmp_path, 2, release=tmp_path / "moved" / "go-on")
     assert ref.wait(timeout=120) == 0
     expected = b"".join(b"line %d of the stream\n" % i for i in range(2000)) + b"again, by path\nchild status 7\n"
     assert (tmp_path / "reference" / "output").read_bytes() == expected

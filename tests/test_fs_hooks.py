@@ -32,7 +32,7 @@ from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from migrate.fs_btrfs import BtrfsHook
 from migrate.fs_rsync import RsyncHook
 from migrate.fshooks import HOOK_KINDS, parse_hook
-from tests._hosts import start_in, wait_file
+from tests._hosts import start_in, verdict
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
 from tests._workloads import STARTED
 
@@ -97,8 +97,9 @@ def leftovers(bed: Testbed, host: str) -> list[str]:
 
 
 def start_churn(bed: Testbed, host: str, out: Path, data: str) -> int:
-    """fs_churn inside ``host``, working in ``data``; its pid once it is ready."""
-    return start_in(bed, host, [sys.executable, "-S", str(CHURN), str(out), data, STEPS, "10"], out)
+    """fs_churn inside ``host``, working in ``data``; its pid once it is ready (held three
+    quarters in until its test asks for the ``verdict``)."""
+    return start_in(bed, host, [sys.executable, "-S", str(CHURN), str(out), data, STEPS, "10"], out, hold=True)
 
 
 def start_reference(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -213,7 +214,7 @@ def test_rsync_moves_a_job_that_keeps_changing_its_files(testbed: Testbed, tmp_p
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path),
                                     "--fs", f"rsync:{data}")
     assert code == 0, err
-    assert wait_file(out / "verdict", timeout=90) == "PASS\n", (out / "stderr").read_text()
+    assert verdict(out, timeout=90) == "PASS", (out / "stderr").read_text()
     wait_gone(report["new_pid"])
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output
@@ -249,7 +250,7 @@ async def test_rsync_failing_in_the_final_pass_rolls_back(testbed: Testbed, tmp_
     assert proc_state(pid) not in (None, "T", "t") and running_copies(str(out)) == [pid]
     assert sh(testbed, "hostB", f"ls -d {data} 2>/dev/null || true") == ""
     assert leftovers(testbed, "hostA") == leftovers(testbed, "hostB") == []
-    assert wait_file(out / "verdict", timeout=90) == "PASS\n"
+    assert verdict(out, timeout=90) == "PASS"
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output and tree(testbed, "hostA", data) == files
     assert no_ssh_masters(testbed)
@@ -302,7 +303,7 @@ def test_btrfs_moves_a_job_replacing_old_data(btrfs_bed: Testbed, tmp_path: Path
     code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(bed.ssh_config_path),
                                     "--fs", f"btrfs:{data}", "--fs-replace")
     assert code == 0, err
-    assert wait_file(out / "verdict", timeout=90) == "PASS\n", (out / "stderr").read_text()
+    assert verdict(out, timeout=90) == "PASS", (out / "stderr").read_text()
     wait_gone(report["new_pid"])
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output
@@ -344,7 +345,7 @@ async def test_btrfs_failing_in_the_final_pass_rolls_back(btrfs_bed: Testbed, tm
     assert "No space left on device" in str(m.error)  # type: ignore[attr-defined]
     assert proc_state(pid) not in (None, "T", "t") and running_copies(str(out)) == [pid]
     assert sh(bed, "hostB", f"ls -d {data} 2>/dev/null || true") == ""
-    assert wait_file(out / "verdict", timeout=90) == "PASS\n"
+    assert verdict(out, timeout=90) == "PASS"
     output, files = finished_reference(ref)
     assert (out / "output").read_text() == output and tree(bed, "hostA", data) == files
 

@@ -82,19 +82,23 @@ def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_
     """sh -c 'gen | tr | sort > out': sh waits for its three children by pid; the pipes hold
     data when the job freezes."""
     gen = tmp_path / "gen.py"
-    gen.write_text("import sys, time\nfor i in range(int(sys.argv[1])):\n"
-                   "    print(f'line {i} of the pipeline', flush=True)\n    time.sleep(0.002)\n")
+    # held (WORKLOAD_HOLD) three quarters in, a late move still finds data in the pipes
+    gen.write_text("import os, sys, time\nn = int(sys.argv[1])\nhold = os.environ.get('WORKLOAD_HOLD')\n"
+                   "for i in range(n):\n"
+                   "    print(f'line {i} of the pipeline', flush=True)\n    time.sleep(0.002)\n"
+                   "    while hold and i == n * 3 // 4 and not os.path.exists(hold):\n        time.sleep(0.01)\n")
     script = f"touch ready; {sys.executable} -S {gen} 2000 | tr a-z A-Z | sort > out; echo $? > status"
     (tmp_path / "ref").mkdir()
     subprocess.run(["sh", "-c", script], cwd=tmp_path / "ref", check=True, timeout=120)
     out = tmp_path / "moved"
     out.mkdir()
-    pid = start_in(testbed, "hostA", ["sh", "-c", f"cd {out} && {script}"], out)
+    pid = start_in(testbed, "hostA", ["sh", "-c", f"cd {out} && {script}"], out, hold=True)
     deadline = time.monotonic() + 30
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     move_tree_to_host_c(testbed, before)
+    (out / "go-on").touch()
     assert wait_file(out / "status") == "0\n"
     assert (out / "out").read_bytes() == (tmp_path / "ref" / "out").read_bytes()
 
@@ -202,10 +206,11 @@ def test_memory_shared_between_processes_stays_shared_live(testbed: Testbed, tmp
     script = tmp_path / "counters.py"
     script.write_text(SHARED_COUNTERS)
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "1500"], out)
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out), "1500"], out, hold=True)
     before = tree(pid)
     assert len(before) == 2
     move_tree_to_host_c(testbed, before)
+    (out / "go-on").touch()
     assert wait_file(out / "output") == "1500 1500 b'hello' 0\n"
 
 
@@ -216,15 +221,18 @@ def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> No
     script = tmp_path / "pool.py"
     script.write_text(POOL)
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [sys.executable, str(script), str(out), "3000"], out)
+    pid = start_in(testbed, "hostA", [sys.executable, str(script), str(out), "3000"], out, hold=True)
     before = tree(pid)
     assert len(before) == 3
     move_tree_to_host_c(testbed, before)
+    (out / "go-on").touch()
     assert wait_file(out / "output") == f"{sum(x * x for x in range(3000))}\n"
 
 
 def small_project(where: Path, files: int = 12) -> None:
-    """A C project whose build takes a few seconds with make -j2 (each compile pauses too)."""
+    """A C project whose build takes a few seconds with make -j2 (each compile pauses too).
+    With WORKLOAD_HOLD=PATH in its environment, the compile of the middle file waits until
+    PATH is there (the others go on): on a busy machine a late move still finds it building."""
     where.mkdir(parents=True, exist_ok=True)
     for i in range(files):
         (where / f"f{i}.c").write_text(f"int f{i}(int x) {{ return x * {i + 1} + {i}; }}\n")
@@ -232,8 +240,12 @@ def small_project(where: Path, files: int = 12) -> None:
     decls = "".join(f"int f{i}(int);\n" for i in range(files))
     (where / "main.c").write_text(f'#include <stdio.h>\n{decls}int main(void) {{ printf("%d\\n", {calls}); return 0; }}\n')
     objs = " ".join(f"f{i}.o" for i in range(files)) + " main.o"
+    held = f"f{files // 2}"
     (where / "Makefile").write_text(f"prog: {objs}\n\tgcc -o $@ {objs}\n%.o: %.c\n\t@touch ready\n"
-                                    "\tgcc -O1 -c $< -o $@\n\t@sleep 0.4\n")
+                                    "\tgcc -O1 -c $< -o $@\n\t@sleep 0.4\n"
+                                    f"{held}.o: {held}.c\n"
+                                    '\t@while [ -n "$$WORKLOAD_HOLD" ] && [ ! -e "$$WORKLOAD_HOLD" ]; do sleep 0.2; done\n'
+                                    "\tgcc -O1 -c $< -o $@\n")
 
 
 def test_make_j2_moves_live_mid_build(testbed: Testbed, tmp_path: Path) -> None:
@@ -241,9 +253,10 @@ def test_make_j2_moves_live_mid_build(testbed: Testbed, tmp_path: Path) -> None:
     all the while (they join and leave the migration); the build finishes on hostC."""
     out = tmp_path / "moved"
     small_project(out)
-    pid = start_in(testbed, "hostA", ["make", "-s", "-j2", "-C", str(out)], out)
+    pid = start_in(testbed, "hostA", ["make", "-s", "-j2", "-C", str(out)], out, hold=True)
     code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
                                     keep_pid=True)
+    (out / "go-on").touch()
     assert code == 0, err
     assert report["processes"][0]["pid"] == pid and len(report["processes"]) > 1, report["processes"]
     assert proc_state(pid) in (None, "Z", "X"), "make still runs on hostA"

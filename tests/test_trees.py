@@ -144,7 +144,7 @@ def stubs() -> set[int]:
 def test_a_tree_whose_pids_are_taken_is_refused(tmp_path: Path) -> None:
     """The tree still runs (--leave-running): restore refuses, naming a pid, leaves nothing
     behind; --new-pid is refused for a tree; the original runs on."""
-    w = Workload("tree_workers", tmp_path, scale=20)
+    w = Workload("tree_workers", tmp_path, scale=20, hold=True)
     w.start()
     w.wait_ready()
     image = tmp_path / "tree.img"
@@ -160,7 +160,7 @@ def test_a_tree_whose_pids_are_taken_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_tree_is_never_migrated_under_new_pids(tmp_path: Path) -> None:
-    w = Workload("tree_workers", tmp_path, scale=20)
+    w = Workload("tree_workers", tmp_path, scale=20, hold=True)
     w.start()
     w.wait_ready()
     code, _, err = migrate_cli(f"{w.pid}@localhost", "localhost")      # with --new-pid
@@ -175,9 +175,12 @@ def test_a_tree_is_never_migrated_under_new_pids(tmp_path: Path) -> None:
 # Restored as two copies, the parent would see the child's counter stop (and the child wait).
 # Counters are read and written with one 8-byte access each (ctypes): struct.pack_into
 # zeroes its field before it writes it, so a reader in the other process may see 0.
+# With WORKLOAD_HOLD=PATH (a test that moves it), both wait three quarters in until PATH is
+# there: on a busy machine a late move still finds them mid-run.
 SHARED_COUNTERS = """
 import ctypes, mmap, os, struct, sys, time
 d, n = sys.argv[1], int(sys.argv[2])
+hold = os.environ.get("WORKLOAD_HOLD")
 m = mmap.mmap(-1, 1 << 20)
 m[409600:409605] = b"hello"
 child = os.fork()
@@ -191,6 +194,8 @@ for i in range(n):
     seen = other
     if i == 20 and child:
         open(f"{d}/ready", "w").close()
+    while hold and i == n * 3 // 4 and not os.path.exists(hold):
+        time.sleep(0.01)
     time.sleep(0.003)
 if child == 0:
     deadline = time.monotonic() + 60
@@ -203,14 +208,17 @@ open(f"{d}/output", "w").write(f"{a} {b} {bytes(m[409600:409605])} {status}\\n")
 """
 
 
-def checkpointed_and_restored(proc: subprocess.Popen[bytes], tmp_path: Path, processes: int) -> int:
-    """Checkpoint ``proc``'s tree of ``processes`` (killed), restore it, wait until its root
-    has exited with status 0; its root's pid."""
+def checkpointed_and_restored(proc: subprocess.Popen[bytes], tmp_path: Path, processes: int,
+                              release: Path | None = None) -> int:
+    """Checkpoint ``proc``'s tree of ``processes`` (killed), restore it, (make ``release``: the
+    file a held job waits for) and wait until its root has exited with status 0; its root's pid."""
     before = tree(proc.pid)
     assert len(before) == processes
     checkpoint(proc.pid, tmp_path / "tree.img", processes)
     assert proc.wait(timeout=30) == -9
     root = image_restored(tmp_path / "tree.img", before)
+    if release is not None:
+        release.touch()
     assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
     return root
 
@@ -219,15 +227,15 @@ def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     script = tmp_path / "counters.py"
     script.write_text(SHARED_COUNTERS)
     proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), "600"], tmp_path / "ready",
-                             start_new_session=True)
-    checkpointed_and_restored(proc, tmp_path, 2)
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
+    checkpointed_and_restored(proc, tmp_path, 2, release=tmp_path / "go-on")
     assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
 
 
 # Python's multiprocessing.Pool: a parent with three threads, two forked workers, pipes
 # between them and POSIX semaphores (files in /dev/shm, unlinked once mapped).
 POOL = """
-import multiprocessing as mp, sys, time
+import multiprocessing as mp, os, sys, time
 def work(x):
     time.sleep(0.004)
     return x * x
@@ -240,6 +248,8 @@ if __name__ == "__main__":
             total += r
             if i == 50:
                 open(f"{d}/ready", "w").close()
+            while i == n * 3 // 4 and os.environ.get("WORKLOAD_HOLD") and not os.path.exists(os.environ["WORKLOAD_HOLD"]):
+                time.sleep(0.01)    # held (as SHARED_COUNTERS is)
     open(f"{d}/output", "w").write(f"{total}\\n")
 """
 
@@ -248,8 +258,8 @@ def test_multiprocessing_pool(tmp_path: Path) -> None:
     script = tmp_path / "pool.py"
     script.write_text(POOL)
     proc = start_until_ready([sys.executable, str(script), str(tmp_path), "1500"], tmp_path / "ready",
-                             start_new_session=True)
-    checkpointed_and_restored(proc, tmp_path, 3)
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
+    checkpointed_and_restored(proc, tmp_path, 3, release=tmp_path / "go-on")
     assert (tmp_path / "output").read_text() == f"{sum(x * x for x in range(1500))}\n"
 
 

@@ -13,6 +13,7 @@ Every step is drawn from a fixed seed, so every run does the same. It keeps a mo
 each file must hold and checks the directory against it every 20 steps and at the end, so a
 copy that differs from what the process left shows up as a FAIL after the migration.
 
+With WORKLOAD_HOLD=PATH it waits three quarters in until PATH is there (a test that moves it).
 OUT_DIR (outside the data directory): ``ready`` after 20 steps, ``output`` (one line per
 step, then every file's size and sha256), ``verdict`` (PASS or FAIL: reason).
 """
@@ -38,6 +39,7 @@ class Inode:
 def main() -> int:
     out_dir, data_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     pause = (int(sys.argv[4]) if len(sys.argv) > 4 else 10) / 1000
+    hold = os.environ.get("WORKLOAD_HOLD")      # a path: wait there three quarters in (see main's loop)
     rng = random.Random(SEED)
     os.chdir(data_dir)
     os.mkdir("sub")
@@ -171,6 +173,8 @@ def main() -> int:
         out.flush()
         if step == 20:
             open(os.path.join(out_dir, "ready"), "w").close()
+        while step == steps * 3 // 4 and hold and not os.path.exists(hold):
+            time.sleep(0.01)        # held: on a busy machine a late move still finds it at work
         if step % 20 == 19 and (why := check()) is not None:
             return fail(f"step {step}: {why}")
         time.sleep(pause)
