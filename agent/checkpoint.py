@@ -25,7 +25,7 @@ from agent.tree import check_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import PageFinder, holds_private_data
 from precopy.reader import Arena, PageReader
-from transport.errors import Cancelled, MigrationError, RestoreError, UnsupportedResource
+from transport.errors import Cancelled, MigrationError, NoSuchProcess, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
 from transport.schema import (
     Mappings,
@@ -122,7 +122,14 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     arena = snapshot_arena(pids) if opts.leave_running else None
     try:
         for p in pids:
-            helds.append(freezer.seize(p))
+            try:
+                helds.append(freezer.seize(p))
+            except NoSuchProcess:
+                if p == pid:
+                    raise
+                # a child that exited since it was listed (make's compilers do)
+                raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (pid {p} "
+                                          "exited): nothing was written; try again", pid=pid) from None
         _check_cancel(opts, pid)
         tree = tree_record(pid)          # zombies among them: carried as they are
         if [m.pid for m in tree.members if not m.zombie] != pids:

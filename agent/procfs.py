@@ -74,11 +74,20 @@ def children(pid: int) -> list[int]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, parents before children."""
+    """``pid`` and all its descendants, parents before children. A descendant that exits
+    while the tree is read is left out (its children, reparented, are no longer the tree's);
+    NoSuchProcess if ``pid`` itself is gone."""
     out = [pid]
     i = 0
     while i < len(out):
-        out.extend(k for k in children(out[i]) if k not in out)
+        try:
+            kids = children(out[i])
+        except NoSuchProcess:
+            if i == 0:
+                raise
+            del out[i]
+            continue
+        out.extend(k for k in kids if k not in out)
         i += 1
     return out
 
