@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable, Mapping
 
@@ -27,6 +28,7 @@ from precopy.layout import PageFinder, holds_private_data
 from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, MigrationError, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
+from transport.pages import PageBatch
 from transport.schema import (
     Mappings,
     ProcessBegin,
@@ -265,14 +267,26 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
     this host lacks (``agent.sched``). ``cgroup``: the unified cgroup to put it (every
     process of a tree) in instead of its own."""
     t0 = time.monotonic()
-    prepare_codecs()
+    # No prepare_codecs() here: nothing is frozen, and each record type's codec is worked
+    # out at its first use (an image holds few of the types).
     session = RestoreSession(keep_ids=not new_pid, affinity=affinity, cgroup=cgroup)
     done = False
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("interrupted: the half-restored process was removed")
+
+    def write(batch: PageBatch) -> None:
+        check()
+        session.write_pages(batch)
+
     try:
-        for item in ImageReader(src, verifier=verifier):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("interrupted: the half-restored process was removed")
-            session.take(item)
+        # Page batches are checked, decompressed and written by the reader's workers, several
+        # at once; records come here, in order, each once the pages before it are in.
+        with closing(iter(ImageReader(src, verifier=verifier, sink=write))) as items:
+            for item in items:
+                check()
+                session.take(item)
         session.finish()
         if resume:
             session.resume()

@@ -63,8 +63,8 @@ sys.path.insert(0, str(REPO))      # this checkout's engine, whatever else is in
 
 from agent.dump import collect_layout
 from benchmarks._common import (
-    KCR, MIB, BenchError, become_subreaper, compile_c, fill_and_free, guarded, machine_info, machine_summary,
-    probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
+    KCR, MIB, BenchError, become_subreaper, compile_c, ensure_bytecode, fill_and_free, guarded, machine_info,
+    machine_summary, probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
 from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv, process_vm_writev
 from precopy.layout import PageFinder
 
@@ -519,6 +519,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     criu_path, criu_note = probe_criu()
     criu_state: dict[str, Any] = {"path": criu_path, "note": criu_note}
     print(f"criu: {criu_note}" if criu_path else f"criu: not available ({criu_note})", flush=True)
+    print(ensure_bytecode(), flush=True)
 
     binary = build_workload(session)
     warm_info: dict[str, Any] = {"done": warm}
