@@ -15,13 +15,12 @@ import threading
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 
 from agent import fdtable
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
-from agent.restore_session import RestoreSession
 from agent.tree import check_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import PageFinder, holds_private_data
@@ -35,6 +34,9 @@ from transport.schema import (
     prepare_codecs,
 )
 from transport.signing import ImageVerifier, signing_key
+
+if TYPE_CHECKING:
+    from agent.restore_session import RestoreSession
 
 
 @dataclass
@@ -266,6 +268,8 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
     every image is refused). ``affinity``: "refuse" or "warn" for a thread pinned to CPUs
     this host lacks (``agent.sched``). ``cgroup``: the unified cgroup to put it (every
     process of a tree) in instead of its own."""
+    from agent.restore_session import RestoreSession     # not loaded by a checkpoint
+
     t0 = time.monotonic()
     # No prepare_codecs() here: nothing is frozen, and each record type's codec is worked
     # out at its first use (an image holds few of the types).
