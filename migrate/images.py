@@ -19,7 +19,7 @@ from agent.checkpoint import checkpoint as _checkpoint
 from agent.checkpoint import restore as _restore
 from agent.procfs import check_restore_privileges
 from agent.tracer import Tracer
-from transport.framing import open_output
+from transport.image import open_output
 from transport.signing import ImageVerifier
 
 

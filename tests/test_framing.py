@@ -4,13 +4,13 @@ from __future__ import annotations
 import io
 import os
 import struct
-import threading
 import zlib
 from pathlib import Path
 
 import pytest
 
 from transport.errors import ChecksumError, ProtocolError, TruncatedStream
+from transport.image import open_input
 from transport.framing import (
     FRAME_MAGIC,
     HEADER,
@@ -21,11 +21,9 @@ from transport.framing import (
     MAX_RECORD_LEN,
     STREAM_MAGIC,
     FrameDecoder,
-    POPULATE_CHUNK,
     MappedFile,
     encode_frame,
     frame_header,
-    open_input,
     read_frame,
     read_stream_magic,
 )
@@ -181,23 +179,6 @@ def test_an_image_file_only_we_can_write_is_mapped_and_read_without_copies(tmp_p
     os.chmod(path, 0o666)
     with open_input(str(path)) as f:
         assert not isinstance(f, MappedFile)
-
-
-def test_a_large_mapped_image_reads_the_same_while_it_is_faulted_in_ahead(tmp_path: Path) -> None:
-    """An image of many page frames is mapped in ahead of the reader by a thread of the
-    MappedFile's: the frames read back exactly, also where the reader overtakes it, and
-    closing the file ends that thread."""
-    payloads = [i.to_bytes(4, "little") * (1 << 18) for i in range(3 * POPULATE_CHUNK >> 20)]   # 1 MiB each
-    path = tmp_path / "img"
-    path.write_bytes(stream_of(*payloads, kind=KIND_PAGES))
-    os.chmod(path, 0o600)
-    for _ in range(2):              # the second time, the reader starts at once, beside it
-        with open_input(str(path)) as f:
-            assert isinstance(f, MappedFile)
-            read_stream_magic(f)
-            frames = list(iter(lambda: read_frame(f), None))
-        assert [bytes(fr.payload) for fr in frames] == payloads
-        assert not [t for t in threading.enumerate() if t.name == "kcr-map-ahead"]
 
 
 def test_header_layout_is_stable() -> None:

@@ -25,9 +25,8 @@ import mmap
 import os
 import stat
 import struct
-import threading
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, cast
+from typing import BinaryIO, Iterable
 
 from zlib_ng import zlib_ng     # zlib's crc32, several times faster (it uses the CPU's carry-less multiply)
 
@@ -221,45 +220,19 @@ class FrameDecoder:
             raise TruncatedStream("the stream ended in the middle of a frame: truncated")
 
 
-MADV_POPULATE_READ = 22         # Linux 5.14: fault a range of a mapping in, as reading it would
-POPULATE_CHUNK = 8 << 20
-
-
 class MappedFile:
     """A regular file read through a read-only mapping of it: ``take`` returns views of the
     mapping, so frame payloads are not copied. Only for files that nobody but this user can
-    write: what is checked once must not change under the views afterwards.
-
-    Its pages are faulted in ahead of the reader by a thread of its own (MADV_POPULATE_READ,
-    8 MiB at a time from the start, without the GIL), so a command that opens its image first
-    has it mapped while it imports the rest of itself: mapping an image as it is read cost
-    80-100 ms of a 256 MiB restore's wall time here, mapping it all up front (MAP_POPULATE)
-    200-400 ms a GiB before the first byte. The reader never waits for that thread; where it
-    catches up, it faults pages in itself. ``close`` stops and joins it."""
+    write: what is checked once must not change under the views afterwards."""
 
     def __init__(self, fd: int) -> None:
         size = os.fstat(fd).st_size
+        # Not MAP_POPULATE: mapping a 1 GiB image up front cost 200-400 ms here; faulted in as it
+        # is read (many pages a fault), the same pages cost about as much as one pass of crc32.
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         self._map.madvise(mmap.MADV_SEQUENTIAL)
         self._view = memoryview(self._map)
         self._pos = 0
-        self._stop = threading.Event()
-        self._populating: threading.Thread | None = None
-        if size > 2 * POPULATE_CHUNK:
-            self._populating = threading.Thread(target=self._populate, args=(self._map, size),
-                                                name="kcr-map-ahead", daemon=True)
-            self._populating.start()
-
-    def _populate(self, mapped: mmap.mmap, size: int) -> None:
-        for off in range(0, size, POPULATE_CHUNK):
-            if self._stop.is_set() or off + POPULATE_CHUNK <= self._pos:
-                if self._stop.is_set():
-                    return
-                continue            # the reader is past it
-            try:
-                mapped.madvise(MADV_POPULATE_READ, off, min(POPULATE_CHUNK, size - off))
-            except (OSError, ValueError):
-                return              # an older kernel (EINVAL), or closed: the reader faults pages in
 
     @staticmethod
     def suits(fd: int) -> bool:
@@ -284,10 +257,6 @@ class MappedFile:
 
     def close(self) -> None:
         """Reading ends here; the mapping goes with the last view of it."""
-        self._stop.set()
-        if self._populating is not None:
-            self._populating.join()
-            self._populating = None
         self._view.release()
 
     def __enter__(self) -> "MappedFile":
@@ -332,27 +301,3 @@ def read_frame(f: BinaryIO, *, check_pages: bool = True) -> Frame | None:
     if check_pages or kind != KIND_PAGES:
         check_payload(payload, crc)
     return Frame(kind, flags, payload, crc)
-
-
-def open_output(path: str) -> BinaryIO:
-    """The image file to write (``-``: stdout)."""
-    if path == "-":
-        return os.fdopen(os.dup(1), "wb", buffering=1 << 20)
-    return open(path, "wb", buffering=1 << 20)
-
-
-def open_input(path: str) -> BinaryIO:
-    """The image at ``path`` ("-": stdin) to read; a file only this user can write is mapped
-    (``MappedFile``): its page data goes on without a copy, faulted in ahead of the reader.
-    (Here, not in ``transport.image``, so a command opens its image before it imports that.)"""
-    if path == "-":
-        return os.fdopen(os.dup(0), "rb", buffering=1 << 20)
-    f = open(path, "rb", buffering=1 << 20)
-    try:
-        if MappedFile.suits(f.fileno()):
-            mapped = MappedFile(f.fileno())      # holds a descriptor of its own
-            f.close()
-            return cast(BinaryIO, mapped)
-    except (OSError, ValueError):               # a file system that cannot map it: read it
-        pass
-    return f

@@ -18,7 +18,7 @@ import platform
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Generator, Iterator
+from typing import BinaryIO, Callable, Generator, Iterator, cast
 
 from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import (
@@ -26,6 +26,7 @@ from transport.framing import (
     KIND_RECORD,
     KIND_TAG,
     STREAM_MAGIC,
+    MappedFile,
     check_payload,
     Frame,
     encode_frame,
@@ -401,3 +402,25 @@ def check_machine(header: ImageHeader, xsave_mask: int) -> None:
         raise IncompatibleImage(
             f"the image's process uses CPU state components {missing:#x} (XSAVE) that this CPU lacks "
             f"(image {header.xsave_mask:#x}, here {xsave_mask:#x}): restore it on a host with the same CPU features")
+
+
+def open_output(path: str) -> BinaryIO:
+    if path == "-":
+        return os.fdopen(os.dup(1), "wb", buffering=1 << 20)
+    return open(path, "wb", buffering=1 << 20)
+
+
+def open_input(path: str) -> BinaryIO:
+    """The image at ``path`` ("-": stdin) to read; a file only this user can write is mapped
+    (``MappedFile``): its page data goes on without a copy."""
+    if path == "-":
+        return os.fdopen(os.dup(0), "rb", buffering=1 << 20)
+    f = open(path, "rb", buffering=1 << 20)
+    try:
+        if MappedFile.suits(f.fileno()):
+            mapped = MappedFile(f.fileno())      # holds a descriptor of its own
+            f.close()
+            return cast(BinaryIO, mapped)
+    except (OSError, ValueError):               # a file system that cannot map it: read it
+        pass
+    return f

@@ -23,16 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from transport.framing import open_input
+    from migrate import images
+    from transport.image import open_input
 
     if (args.image is None) == (args.input is None):
         error("restore takes one image: kcr-migrate restore FILE (or -i FILE; - for stdin)")
         return EXIT_USAGE
     path = args.image if args.input is None else args.input
     check_input(path)
-    # The image first: its pages are mapped in (MappedFile) while the engine is imported.
     with open_input(path) as src:
-        from migrate import images
         result = images.restore(src, new_pid=args.new_pid, trust_image=args.trust_image, image_key=args.image_key,
                                 on_running=settle, affinity=args.affinity,
                                 cgroup=args.cgroup)

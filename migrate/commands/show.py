@@ -66,8 +66,7 @@ def image_to_json(reader: "ImageReader") -> dict[str, Any]:
 
 @command("show", "decode an image to JSON, for humans and debugging", add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from transport.framing import open_input
-    from transport.image import ImageReader
+    from transport.image import ImageReader, open_input
     from transport.signing import ImageVerifier
 
     check_input(args.image)
