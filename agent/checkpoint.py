@@ -13,26 +13,30 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 
 from agent import fdtable
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
-from agent.restore_session import RestoreSession
 from agent.tree import check_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import PageFinder, holds_private_data
 from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, MigrationError, NoSuchProcess, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
+from transport.pages import PageBatch
 from transport.schema import (
     Mappings,
     ProcessBegin,
     prepare_codecs,
 )
 from transport.signing import ImageVerifier, signing_key
+
+if TYPE_CHECKING:
+    from agent.restore_session import RestoreSession
 
 
 @dataclass
@@ -271,15 +275,29 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
     every image is refused). ``affinity``: "refuse" or "warn" for a thread pinned to CPUs
     this host lacks (``agent.sched``). ``cgroup``: the unified cgroup to put it (every
     process of a tree) in instead of its own."""
+    from agent.restore_session import RestoreSession     # not loaded by a checkpoint
+
     t0 = time.monotonic()
-    prepare_codecs()
+    # No prepare_codecs() here: nothing is frozen, and each record type's codec is worked
+    # out at its first use (an image holds few of the types).
     session = RestoreSession(keep_ids=not new_pid, affinity=affinity, cgroup=cgroup)
     done = False
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("interrupted: the half-restored process was removed")
+
+    def write(batch: PageBatch) -> None:
+        check()
+        session.write_pages(batch)
+
     try:
-        for item in ImageReader(src, verifier=verifier):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("interrupted: the half-restored process was removed")
-            session.take(item)
+        # Page batches are checked, decompressed and written by the reader's workers, several
+        # at once; records come here, in order, each once the pages before it are in.
+        with closing(iter(ImageReader(src, verifier=verifier, sink=write))) as items:
+            for item in items:
+                check()
+                session.take(item)
         session.finish()
         if resume:
             session.resume()

@@ -12,12 +12,17 @@ previous round sent) through /proc/PID/mem. While registered, a missing page tha
 else touches is not served but refused (UFFD_USER_MODE_ONLY, and nobody reads the
 userfaultfd): the stub only runs injected system calls meanwhile, and ``close``, which drops
 every registration, comes before the restore goes on past the pages.
+
+``write`` may run in several threads at once (a restore from an image writes each page batch
+in the worker that decoded it): UFFDIO_COPY and /proc/PID/mem writes need no lock, and
+batches of one image never share a page.
 """
 from __future__ import annotations
 
 import bisect
 import errno
 import os
+import threading
 
 from agent.inject import RemoteMemory
 from precopy.control import RemoteSyscalls
@@ -51,6 +56,7 @@ class MissingFiller:
         self.spans: list[Span] = []      # registered, sorted, one per mapping: a copy stays within one
         self._starts: list[int] = []
         self.pages_copied = 0
+        self._counting = threading.Lock()     # ``write`` runs in several threads at once
 
     def register(self, vmas: list[Vma]) -> None:
         """Register the new mappings ``vmas`` (those a userfaultfd can fill)."""
@@ -107,7 +113,9 @@ class MissingFiller:
                     filled = self.uffd.copy(here, base + done, min(len(view) - done, end - here))
                 except OSError:
                     filled = 0      # refused here for another reason: /proc/PID/mem may do
-                self.pages_copied += filled // PAGE_SIZE
+                if filled:
+                    with self._counting:
+                        self.pages_copied += filled // PAGE_SIZE
             if not filled:
                 filled = self._pwrite(view[done:], here)
             if not filled:          # neither way can write this page

@@ -28,6 +28,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -311,6 +312,7 @@ class Restorer:
         self._placeholders: dict[tuple[int, int], Vma] = {}
         self._placeholder_pages: set[int] = set()      # pages written into placeholders
         self.report = RestoreReport()
+        self._counting = threading.Lock()     # write_pages runs in several threads at once
         self.pid = 0
         self.mem: RemoteMemory | None = None
         self.inj: Injector | None = None
@@ -853,7 +855,8 @@ class Restorer:
                         first, last = max(start, addr), min(end, addr + n * PAGE_SIZE)
                         self._placeholder_pages.update(range(first, last, PAGE_SIZE))
         self._write_runs(batch.runs, memoryview(batch.data).cast("B"))
-        self.report.pages_written += batch.npages
+        with self._counting:
+            self.report.pages_written += batch.npages
 
     def _write_runs(self, runs: tuple[tuple[int, int], ...], view: memoryview) -> None:
         """Runs of pages already there (a later round's, often single scattered pages) go in

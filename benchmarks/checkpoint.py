@@ -15,7 +15,10 @@ keeps its files in /dev/shm:
                    into an untouched mapping of a fresh process
   kcr checkpoint   `kcr-migrate checkpoint PID -o IMAGE --leave-running`, zstd level 1 (the
                    default) and --no-compress: wall time of the command
-  kcr restore      `kcr-migrate restore -i IMAGE --json`, until it has printed the new pid
+  kcr restore      `kcr-migrate restore -i IMAGE --json --new-pid` of either image, until the
+                   command exits (it prints the new pid once the process runs). CRIU's images
+                   are uncompressed: the raw image is the same work, the zstd one adds
+                   decompressing; both are signed and verified (Poly1305 a frame), CRIU's not
   criu dump/restore  `criu dump -t PID --leave-running` / `criu restore -d`, where `criu check`
                    passes (CRIU restores the same pid, so its restores run after the original
                    is killed)
@@ -24,8 +27,11 @@ Every restored copy is asked (SIGUSR1) to hash its memory; it must report the or
 checksum with no bad page, or the run fails (exit 1). The ratio columns divide medians:
 above 1 is slower than the baseline, or than CRIU's matching operation. A second table
 splits kcr-migrate's wall time into the engine's own (``total_time_ms`` or
-``restore_time_ms``) and the rest (interpreter start, imports, fsync and exit), and sets
-each checkpoint's frozen time beside CRIU's (``frozen_time`` of its stats-dump file). The
+``restore_time_ms``) and the rest (interpreter start, imports, fsync and exit), gives the CPU
+time each kcr-migrate command used (user + system; on a busy machine a steadier measure of its
+cost than wall time), and sets each checkpoint's frozen time beside CRIU's (``frozen_time`` of
+its stats-dump file). The checkout's modules are compiled to bytecode first, as an install has
+them (``ensure_bytecode``). The
 target, as issue 15 puts it: checkpoint frozen time and restore wall time no slower than
 CRIU's.
 
@@ -63,8 +69,8 @@ sys.path.insert(0, str(REPO))      # this checkout's engine, whatever else is in
 
 from agent.dump import collect_layout
 from benchmarks._common import (
-    KCR, MIB, BenchError, become_subreaper, compile_c, fill_and_free, guarded, machine_info, machine_summary,
-    probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
+    KCR, MIB, BenchError, become_subreaper, compile_c, ensure_bytecode, fill_and_free, guarded, machine_info,
+    machine_summary, probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
 from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv, process_vm_writev
 from precopy.layout import PageFinder
 
@@ -137,10 +143,25 @@ def _children() -> Iterator[int]:
 
 def run_checked(argv: list[str]) -> tuple[float, str]:
     """``run_tool``, failing unless the command succeeds; returns (wall seconds, stdout)."""
+    wall, _, out = run_counted(argv)
+    return wall, out
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_counted(argv: list[str]) -> tuple[float, float, str]:
+    """``run_checked``, and the CPU seconds (user + system) the command used: on a machine that
+    other work keeps busy, wall times follow the CPU left over, CPU times much less. (Only the
+    command's own: a process CRIU restores fills its memory itself, which this does not count.)"""
+    cpu0 = _children_cpu()
     wall, status, out, err = run_tool(argv)
+    cpu = _children_cpu() - cpu0
     if status != 0:
         raise BenchError(f"`{' '.join(argv)}` failed (exit {status}): {err.strip()[-2000:]}")
-    return wall, out
+    return wall, cpu, out
 
 
 # -- the workload ---------------------------------------------------------------------------
@@ -308,13 +329,13 @@ def kcr_checkpoint(session: Session, pid: int, image: Path, compress: bool) -> d
             "--stats-json", str(stats_file)]
     if not compress:
         argv.append("--no-compress")
-    wall, _ = run_checked(argv)
+    wall, cpu, _ = run_counted(argv)
     stats = json.loads(stats_file.read_text())
-    return {"wall_s": wall, "image_bytes": image.stat().st_size, **stats}
+    return {"wall_s": wall, "cpu_s": cpu, "image_bytes": image.stat().st_size, **stats}
 
 
 def kcr_restore(session: Session, image: Path, w: Workload, what: str) -> dict[str, Any]:
-    wall, out = run_checked([*KCR, "restore", "-i", str(image), "--json", "--new-pid"])
+    wall, cpu, out = run_counted([*KCR, "restore", "-i", str(image), "--json", "--new-pid"])
     result = json.loads(out.strip().splitlines()[-1])
     pid = int(result["pid"])
     session.adopt(pid)
@@ -322,7 +343,7 @@ def kcr_restore(session: Session, image: Path, w: Workload, what: str) -> dict[s
         check = verify(w, pid, what)
     finally:
         session.end(pid)
-    return {"wall_s": wall, **result, "verification": check}
+    return {"wall_s": wall, "cpu_s": cpu, **result, "verification": check}
 
 
 def _criu_log_tail(directory: Path, log: str) -> str:
@@ -485,7 +506,7 @@ def render(ops: list[Op], baseline: Op) -> tuple[str, dict[str, dict[str, Any]]]
 
 def render_details(ops: list[Op]) -> str:
     by_key = {op.key: op for op in ops}
-    rows = [("medians", "image MiB", "frozen ms", "frozen vs CRIU", "engine s", "CLI overhead s")]
+    rows = [("medians", "image MiB", "frozen ms", "frozen vs CRIU", "engine s", "CLI overhead s", "CPU s")]
     for op in ops:
         if not op.samples or not (op.key.startswith("kcr_") or op.key == "criu_dump"):
             continue
@@ -497,7 +518,8 @@ def render_details(ops: list[Op]) -> str:
         rows.append((op.label, "-" if image is None else f"{image:.1f}", "-" if frozen is None else f"{frozen:.0f}",
                      fmt_ratio(frozen / peer_frozen if frozen is not None and peer_frozen else None),
                      "-" if engine is None else f"{engine:.3f}",
-                     "-" if engine is None else f"{op.median - engine:.3f}"))
+                     "-" if engine is None else f"{op.median - engine:.3f}",
+                     "-" if (cpu := op.extra_median("cpu_s")) is None else f"{cpu:.3f}"))
     return table(rows, rule=False)
 
 
@@ -519,6 +541,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     criu_path, criu_note = probe_criu()
     criu_state: dict[str, Any] = {"path": criu_path, "note": criu_note}
     print(f"criu: {criu_note}" if criu_path else f"criu: not available ({criu_note})", flush=True)
+    print(ensure_bytecode(), flush=True)
 
     binary = build_workload(session)
     warm_info: dict[str, Any] = {"done": warm}
@@ -584,7 +607,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
             r = kcr_checkpoint(session, w.pid, image, compress)
             if timed:
                 ops[key].add(r["wall_s"], engine_s=r["total_time_ms"] / 1000, frozen_ms=r["frozen_time_ms"],
-                             image_mib=r["image_bytes"] / MIB)
+                             image_mib=r["image_bytes"] / MIB, cpu_s=r["cpu_s"])
                 ops[key].mib = r["bytes_raw"] / MIB
         if criu_state["path"]:
             prewarm()
@@ -613,7 +636,7 @@ def bench(args: argparse.Namespace, session: Session) -> int:
             r = kcr_restore(session, image, w, ops[key].label)
             checks.append(r["verification"])
             if timed:
-                ops[key].add(r["wall_s"], engine_s=r["restore_time_ms"] / 1000)
+                ops[key].add(r["wall_s"], engine_s=r["restore_time_ms"] / 1000, cpu_s=r["cpu_s"])
                 ops[key].mib = r["pages"] * PAGE / MIB
 
     if warm:
@@ -664,6 +687,8 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     floor = ops["writeback"].median
     print(f"restore vs raw write-back: zstd image {ops['kcr_restore_zstd'].median / floor:.2f}x, "
           f"raw image {ops['kcr_restore_raw'].median / floor:.2f}x")
+    print("images: kcr-migrate writes zstd level 1 by default (--no-compress: raw); CRIU's are uncompressed, "
+          "so the raw image is the equal-work comparison, and the zstd one adds its decompression")
     if criu and ops["criu_dump"].samples and ops["criu_restore"].samples:
         slower = [f"{op.label} (frozen {ratio:.2f}x)" for op in ops.values() if op.key.startswith("kcr_ckpt")
                   and (ratio := frozen_vs_criu(ops, op.key) or 0.0) > 1]

@@ -12,6 +12,8 @@ what kcr-migrate adds to starting Python on this machine, whatever its speed.
   anchor             python3 -c pass
   --version          kcr-migrate --version
   show (small)       kcr-migrate show IMAGE (a `sleep` process's image, ~30 KB, made here)
+  restore (small)    kcr-migrate restore IMAGE --new-pid: first output is the restored process's
+                     pid, printed once it runs (the restored copy is killed after each run)
   checkpoint --help  kcr-migrate checkpoint --help
   wss --help         kcr-migrate wss --help
   migrate --help     kcr-migrate migrate --help
@@ -19,7 +21,8 @@ what kcr-migrate adds to starting Python on this machine, whatever its speed.
 
 Cases run in turn, round after round (20 rounds; 5 with --quick), after one untimed round, so
 that a slow moment of the machine spreads over all of them. Every run must exit 0, or the
-benchmark fails (exit 1). The image and its folder are removed at exit.
+benchmark fails (exit 1). The image and its folder are removed at exit. The checkout's modules
+are compiled to bytecode first (``ensure_bytecode``), as an installed kcr-migrate has them.
 """
 from __future__ import annotations
 
@@ -37,11 +40,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))      # this checkout's CLI, whatever else is installed
 
-from benchmarks._common import (BenchError, guarded, machine_info, machine_summary, stop_on_signals,  # noqa: E402
-                                table, write_json)
+from benchmarks._common import (BenchError, ensure_bytecode, guarded, machine_info,  # noqa: E402
+                                machine_summary, stop_on_signals, table, write_json)
 
 KCR = [sys.executable, "-m", "migrate"]
 ANCHOR = "anchor"
+RESTORE = "restore (small)"
 
 
 def cases(image: Path) -> dict[str, list[str]]:
@@ -49,6 +53,7 @@ def cases(image: Path) -> dict[str, list[str]]:
         ANCHOR: [sys.executable, "-c", "pass"],
         "--version": [*KCR, "--version"],
         "show (small)": [*KCR, "show", str(image)],
+        RESTORE: [*KCR, "restore", str(image), "--new-pid"],
         "checkpoint --help": [*KCR, "checkpoint", "--help"],
         "wss --help": [*KCR, "wss", "--help"],
         "migrate --help": [*KCR, "migrate", "--help"],
@@ -61,15 +66,16 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(seconds to the first byte on stdout, or to the exit if it prints none; seconds to the exit)."""
+def timed(argv: list[str]) -> tuple[float, float, bytes]:
+    """(seconds to the first byte on stdout, or to the exit if it prints none; seconds to the
+    exit; what it printed)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          cwd=REPO, env=env(), close_fds=True)
     assert p.stdout is not None and p.stderr is not None
     first = p.stdout.read(1)
     t_first = time.perf_counter() - t0
-    p.stdout.read()
+    rest = p.stdout.read()
     err = p.stderr.read()
     p.wait()
     t_exit = time.perf_counter() - t0
@@ -77,7 +83,22 @@ def timed(argv: list[str]) -> tuple[float, float]:
     p.stderr.close()
     if p.returncode != 0:
         raise BenchError(f"`{' '.join(argv[1:])}` exited with {p.returncode}: {err.decode().strip()[-300:]}")
-    return (t_first if first else t_exit), t_exit
+    return (t_first if first else t_exit), t_exit, first + rest
+
+
+def end_restored(printed: bytes) -> None:
+    """Kill the process a `restore` printed the pid of (it is not our child) and wait until it is gone."""
+    try:
+        pid = int(printed.split()[0])
+    except (IndexError, ValueError):
+        raise BenchError(f"restore printed no pid: {printed[:200]!r}") from None
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:   # reaped by init: no event to wait on
+        time.sleep(0.01)
 
 
 def small_image(folder: Path) -> Path:
@@ -102,9 +123,11 @@ def measure(reps: int, folder: Path) -> dict[str, Any]:
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for rnd in range(reps + 1):
         for name, argv in runs.items():
-            got = timed(argv)
+            first, exits, printed = timed(argv)
+            if name == RESTORE:
+                end_restored(printed)
             if rnd:                        # round 0 warms the page cache and is not counted
-                samples[name].append(got)
+                samples[name].append((first, exits))
     anchor = statistics.median(e for _, e in samples[ANCHOR])
     out = []
     for name, argv in runs.items():
@@ -138,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals(signal.SIGTERM, signal.SIGHUP)
 
     def body() -> int:
+        print(ensure_bytecode(), flush=True)
         machine = machine_info()
         with tempfile.TemporaryDirectory(prefix="kcr-bench-cli-") as folder:
             result = measure(reps, Path(folder))

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import trio
 
-from tests._transport import example_records, hello_with, page_batch
+from tests._transport import example_records, hello_with, image_frames, image_of, page_batch
 from transport.errors import (
     IncompatibleImage,
     NoSuchProcess,
@@ -17,10 +17,12 @@ from transport.errors import (
     ProtocolError,
     RemoteError,
     TransportTimeout,
+    UntrustedImage,
     error_from_wire,
 )
-from transport.framing import KIND_RECORD, STREAM_MAGIC, encode_frame
+from transport.framing import KIND_PAGES, KIND_RECORD, STREAM_MAGIC, encode_frame
 from transport.image import ImageReader, ImageWriter
+from transport.pages import PageBatch
 from transport.local import socket_pair
 from transport.protocol import (
     PROTOCOL_VERSION,
@@ -44,6 +46,7 @@ from transport.schema import (
     ImageHeader,
     PipeBuffer,
     Pipes,
+    ProcessBegin,
     ProcessTree,
     TreeMember,
     UnixSockets,
@@ -265,3 +268,91 @@ def test_fd_objects_are_checked_before_use(change: Any, match: str) -> None:
 def test_a_forged_process_tree_is_refused(members: tuple[TreeMember, ...], match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode_record(ProcessTree(members).pack())
+
+
+def _interleaved_image(key: ImageKey) -> tuple[bytes, list[Record | PageBatch]]:
+    """An image whose records and page batches alternate in runs (as a tree's image has them:
+    ProcessBegin, layout, pages, the next ProcessBegin...), and what it holds in order."""
+    header = example_records()[ImageHeader]
+    assert isinstance(header, ImageHeader)
+    buf = io.BytesIO()
+    writer = ImageWriter(buf, level=1, key=key)
+    writer.record(header)
+    items: list[Record | PageBatch] = []
+    for i in range(4):
+        rec = ProcessBegin(pid=100 + i)
+        writer.record(rec)
+        items.append(rec)
+        for j in range(5):
+            batch = page_batch(3, seed=10 * i + j, addr=0x7F00_0000_0000 + (10 * i + j) * 0x10000)
+            writer.pages(batch)
+            items.append(batch)
+    writer.finish()
+    return buf.getvalue(), items
+
+
+def test_a_sink_gets_each_batch_between_the_records_around_it() -> None:
+    """With a sink (as a restore writes pages), batches go to it from the workers, several at
+    once, but never before a record that comes before them was taken, and every one of them
+    before a record after them is handed on: the stream's order, as a restore needs it."""
+    key = ImageKey("test key", bytes(range(32)))
+    image, items = _interleaved_image(key)
+    log: list[Record | PageBatch] = []
+    taken = 0              # records the consumer took so far
+    seen_at: list[tuple[int, PageBatch]] = []
+
+    def sink(batch: PageBatch) -> None:
+        seen_at.append((taken, batch))
+
+    reader = ImageReader(io.BytesIO(image), verifier=ImageVerifier(key), sink=sink, workers=3)
+    for item in reader:
+        assert not isinstance(item, PageBatch)          # batches went to the sink
+        if isinstance(item, ProcessBegin):
+            log.append(item)
+        taken += 1
+    assert reader.verifier.verified
+    assert reader.stats.page_batches == 20 and reader.stats.pages == 60
+    # Each batch reached the sink after the records before it were taken (the header, then
+    # its ProcessBegin), and its contents are as written.
+    expect_taken = {}
+    records_before = 1                                  # the header
+    for item in items:
+        if isinstance(item, PageBatch):
+            expect_taken[item.runs] = records_before
+        else:
+            records_before += 1
+    assert sorted(b.runs for _, b in seen_at) == sorted(expect_taken)
+    for when, batch in seen_at:
+        assert when == expect_taken[batch.runs], "a batch reached the sink before or after its turn"
+        original = next(i for i in items if isinstance(i, PageBatch) and i.runs == batch.runs)
+        assert bytes(batch.data) == bytes(original.data)
+    assert log == [i for i in items if isinstance(i, ProcessBegin)]
+
+
+def test_a_sink_failure_or_an_edited_batch_stops_the_stream_at_that_batch() -> None:
+    """A batch whose signature fails is refused as that frame, and no record after it is
+    handed on; a sink that raises stops the stream the same way."""
+    key = ImageKey("test key", bytes(range(32)))
+    image, items = _interleaved_image(key)
+    second = items[8]           # a batch of the second process
+    assert isinstance(second, PageBatch)
+    frames = image_frames(image)
+    pages = [f for f in frames if f.kind == KIND_PAGES]
+    edited = pages[6]           # the same batch (frame 9: header, ProcessBegin, 5 batches, ProcessBegin, 2)
+    data = bytearray(edited.payload)
+    data[len(data) // 2] ^= 0x01
+    edited.payload = bytes(data)        # a valid crc32 (image_of), a signature that no longer matches
+    taken: list[object] = []
+    with pytest.raises(UntrustedImage, match="frame 9 does not match"):
+        for item in ImageReader(io.BytesIO(image_of(frames)), verifier=ImageVerifier(key), sink=lambda b: None):
+            taken.append(item)
+    assert [t.pid for t in taken if isinstance(t, ProcessBegin)] == [100, 101]
+
+    def refuse(batch: PageBatch) -> None:
+        if batch.runs == second.runs:
+            raise OSError(5, "cannot write")
+    taken.clear()
+    with pytest.raises(OSError, match="cannot write"):
+        for item in ImageReader(io.BytesIO(image), verifier=ImageVerifier(key), sink=refuse):
+            taken.append(item)
+    assert [t.pid for t in taken if isinstance(t, ProcessBegin)] == [100, 101]

@@ -6,6 +6,8 @@ releases the GIL) while keeping frame order, and signs every frame with the host
 (``transport.signing``); ``ImageReader`` checks every frame's crc32 and signature before
 decoding it (``ImageVerifier`` decides what an unsigned or foreign image gets) and ends only
 at an ``EndOfImage`` record whose counts match what was read.
+A restore hands page batches to a ``sink`` instead: each is checked, decompressed and
+written by the worker that read it, on every core at once, in step with the records.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import collections
 import dataclasses
 import os
 import platform
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, cast
+from typing import BinaryIO, Callable, Generator, Iterator, cast
 
 from transport.errors import IncompatibleImage, ProtocolError, TruncatedStream, UntrustedImage
 from transport.framing import (
@@ -179,19 +182,67 @@ def _check_and_decode(verifier: ImageVerifier | None, index: int, prev: bytes | 
     return decode_batch(frame.flags, frame.payload)
 
 
+class _Turns:
+    """How many records the reader's consumer has taken: a page batch handed to a ``sink``
+    waits in its worker until every record before it was taken."""
+
+    def __init__(self) -> None:
+        self._taken = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def taken(self) -> None:
+        with self._cond:
+            self._taken += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more records will be taken (the reader stopped): waiting batches give up."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait(self, records: int) -> bool:
+        """Until ``records`` records were taken; False if the reader stopped first."""
+        with self._cond:
+            while self._taken < records and not self._closed:
+                self._cond.wait()
+            return self._taken >= records
+
+
+def _check_decode_and_sink(verifier: ImageVerifier | None, index: int, prev: bytes | None, tag: bytes | None,
+                           frame: Frame, turns: _Turns, records: int, sink: Callable[[PageBatch], None]) -> PageBatch:
+    """``_check_and_decode``, then, once the ``records`` records before the batch were taken,
+    ``sink`` it: in a worker thread, beside the other workers' batches."""
+    batch = _check_and_decode(verifier, index, prev, tag, frame)
+    if turns.wait(records):
+        sink(batch)
+    return batch
+
+
 class ImageReader:
     """Iterate an image's records and page batches, verifying as it goes.
 
     ``verifier`` (``transport.signing``) holds the key to check signatures with and whether
     an image that does not verify is refused (the default: every unverified image is) or
     read anyway. Each frame is checked before it is decoded; an item is handed on only once
-    it and everything before it verified."""
+    it and everything before it verified.
 
-    def __init__(self, src: BinaryIO, *, workers: int = 2, max_pending: int = 8,
-                 verifier: ImageVerifier | None = None) -> None:
+    ``sink``: page batches are not yielded but handed to ``sink`` in the worker threads that
+    check and decode them, several at once (a restore writes pages on every core): each
+    once it verified and every record before it was taken (the consumer came back for the
+    next item), and every one before the next record is yielded. A batch still verifies
+    on its own before it is handed on, and a failure (its checks', or ``sink``'s) is
+    raised in stream order, as without a sink; batches after a failure may have been
+    handed on already (each verified). ``sink`` runs beside the other workers' calls of
+    it, never beside the consumer's work on a record."""
+
+    def __init__(self, src: BinaryIO, *, workers: int | None = None, max_pending: int | None = None,
+                 verifier: ImageVerifier | None = None, sink: Callable[[PageBatch], None] | None = None) -> None:
         self._src = src
-        self._workers = workers
-        self._max_pending = max_pending
+        self._workers = workers or default_workers()
+        self._max_pending = max_pending or 4 * self._workers
+        self._sink = sink
         self.verifier = verifier if verifier is not None else ImageVerifier()
         self.stats = StreamStats()
         self.header: ImageHeader | None = None
@@ -235,12 +286,15 @@ class ImageReader:
             return frame, None
         return frame, bytes(tag.payload)
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Generator[Item, None, None]:
         verifier = self.verifier
         frame, tag = self._first()
         prev: bytes | None = None
         index = 0
         pending: collections.deque[Future[PageBatch] | Record] = collections.deque()
+        sink = self._sink
+        turns = _Turns()
+        records = 0         # records read so far
         with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="kcr-unzstd") as pool:
             try:
                 while True:
@@ -248,20 +302,25 @@ class ImageReader:
                         if self.header is None:
                             raise ProtocolError("page data before the image header")
                         self.stats.page_batches += 1
-                        pending.append(pool.submit(_check_and_decode, verifier if self._checking else None,
-                                                   index, prev, tag, frame))
+                        checker = verifier if self._checking else None
+                        pending.append(pool.submit(_check_and_decode, checker, index, prev, tag, frame)
+                                       if sink is None else
+                                       pool.submit(_check_decode_and_sink, checker, index, prev, tag, frame,
+                                                   turns, records, sink))
                     else:
                         try:
                             if self._checking:
                                 verifier.check(index, prev, tag,
                                                verifier.digest(index, header_of(frame), [frame.payload]))
                         except UntrustedImage:
+                            turns.close()               # no batch waits for a record that will not come
                             for item in pending:        # an earlier frame's failure is the one to tell
                                 if isinstance(item, Future):
                                     item.result()
                             raise
                         rec = decode_record(bytes(frame.payload))
                         self.stats.records += 1
+                        records += 1
                         if self.header is None:
                             if not isinstance(rec, ImageHeader):
                                 raise ProtocolError("the stream does not start with an image header")
@@ -272,15 +331,16 @@ class ImageReader:
                         if isinstance(rec, EndOfImage):
                             break
                     while len(pending) > self._max_pending or (pending and not isinstance(pending[0], Future)):
-                        yield self._resolve(pending.popleft())
+                        yield from self._hand_on(pending.popleft(), turns)
                     following = self._next()
                     if following is None:
                         raise TruncatedStream("the image ends before its end record: truncated")
                     prev, index = tag, index + 1
                     frame, tag = following
                 while pending:
-                    yield self._resolve(pending.popleft())
+                    yield from self._hand_on(pending.popleft(), turns)
             finally:
+                turns.close()
                 for item in pending:
                     if isinstance(item, Future):
                         item.cancel()
@@ -288,6 +348,15 @@ class ImageReader:
         if self._peeked is not None or self._src.read(1):
             raise ProtocolError("data after the end of the image")
         verifier.finish()
+
+    def _hand_on(self, item: Future[PageBatch] | Record, turns: _Turns) -> Iterator[Item]:
+        """Yield an item (a page batch only without a sink: with one, it was handed to it)."""
+        done = self._resolve(item)
+        if isinstance(done, PageBatch) and self._sink is not None:
+            return
+        yield done
+        if not isinstance(done, PageBatch):
+            turns.taken()
 
     def _resolve(self, item: Future[PageBatch] | Record) -> Item:
         if isinstance(item, Future):
@@ -304,6 +373,11 @@ class ImageReader:
                     f"{self.stats.records} were read: corrupt image")
             self.end = item
         return item
+
+
+def default_workers() -> int:
+    """Threads that check, decompress and (restoring) write page batches: one a CPU, 2 to 8."""
+    return max(2, min(8, len(os.sched_getaffinity(0))))
 
 
 def check_format(header: ImageHeader) -> None:
