@@ -216,3 +216,24 @@ async def test_sending_after_close_is_channel_closed() -> None:
             pass
         with pytest.raises(ChannelClosed):
             await fa.send_record(Bye())
+
+
+async def test_a_frame_that_fails_with_others_queued_behind_it_wakes_its_sender() -> None:
+    """The write of a record breaks while another record waits behind it: the record's
+    sender gets PeerGone, never waits forever."""
+    a, b = socket_pair()
+    outcome: list[str] = []
+    async with FramedStream(a) as fa:
+        async def first() -> None:
+            try:
+                await fa.send_record(Bye("x" * (8 << 20)))     # more than the socket buffers hold
+            except PeerGone:
+                outcome.append("peer gone")
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                await trio.testing.wait_all_tasks_blocked()   # the sender is stuck writing it
+                fa.post_record(Bye("behind it"))
+                await b.aclose()
+    assert outcome == ["peer gone"]

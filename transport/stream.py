@@ -356,8 +356,10 @@ class FramedStream:
             raise ChannelClosed(f"the stream to {self.peer} was closed on this side") from None
 
     async def _sender(self) -> None:
+        current: _Out | None = None      # taken from the queue, not yet written
         try:
             async for out in self._queue_rx:
+                current = out
                 wait = 0.0
                 if not out.ready.is_set():
                     t0 = trio.current_time()
@@ -384,16 +386,23 @@ class FramedStream:
                     sent.records += 1
                 out.parts = ()
                 out.sent.set()
+                current = None
         except TransportError as exc:
-            self._fail_sends(exc)
+            self._fail_sends(exc, current)
         except trio.Cancelled:
-            self._fail_sends(ChannelClosed(f"the stream to {self.peer} was closed on this side"))
+            self._fail_sends(ChannelClosed(f"the stream to {self.peer} was closed on this side"), current)
             raise
 
-    def _fail_sends(self, exc: TransportError) -> None:
-        """The sender stopped: wake everyone waiting on it with ``exc``."""
+    def _fail_sends(self, exc: TransportError, current: _Out | None = None) -> None:
+        """The sender stopped: wake everyone waiting on it with ``exc`` (``current``: the
+        frame it was writing, whose waiter is neither in the queue nor, if frames were queued
+        after it, the last one)."""
         if self._send_error is None:
             self._send_error = exc
+        if current is not None and not current.sent.is_set():
+            current.error = current.error or self._send_error
+            self._release(current)
+            current.sent.set()
         while True:
             try:
                 out = self._queue_rx.receive_nowait()
