@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
+from agent import cgroups, locks, mempolicy, ptrace, sched, seccomp, stub, timens
 from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_attach
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
@@ -125,6 +125,7 @@ F_DUPFD_CLOEXEC = 1030
 F_SETFD = 2
 RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
+POLICY_SCRATCH = 768        # where ``_thread_setup`` puts a thread's NUMA nodemask
 WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
@@ -935,6 +936,7 @@ class Restorer:
             self._carried = None
             identity = Identity.of(proc.creds)
             self._check_access(proc, identity)
+            self._numa_policies(proc)
             self._lock_memory(proc)
             self._mm(proc, identity)
             self._seal_memory()
@@ -1049,6 +1051,23 @@ class Restorer:
         if (st.st_dev, st.st_ino) != ours:
             raise RestoreError(f"{path} was replaced while the process was being restored (another file is at its "
                                "path now): restore again once it stays put")
+
+    def _numa_policies(self, proc: ProcessState) -> None:
+        """mbind each range with a NUMA policy of its own (``agent.mempolicy``), once every page
+        is in: the pages move to the nodes it names. The nodemasks go in the scratch's second
+        and third pages, each one once."""
+        if not proc.mempolicies:
+            return
+        at: dict[bytes, int] = {}
+
+        def put(nodes: bytes) -> int:
+            if nodes not in at:
+                at[nodes] = self._put(nodes, PAGE_SIZE + sum(len(n) for n in at))
+            return at[nodes]
+
+        calls = mempolicy.range_calls(proc.mempolicies, put, pid=proc.pid, host=socket.gethostname(),
+                                      affinity=self.affinity, warnings=self.report.warnings)
+        self._run_batch(calls, [("give memory its NUMA policy", None)] * len(calls))
 
     def _lock_memory(self, proc: ProcessState) -> None:
         """mlock() what was locked, now that every page is in (locking faults pages in)."""
@@ -1426,6 +1445,10 @@ class Restorer:
         calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
             calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
+        # Every thread's, the default too: a thread cloned from the leader inherited the leader's.
+        calls.append(mempolicy.thread_call(t, lambda nodes: self._put(nodes, POLICY_SCRATCH), pid=self.pid,
+                                           host=socket.gethostname(), affinity=self.affinity,
+                                           warnings=self.report.warnings))
         assert self.mem is not None
         done, err = inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
         self.report.syscalls += min(done + 1, len(calls))

@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import stat as stat_mod
 import struct
@@ -365,6 +366,17 @@ def _advice(p: Proc) -> object:
     return out, p.status()["VmLck"]
 
 
+# numa_maps: "7f55a8000000 bind=static:0 anon=1 ...", "... weighted interleave:0 ...", "... default file=..."
+NUMA_POLICY = re.compile(r"([0-9a-f]+) ([a-z ()]+(?:=[a-z|]+)?:[0-9,-]+|\w+)")
+
+
+def _numa_policies(p: Proc, tid: int) -> object:
+    """Each mapping's policy as numa_maps names it, seen from the thread (a mapping without
+    one of its own shows the thread's); not the page counts after it, which change."""
+    found = (NUMA_POLICY.match(line) for line in p.text("task", str(tid), "numa_maps").splitlines())
+    return [m.groups() for m in found if m]
+
+
 def _status(*keys: str) -> Callable[[Proc], object]:
     return lambda p: tuple(p.status().get(k) for k in keys)
 
@@ -467,6 +479,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "scheduling": _per_thread(_sched),
     "seccomp: strict mode, filters and their log flag": _per_thread(
         lambda p, t: (p.status(t)["Seccomp"], p.status(t)["Seccomp_filters"], p.status(t)["NoNewPrivs"])),
+    "NUMA memory policy (set_mempolicy)": _per_thread(_numa_policies),
+    "NUMA memory policies of ranges (mbind)": _per_thread(_numa_policies),
     "CPU pinning": _per_thread(lambda p, t: (sorted(os.sched_getaffinity(t)), p.status(t)["Cpus_allowed_list"])),
 }
 
@@ -481,6 +495,8 @@ UNOBSERVED: dict[str, str] = {
         "'a mapping' and 'a deleted file'/'a memfd' compare it",
     "a memfd mapped but not held open, or a deleted file mapped privately":
         "'a mapping' compares its name; tests/test_memfd.py reads it whole, with its seals, through map_files",
+    "a NUMA policy naming nodes the destination has no memory on": "one host has the nodes it has: "
+        "tests/test_mempolicy.py restores an image naming others",
     "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "
                                                  "an image naming others",
     "interval timers": "only the process reads them (getitimer): the records compare them",
