@@ -76,6 +76,7 @@ from transport.schema import (
 )
 
 O_ACCMODE = 3
+MAX_ID = (1 << 32) - 2     # a uid or gid the kernel could hold (-1 means none)
 READ_MODES = (os.O_RDONLY, os.O_RDWR)
 # What a redirected fd may have referred to: things whose other end is outside the process.
 _REDIRECTABLE = ("a pipe", "a socket", "a terminal", "a FIFO")
@@ -891,6 +892,7 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
         messages = unix_sockets.queued_messages(dup, info.type)
         unix_sockets.check_hidden_messages(fd, info.type, [m.data for m in messages], peer_wqueue)
         o = unix_sockets.socket_options(dup)
+        cred = unix_sockets.peer_credentials(dup)
     finally:
         os.close(dup)
     queue = [m.data for m in messages]
@@ -920,7 +922,8 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
                       name=info.name, accepted=role.accepted, listener=role.listener,
                       backlog=info.wqueue if listening else -1, pending=role.pending, target=role.target,
                       senders=tuple(m.sender for m in messages) if named_dgram else (),
-                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent)
+                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent,
+                      cred_pid=cred[0], cred_uid=min(cred[1], MAX_ID), cred_gid=min(cred[2], MAX_ID))
 
 
 def _waiting(pidfd: int, f: FileDesc) -> FileDesc:

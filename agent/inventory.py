@@ -54,7 +54,12 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a unix socket bound to a path or an abstract name", CARRIED,
         _f("UnixSocket", "name", "accepted", "listener", "backlog", "pending", "target", "senders", "file_mode",
            "file_uid", "file_gid", "file_dev", "file_ino", "sent")),
-    Row("fd", "a unix connection's peer credentials (SO_PEERCRED)", LOST, readme="peer credentials"),
+    Row("fd", "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)", CARRIED,
+        _f("UnixSocket", "cred_pid", "cred_uid", "cred_gid")),
+    # the process named stays behind: the socket's holder makes it, with the recorded ids (the report warns)
+    Row("fd", "SO_PEERCRED naming a process that does not move", WARNED),
+    Row("fd", "SO_PEERCRED of a connection waiting in an accept queue", LOST,
+        readme="peer credentials (`SO_PEERCRED`) of a connection still waiting"),
     Row("fd", "a unix socket bound to a relative path", REFUSED, readme="unix sockets bound to a relative path"),
     Row("fd", "a unix connection waiting in an accept queue with bytes sent, or from outside the job", REFUSED,
         readme="a connection waiting in a listener's accept queue"),

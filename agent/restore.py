@@ -30,9 +30,10 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
-from agent import cgroups, locks, mempolicy, ptrace, sched, seccomp, stub, timens
+from agent import cgroups, locks, mempolicy, peercred, ptrace, sched, seccomp, stub, timens
 from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_attach
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
@@ -66,6 +67,8 @@ from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, w
 from precopy.kernel import (
     IOV_MAX,
     data_address,
+    pidfd_getfd,
+    pidfd_open,
     process_vm_writev,
     prlimit,
     xsave_supported_mask,
@@ -126,6 +129,7 @@ F_SETFD = 2
 RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
 POLICY_SCRATCH = 768        # where ``_thread_setup`` puts a thread's NUMA nodemask
+SOCKET_SCRATCH = 0          # ``socketpair_as``'s two fds, ``connect_as``'s address
 WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
@@ -481,6 +485,71 @@ class Restorer:
         assert self.inj is not None
         self.report.syscalls += 1
         return self.inj.call(name, *args)
+
+    # -- sockets made as the process (``agent.peercred``) ---------------------------------
+
+    @contextmanager
+    def _acting_as(self, uid: int, gid: int) -> Iterator[None]:
+        """The process's effective uid and gid switched to ``uid``/``gid`` meanwhile (its real
+        and saved ids stay, so they switch back)."""
+        ids = {k: int(v.split()[1]) for k, _, v in (line.partition(":") for line in
+                                                     read_text(self.pid, "status").splitlines()) if k in ("Uid", "Gid")}
+        keep = U64                   # -1: this id stays
+        if gid != ids["Gid"]:
+            self._call("setresgid", keep, gid, keep)
+        if uid != ids["Uid"]:
+            self._call("setresuid", keep, uid, keep)
+        try:
+            yield
+        finally:
+            if uid != ids["Uid"]:
+                self._call("setresuid", keep, ids["Uid"], keep)
+            if gid != ids["Gid"]:
+                self._call("setresgid", keep, ids["Gid"], keep)
+
+    @contextmanager
+    def _lent(self, sock: socket.socket) -> Iterator[int]:
+        """Our socket ``sock`` as an fd of the process, meanwhile."""
+        pidfd = self._call("pidfd_open", os.getpid(), 0)
+        try:
+            fd = self._call("pidfd_getfd", pidfd, sock.fileno(), 0)
+        finally:
+            self._call("close", pidfd)
+        try:
+            yield fd
+        finally:
+            self._call("close", fd)
+
+    def socketpair_as(self, type_: int, uid: int, gid: int) -> tuple[socket.socket, socket.socket]:
+        """A unix socketpair made by this process (so SO_PEERCRED names its pid) as ``uid``/
+        ``gid``; both ends are ours, none is left in the process."""
+        with self._acting_as(uid, gid):
+            at = self._put(bytes(8), SOCKET_SCRATCH)
+            self._call("socketpair", socket.AF_UNIX, type_ | socket.SOCK_CLOEXEC, 0, at)
+        assert self.mem is not None
+        theirs = struct.unpack("<ii", self.mem.read(at, 8))
+        pidfd = pidfd_open(self.pid)
+        try:
+            ours = [pidfd_getfd(pidfd, fd) for fd in theirs]
+        finally:
+            os.close(pidfd)
+            for fd in theirs:
+                self._call("close", fd)
+        return socket.socket(fileno=ours[0]), socket.socket(fileno=ours[1])
+
+    def listen_as(self, sock: socket.socket, backlog: int, uid: int, gid: int) -> None:
+        """``sock.listen(backlog)`` by this process as ``uid``/``gid``: its clients' SO_PEERCRED
+        names it."""
+        with self._lent(sock) as fd, self._acting_as(uid, gid):
+            self._call("listen", fd, backlog)
+
+    def connect_as(self, sock: socket.socket, name: bytes, uid: int, gid: int) -> None:
+        """``sock.connect(name)`` by this process as ``uid``/``gid`` (its rights reach the name):
+        the connection accepted from it names this process to SO_PEERCRED."""
+        addr = struct.pack("<H", socket.AF_UNIX) + name + (b"" if name[:1] == b"\0" else b"\0")
+        at = self._put(addr, SOCKET_SCRATCH)
+        with self._lent(sock) as fd, self._acting_as(uid, gid):
+            self._call("connect", fd, at, len(addr))
 
     def _setup_gadget(self, target: Mappings) -> None:
         assert self.mem is not None and self.inj is not None
@@ -913,7 +982,10 @@ class Restorer:
             return
         fds.check_referenced()
         identity = Identity.of(proc.creds)
-        own = Descriptions(made=self.shared.made_files if self.shared is not None else None, identity=identity)
+        pairs = peercred.Sockets({proc.pid: self}, {f.obj: proc.pid for f in fds.files.fds if f.kind == "unix"},
+                                 self.report.warnings)
+        own = Descriptions(made=self.shared.made_files if self.shared is not None else None, identity=identity,
+                           pairs=pairs)
         try:
             if self.shared is not None:
                 self.shared.add_files(fds.contents, identity)

@@ -460,6 +460,18 @@ _INT_OPTIONS = {
 }
 
 
+_UCRED = struct.Struct("<iII")
+
+
+def peer_credentials(fd: int) -> tuple[int, int, int]:
+    """SO_PEERCRED of a unix socket: (pid, effective uid, effective gid) of whoever made the
+    pair or the other end of its connection, as this process's pid namespace numbers them;
+    (0, 0, 0) for none (never connected)."""
+    with _borrowed(fd) as sock:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return (pid, uid, gid) if pid > 0 else (0, 0, 0)
+
+
 def socket_options(fd: int) -> dict[str, int]:
     """The SOL_SOCKET options of a unix socket that a restore sets again, by name; timeouts
     in microseconds (0: none; the kernel keeps them in jiffies, so they read back rounded).

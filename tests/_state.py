@@ -216,13 +216,28 @@ def _unix_sockets(p: Proc) -> object:
             opt = s.getsockopt
             # (SIOCOUTQ counts the memory of what is sent and unread, which depends on how it
             # was cut into messages: the receiving end's FIONREAD counts its bytes.)
-            return (s.type, _ioctl_int(d, FIONREAD), opt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            listening = opt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)     # (a listener has no FIONREAD)
+            return (s.type, -1 if listening else _ioctl_int(d, FIONREAD), opt(socket.SOL_SOCKET, socket.SO_RCVBUF),
                     opt(socket.SOL_SOCKET, socket.SO_SNDBUF), opt(socket.SOL_SOCKET, socket.SO_PASSCRED),
                     opt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), opt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16),
                     opt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16), opt(socket.SOL_SOCKET, socket.SO_OOBINLINE))
         finally:
             s.close()
     return [(*_common(p, fd), *_with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
+
+
+def _peer_credentials(p: Proc) -> object:
+    """What SO_PEERCRED names on each unix socket: pid (as a label where it is the process), uid, gid."""
+    def read(d: int) -> tuple[object, ...]:
+        s = socket.socket(fileno=os.dup(d))
+        try:
+            if s.family != socket.AF_UNIX:
+                return ()
+            pid, uid, gid = struct.unpack("<iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return (p.label(pid), uid, gid) if pid else ()
+        finally:
+            s.close()
+    return [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
 
 
 def _bound_sockets(p: Proc) -> object:
@@ -447,6 +462,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a pipe": _pipes,
     "a unix socket": _unix_sockets,
     "a unix socket bound to a path or an abstract name": _bound_sockets,
+    "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)": _peer_credentials,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),
     "a timerfd": _timerfds,
     "a signalfd": _anon("signalfd", ("sigmask",)),
@@ -497,6 +513,8 @@ UNOBSERVED: dict[str, str] = {
         "'a mapping' compares its name; tests/test_memfd.py reads it whole, with its seals, through map_files",
     "a NUMA policy naming nodes the destination has no memory on": "one host has the nodes it has: "
         "tests/test_mempolicy.py restores an image naming others",
+    "SO_PEERCRED naming a process that does not move": "tests/test_peercred.py restores a socketpair whose "
+        "maker stays behind",
     "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "
                                                  "an image naming others",
     "interval timers": "only the process reads them (getitimer): the records compare them",

@@ -635,6 +635,11 @@ class UnixSocket:
     sent: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_ITEMS)] = ()   # a client
                              # waiting in an accept queue: what it sent, for the server to read once it
                              # accepts (one item for a stream, one per message otherwise)
+    # What SO_PEERCRED said on it (the process that made the pair, or the other end of the
+    # connection): pid (0: nothing, or not recorded), effective uid and gid (``agent.peercred``)
+    cred_pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0
+    cred_uid: Id = 0
+    cred_gid: Id = 0
 
 
 @dataclass(frozen=True)
