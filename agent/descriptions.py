@@ -231,6 +231,7 @@ class Descriptions:
         doomed: list[socket.socket] = []
         connections: list[UnixSocket] = []      # accepted ends whose client moves too
         orphans: list[UnixSocket] = []          # accepted ends whose client has closed
+        made = self._pairs(sockets, by_id)
         for s in sockets.sockets:
             if s.id in self._sockets:
                 continue
@@ -241,10 +242,7 @@ class Descriptions:
                 connections.append(s if s.accepted else by_id[s.peer])
                 continue
             if s.peer or s.peer_closed:
-                if self.pairs is not None:
-                    a, b = self.pairs.pair(s, by_id.get(s.peer))
-                else:
-                    a, b = socket.socketpair(socket.AF_UNIX, s.type)
+                a, b = made[s.id] if s.id in made else socket.socketpair(socket.AF_UNIX, s.type)
                 self._sockets[s.id], senders[s.id] = a, b
                 if s.peer:
                     if s.peer not in by_id:
@@ -311,6 +309,22 @@ class Descriptions:
                 sock.shutdown(SHUTDOWN_HOW[s.shutdown])
         for b in doomed:
             b.close()
+
+    def _pairs(self, sockets: UnixSockets, by_id: dict[int, UnixSocket]) -> dict[int, tuple[socket.socket,
+                                                                                       socket.socket]]:
+        """The socketpairs ``add_sockets`` makes (by the id of the end it meets first), made as
+        the processes that made them (``agent.peercred``), all of one process's at once."""
+        if self.pairs is None:
+            return {}
+        wanted: list[tuple[UnixSocket, UnixSocket | None]] = []
+        claimed = set(self._sockets)
+        for s in sockets.sockets:
+            if s.id in claimed or s.accepted or (s.peer and by_id.get(s.peer, s).accepted):
+                continue
+            if s.peer or s.peer_closed:
+                wanted.append((s, by_id.get(s.peer)))
+                claimed |= {s.id, s.peer}
+        return self.pairs.pairs(wanted)
 
     def _bind(self, sock: socket.socket, s: UnixSocket) -> None:
         self.names.bind(sock, unix_names.Bound(s.name, s.type, s.file_dev, s.file_ino),

@@ -10,7 +10,7 @@ checks). So the dump records what each socket said (``UnixSocket.cred_pid``, ``c
 ``cred_gid``) and restore has each of those calls made by the process that made it, a process
 restored in the same session under that pid (a tree keeps its pids; ``--new-pid``: the one
 process, under its new pid), its effective ids switched to the recorded ones for the call and
-back (``Restorer.socketpair_as``, ``listen_as``, ``connect_as``). The restorer still holds
+back (``Restorer.socketpairs_as``, ``listen_as``, ``connect_as``). The restorer still holds
 every socket (lent to the process for the call), fills the queues and hands them out as before.
 
 Where the process named does not move with the job (a parent left behind, a launcher that
@@ -22,7 +22,7 @@ whose listener had closed, made again as a pair) can name only one: the first en
 from __future__ import annotations
 
 import socket
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 from transport.schema import UnixSocket
 
@@ -32,7 +32,7 @@ Creds = tuple[int, int, int]                      # pid, effective uid, effectiv
 class Maker(Protocol):
     """What a process being restored does for its sockets (``agent.restore.Restorer``)."""
 
-    def socketpair_as(self, type_: int, uid: int, gid: int) -> tuple[socket.socket, socket.socket]: ...
+    def socketpairs_as(self, wanted: Sequence[tuple[int, int, int]]) -> list[tuple[socket.socket, socket.socket]]: ...
 
     def listen_as(self, sock: socket.socket, backlog: int, uid: int, gid: int) -> None: ...
 
@@ -64,17 +64,28 @@ class Sockets:
                              f"SO_PEERCRED: it names pid {holder} now (uid {want[1]}, gid {want[2]} as before)")
         return self.makers[holder]
 
-    def pair(self, s: UnixSocket, peer: UnixSocket | None) -> tuple[socket.socket, socket.socket]:
-        """The pair for ``s`` and ``peer``, its other end (None: closed, or not moving)."""
-        want = of(s) or of(peer)
-        if want is not None and of(peer) not in (None, want):
-            assert peer is not None
-            self.warnings.append(f"the unix socketpair {s.id}/{peer.id} had ends naming different processes to "
-                                 f"SO_PEERCRED (pid {want[0]} and pid {peer.cred_pid}): both name pid {want[0]} now")
-        maker = self._maker(want, s, "a unix socketpair") if want is not None else None
-        if maker is None or want is None:
-            return socket.socketpair(socket.AF_UNIX, s.type)
-        return maker.socketpair_as(s.type, want[1], want[2])
+    def pairs(self, wanted: Sequence[tuple[UnixSocket, UnixSocket | None]]) -> dict[int, tuple[socket.socket,
+                                                                                              socket.socket]]:
+        """A pair for each (socket, its other end: None if closed or not moving), by the first's
+        id; those of one maker made together."""
+        out: dict[int, tuple[socket.socket, socket.socket]] = {}
+        by_maker: dict[int, tuple[Maker, list[tuple[UnixSocket, Creds]]]] = {}
+        for s, peer in wanted:
+            want = of(s) or of(peer)
+            if want is not None and of(peer) not in (None, want):
+                assert peer is not None
+                self.warnings.append(f"the unix socketpair {s.id}/{peer.id} had ends naming different processes to "
+                                     f"SO_PEERCRED (pid {want[0]} and pid {peer.cred_pid}): both name pid {want[0]} "
+                                     "now")
+            maker = self._maker(want, s, "a unix socketpair") if want is not None else None
+            if maker is None or want is None:
+                out[s.id] = socket.socketpair(socket.AF_UNIX, s.type)
+            else:
+                by_maker.setdefault(id(maker), (maker, []))[1].append((s, want))
+        for maker, group in by_maker.values():
+            for (s, _), pair in zip(group, maker.socketpairs_as([(s.type, w[1], w[2]) for s, w in group])):
+                out[s.id] = pair
+        return out
 
     def listen(self, sock: socket.socket, s: UnixSocket) -> None:
         """``s``, a listener: listening again, as the process that listened."""

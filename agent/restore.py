@@ -129,7 +129,9 @@ F_SETFD = 2
 RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
 POLICY_SCRATCH = 768        # where ``_thread_setup`` puts a thread's NUMA nodemask
-SOCKET_SCRATCH = 0          # ``socketpair_as``'s two fds, ``connect_as``'s address
+SOCKET_SCRATCH = 0          # ``socketpairs_as``' fds, ``connect_as``'s address
+PAIRS_AT_ONCE = 128         # socketpairs made in one batch (their fds fill 1 KiB of the scratch)
+Call = tuple[str, tuple[int, ...]]     # an injected system call: name, arguments
 WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
@@ -520,22 +522,38 @@ class Restorer:
         finally:
             self._call("close", fd)
 
-    def socketpair_as(self, type_: int, uid: int, gid: int) -> tuple[socket.socket, socket.socket]:
-        """A unix socketpair made by this process (so SO_PEERCRED names its pid) as ``uid``/
-        ``gid``; both ends are ours, none is left in the process."""
-        with self._acting_as(uid, gid):
-            at = self._put(bytes(8), SOCKET_SCRATCH)
-            self._call("socketpair", socket.AF_UNIX, type_ | socket.SOCK_CLOEXEC, 0, at)
-        assert self.mem is not None
-        theirs = struct.unpack("<ii", self.mem.read(at, 8))
-        pidfd = pidfd_open(self.pid)
-        try:
-            ours = [pidfd_getfd(pidfd, fd) for fd in theirs]
-        finally:
-            os.close(pidfd)
-            for fd in theirs:
-                self._call("close", fd)
-        return socket.socket(fileno=ours[0]), socket.socket(fileno=ours[1])
+    def socketpairs_as(self, wanted: Sequence[tuple[int, int, int]]) -> list[tuple[socket.socket, socket.socket]]:
+        """Unix socketpairs made by this process (so SO_PEERCRED names its pid), each (type, uid,
+        gid) of ``wanted`` with its effective ids switched to those for the call and back: all
+        in one batch of calls, the ends then taken and closed in another. Both ends are ours."""
+        ids = {k: int(v.split()[1]) for k, _, v in (line.partition(":") for line in
+                                                     read_text(self.pid, "status").splitlines()) if k in ("Uid", "Gid")}
+        keep = U64                   # -1: this id stays
+        out: list[tuple[socket.socket, socket.socket]] = []
+        for first in range(0, len(wanted), PAIRS_AT_ONCE):
+            chunk = wanted[first:first + PAIRS_AT_ONCE]
+            at = self._put(bytes(8 * len(chunk)), SOCKET_SCRATCH)
+            calls: list[tuple[str, tuple[int, ...]]] = []
+            for i, (type_, uid, gid) in enumerate(chunk):
+                gids: list[Call] = [("setresgid", (keep, gid, keep)), ("setresgid", (keep, ids["Gid"], keep))] \
+                    if gid != ids["Gid"] else []
+                uids: list[Call] = [("setresuid", (keep, uid, keep)), ("setresuid", (keep, ids["Uid"], keep))] \
+                    if uid != ids["Uid"] else []
+                pair: Call = ("socketpair", (int(socket.AF_UNIX), type_ | socket.SOCK_CLOEXEC, 0, at + 8 * i))
+                calls += gids[:1] + uids[:1] + [pair] + uids[1:] + gids[1:]
+            self._run_batch(calls, [("make a unix socketpair as the process that made it", None)] * len(calls))
+            assert self.mem is not None
+            theirs = struct.unpack(f"<{2 * len(chunk)}i", self.mem.read(at, 8 * len(chunk)))
+            pidfd = pidfd_open(self.pid)
+            try:
+                ours = [pidfd_getfd(pidfd, fd) for fd in theirs]
+            finally:
+                os.close(pidfd)
+                closes: list[tuple[str, tuple[int, ...]]] = [("close", (fd,)) for fd in theirs]
+                self._run_batch(closes, [("close what it lent", None)] * len(closes))
+            out += [(socket.socket(fileno=ours[2 * i]), socket.socket(fileno=ours[2 * i + 1]))
+                    for i in range(len(chunk))]
+        return out
 
     def listen_as(self, sock: socket.socket, backlog: int, uid: int, gid: int) -> None:
         """``sock.listen(backlog)`` by this process as ``uid``/``gid``: its clients' SO_PEERCRED

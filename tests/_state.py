@@ -387,9 +387,14 @@ NUMA_POLICY = re.compile(r"([0-9a-f]+) ([a-z ()]+(?:=[a-z|]+)?:[0-9,-]+|\w+)")
 
 def _numa_policies(p: Proc, tid: int) -> object:
     """Each mapping's policy as numa_maps names it, seen from the thread (a mapping without
-    one of its own shows the thread's); not the page counts after it, which change."""
-    found = (NUMA_POLICY.match(line) for line in p.text("task", str(tid), "numa_maps").splitlines())
-    return [m.groups() for m in found if m]
+    one of its own shows the thread's); not the page counts after it, which change. Runs of
+    mappings under one policy as one (numa_maps lists mappings, which a restore may merge
+    where the kernel had not yet: 'a mapping' compares the layout)."""
+    out: list[tuple[str, str]] = []
+    for m in (NUMA_POLICY.match(line) for line in p.text("task", str(tid), "numa_maps").splitlines()):
+        if m and (not out or out[-1][1] != m.group(2)):
+            out.append((m.group(1), m.group(2)))
+    return out
 
 
 def _status(*keys: str) -> Callable[[Proc], object]:
