@@ -204,10 +204,12 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
     policy_at = calls.scratch.addr + POLICY_AT
     got = calls.run(inj, [("prctl", (PR_GET_TID_ADDRESS, at)), ("sigaltstack", (0, at + 8)),
                           ("prctl", (sched.PR_GET_TIMERSLACK,)), mempolicy.query_call(policy_at, policy_at + 8, bits)])
-    for name, result in zip(("prctl", "sigaltstack", "prctl", "get_mempolicy"), got):
+    for name, result in zip(("prctl", "sigaltstack", "prctl"), got):
         _ok(result, name, tid)
-    policy = calls.scratch.get(POLICY_AT, 8 + bits // 8)
-    mode, mode_flags, nodes = _policy(policy, tid)
+    mode, mode_flags, nodes = 0, 0, b""
+    if got[3] != -errno.ENOSYS:             # a kernel without NUMA: every policy is the default
+        _ok(got[3], "get_mempolicy", tid)
+        mode, mode_flags, nodes = _policy(calls.scratch.get(POLICY_AT, 8 + bits // 8), tid)
     answers = calls.scratch.get(THREAD_AT, 32)
     tid_address = _u64(answers, 0)
     ss = answers[8:32]
@@ -255,6 +257,8 @@ def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[tuple[int, in
                               for i, (start, _) in enumerate(chunk)])
         answers = calls.scratch.get(RANGES_AT, len(chunk) * entry)
         for i, ((start, end), result) in enumerate(zip(chunk, got)):
+            if result == -errno.ENOSYS:
+                return ()       # a kernel without NUMA: no policies
             if result == -errno.EFAULT:
                 continue        # not a mapping of the process's own (a gate area)
             _ok(result, "get_mempolicy", pid)

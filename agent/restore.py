@@ -311,6 +311,7 @@ class Restorer:
         check_machine(header, xsave_supported_mask())
         sched.check_affinity(affinity)
         self.affinity = affinity
+        self._numa_threads = False        # a thread has a NUMA policy (``_thread_setup``)
         self.cgroup = cgroup
         self.header = header
         self.keep_ids = keep_ids
@@ -1535,10 +1536,12 @@ class Restorer:
         calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
             calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
-        # Every thread's, the default too: a thread cloned from the leader inherited the leader's.
-        calls.append(mempolicy.thread_call(t, lambda nodes: self._put(nodes, POLICY_SCRATCH), pid=self.pid,
-                                           host=socket.gethostname(), affinity=self.affinity,
-                                           warnings=self.report.warnings))
+        # Where any thread has a NUMA policy, every thread's, the default too: a thread cloned
+        # from the leader inherited the leader's. (None: a kernel without NUMA has no such call.)
+        if self._numa_threads:
+            calls.append(mempolicy.thread_call(t, lambda nodes: self._put(nodes, POLICY_SCRATCH), pid=self.pid,
+                                               host=socket.gethostname(), affinity=self.affinity,
+                                               warnings=self.report.warnings))
         assert self.mem is not None
         done, err = inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
         self.report.syscalls += min(done + 1, len(calls))
@@ -1552,6 +1555,7 @@ class Restorer:
         assert self.inj is not None and self.mem is not None
         leader = next(t for t in threads if t.leader)
         new_tids = {leader.tid: self.pid}
+        self._numa_threads = any(t.mempolicy for t in threads)
         if leader.tid_address:
             self.mem.write(leader.tid_address, struct.pack("<i", self.pid))
         self._thread_setup(self.inj, leader, [("set_tid_address", (leader.tid_address,))] if leader.tid_address else [])
