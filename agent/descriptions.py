@@ -23,8 +23,9 @@ registers them itself once its fds are in place (``take_watches``).
 
 Made here rather than inside the restored process, the descriptions need no injected call
 to create or fill, and no end has to be kept open in one process until another takes it.
-The cost: a socketpair's (or a restored connection's) SO_PEERCRED names the restorer (as it
-named the stub before).
+The cost: a restored connection's SO_PEERCRED names the restorer; a socketpair is made in
+the process that made it (``agent.peercred``) and taken from there, so that it names that
+process with its ids as before.
 
 Made here, but never with the restorer's rights (``agent.as_target``): each file an fd
 names is opened as the process the fd belongs to, without following symbolic links; what the
@@ -46,6 +47,7 @@ import tempfile
 from typing import TYPE_CHECKING, Sequence
 
 from agent import fanotify, inotify, unix_names
+from agent.peercred import Sockets
 from agent.as_target import Identity
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
@@ -97,8 +99,9 @@ class Descriptions:
     is made and opened as (``agent.as_target``)."""
 
     def __init__(self, names: unix_names.Names | None = None, made: list[str] | None = None, *,
-                 identity: Identity) -> None:
+                 identity: Identity, pairs: Sockets | None = None) -> None:
         self.identity = identity
+        self.pairs = pairs          # sockets made as the processes that made them (``agent.peercred``)
         self.names = names if names is not None else unix_names.Names()   # the socket names bound
         self.made = made if made is not None else []
         self._fds: dict[Key, int] = {}
@@ -228,6 +231,7 @@ class Descriptions:
         doomed: list[socket.socket] = []
         connections: list[UnixSocket] = []      # accepted ends whose client moves too
         orphans: list[UnixSocket] = []          # accepted ends whose client has closed
+        made = self._pairs(sockets, by_id)
         for s in sockets.sockets:
             if s.id in self._sockets:
                 continue
@@ -238,7 +242,7 @@ class Descriptions:
                 connections.append(s if s.accepted else by_id[s.peer])
                 continue
             if s.peer or s.peer_closed:
-                a, b = socket.socketpair(socket.AF_UNIX, s.type)
+                a, b = made[s.id] if s.id in made else socket.socketpair(socket.AF_UNIX, s.type)
                 self._sockets[s.id], senders[s.id] = a, b
                 if s.peer:
                     if s.peer not in by_id:
@@ -253,21 +257,30 @@ class Descriptions:
             if s.name and not s.accepted and s.id not in clients:
                 self._bind(self._sockets[s.id], s)
             if s.backlog >= 0:
-                self._sockets[s.id].listen(s.backlog)
+                if self.pairs is not None:
+                    self.pairs.listen(self._sockets[s.id], s)
+                else:
+                    self._sockets[s.id].listen(s.backlog)
         for server in connections:
             client = by_id[server.peer]
             self._sockets[client.id] = sock = socket.socket(socket.AF_UNIX, client.type)
             if client.name:
                 self._bind(sock, client)
             listener = self._sockets[server.listener]
-            sock.connect(server.name)
+            if self.pairs is not None:
+                self.pairs.connect(sock, client, server)
+            else:
+                sock.connect(server.name)
             self._sockets[server.id], _ = listener.accept()
             senders[server.id], senders[client.id] = sock, self._sockets[server.id]
         for server in orphans:
             # Accepted from a client of ours that sends what was queued, then closes.
             gone = socket.socket(socket.AF_UNIX, server.type)
             doomed.append(gone)
-            gone.connect(server.name)
+            if self.pairs is not None:
+                self.pairs.connect(gone, None, server)
+            else:
+                gone.connect(server.name)
             self._sockets[server.id], _ = self._sockets[server.listener].accept()
             senders[server.id] = gone
         for s in sockets.sockets:
@@ -296,6 +309,22 @@ class Descriptions:
                 sock.shutdown(SHUTDOWN_HOW[s.shutdown])
         for b in doomed:
             b.close()
+
+    def _pairs(self, sockets: UnixSockets, by_id: dict[int, UnixSocket]) -> dict[int, tuple[socket.socket,
+                                                                                       socket.socket]]:
+        """The socketpairs ``add_sockets`` makes (by the id of the end it meets first), made as
+        the processes that made them (``agent.peercred``), all of one process's at once."""
+        if self.pairs is None:
+            return {}
+        wanted: list[tuple[UnixSocket, UnixSocket | None]] = []
+        claimed = set(self._sockets)
+        for s in sockets.sockets:
+            if s.id in claimed or s.accepted or (s.peer and by_id.get(s.peer, s).accepted):
+                continue
+            if s.peer or s.peer_closed:
+                wanted.append((s, by_id.get(s.peer)))
+                claimed |= {s.id, s.peer}
+        return self.pairs.pairs(wanted)
 
     def _bind(self, sock: socket.socket, s: UnixSocket) -> None:
         self.names.bind(sock, unix_names.Bound(s.name, s.type, s.file_dev, s.file_ino),

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from agent import cgroups, locks, sched
+from agent import cgroups, locks, mempolicy, sched
 from agent.shared_memory import check_segments
 from precopy import sysv
 from agent import signals as signals_mod
@@ -43,7 +43,7 @@ from migrate.phases import DESTINATION, Action, DestEvent, DestState, Failure, M
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import MAX_CPUS
+from transport.schema import MAX_CPUS, MAX_NUMNODES
 
 MEMORY_MARGIN = 1.1
 MAX_NAMES = 1 << 16          # socket names in a summary
@@ -183,6 +183,10 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     if affinity not in sched.AFFINITY:
         raise ProtocolError(f"dest_check: affinity {affinity!r}", host=host)
     cpus_warning = await trio.to_thread.run_sync(sched.missing_cpus, pinned, host, summary.get("pid"), affinity)
+    nodes = summary.get("numa_nodes", [])
+    if not isinstance(nodes, list) or not all(isinstance(n, int) and 0 <= n < MAX_NUMNODES for n in nodes):
+        raise ProtocolError("the source's summary names NUMA nodes that cannot exist", host=host)
+    nodes_warning = mempolicy.missing_nodes(set(nodes), host, summary.get("pid"), affinity)
     if cgroup is not None:
         if not isinstance(cgroup, str):
             raise ProtocolError("dest_check: cgroup is not a path", host=host)
@@ -203,7 +207,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity,
                                cgroup=cgroup)
     return {"mem_available": avail, "hostname": _host(), "session": s.token,
-            "warnings": [cpus_warning] if cpus_warning else []}
+            "warnings": [w for w in (cpus_warning, nodes_warning) if w]}
 
 
 async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Everything here runs on the tracer thread, with the process frozen (``agent.free
 """
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import socket
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from agent import cgroups, fdtable, ptrace, sched, seccomp, timens
+from agent import cgroups, fdtable, mempolicy, ptrace, sched, seccomp, timens
 from agent.freeze import NR_RESTART_SYSCALL, Held
 from agent.inject import (
     BATCH_CODE,
@@ -34,7 +35,7 @@ from agent.inject import (
 )
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
-from precopy.layout import PageFinder, read_smaps_flags, to_vma
+from precopy.layout import PageFinder, read_maps, read_smaps_flags, to_vma
 from transport.errors import UnsupportedResource
 from transport.schema import (
     AUDIT_UID_UNSET,
@@ -47,6 +48,7 @@ from transport.schema import (
     ImageHeader,
     ITimer,
     Mappings,
+    MemPolicy,
     MmFields,
     PosixTimer,
     ProcessState,
@@ -103,6 +105,8 @@ class Collected:
 
 # The scratch mapping a dump borrows: answers at the start, then the batch code and its table.
 SIGACTIONS_AT, ITIMERS_AT, SUBREAPER_AT, THREAD_AT = 0, 2112, 2240, 2304
+POLICY_AT = THREAD_AT + 32      # a thread's get_mempolicy: mode (8 bytes), then its nodemask
+RANGES_AT = PAGE_SIZE           # each mapping's get_mempolicy: mode and nodemask per mapping
 CODE_AT, TABLE_AT = 2 * PAGE_SIZE, 3 * PAGE_SIZE
 TABLE_CALLS = PAGE_SIZE // BATCH_ENTRY
 
@@ -148,6 +152,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     pid = held.pid
     gadget = vdso_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
+    maps = [(m.start, m.end) for m in read_maps(pid)]        # before the scratch is mapped
     rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}
     injectors = {tid: Injector(tid, gadget, park=tid not in held.inflight) for tid in tids}
     leader = injectors[pid]
@@ -159,7 +164,8 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         # mlockall(MCL_FUTURE) shows nowhere in /proc, but a new mapping is locked under it.
         lock_future = _locked_kb(pid) > locked_before
         threads = [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids]
-        process = replace(_collect_process(held, leader, calls), lock_future=int(lock_future))
+        process = replace(_collect_process(held, leader, calls), lock_future=int(lock_future),
+                          mempolicies=_mempolicies(pid, leader, calls, maps))
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:
@@ -194,10 +200,16 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
         regs = replace(regs, orig_rax=held.restart_nr[tid])
     rseq_addr, rseq_len, rseq_sig = rseq
     at = calls.scratch.addr + THREAD_AT
+    bits = mempolicy.node_bits()
+    policy_at = calls.scratch.addr + POLICY_AT
     got = calls.run(inj, [("prctl", (PR_GET_TID_ADDRESS, at)), ("sigaltstack", (0, at + 8)),
-                          ("prctl", (sched.PR_GET_TIMERSLACK,))])
+                          ("prctl", (sched.PR_GET_TIMERSLACK,)), mempolicy.query_call(policy_at, policy_at + 8, bits)])
     for name, result in zip(("prctl", "sigaltstack", "prctl"), got):
         _ok(result, name, tid)
+    mode, mode_flags, nodes = 0, 0, b""
+    if got[3] != -errno.ENOSYS:             # a kernel without NUMA: every policy is the default
+        _ok(got[3], "get_mempolicy", tid)
+        mode, mode_flags, nodes = _policy(calls.scratch.get(POLICY_AT, 8 + bits // 8), tid)
     answers = calls.scratch.get(THREAD_AT, 32)
     tid_address = _u64(answers, 0)
     ss = answers[8:32]
@@ -216,7 +228,42 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
         altstack_sp=_u64(ss, 0), altstack_flags=int.from_bytes(ss[8:12], "little"), altstack_size=_u64(ss, 16),
         timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
         sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus,
-        ioprio=sch.ioprio, seccomp=seccomp_mode, seccomp_filters=filters)
+        ioprio=sch.ioprio, seccomp=seccomp_mode, seccomp_filters=filters, mempolicy=mode,
+        mempolicy_flags=mode_flags, mempolicy_nodes=nodes)
+
+
+def _policy(answer: bytes, pid: int) -> tuple[int, int, bytes]:
+    """get_mempolicy's mode (an int) and nodemask, as (mode, flags, nodes)."""
+    try:
+        return mempolicy.split(int.from_bytes(answer[:4], "little"), answer[8:])
+    except ValueError as exc:
+        raise UnsupportedResource(f"pid {pid} has a {exc} this kcr-migrate does not know: it cannot be carried",
+                                  pid=pid) from None
+
+
+def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[tuple[int, int]]
+                 ) -> tuple[MemPolicy, ...]:
+    """The NUMA policy of each mapping (``agent.mempolicy``): get_mempolicy(MPOL_F_ADDR) at its
+    start, all of them in batches of what the scratch's page of answers holds."""
+    bits = mempolicy.node_bits()
+    entry = 8 + bits // 8
+    per_page = PAGE_SIZE // entry
+    asked = mempolicy.queried(maps)
+    found = []
+    base = calls.scratch.addr + RANGES_AT
+    for first in range(0, len(asked), per_page):
+        chunk = asked[first:first + per_page]
+        got = calls.run(inj, [mempolicy.query_call(base + i * entry, base + i * entry + 8, bits, start)
+                              for i, (start, _) in enumerate(chunk)])
+        answers = calls.scratch.get(RANGES_AT, len(chunk) * entry)
+        for i, ((start, end), result) in enumerate(zip(chunk, got)):
+            if result == -errno.ENOSYS:
+                return ()       # a kernel without NUMA: no policies
+            if result == -errno.EFAULT:
+                continue        # not a mapping of the process's own (a gate area)
+            _ok(result, "get_mempolicy", pid)
+            found.append((start, end, *_policy(answers[i * entry:(i + 1) * entry], pid)))
+    return mempolicy.ranges(found)
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:

@@ -76,6 +76,7 @@ from transport.schema import (
 )
 
 O_ACCMODE = 3
+MAX_ID = (1 << 32) - 2     # a uid or gid the kernel could hold (-1 means none)
 READ_MODES = (os.O_RDONLY, os.O_RDWR)
 # What a redirected fd may have referred to: things whose other end is outside the process.
 _REDIRECTABLE = ("a pipe", "a socket", "a terminal", "a FIFO")
@@ -115,29 +116,38 @@ def outside_fds(inside: set[int]) -> list[OutsideFd]:
     checks for pipes, sockets and event files shared with the outside all read."""
     out: list[OutsideFd] = []
     skip = inside | {os.getpid()}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        pid = int(entry.name)
-        try:
-            fds = os.scandir(f"/proc/{pid}/fd")
-        except OSError:
-            continue          # gone, or a kernel thread
-        with fds:
-            for fd in fds:
-                try:
-                    out.append((pid, int(fd.name), os.readlink(fd.path)))
-                except OSError:
-                    continue
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(proc):
+            if not name.isdigit() or int(name) in skip:
+                continue
+            try:       # each link read relative to its directory: no walk from /proc per fd
+                fds = os.open(f"{name}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
+            except OSError:
+                continue          # gone, or not ours to read
+            try:
+                pid = int(name)
+                for fd in os.listdir(fds):
+                    try:
+                        out.append((pid, int(fd), os.readlink(fd, dir_fd=fds)))
+                    except OSError:
+                        continue          # closed meanwhile
+            except OSError:
+                continue                  # gone meanwhile
+            finally:
+                os.close(fds)
+    finally:
+        os.close(proc)
     return out
 
 
 def outside_holders(objects: set[tuple[str, int]], outside: list[OutsideFd]) -> dict[tuple[str, int], list[Peer]]:
     """The processes among ``outside`` holding any of these pipes or sockets."""
     found: dict[tuple[str, int], list[Peer]] = {}
+    links = {f"{kind}:[{ino}]": (kind, ino) for kind, ino in objects}     # as /proc/PID/fd shows them
     for pid, fd, target in outside:
-        obj = object_of(target)
-        if obj in objects:
+        obj = links.get(target)
+        if obj is not None:
             found.setdefault(obj, []).append(Peer(pid, _comm(pid), fd))
     return found
 
@@ -891,6 +901,7 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
         messages = unix_sockets.queued_messages(dup, info.type)
         unix_sockets.check_hidden_messages(fd, info.type, [m.data for m in messages], peer_wqueue)
         o = unix_sockets.socket_options(dup)
+        cred = unix_sockets.peer_credentials(dup)
     finally:
         os.close(dup)
     queue = [m.data for m in messages]
@@ -920,7 +931,8 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
                       name=info.name, accepted=role.accepted, listener=role.listener,
                       backlog=info.wqueue if listening else -1, pending=role.pending, target=role.target,
                       senders=tuple(m.sender for m in messages) if named_dgram else (),
-                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent)
+                      file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent,
+                      cred_pid=cred[0], cred_uid=min(cred[1], MAX_ID), cred_gid=min(cred[2], MAX_ID))
 
 
 def _waiting(pidfd: int, f: FileDesc) -> FileDesc:

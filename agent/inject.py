@@ -48,7 +48,7 @@ NR = dict(
     getuid=102, setpgid=109, pipe2=293, clone3=435, pidfd_open=434, pidfd_getfd=438,
     mlock2=325, mlockall=151, epoll_ctl=233, epoll_wait=232, getpgid=121, wait4=61, timer_create=222,
     timer_settime=223, timer_gettime=224, timer_getoverrun=225, membarrier=324, flock=73, shmat=30, seccomp=317,
-    mseal=462, openat2=437,
+    mseal=462, openat2=437, mbind=237, set_mempolicy=238, get_mempolicy=239, socketpair=53, listen=50, connect=42,
 )
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4

@@ -54,7 +54,12 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a unix socket bound to a path or an abstract name", CARRIED,
         _f("UnixSocket", "name", "accepted", "listener", "backlog", "pending", "target", "senders", "file_mode",
            "file_uid", "file_gid", "file_dev", "file_ino", "sent")),
-    Row("fd", "a unix connection's peer credentials (SO_PEERCRED)", LOST, readme="peer credentials"),
+    Row("fd", "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)", CARRIED,
+        _f("UnixSocket", "cred_pid", "cred_uid", "cred_gid")),
+    # the process named stays behind: the socket's holder makes it, with the recorded ids (the report warns)
+    Row("fd", "SO_PEERCRED naming a process that does not move", WARNED),
+    Row("fd", "SO_PEERCRED of a connection waiting in an accept queue", LOST,
+        readme="peer credentials (`SO_PEERCRED`) of a connection still waiting"),
     Row("fd", "a unix socket bound to a relative path", REFUSED, readme="unix sockets bound to a relative path"),
     Row("fd", "a unix connection waiting in an accept queue with bytes sent, or from outside the job", REFUSED,
         readme="a connection waiting in a listener's accept queue"),
@@ -110,7 +115,11 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "a deleted file or memfd mapped (shared or private) and held open", CARRIED),
     Row("memory", "a memfd mapped but not held open, or a deleted file mapped privately", CARRIED,
         _f("FileContents", "name")),
-    Row("memory", "NUMA placement", LOST, readme="NUMA"),
+    Row("memory", "NUMA memory policies of ranges (mbind)", CARRIED, _f("ProcessState", "mempolicies") + _f(
+        "MemPolicy", "start", "end", "mode", "flags", "nodes")),
+    # refused unless the user chose --affinity warn: then kept with the nodes the destination has
+    Row("memory", "a NUMA policy naming nodes the destination has no memory on", WARNED),
+    Row("memory", "NUMA placement of pages no policy places", LOST, readme="NUMA placement"),
     # --- the process ------------------------------------------------------------------------
     Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),
     Row("process", "its executable, working and root directory", CARRIED, _f("ProcessState", "exe", "cwd", "root")),
@@ -148,6 +157,8 @@ ROWS: tuple[Row, ...] = (
     Row("thread", "scheduling", CARRIED, _f("ThreadState", "nice", "sched_policy", "sched_priority",
                                             "sched_reset_on_fork", "timer_slack_ns", "ioprio")),
     Row("thread", "CPU pinning", CARRIED, _f("ThreadState", "cpus")),
+    Row("thread", "NUMA memory policy (set_mempolicy)", CARRIED, _f("ThreadState", "mempolicy", "mempolicy_flags",
+                                                                     "mempolicy_nodes")),
     # refused in preflight unless the user chose --affinity warn: then pinned to the CPUs it has
     Row("thread", "CPU pinning to CPUs the destination lacks", WARNED),
     Row("thread", "SCHED_DEADLINE", REFUSED, readme="SCHED_DEADLINE"),

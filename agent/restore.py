@@ -31,9 +31,10 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
-from agent import cgroups, locks, ptrace, sched, seccomp, stub, timens
+from agent import cgroups, locks, mempolicy, peercred, ptrace, sched, seccomp, stub, timens
 from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_attach
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
@@ -67,6 +68,8 @@ from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, w
 from precopy.kernel import (
     IOV_MAX,
     data_address,
+    pidfd_getfd,
+    pidfd_open,
     process_vm_writev,
     prlimit,
     xsave_supported_mask,
@@ -126,6 +129,10 @@ F_DUPFD_CLOEXEC = 1030
 F_SETFD = 2
 RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
+POLICY_SCRATCH = 768        # where ``_thread_setup`` puts a thread's NUMA nodemask
+SOCKET_SCRATCH = 0          # ``socketpairs_as``' fds, ``connect_as``'s address
+PAIRS_AT_ONCE = 128         # socketpairs made in one batch (their fds fill 1 KiB of the scratch)
+Call = tuple[str, tuple[int, ...]]     # an injected system call: name, arguments
 WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
 RLIMIT_CORE = 4
@@ -305,6 +312,7 @@ class Restorer:
         check_machine(header, xsave_supported_mask())
         sched.check_affinity(affinity)
         self.affinity = affinity
+        self._numa_threads = False        # a thread has a NUMA policy (``_thread_setup``)
         self.cgroup = cgroup
         self.header = header
         self.keep_ids = keep_ids
@@ -482,6 +490,87 @@ class Restorer:
         assert self.inj is not None
         self.report.syscalls += 1
         return self.inj.call(name, *args)
+
+    # -- sockets made as the process (``agent.peercred``) ---------------------------------
+
+    @contextmanager
+    def _acting_as(self, uid: int, gid: int) -> Iterator[None]:
+        """The process's effective uid and gid switched to ``uid``/``gid`` meanwhile (its real
+        and saved ids stay, so they switch back)."""
+        ids = {k: int(v.split()[1]) for k, _, v in (line.partition(":") for line in
+                                                     read_text(self.pid, "status").splitlines()) if k in ("Uid", "Gid")}
+        keep = U64                   # -1: this id stays
+        if gid != ids["Gid"]:
+            self._call("setresgid", keep, gid, keep)
+        if uid != ids["Uid"]:
+            self._call("setresuid", keep, uid, keep)
+        try:
+            yield
+        finally:
+            if uid != ids["Uid"]:
+                self._call("setresuid", keep, ids["Uid"], keep)
+            if gid != ids["Gid"]:
+                self._call("setresgid", keep, ids["Gid"], keep)
+
+    @contextmanager
+    def _lent(self, sock: socket.socket) -> Iterator[int]:
+        """Our socket ``sock`` as an fd of the process, meanwhile."""
+        pidfd = self._call("pidfd_open", os.getpid(), 0)
+        try:
+            fd = self._call("pidfd_getfd", pidfd, sock.fileno(), 0)
+        finally:
+            self._call("close", pidfd)
+        try:
+            yield fd
+        finally:
+            self._call("close", fd)
+
+    def socketpairs_as(self, wanted: Sequence[tuple[int, int, int]]) -> list[tuple[socket.socket, socket.socket]]:
+        """Unix socketpairs made by this process (so SO_PEERCRED names its pid), each (type, uid,
+        gid) of ``wanted`` with its effective ids switched to those for the call and back: all
+        in one batch of calls, the ends then taken and closed in another. Both ends are ours."""
+        ids = {k: int(v.split()[1]) for k, _, v in (line.partition(":") for line in
+                                                     read_text(self.pid, "status").splitlines()) if k in ("Uid", "Gid")}
+        keep = U64                   # -1: this id stays
+        out: list[tuple[socket.socket, socket.socket]] = []
+        for first in range(0, len(wanted), PAIRS_AT_ONCE):
+            chunk = wanted[first:first + PAIRS_AT_ONCE]
+            at = self._put(bytes(8 * len(chunk)), SOCKET_SCRATCH)
+            calls: list[tuple[str, tuple[int, ...]]] = []
+            for i, (type_, uid, gid) in enumerate(chunk):
+                gids: list[Call] = [("setresgid", (keep, gid, keep)), ("setresgid", (keep, ids["Gid"], keep))] \
+                    if gid != ids["Gid"] else []
+                uids: list[Call] = [("setresuid", (keep, uid, keep)), ("setresuid", (keep, ids["Uid"], keep))] \
+                    if uid != ids["Uid"] else []
+                pair: Call = ("socketpair", (int(socket.AF_UNIX), type_ | socket.SOCK_CLOEXEC, 0, at + 8 * i))
+                calls += gids[:1] + uids[:1] + [pair] + uids[1:] + gids[1:]
+            self._run_batch(calls, [("make a unix socketpair as the process that made it", None)] * len(calls))
+            assert self.mem is not None
+            theirs = struct.unpack(f"<{2 * len(chunk)}i", self.mem.read(at, 8 * len(chunk)))
+            pidfd = pidfd_open(self.pid)
+            try:
+                ours = [pidfd_getfd(pidfd, fd) for fd in theirs]
+            finally:
+                os.close(pidfd)
+                closes: list[tuple[str, tuple[int, ...]]] = [("close", (fd,)) for fd in theirs]
+                self._run_batch(closes, [("close what it lent", None)] * len(closes))
+            out += [(socket.socket(fileno=ours[2 * i]), socket.socket(fileno=ours[2 * i + 1]))
+                    for i in range(len(chunk))]
+        return out
+
+    def listen_as(self, sock: socket.socket, backlog: int, uid: int, gid: int) -> None:
+        """``sock.listen(backlog)`` by this process as ``uid``/``gid``: its clients' SO_PEERCRED
+        names it."""
+        with self._lent(sock) as fd, self._acting_as(uid, gid):
+            self._call("listen", fd, backlog)
+
+    def connect_as(self, sock: socket.socket, name: bytes, uid: int, gid: int) -> None:
+        """``sock.connect(name)`` by this process as ``uid``/``gid`` (its rights reach the name):
+        the connection accepted from it names this process to SO_PEERCRED."""
+        addr = struct.pack("<H", socket.AF_UNIX) + name + (b"" if name[:1] == b"\0" else b"\0")
+        at = self._put(addr, SOCKET_SCRATCH)
+        with self._lent(sock) as fd, self._acting_as(uid, gid):
+            self._call("connect", fd, at, len(addr))
 
     def _setup_gadget(self, target: Mappings) -> None:
         assert self.mem is not None and self.inj is not None
@@ -915,7 +1004,10 @@ class Restorer:
             return
         fds.check_referenced()
         identity = Identity.of(proc.creds)
-        own = Descriptions(made=self.shared.made_files if self.shared is not None else None, identity=identity)
+        pairs = peercred.Sockets({proc.pid: self}, {f.obj: proc.pid for f in fds.files.fds if f.kind == "unix"},
+                                 self.report.warnings)
+        own = Descriptions(made=self.shared.made_files if self.shared is not None else None, identity=identity,
+                           pairs=pairs)
         try:
             if self.shared is not None:
                 self.shared.add_files(fds.contents, identity)
@@ -938,6 +1030,7 @@ class Restorer:
             self._carried = None
             identity = Identity.of(proc.creds)
             self._check_access(proc, identity)
+            self._numa_policies(proc)
             self._lock_memory(proc)
             self._mm(proc, identity)
             self._seal_memory()
@@ -1052,6 +1145,23 @@ class Restorer:
         if (st.st_dev, st.st_ino) != ours:
             raise RestoreError(f"{path} was replaced while the process was being restored (another file is at its "
                                "path now): restore again once it stays put")
+
+    def _numa_policies(self, proc: ProcessState) -> None:
+        """mbind each range with a NUMA policy of its own (``agent.mempolicy``), once every page
+        is in: the pages move to the nodes it names. The nodemasks go in the scratch's second
+        and third pages, each one once."""
+        if not proc.mempolicies:
+            return
+        at: dict[bytes, int] = {}
+
+        def put(nodes: bytes) -> int:
+            if nodes not in at:
+                at[nodes] = self._put(nodes, PAGE_SIZE + sum(len(n) for n in at))
+            return at[nodes]
+
+        calls = mempolicy.range_calls(proc.mempolicies, put, pid=proc.pid, host=socket.gethostname(),
+                                      affinity=self.affinity, warnings=self.report.warnings)
+        self._run_batch(calls, [("give memory its NUMA policy", None)] * len(calls))
 
     def _lock_memory(self, proc: ProcessState) -> None:
         """mlock() what was locked, now that every page is in (locking faults pages in)."""
@@ -1429,6 +1539,12 @@ class Restorer:
         calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
             calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
+        # Where any thread has a NUMA policy, every thread's, the default too: a thread cloned
+        # from the leader inherited the leader's. (None: a kernel without NUMA has no such call.)
+        if self._numa_threads:
+            calls.append(mempolicy.thread_call(t, lambda nodes: self._put(nodes, POLICY_SCRATCH), pid=self.pid,
+                                               host=socket.gethostname(), affinity=self.affinity,
+                                               warnings=self.report.warnings))
         assert self.mem is not None
         done, err = inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
         self.report.syscalls += min(done + 1, len(calls))
@@ -1442,6 +1558,7 @@ class Restorer:
         assert self.inj is not None and self.mem is not None
         leader = next(t for t in threads if t.leader)
         new_tids = {leader.tid: self.pid}
+        self._numa_threads = any(t.mempolicy for t in threads)
         if leader.tid_address:
             self.mem.write(leader.tid_address, struct.pack("<i", self.pid))
         self._thread_setup(self.inj, leader, [("set_tid_address", (leader.tid_address,))] if leader.tid_address else [])

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from agent import peercred
 from agent.as_target import Identity, check_grantable
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
@@ -216,7 +217,11 @@ class RestoreSession:
         first = procs[0].records.state
         assert first is not None
         identity = Identity.of(first.creds)
-        descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity)
+        makers = {p.records.state.pid: p.restorer for p in procs if p.records.state is not None}
+        holders = {f.obj: p.records.state.pid for p, fds in zip(procs, each) for f in fds.files.fds
+                   if f.kind == "unix" and p.records.state is not None}
+        pairs = peercred.Sockets(makers, holders, self.root.report.warnings)
+        descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity, pairs=pairs)
         try:
             self.shared.add_files(union.contents, identity)       # /dev/shm files, before the fds that open them
             descriptions.add(union)

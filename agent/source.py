@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import fdtable, locks, sched
+from agent import fdtable, locks, mempolicy, sched
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
@@ -413,6 +413,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": [f.as_wire() for f in facts.values()],
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "pinned_cpus": sorted(set().union(*(p["pinned_cpus"] for p in processes))),
+        "numa_nodes": sorted(set().union(*(p["numa_nodes"] for p in processes))),
         "locks": [lock for p in processes for lock in p["locks"]],
         "unix_names": [b.as_wire() for b in names],     # the destination must be able to bind them
         "sysv": [sysv.to_wire(s) for s in segments],      # made again under their ids (or this very one)
@@ -428,7 +429,8 @@ def _process_summary(pid: int) -> dict[str, Any]:
     return {"pid": pid, "ppid": int(status.get("PPid", "0")), "comm": status.get("Name", ""),
             "uid": int(status["Uid"].split()[1]), "threads": int(status.get("Threads", "1")),
             "tids": tids, "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
-            "pinned_cpus": sorted(sched.pinned_cpus(tids)), "locks": locks.held_by(pid)}
+            "pinned_cpus": sorted(sched.pinned_cpus(tids)), "locks": locks.held_by(pid),
+            "numa_nodes": sorted(mempolicy.policy_nodes(pid, tids))}
 
 
 async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT

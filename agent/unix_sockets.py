@@ -180,15 +180,16 @@ def query(inodes: Iterable[int] | None = None) -> dict[int, UnixSocketInfo]:
             n, _, flags, _ = nl.recvmsg_into([buf])
             if flags & socket.MSG_TRUNC:
                 raise OSError(errno.EMSGSIZE, f"sock_diag reply larger than {len(buf)} bytes")
-            for info in _parse_part(memoryview(buf)[:n], seq):
+            for info in _parse_part(memoryview(buf)[:n], seq, wanted):
                 if info is None:
                     return out
-                if wanted is None or info.inode in wanted:
-                    out[info.inode] = info
+                out[info.inode] = info
 
 
-def _parse_part(data: memoryview, seq: int) -> Iterator[UnixSocketInfo | None]:
-    """The records in one datagram of the dump; None once NLMSG_DONE is seen."""
+def _parse_part(data: memoryview, seq: int, wanted: set[int] | None = None) -> Iterator[UnixSocketInfo | None]:
+    """The records in one datagram of the dump (of the sockets ``wanted`` only, when given:
+    a host has many more than a job, and the others' attributes are not read); None once
+    NLMSG_DONE is seen."""
     off = 0
     while off + _NLMSGHDR.size <= len(data):
         length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
@@ -211,6 +212,9 @@ def _parse_part(data: memoryview, seq: int) -> Iterator[UnixSocketInfo | None]:
                     "load it with `modprobe unix_diag`", errno=err)
             raise OSError(err, f"sock_diag dump of unix sockets: {os.strerror(err)}")
         if mtype != SOCK_DIAG_BY_FAMILY:
+            continue
+        if wanted is not None and len(body) >= _UNIX_DIAG_MSG.size and \
+                _UNIX_DIAG_MSG.unpack_from(body)[4] not in wanted:
             continue
         yield _parse_record(body)
 
@@ -458,6 +462,18 @@ _INT_OPTIONS = {
     "SO_RCVLOWAT": SO_RCVLOWAT,
     "SO_OOBINLINE": SO_OOBINLINE,
 }
+
+
+_UCRED = struct.Struct("<iII")
+
+
+def peer_credentials(fd: int) -> tuple[int, int, int]:
+    """SO_PEERCRED of a unix socket: (pid, effective uid, effective gid) of whoever made the
+    pair or the other end of its connection, as this process's pid namespace numbers them;
+    (0, 0, 0) for none (never connected)."""
+    with _borrowed(fd) as sock:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return (pid, uid, gid) if pid > 0 else (0, 0, 0)
 
 
 def socket_options(fd: int) -> dict[str, int]:

@@ -25,6 +25,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import socket
 import stat as stat_mod
 import struct
@@ -215,13 +216,28 @@ def _unix_sockets(p: Proc) -> object:
             opt = s.getsockopt
             # (SIOCOUTQ counts the memory of what is sent and unread, which depends on how it
             # was cut into messages: the receiving end's FIONREAD counts its bytes.)
-            return (s.type, _ioctl_int(d, FIONREAD), opt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+            listening = opt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)     # (a listener has no FIONREAD)
+            return (s.type, -1 if listening else _ioctl_int(d, FIONREAD), opt(socket.SOL_SOCKET, socket.SO_RCVBUF),
                     opt(socket.SOL_SOCKET, socket.SO_SNDBUF), opt(socket.SOL_SOCKET, socket.SO_PASSCRED),
                     opt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), opt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16),
                     opt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16), opt(socket.SOL_SOCKET, socket.SO_OOBINLINE))
         finally:
             s.close()
     return [(*_common(p, fd), *_with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
+
+
+def _peer_credentials(p: Proc) -> object:
+    """What SO_PEERCRED names on each unix socket: pid (as a label where it is the process), uid, gid."""
+    def read(d: int) -> tuple[object, ...]:
+        s = socket.socket(fileno=os.dup(d))
+        try:
+            if s.family != socket.AF_UNIX:
+                return ()
+            pid, uid, gid = struct.unpack("<iII", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return (p.label(pid), uid, gid) if pid else ()
+        finally:
+            s.close()
+    return [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
 
 
 def _bound_sockets(p: Proc) -> object:
@@ -365,6 +381,22 @@ def _advice(p: Proc) -> object:
     return out, p.status()["VmLck"]
 
 
+# numa_maps: "7f55a8000000 bind=static:0 anon=1 ...", "... weighted interleave:0 ...", "... default file=..."
+NUMA_POLICY = re.compile(r"([0-9a-f]+) ([a-z ()]+(?:=[a-z|]+)?:[0-9,-]+|\w+)")
+
+
+def _numa_policies(p: Proc, tid: int) -> object:
+    """Each mapping's policy as numa_maps names it, seen from the thread (a mapping without
+    one of its own shows the thread's); not the page counts after it, which change. Runs of
+    mappings under one policy as one (numa_maps lists mappings, which a restore may merge
+    where the kernel had not yet: 'a mapping' compares the layout)."""
+    out: list[tuple[str, str]] = []
+    for m in (NUMA_POLICY.match(line) for line in p.text("task", str(tid), "numa_maps").splitlines()):
+        if m and (not out or out[-1][1] != m.group(2)):
+            out.append((m.group(1), m.group(2)))
+    return out
+
+
 def _status(*keys: str) -> Callable[[Proc], object]:
     return lambda p: tuple(p.status().get(k) for k in keys)
 
@@ -435,6 +467,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a pipe": _pipes,
     "a unix socket": _unix_sockets,
     "a unix socket bound to a path or an abstract name": _bound_sockets,
+    "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)": _peer_credentials,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),
     "a timerfd": _timerfds,
     "a signalfd": _anon("signalfd", ("sigmask",)),
@@ -467,6 +500,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "scheduling": _per_thread(_sched),
     "seccomp: strict mode, filters and their log flag": _per_thread(
         lambda p, t: (p.status(t)["Seccomp"], p.status(t)["Seccomp_filters"], p.status(t)["NoNewPrivs"])),
+    "NUMA memory policy (set_mempolicy)": _per_thread(_numa_policies),
+    "NUMA memory policies of ranges (mbind)": _per_thread(_numa_policies),
     "CPU pinning": _per_thread(lambda p, t: (sorted(os.sched_getaffinity(t)), p.status(t)["Cpus_allowed_list"])),
 }
 
@@ -481,6 +516,10 @@ UNOBSERVED: dict[str, str] = {
         "'a mapping' and 'a deleted file'/'a memfd' compare it",
     "a memfd mapped but not held open, or a deleted file mapped privately":
         "'a mapping' compares its name; tests/test_memfd.py reads it whole, with its seals, through map_files",
+    "a NUMA policy naming nodes the destination has no memory on": "one host has the nodes it has: "
+        "tests/test_mempolicy.py restores an image naming others",
+    "SO_PEERCRED naming a process that does not move": "tests/test_peercred.py restores a socketpair whose "
+        "maker stays behind",
     "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "
                                                  "an image naming others",
     "interval timers": "only the process reads them (getitimer): the records compare them",

@@ -139,6 +139,13 @@ def test_scheduling_per_thread(tmp_path: Path) -> None:
     assert w.output() == ref.output() == "scheduling checked: all good\n"
 
 
+def test_numa_policies_per_thread_and_per_mapping(tmp_path: Path) -> None:
+    """set_mempolicy in each thread, mbind on mappings (a mapping's middle too), with mode
+    flags: each comes back, none as the default."""
+    ref, w, _ = migrate_once("ckpt_numa", tmp_path)
+    assert w.output() == ref.output() == "NUMA policies checked: all good\n"
+
+
 def test_file_locks(tmp_path: Path) -> None:
     """POSIX record locks (a range, and to EOF), an OFD lock, a flock: held again, excluding others."""
     ref, w, _ = migrate_once("ckpt_locks", tmp_path)

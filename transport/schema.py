@@ -207,6 +207,29 @@ class PosixTimer:
         _check(self.notify != 4 or self.tid > 0, f"POSIX timer {self.id}: no thread to signal")
 
 
+MAX_NUMNODES = 1024         # CONFIG_NODES_SHIFT tops out at 10
+MPOL_MODES = 7              # MPOL_DEFAULT 0 .. MPOL_WEIGHTED_INTERLEAVE 6
+MPOL_MODE_FLAGS = 0xE000    # MPOL_F_STATIC_NODES, MPOL_F_RELATIVE_NODES, MPOL_F_NUMA_BALANCING
+
+
+@dataclass(frozen=True)
+class MemPolicy:
+    """A NUMA memory policy a range of the address space has of its own (mbind), as
+    get_mempolicy(MPOL_F_ADDR) told it: mode, mode flags, and the nodes (a bitmask, node 0 in
+    the low bit of the first byte; the nodes the process named where a mode flag keeps them)."""
+
+    start: UserAddr
+    end: UserAddr
+    mode: Annotated[int, Int(1, MPOL_MODES - 1, "a NUMA policy mode")]
+    flags: Annotated[int, Int(0, MPOL_MODE_FLAGS, "NUMA policy mode flags")] = 0
+    nodes: Annotated[bytes, Blob(MAX_NUMNODES // 8)] = b""
+
+    def validate(self) -> None:
+        _check(self.start < self.end and self.start % PAGE_SIZE == 0 and self.end % PAGE_SIZE == 0,
+               f"a NUMA policy over {self.start:#x}-{self.end:#x}")
+        _check(self.flags & ~MPOL_MODE_FLAGS == 0, f"NUMA policy mode flags {self.flags:#x}")
+
+
 SIGEV_NOTIFY = (0, 1, 4)     # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's SIGEV_THREAD is one)
 
 
@@ -269,6 +292,8 @@ class ProcessState(Record):
     # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* commands the process issued
     membarrier: Annotated[int, Int(0, MEMBARRIER_REGISTRATIONS, "membarrier registrations")] = 0
     cgroups: Annotated[tuple[Annotated[str, Text(4200)], ...], Count(64)] = ()   # /proc/PID/cgroup lines
+    # the ranges of its address space with a NUMA policy of their own (mbind), in address order
+    mempolicies: Annotated[tuple[MemPolicy, ...], Count(1 << 16)] = ()
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
@@ -278,6 +303,8 @@ class ProcessState(Record):
             _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
         _check(len(self.auxv) % 16 == 0, f"auxv of {len(self.auxv)} bytes (pairs of 8-byte words)")
         _check(len({t.id for t in self.posix_timers}) == len(self.posix_timers), "a POSIX timer id twice")
+        _check(all(a.end <= b.start for a, b in zip(self.mempolicies, self.mempolicies[1:])),
+               "NUMA policy ranges out of order or overlapping")
         for line in self.cgroups:
             _check(re.fullmatch(r"\d+:[\w=,.-]*:/[^\0]*", line) is not None and ".." not in line.split("/"),
                    f"cgroup line {line[:80]!r}")
@@ -608,6 +635,11 @@ class UnixSocket:
     sent: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_ITEMS)] = ()   # a client
                              # waiting in an accept queue: what it sent, for the server to read once it
                              # accepts (one item for a stream, one per message otherwise)
+    # What SO_PEERCRED said on it (the process that made the pair, or the other end of the
+    # connection): pid (0: nothing, or not recorded), effective uid and gid (``agent.peercred``)
+    cred_pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0
+    cred_uid: Id = 0
+    cred_gid: Id = 0
 
 
 @dataclass(frozen=True)
@@ -889,6 +921,10 @@ class ThreadState(Record):
     # format 6: SECCOMP_MODE_*, and in filter mode the thread's filters, oldest first
     seccomp: Annotated[int, Int(0, SECCOMP_MODE_FILTER, "a seccomp mode")] = 0
     seccomp_filters: Annotated[tuple[SeccompFilter, ...], Count(MAX_SECCOMP_FILTERS)] = ()
+    # its NUMA memory policy (set_mempolicy; 0: MPOL_DEFAULT), mode flags and nodes (as MemPolicy's)
+    mempolicy: Annotated[int, Int(0, MPOL_MODES - 1, "a NUMA policy mode")] = 0
+    mempolicy_flags: Annotated[int, Int(0, MPOL_MODE_FLAGS, "NUMA policy mode flags")] = 0
+    mempolicy_nodes: Annotated[bytes, Blob(MAX_NUMNODES // 8)] = b""
 
     def validate(self) -> None:
         _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
@@ -902,6 +938,7 @@ class ThreadState(Record):
         for info in self.pending:
             _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
         _check(self.robust_list_len in (0, ROBUST_LIST_HEAD_SIZE), f"robust list head of {self.robust_list_len} bytes")
+        _check(self.mempolicy_flags & ~MPOL_MODE_FLAGS == 0, f"NUMA policy mode flags {self.mempolicy_flags:#x}")
         _check(self.rseq_addr % 32 == 0, f"rseq area at {self.rseq_addr:#x} (rseq areas are 32-byte aligned)")
 
 
