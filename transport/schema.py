@@ -61,7 +61,11 @@ from transport.records import (
 # And a signed image's frames after the header are hashed with Poly1305 under a key per frame
 # drawn from the image's ``ImageHeader.sign_nonce`` (``transport.signing``), not SHA-256: a
 # version 5 reader would call every such image edited.
-FORMAT_VERSION = 6
+# 7: NUMA memory policies (``ThreadState.mempolicy``, ``mempolicy_flags``, ``mempolicy_nodes``,
+# ``ProcessState.mempolicies``) and what SO_PEERCRED said on each unix socket
+# (``UnixSocket.cred_pid``, ``cred_uid``, ``cred_gid``), which a version 6 reader would drop: the
+# process would find its memory placed anywhere and its peers told the restorer's ids.
+FORMAT_VERSION = 7
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
