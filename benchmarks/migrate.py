@@ -2,7 +2,7 @@
 """Live migration between two test hosts: kcr-migrate against stop-and-copy and, where it works, CRIU.
 
     python3 benchmarks/migrate.py [--quick] [--json FILE] [--mib N] [--reps N] [--rates R,R,...]
-                                  [--downtime MS] [--data-channel auto|ssh|tcp]
+                                  [--downtime MS] [--data-channel auto|ssh|tcp] [--cases C,C,...]
 
 One job (tests/workloads/mig_dirty.c, compiled here with gcc -O2 -pthread into a temporary
 directory) holds N MiB (1024; 256 with --quick) and writes R MiB/s of random pages in 10 ms
@@ -93,6 +93,7 @@ KCR_OBJECTS = "kcr +objects"       # the same job holding a few dozen kernel obj
 OBJECTS = 8                        # of each kind in tests/workloads/objects.h: 53 objects
 STOP_AND_COPY = "stop-and-copy"
 CRIU = "criu"
+CASE_NAMES = {"precopy": KCR_PRECOPY, "objects": KCR_OBJECTS, "stop-and-copy": STOP_AND_COPY, "criu": CRIU}
 
 
 def log(msg: str) -> None:
@@ -701,6 +702,9 @@ def bench(args: argparse.Namespace, session: Session) -> int:
     criu_path, criu_note = probe_criu()
     log(f"criu: {criu_note}" if criu_path else f"criu: not available ({criu_note})")
     cases = [KCR_PRECOPY, KCR_OBJECTS, STOP_AND_COPY] + ([CRIU] if criu_path else [])
+    if args.cases:
+        wanted = [CASE_NAMES[c] for c in args.cases.split(",")]
+        cases = [c for c in cases if c in wanted]
 
     binaries = build(session)
     refs = References(session, binaries)
@@ -856,9 +860,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", metavar="R,R,...", help="dirty rates in MiB/s (default 0,50,200; 0,50 with --quick)")
     p.add_argument("--data-channel", choices=("auto", "ssh", "tcp"), default="auto",
                    help="how kcr-migrate sends pages (default auto, as the CLI does)")
+    p.add_argument("--cases", metavar="C,C,...", help="only these cases: " + ",".join(CASE_NAMES) +
+                   " (default: all; criu where it works)")
     p.add_argument("--downtime", type=float, metavar="MS", help="pass --downtime MS to kcr-migrate (default: "
                    "its own default)")
     args = p.parse_args(argv)
+    unknown = [c for c in (args.cases or "").split(",") if c and c not in CASE_NAMES]
+    if unknown or args.cases == "":
+        p.error(f"--cases: {', '.join(unknown) or 'none given'}: choose among {', '.join(CASE_NAMES)}")
     if os.geteuid() != 0:
         print("benchmarks/migrate.py: run as root (the test hosts need namespaces and sshd)", file=sys.stderr)
         return 1
