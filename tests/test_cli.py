@@ -506,16 +506,18 @@ printf '%s\\n' "${COMPREPLY[@]}"
 
 # A zsh at a terminal (zpty), completing the words it is given with TAB; compadd reports what
 # the completion functions offered, each as ::WORD.
+# The patterns read for match the shell's output, never its echo of what was typed (a loaded
+# machine echoes late): READY is printed from two quoted halves, the report holds digits.
 ZSH_COMPLETE = r"""
 zmodload zsh/zpty
 zpty z zsh -f -i
 zpty -w z "PS1=''; fpath=($1 \$fpath); autoload -U compinit; compinit -u -D"
 zpty -w z 'comppostfuncs=(__report); __report() { print -r -- "<<${compstate[nmatches]}>>"; }'
 zpty -w z 'compadd() { local -a h; builtin compadd -O h "$@"; print -rl -- ${h[@]/#/::}; builtin compadd "$@"; }'
-zpty -w z 'bindkey "^I" complete-word; print READY'
+zpty -w z 'bindkey "^I" complete-word; print "RE""ADY"'
 zpty -r z line '*READY*' || exit 3
 zpty -n -w z "$2"$'\t'
-zpty -r z out '*<<*>>*' || exit 4
+zpty -r z out '*<<[0-9]*>>*' || exit 4
 print -r -- "$out"
 zpty -d z
 """
