@@ -185,13 +185,31 @@ def start_until_ready(argv: list[str], ready: Path, timeout: float = 60, **popen
     proc = subprocess.Popen(argv, **options)
     STARTED.append(proc)
     deadline = time.monotonic() + timeout
-    while not ready.exists():
+    while not ready.exists() or _holds(proc.pid, ready):
+        # (the marker is there once opened; a job's open(...).close() may hold it an instant
+        # longer, and what a test reads of the job next must be what it keeps)
         if proc.poll() is not None:
             raise AssertionError(f"{argv[0]} exited ({proc.returncode}) before it was ready")
         if time.monotonic() > deadline:
             raise AssertionError(f"{argv[0]}: no {ready} after {timeout} s")
         time.sleep(0.01)
     return proc
+
+
+def _holds(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open."""
+    target = str(path.resolve())
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def reap(pid: int, timeout: float = 60) -> int:
