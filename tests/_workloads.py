@@ -67,7 +67,8 @@ def reap_started(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every process a test started (``Workload.start``, ``start_in``, or appended here) ends
     with its test, pass or fail: none outlives it, none is left for the garbage collector. So
     does every process working in the test's tmp_path: the copies a failed test's migrations
-    or restores left, which are nobody's child here."""
+    or restores left, which are nobody's child here (a script in tmp_path run from elsewhere
+    names it on its command line)."""
     yield
     while STARTED:
         proc = STARTED.pop()
@@ -80,7 +81,8 @@ def reap_started(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def end_processes_in(folder: Path) -> list[int]:
-    """SIGKILL every process whose working directory is ``folder`` or under it; their pids."""
+    """SIGKILL every process whose working directory is ``folder`` or under it, or whose
+    command line names something there; their pids."""
     prefix = str(folder)
     ended = []
     for entry in os.listdir("/proc"):
@@ -88,9 +90,11 @@ def end_processes_in(folder: Path) -> list[int]:
             continue
         try:
             cwd = os.readlink(f"/proc/{entry}/cwd")
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if cwd == prefix or cwd.startswith(prefix + "/"):
+        if cwd == prefix or cwd.startswith(prefix + "/") or \
+                any(arg == prefix or arg.startswith(prefix + "/") for arg in argv):
             try:
                 os.kill(int(entry), 9)
                 ended.append(int(entry))
