@@ -265,6 +265,27 @@ def run_reference(name: str, base: Path, *args: str, **kw: object) -> Workload:
     return finished(start_reference(name, base, *args, **kw))
 
 
+def edit_records(image: bytes, record_type: int, **fields: object) -> bytes:
+    """``image`` with ``fields`` set in each of its records of type ``record_type`` (its
+    signature no longer verifies: restore such an image with --trust-image to reach the checks
+    that come after the signature's)."""
+    import msgpack
+
+    from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
+    out, off = [image[:len(STREAM_MAGIC)]], len(STREAM_MAGIC)
+    while off < len(image):
+        _, kind, flags, length, _ = HEADER.unpack_from(image, off)
+        frame = image[off: off + HEADER_SIZE + length]
+        if kind == KIND_RECORD:
+            body = msgpack.unpackb(frame[HEADER_SIZE:])
+            if body.get("t") == record_type:
+                body.update(fields)
+                frame = encode_frame(KIND_RECORD, flags, msgpack.packb(body))
+        out.append(frame)
+        off += HEADER_SIZE + length
+    return b"".join(out)
+
+
 def kcr(*args: str, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*KCR_MIGRATE, *args], input=input, capture_output=True, timeout=timeout)
 

@@ -21,9 +21,10 @@ import pytest
 
 from tests._migration import proc_state
 from tests._state import Watch
-from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, finished, kcr, reap,
-                              run_reference, start_reference, start_until_ready)
+from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, edit_records, finished, kcr,
+                              reap, run_reference, start_reference, start_until_ready)
 from tests._workloads import one_error_line as _one_error_line
+from transport.schema import ImageHeader
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -460,35 +461,21 @@ def test_bit_flipped_image(good_image: bytes) -> None:
         assert "corrupt" in line or "checksum" in line or "magic" in line
 
 
-def _rewrite_header(image: bytes, **changes: object) -> bytes:
-    """The image with its header changed: its signature no longer verifies, so the tests below
-    restore it with --trust-image to reach the checks that come after the signature's."""
-    import msgpack
-
-    from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
-    off = len(STREAM_MAGIC)
-    _, kind, flags, length, _ = HEADER.unpack_from(image, off)
-    body = msgpack.unpackb(image[off + HEADER_SIZE: off + HEADER_SIZE + length])
-    body.update(changes)
-    frame = encode_frame(KIND_RECORD, flags, msgpack.packb(body))
-    return image[:off] + frame + image[off + HEADER_SIZE + length:]
-
-
 def test_foreign_architecture(good_image: bytes) -> None:
     line = one_error_line(kcr("restore", "--new-pid", "--trust-image", "-i", "-",
-                              input=_rewrite_header(good_image, arch="aarch64")))
+                              input=edit_records(good_image, ImageHeader.TYPE, arch="aarch64")))
     assert "aarch64" in line
 
 
 def test_future_format_version(good_image: bytes) -> None:
     line = one_error_line(kcr("restore", "--new-pid", "--trust-image", "-i", "-",
-                              input=_rewrite_header(good_image, format_version=99)))
+                              input=edit_records(good_image, ImageHeader.TYPE, format_version=99)))
     assert "version 99" in line and "upgrade" in line
 
 
 def test_missing_xsave_features(good_image: bytes) -> None:
     line = one_error_line(kcr("restore", "--new-pid", "--trust-image", "-i", "-",
-                              input=_rewrite_header(good_image, xsave_mask=1 << 62)))
+                              input=edit_records(good_image, ImageHeader.TYPE, xsave_mask=1 << 62)))
     assert "CPU" in line
 
 

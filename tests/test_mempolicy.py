@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent import mempolicy
-from tests._workloads import become_subreaper, kcr, one_error_line, reap, start_until_ready
+from tests._workloads import become_subreaper, edit_records, kcr, one_error_line, reap, start_until_ready
 from transport.errors import RestoreError
+from transport.schema import ThreadState
 
 
 def _absent() -> int:
@@ -67,26 +68,6 @@ BOUND = ("import ctypes, sys, os, time\nlibc = ctypes.CDLL(None, use_errno=True)
          "sys.exit(0 if (mode.value, got[0]) == (2, 1) else 1)\n")
 
 
-def _name_nodes(image: bytes, nodes: bytes) -> bytes:
-    """The image with every thread's policy nodes replaced (its signature no longer verifies)."""
-    import msgpack
-
-    from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
-    from transport.schema import ThreadState
-    out, off = [image[:len(STREAM_MAGIC)]], len(STREAM_MAGIC)
-    while off < len(image):
-        _, kind, flags, length, _ = HEADER.unpack_from(image, off)
-        frame = image[off: off + HEADER_SIZE + length]
-        if kind == KIND_RECORD:
-            body = msgpack.unpackb(frame[HEADER_SIZE:])
-            if body.get("t") == ThreadState.TYPE:
-                body["mempolicy_nodes"] = nodes
-                frame = encode_frame(KIND_RECORD, flags, msgpack.packb(body))
-        out.append(frame)
-        off += HEADER_SIZE + length
-    return b"".join(out)
-
-
 def test_a_restore_where_a_policy_names_a_missing_node_refuses_or_warns(tmp_path: Path) -> None:
     """An image of a thread bound to node 0 and to one this host lacks (as another host's image
     would be): refused by default, naming the node; under --affinity warn it runs bound to
@@ -98,7 +79,7 @@ def test_a_restore_where_a_policy_names_a_missing_node_refuses_or_warns(tmp_path
     assert res.returncode == 0, res.stderr.decode()
     assert proc.wait(timeout=30) == -9
     missing = _absent()
-    image.write_bytes(_name_nodes(image.read_bytes(), mempolicy.mask({0, missing})))
+    image.write_bytes(edit_records(image.read_bytes(), ThreadState.TYPE, mempolicy_nodes=mempolicy.mask({0, missing})))
     line = one_error_line(kcr("restore", "-i", str(image), "--trust-image", "--new-pid").stderr)
     assert f"NUMA policy bind:0,{missing}, naming nodes {missing}," in line and "--affinity warn" in line, line
     res = kcr("restore", "-i", str(image), "--trust-image", "--new-pid", "--affinity", "warn", "--json")

@@ -14,8 +14,9 @@ import pytest
 
 from agent import sched
 from tests._migration import proc_state
-from tests._workloads import kcr, one_error_line, start_until_ready
+from tests._workloads import edit_records, kcr, one_error_line, start_until_ready
 from transport.errors import RestoreError
+from transport.schema import ThreadState
 
 
 def test_cpu_sets_round_trip_as_masks_and_lists() -> None:
@@ -65,26 +66,6 @@ def test_affinity_warn_says_what_it_runs_without() -> None:
         sched.check_affinity("ignore")
 
 
-def _pin_threads_to(image: bytes, cpus: set[int]) -> bytes:
-    """The image with every thread's CPU set replaced (its signature no longer verifies)."""
-    import msgpack
-
-    from transport.framing import HEADER, HEADER_SIZE, KIND_RECORD, STREAM_MAGIC, encode_frame
-    from transport.schema import ThreadState
-    out, off = [image[:len(STREAM_MAGIC)]], len(STREAM_MAGIC)
-    while off < len(image):
-        _, kind, flags, length, _ = HEADER.unpack_from(image, off)
-        frame = image[off: off + HEADER_SIZE + length]
-        if kind == KIND_RECORD:
-            body = msgpack.unpackb(frame[HEADER_SIZE:])
-            if body.get("t") == ThreadState.TYPE:
-                body["cpus"] = sched.cpu_mask(cpus)
-                frame = encode_frame(KIND_RECORD, flags, msgpack.packb(body))
-        out.append(frame)
-        off += HEADER_SIZE + length
-    return b"".join(out)
-
-
 PINNED = ("import os, sys, time\nos.sched_setaffinity(0, {0})\nopen(sys.argv[1], 'w').close()\n"
           "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
           "sys.exit(0 if os.sched_getaffinity(0) == {0} else 1)\n")
@@ -107,7 +88,7 @@ def test_a_restore_where_pinned_cpus_are_missing_refuses_or_warns(tmp_path: Path
     assert res.returncode == 0, res.stderr.decode()
     assert proc.wait(timeout=30) == -9
     missing = max(sched.online_cpus()) + 1
-    image.write_bytes(_pin_threads_to(image.read_bytes(), {0, missing}))
+    image.write_bytes(edit_records(image.read_bytes(), ThreadState.TYPE, cpus=sched.cpu_mask({0, missing})))
     # (Under new pids: the copy the refusal killed may linger as a zombie of ours for a while.)
     line = one_error_line(kcr("restore", "-i", str(image), "--trust-image", "--new-pid").stderr)
     assert f"pinned to CPUs {missing}, which" in line and "does not have online" in line, line
