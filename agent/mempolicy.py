@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
+from agent.sched import id_mask, mask_ids
 from transport.errors import RestoreError
 from transport.schema import TASK_SIZE, MemPolicy, ThreadState
 
@@ -64,19 +65,6 @@ def node_bits() -> int:
     return max(64, (max(possible) + 64) // 64 * 64)
 
 
-def mask(nodes: Iterable[int]) -> bytes:
-    """Nodes as a bitmask (node 0 in the low bit of byte 0), trailing zero bytes cut."""
-    value = 0
-    for node in nodes:
-        value |= 1 << node
-    return value.to_bytes((value.bit_length() + 7) // 8, "little")
-
-
-def mask_nodes(raw: bytes) -> set[int]:
-    value = int.from_bytes(raw, "little")
-    return {n for n in range(len(raw) * 8) if value >> n & 1}
-
-
 def node_list(nodes: Iterable[int]) -> str:
     return ",".join(str(n) for n in sorted(nodes))
 
@@ -85,7 +73,7 @@ def describe(mode: int, flags: int, nodes: bytes) -> str:
     """As numactl would say it: "bind=static:0,1"."""
     out = MODE_NAMES.get(mode, str(mode))
     out += "=static" if flags & MPOL_F_STATIC_NODES else "=relative" if flags & MPOL_F_RELATIVE_NODES else ""
-    named = mask_nodes(nodes)
+    named = mask_ids(nodes)
     return f"{out}:{node_list(named)}" if named else out
 
 
@@ -95,7 +83,7 @@ def split(raw_mode: int, raw_mask: bytes) -> tuple[int, int, bytes]:
     mode, flags = raw_mode & ~MODE_FLAGS, raw_mode & MODE_FLAGS
     if mode not in MODE_NAMES:
         raise ValueError(f"NUMA policy mode {mode}")
-    return mode, flags, mask(mask_nodes(raw_mask))
+    return mode, flags, id_mask(mask_ids(raw_mask))
 
 
 def query_call(mode_at: int, mask_at: int, bits: int, addr: int | None = None) -> tuple[str, tuple[int, ...]]:
@@ -132,7 +120,7 @@ def usable(mode: int, flags: int, nodes: bytes, *, what: str, pid: int, host: st
     """The policy as this host can give it: unchanged where it has every node named; else a
     refusal, or under ``affinity`` "warn" the policy without the missing nodes (the default
     policy if none is left) and what the process runs without, for the report."""
-    named = mask_nodes(nodes)
+    named = mask_ids(nodes)
     have = memory_nodes() if here is None else here
     missing = named - have
     if not missing:
@@ -149,7 +137,7 @@ def usable(mode: int, flags: int, nodes: bytes, *, what: str, pid: int, host: st
     if not left and mode not in (MPOL_LOCAL, MPOL_DEFAULT):
         return MPOL_DEFAULT, 0, b"", f"pid {pid}'s {what} had the NUMA policy {was}; {host} lacks nodes " \
             f"{node_list(missing)}, so it runs under the default policy"
-    kept = mask(left)
+    kept = id_mask(left)
     return mode, flags, kept, (f"pid {pid}'s {what} had the NUMA policy {was}; {host} lacks nodes "
                                f"{node_list(missing)}, so it runs under {describe(mode, flags, kept)}")
 

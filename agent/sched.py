@@ -50,17 +50,19 @@ def online_cpus() -> set[int]:
     return cpus
 
 
-def cpu_mask(cpus: Iterable[int]) -> bytes:
-    """A set of CPUs as a bitmask (CPU 0 in the low bit of byte 0), trailing zero bytes cut."""
+def id_mask(ids: Iterable[int]) -> bytes:
+    """A set of CPUs (or NUMA nodes, ``agent.mempolicy``) as the images hold it: a bitmask,
+    id 0 in the low bit of byte 0, trailing zero bytes cut."""
     mask = 0
-    for cpu in cpus:
-        mask |= 1 << cpu
+    for i in ids:
+        mask |= 1 << i
     return mask.to_bytes((mask.bit_length() + 7) // 8, "little")
 
 
-def mask_cpus(mask: bytes) -> set[int]:
+def mask_ids(mask: bytes) -> set[int]:
+    """The ids set in an ``id_mask``."""
     value = int.from_bytes(mask, "little")
-    return {cpu for cpu in range(len(mask) * 8) if value >> cpu & 1}
+    return {i for i in range(len(mask) * 8) if value >> i & 1}
 
 
 def cpu_list(cpus: Iterable[int]) -> str:
@@ -97,7 +99,7 @@ def read_thread(tid: int) -> ThreadSched:
     return ThreadSched(nice=os.getpriority(os.PRIO_PROCESS, tid), sched_policy=policy & ~SCHED_RESET_ON_FORK,
                        sched_priority=os.sched_getparam(tid).sched_priority,
                        sched_reset_on_fork=int(bool(policy & SCHED_RESET_ON_FORK)),
-                       cpus=b"" if cpus >= online_cpus() else cpu_mask(cpus), ioprio=_ioprio_get(tid))
+                       cpus=b"" if cpus >= online_cpus() else id_mask(cpus), ioprio=_ioprio_get(tid))
 
 
 def _ioprio_get(tid: int) -> int:
@@ -171,7 +173,7 @@ def apply_thread(tid: int, t: ThreadState, *, pid: int, host: str, affinity: str
     warning = None
     try:
         if t.cpus:
-            wanted = mask_cpus(t.cpus)
+            wanted = mask_ids(t.cpus)
             if affinity == "refuse":
                 check_cpus(wanted, host, pid)
             usable = wanted & online_cpus()

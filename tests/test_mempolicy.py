@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent import mempolicy
+from agent.sched import id_mask
 from tests._workloads import become_subreaper, edit_records, kcr, one_error_line, reap, start_until_ready
 from transport.errors import RestoreError
 from transport.schema import ThreadState
@@ -25,7 +26,7 @@ def _absent() -> int:
 
 def test_a_policy_naming_a_node_this_host_lacks_is_refused_or_kept_with_the_rest() -> None:
     missing = _absent()
-    nodes = mempolicy.mask({0, missing})
+    nodes = id_mask({0, missing})
     with pytest.raises(RestoreError, match=f"naming nodes {missing}, which hostB has no memory on"):
         mempolicy.usable(mempolicy.MPOL_BIND, 0, nodes, what="thread 7", pid=7, host="hostB", affinity="refuse")
     mode, flags, kept, said = mempolicy.usable(mempolicy.MPOL_BIND, 0, nodes, what="thread 7", pid=7, host="hostB",
@@ -33,7 +34,7 @@ def test_a_policy_naming_a_node_this_host_lacks_is_refused_or_kept_with_the_rest
     assert (mode, flags, kept) == (mempolicy.MPOL_BIND, 0, b"\x01")
     assert said is not None and f"lacks nodes {missing}, so it runs under bind:0" in said
     # None of its nodes left: the default policy, said so.
-    mode, _, kept, said = mempolicy.usable(mempolicy.MPOL_INTERLEAVE, 0, mempolicy.mask({missing}), what="x",
+    mode, _, kept, said = mempolicy.usable(mempolicy.MPOL_INTERLEAVE, 0, id_mask({missing}), what="x",
                                            pid=7, host="hostB", affinity="warn", here={0})
     assert (mode, kept) == (mempolicy.MPOL_DEFAULT, b"") and said is not None and "default policy" in said
     # MPOL_F_STATIC_NODES: the kernel uses those of its nodes it has, here as on the source.
@@ -79,7 +80,7 @@ def test_a_restore_where_a_policy_names_a_missing_node_refuses_or_warns(tmp_path
     assert res.returncode == 0, res.stderr.decode()
     assert proc.wait(timeout=30) == -9
     missing = _absent()
-    image.write_bytes(edit_records(image.read_bytes(), ThreadState.TYPE, mempolicy_nodes=mempolicy.mask({0, missing})))
+    image.write_bytes(edit_records(image.read_bytes(), ThreadState.TYPE, mempolicy_nodes=id_mask({0, missing})))
     line = one_error_line(kcr("restore", "-i", str(image), "--trust-image", "--new-pid").stderr)
     assert f"NUMA policy bind:0,{missing}, naming nodes {missing}," in line and "--affinity warn" in line, line
     res = kcr("restore", "-i", str(image), "--trust-image", "--new-pid", "--affinity", "warn", "--json")

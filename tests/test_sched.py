@@ -21,8 +21,8 @@ from transport.schema import ThreadState
 
 def test_cpu_sets_round_trip_as_masks_and_lists() -> None:
     for cpus in ({0}, {1, 2, 3, 9}, set(range(64)), {8191}):
-        assert sched.mask_cpus(sched.cpu_mask(cpus)) == cpus
-    assert sched.cpu_mask(()) == b""
+        assert sched.mask_ids(sched.id_mask(cpus)) == cpus
+    assert sched.id_mask(()) == b""
     assert sched.cpu_list({0, 1, 2, 3, 6, 8, 9}) == "0-3,6,8-9"
 
 
@@ -88,7 +88,7 @@ def test_a_restore_where_pinned_cpus_are_missing_refuses_or_warns(tmp_path: Path
     assert res.returncode == 0, res.stderr.decode()
     assert proc.wait(timeout=30) == -9
     missing = max(sched.online_cpus()) + 1
-    image.write_bytes(edit_records(image.read_bytes(), ThreadState.TYPE, cpus=sched.cpu_mask({0, missing})))
+    image.write_bytes(edit_records(image.read_bytes(), ThreadState.TYPE, cpus=sched.id_mask({0, missing})))
     # (Under new pids: the copy the refusal killed may linger as a zombie of ours for a while.)
     line = one_error_line(kcr("restore", "-i", str(image), "--trust-image", "--new-pid").stderr)
     assert f"pinned to CPUs {missing}, which" in line and "does not have online" in line, line
