@@ -141,6 +141,8 @@ def list_fds(pid: int) -> list[FdInfo]:
                 fields[k] = v.strip()
         try:
             st: os.stat_result | None = os.stat(os.path.join(fd_dir, str(fd)))
+        except FileNotFoundError:
+            continue          # closed while we looked (a running process, in pre-copy)
         except OSError:
             st = None
         out.append(FdInfo(fd, target, int(fields.get("pos", "0")), int(fields.get("flags", "0"), 8),

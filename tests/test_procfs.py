@@ -1,0 +1,45 @@
+"""agent.procfs read from a process that runs on: what it lists is what the process holds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent import procfs
+
+CHURN = """
+import os, sys
+path = sys.argv[1]
+open(path + ".ready", "w").close()
+while True:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    for _ in range(20):          # held about as long as it is closed
+        os.pwrite(fd, b"%d" % os.getpid(), 0)
+    os.close(fd)
+"""
+
+
+def test_an_fd_closed_while_listed_is_left_out_not_refused(tmp_path: Path) -> None:
+    """A job in pre-copy opens and closes files as it runs: an fd closed between reading its
+    link and its inode is one the process no longer holds, not "a file that cannot be
+    inspected" (which refused a migration whose job wrote a pidfile as it was joined)."""
+    target = tmp_path / "pidfile"
+    job = subprocess.Popen([sys.executable, "-S", "-c", CHURN, str(target)])
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{target}.ready").exists():
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        seen = 0
+        deadline = time.monotonic() + 10     # the old code failed within 5-10 s here
+        while seen < 300 and time.monotonic() < deadline:
+            for info in procfs.list_fds(job.pid):
+                if info.target == str(target):
+                    seen += 1
+                    kind, why = procfs.classify_fd(info)
+                    assert kind == "file", why
+        assert seen, "the job's file was never listed: the test did not race"
+    finally:
+        job.kill()
+        job.wait()
