@@ -50,7 +50,7 @@ from typing import Callable, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.procfs import FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only, read_text, thread_ids
-from precopy.layout import read_maps
+from precopy.layout import MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -176,6 +176,20 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     with a process outside is refused, naming it. ``redirect``: per pid, fd -> path.
     ``accept_waiting``: the source ends once dumped, so a connection waiting in an accept
     queue with bytes sent may be accepted to read them (``collect_tree``)."""
+    return _describe_tree(pids, redirect, accept_waiting=accept_waiting).tables
+
+
+@dataclass(frozen=True)
+class _Described:
+    """``describe_tree``'s fd tables, with the files whose contents ``collect_tree`` carries
+    that no fd names: each process's mappings are read once for both."""
+    tables: dict[int, list[FileDesc]]
+    mapped_only: dict[int, MappedOnly]          # deleted files and memfds mapped, no fd held, by inode
+    shm: dict[int, shm_files.ShmFile]           # /dev/shm files held open or mapped, by inode
+
+
+def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
+                   *, accept_waiting: bool = False) -> _Described:
     redirect = redirect or {}
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
@@ -184,9 +198,12 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
-    for ino, m in job_mapped_only(pids, set(deleted)).items():
+    maps = {pid: file_maps(pid) for pid in pids}
+    found = job_mapped_only(pids, set(deleted), maps)
+    for ino, m in found.items():
         deleted[ino] = check_mapped_only(m, MAX_DELETED_FILE).st_size
-    in_shm = shm_files.check_size(shm_files.find(pids), pids[0])
+    shm = shm_files.find(pids, maps)
+    in_shm = shm_files.check_size(shm, pids[0])
     if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
             f"pid {pids[0]}'s job holds deleted files and files of /dev/shm of "
@@ -221,7 +238,7 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
             raise UnsupportedResource(
                 f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it{also}: "
                 f"give {_redirect_options(fds)} to open PATH in its place on the destination", pid=pid)
-    return _share_descriptions(tables)
+    return _Described(_share_descriptions(tables), found, shm)
 
 
 def _check_pidfds(ours: list[tuple[int, FileDesc]], inside: set[int]) -> None:
@@ -426,12 +443,14 @@ def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
                     pos=info.pos, size=st.st_size, obj=st.st_ino)
 
 
-def job_mapped_only(pids: Sequence[int], held: set[int]) -> dict[int, MappedOnly]:
+def job_mapped_only(pids: Sequence[int], held: set[int], maps: Mapping[int, list[MapEntry]]
+                    ) -> dict[int, MappedOnly]:
     """The deleted files and memfds the job maps but holds no fd of (``held``: the inodes it
-    holds), by inode: carried whole like held ones, made again by the name their mappings show."""
+    holds), by inode: carried whole like held ones, made again by the name their mappings show.
+    ``maps``: each process's file mappings (``precopy.layout.file_maps``)."""
     out: dict[int, MappedOnly] = {}
     for pid in pids:
-        for ino, m in mapped_only(pid, read_maps(pid), held).items():
+        for ino, m in mapped_only(pid, maps[pid], held).items():
             out.setdefault(ino, m)
     return out
 
@@ -697,7 +716,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     pipe or socket goes in the records of the first process (in ``pids`` order) that has it.
     ``accept_waiting`` (the source ends once dumped): the connections waiting in a listener's
     accept queue whose clients sent bytes are accepted here, the bytes read (``sent``)."""
-    tables = describe_tree(pids, redirect, accept_waiting=accept_waiting)
+    described = _describe_tree(pids, redirect, accept_waiting=accept_waiting)
+    tables = described.tables
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
@@ -764,9 +784,9 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
         contents[pid] += _deleted_contents(pid, f"/proc/{pid}/fd/{fd}", ino)
-    for ino, m in job_mapped_only(pids, set(deleted)).items():
+    for ino, m in described.mapped_only.items():
         contents[m.pid] += [replace(c, name=m.name) for c in _deleted_contents(m.pid, m.source, ino)]
-    for pid, slices in shm_files.contents(shm_files.find(pids)).items():
+    for pid, slices in shm_files.contents(described.shm).items():
         contents[pid] += slices
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
                          EventFiles(tuple(event_files[pid])), tuple(contents[pid]))

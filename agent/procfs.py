@@ -386,16 +386,14 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     ``tree``: the processes that move with ``pid`` (its descendants among them); their fd
     tables are checked together by the caller (``agent.fdtable.describe_tree``)."""
     from agent.fdtable import describe  # it reads fds through this module
-    from precopy.layout import query_maps, read_maps_naming  # precopy is below agent
+    from precopy.layout import file_maps  # precopy is below agent
 
     fix = "kcr-migrate cannot move it yet (see README, Limits)"
     if tree is None:
         describe(pid, redirect)
     # Only mappings that name something are refused (files, devices, SysV, memfd, anon
     # inodes): the anonymous rest, maybe tens of thousands, is not parsed (this runs frozen).
-    if maps is None:
-        maps = query_maps(pid, file_backed=True)
-    every = maps if maps is not None else read_maps_naming(pid, "/", "anon_inode:")
+    every = maps if maps is not None else file_maps(pid)
     deleted = any(m.name.endswith(" (deleted)") and m.inode and m.name != "/dev/zero (deleted)" for m in every)
     held = held_deleted({pid, *(tree or ())}) if deleted else set()
     only = mapped_only(pid, every, held) if deleted else {}
@@ -439,7 +437,7 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
         seccomp.check_rights(pid, [seccomp.mode(t) for t in tids])   # frozen: the dump reads them
     ours = namespace_ids("self")
     theirs = namespace_ids(pid)
-    timens.check(pid, tree or ())        # its own time namespace moves with it
+    timens.check(pid, tree[0] if tree else None)        # its own time namespace moves with it
     for ns, ident in theirs.items():
         if ns != "time" and ns in ours and ours[ns] != ident:
             raise UnsupportedResource(

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, TypeVar
 
 from transport.errors import UnsupportedResource
 
@@ -113,10 +113,10 @@ def spawn_in(offs: tuple[int, int], spawn: Callable[[], T]) -> T:
     return result[0]
 
 
-def check(pid: int, tree: Iterable[int] = ()) -> None:
+def check(pid: int, root: int | None = None) -> None:
     """A process in a time namespace of its own moves with it (made again on the destination);
-    one caught between unshare() and its first child, or a tree spread over several, is
-    refused."""
+    one caught between unshare() and its first child, or a tree spread over several (``root``:
+    the tree's root, whose namespace every process of it must share), is refused."""
     def ids(p: int) -> tuple[str, str]:
         try:
             return os.readlink(f"/proc/{p}/ns/time"), os.readlink(f"/proc/{p}/ns/time_for_children")
@@ -126,7 +126,6 @@ def check(pid: int, tree: Iterable[int] = ()) -> None:
     if own != children:
         raise UnsupportedResource(f"pid {pid} made a time namespace for its children (unshare -T) and is not in "
                                   "it: kcr-migrate cannot move it yet (see README, Limits)", pid=pid)
-    for p in tree:
-        if p != pid and ids(p) != (own, children):
-            raise UnsupportedResource(f"pid {p} is in another time namespace than pid {pid}, whose tree it moves "
-                                      "with: kcr-migrate makes one for the whole tree; move them apart", pid=pid)
+    if root is not None and root != pid and ids(root) != (own, children):
+        raise UnsupportedResource(f"pid {pid} is in another time namespace than pid {root}, whose tree it moves "
+                                  "with: kcr-migrate makes one for the whole tree; move them apart", pid=root)

@@ -280,6 +280,15 @@ def query_maps(pid: int, *, file_backed: bool = False, start: int = 0, end: int 
     return out
 
 
+def file_maps(pid: int) -> list[MapEntry]:
+    """The mappings of files (memfds, shared anonymous memory, SysV segments and kernel
+    objects among them): PROCMAP_QUERY where the kernel has it, else the maps lines that name
+    a path or an anonymous inode. What the checks of a job's files need, at the cost of its
+    file mappings, not of every mapping it has."""
+    found = query_maps(pid, file_backed=True)
+    return found if found is not None else read_maps_naming(pid, "/", "anon_inode:")
+
+
 def read_maps_naming(pid: int, *needles: str) -> list[MapEntry]:
     """The mappings whose maps line holds one of ``needles`` (a path's "/", "[vdso]"), the
     others skipped unparsed: on a process with tens of thousands of anonymous mappings, a
