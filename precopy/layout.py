@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 from precopy import sysv
 from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
 from precopy.kernel import ioctl
+from transport.errors import NoSuchProcess
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -285,8 +286,12 @@ def file_maps(pid: int) -> list[MapEntry]:
     objects among them): PROCMAP_QUERY where the kernel has it, else the maps lines that name
     a path or an anonymous inode. What the checks of a job's files need, at the cost of its
     file mappings, not of every mapping it has."""
-    found = query_maps(pid, file_backed=True)
-    return found if found is not None else read_maps_naming(pid, "/", "anon_inode:")
+    try:
+        found = query_maps(pid, file_backed=True)
+        return found if found is not None else read_maps_naming(pid, "/", "anon_inode:")
+    except (ProcessLookupError, FileNotFoundError):
+        # (A running job's child that exited: the caller drops it, or names it.)
+        raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
 
 
 def read_maps_naming(pid: int, *needles: str) -> list[MapEntry]:
