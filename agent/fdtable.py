@@ -52,7 +52,7 @@ from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.procfs import FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only, read_text, thread_ids
 from precopy.layout import MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
-from transport.errors import UnsupportedResource
+from transport.errors import NoSuchProcess, UnsupportedResource
 from transport.records import MAX_BYTES
 from transport.schema import (
     EVENT_KINDS,
@@ -1013,10 +1013,15 @@ def _read_all(fd: int, n: int) -> list[bytes]:
 
 def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
     """The names the job's unix sockets are bound to (each once; an accepted socket's is its
-    listener's), for the destination's preflight to check (``agent.unix_names.check``)."""
+    listener's), for the destination's preflight to check (``agent.unix_names.check``). A
+    process gone meanwhile (a running job's child that exited) has none."""
     inodes: set[int] = set()
     for pid in pids:
-        for _, target in fd_links(pid):
+        try:
+            links = fd_links(pid)
+        except NoSuchProcess:
+            continue
+        for _, target in links:
             obj = object_of(target)
             if obj is not None and obj[0] == "socket":
                 inodes.add(obj[1])

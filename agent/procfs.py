@@ -54,7 +54,7 @@ def read_stat(pid: int) -> list[str]:
 def thread_ids(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(proc_path(pid, "task")))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):      # (ESRCH: on its way out)
         raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
 
 
@@ -110,7 +110,7 @@ def fd_links(pid: int) -> list[tuple[int, str]]:
     fd_dir = proc_path(pid, "fd")
     try:
         names = os.listdir(fd_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
     except PermissionError:
         raise PermissionDenied(f"may not inspect pid {pid}'s files: run as its owner or as root", pid=pid) from None

@@ -13,11 +13,11 @@ from typing import Mapping
 
 from agent import fdtable
 from agent.procfs import check_supported, check_target, process_tree, read_stat
-from transport.errors import NoSuchProcess, ProcessError, UnsupportedResource
+from transport.errors import MigrationError, NoSuchProcess, ProcessError, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
-GROWTH_RETRIES = 20        # a tree that forks on every look (make -j) is checked this often
+RUNNING_TRIES = 20        # a running tree that changes on every look (make -j) is checked this often
 
 
 def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None, *,
@@ -34,49 +34,61 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
         raise ProcessError(f"pid {pid} is an ancestor of kcr-migrate itself (pid {os.getpid()}), which would have "
                            "to move with it: run kcr-migrate from outside that process's tree (another terminal, "
                            "or setsid)", pid=pid)
-    pids = frozen or [p for p in every if not zombie(p)]
+    if frozen is None:
+        return _check_running(pid, redirect, accept_waiting)
     for p in every[1:]:
-        if p not in pids and not zombie(p):
+        if p not in frozen and not zombie(p):
             raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork): "
                                       "nothing was moved; try again", pid=p)
-    for p in pids[1:]:
+    for p in frozen[1:]:
         try:
             check_target(p)
         except NoSuchProcess:
             raise UnsupportedResource(f"pid {p} of pid {pid}'s tree exited while it was being checked: nothing "
                                       "was moved; try again", pid=p) from None
-    if frozen is None:
-        # Running: a child may exit while it is being checked (make's compilers do): it leaves
-        # the job, as it would a moment later. The root may not. And one may fork: a pipe
-        # shared with a process that was not listed yet is the tree's own; check it again.
-        for attempt in range(GROWTH_RETRIES + 1):
-            try:
-                for p in pids:
+    for p in frozen:
+        check_supported(p, redirect=redirect if p == pid else None, tree=frozen)
+    return frozen
+
+
+def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) -> list[int]:
+    """``check_tree`` of a tree that runs, and changes as it is read: a child exits between
+    two reads of it (make's compilers, a shell script's commands; one on its way out has no
+    memory left to look at, nor namespaces to read), one forks a child that shares its pipe
+    and exits again, a process gone reads as one in another namespace. A check that fails is
+    made again on the tree as it is then: one that found a process gone, always; one that
+    refused, until the same refusal comes twice in a row (what changed in between was not the
+    cause). At most ``RUNNING_TRIES`` checks. The root may not exit (NoSuchProcess)."""
+    last = ""
+    refused: BaseException | None = None
+    for _ in range(RUNNING_TRIES):
+        pids = [p for p in process_tree(pid) if not zombie(p)]
+        try:
+            for p in list(pids):
+                try:
+                    if p != pid:
+                        check_target(p)
                     check_supported(p, redirect=redirect if p == pid else None, tree=pids)
-                fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
-                return pids
-            except (NoSuchProcess, FileNotFoundError) as exc:
-                gone = _vanished(exc)
-                if gone not in pids[1:]:
-                    raise
-                pids = [p for p in pids if p != gone]
-            except UnsupportedResource:
-                now = [p for p in process_tree(pid) if not zombie(p)]
-                if attempt == GROWTH_RETRIES or not set(now) - set(pids):
-                    raise
-                pids = now
-        raise AssertionError("unreachable")
-    for p in pids:
-        check_supported(p, redirect=redirect if p == pid else None, tree=pids)
-    return pids
-
-
-def _vanished(exc: Exception) -> int | None:
-    """The pid whose /proc entry went away, as the error names it."""
-    if isinstance(exc, NoSuchProcess):
-        return exc.pid
-    parts = str(getattr(exc, "filename", "") or "").split("/")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() else None
+                except (NoSuchProcess, ProcessLookupError, FileNotFoundError):
+                    if p == pid:
+                        raise
+                    pids.remove(p)      # it left the job, as it would have a moment later
+            fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
+            return pids
+        except (NoSuchProcess, ProcessLookupError, FileNotFoundError):
+            check_target(pid)                # the root itself gone: that, not what its exit broke
+            last, refused = "", None
+        except (MigrationError, OSError) as exc:
+            check_target(pid)
+            why = f"{type(exc).__name__}: {exc}"
+            if why == last:
+                raise
+            last, refused = why, exc
+    if refused is not None:
+        raise refused
+    raise UnsupportedResource(f"pid {pid}'s process tree changed on each of {RUNNING_TRIES} looks (its processes "
+                              "start and exit faster than they can be checked): nothing was moved; try again",
+                              pid=pid)
 
 
 def zombie(pid: int) -> bool:

@@ -268,6 +268,38 @@ def test_make_j2_moves_live_mid_build(testbed: Testbed, tmp_path: Path) -> None:
     assert res.stdout == f"{sum(i + 1 + i for i in range(12))}\n"
 
 
+# A batch script as HPC jobs are: a shell running short commands in pipes, one after another,
+# until told to stop; each command's output is the same, and the count is checked at the end.
+SHORT_COMMANDS = """
+n=0
+while [ ! -e "$1/stop" ]; do
+    seq 1 20000 | md5sum >> "$1/sums"
+    n=$((n + 1))
+    [ "$n" = 3 ] && : > "$1/ready"
+done
+echo "$n $(sort -u "$1/sums" | wc -l) $(wc -l < "$1/sums")" > "$1/output"
+"""
+
+
+def test_a_shell_script_running_short_commands_moves_live(testbed: Testbed, tmp_path: Path) -> None:
+    """A script whose commands start and exit all the while, faster than a tree is read: each
+    look at the running tree finds processes gone (a command exited between two reads of it:
+    'No such process', 'exited while it was being checked'), or a pipe shared with one just
+    forked and gone. None of that is a refusal: the job moves, its commands run on on hostC."""
+    out = tmp_path / "moved"
+    script = tmp_path / "script.sh"
+    script.write_text(SHORT_COMMANDS)
+    pid = start_in(testbed, "hostA", ["sh", str(script), str(out)], out)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    (out / "stop").touch()
+    assert code == 0, err
+    assert report["processes"][0]["pid"] == pid, report["processes"]
+    assert proc_state(pid) in (None, "Z", "X"), "the script still runs on hostA"
+    runs, distinct, lines = map(int, wait_file(out / "output").split())
+    assert (distinct, lines) == (1, runs) and runs >= 3
+
+
 def test_a_pidfd_to_a_child_moves_live(testbed: Testbed, tmp_path: Path) -> None:
     """A parent polls a pidfd of its child and collects it with waitid(P_PIDFD) on hostC."""
     from tests.test_trees import PIDFD_WAIT

@@ -328,3 +328,28 @@ def test_a_pidfd_to_a_process_that_stays_is_refused(tmp_path: Path) -> None:
     line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
     assert f"is a pidfd of pid {os.getpid()}, which does not move with it" in line
     assert not (tmp_path / "img").exists() and proc.poll() is None
+
+
+def test_a_running_tree_is_checked_as_it_changes_not_refused_for_it(tmp_path: Path) -> None:
+    """check_tree on a running shell loop whose commands start and exit all the while (what a
+    live migration's preflight and pre-copy do): a command gone between two reads of it, one
+    on its way out (no memory, no namespaces to read), a pipe shared with a child just forked
+    and gone, are not refusals. The old check refused about one look in twenty, each time
+    with another false reason ("in another time namespace", "exited while it was being
+    checked", a raw "No such process")."""
+    from agent.tree import check_tree
+    job = subprocess.Popen(["sh", "-c", "while :; do (seq 1 2000 | md5sum) >/dev/null; done"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    STARTED.append(job)
+    looks = changed = 0
+    seen: set[int] = set()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline or looks < 200:
+        pids = check_tree(job.pid, {})
+        looks += 1
+        changed += bool(set(pids) - seen)
+        seen = set(pids)
+        assert pids[0] == job.pid
+    assert changed > looks // 4, f"the tree changed in {changed} of {looks} looks only: the test did not race"
+
