@@ -21,11 +21,11 @@ from agent import fdtable
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
-from agent.tree import check_tree, tree_record
+from agent.tree import check_tree, freeze_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import PageFinder, holds_private_data
 from precopy.reader import Arena, PageReader
-from transport.errors import Cancelled, MigrationError, NoSuchProcess, RestoreError, UnsupportedResource
+from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProcessExited, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
 from transport.schema import (
@@ -116,7 +116,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     prepare_codecs()                     # before the freeze: a record type's first use is slow
     ends = not opts.leave_running        # a connection waiting to be accepted may be accepted to read it
     pids = check_tree(pid, opts.redirect, accept_waiting=ends)
-    helds: list[freezer.Held] = []
+    helds: dict[int, freezer.Held] = {}
     stats = CheckpointStats(pid=pid)
     key, unsigned = signing_key(opts.image_key)     # before anything is frozen: a bad key file stops here
     stats.signed_with = key.path if key is not None else ""
@@ -127,13 +127,15 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     try:
         for p in pids:
             try:
-                helds.append(freezer.seize(p))
-            except NoSuchProcess:
+                helds[p] = freezer.seize(p)
+            except (NoSuchProcess, ProcessExited):
                 if p == pid:
                     raise
-                # a child that exited since it was listed (make's compilers do)
-                raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (pid {p} "
-                                          "exited): nothing was written; try again", pid=pid) from None
+                # a child that exited since it was listed (make's compilers do): it leaves the job
+        # One cut: a child forked as the tree froze is frozen with it, one that exited leaves
+        # (a shell script's commands come and go all the while).
+        freeze_tree(pid, helds)
+        pids = list(helds)
         _check_cancel(opts, pid)
         tree = tree_record(pid)          # zombies among them: carried as they are
         if [m.pid for m in tree.members if not m.zombie] != pids:
@@ -143,7 +145,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         _check_cancel(opts, pid)
         fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends)   # checks the fd tables again too
         states = {}
-        for held in helds:
+        for held in helds.values():
             mem = RemoteMemory(held.pid, writable=False)
             try:
                 states[held.pid] = collect(held, mem, fds=fds[held.pid])
@@ -197,12 +199,12 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     return stats
 
 
-def _let_go_all(helds: list[freezer.Held], kill: bool) -> float:
+def _let_go_all(helds: dict[int, freezer.Held], kill: bool) -> float:
     """Let every held process go on (or kill it), children first, every one whatever fails;
     returns how long they were frozen, in ms."""
-    frozen_at = min((h.frozen_at for h in helds if h.frozen_at), default=0.0)
+    frozen_at = min((h.frozen_at for h in helds.values() if h.frozen_at), default=0.0)
     failed: BaseException | None = None
-    for held in reversed(helds):
+    for held in reversed(list(helds.values())):
         try:
             if kill:
                 freezer.kill(held)

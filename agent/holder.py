@@ -32,9 +32,9 @@ from agent import ptrace
 from agent.signals import LateSignals
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
-from agent.procfs import check_supported, check_target, process_tree
+from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
-from agent.tree import check_tree, zombie
+from agent.tree import check_tree, freeze_tree, zombie
 from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
 from transport.errors import (
     MigrationError,
@@ -158,51 +158,17 @@ class Holder:
         if not self.frozen:
             self.first_interrupt_ns = time.monotonic_ns()
         self.fds = None
-        joined: list[int] = []
-        left: list[int] = []
-        while True:
-            for p, held in list(self.helds.items()):
-                if held.frozen:
-                    continue
-                try:
-                    if not freezer.alive(held):
-                        raise ProcessExited(f"process {p} exited", pid=p)
-                    freezer.freeze(held)
-                except ProcessExited:
-                    if p == self.root:
-                        raise
-                    freezer.let_go(self.helds.pop(p))
-                    left.append(p)
-            seized = 0
-            for p in process_tree(self.root):
-                if p in self.helds or zombie(p):
-                    continue
-                try:
-                    check_target(p)
-                    self.helds[p] = freezer.seize(p)
-                except (NoSuchProcess, ProcessExited):
-                    continue
-                joined.append(p)
-                seized += 1
-            if not seized:
-                break
-        pids = [p for p in process_tree(self.root) if p in self.helds]
-        for p in [p for p in self.helds if p not in pids]:
-            freezer.let_go(self.helds.pop(p))
-            left.append(p)
-        self.helds = {p: self.helds[p] for p in pids}
-        self.fds = None
+        joined, left = freeze_tree(self.root, self.helds)
+        pids = list(self.helds)
         # A process that joined is checked before anything is done to it (a tracker injects
         # into it next); the whole tree as it is frozen is checked by ``collect_files``, which
         # runs while the last dirty pages are scanned, before anything is injected for the state.
         for p in joined:
-            if p in self.helds:
-                check_supported(p, redirect=self.redirect if p == self.root else None, tree=pids)
+            check_supported(p, redirect=self.redirect if p == self.root else None, tree=pids)
         self.checked = False
         self.collected = set()
         self.machine.handle(HolderEvent.FREEZE)
-        return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined,
-                "left": [p for p in left if p not in joined],
+        return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined, "left": left,
                 "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()]}
 
     def op_thaw(self, pid: int = 0) -> dict[str, Any]:

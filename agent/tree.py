@@ -12,8 +12,9 @@ import os
 from typing import Mapping
 
 from agent import fdtable
+from agent import freeze as freezer
 from agent.procfs import check_supported, check_target, process_tree, read_stat
-from transport.errors import MigrationError, NoSuchProcess, ProcessError, UnsupportedResource
+from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
@@ -89,6 +90,48 @@ def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) 
     raise UnsupportedResource(f"pid {pid}'s process tree changed on each of {RUNNING_TRIES} looks (its processes "
                               "start and exit faster than they can be checked): nothing was moved; try again",
                               pid=pid)
+
+
+def freeze_tree(root: int, helds: dict[int, freezer.Held]) -> tuple[list[int], list[int]]:
+    """Freeze ``root``'s tree as one cut: every process in ``helds`` frozen, then the tree read
+    again until none of it runs: one forked meanwhile is seized, frozen (it joins); one that
+    exited is let go (it leaves). ``helds`` becomes the frozen tree, parents first. Returns
+    (joined, left). The root may not exit (ProcessExited)."""
+    joined: list[int] = []
+    left: list[int] = []
+    while True:
+        for p, held in list(helds.items()):
+            if held.frozen:
+                continue
+            try:
+                if not freezer.alive(held):
+                    raise ProcessExited(f"process {p} exited", pid=p)
+                freezer.freeze(held)
+            except ProcessExited:
+                if p == root:
+                    raise
+                freezer.let_go(helds.pop(p))
+                left.append(p)
+        seized = 0
+        for p in process_tree(root):
+            if p in helds or zombie(p):
+                continue
+            try:
+                check_target(p)
+                helds[p] = freezer.seize(p)
+            except (NoSuchProcess, ProcessExited):
+                continue
+            joined.append(p)
+            seized += 1
+        if not seized:
+            break
+    pids = [p for p in process_tree(root) if p in helds]
+    for p in [p for p in helds if p not in pids]:
+        freezer.let_go(helds.pop(p))
+        left.append(p)
+    frozen = {p: helds.pop(p) for p in pids}
+    helds.update(frozen)
+    return [p for p in joined if p in helds], [p for p in left if p not in joined]
 
 
 def zombie(pid: int) -> bool:

@@ -79,6 +79,23 @@ def write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def add_image_input(p: argparse.ArgumentParser) -> None:
+    """The image a command reads: ``FILE`` or ``-i FILE`` (``--input``), the same wherever one is read."""
+    p.add_argument("image", nargs="?", metavar="FILE", help="image file, or - for stdin")
+    p.add_argument("-i", "--input", metavar="FILE", help="the same, as an option")
+
+
+def image_input(args: argparse.Namespace, command: str) -> str | None:
+    """``add_image_input``'s path, checked (not a folder: MigrationError); None, said in one
+    line, unless exactly one of the two was given (a usage error)."""
+    if (args.image is None) == (args.input is None):
+        error(f"{command} takes one image: kcr-migrate {command} FILE (or -i FILE; - for stdin)")
+        return None
+    path = str(args.image if args.input is None else args.input)
+    check_input(path)
+    return path
+
+
 def check_input(path: str) -> None:
     """An image to read (``-i FILE``, ``show FILE``) that is a folder: say so, in one line."""
     if path != "-" and os.path.isdir(path):

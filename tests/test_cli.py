@@ -130,6 +130,8 @@ def test_migrate_form_takes_options_anywhere(tmp_path: Path, args: list[str]) ->
     (["wss", "--count", "2", "42"], {"command": "wss", "count": 2, "pid": 42}),
     (["wss", "42", "--count", "2"], {"command": "wss", "count": 2, "pid": 42}),
     (["show", "--", "-"], {"command": "show", "image": "-"}),
+    (["show", "-i", "F"], {"command": "show", "image": None, "input": "F"}),
+    (["-i", "F", "show"], {"command": "show", "image": None, "input": "F"}),
     (["restore", "img", "--json"], {"command": "restore", "image": "img", "input": None, "json": True}),
     (["--new-pid", "restore", "-i", "img"], {"command": "restore", "image": None, "input": "img", "new_pid": True}),
     (["resolve", "--kill", "7@h"], {"command": "resolve", "kill": True, "source": (7, "h")}),
@@ -152,12 +154,14 @@ def test_a_bad_first_argument_is_a_usage_error() -> None:
     assert "kcr-migrate PID@HOST_A HOST_B" in res.stderr.decode()
 
 
-@pytest.mark.parametrize("args", [["restore"], ["restore", "a.img", "-i", "b.img"]])
-def test_restore_takes_one_image(args: list[str]) -> None:
+@pytest.mark.parametrize("args", [["restore"], ["restore", "a.img", "-i", "b.img"], ["show"],
+                                  ["show", "a.img", "-i", "b.img"]])
+def test_restore_and_show_take_one_image(args: list[str]) -> None:
+    """`show` reads an image as `restore` does: FILE or -i FILE, one of them."""
     res = kcr(*args)
     assert res.returncode == 2
-    assert one_error_line(res.stderr) == ("kcr-migrate: error: restore takes one image: "
-                                          "kcr-migrate restore FILE (or -i FILE; - for stdin)")
+    assert one_error_line(res.stderr) == (f"kcr-migrate: error: {args[0]} takes one image: "
+                                          f"kcr-migrate {args[0]} FILE (or -i FILE; - for stdin)")
 
 
 # --- checkpoint -o ------------------------------------------------------------------------------

@@ -353,3 +353,31 @@ def test_a_running_tree_is_checked_as_it_changes_not_refused_for_it(tmp_path: Pa
         assert pids[0] == job.pid
     assert changed > looks // 4, f"the tree changed in {changed} of {looks} looks only: the test did not race"
 
+
+
+def test_a_shell_script_running_short_commands_is_checkpointed_as_one_cut(tmp_path: Path) -> None:
+    """The batch script of tests/test_live_trees.py, its commands starting and exiting all the
+    while, checkpointed five times as it runs (--leave-running) and then for good, restored
+    under its pids: it finishes with every command's output equal. A child forked as the tree
+    froze is frozen with it, one that exited leaves: the old checkpoint refused more than
+    half of such tries ("the process tree changed while it was being frozen")."""
+    from tests.test_live_trees import SHORT_COMMANDS
+    script = tmp_path / "script.sh"
+    script.write_text(SHORT_COMMANDS)
+    proc = start_until_ready(["sh", str(script), str(tmp_path)], tmp_path / "ready", start_new_session=True)
+    for i in range(5):
+        res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / f"try{i}.img"), "--leave-running")
+        assert res.returncode == 0, res.stderr.decode()
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "tree.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    shown = json.loads(kcr("show", str(tmp_path / "tree.img")).stdout)
+    reap_orphans([m["pid"] for m in shown["tree"]["members"][1:]] if shown.get("tree") else [])
+    res = kcr("restore", "-i", str(tmp_path / "tree.img"), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    root = json.loads(res.stdout)["pid"]
+    assert root == proc.pid            # (its commands go on at once: the tree it has now is another)
+    (tmp_path / "stop").touch()
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    runs, distinct, lines = map(int, (tmp_path / "output").read_text().split())
+    assert (distinct, lines) == (1, runs) and runs >= 3

@@ -5,12 +5,11 @@ import argparse
 import json
 import sys
 
-from migrate.cli import EXIT_USAGE, add_image_key, add_placement, check_input, command, error, settle
+from migrate.cli import EXIT_USAGE, add_image_input, add_image_key, add_placement, command, image_input, settle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", nargs="?", metavar="FILE", help="image file, or - for stdin")
-    p.add_argument("-i", "--input", metavar="FILE", help="the same, as an option")
+    add_image_input(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--new-pid", action="store_true",
                    help="restore under a new pid (and thread ids) instead of the process's own")
@@ -26,11 +25,9 @@ def run(args: argparse.Namespace) -> int:
     from migrate import images
     from transport.image import open_input
 
-    if (args.image is None) == (args.input is None):
-        error("restore takes one image: kcr-migrate restore FILE (or -i FILE; - for stdin)")
+    path = image_input(args, "restore")
+    if path is None:
         return EXIT_USAGE
-    path = args.image if args.input is None else args.input
-    check_input(path)
     with open_input(path) as src:
         result = images.restore(src, new_pid=args.new_pid, trust_image=args.trust_image, image_key=args.image_key,
                                 on_running=settle, affinity=args.affinity,

@@ -1,4 +1,4 @@
-"""`kcr-migrate show FILE`: an image as JSON (header, process, files, mappings, threads, page index;
+"""`kcr-migrate show FILE` (or `-i FILE`): an image as JSON (header, process, files, mappings, threads, page index;
 the tree and the other processes of a process tree; whether its signature verified with this
 host's key, under "signature" and in one line on stderr). It shows any image, signed or not."""
 from __future__ import annotations
@@ -8,14 +8,14 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from migrate.cli import add_image_key, check_input, command
+from migrate.cli import EXIT_USAGE, add_image_input, add_image_key, command, image_input
 
 if TYPE_CHECKING:
     from transport.image import ImageReader
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", metavar="FILE", help="image file, or - for stdin")
+    add_image_input(p)
     add_image_key(p)
 
 
@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
     from transport.image import ImageReader, open_input
     from transport.signing import ImageVerifier
 
-    check_input(args.image)
+    path = image_input(args, "show")
+    if path is None:
+        return EXIT_USAGE
     verifier = ImageVerifier.for_host(args.image_key, trust_image=True)
-    with open_input(args.image) as src:
+    with open_input(path) as src:
         data = image_to_json(ImageReader(src, verifier=verifier))
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
