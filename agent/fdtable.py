@@ -29,7 +29,9 @@
   again there; a listener listens again with its backlog, and the clients of the job waiting
   in its accept queue wait there again (one outside the job is refused; one that already sent
   bytes moves only where the source ends once dumped, which lets the dump accept it to read
-  them: ``accept_waiting``); a connection accepted from it keeps the listener's name, its
+  them: ``accept_waiting``; there every waiting connection is accepted, to ask who connected
+  it, as SO_PEERCRED on the server's end will say once the restored server accepts it; a live
+  dump names the client's holder instead); a connection accepted from it keeps the listener's name, its
   client the peer name; a named datagram socket keeps its queued datagrams with their
   senders' names (senders of the job), and one connected to it stays connected.
 
