@@ -15,6 +15,7 @@ import pytest
 
 from agent import mempolicy
 from agent.sched import id_mask
+from tests._migration import moved
 from tests._workloads import become_subreaper, edit_records, kcr, one_error_line, reap, start_until_ready
 from transport.errors import RestoreError
 from transport.schema import ThreadState
@@ -164,10 +165,11 @@ MAPS_MEMFD = ("import ctypes, mmap, os, sys, time\nlibc = ctypes.CDLL(None, use_
               "print(out)\n")
 
 
-def test_ranges_of_a_memfd_set_by_a_process_that_stays_are_found_and_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_ranges_of_a_memfd_set_by_a_process_that_stays_are_found_and_kept(tmp_path: Path, how: str) -> None:
     """This test binds pages 0-1 of a memfd and interleaves pages 2-3 through a mapping of its
     own, unmapped again, then hands the memfd to a process that maps it whole: no mapping of the
-    job begins or ends where the policies change, yet restored it finds each page's policy again."""
+    job begins or ends where the policies change, yet moved it finds each page's policy again."""
     import ctypes
     import mmap
     become_subreaper()
@@ -175,7 +177,7 @@ def test_ranges_of_a_memfd_set_by_a_process_that_stays_are_found_and_kept(tmp_pa
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     page = mmap.PAGESIZE
-    ready, go, image = tmp_path / "ready", tmp_path / "go", tmp_path / "img"
+    ready, go = tmp_path / "ready", tmp_path / "go"
     fd = os.memfd_create("kcr-policies")
     try:
         os.ftruncate(fd, 6 * page)
@@ -191,12 +193,8 @@ def test_ranges_of_a_memfd_set_by_a_process_that_stays_are_found_and_kept(tmp_pa
                                      pass_fds=(fd,), stdout=out)
     finally:
         os.close(fd)
-    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
-    assert res.returncode == 0, res.stderr.decode()
-    assert proc.wait(timeout=30) == -9
-    res = kcr("restore", "-i", str(image), "--json")
-    assert res.returncode == 0, res.stderr.decode()
+    pid = moved(proc, how, tmp_path)
     go.touch()
-    status = reap(int(json.loads(res.stdout)["pid"]))
+    status = reap(pid)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert (tmp_path / "out").read_text() == f"{[(2, 1), (2, 1), (3, 1), (3, 1), (0, 0), (0, 0)]}\n"
