@@ -268,7 +268,7 @@ def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[MapEntry],
                 _ok(result, "get_mempolicy", pid)
                 out.append(_policy(answers[i * entry:(i + 1) * entry], pid))
         return out
-    found = mempolicy.probe(maps, mempolicy.shmem_devices(pid), ask, job)
+    found = mempolicy.probe(maps, mempolicy.ShmemDevices(pid), ask, job)
     return mempolicy.ranges(found) if found is not None else ()
 
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from agent.sched import id_mask, mask_ids
 from transport.errors import RestoreError
+from precopy.layout import MapEntry, file_maps
 from transport.schema import PAGE_SIZE, TASK_SIZE, MemPolicy, ThreadState
-
-if TYPE_CHECKING:
-    from precopy.layout import MapEntry
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE, MPOL_LOCAL = 0, 1, 2, 3, 4
 MPOL_PREFERRED_MANY, MPOL_WEIGHTED_INTERLEAVE = 5, 6
@@ -102,34 +100,46 @@ SHMEM_TYPES = ("tmpfs", "devtmpfs")      # filesystems whose files are shmem obj
 _shm_mount: list[tuple[int, int]] = []   # the kernel's own shmem mount, once asked
 
 
-def shmem_devices(pid: int) -> set[tuple[int, int]]:
-    """The devices (major, minor) of the shmem filesystems ``pid`` sees: its tmpfs mounts, and
-    the kernel's own mount that holds shared anonymous memory, SysV segments and memfds
-    (the same in every namespace: a memfd of ours tells it)."""
-    if not _shm_mount:
-        fd = os.memfd_create("kcr-shm-dev", os.MFD_CLOEXEC)
-        try:
-            dev = os.fstat(fd).st_dev
-        finally:
-            os.close(fd)
-        _shm_mount.append((os.major(dev), os.minor(dev)))
-    out = set(_shm_mount)
-    try:
-        with open(f"/proc/{pid}/mountinfo") as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                if rest.split(" ", 1)[0] in SHMEM_TYPES:
-                    major, _, minor = fields.split(" ")[2].partition(":")
-                    out.add((int(major), int(minor)))
-    except (OSError, ValueError, IndexError):
-        pass                # its tmpfs files are then asked at their mappings' starts alone
-    return out
+class ShmemDevices:
+    """Whether a device (major, minor) is a shmem filesystem's, as ``pid`` sees them: the kernel's
+    own mount that holds shared anonymous memory, SysV segments and memfds (the same in every
+    namespace: a memfd of ours tells it), or one of its tmpfs mounts (their devices are
+    anonymous, major 0: its mountinfo is read once, when such a device is first asked)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._tmpfs: set[tuple[int, int]] | None = None
+
+    def __contains__(self, dev: object) -> bool:
+        if not isinstance(dev, tuple) or dev[0] != 0:
+            return False
+        if not _shm_mount:
+            fd = os.memfd_create("kcr-shm-dev", os.MFD_CLOEXEC)
+            try:
+                st_dev = os.fstat(fd).st_dev
+            finally:
+                os.close(fd)
+            _shm_mount.append((os.major(st_dev), os.minor(st_dev)))
+        if dev == _shm_mount[0]:
+            return True
+        if self._tmpfs is None:
+            self._tmpfs = set()
+            try:
+                with open(f"/proc/{self.pid}/mountinfo") as f:
+                    for line in f:
+                        fields, _, rest = line.partition(" - ")
+                        if rest.split(" ", 1)[0] in SHMEM_TYPES:
+                            major, _, minor = fields.split(" ")[2].partition(":")
+                            self._tmpfs.add((int(major), int(minor)))
+            except (OSError, ValueError, IndexError):
+                pass        # its tmpfs files are then asked at their mappings' starts alone
+        return dev in self._tmpfs
 
 
 class JobBounds:
     """Where the job's mappings of each file begin and end, as offsets in it (by (device,
-    inode)): every process's maps, read once, when a process with shmem mappings first asks
-    (the job is frozen: they stay as read)."""
+    inode)): every process's file mappings, read once, when a process with shmem mappings
+    first asks (the job is frozen: they stay as read)."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
@@ -137,11 +147,10 @@ class JobBounds:
 
     def of(self, dev: tuple[int, int], inode: int) -> set[int]:
         if self._bounds is None:
-            from precopy.layout import read_maps       # precopy is below agent
             self._bounds = {}
             for pid in self.pids:
                 try:
-                    maps = read_maps(pid)
+                    maps = file_maps(pid)
                 except (FileNotFoundError, ProcessLookupError):
                     continue
                 for m in maps:
@@ -150,7 +159,7 @@ class JobBounds:
         return self._bounds.get((dev, inode), set())
 
 
-def probe(maps: Sequence[MapEntry], shmem: set[tuple[int, int]],
+def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
           ask: Callable[[list[int]], list[Policy | None] | None],
           job: JobBounds | None = None) -> list[tuple[int, int, int, int, bytes]] | None:
     """(start, end, mode, flags, nodes) of each range of the process's mappings with one policy,
