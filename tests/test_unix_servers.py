@@ -105,7 +105,7 @@ def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> No
 
 
 SEQPACKET = r"""
-import os, socket, sys, time
+import os, socket, struct, sys, time
 name = b"\0" + sys.argv[3].encode()
 l = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 l.bind(name)
@@ -125,6 +125,8 @@ got = [s.recv(100) for _ in range(3)] + [c.recv(100)]
 w, _ = l.accept()
 got += [w.recv(100), w.recv(100)]
 names = [s.getsockname() == name, c.getpeername() == name, w.getsockname() == name, l.getsockname() == name]
+cred = struct.unpack("<iII", w.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+names.append(cred == (os.getpid(), os.geteuid(), os.getegid()))     # it connected to itself
 print(got == [b"one", b"", b"three", b"reply", b"before", b"accept"] and all(names), got, names, flush=True)
 """
 
@@ -132,7 +134,8 @@ print(got == [b"one", b"", b"three", b"reply", b"before", b"accept"] and all(nam
 def test_seqpacket_messages_keep_their_boundaries_through_a_waiting_connection(tmp_path: Path) -> None:
     """A seqpacket listener on an abstract name in one process: an accepted pair with messages
     queued both ways (an empty one among them), a client waiting with two messages sent.
-    Checkpointed and restored, each arrives as it was sent, and accept() returns the client."""
+    Checkpointed and restored, each arrives as it was sent, and accept() returns the client,
+    whose SO_PEERCRED names the process, which connected it."""
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
     with open(out, "wb") as f:
         proc = start_until_ready([sys.executable, "-c", SEQPACKET, str(ready), str(go), f"kcr-seq-{os.getpid()}"],
