@@ -31,7 +31,7 @@
   bytes moves only where the source ends once dumped, which lets the dump accept it to read
   them: ``accept_waiting``; there every waiting connection is accepted, to ask who connected
   it, as SO_PEERCRED on the server's end will say once the restored server accepts it; a live
-  dump names the client's holder instead); a connection accepted from it keeps the listener's name, its
+  dump names the client's holder instead, and refuses a socket made under other ids than it has); a connection accepted from it keeps the listener's name, its
   client the peer name; a named datagram socket keeps its queued datagrams with their
   senders' names (senders of the job), and one connected to it stays connected.
 
@@ -577,6 +577,8 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
                     "already sent: they can be read only by accepting it, which the source, running on if the move "
                     "is rolled back, would miss; let the server accept it first, or move the job by checkpoint "
                     "and restore", pid=pid)
+            if not accept_waiting:
+                _check_connected_by_holder(pid, fd, known[waiting[ino]].name)
             out[ino] = Role(listener=waiting[ino])
             continue
         if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and info.type != SOCK_DGRAM \
@@ -911,6 +913,24 @@ def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapp
         finally:
             os.close(dup)
     return out
+
+
+def _check_connected_by_holder(pid: int, fd: int, listener: bytes) -> None:
+    """A live move names the holder of a client waiting in an accept queue as the process that
+    connected it (``_holding_waiting``): refused where the socket was made under other ids than
+    the holder's effective ones, a sign that another process made and connected it."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        status = read_status(pid)
+    except OSError:
+        return                 # gone: the checks of the frozen tree say so
+    ids = int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
+    if (st.st_uid, st.st_gid) != ids:
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {fd} is a unix socket waiting in the accept queue of {_name(listener)}, made as uid "
+            f"{st.st_uid} gid {st.st_gid}, not as pid {pid} is now (uid {ids[0]} gid {ids[1]}): a live move cannot "
+            "tell which process connected it, which the server asks (SO_PEERCRED) once it accepts; let the server "
+            "accept it first, or move the job by checkpoint and restore", pid=pid)
 
 
 def _holding_waiting(role: Mapping[int, Role], socks: Mapping[int, tuple[int, int]]

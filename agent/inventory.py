@@ -66,6 +66,8 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a unix socket bound to a relative path", REFUSED, readme="unix sockets bound to a relative path"),
     Row("fd", "a unix connection waiting in an accept queue with bytes sent, or from outside the job", REFUSED,
         readme="a connection waiting in a listener's accept queue"),
+    Row("fd", "a unix connection waiting in an accept queue, made under other ids than its holder's, in a live move",
+        REFUSED, readme="was made under other ids than its holder's"),
     Row("fd", "a unix socket name taken on the destination", REFUSED,
         readme="a socket name the destination has in use"),
     Row("fd", "an eventfd", CARRIED, _f("EventFile", "id", "kind", "count", "semaphore")),

@@ -236,6 +236,29 @@ def test_a_waiting_connection_with_bytes_sent_is_refused_live(tmp_path: Path) ->
     assert w.verdict() == "PASS" and w.output() == expected_output(early=True)
 
 
+MADE_AS_NOBODY = ("import os, signal, socket, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+                  "name = b'\\0' + sys.argv[2].encode()\nl = socket.socket(socket.AF_UNIX)\nl.bind(name)\nl.listen(1)\n"
+                  "os.setegid(65534)\nos.seteuid(65534)\nc = socket.socket(socket.AF_UNIX)\nos.seteuid(0)\n"
+                  "os.setegid(0)\nc.connect(name)\nopen(sys.argv[1], 'w').close()\nsignal.sigwait({signal.SIGUSR1})\n"
+                  "l.accept()\n")
+
+
+def test_a_waiting_connection_made_under_other_ids_is_refused_live(tmp_path: Path) -> None:
+    """Live, the process that connected a waiting client cannot be asked (only accepting the
+    connection shows it), so the client's holder stands for it: where the socket was made
+    under other ids than the holder's, another process may have connected it: refused before
+    anything is frozen, and the job runs on."""
+    proc = start_until_ready([sys.executable, "-S", "-c", MADE_AS_NOBODY, str(tmp_path / "ready"),
+                              f"kcr-made-as-{os.getpid()}"], tmp_path / "ready")
+    code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert code != 0 and "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert f"made as uid 65534 gid 65534, not as pid {proc.pid} is now (uid 0 gid 0)" in line, line
+    assert proc_state(proc.pid) in ("S", "R")
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 0
+
+
 def test_a_connection_waiting_from_outside_the_job_is_refused(tmp_path: Path) -> None:
     """A client outside the job waits in the listener's accept queue: refused before anything
     is frozen, naming that client; the server runs on and accepts it."""
