@@ -23,7 +23,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 from agent.sched import id_mask, mask_ids
-from transport.errors import RestoreError
+from transport.errors import NoSuchProcess, RestoreError
 from precopy.layout import MapEntry, file_maps
 from transport.schema import PAGE_SIZE, TASK_SIZE, MemPolicy, ThreadState
 
@@ -151,7 +151,7 @@ class JobBounds:
             for pid in self.pids:
                 try:
                     maps = file_maps(pid)
-                except (FileNotFoundError, ProcessLookupError):
+                except (NoSuchProcess, FileNotFoundError, ProcessLookupError):
                     continue
                 for m in maps:
                     if m.inode:
