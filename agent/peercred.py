@@ -4,11 +4,11 @@ The kernel stamps each end of a socketpair with the pid (the thread group's), ef
 and effective gid of the process that called ``socketpair``; a listener with those of whoever
 called ``listen``, which its clients then report; a connection accepted from it with those of
 the process that called ``connect`` (stamped at ``connect``, while the connection still waits
-in the accept queue, and read by the dump, which accepts it: ``UnixSocket.conn_pid``). Nothing
-changes them later. Made by the restorer, every
-one would name the restorer (root) to a program that asks its peer who it is (a server that
-checks ``SO_PEERCRED`` before it trusts a request, D-Bus, ``multiprocessing``'s authkey-less
-checks). So the dump records what each socket said (``UnixSocket.cred_pid``, ``cred_uid``,
+in the accept queue: a checkpoint's dump reads it by accepting the connection; a live one, which
+may not, records the client's holder, ``agent.fdtable``: ``UnixSocket.conn_pid``). Nothing
+changes them later. Made by the restorer, every one would name the restorer (root) to a
+program that asks its peer who it is (a server that checks ``SO_PEERCRED`` before it trusts a
+request, D-Bus, ``multiprocessing``'s authkey-less checks). So the dump records what each socket said (``UnixSocket.cred_pid``, ``cred_uid``,
 ``cred_gid``) and restore has each of those calls made by the process that made it, a process
 restored in the same session under that pid (a tree keeps its pids; ``--new-pid``: the one
 process, under its new pid), its effective ids switched to the recorded ones for the call and
