@@ -17,7 +17,7 @@ from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 
-from agent import fdtable
+from agent import fdtable, mempolicy
 from agent import freeze as freezer
 from agent.dump import collect, collect_layout, image_header
 from agent.inject import RemoteMemory
@@ -145,10 +145,11 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         _check_cancel(opts, pid)
         fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends)   # checks the fd tables again too
         states = {}
+        job = mempolicy.JobBounds(pids)
         for held in helds.values():
             mem = RemoteMemory(held.pid, writable=False)
             try:
-                states[held.pid] = collect(held, mem, fds=fds[held.pid])
+                states[held.pid] = collect(held, mem, fds=fds[held.pid], job=job)
             finally:
                 mem.close()
         layouts = {p: collect_layout(p) for p in pids}

@@ -296,7 +296,10 @@ class Descriptions:
                 sock = self._sockets[waiting]
                 sock.setblocking(False)
                 try:
-                    sock.connect(s.name)
+                    if self.pairs is not None:
+                        self.pairs.wait(sock, by_id[waiting], s.name)
+                    else:
+                        sock.connect(s.name)
                 except BlockingIOError:
                     raise RestoreError(f"the clients waiting in the accept queue of {unix_names.shown(s.name)} do "
                                        "not fit in its backlog here") from None

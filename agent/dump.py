@@ -35,7 +35,7 @@ from agent.inject import (
 )
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
-from precopy.layout import PageFinder, read_maps, read_smaps_flags, to_vma
+from precopy.layout import MapEntry, PageFinder, read_maps, read_smaps_flags, to_vma
 from transport.errors import UnsupportedResource
 from transport.schema import (
     AUDIT_UID_UNSET,
@@ -145,14 +145,15 @@ def _ok(result: int, name: str, pid: int) -> int:
 
 
 def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None,
-            fds: fdtable.FdState | None = None) -> Collected:
+            fds: fdtable.FdState | None = None, job: mempolicy.JobBounds | None = None) -> Collected:
     """Everything but memory, from a frozen process. Leaves the process exactly as it was.
     ``redirect`` (fd -> path) says what fds to the outside become on the destination;
-    ``fds``: its fd table, if the caller read it already (with the rest of a tree's)."""
+    ``fds``: its fd table, if the caller read it already (with the rest of a tree's); ``job``:
+    the bounds of the tree's mappings, where the policies of shared memory change (``agent.mempolicy``)."""
     pid = held.pid
     gadget = vdso_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
-    maps = [(m.start, m.end) for m in read_maps(pid)]        # before the scratch is mapped
+    maps = read_maps(pid)                                     # before the scratch is mapped
     rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}
     injectors = {tid: Injector(tid, gadget, park=tid not in held.inflight) for tid in tids}
     leader = injectors[pid]
@@ -165,7 +166,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         lock_future = _locked_kb(pid) > locked_before
         threads = [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids]
         process = replace(_collect_process(held, leader, calls), lock_future=int(lock_future),
-                          mempolicies=_mempolicies(pid, leader, calls, maps))
+                          mempolicies=_mempolicies(pid, leader, calls, maps, job))
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:
@@ -241,29 +242,34 @@ def _policy(answer: bytes, pid: int) -> tuple[int, int, bytes]:
                                   pid=pid) from None
 
 
-def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[tuple[int, int]]
-                 ) -> tuple[MemPolicy, ...]:
-    """The NUMA policy of each mapping (``agent.mempolicy``): get_mempolicy(MPOL_F_ADDR) at its
-    start, all of them in batches of what the scratch's page of answers holds."""
+def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[MapEntry],
+                 job: mempolicy.JobBounds | None) -> tuple[MemPolicy, ...]:
+    """The NUMA policy of each mapping, and of each range of a shmem object's (``agent.mempolicy``):
+    get_mempolicy(MPOL_F_ADDR) at the addresses ``mempolicy.probe`` asks, in batches of what the
+    scratch's page of answers holds."""
     bits = mempolicy.node_bits()
     entry = 8 + bits // 8
     per_page = PAGE_SIZE // entry
-    asked = mempolicy.queried(maps)
-    found = []
     base = calls.scratch.addr + RANGES_AT
-    for first in range(0, len(asked), per_page):
-        chunk = asked[first:first + per_page]
-        got = calls.run(inj, [mempolicy.query_call(base + i * entry, base + i * entry + 8, bits, start)
-                              for i, (start, _) in enumerate(chunk)])
-        answers = calls.scratch.get(RANGES_AT, len(chunk) * entry)
-        for i, ((start, end), result) in enumerate(zip(chunk, got)):
-            if result == -errno.ENOSYS:
-                return ()       # a kernel without NUMA: no policies
-            if result == -errno.EFAULT:
-                continue        # not a mapping of the process's own (a gate area)
-            _ok(result, "get_mempolicy", pid)
-            found.append((start, end, *_policy(answers[i * entry:(i + 1) * entry], pid)))
-    return mempolicy.ranges(found)
+
+    def ask(addrs: list[int]) -> list[mempolicy.Policy | None] | None:
+        out: list[mempolicy.Policy | None] = []
+        for first in range(0, len(addrs), per_page):
+            chunk = addrs[first:first + per_page]
+            got = calls.run(inj, [mempolicy.query_call(base + i * entry, base + i * entry + 8, bits, at)
+                                  for i, at in enumerate(chunk)])
+            answers = calls.scratch.get(RANGES_AT, len(chunk) * entry)
+            for i, result in enumerate(got):
+                if result == -errno.ENOSYS:
+                    return None       # a kernel without NUMA: no policies
+                if result == -errno.EFAULT:
+                    out.append(None)  # not a mapping of the process's own (a gate area)
+                    continue
+                _ok(result, "get_mempolicy", pid)
+                out.append(_policy(answers[i * entry:(i + 1) * entry], pid))
+        return out
+    found = mempolicy.probe(maps, mempolicy.ShmemDevices(pid), ask, job)
+    return mempolicy.ranges(found) if found is not None else ()
 
 
 def _parse_creds(status: dict[str, str], securebits: int) -> Creds:

@@ -29,7 +29,9 @@
   again there; a listener listens again with its backlog, and the clients of the job waiting
   in its accept queue wait there again (one outside the job is refused; one that already sent
   bytes moves only where the source ends once dumped, which lets the dump accept it to read
-  them: ``accept_waiting``); a connection accepted from it keeps the listener's name, its
+  them: ``accept_waiting``; there every waiting connection is accepted, to ask who connected
+  it, as SO_PEERCRED on the server's end will say once the restored server accepts it; a live
+  dump names the client's holder instead, and refuses a socket made under other ids than it has); a connection accepted from it keeps the listener's name, its
   client the peer name; a named datagram socket keeps its queued datagrams with their
   senders' names (senders of the job), and one connected to it stays connected.
 
@@ -49,7 +51,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
-from agent.procfs import FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only, read_text, thread_ids
+from agent.procfs import (FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only,
+                          read_status, read_text, thread_ids)
 from precopy.layout import MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import NoSuchProcess, UnsupportedResource
@@ -574,6 +577,8 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
                     "already sent: they can be read only by accepting it, which the source, running on if the move "
                     "is rolled back, would miss; let the server accept it first, or move the job by checkpoint "
                     "and restore", pid=pid)
+            if not accept_waiting:
+                _check_connected_by_holder(pid, fd, known[waiting[ino]].name)
             out[ino] = Role(listener=waiting[ino])
             continue
         if not info.peer and info.state == unix_sockets.TCP_ESTABLISHED and info.type != SOCK_DGRAM \
@@ -715,7 +720,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
     pipe or socket goes in the records of the first process (in ``pids`` order) that has it.
     ``accept_waiting`` (the source ends once dumped): the connections waiting in a listener's
-    accept queue whose clients sent bytes are accepted here, the bytes read (``sent``)."""
+    accept queue are accepted here, the bytes their clients sent read (``sent``) and who
+    connected each asked (``conn_pid``)."""
     described = _describe_tree(pids, redirect, accept_waiting=accept_waiting)
     tables = described.tables
     readers: dict[int, tuple[int, int]] = {}
@@ -763,12 +769,13 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
                 buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
         known = unix_sockets.query(socks) if socks else {}
         role = roles(known, set(socks), socks, accept_waiting) if socks else {}
-        sent = _accept_waiting(known, role, socks, pidfd, accepted) if accept_waiting else {}
+        sent = _accept_waiting(known, role, socks, pidfd, accepted) if accept_waiting else _holding_waiting(role, socks)
         order = {pid: i for i, pid in enumerate(pids)}
         # Sockets restore makes together go in one record, the first process's that holds any:
         # a pair, a listener with its connections, a datagram socket with those it hears from.
         group = _socket_groups(known, role, socks, order)
-        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], sent.get(ino, ()), _peer_wqueue(known, ino, role))
+        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], *sent.get(ino, ((), (0, 0, 0))),
+                             _peer_wqueue(known, ino, role))
                 for ino, (holder, fd) in socks.items()}
         _check_senders(made, socks)
         for ino, sock in made.items():
@@ -881,14 +888,15 @@ def _check_senders(made: Mapping[int, UnixSocket], socks: Mapping[int, tuple[int
 
 def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapping[int, Role],
                     socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int],
-                    accepted: list[int]) -> dict[int, tuple[bytes, ...]]:
-    """What the clients waiting in the job's listeners' accept queues sent, by client inode:
-    every connection of a listener where one has sent bytes is accepted here (on a dup of the
-    listener; the source ends once dumped) and its bytes read; the connections are added to
-    ``accepted``, for the caller to close once it has read the clients."""
-    out: dict[int, tuple[bytes, ...]] = {}
+                    accepted: list[int]) -> dict[int, tuple[tuple[bytes, ...], tuple[int, int, int]]]:
+    """What the clients waiting in the job's listeners' accept queues sent, and what their
+    server ends say to SO_PEERCRED (the process that connected), by client inode: every
+    connection waiting on a listener of the job is accepted here (on a dup of the listener;
+    the source ends once dumped), its bytes read and its peer asked; the connections are added
+    to ``accepted``, for the caller to close once it has read the clients."""
+    out: dict[int, tuple[tuple[bytes, ...], tuple[int, int, int]]] = {}
     for ino, r in role.items():
-        if not any(known[c].wqueue for c in r.pending):
+        if not r.pending:
             continue
         holder, fd = socks[ino]
         dup = pidfd_getfd(pidfd(holder), fd)
@@ -900,9 +908,43 @@ def _accept_waiting(known: Mapping[int, unix_sockets.UnixSocketInfo], role: Mapp
                 if client is None or client.peer not in r.pending:
                     raise UnsupportedResource(f"fd {fd}: a connection accepted from its accept queue is not one "
                                               "of the job's: try again")
-                out[client.peer] = tuple(unix_sockets.queued_data(conn, known[ino].type))
+                out[client.peer] = (tuple(unix_sockets.queued_data(conn, known[ino].type)),
+                                    unix_sockets.peer_credentials(conn))
         finally:
             os.close(dup)
+    return out
+
+
+def _check_connected_by_holder(pid: int, fd: int, listener: bytes) -> None:
+    """A live move names the holder of a client waiting in an accept queue as the process that
+    connected it (``_holding_waiting``): refused where the socket was made under other ids than
+    the holder's effective ones, a sign that another process made and connected it."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        status = read_status(pid)
+    except OSError:
+        return                 # gone: the checks of the frozen tree say so
+    ids = int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
+    if (st.st_uid, st.st_gid) != ids:
+        raise UnsupportedResource(
+            f"pid {pid}'s fd {fd} is a unix socket waiting in the accept queue of {_name(listener)}, made as uid "
+            f"{st.st_uid} gid {st.st_gid}, not as pid {pid} is now (uid {ids[0]} gid {ids[1]}): a live move cannot "
+            "tell which process connected it, which the server asks (SO_PEERCRED) once it accepts; let the server "
+            "accept it first, or move the job by checkpoint and restore", pid=pid)
+
+
+def _holding_waiting(role: Mapping[int, Role], socks: Mapping[int, tuple[int, int]]
+                     ) -> dict[int, tuple[tuple[bytes, ...], tuple[int, int, int]]]:
+    """``_accept_waiting`` where the source may run on (a live move): no connection is accepted
+    (none sent bytes, or ``describe_tree`` refused it), so who connected each cannot be asked;
+    the process of the job holding the client (the first in the tree's order) stands for it,
+    with its effective ids now."""
+    out: dict[int, tuple[tuple[bytes, ...], tuple[int, int, int]]] = {}
+    for r in role.values():
+        for client in r.pending:
+            pid = socks[client][0]
+            status = read_status(pid)
+            out[client] = ((), (pid, int(status["Uid"].split()[1]), int(status["Gid"].split()[1])))
     return out
 
 
@@ -914,8 +956,9 @@ def _peer_wqueue(known: Mapping[int, unix_sockets.UnixSocketInfo], ino: int, rol
 
 
 def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
-            sent: tuple[bytes, ...] = (), peer_wqueue: int = 0) -> UnixSocket:
-    """``peer_wqueue``: see ``_peer_wqueue`` (a message no peek shows is refused by it)."""
+            sent: tuple[bytes, ...] = (), conn: tuple[int, int, int] = (0, 0, 0), peer_wqueue: int = 0) -> UnixSocket:
+    """``sent``, ``conn``: a waiting client's, from ``_accept_waiting``; ``peer_wqueue``: see
+    ``_peer_wqueue`` (a message no peek shows is refused by it)."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         messages = unix_sockets.queued_messages(dup, info.type)
@@ -952,7 +995,8 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
                       backlog=info.wqueue if listening else -1, pending=role.pending, target=role.target,
                       senders=tuple(m.sender for m in messages) if named_dgram else (),
                       file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent,
-                      cred_pid=cred[0], cred_uid=min(cred[1], MAX_ID), cred_gid=min(cred[2], MAX_ID))
+                      cred_pid=cred[0], cred_uid=min(cred[1], MAX_ID), cred_gid=min(cred[2], MAX_ID),
+                      conn_pid=conn[0], conn_uid=min(conn[1], MAX_ID), conn_gid=min(conn[2], MAX_ID))
 
 
 def _waiting(pidfd: int, f: FileDesc) -> FileDesc:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from agent import fdtable, unix_names
+from agent import fdtable, mempolicy, unix_names
 from agent import freeze as freezer
 from agent import ptrace
 from agent.signals import LateSignals
@@ -213,10 +213,11 @@ class Holder:
             self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
         fds = self.fds[1]
         out = []
+        job = mempolicy.JobBounds(pids)
         for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):
             mem = RemoteMemory(p, writable=False)
             try:
-                state = collect(held, mem, fds=fds[p])
+                state = collect(held, mem, fds=fds[p], job=job)
             finally:
                 mem.close()
             self.late.carry(p, state.process.shared_pending,

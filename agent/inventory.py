@@ -58,11 +58,16 @@ ROWS: tuple[Row, ...] = (
         _f("UnixSocket", "cred_pid", "cred_uid", "cred_gid")),
     # the process named stays behind: the socket's holder makes it, with the recorded ids (the report warns)
     Row("fd", "SO_PEERCRED naming a process that does not move", WARNED),
-    Row("fd", "SO_PEERCRED of a connection waiting in an accept queue", LOST,
-        readme="peer credentials (`SO_PEERCRED`) of a connection still waiting"),
+    Row("fd", "who connected a unix connection waiting in an accept queue (SO_PEERCRED once accepted)", CARRIED,
+        _f("UnixSocket", "conn_pid", "conn_uid", "conn_gid")),
+    # a live dump cannot accept the connection to ask: the process holding the client's end stands for it
+    Row("fd", "who connected a connection waiting in an accept queue, in a live move", LOST,
+        readme="connected a connection still waiting"),
     Row("fd", "a unix socket bound to a relative path", REFUSED, readme="unix sockets bound to a relative path"),
     Row("fd", "a unix connection waiting in an accept queue with bytes sent, or from outside the job", REFUSED,
         readme="a connection waiting in a listener's accept queue"),
+    Row("fd", "a unix connection waiting in an accept queue, made under other ids than its holder's, in a live move",
+        REFUSED, readme="was made under other ids than its holder's"),
     Row("fd", "a unix socket name taken on the destination", REFUSED,
         readme="a socket name the destination has in use"),
     Row("fd", "an eventfd", CARRIED, _f("EventFile", "id", "kind", "count", "semaphore")),
@@ -120,6 +125,9 @@ ROWS: tuple[Row, ...] = (
     # refused unless the user chose --affinity warn: then kept with the nodes the destination has
     Row("memory", "a NUMA policy naming nodes the destination has no memory on", WARNED),
     Row("memory", "NUMA placement of pages no policy places", LOST, readme="NUMA placement"),
+    # each range's policy is found at the job's mappings' bounds and by halving where it changes
+    Row("memory", "a shared memory range's NUMA policy no mapping of the job shows", LOST,
+        readme="the NUMA policy of a range of a shared memory object"),
     # --- the process ------------------------------------------------------------------------
     Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),
     Row("process", "its executable, working and root directory", CARRIED, _f("ProcessState", "exe", "cwd", "root")),

@@ -18,12 +18,14 @@ nodes the destination has (or dropped for the default, if none is left) and the 
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from agent.sched import id_mask, mask_ids
-from transport.errors import RestoreError
-from transport.schema import TASK_SIZE, MemPolicy, ThreadState
+from transport.errors import NoSuchProcess, RestoreError
+from precopy.layout import MapEntry, file_maps
+from transport.schema import PAGE_SIZE, TASK_SIZE, MemPolicy, ThreadState
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE, MPOL_LOCAL = 0, 1, 2, 3, 4
 MPOL_PREFERRED_MANY, MPOL_WEIGHTED_INTERLEAVE = 5, 6
@@ -93,10 +95,133 @@ def query_call(mode_at: int, mask_at: int, bits: int, addr: int | None = None) -
     return "get_mempolicy", (mode_at, mask_at, bits, addr, MPOL_F_ADDR)
 
 
-def queried(starts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The mappings whose policy the dump asks: all but the vsyscall page (not a mapping of
-    the process's own) and the vDSO cluster (the kernel's, never given a policy)."""
-    return [(s, e) for s, e in starts if e <= TASK_SIZE]
+Policy = tuple[int, int, bytes]          # mode, mode flags, nodes (``split``)
+SHMEM_TYPES = ("tmpfs", "devtmpfs")      # filesystems whose files are shmem objects
+_shm_mount: list[tuple[int, int]] = []   # the kernel's own shmem mount, once asked
+
+
+class ShmemDevices:
+    """Whether a device (major, minor) is a shmem filesystem's, as ``pid`` sees them: the kernel's
+    own mount that holds shared anonymous memory, SysV segments and memfds (the same in every
+    namespace: a memfd of ours tells it), or one of its tmpfs mounts (their devices are
+    anonymous, major 0: its mountinfo is read once, when such a device is first asked)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._tmpfs: set[tuple[int, int]] | None = None
+
+    def __contains__(self, dev: object) -> bool:
+        if not isinstance(dev, tuple) or dev[0] != 0:
+            return False
+        if not _shm_mount:
+            fd = os.memfd_create("kcr-shm-dev", os.MFD_CLOEXEC)
+            try:
+                st_dev = os.fstat(fd).st_dev
+            finally:
+                os.close(fd)
+            _shm_mount.append((os.major(st_dev), os.minor(st_dev)))
+        if dev == _shm_mount[0]:
+            return True
+        if self._tmpfs is None:
+            self._tmpfs = set()
+            try:
+                with open(f"/proc/{self.pid}/mountinfo") as f:
+                    for line in f:
+                        fields, _, rest = line.partition(" - ")
+                        if rest.split(" ", 1)[0] in SHMEM_TYPES:
+                            major, _, minor = fields.split(" ")[2].partition(":")
+                            self._tmpfs.add((int(major), int(minor)))
+            except (OSError, ValueError, IndexError):
+                pass        # its tmpfs files are then asked at their mappings' starts alone
+        return dev in self._tmpfs
+
+
+class JobBounds:
+    """Where the job's mappings of each file begin and end, as offsets in it (by (device,
+    inode)): every process's file mappings, read once, when a process with shmem mappings
+    first asks (the job is frozen: they stay as read)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._bounds: dict[tuple[tuple[int, int], int], set[int]] | None = None
+
+    def of(self, dev: tuple[int, int], inode: int) -> set[int]:
+        if self._bounds is None:
+            self._bounds = {}
+            for pid in self.pids:
+                try:
+                    maps = file_maps(pid)
+                except (NoSuchProcess, FileNotFoundError, ProcessLookupError):
+                    continue
+                for m in maps:
+                    if m.inode:
+                        self._bounds.setdefault((m.dev, m.inode), set()).update((m.offset, m.offset + m.length))
+        return self._bounds.get((dev, inode), set())
+
+
+def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
+          ask: Callable[[list[int]], list[Policy | None] | None],
+          job: JobBounds | None = None) -> list[tuple[int, int, int, int, bytes]] | None:
+    """(start, end, mode, flags, nodes) of each range of the process's mappings with one policy,
+    ``ask`` answering get_mempolicy(MPOL_F_ADDR) at each address of a list (None at one that is
+    not a mapping of the process's own; None for all: a kernel without NUMA). The vsyscall page
+    is left out (not a mapping of the process's own).
+
+    A mapping's policy is the same all along it (``mbind`` on part of one splits it), except a
+    mapping of a shmem object (``shmem``: the devices of shmem filesystems): there the policy is
+    the object's, per range of it (mm/mempolicy.c's shared_policy; ``mbind`` through any mapping
+    of the object, shared or private, sets it for that range, which ``get_mempolicy`` then shows
+    at that range's addresses in every mapping of it), and the caller's mapping alone is split.
+    So each such mapping is asked at its first and last page, and at every bound of the job's
+    mappings of the object (this process's, and ``job``'s processes'), which shows every range
+    set through a mapping the job still has; and between two neighbouring addresses that answer
+    differently, at the middle, until they are adjacent pages: a bound. A range with a policy
+    unlike both of its neighbours' that no mapping of the job begins or ends at (set by a
+    process that does not move, or through a mapping since unmapped) is not seen, nor is the
+    policy of a range no mapping of the job covers (README, Limits)."""
+    maps = [m for m in maps if m.end <= TASK_SIZE]
+    objects: dict[tuple[tuple[int, int], int], list[MapEntry]] = {}
+    for m in maps:
+        if m.inode and m.dev in shmem:
+            objects.setdefault((m.dev, m.inode), []).append(m)
+    points: list[set[int]] = []
+    for m in maps:
+        here = {m.start}
+        if m.inode and m.dev in shmem:
+            here.add(m.end - PAGE_SIZE)
+            offsets = {off for other in objects[(m.dev, m.inode)] for off in (other.offset, other.offset + other.length)}
+            for off in offsets | (job.of(m.dev, m.inode) if job is not None else set()):
+                at = m.start + off - m.offset
+                if m.start < at < m.end:
+                    here.add(at)
+        points.append(here)
+    known: dict[int, Policy | None] = {}
+    todo = sorted(a for here in points for a in here)
+    while todo:
+        got = ask(todo)
+        if got is None:
+            return None
+        known.update(zip(todo, got))
+        more: list[int] = []
+        for here in points:
+            sampled = sorted(here)
+            mids = [a + (b - a) // 2 // PAGE_SIZE * PAGE_SIZE for a, b in zip(sampled, sampled[1:])
+                    if b - a > PAGE_SIZE and known[a] != known[b]]
+            here.update(mids)
+            more += mids
+        todo = sorted(more)
+    found: list[tuple[int, int, int, int, bytes]] = []
+    for m, here in zip(maps, points):
+        sampled = sorted(here)
+        begin = m.start
+        for a, b in zip(sampled, [*sampled[1:], m.end]):
+            policy = known[a]
+            if b != m.end and known[b] == policy:
+                continue
+            if policy is not None:
+                found.append((begin, b, *policy))
+            begin = b
+    return found
 
 
 def ranges(found: list[tuple[int, int, int, int, bytes]]) -> tuple[MemPolicy, ...]:

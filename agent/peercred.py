@@ -3,14 +3,17 @@
 The kernel stamps each end of a socketpair with the pid (the thread group's), effective uid
 and effective gid of the process that called ``socketpair``; a listener with those of whoever
 called ``listen``, which its clients then report; a connection accepted from it with those of
-the process that called ``connect``. Nothing changes them later. Made by the restorer, every
-one would name the restorer (root) to a program that asks its peer who it is (a server that
-checks ``SO_PEERCRED`` before it trusts a request, D-Bus, ``multiprocessing``'s authkey-less
-checks). So the dump records what each socket said (``UnixSocket.cred_pid``, ``cred_uid``,
+the process that called ``connect`` (stamped at ``connect``, while the connection still waits
+in the accept queue: a checkpoint's dump reads it by accepting the connection; a live one, which
+may not, records the client's holder, ``agent.fdtable``: ``UnixSocket.conn_pid``). Nothing
+changes them later. Made by the restorer, every one would name the restorer (root) to a
+program that asks its peer who it is (a server that checks ``SO_PEERCRED`` before it trusts a
+request, D-Bus, ``multiprocessing``'s authkey-less checks). So the dump records what each socket said (``UnixSocket.cred_pid``, ``cred_uid``,
 ``cred_gid``) and restore has each of those calls made by the process that made it, a process
 restored in the same session under that pid (a tree keeps its pids; ``--new-pid``: the one
 process, under its new pid), its effective ids switched to the recorded ones for the call and
-back (``Restorer.socketpairs_as``, ``listen_as``, ``connect_as``). The restorer still holds
+back (``Restorer.socketpairs_as``, ``listen_as``, ``connect_as``; a client waiting in an accept
+queue connects again as the process that connected it: ``wait``). The restorer still holds
 every socket (lent to the process for the call), fills the queues and hands them out as before.
 
 Where the process named does not move with the job (a parent left behind, a launcher that
@@ -41,6 +44,11 @@ class Maker(Protocol):
 
 def of(s: UnixSocket | None) -> Creds | None:
     return (s.cred_pid, s.cred_uid, s.cred_gid) if s is not None and s.cred_pid else None
+
+
+def of_connector(s: UnixSocket) -> Creds | None:
+    """Who connected ``s``, a client waiting in an accept queue (None: not recorded)."""
+    return (s.conn_pid, s.conn_uid, s.conn_gid) if s.conn_pid else None
 
 
 class Sockets:
@@ -95,6 +103,17 @@ class Sockets:
             sock.listen(s.backlog)
         else:
             maker.listen_as(sock, s.backlog, want[1], want[2])
+
+    def wait(self, sock: socket.socket, client: UnixSocket, name: bytes) -> None:
+        """``sock`` (``client``'s, not blocking) connected to the listener at ``name``, to wait
+        in its accept queue, as the process that connected it: the server end the server then
+        accepts names it. BlockingIOError if the backlog is full."""
+        want = of_connector(client)
+        maker = self._maker(want, client, "a unix connection waiting to be accepted") if want is not None else None
+        if maker is None or want is None:
+            sock.connect(name)
+        else:
+            maker.connect_as(sock, name, want[1], want[2])
 
     def connect(self, sock: socket.socket, client: UnixSocket | None, server: UnixSocket) -> None:
         """``sock`` (``client``'s, None: a client that has closed) connected to ``server``'s

@@ -570,7 +570,12 @@ class Restorer:
         addr = struct.pack("<H", socket.AF_UNIX) + name + (b"" if name[:1] == b"\0" else b"\0")
         at = self._put(addr, SOCKET_SCRATCH)
         with self._lent(sock) as fd, self._acting_as(uid, gid):
-            self._call("connect", fd, at, len(addr))
+            try:
+                self._call("connect", fd, at, len(addr))
+            except InjectionError as exc:
+                if exc.errno == errno.EAGAIN:       # ``sock`` does not block: the backlog is full
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN)) from None
+                raise
 
     def _setup_gadget(self, target: Mappings) -> None:
         assert self.mem is not None and self.inj is not None

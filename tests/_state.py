@@ -518,6 +518,8 @@ UNOBSERVED: dict[str, str] = {
         "'a mapping' compares its name; tests/test_memfd.py reads it whole, with its seals, through map_files",
     "a NUMA policy naming nodes the destination has no memory on": "one host has the nodes it has: "
         "tests/test_mempolicy.py restores an image naming others",
+    "who connected a unix connection waiting in an accept queue (SO_PEERCRED once accepted)": "only accepting "
+        "it shows it: tests/workloads/ckpt_peercred.c and unix_server.c accept it after the move and check it",
     "SO_PEERCRED naming a process that does not move": "tests/test_peercred.py restores a socketpair whose "
         "maker stays behind",
     "CPU pinning to CPUs the destination lacks": "one host has the CPUs it has: tests/test_sched.py restores "

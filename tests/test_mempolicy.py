@@ -15,6 +15,7 @@ import pytest
 
 from agent import mempolicy
 from agent.sched import id_mask
+from tests._migration import moved
 from tests._workloads import become_subreaper, edit_records, kcr, one_error_line, reap, start_until_ready
 from transport.errors import RestoreError
 from transport.schema import ThreadState
@@ -90,3 +91,110 @@ def test_a_restore_where_a_policy_names_a_missing_node_refuses_or_warns(tmp_path
     go.touch()
     status = reap(int(result["pid"]))
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+# A tree sharing MAP_SHARED|MAP_ANONYMOUS memory of 6 pages: the parent binds them all, then
+# interleaves pages 2-3 (its own mapping splits; the child's stays one mapping, whose start and
+# end show the bind policy only). After the move each process reads every page's policy.
+SHARED_RANGES = """
+import ctypes, mmap, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+P = mmap.PAGESIZE
+m = mmap.mmap(-1, 6 * P, mmap.MAP_SHARED)
+base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+def mbind(page, pages, mode):
+    mask = ctypes.c_ulong(1)
+    assert libc.syscall(237, ctypes.c_void_p(base + page * P), ctypes.c_ulong(pages * P), mode,
+                        ctypes.byref(mask), 65, 0) == 0, os.strerror(ctypes.get_errno())
+def policies():
+    out = []
+    for i in range(6):
+        mode, nodes = ctypes.c_int(), (ctypes.c_ulong * 16)()
+        assert libc.syscall(239, ctypes.byref(mode), nodes, 1024, ctypes.c_void_p(base + i * P), 2) == 0
+        out.append((mode.value, nodes[0]))
+    return out
+d, go = sys.argv[1], os.environ["WORKLOAD_HOLD"]
+child = os.fork()
+if child == 0:
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    with open(os.path.join(d, "child"), "w") as f:
+        f.write(repr(policies()))
+    os._exit(0)
+mbind(0, 6, 2)
+mbind(2, 2, 3)
+m[:] = b"x" * len(m)
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+_, status = os.waitpid(child, 0)
+with open(os.path.join(d, "child")) as f:
+    theirs = f.read()
+mine = repr(policies())
+with open(os.path.join(d, "output"), "w") as f:
+    f.write(mine + " " + theirs + "\\n")
+sys.exit(0 if status == 0 and mine == theirs == repr([(2, 1), (2, 1), (3, 1), (3, 1), (2, 1), (2, 1)]) else 1)
+"""
+
+
+def test_ranges_of_shared_memory_with_their_own_policies_keep_them(tmp_path: Path) -> None:
+    """The policy of shared memory is the object's, per range: a checkpointed and restored tree
+    finds each range's policy again at every address of it, in the process that set them and in
+    the one whose single mapping spans them all."""
+    from tests.test_trees import checkpointed_and_restored
+    become_subreaper()
+    script = tmp_path / "ranges.py"
+    script.write_text(SHARED_RANGES)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go")})
+    checkpointed_and_restored(proc, tmp_path, 2, release=tmp_path / "go")
+    want = repr([(2, 1), (2, 1), (3, 1), (3, 1), (2, 1), (2, 1)])
+    assert (tmp_path / "output").read_text() == f"{want} {want}\n"
+
+
+MAPS_MEMFD = ("import ctypes, mmap, os, sys, time\nlibc = ctypes.CDLL(None, use_errno=True)\nP = mmap.PAGESIZE\n"
+              "m = mmap.mmap(int(sys.argv[3]), 6 * P, mmap.MAP_SHARED)\n"
+              "base = ctypes.addressof(ctypes.c_char.from_buffer(m))\n"
+              "open(sys.argv[1], 'w').close()\n"
+              "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
+              "out = []\n"
+              "for i in range(6):\n"
+              "    mode, nodes = ctypes.c_int(), (ctypes.c_ulong * 16)()\n"
+              "    assert libc.syscall(239, ctypes.byref(mode), nodes, 1024, ctypes.c_void_p(base + i * P), 2) == 0\n"
+              "    out.append((mode.value, nodes[0]))\n"
+              "print(out)\n")
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_ranges_of_a_memfd_set_by_a_process_that_stays_are_found_and_kept(tmp_path: Path, how: str) -> None:
+    """This test binds pages 0-1 of a memfd and interleaves pages 2-3 through a mapping of its
+    own, unmapped again, then hands the memfd to a process that maps it whole: no mapping of the
+    job begins or ends where the policies change, yet moved it finds each page's policy again."""
+    import ctypes
+    import mmap
+    become_subreaper()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    page = mmap.PAGESIZE
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    fd = os.memfd_create("kcr-policies")
+    try:
+        os.ftruncate(fd, 6 * page)
+        at = libc.mmap(None, 6 * page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        assert at not in (None, ctypes.c_void_p(-1).value)
+        for first, mode in ((0, mempolicy.MPOL_BIND), (2, mempolicy.MPOL_INTERLEAVE)):
+            mask = ctypes.c_ulong(1)
+            assert libc.syscall(237, ctypes.c_void_p(at + first * page), ctypes.c_ulong(2 * page), mode,
+                                ctypes.byref(mask), 65, 0) == 0, os.strerror(ctypes.get_errno())
+        assert libc.munmap(ctypes.c_void_p(at), ctypes.c_size_t(6 * page)) == 0
+        with open(tmp_path / "out", "wb") as out:
+            proc = start_until_ready([sys.executable, "-S", "-c", MAPS_MEMFD, str(ready), str(go), str(fd)], ready,
+                                     pass_fds=(fd,), stdout=out)
+    finally:
+        os.close(fd)
+    pid = moved(proc, how, tmp_path)
+    go.touch()
+    status = reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert (tmp_path / "out").read_text() == f"{[(2, 1), (2, 1), (3, 1), (3, 1), (0, 0), (0, 0)]}\n"

@@ -64,3 +64,40 @@ def test_a_socketpair_whose_maker_stays_behind_names_its_holder_and_says_so(tmp_
     go.touch()
     status = reap(int(result["pid"]))
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+WAITING = ("import os, socket, struct, sys, time\n"
+           "listener, client = (socket.socket(fileno=int(fd)) for fd in sys.argv[3:5])\n"
+           "open(sys.argv[1], 'w').close()\n"
+           "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
+           "conn, _ = listener.accept()\n"
+           "print(*struct.unpack('<iII', conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)))\n")
+
+
+def test_a_connection_waiting_to_be_accepted_whose_connector_stays_behind_names_its_holder(tmp_path: Path) -> None:
+    """This test connects to a listener and hands both the listener and its client to a process
+    that moves, the connection not accepted yet: the test stays, so the server end the restored
+    process accepts names the process holding the client, with the test's ids, as the report says."""
+    become_subreaper()
+    ready, go, image = tmp_path / "ready", tmp_path / "go", tmp_path / "img"
+    name = f"\0kcr-waiting-{os.getpid()}".encode()
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as client, \
+            open(tmp_path / "out", "wb") as out:
+        listener.bind(name)
+        listener.listen(1)
+        client.connect(name)
+        fds = (listener.fileno(), client.fileno())
+        proc = start_until_ready([sys.executable, "-S", "-c", WAITING, str(ready), str(go), *map(str, fds)], ready,
+                                 pass_fds=fds, stdout=out)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    res = kcr("restore", "-i", str(image), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    result = json.loads(res.stdout)
+    assert any(f"named pid {os.getpid()}, which does not move with it" in w and f"names pid {proc.pid} now" in w
+               for w in result["warnings"]), result["warnings"]
+    go.touch()
+    status = reap(int(result["pid"]))
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert (tmp_path / "out").read_text() == f"{proc.pid} {os.geteuid()} {os.getegid()}\n"

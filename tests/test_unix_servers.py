@@ -105,7 +105,7 @@ def test_a_server_and_its_clients_move_by_image(tmp_path: Path, kind: str) -> No
 
 
 SEQPACKET = r"""
-import os, socket, sys, time
+import os, socket, struct, sys, time
 name = b"\0" + sys.argv[3].encode()
 l = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 l.bind(name)
@@ -125,6 +125,8 @@ got = [s.recv(100) for _ in range(3)] + [c.recv(100)]
 w, _ = l.accept()
 got += [w.recv(100), w.recv(100)]
 names = [s.getsockname() == name, c.getpeername() == name, w.getsockname() == name, l.getsockname() == name]
+cred = struct.unpack("<iII", w.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+names.append(cred == (os.getpid(), os.geteuid(), os.getegid()))     # it connected to itself
 print(got == [b"one", b"", b"three", b"reply", b"before", b"accept"] and all(names), got, names, flush=True)
 """
 
@@ -132,7 +134,8 @@ print(got == [b"one", b"", b"three", b"reply", b"before", b"accept"] and all(nam
 def test_seqpacket_messages_keep_their_boundaries_through_a_waiting_connection(tmp_path: Path) -> None:
     """A seqpacket listener on an abstract name in one process: an accepted pair with messages
     queued both ways (an empty one among them), a client waiting with two messages sent.
-    Checkpointed and restored, each arrives as it was sent, and accept() returns the client."""
+    Checkpointed and restored, each arrives as it was sent, and accept() returns the client,
+    whose SO_PEERCRED names the process, which connected it."""
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
     with open(out, "wb") as f:
         proc = start_until_ready([sys.executable, "-c", SEQPACKET, str(ready), str(go), f"kcr-seq-{os.getpid()}"],
@@ -231,6 +234,29 @@ def test_a_waiting_connection_with_bytes_sent_is_refused_live(tmp_path: Path) ->
     assert not (w.dir / "serving").exists()
     assert late_client(w, name) == b"served 3540"
     assert w.verdict() == "PASS" and w.output() == expected_output(early=True)
+
+
+MADE_AS_NOBODY = ("import os, signal, socket, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+                  "name = b'\\0' + sys.argv[2].encode()\nl = socket.socket(socket.AF_UNIX)\nl.bind(name)\nl.listen(1)\n"
+                  "os.setegid(65534)\nos.seteuid(65534)\nc = socket.socket(socket.AF_UNIX)\nos.seteuid(0)\n"
+                  "os.setegid(0)\nc.connect(name)\nopen(sys.argv[1], 'w').close()\nsignal.sigwait({signal.SIGUSR1})\n"
+                  "l.accept()\n")
+
+
+def test_a_waiting_connection_made_under_other_ids_is_refused_live(tmp_path: Path) -> None:
+    """Live, the process that connected a waiting client cannot be asked (only accepting the
+    connection shows it), so the client's holder stands for it: where the socket was made
+    under other ids than the holder's, another process may have connected it: refused before
+    anything is frozen, and the job runs on."""
+    proc = start_until_ready([sys.executable, "-S", "-c", MADE_AS_NOBODY, str(tmp_path / "ready"),
+                              f"kcr-made-as-{os.getpid()}"], tmp_path / "ready")
+    code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert code != 0 and "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert f"made as uid 65534 gid 65534, not as pid {proc.pid} is now (uid 0 gid 0)" in line, line
+    assert proc_state(proc.pid) in ("S", "R")
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=30) == 0
 
 
 def test_a_connection_waiting_from_outside_the_job_is_refused(tmp_path: Path) -> None:

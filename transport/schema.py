@@ -63,8 +63,9 @@ from transport.records import (
 # version 5 reader would call every such image edited.
 # 7: NUMA memory policies (``ThreadState.mempolicy``, ``mempolicy_flags``, ``mempolicy_nodes``,
 # ``ProcessState.mempolicies``) and what SO_PEERCRED said on each unix socket
-# (``UnixSocket.cred_pid``, ``cred_uid``, ``cred_gid``), which a version 6 reader would drop: the
-# process would find its memory placed anywhere and its peers told the restorer's ids.
+# (``UnixSocket.cred_pid``, ``cred_uid``, ``cred_gid``, and ``conn_pid``, ``conn_uid``, ``conn_gid``
+# for a client waiting in an accept queue), which a version 6 reader would drop: the process would
+# find its memory placed anywhere and its peers told the restorer's ids.
 FORMAT_VERSION = 7
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -644,6 +645,11 @@ class UnixSocket:
     cred_pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0
     cred_uid: Id = 0
     cred_gid: Id = 0
+    # A client waiting in an accept queue: what its server end says to SO_PEERCRED once the
+    # server accepts it (the process that connected): pid (0: not recorded), effective uid, gid
+    conn_pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0
+    conn_uid: Id = 0
+    conn_gid: Id = 0
 
 
 @dataclass(frozen=True)
@@ -675,6 +681,8 @@ class UnixSockets(Record):
                    "that does not wait in an accept queue")
             _check(sum(len(m) for m in s.sent) <= MAX_SOCKET_QUEUE, f"socket {s.id}: too much sent")
             _check(s.type != SOCK_STREAM or len(s.sent) <= 1, f"socket {s.id}: a stream sends one run of bytes")
+            _check(not s.conn_pid or (s.listener != 0 and not s.accepted), f"socket {s.id}: who connected it, "
+                   "but it does not wait in an accept queue")
             _check(not s.pending or s.backlog >= 0, f"socket {s.id}: pending connections on a socket not listening")
             for c in s.pending:
                 _check(c in by_id and by_id[c].listener == s.id and by_id[c].peer == 0 and not by_id[c].accepted,

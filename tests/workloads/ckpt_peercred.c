@@ -1,8 +1,9 @@
 /* SO_PEERCRED across a tree, which named the restorer (root) after a move: the parent makes a
  * socketpair and listens on an abstract name; its child keeps one end of the pair and connects
- * to the listener. After the move each socket must still name the process at its other end
- * (the pair: the parent, which made it; the child's connection: the parent, which listened;
- * the parent's accepted connection: the child, which connected), with the same uid and gid. */
+ * to the listener twice, the parent accepting only the first before the move. After the move
+ * each socket must still name the process at its other end (the pair: the parent, which made
+ * it; the child's connection: the parent, which listened; the parent's accepted connection
+ * and the one it accepts only now: the child, which connected), with the same uid and gid. */
 #include "ckpt_common.h"
 #include <stddef.h>
 #include <sys/socket.h>
@@ -42,6 +43,8 @@ int main(int argc, char **argv) {
         close(l);
         int c = socket(AF_UNIX, SOCK_STREAM, 0);
         if (c < 0 || connect(c, (struct sockaddr *)&a, alen)) _exit(3);
+        int w = socket(AF_UNIX, SOCK_STREAM, 0);       /* waits in the accept queue over the move */
+        if (w < 0 || connect(w, (struct sockaddr *)&a, alen)) _exit(3);
         char go;
         if (write(pair[1], "r", 1) != 1 || read(pair[1], &go, 1) != 1) _exit(3);     /* moved by now */
         char why[512] = "";
@@ -60,6 +63,9 @@ int main(int argc, char **argv) {
     char why[1024] = "";
     peer_is(pair[0], getpid(), "the parent's end of the pair", why, sizeof why);
     peer_is(s, child, "the parent's accepted connection", why, sizeof why);
+    int later = accept(l, NULL, NULL);
+    if (later < 0) strcat(why, "no connection waits in the accept queue; ");
+    else peer_is(later, child, "the connection the parent accepts after the move", why, sizeof why);
     char theirs[512] = "";
     if (write(pair[0], "g", 1) != 1 || read(pair[0], theirs, sizeof theirs - 1) <= 0) strcat(why, "the child is gone; ");
     strncat(why, theirs, sizeof why - strlen(why) - 1);

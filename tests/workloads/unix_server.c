@@ -9,7 +9,8 @@
  * are done (with "early", it sends 5 bytes first). At round 30 the server waits for OUTDIR/go
  * (the test makes it once the job has moved: the move comes mid-conversation). Then the server accepts one more client from outside (the test, after the move),
  * reads a line from it and answers "served <total>". Every socket's getsockname/getpeername,
- * the listener's O_NONBLOCK and the datagrams' sender names are checked; output and verdict
+ * the accepted connections' SO_PEERCRED (the waiter's too, accepted only after the move), the
+ * listener's O_NONBLOCK and the datagrams' sender names are checked; output and verdict
  * as ckpt_common.h says. */
 #include "ckpt_common.h"
 #include <poll.h>
@@ -53,6 +54,14 @@ static int name_is(int fd, const char *suffix) {
     struct sockaddr_un a;
     socklen_t len = sizeof a;
     return getsockname(fd, (struct sockaddr *)&a, &len) == 0 && is(&a, len, suffix);
+}
+
+/* Whether SO_PEERCRED on an accepted connection names its client's process (same ids as ours). */
+static int cred_is(int fd, pid_t pid) {
+    struct ucred c;
+    socklen_t len = sizeof c;
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &len) == 0 && c.pid == pid && c.uid == geteuid()
+           && c.gid == getegid();
 }
 
 static int rounds(void) { return 60 * scale; }
@@ -188,6 +197,8 @@ int main(int argc, char **argv) {
         else fprintf(out, "waiter sent before it was accepted: %.5s\n", buf);
     }
     if (w < 0 || send(w, "go", 2, 0) != 2 || recv(w, buf, 6, MSG_WAITALL) != 6) fail("the waiter");
+    for (int i = 0; i < 3; i++)
+        if (!cred_is(i < 2 ? conns[i] : w, pids[i])) fail(i < 2 ? "a worker's SO_PEERCRED" : "the waiter's SO_PEERCRED");
     fprintf(out, "waiter: %.6s\n", buf);
     int status;
     for (int i = 0; i < 3; i++)
