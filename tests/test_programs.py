@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import sys
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import migrate_cli, moved
+from tests._migration import migrate_cli, moved, proc_state
 from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
 
 
@@ -587,3 +588,30 @@ def test_signal_driven_io(tmp_path: Path) -> None:
     (tmp_path / "go").touch()
     finished(pid)
     assert (tmp_path / "output").read_text() == "True [10]\n"
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_stopped_job_stays_stopped(tmp_path: Path, how: str) -> None:
+    """A job stopped by SIGSTOP (Ctrl-Z, `kill -STOP`, Slurm's `scontrol suspend`) is moved
+    stopped: it was let run on the destination, carrying on with work its user had suspended.
+    SIGCONT goes on, nothing lost or repeated."""
+    script = tmp_path / "counter.py"
+    script.write_text(COUNTER)
+    out = tmp_path / "out.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-u", "-S", str(script), "100"], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.DEVNULL, close_fds=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 60
+    while out.read_bytes().count(b"\n") < 20:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    while proc_state(proc.pid) != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pid = moved(proc, how, tmp_path, state=True)       # its whole state, stopped, as it was
+    assert proc_state(pid) == "T", "the moved job runs: its stop was lost"
+    os.kill(pid, signal.SIGCONT)
+    finished(pid, timeout=120)
+    assert out.read_bytes() == b"".join(b"line %d\n" % i for i in range(100))
