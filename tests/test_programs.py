@@ -3,6 +3,7 @@ migration (localhost to localhost). Each must finish with the output of an unmov
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -615,3 +616,36 @@ def test_a_stopped_job_stays_stopped(tmp_path: Path, how: str) -> None:
     os.kill(pid, signal.SIGCONT)
     finished(pid, timeout=120)
     assert out.read_bytes() == b"".join(b"line %d\n" % i for i in range(100))
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="no rsync on this machine (scripts/setup installs it)")
+def test_rsync_mid_copy(tmp_path: Path) -> None:
+    """rsync copying a directory: three processes on socketpairs, each holding O_PATH fds of
+    the directories it walks (restore opened them with flags openat2 refuses alongside
+    O_PATH: EINVAL). Checkpointed mid-copy and restored, it finishes the copy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    r = random.Random(3)
+    for i in range(16):
+        (src / f"f{i}").write_bytes(r.randbytes(256 << 10))
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen(["rsync", "-a", "--bwlimit=2m", f"{src}/", f"{dst}/"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                            start_new_session=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 60
+    while not (dst.exists() and len(list(dst.iterdir())) >= 3):      # a few files in: mid-copy
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    from tests.test_trees import reap_orphans
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "rsync.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert "3 processes" in res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    shown = json.loads(kcr("show", str(tmp_path / "rsync.img")).stdout)
+    reap_orphans([m["pid"] for m in shown["tree"]["members"][1:]])
+    res = kcr("restore", "-i", str(tmp_path / "rsync.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    finished(int(res.stdout.split()[-1]), timeout=120)
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert all((dst / p.name).read_bytes() == p.read_bytes() for p in src.iterdir())
