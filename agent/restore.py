@@ -1732,6 +1732,10 @@ class Restorer:
             ptrace.detach(tid)
         self._stopped = False
         self.close()
+        if self._job_stopped:       # returned once it shows stopped, as it was (an instant)
+            deadline = time.monotonic() + RUN_WAIT_S
+            while _state(self.pid) not in ("T", "Z", None) and time.monotonic() < deadline:
+                time.sleep(0.001)
         return before
 
     def abort(self) -> None:

@@ -611,8 +611,13 @@ def test_a_stopped_job_stays_stopped(tmp_path: Path, how: str) -> None:
     while proc_state(proc.pid) != "T":
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    lines = out.read_bytes().count(b"\n")
     pid = moved(proc, how, tmp_path, state=True)       # its whole state, stopped, as it was
-    assert proc_state(pid) == "T", "the moved job runs: its stop was lost"
+    # (the state check stops it for an instant: back in its stop a moment later, not at once)
+    while proc_state(pid) != "T":
+        assert time.monotonic() < deadline, f"the moved job is {proc_state(pid)}, not stopped: its stop was lost"
+        time.sleep(0.01)
+    assert out.read_bytes().count(b"\n") == lines, "the moved job ran before it stopped"
     os.kill(pid, signal.SIGCONT)
     finished(pid, timeout=120)
     assert out.read_bytes() == b"".join(b"line %d\n" % i for i in range(100))
