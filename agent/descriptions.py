@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 O_ACCMODE = 3
 O_TMPFILE = os.O_TMPFILE      # with O_DIRECTORY in it, as the kernel defines it
+O_PATH = 0o10000000
+O_PATH_FLAGS = O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW     # what O_PATH may come with (fs/open.c)
 # Status flags F_SETFL sets: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
 SETFL_FLAGS = os.O_APPEND | 0o20000 | os.O_DIRECT | os.O_NOATIME | os.O_NONBLOCK
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -440,6 +442,10 @@ class Descriptions:
         this restore made, reopened by the restorer), following no symbolic link unless
         ``follow`` (our own /proc/self/fd links)."""
         how = flags | os.O_CLOEXEC | os.O_NONBLOCK
+        if flags & O_PATH:
+            # A handle on a place, not an open file (rsync's directories, fd-based path walks):
+            # openat2 takes no other flag with it (EINVAL), and it has no status flags to set.
+            how = flags & O_PATH_FLAGS | os.O_CLOEXEC
         try:
             if identity is None:
                 fd = os.open(path, how, 0o666)
@@ -450,7 +456,7 @@ class Descriptions:
                 raise identity.refusal(f"fd {f.fd}", f.path or f.kind, exc) from None
             raise RestoreError(f"cannot reopen fd {f.fd} ({f.path or f.kind}): {exc.strerror}") from None
         self._mine.append(fd)
-        if not flags & os.O_NONBLOCK:
+        if not flags & (os.O_NONBLOCK | O_PATH):
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & SETFL_FLAGS)
         return fd
 

@@ -166,7 +166,8 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         lock_future = _locked_kb(pid) > locked_before
         threads = [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids]
         process = replace(_collect_process(held, leader, calls), lock_future=int(lock_future),
-                          mempolicies=_mempolicies(pid, leader, calls, maps, job))
+                          mempolicies=_mempolicies(pid, leader, calls, maps, job),
+                          stopped=int(ptrace.is_group_stop(held.stopped[pid])))   # seized in its group stop
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:

@@ -150,6 +150,7 @@ ROWS: tuple[Row, ...] = (
     Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),
     Row("process", "loginuid", WARNED, _f("ProcessState", "loginuid")),
     Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
+    Row("process", "a job-control stop (SIGSTOP, Ctrl-Z, Slurm's suspend)", CARRIED, _f("ProcessState", "stopped")),
     Row("process", "namespaces of its own", REFUSED, readme="namespaces"),
     Row("process", "its parent", LOST, readme="its parent"),
     Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),

@@ -331,6 +331,7 @@ class Restorer:
         self.filler: MissingFiller | None = None    # pages into memory the stub has none of yet
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
+        self._job_stopped = False              # let go into a job-control stop, as it was frozen
         # A stub forked from one that had begun holds a copy of that one's memory, not the
         # stub program's: its system calls go through that one's gadget, and the stack pointer
         # it starts with points into that one's scratch (0, 0: a stub program's memory).
@@ -1000,6 +1001,7 @@ class Restorer:
         here."""
         check_threads(proc, threads, self.header)
         check_grantable(proc.creds)
+        self._job_stopped = bool(proc.stopped)
         for e in fds.events.files:
             if e.queued:
                 self.report.warnings.append(f"an {e.kind} instance of pid {proc.pid} had {e.queued} bytes of events "
@@ -1725,10 +1727,20 @@ class Restorer:
         """Detach every thread, so the process runs; each thread's on-CPU time just before,
         for ``wait_running`` (a tree lets all its processes go first, then waits once)."""
         before = {tid: _cpu_ns(self.pid, tid) for tid in self.new_tids.values()}
+        if self._job_stopped:
+            # Stopped (SIGSTOP, Ctrl-Z, Slurm's suspend) when it was frozen: SIGSTOP queued while
+            # we hold it, so it stops again before it runs a single instruction; SIGCONT goes
+            # on. Nothing of it runs to be waited for.
+            os.kill(self.pid, signal.SIGSTOP)
+            before = {}
         for tid in sorted(self.new_tids.values(), key=lambda t: t == self.pid):
             ptrace.detach(tid)
         self._stopped = False
         self.close()
+        if self._job_stopped:       # returned once it shows stopped, as it was (an instant)
+            deadline = time.monotonic() + RUN_WAIT_S
+            while _state(self.pid) not in ("T", "Z", None) and time.monotonic() < deadline:
+                time.sleep(0.001)
         return before
 
     def abort(self) -> None:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from transport.errors import UnsupportedResource
+from transport.errors import NoSuchProcess, UnsupportedResource
 
 CLONE_NEWTIME = 0x80
 SLACK_NS = 1_000_000_000      # forward jumps up to this (beyond the real time that passed) are left be
@@ -116,12 +116,16 @@ def spawn_in(offs: tuple[int, int], spawn: Callable[[], T]) -> T:
 def check(pid: int, root: int | None = None) -> None:
     """A process in a time namespace of its own moves with it (made again on the destination);
     one caught between unshare() and its first child, or a tree spread over several (``root``:
-    the tree's root, whose namespace every process of it must share), is refused."""
+    the tree's root, whose namespace every process of it must share), is refused. One that
+    has exited (a zombie has no namespaces left) is NoSuchProcess: it left the job, it is in
+    no other namespace (a running tree's check drops it)."""
     def ids(p: int) -> tuple[str, str]:
         try:
             return os.readlink(f"/proc/{p}/ns/time"), os.readlink(f"/proc/{p}/ns/time_for_children")
         except FileNotFoundError:
-            return "", ""
+            if not os.path.exists("/proc/self/ns/time"):
+                return "", ""             # a kernel without time namespaces (CONFIG_TIME_NS unset)
+            raise NoSuchProcess(f"pid {p} has exited", pid=p) from None
     own, children = ids(pid)
     if own != children:
         raise UnsupportedResource(f"pid {pid} made a time namespace for its children (unshare -T) and is not in "

@@ -503,6 +503,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "NUMA memory policy (set_mempolicy)": _per_thread(_numa_policies),
     "NUMA memory policies of ranges (mbind)": _per_thread(_numa_policies),
     "CPU pinning": _per_thread(lambda p, t: (sorted(os.sched_getaffinity(t)), p.status(t)["Cpus_allowed_list"])),
+    "a job-control stop (SIGSTOP, Ctrl-Z, Slurm's suspend)": lambda p: p.status()["State"].startswith("T"),
 }
 
 # Carried or warned rows no outside reading shows, and where they are checked instead.

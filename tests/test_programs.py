@@ -3,9 +3,11 @@ migration (localhost to localhost). Each must finish with the output of an unmov
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import signal
 import sys
 import subprocess
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import migrate_cli, moved
+from tests._migration import migrate_cli, moved, proc_state
 from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
 
 
@@ -587,3 +589,68 @@ def test_signal_driven_io(tmp_path: Path) -> None:
     (tmp_path / "go").touch()
     finished(pid)
     assert (tmp_path / "output").read_text() == "True [10]\n"
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_stopped_job_stays_stopped(tmp_path: Path, how: str) -> None:
+    """A job stopped by SIGSTOP (Ctrl-Z, `kill -STOP`, Slurm's `scontrol suspend`) is moved
+    stopped: it was let run on the destination, carrying on with work its user had suspended.
+    SIGCONT goes on, nothing lost or repeated."""
+    script = tmp_path / "counter.py"
+    script.write_text(COUNTER)
+    out = tmp_path / "out.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-u", "-S", str(script), "100"], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.DEVNULL, close_fds=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 60
+    while out.read_bytes().count(b"\n") < 20:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    while proc_state(proc.pid) != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    lines = out.read_bytes().count(b"\n")
+    pid = moved(proc, how, tmp_path, state=True)       # its whole state, stopped, as it was
+    # (the state check stops it for an instant: back in its stop a moment later, not at once)
+    while proc_state(pid) != "T":
+        assert time.monotonic() < deadline, f"the moved job is {proc_state(pid)}, not stopped: its stop was lost"
+        time.sleep(0.01)
+    assert out.read_bytes().count(b"\n") == lines, "the moved job ran before it stopped"
+    os.kill(pid, signal.SIGCONT)
+    finished(pid, timeout=120)
+    assert out.read_bytes() == b"".join(b"line %d\n" % i for i in range(100))
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="no rsync on this machine (scripts/setup installs it)")
+def test_rsync_mid_copy(tmp_path: Path) -> None:
+    """rsync copying a directory: three processes on socketpairs, each holding O_PATH fds of
+    the directories it walks (restore opened them with flags openat2 refuses alongside
+    O_PATH: EINVAL). Checkpointed mid-copy and restored, it finishes the copy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    r = random.Random(3)
+    for i in range(16):
+        (src / f"f{i}").write_bytes(r.randbytes(256 << 10))
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen(["rsync", "-a", "--bwlimit=2m", f"{src}/", f"{dst}/"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                            start_new_session=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 60
+    while not (dst.exists() and len(list(dst.iterdir())) >= 3):      # a few files in: mid-copy
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    from tests.test_trees import reap_orphans
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "rsync.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert "3 processes" in res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    shown = json.loads(kcr("show", str(tmp_path / "rsync.img")).stdout)
+    reap_orphans([m["pid"] for m in shown["tree"]["members"][1:]])
+    res = kcr("restore", "-i", str(tmp_path / "rsync.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    finished(int(res.stdout.split()[-1]), timeout=120)
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert all((dst / p.name).read_bytes() == p.read_bytes() for p in src.iterdir())

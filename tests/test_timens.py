@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import timens
+from transport.errors import NoSuchProcess
 from tests._migration import migrate_cli
 from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
 
@@ -125,3 +126,24 @@ def test_a_tree_over_two_time_namespaces_is_refused(tmp_path: Path) -> None:
     assert "is in another time namespace than pid" in res.stderr.decode()
     assert not (tmp_path / "img").exists()
     assert STARTED and proc.poll() is None
+
+
+def test_a_child_that_exits_as_its_tree_is_checked_is_gone_not_in_another_namespace(tmp_path: Path) -> None:
+    """A running tree is checked process by process; a child that exits meanwhile (a shell's
+    or `subprocess.run`'s) has no namespaces left: it is gone (the check drops it), not a
+    process in another time namespace than its root (it was refused so)."""
+    script = ("import os, subprocess, sys\n"
+              "kid = subprocess.Popen(['true'])\n"
+              "os.waitid(os.P_PID, kid.pid, os.WEXITED | os.WNOWAIT)\n"   # exited, not reaped: a zombie
+              "open(sys.argv[1] + '.tmp', 'w').write(str(kid.pid))\nos.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+              "os.read(os.open(sys.argv[2], os.O_RDONLY), 1)\nos.wait()\n")      # until the test opens the FIFO
+    os.mkfifo(tmp_path / "go")
+    proc = start_until_ready([sys.executable, "-S", "-c", script, str(tmp_path / "ready"), str(tmp_path / "go")],
+                             tmp_path / "ready", cwd=tmp_path, start_new_session=True)
+    kid = int((tmp_path / "ready").read_text())
+    assert Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    with pytest.raises(NoSuchProcess):
+        timens.check(kid, proc.pid)          # as the tree's check reaches it: listed while it ran
+    timens.check(proc.pid, proc.pid)
+    os.close(os.open(tmp_path / "go", os.O_WRONLY))
+    assert proc.wait(timeout=30) == 0

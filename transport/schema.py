@@ -299,6 +299,7 @@ class ProcessState(Record):
     cgroups: Annotated[tuple[Annotated[str, Text(4200)], ...], Count(64)] = ()   # /proc/PID/cgroup lines
     # the ranges of its address space with a NUMA policy of their own (mbind), in address order
     mempolicies: Annotated[tuple[MemPolicy, ...], Count(1 << 16)] = ()
+    stopped: Flag = 0        # in a job-control stop (SIGSTOP, SIGTSTP, ...) when it was frozen
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
