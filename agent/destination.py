@@ -157,7 +157,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
                                "(its memory map and credentials) needs root", host=host)
     check_restore_privileges(host)
     await trio.to_thread.run_sync(check_machine, summary, host)
-    await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
+    very = await trio.to_thread.run_sync(check_files, list(summary.get("files", [])), host)
     try:
         segments = [sysv.from_wire(d) for d in summary.get("sysv", [])]
     except (ValueError, KeyError, TypeError):
@@ -196,7 +196,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
             raise RestoreError(str(exc), host=host) from None
     held = locks.from_wire(summary.get("locks", []))
     exempt = [str(p) for p in summary.get("exempt", [])]
-    await trio.to_thread.run_sync(locks.check_free, held, host, summary.get("pid"), exempt)
+    await trio.to_thread.run_sync(locks.check_free, held, host, summary.get("pid"), exempt, very)
     need = int(summary.get("memory_bytes", 0) * MEMORY_MARGIN)
     avail = _mem_available()
     if need > avail:

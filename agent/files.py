@@ -195,9 +195,12 @@ def describe_files(pid: int, exempt: list[str], redirected: Collection[int] = ()
     return FileFacts(sorted(facts.values(), key=lambda f: f.path))
 
 
-def check_files(files: list[dict[str, Any]], host: str) -> None:
-    """On the destination: refuse if any file is missing or different (one line each)."""
+def check_files(files: list[dict[str, Any]], host: str) -> set[str]:
+    """On the destination: refuse if any file is missing or different (one line each). The
+    paths that name here the very file the source has (the same host, or storage both share),
+    not a copy of it."""
     cache = DigestCache()
+    very: set[str] = set()
     try:
         for f in files:
             path, size, digest, prefix = str(f["path"]), int(f["size"]), str(f["sha256"]), bool(f["prefix"])
@@ -210,6 +213,7 @@ def check_files(files: list[dict[str, Any]], host: str) -> None:
                 raise RestoreError(f"{path} is missing on {host}: the process maps or has it open; copy it "
                                    f"there (or put it under a filesystem hook with --fs)", host=host) from None
             if same_file(f, path, st):
+                very.add(path)
                 continue                # not a copy: the very file the source sees
             if not digest:
                 raise RestoreError(f"the process holds a lease on {path}, which {host} has a copy of, not that very "
@@ -228,6 +232,7 @@ def check_files(files: list[dict[str, Any]], host: str) -> None:
                                    "on both hosts", host=host)
     finally:
         cache.save()
+    return very
 
 
 def _check_carried(fact: dict[str, Any], path: str, host: str) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from transport.errors import ProtocolError, RestoreError, UnsupportedResource
 from transport.schema import FileLock
@@ -180,29 +180,39 @@ def conflict(path: str, lock: FileLock) -> str | None:
     return None
 
 
-def check_free(locks: list[tuple[str, FileLock]], host: str, pid: int | None, exempt: Sequence[str]) -> None:
-    """Preflight on the destination: every lock the process holds can be taken here."""
+def check_free(locks: list[tuple[str, FileLock]], host: str, pid: int | None, exempt: Sequence[str],
+               very: Collection[str] = ()) -> None:
+    """Preflight on the destination: every lock the process holds can be taken here. ``very``:
+    the paths that are here the very file the source has (``agent.files.check_files``): a
+    write lock or lease on one is refused whether or not this host's /proc/locks shows it (it
+    does not when the source's processes are outside this host's pid namespace)."""
     for path, lock in locks:
         if any(path == e or path.startswith(e.rstrip("/") + "/") for e in exempt):
             continue                 # a filesystem hook brings it later; restore takes the lock or fails
+        if lock.write and path in very:
+            _refuse_same_file(path, lock, host, pid)
         try:
             who = conflict(path, lock)
         except OSError:
             continue                 # missing here: the file checks say so
         if who is None:
             continue
-        held = f"pid {pid} holds {describe(lock)} of {path}"
-        if who.startswith(f"pid {pid} ") and lock.kind == "lease":
-            raise RestoreError(f"{held}, and {host} sees that same file (the same host): opening it there would "
-                               "break the lease before the move; move the process when it does not hold it, or to "
-                               "another host", pid=pid, host=host)
         if who.startswith(f"pid {pid} "):
-            raise RestoreError(f"{held}, and {host} sees that same file (the same host, or storage both share): a "
-                               "write lock cannot change hands between two processes without a moment where a third "
-                               "could take it; move the process when it does not hold it, or to a host with its own "
-                               "copy of the file", pid=pid, host=host)
-        raise RestoreError(f"{held}, which cannot be taken on {host}: {who}; move the process when that lock is "
-                           "released", pid=pid, host=host)
+            _refuse_same_file(path, lock, host, pid)
+        raise RestoreError(f"pid {pid} holds {describe(lock)} of {path}, which cannot be taken on {host}: {who}; "
+                           "move the process when that lock is released", pid=pid, host=host)
+
+
+def _refuse_same_file(path: str, lock: FileLock, host: str, pid: int | None) -> None:
+    held = f"pid {pid} holds {describe(lock)} of {path}"
+    if lock.kind == "lease":
+        raise RestoreError(f"{held}, and {host} sees that same file (the same host): opening it there would "
+                           "break the lease before the move; move the process when it does not hold it, or to "
+                           "another host", pid=pid, host=host)
+    raise RestoreError(f"{held}, and {host} sees that same file (the same host, or storage both share): a "
+                       "write lock cannot change hands between two processes without a moment where a third "
+                       "could take it; move the process when it does not hold it, or to a host with its own "
+                       "copy of the file", pid=pid, host=host)
 
 
 def take_calls(fd: int, lock: FileLock, scratch: int) -> tuple[str, tuple[int, ...], bytes | None]:

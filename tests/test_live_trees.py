@@ -5,6 +5,7 @@ parent, and none left on hostA."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -298,6 +299,31 @@ def test_a_shell_script_running_short_commands_moves_live(testbed: Testbed, tmp_
     assert proc_state(pid) in (None, "Z", "X"), "the script still runs on hostA"
     runs, distinct, lines = map(int, wait_file(out / "output").split())
     assert (distinct, lines) == (1, runs) and runs >= 3
+
+
+def test_a_write_flock_on_a_file_both_hosts_see_is_refused_before_anything_freezes(testbed: Testbed,
+                                                                                  tmp_path: Path) -> None:
+    """hostC has pids of its own, and the kernel shows in a pid namespace's /proc/locks only
+    the locks of its own processes: hostA's job's exclusive flock on a file both hosts see
+    went unseen in preflight, and the move failed at restore, after pre-copy (`flock job sh -c
+    ...` in a batch script). Refused in preflight from the file's identity, naming the lock;
+    the job runs on, its lock held."""
+    from tests.test_programs import LOCKER
+    data = tmp_path / "db"
+    data.write_bytes(b"x" * 4096)
+    script = tmp_path / "locker.py"
+    script.write_text(LOCKER)
+    out = tmp_path / "job"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(data), "xflock", str(out / "ready")], out)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "holds a write flock lock of" in line and "sees that same file" in line and str(data) in line, err
+    assert not report.get("per_round") and "precopy" not in report.get("phase_ms", {}), report   # in preflight
+    assert proc_state(pid) not in (None, "Z", "X", "T", "t")
+    assert " FLOCK  ADVISORY  WRITE " in "".join(
+        Path(f"/proc/{pid}/fdinfo/{fd}").read_text() for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_a_pidfd_to_a_child_moves_live(testbed: Testbed, tmp_path: Path) -> None:

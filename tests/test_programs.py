@@ -124,6 +124,8 @@ else:
         fcntl.lockf(fd, fcntl.LOCK_EX)
     elif how == "flock":
         fcntl.flock(fd, fcntl.LOCK_SH)
+    elif how == "xflock":
+        fcntl.flock(fd, fcntl.LOCK_EX)
     else:                                   # an OFD lock: F_OFD_SETLK
         fcntl.fcntl(fd, 37, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
 open(ready, "w").close()
