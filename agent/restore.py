@@ -1880,6 +1880,10 @@ def _holder(tid: int) -> str:
     except OSError:
         return "a process that has exited since"
     name, tgid = fields.get("Name", "?").strip(), fields.get("Tgid", str(tid)).strip()
+    if fields.get("State", "").startswith("Z"):
+        # A checkpointed tree's child, killed, its reaper not waiting for it (yet): the pid
+        # is free once its parent (or the subreaper it went to) waits for it.
+        return f"{name}, a zombie: pid {fields.get('PPid', '?').strip()} has not waited for it"
     return f"{name}, pid {tgid}" if tgid != str(tid) else name
 
 

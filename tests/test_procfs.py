@@ -1,6 +1,7 @@
 """agent.procfs read from a process that runs on: what it lists is what the process holds."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -43,3 +44,21 @@ def test_an_fd_closed_while_listed_is_left_out_not_refused(tmp_path: Path) -> No
     finally:
         job.kill()
         job.wait()
+
+
+def test_a_pid_a_zombie_holds_is_named_so() -> None:
+    """Restore refuses a pid that is taken, naming what holds it: a checkpointed tree's child,
+    killed and not yet waited for, is a zombie whose parent must wait for it (not a process
+    to end, which the message said before)."""
+    from agent.restore import _holder
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _holder(child).endswith(f", a zombie: pid {os.getpid()} has not waited for it"), _holder(child)
+    finally:
+        os.waitpid(child, 0)
