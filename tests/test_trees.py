@@ -351,7 +351,7 @@ def test_a_running_tree_is_checked_as_it_changes_not_refused_for_it(tmp_path: Pa
         changed += bool(set(pids) - seen)
         seen = set(pids)
         assert pids[0] == job.pid
-    assert changed > looks // 4, f"the tree changed in {changed} of {looks} looks only: the test did not race"
+    assert changed >= 100, f"the tree changed in {changed} of {looks} looks only: the test did not race"
 
 
 
