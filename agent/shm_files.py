@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from agent.procfs import fd_links, mount_table
-from precopy.layout import MapEntry, file_maps
+from precopy.layout import MapEntry
 from precopy.kernel import boot_id
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
@@ -34,9 +34,9 @@ class ShmFile:
     st: os.stat_result
 
 
-def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]] | None = None) -> dict[int, ShmFile]:
+def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]]) -> dict[int, ShmFile]:
     """The /dev/shm files these processes hold open or map, by inode. ``maps``: their file
-    mappings (``precopy.layout.file_maps``), if the caller has them."""
+    mappings (``precopy.layout.file_maps``)."""
     out: dict[int, ShmFile] = {}
     tmpfs = _tmpfs_device()
     if tmpfs is None:
@@ -45,7 +45,7 @@ def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]] | None = None) 
         for fd, target in fd_links(pid):
             if is_shm_path(target):
                 _add(out, pid, target, f"/proc/{pid}/fd/{fd}", tmpfs)
-        for m in maps[pid] if maps is not None else file_maps(pid):
+        for m in maps[pid]:
             if m.kind == "file" and is_shm_path(m.name) and m.inode not in out:
                 _add(out, pid, m.name, f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", tmpfs)
     return out

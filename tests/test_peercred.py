@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +42,22 @@ HELD = ("import os, socket, struct, sys, time\n"
         "sys.exit(0 if (pid, uid, gid, b.recv(1)) == (os.getpid(), os.geteuid(), os.getegid(), b'x') else 1)\n")
 
 
+def restored_naming_its_holder(proc: subprocess.Popen[bytes], image: Path, go: Path) -> None:
+    """Checkpoint ``proc`` (killed), restore it: the report warns that a socket named this test,
+    which does not move, and names ``proc``'s pid now; let it go on (``go``) and end with 0."""
+    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    res = kcr("restore", "-i", str(image), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    result = json.loads(res.stdout)
+    assert any(f"named pid {os.getpid()}, which does not move with it" in w and f"names pid {proc.pid} now" in w
+               for w in result["warnings"]), result["warnings"]
+    go.touch()
+    status = reap(int(result["pid"]))
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_a_socketpair_whose_maker_stays_behind_names_its_holder_and_says_so(tmp_path: Path) -> None:
     """A pair made by this test, both ends handed to a process that moves: the test stays, so
     the restored pair names the process holding it (with the ids recorded), and the report says so."""
@@ -53,17 +70,7 @@ def test_a_socketpair_whose_maker_stays_behind_names_its_holder_and_says_so(tmp_
                                  pass_fds=fds)
         pid, _, _ = struct.unpack("<iII", a.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         assert pid == os.getpid()
-    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
-    assert res.returncode == 0, res.stderr.decode()
-    assert proc.wait(timeout=30) == -9
-    res = kcr("restore", "-i", str(image), "--json")
-    assert res.returncode == 0, res.stderr.decode()
-    result = json.loads(res.stdout)
-    assert any(f"named pid {os.getpid()}, which does not move with it" in w and f"names pid {proc.pid} now" in w
-               for w in result["warnings"]), result["warnings"]
-    go.touch()
-    status = reap(int(result["pid"]))
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    restored_naming_its_holder(proc, image, go)
 
 
 WAITING = ("import os, socket, struct, sys, time\n"
@@ -89,15 +96,5 @@ def test_a_connection_waiting_to_be_accepted_whose_connector_stays_behind_names_
         fds = (listener.fileno(), client.fileno())
         proc = start_until_ready([sys.executable, "-S", "-c", WAITING, str(ready), str(go), *map(str, fds)], ready,
                                  pass_fds=fds, stdout=out)
-    res = kcr("checkpoint", str(proc.pid), "-o", str(image))
-    assert res.returncode == 0, res.stderr.decode()
-    assert proc.wait(timeout=30) == -9
-    res = kcr("restore", "-i", str(image), "--json")
-    assert res.returncode == 0, res.stderr.decode()
-    result = json.loads(res.stdout)
-    assert any(f"named pid {os.getpid()}, which does not move with it" in w and f"names pid {proc.pid} now" in w
-               for w in result["warnings"]), result["warnings"]
-    go.touch()
-    status = reap(int(result["pid"]))
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    restored_naming_its_holder(proc, image, go)
     assert (tmp_path / "out").read_text() == f"{proc.pid} {os.geteuid()} {os.getegid()}\n"
