@@ -74,8 +74,17 @@ def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) 
                     if p == pid:
                         raise
                     pids.remove(p)      # it left the job, as it would have a moment later
-            fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
-            return pids
+            while True:
+                try:
+                    fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
+                    return pids
+                except (NoSuchProcess, ProcessLookupError, FileNotFoundError):
+                    # One gone while its fds were read: the others are read again without it
+                    # (a new look would likely find another on its way out, on a busy machine).
+                    gone = [p for p in pids if p != pid and not _running(p)]
+                    if not gone:
+                        raise
+                    pids = [p for p in pids if p not in gone]
         except (NoSuchProcess, ProcessLookupError, FileNotFoundError):
             check_target(pid)                # the root itself gone: that, not what its exit broke
             last, refused = "", None
@@ -132,6 +141,14 @@ def freeze_tree(root: int, helds: dict[int, freezer.Held]) -> tuple[list[int], l
     frozen = {p: helds.pop(p) for p in pids}
     helds.update(frozen)
     return [p for p in joined if p in helds], [p for p in left if p not in joined]
+
+
+def _running(pid: int) -> bool:
+    """Is ``pid`` there, and not a zombie?"""
+    try:
+        return read_stat(pid)[3] not in ("Z", "X")
+    except NoSuchProcess:
+        return False
 
 
 def zombie(pid: int) -> bool:
