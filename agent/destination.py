@@ -206,7 +206,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     s.machine.handle(DestEvent.CHECK)
     s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity,
                                cgroup=cgroup)
-    return {"mem_available": avail, "hostname": _host(), "session": s.token,
+    return {"mem_available": avail, "hostname": _host(), "session": s.token, "very": sorted(very),
             "warnings": [w for w in (cpus_warning, nodes_warning) if w]}
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from agent import fdtable, mempolicy, unix_names
+from agent import fdtable, locks, mempolicy, unix_names
 from agent import freeze as freezer
 from agent import ptrace
 from agent.signals import LateSignals
@@ -42,12 +42,14 @@ from transport.errors import (
     ProcessError,
     ProcessExited,
     ProtocolError,
+    UnsupportedResource,
     error_from_wire,
 )
 from transport.schema import prepare_codecs
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
+UNLOCK_TRIES = 20        # freezes tried for a moment the job holds no write lock on a very file
 
 
 def send_message(sock: socket.socket, obj: Any) -> None:
@@ -144,21 +146,43 @@ class Holder:
                 self._hold(p)
         return {"pids": list(self.helds), "joined": [p for p in joined if p in self.helds], "left": left}
 
-    def op_freeze(self, pid: int = 0) -> dict[str, Any]:
+    def op_freeze(self, pid: int = 0, unlocked: list[list[int]] | None = None) -> dict[str, Any]:
         """Freeze one process (``pid``: a tracker's pause) or the whole job: every process
         stopped, then the tree read again until no process in it is left running (one
         forked meanwhile joins, frozen; one gone or exited leaves). The processes that joined
-        are checked here, the whole tree as frozen before its state is read (``collect_files``)."""
+        are checked here, the whole tree as frozen before its state is read (``collect_files``).
+        ``unlocked``: (st_dev, st_ino) of files the destination sees as the very same: frozen
+        holding a write lock on one, the job is let run until it lets go, and frozen again
+        (``agent.locks``); still holding one after ``UNLOCK_TRIES`` tries, it runs on and
+        the freeze is refused."""
         if pid:
             held = self._need(pid)
             if not held.frozen:
                 freezer.freeze(held)
             return {}
         self.machine.check(HolderEvent.FREEZE)
-        if not self.frozen:
-            self.first_interrupt_ns = time.monotonic_ns()
+        files = {(int(dev), int(ino)) for dev, ino in unlocked or []}
         self.fds = None
-        joined, left = freeze_tree(self.root, self.helds)
+        joined: list[int] = []
+        left: list[int] = []
+        start = time.monotonic()
+        for tries in range(1, UNLOCK_TRIES + 1):
+            if not self.frozen:
+                self.first_interrupt_ns = time.monotonic_ns()
+            now_joined, now_left = freeze_tree(self.root, self.helds)
+            joined = [p for p in joined if p not in now_left] + now_joined
+            left = [p for p in left if p not in now_joined] + [p for p in now_left if p not in joined]
+            locked = locks.job_write_lock(list(self.helds), files)
+            if locked is None:
+                break
+            self.op_thaw()
+            if tries == UNLOCK_TRIES or locks.wait_unlocked(lambda: list(self.helds), files, locks.UNLOCK_WAIT):
+                holder, path, lock = locked
+                raise UnsupportedResource(
+                    f"pid {holder} held {locks.describe(lock)} of {path} whenever the job was frozen ({tries} tries in "
+                    f"{time.monotonic() - start:.1f} s), and the destination sees that same file: a write lock "
+                    "cannot change hands between two processes without a moment where a third could take it; "
+                    "the job runs on here: move it when it holds that lock for shorter", pid=holder)
         pids = list(self.helds)
         # A process that joined is checked before anything is done to it (a tracker injects
         # into it next); the whole tree as it is frozen is checked by ``collect_files``, which
@@ -169,7 +193,7 @@ class Holder:
         self.collected = set()
         self.machine.handle(HolderEvent.FREEZE)
         return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined, "left": left,
-                "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()]}
+                "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()], "lock_retries": tries - 1}
 
     def op_thaw(self, pid: int = 0) -> dict[str, Any]:
         """Let one process (``pid``) or all run again, untraced (a traced process would stop

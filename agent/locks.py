@@ -26,15 +26,20 @@ conflicting lock: the destination's ``/proc/locks`` (locks of that host's proces
 same inode) and ``F_OFD_GETLK`` (which also asks a network filesystem's server). When the
 destination sees the same file as the source (the same host, or storage both share), the
 source's own write lock conflicts: a write lock cannot change hands between two processes
-without a moment where a third could take it, so that is refused; read locks are shared
-and simply held by both until the source ends.
+without a moment where a third could take it. Read locks are shared and simply held by both
+until the source ends. A write lock the job holds only for moments (a database's, held for
+each commit) is no reason to refuse: the destination names its very files, the source waits
+in preflight for a moment the job holds no write lock on one (``job_write_lock``) and
+refuses only a lock held throughout ``UNLOCK_WAIT``; the holder freezes the job at such a
+moment (thawed and frozen again while it holds one), so no write lock changes hands.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import struct
-from typing import Any, Collection, Sequence
+import time
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 from transport.errors import ProtocolError, RestoreError, UnsupportedResource
 from transport.schema import FileLock
@@ -46,6 +51,8 @@ LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
 _KINDS = {"POSIX": "posix", "OFDLCK": "ofd", "FLOCK": "flock", "LEASE": "lease"}
 _NAMES = {"posix": "POSIX record", "ofd": "OFD", "flock": "flock", "lease": "lease"}
 FLOCK = struct.Struct("<hh4xqqi4x")     # struct flock on x86_64: type, whence, start, len, pid
+UNLOCK_WAIT = 1.0        # seconds preflight waits for the job to let go of a write lock on a very file
+UNLOCK_POLL = 0.002
 
 
 def parse(pid: int, fd: int, target: str, lines: Sequence[str]) -> tuple[FileLock, ...]:
@@ -183,14 +190,19 @@ def conflict(path: str, lock: FileLock) -> str | None:
 def check_free(locks: list[tuple[str, FileLock]], host: str, pid: int | None, exempt: Sequence[str],
                very: Collection[str] = ()) -> None:
     """Preflight on the destination: every lock the process holds can be taken here. ``very``:
-    the paths that are here the very file the source has (``agent.files.check_files``): a
-    write lock or lease on one is refused whether or not this host's /proc/locks shows it (it
-    does not when the source's processes are outside this host's pid namespace)."""
+    the paths that are here the very file the source has (``agent.files.check_files``): a lease
+    on one is refused (opening the file here would break it); a write lock on one is the
+    source's to wait out (``job_write_lock``), the job's own, whether or not this host's
+    /proc/locks shows it (it does not when the source's processes are outside this host's pid
+    namespace)."""
     for path, lock in locks:
         if any(path == e or path.startswith(e.rstrip("/") + "/") for e in exempt):
             continue                 # a filesystem hook brings it later; restore takes the lock or fails
-        if lock.write and path in very:
-            _refuse_same_file(path, lock, host, pid)
+        if path in very:
+            if lock.kind == "lease" and lock.write:
+                refuse_same_file(path, lock, host, pid)
+            if lock.write:
+                continue             # the job's own: frozen at a moment it holds none
         try:
             who = conflict(path, lock)
         except OSError:
@@ -198,21 +210,80 @@ def check_free(locks: list[tuple[str, FileLock]], host: str, pid: int | None, ex
         if who is None:
             continue
         if who.startswith(f"pid {pid} "):
-            _refuse_same_file(path, lock, host, pid)
+            refuse_same_file(path, lock, host, pid)
         raise RestoreError(f"pid {pid} holds {describe(lock)} of {path}, which cannot be taken on {host}: {who}; "
                            "move the process when that lock is released", pid=pid, host=host)
 
 
-def _refuse_same_file(path: str, lock: FileLock, host: str, pid: int | None) -> None:
+def refuse_same_file(path: str, lock: FileLock, host: str, pid: int | None, held_for: float = 0.0) -> None:
     held = f"pid {pid} holds {describe(lock)} of {path}"
     if lock.kind == "lease":
         raise RestoreError(f"{held}, and {host} sees that same file (the same host): opening it there would "
                            "break the lease before the move; move the process when it does not hold it, or to "
                            "another host", pid=pid, host=host)
-    raise RestoreError(f"{held}, and {host} sees that same file (the same host, or storage both share): a "
-                       "write lock cannot change hands between two processes without a moment where a third "
-                       "could take it; move the process when it does not hold it, or to a host with its own "
-                       "copy of the file", pid=pid, host=host)
+    throughout = f" (held throughout {held_for:g} s)" if held_for else ""
+    raise RestoreError(f"{held}{throughout}, and {host} sees that same file (the same host, or storage both "
+                       "share): a write lock cannot change hands between two processes without a moment where a "
+                       "third could take it; move the process when it does not hold it, or to a host with its "
+                       "own copy of the file", pid=pid, host=host)
+
+
+def _write_locked_inodes() -> set[int]:
+    """Inode numbers of the files this host's processes hold a write lock on (POSIX, OFD or
+    flock: /proc/locks, one read). Inode numbers only: /proc/locks names the superblock's
+    device, which stat() does not for a btrfs subvolume."""
+    out = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 8 or parts[1] == "->" or parts[3] != "WRITE" or _KINDS.get(parts[1]) in (None, "lease"):
+                continue
+            out.add(int(parts[5].rsplit(":", 1)[1]))
+    return out
+
+
+def job_write_lock(pids: Iterable[int], files: Collection[tuple[int, int]]) -> tuple[int, str, FileLock] | None:
+    """A write lock (POSIX, OFD or flock; a lease is refused in preflight) a process of
+    ``pids`` holds on one of ``files`` ((st_dev, st_ino) pairs), as (pid, path, lock); None
+    if it holds none. Cheap when none is held: one read of /proc/locks; only where one of
+    the files is write-locked by anyone are the job's fds looked at."""
+    from agent.procfs import fd_links, read_text
+    if not files:
+        return None
+    locked = _write_locked_inodes()
+    suspects = {f for f in files if f[1] in locked}
+    if not suspects:
+        return None
+    for pid in pids:
+        try:
+            links = fd_links(pid)
+        except (OSError, ProcessLookupError):
+            continue                 # gone: the freeze sees it leave
+        for fd, target in links:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                info = read_text(pid, "fdinfo", str(fd))
+            except (OSError, ProcessLookupError):
+                continue
+            if (st.st_dev, st.st_ino) not in suspects:
+                continue
+            lines = [line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("lock:")]
+            for lock in parse(pid, fd, target, lines):
+                if lock.write and lock.kind != "lease":
+                    return pid, target, lock
+    return None
+
+
+def wait_unlocked(pids: Callable[[], Iterable[int]], files: Collection[tuple[int, int]],
+                  within: float) -> tuple[int, str, FileLock] | None:
+    """Wait up to ``within`` seconds for a moment the job (``pids()``, read again each look)
+    holds no write lock on ``files``: None then, else the lock it held throughout."""
+    deadline = time.monotonic() + within
+    while True:
+        held = job_write_lock(pids(), files)
+        if held is None or time.monotonic() >= deadline:
+            return held
+        time.sleep(UNLOCK_POLL)
 
 
 def take_calls(fd: int, lock: FileLock, scratch: int) -> tuple[str, tuple[int, ...], bytes | None]:

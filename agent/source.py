@@ -9,7 +9,8 @@ destination goes out as one ordered stream (the reply stream of ``source_precopy
 ``source_freeze``): the image header, layouts and their pages, then the process's state.
 
 Methods: ``source_open`` (preflight: hold the process, choose a tracker, describe what the
-destination must have), ``source_precopy`` (rounds while it runs), ``source_freeze`` (freeze,
+destination must have), ``source_very_files`` (what the destination sees as the very same
+file: a write lock on one waited out), ``source_precopy`` (rounds while it runs), ``source_freeze`` (freeze,
 last delta, state), ``source_commit_pending``, ``source_kill``, ``source_hold``,
 ``source_release``, ``source_stand_in`` (in place of ``source_kill``: ``agent.standin``).
 """
@@ -32,7 +33,7 @@ from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
-from agent.procfs import read_status, thread_ids
+from agent.procfs import process_tree, read_status, thread_ids
 from precopy import sysv
 from precopy.kernel import xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
@@ -273,6 +274,8 @@ class SourceSession:
     level: Level = "auto"
     data_sink: DataChannelSink | None = None
     inflight: InFlight = field(default_factory=InFlight)   # precopy or freeze, while it runs
+    idents: dict[str, tuple[int, int]] = field(default_factory=dict)   # the job's files: (st_dev, st_ino)
+    very: list[list[int]] = field(default_factory=list)   # of those, the destination's very files
 
     def sink(self, ctx: CallContext, to: dict[str, Any] | None,
              connect_timeout: float = HANDSHAKE_TIMEOUT) -> "StreamSink | DataChannelSink":
@@ -404,7 +407,9 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         await _blocking(holder.close)
         raise
     SESSIONS[id(ctx.rpc)] = SourceSession(pid, holder, choice.name, carry_tree=not new_pid,
-                                          bandwidth_limit=bandwidth_limit, level=level)
+                                          bandwidth_limit=bandwidth_limit, level=level,
+                                          idents={f.path: (int(f.ident["dev"]), int(f.ident["ino"]))
+                                                  for f in facts.values() if "ino" in f.ident})
     root = processes[0]
     return {
         "pid": pid, "comm": root["comm"], "uid": root["uid"], "threads": sum(p["threads"] for p in processes),
@@ -420,6 +425,23 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
     }
+
+
+async def source_very_files(ctx: CallContext, *, paths: list[str], host: str) -> dict[str, Any]:
+    """Preflight: ``paths`` are on ``host`` the very files the job has (the same host, or
+    storage both share). A write lock the job holds on one cannot change hands: wait up to
+    ``locks.UNLOCK_WAIT`` for a moment it holds none (a database holds its lock per commit),
+    and refuse one held throughout; the freeze then waits for such a moment too."""
+    s = _session(ctx)
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or not isinstance(host, str):
+        raise ProtocolError("source_very_files: paths must be a list of paths")
+    s.very = [list(s.idents[p]) for p in paths if p in s.idents]
+    files = {(dev, ino) for dev, ino in s.very}
+    held = await _blocking(locks.wait_unlocked, lambda: process_tree(s.pid), files, locks.UNLOCK_WAIT)
+    if held is not None:
+        pid, path, lock = held
+        locks.refuse_same_file(path, lock, host, pid, held_for=locks.UNLOCK_WAIT)
+    return {}
 
 
 def _process_summary(pid: int) -> dict[str, Any]:
@@ -505,8 +527,11 @@ async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -
 
 async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    frozen = await _blocking(s.holder.call, "freeze")
+    frozen = await _blocking(s.holder.call, "freeze", unlocked=s.very)
     t_frozen = time.perf_counter()
+    lock_retries = int(frozen.get("lock_retries", 0))
+    if lock_retries:              # let run, and frozen again, for a write lock: the last freeze counts
+        t0 = t_frozen - (time.monotonic_ns() - int(frozen["first_interrupt_ns"])) / 1e9
     s.frozen = True
     for control in s.controls.values():
         control.frozen = True
@@ -593,7 +618,8 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     # until the destination had everything, the last pages included.
     t_state = max(t_state, t_pages)
     times = {"freeze_ms": (t_frozen - t0) * 1000, "pages_ms": (t_pages - t_frozen) * 1000,
-             "state_wait_ms": (t_state - t_pages) * 1000, "state_send_ms": (t_end - t_state) * 1000}
+             "state_wait_ms": (t_state - t_pages) * 1000, "state_send_ms": (t_end - t_state) * 1000,
+             "lock_retries": lock_retries}
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},
@@ -696,6 +722,7 @@ METHODS = {
     "source_open": source_open, "source_connect": source_connect, "source_precopy": source_precopy,
     "source_freeze": source_freeze,
     "source_commit_pending": source_commit_pending, "source_kill": source_kill,
+    "source_very_files": source_very_files,
     "source_stand_in": source_stand_in,
     "source_hold": source_hold, "source_release": source_release, "resolve": resolve,
 }

@@ -326,6 +326,8 @@ class Migration:
             checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **placement)
             for warning in checked.get("warnings", []):
                 self._warn(str(warning))
+            if checked.get("very"):       # the very files both see: a write lock on one is waited out
+                await src.call("source_very_files", paths=list(checked["very"]), host=self.dest)
             self.data_to = await self._data_channel(src, dst, str(checked["session"]))
             stand_in_address = self._stand_in_address(summary)
             if self.relay and not stand_in_address:

@@ -79,6 +79,84 @@ def test_cpython_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
     wait_gone(report["new_pid"])
 
 
+# An sqlite database in WAL mode, written in write transactions that each hold the write lock
+# (a POSIX lock on the -shm file) for 3 ms of every 6, until the test says go on; then the
+# job checks every one of its commits is there and the database is sound.
+SQLITE_JOB = r"""
+import os, sqlite3, sys, time
+db_path, out, least = sys.argv[1], sys.argv[2], int(sys.argv[3])
+db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+db.execute("pragma journal_mode=wal")
+db.execute("create table if not exists t (who text, i integer)")
+open(os.path.join(out, "ready"), "w").close()
+i = 0
+while i < least or not os.path.exists(os.path.join(out, "go-on")):
+    db.execute("begin immediate")
+    db.execute("insert into t values ('job', ?)", (i,))
+    time.sleep(0.003)
+    db.execute("commit")
+    i += 1
+    time.sleep(0.003)
+rows, total = db.execute("select count(*), coalesce(sum(i), 0) from t where who = 'job'").fetchone()
+sound = db.execute("pragma integrity_check").fetchone()[0]
+with open(os.path.join(out, "output"), "w") as f:
+    f.write(f"integrity {sound}; every commit kept: {rows == i and total == i * (i - 1) // 2}\n")
+with open(os.path.join(out, "verdict"), "w") as f:
+    f.write("PASS\n")
+"""
+
+# Another writer of the same database that stays on hostA, until told to stop: how many it committed.
+SQLITE_OTHER = r"""
+import os, sqlite3, sys, time
+db_path, stop, out = sys.argv[1], sys.argv[2], sys.argv[3]
+db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+j = 0
+while not os.path.exists(stop):
+    db.execute("begin immediate")
+    db.execute("insert into t values ('other', ?)", (j,))
+    db.execute("commit")
+    j += 1
+    time.sleep(0.002)
+with open(out, "w") as f:
+    f.write(str(j))
+"""
+
+
+def test_an_sqlite_database_being_written_on_storage_both_hosts_share_moves(testbed: Testbed,
+                                                                             tmp_path: Path) -> None:
+    """The job commits to an sqlite database in WAL mode (its write lock held half the time)
+    that both hosts see, while another writer on hostA commits to it too. Preflight hashed the
+    files being written and found them "different"; a write lock seen in preflight refused the
+    move; one held at the freeze failed the restore. The job now moves, frozen at a moment it
+    holds no write lock (its read locks held on hostC before it runs); none of its commits or
+    the other writer's is lost, and the database is sound."""
+    db = tmp_path / "jobs.db"
+    script, other = tmp_path / "job.py", tmp_path / "other.py"
+    script.write_text(SQLITE_JOB)
+    other.write_text(SQLITE_OTHER)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(db), str(out), "200"], out)
+    stop, counted = tmp_path / "stop", tmp_path / "other-count"
+    writer = testbed.popen("hostA", [sys.executable, "-S", str(other), str(db), str(stop), str(counted)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                        keep_pid=True)
+        assert code == 0, err
+        assert [p["pid"] for p in report["processes"]] == [pid]
+        assert proc_state(pid) in (None, "Z", "X"), "the job still runs on hostA"
+        assert verdict(out) == "PASS", (out / "stderr").read_text()
+    finally:
+        stop.touch()
+        _, werr = writer.communicate(timeout=60)
+    assert writer.returncode == 0, werr
+    assert (out / "output").read_text() == "integrity ok; every commit kept: True\n"
+    import sqlite3
+    with sqlite3.connect(db) as check:
+        assert check.execute("select count(*) from t where who = 'other'").fetchone()[0] == int(counted.read_text())
+        assert check.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
 @contextmanager
 def unreachable(testbed: Testbed, host: str, target: str) -> Iterator[None]:
     """``host`` cannot connect to ``target`` (an unreachable route) while kcr-migrate reaches both."""
