@@ -557,14 +557,65 @@ class PageFinder:
 
         Only valid where no uffd-wp markers exist: the kernel reports a marker as a swapped page.
         """
-        if shared:     # shared anonymous: read it all, zero pages are dropped later
-            return [(start, (end - start) // PAGE_SIZE)]
+        if shared:     # what the object holds (zero pages are dropped later)
+            held = self.shared_data(start, end)
+            return held if held is not None else [(start, (end - start) // PAGE_SIZE)]
         exclude = PAGE_IS_PFNZERO | (PAGE_IS_FILE if file_backed else 0)
         if self._scanner is not None:
             regions = self._scanner.scan(start, end, required=exclude, inverted=exclude,
                                          anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED, returned=PAGE_IS_PRESENT)
             return _merge((r.start, (r.end - r.start) // PAGE_SIZE) for r in regions)
         return self._populated_legacy(start, end, file_backed)
+
+    def shared_data(self, start: int, end: int) -> list[Run] | None:
+        """The pages of [start, end), within one MAP_SHARED mapping, where the object mapped
+        holds data (in memory or swapped out): ``lseek`` SEEK_DATA/SEEK_HOLE on the object,
+        opened through /proc/PID/map_files. Its holes read as zeros, and reading one through
+        the mapping would allocate it (a 300 MiB shared reservation with two pages written
+        became 300 MiB of memory, read and hashed every round). Another process's writes to
+        the object count, as they must. None where the object cannot be asked (every page
+        is read then)."""
+        vma = self._covering(start)
+        if vma is None:
+            return None
+        vstart, vend, offset = vma
+        try:
+            fd = os.open(f"/proc/{self.pid}/map_files/{vstart:x}-{vend:x}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        runs: list[Run] = []
+        try:
+            pos, stop = offset + (start - vstart), offset + (min(end, vend) - vstart)
+            while pos < stop:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break                    # no data from pos to the object's end
+                    return None
+                if data >= stop:
+                    break
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), stop)
+                first = data - data % PAGE_SIZE
+                last = -(-hole // PAGE_SIZE) * PAGE_SIZE
+                runs.append((vstart + first - offset, (last - first) // PAGE_SIZE))
+                pos = last
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return _merge(runs)
+
+    def _covering(self, addr: int) -> tuple[int, int, int] | None:
+        """(start, end, file offset) of the mapping that holds ``addr``."""
+        try:
+            found = query_maps(self.pid, start=addr, end=addr + PAGE_SIZE)
+            if found is None:
+                found = [e for e in read_maps(self.pid) if e.start <= addr < e.end]
+        except (OSError, NoSuchProcess):
+            return None
+        vma = next((e for e in found if e.start <= addr < e.end), None)
+        return (vma.start, vma.end, vma.offset) if vma is not None else None
 
     def _populated_legacy(self, start: int, end: int, file_backed: bool) -> list[Run]:
         entries = read_pagemap(self._pagemap_fd, start, end)
