@@ -61,6 +61,7 @@ TOOL_VERSION = "0.1.0"
 SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
 PR_GET_THP_DISABLE = 42
+PR_GET_PDEATHSIG = 2
 MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 ERESTART_CODES = (-512, -513, -514, -516)
 
@@ -104,7 +105,7 @@ class Collected:
 
 
 # The scratch mapping a dump borrows: answers at the start, then the batch code and its table.
-SIGACTIONS_AT, ITIMERS_AT, SUBREAPER_AT, THREAD_AT = 0, 2112, 2240, 2304
+SIGACTIONS_AT, ITIMERS_AT, SUBREAPER_AT, PDEATHSIG_AT, THREAD_AT = 0, 2112, 2240, 2296, 2304
 POLICY_AT = THREAD_AT + 32      # a thread's get_mempolicy: mode (8 bytes), then its nodemask
 RANGES_AT = PAGE_SIZE           # each mapping's get_mempolicy: mode and nodemask per mapping
 CODE_AT, TABLE_AT = 2 * PAGE_SIZE, 3 * PAGE_SIZE
@@ -205,14 +206,17 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
     bits = mempolicy.node_bits()
     policy_at = calls.scratch.addr + POLICY_AT
     got = calls.run(inj, [("prctl", (PR_GET_TID_ADDRESS, at)), ("sigaltstack", (0, at + 8)),
-                          ("prctl", (sched.PR_GET_TIMERSLACK,)), mempolicy.query_call(policy_at, policy_at + 8, bits)])
-    for name, result in zip(("prctl", "sigaltstack", "prctl"), got):
-        _ok(result, name, tid)
+                          ("prctl", (sched.PR_GET_TIMERSLACK,)), mempolicy.query_call(policy_at, policy_at + 8, bits),
+                          ("prctl", (PR_GET_PDEATHSIG, calls.scratch.addr + PDEATHSIG_AT))])
+    for name, result in zip(("prctl", "sigaltstack", "prctl", "", "prctl"), got):
+        if name:
+            _ok(result, name, tid)
     mode, mode_flags, nodes = 0, 0, b""
     if got[3] != -errno.ENOSYS:             # a kernel without NUMA: every policy is the default
         _ok(got[3], "get_mempolicy", tid)
         mode, mode_flags, nodes = _policy(calls.scratch.get(POLICY_AT, 8 + bits // 8), tid)
     answers = calls.scratch.get(THREAD_AT, 32)
+    pdeathsig = int.from_bytes(calls.scratch.get(PDEATHSIG_AT, 4), "little", signed=True)
     tid_address = _u64(answers, 0)
     ss = answers[8:32]
     head, head_len = get_robust_list(tid)
@@ -231,7 +235,7 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
         timer_slack_ns=timer_slack, nice=sch.nice, sched_policy=sch.sched_policy,
         sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus,
         ioprio=sch.ioprio, seccomp=seccomp_mode, seccomp_filters=filters, mempolicy=mode,
-        mempolicy_flags=mode_flags, mempolicy_nodes=nodes)
+        mempolicy_flags=mode_flags, mempolicy_nodes=nodes, pdeathsig=pdeathsig)
 
 
 def _policy(answer: bytes, pid: int) -> tuple[int, int, bytes]:

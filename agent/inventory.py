@@ -166,6 +166,9 @@ ROWS: tuple[Row, ...] = (
     Row("thread", "scheduling", CARRIED, _f("ThreadState", "nice", "sched_policy", "sched_priority",
                                             "sched_reset_on_fork", "timer_slack_ns", "ioprio")),
     Row("thread", "CPU pinning", CARRIED, _f("ThreadState", "cpus")),
+    Row("thread", "its parent-death signal (PR_SET_PDEATHSIG)", CARRIED, _f("ThreadState", "pdeathsig")),
+    # the job's root: the parent whose death would send it stays behind
+    Row("thread", "the parent-death signal of the job's root", LOST, readme="parent-death signal"),
     Row("thread", "NUMA memory policy (set_mempolicy)", CARRIED, _f("ThreadState", "mempolicy", "mempolicy_flags",
                                                                      "mempolicy_nodes")),
     # refused in preflight unless the user chose --affinity warn: then pinned to the CPUs it has

@@ -145,6 +145,7 @@ SECBIT_KEEP_CAPS = 1 << 4
 CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
+PR_SET_PDEATHSIG = 1
 PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
 MCL_FUTURE = 2
@@ -336,6 +337,7 @@ class Restorer:
         # stub program's: its system calls go through that one's gadget, and the stack pointer
         # it starts with points into that one's scratch (0, 0: a stub program's memory).
         self._clone_gadget, self._clone_scratch = forked_from.memory_for_clones() if forked_from else (0, 0)
+        self.forked_from = forked_from      # its parent in the tree, restored with it
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
@@ -1546,6 +1548,11 @@ class Restorer:
         calls.append(("prctl", (PR_SET_NAME, self._put(t.comm.encode()[:15] + b"\0", 256))))
         if t.timer_slack_ns:
             calls.append(("prctl", (sched.PR_SET_TIMERSLACK, t.timer_slack_ns)))
+        if t.pdeathsig and self.forked_from is not None:
+            # Of a child in the tree, whose parent was made before it and moves with it. Not
+            # the job's root's: its parent does not move (the destination's would be the
+            # restorer, whose exit would send it).
+            calls.append(("prctl", (PR_SET_PDEATHSIG, t.pdeathsig)))
         # Where any thread has a NUMA policy, every thread's, the default too: a thread cloned
         # from the leader inherited the leader's. (None: a kernel without NUMA has no such call.)
         if self._numa_threads:

@@ -532,6 +532,8 @@ UNOBSERVED: dict[str, str] = {
     "membarrier registrations": "only the process reads them: the records compare them",
     "clear_child_tid, robust futex list, rseq": "only ptrace or the process reads them: the records compare them",
     "alternate signal stack": "only the process reads it (sigaltstack): the records compare it",
+    "its parent-death signal (PR_SET_PDEATHSIG)": "only the process reads it (PR_GET_PDEATHSIG): the records "
+                                                  "compare it",
 }
 
 

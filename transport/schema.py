@@ -66,7 +66,9 @@ from transport.records import (
 # (``UnixSocket.cred_pid``, ``cred_uid``, ``cred_gid``, and ``conn_pid``, ``conn_uid``, ``conn_gid``
 # for a client waiting in an accept queue), which a version 6 reader would drop: the process would
 # find its memory placed anywhere and its peers told the restorer's ids.
-FORMAT_VERSION = 7
+# 8: a thread's parent-death signal (``ThreadState.pdeathsig``), which a version 7 reader would
+# drop: a child meant to die with its parent would outlive it.
+FORMAT_VERSION = 8
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -938,6 +940,8 @@ class ThreadState(Record):
     mempolicy: Annotated[int, Int(0, MPOL_MODES - 1, "a NUMA policy mode")] = 0
     mempolicy_flags: Annotated[int, Int(0, MPOL_MODE_FLAGS, "NUMA policy mode flags")] = 0
     mempolicy_nodes: Annotated[bytes, Blob(MAX_NUMNODES // 8)] = b""
+    # format 8: the signal it gets when the thread that made it exits (PR_SET_PDEATHSIG; 0: none)
+    pdeathsig: Annotated[int, Int(0, NSIG, "a signal number")] = 0
 
     def validate(self) -> None:
         _check(self.sched_policy != 4, "scheduling policy 4 (no such policy)")
