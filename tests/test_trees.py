@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._hosts import wait_file
 from tests._migration import migrate_cli
 from tests._workloads import (STARTED, Workload, become_subreaper, finished, kcr, one_error_line, reap,
                               start_reference, start_until_ready)
@@ -279,6 +280,45 @@ def test_a_large_shared_reservation_costs_what_was_written_not_its_size(tmp_path
         "(b'parent', b'child', b'last') zeros True small True child 0\n"
 
 
+# The root asks for SIGTERM when its parent dies, forks a child that asks for SIGUSR1 when the
+# root does (PR_SET_PDEATHSIG), and, once let go on (WORKLOAD_HOLD), exits without waiting for
+# it: the child reports the signal it got, as an unmoved run's does.
+PDEATHSIG = """
+import ctypes, os, signal, sys, time
+d, hold = sys.argv[1], os.environ["WORKLOAD_HOLD"]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+got = []
+signal.signal(signal.SIGUSR1, lambda n, f: got.append(n))
+child = os.fork()
+if child == 0:
+    libc.prctl(1, signal.SIGUSR1, 0, 0, 0)
+    asked = ctypes.c_int(0)
+    libc.prctl(2, ctypes.byref(asked), 0, 0, 0)
+    open(f"{d}/ready", "w").close()
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open(f"{d}/output", "w").write(f"asked {asked.value} got {got}\\n")
+    os._exit(0)
+while not os.path.exists(hold):
+    time.sleep(0.01)
+os._exit(0)
+"""
+
+
+def test_a_childs_parent_death_signal_comes_when_its_moved_parent_exits(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG was not carried: the restored child outlived its parent unsignalled
+    (a launcher's workers would run on as orphans). The child's is set again; the root's is
+    not (its parent does not move: set, the restorer's exit would have killed it)."""
+    script = tmp_path / "pdeathsig.py"
+    script.write_text(PDEATHSIG)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
+    checkpointed_and_restored(proc, tmp_path, 2, release=tmp_path / "go-on")
+    assert wait_file(tmp_path / "output") == "asked 10 got [10]\n"
+
+
 def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     script = tmp_path / "counters.py"
     script.write_text(SHARED_COUNTERS)
@@ -400,14 +440,14 @@ def test_a_running_tree_is_checked_as_it_changes_not_refused_for_it(tmp_path: Pa
     STARTED.append(job)
     looks = changed = 0
     seen: set[int] = set()
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline or looks < 200:
+    deadline = time.monotonic() + 60
+    while changed < 100 or looks < 200:       # checks that raced with the loop, however fast they are
+        assert time.monotonic() < deadline, f"the tree changed in {changed} of {looks} looks only: no race"
         pids = check_tree(job.pid, {})
         looks += 1
         changed += bool(set(pids) - seen)
         seen = set(pids)
         assert pids[0] == job.pid
-    assert changed >= 100, f"the tree changed in {changed} of {looks} looks only: the test did not race"
 
 
 
