@@ -347,7 +347,8 @@ def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=thp_disable,
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
-        membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid))
+        membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid),
+        coredump_filter=int(read_text(pid, "coredump_filter"), 16))
 
 
 def _loginuid(pid: int) -> int:

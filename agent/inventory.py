@@ -148,6 +148,7 @@ ROWS: tuple[Row, ...] = (
     Row("process", "child subreaper, THP disable, mlockall(MCL_FUTURE)", CARRIED,
         _f("ProcessState", "child_subreaper", "thp_disable", "lock_future")),
     Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),
+    Row("process", "coredump_filter", CARRIED, _f("ProcessState", "coredump_filter")),
     Row("process", "loginuid", WARNED, _f("ProcessState", "loginuid")),
     Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
     Row("process", "a job-control stop (SIGSTOP, Ctrl-Z, Slurm's suspend)", CARRIED, _f("ProcessState", "stopped")),

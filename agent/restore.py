@@ -1193,6 +1193,8 @@ class Restorer:
             if proc.membarrier & command:
                 self._call("membarrier", command, 0, 0)
         self._loginuid(proc)
+        with open(f"/proc/{self.pid}/coredump_filter", "w") as f:     # (the stub has the agent's)
+            f.write(f"{proc.coredump_filter:#x}")
         if proc.oom_score_adj:
             try:
                 with open(f"/proc/{self.pid}/oom_score_adj", "w") as f:

@@ -492,6 +492,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "POSIX timers": _timers,
     "child subreaper, THP disable, mlockall(MCL_FUTURE)": _status("THP_enabled"),
     "oom_score_adj": lambda p: p.text("oom_score_adj").strip(),
+    "coredump_filter": lambda p: p.text("coredump_filter").strip(),
     "loginuid": lambda p: p.text("loginuid").strip() if os.path.exists(f"/proc/{p.pid}/loginuid") else None,
     "its cgroups": lambda p: p.text("cgroup"),
     "its tid, name and registers": _per_thread(lambda p, t: p.text("task", str(t), "comm").strip()),

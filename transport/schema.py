@@ -66,8 +66,9 @@ from transport.records import (
 # (``UnixSocket.cred_pid``, ``cred_uid``, ``cred_gid``, and ``conn_pid``, ``conn_uid``, ``conn_gid``
 # for a client waiting in an accept queue), which a version 6 reader would drop: the process would
 # find its memory placed anywhere and its peers told the restorer's ids.
-# 8: a thread's parent-death signal (``ThreadState.pdeathsig``), which a version 7 reader would
-# drop: a child meant to die with its parent would outlive it.
+# 8: a thread's parent-death signal (``ThreadState.pdeathsig``) and a process's
+# ``coredump_filter``, which a version 7 reader would drop: a child meant to die with its parent
+# would outlive it, a core dump meant to leave out shared memory would hold it.
 FORMAT_VERSION = 8
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -302,6 +303,8 @@ class ProcessState(Record):
     # the ranges of its address space with a NUMA policy of their own (mbind), in address order
     mempolicies: Annotated[tuple[MemPolicy, ...], Count(1 << 16)] = ()
     stopped: Flag = 0        # in a job-control stop (SIGSTOP, SIGTSTP, ...) when it was frozen
+    # format 8: /proc/PID/coredump_filter (which mappings a core dump holds; the kernel's default)
+    coredump_filter: Annotated[int, Int(0, (1 << 9) - 1, "a coredump_filter")] = 0x33
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")

@@ -3,7 +3,8 @@
  * mapping of a file opened read-write, which may be made writable, a membarrier registration
  * (a private expedited barrier fails with EPERM without it), audit's loginuid, a mapping's
  * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them), MADV_RANDOM
- * readahead advice, and a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM). */
+ * readahead advice, a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM), and the
+ * coredump_filter (which mappings a core dump holds). */
 #include "ckpt_common.h"
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -61,6 +62,13 @@ static int oom_adj(void) {
     return v;
 }
 
+static unsigned dump_filter(void) {
+    unsigned v = 0;
+    FILE *f = fopen("/proc/self/coredump_filter", "r");
+    if (f) { if (fscanf(f, "%x", &v) != 1) v = 0; fclose(f); }
+    return v;
+}
+
 int main(int argc, char **argv) {
     init(argc, argv);
     FILE *out = open_output();
@@ -89,6 +97,8 @@ int main(int argc, char **argv) {
     if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) return 3;
     FILE *f = fopen("/proc/self/oom_score_adj", "w");
     if (!f || fprintf(f, "300\n") < 0 || fclose(f)) return 3;
+    f = fopen("/proc/self/coredump_filter", "w");            /* no shared memory, ELF headers */
+    if (!f || fprintf(f, "0x11\n") < 0 || fclose(f) || dump_filter() != 0x11) return 3;
     if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0)) { perror("membarrier"); return 3; }
     /* Audit's login uid: only where the kernel has audit, and we may set it (root). */
     int audit = 0;
@@ -103,6 +113,7 @@ int main(int argc, char **argv) {
     if (!locked(c)) strcat(why, "mlockall(MCL_FUTURE); ");
     if (prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 1) strcat(why, "THP disable; ");
     if (oom_adj() != 300) strcat(why, "oom_score_adj; ");
+    if (dump_filter() != 0x11) strcat(why, "coredump_filter; ");
     if (syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)) strcat(why, "membarrier registration; ");
     if (audit && loginuid() != 4242) strcat(why, "loginuid; ");
     if ((noreserve && !vmflag(nr, "nr")) || nr[4096] != 'n') strcat(why, "MAP_NORESERVE; ");
