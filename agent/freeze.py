@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 
 from agent import ptrace, seccomp
 from agent.procfs import read_stat, thread_ids
-from precopy.kernel import pidfd_open, pidfd_send_signal
-from transport.errors import NoSuchProcess, PermissionDenied, ProcessExited
+from precopy.kernel import kcmp, pidfd_open, pidfd_send_signal
+from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, ProcessExited
 
 
 ERESTART_RESTARTBLOCK = (1 << 64) - 516
+KCMP_VM = 1
+STOP_TIMEOUT = 5.0       # seconds a thread may take to stop once interrupted
 NR_RESTART_SYSCALL = 219
 
 
@@ -153,7 +155,12 @@ def freeze(held: Held) -> None:
 
 def _wait_frozen(held: Held, tid: int) -> None:
     try:
-        stop = ptrace.wait_stop(tid)
+        stop = ptrace.wait_stop(tid, STOP_TIMEOUT)
+    except ptrace.NotStopping:
+        why = _not_stopping(held.pid, tid)
+        thaw(held)
+        raise ProcessError(f"pid {held.pid}{'' if tid == held.pid else f' (thread {tid})'} did not stop within "
+                           f"{STOP_TIMEOUT:g} s: {why}; nothing was moved, it runs on: try again", pid=held.pid) from None
     except ptrace.TraceeGone:
         held.seized.discard(tid)
         if tid == held.pid:
@@ -172,6 +179,29 @@ def _wait_frozen(held: Held, tid: int) -> None:
         held.restart_nr.pop(tid, None)      # no longer in the call we saw
     elif nr not in (-1, NR_RESTART_SYSCALL):
         held.restart_nr[tid] = nr
+
+
+def _not_stopping(pid: int, tid: int) -> str:
+    """Why ``tid`` of ``pid`` does not stop: a vfork() child not exec'd yet, or a wait the
+    kernel lets nothing interrupt."""
+    try:
+        children = [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                    for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            if kcmp(pid, child, KCMP_VM, 0, 0) == 0:
+                return (f"it waits in vfork() for its child {child}, which has not called exec or exit yet "
+                        "(and shares its memory until then)")
+        except OSError:
+            continue
+    try:
+        wchan = open(f"/proc/{pid}/task/{tid}/wchan").read().strip() or "?"
+        state = read_stat(tid)[3]
+    except (OSError, NoSuchProcess):
+        return "it is in a wait nothing may interrupt"
+    return f"it is in a wait nothing may interrupt (state {state}, in the kernel's {wchan})"
 
 
 def thaw(held: Held) -> None:

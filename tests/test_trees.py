@@ -18,7 +18,7 @@ import pytest
 
 from tests._hosts import wait_file
 from tests._migration import migrate_cli
-from tests._workloads import (STARTED, Workload, become_subreaper, finished, kcr, one_error_line, reap,
+from tests._workloads import (STARTED, Workload, become_subreaper, build, finished, kcr, one_error_line, reap,
                               start_reference, start_until_ready)
 
 
@@ -317,6 +317,25 @@ def test_a_childs_parent_death_signal_comes_when_its_moved_parent_exits(tmp_path
                              start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
     checkpointed_and_restored(proc, tmp_path, 2, release=tmp_path / "go-on")
     assert wait_file(tmp_path / "output") == "asked 10 got [10]\n"
+
+
+def test_a_parent_waiting_in_vfork_is_refused_not_waited_for_forever(tmp_path: Path) -> None:
+    """A parent in vfork() does not stop (the kernel lets nothing interrupt that wait) until
+    its child execs or exits; a checkpoint waited for it forever. After a few seconds it is
+    refused naming the child, the job untouched: let go, it finishes as an unmoved run."""
+    exe = build("vfork_wait")
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = start_until_ready([str(exe), str(tmp_path / "ready"), str(tmp_path / "go")], tmp_path / "ready",
+                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    child = next(iter(set(tree(proc.pid)) - {proc.pid}))
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    err = one_error_line(res.stderr)
+    assert res.returncode == 1 and "vfork()" in err and f"child {child}," in err, err
+    assert not (tmp_path / "img").exists()
+    (tmp_path / "go").touch()
+    assert proc.wait(timeout=30) == 0
+    assert out.read_text() == "child ran\nparent: child exited 0\n"
 
 
 def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
