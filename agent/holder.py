@@ -134,7 +134,8 @@ class Holder:
         checked with the rest), processes gone or exited (zombies) leave. The root must
         still run."""
         if not freezer.alive(self._need()):
-            raise ProcessExited(f"process {self.root} exited", pid=self.root)
+            raise ProcessExited(f"pid {self.root} exited before it was moved: there is nothing left to move",
+                                pid=self.root)
         now = [p for p in process_tree(self.root) if not zombie(p)]
         left = [p for p in self.helds if p not in now or not freezer.alive(self.helds[p])]
         for p in left:

@@ -114,7 +114,8 @@ def freeze_tree(root: int, helds: dict[int, freezer.Held]) -> tuple[list[int], l
                 continue
             try:
                 if not freezer.alive(held):
-                    raise ProcessExited(f"process {p} exited", pid=p)
+                    raise ProcessExited(f"pid {p} exited before it was moved" + (
+                        ": there is nothing left to move" if p == root else ""), pid=p)
                 freezer.freeze(held)
             except ProcessExited:
                 if p == root:
