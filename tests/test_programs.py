@@ -656,3 +656,71 @@ def test_rsync_mid_copy(tmp_path: Path) -> None:
     finished(int(res.stdout.split()[-1]), timeout=120)
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
     assert all((dst / p.name).read_bytes() == p.read_bytes() for p in src.iterdir())
+
+
+# A writer in the middle of an sqlite write transaction (BEGIN IMMEDIATE: its write lock held,
+# its rows not committed) when it is checkpointed; it commits once told to go on.
+SQLITE_TRANSACTION = r"""
+import os, sqlite3, sys
+db_path, d, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+db = sqlite3.connect(db_path, isolation_level=None)
+db.execute(f"pragma journal_mode={mode}")
+db.execute("create table t (i integer)")
+db.executemany("insert into t values (?)", [(i,) for i in range(100)])
+db.execute("begin immediate")
+db.executemany("insert into t values (?)", [(i,) for i in range(100, 200)])
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    import time; time.sleep(0.01)
+db.execute("commit")
+rows, total = db.execute("select count(*), sum(i) from t").fetchone()
+sound = db.execute("pragma integrity_check").fetchone()[0]
+open(os.path.join(d, "output"), "w").write(f"{rows} rows, sum {total}, integrity {sound}\n")
+"""
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_an_sqlite_write_transaction_keeps_its_lock_across_a_checkpoint(tmp_path: Path, mode: str) -> None:
+    """Restored, the writer holds its write lock again before it runs (another connection
+    cannot begin writing, and does not see the uncommitted rows); let go, it commits, and
+    the database holds every row, sound. In rollback-journal mode the lock is a POSIX lock
+    on the database, in WAL mode one on its -shm file."""
+    import sqlite3
+    db, script = tmp_path / "jobs.db", tmp_path / "txn.py"
+    script.write_text(SQLITE_TRANSACTION)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(db), str(tmp_path), mode],
+                             tmp_path / "ready", start_new_session=True)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "txn.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    res = kcr("restore", "-i", str(tmp_path / "txn.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    restored = int(res.stdout.split()[-1])
+    other = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        assert other.execute("select count(*) from t").fetchone()[0] == 100
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("begin immediate")
+    finally:
+        other.close()
+    (tmp_path / "go").touch()
+    finished(restored, timeout=60)
+    assert (tmp_path / "output").read_text() == "200 rows, sum 19900, integrity ok\n"
+
+
+def test_an_sqlite_write_transaction_held_throughout_a_live_move_is_refused(tmp_path: Path) -> None:
+    """Live, to a host that sees the same database (here: itself), a write lock cannot change
+    hands; held throughout preflight's wait (an open transaction, not a commit's moment) the
+    move is refused, naming it, before anything froze; the writer goes on and commits."""
+    db, script = tmp_path / "jobs.db", tmp_path / "txn.py"
+    script.write_text(SQLITE_TRANSACTION)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(db), str(tmp_path), "wal"],
+                             tmp_path / "ready", start_new_session=True)
+    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "holds a write POSIX record lock" in line and "(held throughout 1 s)" in line and f"{db}-shm" in line, err
+    assert not report.get("per_round"), report
+    (tmp_path / "go").touch()
+    assert proc.wait(timeout=30) == 0
+    assert (tmp_path / "output").read_text() == "200 rows, sum 19900, integrity ok\n"
