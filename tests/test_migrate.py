@@ -232,7 +232,7 @@ def test_a_process_someone_else_traces_is_refused(tmp_path: Path) -> None:
     from agent import ptrace
     from agent.tracer import Tracer
 
-    w = Workload("ckpt_array", tmp_path, "200")
+    w = Workload("ckpt_array", tmp_path, "200", hold=True)    # (it may not end before it is let go)
     w.start()
     w.wait_ready()
     with Tracer() as tracer:

@@ -222,12 +222,15 @@ def test_leases(tmp_path: Path, how: str, write: bool) -> None:
 REWRITER = r"""
 import hashlib, os, sys, time
 path, ready, out, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+hold = os.environ.get("WORKLOAD_HOLD")    # a moved run waits there, three quarters in, until moved
 fd = os.open(path, os.O_RDWR)
 size = os.fstat(fd).st_size
 for i in range(n):
     os.pwrite(fd, i.to_bytes(8, "little"), (i * 4099) % (size - 8))
     if i == 20:
         open(ready, "w").close()
+    while hold and i == n * 3 // 4 and not os.path.exists(hold):
+        time.sleep(0.01)
     time.sleep(0.005)
 os.lseek(fd, 0, os.SEEK_SET)
 open(out, "w").write(hashlib.sha256(os.read(fd, size)).hexdigest() + "\n")
@@ -241,10 +244,13 @@ def test_a_file_rewritten_in_place_moves_from_a_host_to_itself(tmp_path: Path) -
     for name, move in (("reference", False), ("moved", True)):
         data, ready, out = tmp_path / f"{name}.db", tmp_path / f"{name}.ready", tmp_path / f"{name}.out"
         data.write_bytes(bytes(1 << 20))
+        hold = tmp_path / f"{name}.go-on"
         proc = start_until_ready([sys.executable, "-S", str(script), str(data), str(ready), str(out), "800"], ready,
-                                 start_new_session=True)
+                                 start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(hold)} if move else None)
         if move:
-            finished(moved(proc, "live", tmp_path))
+            pid = moved(proc, "live", tmp_path)
+            hold.touch()
+            finished(pid)
         else:
             assert proc.wait(timeout=120) == 0
         outputs.append(out.read_text())
