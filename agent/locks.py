@@ -41,7 +41,7 @@ import struct
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
 
-from transport.errors import ProtocolError, RestoreError, UnsupportedResource
+from transport.errors import NoSuchProcess, ProtocolError, RestoreError, UnsupportedResource
 from transport.schema import FileLock
 
 F_RDLCK, F_WRLCK = 0, 1
@@ -117,21 +117,20 @@ def from_wire(items: object) -> list[tuple[str, FileLock]]:
     return out
 
 
+def _host_locks() -> list[list[str]]:
+    """The fields of each lock this host's processes hold (/proc/locks: "1:", kind, mode,
+    READ/WRITE, pid, major:minor:inode, start, end or EOF), those waiting for one left out."""
+    with open("/proc/locks") as f:
+        return [parts for parts in map(str.split, f) if len(parts) >= 8 and parts[1] != "->"]
+
+
 def _held_here(path: str) -> list[tuple[str, bool, int, int, int]]:
     """(kind, write, pid, start, end or -1) of every lock this host's processes hold on the
     inode ``path`` names (/proc/locks)."""
     st = os.stat(path)
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    out = []
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 8 or parts[1] == "->" or parts[5] != dev:
-                continue
-            end = -1 if parts[7] == "EOF" else int(parts[7])
-            out.append((_KINDS.get(parts[1], parts[1].lower()), parts[3] == "WRITE", int(parts[4]),
-                        int(parts[6]), end))
-    return out
+    return [(_KINDS.get(parts[1], parts[1].lower()), parts[3] == "WRITE", int(parts[4]), int(parts[6]),
+             -1 if parts[7] == "EOF" else int(parts[7])) for parts in _host_locks() if parts[5] == dev]
 
 
 def _family(kind: str) -> str:
@@ -232,14 +231,8 @@ def _write_locked_inodes() -> set[int]:
     """Inode numbers of the files this host's processes hold a write lock on (POSIX, OFD or
     flock: /proc/locks, one read). Inode numbers only: /proc/locks names the superblock's
     device, which stat() does not for a btrfs subvolume."""
-    out = set()
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 8 or parts[1] == "->" or parts[3] != "WRITE" or _KINDS.get(parts[1]) in (None, "lease"):
-                continue
-            out.add(int(parts[5].rsplit(":", 1)[1]))
-    return out
+    return {int(parts[5].rsplit(":", 1)[1]) for parts in _host_locks()
+            if parts[3] == "WRITE" and _KINDS.get(parts[1]) not in (None, "lease")}
 
 
 def job_write_lock(pids: Iterable[int], files: Collection[tuple[int, int]]) -> tuple[int, str, FileLock] | None:
@@ -257,16 +250,16 @@ def job_write_lock(pids: Iterable[int], files: Collection[tuple[int, int]]) -> t
     for pid in pids:
         try:
             links = fd_links(pid)
-        except (OSError, ProcessLookupError):
+        except (OSError, NoSuchProcess):
             continue                 # gone: the freeze sees it leave
         for fd, target in links:
             try:
                 st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (st.st_dev, st.st_ino) not in suspects:
+                    continue
                 info = read_text(pid, "fdinfo", str(fd))
-            except (OSError, ProcessLookupError):
-                continue
-            if (st.st_dev, st.st_ino) not in suspects:
-                continue
+            except (OSError, NoSuchProcess):
+                continue                 # closed meanwhile
             lines = [line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("lock:")]
             for lock in parse(pid, fd, target, lines):
                 if lock.write and lock.kind != "lease":
