@@ -153,9 +153,25 @@ def freeze(held: Held) -> None:
         raise ProcessExited(f"process {held.pid} exited while being frozen", pid=held.pid)
 
 
+def _stop_of(tid: int) -> ptrace.Stop:
+    """``tid``'s stop once interrupted. One that has not stopped yet and sleeps where the kernel
+    lets nothing interrupt it (state D: a parent in vfork(), I/O) is waited for at most
+    ``STOP_TIMEOUT`` (looked at now and then); any other stops at once, and is waited for as
+    it comes (a blocking wait: no delay added to the freeze)."""
+    try:
+        return ptrace.wait_stop(tid, 0.0)
+    except ptrace.NotStopping:
+        pass
+    try:
+        asleep = read_stat(tid)[3] == "D"
+    except NoSuchProcess:
+        asleep = False                   # gone: the wait says so
+    return ptrace.wait_stop(tid, STOP_TIMEOUT if asleep else None)
+
+
 def _wait_frozen(held: Held, tid: int) -> None:
     try:
-        stop = ptrace.wait_stop(tid, STOP_TIMEOUT)
+        stop = _stop_of(tid)
     except ptrace.NotStopping:
         why = _not_stopping(held.pid, tid)
         thaw(held)
