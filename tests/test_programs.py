@@ -696,12 +696,7 @@ def test_an_sqlite_write_transaction_keeps_its_lock_across_a_checkpoint(tmp_path
     script.write_text(SQLITE_TRANSACTION)
     proc = start_until_ready([sys.executable, "-S", str(script), str(db), str(tmp_path), mode],
                              tmp_path / "ready", start_new_session=True)
-    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "txn.img"))
-    assert res.returncode == 0, res.stderr.decode()
-    assert proc.wait(timeout=30) == -9
-    res = kcr("restore", "-i", str(tmp_path / "txn.img"))
-    assert res.returncode == 0, res.stderr.decode()
-    restored = int(res.stdout.split()[-1])
+    restored = moved(proc, "checkpoint", tmp_path)
     other = sqlite3.connect(db, timeout=0, isolation_level=None)
     try:
         assert other.execute("select count(*) from t").fetchone()[0] == 100
