@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from precopy.control import ProcessControl
-from precopy.digests import PageDigests
+from precopy.digests import PageDigests, digest
 from precopy.hugepages import HugePageNarrowing, huge_spans
 from precopy.intervals import (
     Run,
@@ -43,6 +43,8 @@ from precopy.intervals import (
     merge_spans,
     normalize,
     npages,
+    pages_of,
+    runs_of,
     subtract,
     to_runs,
 )
@@ -71,7 +73,7 @@ from precopy.probe import (
     choose_tracker,
     probe_backends,
 )
-from precopy.reader import PageReader
+from precopy.reader import PageReader, split_runs
 from transport.errors import (
     MigrationError,
     PermissionDenied,
@@ -160,6 +162,10 @@ class DirtyTracker(ABC):
 
     def _release(self) -> None:
         """Undo whatever ``_arm`` did to the process."""
+
+    def _rereading(self, runs: list[Run]) -> None:
+        """These emptied pages of file or shared mappings are to be read again (after the scan,
+        the process running): what they hold then is what the other side gets."""
 
     # The interface.
     def start(self) -> Scan:
@@ -270,6 +276,7 @@ class DirtyTracker(ABC):
             if reread:
                 data = normalize(data + reread)
                 zero = subtract(zero, reread)
+                self._rereading(reread)
         if self._huge is not None:
             try:
                 huge = huge_spans(self.pid, (e for e in entries if trackable(e)), self.finder.scanner)
@@ -295,6 +302,9 @@ class SoftDirtyTracker(DirtyTracker):
             raise ValueError("the soft-dirty tracker needs a ProcessControl to pause the target while it clears")
         super().__init__(pid, control)
         self._populated: list[Run] = []
+        # Emptied pages of file mappings the last scan had read again, with the digest of what
+        # was sent for each (None until sent): see ``_unsettled``.
+        self._reread: dict[int, bytes | None] = {}
 
     def _clear(self) -> None:
         with open(f"/proc/{self.pid}/clear_refs", "w") as f:
@@ -347,14 +357,63 @@ class SoftDirtyTracker(DirtyTracker):
                 p, d = self._bits(e)
                 populated += p
                 dirty += d
+            populated = normalize(populated)
+            unsettled, read = self._unsettled(entries, populated)
             self._clear()
-        populated = normalize(populated)
         new_runs = to_runs(change.new_spans)
         dirty = normalize(dirty + intersect(populated, new_runs))
         spans = merge_spans((e.start, e.end) for e in entries)
-        gone = subtract(clip(subtract(self._populated, populated), spans), new_runs)
+        gone = subtract(clip(normalize(subtract(self._populated, populated) + unsettled), spans), new_runs)
         self._populated = populated
-        return dirty, gone, sum(e.length for e in entries) // PAGE_SIZE, 0
+        return dirty, gone, sum(e.length for e in entries) // PAGE_SIZE, read
+
+    def _rereading(self, runs: list[Run]) -> None:
+        self._reread = dict.fromkeys(pages_of(runs))
+
+    def note_sent(self, batch: PageBatch) -> None:
+        super().note_sent(batch)
+        if self._reread:
+            view = memoryview(batch.data)
+            off = 0
+            for addr, n in batch.runs:
+                for i in range(n):
+                    a = addr + i * PAGE_SIZE
+                    if a in self._reread:
+                        self._reread[a] = digest(view[off: off + PAGE_SIZE])
+                    off += PAGE_SIZE
+
+    def _unsettled(self, entries: list[MapEntry], populated: list[Run]) -> tuple[list[Run], int]:
+        """Pages of file mappings the last scan read again as emptied, that are still empty but
+        may not hold at the other side what they hold now; and the bytes read to find out.
+        Runs with the process paused.
+
+        An emptied page of a private file mapping shows the file's page, and is read again after
+        the scan, the process running. If the process copies the page (a write) before that read
+        and drops the copy (MADV_DONTNEED) after it, the copy is what was sent, and nothing
+        reports the drop: the dropped entry takes its soft-dirty bit with it, and the page was
+        not populated at the scan before. So each such page still empty now is read (it shows
+        the file's page: the process is paused) and compared with what was sent."""
+        watched, self._reread = self._reread, {}
+        if not watched:
+            return [], 0
+        files = merge_spans((e.start, e.end) for e in entries if e.kind == "file" and not e.shared)
+        empty = subtract(clip(runs_of(watched), files), populated)
+        unsettled: list[int] = []
+        before = self.reader.bytes_read
+        for group in split_runs(empty, self.reader.batch_pages):
+            batch = self.reader.read(group)
+            got: set[int] = set()
+            view = memoryview(batch.data)
+            off = 0
+            for addr, n in batch.runs:
+                for i in range(n):
+                    a = addr + i * PAGE_SIZE
+                    got.add(a)
+                    if watched.get(a) != digest(view[off: off + PAGE_SIZE]):
+                        unsettled.append(a)
+                    off += PAGE_SIZE
+            unsettled += [a for a in pages_of(group) if a not in got]     # unreadable: read it again later
+        return runs_of(unsettled), self.reader.bytes_read - before
 
 
 class ChecksumTracker(DirtyTracker):

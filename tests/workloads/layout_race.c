@@ -12,6 +12,8 @@
  *   'w'  writes page 2 of "split".
  *   'r'  maps OUTDIR/datafile over "swap" again, as 'f' did: the page 'f' wrote is the file's again.
  *   'z'  zaps page 3 of "split" (MADV_DONTNEED): it reads as zeros from then on.
+ *   'c'  writes page 0 of "swap" (after 'f': a new copy of the file's page);
+ *   'd'  drops page 0 of "swap" (MADV_DONTNEED; after 'f': it reads as the file's page again).
  *   'n'  maps the 4-page "grow" mapping (where 12 pages are free) and writes it;
  *   'g'  grows it in place to 8 pages (mremap without MREMAP_MAYMOVE) and writes the new ones;
  *   'G'  grows it in place to 12 pages the same way: it fails if "grow" is not one mapping.
@@ -103,6 +105,12 @@ int main(int argc, char **argv) {
             break;
         case 'z':
             if (madvise(split + 3 * PAGE, PAGE, MADV_DONTNEED)) return 3;
+            break;
+        case 'c':
+            fill(swap);
+            break;
+        case 'd':
+            if (madvise(swap, PAGE, MADV_DONTNEED)) return 3;
             break;
         case 'n':
             if (mmap(grow, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
