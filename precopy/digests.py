@@ -79,15 +79,31 @@ class PageDigests:
                     if self._digests.get(addr) != d:
                         self._digests[addr] = d
                         _append(changed, addr)
-        gone: list[int] = []
+        gone: dict[int, bytes] = {}           # page -> digest of what was sent
         for addr in list(self._digests):
             if addr in seen:
                 continue
             if self._inside(addr):
-                gone.append(addr)
+                gone[addr] = self._digests[addr]
             del self._digests[addr]
+        files = merge_spans((e.start, e.end) for e in entries if e.kind == "file" and not e.shared)
+        if gone and files:
+            hashed += self._still_sent(gone, files, reader)
         return DigestScan(changed, subtract(runs_of(gone), _as_runs(new_spans)), populated, hashed,
                           reader.bytes_read - before)
+
+    def _still_sent(self, gone: dict[int, bytes], files: list[Span], reader: PageReader) -> int:
+        """Keep the pages of ``gone`` in ``files`` (private file mappings) that read as they were
+        sent: an empty page there reads as the file's page, and one sent as that (a dropped
+        copy, read again) is still what the other side holds. Returns the pages hashed."""
+        hashed = 0
+        for group in split_runs(runs_of(a for a in gone if within(files, a)), reader.batch_pages):
+            batch = reader.read(group)
+            hashed += batch.npages
+            for addr, data in _pages(batch):
+                if digest(data) == gone[addr]:
+                    self._digests[addr] = gone.pop(addr)
+        return hashed
 
     def follow(self, spans: Sequence[Span], new_spans: Sequence[Span] = ()) -> None:
         """Remember sent pages of ``spans`` from now on; forget digests outside them, and

@@ -377,7 +377,8 @@ class UffdWpTracker(DirtyTracker):
                 data += self._populated_registered(e, fresh)
             d, z = _split_regions(e, self._wp_scan(e), fresh)
             if e.kind == "file" and not first:
-                d += self._reverted(e, known_index())
+                # Empty now: read again as the file's page, and no longer known as a copy.
+                z += self._reverted(e, known_index())
             data += d
             empty += z
         for start, end in plain:

@@ -19,7 +19,8 @@ from agent.tracer import Tracer
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason
 from precopy.layout import MapEntry
 from precopy.rounds import StreamCursor, ThreadedSink, final_group, final_round, precopy, precopy_group, send_scan
-from precopy.tracker import make_tracker
+from precopy.intervals import pages_of
+from precopy.tracker import Scan, make_tracker
 from tests._tracking import (
     MemorySink,
     backend_params,
@@ -105,11 +106,12 @@ class RacingMaps:
 
 
 async def _race(backend: str, tmp_path: Path, tracer: Tracer, monkeypatch: pytest.MonkeyPatch,
-                steps: list[str]) -> tuple[MemorySink, dict[str, int]]:
+                steps: list[str], scans: list[Scan] | None = None) -> tuple[MemorySink, dict[str, int]]:
     """Track ``layout_race``: round 0, then one round after each of ``steps`` (in a step written
     "x~y", y runs right after that round's maps read; in "x>z", z runs after the round's scan,
     before its pages are read and sent), then the final round with the process stopped. The destination must then match the process page for page, and tracking
-    must have left no trace; returns the sink and the workload's mapping addresses."""
+    must have left no trace; returns the sink and the workload's mapping addresses (and
+    appends each step's scan to ``scans``)."""
     w = workload("layout_race", tmp_path)
     race = RacingMaps(w, monkeypatch)
     sink = MemorySink()
@@ -125,6 +127,8 @@ async def _race(backend: str, tmp_path: Path, tracer: Tracer, monkeypatch: pytes
                 if racing:
                     race.steps = [racing]
                 scan = tracker.collect()
+                if scans is not None:
+                    scans.append(scan)
                 if late:
                     race.run(late)
                 await send_scan(tracker, sink, scan, previous=None)
@@ -208,6 +212,18 @@ async def test_a_file_page_copied_while_it_is_read_as_the_files_is_sent_again(ba
     # and a dropped page leaves no soft-dirty bit), and the destination kept the copy.
     sink, layout = await _race(backend, tmp_path, tracer, monkeypatch, ["f", "d>c", "d"])
     assert sink.pages.get(layout["swap"], b"a" * PAGE_SIZE) == b"a" * PAGE_SIZE
+
+
+@pytest.mark.parametrize("backend", backend_params())
+async def test_a_dropped_copy_of_a_file_page_is_sent_once(backend: str, tmp_path: Path, tracer: Tracer,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Page 0 of a private file mapping is written (a copy) and dropped: the round after the drop
+    # sends the file's page; the rounds after it, the page unchanged, must not send it again (the
+    # checksum tracker sent it every round, so a job that drops copies never converged below them).
+    scans: list[Scan] = []
+    _, layout = await _race(backend, tmp_path, tracer, monkeypatch, ["f", "d", "w", "w"], scans)
+    page = layout["swap"]
+    assert [page in pages_of(s.data) for s in scans] == [True, True, False, False]
 
 
 async def test_converges_on_a_slow_writer(tmp_path: Path, tracer: Tracer) -> None:
