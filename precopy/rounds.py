@@ -8,13 +8,14 @@ last but did not send (``pending``): the caller freezes the process and calls
 ``final_round``, which scans once more and sends both.
 
 Tracker calls and page reads block, so they run in worker threads (``trio.to_thread``); reading
-the next batch overlaps sending the previous one.
+the next pages overlaps sending those before. The scans of a job's processes go in one pass
+(``send_scans``): their reads share worker-thread hops, each a wake-up both ways.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import trio
 
@@ -107,6 +108,153 @@ async def _blocking(tracker: DirtyTracker, fn: Callable[..., T], *args: object) 
         raise tracker.explain(exc) from None
 
 
+@dataclass(frozen=True)
+class ScanSend:
+    """One scan to send with ``send_scans``: its pages read by ``tracker``, sent to ``sink``
+    (for a process of a job, its ``ProcessSink``). ``first``, ``layout`` and ``shared_zeros``
+    as for ``send_scan``."""
+
+    tracker: DirtyTracker
+    sink: PageSink
+    scan: Scan
+    previous: Scan | None = None
+    first: bool = False
+    layout: bool | None = None
+    shared_zeros: bool = False
+
+    def sends_layout(self) -> bool:
+        return self.layout if self.layout is not None else (self.first or bool(self.scan.change))
+
+    def quiet(self) -> bool:
+        """Nothing to send (a quiet process of a tree)."""
+        return not (self.sends_layout() or self.scan.data or self.scan.zero)
+
+
+# What a worker thread hands the sending side: the index of the scan it belongs to, and its
+# layout record, a page batch, or the error that ended that scan's reads.
+_Item = tuple[int, Mappings | MappingsDelta | PageBatch | Exception]
+
+# Page bytes read per worker-thread hop: the pages of several small scans (a tree's quiet
+# processes) share one hop; a hop costs a wake-up each way, milliseconds on a busy machine.
+READ_HOP_BYTES = 2 << 20
+
+
+def _scan_items(index: int, s: ScanSend, skipped: list[int]) -> Iterator[_Item]:
+    """One scan's items in stream order (blocking: runs in worker threads): its layout record
+    if it changed, its pages, then its empty pages. ``skipped[index]`` counts the all-zero
+    pages left out."""
+    tracker, scan = s.tracker, s.scan
+    if s.sends_layout():
+        # The whole layout the first time, then what changed since the one sent (``SentLayout``).
+        rec = tracker.sent_layout.record(scan.layout)
+        if rec is not None:
+            yield index, rec
+    reader = tracker.reader
+    shared = merge_spans((e.start, e.end) for e in scan.layout if e.shared)
+    plain: list[Run] = list(scan.data)
+    zero_dropping: list[Run] = []
+    if s.first and shared and not s.shared_zeros:    # the destination starts with zero-filled shared memory
+        zero_dropping = clip(plain, shared)
+        plain = subtract(plain, zero_dropping)
+    for runs, drop in ((plain, False), (zero_dropping, True)):
+        for group in split_runs(runs, reader.batch_pages):
+            before = reader.pages_skipped_zero
+            batch = next(iter(reader.batches(group, drop_zero=drop)), None)
+            skipped[index] += reader.pages_skipped_zero - before
+            if batch is not None:
+                tracker.note_sent(batch)
+                yield index, batch
+    for batch in zero_batches(scan.zero, reader.batch_pages):
+        yield index, batch      # empty pages: nothing for a digest to remember
+
+
+def _all_items(sends: Sequence[ScanSend], skipped: list[int]) -> Iterator[_Item]:
+    """Every scan's items, in order. A scan whose reads fail ends with its error, and the
+    later scans of its tracker are left out (their layouts follow from the failed one's)."""
+    failed: set[int] = set()
+    for i, s in enumerate(sends):
+        if id(s.tracker) in failed or s.quiet():
+            continue
+        try:
+            yield from _scan_items(i, s, skipped)
+        except (MigrationError, OSError) as exc:
+            failed.add(id(s.tracker))
+            yield i, exc if isinstance(exc, MigrationError) else s.tracker.explain(exc)
+
+
+def _take(items: Iterator[_Item], budget: int) -> tuple[list[_Item], bool]:
+    """The next items, up to ``budget`` bytes of pages (at least one item); and whether
+    they are the last."""
+    out: list[_Item] = []
+    size = 0
+    for item in items:
+        out.append(item)
+        if isinstance(item[1], PageBatch):
+            size += len(item[1].data)
+            if size >= budget:
+                return out, False
+    return out, True
+
+
+async def send_scans(sends: Sequence[ScanSend], *,
+                     clock: Callable[[], float] = time.monotonic) -> list[RoundStats | Exception]:
+    """Send several scans' layouts and pages, in order (the scans of a job's processes, each
+    to its process's sink): each scan's figures, or the error that ended its reads (the
+    process exited; its later scans are then left out, and what was sent of it is moot).
+    Pages are read in worker threads, several scans' in one hop up to ``READ_HOP_BYTES``,
+    while those read before are sent. Returns once they are queued: the caller drains."""
+    t0 = clock()
+    skipped = [0] * len(sends)
+    pages = [0] * len(sends)
+    wire = [0] * len(sends)
+    errors: dict[int, Exception] = {}
+    items = _all_items(sends, skipped)
+    send_channel, receive_channel = trio.open_memory_channel[list[_Item]](1)
+
+    async def produce() -> None:
+        async with send_channel:
+            last = False
+            while not last:
+                chunk, last = await trio.to_thread.run_sync(_take, items, READ_HOP_BYTES)
+                if chunk:
+                    await send_channel.send(chunk)
+
+    async with service_nursery() as nursery:
+        nursery.start_soon(produce)
+        async with receive_channel:
+            async for chunk in receive_channel:
+                for i, what in chunk:
+                    sink = sends[i].sink
+                    if isinstance(what, PageBatch):
+                        wire[i] += await sink.send_batch(what)
+                        pages[i] += what.npages
+                    elif isinstance(what, Exception):
+                        errors[i] = what
+                    else:
+                        await sink.layout(what)
+    t1 = clock()
+    out: list[RoundStats | Exception] = []
+    for i, s in enumerate(sends):
+        scan = s.scan
+        if i in errors:
+            out.append(errors[i])
+        elif s.quiet():
+            out.append(RoundStats(round=scan.round, pages_scanned=scan.pages_scanned, pages_dirty=0, pages_written=0,
+                                  pages_skipped_zero=0, bytes_raw=0, bytes_on_wire=0, round_ms=scan.scan_ms,
+                                  scan_ms=scan.scan_ms, send_ms=0.0, dirty_rate_mib_s=0.0,
+                                  bytes_read=scan.bytes_read))
+        else:
+            interval = scan.started - s.previous.started if s.previous is not None else 0.0
+            rate = scan.pages_dirty * PAGE_SIZE / MiB / interval if interval > 0 and not s.first else 0.0
+            out.append(RoundStats(
+                round=scan.round, pages_scanned=scan.pages_scanned, pages_dirty=scan.pages_dirty,
+                pages_written=pages[i], pages_skipped_zero=skipped[i], bytes_raw=pages[i] * PAGE_SIZE,
+                bytes_on_wire=wire[i], round_ms=scan.scan_ms + (t1 - t0) * 1000, scan_ms=scan.scan_ms,
+                send_ms=(t1 - t0) * 1000, dirty_rate_mib_s=rate, bytes_read=scan.bytes_read,
+                layout_changes=sum(scan.change.counts().values()) if not s.first else 0))
+    return out
+
+
 async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previous: Scan | None,
                     first: bool = False, layout: bool | None = None, drain: bool = True,
                     shared_zeros: bool = False, clock: Callable[[], float] = time.monotonic) -> RoundStats:
@@ -116,62 +264,17 @@ async def send_scan(tracker: DirtyTracker, sink: PageSink, scan: Scan, *, previo
     ``shared_zeros``: a first scan sends the empty pages of shared memory too, for memory other
     processes share: another may have sent a page since emptied (the object is not empty there)."""
     t0 = clock()
-    send_layout = layout if layout is not None else (first or bool(scan.change))
-    if not (send_layout or scan.data or scan.zero):       # nothing to send (a quiet process of a tree)
-        return RoundStats(round=scan.round, pages_scanned=scan.pages_scanned, pages_dirty=0, pages_written=0,
-                          pages_skipped_zero=0, bytes_raw=0, bytes_on_wire=0, round_ms=scan.scan_ms,
-                          scan_ms=scan.scan_ms, send_ms=0.0, dirty_rate_mib_s=0.0, bytes_read=scan.bytes_read)
-    if send_layout:
-        # The whole layout the first time, then what changed since the one sent (``SentLayout``).
-        rec = await _blocking(tracker, tracker.sent_layout.record, scan.layout)
-        if rec is not None:
-            await sink.layout(rec)
-    reader = tracker.reader
-    shared = merge_spans((e.start, e.end) for e in scan.layout if e.shared)
-    plain: list[Run] = list(scan.data)
-    zero_dropping: list[Run] = []
-    if first and shared and not shared_zeros:       # the destination starts with zero-filled shared memory
-        zero_dropping = clip(plain, shared)
-        plain = subtract(plain, zero_dropping)
-    skipped_before = reader.pages_skipped_zero
-    pages = wire = 0
-
-    def read(group: list[Run], drop_zero: bool) -> PageBatch | None:
-        batch = next(iter(reader.batches(group, drop_zero=drop_zero)), None)
-        if batch is not None:
-            tracker.note_sent(batch)
-        return batch
-
-    send_channel, receive_channel = trio.open_memory_channel[PageBatch](2)
-
-    async def produce() -> None:
-        async with send_channel:
-            for runs, drop in ((plain, False), (zero_dropping, True)):
-                for group in split_runs(runs, reader.batch_pages):
-                    batch = await _blocking(tracker, read, group, drop)
-                    if batch is not None:
-                        await send_channel.send(batch)
-            for batch in zero_batches(scan.zero, reader.batch_pages):
-                await send_channel.send(batch)     # empty pages: nothing for a digest to remember
-
-    async with service_nursery() as nursery:
-        nursery.start_soon(produce)
-        async with receive_channel:
-            async for batch in receive_channel:
-                wire += await sink.send_batch(batch)
-                pages += batch.npages
-    drained = getattr(sink, "drain", None) if drain else None
-    if drained is not None:
-        wire += await drained()
-    t1 = clock()
-    interval = scan.started - previous.started if previous is not None else 0.0
-    rate = scan.pages_dirty * PAGE_SIZE / MiB / interval if interval > 0 and not first else 0.0
-    return RoundStats(
-        round=scan.round, pages_scanned=scan.pages_scanned, pages_dirty=scan.pages_dirty, pages_written=pages,
-        pages_skipped_zero=reader.pages_skipped_zero - skipped_before, bytes_raw=pages * PAGE_SIZE,
-        bytes_on_wire=wire, round_ms=scan.scan_ms + (t1 - t0) * 1000, scan_ms=scan.scan_ms,
-        send_ms=(t1 - t0) * 1000, dirty_rate_mib_s=rate, bytes_read=scan.bytes_read,
-        layout_changes=sum(scan.change.counts().values()) if not first else 0)
+    one = ScanSend(tracker, sink, scan, previous, first, layout, shared_zeros)
+    [stats] = await send_scans([one], clock=clock)
+    if isinstance(stats, Exception):
+        raise stats
+    drained = getattr(sink, "drain", None) if drain and not one.quiet() else None
+    if drained is None:
+        return stats
+    wire = await drained()
+    send_ms = (clock() - t0) * 1000
+    return replace(stats, bytes_on_wire=stats.bytes_on_wire + wire, send_ms=send_ms,
+                   round_ms=scan.scan_ms + send_ms)
 
 
 async def precopy(tracker: DirtyTracker, sink: PageSink, policy: PrecopyPolicy = PrecopyPolicy(), *,
@@ -322,19 +425,22 @@ class _Group:
     async def send(self, number: int, trackers: dict[int, DirtyTracker], scans: dict[int, tuple[Scan, bool]],
                    *, drain: bool = True) -> RoundStats:
         t0 = self.clock()
+        order = list(scans)
+        sent = await send_scans([ScanSend(trackers[pid], ProcessSink(self.sink, pid, self.cursor), scan,
+                                          previous=self.previous.get(pid), first=first,
+                                          shared_zeros=len(trackers) > 1)
+                                 for pid, (scan, first) in scans.items()], clock=self.clock)
         parts = []
-        for pid, (scan, first) in scans.items():
-            sink = ProcessSink(self.sink, pid, self.cursor)
-            try:
-                parts.append(await send_scan(trackers[pid], sink, scan, previous=self.previous.get(pid),
-                                             first=first, drain=False, shared_zeros=len(trackers) > 1,
-                                             clock=self.clock))
-            except ProcessExited:
+        for pid, stats in zip(order, sent):
+            if isinstance(stats, ProcessExited):
                 # Exited while its pages went out: what was sent of it is moot, the caller's
                 # ``members`` drops it (or ends the job, if it was the job's root).
                 self.previous.pop(pid, None)
                 continue
-            self.previous[pid] = scan
+            if isinstance(stats, Exception):
+                raise stats
+            parts.append(stats)
+            self.previous[pid] = scans[pid][0]
         drained = getattr(self.sink, "drain", None) if drain else None
         wire = await drained() if drained is not None else 0
         return combine(number, parts, wire, (self.clock() - t0) * 1000)
@@ -418,19 +524,29 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
     scans = await trio.to_thread.run_sync(scan_all)
     if scanned is not None:
         scanned()
-    parts = []
+    sends: list[ScanSend] = []
+    pids: list[int] = []
     for pid, (scan, first) in scans.items():
-        tracker = trackers[pid]
         psink = ProcessSink(sink, pid, cursor)
         if first:
-            parts.append(await send_scan(tracker, psink, scan, previous=None, first=True, drain=False,
-                                         shared_zeros=len(trackers) > 1, clock=clock))
+            sends.append(ScanSend(trackers[pid], psink, scan, first=True, shared_zeros=len(trackers) > 1))
+            pids.append(pid)
             continue
-        older = superseded(pending[pid], scan)
-        parts.append(await send_scan(tracker, psink, older, previous=None, first=pid in unsent, drain=False,
-                                     shared_zeros=len(trackers) > 1, clock=clock))
-        last = await send_scan(tracker, psink, scan, previous=pending[pid], drain=False, clock=clock)
-        pages = npages(union(union(pending[pid].data, pending[pid].zero), union(scan.data, scan.zero)))
-        parts.append(replace(last, pages_dirty=pages - parts[-1].pages_dirty))
+        sends.append(ScanSend(trackers[pid], psink, superseded(pending[pid], scan), first=pid in unsent,
+                              shared_zeros=len(trackers) > 1))
+        sends.append(ScanSend(trackers[pid], psink, scan, previous=pending[pid]))
+        pids += [pid, pid]
+    # Every process's pages in one pass: reads of several processes share a worker-thread hop.
+    t_send = clock()
+    sent = await send_scans(sends, clock=clock)
+    send_ms = (clock() - t_send) * 1000
+    parts: list[RoundStats] = []
+    for pid, one, stats in zip(pids, sends, sent):
+        if isinstance(stats, Exception):
+            raise stats
+        if one.previous is not None:      # the last scan of a process pre-copy tracked
+            pages = npages(union(union(pending[pid].data, pending[pid].zero), union(one.scan.data, one.scan.zero)))
+            stats = replace(stats, pages_dirty=pages - parts[-1].pages_dirty)
+        parts.append(stats)
     number = (len(result.rounds) if result is not None else 0)
-    return replace(combine(number, parts), round_ms=(clock() - t0) * 1000)
+    return replace(combine(number, parts, send_ms=send_ms), round_ms=(clock() - t0) * 1000)
