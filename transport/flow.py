@@ -265,11 +265,12 @@ class PageStreamOut:
                 raise
 
     async def send_record(self, rec: Record) -> None:
-        """An image record, in order with the batches around it."""
+        """An image record, in order with the batches around it (queued as they are: the
+        stream's end, or a flush, reports a failure to write it)."""
         if not is_image_record(rec):
             raise ValueError(f"{type(rec).__name__} is not an image record")
         await self._open()
-        await self._flow.fs.send_record(rec)
+        await self._flow.fs.queue_record(rec)
 
     async def send(self, batch: PageBatch | RawBatch) -> None:
         flow = self._flow

@@ -3,7 +3,8 @@
 The bytes are an image stream (``transport.framing``): the stream magic, then frames, so a
 file and a live stream are read by the same decoder.
 
-Sending. ``send_record`` queues a record and returns once it is written. ``send_batch`` queues
+Sending. ``send_record`` queues a record and returns once it is written; ``queue_record`` (a
+record among page batches) returns once it fits in what the sender may hold. ``send_batch`` queues
 a page batch and returns as soon as it is accepted: batches are compressed in worker threads,
 several at a time (zstd releases the GIL), and written strictly in the order they were queued,
 records included, by one sender task. So reading the next batch, compressing the ones before
@@ -76,7 +77,7 @@ class Counters:
 class StreamStats:
     sent: Counters = field(default_factory=Counters)
     received: Counters = field(default_factory=Counters)
-    bytes_held: int = 0       # page bytes queued to send in this process (raw + compressed)
+    bytes_held: int = 0       # bytes queued to send in this process: batches (raw + compressed), ``queue_record``s
     peak_bytes_held: int = 0
     compress_wait_s: float = 0.0   # the sender waiting for compression
     write_s: float = 0.0           # the sender writing page frames
@@ -265,14 +266,32 @@ class FramedStream:
         """Queue a (small) record without waiting: for control records sent by a reader task."""
         self._enqueue(self._record_out(rec))
 
-    async def _reserve(self, nbytes: int) -> None:
+    async def queue_record(self, rec: Record) -> None:
+        """Queue ``rec`` after everything queued before it without waiting until those are
+        written: its bytes count in ``bytes_held`` until it is, and it waits only for room
+        there, as a batch does. For records among page batches (a page stream's layouts and
+        process records: waiting for each to be written would drain the batches' pipeline
+        before every one). A failure to write it is raised by a later send or ``flush``."""
+        out = self._record_out(rec)
+        size = len(out.parts[0])
+        await self._reserve(size, batch=False)
+        out.held = size
+        try:
+            self._enqueue(out)
+        except TransportError:
+            self._release(out)
+            raise
+
+    async def _reserve(self, nbytes: int, *, batch: bool = True) -> None:
         while True:
             self._check_send()
             held = self.stats.bytes_held
-            if self._held_batches < self.max_in_flight and (held == 0 or held + nbytes <= self.max_bytes_held):
+            if (not batch or self._held_batches < self.max_in_flight) and \
+                    (held == 0 or held + nbytes <= self.max_bytes_held):
                 break
             await self._space.park()
-        self._held_batches += 1
+        if batch:
+            self._held_batches += 1
         self._hold(nbytes)
 
     def _hold(self, delta: int) -> None:
@@ -330,6 +349,10 @@ class FramedStream:
             self._hold(-out.held)
             out.held = -1
             self._space.unpark_all()
+        elif out.kind == "record" and out.held > 0:      # queued by ``queue_record``
+            self._hold(-out.held)
+            out.held = 0
+            self._space.unpark_all()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written."""
@@ -384,6 +407,7 @@ class FramedStream:
                     self._release(out)
                 elif out.kind == "record":
                     sent.records += 1
+                    self._release(out)
                 out.parts = ()
                 out.sent.set()
                 current = None
