@@ -411,15 +411,26 @@ class _Group:
     async def look(self, trackers: dict[int, DirtyTracker]) -> dict[int, tuple[Scan, bool]]:
         """Each process's scan (its first: every populated page), skipping any that exited:
         the caller's ``members`` drops it next time."""
-        scans: dict[int, tuple[Scan, bool]] = {}
-        for pid, tracker in trackers.items():
-            first = pid not in self.started
-            try:
-                scan = await _blocking(tracker, tracker.start if first else tracker.collect)
-            except ProcessExited:
-                continue
-            self.started.add(pid)
-            scans[pid] = (scan, first)
+        def scan_all() -> dict[int, tuple[Scan, bool]]:
+            """In one worker thread: a hop per process made a tree's round last longer than
+            one process's, and the longer a round, the more its processes write meanwhile."""
+            scans: dict[int, tuple[Scan, bool]] = {}
+            for pid, tracker in trackers.items():
+                first = pid not in self.started
+                try:
+                    scan = (tracker.start if first else tracker.collect)()
+                except ProcessExited:
+                    continue
+                except OSError as exc:
+                    error = tracker.explain(exc)
+                    if isinstance(error, ProcessExited):
+                        continue
+                    raise error from None
+                scans[pid] = (scan, first)
+            return scans
+
+        scans = await trio.to_thread.run_sync(scan_all)
+        self.started.update(scans)
         return scans
 
     async def send(self, number: int, trackers: dict[int, DirtyTracker], scans: dict[int, tuple[Scan, bool]],
