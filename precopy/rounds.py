@@ -528,10 +528,11 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
                 raise
             except OSError as exc:
                 raise tracker.explain(exc) from None
-            if scanned_one is not None:
-                trio.from_thread.run_sync(scanned_one, pid)
+            if scanned_one is not None:      # without waiting for the event loop to run it
+                token.run_sync_soon(scanned_one, pid)
         return out
 
+    token = trio.lowlevel.current_trio_token()
     scans = await trio.to_thread.run_sync(scan_all)
     if scanned is not None:
         scanned()
