@@ -18,7 +18,18 @@ import trio
 from agent.tracer import Tracer
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason
 from precopy.layout import MapEntry
-from precopy.rounds import StreamCursor, ThreadedSink, final_group, final_round, precopy, precopy_group, send_scan
+from precopy.rounds import (
+    ProcessSink,
+    ScanSend,
+    StreamCursor,
+    ThreadedSink,
+    final_group,
+    final_round,
+    precopy,
+    precopy_group,
+    send_scan,
+    send_scans,
+)
 from precopy.intervals import pages_of
 from precopy.tracker import Scan, make_tracker
 from tests._tracking import (
@@ -406,6 +417,34 @@ async def test_a_process_joining_in_the_last_round_arrives_whole(backend: str, t
     finally:
         for w in (first, late):
             os.kill(w.pid, signal.SIGCONT)
+            kill_workload(w)
+
+
+async def test_a_process_that_exited_is_left_out_of_a_pass_and_the_others_go(tmp_path: Path, tracer: Tracer) -> None:
+    """``send_scans`` over a job's processes: one that exited before its pages were read
+    answers ProcessExited, and the processes after it in the pass still arrive whole."""
+    gone = workload("dirty_writer", tmp_path / "a", "256", "200", "1")
+    kept = workload("dirty_writer", tmp_path / "b", "384", "200", "1")
+    sink = _JobSink()
+    cursor = StreamCursor(named=True)
+    try:
+        trackers = {w.pid: make_tracker(_best(), w.pid, control_for(w.pid, tracer)) for w in (gone, kept)}
+        try:
+            stop_process(kept.pid)
+            scans = {pid: t.start() for pid, t in trackers.items()}
+            kill_workload(gone)
+            sent = await send_scans([ScanSend(trackers[pid], ProcessSink(sink, pid, cursor), scans[pid], first=True,
+                                              shared_zeros=True) for pid in (gone.pid, kept.pid)])
+        finally:
+            for t in trackers.values():
+                t.stop()
+        assert isinstance(sent[0], ProcessExited)
+        assert isinstance(sent[1], RoundStats) and sent[1].pages_written >= 384
+        problems = compare_with_process(sink.sinks[kept.pid], kept.pid)
+        assert not problems, f"{len(problems)} problems: {problems[:8]}"
+    finally:
+        os.kill(kept.pid, signal.SIGCONT)
+        for w in (gone, kept):
             kill_workload(w)
 
 

@@ -127,6 +127,48 @@ async def test_a_stalled_receiver_stops_the_sender_within_its_cap(level: int | N
                 scope.cancel()
 
 
+async def test_queued_records_keep_their_order_among_batches_and_are_held_until_written() -> None:
+    """``queue_record`` (a record between each process's pages in a tree's final round) keeps
+    the stream's order, and counts in what the sender holds until it is written."""
+    a, b = socket_pair()
+    sent: list[Any] = []
+    for i in range(12):
+        sent.append(Progress(i + 1, {"i": i}))
+        sent.append(page_batch(32 + i, seed=i, fill="mixed"))
+    async with FramedStream(a, level=1) as fa, FramedStream(b) as fb:
+        async def send() -> None:
+            for item in sent:
+                await (fa.send_batch(item) if isinstance(item, PageBatch) else fa.queue_record(item))
+            await fa.flush()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            got = [await fb.receive() for _ in sent]
+        assert fa.stats.bytes_held == 0
+    for want, have in zip(sent, got):
+        assert same(want, have) if isinstance(want, PageBatch) and isinstance(have, PageBatch) else want == have
+    assert fa.stats.sent.records >= 12 and fa.stats.peak_bytes_held > 0
+
+
+async def test_queued_records_stop_at_the_senders_cap() -> None:
+    a, b = socket_pair()
+    cap = 1 << 20
+    queued = 0
+    with trio.CancelScope() as scope:
+        async with b, FramedStream(a, max_bytes_held=cap) as fa:
+            async def produce() -> None:
+                nonlocal queued
+                for i in range(10_000):
+                    await fa.queue_record(Bye("x" * 4000))
+                    queued += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                await _until_quiet(fa)          # nobody reads b: the transport's buffers fill, then the cap
+                assert queued < 10_000
+                assert 0 < fa.stats.bytes_held <= cap
+                scope.cancel()
+
+
 # --- bad peers ----------------------------------------------------------------------------
 
 async def test_clean_end_of_stream() -> None:
