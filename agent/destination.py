@@ -21,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ from migrate.phases import DESTINATION, Action, DestEvent, DestState, Failure, M
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import MAX_CPUS, MAX_NUMNODES
+from transport.schema import MAX_CPUS, MAX_NUMNODES, ProcessState
 
 MEMORY_MARGIN = 1.1
 MAX_NAMES = 1 << 16          # socket names in a summary
@@ -61,6 +62,7 @@ class DestSession:
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
     deputy: subprocess.Popen[bytes] | None = None            # the stand-in's deputy (dest_deputy)
     deputy_control: socket.socket | None = None              # where the restored process goes to it
+    state_ms: float = 0.0       # applying the records of the job's state (sent frozen), on the tracer thread
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
@@ -239,7 +241,10 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 # a process's state is several records, and a tree's is that many per process.
                 group = [item, *ctx.pages.ready_records()]
                 records += len(group)
+                t0 = time.perf_counter()
                 await s.tracer.acall(_take_all, s.restore, group)
+                if s.state_ms or any(isinstance(r, ProcessState) for r in group):
+                    s.state_ms += (time.perf_counter() - t0) * 1000
     except BaseException as exc:
         s.receive_error = exc
         raise
@@ -266,11 +271,14 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
     if not s.restore.procs:
         raise ProtocolError("the stream ended before the process's state arrived")
     s.machine.check(DestEvent.RESTORED)
+    t0 = time.perf_counter()
     await s.tracer.acall(s.restore.finish)
+    finish_ms = (time.perf_counter() - t0) * 1000
     _hand_to_deputy(s)
     s.machine.handle(DestEvent.RESTORED)
     return {"pid": s.restore.root.pid, "threads": s.restore.threads, "warnings": s.restore.warnings,
-            "processes": s.restore.processes(), "left": s.restore.removed}
+            "processes": s.restore.processes(), "left": s.restore.removed,
+            "timing": {"state_records_ms": s.state_ms, "finish_ms": finish_ms}}
 
 
 async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict[str, Any]:
@@ -283,7 +291,9 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
     late = signals_mod.check(signals or [])
     s.machine.handle(DestEvent.GO)      # from here a lost link lets it run on
     before = len(s.restore.warnings)
+    t0 = time.perf_counter()
     pid = await s.tracer.acall(s.restore.resume)
+    resume_ms = (time.perf_counter() - t0) * 1000
     s.machine.handle(DestEvent.RAN)
     delivered = 0
     for src_pid, src_tid, info in late:
@@ -294,7 +304,7 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
     _forget(s)
     s.let_run()
     return {"pid": pid, "running_ns": s.restore.running_ns, "signals_delivered": delivered,
-            "warnings": s.restore.warnings[before:]}
+            "warnings": s.restore.warnings[before:], "resume_ms": resume_ms}
 
 
 async def dest_signal(ctx: CallContext, *, signals: list[Any]) -> dict[str, Any]:

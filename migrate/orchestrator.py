@@ -372,6 +372,8 @@ class Migration:
                 if upload is not None:
                     await upload.result()     # done: dest_restore waited for it
             r.processes = list(restored.get("processes", []))
+            # Where the destination's part of the freeze went (an agent of an earlier version says nothing).
+            r.final_round.update({f"dest_{k}": float(v) for k, v in dict(restored.get("timing", {})).items()})
             for w in restored.get("warnings", []):
                 self._warn(str(w))
             self._advance(PhaseEvent.READY)
@@ -425,6 +427,8 @@ class Migration:
                 await self._failed(src, dst, exc)     # unsettled: raises MigrationUnsettled
                 raise                                 # rolled back: GO never left
             r.new_pid = int(go["pid"])
+            if "resume_ms" in go:
+                r.final_round["dest_resume_ms"] = float(go["resume_ms"])
             for w in go.get("warnings", []):
                 self._warn(str(w))
             self._note_late(late, int(go.get("signals_delivered", 0)))
