@@ -9,34 +9,19 @@ Errors become one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from typing import Sequence
 
 import trio
 
+from agent.startup import grow_fd_table, keep_freed_memory
 from transport.errors import MigrationError
 from transport.protocol import PROTOCOL_VERSION, tool_version
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-M_TRIM_THRESHOLD = -1              # glibc's mallopt parameters
-M_MMAP_THRESHOLD = -3
-
-
-def keep_freed_memory() -> None:
-    """Page batches are megabytes each, allocated and freed by the thousand. Left to glibc's
-    defaults, freed ones go back to the kernel and each new one page-faults in afresh (on VMs
-    that hand freed memory back to their host, several times slower again): that was the
-    largest cost of receiving pages. An agent is short-lived: keep freed memory for reuse."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return                         # not glibc: its own defaults
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest; below it, blocks come from reusable heaps
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from agent.serve import serve_stdio
             keep_freed_memory()
+            grow_fd_table()
             return trio.run(serve_stdio)
         json.dump(trio.run(_info), sys.stdout, indent=2)
         sys.stdout.write("\n")

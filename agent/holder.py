@@ -30,6 +30,7 @@ from agent import fdtable, locks, mempolicy, unix_names
 from agent import freeze as freezer
 from agent import ptrace
 from agent.signals import LateSignals
+from agent.startup import grow_fd_table
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, vdso_gadget
 from agent.procfs import check_supported, process_tree
@@ -473,6 +474,7 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     prepare_codecs()          # the state records it encodes while the job is frozen
+    grow_fd_table()           # it takes the job's pipes and sockets in while the job is frozen
     sock = socket.socket(fileno=args.fd)
     try:
         serve(sock)

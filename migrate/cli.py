@@ -29,6 +29,7 @@ import textwrap
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+from agent.startup import grow_fd_table
 from transport.errors import MigrationError
 from transport.units import parse_rate
 
@@ -379,6 +380,7 @@ def exit_status(exc: MigrationError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _handle_signals()
+    grow_fd_table()           # a checkpoint takes the job's pipes and sockets in while it is frozen
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:

@@ -33,6 +33,21 @@ async def test_local_agent_serves_info_and_pages() -> None:
         assert got == 8 << 20
 
 
+def _fd_table_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+
+
+async def test_an_agent_starts_with_room_for_a_jobs_fds() -> None:
+    # A table shared by threads grows only after an RCU grace period: an agent restoring a job
+    # of a few dozen pipes and sockets grew it while the job was frozen (one open() took up to
+    # 46 ms). It starts with room for 1024 (without, its table held 256 here).
+    async with open_local_agent() as rpc:
+        pid = int((await rpc.call("info"))["pid"])
+        assert _fd_table_size(pid) >= 1024
+        assert len(os.listdir(f"/proc/{pid}/fd")) < 64       # the room is empty: only the table grew
+
+
 SHOUTING_AGENT = """
 import sys, trio
 from agent import serve
