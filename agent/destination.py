@@ -30,6 +30,7 @@ import trio
 from agent import cgroups, locks, mempolicy, sched
 from agent.shared_memory import check_segments
 from precopy import sysv
+from precopy.kernel import boot_id
 from agent import signals as signals_mod
 from agent.files import check_files, check_machine
 from agent.homelink import MAX_FD, RELAY_DIR, parse_lost
@@ -48,6 +49,7 @@ from transport.schema import MAX_CPUS, MAX_NUMNODES, ProcessState
 
 MEMORY_MARGIN = 1.1
 MAX_NAMES = 1 << 16          # socket names in a summary
+MAX_CGROUP_LINES = 64      # /proc/PID/cgroup lines of one process in a summary (one per hierarchy)
 
 
 @dataclass
@@ -204,12 +206,30 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     if need > avail:
         raise RestoreError(f"{host} has {avail >> 20} MiB available, the process needs about {need >> 20} MiB",
                            host=host)
+    hints = _cgroup_hints(processes, host) if summary.get("boot_id") != boot_id() else {}
     s = _session(ctx, create=True)
     s.machine.handle(DestEvent.CHECK)
     s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity,
-                               cgroup=cgroup)
+                               cgroup=cgroup, cgroup_hints=hints)
     return {"mem_available": avail, "hostname": _host(), "session": s.token, "very": sorted(very),
             "warnings": [w for w in (cpus_warning, nodes_warning) if w]}
+
+
+def _cgroup_hints(processes: list[Any], host: str) -> dict[int, tuple[str, ...]]:
+    """The cgroups each process of the job was in at preflight (/proc/PID/cgroup lines), which
+    its stub joins as it is made (``Restorer``): checked, they come from the other host."""
+    hints: dict[int, tuple[str, ...]] = {}
+    for p in processes:
+        lines = p.get("cgroups", [])
+        if not isinstance(lines, list) or len(lines) > MAX_CGROUP_LINES or not all(isinstance(x, str) for x in lines):
+            raise ProtocolError("the source's summary lists cgroups that cannot be", host=host)
+        try:
+            for line in lines:
+                cgroups.parse(line)
+        except ValueError:
+            raise ProtocolError("the source's summary lists cgroups that cannot be", host=host) from None
+        hints[int(p["pid"])] = tuple(lines)
+    return hints
 
 
 async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[str, Any]:

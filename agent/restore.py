@@ -75,7 +75,7 @@ from precopy.kernel import (
     xsave_supported_mask,
 )
 from precopy.layout import MapEntry, is_special, read_maps
-from transport.errors import ProtocolError, RestoreError
+from transport.errors import MigrationError, ProtocolError, RestoreError
 from transport.image import check_machine
 from transport.pages import PageBatch
 from transport.schema import (
@@ -300,7 +300,8 @@ class Restorer:
 
     def __init__(self, header: ImageHeader, deferred: Sequence[str] = (), *, keep_ids: bool = True,
                  stub_pid: int = 0, forked_from: "Restorer | None" = None,
-                 shared: SharedObjects | None = None, affinity: str = "refuse", cgroup: str | None = None) -> None:
+                 shared: SharedObjects | None = None, affinity: str = "refuse", cgroup: str | None = None,
+                 cgroup_hint: tuple[str, ...] = ()) -> None:
         """``keep_ids``: the process gets its pid (``header.pid``) and its threads their tids
         back, as a parent's waitpid() and pidfiles expect; off, it gets new ones.
         ``stub_pid``: a stub made already (``fork``, for a process tree), seized and stopped;
@@ -309,12 +310,14 @@ class Restorer:
         objects of the processes restored together (each maps its own otherwise). ``affinity``:
         a thread pinned to CPUs this host lacks fails the restore ("refuse"), or is pinned to
         those it has and the report warns ("warn", ``agent.sched``). ``cgroup``: the unified
-        cgroup to put it in instead of its own (``--cgroup``)."""
+        cgroup to put it in instead of its own (``--cgroup``); ``cgroup_hint``: the cgroups it
+        was in at the source, on another host (``join_cgroups_early``)."""
         check_machine(header, xsave_supported_mask())
         sched.check_affinity(affinity)
         self.affinity = affinity
         self._numa_threads = False        # a thread has a NUMA policy (``_thread_setup``)
         self.cgroup = cgroup
+        self.cgroup_hint = cgroup_hint
         self.header = header
         self.keep_ids = keep_ids
         self.deferred = [d.rstrip("/") or "/" for d in deferred]   # files here are mapped in finish()
@@ -361,6 +364,23 @@ class Restorer:
             return self.gadget, self._scratch(CLONE_SCRATCH)
         return self._clone_gadget, self._clone_scratch
 
+    def join_cgroups_early(self) -> None:
+        """The stub joins the cgroups it will run in now, not in ``finish``: a move between
+        cgroups takes the kernel's threadgroup rwsem for writing (``cgroup_attach_lock``),
+        which waits out an RCU grace period (8 ms here) for each hierarchy it moves in, and
+        ``finish`` runs while the job is frozen. Only where its cgroups here are not the ones
+        the source process runs in: those of a job from another host (``cgroup_hint``), or the
+        one the user chose (``--cgroup``); on the same host the job's own cgroup would be
+        charged its memory twice during pre-copy. ``finish`` places it as the job's final state
+        says, which then moves nothing unless its cgroups changed meanwhile, and warns of what
+        it cannot do; so nothing is said here."""
+        if not self.cgroup_hint and self.cgroup is None:
+            return
+        try:
+            cgroups.place(self.pid, self.cgroup_hint, socket.gethostname(), self.cgroup)
+        except (MigrationError, OSError):
+            pass
+
     def spawn_stub(self) -> None:
         """The stub this process is rebuilt in: made, seized and stopped."""
         try:
@@ -384,6 +404,7 @@ class Restorer:
             # session and group, where a terminal's Ctrl-C or hang-up would end it.
             if os.getsid(self.pid) != self.pid:
                 self.stub_call("setsid")
+            self.join_cgroups_early()
         except (OSError, ptrace.TraceeGone) as exc:
             raise RestoreError(f"could not prepare the process to restore into: {exc}") from None
 

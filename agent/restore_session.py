@@ -16,7 +16,7 @@ a worker thread between two ``take`` calls (pages are written while the tracer i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from agent import peercred
 from agent.as_target import Identity, check_grantable
@@ -53,15 +53,17 @@ class RestoredProcess:
 
 class RestoreSession:
     def __init__(self, deferred: Sequence[str] = (), *, keep_ids: bool = True, affinity: str = "refuse",
-                 cgroup: str | None = None) -> None:
+                 cgroup: str | None = None, cgroup_hints: Mapping[int, tuple[str, ...]] | None = None) -> None:
         """``deferred``: paths filesystem hooks bring (mapped at ``finish``); ``keep_ids``:
         every process keeps its pid and thread ids (refused off for a tree); ``affinity``:
         ``agent.sched``'s choice for threads pinned to CPUs this host lacks; ``cgroup``: the
-        unified cgroup every process goes in instead of its own (``--cgroup``)."""
+        unified cgroup every process goes in instead of its own (``--cgroup``); ``cgroup_hints``:
+        per pid, the cgroups the source said it was in (another host's job: ``Restorer``)."""
         self.deferred = list(deferred)
         self.keep_ids = keep_ids
         self.affinity = affinity
         self.cgroup = cgroup
+        self.cgroup_hints = dict(cgroup_hints or {})
         self.header: ImageHeader | None = None
         self.procs: dict[int, RestoredProcess] = {}      # the root first, parents before children
         self.current: RestoredProcess | None = None
@@ -81,7 +83,8 @@ class RestoreSession:
             self.header = item
             self.current = self.procs[item.pid] = RestoredProcess(Restorer(item, self.deferred, keep_ids=self.keep_ids,
                                                                            shared=self.shared, affinity=self.affinity,
-                                                                           cgroup=self.cgroup))
+                                                                           cgroup=self.cgroup,
+                                                                           cgroup_hint=self.cgroup_hints.get(item.pid, ())))
             return
         if self.header is None:
             raise ProtocolError("the stream does not start with its header: corrupt image")
@@ -142,7 +145,9 @@ class RestoreSession:
         for m in new:
             parent = self.procs[m.ppid].restorer
             made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
-                            forked_from=parent, shared=self.shared, affinity=self.affinity, cgroup=self.cgroup)
+                            forked_from=parent, shared=self.shared, affinity=self.affinity, cgroup=self.cgroup,
+                            cgroup_hint=self.cgroup_hints.get(m.pid, ()))
+            made.join_cgroups_early()
             self.procs[m.pid] = RestoredProcess(made, member=m)
         for m in new:
             if m.zombie:

@@ -28,14 +28,14 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import fdtable, locks, mempolicy, sched
+from agent import cgroups, fdtable, locks, mempolicy, sched
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
 from agent.procfs import process_tree, read_status, thread_ids
 from precopy import sysv
-from precopy.kernel import xsave_supported_mask
+from precopy.kernel import boot_id, xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
 from agent.tree import tree_record
@@ -414,7 +414,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     return {
         "pid": pid, "comm": root["comm"], "uid": root["uid"], "threads": sum(p["threads"] for p in processes),
         "tids": root["tids"], "memory_bytes": sum(p["memory_bytes"] for p in processes), "processes": processes,
-        "arch": platform.machine(), "kernel_release": platform.release(),
+        "arch": platform.machine(), "kernel_release": platform.release(), "boot_id": boot_id(),
         "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": [f.as_wire() for f in facts.values()],
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
         "pinned_cpus": sorted(set().union(*(p["pinned_cpus"] for p in processes))),
@@ -452,7 +452,7 @@ def _process_summary(pid: int) -> dict[str, Any]:
             "uid": int(status["Uid"].split()[1]), "threads": int(status.get("Threads", "1")),
             "tids": tids, "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
             "pinned_cpus": sorted(sched.pinned_cpus(tids)), "locks": locks.held_by(pid),
-            "numa_nodes": sorted(mempolicy.policy_nodes(pid, tids))}
+            "numa_nodes": sorted(mempolicy.policy_nodes(pid, tids)), "cgroups": list(cgroups.read(pid))}
 
 
 async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT
