@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 import trio
@@ -22,6 +22,24 @@ def same(a: PageBatch, b: PageBatch) -> bool:
     return a.runs == b.runs and bytes(a.data) == bytes(b.data)
 
 
+async def _exchange(fa: FramedStream, fb: FramedStream, sent: list[Any],
+                    send_record: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+    """Send ``sent`` (page batches, and records through ``send_record``) on ``fa``; what ``fb`` got."""
+    async def send() -> None:
+        for item in sent:
+            await (fa.send_batch(item) if isinstance(item, PageBatch) else send_record(item))
+        await fa.flush()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        return [await fb.receive() for _ in sent]
+
+
+def _assert_same(sent: list[Any], got: list[Any]) -> None:
+    assert len(got) == len(sent)
+    for want, have in zip(sent, got):
+        assert same(want, have) if isinstance(want, PageBatch) and isinstance(have, PageBatch) else want == have
+
+
 @pytest.mark.parametrize("level", [None, 1, "auto"])
 async def test_records_and_batches_arrive_in_order(level: Any) -> None:
     a, b = socket_pair()
@@ -31,15 +49,8 @@ async def test_records_and_batches_arrive_in_order(level: Any) -> None:
         if i % 5 == 0:
             sent.append(Progress(i + 1, {"i": i}))   # request ids start at 1
     async with FramedStream(a, level=level) as fa, FramedStream(b) as fb:
-        async def send() -> None:
-            for item in sent:
-                await (fa.send_batch(item) if isinstance(item, PageBatch) else fa.send_record(item))
-            await fa.flush()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            got = [await fb.receive() for _ in sent]
-    for want, have in zip(sent, got):
-        assert same(want, have) if isinstance(want, PageBatch) and isinstance(have, PageBatch) else want == have
+        got = await _exchange(fa, fb, sent, fa.send_record)
+    _assert_same(sent, got)
     assert fa.stats.sent.batches == fb.stats.received.batches == 40
     assert fa.stats.sent.bytes_raw == fb.stats.received.bytes_raw == sum(
         len(x.data) for x in sent if isinstance(x, PageBatch))
@@ -136,16 +147,9 @@ async def test_queued_records_keep_their_order_among_batches_and_are_held_until_
         sent.append(Progress(i + 1, {"i": i}))
         sent.append(page_batch(32 + i, seed=i, fill="mixed"))
     async with FramedStream(a, level=1) as fa, FramedStream(b) as fb:
-        async def send() -> None:
-            for item in sent:
-                await (fa.send_batch(item) if isinstance(item, PageBatch) else fa.queue_record(item))
-            await fa.flush()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            got = [await fb.receive() for _ in sent]
+        got = await _exchange(fa, fb, sent, fa.queue_record)
         assert fa.stats.bytes_held == 0
-    for want, have in zip(sent, got):
-        assert same(want, have) if isinstance(want, PageBatch) and isinstance(have, PageBatch) else want == have
+    _assert_same(sent, got)
     assert fa.stats.sent.records >= 12 and fa.stats.peak_bytes_held > 0
 
 
