@@ -230,13 +230,15 @@ def refuse_same_file(path: str, lock: FileLock, host: str, pid: int | None, held
 def job_write_lock(pids: Iterable[int], files: Collection[tuple[int, int]]) -> tuple[int, str, FileLock] | None:
     """A write lock (POSIX, OFD or flock; a lease is refused in preflight) a process of
     ``pids`` holds on one of ``files`` ((st_dev, st_ino) pairs), as (pid, path, lock); None
-    if it holds none. Reads the job's own fds (the fdinfo of those on ``files``), never
-    /proc/locks: reading that takes the kernel's file-lock rwsem for writing (``locks_start``),
-    which waits out an RCU grace period when no one read it a moment before: 8 ms here, and
-    this runs inside the freeze."""
+    if it holds none. Reads the fdinfo of the job's own fds, never /proc/locks: reading that
+    takes the kernel's file-lock rwsem for writing (``locks_start``), which waits out an RCU
+    grace period when no one read it a moment before: 8 ms here, and this runs inside the
+    freeze. Only an fd that holds a lock on an inode of such a number is stat()ed (that goes
+    to the filesystem, which a hung network mount would not answer)."""
     from agent.procfs import fd_links, read_text
     if not files:
         return None
+    inodes = {ino for _, ino in files}
     for pid in pids:
         try:
             links = fd_links(pid)
@@ -246,13 +248,20 @@ def job_write_lock(pids: Iterable[int], files: Collection[tuple[int, int]]) -> t
             if not target.startswith("/"):
                 continue             # pipes, sockets, anonymous inodes
             try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-                if (st.st_dev, st.st_ino) not in files:
-                    continue
                 info = read_text(pid, "fdinfo", str(fd))
             except (OSError, NoSuchProcess):
                 continue                 # closed meanwhile
-            lines = [line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("lock:")]
+            fields = [line.partition(":") for line in info.splitlines()]
+            lines = [value.strip() for key, _, value in fields if key == "lock"]
+            ino = next((value.strip() for key, _, value in fields if key == "ino"), "")
+            if not lines or (ino.isdigit() and int(ino) not in inodes):
+                continue
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue                 # closed meanwhile
+            if (st.st_dev, st.st_ino) not in files:
+                continue
             for lock in parse(pid, fd, target, lines):
                 if lock.write and lock.kind != "lease":
                     return pid, target, lock
