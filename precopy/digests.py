@@ -73,7 +73,7 @@ class PageDigests:
             for group in split_runs(runs, reader.batch_pages):
                 batch = reader.read(group)
                 hashed += batch.npages
-                for addr, data in _pages(batch):
+                for addr, data in batch_pages(batch):
                     seen.add(addr)
                     d = digest(data)
                     if self._digests.get(addr) != d:
@@ -100,7 +100,7 @@ class PageDigests:
         for group in split_runs(runs_of(a for a in gone if within(files, a)), reader.batch_pages):
             batch = reader.read(group)
             hashed += batch.npages
-            for addr, data in _pages(batch):
+            for addr, data in batch_pages(batch):
                 if digest(data) == gone[addr]:
                     self._digests[addr] = gone.pop(addr)
         return hashed
@@ -138,7 +138,7 @@ class PageDigests:
         for group in split_runs(known, reader.batch_pages):
             batch = reader.read(group)
             hashed += batch.npages
-            for addr, data in _pages(batch):
+            for addr, data in batch_pages(batch):
                 if self._digests.get(addr) == digest(data):
                     _append(same, addr)
         return same, hashed, reader.bytes_read - before
@@ -147,7 +147,7 @@ class PageDigests:
         """Remember the digests of pages as sent (only for mappings tracked by content)."""
         if not self._spans:
             return
-        for addr, data in _pages(batch):
+        for addr, data in batch_pages(batch):
             if self._inside(addr):
                 self._digests[addr] = digest(data)
 
@@ -156,7 +156,8 @@ class PageDigests:
         self._spans = []
 
 
-def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:
+def batch_pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:
+    """(address, contents) of each page of ``batch``."""
     view = memoryview(batch.data)
     off = 0
     for addr, n in batch.runs:

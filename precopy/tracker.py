@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from precopy.control import ProcessControl
-from precopy.digests import PageDigests, digest
+from precopy.digests import PageDigests, batch_pages, digest
 from precopy.hugepages import HugePageNarrowing, huge_spans
 from precopy.intervals import (
     Run,
@@ -373,14 +373,9 @@ class SoftDirtyTracker(DirtyTracker):
     def note_sent(self, batch: PageBatch) -> None:
         super().note_sent(batch)
         if self._reread:
-            view = memoryview(batch.data)
-            off = 0
-            for addr, n in batch.runs:
-                for i in range(n):
-                    a = addr + i * PAGE_SIZE
-                    if a in self._reread:
-                        self._reread[a] = digest(view[off: off + PAGE_SIZE])
-                    off += PAGE_SIZE
+            for addr, data in batch_pages(batch):
+                if addr in self._reread:
+                    self._reread[addr] = digest(data)
 
     def _unsettled(self, entries: list[MapEntry], populated: list[Run]) -> tuple[list[Run], int]:
         """Pages of file mappings the last scan read again as emptied, that are still empty but
@@ -401,17 +396,11 @@ class SoftDirtyTracker(DirtyTracker):
         unsettled: list[int] = []
         before = self.reader.bytes_read
         for group in split_runs(empty, self.reader.batch_pages):
-            batch = self.reader.read(group)
             got: set[int] = set()
-            view = memoryview(batch.data)
-            off = 0
-            for addr, n in batch.runs:
-                for i in range(n):
-                    a = addr + i * PAGE_SIZE
-                    got.add(a)
-                    if watched.get(a) != digest(view[off: off + PAGE_SIZE]):
-                        unsettled.append(a)
-                    off += PAGE_SIZE
+            for addr, data in batch_pages(self.reader.read(group)):
+                got.add(addr)
+                if watched.get(addr) != digest(data):
+                    unsettled.append(addr)
             unsettled += [a for a in pages_of(group) if a not in got]     # unreadable: read it again later
         return runs_of(unsettled), self.reader.bytes_read - before
 
