@@ -47,14 +47,12 @@ from transport.errors import MigrationError, NoSuchProcess, ProcessError, Proces
 from transport.levels import Level, check_level
 from transport.pages import PageBatch
 from transport.rpc import CallContext
+from transport.records import WireRecord
 from transport.schema import (
     FORMAT_VERSION,
-    RECORD_TYPES,
     EventFiles,
     Pipes,
     ProcessBegin,
-    ProcessState,
-    ThreadState,
     UnixSockets,
 )
 from transport.tcp import HANDSHAKE_TIMEOUT, open_data_channel
@@ -600,14 +598,14 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 threads += len(proc["threads"])
                 if s.carry_tree:
                     await sink.record(ProcessBegin(int(proc["pid"])))
-                await sink.record(ProcessState.from_wire(proc["process"]))
+                await sink.record(WireRecord(proc["process"]))      # the holder's: ours
                 for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
                     listed = NONE_IF_ABSENT.get(wire["t"])
                     if listed is not None and not wire.get(listed):
                         continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
-                    await sink.record(RECORD_TYPES[wire["t"]].from_wire(wire))
+                    await sink.record(WireRecord(wire))
                 for t in proc["threads"]:
-                    await sink.record(ThreadState.from_wire(t))
+                    await sink.record(WireRecord(t))
     s.cursor.reset()
     # Written out, not yet applied: dest_restore waits for the stream on the destination.
     state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())

@@ -173,6 +173,19 @@ class Record:
         """Checks across fields (alignment, order, references); fail with ``check``."""
 
 
+class WireRecord(Record):
+    """A record already in its wire form (what ``to_wire`` gives), sent as it is: the state an
+    agent passes on from the holder, another of our own processes, is not rebuilt and taken
+    apart again while the job is frozen (1.9 ms for a process holding 53 kernel objects).
+    Never for what comes from the other side: that is decoded and checked (``from_wire``)."""
+
+    def __init__(self, wire: dict[str, Any]) -> None:
+        self.wire = wire
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.wire
+
+
 def _encode_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _encode_dataclass(value)
