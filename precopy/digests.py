@@ -13,8 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from precopy.intervals import Run, Span, merge_spans, runs_of, subtract, within
-from precopy.layout import MapEntry, PageFinder
+from precopy.intervals import Run, Span, merge_spans, pages_of, runs_of, subtract, within
+from precopy.layout import MapEntry, PageFinder, private_file_spans
 from precopy.reader import PageReader, split_runs
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE
@@ -73,37 +73,31 @@ class PageDigests:
             for group in split_runs(runs, reader.batch_pages):
                 batch = reader.read(group)
                 hashed += batch.npages
-                for addr, data in batch_pages(batch):
+                for addr, data in _pages(batch):
                     seen.add(addr)
                     d = digest(data)
                     if self._digests.get(addr) != d:
                         self._digests[addr] = d
                         _append(changed, addr)
-        gone: dict[int, bytes] = {}           # page -> digest of what was sent
-        for addr in list(self._digests):
-            if addr in seen:
+        stale = [addr for addr in self._digests if addr not in seen]
+        # An empty page of a private file mapping reads as the file's page: one sent as that
+        # (a dropped copy, read again) is still what the other side holds, and is kept.
+        files = private_file_spans(entries)
+        kept: set[int] = set()
+        if stale and files:
+            same, hashed_same, _ = self.unchanged(runs_of(a for a in stale if self._inside(a) and within(files, a)),
+                                                  reader)
+            hashed += hashed_same
+            kept = pages_of(same)
+        gone: list[int] = []
+        for addr in stale:
+            if addr in kept:
                 continue
             if self._inside(addr):
-                gone[addr] = self._digests[addr]
+                gone.append(addr)
             del self._digests[addr]
-        files = merge_spans((e.start, e.end) for e in entries if e.kind == "file" and not e.shared)
-        if gone and files:
-            hashed += self._still_sent(gone, files, reader)
         return DigestScan(changed, subtract(runs_of(gone), _as_runs(new_spans)), populated, hashed,
                           reader.bytes_read - before)
-
-    def _still_sent(self, gone: dict[int, bytes], files: list[Span], reader: PageReader) -> int:
-        """Keep the pages of ``gone`` in ``files`` (private file mappings) that read as they were
-        sent: an empty page there reads as the file's page, and one sent as that (a dropped
-        copy, read again) is still what the other side holds. Returns the pages hashed."""
-        hashed = 0
-        for group in split_runs(runs_of(a for a in gone if within(files, a)), reader.batch_pages):
-            batch = reader.read(group)
-            hashed += batch.npages
-            for addr, data in batch_pages(batch):
-                if digest(data) == gone[addr]:
-                    self._digests[addr] = gone.pop(addr)
-        return hashed
 
     def follow(self, spans: Sequence[Span], new_spans: Sequence[Span] = ()) -> None:
         """Remember sent pages of ``spans`` from now on; forget digests outside them, and
@@ -138,7 +132,7 @@ class PageDigests:
         for group in split_runs(known, reader.batch_pages):
             batch = reader.read(group)
             hashed += batch.npages
-            for addr, data in batch_pages(batch):
+            for addr, data in _pages(batch):
                 if self._digests.get(addr) == digest(data):
                     _append(same, addr)
         return same, hashed, reader.bytes_read - before
@@ -147,7 +141,7 @@ class PageDigests:
         """Remember the digests of pages as sent (only for mappings tracked by content)."""
         if not self._spans:
             return
-        for addr, data in batch_pages(batch):
+        for addr, data in _pages(batch):
             if self._inside(addr):
                 self._digests[addr] = digest(data)
 
@@ -156,7 +150,7 @@ class PageDigests:
         self._spans = []
 
 
-def batch_pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:
+def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:
     """(address, contents) of each page of ``batch``."""
     view = memoryview(batch.data)
     off = 0

@@ -404,6 +404,12 @@ def trackable(entry: MapEntry) -> bool:
     return not (kind == "file" and entry.shared)
 
 
+def private_file_spans(entries: Iterable[MapEntry]) -> list[Span]:
+    """The address ranges of the private file mappings among ``entries``, merged: where an
+    empty page reads as the file's page, not as zeros."""
+    return merge_spans((e.start, e.end) for e in entries if e.kind == "file" and not e.shared)
+
+
 def same_backing(a: MapEntry, b: MapEntry) -> bool:
     """Could ``b`` be (part of) the same memory as ``a``, seen at another time?"""
     if a.shared != b.shared:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from precopy.control import ProcessControl
-from precopy.digests import PageDigests, batch_pages, digest
+from precopy.digests import PageDigests
 from precopy.hugepages import HugePageNarrowing, huge_spans
 from precopy.intervals import (
     Run,
@@ -43,14 +43,22 @@ from precopy.intervals import (
     merge_spans,
     normalize,
     npages,
-    pages_of,
-    runs_of,
     subtract,
     to_runs,
+    to_spans,
 )
 from precopy.kernel import pidfd_open
 from precopy.layout_delta import SentLayout
-from precopy.layout import LayoutChange, MapEntry, MapsCache, PageFinder, diff_layout, read_maps, trackable
+from precopy.layout import (
+    LayoutChange,
+    MapEntry,
+    MapsCache,
+    PageFinder,
+    diff_layout,
+    private_file_spans,
+    read_maps,
+    trackable,
+)
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -73,7 +81,7 @@ from precopy.probe import (
     choose_tracker,
     probe_backends,
 )
-from precopy.reader import PageReader, split_runs
+from precopy.reader import PageReader
 from transport.errors import (
     MigrationError,
     PermissionDenied,
@@ -302,9 +310,10 @@ class SoftDirtyTracker(DirtyTracker):
             raise ValueError("the soft-dirty tracker needs a ProcessControl to pause the target while it clears")
         super().__init__(pid, control)
         self._populated: list[Run] = []
-        # Emptied pages of file mappings the last scan had read again, with the digest of what
-        # was sent for each (None until sent): see ``_unsettled``.
-        self._reread: dict[int, bytes | None] = {}
+        # Emptied pages of file mappings the last scan had read again, and the digests of what
+        # was sent of them: see ``_unsettled``.
+        self._reread: list[Run] = []
+        self._reread_sent = PageDigests()
 
     def _clear(self) -> None:
         with open(f"/proc/{self.pid}/clear_refs", "w") as f:
@@ -368,14 +377,13 @@ class SoftDirtyTracker(DirtyTracker):
         return dirty, gone, sum(e.length for e in entries) // PAGE_SIZE, read
 
     def _rereading(self, runs: list[Run]) -> None:
-        self._reread = dict.fromkeys(pages_of(runs))
+        self._reread = runs
+        self._reread_sent.clear()
+        self._reread_sent.follow(to_spans(runs))
 
     def note_sent(self, batch: PageBatch) -> None:
         super().note_sent(batch)
-        if self._reread:
-            for addr, data in batch_pages(batch):
-                if addr in self._reread:
-                    self._reread[addr] = digest(data)
+        self._reread_sent.note_sent(batch)
 
     def _unsettled(self, entries: list[MapEntry], populated: list[Run]) -> tuple[list[Run], int]:
         """Pages of file mappings the last scan read again as emptied, that are still empty but
@@ -387,22 +395,15 @@ class SoftDirtyTracker(DirtyTracker):
         and drops the copy (MADV_DONTNEED) after it, the copy is what was sent, and nothing
         reports the drop: the dropped entry takes its soft-dirty bit with it, and the page was
         not populated at the scan before. So each such page still empty now is read (it shows
-        the file's page: the process is paused) and compared with what was sent."""
-        watched, self._reread = self._reread, {}
+        the file's page: the process is paused) and compared with what was sent (a page not
+        sent, or not readable, counts as different)."""
+        watched, self._reread = self._reread, []
         if not watched:
             return [], 0
-        files = merge_spans((e.start, e.end) for e in entries if e.kind == "file" and not e.shared)
-        empty = subtract(clip(runs_of(watched), files), populated)
-        unsettled: list[int] = []
-        before = self.reader.bytes_read
-        for group in split_runs(empty, self.reader.batch_pages):
-            got: set[int] = set()
-            for addr, data in batch_pages(self.reader.read(group)):
-                got.add(addr)
-                if watched.get(addr) != digest(data):
-                    unsettled.append(addr)
-            unsettled += [a for a in pages_of(group) if a not in got]     # unreadable: read it again later
-        return runs_of(unsettled), self.reader.bytes_read - before
+        empty = subtract(clip(watched, private_file_spans(entries)), populated)
+        same, _, read = self._reread_sent.unchanged(empty, self.reader)
+        self._reread_sent.clear()
+        return subtract(empty, same), read
 
 
 class ChecksumTracker(DirtyTracker):
