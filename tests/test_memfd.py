@@ -37,7 +37,8 @@ if mode == "fork":
     child = os.fork()
 with open(os.path.join(out_dir, "child" if child == 0 and mode == "fork" else "output"), "w") as out:
     if child or mode != "fork":
-        open(os.path.join(out_dir, "ready"), "w").close()
+        open(os.path.join(out_dir, ".ready"), "w").close()     # closed before it shows: the state is read then
+        os.rename(os.path.join(out_dir, ".ready"), os.path.join(out_dir, "ready"))
     while not os.path.exists(os.path.join(out_dir, "go")):     # made after the restore
         time.sleep(0.01)
     if mode == "fork" and child == 0:
@@ -299,7 +300,8 @@ fd = os.memfd_create("big", 0)
 os.ftruncate(fd, 17 << 20)
 m = mmap.mmap(fd, 4096)
 m[0:1] = b"x"
-open(os.path.join(sys.argv[1], "ready"), "w").close()
+open(os.path.join(sys.argv[1], ".ready"), "w").close()     # closed before it shows: the state is read then
+os.rename(os.path.join(sys.argv[1], ".ready"), os.path.join(sys.argv[1], "ready"))
 time.sleep(600)
 """
 
@@ -307,7 +309,8 @@ time.sleep(600)
 HUGE = r"""
 import os, sys, time
 fd = os.memfd_create("huge", os.MFD_HUGETLB)
-open(os.path.join(sys.argv[1], "ready"), "w").close()
+open(os.path.join(sys.argv[1], ".ready"), "w").close()     # closed before it shows: the state is read then
+os.rename(os.path.join(sys.argv[1], ".ready"), os.path.join(sys.argv[1], "ready"))
 time.sleep(600)
 """
 
