@@ -26,7 +26,7 @@ import threading
 import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Coroutine, TypeVar, cast
 
 import trio
 from cryptography.utils import CryptographyDeprecationWarning
@@ -107,13 +107,19 @@ class AsyncioThread:
         return fut.result()
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the asyncio loop; cancelling the trio caller cancels it."""
-        fut = self.submit(coro)
+        """Run ``coro`` on the asyncio loop; cancelling the trio caller cancels it. Its failure
+        comes back as a value, raised here: a task that failed just as its caller was
+        cancelled (two hosts unreachable at once, one failing first) would otherwise end with
+        an exception nobody retrieves, which asyncio prints as a traceback."""
+        fut = self.submit(_outcome(coro))
         try:
-            return await self.wait(fut)
+            ok, value = await self.wait(fut)
         except trio.Cancelled:
             fut.cancel()
             raise
+        if not ok:
+            raise value
+        return cast(T, value)
 
     async def stop(self) -> None:
         if not self._started:
@@ -122,6 +128,14 @@ class AsyncioThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
+
+
+async def _outcome(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """(True, its result) or (False, the exception it raised): never a failed task."""
+    try:
+        return True, await coro
+    except Exception as exc:
+        return False, exc
 
 
 _BROKEN = (asyncssh.Error, EOFError, OSError, concurrent.futures.CancelledError)
