@@ -113,7 +113,11 @@ def alive(held: Held) -> bool:
 
 def _seize_new_threads(held: Held) -> list[int]:
     new: list[int] = []
-    for tid in thread_ids(held.pid):
+    try:
+        tids = thread_ids(held.pid)
+    except NoSuchProcess:     # held by its pidfd: it was there, so it exited (callers let it leave)
+        raise ProcessExited(f"process {held.pid} exited", pid=held.pid) from None
+    for tid in tids:
         if tid in held.seized:
             continue
         try:
