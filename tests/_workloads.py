@@ -45,6 +45,35 @@ def build(name: str, *extra_flags: str) -> Path:
     return out
 
 
+def node() -> str:
+    """Node.js's ``node``; skip the test where this machine has none."""
+    path = shutil.which("node") or shutil.which("nodejs")
+    if path is None:
+        pytest.skip("no Node.js on this machine (apt-get install nodejs)")
+    return path
+
+
+def build_java(name: str) -> list[str]:
+    """Compile tests/workloads/<Name>.java (cached, as ``build``); the ``java`` command line
+    that runs it. Skip the test where this machine has no JDK."""
+    java, javac = shutil.which("java"), shutil.which("javac")
+    if java is None or javac is None:
+        pytest.skip("no Java development kit on this machine (apt-get install default-jdk-headless)")
+    src = SOURCES / f"{name}.java"
+    classes = BUILD / "java"
+    classes.mkdir(parents=True, exist_ok=True)
+    out = classes / f"{name}.class"
+    with open(BUILD / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            with tempfile.TemporaryDirectory(dir=BUILD) as tmp:
+                subprocess.run([javac, "-d", tmp, str(src)], check=True, capture_output=True, text=True)
+                # The program's own class last: its time says the others are there and as new.
+                for made in sorted(Path(tmp).glob("*.class"), key=lambda c: c.name == out.name):
+                    os.replace(made, classes / made.name)
+    return [java, "-cp", str(classes), name]
+
+
 def become_subreaper() -> None:
     """Make this process adopt orphans, so restored processes (not our children) are reaped here."""
     libc = ctypes.CDLL(None, use_errno=True)

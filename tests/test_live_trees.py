@@ -15,7 +15,9 @@ from typing import Callable
 from examples.testbed import Testbed
 from tests._hosts import start_in, verdict, wait_file
 from tests._migration import migrate_cli, proc_state
-from tests._workloads import KCR_MIGRATE, STARTED, Reference, build
+from tests._workloads import KCR_MIGRATE, STARTED, Reference, build, build_java, node
+
+WORKLOADS = Path(__file__).parent / "workloads"
 
 
 def tree(pid: int) -> dict[int, int]:
@@ -228,6 +230,53 @@ def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> No
     move_tree_to_host_c(testbed, before)
     (out / "go-on").touch()
     assert wait_file(out / "output") == f"{sum(x * x for x in range(3000))}\n"
+
+
+def _reference_and_moved_tree(testbed: Testbed, tmp_path: Path, argv: list[str], processes: int,
+                              *after: str) -> None:
+    """``argv`` (a program taking OUT READY GO, then ``after``) run unmoved here, and on hostA
+    moved live to hostC once READY is there and it has ``processes`` processes: let go on (GO)
+    once moved, it must end there having written the same OUT."""
+    def args(where: Path) -> list[str]:
+        return [*argv, str(where / "output"), str(where / "ready"), str(where / "go-on"), *after]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "go-on").touch()
+    reference = Reference(args(ref), ref)
+    out = tmp_path / "moved"
+    out.mkdir()
+    pid = start_in(testbed, "hostA", args(out), out)
+    deadline = time.monotonic() + 30
+    while len(before := tree(pid)) < processes:
+        assert time.monotonic() < deadline, f"{argv[0]} has {len(before)} processes, not {processes}"
+        time.sleep(0.01)
+    move_tree_to_host_c(testbed, before)
+    (out / "go-on").touch()
+    deadline = time.monotonic() + 120
+    while proc_state(testbed.root_pid("hostC", pid) or 0) not in (None, "Z", "X"):
+        assert time.monotonic() < deadline, f"{argv[0]} did not finish on hostC"
+        time.sleep(0.02)
+    assert (out / "output").read_text() == reference.output()
+
+
+def test_node_children_on_ipc_channels_move_live_with_their_pids(testbed: Testbed, tmp_path: Path) -> None:
+    """Node.js's child_process.fork: a parent and two children on the IPC channels node makes
+    (unix socketpairs), the parent waiting for both answers each step and, at the end, for
+    their exit codes (tests/workloads/node_ipc.js)."""
+    _reference_and_moved_tree(testbed, tmp_path, [node(), str(WORKLOADS / "node_ipc.js")], 3)
+
+
+def test_a_java_program_and_its_child_on_a_pipe_move_live_with_their_pids(testbed: Testbed, tmp_path: Path) -> None:
+    """A JVM with a thread pool and a shell it started (ProcessBuilder): the shell's lines
+    wait in a pipe to the JVM, whose reaper thread waits for it by pid
+    (tests/workloads/JavaPool.java)."""
+    _reference_and_moved_tree(testbed, tmp_path, build_java("JavaPool"), 2, "40")
+
+
+def test_an_asyncio_program_moves_live_with_its_pid(testbed: Testbed, tmp_path: Path) -> None:
+    """CPython's asyncio (an epoll instance, a socketpair as its self-pipe, timers), live:
+    it must keep its pid, as asyncio notices a new one (tests/workloads/asyncio_job.py)."""
+    _reference_and_moved_tree(testbed, tmp_path, [sys.executable, "-S", str(WORKLOADS / "asyncio_job.py")], 1)
 
 
 def small_project(where: Path, files: int = 12) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli, moved, proc_state
-from tests._workloads import STARTED, become_subreaper, kcr, reap, start_until_ready
+from tests._workloads import STARTED, build_java, become_subreaper, kcr, node, reap, start_until_ready
+
+WORKLOADS = Path(__file__).parent / "workloads"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -308,45 +310,50 @@ def test_deleted_files_held_open(tmp_path: Path, how: str) -> None:
     assert " 3072004 0 0o640 True 3072004 e8e9eaebecedeeef b'tail' " in outputs[1], outputs[1]
 
 
-ASYNC_JOB = r"""
-import asyncio, hashlib, sys
-async def producer(q, n):
-    for i in range(n):
-        await q.put(i)
-        await asyncio.sleep(0.01)
-    await q.put(None)
-async def consumer(q, out, ready):
-    h = b""
-    while (i := await q.get()) is not None:
-        h = hashlib.sha256(h + bytes([i % 256])).digest()
-        out.write(f"{i} {h.hex()[:16]}\n")
-        out.flush()
-        if i == 20:
-            open(ready, "w").close()
-async def main():
-    q = asyncio.Queue()
-    with open(sys.argv[1], "w") as out:
-        await asyncio.gather(producer(q, int(sys.argv[3])), consumer(q, out, sys.argv[2]))
-asyncio.run(main())
-"""
+ASYNC_JOB = Path(__file__).parent / "workloads" / "asyncio_job.py"
+
+
+def _run_and_move(argv: list[str], tmp_path: Path, how: str, timeout: float = 120) -> None:
+    """Run ``argv`` (a program taking OUT READY GO) unmoved, then again moved by ``how`` once
+    READY is there; the moved run, let go on (GO) once moved, must write the same OUT."""
+    outputs = []
+    for name in ("reference", "moved"):
+        out, ready, go = (tmp_path / f"{name}.{part}" for part in ("out", "ready", "go"))
+        if name == "reference":
+            go.touch()
+        proc = start_until_ready([*argv, str(out), str(ready), str(go)], ready, timeout=timeout)
+        if name == "reference":
+            assert proc.wait(timeout=timeout) == 0
+        else:
+            pid = moved(proc, how, tmp_path)
+            go.touch()
+            finished(pid, timeout=timeout)
+        outputs.append(out.read_text())
+    assert outputs[1] == outputs[0]
 
 
 @pytest.mark.parametrize("move", ["checkpoint"])
 def test_asyncio_program(tmp_path: Path, move: str) -> None:
     """CPython's asyncio: an epoll instance, a socketpair as its self-pipe, timers, a queue.
-    Not live here: the test hosts share one pid namespace, so a live move needs --new-pid,
-    and asyncio takes a new pid for a fork ("no running event loop"). It needs its pid."""
-    script = tmp_path / "job.py"
-    script.write_text(ASYNC_JOB)
+    Live between two hosts in tests/test_live_trees.py: asyncio takes a new pid for a fork
+    ("no running event loop"), so it cannot move with --new-pid as a localhost move does."""
+    _run_and_move([sys.executable, "-S", str(ASYNC_JOB)], tmp_path, move)
 
-    def start(name: str) -> tuple[subprocess.Popen[bytes], Path]:
-        out, ready = tmp_path / f"{name}.out", tmp_path / f"{name}.ready"
-        return start_until_ready([sys.executable, "-S", str(script), str(out), str(ready), "300"], ready), out
-    ref, ref_out = start("reference")
-    assert ref.wait(timeout=120) == 0
-    proc, out = start("moved")
-    finished(moved(proc, move, tmp_path), timeout=120)
-    assert out.read_text() == ref_out.read_text()
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_node_event_loop_with_worker_threads(tmp_path: Path, how: str) -> None:
+    """Node.js: libuv's event loop (epoll, eventfds, timers, its thread pool), V8's JIT code and
+    heap, and four worker threads stepping on timers, posting messages and adding into a
+    SharedArrayBuffer with Atomics (tests/workloads/node_workers.js)."""
+    _run_and_move([node(), str(WORKLOADS / "node_workers.js")], tmp_path, how)
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_java_thread_pool(tmp_path: Path, how: str) -> None:
+    """A JVM (HotSpot): its JIT compiler, garbage collector and signal threads, its perf data
+    file mapped shared from /tmp, and a thread pool whose tasks the main thread waits for
+    (tests/workloads/JavaPool.java)."""
+    _run_and_move(build_java("JavaPool"), tmp_path, how)
 
 
 def test_an_eventfd_shared_with_a_process_that_stays_is_refused(tmp_path: Path) -> None:
