@@ -31,7 +31,7 @@ from agent.inject import (
     RemoteMemory,
     Scratch,
     to_signed,
-    vdso_gadget,
+    syscall_gadget,
 )
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
@@ -152,7 +152,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     ``fds``: its fd table, if the caller read it already (with the rest of a tree's); ``job``:
     the bounds of the tree's mappings, where the policies of shared memory change (``agent.mempolicy``)."""
     pid = held.pid
-    gadget = vdso_gadget(pid, mem)
+    gadget = syscall_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
     maps = read_maps(pid)                                     # before the scratch is mapped
     rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}

@@ -32,7 +32,7 @@ from agent import ptrace
 from agent.signals import LateSignals
 from agent.startup import grow_fd_table
 from agent.dump import collect
-from agent.inject import Injector, RemoteMemory, vdso_gadget
+from agent.inject import Injector, RemoteMemory, syscall_gadget
 from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
 from agent.tree import check_tree, freeze_tree, zombie
@@ -264,7 +264,7 @@ class Holder:
             raise ProcessError("the process must be frozen to inject system calls")
         mem = RemoteMemory(held.pid, writable=False)
         try:
-            gadget = vdso_gadget(held.pid, mem)
+            gadget = syscall_gadget(held.pid, mem)
         finally:
             mem.close()
         with Injector(held.pid, gadget, park=held.pid not in held.inflight) as inj:

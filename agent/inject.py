@@ -2,7 +2,7 @@
 
 A thread that is ptrace-stopped gets its registers replaced by a system call's arguments,
 its instruction pointer pointed at a ``syscall`` instruction (a *gadget*: any ``0f 05`` in
-its vDSO, or the stub's own page during restore), and is single-stepped once: the stop after
+its vDSO, else in its code, or the stub's own page during restore), and is single-stepped once: the stop after
 the step is right after the system call returned. Its signals are blocked meanwhile so no
 signal is dequeued under us, and ``orig_rax = -1`` keeps the kernel from treating the
 injected call as one to restart. ``close`` puts registers and mask back exactly.
@@ -26,7 +26,7 @@ import struct
 
 from agent import ptrace
 from precopy.kernel import tgkill
-from precopy.layout import MapEntry, query_maps, read_maps_naming
+from precopy.layout import MapEntry, query_maps, read_maps, read_maps_naming
 from transport.schema import PAGE_SIZE, GpRegs
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -118,14 +118,31 @@ def _vdso(pid: int) -> list[MapEntry]:
     return read_maps_naming(pid, "[vdso]")
 
 
-def vdso_gadget(pid: int, mem: RemoteMemory) -> int:
-    """A ``syscall`` instruction inside the process's vDSO."""
+GADGET_CHUNK = 1 << 20          # bytes of an executable mapping read at a time, looking for a gadget
+
+
+def syscall_gadget(pid: int, mem: RemoteMemory) -> int:
+    """A ``syscall`` instruction inside the process's vDSO, else in any of its executable
+    mappings (a process without a vDSO: one run under valgrind, or that unmapped it). The
+    two bytes need not begin an instruction of that code: the CPU runs what ``rip`` points at."""
     for m in _vdso(pid):
         if m.name == "[vdso]":
             addr = find_gadget_in(mem.read(m.start, m.length), m.start)
             if addr is not None:
                 return addr
-    raise OSError(errno.ENOENT, f"pid {pid} has no vDSO with a syscall instruction to borrow")
+    for m in read_maps(pid):
+        if not m.prot & PROT_EXEC or m.name == "[vsyscall]":    # (the vsyscall page cannot be read)
+            continue
+        for at in range(m.start, m.end, GADGET_CHUNK):
+            try:        # one byte more: an instruction across two chunks
+                data = mem.read(at, min(GADGET_CHUNK + 1, m.end - at))
+            except OSError:
+                break          # (a mapping of a file truncated under it: beyond its end)
+            addr = find_gadget_in(data, at)
+            if addr is not None:
+                return addr
+    raise OSError(errno.ENOENT, f"pid {pid} has no syscall instruction in its vDSO or any executable mapping to "
+                                "run system calls with")
 
 
 def _batch_code() -> bytes:

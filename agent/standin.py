@@ -10,10 +10,11 @@ injected system calls, its other threads exit, its fds are closed, its timers ar
 its pending signals are discarded (those that arrived after its state was read go to the
 destination first: ``agent.signals``) and every disposition is reset, rseq and the robust futex
 list are unregistered, it moves to ``/``, becomes non-dumpable, and every mapping but the vDSO
-is unmapped. It then sleeps in ``pause()`` (run from the vDSO's ``syscall`` instruction) and
-never runs a line of its own code again: it stays traced (with ``PTRACE_O_EXITKILL``: a
-keeper that dies takes the stand-in with it, so no stand-in outlives its keeper), so every
-signal sent to it stops it first, and the keeper:
+(in a process without one: the code mapping of the ``syscall`` instruction it borrows, as
+``agent.inject`` finds it) is unmapped. It then sleeps in ``pause()`` (run from that
+``syscall`` instruction) and never runs a line of its own code again: it stays traced
+(with ``PTRACE_O_EXITKILL``: a keeper that dies takes the stand-in with it, so no stand-in
+outlives its keeper), so every signal sent to it stops it first, and the keeper:
 
 - sends it to the deputy on the destination (``agent.deputy``, over ``agent.homelink``),
   which sends it to the moved process; SIGCHLD (from the job's killed children) is not sent;
@@ -61,7 +62,7 @@ from agent.homelink import (
     describe_status,
     parse_lost,
 )
-from agent.inject import NR, U64, Injector, RemoteMemory, Scratch, vdso_gadget
+from agent.inject import NR, U64, Injector, RemoteMemory, Scratch, syscall_gadget
 from agent.logs import log_path, open_log
 from agent.procfs import read_status
 from agent.signals import LateSignals, is_guard
@@ -87,7 +88,7 @@ class StandIn:
     """A converted process: what the keeper needs to drive it."""
 
     held: freezer.Held
-    gadget: int                       # the vDSO's syscall instruction: pause(), exit_group()
+    gadget: int                       # the syscall instruction it keeps: pause(), exit_group()
     default_stops: frozenset[int]     # stop signals whose action the job left at default
     stderr: int                       # the keeper's copy of the job's fd 2, or -1
     relays: dict[int, int] = dataclasses.field(default_factory=dict)   # relayed fd -> the keeper's copy
@@ -137,7 +138,7 @@ def convert(held: freezer.Held, relay: Sequence[int] = (),
                                                             else 0))
     mem = RemoteMemory(pid)
     try:
-        gadget = vdso_gadget(pid, mem)
+        gadget = syscall_gadget(pid, mem)
         for tid in sorted(held.seized - {pid}):
             _exit_thread(tid, gadget)
             held.seized.discard(tid)
@@ -186,11 +187,12 @@ def convert(held: freezer.Held, relay: Sequence[int] = (),
             finally:
                 scratch.release()
             maps = read_maps(pid)
-            cluster = [m for m in maps if m.name in VDSO_CLUSTER]
-            if not cluster:
-                raise ProcessError(f"pid {pid} has no vDSO to keep", pid=pid)
-            low = min(m.start for m in cluster)
-            high = max(m.end for m in cluster)
+            # The vDSO, or in a process without one the mapping of code its gadget is in.
+            kept = [m for m in maps if m.name in VDSO_CLUSTER] or [m for m in maps if m.start <= gadget < m.end]
+            if not kept:
+                raise ProcessError(f"pid {pid} lost the mapping of its syscall instruction", pid=pid)
+            low = min(m.start for m in kept)
+            high = max(m.end for m in kept)
             top = max(m.end for m in maps if m.name != "[vsyscall]")
             if low > 0:
                 inj.call("munmap", 0, low)

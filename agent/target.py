@@ -13,7 +13,7 @@ from typing import Iterator
 
 from agent import freeze as freezer
 from agent.dump import abort_rseq_sections
-from agent.inject import Injector, RemoteMemory, vdso_gadget
+from agent.inject import Injector, RemoteMemory, syscall_gadget
 from agent.tracer import Tracer
 from precopy.control import RemoteSyscalls
 
@@ -38,7 +38,7 @@ def _inject_begin(pid: int) -> tuple[freezer.Held, Injector]:
     try:
         mem = RemoteMemory(pid, writable=False)
         try:
-            gadget = vdso_gadget(pid, mem)
+            gadget = syscall_gadget(pid, mem)
             abort_rseq_sections(pid, mem)    # as the kernel would on resuming it anyway
         finally:
             mem.close()

@@ -103,6 +103,13 @@ def test_a_process_denying_itself_writable_code_is_read_all_the_same(tmp_path: P
     assert w.output() == ref.output()
 
 
+def test_a_process_without_a_vdso(tmp_path: Path) -> None:
+    # System calls are run in a process from a syscall instruction of its vDSO; one that has
+    # none (valgrind's, or a sandbox's) lends one from its code. It runs on without a vDSO.
+    ref, w, _ = migrate_once("ckpt_no_vdso", tmp_path)
+    assert w.output() == ref.output() and w.output().endswith("vdso absent\n")
+
+
 def test_files_and_mapping_kinds(tmp_path: Path) -> None:
     ref, w, _ = migrate_once("ckpt_files", tmp_path)
     assert w.output() == ref.output() == "files checked: all good\n"

@@ -47,7 +47,7 @@ def migrate_workload(name: str, tmp_path: Path, *args: str, cli_args: tuple[str,
 
 @pytest.mark.parametrize("name", ["ckpt_threads", "ckpt_blocked", "ckpt_signals", "ckpt_files", "ckpt_pipes",
                                   "ckpt_sockets", "ckpt_attrs", "ckpt_events", "ckpt_sched",
-                                  "ckpt_numa"])
+                                  "ckpt_numa", "ckpt_no_vdso"])
 def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None:
     ref, w, report = migrate_workload(name, tmp_path)
     assert w.output() == ref.output()

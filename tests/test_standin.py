@@ -50,15 +50,16 @@ def alive(pid: int) -> bool:
 class Home:
     """A parent (standin_parent) and its child (standin_child) on this machine."""
 
-    def __init__(self, out: Path, mib: int = CHILD_MIB) -> None:
+    def __init__(self, out: Path, mib: int = CHILD_MIB, **env: str) -> None:
         self.out = out
+        self.env = {**os.environ, **env}
         out.mkdir(parents=True, exist_ok=True)
         self.argv = [str(build("standin_parent")), str(out), str(build("standin_child")), str(out), str(mib)]
         self.moved = 0
 
     def start(self) -> int:
         with open(self.out / "stdout", "wb") as o, open(self.out / "stderr", "wb") as e:
-            start_until_ready(self.argv, self.out / "ready", stdout=o, stderr=e, start_new_session=True)
+            start_until_ready(self.argv, self.out / "ready", stdout=o, stderr=e, start_new_session=True, env=self.env)
         self.child = int(wait_file(self.out / "child_pid"))
         return self.child
 
@@ -117,6 +118,24 @@ def test_parent_sees_the_moved_childs_exit_status(home: Home, tmp_path: Path) ->
     assert home.done() == "exited 7"
     assert home.output() == reference(tmp_path, 7)
     until("the stand-in gone", lambda: not alive(home.child))
+
+
+def test_a_child_without_a_vdso_leaves_a_stand_in(tmp_path: Path) -> None:
+    """A stand-in sleeps on a syscall instruction of the vDSO it keeps; a process without one
+    (valgrind's) keeps the code its syscall instruction was found in instead."""
+    home = Home(tmp_path / "job", WORKLOAD_NO_VDSO="1")
+    try:
+        home.start()
+        home.migrate()
+        maps = [m for m in Path(f"/proc/{home.child}/maps").read_text().splitlines() if "[vsyscall]" not in m]
+        assert len(maps) == 1 and "x" in maps[0].split()[1], maps       # that code alone
+        os.kill(home.child, signal.SIGUSR1)          # sent on by its keeper
+        until("the moved process counting SIGUSR1", lambda: "usr1 1" in home.output())
+        home.finish(5)
+        assert home.done() == "exited 5"
+        assert home.output() == reference(tmp_path, 5).replace("start\n", "start\nusr1 1\n")
+    finally:
+        home.cleanup()
 
 
 def test_signals_reach_the_moved_process_and_stops_show_at_home(home: Home) -> None:

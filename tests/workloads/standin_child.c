@@ -2,7 +2,8 @@
  * Touches MIB MiB, writes "start" to OUTDIR/output and makes OUTDIR/ready; then waits for
  * OUTDIR/finish (its contents: the exit status to end with) or a signal. SIGUSR1 and SIGHUP
  * are counted and written; SIGTERM writes "got SIGTERM" and exits 3. At the end it writes
- * the checksum of its memory (the same as unmoved) and "bye".
+ * the checksum of its memory (the same as unmoved) and "bye". With WORKLOAD_NO_VDSO=1 it
+ * first unmaps its vDSO (as a process under valgrind has none; it calls nothing that needs it).
  * Usage: standin_child OUTDIR MIB */
 #include <fcntl.h>
 #include <signal.h>
@@ -10,11 +11,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
 static volatile sig_atomic_t term, usr1, hup;
 static int out;
+
+static void unmap_vdso(void) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[512];
+    unsigned long start, end;
+    while (f && fgets(line, sizeof line, f))
+        if ((strstr(line, "[vdso]") || strstr(line, "[vvar")) && sscanf(line, "%lx-%lx", &start, &end) == 2 &&
+            munmap((void *)start, end - start) != 0)
+            _exit(102);
+    if (f) fclose(f);
+}
 
 static void on_term(int sig) { (void)sig; term = 1; }
 static void on_usr1(int sig) { (void)sig; usr1++; }
@@ -28,6 +41,8 @@ static void say(const char *text) {
 
 int main(int argc, char **argv) {
     if (argc < 3) { fprintf(stderr, "usage: standin_child OUTDIR MIB\n"); return 2; }
+    const char *no_vdso = getenv("WORKLOAD_NO_VDSO");
+    if (no_vdso && *no_vdso == '1') unmap_vdso();
     const char *dir = argv[1];
     size_t size = (size_t)atoi(argv[2]) << 20;
     char path[4096];
