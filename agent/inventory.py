@@ -117,6 +117,7 @@ ROWS: tuple[Row, ...] = (
         readme="another file at the path of a /dev/shm file"),
     Row("memory", "a file in a directory of /dev/shm, mapped", REFUSED, readme="files in a directory of /dev/shm"),
     Row("memory", "a device mapping", REFUSED, readme="device mappings"),
+    Row("memory", "a Linux AIO context (io_setup)", REFUSED, readme="Linux AIO contexts"),
     Row("memory", "a deleted file or memfd mapped (shared or private) and held open", CARRIED),
     Row("memory", "a memfd mapped but not held open, or a deleted file mapped privately", CARRIED,
         _f("FileContents", "name")),

@@ -379,6 +379,9 @@ def _check_sysv(pid: int) -> None:
                 f"{m.start:#x}: kcr-migrate cannot move it yet (see README, Limits)", pid=pid)
 
 
+AIO_RING = "/[aio] (deleted)"        # /proc/PID/maps's name of a kernel AIO context's ring
+
+
 def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int, str] | None = None,
                     tree: list[int] | None = None) -> None:
     """Refuse what we cannot carry yet; every message names the resource and what to do.
@@ -394,6 +397,13 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     # Only mappings that name something are refused (files, devices, SysV, memfd, anon
     # inodes): the anonymous rest, maybe tens of thousands, is not parsed (this runs frozen).
     every = maps if maps is not None else file_maps(pid)
+    for m in every:
+        if m.name == AIO_RING:
+            # Not memory of its own: the ring of a kernel AIO context, whose id is this address
+            # and whose requests and completions live in the kernel. Carried as the deleted
+            # shared file it looks like, the restored process's io_getevents() fails (EINVAL).
+            raise UnsupportedResource(f"pid {pid} has a Linux AIO context (io_setup) at {m.start:#x}: its requests "
+                                      f"and completions are the kernel's; {fix}", pid=pid)
     deleted = any(m.name.endswith(" (deleted)") and m.inode and m.name != "/dev/zero (deleted)" for m in every)
     held = held_deleted({pid, *(tree or ())}) if deleted else set()
     only = mapped_only(pid, every, held) if deleted else {}
