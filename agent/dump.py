@@ -61,6 +61,7 @@ TOOL_VERSION = "0.1.0"
 SIGKILL, SIGSTOP, SIGALRM = 9, 19, 14
 PR_GET_DUMPABLE, PR_GET_SECUREBITS, PR_GET_CHILD_SUBREAPER, PR_GET_TID_ADDRESS = 3, 27, 37, 40
 PR_GET_THP_DISABLE = 42
+PR_GET_MDWE = 66
 PR_GET_PDEATHSIG = 2
 MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 ERESTART_CODES = (-512, -513, -514, -516)
@@ -304,9 +305,9 @@ def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
     batch += [("getitimer", (which, scratch.addr + ITIMERS_AT + 32 * which)) for which in range(3)]
     batch += [("brk", (0,)), ("prctl", (PR_GET_DUMPABLE,)), ("prctl", (PR_GET_SECUREBITS,)),
               ("prctl", (PR_GET_CHILD_SUBREAPER, scratch.addr + SUBREAPER_AT)), ("prctl", (PR_GET_THP_DISABLE,)),
-              ("membarrier", (MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))]
+              ("prctl", (PR_GET_MDWE, 0, 0, 0, 0)), ("membarrier", (MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))]
     got = calls.run(inj, batch)
-    for (name, _), result in zip(batch[:-1], got):      # all but membarrier, which may fail (below)
+    for (name, _), result in zip(batch[:-2], got):      # all but the last two, which may fail (below)
         _ok(result, name, pid)
     answers = scratch.get(0, SUBREAPER_AT + 4)
     sigactions: list[SigAction] = []
@@ -325,7 +326,10 @@ def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
         itimers.append(ITimer(which, iv[0] * 1_000_000 + iv[1], iv[2] * 1_000_000 + iv[3]))
     shared_pending = ptrace.peek_siginfo(pid, shared=True)
     itimers = [_rearm_fired_real_timer(it, shared_pending) for it in itimers]
-    brk, dumpable, securebits, _, thp_disable, membarrier = got[-6:]
+    brk, dumpable, securebits, _, thp_disable, mdwe, membarrier = got[-7:]
+    if mdwe == -errno.EINVAL:
+        mdwe = 0            # a kernel before 6.3: no process denies itself writable code
+    _ok(mdwe, "prctl", pid)
     subreaper = int.from_bytes(answers[SUBREAPER_AT:SUBREAPER_AT + 4], "little")
     stat = read_stat(pid)
     mm = MmFields(
@@ -348,7 +352,7 @@ def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=thp_disable,
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
         membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid),
-        coredump_filter=int(read_text(pid, "coredump_filter"), 16))
+        coredump_filter=int(read_text(pid, "coredump_filter"), 16), mdwe=mdwe)
 
 
 def _loginuid(pid: int) -> int:

@@ -150,6 +150,7 @@ ROWS: tuple[Row, ...] = (
         _f("ProcessState", "child_subreaper", "thp_disable", "lock_future")),
     Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),
     Row("process", "coredump_filter", CARRIED, _f("ProcessState", "coredump_filter")),
+    Row("process", "memory-deny-write-execute (PR_SET_MDWE)", CARRIED, _f("ProcessState", "mdwe")),
     Row("process", "loginuid", WARNED, _f("ProcessState", "loginuid")),
     Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
     Row("process", "a job-control stop (SIGSTOP, Ctrl-Z, Slurm's suspend)", CARRIED, _f("ProcessState", "stopped")),

@@ -145,6 +145,7 @@ SECBIT_KEEP_CAPS = 1 << 4
 CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
+PR_SET_MDWE = 65
 PR_SET_PDEATHSIG = 1
 PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
@@ -1078,6 +1079,7 @@ class Restorer:
             new_tids = self._threads(proc, threads, lent_cap=lend)
             self._owners(files, new_tids)
             self._pending(proc, threads, new_tids)
+            self._deny_write_execute(proc)       # once nothing more is mapped (the gadget was, writable code)
             self._seccomp(threads, new_tids)     # the last calls injected: the filters could forbid ours
             self._drop_gadget()
             self._final_registers(threads, new_tids)
@@ -1200,6 +1202,19 @@ class Restorer:
         for v in self.layout:
             if v.advice & VMA_LOCKED:
                 self._call("mlock2", v.start, v.length, MLOCK_ONFAULT if v.advice & VMA_LOCKONFAULT else 0)
+
+    def _deny_write_execute(self, proc: ProcessState) -> None:
+        """PR_SET_MDWE, as the process had it: from now on it may map no memory that is both
+        writable and executable, nor make any executable. It cannot be undone, so it comes
+        once the stub has mapped all it will."""
+        if not proc.mdwe:
+            return
+        try:
+            self._call("prctl", PR_SET_MDWE, proc.mdwe, 0, 0, 0)
+        except InjectionError as exc:
+            raise RestoreError(f"pid {proc.pid} denied itself writable code (PR_SET_MDWE, mode {proc.mdwe}), which "
+                               f"this kernel cannot do ({os.strerror(exc.errno or 0)}): restore it on Linux 6.3 or "
+                               "newer (6.6 for PR_MDWE_NO_INHERIT)") from None
 
     def _seal_memory(self) -> None:
         """mseal() what was sealed, once nothing more is done to those mappings."""

@@ -5,6 +5,7 @@ report must tell the truth about rounds, bytes and downtime.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -55,6 +56,15 @@ def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None
     for key in ("new_pid", "dest_host", "rounds", "downtime_ms", "total_ms", "bytes_raw", "bytes_on_wire",
                 "stop_reason", "per_round"):
         assert key in report
+
+
+def test_a_process_denying_itself_writable_code_keeps_the_denial(tmp_path: Path) -> None:
+    # PR_SET_MDWE (systemd's MemoryDenyWriteExecute= sets it): read through injected calls one
+    # stop each (no writable code for a batch), set again once restore has mapped all it will.
+    if ctypes.CDLL(None).prctl(66, 0, 0, 0, 0) < 0:          # PR_GET_MDWE
+        pytest.skip("this kernel lacks PR_SET_MDWE (Linux 6.3+)")
+    ref, w, _ = migrate_workload("ckpt_signals", tmp_path, env={"WORKLOAD_MDWE": "1"})
+    assert w.output() == ref.output()
 
 
 def test_read_locks_are_held_by_both_copies_then_the_new_one(tmp_path: Path) -> None:

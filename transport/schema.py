@@ -69,7 +69,9 @@ from transport.records import (
 # 8: a thread's parent-death signal (``ThreadState.pdeathsig``) and a process's
 # ``coredump_filter``, which a version 7 reader would drop: a child meant to die with its parent
 # would outlive it, a core dump meant to leave out shared memory would hold it.
-FORMAT_VERSION = 8
+# 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE), which a
+# version 8 reader would drop: the process would run without that protection.
+FORMAT_VERSION = 9
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -305,6 +307,8 @@ class ProcessState(Record):
     stopped: Flag = 0        # in a job-control stop (SIGSTOP, SIGTSTP, ...) when it was frozen
     # format 8: /proc/PID/coredump_filter (which mappings a core dump holds; the kernel's default)
     coredump_filter: Annotated[int, Int(0, (1 << 9) - 1, "a coredump_filter")] = 0x33
+    # format 9: prctl(PR_GET_MDWE): PR_MDWE_REFUSE_EXEC_GAIN (1), PR_MDWE_NO_INHERIT (2)
+    mdwe: Annotated[int, Int(0, 3, "a memory-deny-write-execute mode")] = 0
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")

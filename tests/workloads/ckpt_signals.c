@@ -3,7 +3,7 @@
  * (/proc/self/status SigIgn, SigCgt: no signal ignored or handled that was not, 32 and 33
  * included). All must behave the same after restore. With WORKLOAD_MDWE set, the process
  * first denies itself memory that is writable and executable (PR_SET_MDWE; exit 77 where the
- * kernel lacks it). */
+ * kernel lacks it), and checks it still does at the end. */
 #include "ckpt_common.h"
 #include <signal.h>
 #include <sys/prctl.h>
@@ -69,6 +69,8 @@ int main(int argc, char **argv) {
     if (alarms <= before) { fails++; strcat(why, "itimer stopped; "); }
     sigprocmask(SIG_UNBLOCK, &block, NULL);
     if (usr2 != 1) { fails++; strcat(why, "SIGUSR2 lost; "); }
+    /* Set before the move, the denial of writable code must hold after it (it cannot be lifted). */
+    if (getenv("WORKLOAD_MDWE") && prctl(66 /* PR_GET_MDWE */, 0, 0, 0, 0) != 1) { fails++; strcat(why, "PR_SET_MDWE lost; "); }
     fprintf(out, "usr1 %d usr2 %d ignpipe %d\n", (int)usr1, (int)usr2, cur.sa_handler == SIG_IGN);
     verdict(!fails, "%s", why);
     return 0;
