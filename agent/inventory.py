@@ -155,6 +155,8 @@ ROWS: tuple[Row, ...] = (
     Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
     Row("process", "a job-control stop (SIGSTOP, Ctrl-Z, Slurm's suspend)", CARRIED, _f("ProcessState", "stopped")),
     Row("process", "namespaces of its own", REFUSED, readme="namespaces"),
+    Row("process", "memory, an fd table or a working directory shared with another process (clone())", REFUSED,
+        readme="since clone() without CLONE_THREAD"),
     Row("process", "its parent", LOST, readme="its parent"),
     Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
     Row("process", "its monotonic and boot-time clocks (and time namespace)", CARRIED),  # ImageHeader's

@@ -8,17 +8,27 @@ they share stays shared (``agent.shared_memory``).
 """
 from __future__ import annotations
 
+import errno
+import functools
 import os
 from typing import Mapping
 
 from agent import fdtable
 from agent import freeze as freezer
 from agent.procfs import check_supported, check_target, process_tree, read_stat
+from precopy.kernel import kcmp
 from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
 RUNNING_TRIES = 20        # a running tree that changes on every look (make -j) is checked this often
+KCMP_VM, KCMP_FILES, KCMP_FS = 1, 2, 3
+# What two processes (not threads) can share since clone(): restore makes each its own.
+SHARED_BY_CLONE = (
+    (KCMP_VM, "its memory", "as a parent does in vfork() until the child execs or exits, or after clone(CLONE_VM)"),
+    (KCMP_FILES, "one fd table", "clone(CLONE_FILES): an fd one opens or closes is the other's too"),
+    (KCMP_FS, "one working directory, root and umask", "clone(CLONE_FS): a chdir or umask of one is the other's"),
+)
 
 
 def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None, *,
@@ -49,7 +59,49 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
                                       "was moved; try again", pid=p) from None
     for p in frozen:
         check_supported(p, redirect=redirect if p == pid else None, tree=frozen)
+    check_nothing_shared_by_clone(frozen)
     return frozen
+
+
+def check_nothing_shared_by_clone(pids: list[int]) -> None:
+    """Refuse processes of the job that share memory, an fd table or a working directory
+    with each other or with the root's parent (``SHARED_BY_CLONE``): restored, each would
+    have its own, and what one did the other would no longer see. kcmp orders the kernel's
+    objects, so each kind is one sort of the job, not a comparison of every pair."""
+    root = pids[0]
+    try:
+        parent = int(read_stat(root)[4])
+    except NoSuchProcess:
+        parent = 0
+    members = list(pids)
+    if parent > 1:
+        try:
+            kcmp(root, parent, KCMP_FILES, 0, 0)
+            members.append(parent)
+        except OSError:
+            pass        # gone, or not ours to look at (another user's sshd, for a user's job)
+    for kind, what, how in SHARED_BY_CLONE:
+        def order(a: int, b: int) -> int:
+            got = kcmp(a, b, kind, 0, 0)
+            return 0 if got == 0 else -1 if got == 1 else 1
+        try:
+            ranked = sorted(members, key=functools.cmp_to_key(order))
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.ENOSYS):
+                return       # one gone (the caller looks again) / a kernel without kcmp (refused elsewhere)
+            raise
+        for a, b in zip(ranked, ranked[1:]):
+            if order(a, b) != 0:
+                continue
+            a, b = sorted((a, b), key=lambda p: (p == parent, members.index(p)))
+            if b == parent:
+                whom = f"its parent {b}, which does not move with it"
+            elif kind == KCMP_VM and int(read_stat(b)[4]) == a:
+                whom = f"its child {b},"
+            else:
+                whom = f"pid {b}"
+            raise UnsupportedResource(f"pid {a} shares {what} with {whom} ({how}): restored, each would have its "
+                                      "own; kcr-migrate cannot move it yet (see README, Limits)", pid=a)
 
 
 def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) -> list[int]:
@@ -74,6 +126,7 @@ def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) 
                     if p == pid:
                         raise
                     pids.remove(p)      # it left the job, as it would have a moment later
+            check_nothing_shared_by_clone(pids)
             while True:
                 try:
                     fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)

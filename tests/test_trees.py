@@ -338,6 +338,30 @@ def test_a_parent_waiting_in_vfork_is_refused_not_waited_for_forever(tmp_path: P
     assert out.read_text() == "child ran\nparent: child exited 0\n"
 
 
+@pytest.mark.parametrize("mode, shared", [("files", "one fd table"),
+                                          ("fs", "one working directory, root and umask"),
+                                          ("vm", "its memory")])
+@pytest.mark.parametrize("which", ["tree", "child"])
+def test_processes_sharing_what_clone_shares_are_refused(tmp_path: Path, mode: str, shared: str, which: str) -> None:
+    """Two processes that share an fd table, a working directory or memory since clone() (not
+    threads): restored, each had its own, and an fd the child opened was not the parent's any
+    more. Refused before anything is frozen, the tree (or the child, whose parent stays: it
+    is named) and the live move alike; both run on."""
+    exe = build("clone_shared")
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = start_until_ready([str(exe), mode, str(ready), str(go)], ready, start_new_session=True)
+    child = int(wait_file(ready))
+    target = proc.pid if which == "tree" else child
+    whom = f"{'its child' if mode == 'vm' else 'pid'} {child}" if which == "tree" else f"its parent {proc.pid}, which"
+    err = one_error_line(kcr("checkpoint", str(target), "-o", str(tmp_path / "img")).stderr)
+    assert f"pid {target if which == 'tree' else child} shares {shared} with {whom}" in err, err
+    assert not (tmp_path / "img").exists()
+    code, _, err = migrate_cli(f"{target}@localhost", "localhost", "--new-pid")
+    assert code != 0 and f"shares {shared} with" in err, err
+    go.touch()
+    assert proc.wait(timeout=30) == 0       # the child ran on and exited 0; so did its parent
+
+
 def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     script = tmp_path / "counters.py"
     script.write_text(SHARED_COUNTERS)
