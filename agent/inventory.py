@@ -105,6 +105,10 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "a mapping", CARRIED, _f("Vma", "start", "end", "prot", "shared", "kind", "path", "pgoff",
                                            "growsdown", "file_size", "file_mtime_ns", "ino")),
     Row("memory", "madvise state and mlock", CARRIED, _f("Vma", "advice")),
+    Row("memory", "guard pages (MADV_GUARD_INSTALL)", CARRIED, _f("ProcessState", "guard_regions") +
+        _f("GuardRegion", "start", "end")),
+    Row("memory", "guard pages on Linux 6.13, which makes them but cannot report them", LOST,
+        readme="guard pages on Linux 6.13"),
     Row("memory", "SysV shared memory", CARRIED, _f("Vma", "shm") + _f(
         "SysvSegment", "shmid", "key", "size", "mode", "uid", "gid", "removed", "host")),
     Row("memory", "a SysV segment's creator (cuid, cgid, cpid)", LOST, readme="creator (cuid, cgid, cpid)"),

@@ -146,6 +146,7 @@ CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
 PR_SET_MDWE = 65
+MADV_GUARD_INSTALL = 102
 PR_SET_PDEATHSIG = 1
 PR_TIMER_CREATE_RESTORE_IDS = 77
 MLOCK_ONFAULT = 1
@@ -1062,6 +1063,7 @@ class Restorer:
             identity = Identity.of(proc.creds)
             self._check_access(proc, identity)
             self._numa_policies(proc)
+            self._guard_pages(proc)              # before mlock, which refuses them
             self._lock_memory(proc)
             self._mm(proc, identity)
             self._seal_memory()
@@ -1194,6 +1196,15 @@ class Restorer:
         calls = mempolicy.range_calls(proc.mempolicies, put, pid=proc.pid, host=socket.gethostname(),
                                       affinity=self.affinity, warnings=self.report.warnings)
         self._run_batch(calls, [("give memory its NUMA policy", None)] * len(calls))
+
+    def _guard_pages(self, proc: ProcessState) -> None:
+        """The guard pages (MADV_GUARD_INSTALL), now that every page is in: their mappings hold
+        no memory there (a guard page is never sent)."""
+        calls: list[tuple[str, tuple[int, ...]]] = [("madvise", (g.start, g.end - g.start, MADV_GUARD_INSTALL))
+                                                    for g in proc.guard_regions]
+        if calls:
+            self._run_batch(calls, [("make guard pages again (MADV_GUARD_INSTALL: Linux 6.13 and newer)", None)]
+                            * len(calls))
 
     def _lock_memory(self, proc: ProcessState) -> None:
         """mlock() what was locked, now that every page is in (locking faults pages in)."""

@@ -373,7 +373,13 @@ def _mappings(p: Proc) -> object:
 
 # VmFlags that say how the kernel treats the mapping now rather than what the process asked:
 # soft-dirty tracking, accounting, and the uffd-wp registration of a live migration's tracker.
-TRANSIENT_VMFLAGS = {"sd", "ac", "uw", "um", "ui"}
+# "gu": a guard page may have been installed in it once (sticky; the pages compare: _guards)
+TRANSIENT_VMFLAGS = {"sd", "ac", "uw", "um", "ui", "gu"}
+
+
+def _guards(p: Proc) -> object:
+    """The guard pages, as PAGEMAP_SCAN tells them (none where the kernel cannot)."""
+    return dump._guard_regions(p.pid)
 
 
 def _advice(p: Proc) -> object:
@@ -480,6 +486,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "SysV shared memory": _sysv,
     "a file of /dev/shm, held open or mapped": _shm_files,
     "madvise state and mlock": _advice,
+    "guard pages (MADV_GUARD_INSTALL)": _guards,
     "its pid": lambda p: p.label(int(p.status()["Tgid"])),
     "its executable, working and root directory": lambda p: tuple(
         os.readlink(f"/proc/{p.pid}/{w}") for w in ("exe", "cwd", "root")),

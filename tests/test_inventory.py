@@ -18,7 +18,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # The records a process's state travels in, and the parts of them that are records too.
 STATE_RECORDS = (schema.ProcessState, schema.ThreadState, schema.Creds, schema.MmFields, schema.PosixTimer,
                  schema.Vma, schema.FileDesc, schema.EventFile, schema.UnixSocket, schema.PipeBuffer,
-                 schema.FileContents, schema.SysvSegment, schema.SeccompFilter, schema.MemPolicy)
+                 schema.FileContents, schema.SysvSegment, schema.SeccompFilter, schema.MemPolicy,
+                 schema.GuardRegion)
 # Fields that name or check a record rather than carry state.
 BOOKKEEPING = {"FileContents.id", "EventFile.id", "UnixSocket.id", "PipeBuffer.id"}
 

@@ -69,8 +69,9 @@ from transport.records import (
 # 8: a thread's parent-death signal (``ThreadState.pdeathsig``) and a process's
 # ``coredump_filter``, which a version 7 reader would drop: a child meant to die with its parent
 # would outlive it, a core dump meant to leave out shared memory would hold it.
-# 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE), which a
-# version 8 reader would drop: the process would run without that protection.
+# 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE), and its
+# guard regions (``ProcessState.guard_regions``, MADV_GUARD_INSTALL), which a version 8 reader
+# would drop: the process would run without that protection, its guard pages readable zeros.
 FORMAT_VERSION = 9
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -240,6 +241,22 @@ class MemPolicy:
         _check(self.flags & ~MPOL_MODE_FLAGS == 0, f"NUMA policy mode flags {self.flags:#x}")
 
 
+MAX_GUARD_REGIONS = 1 << 16
+
+
+@dataclass(frozen=True)
+class GuardRegion:
+    """Pages made guard pages (madvise MADV_GUARD_INSTALL, Linux 6.13): no memory behind them,
+    and a touch is SIGSEGV, as a PROT_NONE mapping's but without a mapping of their own."""
+
+    start: UserAddr
+    end: UserAddr
+
+    def validate(self) -> None:
+        _check(self.start < self.end and self.start % PAGE_SIZE == 0 and self.end % PAGE_SIZE == 0,
+               f"a guard region over {self.start:#x}-{self.end:#x}")
+
+
 SIGEV_NOTIFY = (0, 1, 4)     # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's SIGEV_THREAD is one)
 
 
@@ -309,6 +326,9 @@ class ProcessState(Record):
     coredump_filter: Annotated[int, Int(0, (1 << 9) - 1, "a coredump_filter")] = 0x33
     # format 9: prctl(PR_GET_MDWE): PR_MDWE_REFUSE_EXEC_GAIN (1), PR_MDWE_NO_INHERIT (2)
     mdwe: Annotated[int, Int(0, 3, "a memory-deny-write-execute mode")] = 0
+    # format 9: the ranges of pages MADV_GUARD_INSTALL made guard pages (a touch is SIGSEGV), in
+    # address order (PAGEMAP_SCAN's PAGE_IS_GUARD)
+    guard_regions: Annotated[tuple[GuardRegion, ...], Count(MAX_GUARD_REGIONS)] = ()
 
     def validate(self) -> None:
         _check(len({sa.signo for sa in self.sigactions}) == len(self.sigactions), "a signal's action twice")
@@ -318,6 +338,8 @@ class ProcessState(Record):
             _check(1 <= _signo(info) <= NSIG, f"a pending signal numbered {_signo(info)}")
         _check(len(self.auxv) % 16 == 0, f"auxv of {len(self.auxv)} bytes (pairs of 8-byte words)")
         _check(len({t.id for t in self.posix_timers}) == len(self.posix_timers), "a POSIX timer id twice")
+        _check(all(a.end <= b.start for a, b in zip(self.guard_regions, self.guard_regions[1:])),
+               "guard regions out of order or overlapping")
         _check(all(a.end <= b.start for a, b in zip(self.mempolicies, self.mempolicies[1:])),
                "NUMA policy ranges out of order or overlapping")
         for line in self.cgroups:

@@ -3,9 +3,12 @@
  * mapping of a file opened read-write, which may be made writable, a membarrier registration
  * (a private expedited barrier fails with EPERM without it), audit's loginuid, a mapping's
  * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them), MADV_RANDOM
- * readahead advice, a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM), and the
- * coredump_filter (which mappings a core dump holds). */
+ * readahead advice, a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM), the
+ * coredump_filter (which mappings a core dump holds), and guard pages (MADV_GUARD_INSTALL,
+ * Linux 6.13: a touch is SIGSEGV; their neighbours keep their bytes). */
 #include "ckpt_common.h"
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -55,6 +58,19 @@ static int locked(void *addr) {
     return found;
 }
 
+static sigjmp_buf touched;
+static void on_segv(int sig) { (void)sig; siglongjmp(touched, 1); }
+
+/* Whether reading addr faults (SIGSEGV): a guard page's does. */
+static int faults(volatile char *addr) {
+    struct sigaction sa = {0}, old;
+    sa.sa_handler = on_segv;
+    sigaction(SIGSEGV, &sa, &old);
+    int got = sigsetjmp(touched, 1) ? 1 : ((void)*addr, 0);
+    sigaction(SIGSEGV, &old, NULL);
+    return got;
+}
+
 static int oom_adj(void) {
     int v = -9999;
     FILE *f = fopen("/proc/self/oom_score_adj", "r");
@@ -90,6 +106,13 @@ int main(int argc, char **argv) {
     char *ro = mmap(NULL, 4096, PROT_READ, MAP_SHARED, sfd, 0);
     close(sfd);
     if (ro == MAP_FAILED) return 3;
+    /* Guard pages: the 2nd and 5th-6th of 8 (where the kernel has them: Linux 6.13), in a
+     * mapping made before mlockall(MCL_FUTURE) (a locked mapping takes none). */
+    char *g = mmap(NULL, 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (g == MAP_FAILED) return 3;
+    memset(g, 'g', 8 * 4096);
+    int guards = madvise(g + 4096, 4096, 102 /* MADV_GUARD_INSTALL */) == 0 &&
+                 madvise(g + 4 * 4096, 2 * 4096, 102) == 0;
     if (mlock(a, 8 * 4096)) { perror("mlock"); return 3; }
     if (mlock2(b, 8 * 4096, MLOCK_ONFAULT)) { perror("mlock2"); return 3; }
     b[0] = 'b';
@@ -119,8 +142,12 @@ int main(int argc, char **argv) {
     if ((noreserve && !vmflag(nr, "nr")) || nr[4096] != 'n') strcat(why, "MAP_NORESERVE; ");
     if (!vmflag(rnd, "rr") || rnd[0] != 'r') strcat(why, "MADV_RANDOM; ");
     if (seals && (!vmflag(sealed, "sl") || munmap(sealed, 4096) == 0 || errno != EPERM)) strcat(why, "mseal; ");
+    if (guards && (!faults(g + 4096) || !faults(g + 4 * 4096) || !faults(g + 5 * 4096) || faults(g + 3 * 4096)
+                   || g[0] != 'g' || g[2 * 4096] != 'g' || g[6 * 4096] != 'g' || g[7 * 4096 + 100] != 'g'))
+        strcat(why, "guard pages; ");
     if (mprotect(ro, 4096, PROT_READ | PROT_WRITE)) strcat(why, "shared mapping may not be made writable; ");
     else ro[0] = 'w';
+    fprintf(out, "guard pages: %s\n", guards ? "installed" : "not on this kernel");
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
     verdict(!why[0], "%s", why);
     return 0;
