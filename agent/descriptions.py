@@ -44,6 +44,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from typing import TYPE_CHECKING, Sequence
 
 from agent import fanotify, inotify, unix_names
@@ -80,6 +81,7 @@ SO_PASSSEC, SO_PEEK_OFF, SO_PASSPIDFD, SO_PASSRIGHTS = 34, 42, 76, 83
 SO_RCVTIMEO_OLD, SO_SNDTIMEO_OLD = 20, 21
 SHUTDOWN_HOW = {1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}
 TFD_IOC_SET_TICKS = 0x40085400           # _IOW('T', 0, u64)
+TFD_TIMER_ABSTIME = 1
 EFD_SEMAPHORE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -610,11 +612,15 @@ def _make_event_file(e: EventFile) -> int:
         # A periodic timer that expired and was not read yet shows no time left: the kernel
         # re-arms it when it is read. Here it runs on, one period from now.
         value = e.value_ns or (e.interval_ns if e.ticks else 0)
+        # An absolute timer is due where a relative one would be (the time left when it was
+        # frozen, from now), set absolute: a later clock_settime moves it, or, with
+        # TFD_TIMER_CANCEL_ON_SET, cancels it, as it did before.
+        at = value + time.clock_gettime_ns(e.clockid) if value and e.settime_flags & TFD_TIMER_ABSTIME else value
         spec = _itimerspec(_timespec(*divmod(e.interval_ns, 1_000_000_000)),
-                           _timespec(*divmod(value, 1_000_000_000)))
+                           _timespec(*divmod(at, 1_000_000_000)))
         try:
-            if value:
-                _check(_libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "arming a timerfd")
+            if value or e.settime_flags:
+                _check(_libc.timerfd_settime(fd, e.settime_flags, ctypes.byref(spec), None), "arming a timerfd")
             if e.ticks:
                 # Expirations not read yet: only a kernel with CONFIG_CHECKPOINT_RESTORE takes them.
                 fcntl.ioctl(fd, TFD_IOC_SET_TICKS, struct.pack("<Q", e.ticks))

@@ -809,7 +809,8 @@ def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
                          semaphore=fields.get("eventfd-semaphore", "0") == "1")
     if f.kind == "timerfd":
         return EventFile(obj, "timerfd", clockid=int(fields["clockid"]), ticks=int(fields["ticks"]),
-                         value_ns=_timespec_ns(fields["it_value"]), interval_ns=_timespec_ns(fields["it_interval"]))
+                         value_ns=_timespec_ns(fields["it_value"]), interval_ns=_timespec_ns(fields["it_interval"]),
+                         settime_flags=int(fields.get("settime flags", "0"), 8))
     if f.kind == "signalfd":
         return EventFile(obj, "signalfd", sigmask=int(fields["sigmask"], 16))
     if f.kind == "pidfd":

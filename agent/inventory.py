@@ -71,7 +71,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a unix socket name taken on the destination", REFUSED,
         readme="a socket name the destination has in use"),
     Row("fd", "an eventfd", CARRIED, _f("EventFile", "id", "kind", "count", "semaphore")),
-    Row("fd", "a timerfd", CARRIED, _f("EventFile", "clockid", "value_ns", "interval_ns", "ticks")),
+    Row("fd", "a timerfd", CARRIED, _f("EventFile", "clockid", "value_ns", "interval_ns", "ticks", "settime_flags")),
     Row("fd", "a signalfd", CARRIED, _f("EventFile", "sigmask")),
     Row("fd", "an epoll instance", CARRIED, _f("EventFile", "watches")),
     Row("fd", "a one-shot epoll watch that fired, its file not ready at restore", WARNED),

@@ -70,8 +70,9 @@ from transport.records import (
 # ``coredump_filter``, which a version 7 reader would drop: a child meant to die with its parent
 # would outlive it, a core dump meant to leave out shared memory would hold it.
 # 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE), and its
-# guard regions (``ProcessState.guard_regions``, MADV_GUARD_INSTALL), which a version 8 reader
-# would drop: the process would run without that protection, its guard pages readable zeros.
+# guard regions (``ProcessState.guard_regions``, MADV_GUARD_INSTALL), and a timerfd's settime
+# flags (``EventFile.settime_flags``), which a version 8 reader would drop: the process would run
+# without that protection, its guard pages readable zeros, its absolute timers relative.
 FORMAT_VERSION = 9
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -779,6 +780,9 @@ class EventFile:
     init_flags: Annotated[int, Int(0, (1 << 31) - 1, "fanotify_init flags")] = 0   # fanotify: its class, ...
     event_flags: Annotated[int, Int(0, (1 << 31) - 1, "open flags")] = 0   # fanotify: how events' fds are opened
     marks: Annotated[tuple[FanotifyMark, ...], Count(MAX_WATCHES)] = ()   # fanotify: its marks
+    # format 9: timerfd: its last timerfd_settime's flags, TFD_TIMER_ABSTIME (1) and
+    # TFD_TIMER_CANCEL_ON_SET (2: a clock_settime of CLOCK_REALTIME cancels it, ECANCELED)
+    settime_flags: Annotated[int, Int(0, 3, "timerfd settime flags")] = 0
 
 
 @dataclass(frozen=True)
@@ -801,6 +805,7 @@ class EventFiles(Record):
                    f"event file {e.id}: fanotify marks on a {e.kind}")
             _check(all(m.kind in FANOTIFY_MARKS for m in e.marks), f"event file {e.id}: a fanotify mark's kind")
             _check(len({w.wd for w in e.inotify}) == len(e.inotify), f"event file {e.id}: an inotify watch twice")
+            _check(e.kind == "timerfd" or not e.settime_flags, f"event file {e.id}: timerfd flags on a {e.kind}")
             seen.add(e.id)
 
 

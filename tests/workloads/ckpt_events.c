@@ -1,6 +1,8 @@
 /* An event loop's kernel objects: an epoll instance watching an eventfd (edge-triggered), a
  * periodic timerfd, a signalfd with a signal pending and a pipe end whose EPOLLONESHOT watch
- * has fired (so it is disabled); a second eventfd in semaphore mode. */
+ * has fired (so it is disabled); a second eventfd in semaphore mode; a CLOCK_REALTIME timerfd
+ * armed at an absolute time an hour away that a clock change would cancel
+ * (TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET, as daemons watch for clock steps). */
 #include "ckpt_common.h"
 #include <signal.h>
 #include <stdint.h>
@@ -29,6 +31,11 @@ int main(int argc, char **argv) {
     int tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     struct itimerspec its = { { 0, 20000000 }, { 0, 20000000 } };
     timerfd_settime(tfd, 0, &its, NULL);
+    int wall = timerfd_create(CLOCK_REALTIME, TFD_NONBLOCK | TFD_CLOEXEC);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    struct itimerspec hour = { { 0, 0 }, { now.tv_sec + 3600, 0 } };
+    if (timerfd_settime(wall, TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET, &hour, NULL)) return 3;
     sigset_t usr1;
     sigemptyset(&usr1);
     sigaddset(&usr1, SIGUSR1);
@@ -57,6 +64,17 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3; i++) if (read(e2, &v, 8) != 8 || v != 1) strcat(why, "semaphore read; ");
     if (read(e2, &v, 8) != -1 || errno != EAGAIN) strcat(why, "semaphore count; ");
     if (read(tfd, &v, 8) != 8 || v < 1) strcat(why, "timer ticks; ");
+    /* Still absolute and cancellable: its fdinfo says so; and still an hour away, give or take. */
+    char path[64], line[128];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", wall);
+    FILE *info = fopen(path, "r");
+    int flags = -1;
+    while (info && fgets(line, sizeof line, info)) sscanf(line, "settime flags: %o", &flags);
+    if (info) fclose(info);
+    if (flags != (TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET)) strcat(why, "absolute timerfd's flags; ");
+    struct itimerspec left;
+    if (timerfd_gettime(wall, &left) || left.it_value.tv_sec < 3000 || left.it_value.tv_sec > 3600)
+        strcat(why, "absolute timerfd's time left; ");
     sleep_ms(50);
     if (read(tfd, &v, 8) != 8 || v < 1) strcat(why, "timer period; ");
     struct signalfd_siginfo si;
