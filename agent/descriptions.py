@@ -210,12 +210,11 @@ class Descriptions:
                 if data and p.id in self._unwritten:
                     w = os.open(f"/proc/self/fd/{r}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                     try:
-                        if os.write(w, data) != len(data):
-                            raise BlockingIOError
+                        _fill_pipe(w, data, p.packets)
                     finally:
                         os.close(w)
-                elif data and os.write(w, data) != len(data):
-                    raise BlockingIOError
+                elif data:
+                    _fill_pipe(w, data, p.packets)
             except BlockingIOError:
                 raise RestoreError("a pipe's bytes do not fit in its capacity: corrupt image") from None
             except OSError as exc:
@@ -598,6 +597,26 @@ def _add_seals(fd: int, seals: int, name: str) -> None:
 
 
 MEMFD_NAME_MAX = 249      # the kernel's limit (NAME_MAX less "memfd:")
+
+
+def _fill_pipe(w: int, data: bytes, packets: Sequence[int]) -> None:
+    """Write a pipe's bytes through our write end ``w``: at once, or one packet a write in
+    packet mode (O_DIRECT, set for that and taken off again: the job's ends get their own
+    flags later). BlockingIOError if they do not fit."""
+    if not packets:
+        if os.write(w, data) != len(data):
+            raise BlockingIOError
+        return
+    flags = fcntl.fcntl(w, fcntl.F_GETFL)
+    fcntl.fcntl(w, fcntl.F_SETFL, flags | os.O_DIRECT)
+    try:
+        at = 0
+        for n in packets:
+            if os.write(w, data[at:at + n]) != n:
+                raise BlockingIOError
+            at += n
+    finally:
+        fcntl.fcntl(w, fcntl.F_SETFL, flags)
 
 
 def _make_event_file(e: EventFile) -> int:

@@ -757,16 +757,18 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     try:
         for ino, (owner, fd) in ends.items():
             src_pid, src_fd = readers.get(ino, (owner, fd))
-            size, data, st = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
+            size, reads, st = _pipe_contents(pidfd(src_pid), src_fd, ino in readers)
+            data = b"".join(reads)
+            packets = tuple(map(len, reads)) if len(reads) > 1 else ()
             if ino in unwritten:
                 for pid, fds in tables.items():
                     tables[pid] = [_waiting(pidfd(pid), f) if f.obj == ino and f.kind == "fifo" else f for f in fds]
             path = next(f.path for f in tables[owner] if f.fd == fd)     # a FIFO's; "" for a pipe
             if path:
-                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, path=path,
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, path=path, packets=packets,
                                                  mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid))
             else:
-                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data))
+                buffers[owner].append(PipeBuffer(id=ino, size=size, data=data, packets=packets))
         known = unix_sockets.query(socks) if socks else {}
         role = roles(known, set(socks), socks, accept_waiting) if socks else {}
         sent = _accept_waiting(known, role, socks, pidfd, accepted) if accept_waiting else _holding_waiting(role, socks)
@@ -1013,33 +1015,44 @@ def _waiting(pidfd: int, f: FileDesc) -> FileDesc:
     return replace(f, waiting=0 if hup else 1)
 
 
-def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, bytes, os.stat_result]:
-    """(capacity, bytes in it, the stat of the pipe or FIFO). A pipe nobody can read (only
-    write ends left) keeps no bytes: its writers get EPIPE, as before."""
+def _pipe_contents(pidfd: int, fd: int, readable: bool) -> tuple[int, list[bytes], os.stat_result]:
+    """(capacity, the bytes in it as ``peek_pipe_reads`` cuts them, the stat of the pipe or
+    FIFO). A pipe nobody can read (only write ends left) keeps no bytes: its writers get
+    EPIPE, as before."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         size = fcntl.fcntl(dup, fcntl.F_GETPIPE_SZ)
         st = os.fstat(dup)
         if not readable:
-            return size, b"", st
-        queued, data = peek_pipe(dup)
-        if len(data) != queued:
-            raise UnsupportedResource(f"could read only {len(data)} of the {queued} bytes in a pipe of fd {fd}")
-        return size, data, st
+            return size, [], st
+        queued, reads = peek_pipe_reads(dup)
+        if sum(map(len, reads)) != queued:
+            raise UnsupportedResource(f"could read only {sum(map(len, reads))} of the {queued} bytes in a pipe of "
+                                      f"fd {fd}")
+        return size, reads, st
     finally:
         os.close(dup)
 
 
 def peek_pipe(fd: int) -> tuple[int, bytes]:
     """(how many bytes the pipe ``fd`` is a read end of holds, those bytes), left in it."""
+    queued, reads = peek_pipe_reads(fd)
+    return queued, b"".join(reads)
+
+
+def peek_pipe_reads(fd: int) -> tuple[int, list[bytes]]:
+    """(how many bytes the pipe ``fd`` is a read end of holds, those bytes as reads of all of
+    them return them), left in it. A copy (tee) keeps each buffer's packet mark (written
+    through an O_DIRECT end), and a read stops at the end of a marked buffer: one read for a
+    byte stream, one per packet for packets."""
     queued = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
     if not queued:
-        return 0, b""
+        return 0, []
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
         copied = tee(fd, w, queued)
-        return queued, b"".join(_read_all(r, copied))
+        return queued, _read_all(r, copied)
     finally:
         os.close(r)
         os.close(w)

@@ -47,7 +47,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a deleted file", CARRIED, _f("FileContents", "id", "size", "offset", "data", "mode", "uid", "gid")),
     Row("fd", "a deleted file's name and open-only flags", LOST, readme="the name a deleted file had"),
     Row("fd", "a file lock", CARRIED, _f("FileDesc", "locks")),
-    Row("fd", "a pipe", CARRIED, _f("FileDesc", "obj") + _f("PipeBuffer", "id", "size", "data")),
+    Row("fd", "a pipe", CARRIED, _f("FileDesc", "obj") + _f("PipeBuffer", "id", "size", "data", "packets")),
     Row("fd", "a unix socket", CARRIED, _f("UnixSocket", "id", "type", "peer", "peer_closed", "shutdown",
                                            "options", "queue")),
     Row("fd", "a zero-length datagram a peek has seen already", REFUSED, readme="a zero-length datagram"),

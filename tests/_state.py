@@ -32,6 +32,7 @@ import struct
 from typing import Any, Callable
 
 from agent import dump, freeze, inventory
+from agent.fdtable import peek_pipe_reads
 from agent.inject import RemoteMemory
 from precopy.kernel import get_robust_list, pidfd_getfd
 from tests._workloads import Workload
@@ -194,8 +195,11 @@ def _locks(p: Proc) -> object:
 
 
 def _pipes(p: Proc) -> object:
-    def read(d: int) -> tuple[int, int]:
-        return _ioctl_int(d, FIONREAD), fcntl.fcntl(d, F_GETPIPE_SZ)
+    def read(d: int) -> tuple[int, int, object]:
+        # A read end's bytes as reads return them: packets one by one (packet mode), else at once.
+        reads = [len(r) for r in peek_pipe_reads(d)[1]] if fcntl.fcntl(d, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY \
+            else None
+        return _ioctl_int(d, FIONREAD), fcntl.fcntl(d, F_GETPIPE_SZ), reads
     return [(*_common(p, fd), p.obj(p.link(fd)), *_with_dup(p, fd, read))
             for fd in p.kind_fds(lambda link, st: link.startswith("pipe:"))]
 

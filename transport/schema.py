@@ -71,8 +71,10 @@ from transport.records import (
 # would outlive it, a core dump meant to leave out shared memory would hold it.
 # 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE), and its
 # guard regions (``ProcessState.guard_regions``, MADV_GUARD_INSTALL), and a timerfd's settime
-# flags (``EventFile.settime_flags``), which a version 8 reader would drop: the process would run
-# without that protection, its guard pages readable zeros, its absolute timers relative.
+# flags (``EventFile.settime_flags``), and the packets of a pipe written in packet mode
+# (``PipeBuffer.packets``), which a version 8 reader would drop: the process would run without
+# that protection, its guard pages readable zeros, its absolute timers relative, the packets in
+# its pipes one stream.
 FORMAT_VERSION = 9
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -588,6 +590,10 @@ class PipeBuffer:
     mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0
     uid: Id = 0
     gid: Id = 0
+    # format 9: a pipe written in packet mode (O_DIRECT): ``data`` cut as its reader's reads
+    # return it, one packet a read (each part's length, in order); () for a byte stream
+    packets: Annotated[tuple[Annotated[int, Int(1, MAX_PIPE_SIZE, "a packet's length")], ...],
+                       Count(MAX_PIPE_SIZE // PAGE_SIZE)] = ()     # (a packet takes a buffer: a page at most)
 
 
 @dataclass(frozen=True)
@@ -603,6 +609,7 @@ class Pipes(Record):
         for p in self.pipes:
             _check(p.id not in seen, f"pipe id {p.id} twice")
             _check(len(p.data) <= p.size, f"pipe {p.id}: more bytes than it holds")
+            _check(not p.packets or sum(p.packets) == len(p.data), f"pipe {p.id}: packets that are not its bytes")
             seen.add(p.id)
 
 

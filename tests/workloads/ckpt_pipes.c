@@ -3,7 +3,8 @@
  * (EPIPE), a resized pipe, status flags per description (O_NONBLOCK on one end only),
  * close-on-exec per fd, and fds sharing one open file description (dup: one offset); an fd
  * table with holes (stdin closed: the lowest free fd is 0) and fds past 1024, one of them
- * sharing a description with low fds. */
+ * sharing a description with low fds; a pipe in packet mode (O_DIRECT: a read returns one
+ * write) holding three packets. */
 #include "ckpt_common.h"
 #include <signal.h>
 #include <sys/resource.h>
@@ -16,8 +17,10 @@ int main(int argc, char **argv) {
     if (chdir(outdir) != 0) return 3;
     signal(SIGPIPE, SIG_IGN);
 
-    int self[2], orphan[2], lonely[2], big[2];
+    int self[2], orphan[2], lonely[2], big[2], packets[2];
     if (pipe2(self, O_NONBLOCK | O_CLOEXEC) || pipe(orphan) || pipe(lonely) || pipe(big)) return 3;
+    if (pipe2(packets, O_DIRECT) || write(packets[1], "a", 1) != 1 || write(packets[1], "bb", 2) != 2 ||
+        write(packets[1], "ccc", 3) != 3) return 3;
     if (write(self[1], inflight, sizeof inflight) != sizeof inflight) return 3;
     if (write(orphan[1], "tail", 4) != 4) return 3;
     close(orphan[1]);                       /* the reader will see "tail", then end of file */
@@ -81,6 +84,10 @@ int main(int argc, char **argv) {
     if (fcntl(0, F_GETFD) != -1 || fcntl(1499, F_GETFD) != -1) strcat(why, "fd table holes; ");
     for (int fd = 1600; fd < 2700; fd++)
         if (lseek(fd, 0, SEEK_CUR) != 19 || (fcntl(fd, F_GETFD) & FD_CLOEXEC)) { strcat(why, "fds 1600-2699; "); break; }
+    char packet[16];
+    if (read(packets[0], packet, sizeof packet) != 1 || read(packets[0], packet, sizeof packet) != 2 ||
+        read(packets[0], packet, sizeof packet) != 3 || memcmp(packet, "ccc", 3)) strcat(why, "packets; ");
+    if (!(fcntl(packets[1], F_GETFL) & O_DIRECT)) strcat(why, "packet mode; ");
     char text[64] = "";
     int rd = open("shared.log", O_RDONLY);
     ssize_t n = read(rd, text, sizeof text - 1);
