@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Callable, Mapping
 
 from agent import cgroups, fdtable, mempolicy, ptrace, sched, seccomp, timens
 from agent.freeze import NR_RESTART_SYSCALL, Held
@@ -202,10 +202,14 @@ def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:
 def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
                     rseq: tuple[int, int, int]) -> ThreadState:
     regs = inj.saved_regs
-    if to_signed(regs.rax) == -516 and regs.orig_rax == NR_RESTART_SYSCALL and tid in held.restart_nr:
+    if to_signed(regs.rax) == -516 and regs.orig_rax == NR_RESTART_SYSCALL:
         # Thawed by us earlier mid-call: the call to issue again is the one we saw then (its
         # arguments are still in the registers; only rax was replaced by restart_syscall).
-        regs = replace(regs, orig_rax=held.restart_nr[tid])
+        # Else the kernel restarts it after a signal handler ran, a SIGSTOP, a debugger: the
+        # code that made it says which (restore issues what stays restart_syscall as EINTR).
+        nr = held.restart_nr.get(tid) or restarted_call(calls.scratch.mem, regs)
+        if nr is not None:
+            regs = replace(regs, orig_rax=nr)
     rseq_addr, rseq_len, rseq_sig = rseq
     at = calls.scratch.addr + THREAD_AT
     bits = mempolicy.node_bits()
@@ -241,6 +245,37 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
         sched_priority=sch.sched_priority, sched_reset_on_fork=sch.sched_reset_on_fork, cpus=sch.cpus,
         ioprio=sch.ioprio, seccomp=seccomp_mode, seccomp_filters=filters, mempolicy=mode,
         mempolicy_flags=mode_flags, mempolicy_nodes=nodes, pdeathsig=pdeathsig)
+
+
+# The calls the kernel continues with restart_syscall (ERESTART_RESTARTBLOCK), by number, and
+# what their arguments (still in the registers: rdi, rsi, rdx, r10) must look like.
+RESTARTABLE: dict[int, Callable[[GpRegs], bool]] = {
+    35: lambda r: r.rdi != 0,                                              # nanosleep(req, rem)
+    230: lambda r: r.rdi < 16 and r.rsi in (0, 1) and r.rdx != 0,          # clock_nanosleep(clock, flags, req, rem)
+    7: lambda r: r.rsi < 1 << 20,                                          # poll(fds, nfds, timeout)
+    202: lambda r: r.rdi != 0 and r.rsi & 0x7F in (0, 9) and r.r10 != 0,   # futex(WAIT or WAIT_BITSET, timeout)
+}
+
+
+def restarted_call(mem: RemoteMemory, regs: GpRegs) -> int | None:
+    """The system call a thread in restart_syscall had made, from the code before its
+    ``syscall`` instruction (which ``rip`` is just past): ``mov $NR, %eax`` (b8 imm32) or
+    ``mov $NR, %rax`` (48 c7 c0 imm32) right before it, as glibc up to 2.40 issues a call,
+    naming one of ``RESTARTABLE`` with arguments of its shape. None where the code says
+    nothing sure (the number came from a register, as glibc 2.41's cancellable calls pass it)."""
+    try:
+        code = mem.read(regs.rip - 9, 9)
+    except OSError:
+        return None
+    if code[7:] != b"\x0f\x05":
+        return None
+    for at, prefix in ((2, b"\xb8"), (0, b"\x48\xc7\xc0")):
+        if code[at:at + len(prefix)] == prefix:
+            nr = int.from_bytes(code[3:7], "little")
+            check = RESTARTABLE.get(nr)
+            if check is not None and check(regs):
+                return nr
+    return None
 
 
 def _policy(answer: bytes, pid: int) -> tuple[int, int, bytes]:

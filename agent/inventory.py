@@ -167,6 +167,7 @@ ROWS: tuple[Row, ...] = (
     # --- threads ----------------------------------------------------------------------------
     Row("thread", "its tid, name and registers", CARRIED, _f("ThreadState", "tid", "leader", "comm", "regs",
                                                              "xstate")),
+    Row("thread", "a system call the kernel continues after a stop (restart_syscall) that no code names", WARNED),
     Row("thread", "signal mask and pending signals", CARRIED, _f("ThreadState", "sigmask", "pending")),
     Row("thread", "clear_child_tid, robust futex list, rseq", CARRIED, _f(
         "ThreadState", "tid_address", "robust_list", "robust_list_len", "rseq_addr", "rseq_len", "rseq_sig")),

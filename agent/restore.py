@@ -39,6 +39,7 @@ from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
 from agent.fill import MissingFiller
+from agent.freeze import NR_RESTART_SYSCALL
 from agent.inject import (
     BATCH_CODE,
     BATCH_ENTRY,
@@ -1752,6 +1753,13 @@ class Restorer:
     def _final_registers(self, threads: list[ThreadState], new_tids: dict[int, int]) -> None:
         for t in threads:
             tid = new_tids[t.tid]
+            if to_signed(t.regs.rax) == -516 and t.regs.orig_rax == NR_RESTART_SYSCALL:
+                # Which call the kernel was continuing (after a signal handler, a SIGSTOP) the
+                # dump could not tell: a new process has nothing to continue.
+                self.report.warnings.append(
+                    f"thread {t.tid} of pid {self.pid} was in a system call the kernel continues after a "
+                    "signal (restart_syscall), which the code that made it does not name: it returns EINTR "
+                    "(a sleep ends early)")
             ptrace.set_xstate(tid, t.xstate)
             ptrace.set_regs(tid, resume_regs(t.regs))
             ptrace.set_sigmask(tid, t.sigmask)

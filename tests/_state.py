@@ -542,6 +542,8 @@ UNOBSERVED: dict[str, str] = {
         "only the process reads them: tests/test_timens.py's job checks they never step",
     "a POSIX timer's overrun count": "counts expirations while frozen: the workloads check it",
     "membarrier registrations": "only the process reads them: the records compare them",
+    "a system call the kernel continues after a stop (restart_syscall) that no code names":
+        "a sleep that ends early: tests/test_checkpoint.py's restart_sleep checks it",
     "memory-deny-write-execute (PR_SET_MDWE)": "only the process reads it (PR_GET_MDWE): the records compare it, "
                                                 "and ckpt_signals prints it",
     "clear_child_tid, robust futex list, rseq": "only ptrace or the process reads them: the records compare them",

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import proc_state
+from tests._migration import moved, proc_state
 from tests._state import Watch
-from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, edit_records, finished, kcr,
-                              reap, run_reference, start_reference, start_until_ready)
+from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, build, edit_records, finished,
+                              kcr, reap, run_reference, start_reference, start_until_ready)
 from tests._workloads import one_error_line as _one_error_line
 from transport.schema import ImageHeader
 
@@ -109,6 +109,62 @@ def test_a_process_without_a_vdso(tmp_path: Path) -> None:
     # none (valgrind's, or a sandbox's) lends one from its code. It runs on without a vDSO.
     ref, w, _ = migrate_once("ckpt_no_vdso", tmp_path)
     assert w.output() == ref.output() and w.output().endswith("vdso absent\n")
+
+
+def stopped_and_continued(pid: int) -> None:
+    """SIGSTOP, SIGCONT: the sleeping thread goes on in restart_syscall (219)."""
+    os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGCONT)
+    in_call(pid, 219)
+
+
+def in_call(pid: int, nr: int, timeout: float = 20) -> None:
+    """Wait until ``pid``'s thread sleeps in system call ``nr`` (/proc/PID/syscall)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            now = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        except (OSError, IndexError):
+            now = "gone"
+        if now == str(nr):
+            return
+        assert proc_state(pid) not in (None, "Z", "X"), f"pid {pid} ended: its sleep did not go on"
+        assert time.monotonic() < deadline, f"pid {pid} is in system call {now}, not {nr}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_sleep_continued_after_a_stop_sleeps_on_after_the_move(tmp_path: Path, how: str) -> None:
+    """Stopped and continued (Slurm's suspend and resume, a debugger, a migration called off),
+    a sleeping thread goes on in restart_syscall, which names no call: moved so, it returned
+    EINTR at once and its sleep ended. The call is read from the code that made it (glibc's
+    clock_nanosleep): the moved thread sleeps in it again."""
+    proc = start_until_ready([str(build("restart_sleep")), str(tmp_path), "glibc"], tmp_path / "ready",
+                             start_new_session=True)
+    stopped_and_continued(proc.pid)
+    pid = moved(proc, how, tmp_path)
+    try:
+        in_call(pid, 230)                      # clock_nanosleep
+        assert not (tmp_path / "output").exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        reap(pid)
+
+
+def test_a_restarted_call_no_code_names_returns_eintr_with_a_warning(tmp_path: Path) -> None:
+    """The same sleep made through syscall(), whose number comes from a register: nothing
+    names the call, so it returns EINTR, as CRIU's restore does, and the restore says so."""
+    proc = start_until_ready([str(build("restart_sleep")), str(tmp_path), "register"], tmp_path / "ready",
+                             start_new_session=True)
+    stopped_and_continued(proc.pid)
+    image = tmp_path / "img"
+    assert kcr("checkpoint", str(proc.pid), "-o", str(image)).returncode == 0
+    assert proc.wait(timeout=30) == -9
+    res = kcr("restore", "-i", str(image))
+    assert res.returncode == 0, res.stderr.decode()
+    assert "restart_syscall" in res.stderr.decode() and "EINTR" in res.stderr.decode(), res.stderr.decode()
+    assert reap(proc.pid) == 0
+    assert (tmp_path / "output").read_text() == "slept: Interrupted system call\n"
 
 
 def test_files_and_mapping_kinds(tmp_path: Path) -> None:
