@@ -345,6 +345,11 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if held and kind != "file":
             raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} (fd {info.fd}), "
                                       "which is not a regular file: kcr-migrate carries locks on regular files only", pid=pid)
+        if kind == "dir" and _signal_owner(pid, info.fd):
+            raise UnsupportedResource(
+                f"pid {pid}'s fd {info.fd} (the directory {info.target}) signals a process of its changes, as a "
+                "dnotify watch (fcntl F_NOTIFY) makes it: the kernel shows such watches nowhere, so they cannot be "
+                f"carried; watch it with inotify, or {_CANNOT}", pid=pid)
         st = info.st
         out.append(FileDesc(fd=info.fd, kind=kind, path=info.target, flags=info.flags, pos=info.pos,
                             size=st.st_size if st is not None and kind == "file" else -1,
@@ -383,6 +388,16 @@ def _async_owner(pid: int, f: FileDesc) -> FileDesc:
             f"pid {pid}'s fd {f.fd} sends its I/O signals (O_ASYNC, F_SETOWN) to {what} {who}, which does not move "
             f"with it: point them at the process itself (F_SETOWN), or {_CANNOT}", pid=pid)
     return replace(f, sig=sig, owner=who, owner_kind=kind if who else 0)
+
+
+def _signal_owner(pid: int, fd: int) -> int:
+    """Whom ``pid``'s ``fd`` signals (F_GETOWN_EX; 0: nobody), asked of the description
+    itself: on a directory, F_NOTIFY (dnotify) made it its caller."""
+    dup = _dup(pid, fd)
+    try:
+        return int(struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))[1])
+    finally:
+        os.close(dup)
 
 
 def _lease_signal(pid: int, fd: int) -> int:

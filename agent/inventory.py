@@ -43,6 +43,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a regular file", CARRIED, _f("FileDesc", "fd", "kind", "path", "flags", "pos", "size",
                                             "mtime_ns", "desc")),
     Row("fd", "a directory", CARRIED),
+    Row("fd", "a directory watched with dnotify (fcntl F_NOTIFY)", REFUSED, readme="dnotify"),
     Row("fd", "/dev/null and similar", CARRIED),
     Row("fd", "a deleted file", CARRIED, _f("FileContents", "id", "size", "offset", "data", "mode", "uid", "gid")),
     Row("fd", "a deleted file's name and open-only flags", LOST, readme="the name a deleted file had"),
@@ -162,6 +163,10 @@ ROWS: tuple[Row, ...] = (
     Row("process", "memory, an fd table or a working directory shared with another process (clone())", REFUSED,
         readme="since clone() without CLONE_THREAD"),
     Row("process", "its parent", LOST, readme="its parent"),
+    # the kernel's accounting of it, which nothing can set: times(), getrusage, CLOCK_*_CPUTIME_ID,
+    # /proc/PID/stat's start time, /proc/PID/io
+    Row("process", "the CPU time it used, its start time, its I/O and fault counts", LOST,
+        readme="the CPU time it has used"),
     Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
     Row("process", "its monotonic and boot-time clocks (and time namespace)", CARRIED),  # ImageHeader's
     # --- threads ----------------------------------------------------------------------------

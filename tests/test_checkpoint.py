@@ -498,12 +498,15 @@ def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected:
     ("keep = open('/proc/self/stat')", "a file of a process under /proc"),
     ("import ctypes; ctx = ctypes.c_ulong(); assert ctypes.CDLL(None).syscall(206, 8, ctypes.byref(ctx)) == 0",
      "has a Linux AIO context (io_setup) at"),
+    ("import fcntl, signal; signal.signal(signal.SIGIO, signal.SIG_IGN); "
+     "keep = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY); "
+     "fcntl.fcntl(keep, fcntl.F_NOTIFY, fcntl.DN_CREATE | fcntl.DN_MULTISHOT)", "as a dnotify watch (fcntl F_NOTIFY)"),
 ])
 def test_refuses_what_restore_could_not_rebuild(tmp_path: Path, holding: str, expected: str) -> None:
     """A deleted working directory, an fd on a /proc/PID file: checkpoint used to write the
     image, kill the process, and the image could not be restored. A Linux AIO context: its
-    ring was carried as memory and the restored process's io_getevents() failed. Refused
-    before freezing."""
+    ring was carried as memory and the restored process's io_getevents() failed. A dnotify
+    watch: dropped, and the restored process told of no change. Refused before freezing."""
     script = f"import os, sys, time\n{holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
     ready = tmp_path / "ready"
     proc = start_until_ready([sys.executable, "-c", script, str(ready), str(tmp_path / "gone")], ready)
