@@ -189,6 +189,8 @@ ROWS: tuple[Row, ...] = (
     # refused in preflight unless the user chose --affinity warn: then pinned to the CPUs it has
     Row("thread", "CPU pinning to CPUs the destination lacks", WARNED),
     Row("thread", "SCHED_DEADLINE", REFUSED, readme="SCHED_DEADLINE"),
+    Row("thread", "credentials, an fd table or a working directory of its own", REFUSED,
+        readme="a thread with credentials, an fd table or a working directory of its own"),
     Row("thread", "seccomp: strict mode, filters and their log flag", CARRIED,
         _f("ThreadState", "seccomp", "seccomp_filters") + _f("SeccompFilter", "flags", "program")),
     Row("thread", "a seccomp filter that hands calls to a supervisor (SECCOMP_RET_USER_NOTIF)", REFUSED,

@@ -379,6 +379,60 @@ def _check_sysv(pid: int) -> None:
                 f"{m.start:#x}: kcr-migrate cannot move it yet (see README, Limits)", pid=pid)
 
 
+# What a thread shares with its process unless it unshared it (or set it for itself alone, with
+# the raw system calls: glibc's set*id() sets every thread's): restore gives every thread its
+# process's. The credentials' lines of /proc/PID/task/TID/status, and kcmp's kinds.
+THREAD_CREDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+_CREDS_KEYS = tuple(k.encode() for k in THREAD_CREDS)
+KCMP_FILES, KCMP_FS = 2, 3
+
+
+def _creds_lines(pid: int, tid: int) -> dict[bytes, bytes]:
+    """The ``THREAD_CREDS`` lines of /proc/PID/task/TID/status (read raw: this runs frozen,
+    once per thread)."""
+    fd = os.open(proc_path(pid, "task", str(tid), "status"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = os.read(fd, 1 << 14)
+    finally:
+        os.close(fd)
+    return {k: v.strip() for k, _, v in (line.partition(b":") for line in text.splitlines()) if k in _CREDS_KEYS}
+
+
+def _check_threads_share(pid: int, tids: list[int], status: Mapping[str, str]) -> None:
+    """Refuse a thread with credentials, an fd table or a working directory of its own (as
+    Samba's threads switch ids with raw setresuid): restored, it would take its process's,
+    and a thread that had dropped root would have it again."""
+    from precopy.kernel import kcmp
+    if len(tids) < 2:
+        return
+    ours = {k.encode(): status.get(k, "").encode() for k in THREAD_CREDS}
+    for tid in tids:
+        if tid == pid:
+            continue
+        try:
+            own = _creds_lines(pid, tid)
+        except OSError:
+            continue             # gone meanwhile
+        differ = [k for k in _CREDS_KEYS if own.get(k, b"") != ours[k]]
+        if differ:
+            key = differ[0]
+            raise UnsupportedResource(
+                f"thread {tid} of pid {pid} runs under credentials of its own ({key.decode()} "
+                f"{' '.join(own.get(key, b'').decode().split())} where its process has "
+                f"{' '.join(ours[key].decode().split())}), set for it alone: restored, it would take its "
+                "process's; kcr-migrate cannot move it yet (see README, Limits)", pid=pid)
+        for kind, what, how in ((KCMP_FILES, "an fd table", "CLONE_FILES"),
+                                (KCMP_FS, "a working directory, root and umask", "CLONE_FS")):
+            try:
+                same = kcmp(pid, tid, kind, 0, 0) == 0
+            except OSError:
+                continue         # gone meanwhile
+            if not same:
+                raise UnsupportedResource(
+                    f"thread {tid} of pid {pid} has {what} of its own (unshare({how})): restored, it would share "
+                    "its process's; kcr-migrate cannot move it yet (see README, Limits)", pid=pid)
+
+
 AIO_RING = "/[aio] (deleted)"        # /proc/PID/maps's name of a kernel AIO context's ring
 
 
@@ -433,14 +487,15 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
             raise UnsupportedResource(
                 f"pid {pid}'s {'working directory' if what == 'cwd' else 'root directory'} is {place}, which "
                 f"restore could not enter again: {fix}", pid=pid)
-    sched.check_process(pid, thread_ids(pid))
+    tids = thread_ids(pid)
+    sched.check_process(pid, tids)
     status = read_status(pid)
+    _check_threads_share(pid, tids, status)
     if int(status.get("SigIgn", "0"), 16) & 1 << 4:          # SIGTRAP
         raise UnsupportedResource(
             f"pid {pid} ignores SIGTRAP: kcr-migrate's injected system calls would reset that to the "
             "default (agent/inject.py); kcr-migrate cannot move it yet", pid=pid)
     from agent import seccomp    # it reads /proc through this module
-    tids = thread_ids(pid)
     if status.get("TracerPid", "0") == "0":
         seccomp.check_running(pid, tids)      # not frozen by us: the filters are read here
     else:

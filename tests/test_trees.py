@@ -362,6 +362,26 @@ def test_processes_sharing_what_clone_shares_are_refused(tmp_path: Path, mode: s
     assert proc.wait(timeout=30) == 0       # the child ran on and exited 0; so did its parent
 
 
+@pytest.mark.parametrize("mode, said", [
+    ("creds", "runs under credentials of its own (Uid 65534 65534 0 65534 where its process has 0 0 0 0)"),
+    ("fs", "has a working directory, root and umask of its own (unshare(CLONE_FS))"),
+    ("files", "has an fd table of its own (unshare(CLONE_FILES))"),
+])
+def test_a_thread_with_credentials_or_tables_of_its_own_is_refused(tmp_path: Path, mode: str, said: str) -> None:
+    """A thread that set its ids alone (the raw setresuid, as Samba's threads do) came back
+    with its process's, root again; one with its own working directory or fd table shared
+    its process's. Refused before anything is frozen, by checkpoint and live; it runs on."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = start_until_ready([str(build("thread_own")), mode, str(ready), str(go)], ready, start_new_session=True)
+    thread = max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+    err = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")).stderr)
+    assert f"thread {thread} of pid {proc.pid} {said}" in err, err
+    code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost", "--new-pid")
+    assert code != 0 and f"thread {thread} of pid {proc.pid}" in err, err
+    go.touch()
+    assert proc.wait(timeout=30) == 0
+
+
 def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     script = tmp_path / "counters.py"
     script.write_text(SHARED_COUNTERS)
