@@ -101,6 +101,7 @@ ROWS: tuple[Row, ...] = (
         readme="a FIFO also open in a process that does not move"),
     Row("fd", "a FIFO deleted from its directory", CARRIED),
     Row("fd", "a device", REFUSED, readme="device files"),
+    Row("fd", "a POSIX message queue (mq_open)", REFUSED, readme="POSIX message queues"),
     Row("fd", "a file of a process under /proc", REFUSED, readme="/proc/PID"),
     # --- memory -----------------------------------------------------------------------------
     Row("memory", "a mapping", CARRIED, _f("Vma", "start", "end", "prot", "shared", "kind", "path", "pgoff",

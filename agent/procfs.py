@@ -5,6 +5,7 @@ that holds something kcr-migrate cannot carry yet, with one line that names it.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import stat as stat_mod
@@ -102,6 +103,7 @@ class FdInfo:
     st: os.stat_result | None
     locks: tuple[str, ...] = ()     # fdinfo's "lock:" lines: POSIX, OFD and flock locks, leases
     fdinfo: str = ""                # all of /proc/PID/fdinfo/N (what each kind adds: counters, timers, ...)
+    fs_type: int = 0                # statfs's f_type, asked only of a file that could be a message queue
 
 
 def fd_links(pid: int) -> list[tuple[int, str]]:
@@ -145,9 +147,28 @@ def list_fds(pid: int) -> list[FdInfo]:
             continue          # closed while we looked (a running process, in pre-copy)
         except OSError:
             st = None
+        # A POSIX message queue (mq_open) shows as a regular file named /NAME on an anonymous
+        # device: only such a one is asked its filesystem (a statfs of the fd's link).
+        fs_type = _fs_type(os.path.join(fd_dir, str(fd))) if st is not None and stat_mod.S_ISREG(st.st_mode) \
+            and os.major(st.st_dev) == 0 and target.rfind("/") == 0 else 0
         out.append(FdInfo(fd, target, int(fields.get("pos", "0")), int(fields.get("flags", "0"), 8),
-                          int(fields.get("mnt_id", "0")), st, tuple(locks), info))
+                          int(fields.get("mnt_id", "0")), st, tuple(locks), info, fs_type))
     return out
+
+
+MQUEUE_MAGIC = 0x19800202
+_statfs_libc: ctypes.CDLL | None = None
+
+
+def _fs_type(path: str) -> int:
+    """statfs(path)'s f_type (0 where it cannot be asked)."""
+    global _statfs_libc
+    if _statfs_libc is None:
+        _statfs_libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(128)          # struct statfs: f_type (a long) first
+    if _statfs_libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[:8], "little")
 
 
 RLIM_INFINITY = (1 << 64) - 1
@@ -267,6 +288,8 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     st = info.st
     if st is None:
         return None, f"a file that cannot be inspected ({target})"
+    if info.fs_type == MQUEUE_MAGIC:
+        return None, f"a POSIX message queue ({target})"
     if stat_mod.S_ISREG(st.st_mode):
         return "file", ""
     if stat_mod.S_ISDIR(st.st_mode):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._migration import moved, proc_state
+from tests._migration import migrate_cli, moved, proc_state
 from tests._state import Watch
 from tests._workloads import (KCR_MIGRATE, LINGERING, STARTED, Workload, become_subreaper, build, edit_records, finished,
                               kcr, reap, run_reference, start_reference, start_until_ready)
@@ -514,6 +514,27 @@ def test_refuses_what_restore_could_not_rebuild(tmp_path: Path, holding: str, ex
     assert expected in line, line
     assert not (tmp_path / "img").exists()
     assert proc_state(proc.pid) in ("S", "R")
+
+
+def test_a_posix_message_queue_is_refused_before_anything_freezes(tmp_path: Path) -> None:
+    """An mq_open() queue's fd looks like a regular file at /NAME: the checkpoint was written
+    and the process killed, and the restore failed ("No such file or directory"): the job was
+    lost. Refused before freezing, by checkpoint and live; it runs on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    name = f"/kcr-test-{os.getpid()}".encode()
+    script = (f"import ctypes, os, sys, time\nkeep = ctypes.CDLL(None).mq_open({name!r}, os.O_RDWR | os.O_CREAT, "
+              "0o600, None)\nassert keep >= 0\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    ready = tmp_path / "ready"
+    try:
+        proc = start_until_ready([sys.executable, "-c", script, str(ready)], ready)
+        line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+        assert f"has a POSIX message queue ({name.decode()}) open as fd" in line, line
+        assert not (tmp_path / "img").exists()
+        code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost", "--new-pid")
+        assert code != 0 and "a POSIX message queue" in err, err
+        assert proc_state(proc.pid) in ("S", "R")
+    finally:
+        libc.mq_unlink(name)
 
 
 @pytest.fixture(scope="module")
