@@ -51,8 +51,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
-from agent.procfs import (FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links, list_fds, mapped_only,
-                          read_status, read_text, thread_ids)
+from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
+                          list_fds, mapped_only, read_status, read_text, thread_ids)
 from precopy.layout import MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import NoSuchProcess, UnsupportedResource
@@ -330,7 +330,8 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if info.target in EVENT_TARGETS:
             out.append(FileDesc(fd=info.fd, kind=EVENT_TARGETS[info.target], path="", flags=info.flags, pos=0))
             continue
-        if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode):
+        if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode) \
+                and info.fs_type not in (MQUEUE_MAGIC, SECRETMEM_MAGIC):
             out.append(_deleted(pid, info, held))
             continue
         if info.st is not None and stat.S_ISFIFO(info.st.st_mode) and info.target.startswith("/"):

@@ -102,6 +102,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a FIFO deleted from its directory", CARRIED),
     Row("fd", "a device", REFUSED, readme="device files"),
     Row("fd", "a POSIX message queue (mq_open)", REFUSED, readme="POSIX message queues"),
+    Row("fd", "a memfd_secret() area", REFUSED, readme="memfd_secret"),
     Row("fd", "a file of a process under /proc", REFUSED, readme="/proc/PID"),
     # --- memory -----------------------------------------------------------------------------
     Row("memory", "a mapping", CARRIED, _f("Vma", "start", "end", "prot", "shared", "kind", "path", "pgoff",

@@ -157,6 +157,7 @@ def list_fds(pid: int) -> list[FdInfo]:
 
 
 MQUEUE_MAGIC = 0x19800202
+SECRETMEM_MAGIC = 0x5345434D     # memfd_secret(): /secretmem (deleted)
 _statfs_libc: ctypes.CDLL | None = None
 
 
@@ -279,6 +280,10 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
             return None, what
     if not target.startswith("/"):
         return None, f"an unsupported file ({target})"
+    if info.fs_type == MQUEUE_MAGIC:
+        return None, f"a POSIX message queue ({target})"
+    if info.fs_type == SECRETMEM_MAGIC:
+        return None, "a memfd_secret() area (memory no other process may read)"
     if target.endswith(" (deleted)"):
         return None, f"a deleted file ({target[:-10]})"
     if _PROC_PID.match(target):
@@ -288,8 +293,7 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     st = info.st
     if st is None:
         return None, f"a file that cannot be inspected ({target})"
-    if info.fs_type == MQUEUE_MAGIC:
-        return None, f"a POSIX message queue ({target})"
+
     if stat_mod.S_ISREG(st.st_mode):
         return "file", ""
     if stat_mod.S_ISDIR(st.st_mode):

@@ -537,6 +537,22 @@ def test_a_posix_message_queue_is_refused_before_anything_freezes(tmp_path: Path
         libc.mq_unlink(name)
 
 
+def test_a_memfd_secret_area_is_refused_before_anything_freezes(tmp_path: Path) -> None:
+    """memfd_secret(): memory no other process may read, so none can be carried; its fd looks
+    like a deleted file (/secretmem). Refused by name, before anything is frozen."""
+    fd = ctypes.CDLL(None, use_errno=True).syscall(447, 0)
+    if fd < 0:
+        pytest.skip(f"this kernel has no memfd_secret ({os.strerror(ctypes.get_errno())}: secretmem.enable=0?)")
+    os.close(fd)
+    script = ("import ctypes, mmap, os, sys, time\nkeep = ctypes.CDLL(None).syscall(447, 0)\nos.ftruncate(keep, 4096)\n"
+              "area = mmap.mmap(keep, 4096)\narea[:6] = b'secret'\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    ready = tmp_path / "ready"
+    proc = start_until_ready([sys.executable, "-c", script, str(ready)], ready)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert "has a memfd_secret() area (memory no other process may read) open as fd" in line, line
+    assert proc_state(proc.pid) in ("S", "R")
+
+
 @pytest.fixture(scope="module")
 def good_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     base = tmp_path_factory.mktemp("img")
