@@ -169,6 +169,9 @@ ROWS: tuple[Row, ...] = (
     # /proc/PID/stat's start time, /proc/PID/io
     Row("process", "the CPU time it used, its start time, its I/O and fault counts", LOST,
         readme="the CPU time it has used"),
+    # keyctl(): the session, process and thread keyrings it holds and the keys in them (the
+    # kernel shows a process's keyrings to that process alone)
+    Row("process", "its kernel keyrings (keyctl) and their keys", LOST, readme="kernel keyrings"),
     Row("process", "its cgroups", WARNED, _f("ProcessState", "cgroups")),
     Row("process", "its monotonic and boot-time clocks (and time namespace)", CARRIED),  # ImageHeader's
     # --- threads ----------------------------------------------------------------------------
