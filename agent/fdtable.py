@@ -189,6 +189,7 @@ class _Described:
     tables: dict[int, list[FileDesc]]
     mapped_only: dict[int, MappedOnly]          # deleted files and memfds mapped, no fd held, by inode
     shm: dict[int, shm_files.ShmFile]           # /dev/shm files held open or mapped, by inode
+    fdinfo: dict[tuple[int, int], str]          # (pid, fd) -> /proc/PID/fdinfo/FD, of each event file
 
 
 def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
@@ -198,8 +199,9 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
     tables: dict[int, list[FileDesc]] = {}
     objects: dict[tuple[str, int], list[Held]] = {}
     fifos: dict[tuple[int, int], list[Held]] = {}
+    fdinfo: dict[tuple[int, int], str] = {}
     for pid in pids:
-        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos)
+        tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos, fdinfo)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
     maps = {pid: file_maps(pid) for pid in pids}
     found = job_mapped_only(pids, set(deleted), maps)
@@ -225,9 +227,9 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
         _check_pidfds(events, inside)
         for pid, f in events:          # every watch still reachable by a path (or refused now)
             if f.kind == "inotify":
-                inotify.watches(pid, read_text(pid, "fdinfo", str(f.fd)))
+                inotify.watches(pid, fdinfo[pid, f.fd])
             elif f.kind == "fanotify":        # and a notification group's (or refused now)
-                fanotify.read(pid, f.fd, read_text(pid, "fdinfo", str(f.fd)))
+                fanotify.read(pid, f.fd, fdinfo[pid, f.fd])
     if objects:
         shared = outside_holders(set(objects), outside)
         for obj, peers in shared.items():
@@ -241,7 +243,7 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
             raise UnsupportedResource(
                 f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it{also}: "
                 f"give {_redirect_options(fds)} to open PATH in its place on the destination", pid=pid)
-    return _Described(_share_descriptions(tables), found, shm)
+    return _Described(_share_descriptions(tables), found, shm, fdinfo)
 
 
 def _check_pidfds(ours: list[tuple[int, FileDesc]], inside: set[int]) -> None:
@@ -301,7 +303,7 @@ FIFO_IDS = 1 << 63      # FIFOs' pipes are numbered from here in the image, clea
 
 
 def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], list[Held]],
-             fifos: dict[tuple[int, int], list[Held]]) -> list[FileDesc]:
+             fifos: dict[tuple[int, int], list[Held]], fdinfo: dict[tuple[int, int], str]) -> list[FileDesc]:
     for fd, path in redirect.items():
         if not path.startswith("/"):
             raise UnsupportedResource(f"--redirect {fd}={path}: give an absolute path", pid=pid)
@@ -329,6 +331,7 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
             continue
         if info.target in EVENT_TARGETS:
             out.append(FileDesc(fd=info.fd, kind=EVENT_TARGETS[info.target], path="", flags=info.flags, pos=0))
+            fdinfo[pid, info.fd] = info.fdinfo       # (read once: the job is frozen, or this is a look)
             continue
         if info.target.endswith(" (deleted)") and info.st is not None and stat.S_ISREG(info.st.st_mode) \
                 and info.fs_type not in (MQUEUE_MAGIC, SECRETMEM_MAGIC):
@@ -805,7 +808,7 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             os.close(fd)
     event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
     for obj, (pid, f) in events.items():
-        event_files[pid].append(_event_file(pid, f, obj))
+        event_files[pid].append(_event_file(pid, f, obj, described.fdinfo[pid, f.fd]))
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
         contents[pid] += _deleted_contents(pid, f"/proc/{pid}/fd/{fd}", ino)
@@ -818,9 +821,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             for pid in pids}
 
 
-def _event_file(pid: int, f: FileDesc, obj: int) -> EventFile:
-    """An eventfd's, timerfd's, signalfd's or epoll instance's state, from its fdinfo."""
-    text = read_text(pid, "fdinfo", str(f.fd))
+def _event_file(pid: int, f: FileDesc, obj: int, text: str) -> EventFile:
+    """An eventfd's, timerfd's, signalfd's or epoll instance's state, from its fdinfo ``text``."""
     fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
     if f.kind == "eventfd":
         return EventFile(obj, "eventfd", count=int(fields["eventfd-count"], 16),
