@@ -349,7 +349,7 @@ def _records(pid: int, redirect: dict[int, str], objects: dict[tuple[str, int], 
         if held and kind != "file":
             raise UnsupportedResource(f"pid {pid} holds {locks.describe(held[0])} on {info.target} (fd {info.fd}), "
                                       "which is not a regular file: kcr-migrate carries locks on regular files only", pid=pid)
-        if kind == "dir" and _signal_owner(pid, info.fd):
+        if kind == "dir" and not info.flags & os.O_PATH and _signal_owner(pid, info.fd):
             raise UnsupportedResource(
                 f"pid {pid}'s fd {info.fd} (the directory {info.target}) signals a process of its changes, as a "
                 "dnotify watch (fcntl F_NOTIFY) makes it: the kernel shows such watches nowhere, so they cannot be "
@@ -396,7 +396,8 @@ def _async_owner(pid: int, f: FileDesc) -> FileDesc:
 
 def _signal_owner(pid: int, fd: int) -> int:
     """Whom ``pid``'s ``fd`` signals (F_GETOWN_EX; 0: nobody), asked of the description
-    itself: on a directory, F_NOTIFY (dnotify) made it its caller."""
+    itself: on a directory, F_NOTIFY (dnotify) made it its caller. (Not for an O_PATH fd,
+    which takes neither: EBADF.)"""
     dup = _dup(pid, fd)
     try:
         return int(struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))[1])
