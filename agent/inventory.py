@@ -117,6 +117,8 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "a SysV segment's creator (cuid, cgid, cpid)", LOST, readme="creator (cuid, cgid, cpid)"),
     Row("memory", "a SysV segment of huge pages", REFUSED, readme="SysV segments of huge pages"),
     Row("memory", "a SysV segment the job knows by id only", LOST, readme="SysV segments the job does not attach"),
+    Row("process", "SysV semaphore sets and message queues it uses (by id), SEM_UNDO adjustments", LOST,
+        readme="SysV semaphore sets and message queues"),
     Row("memory", "another SysV segment under a segment's id or key on the destination", REFUSED,
         readme="a SysV segment whose id or key another segment holds on the destination"),
     Row("memory", "a file of /dev/shm, held open or mapped", CARRIED, _f("FileContents", "path", "dev", "boot")),
