@@ -11,6 +11,7 @@ room), the process runs again, and only then are they compressed, signed and wri
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import closing
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 
 from agent import fdtable, mempolicy
 from agent import freeze as freezer
-from agent.dump import collect, collect_layout, image_header
+from agent.as_target import Identity, problem
+from agent.descriptions import O_PATH_FLAGS
+from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
@@ -152,6 +155,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 states[held.pid] = collect(held, mem, fds=fds[held.pid], job=job)
             finally:
                 mem.close()
+        for held in helds.values():            # before anything is written, and long before the kill
+            check_reopenable(states[held.pid])
         layouts = {p: collect_layout(p) for p in pids}
         writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers, key=key)
         try:
@@ -198,6 +203,32 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         stats.left_running = not complete or opts.leave_running
     stats.total_time_ms = (time.monotonic() - t0) * 1000
     return stats
+
+
+def check_reopenable(state: Collected) -> None:
+    """Each file and directory the process has open, opened here as the process itself, as
+    restore will open it (``agent.descriptions``: its access mode and status flags, no symbolic
+    link followed). One a more privileged process opened for it (a root shell's ``> log`` for a
+    job run as a user) restore refuses (it grants nothing more): refused now instead, with the
+    way out, before the checkpoint kills the job for an image that would not restore here."""
+    identity = Identity.of(state.process.creds)
+    if identity == Identity.mine():
+        return                          # the checkpoint's own rights: the same opens succeed
+    pid = state.process.pid
+    with identity.acting():
+        for f in state.fds.files.fds:
+            if f.kind not in ("file", "dir"):
+                continue
+            flags = f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC)
+            flags |= os.O_DIRECTORY if f.kind == "dir" else 0
+            how = flags & O_PATH_FLAGS | os.O_CLOEXEC if flags & os.O_PATH else flags | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                os.close(identity.open_path(f.path, how, 0o666))
+            except OSError as exc:
+                raise UnsupportedResource(
+                    f"pid {pid}'s fd {f.fd} is {f.path}, which the process (its {identity}) could not open itself "
+                    f"({problem(exc)}), so a restore would refuse it: give --redirect {f.fd}=PATH for a file it "
+                    "may open, or checkpoint it with rights on that file", pid=pid) from None
 
 
 def _let_go_all(helds: dict[int, freezer.Held], kill: bool) -> float:

@@ -553,6 +553,29 @@ def test_a_memfd_secret_area_is_refused_before_anything_freezes(tmp_path: Path) 
     assert proc_state(proc.pid) in ("S", "R")
 
 
+def test_a_file_the_process_could_not_open_itself_is_refused_before_the_kill(tmp_path: Path) -> None:
+    """A job run as a user with its output in a file only root may open (a root shell's
+    'sudo -u user job > log'): the checkpoint wrote the image and killed the job, and restore,
+    which grants the process nothing more than its own rights, refused the file: the job was
+    lost. Refused before the kill now, naming the fd and the way out; the job runs on."""
+    log = tmp_path / "root-only.log"
+    log.write_text("")
+    log.chmod(0o600)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "sleep", "60"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL, close_fds=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":     # exec'd, as the user
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert f"fd 1 is {log}, which the process (its uid 65534 (gid 65534, groups none)) could not open itself" in line
+    assert "--redirect 1=PATH" in line, line
+    assert not (tmp_path / "img").exists()
+    assert proc_state(proc.pid) in ("S", "R")
+
+
 @pytest.fixture(scope="module")
 def good_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     base = tmp_path_factory.mktemp("img")
