@@ -279,6 +279,23 @@ def test_an_asyncio_program_moves_live_with_its_pid(testbed: Testbed, tmp_path: 
     _reference_and_moved_tree(testbed, tmp_path, [sys.executable, "-S", str(WORKLOADS / "asyncio_job.py")], 1)
 
 
+def test_a_postgresql_server_moves_live_with_its_pids(testbed: Testbed) -> None:
+    """PostgreSQL's six processes (shared memory, a SysV segment, self-pipes, epoll, the unix
+    socket it listens on) from hostA to hostC with their pids; there it takes new
+    connections (a backend forked there), writes and checkpoints."""
+    from tests._postgres import PostgresServer
+    pg = PostgresServer(lambda argv, **kw: testbed.popen("hostA", argv, **kw))
+    moved = 0
+    try:
+        assert pg.sql("create table t (i int); insert into t select generate_series(1, 1000)").returncode == 0
+        move_tree_to_host_c(testbed, tree(pg.proc.pid))
+        moved = testbed.root_pid("hostC", pg.proc.pid) or 0
+        got = pg.sql("insert into t select generate_series(1, 500); checkpoint; select count(*) from t")
+        assert got.stdout.splitlines() == ["INSERT 0 500", "CHECKPOINT", "1500"], got.stderr + pg.log.read_text()
+    finally:
+        pg.close(moved or pg.proc.pid)
+
+
 def small_project(where: Path, files: int = 12) -> None:
     """A C project whose build takes a few seconds with make -j2 (each compile pauses too).
     With WORKLOAD_HOLD=PATH in its environment, the compile of the middle file waits until

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests._migration import migrate_cli, moved, proc_state
+from tests._postgres import PostgresServer
 from tests._workloads import STARTED, build_java, become_subreaper, kcr, node, reap, start_until_ready
 
 WORKLOADS = Path(__file__).parent / "workloads"
@@ -732,3 +733,29 @@ def test_an_sqlite_write_transaction_held_throughout_a_live_move_is_refused(tmp_
     (tmp_path / "go").touch()
     assert proc.wait(timeout=30) == 0
     assert (tmp_path / "output").read_text() == "200 rows, sum 19900, integrity ok\n"
+
+
+
+def test_a_postgresql_server_is_checkpointed_and_restored(tmp_path: Path) -> None:
+    """PostgreSQL: six processes sharing memory (anonymous shared mappings and a SysV segment),
+    latches on self-pipes and epoll, a unix socket it listens on, its WAL and data files; after
+    the restore it takes new connections (forks a backend), writes and checkpoints."""
+    pg = PostgresServer()
+    pid = pg.proc.pid
+    try:
+        assert pg.sql("create table t (i int); insert into t select generate_series(1, 1000)").returncode == 0
+        res = kcr("checkpoint", str(pid), "-o", str(tmp_path / "pg.img"))
+        assert res.returncode == 0, res.stderr.decode()
+        assert "6 processes" in res.stderr.decode(), res.stderr.decode()
+        assert pg.proc.wait(timeout=30) == -9
+        from tests.test_trees import reap_orphans        # its children are ours to reap (subreaper)
+        shown = json.loads(kcr("show", str(tmp_path / "pg.img")).stdout)
+        reap_orphans([m["pid"] for m in shown["tree"]["members"][1:]])
+        res = kcr("restore", "-i", str(tmp_path / "pg.img"))
+        assert res.returncode == 0, res.stderr.decode()
+        got = pg.sql("insert into t select generate_series(1, 500); checkpoint; select count(*), sum(i) from t")
+        assert got.returncode == 0, got.stderr + pg.log.read_text()
+        assert got.stdout.splitlines() == ["INSERT 0 500", "CHECKPOINT",
+                                           f"1500|{sum(range(1, 1001)) + sum(range(1, 501))}"], got.stdout
+    finally:
+        pg.close(pid)

@@ -1,0 +1,66 @@
+"""A PostgreSQL server for the tests that move one (tests/test_programs.py, test_live_trees.py)."""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests._workloads import STARTED
+
+class PostgresServer:
+    """A PostgreSQL server (postmaster and its checkpointer, background writer, WAL writer,
+    autovacuum and replication launchers: six processes) run as the postgres user in a
+    directory of its own, on a unix socket only, started by ``spawn`` (Popen, or a test host's
+    popen); ``sql`` runs psql against it."""
+
+    def __init__(self, spawn: Callable[..., "subprocess.Popen[bytes]"] = subprocess.Popen) -> None:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("no postgres user on this machine (apt-get install postgresql)")
+        if shutil.which("initdb") is None or shutil.which("postgres") is None or shutil.which("psql") is None:
+            pytest.skip("no PostgreSQL server on this machine (apt-get install postgresql)")
+        self.dir = Path(tempfile.mkdtemp(prefix="kcr-pg-", dir="/tmp"))
+        self.dir.chmod(0o755)
+        shutil.chown(self.dir, "postgres")
+        self.log = self.dir / "server.log"
+        as_postgres = ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups"]
+        res = subprocess.run([*as_postgres, "initdb", "-D", str(self.dir / "data"), "-A", "trust"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        self.log.touch()
+        shutil.chown(self.log, "postgres")
+        with open(self.log, "ab") as log:
+            self.proc = spawn([*as_postgres, "postgres", "-D", str(self.dir / "data"), "-c",
+                                          "listen_addresses=", "-c", f"unix_socket_directories={self.dir}"],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                                         start_new_session=True)
+        STARTED.append(self.proc)
+        deadline = time.monotonic() + 60
+        while not (self.dir / ".s.PGSQL.5432").exists() or self.sql("select 1").returncode:
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def sql(self, query: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["psql", "-h", str(self.dir), "-U", "postgres", "-tAc", query],
+                              capture_output=True, text=True, timeout=60)
+
+    def close(self, pid: int) -> None:
+        """Kill the server (its process group: ``pid``'s) and reap what was ours to reap."""
+        from tests.test_trees import reap_orphans
+        members = [pid] + [int(c) for t in Path(f"/proc/{pid}/task").glob("*") for c in (t / "children").read_text().split()] \
+            if Path(f"/proc/{pid}").exists() else []
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reap_orphans(members)
+        shutil.rmtree(self.dir, ignore_errors=True)
