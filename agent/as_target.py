@@ -114,11 +114,19 @@ class Identity:
         """The file ``path`` (reached without symbolic links) if this identity may execute it."""
         return self._may(path, 0)
 
-    def _may(self, path: str, flags: int) -> os.stat_result:
+    def may_open(self, path: str, flags: int) -> os.stat_result:
+        """The file ``path`` (reached without symbolic links) if this identity may open it with
+        ``flags``' access mode (an O_PATH handle: only the walk to it), asked without opening
+        it: no lease on it is broken, no FIFO waits. OSError otherwise."""
+        access = 0 if flags & os.O_PATH else {os.O_RDONLY: os.R_OK, os.O_WRONLY: os.W_OK}.get(
+            flags & os.O_ACCMODE, os.R_OK | os.W_OK)
+        return self._may(path, flags & os.O_DIRECTORY, access)
+
+    def _may(self, path: str, flags: int, access: int = os.X_OK) -> os.stat_result:
         with self.acting():
             fd = _open(path, os.O_PATH | os.O_CLOEXEC | flags, 0, AT_FDCWD, False)
             try:
-                if _libc.syscall(SYS_FACCESSAT2, fd, b"", os.X_OK, AT_EMPTY_PATH | AT_EACCESS) < 0:
+                if access and _libc.syscall(SYS_FACCESSAT2, fd, b"", access, AT_EMPTY_PATH | AT_EACCESS) < 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err), path)
                 return os.fstat(fd)

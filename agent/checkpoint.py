@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 from agent import fdtable, mempolicy
 from agent import freeze as freezer
 from agent.as_target import Identity, problem
-from agent.descriptions import O_PATH_FLAGS
 from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
@@ -206,11 +205,12 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
 
 
 def check_reopenable(state: Collected) -> None:
-    """Each file and directory the process has open, opened here as the process itself, as
-    restore will open it (``agent.descriptions``: its access mode and status flags, no symbolic
-    link followed). One a more privileged process opened for it (a root shell's ``> log`` for a
-    job run as a user) restore refuses (it grants nothing more): refused now instead, with the
-    way out, before the checkpoint kills the job for an image that would not restore here."""
+    """Each file and directory the process has open: may the process itself open it as restore
+    will (its access mode, no symbolic link followed; asked of the kernel without opening it,
+    which could break a lease)? One a more privileged process opened for it (a root shell's
+    ``> log`` for a job run as a user) restore refuses (it grants nothing more): refused now
+    instead, with the way out, before the checkpoint kills the job for an image that would not
+    restore here."""
     identity = Identity.of(state.process.creds)
     if identity == Identity.mine():
         return                          # the checkpoint's own rights: the same opens succeed
@@ -219,11 +219,8 @@ def check_reopenable(state: Collected) -> None:
         for f in state.fds.files.fds:
             if f.kind not in ("file", "dir"):
                 continue
-            flags = f.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC)
-            flags |= os.O_DIRECTORY if f.kind == "dir" else 0
-            how = flags & O_PATH_FLAGS | os.O_CLOEXEC if flags & os.O_PATH else flags | os.O_CLOEXEC | os.O_NONBLOCK
             try:
-                os.close(identity.open_path(f.path, how, 0o666))
+                identity.may_open(f.path, f.flags | (os.O_DIRECTORY if f.kind == "dir" else 0))
             except OSError as exc:
                 raise UnsupportedResource(
                     f"pid {pid}'s fd {f.fd} is {f.path}, which the process (its {identity}) could not open itself "
