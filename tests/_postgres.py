@@ -16,8 +16,9 @@ import pytest
 from tests._workloads import STARTED
 
 class PostgresServer:
-    """A PostgreSQL server (postmaster and its checkpointer, background writer, WAL writer,
-    autovacuum and replication launchers: six processes) run as the postgres user in a
+    """A PostgreSQL server (postmaster and its checkpointer, background writer, WAL writer and
+    replication launcher: five processes; autovacuum off, whose workers would come and go) run
+    as the postgres user in a
     directory of its own, on a unix socket only, started by ``spawn`` (Popen, or a test host's
     popen); ``sql`` runs psql against it."""
 
@@ -40,7 +41,8 @@ class PostgresServer:
         shutil.chown(self.log, "postgres")
         with open(self.log, "ab") as log:
             self.proc = spawn([*as_postgres, "postgres", "-D", str(self.dir / "data"), "-c",
-                                          "listen_addresses=", "-c", f"unix_socket_directories={self.dir}"],
+                                          "listen_addresses=", "-c", f"unix_socket_directories={self.dir}",
+                          "-c", "autovacuum=off"],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                                          start_new_session=True)
         STARTED.append(self.proc)

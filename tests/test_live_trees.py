@@ -280,7 +280,7 @@ def test_an_asyncio_program_moves_live_with_its_pid(testbed: Testbed, tmp_path: 
 
 
 def test_a_postgresql_server_moves_live_with_its_pids(testbed: Testbed) -> None:
-    """PostgreSQL's six processes (shared memory, a SysV segment, self-pipes, epoll, the unix
+    """PostgreSQL's five processes (shared memory, a SysV segment, self-pipes, epoll, the unix
     socket it listens on) from hostA to hostC with their pids; there it takes new
     connections (a backend forked there), writes and checkpoints."""
     from tests._postgres import PostgresServer
@@ -288,7 +288,11 @@ def test_a_postgresql_server_moves_live_with_its_pids(testbed: Testbed) -> None:
     moved = 0
     try:
         assert pg.sql("create table t (i int); insert into t select generate_series(1, 1000)").returncode == 0
-        move_tree_to_host_c(testbed, tree(pg.proc.pid))
+        deadline = time.monotonic() + 30
+        while len(before := tree(pg.proc.pid)) != 5:       # the server alone: the backend psql had ends
+            assert time.monotonic() < deadline, before
+            time.sleep(0.01)
+        move_tree_to_host_c(testbed, before)
         moved = testbed.root_pid("hostC", pg.proc.pid) or 0
         got = pg.sql("insert into t select generate_series(1, 500); checkpoint; select count(*) from t")
         assert got.stdout.splitlines() == ["INSERT 0 500", "CHECKPOINT", "1500"], got.stderr + pg.log.read_text()

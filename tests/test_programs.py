@@ -737,7 +737,7 @@ def test_an_sqlite_write_transaction_held_throughout_a_live_move_is_refused(tmp_
 
 
 def test_a_postgresql_server_is_checkpointed_and_restored(tmp_path: Path) -> None:
-    """PostgreSQL: six processes sharing memory (anonymous shared mappings and a SysV segment),
+    """PostgreSQL: five processes sharing memory (anonymous shared mappings and a SysV segment),
     latches on self-pipes and epoll, a unix socket it listens on, its WAL and data files; after
     the restore it takes new connections (forks a backend), writes and checkpoints."""
     pg = PostgresServer()
@@ -746,7 +746,7 @@ def test_a_postgresql_server_is_checkpointed_and_restored(tmp_path: Path) -> Non
         assert pg.sql("create table t (i int); insert into t select generate_series(1, 1000)").returncode == 0
         res = kcr("checkpoint", str(pid), "-o", str(tmp_path / "pg.img"))
         assert res.returncode == 0, res.stderr.decode()
-        assert "6 processes" in res.stderr.decode(), res.stderr.decode()
+        assert "5 processes" in res.stderr.decode(), res.stderr.decode()
         assert pg.proc.wait(timeout=30) == -9
         from tests.test_trees import reap_orphans        # its children are ours to reap (subreaper)
         shown = json.loads(kcr("show", str(tmp_path / "pg.img")).stdout)
