@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 
 from agent import ptrace, seccomp
 from agent.procfs import read_stat, thread_ids
-from precopy.kernel import kcmp, pidfd_open, pidfd_send_signal
+from precopy.kernel import KCMP_VM, kcmp, pidfd_open, pidfd_send_signal
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, ProcessExited
 
 
 ERESTART_RESTARTBLOCK = (1 << 64) - 516
-KCMP_VM = 1
 STOP_TIMEOUT = 5.0       # seconds a thread may take to stop once interrupted
 NR_RESTART_SYSCALL = 219
 

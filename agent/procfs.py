@@ -158,16 +158,13 @@ def list_fds(pid: int) -> list[FdInfo]:
 
 MQUEUE_MAGIC = 0x19800202
 SECRETMEM_MAGIC = 0x5345434D     # memfd_secret(): /secretmem (deleted)
-_statfs_libc: ctypes.CDLL | None = None
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _fs_type(path: str) -> int:
     """statfs(path)'s f_type (0 where it cannot be asked)."""
-    global _statfs_libc
-    if _statfs_libc is None:
-        _statfs_libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(128)          # struct statfs: f_type (a long) first
-    if _statfs_libc.statfs(os.fsencode(path), buf) != 0:
+    if _libc.statfs(os.fsencode(path), buf) != 0:
         return 0
     return int.from_bytes(buf.raw[:8], "little")
 
@@ -293,7 +290,6 @@ def classify_fd(info: FdInfo) -> tuple[str | None, str]:
     st = info.st
     if st is None:
         return None, f"a file that cannot be inspected ({target})"
-
     if stat_mod.S_ISREG(st.st_mode):
         return "file", ""
     if stat_mod.S_ISDIR(st.st_mode):
@@ -411,7 +407,6 @@ def _check_sysv(pid: int) -> None:
 # process's. The credentials' lines of /proc/PID/task/TID/status, and kcmp's kinds.
 THREAD_CREDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
 _CREDS_KEYS = tuple(k.encode() for k in THREAD_CREDS)
-KCMP_FILES, KCMP_FS = 2, 3
 
 
 def _creds_lines(pid: int, tid: int) -> dict[bytes, bytes]:
@@ -429,7 +424,7 @@ def _check_threads_share(pid: int, tids: list[int], status: Mapping[str, str]) -
     """Refuse a thread with credentials, an fd table or a working directory of its own (as
     Samba's threads switch ids with raw setresuid): restored, it would take its process's,
     and a thread that had dropped root would have it again."""
-    from precopy.kernel import kcmp
+    from precopy.kernel import KCMP_FILES, KCMP_FS, kcmp
     if len(tids) < 2:
         return
     ours = {k.encode(): status.get(k, "").encode() for k in THREAD_CREDS}

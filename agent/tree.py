@@ -16,13 +16,12 @@ from typing import Mapping
 from agent import fdtable
 from agent import freeze as freezer
 from agent.procfs import check_supported, check_target, process_tree, read_stat
-from precopy.kernel import kcmp
+from precopy.kernel import KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
 from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
 
 RUNNING_TRIES = 20        # a running tree that changes on every look (make -j) is checked this often
-KCMP_VM, KCMP_FILES, KCMP_FS = 1, 2, 3
 # What two processes (not threads) can share since clone(): restore makes each its own.
 SHARED_BY_CLONE = (
     (KCMP_VM, "its memory", "as a parent does in vfork() until the child execs or exits, or after clone(CLONE_VM)"),

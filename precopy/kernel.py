@@ -28,7 +28,8 @@ SYS_tgkill = 234
 SYS_kcmp = 312
 SYS_tee = 276
 
-KCMP_FILE = 0
+# kcmp(2)'s kinds: an fd's file, the memory, fd table and fs struct (cwd, root, umask) of a task
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS = 0, 1, 2, 3
 KCMP_EPOLL_TFD = 7
 SPLICE_F_NONBLOCK = 2
 
