@@ -205,8 +205,8 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
     if to_signed(regs.rax) == -516 and regs.orig_rax == NR_RESTART_SYSCALL:
         # Thawed by us earlier mid-call: the call to issue again is the one we saw then (its
         # arguments are still in the registers; only rax was replaced by restart_syscall).
-        # Else the kernel restarts it after a signal handler ran, a SIGSTOP, a debugger: the
-        # code that made it says which (restore issues what stays restart_syscall as EINTR).
+        # Else the kernel was continuing it after a stop (SIGSTOP and SIGCONT, a debugger):
+        # the code that made it says which (restore turns what stays restart_syscall into EINTR).
         nr = held.restart_nr.get(tid) or restarted_call(calls.scratch.mem, regs)
         if nr is not None:
             regs = replace(regs, orig_rax=nr)
@@ -391,10 +391,10 @@ def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=thp_disable,
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
         membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid),
-        coredump_filter=int(read_text(pid, "coredump_filter"), 16), mdwe=mdwe, guard_regions=_guard_regions(pid))
+        coredump_filter=int(read_text(pid, "coredump_filter"), 16), mdwe=mdwe, guard_regions=read_guard_regions(pid))
 
 
-def _guard_regions(pid: int) -> tuple[GuardRegion, ...]:
+def read_guard_regions(pid: int) -> tuple[GuardRegion, ...]:
     """The process's guard pages (MADV_GUARD_INSTALL), as PAGEMAP_SCAN tells them
     (PAGE_IS_GUARD, Linux 6.14; before it, no kernel reports them: none are read). One walk of
     the page tables: about 2 ms per GiB of memory in small pages."""

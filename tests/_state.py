@@ -383,7 +383,7 @@ TRANSIENT_VMFLAGS = {"sd", "ac", "uw", "um", "ui", "gu"}
 
 def _guards(p: Proc) -> object:
     """The guard pages, as PAGEMAP_SCAN tells them (none where the kernel cannot)."""
-    return dump._guard_regions(p.pid)
+    return dump.read_guard_regions(p.pid)
 
 
 def _advice(p: Proc) -> object:
