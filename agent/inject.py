@@ -3,9 +3,10 @@
 A thread that is ptrace-stopped gets its registers replaced by a system call's arguments,
 its instruction pointer pointed at a ``syscall`` instruction (a *gadget*: any ``0f 05`` in
 its vDSO, else in its code, or the stub's own page during restore), and is single-stepped
-once: the stop after the step is right after the system call returned. Its signals are blocked meanwhile so no
-signal is dequeued under us, and ``orig_rax = -1`` keeps the kernel from treating the
-injected call as one to restart. ``close`` puts registers and mask back exactly.
+once: the stop after the step is right after the system call returned. Its signals are
+blocked meanwhile so no signal is dequeued under us, and ``orig_rax = -1`` keeps the kernel
+from treating the injected call as one to restart. ``close`` puts registers and mask back
+exactly.
 
 All but SIGTRAP: the step's trap is a forced SIGTRAP, and the kernel resets the handler of a
 forced signal that is blocked (or ignored) to SIG_DFL, which lost the process's own SIGTRAP
