@@ -391,7 +391,17 @@ def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=thp_disable,
         posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
         membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid),
-        coredump_filter=int(read_text(pid, "coredump_filter"), 16), mdwe=mdwe, guard_regions=read_guard_regions(pid))
+        coredump_filter=int(read_text(pid, "coredump_filter"), 16), mdwe=mdwe, guard_regions=read_guard_regions(pid),
+        spec_store_bypass=SPECULATION.get(status.get("Speculation_Store_Bypass", ""), 0),
+        spec_indirect_branch=SPECULATION.get(status.get("SpeculationIndirectBranch", ""), 0))
+
+
+# /proc/PID/status's words for a mitigation the process asked for (PR_SET_SPECULATION_CTRL), and
+# the prctl value that asks for it again; any other (the default, "not vulnerable", "globally
+# mitigated", "always ...") is the host's, not the process's
+PR_SPEC_DISABLE, PR_SPEC_FORCE_DISABLE = 4, 8
+SPECULATION = {"thread mitigated": PR_SPEC_DISABLE, "thread force mitigated": PR_SPEC_FORCE_DISABLE,
+               "conditional disabled": PR_SPEC_DISABLE, "conditional force disabled": PR_SPEC_FORCE_DISABLE}
 
 
 def read_guard_regions(pid: int) -> tuple[GuardRegion, ...]:

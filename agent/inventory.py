@@ -160,6 +160,8 @@ ROWS: tuple[Row, ...] = (
     Row("process", "oom_score_adj", WARNED, _f("ProcessState", "oom_score_adj")),
     Row("process", "coredump_filter", CARRIED, _f("ProcessState", "coredump_filter")),
     Row("process", "memory-deny-write-execute (PR_SET_MDWE)", CARRIED, _f("ProcessState", "mdwe")),
+    Row("process", "speculation mitigations it asked for (PR_SET_SPECULATION_CTRL)", WARNED,
+        _f("ProcessState", "spec_store_bypass", "spec_indirect_branch")),
     Row("process", "loginuid", WARNED, _f("ProcessState", "loginuid")),
     Row("process", "membarrier registrations", CARRIED, _f("ProcessState", "membarrier")),
     Row("process", "a job-control stop (SIGSTOP, Ctrl-Z, Slurm's suspend)", CARRIED, _f("ProcessState", "stopped")),

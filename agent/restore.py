@@ -147,6 +147,7 @@ CAP_LAST = 40
 CAP_CHECKPOINT_RESTORE = 40
 PR_SET_THP_DISABLE = 41
 PR_SET_MDWE = 65
+PR_SET_SPECULATION_CTRL, PR_SPEC_STORE_BYPASS, PR_SPEC_INDIRECT_BRANCH = 53, 0, 1
 MADV_GUARD_INSTALL = 102
 PR_SET_PDEATHSIG = 1
 PR_TIMER_CREATE_RESTORE_IDS = 77
@@ -1076,6 +1077,7 @@ class Restorer:
             # Threads with their own tids need CAP_CHECKPOINT_RESTORE in whoever clones them,
             # and take their credentials from it: the leader keeps that one capability over
             # its dropped credentials until the threads exist, then each thread drops it.
+            self._speculation(proc)              # before the threads, which take it from the leader
             lend = (self.keep_ids and len(threads) > 1) or bool(proc.posix_timers)
             self._creds(proc, lend_cap=lend)
             self._check_dirs()
@@ -1214,6 +1216,21 @@ class Restorer:
         for v in self.layout:
             if v.advice & VMA_LOCKED:
                 self._call("mlock2", v.start, v.length, MLOCK_ONFAULT if v.advice & VMA_LOCKONFAULT else 0)
+
+    def _speculation(self, proc: ProcessState) -> None:
+        """The speculation mitigations the process asked for (store bypass, indirect branches).
+        A host that cannot give one (its CPU not affected, or the mitigation not left to
+        processes there) runs the process without it, and the report says so."""
+        for which, name, value in ((PR_SPEC_STORE_BYPASS, "speculative store bypass", proc.spec_store_bypass),
+                                   (PR_SPEC_INDIRECT_BRANCH, "indirect branch speculation", proc.spec_indirect_branch)):
+            if not value:
+                continue
+            try:
+                self._call("prctl", PR_SET_SPECULATION_CTRL, which, value, 0, 0)
+            except InjectionError as exc:
+                self.report.warnings.append(
+                    f"pid {proc.pid} had disabled {name} for itself (PR_SET_SPECULATION_CTRL), which this host "
+                    f"cannot do ({os.strerror(exc.errno or 0)}): it runs with the host's default")
 
     def _deny_write_execute(self, proc: ProcessState) -> None:
         """PR_SET_MDWE, as the process had it: from now on it may map no memory that is both

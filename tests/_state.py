@@ -491,6 +491,8 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a file of /dev/shm, held open or mapped": _shm_files,
     "madvise state and mlock": _advice,
     "guard pages (MADV_GUARD_INSTALL)": _guards,
+    "speculation mitigations it asked for (PR_SET_SPECULATION_CTRL)": lambda p: (
+        p.status().get("Speculation_Store_Bypass"), p.status().get("SpeculationIndirectBranch")),
     "its pid": lambda p: p.label(int(p.status()["Tgid"])),
     "its executable, working and root directory": lambda p: tuple(
         os.readlink(f"/proc/{p.pid}/{w}") for w in ("exe", "cwd", "root")),

@@ -69,7 +69,8 @@ from transport.records import (
 # 8: a thread's parent-death signal (``ThreadState.pdeathsig``) and a process's
 # ``coredump_filter``, which a version 7 reader would drop: a child meant to die with its parent
 # would outlive it, a core dump meant to leave out shared memory would hold it.
-# 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE), and its
+# 9: whether a process denies itself writable code (``ProcessState.mdwe``, PR_SET_MDWE) and its
+# speculation mitigations (``spec_store_bypass``, ``spec_indirect_branch``), and its
 # guard regions (``ProcessState.guard_regions``, MADV_GUARD_INSTALL), and a timerfd's settime
 # flags (``EventFile.settime_flags``), and the packets of a pipe written in packet mode
 # (``PipeBuffer.packets``), which a version 8 reader would drop: the process would run without
@@ -329,6 +330,10 @@ class ProcessState(Record):
     coredump_filter: Annotated[int, Int(0, (1 << 9) - 1, "a coredump_filter")] = 0x33
     # format 9: prctl(PR_GET_MDWE): PR_MDWE_REFUSE_EXEC_GAIN (1), PR_MDWE_NO_INHERIT (2)
     mdwe: Annotated[int, Int(0, 3, "a memory-deny-write-execute mode")] = 0
+    # format 9: PR_SET_SPECULATION_CTRL as the process set it for store bypass and indirect
+    # branches: PR_SPEC_DISABLE (4) or PR_SPEC_FORCE_DISABLE (8); 0: the default
+    spec_store_bypass: Annotated[int, Int(0, 8, "a speculation control")] = 0
+    spec_indirect_branch: Annotated[int, Int(0, 8, "a speculation control")] = 0
     # format 9: the ranges of pages MADV_GUARD_INSTALL made guard pages (a touch is SIGSEGV), in
     # address order (PAGEMAP_SCAN's PAGE_IS_GUARD)
     guard_regions: Annotated[tuple[GuardRegion, ...], Count(MAX_GUARD_REGIONS)] = ()

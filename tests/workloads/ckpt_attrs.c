@@ -4,8 +4,9 @@
  * (a private expedited barrier fails with EPERM without it), audit's loginuid, a mapping's
  * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them), MADV_RANDOM
  * readahead advice, a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM), the
- * coredump_filter (which mappings a core dump holds), and guard pages (MADV_GUARD_INSTALL,
- * Linux 6.13: a touch is SIGSEGV; their neighbours keep their bytes). */
+ * coredump_filter (which mappings a core dump holds), guard pages (MADV_GUARD_INSTALL,
+ * Linux 6.13: a touch is SIGSEGV; their neighbours keep their bytes), and speculative store
+ * bypass disabled for itself (PR_SET_SPECULATION_CTRL, where the CPU and kernel let it). */
 #include "ckpt_common.h"
 #include <setjmp.h>
 #include <signal.h>
@@ -123,6 +124,8 @@ int main(int argc, char **argv) {
     f = fopen("/proc/self/coredump_filter", "w");            /* no shared memory, ELF headers */
     if (!f || fprintf(f, "0x11\n") < 0 || fclose(f) || dump_filter() != 0x11) return 3;
     if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0)) { perror("membarrier"); return 3; }
+    /* PR_SET_SPECULATION_CTRL (53), PR_SPEC_STORE_BYPASS (0), PR_SPEC_DISABLE (4). */
+    int ssbd = prctl(53, 0, 4, 0, 0) == 0;
     /* Audit's login uid: only where the kernel has audit, and we may set it (root). */
     int audit = 0;
     f = fopen("/proc/self/loginuid", "w");
@@ -147,6 +150,8 @@ int main(int argc, char **argv) {
         strcat(why, "guard pages; ");
     if (mprotect(ro, 4096, PROT_READ | PROT_WRITE)) strcat(why, "shared mapping may not be made writable; ");
     else ro[0] = 'w';
+    /* PR_GET_SPECULATION_CTRL (52): PR_SPEC_PRCTL (1) | PR_SPEC_DISABLE (4) */
+    if (ssbd && (prctl(52, 0, 0, 0, 0) & 0xf) != (1 | 4)) strcat(why, "speculative store bypass control; ");
     fprintf(out, "guard pages: %s\n", guards ? "installed" : "not on this kernel");
     fprintf(out, "attributes checked: %s\n", why[0] ? why : "all good");
     verdict(!why[0], "%s", why);
