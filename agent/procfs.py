@@ -409,32 +409,32 @@ THREAD_CREDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", 
 _CREDS_KEYS = tuple(k.encode() for k in THREAD_CREDS)
 
 
-def _creds_lines(pid: int, tid: int) -> dict[bytes, bytes]:
-    """The ``THREAD_CREDS`` lines of /proc/PID/task/TID/status (read raw: this runs frozen,
-    once per thread)."""
-    fd = os.open(proc_path(pid, "task", str(tid), "status"), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        text = os.read(fd, 1 << 14)
-    finally:
-        os.close(fd)
-    return {k: v.strip() for k, _, v in (line.partition(b":") for line in text.splitlines()) if k in _CREDS_KEYS}
-
-
-def _check_threads_share(pid: int, tids: list[int], status: Mapping[str, str]) -> None:
-    """Refuse a thread with credentials, an fd table or a working directory of its own (as
-    Samba's threads switch ids with raw setresuid): restored, it would take its process's,
-    and a thread that had dropped root would have it again."""
-    from precopy.kernel import KCMP_FILES, KCMP_FS, kcmp
-    if len(tids) < 2:
-        return
-    ours = {k.encode(): status.get(k, "").encode() for k in THREAD_CREDS}
+def thread_statuses(pid: int, tids: list[int]) -> dict[int, dict[bytes, bytes]]:
+    """/proc/PID/task/TID/status of each thread but the leader, as raw key: value pairs (one
+    read each: this runs frozen, per thread); a thread gone meanwhile is left out."""
+    out: dict[int, dict[bytes, bytes]] = {}
     for tid in tids:
         if tid == pid:
             continue
         try:
-            own = _creds_lines(pid, tid)
+            fd = os.open(proc_path(pid, "task", str(tid), "status"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 1 << 14)
+            finally:
+                os.close(fd)
         except OSError:
-            continue             # gone meanwhile
+            continue
+        out[tid] = {k: v.strip() for k, _, v in (line.partition(b":") for line in text.splitlines())}
+    return out
+
+
+def _check_threads_share(pid: int, threads: Mapping[int, Mapping[bytes, bytes]], status: Mapping[str, str]) -> None:
+    """Refuse a thread with credentials, an fd table or a working directory of its own (as
+    Samba's threads switch ids with raw setresuid): restored, it would take its process's,
+    and a thread that had dropped root would have it again. ``threads``: ``thread_statuses``."""
+    from precopy.kernel import KCMP_FILES, KCMP_FS, kcmp
+    ours = {k.encode(): status.get(k, "").encode() for k in THREAD_CREDS}
+    for tid, own in threads.items():
         differ = [k for k in _CREDS_KEYS if own.get(k, b"") != ours[k]]
         if differ:
             key = differ[0]
@@ -512,7 +512,8 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     tids = thread_ids(pid)
     sched.check_process(pid, tids)
     status = read_status(pid)
-    _check_threads_share(pid, tids, status)
+    threads = thread_statuses(pid, tids)
+    _check_threads_share(pid, threads, status)
     if int(status.get("SigIgn", "0"), 16) & 1 << 4:          # SIGTRAP
         raise UnsupportedResource(
             f"pid {pid} ignores SIGTRAP: kcr-migrate's injected system calls would reset that to the "
@@ -521,7 +522,8 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     if status.get("TracerPid", "0") == "0":
         seccomp.check_running(pid, tids)      # not frozen by us: the filters are read here
     else:
-        seccomp.check_rights(pid, [seccomp.mode(t) for t in tids])   # frozen: the dump reads them
+        modes = [int(status.get("Seccomp", "0"))] + [int(t.get(b"Seccomp", b"0")) for t in threads.values()]
+        seccomp.check_rights(pid, modes, status)      # frozen: the dump reads them
     ours = namespace_ids("self")
     theirs = namespace_ids(pid)
     timens.check(pid, tree[0] if tree else None)        # its own time namespace moves with it

@@ -27,7 +27,7 @@ import ctypes
 import errno
 import os
 import struct
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from agent import ptrace
 from agent.procfs import read_status
@@ -117,14 +117,15 @@ def check_programs(pid: int, filters: Iterable[SeccompFilter]) -> None:
                     pid=pid)
 
 
-def check_rights(pid: int, modes: Sequence[int]) -> None:
-    """What must hold, before anything is frozen, for seccomp state to be carried."""
+def check_rights(pid: int, modes: Sequence[int], status: Mapping[str, str] | None = None) -> None:
+    """What must hold, before anything is frozen, for seccomp state to be carried. ``status``:
+    the process's /proc status, if the caller read it already."""
     if not any(modes):
         return
     if os.geteuid() != 0:
         raise UnsupportedResource(f"pid {pid} runs under seccomp, whose filters only root can read and carry: "
                                   "run kcr-migrate as root", pid=pid)
-    status = read_status(pid)
+    status = status if status is not None else read_status(pid)
     if SECCOMP_MODE_FILTER in modes and status.get("NoNewPrivs") != "1" and \
             not int(status.get("CapEff", "0"), 16) >> CAP_SYS_ADMIN & 1:
         raise UnsupportedResource(
