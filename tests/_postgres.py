@@ -57,9 +57,8 @@ class PostgresServer:
 
     def close(self, pid: int) -> None:
         """Kill the server (its process group: ``pid``'s) and reap what was ours to reap."""
-        from tests.test_trees import reap_orphans
-        members = [pid] + [int(c) for t in Path(f"/proc/{pid}/task").glob("*") for c in (t / "children").read_text().split()] \
-            if Path(f"/proc/{pid}").exists() else []
+        from tests.test_trees import reap_orphans, tree
+        members = list(tree(pid)) if Path(f"/proc/{pid}").exists() else []
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
