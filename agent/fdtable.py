@@ -382,7 +382,7 @@ def _async_owner(pid: int, f: FileDesc) -> FileDesc:
     dup = _dup(pid, f.fd)
     try:
         sig = fcntl.fcntl(dup, locks.F_GETSIG)
-        kind, who = struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))
+        kind, who = _getown_ex(dup)
     finally:
         os.close(dup)
     if who and not ((kind == F_OWNER_PID and who == pid) or (kind == F_OWNER_TID and who in thread_ids(pid))
@@ -400,9 +400,15 @@ def _signal_owner(pid: int, fd: int) -> int:
     which takes neither: EBADF.)"""
     dup = _dup(pid, fd)
     try:
-        return int(struct.unpack("<ii", fcntl.fcntl(dup, F_GETOWN_EX, bytes(8)))[1])
+        return _getown_ex(dup)[1]
     finally:
         os.close(dup)
+
+
+def _getown_ex(fd: int) -> tuple[int, int]:
+    """F_GETOWN_EX of ``fd``'s description: (F_OWNER_TID, _PID or _PGRP; the id, 0 for none)."""
+    kind, who = struct.unpack("<ii", fcntl.fcntl(fd, F_GETOWN_EX, bytes(8)))
+    return kind, who
 
 
 def _lease_signal(pid: int, fd: int) -> int:
