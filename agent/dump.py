@@ -30,6 +30,7 @@ from agent.inject import (
     Injector,
     RemoteMemory,
     Scratch,
+    ScratchTaken,
     to_signed,
     syscall_gadget,
 )
@@ -122,13 +123,15 @@ class Calls:
     list in one stop each (``Injector.batch``, its code in the scratch) where the scratch may
     hold code, else one stop per call. Results are raw: ``-errno`` for a failure."""
 
-    def __init__(self, leader: Injector, mem: RemoteMemory) -> None:
+    def __init__(self, leader: Injector, mem: RemoteMemory, at: int = 0) -> None:
         try:
-            self.scratch = Scratch(leader, mem, prot=PROT_READ | PROT_WRITE | PROT_EXEC)
+            self.scratch = Scratch(leader, mem, prot=PROT_READ | PROT_WRITE | PROT_EXEC, at=at)
             self.scratch.put(CODE_AT, BATCH_CODE)
             self.batched = True
+        except ScratchTaken:
+            raise
         except InjectionError:            # no writable code here (memory-deny-write-execute)
-            self.scratch = Scratch(leader, mem)
+            self.scratch = Scratch(leader, mem, at=at)
             self.batched = False
 
     def run(self, inj: Injector, calls: list[tuple[str, tuple[int, ...]]]) -> list[int]:
@@ -151,11 +154,14 @@ def _ok(result: int, name: str, pid: int) -> int:
 
 
 def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None,
-            fds: fdtable.FdState | None = None, job: mempolicy.JobBounds | None = None) -> Collected:
+            fds: fdtable.FdState | None = None, job: mempolicy.JobBounds | None = None,
+            scratch_at: int = 0) -> Collected:
     """Everything but memory, from a frozen process. Leaves the process exactly as it was.
     ``redirect`` (fd -> path) says what fds to the outside become on the destination;
     ``fds``: its fd table, if the caller read it already (with the rest of a tree's); ``job``:
-    the bounds of the tree's mappings, where the policies of shared memory change (``agent.mempolicy``)."""
+    the bounds of the tree's mappings, where the policies of shared memory change (``agent.mempolicy``);
+    ``scratch_at``: where the scratch it borrows for the calls' answers goes, if the caller
+    chose (``inject.Scratch``; ``ScratchTaken`` if it is not free), else where the kernel puts it."""
     pid = held.pid
     gadget = syscall_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
@@ -167,7 +173,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     own = RemoteMemory(pid)       # writes the scratch (``mem`` may be read-only)
     try:
         locked_before = _locked_kb(pid)
-        calls = Calls(leader, own)
+        calls = Calls(leader, own, scratch_at)
         # mlockall(MCL_FUTURE) shows nowhere in /proc, but a new mapping is locked under it.
         lock_future = _locked_kb(pid) > locked_before
         threads = [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids]

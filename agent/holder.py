@@ -32,7 +32,7 @@ from agent import ptrace
 from agent.signals import LateSignals
 from agent.startup import grow_fd_table
 from agent.dump import collect
-from agent.inject import Injector, RemoteMemory, syscall_gadget
+from agent.inject import Injector, RemoteMemory, ScratchTaken, syscall_gadget
 from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
 from agent.tree import check_tree, freeze_tree, zombie
@@ -227,12 +227,17 @@ class Holder:
             check_tree(self.root, self.redirect, pids)
             self.checked = True
 
-    def op_collect(self, pids: list[int] | None = None) -> dict[str, Any]:
+    def op_collect(self, pids: list[int] | None = None, scratch: list[list[int]] | None = None) -> dict[str, Any]:
         """Everything but memory, of every process of the frozen job, or of ``pids`` (a
         tree's processes are read a few at a time while those read go out); their fd tables
         as ``collect_files`` read them (else read now). The job is COLLECTED once every
-        process's state was read."""
+        process's state was read.
+
+        ``scratch``: [pid, address] where a process's scratch goes (``agent.dump.collect``);
+        a process whose address is taken is left out, and named in ``later``."""
         wanted = [int(p) for p in pids] if pids else []
+        at = {int(p): int(a) for p, a in scratch or []}
+        later: list[int] = []
         pids = self._need_frozen()
         self._check_frozen(pids)
         if self.fds is None or self.fds[0] != pids:
@@ -243,7 +248,10 @@ class Holder:
         for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):
             mem = RemoteMemory(p, writable=False)
             try:
-                state = collect(held, mem, fds=fds[p], job=job)
+                state = collect(held, mem, fds=fds[p], job=job, scratch_at=at.get(p, 0))
+            except ScratchTaken:
+                later.append(p)
+                continue
             finally:
                 mem.close()
             self.late.carry(p, state.process.shared_pending,
@@ -254,7 +262,7 @@ class Holder:
             self.collected.add(p)
         if self.collected >= set(pids):
             self.machine.handle(HolderEvent.COLLECT)
-        return {"processes": out}
+        return {"processes": out, "later": later}
 
     def op_inject(self, calls: list[list[Any]], pid: int = 0) -> list[int]:
         """Run system calls in a frozen process's main thread (the root's unless ``pid``);

@@ -28,7 +28,7 @@ import struct
 from agent import ptrace
 from precopy.kernel import tgkill
 from precopy.layout import MapEntry, query_maps, read_maps, read_maps_naming
-from transport.schema import PAGE_SIZE, GpRegs
+from transport.schema import PAGE_SIZE, TASK_SIZE, GpRegs
 
 SYSCALL_INSN = b"\x0f\x05"
 U64 = (1 << 64) - 1
@@ -328,15 +328,56 @@ def _tgid(tid: int) -> int:
         return int(next(line for line in f if line.startswith("Tgid:")).split()[1])
 
 
-class Scratch:
-    """A private anonymous mapping inside the tracee, for system call arguments."""
+class ScratchTaken(InjectionError):
+    """The address asked for a scratch mapping is not free (the process mapped something there)."""
 
-    def __init__(self, inj: Injector, mem: RemoteMemory, size: int = 4 * PAGE_SIZE, *, prot: int = PROT_READ | PROT_WRITE
-                 ) -> None:
+
+SCRATCH_SIZE = 4 * PAGE_SIZE
+LOWEST_SPARE = 1 << 32        # far above the mmap_min_addr of any kernel, and the executable and heap of most
+
+
+def spare_address(spans: list[tuple[int, int]], size: int = SCRATCH_SIZE) -> int | None:
+    """Where a scratch of ``size`` bytes can go in a process whose mappings were ``spans``
+    (sorted): the middle of their largest gap, far from where the kernel places new mappings
+    (top-down, right under the lowest library), so that the process, running on since the
+    spans were read, has most likely mapped nothing there. None if no gap has room."""
+    best, best_len = None, 0
+    low = LOWEST_SPARE
+    for start, end in [*(s for s in spans if s[0] < TASK_SIZE), (TASK_SIZE, TASK_SIZE)]:   # ([vsyscall] is above)
+        if start - low > best_len:
+            best, best_len = low, start - low
+        low = max(low, end)
+    if best is None or best_len < size + 2 * PAGE_SIZE:
+        return None
+    return (best + best_len // 2) // PAGE_SIZE * PAGE_SIZE
+
+
+class Scratch:
+    """An anonymous mapping inside the tracee, for system call arguments: private where the
+    kernel chooses (``at=0``); else shared, at ``at``, which must be free (``ScratchTaken``).
+    A shared anonymous mapping never merges with a neighbour, so a scratch put at a chosen
+    address is exactly the mapping [at, at + size) for as long as it lives: a reader of the
+    process's layout meanwhile can leave it out (``precopy.tracker.DirtyTracker.hidden``)."""
+
+    def __init__(self, inj: Injector, mem: RemoteMemory, size: int = SCRATCH_SIZE, *,
+                 prot: int = PROT_READ | PROT_WRITE, at: int = 0) -> None:
         self.inj = inj
         self.mem = mem
         self.size = size
-        self.addr = inj.call("mmap", 0, size, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        self.addr = 0
+        if not at:
+            self.addr = inj.call("mmap", 0, size, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            return
+        try:
+            got = inj.call("mmap", at, size, prot, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        except InjectionError as exc:
+            if exc.errno == errno.EEXIST:
+                raise ScratchTaken(errno.EEXIST, f"pid {inj.tid} has a mapping at {at:#x}") from None
+            raise
+        if got != at:            # a kernel before 4.17 takes the address as a hint
+            inj.call("munmap", got, size)
+            raise ScratchTaken(errno.EEXIST, f"pid {inj.tid} has a mapping at {at:#x}")
+        self.addr = got
 
     def put(self, offset: int, data: bytes) -> int:
         if offset + len(data) > self.size:

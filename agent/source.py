@@ -33,6 +33,7 @@ from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
+from agent.inject import SCRATCH_SIZE, spare_address
 from agent.procfs import process_tree, read_status, thread_ids
 from precopy import sysv
 from precopy.kernel import boot_id, xsave_supported_mask
@@ -533,79 +534,115 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     s.frozen = True
     for control in s.controls.values():
         control.frozen = True
-    sink = s.sink(ctx, to)
-    await _send_header(sink, s)
     pids = [int(p) for p in frozen["pids"]]
-    await s.tell_tree(sink)           # processes forked, exited or gone since the last round
-    trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
     t_state = t_frozen
     # A tracker that starts now (a process that joined as the job froze; stop-and-copy) lends
     # the process a userfaultfd fd for a moment: its fd table is read after that.
-    starting = s.result is None or any(p not in s.result.pending for p in trackers)
+    starting = s.result is None or any(p not in s.result.pending for p in pids)
+    # A process pre-copy tracked has its state read from the start, beside its last scan: the
+    # scratch that reading maps into it for a moment goes where its last layout had room, and
+    # its scan leaves that very mapping out. A process whose spare room it took since, or one
+    # without a layout yet, is read once it was scanned.
+    scratch: dict[int, int] = {}
+    if not starting:
+        for p, tracker in [(p, s.trackers[p]) for p in pids]:
+            at = spare_address([(e.start, e.end) for e in tracker.layout])
+            if at is not None:
+                scratch[p] = at
+                tracker.hidden = frozenset({(at, at + SCRATCH_SIZE)})
     states_in, states_out = trio.open_memory_channel[dict[str, Any]](math.inf)
     threads = 0
-    async with service_nursery() as nursery:
-        files_read = trio.Event()
+    after_scan = 0        # processes whose state could only be read once they were scanned
+    try:
+        async with service_nursery() as nursery:
+            files_read = trio.Event()
 
-        async def collect_files() -> None:
-            try:
-                await _blocking(s.holder.call, "collect_files")
-            finally:
-                files_read.set()
+            async def collect_files() -> None:
+                try:
+                    await _blocking(s.holder.call, "collect_files")
+                finally:
+                    files_read.set()
 
-        # The rest of the state is read while the last pages are scanned and go out: a few
-        # processes at a time (COLLECT_CALLS calls), each part once its processes were scanned
-        # (reading it maps a scratch page into each process for a moment, which that process's
-        # scan must not see in its layout), sent while the next part is read. The fd tables
-        # (and the tree's checks) touch no memory: read from the start, beside the scans.
-        scans_done: dict[int, trio.Event] = {p: trio.Event() for p in pids}
+            # The rest of the state is read while the last pages are scanned and go out: a few
+            # processes at a time (COLLECT_CALLS calls), sent while the next part is read. The fd
+            # tables (and the tree's checks) touch no memory: read from the start (by the first
+            # part, or beside the scans where no process has its scratch placed).
+            scans_done: dict[int, trio.Event] = {p: trio.Event() for p in pids}
 
-        async def collect_state() -> None:
-            nonlocal t_state
-            async with states_in:
-                if starting:
-                    for done in scans_done.values():
-                        await done.wait()
-                    await collect_files()
-                await files_read.wait()
-                step = max(1, -(-len(pids) // COLLECT_CALLS))
-                for i in range(0, len(pids), step):
-                    part = pids[i:i + step]
+            async def read_states(part: list[int], placed: dict[int, int]) -> list[int]:
+                """``part``'s states, queued to go; the processes left for later (their scratch's
+                place was taken)."""
+                try:
+                    got = await _blocking(s.holder.call, "collect", pids=part,
+                                          scratch=[[p, placed[p]] for p in part if p in placed])
+                finally:
                     for p in part:
-                        await scans_done[p].wait()
-                    for proc in (await _blocking(s.holder.call, "collect", pids=part))["processes"]:
-                        states_in.send_nowait(proc)
-                t_state = time.perf_counter()
+                        if p in s.trackers:
+                            s.trackers[p].hidden = frozenset()     # unmapped again
+                for proc in got["processes"]:
+                    states_in.send_nowait(proc)
+                return [int(p) for p in got["later"]]
 
-        def scanned_one(pid: int) -> None:
-            if pid in scans_done:
-                scans_done[pid].set()
+            async def collect_state() -> None:
+                nonlocal t_state, after_scan
+                async with states_in:
+                    if starting:
+                        for done in scans_done.values():
+                            await done.wait()
+                        await collect_files()
+                    await files_read.wait()
+                    step = max(1, -(-len(pids) // COLLECT_CALLS))
+                    for i in range(0, len(pids), step):
+                        part = pids[i:i + step]
+                        for p in part:
+                            if p not in scratch:
+                                await scans_done[p].wait()
+                        later = await read_states(part, scratch)
+                        for p in later:
+                            await scans_done[p].wait()
+                        if later:
+                            await read_states(later, {})
+                        after_scan += len(later) + sum(p not in scratch for p in part)
+                    t_state = time.perf_counter()
 
-        def scanned() -> None:
-            for done in scans_done.values():     # (a process without a tracker: gone, it fails below)
-                done.set()
+            def scanned_one(pid: int) -> None:
+                if pid in scans_done:
+                    scans_done[pid].set()
 
-        if not starting:
-            nursery.start_soon(collect_files)
-        nursery.start_soon(collect_state)
+            def scanned() -> None:
+                for done in scans_done.values():     # (a process without a tracker: gone, it fails below)
+                    done.set()
 
-        # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
-        # or for a process that joined as the job froze: every page, now.
-        final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one)
-        t_pages = time.perf_counter()
-        async with states_out:
-            async for proc in states_out:
-                threads += len(proc["threads"])
-                if s.carry_tree:
-                    await sink.record(ProcessBegin(int(proc["pid"])))
-                await sink.record(WireRecord(proc["process"]))      # the holder's: ours
-                for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
-                    listed = NONE_IF_ABSENT.get(wire["t"])
-                    if listed is not None and not wire.get(listed):
-                        continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
-                    await sink.record(WireRecord(wire))
-                for t in proc["threads"]:
-                    await sink.record(WireRecord(t))
+            if scratch:
+                files_read.set()            # the first part reads them
+            elif not starting:
+                nursery.start_soon(collect_files)
+            nursery.start_soon(collect_state)
+
+            sink = s.sink(ctx, to)
+            await _send_header(sink, s)
+            await s.tell_tree(sink)           # processes forked, exited or gone since the last round
+            trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
+            # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
+            # or for a process that joined as the job froze: every page, now.
+            final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one)
+            t_pages = time.perf_counter()
+            async with states_out:
+                async for proc in states_out:
+                    threads += len(proc["threads"])
+                    if s.carry_tree:
+                        await sink.record(ProcessBegin(int(proc["pid"])))
+                    await sink.record(WireRecord(proc["process"]))      # the holder's: ours
+                    for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
+                        listed = NONE_IF_ABSENT.get(wire["t"])
+                        if listed is not None and not wire.get(listed):
+                            continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
+                        await sink.record(WireRecord(wire))
+                    for t in proc["threads"]:
+                        await sink.record(WireRecord(t))
+    finally:
+        for tracker in s.trackers.values():
+            tracker.hidden = frozenset()     # (a scratch is unmapped by then, whatever happened)
     s.cursor.reset()
     # Written out, not yet applied: dest_restore waits for the stream on the destination.
     state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())
@@ -617,7 +654,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     t_state = max(t_state, t_pages)
     times = {"freeze_ms": (t_frozen - t0) * 1000, "pages_ms": (t_pages - t_frozen) * 1000,
              "state_wait_ms": (t_state - t_pages) * 1000, "state_send_ms": (t_end - t_state) * 1000,
-             "lock_retries": lock_retries}
+             "lock_retries": lock_retries, "states_after_scan": after_scan}
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},

@@ -147,6 +147,10 @@ class DirtyTracker(ABC):
         self._round = -1
         self._layout: list[MapEntry] = []
         self._maps = MapsCache()
+        # Mappings of ours in the process, not its own, left out of every layout read while
+        # they are set: a scratch the holder maps at an address chosen beforehand
+        # (``agent.inject.Scratch``), for as long as it may be there.
+        self.hidden: frozenset[Span] = frozenset()
         self.sent_layout = SentLayout(pid)     # what the destination holds of the layout
         self._pidfd = -1
         self._finder: PageFinder | None = None
@@ -248,8 +252,15 @@ class DirtyTracker(ABC):
                                     f"or as root", pid=self.pid)
         return exc
 
+    @property
+    def layout(self) -> list[MapEntry]:
+        """The layout of the last scan (none before the first)."""
+        return self._layout
+
     def _read_layout(self) -> list[MapEntry]:
         entries = read_maps(self.pid, self._maps)
+        if self.hidden:
+            entries = [e for e in entries if (e.start, e.end) not in self.hidden]
         if not entries:
             raise ProcessExited(f"process {self.pid} exited while its memory was tracked", pid=self.pid)
         return entries

@@ -295,3 +295,35 @@ def test_thousands_of_mappings_changing_while_tracked_arrive_intact(tmp_path: Pa
     finally:
         os.kill(copy, signal.SIGKILL)
         reap(copy)
+
+
+async def test_a_job_mapping_memory_where_its_state_was_to_be_read_moves_intact(tmp_path: Path) -> None:
+    """The state of a frozen process is read beside its last scan, through a scratch mapped
+    into it for a moment at a place chosen from its last pre-copy layout (the middle of its
+    largest gap), which that scan leaves out. A job that mapped memory just there since (as the
+    freeze begins) keeps it: its state is read once it was scanned instead, with the scratch
+    where the kernel puts it; no scratch is left behind or carried, and the job's page arrives."""
+    from migrate import Migration, MigrationOptions, PhaseChanged
+    from agent.inject import spare_address
+    from precopy.layout import read_maps
+
+    w = Workload("scratch_squat", tmp_path, hold=True)
+    w.start()
+    w.wait_ready()
+    squatted: list[str] = []
+
+    def on_event(ev: object) -> None:
+        # Pre-copy is over (its last layout read); the freeze is next.
+        if isinstance(ev, PhaseChanged) and ev.phase == "freeze":
+            at = spare_address([(m.start, m.end) for m in read_maps(w.pid)])
+            assert at is not None
+            (w.dir / "map").write_text(f"{at:x}\n")
+            squatted.append(w.wait_file("mapped", 30))
+    report = await Migration(w.pid, "localhost", "localhost", MigrationOptions(new_pid=True),
+                             on_event=on_event).run()
+    assert squatted and squatted[0].startswith("mapped "), squatted
+    assert report.final_round["states_after_scan"] == 1, report.final_round
+    assert w.reap_original() == -9
+    assert w.verdict() == "PASS", w.output()
+    assert w.output() == "page: 0 bad bytes; mappings near it: 1\n"
+    assert os.WEXITSTATUS(reap(report.new_pid)) == 0

@@ -208,6 +208,67 @@ def test_a_process_we_may_not_trace_is_refused(tmp_path: Path, tracer: Tracer) -
         child.wait()
 
 
+def test_a_scratch_put_where_the_last_layout_had_room_is_left_out_of_the_next(tmp_path: Path) -> None:
+    """The source reads a frozen process's state beside its last scan: the scratch that
+    reading borrows goes where the process's last layout had room, as exactly one mapping
+    (shared: it merges with nothing), which the scan leaves out while it is set as hidden."""
+    from agent import freeze
+    from agent.inject import SCRATCH_SIZE, Injector, RemoteMemory, Scratch, ScratchTaken, spare_address, syscall_gadget
+    from precopy.layout import read_maps
+
+    w = workload("dirty_writer", tmp_path, "256", "0", "1")
+    try:
+        before = Path(f"/proc/{w.pid}/maps").read_text()
+        with make_tracker("checksum", w.pid) as tracker:
+            first = tracker.start()
+            at = spare_address([(e.start, e.end) for e in tracker.layout])
+            assert at is not None
+            span = (at, at + SCRATCH_SIZE)
+            held = freeze.seize(w.pid)
+            try:
+                mem = RemoteMemory(w.pid)
+                inj = Injector(w.pid, syscall_gadget(w.pid, mem))
+                try:
+                    scratch = Scratch(inj, mem, at=at)
+                    scratch.put(0, b"answers" * 100)
+                    assert span in [(m.start, m.end) for m in read_maps(w.pid)]
+                    tracker.hidden = frozenset({span})
+                    hidden = tracker.collect()
+                    tracker.hidden = frozenset()
+                    seen = tracker.collect()
+                    # Taken now, as is any place the process has memory at.
+                    for taken in (at, first.layout[0].start):
+                        with pytest.raises(ScratchTaken):
+                            Scratch(inj, mem, at=taken)
+                    scratch.release()
+                finally:
+                    inj.close()
+                    mem.close()
+            finally:
+                freeze.let_go(held)
+        layout = [(e.start, e.end) for e in first.layout]
+        assert [(e.start, e.end) for e in hidden.layout] == layout
+        assert not hidden.change.new_spans
+        assert not [a for a in pages_of(hidden.data) | pages_of(hidden.zero) if at <= a < span[1]]
+        assert span in [(e.start, e.end) for e in seen.layout], "without hiding it, the scan sees the scratch"
+        assert Path(f"/proc/{w.pid}/maps").read_text() == before
+    finally:
+        kill_workload(w)
+
+
+def test_a_scratch_goes_in_the_middle_of_the_largest_gap_below_the_user_address_limit() -> None:
+    from agent.inject import LOWEST_SPARE, SCRATCH_SIZE, spare_address
+    from transport.schema import TASK_SIZE
+
+    low, top = 0x1000_0000_0000, 0x7F00_0000_0000
+    spans = [(0x40_0000, 0x60_0000), (low, low + P), (top, top + 64 * P), (0x7FFF_F000_0000, 0x7FFF_F002_0000),
+             (0xFFFF_FFFF_FF60_0000, 0xFFFF_FFFF_FF60_1000)]      # [vsyscall], above the limit
+    assert spare_address(spans) == (low + P + top) // 2 // P * P
+    assert spare_address([]) == (LOWEST_SPARE + TASK_SIZE) // 2 // P * P
+    # No gap with room: none (the state is then read after the scan).
+    assert spare_address([(LOWEST_SPARE, TASK_SIZE - SCRATCH_SIZE)]) is None
+
+
 # --- pure parts ----------------------------------------------------------------------------
 
 def _maps(text: str) -> list[MapEntry]:
