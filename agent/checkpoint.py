@@ -126,6 +126,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     complete = False
     thawed = False
     arena = snapshot_arena(pids) if opts.leave_running else None
+    outside = fdtable.OutsideScan(set(pids))      # the host's other fds, read before the freeze
     try:
         for p in pids:
             try:
@@ -145,7 +146,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                                       "exit): nothing was written; try again", pid=pid)
         check_tree(pid, opts.redirect, pids)   # again, now that nothing can change under us
         _check_cancel(opts, pid)
-        fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends)   # checks the fd tables again too
+        fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends,   # checks the fd tables again too
+                                   outside_scan=outside)
         states = {}
         job = mempolicy.JobBounds(pids)
         for held in helds.values():

@@ -47,8 +47,10 @@ import select
 import stat
 import struct
 import termios
+import threading
+import time
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
@@ -114,14 +116,16 @@ def object_of(target: str) -> tuple[str, int] | None:
 OutsideFd = tuple[int, int, str]      # (pid, fd, what /proc/PID/fd/FD links to)
 
 
-def outside_fds(inside: set[int]) -> list[OutsideFd]:
-    """Every fd of every process but ``inside`` (and this one): one pass over /proc that the
-    checks for pipes, sockets and event files shared with the outside all read."""
+def outside_fds(inside: set[int], only: Collection[int] | None = None) -> list[OutsideFd]:
+    """Every fd of every process but ``inside`` (and this one), or of ``only`` those: one pass
+    over /proc that the checks for pipes, sockets and event files shared with the outside all
+    read. It costs every fd on the host (0.25 s for 86,000 here): ``OutsideScan`` keeps it out
+    of a frozen job's downtime."""
     out: list[OutsideFd] = []
     skip = inside | {os.getpid()}
     proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for name in os.listdir(proc):
+        for name in os.listdir(proc) if only is None else map(str, only):
             if not name.isdigit() or int(name) in skip:
                 continue
             try:       # each link read relative to its directory: no walk from /proc per fd
@@ -144,15 +148,171 @@ def outside_fds(inside: set[int]) -> list[OutsideFd]:
     return out
 
 
-def outside_holders(objects: set[tuple[str, int]], outside: list[OutsideFd]) -> dict[tuple[str, int], list[Peer]]:
-    """The processes among ``outside`` holding any of these pipes or sockets."""
-    found: dict[tuple[str, int], list[Peer]] = {}
-    links = {f"{kind}:[{ino}]": (kind, ino) for kind, ino in objects}     # as /proc/PID/fd shows them
-    for pid, fd, target in outside:
-        obj = links.get(target)
-        if obj is not None:
-            found.setdefault(obj, []).append(Peer(pid, _comm(pid), fd))
-    return found
+class Outside:
+    """The fds of the processes outside a job (``outside_fds``), by what they refer to: the
+    checks for pipes, sockets, FIFOs and event files shared with the outside look up the job's
+    own objects, each a dictionary lookup, not a pass over every fd of the host.
+
+    ``exclude``: processes whose fds here no longer count (read again in ``extra``, or in the
+    job now); ``fifos``: the FIFOs among the fds' paths, if known (else found when first asked:
+    a stat of every path an fd outside has open)."""
+
+    def __init__(self, fds: list[OutsideFd], *, exclude: Collection[int] = (), extra: "Outside | None" = None,
+                 fifos: dict[tuple[int, int], list[OutsideFd]] | None = None,
+                 by_target: dict[str, list[OutsideFd]] | None = None) -> None:
+        self.fds = fds
+        if by_target is None:
+            by_target = {}
+            for held in fds:
+                by_target.setdefault(held[2], []).append(held)
+        self.by_target = by_target
+        self.exclude = set(exclude)
+        self.extra = extra
+        self._fifos = fifos
+
+    def _get(self, found: list[OutsideFd]) -> list[OutsideFd]:
+        return [held for held in found if held[0] not in self.exclude] if self.exclude else list(found)
+
+    def of_target(self, target: str) -> list[OutsideFd]:
+        """The fds whose /proc link reads ``target``."""
+        return self._get(self.by_target.get(target, [])) + (self.extra.of_target(target) if self.extra else [])
+
+    def holders(self, objects: set[tuple[str, int]]) -> dict[tuple[str, int], list[Peer]]:
+        """The processes holding any of these pipes or sockets."""
+        found: dict[tuple[str, int], list[Peer]] = {}
+        for kind, ino in objects:
+            for pid, fd, _ in self.of_target(f"{kind}:[{ino}]"):     # as /proc/PID/fd shows them
+                found.setdefault((kind, ino), []).append(Peer(pid, _comm(pid), fd))
+        return found
+
+    def of_kind(self, kind: str) -> list[OutsideFd]:
+        """The fds on event files of this kind (``EVENT_TARGETS``)."""
+        return [held for target, k in EVENT_TARGETS.items() if k == kind for held in self.of_target(target)]
+
+    def fifos(self) -> dict[tuple[int, int], list[OutsideFd]]:
+        """The fds on FIFOs, by the FIFO's (st_dev, st_ino): opened by whatever path (a hard
+        link, another mount namespace's view)."""
+        if self._fifos is None:
+            self._fifos = fifos_among(self.fds)
+        out = {ident: self._get(held) for ident, held in self._fifos.items()}
+        for ident, held in (self.extra.fifos() if self.extra else {}).items():
+            out.setdefault(ident, []).extend(held)
+        return out
+
+
+def fifos_among(fds: list[OutsideFd]) -> dict[tuple[int, int], list[OutsideFd]]:
+    """The fds of ``fds`` on FIFOs, by (st_dev, st_ino)."""
+    out: dict[tuple[int, int], list[OutsideFd]] = {}
+    for held in fds:
+        other, ofd, target = held
+        if not target.startswith("/"):
+            continue          # pipes, sockets, anonymous inodes: not a FIFO opened by a path
+        try:
+            st = os.stat(f"/proc/{other}/fd/{ofd}")
+        except OSError:
+            continue          # closed or gone while we looked
+        if stat.S_ISFIFO(st.st_mode):
+            out.setdefault((st.st_dev, st.st_ino), []).append(held)
+    return out
+
+
+class OutsideScan:
+    """``outside_fds`` of a job, read while it runs, before it is frozen (``OutsideWatch``),
+    indexed (``Outside``); brought up to date once it is frozen (``now``) by reading again only
+    what can have changed meanwhile in a way that matters: the processes started since (a child
+    that left the job, forked after the read: a daemon's double fork) and those of the job that
+    left it (their parent exited: reparented away, holding what they inherited). A process
+    outside that was there all along can only take one of the job's objects meanwhile by being
+    handed it (a unix socket, pidfd_getfd, /proc/PID/fd): that is not seen (README, Limits). A
+    holder the earlier read saw is refused as it was then; the job runs on, and moves at the
+    next try once that is no longer so.
+
+    The processes started since: those whose pids were handed out since, which the pid
+    namespace's last pid bounds (with its wrap); should more processes have been made since
+    than there are pids (the fork count says), every process is read again."""
+
+    def __init__(self, inside: set[int]) -> None:
+        self.inside = set(inside)
+        self.started = time.monotonic()
+        self.last_pid, self.forks = _pid_clock()
+        fds = outside_fds(self.inside)
+        self.outside = Outside(fds, fifos=fifos_among(fds))
+        self.seconds = time.monotonic() - self.started
+
+    @property
+    def fds(self) -> list[OutsideFd]:
+        return self.outside.fds
+
+    def now(self, inside: set[int]) -> Outside:
+        """Every fd of every process outside ``inside`` (the job now, frozen)."""
+        last_pid, forks = _pid_clock()
+        if forks - self.forks >= _pid_max() - 1:
+            return Outside(outside_fds(inside))          # the pids went round: any could be new
+        fresh = {p for p in _pids() if _handed_out(p, self.last_pid, last_pid)}
+        fresh |= {p for p in self.inside - inside if os.path.exists(f"/proc/{p}")}
+        base = self.outside
+        return Outside(base.fds, exclude=fresh | inside, extra=Outside(outside_fds(inside, fresh)),
+                       fifos=base._fifos, by_target=base.by_target)
+
+
+class OutsideWatch:
+    """``OutsideScan``s made in a thread of their own while a job runs (pre-copy), one at a
+    time and busy a fifth of the time at most (on a host of many processes a scan takes a
+    good part of a second): the freeze takes the newest, so that neither the frozen job nor
+    the last moment before it (the job dirtying its memory) waits for one."""
+
+    BUSY = 0.2
+
+    def __init__(self) -> None:
+        self._latest: OutsideScan | None = None
+        self._thread: threading.Thread | None = None
+
+    def refresh(self, inside: set[int]) -> None:
+        """Start a scan of the outside of ``inside`` (the job now), unless one runs or was
+        made lately."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        last = self._latest
+        if last is not None and time.monotonic() - last.started < last.seconds / self.BUSY:
+            return
+        self._thread = threading.Thread(target=self._scan, args=(set(inside),), name="outside-scan", daemon=True)
+        self._thread.start()
+
+    def _scan(self, inside: set[int]) -> None:
+        try:
+            self._latest = OutsideScan(inside)
+        except OSError:
+            pass            # the next one, or the freeze's own, reads it
+
+    def latest(self, inside: set[int]) -> OutsideScan:
+        """The newest scan; one that runs is waited for where none was made yet; without
+        either, one made now."""
+        if self._latest is None and self._thread is not None:
+            self._thread.join()
+        return self._latest if self._latest is not None else OutsideScan(inside)
+
+
+def _pid_clock() -> tuple[int, int]:
+    """(the last pid handed out in our pid namespace, processes made since boot)."""
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        last = int(f.read())
+    with open("/proc/stat") as f:
+        forks = next(int(line.split()[1]) for line in f if line.startswith("processes "))
+    return last, forks
+
+
+def _pid_max() -> int:
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read())
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _handed_out(pid: int, before: int, after: int) -> bool:
+    """Whether ``pid`` was handed out after ``before`` up to ``after`` (pids go up, and wrap)."""
+    return before < pid <= after if after >= before else pid > before or pid <= after
 
 
 def _comm(pid: int) -> str:
@@ -193,7 +353,7 @@ class _Described:
 
 
 def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
-                   *, accept_waiting: bool = False) -> _Described:
+                   *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None) -> _Described:
     redirect = redirect or {}
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
@@ -216,7 +376,8 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
             f"{MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is frozen); close some, or "
             "keep the data in files on disk", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
-    outside = outside_fds(inside) if objects or events or fifos else []
+    outside = ((outside_scan.now(inside) if outside_scan is not None else Outside(outside_fds(inside)))
+               if objects or events or fifos else Outside([]))
     if fifos:
         _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
@@ -231,7 +392,7 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
             elif f.kind == "fanotify":        # and a notification group's (or refused now)
                 fanotify.read(pid, f.fd, fdinfo[pid, f.fd])
     if objects:
-        shared = outside_holders(set(objects), outside)
+        shared = outside.holders(set(objects))
         for obj, peers in shared.items():
             pid, info = objects[obj][0]
             what = "a pipe" if obj[0] == "pipe" else "a socket"
@@ -265,33 +426,30 @@ def _pidfd_pid(pid: int, fd: int) -> int:
     return -1
 
 
-def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: list[OutsideFd]) -> None:
+def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: Outside) -> None:
     """An eventfd, timerfd, signalfd or epoll instance is one object however many processes
     hold it: one that a process outside also holds would be split in two. Refused, naming it
     (kcmp against that process's fds of the same kind)."""
-    for other, ofd, target in outside:
-        kind = EVENT_TARGETS.get(target)
-        for pid, f in ours:
-            if f.kind == kind and _same_description(pid, f.fd, other, ofd):
+    theirs = {kind: outside.of_kind(kind) for kind in {f.kind for _, f in ours}}
+    for pid, f in ours:
+        for other, ofd, _ in theirs[f.kind]:
+            if _same_description(pid, f.fd, other, ofd):
+                kind = f.kind
                 raise UnsupportedResource(
                     f"pid {pid}'s fd {f.fd} is {'an' if kind[0] in 'e' else 'a'} {kind} shared with "
                     f"{Peer(other, _comm(other), ofd)}, which does not move with it: {_CANNOT}", pid=pid)
 
 
-def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: list[OutsideFd]) -> None:
+def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: Outside) -> None:
     """A FIFO's pipe is one object however many processes hold it open: one that a process
     outside also holds would be split in two. Refused, naming it: an outside fd on the same
     inode, whatever path it was opened by (a hard link, another mount namespace's view)."""
-    for other, ofd, target in outside:
-        if not target.startswith("/"):
-            continue          # pipes, sockets, anonymous inodes: not a FIFO opened by a path
-        try:
-            st = os.stat(f"/proc/{other}/fd/{ofd}")
-        except OSError:
-            continue          # closed or gone while we looked
-        if not stat.S_ISFIFO(st.st_mode) or (st.st_dev, st.st_ino) not in fifos:
+    theirs = outside.fifos()
+    for ident, held in fifos.items():
+        if not theirs.get(ident):
             continue
-        pid, info = fifos[(st.st_dev, st.st_ino)][0]
+        other, ofd, target = theirs[ident][0]
+        pid, info = held[0]
         also = "" if target == info.target else f" (opened there as {target})"
         raise UnsupportedResource(
             f"pid {pid}'s fd {info.fd} is the FIFO {info.target} shared with {Peer(other, _comm(other), ofd)}{also}, "
@@ -531,7 +689,7 @@ def _redirect_options(fds: Sequence[int]) -> str:
     return " ".join(f"--redirect {fd}=PATH" for fd in fds)
 
 
-def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], accept_waiting: bool = False) -> None:
+def _check_sockets(sockets: dict[int, list[Held]], outside: Outside, accept_waiting: bool = False) -> None:
     """Refuse the sockets we cannot carry: other families, connections to a peer that does
     not move, connections waiting in an accept queue that cannot move with it; named sockets
     whose name restore could not bind again (``roles``)."""
@@ -556,8 +714,8 @@ def _check_sockets(sockets: dict[int, list[Held]], outside: list[OutsideFd], acc
     roles(known, set(sockets), {ino: (held[0][0], held[0][1].fd) for ino, held in sockets.items()}, accept_waiting)
 
 
-def _holder(ino: int, outside: list[OutsideFd]) -> str:
-    holders = outside_holders({("socket", ino)}, outside)
+def _holder(ino: int, outside: Outside) -> str:
+    holders = outside.holders({("socket", ino)})
     peer = next(iter(holders.values()))[0] if holders else None
     return f"{peer}, which does not move with it" if peer else "a socket outside what moves"
 
@@ -742,13 +900,14 @@ def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
 
 
 def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
-                 *, accept_waiting: bool = False) -> dict[int, FdState]:
+                 *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None) -> dict[int, FdState]:
     """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
     pipe or socket goes in the records of the first process (in ``pids`` order) that has it.
     ``accept_waiting`` (the source ends once dumped): the connections waiting in a listener's
     accept queue are accepted here, the bytes their clients sent read (``sent``) and who
-    connected each asked (``conn_pid``)."""
-    described = _describe_tree(pids, redirect, accept_waiting=accept_waiting)
+    connected each asked (``conn_pid``). ``outside_scan``: the outside's fds as read before
+    the freeze (else read now, every one)."""
+    described = _describe_tree(pids, redirect, accept_waiting=accept_waiting, outside_scan=outside_scan)
     tables = described.tables
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}

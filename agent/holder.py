@@ -96,6 +96,8 @@ class Holder:
         self.late = LateSignals()      # the signal queues carried, to find what arrives after
         self.fds: tuple[list[int], dict[int, fdtable.FdState]] | None = None   # ``collect_files``'
         self.checked = False           # the frozen tree was checked (``_check_frozen``)
+        self.outside: fdtable.OutsideScan | None = None   # the host's other fds, for the last freeze
+        self.outside_watch = fdtable.OutsideWatch()        # ... read while the job runs
         self.collected: set[int] = set()   # processes whose state ``collect`` read since the freeze
 
     def _need(self, pid: int | None = None) -> freezer.Held:
@@ -121,6 +123,7 @@ class Holder:
             self._let_all_go()
             raise
         self.machine.handle(HolderEvent.SEIZE)
+        self.outside_watch.refresh(set(self.helds))
         return {"pids": list(self.helds)}
 
     def _hold(self, pid: int) -> None:
@@ -146,6 +149,7 @@ class Holder:
             check_tree(self.root, self.redirect)      # a newcomer may hold what cannot move
             for p in joined:
                 self._hold(p)
+        self.outside_watch.refresh(set(self.helds))
         return {"pids": list(self.helds), "joined": [p for p in joined if p in self.helds], "left": left}
 
     def op_freeze(self, pid: int = 0, unlocked: list[list[int]] | None = None) -> dict[str, Any]:
@@ -165,6 +169,9 @@ class Holder:
         self.machine.check(HolderEvent.FREEZE)
         files = {(int(dev), int(ino)) for dev, ino in unlocked or []}
         self.fds = None
+        # Every fd on the host, as read while the job ran: frozen, only what can have changed
+        # since is read again (``fdtable.OutsideScan``).
+        self.outside = self.outside_watch.latest(set(self.helds))
         joined: list[int] = []
         left: list[int] = []
         start = time.monotonic()
@@ -218,7 +225,7 @@ class Holder:
         while their last dirty pages are scanned; ``collect`` cannot (``agent.source``)."""
         pids = self._need_frozen()
         self._check_frozen(pids)
-        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
+        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside))
         return {}
 
     def _check_frozen(self, pids: list[int]) -> None:
@@ -241,7 +248,7 @@ class Holder:
         pids = self._need_frozen()
         self._check_frozen(pids)
         if self.fds is None or self.fds[0] != pids:
-            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}))
+            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside))
         fds = self.fds[1]
         out = []
         job = mempolicy.JobBounds(pids)

@@ -129,8 +129,8 @@ class _Nobody:
 
 
 def _who(inode: int) -> "Peer | _Nobody":
-    from agent.fdtable import outside_fds, outside_holders
-    found = outside_holders({("socket", inode)}, outside_fds(set()))
+    from agent.fdtable import Outside, outside_fds
+    found = Outside(outside_fds(set())).holders({("socket", inode)})
     return next(iter(found.values()))[0] if found else _Nobody()
 
 

@@ -1,0 +1,131 @@
+"""The outside's fds, read before a job is frozen and brought up to date once it is
+(``agent.fdtable.OutsideScan``): a pipe of the job that a process outside holds is refused at
+the freeze, naming that process, whether it started after the read or left the job since; and
+the frozen job pays for those processes, not for every fd on the host.
+
+Real processes: a job holding a pipe, and processes that get hold of it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import freeze
+from agent.fdtable import Outside, OutsideScan, collect_tree
+from tests._workloads import STARTED, become_subreaper, reap
+from transport.errors import UnsupportedResource
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+def started(code: str, ready: Path, *args: str) -> subprocess.Popen[bytes]:
+    """A Python process running ``code`` (with ``ready``, a file it writes once set, as argv[1]);
+    returned once that file is there."""
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ready), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    STARTED.append(proc)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, f"exited {proc.returncode}"
+        assert time.monotonic() < deadline, f"{ready} never appeared"
+        time.sleep(0.01)
+    return proc
+
+
+# The job: a pipe, both ends its own, until a process outside takes one.
+JOB = """
+import os, signal, sys
+r, w = os.pipe()
+open(sys.argv[1] + ".tmp", "w").write(f"{r} {w} {os.fstat(r).st_ino}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+signal.pause()
+"""
+
+# A process outside the job that opens the job's pipe through /proc (as a monitoring tool could).
+TAKER = """
+import os, signal, sys
+fd = os.open(f"/proc/{sys.argv[2]}/fd/{sys.argv[3]}", os.O_WRONLY)
+open(sys.argv[1], "w").write(str(fd))
+signal.pause()
+"""
+
+# A job whose child forks a grandchild holding the pipe; once told (SIGUSR1), the child exits
+# and the grandchild, reparented away, is no longer in the job.
+LEAVING = """
+import os, signal, sys
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    grandchild = os.fork()
+    if grandchild == 0:
+        signal.pause()
+        os._exit(0)
+    signal.signal(signal.SIGUSR1, lambda *a: os._exit(0))
+    signal.pause()
+    os._exit(0)
+open(sys.argv[1] + ".tmp", "w").write(f"{child} {os.fstat(r).st_ino}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    signal.pause()
+"""
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+
+
+def test_a_process_started_after_the_read_holding_the_jobs_pipe_is_refused_at_the_freeze(tmp_path: Path) -> None:
+    job = started(JOB, tmp_path / "job")
+    r, w, ino = (int(x) for x in (tmp_path / "job").read_text().split())
+    taker: subprocess.Popen[bytes] | None = None
+    try:
+        scan = OutsideScan({job.pid})
+        assert not Outside(scan.fds).holders({("pipe", ino)})
+        taker = started(TAKER, tmp_path / "taker", str(job.pid), str(w))
+        assert not Outside(scan.fds).holders({("pipe", ino)}), "the earlier read cannot know it"
+        found = scan.now({job.pid}).holders({("pipe", ino)})
+        assert {p.pid for p in found[("pipe", ino)]} == {taker.pid}
+        held = freeze.seize(job.pid)
+        try:
+            with pytest.raises(UnsupportedResource, match=rf"pid {job.pid}'s fd {r} is a pipe shared with pid {taker.pid} "):
+                collect_tree([job.pid], {job.pid: {}}, outside_scan=scan)
+        finally:
+            freeze.let_go(held)
+    finally:
+        for proc in (job, taker):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_process_that_left_the_job_since_the_read_holding_its_pipe_is_refused_at_the_freeze(
+        tmp_path: Path) -> None:
+    job = started(LEAVING, tmp_path / "job")
+    child, ino = (int(x) for x in (tmp_path / "job").read_text().split())
+    grandchild = children(child)[0]
+    try:
+        scan = OutsideScan({job.pid, child, grandchild})
+        assert not Outside(scan.fds).holders({("pipe", ino)})
+        os.kill(child, signal.SIGUSR1)          # the grandchild is reparented: here (a subreaper)
+        deadline = time.monotonic() + 30
+        while grandchild not in children(os.getpid()):
+            assert time.monotonic() < deadline, "the grandchild was not reparented"
+            time.sleep(0.01)
+        # Not a new process: only having left the job makes it read again.
+        assert not scan.last_pid < grandchild
+        found = scan.now({job.pid}).holders({("pipe", ino)})
+        assert {p.pid for p in found[("pipe", ino)]} == {grandchild}
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+        reap(grandchild)
+        job.kill()
+        job.wait()
