@@ -329,7 +329,8 @@ def _tgid(tid: int) -> int:
 
 
 class ScratchTaken(InjectionError):
-    """The address asked for a scratch mapping is not free (the process mapped something there)."""
+    """The address asked for a scratch mapping cannot have it: the process mapped something
+    there, or the kernel will not map there for it (EEXIST, ENOMEM, EINVAL)."""
 
 
 SCRATCH_SIZE = 4 * PAGE_SIZE
@@ -371,9 +372,9 @@ class Scratch:
         try:
             got = inj.call("mmap", at, size, prot, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
         except InjectionError as exc:
-            if exc.errno == errno.EEXIST:
-                raise ScratchTaken(errno.EEXIST, f"pid {inj.tid} has a mapping at {at:#x}") from None
-            raise
+            if exc.errno in (errno.EEXIST, errno.ENOMEM, errno.EINVAL):
+                raise ScratchTaken(exc.errno, f"pid {inj.tid} cannot have a scratch at {at:#x}: {exc}") from None
+            raise            # (EPERM, EACCES: no writable code there; the caller asks for less)
         if got != at:            # a kernel before 4.17 takes the address as a hint
             inj.call("munmap", got, size)
             raise ScratchTaken(errno.EEXIST, f"pid {inj.tid} has a mapping at {at:#x}")

@@ -215,6 +215,7 @@ def test_a_scratch_put_where_the_last_layout_had_room_is_left_out_of_the_next(tm
     from agent import freeze
     from agent.inject import SCRATCH_SIZE, Injector, RemoteMemory, Scratch, ScratchTaken, spare_address, syscall_gadget
     from precopy.layout import read_maps
+    from transport.schema import TASK_SIZE
 
     w = workload("dirty_writer", tmp_path, "256", "0", "1")
     try:
@@ -236,8 +237,9 @@ def test_a_scratch_put_where_the_last_layout_had_room_is_left_out_of_the_next(tm
                     hidden = tracker.collect()
                     tracker.hidden = frozenset()
                     seen = tracker.collect()
-                    # Taken now, as is any place the process has memory at.
-                    for taken in (at, first.layout[0].start):
+                    # Taken now, as is any place the process has memory at, or the kernel
+                    # will not map at (beyond the user address space).
+                    for taken in (at, first.layout[0].start, TASK_SIZE):
                         with pytest.raises(ScratchTaken):
                             Scratch(inj, mem, at=taken)
                     scratch.release()
