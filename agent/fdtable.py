@@ -246,8 +246,8 @@ class OutsideScan:
     def now(self, inside: set[int]) -> Outside:
         """Every fd of every process outside ``inside`` (the job now, frozen)."""
         last_pid, forks = _pid_clock()
-        if forks - self.forks >= _pid_max() - 1:
-            return Outside(outside_fds(inside))          # the pids went round: any could be new
+        if last_pid < 0 or self.last_pid < 0 or forks - self.forks >= _pid_max() - 1:
+            return Outside(outside_fds(inside))          # the pids went round, or unknown: any could be new
         fresh = {p for p in _pids() if _handed_out(p, self.last_pid, last_pid)}
         fresh |= {p for p in self.inside - inside if os.path.exists(f"/proc/{p}")}
         base = self.outside
@@ -293,9 +293,13 @@ class OutsideWatch:
 
 
 def _pid_clock() -> tuple[int, int]:
-    """(the last pid handed out in our pid namespace, processes made since boot)."""
-    with open("/proc/sys/kernel/ns_last_pid") as f:
-        last = int(f.read())
+    """(the last pid handed out in our pid namespace, or -1 on a kernel that does not say
+    (without CONFIG_CHECKPOINT_RESTORE); processes made since boot)."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid") as f:
+            last = int(f.read())
+    except OSError:
+        last = -1
     with open("/proc/stat") as f:
         forks = next(int(line.split()[1]) for line in f if line.startswith("processes "))
     return last, forks
@@ -393,7 +397,9 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
                 fanotify.read(pid, f.fd, fdinfo[pid, f.fd])
     if objects:
         shared = outside.holders(set(objects))
-        for obj, peers in shared.items():
+        order = {pid: i for i, pid in enumerate(pids)}
+        # The one named first: the job's first process's lowest such fd (stdin before stdout).
+        for obj, peers in sorted(shared.items(), key=lambda o: (order[objects[o[0]][0][0]], objects[o[0]][0][1].fd)):
             pid, info = objects[obj][0]
             what = "a pipe" if obj[0] == "pipe" else "a socket"
             # Every fd of that process to the outside in one line (a job started over ssh has
