@@ -62,25 +62,33 @@ signal.pause()
 LEAVING = """
 import os, signal, sys
 r, w = os.pipe()
-child = os.fork()
-if child == 0:
+signal.signal(signal.SIGUSR1, lambda *a: os._exit(0))
+if os.fork() == 0:
     grandchild = os.fork()
     if grandchild == 0:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        while True:
+            signal.pause()
+    open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()} {grandchild} {os.fstat(r).st_ino}")
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    while True:
         signal.pause()
-        os._exit(0)
-    signal.signal(signal.SIGUSR1, lambda *a: os._exit(0))
-    signal.pause()
-    os._exit(0)
-open(sys.argv[1] + ".tmp", "w").write(f"{child} {os.fstat(r).st_ino}")
-os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 while True:
     signal.pause()
 """
 
 
-def children(pid: int) -> list[int]:
-    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
-            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+def descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for t in os.listdir(f"/proc/{p}/task"):
+            for c in Path(f"/proc/{p}/task/{t}/children").read_text().split():
+                out.add(int(c))
+                todo.append(int(c))
+    return out
 
 
 def test_a_process_started_after_the_read_holding_the_jobs_pipe_is_refused_at_the_freeze(tmp_path: Path) -> None:
@@ -110,15 +118,15 @@ def test_a_process_started_after_the_read_holding_the_jobs_pipe_is_refused_at_th
 def test_a_process_that_left_the_job_since_the_read_holding_its_pipe_is_refused_at_the_freeze(
         tmp_path: Path) -> None:
     job = started(LEAVING, tmp_path / "job")
-    child, ino = (int(x) for x in (tmp_path / "job").read_text().split())
-    grandchild = children(child)[0]
+    child, grandchild, ino = (int(x) for x in (tmp_path / "job").read_text().split())
     try:
+        assert descendants(job.pid) == {child, grandchild}
         scan = OutsideScan({job.pid, child, grandchild})
         assert not Outside(scan.fds).holders({("pipe", ino)})
-        os.kill(child, signal.SIGUSR1)          # the grandchild is reparented: here (a subreaper)
+        os.kill(child, signal.SIGUSR1)          # the grandchild is reparented away (here: a subreaper)
         deadline = time.monotonic() + 30
-        while grandchild not in children(os.getpid()):
-            assert time.monotonic() < deadline, "the grandchild was not reparented"
+        while grandchild in descendants(job.pid):
+            assert time.monotonic() < deadline, "the grandchild did not leave the job"
             time.sleep(0.01)
         # Not a new process: only having left the job makes it read again.
         assert not scan.last_pid < grandchild

@@ -215,7 +215,6 @@ def test_a_scratch_put_where_the_last_layout_had_room_is_left_out_of_the_next(tm
     from agent import freeze
     from agent.inject import SCRATCH_SIZE, Injector, RemoteMemory, Scratch, ScratchTaken, spare_address, syscall_gadget
     from precopy.layout import read_maps
-    from transport.schema import TASK_SIZE
 
     w = workload("dirty_writer", tmp_path, "256", "0", "1")
     try:
@@ -238,8 +237,8 @@ def test_a_scratch_put_where_the_last_layout_had_room_is_left_out_of_the_next(tm
                     tracker.hidden = frozenset()
                     seen = tracker.collect()
                     # Taken now, as is any place the process has memory at, or the kernel
-                    # will not map at (beyond the user address space).
-                    for taken in (at, first.layout[0].start, TASK_SIZE):
+                    # will not map at (beyond any user address space, 5-level paging's too).
+                    for taken in (at, first.layout[0].start, 1 << 57):
                         with pytest.raises(ScratchTaken):
                             Scratch(inj, mem, at=taken)
                     scratch.release()
