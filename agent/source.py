@@ -572,13 +572,8 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             async def read_states(part: list[int], placed: dict[int, int]) -> list[int]:
                 """``part``'s states, queued to go; the processes left for later (their scratch's
                 place was taken)."""
-                try:
-                    got = await _blocking(s.holder.call, "collect", pids=part,
-                                          scratch=[[p, placed[p]] for p in part if p in placed])
-                finally:
-                    for p in part:
-                        if p in s.trackers:
-                            s.trackers[p].hidden = frozenset()     # unmapped again
+                got = await _blocking(s.holder.call, "collect", pids=part,
+                                      scratch=[[p, placed[p]] for p in part if p in placed])
                 for proc in got["processes"]:
                     states_in.send_nowait(proc)
                 return [int(p) for p in got["later"]]
@@ -642,7 +637,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                         await sink.record(WireRecord(t))
     finally:
         for tracker in s.trackers.values():
-            tracker.hidden = frozenset()     # (a scratch is unmapped by then, whatever happened)
+            tracker.hidden = frozenset()     # every scratch is unmapped by then, whatever happened
     s.cursor.reset()
     # Written out, not yet applied: dest_restore waits for the stream on the destination.
     state_bytes = await (sink.finish() if isinstance(sink, DataChannelSink) else sink.drain())
