@@ -117,7 +117,10 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     t0 = time.monotonic()
     prepare_codecs()                     # before the freeze: a record type's first use is slow
     ends = not opts.leave_running        # a connection waiting to be accepted may be accepted to read it
-    pids = check_tree(pid, opts.redirect, accept_waiting=ends)
+    # The host's other fds are read once, by the check, where the job holds anything they
+    # could share; brought up to date once it is frozen (``fdtable.OutsideScan``).
+    outside = fdtable.OutsideWatch()
+    pids = check_tree(pid, opts.redirect, accept_waiting=ends, outside_watch=outside)
     helds: dict[int, freezer.Held] = {}
     stats = CheckpointStats(pid=pid)
     key, unsigned = signing_key(opts.image_key)     # before anything is frozen: a bad key file stops here
@@ -126,7 +129,6 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     complete = False
     thawed = False
     arena = snapshot_arena(pids) if opts.leave_running else None
-    outside = fdtable.OutsideScan(set(pids))      # the host's other fds, read before the freeze
     try:
         for p in pids:
             try:
@@ -147,7 +149,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         check_tree(pid, opts.redirect, pids)   # again, now that nothing can change under us
         _check_cancel(opts, pid)
         fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends,   # checks the fd tables again too
-                                   outside_scan=outside)
+                                   outside_scan=outside.newest)
         states = {}
         job = mempolicy.JobBounds(pids)
         for held in helds.values():

@@ -286,10 +286,17 @@ class OutsideWatch:
 
     def latest(self, inside: set[int]) -> OutsideScan:
         """The newest scan; one that runs is waited for where none was made yet; without
-        either, one made now."""
+        either, one made now (and kept: the next checks of the job take it too)."""
         if self._latest is None and self._thread is not None:
             self._thread.join()
-        return self._latest if self._latest is not None else OutsideScan(inside)
+        if self._latest is None:
+            self._latest = OutsideScan(inside)
+        return self._latest
+
+    @property
+    def newest(self) -> OutsideScan | None:
+        """The newest scan made, if any (none is made for it)."""
+        return self._latest
 
 
 def _pid_clock() -> tuple[int, int]:
@@ -337,13 +344,16 @@ def describe(pid: int, redirect: Mapping[int, str] | None = None) -> list[FileDe
 
 
 def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
-                  *, accept_waiting: bool = False) -> dict[int, list[FileDesc]]:
+                  *, accept_waiting: bool = False, outside_watch: OutsideWatch | None = None) -> dict[int, list[FileDesc]]:
     """The fd tables of processes that move together (a process and its descendants): what
     they share among themselves (descriptions, pipes, sockets) is carried; what they share
     with a process outside is refused, naming it. ``redirect``: per pid, fd -> path.
     ``accept_waiting``: the source ends once dumped, so a connection waiting in an accept
-    queue with bytes sent may be accepted to read them (``collect_tree``)."""
-    return _describe_tree(pids, redirect, accept_waiting=accept_waiting).tables
+    queue with bytes sent may be accepted to read them (``collect_tree``). ``outside_watch``:
+    where the outside's fds are read, if the job holds anything they could share (its newest
+    scan, brought up to date; one is made and kept there if none was), so that the job's
+    later checks and its freeze do not read every fd of the host again (else read now)."""
+    return _describe_tree(pids, redirect, accept_waiting=accept_waiting, outside_watch=outside_watch).tables
 
 
 @dataclass(frozen=True)
@@ -357,7 +367,8 @@ class _Described:
 
 
 def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
-                   *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None) -> _Described:
+                   *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None,
+                   outside_watch: OutsideWatch | None = None) -> _Described:
     redirect = redirect or {}
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
@@ -380,8 +391,10 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
             f"{MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is frozen); close some, or "
             "keep the data in files on disk", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
-    outside = ((outside_scan.now(inside) if outside_scan is not None else Outside(outside_fds(inside)))
-               if objects or events or fifos else Outside([]))
+    outside = Outside([])
+    if objects or events or fifos:
+        scan = outside_scan or (outside_watch.latest(inside) if outside_watch is not None else None)
+        outside = scan.now(inside) if scan is not None else Outside(outside_fds(inside))
     if fifos:
         _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}

@@ -117,7 +117,7 @@ class Holder:
         self.redirect = {int(fd): str(path) for fd, path in redirect or []}
         self.root = pid
         try:
-            for p in check_tree(pid, self.redirect):
+            for p in check_tree(pid, self.redirect, outside_watch=self.outside_watch):
                 self._hold(p)
         except BaseException:
             self._let_all_go()
@@ -146,7 +146,7 @@ class Holder:
             freezer.let_go(self.helds.pop(p))
         joined = [p for p in now if p not in self.helds and p not in left]
         if joined:
-            check_tree(self.root, self.redirect)      # a newcomer may hold what cannot move
+            check_tree(self.root, self.redirect, outside_watch=self.outside_watch)   # a newcomer may hold what cannot move
             for p in joined:
                 self._hold(p)
         self.outside_watch.refresh(set(self.helds))

@@ -31,13 +31,14 @@ SHARED_BY_CLONE = (
 
 
 def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None, *,
-               accept_waiting: bool = False) -> list[int]:
+               accept_waiting: bool = False, outside_watch: fdtable.OutsideWatch | None = None) -> list[int]:
     """The processes of ``pid``'s tree that run (parents first; zombies, its children that
     exited and were not waited for yet, are carried by ``tree_record`` alone), each checked.
     ``frozen``: those processes, stopped already; their fd tables are then checked as they
     are read (``fdtable.collect_tree``) rather than here, and the tree must not have grown.
-    ``redirect`` (fd -> path) is the root's. ``accept_waiting``: the source ends once dumped
-    (``fdtable.describe_tree``). Refusals name what cannot be carried and what to do."""
+    ``redirect`` (fd -> path) is the root's. ``accept_waiting``: the source ends once dumped;
+    ``outside_watch``: where the other processes' fds are read (``fdtable.describe_tree``).
+    Refusals name what cannot be carried and what to do."""
     check_target(pid)
     every = process_tree(pid)
     if os.getpid() in every:
@@ -45,7 +46,7 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
                            "to move with it: run kcr-migrate from outside that process's tree (another terminal, "
                            "or setsid)", pid=pid)
     if frozen is None:
-        return _check_running(pid, redirect, accept_waiting)
+        return _check_running(pid, redirect, accept_waiting, outside_watch)
     for p in every[1:]:
         if p not in frozen and not zombie(p):
             raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork): "
@@ -103,7 +104,8 @@ def check_nothing_shared_by_clone(pids: list[int]) -> None:
                                       "own; kcr-migrate cannot move it yet (see README, Limits)", pid=a)
 
 
-def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) -> list[int]:
+def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool,
+                   outside_watch: fdtable.OutsideWatch | None) -> list[int]:
     """``check_tree`` of a tree that runs, and changes as it is read: a child exits between
     two reads of it (make's compilers, a shell script's commands; one on its way out has no
     memory left to look at, nor namespaces to read), one forks a child that shares its pipe
@@ -128,7 +130,8 @@ def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool) 
             check_nothing_shared_by_clone(pids)
             while True:
                 try:
-                    fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting)
+                    fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting,
+                                          outside_watch=outside_watch)
                     return pids
                 except (NoSuchProcess, ProcessLookupError, FileNotFoundError):
                     # One gone while its fds were read: the others are read again without it
