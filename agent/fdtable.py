@@ -116,16 +116,24 @@ def object_of(target: str) -> tuple[str, int] | None:
 OutsideFd = tuple[int, int, str]      # (pid, fd, what /proc/PID/fd/FD links to)
 
 
-def outside_fds(inside: set[int], only: Collection[int] | None = None) -> list[OutsideFd]:
+class ScanStopped(Exception):
+    """An ``OutsideScan`` asked to stop (``OutsideWatch.latest``) before it was done."""
+
+
+def outside_fds(inside: set[int], only: Collection[int] | None = None,
+                stop: threading.Event | None = None) -> list[OutsideFd]:
     """Every fd of every process but ``inside`` (and this one), or of ``only`` those: one pass
     over /proc that the checks for pipes, sockets and event files shared with the outside all
     read. It costs every fd on the host (0.25 s for 86,000 here): ``OutsideScan`` keeps it out
-    of a frozen job's downtime."""
+    of a frozen job's downtime. ``stop``: once set, the pass ends (``ScanStopped``) before
+    the next process."""
     out: list[OutsideFd] = []
     skip = inside | {os.getpid()}
     proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in os.listdir(proc) if only is None else map(str, only):
+            if stop is not None and stop.is_set():
+                raise ScanStopped()
             if not name.isdigit() or int(name) in skip:
                 continue
             try:       # each link read relative to its directory: no walk from /proc per fd
@@ -231,12 +239,16 @@ class OutsideScan:
     namespace's last pid bounds (with its wrap); should more processes have been made since
     than there are pids (the fork count says), every process is read again."""
 
-    def __init__(self, inside: set[int]) -> None:
+    def __init__(self, inside: set[int], stop: threading.Event | None = None) -> None:
+        """``stop``: once set, the scan ends unmade (``ScanStopped``)."""
         self.inside = set(inside)
         self.started = time.monotonic()
         self.last_pid, self.forks = _pid_clock()
-        fds = outside_fds(self.inside)
-        self.outside = Outside(fds, fifos=fifos_among(fds))
+        fds = outside_fds(self.inside, stop=stop)
+        fifos = fifos_among(fds)
+        if stop is not None and stop.is_set():
+            raise ScanStopped()
+        self.outside = Outside(fds, fifos=fifos)
         self.seconds = time.monotonic() - self.started
 
     @property
@@ -259,13 +271,15 @@ class OutsideWatch:
     """``OutsideScan``s made in a thread of their own while a job runs (pre-copy), one at a
     time and busy a fifth of the time at most (on a host of many processes a scan takes a
     good part of a second): the freeze takes the newest, so that neither the frozen job nor
-    the last moment before it (the job dirtying its memory) waits for one."""
+    the last moment before it (the job dirtying its memory) waits for one, and stops one that
+    runs, so that it does not take the CPU and the interpreter from the frozen job's reads."""
 
     BUSY = 0.2
 
     def __init__(self) -> None:
         self._latest: OutsideScan | None = None
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def refresh(self, inside: set[int]) -> None:
         """Start a scan of the outside of ``inside`` (the job now), unless one runs or was
@@ -275,19 +289,23 @@ class OutsideWatch:
         last = self._latest
         if last is not None and time.monotonic() - last.started < last.seconds / self.BUSY:
             return
-        self._thread = threading.Thread(target=self._scan, args=(set(inside),), name="outside-scan", daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._scan, args=(set(inside), self._stop), name="outside-scan",
+                                        daemon=True)
         self._thread.start()
 
-    def _scan(self, inside: set[int]) -> None:
+    def _scan(self, inside: set[int], stop: threading.Event) -> None:
         try:
-            self._latest = OutsideScan(inside)
-        except OSError:
+            self._latest = OutsideScan(inside, stop)
+        except (OSError, ScanStopped):
             pass            # the next one, or the freeze's own, reads it
 
     def latest(self, inside: set[int]) -> OutsideScan:
-        """The newest scan; one that runs is waited for where none was made yet; without
-        either, one made now (and kept: the next checks of the job take it too)."""
-        if self._latest is None and self._thread is not None:
+        """The newest scan; one that runs is stopped where an earlier one was made, else waited
+        for; without either, one made now (and kept: the next checks of the job take it too)."""
+        if self._thread is not None:
+            if self._latest is not None:
+                self._stop.set()        # ends before its next process's fds
             self._thread.join()
         if self._latest is None:
             self._latest = OutsideScan(inside)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent import freeze
-from agent.fdtable import Outside, OutsideScan, collect_tree
+from agent.fdtable import Outside, OutsideScan, OutsideWatch, ScanStopped, collect_tree
 from tests._workloads import STARTED, become_subreaper, reap
 from transport.errors import UnsupportedResource
 
@@ -137,3 +138,30 @@ def test_a_process_that_left_the_job_since_the_read_holding_its_pipe_is_refused_
         reap(grandchild)
         job.kill()
         job.wait()
+
+
+def test_the_freeze_takes_the_scan_the_check_made_and_stops_one_that_runs(tmp_path: Path) -> None:
+    job = started(JOB, tmp_path / "job")
+    r, w, ino = (int(x) for x in (tmp_path / "job").read_text().split())
+    taker: subprocess.Popen[bytes] | None = None
+    try:
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(ScanStopped):
+            OutsideScan({job.pid}, stop)
+        watch = OutsideWatch()
+        checked = watch.latest({job.pid})             # the job's first check makes one ...
+        assert watch.latest({job.pid}) is checked     # ... which its later checks take
+        checked.started -= 3600                       # due again: the watch reads the host anew
+        watch.refresh({job.pid})
+        frozen = watch.latest({job.pid})              # the freeze: a whole scan, and none left running
+        assert not any(t.name == "outside-scan" for t in threading.enumerate())
+        assert frozen is checked or frozen.started > checked.started
+        taker = started(TAKER, tmp_path / "taker", str(job.pid), str(w))
+        found = frozen.now({job.pid}).holders({("pipe", ino)})
+        assert {p.pid for p in found[("pipe", ino)]} == {taker.pid}
+    finally:
+        for proc in (job, taker):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
