@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent import freeze
+from agent.holder import Holder
 from agent.fdtable import Outside, OutsideScan, OutsideWatch, ScanStopped, collect_tree
+from tests._migration import proc_state
 from tests._workloads import STARTED, become_subreaper, reap
 from transport.errors import UnsupportedResource
 
@@ -161,6 +163,32 @@ def test_the_freeze_takes_the_scan_the_check_made_and_stops_one_that_runs(tmp_pa
         found = frozen.now({job.pid}).holders({("pipe", ino)})
         assert {p.pid for p in found[("pipe", ino)]} == {taker.pid}
     finally:
+        for proc in (job, taker):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_holders_freeze_refuses_a_process_started_after_its_read_holding_the_jobs_pipe(tmp_path: Path) -> None:
+    """The holder's freeze reads the outside again for processes started since its read: one
+    holding the job's pipe is refused, named, and the job, let go, runs on as it was."""
+    job = started(JOB, tmp_path / "job")
+    r, w, ino = (int(x) for x in (tmp_path / "job").read_text().split())
+    taker: subprocess.Popen[bytes] | None = None
+    holder = Holder()
+    try:
+        holder.op_seize(job.pid)
+        holder.outside_watch.latest({job.pid})        # the read before the freeze ...
+        taker = started(TAKER, tmp_path / "taker", str(job.pid), str(w))     # ... and one started after it
+        holder.op_freeze()
+        with pytest.raises(UnsupportedResource, match=rf"pid {job.pid}'s fd {r} is a pipe shared with pid {taker.pid} "):
+            holder.op_collect()
+        holder.op_release()
+        assert proc_state(job.pid) in ("S", "R") and "TracerPid:\t0" in Path(f"/proc/{job.pid}/status").read_text()
+        assert f"pipe:[{ino}]" in os.readlink(f"/proc/{job.pid}/fd/{r}")
+    finally:
+        if holder.helds:
+            holder.op_release()
         for proc in (job, taker):
             if proc is not None:
                 proc.kill()
