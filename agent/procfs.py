@@ -261,6 +261,8 @@ def mount_table(pid: int | str = "self") -> list[tuple[str, str, str, str]]:
 
 
 def _unescape(field: str) -> str:
+    if "\\" not in field:
+        return field          # most are plain (mountinfo is read often while a job is frozen)
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
