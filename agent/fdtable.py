@@ -208,13 +208,16 @@ class Outside:
         return out
 
 
-def fifos_among(fds: list[OutsideFd]) -> dict[tuple[int, int], list[OutsideFd]]:
-    """The fds of ``fds`` on FIFOs, by (st_dev, st_ino)."""
+def fifos_among(fds: list[OutsideFd], stop: threading.Event | None = None) -> dict[tuple[int, int], list[OutsideFd]]:
+    """The fds of ``fds`` on FIFOs, by (st_dev, st_ino). ``stop``: once set, the pass ends
+    (``ScanStopped``) before the next fd."""
     out: dict[tuple[int, int], list[OutsideFd]] = {}
     for held in fds:
         other, ofd, target = held
         if not target.startswith("/"):
             continue          # pipes, sockets, anonymous inodes: not a FIFO opened by a path
+        if stop is not None and stop.is_set():
+            raise ScanStopped()
         try:
             st = os.stat(f"/proc/{other}/fd/{ofd}")
         except OSError:
@@ -245,10 +248,7 @@ class OutsideScan:
         self.started = time.monotonic()
         self.last_pid, self.forks = _pid_clock()
         fds = outside_fds(self.inside, stop=stop)
-        fifos = fifos_among(fds)
-        if stop is not None and stop.is_set():
-            raise ScanStopped()
-        self.outside = Outside(fds, fifos=fifos)
+        self.outside = Outside(fds, fifos=fifos_among(fds, stop))
         self.seconds = time.monotonic() - self.started
 
     @property
@@ -305,7 +305,7 @@ class OutsideWatch:
         for; without either, one made now (and kept: the next checks of the job take it too)."""
         if self._thread is not None:
             if self._latest is not None:
-                self._stop.set()        # ends before its next process's fds
+                self._stop.set()        # ends before its next process's fds, or next stat
             self._thread.join()
         if self._latest is None:
             self._latest = OutsideScan(inside)
