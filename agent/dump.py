@@ -303,6 +303,8 @@ def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[MapEntry],
     per_page = PAGE_SIZE // entry
     base = calls.scratch.addr + RANGES_AT
 
+    seen: dict[bytes, mempolicy.Policy] = {}        # answers repeat: most mappings have the default
+
     def ask(addrs: list[int]) -> list[mempolicy.Policy | None] | None:
         out: list[mempolicy.Policy | None] = []
         for first in range(0, len(addrs), per_page):
@@ -317,7 +319,11 @@ def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[MapEntry],
                     out.append(None)  # not a mapping of the process's own (a gate area)
                     continue
                 _ok(result, "get_mempolicy", pid)
-                out.append(_policy(answers[i * entry:(i + 1) * entry], pid))
+                raw = answers[i * entry:(i + 1) * entry]
+                policy = seen.get(raw)
+                if policy is None:
+                    policy = seen[raw] = _policy(raw, pid)
+                out.append(policy)
         return out
     found = mempolicy.probe(maps, mempolicy.ShmemDevices(pid), ask, job)
     return mempolicy.ranges(found) if found is not None else ()

@@ -18,6 +18,7 @@ nodes the destination has (or dropped for the default, if none is left) and the 
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Callable, Iterable, Sequence
@@ -60,9 +61,11 @@ def memory_nodes() -> set[int]:
     return _read_nodes("has_memory") or _read_nodes("online") or {0}
 
 
+@functools.cache
 def node_bits() -> int:
     """Bits of the nodemasks the calls exchange: the kernel's node ids, in 64-bit words
-    (get_mempolicy refuses a mask shorter than nr_node_ids)."""
+    (get_mempolicy refuses a mask shorter than nr_node_ids). The possible nodes are fixed at
+    boot: read once."""
     possible = _read_nodes("possible") or {0}
     return max(64, (max(possible) + 64) // 64 * 64)
 
@@ -85,7 +88,7 @@ def split(raw_mode: int, raw_mask: bytes) -> tuple[int, int, bytes]:
     mode, flags = raw_mode & ~MODE_FLAGS, raw_mode & MODE_FLAGS
     if mode not in MODE_NAMES:
         raise ValueError(f"NUMA policy mode {mode}")
-    return mode, flags, id_mask(mask_ids(raw_mask))
+    return mode, flags, bytes(raw_mask).rstrip(b"\0")       # ``id_mask``'s form: little-endian, trimmed
 
 
 def query_call(mode_at: int, mask_at: int, bits: int, addr: int | None = None) -> tuple[str, tuple[int, ...]]:
