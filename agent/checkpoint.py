@@ -25,7 +25,7 @@ from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
-from precopy.layout import PageFinder, holds_private_data
+from precopy.layout import FrozenFileMaps, PageFinder, holds_private_data
 from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProcessExited, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
@@ -146,12 +146,13 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         if [m.pid for m in tree.members if not m.zombie] != pids:
             raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork or an "
                                       "exit): nothing was written; try again", pid=pid)
-        check_tree(pid, opts.redirect, pids)   # again, now that nothing can change under us
+        maps = FrozenFileMaps()
+        check_tree(pid, opts.redirect, pids, maps=maps)   # again, now that nothing can change under us
         _check_cancel(opts, pid)
         fds = fdtable.collect_tree(pids, {pid: opts.redirect}, accept_waiting=ends,   # checks the fd tables again too
-                                   outside_scan=outside.newest)
+                                   outside_scan=outside.newest, maps=maps)
         states = {}
-        job = mempolicy.JobBounds(pids)
+        job = mempolicy.JobBounds(pids, maps)
         for held in helds.values():
             mem = RemoteMemory(held.pid, writable=False)
             try:

@@ -55,7 +55,7 @@ from typing import Callable, Collection, Mapping, Sequence
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
                           list_fds, mapped_only, read_status, read_text, thread_ids)
-from precopy.layout import MapEntry, file_maps
+from precopy.layout import FrozenFileMaps, MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import NoSuchProcess, UnsupportedResource
 from transport.records import MAX_BYTES
@@ -386,7 +386,7 @@ class _Described:
 
 def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
                    *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None,
-                   outside_watch: OutsideWatch | None = None) -> _Described:
+                   outside_watch: OutsideWatch | None = None, maps: FrozenFileMaps | None = None) -> _Described:
     redirect = redirect or {}
     inside = set(pids)
     tables: dict[int, list[FileDesc]] = {}
@@ -396,11 +396,12 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos, fdinfo)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
-    maps = {pid: file_maps(pid) for pid in pids}
-    found = job_mapped_only(pids, set(deleted), maps)
+    file_maps_of = maps.of if maps is not None else file_maps
+    mapped = {pid: file_maps_of(pid) for pid in pids}
+    found = job_mapped_only(pids, set(deleted), mapped)
     for ino, m in found.items():
         deleted[ino] = check_mapped_only(m, MAX_DELETED_FILE).st_size
-    shm = shm_files.find(pids, maps)
+    shm = shm_files.find(pids, mapped)
     in_shm = shm_files.check_size(shm, pids[0])
     if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
         raise UnsupportedResource(
@@ -937,14 +938,16 @@ def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
 
 
 def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
-                 *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None) -> dict[int, FdState]:
+                 *, accept_waiting: bool = False, outside_scan: OutsideScan | None = None,
+                 maps: FrozenFileMaps | None = None) -> dict[int, FdState]:
     """``describe_tree`` with the pipes' and sockets' contents, from frozen processes. Each
     pipe or socket goes in the records of the first process (in ``pids`` order) that has it.
     ``accept_waiting`` (the source ends once dumped): the connections waiting in a listener's
     accept queue are accepted here, the bytes their clients sent read (``sent``) and who
     connected each asked (``conn_pid``). ``outside_scan``: the outside's fds as read before
-    the freeze (else read now, every one)."""
-    described = _describe_tree(pids, redirect, accept_waiting=accept_waiting, outside_scan=outside_scan)
+    the freeze (else read now, every one). ``maps``: the processes' file mappings, as the
+    freeze's checks read them (else read now)."""
+    described = _describe_tree(pids, redirect, accept_waiting=accept_waiting, outside_scan=outside_scan, maps=maps)
     tables = described.tables
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}

@@ -35,6 +35,7 @@ from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, ScratchTaken, syscall_gadget
 from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
+from precopy.layout import FrozenFileMaps
 from agent.tree import check_tree, freeze_tree, zombie
 from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
 from transport.errors import (
@@ -95,6 +96,7 @@ class Holder:
         self.redirect: dict[int, str] = {}
         self.late = LateSignals()      # the signal queues carried, to find what arrives after
         self.fds: tuple[list[int], dict[int, fdtable.FdState]] | None = None   # ``collect_files``'
+        self.maps = FrozenFileMaps()       # the frozen job's file mappings, read once per freeze
         self.checked = False           # the frozen tree was checked (``_check_frozen``)
         self.outside: fdtable.OutsideScan | None = None   # the host's other fds, for the last freeze
         self.outside_watch = fdtable.OutsideWatch()        # ... read while the job runs
@@ -199,6 +201,7 @@ class Holder:
         for p in joined:
             check_supported(p, redirect=self.redirect if p == self.root else None, tree=pids)
         self.checked = False
+        self.maps = FrozenFileMaps()
         self.collected = set()
         self.machine.handle(HolderEvent.FREEZE)
         return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined, "left": left,
@@ -225,13 +228,14 @@ class Holder:
         while their last dirty pages are scanned; ``collect`` cannot (``agent.source``)."""
         pids = self._need_frozen()
         self._check_frozen(pids)
-        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside))
+        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
+                                               maps=self.maps))
         return {}
 
     def _check_frozen(self, pids: list[int]) -> None:
         """The frozen tree checked as it is (``agent.tree.check_tree``), once per freeze."""
         if not self.checked:
-            check_tree(self.root, self.redirect, pids)
+            check_tree(self.root, self.redirect, pids, maps=self.maps)
             self.checked = True
 
     def op_collect(self, pids: list[int] | None = None, scratch: list[list[int]] | None = None) -> dict[str, Any]:
@@ -248,10 +252,11 @@ class Holder:
         pids = self._need_frozen()
         self._check_frozen(pids)
         if self.fds is None or self.fds[0] != pids:
-            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside))
+            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
+                                                   maps=self.maps))
         fds = self.fds[1]
         out = []
-        job = mempolicy.JobBounds(pids)
+        job = mempolicy.JobBounds(pids, self.maps)
         for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):
             mem = RemoteMemory(p, writable=False)
             try:

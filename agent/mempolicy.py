@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 from agent.sched import id_mask, mask_ids
 from transport.errors import NoSuchProcess, RestoreError
-from precopy.layout import MapEntry, file_maps
+from precopy.layout import FrozenFileMaps, MapEntry, file_maps
 from transport.schema import PAGE_SIZE, TASK_SIZE, MemPolicy, ThreadState
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE, MPOL_LOCAL = 0, 1, 2, 3, 4
@@ -142,10 +142,11 @@ class ShmemDevices:
 class JobBounds:
     """Where the job's mappings of each file begin and end, as offsets in it (by (device,
     inode)): every process's file mappings, read once, when a process with shmem mappings
-    first asks (the job is frozen: they stay as read)."""
+    first asks (the job is frozen: they stay as read; ``maps``: where the freeze read them already)."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], maps: FrozenFileMaps | None = None) -> None:
         self.pids = list(pids)
+        self._file_maps = maps.of if maps is not None else file_maps
         self._bounds: dict[tuple[tuple[int, int], int], set[int]] | None = None
 
     def of(self, dev: tuple[int, int], inode: int) -> set[int]:
@@ -153,7 +154,7 @@ class JobBounds:
             self._bounds = {}
             for pid in self.pids:
                 try:
-                    maps = file_maps(pid)
+                    maps = self._file_maps(pid)
                 except (NoSuchProcess, FileNotFoundError, ProcessLookupError):
                     continue
                 for m in maps:

@@ -17,6 +17,7 @@ from agent import fdtable
 from agent import freeze as freezer
 from agent.procfs import check_supported, check_target, process_tree, read_stat
 from precopy.kernel import KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
+from precopy.layout import FrozenFileMaps
 from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited, UnsupportedResource
 from transport.schema import ProcessTree, TreeMember
 
@@ -31,14 +32,16 @@ SHARED_BY_CLONE = (
 
 
 def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None = None, *,
-               accept_waiting: bool = False, outside_watch: fdtable.OutsideWatch | None = None) -> list[int]:
+               accept_waiting: bool = False, outside_watch: fdtable.OutsideWatch | None = None,
+               maps: FrozenFileMaps | None = None) -> list[int]:
     """The processes of ``pid``'s tree that run (parents first; zombies, its children that
     exited and were not waited for yet, are carried by ``tree_record`` alone), each checked.
     ``frozen``: those processes, stopped already; their fd tables are then checked as they
     are read (``fdtable.collect_tree``) rather than here, and the tree must not have grown.
     ``redirect`` (fd -> path) is the root's. ``accept_waiting``: the source ends once dumped;
-    ``outside_watch``: where the other processes' fds are read (``fdtable.describe_tree``).
-    Refusals name what cannot be carried and what to do."""
+    ``outside_watch``: where the other processes' fds are read (``fdtable.describe_tree``);
+    ``maps``: where the frozen processes' file mappings are read once for this check and their
+    fd tables (``fdtable.collect_tree``). Refusals name what cannot be carried and what to do."""
     check_target(pid)
     every = process_tree(pid)
     if os.getpid() in every:
@@ -58,7 +61,8 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
             raise UnsupportedResource(f"pid {p} of pid {pid}'s tree exited while it was being checked: nothing "
                                       "was moved; try again", pid=p) from None
     for p in frozen:
-        check_supported(p, redirect=redirect if p == pid else None, tree=frozen)
+        check_supported(p, redirect=redirect if p == pid else None, tree=frozen,
+                        maps=maps.of(p) if maps is not None else None)
     check_nothing_shared_by_clone(frozen)
     return frozen
 

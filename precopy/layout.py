@@ -294,6 +294,21 @@ def file_maps(pid: int) -> list[MapEntry]:
         raise NoSuchProcess(f"no process with pid {pid}", pid=pid) from None
 
 
+class FrozenFileMaps:
+    """``file_maps`` of the processes of a frozen job, each read at its first ask and kept:
+    their mappings cannot change while they are stopped, and the job's checks and its fd
+    tables both look at them (once each per freeze, not twice)."""
+
+    def __init__(self) -> None:
+        self._found: dict[int, list[MapEntry]] = {}
+
+    def of(self, pid: int) -> list[MapEntry]:
+        found = self._found.get(pid)
+        if found is None:
+            found = self._found[pid] = file_maps(pid)
+        return found
+
+
 def read_maps_naming(pid: int, *needles: str) -> list[MapEntry]:
     """The mappings whose maps line holds one of ``needles`` (a path's "/", "[vdso]"), the
     others skipped unparsed: on a process with tens of thousands of anonymous mappings, a
