@@ -172,13 +172,25 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
     calls: Calls | None = None
     own = RemoteMemory(pid)       # writes the scratch (``mem`` may be read-only)
     try:
-        locked_before = _locked_kb(pid)
+        locked_before = _locked_kb(read_status(pid))
         calls = Calls(leader, own, scratch_at)
         # mlockall(MCL_FUTURE) shows nowhere in /proc, but a new mapping is locked under it.
-        lock_future = _locked_kb(pid) > locked_before
-        threads = [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids]
-        process = replace(_collect_process(held, leader, calls), lock_future=int(lock_future),
-                          mempolicies=_mempolicies(pid, leader, calls, maps, job),
+        # (Nothing else the process's state takes from its status changes with a mapping.)
+        status = read_status(pid)
+        lock_future = _locked_kb(status) > locked_before
+        # The leader's calls for itself, for the process and for the NUMA policies at its
+        # mappings' starts go in one batch (one stop); each other thread's in one of its own.
+        policies = _Policies(pid, calls)
+        starts = [m.start for m in maps if m.end <= TASK_SIZE][:policies.per_page]
+        thread_calls, process_calls = _thread_calls(calls), _process_calls(status, calls.scratch)
+        got = calls.run(leader, thread_calls + process_calls + policies.query(starts))
+        threads = [_collect_thread(held, pid, leader, calls, rseq[pid], got[:len(thread_calls)])]
+        policies.take(starts, got[len(thread_calls) + len(process_calls):])
+        threads += [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids[1:]]
+        process = _collect_process(held, leader, calls, status,
+                                   got[len(thread_calls):len(thread_calls) + len(process_calls)])
+        process = replace(process, lock_future=int(lock_future),
+                          mempolicies=_mempolicies(pid, leader, policies, maps, job),
                           stopped=int(ptrace.is_group_stop(held.stopped[pid])))   # seized in its group stop
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
@@ -205,8 +217,19 @@ def abort_rseq_sections(tid: int, mem: RemoteMemory) -> tuple[int, int, int]:
     return rseq_addr, rseq_len, rseq_sig
 
 
+def _thread_calls(calls: Calls) -> list[tuple[str, tuple[int, ...]]]:
+    """What a thread is asked of itself, answering into the scratch (``_collect_thread``)."""
+    at = calls.scratch.addr + THREAD_AT
+    policy_at = calls.scratch.addr + POLICY_AT
+    return [("prctl", (PR_GET_TID_ADDRESS, at)), ("sigaltstack", (0, at + 8)), ("prctl", (sched.PR_GET_TIMERSLACK,)),
+            mempolicy.query_call(policy_at, policy_at + 8, mempolicy.node_bits()),
+            ("prctl", (PR_GET_PDEATHSIG, calls.scratch.addr + PDEATHSIG_AT))]
+
+
 def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
-                    rseq: tuple[int, int, int]) -> ThreadState:
+                    rseq: tuple[int, int, int], got: list[int] | None = None) -> ThreadState:
+    """A thread's state; ``got``: the results of its ``_thread_calls``, if they ran already
+    (with others, in one batch), else they run now."""
     regs = inj.saved_regs
     if to_signed(regs.rax) == -516 and regs.orig_rax == NR_RESTART_SYSCALL:
         # Thawed by us earlier mid-call: the call to issue again is the one we saw then (its
@@ -217,12 +240,9 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
         if nr is not None:
             regs = replace(regs, orig_rax=nr)
     rseq_addr, rseq_len, rseq_sig = rseq
-    at = calls.scratch.addr + THREAD_AT
     bits = mempolicy.node_bits()
-    policy_at = calls.scratch.addr + POLICY_AT
-    got = calls.run(inj, [("prctl", (PR_GET_TID_ADDRESS, at)), ("sigaltstack", (0, at + 8)),
-                          ("prctl", (sched.PR_GET_TIMERSLACK,)), mempolicy.query_call(policy_at, policy_at + 8, bits),
-                          ("prctl", (PR_GET_PDEATHSIG, calls.scratch.addr + PDEATHSIG_AT))])
+    if got is None:
+        got = calls.run(inj, _thread_calls(calls))
     for name, result in zip(("prctl", "sigaltstack", "prctl", "", "prctl"), got):
         if name:
             _ok(result, name, tid)
@@ -293,43 +313,64 @@ def _policy(answer: bytes, pid: int) -> tuple[int, int, bytes]:
                                   pid=pid) from None
 
 
-def _mempolicies(pid: int, inj: Injector, calls: Calls, maps: list[MapEntry],
+class _Policies:
+    """get_mempolicy(MPOL_F_ADDR) at addresses of the process, each answering into the
+    scratch's page of answers (``per_page`` at a time): ``query`` gives the calls for
+    addresses, ``take`` keeps what they answered, ``ask`` asks what is not known yet."""
+
+    def __init__(self, pid: int, calls: Calls) -> None:
+        self.pid = pid
+        self.calls = calls
+        self.bits = mempolicy.node_bits()
+        self.entry = 8 + self.bits // 8
+        self.per_page = PAGE_SIZE // self.entry
+        self.known: dict[int, mempolicy.Policy | None] = {}
+        self.numa = True               # False: a kernel without NUMA (no policies)
+        self._parsed: dict[bytes, mempolicy.Policy] = {}      # answers repeat: most are the default
+
+    def query(self, addrs: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+        base, entry = self.calls.scratch.addr + RANGES_AT, self.entry
+        return [mempolicy.query_call(base + i * entry, base + i * entry + 8, self.bits, at)
+                for i, at in enumerate(addrs)]
+
+    def take(self, addrs: list[int], got: list[int]) -> None:
+        answers = self.calls.scratch.get(RANGES_AT, len(addrs) * self.entry) if addrs else b""
+        for i, (at, result) in enumerate(zip(addrs, got)):
+            if result == -errno.ENOSYS:
+                self.numa = False
+                return
+            if result == -errno.EFAULT:
+                self.known[at] = None      # not a mapping of the process's own (a gate area)
+                continue
+            _ok(result, "get_mempolicy", self.pid)
+            raw = answers[i * self.entry:(i + 1) * self.entry]
+            policy = self._parsed.get(raw)
+            if policy is None:
+                policy = self._parsed[raw] = _policy(raw, self.pid)
+            self.known[at] = policy
+
+    def ask(self, inj: Injector, addrs: list[int]) -> list[mempolicy.Policy | None] | None:
+        missing = [a for a in addrs if a not in self.known]
+        for first in range(0, len(missing), self.per_page):
+            if not self.numa:
+                break
+            chunk = missing[first:first + self.per_page]
+            self.take(chunk, self.calls.run(inj, self.query(chunk)))
+        return [self.known[a] for a in addrs] if self.numa else None
+
+
+def _mempolicies(pid: int, inj: Injector, policies: _Policies, maps: list[MapEntry],
                  job: mempolicy.JobBounds | None) -> tuple[MemPolicy, ...]:
     """The NUMA policy of each mapping, and of each range of a shmem object's (``agent.mempolicy``):
-    get_mempolicy(MPOL_F_ADDR) at the addresses ``mempolicy.probe`` asks, in batches of what the
-    scratch's page of answers holds."""
-    bits = mempolicy.node_bits()
-    entry = 8 + bits // 8
-    per_page = PAGE_SIZE // entry
-    base = calls.scratch.addr + RANGES_AT
-
-    seen: dict[bytes, mempolicy.Policy] = {}        # answers repeat: most mappings have the default
-
-    def ask(addrs: list[int]) -> list[mempolicy.Policy | None] | None:
-        out: list[mempolicy.Policy | None] = []
-        for first in range(0, len(addrs), per_page):
-            chunk = addrs[first:first + per_page]
-            got = calls.run(inj, [mempolicy.query_call(base + i * entry, base + i * entry + 8, bits, at)
-                                  for i, at in enumerate(chunk)])
-            answers = calls.scratch.get(RANGES_AT, len(chunk) * entry)
-            for i, result in enumerate(got):
-                if result == -errno.ENOSYS:
-                    return None       # a kernel without NUMA: no policies
-                if result == -errno.EFAULT:
-                    out.append(None)  # not a mapping of the process's own (a gate area)
-                    continue
-                _ok(result, "get_mempolicy", pid)
-                raw = answers[i * entry:(i + 1) * entry]
-                policy = seen.get(raw)
-                if policy is None:
-                    policy = seen[raw] = _policy(raw, pid)
-                out.append(policy)
-        return out
-    found = mempolicy.probe(maps, mempolicy.ShmemDevices(pid), ask, job)
+    get_mempolicy(MPOL_F_ADDR) at the addresses ``mempolicy.probe`` asks (``policies``: those
+    known already are not asked again)."""
+    if not policies.numa:
+        return ()
+    found = mempolicy.probe(maps, mempolicy.ShmemDevices(pid), lambda addrs: policies.ask(inj, addrs), job)
     return mempolicy.ranges(found) if found is not None else ()
 
 
-def _parse_creds(status: dict[str, str], securebits: int) -> Creds:
+def _parse_creds(status: Mapping[str, str], securebits: int) -> Creds:
     uids = tuple(int(x) for x in status["Uid"].split())
     gids = tuple(int(x) for x in status["Gid"].split())
     groups = tuple(int(x) for x in status.get("Groups", "").split())
@@ -341,23 +382,33 @@ def _parse_creds(status: dict[str, str], securebits: int) -> Creds:
         no_new_privs=status.get("NoNewPrivs", "0") == "1")
 
 
-def _locked_kb(pid: int) -> int:
-    return int(read_status(pid).get("VmLck", "0 kB").split()[0])
+def _locked_kb(status: Mapping[str, str]) -> int:
+    return int(status.get("VmLck", "0 kB").split()[0])
 
 
-def _collect_process(held: Held, inj: Injector, calls: Calls) -> ProcessState:
-    pid = held.pid
-    status = read_status(pid)
+def _process_calls(status: Mapping[str, str], scratch: Scratch) -> list[tuple[str, tuple[int, ...]]]:
+    """What the process is asked of itself (in its main thread), answering into the scratch
+    (``_collect_process``)."""
     caught = int(status["SigCgt"], 16)
-    ignored = int(status["SigIgn"], 16)
-    scratch = calls.scratch
     asked = [signo for signo in range(1, 65) if signo not in (SIGKILL, SIGSTOP) and caught >> (signo - 1) & 1]
-    batch: list[tuple[str, tuple[int, ...]]] = [("rt_sigaction", (signo, 0, scratch.addr + SIGACTIONS_AT + 32 * signo, 8)) for signo in asked]
+    batch: list[tuple[str, tuple[int, ...]]] = [
+        ("rt_sigaction", (signo, 0, scratch.addr + SIGACTIONS_AT + 32 * signo, 8)) for signo in asked]
     batch += [("getitimer", (which, scratch.addr + ITIMERS_AT + 32 * which)) for which in range(3)]
     batch += [("brk", (0,)), ("prctl", (PR_GET_DUMPABLE,)), ("prctl", (PR_GET_SECUREBITS,)),
               ("prctl", (PR_GET_CHILD_SUBREAPER, scratch.addr + SUBREAPER_AT)), ("prctl", (PR_GET_THP_DISABLE,)),
               ("prctl", (PR_GET_MDWE, 0, 0, 0, 0)), ("membarrier", (MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))]
-    got = calls.run(inj, batch)
+    return batch
+
+
+def _collect_process(held: Held, inj: Injector, calls: Calls, status: Mapping[str, str],
+                     got: list[int]) -> ProcessState:
+    """The process's state; ``status``: its /proc status, ``got``: the results of its
+    ``_process_calls`` (asked with ``status``)."""
+    pid = held.pid
+    caught = int(status["SigCgt"], 16)
+    ignored = int(status["SigIgn"], 16)
+    scratch = calls.scratch
+    batch = _process_calls(status, scratch)
     for (name, _), result in zip(batch[:-2], got):      # all but the last two, which may fail (below)
         _ok(result, name, pid)
     answers = scratch.get(0, SUBREAPER_AT + 4)
