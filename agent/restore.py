@@ -350,6 +350,7 @@ class Restorer:
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
         self._carried: Descriptions | None = None     # in finish(): the deleted files made again
         self._dirs: dict[str, tuple[tuple[int, int], str]] = {}   # cwd, root: (dev, ino) the process may enter
+        self.memory_ready = False      # the memory's part of finish() was done early (``prepare``)
         self.running_ns = 0
         if stub_pid:
             self.pid = self.report.pid = stub_pid
@@ -1051,6 +1052,38 @@ class Restorer:
         finally:
             own.close()
 
+    def prepare(self, proc: ProcessState) -> bool:
+        """The part of ``finish`` that concerns the process's memory alone, done now, once its
+        pages and records are all in: a tree's processes arrive one after another, and each is
+        made ready while the next one's state arrives. Only for a process that maps nothing
+        made with the fds (files a filesystem hook brings, deleted files, /dev/shm files, shared
+        anonymous memory, SysV segments): those wait for ``finish``. Returns whether it ran;
+        the process stays stopped, and nothing more may be written to its memory."""
+        if self.memory_ready or not self.begun or self._placeholders or \
+                any(v.shm is not None or (v.shared and v.kind == "anon" and v.ino) for v in self.layout):
+            return False
+        self._stop_filling()
+        try:
+            self._map_deferred()         # (none: only the list of what could be is dropped)
+            self._memory(proc, Identity.of(proc.creds))
+        except InjectionError as exc:
+            raise RestoreError(f"restore failed: {exc.strerror}") from None
+        except ptrace.TraceeGone as exc:
+            raise RestoreError(f"the process being restored died: {exc}") from None
+        self.memory_ready = True
+        return True
+
+    def _memory(self, proc: ProcessState, identity: Identity) -> None:
+        """The mappings checked against what the process may open, then their attributes, and
+        the process's own memory attributes (every page is in, every mapping made)."""
+        self._check_access(proc, identity)
+        self._numa_policies(proc)
+        self._guard_pages(proc)              # before mlock, which refuses them
+        self._lock_memory(proc)
+        self._mm(proc, identity)
+        self._seal_memory()
+        self._memory_attributes(proc)
+
     def _finish(self, proc: ProcessState, files: Files, threads: list[ThreadState],
                 descriptions: Descriptions) -> None:
         leader = next((t for t in threads if t.leader), None)
@@ -1058,18 +1091,13 @@ class Restorer:
             raise RestoreError("the image has no main thread: corrupt image")
         self._stop_filling()        # every page is in: the stub may touch its memory again
         try:
-            self._carried = descriptions
-            self._map_deferred()
-            self._map_carried_files(descriptions)
-            self._carried = None
             identity = Identity.of(proc.creds)
-            self._check_access(proc, identity)
-            self._numa_policies(proc)
-            self._guard_pages(proc)              # before mlock, which refuses them
-            self._lock_memory(proc)
-            self._mm(proc, identity)
-            self._seal_memory()
-            self._memory_attributes(proc)
+            if not self.memory_ready:
+                self._carried = descriptions
+                self._map_deferred()
+                self._map_carried_files(descriptions)
+                self._carried = None
+                self._memory(proc, identity)
             self._files(files, descriptions, proc.pid, identity)
             self._locks(files)
             self._signals(proc)

@@ -42,6 +42,10 @@ from transport.schema import (
 )
 
 
+_AFTER_PREPARE = ("{what} for a process whose records were complete when the stream turned to another one "
+                  "(its memory was made ready then): corrupt stream")
+
+
 @dataclass
 class RestoredProcess:
     """One process of the stream: its restorer and its records as they arrive."""
@@ -89,6 +93,8 @@ class RestoreSession:
         if self.header is None:
             raise ProtocolError("the stream does not start with its header: corrupt image")
         if isinstance(item, ProcessTree):
+            if any(p.restorer.memory_ready for p in self.procs.values()):
+                raise ProtocolError("the process tree changed after its processes' state began to arrive: corrupt stream")
             if not self.keep_ids:
                 raise RestoreError("this is a process tree, which keeps its pids (parents wait for their children "
                                    "by pid): restore or migrate it without --new-pid")
@@ -101,6 +107,8 @@ class RestoreSession:
             found = self.procs.get(item.pid)
             if found is None or self.tree is None:
                 raise ProtocolError(f"records of process {item.pid}, which the stream's tree lacks: corrupt image")
+            if self.current is not None and self.current is not found:
+                self._prepare(self.current)
             self.current = found
         elif isinstance(item, EndOfImage):
             pass
@@ -108,6 +116,8 @@ class RestoreSession:
             # the process the stream was about left the tree: a ProcessBegin comes first
             raise ProtocolError(f"a {type(item).__name__} record of no process (after its process left the "
                                 "tree, before the next one is named): corrupt stream")
+        elif current.restorer.memory_ready:
+            raise ProtocolError(_AFTER_PREPARE.format(what=f"a {type(item).__name__} record"))
         elif isinstance(item, PageBatch):
             self.write_pages(item)
         elif isinstance(item, Mappings):
@@ -126,7 +136,18 @@ class RestoreSession:
         current = self.current
         if current is None or not current.restorer.layout:
             raise ProtocolError("page data before the memory layout: corrupt image")
+        if current.restorer.memory_ready:
+            raise ProtocolError(_AFTER_PREPARE.format(what="page data"))
         current.restorer.write_pages(batch)
+
+    def _prepare(self, proc: RestoredProcess) -> None:
+        """The stream turns from ``proc`` to another process: once its records are complete,
+        its pages are all in too (a stream sends a process's pages before its state, an image
+        with it), and the part of ``finish`` that concerns its memory alone is done now
+        (``Restorer.prepare``), while the next processes arrive. Nothing more may come for it."""
+        state = proc.records.state
+        if state is not None and proc.records.complete and not proc.restorer.exited:
+            proc.restorer.prepare(state)
 
     # -- the tree ---------------------------------------------------------------------------
 

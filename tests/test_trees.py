@@ -7,6 +7,7 @@ processes are adopted (and reaped) here, and so are the checkpointed tree's kill
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._fuzz import children, end_strays, seal, split_image
 from tests._hosts import wait_file
 from tests._migration import migrate_cli
 from tests._workloads import (STARTED, Workload, become_subreaper, build, finished, kcr, one_error_line, reap,
                               start_reference, start_until_ready)
+from transport.schema import ProcessBegin, ThreadState
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,6 +129,38 @@ def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
     assert w.output() == finished(ref).output()
     # The workers' lines interleave as they happen to run; none is lost or overwritten.
     assert sorted((w.dir / "log").read_text().splitlines()) == sorted((ref.dir / "log").read_text().splitlines())
+
+
+def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Path) -> None:
+    """Restore makes each process's memory ready as the stream turns from it to the next one,
+    its records all in (``Restorer.prepare``). An image that turns back to a process after
+    that, with one more record of it, is refused in one line, and nothing it made is left;
+    the image as written restores, and the job finishes as an unmoved one."""
+    ref = start_reference("tree_workers", tmp_path, scale=3)
+    w = Workload("tree_workers", tmp_path / "moved", scale=3, hold=True)
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    image = tmp_path / "tree.img"
+    checkpoint(w.pid, image, 4)
+    assert w.reap_original() == -9
+    frames = split_image(image.read_bytes())
+    begins = [i for i, f in enumerate(frames) if f.body is not None and f.body.get("t") == ProcessBegin.TYPE]
+    assert len(begins) == 4 and frames[begins[0]].body == {**frames[begins[0]].body, "pid": w.pid}
+    thread = next(f for f in frames[begins[0]:begins[1]] if f.body is not None and f.body.get("t") == ThreadState.TYPE)
+    # The root again once the second process is in, with its main thread's record once more.
+    crafted = frames[:begins[2]] + [copy.deepcopy(frames[begins[0]]), copy.deepcopy(thread)] + frames[begins[2]:]
+    (tmp_path / "crafted.img").write_bytes(seal(crafted))
+    reap_orphans([p for p in before if before[p]])
+    ours = children()
+    res = kcr("restore", "-i", str(tmp_path / "crafted.img"), "--trust-image")
+    assert res.returncode == 1
+    assert "corrupt stream" in one_error_line(res.stderr)
+    assert end_strays(ours) == []         # every stub made was removed
+    root = image_restored(image, before)
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert w.output() == finished(ref).output()
 
 
 def stubs() -> set[int]:
