@@ -60,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "serve":
+            from agent import zygote
             from agent.serve import serve_stdio
+            zygote.start()         # loaded, one thread, nothing run yet: holders are forked from it
             keep_freed_memory()
             grow_fd_table()
             return trio.run(serve_stdio)

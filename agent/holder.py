@@ -37,6 +37,7 @@ from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
 from precopy.layout import FrozenFileMaps
 from agent.tree import check_tree, freeze_tree, zombie
+from agent.zygote import ForkedHolder, fork_holder
 from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
 from transport.errors import (
     MigrationError,
@@ -484,25 +485,31 @@ def _stand_in(holder: Holder, sock: socket.socket, args: dict[str, Any]) -> bool
     return True
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="kcr-holder")
-    parser.add_argument("--fd", type=int, required=True)
-    args = parser.parse_args()
+def run(fd: int, *, codecs_ready: bool = False) -> None:
+    """Be the holder serving the socket ``fd`` (in a new interpreter, ``main``; or forked by
+    the zygote, ``agent.zygote``, which prepared the codecs already)."""
     # Only the agent's death (our socket closing) ends us: a signal arriving mid-injection
     # must not leave the process with borrowed registers. Ctrl-C aimed at the terminal's whole
     # process group, SIGTERM and SIGHUP are the agent's to handle.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    prepare_codecs()          # the state records it encodes while the job is frozen
+    if not codecs_ready:
+        prepare_codecs()      # the state records it encodes while the job is frozen
     grow_fd_table()           # it takes the job's pipes and sockets in while the job is frozen
-    sock = socket.socket(fileno=args.fd)
+    sock = socket.socket(fileno=fd)
     try:
         serve(sock)
     finally:
         sock.close()
 
 
-KEEPERS: list[subprocess.Popen[bytes]] = []     # holders that became keepers: never waited for
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="kcr-holder")
+    parser.add_argument("--fd", type=int, required=True)
+    run(parser.parse_args().fd)
+
+
+KEEPERS: list[subprocess.Popen[bytes] | ForkedHolder] = []     # holders that became keepers: never waited for
 
 
 class HolderClient:
@@ -513,7 +520,9 @@ class HolderClient:
         self._sock = ours
         self._lock = threading.Lock()
         self.state = HolderState.IDLE       # the holder's, as it last answered
-        self.proc = subprocess.Popen(
+        # Forked by the agent's zygote, with everything loaded; else a new interpreter.
+        forked = fork_holder(theirs.fileno())
+        self.proc: subprocess.Popen[bytes] | ForkedHolder = forked if forked is not None else subprocess.Popen(
             [sys.executable, "-m", "agent.holder", "--fd", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         theirs.close()

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -102,3 +104,69 @@ def test_the_agent_enlarges_its_stdio_pipes() -> None:
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr
     assert run.stderr.split() == [str(PIPE_SIZE), str(PIPE_SIZE)]
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:"))
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for t in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{t}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+def _gone(pids: list[int], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+async def test_holders_are_forked_by_a_zygote_that_ends_with_the_agent() -> None:
+    """A source's holder (the job's tracer) is forked from the agent's zygote, loaded already,
+    not started as a new interpreter in the preflight; the zygote ends with the agent and
+    leaves no process. An agent whose zygote is gone starts its holders as new interpreters."""
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], stdin=subprocess.DEVNULL)
+    try:
+        async with open_local_agent() as rpc:
+            agent = int((await rpc.call("info"))["pid"])
+            zygotes = [p for p in _descendants(agent) if _comm(p) == "kcr-holder-fork"]
+            assert len(zygotes) == 1 and _status(zygotes[0], "PPid") == agent
+            await rpc.call("source_open", pid=job.pid)
+            holders = [p for p in _descendants(agent) if p not in zygotes]
+            assert len(holders) == 1 and _comm(holders[0]) == "kcr-holder"
+            assert _status(holders[0], "PPid") == zygotes[0]
+            await rpc.call("source_release")
+        assert _gone([*zygotes, *holders])
+        assert job.poll() is None and _status(job.pid, "TracerPid") == 0
+
+        async with open_local_agent() as rpc:
+            agent = int((await rpc.call("info"))["pid"])
+            zygote = next(p for p in _descendants(agent) if _comm(p) == "kcr-holder-fork")
+            os.kill(zygote, signal.SIGKILL)
+            await rpc.call("source_open", pid=job.pid)
+            assert _gone([zygote])          # (reaped by the agent, once it found it gone)
+            holders = _descendants(agent)
+            assert len(holders) == 1 and _comm(holders[0]) != "kcr-holder"
+            assert _status(holders[0], "PPid") == agent
+            await rpc.call("source_release")
+        assert _gone(holders)
+        assert job.poll() is None and _status(job.pid, "TracerPid") == 0
+    finally:
+        job.kill()
+        job.wait()
