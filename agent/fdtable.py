@@ -68,10 +68,12 @@ from transport.schema import (
     EpollWatch,
     EventFile,
     EventFiles,
+    FanotifyMark,
     FileContents,
     FileDesc,
     FileLock,
     Files,
+    InotifyWatch,
     PipeBuffer,
     Pipes,
     SocketOptions,
@@ -382,6 +384,11 @@ class _Described:
     mapped_only: dict[int, MappedOnly]          # deleted files and memfds mapped, no fd held, by inode
     shm: dict[int, shm_files.ShmFile]           # /dev/shm files held open or mapped, by inode
     fdinfo: dict[tuple[int, int], str]          # (pid, fd) -> /proc/PID/fdinfo/FD, of each event file
+    # (pid, fd) -> what the check read of each inotify instance (its watches with their paths)
+    # and each fanotify one (``fanotify.read``): found through the mount table and file handles,
+    # read once for the check and the record
+    watches: dict[tuple[int, int], tuple[InotifyWatch, ...]]
+    marks: dict[tuple[int, int], tuple[int, int, tuple[FanotifyMark, ...]]]
 
 
 def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] | None = None,
@@ -393,6 +400,8 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
     objects: dict[tuple[str, int], list[Held]] = {}
     fifos: dict[tuple[int, int], list[Held]] = {}
     fdinfo: dict[tuple[int, int], str] = {}
+    watched: dict[tuple[int, int], tuple[InotifyWatch, ...]] = {}
+    marked: dict[tuple[int, int], tuple[int, int, tuple[FanotifyMark, ...]]] = {}
     for pid in pids:
         tables[pid] = _records(pid, dict(redirect.get(pid, {})), objects, fifos, fdinfo)
     deleted = {f.obj: f.size for fds in tables.values() for f in fds if f.kind == "deleted"}
@@ -424,9 +433,9 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
         _check_pidfds(events, inside)
         for pid, f in events:          # every watch still reachable by a path (or refused now)
             if f.kind == "inotify":
-                inotify.watches(pid, fdinfo[pid, f.fd])
+                watched[pid, f.fd] = inotify.watches(pid, fdinfo[pid, f.fd])
             elif f.kind == "fanotify":        # and a notification group's (or refused now)
-                fanotify.read(pid, f.fd, fdinfo[pid, f.fd])
+                marked[pid, f.fd] = fanotify.read(pid, f.fd, fdinfo[pid, f.fd])
     if objects:
         shared = outside.holders(set(objects))
         order = {pid: i for i, pid in enumerate(pids)}
@@ -442,7 +451,7 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
             raise UnsupportedResource(
                 f"pid {pid}'s fd {info.fd} is {what} shared with {peers[0]}, which does not move with it{also}: "
                 f"give {_redirect_options(fds)} to open PATH in its place on the destination", pid=pid)
-    return _Described(_share_descriptions(tables), found, shm, fdinfo)
+    return _Described(_share_descriptions(tables), found, shm, fdinfo, watched, marked)
 
 
 def _check_pidfds(ours: list[tuple[int, FileDesc]], inside: set[int]) -> None:
@@ -1014,7 +1023,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             os.close(fd)
     event_files: dict[int, list[EventFile]] = {pid: [] for pid in pids}
     for obj, (pid, f) in events.items():
-        event_files[pid].append(_event_file(pid, f, obj, described.fdinfo[pid, f.fd]))
+        event_files[pid].append(_event_file(pid, f, obj, described.fdinfo[pid, f.fd],
+                                            described.watches.get((pid, f.fd)), described.marks.get((pid, f.fd))))
     contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
         contents[pid] += _deleted_contents(pid, f"/proc/{pid}/fd/{fd}", ino)
@@ -1027,8 +1037,11 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
             for pid in pids}
 
 
-def _event_file(pid: int, f: FileDesc, obj: int, text: str) -> EventFile:
-    """An eventfd's, timerfd's, signalfd's or epoll instance's state, from its fdinfo ``text``."""
+def _event_file(pid: int, f: FileDesc, obj: int, text: str, inotify_watches: tuple[InotifyWatch, ...] | None = None,
+                marks: tuple[int, int, tuple[FanotifyMark, ...]] | None = None) -> EventFile:
+    """An eventfd's, timerfd's, signalfd's or epoll instance's state, from its fdinfo ``text``;
+    an inotify or fanotify instance's, from what the tree's check read of it (``inotify_watches``,
+    ``marks``), else read now."""
     fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
     if f.kind == "eventfd":
         return EventFile(obj, "eventfd", count=int(fields["eventfd-count"], 16),
@@ -1048,10 +1061,11 @@ def _event_file(pid: int, f: FileDesc, obj: int, text: str) -> EventFile:
         finally:
             os.close(dup)
         if f.kind == "fanotify":
-            init_flags, event_flags, marks = fanotify.read(pid, f.fd, text)
+            init_flags, event_flags, found = marks if marks is not None else fanotify.read(pid, f.fd, text)
             return EventFile(obj, "fanotify", queued=queued, init_flags=init_flags, event_flags=event_flags,
-                             marks=marks)
-        return EventFile(obj, "inotify", inotify=inotify.watches(pid, text), queued=queued)
+                             marks=found)
+        found_watches = inotify_watches if inotify_watches is not None else inotify.watches(pid, text)
+        return EventFile(obj, "inotify", inotify=found_watches, queued=queued)
     watches = []
     for line in text.splitlines():
         if line.startswith("tfd:"):
