@@ -75,20 +75,14 @@ def _own_memory() -> None:
     a page inherited from the zygote is a fault and a copy. Left for later, those came while
     the job was frozen, when the holder first ran the code that reads its state."""
     import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    madvise = libc.madvise
+    from precopy.layout import read_maps
+    from transport.schema import PROT_WRITE
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    with open("/proc/self/maps") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 2 or fields[1][:2] != "rw" or fields[1][3] != "p":
-            continue
-        if len(fields) >= 6 and fields[5].startswith("["):
-            if fields[5] not in ("[heap]",):
-                continue           # the stack grows as it is used; vvar and the like are not memory
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        madvise(start, end - start, MADV_POPULATE_WRITE)     # (a kernel without it: left as it is)
+    for m in read_maps(os.getpid()):
+        # Private writable memory: not the stack (it grows as it is used), nor vvar and the like.
+        if m.prot & PROT_WRITE and not m.shared and (not m.name.startswith("[") or m.name == "[heap]"):
+            madvise(m.start, m.end - m.start, MADV_POPULATE_WRITE)     # (a kernel without it: left as it is)
 
 
 def _reap() -> None:
