@@ -187,7 +187,7 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         threads = [_collect_thread(held, pid, leader, calls, rseq[pid], got[:len(thread_calls)])]
         policies.take(starts, got[len(thread_calls) + len(process_calls):])
         threads += [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids[1:]]
-        process = _collect_process(held, leader, calls, status,
+        process = _collect_process(held, leader, calls, status, process_calls,
                                    got[len(thread_calls):len(thread_calls) + len(process_calls)])
         process = replace(process, lock_future=int(lock_future),
                           mempolicies=_mempolicies(pid, leader, policies, maps, job),
@@ -401,14 +401,13 @@ def _process_calls(status: Mapping[str, str], scratch: Scratch) -> list[tuple[st
 
 
 def _collect_process(held: Held, inj: Injector, calls: Calls, status: Mapping[str, str],
-                     got: list[int]) -> ProcessState:
-    """The process's state; ``status``: its /proc status, ``got``: the results of its
-    ``_process_calls`` (asked with ``status``)."""
+                     batch: list[tuple[str, tuple[int, ...]]], got: list[int]) -> ProcessState:
+    """The process's state; ``status``: its /proc status, ``batch``: its ``_process_calls``
+    (asked with ``status``), ``got``: their results."""
     pid = held.pid
     caught = int(status["SigCgt"], 16)
     ignored = int(status["SigIgn"], 16)
     scratch = calls.scratch
-    batch = _process_calls(status, scratch)
     for (name, _), result in zip(batch[:-2], got):      # all but the last two, which may fail (below)
         _ok(result, name, pid)
     answers = scratch.get(0, SUBREAPER_AT + 4)

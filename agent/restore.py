@@ -299,6 +299,17 @@ def _deleted_private(v: Vma) -> bool:
     return not v.shared and v.path.endswith(" (deleted)")
 
 
+@contextmanager
+def _said_as_restore_errors() -> Iterator[None]:
+    """A failed injected call, or the stub gone, as the ``RestoreError`` a restore reports."""
+    try:
+        yield
+    except InjectionError as exc:
+        raise RestoreError(f"restore failed: {exc.strerror}") from None
+    except ptrace.TraceeGone as exc:
+        raise RestoreError(f"the process being restored died: {exc}") from None
+
+
 class Restorer:
     """Drives one stub into the process described by the records it is given."""
 
@@ -1052,26 +1063,21 @@ class Restorer:
         finally:
             own.close()
 
-    def prepare(self, proc: ProcessState) -> bool:
+    def prepare(self, proc: ProcessState) -> None:
         """The part of ``finish`` that concerns the process's memory alone, done now, once its
         pages and records are all in: a tree's processes arrive one after another, and each is
         made ready while the next one's state arrives. Only for a process that maps nothing
         made with the fds (files a filesystem hook brings, deleted files, /dev/shm files, shared
-        anonymous memory, SysV segments): those wait for ``finish``. Returns whether it ran;
-        the process stays stopped, and nothing more may be written to its memory."""
+        anonymous memory, SysV segments): those wait for ``finish``. The process stays stopped,
+        and nothing more may be written to its memory."""
         if self.memory_ready or not self.begun or self._placeholders or \
                 any(v.shm is not None or (v.shared and v.kind == "anon" and v.ino) for v in self.layout):
-            return False
+            return
         self._stop_filling()
-        try:
+        with _said_as_restore_errors():
             self._map_deferred()         # (none: only the list of what could be is dropped)
             self._memory(proc, Identity.of(proc.creds))
-        except InjectionError as exc:
-            raise RestoreError(f"restore failed: {exc.strerror}") from None
-        except ptrace.TraceeGone as exc:
-            raise RestoreError(f"the process being restored died: {exc}") from None
         self.memory_ready = True
-        return True
 
     def _memory(self, proc: ProcessState, identity: Identity) -> None:
         """The mappings checked against what the process may open, then their attributes, and
@@ -1090,7 +1096,7 @@ class Restorer:
         if leader is None or not threads:
             raise RestoreError("the image has no main thread: corrupt image")
         self._stop_filling()        # every page is in: the stub may touch its memory again
-        try:
+        with _said_as_restore_errors():
             identity = Identity.of(proc.creds)
             if not self.memory_ready:
                 self._carried = descriptions
@@ -1119,10 +1125,6 @@ class Restorer:
             # Cgroups first: joining a cpuset resets the threads' CPU affinity.
             self.report.warnings += cgroups.place(self.pid, proc.cgroups, socket.gethostname(), self.cgroup)
             self._scheduling(proc, threads, new_tids)
-        except InjectionError as exc:
-            raise RestoreError(f"restore failed: {exc.strerror}") from None
-        except ptrace.TraceeGone as exc:
-            raise RestoreError(f"the process being restored died: {exc}") from None
 
     def _mm(self, proc: ProcessState, identity: Identity) -> None:
         mm = proc.mm
