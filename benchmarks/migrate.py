@@ -32,7 +32,8 @@ raw TCP from hostA to hostB (the link itself), the sealed TCP data channel from 
 kcr-agent to hostB's (the path a migration's pages take by default) and SSH relayed through
 this machine (their path with --data-channel ssh: source agent -> orchestrator -> destination
 agent), all with compression off, as the job's pages do not compress. The target "total within 1.5x of memory over link
-throughput" is checked against each; "downtime under 20 ms" at 50 MiB/s.
+throughput" is checked against each; the downtime targets are at most 10 ms at 50 MiB/s and at
+most 20 ms at 200 MiB/s (medians), for the default 1 GiB job.
 
 Memory on the VMs this runs on is several times slower on first touch than afterwards and
 freed memory goes back to the host within seconds. So an untimed warm-up migration (kcr
@@ -81,8 +82,8 @@ STEP_S = 0.010                     # the job's step: sleep 10 ms, then write
 READY_TIMEOUT = 300.0
 CALL_TIMEOUT = 900.0
 CRIU_PORT = 27027
-DOWNTIME_TARGET_MS = 20.0
-DOWNTIME_TARGET_RATE = 50
+# The downtime targets (median, 1 GiB job): dirty rate in MiB/s -> at most this many ms.
+DOWNTIME_TARGETS_MS = {50: 10.0, 200: 20.0}
 TOTAL_TARGET_FACTOR = 1.5
 
 # The reference build: nanosleep() returns at once, everything else is the job's own code.
@@ -658,17 +659,18 @@ def targets(summary: dict[tuple[str, int], dict[str, Any]], rates: list[int], li
             mib: int) -> tuple[list[str], dict[str, Any]]:
     lines: list[str] = []
     data: dict[str, Any] = {}
-    s = summary.get((KCR_PRECOPY, DOWNTIME_TARGET_RATE))
-    if s is None or s["downtime_ms"] is None:
-        lines.append(f"target downtime < {DOWNTIME_TARGET_MS:g} ms at {DOWNTIME_TARGET_RATE} MiB/s: not measured")
-    else:
-        met = s["downtime_ms"] < DOWNTIME_TARGET_MS
-        gap_met = s["gap_ms"] is not None and s["gap_ms"] < DOWNTIME_TARGET_MS
-        lines.append(f"target downtime < {DOWNTIME_TARGET_MS:g} ms at {DOWNTIME_TARGET_RATE} MiB/s: "
+    data["downtime"] = {}
+    for rate, limit in DOWNTIME_TARGETS_MS.items():
+        s = summary.get((KCR_PRECOPY, rate))
+        if s is None or s["downtime_ms"] is None:
+            lines.append(f"target downtime <= {limit:g} ms at {rate} MiB/s: not measured")
+            continue
+        met = s["downtime_ms"] <= limit
+        gap_met = s["gap_ms"] is not None and s["gap_ms"] <= limit
+        lines.append(f"target downtime <= {limit:g} ms at {rate} MiB/s: "
                      f"{'met' if met else 'NOT met'} (kcr pre-copy median {s['downtime_ms']:.1f} ms by its report, "
                      f"{fmt(s['gap_ms'], '.1f')} ms as the job saw it{'' if gap_met == met else ', which ' + ('meets' if gap_met else 'misses') + ' it'})")
-        data["downtime"] = {"limit_ms": DOWNTIME_TARGET_MS, "rate_mib_s": DOWNTIME_TARGET_RATE,
-                            "downtime_ms": s["downtime_ms"], "gap_ms": s["gap_ms"], "met": met}
+        data["downtime"][rate] = {"limit_ms": limit, "downtime_ms": s["downtime_ms"], "gap_ms": s["gap_ms"], "met": met}
     memory = _med([x["memory_mib"] for k, x in summary.items() if x["memory_mib"] is not None]) or float(mib)
     data["total"] = {"memory_mib": memory, "factor": TOTAL_TARGET_FACTOR, "by_anchor": {}}
     for key, label in ANCHORS:
