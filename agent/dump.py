@@ -28,9 +28,11 @@ from agent.inject import (
     PROT_WRITE,
     InjectionError,
     Injector,
+    PolicyAsk,
     RemoteMemory,
     Scratch,
     ScratchTaken,
+    U64,
     to_signed,
     syscall_gadget,
 )
@@ -110,12 +112,14 @@ class Collected:
     xstate_size: int
 
 
-# The scratch mapping a dump borrows: answers at the start, then the batch code and its table.
+# The scratch mapping a dump borrows: answers at the start, then the batch code and its table,
+# then the addresses whose NUMA policies a batch asks, and their answers, to its end.
 SIGACTIONS_AT, ITIMERS_AT, SUBREAPER_AT, PDEATHSIG_AT, THREAD_AT = 0, 2112, 2240, 2296, 2304
 POLICY_AT = THREAD_AT + 32      # a thread's get_mempolicy: mode (8 bytes), then its nodemask
-RANGES_AT = PAGE_SIZE           # each mapping's get_mempolicy: mode and nodemask per mapping
+RANGES_AT = PAGE_SIZE           # each mapping's get_mempolicy, one call each: mode and nodemask
 CODE_AT, TABLE_AT = 2 * PAGE_SIZE, 3 * PAGE_SIZE
 TABLE_CALLS = PAGE_SIZE // BATCH_ENTRY
+ASKED_AT = 4 * PAGE_SIZE
 
 
 class Calls:
@@ -133,6 +137,39 @@ class Calls:
         except InjectionError:            # no writable code here (memory-deny-write-execute)
             self.scratch = Scratch(leader, mem, at=at)
             self.batched = False
+
+    def run_asking(self, inj: Injector, calls: list[tuple[str, tuple[int, ...]]], addrs: list[int],
+                   bits: int) -> tuple[list[int], bytes]:
+        """``run`` ``calls``, then get_mempolicy(MPOL_F_ADDR) at each of ``addrs`` (nodemasks of
+        ``bits``): the calls' results, and an answer per address, ``PolicyAsk.answer_size``
+        bytes each (its raw result, the mode in eight bytes, the nodemask). Batched, they are
+        asked in the stop of the calls' last table, and as many more as the scratch holds in
+        each stop after it (``BATCH_CODE``); else one call each."""
+        size = PolicyAsk.answer_size(bits)
+        if not self.batched:
+            results = self.run(inj, calls)
+            answers = bytearray()
+            entry = size - 8
+            base = self.scratch.addr + RANGES_AT
+            for first in range(0, len(addrs), PAGE_SIZE // entry):
+                chunk = addrs[first:first + PAGE_SIZE // entry]
+                got = self.run(inj, [mempolicy.query_call(base + i * entry, base + i * entry + 8, bits, at)
+                                     for i, at in enumerate(chunk)])
+                raw = self.scratch.get(RANGES_AT, len(chunk) * entry)
+                for i, result in enumerate(got):
+                    answers += (result & U64).to_bytes(8, "little") + raw[i * entry:(i + 1) * entry]
+            return results, bytes(answers)
+        per_stop = (self.scratch.size - ASKED_AT) // (8 + size)
+        results, parts = [], []
+        for first in range(0, max(len(addrs), 1), per_stop):      # once at least: the calls
+            chunk = addrs[first:first + per_stop]
+            at = self.scratch.addr + ASKED_AT
+            asked = PolicyAsk(at, chunk, at + 8 * len(chunk), bits) if chunk else None
+            results += inj.batch_results(self.scratch.addr + CODE_AT, self.scratch.addr + TABLE_AT, self.scratch.mem,
+                                         calls if first == 0 else [], TABLE_CALLS, asked)
+            if chunk:
+                parts.append(self.scratch.get(ASKED_AT + 8 * len(chunk), len(chunk) * size))
+        return results, b"".join(parts)
 
     def run(self, inj: Injector, calls: list[tuple[str, tuple[int, ...]]]) -> list[int]:
         if self.batched:
@@ -181,11 +218,11 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         # The leader's calls for itself, for the process and for the NUMA policies at its
         # mappings' starts go in one batch (one stop); each other thread's in one of its own.
         policies = _Policies(pid, calls)
-        starts = [m.start for m in maps if m.end <= TASK_SIZE][:policies.per_page]
+        starts = [m.start for m in maps if m.end <= TASK_SIZE]
         thread_calls, process_calls = _thread_calls(calls), _process_calls(status, calls.scratch)
-        got = calls.run(leader, thread_calls + process_calls + policies.query(starts))
+        got, answers = calls.run_asking(leader, thread_calls + process_calls, starts, policies.bits)
         threads = [_collect_thread(held, pid, leader, calls, rseq[pid], got[:len(thread_calls)])]
-        policies.take(starts, got[len(thread_calls) + len(process_calls):])
+        policies.take(starts, answers)
         threads += [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids[1:]]
         process = _collect_process(held, leader, calls, status, process_calls,
                                    got[len(thread_calls):len(thread_calls) + len(process_calls)])
@@ -314,28 +351,33 @@ def _policy(answer: bytes, pid: int) -> tuple[int, int, bytes]:
 
 
 class _Policies:
-    """get_mempolicy(MPOL_F_ADDR) at addresses of the process, each answering into the
-    scratch's page of answers (``per_page`` at a time): ``query`` gives the calls for
-    addresses, ``take`` keeps what they answered, ``ask`` asks what is not known yet."""
+    """get_mempolicy(MPOL_F_ADDR) at addresses of the process (``Calls.run_asking``): ``take``
+    keeps what they answered, ``ask`` asks what is not known yet."""
 
     def __init__(self, pid: int, calls: Calls) -> None:
         self.pid = pid
         self.calls = calls
         self.bits = mempolicy.node_bits()
-        self.entry = 8 + self.bits // 8
-        self.per_page = PAGE_SIZE // self.entry
         self.known: dict[int, mempolicy.Policy | None] = {}
         self.numa = True               # False: a kernel without NUMA (no policies)
         self._parsed: dict[bytes, mempolicy.Policy] = {}      # answers repeat: most are the default
 
-    def query(self, addrs: list[int]) -> list[tuple[str, tuple[int, ...]]]:
-        base, entry = self.calls.scratch.addr + RANGES_AT, self.entry
-        return [mempolicy.query_call(base + i * entry, base + i * entry + 8, self.bits, at)
-                for i, at in enumerate(addrs)]
+    def take(self, addrs: list[int], answers: bytes) -> None:
+        """What ``Calls.run_asking`` answered at ``addrs``."""
+        size = PolicyAsk.answer_size(self.bits)
+        if addrs and answers == answers[:size] * len(addrs):
+            # Most often every mapping answers alike (the default policy): taken once.
+            self._take(addrs[:1], answers[:size])
+            if self.numa:
+                self.known.update(dict.fromkeys(addrs, self.known[addrs[0]]))
+            return
+        self._take(addrs, answers)
 
-    def take(self, addrs: list[int], got: list[int]) -> None:
-        answers = self.calls.scratch.get(RANGES_AT, len(addrs) * self.entry) if addrs else b""
-        for i, (at, result) in enumerate(zip(addrs, got)):
+    def _take(self, addrs: list[int], answers: bytes) -> None:
+        size = PolicyAsk.answer_size(self.bits)
+        parsed = self._parsed
+        for i, at in enumerate(addrs):
+            result = to_signed(int.from_bytes(answers[i * size:i * size + 8], "little"))
             if result == -errno.ENOSYS:
                 self.numa = False
                 return
@@ -343,19 +385,16 @@ class _Policies:
                 self.known[at] = None      # not a mapping of the process's own (a gate area)
                 continue
             _ok(result, "get_mempolicy", self.pid)
-            raw = answers[i * self.entry:(i + 1) * self.entry]
-            policy = self._parsed.get(raw)
+            raw = answers[i * size + 8:(i + 1) * size]
+            policy = parsed.get(raw)
             if policy is None:
-                policy = self._parsed[raw] = _policy(raw, self.pid)
+                policy = parsed[raw] = _policy(raw, self.pid)
             self.known[at] = policy
 
     def ask(self, inj: Injector, addrs: list[int]) -> list[mempolicy.Policy | None] | None:
         missing = [a for a in addrs if a not in self.known]
-        for first in range(0, len(missing), self.per_page):
-            if not self.numa:
-                break
-            chunk = missing[first:first + self.per_page]
-            self.take(chunk, self.calls.run(inj, self.query(chunk)))
+        if missing and self.numa:
+            self.take(missing, self.calls.run_asking(inj, [], missing, self.bits)[1])
         return [self.known[a] for a in addrs] if self.numa else None
 
 

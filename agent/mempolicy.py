@@ -184,30 +184,33 @@ def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
     process that does not move, or through a mapping since unmapped) is not seen, nor is the
     policy of a range no mapping of the job covers (README, Limits)."""
     maps = [m for m in maps if m.end <= TASK_SIZE]
+    of_object = [bool(m.inode) and m.dev in shmem for m in maps]
     objects: dict[tuple[tuple[int, int], int], list[MapEntry]] = {}
-    for m in maps:
-        if m.inode and m.dev in shmem:
+    for m, shared in zip(maps, of_object):
+        if shared:
             objects.setdefault((m.dev, m.inode), []).append(m)
-    points: list[set[int]] = []
-    for m in maps:
-        here = {m.start}
-        if m.inode and m.dev in shmem:
-            here.add(m.end - PAGE_SIZE)
-            offsets = {off for other in objects[(m.dev, m.inode)] for off in (other.offset, other.offset + other.length)}
-            for off in offsets | (job.of(m.dev, m.inode) if job is not None else set()):
-                at = m.start + off - m.offset
-                if m.start < at < m.end:
-                    here.add(at)
-        points.append(here)
+    # The addresses asked in each mapping of a shmem object (by its index); any other mapping
+    # is asked at its start alone.
+    points: dict[int, set[int]] = {}
+    for i, m in enumerate(maps):
+        if not of_object[i]:
+            continue
+        here = {m.start, m.end - PAGE_SIZE}
+        offsets = {off for other in objects[(m.dev, m.inode)] for off in (other.offset, other.offset + other.length)}
+        for off in offsets | (job.of(m.dev, m.inode) if job is not None else set()):
+            at = m.start + off - m.offset
+            if m.start < at < m.end:
+                here.add(at)
+        points[i] = here
     known: dict[int, Policy | None] = {}
-    todo = sorted(a for here in points for a in here)
+    todo = sorted({m.start for m in maps}.union(*points.values()))
     while todo:
         got = ask(todo)
         if got is None:
             return None
         known.update(zip(todo, got))
         more: list[int] = []
-        for here in points:
+        for here in points.values():
             sampled = sorted(here)
             mids = [a + (b - a) // 2 // PAGE_SIZE * PAGE_SIZE for a, b in zip(sampled, sampled[1:])
                     if b - a > PAGE_SIZE and known[a] != known[b]]
@@ -215,8 +218,13 @@ def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
             more += mids
         todo = sorted(more)
     found: list[tuple[int, int, int, int, bytes]] = []
-    for m, here in zip(maps, points):
-        sampled = sorted(here)
+    for i, m in enumerate(maps):
+        if i not in points:
+            policy = known[m.start]
+            if policy is not None:
+                found.append((m.start, m.end, *policy))
+            continue
+        sampled = sorted(points[i])
         begin = m.start
         for a, b in zip(sampled, [*sampled[1:], m.end]):
             policy = known[a]

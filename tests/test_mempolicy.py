@@ -198,3 +198,51 @@ def test_ranges_of_a_memfd_set_by_a_process_that_stays_are_found_and_kept(tmp_pa
     status = reap(pid)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert (tmp_path / "out").read_text() == f"{[(2, 1), (2, 1), (3, 1), (3, 1), (0, 0), (0, 0)]}\n"
+
+
+MANY_MAPPINGS = 4500          # more than one stop of policy questions holds (2,048 with a 64-bit nodemask)
+MANY_POLICIES = ("import ctypes, mmap, os, sys, time\nlibc = ctypes.CDLL(None, use_errno=True)\nP = mmap.PAGESIZE\n"
+                 "libc.mmap.restype = ctypes.c_void_p\n"
+                 "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,"
+                 " ctypes.c_long]\n"
+                 "n = int(sys.argv[3])\n"
+                 "base = libc.mmap(None, 2 * n * P, 3, 0x22, -1, 0)\n"
+                 # every other page mapped (unmapped gaps: no two merge), each written, every
+                 # third default, bound or preferred, every seventh interleaved on top
+                 "for i in range(n):\n"
+                 "    at = base + 2 * i * P\n"
+                 "    libc.munmap(ctypes.c_void_p(at + P), P)\n"
+                 "    ctypes.memset(at, i % 251, 8)\n"
+                 "    mode = 3 if i % 7 == 0 else (0, 2, 1)[i % 3]\n"
+                 "    if mode:\n"
+                 "        mask = ctypes.c_ulong(1)\n"
+                 "        assert libc.syscall(237, ctypes.c_void_p(at), ctypes.c_ulong(P), mode, ctypes.byref(mask),"
+                 " 65, 0) == 0, os.strerror(ctypes.get_errno())\n"
+                 "open(sys.argv[1], 'w').close()\n"
+                 "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.01)\n"
+                 "modes = []\n"
+                 "for i in range(n):\n"
+                 "    mode, nodes = ctypes.c_int(), (ctypes.c_ulong * 16)()\n"
+                 "    at = base + 2 * i * P\n"
+                 "    assert libc.syscall(239, ctypes.byref(mode), nodes, 1024, ctypes.c_void_p(at), 2) == 0\n"
+                 "    assert ctypes.c_ubyte.from_address(at).value == i % 251\n"
+                 "    modes.append(mode.value)\n"
+                 "print(','.join(map(str, modes)))\n")
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_thousands_of_mappings_keep_each_its_own_policy(tmp_path: Path, how: str) -> None:
+    """A process of 4,500 one-page mappings, a third bound to node 0, a third preferring it,
+    every seventh interleaved, the rest default: moved, each mapping has its own policy and
+    contents still (the freeze asks them in a few stops of thousands, most answers alike)."""
+    become_subreaper()
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    with open(tmp_path / "out", "wb") as out:
+        proc = start_until_ready([sys.executable, "-S", "-c", MANY_POLICIES, str(ready), str(go), str(MANY_MAPPINGS)],
+                                 ready, stdout=out, timeout=120)
+    pid = moved(proc, how, tmp_path)
+    go.touch()
+    status = reap(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    want = [3 if i % 7 == 0 else (0, 2, 1)[i % 3] for i in range(MANY_MAPPINGS)]
+    assert (tmp_path / "out").read_text() == ",".join(map(str, want)) + "\n"
