@@ -178,6 +178,7 @@ def _batch_code() -> bytes:
     ask_top = bytes.fromhex("4885ed")                   # test rbp, rbp
     ask = bytes.fromhex(
         "4d8b17"          # mov r10, [r15]        (addr)
+        "49c7450800000000"  # mov qword [r13+8], 0  (the mode is an int: its slot whole)
         "498d7d08"        # lea rdi, [r13+8]      (int *mode)
         "498d7510"        # lea rsi, [r13+16]     (nodemask)
         "4c89f2"          # mov rdx, r14          (maxnode)
