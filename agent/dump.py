@@ -38,7 +38,7 @@ from agent.inject import (
 )
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
-from precopy.layout import MapEntry, PageFinder, read_maps, read_smaps_flags, to_vma
+from precopy.layout import MapEntry, MapsCache, PageFinder, read_maps, read_smaps_flags, to_vma
 from precopy.pagemap import PAGE_IS_GUARD, PagemapScanner, pagemap_scan_works
 from transport.errors import UnsupportedResource
 from transport.schema import (
@@ -192,17 +192,18 @@ def _ok(result: int, name: str, pid: int) -> int:
 
 def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = None,
             fds: fdtable.FdState | None = None, job: mempolicy.JobBounds | None = None,
-            scratch_at: int = 0) -> Collected:
+            scratch_at: int = 0, layout: MapsCache | None = None) -> Collected:
     """Everything but memory, from a frozen process. Leaves the process exactly as it was.
     ``redirect`` (fd -> path) says what fds to the outside become on the destination;
     ``fds``: its fd table, if the caller read it already (with the rest of a tree's); ``job``:
     the bounds of the tree's mappings, where the policies of shared memory change (``agent.mempolicy``);
     ``scratch_at``: where the scratch it borrows for the calls' answers goes, if the caller
-    chose (``inject.Scratch``; ``ScratchTaken`` if it is not free), else where the kernel puts it."""
+    chose (``inject.Scratch``; ``ScratchTaken`` if it is not free), else where the kernel puts it;
+    ``layout``: the process's maps as last read (``read_maps``' cache), if the caller keeps them."""
     pid = held.pid
     gadget = syscall_gadget(pid, mem)
     tids = sorted(held.stopped, key=lambda t: t != pid)     # leader first
-    maps = read_maps(pid)                                     # before the scratch is mapped
+    maps = read_maps(pid, layout)                             # before the scratch is mapped
     rseq = {tid: abort_rseq_sections(tid, mem) for tid in tids}
     injectors = {tid: Injector(tid, gadget, park=tid not in held.inflight) for tid in tids}
     leader = injectors[pid]

@@ -35,7 +35,7 @@ from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, ScratchTaken, syscall_gadget
 from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
-from precopy.layout import FrozenFileMaps
+from precopy.layout import FrozenFileMaps, MapsCache, read_maps
 from agent.tree import check_tree, freeze_tree, zombie
 from agent.zygote import ForkedHolder, fork_holder
 from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
@@ -98,6 +98,9 @@ class Holder:
         self.late = LateSignals()      # the signal queues carried, to find what arrives after
         self.fds: tuple[list[int], dict[int, fdtable.FdState]] | None = None   # ``collect_files``'
         self.maps = FrozenFileMaps()       # the frozen job's file mappings, read once per freeze
+        # Each process's last maps read: kept up to date while the job runs (``_read_layouts``),
+        # so that the freeze parses only the lines that changed since (``dump.collect``).
+        self.layouts: dict[int, MapsCache] = {}
         self.checked = False           # the frozen tree was checked (``_check_frozen``)
         self.outside: fdtable.OutsideScan | None = None   # the host's other fds, for the last freeze
         self.outside_watch = fdtable.OutsideWatch()        # ... read while the job runs
@@ -127,7 +130,19 @@ class Holder:
             raise
         self.machine.handle(HolderEvent.SEIZE)
         self.outside_watch.refresh(set(self.helds))
+        self._read_layouts()
         return {"pids": list(self.helds)}
+
+    def _read_layouts(self) -> None:
+        """Read each held process's maps into its cache (the job runs: a process may exit
+        meanwhile; its cache is dropped with it)."""
+        for p in [p for p in self.layouts if p not in self.helds]:
+            del self.layouts[p]
+        for p in self.helds:
+            try:
+                read_maps(p, self.layouts.setdefault(p, MapsCache()))
+            except (FileNotFoundError, ProcessLookupError):
+                self.layouts.pop(p, None)
 
     def _hold(self, pid: int) -> None:
         try:
@@ -153,6 +168,7 @@ class Holder:
             for p in joined:
                 self._hold(p)
         self.outside_watch.refresh(set(self.helds))
+        self._read_layouts()
         return {"pids": list(self.helds), "joined": [p for p in joined if p in self.helds], "left": left}
 
     def op_freeze(self, pid: int = 0, unlocked: list[list[int]] | None = None) -> dict[str, Any]:
@@ -261,7 +277,8 @@ class Holder:
         for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):
             mem = RemoteMemory(p, writable=False)
             try:
-                state = collect(held, mem, fds=fds[p], job=job, scratch_at=at.get(p, 0))
+                state = collect(held, mem, fds=fds[p], job=job, scratch_at=at.get(p, 0),
+                                layout=self.layouts.setdefault(p, MapsCache()))
             except ScratchTaken:
                 later.append(p)
                 continue
