@@ -166,8 +166,8 @@ class JobBounds:
 def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
           ask: Callable[[list[int]], list[Policy | None] | None],
           job: JobBounds | None = None) -> list[tuple[int, int, int, int, bytes]] | None:
-    """(start, end, mode, flags, nodes) of each range of the process's mappings with one policy,
-    ``ask`` answering get_mempolicy(MPOL_F_ADDR) at each address of a list (None at one that is
+    """(start, end, mode, flags, nodes) of each range of the process's mappings with one policy
+    of its own (not the default), ``ask`` answering get_mempolicy(MPOL_F_ADDR) at each address of a list (None at one that is
     not a mapping of the process's own; None for all: a kernel without NUMA). The vsyscall page
     is left out (not a mapping of the process's own).
 
@@ -184,16 +184,15 @@ def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
     process that does not move, or through a mapping since unmapped) is not seen, nor is the
     policy of a range no mapping of the job covers (README, Limits)."""
     maps = [m for m in maps if m.end <= TASK_SIZE]
-    of_object = [bool(m.inode) and m.dev in shmem for m in maps]
     objects: dict[tuple[tuple[int, int], int], list[MapEntry]] = {}
-    for m, shared in zip(maps, of_object):
-        if shared:
+    for m in maps:
+        if m.inode and m.dev in shmem:
             objects.setdefault((m.dev, m.inode), []).append(m)
     # The addresses asked in each mapping of a shmem object (by its index); any other mapping
     # is asked at its start alone.
     points: dict[int, set[int]] = {}
-    for i, m in enumerate(maps):
-        if not of_object[i]:
+    for i, m in enumerate(maps) if objects else ():
+        if not m.inode or (m.dev, m.inode) not in objects:
             continue
         here = {m.start, m.end - PAGE_SIZE}
         offsets = {off for other in objects[(m.dev, m.inode)] for off in (other.offset, other.offset + other.length)}
@@ -202,8 +201,9 @@ def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
             if m.start < at < m.end:
                 here.add(at)
         points[i] = here
+    starts = [m.start for m in maps]
+    todo = sorted(set(starts).union(*points.values())) if points else starts
     known: dict[int, Policy | None] = {}
-    todo = sorted({m.start for m in maps}.union(*points.values()))
     while todo:
         got = ask(todo)
         if got is None:
@@ -221,7 +221,7 @@ def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
     for i, m in enumerate(maps):
         if i not in points:
             policy = known[m.start]
-            if policy is not None:
+            if policy is not None and policy[0] != MPOL_DEFAULT:
                 found.append((m.start, m.end, *policy))
             continue
         sampled = sorted(points[i])
@@ -230,7 +230,7 @@ def probe(maps: Sequence[MapEntry], shmem: ShmemDevices | set[tuple[int, int]],
             policy = known[a]
             if b != m.end and known[b] == policy:
                 continue
-            if policy is not None:
+            if policy is not None and policy[0] != MPOL_DEFAULT:
                 found.append((begin, b, *policy))
             begin = b
     return found
