@@ -263,6 +263,13 @@ def _attachments(vmas: Sequence[Vma]) -> list[list[Vma]]:
     return groups
 
 
+def _segments(vmas: Sequence[Vma]) -> list[list[Vma]]:
+    """The groups of ``_attachments`` that are SysV attachments (the pieces of one are
+    neighbours: leaving the other mappings out first groups them alike, in a pass over
+    the few)."""
+    return _attachments([v for v in vmas if v.shm is not None])
+
+
 def _without(batch: PageBatch, skip: list[Span]) -> PageBatch:
     """``batch`` less its pages in ``skip`` (sorted, merged)."""
     runs: list[tuple[int, int]] = []
@@ -906,14 +913,13 @@ class Restorer:
         made from its carried contents (the same bytes, frozen together), so the fds and the
         mappings of every process see each other's writes. The other shared memory objects
         take their protection (``_map_shared_object``)."""
-        for group in _attachments(self.layout):
-            if group[0].shm is not None and self.shared is not None:
-                if not any(v.advice & VMA_MAYWRITE for v in group):   # SHM_RDONLY: not writable by mprotect
-                    self._map_attachment(group, readonly=True)
-                else:
-                    for v in group:
-                        if not v.prot & PROT_WRITE:
-                            self._call("mprotect", v.start, v.length, v.prot)
+        for group in _segments(self.layout) if self.shared is not None else []:
+            if not any(v.advice & VMA_MAYWRITE for v in group):   # SHM_RDONLY: not writable by mprotect
+                self._map_attachment(group, readonly=True)
+            else:
+                for v in group:
+                    if not v.prot & PROT_WRITE:
+                        self._call("mprotect", v.start, v.length, v.prot)
         for v in self.layout:
             if v.shm is not None:
                 continue
@@ -1178,7 +1184,7 @@ class Restorer:
     def _check_segments(self, proc: ProcessState, identity: Identity) -> None:
         """Each SysV segment the process attaches (attached by the stub, as root) is one its
         own shmat could attach as it is attached (``as_target.may_attach``)."""
-        groups = [g for g in _attachments(self.layout) if g[0].shm is not None]
+        groups = _segments(self.layout)
         if not groups or self.shared is None:
             return
         table = sysv.read_table()
