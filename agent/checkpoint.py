@@ -25,7 +25,7 @@ from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
-from precopy.layout import FrozenFileMaps, PageFinder, holds_private_data
+from precopy.layout import FrozenFileMaps, LayoutCache, MapsCache, PageFinder, holds_private_data, read_maps
 from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProcessExited, RestoreError, UnsupportedResource
 from transport.image import ImageReader, ImageWriter
@@ -129,6 +129,16 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     complete = False
     thawed = False
     arena = snapshot_arena(pids) if opts.leave_running else None
+    # Each process's maps and smaps, read while it runs: frozen, only the mappings that changed
+    # since are parsed and made into records.
+    maps_read = {p: MapsCache() for p in pids}
+    smaps_read = {p: LayoutCache() for p in pids}
+    for p in pids:
+        try:
+            read_maps(p, maps_read[p])
+            smaps_read[p].read(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass            # gone: it leaves the job as it freezes
     try:
         for p in pids:
             try:
@@ -156,12 +166,12 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         for held in helds.values():
             mem = RemoteMemory(held.pid, writable=False)
             try:
-                states[held.pid] = collect(held, mem, fds=fds[held.pid], job=job)
+                states[held.pid] = collect(held, mem, fds=fds[held.pid], job=job, layout=maps_read.get(held.pid))
             finally:
                 mem.close()
         for held in helds.values():            # before anything is written, and long before the kill
             check_reopenable(states[held.pid])
-        layouts = {p: collect_layout(p) for p in pids}
+        layouts = {p: collect_layout(p, smaps_read.get(p)) for p in pids}
         writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers, key=key)
         try:
             if arena is not None:

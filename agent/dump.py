@@ -38,7 +38,7 @@ from agent.inject import (
 )
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
 from precopy.kernel import get_robust_list, xsave_supported_mask
-from precopy.layout import MapEntry, MapsCache, PageFinder, read_maps, read_smaps_flags, to_vma
+from precopy.layout import LayoutCache, MapEntry, MapsCache, PageFinder, read_maps, read_smaps_flags, to_vma
 from precopy.pagemap import PAGE_IS_GUARD, PagemapScanner, pagemap_scan_works
 from transport.errors import UnsupportedResource
 from transport.schema import (
@@ -588,7 +588,11 @@ def _rearm_fired_real_timer(it: ITimer, shared_pending: list[bytes]) -> ITimer:
     return it
 
 
-def collect_layout(pid: int) -> Mappings:
+def collect_layout(pid: int, cache: LayoutCache | None = None) -> Mappings:
+    """The process's layout, through ``cache`` where the caller read it before (only what
+    changed since is made anew)."""
+    if cache is not None:
+        return Mappings(cache.read(pid))
     return Mappings(tuple(to_vma(m, flags) for m, flags in read_smaps_flags(pid)))
 
 

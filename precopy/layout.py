@@ -370,6 +370,27 @@ def read_smaps_flags(pid: int) -> list[tuple[MapEntry, frozenset[str]]]:
     return [(e, frozenset(f.split())) for e, (_, f) in zip(entries, pairs)]
 
 
+class LayoutCache:
+    """One process's mapping records (``Vma``) as its last smaps read made them, by (maps
+    line, VmFlags): a read of the same process again (frozen, after a read while it ran)
+    makes records only for the mappings that changed since. Records of files and of SysV
+    segments are made at every read: they carry what the file or the segment is then."""
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, str], Vma] = {}
+
+    def read(self, pid: int) -> tuple[Vma, ...]:
+        with open(f"/proc/{pid}/smaps") as f:
+            text = f.read()
+        pairs = _smaps_pairs(text)
+        missing = [pair for pair in pairs if pair not in self._records]
+        entries = parse_maps("\n".join(head for head, _ in missing))
+        made = {pair: to_vma(e, frozenset(pair[1].split())) for pair, e in zip(missing, entries)}
+        records = tuple(self._records.get(pair) or made[pair] for pair in pairs)
+        self._records = {pair: v for pair, v in zip(pairs, records) if v.kind != "file" and v.shm is None}
+        return records
+
+
 def to_vma(entry: MapEntry, vmflags: frozenset[str] | None = None) -> Vma:
     """The record of a mapping, with its VmFlags (``vmflags``, else the entry's own)."""
     if vmflags is None:
