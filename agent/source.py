@@ -275,6 +275,17 @@ class SourceSession:
     inflight: InFlight = field(default_factory=InFlight)   # precopy or freeze, while it runs
     idents: dict[str, tuple[int, int]] = field(default_factory=dict)   # the job's files: (st_dev, st_ino)
     very: list[list[int]] = field(default_factory=list)   # of those, the destination's very files
+    # Where each process's scratch can go at the freeze, worked out from its tracker's last
+    # layout once pre-copy ended (a pass over every mapping: not inside the freeze).
+    spares: dict[int, tuple[object, int | None]] = field(default_factory=dict)
+
+    def spare(self, pid: int) -> int | None:
+        """``inject.spare_address`` in the last layout of ``pid``'s tracker."""
+        layout = self.trackers[pid].layout
+        known = self.spares.get(pid)
+        if known is None or known[0] is not layout:
+            known = self.spares[pid] = (layout, spare_address([(e.start, e.end) for e in layout]))
+        return known[1]
 
     def sink(self, ctx: CallContext, to: dict[str, Any] | None,
              connect_timeout: float = HANDSHAKE_TIMEOUT) -> "StreamSink | DataChannelSink":
@@ -513,6 +524,8 @@ async def _precopy(ctx: CallContext, s: SourceSession, policy: dict[str, Any] | 
         ctx.progress(event="round", **stats.as_dict())
 
     s.result = await precopy_group(members, sink, s.cursor, _policy(policy), on_round=on_round)
+    for p in list(s.trackers):
+        s.spare(p)
     out = s.result.as_dict()
     return {k: out[k] for k in ("stop_reason", "rounds", "pages_pending", "memory_bytes")}
 
@@ -546,7 +559,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     scratch: dict[int, int] = {}
     if not starting:
         for p, tracker in [(p, s.trackers[p]) for p in pids]:
-            at = spare_address([(e.start, e.end) for e in tracker.layout])
+            at = s.spare(p)
             if at is not None:
                 scratch[p] = at
                 tracker.hidden = frozenset({(at, at + SCRATCH_SIZE)})
