@@ -59,16 +59,29 @@ class MissingFiller:
         self._counting = threading.Lock()     # ``write`` runs in several threads at once
 
     def register(self, vmas: list[Vma]) -> None:
-        """Register the new mappings ``vmas`` (those a userfaultfd can fill)."""
-        added = []
-        for v in vmas:
-            if not fillable(v):
-                continue
-            try:
-                self.uffd.register_missing(v.start, v.end)
-            except OSError:
-                continue            # not fillable after all: written through /proc/PID/mem
-            added.append((v.start, v.end))
+        """Register the new mappings ``vmas`` (those a userfaultfd can fill): neighbours in one
+        call (a process of many small mappings side by side), each alone where that fails."""
+        added: list[Span] = []
+        runs: list[list[Vma]] = []
+        for v in sorted((v for v in vmas if fillable(v)), key=lambda v: v.start):
+            if runs and runs[-1][-1].end == v.start:
+                runs[-1].append(v)
+            else:
+                runs.append([v])
+        for run in runs:
+            if len(run) > 1:
+                try:
+                    self.uffd.register_missing(run[0].start, run[-1].end)
+                    added += [(v.start, v.end) for v in run]
+                    continue
+                except OSError:
+                    pass            # one of them cannot be: each on its own
+            for v in run:
+                try:
+                    self.uffd.register_missing(v.start, v.end)
+                except OSError:
+                    continue        # not fillable after all: written through /proc/PID/mem
+                added.append((v.start, v.end))
         self._set(sorted([*self.spans, *added]))
 
     def keep(self, mapped: list[Span], within: list[Span] | None = None) -> None:
