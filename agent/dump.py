@@ -119,7 +119,9 @@ POLICY_AT = THREAD_AT + 32      # a thread's get_mempolicy: mode (8 bytes), then
 RANGES_AT = PAGE_SIZE           # each mapping's get_mempolicy, one call each: mode and nodemask
 CODE_AT, TABLE_AT = 2 * PAGE_SIZE, 3 * PAGE_SIZE
 TABLE_CALLS = PAGE_SIZE // BATCH_ENTRY
-ASKED_AT = 4 * PAGE_SIZE
+TIMERS_AT = 4 * PAGE_SIZE       # each POSIX timer's timer_gettime (32 bytes), for the first BATCHED_TIMERS
+BATCHED_TIMERS = PAGE_SIZE // 32
+ASKED_AT = 5 * PAGE_SIZE
 
 
 class Calls:
@@ -220,12 +222,13 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         # mappings' starts go in one batch (one stop); each other thread's in one of its own.
         policies = _Policies(pid, calls)
         starts = [m.start for m in maps if m.end <= TASK_SIZE]
-        thread_calls, process_calls = _thread_calls(calls), _process_calls(status, calls.scratch)
+        timers = _timer_lines(pid)
+        thread_calls, process_calls = _thread_calls(calls), _process_calls(status, calls.scratch, timers)
         got, answers = calls.run_asking(leader, thread_calls + process_calls, starts, policies.bits)
         threads = [_collect_thread(held, pid, leader, calls, rseq[pid], got[:len(thread_calls)])]
         policies.take(starts, answers)
         threads += [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids[1:]]
-        process = _collect_process(held, leader, calls, status, process_calls,
+        process = _collect_process(held, leader, calls, status, timers, process_calls,
                                    got[len(thread_calls):len(thread_calls) + len(process_calls)])
         process = replace(process, lock_future=int(lock_future),
                           mempolicies=_mempolicies(pid, leader, policies, maps, job),
@@ -426,14 +429,19 @@ def _locked_kb(status: Mapping[str, str]) -> int:
     return int(status.get("VmLck", "0 kB").split()[0])
 
 
-def _process_calls(status: Mapping[str, str], scratch: Scratch) -> list[tuple[str, tuple[int, ...]]]:
+def _process_calls(status: Mapping[str, str], scratch: Scratch,
+                   timers: list[dict[str, str]]) -> list[tuple[str, tuple[int, ...]]]:
     """What the process is asked of itself (in its main thread), answering into the scratch
-    (``_collect_process``)."""
+    (``_collect_process``); ``timers``: its POSIX timers (``_timer_lines``), the first
+    ``BATCHED_TIMERS`` of which are asked here too."""
     caught = int(status["SigCgt"], 16)
     asked = [signo for signo in range(1, 65) if signo not in (SIGKILL, SIGSTOP) and caught >> (signo - 1) & 1]
     batch: list[tuple[str, tuple[int, ...]]] = [
         ("rt_sigaction", (signo, 0, scratch.addr + SIGACTIONS_AT + 32 * signo, 8)) for signo in asked]
     batch += [("getitimer", (which, scratch.addr + ITIMERS_AT + 32 * which)) for which in range(3)]
+    for i, fields in enumerate(timers[:BATCHED_TIMERS]):
+        batch += [("timer_gettime", (int(fields["ID"]), scratch.addr + TIMERS_AT + 32 * i)),
+                  ("timer_getoverrun", (int(fields["ID"]),))]
     batch += [("brk", (0,)), ("prctl", (PR_GET_DUMPABLE,)), ("prctl", (PR_GET_SECUREBITS,)),
               ("prctl", (PR_GET_CHILD_SUBREAPER, scratch.addr + SUBREAPER_AT)), ("prctl", (PR_GET_THP_DISABLE,)),
               ("prctl", (PR_GET_MDWE, 0, 0, 0, 0)), ("membarrier", (MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))]
@@ -441,9 +449,10 @@ def _process_calls(status: Mapping[str, str], scratch: Scratch) -> list[tuple[st
 
 
 def _collect_process(held: Held, inj: Injector, calls: Calls, status: Mapping[str, str],
-                     batch: list[tuple[str, tuple[int, ...]]], got: list[int]) -> ProcessState:
-    """The process's state; ``status``: its /proc status, ``batch``: its ``_process_calls``
-    (asked with ``status``), ``got``: their results."""
+                     timers: list[dict[str, str]], batch: list[tuple[str, tuple[int, ...]]],
+                     got: list[int]) -> ProcessState:
+    """The process's state; ``status``: its /proc status, ``timers``: its POSIX timers as
+    /proc lists them, ``batch``: its ``_process_calls`` (asked with those), ``got``: their results."""
     pid = held.pid
     caught = int(status["SigCgt"], 16)
     ignored = int(status["SigIgn"], 16)
@@ -491,7 +500,8 @@ def _collect_process(held: Held, inj: Injector, calls: Calls, status: Mapping[st
         sigactions=tuple(sigactions), itimers=tuple(itimers),
         shared_pending=tuple(shared_pending), child_subreaper=subreaper,
         oom_score_adj=int(read_text(pid, "oom_score_adj")), thp_disable=thp_disable,
-        posix_timers=_posix_timers(pid, inj, scratch), loginuid=_loginuid(pid),
+        posix_timers=_posix_timers(inj, scratch, timers, got[-7 - 2 * min(len(timers), BATCHED_TIMERS):-7]),
+        loginuid=_loginuid(pid),
         membarrier=_membarrier_registrations(inj, membarrier), cgroups=cgroups.read(pid),
         coredump_filter=int(read_text(pid, "coredump_filter"), 16), mdwe=mdwe, guard_regions=read_guard_regions(pid),
         spec_store_bypass=SPECULATION.get(status.get("Speculation_Store_Bypass", ""), 0),
@@ -552,9 +562,8 @@ def _membarrier_registrations(inj: Injector, registrations: int) -> int:
 _NOTIFY = {"signal": 0, "none": 1, "thread": 2}
 
 
-def _posix_timers(pid: int, inj: Injector, scratch: Scratch) -> tuple[PosixTimer, ...]:
-    """The process's timer_create() timers: what /proc/PID/timers says of each, and the time
-    left and period (timer_gettime, in the process)."""
+def _timer_lines(pid: int) -> list[dict[str, str]]:
+    """Each timer_create() timer of the process, as /proc/PID/timers lists it (field: value)."""
     blocks: list[dict[str, str]] = []
     for line in read_text(pid, "timers").splitlines():
         key, _, value = line.partition(":")
@@ -562,19 +571,34 @@ def _posix_timers(pid: int, inj: Injector, scratch: Scratch) -> tuple[PosixTimer
             blocks.append({})
         if blocks:
             blocks[-1][key.strip()] = value.strip()
+    return blocks
+
+
+def _posix_timers(inj: Injector, scratch: Scratch, blocks: list[dict[str, str]],
+                  batched: list[int]) -> tuple[PosixTimer, ...]:
+    """The process's timer_create() timers: what /proc/PID/timers says of each (``blocks``),
+    and the time left, period and overrun (timer_gettime and timer_getoverrun, in the
+    process): the first ones' asked in the process's batch (``batched``: their results,
+    the time answered at ``TIMERS_AT``), the rest one call at a time."""
     timers = []
-    for fields in blocks:
+    times = scratch.get(TIMERS_AT, 32 * len(batched) // 2) if batched else b""
+    for i, fields in enumerate(blocks):
         tid = int(fields["ID"])
         signo, _, sigval = fields["signal"].partition("/")
         how, _, target = fields["notify"].partition("/")       # "signal/pid.123", "signal/tid.124", "none/pid.1"
         kind, _, who = target.partition(".")
         notify = _NOTIFY[how] | (4 if kind == "tid" else 0)
-        inj.call("timer_gettime", tid, scratch.addr)
-        isec, insec, vsec, vnsec = struct.unpack("<4q", scratch.get(0, 32))
+        if 2 * i < len(batched):
+            isec, insec, vsec, vnsec = struct.unpack_from("<4q", times, 32 * i)
+            overrun = batched[2 * i + 1]
+        else:
+            inj.call("timer_gettime", tid, scratch.addr)
+            isec, insec, vsec, vnsec = struct.unpack("<4q", scratch.get(0, 32))
+            overrun = inj.call("timer_getoverrun", tid)
         timers.append(PosixTimer(id=tid, clockid=int(fields["ClockID"]), signo=int(signo), sigval=int(sigval, 16),
                                  notify=notify, tid=int(who) if notify & 4 else 0,
                                  value_ns=vsec * 1_000_000_000 + vnsec, interval_ns=isec * 1_000_000_000 + insec,
-                                 overrun=inj.call("timer_getoverrun", tid)))
+                                 overrun=overrun))
     return tuple(timers)
 
 

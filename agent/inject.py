@@ -395,7 +395,7 @@ class ScratchTaken(InjectionError):
     there, or the kernel will not map there for it (EEXIST, ENOMEM, EINVAL)."""
 
 
-SCRATCH_SIZE = 20 * PAGE_SIZE    # (a dump asks the NUMA policies of 2,000 mappings a stop in 16 of them)
+SCRATCH_SIZE = 21 * PAGE_SIZE    # (a dump asks the NUMA policies of 2,000 mappings a stop in 16 of them)
 LOWEST_SPARE = 1 << 32        # far above the mmap_min_addr of any kernel, and the executable and heap of most
 
 

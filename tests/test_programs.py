@@ -414,6 +414,64 @@ open(f"{d}/output", "w").write(f"{ok}\\n")
 """
 
 
+# 200 timers due in about 1000 s, each with its own interval and clock, and one firing every
+# 4 ms: more than the freeze asks in the process's batch of calls (128), so the rest are asked
+# one at a time. After the move every timer has its interval and about the time left it had,
+# the firing one its period and ticks, and the list is whole.
+MANY_TIMERS = """
+import ctypes, os, signal, sys, time
+d = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+ticks = 0
+def on(sig, frame):
+    global ticks
+    ticks += 1
+signal.signal(signal.SIGUSR1, on)
+class sigevent(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                ("tid", ctypes.c_int), ("pad", ctypes.c_int * 11)]
+ids = []
+for i in range(201):
+    tid = ctypes.c_int(0)
+    assert libc.syscall(222, i % 2, ctypes.byref(sigevent(i, signal.SIGUSR1, 0, 0)), ctypes.byref(tid)) == 0
+    ids.append(tid.value)
+    # due in 1000 s + i us, then every 1 ms + i us; the last one every 4 ms from now
+    spec = (ctypes.c_long * 4)(0, 1_000_000 + 1000 * i, 1000, 1000 * i)
+    if i == 200:
+        spec[:] = [0, 4_000_000, 0, 4_000_000]
+    assert libc.syscall(223, ids[-1], 0, spec, None) == 0
+while ticks < 5:
+    time.sleep(0.001)
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.001)
+seen = ticks
+while ticks < seen + 5:
+    time.sleep(0.001)
+cur = (ctypes.c_long * 4)()
+ok = True
+for i, t in enumerate(ids[:200]):
+    ok = ok and libc.syscall(224, t, cur) == 0 and tuple(cur[:2]) == (0, 1_000_000 + 1000 * i) and 900 < cur[2] < 1000
+ok = ok and libc.syscall(224, ids[200], cur) == 0 and tuple(cur[:2]) == (0, 4_000_000)
+ok = ok and sum(line.startswith("ID:") for line in open("/proc/self/timers").read().splitlines()) == 201
+for t in ids:
+    ok = ok and libc.syscall(226, t) == 0
+open(f"{d}/output", "w").write(f"{ok}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_more_timers_than_one_batch_asks(tmp_path: Path, how: str) -> None:
+    script = tmp_path / "timers.py"
+    script.write_text(MANY_TIMERS)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True)
+    pid = moved(proc, how, tmp_path)
+    (tmp_path / "go").touch()
+    finished(pid)
+    assert (tmp_path / "output").read_text() == "True\n"
+
+
 # An inotify instance with watch numbers after a gap (three watches added and removed first), a
 # watch with IN_ONESHOT: after the move each event names its watch by the number it had, no
 # IN_IGNORED left over from restoring the numbers, and the one-shot watch still fires once.
