@@ -8,6 +8,7 @@ ptrace requests and injected system calls need this thread.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 _STOP = object()
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}   # what asks a process to stop
 
 
 class Tracer:
@@ -25,6 +27,12 @@ class Tracer:
         self._thread.start()
 
     def _loop(self) -> None:
+        # A signal asking the tool to stop goes to a thread that does not block it. Taken by
+        # this thread (blocked in a write, say), it would run its handler only once the
+        # thread waiting in ``call`` woke for another reason: after the operation it was to
+        # interrupt. So this thread, and the threads it starts (an image's writers), leave
+        # them to the others.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         while True:
             item = self._queue.get()
             if item is _STOP:

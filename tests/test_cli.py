@@ -355,6 +355,28 @@ def test_checkpoint_interrupted_while_frozen_changes_nothing(tmp_path: Path, sig
     assert proc.poll() is None and state(proc.pid) == "S"
 
 
+def test_only_the_main_thread_takes_a_signal_to_stop(tmp_path: Path) -> None:
+    """The kernel gives a signal sent to the process to any thread that does not block it.
+    Taken by the thread blocked writing the image, it would wait for that write (the whole
+    image, once the pipe is read) before the main thread saw it: the checkpoint would finish,
+    and kill the process, after a Ctrl-C. So while it writes, every other thread blocks
+    SIGINT, SIGTERM and SIGHUP, and the main thread takes them."""
+    proc = holder(tmp_path)
+    ckpt = cli("checkpoint", str(proc.pid), "-o", "-")
+    wait_writing(ckpt.pid, 1)
+    stop = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGHUP - 1))
+    blocked = {}
+    for task in Path(f"/proc/{ckpt.pid}/task").iterdir():
+        fields = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+        blocked[int(task.name)] = int(fields["SigBlk"], 16) & stop
+    ckpt.send_signal(signal.SIGINT)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 130, err.decode()
+    assert len(blocked) > 1, "the checkpoint writes from a thread of its own"
+    assert blocked.pop(ckpt.pid) == 0, "the main thread takes them"
+    assert all(mask == stop for mask in blocked.values()), blocked
+
+
 def test_checkpoint_interrupted_once_the_image_is_whole_succeeds(tmp_path: Path) -> None:
     """Ctrl-C while it reports (its stderr full): the image is written and the process ended,
     so the status is 0 all the same."""
