@@ -133,6 +133,8 @@ CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in 
 POLICY_SCRATCH = 768        # where ``_thread_setup`` puts a thread's NUMA nodemask
 SOCKET_SCRATCH = 0          # ``socketpairs_as``' fds, ``connect_as``'s address
 PAIRS_AT_ONCE = 128         # socketpairs made in one batch (their fds fill 1 KiB of the scratch)
+TIMER_SCRATCH = 4096        # ``_posix_timers``: the ids asked, their sigevents, their times
+TIMERS_AT_ONCE = 64         # (4 + 64 + 32 bytes each, within pages 2 and 3 of the scratch)
 Call = tuple[str, tuple[int, ...]]     # an injected system call: name, arguments
 WALL, WNOHANG = 0x40000000, 1
 RLIMIT_NOFILE = 7
@@ -1703,30 +1705,43 @@ class Restorer:
     def _posix_timers(self, proc: ProcessState, new_tids: dict[int, int]) -> None:
         """Each timer_create() timer under its id (PR_TIMER_CREATE_RESTORE_IDS, which needs
         the capability lent for it), once the threads it may signal exist, armed with the
-        time it had left."""
+        time it had left: ``TIMERS_AT_ONCE`` timers a batch of calls."""
         if not proc.posix_timers:
             return
-        try:
-            self._call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0)
-        except InjectionError as exc:
-            raise RestoreError(f"the process has POSIX timers, which this kernel cannot restore under their ids "
-                               f"(PR_TIMER_CREATE_RESTORE_IDS: {exc.strerror}); Linux 6.17 or later can") from None
-        for t in proc.posix_timers:
-            tid = new_tids.get(t.tid, t.tid) if t.notify & 4 else 0
-            event = struct.pack("<Qiii", t.sigval, t.signo, t.notify, tid) + bytes(44)
-            wanted = self._put(struct.pack("<i", t.id), 3072)
-            self._call("timer_create", t.clockid, self._put(event, 3136), wanted)
-            assert self.mem is not None
-            got = struct.unpack("<i", self.mem.read(wanted, 4))[0]
-            if got != t.id:
-                raise RestoreError(f"POSIX timer {t.id} came back as {got}")
-            if t.value_ns:
-                spec = struct.pack("<4q", *divmod(t.interval_ns, 1_000_000_000), *divmod(t.value_ns, 1_000_000_000))
-                self._call("timer_settime", t.id, 0, self._put(spec, 3200), 0)
-            if t.overrun:
-                self.report.warnings.append(f"POSIX timer {t.id} had an overrun count of {t.overrun} at the freeze: "
-                                            "no call sets one again, so timer_getoverrun() says 0 until it next fires")
-        self._call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+        assert self.inj is not None and self.mem is not None
+        timers = list(proc.posix_timers)
+        for first in range(0, len(timers), TIMERS_AT_ONCE):
+            part = timers[first:first + TIMERS_AT_ONCE]
+            calls: list[tuple[str, tuple[int, ...]]] = []
+            if first == 0:
+                calls.append(("prctl", (PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0)))
+            for i, t in enumerate(part):
+                tid = new_tids.get(t.tid, t.tid) if t.notify & 4 else 0
+                event = struct.pack("<Qiii", t.sigval, t.signo, t.notify, tid) + bytes(44)
+                wanted = self._put(struct.pack("<i", t.id), TIMER_SCRATCH + 4 * i)
+                calls.append(("timer_create", (t.clockid, self._put(event, TIMER_SCRATCH + 256 + 64 * i), wanted)))
+                if t.value_ns:
+                    spec = struct.pack("<4q", *divmod(t.interval_ns, 1_000_000_000),
+                                       *divmod(t.value_ns, 1_000_000_000))
+                    calls.append(("timer_settime", (t.id, 0, self._put(spec, TIMER_SCRATCH + 4352 + 32 * i), 0)))
+            if first + len(part) == len(timers):
+                calls.append(("prctl", (PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)))
+            done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls)
+            self.report.syscalls += min(done + 1, len(calls))
+            if done < len(calls):
+                name, args = calls[done]
+                if name == "prctl" and args[1] == 1:
+                    raise RestoreError(f"the process has POSIX timers, which this kernel cannot restore under their "
+                                       f"ids (PR_TIMER_CREATE_RESTORE_IDS: {os.strerror(-err)}); Linux 6.17 or later can")
+                raise InjectionError(-err, f"{name}() for a POSIX timer in pid {self.pid}: {os.strerror(-err)}")
+            ids = struct.unpack(f"<{len(part)}i", self.mem.read(self._scratch(TIMER_SCRATCH), 4 * len(part)))
+            for t, got in zip(part, ids):
+                if got != t.id:
+                    raise RestoreError(f"POSIX timer {t.id} came back as {got}")
+                if t.overrun:
+                    self.report.warnings.append(
+                        f"POSIX timer {t.id} had an overrun count of {t.overrun} at the freeze: no call sets one "
+                        "again, so timer_getoverrun() says 0 until it next fires")
 
     def _clone_thread(self, flags: int, t: ThreadState) -> int:
         """A new thread, with its old tid if ids are kept (clone3 with set_tid)."""
