@@ -374,12 +374,9 @@ def test_an_eventfd_shared_with_a_process_that_stays_is_refused(tmp_path: Path) 
         os.kill(child, 9)
 
 
-# Two timer_create() timers (raw system calls): one firing SIGUSR1 every 5 ms with a value
-# the handler's siginfo carries, one disarmed; after the move both are there under their ids
-# (timer_gettime on each), the first still periodic, the second still disarmed.
-POSIX_TIMERS = """
+# What the timer programs share: struct sigevent, and a SIGUSR1 handler counting ticks.
+TIMER_PRELUDE = """
 import ctypes, os, signal, sys, time
-d, n = sys.argv[1], int(sys.argv[2])
 libc = ctypes.CDLL(None, use_errno=True)
 ticks = 0
 def on(sig, frame):
@@ -389,6 +386,13 @@ signal.signal(signal.SIGUSR1, on)
 class sigevent(ctypes.Structure):
     _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
                 ("tid", ctypes.c_int), ("pad", ctypes.c_int * 11)]
+"""
+
+# Two timer_create() timers (raw system calls): one firing SIGUSR1 every 5 ms with a value
+# the handler's siginfo carries, one disarmed; after the move both are there under their ids
+# (timer_gettime on each), the first still periodic, the second still disarmed.
+POSIX_TIMERS = TIMER_PRELUDE + """
+d, n = sys.argv[1], int(sys.argv[2])
 ids = []
 for clock in (1, 0):
     ev = sigevent(0xABC, signal.SIGUSR1, 0, 0)
@@ -418,18 +422,8 @@ open(f"{d}/output", "w").write(f"{ok}\\n")
 # 4 ms: more than the freeze asks in the process's batch of calls (128), so the rest are asked
 # one at a time. After the move every timer has its interval and about the time left it had,
 # the firing one its period and ticks, and the list is whole.
-MANY_TIMERS = """
-import ctypes, os, signal, sys, time
+MANY_TIMERS = TIMER_PRELUDE + """
 d = sys.argv[1]
-libc = ctypes.CDLL(None, use_errno=True)
-ticks = 0
-def on(sig, frame):
-    global ticks
-    ticks += 1
-signal.signal(signal.SIGUSR1, on)
-class sigevent(ctypes.Structure):
-    _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
-                ("tid", ctypes.c_int), ("pad", ctypes.c_int * 11)]
 ids = []
 for i in range(201):
     tid = ctypes.c_int(0)
@@ -521,13 +515,8 @@ def test_inotify(tmp_path: Path, how: str) -> None:
 
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
-OVERRUN = """
-import ctypes, signal, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
+OVERRUN = TIMER_PRELUDE + """
 signal.signal(signal.SIGUSR2, lambda s, f: None)
-class sigevent(ctypes.Structure):
-    _fields_ = [("value", ctypes.c_uint64), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
-                ("tid", ctypes.c_int), ("pad", ctypes.c_int * 11)]
 tid = ctypes.c_int(0)
 assert libc.syscall(222, 1, ctypes.byref(sigevent(0, signal.SIGUSR2, 0, 0)), ctypes.byref(tid)) == 0
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
