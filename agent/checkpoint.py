@@ -15,10 +15,11 @@ import os
 import threading
 import time
 from contextlib import closing
+from itertools import chain
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 
-from agent import fdtable, mempolicy
+from agent import carried_files, fdtable, mempolicy
 from agent import freeze as freezer
 from agent.as_target import Identity, problem
 from agent.dump import Collected, collect, collect_layout, image_header
@@ -185,7 +186,9 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 if len(tree.members) > 1:
                     writer.record(ProcessBegin(p))
                 state = states[p]
-                for rec in (state.process, *state.fds.records(), layouts[p], *state.threads):
+                # the carried files' slices are read as they are written: any size streams
+                carried = (piece for f in state.fds.carried for piece in carried_files.read(f))
+                for rec in chain((state.process, *state.fds.records()), carried, (layouts[p], *state.threads)):
                     writer.record(rec)
                 write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000

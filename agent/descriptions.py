@@ -145,7 +145,11 @@ class Descriptions:
                 fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp/"), c, self.identity)
                 self._mine.append(fd)
                 seals[c.id] = c.seals if c.memfd else 0
-            os.pwrite(fd, c.data, c.offset)
+            try:
+                os.pwrite(fd, c.data, c.offset)
+            except OSError as exc:
+                raise RestoreError(f"cannot write the deleted file {where.get(c.id, c.id)} again "
+                                   f"({c.size >> 20} MiB): {exc.strerror}") from None
         for ino, wanted in seals.items():
             # F_SEAL_WRITE before the file is mapped (so read-only mappings of it may not be made
             # writable, as on the source); F_SEAL_FUTURE_WRITE, which leaves writable mappings

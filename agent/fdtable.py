@@ -53,16 +53,14 @@ from dataclasses import dataclass, replace
 from typing import Callable, Collection, Mapping, Sequence
 
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
+from agent.carried_files import CarriedFile
 from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
                           list_fds, mapped_only, read_status, read_text, thread_ids)
 from precopy.layout import FrozenFileMaps, MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import NoSuchProcess, UnsupportedResource
-from transport.records import MAX_BYTES
 from transport.schema import (
     EVENT_KINDS,
-    MAX_DELETED_FILE,
-    MEMFD_SEALS,
     O_CLOEXEC_FLAG,
     SOCK_DGRAM,
     EpollWatch,
@@ -408,16 +406,9 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
     file_maps_of = maps.of if maps is not None else file_maps
     mapped = {pid: file_maps_of(pid) for pid in pids}
     found = job_mapped_only(pids, set(deleted), mapped)
-    for ino, m in found.items():
-        deleted[ino] = check_mapped_only(m, MAX_DELETED_FILE).st_size
+    for m in found.values():
+        check_mapped_only(m)
     shm = shm_files.find(pids, mapped)
-    in_shm = shm_files.check_size(shm, pids[0])
-    if sum(deleted.values()) + in_shm > MAX_DELETED_TOTAL:
-        raise UnsupportedResource(
-            f"pid {pids[0]}'s job holds deleted files and files of /dev/shm of "
-            f"{(sum(deleted.values()) + in_shm) >> 20} MiB in all: kcr-migrate carries up to "
-            f"{MAX_DELETED_TOTAL >> 20} MiB of them (their contents go while the job is frozen); close some, or "
-            "keep the data in files on disk", pid=pids[0])
     events = [(pid, f) for pid, fds in tables.items() for f in fds if f.kind in EVENT_KINDS]
     outside = Outside([])
     if objects or events or fifos:
@@ -627,7 +618,6 @@ def _lease_signal(pid: int, fd: int) -> int:
 
 
 _CANNOT = "kcr-migrate cannot move it yet (see README, Limits)"
-MAX_DELETED_TOTAL = 48 << 20   # of deleted files' contents per job (they travel in one holder message)
 
 
 def _fifo(pid: int, info: FdInfo, held: tuple[FileLock, ...], fifos: dict[tuple[int, int], list[Held]]) -> FileDesc:
@@ -654,18 +644,13 @@ def _fifo(pid: int, info: FdInfo, held: tuple[FileLock, ...], fifos: dict[tuple[
 def _deleted(pid: int, info: FdInfo, held: tuple[FileLock, ...]) -> FileDesc:
     """A deleted regular file open as an fd (a temporary file, O_TMPFILE): its contents are
     carried and it is made again, unlinked. One still linked under another name is refused
-    (a copy would no longer be that file), as is one too big to carry at the freeze."""
+    (a copy would no longer be that file)."""
     st = info.st
     assert st is not None
     name = info.target[:-len(" (deleted)")]
     if st.st_nlink:
         raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is {name}, deleted under that name but still linked "
                                   f"under another (inode {st.st_ino}): {_CANNOT}", pid=pid)
-    if st.st_size > MAX_DELETED_FILE:
-        raise UnsupportedResource(
-            f"pid {pid}'s fd {info.fd} is the deleted file {name} of {st.st_size >> 20} MiB: kcr-migrate carries "
-            f"deleted files up to {MAX_DELETED_FILE >> 20} MiB (their contents go while the process is frozen); "
-            "close it, or keep the data in a file that has a name", pid=pid)
     if name.startswith("/memfd:") and st.st_blksize > os.sysconf("SC_PAGE_SIZE"):
         # hugetlbfs gives its page size; made again here it would be a memfd of small pages
         raise UnsupportedResource(f"pid {pid}'s fd {info.fd} is the memfd {name} of huge pages (MFD_HUGETLB): "
@@ -687,43 +672,6 @@ def job_mapped_only(pids: Sequence[int], held: set[int], maps: Mapping[int, list
         for ino, m in mapped_only(pid, maps[pid], held).items():
             out.setdefault(ino, m)
     return out
-
-
-def _deleted_contents(pid: int, source: str, ino: int) -> list[FileContents]:
-    """A deleted file's contents in slices, read through ``source``, the process's fd or
-    mapping of it under /proc (it has no name)."""
-    own = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(own)
-        if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
-            raise UnsupportedResource(f"pid {pid}'s deleted file {source} changed while it was being read: "
-                                      "try again", pid=pid)
-        memfd, seals = _memfd_seals(source, own)
-        slices, offset = [], 0
-        while True:
-            data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
-            slices.append(FileContents(id=ino, size=st.st_size, offset=offset, data=data,
-                                       mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                                       memfd=memfd, seals=seals))
-            offset += len(data)
-            if not data or offset >= st.st_size:
-                return slices
-    finally:
-        os.close(own)
-
-
-def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
-    """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
-    (a file of /dev/shm takes it too, but is named by its path)."""
-    if not os.readlink(source).startswith("/memfd:"):
-        return False, 0
-    try:
-        return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS
-    except OSError:
-        return False, 0     # a file of that name on a filesystem without seals
-
-
-F_GET_SEALS = 1034
 
 
 def _redirect_hint(fds: Sequence[int], why: str) -> str:
@@ -930,7 +878,10 @@ class FdState:
     pipes: Pipes
     sockets: UnixSockets
     events: EventFiles
-    contents: tuple[FileContents, ...] = ()    # deleted files' contents, in slices
+    contents: tuple[FileContents, ...] = ()    # deleted files' contents, in slices (as restore reads them)
+    # The files whose contents the dump carries (deleted, memfds, /dev/shm), read only as they
+    # are sent (``carried_files.read``): their slices follow ``records()``.
+    carried: tuple[CarriedFile, ...] = ()
 
     def records(self) -> tuple[Files | Pipes | UnixSockets | EventFiles | FileContents, ...]:
         return (self.files, self.pipes, self.sockets, self.events, *self.contents)
@@ -1025,15 +976,15 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     for obj, (pid, f) in events.items():
         event_files[pid].append(_event_file(pid, f, obj, described.fdinfo[pid, f.fd],
                                             described.watches.get((pid, f.fd)), described.marks.get((pid, f.fd))))
-    contents: dict[int, list[FileContents]] = {pid: [] for pid in pids}
+    carried: dict[int, list[CarriedFile]] = {pid: [] for pid in pids}
     for ino, (pid, fd) in deleted.items():
-        contents[pid] += _deleted_contents(pid, f"/proc/{pid}/fd/{fd}", ino)
+        carried[pid].append(CarriedFile(pid, ino, f"/proc/{pid}/fd/{fd}"))
     for ino, m in described.mapped_only.items():
-        contents[m.pid] += [replace(c, name=m.name) for c in _deleted_contents(m.pid, m.source, ino)]
-    for pid, slices in shm_files.contents(described.shm).items():
-        contents[pid] += slices
+        carried[m.pid].append(CarriedFile(m.pid, ino, m.source, name=m.name))
+    for ino, shm in described.shm.items():
+        carried[shm.pid].append(CarriedFile(shm.pid, ino, shm.source, path=shm.path))
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
-                         EventFiles(tuple(event_files[pid])), tuple(contents[pid]))
+                         EventFiles(tuple(event_files[pid])), carried=tuple(carried[pid]))
             for pid in pids}
 
 

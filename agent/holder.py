@@ -288,6 +288,7 @@ class Holder:
                             {t.tid: t.pending[1:] if t.tid in held.inflight else t.pending for t in state.threads})
             out.append({"pid": p, "process": state.process.to_wire(),
                         "fds": [rec.to_wire() for rec in state.fds.records()],
+                        "carried": [c.to_wire() for c in state.fds.carried],     # read by the agent
                         "threads": [t.to_wire() for t in state.threads]})
             self.collected.add(p)
         if self.collected >= set(pids):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from agent import inventory, sched, timens
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
-from transport.schema import CHAR_DEVICES, MAX_DELETED_FILE, SHM_DIR, is_shm_path
+from transport.schema import CHAR_DEVICES, SHM_DIR, is_shm_path
 
 if TYPE_CHECKING:
     from precopy.layout import MapEntry
@@ -359,10 +359,9 @@ def mapped_only(pid: int, maps: Iterable[MapEntry], held: set[int]) -> dict[int,
     return out
 
 
-def check_mapped_only(m: MappedOnly, limit: int) -> os.stat_result:
-    """Refuse one that cannot be made again as it was: linked under another name, of huge
-    pages, or over ``limit`` bytes. Returns its stat."""
-    what = "memfd" if m.name.startswith("/memfd:") else "deleted file"
+def check_mapped_only(m: MappedOnly) -> os.stat_result:
+    """Refuse one that cannot be made again as it was: linked under another name, or of huge
+    pages. Returns its stat."""
     try:
         st = os.stat(m.source)
     except FileNotFoundError:
@@ -371,13 +370,9 @@ def check_mapped_only(m: MappedOnly, limit: int) -> os.stat_result:
         raise UnsupportedResource(f"pid {m.pid} maps {m.name}, deleted under that name but still linked under "
                                   f"another (inode {st.st_ino}): kcr-migrate cannot move it yet (see README, Limits)",
                                   pid=m.pid)
-    if what == "memfd" and st.st_blksize > os.sysconf("SC_PAGE_SIZE"):
+    if m.name.startswith("/memfd:") and st.st_blksize > os.sysconf("SC_PAGE_SIZE"):
         raise UnsupportedResource(f"pid {m.pid} maps the memfd {m.name} of huge pages (MFD_HUGETLB) at "
                                   f"{m.start:#x}: kcr-migrate cannot move it yet (see README, Limits)", pid=m.pid)
-    if st.st_size > limit:
-        raise UnsupportedResource(
-            f"pid {m.pid} maps the {what} {m.name} of {st.st_size >> 20} MiB: kcr-migrate carries deleted files "
-            f"up to {limit >> 20} MiB (their contents go while the process is frozen)", pid=m.pid)
     return st
 
 
@@ -494,7 +489,7 @@ def check_supported(pid: int, *, maps: list | None = None, redirect: Mapping[int
     held = held_deleted({pid, *(tree or ())}) if deleted else set()
     only = mapped_only(pid, every, held) if deleted else {}
     for o in only.values():
-        check_mapped_only(o, MAX_DELETED_FILE)
+        check_mapped_only(o)
     _check_deleted_shared(pid, every, held | set(only))
     for m in every:
         if m.inode in only and m.name.endswith(" (deleted)") and not m.name.startswith("/SYSV"):

@@ -1,13 +1,10 @@
 """Files in /dev/shm the job holds open or maps: POSIX ``shm_open`` objects, Python's
 ``multiprocessing.shared_memory``. /dev/shm is a tmpfs, so their contents live on this host
-only: they are carried whole, read while the job is frozen (``FileContents`` with the file's
-``path``), and made again at their path on the destination with their owner and permissions
-(``agent.shared_memory``), unless the destination sees this very file. fds and mappings keep
+only: they are carried whole, read while the job is frozen (``agent.carried_files``: slices
+with the file's ``path``), and made again at their path on the destination with their owner
+and permissions (``agent.shared_memory``), unless the destination sees this very file. fds and mappings keep
 naming the file by its path. Deleted ones are deleted files (``agent.fdtable``); files in a
 directory under /dev/shm are ordinary files (the destination must have them).
-
-They count against the limits of deleted files: ``MAX_DELETED_FILE`` each, and with them
-``MAX_DELETED_TOTAL`` a job.
 """
 from __future__ import annotations
 
@@ -18,10 +15,7 @@ from typing import Mapping, Sequence
 
 from agent.procfs import fd_links, mount_table
 from precopy.layout import MapEntry
-from precopy.kernel import boot_id
-from transport.errors import UnsupportedResource
-from transport.records import MAX_BYTES
-from transport.schema import MAX_DELETED_FILE, SHM_DIR, FileContents, is_shm_path
+from transport.schema import SHM_DIR, is_shm_path
 
 SHM_MOUNT = SHM_DIR.rstrip("/")
 
@@ -73,38 +67,3 @@ def _add(out: dict[int, ShmFile], pid: int, path: str, source: str, device: int)
         return
     if stat.S_ISREG(st.st_mode) and st.st_dev == device and st.st_ino not in out:   # the first holder's
         out[st.st_ino] = ShmFile(pid, path, source, st)
-
-
-def check_size(files: dict[int, ShmFile], root: int) -> int:
-    """Refuse a file over ``MAX_DELETED_FILE``; the bytes they hold in all."""
-    for f in files.values():
-        if f.st.st_size > MAX_DELETED_FILE:
-            raise UnsupportedResource(
-                f"pid {f.pid} uses {f.path} ({f.st.st_size >> 20} MiB): kcr-migrate carries files of /dev/shm up to "
-                f"{MAX_DELETED_FILE >> 20} MiB (their contents go while the job is frozen)", pid=root)
-    return sum(f.st.st_size for f in files.values())
-
-
-def contents(files: dict[int, ShmFile]) -> dict[int, list[FileContents]]:
-    """Each file's contents in slices, by the pid whose records carry them."""
-    out: dict[int, list[FileContents]] = {}
-    boot = boot_id()
-    for ino, f in files.items():
-        fd = os.open(f.source, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if st.st_ino != ino or st.st_size > MAX_DELETED_FILE:
-                raise UnsupportedResource(f"{f.path} changed while pid {f.pid}'s job was being read: try again",
-                                          pid=f.pid)
-            offset = 0
-            while True:
-                data = os.pread(fd, min(MAX_BYTES, st.st_size - offset), offset)
-                out.setdefault(f.pid, []).append(FileContents(
-                    id=ino, size=st.st_size, offset=offset, data=data, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
-                    gid=st.st_gid, path=f.path, dev=st.st_dev, boot=boot))
-                offset += len(data)
-                if not data or offset >= st.st_size:
-                    break
-        finally:
-            os.close(fd)
-    return out

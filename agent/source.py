@@ -28,7 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import cgroups, fdtable, locks, mempolicy, sched
+from agent import carried_files, cgroups, fdtable, locks, mempolicy, sched
+from agent.carried_files import CarriedFile
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
@@ -483,6 +484,17 @@ async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float
     return {"connected": True, "cipher": sink.cipher}
 
 
+async def _send_carried(sink: Any, c: CarriedFile) -> None:
+    """A carried file's slices (``agent.carried_files``), each read off the event loop as the
+    one before it goes out: the job is frozen, and the file is never held whole."""
+    slices = carried_files.read(c)
+    try:
+        while (rec := await _blocking(next, slices, None)) is not None:
+            await sink.record(rec)
+    finally:
+        slices.close()
+
+
 async def _send_header(sink: Any, s: SourceSession) -> None:
     if not s.header_sent:
         await sink.record(image_header(s.pid, "live", b""))
@@ -646,6 +658,8 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                         if listed is not None and not wire.get(listed):
                             continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
                         await sink.record(WireRecord(wire))
+                    for c in proc.get("carried", []):
+                        await _send_carried(sink, CarriedFile.from_wire(c))
                     for t in proc["threads"]:
                         await sink.record(WireRecord(t))
     finally:

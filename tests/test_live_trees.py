@@ -232,6 +232,26 @@ def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> No
     assert wait_file(out / "output") == f"{sum(x * x for x in range(3000))}\n"
 
 
+def test_big_host_local_files_move_live(testbed: Testbed, tmp_path: Path) -> None:
+    """tests/test_trees.py's BIG_SHARED: 64 MiB of multiprocessing.shared_memory shared by
+    three processes, a deleted file of 24 MiB and a memfd of 20 MiB, from hostA to hostC (the
+    test hosts share /dev/shm, so there the file is the very one; the other two travel)."""
+    from tests.test_trees import big_shared_reference
+    expected = big_shared_reference(tmp_path)
+    name = f"kcr-test-big-live-{os.getpid()}"
+    out = tmp_path / "moved"
+    try:
+        pid = start_in(testbed, "hostA", [sys.executable, str(tmp_path / "big_shared.py"), str(out), name], out,
+                       hold=True)
+        before = tree(pid)
+        assert len(before) == 4
+        move_tree_to_host_c(testbed, before)
+        (out / "go-on").touch()
+        assert wait_file(out / "output", 120) == expected
+    finally:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def _reference_and_moved_tree(testbed: Testbed, tmp_path: Path, argv: list[str], processes: int,
                               *after: str) -> None:
     """``argv`` (a program taking OUT READY GO, then ``after``) run unmoved here, and on hostA

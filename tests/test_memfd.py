@@ -294,18 +294,6 @@ def test_memfd_mapped_but_not_held_is_carried(tmp_path: Path, mode: str, live: b
         assert "after child b'chi'\n" in out
 
 
-BIG = r"""
-import mmap, os, sys, time
-fd = os.memfd_create("big", 0)
-os.ftruncate(fd, 17 << 20)
-m = mmap.mmap(fd, 4096)
-m[0:1] = b"x"
-open(os.path.join(sys.argv[1], ".ready"), "w").close()     # closed before it shows: the state is read then
-os.rename(os.path.join(sys.argv[1], ".ready"), os.path.join(sys.argv[1], "ready"))
-time.sleep(600)
-"""
-
-
 HUGE = r"""
 import os, sys, time
 fd = os.memfd_create("huge", os.MFD_HUGETLB)
@@ -316,17 +304,15 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize("script,expected", [
-    (BIG, "is the deleted file /memfd:big of 17 MiB: kcr-migrate carries deleted files up to 16 MiB"),
     (HUGE, "is the memfd /memfd:huge of huge pages (MFD_HUGETLB)"),
-], ids=["over-the-limit", "huge-pages"])
+], ids=["huge-pages"])
 def test_refused_in_one_line_and_the_process_runs_on(tmp_path: Path, script: str, expected: str) -> None:
-    """A memfd over the size carried while frozen, and one of huge pages (made again, it would
-    be of small pages)."""
-    if script is HUGE:
-        try:
-            os.close(os.memfd_create("probe", os.MFD_HUGETLB))
-        except OSError:
-            pytest.skip("this kernel makes no memfds of huge pages (no hugetlbfs)")
+    """A memfd of huge pages (made again, it would be of small pages). (Memfds of any size are
+    carried: tests/test_trees.py's test_big_shared_memory_deleted_file_and_memfd.)"""
+    try:
+        os.close(os.memfd_create("probe", os.MFD_HUGETLB))
+    except OSError:
+        pytest.skip("this kernel makes no memfds of huge pages (no hugetlbfs)")
     path = tmp_path / "refused.py"
     path.write_text(script)
     w = Workload("refused", tmp_path, argv=[sys.executable, "-S", str(path), str(tmp_path / "refused")])

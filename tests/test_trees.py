@@ -426,6 +426,94 @@ def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
 
 
+# Host-local files bigger than kcr-migrate once carried (16 MiB a file, 48 MiB a job): a
+# parent and two forked workers share 64 MiB of multiprocessing.shared_memory (a file of
+# /dev/shm, named by argv[2]; with it comes multiprocessing's resource tracker), and the parent
+# holds a deleted temporary file of 24 MiB and maps a memfd of 20 MiB. Halfway through their
+# rounds the workers wait (WORKLOAD_HOLD); the output is a digest of all three files.
+BIG_SHARED = """
+import hashlib, mmap, os, sys, tempfile, time
+from multiprocessing import shared_memory
+d, name, hold = sys.argv[1], sys.argv[2], os.environ["WORKLOAD_HOLD"]
+N, PAGE, ROUNDS = 64 << 20, 4096, 6
+shm = shared_memory.SharedMemory(name=name, create=True, size=N)
+tmp = tempfile.TemporaryFile(dir=d)
+tmp.write(bytes(range(256)) * (24 << 12))
+tmp.flush()
+mfd = os.memfd_create("kcr-big", 0)
+os.ftruncate(mfd, 20 << 20)
+mm = mmap.mmap(mfd, 20 << 20)
+mm[::PAGE] = bytes(i * 7 & 255 for i in range((20 << 20) // PAGE))
+r, w = os.pipe()
+kids = []
+for k in range(2):
+    pid = os.fork()
+    if pid == 0:
+        b = shm.buf
+        for rnd in range(ROUNDS):
+            for i in range(k * PAGE, N, 2 * PAGE):
+                b[i] = (b[i] + rnd + 1) & 255
+            if rnd == ROUNDS // 2:
+                os.write(w, b"h")
+                while not os.path.exists(hold):
+                    time.sleep(0.01)
+        os._exit(0)
+    kids.append(pid)
+got = b""
+while len(got) < 2:
+    got += os.read(r, 2 - len(got))
+open(f"{d}/ready", "w").close()
+for pid in kids:
+    assert os.waitpid(pid, 0)[1] == 0
+tmp.seek(0)
+h = hashlib.sha256(bytes(shm.buf))
+h.update(tmp.read())
+h.update(mm[:])
+shm.close()
+shm.unlink()
+open(f"{d}/output", "w").write(h.hexdigest() + "\\n")
+"""
+
+
+def big_shared_reference(tmp_path: Path) -> str:
+    """BIG_SHARED's output, unmoved."""
+    where = tmp_path / "reference"
+    where.mkdir()
+    (where / "go-on").touch()
+    script = tmp_path / "big_shared.py"
+    script.write_text(BIG_SHARED)
+    subprocess.run([sys.executable, str(script), str(where), f"kcr-test-ref-{os.getpid()}"], check=True, timeout=120,
+                   env={**os.environ, "WORKLOAD_HOLD": str(where / "go-on")})
+    return (where / "output").read_text()
+
+
+def test_big_shared_memory_deleted_file_and_memfd(tmp_path: Path) -> None:
+    """Files of /dev/shm, deleted files and memfds of any size are carried whole: the slices
+    stream into the image as they are read. The /dev/shm file is removed once the job is
+    checkpointed, as on another host: restore makes it again from the image."""
+    expected = big_shared_reference(tmp_path)
+    name = f"kcr-test-big-{os.getpid()}"
+    shm = Path("/dev/shm") / name
+    script = tmp_path / "big_shared.py"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    try:
+        proc = start_until_ready([sys.executable, str(script), str(moved), name], moved / "ready",
+                                 start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(moved / "go-on")})
+        before = tree(proc.pid)
+        assert len(before) == 4          # the parent, its two workers, multiprocessing's resource tracker
+        checkpoint(proc.pid, tmp_path / "tree.img", 4)
+        assert proc.wait(timeout=30) == -9
+        shm.unlink()
+        root = image_restored(tmp_path / "tree.img", before)
+        assert shm.stat().st_size == 64 << 20
+        (moved / "go-on").touch()
+        assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+        assert (moved / "output").read_text() == expected
+    finally:
+        shm.unlink(missing_ok=True)
+
+
 # Python's multiprocessing.Pool: a parent with three threads, two forked workers, pipes
 # between them and POSIX semaphores (files in /dev/shm, unlinked once mapped).
 POOL = """

@@ -500,7 +500,6 @@ EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify", "f
 FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo") + EVENT_KINDS
 # fds of these kinds refer to an object the stream carries
 OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo") + EVENT_KINDS
-MAX_DELETED_FILE = 16 << 20    # bytes of a deleted file carried (bigger ones are refused)
 SHM_DIR = "/dev/shm/"          # files here (tmpfs) are host-local: their contents are carried
 MEMFD_SEALS = 0x3f             # F_SEAL_SEAL, _SHRINK, _GROW, _WRITE, _FUTURE_WRITE, _EXEC
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
@@ -832,7 +831,7 @@ class FileContents(Record):
 
     TYPE = 13
     id: ObjectId             # the file's inode on the source host
-    size: Annotated[int, Int(0, MAX_DELETED_FILE, "a deleted file's size")]
+    size: Offset             # the file's size (the slices of a file all say the same)
     offset: Offset
     data: Annotated[bytes, Blob(MAX_BYTES)]
     mode: Annotated[int, Int(0, 0o7777, "file permissions")] = 0o600

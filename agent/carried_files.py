@@ -1,0 +1,82 @@
+"""Files whose contents travel whole: deleted files and memfds the job holds open or maps,
+and files of /dev/shm (``agent.shm_files``). None of them can be found again on the
+destination by a path, so their bytes go with the job, read while it is frozen.
+
+The dump names each one (``CarriedFile``: which process's fd or mapping under /proc to read
+it through) and its bytes are read only as they are sent (``read``), a slice
+(``FileContents``) at a time, so a file of any size streams from the frozen job to the
+image or the destination without being held in memory whole; the holder hands the agent
+names, not bytes.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from dataclasses import asdict, dataclass
+from typing import Any, Generator
+
+from precopy.kernel import boot_id
+from transport.errors import UnsupportedResource
+from transport.records import MAX_BYTES
+from transport.schema import MEMFD_SEALS, FileContents
+
+F_GET_SEALS = 1034
+
+
+@dataclass(frozen=True)
+class CarriedFile:
+    pid: int            # the process whose records carry it (the first of the job to have it)
+    ino: int
+    source: str         # /proc/PID/fd/FD or /proc/PID/map_files/START-END
+    path: str = ""      # a file of /dev/shm: its path (made again there)
+    name: str = ""      # deleted, mapped by no fd of the job: the name its mappings show
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> CarriedFile:
+        return cls(pid=int(wire["pid"]), ino=int(wire["ino"]), source=str(wire["source"]),
+                   path=str(wire.get("path", "")), name=str(wire.get("name", "")))
+
+
+def read(c: CarriedFile, what: str = "") -> Generator[FileContents, None, None]:
+    """``c``'s contents in slices of at most ``MAX_BYTES``, read through its /proc link as
+    they are asked for; at least one, even for an empty file. ``what``: how errors name it."""
+    what = what or c.path or c.name or f"pid {c.pid}'s deleted file {c.source}"
+    try:
+        own = os.open(c.source, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UnsupportedResource(f"{what} was closed while the job was being read: try again", pid=c.pid) from None
+    try:
+        st = os.fstat(own)
+        if st.st_ino != c.ino:
+            raise UnsupportedResource(f"{what} changed while the job was being read: try again", pid=c.pid)
+        common: dict[str, Any] = {"id": c.ino, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+                                  "uid": st.st_uid, "gid": st.st_gid}
+        if c.path:
+            common.update(path=c.path, dev=st.st_dev, boot=boot_id())
+        else:
+            memfd, seals = _memfd_seals(c.source, own)
+            common.update(memfd=memfd, seals=seals, name=c.name)
+        offset = 0
+        while True:
+            data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
+            yield FileContents(offset=offset, data=data, **common)
+            offset += len(data)
+            if not data or offset >= st.st_size:
+                return
+    finally:
+        os.close(own)
+
+
+def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
+    """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
+    (a file of /dev/shm takes it too, but is named by its path)."""
+    if not os.readlink(source).startswith("/memfd:"):
+        return False, 0
+    try:
+        return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS
+    except OSError:
+        return False, 0     # a file of that name on a filesystem without seals
