@@ -32,6 +32,7 @@ from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProcessEx
 from transport.image import ImageReader, ImageWriter
 from transport.pages import PageBatch
 from transport.schema import (
+    FileContents,
     Mappings,
     ProcessBegin,
     prepare_codecs,
@@ -99,6 +100,7 @@ class CheckpointStats:
     pages_written: int = 0
     bytes_raw: int = 0
     bytes_on_wire: int = 0
+    file_bytes: int = 0             # of files carried whole (of /dev/shm, deleted, memfds)
     frozen_time_ms: float = 0.0
     memdump_time_ms: float = 0.0
     total_time_ms: float = 0.0
@@ -190,6 +192,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 carried = (piece for f in state.fds.carried for piece in carried_files.read(f))
                 for rec in chain((state.process, *state.fds.records()), carried, (layouts[p], *state.threads)):
                     writer.record(rec)
+                    if isinstance(rec, FileContents):
+                        stats.file_bytes += len(rec.data)
                 write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)

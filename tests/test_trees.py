@@ -502,7 +502,9 @@ def test_big_shared_memory_deleted_file_and_memfd(tmp_path: Path) -> None:
                                  start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(moved / "go-on")})
         before = tree(proc.pid)
         assert len(before) == 4          # the parent, its two workers, multiprocessing's resource tracker
-        checkpoint(proc.pid, tmp_path / "tree.img", 4)
+        res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "tree.img"))
+        assert res.returncode == 0, res.stderr.decode()
+        assert "4 processes" in res.stderr.decode() and "108.0 MiB of files carried whole" in res.stderr.decode()
         assert proc.wait(timeout=30) == -9
         shm.unlink()
         root = image_restored(tmp_path / "tree.img", before)

@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         what, fate = "", f"process {fate}"
     signed = f"; signed with {stats.signed_with}" if stats.signed_with else "; not signed"
+    files = f", {stats.file_bytes / 2**20:.1f} MiB of files carried whole" if stats.file_bytes else ""
     print(f"checkpointed pid {stats.pid}: {what}{stats.threads} threads, {stats.pages_written} pages, "
-          f"{stats.bytes_raw / 2**20:.1f} MiB raw, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
+          f"{stats.bytes_raw / 2**20:.1f} MiB raw{files}, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
           f"frozen {stats.frozen_time_ms:.1f} ms; {fate}{signed}", file=sys.stderr)
     for w in stats.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
