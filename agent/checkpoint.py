@@ -17,7 +17,7 @@ import time
 from contextlib import closing
 from itertools import chain
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Collection, Mapping
 
 from agent import carried_files, fdtable, mempolicy
 from agent import freeze as freezer
@@ -184,6 +184,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                 writer.record(tree)
             t_mem = time.monotonic()
             shared: set[tuple[int, int, int]] = set()
+            carried_inos = {f.ino for p in pids for f in states[p].fds.carried}
             for p in pids:
                 if len(tree.members) > 1:
                     writer.record(ProcessBegin(p))
@@ -194,7 +195,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                     writer.record(rec)
                     if isinstance(rec, FileContents):
                         stats.file_bytes += len(rec.data)
-                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena)
+                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena, carried_inos)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
             if arena is not None:       # everything is read: it runs on while the image is written
@@ -270,15 +271,19 @@ def _let_go_all(helds: dict[int, freezer.Held], kill: bool) -> float:
 
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
                  check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None,
-                 arena: Arena | None = None) -> None:
+                 arena: Arena | None = None, carried: Collection[int] = ()) -> None:
     """The pages of ``pid``'s layout. ``shared``: shared anonymous memory and SysV segments (inode, offset,
     length) written already by another process of the tree, which maps the same object:
-    sent once; new ones are added. ``arena``: where to read them into while it has room."""
+    sent once; new ones are added. ``arena``: where to read them into while it has room.
+    ``carried``: inodes of the files the image carries whole (``agent.carried_files``): their
+    shared mappings are mapped again from those files, so their pages are not written twice."""
     with PageFinder(pid) as finder, PageReader(pid, arena=arena) as reader:
         private: list[Run] = []
         anonymous: list[Span] = []
         shared_runs: list[Run] = []
         for vma in layout.vmas:
+            if vma.shared and vma.kind == "anon" and vma.shm is None and vma.ino in carried:
+                continue
             if shared is not None and vma.shared and vma.kind == "anon" and (vma.ino or vma.shm):
                 key = (vma.ino if vma.shm is None else -1 - vma.ino, vma.pgoff, vma.length)    # SysV ids apart
                 if key in shared:

@@ -57,6 +57,7 @@ from transport.schema import (
 _MAPS_LINE = re.compile(
     r"^([0-9a-f]+)-([0-9a-f]+) ([r-])([w-])([x-])([ps]) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$")
 
+MEMFD_PREFIX = "/memfd:"     # how /proc names a memfd: its fds' links and its mappings
 SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]": "vvar",
                  "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
 _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
@@ -433,9 +434,13 @@ def holds_private_data(vma: Vma) -> bool:
 
 
 def trackable(entry: MapEntry) -> bool:
-    """``holds_private_data`` for a maps line (no stat of the file): pages a tracker must follow."""
+    """``holds_private_data`` for a maps line (no stat of the file): pages a tracker must follow.
+    A memfd mapped shared is not followed either: the memfd is carried whole while the job is
+    frozen (``agent.carried_files``) and the mapping made again from it on the destination."""
     kind = entry.kind
     if kind in ("vdso", "vvar", "vvar_vclock", "vsyscall"):
+        return False
+    if entry.shared and entry.name.startswith(MEMFD_PREFIX):
         return False
     return not (kind == "file" and entry.shared)
 

@@ -2,6 +2,7 @@
 and every shared mapping of it are one file again, with its contents, size, name and seals."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -327,3 +328,59 @@ def test_refused_in_one_line_and_the_process_runs_on(tmp_path: Path, script: str
     finally:
         os.kill(w.pid, signal.SIGKILL)
         w.reap_original()
+
+
+# Two memfds mapped shared: 32 MiB with no fd left (mapped, then closed) and 16 MiB held by an
+# fd too, of random bytes. At "go", each mapping and the fd must read as before.
+MAPPED_ONCE = r"""
+import hashlib, mmap, os, sys, time
+out_dir = sys.argv[1]
+os.makedirs(out_dir, exist_ok=True)
+def memfd(name, size):
+    fd = os.memfd_create(name, 0)
+    os.write(fd, os.urandom(size))
+    return fd, mmap.mmap(fd, size)
+fd, only_mapped = memfd("only-mapped", 32 << 20)
+os.close(fd)
+held, mapped = memfd("held", 16 << 20)
+before = (hashlib.sha256(only_mapped).hexdigest(), hashlib.sha256(mapped).hexdigest())
+open(os.path.join(out_dir, "ready"), "w").close()
+while not os.path.exists(os.path.join(out_dir, "go")):
+    time.sleep(0.01)
+after = (hashlib.sha256(only_mapped).hexdigest(), hashlib.sha256(mapped).hexdigest())
+through_fd = hashlib.sha256(os.pread(held, 16 << 20, 0)).hexdigest()
+ok = before == after and through_fd == before[1]
+with open(os.path.join(out_dir, "verdict"), "w") as f:
+    f.write("PASS" if ok else f"FAIL {before} {after} {through_fd}")
+"""
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["checkpoint", "live"])
+def test_a_memfd_mapped_shared_travels_once(tmp_path: Path, live: bool) -> None:
+    """A memfd's shared mappings are made again from the memfd, which is carried whole: their
+    pages are not sent besides (they were, doubling the image and the freeze)."""
+    script = tmp_path / "mapped_once.py"
+    script.write_text(MAPPED_ONCE)
+    w = Workload("mapped-once", tmp_path, argv=[sys.executable, "-S", str(script), str(tmp_path / "mapped-once")])
+    w.start()
+    w.wait_ready()
+    if live:
+        code, report, err = migrate_cli(f"{w.pid}@localhost", "localhost")
+        assert code == 0, err
+        raw, new_pid = report["bytes_raw"], report["new_pid"]
+    else:
+        stats = tmp_path / "stats.json"
+        res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "x.img"), "--stats-json", str(stats))
+        assert res.returncode == 0, res.stderr.decode()
+        numbers = json.loads(stats.read_text())
+        assert numbers["file_bytes"] == 48 << 20
+        raw = numbers["bytes_raw"]
+    assert raw < 16 << 20, f"{raw >> 20} MiB of pages sent: the memfds' mappings went as pages too"
+    assert w.reap_original() == -9
+    if not live:
+        res = kcr("restore", "-i", str(tmp_path / "x.img"), "--json")
+        assert res.returncode == 0, res.stderr.decode()
+        new_pid = json.loads(res.stdout)["pid"]
+    (w.dir / "go").touch()
+    assert w.verdict() == "PASS"
+    assert os.WEXITSTATUS(reap(new_pid)) == 0
