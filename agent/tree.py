@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import time
 from typing import Mapping
 
 from agent import fdtable
@@ -23,6 +24,7 @@ from transport.schema import ProcessTree, TreeMember
 
 
 RUNNING_TRIES = 20        # a running tree that changes on every look (make -j) is checked this often
+VFORK_WAIT = 1.0          # seconds a running job's check waits for a vfork() to end before it refuses
 # What two processes (not threads) can share since clone(): restore makes each its own.
 SHARED_BY_CLONE = (
     (KCMP_VM, "its memory", "as a parent does in vfork() until the child execs or exits, or after clone(CLONE_VM)"),
@@ -67,11 +69,16 @@ def check_tree(pid: int, redirect: Mapping[int, str], frozen: list[int] | None =
     return frozen
 
 
-def check_nothing_shared_by_clone(pids: list[int]) -> None:
+def check_nothing_shared_by_clone(pids: list[int], vfork_wait: float = 0.0) -> None:
     """Refuse processes of the job that share memory, an fd table or a working directory
     with each other or with the root's parent (``SHARED_BY_CLONE``): restored, each would
     have its own, and what one did the other would no longer see. kcmp orders the kernel's
-    objects, so each kind is one sort of the job, not a comparison of every pair."""
+    objects, so each kind is one sort of the job, not a comparison of every pair.
+
+    ``vfork_wait`` (a job that runs): a parent sharing its memory with its child is most
+    often a vfork() (posix_spawn, as make and shells start commands) whose child has not
+    called exec or exit yet, a moment that passes: one that ends within that many seconds is
+    no refusal. (Frozen, none is in progress: a parent in vfork() does not stop until it ends.)"""
     root = pids[0]
     try:
         parent = int(read_stat(root)[4])
@@ -101,11 +108,28 @@ def check_nothing_shared_by_clone(pids: list[int]) -> None:
             if b == parent:
                 whom = f"its parent {b}, which does not move with it"
             elif kind == KCMP_VM and int(read_stat(b)[4]) == a:
+                if vfork_wait and vfork_ended(a, b, vfork_wait):
+                    continue
                 whom = f"its child {b},"
             else:
                 whom = f"pid {b}"
             raise UnsupportedResource(f"pid {a} shares {what} with {whom} ({how}): restored, each would have its "
                                       "own; kcr-migrate cannot move it yet (see README, Limits)", pid=a)
+
+
+def vfork_ended(parent: int, child: int, timeout: float) -> bool:
+    """Has ``child`` stopped sharing ``parent``'s memory (it called exec or exit, or one of them
+    is gone) within ``timeout`` seconds?"""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if kcmp(parent, child, KCMP_VM, 0, 0) != 0:
+                return True
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool,
@@ -131,7 +155,7 @@ def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool,
                     if p == pid:
                         raise
                     pids.remove(p)      # it left the job, as it would have a moment later
-            check_nothing_shared_by_clone(pids)
+            check_nothing_shared_by_clone(pids, vfork_wait=VFORK_WAIT)
             while True:
                 try:
                     fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting,

@@ -252,6 +252,19 @@ def test_big_host_local_files_move_live(testbed: Testbed, tmp_path: Path) -> Non
         Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def test_a_parent_starting_commands_with_vfork_moves_live(testbed: Testbed, tmp_path: Path) -> None:
+    """tests/workloads/vfork_loop.c: nearly always in a vfork(), its children joining and
+    leaving the job all the while; moved to hostC, every command runs."""
+    exe = str(build("vfork_loop"))
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out / "output"), str(out / "ready"), "150"], out)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    keep_pid=True)
+    assert code == 0, err
+    assert proc_state(pid) in (None, "Z", "X"), f"pid {pid} still runs on hostA"
+    assert wait_file(out / "output", 60) == "150 of 150 ran\n"
+
+
 def _reference_and_moved_tree(testbed: Testbed, tmp_path: Path, argv: list[str], processes: int,
                               *after: str) -> None:
     """``argv`` (a program taking OUT READY GO, then ``after``) run unmoved here, and on hostA

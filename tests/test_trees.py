@@ -373,6 +373,26 @@ def test_a_parent_waiting_in_vfork_is_refused_not_waited_for_forever(tmp_path: P
     assert out.read_text() == "child ran\nparent: child exited 0\n"
 
 
+def test_a_parent_starting_commands_with_vfork_is_moved(tmp_path: Path) -> None:
+    """A parent that vforks one command after another (make, a shell) is nearly always in a
+    vfork(), its child sharing its memory until it execs: the check waits for that to pass
+    instead of refusing the job (it did, when two looks in a row found the same vfork()). The
+    freeze waits too (a parent in vfork() stops once its child has exec'd)."""
+    exe = build("vfork_loop")
+    out = tmp_path / "out"
+    proc = start_until_ready([str(exe), str(out), str(tmp_path / "ready"), "150"], tmp_path / "ready",
+                             start_new_session=True)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert proc.wait(timeout=30) == -9
+    members = json.loads(kcr("show", str(tmp_path / "img")).stdout).get("tree", {}).get("members", [])
+    reap_orphans([m["pid"] for m in members[1:]])
+    res = kcr("restore", "-i", str(tmp_path / "img"), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    assert os.WEXITSTATUS(reap(proc.pid, timeout=60)) == 0
+    assert out.read_text() == "150 of 150 ran\n"
+
+
 @pytest.mark.parametrize("mode, shared", [("files", "one fd table"),
                                           ("fs", "one working directory, root and umask"),
                                           ("vm", "its memory")])
