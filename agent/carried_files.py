@@ -10,6 +10,7 @@ names, not bytes.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -43,7 +44,8 @@ class CarriedFile:
 
 def read(c: CarriedFile, what: str = "") -> Generator[FileContents, None, None]:
     """``c``'s contents in slices of at most ``MAX_BYTES``, read through its /proc link as
-    they are asked for; at least one, even for an empty file. ``what``: how errors name it."""
+    they are asked for; the first always (it makes the file, even an empty one), the others
+    where they hold more than zeros. ``what``: how errors name it."""
     what = what or c.path or c.name or f"pid {c.pid}'s deleted file {c.source}"
     try:
         own = os.open(c.source, os.O_RDONLY | os.O_CLOEXEC)
@@ -63,12 +65,30 @@ def read(c: CarriedFile, what: str = "") -> Generator[FileContents, None, None]:
         offset = 0
         while True:
             data = os.pread(own, min(MAX_BYTES, st.st_size - offset), offset)
-            yield FileContents(offset=offset, data=data, **common)
+            if not offset or data != ZEROS[:len(data)]:
+                yield FileContents(offset=offset, data=data, **common)
             offset += len(data)
             if not data or offset >= st.st_size:
                 return
+            offset = _next_data(own, offset, st.st_size)
+            if offset >= st.st_size:
+                return
     finally:
         os.close(own)
+
+
+# The file is made again at its size, which reads as zeros: slices of zeros (the holes of a
+# sparse file, pages never written) need not go, but the first, which makes the file.
+ZEROS = bytes(MAX_BYTES)
+
+
+def _next_data(fd: int, offset: int, size: int) -> int:
+    """Where the data at or after ``offset`` begins (``SEEK_DATA``: holes are skipped unread);
+    ``size`` if none does."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        return size if exc.errno == errno.ENXIO else offset
 
 
 def _memfd_seals(source: str, own: int) -> tuple[bool, int]:

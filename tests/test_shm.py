@@ -301,8 +301,8 @@ BIG_FILE = r"""
 import mmap, os, sys, time
 out, path = sys.argv[1], sys.argv[2]
 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-os.ftruncate(fd, 17 << 20)
-m = mmap.mmap(fd, 17 << 20)
+os.ftruncate(fd, 1 << 30)
+m = mmap.mmap(fd, 1 << 30)
 m[0:5] = b"hello"
 m[-5:] = b"world"
 open(os.path.join(out, "ready"), "w").close()
@@ -315,9 +315,10 @@ os.rename(os.path.join(out, "output"), os.path.join(out, "verdict"))
 """
 
 
-def test_a_dev_shm_file_bigger_than_a_record_is_carried_in_slices(tmp_path: Path) -> None:
-    """A 17 MiB file of /dev/shm (once refused: over 16 MiB) goes in slices and is made again
-    at its path, the job's writes in it, once the source's is removed (as on another host)."""
+def test_a_big_sparse_dev_shm_file_is_carried_in_slices(tmp_path: Path) -> None:
+    """A 1 GiB file of /dev/shm (once refused: over 16 MiB) with a page written at each end goes
+    in slices, those of zeros left out, and is made again at its path and size, the job's
+    writes in it, once the source's is removed (as on another host)."""
     script = tmp_path / "big.py"
     script.write_text(BIG_FILE)
     path = Path(f"/dev/shm/kcr-test-big-{os.getpid()}")
@@ -327,11 +328,12 @@ def test_a_dev_shm_file_bigger_than_a_record_is_carried_in_slices(tmp_path: Path
     w.wait_ready()
     res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "big.img"))
     assert res.returncode == 0, res.stderr.decode()
+    assert "1.0 MiB of files carried whole" in res.stderr.decode()      # the first slice, the last page
     assert w.reap_original() == -9
     path.unlink()
     res = kcr("restore", "-i", str(tmp_path / "big.img"))
     assert res.returncode == 0, res.stderr.decode()
-    assert path.stat().st_size == 17 << 20
+    assert path.stat().st_size == 1 << 30
     (w.dir / "go").touch()
     assert w.verdict() == "helloworld"
     assert os.WEXITSTATUS(reap(w.pid)) == 0
