@@ -387,9 +387,18 @@ def _check_deleted_shared(pid: int, maps: list[MapEntry], held: set[int]) -> Non
                 extent[m.inode] = (end, m)
     for end, m in extent.values():
         try:
-            size = os.stat(proc_path(pid, "map_files", f"{m.start:x}-{m.end:x}")).st_size
+            st = os.stat(proc_path(pid, "map_files", f"{m.start:x}-{m.end:x}"))
         except OSError:
             continue
+        if st.st_nlink and is_shm_path(m.name[:-10]):
+            from agent.shm_files import linked_name     # (it reads this module's tables)
+            if linked_name(st) is None:
+                raise UnsupportedResource(
+                    f"pid {pid} maps {m.name[:-10]} shared, deleted under that name but still linked under another "
+                    f"(inode {st.st_ino}) outside {SHM_DIR}: kcr-migrate cannot move it yet (see README, Limits)",
+                    pid=pid)
+            continue        # a file of /dev/shm under its own name (sem_open's): carried whole by that name
+        size = st.st_size
         if size > end:
             raise UnsupportedResource(
                 f"pid {pid} maps part of the deleted file {m.name[:-10]} ({end} of its {size} bytes): "

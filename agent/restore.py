@@ -928,6 +928,12 @@ class Restorer:
             if not (v.shared and v.kind == "anon" and v.ino):
                 continue
             ours = descriptions.deleted_file(v.ino)
+            path = self.shared.file_paths.get(v.ino) if self.shared is not None else None
+            if ours is None and path is not None:
+                # A file of /dev/shm mapped under a name it no longer has (sem_open's): the
+                # file the image carries by its own name, which the other processes map.
+                self._map_path(path, v)
+                continue
             if ours is None:
                 if self.shared is not None and not v.prot & PROT_WRITE:
                     self._call("mprotect", v.start, v.length, v.prot)
@@ -938,6 +944,20 @@ class Restorer:
                 raise RestoreError(f"cannot map the deleted file {v.ino} at {v.start:#x}-{v.end:#x}: "
                                    f"{exc.strerror}") from None
             self._advise(v.start, v.end, v.advice)
+
+    def _map_path(self, path: str, v: Vma) -> None:
+        """Map the shared mapping ``v`` (now shared memory) from the file at ``path`` instead."""
+        try:
+            ours = os.open(path, (os.O_RDWR if v.advice & VMA_MAYWRITE else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise RestoreError(f"cannot open {path} to map it at {v.start:#x}: {exc.strerror}") from None
+        try:
+            self._map_from(ours, v, MAP_FIXED | MAP_SHARED)
+        except InjectionError as exc:
+            raise RestoreError(f"cannot map {path} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None
+        finally:
+            os.close(ours)
+        self._advise(v.start, v.end, v.advice)
 
     def _map_carried(self, v: Vma, flags: int) -> None:
         """A deleted file (a memfd) mapped privately, from the file made again of its carried

@@ -72,6 +72,7 @@ class SharedObjects:
         self.removed: dict[int, bool] = {}          # source id -> marked IPC_RMID (as last seen)
         self.made_segments: list[int] = []
         self.files: set[str] = set()                # /dev/shm paths carried (made, or this very file)
+        self.file_paths: dict[int, str] = {}        # their paths by their inode on the source
         self.made_files: list[str] = []             # paths this restore made (/dev/shm files, FIFOs)
 
     def fd_for(self, ino: int, size: int) -> int:
@@ -111,6 +112,7 @@ class SharedObjects:
                 if c.id not in made:
                     fd = _shm_file(c, socket.gethostname(), identity)
                     self.files.add(c.path)
+                    self.file_paths[c.id] = c.path
                     if fd < 0:
                         continue
                     made[c.id] = fd

@@ -40,9 +40,38 @@ def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]]) -> dict[int, S
             if is_shm_path(target):
                 _add(out, pid, target, f"/proc/{pid}/fd/{fd}", tmpfs)
         for m in maps[pid]:
-            if m.kind == "file" and is_shm_path(m.name) and m.inode not in out:
-                _add(out, pid, m.name, f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", tmpfs)
+            if m.inode in out:
+                continue
+            source = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+            if m.kind == "file" and is_shm_path(m.name):
+                _add(out, pid, m.name, source, tmpfs)
+            elif m.shared_anon and is_shm_path(m.name[:-len(" (deleted)")]):
+                # sem_open() makes its file under a temporary name, maps it, links it under
+                # the semaphore's name and unlinks the first: the mapping shows a deleted
+                # name, but the file lives on under its own, which other processes open.
+                try:
+                    st = os.stat(source)
+                except OSError:
+                    continue
+                path = linked_name(st)
+                if path is not None:
+                    _add(out, pid, path, source, tmpfs)
     return out
+
+
+def linked_name(st: os.stat_result) -> str | None:
+    """The name in /dev/shm of the file ``st`` (mapped under a name it no longer has), if it
+    has one there."""
+    if not st.st_nlink:
+        return None
+    try:
+        with os.scandir(SHM_MOUNT) as entries:
+            for entry in entries:
+                if entry.inode() == st.st_ino and entry.stat(follow_symlinks=False).st_dev == st.st_dev:
+                    return entry.path
+    except OSError:
+        pass
+    return None
 
 
 def carried(path: str, st: os.stat_result) -> bool:

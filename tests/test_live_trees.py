@@ -265,6 +265,20 @@ def test_a_parent_starting_commands_with_vfork_moves_live(testbed: Testbed, tmp_
     assert wait_file(out / "output", 60) == "150 of 150 ran\n"
 
 
+def test_a_process_pool_with_named_semaphores_moves_live(testbed: Testbed, tmp_path: Path) -> None:
+    """tests/test_trees.py's PROCESS_POOL (spawn start method): the semaphores the parent maps
+    under sem_open()'s deleted temporary names stay the files its workers map."""
+    from tests.test_trees import PROCESS_POOL, process_pool_output
+    script = tmp_path / "pool.py"
+    script.write_text(PROCESS_POOL)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, str(script), str(out), "spawn", "60"], out, hold=True)
+    before = tree(pid)
+    move_tree_to_host_c(testbed, before)
+    (out / "go-on").touch()
+    assert wait_file(out / "output", 60) == process_pool_output(60)
+
+
 def _reference_and_moved_tree(testbed: Testbed, tmp_path: Path, argv: list[str], processes: int,
                               *after: str) -> None:
     """``argv`` (a program taking OUT READY GO, then ``after``) run unmoved here, and on hostA

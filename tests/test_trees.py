@@ -536,6 +536,63 @@ def test_big_shared_memory_deleted_file_and_memfd(tmp_path: Path) -> None:
         shm.unlink(missing_ok=True)
 
 
+# concurrent.futures.ProcessPoolExecutor with the "spawn" or "forkserver" start method (the
+# default from Python 3.14 on): its queues' locks are POSIX named semaphores, files of /dev/shm
+# that sem_open() maps under a temporary name before it links them under their own, which the
+# workers open. Held (WORKLOAD_HOLD) halfway through the results.
+PROCESS_POOL = """
+import concurrent.futures as cf, hashlib, multiprocessing as mp, os, sys, time
+def work(i):
+    time.sleep(0.01)
+    return i, hashlib.sha256(str(i).encode()).hexdigest()[:8]
+if __name__ == "__main__":
+    d, method, n, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), os.environ["WORKLOAD_HOLD"]
+    out = []
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as ex:
+        for i, digest in ex.map(work, range(n)):
+            out.append(f"{i} {digest}")
+            if i == 10:
+                open(f"{d}/ready", "w").close()
+            while i == n // 2 and not os.path.exists(hold):
+                time.sleep(0.01)
+    open(f"{d}/output", "w").write("\\n".join(out) + "\\n")
+"""
+
+
+def process_pool_output(n: int) -> str:
+    import hashlib
+    return "".join(f"{i} {hashlib.sha256(str(i).encode()).hexdigest()[:8]}\n" for i in range(n))
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_process_pool_with_named_semaphores(tmp_path: Path, method: str) -> None:
+    """The parent maps each semaphore under sem_open()'s temporary name, deleted: restored as
+    memory of its own (not the file the workers map), its locks no longer reached them and the
+    pool hung. They are the files of /dev/shm the workers map, carried by their own names:
+    removed after the checkpoint, as on another host, they are made again."""
+    script = tmp_path / "pool.py"
+    script.write_text(PROCESS_POOL)
+    sems = set(Path("/dev/shm").glob("sem.*"))
+    proc = start_until_ready([sys.executable, str(script), str(tmp_path), method, "60"], tmp_path / "ready",
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
+    ours = set(Path("/dev/shm").glob("sem.*")) - sems
+    try:
+        before = tree(proc.pid)
+        checkpoint(proc.pid, tmp_path / "tree.img", len(before))
+        assert proc.wait(timeout=30) == -9
+        assert ours, "the pool made no named semaphore"
+        for sem in ours:
+            sem.unlink()
+        root = image_restored(tmp_path / "tree.img", before)
+        assert all(sem.exists() for sem in ours)
+        (tmp_path / "go-on").touch()
+        assert os.WEXITSTATUS(reap(root, timeout=60)) == 0
+        assert (tmp_path / "output").read_text() == process_pool_output(60)
+    finally:
+        for sem in ours:
+            sem.unlink(missing_ok=True)
+
+
 # Python's multiprocessing.Pool: a parent with three threads, two forked workers, pipes
 # between them and POSIX semaphores (files in /dev/shm, unlinked once mapped).
 POOL = """

@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         what, fate = "", f"process {fate}"
     signed = f"; signed with {stats.signed_with}" if stats.signed_with else "; not signed"
-    files = f", {stats.file_bytes / 2**20:.1f} MiB of files carried whole" if stats.file_bytes else ""
+    files = ""
+    if stats.file_bytes:
+        amount = f"{stats.file_bytes / 2**20:.1f} MiB" if stats.file_bytes >= 2**20 else f"{stats.file_bytes / 1024:.1f} KiB"
+        files = f", {amount} of files carried whole"
     print(f"checkpointed pid {stats.pid}: {what}{stats.threads} threads, {stats.pages_written} pages, "
           f"{stats.bytes_raw / 2**20:.1f} MiB raw{files}, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
           f"frozen {stats.frozen_time_ms:.1f} ms; {fate}{signed}", file=sys.stderr)
