@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from precopy.intervals import Run, Span, merge_spans, pages_of, runs_of, subtract, within
+from precopy.intervals import Run, Span, merge_spans, normalize, pages_of, runs_of, subtract, within
 from precopy.layout import MapEntry, PageFinder, private_file_spans
 from precopy.reader import PageReader, split_runs
 from transport.pages import PageBatch
@@ -39,6 +39,11 @@ class PageDigests:
     def __init__(self) -> None:
         self._digests: dict[int, bytes] = {}
         self._spans: list[Span] = []        # the mappings tracked by content this round
+        # While the job is frozen (``precopy.rounds.final_group``): digests of the pages of
+        # shared memory objects by (device, inode, offset), for every tracker of the job. Each
+        # process that maps an object reads the same bytes there, so only the first to come
+        # to a page reads and hashes it; each still compares it with what it last saw itself.
+        self.frozen_objects: dict[tuple[tuple[int, int], int, int], bytes] | None = None
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -67,18 +72,39 @@ class PageDigests:
         seen: set[int] = set()
         hashed = 0
         before = reader.bytes_read
+        objects = self.frozen_objects
+        known: list[int] = []          # pages changed, found by another process's digest
         for e in entries:
             runs = finder.populated_entry(e)
             populated += runs
+            key = (e.dev, e.inode, e.offset - e.start) if objects is not None and e.shared and e.inode else None
+            if key is not None and objects is not None:
+                dev, ino, base = key
+                unread: list[Run] = []
+                for addr, n in runs:
+                    for a in range(addr, addr + n * PAGE_SIZE, PAGE_SIZE):
+                        d = objects.get((dev, ino, base + a))
+                        if d is None:
+                            _append(unread, a)
+                            continue
+                        seen.add(a)
+                        if self._digests.get(a) != d:
+                            self._digests[a] = d
+                            known.append(a)
+                runs = unread
             for group in split_runs(runs, reader.batch_pages):
                 batch = reader.read(group)
                 hashed += batch.npages
                 for addr, data in _pages(batch):
                     seen.add(addr)
                     d = digest(data)
+                    if key is not None and objects is not None:
+                        objects[(key[0], key[1], key[2] + addr)] = d
                     if self._digests.get(addr) != d:
                         self._digests[addr] = d
                         _append(changed, addr)
+        if known:
+            changed = normalize(changed + runs_of(known))
         stale = [addr for addr in self._digests if addr not in seen]
         # An empty page of a private file mapping reads as the file's page: one sent as that
         # (a dropped copy, read again) is still what the other side holds, and is kept.

@@ -518,18 +518,26 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
     unsent = result.unsent if result is not None else frozenset()
 
     def scan_all() -> dict[int, tuple[Scan, bool]]:
-        """Every process's scan, in one worker thread (a hop each adds up in a large tree)."""
+        """Every process's scan, in one worker thread (a hop each adds up in a large tree).
+        Shared memory that several processes map is read and hashed once: nothing changes it
+        while the job is frozen (``PageDigests.frozen_objects``)."""
         out: dict[int, tuple[Scan, bool]] = {}
-        for pid, tracker in trackers.items():
-            first = pid not in pending
-            try:
-                out[pid] = ((tracker.start if first else tracker.collect)(), first)
-            except MigrationError:
-                raise
-            except OSError as exc:
-                raise tracker.explain(exc) from None
-            if scanned_one is not None:      # without waiting for the event loop to run it
-                token.run_sync_soon(scanned_one, pid)
+        objects: dict[tuple[tuple[int, int], int, int], bytes] | None = {} if len(trackers) > 1 else None
+        try:
+            for pid, tracker in trackers.items():
+                first = pid not in pending
+                tracker.share_frozen_objects(objects)
+                try:
+                    out[pid] = ((tracker.start if first else tracker.collect)(), first)
+                except MigrationError:
+                    raise
+                except OSError as exc:
+                    raise tracker.explain(exc) from None
+                if scanned_one is not None:      # without waiting for the event loop to run it
+                    token.run_sync_soon(scanned_one, pid)
+        finally:
+            for tracker in trackers.values():
+                tracker.share_frozen_objects(None)
         return out
 
     token = trio.lowlevel.current_trio_token()

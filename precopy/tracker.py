@@ -163,6 +163,13 @@ class DirtyTracker(ABC):
             self.stop()
             raise self.explain(exc) from None
 
+    def share_frozen_objects(self, objects: dict[tuple[tuple[int, int], int, int], bytes] | None) -> None:
+        """While the whole job is frozen: the digests of shared memory pages every tracker of
+        it reads and adds to (``PageDigests.frozen_objects``), None after."""
+        digests = getattr(self, "_digests", None)
+        if isinstance(digests, PageDigests):
+            digests.frozen_objects = objects
+
     # Subclasses fill these in.
     @abstractmethod
     def _arm(self, entries: list[MapEntry]) -> tuple[list[Run], int, int]:

@@ -345,3 +345,54 @@ def test_a_vanished_page_costs_only_itself_when_reading() -> None:
     m.close()
     assert batch.runs == ((base, 1), (base + 2 * P, 2))
     assert [bytes(d[:1]) for _, d in batch.pages()] == [b"A", b"C"]
+
+
+def test_frozen_trackers_read_shared_memory_once_and_each_sees_what_changed() -> None:
+    """While a job is frozen (``precopy.rounds.final_group``) the trackers of the processes
+    that map one shared object read and hash each of its pages once between them; each still
+    reports the pages changed since it last looked, whoever wrote them."""
+    import ctypes
+    import mmap
+    size, page = 16 << 20, 4096
+    shared = mmap.mmap(-1, size)
+    shared[:] = b"\1" * size
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+    orders, acks = os.pipe(), os.pipe()
+    kids = []
+    for k in range(2):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while os.read(orders[0], 1) == b"w":     # write a page, say so
+                    shared[5 * page] = 7
+                    os.write(acks[1], b"k")
+            finally:
+                os._exit(0)
+        kids.append(pid)
+    trackers = {p: make_tracker("checksum", p) for p in kids}
+    try:
+        for t in trackers.values():
+            t.start()
+        os.write(orders[1], b"w")                         # one child writes, through its mapping
+        assert os.read(acks[0], 1) == b"k"
+        for p in kids:
+            os.kill(p, signal.SIGSTOP)
+        objects: dict = {}
+        scans = []
+        for t in trackers.values():
+            t.share_frozen_objects(objects)
+            scans.append(t.collect())
+            t.share_frozen_objects(None)
+        for scan in scans:
+            assert addr + 5 * page in pages_of(scan.data), "a tracker missed a page of the shared object that changed"
+            assert addr + 6 * page not in pages_of(scan.data)
+        assert scans[0].bytes_read - scans[1].bytes_read >= size - (1 << 20), \
+            (scans[0].bytes_read, scans[1].bytes_read)    # the second read none of the object again
+    finally:
+        for p in kids:
+            os.kill(p, signal.SIGKILL)
+            os.waitpid(p, 0)
+        for t in trackers.values():
+            t.stop()
+        for fd in (*orders, *acks):
+            os.close(fd)
