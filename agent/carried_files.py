@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Generator
 
 from precopy.kernel import boot_id
+from precopy.layout import MEMFD_PREFIX
 from transport.errors import UnsupportedResource
 from transport.records import MAX_BYTES
 from transport.schema import MEMFD_SEALS, FileContents
@@ -42,11 +43,11 @@ class CarriedFile:
                    path=str(wire.get("path", "")), name=str(wire.get("name", "")))
 
 
-def read(c: CarriedFile, what: str = "") -> Generator[FileContents, None, None]:
+def read(c: CarriedFile) -> Generator[FileContents, None, None]:
     """``c``'s contents in slices of at most ``MAX_BYTES``, read through its /proc link as
     they are asked for; the first always (it makes the file, even an empty one), the others
-    where they hold more than zeros. ``what``: how errors name it."""
-    what = what or c.path or c.name or f"pid {c.pid}'s deleted file {c.source}"
+    where they hold more than zeros."""
+    what = c.path or c.name or f"pid {c.pid}'s deleted file {c.source}"
     try:
         own = os.open(c.source, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -94,7 +95,7 @@ def _next_data(fd: int, offset: int, size: int) -> int:
 def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
     """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
     (a file of /dev/shm takes it too, but is named by its path)."""
-    if not os.readlink(source).startswith("/memfd:"):
+    if not os.readlink(source).startswith(MEMFD_PREFIX):
         return False, 0
     try:
         return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS

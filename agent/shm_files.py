@@ -2,9 +2,10 @@
 ``multiprocessing.shared_memory``. /dev/shm is a tmpfs, so their contents live on this host
 only: they are carried whole, read while the job is frozen (``agent.carried_files``: slices
 with the file's ``path``), and made again at their path on the destination with their owner
-and permissions (``agent.shared_memory``), unless the destination sees this very file. fds and mappings keep
-naming the file by its path. Deleted ones are deleted files (``agent.fdtable``); files in a
-directory under /dev/shm are ordinary files (the destination must have them).
+and permissions (``agent.shared_memory``), unless the destination sees this very file. fds
+and mappings keep naming the file by its path. Deleted ones are deleted files
+(``agent.fdtable``); files in a directory under /dev/shm are ordinary files (the destination
+must have them).
 """
 from __future__ import annotations
 
