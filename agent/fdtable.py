@@ -186,11 +186,15 @@ class Outside:
         return self._get(self.by_target.get(target, [])) + (self.extra.of_target(target) if self.extra else [])
 
     def holders(self, objects: set[tuple[str, int]]) -> dict[tuple[str, int], list[Peer]]:
-        """The processes holding any of these pipes or sockets."""
+        """The processes holding any of these pipes or sockets, as the scan saw them and as
+        they still do: one made while the job ran may list a process that has exited or
+        closed it since (make's children come and go), which holds nothing now."""
         found: dict[tuple[str, int], list[Peer]] = {}
         for kind, ino in objects:
-            for pid, fd, _ in self.of_target(f"{kind}:[{ino}]"):     # as /proc/PID/fd shows them
-                found.setdefault((kind, ino), []).append(Peer(pid, _comm(pid), fd))
+            target = f"{kind}:[{ino}]"                                # as /proc/PID/fd shows them
+            for pid, fd, _ in self.of_target(target):
+                if _still_holds(pid, fd, target):
+                    found.setdefault((kind, ino), []).append(Peer(pid, _comm(pid), fd))
         return found
 
     def of_kind(self, kind: str) -> list[OutsideFd]:
@@ -206,6 +210,13 @@ class Outside:
         for ident, held in (self.extra.fifos() if self.extra else {}).items():
             out.setdefault(ident, []).extend(held)
         return out
+
+
+def _still_holds(pid: int, fd: int, target: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == target
+    except OSError:
+        return False
 
 
 def fifos_among(fds: list[OutsideFd], stop: threading.Event | None = None) -> dict[tuple[int, int], list[OutsideFd]]:

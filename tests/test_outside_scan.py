@@ -118,6 +118,30 @@ def test_a_process_started_after_the_read_holding_the_jobs_pipe_is_refused_at_th
                 proc.wait()
 
 
+def test_a_process_the_read_saw_holding_the_jobs_pipe_that_has_exited_since_holds_nothing(tmp_path: Path) -> None:
+    """A scan made while the job ran can list a process that has exited since (make's
+    children come and go): it was named as a holder of the job's pipe, '(?)', and the move
+    refused. Holders are asked again when they are looked up; one still there is refused."""
+    job = started(JOB, tmp_path / "job")
+    r, w, ino = (int(x) for x in (tmp_path / "job").read_text().split())
+    taker = started(TAKER, tmp_path / "taker", str(job.pid), str(w))
+    try:
+        scan = OutsideScan({job.pid})
+        assert {p.pid for p in scan.now({job.pid}).holders({("pipe", ino)})[("pipe", ino)]} == {taker.pid}
+        taker.kill()
+        taker.wait()
+        assert not scan.now({job.pid}).holders({("pipe", ino)})
+        held = freeze.seize(job.pid)
+        try:
+            collect_tree([job.pid], {job.pid: {}}, outside_scan=scan)      # not refused
+        finally:
+            freeze.let_go(held)
+    finally:
+        for proc in (job, taker):
+            proc.kill()
+            proc.wait()
+
+
 def test_a_process_that_left_the_job_since_the_read_holding_its_pipe_is_refused_at_the_freeze(
         tmp_path: Path) -> None:
     job = started(LEAVING, tmp_path / "job")
