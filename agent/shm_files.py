@@ -38,7 +38,8 @@ def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]]) -> dict[int, S
         return out
     for pid in pids:
         for fd, target in fd_links(pid):
-            if is_shm_path(target):
+            # (one unlinked shows its old name with " (deleted)": a deleted file, ``agent.fdtable``)
+            if is_shm_path(target) and not target.endswith(" (deleted)"):
                 _add(out, pid, target, f"/proc/{pid}/fd/{fd}", tmpfs)
         for m in maps[pid]:
             if m.inode in out:

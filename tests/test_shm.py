@@ -337,3 +337,42 @@ def test_a_big_sparse_dev_shm_file_is_carried_in_slices(tmp_path: Path) -> None:
     (w.dir / "go").touch()
     assert w.verdict() == "helloworld"
     assert os.WEXITSTATUS(reap(w.pid)) == 0
+
+
+UNLINKED = r"""
+import os, sys, time
+out, path = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+os.write(fd, b"kept unlinked")
+os.unlink(path)
+open(os.path.join(out, "ready"), "w").close()
+while not os.path.exists(os.path.join(out, "go")):
+    time.sleep(0.01)
+with open(os.path.join(out, "output"), "w") as f:
+    f.write(os.pread(fd, 13, 0).decode() + f" links {os.fstat(fd).st_nlink}")
+os.rename(os.path.join(out, "output"), os.path.join(out, "verdict"))
+"""
+
+
+def test_a_dev_shm_file_held_after_unlink_comes_back_unlinked(tmp_path: Path) -> None:
+    """An fd on a file of /dev/shm unlinked since (multiprocessing's heap arenas under spawn):
+    /proc shows its old name with " (deleted)", and restore made a file of that very name in
+    /dev/shm besides the unlinked copy the process got. It is a deleted file: made again
+    unlinked, and nothing is left in /dev/shm."""
+    script = tmp_path / "unlinked.py"
+    script.write_text(UNLINKED)
+    path = Path(f"/dev/shm/kcr-test-unlinked-{os.getpid()}")
+    stray = Path(f"{path} (deleted)")
+    SHM_FILES.extend([path, stray])
+    w = Workload("unlinked", tmp_path, argv=[sys.executable, "-S", str(script), str(tmp_path / "unlinked"), str(path)])
+    w.start()
+    w.wait_ready()
+    res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "unlinked.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert w.reap_original() == -9
+    res = kcr("restore", "-i", str(tmp_path / "unlinked.img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert not stray.exists() and not path.exists()
+    (w.dir / "go").touch()
+    assert w.verdict() == "kept unlinked links 0"
+    assert os.WEXITSTATUS(reap(w.pid)) == 0

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     signed = f"; signed with {stats.signed_with}" if stats.signed_with else "; not signed"
     files = ""
     if stats.file_bytes:
-        amount = f"{stats.file_bytes / 2**20:.1f} MiB" if stats.file_bytes >= 2**20 else f"{stats.file_bytes / 1024:.1f} KiB"
+        n = stats.file_bytes
+        amount = f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"
         files = f", {amount} of files carried whole"
     print(f"checkpointed pid {stats.pid}: {what}{stats.threads} threads, {stats.pages_written} pages, "
           f"{stats.bytes_raw / 2**20:.1f} MiB raw{files}, {stats.bytes_on_wire / 2**20:.1f} MiB written, "
