@@ -69,6 +69,20 @@ def finished(pid: int, timeout: float = 300) -> None:
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the moved process ended with {status:#x}"
 
 
+def moved_output(tmp_path: Path, program: str, how: str, *args: str, state: bool = False) -> str:
+    """Run ``program`` (Python: argv[1] its folder, where it makes ``ready``, then waits for
+    ``go`` and writes ``output``), move it (``how``; ``state``: compare its whole state), let
+    it go and return what it wrote once it has ended well."""
+    script = tmp_path / "program.py"
+    script.write_text(program)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), *args], tmp_path / "ready",
+                             start_new_session=True)
+    pid = moved(proc, how, tmp_path, state=state)
+    (tmp_path / "go").touch()
+    finished(pid)
+    return (tmp_path / "output").read_text()
+
+
 @pytest.mark.skipif(shutil.which("xz") is None, reason="no xz on this machine (apt-get install xz-utils)")
 @pytest.mark.parametrize("how", ["checkpoint", "live"])
 def test_xz(tmp_path: Path, text: Path, compressed: bytes, how: str) -> None:
@@ -456,14 +470,7 @@ open(f"{d}/output", "w").write(f"{ok}\\n")
 
 @pytest.mark.parametrize("how", ["checkpoint", "live"])
 def test_more_timers_than_one_batch_asks(tmp_path: Path, how: str) -> None:
-    script = tmp_path / "timers.py"
-    script.write_text(MANY_TIMERS)
-    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
-                             start_new_session=True)
-    pid = moved(proc, how, tmp_path)
-    (tmp_path / "go").touch()
-    finished(pid)
-    assert (tmp_path / "output").read_text() == "True\n"
+    assert moved_output(tmp_path, MANY_TIMERS, how) == "True\n"
 
 
 # An inotify instance with watch numbers after a gap (three watches added and removed first), a
@@ -503,14 +510,7 @@ open(f"{d}/output", "w").write(f"{wa} {wb} {' '.join(events)} watches={watches}\
 
 @pytest.mark.parametrize("how", ["checkpoint", "live"])
 def test_inotify(tmp_path: Path, how: str) -> None:
-    script = tmp_path / "watch.py"
-    script.write_text(INOTIFY)
-    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
-                             start_new_session=True)
-    pid = moved(proc, how, tmp_path, state=True)
-    (tmp_path / "go").touch()
-    finished(pid)
-    assert (tmp_path / "output").read_text() == "4 5 4:100:x 5:100:y 5:8000: 4:200:x watches=1\n"
+    assert moved_output(tmp_path, INOTIFY, how, state=True) == "4 5 4:100:x 5:100:y 5:8000: 4:200:x watches=1\n"
 
 
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
@@ -601,14 +601,7 @@ open(os.path.join(d, "output"), "w").write(f"{sorted(seen)}\n")
 
 @pytest.mark.parametrize("how", ["checkpoint", "live"])
 def test_fanotify(tmp_path: Path, how: str) -> None:
-    script = tmp_path / "fan.py"
-    script.write_text(FANOTIFY)
-    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path), "0"], tmp_path / "ready",
-                             start_new_session=True)
-    pid = moved(proc, how, tmp_path, state=True)
-    (tmp_path / "go").touch()
-    finished(pid)
-    assert (tmp_path / "output").read_text() == "[('a', 8), ('b', 8)]\n"
+    assert moved_output(tmp_path, FANOTIFY, how, "0", state=True) == "[('a', 8), ('b', 8)]\n"
 
 
 def test_a_fanotify_permission_group_is_refused(tmp_path: Path) -> None:
@@ -644,14 +637,7 @@ open(os.path.join(d, "output"), "w").write(f"{ok} {got}\n")
 
 
 def test_signal_driven_io(tmp_path: Path) -> None:
-    script = tmp_path / "async.py"
-    script.write_text(ASYNC_IO)
-    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
-                             start_new_session=True)
-    pid = moved(proc, "checkpoint", tmp_path, state=True)
-    (tmp_path / "go").touch()
-    finished(pid)
-    assert (tmp_path / "output").read_text() == "True [10]\n"
+    assert moved_output(tmp_path, ASYNC_IO, "checkpoint", state=True) == "True [10]\n"
 
 
 @pytest.mark.parametrize("how", ["checkpoint", "live"])
