@@ -88,7 +88,8 @@ async def stall(ctx: CallContext) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def fresh_state() -> None:
     state.clear()
-    state.update(slow_started=trio.Event(), release=trio.Event(), slow_cancelled=False)
+    state.update(slow_started=trio.Event(), release=trio.Event(), slow_cancelled=False,
+                 took_both=trio.Event())
 
 
 async def test_call_and_result() -> None:
@@ -305,6 +306,35 @@ async def test_a_stalled_destination_bounds_what_both_sides_hold() -> None:
                 state["release"].set()
             assert (await call.result())["bytes"] == total * 512 * 4096
         assert server.flow.peak_uncredited <= window
+
+
+@methods.method("take_after_record")
+async def take_after_record(ctx: CallContext) -> dict[str, Any]:
+    """Wait until a batch and a record behind it have both arrived, take them, then wait for
+    more, as the destination of a live migration does between two rounds."""
+    while ctx.pages.records < 1:      # (the batch came before it)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    kinds = []
+    while (item := await ctx.pages.receive_item()) is not None:
+        kinds.append(type(item).__name__)
+        if len(kinds) == 2:
+            state["took_both"].set()
+    return {"kinds": kinds}
+
+
+async def test_credit_comes_back_when_the_consumer_waits_after_records() -> None:
+    """A batch taken while a record waited behind it, then that record: the consumer has caught
+    up and waits, so every page byte is credited back. (A sender waiting for all its credit
+    before the next round, as a live migration's source does, hung here: 3 moves in 170.)"""
+    async with rpc_pair(methods, server_options={"window": 64 << 20}) as (client, server):
+        async with client.open_call("take_after_record", upload=True) as call:
+            await call.send_batch(page_batch(16, seed=1))
+            await call.send_record(Mappings((Vma(0x10000, 0x20000, 3, False, "anon"),)))
+            await state["took_both"].wait()
+            with trio.fail_after(20):       # (a bound for the failure, not a speed)
+                await client.flow.wait_drained()
+            call.end_pages()
+            assert (await call.result())["kinds"] == ["PageBatch", "Mappings"]
 
 
 async def _rogue_client(frames: list[bytes], window: int = MIN_WINDOW) -> Any:

@@ -11,9 +11,10 @@ Flow control is credit-based, per direction, in raw (uncompressed) page bytes. E
 ``Hello.window`` says how many bytes it buffers; the sender never has more than that
 outstanding (one batch may exceed it when nothing is outstanding), and the receiver returns
 ``Credit`` as its consumer takes batches: every quarter window, and whenever it has caught up
-(so a sender waiting for credit always gets it once the consumer has drained everything). The
-connection's reader therefore never blocks on a slow consumer, and a receiver holds at most
-its window; a sender holds at most its ``FramedStream`` caps.
+(took a batch with nothing behind it, or waits for the next item), so a sender waiting for
+credit always gets it once the consumer has drained everything. The connection's reader
+therefore never blocks on a slow consumer, and a receiver holds at most its window; a sender
+holds at most its ``FramedStream`` caps.
 """
 from __future__ import annotations
 
@@ -165,6 +166,10 @@ class PageStreamIn:
             return None
         item: RawBatch | Record | PagesEnd | MigrationError | None
         if isinstance(self._held, _Nothing):
+            if self._rx.statistics().current_buffer_used == 0:
+                # Caught up: what was taken is credited before waiting. (A batch taken with a
+                # record behind it was not, and the sender may be waiting for all its credit.)
+                self._flow.consumed(0, flush=True)
             item = await self._rx.receive()
         else:
             item, self._held = self._held, _NOTHING
