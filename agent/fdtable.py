@@ -55,7 +55,7 @@ from typing import Callable, Collection, Mapping, Sequence
 from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.carried_files import CarriedFile
 from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
-                          list_fds, mapped_only, read_status, read_text, thread_ids)
+                          list_fds, mapped_only, read_stat, read_status, read_text, thread_ids)
 from precopy.layout import FrozenFileMaps, MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import NoSuchProcess, UnsupportedResource
@@ -163,11 +163,12 @@ class Outside:
 
     ``exclude``: processes whose fds here no longer count (read again in ``extra``, or in the
     job now); ``fifos``: the FIFOs among the fds' paths, if known (else found when first asked:
-    a stat of every path an fd outside has open)."""
+    a stat of every path an fd outside has open); ``job``: the job's processes as listed (a
+    process forked by one of them since is of the job, not outside: ``_forked_by_job``)."""
 
     def __init__(self, fds: list[OutsideFd], *, exclude: Collection[int] = (), extra: "Outside | None" = None,
                  fifos: dict[tuple[int, int], list[OutsideFd]] | None = None,
-                 by_target: dict[str, list[OutsideFd]] | None = None) -> None:
+                 by_target: dict[str, list[OutsideFd]] | None = None, job: Collection[int] = ()) -> None:
         self.fds = fds
         if by_target is None:
             by_target = {}
@@ -177,9 +178,42 @@ class Outside:
         self.exclude = set(exclude)
         self.extra = extra
         self._fifos = fifos
+        self.job = frozenset(job)
+        self._of_job: dict[int, bool] = {}
 
     def _get(self, found: list[OutsideFd]) -> list[OutsideFd]:
-        return [held for held in found if held[0] not in self.exclude] if self.exclude else list(found)
+        if not found:
+            return []
+        return [held for held in found if held[0] not in self.exclude and not self._forked_by_job(held[0])]
+
+    def _forked_by_job(self, pid: int) -> bool:
+        """Does ``pid`` descend from a process of the job? A running job forks (a pool's new
+        worker, make's next child) between the listing of its pids and the read of the fds
+        outside it: such a child holds what its parent does, and joins the job at its next
+        look (where it is checked with the rest), so it is no peer outside."""
+        if not self.job:
+            return False
+        seen = self._of_job.get(pid)
+        if seen is not None:
+            return seen
+        chain: list[int] = []
+        up, found = pid, False
+        while up > 1 and len(chain) < 4096:
+            if up in self.job:
+                found = True
+                break
+            known = self._of_job.get(up)
+            if known is not None:
+                found = known
+                break
+            chain.append(up)
+            try:
+                up = int(read_stat(up)[4])
+            except NoSuchProcess:
+                break
+        for p in chain:
+            self._of_job[p] = found
+        return found
 
     def of_target(self, target: str) -> list[OutsideFd]:
         """The fds whose /proc link reads ``target``."""
@@ -270,12 +304,12 @@ class OutsideScan:
         """Every fd of every process outside ``inside`` (the job now, frozen)."""
         last_pid, forks = _pid_clock()
         if last_pid < 0 or self.last_pid < 0 or forks - self.forks >= _pid_max() - 1:
-            return Outside(outside_fds(inside))          # the pids went round, or unknown: any could be new
+            return Outside(outside_fds(inside), job=inside)      # the pids went round, or unknown: any could be new
         fresh = {p for p in _pids() if _handed_out(p, self.last_pid, last_pid)}
         fresh |= {p for p in self.inside - inside if os.path.exists(f"/proc/{p}")}
         base = self.outside
-        return Outside(base.fds, exclude=fresh | inside, extra=Outside(outside_fds(inside, fresh)),
-                       fifos=base._fifos, by_target=base.by_target)
+        return Outside(base.fds, exclude=fresh | inside, extra=Outside(outside_fds(inside, fresh), job=inside),
+                       fifos=base._fifos, by_target=base.by_target, job=inside)
 
 
 class OutsideWatch:
@@ -424,7 +458,7 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
     outside = Outside([])
     if objects or events or fifos:
         scan = outside_scan or (outside_watch.latest(inside) if outside_watch is not None else None)
-        outside = scan.now(inside) if scan is not None else Outside(outside_fds(inside))
+        outside = scan.now(inside) if scan is not None else Outside(outside_fds(inside), job=inside)
     if fifos:
         _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}

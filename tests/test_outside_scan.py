@@ -18,7 +18,7 @@ import pytest
 
 from agent import freeze
 from agent.holder import Holder
-from agent.fdtable import Outside, OutsideScan, OutsideWatch, ScanStopped, collect_tree
+from agent.fdtable import Outside, OutsideScan, OutsideWatch, ScanStopped, collect_tree, describe_tree
 from tests._migration import proc_state
 from tests._workloads import STARTED, become_subreaper, reap
 from transport.errors import UnsupportedResource
@@ -82,6 +82,22 @@ while True:
 """
 
 
+# A job that, once told (SIGUSR1), forks a child holding its pipe (as a pool replaces a worker).
+FORKING = """
+import os, signal, sys
+r, w = os.pipe()
+def fork(*a):
+    if os.fork() == 0:
+        while True:
+            signal.pause()
+signal.signal(signal.SIGUSR1, fork)
+open(sys.argv[1] + ".tmp", "w").write(f"{r} {w} {os.fstat(r).st_ino}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    signal.pause()
+"""
+
+
 def descendants(pid: int) -> set[int]:
     out: set[int] = set()
     todo = [pid]
@@ -140,6 +156,36 @@ def test_a_process_the_read_saw_holding_the_jobs_pipe_that_has_exited_since_hold
         for proc in (job, taker):
             proc.kill()
             proc.wait()
+
+
+def test_a_child_the_job_forked_since_its_pids_were_listed_is_of_the_job_not_outside(tmp_path: Path) -> None:
+    """A running job forks (a pool's new worker, make's next child) between the listing of its
+    pids and the read of the fds outside it. The child holds the job's pipe and joins the job at
+    its next look: it is no peer outside. A Pool replacing its workers (maxtasksperchild) was
+    refused, "a pipe shared with pid N (python3), which does not move with it": 3 live moves in
+    200. A process outside holding the pipe is still refused."""
+    job = started(FORKING, tmp_path / "job")
+    r, w, ino = (int(x) for x in (tmp_path / "job").read_text().split())
+    try:
+        listed = [job.pid]
+        os.kill(job.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while not descendants(job.pid):
+            assert time.monotonic() < deadline, "the job did not fork"
+            time.sleep(0.01)
+        describe_tree(listed, {job.pid: {}})           # not refused
+        assert not OutsideScan(set(listed)).now(set(listed)).holders({("pipe", ino)})
+        taker = started(TAKER, tmp_path / "taker", str(job.pid), str(w))
+        with pytest.raises(UnsupportedResource, match=f"shared with pid {taker.pid} "):
+            describe_tree(listed, {job.pid: {}})
+    finally:
+        children = descendants(job.pid)
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+        job.kill()
+        job.wait()
+        for child in children:       # adopted (we are the subreaper)
+            reap(child)
 
 
 def test_a_process_that_left_the_job_since_the_read_holding_its_pipe_is_refused_at_the_freeze(
