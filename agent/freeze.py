@@ -124,6 +124,9 @@ def _seize_new_threads(held: Held) -> list[int]:
         except OSError as exc:
             if exc.errno == errno.ESRCH and tid != held.pid:
                 continue          # the thread exited meanwhile
+            if exc.errno == errno.ESRCH or (exc.errno == errno.EPERM and exiting(held.pid)):
+                # Held by its pidfd: it was there, so it exited since it was last seen alive.
+                raise ProcessExited(f"process {held.pid} exited", pid=held.pid) from None
             raise _seize_error(held.pid, exc) from None
         held.seized.add(tid)
         new.append(tid)

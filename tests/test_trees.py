@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from agent import freeze
 from tests._fuzz import children, end_strays, seal, split_image
 from tests._hosts import wait_file
 from tests._migration import migrate_cli
 from tests._workloads import (STARTED, Workload, become_subreaper, build, finished, kcr, one_error_line, reap,
                               start_reference, start_until_ready)
+from transport.errors import ProcessExited
 from transport.schema import ProcessBegin, ThreadState
 
 
@@ -340,6 +342,28 @@ while not os.path.exists(hold):
     time.sleep(0.01)
 os._exit(0)
 """
+
+
+def test_a_held_process_that_exits_as_it_is_frozen_has_exited_and_leaves_the_job() -> None:
+    """The tree's freeze looks whether each held process is alive, then freezes it; one that
+    exits in between (a pool's worker done with its tasks) leaves the job. It refused the move
+    instead, "no process with pid N (or it exited)": 5 live moves in 200 of a Pool replacing
+    its workers. What freezing meets in that moment: a zombie, which cannot be traced."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    STARTED.append(child)
+    held = freeze.hold(child.pid)
+    try:
+        assert child.stdin is not None
+        child.stdin.close()               # it exits, not waited for yet
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        with pytest.raises(ProcessExited, match=f"process {child.pid} exited"):
+            freeze.freeze(held)
+    finally:
+        freeze.let_go(held)
+        child.wait()
 
 
 def test_a_childs_parent_death_signal_comes_when_its_moved_parent_exits(tmp_path: Path) -> None:
