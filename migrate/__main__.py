@@ -2,8 +2,8 @@
 import sys
 
 try:
-    from migrate.cli import main
+    from migrate.cli import program
 except KeyboardInterrupt:
     sys.exit(130)
 
-sys.exit(main())
+program()

@@ -36,7 +36,8 @@ def check_output(path: str, force: bool) -> None:
         raise MigrationError(f"{path} exists: remove it, or add --force to replace it")
 
 
-@command("checkpoint", "write a running process to an image (one stream: file, pipe or stdout)", add_arguments)
+@command("checkpoint", "write a running process to an image (one stream: file, pipe or stdout)", add_arguments,
+         teardown=False)
 def run(args: argparse.Namespace) -> int:
     from migrate import images
 

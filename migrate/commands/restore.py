@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "image key: only one you trust (whoever can edit it chooses what runs, as whom)")
 
 
-@command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments)
+@command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments,
+         teardown=False)
 def run(args: argparse.Namespace) -> int:
     from migrate import images
     from transport.image import open_input

@@ -64,7 +64,7 @@ def image_to_json(reader: "ImageReader") -> dict[str, Any]:
     return out
 
 
-@command("show", "decode an image to JSON, for humans and debugging", add_arguments)
+@command("show", "decode an image to JSON, for humans and debugging", add_arguments, teardown=False)
 def run(args: argparse.Namespace) -> int:
     from transport.image import ImageReader, open_input
     from transport.signing import ImageVerifier
