@@ -1,7 +1,7 @@
-"""Checkpoint to an image stream, and restore from one: the engine under `kcr-migrate
-checkpoint` and `kcr-migrate restore`.
+"""Checkpoint to an image stream: the engine under `kcr-migrate checkpoint` (restoring one is
+``agent.image_restore``).
 
-Both run on a tracer thread (``agent.tracer``). A checkpoint checks the process before
+It runs on a tracer thread (``agent.tracer``). A checkpoint checks the process before
 freezing it; any failure before the image is complete thaws the process untouched. Only a
 complete image (end record written and flushed) lets ``--leave-running`` off kill it.
 
@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from contextlib import closing
 from itertools import chain
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable, Collection, Mapping
+from typing import BinaryIO, Callable, Collection, Mapping
 
 from agent import carried_files, fdtable, mempolicy
 from agent import freeze as freezer
@@ -28,19 +27,15 @@ from agent.tree import check_tree, freeze_tree, tree_record
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import FrozenFileMaps, LayoutCache, MapsCache, PageFinder, holds_private_data, read_maps
 from precopy.reader import Arena, PageReader
-from transport.errors import Cancelled, MigrationError, NoSuchProcess, ProcessExited, RestoreError, UnsupportedResource
-from transport.image import ImageReader, ImageWriter
-from transport.pages import PageBatch
+from transport.errors import Cancelled, NoSuchProcess, ProcessExited, UnsupportedResource
+from transport.image import ImageWriter
 from transport.schema import (
     FileContents,
     Mappings,
     ProcessBegin,
     prepare_codecs,
 )
-from transport.signing import ImageVerifier, signing_key
-
-if TYPE_CHECKING:
-    from agent.restore_session import RestoreSession
+from transport.signing import signing_key
 
 
 @dataclass
@@ -306,72 +301,3 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
             for batch in reader.batches(runs, drop_zero=drop_zero):
                 check()
                 writer.pages(batch)
-
-
-@dataclass
-class RestoreResult:
-    pid: int
-    threads: int
-    pages: int
-    restore_time_ms: float
-    pages_filled: int = 0      # of ``pages``, put in place by UFFDIO_COPY (the rest via /proc/PID/mem)
-    warnings: list[str] = field(default_factory=list)
-    processes: int = 1
-    image_verified: bool = False     # its signature verified with this host's key (else --trust-image let it in)
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | None = None,
-            new_pid: bool = False, verifier: ImageVerifier | None = None,
-            affinity: str = "refuse", cgroup: str | None = None) -> tuple[RestoreResult, RestoreSession]:
-    """Rebuild the process an image describes (with its descendants, for a tree); it runs on
-    return unless ``resume`` is False. It keeps its pid and thread ids unless ``new_pid``
-    (refused for a tree). Setting ``cancel`` aborts at the next record or page batch:
-    nothing of it is left. ``verifier`` checks the image's signature (without one, no key:
-    every image is refused). ``affinity``: "refuse" or "warn" for a thread pinned to CPUs
-    this host lacks (``agent.sched``). ``cgroup``: the unified cgroup to put it (every
-    process of a tree) in instead of its own."""
-    from agent.restore_session import RestoreSession     # not loaded by a checkpoint
-
-    t0 = time.monotonic()
-    # No prepare_codecs() here: nothing is frozen, and each record type's codec is worked
-    # out at its first use (an image holds few of the types).
-    session = RestoreSession(keep_ids=not new_pid, affinity=affinity, cgroup=cgroup)
-    done = False
-
-    def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("interrupted: the half-restored process was removed")
-
-    def write(batch: PageBatch) -> None:
-        check()
-        session.write_pages(batch)
-
-    try:
-        # Page batches are checked, decompressed and written by the reader's workers, several
-        # at once; records come here, in order, each once the pages before it are in.
-        with closing(iter(ImageReader(src, verifier=verifier, sink=write))) as items:
-            for item in items:
-                check()
-                session.take(item)
-        session.finish()
-        if resume:
-            session.resume()
-        done = True
-    except MigrationError:
-        raise
-    except OSError as exc:
-        raise RestoreError(f"restore failed: {exc}") from None
-    finally:
-        if not done:
-            session.abort()
-    procs = session.procs.values()
-    result = RestoreResult(
-        pid=session.root.pid, threads=session.threads,
-        pages=sum(p.restorer.report.pages_written for p in procs),
-        restore_time_ms=(time.monotonic() - t0) * 1000,
-        pages_filled=sum(p.restorer.report.pages_filled for p in procs),
-        warnings=session.warnings, processes=len(procs))
-    return result, session

@@ -30,8 +30,8 @@ _WHERE = {
     "migrate.planner": ("Move", "Plan", "Policy", "Rejected", "Rule", "plan"),
     "migrate.rebalance": ("MoveDone", "MoveStarted", "Rebalance", "RebalanceEvent", "RebalanceFinished",
                           "RebalanceOptions", "RebalanceReport", "execute"),
-    "migrate.images": ("CheckpointOptions", "CheckpointStats", "RestoreResult", "checkpoint", "checkpoint_to_path",
-                       "restore"),
+    "migrate.images": ("CheckpointOptions", "CheckpointStats", "checkpoint", "checkpoint_to_path"),
+    "migrate.image_restore": ("RestoreResult", "restore"),
     "migrate.orchestrator": ("Migration", "MigrationUnsettled", "migrate", "migrate_blocking"),
     "migrate.phases": ("Phase",),
     "transport.errors": ("Cancelled", "ChannelClosed", "FsHookError", "ImageKeyError", "IncompatibleImage",
@@ -67,8 +67,8 @@ if TYPE_CHECKING:
     from migrate.planner import Move, Plan, Policy, Rejected, Rule, plan  # noqa: F401
     from migrate.rebalance import (MoveDone, MoveStarted, Rebalance, RebalanceEvent,  # noqa: F401
                                    RebalanceFinished, RebalanceOptions, RebalanceReport, execute)
-    from migrate.images import (CheckpointOptions, CheckpointStats, RestoreResult, checkpoint,  # noqa: F401
-                                checkpoint_to_path, restore)
+    from migrate.images import CheckpointOptions, CheckpointStats, checkpoint, checkpoint_to_path  # noqa: F401
+    from migrate.image_restore import RestoreResult, restore  # noqa: F401
     from migrate.orchestrator import Migration, MigrationUnsettled, migrate, migrate_blocking  # noqa: F401
     from migrate.phases import Phase  # noqa: F401
     from transport.errors import (Cancelled, ChannelClosed, FsHookError, ImageKeyError,  # noqa: F401

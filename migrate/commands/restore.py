@@ -23,16 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @command("restore", "restore a process from an image and let it run (it is not the tool's child)", add_arguments,
          teardown=False)
 def run(args: argparse.Namespace) -> int:
-    from migrate import images
+    from migrate import image_restore
     from transport.image import open_input
 
     path = image_input(args, "restore")
     if path is None:
         return EXIT_USAGE
     with open_input(path) as src:
-        result = images.restore(src, new_pid=args.new_pid, trust_image=args.trust_image, image_key=args.image_key,
-                                on_running=settle, affinity=args.affinity,
-                                cgroup=args.cgroup)
+        result = image_restore.restore(src, new_pid=args.new_pid, trust_image=args.trust_image,
+                                       image_key=args.image_key, on_running=settle, affinity=args.affinity,
+                                       cgroup=args.cgroup)
     for w in result.warnings:
         print(f"kcr-migrate: warning: {w}", file=sys.stderr)
     if args.json:
