@@ -231,16 +231,17 @@ def exit_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    epilog = exit_epilog()      # once: every run builds every subcommand's parser
     parser = argparse.ArgumentParser(
         prog="kcr-migrate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Live-migrate, checkpoint and restore Linux processes.",
         epilog="Live migration: kcr-migrate PID@HOST_A HOST_B [options] (see `kcr-migrate migrate --help`).\n"
                "Shell completion: kcr-migrate completion bash|zsh (see `kcr-migrate completion --help`).\n\n"
-               + exit_epilog())
+               + epilog)
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help, epilog=exit_epilog(),
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_args(p)
         p.set_defaults(run=run)
