@@ -362,7 +362,8 @@ class Holder:
         return {}
 
     def op_release(self) -> dict[str, Any]:
-        """Let the processes go, running (rollback); their socket files at their paths again
+        """Let the processes go, running (rollback), and say whether the root had exited by
+        then (the job ended while it was being moved); their socket files at their paths again
         should a restore that shared this filesystem have left them aside (``unix_names``).
         After ``commit_pending`` (its answer was lost: GO was never sent) the guard is discarded
         first: a SIGCONT removes a pending SIGSTOP (the one trace it leaves: a SIGCONT, which a
@@ -377,8 +378,10 @@ class Holder:
                 pidfd_send_signal(held.pidfd, signal.SIGCONT)
                 forget_held(held.pid)
         self.machine.handle(HolderEvent.RELEASE)
+        root = self.helds.get(self.root)
+        ended = root is None or not freezer.alive(root)
         self._let_all_go()
-        return {}
+        return {"root_exited": ended}
 
     def _let_all_go(self) -> None:
         """Untrace every held process (as it is: running, or thawed if frozen)."""

@@ -342,20 +342,22 @@ class SourceSession:
         self.cursor.reset()
         self.told = now
 
-    def close(self, how: str | None = None, failure: Failure = Failure.PEER_DIED) -> None:
+    def close(self, how: str | None = None, failure: Failure = Failure.PEER_DIED) -> dict[str, Any]:
         """Settle the processes and end tracking: ``how`` is the holder's ``release`` (let them
         run) or ``hold`` (stop them); by default, what the protocol core says about ``failure``
-        in the holder's state (nothing once they are settled)."""
+        in the holder's state (nothing once they are settled). The holder's answer, if any."""
         for p in list(self.trackers):
             self._untrack(p)
         event = SETTLE.get(self.holder.action(failure))
         how = how or (event.value if event is not None else None)
+        answer: dict[str, Any] = {}
         if how is not None:
             try:
-                self.holder.call(how)
+                answer = self.holder.call(how)
             except MigrationError:
                 pass
         self.holder.close()
+        return answer
 
 
 
@@ -736,12 +738,14 @@ async def source_hold(ctx: CallContext) -> dict[str, Any]:
 
 
 async def source_release(ctx: CallContext) -> dict[str, Any]:
-    """Roll back: the process runs on as if nothing happened."""
+    """Roll back: the process runs on as if nothing happened. ``root_exited``: it had ended
+    by then (the job finished while it was being moved)."""
     s = SESSIONS.pop(id(ctx.rpc), None)
-    if s is not None:
-        await s.inflight.stop()
-        await _blocking(s.close, "release")
-    return {}
+    if s is None:
+        return {}
+    await s.inflight.stop()
+    answer = await _blocking(s.close, "release")
+    return {"root_exited": bool(answer.get("root_exited", False))}
 
 
 async def resolve(ctx: CallContext, *, pid: int, action: str) -> dict[str, Any]:

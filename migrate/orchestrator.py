@@ -53,6 +53,7 @@ from transport.errors import (
     ChannelClosed,
     MigrationError,
     PeerGone,
+    ProcessExited,
     ProtocolError,
     TransportError,
     TransportTimeout,
@@ -717,10 +718,13 @@ class Migration:
                     self._warn(f"filesystem hook {hook.name}: discarding the destination's copy failed: "
                                f"{hook_exc}")
             released = True      # the source: told to run on (or, not marked, its agent lets it)
+            ended = False        # ... but it had ended meanwhile (the job finished)
             for peer, method, who in ((dst, "dest_abort", self.dest), (src, "source_release", self.source)):
                 try:
                     with trio.fail_after(min(CLEANUP_DEADLINE, self.options.link_timeout_s)):
-                        await peer.call(method)
+                        answer = await peer.call(method)
+                    if peer is src:
+                        ended = bool(answer.get("root_exited", False))
                 except (MigrationError, trio.TooSlowError):
                     unreached.append(who)
                     if peer is src:         # by role: both hosts may be one
@@ -744,6 +748,14 @@ class Migration:
             raise MigrationUnsettled(r.message, phase=failed_in, pid=self.pid, host=None) from None
         r.state = "rolled-back"
         r.message = f"rolled back: pid {self.pid} runs on at {self.source}"
+        if ended and isinstance(exc, MigrationError) and not isinstance(exc, ProcessExited):
+            # What failed is likely the job ending (a file it renamed as it finished, a
+            # process it reaped): that is what the user needs to hear.
+            r.message = f"rolled back: pid {self.pid} has exited on {self.source} meanwhile"
+            exc.message = (f"pid {self.pid} exited while the move was prepared: there is nothing left to move "
+                           f"(what failed meanwhile: {exc})")
+            exc.host = self.source
+            exc.args = (exc.message,)
         if unreached:
             self._warn(f"could not reach the agent on {', '.join(unreached)} to roll back; it settles on its own "
                        f"within {self.options.link_timeout_s:g} s (the source process runs on)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import freeze
+from agent.holder import Holder
 from tests._fuzz import children, end_strays, seal, split_image
 from tests._hosts import wait_file
 from tests._migration import migrate_cli
@@ -364,6 +365,22 @@ def test_a_held_process_that_exits_as_it_is_frozen_has_exited_and_leaves_the_job
     finally:
         freeze.let_go(held)
         child.wait()
+
+
+def test_a_rollback_says_whether_the_job_had_ended_by_then() -> None:
+    """A job that ends while it is being moved fails the move by what its end changed (a file
+    it renamed as it finished: "missing on hostC"). The holder's release says the root had
+    exited, for the error to say so: pid N exited while the move was prepared."""
+    job = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    STARTED.append(job)
+    assert job.stdin is not None
+    for ends in (False, True):
+        holder = Holder()
+        holder.op_seize(job.pid)
+        if ends:
+            job.stdin.close()
+            job.wait()
+        assert holder.op_release() == {"root_exited": ends}
 
 
 def test_a_childs_parent_death_signal_comes_when_its_moved_parent_exits(tmp_path: Path) -> None:
