@@ -100,11 +100,14 @@ class Descriptions:
     """Every open file description of an image, made on first use; ``close`` drops ours.
     ``made``: where the paths of files made here (FIFOs) are listed, for a restore that is
     abandoned to remove (``SharedObjects.made_files``). ``identity``: whom what the job shares
-    is made and opened as (``agent.as_target``)."""
+    is made and opened as (``agent.as_target``). ``deleted``: the deleted files (and memfds)
+    the restore made as their contents arrived, its to close."""
 
     def __init__(self, names: unix_names.Names | None = None, made: list[str] | None = None, *,
-                 identity: Identity, pairs: Sockets | None = None) -> None:
+                 identity: Identity, pairs: Sockets | None = None, deleted: "DeletedFiles | None" = None) -> None:
         self.identity = identity
+        self.deleted = deleted      # deleted files made as their slices arrived (else: made here)
+        self._mine_deleted: DeletedFiles | None = None
         self.pairs = pairs          # sockets made as the processes that made them (``agent.peercred``)
         self.names = names if names is not None else unix_names.Names()   # the socket names bound
         self.made = made if made is not None else []
@@ -130,33 +133,30 @@ class Descriptions:
         self.add_deleted(fds.files, fds.contents)
 
     def add_deleted(self, files: Files, contents: Sequence[FileContents]) -> None:
-        """Each deleted file made again, unlinked, from its slices (O_TMPFILE in the directory
-        it was in where that exists here, else in /tmp; a memfd as a memfd of its name), with
-        its owner and permissions, and a memfd's seals once its contents are in."""
-        where = {f.obj: f.path for f in files.fds if f.kind == "deleted"}
-        where |= {c.id: c.name for c in contents if c.name and c.id not in where}    # only mapped: no fd names it
-        made: dict[int, int] = {}
-        seals: dict[int, int] = {}
+        """Each deleted file made again, unlinked (``DeletedFiles``): those the restore wrote as
+        their slices arrived (``deleted``), the others from their slices here; then a memfd's
+        seals, once its contents are in."""
+        made = self.deleted if self.deleted is not None else DeletedFiles()
+        if self.deleted is None:
+            self._mine_deleted = made
         for c in sorted((c for c in contents if not c.path), key=lambda c: (c.id, c.offset)):
-            fd = made.get(c.id)
-            if fd is None:
-                if c.id in self._deleted:
-                    raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
-                fd = made[c.id] = self._deleted[c.id] = _make_unlinked(where.get(c.id, "/tmp/"), c, self.identity)
-                self._mine.append(fd)
-                seals[c.id] = c.seals if c.memfd else 0
-            try:
-                os.pwrite(fd, c.data, c.offset)
-            except OSError as exc:
-                raise RestoreError(f"cannot write the deleted file {where.get(c.id, c.id)} again "
-                                   f"({c.size >> 20} MiB): {exc.strerror}") from None
-        for ino, wanted in seals.items():
+            if c.id in self._deleted:
+                raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
+            if c.data or c.id not in made.fds:
+                made.write(c, files, self.identity)
+        for c in contents:
+            if not c.path:
+                self._deleted[c.id] = made.fds[c.id]
+        for ino, (wanted, name) in made.seals.items():
+            fd = made.fds[ino]
+            if fd in self._seal_later or not wanted:
+                continue
             # F_SEAL_WRITE before the file is mapped (so read-only mappings of it may not be made
             # writable, as on the source); F_SEAL_FUTURE_WRITE, which leaves writable mappings
             # made before it, and F_SEAL_SEAL after (``seal``).
-            _add_seals(made[ino], wanted & ~(F_SEAL_FUTURE_WRITE | F_SEAL_SEAL), where.get(ino, str(ino)))
+            _add_seals(fd, wanted & ~(F_SEAL_FUTURE_WRITE | F_SEAL_SEAL), name)
             if wanted & (F_SEAL_FUTURE_WRITE | F_SEAL_SEAL):
-                self._seal_later[made[ino]] = (wanted, where.get(ino, str(ino)))
+                self._seal_later[fd] = (wanted, name)
 
     def seal(self) -> None:
         """The memfds' last seals, once every process maps what it maps of them."""
@@ -466,6 +466,9 @@ class Descriptions:
         return fd
 
     def close(self) -> None:
+        if self._mine_deleted is not None:
+            self._mine_deleted.close()
+            self._mine_deleted = None
         for fd in self._mine:
             try:
                 os.close(fd)
@@ -545,6 +548,38 @@ def _open_fifo(p: PipeBuffer, mode: int, made: list[str], identity: Identity) ->
         with identity.acting():
             os.fchmod(fd, p.mode)
     return fd
+
+
+class DeletedFiles:
+    """The deleted files and memfds of a restore, each made again (unlinked: O_TMPFILE in the
+    directory it was in where that exists here, else in /tmp; a memfd as a memfd of its name)
+    at its first slice, with its owner and permissions, and written slice by slice as the
+    slices arrive: a restore holds one slice at a time, not the files. ``close`` drops our fds
+    (the processes hold theirs by then, or the restore is abandoned and they go)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, int] = {}                      # file id -> our fd of it made again
+        self.seals: dict[int, tuple[int, str]] = {}        # file id -> (a memfd's seals, its name)
+
+    def write(self, c: FileContents, files: Files, identity: Identity) -> None:
+        """One slice of ``c.id``; ``files``: the fds of the process the file comes with (where
+        it was: the path its fd shows)."""
+        fd = self.fds.get(c.id)
+        where = next((f.path for f in files.fds if f.kind == "deleted" and f.obj == c.id), c.name or "/tmp/")
+        if fd is None:
+            fd = self.fds[c.id] = _make_unlinked(where, c, identity)
+            self.seals[c.id] = (c.seals if c.memfd else 0, where)
+        try:
+            os.pwrite(fd, c.data, c.offset)
+        except OSError as exc:
+            raise RestoreError(f"cannot write the deleted file {where} again ({c.size >> 20} MiB): "
+                               f"{exc.strerror}") from None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.seals.clear()
 
 
 def _make_unlinked(path: str, c: FileContents, identity: Identity) -> int:

@@ -15,12 +15,12 @@ a worker thread between two ``take`` calls (pages are written while the tracer i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from agent import peercred
 from agent.as_target import Identity, check_grantable
-from agent.descriptions import Descriptions
+from agent.descriptions import DeletedFiles, Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer, wait_running
 from agent.shared_memory import SharedObjects
@@ -30,6 +30,7 @@ from transport.pages import PageBatch
 from transport.schema import (
     EndOfImage,
     EventFiles,
+    FileContents,
     Files,
     ImageHeader,
     Mappings,
@@ -75,6 +76,9 @@ class RestoreSession:
         self.removed: list[int] = []      # processes that left the tree while it was migrated
         self.resumed = False
         self.shared = SharedObjects()      # memory the processes share, made once
+        self.deleted = DeletedFiles()      # deleted files and memfds, written as they arrive
+        self._carriers: dict[int, Restorer] = {}     # a carried file's id -> the process it comes with
+        self._identity: Identity | None = None       # whom carried files are made as (the job)
         self.names = Names()               # the socket names the processes' sockets are bound to
 
     # -- records in -------------------------------------------------------------------------
@@ -118,6 +122,8 @@ class RestoreSession:
                                 "tree, before the next one is named): corrupt stream")
         elif current.restorer.memory_ready:
             raise ProtocolError(_AFTER_PREPARE.format(what=f"a {type(item).__name__} record"))
+        elif isinstance(item, FileContents):
+            self._carry(current, item)
         elif isinstance(item, PageBatch):
             self.write_pages(item)
         elif isinstance(item, Mappings):
@@ -130,6 +136,28 @@ class RestoreSession:
             current.restorer.apply_layout(item)
         elif not current.records.take(item):
             raise ProtocolError(f"unexpected {type(item).__name__} record in the stream: corrupt image")
+
+    def _carry(self, proc: RestoredProcess, c: FileContents) -> None:
+        """A slice of a file the job carries whole (deleted, memfd, /dev/shm): written into the
+        file here as it arrives, made at its first slice by the job's identity (the first
+        process's credentials, checked first); the process keeps the slice's description.
+        Before the first process's state and its own fds are in (a live stream may send another
+        process's state first), the slice is kept whole, and written at ``finish``."""
+        first = next(iter(self.procs.values())).records.state
+        owner = self._carriers.setdefault(c.id, proc.restorer)
+        if owner is not proc.restorer:
+            raise ProtocolError(f"the contents of file {c.id} come with two processes: corrupt image")
+        if first is None or proc.records.files is None:
+            proc.records.take(c)
+            return
+        if self._identity is None:
+            check_grantable(first.creds)          # nothing is made for a claim refused
+            self._identity = Identity.of(first.creds)
+        if c.path:
+            self.shared.write_file(c, self._identity)
+        else:
+            self.deleted.write(c, proc.records.files, self._identity)
+        proc.records.take(replace(c, data=b""))
 
     def write_pages(self, batch: PageBatch) -> None:
         """Pages of the current process (from a worker thread, between two ``take`` calls)."""
@@ -247,7 +275,8 @@ class RestoreSession:
         holders = {f.obj: p.records.state.pid for p, fds in zip(procs, each) for f in fds.files.fds
                    if f.kind == "unix" and p.records.state is not None}
         pairs = peercred.Sockets(makers, holders, self.root.report.warnings)
-        descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity, pairs=pairs)
+        descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity, pairs=pairs,
+                                    deleted=self.deleted)
         try:
             self.shared.add_files(union.contents, identity)       # /dev/shm files, before the fds that open them
             descriptions.add(union)
@@ -258,6 +287,7 @@ class RestoreSession:
             self.shared.finish()
         finally:
             descriptions.close()
+            self.deleted.close()      # every process holds or maps what it has of them by now
             self.shared.close()       # every process maps what it shares by now
 
     def resume(self) -> int:
@@ -273,6 +303,7 @@ class RestoreSession:
 
     def abort(self) -> None:
         """Remove every process made (children first); nothing of them survives."""
+        self.deleted.close()
         self.shared.close()
         if self.resumed:
             return

@@ -74,6 +74,7 @@ class SharedObjects:
         self.files: set[str] = set()                # /dev/shm paths carried (made, or this very file)
         self.file_paths: dict[int, str] = {}        # their paths by their inode on the source
         self.made_files: list[str] = []             # paths this restore made (/dev/shm files, FIFOs)
+        self._writing: dict[int, int] = {}          # /dev/shm files being written, by source inode
 
     def fd_for(self, ino: int, size: int) -> int:
         """The object ``ino``, at least ``size`` bytes long."""
@@ -103,27 +104,40 @@ class SharedObjects:
         self.segments[seg.shmid] = found
         return found
 
+    def write_file(self, c: FileContents, identity: Identity) -> None:
+        """One slice of a /dev/shm file of the image, as it arrives: the file is made at its
+        path by ``identity`` (the job's, ``agent.as_target``) at its first slice, or found (this
+        very file: nothing is written); ``files_written`` closes what was made."""
+        if c.id not in self.file_paths:
+            fd = _shm_file(c, socket.gethostname(), identity)
+            self.files.add(c.path)
+            self.file_paths[c.id] = c.path
+            if fd < 0:
+                return
+            self._writing[c.id] = fd
+            self.made_files.append(c.path)
+        fd = self._writing.get(c.id, -1)
+        if fd < 0 or not c.data:
+            return
+        try:
+            os.pwrite(fd, c.data, c.offset)
+        except OSError as exc:
+            raise RestoreError(f"cannot write {c.path} again: {exc.strerror}") from None
+
     def add_files(self, contents: Iterable[FileContents], identity: Identity) -> None:
-        """The /dev/shm files of the image: made at their paths by ``identity`` (the job's,
-        ``agent.as_target``), or found (this very file)."""
-        made: dict[int, int] = {}
+        """The /dev/shm files of the image not written as they arrived, made (or found) with
+        their slices here; then every file is complete."""
         try:
             for c in sorted((c for c in contents if c.path), key=lambda c: (c.id, c.offset)):
-                if c.id not in made:
-                    fd = _shm_file(c, socket.gethostname(), identity)
-                    self.files.add(c.path)
-                    self.file_paths[c.id] = c.path
-                    if fd < 0:
-                        continue
-                    made[c.id] = fd
-                    self.made_files.append(c.path)
-                if c.id in made:
-                    os.pwrite(made[c.id], c.data, c.offset)
-        except OSError as exc:
-            raise RestoreError(f"cannot write a file of /dev/shm again: {exc.strerror}") from None
+                self.write_file(c, identity)
         finally:
-            for fd in made.values():
-                os.close(fd)
+            self.files_written()
+
+    def files_written(self) -> None:
+        """Every /dev/shm file of the image is complete: our fds of them go."""
+        for fd in self._writing.values():
+            os.close(fd)
+        self._writing.clear()
 
     def finish(self) -> None:
         """Every process attaches its segments: those marked IPC_RMID are marked so again."""
@@ -149,6 +163,7 @@ class SharedObjects:
         self.made_files.clear()
 
     def close(self) -> None:
+        self.files_written()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()

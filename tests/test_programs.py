@@ -17,7 +17,8 @@ import pytest
 
 from tests._migration import migrate_cli, moved, proc_state
 from tests._postgres import PostgresServer
-from tests._workloads import STARTED, build_java, become_subreaper, kcr, node, reap, start_until_ready
+from tests._workloads import (KCR_MIGRATE, STARTED, build_java, become_subreaper, kcr, node, reap,
+                              start_until_ready)
 
 WORKLOADS = Path(__file__).parent / "workloads"
 
@@ -323,6 +324,73 @@ def test_deleted_files_held_open(tmp_path: Path, how: str) -> None:
         outputs.append((d / "output").read_text())
     assert outputs[0] == outputs[1]
     assert " 3072004 0 0o640 True 3072004 e8e9eaebecedeeef b'tail' " in outputs[1], outputs[1]
+
+
+BIG_DELETED = r"""
+import hashlib, os, sys, time
+d, mib = sys.argv[1], int(sys.argv[2])
+fd = os.open(os.path.join(d, "big"), os.O_RDWR | os.O_CREAT, 0o600)
+for _ in range(mib):
+    os.write(fd, os.urandom(1 << 20))
+os.unlink(os.path.join(d, "big"))
+
+def digest():
+    os.lseek(fd, 0, os.SEEK_SET)
+    h = hashlib.sha256()
+    while block := os.read(fd, 1 << 20):
+        h.update(block)
+    return h.hexdigest()
+
+open(os.path.join(d, "before"), "w").write(digest())
+open(os.path.join(d, "ready"), "w").close()
+while not os.path.exists(os.path.join(d, "go")):
+    time.sleep(0.01)
+open(os.path.join(d, "output"), "w").write(digest())
+"""
+
+
+def test_a_restore_writes_a_carried_file_as_its_slices_come(tmp_path: Path) -> None:
+    """A deleted file (like a /dev/shm file or a memfd) travels whole, in slices; the restore
+    writes each into the file made again as it comes, holding one slice at a time: restoring
+    a job with 64 MiB of it takes no more memory than one with 1 MiB, give or take a slice
+    or two (it held them all, and more: 65 MiB more). Read from stdin, the image is not mapped
+    either. The file comes back the same."""
+    script = tmp_path / "big.py"
+    script.write_text(BIG_DELETED)
+    peak: dict[int, int] = {}
+    for mib in (1, 64):
+        d = tmp_path / str(mib)
+        d.mkdir()
+        proc = start_until_ready([sys.executable, "-S", str(script), str(d), str(mib)], d / "ready",
+                                 start_new_session=True)
+        image = tmp_path / f"{mib}.img"
+        done = kcr("checkpoint", str(proc.pid), "-o", str(image))
+        assert done.returncode == 0, done.stderr.decode()
+        proc.wait(timeout=60)
+        with image.open("rb") as f, (d / "out").open("wb") as out, (d / "err").open("wb") as err:
+            restore = subprocess.Popen([*KCR_MIGRATE, "restore", "-", "--json"], stdin=f, stdout=out, stderr=err)
+        peak[mib] = _wait_with_usage(restore)      # (its own peak: wait4's, not every child's)
+        assert restore.returncode == 0, (d / "err").read_text()
+        pid = int(json.loads((d / "out").read_text())["pid"])
+        (d / "go").touch()
+        finished(pid)
+        assert (d / "output").read_text() == (d / "before").read_text()
+    assert peak[64] - peak[1] < 16 << 10, f"peak RSS of the restores (KiB): {peak}"
+
+
+def _wait_with_usage(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    """Wait for ``proc`` to end (its ``returncode`` set); its peak RSS in KiB."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if got == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return int(usage.ru_maxrss)
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the restore did not end within {timeout} s")
+        time.sleep(0.05)
 
 
 ASYNC_JOB = Path(__file__).parent / "workloads" / "asyncio_job.py"
