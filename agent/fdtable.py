@@ -164,7 +164,7 @@ class Outside:
     ``exclude``: processes whose fds here no longer count (read again in ``extra``, or in the
     job now); ``fifos``: the FIFOs among the fds' paths, if known (else found when first asked:
     a stat of every path an fd outside has open); ``job``: the job's processes as listed (a
-    process forked by one of them since is of the job, not outside: ``_forked_by_job``)."""
+    process forked by one of them since is of the job, not outside: ``forked_by_job``)."""
 
     def __init__(self, fds: list[OutsideFd], *, exclude: Collection[int] = (), extra: "Outside | None" = None,
                  fifos: dict[tuple[int, int], list[OutsideFd]] | None = None,
@@ -182,15 +182,14 @@ class Outside:
         self._of_job: dict[int, bool] = {}
 
     def _get(self, found: list[OutsideFd]) -> list[OutsideFd]:
-        if not found:
-            return []
-        return [held for held in found if held[0] not in self.exclude and not self._forked_by_job(held[0])]
+        return [held for held in found if held[0] not in self.exclude] if self.exclude else list(found)
 
-    def _forked_by_job(self, pid: int) -> bool:
+    def forked_by_job(self, pid: int) -> bool:
         """Does ``pid`` descend from a process of the job? A running job forks (a pool's new
         worker, make's next child) between the listing of its pids and the read of the fds
         outside it: such a child holds what its parent does, and joins the job at its next
-        look (where it is checked with the rest), so it is no peer outside."""
+        look (where it is checked with the rest), so it is no peer outside. Asked of a
+        process found sharing one of the job's objects only (it reads /proc up the tree)."""
         if not self.job:
             return False
         seen = self._of_job.get(pid)
@@ -227,7 +226,7 @@ class Outside:
         for kind, ino in objects:
             target = f"{kind}:[{ino}]"                                # as /proc/PID/fd shows them
             for pid, fd, _ in self.of_target(target):
-                if _still_holds(pid, fd, target):
+                if _still_holds(pid, fd, target) and not self.forked_by_job(pid):
                     found.setdefault((kind, ino), []).append(Peer(pid, _comm(pid), fd))
         return found
 
@@ -516,7 +515,7 @@ def _check_event_files_not_shared(ours: list[tuple[int, FileDesc]], outside: Out
     theirs = {kind: outside.of_kind(kind) for kind in {f.kind for _, f in ours}}
     for pid, f in ours:
         for other, ofd, _ in theirs[f.kind]:
-            if _same_description(pid, f.fd, other, ofd):
+            if _same_description(pid, f.fd, other, ofd) and not outside.forked_by_job(other):
                 kind = f.kind
                 raise UnsupportedResource(
                     f"pid {pid}'s fd {f.fd} is {'an' if kind[0] in 'e' else 'a'} {kind} shared with "
@@ -529,9 +528,10 @@ def _check_fifos_not_shared(fifos: dict[tuple[int, int], list[Held]], outside: O
     inode, whatever path it was opened by (a hard link, another mount namespace's view)."""
     theirs = outside.fifos()
     for ident, held in fifos.items():
-        if not theirs.get(ident):
+        peers = [h for h in theirs.get(ident, []) if not outside.forked_by_job(h[0])]
+        if not peers:
             continue
-        other, ofd, target = theirs[ident][0]
+        other, ofd, target = peers[0]
         pid, info = held[0]
         also = "" if target == info.target else f" (opened there as {target})"
         raise UnsupportedResource(
