@@ -33,21 +33,29 @@ def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]]) -> dict[int, S
     """The /dev/shm files these processes hold open or map, by inode. ``maps``: their file
     mappings (``precopy.layout.file_maps``)."""
     out: dict[int, ShmFile] = {}
-    tmpfs = _tmpfs_device()
-    if tmpfs is None:
-        return out
+    tmpfs: int | None = None
+    looked = False
+
+    def device() -> int | None:
+        """/dev/shm's device, read (the mount table) at the first file there: most jobs have none."""
+        nonlocal tmpfs, looked
+        if not looked:
+            tmpfs, looked = _tmpfs_device(), True
+        return tmpfs
+
     for pid in pids:
         for fd, target in fd_links(pid):
             # (one unlinked shows its old name with " (deleted)": a deleted file, ``agent.fdtable``)
-            if is_shm_path(target) and not target.endswith(" (deleted)"):
-                _add(out, pid, target, f"/proc/{pid}/fd/{fd}", tmpfs)
+            if is_shm_path(target) and not target.endswith(" (deleted)") and (dev := device()) is not None:
+                _add(out, pid, target, f"/proc/{pid}/fd/{fd}", dev)
         for m in maps[pid]:
             if m.inode in out:
                 continue
             source = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
             if m.kind == "file" and is_shm_path(m.name):
-                _add(out, pid, m.name, source, tmpfs)
-            elif m.shared_anon and is_shm_path(m.name[:-len(" (deleted)")]):
+                if (dev := device()) is not None:
+                    _add(out, pid, m.name, source, dev)
+            elif m.shared_anon and is_shm_path(m.name[:-len(" (deleted)")]) and (dev := device()) is not None:
                 # sem_open() makes its file under a temporary name, maps it, links it under
                 # the semaphore's name and unlinks the first: the mapping shows a deleted
                 # name, but the file lives on under its own, which other processes open.
@@ -57,7 +65,7 @@ def find(pids: Sequence[int], maps: Mapping[int, list[MapEntry]]) -> dict[int, S
                     continue
                 path = linked_name(st)
                 if path is not None:
-                    _add(out, pid, path, source, tmpfs)
+                    _add(out, pid, path, source, dev)
     return out
 
 
