@@ -106,8 +106,9 @@ class Descriptions:
     def __init__(self, names: unix_names.Names | None = None, made: list[str] | None = None, *,
                  identity: Identity, pairs: Sockets | None = None, deleted: "DeletedFiles | None" = None) -> None:
         self.identity = identity
-        self.deleted = deleted      # deleted files made as their slices arrived (else: made here)
-        self._mine_deleted: DeletedFiles | None = None
+        # The deleted files made as their slices arrived; else made here, from their slices.
+        self.deleted = deleted if deleted is not None else DeletedFiles()
+        self._own_deleted = deleted is None
         self.pairs = pairs          # sockets made as the processes that made them (``agent.peercred``)
         self.names = names if names is not None else unix_names.Names()   # the socket names bound
         self.made = made if made is not None else []
@@ -136,9 +137,7 @@ class Descriptions:
         """Each deleted file made again, unlinked (``DeletedFiles``): those the restore wrote as
         their slices arrived (``deleted``), the others from their slices here; then a memfd's
         seals, once its contents are in."""
-        made = self.deleted if self.deleted is not None else DeletedFiles()
-        if self.deleted is None:
-            self._mine_deleted = made
+        made = self.deleted
         for c in sorted((c for c in contents if not c.path), key=lambda c: (c.id, c.offset)):
             if c.id in self._deleted:
                 raise RestoreError(f"deleted file {c.id} appears twice in the image: corrupt image")
@@ -147,8 +146,8 @@ class Descriptions:
         for c in contents:
             if not c.path:
                 self._deleted[c.id] = made.fds[c.id]
-        for ino, (wanted, name) in made.seals.items():
-            fd = made.fds[ino]
+        for ino, wanted in made.seals.items():
+            fd, name = made.fds[ino], made.names[ino]
             if fd in self._seal_later or not wanted:
                 continue
             # F_SEAL_WRITE before the file is mapped (so read-only mappings of it may not be made
@@ -466,9 +465,8 @@ class Descriptions:
         return fd
 
     def close(self) -> None:
-        if self._mine_deleted is not None:
-            self._mine_deleted.close()
-            self._mine_deleted = None
+        if self._own_deleted:
+            self.deleted.close()
         for fd in self._mine:
             try:
                 os.close(fd)
@@ -558,27 +556,30 @@ class DeletedFiles:
     (the processes hold theirs by then, or the restore is abandoned and they go)."""
 
     def __init__(self) -> None:
-        self.fds: dict[int, int] = {}                      # file id -> our fd of it made again
-        self.seals: dict[int, tuple[int, str]] = {}        # file id -> (a memfd's seals, its name)
+        self.fds: dict[int, int] = {}          # file id -> our fd of it made again
+        self.names: dict[int, str] = {}        # file id -> where it was (the path its fd showed)
+        self.seals: dict[int, int] = {}        # file id -> a memfd's seals
 
     def write(self, c: FileContents, files: Files, identity: Identity) -> None:
         """One slice of ``c.id``; ``files``: the fds of the process the file comes with (where
         it was: the path its fd shows)."""
         fd = self.fds.get(c.id)
-        where = next((f.path for f in files.fds if f.kind == "deleted" and f.obj == c.id), c.name or "/tmp/")
         if fd is None:
+            where = next((f.path for f in files.fds if f.kind == "deleted" and f.obj == c.id), c.name or "/tmp/")
             fd = self.fds[c.id] = _make_unlinked(where, c, identity)
-            self.seals[c.id] = (c.seals if c.memfd else 0, where)
+            self.names[c.id] = where
+            self.seals[c.id] = c.seals if c.memfd else 0
         try:
             os.pwrite(fd, c.data, c.offset)
         except OSError as exc:
-            raise RestoreError(f"cannot write the deleted file {where} again ({c.size >> 20} MiB): "
+            raise RestoreError(f"cannot write the deleted file {self.names[c.id]} again ({c.size >> 20} MiB): "
                                f"{exc.strerror}") from None
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.names.clear()
         self.seals.clear()
 
 

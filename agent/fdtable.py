@@ -307,7 +307,7 @@ class OutsideScan:
         fresh = {p for p in _pids() if _handed_out(p, self.last_pid, last_pid)}
         fresh |= {p for p in self.inside - inside if os.path.exists(f"/proc/{p}")}
         base = self.outside
-        return Outside(base.fds, exclude=fresh | inside, extra=Outside(outside_fds(inside, fresh), job=inside),
+        return Outside(base.fds, exclude=fresh | inside, extra=Outside(outside_fds(inside, fresh)),
                        fifos=base._fifos, by_target=base.by_target, job=inside)
 
 
