@@ -39,6 +39,7 @@ class PostgresServer:
         assert res.returncode == 0, res.stderr
         self.log.touch()
         shutil.chown(self.log, "postgres")
+        self.shm_before = _segments()
         with open(self.log, "ab") as log:
             self.proc = spawn([*as_postgres, "postgres", "-D", str(self.dir / "data"), "-c",
                                           "listen_addresses=", "-c", f"unix_socket_directories={self.dir}",
@@ -65,3 +66,13 @@ class PostgresServer:
             pass
         reap_orphans(members)
         shutil.rmtree(self.dir, ignore_errors=True)
+        for name in _segments() - self.shm_before:     # killed, it left its dynamic shared memory
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass
+
+
+def _segments() -> set[str]:
+    """PostgreSQL's dynamic shared memory segments in /dev/shm."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("PostgreSQL.")}
