@@ -29,7 +29,7 @@ import msgpack
 from agent import fdtable, locks, mempolicy, unix_names
 from agent import freeze as freezer
 from agent import ptrace
-from agent.signals import LateSignals
+from agent.signals import LateSignals, sigcont_unseen
 from agent.startup import grow_fd_table
 from agent.dump import collect
 from agent.inject import Injector, RemoteMemory, ScratchTaken, syscall_gadget
@@ -105,6 +105,7 @@ class Holder:
         self.outside: fdtable.OutsideScan | None = None   # the host's other fds, for the last freeze
         self.outside_watch = fdtable.OutsideWatch()        # ... read while the job runs
         self.collected: set[int] = set()   # processes whose state ``collect`` read since the freeze
+        self.sigcont_seen_by: set[int] = set()   # ... of which those that would see a SIGCONT
 
     def _need(self, pid: int | None = None) -> freezer.Held:
         held = self.helds.get(pid or self.root)
@@ -220,6 +221,7 @@ class Holder:
         self.checked = False
         self.maps = FrozenFileMaps()
         self.collected = set()
+        self.sigcont_seen_by = set()
         self.machine.handle(HolderEvent.FREEZE)
         return {"first_interrupt_ns": self.first_interrupt_ns, "pids": pids, "joined": joined, "left": left,
                 "threads": [[p, sorted(h.stopped)] for p, h in self.helds.items()], "lock_retries": tries - 1}
@@ -291,9 +293,15 @@ class Holder:
                         "carried": [c.to_wire() for c in state.fds.carried],     # read by the agent
                         "threads": [t.to_wire() for t in state.threads]})
             self.collected.add(p)
+            unseen = sigcont_unseen(bool(state.process.stopped), state.process.sigactions,
+                                    [t.sigmask for t in state.threads])
+            self.sigcont_seen_by.discard(p)
+            if not unseen:
+                self.sigcont_seen_by.add(p)
         if self.collected >= set(pids):
             self.machine.handle(HolderEvent.COLLECT)
-        return {"processes": out, "later": later}
+        # "sigcont_unseen": no process collected so far would see the guard's SIGCONT (``agent.signals``)
+        return {"processes": out, "later": later, "sigcont_unseen": not self.sigcont_seen_by}
 
     def op_inject(self, calls: list[list[Any]], pid: int = 0) -> list[int]:
         """Run system calls in a frozen process's main thread (the root's unless ``pid``);

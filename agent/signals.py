@@ -49,6 +49,18 @@ def is_guard(info: bytes, signo: int = 0) -> bool:
         and int.from_bytes(info[16:20], "little", signed=True) == os.getpid()
 
 
+def sigcont_unseen(stopped: bool, sigactions: Iterable[Any], sigmasks: Iterable[int]) -> bool:
+    """Whether a SIGCONT sent to this frozen process would go unseen once it runs on: it was
+    not in a job-control stop (SIGCONT would continue it), catches no SIGCONT (a handler would
+    run) and no thread blocks it (a sigwait or signalfd could read it). Then the SIGCONT that
+    discards the guard (``agent.holder``'s release after commit_pending) leaves no trace, and
+    the source may be asked to commit before the destination is ready."""
+    cont = int(signal.SIGCONT)
+    if stopped or any(int(m) >> (cont - 1) & 1 for m in sigmasks):
+        return False
+    return not any(a.signo == cont and a.handler > 1 for a in sigactions)
+
+
 def killed_info() -> bytes:
     """The siginfo of a SIGKILL we saw only by its effect."""
     return SIGKILL.to_bytes(4, "little") + bytes(4) + SI_USER.to_bytes(4, "little", signed=True) \

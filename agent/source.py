@@ -578,6 +578,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 scratch[p] = at
                 tracker.hidden = frozenset({(at, at + SCRATCH_SIZE)})
     states_in, states_out = trio.open_memory_channel[dict[str, Any]](math.inf)
+    sigcont_unseen = [False]
     threads = 0
     after_scan = 0        # processes whose state could only be read once they were scanned
     try:
@@ -601,6 +602,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 place was taken)."""
                 got = await _blocking(s.holder.call, "collect", pids=part,
                                       scratch=[[p, placed[p]] for p in part if p in placed])
+                sigcont_unseen[0] = bool(got.get("sigcont_unseen", False))     # of all read so far
                 for proc in got["processes"]:
                     states_in.send_nowait(proc)
                 return [int(p) for p in got["later"]]
@@ -681,9 +683,11 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
              "lock_retries": lock_retries, "states_after_scan": after_scan}
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
+    # "commit_beside_restore": the job would not see the SIGCONT a release after commit_pending
+    # sends, so the orchestrator may ask for the commit while the destination restores.
     return {"first_interrupt_ns": frozen["first_interrupt_ns"], "final": {**final.as_dict(), **times},
             "threads": threads, "processes": pids,
-            "joined": frozen["joined"], "left": frozen["left"]}
+            "joined": frozen["joined"], "left": frozen["left"], "commit_beside_restore": sigcont_unseen[0]}
 
 
 async def source_commit_pending(ctx: CallContext) -> dict[str, Any]:

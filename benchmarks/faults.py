@@ -19,9 +19,10 @@ within about a millisecond of the CLI's event (looked up then, the kill landed t
 past the few ms the commit-asked window lasts).
 
 Phases (the protocol core's, ``migrate.phases``): precopy (0.3 s into round 0), final (the job
-frozen, the last pages on their way), restore (the destination rebuilding the process),
-commit-asked (the destination holds it ready; the source is asked to commit), go (the source
-committed: GO is on its way to the destination).
+frozen, the last pages on their way), restore (the state sent; the destination rebuilding the
+process), commit-asked-restoring (the source asked to commit while the destination rebuilds),
+commit-asked (the destination holds it ready; the source is asked to commit, or has), go (the
+source committed: GO is on its way to the destination).
 
 Each trial is then judged, --link-timeout (3 s) + 2 s after the fault and after the CLI has ended:
 
@@ -66,7 +67,7 @@ JOB = ("32", "40", "500")           # 32 MiB dirtied at 40 MiB/s for 500 steps (
 BANDWIDTH = "24MiB"                 # round 0 takes ~1.3 s, the final round about as long
 PARTIES = ("kill-cli", "kill-src-agent", "kill-dst-agent", "kill-holder", "blip-src", "blip-dst", "cut-src",
            "cut-dst")
-PHASES = ("precopy", "final", "restore", "commit-asked", "go")
+PHASES = ("precopy", "final", "restore", "commit-asked-restoring", "commit-asked", "go")
 QUICK = (("kill-holder", "final"), ("kill-src-agent", "final"), ("cut-src", "final"), ("kill-dst-agent", "go"))
 OUTCOMES = ("ok", "resolved", "lost", "doubled", "corrupt", "stuck", "no-fault")
 GRACE_S = 2.0

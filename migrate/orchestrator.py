@@ -6,7 +6,9 @@
     FREEZE     source_freeze: every thread stopped, the last delta and the state relayed
     RESTORE    dest_restore: the process rebuilt, held stopped (READY)
     COMMIT_ASKED source_commit_pending: losing the source agent from now on stops the source;
-               meanwhile the destination must answer (a keepalive), so that its death is seen here
+               meanwhile the destination must answer (a keepalive), so that its death is seen here.
+               Asked while the destination restores (COMMIT_ASKED_RESTORING, then READY) when
+               the freeze's answer allows it: the round trip is then out of the downtime
     SOURCE_COMMITTED  it did; GO not yet written: a destination connection that ended
                meanwhile, or a Ctrl-C, still rolls back (the source is released, and runs on)
     --------   the point of no return: dest_go handed to the destination's link
@@ -27,6 +29,7 @@ import math
 import secrets
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any, AsyncIterator, Callable
 
 import trio
@@ -72,6 +75,7 @@ CLEANUP_DEADLINE = 30.0
 AUTO_CONNECT_TIMEOUT_S = 3.0     # --data-channel auto: longer than a LAN's connect, then relay
 TCP_CONNECT_TIMEOUT_S = 10.0
 MiB = 1 << 20
+
 
 
 class MigrationUnsettled(MigrationError):
@@ -353,6 +357,8 @@ class Migration:
                 r.message = "preflight passed; nothing was moved"
                 return
             self._advance(PhaseEvent.PREFLIGHT_OK)
+            committed: dict[str, Any] = {}
+            beside = False          # the source was asked to commit while the destination restores
             async with AsyncExitStack() as stack:
                 # Through us (ssh, local): relayed into the destination's upload. Over tcp the
                 # source sends straight to the destination and nothing passes here.
@@ -362,6 +368,9 @@ class Migration:
                 async with service_nursery() as restoring:
                     early = (restoring, restored) if o.precopy and not self.hooks else None
                     freeze = await self._copy(src, dst, upload, early)
+                    if early is not None and freeze.get("commit_beside_restore"):
+                        beside = True
+                        self._ask_commit(restoring, src, dst, committed, answer_due=not restored)
                 if isinstance(restored.get("error"), MigrationError):
                     raise restored["error"]
                 for hook, stats in zip(self.hooks, r.fs):
@@ -369,7 +378,11 @@ class Migration:
                 for hook in self.hooks:
                     await hook.before_resume(self.hook_ctx)
                 if early is None:
-                    restored = await dst.call("dest_restore")
+                    async with service_nursery() as restoring:
+                        if freeze.get("commit_beside_restore"):
+                            beside = True
+                            self._ask_commit(restoring, src, dst, committed, answer_due=True)
+                        restored = await dst.call("dest_restore")
                 if upload is not None:
                     await upload.result()     # done: dest_restore waited for it
             r.processes = list(restored.get("processes", []))
@@ -380,21 +393,9 @@ class Migration:
             self._advance(PhaseEvent.READY)
             if self.deputy_to is not None:
                 self.deputy_to["where"] = f"pid {restored['pid']} on {self.dest}"
-            committed: dict[str, Any] = {}
-
-            async def commit() -> None:
-                committed.update(await src.call("source_commit_pending"))
-
-            async def destination_answers() -> None:
-                # GO goes only to a destination that answered since the source was asked: one
-                # that dies meanwhile is seen now (roll back), not once GO is on its way
-                # (unsettled). In parallel with the commit: no longer frozen for it.
-                timeout = o.link_timeout_s
-                await dst.call("keepalive", link_timeout=timeout, timeout=timeout)
-
-            async with service_nursery() as asking:
-                asking.start_soon(commit)
-                asking.start_soon(destination_answers)
+            if not beside:
+                async with service_nursery() as asking:
+                    self._ask_commit(asking, src, dst, committed, answer_due=False)
             late = list(committed.get("signals", []))
             self._advance(PhaseEvent.COMMITTED)
             # GO is not written yet: a destination connection that ended meanwhile (its agent
@@ -451,6 +452,24 @@ class Migration:
                         await hook.commit(self.hook_ctx)
                 except (MigrationError, trio.TooSlowError) as exc:
                     self._warn(f"filesystem hook {hook.name}: cleaning up after the migration failed: {exc}")
+
+    def _ask_commit(self, nursery: trio.Nursery, src: RpcPeer, dst: RpcPeer, committed: dict[str, Any], *,
+                    answer_due: bool) -> None:
+        """Ask the source to commit (``source_commit_pending``: its answer goes in ``committed``).
+        GO goes only to a destination that answered since the source was asked, so one that
+        dies meanwhile is seen now (roll back), not once GO is on its way (unsettled): beside
+        the commit, the destination is asked to answer (a keepalive) unless ``answer_due`` (its
+        restore's answer is still to come). Asked while the destination restores (the freeze's
+        answer allows it: ``migrate.phases``), or once it is ready."""
+        if self.machine.phase is Phase.RESTORE:
+            self._advance(PhaseEvent.ASK_COMMIT)
+
+        async def commit() -> None:
+            committed.update(await src.call("source_commit_pending"))
+        nursery.start_soon(commit)
+        if not answer_due:
+            timeout = self.options.link_timeout_s
+            nursery.start_soon(partial(dst.call, "keepalive", link_timeout=timeout, timeout=timeout))
 
     def _note_late(self, signals: list[Any], delivered: int) -> None:
         """Signals sent to the job at the source after its state was read, delivered on the

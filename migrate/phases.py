@@ -16,7 +16,8 @@ The point of no return, declared once::
                    (RELEASE from any held state: RESUMED)
     destination    IDLE -check-> CHECKED -receive-> RECEIVING -restored-> READY -go-> GOING -ran-> RUNNING
                    (ABORT before GOING: DESTROYED)
-    orchestrator   PREFLIGHT PRECOPY FREEZE FINAL RESTORE COMMIT_ASKED SOURCE_COMMITTED | GO_SENT COMMIT DONE
+    orchestrator   PREFLIGHT PRECOPY FREEZE FINAL RESTORE [COMMIT_ASKED_RESTORING] COMMIT_ASKED
+                   SOURCE_COMMITTED | GO_SENT COMMIT DONE
                    (a failure: ROLLBACK -> ROLLED_BACK before GO_SENT, UNSETTLED in it, DONE after)
 
 What each state does when its party fails (``Failure``: the peer died, the link went silent,
@@ -34,7 +35,13 @@ a cancel, its own step failed) is one table per role (``Protocol.failure``):
   no copy can run, and the source, committed or asked to, is released (RELEASE discards the
   guard); only a source agent it cannot reach any more is left to ``resolve --resume`` (the
   report says unsettled). In COMMIT_ASKED the destination must answer too (beside the
-  commit), so one that died there is seen before GO, not after. The
+  commit), so one that died there is seen before GO, not after. The source is asked either
+  once the destination holds the process ready (RESTORE -ready-> COMMIT_ASKED), or while it
+  restores (RESTORE -ask_commit-> COMMIT_ASKED_RESTORING -ready-> COMMIT_ASKED): the commit's
+  round trip is then hidden in the restore's time instead of adding to the freeze. That is
+  chosen only for a job in which the SIGCONT that discards the guard would go unseen (no
+  process job-control stopped, none catching SIGCONT, no thread blocking it): a restore that
+  fails after the source committed releases it with that SIGCONT. The
   line between "GO never written" and "GO written, no answer" is the event GO: the
   orchestrator takes it, with no wait in between, just before it hands GO to the link, and
   only while that connection is not known to be broken. From GO_SENT on, GO may be on its way
@@ -148,6 +155,9 @@ class Phase(enum.Enum):
     FREEZE = "freeze"
     FINAL = "final"
     RESTORE = "restore"
+    # the source is asked to commit while the destination restores (a job that cannot see the
+    # SIGCONT a rollback from here sends: ``agent.holder``)
+    COMMIT_ASKED_RESTORING = "commit-asked-restoring"
     COMMIT_ASKED = "commit-asked"   # the destination holds the process ready; the source is asked to commit
     SOURCE_COMMITTED = "source-committed"   # the source committed; GO not yet handed to the destination's link
     GO_SENT = "go"                  # GO handed to the destination's link: it may arrive
@@ -164,6 +174,7 @@ class Event(enum.Enum):
     FROZEN = "frozen"
     STATE_SENT = "state-sent"
     READY = "ready"             # the destination restored the process and holds it stopped
+    ASK_COMMIT = "ask-commit"   # the source is asked to commit before the destination is ready
     COMMITTED = "committed"     # the source answered commit_pending: losing it now stops the source
     GO = "go"                   # GO is handed to the destination's link (not known broken): it may arrive
     GO_REFUSED = "go-refused"   # the link refused GO (its connection had ended): not a byte of it can arrive
@@ -177,9 +188,9 @@ class Event(enum.Enum):
 
 # GO never written: whatever fails, no copy can run, and the source may be released
 BEFORE_POINT_OF_NO_RETURN = frozenset({Phase.PREFLIGHT, Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE,
-                                       Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED})
+                                       Phase.COMMIT_ASKED_RESTORING, Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED})
 # The source was asked to commit: a rollback that cannot reach it leaves it stopped for resolve
-ASKED_TO_COMMIT = frozenset({Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED})
+ASKED_TO_COMMIT = frozenset({Phase.COMMIT_ASKED_RESTORING, Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED})
 _ORCHESTRATOR_FAILURE = {
     **{p: Action.ROLL_BACK for p in BEFORE_POINT_OF_NO_RETURN},
     Phase.GO_SENT: Action.KEEP_STOPPED,
@@ -196,6 +207,8 @@ _ORCHESTRATOR_TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.FREEZE, Event.FROZEN): Phase.FINAL,
     (Phase.FINAL, Event.STATE_SENT): Phase.RESTORE,
     (Phase.RESTORE, Event.READY): Phase.COMMIT_ASKED,
+    (Phase.RESTORE, Event.ASK_COMMIT): Phase.COMMIT_ASKED_RESTORING,
+    (Phase.COMMIT_ASKED_RESTORING, Event.READY): Phase.COMMIT_ASKED,
     (Phase.COMMIT_ASKED, Event.COMMITTED): Phase.SOURCE_COMMITTED,
     (Phase.SOURCE_COMMITTED, Event.GO): Phase.GO_SENT,
     # The one way back from the point of no return: the link refused to write GO, so GO never

@@ -54,8 +54,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return run_reference("mig_dirty", tmp_path_factory.mktemp("ref"), *JOB).output()
 
 
-def start_job(tmp_path: Path) -> Workload:
-    w = Workload("mig_dirty", tmp_path, *JOB, hold=True)
+def start_job(tmp_path: Path, env: dict[str, str] | None = None) -> Workload:
+    w = Workload("mig_dirty", tmp_path, *JOB, hold=True, env=env)
     w.start()
     w.wait_ready()
     return w
@@ -227,6 +227,49 @@ async def test_destination_agent_killed_as_the_source_commits_rolls_back(tmp_pat
     assert not [x for x in m.report.warnings if "resolve" in x], m.report.warnings
     assert copies(str(w.dir)) == [w.pid], "no copy besides the source, not even a stopped one"
     assert_rolled_back(m, w, reference)
+
+
+async def test_destination_killed_while_the_source_commits_beside_the_restore(tmp_path: Path,
+                                                                              reference: str) -> None:
+    """A job that cannot see a SIGCONT has its source asked to commit while the destination
+    restores. The destination agent dies then: GO was never written, the orchestrator rolls
+    back and releases the source itself; it runs on, with no copy anywhere else and no
+    `resolve` to run."""
+    w = start_job(tmp_path)
+    phases: list[str] = []
+
+    def on_event(m: Migration, ev: Any) -> None:
+        if isinstance(ev, PhaseChanged):
+            phases.append(ev.phase)
+            if ev.phase == "commit-asked-restoring":
+                kill_quietly(m.agents["dest"]["pid"])
+    m = await run_migration(w.pid, on_event, link_timeout_s=30.0, bandwidth_limit=None)
+    error = m.error  # type: ignore[attr-defined]
+    assert "commit-asked-restoring" in phases, phases
+    assert error.phase in ("commit-asked-restoring", "commit-asked", "source-committed"), (error.phase, error)
+    assert exit_status(error) == EXIT_ERROR
+    assert not [x for x in m.report.warnings if "resolve" in x], m.report.warnings
+    assert copies(str(w.dir)) == [w.pid], "no copy besides the source, not even a stopped one"
+    assert_rolled_back(m, w, reference)
+
+
+async def test_a_job_that_sees_sigcont_is_asked_to_commit_only_once_the_copy_is_ready(tmp_path: Path,
+                                                                                     reference: str) -> None:
+    """A job catching SIGCONT would see the one a release after the commit sends: its source is
+    asked to commit only once the destination holds the copy ready, as before; it moves, and
+    sees no SIGCONT (its verdict fails on one)."""
+    w = start_job(tmp_path, env={"WORKLOAD_SIGCONT": "1"})
+    phases: list[str] = []
+    m = Migration(w.pid, "localhost", "localhost", MigrationOptions(link_timeout_s=30.0, new_pid=True),
+                  on_event=lambda ev: phases.append(ev.phase) if isinstance(ev, PhaseChanged) else None)
+    report = await m.run()
+    assert report.state == "done", report
+    assert "commit-asked-restoring" not in phases and "commit-asked" in phases, phases
+    assert w.reap_original() == -signal.SIGKILL
+    let_end(w)
+    assert os.WEXITSTATUS(reap(report.new_pid)) == 0
+    assert w.verdict() == "PASS"
+    assert w.output() == reference
 
 
 async def test_destination_goes_silent_during_final(tmp_path: Path, reference: str) -> None:

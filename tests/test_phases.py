@@ -34,6 +34,8 @@ from migrate.phases import (
 
 HAPPY = [Event.PREFLIGHT_OK, Event.PRECOPY_DONE, Event.FROZEN, Event.STATE_SENT, Event.READY, Event.COMMITTED,
          Event.GO, Event.RUNNING, Event.SOURCE_KILLED]
+# The source asked to commit while the destination restores
+HAPPY_BESIDE = HAPPY[:4] + [Event.ASK_COMMIT] + HAPPY[4:]
 
 
 def test_the_happy_path() -> None:
@@ -42,15 +44,20 @@ def test_the_happy_path() -> None:
     assert phases == [Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.COMMIT_ASKED,
                       Phase.SOURCE_COMMITTED, Phase.GO_SENT, Phase.COMMIT, Phase.DONE]
     assert m.finished
+    m = PhaseMachine()
+    phases = [m.handle(e) for e in HAPPY_BESIDE]
+    assert phases == [Phase.PRECOPY, Phase.FREEZE, Phase.FINAL, Phase.RESTORE, Phase.COMMIT_ASKED_RESTORING,
+                      Phase.COMMIT_ASKED, Phase.SOURCE_COMMITTED, Phase.GO_SENT, Phase.COMMIT, Phase.DONE]
+    assert m.finished
 
 
 @pytest.mark.parametrize("failure", list(Failure))
-@pytest.mark.parametrize("steps", range(7))
-def test_failure_before_go_rolls_back(steps: int, failure: Failure) -> None:
+@pytest.mark.parametrize("happy, steps", [(HAPPY, n) for n in range(7)] + [(HAPPY_BESIDE, n) for n in range(8)])
+def test_failure_before_go_rolls_back(happy: list[Event], steps: int, failure: Failure) -> None:
     """Up to SOURCE_COMMITTED (the source asked to commit, or committed: GO not yet written),
     whatever fails, GO was never sent: the copy is destroyed, the source released."""
     m = PhaseMachine()
-    for e in HAPPY[:steps]:
+    for e in happy[:steps]:
         m.handle(e)
     assert m.phase in BEFORE_POINT_OF_NO_RETURN and not m.past_point_of_no_return
     assert m.action(failure) is Action.ROLL_BACK
@@ -230,6 +237,9 @@ class World:
 
     faults: dict[int, str]
     stand_in: bool = False
+    # The source asked to commit while the destination restores: "commit-first" (the
+    # commit and the keepalive answer before the restore) or "restore-first"; None: once ready.
+    beside: str | None = None
     src: str = "running"
     traced: bool = False
     guard: bool = False
@@ -487,10 +497,21 @@ class World:
             self.request("source", "freeze")
             m.handle(Event.FROZEN)
             m.handle(Event.STATE_SENT)
-            self.request("destination", "restore")
-            m.handle(Event.READY)
-            self.request("source", "commit_pending")
-            self.request("destination", "keepalive")     # alongside: it still answers
+            if self.beside is None:
+                self.request("destination", "restore")
+                m.handle(Event.READY)
+                self.request("source", "commit_pending")
+                self.request("destination", "keepalive")     # alongside: it still answers
+            else:
+                # all three at once; the model takes their answers in one of two orders
+                m.handle(Event.ASK_COMMIT)
+                if self.beside == "restore-first":
+                    self.request("destination", "restore")
+                self.request("source", "commit_pending")
+                self.request("destination", "keepalive")
+                if self.beside == "commit-first":
+                    self.request("destination", "restore")
+                m.handle(Event.READY)
             m.handle(Event.COMMITTED)
             # GO is written only if the destination's connection is not known broken (else
             # the failure is SOURCE_COMMITTED's: roll back); from that moment it may arrive
@@ -558,46 +579,59 @@ class World:
         assert (self.src == "running") + (self.copy == "running") == 1, f"lost: {self.log}"
 
 
-def messages(faults: dict[int, str], stand_in: bool = False) -> int:
-    w = World(faults, stand_in)
+BESIDE = (None, "commit-first", "restore-first")
+
+
+def messages(faults: dict[int, str], stand_in: bool = False, beside: str | None = None) -> int:
+    w = World(faults, stand_in, beside)
     w.run()
     return w.sent
 
 
 def test_the_happy_path_moves_the_process() -> None:
     for stand_in in (False, True):
-        w = World({}, stand_in)
-        w.run()
-        assert (w.src, w.copy) == ("dead", "running")
+        for beside in BESIDE:
+            w = World({}, stand_in, beside)
+            w.run()
+            assert (w.src, w.copy) == ("dead", "running")
 
 
-def test_one_fault_at_every_message_never_loses_or_doubles() -> None:
+@pytest.mark.parametrize("beside", BESIDE)
+def test_one_fault_at_every_message_never_loses_or_doubles(beside: str | None) -> None:
     """Every kind of fault at every message the orchestrator sends (its cleanup included)."""
     runs = 0
     for stand_in in (False, True):
         for kind in KINDS:
             at = 0
-            while at < messages({at: kind}, stand_in):
+            while at < messages({at: kind}, stand_in, beside):
                 runs += 1
                 at += 1
     assert runs > 200
 
 
-def test_two_faults_never_lose_or_double() -> None:
+@pytest.mark.parametrize("beside", BESIDE)
+def test_two_faults_never_lose_or_double(beside: str | None) -> None:
     """Two faults, each of most kinds, at every pair of messages."""
     kinds = [k for k in KINDS if k != "duplicate"]
     runs = 0
-    n = messages({})
+    n = messages({}, beside=beside)
     for first, second in itertools.product(kinds, repeat=2):
         for a in range(n):
-            n2 = messages({a: first})
+            n2 = messages({a: first}, beside=beside)
             for b in range(a + 1, n2 + 1):
-                World({a: first, b: second}).run()
+                World({a: first, b: second}, beside=beside).run()
                 runs += 1
     assert runs > 3000
 
 
-def test_go_never_written_the_source_runs_on_without_resolve() -> None:
+# Runs (per stand-in mode) in which the source committed and was released: a destination
+# agent that died unseen before the commit (from the pre-copy on) or as it went out, and each
+# kind at the messages after the commit up to GO.
+RELEASED_AFTER_COMMIT = {None: 3 * 2 + 1, "commit-first": 3 * 3 + 3, "restore-first": 3 * 2 + 1}
+
+
+@pytest.mark.parametrize("beside", BESIDE)
+def test_go_never_written_the_source_runs_on_without_resolve(beside: str | None) -> None:
     """A destination connection known broken, or a Ctrl-C, at any message up to GO (GO
     included): GO is never written, the orchestrator rolls back itself, and the source runs on
     with no `resolve` left to do, also once it has committed (the holder releases it from
@@ -607,7 +641,7 @@ def test_go_never_written_the_source_runs_on_without_resolve() -> None:
         for kind in ("destination-agent-died-noticed", "cancel", "refused"):
             at = 0
             while True:
-                w = World({at: kind}, stand_in)
+                w = World({at: kind}, stand_in, beside)
                 w.run()
                 if w.go_written:
                     break
@@ -615,9 +649,9 @@ def test_go_never_written_the_source_runs_on_without_resolve() -> None:
                 if (HolderState.COMMIT_PENDING, HolderEvent.RELEASE, HolderState.RESUMED) in w.holder.history:
                     from_commit += 1
                 at += 1
-    # with and without a stand-in, each kind at the keepalive beside the commit and at GO itself,
-    # and a destination that died as commit_pending went out
-    assert from_commit == 2 * (3 * 2 + 1)
+    # with and without a stand-in; classic: each kind at the keepalive beside the commit and at
+    # GO itself, and a destination that died as commit_pending went out
+    assert from_commit == 2 * RELEASED_AFTER_COMMIT[beside]
 
 
 def test_go_written_is_never_taken_back() -> None:

@@ -7,16 +7,21 @@
  * With WORKLOAD_HOLD (a path) it waits after its steps, before the checksum, until that file
  * exists: a job to be moved does not end before it was, however slow the machine.
  * WORKLOAD_OBJECTS=N makes it hold a few dozen kernel objects as well (objects.h), checked at
- * the end: its output does not change.
+ * the end: its output does not change. WORKLOAD_SIGCONT=1 makes it catch SIGCONT, and fail its
+ * verdict if one arrived: a job that would see the SIGCONT a rollback may send.
  * Usage: mig_dirty OUTDIR MEM_MIB RATE_MIB_S ITERS [TICKER [THP]] */
 #include "ckpt_common.h"
 #include "objects.h"
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 
 static volatile int done;
+static volatile sig_atomic_t sigconts;
+
+static void on_sigcont(int sig) { (void)sig; sigconts++; }
 static long long gap_ns = -1, jitter_ns = 0;
 
 static long long now_ns(void) {
@@ -68,6 +73,12 @@ int main(int argc, char **argv) {
         if (!m) return 3;
     }
     for (size_t i = 0; i < mem / 8; i++) m[i] = i * 0x9E3779B97F4A7C15ull;
+    const char *catch_cont = getenv("WORKLOAD_SIGCONT");
+    if (catch_cont && atoi(catch_cont)) {
+        struct sigaction sa = { .sa_handler = on_sigcont, .sa_flags = SA_RESTART };
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGCONT, &sa, NULL);
+    }
     const char *failed = objects_make();
     if (failed) { perror(failed); return 3; }
     long per_step = (long)(rate * 256 / 100);      /* pages per 10 ms step */
@@ -99,6 +110,7 @@ int main(int argc, char **argv) {
         write_file("gap", g);
     }
     const char *lost = objects_check();
+    if (!lost && sigconts) lost = "a SIGCONT arrived";
     verdict(!lost, "%s", lost ? lost : "");
     return 0;
 }
