@@ -324,7 +324,9 @@ BREAKDOWN = (   # (column, where in the report)
     ("last pages", lambda r: r["final_round"]["pages_ms"]),
     ("state wait", lambda r: r["final_round"]["state_wait_ms"]),
     ("state send", lambda r: r["final_round"]["state_send_ms"]),
-    ("restore", lambda r: r["phase_ms"].get("restore", 0.0)),
+    # the source asked to commit while the destination restores counts as restore
+    ("restore", lambda r: sum(r["phase_ms"].get(k, 0.0) for k in ("restore", "commit-asked-restoring"))),
+    ("commit", lambda r: sum(r["phase_ms"].get(k, 0.0) for k in ("commit-asked", "source-committed"))),
     ("go", lambda r: r["phase_ms"].get("go", 0.0)),
     ("final KiB", lambda r: r["final_round"]["bytes_raw"] / 1024),
     ("final scan", lambda r: r["final_round"]["scan_ms"]),
@@ -459,7 +461,9 @@ def bench(args: argparse.Namespace, hosts: Hosts) -> int:
         print(render_breakdown(live_rows))
         print("(freeze: every process stopped and the tree checked; last pages: the final scan, read and queued; "
               "state wait/send: the rest of the state read, then sent until the destination had everything; "
-              "restore, go: the report's phases on the destination; final scan/send: the final round's own "
+              "restore: the destination rebuilding the tree (the source asked to commit meanwhile, where the job "
+              "allows it); commit: what is left of the source's commit then; go: GO on the destination; "
+              "final scan/send: the final round's own "
               "times, part of last pages; dirty MiB/s: what pre-copy measured over round 0)")
         line, data = target(live_rows)
         print(line)
