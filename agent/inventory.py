@@ -107,7 +107,7 @@ ROWS: tuple[Row, ...] = (
     # --- memory -----------------------------------------------------------------------------
     Row("memory", "a mapping", CARRIED, _f("Vma", "start", "end", "prot", "shared", "kind", "path", "pgoff",
                                            "growsdown", "file_size", "file_mtime_ns", "ino")),
-    Row("memory", "madvise state and mlock", CARRIED, _f("Vma", "advice")),
+    Row("memory", "madvise state, mlock and MAP_DROPPABLE", CARRIED, _f("Vma", "advice")),
     Row("memory", "guard pages (MADV_GUARD_INSTALL)", CARRIED, _f("ProcessState", "guard_regions") +
         _f("GuardRegion", "start", "end")),
     Row("memory", "guard pages on Linux 6.13, which makes them but cannot report them", LOST,

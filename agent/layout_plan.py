@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from precopy.intervals import Span, merge_spans, subtract_spans
-from transport.schema import MappingsDelta, Vma
+from transport.schema import VMA_DROPPABLE, MappingsDelta, Vma
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ def same_backing(a: Vma, b: Vma) -> bool:
     shared memory when it is the same object at the same offset."""
     if a.shared != b.shared or a.growsdown != b.growsdown or (a.kind == "file") != (b.kind == "file"):
         return False
+    if (a.advice ^ b.advice) & VMA_DROPPABLE:
+        return False        # droppable memory is a mapping of another type, not the same memory
     if a.kind != "file" and not a.shared:
         return True
     if (a.shm.shmid if a.shm else -1) != (b.shm.shmid if b.shm else -1):

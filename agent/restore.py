@@ -44,6 +44,7 @@ from agent.inject import (
     BATCH_CODE,
     BATCH_ENTRY,
     MAP_ANONYMOUS,
+    MAP_DROPPABLE,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
     MAP_GROWSDOWN,
@@ -111,6 +112,7 @@ from transport.schema import (
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
     VMA_NORESERVE,
+    VMA_DROPPABLE,
     VMA_SEALED,
     Vma,
     check_threads,
@@ -227,6 +229,19 @@ class RestoreReport:
 def _fired(w: EpollWatch) -> bool:
     """A one-shot epoll watch that has fired (disabled, waiting to be re-armed)."""
     return bool(w.events & EPOLLONESHOT) and not w.events & ~EP_PRIVATE_BITS
+
+
+def _map_type(v: Vma) -> int:
+    """The mmap type of an anonymous mapping: shared, droppable (VmFlags dp: the kernel may drop
+    its pages under memory pressure) or private."""
+    return MAP_SHARED if v.shared else MAP_DROPPABLE if v.advice & VMA_DROPPABLE else MAP_PRIVATE
+
+
+def _map_failed(v: Vma, err: int) -> str:
+    why = f"cannot map {v.path or v.kind} at {v.start:#x}-{v.end:#x}: {os.strerror(err)}"
+    if err == errno.EINVAL and v.advice & VMA_DROPPABLE:
+        why += " (a MAP_DROPPABLE mapping: the kernel here needs to be Linux 6.11 or later)"
+    return why
 
 
 def _extra_flags(v: Vma) -> int:
@@ -740,7 +755,7 @@ class Restorer:
                 continue
             if v.start < gadget_end and self.gadget < v.end:
                 raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
-            flags = MAP_FIXED | MAP_ANONYMOUS | (MAP_SHARED if v.shared else MAP_PRIVATE) | _extra_flags(v)
+            flags = MAP_FIXED | MAP_ANONYMOUS | _map_type(v) | _extra_flags(v)
             calls.append(("mmap", (v.start, v.length, v.prot, flags, -1, 0)))
             whats.append(("map", v))
             for name, args in _advice_calls(v.start, v.end, v.advice):
@@ -770,8 +785,7 @@ class Restorer:
             if done < len(chunk):
                 what, v = whats[i + done]
                 if v is not None:
-                    raise RestoreError(f"cannot map {v.path or v.kind} at {v.start:#x}-{v.end:#x}: "
-                                       f"{os.strerror(-err)}")
+                    raise RestoreError(_map_failed(v, -err))
                 raise InjectionError(-err, f"{chunk[done][0]}() to {what} in pid {self.pid}: {os.strerror(-err)}")
         calls.clear()
         whats.clear()
@@ -830,7 +844,7 @@ class Restorer:
         if v.shm is not None and self.shared is not None:
             self._map_attachment([v])
             return
-        flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE) | _extra_flags(v)
+        flags = MAP_FIXED | _map_type(v) | _extra_flags(v)
         try:
             if self._is_deferred(v):
                 self._call("mmap", v.start, v.length, v.prot, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
@@ -852,8 +866,7 @@ class Restorer:
                 self._call("mmap", v.start, v.length, v.prot, flags | MAP_ANONYMOUS, -1, 0)
             self._advise(v.start, v.end, v.advice)
         except InjectionError as exc:
-            what = v.path or v.kind
-            raise RestoreError(f"cannot map {what} at {v.start:#x}-{v.end:#x}: {exc.strerror}") from None
+            raise RestoreError(_map_failed(v, exc.errno or 0)) from None
 
     def _map_attachment(self, pieces: Sequence[Vma], readonly: bool = False) -> None:
         if _holes_conflict(pieces[0].start, pieces[-1].end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):

@@ -50,6 +50,7 @@ from transport.schema import (
     VMA_LOCKONFAULT,
     VMA_MAYWRITE,
     VMA_NORESERVE,
+    VMA_DROPPABLE,
     VMA_SEALED,
     Vma,
 )
@@ -63,7 +64,7 @@ SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]
 _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "hg": ADV_HUGEPAGE,
                  "nh": ADV_NOHUGEPAGE, "mg": ADV_MERGEABLE, "lo": VMA_LOCKED, "lf": VMA_LOCKONFAULT,
                  "mw": VMA_MAYWRITE, "nr": VMA_NORESERVE, "sr": ADV_SEQUENTIAL, "rr": ADV_RANDOM,
-                 "sl": VMA_SEALED}
+                 "sl": VMA_SEALED, "dp": VMA_DROPPABLE}
 
 
 @dataclass(frozen=True)

@@ -489,7 +489,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a mapping": _mappings,
     "SysV shared memory": _sysv,
     "a file of /dev/shm, held open or mapped": _shm_files,
-    "madvise state and mlock": _advice,
+    "madvise state, mlock and MAP_DROPPABLE": _advice,
     "guard pages (MADV_GUARD_INSTALL)": _guards,
     "speculation mitigations it asked for (PR_SET_SPECULATION_CTRL)": lambda p: (
         p.status().get("Speculation_Store_Bypass"), p.status().get("SpeculationIndirectBranch")),

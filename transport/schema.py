@@ -76,7 +76,9 @@ from transport.records import (
 # (``PipeBuffer.packets``), which a version 8 reader would drop: the process would run without
 # that protection, its guard pages readable zeros, its absolute timers relative, the packets in
 # its pipes one stream.
-FORMAT_VERSION = 9
+# 10: a MAP_DROPPABLE mapping (``VMA_DROPPABLE`` in ``Vma.advice``, above a version 9 reader's
+# bound for it: refused there), which would otherwise come back as a plain private mapping.
+FORMAT_VERSION = 10
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -368,8 +370,9 @@ ADV_SEQUENTIAL, ADV_RANDOM = 1024, 2048      # readahead advice (sr, rr)
 # Not advice but kept beside it: mlock()ed (VmFlags lo), and locked on fault (lf, mlock2 MLOCK_ONFAULT);
 # may be made writable (mw: a MAP_SHARED file mapping of a file opened for writing, even if read-only now);
 # mapped MAP_NORESERVE (nr: no swap space reserved for it; glibc's thread arenas are); sealed
-# (sl: mseal(), Linux 6.10: never to be unmapped, moved or mprotected again).
-VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE, VMA_NORESERVE, VMA_SEALED = 64, 128, 256, 512, 4096
+# (sl: mseal(), Linux 6.10: never to be unmapped, moved or mprotected again); MAP_DROPPABLE (dp,
+# Linux 6.11: anonymous memory the kernel may drop under pressure, glibc's getrandom() state).
+VMA_LOCKED, VMA_LOCKONFAULT, VMA_MAYWRITE, VMA_NORESERVE, VMA_SEALED, VMA_DROPPABLE = 64, 128, 256, 512, 4096, 8192
 
 
 MAX_SHM_SEGMENT = 1 << 40       # bytes of one SysV segment (shmmax's default is far above: the
@@ -407,7 +410,7 @@ class Vma:
     path: Annotated[str, AbsPath(optional=True)] = ""     # file-backed mappings only
     pgoff: Offset = 0        # offset into the file (or shared memory object), bytes
     growsdown: bool = False
-    advice: Annotated[int, Int(0, 8191, "mapping advice")] = 0
+    advice: Annotated[int, Int(0, 16383, "mapping advice")] = 0
     file_size: Annotated[int, Int(-1, (1 << 63) - 1, "a file size or -1")] = -1  # size of the file when
                              # dumped, to detect a changed file
     file_mtime_ns: I64 = 0

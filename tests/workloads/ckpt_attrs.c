@@ -5,8 +5,10 @@
  * MAP_NORESERVE (glibc's thread arenas have it: no swap is reserved for them), MADV_RANDOM
  * readahead advice, a sealed mapping (mseal, Linux 6.10: munmap fails with EPERM), the
  * coredump_filter (which mappings a core dump holds), guard pages (MADV_GUARD_INSTALL,
- * Linux 6.13: a touch is SIGSEGV; their neighbours keep their bytes), and speculative store
- * bypass disabled for itself (PR_SET_SPECULATION_CTRL, where the CPU and kernel let it). */
+ * Linux 6.13: a touch is SIGSEGV; their neighbours keep their bytes), speculative store
+ * bypass disabled for itself (PR_SET_SPECULATION_CTRL, where the CPU and kernel let it), and
+ * a MAP_DROPPABLE mapping (Linux 6.11: pages the kernel may drop under memory pressure, as
+ * glibc keeps its getrandom() state; restored as a plain private mapping it would not be). */
 #include "ckpt_common.h"
 #include <setjmp.h>
 #include <signal.h>
@@ -100,6 +102,9 @@ int main(int argc, char **argv) {
     rnd[0] = 'r';
     char *sealed = mmap(NULL, 2 * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     int seals = sealed != MAP_FAILED && syscall(462, sealed, 2 * 4096, 0) == 0;    /* mseal */
+    char *dp = mmap(NULL, 2 * 4096, PROT_READ | PROT_WRITE, 0x08 /* MAP_DROPPABLE */ | MAP_ANONYMOUS, -1, 0);
+    int droppable = dp != MAP_FAILED;
+    if (droppable) dp[0] = 'd';
     char path[4096];
     snprintf(path, sizeof path, "%s/shared.bin", outdir);
     int sfd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
@@ -144,6 +149,7 @@ int main(int argc, char **argv) {
     if (audit && loginuid() != 4242) strcat(why, "loginuid; ");
     if ((noreserve && !vmflag(nr, "nr")) || nr[4096] != 'n') strcat(why, "MAP_NORESERVE; ");
     if (!vmflag(rnd, "rr") || rnd[0] != 'r') strcat(why, "MADV_RANDOM; ");
+    if (droppable && !vmflag(dp, "dp")) strcat(why, "MAP_DROPPABLE; ");
     if (seals && (!vmflag(sealed, "sl") || munmap(sealed, 4096) == 0 || errno != EPERM)) strcat(why, "mseal; ");
     if (guards && (!faults(g + 4096) || !faults(g + 4 * 4096) || !faults(g + 5 * 4096) || faults(g + 3 * 4096)
                    || g[0] != 'g' || g[2 * 4096] != 'g' || g[6 * 4096] != 'g' || g[7 * 4096 + 100] != 'g'))
