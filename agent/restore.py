@@ -494,10 +494,23 @@ class Restorer:
         parent's wait() collects ``status``. Killed by a signal: without a core dump."""
         try:
             if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
                 prlimit(self.pid, RLIMIT_CORE, (0, 0))
-                ptrace.detach(self.pid, os.WTERMSIG(status))       # the signal, delivered as it goes
+                # The stub blocks every signal it can: this one goes through (PTRACE_SETSIGMASK).
+                ptrace.set_sigmask(self.pid, ptrace.get_sigmask(self.pid) & ~(1 << (sig - 1)))
+                # Queued first: PTRACE_DETACH delivers its signal only from a signal-delivery
+                # stop, and the stub is in another; queued, the stub takes it as it leaves.
+                os.kill(self.pid, sig)
+                try:
+                    ptrace.detach(self.pid, sig)
+                except OSError as exc:
+                    if exc.errno != errno.ESRCH:       # (SIGKILL has ended it already)
+                        raise
                 deadline = time.monotonic() + ZOMBIE_GRACE_S
-                while _state(self.pid) not in ("Z", None) and time.monotonic() < deadline:
+                while _state(self.pid) not in ("Z", None):
+                    if time.monotonic() > deadline:        # (blocked, or caught: not the stub's)
+                        raise RestoreError(f"process {self.pid} did not end by signal {sig} as its image says "
+                                           "it had")
                     time.sleep(0.001)          # dead before anything else is built
             else:
                 inj = self.inj or Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL)

@@ -38,9 +38,14 @@ def checkpoint_and_restore(w: Workload, tmp_path: Path, *extra: str) -> tuple[in
     the checkpoint's statistics with the restore's result under "restore")."""
     image = tmp_path / f"{w.name}.img"
     stats_file = tmp_path / f"{w.name}.stats.json"
+    children = Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split()
     res = kcr("checkpoint", str(w.pid), "-o", str(image), "--stats-json", str(stats_file), *extra)
     assert res.returncode == 0, res.stderr.decode()
     w.reap_original()
+    for child in map(int, children):
+        # Ended with the tree; as subreaper we adopted them: reaped, their pids (and the
+        # process group they keep of the root's) are free for the restore.
+        reap(child)
     stats = json.loads(stats_file.read_text())
     res = kcr("restore", "-i", str(image), "--json")
     assert res.returncode == 0, res.stderr.decode()
@@ -207,6 +212,14 @@ def test_locked_memory_thp_flag_and_oom_score_adj(tmp_path: Path) -> None:
     ref, w, _ = migrate_once("ckpt_attrs", tmp_path)
     guards = "installed" if kernel_has_guard_pages() else "not on this kernel"
     assert w.output() == ref.output() == f"guard pages: {guards}\nattributes checked: all good\n"
+
+
+def test_zombie_children_come_back_as_they_ended(tmp_path: Path) -> None:
+    """Children that exited or were killed, not yet reaped: after the restore the parent's
+    waitpid() of each finds the same end (an exit status, or the signal that killed it)."""
+    ref, w, _ = migrate_once("ckpt_zombies", tmp_path)
+    assert w.output() == ref.output() == ("child 0: exited 0\nchild 1: exited 3\nchild 2: killed by 9\n"
+                                          "child 3: killed by 15\n")
 
 
 def test_scheduling_per_thread(tmp_path: Path) -> None:
