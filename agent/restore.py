@@ -2056,13 +2056,33 @@ def _holder(tid: int) -> str:
         with open(f"/proc/{tid}/status") as f:
             fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
     except OSError:
-        return "a process that has exited since"
+        return _id_user(tid) or "a process that has exited since"
     name, tgid = fields.get("Name", "?").strip(), fields.get("Tgid", str(tid)).strip()
     if fields.get("State", "").startswith("Z"):
         # A checkpointed tree's child, killed, its reaper not waiting for it (yet): the pid
         # is free once its parent (or the subreaper it went to) waits for it.
         return f"{name}, a zombie: pid {fields.get('PPid', '?').strip()} has not waited for it"
     return f"{name}, pid {tgid}" if tgid != str(tid) else name
+
+
+def _id_user(pid: int) -> str | None:
+    """A process whose process group or session is still ``pid`` (no process has that pid
+    any more, but the kernel keeps it in use for them), for an error message."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+        except OSError:
+            continue
+        fields = rest.split()
+        if len(fields) > 4 and pid in (int(fields[2]), int(fields[3])):
+            what = "session" if int(fields[3]) == pid else "process group"
+            zombie = ", a zombie not yet waited for" if fields[0] == "Z" else ""
+            return (f"the {what} of pid {entry} ({head.partition('(')[2]}{zombie}), which keeps that id in use: "
+                    f"a process of the checkpointed job's {what} that was not in its tree")
+    return None
 
 
 def _cpu_ns(pid: int, tid: int) -> int | None:

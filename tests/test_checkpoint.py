@@ -222,6 +222,46 @@ def test_zombie_children_come_back_as_they_ended(tmp_path: Path) -> None:
                                           "child 3: killed by 15\n")
 
 
+def test_a_session_member_left_outside_the_tree_is_named_when_it_keeps_the_pid(tmp_path: Path) -> None:
+    """A background process the job's shell left behind (reparented: not in the job's tree)
+    stays in the job's session, which keeps the root's pid in use after the checkpoint: the
+    restore says who keeps it, and works once that process has ended."""
+    job = subprocess.Popen(["sh", "-c", "(sleep 600 &); exec sleep 600"], start_new_session=True,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    STARTED.append(job)
+    deadline = time.monotonic() + 30
+    while not (outsiders := [p for p in os.listdir("/proc") if p.isdigit() and int(p) != job.pid
+                             and Path(f"/proc/{p}/stat").exists()
+                             and _stat_fields(int(p))[:2] == ("sleep", str(job.pid))]) \
+            or Path(f"/proc/{job.pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "the job never left its background process behind"
+        time.sleep(0.01)
+    outsider = int(outsiders[0])
+    image = tmp_path / "job.img"
+    assert kcr("checkpoint", str(job.pid), "-o", str(image)).returncode == 0
+    job.wait()
+    res = kcr("restore", "-i", str(image))
+    assert res.returncode != 0
+    assert f"the session of pid {outsider} (sleep)" in _one_error_line(res.stderr), res.stderr.decode()
+    os.kill(outsider, signal.SIGKILL)
+    reap(outsider)
+    res = kcr("restore", "-i", str(image), "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    pid = int(json.loads(res.stdout.decode())["pid"])
+    assert pid == job.pid
+    os.kill(pid, signal.SIGKILL)
+    reap(pid)
+
+
+def _stat_fields(pid: int) -> tuple[str, str]:
+    """(comm, session id) of ``pid``; ("", "") if it is gone."""
+    try:
+        head, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+    except OSError:
+        return "", ""
+    return head.partition("(")[2], rest.split()[3]
+
+
 def test_scheduling_per_thread(tmp_path: Path) -> None:
     """nice, SCHED_RR with reset-on-fork, SCHED_BATCH, SCHED_IDLE, pinning, timer slack: each thread's own."""
     ref, w, _ = migrate_once("ckpt_sched", tmp_path)
