@@ -57,7 +57,8 @@ def read(c: CarriedFile) -> Generator[FileContents, None, None]:
         if st.st_ino != c.ino:
             raise UnsupportedResource(f"{what} changed while the job was being read: try again", pid=c.pid)
         common: dict[str, Any] = {"id": c.ino, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-                                  "uid": st.st_uid, "gid": st.st_gid}
+                                  "uid": st.st_uid, "gid": st.st_gid,
+                                  "atime_ns": max(0, st.st_atime_ns), "mtime_ns": max(0, st.st_mtime_ns)}
         if c.path:
             common.update(path=c.path, dev=st.st_dev, boot=boot_id())
         else:
@@ -101,3 +102,12 @@ def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
         return True, fcntl.fcntl(own, F_GET_SEALS) & MEMFD_SEALS
     except OSError:
         return False, 0     # a file of that name on a filesystem without seals
+
+
+def set_times(fd: int, times: tuple[int, int] | None) -> None:
+    """A carried file's access and modification times (ns) again, once written."""
+    if times is not None:
+        try:
+            os.utime(fd, ns=times)
+        except OSError:
+            pass       # (ours, made by us: only a filesystem without times refuses)

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Sequence
 from agent import fanotify, inotify, unix_names
 from agent.peercred import Sockets
 from agent.as_target import Identity
+from agent.carried_files import set_times
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
@@ -559,6 +560,7 @@ class DeletedFiles:
         self.fds: dict[int, int] = {}          # file id -> our fd of it made again
         self.names: dict[int, str] = {}        # file id -> where it was (the path its fd showed)
         self.seals: dict[int, int] = {}        # file id -> a memfd's seals
+        self.times: dict[int, tuple[int, int]] = {}    # file id -> (atime, mtime) ns, set at ``close``
 
     def write(self, c: FileContents, files: Files, identity: Identity) -> None:
         """One slice of ``c.id``; ``files``: the fds of the process the file comes with (where
@@ -569,6 +571,8 @@ class DeletedFiles:
             fd = self.fds[c.id] = _make_unlinked(where, c, identity)
             self.names[c.id] = where
             self.seals[c.id] = c.seals if c.memfd else 0
+            if c.mtime_ns:
+                self.times[c.id] = (c.atime_ns, c.mtime_ns)
         try:
             os.pwrite(fd, c.data, c.offset)
         except OSError as exc:
@@ -576,11 +580,16 @@ class DeletedFiles:
                                f"{exc.strerror}") from None
 
     def close(self) -> None:
-        for fd in self.fds.values():
+        """Every file is complete (or the restore is abandoned): their times as they were, our
+        fds closed."""
+        for c_id, fd in self.fds.items():
+            set_times(fd, self.times.get(c_id))
             os.close(fd)
         self.fds.clear()
         self.names.clear()
         self.seals.clear()
+        self.times.clear()
+
 
 
 def _make_unlinked(path: str, c: FileContents, identity: Identity) -> int:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from agent.as_target import Identity
+from agent.carried_files import set_times
 from precopy import sysv
 from precopy.kernel import boot_id
 from transport.errors import RestoreError
@@ -75,6 +76,7 @@ class SharedObjects:
         self.file_paths: dict[int, str] = {}        # their paths by their inode on the source
         self.made_files: list[str] = []             # paths this restore made (/dev/shm files, FIFOs)
         self._writing: dict[int, int] = {}          # /dev/shm files being written, by source inode
+        self._times: dict[int, tuple[int, int]] = {}    # ... their (atime, mtime) ns, set once written
 
     def fd_for(self, ino: int, size: int) -> int:
         """The object ``ino``, at least ``size`` bytes long."""
@@ -115,6 +117,8 @@ class SharedObjects:
             if fd < 0:
                 return
             self._writing[c.id] = fd
+            if c.mtime_ns:
+                self._times[c.id] = (c.atime_ns, c.mtime_ns)
             self.made_files.append(c.path)
         fd = self._writing.get(c.id, -1)
         if fd < 0 or not c.data:
@@ -135,7 +139,8 @@ class SharedObjects:
 
     def files_written(self) -> None:
         """Every /dev/shm file of the image is complete: our fds of them go."""
-        for fd in self._writing.values():
+        for c_id, fd in self._writing.items():
+            set_times(fd, self._times.pop(c_id, None))
             os.close(fd)
         self._writing.clear()
 

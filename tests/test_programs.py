@@ -289,10 +289,12 @@ os.write(fd, bytes(range(256)) * 12000)
 fd2 = os.open(path, os.O_RDONLY)
 os.lseek(fd2, 1000, os.SEEK_SET)
 fd3 = os.dup(fd)
+os.utime(fd, ns=(10**9, 123456 * 10**9))      # as tar or make leave a file's times
 os.unlink(path)
 open(os.path.join(d, "ready"), "w").close()
 while not os.path.exists(os.path.join(d, "go")):
     time.sleep(0.01)
+mtime = os.fstat(fd).st_mtime_ns
 t.seek(0)
 first = hashlib.sha256(t.read()).hexdigest()[:16]
 os.write(fd3, b"tail")
@@ -302,7 +304,7 @@ os.lseek(fd2, -4, os.SEEK_END)
 last = os.read(fd2, 4)
 with open(os.path.join(d, "output"), "w") as out:
     out.write(f"{first} {st.st_size} {st.st_nlink} {oct(st.st_mode & 0o777)} {st.st_ino == st2.st_ino} "
-              f"{os.lseek(fd, 0, os.SEEK_CUR)} {seen} {last} {os.listdir(d)}\n")
+              f"{os.lseek(fd, 0, os.SEEK_CUR)} {seen} {last} {os.listdir(d)} mtime {mtime}\n")
 """
 
 
@@ -324,6 +326,7 @@ def test_deleted_files_held_open(tmp_path: Path, how: str) -> None:
         outputs.append((d / "output").read_text())
     assert outputs[0] == outputs[1]
     assert " 3072004 0 0o640 True 3072004 e8e9eaebecedeeef b'tail' " in outputs[1], outputs[1]
+    assert outputs[1].endswith(" mtime 123456000000000\n"), outputs[1]      # the file's times, kept
 
 
 BIG_DELETED = r"""

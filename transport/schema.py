@@ -77,7 +77,9 @@ from transport.records import (
 # that protection, its guard pages readable zeros, its absolute timers relative, the packets in
 # its pipes one stream.
 # 10: a MAP_DROPPABLE mapping (``VMA_DROPPABLE`` in ``Vma.advice``, above a version 9 reader's
-# bound for it: refused there), which would otherwise come back as a plain private mapping.
+# bound for it: refused there), which would otherwise come back as a plain private mapping; and
+# a carried file's times (``FileContents.atime_ns``, ``mtime_ns``), which a version 9 reader
+# would drop: the file made again would say it was written at the restore.
 FORMAT_VERSION = 10
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
@@ -852,6 +854,10 @@ class FileContents(Record):
     # format 6: a deleted file or memfd that no fd of the job holds, only mappings: the name
     # they show (``/memfd:NAME``, or the path the file had), to make it again by (no fd names it)
     name: Annotated[str, AbsPath(optional=True)] = ""
+    # format 10: its access and modification times (ns; 0: not recorded), set again once its
+    # contents are in
+    atime_ns: NonNegI64 = 0
+    mtime_ns: NonNegI64 = 0
 
     def validate(self) -> None:
         _check(self.offset + len(self.data) <= self.size, f"deleted file {self.id}: a slice past its end")
