@@ -162,7 +162,7 @@ def _deleted(memfd: bool) -> Callable[[Proc], object]:
                 digest = hashlib.sha256(f.read()).hexdigest()
             link = p.link(fd) if memfd else _deleted_name(p.link(fd))
             row: tuple[object, ...] = (*_common(p, fd, remade=True), link, p.obj(("ino", st.st_ino)), st.st_size, digest,
-                                       oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink)
+                                       oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink, st.st_mtime_ns)
             if memfd:
                 row += (_with_dup(p, fd, lambda d: fcntl.fcntl(d, F_GET_SEALS)),)
             out.append(row)
