@@ -1,13 +1,14 @@
 """The rsync hook, the source agent's side: one rsync pass to the destination over ssh.
 
-    rsync -aHS[X] --numeric-ids --stats [--delete] -e "ssh -F CFG -o BatchMode=yes -o ControlPath=..." \\
-          PATH/ DEST:PATH/
+    rsync -aHS[X] --numeric-ids --stats --timeout=60 [--delete] \\
+          -e "ssh -F CFG -o BatchMode=yes -o ControlPath=..." PATH/ DEST:PATH/
 
 Archive mode keeps times, permissions, owners (by number), symlinks and devices; ``-H`` hard
 links, ``-S`` holes (sparse files), ``-X`` extended attributes where both rsyncs support them.
 Passes while the process runs leave files deleted on the source in place and accept files
-that vanish or change while rsync reads them (exit 23/24: the next pass catches up); the final
-pass, with the process frozen, deletes what the source no longer has and must succeed fully.
+that vanish or change while rsync reads them (exit 23/24: the next pass catches up), or that
+stalls (no data for 60 s, exit 30); the final pass, with the process frozen, deletes what the
+source no longer has and must succeed fully (a stalled one fails the move: the source runs on).
 Unchanged files are recognised by size and modification time to the nanosecond
 (``--modify-window=-1``; rsync by default compares whole seconds, and a file rewritten in
 place within the same second would be missed). That is exact where every write after a look
@@ -29,7 +30,13 @@ from agent.fsync import session
 from transport.errors import FsHookError
 from transport.rpc import CallContext
 
-SOFT_EXITS = (23, 24)      # partial transfer, vanished files: normal while the process runs
+# Partial transfer, vanished files: normal while the process runs; and a timeout (30): a pass
+# before the freeze that stalled leaves what it missed to the next.
+SOFT_EXITS = (23, 24, 30)
+# rsync --timeout: a pass in which no data moves for this long ends (exit 30), instead of
+# waiting for ever (an rsync that hung with files changing under it did, with the migration).
+# rsync keeps an idle but busy pass alive below it (keep-alive messages at half of it).
+IO_TIMEOUT_S = 60
 STATS = {
     "bytes_sent": "Total bytes sent",
     "bytes_received": "Total bytes received",
@@ -51,8 +58,8 @@ def parse_stats(text: str) -> dict[str, int]:
 
 
 def rsync_argv(path: str, dest: str, rsh: str, *, final: bool, xattrs: bool, exact_times: bool,
-               checksum: bool) -> list[str]:
-    return ["rsync", "-aHS", *(["-X"] if xattrs else []), "--numeric-ids", "--stats",
+               checksum: bool, io_timeout: int = IO_TIMEOUT_S) -> list[str]:
+    return ["rsync", "-aHS", *(["-X"] if xattrs else []), "--numeric-ids", "--stats", f"--timeout={io_timeout}",
             *(["--modify-window=-1"] if exact_times else []), *(["--checksum"] if checksum else []),
             *(["--delete"] if final else []), "-e", rsh, f"{path.rstrip('/')}/", f"{dest}:{path.rstrip('/')}/"]
 

@@ -21,11 +21,13 @@ import time
 import uuid
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
+import trio
 
-from agent.fs_rsync import mapped_for_writing, parse_stats, rsync_argv
+from agent.fs_rsync import _rsync, mapped_for_writing, parse_stats, rsync_argv
 from agent.fsync import fine_timestamps, is_mount_point, probe
 from examples.testbed import Testbed, TestbedUnavailable, check_available
 from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
@@ -35,6 +37,7 @@ from migrate.fshooks import HOOK_KINDS, parse_hook
 from tests._hosts import start_in, verdict
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
 from tests._workloads import STARTED
+from transport.errors import FsHookError
 
 CHURN = Path(__file__).parent / "workloads" / "fs_churn.py"
 STEPS = "600"
@@ -174,6 +177,23 @@ def test_rsync_command_and_statistics() -> None:
                                         checksum=False)
     text = "Number of regular files transferred: 1\nTotal bytes sent: 10,485,987\nTotal bytes received: 51\n"
     assert parse_stats(text) == {"files_transferred": 1, "bytes_sent": 10485987, "bytes_received": 51}
+
+
+def test_an_rsync_pass_that_stalls_ends(tmp_path: Path) -> None:
+    """The other end never answers (a remote shell that only sleeps): the pass ends after its
+    I/O timeout instead of waiting for ever; before the freeze that is a warning (the next
+    pass catches up), the final pass fails (the migration rolls back)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("data")
+    rsh = "sh -c 'exec sleep 30' stalled"
+    argv = rsync_argv(str(tmp_path / "src"), "nowhere", rsh, final=False, xattrs=False, exact_times=True,
+                      checksum=False, io_timeout=1)
+    t0 = time.monotonic()
+    stats = trio.run(partial(_rsync, argv, str(tmp_path / "src"), "nowhere", True))
+    assert stats["exit"] == 30 and "timeout" in stats["warning"], stats
+    assert time.monotonic() - t0 < 20
+    with pytest.raises(FsHookError, match=r"failed \(exit 30\).*timeout"):
+        trio.run(partial(_rsync, argv, str(tmp_path / "src"), "nowhere", False))
 
 
 def test_probe_and_shared_writable_mappings(tmp_path: Path) -> None:
