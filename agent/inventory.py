@@ -140,6 +140,8 @@ ROWS: tuple[Row, ...] = (
     Row("memory", "a shared memory range's NUMA policy no mapping of the job shows", LOST,
         readme="the NUMA policy of a range of a shared memory object"),
     # --- the process ------------------------------------------------------------------------
+    Row("process", "a main thread that has exited (pthread_exit) while other threads run", REFUSED,
+        readme="main thread has exited"),
     Row("process", "its pid", CARRIED, _f("ProcessState", "pid")),
     Row("process", "its executable, working and root directory", CARRIED, _f("ProcessState", "exe", "cwd", "root")),
     Row("process", "umask, personality, dumpable", CARRIED, _f("ProcessState", "umask", "personality", "dumpable")),

@@ -236,10 +236,21 @@ def check_target(pid: int) -> None:
     if int(stat[9]) & PF_KTHREAD:
         raise ProcessError(f"pid {pid} ({stat[2]}) is a kernel thread: only user processes can be moved", pid=pid)
     if stat[3] in ("Z", "X"):
+        if _thread_count(pid) > 1:
+            raise UnsupportedResource(f"pid {pid}'s main thread has exited (pthread_exit) while its other threads "
+                                      "run on: kcr-migrate cannot move such a process yet (see README, Limits)",
+                                      pid=pid)
         raise NoSuchProcess(f"pid {pid} is a zombie: it has already exited", pid=pid)
     tgid = int(read_status(pid).get("Tgid", pid))
     if tgid != pid:
         raise ProcessError(f"{pid} is a thread of process {tgid}: give the process id {tgid}", pid=pid)
+
+
+def _thread_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
 
 
 def mounts(pid: int | str = "self") -> list[tuple[int, int, str]]:

@@ -590,6 +590,25 @@ def test_a_posix_message_queue_is_refused_before_anything_freezes(tmp_path: Path
         libc.mq_unlink(name)
 
 
+def test_a_process_whose_main_thread_exited_is_refused_and_runs_on(tmp_path: Path) -> None:
+    """pthread_exit() in main while another thread runs (CRIU's zdtm pthread02): the process
+    lives on in that thread, its leader a zombie. It was refused as "a zombie: it has already
+    exited", which it has not: the refusal says what it is, and the process runs on."""
+    script = ("import ctypes, sys, threading, time\n"
+              "def work():\n    open(sys.argv[1], 'w').close()\n    while True:\n        time.sleep(0.02)\n"
+              "threading.Thread(target=work).start()\nctypes.CDLL(None).pthread_exit(None)\n")
+    ready = tmp_path / "ready"
+    proc = start_until_ready([sys.executable, "-c", script, str(ready)], ready)
+    deadline = time.monotonic() + 30
+    while proc_state(proc.pid) != "Z":
+        assert time.monotonic() < deadline, "the main thread never exited"
+        time.sleep(0.01)
+    line = one_error_line(kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img")))
+    assert f"pid {proc.pid}'s main thread has exited (pthread_exit) while its other threads run on" in line, line
+    assert not (tmp_path / "img").exists()
+    assert len(os.listdir(f"/proc/{proc.pid}/task")) == 2, "its other thread runs on"
+
+
 def test_a_memfd_secret_area_is_refused_before_anything_freezes(tmp_path: Path) -> None:
     """memfd_secret(): memory no other process may read, so none can be carried; its fd looks
     like a deleted file (/secretmem). Refused by name, before anything is frozen."""
