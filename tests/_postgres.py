@@ -40,6 +40,7 @@ class PostgresServer:
         self.log.touch()
         shutil.chown(self.log, "postgres")
         self.shm_before = _segments()
+        self.sysv_before = _sysv_segments()
         with open(self.log, "ab") as log:
             self.proc = spawn([*as_postgres, "postgres", "-D", str(self.dir / "data"), "-c",
                                           "listen_addresses=", "-c", f"unix_socket_directories={self.dir}",
@@ -71,6 +72,15 @@ class PostgresServer:
                 os.unlink(f"/dev/shm/{name}")
             except FileNotFoundError:
                 pass
+        for shmid in _sysv_segments() - self.sysv_before:    # and its main SysV segment, detached
+            subprocess.run(["ipcrm", "-m", str(shmid)], capture_output=True, check=False)
+
+
+def _sysv_segments() -> set[int]:
+    """The ids of the SysV shared memory segments no process has attached."""
+    with open("/proc/sysvipc/shm") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
+    return {int(r[1]) for r in rows if len(r) > 6 and r[6] == "0"}
 
 
 def _segments() -> set[str]:
