@@ -101,6 +101,18 @@ def assert_rolled_back(m: Migration, w: Workload, reference: str) -> None:
     assert w.output() == reference
 
 
+def assert_released_before_go(m: Migration, w: Workload, reference: str, phases: tuple[str, ...]) -> None:
+    """The source was asked to commit and GO never written: the orchestrator released it
+    itself (exit status 1: nothing changed), no `resolve` to run, no copy anywhere else."""
+    error = m.error  # type: ignore[attr-defined]
+    assert error.phase in phases, (error.phase, error)
+    assert f"GO was never sent: rolled back: pid {w.pid} runs on at localhost" in str(error), error
+    assert exit_status(error) == EXIT_ERROR
+    assert not [x for x in m.report.warnings if "resolve" in x], m.report.warnings
+    assert copies(str(w.dir)) == [w.pid], "no copy besides the source, not even a stopped one"
+    assert_rolled_back(m, w, reference)
+
+
 async def test_source_agent_killed_during_precopy(tmp_path: Path, reference: str) -> None:
     w = start_job(tmp_path)
 
@@ -218,15 +230,9 @@ async def test_destination_agent_killed_as_the_source_commits_rolls_back(tmp_pat
                 time.sleep(0.005)
             agent["dead"] = 1
     m = await run_migration(w.pid, on_event, link_timeout_s=30.0, bandwidth_limit=None)
-    error = m.error  # type: ignore[attr-defined]
     assert "dead" in agent
     # seen before GO (by the destination's answer awaited beside the commit, or as GO is refused)
-    assert error.phase in ("commit-asked", "source-committed"), (error.phase, error)
-    assert f"GO was never sent: rolled back: pid {w.pid} runs on at localhost" in str(error), error
-    assert exit_status(error) == EXIT_ERROR
-    assert not [x for x in m.report.warnings if "resolve" in x], m.report.warnings
-    assert copies(str(w.dir)) == [w.pid], "no copy besides the source, not even a stopped one"
-    assert_rolled_back(m, w, reference)
+    assert_released_before_go(m, w, reference, ("commit-asked", "source-committed"))
 
 
 async def test_destination_killed_while_the_source_commits_beside_the_restore(tmp_path: Path,
@@ -244,13 +250,8 @@ async def test_destination_killed_while_the_source_commits_beside_the_restore(tm
             if ev.phase == "commit-asked-restoring":
                 kill_quietly(m.agents["dest"]["pid"])
     m = await run_migration(w.pid, on_event, link_timeout_s=30.0, bandwidth_limit=None)
-    error = m.error  # type: ignore[attr-defined]
     assert "commit-asked-restoring" in phases, phases
-    assert error.phase in ("commit-asked-restoring", "commit-asked", "source-committed"), (error.phase, error)
-    assert exit_status(error) == EXIT_ERROR
-    assert not [x for x in m.report.warnings if "resolve" in x], m.report.warnings
-    assert copies(str(w.dir)) == [w.pid], "no copy besides the source, not even a stopped one"
-    assert_rolled_back(m, w, reference)
+    assert_released_before_go(m, w, reference, ("commit-asked-restoring", "commit-asked", "source-committed"))
 
 
 async def test_a_job_that_sees_sigcont_is_asked_to_commit_only_once_the_copy_is_ready(tmp_path: Path,
