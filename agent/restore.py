@@ -63,7 +63,7 @@ from agent.inject import (
     to_signed,
 )
 from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
-from agent.procfs import read_text
+from agent.procfs import read_stat, read_text
 from agent.shared_memory import SharedObjects
 from precopy import sysv
 from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
@@ -2072,15 +2072,13 @@ def _id_user(pid: int) -> str | None:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                head, _, rest = f.read().rpartition(")")
-        except OSError:
+            stat = read_stat(int(entry))
+        except (OSError, MigrationError):
             continue
-        fields = rest.split()
-        if len(fields) > 4 and pid in (int(fields[2]), int(fields[3])):
-            what = "session" if int(fields[3]) == pid else "process group"
-            zombie = ", a zombie not yet waited for" if fields[0] == "Z" else ""
-            return (f"the {what} of pid {entry} ({head.partition('(')[2]}{zombie}), which keeps that id in use: "
+        if pid in (int(stat[5]), int(stat[6])):
+            what = "session" if int(stat[6]) == pid else "process group"
+            zombie = ", a zombie not yet waited for" if stat[3] == "Z" else ""
+            return (f"the {what} of pid {entry} ({stat[2]}{zombie}), which keeps that id in use: "
                     f"a process of the checkpointed job's {what} that was not in its tree")
     return None
 
