@@ -31,19 +31,27 @@ static void ready(void) { write_file("ready", "ready\n"); }
 /* WORKLOAD_HOLD=PATH: before its verdict, wait until PATH exists. A job a test moves is
  * started so: however slow the machine, it does not end before the test has moved it and
  * asks for the verdict (tests/_workloads.py, ``Workload(hold=True)``). A job whose test is
- * gone (PATH's folder removed, or 10 minutes passed) waits no longer. */
-static void hold_on(void) {
+ * gone (PATH's folder removed, or 10 minutes passed) waits no longer. ``held`` is one 10 ms
+ * tick of that wait, for a job that keeps doing something meanwhile: 1 while still held. */
+static int held(long *ticks) {
     const char *hold = getenv("WORKLOAD_HOLD");
-    if (!hold || !*hold) return;
+    if (!hold || !*hold || access(hold, F_OK) == 0 || *ticks >= 60000) return 0;
     char folder[4096];
     snprintf(folder, sizeof folder, "%s", hold);
     char *slash = strrchr(folder, '/');
-    if (slash) *slash = 0;
-    struct timespec tick = { 0, 10000000L };
-    for (long waited = 0; access(hold, F_OK) != 0 && waited < 60000; waited++) {
-        if (slash && access(folder, F_OK) != 0) break;
-        nanosleep(&tick, NULL);
+    if (slash) {
+        *slash = 0;
+        if (access(folder, F_OK) != 0) return 0;
     }
+    struct timespec tick = { 0, 10000000L };
+    nanosleep(&tick, NULL);
+    ++*ticks;
+    return 1;
+}
+
+static void hold_on(void) {
+    long ticks = 0;
+    while (held(&ticks)) {}
 }
 
 static void verdict(int ok, const char *fmt, ...) {

@@ -5,7 +5,10 @@
  * the old pid and the first with the new one: the downtime as the program itself lives it.
  * With THP=1 the memory is 2 MiB aligned and asks for transparent huge pages (MADV_HUGEPAGE).
  * With WORKLOAD_HOLD (a path) it waits after its steps, before the checksum, until that file
- * exists: a job to be moved does not end before it was, however slow the machine.
+ * exists: a job to be moved does not end before it was, however slow the machine. While it
+ * waits it keeps dirtying pages at RATE, writing back what they hold: a job that has done its
+ * steps before pre-copy's second scan (a slow machine) still dirties memory, and its output
+ * still depends on MEM, RATE and ITERS alone.
  * WORKLOAD_OBJECTS=N makes it hold a few dozen kernel objects as well (objects.h), checked at
  * the end: its output does not change. WORKLOAD_SIGCONT=1 makes it catch SIGCONT, and fail its
  * verdict if one arrived: a job that would see the SIGCONT a rollback may send.
@@ -98,7 +101,14 @@ int main(int argc, char **argv) {
         if (it == 5) ready();
         sleep_ms(10);
     }
-    hold_on();                      /* WORKLOAD_HOLD, with the ticker still ticking */
+    /* WORKLOAD_HOLD, with the ticker still ticking and the pages still written */
+    for (long ticks = 0; held(&ticks); ) {
+        for (long k = 0; k < per_step; k++) {
+            lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+            volatile uint64_t *p = m + ((lcg >> 17) % pages) * 512 + ((lcg >> 7) & 511);
+            *p = *p;
+        }
+    }
     done = 1;
     if (with_ticker) pthread_join(t, NULL);
     uint64_t sum = 0;
