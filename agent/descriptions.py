@@ -47,7 +47,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from agent import fanotify, inotify, unix_names
+from agent import fanotify, inet_sockets, inotify, unix_names
 from agent.peercred import Sockets
 from agent.as_target import Identity
 from agent.carried_files import set_times
@@ -58,6 +58,7 @@ from transport.schema import (
     EpollWatch,
     EventFile,
     EventFiles,
+    InetSockets,
     FileContents,
     FileDesc,
     Files,
@@ -131,6 +132,7 @@ class Descriptions:
         self.add_pipes(fds.pipes, written)
         with self.identity.acting():       # binds and connects to socket paths: the job's rights
             self.add_sockets(fds.sockets)
+        self.add_inet(fds.inet)
         self.add_events(fds.events)
         self.add_deleted(fds.files, fds.contents)
 
@@ -167,6 +169,14 @@ class Descriptions:
     def deleted_file(self, ino: int) -> int | None:
         """An fd of the deleted file (memfd) ``ino`` made again, if the image carries it."""
         return self._deleted.get(ino)
+
+    def add_inet(self, sockets: InetSockets) -> None:
+        """TCP and UDP sockets, bound, listening or connected again (``agent.inet_sockets``): as
+        root, which binds a port below 1024 the process bound before it dropped the right to."""
+        for s in sockets.sockets:
+            if s.id in self._sockets:
+                raise RestoreError(f"socket {s.id} appears twice in the image: corrupt image")
+            self._sockets[s.id] = inet_sockets.make(s)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:
@@ -393,8 +403,8 @@ class Descriptions:
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 raise RestoreError(f"fd {f.fd}: {f.path} is not a FIFO here: corrupt image")
             return fd
-        if f.kind in ("pipe", "unix"):
-            if f.kind == "unix":
+        if f.kind in ("pipe", "unix", "inet"):
+            if f.kind in ("unix", "inet"):
                 sock = self._sockets.get(f.obj)
                 if sock is None:
                     raise RestoreError(f"fd {f.fd} refers to socket {f.obj}, which the image lacks: corrupt image")

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from agent import cgroups, locks, mempolicy, sched
+from agent import cgroups, inet_sockets, locks, mempolicy, sched
 from agent.shared_memory import check_segments
 from precopy import sysv
 from precopy.kernel import boot_id
@@ -45,7 +45,7 @@ from migrate.phases import DESTINATION, Action, DestEvent, DestState, Failure, M
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
-from transport.schema import MAX_CPUS, MAX_NUMNODES, ProcessState
+from transport.schema import MAX_CPUS, MAX_NUMNODES, InetSockets, ProcessState
 
 MEMORY_MARGIN = 1.1
 MAX_NAMES = 1 << 16          # socket names in a summary
@@ -181,6 +181,16 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     job = frozenset(int(p["pid"]) for p in processes)
     for bound in [Bound.from_wire(n) for n in names]:      # each bound again here: free, or the job's own
         await trio.to_thread.run_sync(check_name, bound, host, job)
+    if summary.get("inet_bound"):
+        try:
+            ports = InetSockets.from_wire(summary["inet_bound"])
+            ports.validate()
+        except Exception:      # untrusted: whatever it is, it is no list of sockets
+            raise ProtocolError("the source's summary names TCP or UDP sockets that cannot exist", host=host) from None
+        try:
+            await trio.to_thread.run_sync(inet_sockets.check_bindable, ports.sockets, job)
+        except RestoreError as exc:
+            raise RestoreError(str(exc), host=host) from None
     pinned = summary.get("pinned_cpus", [])
     if not isinstance(pinned, list) or not all(isinstance(c, int) and 0 <= c < MAX_CPUS for c in pinned):
         raise ProtocolError("the source's summary names CPUs that cannot exist", host=host)

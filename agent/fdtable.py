@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Collection, Mapping, Sequence
 
-from agent import fanotify, inotify, locks, shm_files, unix_names, unix_sockets
+from agent import fanotify, inet_sockets, inotify, locks, shm_files, unix_names, unix_sockets
 from agent.carried_files import CarriedFile
 from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
                           list_fds, mapped_only, read_stat, read_status, read_text, thread_ids)
@@ -71,6 +71,8 @@ from transport.schema import (
     FileDesc,
     FileLock,
     Files,
+    InetSocket,
+    InetSockets,
     InotifyWatch,
     PipeBuffer,
     Pipes,
@@ -462,7 +464,15 @@ def _describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]
         _check_fifos_not_shared(fifos, outside)
     sockets = {ino: held for (kind, ino), held in objects.items() if kind == "socket"}
     if sockets:
-        _check_sockets(sockets, outside, accept_waiting)
+        known = unix_sockets.query(sockets)
+        inet = _check_inet_sockets({ino: held for ino, held in sockets.items() if ino not in known})
+        if inet:
+            for pid in tables:
+                tables[pid] = [replace(f, kind="inet") if f.kind == "unix" and f.obj in inet else f
+                               for f in tables[pid]]
+        unix = {ino: held for ino, held in sockets.items() if ino in known}
+        if unix:
+            _check_sockets(unix, outside, accept_waiting, known)
     if events:
         _check_event_files_not_shared(events, outside)
         _check_pidfds(events, inside)
@@ -729,18 +739,69 @@ def _redirect_options(fds: Sequence[int]) -> str:
     return " ".join(f"--redirect {fd}=PATH" for fd in fds)
 
 
-def _check_sockets(sockets: dict[int, list[Held]], outside: Outside, accept_waiting: bool = False) -> None:
-    """Refuse the sockets we cannot carry: other families, connections to a peer that does
-    not move, connections waiting in an accept queue that cannot move with it; named sockets
-    whose name restore could not bind again (``roles``)."""
-    known = unix_sockets.query(sockets)
+def _check_inet_sockets(sockets: dict[int, list[Held]]) -> set[int]:
+    """Of sockets that are not unix ones, the TCP and UDP sockets ``agent.inet_sockets``
+    carries, by inode; UnsupportedResource for any other (another family, a connection, ...)."""
+    found: dict[int, tuple[int, int, tuple[int, int, int]]] = {}
+    for ino, held in sockets.items():
+        pid, fd = held[0][0], held[0][1].fd
+        dup = _dup(pid, fd)
+        try:
+            kind = inet_sockets.kind_of(dup)
+        except OSError:
+            kind = (0, 0, 0)
+        finally:
+            os.close(dup)
+        if not inet_sockets.is_inet(kind):
+            raise UnsupportedResource(
+                f"pid {pid} has a socket other than a unix, TCP or UDP one (netlink, raw, SCTP, ...) open as fd {fd}: "
+                f"{_CANNOT}{_redirect_hint([fd], 'a socket')}", pid=pid)
+        found[ino] = (pid, fd, kind)
+    for family, protocol in {(k[0], k[2]) for _, _, k in found.values()}:
+        infos = inet_sockets.diag(family, protocol, [ino for ino, (_, _, k) in found.items()
+                                                     if (k[0], k[2]) == (family, protocol)])
+        for ino, (pid, fd, kind) in found.items():
+            if (kind[0], kind[2]) == (family, protocol):
+                dup = _dup(pid, fd)
+                try:
+                    inet_sockets.check(pid, fd, dup, kind, infos.get(ino))
+                finally:
+                    os.close(dup)
+    return set(found)
+
+
+def _inet_records(socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int]) -> dict[int, InetSocket]:
+    """The TCP and UDP sockets (inode -> the pid and fd that hold it) as the image carries
+    them, each checked again: a connection may have reached a frozen listener since."""
+    out: dict[int, InetSocket] = {}
+    dups = {ino: pidfd_getfd(pidfd(pid), fd) for ino, (pid, fd) in socks.items()}
+    try:
+        kinds = {ino: inet_sockets.kind_of(dup) for ino, dup in dups.items()}
+        for family, protocol in {(k[0], k[2]) for k in kinds.values()}:
+            mine = [ino for ino, k in kinds.items() if (k[0], k[2]) == (family, protocol)]
+            infos = inet_sockets.diag(family, protocol, mine)
+            for ino in mine:
+                pid, fd = socks[ino]
+                inet_sockets.check(pid, fd, dups[ino], kinds[ino], infos.get(ino))
+                out[ino] = inet_sockets.record(ino, dups[ino], kinds[ino], infos.get(ino))
+    finally:
+        for dup in dups.values():
+            os.close(dup)
+    return out
+
+
+def _check_sockets(sockets: dict[int, list[Held]], outside: Outside, accept_waiting: bool = False,
+                   known: Mapping[int, unix_sockets.UnixSocketInfo] | None = None) -> None:
+    """Refuse the unix sockets we cannot carry: connections to a peer that does not move,
+    connections waiting in an accept queue that cannot move with it; named sockets whose
+    name restore could not bind again (``roles``). ``known``: sock_diag's view of them."""
+    known = unix_sockets.query(sockets) if known is None else known
     for ino, held in sockets.items():
         pid, fd = held[0][0], held[0][1].fd
         info = known.get(ino)
         if info is None:
-            raise UnsupportedResource(
-                f"pid {pid} has a socket other than a unix one (TCP, UDP, netlink, ...) open as fd {fd}: "
-                f"{_CANNOT}{_redirect_hint([fd], 'a socket')}", pid=pid)
+            raise UnsupportedResource(f"pid {pid}'s unix socket (fd {fd}) is not among this host's: {_CANNOT}",
+                                      pid=pid)
         if info.peer and info.peer not in sockets:
             raise UnsupportedResource(
                 f"pid {pid}'s fd {fd} is a unix socket connected to {_holder(info.peer, outside)}: {_CANNOT}"
@@ -927,13 +988,15 @@ class FdState:
     # The files whose contents the dump carries (deleted, memfds, /dev/shm), read only as they
     # are sent (``carried_files.read``): their slices follow ``records()``.
     carried: tuple[CarriedFile, ...] = ()
+    inet: InetSockets = InetSockets(())
 
-    def records(self) -> tuple[Files | Pipes | UnixSockets | EventFiles | FileContents, ...]:
-        return (self.files, self.pipes, self.sockets, self.events, *self.contents)
+    def records(self) -> tuple[Files | Pipes | UnixSockets | EventFiles | InetSockets | FileContents, ...]:
+        return (self.files, self.pipes, self.sockets, self.events, *((self.inet,) if self.inet.sockets else ()),
+                *self.contents)
 
     def check_referenced(self) -> None:
         """Every fd that refers to an object refers to one these records carry."""
-        check_objects_referenced(self.files, self.pipes, self.sockets, self.events, *self.contents)
+        check_objects_referenced(self.files, self.pipes, self.sockets, self.events, *self.contents, inet=self.inet)
 
 
 def collect(pid: int, redirect: Mapping[int, str] | None = None) -> FdState:
@@ -957,6 +1020,7 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     readers: dict[int, tuple[int, int]] = {}
     ends: dict[int, tuple[int, int]] = {}
     socks: dict[int, tuple[int, int]] = {}
+    inets: dict[int, tuple[int, int]] = {}
     events: dict[int, tuple[int, FileDesc]] = {}
     deleted: dict[int, tuple[int, int]] = {}
     for pid, fds in tables.items():
@@ -971,11 +1035,14 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
                     readers.setdefault(f.obj, (pid, f.fd))
             elif f.kind == "unix":
                 socks.setdefault(f.obj, (pid, f.fd))
+            elif f.kind == "inet":
+                inets.setdefault(f.obj, (pid, f.fd))
     # FIFOs no fd of the job writes: each reader may be waiting for a first writer, or not.
     unwritten = {f.obj for fds in tables.values() for f in fds if f.kind == "fifo"} - {
         f.obj for fds in tables.values() for f in fds if f.kind == "fifo" and f.flags & O_ACCMODE != os.O_RDONLY}
     buffers: dict[int, list[PipeBuffer]] = {pid: [] for pid in pids}
     sockets: dict[int, list[UnixSocket]] = {pid: [] for pid in pids}
+    inet: dict[int, list[InetSocket]] = {pid: [] for pid in pids}
     pidfds: dict[int, int] = {}
     accepted: list[int] = []         # connections accepted to read them (closed last: a client whose
                                      # peer closes with bytes unread reads ECONNRESET)
@@ -1012,6 +1079,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         _check_senders(made, socks)
         for ino, sock in made.items():
             sockets[group[ino]].append(sock)
+        for ino, isock in _inet_records(inets, pidfd).items():
+            inet[inets[ino][0]].append(isock)
     finally:
         for fd in pidfds.values():
             os.close(fd)
@@ -1029,7 +1098,8 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
     for ino, shm in described.shm.items():
         carried[shm.pid].append(CarriedFile(shm.pid, ino, shm.source, path=shm.path))
     return {pid: FdState(Files(tuple(tables[pid])), Pipes(tuple(buffers[pid])), UnixSockets(tuple(sockets[pid])),
-                         EventFiles(tuple(event_files[pid])), carried=tuple(carried[pid]))
+                         EventFiles(tuple(event_files[pid])), carried=tuple(carried[pid]),
+                         inet=InetSockets(tuple(inet[pid])))
             for pid in pids}
 
 
@@ -1325,6 +1395,41 @@ def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
             dev, ino = sock.vfs if sock.vfs is not None else (0, 0)
             out[sock.name] = unix_names.Bound(sock.name, sock.type, dev, ino)
     return list(out.values())
+
+
+def inet_bound(pids: Sequence[int]) -> list[InetSocket]:
+    """The job's TCP and UDP sockets that are bound (an address and port, with the options that
+    change how bind behaves), for the destination's preflight to bind each once
+    (``agent.inet_sockets.check_bindable``). One it cannot carry is refused by the job's
+    checks, not here; a process gone meanwhile has none."""
+    holders: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        try:
+            links = fd_links(pid)
+        except NoSuchProcess:
+            continue
+        for fd, target in links:
+            obj = object_of(target)
+            if obj is not None and obj[0] == "socket":
+                holders.setdefault(obj[1], (pid, fd))
+    if holders:
+        holders = {ino: h for ino, h in holders.items() if ino not in unix_sockets.query(holders)}
+    out: list[InetSocket] = []
+    for ino, (pid, fd) in holders.items():
+        try:
+            dup = _dup(pid, fd)
+        except OSError:
+            continue
+        try:
+            kind = inet_sockets.kind_of(dup)
+            if not inet_sockets.is_inet(kind):
+                continue
+            s = inet_sockets.record(ino, dup, kind, inet_sockets.diag(kind[0], kind[2], [ino]).get(ino))
+            if s.address:
+                out.append(s)
+        finally:
+            os.close(dup)
+    return out
 
 
 def socket_files(pids: Sequence[int]) -> list[tuple[str, int, int, int]]:

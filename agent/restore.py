@@ -97,6 +97,7 @@ from transport.schema import (
     Creds,
     EpollWatch,
     EventFiles,
+    InetSockets,
     FileContents,
     FileDesc,
     Files,
@@ -185,6 +186,7 @@ class ProcessRecords:
     pipes: Pipes = field(default_factory=lambda: Pipes(()))
     sockets: UnixSockets = field(default_factory=lambda: UnixSockets(()))
     events: EventFiles = field(default_factory=lambda: EventFiles(()))
+    inet: InetSockets = field(default_factory=lambda: InetSockets(()))
     contents: list[FileContents] = field(default_factory=list)
     threads: list[ThreadState] = field(default_factory=list)
 
@@ -200,6 +202,8 @@ class ProcessRecords:
             self.sockets = item
         elif isinstance(item, EventFiles):
             self.events = item
+        elif isinstance(item, InetSockets):
+            self.inet = item
         elif isinstance(item, ThreadState):
             self.threads.append(item)
         elif isinstance(item, FileContents):
@@ -214,7 +218,7 @@ class ProcessRecords:
 
     def fds(self) -> FdState:
         assert self.files is not None
-        return FdState(self.files, self.pipes, self.sockets, self.events, tuple(self.contents))
+        return FdState(self.files, self.pipes, self.sockets, self.events, tuple(self.contents), inet=self.inet)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from transport.pages import PageBatch
 from transport.schema import (
     EndOfImage,
     EventFiles,
+    InetSockets,
     FileContents,
     Files,
     ImageHeader,
@@ -258,7 +259,8 @@ class RestoreSession:
                         Pipes(tuple(x for s in each for x in s.pipes.pipes)),
                         UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
                         EventFiles(tuple(x for s in each for x in s.events.files)),
-                        tuple(x for s in each for x in s.contents))
+                        tuple(x for s in each for x in s.contents),
+                        inet=InetSockets(tuple(x for s in each for x in s.inet.sockets)))
         union.check_referenced()
         if not self.keep_ids and any(e.kind == "pidfd" for e in union.events.files):
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "

@@ -53,6 +53,7 @@ from transport.records import WireRecord
 from transport.schema import (
     FORMAT_VERSION,
     EventFiles,
+    InetSockets,
     Pipes,
     ProcessBegin,
     UnixSockets,
@@ -415,6 +416,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
             facts.update((f.path, f) for f in described.files if f.path not in facts)
         vdso = await _blocking(vdso_digest, pid)
         names = await _blocking(fdtable.bound_names, [p["pid"] for p in processes])
+        ports = await _blocking(fdtable.inet_bound, [p["pid"] for p in processes])
         segments = await _blocking(sysv.attached, pids)
     except BaseException:
         await _blocking(holder.close)
@@ -434,6 +436,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "numa_nodes": sorted(set().union(*(p["numa_nodes"] for p in processes))),
         "locks": [lock for p in processes for lock in p["locks"]],
         "unix_names": [b.as_wire() for b in names],     # the destination must be able to bind them
+        "inet_bound": InetSockets(tuple(ports)).to_wire(),    # and these addresses and ports
         "sysv": [sysv.to_wire(s) for s in segments],      # made again under their ids (or this very one)
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,

@@ -258,6 +258,38 @@ def _bound_sockets(p: Proc) -> object:
     return [(fd, got) for fd, got in found if got and got[0]]
 
 
+def _inet_sockets(p: Proc) -> object:
+    """TCP and UDP sockets: family, type, protocol, the port (and the address where not
+    connected: a connected UDP socket's is what the host's route chose), listening and its
+    backlog's effect left aside, peer, and every option kcr-migrate carries."""
+    from transport.schema import INET_OPTIONS
+
+    def read(d: int) -> tuple[object, ...]:
+        s = socket.socket(fileno=os.dup(d))
+        try:
+            if s.family not in (socket.AF_INET, socket.AF_INET6):
+                return ()
+            try:
+                peer = s.getpeername()
+            except OSError:
+                peer = None
+            name = s.getsockname()
+            levels = {socket.SOL_SOCKET, s.proto, socket.IPPROTO_IP if s.family == socket.AF_INET else socket.IPPROTO_IPV6}
+            options = []
+            for level, opt in sorted(INET_OPTIONS):
+                if level in levels:
+                    try:
+                        options.append((level, opt, s.getsockopt(level, opt, INET_OPTIONS[level, opt] or 16)))
+                    except OSError:
+                        pass
+            return (s.family, s.type, s.proto, name[1], name[0] if peer is None else None, peer,
+                    s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), tuple(options))
+        finally:
+            s.close()
+    found = [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
+    return [(fd, got) for fd, got in found if got]
+
+
 def _anon(name: str, keys: tuple[str, ...], lines: str = "") -> Callable[[Proc], object]:
     """fdinfo fields ``keys`` (and lines starting ``lines``: watches) of each fd of one anon-inode kind."""
     def observe(p: Proc) -> object:
@@ -478,6 +510,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a unix socket": _unix_sockets,
     "a unix socket bound to a path or an abstract name": _bound_sockets,
     "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)": _peer_credentials,
+    "a TCP or UDP socket": _inet_sockets,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),
     "a timerfd": _timerfds,
     "a signalfd": _anon("signalfd", ("sigmask",)),

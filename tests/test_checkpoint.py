@@ -528,13 +528,13 @@ def test_every_fd_to_redirect_is_named_at_once(tmp_path: Path, stdio: str) -> No
 
 
 @pytest.mark.parametrize("holding, expected", [
-    ("socket.create_server(('127.0.0.1', 0))", "a socket other than a unix one"),
+    ("socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)", "a socket other than a unix, TCP or UDP one"),
     ("socket.socket(socket.AF_UNIX); os.chdir(os.path.dirname(sys.argv[2])); keep.bind('sock')",
      "bound to the relative path sock"),
 ])
 def test_refuses_sockets_it_cannot_carry(tmp_path: Path, holding: str, expected: str) -> None:
-    """A TCP socket, a unix socket bound to a relative path: one line, before anything is
-    frozen; it runs on."""
+    """A netlink socket, a unix socket bound to a relative path: one line, before anything is
+    frozen; it runs on. (TCP: tests/test_inet_sockets.py.)"""
     script = f"import os, socket, sys, time\nkeep = {holding}\nopen(sys.argv[1], 'w').close()\ntime.sleep(60)\n"
     ready = tmp_path / "ready"
     proc = start_until_ready([sys.executable, "-c", script, str(ready), str(tmp_path / "sock")], ready)

@@ -73,8 +73,7 @@ def _busy(testbed: Testbed, tmp_path: Path, name: str, duty: int = 40, steps: in
 
 HOLDS_A_SOCKET = """
 import os, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 0))
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)   # (a UDP socket moves now)
 open(os.path.join(sys.argv[1], "ready"), "w").close()
 x = 0
 while True:

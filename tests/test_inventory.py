@@ -19,9 +19,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 STATE_RECORDS = (schema.ProcessState, schema.ThreadState, schema.Creds, schema.MmFields, schema.PosixTimer,
                  schema.Vma, schema.FileDesc, schema.EventFile, schema.UnixSocket, schema.PipeBuffer,
                  schema.FileContents, schema.SysvSegment, schema.SeccompFilter, schema.MemPolicy,
-                 schema.GuardRegion)
+                 schema.GuardRegion, schema.InetSocket, schema.InetOption)
 # Fields that name or check a record rather than carry state.
-BOOKKEEPING = {"FileContents.id", "EventFile.id", "UnixSocket.id", "PipeBuffer.id"}
+BOOKKEEPING = {"FileContents.id", "EventFile.id", "UnixSocket.id", "PipeBuffer.id", "InetSocket.id"}
 
 
 def named_fields() -> set[str]:
@@ -47,7 +47,8 @@ def test_every_fd_kind_and_event_kind_is_a_row() -> None:
     names = {"file": "a regular file", "dir": "a directory", "chr": "/dev/null and similar", "pipe": "a pipe",
              "unix": "a unix socket", "redirect": "a redirected fd", "deleted": "a deleted file",
              "eventfd": "an eventfd", "timerfd": "a timerfd", "signalfd": "a signalfd", "epoll": "an epoll instance",
-             "pidfd": "a pidfd", "inotify": "an inotify instance", "fifo": "a FIFO", "fanotify": "a fanotify instance"}
+             "pidfd": "a pidfd", "inotify": "an inotify instance", "fifo": "a FIFO", "fanotify": "a fanotify instance",
+             "inet": "a TCP or UDP socket"}
     assert set(names) == set(schema.FD_KINDS), "a new fd kind needs a row (and a name here)"
     assert set(names.values()) <= whats
 

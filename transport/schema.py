@@ -80,7 +80,9 @@ from transport.records import (
 # bound for it: refused there), which would otherwise come back as a plain private mapping; and
 # a carried file's times (``FileContents.atime_ns``, ``mtime_ns``), which a version 9 reader
 # would drop: the file made again would say it was written at the restore.
-FORMAT_VERSION = 10
+# 11: TCP and UDP sockets (``InetSockets``, ``FileDesc`` kind "inet"): a version 10 reader
+# knows neither the record nor the fd kind, and refuses the image.
+FORMAT_VERSION = 11
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -502,9 +504,9 @@ class MappingsDelta(Record):
 # --- files --------------------------------------------------------------------------------
 
 EVENT_KINDS = ("eventfd", "timerfd", "signalfd", "epoll", "pidfd", "inotify", "fanotify")
-FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo") + EVENT_KINDS
+FD_KINDS = ("file", "dir", "chr", "pipe", "unix", "redirect", "deleted", "fifo", "inet") + EVENT_KINDS
 # fds of these kinds refer to an object the stream carries
-OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo") + EVENT_KINDS
+OBJECT_KINDS = ("pipe", "unix", "deleted", "fifo", "inet") + EVENT_KINDS
 SHM_DIR = "/dev/shm/"          # files here (tmpfs) are host-local: their contents are carried
 MEMFD_SEALS = 0x3f             # F_SEAL_SEAL, _SHRINK, _GROW, _WRITE, _FUTURE_WRITE, _EXEC
 # The character devices an fd may be carried on (agent.procfs refuses the others): opening a
@@ -533,7 +535,8 @@ class FileLock:
 class FileDesc:
     """One fd. ``kind`` says what it refers to: a path ("file", "dir", "chr"), an end of a pipe
     in ``Pipes`` ("pipe"; ``flags`` tell which end), an open of a FIFO whose pipe is in
-    ``Pipes`` ("fifo": ``path`` names the FIFO, ``flags`` how it was opened), a socket in ``UnixSockets`` ("unix"), or a
+    ``Pipes`` ("fifo": ``path`` names the FIFO, ``flags`` how it was opened), a socket in ``UnixSockets`` ("unix") or
+    ``InetSockets`` ("inet"), or a
     file the user named to take the place of what the fd referred to ("redirect", with
     ``--redirect FD=PATH``)."""
 
@@ -548,7 +551,8 @@ class FileDesc:
     desc: U64 = 0            # fds with the same non-zero ``desc`` share one open file description
                              # (dup, fork): one offset, one set of status flags
     obj: U64 = 0             # kind "pipe" or "fifo": the ``PipeBuffer.id`` of its pipe; "unix": the
-                             # ``UnixSocket.id`` of its socket; an event kind: the ``EventFile.id``
+                             # ``UnixSocket.id`` of its socket; "inet": the ``InetSocket.id``; an event kind:
+                             # the ``EventFile.id``
     locks: Annotated[tuple[FileLock, ...], Count(1 << 16)] = ()   # kind "file": locks held through it
     waiting: Flag = 0        # kind "fifo", a reader of a FIFO no fd of the job writes: no writer came
                              # and went since it was opened, so poll shows no POLLHUP (a server
@@ -775,6 +779,96 @@ class FanotifyMark:
     mflags: Annotated[int, Int(0, 0xFFFF, "fanotify mark flags")] = 0   # FAN_MARK_IGNORED_SURV_MODIFY, ...
 
 
+# --- TCP and UDP sockets ---------------------------------------------------------------------
+
+AF_INET, AF_INET6 = 2, 10
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+SOL_SOCKET, SOL_IP, SOL_IPV6 = 1, 0, 41
+# The socket options an image may set again on a TCP or UDP socket, (level, name) -> the size
+# of the value getsockopt gives (0: a string of at most 16 bytes): the restorer runs as root,
+# so an image names no option outside this list. (``agent.inet_sockets`` reads them.)
+INET_OPTIONS: dict[tuple[int, int], int] = {
+    **{(SOL_SOCKET, o): 4 for o in (2, 15, 9, 6, 5, 12, 36, 18, 10, 7, 8, 46)},
+    # SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_BROADCAST, SO_DONTROUTE, SO_PRIORITY, SO_MARK,
+    # SO_RCVLOWAT, SO_OOBINLINE, SO_SNDBUF, SO_RCVBUF, SO_BUSY_POLL
+    (SOL_SOCKET, 13): 8,                   # SO_LINGER (struct linger)
+    (SOL_SOCKET, 20): 16, (SOL_SOCKET, 21): 16,   # SO_RCVTIMEO_OLD, SO_SNDTIMEO_OLD (timeval)
+    (SOL_SOCKET, 25): 0,                   # SO_BINDTODEVICE (an interface name)
+    **{(SOL_IP, o): 4 for o in (1, 2, 8, 10, 11, 12, 13, 15, 19, 20, 24, 33, 34, 49)},
+    # IP_TOS, IP_TTL, IP_PKTINFO, IP_MTU_DISCOVER, IP_RECVERR, IP_RECVTTL, IP_RECVTOS, IP_FREEBIND,
+    # IP_TRANSPARENT, IP_RECVORIGDSTADDR, IP_BIND_ADDRESS_NO_PORT, IP_MULTICAST_TTL,
+    # IP_MULTICAST_LOOP, IP_MULTICAST_ALL
+    **{(SOL_IPV6, o): 4 for o in (26, 16, 18, 19, 49, 67, 25, 78, 75, 23)},
+    # IPV6_V6ONLY, IPV6_UNICAST_HOPS, IPV6_MULTICAST_HOPS, IPV6_MULTICAST_LOOP, IPV6_RECVPKTINFO,
+    # IPV6_TCLASS, IPV6_RECVERR, IPV6_FREEBIND, IPV6_TRANSPARENT, IPV6_MTU_DISCOVER
+    **{(IPPROTO_TCP, o): 4 for o in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 18, 23, 25)},
+    # TCP_NODELAY, TCP_MAXSEG, TCP_CORK, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_SYNCNT,
+    # TCP_LINGER2, TCP_DEFER_ACCEPT, TCP_WINDOW_CLAMP, TCP_USER_TIMEOUT, TCP_FASTOPEN,
+    # TCP_NOTSENT_LOWAT
+    (IPPROTO_TCP, 13): 0,                  # TCP_CONGESTION (an algorithm's name)
+    **{(IPPROTO_UDP, o): 4 for o in (1, 103, 104)},   # UDP_CORK, UDP_SEGMENT, UDP_GRO
+}
+
+
+@dataclass(frozen=True)
+class InetOption:
+    """A socket option the program changed from what a new socket has: getsockopt's bytes."""
+
+    level: Annotated[int, Int(0, 255, "a socket option level")]
+    name: Annotated[int, Int(0, 255, "a socket option")]
+    value: Annotated[bytes, Blob(16)]
+
+
+@dataclass(frozen=True)
+class InetSocket:
+    """A TCP socket that is not connected (new, bound, or listening with nothing waiting in
+    its accept queue) or a UDP socket with nothing queued: made again with its options, bound
+    to its address and port, listening or connected (UDP) as it was."""
+
+    id: ObjectId             # its inode on the source host
+    family: Annotated[int, Int(AF_INET, AF_INET6, "an address family")]
+    type: Annotated[int, Int(SOCK_STREAM, SOCK_DGRAM, "a socket type")]
+    protocol: Annotated[int, Int(IPPROTO_TCP, IPPROTO_UDP, "a protocol")]
+    address: Annotated[bytes, Blob(16)] = b""   # bound: its address (4 or 16 bytes); b"": unbound
+    port: Annotated[int, Int(0, 65535, "a port")] = 0
+    scope_id: U32 = 0        # an IPv6 link-local address's interface (its index on the source)
+    peer_address: Annotated[bytes, Blob(16)] = b""   # UDP, connected: its peer; b"": none
+    peer_port: Annotated[int, Int(0, 65535, "a port")] = 0
+    backlog: Annotated[int, Int(-1, (1 << 31) - 1, "a listen backlog")] = -1   # TCP listening; -1: not
+    options: Annotated[tuple[InetOption, ...], Count(len(INET_OPTIONS))] = ()
+
+
+@dataclass(frozen=True)
+class InetSockets(Record):
+    """The TCP and UDP sockets the process's fds refer to."""
+
+    TYPE = 15
+    sockets: Annotated[tuple[InetSocket, ...], Count(MAX_FDS)]
+
+    def validate(self) -> None:
+        seen: set[int] = set()
+        for s in self.sockets:
+            _check(s.id not in seen, f"inet socket {s.id} twice")
+            seen.add(s.id)
+            _check(s.family in (AF_INET, AF_INET6), f"inet socket {s.id}: family {s.family}")
+            _check((s.type, s.protocol) in ((SOCK_STREAM, IPPROTO_TCP), (SOCK_DGRAM, IPPROTO_UDP)),
+                   f"inet socket {s.id}: type {s.type} protocol {s.protocol}")
+            size = 4 if s.family == AF_INET else 16
+            _check(len(s.address) in (0, size) and len(s.peer_address) in (0, size),
+                   f"inet socket {s.id}: an address of the wrong size")
+            _check(bool(s.address) or s.port == 0, f"inet socket {s.id}: a port without an address")
+            _check(bool(s.peer_address) == bool(s.peer_port) and (not s.peer_address or s.type == SOCK_DGRAM),
+                   f"inet socket {s.id}: a peer")
+            _check(s.backlog < 0 or (s.type == SOCK_STREAM and bool(s.address) and not s.peer_address),
+                   f"inet socket {s.id}: a listener that is not one")
+            names = [(o.level, o.name) for o in s.options]
+            _check(len(set(names)) == len(names), f"inet socket {s.id}: an option twice")
+            for o in s.options:
+                want = INET_OPTIONS.get((o.level, o.name))
+                _check(want is not None and (len(o.value) == want if want else 0 < len(o.value) <= 16),
+                       f"inet socket {s.id}: option {o.level}/{o.name}")
+
+
 @dataclass(frozen=True)
 class EventFile:
     """An eventfd, timerfd, signalfd, epoll instance, pidfd, inotify or fanotify instance, with its state."""
@@ -874,12 +968,13 @@ def is_shm_path(path: str) -> bool:
 
 
 def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
-                             events: EventFiles = EventFiles(()), *contents: FileContents) -> None:
+                             events: EventFiles = EventFiles(()), *contents: FileContents,
+                             inet: InetSockets = InetSockets(())) -> None:
     """Every pipe, socket, event or deleted-file fd refers to an object the stream carries,
     of its kind."""
     ids: dict[str, set[int]] = {"pipe": {p.id for p in pipes.pipes if not p.path},
                                 "fifo": {p.id for p in pipes.pipes if p.path}, "unix": {s.id for s in sockets.sockets},
-                                "deleted": {c.id for c in contents}}
+                                "deleted": {c.id for c in contents}, "inet": {s.id for s in inet.sockets}}
     for e in events.files:
         ids.setdefault(e.kind, set()).add(e.id)
     for kind in EVENT_KINDS:
@@ -1101,7 +1196,7 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents, MappingsDelta)
+                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents, MappingsDelta, InetSockets)
 }
 
 

@@ -23,13 +23,14 @@ def image_to_json(reader: "ImageReader") -> dict[str, Any]:
     """The image's records by name. A process tree's root is at the top, as a single process
     is; the tree is under "tree" and every other process's records under "processes" by pid."""
     from transport.pages import PageBatch
-    from transport.schema import (PAGE_SIZE, EndOfImage, EventFiles, Files, ImageHeader, Mappings, Pipes, ProcessBegin,
-                                  ProcessState, ProcessTree, ThreadState, UnixSockets, record_to_json)
+    from transport.schema import (PAGE_SIZE, EndOfImage, EventFiles, Files, ImageHeader, InetSockets, Mappings, Pipes,
+                                  ProcessBegin, ProcessState, ProcessTree, ThreadState, UnixSockets, record_to_json)
 
     out: dict[str, Any] = {"threads": [], "page_index": []}
     current = out
     indexes: list[tuple[dict[str, Any], list[list[Any]]]] = [(out, [])]
     names = {ImageHeader: "header", ProcessState: "process", Files: "files", Pipes: "pipes", UnixSockets: "sockets", EventFiles: "event_files",
+             InetSockets: "inet_sockets",
              Mappings: "mappings", EndOfImage: "end", ProcessTree: "tree"}
     for item in reader:
         if isinstance(item, PageBatch):

@@ -1,0 +1,207 @@
+"""TCP and UDP sockets (agent/inet_sockets.py): listeners, bound and connected UDP sockets and
+unconnected TCP sockets move, through an image and live between the test hosts, with their
+ports and options; connections, waiting clients and queued datagrams are refused before
+anything is frozen, naming them, and the process runs on."""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import inet_sockets
+from examples.testbed import Testbed
+from tests._hosts import start_in, verdict
+from tests._migration import migrate_cli, wait_gone
+from tests._workloads import Reference, become_subreaper, build, kcr, one_error_line
+from tests.test_checkpoint import migrate_once
+from transport.records import Invalid
+from transport.schema import AF_INET, IPPROTO_TCP, SOCK_STREAM, InetOption, InetSocket, InetSockets
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> None:
+    become_subreaper()
+
+
+# --- the kernel facts the module relies on ------------------------------------------------
+
+def _diag(sock: socket.socket) -> inet_sockets.DiagInfo:
+    ino = os.fstat(sock.fileno()).st_ino
+    family, _, protocol = inet_sockets.kind_of(sock.fileno())
+    return inet_sockets.diag(family, protocol, [ino])[ino]
+
+
+def test_sock_diag_shows_a_listeners_backlog_and_waiting_connections() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+        info = _diag(server)
+        assert (info.state, info.rqueue, info.wqueue) == (inet_sockets.TCP_LISTEN, 0, 5)
+        with socket.create_connection(server.getsockname()):
+            assert _diag(server).rqueue == 1          # connected, not accepted yet
+
+
+def _shown(sock: socket.socket) -> bool:
+    ino = os.fstat(sock.fileno()).st_ino
+    return ino in inet_sockets.diag(sock.family, socket.IPPROTO_TCP, [ino])
+
+
+def test_an_ended_connection_keeps_its_port_but_is_not_shown() -> None:
+    """Never bound: not shown, port 0; bound: shown, CLOSE; ended: not shown, its port kept."""
+    with socket.socket() as server, socket.socket() as fresh, socket.socket() as bound:
+        assert not _shown(fresh) and fresh.getsockname()[1] == 0
+        bound.bind(("127.0.0.1", 0))
+        assert _diag(bound).state == inet_sockets.TCP_CLOSE
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        conn.close()                                    # a reset
+        poll = select.poll()
+        poll.register(client, select.POLLERR | select.POLLHUP)
+        assert poll.poll(30_000), "the reset never arrived"
+        try:
+            assert not _shown(client) and client.getsockname()[1] != 0
+        finally:
+            client.close()
+
+
+def test_an_image_naming_an_option_outside_the_list_is_refused() -> None:
+    good = InetSocket(id=1, family=AF_INET, type=SOCK_STREAM, protocol=IPPROTO_TCP,
+                      options=(InetOption(1, 2, b"\1\0\0\0"),))
+    InetSockets((good,)).validate()
+    bad = InetSocket(id=1, family=AF_INET, type=SOCK_STREAM, protocol=IPPROTO_TCP,
+                     options=(InetOption(1, 50, b"\1\0\0\0"),))         # SO_ATTACH_BPF: not ours to set
+    with pytest.raises(Invalid):
+        InetSockets((bad,)).validate()
+    with pytest.raises(Invalid):
+        InetSockets((InetSocket(id=1, family=AF_INET, type=SOCK_STREAM, protocol=IPPROTO_TCP, address=b"\0" * 16),)
+                    ).validate()
+
+
+# --- moved --------------------------------------------------------------------------------
+
+def test_listeners_and_udp_sockets_come_back_through_an_image(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_inet", tmp_path)
+    assert w.output() == ref.output() == "inet: options kept, tcp talks, udp talks\n"
+
+
+def _listening(bed: Testbed, host: str, port: int) -> bool:
+    table = bed.exec(host, ["cat", "/proc/net/tcp"], check=True, capture_output=True).stdout.decode()
+    return any(int(line.split()[1].rsplit(":", 1)[1], 16) == port and line.split()[3] == "0A"
+               for line in table.splitlines()[1:])
+
+
+def test_listeners_and_udp_sockets_move_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
+    exe = str(build("ckpt_inet"))
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True)
+    tcp4 = int((out / "ports").read_text().split()[0])
+    assert _listening(testbed, "hostA", tcp4)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code == 0, err
+    assert _listening(testbed, "hostB", tcp4) and not _listening(testbed, "hostA", tcp4)
+    assert verdict(out) == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == ref.output()
+    wait_gone(report["new_pid"])
+
+
+# --- refused, the process running on ----------------------------------------------------------
+
+SERVER = """
+import socket, sys, time
+kind = sys.argv[1]
+if kind == "connected":
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+elif kind == "waiting":
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(4)
+elif kind == "datagram":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+else:
+    s = socket.socket(socket.AF_INET6); s.bind(("::", 0)); s.listen(4)
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()                       # until the test closes it
+print("still here", s.getsockname()[1], flush=True)
+"""
+
+
+def _start(tmp_path: Path, kind: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    proc = subprocess.Popen([sys.executable, "-S", str(script), kind, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def _runs_on(proc: subprocess.Popen[str], port: int) -> None:
+    out, _ = proc.communicate("", timeout=60)
+    assert proc.returncode == 0 and out == f"still here {port}\n"
+
+
+def _refused(proc: subprocess.Popen[str], tmp_path: Path) -> str:
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode != 0 and b"Traceback" not in res.stderr
+    assert not (tmp_path / "img").exists()
+    return one_error_line(res.stderr)
+
+
+def test_a_tcp_connection_is_refused_naming_its_peer(tmp_path: Path) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        proc, local = _start(tmp_path, "connected", str(port))
+        line = _refused(proc, tmp_path)
+        assert f"127.0.0.1:{local} to 127.0.0.1:{port} (ESTABLISHED)" in line and "close it first" in line, line
+        _runs_on(proc, local)
+
+
+def test_a_listener_with_a_connection_waiting_is_refused(tmp_path: Path) -> None:
+    proc, port = _start(tmp_path, "waiting")
+    with socket.create_connection(("127.0.0.1", port)):
+        line = _refused(proc, tmp_path)
+    assert f"listening on 127.0.0.1:{port} has 1 connection waiting to be accepted" in line, line
+    _runs_on(proc, port)
+
+
+def test_a_udp_socket_with_a_datagram_queued_is_refused(tmp_path: Path) -> None:
+    proc, port = _start(tmp_path, "datagram")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"unread", ("127.0.0.1", port))
+        line = _refused(proc, tmp_path)
+    assert f"UDP socket (IPv4) on 127.0.0.1:{port} has datagrams queued" in line, line
+    _runs_on(proc, port)
+
+
+def test_a_listener_cannot_move_within_one_network_namespace(tmp_path: Path) -> None:
+    """From a host to itself the job's own socket holds its port: refused in preflight, naming
+    the job, and the process runs on."""
+    proc, port = _start(tmp_path, "listener")
+    code, report, err = migrate_cli(f"{proc.pid}@localhost", "localhost", "--new-pid", "--redirect", "0=/dev/null",
+                                    "--redirect", f"1={tmp_path / 'out'}")
+    assert code != 0 and "Traceback" not in err
+    line = err.splitlines()[-1]           # (the line before says what was found: the job, its tracker)
+    assert f"TCP [::]:{port} is held here by pid {proc.pid} (python3), the job itself" in line, line
+    assert report.get("state") != "done"
+    _runs_on(proc, port)
+
+
+def test_a_restore_where_the_port_is_taken_names_the_holder(tmp_path: Path) -> None:
+    proc, port = _start(tmp_path, "listener")
+    image = tmp_path / "img"
+    res = kcr("checkpoint", str(proc.pid), "-o", str(image), "--leave-running", "--redirect", "0=/dev/null",
+              "--redirect", f"1={tmp_path / 'out'}")
+    assert res.returncode == 0, res.stderr.decode()
+    res = kcr("restore", "-i", str(image), "--new-pid")
+    assert res.returncode != 0 and b"Traceback" not in res.stderr
+    line = one_error_line(res.stderr)
+    assert f"TCP [::]:{port} is in use on this host by pid {proc.pid} (python3)" in line, line
+    _runs_on(proc, port)
