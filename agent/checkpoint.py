@@ -213,6 +213,8 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             arena.close()
         if not thawed:
             kill = complete and not opts.leave_running
+            if kill:
+                fdtable.silence_connections(fds)     # closed by the kill, they send nothing
             stats.frozen_time_ms = _let_go_all(helds, kill)
             if kill:
                 for p in pids:

@@ -177,6 +177,8 @@ class Descriptions:
             if s.id in self._sockets:
                 raise RestoreError(f"socket {s.id} appears twice in the image: corrupt image")
             self._sockets[s.id] = inet_sockets.make(s)
+        for s in sockets.sockets:          # connections: both ends are there now
+            inet_sockets.release(self._sockets[s.id], s)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:

@@ -62,7 +62,9 @@ from transport.errors import NoSuchProcess, UnsupportedResource
 from transport.schema import (
     EVENT_KINDS,
     O_CLOEXEC_FLAG,
+    IPPROTO_TCP,
     SOCK_DGRAM,
+    SOCK_STREAM,
     EpollWatch,
     EventFile,
     EventFiles,
@@ -757,6 +759,7 @@ def _check_inet_sockets(sockets: dict[int, list[Held]]) -> set[int]:
                 f"pid {pid} has a socket other than a unix, TCP or UDP one (netlink, raw, SCTP, ...) open as fd {fd}: "
                 f"{_CANNOT}{_redirect_hint([fd], 'a socket')}", pid=pid)
         found[ino] = (pid, fd, kind)
+    ends = _job_ends({ino: (pid, fd) for ino, (pid, fd, _) in found.items()}, {ino: k for ino, (_, _, k) in found.items()})
     for family, protocol in {(k[0], k[2]) for _, _, k in found.values()}:
         infos = inet_sockets.diag(family, protocol, [ino for ino, (_, _, k) in found.items()
                                                      if (k[0], k[2]) == (family, protocol)])
@@ -764,10 +767,28 @@ def _check_inet_sockets(sockets: dict[int, list[Held]]) -> set[int]:
             if (kind[0], kind[2]) == (family, protocol):
                 dup = _dup(pid, fd)
                 try:
-                    inet_sockets.check(pid, fd, dup, kind, infos.get(ino))
+                    inet_sockets.check(pid, fd, dup, kind, infos.get(ino), ends)
                 finally:
                     os.close(dup)
     return set(found)
+
+
+def _job_ends(socks: Mapping[int, tuple[int, int]], kinds: Mapping[int, tuple[int, int, int]]
+              ) -> set[tuple[inet_sockets.Endpoint, inet_sockets.Endpoint]]:
+    """(own, peer) endpoints of the job's connected TCP sockets: where a connection's other end
+    is looked for among the job's."""
+    out: set[tuple[inet_sockets.Endpoint, inet_sockets.Endpoint]] = set()
+    for ino, (pid, fd) in socks.items():
+        if kinds[ino][1] != SOCK_STREAM:
+            continue
+        dup = _dup(pid, fd)
+        try:
+            local, peer = inet_sockets.endpoints(dup, kinds[ino][0])
+        finally:
+            os.close(dup)
+        if peer is not None:
+            out.add((local, peer))
+    return out
 
 
 def _inet_records(socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int]) -> dict[int, InetSocket]:
@@ -777,13 +798,20 @@ def _inet_records(socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], i
     dups = {ino: pidfd_getfd(pidfd(pid), fd) for ino, (pid, fd) in socks.items()}
     try:
         kinds = {ino: inet_sockets.kind_of(dup) for ino, dup in dups.items()}
+        ends = {(local, peer) for ino, dup in dups.items() if kinds[ino][1] == SOCK_STREAM
+                for local, peer in [inet_sockets.endpoints(dup, kinds[ino][0])] if peer is not None}
+        infos: dict[int, inet_sockets.DiagInfo] = {}
         for family, protocol in {(k[0], k[2]) for k in kinds.values()}:
-            mine = [ino for ino, k in kinds.items() if (k[0], k[2]) == (family, protocol)]
-            infos = inet_sockets.diag(family, protocol, mine)
-            for ino in mine:
-                pid, fd = socks[ino]
-                inet_sockets.check(pid, fd, dups[ino], kinds[ino], infos.get(ino))
-                out[ino] = inet_sockets.record(ino, dups[ino], kinds[ino], infos.get(ino))
+            infos.update(inet_sockets.diag(family, protocol,
+                                           [ino for ino, k in kinds.items() if (k[0], k[2]) == (family, protocol)]))
+        for ino, dup in dups.items():
+            pid, fd = socks[ino]
+            inet_sockets.check(pid, fd, dup, kinds[ino], infos.get(ino), ends)
+        connections = inet_sockets.read_connections(
+            {ino: dup for ino, dup in dups.items() if ino in infos and kinds[ino][2] == IPPROTO_TCP
+             and infos[ino].state == inet_sockets.TCP_ESTABLISHED})
+        for ino, dup in dups.items():
+            out[ino] = inet_sockets.record(ino, dup, kinds[ino], infos.get(ino), connections.get(ino))
     finally:
         for dup in dups.values():
             os.close(dup)
@@ -1424,12 +1452,36 @@ def inet_bound(pids: Sequence[int]) -> list[InetSocket]:
             kind = inet_sockets.kind_of(dup)
             if not inet_sockets.is_inet(kind):
                 continue
-            s = inet_sockets.record(ino, dup, kind, inet_sockets.diag(kind[0], kind[2], [ino]).get(ino))
+            info = inet_sockets.diag(kind[0], kind[2], [ino]).get(ino)
+            established = info is not None and kind[2] == IPPROTO_TCP and info.state == inet_sockets.TCP_ESTABLISHED
+            s = inet_sockets.record(ino, dup, kind, info, inet_sockets.SUMMARY_CONNECTION if established else None)
             if s.address:
                 out.append(s)
         finally:
             os.close(dup)
     return out
+
+
+def silence_connections(fds: Mapping[int, FdState]) -> None:
+    """The job's TCP connections put in repair mode, once it is dumped and about to be killed:
+    closed, they send nothing (``agent.inet_sockets.silence``)."""
+    ids = {s.id for st in fds.values() for s in st.inet.sockets if s.connection}
+    held: dict[int, tuple[int, int]] = {}
+    for pid, st in fds.items():
+        for f in st.files.fds:
+            if f.kind == "inet" and f.obj in ids:
+                held.setdefault(f.obj, (pid, f.fd))
+    for pid, fd in held.values():
+        try:
+            dup = _dup(pid, fd)
+        except OSError:
+            continue                  # (gone: nothing is left to close it loudly)
+        try:
+            inet_sockets.silence(dup)
+        except OSError:
+            pass                      # closed with a FIN then: the image is whole all the same
+        finally:
+            os.close(dup)
 
 
 def socket_files(pids: Sequence[int]) -> list[tuple[str, int, int, int]]:

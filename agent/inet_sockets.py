@@ -1,13 +1,16 @@
 """TCP and UDP sockets: which ones a job may take along, what they are, and making them again.
 
 Carried: a TCP socket that has no connection (new, bound, or listening with nothing waiting
-in its accept queue) and a UDP socket with nothing queued, over IPv4 or IPv6: its address
+in its accept queue), an established TCP connection whose other end is a socket of the job
+too (over loopback: a server and its workers, a program and the helper it talks to), and a
+UDP socket with nothing queued, over IPv4 or IPv6: its address
 and port, a listener's backlog, a UDP socket's peer, and each option of ``INET_OPTIONS`` the
 program changed from what a new socket of its kind has here (only those: setting a buffer
 size, for one, turns the kernel's tuning of it off). Made again on the destination in the
 agent's network namespace (the job's: ``agent.procfs`` refuses others), bound to the same
 address and port. Refused, before anything is frozen, with a line naming it: a TCP connection
-in any state (its sequence numbers, queues and peer are not carried; the peer is named), a
+to a peer that does not move (its address would not follow it) or in any state but
+ESTABLISHED, a
 listener with connections waiting to be accepted, a UDP socket with datagrams queued, a
 socket with a BPF filter attached, any other protocol (raw, SCTP, MPTCP, ...).
 
@@ -23,11 +26,28 @@ Kernel facts relied on, checked on 6.18 (tests/test_inet_sockets.py):
   port, and it may hold an error for its next call (SO_ERROR, which a read would clear):
   refused as an ended connection.
 - ``listen`` stores its backlog capped at ``net.core.somaxconn``; the dump shows the stored one.
+
+A connection (``TCP_REPAIR``, as CRIU reads and makes them; CAP_NET_ADMIN): the kernel goes on
+moving bytes between the two ends while their processes are frozen (a send queue drains into
+the peer's receive queue, acknowledgements come back). Every connection of the job is put in
+repair mode, then every send queue is read (from the first unacknowledged byte), then every
+receive queue (from the first byte the program has not read). Read in that order, each
+receive queue ends at or after the start of its peer's send queue, which ends where the
+program stopped writing: restored, the overlap is sent again and the receiver drops it, and
+no byte is lost. A receive queue is read until its length holds still around the read. The
+sockets leave repair mode without a window probe (``TCP_REPAIR_OFF_NO_WP``) once read; where
+the job then ends (a checkpoint), they are put back into it first, so that closing them sends
+nothing (no FIN, no TIME_WAIT on the 4-tuple the restore makes again). Made again: bound in
+repair mode (which lets it share its port with the listener it was accepted from), both
+sequence numbers set, connected without a handshake, the options agreed at the handshake
+(MSS, window scaling, SACK, timestamps with their clock), the queues (the part of the send
+queue already sent goes in as sent, the rest is written once out of repair mode), the window.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -36,8 +56,9 @@ from dataclasses import dataclass
 from typing import Collection, Iterable
 
 from transport.errors import RestoreError, UnsupportedResource
+from transport.records import MAX_BYTES
 from transport.schema import (AF_INET, AF_INET6, INET_OPTIONS, IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM, SOCK_STREAM,
-                              SOL_SOCKET, InetOption, InetSocket)
+                              SOL_SOCKET, InetOption, InetSocket, TcpConnection)
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -51,11 +72,19 @@ _MSG = struct.Struct("=BBBB48xIIIII")             # inet_diag_msg: family, state
                                                   # expires, rqueue, wqueue, uid, inode
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
               7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV"}
-TCP_CLOSE, TCP_LISTEN = 7, 10
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
 SO_DOMAIN, SO_PROTOCOL, SO_GET_FILTER = 39, 38, 26
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 SO_REUSEADDR, SO_REUSEPORT, SO_BINDTODEVICE = 2, 15, 25
 IPV6_V6ONLY = 26
+# include/uapi/linux/tcp.h, sockios.h
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 19, 20, 21, 22, 24, 29
+TCP_REPAIR_ON, TCP_REPAIR_OFF, TCP_REPAIR_OFF_NO_WP = 1, 0, -1
+TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+TCP_MAXSEG = 2
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 _libc = ctypes.CDLL(None, use_errno=True)
 _BEFORE_BIND = {(SOL_SOCKET, SO_REUSEADDR), (SOL_SOCKET, SO_REUSEPORT), (SOL_SOCKET, SO_BINDTODEVICE),
                 (41, IPV6_V6ONLY), (0, 15), (0, 19), (0, 24), (41, 78), (41, 75)}   # and the free/transparent binds
@@ -153,8 +182,27 @@ def _unpack(family: int, addr: tuple) -> tuple[bytes, int, int]:
     return socket.inet_pton(family, addr[0].split("%")[0]), int(addr[1]), int(addr[3]) if family == AF_INET6 else 0
 
 
-def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None) -> None:
-    """Refuse what ``record`` could not carry, naming it: UnsupportedResource."""
+Endpoint = tuple[bytes, int]          # an address and a port
+
+
+def endpoints(dup: int, family: int) -> tuple[Endpoint, Endpoint | None]:
+    """The socket's own address and port, and its peer's (None: not connected)."""
+    sock = socket.socket(fileno=dup)
+    try:
+        local = _unpack(family, sock.getsockname())[:2]
+        try:
+            peer: Endpoint | None = _unpack(family, sock.getpeername())[:2]
+        except OSError:
+            peer = None
+    finally:
+        sock.detach()
+    return local, peer
+
+
+def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None,
+          job_ends: Collection[tuple[Endpoint, Endpoint]] = ()) -> None:
+    """Refuse what ``record`` could not carry, naming it: UnsupportedResource. ``job_ends``:
+    (own, peer) endpoints of the job's connected sockets, where a connection's peer is found."""
     family, _type, protocol = kind
     what = f"pid {pid}'s fd {fd} is {'a TCP' if protocol == IPPROTO_TCP else 'a UDP'} socket ({_family(family)})"
     sock = socket.socket(fileno=dup)
@@ -182,11 +230,16 @@ def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInf
             raise UnsupportedResource(
                 f"{what} listening on {here} has {info.rqueue} connection{'s' if info.rqueue > 1 else ''} waiting to "
                 "be accepted, which cannot move: migrate once the server has accepted them", pid=pid)
-        if info.state not in (TCP_CLOSE, TCP_LISTEN):
-            to = f" to {shown(family, *peer[:2])}" if peer else ""
+        to = f" to {shown(family, *peer[:2])}" if peer else ""
+        if info.state == TCP_ESTABLISHED and peer is not None and (peer[:2], local[:2]) not in job_ends:
+            raise UnsupportedResource(
+                f"{what}: a connection from {here}{to}, whose other end does not move with it (its address would "
+                "not follow it): kcr-migrate moves connections between the job's own processes only; close it "
+                "first", pid=pid)
+        if info.state not in (TCP_CLOSE, TCP_LISTEN, TCP_ESTABLISHED):
             raise UnsupportedResource(
                 f"{what}: a connection from {here}{to} ({TCP_STATES.get(info.state, info.state)}): kcr-migrate moves "
-                "TCP listeners and unconnected sockets, not connections; close it first", pid=pid)
+                "established connections only (not one closing or opening); close it first", pid=pid)
         if info.state == TCP_CLOSE and info.shutdown:
             raise UnsupportedResource(f"{what}: a connection from {here} that has ended (its next call may report "
                                       "why): kcr-migrate cannot move it; close it first", pid=pid)
@@ -207,9 +260,11 @@ def filter_length(fd: int) -> int:
     return length.value
 
 
-def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None) -> InetSocket:
+def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None,
+           connection: TcpConnection | None = None) -> InetSocket:
     """The socket ``dup`` (checked by ``check``) as the image carries it; ``info`` None: one
-    never bound (sock_diag shows none such)."""
+    never bound (sock_diag shows none such). ``connection``: an established one's, as
+    ``read_connections`` read it."""
     family, type_, protocol = kind
     sock = socket.socket(fileno=dup)
     try:
@@ -217,7 +272,9 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
         if not port and not any(address):
             address = b""              # never bound
         peer, peer_port = b"", 0
-        if type_ == SOCK_DGRAM:
+        if connection is not None:
+            peer, peer_port, _ = _unpack(family, sock.getpeername())
+        elif type_ == SOCK_DGRAM:
             try:
                 peer, peer_port, _ = _unpack(family, sock.getpeername())
             except OSError:
@@ -227,19 +284,28 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
                 # to): bound to its port on every address, then connected, the destination's
                 # route chooses again, as the source's did
                 address = bytes(len(address))
-        options = _changed_options(sock, kind)
+        options = _changed_options(sock, kind, connected=connection is not None)
     finally:
         sock.detach()
     listening = protocol == IPPROTO_TCP and info is not None and info.state == TCP_LISTEN
     return InetSocket(id=ino, family=family, type=type_, protocol=protocol, address=address, port=port,
                       scope_id=scope, peer_address=peer, peer_port=peer_port,
-                      backlog=info.wqueue if listening and info is not None else -1, options=options)
+                      backlog=info.wqueue if listening and info is not None else -1, options=options,
+                      connection=(connection,) if connection is not None else ())
 
 
-def _options_for(kind: tuple[int, int, int]) -> list[tuple[int, int]]:
+# Multicast options mean nothing to TCP (setting them fails); on a connection, what the kernel
+# tunes as it runs reads as changed though nobody set it: its buffer sizes, MSS and window
+# clamp (``TcpConnection`` carries the MSS agreed; the buffers are the destination's to tune).
+_NOT_TCP = {(0, 33), (0, 34), (0, 49), (41, 18), (41, 19)}
+_TUNED = {(SOL_SOCKET, SO_SNDBUF), (SOL_SOCKET, SO_RCVBUF), (IPPROTO_TCP, TCP_MAXSEG), (IPPROTO_TCP, 10)}
+
+
+def _options_for(kind: tuple[int, int, int], connected: bool) -> list[tuple[int, int]]:
     family, _type, protocol = kind
     level_ok = {SOL_SOCKET, protocol, 0 if family == AF_INET else 41}
-    return [key for key in INET_OPTIONS if key[0] in level_ok]
+    skip = (_NOT_TCP if protocol == IPPROTO_TCP else set()) | (_TUNED if connected else set())
+    return [key for key in INET_OPTIONS if key[0] in level_ok and key not in skip]
 
 
 def _read_option(sock: socket.socket, level: int, name: int) -> bytes | None:
@@ -255,11 +321,13 @@ def _read_option(sock: socket.socket, level: int, name: int) -> bytes | None:
     return value
 
 
-def _changed_options(sock: socket.socket, kind: tuple[int, int, int]) -> tuple[InetOption, ...]:
-    """The options whose values differ from a new socket's of the same kind, made here."""
+def _changed_options(sock: socket.socket, kind: tuple[int, int, int], connected: bool = False
+                     ) -> tuple[InetOption, ...]:
+    """The options whose values differ from a new socket's of the same kind, made here
+    (``connected``: a TCP connection's, without those the kernel tunes)."""
     out: list[InetOption] = []
     with socket.socket(*kind) as fresh:
-        for level, name in _options_for(kind):
+        for level, name in _options_for(kind, connected):
             value = _read_option(sock, level, name)
             if value is not None and value != _read_option(fresh, level, name) and (value or INET_OPTIONS[level, name]):
                 out.append(InetOption(level, name, value))
@@ -269,9 +337,14 @@ def _changed_options(sock: socket.socket, kind: tuple[int, int, int]) -> tuple[I
 def make(s: InetSocket, job: Collection[int] = ()) -> socket.socket:
     """``s`` made again here: its options, its address, listening or connected. RestoreError
     naming the address where this host cannot give it (taken, or not one of its addresses;
-    ``job``: the pids of the job, when it is still running here)."""
+    ``job``: the pids of the job, when it is still running here). A connection is left in
+    repair mode: ``release`` it once its other end is made too (before that, a packet it sent
+    would find no socket, and the reset would end it)."""
     sock = socket.socket(s.family, s.type, s.protocol)
+    conn = s.connection[0] if s.connection else None
     try:
+        if conn is not None:
+            sock.setsockopt(IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         later = []
         for o in s.options:               # what changes how bind behaves, first
             if (o.level, o.name) in _BEFORE_BIND:
@@ -286,14 +359,199 @@ def make(s: InetSocket, job: Collection[int] = ()) -> socket.socket:
                 raise RestoreError(_bind_error(s, where, exc, job)) from None
         if s.backlog >= 0:
             sock.listen(s.backlog)
-        if s.peer_address:
-            sock.connect(_sockaddr(s.family, s.peer_address, s.peer_port, s.scope_id))
-        for o in later:
-            _set(sock, o)
+        if conn is not None:
+            _connect_repaired(sock, s, conn, later)
+        else:
+            if s.peer_address:
+                sock.connect(_sockaddr(s.family, s.peer_address, s.peer_port, s.scope_id))
+            for o in later:
+                _set(sock, o)
     except BaseException:
+        if conn is not None:
+            _repair(sock.fileno(), TCP_REPAIR_ON)        # a half-made connection goes without a word
         sock.close()
         raise
     return sock
+
+
+def _connect_repaired(sock: socket.socket, s: InetSocket, c: TcpConnection, later: list[InetOption]) -> None:
+    """The connection made again in repair mode (``sock`` is in it, bound): sequence numbers,
+    connect (no handshake), options, queues, window; out of repair mode; the unsent bytes."""
+    fd = sock.fileno()
+    send_queue, recv_queue = b"".join(c.send_queue), b"".join(c.recv_queue)
+    sent = len(send_queue) - c.unsent
+    _queue(fd, TCP_SEND_QUEUE)
+    sock.setsockopt(IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("=I", c.send_seq))
+    _queue(fd, TCP_RECV_QUEUE)
+    sock.setsockopt(IPPROTO_TCP, TCP_QUEUE_SEQ, struct.pack("=I", c.recv_seq))
+    _queue(fd, TCP_NO_QUEUE)
+    where = f"{shown(s.family, s.address, s.port)} to {shown(s.family, s.peer_address, s.peer_port)}"
+    try:
+        sock.connect(_sockaddr(s.family, s.peer_address, s.peer_port, s.scope_id))
+    except OSError as exc:
+        raise RestoreError(f"the TCP connection from {where} cannot be made again here: {exc.strerror} (the "
+                           "same connection is open on this host: source and destination share one network "
+                           "namespace?)") from None
+    opts = [(TCPOPT_MSS, c.mss)] if c.mss else []
+    if c.options & TCPI_OPT_WSCALE:
+        opts.append((TCPOPT_WINDOW, c.snd_wscale | c.rcv_wscale << 16))
+    if c.options & TCPI_OPT_SACK:
+        opts.append((TCPOPT_SACK_PERM, 0))
+    if c.options & TCPI_OPT_TIMESTAMPS:
+        opts.append((TCPOPT_TIMESTAMP, 0))
+    if opts:
+        sock.setsockopt(IPPROTO_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("=II", *o) for o in opts))
+    if c.options & TCPI_OPT_TIMESTAMPS:
+        sock.setsockopt(IPPROTO_TCP, TCP_TIMESTAMP, struct.pack("=I", c.timestamp))
+    for o in later:
+        _set(sock, o)
+    # The queues go in whole, whatever buffer sizes the options set: made room for first
+    # (which fixes the size, as setting it does), only where a new socket's is too small.
+    for name, force, need in ((SO_SNDBUF, SO_SNDBUFFORCE, len(send_queue)), (SO_RCVBUF, SO_RCVBUFFORCE,
+                                                                             len(recv_queue))):
+        if need and sock.getsockopt(SOL_SOCKET, name) < 2 * need:
+            sock.setsockopt(SOL_SOCKET, force, need + (need >> 1) + 65536)
+    for queue, data in ((TCP_SEND_QUEUE, memoryview(send_queue)[:sent]), (TCP_RECV_QUEUE, memoryview(recv_queue))):
+        _queue(fd, queue)
+        while data:
+            n = sock.send(data, socket.MSG_DONTWAIT)
+            data = data[n:]
+    _queue(fd, TCP_NO_QUEUE)
+    sock.setsockopt(IPPROTO_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", c.snd_wl1, c.snd_wnd, c.max_window,
+                                                                 c.rcv_wnd, c.rcv_wup))
+
+
+def release(sock: socket.socket, s: InetSocket) -> None:
+    """A connection ``make`` made, out of repair mode, its bytes not sent yet written."""
+    if not s.connection:
+        return
+    c = s.connection[0]
+    _repair(sock.fileno(), TCP_REPAIR_OFF)
+    where = f"{shown(s.family, s.address, s.port)} to {shown(s.family, s.peer_address, s.peer_port)}"
+    send_queue = b"".join(c.send_queue)
+    unsent = memoryview(send_queue)[len(send_queue) - c.unsent:]
+    while unsent:
+        try:
+            n = sock.send(unsent, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise RestoreError(f"the TCP connection from {where}: its unsent bytes do not fit in its send buffer "
+                               "here") from None
+        unsent = unsent[n:]
+
+
+def _queue(fd: int, queue: int) -> None:
+    _setsockopt_int(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+
+
+def _repair(fd: int, how: int) -> None:
+    _setsockopt_int(fd, IPPROTO_TCP, TCP_REPAIR, how)
+
+
+def _setsockopt_int(fd: int, level: int, name: int, value: int) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.setsockopt(level, name, struct.pack("=i", value))
+    finally:
+        sock.detach()
+
+
+def _getsockopt(fd: int, level: int, name: int, size: int) -> bytes:
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getsockopt(level, name, size)
+    finally:
+        sock.detach()
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0])
+
+
+def _peek(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the queue repair mode selected (MSG_PEEK: left there)."""
+    if size <= 0:
+        return b""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    finally:
+        sock.detach()
+
+
+RECV_QUEUE_TRIES = 100
+
+
+def _slices(data: bytes) -> tuple[bytes, ...]:
+    return tuple(data[i:i + MAX_BYTES] for i in range(0, len(data), MAX_BYTES))
+
+
+def read_connections(dups: dict[int, int]) -> dict[int, TcpConnection]:
+    """Established connections between sockets of the job (inode -> a dup of the socket), read
+    in repair mode in the order the module docstring gives; each socket leaves repair mode
+    once all are read.
+
+    What a send queue holds beyond what its peer's receive queue took (the peer's next
+    expected byte, read after it) goes back as not sent: restored, it is written once the
+    connection is out of repair mode, and goes at once. Restored as sent, it would wait for
+    a retransmission timer that backs off from one second on (bytes sent while the peer's
+    window is closed are dropped), and a full queue could take a minute to arrive."""
+    fds = list(dups.values())
+    entered: list[int] = []
+    try:
+        for fd in fds:
+            _repair(fd, TCP_REPAIR_ON)
+            entered.append(fd)
+        sends: dict[int, tuple[int, bytes, int]] = {}
+        for ino, fd in dups.items():
+            not_sent = _ioctl_int(fd, SIOCOUTQNSD)       # before the queue: what was sent only grows
+            _queue(fd, TCP_SEND_QUEUE)
+            write_seq = struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+            data = _peek(fd, _ioctl_int(fd, SIOCOUTQ))
+            sends[ino] = ((write_seq - len(data)) & 0xFFFFFFFF, data, min(len(data), not_sent))
+        receives: dict[int, tuple[int, bytes]] = {}
+        for ino, fd in dups.items():
+            _queue(fd, TCP_RECV_QUEUE)
+            for _ in range(RECV_QUEUE_TRIES):
+                before = _ioctl_int(fd, SIOCINQ)
+                data = _peek(fd, before)
+                rcv_nxt = struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+                if before == len(data) == _ioctl_int(fd, SIOCINQ):
+                    break
+            else:
+                raise UnsupportedResource("a TCP connection's receive queue kept growing while its process was "
+                                          "frozen: try again")
+            _queue(fd, TCP_NO_QUEUE)
+            receives[ino] = (rcv_nxt, data)
+        ends = {ino: endpoints(fd, kind_of(fd)[0]) for ino, fd in dups.items()}
+        peer_of = {ino: other for ino, (local, peer) in ends.items()
+                   for other, (o_local, o_peer) in ends.items() if (o_local, o_peer) == (peer, local)}
+        out: dict[int, TcpConnection] = {}
+        for ino, fd in dups.items():
+            send_seq, send_data, unsent = sends[ino]
+            rcv_nxt, data = receives[ino]
+            if ino in peer_of:         # what the peer has not received (seq arithmetic mod 2**32)
+                got = (receives[peer_of[ino]][0] - send_seq) & 0xFFFFFFFF
+                unsent = len(send_data) - got if got <= len(send_data) else unsent
+            info = _getsockopt(fd, IPPROTO_TCP, socket.TCP_INFO, 8)
+            window = struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20))
+            out[ino] = TcpConnection(
+                send_seq=send_seq, recv_seq=(rcv_nxt - len(data)) & 0xFFFFFFFF, send_queue=_slices(send_data),
+                unsent=unsent, recv_queue=_slices(data),
+                mss=struct.unpack("=i", _getsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, 4))[0],
+                options=info[5] & 0xF, snd_wscale=info[6] & 0xF, rcv_wscale=info[6] >> 4,
+                timestamp=struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_TIMESTAMP, 4))[0],
+                snd_wl1=window[0], snd_wnd=window[1], max_window=window[2], rcv_wnd=window[3], rcv_wup=window[4])
+        return out
+    finally:
+        for fd in entered:
+            _queue(fd, TCP_NO_QUEUE)
+            _repair(fd, TCP_REPAIR_OFF_NO_WP)
+
+
+def silence(fd: int) -> None:
+    """Put a connection (of a job that is about to end) in repair mode: closed, it sends
+    nothing, and leaves no TIME_WAIT behind on the 4-tuple a restore makes again."""
+    _repair(fd, TCP_REPAIR_ON)
 
 
 def _set(sock: socket.socket, o: InetOption) -> None:
@@ -336,10 +594,39 @@ def check_bindable(sockets: Iterable[InetSocket], job: Collection[int] = ()) -> 
     and closed again), else RestoreError naming the address (``job``: the job's pids, which
     hold them where source and destination are one network namespace)."""
     for s in sockets:
-        if s.address:
+        if s.connection:
+            _check_connectable(s, job)
+        elif s.address:
             make(InetSocket(id=s.id, family=s.family, type=s.type, protocol=s.protocol, address=s.address,
                             port=s.port, scope_id=s.scope_id,
                             options=tuple(o for o in s.options if (o.level, o.name) in _BEFORE_BIND)), job).close()
+
+
+def _check_connectable(s: InetSocket, job: Collection[int]) -> None:
+    """A connection's 4-tuple is free here: made in repair mode (no packet leaves), then
+    closed in it (none either)."""
+    sock = socket.socket(s.family, s.type, s.protocol)
+    try:
+        _repair(sock.fileno(), TCP_REPAIR_ON)
+        where = f"{shown(s.family, s.address, s.port)} to {shown(s.family, s.peer_address, s.peer_port)}"
+        try:
+            sock.bind(_sockaddr(s.family, s.address, s.port, s.scope_id))
+            sock.connect(_sockaddr(s.family, s.peer_address, s.peer_port, s.scope_id))
+        except OSError as exc:
+            pid, comm = port_holder(s.family, s.protocol, s.port)
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) and pid in job:
+                raise RestoreError(f"the TCP connection from {where} is held here by pid {pid} ({comm}), the job "
+                                   "itself: source and destination share one network namespace, so it cannot be "
+                                   "made twice; move it to another host or network namespace") from None
+            raise RestoreError(f"the TCP connection from {where} cannot be made here: {exc.strerror}") from None
+    finally:
+        sock.close()
+
+
+# What a preflight summary says of a connection: that it is one (its queues stay home).
+SUMMARY_CONNECTION = TcpConnection(send_seq=0, recv_seq=0, send_queue=(), unsent=0, recv_queue=(), mss=0,
+                                   options=0, snd_wscale=0, rcv_wscale=0, timestamp=0, snd_wl1=0, snd_wnd=0,
+                                   max_window=0, rcv_wnd=0, rcv_wup=0)
 
 
 def port_holder(family: int, protocol: int, port: int) -> tuple[int, str]:

@@ -94,7 +94,12 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a TCP or UDP socket", CARRIED, _f("InetSocket", "family", "type", "protocol", "address", "port",
                                                   "scope_id", "peer_address", "peer_port", "backlog", "options")
         + _f("InetOption", "level", "name", "value")),
-    Row("fd", "a TCP connection", REFUSED, readme="TCP connections (in any state"),
+    Row("fd", "a TCP connection between processes of the job", CARRIED, _f("InetSocket", "connection")
+        + _f("TcpConnection", "send_seq", "recv_seq", "send_queue", "unsent", "recv_queue", "mss", "options",
+             "snd_wscale", "rcv_wscale", "timestamp", "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")),
+    Row("fd", "a TCP connection to a peer that does not move, or one opening or closing", REFUSED,
+        readme="a TCP connection whose other end does not move"),
+    Row("fd", "a TCP connection's buffer sizes", LOST, readme="a TCP connection's buffer sizes"),
     Row("fd", "a TCP listener with connections waiting, a UDP socket with datagrams queued", REFUSED,
         readme="a TCP listener with connections waiting to be accepted, a UDP socket with datagrams queued"),
     Row("fd", "a TCP or UDP socket with a BPF filter attached", REFUSED, readme="a BPF filter attached"),

@@ -275,15 +275,39 @@ def _inet_sockets(p: Proc) -> object:
                 peer = None
             name = s.getsockname()
             levels = {socket.SOL_SOCKET, s.proto, socket.IPPROTO_IP if s.family == socket.AF_INET else socket.IPPROTO_IPV6}
+            # what the kernel tunes on a connection is not carried (its buffers, MSS, window
+            # clamp); multicast options mean nothing to TCP
+            skip = ({(0, 33), (0, 34), (0, 49), (41, 18), (41, 19)} if s.type == socket.SOCK_STREAM else set()) | (
+                {(1, 7), (1, 8), (6, 2), (6, 10)} if s.type == socket.SOCK_STREAM and peer is not None else set())
             options = []
             for level, opt in sorted(INET_OPTIONS):
-                if level in levels:
+                if level in levels and (level, opt) not in skip:
                     try:
                         options.append((level, opt, s.getsockopt(level, opt, INET_OPTIONS[level, opt] or 16)))
                     except OSError:
                         pass
             return (s.family, s.type, s.proto, name[1], name[0] if peer is None else None, peer,
                     s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), tuple(options))
+        finally:
+            s.close()
+    found = [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
+    return [(fd, got) for fd, got in found if got]
+
+
+def _tcp_connections(p: Proc) -> object:
+    """Each connection's two ends (their ports; both are the job's). The bytes queued are not
+    compared: the kernel moves them from one end's queue to the other's while the job is
+    frozen (the workloads check that every byte arrives once)."""
+    def read(d: int) -> tuple[object, ...]:
+        s = socket.socket(fileno=os.dup(d))
+        try:
+            if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM:
+                return ()
+            try:
+                peer = s.getpeername()
+            except OSError:
+                return ()
+            return (s.getsockname()[1], peer[1])
         finally:
             s.close()
     found = [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
@@ -511,6 +535,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a unix socket bound to a path or an abstract name": _bound_sockets,
     "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)": _peer_credentials,
     "a TCP or UDP socket": _inet_sockets,
+    "a TCP connection between processes of the job": _tcp_connections,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),
     "a timerfd": _timerfds,
     "a signalfd": _anon("signalfd", ("sigmask",)),

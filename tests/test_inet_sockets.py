@@ -9,16 +9,18 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from agent import inet_sockets
 from examples.testbed import Testbed
-from tests._hosts import start_in, verdict
+from tests._hosts import start_in, verdict, wait_file
 from tests._migration import migrate_cli, wait_gone
-from tests._workloads import Reference, become_subreaper, build, kcr, one_error_line
+from tests._workloads import STARTED, Reference, become_subreaper, build, kcr, one_error_line, reap
 from tests.test_checkpoint import migrate_once
+from tests.test_live_trees import move_tree_to_host_c, tree
 from transport.records import Invalid
 from transport.schema import AF_INET, IPPROTO_TCP, SOCK_STREAM, InetOption, InetSocket, InetSockets
 
@@ -113,6 +115,62 @@ def test_listeners_and_udp_sockets_move_between_hosts(testbed: Testbed, tmp_path
     wait_gone(report["new_pid"])
 
 
+TCP_PAIR = Path(__file__).parent / "workloads" / "tcp_pair.py"
+
+
+def test_a_connection_with_megabytes_in_flight_comes_back_through_an_image(tmp_path: Path) -> None:
+    """Parent and child talk over loopback TCP; checkpointed while both queues are full (the
+    child has read nothing yet), restored, every byte arrives once, in order."""
+    ref = Reference([sys.executable, "-S", str(TCP_PAIR), str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "moved"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-S", str(TCP_PAIR), str(out)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, env={**os.environ, "WORKLOAD_HOLD": str(out / "go-on")})
+    STARTED.append(proc)
+    wait_file(out / "ready", empty_ok=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    proc.wait()
+    for child in map(int, children):
+        reap(child)                  # ended with the tree; adopted by us (subreaper): its pid is free again
+    res = kcr("restore", "-i", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert verdict(out) == "PASS", (out / "verdict").read_text()
+    assert (out / "output").read_text() == ref.output()
+    assert os.WEXITSTATUS(reap(proc.pid)) == 0          # restored under its pid, our child (subreaper)
+
+
+def test_reading_connections_leaves_them_working(tmp_path: Path) -> None:
+    """``checkpoint --leave-running`` reads both ends in repair mode, as a live move does before
+    it may roll back: the job runs on, and every byte still arrives once."""
+    ref = Reference([sys.executable, "-S", str(TCP_PAIR), str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "job"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-S", str(TCP_PAIR), str(out)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, env={**os.environ, "WORKLOAD_HOLD": str(out / "go-on")})
+    STARTED.append(proc)
+    wait_file(out / "ready", empty_ok=True)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"), "--leave-running")
+    assert res.returncode == 0, res.stderr.decode()
+    assert verdict(out) == "PASS", (out / "verdict").read_text()
+    assert proc.wait(timeout=60) == 0
+    assert (out / "output").read_text() == ref.output()
+
+
+def test_a_connection_with_megabytes_in_flight_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
+    ref = Reference([sys.executable, "-S", str(TCP_PAIR), str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(TCP_PAIR), str(out)], out, hold=True)
+    deadline = time.monotonic() + 30
+    while len(before := tree(pid)) < 2:
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.01)
+    move_tree_to_host_c(testbed, before)           # the tree, with its pids, to hostC (pids of its own)
+    assert verdict(out) == "PASS", (out / "verdict").read_text()
+    assert (out / "output").read_text() == ref.output()
+
+
 # --- refused, the process running on ----------------------------------------------------------
 
 SERVER = """
@@ -122,6 +180,9 @@ if kind == "connected":
     s = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
 elif kind == "waiting":
     s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(4)
+elif kind == "self":                   # both ends of a connection in one process
+    listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(1)
+    c = socket.create_connection(listener.getsockname()); s, _ = listener.accept(); listener.close()
 elif kind == "datagram":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
 else:
@@ -153,14 +214,14 @@ def _refused(proc: subprocess.Popen[str], tmp_path: Path) -> str:
     return one_error_line(res.stderr)
 
 
-def test_a_tcp_connection_is_refused_naming_its_peer(tmp_path: Path) -> None:
+def test_a_connection_to_a_peer_that_stays_is_refused_naming_it(tmp_path: Path) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         port = server.getsockname()[1]
         proc, local = _start(tmp_path, "connected", str(port))
         line = _refused(proc, tmp_path)
-        assert f"127.0.0.1:{local} to 127.0.0.1:{port} (ESTABLISHED)" in line and "close it first" in line, line
+        assert f"127.0.0.1:{local} to 127.0.0.1:{port}, whose other end does not move with it" in line, line
         _runs_on(proc, local)
 
 
@@ -191,6 +252,19 @@ def test_a_listener_cannot_move_within_one_network_namespace(tmp_path: Path) -> 
     line = err.splitlines()[-1]           # (the line before says what was found: the job, its tracker)
     assert f"TCP [::]:{port} is held here by pid {proc.pid} (python3), the job itself" in line, line
     assert report.get("state") != "done"
+    _runs_on(proc, port)
+
+
+def test_a_connection_cannot_move_within_one_network_namespace(tmp_path: Path) -> None:
+    """Both ends in the job, but the source's copy holds the 4-tuple where the destination
+    would make it: refused in preflight, naming the job; it runs on."""
+    proc, port = _start(tmp_path, "self")
+    code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost", "--new-pid", "--redirect", "0=/dev/null",
+                               "--redirect", f"1={tmp_path / 'out'}")
+    assert code != 0 and "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert "the TCP connection from 127.0.0.1:" in line and f"127.0.0.1:{port}" in line, line
+    assert f"held here by pid {proc.pid} (python3), the job itself" in line, line
     _runs_on(proc, port)
 
 

@@ -19,7 +19,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 STATE_RECORDS = (schema.ProcessState, schema.ThreadState, schema.Creds, schema.MmFields, schema.PosixTimer,
                  schema.Vma, schema.FileDesc, schema.EventFile, schema.UnixSocket, schema.PipeBuffer,
                  schema.FileContents, schema.SysvSegment, schema.SeccompFilter, schema.MemPolicy,
-                 schema.GuardRegion, schema.InetSocket, schema.InetOption)
+                 schema.GuardRegion, schema.InetSocket, schema.InetOption,
+                 schema.TcpConnection)
 # Fields that name or check a record rather than carry state.
 BOOKKEEPING = {"FileContents.id", "EventFile.id", "UnixSocket.id", "PipeBuffer.id", "InetSocket.id"}
 

@@ -820,10 +820,38 @@ class InetOption:
 
 
 @dataclass(frozen=True)
+class TcpConnection:
+    """An established TCP connection whose other end moves too, as ``TCP_REPAIR`` reads it and
+    makes it again: sequence numbers, both queues, the options agreed at the handshake, the
+    window. ``send_queue`` starts at ``send_seq`` (the first byte not acknowledged); its last
+    ``unsent`` bytes had not been sent. ``recv_queue`` starts at ``recv_seq`` (the first byte
+    the program has not read)."""
+
+    send_seq: U32
+    recv_seq: U32
+    # each queue in slices of at most MAX_BYTES (a record's blobs are bounded; TCP's buffers
+    # grow to megabytes)
+    send_queue: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_SOCKET_QUEUE // MAX_BYTES)]
+    unsent: Annotated[int, Int(0, MAX_SOCKET_QUEUE, "a byte count")]
+    recv_queue: Annotated[tuple[Annotated[bytes, Blob(MAX_BYTES)], ...], Count(MAX_SOCKET_QUEUE // MAX_BYTES)]
+    mss: Annotated[int, Int(0, 65535, "a segment size")]
+    options: Annotated[int, Int(0, 15, "TCP options (TCPI_OPT_*)")]   # timestamps 1, SACK 2, window scale 4
+    snd_wscale: Annotated[int, Int(0, 14, "a window scale")]
+    rcv_wscale: Annotated[int, Int(0, 14, "a window scale")]
+    timestamp: U32           # TCP_TIMESTAMP: the connection's timestamp clock when read
+    snd_wl1: U32             # TCP_REPAIR_WINDOW
+    snd_wnd: U32
+    max_window: U32
+    rcv_wnd: U32
+    rcv_wup: U32
+
+
+@dataclass(frozen=True)
 class InetSocket:
     """A TCP socket that is not connected (new, bound, or listening with nothing waiting in
-    its accept queue) or a UDP socket with nothing queued: made again with its options, bound
-    to its address and port, listening or connected (UDP) as it was."""
+    its accept queue), a TCP connection whose other end moves too (``connection``), or a UDP
+    socket with nothing queued: made again with its options, bound to its address and port,
+    listening or connected as it was."""
 
     id: ObjectId             # its inode on the source host
     family: Annotated[int, Int(AF_INET, AF_INET6, "an address family")]
@@ -836,6 +864,8 @@ class InetSocket:
     peer_port: Annotated[int, Int(0, 65535, "a port")] = 0
     backlog: Annotated[int, Int(-1, (1 << 31) - 1, "a listen backlog")] = -1   # TCP listening; -1: not
     options: Annotated[tuple[InetOption, ...], Count(len(INET_OPTIONS))] = ()
+    # TCP, ESTABLISHED: the connection (one item), to ``peer_address``:``peer_port``
+    connection: Annotated[tuple[TcpConnection, ...], Count(1)] = ()
 
 
 @dataclass(frozen=True)
@@ -857,8 +887,14 @@ class InetSockets(Record):
             _check(len(s.address) in (0, size) and len(s.peer_address) in (0, size),
                    f"inet socket {s.id}: an address of the wrong size")
             _check(bool(s.address) or s.port == 0, f"inet socket {s.id}: a port without an address")
-            _check(bool(s.peer_address) == bool(s.peer_port) and (not s.peer_address or s.type == SOCK_DGRAM),
+            _check(bool(s.peer_address) == bool(s.peer_port) and (not s.peer_address or s.type == SOCK_DGRAM
+                                                                     or bool(s.connection)),
                    f"inet socket {s.id}: a peer")
+            _check(not s.connection or (s.protocol == IPPROTO_TCP and bool(s.peer_address) and bool(s.address)
+                                        and s.port != 0 and s.backlog < 0),
+                   f"inet socket {s.id}: a connection without both ends' addresses")
+            for c in s.connection:
+                _check(c.unsent <= sum(map(len, c.send_queue)), f"inet socket {s.id}: more unsent than queued")
             _check(s.backlog < 0 or (s.type == SOCK_STREAM and bool(s.address) and not s.peer_address),
                    f"inet socket {s.id}: a listener that is not one")
             names = [(o.level, o.name) for o in s.options]
