@@ -45,6 +45,7 @@ import stat
 import struct
 import tempfile
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
 from agent import fanotify, inet_sockets, inotify, unix_names
@@ -173,10 +174,13 @@ class Descriptions:
     def add_inet(self, sockets: InetSockets) -> None:
         """TCP and UDP sockets, bound, listening or connected again (``agent.inet_sockets``): as
         root, which binds a port below 1024 the process bound before it dropped the right to."""
-        for s in sockets.sockets:
+        ports = Counter((s.protocol, s.port) for s in sockets.sockets if s.address and not s.connection)
+        # Listeners before connections: one accepted from a listener shares its port, which
+        # the connection's bind in repair mode may take beside the listener, not before it.
+        for s in sorted(sockets.sockets, key=lambda s: bool(s.connection)):
             if s.id in self._sockets:
                 raise RestoreError(f"socket {s.id} appears twice in the image: corrupt image")
-            self._sockets[s.id] = inet_sockets.make(s)
+            self._sockets[s.id] = inet_sockets.make(s, shared_port=ports[s.protocol, s.port] > 1)
         for s in sockets.sockets:          # connections: both ends are there now
             inet_sockets.release(self._sockets[s.id], s)
 

@@ -75,7 +75,9 @@ TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5:
 TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
 SO_DOMAIN, SO_PROTOCOL, SO_GET_FILTER = 39, 38, 26
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
-SO_REUSEADDR, SO_REUSEPORT, SO_BINDTODEVICE = 2, 15, 25
+SO_REUSEADDR, SO_REUSEPORT, SO_BINDTODEVICE, SO_BUF_LOCK = 2, 15, 25, 72
+SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+IP_FREEBIND, IPV6_FREEBIND = 15, 78
 IPV6_V6ONLY = 26
 # include/uapi/linux/tcp.h, sockios.h
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 19, 20, 21, 22, 24, 29
@@ -185,13 +187,24 @@ def _unpack(family: int, addr: tuple) -> tuple[bytes, int, int]:
 Endpoint = tuple[bytes, int]          # an address and a port
 
 
+V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def plain(end: Endpoint) -> Endpoint:
+    """An endpoint as either end of a connection names it: an IPv6 socket's v4-mapped address
+    (``::ffff:127.0.0.1``, a dual-stack server's view of an IPv4 client) as the IPv4 one."""
+    address, port = end
+    return (address[12:], port) if len(address) == 16 and address[:12] == V4_MAPPED else end
+
+
 def endpoints(dup: int, family: int) -> tuple[Endpoint, Endpoint | None]:
-    """The socket's own address and port, and its peer's (None: not connected)."""
+    """The socket's own address and port, and its peer's (None: not connected), v4-mapped
+    addresses as IPv4 ones (``plain``)."""
     sock = socket.socket(fileno=dup)
     try:
-        local = _unpack(family, sock.getsockname())[:2]
+        local = plain(_unpack(family, sock.getsockname())[:2])
         try:
-            peer: Endpoint | None = _unpack(family, sock.getpeername())[:2]
+            peer: Endpoint | None = plain(_unpack(family, sock.getpeername())[:2])
         except OSError:
             peer = None
     finally:
@@ -231,7 +244,8 @@ def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInf
                 f"{what} listening on {here} has {info.rqueue} connection{'s' if info.rqueue > 1 else ''} waiting to "
                 "be accepted, which cannot move: migrate once the server has accepted them", pid=pid)
         to = f" to {shown(family, *peer[:2])}" if peer else ""
-        if info.state == TCP_ESTABLISHED and peer is not None and (peer[:2], local[:2]) not in job_ends:
+        if info.state == TCP_ESTABLISHED and peer is not None and \
+                (plain(peer[:2]), plain(local[:2])) not in job_ends:
             raise UnsupportedResource(
                 f"{what}: a connection from {here}{to}, whose other end does not move with it (its address would "
                 "not follow it): kcr-migrate moves connections between the job's own processes only; close it "
@@ -280,10 +294,12 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
             except OSError:
                 pass
             else:
-                # connect gave it the local address its route chose (or the one it was bound
-                # to): bound to its port on every address, then connected, the destination's
-                # route chooses again, as the source's did
-                address = bytes(len(address))
+                # Where its address is the one the route to its peer gives (connect chose it,
+                # or it was bound to that one), it is bound to its port on every address and
+                # connected: the destination's route chooses again, as the source's did. One
+                # bound to another address keeps it.
+                if address == _routed(family, peer, peer_port, scope):
+                    address = bytes(len(address))
         options = _changed_options(sock, kind, connected=connection is not None)
     finally:
         sock.detach()
@@ -291,7 +307,29 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
     return InetSocket(id=ino, family=family, type=type_, protocol=protocol, address=address, port=port,
                       scope_id=scope, peer_address=peer, peer_port=peer_port,
                       backlog=info.wqueue if listening and info is not None else -1, options=options,
-                      connection=(connection,) if connection is not None else ())
+                      connection=(connection,) if connection is not None else (),
+                      shutdown=info.shutdown if info is not None and type_ == SOCK_DGRAM else 0,
+                      nonlocal_address=bool(address) and any(address) and not _local(family, address, scope))
+
+
+def _routed(family: int, peer: bytes, port: int, scope: int) -> bytes:
+    """The local address this host's route to ``peer`` gives a UDP socket that connects to it."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(_sockaddr(family, peer, port, scope))
+        except OSError:
+            return b""
+        return _unpack(family, probe.getsockname())[0]
+
+
+def _local(family: int, address: bytes, scope: int) -> bool:
+    """Is ``address`` one of this host's (a new socket binds to it without IP_FREEBIND)?"""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(_sockaddr(family, address, 0, scope))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 # Multicast options mean nothing to TCP (setting them fails); on a connection, what the kernel
@@ -326,20 +364,30 @@ def _changed_options(sock: socket.socket, kind: tuple[int, int, int], connected:
     """The options whose values differ from a new socket's of the same kind, made here
     (``connected``: a TCP connection's, without those the kernel tunes)."""
     out: list[InetOption] = []
+    try:        # which buffer sizes the program set (Linux 5.14): those a connection keeps
+        locks = sock.getsockopt(SOL_SOCKET, SO_BUF_LOCK)
+    except OSError:
+        locks = 0
+    keep = {(SOL_SOCKET, SO_SNDBUF)} if locks & SOCK_SNDBUF_LOCK else set()
+    keep |= {(SOL_SOCKET, SO_RCVBUF)} if locks & SOCK_RCVBUF_LOCK else set()
     with socket.socket(*kind) as fresh:
-        for level, name in _options_for(kind, connected):
+        for level, name in _options_for(kind, connected) + sorted(keep if connected else set()):
             value = _read_option(sock, level, name)
             if value is not None and value != _read_option(fresh, level, name) and (value or INET_OPTIONS[level, name]):
                 out.append(InetOption(level, name, value))
     return tuple(out)
 
 
-def make(s: InetSocket, job: Collection[int] = ()) -> socket.socket:
+def make(s: InetSocket, job: Collection[int] = (), *, shared_port: bool = False) -> socket.socket:
     """``s`` made again here: its options, its address, listening or connected. RestoreError
     naming the address where this host cannot give it (taken, or not one of its addresses;
     ``job``: the pids of the job, when it is still running here). A connection is left in
     repair mode: ``release`` it once its other end is made too (before that, a packet it sent
-    would find no socket, and the reset would end it)."""
+    would find no socket, and the reset would end it). ``shared_port``: other sockets of the
+    job are bound to its port (a group under SO_REUSEPORT, which the program may have turned
+    off on one since, as CRIU's tests do): bound with both reuse options on, then set back.
+    An address that was not the source's own either (``nonlocal_address``) is bound with
+    IP_FREEBIND on for the time of the bind, as it was."""
     sock = socket.socket(s.family, s.type, s.protocol)
     conn = s.connection[0] if s.connection else None
     try:
@@ -347,10 +395,19 @@ def make(s: InetSocket, job: Collection[int] = ()) -> socket.socket:
             sock.setsockopt(IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
         later = []
         for o in s.options:               # what changes how bind behaves, first
+            if conn is not None and (o.level, o.name) == (SOL_SOCKET, SO_REUSEADDR):
+                continue                  # (it would undo repair mode's own reuse: set on release)
             if (o.level, o.name) in _BEFORE_BIND:
                 _set(sock, o)
             else:
                 later.append(o)
+        during = []                       # options on only while it binds
+        if shared_port and s.address:
+            during += [(SOL_SOCKET, SO_REUSEADDR), (SOL_SOCKET, SO_REUSEPORT)]
+        if s.nonlocal_address:
+            during.append((0, IP_FREEBIND) if s.family == AF_INET else (41, IPV6_FREEBIND))
+        for level, name in during:
+            sock.setsockopt(level, name, 1)
         if s.address:
             where = shown(s.family, s.address, s.port)
             try:
@@ -359,6 +416,9 @@ def make(s: InetSocket, job: Collection[int] = ()) -> socket.socket:
                 raise RestoreError(_bind_error(s, where, exc, job)) from None
         if s.backlog >= 0:
             sock.listen(s.backlog)
+        recorded = {(o.level, o.name): o.value for o in s.options}
+        for level, name in during:
+            sock.setsockopt(level, name, recorded.get((level, name), struct.pack("i", 0)))
         if conn is not None:
             _connect_repaired(sock, s, conn, later)
         else:
@@ -366,12 +426,30 @@ def make(s: InetSocket, job: Collection[int] = ()) -> socket.socket:
                 sock.connect(_sockaddr(s.family, s.peer_address, s.peer_port, s.scope_id))
             for o in later:
                 _set(sock, o)
+            _buffer_locks(sock, s)
+            if s.shutdown:
+                try:
+                    sock.shutdown(s.shutdown - 1)       # SHUT_RD 0, SHUT_WR 1, SHUT_RDWR 2
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:      # (an unconnected one is shut all the same)
+                        raise
     except BaseException:
         if conn is not None:
             _repair(sock.fileno(), TCP_REPAIR_ON)        # a half-made connection goes without a word
         sock.close()
         raise
     return sock
+
+
+def _buffer_locks(sock: socket.socket, s: InetSocket) -> None:
+    """Which buffer sizes stay fixed (SO_BUF_LOCK), as on the source: setting a size fixes it,
+    so this comes after them. A kernel without SO_BUF_LOCK (before 5.14) shows none."""
+    value = next((o.value for o in s.options if (o.level, o.name) == (SOL_SOCKET, SO_BUF_LOCK)), struct.pack("i", 0))
+    try:
+        sock.setsockopt(SOL_SOCKET, SO_BUF_LOCK, value)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
 
 
 def _connect_repaired(sock: socket.socket, s: InetSocket, c: TcpConnection, later: list[InetOption]) -> None:
@@ -427,6 +505,9 @@ def release(sock: socket.socket, s: InetSocket) -> None:
         return
     c = s.connection[0]
     _repair(sock.fileno(), TCP_REPAIR_OFF)
+    _after_repair(sock.fileno(), any((o.level, o.name) == (SOL_SOCKET, SO_REUSEADDR) and o.value != bytes(4)
+                                     for o in s.options))
+    _buffer_locks(sock, s)
     where = f"{shown(s.family, s.address, s.port)} to {shown(s.family, s.peer_address, s.peer_port)}"
     send_queue = b"".join(c.send_queue)
     unsent = memoryview(send_queue)[len(send_queue) - c.unsent:]
@@ -437,6 +518,13 @@ def release(sock: socket.socket, s: InetSocket) -> None:
             raise RestoreError(f"the TCP connection from {where}: its unsent bytes do not fit in its send buffer "
                                "here") from None
         unsent = unsent[n:]
+
+
+def _after_repair(fd: int, reuse: bool) -> None:
+    """Leaving repair mode clears SO_REUSEADDR (the kernel's sk_reuse serves repair mode too):
+    set again where the program had it."""
+    if reuse:
+        _setsockopt_int(fd, SOL_SOCKET, SO_REUSEADDR, 1)
 
 
 def _queue(fd: int, queue: int) -> None:
@@ -497,6 +585,7 @@ def read_connections(dups: dict[int, int]) -> dict[int, TcpConnection]:
     window is closed are dropped), and a full queue could take a minute to arrive."""
     fds = list(dups.values())
     entered: list[int] = []
+    reuse = {fd: struct.unpack("=i", _getsockopt(fd, SOL_SOCKET, SO_REUSEADDR, 4))[0] != 0 for fd in fds}
     try:
         for fd in fds:
             _repair(fd, TCP_REPAIR_ON)
@@ -546,6 +635,7 @@ def read_connections(dups: dict[int, int]) -> dict[int, TcpConnection]:
         for fd in entered:
             _queue(fd, TCP_NO_QUEUE)
             _repair(fd, TCP_REPAIR_OFF_NO_WP)
+            _after_repair(fd, reuse[fd])
 
 
 def silence(fd: int) -> None:

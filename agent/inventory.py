@@ -92,7 +92,8 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a write lock on a file both hosts see", REFUSED, readme="a write lock on a file"),
     Row("fd", "a socket", REFUSED, target="socket:", readme="sockets of other families"),
     Row("fd", "a TCP or UDP socket", CARRIED, _f("InetSocket", "family", "type", "protocol", "address", "port",
-                                                  "scope_id", "peer_address", "peer_port", "backlog", "options")
+                                                  "scope_id", "peer_address", "peer_port", "backlog", "options",
+                                                  "shutdown", "nonlocal_address")
         + _f("InetOption", "level", "name", "value")),
     Row("fd", "a TCP connection between processes of the job", CARRIED, _f("InetSocket", "connection")
         + _f("TcpConnection", "send_seq", "recv_seq", "send_queue", "unsent", "recv_queue", "mss", "options",

@@ -788,9 +788,9 @@ SOL_SOCKET, SOL_IP, SOL_IPV6 = 1, 0, 41
 # of the value getsockopt gives (0: a string of at most 16 bytes): the restorer runs as root,
 # so an image names no option outside this list. (``agent.inet_sockets`` reads them.)
 INET_OPTIONS: dict[tuple[int, int], int] = {
-    **{(SOL_SOCKET, o): 4 for o in (2, 15, 9, 6, 5, 12, 36, 18, 10, 7, 8, 46)},
+    **{(SOL_SOCKET, o): 4 for o in (2, 15, 9, 6, 5, 12, 36, 18, 10, 7, 8, 46, 11, 72)},
     # SO_REUSEADDR, SO_REUSEPORT, SO_KEEPALIVE, SO_BROADCAST, SO_DONTROUTE, SO_PRIORITY, SO_MARK,
-    # SO_RCVLOWAT, SO_OOBINLINE, SO_SNDBUF, SO_RCVBUF, SO_BUSY_POLL
+    # SO_RCVLOWAT, SO_OOBINLINE, SO_SNDBUF, SO_RCVBUF, SO_BUSY_POLL, SO_NO_CHECK, SO_BUF_LOCK
     (SOL_SOCKET, 13): 8,                   # SO_LINGER (struct linger)
     (SOL_SOCKET, 20): 16, (SOL_SOCKET, 21): 16,   # SO_RCVTIMEO_OLD, SO_SNDTIMEO_OLD (timeval)
     (SOL_SOCKET, 25): 0,                   # SO_BINDTODEVICE (an interface name)
@@ -866,6 +866,8 @@ class InetSocket:
     options: Annotated[tuple[InetOption, ...], Count(len(INET_OPTIONS))] = ()
     # TCP, ESTABLISHED: the connection (one item), to ``peer_address``:``peer_port``
     connection: Annotated[tuple[TcpConnection, ...], Count(1)] = ()
+    shutdown: Annotated[int, Int(0, 3, "a shutdown state")] = 0   # UDP: shut for receiving 1, sending 2
+    nonlocal_address: bool = False   # bound to an address its host did not have (IP_FREEBIND at the time)
 
 
 @dataclass(frozen=True)
@@ -895,6 +897,8 @@ class InetSockets(Record):
                    f"inet socket {s.id}: a connection without both ends' addresses")
             for c in s.connection:
                 _check(c.unsent <= sum(map(len, c.send_queue)), f"inet socket {s.id}: more unsent than queued")
+            _check(not s.shutdown or s.type == SOCK_DGRAM, f"inet socket {s.id}: a shut TCP socket")
+            _check(not s.nonlocal_address or bool(s.address), f"inet socket {s.id}: an unbound nonlocal address")
             _check(s.backlog < 0 or (s.type == SOCK_STREAM and bool(s.address) and not s.peer_address),
                    f"inet socket {s.id}: a listener that is not one")
             names = [(o.level, o.name) for o in s.options]

@@ -1,15 +1,19 @@
 /* TCP and UDP sockets a server holds: an IPv4 listener on every address, an IPv6-only
  * listener with options set (keepalive, no delay, a receive buffer, a backlog of 3), a UDP
  * socket bound on every address with SO_BROADCAST, a second UDP socket connected to it, and a
- * TCP socket never bound with TCP_NODELAY. Before and after the move it reads their ports,
- * peers and options; after, it connects to both listeners over loopback, accepts, and sends a
- * datagram from the connected socket to the bound one. Its ports go to OUTDIR/ports ("tcp4
- * tcp6 udp") for the test to reach it from outside.
+ * TCP socket never bound with TCP_NODELAY; a connection accepted from the IPv4 listener (so
+ * with its SO_REUSEADDR) with bytes queued, not read yet; a UDP socket bound to 127.0.0.10
+ * (not the address the route would give it), connected, with SO_NO_CHECK and shut for
+ * receiving. Before and after the move it reads their ports, peers and options; after, it
+ * reads the queued bytes and answers, connects to both listeners over loopback, accepts, and
+ * sends a datagram from each connected UDP socket to the bound one. Its ports go to
+ * OUTDIR/ports ("tcp4 tcp6 udp") for the test to reach it from outside.
  * Usage: ckpt_inet OUTDIR */
 #include "ckpt_common.h"
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 
@@ -33,12 +37,21 @@ static void describe(int fd, char *buf, size_t n) {
     socklen_t plen = sizeof peer;
     int connected = getpeername(fd, (struct sockaddr *)&peer, &plen) == 0;
     snprintf(buf, n, "port %d peer %d domain %d type %d accept %d reuse %d keep %d bcast %d rcvbuf %d v6only %d "
-             "nodelay %d",
+             "nodelay %d nocheck %d",
              port_of(fd), connected ? ntohs(((struct sockaddr_in *)&peer)->sin_port) : -1,
              opt(fd, SOL_SOCKET, SO_DOMAIN), opt(fd, SOL_SOCKET, SO_TYPE), opt(fd, SOL_SOCKET, SO_ACCEPTCONN),
              opt(fd, SOL_SOCKET, SO_REUSEADDR), opt(fd, SOL_SOCKET, SO_KEEPALIVE), opt(fd, SOL_SOCKET, SO_BROADCAST),
-             opt(fd, SOL_SOCKET, SO_RCVBUF), opt(fd, SOL_SOCKET, SO_DOMAIN) == AF_INET6 ? opt(fd, IPPROTO_IPV6, IPV6_V6ONLY) : -1,
-             opt(fd, SOL_SOCKET, SO_TYPE) == SOCK_STREAM ? opt(fd, IPPROTO_TCP, TCP_NODELAY) : -1);
+             /* (a connection's buffers are the kernel's to tune) */
+             connected && opt(fd, SOL_SOCKET, SO_TYPE) == SOCK_STREAM ? -1 : opt(fd, SOL_SOCKET, SO_RCVBUF),
+             opt(fd, SOL_SOCKET, SO_DOMAIN) == AF_INET6 ? opt(fd, IPPROTO_IPV6, IPV6_V6ONLY) : -1,
+             opt(fd, SOL_SOCKET, SO_TYPE) == SOCK_STREAM ? opt(fd, IPPROTO_TCP, TCP_NODELAY) : -1,
+             opt(fd, SOL_SOCKET, SO_NO_CHECK));
+}
+
+/* A UDP socket shut for receiving polls readable with POLLRDHUP. */
+static int shut_for_reading(int fd) {
+    struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLRDHUP);
 }
 
 static int talk_tcp(int listener, int family) {
@@ -80,29 +93,46 @@ int main(int argc, char **argv) {
     struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(port_of(udp)),
                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     if (connect(conn, (struct sockaddr *)&to, sizeof to)) { perror("connect"); return 3; }
-    int fds[] = { tcp4, tcp6, udp, conn, fresh };
-    char before[5][256], after[256];
-    for (int i = 0; i < 5; i++) describe(fds[i], before[i], sizeof before[i]);
+    int clt = socket(AF_INET, SOCK_STREAM, 0), low = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in lo4 = { .sin_family = AF_INET, .sin_port = htons(port_of(tcp4)),
+                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    struct sockaddr_in ten = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f00000a) };   /* 127.0.0.10 */
+    if (connect(clt, (struct sockaddr *)&lo4, sizeof lo4)) { perror("connect"); return 3; }
+    int acc = accept(tcp4, NULL, NULL);
+    setsockopt(low, SOL_SOCKET, SO_NO_CHECK, &one, sizeof one);
+    if (acc < 0 || send(clt, "queued", 6, 0) != 6 || bind(low, (struct sockaddr *)&ten, sizeof ten) ||
+        connect(low, (struct sockaddr *)&to, sizeof to) || shutdown(low, SHUT_RD)) { perror("setup"); return 3; }
+    int fds[] = { tcp4, tcp6, udp, conn, fresh, acc, clt, low };
+    enum { N = sizeof fds / sizeof fds[0] };
+    char before[N][256], after[256];
+    for (int i = 0; i < N; i++) describe(fds[i], before[i], sizeof before[i]);
     char ports[64];
     snprintf(ports, sizeof ports, "%d %d %d\n", port_of(tcp4), port_of(tcp6), port_of(udp));
     write_file("ports", ports);
     ready();
     linger(150);
     int same = 1;
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < N; i++) {
         describe(fds[i], after, sizeof after);
         if (strcmp(before[i], after) != 0) {
             fprintf(out, "socket %d changed: was %s, now %s\n", i, before[i], after);
             same = 0;
         }
     }
-    int tcp_ok = talk_tcp(tcp4, AF_INET) && talk_tcp(tcp6, AF_INET6);
     char buf[16] = "";
+    int tcp_ok = recv(acc, buf, sizeof buf, MSG_DONTWAIT) == 6 && memcmp(buf, "queued", 6) == 0 &&
+                 send(acc, "reply", 5, 0) == 5 && recv(clt, buf, sizeof buf, 0) == 5 && memcmp(buf, "reply", 5) == 0;
+    tcp_ok = tcp_ok && talk_tcp(tcp4, AF_INET) && talk_tcp(tcp6, AF_INET6);
     struct sockaddr_in from;
     socklen_t flen = sizeof from;
     int udp_ok = send(conn, "datagram", 8, 0) == 8 &&
                  recvfrom(udp, buf, sizeof buf, 0, (struct sockaddr *)&from, &flen) == 8 &&
                  memcmp(buf, "datagram", 8) == 0 && ntohs(from.sin_port) == port_of(conn);
+    flen = sizeof from;
+    udp_ok = udp_ok && send(low, "low", 3, 0) == 3 &&
+             recvfrom(udp, buf, sizeof buf, 0, (struct sockaddr *)&from, &flen) == 3 &&
+             from.sin_addr.s_addr == htonl(0x7f00000a) && ntohs(from.sin_port) == port_of(low) &&
+             shut_for_reading(low);
     fprintf(out, "inet: options %s, tcp %s, udp %s\n", same ? "kept" : "CHANGED", tcp_ok ? "talks" : "FAILED",
             udp_ok ? "talks" : "FAILED");
     verdict(same && tcp_ok && udp_ok, "same=%d tcp=%d udp=%d", same, tcp_ok, udp_ok);
