@@ -171,6 +171,56 @@ def test_a_connection_with_megabytes_in_flight_moves_between_hosts(testbed: Test
     assert (out / "output").read_text() == ref.output()
 
 
+HTTP_SERVER = """
+import http.server, os, sys
+os.chdir(sys.argv[1])
+open("index.html", "w").write("served by a moved process\\n")
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)
+open("port", "w").write(str(server.server_address[1]))
+open("ready", "w").close()
+server.serve_forever()
+"""
+
+
+def _get(bed: Testbed, host: str, port: int) -> str:
+    fetch = f"import urllib.request; print(urllib.request.urlopen('http://{bed.address(host)}:{port}/', timeout=10).read().decode(), end='')"
+    res = bed.exec(host, [sys.executable, "-S", "-c", fetch], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else f"(failed: {res.stderr.strip().splitlines()[-1:]})"
+
+
+def test_a_web_server_moves_and_serves_at_the_destination(testbed: Testbed, tmp_path: Path) -> None:
+    """CPython's http.server, listening on every address: asked on hostA, moved to hostB, asked
+    there at hostB's address; hostA no longer answers."""
+    script = tmp_path / "serve.py"
+    script.write_text(HTTP_SERVER)
+    out = tmp_path / "www"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out)
+    port = int((out / "port").read_text())
+    assert _get(testbed, "hostA", port) == "served by a moved process\n"
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code == 0, err
+    assert _get(testbed, "hostB", port) == "served by a moved process\n"
+    assert _get(testbed, "hostA", port).startswith("(failed")
+    os.kill(report["new_pid"], 9)
+    wait_gone(report["new_pid"])
+
+
+MANAGER = Path(__file__).parent / "workloads" / "mp_manager_tcp.py"
+
+
+def test_a_multiprocessing_manager_over_tcp_moves_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
+    """CPython's SyncManager at 127.0.0.1: its server, a worker and the main process, each
+    call a pickled message over a TCP connection of the job's own; moved live mid-run."""
+    ref = Reference([sys.executable, "-S", str(MANAGER), str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(MANAGER), str(out)], out, hold=True)
+    before = tree(pid)
+    assert len(before) == 3, before          # the main process, the manager's server, the worker
+    move_tree_to_host_c(testbed, before)
+    assert verdict(out) == "PASS", (out / "verdict").read_text()
+    assert (out / "output").read_text() == ref.output()
+
+
 # --- refused, the process running on ----------------------------------------------------------
 
 SERVER = """
