@@ -19,10 +19,11 @@ class PostgresServer:
     """A PostgreSQL server (postmaster and its checkpointer, background writer, WAL writer and
     replication launcher: five processes; autovacuum off, whose workers would come and go) run
     as the postgres user in a
-    directory of its own, on a unix socket only, started by ``spawn`` (Popen, or a test host's
-    popen); ``sql`` runs psql against it."""
+    directory of its own, on a unix socket (and with ``tcp_port``, on TCP at every address as
+    well), started by ``spawn`` (Popen, or a test host's popen); ``sql`` runs psql against it
+    on the unix socket."""
 
-    def __init__(self, spawn: Callable[..., "subprocess.Popen[bytes]"] = subprocess.Popen) -> None:
+    def __init__(self, spawn: Callable[..., "subprocess.Popen[bytes]"] = subprocess.Popen, tcp_port: int = 0) -> None:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
@@ -37,24 +38,28 @@ class PostgresServer:
         res = subprocess.run([*as_postgres, "initdb", "-D", str(self.dir / "data"), "-A", "trust"],
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
+        if tcp_port:            # clients of the test hosts' own addresses, as of localhost
+            with open(self.dir / "data" / "pg_hba.conf", "a") as hba:
+                hba.write("host all all 0.0.0.0/0 trust\n")
         self.log.touch()
         shutil.chown(self.log, "postgres")
         self.shm_before = _segments()
         self.sysv_before = _sysv_segments()
         with open(self.log, "ab") as log:
-            self.proc = spawn([*as_postgres, "postgres", "-D", str(self.dir / "data"), "-c",
-                                          "listen_addresses=", "-c", f"unix_socket_directories={self.dir}",
-                          "-c", "autovacuum=off"],
+            listen = ["-c", "listen_addresses=*", "-c", f"port={tcp_port}"] if tcp_port else ["-c", "listen_addresses="]
+            self.port = tcp_port or 5432
+            self.proc = spawn([*as_postgres, "postgres", "-D", str(self.dir / "data"), *listen,
+                               "-c", f"unix_socket_directories={self.dir}", "-c", "autovacuum=off"],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                                          start_new_session=True)
         STARTED.append(self.proc)
         deadline = time.monotonic() + 60
-        while not (self.dir / ".s.PGSQL.5432").exists() or self.sql("select 1").returncode:
+        while not (self.dir / f".s.PGSQL.{self.port}").exists() or self.sql("select 1").returncode:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
             time.sleep(0.05)
 
     def sql(self, query: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["psql", "-h", str(self.dir), "-U", "postgres", "-tAc", query],
+        return subprocess.run(["psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-tAc", query],
                               capture_output=True, text=True, timeout=60)
 
     def close(self, pid: int) -> None:

@@ -350,6 +350,32 @@ def test_a_postgresql_server_moves_live_with_its_pids(testbed: Testbed) -> None:
         pg.close(moved or pg.proc.pid)
 
 
+def test_a_postgresql_server_listening_on_tcp_moves_live(testbed: Testbed) -> None:
+    """The same server listening on TCP too (IPv4 and IPv6 listeners): on hostC, a client of
+    hostC's own reaches it at hostC's address; hostA no longer answers."""
+    from tests._postgres import PostgresServer
+    port = 20000 + os.getpid() % 20000
+    pg = PostgresServer(lambda argv, **kw: testbed.popen("hostA", argv, **kw), tcp_port=port)
+    moved = 0
+
+    def over_tcp(host: str, query: str) -> subprocess.CompletedProcess[str]:
+        return testbed.exec(host, ["psql", "-h", testbed.address(host), "-p", str(port), "-U", "postgres",
+                                   "-tAc", query], capture_output=True, text=True, timeout=60)
+    try:
+        assert over_tcp("hostA", "create table t (i int); insert into t values (7)").returncode == 0
+        deadline = time.monotonic() + 30
+        while len(before := tree(pg.proc.pid)) != 5:
+            assert time.monotonic() < deadline, before
+            time.sleep(0.01)
+        move_tree_to_host_c(testbed, before)
+        moved = testbed.root_pid("hostC", pg.proc.pid) or 0
+        got = over_tcp("hostC", "insert into t values (8); select sum(i) from t")
+        assert got.stdout.splitlines() == ["INSERT 0 1", "15"], got.stderr + pg.log.read_text()
+        assert over_tcp("hostA", "select 1").returncode != 0
+    finally:
+        pg.close(moved or pg.proc.pid)
+
+
 def small_project(where: Path, files: int = 12) -> None:
     """A C project whose build takes a few seconds with make -j2 (each compile pauses too).
     With WORKLOAD_HOLD=PATH in its environment, the compile of the middle file waits until
