@@ -16,6 +16,7 @@ import pytest
 
 from agent import inet_sockets
 from examples.testbed import Testbed
+from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from tests._hosts import start_in, verdict, wait_file
 from tests._migration import migrate_cli, wait_gone
 from tests._workloads import STARTED, Reference, become_subreaper, build, kcr, one_error_line, reap
@@ -167,6 +168,36 @@ def test_a_connection_with_megabytes_in_flight_moves_between_hosts(testbed: Test
         assert time.monotonic() < deadline, "the child never started"
         time.sleep(0.01)
     move_tree_to_host_c(testbed, before)           # the tree, with its pids, to hostC (pids of its own)
+    assert verdict(out) == "PASS", (out / "verdict").read_text()
+    assert (out / "output").read_text() == ref.output()
+
+
+async def test_a_move_undone_after_the_connections_were_read_leaves_them_working(testbed: Testbed,
+                                                                                 tmp_path: Path) -> None:
+    """The listener's port is taken on hostC during pre-copy: the restore fails there after the
+    source's connections were read in repair mode, the move is rolled back, and on hostA the
+    job's connection carries every byte as if nothing happened."""
+    ref = Reference([sys.executable, "-S", str(TCP_PAIR), str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "job"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(TCP_PAIR), str(out)], out, hold=True)
+    port = int((out / "port").read_text())
+    squatter: list[subprocess.Popen[bytes]] = []
+
+    def take_the_port(ev: object) -> None:
+        if isinstance(ev, PhaseChanged) and ev.phase == "precopy" and not squatter:
+            taken = tmp_path / "taken"
+            squatter.append(testbed.popen("hostC", [sys.executable, "-S", "-c",
+                                                    "import socket, sys, time; s = socket.socket(); "
+                                                    f"s.bind(('127.0.0.1', {port})); s.listen(1); "
+                                                    f"open('{taken}', 'w').close(); time.sleep(120)"]))
+            wait_file(taken, empty_ok=True)
+            STARTED.append(squatter[0])
+    m = Migration(pid, "hostA", "hostC", MigrationOptions(ssh_config=str(testbed.ssh_config_path)),
+                  on_event=take_the_port)
+    with pytest.raises(MigrationError) as info:
+        await m.run()
+    assert m.report.state == "rolled-back", m.report.state
+    assert f"127.0.0.1:{port}" in str(info.value) and "in use" in str(info.value), str(info.value)
     assert verdict(out) == "PASS", (out / "verdict").read_text()
     assert (out / "output").read_text() == ref.output()
 

@@ -25,6 +25,8 @@ def main():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
+    with open(os.path.join(out, "port"), "w") as f:
+        f.write(str(server.getsockname()[1]))
     child = os.fork()
     if child == 0:
         conn = socket.create_connection(server.getsockname())
