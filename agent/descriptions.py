@@ -183,6 +183,9 @@ class Descriptions:
             self._sockets[s.id] = inet_sockets.make(s, shared_port=ports[s.protocol, s.port] > 1)
         for s in sockets.sockets:          # connections: both ends are there now
             inet_sockets.release(self._sockets[s.id], s)
+        made = [self._sockets[s.id] for s in sockets.sockets]
+        for s in sockets.sockets:          # and every UDP socket a queued datagram may come from
+            inet_sockets.requeue(self._sockets[s.id], s, made)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:

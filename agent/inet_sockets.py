@@ -52,13 +52,14 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Collection, Iterable
 
 from transport.errors import RestoreError, UnsupportedResource
 from transport.records import MAX_BYTES
 from transport.schema import (AF_INET, AF_INET6, INET_OPTIONS, IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM, SOCK_STREAM,
-                              SOL_SOCKET, InetOption, InetSocket, TcpConnection)
+                              SOL_SOCKET, InetDatagram, InetOption, InetSocket, TcpConnection)
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -257,10 +258,6 @@ def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInf
         if info.state == TCP_CLOSE and info.shutdown:
             raise UnsupportedResource(f"{what}: a connection from {here} that has ended (its next call may report "
                                       "why): kcr-migrate cannot move it; close it first", pid=pid)
-    elif info.rqueue:
-        raise UnsupportedResource(f"{what} on {here} has datagrams queued ({info.rqueue} bytes in the kernel): "
-                                  "they cannot be queued again from their senders; migrate once the program "
-                                  "has read them", pid=pid)
 
 
 def filter_length(fd: int) -> int:
@@ -301,6 +298,7 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
                 if address == _routed(family, peer, peer_port, scope):
                     address = bytes(len(address))
         options = _changed_options(sock, kind, connected=connection is not None)
+        datagrams = queued_datagrams(sock) if type_ == SOCK_DGRAM else ()
     finally:
         sock.detach()
     listening = protocol == IPPROTO_TCP and info is not None and info.state == TCP_LISTEN
@@ -308,8 +306,93 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
                       scope_id=scope, peer_address=peer, peer_port=peer_port,
                       backlog=info.wqueue if listening and info is not None else -1, options=options,
                       connection=(connection,) if connection is not None else (),
-                      shutdown=info.shutdown if info is not None and type_ == SOCK_DGRAM else 0,
+                      shutdown=info.shutdown if info is not None and type_ == SOCK_DGRAM else 0, datagrams=datagrams,
                       nonlocal_address=bool(address) and any(address) and not _local(family, address, scope))
+
+
+SO_PEEK_OFF = 42
+
+
+def queued_datagrams(sock: socket.socket) -> tuple[InetDatagram, ...]:
+    """The datagrams queued on a UDP socket, left there: MSG_PEEK walked by SO_PEEK_OFF (which
+    steps a datagram at a time), the socket's own peek offset put back after."""
+    out: list[InetDatagram] = []
+    saved = sock.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
+    sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
+    total = 0
+    try:
+        while True:
+            try:
+                data, addr = sock.recvfrom(65535, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return tuple(out)
+            address, port, _ = _unpack(sock.family, addr)
+            out.append(InetDatagram(address, port, data))
+            total += len(data)
+            if total > MAX_QUEUED:
+                raise UnsupportedResource(f"more than {MAX_QUEUED >> 20} MiB of datagrams queued on a UDP socket")
+    finally:
+        sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, saved)
+
+
+MAX_QUEUED = 64 << 20
+IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
+REQUEUE_WAIT_S = 2.0
+
+
+def requeue(sock: socket.socket, s: InetSocket, others: Collection[socket.socket]) -> None:
+    """``s``'s queued datagrams sent to ``sock`` (made again) from their senders' addresses: from
+    the job's own socket bound there if one is (``others``), else from a socket bound there
+    with IP_TRANSPARENT (an address this host need not have), over loopback where ``sock`` is
+    bound to every address. RestoreError if one cannot be, or has not arrived in 2 s."""
+    if not s.datagrams:
+        return
+    family = s.family
+    here = _unpack(family, sock.getsockname())
+    ours = {plain(_unpack(family, o.getsockname())[:2]): o for o in others
+            if o.type == socket.SOCK_DGRAM and o.family == family}
+    for d in s.datagrams:
+        to_addr = here[0]
+        if not any(to_addr):            # bound to every address: over loopback, of the sender's kind
+            to_addr = (bytes(10) + b"\xff\xff\x7f\0\0\1" if d.address[:12] == V4_MAPPED else socket.inet_pton(AF_INET6, "::1")) \
+                if family == AF_INET6 else b"\x7f\0\0\1"
+        to = _sockaddr(family, to_addr, here[1], here[2])
+        sender = ours.get(plain((d.address, d.port)))
+        try:
+            if sender is not None:
+                sender.sendto(d.data, to)
+                continue
+            with socket.socket(family, socket.SOCK_DGRAM) as spoof:
+                spoof.setsockopt(*((0, IP_TRANSPARENT) if family == AF_INET else (41, IPV6_TRANSPARENT)), 1)
+                spoof.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
+                try:
+                    spoof.bind(_sockaddr(family, d.address, d.port, 0))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or family != AF_INET:
+                        raise
+                    # the sender still holds its port here (a host to itself): an IPv4
+                    # packet written whole, which binds no port
+                    _send_raw_udp(d.address, d.port, to_addr, here[1], d.data)
+                    continue
+                spoof.sendto(d.data, to)
+        except OSError as exc:
+            raise RestoreError(f"a datagram queued on UDP {shown(family, here[0], here[1])} from "
+                               f"{shown(family, d.address, d.port)} cannot be queued again here: {exc.strerror}") from None
+    deadline = time.monotonic() + REQUEUE_WAIT_S
+    while len(queued_datagrams(sock)) < len(s.datagrams):      # loopback delivers in a softirq
+        if time.monotonic() > deadline:
+            raise RestoreError(f"datagrams queued again on UDP {shown(family, here[0], here[1])} did not arrive")
+        time.sleep(0.001)
+
+
+def _send_raw_udp(src: bytes, sport: int, dst: bytes, dport: int, data: bytes) -> None:
+    """One UDP datagram from ``src``:``sport`` to ``dst``:``dport`` as an IPv4 packet written
+    whole (IPPROTO_RAW: the kernel fills in the header checksum and id; the UDP checksum left 0,
+    which IPv4 allows: none)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, IPPROTO_UDP, 0, src, dst)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(ip + udp, (socket.inet_ntop(AF_INET, dst), 0))
 
 
 def _routed(family: int, peer: bytes, port: int, scope: int) -> bytes:

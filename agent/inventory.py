@@ -93,7 +93,8 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a socket", REFUSED, target="socket:", readme="sockets of other families"),
     Row("fd", "a TCP or UDP socket", CARRIED, _f("InetSocket", "family", "type", "protocol", "address", "port",
                                                   "scope_id", "peer_address", "peer_port", "backlog", "options",
-                                                  "shutdown", "nonlocal_address")
+                                                  "shutdown", "nonlocal_address", "datagrams")
+        + _f("InetDatagram", "address", "port", "data")
         + _f("InetOption", "level", "name", "value")),
     Row("fd", "a TCP connection between processes of the job", CARRIED, _f("InetSocket", "connection")
         + _f("TcpConnection", "send_seq", "recv_seq", "send_queue", "unsent", "recv_queue", "mss", "options",
@@ -101,8 +102,8 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a TCP connection to a peer that does not move, or one opening or closing", REFUSED,
         readme="a TCP connection whose other end does not move"),
     Row("fd", "a TCP connection's buffer sizes", LOST, readme="a TCP connection's buffer sizes"),
-    Row("fd", "a TCP listener with connections waiting, a UDP socket with datagrams queued", REFUSED,
-        readme="a TCP listener with connections waiting to be accepted, a UDP socket with datagrams queued"),
+    Row("fd", "a TCP listener with connections waiting", REFUSED,
+        readme="a TCP listener with connections waiting to be accepted"),
     Row("fd", "a TCP or UDP socket with a BPF filter attached", REFUSED, readme="a BPF filter attached"),
     Row("fd", "a UDP socket's multicast memberships", LOST, readme="multicast groups a UDP socket joined"),
     Row("fd", "an io_uring instance", REFUSED, target="anon_inode:[io_uring]", readme="io_uring"),

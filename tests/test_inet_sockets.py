@@ -255,7 +255,7 @@ def test_a_multiprocessing_manager_over_tcp_moves_between_hosts(testbed: Testbed
 # --- refused, the process running on ----------------------------------------------------------
 
 SERVER = """
-import socket, sys, time
+import os, socket, sys, time
 kind = sys.argv[1]
 if kind == "connected":
     s = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
@@ -271,6 +271,15 @@ else:
 print(s.getsockname()[1], flush=True)
 sys.stdin.read()                       # until the test closes it
 print("still here", s.getsockname()[1], flush=True)
+if kind == "datagram":                 # what waited in its queue, and from whom
+    s.setblocking(False)
+    with open(os.path.join(os.path.dirname(sys.argv[0]), "got"), "w") as got:
+        while True:
+            try:
+                data, (host, port) = s.recvfrom(100)
+            except BlockingIOError:
+                break
+            got.write(f"{data.decode()} {host} {port}\\n")
 """
 
 
@@ -314,15 +323,6 @@ def test_a_listener_with_a_connection_waiting_is_refused(tmp_path: Path) -> None
     _runs_on(proc, port)
 
 
-def test_a_udp_socket_with_a_datagram_queued_is_refused(tmp_path: Path) -> None:
-    proc, port = _start(tmp_path, "datagram")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-        client.sendto(b"unread", ("127.0.0.1", port))
-        line = _refused(proc, tmp_path)
-    assert f"UDP socket (IPv4) on 127.0.0.1:{port} has datagrams queued" in line, line
-    _runs_on(proc, port)
-
-
 def test_a_listener_cannot_move_within_one_network_namespace(tmp_path: Path) -> None:
     """From a host to itself the job's own socket holds its port: refused in preflight, naming
     the job, and the process runs on."""
@@ -334,6 +334,28 @@ def test_a_listener_cannot_move_within_one_network_namespace(tmp_path: Path) -> 
     assert f"TCP [::]:{port} is held here by pid {proc.pid} (python3), the job itself" in line, line
     assert report.get("state") != "done"
     _runs_on(proc, port)
+
+
+def test_datagrams_queued_from_a_sender_that_stays_come_back_from_it(tmp_path: Path) -> None:
+    """Two datagrams from a socket of this test (still open, so its port is taken here) wait
+    on the job's UDP socket: through an image, recvfrom names the same sender for each."""
+    proc, port = _start(tmp_path, "datagram")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.bind(("127.0.0.1", 0))
+        sender = client.getsockname()[1]
+        for data in (b"first", b"second"):
+            client.sendto(data, ("127.0.0.1", port))
+        image = tmp_path / "img"
+        res = kcr("checkpoint", str(proc.pid), "-o", str(image), "--redirect", "0=/dev/null",
+                  "--redirect", f"1={tmp_path / 'out'}")
+        assert res.returncode == 0, res.stderr.decode()
+        proc.communicate()           # killed by the checkpoint; its pipes closed
+        res = kcr("restore", "-i", str(image))
+        assert res.returncode == 0, res.stderr.decode()
+        assert os.WEXITSTATUS(reap(proc.pid)) == 0
+    assert (tmp_path / "out").read_text() == f"still here {port}\n"
+    got = (tmp_path / "got").read_text().splitlines()
+    assert got == [f"first 127.0.0.1 {sender}", f"second 127.0.0.1 {sender}"], got
 
 
 def test_a_connection_cannot_move_within_one_network_namespace(tmp_path: Path) -> None:

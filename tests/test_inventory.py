@@ -20,7 +20,7 @@ STATE_RECORDS = (schema.ProcessState, schema.ThreadState, schema.Creds, schema.M
                  schema.Vma, schema.FileDesc, schema.EventFile, schema.UnixSocket, schema.PipeBuffer,
                  schema.FileContents, schema.SysvSegment, schema.SeccompFilter, schema.MemPolicy,
                  schema.GuardRegion, schema.InetSocket, schema.InetOption,
-                 schema.TcpConnection)
+                 schema.TcpConnection, schema.InetDatagram)
 # Fields that name or check a record rather than carry state.
 BOOKKEEPING = {"FileContents.id", "EventFile.id", "UnixSocket.id", "PipeBuffer.id", "InetSocket.id"}
 

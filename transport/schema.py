@@ -847,6 +847,15 @@ class TcpConnection:
 
 
 @dataclass(frozen=True)
+class InetDatagram:
+    """A datagram queued on a UDP socket, and who sent it (as recvfrom names the sender)."""
+
+    address: Annotated[bytes, Blob(16)]
+    port: Annotated[int, Int(0, 65535, "a port")]
+    data: Annotated[bytes, Blob(65535)]
+
+
+@dataclass(frozen=True)
 class InetSocket:
     """A TCP socket that is not connected (new, bound, or listening with nothing waiting in
     its accept queue), a TCP connection whose other end moves too (``connection``), or a UDP
@@ -867,6 +876,8 @@ class InetSocket:
     # TCP, ESTABLISHED: the connection (one item), to ``peer_address``:``peer_port``
     connection: Annotated[tuple[TcpConnection, ...], Count(1)] = ()
     shutdown: Annotated[int, Int(0, 3, "a shutdown state")] = 0   # UDP: shut for receiving 1, sending 2
+    # UDP: the datagrams queued, in order (sent again from their senders' addresses)
+    datagrams: Annotated[tuple[InetDatagram, ...], Count(MAX_ITEMS)] = ()
     nonlocal_address: bool = False   # bound to an address its host did not have (IP_FREEBIND at the time)
 
 
@@ -898,6 +909,9 @@ class InetSockets(Record):
             for c in s.connection:
                 _check(c.unsent <= sum(map(len, c.send_queue)), f"inet socket {s.id}: more unsent than queued")
             _check(not s.shutdown or s.type == SOCK_DGRAM, f"inet socket {s.id}: a shut TCP socket")
+            _check(not s.datagrams or s.type == SOCK_DGRAM, f"inet socket {s.id}: datagrams on a TCP socket")
+            _check(all(len(d.address) == size for d in s.datagrams), f"inet socket {s.id}: a sender's address")
+            _check(sum(len(d.data) for d in s.datagrams) <= MAX_SOCKET_QUEUE, f"inet socket {s.id}: queue too large")
             _check(not s.nonlocal_address or bool(s.address), f"inet socket {s.id}: an unbound nonlocal address")
             _check(s.backlog < 0 or (s.type == SOCK_STREAM and bool(s.address) and not s.peer_address),
                    f"inet socket {s.id}: a listener that is not one")

@@ -4,7 +4,8 @@
  * TCP socket never bound with TCP_NODELAY; a connection accepted from the IPv4 listener (so
  * with its SO_REUSEADDR) with bytes queued, not read yet; a UDP socket bound to 127.0.0.10
  * (not the address the route would give it), connected, with SO_NO_CHECK and shut for
- * receiving. Before and after the move it reads their ports, peers and options; after, it
+ * receiving; two datagrams queued on the bound UDP socket, one from the connected one, one
+ * from a socket closed since. Before and after the move it reads their ports, peers and options; after, it
  * reads the queued bytes and answers, connects to both listeners over loopback, accepts, and
  * sends a datagram from each connected UDP socket to the bound one. Its ports go to
  * OUTDIR/ports ("tcp4 tcp6 udp") for the test to reach it from outside.
@@ -102,6 +103,12 @@ int main(int argc, char **argv) {
     setsockopt(low, SOL_SOCKET, SO_NO_CHECK, &one, sizeof one);
     if (acc < 0 || send(clt, "queued", 6, 0) != 6 || bind(low, (struct sockaddr *)&ten, sizeof ten) ||
         connect(low, (struct sockaddr *)&to, sizeof to) || shutdown(low, SHUT_RD)) { perror("setup"); return 3; }
+    int gone = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in lo_any = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    if (bind(gone, (struct sockaddr *)&lo_any, sizeof lo_any) || send(conn, "queued-1", 8, 0) != 8 ||
+        sendto(gone, "from-gone", 9, 0, (struct sockaddr *)&to, sizeof to) != 9) { perror("queue"); return 3; }
+    int gone_port = port_of(gone);
+    close(gone);
     int fds[] = { tcp4, tcp6, udp, conn, fresh, acc, clt, low };
     enum { N = sizeof fds / sizeof fds[0] };
     char before[N][256], after[256];
@@ -125,7 +132,14 @@ int main(int argc, char **argv) {
     tcp_ok = tcp_ok && talk_tcp(tcp4, AF_INET) && talk_tcp(tcp6, AF_INET6);
     struct sockaddr_in from;
     socklen_t flen = sizeof from;
-    int udp_ok = send(conn, "datagram", 8, 0) == 8 &&
+    int udp_ok = recvfrom(udp, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from, &flen) == 8 &&
+                 memcmp(buf, "queued-1", 8) == 0 && ntohs(from.sin_port) == port_of(conn);
+    flen = sizeof from;
+    udp_ok = udp_ok && recvfrom(udp, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from, &flen) == 9 &&
+             memcmp(buf, "from-gone", 9) == 0 && ntohs(from.sin_port) == gone_port &&
+             from.sin_addr.s_addr == htonl(INADDR_LOOPBACK);
+    flen = sizeof from;
+    udp_ok = udp_ok && send(conn, "datagram", 8, 0) == 8 &&
                  recvfrom(udp, buf, sizeof buf, 0, (struct sockaddr *)&from, &flen) == 8 &&
                  memcmp(buf, "datagram", 8) == 0 && ntohs(from.sin_port) == port_of(conn);
     flen = sizeof from;
