@@ -18,7 +18,7 @@ from itertools import chain
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable, Collection, Mapping
 
-from agent import carried_files, fdtable, mempolicy
+from agent import carried_files, fdtable, mempolicy, procfs
 from agent import freeze as freezer
 from agent.as_target import Identity, problem
 from agent.dump import Collected, collect, collect_layout, image_header
@@ -124,6 +124,11 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
     key, unsigned = signing_key(opts.image_key)     # before anything is frozen: a bad key file stops here
     stats.signed_with = key.path if key is not None else ""
     stats.warnings.extend([unsigned] if unsigned else [])
+    outsiders = procfs.ids_held_outside(pids)
+    if outsiders:
+        stats.warnings.append(f"{outsiders[0]}{f' (and {len(outsiders) - 1} more)' if len(outsiders) > 1 else ''}: "
+                              "while it runs, the image can be restored on another host only (the id stays in "
+                              "use here)")
     complete = False
     thawed = False
     arena = snapshot_arena(pids) if opts.leave_running else None

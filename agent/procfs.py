@@ -10,7 +10,7 @@ import os
 import re
 import stat as stat_mod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Collection, Iterable, Mapping
 
 from agent import inventory, sched, timens
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
@@ -58,6 +58,27 @@ def read_stat(pid: int) -> list[str]:
     text = read_text(pid, "stat")
     lpar, rpar = text.index("("), text.rindex(")")
     return ["", text[:lpar].strip(), text[lpar + 1: rpar]] + text[rpar + 2:].split()
+
+
+def ids_held_outside(pids: Collection[int]) -> list[str]:
+    """Processes outside ``pids`` whose session or process group is one of theirs (a job
+    member that left the tree, as a double fork leaves it), each as a phrase: while one runs,
+    that id stays in use on this host, so the job cannot be made again here under its pids."""
+    job = set(pids)
+    out: list[str] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in job:
+            continue
+        try:
+            stat = read_stat(int(entry))
+        except (OSError, NoSuchProcess):
+            continue                      # gone meanwhile
+        pgid, sid = int(stat[5]), int(stat[6])
+        held = sid if sid in job else pgid if pgid in job else 0
+        if held:
+            what = "session" if held == sid else "process group"
+            out.append(f"pid {entry} ({stat[2]}) is in the {what} of pid {held} but not in the job")
+    return out
 
 
 def thread_ids(pid: int) -> list[int]:
