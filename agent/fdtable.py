@@ -1401,20 +1401,26 @@ def _read_all(fd: int, n: int) -> list[bytes]:
     return parts
 
 
-def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
-    """The names the job's unix sockets are bound to (each once; an accepted socket's is its
-    listener's), for the destination's preflight to check (``agent.unix_names.check``). A
-    process gone meanwhile (a running job's child that exited) has none."""
-    inodes: set[int] = set()
+def _socket_holders(pids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """Each socket the job holds (inode) -> the first (pid, fd) holding it. A process gone
+    meanwhile (a running job's child that exited) holds none."""
+    holders: dict[int, tuple[int, int]] = {}
     for pid in pids:
         try:
             links = fd_links(pid)
         except NoSuchProcess:
             continue
-        for _, target in links:
+        for fd, target in links:
             obj = object_of(target)
             if obj is not None and obj[0] == "socket":
-                inodes.add(obj[1])
+                holders.setdefault(obj[1], (pid, fd))
+    return holders
+
+
+def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
+    """The names the job's unix sockets are bound to (each once; an accepted socket's is its
+    listener's), for the destination's preflight to check (``agent.unix_names.check``)."""
+    inodes = set(_socket_holders(pids))
     if not inodes:
         return []           # no socket: nothing to ask sock_diag (a kernel may lack unix_diag)
     out: dict[bytes, unix_names.Bound] = {}
@@ -1429,17 +1435,8 @@ def inet_bound(pids: Sequence[int]) -> list[InetSocket]:
     """The job's TCP and UDP sockets that are bound (an address and port, with the options that
     change how bind behaves), for the destination's preflight to bind each once
     (``agent.inet_sockets.check_bindable``). One it cannot carry is refused by the job's
-    checks, not here; a process gone meanwhile has none."""
-    holders: dict[int, tuple[int, int]] = {}
-    for pid in pids:
-        try:
-            links = fd_links(pid)
-        except NoSuchProcess:
-            continue
-        for fd, target in links:
-            obj = object_of(target)
-            if obj is not None and obj[0] == "socket":
-                holders.setdefault(obj[1], (pid, fd))
+    checks, not here."""
+    holders = _socket_holders(pids)
     if holders:
         holders = {ino: h for ino, h in holders.items() if ino not in unix_sockets.query(holders)}
     out: list[InetSocket] = []

@@ -119,16 +119,23 @@ def test_listeners_and_udp_sockets_move_between_hosts(testbed: Testbed, tmp_path
 TCP_PAIR = Path(__file__).parent / "workloads" / "tcp_pair.py"
 
 
-def test_a_connection_with_megabytes_in_flight_comes_back_through_an_image(tmp_path: Path) -> None:
-    """Parent and child talk over loopback TCP; checkpointed while both queues are full (the
-    child has read nothing yet), restored, every byte arrives once, in order."""
+def _tcp_pair_here(tmp_path: Path) -> tuple[Reference, Path, subprocess.Popen[bytes]]:
+    """tcp_pair.py unmoved (the reference) and held, on this host, once ready: (the reference,
+    the held one's folder, the held one)."""
     ref = Reference([sys.executable, "-S", str(TCP_PAIR), str(tmp_path / "ref")], tmp_path / "ref")
-    out = tmp_path / "moved"
+    out = tmp_path / "job"
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-S", str(TCP_PAIR), str(out)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, env={**os.environ, "WORKLOAD_HOLD": str(out / "go-on")})
     STARTED.append(proc)
     wait_file(out / "ready", empty_ok=True)
+    return ref, out, proc
+
+
+def test_a_connection_with_megabytes_in_flight_comes_back_through_an_image(tmp_path: Path) -> None:
+    """Parent and child talk over loopback TCP; checkpointed while both queues are full (the
+    child has read nothing yet), restored, every byte arrives once, in order."""
+    ref, out, proc = _tcp_pair_here(tmp_path)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
     assert res.returncode == 0, res.stderr.decode()
@@ -145,13 +152,7 @@ def test_a_connection_with_megabytes_in_flight_comes_back_through_an_image(tmp_p
 def test_reading_connections_leaves_them_working(tmp_path: Path) -> None:
     """``checkpoint --leave-running`` reads both ends in repair mode, as a live move does before
     it may roll back: the job runs on, and every byte still arrives once."""
-    ref = Reference([sys.executable, "-S", str(TCP_PAIR), str(tmp_path / "ref")], tmp_path / "ref")
-    out = tmp_path / "job"
-    out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-S", str(TCP_PAIR), str(out)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "WORKLOAD_HOLD": str(out / "go-on")})
-    STARTED.append(proc)
-    wait_file(out / "ready", empty_ok=True)
+    ref, out, proc = _tcp_pair_here(tmp_path)
     res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"), "--leave-running")
     assert res.returncode == 0, res.stderr.decode()
     assert verdict(out) == "PASS", (out / "verdict").read_text()
