@@ -744,69 +744,56 @@ def _redirect_options(fds: Sequence[int]) -> str:
 def _check_inet_sockets(sockets: dict[int, list[Held]]) -> set[int]:
     """Of sockets that are not unix ones, the TCP and UDP sockets ``agent.inet_sockets``
     carries, by inode; UnsupportedResource for any other (another family, a connection, ...)."""
-    found: dict[int, tuple[int, int, tuple[int, int, int]]] = {}
-    for ino, held in sockets.items():
-        pid, fd = held[0][0], held[0][1].fd
-        dup = _dup(pid, fd)
-        try:
-            kind = inet_sockets.kind_of(dup)
-        except OSError:
-            kind = (0, 0, 0)
-        finally:
+    socks = {ino: (held[0][0], held[0][1].fd) for ino, held in sockets.items()}
+    dups: dict[int, int] = {}
+    try:
+        for ino, (pid, fd) in socks.items():
+            dups[ino] = _dup(pid, fd)
+        _checked_inet(socks, dups)
+    finally:
+        for dup in dups.values():
             os.close(dup)
-        if not inet_sockets.is_inet(kind):
+    return set(socks)
+
+
+def _checked_inet(socks: Mapping[int, tuple[int, int]], dups: Mapping[int, int]
+                  ) -> tuple[dict[int, tuple[int, int, int]], dict[int, inet_sockets.DiagInfo]]:
+    """Each socket's (family, type, protocol) and what sock_diag says of it (inode -> the pid
+    and fd holding it, and a dup of it here), each checked (``inet_sockets.check``): one of
+    another family, or one ``record`` could not carry, is refused (UnsupportedResource). A
+    connection's other end is looked for among these."""
+    kinds: dict[int, tuple[int, int, int]] = {}
+    for ino, dup in dups.items():
+        try:
+            kinds[ino] = inet_sockets.kind_of(dup)
+        except OSError:
+            kinds[ino] = (0, 0, 0)
+        if not inet_sockets.is_inet(kinds[ino]):
+            pid, fd = socks[ino]
             raise UnsupportedResource(
                 f"pid {pid} has a socket other than a unix, TCP or UDP one (netlink, raw, SCTP, ...) open as fd {fd}: "
                 f"{_CANNOT}{_redirect_hint([fd], 'a socket')}", pid=pid)
-        found[ino] = (pid, fd, kind)
-    ends = _job_ends({ino: (pid, fd) for ino, (pid, fd, _) in found.items()}, {ino: k for ino, (_, _, k) in found.items()})
-    for family, protocol in {(k[0], k[2]) for _, _, k in found.values()}:
-        infos = inet_sockets.diag(family, protocol, [ino for ino, (_, _, k) in found.items()
-                                                     if (k[0], k[2]) == (family, protocol)])
-        for ino, (pid, fd, kind) in found.items():
-            if (kind[0], kind[2]) == (family, protocol):
-                dup = _dup(pid, fd)
-                try:
-                    inet_sockets.check(pid, fd, dup, kind, infos.get(ino), ends)
-                finally:
-                    os.close(dup)
-    return set(found)
-
-
-def _job_ends(socks: Mapping[int, tuple[int, int]], kinds: Mapping[int, tuple[int, int, int]]
-              ) -> set[tuple[inet_sockets.Endpoint, inet_sockets.Endpoint]]:
-    """(own, peer) endpoints of the job's connected TCP sockets: where a connection's other end
-    is looked for among the job's."""
-    out: set[tuple[inet_sockets.Endpoint, inet_sockets.Endpoint]] = set()
-    for ino, (pid, fd) in socks.items():
-        if kinds[ino][1] != SOCK_STREAM:
-            continue
-        dup = _dup(pid, fd)
-        try:
-            local, peer = inet_sockets.endpoints(dup, kinds[ino][0])
-        finally:
-            os.close(dup)
-        if peer is not None:
-            out.add((local, peer))
-    return out
+    ends = {(local, peer) for ino, dup in dups.items() if kinds[ino][1] == SOCK_STREAM
+            for local, peer in [inet_sockets.endpoints(dup, kinds[ino][0])] if peer is not None}
+    infos: dict[int, inet_sockets.DiagInfo] = {}
+    for family, protocol in {(k[0], k[2]) for k in kinds.values()}:
+        infos.update(inet_sockets.diag(family, protocol,
+                                       [ino for ino, k in kinds.items() if (k[0], k[2]) == (family, protocol)]))
+    for ino, dup in dups.items():
+        pid, fd = socks[ino]
+        inet_sockets.check(pid, fd, dup, kinds[ino], infos.get(ino), ends)
+    return kinds, infos
 
 
 def _inet_records(socks: Mapping[int, tuple[int, int]], pidfd: Callable[[int], int]) -> dict[int, InetSocket]:
     """The TCP and UDP sockets (inode -> the pid and fd that hold it) as the image carries
     them, each checked again: a connection may have reached a frozen listener since."""
     out: dict[int, InetSocket] = {}
-    dups = {ino: pidfd_getfd(pidfd(pid), fd) for ino, (pid, fd) in socks.items()}
+    dups: dict[int, int] = {}
     try:
-        kinds = {ino: inet_sockets.kind_of(dup) for ino, dup in dups.items()}
-        ends = {(local, peer) for ino, dup in dups.items() if kinds[ino][1] == SOCK_STREAM
-                for local, peer in [inet_sockets.endpoints(dup, kinds[ino][0])] if peer is not None}
-        infos: dict[int, inet_sockets.DiagInfo] = {}
-        for family, protocol in {(k[0], k[2]) for k in kinds.values()}:
-            infos.update(inet_sockets.diag(family, protocol,
-                                           [ino for ino, k in kinds.items() if (k[0], k[2]) == (family, protocol)]))
-        for ino, dup in dups.items():
-            pid, fd = socks[ino]
-            inet_sockets.check(pid, fd, dup, kinds[ino], infos.get(ino), ends)
+        for ino, (pid, fd) in socks.items():
+            dups[ino] = pidfd_getfd(pidfd(pid), fd)
+        kinds, infos = _checked_inet(socks, dups)
         connections = inet_sockets.read_connections(
             {ino: dup for ino, dup in dups.items() if ino in infos and kinds[ino][2] == IPPROTO_TCP
              and infos[ino].state == inet_sockets.TCP_ESTABLISHED})
