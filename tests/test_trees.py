@@ -134,6 +134,56 @@ def test_workers_with_socketpairs_reaped_by_pid(tmp_path: Path) -> None:
     assert sorted((w.dir / "log").read_text().splitlines()) == sorted((ref.dir / "log").read_text().splitlines())
 
 
+# Run in a pid namespace of its own (unshare --pid --fork --mount-proc): the tree is started in
+# the session of a process outside it, which /proc there shows as session 0 and group 0, as a job
+# started from a container's shell (or a CI runner's) sees them.
+IN_PID_NAMESPACE = r"""
+import json, os, subprocess, sys, time
+workload, out, image = sys.argv[1:4]
+env = {**os.environ, "WORKLOAD_SCALE": "3", "WORKLOAD_HOLD": out + "/go-on"}
+with open(out + "/stdout", "wb") as o, open(out + "/stderr", "wb") as e:
+    proc = subprocess.Popen([workload, out], stdin=subprocess.DEVNULL, stdout=o, stderr=e, cwd=out, env=env)
+while not os.path.exists(out + "/ready"):
+    time.sleep(0.01)
+ids = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[2:4]
+kcr = [sys.executable, "-m", "migrate"]
+ckpt = subprocess.run(kcr + ["checkpoint", str(proc.pid), "-o", image], capture_output=True, text=True)
+proc.wait()
+while True:                  # the killed workers, adopted here (pid 1): reaped, their pids free
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+rest = subprocess.run(kcr + ["restore", "-i", image], capture_output=True, text=True)
+status = -1
+if rest.returncode == 0:
+    open(out + "/go-on", "w").close()
+    status = os.waitpid(proc.pid, 0)[1]          # restored under its pid, adopted here
+print(json.dumps({"ids": ids, "checkpoint": ckpt.stderr, "restore": rest.stderr, "status": status}))
+"""
+
+
+def test_a_tree_whose_session_is_outside_its_pid_namespace(tmp_path: Path) -> None:
+    """In a container, a job's session and group leader is often outside the pid namespace:
+    /proc shows both as 0. The tree is checkpointed and restored there; it finishes as an
+    unmoved one."""
+    ref = start_reference("tree_workers", tmp_path, scale=3)
+    out = tmp_path / "moved"
+    out.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(IN_PID_NAMESPACE)
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(driver),
+                          str(build("tree_workers")), str(out), str(tmp_path / "tree.img")],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["ids"] == ["0", "0"]               # what this test is about: both outside
+    assert "4 processes" in got["checkpoint"], got["checkpoint"]
+    assert got["status"] == 0, got["restore"] or (out / "stderr").read_text()
+    assert (out / "verdict").read_text().strip() == "PASS"
+    assert (out / "output").read_text() == finished(ref).output()
+
+
 def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Path) -> None:
     """Restore makes each process's memory ready as the stream turns from it to the next one,
     its records all in (``Restorer.prepare``). An image that turns back to a process after

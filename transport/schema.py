@@ -109,6 +109,7 @@ MEMBARRIER_REGISTRATIONS = sum(MEMBARRIER_REGISTER_COMMANDS)  # sizeof(struct ro
 
 # What the fields of the records below may hold (``transport.records`` checks while decoding).
 Pid = Annotated[int, Int(1, PID_MAX_LIMIT - 1, "a pid")]
+OuterPid = Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")]
 UserAddr = Annotated[int, Int(0, TASK_SIZE, "a user-space address")]
 TlsBase = Annotated[int, Int(0, TASK_SIZE - 1, "an fs or gs base (a user-space address)")]
 SigNo = Annotated[int, Int(1, NSIG, "a signal number")]
@@ -1195,8 +1196,8 @@ class TreeMember:
     pid: Pid
     ppid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a parent pid")]   # the parent's pid (outside the
                              # tree for its root; 0 where that is the kernel)
-    pgid: Pid
-    sid: Pid
+    pgid: OuterPid           # 0: the group's or session's leader is in a pid namespace above
+    sid: OuterPid            # the one the process was read in (as in a container's shell)
     comm: Comm
     exit_status: Annotated[int, Int(-1, 0xFFFF, "a wait status or -1")] = -1   # a zombie: the wait status
                              # its parent has yet to collect; -1: it runs
