@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Sequence
 
-from agent import fanotify, inet_sockets, inotify, unix_names
+from agent import fanotify, inet_sockets, inotify, socket_filter, unix_names
 from agent.peercred import Sockets
 from agent.as_target import Identity
 from agent.carried_files import set_times
@@ -186,6 +186,8 @@ class Descriptions:
         made = [self._sockets[s.id] for s in sockets.sockets]
         for s in sockets.sockets:          # and every UDP socket a queued datagram may come from
             inet_sockets.requeue(self._sockets[s.id], s, made)
+        for s in sockets.sockets:          # once what they had accepted is back
+            socket_filter.attach(self._sockets[s.id], s.bpf_filter, s.filter_locked)
 
     def add_events(self, events: EventFiles) -> None:
         for e in events.files:
@@ -787,6 +789,7 @@ def _send_from(named: dict[bytes, socket.socket], s: UnixSocket) -> None:
 
 
 def _set_options(sock: socket.socket, o: SocketOptions) -> None:
+    """``o`` set on ``sock``, its queue filled already (its filter judges what comes after)."""
     sol = socket.SOL_SOCKET
     sock.setsockopt(sol, SO_RCVBUFFORCE, o.rcvbuf // 2)      # getsockopt showed them doubled
     sock.setsockopt(sol, SO_SNDBUFFORCE, o.sndbuf // 2)
@@ -799,3 +802,4 @@ def _set_options(sock: socket.socket, o: SocketOptions) -> None:
     for opt, us in ((SO_RCVTIMEO_OLD, o.rcvtimeo_us), (SO_SNDTIMEO_OLD, o.sndtimeo_us)):
         if us:
             sock.setsockopt(sol, opt, struct.pack("<qq", us // 1_000_000, us % 1_000_000))
+    socket_filter.attach(sock, o.bpf_filter, bool(o.filter_locked))

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Collection, Mapping, Sequence
 
-from agent import fanotify, inet_sockets, inotify, locks, shm_files, unix_names, unix_sockets
+from agent import fanotify, inet_sockets, inotify, locks, shm_files, socket_filter, unix_names, unix_sockets
 from agent.carried_files import CarriedFile
 from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, check_mapped_only, classify_fd, fd_links,
                           list_fds, mapped_only, read_stat, read_status, read_text, thread_ids)
@@ -1088,7 +1088,7 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         # Sockets restore makes together go in one record, the first process's that holds any:
         # a pair, a listener with its connections, a datagram socket with those it hears from.
         group = _socket_groups(known, role, socks, order)
-        made = {ino: _socket(pidfd(holder), fd, known[ino], role[ino], *sent.get(ino, ((), (0, 0, 0))),
+        made = {ino: _socket(holder, pidfd(holder), fd, known[ino], role[ino], *sent.get(ino, ((), (0, 0, 0))),
                              _peer_wqueue(known, ino, role))
                 for ino, (holder, fd) in socks.items()}
         _check_senders(made, socks)
@@ -1277,7 +1277,7 @@ def _peer_wqueue(known: Mapping[int, unix_sockets.UnixSocketInfo], ino: int, rol
     return peer.wqueue if peer is not None and not peer.name and not known[ino].name else 0
 
 
-def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
+def _socket(pid: int, pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
             sent: tuple[bytes, ...] = (), conn: tuple[int, int, int] = (0, 0, 0), peer_wqueue: int = 0) -> UnixSocket:
     """``sent``, ``conn``: a waiting client's, from ``_accept_waiting``; ``peer_wqueue``: see
     ``_peer_wqueue`` (a message no peek shows is refused by it)."""
@@ -1287,6 +1287,7 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
         unix_sockets.check_hidden_messages(fd, info.type, [m.data for m in messages], peer_wqueue)
         o = unix_sockets.socket_options(dup)
         cred = unix_sockets.peer_credentials(dup)
+        program, locked = socket_filter.read(dup, f"pid {pid}'s fd {fd} (a unix socket)", pid)
     finally:
         os.close(dup)
     queue = [m.data for m in messages]
@@ -1294,7 +1295,8 @@ def _socket(pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
         rcvbuf=o["SO_RCVBUF"], sndbuf=o["SO_SNDBUF"], passcred=o.get("SO_PASSCRED", 0),
         passsec=o.get("SO_PASSSEC", 0), peek_off=o.get("SO_PEEK_OFF", -1), rcvlowat=o.get("SO_RCVLOWAT", 1),
         oobinline=o.get("SO_OOBINLINE", 0), rcvtimeo_us=o.get("SO_RCVTIMEO", 0), sndtimeo_us=o.get("SO_SNDTIMEO", 0),
-        passpidfd=o.get("SO_PASSPIDFD", 0), passrights=o.get("SO_PASSRIGHTS", 1))
+        passpidfd=o.get("SO_PASSPIDFD", 0), passrights=o.get("SO_PASSRIGHTS", 1),
+        bpf_filter=program, filter_locked=int(locked))
     closed = _peer_closed(info)
     if queue and not role.peer and not closed and not info.name:
         raise UnsupportedResource(f"fd {fd} is an unconnected unix socket with messages queued: {_CANNOT}")

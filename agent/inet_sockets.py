@@ -45,7 +45,6 @@ queue already sent goes in as sent, the rest is written once out of repair mode)
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -56,6 +55,7 @@ import time
 from dataclasses import dataclass
 from typing import Collection, Iterable
 
+from agent import socket_filter
 from transport.errors import RestoreError, UnsupportedResource
 from transport.records import MAX_BYTES
 from transport.schema import (AF_INET, AF_INET6, INET_OPTIONS, IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM, SOCK_STREAM,
@@ -74,7 +74,7 @@ _MSG = struct.Struct("=BBBB48xIIIII")             # inet_diag_msg: family, state
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
               7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV"}
 TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
-SO_DOMAIN, SO_PROTOCOL, SO_GET_FILTER = 39, 38, 26
+SO_DOMAIN, SO_PROTOCOL = 39, 38
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 SO_REUSEADDR, SO_REUSEPORT, SO_BINDTODEVICE, SO_BUF_LOCK = 2, 15, 25, 72
 SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
@@ -88,7 +88,6 @@ TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 TCP_MAXSEG = 2
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
-_libc = ctypes.CDLL(None, use_errno=True)
 _BEFORE_BIND = {(SOL_SOCKET, SO_REUSEADDR), (SOL_SOCKET, SO_REUSEPORT), (SOL_SOCKET, SO_BINDTODEVICE),
                 (41, IPV6_V6ONLY), (0, 15), (0, 19), (0, 24), (41, 78), (41, 75)}   # and the free/transparent binds
 
@@ -226,19 +225,16 @@ def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInf
             peer: tuple[bytes, int, int] | None = _unpack(family, sock.getpeername())
         except OSError:
             peer = None
-        filtered = filter_length(dup)
     finally:
         sock.detach()
     here = shown(family, *local[:2]) if local[1] or any(local[0]) else "(unbound)"
+    socket_filter.read(dup, f"{what} on {here}", pid)        # refuses an eBPF program
     if info is None:
         if local[1] or any(local[0]):
             # sock_diag shows every socket with a port but one whose connection has ended
             raise UnsupportedResource(f"{what}: a connection from {here} that has ended (its next call may report "
                                       "why): kcr-migrate cannot move it; close it first", pid=pid)
         return                    # never bound: sock_diag shows none such
-    if filtered:
-        raise UnsupportedResource(f"{what} on {here} has a BPF filter attached (SO_ATTACH_FILTER): "
-                                  "kcr-migrate cannot move it", pid=pid)
     if protocol == IPPROTO_TCP:
         if info.state == TCP_LISTEN and info.rqueue:
             raise UnsupportedResource(
@@ -258,17 +254,6 @@ def check(pid: int, fd: int, dup: int, kind: tuple[int, int, int], info: DiagInf
         if info.state == TCP_CLOSE and info.shutdown:
             raise UnsupportedResource(f"{what}: a connection from {here} that has ended (its next call may report "
                                       "why): kcr-migrate cannot move it; close it first", pid=pid)
-
-
-def filter_length(fd: int) -> int:
-    """The instructions of the classic BPF filter attached to the socket ``fd`` (0: none).
-    SO_GET_FILTER takes its length in instructions, not bytes, so it is asked with a length
-    of 0 (which only counts them): through libc, since Python's getsockopt sends a buffer."""
-    length = ctypes.c_uint32(0)
-    if _libc.getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, None, ctypes.byref(length)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"getsockopt(SO_GET_FILTER): {os.strerror(err)}")
-    return length.value
 
 
 def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None,
@@ -298,6 +283,7 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
                 if address == _routed(family, peer, peer_port, scope):
                     address = bytes(len(address))
         options = _changed_options(sock, kind, connected=connection is not None)
+        program, locked = socket_filter.read(dup, f"socket {ino}", 0)
         datagrams = queued_datagrams(sock) if type_ == SOCK_DGRAM else ()
     finally:
         sock.detach()
@@ -307,7 +293,8 @@ def record(ino: int, dup: int, kind: tuple[int, int, int], info: DiagInfo | None
                       backlog=info.wqueue if listening and info is not None else -1, options=options,
                       connection=(connection,) if connection is not None else (),
                       shutdown=info.shutdown if info is not None and type_ == SOCK_DGRAM else 0, datagrams=datagrams,
-                      nonlocal_address=bool(address) and any(address) and not _local(family, address, scope))
+                      nonlocal_address=bool(address) and any(address) and not _local(family, address, scope),
+                      bpf_filter=program, filter_locked=locked)
 
 
 SO_PEEK_OFF = 42

@@ -294,6 +294,25 @@ def _inet_sockets(p: Proc) -> object:
     return [(fd, got) for fd, got in found if got]
 
 
+def _socket_filters(p: Proc) -> object:
+    """Each socket's classic BPF filter, instruction for instruction, and SO_LOCK_FILTER.
+    SO_GET_FILTER counts in instructions where getsockopt's length is in bytes: through libc."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def read(d: int) -> tuple[object, ...]:
+        room = ctypes.c_uint32(4096)
+        buf = ctypes.create_string_buffer(8 * 4096)
+        if libc.getsockopt(d, socket.SOL_SOCKET, 26, buf, ctypes.byref(room)) != 0:     # SO_GET_FILTER
+            return ("unreadable", ctypes.get_errno())
+        lock = ctypes.c_int(0)
+        size = ctypes.c_uint32(4)
+        libc.getsockopt(d, socket.SOL_SOCKET, 44, ctypes.byref(lock), ctypes.byref(size))   # SO_LOCK_FILTER
+        return (buf.raw[:8 * room.value], lock.value) if room.value else ()
+    found = [(fd, _with_dup(p, fd, read)) for fd in p.kind_fds(lambda link, st: link.startswith("socket:"))]
+    return [(fd, got) for fd, got in found if got]
+
+
 def _tcp_connections(p: Proc) -> object:
     """Each connection's two ends (their ports; both are the job's). The bytes queued are not
     compared: the kernel moves them from one end's queue to the other's while the job is
@@ -535,6 +554,7 @@ OBSERVE: dict[str, Callable[[Proc], object]] = {
     "a unix socket bound to a path or an abstract name": _bound_sockets,
     "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)": _peer_credentials,
     "a TCP or UDP socket": _inet_sockets,
+    "a socket's classic BPF filter (SO_ATTACH_FILTER) and its lock": _socket_filters,
     "a TCP connection between processes of the job": _tcp_connections,
     "an eventfd": _anon("eventfd", ("eventfd-count", "eventfd-semaphore")),
     "a timerfd": _timerfds,

@@ -267,6 +267,16 @@ elif kind == "self":                   # both ends of a connection in one proces
     c = socket.create_connection(listener.getsockname()); s, _ = listener.accept(); listener.close()
 elif kind == "datagram":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+elif kind == "ebpf":                   # an eBPF program attached (SO_ATTACH_BPF), its own fd closed
+    import ctypes, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = ctypes.create_string_buffer(struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0))
+    gpl = ctypes.create_string_buffer(b"GPL")        # r0 = 0; exit: a socket filter that drops all
+    attr = ctypes.create_string_buffer(struct.pack("<IIQQ", 1, 2, ctypes.addressof(code), ctypes.addressof(gpl)), 128)
+    prog = libc.syscall(321, 5, attr, 128)           # bpf(BPF_PROG_LOAD, BPF_PROG_TYPE_SOCKET_FILTER)
+    assert prog >= 0, ctypes.get_errno()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+    s.setsockopt(socket.SOL_SOCKET, 50, prog); os.close(prog)      # SO_ATTACH_BPF
 else:
     s = socket.socket(socket.AF_INET6); s.bind(("::", 0)); s.listen(4)
 print(s.getsockname()[1], flush=True)
@@ -314,6 +324,32 @@ def test_a_connection_to_a_peer_that_stays_is_refused_naming_it(tmp_path: Path) 
         line = _refused(proc, tmp_path)
         assert f"127.0.0.1:{local} to 127.0.0.1:{port}, whose other end does not move with it" in line, line
         _runs_on(proc, local)
+
+
+def test_a_socket_with_an_ebpf_filter_is_refused(tmp_path: Path) -> None:
+    """A classic filter is read back and carried (``ckpt_filters``); an eBPF one has no copy to
+    read: refused before anything is frozen, and the process runs on."""
+    proc, port = _start(tmp_path, "ebpf")
+    line = _refused(proc, tmp_path)
+    assert f"UDP socket (IPv4) on 127.0.0.1:{port} has an eBPF program attached (SO_ATTACH_BPF)" in line, line
+    _runs_on(proc, port)
+
+
+def test_socket_filters_come_back_through_an_image(tmp_path: Path) -> None:
+    ref, w, _ = migrate_once("ckpt_filters", tmp_path)
+    assert w.output() == ref.output() == "filters checked: all good\n"
+
+
+def test_socket_filters_move_between_hosts(testbed: Testbed, tmp_path: Path) -> None:
+    exe = str(build("ckpt_filters"))
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostB", "--ssh-config", str(testbed.ssh_config_path))
+    assert code == 0, err
+    assert verdict(out) == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == ref.output() == "filters checked: all good\n"
+    wait_gone(report["new_pid"])
 
 
 def test_a_listener_with_a_connection_waiting_is_refused(tmp_path: Path) -> None:

@@ -82,7 +82,9 @@ from transport.records import (
 # would drop: the file made again would say it was written at the restore.
 # 11: TCP and UDP sockets (``InetSockets``, ``FileDesc`` kind "inet"): a version 10 reader
 # knows neither the record nor the fd kind, and refuses the image.
-FORMAT_VERSION = 11
+# 12: a socket's classic BPF filter (``SocketOptions.bpf_filter``, ``InetSocket.bpf_filter``),
+# which a version 11 reader would drop: the socket would take what its filter kept out.
+FORMAT_VERSION = 12
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -634,6 +636,8 @@ MAX_WATCHES = 1 << 20
 
 UNIX_PATH_MAX = 108          # sizeof(sockaddr_un.sun_path)
 UnixName = Annotated[bytes, Blob(UNIX_PATH_MAX)]
+BPF_INSTRUCTION = 8          # struct sock_filter
+BpfProgram = Annotated[bytes, Blob(BPF_INSTRUCTION * 4096)]   # BPF_MAXINSNS instructions at most
 
 
 def unix_name_ok(name: bytes) -> bool:
@@ -658,6 +662,8 @@ class SocketOptions:
     sndtimeo_us: NonNegI64 = 0
     passpidfd: Flag = 0
     passrights: Flag = 1
+    bpf_filter: BpfProgram = b""   # a classic BPF filter (SO_ATTACH_FILTER), as SO_GET_FILTER reads it
+    filter_locked: Flag = 0        # SO_LOCK_FILTER
 
 
 @dataclass(frozen=True)
@@ -718,6 +724,8 @@ class UnixSockets(Record):
         _check(len(by_id) == len(self.sockets), "socket ids repeat")
         for s in self.sockets:
             _check(s.type in (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET), f"socket {s.id}: type {s.type}")
+            _check(len(s.options.bpf_filter) % BPF_INSTRUCTION == 0, f"socket {s.id}: a BPF filter of part "
+                   "of an instruction")
             _check(s.peer == 0 or (s.peer in by_id and by_id[s.peer].peer == s.id and s.peer != s.id),
                    f"socket {s.id}: its peer {s.peer} is not a socket here that names it back")
             _check(not (s.peer and s.peer_closed), f"socket {s.id}: a peer that is both there and gone")
@@ -880,6 +888,8 @@ class InetSocket:
     # UDP: the datagrams queued, in order (sent again from their senders' addresses)
     datagrams: Annotated[tuple[InetDatagram, ...], Count(MAX_ITEMS)] = ()
     nonlocal_address: bool = False   # bound to an address its host did not have (IP_FREEBIND at the time)
+    bpf_filter: BpfProgram = b""   # a classic BPF filter (SO_ATTACH_FILTER), as SO_GET_FILTER reads it
+    filter_locked: bool = False    # SO_LOCK_FILTER
 
 
 @dataclass(frozen=True)
@@ -895,6 +905,8 @@ class InetSockets(Record):
             _check(s.id not in seen, f"inet socket {s.id} twice")
             seen.add(s.id)
             _check(s.family in (AF_INET, AF_INET6), f"inet socket {s.id}: family {s.family}")
+            _check(len(s.bpf_filter) % BPF_INSTRUCTION == 0, f"inet socket {s.id}: a BPF filter of part of an "
+                   "instruction")
             _check((s.type, s.protocol) in ((SOCK_STREAM, IPPROTO_TCP), (SOCK_DGRAM, IPPROTO_UDP)),
                    f"inet socket {s.id}: type {s.type} protocol {s.protocol}")
             size = 4 if s.family == AF_INET else 16
