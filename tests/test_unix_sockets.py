@@ -230,6 +230,22 @@ def test_kernel_fact_empty_datagrams_hide_from_a_second_walk() -> None:
         assert drain(b, socket.SOCK_DGRAM) == [b"", b"one", b"", b"two"]
 
 
+def test_a_seqpacket_socket_shut_for_reading_ends_its_queue() -> None:
+    """Shut for reading, a seqpacket socket reports its end as a message of no bytes, again and
+    again (a kernel fact): the walk stops there, with what was queued before the shutdown, where
+    it used to read empty messages until its byte bound (minutes: zdtm sockets01-seqpacket)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        a.send(b"before")
+        a.send(b"the shutdown")
+        b.shutdown(socket.SHUT_RD)
+        assert queued_data(b.fileno(), socket.SOCK_SEQPACKET) == [b"before", b"the shutdown"]
+        b.setblocking(False)
+        assert [b.recv(100), b.recv(100)] == [b"before", b"the shutdown"]
+        assert b.recv(10) == b"" and b.recv(10) == b""           # the end, not a message
+        assert queued_data(b.fileno(), socket.SOCK_SEQPACKET) == []
+
+
 def test_socket_options() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
