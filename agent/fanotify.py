@@ -31,6 +31,7 @@ _libc.fanotify_mark.argtypes = (ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ct
 FAN_CLOEXEC = 0x1
 FAN_CLASS_BITS = 0xC             # FAN_CLASS_CONTENT 0x4, FAN_CLASS_PRE_CONTENT 0x8
 FAN_MARK_ADD = 0x1
+FAN_MARK_DONT_FOLLOW = 0x4
 FAN_MARK_IGNORED_MASK, FAN_MARK_IGNORED_SURV_MODIFY = 0x20, 0x40
 FAN_MARK_EVICTABLE, FAN_MARK_IGNORE = 0x200, 0x400
 KIND_FLAGS = {"inode": 0, "mount": 0x10, "filesystem": 0x100}   # FAN_MARK_MOUNT, FAN_MARK_FILESYSTEM
@@ -111,6 +112,8 @@ def make(init_flags: int, event_flags: int, marks: tuple[FanotifyMark, ...]) -> 
         for m in marks:
             path = os.fsencode(m.path)
             kind = KIND_FLAGS[m.kind] | (m.mflags & FAN_MARK_EVICTABLE)
+            if m.kind == "inode" and os.path.islink(path):
+                kind |= FAN_MARK_DONT_FOLLOW        # the source named the marked inode: the link itself
             calls = [(kind, m.mask)] if m.mask else []
             if m.ignored_mask:
                 how = FAN_MARK_IGNORE if m.mflags & FAN_MARK_IGNORE else FAN_MARK_IGNORED_MASK

@@ -33,6 +33,7 @@ _libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
 
 IN_MASK_CREATE = 0x10000000      # add-only flags: never kept in a watch's mask
 IN_MASK_ADD = 0x20000000
+IN_DONT_FOLLOW = 0x02000000
 O_PATH = 0o10000000
 # The most add/remove rounds one restore spends to reach a watch's number (a program that has
 # watched and unwatched a million times since its instance was made is refused instead).
@@ -110,6 +111,10 @@ def make(watched: tuple[InotifyWatch, ...]) -> int:
         for w in sorted(watched, key=lambda w: w.wd):
             path = os.fsencode(w.path)
             mask = w.mask & ~(IN_MASK_CREATE | IN_MASK_ADD)
+            if os.path.islink(path):
+                # The source named the watched inode by its own path: the link itself was
+                # watched (IN_DONT_FOLLOW, an add-only flag no mask keeps), not its target.
+                mask |= IN_DONT_FOLLOW
             skipped = 0
             while True:
                 got = _libc.inotify_add_watch(fd, path, mask)

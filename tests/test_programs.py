@@ -584,6 +584,39 @@ def test_inotify(tmp_path: Path, how: str) -> None:
     assert moved_output(tmp_path, INOTIFY, how, state=True) == "4 5 4:100:x 5:100:y 5:8000: 4:200:x watches=1\n"
 
 
+# A watch on a symlink itself (IN_DONT_FOLLOW, a flag no watch's mask keeps) beside one on its
+# target: each still reports its own inode's events under its own number.
+INOTIFY_LINK = """
+import ctypes, os, struct, sys, time
+d = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+IN_ATTRIB, IN_DONT_FOLLOW = 0x4, 0x2000000
+target, link = os.path.join(d, "t"), os.path.join(d, "l")
+open(target, "w").close()
+os.symlink("t", link)
+fd = libc.inotify_init1(os.O_CLOEXEC)
+wt = libc.inotify_add_watch(fd, target.encode(), IN_ATTRIB)
+wl = libc.inotify_add_watch(fd, link.encode(), IN_ATTRIB | IN_DONT_FOLLOW)
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+os.utime(link, (1, 1), follow_symlinks=False)      # the link's own times
+os.chmod(target, 0o600)
+data = os.read(fd, 4096)
+events = []
+while data:
+    wd, mask, cookie, size = struct.unpack_from("iIII", data)
+    events.append(f"{wd}:{mask:x}")
+    data = data[16 + size:]
+open(f"{d}/output", "w").write(f"{wt} {wl} {' '.join(events)}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_inotify_on_a_symlink_itself(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, INOTIFY_LINK, how, state=True) == "1 2 2:4 1:4\n"
+
+
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
 OVERRUN = TIMER_PRELUDE + """
