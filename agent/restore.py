@@ -291,6 +291,14 @@ def _segments(vmas: Sequence[Vma]) -> list[list[Vma]]:
     return _attachments([v for v in vmas if v.shm is not None])
 
 
+def _droppable(layout: Sequence[Vma]) -> list[Span]:
+    """The MAP_DROPPABLE memory of ``layout``, which comes back empty. The kernel may drop its
+    pages at any time, and its users refill it: glibc keeps getrandom()'s state there, and a
+    state carried along would make two processes restored from one image draw the same random
+    bytes. Emptied, it is seeded again on first use, as after a drop (and as CRIU does)."""
+    return merge_spans((v.start, v.end) for v in layout if v.advice & VMA_DROPPABLE)
+
+
 def _without(batch: PageBatch, skip: list[Span]) -> PageBatch:
     """``batch`` less its pages in ``skip`` (sorted, merged)."""
     runs: list[tuple[int, int]] = []
@@ -387,6 +395,7 @@ class Restorer:
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
+        self._dropped: list[Span] = []        # MAP_DROPPABLE memory: no pages go in (``_droppable``)
         self._carried: Descriptions | None = None     # in finish(): the deleted files made again
         self._dirs: dict[str, tuple[tuple[int, int], str]] = {}   # cwd, root: (dev, ino) the process may enter
         self.memory_ready = False      # the memory's part of finish() was done early (``prepare``)
@@ -747,6 +756,7 @@ class Restorer:
         # A file mapped shared takes no pages: they would be written into the file.
         self._mapped = merge_spans((v.start, v.end) for v in new if _takes_pages(v))
         self._mapped_starts = [start for start, _ in self._mapped]
+        self._dropped = _droppable(new)
         self._placeholders = {(v.start, v.end): v for v in new if self._is_deferred(v)}
         self._placeholder_pages = {p for p in self._placeholder_pages if within(plan.kept, p)}
 
@@ -826,6 +836,7 @@ class Restorer:
         self.layout = applied(self.layout, delta)
         self._mapped = splice_spans(self._mapped, region, merge_spans((v.start, v.end) for v in news if _takes_pages(v)))
         self._mapped_starts = [start for start, _ in self._mapped]
+        self._dropped = _droppable(self.layout)
         for key in [k for k in self._placeholders if within(region, k[0])]:
             del self._placeholders[key]
         self._placeholders.update({(v.start, v.end): v for v in news if self._is_deferred(v)})
@@ -1040,6 +1051,8 @@ class Restorer:
                                    "mapped shared (whose pages are the file's): corrupt image")
         if self._foreign:
             batch = _without(batch, merge_spans(self._foreign))
+        if self._dropped:
+            batch = _without(batch, self._dropped)
         if self._placeholders:
             for addr, n in batch.runs:
                 for (start, end) in self._placeholders:

@@ -617,6 +617,39 @@ def test_inotify_on_a_symlink_itself(tmp_path: Path, how: str) -> None:
     assert moved_output(tmp_path, INOTIFY_LINK, how, state=True) == "1 2 2:4 1:4\n"
 
 
+# MAP_DROPPABLE memory (glibc 2.41 keeps getrandom()'s state there) beside plain memory: the
+# kernel may empty it at any time; a move empties it, so that two processes restored from one
+# image never share such a state. It stays droppable, and is refilled as after a drop.
+DROPPABLE = """
+import ctypes, mmap, os, sys, time
+d = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+dp = libc.mmap(None, 8192, mmap.PROT_READ | mmap.PROT_WRITE, 0x08 | mmap.MAP_ANONYMOUS, -1, 0)   # MAP_DROPPABLE
+assert dp != ctypes.c_void_p(-1).value, ctypes.get_errno()
+ctypes.memmove(dp, b"a random state" * 10, 140)
+plain = mmap.mmap(-1, 4096)
+plain.write(b"kept")
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+flags = [line.split()[1:] for line in open("/proc/self/smaps") if line.startswith("VmFlags")]
+start = [int(line.split("-")[0], 16) for line in open("/proc/self/smaps") if line[0] in "0123456789abcdef"]
+droppable = "dp" in flags[start.index(dp)]
+emptied = ctypes.string_at(dp, 8192) == bytes(8192)
+ctypes.memmove(dp, b"again", 5)
+open(f"{d}/output", "w").write(f"droppable={droppable} emptied={emptied} refilled={ctypes.string_at(dp, 5)} "
+                                f"plain={plain[:4]}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_droppable_memory_comes_back_empty(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, DROPPABLE, how, state=True) == \
+        "droppable=True emptied=True refilled=b'again' plain=b'kept'\n"
+
+
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
 OVERRUN = TIMER_PRELUDE + """
