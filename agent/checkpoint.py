@@ -18,7 +18,7 @@ from itertools import chain
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable, Collection, Mapping
 
-from agent import carried_files, fdtable, mempolicy, procfs
+from agent import carried_files, fdtable, mempolicy, procfs, sessions
 from agent import freeze as freezer
 from agent.as_target import Identity, problem
 from agent.dump import Collected, collect, collect_layout, image_header
@@ -156,6 +156,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         pids = list(helds)
         _check_cancel(opts, pid)
         tree = tree_record(pid)          # zombies among them: carried as they are
+        sessions.check(tree.members)     # as frozen: a restore can make its sessions and groups again
         if [m.pid for m in tree.members if not m.zombie] != pids:
             raise UnsupportedResource(f"pid {pid}'s process tree changed while it was being frozen (a fork or an "
                                       "exit): nothing was written; try again", pid=pid)

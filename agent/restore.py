@@ -165,7 +165,7 @@ EP_PRIVATE_BITS = 0xF << 28         # EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT,
 EPOLL_ANY = 0x2007                  # EPOLLIN | EPOLLPRI | EPOLLOUT | EPOLLRDHUP
 EPOLL_EVENT = struct.Struct("<IQ")  # struct epoll_event, packed on x86-64
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND, CLONE_PARENT = 0x100, 0x200, 0x400, 0x800, 0x8000
 CLONE_THREAD, CLONE_SYSVSEM, CLONE_SETTLS = 0x10000, 0x40000, 0x80000
 CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
 # advice bit -> (madvise to set it, madvise to clear it; None: none, THP's two exclude each
@@ -461,22 +461,26 @@ class Restorer:
         except (OSError, ptrace.TraceeGone) as exc:
             raise RestoreError(f"could not prepare the process to restore into: {exc}") from None
 
-    def fork(self, pid: int) -> int:
+    def fork(self, pid: int, *, sibling: bool = False) -> int:
         """A child of this stub (not begun yet) with ``pid``, seized and stopped: the stub of
-        a child in a process tree. Its parent is this process, as in the tree."""
+        a child in a process tree. Its parent is this process, as in the tree; ``sibling``:
+        this process's parent (CLONE_PARENT: a helper hands its session to a child of its
+        parent's, ``agent.sessions``)."""
         try:
-            child = _while_going(pid, lambda: self._clone_child(pid))
+            child = _while_going(pid, lambda: self._clone_child(pid, CLONE_PARENT if sibling else 0))
         except stub.PidTaken:
             raise RestoreError(f"pid {pid} is taken on {socket.gethostname()} ({_holder(pid)}): a process tree "
                                "keeps its pids; end that process first", pid=pid) from None
         self._wait_clone_child(child)
         return child
 
-    def _clone_child(self, pid: int) -> int:
+    def _clone_child(self, pid: int, flags: int = 0) -> int:
+        # (clone3 takes no exit signal with CLONE_PARENT: the child gets the caller's, SIGCHLD)
+        exit_signal = 0 if flags & CLONE_PARENT else signal.SIGCHLD
         if self.begun:     # rebuilding already: through the gadget, arguments in its scratch
             assert self.inj is not None
             at = self._scratch(CLONE_SCRATCH)
-            self._put(struct.pack("<i", pid) + bytes(12) + stub.clone_args(0, signal.SIGCHLD, at, 1), CLONE_SCRATCH)
+            self._put(struct.pack("<i", pid) + bytes(12) + stub.clone_args(flags, exit_signal, at, 1), CLONE_SCRATCH)
             child = self.inj.raw(NR["clone3"], at + 16, stub.CLONE_ARGS_SIZE_VER2)
         else:
             with Injector(self.pid, self._clone_gadget or stub.STUB_SYSCALL) as inj:
@@ -484,7 +488,7 @@ class Restorer:
                 try:
                     # the stub's stack, below what it uses; or its copy of the scratch it was forked from
                     at = self._clone_scratch or (inj.saved_regs.rsp - 1024) & ~15
-                    args = stub.clone_args(0, signal.SIGCHLD, at, 1)
+                    args = stub.clone_args(flags, exit_signal, at, 1)
                     mem.write(at, struct.pack("<i", pid) + bytes(12) + args)
                     child = inj.raw(NR["clone3"], at + 16, len(args))
                 finally:

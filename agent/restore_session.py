@@ -15,25 +15,26 @@ a worker thread between two ``take`` calls (pages are written while the tracer i
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
-from agent import peercred
+from agent import peercred, sessions
 from agent.as_target import Identity, check_grantable
 from agent.descriptions import DeletedFiles, Descriptions
 from agent.fdtable import FdState
 from agent.restore import ProcessRecords, Restorer, wait_running
 from agent.shared_memory import SharedObjects
 from agent.unix_names import Names
-from transport.errors import ProtocolError, RestoreError
+from transport.errors import ProtocolError, RestoreError, UnsupportedResource
 from transport.pages import PageBatch
 from transport.schema import (
     EndOfImage,
     EventFiles,
-    InetSockets,
     FileContents,
     Files,
     ImageHeader,
+    InetSockets,
     Mappings,
     MappingsDelta,
     Pipes,
@@ -42,7 +43,6 @@ from transport.schema import (
     TreeMember,
     UnixSockets,
 )
-
 
 _AFTER_PREPARE = ("{what} for a process whose records were complete when the stream turned to another one "
                   "(its memory was made ready then): corrupt stream")
@@ -191,30 +191,52 @@ class RestoreSession:
         self._add(tree, tree.members[1:])
 
     def _add(self, tree: ProcessTree, new: Sequence[TreeMember]) -> None:
-        assert self.header is not None
-        for m in new:
-            parent = self.procs[m.ppid].restorer
-            made = Restorer(self.header, self.deferred, stub_pid=parent.fork(m.pid),
-                            forked_from=parent, shared=self.shared, affinity=self.affinity, cgroup=self.cgroup,
-                            cgroup_hint=self.cgroup_hints.get(m.pid, ()))
+        """Stubs for ``new`` (parents first), each in its session and process group, in the
+        order ``agent.sessions`` plans (helpers standing in for leaders that exited), zombies
+        ended last; then each one's session and group are checked against the tree's."""
+        header = self.header
+        assert header is not None
+        try:
+            steps = sessions.plan(tree.members, new)
+        except UnsupportedResource as exc:
+            raise RestoreError(str(exc)) from None
+        members = {m.pid: m for m in tree.members}
+        helpers: dict[int, Restorer] = {}
+
+        def restorer(pid: int) -> Restorer:
+            return helpers[pid] if pid in helpers else self.procs[pid].restorer
+
+        def stub(pid: int, by: Restorer, sibling: bool = False) -> Restorer:
+            made = Restorer(header, self.deferred, stub_pid=by.fork(pid, sibling=sibling),
+                            forked_from=by, shared=self.shared, affinity=self.affinity, cgroup=self.cgroup,
+                            cgroup_hint=self.cgroup_hints.get(pid, ()))
             made.join_cgroups_early()
-            self.procs[m.pid] = RestoredProcess(made, member=m)
+            return made
+
+        for step in steps:
+            if isinstance(step, sessions.Fork):
+                self.procs[step.pid] = RestoredProcess(stub(step.pid, restorer(step.by), step.sibling),
+                                                       member=members[step.pid])
+            elif isinstance(step, sessions.Helper):
+                helpers[step.pid] = stub(step.pid, restorer(step.by))
+            elif isinstance(step, sessions.Setsid):
+                restorer(step.pid).stub_call("setsid")
+            elif isinstance(step, sessions.OwnGroup):
+                restorer(step.pid).stub_call("setpgid", 0, 0)
+            elif isinstance(step, sessions.Join):
+                restorer(step.pid).stub_call("setpgid", 0, step.pgid)
+            else:
+                helpers.pop(step.helper).remove(restorer(step.by))
+        got = {m.pid: sessions.Ids(os.getsid(self.procs[m.pid].restorer.pid),
+                                   os.getpgid(self.procs[m.pid].restorer.pid)) for m in new}
+        wrong = sessions.mismatch(tree.members, got)
+        if wrong:
+            raise RestoreError(f"{wrong}: kcr-migrate cannot make this tree's sessions again")
         for m in new:
             if m.zombie:
                 self.procs[m.pid].restorer.exit_as(m.exit_status)
-        new = [m for m in new if not m.zombie]
-        members = {m.pid: m for m in tree.members}
-        root = tree.members[0]
-        for m in new:
-            if m.sid == m.pid:
-                self.procs[m.pid].restorer.stub_call("setsid")
-        for m in new:
-            if m.pgid == m.pid and m.sid != m.pid:
-                self.procs[m.pid].restorer.stub_call("setpgid", 0, 0)
-        for m in new:
-            leader = members.get(m.pgid)
-            if m.pgid != m.pid and leader is not None and leader.pgid == leader.pid and leader is not root:
-                self.procs[m.pid].restorer.stub_call("setpgid", 0, m.pgid)
+        order = [m.pid for m in tree.members if m.pid in self.procs]          # the tree's order again
+        self.procs = {**{pid: self.procs[pid] for pid in order}, **self.procs}
 
     def _change_tree(self, tree: ProcessTree) -> None:
         """The tree as it is now, in a live migration: new processes join, gone ones leave."""

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Mapping
 
-from agent import fdtable
+from agent import fdtable, sessions
 from agent import freeze as freezer
 from agent.procfs import check_supported, check_target, process_tree, read_stat
 from precopy.kernel import KCMP_FILES, KCMP_FS, KCMP_VM, kcmp
@@ -156,6 +156,8 @@ def _check_running(pid: int, redirect: Mapping[int, str], accept_waiting: bool,
                         raise
                     pids.remove(p)      # it left the job, as it would have a moment later
             check_nothing_shared_by_clone(pids, vfork_wait=VFORK_WAIT)
+            if len(pids) > 1:
+                sessions.check(tree_record(pid).members)     # that a restore can make them again
             while True:
                 try:
                     fdtable.describe_tree(pids, {pid: redirect}, accept_waiting=accept_waiting,

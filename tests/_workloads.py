@@ -85,7 +85,7 @@ KCR_MIGRATE = [sys.executable, "-m", "migrate"]
 
 # Workloads whose checkpoint/move phase is ckpt_common.h's linger(): held (``hold=True``), they
 # wait there until the test lets them go, so they need no stretching (WORKLOAD_SCALE) to be caught.
-LINGERING = frozenset({"ckpt_inet", "ckpt_filters", "ckpt_signals", "ckpt_files", "ckpt_pipes", "ckpt_sockets", "ckpt_attrs", "ckpt_events",
+LINGERING = frozenset({"ckpt_inet", "ckpt_sessions", "ckpt_filters", "ckpt_signals", "ckpt_files", "ckpt_pipes", "ckpt_sockets", "ckpt_attrs", "ckpt_events",
                        "ckpt_sched", "ckpt_locks", "ckpt_fifo", "ckpt_creds", "ckpt_numa", "ckpt_no_vdso"})
 
 STARTED: list[subprocess.Popen[bytes]] = []     # ended after each test (``reap_started``)

@@ -81,6 +81,20 @@ def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_
     assert sorted((out / "log").read_text().splitlines()) == sorted((tmp_path / "ref" / "log").read_text().splitlines())
 
 
+def test_sessions_and_groups_of_exited_leaders_move_live(testbed: Testbed, tmp_path: Path) -> None:
+    """ckpt_sessions.c (see test_trees): sessions and groups whose leaders exited, children
+    forked before and after their parent's setsid, a zombie in a group, live to hostC."""
+    exe = str(build("ckpt_sessions"))
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref")
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True)
+    before = tree(pid)
+    assert len(before) == 9
+    move_tree_to_host_c(testbed, before)
+    assert verdict(out) == "PASS", (out / "stderr").read_text()
+    assert (out / "output").read_text() == ref.output() == "sessions checked: all good\n"
+
+
 def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_path: Path) -> None:
     """sh -c 'gen | tr | sort > out': sh waits for its three children by pid; the pipes hold
     data when the job freezes."""

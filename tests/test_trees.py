@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -182,6 +183,85 @@ def test_a_tree_whose_session_is_outside_its_pid_namespace(tmp_path: Path) -> No
     assert got["status"] == 0, got["restore"] or (out / "stderr").read_text()
     assert (out / "verdict").read_text().strip() == "PASS"
     assert (out / "output").read_text() == finished(ref).output()
+
+
+def _ids(pids: list[int]) -> dict[int, tuple[int, int]]:
+    return {p: (os.getsid(p), os.getpgid(p)) for p in pids}
+
+
+def test_sessions_and_groups_that_a_parents_first_fork_would_not_make(tmp_path: Path) -> None:
+    """A child forked after its parent's setsid and one forked before it, a group whose leader
+    has exited with a zombie in it, a session whose leader exited after forking into it with
+    CLONE_PARENT (ckpt_sessions.c): each process comes back in its session and group, under
+    its parent, and checks so itself; before, the first two came back in the root's session,
+    the group and the session of the exited leaders were lost."""
+    ref = start_reference("ckpt_sessions", tmp_path)
+    w = Workload("ckpt_sessions", tmp_path / "moved", hold=True)
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    assert len(before) == 9                     # the root, A, A1, A2, B, B1, C1, its zombie C2, D1
+    ids = _ids(list(before))
+    assert len({sid for sid, _ in ids.values()}) == 4 and len({pgid for _, pgid in ids.values()}) == 6
+    res = kcr("checkpoint", str(w.pid), "-o", str(tmp_path / "img"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert w.reap_original() == -9
+    root = image_restored(tmp_path / "img", before)
+    assert _ids(list(before)) == ids
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert w.output() == finished(ref).output() == "sessions checked: all good\n"
+
+
+# A subreaper whose grandchild, in the session of a leader that still runs, was adopted by it:
+# no process can fork a child into a session it is not in, and the one leader that could is
+# not its parent. (zdtm session02 and session03 build such trees.)
+ADOPTED_INTO_ANOTHER_SESSION = r"""
+import ctypes, os, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)              # PR_SET_CHILD_SUBREAPER
+r, w = os.pipe()
+if os.fork() == 0:                                    # the leader
+    os.setsid()
+    if os.fork() == 0:                                # a middle process
+        if os.fork() == 0:                            # its child, in the leader's session
+            os.close(r)
+            while os.getppid() == os.getpid():
+                pass
+            time.sleep(3600)
+        os._exit(0)
+    os.wait()
+    os.write(w, b"x")
+    time.sleep(3600)
+os.read(r, 1)
+while len(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()) < 2:
+    time.sleep(0.01)                                  # the grandchild adopted here
+open(sys.argv[1], "w").close()
+sys.stdin.read()
+print("still here", flush=True)
+"""
+
+
+def test_a_tree_whose_sessions_cannot_be_made_again_is_refused_before_freezing(tmp_path: Path) -> None:
+    script = tmp_path / "adopted.py"
+    script.write_text(ADOPTED_INTO_ANOTHER_SESSION)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path / "ready")], tmp_path / "ready",
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    leader = next(int(k) for k in kids if os.getsid(int(k)) == int(k))
+    adopted = next(int(k) for k in kids if int(k) != leader)
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "img"))
+    line = one_error_line(res.stderr)
+    assert res.returncode != 0 and not (tmp_path / "img").exists()
+    assert f"pid {adopted} is in the session of pid {leader}, but its parent {proc.pid} never was" in line, line
+    code, _, err = migrate_cli(f"{proc.pid}@localhost", "localhost")
+    assert code != 0 and f"pid {adopted} is in the session of pid {leader}" in err, err
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()                                       # it ran on, untouched
+    with proc.stdout:
+        assert proc.stdout.readline() == b"still here\n" and proc.wait(timeout=30) == 0
+    for p in (leader, adopted):                              # (orphans now: ours to reap)
+        os.kill(p, signal.SIGKILL)
+        reap(p)
 
 
 def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Path) -> None:
