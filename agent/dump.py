@@ -296,7 +296,8 @@ def _collect_thread(held: Held, tid: int, inj: Injector, calls: Calls,
     tid_address = _u64(answers, 0)
     ss = answers[8:32]
     head, head_len = get_robust_list(tid)
-    pending = ptrace.peek_siginfo(tid, shared=False)
+    # (a SIGTRAP the process had pending is dequeued by our steps: the injector holds it)
+    pending = ptrace.peek_siginfo(tid, shared=False) + inj.sent_traps
     timer_slack = got[2]
     sch = sched.read_thread(tid)
     if tid in held.inflight:

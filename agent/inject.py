@@ -241,7 +241,9 @@ class Injector:
         self.saved_regs = ptrace.get_regs(tid)
         self.saved_mask = ptrace.get_sigmask(tid)
         self.suppressed_stops: list[int] = []
-        self.sent_traps = 0             # SIGTRAPs sent to the thread that arrived while we stepped
+        # SIGTRAPs someone sent that arrived while we stepped (dequeued: no peek shows them),
+        # each its siginfo: sent again at ``close``, and carried by a dump made meanwhile
+        self.sent_traps: list[bytes] = []
         self.clones: list[int] = []
         ptrace.set_sigmask(tid, ALL_SIGNALS)
         self._closed = False
@@ -267,7 +269,8 @@ class Injector:
                                          "little", signed=True)
                 if si_code > 0:
                     break           # the kernel's trap after our step
-                self.sent_traps += 1     # sent by someone (kill, tgkill): not our step; send it again later
+                # sent by someone (kill, tgkill): not our step; send it again later
+                self.sent_traps.append(ptrace.get_siginfo(self.tid))
                 continue
             if stop.event == 0:
                 # A stop signal got past the blocked mask: hold it back, report it later.
@@ -304,7 +307,7 @@ class Injector:
                                          "little", signed=True)
                 if si_code > 0:
                     break           # our int3
-                self.sent_traps += 1
+                self.sent_traps.append(ptrace.get_siginfo(self.tid))
                 continue
             if stop.event == 0:
                 self.suppressed_stops.append(stop.sig)
@@ -352,9 +355,9 @@ class Injector:
         self._closed = True
         ptrace.set_regs(self.tid, regs if regs is not None else self.saved_regs)
         ptrace.set_sigmask(self.tid, sigmask if sigmask is not None else self.saved_mask)
-        for _ in range(self.sent_traps):
+        for _ in self.sent_traps:
             tgkill(_tgid(self.tid), self.tid, signal.SIGTRAP)
-        self.sent_traps = 0
+        self.sent_traps = []
         if self.park and self.stepped:
             self._park()
 

@@ -74,6 +74,7 @@ from precopy.kernel import (
     pidfd_open,
     process_vm_writev,
     prlimit,
+    tgkill,
     xsave_supported_mask,
 )
 from precopy.layout import MapEntry, is_special, read_maps
@@ -1899,6 +1900,11 @@ class Restorer:
             ptrace.set_regs(tid, resume_regs(t.regs))
             ptrace.set_sigmask(tid, t.sigmask)
         assert self.inj is not None
+        # A SIGTRAP queued for it (``_pending``) that the last injected calls' steps took: sent
+        # again now that its mask is the process's (from here: it names kcr-migrate as sender).
+        for _ in self.inj.sent_traps:
+            tgkill(self.pid, self.inj.tid, signal.SIGTRAP)
+        self.inj.sent_traps = []
         self.inj._closed = True    # registers and mask are final; do not put the stub's back
         self.new_tids = new_tids
 

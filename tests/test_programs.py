@@ -650,6 +650,29 @@ def test_droppable_memory_comes_back_empty(tmp_path: Path, how: str) -> None:
         "droppable=True emptied=True refilled=b'again' plain=b'kept'\n"
 
 
+# A SIGTRAP the process sent itself and blocks (as a debugger agent's or a runtime's
+# self-test): our injected calls step with SIGTRAP unblocked, so it was taken by them, and
+# neither the image nor the restored process had it any more (zdtm sigtrap).
+PENDING_SIGTRAP = """
+import os, signal, sys, time
+d = sys.argv[1]
+signal.signal(signal.SIGTRAP, lambda s, f: None)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTRAP])
+os.kill(os.getpid(), signal.SIGTRAP)
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+caught = int([l for l in open("/proc/self/status") if l.startswith("SigCgt")][0].split()[1], 16) >> 4 & 1
+info = signal.sigtimedwait([signal.SIGTRAP], 0)
+open(f"{d}/output", "w").write(f"pending={info is not None and info.si_signo} caught={caught}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_pending_sigtrap_stays_pending(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, PENDING_SIGTRAP, how) == "pending=5 caught=1\n"
+
+
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
 OVERRUN = TIMER_PRELUDE + """
