@@ -232,7 +232,8 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
                                    got[len(thread_calls):len(thread_calls) + len(process_calls)])
         process = replace(process, lock_future=int(lock_future),
                           mempolicies=_mempolicies(pid, leader, policies, maps, job),
-                          stopped=int(ptrace.is_group_stop(held.stopped[pid])))   # seized in its group stop
+                          stopped=int(ptrace.is_group_stop(held.stopped[pid])),   # seized in its group stop
+                          stop_signal=held.stopped[pid].sig if ptrace.is_group_stop(held.stopped[pid]) else 0)
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:

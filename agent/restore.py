@@ -78,7 +78,7 @@ from precopy.kernel import (
     xsave_supported_mask,
 )
 from precopy.layout import MapEntry, is_special, read_maps
-from transport.errors import MigrationError, ProtocolError, RestoreError
+from transport.errors import MigrationError, NoSuchProcess, ProtocolError, RestoreError
 from transport.image import check_machine
 from transport.pages import PageBatch
 from transport.schema import (
@@ -292,6 +292,24 @@ def _segments(vmas: Sequence[Vma]) -> list[list[Vma]]:
     return _attachments([v for v in vmas if v.shm is not None])
 
 
+def _group_orphaned(pid: int) -> bool:
+    """Is ``pid``'s process group orphaned (POSIX): no member has a parent in another group
+    of the same session? Where it is, the kernel drops SIGTSTP, SIGTTIN and SIGTTOU."""
+    pgid, sid = os.getpgid(pid), os.getsid(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pgid:
+                continue
+            ppid = int(read_stat(int(entry))[4])
+            if ppid and os.getpgid(ppid) != pgid and os.getsid(ppid) == sid:
+                return False
+        except (OSError, NoSuchProcess):
+            continue
+    return True
+
+
 def _droppable(layout: Sequence[Vma]) -> list[Span]:
     """The MAP_DROPPABLE memory of ``layout``, which comes back empty. The kernel may drop its
     pages at any time, and its users refill it: glibc keeps getrandom()'s state there, and a
@@ -388,6 +406,7 @@ class Restorer:
         self.threads: dict[int, int] = {}     # image tid -> new tid
         self._stopped = False
         self._job_stopped = False              # let go into a job-control stop, as it was frozen
+        self._stop_signal: int = signal.SIGSTOP     # by the signal that had stopped it
         # A stub forked from one that had begun holds a copy of that one's memory, not the
         # stub program's: its system calls go through that one's gadget, and the stack pointer
         # it starts with points into that one's scratch (0, 0: a stub program's memory).
@@ -1117,6 +1136,7 @@ class Restorer:
         check_threads(proc, threads, self.header)
         check_grantable(proc.creds)
         self._job_stopped = bool(proc.stopped)
+        self._stop_signal = proc.stop_signal or signal.SIGSTOP
         for e in fds.events.files:
             if e.queued:
                 self.report.warnings.append(f"an {e.kind} instance of pid {proc.pid} had {e.queued} bytes of events "
@@ -1933,10 +1953,18 @@ class Restorer:
         for ``wait_running`` (a tree lets all its processes go first, then waits once)."""
         before = {tid: _cpu_ns(self.pid, tid) for tid in self.new_tids.values()}
         if self._job_stopped:
-            # Stopped (SIGSTOP, Ctrl-Z, Slurm's suspend) when it was frozen: SIGSTOP queued while
-            # we hold it, so it stops again before it runs a single instruction; SIGCONT goes
-            # on. Nothing of it runs to be waited for.
-            os.kill(self.pid, signal.SIGSTOP)
+            # Stopped (SIGSTOP, Ctrl-Z, Slurm's suspend) when it was frozen: its stop signal
+            # queued while we hold it, so it stops again before it runs a single instruction,
+            # its parent's waitpid(WUNTRACED) naming that signal; SIGCONT goes on. Nothing of
+            # it runs to be waited for. The kernel drops SIGTSTP, SIGTTIN and SIGTTOU in a
+            # process group no parent outside it watches over: there, SIGSTOP, said so.
+            sig = self._stop_signal
+            if sig != signal.SIGSTOP and _group_orphaned(self.pid):
+                self.report.warnings.append(
+                    f"pid {self.pid} was stopped by {signal.Signals(sig).name}; here its process group has no "
+                    "parent outside it in its session, where the kernel drops that signal: stopped by SIGSTOP")
+                sig = signal.SIGSTOP
+            os.kill(self.pid, sig)
             before = {}
         for tid in sorted(self.new_tids.values(), key=lambda t: t == self.pid):
             ptrace.detach(tid)

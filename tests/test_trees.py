@@ -264,6 +264,36 @@ def test_a_tree_whose_sessions_cannot_be_made_again_is_refused_before_freezing(t
         reap(p)
 
 
+CTRL_Z = r"""
+import os, signal, sys, time
+d = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)                  # (a group its parent watches over: SIGTSTP stops it)
+    os.kill(os.getpid(), signal.SIGTSTP)
+    os._exit(0)
+before = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+after = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+os.kill(pid, signal.SIGCONT)
+_, status = os.waitpid(pid, 0)
+open(f"{d}/output", "w").write(f"{before.si_status} {after.si_status} {os.WEXITSTATUS(status)}\n")
+"""
+
+
+def test_a_child_stopped_by_ctrl_z_is_reported_stopped_by_it(tmp_path: Path) -> None:
+    """A job stopped by SIGTSTP (a shell's Ctrl-Z) came back stopped by SIGSTOP: its parent's
+    waitid(WSTOPPED) named the other signal (zdtm stopped03)."""
+    script = tmp_path / "ctrl_z.py"
+    script.write_text(CTRL_Z)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True)
+    checkpointed_and_restored(proc, tmp_path, 2, release=tmp_path / "go")
+    assert (tmp_path / "output").read_text() == f"{int(signal.SIGTSTP)} {int(signal.SIGTSTP)} 0\n"
+
+
 def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Path) -> None:
     """Restore makes each process's memory ready as the stream turns from it to the next one,
     its records all in (``Restorer.prepare``). An image that turns back to a process after

@@ -84,7 +84,9 @@ from transport.records import (
 # knows neither the record nor the fd kind, and refuses the image.
 # 12: a socket's classic BPF filter (``SocketOptions.bpf_filter``, ``InetSocket.bpf_filter``),
 # which a version 11 reader would drop: the socket would take what its filter kept out.
-FORMAT_VERSION = 12
+# 13: the signal that stopped a stopped process (``ProcessState.stop_signal``), which a version
+# 12 reader would drop: a shell's job stopped by Ctrl-Z would report SIGSTOP.
+FORMAT_VERSION = 13
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -335,6 +337,9 @@ class ProcessState(Record):
     # the ranges of its address space with a NUMA policy of their own (mbind), in address order
     mempolicies: Annotated[tuple[MemPolicy, ...], Count(1 << 16)] = ()
     stopped: Flag = 0        # in a job-control stop (SIGSTOP, SIGTSTP, ...) when it was frozen
+    # format 13: the signal that stopped it (SIGSTOP, SIGTSTP, SIGTTIN or SIGTTOU; 0: SIGSTOP):
+    # what its parent's waitpid(WUNTRACED) reports
+    stop_signal: Annotated[int, Int(0, NSIG, "a stop signal")] = 0
     # format 8: /proc/PID/coredump_filter (which mappings a core dump holds; the kernel's default)
     coredump_filter: Annotated[int, Int(0, (1 << 9) - 1, "a coredump_filter")] = 0x33
     # format 9: prctl(PR_GET_MDWE): PR_MDWE_REFUSE_EXEC_GAIN (1), PR_MDWE_NO_INHERIT (2)
