@@ -122,6 +122,7 @@ class Descriptions:
         self._events: dict[int, int] = {}                     # event file id -> its fd
         self._watches: dict[int, tuple[EpollWatch, ...]] = {}   # epoll id -> watches not registered yet
         self._deleted: dict[int, int] = {}                    # deleted file id -> an fd of it made again
+        self._memfd_own: set[int] = set()       # memfds whose first description is memfd_create's own
         self._seal_later: dict[int, tuple[int, str]] = {}     # an fd of a memfd -> (seals, its name)
         self._taken: set[int] = set()                         # object fds a description already is
         self._mine: list[int] = []                            # fds to close
@@ -440,8 +441,16 @@ class Descriptions:
         if f.kind == "deleted":
             if f.obj not in self._deleted:
                 raise RestoreError(f"fd {f.fd} refers to deleted file {f.obj}, which the image lacks: corrupt image")
-            # Each description its own open of the one file, as the process had them.
-            fd = self._open(f, f"/proc/self/fd/{self._deleted[f.obj]}", flags & ~(O_TMPFILE | os.O_NOFOLLOW), None)
+            if f.obj in self.deleted.memfds and f.flags & O_ACCMODE == os.O_RDWR and f.obj not in self._memfd_own:
+                # memfd_create's own description, which the kernel does not count as a writer
+                # (a process may exec its memfd: an open of it for writing makes that ETXTBSY).
+                self._memfd_own.add(f.obj)
+                fd = os.dup(self._deleted[f.obj])
+                fcntl.fcntl(fd, fcntl.F_SETFL, f.flags & SETFL_FLAGS)
+            else:
+                # Each description its own open of the one file, as the process had them.
+                fd = self._open(f, f"/proc/self/fd/{self._deleted[f.obj]}", flags & ~(O_TMPFILE | os.O_NOFOLLOW),
+                                None)
             if f.pos:
                 os.lseek(fd, f.pos, os.SEEK_SET)
             return fd
@@ -505,6 +514,7 @@ class Descriptions:
         self._events.clear()
         self._watches.clear()
         self._deleted.clear()
+        self._memfd_own.clear()
         self._seal_later.clear()
         self._taken.clear()
 
@@ -581,6 +591,7 @@ class DeletedFiles:
         self.fds: dict[int, int] = {}          # file id -> our fd of it made again
         self.names: dict[int, str] = {}        # file id -> where it was (the path its fd showed)
         self.seals: dict[int, int] = {}        # file id -> a memfd's seals
+        self.memfds: set[int] = set()          # the file ids that are memfds
         self.times: dict[int, tuple[int, int]] = {}    # file id -> (atime, mtime) ns, set at ``close``
 
     def write(self, c: FileContents, files: Files, identity: Identity) -> None:
@@ -592,6 +603,8 @@ class DeletedFiles:
             fd = self.fds[c.id] = _make_unlinked(where, c, identity)
             self.names[c.id] = where
             self.seals[c.id] = c.seals if c.memfd else 0
+            if c.memfd:
+                self.memfds.add(c.id)
             if c.mtime_ns:
                 self.times[c.id] = (c.atime_ns, c.mtime_ns)
         try:
@@ -609,6 +622,7 @@ class DeletedFiles:
         self.fds.clear()
         self.names.clear()
         self.seals.clear()
+        self.memfds.clear()
         self.times.clear()
 
 

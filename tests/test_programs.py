@@ -673,6 +673,33 @@ def test_a_pending_sigtrap_stays_pending(tmp_path: Path, how: str) -> None:
     assert moved_output(tmp_path, PENDING_SIGTRAP, how) == "pending=5 caught=1\n"
 
 
+# A program that runs a tool it keeps in a memfd (as runc and systemd do with their own
+# binaries): memfd_create's fd is no writer to the kernel, a reopened one is, and exec of a
+# file someone may write fails (ETXTBSY) (zdtm memfd04).
+MEMFD_EXEC = """
+import os, sys, time
+d = sys.argv[1]
+fd = os.memfd_create("tool", 0)
+os.write(fd, b"#!/bin/true\\n")
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execve(fd, ["tool"], {})
+    except OSError as exc:
+        os._exit(exc.errno)
+_, status = os.waitpid(pid, 0)
+open(f"{d}/output", "w").write(f"exec={os.waitstatus_to_exitcode(status)}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_program_runs_its_memfd_after_the_move(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, MEMFD_EXEC, how, state=True) == "exec=0\n"
+
+
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
 OVERRUN = TIMER_PRELUDE + """
