@@ -93,6 +93,32 @@ def _next_data(fd: int, offset: int, size: int) -> int:
         return size if exc.errno == errno.ENXIO else offset
 
 
+BLOCK = 4096
+
+
+def write_sparse(fd: int, data: bytes, offset: int) -> None:
+    """``data`` written at ``offset`` into a file made at its size (reading as zeros), its
+    blocks of zeros left unwritten: a sparse file's holes (inside a slice too) stay holes, as
+    programs that map their extents (FIEMAP, SEEK_HOLE) expect."""
+    view = memoryview(data)
+    start = None                     # where the run of blocks with data being gathered starts
+    for at in range(0, len(data), BLOCK):
+        zero = view[at:at + BLOCK] == ZEROS[:len(view[at:at + BLOCK])]
+        if zero and start is not None:
+            _pwrite_all(fd, view[start:at], offset + start)
+            start = None
+        elif not zero and start is None:
+            start = at
+    if start is not None:
+        _pwrite_all(fd, view[start:], offset + start)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def _memfd_seals(source: str, own: int) -> tuple[bool, int]:
     """(is a memfd, its seals): a memfd's link reads /memfd:NAME and it takes F_GET_SEALS
     (a file of /dev/shm takes it too, but is named by its path)."""

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Sequence
 from agent import fanotify, inet_sockets, inotify, socket_filter, unix_names
 from agent.peercred import Sockets
 from agent.as_target import Identity
-from agent.carried_files import set_times
+from agent.carried_files import set_times, write_sparse
 from agent.fdtable import peek_pipe
 from transport.errors import RestoreError
 from transport.schema import (
@@ -608,7 +608,7 @@ class DeletedFiles:
             if c.mtime_ns:
                 self.times[c.id] = (c.atime_ns, c.mtime_ns)
         try:
-            os.pwrite(fd, c.data, c.offset)
+            write_sparse(fd, c.data, c.offset)
         except OSError as exc:
             raise RestoreError(f"cannot write the deleted file {self.names[c.id]} again ({c.size >> 20} MiB): "
                                f"{exc.strerror}") from None
@@ -628,9 +628,12 @@ class DeletedFiles:
 
 
 def _make_unlinked(path: str, c: FileContents, identity: Identity) -> int:
-    """A new file with no name (O_TMPFILE; where the filesystem lacks it, a name removed at
-    once; a memfd of the name ``path`` gives), sized as ``c`` says, made by ``identity`` (in a
-    directory it may write) and owned as ``c`` says where ``identity`` may give it."""
+    """A new file with no name, sized as ``c`` says, made by ``identity`` (in a directory it
+    may write) and owned as ``c`` says where ``identity`` may give it: made at ``path`` and
+    unlinked at once where that name is free, so /proc/PID/fd shows the name it had ("PATH
+    (deleted)", which programs print and compare); else O_TMPFILE in its directory or /tmp
+    (where the filesystem lacks it, a name removed at once); a memfd of the name ``path``
+    gives."""
     if c.memfd:
         name = path.removeprefix("/memfd:")
         try:
@@ -641,6 +644,20 @@ def _make_unlinked(path: str, c: FileContents, identity: Identity) -> int:
             raise RestoreError(f"cannot make the memfd {path} again: {exc.strerror}") from None
         return fd
     directory = os.path.dirname(path) or "/"
+    if path.startswith("/"):
+        try:
+            fd = identity.open_path(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            pass            # taken (another file has the name now), or not ours to make: no name
+        else:
+            try:
+                with identity.acting():
+                    os.unlink(path)
+                _size_and_own(fd, c, identity)
+            except OSError as exc:
+                os.close(fd)
+                raise RestoreError(f"cannot make the deleted file {path} again: {exc.strerror}") from None
+            return fd
     for place in (directory, "/tmp"):
         try:
             fd = identity.open_path(place, os.O_RDWR | O_TMPFILE | os.O_CLOEXEC, 0o600)

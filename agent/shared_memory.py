@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from agent.as_target import Identity
-from agent.carried_files import set_times
+from agent.carried_files import set_times, write_sparse
 from precopy import sysv
 from precopy.kernel import boot_id
 from transport.errors import RestoreError
@@ -124,7 +124,7 @@ class SharedObjects:
         if fd < 0 or not c.data:
             return
         try:
-            os.pwrite(fd, c.data, c.offset)
+            write_sparse(fd, c.data, c.offset)
         except OSError as exc:
             raise RestoreError(f"cannot write {c.path} again: {exc.strerror}") from None
 

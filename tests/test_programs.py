@@ -700,6 +700,45 @@ def test_a_program_runs_its_memfd_after_the_move(tmp_path: Path, how: str) -> No
     assert moved_output(tmp_path, MEMFD_EXEC, how, state=True) == "exec=0\n"
 
 
+# A sparse scratch file the program deleted and keeps open (as databases and sort programs
+# do): it came back named "DIR/#INODE (deleted)" and with its holes filled (zdtm
+# unlink_multiple_largefiles, ghost_holes00). Its name, where free, and its holes are kept.
+DELETED_SPARSE = """
+import os, sys, time
+d = sys.argv[1]
+path = os.path.join(d, "scratch.bin")
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+os.pwrite(fd, b"a" * 4096, 0)
+os.pwrite(fd, b"b" * 4096, 64 * 4096)
+os.ftruncate(fd, 128 * 4096)
+os.unlink(path)
+
+def layout():
+    spans, at = [], 0
+    while True:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:
+            return spans
+        at = os.lseek(fd, start, os.SEEK_HOLE)
+        spans.append((start, at))
+
+before, name = layout(), os.readlink(f"/proc/self/fd/{fd}")
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+data = os.pread(fd, 1, 0) + os.pread(fd, 1, 64 * 4096) + os.pread(fd, 1, 100 * 4096)
+open(f"{d}/output", "w").write(f"name={os.readlink(f'/proc/self/fd/{fd}') == name} layout={layout() == before} "
+                                f"spans={len(before)} data={data}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_deleted_sparse_file_keeps_its_name_and_holes(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, DELETED_SPARSE, how, state=True) == \
+        "name=True layout=True spans=2 data=b'ab\\x00'\n"
+
+
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
 OVERRUN = TIMER_PRELUDE + """
