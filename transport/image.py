@@ -123,6 +123,11 @@ class ImageWriter:
         if isinstance(rec, ImageHeader) and self._signer is not None:
             rec = dataclasses.replace(rec, key_id=self._signer.key.key_id, sign_nonce=self._signer.nonce)
         payload = rec.pack()
+        try:
+            decode_record(payload)     # what a restore would refuse, refused now: the job still runs
+        except ProtocolError as exc:
+            raise ProtocolError(f"kcr-migrate made a record it cannot read back ({exc}), so the image would "
+                                "not restore: nothing was kept (a bug: please report it)") from None
         header = frame_header(KIND_RECORD, 0, [payload])
         self._write(header)
         self._write(payload)
