@@ -297,9 +297,9 @@ class Descriptions:
                 self._bind(sock, client)
             listener = self._sockets[server.listener]
             if self.pairs is not None:
-                self.pairs.connect(sock, client, server)
+                self.pairs.connect(sock, client, server, self.names.reach(server.listener, server.name))
             else:
-                sock.connect(server.name)
+                sock.connect(self.names.reach(server.listener, server.name))
             self._sockets[server.id], _ = listener.accept()
             senders[server.id], senders[client.id] = sock, self._sockets[server.id]
         for server in orphans:
@@ -307,28 +307,28 @@ class Descriptions:
             gone = socket.socket(socket.AF_UNIX, server.type)
             doomed.append(gone)
             if self.pairs is not None:
-                self.pairs.connect(gone, None, server)
+                self.pairs.connect(gone, None, server, self.names.reach(server.listener, server.name))
             else:
-                gone.connect(server.name)
+                gone.connect(self.names.reach(server.listener, server.name))
             self._sockets[server.id], _ = self._sockets[server.listener].accept()
             senders[server.id] = gone
         for s in sockets.sockets:
             if s.queue and s.senders:
-                _send_from(self._named(sockets), s)
+                _send_from(self._named(sockets), s, self.names.reach(s.id, s.name))
             elif s.queue:
                 _send_queue(senders[s.id], s)
         for s in sockets.sockets:
             if s.target:
-                self._sockets[s.id].connect(by_id[s.target].name)
+                self._sockets[s.id].connect(self.names.reach(s.target, by_id[s.target].name))
         for s in sockets.sockets:
             for waiting in s.pending:
                 sock = self._sockets[waiting]
                 sock.setblocking(False)
                 try:
                     if self.pairs is not None:
-                        self.pairs.wait(sock, by_id[waiting], s.name)
+                        self.pairs.wait(sock, by_id[waiting], self.names.reach(s.id, s.name))
                     else:
-                        sock.connect(s.name)
+                        sock.connect(self.names.reach(s.id, s.name))
                 except BlockingIOError:
                     raise RestoreError(f"the clients waiting in the accept queue of {unix_names.shown(s.name)} do "
                                        "not fit in its backlog here") from None
@@ -341,6 +341,7 @@ class Descriptions:
                 sock.shutdown(SHUTDOWN_HOW[s.shutdown])
         for b in doomed:
             b.close()
+        self.names.drop_gone()        # the connections are made: no file leads to those sockets
 
     def _pairs(self, sockets: UnixSockets, by_id: dict[int, UnixSocket]) -> dict[int, tuple[socket.socket,
                                                                                        socket.socket]]:
@@ -359,6 +360,9 @@ class Descriptions:
         return self.pairs.pairs(wanted)
 
     def _bind(self, sock: socket.socket, s: UnixSocket) -> None:
+        if s.file_gone:
+            self.names.bind_gone(sock, s.id, s.name, socket.gethostname(), self.identity)
+            return
         self.names.bind(sock, unix_names.Bound(s.name, s.type, s.file_dev, s.file_ino),
                         s.file_mode, s.file_uid, s.file_gid, socket.gethostname(), self.identity)
 
@@ -796,7 +800,7 @@ def _send_messages(sender: socket.socket, messages: Sequence[bytes]) -> None:
                            "net.unix.max_dgram_qlen and net.core.wmem_max") from None
 
 
-def _send_from(named: dict[bytes, socket.socket], s: UnixSocket) -> None:
+def _send_from(named: dict[bytes, socket.socket], s: UnixSocket, to: bytes) -> None:
     """Put a named datagram socket's queue back: each message sent to its name from the
     socket of the job named as its sender, or from an unbound one."""
     anonymous = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -811,7 +815,7 @@ def _send_from(named: dict[bytes, socket.socket], s: UnixSocket) -> None:
             # (``_set_options`` sets the real size afterwards).
             sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, room)
             try:
-                sender.sendto(m, socket.MSG_DONTWAIT, s.name)
+                sender.sendto(m, socket.MSG_DONTWAIT, to)
             except BlockingIOError:
                 raise RestoreError("the datagrams queued on a unix socket do not fit in it here: check "
                                    "net.unix.max_dgram_qlen and net.core.wmem_max") from None

@@ -895,7 +895,8 @@ def roles(known: Mapping[int, unix_sockets.UnixSocketInfo], inside: set[int],
         if peer is None:
             out[ino] = Role()
             continue
-        if info.type == SOCK_DGRAM and peer.peer != ino:
+        if info.type == SOCK_DGRAM and (peer.peer != ino or info.peer == ino):
+            # Connected one way to a bound socket, or to its own name (it hears itself).
             if not peer.name:
                 raise UnsupportedResource(f"pid {pid}'s fd {fd} is a datagram socket connected to an unbound one: "
                                           f"{_CANNOT}", pid=pid)
@@ -1088,8 +1089,9 @@ def collect_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]] 
         # Sockets restore makes together go in one record, the first process's that holds any:
         # a pair, a listener with its connections, a datagram socket with those it hears from.
         group = _socket_groups(known, role, socks, order)
+        job_files = {i.vfs for i in known.values() if i.vfs is not None}
         made = {ino: _socket(holder, pidfd(holder), fd, known[ino], role[ino], *sent.get(ino, ((), (0, 0, 0))),
-                             _peer_wqueue(known, ino, role))
+                             _peer_wqueue(known, ino, role), job_files=job_files)
                 for ino, (holder, fd) in socks.items()}
         _check_senders(made, socks)
         for ino, sock in made.items():
@@ -1278,9 +1280,11 @@ def _peer_wqueue(known: Mapping[int, unix_sockets.UnixSocketInfo], ino: int, rol
 
 
 def _socket(pid: int, pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, role: Role,
-            sent: tuple[bytes, ...] = (), conn: tuple[int, int, int] = (0, 0, 0), peer_wqueue: int = 0) -> UnixSocket:
+            sent: tuple[bytes, ...] = (), conn: tuple[int, int, int] = (0, 0, 0), peer_wqueue: int = 0, *,
+            job_files: Collection[tuple[int, int]] = ()) -> UnixSocket:
     """``sent``, ``conn``: a waiting client's, from ``_accept_waiting``; ``peer_wqueue``: see
-    ``_peer_wqueue`` (a message no peek shows is refused by it)."""
+    ``_peer_wqueue`` (a message no peek shows is refused by it); ``job_files``: the socket
+    files of the job's sockets (``_file_gone``)."""
     dup = pidfd_getfd(pidfd, fd)
     try:
         messages = unix_sockets.queued_messages(dup, info.type)
@@ -1303,8 +1307,10 @@ def _socket(pid: int, pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, ro
     named_dgram = info.type == SOCK_DGRAM and bool(info.name) and not role.peer
     listening = info.state == unix_sockets.TCP_LISTEN
     mode = uid = gid = dev = ino = 0
+    gone = False
     if info.name[:1] == b"/" and not role.accepted and info.vfs is not None:
         dev, ino = info.vfs
+        gone = _file_gone(info, job_files)     # (bound again without a file: ``Names.bind_gone``)
         try:
             st = os.lstat(info.name)
         except OSError:
@@ -1320,7 +1326,24 @@ def _socket(pid: int, pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, ro
                       senders=tuple(m.sender for m in messages) if named_dgram else (),
                       file_mode=mode, file_uid=uid, file_gid=gid, file_dev=dev, file_ino=ino, sent=sent,
                       cred_pid=cred[0], cred_uid=min(cred[1], MAX_ID), cred_gid=min(cred[2], MAX_ID),
-                      conn_pid=conn[0], conn_uid=min(conn[1], MAX_ID), conn_gid=min(conn[2], MAX_ID))
+                      conn_pid=conn[0], conn_uid=min(conn[1], MAX_ID), conn_gid=min(conn[2], MAX_ID),
+                      file_gone=gone)
+
+
+def _file_gone(info: unix_sockets.UnixSocketInfo, job_files: Collection[tuple[int, int]]) -> bool:
+    """Was the socket file of a socket bound to a path removed since it was bound, or replaced
+    by a file that is no socket's or another socket's of the job (``job_files``: their files)?
+    Its name stays its name (getsockname), but leads nowhere. (A socket file of a socket
+    outside the job there is the rule of ``agent.unix_names``: refused where one listens.)"""
+    if info.name[:1] != b"/" or info.vfs is None:
+        return False
+    try:
+        st = os.lstat(info.name)
+    except OSError:
+        return True
+    if (st.st_dev, st.st_ino) == info.vfs:
+        return False
+    return not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) in job_files
 
 
 def _waiting(pidfd: int, f: FileDesc) -> FileDesc:
@@ -1413,7 +1436,11 @@ def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
     if not inodes:
         return []           # no socket: nothing to ask sock_diag (a kernel may lack unix_diag)
     out: dict[bytes, unix_names.Bound] = {}
-    for sock in unix_sockets.query(inodes).values():
+    socks = unix_sockets.query(inodes)
+    job_files = {s.vfs for s in socks.values() if s.vfs is not None}
+    for sock in socks.values():
+        if sock.name and _file_gone(sock, job_files):
+            continue        # bound again wherever the path stands (``unix_names.Names.bind_gone``)
         if sock.name and (sock.name not in out or sock.state == unix_sockets.TCP_LISTEN):
             dev, ino = sock.vfs if sock.vfs is not None else (0, 0)
             out[sock.name] = unix_names.Bound(sock.name, sock.type, dev, ino)

@@ -56,7 +56,7 @@ ROWS: tuple[Row, ...] = (
     Row("fd", "a zero-length datagram a peek has seen already", REFUSED, readme="a zero-length datagram"),
     Row("fd", "a unix socket bound to a path or an abstract name", CARRIED,
         _f("UnixSocket", "name", "accepted", "listener", "backlog", "pending", "target", "senders", "file_mode",
-           "file_uid", "file_gid", "file_dev", "file_ino", "sent")),
+           "file_uid", "file_gid", "file_dev", "file_ino", "sent", "file_gone")),
     Row("fd", "who made a unix socketpair or listener, or connected to one (SO_PEERCRED)", CARRIED,
         _f("UnixSocket", "cred_pid", "cred_uid", "cred_gid")),
     # the process named stays behind: the socket's holder makes it, with the recorded ids (the report warns)

@@ -115,12 +115,12 @@ class Sockets:
         else:
             maker.connect_as(sock, name, want[1], want[2])
 
-    def connect(self, sock: socket.socket, client: UnixSocket | None, server: UnixSocket) -> None:
+    def connect(self, sock: socket.socket, client: UnixSocket | None, server: UnixSocket, name: bytes) -> None:
         """``sock`` (``client``'s, None: a client that has closed) connected to ``server``'s
         listener, as the process ``server`` names: the one that connected."""
         want = of(server)
         maker = self._maker(want, client or server, "a unix connection") if want is not None else None
         if maker is None or want is None:
-            sock.connect(server.name)
+            sock.connect(name)
         else:
-            maker.connect_as(sock, server.name, want[1], want[2])
+            maker.connect_as(sock, name, want[1], want[2])

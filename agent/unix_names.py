@@ -140,6 +140,8 @@ class Names:
 
     def __init__(self) -> None:
         self._made: list[tuple[str, str, tuple[int, int]]] = []     # (path, aside or "", our file)
+        # names bound whose file had been removed: -> (our name of the file, directories made)
+        self._gone: dict[int, tuple[str, list[str]]] = {}
 
     def bind(self, sock: socket.socket, b: Bound, mode: int, uid: int, gid: int, host: str,
              identity: Identity) -> None:
@@ -180,6 +182,60 @@ class Names:
                                    f"{exc.strerror}") from None
         self._made.append((path, aside, (st.st_dev, st.st_ino)))
 
+    def bind_gone(self, sock: socket.socket, sid: int, name: bytes, host: str, identity: Identity) -> None:
+        """Bind ``sock`` to the path ``name`` whose socket file the source had removed (or
+        replaced) since: getsockname names the path again, and no file at it leads to the
+        socket once the restore is done (``sid``: the socket's id in the image: several such
+        sockets may share one name). What stands at the path here (another socket, a
+        FIFO, a file) is renamed aside for the instant of the bind and put back; the new
+        socket's file is renamed to a name of ours beside it, which the restore's own
+        connections reach it by (``reach``) until ``drop_gone`` removes it; a missing
+        directory is made for that while and removed with it."""
+        path = os.fsdecode(name)
+        made: list[str] = []
+        with identity.acting():
+            try:
+                directory = os.path.dirname(path)
+                while not os.path.isdir(directory):
+                    made.append(directory)
+                    directory = os.path.dirname(directory)
+                for d in reversed(made):
+                    os.mkdir(d, 0o700)
+                ours = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
+                aside = ""
+                if os.path.lexists(path):
+                    aside = ours + "-aside"
+                    os.rename(path, aside)
+                try:
+                    sock.bind(path)
+                    os.chmod(path, 0o777)       # (the job's clients connect as themselves, for a moment)
+                    os.rename(path, ours)
+                finally:
+                    if aside:
+                        os.rename(aside, path)
+            except OSError as exc:
+                for d in made:
+                    _rmdir(d)
+                raise RestoreError(f"cannot bind the unix socket {path} again (its file had been removed) on {host} "
+                                   f"as the process's {identity}: {exc.strerror}") from None
+        self._gone[sid] = (ours, made)
+
+    def reach(self, sid: int, name: bytes) -> bytes:
+        """Where the restore connects to the socket ``sid`` bound to ``name``: the name itself,
+        or for one whose file had been removed (``bind_gone``), the name of ours its file has."""
+        gone = self._gone.get(sid)
+        return os.fsencode(gone[0]) if gone is not None else name
+
+    def drop_gone(self) -> None:
+        """The restore's connections are made: the files of sockets whose file had been
+        removed go (and the directories made for them)."""
+        for ours, _ in self._gone.values():
+            _unlink(ours)
+        for _, made in reversed(list(self._gone.values())):   # (several may share a directory made)
+            for d in made:
+                _rmdir(d)
+        self._gone.clear()
+
     def commit(self) -> None:
         """The restored job runs: the files put aside go."""
         for _, aside, _ in self._made:
@@ -189,6 +245,7 @@ class Names:
 
     def undo(self) -> None:
         """The restore is undone: our files go, those put aside come back."""
+        self.drop_gone()
         for path, aside, ours in reversed(self._made):
             try:
                 st = os.lstat(path)
@@ -209,6 +266,13 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass          # (something else was made in it meanwhile: it stays)
 
 
 def reclaim(files: Iterable[tuple[str, int, int, int]]) -> list[str]:

@@ -655,13 +655,15 @@ VOLATILE: dict[str, Callable[[Any], object] | None] = {
     "Vma.file_mtime_ns": None,
     "EventFile.queued": None,            # not carried (warned): the new queue fills with what happens since
     "Vma.ino": None,                     # a deleted file or memfd made again is another inode
+    "UnixSocket.file_ino": None,         # a named socket's file, bound again, is a new file
     # a deleted file only mapped, made again: named by its directory (its name is gone with it)
     "FileContents.name": lambda n: n if not n or n.startswith("/memfd:") else _deleted_name(n),
 }
 # Fields that hold pids (written as labels) and ids (written as first-seen order).
-PIDS = {"ProcessState.pid", "ThreadState.tid", "PosixTimer.tid", "EventFile.pid", "FileDesc.owner"}
+PIDS = {"ProcessState.pid", "ThreadState.tid", "PosixTimer.tid", "EventFile.pid", "FileDesc.owner",
+        "UnixSocket.cred_pid", "UnixSocket.conn_pid"}
 IDS = {"FileDesc.desc", "FileDesc.obj", "EventFile.id", "PipeBuffer.id", "UnixSocket.id", "UnixSocket.peer",
-       "FileContents.id"}
+       "UnixSocket.target", "UnixSocket.listener", "FileContents.id"}
 
 
 def _records(p: Proc) -> dict[str, object]:

@@ -739,6 +739,83 @@ def test_a_deleted_sparse_file_keeps_its_name_and_holes(tmp_path: Path, how: str
         "name=True layout=True spans=2 data=b'ab\\x00'\n"
 
 
+# A datagram socket bound to a name and connected to that very name (it hears itself, as
+# zdtm sockets_dgram's): its record named it its own peer, which no restore takes; the
+# checkpoint killed the process and its image could not be restored.
+SELF_CONNECTED = """
+import os, socket, sys, time
+d = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(f"{d}/self.sock")
+s.connect(f"{d}/self.sock")
+s.send(b"to myself")
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+s.send(b"again")
+open(f"{d}/output", "w").write(f"{s.recv(100)} {s.recv(100)} {s.getpeername() == s.getsockname()}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_a_datagram_socket_connected_to_itself(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, SELF_CONNECTED, how, state=True) == "b'to myself' b'again' True\n"
+
+
+# A server that removed its socket file once its client had connected (only that client may
+# talk to it), with a FIFO made at the path since, and a datagram socket whose directory was
+# removed too (zdtm del_standalone_un, fifo_upon_unix_socket00, sk-unix01): each comes back
+# bound to its name, with no file of its own there, and the FIFO left as it was.
+GONE_FILES = """
+import os, socket, stat, sys, time
+d = sys.argv[1]
+path = f"{d}/server.sock"
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+server.listen(1)
+client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+client.connect(path)
+conn, _ = server.accept()
+os.unlink(path)
+os.mkfifo(path)
+os.mkdir(f"{d}/gone")
+lone = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+lone.bind(f"{d}/gone/lone.sock")
+os.unlink(f"{d}/gone/lone.sock")
+os.rmdir(f"{d}/gone")
+pairs = []                      # two datagram servers bound in turn to one name, each with its client
+for _ in range(2):
+    srv, cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(f"{d}/shared.sock")
+    cli.connect(f"{d}/shared.sock")
+    os.unlink(f"{d}/shared.sock")
+    pairs.append((srv, cli))
+open(f"{d}/ready", "w").close()
+while not os.path.exists(f"{d}/go"):
+    time.sleep(0.01)
+client.send(b"ping")
+got = conn.recv(10)
+for i, (srv, cli) in enumerate(pairs):
+    cli.send(b"AB"[i:i + 1])
+got += b"".join(srv.recv(10) for srv, _ in pairs)
+try:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.connect(path)
+    reached = "reached"
+except OSError:
+    reached = "nothing there"
+open(f"{d}/output", "w").write(f"{server.getsockname() == path} {lone.getsockname() == d + '/gone/lone.sock'} "
+                                f"{got} fifo={stat.S_ISFIFO(os.lstat(path).st_mode)} gone={os.path.exists(d + '/gone')} "
+                                f"{reached}\\n")
+"""
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "live"])
+def test_sockets_whose_files_were_removed_keep_their_names(tmp_path: Path, how: str) -> None:
+    assert moved_output(tmp_path, GONE_FILES, how, state=True) == \
+        "True True b'pingAB' fifo=True gone=False nothing there\n"
+
+
 # A timer whose signal was held back for 100 periods: its signal came with an overrun count,
 # which no call sets again. The restore says so rather than dropping it silently.
 OVERRUN = TIMER_PRELUDE + """

@@ -86,7 +86,9 @@ from transport.records import (
 # which a version 11 reader would drop: the socket would take what its filter kept out.
 # 13: the signal that stopped a stopped process (``ProcessState.stop_signal``), which a version
 # 12 reader would drop: a shell's job stopped by Ctrl-Z would report SIGSTOP.
-FORMAT_VERSION = 13
+# 14: a unix socket whose file was removed since it was bound (``UnixSocket.file_gone``), which a
+# version 13 reader would bind at its path again, a file anyone could connect to.
+FORMAT_VERSION = 14
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -715,6 +717,9 @@ class UnixSocket:
     conn_pid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a pid or 0")] = 0
     conn_uid: Id = 0
     conn_gid: Id = 0
+    # format 14: bound to a path whose socket file was removed (or replaced) since: bound there
+    # again for its name (getsockname), its new file removed at once, what is there kept
+    file_gone: bool = False
 
 
 @dataclass(frozen=True)
