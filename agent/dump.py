@@ -37,7 +37,7 @@ from agent.inject import (
     syscall_gadget,
 )
 from agent.procfs import read_limits, read_stat, read_status, read_text, thread_comm
-from precopy.kernel import get_robust_list, xsave_supported_mask
+from precopy.kernel import boot_id, get_robust_list, xsave_supported_mask
 from precopy.layout import LayoutCache, MapEntry, MapsCache, PageFinder, read_maps, read_smaps_flags, to_vma
 from precopy.pagemap import PAGE_IS_GUARD, PagemapScanner, pagemap_scan_works
 from transport.errors import UnsupportedResource
@@ -76,11 +76,13 @@ ERESTART_CODES = (-512, -513, -514, -516)
 
 def image_header(pid: int, kind: str, xstate: bytes) -> ImageHeader:
     clocks = timens.view(pid)
+    mono_off, boot_off = timens.offsets(pid)
     return ImageHeader(
         format_version=FORMAT_VERSION, tool_version=TOOL_VERSION, kernel_release=platform.release(),
         arch=platform.machine(), page_size=PAGE_SIZE, xsave_mask=xsave_supported_mask(),
         xsave_size=len(xstate), hostname=socket.gethostname(), created_unix=time.time(), pid=pid, kind=kind,
-        monotonic_ns=clocks.monotonic_ns, boottime_ns=clocks.boottime_ns, realtime_ns=clocks.realtime_ns)
+        monotonic_ns=clocks.monotonic_ns, boottime_ns=clocks.boottime_ns, realtime_ns=clocks.realtime_ns,
+        boot_id=boot_id(), timens_monotonic_ns=mono_off, timens_boottime_ns=boot_off)
 
 
 def _u64(data: bytes, off: int) -> int:

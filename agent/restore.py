@@ -69,6 +69,7 @@ from precopy import sysv
 from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
+    boot_id,
     data_address,
     pidfd_getfd,
     pidfd_open,
@@ -592,7 +593,9 @@ class Restorer:
         """The stub, under the image's pid if ids are kept, in a time namespace of its own
         where its clocks need one to go on as it saw them (``agent.timens``)."""
         h = self.header
-        offsets = timens.needed(timens.Clocks(h.monotonic_ns, h.boottime_ns, h.realtime_ns))
+        offsets = timens.needed(timens.Clocks(h.monotonic_ns, h.boottime_ns, h.realtime_ns),
+                                same_boot=(h.timens_monotonic_ns, h.timens_boottime_ns)
+                                if h.boot_id and h.boot_id == boot_id() else None)
 
         def spawn(pid: int | None = None) -> int:
             return stub.spawn(pid) if offsets is None else timens.spawn_in(offsets, lambda: stub.spawn(pid))

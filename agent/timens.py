@@ -64,10 +64,15 @@ def view(pid: int) -> Clocks:
     return Clocks(mono + mono_off, boot + boot_off, real)
 
 
-def needed(seen: Clocks) -> tuple[int, int] | None:
+def needed(seen: Clocks, same_boot: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """The (monotonic, boottime) offsets a process that saw ``seen`` needs here so that its
     clocks go on from there, the real time since included; None where this host's own
-    clocks do that well enough (no step back, none forward beyond ``SLACK_NS``)."""
+    clocks do that well enough (no step back, none forward beyond ``SLACK_NS``). On the boot
+    that wrote the image (``same_boot``: the offsets its time namespace had) they are the
+    host's clocks plus those offsets, exactly: the real-time clock, which NTP or a resumed
+    VM may have stepped since, is not asked."""
+    if same_boot is not None:
+        return None if same_boot == (0, 0) else same_boot
     if not seen.realtime_ns:
         return None           # an image of kcr-migrate before clocks were carried
     passed = max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - seen.realtime_ns)

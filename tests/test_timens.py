@@ -147,3 +147,15 @@ def test_a_child_that_exits_as_its_tree_is_checked_is_gone_not_in_another_namesp
     timens.check(proc.pid, proc.pid)
     os.close(os.open(tmp_path / "go", os.O_WRONLY))
     assert proc.wait(timeout=30) == 0
+
+
+def test_on_the_boot_that_wrote_it_the_real_time_clock_is_not_asked() -> None:
+    """A real-time clock stepped since the image was written (NTP, a resumed VM) made a
+    process of the host's clocks look as if its clocks had jumped, on the very boot that
+    wrote it: it got a needless time namespace (one a user's restore may not make). On that
+    boot the offsets its namespace had are the answer."""
+    now = timens.view(os.getpid())
+    stepped = timens.Clocks(now.monotonic_ns, now.boottime_ns, now.realtime_ns - 3600 * 10**9)   # an hour back
+    assert timens.needed(stepped) is not None                      # another boot: the real time decides
+    assert timens.needed(stepped, same_boot=(0, 0)) is None
+    assert timens.needed(stepped, same_boot=(AHEAD_S * 10**9, 5)) == (AHEAD_S * 10**9, 5)

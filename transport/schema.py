@@ -88,7 +88,10 @@ from transport.records import (
 # 12 reader would drop: a shell's job stopped by Ctrl-Z would report SIGSTOP.
 # 14: a unix socket whose file was removed since it was bound (``UnixSocket.file_gone``), which a
 # version 13 reader would bind at its path again, a file anyone could connect to.
-FORMAT_VERSION = 14
+# 15: the writer's boot and the process's time namespace offsets (``ImageHeader.boot_id``,
+# ``timens_monotonic_ns``...), which a version 14 reader would drop: restored on the same boot
+# after the real-time clock was stepped, the process would get a needless time namespace.
+FORMAT_VERSION = 15
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -174,6 +177,12 @@ class ImageHeader(Record):
     boottime_ns: NonNegI64 = 0
     realtime_ns: NonNegI64 = 0
     sign_nonce: Annotated[bytes, Blob(64)] = b""   # format 6: the signed image's own random nonce
+    # format 15: the writer's boot (/proc/sys/kernel/random/boot_id; "": not known) and the
+    # process's time namespace offsets (0, 0: the host's clocks): restored on that very boot,
+    # its clocks are the host's plus those offsets, whatever the real-time clock did meanwhile
+    boot_id: Annotated[str, Text(64)] = ""
+    timens_monotonic_ns: Annotated[int, Int(-(1 << 63), (1 << 63) - 1, "a clock offset")] = 0
+    timens_boottime_ns: Annotated[int, Int(-(1 << 63), (1 << 63) - 1, "a clock offset")] = 0
 
     def validate(self) -> None:
         _check(self.kind in ("checkpoint", "live"), f"kind {self.kind!r}")
