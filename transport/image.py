@@ -37,7 +37,16 @@ from transport.framing import (
 )
 from transport.pages import EncodedBatch, PageBatch, decode_batch, encode_batch
 from transport.records import Record
-from transport.schema import FORMAT_VERSION, OLDEST_FORMAT_VERSION, PAGE_SIZE, EndOfImage, ImageHeader, decode_record
+from transport.schema import (
+    FORMAT_VERSION,
+    OLDEST_FORMAT_VERSION,
+    PAGE_SIZE,
+    EndOfImage,
+    ImageHeader,
+    Mappings,
+    MappingsDelta,
+    decode_record,
+)
 from transport.signing import ImageKey, ImageSigner, ImageVerifier
 
 
@@ -124,7 +133,11 @@ class ImageWriter:
             rec = dataclasses.replace(rec, key_id=self._signer.key.key_id, sign_nonce=self._signer.nonce)
         payload = rec.pack()
         try:
-            decode_record(payload)     # what a restore would refuse, refused now: the job still runs
+            # What a restore would refuse, refused now, while the job can still run on: every
+            # record but the memory layout, whose reading back grows with the mappings (0.7 s
+            # for 30,000 of them, frozen) and whose fields come straight from /proc/PID/maps.
+            if not isinstance(rec, (Mappings, MappingsDelta)):
+                decode_record(payload)
         except ProtocolError as exc:
             raise ProtocolError(f"kcr-migrate made a record it cannot read back ({exc}), so the image would "
                                 "not restore: nothing was kept (a bug: please report it)") from None
