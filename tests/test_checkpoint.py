@@ -117,8 +117,14 @@ def test_a_process_without_a_vdso(tmp_path: Path) -> None:
 
 
 def stopped_and_continued(pid: int) -> None:
-    """SIGSTOP, SIGCONT: the sleeping thread goes on in restart_syscall (219)."""
+    """SIGSTOP, SIGCONT: the sleeping thread goes on in restart_syscall (219). SIGCONT only once
+    it has stopped: sent before (a busy machine), it discards the pending SIGSTOP and the
+    sleep is never interrupted."""
     os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 20
+    while proc_state(pid) != "T":
+        assert time.monotonic() < deadline, f"pid {pid} did not stop"
+        time.sleep(0.001)
     os.kill(pid, signal.SIGCONT)
     in_call(pid, 219)
 
