@@ -35,7 +35,7 @@ from agent.files import FileFact, describe_files, vdso_digest
 from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
 from agent.inject import SCRATCH_SIZE, spare_address
-from agent.procfs import process_tree, read_status, thread_ids
+from agent.procfs import ids_held_outside, process_tree, read_status, thread_ids
 from precopy import sysv
 from precopy.kernel import boot_id, xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
@@ -418,6 +418,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         names = await _blocking(fdtable.bound_names, [p["pid"] for p in processes])
         ports = await _blocking(fdtable.inet_bound, [p["pid"] for p in processes])
         segments = await _blocking(sysv.attached, pids)
+        outside = await _blocking(ids_held_outside, [p["pid"] for p in processes])
     except BaseException:
         await _blocking(holder.close)
         raise
@@ -440,6 +441,9 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         "sysv": [sysv.to_wire(s) for s in segments],      # made again under their ids (or this very one)
         "tracker": choice.name, "tracker_reason": choice.reason, "tool_version": TOOL_VERSION,
         "format_version": FORMAT_VERSION,
+        # processes in the job's session or group outside its tree (a daemon it double-forked):
+        # they stay here, as phrases (``agent.procfs.ids_held_outside``)
+        "held_outside": outside,
     }
 
 

@@ -323,6 +323,9 @@ class Migration:
         r.tracker, r.tracker_reason = str(summary["tracker"]), str(summary["tracker_reason"])
         self._emit(PreflightDone(self.pid, str(summary["comm"]), r.memory_bytes, int(summary["threads"]),
                                  r.tracker, r.tracker_reason))
+        for phrase in summary.get("held_outside", [])[:5]:     # (an agent before it sends none)
+            self._warn(f"{str(phrase)[:300]}: it is not moved and runs on at {self.source} (a move takes the "
+                       "job's tree)")
         try:
             # Sent only where not the default, which an agent of an earlier version knows without it.
             placement: dict[str, Any] = {"affinity": o.affinity} if o.affinity != "refuse" else {}

@@ -228,10 +228,9 @@ def test_zombie_children_come_back_as_they_ended(tmp_path: Path) -> None:
                                           "child 3: killed by 15\n")
 
 
-def test_a_session_member_left_outside_the_tree_is_named_when_it_keeps_the_pid(tmp_path: Path) -> None:
-    """A background process the job's shell left behind (reparented: not in the job's tree)
-    stays in the job's session, which keeps the root's pid in use after the checkpoint: the
-    checkpoint warns, the restore says who keeps it, and works once that process has ended."""
+def _left_behind(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A job (sh, then sleep) that left a background process of its session behind: (the job,
+    that process)."""
     job = subprocess.Popen(["sh", "-c", "(sleep 600 &); exec sleep 600"], start_new_session=True,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     STARTED.append(job)
@@ -242,7 +241,28 @@ def test_a_session_member_left_outside_the_tree_is_named_when_it_keeps_the_pid(t
             or Path(f"/proc/{job.pid}/comm").read_text().strip() != "sleep":
         assert time.monotonic() < deadline, "the job never left its background process behind"
         time.sleep(0.01)
-    outsider = int(outsiders[0])
+    return job, int(outsiders[0])
+
+
+def test_a_live_move_names_a_session_member_it_leaves_behind(tmp_path: Path) -> None:
+    """The same, live: what stays at the source (a daemon the job double-forked, a background
+    process of its shell) is named in the report; the job moves."""
+    job, outsider = _left_behind(tmp_path)
+    code, report, err = migrate_cli(f"{job.pid}@localhost", "localhost", "--new-pid")
+    assert code == 0, err
+    said = f"pid {outsider} (sleep) is in the session of pid {job.pid} but not in the job: it is not moved"
+    assert any(said in w for w in report["warnings"]), report["warnings"]
+    assert Path(f"/proc/{outsider}").exists()                # left where it was, running
+    for pid in (int(report["new_pid"]), outsider):
+        os.kill(pid, signal.SIGKILL)
+        reap(pid)
+
+
+def test_a_session_member_left_outside_the_tree_is_named_when_it_keeps_the_pid(tmp_path: Path) -> None:
+    """A background process the job's shell left behind (reparented: not in the job's tree)
+    stays in the job's session, which keeps the root's pid in use after the checkpoint: the
+    checkpoint warns, the restore says who keeps it, and works once that process has ended."""
+    job, outsider = _left_behind(tmp_path)
     image = tmp_path / "job.img"
     res = kcr("checkpoint", str(job.pid), "-o", str(image))
     assert res.returncode == 0, res.stderr.decode()
