@@ -103,7 +103,8 @@ def write_sparse(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     start = None                     # where the run of blocks with data being gathered starts
     for at in range(0, len(data), BLOCK):
-        zero = view[at:at + BLOCK] == ZEROS[:len(view[at:at + BLOCK])]
+        block = view[at:at + BLOCK]
+        zero = block == ZEROS[:len(block)]
         if zero and start is not None:
             _pwrite_all(fd, view[start:at], offset + start)
             start = None

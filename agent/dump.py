@@ -232,10 +232,11 @@ def collect(held: Held, mem: RemoteMemory, redirect: Mapping[int, str] | None = 
         threads += [_collect_thread(held, tid, injectors[tid], calls, rseq[tid]) for tid in tids[1:]]
         process = _collect_process(held, leader, calls, status, timers, process_calls,
                                    got[len(thread_calls):len(thread_calls) + len(process_calls)])
+        group_stop = ptrace.is_group_stop(held.stopped[pid])
         process = replace(process, lock_future=int(lock_future),
                           mempolicies=_mempolicies(pid, leader, policies, maps, job),
-                          stopped=int(ptrace.is_group_stop(held.stopped[pid])),   # seized in its group stop
-                          stop_signal=held.stopped[pid].sig if ptrace.is_group_stop(held.stopped[pid]) else 0)
+                          stopped=int(group_stop),              # seized in its group stop
+                          stop_signal=held.stopped[pid].sig if group_stop else 0)
         fds = fds if fds is not None else fdtable.collect(pid, redirect)
     finally:
         try:

@@ -1310,11 +1310,8 @@ def _socket(pid: int, pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, ro
     gone = False
     if info.name[:1] == b"/" and not role.accepted and info.vfs is not None:
         dev, ino = info.vfs
-        gone = _file_gone(info, job_files)     # (bound again without a file: ``Names.bind_gone``)
-        try:
-            st = os.lstat(info.name)
-        except OSError:
-            st = None
+        st = _lstat(info.name)
+        gone = _file_gone(info.vfs, st, job_files)     # (bound again without a file: ``Names.bind_gone``)
         if st is not None and (st.st_dev, st.st_ino) == info.vfs:
             mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
         else:
@@ -1330,18 +1327,22 @@ def _socket(pid: int, pidfd: int, fd: int, info: unix_sockets.UnixSocketInfo, ro
                       file_gone=gone)
 
 
-def _file_gone(info: unix_sockets.UnixSocketInfo, job_files: Collection[tuple[int, int]]) -> bool:
-    """Was the socket file of a socket bound to a path removed since it was bound, or replaced
-    by a file that is no socket's or another socket's of the job (``job_files``: their files)?
-    Its name stays its name (getsockname), but leads nowhere. (A socket file of a socket
-    outside the job there is the rule of ``agent.unix_names``: refused where one listens.)"""
-    if info.name[:1] != b"/" or info.vfs is None:
-        return False
+def _lstat(path: bytes) -> os.stat_result | None:
     try:
-        st = os.lstat(info.name)
+        return os.lstat(path)
     except OSError:
+        return None
+
+
+def _file_gone(vfs: tuple[int, int], st: os.stat_result | None, job_files: Collection[tuple[int, int]]) -> bool:
+    """Was the socket file (``vfs``: its device and inode) of a socket bound to a path removed
+    since it was bound (``st``: what is at the path now, None: nothing), or replaced by a file
+    that is no socket's or another socket's of the job (``job_files``: their files)? Its name
+    stays its name (getsockname), but leads nowhere. (A socket file of a socket outside the
+    job there is the rule of ``agent.unix_names``: refused where one listens.)"""
+    if st is None:
         return True
-    if (st.st_dev, st.st_ino) == info.vfs:
+    if (st.st_dev, st.st_ino) == vfs:
         return False
     return not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) in job_files
 
@@ -1439,7 +1440,7 @@ def bound_names(pids: Sequence[int]) -> list[unix_names.Bound]:
     socks = unix_sockets.query(inodes)
     job_files = {s.vfs for s in socks.values() if s.vfs is not None}
     for sock in socks.values():
-        if sock.name and _file_gone(sock, job_files):
+        if sock.name[:1] == b"/" and sock.vfs is not None and _file_gone(sock.vfs, _lstat(sock.name), job_files):
             continue        # bound again wherever the path stands (``unix_names.Names.bind_gone``)
         if sock.name and (sock.name not in out or sock.state == unix_sockets.TCP_LISTEN):
             dev, ino = sock.vfs if sock.vfs is not None else (0, 0)

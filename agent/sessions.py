@@ -190,11 +190,10 @@ def check(members: Sequence[TreeMember]) -> None:
     plan(members, members[1:])
 
 
-def mismatch(members: Mapping[int, TreeMember] | Sequence[TreeMember], got: Mapping[int, Ids]) -> str:
+def mismatch(members: Sequence[TreeMember], got: Mapping[int, Ids]) -> str:
     """What differs between where each process is (``got``) and where it must be, as a phrase
     ("" if nothing)."""
-    listed = list(members.values()) if isinstance(members, Mapping) else list(members)
-    want = targets(listed)
+    want = targets(members)
     for pid, ids in got.items():
         if pid in want and ids != want[pid]:
             return (f"process {pid} came back in session {ids.sid} and group {ids.pgid}, not session "

@@ -159,7 +159,7 @@ class Names:
         aside = ""
         with identity.acting():
             if replace:
-                aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
+                aside = _beside(path)
                 try:
                     os.rename(path, aside)
                 except FileNotFoundError:
@@ -201,7 +201,7 @@ class Names:
                     directory = os.path.dirname(directory)
                 for d in reversed(made):
                     os.mkdir(d, 0o700)
-                ours = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
+                ours = _beside(path)
                 aside = ""
                 if os.path.lexists(path):
                     aside = ours + "-aside"
@@ -266,6 +266,11 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _beside(path: str) -> str:
+    """A new name of ours in ``path``'s directory (a file put aside, or one of ours)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.kcr-{secrets.token_hex(4)}")
 
 
 def _rmdir(path: str) -> None:
