@@ -242,14 +242,17 @@ class Holder:
         return list(self.helds)
 
     def op_collect_files(self) -> dict[str, Any]:
-        """The frozen job's fd tables (``fdtable.collect_tree``), kept for ``collect``: they are
-        read through /proc and pidfds, without touching the processes' memory, so this can run
-        while their last dirty pages are scanned; ``collect`` cannot (``agent.source``)."""
+        """The frozen job's fd tables (``fdtable.collect_tree``): per process, its fd records
+        and the files it carries whole (read by the agent). Read through /proc and pidfds,
+        without touching the processes' memory, so this runs while their last dirty pages are
+        scanned; ``collect`` cannot (``agent.source``)."""
         pids = self._need_frozen()
         self._check_frozen(pids)
         self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
                                                maps=self.maps))
-        return {}
+        return {"processes": [[p, {"fds": [rec.to_wire() for rec in fds.records()],
+                                   "carried": [c.to_wire() for c in fds.carried]}]
+                              for p, fds in self.fds[1].items()]}
 
     def _check_frozen(self, pids: list[int]) -> None:
         """The frozen tree checked as it is (``agent.tree.check_tree``), once per freeze."""
@@ -258,10 +261,9 @@ class Holder:
             self.checked = True
 
     def op_collect(self, pids: list[int] | None = None, scratch: list[list[int]] | None = None) -> dict[str, Any]:
-        """Everything but memory, of every process of the frozen job, or of ``pids`` (a
-        tree's processes are read a few at a time while those read go out); their fd tables
-        as ``collect_files`` read them (else read now). The job is COLLECTED once every
-        process's state was read.
+        """Everything but memory and the fd tables (``collect_files``, called first), of every
+        process of the frozen job, or of ``pids`` (a tree's processes are read a few at a time
+        while those read go out). The job is COLLECTED once every process's state was read.
 
         ``scratch``: [pid, address] where a process's scratch goes (``agent.dump.collect``);
         a process whose address is taken is left out, and named in ``later``."""
@@ -269,10 +271,8 @@ class Holder:
         at = {int(p): int(a) for p, a in scratch or []}
         later: list[int] = []
         pids = self._need_frozen()
-        self._check_frozen(pids)
         if self.fds is None or self.fds[0] != pids:
-            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
-                                                   maps=self.maps))
+            raise ProcessError("the job's fd tables must be read (collect_files) before the rest of its state")
         fds = self.fds[1]
         out = []
         job = mempolicy.JobBounds(pids, self.maps)
@@ -288,10 +288,7 @@ class Holder:
                 mem.close()
             self.late.carry(p, state.process.shared_pending,
                             {t.tid: t.pending[1:] if t.tid in held.inflight else t.pending for t in state.threads})
-            out.append({"pid": p, "process": state.process.to_wire(),
-                        "fds": [rec.to_wire() for rec in state.fds.records()],
-                        "carried": [c.to_wire() for c in state.fds.carried],     # read by the agent
-                        "threads": [t.to_wire() for t in state.threads]})
+            out.append({"pid": p, "process": state.process.to_wire(), "threads": [t.to_wire() for t in state.threads]})
             self.collected.add(p)
             unseen = sigcont_unseen(bool(state.process.stopped), state.process.sigactions,
                                     [t.sigmask for t in state.threads])

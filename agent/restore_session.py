@@ -44,6 +44,7 @@ from transport.schema import (
     UnixSockets,
 )
 
+_FD_RECORDS = (Files, Pipes, UnixSockets, EventFiles, InetSockets, FileContents)
 _AFTER_PREPARE = ("{what} for a process whose records were complete when the stream turned to another one "
                   "(its memory was made ready then): corrupt stream")
 
@@ -55,6 +56,7 @@ class RestoredProcess:
     restorer: Restorer
     records: ProcessRecords = field(default_factory=ProcessRecords)
     member: TreeMember | None = None
+    finished: bool = False          # restored but for running (``Restorer.finish``)
 
 
 class RestoreSession:
@@ -81,6 +83,7 @@ class RestoreSession:
         self._carriers: dict[int, Restorer] = {}     # a carried file's id -> the process it comes with
         self._identity: Identity | None = None       # whom carried files are made as (the job)
         self.names = Names()               # the socket names the processes' sockets are bound to
+        self.descriptions: Descriptions | None = None     # what the job's fds share, once made
 
     # -- records in -------------------------------------------------------------------------
 
@@ -98,7 +101,7 @@ class RestoreSession:
         if self.header is None:
             raise ProtocolError("the stream does not start with its header: corrupt image")
         if isinstance(item, ProcessTree):
-            if any(p.restorer.memory_ready for p in self.procs.values()):
+            if self.descriptions is not None or any(p.restorer.memory_ready for p in self.procs.values()):
                 raise ProtocolError("the process tree changed after its processes' state began to arrive: corrupt stream")
             if not self.keep_ids:
                 raise RestoreError("this is a process tree, which keeps its pids (parents wait for their children "
@@ -112,9 +115,13 @@ class RestoreSession:
             found = self.procs.get(item.pid)
             if found is None or self.tree is None:
                 raise ProtocolError(f"records of process {item.pid}, which the stream's tree lacks: corrupt image")
-            if self.current is not None and self.current is not found:
+            turned = self.current is not None and self.current is not found
+            if turned:
+                assert self.current is not None
                 self._prepare(self.current)
             self.current = found
+            if turned:
+                self._finish_ready()
         elif isinstance(item, EndOfImage):
             pass
         elif (current := self.current) is None:
@@ -123,6 +130,9 @@ class RestoreSession:
                                 "tree, before the next one is named): corrupt stream")
         elif current.restorer.memory_ready:
             raise ProtocolError(_AFTER_PREPARE.format(what=f"a {type(item).__name__} record"))
+        elif self.descriptions is not None and isinstance(item, _FD_RECORDS):
+            raise ProtocolError(f"a {type(item).__name__} record after every process's fd table was in "
+                                "(the job's pipes, sockets and files were made then): corrupt stream")
         elif isinstance(item, FileContents):
             self._carry(current, item)
         elif isinstance(item, PageBatch):
@@ -270,13 +280,19 @@ class RestoreSession:
 
     # -- the rest, and the end ---------------------------------------------------------------
 
-    def finish(self) -> None:
-        """Everything but memory, for every process; the pipes and sockets they share are made
-        once (``agent.descriptions``) and each takes its ends. Every process stays stopped."""
-        procs = [p for p in self.procs.values() if not p.restorer.exited]
-        if not procs or not all(p.records.complete and p.restorer.begun for p in procs):
-            raise ProtocolError("the stream lacks a layout, or process, file or thread records: corrupt image")
-        each = [p.records.fds() for p in procs]
+    def _live(self) -> list[tuple[int, RestoredProcess]]:
+        return [(pid, p) for pid, p in self.procs.items() if not p.restorer.exited]
+
+    def _make_descriptions(self) -> bool:
+        """What the job's fds share (pipes, sockets, event files, carried files), made once every
+        live process's fd table is in and the first process's state with it (whose credentials
+        the job's files are made with); False while they are not."""
+        if self.descriptions is not None:
+            return True
+        procs = self._live()
+        if not procs or procs[0][1].records.state is None or any(p.records.files is None for _, p in procs):
+            return False
+        each = [p.records.fds() for _, p in procs]
         union = FdState(Files(tuple(f for s in each for f in s.files.fds)),
                         Pipes(tuple(x for s in each for x in s.pipes.pipes)),
                         UnixSockets(tuple(x for s in each for x in s.sockets.sockets)),
@@ -288,31 +304,64 @@ class RestoreSession:
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
         # What the job shares is made as the job: its first process (each fd of a path is
-        # opened as its own process, ``Restorer._files``).
-        for p in procs:                 # credentials first: nothing is opened for a claim refused
-            assert p.records.state is not None
-            check_grantable(p.records.state.creds)
-        first = procs[0].records.state
+        # opened as its own process, ``Restorer._files``), whose claim is checked first:
+        # nothing is opened for a claim refused. (Each process's own is checked as it is restored.)
+        first = procs[0][1].records.state
         assert first is not None
+        check_grantable(first.creds)
         identity = Identity.of(first.creds)
-        makers = {p.records.state.pid: p.restorer for p in procs if p.records.state is not None}
-        holders = {f.obj: p.records.state.pid for p, fds in zip(procs, each) for f in fds.files.fds
-                   if f.kind == "unix" and p.records.state is not None}
+        makers = {pid: p.restorer for pid, p in procs}
+        holders = {f.obj: pid for (pid, _), fds in zip(procs, each) for f in fds.files.fds if f.kind == "unix"}
         pairs = peercred.Sockets(makers, holders, self.root.report.warnings)
-        descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity, pairs=pairs,
-                                    deleted=self.deleted)
+        self.descriptions = Descriptions(self.names, made=self.shared.made_files, identity=identity, pairs=pairs,
+                                         deleted=self.deleted)
+        self.shared.add_files(union.contents, identity)       # /dev/shm files, before the fds that open them
+        self.descriptions.add(union)
+        return True
+
+    def _finish_one(self, pid: int, proc: RestoredProcess) -> None:
+        state = proc.records.state
+        assert state is not None and self.descriptions is not None
+        if state.pid != pid:
+            raise ProtocolError(f"the state of process {state.pid} among the records of process {pid}: corrupt image")
+        proc.restorer.finish(state, proc.records.fds(), proc.records.threads, descriptions=self.descriptions)
+        proc.finished = True
+
+    def _finish_ready(self) -> None:
+        """Each process whose records are complete restored (but for running) as soon as the
+        job's shared descriptions are made: a live stream sends every process's fd table
+        first, then the processes' states one by one (``agent.source``), and each is restored
+        while the next ones are still read at the source. An image, which holds each process
+        whole, gets here only with its last one (``finish``)."""
+        if not self._make_descriptions():
+            return
+        for pid, p in self._live():
+            if not p.finished and p.records.complete and p is not self.current:
+                self._finish_one(pid, p)
+
+    def finish(self) -> None:
+        """Everything but memory, for every process; the pipes and sockets they share are made
+        once (``agent.descriptions``) and each takes its ends. Every process stays stopped."""
+        procs = self._live()
+        if not procs or not all(p.records.complete and p.restorer.begun for _, p in procs):
+            raise ProtocolError("the stream lacks a layout, or process, file or thread records: corrupt image")
         try:
-            self.shared.add_files(union.contents, identity)       # /dev/shm files, before the fds that open them
-            descriptions.add(union)
-            for p, fds in zip(procs, each):
-                assert p.records.state is not None
-                p.restorer.finish(p.records.state, fds, p.records.threads, descriptions=descriptions)
-            descriptions.seal()
+            if not self._make_descriptions():
+                raise ProtocolError("the stream lacks a process's fd table: corrupt image")
+            for pid, p in procs:
+                if not p.finished:
+                    self._finish_one(pid, p)
+            assert self.descriptions is not None
+            self.descriptions.seal()
             self.shared.finish()
         finally:
-            descriptions.close()
-            self.deleted.close()      # every process holds or maps what it has of them by now
-            self.shared.close()       # every process maps what it shares by now
+            self._close_made()
+
+    def _close_made(self) -> None:
+        if self.descriptions is not None:
+            self.descriptions.close()
+        self.deleted.close()      # every process holds or maps what it has of them by now
+        self.shared.close()       # every process maps what it shares by now
 
     def resume(self) -> int:
         """Let every process run, children first (nothing runs before its parent is whole);
@@ -327,8 +376,7 @@ class RestoreSession:
 
     def abort(self) -> None:
         """Remove every process made (children first); nothing of them survives."""
-        self.deleted.close()
-        self.shared.close()
+        self._close_made()
         if self.resumed:
             return
         self.shared.discard()

@@ -493,6 +493,18 @@ async def source_connect(ctx: CallContext, *, to: dict[str, Any], timeout: float
     return {"connected": True, "cipher": sink.cipher}
 
 
+async def _send_fd_table(sink: Any, table: dict[str, Any]) -> None:
+    """A process's fd records (Files, Pipes, UnixSockets, EventFiles, InetSockets), as the
+    holder's ``collect_files`` wire them (ours), then the files it carries whole."""
+    for wire in table["fds"]:
+        listed = NONE_IF_ABSENT.get(wire["t"])
+        if listed is not None and not wire.get(listed):
+            continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
+        await sink.record(WireRecord(wire))
+    for c in table["carried"]:
+        await _send_carried(sink, CarriedFile.from_wire(c))
+
+
 async def _send_carried(sink: Any, c: CarriedFile) -> None:
     """A carried file's slices (``agent.carried_files``), each read off the event loop as the
     one before it goes out: the job is frozen, and the file is never held whole."""
@@ -591,17 +603,16 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     try:
         async with service_nursery() as nursery:
             files_read = trio.Event()
+            fd_tables: dict[int, dict[str, Any]] = {}
 
             async def collect_files() -> None:
-                try:
-                    await _blocking(s.holder.call, "collect_files")
-                finally:
-                    files_read.set()
+                got = await _blocking(s.holder.call, "collect_files")
+                fd_tables.update({int(p): table for p, table in got["processes"]})
+                files_read.set()
 
             # The rest of the state is read while the last pages are scanned and go out: a few
             # processes at a time (COLLECT_CALLS calls), sent while the next part is read. The fd
-            # tables (and the tree's checks) touch no memory: read from the start (by the first
-            # part, or beside the scans where no process has its scratch placed).
+            # tables (and the tree's checks) touch no memory: read first, beside the scans.
             scans_done: dict[int, trio.Event] = {p: trio.Event() for p in pids}
 
             async def read_states(part: list[int], placed: dict[int, int]) -> list[int]:
@@ -644,9 +655,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 for done in scans_done.values():     # (a process without a tracker: gone, it fails below)
                     done.set()
 
-            if scratch:
-                files_read.set()            # the first part reads them
-            elif not starting:
+            if not starting:
                 nursery.start_soon(collect_files)
             nursery.start_soon(collect_state)
 
@@ -658,19 +667,22 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             # or for a process that joined as the job froze: every page, now.
             final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one)
             t_pages = time.perf_counter()
+            # A tree's fd tables go first, every process's: the destination makes what they
+            # share then, and restores each process as its state follows, while the next ones
+            # are read here (``agent.restore_session``).
+            await files_read.wait()
+            if s.carry_tree:
+                for p in pids:
+                    await sink.record(ProcessBegin(p))
+                    await _send_fd_table(sink, fd_tables[p])
             async with states_out:
                 async for proc in states_out:
                     threads += len(proc["threads"])
                     if s.carry_tree:
                         await sink.record(ProcessBegin(int(proc["pid"])))
                     await sink.record(WireRecord(proc["process"]))      # the holder's: ours
-                    for wire in proc["fds"]:                 # Files, Pipes, UnixSockets, EventFiles
-                        listed = NONE_IF_ABSENT.get(wire["t"])
-                        if listed is not None and not wire.get(listed):
-                            continue       # none: the destination starts with none (``agent.restore.ProcessRecords``)
-                        await sink.record(WireRecord(wire))
-                    for c in proc.get("carried", []):
-                        await _send_carried(sink, CarriedFile.from_wire(c))
+                    if not s.carry_tree:
+                        await _send_fd_table(sink, fd_tables[int(proc["pid"])])
                     for t in proc["threads"]:
                         await sink.record(WireRecord(t))
     finally:

@@ -20,13 +20,14 @@ import pytest
 
 from agent import freeze
 from agent.holder import Holder
-from tests._fuzz import children, end_strays, seal, split_image
+from tests._fuzz import TRUST, Frame, children, end_strays, seal, split_image
 from tests._hosts import wait_file
 from tests._migration import migrate_cli
 from tests._workloads import (STARTED, Workload, become_subreaper, build, finished, kcr, one_error_line, reap,
                               start_reference, start_until_ready)
 from transport.errors import ProcessExited
-from transport.schema import ProcessBegin, ThreadState
+from transport.schema import (EndOfImage, EventFiles, FileContents, Files, InetSockets, Pipes, ProcessBegin, ProcessState,
+                              ThreadState, UnixSockets)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -321,6 +322,67 @@ def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Pat
     assert "corrupt stream" in one_error_line(res.stderr)
     assert end_strays(ours) == []         # every stub made was removed
     root = image_restored(image, before)
+    assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert w.output() == finished(ref).output()
+
+
+FD_RECORDS = {Files.TYPE, Pipes.TYPE, UnixSockets.TYPE, EventFiles.TYPE, InetSockets.TYPE, FileContents.TYPE}
+
+
+def fd_tables_first(frames: list[Frame]) -> tuple[list[Frame], list[list[Frame]]]:
+    """A tree image's frames in a live stream's order (``agent.source``): every process's
+    memory, then every process's fd table, then every process's state, one process at a
+    time; and the state parts (each a ProcessBegin and its state and thread records)."""
+    begins = [i for i, f in enumerate(frames) if f.body is not None and f.body.get("t") == ProcessBegin.TYPE]
+    end = next(i for i in range(len(frames) - 1, -1, -1) if frames[i].body is None
+               or frames[i].body.get("t") not in (EndOfImage.TYPE,))
+    head, tail = frames[:begins[0]], frames[end + 1:]
+    memory: list[Frame] = []
+    tables: list[Frame] = []
+    states: list[list[Frame]] = []
+    for a, b in zip(begins, [*begins[1:], end + 1]):
+        section = frames[a:b]
+        begin = section[0]
+        kinds = [f.body.get("t") if f.body is not None else None for f in section]
+        memory += [f for f, k in zip(section, kinds) if k not in FD_RECORDS | {ProcessState.TYPE, ThreadState.TYPE}]
+        tables += [copy.deepcopy(begin)] + [f for f, k in zip(section, kinds) if k in FD_RECORDS]
+        states.append([copy.deepcopy(begin)] + [f for f, k in zip(section, kinds)
+                                                if k in (ProcessState.TYPE, ThreadState.TYPE)])
+    return head + memory + tables + [f for part in states for f in part] + tail, states
+
+
+def test_a_stream_with_every_fd_table_first_restores_each_process_as_its_state_comes(tmp_path: Path) -> None:
+    """A live stream sends every process's fd table before any process's state: the
+    destination makes what they share then, and restores each process as its state follows,
+    while the next ones are still read at the source. An image in that order restores the
+    tree, which finishes as an unmoved one; one more fd record once the tables were all in
+    (what they share was made without it) is refused in one line, nothing left of it."""
+    ref = start_reference("tree_workers", tmp_path, scale=3)
+    w = Workload("tree_workers", tmp_path / "moved", scale=3, hold=True)
+    w.start()
+    w.wait_ready()
+    before = tree(w.pid)
+    image = tmp_path / "tree.img"
+    checkpoint(w.pid, image, 4)
+    assert w.reap_original() == -9
+    frames, states = fd_tables_first(split_image(image.read_bytes()))
+    files = next(f for f in frames if f.body is not None and f.body.get("t") == Files.TYPE)
+    late = list(frames)
+    at = late.index(states[-1][1])          # the last process's state, after every table
+    late.insert(at + 1, copy.deepcopy(files))
+    (tmp_path / "late.img").write_bytes(seal(late))
+    (tmp_path / "live-order.img").write_bytes(seal(frames))
+    reap_orphans([p for p in before if before[p]])
+    ours = children()
+    res = kcr("restore", "-i", str(tmp_path / "late.img"), *TRUST)
+    assert res.returncode == 1
+    assert "after every process's fd table was in" in one_error_line(res.stderr)
+    assert end_strays(ours) == []
+    res = kcr("restore", "-i", str(tmp_path / "live-order.img"), "--json", *TRUST)
+    assert res.returncode == 0, res.stderr.decode()
+    root = w.pid
+    assert {p: pp for p, pp in tree(root).items() if p != root} == {p: pp for p, pp in before.items() if p != root}
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
     assert w.output() == finished(ref).output()
