@@ -10,14 +10,30 @@ from what the other side holds, even if it changed while being read.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from precopy.intervals import Run, Span, merge_spans, normalize, pages_of, runs_of, subtract, within
-from precopy.layout import MapEntry, PageFinder, private_file_spans
+from precopy.layout import MapEntry, PageFinder, private_file_spans, trackable
 from precopy.reader import PageReader, split_runs
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE
+
+
+def _private_runs(entries: list[MapEntry]) -> list[MapEntry]:
+    """``entries`` (sorted), with each run of private mappings of one kind (file, or not) that
+    follow one another without a gap as one entry spanning them: the kernel finds their
+    populated pages in one call (the read-only mappings of a library, for one)."""
+    out: list[MapEntry] = []
+    for e in entries:
+        last = out[-1] if out else None
+        if (last is not None and last.end == e.start and not e.shared and not last.shared
+                and (e.kind == "file") == (last.kind == "file") and trackable(e) == trackable(last)):
+            out[-1] = replace(last, end=e.end)
+        else:
+            out.append(e)
+    return out
 
 
 def digest(page: bytes | memoryview) -> bytes:
@@ -44,6 +60,9 @@ class PageDigests:
         # process that maps an object reads the same bytes there, so only the first to come
         # to a page reads and hashes it; each still compares it with what it last saw itself.
         self.frozen_objects: dict[tuple[tuple[int, int], int, int], bytes] | None = None
+        # The last scan's entries and their runs (``_private_runs``), for as long as a
+        # tracker's layout stays (entry for entry, as ``read_maps`` with a cache gives it).
+        self._runs: tuple[list[MapEntry], list[MapEntry]] | None = None
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -74,7 +93,10 @@ class PageDigests:
         before = reader.bytes_read
         objects = self.frozen_objects
         known: list[int] = []          # pages changed, found by another process's digest
-        for e in entries:
+        last = self._runs
+        if last is None or len(last[0]) != len(entries) or not all(map(operator.is_, last[0], entries)):
+            last = self._runs = (entries, _private_runs(entries))
+        for e in last[1]:
             runs = finder.populated_entry(e)
             populated += runs
             key = (e.dev, e.inode, e.offset - e.start) if objects is not None and e.shared and e.inode else None
@@ -174,6 +196,7 @@ class PageDigests:
     def clear(self) -> None:
         self._digests.clear()
         self._spans = []
+        self._runs = None
 
 
 def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:

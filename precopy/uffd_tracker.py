@@ -87,6 +87,23 @@ def _stretched(part: MapEntry, now: list[MapEntry], starts: list[int]) -> MapEnt
     return part if (start, end) == (part.start, part.end) else replace(part, start=start, end=end)
 
 
+def _file_runs(entries: list[MapEntry], fresh: dict[int, MapEntry]) -> list[MapEntry]:
+    """``entries`` (sorted), with each run of file mappings that follow one another without a
+    gap, none of them new (in ``fresh``, by id), as one entry spanning them: what a round asks
+    of a file mapping (``_wp_scan``, ``_reverted``) depends only on its being one, and the
+    kernel walks the run in one call (a library's five mappings in one)."""
+    out: list[MapEntry] = []
+    joinable = False
+    for e in entries:
+        mine = e.kind == "file" and id(e) not in fresh
+        if mine and joinable and out[-1].end == e.start:
+            out[-1] = replace(out[-1], end=e.end)
+        else:
+            out.append(e)
+        joinable = mine
+    return out
+
+
 def _protectable(entry: MapEntry) -> bool:
     """Tracked by write-protection (else by content): private mappings that are writable, and
     anonymous ones that are readable. A read-only anonymous mapping (written, then protected:
@@ -111,6 +128,7 @@ class _Shape:
     tracked: list[Span]
     plain: list[Span]
     files: list[MapEntry]
+    file_runs: list[MapEntry]      # ``files``, those that follow one another as one (``_file_runs``)
     pages: int
 
     @staticmethod
@@ -123,7 +141,7 @@ class _Shape:
             else:
                 plain.append((e.start, e.end))
         return _Shape(entries, [e.start for e in entries], merge_spans((e.start, e.end) for e in entries),
-                      merge_spans(plain), files, sum(e.length for e in entries) // PAGE_SIZE)
+                      merge_spans(plain), files, _file_runs(files, {}), sum(e.length for e in entries) // PAGE_SIZE)
 
     def overlapping(self, start: int, end: int) -> list[MapEntry]:
         """The entries that overlap [start, end) (a bisect, then those)."""
@@ -365,9 +383,12 @@ class UffdWpTracker(DirtyTracker):
         fresh_anon = merge_spans((e.start, e.end) for e in fresh_entries.values() if e.kind != "file")
         if fresh_anon:
             plain = subtract_spans(plain, fresh_anon)
-        # 1. The registered mappings: their written pages, re-protected in the same walk.
-        for e in sorted([*fresh_entries.values(), *(f for f in shape.files if id(f) not in fresh_entries)],
-                        key=lambda e: e.start):
+        # 1. The registered mappings: their written pages, re-protected in the same walk. File
+        # mappings that follow one another (a library's, an executable's) in one walk.
+        walks = shape.file_runs if not fresh_entries else _file_runs(
+            sorted([*fresh_entries.values(), *(f for f in shape.files if id(f) not in fresh_entries)],
+                   key=lambda e: e.start), fresh_entries)
+        for e in walks:
             fresh = fresh_index.clip(e.start, e.end) if fresh_index else []
             if fresh:
                 # New address ranges start out empty at the destination: all their pages travel,
