@@ -61,7 +61,6 @@ class DestSession:
     machine: Machine[DestState, DestEvent] = field(default_factory=lambda: Machine(DESTINATION))
     received: trio.Event | None = None      # set when the page stream has ended (dest_receive)
     receive_error: BaseException | None = None
-    ended_error: Exception | None = None    # restoring what the stream completed, as it ended (``_receive``)
     inflight: InFlight = field(default_factory=InFlight)     # dest_receive, while it runs
     deputy: subprocess.Popen[bytes] | None = None            # the stand-in's deputy (dest_deputy)
     deputy_control: socket.socket | None = None              # where the restored process goes to it
@@ -273,13 +272,6 @@ async def _receive(ctx: CallContext, s: DestSession) -> dict[str, Any]:
                 await s.tracer.acall(_take_all, s.restore, group)
                 if s.state_ms or any(isinstance(r, ProcessState) for r in group):
                     s.state_ms += (time.perf_counter() - t0) * 1000
-        # Nothing more comes: the processes the stream completed are restored now (but for
-        # running), not once dest_restore asks, which comes a hop later. A failure is
-        # dest_restore's to report; the stream itself arrived whole.
-        try:
-            await s.tracer.acall(s.restore.ended)
-        except Exception as exc:
-            s.ended_error = exc
     except BaseException as exc:
         s.receive_error = exc
         raise
@@ -303,8 +295,6 @@ async def dest_restore(ctx: CallContext) -> dict[str, Any]:
             raise s.receive_error
         if s.receive_error is not None:
             raise ProtocolError("the page stream ended before the process's state arrived")
-        if s.ended_error is not None:
-            raise s.ended_error
     if not s.restore.procs:
         raise ProtocolError("the stream ended before the process's state arrived")
     s.machine.check(DestEvent.RESTORED)

@@ -339,15 +339,6 @@ class RestoreSession:
             if not p.finished and p.records.complete and p is not self.current:
                 self._finish_one(pid, p)
 
-    def ended(self) -> None:
-        """The stream ended: nothing more comes for any process. If it brought every process
-        whole, each is restored now (but for running); ``finish`` does what is left, and says
-        what is missing otherwise."""
-        procs = self._live()
-        if procs and all(p.records.complete and p.restorer.begun for _, p in procs):
-            self.current = None
-            self._finish_ready()
-
     def finish(self) -> None:
         """Everything but memory, for every process; the pipes and sockets they share are made
         once (``agent.descriptions``) and each takes its ends. Every process stays stopped."""
