@@ -332,8 +332,9 @@ class RestoreSession:
         job's shared descriptions are made: a live stream sends every process's fd table
         first, then the processes' states one by one (``agent.source``), and each is restored
         while the next ones are still read at the source. An image, which holds each process
-        whole, gets here only with its last one (``finish``)."""
-        if not self._make_descriptions():
+        whole, gets here only with its last one (``finish``). Not where a filesystem hook
+        brings files (``deferred``): its final pass runs after the stream, before ``finish``."""
+        if self.deferred or not self._make_descriptions():
             return
         for pid, p in self._live():
             if not p.finished and p.records.complete and p is not self.current:

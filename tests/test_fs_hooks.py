@@ -34,7 +34,7 @@ from migrate import Migration, MigrationError, MigrationOptions, PhaseChanged
 from migrate.fs_btrfs import BtrfsHook
 from migrate.fs_rsync import RsyncHook
 from migrate.fshooks import HOOK_KINDS, parse_hook
-from tests._hosts import start_in, verdict
+from tests._hosts import start_in, verdict, wait_file
 from tests._migration import migrate_cli, proc_state, running_copies, wait_gone
 from tests._workloads import STARTED
 from transport.errors import FsHookError
@@ -245,6 +245,30 @@ def test_rsync_moves_a_job_that_keeps_changing_its_files(testbed: Testbed, tmp_p
     assert sh(testbed, "hostA", f"ls {data}")         # the source's copy is left as the process left it
     assert leftovers(testbed, "hostA") == leftovers(testbed, "hostB") == []
     assert no_ssh_masters(testbed)
+
+
+def test_rsync_moves_a_tree_whose_processes_all_keep_changing_their_files(testbed: Testbed, tmp_path: Path) -> None:
+    """Two churning processes, a parent and its child, each in a directory of its own under
+    the hook: the destination restores a tree's processes as their states arrive, but with
+    a hook none of them may open its files before the hook's final pass has brought them
+    (the parent, whose state comes first, would find its log as the pass before left it)."""
+    data = fresh_path("rsync-tree")
+    sh(testbed, "hostA", f"mkdir -p {data}/child {data}/parent")
+    out = tmp_path / "moved"
+    child_out = out / "child"
+    child_out.mkdir(parents=True)
+    churn = f"{sys.executable} -S {CHURN}"
+    pid = start_in(testbed, "hostA", ["sh", "-c", f"{churn} {child_out} {data}/child {STEPS} 10 & "
+                                      f"exec {churn} {out} {data}/parent {STEPS} 10"], out, hold=True)
+    while not (child_out / "ready").exists():
+        time.sleep(0.02)
+    code, report, err = migrate_cli(f"{pid}@hostA", "hostC", "--ssh-config", str(testbed.ssh_config_path),
+                                    "--fs", f"rsync:{data}", keep_pid=True)
+    assert code == 0, err
+    assert len(report["processes"]) == 2
+    assert verdict(out, timeout=90) == "PASS", (out / "stderr").read_text()      # (lets both go on)
+    assert wait_file(child_out / "verdict", 90).strip() == "PASS"
+    assert leftovers(testbed, "hostA") == leftovers(testbed, "hostC") == []
 
 
 async def test_rsync_failing_in_the_final_pass_rolls_back(testbed: Testbed, tmp_path: Path) -> None:
