@@ -261,8 +261,8 @@ class Holder:
             self.checked = True
 
     def op_collect(self, pids: list[int] | None = None, scratch: list[list[int]] | None = None) -> dict[str, Any]:
-        """Everything but memory and the fd tables (``collect_files``, called first), of every
-        process of the frozen job, or of ``pids`` (a tree's processes are read a few at a time
+        """Everything but memory and the fd tables (``collect_files``, read first if they were
+        not), of every process of the frozen job, or of ``pids`` (a tree's processes are read a few at a time
         while those read go out). The job is COLLECTED once every process's state was read.
 
         ``scratch``: [pid, address] where a process's scratch goes (``agent.dump.collect``);
@@ -272,7 +272,8 @@ class Holder:
         later: list[int] = []
         pids = self._need_frozen()
         if self.fds is None or self.fds[0] != pids:
-            raise ProcessError("the job's fd tables must be read (collect_files) before the rest of its state")
+            self.op_collect_files()          # (the source calls it first, beside the last scans)
+        assert self.fds is not None
         fds = self.fds[1]
         out = []
         job = mempolicy.JobBounds(pids, self.maps)
