@@ -174,13 +174,19 @@ class Workload:
         self.pid = self.proc.pid
         return self.pid
 
-    def wait_file(self, name: str, timeout: float) -> str:
+    def wait_file(self, name: str, timeout: float, empty_ok: bool = True) -> str:
+        """The contents of ``name`` once it exists (and, unless ``empty_ok``: a marker, holds
+        something: ``open(...).write(...)`` makes the file before it writes it)."""
         path = self.dir / name
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            ended = self.proc is not None and self.proc.poll() is not None
             if path.exists():
-                return path.read_text()
-            if self.proc is not None and self.proc.poll() is not None and not path.exists():
+                text = path.read_text()
+                if text or empty_ok or ended:
+                    return text
+            elif ended:
+                assert self.proc is not None
                 raise AssertionError(f"{self.name} exited ({self.proc.returncode}) without {name}: "
                                      f"{(self.dir / 'stderr').read_text()}")
             time.sleep(0.01)
@@ -196,7 +202,7 @@ class Workload:
 
     def verdict(self, timeout: float = 60) -> str:
         self.release()
-        return self.wait_file("verdict", timeout).strip()
+        return self.wait_file("verdict", timeout, empty_ok=False).strip()
 
     def output(self) -> str:
         path = self.dir / "output"
