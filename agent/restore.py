@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ import stat
 import struct
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -134,6 +136,7 @@ AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
 F_SETFD = 2
 RUN_WAIT_S = 1.0            # how long ``resume`` waits to see every thread run
+CREDS_SCRATCH = 3 * PAGE_SIZE     # ``_creds``' arguments: all of the scratch (pages 1-3)
 CLONE_SCRATCH = 2560        # where ``_clone_child`` puts clone3's arguments in the scratch
 POLICY_SCRATCH = 768        # where ``_thread_setup`` puts a thread's NUMA nodemask
 SOCKET_SCRATCH = 0          # ``socketpairs_as``' fds, ``connect_as``'s address
@@ -1675,59 +1678,75 @@ class Restorer:
 
     def _capset(self, inj: Injector, c: Creds, extra: int = 0) -> None:
         """The calling thread's capability sets (``extra``: bits added to effective and permitted)."""
-        eff, prm = c.cap_effective | extra, c.cap_permitted | extra
-        header = struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0)
-        data = struct.pack("<6I", eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, c.cap_inheritable & 0xFFFFFFFF,
-                           eff >> 32, prm >> 32, c.cap_inheritable >> 32)
+        header, data = _capset_args(c, extra)
         self.report.syscalls += 1
         inj.call("capset", self._put(header), self._put(data, 64))
 
     def _creds(self, proc: ProcessState, lend_cap: bool = False) -> None:
         """Identity last: what the stub has already (it runs as the restorer does, often as
-        the process did) is not set again, each call being an injection."""
+        the process did) is not set again; the rest in one batch of system calls."""
         c = proc.creds
         now = _stub_identity(self.pid)
+        calls: list[Call] = []
+        at = 0                 # where the next argument goes in the scratch (pages 1-3 of the gadget)
+
+        def put(data: bytes) -> int:
+            nonlocal at
+            if at + len(data) > CREDS_SCRATCH:
+                run()
+            addr = self._put(data, at)
+            at += -(-len(data) // 8) * 8
+            return addr
+
+        def call(name: str, *args: int) -> None:
+            calls.append((name, args))
+
+        def run() -> None:
+            nonlocal at
+            self._run_batch(calls, [("set the process's identity", None)] * len(calls))
+            at = 0
+
         if now.get("Umask") != proc.umask:
-            self._call("umask", proc.umask)
+            call("umask", proc.umask)
         if now.get("personality") != proc.personality:
-            self._call("personality", proc.personality)
+            call("personality", proc.personality)
         if proc.cwd and now.get("cwd") != proc.cwd:
-            self._call("chdir", self._put(os.fsencode(proc.cwd) + b"\0"))
+            call("chdir", put(os.fsencode(proc.cwd) + b"\0"))
         if proc.root and proc.root != "/":
-            self._call("chroot", self._put(os.fsencode(proc.root) + b"\0"))
+            call("chroot", put(os.fsencode(proc.root) + b"\0"))
         if proc.child_subreaper:
-            self._call("prctl", PR_SET_CHILD_SUBREAPER, 1)
-        bounding = now.get("bounding", (1 << (CAP_LAST + 1)) - 1)
+            call("prctl", PR_SET_CHILD_SUBREAPER, 1)
+        bounding = now.get("bounding", (1 << (_cap_last() + 1)) - 1)      # (no more than this kernel knows)
         assert isinstance(bounding, int)
         for cap in range(CAP_LAST + 1):
             if not c.cap_bounding >> cap & 1 and bounding >> cap & 1:     # (dropping needs CAP_SETPCAP)
-                try:
-                    self._call("prctl", PR_CAPBSET_DROP, cap)
-                except InjectionError as exc:
-                    if exc.errno != errno.EINVAL:    # a capability this kernel does not know
-                        raise
+                call("prctl", PR_CAPBSET_DROP, cap)
         if now.get("Groups") != tuple(sorted(c.groups)):
             groups = struct.pack(f"<{len(c.groups)}I", *c.groups)
-            self._call("setgroups", len(c.groups), self._put(groups) if groups else 0)
+            if len(groups) <= CREDS_SCRATCH:
+                call("setgroups", len(c.groups), put(groups) if groups else 0)
+            else:            # thousands of groups: the scratch and the batch's table, alone
+                run()
+                self._call("setgroups", len(c.groups), self._put(groups))
         if now.get("Gid") != c.gids:
-            self._call("setresgid", *c.gids[:3])
-            self._call("setfsgid", c.gids[3])
+            call("setresgid", *c.gids[:3])
+            call("setfsgid", c.gids[3])
         if now.get("Uid") != c.uids or c.securebits:
-            self._call("prctl", PR_SET_SECUREBITS, c.securebits | SECBIT_KEEP_CAPS)
-            self._call("setresuid", *c.uids[:3])
-            self._call("setfsuid", c.uids[3])
-        assert self.inj is not None
+            call("prctl", PR_SET_SECUREBITS, c.securebits | SECBIT_KEEP_CAPS)
+            call("setresuid", *c.uids[:3])
+            call("setfsuid", c.uids[3])
         caps = (c.cap_inheritable, c.cap_permitted, c.cap_effective)
         if lend_cap or now.get("caps") != caps or now.get("Uid") != c.uids:   # setresuid changed them
-            self._capset(self.inj, c, 1 << CAP_CHECKPOINT_RESTORE if lend_cap else 0)
+            call("capset", *[put(part) for part in _capset_args(c, 1 << CAP_CHECKPOINT_RESTORE if lend_cap else 0)])
         for cap in range(CAP_LAST + 1):
             if c.cap_ambient >> cap & 1:
-                self._call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+                call("prctl", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
         if not c.securebits & SECBIT_KEEP_CAPS and (now.get("Uid") != c.uids or c.securebits):
-            self._call("prctl", PR_SET_KEEPCAPS, 0)
+            call("prctl", PR_SET_KEEPCAPS, 0)
         if c.no_new_privs:
-            self._call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        self._call("prctl", PR_SET_DUMPABLE, proc.dumpable)
+            call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        call("prctl", PR_SET_DUMPABLE, proc.dumpable)
+        run()
 
     def _thread_setup(self, inj: Injector, t: ThreadState, first: list[tuple[str, tuple[int, ...]]] | None = None
                       ) -> None:
@@ -2050,6 +2069,23 @@ def wait_running(let_go: Sequence[tuple[Restorer, dict[int, int | None]]]) -> No
                 f"thread{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} of pid {r.pid} had not run "
                 f"{RUN_WAIT_S:g} s after it was let go (a busy machine, or a stop signal): check that it runs")
             r.running_ns = time.monotonic_ns()
+
+
+def _capset_args(c: Creds, extra: int = 0) -> tuple[bytes, bytes]:
+    """capset()'s header and data for ``c``'s sets (``extra``: bits added to effective and permitted)."""
+    eff, prm = c.cap_effective | extra, c.cap_permitted | extra
+    return (struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0),
+            struct.pack("<6I", eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, c.cap_inheritable & 0xFFFFFFFF,
+                        eff >> 32, prm >> 32, c.cap_inheritable >> 32))
+
+
+@functools.cache
+def _cap_last() -> int:
+    """The highest capability this kernel knows (a bounding set names no other)."""
+    try:
+        return min(int(Path("/proc/sys/kernel/cap_last_cap").read_text()), CAP_LAST)
+    except (OSError, ValueError):
+        return CAP_LAST
 
 
 def _stub_identity(pid: int) -> dict[str, object]:
