@@ -1229,23 +1229,43 @@ class Restorer:
             self._scheduling(proc, threads, new_tids)
 
     def _mm(self, proc: ProcessState, identity: Identity) -> None:
+        """The mm fields (code, data, brk, stack, args, env, auxv) and the executable, in one
+        batch: the executable opened, handed to PR_SET_MM_MAP and closed. The fd it gets is the
+        lowest one the stub has free (nothing else opens one in it meanwhile: it is stopped,
+        and ours), so the map can name it before the open runs; both are checked after."""
+        assert self.inj is not None and self.mem is not None
         mm = proc.mm
         auxv = self._put(proc.auxv, 2048)
         try:
             # The process must be able to execute it (search its path, run it), as exec checked.
             st = identity.may_run(proc.exe)
-            exe_fd = self._open(proc.exe, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)    # a FIFO would block
         except OSError as exc:
             raise identity.refusal("the process's executable", proc.exe, exc) from None
-        try:
-            self._same_file((st.st_dev, st.st_ino), f"/proc/{self.pid}/fd/{exe_fd}", proc.exe)
-            mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
-                                 mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
-                                 mm.env_start, mm.env_end, auxv, len(proc.auxv), exe_fd)
-            addr = self._put(mm_map, 1024)
-            self._call("prctl", PR_SET_MM, PR_SET_MM_MAP, addr, len(mm_map), 0)
-        finally:
-            self._call("close", exe_fd)
+        name = os.fsencode(proc.exe) + b"\0"
+        if len(name) > PAGE_SIZE:
+            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
+        taken = {int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")}
+        exe_fd = next(fd for fd in range(len(taken) + 1) if fd not in taken)
+        mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
+                             mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
+                             mm.env_start, mm.env_end, auxv, len(proc.auxv), exe_fd)
+        how = struct.pack("<QQQ", os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK, 0, RESOLVE_NO_SYMLINKS)  # a FIFO would block
+        calls: list[Call] = [("openat2", (AT_FDCWD, self._put(name, PAGE_SIZE), self._put(how, 2 * PAGE_SIZE), 24)),
+                             ("prctl", (PR_SET_MM, PR_SET_MM_MAP, self._put(mm_map, 1024), len(mm_map), 0)),
+                             ("close", (exe_fd,))]
+        results: list[int] = []
+        done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, calls,
+                                   results=results)
+        self.report.syscalls += min(done + 1, len(calls))
+        if done == 0:
+            raise identity.refusal("the process's executable", proc.exe, OSError(-err, os.strerror(-err)))
+        if results[0] != exe_fd:
+            raise RestoreError(f"the executable {proc.exe} was opened as fd {results[0]} in the process being "
+                               f"restored, not {exe_fd}: something else opens files in it")
+        if done < len(calls):
+            raise InjectionError(-err, f"{calls[done][0]}() of the process's memory layout in pid {self.pid}: "
+                                       f"{os.strerror(-err)}")
+        self._same_file((st.st_dev, st.st_ino), f"/proc/{self.pid}/exe", proc.exe)
 
     def _check_access(self, proc: ProcessState, identity: Identity) -> None:
         """Before the process gets anything more, and long before it runs: each file it maps
