@@ -250,9 +250,12 @@ class Holder:
         self._check_frozen(pids)
         self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
                                                maps=self.maps))
-        return {"processes": [[p, {"fds": [rec.to_wire() for rec in fds.records()],
-                                   "carried": [c.to_wire() for c in fds.carried]}]
-                              for p, fds in self.fds[1].items()]}
+        return {"processes": self._fd_tables()}
+
+    def _fd_tables(self) -> list[list[Any]]:
+        assert self.fds is not None
+        return [[p, {"fds": [rec.to_wire() for rec in fds.records()], "carried": [c.to_wire() for c in fds.carried]}]
+                for p, fds in self.fds[1].items()]
 
     def _check_frozen(self, pids: list[int]) -> None:
         """The frozen tree checked as it is (``agent.tree.check_tree``), once per freeze."""
@@ -260,10 +263,13 @@ class Holder:
             check_tree(self.root, self.redirect, pids, maps=self.maps)
             self.checked = True
 
-    def op_collect(self, pids: list[int] | None = None, scratch: list[list[int]] | None = None) -> dict[str, Any]:
+    def op_collect(self, pids: list[int] | None = None, scratch: list[list[int]] | None = None,
+                   files: bool = False) -> dict[str, Any]:
         """Everything but memory and the fd tables (``collect_files``, read first if they were
         not), of every process of the frozen job, or of ``pids`` (a tree's processes are read a few at a time
         while those read go out). The job is COLLECTED once every process's state was read.
+        ``files``: every process's fd table too (``fd_tables``, as ``collect_files`` gives them),
+        for a first call that starts at once: one call to the holder less.
 
         ``scratch``: [pid, address] where a process's scratch goes (``agent.dump.collect``);
         a process whose address is taken is left out, and named in ``later``."""
@@ -299,7 +305,10 @@ class Holder:
         if self.collected >= set(pids):
             self.machine.handle(HolderEvent.COLLECT)
         # "sigcont_unseen": no process collected so far would see the guard's SIGCONT (``agent.signals``)
-        return {"processes": out, "later": later, "sigcont_unseen": not self.sigcont_seen_by}
+        got: dict[str, Any] = {"processes": out, "later": later, "sigcont_unseen": not self.sigcont_seen_by}
+        if files:
+            got["fd_tables"] = self._fd_tables()
+        return got
 
     def op_inject(self, calls: list[list[Any]], pid: int = 0) -> list[int]:
         """Run system calls in a frozen process's main thread (the root's unless ``pid``);

@@ -605,21 +605,27 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             files_read = trio.Event()
             fd_tables: dict[int, dict[str, Any]] = {}
 
-            async def collect_files() -> None:
-                got = await _blocking(s.holder.call, "collect_files")
-                fd_tables.update({int(p): table for p, table in got["processes"]})
+            def files_in(tables: list[list[Any]]) -> None:
+                fd_tables.update({int(p): table for p, table in tables})
                 files_read.set()
+
+            async def collect_files() -> None:
+                files_in((await _blocking(s.holder.call, "collect_files"))["processes"])
 
             # The rest of the state is read while the last pages are scanned and go out: a few
             # processes at a time (COLLECT_CALLS calls), sent while the next part is read. The fd
-            # tables (and the tree's checks) touch no memory: read first, beside the scans.
+            # tables (and the tree's checks) touch no memory: read first, beside the scans (by
+            # the first part, where it can start at once).
             scans_done: dict[int, trio.Event] = {p: trio.Event() for p in pids}
 
             async def read_states(part: list[int], placed: dict[int, int]) -> list[int]:
                 """``part``'s states, queued to go; the processes left for later (their scratch's
                 place was taken)."""
-                got = await _blocking(s.holder.call, "collect", pids=part,
+                files = not files_read.is_set()
+                got = await _blocking(s.holder.call, "collect", pids=part, files=files,
                                       scratch=[[p, placed[p]] for p in part if p in placed])
+                if files:
+                    files_in(got["fd_tables"])
                 sigcont_unseen[0] = bool(got.get("sigcont_unseen", False))     # of all read so far
                 for proc in got["processes"]:
                     states_in.send_nowait(proc)
@@ -632,7 +638,8 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                         for done in scans_done.values():
                             await done.wait()
                         await collect_files()
-                    await files_read.wait()
+                    elif not scratch:
+                        await files_read.wait()
                     step = max(1, -(-len(pids) // COLLECT_CALLS))
                     for i in range(0, len(pids), step):
                         part = pids[i:i + step]
@@ -655,7 +662,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 for done in scans_done.values():     # (a process without a tracker: gone, it fails below)
                     done.set()
 
-            if not starting:
+            if not starting and not scratch:
                 nursery.start_soon(collect_files)
             nursery.start_soon(collect_state)
 
