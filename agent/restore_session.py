@@ -304,11 +304,14 @@ class RestoreSession:
             raise RestoreError("the process holds a pidfd, which refers to a process by its pid: restore it "
                                "without --new-pid")
         # What the job shares is made as the job: its first process (each fd of a path is
-        # opened as its own process, ``Restorer._files``), whose claim is checked first:
-        # nothing is opened for a claim refused. (Each process's own is checked as it is restored.)
+        # opened as its own process, ``Restorer._files``). Credentials first: nothing is opened
+        # for a claim refused (those of the processes whose states are still to come, in a
+        # live stream, are checked as each is restored).
+        for _, p in procs:
+            if p.records.state is not None:
+                check_grantable(p.records.state.creds)
         first = procs[0][1].records.state
         assert first is not None
-        check_grantable(first.creds)
         identity = Identity.of(first.creds)
         makers = {pid: p.restorer for pid, p in procs}
         holders = {f.obj: pid for (pid, _), fds in zip(procs, each) for f in fds.files.fds if f.kind == "unix"}
