@@ -246,13 +246,20 @@ class Holder:
         and the files it carries whole (read by the agent). Read through /proc and pidfds,
         without touching the processes' memory, so this runs while their last dirty pages are
         scanned; ``collect`` cannot (``agent.source``)."""
-        pids = self._need_frozen()
-        self._check_frozen(pids)
-        self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
-                                               maps=self.maps))
+        self._read_fds()
         return {"processes": self._fd_tables()}
 
+    def _read_fds(self) -> dict[int, fdtable.FdState]:
+        """The frozen job's fd tables, read once per freeze (the tree checked first)."""
+        pids = self._need_frozen()
+        if self.fds is None or self.fds[0] != pids:
+            self._check_frozen(pids)
+            self.fds = (pids, fdtable.collect_tree(pids, {self.root: self.redirect}, outside_scan=self.outside,
+                                                   maps=self.maps))
+        return self.fds[1]
+
     def _fd_tables(self) -> list[list[Any]]:
+        """The fd tables ``_read_fds`` read, as the agent takes them."""
         assert self.fds is not None
         return [[p, {"fds": [rec.to_wire() for rec in fds.records()], "carried": [c.to_wire() for c in fds.carried]}]
                 for p, fds in self.fds[1].items()]
@@ -277,10 +284,7 @@ class Holder:
         at = {int(p): int(a) for p, a in scratch or []}
         later: list[int] = []
         pids = self._need_frozen()
-        if self.fds is None or self.fds[0] != pids:
-            self.op_collect_files()          # (the source calls it first, beside the last scans)
-        assert self.fds is not None
-        fds = self.fds[1]
+        fds = self._read_fds()          # (read already: the source asks for them first, beside the last scans)
         out = []
         job = mempolicy.JobBounds(pids, self.maps)
         for p, held in [(p, self._need(p)) for p in wanted] if wanted else list(self.helds.items()):

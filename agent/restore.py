@@ -758,12 +758,16 @@ class Restorer:
         """Open a path the image names, in the stub: no symbolic link in it is followed
         (openat2 RESOLVE_NO_SYMLINKS). Still with the stub's rights: ``_check_access`` makes
         sure the process itself may open what it was given, before it runs."""
+        return self._call("openat2", *self._openat2_args(path, flags, mode))
+
+    def _openat2_args(self, path: str, flags: int, mode: int = 0) -> tuple[int, int, int, int]:
+        """``_open``'s openat2 arguments, its path and open_how put in the scratch."""
         name = os.fsencode(path) + b"\0"
         if len(name) > PAGE_SIZE:
             raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
         addr = self._put(name, PAGE_SIZE)          # clear of what the callers put below
         how = self._put(struct.pack("<QQQ", flags, mode, RESOLVE_NO_SYMLINKS), 2 * PAGE_SIZE)
-        return self._call("openat2", AT_FDCWD, addr, how, 24)
+        return AT_FDCWD, addr, how, 24
 
     def apply_layout(self, target: Mappings | MappingsDelta) -> None:
         """Make the address space match ``target`` (first call: from empty). A later layout
@@ -1241,16 +1245,13 @@ class Restorer:
             st = identity.may_run(proc.exe)
         except OSError as exc:
             raise identity.refusal("the process's executable", proc.exe, exc) from None
-        name = os.fsencode(proc.exe) + b"\0"
-        if len(name) > PAGE_SIZE:
-            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
         taken = {int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")}
         exe_fd = next(fd for fd in range(len(taken) + 1) if fd not in taken)
         mm_map = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                              mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
                              mm.env_start, mm.env_end, auxv, len(proc.auxv), exe_fd)
-        how = struct.pack("<QQQ", os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK, 0, RESOLVE_NO_SYMLINKS)  # a FIFO would block
-        calls: list[Call] = [("openat2", (AT_FDCWD, self._put(name, PAGE_SIZE), self._put(how, 2 * PAGE_SIZE), 24)),
+        flags = os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK     # (a FIFO would block)
+        calls: list[Call] = [("openat2", self._openat2_args(proc.exe, flags)),
                              ("prctl", (PR_SET_MM, PR_SET_MM_MAP, self._put(mm_map, 1024), len(mm_map), 0)),
                              ("close", (exe_fd,))]
         results: list[int] = []
