@@ -70,9 +70,9 @@ def checkpoint(root: int, image: Path, processes: int) -> None:
     assert f"{processes} processes" in res.stderr.decode()
 
 
-def image_restored(image: Path, before: dict[int, int]) -> int:
+def image_restored(image: Path, before: dict[int, int], *options: str) -> int:
     reap_orphans([p for p in before if before[p]])
-    res = kcr("restore", "-i", str(image), "--json")
+    res = kcr("restore", "-i", str(image), "--json", *options)
     assert res.returncode == 0, res.stderr.decode()
     root = next(iter(before))
     assert int(res.stdout.split(b'"pid": ')[1].split(b",")[0]) == root
@@ -295,11 +295,9 @@ def test_a_child_stopped_by_ctrl_z_is_reported_stopped_by_it(tmp_path: Path) -> 
     assert (tmp_path / "output").read_text() == f"{int(signal.SIGTSTP)} {int(signal.SIGTSTP)} 0\n"
 
 
-def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Path) -> None:
-    """Restore makes each process's memory ready as the stream turns from it to the next one,
-    its records all in (``Restorer.prepare``). An image that turns back to a process after
-    that, with one more record of it, is refused in one line, and nothing it made is left;
-    the image as written restores, and the job finishes as an unmoved one."""
+def checkpointed_workers(tmp_path: Path) -> tuple[Workload, Workload, dict[int, int], Path]:
+    """tree_workers (a parent and three workers on socketpairs) checkpointed mid-run: an
+    unmoved reference run, the workload, its tree as it was, and its image."""
     ref = start_reference("tree_workers", tmp_path, scale=3)
     w = Workload("tree_workers", tmp_path / "moved", scale=3, hold=True)
     w.start()
@@ -308,8 +306,22 @@ def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Pat
     image = tmp_path / "tree.img"
     checkpoint(w.pid, image, 4)
     assert w.reap_original() == -9
+    return ref, w, before, image
+
+
+def process_begins(frames: list[Frame]) -> list[int]:
+    """Where each process's records start in an image's frames."""
+    return [i for i, f in enumerate(frames) if f.body is not None and f.body.get("t") == ProcessBegin.TYPE]
+
+
+def test_records_of_a_process_after_the_stream_left_it_are_refused(tmp_path: Path) -> None:
+    """Restore makes each process's memory ready as the stream turns from it to the next one,
+    its records all in (``Restorer.prepare``). An image that turns back to a process after
+    that, with one more record of it, is refused in one line, and nothing it made is left;
+    the image as written restores, and the job finishes as an unmoved one."""
+    ref, w, before, image = checkpointed_workers(tmp_path)
     frames = split_image(image.read_bytes())
-    begins = [i for i, f in enumerate(frames) if f.body is not None and f.body.get("t") == ProcessBegin.TYPE]
+    begins = process_begins(frames)
     assert len(begins) == 4 and frames[begins[0]].body == {**frames[begins[0]].body, "pid": w.pid}
     thread = next(f for f in frames[begins[0]:begins[1]] if f.body is not None and f.body.get("t") == ThreadState.TYPE)
     # The root again once the second process is in, with its main thread's record once more.
@@ -334,7 +346,7 @@ def fd_tables_first(frames: list[Frame]) -> tuple[list[Frame], list[list[Frame]]
     """A tree image's frames in a live stream's order (``agent.source``): every process's
     memory, then every process's fd table, then every process's state, one process at a
     time; and the state parts (each a ProcessBegin and its state and thread records)."""
-    begins = [i for i, f in enumerate(frames) if f.body is not None and f.body.get("t") == ProcessBegin.TYPE]
+    begins = process_begins(frames)
     end = next(i for i in range(len(frames) - 1, -1, -1) if frames[i].body is None
                or frames[i].body.get("t") not in (EndOfImage.TYPE,))
     head, tail = frames[:begins[0]], frames[end + 1:]
@@ -358,14 +370,7 @@ def test_a_stream_with_every_fd_table_first_restores_each_process_as_its_state_c
     while the next ones are still read at the source. An image in that order restores the
     tree, which finishes as an unmoved one; one more fd record once the tables were all in
     (what they share was made without it) is refused in one line, nothing left of it."""
-    ref = start_reference("tree_workers", tmp_path, scale=3)
-    w = Workload("tree_workers", tmp_path / "moved", scale=3, hold=True)
-    w.start()
-    w.wait_ready()
-    before = tree(w.pid)
-    image = tmp_path / "tree.img"
-    checkpoint(w.pid, image, 4)
-    assert w.reap_original() == -9
+    ref, w, before, image = checkpointed_workers(tmp_path)
     frames, states = fd_tables_first(split_image(image.read_bytes()))
     files = next(f for f in frames if f.body is not None and f.body.get("t") == Files.TYPE)
     late = list(frames)
@@ -379,10 +384,7 @@ def test_a_stream_with_every_fd_table_first_restores_each_process_as_its_state_c
     assert res.returncode == 1
     assert "after every process's fd table was in" in one_error_line(res.stderr)
     assert end_strays(ours) == []
-    res = kcr("restore", "-i", str(tmp_path / "live-order.img"), "--json", *TRUST)
-    assert res.returncode == 0, res.stderr.decode()
-    root = w.pid
-    assert {p: pp for p, pp in tree(root).items() if p != root} == {p: pp for p, pp in before.items() if p != root}
+    root = image_restored(tmp_path / "live-order.img", before, *TRUST)
     assert w.verdict() == "PASS", (w.dir / "stderr").read_text()
     assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
     assert w.output() == finished(ref).output()
