@@ -33,10 +33,10 @@ import os
 import struct
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 from transport.errors import RestoreError
+from transport.frozen import frozen
 from transport.schema import Creds
 
 SYS_SETGROUPS, SYS_SETFSUID, SYS_SETFSGID, SYS_OPENAT2, SYS_FACCESSAT2 = 116, 122, 123, 437, 439
@@ -48,7 +48,7 @@ _thread = threading.local()        # .acting: the identity this thread acts as n
 _openat2_missing = False          # probed on first use: ENOSYS once, O_NOFOLLOW from then on
 
 
-@dataclass(frozen=True)
+@frozen
 class Identity:
     """Whom the kernel checks a file operation against: fsuid, fsgid, supplementary groups."""
 

@@ -14,19 +14,20 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Generator
 
 from precopy.kernel import boot_id
 from precopy.layout import MEMFD_PREFIX
 from transport.errors import UnsupportedResource
+from transport.frozen import frozen
 from transport.records import MAX_BYTES
 from transport.schema import MEMFD_SEALS, FileContents
 
 F_GET_SEALS = 1034
 
 
-@dataclass(frozen=True)
+@frozen
 class CarriedFile:
     pid: int            # the process whose records carry it (the first of the job to have it)
     ino: int

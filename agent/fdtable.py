@@ -49,7 +49,7 @@ import struct
 import termios
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Collection, Mapping, Sequence
 
 from agent import fanotify, inet_sockets, inotify, locks, shm_files, socket_filter, unix_names, unix_sockets
@@ -59,6 +59,7 @@ from agent.procfs import (MQUEUE_MAGIC, SECRETMEM_MAGIC, FdInfo, MappedOnly, che
 from precopy.layout import FrozenFileMaps, MapEntry, file_maps
 from precopy.kernel import KCMP_FILE, epoll_watches_fd, kcmp, pidfd_getfd, pidfd_open, tee
 from transport.errors import NoSuchProcess, UnsupportedResource
+from transport.frozen import frozen
 from transport.schema import (
     EVENT_KINDS,
     O_CLOEXEC_FLAG,
@@ -91,7 +92,7 @@ READ_MODES = (os.O_RDONLY, os.O_RDWR)
 _REDIRECTABLE = ("a pipe", "a socket", "a terminal", "a FIFO")
 
 
-@dataclass(frozen=True)
+@frozen
 class Peer:
     """A process outside the migrated set that holds an fd on the same object."""
 
@@ -422,7 +423,7 @@ def describe_tree(pids: Sequence[int], redirect: Mapping[int, Mapping[int, str]]
     return _describe_tree(pids, redirect, accept_waiting=accept_waiting, outside_watch=outside_watch).tables
 
 
-@dataclass(frozen=True)
+@frozen
 class _Described:
     """``describe_tree``'s fd tables, with the files whose contents ``collect_tree`` carries
     that no fd names: each process's mappings are read once for both."""
@@ -840,7 +841,7 @@ def _name(name: bytes) -> str:
     return (b"@" + name[1:] if name[:1] == b"\0" else name).decode(errors="replace")
 
 
-@dataclass(frozen=True)
+@frozen
 class Role:
     """What a unix socket is to the others of the job, as restore makes it again."""
 
@@ -992,7 +993,7 @@ def _same_description(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
             f"({exc.strerror}): this kernel lacks kcmp(2) (CONFIG_KCMP)", pid=pid1) from None
 
 
-@dataclass(frozen=True)
+@frozen
 class FdState:
     """A process's fd table and the objects its fds refer to that the image carries."""
 

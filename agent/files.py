@@ -28,6 +28,7 @@ from agent.procfs import list_fds
 from precopy.kernel import boot_id, xsave_supported_mask
 from precopy.layout import read_maps
 from transport.errors import IncompatibleImage, RestoreError, UnsupportedResource
+from transport.frozen import frozen
 from transport.schema import is_shm_path
 
 CACHE_PATH = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
@@ -64,7 +65,7 @@ def same_file(fact: dict[str, Any], path: str, st: os.stat_result) -> bool:
         bool(fact.get("fsid")) and fact.get("fsid") == here["fsid"]
 
 
-@dataclass(frozen=True)
+@frozen
 class FileFact:
     path: str
     size: int

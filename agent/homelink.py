@@ -15,12 +15,12 @@ options check a rule with it.
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
 from typing import Union
 
 import msgpack
 
 from transport.errors import ProtocolError
+from transport.frozen import frozen
 
 LINK_VERSION = 1
 MAX_OUTPUT = 64 << 10            # bytes of relayed output in one message
@@ -33,7 +33,7 @@ LINK_LOST_STATUS = 240
 SIGNALS = range(1, 65)
 
 
-@dataclass(frozen=True)
+@frozen
 class Hello:
     """The keeper's first message: the stand-in's pid on the source, and the link's version."""
 
@@ -41,19 +41,19 @@ class Hello:
     version: int = LINK_VERSION
 
 
-@dataclass(frozen=True)
+@frozen
 class Beat:
     """Still here."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Forward:
     """The stand-in received ``sig``: the deputy sends it to the moved process."""
 
     sig: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Exited:
     """The moved process ended: ``status`` as waitpid() reports it; -1 if it is not known
     (its parent here reaped it before the deputy could read it, on a kernel without
@@ -62,7 +62,7 @@ class Exited:
     status: int
 
 
-@dataclass(frozen=True)
+@frozen
 class HomeEnded:
     """The stand-in ended of something it could not forward (SIGKILL): ``status`` as
     waitpid() reported it. The deputy ends the moved process the same way."""
@@ -70,12 +70,12 @@ class HomeEnded:
     status: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Bye:
     """A clean end: the sender is done and closes the link."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Output:
     """Bytes the moved process wrote to its relayed fd ``fd`` (``--relay``), for the keeper to
     write to that fd's pipe at home; empty: every writer closed it (the parent gets EOF)."""
@@ -146,7 +146,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 
 # --- the rule when the link is lost ----------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class LostRule:
     """``kill``: the stand-in dies of SIGKILL, and the deputy kills the moved process;
     ``exit:N``: the stand-in exits with status N, and the moved process runs on."""

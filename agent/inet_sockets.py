@@ -52,11 +52,11 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from typing import Collection, Iterable
 
 from agent import socket_filter
 from transport.errors import RestoreError, UnsupportedResource
+from transport.frozen import frozen
 from transport.records import MAX_BYTES
 from transport.schema import (AF_INET, AF_INET6, INET_OPTIONS, IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM, SOCK_STREAM,
                               SOL_SOCKET, InetDatagram, InetOption, InetSocket, TcpConnection)
@@ -92,7 +92,7 @@ _BEFORE_BIND = {(SOL_SOCKET, SO_REUSEADDR), (SOL_SOCKET, SO_REUSEPORT), (SOL_SOC
                 (41, IPV6_V6ONLY), (0, 15), (0, 19), (0, 24), (41, 78), (41, 75)}   # and the free/transparent binds
 
 
-@dataclass(frozen=True)
+@frozen
 class DiagInfo:
     """What sock_diag says of one TCP or UDP socket."""
 

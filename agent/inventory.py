@@ -19,12 +19,13 @@ from here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from transport.frozen import frozen
+
 
 CARRIED, WARNED, REFUSED, LOST = "carried", "warned", "refused", "lost"
 
 
-@dataclass(frozen=True)
+@frozen
 class Row:
     area: str                     # "fd", "memory", "process", "thread"
     what: str                     # as messages and the README name it

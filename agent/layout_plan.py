@@ -10,21 +10,22 @@ kept ranges need their protection or advice changed.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Sequence
 
 from precopy.intervals import Span, merge_spans, subtract_spans
+from transport.frozen import frozen
 from transport.schema import VMA_DROPPABLE, MappingsDelta, Vma
 
 
-@dataclass(frozen=True)
+@frozen
 class Reprotect:
     start: int
     end: int
     prot: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Readvise:
     start: int
     end: int
@@ -32,7 +33,7 @@ class Readvise:
     before: int          # the ADV_* bits the range has now
 
 
-@dataclass(frozen=True)
+@frozen
 class LayoutPlan:
     unmap: tuple[Span, ...]            # mapped now, not in the new layout
     map: tuple[Vma, ...]               # pieces to map anew (they start out empty)

@@ -36,6 +36,7 @@ from agent.wss import WssMeter, WssOptions
 from precopy.kernel import boot_id
 from precopy.probe import CHOICES, choose_tracker
 from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited
+from transport.frozen import frozen
 from transport.rpc import CallContext
 
 MEASURE_VERSION = 1
@@ -155,7 +156,7 @@ def _cmdline(pid: int) -> str:
 RULE_KINDS = ("user", "job", "cgroup", "command", "pid")
 
 
-@dataclass(frozen=True)
+@frozen
 class Rule:
     """``KIND=PATTERN`` of ``--include``/``--exclude``: user (a uid), job, cgroup, command (the
     command name, the command line or its program's name), pid; PATTERN a shell pattern. One

@@ -9,11 +9,11 @@ import ctypes
 import os
 import re
 import stat as stat_mod
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Collection, Iterable, Mapping
 
 from agent import inventory, sched, timens
 from transport.errors import NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
+from transport.frozen import frozen
 from transport.schema import CHAR_DEVICES, SHM_DIR, is_shm_path
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-@dataclass(frozen=True)
+@frozen
 class FdInfo:
     fd: int
     target: str        # readlink of /proc/PID/fd/N
@@ -365,7 +365,7 @@ def held_deleted(pids: Iterable[int]) -> set[int]:
     return out
 
 
-@dataclass(frozen=True)
+@frozen
 class MappedOnly:
     """A deleted file or memfd a process maps but no fd of the job holds: carried whole, as a
     held one is (``agent.fdtable``), read through the mapping's /proc/PID/map_files link."""

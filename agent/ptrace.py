@@ -12,12 +12,12 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 from ptrace import PtraceError
 from ptrace.binding import func as _pt
 from ptrace.binding.linux_struct import user_regs_struct
 
+from transport.frozen import frozen
 from transport.schema import GP_REG_NAMES, SIGINFO_SIZE, GpRegs
 
 PTRACE_CONT = 7
@@ -196,7 +196,7 @@ def get_rseq(tid: int) -> tuple[int, int, int]:
     return conf.rseq_abi_pointer, conf.rseq_abi_size, conf.signature
 
 
-@dataclass(frozen=True)
+@frozen
 class Stop:
     """What waitpid reported for a traced thread."""
 

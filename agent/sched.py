@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from typing import Iterable
 
 from transport.errors import RestoreError, UnsupportedResource
+from transport.frozen import frozen
 from transport.schema import ThreadState
 
 SCHED_DEADLINE = 6
@@ -81,7 +81,7 @@ def cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(out)
 
 
-@dataclass(frozen=True)
+@frozen
 class ThreadSched:
     """What ``read_thread`` finds; named as ThreadState's fields."""
     nice: int

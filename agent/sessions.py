@@ -21,13 +21,13 @@ Helpers are reaped by the process that forked them before anything runs.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from transport.errors import UnsupportedResource
+from transport.frozen import frozen
 from transport.schema import TreeMember
 
 
-@dataclass(frozen=True)
+@frozen
 class Fork:
     """Make ``pid`` from ``by``'s stub; ``sibling``: with CLONE_PARENT (``by`` is a helper)."""
     pid: int
@@ -35,30 +35,30 @@ class Fork:
     sibling: bool = False
 
 
-@dataclass(frozen=True)
+@frozen
 class Helper:
     """Make a helper with the exited leader's ``pid`` from ``by``'s stub (reaped by it later)."""
     pid: int
     by: int
 
 
-@dataclass(frozen=True)
+@frozen
 class Setsid:
     pid: int
 
 
-@dataclass(frozen=True)
+@frozen
 class OwnGroup:
     pid: int                     # setpgid(0, 0)
 
 
-@dataclass(frozen=True)
+@frozen
 class Join:
     pid: int
     pgid: int                    # setpgid(0, pgid)
 
 
-@dataclass(frozen=True)
+@frozen
 class Reap:
     helper: int
     by: int
@@ -67,7 +67,7 @@ class Reap:
 Step = Fork | Helper | Setsid | OwnGroup | Join | Reap
 
 
-@dataclass(frozen=True)
+@frozen
 class Ids:
     """Where a process must end up: its session and group as the restored tree numbers them."""
     sid: int

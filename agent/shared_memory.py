@@ -32,7 +32,6 @@ import ctypes
 import os
 import socket
 import stat
-from dataclasses import dataclass
 from typing import Iterable
 
 from agent.as_target import Identity
@@ -40,6 +39,7 @@ from agent.carried_files import set_times, write_sparse
 from precopy import sysv
 from precopy.kernel import boot_id
 from transport.errors import RestoreError
+from transport.frozen import frozen
 from transport.schema import FileContents, SysvSegment
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,7 +56,7 @@ SHM_NEXT_ID = "/proc/sys/kernel/shm_next_id"
 SHMID_DS_SIZE = 112          # x86_64 struct shmid_ds; struct ipc_perm first: key, uid, gid, cuid, cgid, mode
 
 
-@dataclass(frozen=True)
+@frozen
 class Segment:
     shmid: int               # here
     foreign: bool            # this very segment, attached by a process we do not restore: no pages go in

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from agent.procfs import fd_links, mount_table
 from precopy.layout import MapEntry
+from transport.frozen import frozen
 from transport.schema import SHM_DIR, is_shm_path
 
 SHM_MOUNT = SHM_DIR.rstrip("/")
 
 
-@dataclass(frozen=True)
+@frozen
 class ShmFile:
     pid: int                 # a process of the job that has it
     path: str

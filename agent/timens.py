@@ -23,17 +23,17 @@ import ctypes
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from transport.errors import NoSuchProcess, UnsupportedResource
+from transport.frozen import frozen
 
 CLONE_NEWTIME = 0x80
 SLACK_NS = 1_000_000_000      # forward jumps up to this (beyond the real time that passed) are left be
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@frozen
 class Clocks:
     """A process's view of its clocks at one moment, with the host's real time then (ns)."""
     monotonic_ns: int

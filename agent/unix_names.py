@@ -27,7 +27,6 @@ import os
 import secrets
 import socket
 import stat
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from agent import unix_sockets
@@ -35,11 +34,12 @@ from agent.as_target import Identity
 if TYPE_CHECKING:
     from agent.fdtable import Peer
 from transport.errors import RestoreError
+from transport.frozen import frozen
 
 SOCK_TYPES = (unix_sockets.SOCK_STREAM, unix_sockets.SOCK_DGRAM, unix_sockets.SOCK_SEQPACKET)
 
 
-@dataclass(frozen=True)
+@frozen
 class Bound:
     """A name the job binds, as preflight checks it on the destination."""
 

@@ -51,9 +51,9 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from transport.errors import KernelFeatureMissing, UnsupportedResource
+from transport.frozen import frozen
 
 # include/uapi/linux/netlink.h, sock_diag.h, unix_diag.h
 NETLINK_SOCK_DIAG = 4
@@ -136,7 +136,7 @@ class UnreadableQueue(UnsupportedResource):
     the bound, or fewer bytes read than the kernel counts."""
 
 
-@dataclass(frozen=True)
+@frozen
 class UnixSocketInfo:
     inode: int
     type: int                   # SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET
@@ -155,7 +155,7 @@ class UnixSocketInfo:
         return self.name[:1] == b"\0"
 
 
-@dataclass(frozen=True)
+@frozen
 class QueuedMessage:
     data: bytes
     sender: bytes = b""         # the sender's bound name (datagrams); b"" if unbound or stream

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Callable, Iterator
 
 from agent.tracer import Tracer
@@ -27,13 +27,14 @@ from precopy.intervals import Run, clip, merge_spans, npages, union
 from precopy.layout import trackable
 from precopy.policy import Estimate, PrecopyPolicy, estimate
 from precopy.tracker import DirtyTracker, Scan, TrackerChoice, check_target, choose_tracker, make_tracker
+from transport.frozen import frozen
 from transport.schema import PAGE_SIZE
 
 MiB = 1 << 20
 GIGABIT = 125_000_000.0        # bytes per second
 
 
-@dataclass(frozen=True)
+@frozen
 class WssOptions:
     interval_s: float = 1.0
     count: int = 0                          # intervals to measure; 0: until interrupted
@@ -51,7 +52,7 @@ class WssOptions:
             raise ValueError("the bandwidth must be > 0")
 
 
-@dataclass(frozen=True)
+@frozen
 class WssSample:
     interval: int               # 1, 2, ...
     interval_s: float           # measured: from one scan to the next

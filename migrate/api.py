@@ -12,6 +12,7 @@ from agent.homelink import parse_lost
 from agent.cgroups import check_path as check_cgroup_path
 from agent.sched import check_affinity
 from precopy.policy import PrecopyPolicy
+from transport.frozen import frozen
 from transport.levels import Level, check_level
 from transport.protocol import AGENT_COMMAND
 
@@ -30,7 +31,7 @@ def check_redirect(redirect: Mapping[int, str]) -> None:
             raise ValueError(f"redirect: fd {fd} -> {path!r}: the path must be absolute")
 
 
-@dataclass(frozen=True)
+@frozen
 class MigrationOptions:
     """How to migrate. Every field has a default that suits a LAN between two hosts."""
 
@@ -96,12 +97,12 @@ class MigrationOptions:
 
 # --- events ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class PhaseChanged:
     phase: str
 
 
-@dataclass(frozen=True)
+@frozen
 class PreflightDone:
     pid: int
     comm: str
@@ -111,7 +112,7 @@ class PreflightDone:
     tracker_reason: str
 
 
-@dataclass(frozen=True)
+@frozen
 class DataChannelChosen:
     """How the pages will go: ``channel`` "tcp" (straight to the destination) or "ssh"
     (relayed through kcr-migrate), and ``detail`` (where to and how, or why not direct)."""
@@ -120,7 +121,7 @@ class DataChannelChosen:
     detail: str
 
 
-@dataclass(frozen=True)
+@frozen
 class RoundDone:
     """One pre-copy round sent (``stats`` as in ``precopy.policy.RoundStats``)."""
 
@@ -128,12 +129,12 @@ class RoundDone:
     stats: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@frozen
 class WarningRaised:
     message: str
 
 
-@dataclass(frozen=True)
+@frozen
 class Finished:
     report: "MigrationReport"
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
 from typing import Iterable
 
 from migrate.cli import COMMANDS, build_parser, subparsers
+from transport.frozen import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Option:
     strings: tuple[str, ...]
     help: str
@@ -28,7 +28,7 @@ class Option:
     repeatable: bool
 
 
-@dataclass(frozen=True)
+@frozen
 class Command:
     name: str                 # "" for the top level (with the migrate form's options)
     help: str

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from typing import Any, Mapping, Sequence
 
 import trio
@@ -36,6 +36,7 @@ import trio
 from agent.measure import Rule
 from transport._nursery import leaves, service_nursery
 from transport.errors import MigrationError, TransportError
+from transport.frozen import frozen
 from transport.units import parse_size
 
 HOST_STATES = ("up", "drained", "down")
@@ -51,7 +52,7 @@ class InventoryError(MigrationError):
     code = "inventory"
 
 
-@dataclass(frozen=True)
+@frozen
 class Host:
     name: str
     cpus: int | None = None             # None: as the host reports
@@ -75,7 +76,7 @@ class Host:
         return self.state == "up"
 
 
-@dataclass(frozen=True)
+@frozen
 class Candidate:
     """A process (with its descendants, which move with it) that could move."""
 
@@ -102,7 +103,7 @@ class Candidate:
         return self.tree or (self.pid,)
 
 
-@dataclass(frozen=True)
+@frozen
 class HostLoad:
     """One host as measured."""
 
@@ -128,7 +129,7 @@ class HostLoad:
         return 1.0 - self.memory_free / self.memory_bytes if self.memory_bytes else 0.0
 
 
-@dataclass(frozen=True)
+@frozen
 class Inventory:
     hosts: tuple[HostLoad, ...]
     bandwidth: Mapping[str, float] = field(default_factory=dict)   # host -> bytes/s it can send
@@ -236,7 +237,7 @@ def read_hosts_file(path: str) -> list[Host]:
 
 # --- measuring -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class MeasureOptions:
     sample_s: float = 2.0               # CPU shares over this interval
     dirty_s: float = 0.5                # dirty-rate sample per candidate; 0: none
@@ -404,7 +405,7 @@ async def measure(hosts: Sequence[Host], options: MeasureOptions | None = None) 
 
 # --- Slurm as the inventory ------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class SlurmInventory:
     """What Slurm says, as ``measure`` and ``plan`` take it: the hosts, the candidates (job
     pids per node) and the allocations (job id -> its nodes)."""

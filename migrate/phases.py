@@ -63,10 +63,11 @@ reordered messages and a party killed at each step.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Generic, Mapping, TypeVar
 
 from transport.errors import MigrationError
+from transport.frozen import frozen
 
 
 class Failure(enum.Enum):
@@ -97,7 +98,7 @@ class IllegalTransition(MigrationError):
     code = "illegal-transition"
 
 
-@dataclass(frozen=True)
+@frozen
 class Protocol(Generic[S, E]):
     """One role's machine: its first state, its transitions, what each state does on failure
     (``failure``, for every kind unless ``overrides`` says otherwise), and which states lie

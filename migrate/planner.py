@@ -37,12 +37,13 @@ from agent.measure import Rule, selection
 from migrate.api import FREEZE_OVERHEAD_MS, MigrationOptions
 from migrate.inventory import Candidate, HostLoad, Inventory
 from precopy.policy import PrecopyPolicy, estimate
+from transport.frozen import frozen
 
 MiB = 1 << 20
 DEST_TRIES = 16       # least loaded hosts looked at for each move
 
 
-@dataclass(frozen=True)
+@frozen
 class Policy:
     max_load: float = 0.9               # load per CPU above which a host sheds processes
     max_memory: float = 0.9             # fraction of memory in use above which it does
@@ -77,7 +78,7 @@ class Policy:
                          comm=c.comm, cmdline=c.cmdline)
 
 
-@dataclass(frozen=True)
+@frozen
 class Cost:
     bandwidth: float            # bytes/s the move was estimated at
     downtime_ms: float
@@ -97,7 +98,7 @@ def move_cost(c: Candidate, bandwidth: float, policy: PrecopyPolicy) -> Cost:
                 str(est.stop_reason))
 
 
-@dataclass(frozen=True)
+@frozen
 class Move:
     pid: int
     source: str
@@ -119,7 +120,7 @@ class Move:
         return f"{self.pid}@{self.source}"
 
 
-@dataclass(frozen=True)
+@frozen
 class Rejected:
     pid: int
     host: str
@@ -131,7 +132,7 @@ class Rejected:
         return f"{self.pid}@{self.host}"
 
 
-@dataclass(frozen=True)
+@frozen
 class HostSummary:
     name: str
     state: str
@@ -143,7 +144,7 @@ class HostSummary:
     over_after: bool
 
 
-@dataclass(frozen=True)
+@frozen
 class Plan:
     moves: tuple[Move, ...]
     rejected: tuple[Rejected, ...]

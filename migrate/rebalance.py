@@ -27,11 +27,12 @@ from migrate.orchestrator import Migration
 from migrate.planner import Move, Plan
 from transport._nursery import service_nursery
 from transport.errors import MigrationError
+from transport.frozen import frozen
 
 OnFailure = Literal["continue", "stop"]
 
 
-@dataclass(frozen=True)
+@frozen
 class RebalanceOptions:
     migration: MigrationOptions = field(default_factory=MigrationOptions)   # for every move
     on_failure: OnFailure = "continue"
@@ -41,12 +42,12 @@ class RebalanceOptions:
             raise ValueError("on_failure must be 'continue' or 'stop'")
 
 
-@dataclass(frozen=True)
+@frozen
 class MoveStarted:
     move: Move
 
 
-@dataclass(frozen=True)
+@frozen
 class MoveDone:
     """One move ended: ``result`` as in ``RebalanceReport.moves``."""
 
@@ -54,7 +55,7 @@ class MoveDone:
     result: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@frozen
 class RebalanceFinished:
     report: "RebalanceReport"
 

@@ -39,12 +39,12 @@ import json
 import os
 import re
 import shlex
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from transport.errors import MigrationError
+from transport.frozen import frozen
 
 DEFAULT_CONF = "/etc/slurm/slurm.conf"
 COMMAND_TIMEOUT = 30.0
@@ -87,7 +87,7 @@ class NoSuchJob(SlurmError):
     code = "slurm-no-such-job"
 
 
-@dataclass(frozen=True)
+@frozen
 class SlurmNode:
     name: str
     address: str                  # NodeAddr
@@ -121,7 +121,7 @@ class SlurmNode:
         return "+".join((self.state, *self.flags))
 
 
-@dataclass(frozen=True)
+@frozen
 class SlurmJob:
     job_id: int
     name: str
@@ -142,7 +142,7 @@ class SlurmJob:
         return self.state == "RUNNING"
 
 
-@dataclass(frozen=True)
+@frozen
 class SlurmProcess:
     pid: int                      # in the node's pid namespace
     ppid: int
@@ -151,7 +151,7 @@ class SlurmProcess:
     local_id: int | None          # the task's rank in its step; None for the processes it started
 
 
-@dataclass(frozen=True)
+@frozen
 class JobProcesses:
     """A job's processes on one node, as slurmstepd tracks them: a process tree."""
 

@@ -2,15 +2,16 @@
 for the rebalancer with it too); here its options default to the policy a migration runs with."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from agent.wss import WssMeter, WssSample, deferred_interrupts, measure_wss
 from agent.wss import WssOptions as _AgentWssOptions
 from migrate.api import MigrationOptions
 from precopy.policy import PrecopyPolicy
+from transport.frozen import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class WssOptions(_AgentWssOptions):
     # the policy `kcr-migrate PID@A B` runs with by default (30 ms target, its freeze overhead)
     policy: PrecopyPolicy = field(default_factory=lambda: MigrationOptions().policy())

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 from precopy.intervals import Run, Span, merge_spans, normalize, pages_of, runs_of, subtract, within
 from precopy.layout import MapEntry, PageFinder, private_file_spans, trackable
 from precopy.reader import PageReader, split_runs
+from transport.frozen import frozen
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE
 
@@ -40,7 +41,7 @@ def digest(page: bytes | memoryview) -> bytes:
     return hashlib.sha256(page).digest()
 
 
-@dataclass(frozen=True)
+@frozen
 class DigestScan:
     changed: list[Run]      # populated pages whose contents differ from the last digest (or are unknown)
     gone: list[Run]         # pages that had contents and are empty now

@@ -14,13 +14,14 @@ import itertools
 import operator
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Iterable, Sequence
 
 from precopy import sysv
 from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
 from precopy.kernel import ioctl
 from transport.errors import NoSuchProcess
+from transport.frozen import frozen
 from precopy.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -67,7 +68,7 @@ _ADVICE_FLAGS = {"dd": ADV_DONTDUMP, "dc": ADV_DONTFORK, "wf": ADV_WIPEONFORK, "
                  "sl": VMA_SEALED, "dp": VMA_DROPPABLE}
 
 
-@dataclass(frozen=True)
+@frozen
 class MapEntry:
     """One mapping as the kernel lists it."""
 
@@ -461,7 +462,7 @@ def same_backing(a: MapEntry, b: MapEntry) -> bool:
     return a.inode == b.inode and a.dev == b.dev and a.offset - a.start == b.offset - b.start
 
 
-@dataclass(frozen=True)
+@frozen
 class LayoutChange:
     """How an address space changed between two reads of its maps.
 

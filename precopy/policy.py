@@ -17,9 +17,10 @@ No I/O and no clock here: the loop (``precopy.rounds``) measures, this module de
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Sequence
 
+from transport.frozen import frozen
 from transport.schema import PAGE_SIZE
 
 MiB = 1 << 20
@@ -36,7 +37,7 @@ class StopReason(enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
+@frozen
 class PrecopyPolicy:
     downtime_target_ms: float = 300.0      # QEMU's default downtime-limit
     min_pages: int = 64                     # P.Haul: stop below this many dirty pages
@@ -78,7 +79,7 @@ class PrecopyPolicy:
         return int(self.max_bytes_factor * memory_bytes)
 
 
-@dataclass(frozen=True)
+@frozen
 class RoundStats:
     """One pre-copy round (names as in DESIGN.md and CRIU's stats-dump where they mean the same)."""
 
@@ -144,7 +145,7 @@ def closes(policy: PrecopyPolicy, reason: StopReason, rounds: Sequence[RoundStat
             and len(rounds) < policy.max_rounds)
 
 
-@dataclass(frozen=True)
+@frozen
 class Estimate:
     """What a migration would do, modelled from a measured dirty rate."""
 

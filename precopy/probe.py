@@ -9,19 +9,20 @@ processes a backend cannot follow (pinned memory, io_uring, a userfaultfd of the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Iterator
 
 from precopy import uffd as uffd_mod
 from precopy.pagemap import PM_SOFT_DIRTY, pagemap_scan_works, read_pagemap
 from transport.errors import KernelFeatureMissing, NoSuchProcess, PermissionDenied, ProcessError, UnsupportedResource
+from transport.frozen import frozen
 from transport.schema import PAGE_SIZE
 
 BACKENDS = ("uffd-wp", "soft-dirty", "checksum")     # in order of preference
 CHOICES = ("auto",) + BACKENDS
 
 
-@dataclass(frozen=True)
+@frozen
 class Probe:
     name: str
     available: bool
@@ -92,7 +93,7 @@ def probe_backends(*, fresh: bool = False) -> dict[str, Probe]:
     return dict(_PROBES)
 
 
-@dataclass(frozen=True)
+@frozen
 class TrackerChoice:
     name: str
     reason: str

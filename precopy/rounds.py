@@ -14,7 +14,7 @@ the next pages overlaps sending those before. The scans of a job's processes go 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import trio
@@ -25,6 +25,7 @@ from precopy.reader import split_runs, zero_batches
 from precopy.tracker import DirtyTracker, Scan, superseded
 from transport._nursery import service_nursery
 from transport.errors import MigrationError, ProcessExited
+from transport.frozen import frozen
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE, Mappings, MappingsDelta, ProcessBegin, Record
 
@@ -77,7 +78,7 @@ class ThreadedSink:
         return await trio.to_thread.run_sync(self.sink.send_batch, batch)
 
 
-@dataclass(frozen=True)
+@frozen
 class PrecopyResult:
     stop_reason: StopReason
     rounds: tuple[RoundStats, ...]
@@ -108,7 +109,7 @@ async def _blocking(tracker: DirtyTracker, fn: Callable[..., T], *args: object) 
         raise tracker.explain(exc) from None
 
 
-@dataclass(frozen=True)
+@frozen
 class ScanSend:
     """One scan to send with ``send_scans``: its pages read by ``tracker``, sent to ``sink``
     (for a process of a job, its ``ProcessSink``). ``first``, ``layout`` and ``shared_zeros``
@@ -376,7 +377,7 @@ class ProcessSink:
         return await self.sink.send_batch(batch)
 
 
-@dataclass(frozen=True)
+@frozen
 class GroupResult:
     """``PrecopyResult`` for the processes of a job: what each one's last scan found."""
 

@@ -10,16 +10,16 @@ the same, it sees the very same segments.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from precopy.kernel import boot_id
+from transport.frozen import frozen
 from transport.schema import SHM_MODE, SysvSegment
 
 SHM_DEST = 0o1000
 SHM_TABLE = "/proc/sysvipc/shm"
 
 
-@dataclass(frozen=True)
+@frozen
 class SegmentLine:
     """One line of /proc/sysvipc/shm."""
 

@@ -29,7 +29,7 @@ import os
 import select
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 from precopy.control import ProcessControl
@@ -87,6 +87,7 @@ from transport.errors import (
     PermissionDenied,
     ProcessExited,
 )
+from transport.frozen import frozen
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE
 
@@ -95,7 +96,7 @@ __all__ = ["BACKENDS", "CHOICES", "ChecksumTracker", "DirtyTracker", "Probe", "S
            "probe_backends", "superseded"]
 
 
-@dataclass(frozen=True)
+@frozen
 class Scan:
     """One look at the process: its layout and the pages to send."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import errno
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from precopy import uffd as uffd_mod
 from precopy.control import ProcessControl
@@ -45,6 +45,7 @@ from precopy.pagemap import (
 )
 from precopy.tracker import _POPULATED, DirtyTracker
 from transport.errors import UnsupportedResource
+from transport.frozen import frozen
 from transport.pages import PageBatch
 from transport.schema import PAGE_SIZE, PROT_READ, PROT_WRITE
 
@@ -117,7 +118,7 @@ def _protectable(entry: MapEntry) -> bool:
     return bool(entry.prot & PROT_WRITE) or (entry.kind != "file" and bool(entry.prot & PROT_READ))
 
 
-@dataclass(frozen=True)
+@frozen
 class _Shape:
     """What a round needs of one maps read, worked out once for as long as the layout stays
     (the rule from one round to the next): the address ranges it covers, the anonymous ones

@@ -25,12 +25,12 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
 from zlib_ng import zlib_ng     # zlib's crc32, several times faster (it uses the CPU's carry-less multiply)
 
 from transport.errors import ChecksumError, ProtocolError, TruncatedStream
+from transport.frozen import frozen
 
 STREAM_MAGIC = b"\x89KCR\r\n\x1a\n"
 FRAME_MAGIC = b"KF"
@@ -51,7 +51,7 @@ def max_len_for(kind: int) -> int:
     return MAX_RECORD_LEN if kind == KIND_RECORD else TAG_LEN if kind == KIND_TAG else MAX_PAGES_LEN
 
 
-@dataclass(frozen=True)
+@frozen
 class Frame:
     kind: int
     flags: int

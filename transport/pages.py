@@ -16,13 +16,13 @@ from __future__ import annotations
 import random
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Sequence
 
 import zstandard
 
 from transport.errors import ProtocolError
 from transport.framing import MAX_PAGES_LEN
+from transport.frozen import frozen
 from transport.schema import PAGE_SIZE, TASK_SIZE
 
 FLAG_ZSTD = 1
@@ -39,7 +39,7 @@ SAMPLE_PAGES = 16
 Run = tuple[int, int]   # (address, number of pages)
 
 
-@dataclass(frozen=True)
+@frozen
 class PageBatch:
     runs: tuple[Run, ...]
     data: bytes | bytearray | memoryview
@@ -59,7 +59,7 @@ class PageBatch:
         return out
 
 
-@dataclass(frozen=True)
+@frozen
 class EncodedBatch:
     """A batch ready for a PAGES frame: flags and payload parts (not concatenated)."""
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from transport.errors import IncompatibleImage, MigrationError, PeerGone, ProtocolError, TransportTimeout
+from transport.frozen import frozen
 from transport.records import MAX_STR, U32, U64, Count, Int, NonNegI64, Record, Text, check
 from transport.schema import FORMAT_VERSION, PID_MAX_LIMIT, Name, register
 from transport.version import PROTOCOL_VERSION, tool_version  # noqa: F401  (defined there, used here and by callers)
@@ -65,7 +66,7 @@ RequestId = Annotated[int, Int(1, (1 << 63) - 1, "a request id")]
 Word = Annotated[str, Text(64)]        # roles, features, method names, error codes, phases
 
 
-@dataclass(frozen=True)
+@frozen
 class Hello(Record):
     """Each side's first record on a live stream."""
 
@@ -88,7 +89,7 @@ class Hello(Record):
         _check(self.window == 0 or MIN_WINDOW <= self.window, f"page window {self.window}")
 
 
-@dataclass(frozen=True)
+@frozen
 class ErrorInfo:
     """An error as it crosses the wire: ``MigrationError.to_wire()`` as a record field."""
 
@@ -109,7 +110,7 @@ class ErrorInfo:
                 "phase": self.phase, "pid": self.pid, "host": self.host}
 
 
-@dataclass(frozen=True)
+@frozen
 class Request(Record):
     TYPE = 33
     id: RequestId
@@ -121,7 +122,7 @@ class Request(Record):
         _check(bool(self.method), "no method name")
 
 
-@dataclass(frozen=True)
+@frozen
 class Response(Record):
     TYPE = 34
     id: RequestId
@@ -133,27 +134,27 @@ class Response(Record):
         _check(self.ok == (self.error is None), "a response is either ok or carries an error")
 
 
-@dataclass(frozen=True)
+@frozen
 class Cancel(Record):
     TYPE = 35
     id: RequestId
 
 
-@dataclass(frozen=True)
+@frozen
 class Progress(Record):
     TYPE = 36
     id: RequestId
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@frozen
 class PagesBegin(Record):
     TYPE = 37
     id: RequestId
     reply: bool = False      # pages answering a request of the receiver (else: an upload)
 
 
-@dataclass(frozen=True)
+@frozen
 class PagesEnd(Record):
     TYPE = 38
     id: RequestId
@@ -163,13 +164,13 @@ class PagesEnd(Record):
     reply: bool = False
 
 
-@dataclass(frozen=True)
+@frozen
 class Credit(Record):
     TYPE = 39
     bytes: Annotated[int, Int(1, 1 << 48, "a credit")]
 
 
-@dataclass(frozen=True)
+@frozen
 class Bye(Record):
     TYPE = 40
     reason: Annotated[str, Text(4096)] = ""

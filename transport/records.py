@@ -29,6 +29,7 @@ from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_
 import msgpack
 
 from transport.errors import ProtocolError
+from transport.frozen import frozen
 
 MAX_STR = 1 << 16          # paths, names: far above PATH_MAX
 MAX_BYTES = 1 << 20        # xstate, auxv, siginfo, small blobs
@@ -58,7 +59,7 @@ def check(cond: bool, what: str) -> None:
 
 # --- bounds: what a field may hold ----------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@frozen
 class Int:
     """An integer field's range, both ends included; ``what`` names it in errors."""
 
@@ -72,7 +73,7 @@ class Int:
                                f"({_num(self.lo)}..{_num(self.hi)})")
 
 
-@dataclasses.dataclass(frozen=True)
+@frozen
 class Text:
     """A string of at most ``max_len`` characters."""
 
@@ -83,7 +84,7 @@ class Text:
             raise _fail(where, f"string of {len(value)} characters, more than {self.max_len}")
 
 
-@dataclasses.dataclass(frozen=True)
+@frozen
 class AbsPath:
     """A string that becomes a path: absolute, no NUL, encodable, at most PATH_MAX bytes;
     empty only where ``optional``."""
@@ -103,7 +104,7 @@ class AbsPath:
             raise _fail(where, f"{value[:64]!r} is not an absolute path")
 
 
-@dataclasses.dataclass(frozen=True)
+@frozen
 class Blob:
     """Bytes, between ``min_len`` and ``max_len`` long (0 allowed also where ``empty``)."""
 
@@ -117,7 +118,7 @@ class Blob:
                                + (" or none" if self.empty else ""))
 
 
-@dataclasses.dataclass(frozen=True)
+@frozen
 class Count:
     """A list of at most ``max_items`` items (checked before any item is decoded)."""
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgpack
 
 from transport.errors import ProtocolError
+from transport.frozen import frozen
 from transport.records import (
     I32,
     I64,
@@ -153,7 +153,7 @@ def _signo(info: bytes) -> int:
 
 # --- the image header ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class ImageHeader(Record):
     """First record of every image and live stream: who wrote it, for what machine."""
 
@@ -191,7 +191,7 @@ class ImageHeader(Record):
 
 # --- process-wide state -------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class Creds:
     uids: tuple[Id, Id, Id, Id]      # real, effective, saved, filesystem
     gids: tuple[Id, Id, Id, Id]
@@ -205,7 +205,7 @@ class Creds:
     no_new_privs: bool
 
 
-@dataclass(frozen=True)
+@frozen
 class SigAction:
     signo: SigNo
     handler: UserAddr        # 0 = SIG_DFL, 1 = SIG_IGN, else an address
@@ -214,14 +214,14 @@ class SigAction:
     mask: U64
 
 
-@dataclass(frozen=True)
+@frozen
 class ITimer:
     which: Annotated[int, Int(0, 2, "an interval timer")]     # ITIMER_REAL / VIRTUAL / PROF
     interval_us: NonNegI64
     value_us: NonNegI64
 
 
-@dataclass(frozen=True)
+@frozen
 class PosixTimer:
     """A timer_create() timer: restored under its id, with the time left to its next expiry
     (the clock stops while the process is frozen, as for every timer it has)."""
@@ -249,7 +249,7 @@ MPOL_MODES = 7              # MPOL_DEFAULT 0 .. MPOL_WEIGHTED_INTERLEAVE 6
 MPOL_MODE_FLAGS = 0xE000    # MPOL_F_STATIC_NODES, MPOL_F_RELATIVE_NODES, MPOL_F_NUMA_BALANCING
 
 
-@dataclass(frozen=True)
+@frozen
 class MemPolicy:
     """A NUMA memory policy a range of the address space has of its own (mbind), as
     get_mempolicy(MPOL_F_ADDR) told it: mode, mode flags, and the nodes (a bitmask, node 0 in
@@ -270,7 +270,7 @@ class MemPolicy:
 MAX_GUARD_REGIONS = 1 << 16
 
 
-@dataclass(frozen=True)
+@frozen
 class GuardRegion:
     """Pages made guard pages (madvise MADV_GUARD_INSTALL, Linux 6.13): no memory behind them,
     and a touch is SIGSEGV, as a PROT_NONE mapping's but without a mapping of their own."""
@@ -286,7 +286,7 @@ class GuardRegion:
 SIGEV_NOTIFY = (0, 1, 4)     # SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's SIGEV_THREAD is one)
 
 
-@dataclass(frozen=True)
+@frozen
 class Rlimit:
     resource: Annotated[int, Int(0, 15, "a resource limit")]
     soft: U64
@@ -296,7 +296,7 @@ class Rlimit:
         _check(self.soft <= self.hard, f"resource limit {self.resource}: soft limit above the hard one")
 
 
-@dataclass(frozen=True)
+@frozen
 class MmFields:
     start_code: UserAddr
     end_code: UserAddr
@@ -316,7 +316,7 @@ class MmFields:
             _check(getattr(self, start) <= getattr(self, end), f"{start} above {end}")
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessState(Record):
     """Everything the process owns as a whole (threads, memory and files are separate)."""
 
@@ -403,7 +403,7 @@ MAX_SHM_SEGMENT = 1 << 40       # bytes of one SysV segment (shmmax's default is
 SHM_MODE = 0o777                # a segment's permissions (SHM_DEST and SHM_LOCKED are kept apart)
 
 
-@dataclass(frozen=True)
+@frozen
 class SysvSegment:
     """The SysV shared memory segment a mapping attaches (``Vma.shm``): made again on the
     destination under its id (``shmid``, which programs keep) and key, with its owner and
@@ -423,7 +423,7 @@ class SysvSegment:
     host: Annotated[str, Text(128)] = ""    # boot id and IPC namespace it lives in ("BOOT ipc:[N]")
 
 
-@dataclass(frozen=True)
+@frozen
 class Vma:
     start: U64               # below TASK_SIZE (``Mappings.validate``) but for the vsyscall page
     end: U64
@@ -446,7 +446,7 @@ class Vma:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
+@frozen
 class Mappings(Record):
     """The whole address space layout, sorted by address."""
 
@@ -480,13 +480,13 @@ class Mappings(Record):
             prev_end = v.end
 
 
-@dataclass(frozen=True)
+@frozen
 class AddressRange:
     start: U64
     end: U64
 
 
-@dataclass(frozen=True)
+@frozen
 class MappingsDelta(Record):
     """A layout as a change to the one before it in the stream (live streams, after a
     ``Mappings``): the mappings in the ``cleared`` ranges go, ``vmas`` (inside them) come;
@@ -538,7 +538,7 @@ O_CLOEXEC_FLAG = 0o2000000     # per fd, not per description
 LOCK_KINDS = ("posix", "ofd", "flock", "lease")
 
 
-@dataclass(frozen=True)
+@frozen
 class FileLock:
     """A lock held through an fd: a POSIX record lock (the process's), an OFD lock, a flock or
     a lease (``F_SETLEASE``; the open file description's). ``length`` 0: to the end of the
@@ -550,7 +550,7 @@ class FileLock:
     length: Offset = 0
 
 
-@dataclass(frozen=True)
+@frozen
 class FileDesc:
     """One fd. ``kind`` says what it refers to: a path ("file", "dir", "chr"), an end of a pipe
     in ``Pipes`` ("pipe"; ``flags`` tell which end), an open of a FIFO whose pipe is in
@@ -583,7 +583,7 @@ class FileDesc:
     owner_kind: Annotated[int, Int(0, 2, "an fd owner's kind")] = 0   # F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP
 
 
-@dataclass(frozen=True)
+@frozen
 class Files(Record):
     TYPE = 4
     fds: Annotated[tuple[FileDesc, ...], Count(MAX_FDS)]
@@ -611,7 +611,7 @@ class Files(Record):
             seen.add(f.fd)
 
 
-@dataclass(frozen=True)
+@frozen
 class PipeBuffer:
     id: ObjectId             # the pipe's inode on the source host
     size: Annotated[int, Int(PAGE_SIZE, MAX_PIPE_SIZE, "a pipe capacity")]   # F_GETPIPE_SZ
@@ -628,7 +628,7 @@ class PipeBuffer:
                        Count(MAX_PIPE_SIZE // PAGE_SIZE)] = ()     # (a packet takes a buffer: a page at most)
 
 
-@dataclass(frozen=True)
+@frozen
 class Pipes(Record):
     """The pipes the process's fds refer to (anonymous ones and FIFOs' pipes), with their
     bytes in flight."""
@@ -663,7 +663,7 @@ def unix_name_ok(name: bytes) -> bool:
     return name[:1] == b"/" and b"\0" not in name and len(name) < UNIX_PATH_MAX
 
 
-@dataclass(frozen=True)
+@frozen
 class SocketOptions:
     """SOL_SOCKET options a unix socket gets again (buffer sizes as getsockopt shows them)."""
 
@@ -682,7 +682,7 @@ class SocketOptions:
     filter_locked: Flag = 0        # SO_LOCK_FILTER
 
 
-@dataclass(frozen=True)
+@frozen
 class UnixSocket:
     """A unix socket: one end of a socketpair or connection whose other end moves too
     (``peer``), one whose peer has closed, one never connected; bound to a name, listening
@@ -731,7 +731,7 @@ class UnixSocket:
     file_gone: bool = False
 
 
-@dataclass(frozen=True)
+@frozen
 class UnixSockets(Record):
     """The unix sockets the process's fds refer to, with what is queued in them."""
 
@@ -780,14 +780,14 @@ class UnixSockets(Record):
                        and other.type == SOCK_DGRAM, f"socket {s.id}: connected to {s.target}, not a bound datagram socket here")
 
 
-@dataclass(frozen=True)
+@frozen
 class EpollWatch:
     fd: Fd                   # the watched fd's number in the process
     events: U32              # the event mask as registered (EPOLLET, EPOLLONESHOT, ... included)
     data: U64
 
 
-@dataclass(frozen=True)
+@frozen
 class InotifyWatch:
     wd: Annotated[int, Int(1, (1 << 31) - 1, "an inotify watch descriptor")]
     mask: U32                # as the kernel keeps it (IN_ONESHOT, IN_EXCL_UNLINK, ... included)
@@ -797,7 +797,7 @@ class InotifyWatch:
 FANOTIFY_MARKS = ("inode", "mount", "filesystem")
 
 
-@dataclass(frozen=True)
+@frozen
 class FanotifyMark:
     kind: Annotated[str, Text(16)]    # one of FANOTIFY_MARKS
     path: Annotated[str, AbsPath()]   # the marked file or directory (inode), or a path on the mount
@@ -838,7 +838,7 @@ INET_OPTIONS: dict[tuple[int, int], int] = {
 }
 
 
-@dataclass(frozen=True)
+@frozen
 class InetOption:
     """A socket option the program changed from what a new socket has: getsockopt's bytes."""
 
@@ -847,7 +847,7 @@ class InetOption:
     value: Annotated[bytes, Blob(16)]
 
 
-@dataclass(frozen=True)
+@frozen
 class TcpConnection:
     """An established TCP connection whose other end moves too, as ``TCP_REPAIR`` reads it and
     makes it again: sequence numbers, both queues, the options agreed at the handshake, the
@@ -874,7 +874,7 @@ class TcpConnection:
     rcv_wup: U32
 
 
-@dataclass(frozen=True)
+@frozen
 class InetDatagram:
     """A datagram queued on a UDP socket, and who sent it (as recvfrom names the sender)."""
 
@@ -883,7 +883,7 @@ class InetDatagram:
     data: Annotated[bytes, Blob(65535)]
 
 
-@dataclass(frozen=True)
+@frozen
 class InetSocket:
     """A TCP socket that is not connected (new, bound, or listening with nothing waiting in
     its accept queue), a TCP connection whose other end moves too (``connection``), or a UDP
@@ -911,7 +911,7 @@ class InetSocket:
     filter_locked: bool = False    # SO_LOCK_FILTER
 
 
-@dataclass(frozen=True)
+@frozen
 class InetSockets(Record):
     """The TCP and UDP sockets the process's fds refer to."""
 
@@ -955,7 +955,7 @@ class InetSockets(Record):
                        f"inet socket {s.id}: option {o.level}/{o.name}")
 
 
-@dataclass(frozen=True)
+@frozen
 class EventFile:
     """An eventfd, timerfd, signalfd, epoll instance, pidfd, inotify or fanotify instance, with its state."""
 
@@ -981,7 +981,7 @@ class EventFile:
     settime_flags: Annotated[int, Int(0, 3, "timerfd settime flags")] = 0
 
 
-@dataclass(frozen=True)
+@frozen
 class EventFiles(Record):
     """The eventfds, timerfds, signalfds and epoll instances the process's fds refer to."""
 
@@ -1005,7 +1005,7 @@ class EventFiles(Record):
             seen.add(e.id)
 
 
-@dataclass(frozen=True)
+@frozen
 class FileContents(Record):
     """A slice of the contents of a deleted file the process holds open (fds of kind
     "deleted" name it by ``id``); the file is made again, unlinked, from its slices. A memfd
@@ -1072,7 +1072,7 @@ def check_objects_referenced(files: Files, pipes: Pipes, sockets: UnixSockets,
 
 # --- threads ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class GpRegs:
     r15: U64
     r14: U64
@@ -1127,7 +1127,7 @@ MAX_INSNS_PER_PATH = 1 << 15  # the kernel's bound on a chain: each program's le
 MAX_SECCOMP_FILTERS = MAX_INSNS_PER_PATH // 5
 
 
-@dataclass(frozen=True)
+@frozen
 class SeccompFilter:
     flags: Annotated[int, Int(0, SECCOMP_FILTER_FLAG_LOG, "seccomp filter flags")]  # SECCOMP_FILTER_FLAG_LOG
     program: Annotated[bytes, Blob(BPF_MAXINSNS * BPF_INSN_SIZE, BPF_INSN_SIZE)]     # struct sock_filter[]
@@ -1138,7 +1138,7 @@ class SeccompFilter:
                f"a seccomp program of {len(self.program)} bytes (8-byte instructions)")
 
 
-@dataclass(frozen=True)
+@frozen
 class ThreadState(Record):
     TYPE = 5
     tid: Pid
@@ -1222,7 +1222,7 @@ def check_threads(proc: ProcessState, threads: list[ThreadState], header: ImageH
 MAX_PROCESSES = 1 << 12
 
 
-@dataclass(frozen=True)
+@frozen
 class TreeMember:
     pid: Pid
     ppid: Annotated[int, Int(0, PID_MAX_LIMIT - 1, "a parent pid")]   # the parent's pid (outside the
@@ -1238,7 +1238,7 @@ class TreeMember:
         return self.exit_status >= 0
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessTree(Record):
     """The processes of an image of a process and its descendants, parents before children.
     Each one's records and pages follow a ``ProcessBegin`` naming it; a zombie (exited, not
@@ -1256,7 +1256,7 @@ class ProcessTree(Record):
             seen.add(m.pid)
 
 
-@dataclass(frozen=True)
+@frozen
 class ProcessBegin(Record):
     """The records and pages that follow, up to the next ``ProcessBegin``, are this process's."""
 
@@ -1266,7 +1266,7 @@ class ProcessBegin(Record):
 
 # --- end of an image ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@frozen
 class EndOfImage(Record):
     """Last record: its counts let the reader prove nothing was lost."""
 

@@ -44,10 +44,11 @@ import secrets
 import stat
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Iterable
 
 from transport.errors import ImageKeyError, UntrustedImage
+from transport.frozen import frozen
 
 DEFAULT_KEY_PATH = "/etc/kcr-migrate/image.key"
 KEY_ENV = "KCR_IMAGE_KEY"
@@ -75,7 +76,7 @@ def key_path(path: str | None = None) -> tuple[str, bool]:
     return DEFAULT_KEY_PATH, False
 
 
-@dataclass(frozen=True)
+@frozen
 class ImageKey:
     path: str
     secret: bytes = field(repr=False)

@@ -25,7 +25,6 @@ import concurrent.futures
 import threading
 import warnings
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Coroutine, TypeVar, cast
 
 import trio
@@ -40,6 +39,7 @@ with warnings.catch_warnings():
 
 from transport.cpu import cpu_has_aes
 from transport.errors import IncompatibleImage, MigrationError, ProtocolError, TransportError, TransportTimeout
+from transport.frozen import frozen
 from transport.local import StderrTail
 from transport.protocol import AGENT_COMMAND, ROLE_AGENT, ROLE_ORCHESTRATOR
 from transport.rpc import Methods, RpcPeer, open_rpc
@@ -352,7 +352,7 @@ COMMAND_TIMEOUT = 60.0
 COMMAND_OUTPUT_MAX = 4 << 20
 
 
-@dataclass(frozen=True)
+@frozen
 class CommandResult:
     """What one command run over SSH left: its exit status (None if it died of a signal) and output."""
 

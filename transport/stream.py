@@ -43,6 +43,7 @@ from transport.errors import (
     TransportTimeout,
 )
 from transport.framing import KIND_PAGES, KIND_RECORD, KIND_TAG, STREAM_MAGIC, Frame, FrameDecoder, frame_header
+from transport.frozen import frozen
 from transport.levels import Level, LevelController
 from transport.pages import (
     BATCH_HEAD,
@@ -87,7 +88,7 @@ class StreamStats:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@frozen
 class RawBatch:
     """A received PAGES frame whose checksum matched; ``decode_batch`` does the rest."""
 

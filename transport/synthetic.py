@@ -9,9 +9,9 @@ cycle through the pool at ever new addresses, so generating never limits a measu
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Iterator
 
+from transport.frozen import frozen
 from transport.pages import DEFAULT_BATCH_BYTES, PageBatch
 from transport.schema import PAGE_SIZE
 
@@ -23,7 +23,7 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "http https json config user session token cache queue worker server client stream").split()
 
 
-@dataclass(frozen=True)
+@frozen
 class Mix:
     zero: float = 0.3
     text: float = 0.4
