@@ -11,14 +11,30 @@ import ctypes
 import errno
 import os
 import signal
+import sys
 import time
+import types
 
-from ptrace import PtraceError
-from ptrace.binding import func as _pt
-from ptrace.binding.linux_struct import user_regs_struct
 
-from transport.frozen import frozen
-from transport.schema import GP_REG_NAMES, SIGINFO_SIZE, GpRegs
+def _hand_over_libc() -> None:
+    """python-ptrace looks the C library up with ``ctypes.util.find_library("c")``, which runs
+    ``ldconfig -p`` in a child process as it is imported: some 10 ms of every agent's and
+    command's start. The C library is the one this process runs on already: python-ptrace is
+    given that (``ptrace.ctypes_libc``, which it reads ``libc`` from, made here first)."""
+    if "ptrace.ctypes_libc" not in sys.modules:
+        ours = types.ModuleType("ptrace.ctypes_libc")
+        vars(ours).update(LIBC_FILENAME=None, libc=ctypes.CDLL(None, use_errno=True))   # None: this process's own
+        sys.modules["ptrace.ctypes_libc"] = ours
+
+
+_hand_over_libc()
+
+from ptrace import PtraceError  # noqa: E402  (after _hand_over_libc)
+from ptrace.binding import func as _pt  # noqa: E402
+from ptrace.binding.linux_struct import user_regs_struct  # noqa: E402
+
+from transport.frozen import frozen  # noqa: E402
+from transport.schema import GP_REG_NAMES, SIGINFO_SIZE, GpRegs  # noqa: E402
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
