@@ -41,7 +41,7 @@ from tests._workloads import (
     run_reference,
 )
 
-JOB = ("64", "40", "400")           # 64 MiB, dirtying 40 MiB/s for 400 steps (4 s and more), then it waits
+JOB = ("64", "40", "100")           # 64 MiB, dirtying 40 MiB/s for 100 steps (1 s and more), then it waits, dirtying on
 
 
 @pytest.fixture(scope="module", autouse=True)
