@@ -287,7 +287,14 @@ async def open_ssh_agent(host: str, *, ssh_config: str | None = None, command: s
     """
     async with _ssh_connection(host, ssh_config, connect_timeout) as (aio, conn):
         async with _agent_process(aio, conn, host, command, methods, echo_stderr, rpc_options) as rpc:
-            yield rpc
+            try:
+                yield rpc
+            finally:
+                if rpc.abandoned:
+                    # It stopped answering (a link gone down): closing the channel and then the
+                    # connection politely would wait CLOSE_TIMEOUT twice for answers that cannot
+                    # come. The connection is dropped; both closes then end at once.
+                    await aio.run(_abort_connection(conn))
 
 
 @asynccontextmanager
@@ -315,6 +322,10 @@ async def _ssh_connection(host: str, ssh_config: str | None, connect_timeout: fl
 async def _close_connection(conn: asyncssh.SSHClientConnection) -> None:
     conn.close()
     await conn.wait_closed()
+
+
+async def _abort_connection(conn: asyncssh.SSHClientConnection) -> None:
+    conn.abort()
 
 
 @asynccontextmanager
