@@ -158,7 +158,7 @@ def test_a_job_holding_a_few_dozen_kernel_objects_moves_with_them(tmp_path: Path
 def test_precopy_really_happens_and_downtime_is_honest(tmp_path: Path) -> None:
     """256 MiB dirtying 10 MiB/s: at least two rounds, under 10% of the bytes sent while frozen,
     and a downtime no shorter than what a ticker thread inside the job saw."""
-    ref, w, report = migrate_workload("mig_dirty", tmp_path, "256", "10", "600", "1",
+    ref, w, report = migrate_workload("mig_dirty", tmp_path, "256", "10", "150", "1",
                                       cli_args=("--downtime", "5"))
     assert w.output() == ref.output()
     assert report["rounds"] >= 2, report["per_round"]
@@ -174,7 +174,7 @@ def test_precopy_really_happens_and_downtime_is_honest(tmp_path: Path) -> None:
 def test_a_writer_faster_than_the_link_still_migrates(tmp_path: Path) -> None:
     """Dirtying 400 MiB/s over a link limited to 40 MiB/s: pre-copy cannot converge, stops
     for the right reason, and the job still finishes correctly."""
-    ref, w, report = migrate_workload("mig_dirty", tmp_path, "32", "400", "500",
+    ref, w, report = migrate_workload("mig_dirty", tmp_path, "32", "400", "150",
                                       cli_args=("--bandwidth", "40MiB", "--max-rounds", "6"))
     assert w.output() == ref.output()
     assert report["stop_reason"] in ("dirty-growing", "max-rounds", "max-bytes"), report["stop_reason"]

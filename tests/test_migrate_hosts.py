@@ -28,7 +28,7 @@ def test_c_workload_moves_from_host_a_to_host_b(testbed: Testbed, tmp_path: Path
                                                 channel: str) -> None:
     """Over SSH (pages relayed through kcr-migrate) and over the direct, sealed TCP data channel."""
     exe = str(build(workload))
-    args = ["64", "20", "800", "1"] if workload == "mig_dirty" else []
+    args = ["64", "20", "200", "1"] if workload == "mig_dirty" else []
     ref = Reference([exe, str(tmp_path / "ref"), *args], tmp_path / "ref", WORKLOAD_SCALE="5")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out), *args], out, hold=True, WORKLOAD_SCALE="5")
@@ -170,7 +170,7 @@ def unreachable(testbed: Testbed, host: str, target: str) -> Iterator[None]:
 
 def test_pages_are_relayed_when_the_source_cannot_reach_the_destination(testbed: Testbed, tmp_path: Path) -> None:
     exe = str(build("mig_dirty"))
-    args = ["32", "10", "300", "0"]
+    args = ["32", "10", "100", "0"]
     ref = Reference([exe, str(tmp_path / "ref"), *args], tmp_path / "ref")
     out = tmp_path / "moved"
     pid = start_in(testbed, "hostA", [exe, str(out), *args], out, hold=True)   # it ends once moved
@@ -271,7 +271,7 @@ async def test_connection_cut_during_final_rolls_back(testbed: Testbed, tmp_path
     the source runs on, and the destination agent destroys its copy on its own."""
     exe = str(build("mig_dirty"))
     out = tmp_path / "run"
-    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "300"], out, hold=True)
+    pid = start_in(testbed, "hostA", [exe, str(out), "64", "40", "100"], out, hold=True)
     veth = testbed.veth_name("hostB")
 
     def cut(m: Migration) -> None:
