@@ -106,7 +106,8 @@ def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_
                    "    while hold and i == n * 3 // 4 and not os.path.exists(hold):\n        time.sleep(0.01)\n")
     script = f"touch ready; {sys.executable} -S {gen} 2000 | tr a-z A-Z | sort > out; echo $? > status"
     (tmp_path / "ref").mkdir()
-    subprocess.run(["sh", "-c", script], cwd=tmp_path / "ref", check=True, timeout=120)
+    ref = subprocess.Popen(["sh", "-c", script], cwd=tmp_path / "ref")      # the unmoved run, meanwhile
+    STARTED.append(ref)
     out = tmp_path / "moved"
     out.mkdir()
     pid = start_in(testbed, "hostA", ["sh", "-c", f"cd {out} && {script}"], out, hold=True)
@@ -117,6 +118,7 @@ def test_shell_pipeline_moves_live_with_data_in_its_pipes(testbed: Testbed, tmp_
     move_tree_to_host_c(testbed, before)
     (out / "go-on").touch()
     assert wait_file(out / "status") == "0\n"
+    assert ref.wait(120) == 0
     assert (out / "out").read_bytes() == (tmp_path / "ref" / "out").read_bytes()
 
 
