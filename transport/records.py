@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from collections.abc import Sized
-from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, TypeVar, get_args, get_origin
 
 import msgpack
 
@@ -253,10 +254,26 @@ def prepare(classes: Any) -> None:
         _fast(cls)
 
 
+_EVALUATED: dict[tuple[str, str], Any] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
+    """``get_type_hints(cls, include_extras=True)`` for a dataclass of these modules, whose
+    annotations are strings (``from __future__ import annotations``): each is evaluated in its
+    class's module, as get_type_hints does, but once per module and text (``typing`` compiles
+    the text again for every field; most fields share a few dozen texts)."""
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = get_type_hints(cls, include_extras=True)
+        hints = {}
+        for base in reversed(cls.__mro__):
+            module = sys.modules[base.__module__].__dict__
+            for name, annotation in base.__dict__.get("__annotations__", {}).items():
+                if isinstance(annotation, str):
+                    key = (base.__module__, annotation)
+                    if key not in _EVALUATED:
+                        _EVALUATED[key] = eval(annotation, module)   # noqa: S307 (our own source)
+                    annotation = _EVALUATED[key]
+                hints[name] = annotation
         _HINTS[cls] = hints
     return hints
 
