@@ -68,9 +68,9 @@ def test_workers_on_socketpairs_move_live_with_their_pids(testbed: Testbed, tmp_
     """A parent, three workers on socketpairs, a progress pipe and a log description they
     share; the parent reaps each worker with waitpid(pid) and checks getppid() there."""
     exe = str(build("tree_workers"))
-    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="30")
+    ref = Reference([exe, str(tmp_path / "ref")], tmp_path / "ref", WORKLOAD_SCALE="3")
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True, WORKLOAD_SCALE="30")
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True, WORKLOAD_SCALE="3")
     deadline = time.monotonic() + 30
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
@@ -202,7 +202,7 @@ def test_a_tree_whose_pids_are_taken_is_refused_before_anything_freezes(testbed:
     the tree itself). Refused in preflight, naming them; the tree runs on, untraced."""
     exe = str(build("tree_workers"))
     out = tmp_path / "moved"
-    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True, WORKLOAD_SCALE="30")
+    pid = start_in(testbed, "hostA", [exe, str(out)], out, hold=True, WORKLOAD_SCALE="3")
     deadline = time.monotonic() + 30
     while len(before := tree(pid)) < 4:
         assert time.monotonic() < deadline
