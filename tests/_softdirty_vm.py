@@ -277,6 +277,10 @@ class Guest:
             os._exit(127)
         if self.nice:
             os.nice(self.nice)
+            # and SCHED_IDLE: a niced thread still holds a CPU until the scheduler's slice ends
+            # when a test's process wakes up (their agents, holders and workloads wake each
+            # other thousands of times); an idle-class one gives it up at once.
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -293,11 +297,12 @@ class Guest:
 
     def unnice(self) -> None:
         """Back to normal priority: whoever waits for the guest now has nothing else to run.
-        (Niceness is per thread on Linux: each of qemu's.)"""
+        (Niceness and the scheduling class are per thread on Linux: each of qemu's.)"""
         if self.nice and self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(OSError):          # qemu may end meanwhile
                 for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
                     with contextlib.suppress(OSError):
+                        os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
                         os.setpriority(os.PRIO_PROCESS, int(tid), 0)
 
     def booted(self) -> bool:
