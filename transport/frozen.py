@@ -54,6 +54,8 @@ def _repr(self: Any) -> str:
 
 def _make(cls: T, options: dict[str, Any]) -> T:
     own = {name for name in ("__eq__", "__hash__", "__repr__") if name in cls.__dict__}
+    if cls.__dict__.get("__hash__", 0) is None and "__eq__" in own:
+        own.discard("__hash__")     # the None Python puts beside a class's own __eq__: hashed as dataclasses would
     made = cast(T, dataclasses.dataclass(frozen=True, eq=False, repr=False, **options)(cls))
     fields = dataclasses.fields(made)
     setattr(made, _EQ_KEY, staticmethod(_getter([f.name for f in fields if f.compare])))
