@@ -27,7 +27,9 @@ _REPR_NAMES = "_frozen_repr_names"
 
 
 def _getter(names: list[str]) -> Callable[[Any], Any]:
-    """A function of an instance giving its ``names`` fields as one comparable value."""
+    """A function of an instance giving its ``names`` fields as one tuple, as dataclasses
+    compares and hashes them (a tuple compares items by identity first: a field holding the
+    same NaN is equal, as there)."""
     if not names:
         return lambda _: ()
     if len(names) == 1:
