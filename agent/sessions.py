@@ -119,9 +119,13 @@ def plan(members: Sequence[TreeMember], new: Sequence[TreeMember]) -> list[Step]
     session = {pid: want[pid].sid for pid in pids - adding}      # what each process has now
     group = {pid: want[pid].pgid for pid in pids - adding}
     helper_of: dict[int, int] = {}          # exited session leader's pid -> the parent of its helper
-    todo: list[int] = [pid for pid in children if pid not in adding]
+    # Each process's forks in one run of steps, the processes in the tree's order (the order a
+    # stream or image brings them): a restore forks a process's children once its memory is in,
+    # so that they share it copy-on-write (``agent.restore_session``).
+    order = {m.pid: i for i, m in enumerate(members)}
+    todo: list[int] = sorted((pid for pid in children if pid not in adding), key=lambda p: order.get(p, -1))
     while todo:
-        pid = todo.pop()
+        pid = todo.pop(0)
         kids = children.get(pid, [])
         leads = pid in adding and want[pid].sid == pid
         forked: set[int] = set()
