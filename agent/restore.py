@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-from agent import cgroups, locks, mempolicy, peercred, ptrace, sched, seccomp, stub, timens
+from agent import cgroups, inherited, locks, mempolicy, peercred, ptrace, sched, seccomp, stub, timens
 from agent.as_target import RESOLVE_NO_SYMLINKS, Identity, check_grantable, may_attach
 from agent.descriptions import Descriptions
 from agent.fdtable import FdState
@@ -68,7 +68,7 @@ from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
 from agent.procfs import read_stat, read_text
 from agent.shared_memory import SharedObjects
 from precopy import sysv
-from precopy.intervals import Span, merge_spans, splice_spans, subtract_spans, within
+from precopy.intervals import Span, intersect_spans, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
     boot_id,
@@ -179,6 +179,7 @@ MADV: dict[int, tuple[int, int | None]] = {
     ADV_DONTDUMP: (16, 17), ADV_DONTFORK: (10, 11), ADV_WIPEONFORK: (18, 19), ADV_HUGEPAGE: (14, None),
     ADV_NOHUGEPAGE: (15, None), ADV_MERGEABLE: (12, 13), ADV_RANDOM: (1, 0), ADV_SEQUENTIAL: (2, 0)}
 CLUSTER = ("vvar", "vvar_vclock", "vdso")
+MADV_DONTNEED = 4
 SHM_RDONLY, SHM_REMAP, SHM_EXEC = 0o10000, 0o40000, 0o100000
 
 
@@ -232,6 +233,7 @@ class RestoreReport:
     warnings: list[str] = field(default_factory=list)
     pages_written: int = 0
     pages_filled: int = 0          # of them, put in place by UFFDIO_COPY (agent.fill)
+    pages_shared: int = 0          # of them, held already as its parent's (agent.inherited)
     syscalls: int = 0
 
 
@@ -416,6 +418,15 @@ class Restorer:
         # it starts with points into that one's scratch (0, 0: a stub program's memory).
         self._clone_gadget, self._clone_scratch = forked_from.memory_for_clones() if forked_from else (0, 0)
         self.forked_from = forked_from      # its parent in the tree, restored with it
+        # Forked from one whose memory is in: the parent's private memory it holds
+        # (the parent's layout then), kept where its own layout has it too, and the ranges
+        # still as inherited, where a page is written only if it differs (``agent.inherited``).
+        self._inherit = [v for v in forked_from.layout if inherited.inheritable(v) and not forked_from._is_deferred(v)] \
+            if forked_from is not None and forked_from.begun else []
+        self._inherited: list[Span] = []
+        # While its first copy comes (None: not inherited, or the copy is done): the ranges
+        # it brought, inherited memory outside which is a hole at the source (``end_first_copy``).
+        self._first_copy: list[Span] | None = None
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
@@ -710,12 +721,21 @@ class Restorer:
         self.mem.write(self.gadget + BATCH_CODE_OFFSET, BATCH_CODE)
         self.inj.gadget = self.gadget
         self._call("close_range", 0, 0xFFFF_FFFF, 0)
-        # Unmap the stub itself: everything but the gadget and the vDSO cluster.
+        # Unmap the stub itself: everything but the gadget and the vDSO cluster, and the
+        # memory inherited from a parent (the layout then keeps what this process has too),
+        # but where this process's vDSO cluster goes.
+        cluster = merge_spans((v.start, v.end) for v in target.vmas if is_special(v))
+        self._inherit = [v for v in self._inherit if not intersect_spans([(v.start, v.end)], cluster)]
+        keep = merge_spans((v.start, v.end) for v in self._inherit)
         for m in own:
             if m.kind in CLUSTER or m.kind == "vsyscall":
                 continue
-            self._call("munmap", m.start, m.length)
+            for start, end in subtract_spans([(m.start, m.end)], keep):
+                self._call("munmap", start, end - start)
         self._move_cluster(own, target)
+        self.layout = list(self._inherit)
+        self._inherited = keep
+        self._first_copy = [] if keep else None
 
     def _move_cluster(self, own: list[MapEntry], target: Mappings) -> None:
         mine = {m.kind: m for m in own if m.kind in CLUSTER}
@@ -778,6 +798,8 @@ class Restorer:
             return
         new = [v for v in target.vmas if not is_special(v)]
         plan = plan_layout(self.layout, new)
+        if self._inherited:
+            self._inherited = intersect_spans(self._inherited, list(plan.kept))
         if self.shared is not None:
             for v in new:
                 if v.shm is not None:
@@ -859,6 +881,10 @@ class Restorer:
             raise RestoreError("a layout change covers the restore gadget: corrupt stream")
         news = list(delta.vmas)
         plan = plan_layout(in_ranges(self.layout, region), news)
+        if self._inherited:
+            cleared = merge_spans(region)
+            self._inherited = merge_spans(subtract_spans(self._inherited, cleared) + intersect_spans(
+                intersect_spans(self._inherited, cleared), list(plan.kept)))
         if self.shared is not None:
             for v in news:
                 if v.shm is not None:
@@ -1093,9 +1119,16 @@ class Restorer:
                     if start < addr + n * PAGE_SIZE and addr < end:
                         first, last = max(start, addr), min(end, addr + n * PAGE_SIZE)
                         self._placeholder_pages.update(range(first, last, PAGE_SIZE))
-        self._write_runs(batch.runs, memoryview(batch.data).cast("B"))
+        runs, view = batch.runs, memoryview(batch.data).cast("B")
+        if self._inherited:
+            if self._first_copy is not None:
+                with self._counting:
+                    self._first_copy += [(a, a + n * PAGE_SIZE) for a, n in runs]
+            runs, view = inherited.changed(self.mem.fd, runs, view, self._inherited)
+        self._write_runs(runs, view)
         with self._counting:
             self.report.pages_written += batch.npages
+            self.report.pages_shared += batch.npages - sum(n for _, n in runs)
 
     def _write_runs(self, runs: tuple[tuple[int, int], ...], view: memoryview) -> None:
         """Runs of pages already there (a later round's, often single scattered pages) go in
@@ -1179,6 +1212,8 @@ class Restorer:
         if self.memory_ready or not self.begun or self._placeholders or \
                 any(v.shm is not None or (v.shared and v.kind == "anon" and v.ino) for v in self.layout):
             return
+        with _said_as_restore_errors():
+            self.end_first_copy()
         self._stop_filling()
         with _said_as_restore_errors():
             self._map_deferred()         # (none: only the list of what could be is dropped)
@@ -1203,6 +1238,7 @@ class Restorer:
             raise RestoreError("the image has no main thread: corrupt image")
         self._stop_filling()        # every page is in: the stub may touch its memory again
         with _said_as_restore_errors():
+            self.end_first_copy()
             identity = Identity.of(proc.creds)
             if not self.memory_ready:
                 self._carried = descriptions
@@ -2047,6 +2083,21 @@ class Restorer:
                 if tids:
                     time.sleep(0.001)
         self.close()
+
+    def end_first_copy(self) -> None:
+        """The stream has brought this process's memory once (its first copy, complete: it
+        turned to another process, or the process is being finished). Inherited memory where
+        that copy brought no page is a hole at the source (never written, or dropped since the
+        fork): it is dropped here too, and reads as zeros again. A page the copy brought is
+        the process's own, or the parent's it holds already (``agent.inherited``)."""
+        if self._first_copy is None:
+            return
+        holes = subtract_spans(self._inherited, merge_spans(self._first_copy))
+        self._first_copy = None
+        calls: list[tuple[str, tuple[int, ...]]] = [("madvise", (start, end - start, MADV_DONTNEED))
+                                                    for start, end in holes]
+        self._run_batch(calls, [(f"drop the holes of inherited memory at {start:#x}-{end:#x}", None)
+                                for start, end in holes])
 
     def _stop_filling(self) -> None:
         if self.filler is not None:

@@ -84,6 +84,14 @@ class RestoreSession:
         self._identity: Identity | None = None       # whom carried files are made as (the job)
         self.names = Names()               # the socket names the processes' sockets are bound to
         self.descriptions: Descriptions | None = None     # what the job's fds share, once made
+        # The tree's processes not made yet: ``_make`` carries out these steps of the plan
+        # (``agent.sessions``) as the stream goes on (``_forks_of``), so that each process is
+        # forked once its parent's memory is in, and shares it copy-on-write as at the source.
+        self._steps: list[sessions.Step] = []
+        self._done_steps = 0
+        self._adding: list[TreeMember] = []
+        self._plan_tree: ProcessTree | None = None       # the tree ``_steps`` make
+        self._helpers: dict[int, Restorer] = {}
 
     # -- records in -------------------------------------------------------------------------
 
@@ -112,13 +120,22 @@ class RestoreSession:
                 self._change_tree(item)
             self.tree = item
         elif isinstance(item, ProcessBegin):
-            found = self.procs.get(item.pid)
-            if found is None or self.tree is None:
+            if self.tree is None or item.pid not in {m.pid for m in self.tree.members}:
                 raise ProtocolError(f"records of process {item.pid}, which the stream's tree lacks: corrupt image")
-            turned = self.current is not None and self.current is not found
+            left = self.current
+            turned = left is not None and self.procs.get(item.pid) is not left
             if turned:
-                assert self.current is not None
-                self._prepare(self.current)
+                assert left is not None
+                # Its children are forked now, with its memory in (its first copy ends here:
+                # ``Restorer.end_first_copy``), before ``prepare`` makes that memory final
+                # (sealed, locked), which a child must not inherit.
+                left.restorer.end_first_copy()
+                self._make(self._forks_of(left))
+                self._prepare(left)
+            self._make(self._fork_of(item.pid))
+            found = self.procs.get(item.pid)
+            if found is None:
+                raise ProtocolError(f"records of process {item.pid}, which left the tree: corrupt stream")
             self.current = found
             if turned:
                 self._finish_ready()
@@ -198,20 +215,49 @@ class RestoreSession:
             raise ProtocolError("the process tree does not start with the stream header's process: corrupt image")
         self.procs[root.pid].member = root
         self.procs[root.pid].restorer.spawn_stub()
-        self._add(tree, tree.members[1:])
+        self._plan(tree, tree.members[1:])
 
-    def _add(self, tree: ProcessTree, new: Sequence[TreeMember]) -> None:
-        """Stubs for ``new`` (parents first), each in its session and process group, in the
-        order ``agent.sessions`` plans (helpers standing in for leaders that exited), zombies
-        ended last; then each one's session and group are checked against the tree's."""
-        header = self.header
-        assert header is not None
+    def _plan(self, tree: ProcessTree, new: Sequence[TreeMember]) -> None:
+        """The steps that make stubs for ``new`` (parents first), each in its session and
+        process group, in the order ``agent.sessions`` plans (helpers standing in for leaders
+        that exited), zombies ended last: carried out by ``_make``."""
+        if self._done_steps < len(self._steps):
+            raise ProtocolError("the process tree changed before its processes were all made: corrupt stream")
         try:
-            steps = sessions.plan(tree.members, new)
+            self._steps = sessions.plan(tree.members, new)
         except UnsupportedResource as exc:
             raise RestoreError(str(exc)) from None
-        members = {m.pid: m for m in tree.members}
-        helpers: dict[int, Restorer] = {}
+        self._done_steps = 0
+        self._adding = list(new)
+        self._plan_tree = tree
+
+    def _forks_of(self, proc: RestoredProcess) -> int:
+        """How many of the plan's steps make ``proc``'s children (and what comes before)."""
+        pid = proc.member.pid if proc.member is not None else proc.restorer.pid
+        return max((i + 1 for i, step in enumerate(self._steps)
+                    if isinstance(step, (sessions.Fork, sessions.Helper)) and step.by == pid), default=0)
+
+    def _fork_of(self, pid: int) -> int:
+        """How many of the plan's steps make process ``pid`` (0: none does)."""
+        return next((i + 1 for i, step in enumerate(self._steps)
+                     if isinstance(step, sessions.Fork) and step.pid == pid), 0)
+
+    def _make(self, upto: int | None = None) -> None:
+        """Carry out the plan's steps up to ``upto`` (None: all of them); once all are done,
+        each new process's session and group are checked against the tree's, and zombies
+        end. A process forked from one whose memory is in shares that memory copy-on-write
+        (``Restorer.write_pages`` keeps what it has already)."""
+        header = self.header
+        tree = self._plan_tree
+        assert header is not None
+        steps = self._steps
+        upto = len(steps) if upto is None else upto
+        if self._done_steps >= upto:
+            if self._done_steps == len(steps) and self._adding and tree is not None:
+                self._made(tree)
+            return
+        members = {m.pid: m for m in self._adding}
+        helpers = self._helpers
 
         def restorer(pid: int) -> Restorer:
             return helpers[pid] if pid in helpers else self.procs[pid].restorer
@@ -223,7 +269,9 @@ class RestoreSession:
             made.join_cgroups_early()
             return made
 
-        for step in steps:
+        while self._done_steps < upto:
+            step = steps[self._done_steps]
+            self._done_steps += 1
             if isinstance(step, sessions.Fork):
                 self.procs[step.pid] = RestoredProcess(stub(step.pid, restorer(step.by), step.sibling),
                                                        member=members[step.pid])
@@ -237,6 +285,13 @@ class RestoreSession:
                 restorer(step.pid).stub_call("setpgid", 0, step.pgid)
             else:
                 helpers.pop(step.helper).remove(restorer(step.by))
+        if self._done_steps == len(steps) and tree is not None:
+            self._made(tree)
+
+    def _made(self, tree: ProcessTree) -> None:
+        """Every step of the plan done: the new processes' sessions and groups checked, zombies
+        ended, the processes in the tree's order again."""
+        new, self._adding = self._adding, []
         got = {m.pid: sessions.Ids(os.getsid(self.procs[m.pid].restorer.pid),
                                    os.getpgid(self.procs[m.pid].restorer.pid)) for m in new}
         wrong = sessions.mismatch(tree.members, got)
@@ -251,6 +306,7 @@ class RestoreSession:
     def _change_tree(self, tree: ProcessTree) -> None:
         """The tree as it is now, in a live migration: new processes join, gone ones leave."""
         assert self.tree is not None
+        self._make()           # (a stream brings every process's memory before the tree changes)
         before = {m.pid: m for m in self.tree.members}
         now = {m.pid: m for m in tree.members}
         if tree.members[0].pid != self.tree.members[0].pid:
@@ -275,7 +331,8 @@ class RestoreSession:
             if old is not None and m.zombie and not old.zombie:       # it exited meanwhile
                 self.procs[pid].restorer.exit_as(m.exit_status)
                 self.procs[pid].member = m
-        self._add(tree, [m for m in tree.members if m.pid not in before])
+        self._plan(tree, [m for m in tree.members if m.pid not in before])
+        self._make()
         self.procs = {m.pid: self.procs[m.pid] for m in tree.members}
 
     # -- the rest, and the end ---------------------------------------------------------------
@@ -289,6 +346,8 @@ class RestoreSession:
         the job's files are made with); False while they are not."""
         if self.descriptions is not None:
             return True
+        if self._done_steps < len(self._steps):
+            return False           # processes not made yet: their fd tables are still to come
         procs = self._live()
         if not procs or procs[0][1].records.state is None or any(p.records.files is None for _, p in procs):
             return False
@@ -346,6 +405,7 @@ class RestoreSession:
     def finish(self) -> None:
         """Everything but memory, for every process; the pipes and sockets they share are made
         once (``agent.descriptions``) and each takes its ends. Every process stays stopped."""
+        self._make()          # (all made already, but in a stream that lacks some process's records)
         procs = self._live()
         if not procs or not all(p.records.complete and p.restorer.begun for _, p in procs):
             raise ProtocolError("the stream lacks a layout, or process, file or thread records: corrupt image")
@@ -384,6 +444,8 @@ class RestoreSession:
         if self.resumed:
             return
         self.shared.discard()
+        for helper in self._helpers.values():
+            helper.abort()
         for p in reversed(list(self.procs.values())):
             p.restorer.abort()
         self.names.undo()

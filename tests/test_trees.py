@@ -711,6 +711,76 @@ def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
 
 
+# A parent fills 64 MiB of private anonymous memory, then forks three workers, which share it
+# copy-on-write (a Python pool forked after loading its data). Each worker writes one page of
+# it and drops one MiB (MADV_DONTNEED: zeros again for it alone), then waits (WORKLOAD_HOLD);
+# the output is each process's digest of the memory as it sees it.
+COW_POOL = """
+import hashlib, mmap, os, sys, time
+d, hold = sys.argv[1], os.environ["WORKLOAD_HOLD"]
+SIZE, PAGE, MIB, KIDS = 64 << 20, 4096, 1 << 20, 3
+data = mmap.mmap(-1, SIZE, flags=mmap.MAP_PRIVATE)
+for i in range(0, SIZE, MIB):
+    data[i:i + MIB] = hashlib.sha256(i.to_bytes(8, "little")).digest() * (MIB // 32)
+r, w = os.pipe()
+kids = []
+for k in range(KIDS):
+    pid = os.fork()
+    if pid == 0:
+        data[(k + 1) * 100 * PAGE:(k + 1) * 100 * PAGE + 5] = b"kid-%d" % k
+        data.madvise(mmap.MADV_DONTNEED, (k + 10) * MIB, MIB)
+        os.write(w, b"k")
+        while not os.path.exists(hold):
+            time.sleep(0.01)
+        open(f"{d}/kid-{k}", "w").write(hashlib.sha256(data).hexdigest())
+        os._exit(0)
+    kids.append(pid)
+got = b""
+while len(got) < KIDS:
+    got += os.read(r, KIDS - len(got))
+open(f"{d}/ready", "w").close()
+statuses = [os.waitpid(pid, 0)[1] for pid in kids]
+seen = [open(f"{d}/kid-{k}").read() for k in range(KIDS)]
+open(f"{d}/output", "w").write(f"{hashlib.sha256(data).hexdigest()} {seen} {statuses}\\n")
+"""
+
+
+def private_kib(pid: int) -> int:
+    """The memory ``pid`` alone holds (Private_Clean + Private_Dirty), KiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
+
+
+def test_memory_a_fork_shares_copy_on_write_stays_shared(tmp_path: Path) -> None:
+    """Restored, each worker holds what it held alone at the source (the page it wrote, what
+    Python wrote of its heap), not a copy of the 64 MiB it shares with its parent: it was one
+    copy per process (4 x 64 MiB for a job of 64 MiB). The page each wrote and the MiB each
+    dropped are its own still: the digests are an unmoved run's."""
+    script = tmp_path / "cow_pool.py"
+    script.write_text(COW_POOL)
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "go-on").touch()
+    reference = subprocess.Popen([sys.executable, "-S", str(script), str(tmp_path / "reference")],
+                                 env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "reference" / "go-on")})
+    STARTED.append(reference)
+    proc = start_until_ready([sys.executable, "-S", str(script), str(tmp_path)], tmp_path / "ready",
+                             start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
+    workers = sorted(p for p, parent in tree(proc.pid).items() if parent == proc.pid)
+    at_source = {p: private_kib(p) for p in workers}
+    before = tree(proc.pid)
+    checkpoint(proc.pid, tmp_path / "tree.img", 4)
+    assert proc.wait(timeout=30) == -9
+    root = image_restored(tmp_path / "tree.img", before)
+    restored = {p: private_kib(p) for p in workers}
+    (tmp_path / "go-on").touch()
+    assert os.WEXITSTATUS(reap(root, timeout=120)) == 0
+    assert reference.wait(timeout=120) == 0
+    assert (tmp_path / "output").read_text() == (tmp_path / "reference" / "output").read_text()
+    for p in workers:
+        assert restored[p] < at_source[p] + 8 * 1024, \
+            f"worker {p} holds {restored[p]} KiB of its own restored, {at_source[p]} KiB at the source"
+
+
 # Host-local files bigger than kcr-migrate once carried (16 MiB a file, 48 MiB a job): a
 # parent and two forked workers share 64 MiB of multiprocessing.shared_memory (a file of
 # /dev/shm, named by argv[2]; with it comes multiprocessing's resource tracker), and the parent
