@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import carried_files, cgroups, fdtable, locks, mempolicy, sched
+from agent import carried_files, cgroups, fdtable, inherited, locks, mempolicy, sched
 from agent.carried_files import CarriedFile
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
@@ -408,7 +408,8 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
         for p in pids:
             try:
                 described = await _blocking(describe_files, p, exempt or [], redirected if p == pid else set())
-                processes.append(await _blocking(_process_summary, p))
+                summary = await _blocking(_process_summary, p, pids)
+                processes.append(summary)
             except (NoSuchProcess, FileNotFoundError, ProcessLookupError):
                 if p == pid:
                     raise NoSuchProcess(f"pid {pid} exited while it was being checked", pid=pid) from None
@@ -429,7 +430,10 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     root = processes[0]
     return {
         "pid": pid, "comm": root["comm"], "uid": root["uid"], "threads": sum(p["threads"] for p in processes),
-        "tids": root["tids"], "memory_bytes": sum(p["memory_bytes"] for p in processes), "processes": processes,
+        # what the job needs at the destination: each process's memory, but once what it shares
+        # with its parent (``agent.inherited``)
+        "tids": root["tids"], "memory_bytes": sum(p["memory_bytes"] - p["shared_bytes"] for p in processes),
+        "processes": processes,
         "arch": platform.machine(), "kernel_release": platform.release(), "boot_id": boot_id(),
         "xsave_mask": xsave_supported_mask(), "vdso_sha256": vdso, "files": [f.as_wire() for f in facts.values()],
         "exempt": list(exempt or []),     # filesystem hooks bring these: mapped only at restore
@@ -464,13 +468,22 @@ async def source_very_files(ctx: CallContext, *, paths: list[str], host: str) ->
     return {}
 
 
-def _process_summary(pid: int) -> dict[str, Any]:
-    """pid, parent, command, threads and memory of one process of the job, for preflight and reports."""
+def _process_summary(pid: int, tree: list[int]) -> dict[str, Any]:
+    """pid, parent, command, threads and memory of one process of the job ``tree``, for
+    preflight and reports; "shared_bytes": of its memory, what it holds as its parent's very
+    pages, if the parent is in the tree (its restore shares them again)."""
     status = read_status(pid)
     tids = thread_ids(pid)
-    return {"pid": pid, "ppid": int(status.get("PPid", "0")), "comm": status.get("Name", ""),
+    ppid = int(status.get("PPid", "0"))
+    shared = 0
+    if ppid in tree and pid != tree[0]:
+        try:
+            shared = inherited.shared_with_parent(pid, ppid)
+        except (OSError, NoSuchProcess):
+            shared = 0           # (either exited meanwhile: the job's checks see to that)
+    return {"pid": pid, "ppid": ppid, "comm": status.get("Name", ""),
             "uid": int(status["Uid"].split()[1]), "threads": int(status.get("Threads", "1")),
-            "tids": tids, "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024,
+            "tids": tids, "memory_bytes": int(status.get("VmRSS", "0 kB").split()[0]) * 1024, "shared_bytes": shared,
             "pinned_cpus": sorted(sched.pinned_cpus(tids)), "locks": locks.held_by(pid),
             "numa_nodes": sorted(mempolicy.policy_nodes(pid, tids)), "cgroups": list(cgroups.read(pid))}
 

@@ -233,6 +233,44 @@ def test_memory_shared_between_processes_stays_shared_live(testbed: Testbed, tmp
     assert wait_file(out / "output") == "1500 1500 b'hello' 0\n"
 
 
+def test_memory_a_fork_shares_copy_on_write_stays_shared_live(testbed: Testbed, tmp_path: Path) -> None:
+    """Three workers forked after their parent filled 64 MiB (tests/test_trees.py's COW_POOL):
+    on hostC each holds of its own what it held on hostA, not a copy of the 64 MiB it
+    shares with its parent; the digests (with the page each wrote and the MiB each dropped)
+    are an unmoved run's. The job's memory the report gives, which preflight asks hostC to
+    have, counts that memory once (it was four times 70 MiB)."""
+    from tests.test_trees import COW_POOL, private_kib
+    script = tmp_path / "cow_pool.py"
+    script.write_text(COW_POOL)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "go-on").touch()
+    reference = subprocess.Popen([sys.executable, "-S", str(script), str(ref)],
+                                 env={**os.environ, "WORKLOAD_HOLD": str(ref / "go-on")})
+    STARTED.append(reference)
+    out = tmp_path / "moved"
+    pid = start_in(testbed, "hostA", [sys.executable, "-S", str(script), str(out)], out, hold=True)
+    before = tree(pid)
+    assert len(before) == 4
+    workers = [p for p in before if p != pid]
+    at_source = {p: private_kib(p) for p in workers}
+    report = move_tree_to_host_c(testbed, before)
+    assert report["memory_bytes"] < 2 * (64 << 20), report["memory_bytes"]
+
+    def private_on_c(p: int) -> int:
+        res = testbed.exec("hostC", ["cat", f"/proc/{p}/smaps_rollup"], capture_output=True, text=True)
+        fields = dict(line.split(":", 1) for line in res.stdout.splitlines()[1:])
+        return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
+
+    moved = {p: private_on_c(p) for p in workers}
+    (out / "go-on").touch()
+    assert reference.wait(timeout=120) == 0
+    assert wait_file(out / "output") == (ref / "output").read_text()
+    for p in workers:
+        assert moved[p] < at_source[p] + 8 * 1024, f"worker {p} holds {moved[p]} KiB of its own on hostC, " \
+                                                    f"{at_source[p]} KiB on hostA"
+
+
 def test_multiprocessing_pool_moves_live(testbed: Testbed, tmp_path: Path) -> None:
     """Python's multiprocessing.Pool (tests/test_trees.py's POOL): threads, forked workers,
     pipes, and semaphores in deleted /dev/shm files, from hostA to hostC."""
