@@ -6,9 +6,11 @@ process's records and pages, a ``ProcessBegin``; layouts, page batches, and each
 state. A live stream interleaves the processes round by round (``ProcessBegin`` again for
 each), and may send a later ``ProcessTree`` when the tree changed while it ran: processes
 forked meanwhile join (their stubs forked from their parents' stubs), processes gone leave
-(their stubs removed). ``take`` applies one item; ``finish`` restores everything but memory,
-for every process, with what they share made once; ``resume`` lets them run, children
-first; ``abort`` removes everything made.
+(their stubs removed). Each process's children are forked when the stream turns away from it,
+its memory in, so that they hold what they share with it copy-on-write (``agent.inherited``).
+``take`` applies one item; ``finish`` restores everything but memory, for every process,
+with what they share made once; ``resume`` lets them run, children first; ``abort``
+removes everything made.
 
 Every method runs on the restorer's tracer thread, except ``write_pages``, which may run in
 a worker thread between two ``take`` calls (pages are written while the tracer idles).
