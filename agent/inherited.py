@@ -47,88 +47,110 @@ def inheritable(v: Vma) -> bool:
             and not v.advice & (ADV_DONTFORK | ADV_WIPEONFORK | VMA_DROPPABLE))
 
 
+GROUP_PAGES = 64     # pages compared together: a group whose first and last pages differ is written unread
+
+
 def changed(mem_fd: int, runs: Runs, view: memoryview, inherited: list[Span]) -> tuple[Runs, memoryview]:
     """The pages of ``runs`` (their data in ``view``, one after another) that the process
-    whose /proc/PID/mem is ``mem_fd`` must be written: all of them but those inside ``inherited`` (sorted, merged) that hold
-    those very bytes already. Returns the runs and data to write (``runs`` and ``view``
-    themselves when every page must be). A page that cannot be read is written."""
-    starts = [s for s, _ in inherited]
-    inside: list[tuple[int, int, int]] = []        # (address, bytes, offset in view) in ``inherited``
-    pieces: list[tuple[int, int, int, bool]] = []  # (address, bytes, offset, inside): the runs, split
-    off = 0
-    for addr, n in runs:
-        end = addr + n * PAGE_SIZE
-        at = addr
-        i = bisect.bisect_right(starts, at) - 1
-        while at < end:
-            if i >= 0 and at < inherited[i][1]:          # inside span i
-                upto = min(end, inherited[i][1])
-                inside.append((at, upto - at, off + at - addr))
-                pieces.append((at, upto - at, off + at - addr, True))
-            else:
-                nxt = inherited[i + 1][0] if i + 1 < len(inherited) else end
-                upto = min(end, nxt)
-                pieces.append((at, upto - at, off + at - addr, False))
-            at = upto
-            if i + 1 < len(inherited) and at >= inherited[i + 1][0]:
-                i += 1
-        off += n * PAGE_SIZE
-    if not inside:
+    whose /proc/PID/mem is ``mem_fd`` must be written: all of them but those inside
+    ``inherited`` (sorted, merged) that hold those very bytes already. Returns the runs and
+    data to write (``runs`` and ``view`` themselves when every page must be).
+
+    Pages go by groups of ``GROUP_PAGES``: a group whose first and last pages both differ is
+    written without reading the rest (a child that allocated its own memory where its parent
+    has other memory: nothing there is shared, and reading it would cost as much again as
+    writing it). A page that cannot be read is written."""
+    pieces = _split(runs, inherited)
+    if not any(inside for *_, inside in pieces):
         return runs, view
-    held = bytearray(sum(size for _, size, _ in inside))
-    unread = _read(mem_fd, [(a, size) for a, size, _ in inside], held)
-    base, ours = data_address(view), buffer_address(held)
+    base = data_address(view)
+    held = bytearray(GROUP_PAGES * PAGE_SIZE)
+    ours = buffer_address(held)
     out: list[tuple[int, int, int]] = []           # (address, bytes, offset in view) to write
-    at_held = same = 0
-    for addr, size, offset, is_inside in pieces:
-        if not is_inside:
+    same = 0
+
+    def write(addr: int, size: int, offset: int) -> None:
+        last = out[-1] if out else None
+        if last is not None and last[0] + last[1] == addr and last[2] + last[1] == offset:
+            out[-1] = (last[0], last[1] + size, last[2])
+        else:
             out.append((addr, size, offset))
+
+    for addr, size, offset, inside in pieces:
+        if not inside:
+            write(addr, size, offset)
             continue
-        here = at_held
-        at_held += size
-        if not any(here <= u < here + size for u in unread) and _memcmp(base + offset, ours + here, size) == 0:
-            same += size
-            continue
-        for page in range(0, size, PAGE_SIZE):
-            if here + page not in unread and _memcmp(base + offset + page, ours + here + page, PAGE_SIZE) == 0:
-                same += PAGE_SIZE
-                continue
-            last = out[-1] if out else None
-            if last is not None and last[0] + last[1] == addr + page and last[2] + last[1] == offset + page:
-                out[-1] = (last[0], last[1] + PAGE_SIZE, last[2])
-            else:
-                out.append((addr + page, PAGE_SIZE, offset + page))
+        for first in range(0, size, GROUP_PAGES * PAGE_SIZE):
+            length = min(GROUP_PAGES * PAGE_SIZE, size - first)
+            kept = _kept(mem_fd, addr + first, base + offset + first, length, held, ours)
+            for page in range(0, length, PAGE_SIZE):
+                if kept[page // PAGE_SIZE]:
+                    same += PAGE_SIZE
+                else:
+                    write(addr + first + page, PAGE_SIZE, offset + first + page)
     if not same:
         return runs, view
     data = b"".join(view[o:o + s] for _, s, o in out)
     return tuple((a, s // PAGE_SIZE) for a, s, _ in out), memoryview(data)
 
 
-def _read(mem_fd: int, ranges: list[tuple[int, int]], into: bytearray) -> set[int]:
-    """Read ``ranges`` (page-aligned) of a process, through its /proc/PID/mem ``mem_fd``, into
-    ``into``, one after another; returns the offsets in ``into`` of the pages that could not
-    be read (the reading goes on after such a page).
+def _split(runs: Runs, inherited: list[Span]) -> list[tuple[int, int, int, bool]]:
+    """``runs`` cut where ``inherited`` starts and ends: (address, bytes, offset of its data,
+    inside ``inherited``), in order."""
+    starts = [s for s, _ in inherited]
+    pieces: list[tuple[int, int, int, bool]] = []
+    off = 0
+    for addr, n in runs:
+        end = addr + n * PAGE_SIZE
+        at = addr
+        i = bisect.bisect_right(starts, at) - 1
+        while at < end:
+            if i >= 0 and at < inherited[i][1]:
+                upto = min(end, inherited[i][1])
+                pieces.append((at, upto - at, off + at - addr, True))
+            else:
+                upto = min(end, inherited[i + 1][0]) if i + 1 < len(inherited) else end
+                pieces.append((at, upto - at, off + at - addr, False))
+            at = upto
+            if i + 1 < len(inherited) and at >= inherited[i + 1][0]:
+                i += 1
+        off += n * PAGE_SIZE
+    return pieces
 
-    Not process_vm_readv: it pins the pages it reads (FOLL_PIN), and the kernel gives a
-    process its own copy of a copy-on-write page before it lets it be pinned, so reading
-    would unshare every page compared. /proc/PID/mem takes references, not pins."""
-    unread: set[int] = set()
-    view = memoryview(into)
-    at = 0
-    for addr, size in ranges:
-        done = 0
-        while done < size:
-            try:
-                got = os.preadv(mem_fd, [view[at + done:at + size]], addr + done)
-            except OSError:
-                got = 0
-            if got == size - done:
-                break
-            done += got - got % PAGE_SIZE
-            unread.add(at + done)          # this page cannot be read: the rest may be
-            done += PAGE_SIZE
-        at += size
-    return unread
+
+def _kept(mem_fd: int, addr: int, data: int, length: int, held: bytearray, ours: int) -> list[bool]:
+    """For each page of [addr, addr + length) (at most ``GROUP_PAGES``), whether the process
+    holds the bytes at ``data`` there already; ``held`` (at ``ours``): room to read into.
+
+    Read through /proc/PID/mem, not process_vm_readv: that pins the pages it reads
+    (FOLL_PIN), and the kernel gives a process its own copy of a copy-on-write page before
+    it lets it be pinned, so reading would unshare every page compared. /proc/PID/mem takes
+    references, not pins."""
+    pages = length // PAGE_SIZE
+    view = memoryview(held)
+
+    def read(at: int, size: int) -> int:
+        try:
+            return os.preadv(mem_fd, [view[at:at + size]], addr + at)
+        except OSError:
+            return 0
+
+    def same(at: int) -> bool:
+        return _memcmp(data + at, ours + at, PAGE_SIZE) == 0
+
+    last = length - PAGE_SIZE
+    if not (read(0, PAGE_SIZE) == PAGE_SIZE and same(0)) and \
+            not (pages > 1 and read(last, PAGE_SIZE) == PAGE_SIZE and same(last)):
+        return [False] * pages
+    got = read(0, length)
+    if got == length and _memcmp(data, ours, length) == 0:
+        return [True] * pages
+    kept = []
+    for page in range(pages):
+        at = page * PAGE_SIZE
+        readable = at + PAGE_SIZE <= got or read(at, PAGE_SIZE) == PAGE_SIZE
+        kept.append(readable and same(at))
+    return kept
 
 
 PFN_MASK = (1 << 55) - 1

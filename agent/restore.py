@@ -420,7 +420,8 @@ class Restorer:
         self.forked_from = forked_from      # its parent in the tree, restored with it
         # Forked from one whose memory is in: the parent's private memory it holds
         # (the parent's layout then), kept where its own layout has it too, and the ranges
-        # still as inherited, where a page is written only if it differs (``agent.inherited``).
+        # still as inherited, where a page of its first copy is written only if it differs
+        # (``agent.inherited``).
         self._inherit = [v for v in forked_from.layout if inherited.inheritable(v) and not forked_from._is_deferred(v)] \
             if forked_from is not None and forked_from.begun else []
         self._inherited: list[Span] = []
@@ -2094,6 +2095,7 @@ class Restorer:
             return
         holes = subtract_spans(self._inherited, merge_spans(self._first_copy))
         self._first_copy = None
+        self._inherited = []        # later pages are ones it wrote since: written, not compared
         calls: list[tuple[str, tuple[int, ...]]] = [("madvise", (start, end - start, MADV_DONTNEED))
                                                     for start, end in holes]
         self._run_batch(calls, [(f"drop the holes of inherited memory at {start:#x}-{end:#x}", None)
