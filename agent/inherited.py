@@ -180,12 +180,24 @@ def shared_with_parent(pid: int, parent: int) -> int:
                 for first in range(0, n, PAGEMAP_PAGES):
                     count = min(PAGEMAP_PAGES, n - first)
                     at = (addr // PAGE_SIZE + first) * 8
-                    mine, its = array.array("Q"), array.array("Q")
-                    mine.frombytes(os.pread(ours, count * 8, at))
-                    its.frombytes(os.pread(theirs, count * 8, at))
-                    same += sum(1 for a, b in zip(mine, its) if a == b and a & PRESENT and a & PFN_MASK)
+                    mine, its = os.pread(ours, count * 8, at), os.pread(theirs, count * 8, at)
+                    if len(mine) != count * 8 or len(its) != count * 8:
+                        continue
+                    present = next((e for e in array.array("Q", mine) if e & PRESENT), 0)
+                    if present and not present & PFN_MASK:
+                        return 0            # frames read as 0: no telling what is shared
+                    same += _equal_entries(mine, its)
         finally:
             os.close(theirs)
     finally:
         os.close(ours)
     return same * PAGE_SIZE
+
+
+def _equal_entries(a: bytes, b: bytes) -> int:
+    """How many of the 8-byte pagemap entries of ``a`` and ``b`` (as long) are equal and not
+    both zero (not present, nothing known): in C, on two big integers, not entry by entry."""
+    x, y = int.from_bytes(a, "little"), int.from_bytes(b, "little")
+    equal = array.array("Q", (x ^ y).to_bytes(len(a), "little")).count(0)
+    neither = array.array("Q", (x | y).to_bytes(len(a), "little")).count(0)
+    return equal - neither
