@@ -80,11 +80,12 @@ def main(plan_path: str) -> None:
     mount("sysfs", "/sys", "sysfs")
     mount("devtmpfs", "/dev", "devtmpfs")
     mount("devpts", "/dev/pts", "devpts", "newinstance,ptmxmode=0666")
-    for path in ("/dev/shm", "/tmp", "/run"):
-        mount("tmpfs", path, "tmpfs", "mode=1777")
     with open(plan_path) as f:
         plan = json.load(f)
     results, repo = plan["results"], plan["repo"]
+    for path in ("/dev/shm", "/tmp", "/run"):
+        if not (repo + "/").startswith(path + "/"):     # (a checkout there stays seen, writable in the overlay)
+            mount("tmpfs", path, "tmpfs", "mode=1777")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
            "LANG": "C.UTF-8", "TERM": "dumb", "PYTHONPATH": repo, **plan["env"]}
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
