@@ -18,13 +18,13 @@ from itertools import chain
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable, Collection, Mapping
 
-from agent import carried_files, fdtable, mempolicy, procfs, sessions
+from agent import carried_files, fdtable, inherited, mempolicy, procfs, sessions
 from agent import freeze as freezer
 from agent.as_target import Identity, problem
 from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
-from precopy.intervals import Run, Span, merge_spans, normalize
+from precopy.intervals import Run, Span, merge_spans, normalize, subtract
 from precopy.layout import FrozenFileMaps, LayoutCache, MapsCache, PageFinder, holds_private_data, read_maps
 from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, NoSuchProcess, ProcessExited, UnsupportedResource
@@ -186,6 +186,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
             t_mem = time.monotonic()
             shared: set[tuple[int, int, int]] = set()
             carried_inos = {f.ino for p in pids for f in states[p].fds.carried}
+            members = {m.pid: m for m in tree.members}
             for p in pids:
                 if len(tree.members) > 1:
                     writer.record(ProcessBegin(p))
@@ -196,7 +197,9 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                     writer.record(rec)
                     if isinstance(rec, FileContents):
                         stats.file_bytes += len(rec.data)
-                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena, carried_inos)
+                ppid = members[p].ppid if p != pid else 0
+                write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena, carried_inos,
+                             parent=(ppid, layouts[ppid]) if ppid in layouts else None, pin=len(pids) == 1)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
             if arena is not None:       # everything is read: it runs on while the image is written
@@ -274,13 +277,18 @@ def _let_go_all(helds: dict[int, freezer.Held], kill: bool) -> float:
 
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
                  check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None,
-                 arena: Arena | None = None, carried: Collection[int] = ()) -> None:
+                 arena: Arena | None = None, carried: Collection[int] = (),
+                 parent: tuple[int, Mappings] | None = None, pin: bool = True) -> None:
     """The pages of ``pid``'s layout. ``shared``: shared anonymous memory and SysV segments (inode, offset,
     length) written already by another process of the tree, which maps the same object:
     sent once; new ones are added. ``arena``: where to read them into while it has room.
     ``carried``: inodes of the files the image carries whole (``agent.carried_files``): their
-    shared mappings are mapped again from those files, so their pages are not written twice."""
-    with PageFinder(pid) as finder, PageReader(pid, arena=arena) as reader:
+    shared mappings are mapped again from those files, so their pages are not written twice.
+    ``parent``: its parent in the tree (pid, layout), written before it: pages that are the
+    parent's very pages go as ``ParentPages`` (``agent.inherited``), not again. ``pin`` off:
+    its pages are read without pinning them (a tree's: ``PageReader``), so that what its
+    processes share stays shared (for ``parent``, and in a job left running)."""
+    with PageFinder(pid) as finder, PageReader(pid, arena=arena, pin=pin) as reader:
         private: list[Run] = []
         anonymous: list[Span] = []
         shared_runs: list[Run] = []
@@ -305,7 +313,14 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
         # not a scan and a batch per mapping.
         for start, end in merge_spans(anonymous):
             private += finder.populated_span(start, end, file_backed=False)
-        for runs, drop_zero in ((normalize(private), False), (normalize(shared_runs), True)):
+        private = normalize(private)
+        if parent is not None:
+            theirs = inherited.parent_frames(pid, parent[0], private,
+                                             inherited.parent_ranges(list(layout.vmas), list(parent[1].vmas)))
+            for rec in inherited.parent_pages_records(theirs):
+                writer.record(rec)
+            private = subtract(private, theirs)
+        for runs, drop_zero in ((private, False), (normalize(shared_runs), True)):
             for batch in reader.batches(runs, drop_zero=drop_zero):
                 check()
                 writer.pages(batch)

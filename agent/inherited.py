@@ -26,10 +26,19 @@ import bisect
 import ctypes
 import os
 
-from precopy.intervals import Span, intersect_spans, merge_spans
+from precopy.intervals import Run, Span, clip, intersect_spans, merge_spans, subtract_spans
 from precopy.layout import PageFinder, read_maps
 from precopy.kernel import buffer_address, data_address
-from transport.schema import ADV_DONTFORK, ADV_WIPEONFORK, PAGE_SIZE, VMA_DROPPABLE, Vma
+from transport.schema import (
+    ADV_DONTFORK,
+    ADV_WIPEONFORK,
+    MAX_PARENT_RANGES,
+    PAGE_SIZE,
+    VMA_DROPPABLE,
+    AddressRange,
+    ParentPages,
+    Vma,
+)
 
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
@@ -201,3 +210,76 @@ def _equal_entries(a: bytes, b: bytes) -> int:
     equal = array.array("Q", (x ^ y).to_bytes(len(a), "little")).count(0)
     neither = array.array("Q", (x | y).to_bytes(len(a), "little")).count(0)
     return equal - neither
+
+
+def parent_ranges(child: list[Vma], parent: list[Vma]) -> list[Span]:
+    """Where a restore leaves the child holding its parent's memory (``Restorer``): the
+    parent's ``inheritable`` anonymous mappings, over which the child has anonymous private
+    memory of its own of the same kind (``agent.layout_plan.same_backing``)."""
+    out: list[Span] = []
+    theirs = [v for v in parent if inheritable(v) and v.kind != "file"]
+    for v in child:
+        if v.kind not in ("anon", "heap", "stack") or v.shared or v.shm is not None or v.advice & VMA_DROPPABLE:
+            continue
+        out += intersect_spans([(v.start, v.end)], [(p.start, p.end) for p in theirs if p.growsdown == v.growsdown])
+    # (not where the child's vDSO and its data go: the restore moves them there first)
+    cluster = merge_spans((v.start, v.end) for v in child if v.kind in ("vdso", "vvar", "vvar_vclock", "vsyscall"))
+    return subtract_spans(merge_spans(out), cluster)
+
+
+def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> list[Run]:
+    """Of ``runs`` (populated pages of ``pid``), those inside ``where`` that are ``parent``'s
+    very pages: the same frame at the same address (or the same swapped-out page), as
+    pagemap says. None where frames cannot be read (CAP_SYS_ADMIN), or where the kernel's
+    samepage merging runs (KSM makes pages one frame that were not one since a fork)."""
+    if _ksm_runs():
+        return []
+    runs = clip(runs, where)
+    if not runs:
+        return []
+    out: list[Run] = []
+    ours = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for addr, n in runs:
+                for first in range(0, n, PAGEMAP_PAGES):
+                    count = min(PAGEMAP_PAGES, n - first)
+                    at = (addr // PAGE_SIZE + first) * 8
+                    mine, its = os.pread(ours, count * 8, at), os.pread(theirs, count * 8, at)
+                    if len(mine) != count * 8 or len(its) != count * 8:
+                        continue
+                    entries = array.array("Q", mine)
+                    present = next((e for e in entries if e & PRESENT), 0)
+                    if present and not present & PFN_MASK:
+                        return []
+                    x = int.from_bytes(mine, "little") ^ int.from_bytes(its, "little")
+                    differ = array.array("Q", x.to_bytes(len(mine), "little"))
+                    base = addr + first * PAGE_SIZE
+                    for i, d in enumerate(differ):
+                        if d or not entries[i]:
+                            continue
+                        page = base + i * PAGE_SIZE
+                        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == page:
+                            out[-1] = (out[-1][0], out[-1][1] + 1)
+                        else:
+                            out.append((page, 1))
+        finally:
+            os.close(theirs)
+    finally:
+        os.close(ours)
+    return out
+
+
+def parent_pages_records(runs: list[Run]) -> list[ParentPages]:
+    """``runs`` as ``ParentPages`` records."""
+    ranges = [AddressRange(a, a + n * PAGE_SIZE) for a, n in runs]
+    return [ParentPages(tuple(ranges[i:i + MAX_PARENT_RANGES])) for i in range(0, len(ranges), MAX_PARENT_RANGES)]
+
+
+def _ksm_runs() -> bool:
+    try:
+        with open("/sys/kernel/mm/ksm/run") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False

@@ -64,7 +64,7 @@ from agent.inject import (
     RemoteMemory,
     to_signed,
 )
-from agent.layout_plan import LayoutPlan, applied, in_ranges, plan_layout
+from agent.layout_plan import LayoutPlan, applied, in_ranges, piece, plan_layout
 from agent.procfs import read_stat, read_text
 from agent.shared_memory import SharedObjects
 from precopy import sysv
@@ -109,6 +109,7 @@ from transport.schema import (
     ImageHeader,
     Mappings,
     MappingsDelta,
+    ParentPages,
     Pipes,
     ProcessState,
     ThreadState,
@@ -421,9 +422,13 @@ class Restorer:
         # Forked from one whose memory is in: the parent's private memory it holds
         # (the parent's layout then), kept where its own layout has it too, and the ranges
         # still as inherited, where a page of its first copy is written only if it differs
-        # (``agent.inherited``).
-        self._inherit = [v for v in forked_from.layout if inherited.inheritable(v) and not forked_from._is_deferred(v)] \
-            if forked_from is not None and forked_from.begun else []
+        # (``agent.inherited``). Forked from a helper that holds a copy of such memory (a
+        # session's, ``agent.sessions``): that memory.
+        self._inherit: list[Vma] = []
+        if forked_from is not None and forked_from.begun:
+            self._inherit = [v for v in forked_from.layout if inherited.inheritable(v) and not forked_from._is_deferred(v)]
+        elif forked_from is not None:
+            self._inherit = list(forked_from._inherit)
         self._inherited: list[Span] = []
         # While its first copy comes (None: not inherited, or the copy is done): the ranges
         # it brought, inherited memory outside which is a hole at the source (``end_first_copy``).
@@ -726,7 +731,8 @@ class Restorer:
         # memory inherited from a parent (the layout then keeps what this process has too),
         # but where this process's vDSO cluster goes.
         cluster = merge_spans((v.start, v.end) for v in target.vmas if is_special(v))
-        self._inherit = [v for v in self._inherit if not intersect_spans([(v.start, v.end)], cluster)]
+        self._inherit = [piece(v, start, end) for v in self._inherit
+                         for start, end in subtract_spans([(v.start, v.end)], cluster)]
         keep = merge_spans((v.start, v.end) for v in self._inherit)
         for m in own:
             if m.kind in CLUSTER or m.kind == "vsyscall":
@@ -2084,6 +2090,18 @@ class Restorer:
                 if tids:
                     time.sleep(0.001)
         self.close()
+
+    def parent_pages(self, rec: ParentPages) -> None:
+        """Pages of its first copy the stream says are its parent's very pages (the source's
+        frames were one): it holds them as inherited already, so they are not sent. Refused
+        where it holds none of its parent's memory, or after its first copy."""
+        spans = [(r.start, r.end) for r in rec.ranges]
+        if self._first_copy is None or subtract_spans(spans, self._inherited):
+            raise ProtocolError("pages said to be the parent's where the restored process holds none of its "
+                                "parent's memory: corrupt stream")
+        with self._counting:
+            self._first_copy += spans
+            self.report.pages_shared += sum(end - start for start, end in spans) // PAGE_SIZE
 
     def end_first_copy(self) -> None:
         """The stream has brought this process's memory once (its first copy, complete: it

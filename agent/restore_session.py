@@ -39,6 +39,7 @@ from transport.schema import (
     InetSockets,
     Mappings,
     MappingsDelta,
+    ParentPages,
     Pipes,
     ProcessBegin,
     ProcessTree,
@@ -156,6 +157,8 @@ class RestoreSession:
             self._carry(current, item)
         elif isinstance(item, PageBatch):
             self.write_pages(item)
+        elif isinstance(item, ParentPages):
+            current.restorer.parent_pages(item)
         elif isinstance(item, Mappings):
             if not current.restorer.begun:
                 current.restorer.begin(item)

@@ -315,6 +315,9 @@ class SourceSession:
                         raise
                     continue      # gone since the holder listed it: it leaves next round
                 self.controls[p] = control
+        if len(self.trackers) > 1:      # a tree's pages are read unpinned, so that what they share stays shared
+            for tracker in self.trackers.values():
+                tracker.reader.pin = False
         return {p: self.trackers[p] for p in pids if p in self.trackers}
 
     def _untrack(self, pid: int) -> None:

@@ -26,8 +26,8 @@ from tests._migration import migrate_cli
 from tests._workloads import (STARTED, Workload, become_subreaper, build, finished, kcr, one_error_line, reap,
                               start_reference, start_until_ready)
 from transport.errors import ProcessExited
-from transport.schema import (EndOfImage, EventFiles, FileContents, Files, InetSockets, Pipes, ProcessBegin, ProcessState,
-                              ThreadState, UnixSockets)
+from transport.schema import (EndOfImage, EventFiles, FileContents, Files, InetSockets, ParentPages, Pipes, ProcessBegin,
+                              ProcessState, ThreadState, UnixSockets)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -711,17 +711,17 @@ def test_memory_shared_between_processes_stays_shared(tmp_path: Path) -> None:
     assert (tmp_path / "output").read_text() == "600 600 b'hello' 0\n"
 
 
-# A parent fills 64 MiB of private anonymous memory, then forks three workers, which share it
-# copy-on-write (a Python pool forked after loading its data). Each worker writes one page of
-# it and drops one MiB (MADV_DONTNEED: zeros again for it alone), then waits (WORKLOAD_HOLD);
-# the output is each process's digest of the memory as it sees it.
+# A parent fills 64 MiB of private anonymous memory (bytes that do not compress), then forks
+# three workers, which share it copy-on-write (a Python pool forked after loading its data).
+# Each worker writes one page of it and drops one MiB (MADV_DONTNEED: zeros again for it
+# alone), then waits (WORKLOAD_HOLD); the output is each process's digest of the memory as it
+# sees it.
 COW_POOL = """
-import hashlib, mmap, os, sys, time
+import hashlib, mmap, os, random, sys, time
 d, hold = sys.argv[1], os.environ["WORKLOAD_HOLD"]
 SIZE, PAGE, MIB, KIDS = 64 << 20, 4096, 1 << 20, 3
 data = mmap.mmap(-1, SIZE, flags=mmap.MAP_PRIVATE)
-for i in range(0, SIZE, MIB):
-    data[i:i + MIB] = hashlib.sha256(i.to_bytes(8, "little")).digest() * (MIB // 32)
+data[:] = random.Random(7).randbytes(SIZE)
 r, w = os.pipe()
 kids = []
 for k in range(KIDS):
@@ -755,7 +755,9 @@ def test_memory_a_fork_shares_copy_on_write_stays_shared(tmp_path: Path) -> None
     """Restored, each worker holds what it held alone at the source (the page it wrote, what
     Python wrote of its heap), not a copy of the 64 MiB it shares with its parent: it was one
     copy per process (4 x 64 MiB for a job of 64 MiB). The page each wrote and the MiB each
-    dropped are its own still: the digests are an unmoved run's."""
+    dropped are its own still: the digests are an unmoved run's. The image holds the shared
+    memory once (the workers' pages that are the parent's go as ``ParentPages``), and a job
+    left running after a checkpoint still shares it."""
     script = tmp_path / "cow_pool.py"
     script.write_text(COW_POOL)
     (tmp_path / "reference").mkdir()
@@ -767,9 +769,29 @@ def test_memory_a_fork_shares_copy_on_write_stays_shared(tmp_path: Path) -> None
                              start_new_session=True, env={**os.environ, "WORKLOAD_HOLD": str(tmp_path / "go-on")})
     workers = sorted(p for p, parent in tree(proc.pid).items() if parent == proc.pid)
     at_source = {p: private_kib(p) for p in workers}
+    # Read for an image, the job left running still shares what it shared: its pages are read
+    # without pinning them, which would have given each process its own copy.
+    everyone = [proc.pid, *workers]
+    unread = {p: private_kib(p) for p in everyone}
+    res = kcr("checkpoint", str(proc.pid), "-o", str(tmp_path / "running.img"), "--leave-running")
+    assert res.returncode == 0, res.stderr.decode()
+    for p in everyone:
+        assert private_kib(p) < unread[p] + 8 * 1024, f"pid {p}: {private_kib(p)} KiB of its own, {unread[p]} before"
     before = tree(proc.pid)
     checkpoint(proc.pid, tmp_path / "tree.img", 4)
     assert proc.wait(timeout=30) == -9
+    assert (tmp_path / "tree.img").stat().st_size < 2 * (64 << 20)
+    # A ParentPages record among the root's records (it has no parent's memory to hold) is
+    # refused in one line, and nothing made is left.
+    frames = split_image((tmp_path / "tree.img").read_bytes())
+    begins = process_begins(frames)
+    said = next(f for f in frames if f.body is not None and f.body.get("t") == ParentPages.TYPE)
+    (tmp_path / "crafted.img").write_bytes(seal(frames[:begins[1]] + [copy.deepcopy(said)] + frames[begins[1]:]))
+    reap_orphans([p for p in before if before[p]])
+    ours = children()
+    res = kcr("restore", "-i", str(tmp_path / "crafted.img"), "--trust-image")
+    assert res.returncode == 1 and "corrupt stream" in one_error_line(res.stderr)
+    assert end_strays(ours) == []
     root = image_restored(tmp_path / "tree.img", before)
     restored = {p: private_kib(p) for p in workers}
     (tmp_path / "go-on").touch()

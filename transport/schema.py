@@ -91,7 +91,9 @@ from transport.records import (
 # 15: the writer's boot and the process's time namespace offsets (``ImageHeader.boot_id``,
 # ``timens_monotonic_ns``...), which a version 14 reader would drop: restored on the same boot
 # after the real-time clock was stepped, the process would get a needless time namespace.
-FORMAT_VERSION = 15
+# 16: ``ParentPages``, a child's pages that are its parent's, not written again: a version 15
+# reader would refuse the record (an image of a tree whose processes share memory since a fork).
+FORMAT_VERSION = 16
 OLDEST_FORMAT_VERSION = 1
 PAGE_SIZE = 4096
 # x86_64 user space ends below this address (47-bit, 4-level paging).
@@ -1264,6 +1266,29 @@ class ProcessBegin(Record):
     pid: Pid
 
 
+MAX_PARENT_RANGES = 1 << 16     # per record: a process with more sends several
+
+
+@frozen
+class ParentPages(Record):
+    """Pages of this process that are its parent's very pages at the same addresses (one
+    frame for both since a fork, written by neither), not sent again: the restore forks the
+    process from its parent's once the parent's pages are in, and it holds them so
+    (``agent.inherited``). Only in a process's first copy (an image; a live migration's
+    first round), among its pages."""
+
+    TYPE = 16
+    ranges: Annotated[tuple[AddressRange, ...], Count(MAX_PARENT_RANGES)]
+
+    def validate(self) -> None:
+        prev_end = 0
+        for r in self.ranges:
+            _check(r.start % PAGE_SIZE == 0 and r.end % PAGE_SIZE == 0, f"unaligned range {r.start:#x}")
+            _check(r.start < r.end and _user_addr(r.end), f"range {r.start:#x}-{r.end:#x} out of user space")
+            _check(r.start > prev_end or prev_end == 0, f"ranges out of order or touching at {r.start:#x}")
+            prev_end = r.end
+
+
 # --- end of an image ----------------------------------------------------------------------
 
 @frozen
@@ -1282,7 +1307,8 @@ class EndOfImage(Record):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (ImageHeader, ProcessState, Mappings, Files, ThreadState, EndOfImage, Pipes,
-                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents, MappingsDelta, InetSockets)
+                UnixSockets, ProcessTree, ProcessBegin, EventFiles, FileContents, MappingsDelta, InetSockets,
+                ParentPages)
 }
 
 
