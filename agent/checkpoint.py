@@ -18,12 +18,13 @@ from itertools import chain
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable, Collection, Mapping
 
-from agent import carried_files, fdtable, inherited, mempolicy, procfs, sessions
+from agent import carried_files, fdtable, mempolicy, procfs, sessions
 from agent import freeze as freezer
 from agent.as_target import Identity, problem
 from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
+from precopy import parent_frames
 from precopy.intervals import Run, Span, merge_spans, normalize, subtract
 from precopy.layout import FrozenFileMaps, LayoutCache, MapsCache, PageFinder, holds_private_data, read_maps
 from precopy.reader import Arena, PageReader
@@ -285,7 +286,7 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
     ``carried``: inodes of the files the image carries whole (``agent.carried_files``): their
     shared mappings are mapped again from those files, so their pages are not written twice.
     ``parent``: its parent in the tree (pid, layout), written before it: pages that are the
-    parent's very pages go as ``ParentPages`` (``agent.inherited``), not again. ``pin`` off:
+    parent's very pages go as ``ParentPages`` (``precopy.parent_frames``), not again. ``pin`` off:
     its pages are read without pinning them (a tree's: ``PageReader``), so that what its
     processes share stays shared (for ``parent``, and in a job left running)."""
     with PageFinder(pid) as finder, PageReader(pid, arena=arena, pin=pin) as reader:
@@ -315,9 +316,9 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
             private += finder.populated_span(start, end, file_backed=False)
         private = normalize(private)
         if parent is not None:
-            theirs = inherited.parent_frames(pid, parent[0], private,
-                                             inherited.parent_ranges(list(layout.vmas), list(parent[1].vmas)))
-            for rec in inherited.parent_pages_records(theirs):
+            theirs = parent_frames.parent_frames(pid, parent[0], private,
+                                             parent_frames.parent_ranges(list(layout.vmas), list(parent[1].vmas)))
+            for rec in parent_frames.parent_pages_records(theirs):
                 writer.record(rec)
             private = subtract(private, theirs)
         for runs, drop_zero in ((private, False), (normalize(shared_runs), True)):

@@ -67,7 +67,7 @@ from agent.inject import (
 from agent.layout_plan import LayoutPlan, applied, in_ranges, piece, plan_layout
 from agent.procfs import read_stat, read_text
 from agent.shared_memory import SharedObjects
-from precopy import sysv
+from precopy import parent_frames, sysv
 from precopy.intervals import Span, intersect_spans, merge_spans, splice_spans, subtract_spans, within
 from precopy.kernel import (
     IOV_MAX,
@@ -426,7 +426,7 @@ class Restorer:
         # session's, ``agent.sessions``): that memory.
         self._inherit: list[Vma] = []
         if forked_from is not None and forked_from.begun:
-            self._inherit = [v for v in forked_from.layout if inherited.inheritable(v) and not forked_from._is_deferred(v)]
+            self._inherit = [v for v in forked_from.layout if parent_frames.inheritable(v) and not forked_from._is_deferred(v)]
         elif forked_from is not None:
             self._inherit = list(forked_from._inherit)
         self._inherited: list[Span] = []

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import carried_files, cgroups, fdtable, inherited, locks, mempolicy, sched
+from agent import carried_files, cgroups, fdtable, locks, mempolicy, sched
 from agent.carried_files import CarriedFile
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
@@ -36,7 +36,7 @@ from agent.holder import HELD_DIR, HolderClient, start_time
 from agent.inflight import InFlight
 from agent.inject import SCRATCH_SIZE, spare_address
 from agent.procfs import ids_held_outside, process_tree, read_status, thread_ids
-from precopy import sysv
+from precopy import parent_frames, sysv
 from precopy.kernel import boot_id, xsave_supported_mask
 from precopy.policy import PrecopyPolicy, RoundStats
 from precopy.probe import choose_tracker
@@ -304,6 +304,7 @@ class SourceSession:
         ``left`` stopped."""
         for p in left:
             self._untrack(p)
+        initial = not self.trackers
         for p in pids:
             if p not in self.trackers:
                 control = HolderControl(self.holder, p)
@@ -318,6 +319,16 @@ class SourceSession:
         if len(self.trackers) > 1:      # a tree's pages are read unpinned, so that what they share stays shared
             for tracker in self.trackers.values():
                 tracker.reader.pin = False
+        if initial and self.carry_tree:
+            # Tracked from the start, each process's first copy goes right after its parent's:
+            # the pages it shares with it go as such (``precopy.parent_frames``). Not for one
+            # that joins later: its stub is forked before its parent's next pages are in.
+            for p, tracker in self.trackers.items():
+                try:
+                    ppid = int(read_status(p).get("PPid", "0"))
+                except (OSError, NoSuchProcess):
+                    continue
+                tracker.inherits_from = self.trackers.get(ppid)
         return {p: self.trackers[p] for p in pids if p in self.trackers}
 
     def _untrack(self, pid: int) -> None:
@@ -434,7 +445,7 @@ async def source_open(ctx: CallContext, *, pid: int, tracker: str = "auto", exem
     return {
         "pid": pid, "comm": root["comm"], "uid": root["uid"], "threads": sum(p["threads"] for p in processes),
         # what the job needs at the destination: each process's memory, but once what it shares
-        # with its parent (``agent.inherited``)
+        # with its parent (``precopy.parent_frames``)
         "tids": root["tids"], "memory_bytes": sum(p["memory_bytes"] - p["shared_bytes"] for p in processes),
         "processes": processes,
         "arch": platform.machine(), "kernel_release": platform.release(), "boot_id": boot_id(),
@@ -481,7 +492,7 @@ def _process_summary(pid: int, tree: list[int]) -> dict[str, Any]:
     shared = 0
     if ppid in tree and pid != tree[0]:
         try:
-            shared = inherited.shared_with_parent(pid, ppid)
+            shared = parent_frames.shared_with_parent(pid, ppid)
         except (OSError, NoSuchProcess):
             shared = 0           # (either exited meanwhile: the job's checks see to that)
     return {"pid": pid, "ppid": ppid, "comm": status.get("Name", ""),

@@ -44,6 +44,10 @@ class SentLayout:
         self._unsure: dict[int, MapEntry] = {}
         self.smaps_reads = 0
 
+    def vmas(self) -> list[Vma]:
+        """The layout the destination holds, as records."""
+        return [self._vmas[id(e)] for e in self.entries if id(e) in self._vmas]
+
     def record(self, entries: Sequence[MapEntry]) -> Mappings | MappingsDelta | None:
         """The record that brings the destination to ``entries``: the whole layout the first
         time (or when the vDSO cluster moved), then the change; None when nothing changed."""

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import trio
 
+from precopy import parent_frames
 from precopy.intervals import Run, clip, merge_spans, npages, subtract, union
 from precopy.policy import PrecopyPolicy, RoundStats, StopReason, closes, decide
 from precopy.reader import split_runs, zero_batches
@@ -27,10 +28,11 @@ from transport._nursery import service_nursery
 from transport.errors import MigrationError, ProcessExited
 from transport.frozen import frozen
 from transport.pages import PageBatch
-from transport.schema import PAGE_SIZE, Mappings, MappingsDelta, ProcessBegin, Record
+from transport.schema import PAGE_SIZE, Mappings, MappingsDelta, ParentPages, ProcessBegin, Record
 
 MiB = 1 << 20
 T = TypeVar("T")
+LayoutRecord = Mappings | MappingsDelta | ParentPages      # what goes with a process's pages
 
 
 class PageSink(Protocol):
@@ -40,9 +42,10 @@ class PageSink(Protocol):
     mapping stayed keeps its contents. Trackers rely on that: they never send the holes of a
     new range, nor zeros for pages that went away with their mapping."""
 
-    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
+    async def layout(self, mappings: LayoutRecord) -> None:
         """The address space as it is now (or its change since the last layout: a
-        ``MappingsDelta``); the pages that follow belong to it."""
+        ``MappingsDelta``); the pages that follow belong to it. Or, in a first copy, which
+        of them are the process's parent's very pages (``ParentPages``), not sent."""
         ...
 
     async def send_batch(self, batch: PageBatch) -> int:
@@ -60,7 +63,7 @@ class DrainingSink(PageSink, Protocol):
 
 
 class SyncPageSink(Protocol):
-    def layout(self, mappings: Mappings | MappingsDelta) -> None: ...
+    def layout(self, mappings: LayoutRecord) -> None: ...
 
     def send_batch(self, batch: PageBatch) -> int: ...
 
@@ -71,7 +74,7 @@ class ThreadedSink:
     def __init__(self, sink: SyncPageSink) -> None:
         self.sink = sink
 
-    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
+    async def layout(self, mappings: LayoutRecord) -> None:
         await trio.to_thread.run_sync(self.sink.layout, mappings)
 
     async def send_batch(self, batch: PageBatch) -> int:
@@ -132,8 +135,9 @@ class ScanSend:
 
 
 # What a worker thread hands the sending side: the index of the scan it belongs to, and its
-# layout record, a page batch, or the error that ended that scan's reads.
-_Item = tuple[int, Mappings | MappingsDelta | PageBatch | Exception]
+# layout record, its pages that are its parent's (``ParentPages``), a page batch, or the error
+# that ended that scan's reads.
+_Item = tuple[int, LayoutRecord | PageBatch | Exception]
 
 # Page bytes read per worker-thread hop: the pages of several small scans (a tree's quiet
 # processes) share one hop; a hop costs a wake-up each way, milliseconds on a busy machine.
@@ -153,6 +157,14 @@ def _scan_items(index: int, s: ScanSend, skipped: list[int]) -> Iterator[_Item]:
     reader = tracker.reader
     shared = merge_spans((e.start, e.end) for e in scan.layout if e.shared)
     plain: list[Run] = list(scan.data)
+    parent = tracker.inherits_from if s.first else None
+    if parent is not None and parent.sent_layout.entries and tracker.sent_layout.entries:
+        # (its parent's first copy went out before: the destination holds its pages)
+        theirs = parent_frames.parent_frames(tracker.pid, parent.pid, plain, parent_frames.parent_ranges(
+            tracker.sent_layout.vmas(), parent.sent_layout.vmas()))
+        for said in parent_frames.parent_pages_records(theirs):
+            yield index, said
+        plain = subtract(plain, theirs)
     zero_dropping: list[Run] = []
     if s.first and shared and not s.shared_zeros:    # the destination starts with zero-filled shared memory
         zero_dropping = clip(plain, shared)
@@ -368,7 +380,7 @@ class ProcessSink:
             await self.sink.record(ProcessBegin(self.pid))
             self.cursor.pid = self.pid
 
-    async def layout(self, mappings: Mappings | MappingsDelta) -> None:
+    async def layout(self, mappings: LayoutRecord) -> None:
         await self._turn()
         await self.sink.layout(mappings)
 

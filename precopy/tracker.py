@@ -153,6 +153,11 @@ class DirtyTracker(ABC):
         # (``agent.inject.Scratch``), for as long as it may be there.
         self.hidden: frozenset[Span] = frozenset()
         self.sent_layout = SentLayout(pid)     # what the destination holds of the layout
+        # Its parent's tracker, where its first scan may send the pages that are the parent's
+        # very pages as such (``precopy.parent_frames``): a process tracked from the start of
+        # a tree's migration, its parent too (the destination forks it right after its
+        # parent's first copy, which went out before its own). None: every page goes.
+        self.inherits_from: DirtyTracker | None = None
         self._pidfd = -1
         self._finder: PageFinder | None = None
         self._reader: PageReader | None = None

@@ -238,7 +238,7 @@ def test_memory_a_fork_shares_copy_on_write_stays_shared_live(testbed: Testbed, 
     on hostC each holds of its own what it held on hostA, not a copy of the 64 MiB it
     shares with its parent; the digests (with the page each wrote and the MiB each dropped)
     are an unmoved run's. The job's memory the report gives, which preflight asks hostC to
-    have, counts that memory once (it was four times 70 MiB)."""
+    have, counts that memory once (it was four times 70 MiB), and so do the pages sent."""
     from tests.test_trees import COW_POOL, private_kib
     script = tmp_path / "cow_pool.py"
     script.write_text(COW_POOL)
@@ -256,6 +256,7 @@ def test_memory_a_fork_shares_copy_on_write_stays_shared_live(testbed: Testbed, 
     at_source = {p: private_kib(p) for p in workers}
     report = move_tree_to_host_c(testbed, before)
     assert report["memory_bytes"] < 2 * (64 << 20), report["memory_bytes"]
+    assert report["bytes_raw"] < 2 * (64 << 20), report["bytes_raw"]
 
     def private_on_c(p: int) -> int:
         res = testbed.exec("hostC", ["cat", f"/proc/{p}/smaps_rollup"], capture_output=True, text=True)
