@@ -1,17 +1,21 @@
 """Which pages a restored child must be written where it holds its parent's memory
 (``agent.inherited.changed``), asked of a real forked process: the pages that differ, and
-only those, come back, with their data; pages outside the inherited ranges always do."""
+only those, come back, with their data; pages outside the inherited ranges always do. And the
+source's side (``precopy.parent_frames``): which of a child's pages are its parent's."""
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
 import signal
+import subprocess
+import sys
 from typing import Iterator
 
 import pytest
 
 from agent.inherited import GROUP_PAGES, changed
+from precopy.parent_frames import parent_frames, shared_with_parent
 from transport.schema import PAGE_SIZE
 
 PAGES = 4 * GROUP_PAGES
@@ -91,3 +95,61 @@ def test_nothing_differs_nothing_is_written_and_nothing_inherited_all_is(child: 
     runs, data = changed(fd, ((addr, PAGES),), view, [(addr, addr + PAGES * PAGE_SIZE)])
     assert runs == () and bytes(data) == b""
     assert changed(fd, ((addr, PAGES),), view, []) == (((addr, PAGES),), view)
+
+
+def test_a_childs_pages_that_are_its_parents_are_those_neither_wrote() -> None:
+    """A child forked from this process writes two pages of a region they share; the rest is
+    still one frame for both, and only where asked."""
+    region = mmap.mmap(-1, PAGES * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+    region[:] = os.urandom(PAGES * PAGE_SIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        region[3 * PAGE_SIZE] ^= 1
+        region[70 * PAGE_SIZE] ^= 1
+        os.write(w, b"k")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"k"
+        os.waitpid(pid, os.WUNTRACED)
+        got = parent_frames(pid, os.getpid(), [(addr, PAGES)], [(addr, addr + PAGES * PAGE_SIZE)])
+        pages = {(a - addr) // PAGE_SIZE + k for a, n in got for k in range(n)}
+        assert pages == set(range(PAGES)) - {3, 70}
+        assert parent_frames(pid, os.getpid(), [(addr, PAGES)], [(addr, addr + 8 * PAGE_SIZE)]) == \
+            [(addr, 3), (addr + 4 * PAGE_SIZE, 4)]
+        assert shared_with_parent(pid, os.getpid()) >= (PAGES - 2) * PAGE_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        region.close()
+
+
+UNPRIVILEGED = """
+import ctypes, mmap, os, signal, sys
+from precopy.parent_frames import parent_frames, shared_with_parent
+os.setgid(65534); os.setuid(65534)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)          # dumpable again after the setuid
+region = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE)
+region[:] = os.urandom(64 * 4096)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+pid = os.fork()
+if pid == 0:
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+os.waitpid(pid, os.WUNTRACED)
+print(parent_frames(pid, os.getpid(), [(addr, 64)], [(addr, addr + 64 * 4096)]), shared_with_parent(pid, os.getpid()))
+os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_without_the_right_to_read_frames_nothing_is_said_shared() -> None:
+    """Frames read as 0 without CAP_SYS_ADMIN: every entry would look the same."""
+    res = subprocess.run([sys.executable, "-c", UNPRIVILEGED], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[]", "0"]
