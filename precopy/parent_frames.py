@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import os
+from collections.abc import Iterator
 
 from precopy.intervals import Run, Span, clip, intersect_spans, merge_spans, subtract_spans
 from precopy.layout import PageFinder, read_maps
@@ -55,27 +56,10 @@ def shared_with_parent(pid: int, parent: int) -> int:
         return 0
     with PageFinder(pid) as finder:
         runs = [run for start, end in spans for run in finder.populated_span(start, end, file_backed=False)]
-    same = 0
-    ours = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for addr, n in runs:
-                for first in range(0, n, PAGEMAP_PAGES):
-                    count = min(PAGEMAP_PAGES, n - first)
-                    at = (addr // PAGE_SIZE + first) * 8
-                    mine, its = os.pread(ours, count * 8, at), os.pread(theirs, count * 8, at)
-                    if len(mine) != count * 8 or len(its) != count * 8:
-                        continue
-                    present = next((e for e in array.array("Q", mine) if e & PRESENT), 0)
-                    if present and not present & PFN_MASK:
-                        return 0            # frames read as 0: no telling what is shared
-                    same += _equal_entries(mine, its)
-        finally:
-            os.close(theirs)
-    finally:
-        os.close(ours)
-    return same * PAGE_SIZE
+        return sum(_equal_entries(mine, its) for _, mine, its in _pagemap_pairs(pid, parent, runs)) * PAGE_SIZE
+    except _NoFrames:
+        return 0
 
 
 def _equal_entries(a: bytes, b: bytes) -> int:
@@ -113,6 +97,31 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
     if not runs:
         return []
     out: list[Run] = []
+    try:
+        for base, mine, its in _pagemap_pairs(pid, parent, runs):
+            entries = array.array("Q", mine)
+            x = int.from_bytes(mine, "little") ^ int.from_bytes(its, "little")
+            for i, d in enumerate(array.array("Q", x.to_bytes(len(mine), "little"))):
+                if d or not entries[i]:
+                    continue
+                page = base + i * PAGE_SIZE
+                if out and out[-1][0] + out[-1][1] * PAGE_SIZE == page:
+                    out[-1] = (out[-1][0], out[-1][1] + 1)
+                else:
+                    out.append((page, 1))
+    except _NoFrames:
+        return []
+    return out
+
+
+class _NoFrames(Exception):
+    """Frames read as 0 (no CAP_SYS_ADMIN): no telling what is shared."""
+
+
+def _pagemap_pairs(pid: int, parent: int, runs: list[Run]) -> Iterator[tuple[int, bytes, bytes]]:
+    """For ``runs`` of ``pid``, a piece at a time: its first address, and ``pid``'s and
+    ``parent``'s pagemap entries there (a piece either cannot read whole is left out).
+    Raises ``_NoFrames`` where the frames read as 0."""
     ours = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -124,26 +133,14 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
                     mine, its = os.pread(ours, count * 8, at), os.pread(theirs, count * 8, at)
                     if len(mine) != count * 8 or len(its) != count * 8:
                         continue
-                    entries = array.array("Q", mine)
-                    present = next((e for e in entries if e & PRESENT), 0)
+                    present = next((e for e in array.array("Q", mine) if e & PRESENT), 0)
                     if present and not present & PFN_MASK:
-                        return []
-                    x = int.from_bytes(mine, "little") ^ int.from_bytes(its, "little")
-                    differ = array.array("Q", x.to_bytes(len(mine), "little"))
-                    base = addr + first * PAGE_SIZE
-                    for i, d in enumerate(differ):
-                        if d or not entries[i]:
-                            continue
-                        page = base + i * PAGE_SIZE
-                        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == page:
-                            out[-1] = (out[-1][0], out[-1][1] + 1)
-                        else:
-                            out.append((page, 1))
+                        raise _NoFrames()
+                    yield addr + first * PAGE_SIZE, mine, its
         finally:
             os.close(theirs)
     finally:
         os.close(ours)
-    return out
 
 
 def parent_pages_records(runs: list[Run]) -> list[ParentPages]:
