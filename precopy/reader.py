@@ -76,7 +76,9 @@ class PageReader:
     a copy-on-write page before it lets it be pinned: reading the processes of a tree that
     share memory since a fork that way would leave each with its own copy (a pool of eight
     workers sharing 8 GiB with their parent: 72 GiB). /proc/PID/mem takes references, not
-    pins, about a fifth slower here. ``pin`` off reads everything that way."""
+    pins, about a fifth slower here, and a call per run. ``pin`` off reads everything that
+    way. Pages a process wrote since it was last read are its own (a write gives it its own
+    copy): those may be pinned (``read``'s ``pin``), many scattered runs a call."""
 
     def __init__(self, pid: int, *, batch_bytes: int = DEFAULT_BATCH_BYTES, arena: Arena | None = None,
                  pin: bool = True) -> None:
@@ -99,9 +101,9 @@ class PageReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def batches(self, runs: Iterable[Run], *, drop_zero: bool = False) -> Iterator[PageBatch]:
+    def batches(self, runs: Iterable[Run], *, drop_zero: bool = False, pin: bool | None = None) -> Iterator[PageBatch]:
         for group in split_runs(runs, self.batch_pages):
-            batch = self.read(group)
+            batch = self.read(group, pin=pin)
             if drop_zero:
                 kept = _without_zero_pages(batch)
                 self.pages_skipped_zero += batch.npages - kept.npages
@@ -109,8 +111,10 @@ class PageReader:
             if batch.runs:
                 yield batch
 
-    def read(self, runs: list[Run]) -> PageBatch:
-        """Read the runs; runs that vanished are left out of the batch."""
+    def read(self, runs: list[Run], *, pin: bool | None = None) -> PageBatch:
+        """Read the runs; runs that vanished are left out of the batch. ``pin``: whether to
+        pin them this time (None: as ``self.pin`` says)."""
+        pin = self.pin if pin is None else pin
         total = sum(n for _, n in runs) * PAGE_SIZE
         buf: bytearray | memoryview | None = self.arena.take(total) if self.arena is not None else None
         if buf is None:
@@ -118,7 +122,7 @@ class PageReader:
         base = buffer_address(buf)
         done = 0            # bytes filled so far, runs in order
         i = 0
-        while self.pin and i < len(runs):
+        while pin and i < len(runs):
             chunk = runs[i: i + IOV_MAX]
             want = sum(n for _, n in chunk) * PAGE_SIZE
             try:

@@ -172,7 +172,8 @@ def _scan_items(index: int, s: ScanSend, skipped: list[int]) -> Iterator[_Item]:
     for runs, drop in ((plain, False), (zero_dropping, True)):
         for group in split_runs(runs, reader.batch_pages):
             before = reader.pages_skipped_zero
-            batch = next(iter(reader.batches(group, drop_zero=drop)), None)
+            # (a later scan's pages were written since: the process's own, pinned at no cost)
+            batch = next(iter(reader.batches(group, drop_zero=drop, pin=reader.pin or not s.first)), None)
             skipped[index] += reader.pages_skipped_zero - before
             if batch is not None:
                 tracker.note_sent(batch)
