@@ -781,6 +781,10 @@ def test_memory_a_fork_shares_copy_on_write_stays_shared(tmp_path: Path) -> None
     checkpoint(proc.pid, tmp_path / "tree.img", 4)
     assert proc.wait(timeout=30) == -9
     assert (tmp_path / "tree.img").stat().st_size < 2 * (64 << 20)
+    shown = json.loads(kcr("show", str(tmp_path / "tree.img")).stdout)
+    for p in workers:     # (``show`` lists them apart from the pages the image holds)
+        said = sum(r["pages"] for r in shown["processes"][str(p)]["parent_pages"])
+        assert said > (60 << 20) // 4096, f"worker {p}: {said} pages said to be its parent's"
     # A ParentPages record among the root's records (it has no parent's memory to hold) is
     # refused in one line, and nothing made is left.
     frames = split_image((tmp_path / "tree.img").read_bytes())

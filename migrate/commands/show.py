@@ -24,7 +24,8 @@ def image_to_json(reader: "ImageReader") -> dict[str, Any]:
     is; the tree is under "tree" and every other process's records under "processes" by pid."""
     from transport.pages import PageBatch
     from transport.schema import (PAGE_SIZE, EndOfImage, EventFiles, Files, ImageHeader, InetSockets, Mappings, Pipes,
-                                  ProcessBegin, ProcessState, ProcessTree, ThreadState, UnixSockets, record_to_json)
+                                  ParentPages, ProcessBegin, ProcessState, ProcessTree, ThreadState, UnixSockets,
+                                  record_to_json)
 
     out: dict[str, Any] = {"threads": [], "page_index": []}
     current = out
@@ -48,6 +49,9 @@ def image_to_json(reader: "ImageReader") -> dict[str, Any]:
                 indexes.append((current, []))
         elif isinstance(item, EndOfImage):
             out["end"] = record_to_json(item)
+        elif isinstance(item, ParentPages):       # pages it holds as its parent's: not in its page index
+            current.setdefault("parent_pages", []).extend(
+                {"addr": hex(r.start), "pages": (r.end - r.start) // PAGE_SIZE} for r in item.ranges)
         else:
             current[names.get(type(item), type(item).__name__)] = record_to_json(item)
     for where, index in indexes:
