@@ -269,6 +269,9 @@ class SourceSession:
     rounds: list[RoundStats] = field(default_factory=list)
     cursor: StreamCursor = field(default_factory=StreamCursor)
     told: list[tuple[int, int]] = field(default_factory=list)   # the tree as the destination knows it
+    # How many trees the destination was told: it forks each process of the first as the stream
+    # turns from its parent, unless the tree changes before (then all at once, ``RestoreSession``).
+    trees_told: int = 0
     frozen: bool = False          # the migration holds the job frozen (the final round)
     header_sent: bool = False
     bandwidth_limit: float | None = None
@@ -319,17 +322,25 @@ class SourceSession:
         if len(self.trackers) > 1:      # a tree's pages are read unpinned, so that what they share stays shared
             for tracker in self.trackers.values():
                 tracker.reader.pin = False
-        if initial and self.carry_tree:
-            # Tracked from the start, each process's first copy goes right after its parent's:
-            # the pages it shares with it go as such (``precopy.parent_frames``). Not for one
-            # that joins later: its stub is forked before its parent's next pages are in.
+        if initial and self.carry_tree and self.trees_told == 1:
+            # Tracked from the start, each process's first copy goes right after its parent's,
+            # and the destination forks its stub between the two: the pages it shares with it
+            # go as such (``precopy.parent_frames``). Not where the tree changed since the header
+            # told it (a process forked in between): the destination then forks every stub at
+            # once; nor for a process that joins later, whose stub is forked before its
+            # parent's next pages are in.
             for p, tracker in self.trackers.items():
                 try:
                     ppid = int(read_status(p).get("PPid", "0"))
                 except (OSError, NoSuchProcess):
                     continue
                 tracker.inherits_from = self.trackers.get(ppid)
-        return {p: self.trackers[p] for p in pids if p in self.trackers}
+        # In the order of the tree the destination was told (the holder lists a process that
+        # joined last): its plan forks each process's children, in that order, as the stream
+        # turns from the process (``RestoreSession``), which must come before them.
+        order = {pid: i for i, (pid, _) in enumerate(self.told)}
+        return {p: self.trackers[p] for p in sorted((p for p in pids if p in self.trackers),
+                                                    key=lambda p: order.get(p, len(order)))}
 
     def _untrack(self, pid: int) -> None:
         tracker = self.trackers.pop(pid, None)
@@ -355,6 +366,7 @@ class SourceSession:
             return
         await sink.record(record)
         self.cursor.reset()
+        self.trees_told += 1
         self.told = now
 
     def close(self, how: str | None = None, failure: Failure = Failure.PEER_DIED) -> dict[str, Any]:
