@@ -25,7 +25,7 @@ from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
 from agent.tree import check_tree, freeze_tree, tree_record
 from precopy import parent_frames
-from precopy.intervals import Run, Span, merge_spans, normalize, subtract
+from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import FrozenFileMaps, LayoutCache, MapsCache, PageFinder, holds_private_data, read_maps
 from precopy.reader import Arena, PageReader
 from transport.errors import Cancelled, NoSuchProcess, ProcessExited, UnsupportedResource
@@ -316,11 +316,9 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
             private += finder.populated_span(start, end, file_backed=False)
         private = normalize(private)
         if parent is not None:
-            theirs = parent_frames.parent_frames(pid, parent[0], private,
-                                             parent_frames.parent_ranges(list(layout.vmas), list(parent[1].vmas)))
-            for rec in parent_frames.parent_pages_records(theirs):
+            said, private = parent_frames.parent_pages(pid, parent[0], private, list(layout.vmas), list(parent[1].vmas))
+            for rec in said:
                 writer.record(rec)
-            private = subtract(private, theirs)
         for runs, drop_zero in ((private, False), (normalize(shared_runs), True)):
             for batch in reader.batches(runs, drop_zero=drop_zero):
                 check()

@@ -15,7 +15,7 @@ import array
 import os
 from collections.abc import Iterator
 
-from precopy.intervals import Run, Span, clip, intersect_spans, merge_spans, subtract_spans
+from precopy.intervals import Run, Span, clip, intersect_spans, merge_spans, subtract, subtract_spans
 from precopy.layout import PageFinder, read_maps
 from transport.schema import (
     ADV_DONTFORK,
@@ -141,6 +141,15 @@ def _pagemap_pairs(pid: int, parent: int, runs: list[Run]) -> Iterator[tuple[int
             os.close(theirs)
     finally:
         os.close(ours)
+
+
+def parent_pages(pid: int, parent: int, runs: list[Run], child_layout: list[Vma],
+                 parent_layout: list[Vma]) -> tuple[list[ParentPages], list[Run]]:
+    """Of ``runs`` (populated pages of ``pid``'s first copy), those that are ``parent``'s very
+    pages where a restore leaves the child holding them (``parent_ranges`` of the two
+    layouts), as records, and the rest, to be sent."""
+    theirs = parent_frames(pid, parent, runs, parent_ranges(child_layout, parent_layout))
+    return parent_pages_records(theirs), subtract(runs, theirs)
 
 
 def parent_pages_records(runs: list[Run]) -> list[ParentPages]:

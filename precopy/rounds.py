@@ -160,11 +160,10 @@ def _scan_items(index: int, s: ScanSend, skipped: list[int]) -> Iterator[_Item]:
     parent = tracker.inherits_from if s.first else None
     if parent is not None and parent.sent_layout.entries and tracker.sent_layout.entries:
         # (its parent's first copy went out before: the destination holds its pages)
-        theirs = parent_frames.parent_frames(tracker.pid, parent.pid, plain, parent_frames.parent_ranges(
-            tracker.sent_layout.vmas(), parent.sent_layout.vmas()))
-        for said in parent_frames.parent_pages_records(theirs):
-            yield index, said
-        plain = subtract(plain, theirs)
+        said, plain = parent_frames.parent_pages(tracker.pid, parent.pid, plain, tracker.sent_layout.vmas(),
+                                                 parent.sent_layout.vmas())
+        for parents in said:
+            yield index, parents
     zero_dropping: list[Run] = []
     if s.first and shared and not s.shared_zeros:    # the destination starts with zero-filled shared memory
         zero_dropping = clip(plain, shared)
