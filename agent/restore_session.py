@@ -257,10 +257,13 @@ class RestoreSession:
         assert header is not None
         steps = self._steps
         upto = len(steps) if upto is None else upto
-        if self._done_steps >= upto:
-            if self._done_steps == len(steps) and self._adding and tree is not None:
-                self._made(tree)
-            return
+        if self._done_steps < upto:
+            self._carry_out(steps[self._done_steps:upto], header)
+        if self._done_steps == len(steps) and self._adding and tree is not None:
+            self._made(tree)
+
+    def _carry_out(self, steps: Sequence[sessions.Step], header: ImageHeader) -> None:
+        """``steps``, the plan's next ones, in order (each counted done as it starts)."""
         members = {m.pid: m for m in self._adding}
         helpers = self._helpers
 
@@ -274,8 +277,7 @@ class RestoreSession:
             made.join_cgroups_early()
             return made
 
-        while self._done_steps < upto:
-            step = steps[self._done_steps]
+        for step in steps:
             self._done_steps += 1
             if isinstance(step, sessions.Fork):
                 self.procs[step.pid] = RestoredProcess(stub(step.pid, restorer(step.by), step.sibling),
@@ -290,8 +292,6 @@ class RestoreSession:
                 restorer(step.pid).stub_call("setpgid", 0, step.pgid)
             else:
                 helpers.pop(step.helper).remove(restorer(step.by))
-        if self._done_steps == len(steps) and tree is not None:
-            self._made(tree)
 
     def _made(self, tree: ProcessTree) -> None:
         """Every step of the plan done: the new processes' sessions and groups checked, zombies
