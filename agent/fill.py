@@ -27,7 +27,8 @@ import threading
 from agent.inject import RemoteMemory
 from precopy.control import RemoteSyscalls
 from precopy.intervals import Span, intersect_spans, subtract_spans
-from precopy.kernel import data_address, pidfd_open
+from precopy.kernel import pidfd_open
+from transport.buffers import data_address
 from precopy.uffd import Userfaultfd, open_in_target
 from transport.schema import PAGE_SIZE, Vma
 

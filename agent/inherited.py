@@ -25,7 +25,7 @@ import ctypes
 import os
 
 from precopy.intervals import Span
-from precopy.kernel import buffer_address, data_address
+from transport.buffers import buffer_address, data_address
 from transport.schema import PAGE_SIZE
 
 _memcmp = ctypes.CDLL(None).memcmp

@@ -72,7 +72,6 @@ from precopy.intervals import Span, intersect_spans, merge_spans, splice_spans, 
 from precopy.kernel import (
     IOV_MAX,
     boot_id,
-    data_address,
     pidfd_getfd,
     pidfd_open,
     process_vm_writev,
@@ -81,6 +80,7 @@ from precopy.kernel import (
     xsave_supported_mask,
 )
 from precopy.layout import MapEntry, is_special, read_maps
+from transport.buffers import data_address
 from transport.errors import MigrationError, NoSuchProcess, ProtocolError, RestoreError
 from transport.image import check_machine
 from transport.pages import PageBatch

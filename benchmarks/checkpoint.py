@@ -71,7 +71,8 @@ from agent.dump import collect_layout
 from benchmarks._common import (
     KCR, MIB, BenchError, become_subreaper, compile_c, ensure_bytecode, fill_and_free, guarded, machine_info,
     machine_summary, probe_criu, reported_kib, run_tool, stop_on_signals, table, write_all, write_json)
-from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv, process_vm_writev
+from precopy.kernel import IOV_MAX, process_vm_readv, process_vm_writev
+from transport.buffers import buffer_address
 from precopy.layout import PageFinder
 
 PAGE = 4096

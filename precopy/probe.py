@@ -69,7 +69,8 @@ def _probe_uffd_wp() -> Probe:
 
 
 def _probe_checksum() -> Probe:
-    from precopy.kernel import buffer_address, process_vm_readv
+    from precopy.kernel import process_vm_readv
+    from transport.buffers import buffer_address
     src = bytearray(b"k" * 64)
     dst = bytearray(64)
     try:

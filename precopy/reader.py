@@ -16,7 +16,8 @@ import mmap
 import os
 from typing import Iterable, Iterator
 
-from precopy.kernel import IOV_MAX, buffer_address, process_vm_readv
+from precopy.kernel import IOV_MAX, process_vm_readv
+from transport.buffers import buffer_address
 from transport.pages import DEFAULT_BATCH_BYTES, PageBatch
 from transport.schema import PAGE_SIZE
 

@@ -148,6 +148,32 @@ def test_an_edited_stream_stops_before_the_edited_frame(edit: str) -> None:
     assert not verifier.verified
 
 
+def _damaged(image: bytes, frame: int) -> bytes:
+    """``image`` with one byte of frame ``frame``'s payload (tags not counted) flipped, and
+    its crc32 left as it was: damage by accident, not an edit."""
+    from transport.framing import HEADER, HEADER_SIZE, KIND_TAG, STREAM_MAGIC
+    off, index = len(STREAM_MAGIC), -1
+    while True:
+        _, kind, _, length, _ = HEADER.unpack_from(image, off)
+        index += kind != KIND_TAG
+        if index == frame:
+            at = off + HEADER_SIZE + length // 2
+            return image[:at] + bytes([image[at] ^ 0x01]) + image[at + 1:]
+        off += HEADER_SIZE + length
+
+
+@pytest.mark.parametrize("key, trust", [(KEY, False), (OTHER_KEY, True), (None, True)],
+                         ids=["verified", "trusted, another key", "trusted, no key"])
+def test_a_damaged_page_frame_is_called_corrupt(key: ImageKey | None, trust: bool) -> None:
+    """A page frame whose tag verifies is not crc-checked again; one whose tag fails, or that is
+    not checked by a tag at all (a trusted image), is: damage is named as such, and nothing of
+    the frame is handed on."""
+    image = _damaged(signed_stream(), 4)
+    items, exc = read(image, ImageVerifier(key, trust_image=trust))
+    assert isinstance(exc, ProtocolError) and "frame checksum mismatch: the stream is corrupt" in str(exc), exc
+    assert len(items) <= 4
+
+
 def test_the_end_record_signature_is_needed() -> None:
     image = signed_stream()
     items, exc = read(image[:-44], ImageVerifier(KEY))          # the end record's tag frame: 12 + 32 bytes

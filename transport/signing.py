@@ -29,7 +29,9 @@ core here; the chain step hashes 64 bytes); a frame is handed on only once it an
 before it have verified.
 
 Why Poly1305: SHA-256 hashes ~1-2 GB/s per core here, as slow as reading and writing the
-pages themselves; Poly1305 runs at 4-8 GB/s. It is a one-time MAC: its key must be secret
+pages themselves; Poly1305 runs at 4-8 GB/s, in each worker at once (``transport.poly1305``).
+A page frame whose tag verified has its crc32 left unchecked: the tag covers the same bytes
+(``transport.image``). It is a one-time MAC: its key must be secret
 and never used twice, which k_i is (drawn from the secret key, the image's own nonce and the
 frame's place), and d_i is never seen outside the HMAC. The header frame keeps SHA-256: the
 nonce is in it, so a reader checks it before it knows the nonce.
@@ -49,6 +51,7 @@ from typing import Iterable
 
 from transport.errors import ImageKeyError, UntrustedImage
 from transport.frozen import frozen
+from transport.poly1305 import poly1305
 
 DEFAULT_KEY_PATH = "/etc/kcr-migrate/image.key"
 KEY_ENV = "KCR_IMAGE_KEY"
@@ -188,12 +191,8 @@ Parts = Iterable[bytes | bytearray | memoryview]
 def frame_mac(secret: bytes, nonce: bytes, index: int, header: bytes | bytearray | memoryview,
               parts: Parts) -> bytes:
     """Poly1305 of frame ``index`` (> 0) of the image with ``nonce``, under its own key."""
-    from cryptography.hazmat.primitives.poly1305 import Poly1305     # only images need it, not every command
-    mac = Poly1305(hmac.digest(secret, _FRAME_KEY + nonce + index.to_bytes(8, "little"), "sha256"))
-    mac.update(header)
-    for part in parts:
-        mac.update(part)
-    return mac.finalize()
+    return poly1305(hmac.digest(secret, _FRAME_KEY + nonce + index.to_bytes(8, "little"), "sha256"),
+                    (header, *parts))
 
 
 def _digest(secret: bytes, nonce: bytes, index: int, header: bytes | bytearray | memoryview,
@@ -291,21 +290,22 @@ class ImageVerifier:
             return b""
         return _digest(self.key.secret, self._nonce, index, header, parts)
 
-    def check(self, index: int, prev: bytes | None, tag: bytes | None, digest: bytes) -> None:
+    def check(self, index: int, prev: bytes | None, tag: bytes | None, digest: bytes) -> bool:
         """Frame ``index`` (0: the header) with ``digest``, between the stored tags ``prev``
-        (None for the first frame) and ``tag`` (None: the image lacks it)."""
+        (None for the first frame) and ``tag`` (None: the image lacks it). Whether its tag
+        verified (False without a key, or for a trusted image that does not verify)."""
         if self.key is None:
-            return
+            return False
         failed_at = self._failed_at
         if self.trust_image and failed_at is not None and failed_at < index:
-            return                    # trusted, and already unverified: the first failure is what there is to say
+            return False              # trusted, and already unverified: the first failure is what there is to say
         if tag is None:
             self._refuse(MISMATCH, index, f"frame {index} of the signed image has no signature: it was edited "
                                           "(signatures removed)")
-            return
+            return False
         expected = _chain(self.key.secret, self._start if index == 0 else prev or b"", digest)
         if hmac.compare_digest(expected, tag):
-            return
+            return True
         if index == 0:
             self._refuse(MISMATCH, 0, f"the image's signature does not verify with this host's key {self.key_path}: "
                                       "it was signed with another key, or edited since",
@@ -313,6 +313,7 @@ class ImageVerifier:
         else:
             self._refuse(MISMATCH, index, f"the image was edited after it was signed: frame {index} does not match "
                                           "its signature")
+        return False
 
     def finish(self) -> None:
         """The end record and its tag were read and checked."""
