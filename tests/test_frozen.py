@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import dataclasses
 import pickle
 from dataclasses import field
@@ -78,3 +79,95 @@ def test_a_class_keeps_the_methods_it_writes() -> None:
     assert OwnEq(1) == OwnEq(2) and OwnEq(1) != OwnEq(3)
     assert hash(OwnEq(1)) == hash(OwnEq(1))     # hashable, as dataclasses makes it
     assert repr(Child(1, z=2)) == "Child(x=1, y='a', note='', z=2)"
+
+
+@frozen(kw_only=True)
+class Made:
+    """Fields of every kind an __init__ takes."""
+    a: int
+    b: list[int] = field(default_factory=list)
+    c: tuple[int, ...] = field(default=(), init=False)
+    d: dict[str, int] = field(default_factory=dict, init=False)
+    e: str = "e"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MadeTwin:
+    a: int
+    b: list[int] = field(default_factory=list)
+    c: tuple[int, ...] = field(default=(), init=False)
+    d: dict[str, int] = field(default_factory=dict, init=False)
+    e: str = "e"
+
+
+@frozen
+class Checked:
+    low: int
+    high: int = 10
+    seen: list[str] = field(default_factory=list, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError("low above high")
+        self.seen.append("post")
+
+
+@frozen
+class OwnInit:
+    x: int
+
+    def __init__(self, text: str) -> None:
+        object.__setattr__(self, "x", int(text))
+
+
+class Plain(Point):
+    """Not a dataclass: may set attributes of its own, not the fields."""
+
+
+def test_init_takes_what_a_frozen_dataclass_takes() -> None:
+    ours, theirs = Made(a=1), MadeTwin(a=1)
+    assert dataclasses.asdict(ours) == dataclasses.asdict(theirs) == {"a": 1, "b": [], "c": (), "d": {}, "e": "e"}
+    assert Made(a=1).b is not Made(a=1).b                       # a factory's value each time
+    given = [5]
+    assert Made(a=2, b=given, e="x").b is given and Made(a=2, b=given, e="x").e == "x"
+    bad_calls: list[tuple[tuple, dict]] = [((1,), {}), ((), {"a": 1, "c": (1,)}), ((), {}), ((), {"a": 1, "z": 2})]
+    for args, kwargs in bad_calls:               # refused alike
+        for cls in (Made, MadeTwin):
+            with pytest.raises(TypeError):
+                cls(*args, **kwargs)
+    assert Point(1, "b", b"s", "n") == Point(x=1, y="b", secret=b"s", note="n")
+    with pytest.raises(TypeError):
+        Point(1, "b", b"s", "n", 5)  # type: ignore[call-arg]
+
+
+def test_post_init_runs_and_may_refuse() -> None:
+    assert Checked(1).seen == ["post"] and Checked(1, 2) == Checked(1, 2)
+    with pytest.raises(ValueError, match="low above high"):
+        Checked(11)
+
+
+def test_a_class_keeps_its_own_init_and_frozen_fields_stay_frozen() -> None:
+    assert OwnInit("42").x == 42
+    p = Plain(1)
+    p.extra = "mine"  # type: ignore[attr-defined]
+    assert p.extra == "mine"  # type: ignore[attr-defined]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.x = 2  # type: ignore[misc]
+    q = Point(1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del q.extra  # type: ignore[attr-defined]
+
+
+def test_the_first_instance_makes_the_real_init() -> None:
+    @frozen
+    class Fresh:
+        x: int
+        y: int = 2
+
+    first = Fresh.__init__
+    assert Fresh(1) == Fresh(x=1, y=2)
+    assert Fresh.__init__ is not first and Fresh.__init__.__qualname__.endswith("Fresh.__init__")
+    params = inspect.signature(Fresh).parameters
+    assert list(params) == ["x", "y"] and params["y"].default == 2
