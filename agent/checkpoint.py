@@ -23,6 +23,7 @@ from agent import freeze as freezer
 from agent.as_target import Identity, problem
 from agent.dump import Collected, collect, collect_layout, image_header
 from agent.inject import RemoteMemory
+from agent.tracer import stop_signal_pending
 from agent.tree import check_tree, freeze_tree, tree_record
 from precopy import parent_frames
 from precopy.intervals import Run, Span, merge_spans, normalize
@@ -81,7 +82,7 @@ def snapshot_arena(pids: list[int]) -> Arena | None:
 
 
 def _check_cancel(opts: CheckpointOptions, pid: int) -> None:
-    if opts.cancel is not None and opts.cancel.is_set():
+    if opts.cancel is not None and (opts.cancel.is_set() or stop_signal_pending()):
         raise Cancelled("interrupted: nothing was written and the process was left running", pid=pid)
 
 

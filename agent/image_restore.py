@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from agent.restore_session import RestoreSession
+from agent.tracer import stop_signal_pending
 from transport.errors import Cancelled, MigrationError, RestoreError
 from transport.image import ImageReader
 from transport.pages import PageBatch
@@ -51,7 +52,7 @@ def restore(src: BinaryIO, *, resume: bool = True, cancel: threading.Event | Non
     done = False
 
     def check() -> None:
-        if cancel is not None and cancel.is_set():
+        if cancel is not None and (cancel.is_set() or stop_signal_pending()):
             raise Cancelled("interrupted: the half-restored process was removed")
 
     def write(batch: PageBatch) -> None:

@@ -19,6 +19,15 @@ _STOP = object()
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}   # what asks a process to stop
 
 
+def stop_signal_pending() -> bool:
+    """Whether a signal asking the tool to stop was sent and no thread has taken it yet. From
+    the tracer thread (which blocks them) it sees one the main thread has not run for: on a
+    busy machine the operation could otherwise pass its point of no return before the main
+    thread runs its handler and sets the operation's cancel event, and report success for a
+    command interrupted before that point."""
+    return bool(STOP_SIGNALS & signal.sigpending())
+
+
 class Tracer:
     def __init__(self, name: str = "kcr-tracer") -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()

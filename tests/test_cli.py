@@ -355,6 +355,42 @@ def test_checkpoint_interrupted_while_frozen_changes_nothing(tmp_path: Path, sig
     assert proc.poll() is None and state(proc.pid) == "S"
 
 
+@pytest.mark.parametrize("operation", ["checkpoint", "restore"])
+def test_a_stop_signal_not_yet_handled_still_rolls_back(tmp_path: Path, operation: str) -> None:
+    """A SIGTERM sent before the point of no return rolls back even when the main thread has
+    not run its handler yet (a busy machine: the image could be finished meanwhile and the
+    command report success). Here no thread may take it (this thread blocks it, the engine's
+    threads always do), so it stays pending where only the engine's own check can see it."""
+    import io
+
+    from migrate import image_restore, images
+    from transport.errors import Cancelled, MigrationError
+    from transport.image import ImageReader
+    from transport.signing import ImageVerifier
+
+    proc = holder(tmp_path, mib=1)
+    image = io.BytesIO()
+    if operation == "restore":
+        images.checkpoint(proc.pid, image, images.CheckpointOptions(leave_running=True))
+        image.seek(0)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Cancelled, match="interrupted"):
+            if operation == "checkpoint":
+                images.checkpoint(proc.pid, image)
+            else:
+                image_restore.restore(image, new_pid=True)
+    finally:
+        taken = signal.sigtimedwait({signal.SIGTERM}, 0)        # still pending: taken here, not by pytest
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    assert taken is not None
+    assert proc.poll() is None and state(proc.pid) == "S"                  # the job runs on, as it was
+    if operation == "checkpoint":                                           # and no image is whole
+        with pytest.raises(MigrationError, match="truncated"):
+            list(ImageReader(io.BytesIO(image.getvalue()), verifier=ImageVerifier(trust_image=True)))
+
+
 def test_only_the_main_thread_takes_a_signal_to_stop(tmp_path: Path) -> None:
     """The kernel gives a signal sent to the process to any thread that does not block it.
     Taken by the thread blocked writing the image, it would wait for that write (the whole
