@@ -171,3 +171,19 @@ def test_the_first_instance_makes_the_real_init() -> None:
     assert Fresh.__init__ is not first and Fresh.__init__.__qualname__.endswith("Fresh.__init__")
     params = inspect.signature(Fresh).parameters
     assert list(params) == ["x", "y"] and params["y"].default == 2
+
+
+def test_ready_all_compiles_every_pending_init_before_a_freeze() -> None:
+    """prepare_codecs (before any freeze) leaves no class to compile at its first instance:
+    a checkpoint's state collection made eight such first instances while the job was frozen."""
+    from transport import frozen as frozen_module
+    from transport.schema import prepare_codecs
+
+    @frozen
+    class Late:
+        x: int = 1
+
+    assert getattr(Late.__dict__["__init__"], "_frozen_first", False)
+    prepare_codecs()
+    assert not getattr(Late.__dict__["__init__"], "_frozen_first", False) and Late().x == 1
+    assert frozen_module._PENDING == []

@@ -127,7 +127,27 @@ def _first_init(cls: type) -> Callable[..., None]:
             setattr(cls, "__init__", init)     # (two threads at once: both make the same)
         init(self, *args, **kwargs)
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__._frozen_first = True       # type: ignore[attr-defined]
     return __init__
+
+
+_PENDING: list[type] = []           # classes whose __init__ waits for their first instance
+
+
+def ready(cls: type) -> None:
+    """Compile now the ``__init__`` a ``@frozen`` class would make at its first instance (for
+    code that must not pay for it later: inside a migration's frozen window)."""
+    first = cls.__dict__.get("__init__")
+    if getattr(first, "_frozen_first", False):
+        setattr(cls, "__init__", _init_of(cls))
+
+
+def ready_all() -> None:
+    """``ready`` every ``@frozen`` class made so far: before a freeze, where the classes a
+    frozen window first makes instances of are too many to name (a checkpoint's state
+    collection made eight, ~2 ms)."""
+    while _PENDING:
+        ready(_PENDING.pop())
 
 
 def _make(cls: T, options: dict[str, Any]) -> T:
@@ -152,6 +172,8 @@ def _make(cls: T, options: dict[str, Any]) -> T:
                          ("__delattr__", _delattr), ("__init__", _first_init(made))):
         if name not in own:
             setattr(made, name, shared)
+    if "__init__" not in own:
+        _PENDING.append(made)
     return made
 
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import msgpack
 
 from transport.errors import ProtocolError
-from transport.frozen import frozen
+from transport.frozen import frozen, ready_all
 from transport.records import (
     I32,
     I64,
@@ -1313,9 +1313,11 @@ RECORD_TYPES: dict[int, type[Record]] = {
 
 
 def prepare_codecs() -> None:
-    """Encoders and decoders of every record type worked out now (``records.prepare``): an
-    agent or a checkpoint does it before it freezes anything."""
+    """Encoders and decoders of every record type worked out now (``records.prepare``), and
+    the ``__init__`` of every frozen class imported so far (``frozen.ready_all``): an agent or
+    a checkpoint does it before it freezes anything."""
     prepare(list(RECORD_TYPES.values()))
+    ready_all()
 
 
 def register(cls: type[Record]) -> type[Record]:
