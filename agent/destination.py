@@ -42,6 +42,7 @@ from agent.tracer import Tracer
 from agent.unix_names import Bound
 from agent.unix_names import check as check_name
 from migrate.phases import DESTINATION, Action, DestEvent, DestState, Failure, Machine
+from transport.frozen import ready_all
 from transport.errors import MigrationError, PermissionDenied, ProtocolError, RestoreError
 from transport.pages import PageBatch
 from transport.rpc import CallContext
@@ -250,6 +251,7 @@ async def dest_receive(ctx: CallContext, *, session: str | None = None) -> dict[
             raise ProtocolError("the data channel names no migration in progress here")
         s = found
     s.machine.handle(DestEvent.RECEIVE)
+    ready_all()           # what the agent imported since it began: compiled now, not while the job is frozen
     with s.inflight.run("dest_receive"):
         return await _receive(ctx, s)
 

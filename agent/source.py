@@ -44,6 +44,7 @@ from agent.tree import tree_record
 from migrate.phases import SETTLE, Failure
 from precopy.rounds import GroupResult, StreamCursor, final_group, precopy_group
 from precopy.tracker import DirtyTracker, make_tracker
+from transport.frozen import ready_all
 from transport._nursery import service_nursery
 from transport.errors import MigrationError, NoSuchProcess, ProcessError, ProcessExited, ProtocolError, UnsupportedResource
 from transport.levels import Level, check_level
@@ -576,6 +577,7 @@ async def source_precopy(ctx: CallContext, *, policy: dict[str, Any] | None = No
     """Pre-copy rounds while the process runs, streamed back (or over the data channel ``to``);
     ends when the policy says stop."""
     s = _session(ctx)
+    ready_all()           # what the agent imported since it began: compiled now, not while frozen
     with s.inflight.run("source_precopy"):
         return await _precopy(ctx, s, policy, to)
 
