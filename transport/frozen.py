@@ -157,10 +157,12 @@ def _make(cls: T, options: dict[str, Any]) -> T:
         own.discard("__hash__")     # the None Python puts beside a class's own __eq__: hashed as dataclasses would
     if own & {"__setattr__", "__delattr__"}:
         raise TypeError(f"{cls.__qualname__}: a frozen class cannot write its own __setattr__ or __delattr__")
-    doc = cls.__dict__.get("__doc__")
+    undocumented = not cls.__dict__.get("__doc__")
+    if undocumented:
+        cls.__doc__ = cls.__name__  # else dataclasses asks inspect for the signature of an __init__ not there yet
     made = cast(T, dataclasses.dataclass(init=False, eq=False, repr=False, **options)(cls))
     fields = dataclasses.fields(made)
-    if not doc:                     # dataclasses wrote it from the __init__ there is not yet
+    if undocumented:
         made.__doc__ = f"{made.__name__}({', '.join(f.name for f in fields if f.init)})"
     setattr(made, _FROZEN_CLASS, True)
     setattr(made, _FIELD_NAMES, frozenset(f.name for f in fields))
