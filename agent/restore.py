@@ -256,6 +256,43 @@ def _map_failed(v: Vma, err: int) -> str:
     return why
 
 
+def _file_mode(v: Vma) -> int:
+    """How a mapped file is opened: a shared mapping the process may mprotect writable needs
+    it opened for writing."""
+    return os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
+
+
+class _Opens:
+    """The files a batch of ``Restorer._carry_out`` opens, maps and closes: the fd each open
+    gets (-1: not known yet), where each openat2 sits among the calls (to check that fd), and
+    the scratch (pages 1-3) their paths and open_how structs fill until the batch runs."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.at: list[int] = []
+        self.hows: dict[int, int] = {}     # open flags -> address of their open_how
+        self._used = 0
+
+    def room(self, flags: int, name: int) -> bool:
+        return self._used + _align8(name) + (0 if flags in self.hows else 24) <= CREDS_SCRATCH
+
+    def take(self, n: int) -> int:
+        """Where the next ``n`` bytes go: an offset in the scratch."""
+        at = self._used
+        self._used += _align8(n)
+        return at
+
+    def clear(self) -> None:
+        self.fd = -1
+        self.at.clear()
+        self.hows.clear()
+        self._used = 0
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
 def _extra_flags(v: Vma) -> int:
     """mmap flags a mapping had beside its kind: a stack's MAP_GROWSDOWN, MAP_NORESERVE."""
     return (MAP_GROWSDOWN if v.growsdown else 0) | (MAP_NORESERVE if v.advice & VMA_NORESERVE else 0)
@@ -825,10 +862,12 @@ class Restorer:
 
     def _carry_out(self, plan: LayoutPlan) -> None:
         """The plan's system calls, in order, in batches (``Injector.batch``): a mapping costs
-        a table entry, not a stop of the process; a mapping that needs more than one call
-        whose result feeds the next (a file: open, mmap, close) goes alone between batches."""
+        a table entry, not a stop of the process. A file's open, mmap and close go in the
+        batch too (``_add_file``: its fd is known before the open runs); the other mappings
+        whose calls feed each other go alone between batches."""
         calls: list[tuple[str, tuple[int, ...]]] = []
         whats: list[tuple[str, Vma | None]] = []
+        opens = _Opens()
         gadget_end = self.gadget + GADGET_PAGES * PAGE_SIZE
         for start, end in plan.unmap:
             calls.append(("munmap", (start, end - start)))
@@ -836,11 +875,14 @@ class Restorer:
         for group in _attachments(plan.map):
             v = group[0]
             if v.shm is not None and self.shared is not None:
-                self._run_batch(calls, whats)
+                self._run_batch(calls, whats, opens)
                 self._map_attachment(group)     # one shmat for the pieces mprotect made of it
                 continue
+            if self._file_in_batch(v):
+                self._add_file(v, calls, whats, opens)
+                continue
             if not self._plain(v):
-                self._run_batch(calls, whats)
+                self._run_batch(calls, whats, opens)
                 self._map(v)
                 continue
             if v.start < gadget_end and self.gadget < v.end:
@@ -858,27 +900,70 @@ class Restorer:
             for name, args in _advice_calls(a.start, a.end, a.advice, a.before):
                 calls.append((name, args))
                 whats.append((f"advise {a.start:#x}-{a.end:#x}", None))
-        self._run_batch(calls, whats)
+        self._run_batch(calls, whats, opens)
 
     def _plain(self, v: Vma) -> bool:
         """Mapped by one mmap of anonymous memory (``_map``'s last case)."""
         return not (self._is_deferred(v) or v.kind == "file"
                     or (v.shared and v.kind == "anon" and v.ino and self.shared is not None))
 
-    def _run_batch(self, calls: list[tuple[str, tuple[int, ...]]], whats: list[tuple[str, Vma | None]]) -> None:
-        """Run ``calls`` (then empty both lists); a failure names what it was for."""
+    def _run_batch(self, calls: list[tuple[str, tuple[int, ...]]], whats: list[tuple[str, Vma | None]],
+                   opens: "_Opens | None" = None) -> None:
+        """Run ``calls`` (then empty both lists, and ``opens``); a failure names what it was
+        for. Each open ``opens`` lists must have got the fd its mmap and close named."""
         assert self.inj is not None and self.mem is not None
+        results: list[int] | None = [] if opens is not None and opens.at else None
         for i in range(0, len(calls), BATCH_MAX):
             chunk = calls[i: i + BATCH_MAX]
-            done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, chunk)
+            done, err = self.inj.batch(self.gadget + BATCH_CODE_OFFSET, self._scratch(3 * PAGE_SIZE), self.mem, chunk,
+                                       results=results)
             self.report.syscalls += min(done + 1, len(chunk))
             if done < len(chunk):
                 what, v = whats[i + done]
                 if v is not None:
                     raise RestoreError(_map_failed(v, -err))
                 raise InjectionError(-err, f"{chunk[done][0]}() to {what} in pid {self.pid}: {os.strerror(-err)}")
+        if opens is not None and results is not None:
+            for at in opens.at:
+                if results[at] != opens.fd:
+                    v = whats[at][1]
+                    raise RestoreError(f"{v.path if v is not None else 'a file'} was opened as fd {results[at]} in "
+                                       f"the process being restored, not {opens.fd}: something else opens files in it")
         calls.clear()
         whats.clear()
+        if opens is not None:
+            opens.clear()
+
+    def _file_in_batch(self, v: Vma) -> bool:
+        """A file that ``_map`` would open and map (not deferred, carried or shared memory)."""
+        return (v.kind == "file" and not self._is_deferred(v) and not _deleted_private(v)
+                and not (v.shm is not None and self.shared is not None))
+
+    def _add_file(self, v: Vma, calls: list[tuple[str, tuple[int, ...]]], whats: list[tuple[str, Vma | None]],
+                  opens: "_Opens") -> None:
+        """``_map`` of a file, as calls added to a batch: open (its path in the scratch, where
+        ``opens`` has room), mmap with the fd the open will get (the stub's lowest free one:
+        nothing else in the batch opens or closes one, and the close before it freed it), close."""
+        if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+            raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+        self._check_file(v)
+        name = os.fsencode(v.path) + b"\0"
+        if len(name) > PAGE_SIZE:
+            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
+        flags = _file_mode(v) | O_CLOEXEC | os.O_NONBLOCK
+        if not opens.room(flags, len(name)):
+            self._run_batch(calls, whats, opens)
+        if opens.fd < 0:
+            taken = {int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")}
+            opens.fd = next(fd for fd in range(len(taken) + 1) if fd not in taken)
+        if flags not in opens.hows:
+            opens.hows[flags] = self._put(struct.pack("<QQQ", flags, 0, RESOLVE_NO_SYMLINKS), opens.take(24))
+        path = self._put(name, opens.take(len(name)))
+        opens.at.append(len(calls))
+        calls += [("openat2", (AT_FDCWD, path, opens.hows[flags], 24)),
+                  ("mmap", (v.start, v.length, v.prot, MAP_FIXED | _map_type(v) | _extra_flags(v), opens.fd, v.pgoff)),
+                  ("close", (opens.fd,)), *_advice_calls(v.start, v.end, v.advice)]
+        whats += [("map", v)] * (len(calls) - len(whats))
 
     def _apply_delta(self, delta: MappingsDelta) -> None:
         if not self.layout:
@@ -950,9 +1035,7 @@ class Restorer:
                 self._map_carried(v, flags)
             elif v.kind == "file":
                 self._check_file(v)
-                # A shared mapping the process may mprotect writable needs a file opened for writing.
-                mode = os.O_RDWR if v.shared and (v.prot & PROT_WRITE or v.advice & VMA_MAYWRITE) else os.O_RDONLY
-                fd = self._open(v.path, mode | O_CLOEXEC | os.O_NONBLOCK)
+                fd = self._open(v.path, _file_mode(v) | O_CLOEXEC | os.O_NONBLOCK)
                 try:
                     self._call("mmap", v.start, v.length, v.prot, flags, fd, v.pgoff)
                 finally:
