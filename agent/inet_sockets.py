@@ -565,8 +565,14 @@ def _connect_repaired(sock: socket.socket, s: InetSocket, c: TcpConnection, late
             n = sock.send(data, socket.MSG_DONTWAIT)
             data = data[n:]
     _queue(fd, TCP_NO_QUEUE)
-    sock.setsockopt(IPPROTO_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", c.snd_wl1, c.snd_wnd, c.max_window,
-                                                                 c.rcv_wnd, c.rcv_wup))
+    try:
+        sock.setsockopt(IPPROTO_TCP, TCP_REPAIR_WINDOW, struct.pack("=5I", c.snd_wl1, c.snd_wnd, c.max_window,
+                                                                     c.rcv_wnd, c.rcv_wup))
+    except OSError as exc:
+        raise RestoreError(f"the TCP connection from {where} cannot be made again here: its window (last update "
+                           f"{c.snd_wl1}, receive window {c.rcv_wnd} from {c.rcv_wup}) does not fit its receive "
+                           f"queue, which ends at {(c.recv_seq + len(recv_queue)) & 0xFFFFFFFF}: "
+                           f"{exc.strerror}; the image is inconsistent") from None
 
 
 def release(sock: socket.socket, s: InetSocket) -> None:
@@ -667,32 +673,38 @@ def read_connections(dups: dict[int, int]) -> dict[int, TcpConnection]:
             write_seq = struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
             data = _peek(fd, _ioctl_int(fd, SIOCOUTQ))
             sends[ino] = ((write_seq - len(data)) & 0xFFFFFFFF, data, min(len(data), not_sent))
-        receives: dict[int, tuple[int, bytes]] = {}
+        # The receive queue, its end and the window as one reading: a segment still arriving
+        # moves all three (repair mode stops sending, not receiving), and a window read after
+        # it against a queue read before can say a segment was taken that the queue lacks
+        # (TCP_REPAIR_WINDOW then refuses the restore with EINVAL). Read until two agree.
+        receives: dict[int, tuple[int, bytes, tuple[int, ...]]] = {}
         for ino, fd in dups.items():
             _queue(fd, TCP_RECV_QUEUE)
             for _ in range(RECV_QUEUE_TRIES):
                 before = _ioctl_int(fd, SIOCINQ)
-                data = _peek(fd, before)
+                window = struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20))
                 rcv_nxt = struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
-                if before == len(data) == _ioctl_int(fd, SIOCINQ):
+                data = _peek(fd, before)
+                if before == len(data) == _ioctl_int(fd, SIOCINQ) and \
+                        rcv_nxt == struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0] and \
+                        window == struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)):
                     break
             else:
                 raise UnsupportedResource("a TCP connection's receive queue kept growing while its process was "
                                           "frozen: try again")
             _queue(fd, TCP_NO_QUEUE)
-            receives[ino] = (rcv_nxt, data)
+            receives[ino] = (rcv_nxt, data, window)
         ends = {ino: endpoints(fd, kind_of(fd)[0]) for ino, fd in dups.items()}
         peer_of = {ino: other for ino, (local, peer) in ends.items()
                    for other, (o_local, o_peer) in ends.items() if (o_local, o_peer) == (peer, local)}
         out: dict[int, TcpConnection] = {}
         for ino, fd in dups.items():
             send_seq, send_data, unsent = sends[ino]
-            rcv_nxt, data = receives[ino]
+            rcv_nxt, data, window = receives[ino]
             if ino in peer_of:         # what the peer has not received (seq arithmetic mod 2**32)
                 got = (receives[peer_of[ino]][0] - send_seq) & 0xFFFFFFFF
                 unsent = len(send_data) - got if got <= len(send_data) else unsent
             info = _getsockopt(fd, IPPROTO_TCP, socket.TCP_INFO, 8)
-            window = struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20))
             out[ino] = TcpConnection(
                 send_seq=send_seq, recv_seq=(rcv_nxt - len(data)) & 0xFFFFFFFF, send_queue=_slices(send_data),
                 unsent=unsent, recv_queue=_slices(data),
