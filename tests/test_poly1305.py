@@ -19,8 +19,15 @@ def reference(key: bytes, parts: list[bytes | bytearray | memoryview]) -> bytes:
     return mac.finalize()
 
 
-def test_libcrypto_is_the_implementation_here() -> None:
-    """Python's hashlib loads libcrypto 3 on this machine: the GIL-free binding must be the one used."""
+def test_libcrypto_is_the_implementation_where_there_is_one() -> None:
+    """Where libcrypto 3 loads (Python's hashlib loads it on Debian), the GIL-free binding is
+    the one used."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcrypto.so.3")
+    except OSError:
+        pytest.skip("this machine has no libcrypto.so.3: cryptography's Poly1305 is used")
     assert poly.implementation() != poly._cryptography_poly1305
 
 
