@@ -619,6 +619,16 @@ def _setsockopt_int(fd: int, level: int, name: int, value: int) -> None:
         sock.detach()
 
 
+def _queue_seq(fd: int) -> int:
+    """TCP_QUEUE_SEQ of the queue repair mode selected: the sequence number at its end."""
+    return int(struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0])
+
+
+def _repair_window(fd: int) -> tuple[int, ...]:
+    """TCP_REPAIR_WINDOW: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup."""
+    return tuple(struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)))
+
+
 def _getsockopt(fd: int, level: int, name: int, size: int) -> bytes:
     sock = socket.socket(fileno=fd)
     try:
@@ -670,7 +680,7 @@ def read_connections(dups: dict[int, int]) -> dict[int, TcpConnection]:
         for ino, fd in dups.items():
             not_sent = _ioctl_int(fd, SIOCOUTQNSD)       # before the queue: what was sent only grows
             _queue(fd, TCP_SEND_QUEUE)
-            write_seq = struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+            write_seq = _queue_seq(fd)
             data = _peek(fd, _ioctl_int(fd, SIOCOUTQ))
             sends[ino] = ((write_seq - len(data)) & 0xFFFFFFFF, data, min(len(data), not_sent))
         # The receive queue, its end and the window as one reading: a segment still arriving
@@ -682,12 +692,10 @@ def read_connections(dups: dict[int, int]) -> dict[int, TcpConnection]:
             _queue(fd, TCP_RECV_QUEUE)
             for _ in range(RECV_QUEUE_TRIES):
                 before = _ioctl_int(fd, SIOCINQ)
-                window = struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20))
-                rcv_nxt = struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+                window, rcv_nxt = _repair_window(fd), _queue_seq(fd)
                 data = _peek(fd, before)
-                if before == len(data) == _ioctl_int(fd, SIOCINQ) and \
-                        rcv_nxt == struct.unpack("=I", _getsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0] and \
-                        window == struct.unpack("=5I", _getsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)):
+                if before == len(data) == _ioctl_int(fd, SIOCINQ) and (window, rcv_nxt) == (_repair_window(fd),
+                                                                                         _queue_seq(fd)):
                     break
             else:
                 raise UnsupportedResource("a TCP connection's receive queue kept growing while its process was "

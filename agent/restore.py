@@ -273,8 +273,9 @@ class _Opens:
         self.hows: dict[int, int] = {}     # open flags -> address of their open_how
         self._used = 0
 
-    def room(self, flags: int, name: int) -> bool:
-        return self._used + _align8(name) + (0 if flags in self.hows else 24) <= CREDS_SCRATCH
+    def room(self, flags: int, path_len: int) -> bool:
+        """Whether a path of ``path_len`` bytes opened with ``flags`` fits in the scratch."""
+        return self._used + _align8(path_len) + (0 if flags in self.hows else 24) <= CREDS_SCRATCH
 
     def take(self, n: int) -> int:
         """Where the next ``n`` bytes go: an offset in the scratch."""
@@ -291,6 +292,19 @@ class _Opens:
 
 def _align8(n: int) -> int:
     return (n + 7) & ~7
+
+
+def _path_arg(path: str) -> bytes:
+    """A path the image names, as openat2 takes it (NUL-terminated)."""
+    name = os.fsencode(path) + b"\0"
+    if len(name) > PAGE_SIZE:
+        raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
+    return name
+
+
+def _open_how(flags: int, mode: int = 0) -> bytes:
+    """openat2's struct open_how: no symbolic link in the path is followed."""
+    return struct.pack("<QQQ", flags, mode, RESOLVE_NO_SYMLINKS)
 
 
 def _extra_flags(v: Vma) -> int:
@@ -826,12 +840,13 @@ class Restorer:
 
     def _openat2_args(self, path: str, flags: int, mode: int = 0) -> tuple[int, int, int, int]:
         """``_open``'s openat2 arguments, its path and open_how put in the scratch."""
-        name = os.fsencode(path) + b"\0"
-        if len(name) > PAGE_SIZE:
-            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
-        addr = self._put(name, PAGE_SIZE)          # clear of what the callers put below
-        how = self._put(struct.pack("<QQQ", flags, mode, RESOLVE_NO_SYMLINKS), 2 * PAGE_SIZE)
+        addr = self._put(_path_arg(path), PAGE_SIZE)          # clear of what the callers put below
+        how = self._put(_open_how(flags, mode), 2 * PAGE_SIZE)
         return AT_FDCWD, addr, how, 24
+
+    def _clear_of_gadget(self, start: int, end: int) -> None:
+        if _holes_conflict(start, end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
+            raise RestoreError(f"mapping {start:#x}-{end:#x} collides with the restore gadget")
 
     def apply_layout(self, target: Mappings | MappingsDelta) -> None:
         """Make the address space match ``target`` (first call: from empty). A later layout
@@ -868,7 +883,6 @@ class Restorer:
         calls: list[tuple[str, tuple[int, ...]]] = []
         whats: list[tuple[str, Vma | None]] = []
         opens = _Opens()
-        gadget_end = self.gadget + GADGET_PAGES * PAGE_SIZE
         for start, end in plan.unmap:
             calls.append(("munmap", (start, end - start)))
             whats.append((f"unmap {start:#x}-{end:#x}", None))
@@ -885,8 +899,7 @@ class Restorer:
                 self._run_batch(calls, whats, opens)
                 self._map(v)
                 continue
-            if v.start < gadget_end and self.gadget < v.end:
-                raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+            self._clear_of_gadget(v.start, v.end)
             flags = MAP_FIXED | MAP_ANONYMOUS | _map_type(v) | _extra_flags(v)
             calls.append(("mmap", (v.start, v.length, v.prot, flags, -1, 0)))
             whats.append(("map", v))
@@ -944,12 +957,9 @@ class Restorer:
         """``_map`` of a file, as calls added to a batch: open (its path in the scratch, where
         ``opens`` has room), mmap with the fd the open will get (the stub's lowest free one:
         nothing else in the batch opens or closes one, and the close before it freed it), close."""
-        if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
-            raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+        self._clear_of_gadget(v.start, v.end)
         self._check_file(v)
-        name = os.fsencode(v.path) + b"\0"
-        if len(name) > PAGE_SIZE:
-            raise RestoreError(f"a path of {len(name)} bytes in the image, longer than any path: corrupt image")
+        name = _path_arg(v.path)
         flags = _file_mode(v) | O_CLOEXEC | os.O_NONBLOCK
         if not opens.room(flags, len(name)):
             self._run_batch(calls, whats, opens)
@@ -957,7 +967,7 @@ class Restorer:
             taken = {int(fd) for fd in os.listdir(f"/proc/{self.pid}/fd")}
             opens.fd = next(fd for fd in range(len(taken) + 1) if fd not in taken)
         if flags not in opens.hows:
-            opens.hows[flags] = self._put(struct.pack("<QQQ", flags, 0, RESOLVE_NO_SYMLINKS), opens.take(24))
+            opens.hows[flags] = self._put(_open_how(flags), opens.take(24))
         path = self._put(name, opens.take(len(name)))
         opens.at.append(len(calls))
         calls += [("openat2", (AT_FDCWD, path, opens.hows[flags], 24)),
@@ -1019,8 +1029,7 @@ class Restorer:
         self._placeholder_pages.clear()
 
     def _map(self, v: Vma) -> None:
-        if _holes_conflict(v.start, v.end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
-            raise RestoreError(f"mapping {v.start:#x}-{v.end:#x} collides with the restore gadget")
+        self._clear_of_gadget(v.start, v.end)
         if v.shm is not None and self.shared is not None:
             self._map_attachment([v])
             return
@@ -1047,8 +1056,7 @@ class Restorer:
             raise RestoreError(_map_failed(v, exc.errno or 0)) from None
 
     def _map_attachment(self, pieces: Sequence[Vma], readonly: bool = False) -> None:
-        if _holes_conflict(pieces[0].start, pieces[-1].end, [(self.gadget, self.gadget + GADGET_PAGES * PAGE_SIZE)]):
-            raise RestoreError(f"mapping {pieces[0].start:#x}-{pieces[-1].end:#x} collides with the restore gadget")
+        self._clear_of_gadget(pieces[0].start, pieces[-1].end)
         try:
             self._attach(pieces, readonly)
         except InjectionError as exc:

@@ -51,7 +51,6 @@ from typing import Iterable
 
 from transport.errors import ImageKeyError, UntrustedImage
 from transport.frozen import frozen
-from transport.poly1305 import poly1305
 
 DEFAULT_KEY_PATH = "/etc/kcr-migrate/image.key"
 KEY_ENV = "KCR_IMAGE_KEY"
@@ -191,6 +190,7 @@ Parts = Iterable[bytes | bytearray | memoryview]
 def frame_mac(secret: bytes, nonce: bytes, index: int, header: bytes | bytearray | memoryview,
               parts: Parts) -> bytes:
     """Poly1305 of frame ``index`` (> 0) of the image with ``nonce``, under its own key."""
+    from transport.poly1305 import poly1305       # (ctypes: only images need it, not every command)
     return poly1305(hmac.digest(secret, _FRAME_KEY + nonce + index.to_bytes(8, "little"), "sha256"),
                     (header, *parts))
 
