@@ -484,6 +484,9 @@ class Restorer:
         # While its first copy comes (None: not inherited, or the copy is done): the ranges
         # it brought, inherited memory outside which is a hole at the source (``end_first_copy``).
         self._first_copy: list[Span] | None = None
+        # The source said which pages of the first copy are its parent's, all of them
+        # (``ParentPages.complete``): the others are written without comparing.
+        self._own_beyond = False
         self.exited = False          # ended by ``exit_as``: a zombie until its parent waits
         self.shared = shared
         self._foreign: list[Span] = []        # SysV segments the source still attaches: no pages go in
@@ -1222,7 +1225,8 @@ class Restorer:
             if self._first_copy is not None:
                 with self._counting:
                     self._first_copy += [(a, a + n * PAGE_SIZE) for a, n in runs]
-            runs, view = inherited.changed(self.mem.fd, runs, view, self._inherited)
+            if not self._own_beyond:
+                runs, view = inherited.changed(self.mem.fd, runs, view, self._inherited)
         self._write_runs(runs, view)
         with self._counting:
             self.report.pages_written += batch.npages
@@ -2185,11 +2189,17 @@ class Restorer:
     def parent_pages(self, rec: ParentPages) -> None:
         """Pages of its first copy the stream says are its parent's very pages (the source's
         frames were one): it holds them as inherited already, so they are not sent. Refused
-        where it holds none of its parent's memory, or after its first copy."""
+        where it holds none of its parent's memory, or after its first copy. ``complete``:
+        every page of the first copy that is not named is its own at the source, written
+        without comparing (``agent.inherited``)."""
         spans = [(r.start, r.end) for r in rec.ranges]
-        if self._first_copy is None or subtract_spans(spans, self._inherited):
+        if spans and (self._first_copy is None or subtract_spans(spans, self._inherited)):
             raise ProtocolError("pages said to be the parent's where the restored process holds none of its "
                                 "parent's memory: corrupt stream")
+        if self._first_copy is None:
+            return          # none named, where it holds none of its parent's memory: nothing to compare
+        if rec.complete:
+            self._own_beyond = True
         with self._counting:
             self._first_copy += spans
             self.report.pages_shared += sum(end - start for start, end in spans) // PAGE_SIZE

@@ -86,13 +86,13 @@ def parent_ranges(child: list[Vma], parent: list[Vma]) -> list[Span]:
     return subtract_spans(merge_spans(out), cluster)
 
 
-def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> list[Run]:
+def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> list[Run] | None:
     """Of ``runs`` (populated pages of ``pid``), those inside ``where`` that are ``parent``'s
     very pages: the same frame at the same address (or the same swapped-out page), as
-    pagemap says. None where frames cannot be read (CAP_SYS_ADMIN), or where the kernel's
-    samepage merging runs (KSM makes pages one frame that were not one since a fork)."""
+    pagemap says. None where that cannot be told: frames cannot be read (CAP_SYS_ADMIN), or
+    the kernel's samepage merging runs (KSM makes pages one frame that were not one since a fork)."""
     if _ksm_runs():
-        return []
+        return None
     runs = clip(runs, where)
     if not runs:
         return []
@@ -110,7 +110,7 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
                 else:
                     out.append((page, 1))
     except _NoFrames:
-        return []
+        return None
     return out
 
 
@@ -147,15 +147,23 @@ def parent_pages(pid: int, parent: int, runs: list[Run], child_layout: list[Vma]
                  parent_layout: list[Vma]) -> tuple[list[ParentPages], list[Run]]:
     """Of ``runs`` (populated pages of ``pid``'s first copy), those that are ``parent``'s very
     pages where a restore leaves the child holding them (``parent_ranges`` of the two
-    layouts), as records, and the rest, to be sent."""
-    theirs = parent_frames(pid, parent, runs, parent_ranges(child_layout, parent_layout))
-    return parent_pages_records(theirs), subtract(runs, theirs)
+    layouts), as records, and the rest, to be sent. Where the frames were read, the records
+    say they are complete (one with no ranges if none is shared): every other page there is
+    the child's own at the source, and the restore writes it without comparing."""
+    where = parent_ranges(child_layout, parent_layout)
+    if not where:
+        return [], runs
+    theirs = parent_frames(pid, parent, runs, where)
+    if theirs is None:
+        return [], runs
+    return parent_pages_records(theirs, complete=True), subtract(runs, theirs)
 
 
-def parent_pages_records(runs: list[Run]) -> list[ParentPages]:
-    """``runs`` as ``ParentPages`` records."""
+def parent_pages_records(runs: list[Run], *, complete: bool = False) -> list[ParentPages]:
+    """``runs`` as ``ParentPages`` records (``complete``: at least one, each saying so)."""
     ranges = [AddressRange(a, a + n * PAGE_SIZE) for a, n in runs]
-    return [ParentPages(tuple(ranges[i:i + MAX_PARENT_RANGES])) for i in range(0, len(ranges), MAX_PARENT_RANGES)]
+    return [ParentPages(tuple(ranges[i:i + MAX_PARENT_RANGES]), complete=int(complete))
+            for i in range(0, max(len(ranges), 1 if complete else 0), MAX_PARENT_RANGES)]
 
 
 def _ksm_runs() -> bool:

@@ -15,8 +15,8 @@ from typing import Iterator
 import pytest
 
 from agent.inherited import GROUP_PAGES, changed
-from precopy.parent_frames import parent_frames, shared_with_parent
-from transport.schema import PAGE_SIZE
+from precopy.parent_frames import parent_frames, parent_pages_records, shared_with_parent
+from transport.schema import MAX_PARENT_RANGES, PAGE_SIZE, ParentPages
 
 PAGES = 4 * GROUP_PAGES
 
@@ -130,7 +130,7 @@ def test_a_childs_pages_that_are_its_parents_are_those_neither_wrote() -> None:
 
 UNPRIVILEGED = """
 import ctypes, mmap, os, signal, sys
-from precopy.parent_frames import parent_frames, shared_with_parent
+from precopy.parent_frames import parent_frames, parent_pages_records, shared_with_parent
 os.setgid(65534); os.setuid(65534)
 ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)          # dumpable again after the setuid
 region = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE)
@@ -152,4 +152,17 @@ def test_without_the_right_to_read_frames_nothing_is_said_shared() -> None:
     res = subprocess.run([sys.executable, "-c", UNPRIVILEGED], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["[]", "0"]
+    assert res.stdout.split() == ["None", "0"]
+
+
+def test_parent_pages_records_say_when_they_name_every_shared_page() -> None:
+    """Where the source read the frames, its records say they are complete, one with no range
+    if the child shares nothing with its parent: the restore then writes the child's other
+    pages without reading what it holds. Where it could not tell, nothing is said."""
+    assert parent_pages_records([], complete=True) == [ParentPages((), complete=1)]
+    assert parent_pages_records([]) == []
+    runs = [(0x10000 + 2 * i * PAGE_SIZE, 1) for i in range(MAX_PARENT_RANGES + 1)]
+    records = parent_pages_records(runs, complete=True)
+    assert [len(r.ranges) for r in records] == [MAX_PARENT_RANGES, 1] and all(r.complete for r in records)
+    assert ParentPages.from_wire(records[1].to_wire()) == records[1]
+    assert ParentPages.from_wire({k: v for k, v in records[1].to_wire().items() if k != "complete"}).complete == 0

@@ -1275,10 +1275,17 @@ class ParentPages(Record):
     frame for both since a fork, written by neither), not sent again: the restore forks the
     process from its parent's once the parent's pages are in, and it holds them so
     (``agent.inherited``). Only in a process's first copy (an image; a live migration's
-    first round), among its pages."""
+    first round), among its pages, before them.
+
+    ``complete``: the source read the frames, and these records name every page of the
+    first copy that is the parent's: each other page it brings is one the child wrote since
+    the fork, a frame of its own at the source, and is written without comparing it with
+    what the child holds. (A version 16 reader drops the flag and compares every page, as
+    it did.)"""
 
     TYPE = 16
     ranges: Annotated[tuple[AddressRange, ...], Count(MAX_PARENT_RANGES)]
+    complete: Flag = 0
 
     def validate(self) -> None:
         prev_end = 0
