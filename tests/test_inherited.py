@@ -166,3 +166,51 @@ def test_parent_pages_records_say_when_they_name_every_shared_page() -> None:
     assert [len(r.ranges) for r in records] == [MAX_PARENT_RANGES, 1] and all(r.complete for r in records)
     assert ParentPages.from_wire(records[1].to_wire()) == records[1]
     assert ParentPages.from_wire({k: v for k, v in records[1].to_wire().items() if k != "complete"}).complete == 0
+
+
+def frames(pid: int, addr: int, pages: int) -> list[int]:
+    """The page frame numbers pagemap gives for ``pages`` pages of ``pid`` at ``addr``."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // PAGE_SIZE * 8)
+        data = f.read(pages * 8)
+    return [int.from_bytes(data[i:i + 8], "little") & ((1 << 55) - 1) for i in range(0, len(data), 8)]
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_reading_a_childs_pages_unpinned_leaves_what_it_shares_shared(pin: bool) -> None:
+    """A tree's pages are read without pinning (``PageReader(pin=False)``): the pages a child
+    wrote since its fork, its alone, are pinned (no copy comes of it), those it still shares
+    with its parent are read through /proc/PID/mem, and stay one frame for both. Every page
+    reads as the child holds it. Pinned, the shared ones would each become a copy (the
+    contrast, so the test shows what it guards)."""
+    from precopy.reader import PageReader
+    region = mmap.mmap(-1, PAGES * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+    region[:] = os.urandom(PAGES * PAGE_SIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    written = set(range(0, PAGES, 3))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for page in written:
+            region[page * PAGE_SIZE] ^= 0xFF
+        os.write(w, b"k")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"k"
+        os.waitpid(pid, os.WUNTRACED)
+        expected = bytearray(region[:])
+        for page in written:
+            expected[page * PAGE_SIZE] ^= 0xFF
+        with PageReader(pid, pin=pin, batch_bytes=16 * PAGE_SIZE) as reader:
+            data = b"".join(bytes(b.data) for b in reader.batches([(addr, PAGES)]))
+        assert data == bytes(expected)
+        mine, its = frames(pid, addr, PAGES), frames(os.getpid(), addr, PAGES)
+        still = {p for p in range(PAGES) if mine[p] == its[p]}
+        assert still == (set() if pin else set(range(PAGES)) - written)
+    finally:
+        os.close(r)
+        os.close(w)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        region.close()
