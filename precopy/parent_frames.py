@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import os
+import re
 from collections.abc import Iterator
 
 from precopy.intervals import Run, Span, clip, intersect_spans, merge_spans, subtract, subtract_spans
@@ -99,19 +100,36 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
     out: list[Run] = []
     try:
         for base, mine, its in _pagemap_pairs(pid, parent, runs):
-            entries = array.array("Q", mine)
-            x = int.from_bytes(mine, "little") ^ int.from_bytes(its, "little")
-            for i, d in enumerate(array.array("Q", x.to_bytes(len(mine), "little"))):
-                if d or not entries[i]:
-                    continue
-                page = base + i * PAGE_SIZE
+            # One byte an entry, 1 where the two are equal and say something: in C, on the
+            # entries as big integers and bytes, not entry by entry (a page costs nanoseconds).
+            ours = int.from_bytes(mine, "little")
+            equal = _nonzero_bytes(ours ^ int.from_bytes(its, "little"), len(mine)).translate(_IS_ZERO)
+            known = _nonzero_bytes(ours, len(mine)).translate(_IS_NONZERO)
+            both = (int.from_bytes(equal, "little") & int.from_bytes(known, "little")).to_bytes(len(equal), "little")
+            for m in _ONES.finditer(both):
+                page = base + m.start() * PAGE_SIZE
                 if out and out[-1][0] + out[-1][1] * PAGE_SIZE == page:
-                    out[-1] = (out[-1][0], out[-1][1] + 1)
+                    out[-1] = (out[-1][0], out[-1][1] + m.end() - m.start())
                 else:
-                    out.append((page, 1))
+                    out.append((page, m.end() - m.start()))
     except _NoFrames:
         return None
     return out
+
+
+_IS_ZERO = bytes([1] + [0] * 255)
+_IS_NONZERO = bytes([0] + [1] * 255)
+_ONES = re.compile(rb"\x01+")
+
+
+def _nonzero_bytes(x: int, size: int) -> bytes:
+    """For each 8-byte entry of ``x`` (``size`` bytes, little-endian), one byte: 0 where the
+    entry is 0. Each entry's bytes are folded into its lowest (what shifts in from the next
+    entry lands above it)."""
+    x |= x >> 32
+    x |= x >> 16
+    x |= x >> 8
+    return x.to_bytes(size, "little")[0::8]
 
 
 class _NoFrames(Exception):
