@@ -28,7 +28,7 @@ from agent.tree import check_tree, freeze_tree, tree_record
 from precopy import parent_frames
 from precopy.intervals import Run, Span, merge_spans, normalize
 from precopy.layout import FrozenFileMaps, LayoutCache, MapsCache, PageFinder, holds_private_data, read_maps
-from precopy.reader import Arena, PageReader
+from precopy.reader import Arena, BufferPool, PageReader
 from transport.errors import Cancelled, NoSuchProcess, ProcessExited, UnsupportedResource
 from transport.image import ImageWriter
 from transport.schema import (
@@ -178,7 +178,10 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
         for held in helds.values():            # before anything is written, and long before the kill
             check_reopenable(states[held.pid])
         layouts = {p: collect_layout(p, smaps_read.get(p)) for p in pids}
-        writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers, key=key)
+        # Frozen to the end (no arena), batches are read into buffers the writer gives back.
+        pool = BufferPool() if arena is None else None
+        writer = ImageWriter(out, level=opts.compress_level, workers=opts.workers, key=key,
+                             recycle=pool.give_back if pool is not None else None)
         try:
             if arena is not None:
                 writer.hold()           # written once the process runs again
@@ -201,7 +204,7 @@ def checkpoint(pid: int, out: BinaryIO, opts: CheckpointOptions,
                         stats.file_bytes += len(rec.data)
                 ppid = members[p].ppid if p != pid else 0
                 write_memory(p, layouts[p], writer, lambda: _check_cancel(opts, pid), shared, arena, carried_inos,
-                             parent=(ppid, layouts[ppid]) if ppid in layouts else None, pin=len(pids) == 1)
+                             parent=(ppid, layouts[ppid]) if ppid in layouts else None, pin=len(pids) == 1, pool=pool)
             stats.memdump_time_ms = (time.monotonic() - t_mem) * 1000
             _check_cancel(opts, pid)
             if arena is not None:       # everything is read: it runs on while the image is written
@@ -280,7 +283,7 @@ def _let_go_all(helds: dict[int, freezer.Held], kill: bool) -> float:
 def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
                  check: Callable[[], None] = lambda: None, shared: set[tuple[int, int, int]] | None = None,
                  arena: Arena | None = None, carried: Collection[int] = (),
-                 parent: tuple[int, Mappings] | None = None, pin: bool = True) -> None:
+                 parent: tuple[int, Mappings] | None = None, pin: bool = True, pool: BufferPool | None = None) -> None:
     """The pages of ``pid``'s layout. ``shared``: shared anonymous memory and SysV segments (inode, offset,
     length) written already by another process of the tree, which maps the same object:
     sent once; new ones are added. ``arena``: where to read them into while it has room.
@@ -289,8 +292,9 @@ def write_memory(pid: int, layout: Mappings, writer: ImageWriter,
     ``parent``: its parent in the tree (pid, layout), written before it: pages that are the
     parent's very pages go as ``ParentPages`` (``precopy.parent_frames``), not again. ``pin`` off:
     its pages are read without pinning them (a tree's: ``PageReader``), so that what its
-    processes share stays shared (for ``parent``, and in a job left running)."""
-    with PageFinder(pid) as finder, PageReader(pid, arena=arena, pin=pin) as reader:
+    processes share stays shared (for ``parent``, and in a job left running). ``pool``: buffers
+    to read into where ``arena`` has no room (given back by ``writer``)."""
+    with PageFinder(pid) as finder, PageReader(pid, arena=arena, pin=pin, pool=pool) as reader:
         private: list[Run] = []
         anonymous: list[Span] = []
         shared_runs: list[Run] = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from typing import Any
 
 import msgpack
@@ -356,3 +357,40 @@ def test_a_sink_failure_or_an_edited_batch_stops_the_stream_at_that_batch() -> N
         for item in ImageReader(io.BytesIO(image), verifier=ImageVerifier(key), sink=refuse):
             taken.append(item)
     assert [t.pid for t in taken if isinstance(t, ProcessBegin)] == [100, 101]
+
+
+@pytest.mark.parametrize("level", [1, None])
+def test_batches_read_into_pooled_buffers_are_written_before_their_buffer_serves_again(level: int | None) -> None:
+    """A checkpoint reads pages into buffers the image writer gives back once each batch is
+    written (``precopy.reader.BufferPool``): with eight batches in flight in two workers, and
+    four buffers to go round, every batch must still read back as it was read, and buffers
+    must serve again (none is given out twice at once)."""
+    from precopy.reader import BufferPool
+    pool = BufferPool(size=64 * 4096, keep=4)
+    buf = io.BytesIO()
+    writer = ImageWriter(buf, level=level, key=ImageKey("test key", bytes(range(32))), recycle=pool.give_back)
+    sent: list[bytes] = []
+    in_use: set[int] = set()
+    given_back = pool.give_back
+
+    def give_back(data: bytes | bytearray | memoryview) -> None:
+        in_use.discard(id(data.obj if isinstance(data, memoryview) else data))
+        given_back(data)
+    writer._recycle = give_back
+    writer.record(example_records()[ImageHeader])
+    for i in range(40):
+        data = pool.take(64 * 4096) if i % 5 else pool.take(3 * 4096)     # whole, and a short batch
+        if data is None:
+            data = memoryview(bytearray(64 * 4096))
+        assert id(data.obj) not in in_use, "a buffer still being written was handed out again"
+        in_use.add(id(data.obj))
+        pages = len(data) // 4096
+        data[:] = bytes([i]) * len(data) if i % 2 else os.urandom(len(data))
+        sent.append(bytes(data))
+        writer.pages(PageBatch(((0x10000 + i * (1 << 20), pages),), data))
+    writer.finish()
+    got = [bytes(item.data) for item in ImageReader(io.BytesIO(buf.getvalue()),
+                                                   verifier=ImageVerifier(trust_image=True))
+           if isinstance(item, PageBatch)]
+    assert got == sent
+    assert len(pool._ours) == 4 and len(pool._free) == 4       # every pooled buffer came back, and served again

@@ -72,14 +72,20 @@ class ImageWriter:
     frame is followed by its tag and the header names the key (``ImageHeader.key_id``)."""
 
     def __init__(self, out: BinaryIO, *, level: int | None = 1, workers: int = 2, max_pending: int = 8,
-                 key: ImageKey | None = None) -> None:
+                 key: ImageKey | None = None, recycle: Callable[[bytes | bytearray | memoryview], None] | None = None
+                 ) -> None:
+        """``recycle``: called with each page batch's data once it is written (and nothing
+        of the writer's views it any more), for its buffer to serve again
+        (``precopy.reader.BufferPool``)."""
         self._out = out
+        self._recycle = recycle
         self._level = level
         self._signer = ImageSigner(key) if key is not None else None
         # Worker threads compress page batches and hash them for their tags (both release the GIL).
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kcr-zstd") \
             if level is not None or key is not None else None
-        self._pending: collections.deque[Future[tuple[EncodedBatch, bytes, bytes]]] = collections.deque()
+        self._pending: collections.deque[tuple[PageBatch, Future[tuple[EncodedBatch, bytes, bytes]]]] = \
+            collections.deque()
         self._max_pending = max_pending
         self._held: list[Record | PageBatch] | None = None
         self._index = 0                 # frames so far, tags aside: the next frame's place
@@ -106,7 +112,10 @@ class ImageWriter:
 
     def _drain(self, keep: int) -> None:
         while len(self._pending) > keep:
-            self._emit(self._pending.popleft().result())
+            batch, encoding = self._pending.popleft()
+            self._emit(encoding.result())
+            if self._recycle is not None:
+                self._recycle(batch.data)
 
     def hold(self) -> None:
         """Keep what comes next (records and page batches, their buffers untouched) in order,
@@ -157,8 +166,10 @@ class ImageWriter:
         index, self._index = self._index, self._index + 1
         if self._pool is None:
             self._emit(_encode(batch, None, self._signer, index))
+            if self._recycle is not None:
+                self._recycle(batch.data)
             return
-        self._pending.append(self._pool.submit(_encode, batch, self._level, self._signer, index))
+        self._pending.append((batch, self._pool.submit(_encode, batch, self._level, self._signer, index)))
         self._drain(self._max_pending)
 
     def finish(self, before_end: Callable[[], None] | None = None) -> StreamStats:
@@ -179,7 +190,7 @@ class ImageWriter:
     def close(self) -> None:
         self._held = None
         if self._pool is not None:
-            for fut in self._pending:
+            for _, fut in self._pending:
                 fut.cancel()
             self._pending.clear()
             self._pool.shutdown(wait=True)
