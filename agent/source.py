@@ -713,26 +713,63 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
             trackers = await _blocking(s.tracked, pids, [int(p) for p in frozen["left"]])
             # After pre-copy: what it left pending and the last delta; without (stop-and-copy),
             # or for a process that joined as the job froze: every page, now.
-            final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one)
-            t_pages = time.perf_counter()
-            # A tree's fd tables go first, every process's: the destination makes what they
-            # share then, and restores each process as its state follows, while the next ones
-            # are read here (``agent.restore_session``).
-            await files_read.wait()
-            if s.carry_tree:
+            # A tree's fd tables go before any state, every process's: the destination makes
+            # what they share then, and restores each process as its state follows
+            # (``agent.restore_session``). A process's state goes once its last pages are out
+            # and it was read, between the next processes' pages: the destination restores it
+            # while the rest come, and the holder reads the next ones meanwhile.
+            tables_sent = False
+            pages_out: set[int] = set()
+            held: dict[int, dict[str, Any]] = {}       # states read, their pages still to go
+
+            async def send_tables() -> None:
+                nonlocal tables_sent
+                tables_sent = True
                 for p in pids:
                     await sink.record(ProcessBegin(p))
                     await _send_fd_table(sink, fd_tables[p])
+                    s.cursor.pid = p
+
+            async def send_state(proc: dict[str, Any]) -> None:
+                nonlocal threads
+                pid = int(proc["pid"])
+                threads += len(proc["threads"])
+                if s.carry_tree:
+                    await sink.record(ProcessBegin(pid))
+                    s.cursor.pid = pid
+                await sink.record(WireRecord(proc["process"]))      # the holder's: ours
+                if not s.carry_tree:
+                    await _send_fd_table(sink, fd_tables[pid])
+                for t in proc["threads"]:
+                    await sink.record(WireRecord(t))
+
+            async def pages_sent(pid: int) -> None:
+                pages_out.add(pid)
+                while True:
+                    try:
+                        proc = states_out.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    held[int(proc["pid"])] = proc
+                ready = [p for p in pids if p in held and p in pages_out]
+                if not ready or not files_read.is_set():
+                    return
+                if not tables_sent:
+                    await send_tables()
+                for p in ready:
+                    await send_state(held.pop(p))
+
+            final = await final_group(trackers, sink, s.cursor, s.result, scanned=scanned, scanned_one=scanned_one,
+                                      pages_sent=pages_sent if s.carry_tree else None)
+            t_pages = time.perf_counter()
+            await files_read.wait()
+            if s.carry_tree and not tables_sent:
+                await send_tables()
+            for p in [p for p in pids if p in held]:
+                await send_state(held.pop(p))
             async with states_out:
                 async for proc in states_out:
-                    threads += len(proc["threads"])
-                    if s.carry_tree:
-                        await sink.record(ProcessBegin(int(proc["pid"])))
-                    await sink.record(WireRecord(proc["process"]))      # the holder's: ours
-                    if not s.carry_tree:
-                        await _send_fd_table(sink, fd_tables[int(proc["pid"])])
-                    for t in proc["threads"]:
-                        await sink.record(WireRecord(t))
+                    await send_state(proc)
     finally:
         for tracker in s.trackers.values():
             tracker.hidden = frozenset()     # every scratch is unmapped by then, whatever happened

@@ -209,13 +209,15 @@ def _take(items: Iterator[_Item], budget: int) -> tuple[list[_Item], bool]:
     return out, True
 
 
-async def send_scans(sends: Sequence[ScanSend], *,
-                     clock: Callable[[], float] = time.monotonic) -> list[RoundStats | Exception]:
+async def send_scans(sends: Sequence[ScanSend], *, clock: Callable[[], float] = time.monotonic,
+                     after: Callable[[int], Awaitable[None]] | None = None) -> list[RoundStats | Exception]:
     """Send several scans' layouts and pages, in order (the scans of a job's processes, each
     to its process's sink): each scan's figures, or the error that ended its reads (the
     process exited; its later scans are then left out, and what was sent of it is moot).
     Pages are read in worker threads, several scans' in one hop up to ``READ_HOP_BYTES``,
-    while those read before are sent. Returns once they are queued: the caller drains."""
+    while those read before are sent. Returns once they are queued: the caller drains.
+    ``after(i)`` is awaited once scan ``i``'s items are all queued, before the next scan's
+    (for a scan that sent anything), for the caller to put records of its own in between."""
     t0 = clock()
     skipped = [0] * len(sends)
     pages = [0] * len(sends)
@@ -235,8 +237,13 @@ async def send_scans(sends: Sequence[ScanSend], *,
     async with service_nursery() as nursery:
         nursery.start_soon(produce)
         async with receive_channel:
+            current = -1          # the scan whose items went last
             async for chunk in receive_channel:
                 for i, what in chunk:
+                    if i != current:
+                        if after is not None and current >= 0:
+                            await after(current)
+                        current = i
                     sink = sends[i].sink
                     if isinstance(what, PageBatch):
                         wire[i] += await sink.send_batch(what)
@@ -245,6 +252,8 @@ async def send_scans(sends: Sequence[ScanSend], *,
                         errors[i] = what
                     else:
                         await sink.layout(what)
+            if after is not None and current >= 0:
+                await after(current)
     t1 = clock()
     out: list[RoundStats | Exception] = []
     for i, s in enumerate(sends):
@@ -520,12 +529,15 @@ async def precopy_group(members: Members, sink: RecordSink, cursor: StreamCursor
 async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, cursor: StreamCursor,
                       result: GroupResult | None, *, scanned: Callable[[], object] | None = None,
                       scanned_one: Callable[[int], object] | None = None,
+                      pages_sent: Callable[[int], Awaitable[None]] | None = None,
                       clock: Callable[[], float] = time.monotonic) -> RoundStats:
     """``final_round`` for the processes of a job, all frozen: every process is scanned
     first (``scanned_one(pid)`` after each, then ``scanned``), then each one's pages go: what pre-copy left pending
     (for a process that joined in pre-copy's last look: its first scan, layout and all) and
     the last scan, or every page of a process pre-copy did not track (it joined the job as it
-    froze, or there was no pre-copy). Queued, not drained."""
+    froze, or there was no pre-copy). Queued, not drained. ``pages_sent(pid)`` is awaited
+    once a process's last pages are queued, before the next process's (for one that sent
+    any): the caller may send that process's state then."""
     t0 = clock()
     pending = result.pending if result is not None else {}
     unsent = result.unsent if result is not None else frozenset()
@@ -570,8 +582,14 @@ async def final_group(trackers: dict[int, DirtyTracker], sink: RecordSink, curso
         sends.append(ScanSend(trackers[pid], psink, scan, previous=pending[pid]))
         pids += [pid, pid]
     # Every process's pages in one pass: reads of several processes share a worker-thread hop.
+    last_of = {pid: i for i, pid in enumerate(pids) if not sends[i].quiet()}
+
+    async def after(i: int) -> None:
+        if pages_sent is not None and last_of.get(pids[i]) == i:
+            await pages_sent(pids[i])
+
     t_send = clock()
-    sent = await send_scans(sends, clock=clock)
+    sent = await send_scans(sends, clock=clock, after=after if pages_sent is not None else None)
     send_ms = (clock() - t_send) * 1000
     parts: list[RoundStats] = []
     for pid, one, stats in zip(pids, sends, sent):
