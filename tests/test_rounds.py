@@ -457,3 +457,47 @@ def _best() -> str:
     enough that the dirty writer rewrote all of it within round 0: no round could find more.)"""
     from precopy.probe import choose_tracker
     return choose_tracker("auto").name
+
+
+async def test_the_final_round_says_when_each_process_pages_are_out(tmp_path: Path, tracer: Tracer) -> None:
+    """``final_group(pages_sent=...)``: awaited once a process's last pages are queued and
+    before the next process's first (the source sends that process's state there), once per
+    process; what a callback puts in the stream between two processes breaks neither."""
+    jobs = [workload("dirty_writer", tmp_path / name, pages, "200", "1") for name, pages in (("a", "300"), ("b", "500"))]
+    sink = _JobSink()
+    cursor = StreamCursor(named=True)
+    order: list[tuple[str, int]] = []
+    send_batch = sink.send_batch
+
+    async def logged(batch: PageBatch) -> int:
+        order.append(("pages", cursor.pid))
+        return await send_batch(batch)
+    sink.send_batch = logged           # type: ignore[method-assign]
+
+    async def pages_sent(pid: int) -> None:
+        order.append(("sent", pid))
+        await sink.record(ProcessBegin(pid))     # as the source's state for it would go
+        cursor.pid = pid
+
+    trackers = {w.pid: make_tracker(_best(), w.pid, control_for(w.pid, tracer)) for w in jobs}
+    try:
+        for w in jobs:
+            stop_process(w.pid)
+        try:
+            await final_group(dict(trackers), sink, cursor, None, pages_sent=pages_sent)
+        finally:
+            for t in trackers.values():
+                t.stop()
+        pids = [w.pid for w in jobs]
+        assert [e for e in order if e[0] == "sent"] == [("sent", p) for p in pids]
+        for pid in pids:
+            at = order.index(("sent", pid))
+            assert ("pages", pid) in order[:at] and ("pages", pid) not in order[at:]
+        assert order.index(("sent", pids[0])) < order.index(("pages", pids[1]))
+        for w in jobs:
+            problems = compare_with_process(sink.sinks[w.pid], w.pid)
+            assert not problems, f"pid {w.pid}: {len(problems)} problems: {problems[:8]}"
+    finally:
+        for w in jobs:
+            os.kill(w.pid, signal.SIGCONT)
+            kill_workload(w)
