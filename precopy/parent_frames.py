@@ -117,6 +117,8 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
     return out
 
 
+# Byte 7 of a pagemap entry holds bits 56-63: 1 where PM_PRESENT (63) and PM_MMAP_EXCLUSIVE (56) are both set.
+_ALONE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
 _IS_ZERO = bytes([1] + [0] * 255)
 _IS_NONZERO = bytes([0] + [1] * 255)
 _ONES = re.compile(rb"\x01+")
@@ -139,7 +141,10 @@ class _NoFrames(Exception):
 def _pagemap_pairs(pid: int, parent: int, runs: list[Run]) -> Iterator[tuple[int, bytes, bytes]]:
     """For ``runs`` of ``pid``, a piece at a time: its first address, and ``pid``'s and
     ``parent``'s pagemap entries there (a piece either cannot read whole is left out).
-    Raises ``_NoFrames`` where the frames read as 0."""
+    Raises ``_NoFrames`` where the frames read as 0. A piece whose every page is present and
+    mapped once (PM_MMAP_EXCLUSIVE: the child's alone, written since the fork) holds none of
+    its parent's pages, and is left out without reading the parent's entries (a launcher's
+    workers that filled their own memory: half the pagemap reads)."""
     ours = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -148,8 +153,11 @@ def _pagemap_pairs(pid: int, parent: int, runs: list[Run]) -> Iterator[tuple[int
                 for first in range(0, n, PAGEMAP_PAGES):
                     count = min(PAGEMAP_PAGES, n - first)
                     at = (addr // PAGE_SIZE + first) * 8
-                    mine, its = os.pread(ours, count * 8, at), os.pread(theirs, count * 8, at)
-                    if len(mine) != count * 8 or len(its) != count * 8:
+                    mine = os.pread(ours, count * 8, at)
+                    if len(mine) != count * 8 or mine[7::8].translate(_ALONE) == bytes([1]) * count:
+                        continue
+                    its = os.pread(theirs, count * 8, at)
+                    if len(its) != count * 8:
                         continue
                     present = next((e for e in array.array("Q", mine) if e & PRESENT), 0)
                     if present and not present & PFN_MASK:
