@@ -4,6 +4,7 @@ only those, come back, with their data; pages outside the inherited ranges alway
 source's side (``precopy.parent_frames``): which of a child's pages are its parent's."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -97,35 +98,44 @@ def test_nothing_differs_nothing_is_written_and_nothing_inherited_all_is(child: 
     assert changed(fd, ((addr, PAGES),), view, []) == (((addr, PAGES),), view)
 
 
-def test_a_childs_pages_that_are_its_parents_are_those_neither_wrote() -> None:
-    """A child forked from this process writes two pages of a region they share; the rest is
-    still one frame for both, and only where asked."""
+@contextlib.contextmanager
+def child_that_wrote(pages: set[int]) -> Iterator[tuple[int, int, mmap.mmap]]:
+    """A region of ``PAGES`` random pages, and a child forked from this process that flipped
+    the first byte of each of ``pages`` of it, stopped: (its pid, the region's address, the
+    region). The child is killed and the region closed after."""
     region = mmap.mmap(-1, PAGES * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
     region[:] = os.urandom(PAGES * PAGE_SIZE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        region[3 * PAGE_SIZE] ^= 1
-        region[70 * PAGE_SIZE] ^= 1
+        for page in pages:
+            region[page * PAGE_SIZE] ^= 0xFF
         os.write(w, b"k")
         os.kill(os.getpid(), signal.SIGSTOP)
         os._exit(0)
     try:
         assert os.read(r, 1) == b"k"
         os.waitpid(pid, os.WUNTRACED)
-        got = parent_frames(pid, os.getpid(), [(addr, PAGES)], [(addr, addr + PAGES * PAGE_SIZE)])
-        pages = {(a - addr) // PAGE_SIZE + k for a, n in got for k in range(n)}
-        assert pages == set(range(PAGES)) - {3, 70}
-        assert parent_frames(pid, os.getpid(), [(addr, PAGES)], [(addr, addr + 8 * PAGE_SIZE)]) == \
-            [(addr, 3), (addr + 4 * PAGE_SIZE, 4)]
-        assert shared_with_parent(pid, os.getpid()) >= (PAGES - 2) * PAGE_SIZE
+        yield pid, addr, region
     finally:
         os.close(r)
         os.close(w)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         region.close()
+
+
+def test_a_childs_pages_that_are_its_parents_are_those_neither_wrote() -> None:
+    """A child forked from this process writes two pages of a region they share; the rest is
+    still one frame for both, and only where asked."""
+    with child_that_wrote({3, 70}) as (pid, addr, _):
+        got = parent_frames(pid, os.getpid(), [(addr, PAGES)], [(addr, addr + PAGES * PAGE_SIZE)])
+        pages = {(a - addr) // PAGE_SIZE + k for a, n in got or [] for k in range(n)}
+        assert pages == set(range(PAGES)) - {3, 70}
+        assert parent_frames(pid, os.getpid(), [(addr, PAGES)], [(addr, addr + 8 * PAGE_SIZE)]) == \
+            [(addr, 3), (addr + 4 * PAGE_SIZE, 4)]
+        assert shared_with_parent(pid, os.getpid()) >= (PAGES - 2) * PAGE_SIZE
 
 
 UNPRIVILEGED = """
@@ -190,21 +200,8 @@ def test_reading_a_childs_pages_unpinned_leaves_what_it_shares_shared(pin: bool)
     reads as the child holds it. Pinned, the shared ones would each become a copy (the
     contrast, so the test shows what it guards)."""
     from precopy.reader import PageReader
-    region = mmap.mmap(-1, PAGES * PAGE_SIZE, flags=mmap.MAP_PRIVATE)
-    region[:] = os.urandom(PAGES * PAGE_SIZE)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
     written = set(range(0, PAGES, 3))
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        for page in written:
-            region[page * PAGE_SIZE] ^= 0xFF
-        os.write(w, b"k")
-        os.kill(os.getpid(), signal.SIGSTOP)
-        os._exit(0)
-    try:
-        assert os.read(r, 1) == b"k"
-        os.waitpid(pid, os.WUNTRACED)
+    with child_that_wrote(written) as (pid, addr, region):
         expected = bytearray(region[:])
         for page in written:
             expected[page * PAGE_SIZE] ^= 0xFF
@@ -214,9 +211,3 @@ def test_reading_a_childs_pages_unpinned_leaves_what_it_shares_shared(pin: bool)
         mine, its = frames(pid, addr, PAGES), frames(os.getpid(), addr, PAGES)
         still = {p for p in range(PAGES) if mine[p] == its[p]}
         assert still == (set() if pin else set(range(PAGES)) - written)
-    finally:
-        os.close(r)
-        os.close(w)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        region.close()
