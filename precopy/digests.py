@@ -14,7 +14,7 @@ import operator
 from dataclasses import replace
 from typing import Iterable, Sequence
 
-from precopy.intervals import Run, Span, merge_spans, normalize, pages_of, runs_of, subtract, within
+from precopy.intervals import Run, Span, append_run, merge_spans, normalize, pages_of, runs_of, subtract, within
 from precopy.layout import MapEntry, PageFinder, private_file_spans, trackable
 from precopy.reader import PageReader, split_runs
 from transport.frozen import frozen
@@ -108,7 +108,7 @@ class PageDigests:
                     for a in range(addr, addr + n * PAGE_SIZE, PAGE_SIZE):
                         d = objects.get((dev, ino, base + a))
                         if d is None:
-                            _append(unread, a)
+                            append_run(unread, a)
                             continue
                         seen.add(a)
                         if self._digests.get(a) != d:
@@ -125,7 +125,7 @@ class PageDigests:
                         objects[(key[0], key[1], key[2] + addr)] = d
                     if self._digests.get(addr) != d:
                         self._digests[addr] = d
-                        _append(changed, addr)
+                        append_run(changed, addr)
         if known:
             changed = normalize(changed + runs_of(known))
         stale = [addr for addr in self._digests if addr not in seen]
@@ -174,7 +174,7 @@ class PageDigests:
             for i in range(n):
                 a = addr + i * PAGE_SIZE
                 if a in self._digests:
-                    _append(known, a)
+                    append_run(known, a)
         same: list[Run] = []
         hashed = 0
         before = reader.bytes_read
@@ -183,7 +183,7 @@ class PageDigests:
             hashed += batch.npages
             for addr, data in _pages(batch):
                 if self._digests.get(addr) == digest(data):
-                    _append(same, addr)
+                    append_run(same, addr)
         return same, hashed, reader.bytes_read - before
 
     def note_sent(self, batch: PageBatch) -> None:
@@ -208,13 +208,6 @@ def _pages(batch: PageBatch) -> Iterable[tuple[int, memoryview]]:
         for i in range(n):
             yield addr + i * PAGE_SIZE, view[off: off + PAGE_SIZE]
             off += PAGE_SIZE
-
-
-def _append(runs: list[Run], addr: int) -> None:
-    if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
-        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-    else:
-        runs.append((addr, 1))
 
 
 def _as_runs(spans: Iterable[Span]) -> list[Run]:

@@ -60,6 +60,15 @@ def add_runs(base: list[Run], extra: Sequence[Run]) -> list[Run]:
     return out
 
 
+def append_run(runs: list[Run], addr: int, n: int = 1) -> None:
+    """Add the run (``addr``, ``n`` pages) at the end of ``runs``, which it follows: joined
+    to the last run where it starts where that one ends."""
+    if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
+        runs[-1] = (runs[-1][0], runs[-1][1] + n)
+    else:
+        runs.append((addr, n))
+
+
 def normalize(runs: Iterable[Run]) -> list[Run]:
     return to_runs(merge_spans(to_spans(runs)))
 
@@ -179,8 +188,5 @@ def runs_of(pages: Iterable[int]) -> list[Run]:
     """Runs covering a set of page addresses."""
     out: list[Run] = []
     for a in sorted(pages):
-        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == a:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((a, 1))
+        append_run(out, a)
     return out

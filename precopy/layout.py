@@ -18,7 +18,7 @@ from dataclasses import field
 from typing import Iterable, Sequence
 
 from precopy import sysv
-from precopy.intervals import Span, intersect_spans, merge_spans, subtract_spans
+from precopy.intervals import Span, append_run, intersect_spans, merge_spans, subtract_spans
 from precopy.kernel import ioctl
 from transport.errors import NoSuchProcess
 from transport.frozen import frozen
@@ -674,20 +674,13 @@ class PageFinder:
                 continue
             if file_backed and e & PM_FILE:
                 continue    # still the file's page
-            addr = start + i * PAGE_SIZE
-            if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((addr, 1))
+            append_run(runs, start + i * PAGE_SIZE)
         return runs
 
 
 def _merge(runs: Iterable[Run]) -> list[Run]:
     out: list[Run] = []
     for addr, n in runs:
-        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == addr:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((addr, n))
+        append_run(out, addr, n)
     return out
 

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from precopy.intervals import Run, Span, clip, intersect_spans, merge_spans, subtract, subtract_spans
+from precopy.intervals import Run, Span, append_run, clip, intersect_spans, merge_spans, subtract, subtract_spans
 from precopy.layout import PageFinder, read_maps
 from transport.schema import (
     ADV_DONTFORK,
@@ -107,11 +107,7 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
             known = _nonzero_bytes(ours, len(mine)).translate(_IS_NONZERO)
             both = (int.from_bytes(equal, "little") & int.from_bytes(known, "little")).to_bytes(len(equal), "little")
             for m in _ONES.finditer(both):
-                page = base + m.start() * PAGE_SIZE
-                if out and out[-1][0] + out[-1][1] * PAGE_SIZE == page:
-                    out[-1] = (out[-1][0], out[-1][1] + m.end() - m.start())
-                else:
-                    out.append((page, m.end() - m.start()))
+                append_run(out, base + m.start() * PAGE_SIZE, m.end() - m.start())
     except _NoFrames:
         return None
     return out

@@ -17,6 +17,7 @@ import os
 import re
 from typing import Iterable, Iterator
 
+from precopy.intervals import append_run
 from precopy.kernel import IOV_MAX, process_vm_readv
 from transport.buffers import buffer_address
 from transport.pages import DEFAULT_BATCH_BYTES, PageBatch
@@ -198,7 +199,7 @@ class PageReader:
                 got = 0
             if got == want:
                 for a, n, _ in chunk:
-                    _add(kept, a, n)
+                    append_run(kept, a, n)
                 done += want
             else:
                 # Short (a mapping without PROT_READ, or one just unmapped): these runs one by
@@ -250,7 +251,7 @@ class PageReader:
             got = self._pread_into(out[done: done + length], addr + page * PAGE_SIZE)
             whole = got // PAGE_SIZE
             if whole:
-                _add(kept, addr + page * PAGE_SIZE, whole)
+                append_run(kept, addr + page * PAGE_SIZE, whole)
                 done += whole * PAGE_SIZE
             page += whole + 1
         return done
@@ -270,14 +271,6 @@ class PageReader:
         return got
 
 
-def _add(runs: list[Run], addr: int, n: int) -> None:
-    """Append a run, joined to the last one where it follows on."""
-    if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == addr:
-        runs[-1] = (runs[-1][0], runs[-1][1] + n)
-    else:
-        runs.append((addr, n))
-
-
 def zero_batches(runs: Iterable[Run], batch_pages: int) -> Iterator[PageBatch]:
     """Batches of zero pages for runs known to be empty now (nothing is read)."""
     for group in split_runs(runs, batch_pages):
@@ -295,10 +288,6 @@ def _without_zero_pages(batch: PageBatch) -> PageBatch:
             off += PAGE_SIZE
             if page == ZERO_PAGE:
                 continue
-            a = addr + i * PAGE_SIZE
-            if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == a:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((a, 1))
+            append_run(runs, addr + i * PAGE_SIZE)
             keep += page
     return PageBatch(tuple(runs), keep)
