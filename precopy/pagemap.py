@@ -11,8 +11,9 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import struct
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from precopy.kernel import ioctl
 from transport.schema import PAGE_SIZE
@@ -144,3 +145,22 @@ def read_pagemap(fd: int, start: int, end: int) -> list[int]:
     n = (end - start) // PAGE_SIZE
     data = os.pread(fd, n * 8, (start // PAGE_SIZE) * 8)
     return list(struct.unpack(f"<{len(data) // 8}Q", data))
+
+
+# Byte 7 of an entry (little-endian) holds bits 56-63: PM_PRESENT is its top bit,
+# PM_MMAP_EXCLUSIVE its lowest.
+_ONCE = (PM_PRESENT | PM_MMAP_EXCLUSIVE) >> 56
+_MAPPED_ONCE = bytes(1 if b & _ONCE == _ONCE else 0 for b in range(256))
+_ONES = re.compile(rb"\x01+")
+
+
+def mapped_once(entries: bytes) -> bytes:
+    """One byte for each pagemap entry of ``entries``: 1 where its page is present and mapped
+    once (PM_MMAP_EXCLUSIVE: the process's alone, at this address only), else 0."""
+    return entries[7::8].translate(_MAPPED_ONCE)
+
+
+def ones(mask: bytes) -> Iterator[tuple[int, int]]:
+    """(index, length) of each run of 1 bytes of ``mask``, in order."""
+    for m in _ONES.finditer(mask):
+        yield m.start(), m.end() - m.start()

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import array
 import os
-import re
 from collections.abc import Iterator
 
 from precopy.intervals import Run, Span, append_run, clip, intersect_spans, merge_spans, subtract, subtract_spans
 from precopy.layout import PageFinder, read_maps
+from precopy.pagemap import PM_PFN_MASK, PM_PRESENT, mapped_once, ones
 from transport.schema import (
     ADV_DONTFORK,
     ADV_WIPEONFORK,
@@ -39,8 +39,6 @@ def inheritable(v: Vma) -> bool:
             and not v.advice & (ADV_DONTFORK | ADV_WIPEONFORK | VMA_DROPPABLE))
 
 
-PFN_MASK = (1 << 55) - 1
-PRESENT = 1 << 63
 PAGEMAP_PAGES = 1 << 16         # pagemap entries read at a time
 
 
@@ -106,18 +104,15 @@ def parent_frames(pid: int, parent: int, runs: list[Run], where: list[Span]) -> 
             equal = _nonzero_bytes(ours ^ int.from_bytes(its, "little"), len(mine)).translate(_IS_ZERO)
             known = _nonzero_bytes(ours, len(mine)).translate(_IS_NONZERO)
             both = (int.from_bytes(equal, "little") & int.from_bytes(known, "little")).to_bytes(len(equal), "little")
-            for m in _ONES.finditer(both):
-                append_run(out, base + m.start() * PAGE_SIZE, m.end() - m.start())
+            for first, count in ones(both):
+                append_run(out, base + first * PAGE_SIZE, count)
     except _NoFrames:
         return None
     return out
 
 
-# Byte 7 of a pagemap entry holds bits 56-63: 1 where PM_PRESENT (63) and PM_MMAP_EXCLUSIVE (56) are both set.
-_ALONE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
 _IS_ZERO = bytes([1] + [0] * 255)
 _IS_NONZERO = bytes([0] + [1] * 255)
-_ONES = re.compile(rb"\x01+")
 
 
 def _nonzero_bytes(x: int, size: int) -> bytes:
@@ -150,13 +145,13 @@ def _pagemap_pairs(pid: int, parent: int, runs: list[Run]) -> Iterator[tuple[int
                     count = min(PAGEMAP_PAGES, n - first)
                     at = (addr // PAGE_SIZE + first) * 8
                     mine = os.pread(ours, count * 8, at)
-                    if len(mine) != count * 8 or mine[7::8].translate(_ALONE) == bytes([1]) * count:
+                    if len(mine) != count * 8 or mapped_once(mine) == bytes([1]) * count:
                         continue
                     its = os.pread(theirs, count * 8, at)
                     if len(its) != count * 8:
                         continue
-                    present = next((e for e in array.array("Q", mine) if e & PRESENT), 0)
-                    if present and not present & PFN_MASK:
+                    present = next((e for e in array.array("Q", mine) if e & PM_PRESENT), 0)
+                    if present and not present & PM_PFN_MASK:
                         raise _NoFrames()
                     yield addr + first * PAGE_SIZE, mine, its
         finally:

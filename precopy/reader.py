@@ -14,11 +14,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import re
 from typing import Iterable, Iterator
 
 from precopy.intervals import append_run
 from precopy.kernel import IOV_MAX, process_vm_readv
+from precopy.pagemap import mapped_once, ones
 from transport.buffers import buffer_address
 from transport.pages import DEFAULT_BATCH_BYTES, PageBatch
 from transport.schema import PAGE_SIZE
@@ -69,12 +69,6 @@ class Arena:
             self._view.release()
             self._view = None
             self._map = None     # type: ignore[assignment]
-
-
-# Byte 7 of a /proc/PID/pagemap entry (little-endian) holds its bits 56-63: PM_PRESENT (63)
-# and PM_MMAP_EXCLUSIVE (56, the page mapped once: by this process, at this address alone).
-_EXCLUSIVE_BYTE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
-_ONES = re.compile(rb"\x01+")
 
 
 class BufferPool:
@@ -230,13 +224,12 @@ class PageReader:
             if len(entries) != n * 8:
                 pieces.append((addr, n, False))
                 continue
-            alone = entries[7::8].translate(_EXCLUSIVE_BYTE)
             at = 0
-            for m in _ONES.finditer(alone):
-                if m.start() > at:
-                    pieces.append((addr + at * PAGE_SIZE, m.start() - at, False))
-                pieces.append((addr + m.start() * PAGE_SIZE, m.end() - m.start(), True))
-                at = m.end()
+            for first, count in ones(mapped_once(entries)):
+                if first > at:
+                    pieces.append((addr + at * PAGE_SIZE, first - at, False))
+                pieces.append((addr + first * PAGE_SIZE, count, True))
+                at = first + count
             if at < n:
                 pieces.append((addr + at * PAGE_SIZE, n - at, False))
         return pieces
