@@ -182,9 +182,11 @@ def apply_thread(tid: int, t: ThreadState, *, pid: int, host: str, affinity: str
                            f"{cpu_list(wanted - usable)}, so it runs on "
                            + (f"CPUs {cpu_list(usable)}" if usable else "any of its CPUs"))
             os.sched_setaffinity(tid, usable or online_cpus())
-        if t.sched_policy or t.sched_reset_on_fork:
-            flags = SCHED_RESET_ON_FORK if t.sched_reset_on_fork else 0
-            os.sched_setscheduler(tid, t.sched_policy | flags, os.sched_param(t.sched_priority))
+        # Set whatever it has now: a process made while the restorer ran at real-time
+        # priority (``agent.urgency``) took that from it.
+        policy_flags = t.sched_policy | (SCHED_RESET_ON_FORK if t.sched_reset_on_fork else 0)
+        if os.sched_getscheduler(tid) != policy_flags or os.sched_getparam(tid).sched_priority != t.sched_priority:
+            os.sched_setscheduler(tid, policy_flags, os.sched_param(t.sched_priority))
         if os.getpriority(os.PRIO_PROCESS, tid) != t.nice:
             os.setpriority(os.PRIO_PROCESS, tid, t.nice)
         if t.ioprio and _libc.syscall(NR_IOPRIO_SET, IOPRIO_WHO_PROCESS, tid, t.ioprio) < 0:

@@ -5,6 +5,7 @@ tests/test_migrate.py): each thread finds its own nice, policy, priority, CPUs a
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from agent import sched
 from tests._migration import proc_state
+from tests._transport import example_records
 from tests._workloads import edit_records, kcr, one_error_line, start_until_ready
 from transport.errors import RestoreError
 from transport.schema import ThreadState
@@ -100,3 +102,28 @@ def test_a_restore_where_pinned_cpus_are_missing_refuses_or_warns(tmp_path: Path
     go.touch()
     status = reap(int(result["pid"]))
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def policy_of(tid: int) -> tuple[int, int]:
+    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+
+
+def test_a_restored_thread_made_at_real_time_priority_gets_its_own_policy() -> None:
+    """A stub forked while the destination ran at SCHED_FIFO took it (``agent.urgency``): the
+    restore's last step gives every thread the policy its image says, SCHED_OTHER included."""
+    template = example_records()[ThreadState]
+    assert isinstance(template, ThreadState)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        try:
+            os.sched_setscheduler(child.pid, os.SCHED_FIFO, os.sched_param(1))
+        except PermissionError:
+            pytest.skip("SCHED_FIFO is not allowed here (no CAP_SYS_NICE, or no real-time budget)")
+        sched.apply_thread(child.pid, template, pid=child.pid, host="here")
+        assert policy_of(child.pid) == (os.SCHED_OTHER, 0)
+        rr = ThreadState(**{**template.__dict__, "sched_policy": os.SCHED_RR, "sched_priority": 5})
+        sched.apply_thread(child.pid, rr, pid=child.pid, host="here")
+        assert policy_of(child.pid) == (os.SCHED_RR, 5)
+    finally:
+        child.kill()
+        child.wait()
