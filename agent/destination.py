@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from agent import cgroups, inet_sockets, locks, mempolicy, sched
+from agent import cgroups, inet_sockets, locks, mempolicy, sched, urgency
 from agent.shared_memory import check_segments
 from precopy import sysv
 from precopy.kernel import boot_id
@@ -66,9 +66,11 @@ class DestSession:
     deputy: subprocess.Popen[bytes] | None = None            # the stand-in's deputy (dest_deputy)
     deputy_control: socket.socket | None = None              # where the restored process goes to it
     state_ms: float = 0.0       # applying the records of the job's state (sent frozen), on the tracer thread
+    urgency: urgency.Urgency = field(default_factory=urgency.Urgency)   # a short freeze's steps (``dest_restore``)
 
     def abort(self) -> None:
         """Destroy whatever was built (blocking; from any thread)."""
+        self.urgency.end()
         self.machine.handle(DestEvent.ABORT)
         self.end_deputy()
         self.tracer.call(self.restore.abort)
@@ -76,6 +78,7 @@ class DestSession:
 
     def settle(self, failure: Failure) -> None:
         """Kcr-migrate is gone: what the protocol core says for this state (blocking)."""
+        self.urgency.end()
         action = self.machine.action(failure)
         if action is Action.DESTROY_COPY:
             self.abort()
@@ -222,7 +225,7 @@ async def dest_check(ctx: CallContext, *, summary: dict[str, Any], new_pid: bool
     s.machine.handle(DestEvent.CHECK)
     s.restore = RestoreSession([str(p) for p in summary.get("exempt", [])], keep_ids=not new_pid, affinity=affinity,
                                cgroup=cgroup, cgroup_hints=hints)
-    return {"mem_available": avail, "hostname": _host(), "session": s.token, "very": sorted(very),
+    return {"mem_available": avail, "hostname": _host(), "session": s.token, "very": sorted(very), "urgent": True,
             "warnings": [w for w in (cpus_warning, nodes_warning) if w]}
 
 
@@ -287,10 +290,23 @@ def _take_all(restore: RestoreSession, items: list[Any]) -> None:
         restore.take(item)
 
 
-async def dest_restore(ctx: CallContext) -> dict[str, Any]:
+async def dest_restore(ctx: CallContext, *, urgent: bool = False) -> dict[str, Any]:
     """Restore everything but memory; the process stays stopped (READY). Called while the
-    page stream may still be ending: waits for it first."""
+    page stream may still be ending: waits for it first. ``urgent``: called as a short
+    freeze starts, its last pages, the restore and GO run at real-time priority
+    (``agent.urgency``)."""
     s = _session(ctx)
+    realtime = s.urgency.begin() if urgent else False     # until it runs, or is destroyed
+    try:
+        answer = await _restore(s)
+        answer["timing"]["realtime"] = int(realtime)
+        return answer
+    except BaseException:
+        s.urgency.end()
+        raise
+
+
+async def _restore(s: DestSession) -> dict[str, Any]:
     if s.received is not None:
         await s.received.wait()
         if isinstance(s.receive_error, MigrationError):
@@ -321,7 +337,10 @@ async def dest_go(ctx: CallContext, *, signals: list[Any] | None = None) -> dict
     s.machine.handle(DestEvent.GO)      # from here a lost link lets it run on
     before = len(s.restore.warnings)
     t0 = time.perf_counter()
-    pid = await s.tracer.acall(s.restore.resume)
+    try:
+        pid = await s.tracer.acall(s.restore.resume)
+    finally:
+        s.urgency.end()
     resume_ms = (time.perf_counter() - t0) * 1000
     s.machine.handle(DestEvent.RAN)
     delivered = 0

@@ -37,6 +37,7 @@ from agent.procfs import check_supported, process_tree
 from precopy.kernel import pidfd_send_signal
 from precopy.layout import FrozenFileMaps, MapsCache, read_maps
 from agent.tree import check_tree, freeze_tree, zombie
+from agent.urgency import Urgency
 from agent.zygote import ForkedHolder, fork_holder
 from migrate.phases import HOLDER, SETTLE, Action, Failure, HolderEvent, HolderState, Machine, guarded
 from transport.errors import (
@@ -52,6 +53,7 @@ from transport.schema import prepare_codecs
 
 LEN = struct.Struct("<I")
 MAX_MESSAGE = 64 << 20
+SETTLING = frozenset({"kill", "release", "hold", "stand_in"})     # what ends a freeze, one way or another
 UNLOCK_TRIES = 20        # freezes tried for a moment the job holds no write lock on a very file
 
 
@@ -464,6 +466,7 @@ def forget_held(pid: int) -> None:
 
 def serve(sock: socket.socket) -> None:
     holder = Holder()
+    stretch = Urgency(this_thread=True)
     ops: dict[str, Callable[..., Any]] = {name[3:]: getattr(holder, name) for name in dir(holder)
                                          if name.startswith("op_")}
     try:
@@ -474,15 +477,24 @@ def serve(sock: socket.socket) -> None:
                 req = None
             if req is None:
                 break
+            raw = req.get("args", {})
+            args = dict(raw) if isinstance(raw, dict) else {}
+            # The steps of a short freeze come with urgent=True: real-time priority from the
+            # first to what settles the job (``agent.urgency``).
+            quick = args.pop("urgent", None)
+            if quick:
+                stretch.begin()
+            elif quick is not None or req.get("op") in SETTLING:
+                stretch.end()
             if req.get("op") == "stand_in":
-                if _stand_in(holder, sock, req.get("args", {})):
+                if _stand_in(holder, sock, args):
                     return                # the keeper ran to its end: nothing is left to settle
                 continue
             op = ops.get(str(req.get("op")))
             try:
                 if op is None:
                     raise ProtocolError(f"unknown holder operation {req.get('op')!r}")
-                result = op(**req.get("args", {}))
+                result = op(**args)
                 reply: dict[str, Any] = {"ok": True, "result": result, "state": holder.machine.state.value}
             except MigrationError as exc:
                 reply = {"ok": False, "error": exc.to_wire()}
@@ -500,6 +512,7 @@ def serve(sock: socket.socket) -> None:
             except OSError:
                 break
     finally:
+        stretch.end()
         holder.settle_on_eof()
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import trio
 
-from agent import carried_files, cgroups, fdtable, locks, mempolicy, sched
+from agent import carried_files, cgroups, fdtable, locks, mempolicy, sched, urgency
 from agent.carried_files import CarriedFile
 from agent.dump import TOOL_VERSION, image_header
 from agent.files import FileFact, describe_files, vdso_digest
@@ -274,6 +274,9 @@ class SourceSession:
     # turns from its parent, unless the tree changes before (then all at once, ``RestoreSession``).
     trees_told: int = 0
     frozen: bool = False          # the migration holds the job frozen (the final round)
+    urgent: bool = False          # its steps run at real-time priority (``agent.urgency``)
+    urgency: urgency.Urgency = field(default_factory=urgency.Urgency)
+    realtime: bool = False        # ... and do (the agent may)
     header_sent: bool = False
     bandwidth_limit: float | None = None
     level: Level = "auto"
@@ -374,6 +377,7 @@ class SourceSession:
         """Settle the processes and end tracking: ``how`` is the holder's ``release`` (let them
         run) or ``hold`` (stop them); by default, what the protocol core says about ``failure``
         in the holder's state (nothing once they are settled). The holder's answer, if any."""
+        self.urgency.end()
         for p in list(self.trackers):
             self._untrack(p)
         event = SETTLE.get(self.holder.action(failure))
@@ -612,8 +616,20 @@ async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -
 
 
 async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None) -> dict[str, Any]:
+    # After a pre-copy that converged, the freeze's steps here and in the holder run at
+    # real-time priority (``agent.urgency``), and so does the commit that follows.
+    s.urgent = s.result is not None and sum(scan.pages_dirty for scan in s.result.pending.values()) <= urgency.MAX_PAGES
+    s.realtime = s.urgency.begin() if s.urgent else False      # until the commit, or the session's end
+    try:
+        return await _frozen_steps(ctx, s, to)
+    except BaseException:
+        s.urgency.end()
+        raise
+
+
+async def _frozen_steps(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    frozen = await _blocking(s.holder.call, "freeze", unlocked=s.very)
+    frozen = await _blocking(s.holder.call, "freeze", unlocked=s.very, urgent=s.urgent)
     t_frozen = time.perf_counter()
     lock_retries = int(frozen.get("lock_retries", 0))
     if lock_retries:              # let run, and frozen again, for a write lock: the last freeze counts
@@ -651,7 +667,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 files_read.set()
 
             async def collect_files() -> None:
-                files_in((await _blocking(s.holder.call, "collect_files"))["processes"])
+                files_in((await _blocking(s.holder.call, "collect_files", urgent=s.urgent))["processes"])
 
             # The rest of the state is read while the last pages are scanned and go out: a few
             # processes at a time (COLLECT_CALLS calls), sent while the next part is read. The fd
@@ -663,7 +679,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
                 """``part``'s states, queued to go; the processes left for later (their scratch's
                 place was taken)."""
                 files = not files_read.is_set()
-                got = await _blocking(s.holder.call, "collect", pids=part, files=files,
+                got = await _blocking(s.holder.call, "collect", pids=part, files=files, urgent=s.urgent,
                                       scratch=[[p, placed[p]] for p in part if p in placed])
                 if files:
                     files_in(got["fd_tables"])
@@ -784,7 +800,7 @@ async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None)
     t_state = max(t_state, t_pages)
     times = {"freeze_ms": (t_frozen - t0) * 1000, "pages_ms": (t_pages - t_frozen) * 1000,
              "state_wait_ms": (t_state - t_pages) * 1000, "state_send_ms": (t_end - t_state) * 1000,
-             "lock_retries": lock_retries, "states_after_scan": after_scan}
+             "lock_retries": lock_retries, "states_after_scan": after_scan, "realtime": int(s.realtime)}
     # Tracking ends when the session does (kill, hold or release): unregistering a large
     # address space takes tens of milliseconds that do not belong in the downtime.
     # "commit_beside_restore": the job would not see the SIGCONT a release after commit_pending
@@ -798,7 +814,10 @@ async def source_commit_pending(ctx: CallContext) -> dict[str, Any]:
     """The destination is about to run the process: from now on, losing us stops the source.
     Returns the signals sent to the job since its state was read (``agent.signals``)."""
     s = _session(ctx)
-    got = await _blocking(s.holder.call, "commit_pending")
+    try:
+        got = await _blocking(s.holder.call, "commit_pending", urgent=s.urgent)
+    finally:
+        s.urgency.end()
     return {"signals": got.get("signals", [])}
 
 

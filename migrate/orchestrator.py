@@ -36,6 +36,7 @@ import trio
 
 from agent.homelink import RELAY_DIR
 from agent.signals import names as late_names
+from agent.urgency import MAX_PAGES
 from migrate.api import (
     DataChannelChosen,
     Event,
@@ -117,6 +118,7 @@ class Migration:
         self.machine = PhaseMachine()
         self.report = MigrationReport(pid, source, dest)
         self.agents: dict[str, dict[str, Any]] = {}     # "source"/"dest" -> the agent's info
+        self.dest_urgent = False        # the destination's part of a short freeze may run at real-time priority
         self._on_event = on_event
         self._send, self._receive = trio.open_memory_channel[Event](math.inf)
         self._scope: trio.CancelScope | None = None
@@ -332,6 +334,7 @@ class Migration:
             if o.cgroup is not None:
                 placement["cgroup"] = o.cgroup
             checked = await dst.call("dest_check", summary=summary, new_pid=o.new_pid, **placement)
+            self.dest_urgent = bool(checked.get("urgent"))     # (an agent of an earlier version says nothing)
             for warning in checked.get("warnings", []):
                 self._warn(str(warning))
             if checked.get("very"):       # the very files both see: a write lock on one is waited out
@@ -635,7 +638,8 @@ class Migration:
                     pre = await call.result()
                 memory_done.set()
             r.stop_reason = str(pre["stop_reason"])
-            self._warn_if_not_converged(int(pre.get("pages_pending", 0)))
+            pending = int(pre.get("pages_pending", 0))
+            self._warn_if_not_converged(pending)
             if upload is not None:
                 # Freeze only once the destination has applied every pre-copy page: pages
                 # still queued between the hosts would otherwise land inside the downtime.
@@ -643,16 +647,19 @@ class Migration:
                 await dst.flow.wait_drained()
         else:
             r.stop_reason = "stop-and-copy"
+            pending = -1
         self._advance(PhaseEvent.PRECOPY_DONE)
         if self._frozen_slot is not None:
             # Waiting here, the process runs: what it writes meanwhile goes in the final delta.
             await self._frozen.enter_async_context(self._frozen_slot())
         if restore is not None:
             nursery, restored = restore
+            # A short freeze: the destination's part runs at real-time priority (``agent.urgency``).
+            urgent: dict[str, Any] = {"urgent": True} if self.dest_urgent and 0 <= pending <= MAX_PAGES else {}
 
             async def dest_restore() -> None:
                 try:
-                    restored.update(await dst.call("dest_restore"))
+                    restored.update(await dst.call("dest_restore", **urgent))
                 except MigrationError as exc:
                     # Raised once the freeze has answered: a stream that broke fails both,
                     # and the source's error says why.

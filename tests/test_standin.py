@@ -114,6 +114,11 @@ def test_parent_sees_the_moved_childs_exit_status(home: Home, tmp_path: Path) ->
     assert rss_kb * 1024 < report["memory_bytes"] / 50, (rss_kb, report["memory_bytes"])
     assert int(status.split("PPid:")[1].split()[0]) > 1
     assert not os.listdir(f"/proc/{home.child}/fd")
+    # The freeze's steps ran at real-time priority (agent.urgency): none of what lives on
+    # after it (the keeper, the stand-in, the moved process) keeps it.
+    for pid in (report["stand_in"]["keeper_pid"], home.child, home.moved):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            assert os.sched_getscheduler(int(tid)) == os.SCHED_OTHER, (pid, tid)
     home.finish(7)
     assert home.done() == "exited 7"
     assert home.output() == reference(tmp_path, 7)
