@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
-from typing import Iterator
 
 PRIORITY = 1
 # The last delta, at most, that a freeze takes at real-time priority (pages): 64 MiB, some tens
@@ -40,6 +38,15 @@ def _tids() -> list[int]:
         return [threading.get_native_id()]
 
 
+def allowed() -> bool:
+    """Whether this process may run at SCHED_FIFO (tried on the caller's thread, given back)."""
+    stretch = Urgency(this_thread=True)
+    try:
+        return stretch.begin()
+    finally:
+        stretch.end()
+
+
 def _set(tid: int, policy: int, priority: int) -> bool:
     try:
         os.sched_setscheduler(tid, policy, os.sched_param(priority))
@@ -52,8 +59,8 @@ class Urgency:
     """A stretch at real-time priority that spans several calls (a freeze's steps, from the
     freeze to the commit): ``begin`` raises every thread of this process (``this_thread``:
     the caller's alone) to SCHED_FIFO, ``end`` puts each back as it was, and a thread started
-    in between (which took it from its creator) at SCHED_OTHER; a thread real-time already is
-    left as it is. Both may be called again, and from any thread; stretches overlap (the
+    in between (which took it from its creator) at SCHED_OTHER; a thread real-time already
+    (or SCHED_DEADLINE) is left as it is. Both may be called again, and from any thread; stretches overlap (the
     first ``begin`` raises, the last ``end`` restores)."""
 
     def __init__(self, this_thread: bool = False) -> None:
@@ -88,8 +95,8 @@ def _raise(tids: list[int] | None) -> None:
             before = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
         except OSError:
             continue
-        if before[0] in (os.SCHED_FIFO, os.SCHED_RR):
-            continue
+        if before[0] not in (os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE):
+            continue              # real-time (or deadline) already: left as it is
         if not _set(tid, os.SCHED_FIFO, PRIORITY):
             break                 # not allowed here: nothing more is tried
         _raised[tid] = before
@@ -104,13 +111,3 @@ def _restore() -> None:
             _set(tid, policy, priority)
     _raised.clear()
     _there.clear()
-
-
-@contextmanager
-def urgent(enabled: bool = True, *, this_thread: bool = False) -> Iterator[bool]:
-    """One ``Urgency`` stretch around a block (none if not ``enabled``); yields whether it took."""
-    stretch = Urgency(this_thread)
-    try:
-        yield stretch.begin() if enabled else False
-    finally:
-        stretch.end()

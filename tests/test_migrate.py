@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.urgency import urgent
+from agent import urgency
 from tests._migration import migrate_cli, running_copies, wait_gone
 from tests._state import Watch
 from tests._tracking import backend_params
@@ -57,9 +57,7 @@ def test_c_workloads_finish_as_if_never_moved(tmp_path: Path, name: str) -> None
     for key in ("new_pid", "dest_host", "rounds", "downtime_ms", "total_ms", "bytes_raw", "bytes_on_wire",
                 "stop_reason", "per_round"):
         assert key in report
-    with urgent() as allowed:
-        pass
-    if allowed:     # a short freeze's steps ran at real-time priority on both sides (agent.urgency)
+    if urgency.allowed():     # a short freeze's steps ran at real-time priority on both sides (agent.urgency)
         assert report["final_round"]["realtime"] == report["final_round"]["dest_realtime"] == 1, report["final_round"]
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.urgency import PRIORITY, Urgency, urgent
+from agent.urgency import PRIORITY, Urgency, allowed
 
 
 def policy(tid: int) -> tuple[int, int]:
@@ -16,9 +16,7 @@ def policy(tid: int) -> tuple[int, int]:
 
 
 def fifo_allowed() -> None:
-    with urgent() as took:
-        pass
-    if not took:
+    if not allowed():
         pytest.skip("this process may not use SCHED_FIFO here (no CAP_SYS_NICE, or no real-time budget)")
 
 
@@ -86,15 +84,17 @@ def test_overlapping_stretches_restore_once_the_last_ends() -> None:
     assert policy(me) == (os.SCHED_FIFO, PRIORITY)
     second.end()
     assert policy(me) == (os.SCHED_OTHER, 0)
-    with urgent(False) as took:
-        assert not took and policy(me) == (os.SCHED_OTHER, 0)
 
 
 def test_this_thread_alone(parked: list[Parked]) -> None:
     fifo_allowed()
     other = Parked()
     parked.append(other)
-    with urgent(this_thread=True):
+    stretch = Urgency(this_thread=True)
+    assert stretch.begin()
+    try:
         assert policy(threading.get_native_id()) == (os.SCHED_FIFO, PRIORITY)
         assert policy(other.tid) == (os.SCHED_OTHER, 0)
+    finally:
+        stretch.end()
     assert policy(threading.get_native_id()) == (os.SCHED_OTHER, 0)
