@@ -618,7 +618,7 @@ async def source_freeze(ctx: CallContext, *, to: dict[str, Any] | None = None) -
 async def _freeze(ctx: CallContext, s: SourceSession, to: dict[str, Any] | None) -> dict[str, Any]:
     # After a pre-copy that converged, the freeze's steps here and in the holder run at
     # real-time priority (``agent.urgency``), and so does the commit that follows.
-    s.urgent = s.result is not None and sum(scan.pages_dirty for scan in s.result.pending.values()) <= urgency.MAX_PAGES
+    s.urgent = urgency.short_freeze(s.result.pages_pending if s.result is not None else -1)
     s.realtime = s.urgency.begin() if s.urgent else False      # until the commit, or the session's end
     try:
         return await _frozen_steps(ctx, s, to)

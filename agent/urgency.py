@@ -25,6 +25,13 @@ PRIORITY = 1
 # of milliseconds of reading and sending.
 MAX_PAGES = 16384
 
+def short_freeze(pages_pending: int) -> bool:
+    """Whether a freeze that starts with ``pages_pending`` left by pre-copy (negative: none
+    ran) is short enough for real-time priority. The source and kcr-migrate (for the
+    destination) decide by this one rule."""
+    return 0 <= pages_pending <= MAX_PAGES
+
+
 _lock = threading.Lock()
 _depth = 0
 _raised: dict[int, tuple[int, int]] = {}     # tid -> (policy, priority) it had before
@@ -60,8 +67,8 @@ class Urgency:
     freeze to the commit): ``begin`` raises every thread of this process (``this_thread``:
     the caller's alone) to SCHED_FIFO, ``end`` puts each back as it was, and a thread started
     in between (which took it from its creator) at SCHED_OTHER; a thread real-time already
-    (or SCHED_DEADLINE) is left as it is. Both may be called again, and from any thread; stretches overlap (the
-    first ``begin`` raises, the last ``end`` restores)."""
+    (or SCHED_DEADLINE) is left as it is. Both may be called again, and from any thread;
+    stretches overlap (the first ``begin`` raises, the last ``end`` restores)."""
 
     def __init__(self, this_thread: bool = False) -> None:
         self.this_thread = this_thread

@@ -36,7 +36,7 @@ import trio
 
 from agent.homelink import RELAY_DIR
 from agent.signals import names as late_names
-from agent.urgency import MAX_PAGES
+from agent.urgency import short_freeze
 from migrate.api import (
     DataChannelChosen,
     Event,
@@ -655,7 +655,7 @@ class Migration:
         if restore is not None:
             nursery, restored = restore
             # A short freeze: the destination's part runs at real-time priority (``agent.urgency``).
-            urgent: dict[str, Any] = {"urgent": True} if self.dest_urgent and 0 <= pending <= MAX_PAGES else {}
+            urgent: dict[str, Any] = {"urgent": True} if self.dest_urgent and short_freeze(pending) else {}
 
             async def dest_restore() -> None:
                 try:

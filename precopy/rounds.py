@@ -410,9 +410,14 @@ class GroupResult:
     # none of their pages, nor their layout, went out yet.
     unsent: frozenset[int] = frozenset()
 
+    @property
+    def pages_pending(self) -> int:
+        """The pages the last scans found written: the freeze sends them."""
+        return sum(s.pages_dirty for s in self.pending.values())
+
     def as_dict(self) -> dict[str, object]:
         return {"stop_reason": str(self.stop_reason), "rounds": [r.as_dict() for r in self.rounds],
-                "pages_pending": sum(s.pages_dirty for s in self.pending.values()), "memory_bytes": self.memory_bytes,
+                "pages_pending": self.pages_pending, "memory_bytes": self.memory_bytes,
                 "bytes_raw": sum(r.bytes_raw for r in self.rounds),
                 "bytes_on_wire": sum(r.bytes_on_wire for r in self.rounds)}
 
